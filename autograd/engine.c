@@ -1,0 +1,214 @@
+#include "engine.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/util.h"
+#include "ops.h"
+
+typedef void (*BackwardRule)(Engine *e, Node *n);
+
+static const BackwardRule backward_rules[OP_COUNT] = {
+#define OP(name) [OP_##name] = backward_##name,
+#include "ops.def"
+#undef OP
+};
+
+static const char *const op_names[OP_COUNT] = {
+#define OP(name) [OP_##name] = #name,
+#include "ops.def"
+#undef OP
+};
+
+void engine_init(Engine *e, const KernelBackend *be, DType act_dtype, size_t arena_chunk_bytes) {
+    memset(e, 0, sizeof(*e));
+    e->be = be;
+    e->device = be->device;
+    e->act_dtype = act_dtype;
+    arena_init(&e->data, be, arena_chunk_bytes);
+    arena_init(&e->host, NULL, 1 << 20);
+    e->grad_enabled = true;
+}
+
+void engine_free(Engine *e) {
+    arena_free(&e->data);
+    arena_free(&e->host);
+    free(e->tape);
+    memset(e, 0, sizeof(*e));
+}
+
+void engine_reset(Engine *e) {
+    arena_reset(&e->data);
+    arena_reset(&e->host);
+    e->tape_len = 0;
+}
+
+static Tensor *new_header(Engine *e, DType dt, int ndim, const int64_t *shape) {
+    if (ndim < 1 || ndim > TENSOR_MAX_DIMS) fatal("tensor rank %d not supported (1..%d)", ndim, TENSOR_MAX_DIMS);
+    Tensor *t = arena_alloc(&e->host, sizeof(Tensor));
+    memset(t, 0, sizeof(*t));
+    t->dtype = dt;
+    t->device = e->device;
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0) fatal("negative tensor dimension %lld", (long long)shape[i]);
+        t->shape[i] = shape[i];
+        t->numel *= shape[i];
+    }
+    return t;
+}
+
+Tensor *engine_empty(Engine *e, DType dt, int ndim, const int64_t *shape) {
+    Tensor *t = new_header(e, dt, ndim, shape);
+    t->data = arena_alloc(&e->data, tensor_bytes(t));
+    return t;
+}
+
+Tensor *engine_zeros(Engine *e, DType dt, int ndim, const int64_t *shape) {
+    Tensor *t = engine_empty(e, dt, ndim, shape);
+    e->be->zero(t->data, tensor_bytes(t));
+    return t;
+}
+
+Tensor *engine_empty_like(Engine *e, const Tensor *t) { return engine_empty(e, t->dtype, t->ndim, t->shape); }
+
+Tensor *engine_view(Engine *e, Tensor *t, int ndim, const int64_t *shape) {
+    Tensor *v = new_header(e, t->dtype, ndim, shape);
+    if (v->numel != t->numel)
+        fatal("view: cannot view %lld elements as %lld", (long long)t->numel, (long long)v->numel);
+    v->data = t->data;
+    v->requires_grad = t->requires_grad && e->grad_enabled;
+    v->is_param = t->is_param;
+    v->name = t->name;
+    if (v->requires_grad) {
+        /* share the gradient buffer so that what flows into the view reaches the base */
+        Tensor *g = engine_grad(e, t);
+        Tensor *gv = new_header(e, g->dtype, ndim, shape);
+        gv->data = g->data;
+        v->grad = gv;
+    }
+    return v;
+}
+
+Tensor *engine_detach(Engine *e, Tensor *t) {
+    Tensor *d = new_header(e, t->dtype, t->ndim, t->shape);
+    d->data = t->data;
+    return d;
+}
+
+Tensor *engine_grad(Engine *e, Tensor *t) {
+    if (!t || !t->requires_grad) return NULL;
+    if (!t->grad) t->grad = engine_zeros(e, t->dtype, t->ndim, t->shape);
+    return t->grad;
+}
+
+bool engine_wants_grad(const Engine *e, Tensor *const *inputs, int n) {
+    if (!e->grad_enabled) return false;
+    for (int i = 0; i < n; i++)
+        if (inputs[i] && inputs[i]->requires_grad) return true;
+    return false;
+}
+
+Node *engine_record(Engine *e, OpKind op, Tensor *const *inputs, int n_in, Tensor *const *outputs, int n_out) {
+    if (n_in > NODE_MAX_IN || n_out > NODE_MAX_OUT) fatal("op %s: too many inputs or outputs", op_names[op]);
+    if (e->tape_len == e->tape_cap) {
+        e->tape_cap = e->tape_cap ? 2 * e->tape_cap : 256;
+        e->tape = xrealloc(e->tape, (size_t)e->tape_cap * sizeof(Node));
+    }
+    Node *n = &e->tape[e->tape_len++];
+    memset(n, 0, sizeof(*n));
+    n->op = op;
+    n->n_in = n_in;
+    n->n_out = n_out;
+    for (int i = 0; i < n_in; i++) n->in[i] = inputs[i];
+    for (int i = 0; i < n_out; i++) {
+        n->out[i] = outputs[i];
+        if (outputs[i]) outputs[i]->requires_grad = true;
+    }
+    return n;
+}
+
+static void seed_ones(Engine *e, Tensor *g) {
+    size_t es = dtype_size(g->dtype);
+    char *host = xmalloc(tensor_bytes(g));
+    for (int64_t i = 0; i < g->numel; i++) {
+        if (g->dtype == DT_F64) ((double *)host)[i] = 1.0;
+        else if (g->dtype == DT_F32) ((float *)host)[i] = 1.0f;
+        else if (g->dtype == DT_BF16) ((uint16_t *)host)[i] = 0x3f80; /* 1.0 in bf16 */
+        else fatal("backward: integer tensor cannot be a loss");
+    }
+    (void)es;
+    Tensor *tmp = engine_empty_like(e, g);
+    tensor_from_host(e, tmp, host);
+    e->be->axpy(g, tmp, 1.0f);
+    free(host);
+}
+
+void engine_backward_from(Engine *e, Tensor *out, const Tensor *seed, int from) {
+    if (!out->requires_grad) fatal("backward: the output does not depend on anything that requires grad");
+    Tensor *g = engine_grad(e, out);
+    if (seed) e->be->axpy(g, seed, 1.0f);
+    else {
+        if (out->numel != 1) fatal("backward: a non-scalar output needs a seed gradient");
+        seed_ones(e, g);
+    }
+    engine_backward_tape(e, from);
+}
+
+void engine_backward_tape(Engine *e, int from) {
+    for (int i = e->tape_len - 1; i >= from; i--) {
+        /* re-read the node each time: a rule (checkpoint) may grow and move the tape */
+        Node n = e->tape[i];
+        bool any = false;
+        for (int k = 0; k < n.n_out; k++) any |= n.out[k] && n.out[k]->grad;
+        if (any) backward_rules[n.op](e, &n);
+    }
+}
+
+void tensor_to_host(const Engine *e, void *dst, const Tensor *t) { e->be->copy_to_host(dst, t->data, tensor_bytes(t)); }
+
+void tensor_from_host(const Engine *e, Tensor *t, const void *src) {
+    e->be->copy_from_host(t->data, src, tensor_bytes(t));
+}
+
+double tensor_item(const Engine *e, const Tensor *t) {
+    union {
+        float f;
+        double d;
+        uint16_t h;
+        uint32_t u;
+    } v = {0};
+    e->be->copy_to_host(&v, t->data, dtype_size(t->dtype));
+    switch (t->dtype) {
+    case DT_F32: return v.f;
+    case DT_F64: return v.d;
+    case DT_BF16: {
+        uint32_t bits = (uint32_t)v.h << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    default: fatal("tensor_item: not a float tensor");
+    }
+}
+
+static void shape_str(char *buf, size_t n, int ndim, const int64_t *shape) {
+    size_t o = (size_t)snprintf(buf, n, "[");
+    for (int i = 0; i < ndim && o < n; i++) o += (size_t)snprintf(buf + o, n - o, i ? ", %lld" : "%lld", (long long)shape[i]);
+    if (o < n) snprintf(buf + o, n - o, "]");
+}
+
+void check_shape(const char *op, const char *what, const Tensor *t, int ndim, const int64_t *shape) {
+    bool ok = t->ndim == ndim;
+    for (int i = 0; ok && i < ndim; i++) ok = shape[i] < 0 || t->shape[i] == shape[i]; /* -1 = any */
+    if (!ok) {
+        char want[128], got[128];
+        shape_str(want, sizeof want, ndim, shape);
+        shape_str(got, sizeof got, t->ndim, t->shape);
+        fatal("%s: %s has shape %s, expected %s (-1 = any)", op, what, got, want);
+    }
+}
+
+void check_same_shape(const char *op, const Tensor *a, const Tensor *b) { check_shape(op, "operand", b, a->ndim, a->shape); }

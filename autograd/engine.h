@@ -1,0 +1,104 @@
+/* The autograd engine: a tape (Wengert list) of op nodes, replayed backward.
+ *
+ * An op called while gradients are enabled and with at least one input that requires grad appends a
+ * Node (its kind, inputs, outputs, saved tensors and scalars). engine_backward() walks the tape in
+ * reverse and calls each node's backward rule (the op table, ops.def), which accumulates into the
+ * inputs' gradients. Non-differentiable ops (Top-k, integer index ops) record nothing.
+ *
+ * Memory: activations, their gradients and tensor headers come from the engine's arenas and live
+ * until engine_reset() (once per micro-step). Parameters live in a ParamStore (params.h). */
+#ifndef MSA_ENGINE_H
+#define MSA_ENGINE_H
+
+#include "../kernels/backend.h"
+#include "arena.h"
+
+typedef enum {
+#define OP(name) OP_##name,
+#include "ops.def"
+#undef OP
+    OP_COUNT
+} OpKind;
+
+#define NODE_MAX_IN 8
+#define NODE_MAX_OUT 2
+#define NODE_MAX_SAVED 4
+
+typedef struct Node {
+    OpKind op;
+    int n_in, n_out;
+    Tensor *in[NODE_MAX_IN];       /* NULL entries allowed (optional inputs) */
+    Tensor *out[NODE_MAX_OUT];
+    Tensor *saved[NODE_MAX_SAVED]; /* extra tensors the backward needs (rstd, lse, ...) */
+    double f[6];                   /* op scalars */
+    int64_t i[6];
+    const void *ptr[2];            /* op pointers (checkpoint: function and its closure) */
+} Node;
+
+typedef struct Engine {
+    const KernelBackend *be;
+    Device device;
+    DType act_dtype;   /* activation dtype: F32 on CPU, F64 in gradient checks, BF16 on CUDA */
+    Arena data;        /* device memory: activations and activation gradients */
+    Arena host;        /* host memory: Tensor headers */
+    Node *tape;
+    int tape_len, tape_cap;
+    bool grad_enabled; /* false = no_grad mode: ops record nothing */
+    bool recomputing;  /* inside a checkpointed segment's backward recompute: skip side effects
+                          such as metrics, which the forward already collected */
+} Engine;
+
+void engine_init(Engine *e, const KernelBackend *be, DType act_dtype, size_t arena_chunk_bytes);
+void engine_free(Engine *e);
+/* Drop the tape and every activation: call at the start of each micro-step. */
+void engine_reset(Engine *e);
+
+/* SHAPE(a, b, c) expands to "ndim, shape-array" for engine_empty and friends. */
+#define SHAPE(...) (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__}
+
+/* A fresh activation tensor in the arena (contents undefined) / zero-filled. */
+Tensor *engine_empty(Engine *e, DType dt, int ndim, const int64_t *shape);
+Tensor *engine_zeros(Engine *e, DType dt, int ndim, const int64_t *shape);
+Tensor *engine_empty_like(Engine *e, const Tensor *t);
+/* A view of t with another shape (same numel, shares data; no node: gradients flow through the
+ * shared grad tensor, which the view creates on first use). */
+Tensor *engine_view(Engine *e, Tensor *t, int ndim, const int64_t *shape);
+/* The same data, cut off from the graph (stop-gradient). */
+Tensor *engine_detach(Engine *e, Tensor *t);
+
+/* dtype of saved statistics (rstd, lse) for activations of dtype dt: F64 for F64, else F32 */
+static inline DType stat_dtype(DType dt) { return dt == DT_F64 ? DT_F64 : DT_F32; }
+
+/* Gradient of t, allocated and zeroed on first use; NULL when t does not require grad. */
+Tensor *engine_grad(Engine *e, Tensor *t);
+
+/* Should an op with these inputs record a node? (grad enabled and some input requires grad) */
+bool engine_wants_grad(const Engine *e, Tensor *const *inputs, int n);
+/* Append a node to the tape (outputs then require grad); returns it for the op to fill. */
+Node *engine_record(Engine *e, OpKind op, Tensor *const *inputs, int n_in, Tensor *const *outputs, int n_out);
+
+/* Backward from a scalar (seed = NULL means d/d(out) = 1) or from out with the given seed gradient.
+ * Walks the tape entries recorded after tape position `from` (0 = all). */
+void engine_backward_from(Engine *e, Tensor *out, const Tensor *seed, int from);
+static inline void engine_backward(Engine *e, Tensor *loss) { engine_backward_from(e, loss, NULL, 0); }
+/* Run the backward rules of tape entries [from, tape_len) in reverse (gradients already seeded). */
+void engine_backward_tape(Engine *e, int from);
+
+/* Switch gradient recording; returns the previous state (to restore). */
+static inline bool engine_set_grad(Engine *e, bool on) {
+    bool prev = e->grad_enabled;
+    e->grad_enabled = on;
+    return prev;
+}
+
+/* Host <-> tensor copies for any device (dtype must match the host buffer's). */
+void tensor_to_host(const Engine *e, void *dst, const Tensor *t);
+void tensor_from_host(const Engine *e, Tensor *t, const void *src);
+/* Read a scalar (F32, F64 or BF16) tensor's value to the host. */
+double tensor_item(const Engine *e, const Tensor *t);
+
+/* Shape checks used by ops: abort with a message naming the op and the mismatch. */
+void check_shape(const char *op, const char *what, const Tensor *t, int ndim, const int64_t *shape);
+void check_same_shape(const char *op, const Tensor *a, const Tensor *b);
+
+#endif

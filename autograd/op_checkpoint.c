@@ -1,0 +1,63 @@
+/* checkpoint: activation recomputation for one segment (a transformer block).
+ *
+ * Forward runs the segment without recording and keeps only its output (and auxiliary loss); every
+ * activation inside is released at once. Backward runs the segment again with recording, seeds the
+ * recomputed outputs with the upstream gradients, walks that sub-tape, and releases it. Peak
+ * activation memory is then one block's activations plus the block outputs, which is what lets
+ * 32K-128K-token sequences fit. A segment maps x to a tensor of x's shape and must be deterministic. */
+#include "../kernels/util.h"
+#include "ops.h"
+
+Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, Tensor **aux_out) {
+    if (!e->grad_enabled) return fn(e, x, closure, aux_out);
+
+    Tensor *y = engine_empty_like(e, x);
+    Tensor *aux = engine_empty(e, stat_dtype(x->dtype), SHAPE(1));
+    e->be->zero(aux->data, tensor_bytes(aux));
+    bool has_aux = false;
+
+    ArenaMark md = arena_mark(&e->data), mh = arena_mark(&e->host);
+    engine_set_grad(e, false);
+    Tensor *seg_aux = NULL;
+    Tensor *seg_y = fn(e, x, closure, &seg_aux);
+    engine_set_grad(e, true);
+    check_same_shape("checkpoint (segment output vs input)", x, seg_y);
+    e->be->copy(y->data, seg_y->data, tensor_bytes(y));
+    if (seg_aux) {
+        if (seg_aux->numel != 1 || seg_aux->dtype != aux->dtype) fatal("checkpoint: auxiliary loss must be a scalar");
+        e->be->copy(aux->data, seg_aux->data, tensor_bytes(aux));
+        has_aux = true;
+    }
+    arena_rewind(&e->data, md);
+    arena_rewind(&e->host, mh);
+
+    Tensor *outs[2] = {y, has_aux ? aux : NULL};
+    Node *n = engine_record(e, OP_checkpoint, &x, 1, outs, 2);
+    n->ptr[0] = (const void *)fn;
+    n->ptr[1] = closure;
+    if (aux_out) *aux_out = has_aux ? aux : NULL;
+    return y;
+}
+
+void backward_checkpoint(Engine *e, Node *n) {
+    SegmentFn fn = (SegmentFn)n->ptr[0];
+    const void *closure = n->ptr[1];
+    Tensor *x = n->in[0], *gy = n->out[0]->grad, *gaux = n->out[1] ? n->out[1]->grad : NULL;
+    engine_grad(e, x); /* allocate x's gradient outside the region released below */
+
+    ArenaMark md = arena_mark(&e->data), mh = arena_mark(&e->host);
+    int tape_mark = e->tape_len;
+    bool prev = e->recomputing;
+    e->recomputing = true;
+    Tensor *aux = NULL;
+    Tensor *y = fn(e, x, closure, &aux);
+    e->recomputing = prev;
+
+    if (gy && y->requires_grad) e->be->axpy(engine_grad(e, y), gy, 1.0f);
+    if (gaux && aux && aux->requires_grad) e->be->axpy(engine_grad(e, aux), gaux, 1.0f);
+    engine_backward_tape(e, tape_mark);
+
+    e->tape_len = tape_mark;
+    arena_rewind(&e->data, md);
+    arena_rewind(&e->host, mh);
+}

@@ -1,0 +1,20 @@
+/* embedding: out[n, :] = W[tokens[n], :]; backward scatter-adds into W's gradient. */
+#include "../kernels/util.h"
+#include "ops.h"
+
+Tensor *op_embedding(Engine *e, Tensor *w, Tensor *tokens) {
+    if (tokens->dtype != DT_I32) fatal("embedding: tokens must be i32, got %s", dtype_name(tokens->dtype));
+    if (w->ndim != 2) fatal("embedding: table must be 2-D");
+    Tensor *out = engine_empty(e, w->dtype, SHAPE(tokens->numel, w->shape[1]));
+    e->be->embedding_forward(out, w, tokens);
+    if (engine_wants_grad(e, &w, 1)) {
+        Tensor *in[2] = {w, tokens};
+        engine_record(e, OP_embedding, in, 2, &out, 1);
+    }
+    return out;
+}
+
+void backward_embedding(Engine *e, Node *n) {
+    Tensor *gw = engine_grad(e, n->in[0]);
+    if (gw) e->be->embedding_backward(gw, n->out[0]->grad, n->in[1]);
+}

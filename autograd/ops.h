@@ -1,0 +1,55 @@
+/* The op API: forward functions that compute and (in grad mode) record a tape node.
+ * One op = this declaration + its forward and backward rule in autograd/op_<name>.c + a line in
+ * ops.def + kernels in kernels/cpu and kernels/cuda + a gradient test. */
+#ifndef MSA_OPS_H
+#define MSA_OPS_H
+
+#include "engine.h"
+
+#define OP_BACKWARD_DECL(name) void backward_##name(Engine *e, Node *n);
+#define OP(name) OP_BACKWARD_DECL(name)
+#include "ops.def"
+#undef OP
+
+Tensor *op_add(Engine *e, Tensor *a, Tensor *b);
+Tensor *op_scale(Engine *e, Tensor *x, float alpha);
+
+/* y[..., out] = x[..., in] @ W^T with W [out, in] (PyTorch nn.Linear layout, no bias) */
+Tensor *op_linear(Engine *e, Tensor *x, Tensor *w);
+
+/* out [N, C] from W [V, C] and i32 tokens [N] */
+Tensor *op_embedding(Engine *e, Tensor *w, Tensor *tokens);
+
+/* RMSNorm over the last dim of x; w has that dim's size (NULL = no gain). unit_offset: gain 1 + w. */
+Tensor *op_rmsnorm(Engine *e, Tensor *x, Tensor *w, float eps, bool unit_offset);
+
+/* x [N, H, D], positions i32 [N] */
+Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float theta);
+
+/* q [N,Hq,D], k/v [N,Hkv,D], cu_seqlens i32 [ndocs+1] -> out [N,Hq,D]; *lse_out (optional) gets the
+ * [Hq,N] f32 log-sum-exp the MSA KL uses as its teacher normaliser. */
+Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
+                     Tensor **lse_out);
+
+Tensor *op_swiglu(Engine *e, Tensor *gate, Tensor *up);
+
+/* scalar mean cross-entropy over rows whose target != ignore_index */
+Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_index);
+
+/* Activation checkpointing: y = fn(x) recomputed in backward. fn may also return an auxiliary scalar
+ * loss (e.g. the MSA KL of the block) through *aux (NULL if none); its gradient is seeded with the
+ * upstream gradient of the returned aux tensor. fn must be deterministic. */
+typedef Tensor *(*SegmentFn)(Engine *e, Tensor *x, const void *closure, Tensor **aux);
+Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, Tensor **aux_out);
+
+/* MSA main branch: exact attention over the selected blocks (topk from the indexer; NULL = all
+ * visible blocks). Outputs out [N,Hq,D] and, optionally, lse [Hq,N]. */
+Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *cu_seqlens,
+                         const MsaParams *p, Tensor **lse_out);
+
+/* MSA KL alignment: scalar weight * mean_{t,g} KL(teacher || student); teacher from q, k, lse
+ * (detached: no gradient to them); gradient only to qi and ki. */
+Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
+                  Tensor *cu_seqlens, const MsaParams *p, float weight);
+
+#endif

@@ -1,0 +1,114 @@
+#include "params.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/util.h"
+
+void params_init(ParamStore *ps, const KernelBackend *be, DType dtype) {
+    memset(ps, 0, sizeof(*ps));
+    ps->be = be;
+    ps->dtype = dtype;
+}
+
+void params_free(ParamStore *ps) {
+    for (int i = 0; i < ps->n; i++) {
+        free((void *)ps->p[i].t->name);
+        free(ps->p[i].t->grad);
+        free(ps->p[i].t);
+    }
+    if (ps->data) ps->be->free(ps->data);
+    if (ps->grad) ps->be->free(ps->grad);
+    free(ps->p);
+    memset(ps, 0, sizeof(*ps));
+}
+
+Param *params_find(ParamStore *ps, const char *name) {
+    for (int i = 0; i < ps->n; i++)
+        if (strcmp(ps->p[i].t->name, name) == 0) return &ps->p[i];
+    return NULL;
+}
+
+Tensor *params_add(ParamStore *ps, const char *name, int ndim, const int64_t *shape, InitKind init, float std,
+                   bool decay) {
+    if (ps->allocated) fatal("parameter %s declared after the store was allocated", name);
+    if (params_find(ps, name)) fatal("parameter %s declared twice", name);
+    if (ps->n == ps->cap) {
+        ps->cap = ps->cap ? 2 * ps->cap : 64;
+        ps->p = xrealloc(ps->p, (size_t)ps->cap * sizeof(Param));
+    }
+    Tensor *t = xcalloc(1, sizeof(Tensor));
+    t->dtype = ps->dtype;
+    t->device = ps->be->device;
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        t->shape[i] = shape[i];
+        t->numel *= shape[i];
+    }
+    t->requires_grad = true;
+    t->is_param = true;
+    t->name = xstrdup(name);
+    Param *p = &ps->p[ps->n++];
+    *p = (Param){.t = t, .init = init, .init_std = std, .decay = decay, .lr_scale = 1.0f, .offset = ps->numel};
+    ps->numel += t->numel;
+    return t;
+}
+
+static uint64_t fnv1a(const char *s) {
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ULL;
+    return h;
+}
+
+void params_allocate(ParamStore *ps, uint64_t seed) {
+    size_t es = dtype_size(ps->dtype);
+    ps->data = ps->be->alloc((size_t)ps->numel * es);
+    ps->grad = ps->be->alloc((size_t)ps->numel * es);
+    ps->be->zero(ps->grad, (size_t)ps->numel * es);
+    ps->allocated = true;
+    for (int i = 0; i < ps->n; i++) {
+        Param *p = &ps->p[i];
+        Tensor *t = p->t;
+        t->data = (char *)ps->data + (size_t)p->offset * es;
+        Tensor *g = xcalloc(1, sizeof(Tensor));
+        *g = *t;
+        g->data = (char *)ps->grad + (size_t)p->offset * es;
+        g->requires_grad = false;
+        g->grad = NULL;
+        g->name = NULL;
+        t->grad = g;
+        /* initialise on the host in the store's dtype, then copy to the device */
+        Tensor host = *t;
+        host.data = xmalloc(tensor_bytes(t));
+        Rng rng;
+        rng_seed(&rng, seed ^ fnv1a(t->name));
+        for (int64_t j = 0; j < t->numel; j++) {
+            double v = p->init == INIT_ONES ? 1.0 : p->init == INIT_ZEROS ? 0.0 : p->init_std * rng_normal(&rng);
+            tensor_set(&host, j, v);
+        }
+        ps->be->copy_from_host(t->data, host.data, tensor_bytes(t));
+        free(host.data);
+    }
+}
+
+void params_zero_grad(ParamStore *ps) {
+    if (ps->allocated) ps->be->zero(ps->grad, (size_t)ps->numel * dtype_size(ps->dtype));
+}
+
+int params_set_trainable(ParamStore *ps, const char *substring, bool trainable) {
+    int count = 0;
+    for (int i = 0; i < ps->n; i++)
+        if (!substring || strstr(ps->p[i].t->name, substring)) {
+            ps->p[i].t->requires_grad = trainable;
+            count++;
+        }
+    return count;
+}
+
+int64_t params_count(const ParamStore *ps, bool trainable_only) {
+    int64_t c = 0;
+    for (int i = 0; i < ps->n; i++)
+        if (!trainable_only || ps->p[i].t->requires_grad) c += ps->p[i].t->numel;
+    return c;
+}

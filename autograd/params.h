@@ -1,0 +1,44 @@
+/* The parameter registry: every learnable tensor by name, in one persistent allocation for values
+ * and one for gradients (as llm.c does). Names are the checkpoint dataset names
+ * ("layers.3.attn.wq"). Frozen parameters have requires_grad = false and receive no gradient. */
+#ifndef MSA_PARAMS_H
+#define MSA_PARAMS_H
+
+#include "../kernels/backend.h"
+
+typedef enum { INIT_NORMAL = 0, INIT_ZEROS, INIT_ONES } InitKind;
+
+typedef struct Param {
+    Tensor *t;       /* value; t->grad is the gradient (persistent, accumulated across micro-steps) */
+    InitKind init;
+    float init_std;  /* INIT_NORMAL */
+    bool decay;      /* AdamW weight decay applies (off for norms and embeddings by default) */
+    float lr_scale;  /* multiplies the scheduled LR (e.g. a separate backbone LR) */
+    int64_t offset;  /* element offset in the store's buffers */
+} Param;
+
+typedef struct ParamStore {
+    const KernelBackend *be;
+    DType dtype;     /* F32 master weights (F64 in gradient checks) */
+    Param *p;
+    int n, cap;
+    int64_t numel;
+    void *data, *grad;
+    bool allocated;
+} ParamStore;
+
+void params_init(ParamStore *ps, const KernelBackend *be, DType dtype);
+void params_free(ParamStore *ps);
+/* Declare a parameter (before params_allocate). Names must be unique. */
+Tensor *params_add(ParamStore *ps, const char *name, int ndim, const int64_t *shape, InitKind init, float std,
+                   bool decay);
+/* Allocate values and gradients, initialise every parameter from seed (each parameter's stream is
+ * seeded from seed and its name, so adding a parameter never changes the others' values). */
+void params_allocate(ParamStore *ps, uint64_t seed);
+void params_zero_grad(ParamStore *ps);
+Param *params_find(ParamStore *ps, const char *name);
+/* Set requires_grad of every parameter whose name contains `substring` (NULL = all). Returns count. */
+int params_set_trainable(ParamStore *ps, const char *substring, bool trainable);
+int64_t params_count(const ParamStore *ps, bool trainable_only);
+
+#endif

@@ -1,0 +1,132 @@
+/* The one dispatch table between autograd and the kernels.
+ *
+ * Each backend (kernels/cpu, kernels/cuda) fills a KernelBackend with its functions; autograd calls
+ * kernels only through it, so an op's rule is written once for every device. Conventions:
+ *   - "rows" of token-major activations are tokens: x is [N, C] or [N, H, D] with N = all tokens of
+ *     the micro-batch (sequences and the documents packed in them laid end to end);
+ *   - cu_seqlens (i32, [ndocs+1], cu_seqlens[0] = 0, last = N) marks document starts; attention
+ *     never crosses a document boundary, and the batch's sequence boundaries are document
+ *     boundaries too;
+ *   - saved statistics (rmsnorm's rstd, attention's lse, ...) are F32, or F64 when the activations are
+ *     F64 (gradient checks), so that float64 checks are exact;
+ *   - every *_backward function ACCUMULATES (+=) into its gradient outputs, and skips a gradient
+ *     output passed as NULL (frozen or not needed).
+ */
+#ifndef MSA_BACKEND_H
+#define MSA_BACKEND_H
+
+#include "tensor.h"
+
+/* MSA hyper-parameters of one layer (DESIGN §4). Blocks count from each document's first token. */
+typedef struct MsaParams {
+    int block_size;    /* B: tokens per KV block */
+    int topk_blocks;   /* k: selected blocks per (query, group), forced blocks included */
+    int init_blocks;   /* leading blocks of the document always selected (inside the budget) */
+    int local_blocks;  /* the query's own block and the local_blocks-1 before it, always selected */
+    float scale;       /* main-branch softmax scale, 1/sqrt(d) */
+    float index_scale; /* index-branch score scale, 1/sqrt(d_idx); the student's temperature */
+} MsaParams;
+
+typedef struct KernelBackend {
+    const char *name;
+    Device device;
+
+    /* memory */
+    void *(*alloc)(size_t bytes);             /* aborts with a message on failure */
+    void (*free)(void *ptr);
+    void (*copy_to_host)(void *dst, const void *src, size_t bytes);
+    void (*copy_from_host)(void *dst, const void *src, size_t bytes);
+    void (*copy)(void *dst, const void *src, size_t bytes);
+    void (*zero)(void *dst, size_t bytes);
+
+    /* elementwise and reductions (float dtypes) */
+    void (*axpy)(Tensor *y, const Tensor *x, float alpha);          /* y += alpha * x */
+    void (*scale)(Tensor *y, float alpha);                          /* y *= alpha */
+    void (*add)(Tensor *out, const Tensor *a, const Tensor *b);     /* out = a + b */
+    double (*sumsq)(const Tensor *x);                               /* sum of squares, fp64 accum */
+    void (*cast)(Tensor *dst, const Tensor *src);                   /* between float dtypes */
+
+    /* C = alpha * op(A) @ op(B) + beta * C; A, B, C are 2-D or 3-D (batched, same batch), op = transpose
+     * when the flag is set. The one GEMM primitive every linear op uses. */
+    void (*matmul)(Tensor *c, const Tensor *a, const Tensor *b, bool trans_a, bool trans_b,
+                   float alpha, float beta);
+
+    /* embedding: out[n,:] = wte[tokens[n],:] ; backward scatter-adds rows into dwte */
+    void (*embedding_forward)(Tensor *out, const Tensor *wte, const Tensor *tokens);
+    void (*embedding_backward)(Tensor *dwte, const Tensor *dout, const Tensor *tokens);
+
+    /* RMSNorm over the last dim: y = x * rstd * (w or 1 + w); rstd [rows] saved for backward.
+     * unit_offset selects the Gemma form (1 + w), used by MiniMax-M3's index norms. */
+    void (*rmsnorm_forward)(Tensor *y, Tensor *rstd, const Tensor *x, const Tensor *w, float eps,
+                            bool unit_offset);
+    void (*rmsnorm_backward)(Tensor *dx, Tensor *dw, const Tensor *dy, const Tensor *x, const Tensor *w,
+                             const Tensor *rstd, bool unit_offset);
+
+    /* RoPE, NeoX/Llama "rotate half" pairing (i, i + rotary_dim/2) on the first rotary_dim dims of
+     * each head of x [N, H, D]; dims past rotary_dim pass through. positions: i32 [N]. */
+    void (*rope_forward)(Tensor *y, const Tensor *x, const Tensor *positions, int rotary_dim, float theta);
+    void (*rope_backward)(Tensor *dx, const Tensor *dy, const Tensor *positions, int rotary_dim, float theta);
+
+    /* causal GQA attention within documents. q [N,Hq,D], k/v [N,Hkv,D], out [N,Hq,D],
+     * lse [Hq,N] (natural log of the softmax normaliser including scale). Query head h uses KV
+     * head h / (Hq/Hkv). */
+    void (*attention_forward)(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                              const Tensor *cu_seqlens, float scale);
+    void (*attention_backward)(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
+                               const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
+                               const Tensor *cu_seqlens, float scale);
+
+    /* SwiGLU: out = silu(gate) * up */
+    void (*swiglu_forward)(Tensor *out, const Tensor *gate, const Tensor *up);
+    void (*swiglu_backward)(Tensor *dgate, Tensor *dup, const Tensor *dout, const Tensor *gate,
+                            const Tensor *up);
+
+    /* cross-entropy, fp32 math: loss (scalar tensor) = mean over rows whose target != ignore_index of
+     * lse(logits) - logits[target]; lse [N] saved. Returns the number of counted rows.
+     * backward: dlogits += dloss * (softmax - onehot) / n_valid, ignored rows get nothing. */
+    int64_t (*cross_entropy_forward)(Tensor *loss, Tensor *lse, const Tensor *logits, const Tensor *targets,
+                                     int ignore_index);
+    void (*cross_entropy_backward)(Tensor *dlogits, const Tensor *dloss, const Tensor *logits,
+                                   const Tensor *lse, const Tensor *targets, int ignore_index,
+                                   int64_t n_valid);
+
+    /* AdamW on fp32 master weights, decoupled weight decay:
+     * p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p), with bias corrections of step t (1-based). */
+    void (*adamw_update)(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1,
+                         float beta2, float eps, float weight_decay, int t);
+
+    /* ---- MSA (DESIGN §4). Shapes: q [N,Hq,D], k/v [N,Hkv,D], qi [N,Hidx,Di] with Hidx = Hkv,
+     * ki [N,Di] (one index key shared by all index heads), lse [Hq,N], topk i32 [Hidx,N,k]
+     * holding document-relative block ids sorted ascending, -1 in unused slots. A NULL topk means
+     * "every visible block" (dense warm-up): attention and KL then run over the full causal prefix. */
+    void (*msa_indexer)(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens,
+                        const MsaParams *p);
+    void (*msa_attention_forward)(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k,
+                                  const Tensor *v, const Tensor *topk, const Tensor *cu_seqlens,
+                                  const MsaParams *p);
+    void (*msa_attention_backward)(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout,
+                                   const Tensor *q, const Tensor *k, const Tensor *v, const Tensor *out,
+                                   const Tensor *lse, const Tensor *topk, const Tensor *cu_seqlens,
+                                   const MsaParams *p);
+    /* KL(teacher || student) averaged over (token, group): kl is a scalar tensor; idx_lse [Hidx,N]
+     * (the student's log-normaliser over the selected tokens) is saved for the backward.
+     * Teacher p[g,t,j] = mean over the heads h of group g of exp(q_h.k_j*scale - lse[h,t]). */
+    void (*msa_kl_forward)(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
+                           const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
+                           const MsaParams *p);
+    /* dqi, dki += coeff * d(sum over (t,g) of KL)/d(qi, ki); the op passes coeff = dL/dkl / (N*Hidx) */
+    void (*msa_kl_backward)(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
+                            const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
+                            const Tensor *cu_seqlens, const MsaParams *p, float coeff);
+    /* recall: mean over sampled (query, group) of the dense teacher mass (group mean of the heads'
+     * full causal attention) that falls inside the selected blocks; every query_stride-th query */
+    double (*msa_recall)(const Tensor *q, const Tensor *k, const Tensor *topk, const Tensor *cu_seqlens,
+                         const MsaParams *p, int query_stride);
+} KernelBackend;
+
+extern const KernelBackend cpu_backend;
+#ifdef MSA_CUDA
+extern const KernelBackend cuda_backend;
+#endif
+
+#endif

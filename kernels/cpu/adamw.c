@@ -1,0 +1,12 @@
+/* AdamW optimizer kernel of the CPU backend (fp32 master weights and moments). */
+#include "cpu.h"
+
+#define CPU_IMPL "adamw_impl.h"
+#include "instantiate.h"
+
+void cpu_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1, float beta2,
+                      float eps, float weight_decay, int t) {
+    CPU_SAME_DTYPE("adamw_update", param, grad, m, v);
+    CPU_CALL(param, adamw, param->data, grad->data, m->data, v->data, param->numel, lr, beta1, beta2, eps,
+             weight_decay, t);
+}

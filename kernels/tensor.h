@@ -1,0 +1,74 @@
+/* Tensor: a plain descriptor of a contiguous, row-major array on one device.
+ * Kernels read and write tensors through this struct and nothing else; the autograd fields
+ * (grad, requires_grad) are carried along but kernels never look at them. */
+#ifndef MSA_TENSOR_H
+#define MSA_TENSOR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* F64 exists for the float64 gradient checks and CPU references; models train in F32 on the CPU
+ * and in BF16 activations / F32 master weights on CUDA. */
+typedef enum { DT_F32 = 0, DT_F64, DT_BF16, DT_I32, DT_COUNT } DType;
+typedef enum { DEV_CPU = 0, DEV_CUDA } Device;
+
+#define TENSOR_MAX_DIMS 4
+
+typedef struct Tensor {
+    DType dtype;
+    Device device;
+    int ndim;
+    int64_t shape[TENSOR_MAX_DIMS];
+    int64_t numel;
+    void *data;
+    struct Tensor *grad;  /* same shape, dtype and device; NULL until backward reaches it */
+    bool requires_grad;
+    bool is_param;        /* lives in the parameter store: its grad persists across micro-steps */
+    const char *name;     /* parameters only; becomes the checkpoint dataset name */
+} Tensor;
+
+static inline size_t dtype_size(DType dt) {
+    switch (dt) {
+    case DT_F32: return 4;
+    case DT_F64: return 8;
+    case DT_BF16: return 2;
+    case DT_I32: return 4;
+    default: return 0;
+    }
+}
+
+static inline const char *dtype_name(DType dt) {
+    static const char *names[] = {"f32", "f64", "bf16", "i32"};
+    return dt < DT_COUNT ? names[dt] : "?";
+}
+
+static inline size_t tensor_bytes(const Tensor *t) { return (size_t)t->numel * dtype_size(t->dtype); }
+
+/* size of dimension d, counting negative d from the end (like Python) */
+static inline int64_t tensor_dim(const Tensor *t, int d) { return t->shape[d < 0 ? t->ndim + d : d]; }
+
+/* product of all dimensions but the last: the number of "rows" a row-wise kernel processes */
+static inline int64_t tensor_rows(const Tensor *t) { return t->numel / t->shape[t->ndim - 1]; }
+
+/* The same data seen as a 2-D [rows, last dim] matrix: a by-value descriptor for kernel calls. */
+static inline Tensor tensor_as_rows(const Tensor *t) {
+    Tensor v = *t;
+    v.ndim = 2;
+    v.shape[0] = tensor_rows(t);
+    v.shape[1] = t->shape[t->ndim - 1];
+    v.shape[2] = v.shape[3] = 0;
+    v.grad = NULL;
+    return v;
+}
+
+/* Float element access for CPU tensors of F32 or F64 (tests, references, host-side metrics). */
+static inline double tensor_get(const Tensor *t, int64_t i) {
+    return t->dtype == DT_F64 ? ((const double *)t->data)[i] : (double)((const float *)t->data)[i];
+}
+static inline void tensor_set(Tensor *t, int64_t i, double v) {
+    if (t->dtype == DT_F64) ((double *)t->data)[i] = v;
+    else ((float *)t->data)[i] = (float)v;
+}
+
+#endif

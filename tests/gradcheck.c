@@ -1,0 +1,120 @@
+#include "gradcheck.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/util.h"
+
+Tensor *test_tensor(DType dt, int ndim, const int64_t *shape) {
+    Tensor *t = xcalloc(1, sizeof(Tensor));
+    t->dtype = dt;
+    t->device = DEV_CPU;
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        t->shape[i] = shape[i];
+        t->numel *= shape[i];
+    }
+    t->data = xcalloc((size_t)t->numel, dtype_size(dt));
+    return t;
+}
+
+Tensor *test_randn(DType dt, int ndim, const int64_t *shape, double std, uint64_t seed) {
+    Tensor *t = test_tensor(dt, ndim, shape);
+    Rng r;
+    rng_seed(&r, seed);
+    for (int64_t i = 0; i < t->numel; i++) tensor_set(t, i, std * rng_normal(&r));
+    return t;
+}
+
+void test_tensor_free(Tensor *t) {
+    if (!t) return;
+    if (t->grad) {
+        free(t->grad->data);
+        free(t->grad);
+    }
+    free(t->data);
+    free(t);
+}
+
+void test_requires_grad(Tensor *t) {
+    t->requires_grad = true;
+    if (!t->grad) {
+        t->grad = test_tensor(t->dtype, t->ndim, t->shape);
+    }
+}
+
+double rel_err(const double *a, const double *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        num += (a[i] - b[i]) * (a[i] - b[i]);
+        den += b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* L = sum(out * R) evaluated without recording */
+static double eval_loss(Engine *e, GradCheckFn fn, Tensor **inputs, void *ctx, const double *R) {
+    engine_reset(e);
+    bool prev = engine_set_grad(e, false);
+    Tensor *out = fn(e, inputs, ctx);
+    engine_set_grad(e, prev);
+    double *host = xmalloc((size_t)out->numel * sizeof(double));
+    if (out->dtype != DT_F64) fatal("gradcheck: the function must produce f64 (got %s)", dtype_name(out->dtype));
+    tensor_to_host(e, host, out);
+    double L = 0;
+    for (int64_t i = 0; i < out->numel; i++) L += host[i] * R[i];
+    free(host);
+    return L;
+}
+
+GradCheckResult gradcheck(Engine *e, GradCheckFn fn, Tensor **inputs, int n_inputs, void *ctx, int max_elems,
+                          uint64_t seed) {
+    GradCheckResult res = {0, -1, 0};
+    /* analytic gradients */
+    engine_reset(e);
+    for (int i = 0; i < n_inputs; i++)
+        if (inputs[i] && inputs[i]->grad) memset(inputs[i]->grad->data, 0, tensor_bytes(inputs[i]->grad));
+    Tensor *out = fn(e, inputs, ctx);
+    Rng rng;
+    rng_seed(&rng, seed);
+    double *R = xmalloc((size_t)out->numel * sizeof(double));
+    for (int64_t i = 0; i < out->numel; i++) R[i] = rng_normal(&rng);
+    Tensor *seed_t = engine_empty(e, DT_F64, out->ndim, out->shape);
+    tensor_from_host(e, seed_t, R);
+    engine_backward_from(e, out, seed_t, 0);
+
+    const double h = 1e-6;
+    for (int i = 0; i < n_inputs; i++) {
+        Tensor *x = inputs[i];
+        if (!x || !x->requires_grad) continue;
+        if (x->dtype != DT_F64) fatal("gradcheck: input %d must be f64", i);
+        int64_t n = x->numel, m = (max_elems > 0 && n > max_elems) ? max_elems : n;
+        double *an = xmalloc((size_t)m * sizeof(double)), *nu = xmalloc((size_t)m * sizeof(double));
+        double *xd = x->data;
+        for (int64_t j = 0; j < m; j++) {
+            int64_t idx = (m == n) ? j : (int64_t)(rng_next(&rng) % (uint64_t)n);
+            an[j] = ((double *)x->grad->data)[idx];
+            double old = xd[idx];
+            xd[idx] = old + h;
+            double lp = eval_loss(e, fn, inputs, ctx, R);
+            xd[idx] = old - h;
+            double lm = eval_loss(e, fn, inputs, ctx, R);
+            xd[idx] = old;
+            nu[j] = (lp - lm) / (2 * h);
+        }
+        double err = rel_err(an, nu, m), nn = 0;
+        for (int64_t j = 0; j < m; j++) nn += nu[j] * nu[j];
+        if (res.worst_input < 0 || err > res.max_rel_err) {
+            res.max_rel_err = err;
+            res.worst_input = i;
+            res.numeric_norm = sqrt(nn);
+        }
+        free(an);
+        free(nu);
+    }
+    free(R);
+    engine_reset(e);
+    return res;
+}

@@ -1,0 +1,34 @@
+/* Float64 finite-difference gradient checking for any function of tensors built from ops.
+ *
+ * fn(e, inputs, ctx) builds an output tensor from the inputs with ops. The check forms the scalar
+ * L = sum(out * R) for fixed random R, computes dL/d(input) by backward, and compares it with
+ * central differences (L(x+h) - L(x-h)) / 2h for every input element (or a deterministic sample of
+ * `max_elems` per input) of each input with requires_grad. The error reported per input is the
+ * relative norm ||analytic - numeric|| / ||numeric|| over the checked elements. */
+#ifndef MSA_GRADCHECK_H
+#define MSA_GRADCHECK_H
+
+#include "../autograd/engine.h"
+
+typedef Tensor *(*GradCheckFn)(Engine *e, Tensor **inputs, void *ctx);
+
+typedef struct GradCheckResult {
+    double max_rel_err;   /* worst input's relative error */
+    int worst_input;
+    double numeric_norm;  /* of the worst input (a check of an all-zero gradient proves nothing) */
+} GradCheckResult;
+
+/* Persistent CPU tensors for test inputs (outside the engine's arena). Free with test_tensor_free. */
+Tensor *test_tensor(DType dt, int ndim, const int64_t *shape);
+Tensor *test_randn(DType dt, int ndim, const int64_t *shape, double std, uint64_t seed);
+void test_tensor_free(Tensor *t);
+/* Give t a persistent zeroed grad and mark it requires_grad. */
+void test_requires_grad(Tensor *t);
+
+GradCheckResult gradcheck(Engine *e, GradCheckFn fn, Tensor **inputs, int n_inputs, void *ctx, int max_elems,
+                          uint64_t seed);
+
+/* ||a - b|| / ||b|| over n doubles */
+double rel_err(const double *a, const double *b, int64_t n);
+
+#endif

@@ -1,0 +1,315 @@
+/* Float64 finite-difference gradient checks of the basic ops (add, scale, linear, embedding, rmsnorm,
+ * swiglu, cross-entropy, checkpoint), forward values against naive references, and the engine's
+ * views, detach and no-grad mode. */
+#include <math.h>
+#include <string.h>
+
+#include "../autograd/ops.h"
+#include "gradcheck.h"
+#include "test.h"
+
+#define TOL 1e-6
+
+static bool grad_ok(TestCtx *tc, GradCheckResult r, const char *what) {
+    (void)tc;
+    if (!(r.max_rel_err < TOL && r.numeric_norm > 0)) {
+        printf("    %s: rel err %.3e (input %d, numeric norm %.3e)\n", what, r.max_rel_err, r.worst_input, r.numeric_norm);
+        return false;
+    }
+    return true;
+}
+
+/* ---- functions under test (inputs: persistent f64 tensors) ---- */
+static Tensor *f_add(Engine *e, Tensor **in, void *ctx) {
+    (void)ctx;
+    return op_add(e, op_scale(e, in[0], 0.5f), op_add(e, in[1], in[0]));
+}
+static Tensor *f_linear(Engine *e, Tensor **in, void *ctx) {
+    (void)ctx;
+    return op_linear(e, in[0], in[1]);
+}
+static Tensor *f_embedding(Engine *e, Tensor **in, void *ctx) {
+    (void)ctx;
+    return op_embedding(e, in[0], in[1]);
+}
+typedef struct {
+    bool unit_offset;
+    bool gain;
+} NormCtx;
+static Tensor *f_rmsnorm(Engine *e, Tensor **in, void *ctx) {
+    NormCtx *c = ctx;
+    return op_rmsnorm(e, in[0], c->gain ? in[1] : NULL, 1e-5f, c->unit_offset);
+}
+static Tensor *f_swiglu(Engine *e, Tensor **in, void *ctx) {
+    (void)ctx;
+    return op_swiglu(e, in[0], in[1]);
+}
+static Tensor *f_ce(Engine *e, Tensor **in, void *ctx) {
+    (void)ctx;
+    return op_cross_entropy(e, in[0], in[1], -1);
+}
+
+/* a two-linear "block" with a residual and an auxiliary loss: checkpointed and plain */
+typedef struct {
+    Tensor *w1, *w2, *targets;
+} SegCtx;
+/* y = x + W2 swiglu(W1 x, W1 x); aux = cross-entropy of y against fixed targets */
+static Tensor *segment(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
+    const SegCtx *s = closure;
+    Tensor *h = op_swiglu(e, op_linear(e, x, s->w1), op_linear(e, x, s->w1));
+    Tensor *y = op_add(e, x, op_linear(e, h, s->w2));
+    *aux = op_cross_entropy(e, y, s->targets, -1);
+    return y;
+}
+/* two segments, checkpointed or not; the scalar output sums the final loss and both aux losses */
+static Tensor *f_checkpoint(Engine *e, Tensor **in, void *ctx) {
+    bool use = *(bool *)ctx;
+    SegCtx *sc = arena_alloc(&e->host, sizeof(SegCtx));
+    sc->w1 = in[1];
+    sc->w2 = in[2];
+    sc->targets = engine_empty(e, DT_I32, SHAPE(in[0]->shape[0]));
+    int32_t t[5] = {0, 1, 2, 3, 4};
+    tensor_from_host(e, sc->targets, t);
+    Tensor *x = op_scale(e, in[0], 1.0f), *total = NULL;
+    for (int i = 0; i < 2; i++) {
+        Tensor *aux = NULL;
+        x = use ? op_checkpoint(e, segment, sc, x, &aux) : segment(e, x, sc, &aux);
+        total = total ? op_add(e, total, aux) : aux;
+    }
+    return op_add(e, total, op_cross_entropy(e, x, sc->targets, -1));
+}
+
+TEST(grad_add_scale) {
+    Engine *eng = tc->fixture;
+    Tensor *a = test_randn(DT_F64, SHAPE(3, 5), 1, 1), *b = test_randn(DT_F64, SHAPE(3, 5), 1, 2);
+    test_requires_grad(a);
+    test_requires_grad(b);
+    Tensor *in[] = {a, b};
+    EXPECT(grad_ok(tc, gradcheck(eng, f_add, in, 2, NULL, 0, 3), "add/scale"), "add/scale gradient");
+    test_tensor_free(a);
+    test_tensor_free(b);
+}
+
+TEST(grad_linear_odd_shapes) {
+    Engine *eng = tc->fixture;
+    int64_t shapes[][3] = {{1, 1, 1}, {7, 5, 3}, {13, 9, 11}};
+    for (int s = 0; s < 3; s++) {
+        Tensor *x = test_randn(DT_F64, SHAPE(shapes[s][0], shapes[s][1]), 1, 10 + s);
+        Tensor *w = test_randn(DT_F64, SHAPE(shapes[s][2], shapes[s][1]), 1, 20 + s);
+        test_requires_grad(x);
+        test_requires_grad(w);
+        Tensor *in[] = {x, w};
+        EXPECT(grad_ok(tc, gradcheck(eng, f_linear, in, 2, NULL, 0, 4), "linear"), "linear gradient, shape %d", s);
+        test_tensor_free(x);
+        test_tensor_free(w);
+    }
+    /* 3-D input (batched leading dims) */
+    Tensor *x = test_randn(DT_F64, SHAPE(2, 3, 4), 1, 30), *w = test_randn(DT_F64, SHAPE(5, 4), 1, 31);
+    test_requires_grad(x);
+    test_requires_grad(w);
+    Tensor *in[] = {x, w};
+    EXPECT(grad_ok(tc, gradcheck(eng, f_linear, in, 2, NULL, 0, 5), "linear 3d"), "linear 3-D gradient");
+    test_tensor_free(x);
+    test_tensor_free(w);
+}
+
+TEST(linear_forward_matches_naive) {
+    Engine *eng = tc->fixture;
+    Tensor *x = test_randn(DT_F64, SHAPE(6, 7), 1, 40), *w = test_randn(DT_F64, SHAPE(5, 7), 1, 41);
+    engine_reset(eng);
+    Tensor *y = op_linear(eng, x, w);
+    double max_err = 0;
+    for (int i = 0; i < 6; i++)
+        for (int o = 0; o < 5; o++) {
+            double ref = 0;
+            for (int c = 0; c < 7; c++) ref += tensor_get(x, i * 7 + c) * tensor_get(w, o * 7 + c);
+            max_err = fmax(max_err, fabs(ref - tensor_get(y, i * 5 + o)));
+        }
+    EXPECT(max_err < 1e-12, "linear forward error %.3e", max_err);
+    test_tensor_free(x);
+    test_tensor_free(w);
+}
+
+TEST(grad_embedding_repeated_tokens) {
+    Engine *eng = tc->fixture;
+    Tensor *w = test_randn(DT_F64, SHAPE(11, 6), 1, 50);
+    Tensor *tok = test_tensor(DT_I32, SHAPE(9));
+    int32_t ids[9] = {3, 0, 3, 10, 7, 3, 0, 1, 10};
+    memcpy(tok->data, ids, sizeof ids);
+    test_requires_grad(w);
+    Tensor *in[] = {w, tok};
+    EXPECT(grad_ok(tc, gradcheck(eng, f_embedding, in, 2, NULL, 0, 6), "embedding"), "embedding gradient");
+    test_tensor_free(w);
+    test_tensor_free(tok);
+}
+
+TEST(grad_rmsnorm_variants) {
+    Engine *eng = tc->fixture;
+    NormCtx variants[] = {{false, true}, {true, true}, {false, false}};
+    for (int v = 0; v < 3; v++) {
+        /* block norm [N, C] and per-head norm [N, H, D] */
+        Tensor *xs[2] = {test_randn(DT_F64, SHAPE(7, 9), 1, 60 + v), test_randn(DT_F64, SHAPE(5, 3, 8), 1, 70 + v)};
+        for (int k = 0; k < 2; k++) {
+            Tensor *x = xs[k];
+            Tensor *w = test_randn(DT_F64, SHAPE(tensor_dim(x, -1)), 0.5, 80 + v);
+            test_requires_grad(x);
+            if (variants[v].gain) test_requires_grad(w);
+            Tensor *in[] = {x, w};
+            EXPECT(grad_ok(tc, gradcheck(eng, f_rmsnorm, in, 2, &variants[v], 0, 7), "rmsnorm"),
+                   "rmsnorm gradient, variant %d, rank %d", v, x->ndim);
+            test_tensor_free(w);
+            test_tensor_free(x);
+        }
+    }
+}
+
+TEST(rmsnorm_forward_matches_naive) {
+    Engine *eng = tc->fixture;
+    Tensor *x = test_randn(DT_F64, SHAPE(4, 6), 2, 90), *w = test_randn(DT_F64, SHAPE(6), 1, 91);
+    engine_reset(eng);
+    Tensor *y = op_rmsnorm(eng, x, w, 1e-5f, true);
+    double max_err = 0;
+    for (int r = 0; r < 4; r++) {
+        double ms = 0;
+        for (int c = 0; c < 6; c++) ms += tensor_get(x, r * 6 + c) * tensor_get(x, r * 6 + c) / 6;
+        for (int c = 0; c < 6; c++) {
+            double ref = tensor_get(x, r * 6 + c) / sqrt(ms + (double)1e-5f) * (1 + tensor_get(w, c));
+            max_err = fmax(max_err, fabs(ref - tensor_get(y, r * 6 + c)));
+        }
+    }
+    EXPECT(max_err < 1e-12, "rmsnorm forward error %.3e", max_err);
+    test_tensor_free(x);
+    test_tensor_free(w);
+}
+
+TEST(grad_swiglu) {
+    Engine *eng = tc->fixture;
+    Tensor *g = test_randn(DT_F64, SHAPE(5, 7), 2, 100), *u = test_randn(DT_F64, SHAPE(5, 7), 1, 101);
+    test_requires_grad(g);
+    test_requires_grad(u);
+    Tensor *in[] = {g, u};
+    EXPECT(grad_ok(tc, gradcheck(eng, f_swiglu, in, 2, NULL, 0, 8), "swiglu"), "swiglu gradient");
+    test_tensor_free(g);
+    test_tensor_free(u);
+}
+
+TEST(grad_cross_entropy_with_ignore) {
+    Engine *eng = tc->fixture;
+    Tensor *lg = test_randn(DT_F64, SHAPE(7, 13), 2, 110);
+    Tensor *tg = test_tensor(DT_I32, SHAPE(7));
+    int32_t t[7] = {0, 12, -1, 5, 5, -1, 3};
+    memcpy(tg->data, t, sizeof t);
+    test_requires_grad(lg);
+    Tensor *in[] = {lg, tg};
+    EXPECT(grad_ok(tc, gradcheck(eng, f_ce, in, 2, NULL, 0, 9), "cross_entropy"), "cross-entropy gradient");
+    /* value against a naive reference, ignored rows excluded from the mean */
+    engine_reset(eng);
+    double got = tensor_item(eng, op_cross_entropy(eng, lg, tg, -1)), ref = 0;
+    int cnt = 0;
+    for (int r = 0; r < 7; r++) {
+        if (t[r] < 0) continue;
+        double s = 0;
+        for (int v = 0; v < 13; v++) s += exp(tensor_get(lg, r * 13 + v));
+        ref += log(s) - tensor_get(lg, r * 13 + t[r]);
+        cnt++;
+    }
+    ref /= cnt;
+    EXPECT(fabs(got - ref) < 1e-12, "cross-entropy %.15f vs reference %.15f", got, ref);
+    /* ignored rows get exactly zero gradient */
+    engine_reset(eng);
+    memset(lg->grad->data, 0, tensor_bytes(lg));
+    engine_backward(eng, op_cross_entropy(eng, lg, tg, -1));
+    for (int v = 0; v < 13; v++) EXPECT(tensor_get(lg->grad, 2 * 13 + v) == 0.0, "ignored row got a gradient");
+    test_tensor_free(lg);
+    test_tensor_free(tg);
+}
+
+TEST(checkpoint_matches_plain_and_gradchecks) {
+    Engine *eng = tc->fixture;
+    Tensor *x = test_randn(DT_F64, SHAPE(5, 6), 1, 120);
+    Tensor *w1 = test_randn(DT_F64, SHAPE(8, 6), 0.5, 121), *w2 = test_randn(DT_F64, SHAPE(6, 8), 0.5, 122);
+    test_requires_grad(x);
+    test_requires_grad(w1);
+    test_requires_grad(w2);
+    Tensor *in[] = {x, w1, w2};
+    bool use = true, plain = false;
+    EXPECT(grad_ok(tc, gradcheck(eng, f_checkpoint, in, 3, &use, 0, 10), "checkpoint"), "checkpointed gradient");
+    /* identical loss and gradients with and without recomputation */
+    double *g_ck = malloc(sizeof(double) * 48), *g_pl = malloc(sizeof(double) * 48), loss_val[2];
+    for (int pass = 0; pass < 2; pass++) {
+        memset(w1->grad->data, 0, tensor_bytes(w1));
+        memset(x->grad->data, 0, tensor_bytes(x));
+        engine_reset(eng);
+        Tensor *loss = f_checkpoint(eng, in, pass == 0 ? &use : &plain);
+        loss_val[pass] = tensor_item(eng, loss);
+        engine_backward(eng, loss);
+        memcpy(pass == 0 ? g_ck : g_pl, w1->grad->data, sizeof(double) * 48);
+    }
+    EXPECT(loss_val[0] == loss_val[1], "checkpoint changes the loss: %.17g vs %.17g", loss_val[0], loss_val[1]);
+    EXPECT(rel_err(g_ck, g_pl, 48) < 1e-14, "checkpoint changes gradients: %.3e", rel_err(g_ck, g_pl, 48));
+    free(g_ck);
+    free(g_pl);
+    test_tensor_free(x);
+    test_tensor_free(w1);
+    test_tensor_free(w2);
+}
+
+TEST(no_grad_and_detach_record_nothing) {
+    Engine *eng = tc->fixture;
+    Tensor *x = test_randn(DT_F64, SHAPE(3, 4), 1, 130), *w = test_randn(DT_F64, SHAPE(2, 4), 1, 131);
+    test_requires_grad(w);
+    engine_reset(eng);
+    bool prev = engine_set_grad(eng, false);
+    op_linear(eng, x, w);
+    engine_set_grad(eng, prev);
+    EXPECT(eng->tape_len == 0, "no_grad recorded %d nodes", eng->tape_len);
+    Tensor *wd = engine_detach(eng, w);
+    Tensor *y = op_linear(eng, x, wd);
+    EXPECT(eng->tape_len == 0 && !y->requires_grad, "detached weight still recorded");
+    /* frozen parameter: requires_grad false -> no node, no gradient */
+    w->requires_grad = false;
+    op_linear(eng, x, w);
+    EXPECT(eng->tape_len == 0, "frozen weight recorded a node");
+    test_tensor_free(x);
+    test_tensor_free(w);
+}
+
+TEST(view_shares_gradient) {
+    Engine *eng = tc->fixture;
+    Tensor *x = test_randn(DT_F64, SHAPE(4, 6), 1, 140), *w = test_randn(DT_F64, SHAPE(3, 3), 1, 141);
+    test_requires_grad(x);
+    test_requires_grad(w);
+    memset(x->grad->data, 0, tensor_bytes(x));
+    engine_reset(eng);
+    Tensor *xv = engine_view(eng, x, SHAPE(8, 3));
+    Tensor *y = op_linear(eng, xv, w);
+    Tensor *tg = engine_empty(eng, DT_I32, SHAPE(8));
+    int32_t t[8] = {0, 1, 2, 0, 1, 2, 0, 1};
+    tensor_from_host(eng, tg, t);
+    engine_backward(eng, op_cross_entropy(eng, y, tg, -1));
+    double s = 0;
+    for (int i = 0; i < 24; i++) s += fabs(tensor_get(x->grad, i));
+    EXPECT(s > 0, "gradient did not reach the base of a view");
+    test_tensor_free(x);
+    test_tensor_free(w);
+}
+
+int main(void) {
+    TEST_BEGIN();
+    Engine eng;
+    engine_init(&eng, &cpu_backend, DT_F64, 1 << 20);
+    tc->fixture = &eng;
+    RUN(grad_add_scale);
+    RUN(grad_linear_odd_shapes);
+    RUN(linear_forward_matches_naive);
+    RUN(grad_embedding_repeated_tokens);
+    RUN(grad_rmsnorm_variants);
+    RUN(rmsnorm_forward_matches_naive);
+    RUN(grad_swiglu);
+    RUN(grad_cross_entropy_with_ignore);
+    RUN(checkpoint_matches_plain_and_gradchecks);
+    RUN(no_grad_and_detach_record_nothing);
+    RUN(view_shares_gradient);
+    engine_free(&eng);
+    TEST_END();
+}
