@@ -1,0 +1,121 @@
+/* Run configuration: what a JSON file in configs/ describes. Parsed by config.c with jansson against
+ * one table of keys (section, key, type, default, documentation); an unknown section or key, a value
+ * of the wrong type or out of range is an error that names it. configs/README.md documents every key
+ * (generated from the same table by `build/train --help-config`). */
+#ifndef MSA_CONFIG_H
+#define MSA_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define CFG_STR 256
+#define CFG_MAX_LAYERS 256
+
+typedef struct ModelConfig {
+    int vocab_size;        /* 0 = take it from the training data file */
+    int d_model;
+    int n_layers;
+    int n_heads;           /* H_q */
+    int n_kv_heads;        /* H_kv (GQA groups); must divide n_heads */
+    int head_dim;          /* 0 = d_model / n_heads */
+    int ffn_dim;           /* SwiGLU hidden size */
+    float rope_theta;
+    int rotary_dim;        /* 0 = head_dim (full rotary); else partial, even, <= head_dim */
+    bool qk_norm;          /* per-head RMSNorm on q and k (Qwen3 / MiniMax-M3) */
+    bool tie_embeddings;   /* LM head shares the token embedding */
+    float norm_eps;
+    float init_std;        /* std of the normal init of matrices (output projections scaled by 1/sqrt(2L)) */
+    /* attention per layer */
+    char attention[16];    /* "dense" or "msa": the attention of layers chosen by msa_layers */
+    char msa_layers[64];   /* layer selector: "all", "none", "3-" (from 3 on), "0,2,5", "1-4" */
+    /* feed-forward per layer */
+    char ffn[16];          /* "dense" or "moe": the FFN of layers chosen by moe_layers */
+    char moe_layers[64];   /* layer selector as msa_layers (MiniMax-M3: "3-", first 3 dense) */
+} ModelConfig;
+
+typedef struct MoeConfig {
+    int num_experts;       /* routed experts E */
+    int experts_per_token; /* top-k experts per token */
+    int expert_dim;        /* SwiGLU hidden size of each routed expert */
+    int shared_experts;    /* SwiGLU experts every token passes through (0..n) */
+    int shared_expert_dim; /* hidden size of each shared expert (0 = expert_dim) */
+    char score_func[16];   /* router scores: "softmax" or "sigmoid" */
+    bool renormalize;      /* renormalise the top-k weights to sum to 1 */
+    float routing_scale;   /* multiplies the combine weights */
+    float aux_loss_weight; /* load-balancing auxiliary loss weight (0 = off) */
+    float bias_update_rate;/* auxiliary-loss-free balancing: per-expert bias step (0 = off); the bias
+                              only affects which experts are selected, never the weights */
+    float z_loss_weight;   /* router z-loss weight (0 = off) */
+} MoeConfig;
+
+typedef struct MsaConfig {
+    int block_size;        /* 128 */
+    int topk_blocks;       /* 16, forced blocks included */
+    int init_blocks;       /* 0 (MiniMax-M3's final recipe; DESIGN §4 supersedes the 1) */
+    int local_blocks;      /* 1 */
+    int index_heads;       /* 0 = n_kv_heads (must equal it) */
+    int index_dim;         /* 128 */
+    float kl_weight;       /* lambda: total KL term = kl_weight * sum over MSA layers of mean KL */
+    int dense_warmup_steps;/* steps with every visible block selected (dense teacher), then sparse */
+    int recall_stride;     /* recall metric samples every n-th query at eval */
+} MsaConfig;
+
+typedef struct OptimConfig {
+    float lr;              /* peak learning rate */
+    float min_lr;          /* floor of the cosine decay */
+    int warmup_steps;      /* linear warm-up from 0 */
+    float weight_decay;    /* decoupled, on matrices only (not norms, not embeddings by default) */
+    bool decay_embeddings;
+    float beta1, beta2, eps;
+    float grad_clip;       /* global L2 norm; 0 = off */
+} OptimConfig;
+
+typedef struct TrainConfig {
+    int steps;             /* optimizer steps */
+    int batch_size;        /* sequences per micro-batch */
+    int seq_len;           /* tokens per sequence */
+    int grad_accum;        /* micro-batches per optimizer step */
+    int eval_every;        /* steps between validation passes (0 = only at the end) */
+    int eval_batches;      /* micro-batches per validation pass */
+    int log_every;         /* steps between progress lines */
+    uint64_t seed;
+    bool recompute;        /* activation checkpointing per transformer block */
+    char device[8];        /* "cpu" or "cuda" */
+    int sample_tokens;     /* tokens of text sampled at the end (char/byte data); 0 = none */
+    float sample_temperature;
+    char out_dir[CFG_STR]; /* run directory for logs (and checkpoints later); "" = none */
+} TrainConfig;
+
+typedef struct DataConfig {
+    char train_path[CFG_STR];  /* HDF5 token file (tools/prepare_text) */
+    char val_path[CFG_STR];    /* HDF5 token file for validation */
+} DataConfig;
+
+typedef struct RunConfig {
+    ModelConfig model;
+    MsaConfig msa;
+    MoeConfig moe;
+    OptimConfig optim;
+    TrainConfig train;
+    DataConfig data;
+    char source[CFG_STR];      /* the file it was read from */
+} RunConfig;
+
+/* Defaults for every key (the values documented in configs/README.md). */
+void config_defaults(RunConfig *c);
+/* Read a JSON config over the defaults. On any problem prints "error: <file>: <what>" and exits 1. */
+void config_load(RunConfig *c, const char *path);
+/* Apply one "section.key=value" override (command line --set). Exits with a message on error. */
+void config_set(RunConfig *c, const char *assignment);
+/* Cross-key checks (heads divide, dims even, ...); exits with a message naming the keys. */
+void config_validate(const RunConfig *c);
+/* The config as JSON text (malloc'd), for the run directory and later checkpoints. */
+char *config_to_json(const RunConfig *c);
+/* Print the documentation of every key (section, key, type, default, meaning) as Markdown. */
+void config_print_help(void);
+/* Does layer l use MSA attention? (attention == "msa" and l selected by msa_layers) */
+bool config_layer_is_msa(const RunConfig *c, int layer);
+/* Does layer l use an MoE feed-forward? (ffn == "moe" and l selected by moe_layers) */
+bool config_layer_is_moe(const RunConfig *c, int layer);
+
+#endif
