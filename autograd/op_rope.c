@@ -1,0 +1,26 @@
+/* rope: rotary position embedding on [N, H, D] (q or k, after their per-head norms). Linear in x, so
+ * the backward needs only the positions: dx += R(-angle) dy. */
+#include "../kernels/util.h"
+#include "ops.h"
+
+Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float theta) {
+    if (x->ndim != 3) fatal("rope: x must be [N, H, D], got %d dims", x->ndim);
+    if (positions->dtype != DT_I32) fatal("rope: positions must be i32, got %s", dtype_name(positions->dtype));
+    check_shape("rope", "positions", positions, SHAPE(x->shape[0]));
+    if (rotary_dim <= 0 || rotary_dim % 2 != 0 || rotary_dim > x->shape[2])
+        fatal("rope: rotary_dim %d must be even and in [2, head dim %lld]", rotary_dim, (long long)x->shape[2]);
+    Tensor *y = engine_empty_like(e, x);
+    e->be->rope_forward(y, x, positions, rotary_dim, theta);
+    if (engine_wants_grad(e, &x, 1)) {
+        Tensor *in[2] = {x, positions};
+        Node *n = engine_record(e, OP_rope, in, 2, &y, 1);
+        n->i[0] = rotary_dim;
+        n->f[0] = theta;
+    }
+    return y;
+}
+
+void backward_rope(Engine *e, Node *n) {
+    Tensor *gx = engine_grad(e, n->in[0]);
+    if (gx) e->be->rope_backward(gx, n->out[0]->grad, n->in[1], (int)n->i[0], (float)n->f[0]);
+}

@@ -1,0 +1,128 @@
+/* Typed bodies of causal GQA attention within documents (instantiated by attention.c; AttnDims is
+ * defined there). q [N,Hq,D], k/v [N,Hkv,D], out/dout [N,Hq,D], lse [Hq,N]. Query t of document
+ * [s,e) sees keys s..t; query head h reads KV head h / (Hq/Hkv). All dot products, softmax sums and
+ * gradient sums are accumulated in double; only the stored results are rounded to T. */
+
+/* <a, b> with a already in double. The simd reduction lets the compiler split the sum into vector
+ * lanes; its order is fixed at compile time, so results stay deterministic. */
+static inline double S(attn_dot)(const double *a, const T *b, int64_t D) {
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; d++) s += a[d] * (double)b[d];
+    return s;
+}
+
+static inline void S(attn_load)(double *dst, const T *src, int64_t D) {
+    for (int64_t d = 0; d < D; d++) dst[d] = (double)src[d];
+}
+
+/* acc += alpha * x */
+static inline void S(attn_axpy)(double *acc, double alpha, const T *x, int64_t D) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) acc[d] += alpha * (double)x[d];
+}
+
+/* One task per (head, query): a two-pass softmax over the visible keys with the scores kept in a
+ * per-thread row buffer (the longest document's length), so memory stays O(threads * T). */
+static void S(attn_fwd)(T *out, T *lse, const T *q, const T *k, const T *v, const AttnDims *a) {
+    const int64_t N = a->N, Hq = a->Hq, Hkv = a->Hkv, D = a->D, group = a->Hq / a->Hkv;
+#pragma omp parallel if (a->work > 65536)
+    {
+        double *p = xmalloc((size_t)a->max_len * sizeof(double));
+        double *qd = xmalloc((size_t)D * sizeof(double)), *acc = xmalloc((size_t)D * sizeof(double));
+        /* cost grows with the query's position in its document: dynamic chunks balance it */
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t task = 0; task < Hq * N; task++) {
+            const int64_t h = task / N, t = task % N, hk = h / group, s = a->doc_start[t];
+            S(attn_load)(qd, q + (t * Hq + h) * D, D);
+            double mx = -INFINITY;
+            for (int64_t j = s; j <= t; j++) {
+                const double sc = a->scale * S(attn_dot)(qd, k + (j * Hkv + hk) * D, D);
+                p[j - s] = sc;
+                if (sc > mx) mx = sc;
+            }
+            double sum = 0;
+            for (int64_t j = s; j <= t; j++) {
+                p[j - s] = exp(p[j - s] - mx);
+                sum += p[j - s];
+            }
+            memset(acc, 0, (size_t)D * sizeof(double));
+            for (int64_t j = s; j <= t; j++) S(attn_axpy)(acc, p[j - s], v + (j * Hkv + hk) * D, D);
+            const double inv = 1.0 / sum;
+            T *o = out + (t * Hq + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = (T)(acc[d] * inv);
+            lse[h * N + t] = (T)(mx + log(sum));
+        }
+        free(p);
+        free(qd);
+        free(acc);
+    }
+}
+
+/* With P[t,j] = exp(scale q_t.k_j - lse_t), dP = dout_t.v_j, Dsum_t = dout_t.out_t and
+ * dS = P (dP - Dsum):  dq_t += scale sum_j dS k_j,  dk_j += scale sum_t dS q_t,  dv_j += sum_t P dout_t.
+ * Two race-free passes instead of atomics or per-thread copies of dk/dv, so the result does not
+ * depend on the thread count or schedule:
+ *   pass 1, one task per (query head, query): Dsum (into dsum[Hq*N]) and dq;
+ *   pass 2, one task per (KV head, key): dk and dv over the later queries of the group's heads,
+ *           recomputing P and dS (about 1.75x the arithmetic of a fused pass; no O(T^2) storage). */
+static void S(attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, const T *k, const T *v, const T *out,
+                        const T *lse, double *dsum, const AttnDims *a) {
+    const int64_t N = a->N, Hq = a->Hq, Hkv = a->Hkv, D = a->D, group = a->Hq / a->Hkv;
+    const double scale = a->scale;
+#pragma omp parallel if (a->work > 65536)
+    {
+        double *x = xmalloc((size_t)D * sizeof(double)), *y = xmalloc((size_t)D * sizeof(double));
+        double *acc1 = xmalloc((size_t)D * sizeof(double)), *acc2 = xmalloc((size_t)D * sizeof(double));
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t task = 0; task < Hq * N; task++) {
+            const int64_t h = task / N, t = task % N, hk = h / group, s = a->doc_start[t];
+            const int64_t row = (t * Hq + h) * D;
+            S(attn_load)(y, dout + row, D); /* y = dout_t */
+            const double ds = S(attn_dot)(y, out + row, D);
+            dsum[h * N + t] = ds;
+            if (!dq) continue;
+            S(attn_load)(x, q + row, D); /* x = q_t */
+            const double l = (double)lse[h * N + t];
+            memset(acc1, 0, (size_t)D * sizeof(double));
+            for (int64_t j = s; j <= t; j++) {
+                const T *kj = k + (j * Hkv + hk) * D;
+                const double P = exp(scale * S(attn_dot)(x, kj, D) - l);
+                const double dP = S(attn_dot)(y, v + (j * Hkv + hk) * D, D);
+                S(attn_axpy)(acc1, P * (dP - ds), kj, D);
+            }
+            for (int64_t d = 0; d < D; d++) dq[row + d] += (T)(scale * acc1[d]);
+        }
+        /* implicit barrier: pass 2 reads every dsum */
+        if (dk || dv) {
+#pragma omp for schedule(dynamic, 16)
+            for (int64_t task = 0; task < Hkv * N; task++) {
+                const int64_t hk = task / N, j = task % N, e = a->doc_end[j];
+                const int64_t krow = (j * Hkv + hk) * D;
+                S(attn_load)(x, k + krow, D); /* x = k_j */
+                S(attn_load)(y, v + krow, D); /* y = v_j */
+                memset(acc1, 0, (size_t)D * sizeof(double)); /* dk_j / scale */
+                memset(acc2, 0, (size_t)D * sizeof(double)); /* dv_j */
+                for (int64_t t = j; t < e; t++) {
+                    for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
+                        const int64_t row = (t * Hq + h) * D;
+                        const double P = exp(scale * S(attn_dot)(x, q + row, D) - (double)lse[h * N + t]);
+                        if (dk) {
+                            const double dP = S(attn_dot)(y, dout + row, D);
+                            S(attn_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
+                        }
+                        if (dv) S(attn_axpy)(acc2, P, dout + row, D);
+                    }
+                }
+                for (int64_t d = 0; d < D; d++) {
+                    if (dk) dk[krow + d] += (T)(scale * acc1[d]);
+                    if (dv) dv[krow + d] += (T)acc2[d];
+                }
+            }
+        }
+        free(x);
+        free(y);
+        free(acc1);
+        free(acc2);
+    }
+}
