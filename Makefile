@@ -38,17 +38,17 @@ LDLIBS := $(HDF5_LIBS) -ljansson $(BLAS_LIBS) $(LDLIBS)
 
 LIB_SRC  := $(wildcard kernels/*.c kernels/cpu/*.c autograd/*.c data/*.c train/*.c dist/*.c)
 LIB_SRC  := $(filter-out train/main.c,$(LIB_SRC))
-LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 LIB      := $(BUILD)/libmsa.a
 
 TOOLS      := $(patsubst tools/%.c,$(BUILD)/%,$(wildcard tools/*.c))
 TEST_SRC   := $(wildcard tests/test_*.c)
 TEST_BINS  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
-TEST_UTIL  := $(BUILD)/tests/gradcheck.o
+TEST_UTIL  := $(BUILD)/obj/tests/gradcheck.o
 
 NVCC    := $(shell command -v nvcc 2>/dev/null)
 CU_SRC  := $(wildcard kernels/cuda/*.cu)
-CU_OBJ  := $(CU_SRC:%.cu=$(BUILD)/%.o)
+CU_OBJ  := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
 NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-Werror -DMSA_CUDA
 
 ALL := $(BUILD)/train $(TOOLS) $(TEST_BINS)
@@ -61,7 +61,7 @@ endif
 .PHONY: all test data cuda clean
 all: $(ALL)
 
-$(BUILD)/%.o: %.c
+$(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -75,10 +75,6 @@ $(BUILD)/train: train/main.c $(LIB)
 $(BUILD)/%: tools/%.c $(LIB)
 	$(CC) $(CFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
-$(BUILD)/tests/gradcheck.o: tests/gradcheck.c
-	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
-
 $(BUILD)/tests/%: tests/%.c $(TEST_UTIL) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
@@ -91,7 +87,7 @@ data/shakespeare/train.h5: data/shakespeare/input.txt $(BUILD)/prepare_text
 	$(BUILD)/prepare_text --tokenizer char --val-fraction 0.1 data/shakespeare/input.txt data/shakespeare
 
 cuda: $(CU_OBJ)
-$(BUILD)/%.o: %.cu
+$(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 

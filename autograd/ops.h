@@ -52,4 +52,35 @@ Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *top
 Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
                   Tensor *cu_seqlens, const MsaParams *p, float weight);
 
+/* ---- MoE feed-forward (train/moe.c). N tokens, E experts, k experts per token. ---- */
+
+/* The routing of one MoE layer's tokens, built once per forward and shared by its ops:
+ * idx i32 [N,k] the chosen experts (slot j = rank j), offsets i32 [E+1] the expert segments of the
+ * expert-grouped buffer (offsets[E] = N*k), rows i32 [N,k] the grouped row of assignment (t,j). */
+typedef struct MoePlan {
+    Tensor *idx, *offsets, *rows;
+    int num_experts, k;
+} MoePlan;
+
+/* scores [N,E] = softmax over experts or sigmoid of the router logits [N,E] */
+Tensor *op_moe_router_scores(Engine *e, Tensor *logits, MoeScoreFunc func);
+/* Not differentiable (records nothing): i32 idx [N,k], Top-k of scores + bias (f32 [E] or NULL;
+ * the bias only steers selection), ties to the lower expert. */
+Tensor *op_moe_topk(Engine *e, Tensor *scores, Tensor *bias, int k);
+/* Not differentiable: the expert-grouped order of the assignments in idx. */
+MoePlan op_moe_plan(Engine *e, Tensor *idx, int num_experts);
+/* combine weights [N,k]: scale * scores[t, idx[t,j]], divided by their sum over j if renormalize */
+Tensor *op_moe_combine_weights(Engine *e, Tensor *scores, Tensor *idx, bool renormalize, float scale);
+/* x [N,C] -> xs [N*k, C], xs[rows[t,j]] = x[t] */
+Tensor *op_moe_permute(Engine *e, Tensor *x, const MoePlan *plan);
+/* ys [N*k, C], weights [N,k] -> out [N,C] = sum_j weights[t,j] * ys[rows[t,j]] */
+Tensor *op_moe_unpermute(Engine *e, Tensor *ys, Tensor *weights, const MoePlan *plan);
+/* xs [M, in], w [E, out, in], offsets i32 [E+1] -> ys [M, out]: rows of segment e times w[e]^T */
+Tensor *op_grouped_linear(Engine *e, Tensor *xs, Tensor *w, Tensor *offsets);
+/* scalar balance loss E * sum_e f_e P_e (f_e: share of the assignments routed to e, a constant;
+ * P_e: mean score of e, scores normalised per token to sum 1 first when normalize) */
+Tensor *op_moe_aux_loss(Engine *e, Tensor *scores, const MoePlan *plan, bool normalize);
+/* scalar router z-loss: mean over tokens of logsumexp(logits)^2 */
+Tensor *op_moe_z_loss(Engine *e, Tensor *logits);
+
 #endif

@@ -27,6 +27,10 @@ typedef struct MsaParams {
     float index_scale; /* index-branch score scale, 1/sqrt(d_idx); the student's temperature */
 } MsaParams;
 
+/* MoE router score function (train/moe.c): softmax over the experts, or an independent sigmoid per
+ * expert (DeepSeek-V3). */
+typedef enum { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } MoeScoreFunc;
+
 typedef struct KernelBackend {
     const char *name;
     Device device;
@@ -122,6 +126,42 @@ typedef struct KernelBackend {
      * full causal attention) that falls inside the selected blocks; every query_stride-th query */
     double (*msa_recall)(const Tensor *q, const Tensor *k, const Tensor *topk, const Tensor *cu_seqlens,
                          const MsaParams *p, int query_stride);
+
+    /* ---- MoE (DESIGN §3; train/moe.c). N tokens, E experts, k experts per token, M = N*k
+     * assignments (dropless: every token reaches all k of its experts). Router: logits [N,E] ->
+     * scores [N,E] -> idx i32 [N,k] (Top-k of scores + bias; bias f32 [E] or NULL; ties -> lower
+     * expert; slot j = rank j) -> combine weights [N,k]. Plan: offsets i32 [E+1] (segment of each
+     * expert in the expert-grouped buffer, offsets[E] = M) and rows i32 [N,k] (row of assignment
+     * (t,j) in that buffer; tokens keep their order inside an expert). ---- */
+    void (*moe_scores_forward)(Tensor *scores, const Tensor *logits, MoeScoreFunc func);
+    void (*moe_scores_backward)(Tensor *dlogits, const Tensor *dscores, const Tensor *scores, MoeScoreFunc func);
+    void (*moe_topk)(Tensor *idx, const Tensor *scores, const Tensor *bias, int k); /* no gradient */
+    /* w[t,j] = scale * s[t,idx[t,j]] (/ sum_j' s[t,idx[t,j']] when renormalize) */
+    void (*moe_combine_weights_forward)(Tensor *w, const Tensor *scores, const Tensor *idx, bool renormalize,
+                                        float scale);
+    void (*moe_combine_weights_backward)(Tensor *dscores, const Tensor *dw, const Tensor *scores, const Tensor *idx,
+                                         bool renormalize, float scale);
+    void (*moe_plan)(Tensor *offsets, Tensor *rows, const Tensor *idx); /* E = offsets numel - 1 */
+    /* permute: xs[rows[t,j]] = x[t] (gather); backward dx[t] += sum_j dxs[rows[t,j]] */
+    void (*moe_permute_forward)(Tensor *xs, const Tensor *x, const Tensor *rows);
+    void (*moe_permute_backward)(Tensor *dx, const Tensor *dxs, const Tensor *rows);
+    /* unpermute (combine): out[t] = sum_j w[t,j] * ys[rows[t,j]] */
+    void (*moe_unpermute_forward)(Tensor *out, const Tensor *ys, const Tensor *w, const Tensor *rows);
+    void (*moe_unpermute_backward)(Tensor *dys, Tensor *dw, const Tensor *dout, const Tensor *ys, const Tensor *w,
+                                   const Tensor *rows);
+    /* grouped GEMM: ys[offsets[e]:offsets[e+1]] = xs[same rows] @ w[e]^T, xs [M,in], w [E,out,in],
+     * ys [M,out]; backward dxs += dys_e @ w[e], dw[e] += dys_e^T @ xs_e */
+    void (*grouped_matmul_forward)(Tensor *ys, const Tensor *xs, const Tensor *w, const Tensor *offsets);
+    void (*grouped_matmul_backward)(Tensor *dxs, Tensor *dw, const Tensor *dys, const Tensor *xs, const Tensor *w,
+                                    const Tensor *offsets);
+    /* balance loss (scalar) = E * sum_e f_e * P_e, f_e = (offsets[e+1]-offsets[e]) / M (constant),
+     * P_e = mean over tokens of scores[t,e] (divided by sum_e scores[t,e] when normalize) */
+    void (*moe_aux_loss_forward)(Tensor *loss, const Tensor *scores, const Tensor *offsets, bool normalize);
+    void (*moe_aux_loss_backward)(Tensor *dscores, const Tensor *dloss, const Tensor *scores, const Tensor *offsets,
+                                  bool normalize);
+    /* router z-loss (scalar) = mean over tokens of logsumexp(logits[t])^2; lse [N] saved */
+    void (*moe_z_loss_forward)(Tensor *loss, Tensor *lse, const Tensor *logits);
+    void (*moe_z_loss_backward)(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse);
 } KernelBackend;
 
 extern const KernelBackend cpu_backend;

@@ -84,5 +84,26 @@ void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor
                          const Tensor *cu_seqlens, const MsaParams *p, float coeff);
 double cpu_msa_recall(const Tensor *q, const Tensor *k, const Tensor *topk, const Tensor *cu_seqlens,
                       const MsaParams *p, int query_stride);
+/* MoE (moe_router.c, moe_dispatch.c) */
+void cpu_moe_scores_forward(Tensor *scores, const Tensor *logits, MoeScoreFunc func);
+void cpu_moe_scores_backward(Tensor *dlogits, const Tensor *dscores, const Tensor *scores, MoeScoreFunc func);
+void cpu_moe_topk(Tensor *idx, const Tensor *scores, const Tensor *bias, int k);
+void cpu_moe_combine_weights_forward(Tensor *w, const Tensor *scores, const Tensor *idx, bool renormalize, float scale);
+void cpu_moe_combine_weights_backward(Tensor *dscores, const Tensor *dw, const Tensor *scores, const Tensor *idx,
+                                      bool renormalize, float scale);
+void cpu_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx);
+void cpu_moe_permute_forward(Tensor *xs, const Tensor *x, const Tensor *rows);
+void cpu_moe_permute_backward(Tensor *dx, const Tensor *dxs, const Tensor *rows);
+void cpu_moe_unpermute_forward(Tensor *out, const Tensor *ys, const Tensor *w, const Tensor *rows);
+void cpu_moe_unpermute_backward(Tensor *dys, Tensor *dw, const Tensor *dout, const Tensor *ys, const Tensor *w,
+                                const Tensor *rows);
+void cpu_grouped_matmul_forward(Tensor *ys, const Tensor *xs, const Tensor *w, const Tensor *offsets);
+void cpu_grouped_matmul_backward(Tensor *dxs, Tensor *dw, const Tensor *dys, const Tensor *xs, const Tensor *w,
+                                 const Tensor *offsets);
+void cpu_moe_aux_loss_forward(Tensor *loss, const Tensor *scores, const Tensor *offsets, bool normalize);
+void cpu_moe_aux_loss_backward(Tensor *dscores, const Tensor *dloss, const Tensor *scores, const Tensor *offsets,
+                               bool normalize);
+void cpu_moe_z_loss_forward(Tensor *loss, Tensor *lse, const Tensor *logits);
+void cpu_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse);
 
 #endif

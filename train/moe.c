@@ -1,0 +1,196 @@
+/* The MoE feed-forward layer: router -> Top-k selection (biased) -> routing plan -> permute ->
+ * grouped SwiGLU experts -> weighted unpermute, plus shared experts and the balance terms. */
+#include "moe.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../autograd/ops.h"
+#include "../kernels/util.h"
+
+void moe_stats_init(MoeStats *s, int num_experts) {
+    memset(s, 0, sizeof(*s));
+    s->num_experts = num_experts;
+    s->load = xcalloc((size_t)num_experts, sizeof(int64_t));
+}
+
+void moe_stats_reset(MoeStats *s) {
+    memset(s->load, 0, (size_t)s->num_experts * sizeof(int64_t));
+    s->tokens = 0;
+    s->aux_loss_sum = s->z_loss_sum = 0;
+    s->forwards = 0;
+}
+
+void moe_stats_free(MoeStats *s) {
+    free(s->load);
+    memset(s, 0, sizeof(*s));
+}
+
+void moe_stats_load(const MoeStats *s, double *max_load, double *mean_load) {
+    double mx = 0, sum = 0;
+    for (int i = 0; i < s->num_experts; i++) {
+        mx = fmax(mx, (double)s->load[i]);
+        sum += (double)s->load[i];
+    }
+    *max_load = mx;
+    *mean_load = s->num_experts ? sum / s->num_experts : 0;
+}
+
+double moe_stats_aux_loss(const MoeStats *s) { return s->forwards ? s->aux_loss_sum / s->forwards : 0; }
+double moe_stats_z_loss(const MoeStats *s) { return s->forwards ? s->z_loss_sum / s->forwards : 0; }
+
+MoeScoreFunc moe_score_func(const MoeConfig *c) {
+    if (strcmp(c->score_func, "softmax") == 0) return MOE_SCORE_SOFTMAX;
+    if (strcmp(c->score_func, "sigmoid") == 0) return MOE_SCORE_SIGMOID;
+    fatal("moe.score_func: \"%s\" is not \"softmax\" or \"sigmoid\"", c->score_func);
+}
+
+void moe_validate_config(const MoeConfig *c) {
+    if (c->num_experts < 1) fatal("moe.num_experts must be >= 1 (got %d)", c->num_experts);
+    if (c->experts_per_token < 1 || c->experts_per_token > c->num_experts)
+        fatal("moe.experts_per_token must be in [1, moe.num_experts = %d] (got %d)", c->num_experts,
+              c->experts_per_token);
+    if (c->expert_dim < 1) fatal("moe.expert_dim must be >= 1 (got %d)", c->expert_dim);
+    if (c->shared_experts < 0 || c->shared_experts > MOE_MAX_SHARED)
+        fatal("moe.shared_experts must be in [0, %d] (got %d)", MOE_MAX_SHARED, c->shared_experts);
+    if (c->shared_expert_dim < 0) fatal("moe.shared_expert_dim must be >= 0 (got %d)", c->shared_expert_dim);
+    /* a zero scale would silently switch the routed experts off */
+    if (!(c->routing_scale > 0)) fatal("moe.routing_scale must be > 0 (got %g)", (double)c->routing_scale);
+    if (c->aux_loss_weight < 0) fatal("moe.aux_loss_weight must be >= 0");
+    if (c->z_loss_weight < 0) fatal("moe.z_loss_weight must be >= 0");
+    if (c->bias_update_rate < 0) fatal("moe.bias_update_rate must be >= 0");
+    (void)moe_score_func(c);
+}
+
+static Tensor *add_param(ParamStore *ps, const char *name, int ndim, const int64_t *shape, float std) {
+    return params_add(ps, name, ndim, shape, INIT_NORMAL, std, true);
+}
+
+void moe_declare_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p) {
+    moe_validate_config(c);
+    memset(p, 0, sizeof(*p));
+    int64_t E = c->num_experts, C = mc->d_model, F = c->expert_dim;
+    int64_t Fs = c->shared_expert_dim ? c->shared_expert_dim : c->expert_dim;
+    float std = mc->init_std, out_std = mc->init_std / sqrtf(2.0f * (float)mc->n_layers);
+    char name[128];
+    p->layer = layer;
+    p->num_experts = c->num_experts;
+    snprintf(name, sizeof name, "layers.%d.moe.router", layer);
+    p->w_router = add_param(ps, name, SHAPE(E, C), std);
+    snprintf(name, sizeof name, "layers.%d.moe.w_gate", layer);
+    p->w_gate = add_param(ps, name, SHAPE(E, F, C), std);
+    snprintf(name, sizeof name, "layers.%d.moe.w_up", layer);
+    p->w_up = add_param(ps, name, SHAPE(E, F, C), std);
+    snprintf(name, sizeof name, "layers.%d.moe.w_down", layer);
+    p->w_down = add_param(ps, name, SHAPE(E, C, F), out_std);
+    p->n_shared = c->shared_experts;
+    for (int i = 0; i < p->n_shared; i++) {
+        snprintf(name, sizeof name, "layers.%d.moe.shared.%d.w_gate", layer, i);
+        p->shared_gate[i] = add_param(ps, name, SHAPE(Fs, C), std);
+        snprintf(name, sizeof name, "layers.%d.moe.shared.%d.w_up", layer, i);
+        p->shared_up[i] = add_param(ps, name, SHAPE(Fs, C), std);
+        snprintf(name, sizeof name, "layers.%d.moe.shared.%d.w_down", layer, i);
+        p->shared_down[i] = add_param(ps, name, SHAPE(C, Fs), out_std);
+    }
+    p->bias = xcalloc((size_t)E, sizeof(float));
+}
+
+void moe_free_params(MoeLayerParams *p) {
+    free(p->bias);
+    p->bias = NULL;
+}
+
+/* Host-side statistics: the plan's offsets give the load per expert without another kernel. */
+static void record_stats(Engine *e, MoeStats *s, const MoePlan *plan, Tensor *aux_loss, Tensor *z_loss) {
+    int E = plan->num_experts;
+    if (s->num_experts != E) fatal("moe stats: initialised for %d experts, the layer has %d", s->num_experts, E);
+    int32_t *off = xmalloc((size_t)(E + 1) * sizeof(int32_t));
+    tensor_to_host(e, off, plan->offsets);
+    for (int i = 0; i < E; i++) s->load[i] += off[i + 1] - off[i];
+    free(off);
+    s->tokens += plan->idx->shape[0];
+    if (aux_loss) s->aux_loss_sum += tensor_item(e, aux_loss);
+    if (z_loss) s->z_loss_sum += tensor_item(e, z_loss);
+    s->forwards++;
+}
+
+Tensor *moe_forward_routed(Engine *e, MoeLayerParams *p, const MoeConfig *c, Tensor *x, Tensor *idx, MoeStats *stats,
+                           Tensor **aux) {
+    int E = p->num_experts, k = c->experts_per_token;
+    if (c->num_experts != E) fatal("moe_forward: config has %d experts, layer %d was built with %d", c->num_experts, p->layer, E);
+    MoeScoreFunc func = moe_score_func(c);
+    Tensor *x_in = x;
+    int64_t N = tensor_rows(x), C = tensor_dim(x, -1);
+    if (x->ndim != 2) x = engine_view(e, x, SHAPE(N, C));
+
+    /* router: logits and scores are differentiable; the selection reads them but records nothing */
+    Tensor *logits = op_linear(e, x, p->w_router);
+    Tensor *scores = op_moe_router_scores(e, logits, func);
+    if (!idx) {
+        Tensor *bias = NULL;
+        if (p->bias) { /* the layer's host bias as a device tensor for the kernel */
+            bias = engine_empty(e, DT_F32, SHAPE(E));
+            tensor_from_host(e, bias, p->bias);
+        }
+        idx = op_moe_topk(e, scores, bias, k);
+    } else {
+        check_shape("moe_forward", "idx", idx, SHAPE(N, k));
+    }
+    MoePlan plan = op_moe_plan(e, idx, E);
+    Tensor *w = op_moe_combine_weights(e, scores, idx, c->renormalize, c->routing_scale);
+
+    /* routed experts over the expert-grouped rows */
+    Tensor *xs = op_moe_permute(e, x, &plan);
+    Tensor *g = op_grouped_linear(e, xs, p->w_gate, plan.offsets);
+    Tensor *u = op_grouped_linear(e, xs, p->w_up, plan.offsets);
+    Tensor *ys = op_grouped_linear(e, op_swiglu(e, g, u), p->w_down, plan.offsets);
+    Tensor *out = op_moe_unpermute(e, ys, w, &plan);
+
+    for (int i = 0; i < p->n_shared; i++) {
+        Tensor *h = op_swiglu(e, op_linear(e, x, p->shared_gate[i]), op_linear(e, x, p->shared_up[i]));
+        out = op_add(e, out, op_linear(e, h, p->shared_down[i]));
+    }
+
+    /* balance terms: built with gradients when weighted into the loss, else (metrics only) without */
+    bool want_stats = stats && !e->recomputing;
+    Tensor *aux_loss = NULL, *z_loss = NULL, *total = NULL;
+    /* for sigmoid scores P_e needs per-token normalised scores; softmax scores already sum to 1 */
+    bool normalize = func == MOE_SCORE_SIGMOID;
+    if (c->aux_loss_weight > 0 || want_stats) {
+        bool prev = engine_set_grad(e, e->grad_enabled && c->aux_loss_weight > 0);
+        aux_loss = op_moe_aux_loss(e, scores, &plan, normalize);
+        engine_set_grad(e, prev);
+    }
+    if (c->z_loss_weight > 0 || want_stats) {
+        bool prev = engine_set_grad(e, e->grad_enabled && c->z_loss_weight > 0);
+        z_loss = op_moe_z_loss(e, logits);
+        engine_set_grad(e, prev);
+    }
+    if (c->aux_loss_weight > 0) total = op_scale(e, aux_loss, c->aux_loss_weight);
+    if (c->z_loss_weight > 0) {
+        Tensor *zt = op_scale(e, z_loss, c->z_loss_weight);
+        total = total ? op_add(e, total, zt) : zt;
+    }
+    if (aux) *aux = total;
+    if (want_stats) record_stats(e, stats, &plan, aux_loss, z_loss);
+
+    if (x_in->ndim != 2) out = engine_view(e, out, x_in->ndim, x_in->shape);
+    return out;
+}
+
+Tensor *moe_forward(Engine *e, MoeLayerParams *p, const MoeConfig *c, Tensor *x, MoeStats *stats, Tensor **aux) {
+    return moe_forward_routed(e, p, c, x, NULL, stats, aux);
+}
+
+void moe_update_bias(MoeLayerParams *p, const MoeConfig *c, const MoeStats *stats) {
+    if (c->bias_update_rate <= 0 || !p->bias) return;
+    double mx, mean;
+    moe_stats_load(stats, &mx, &mean);
+    if (mx == 0) return;
+    for (int i = 0; i < p->num_experts; i++) {
+        double d = mean - (double)stats->load[i];
+        p->bias[i] += c->bias_update_rate * (float)((d > 0) - (d < 0));
+    }
+}
