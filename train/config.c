@@ -1,0 +1,667 @@
+/* Run configuration: one static table of keys drives the defaults, the JSON reader, `--set`, the
+ * range checks, the JSON writer and the documentation, so the five can never disagree. */
+#include "config.h"
+
+#include <errno.h>
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <jansson.h>
+
+#include "../kernels/util.h"
+#include "moe.h"
+
+typedef enum KeyType { K_INT, K_FLOAT, K_BOOL, K_STRING, K_U64 } KeyType;
+
+/* What a string key may hold beyond its length limit. */
+typedef enum StrCheck { S_ANY, S_CHOICES, S_SELECTOR } StrCheck;
+
+typedef struct KeyDef {
+    const char *section, *key;
+    KeyType type;
+    size_t offset;         /* into RunConfig */
+    size_t size;           /* bytes of the field (the buffer size for strings) */
+    double def;            /* default of numeric and bool keys */
+    const char *def_str;   /* default of string keys */
+    double lo, hi;         /* allowed range of numeric keys, inclusive ... */
+    bool lo_open;          /* ... except lo itself when set ("must be > lo") */
+    StrCheck check;
+    const char *choices;   /* "a|b|c" for S_CHOICES */
+    const char *doc;
+} KeyDef;
+
+/* The key's type comes from the field's C type, so the table cannot disagree with config.h. */
+#define FIELD(sec, f) (((RunConfig *)0)->sec.f)
+#define TYPE_OF(sec, f)                                                                                     \
+    _Generic(FIELD(sec, f), int: K_INT, float: K_FLOAT, bool: K_BOOL, uint64_t: K_U64, char *: K_STRING)
+#define BASE(sec, f) #sec, #f, TYPE_OF(sec, f), offsetof(RunConfig, sec.f), sizeof(FIELD(sec, f))
+
+#define NUM(sec, f, d, l, h, doc) {BASE(sec, f), (d), NULL, (l), (h), false, S_ANY, NULL, doc}
+/* numeric key that must be strictly greater than l */
+#define POS(sec, f, d, l, h, doc) {BASE(sec, f), (d), NULL, (l), (h), true, S_ANY, NULL, doc}
+#define BOOL(sec, f, d, doc) {BASE(sec, f), (d), NULL, 0, 1, false, S_ANY, NULL, doc}
+#define STR(sec, f, d, doc) {BASE(sec, f), 0, (d), 0, 0, false, S_ANY, NULL, doc}
+#define CHOICE(sec, f, d, ch, doc) {BASE(sec, f), 0, (d), 0, 0, false, S_CHOICES, ch, doc}
+#define SELECT(sec, f, d, doc) {BASE(sec, f), 0, (d), 0, 0, false, S_SELECTOR, NULL, doc}
+
+#define IMAX ((double)INT_MAX)
+#define FMAX ((double)FLT_MAX)
+#define U64MAX 18446744073709551615.0
+
+static const char *const SECTIONS[] = {"model", "msa", "moe", "optim", "train", "data"};
+#define N_SECTIONS ((int)(sizeof SECTIONS / sizeof SECTIONS[0]))
+
+static const KeyDef KEYS[] = {
+    NUM(model, vocab_size, 0, 0, IMAX, "vocabulary size; 0 = take it from the training data file"),
+    NUM(model, d_model, 128, 1, 1 << 16, "hidden size"),
+    NUM(model, n_layers, 4, 1, CFG_MAX_LAYERS, "transformer blocks"),
+    NUM(model, n_heads, 4, 1, 4096, "query heads H_q"),
+    NUM(model, n_kv_heads, 2, 1, 4096, "key/value heads H_kv (GQA groups); must divide n_heads"),
+    NUM(model, head_dim, 0, 0, 4096, "per-head dimension; 0 = d_model / n_heads; must be even"),
+    NUM(model, ffn_dim, 384, 1, 1 << 20, "SwiGLU hidden size of the dense FFN"),
+    POS(model, rope_theta, 10000, 0, FMAX, "RoPE base frequency"),
+    NUM(model, rotary_dim, 0, 0, 4096, "rotary dims per head; 0 = head_dim (full); else even and <= head_dim"),
+    BOOL(model, qk_norm, 0, "per-head RMSNorm on q and k (Qwen3 / MiniMax-M3)"),
+    BOOL(model, tie_embeddings, 1, "the LM head shares the token embedding"),
+    POS(model, norm_eps, 1e-5, 0, 1, "RMSNorm epsilon"),
+    NUM(model, init_std, 0.02, 0, 10, "std of the normal init of matrices (output projections / sqrt(2 n_layers))"),
+    CHOICE(model, attention, "dense", "dense|msa", "attention of the layers msa_layers selects (the others are dense)"),
+    SELECT(model, msa_layers, "all", "layers with MSA when attention = msa: all, none, 3- (3 on), 1-4, 0,2,5, 0,3-5"),
+    CHOICE(model, ffn, "dense", "dense|moe", "feed-forward of the layers moe_layers selects (the others are dense)"),
+    SELECT(model, moe_layers, "all", "layers with MoE when ffn = moe (selector as msa_layers; MiniMax-M3: 3-)"),
+
+    NUM(msa, block_size, 128, 1, 1 << 20, "tokens per KV block B"),
+    NUM(msa, topk_blocks, 16, 1, 1 << 20, "blocks each query reads k, forced (init + local) blocks included"),
+    NUM(msa, init_blocks, 0, 0, 1 << 20, "leading sink blocks always selected (MiniMax-M3 final recipe: 0)"),
+    NUM(msa, local_blocks, 1, 1, 1 << 20, "most recent blocks always selected (the query's own block first)"),
+    NUM(msa, index_heads, 0, 0, 4096, "index query heads; 0 = n_kv_heads (must equal it)"),
+    NUM(msa, index_dim, 128, 2, 4096, "index query/key dimension d_idx; even (RoPE)"),
+    NUM(msa, kl_weight, 1.0, 0, FMAX, "lambda: KL term = kl_weight * sum over MSA layers of the mean KL"),
+    NUM(msa, dense_warmup_steps, 0, 0, IMAX, "first steps with every visible block selected (dense teacher)"),
+    NUM(msa, recall_stride, 8, 1, IMAX, "the recall metric samples every n-th query at eval"),
+
+    NUM(moe, num_experts, 8, 1, 1 << 16, "routed experts E"),
+    NUM(moe, experts_per_token, 2, 1, 1 << 16, "experts per token (top-k); <= num_experts"),
+    NUM(moe, expert_dim, 128, 1, 1 << 20, "SwiGLU hidden size of each routed expert"),
+    NUM(moe, shared_experts, 0, 0, MOE_MAX_SHARED, "shared SwiGLU experts every token passes through"),
+    NUM(moe, shared_expert_dim, 0, 0, 1 << 20, "hidden size of each shared expert; 0 = expert_dim"),
+    CHOICE(moe, score_func, "softmax", "softmax|sigmoid", "router score function"),
+    BOOL(moe, renormalize, 1, "renormalise the top-k routing weights to sum to 1"),
+    POS(moe, routing_scale, 1.0, 0, FMAX, "multiplies the combine weights"),
+    NUM(moe, aux_loss_weight, 0.01, 0, FMAX, "load-balancing auxiliary loss weight; 0 = off"),
+    NUM(moe, bias_update_rate, 0, 0, FMAX, "aux-loss-free balancing: per-expert selection bias step; 0 = off"),
+    NUM(moe, z_loss_weight, 0, 0, FMAX, "router z-loss weight; 0 = off"),
+
+    NUM(optim, lr, 1e-3, 0, FMAX, "peak learning rate"),
+    NUM(optim, min_lr, 1e-4, 0, FMAX, "floor of the cosine decay; <= lr"),
+    NUM(optim, warmup_steps, 100, 0, IMAX, "linear warm-up steps from 0"),
+    NUM(optim, weight_decay, 0.1, 0, FMAX, "decoupled weight decay on matrices (not norms)"),
+    BOOL(optim, decay_embeddings, 0, "apply weight decay to the token embedding too"),
+    NUM(optim, beta1, 0.9, 0, 0.999999, "AdamW first-moment decay"),
+    NUM(optim, beta2, 0.95, 0, 0.999999, "AdamW second-moment decay"),
+    POS(optim, eps, 1e-8, 0, 1, "AdamW epsilon"),
+    NUM(optim, grad_clip, 1.0, 0, FMAX, "clip the global gradient L2 norm to this; 0 = off"),
+
+    NUM(train, steps, 1000, 1, IMAX, "optimizer steps"),
+    NUM(train, batch_size, 16, 1, IMAX, "sequences per micro-batch"),
+    NUM(train, seq_len, 128, 1, IMAX, "tokens per sequence"),
+    NUM(train, grad_accum, 1, 1, IMAX, "micro-batches per optimizer step"),
+    NUM(train, eval_every, 100, 0, IMAX, "steps between validation passes; 0 = only at the end"),
+    NUM(train, eval_batches, 8, 1, IMAX, "micro-batches per validation pass"),
+    NUM(train, log_every, 10, 1, IMAX, "steps between progress lines"),
+    NUM(train, seed, 1337, 0, U64MAX, "seed of the initialisation and the data sampler"),
+    BOOL(train, recompute, 0, "activation checkpointing per transformer block"),
+    CHOICE(train, device, "cpu", "cpu|cuda", "backend"),
+    NUM(train, sample_tokens, 0, 0, IMAX, "tokens of text sampled after training (char/byte data); 0 = none"),
+    POS(train, sample_temperature, 1.0, 0, FMAX, "sampling temperature"),
+    STR(train, out_dir, "", "run directory (config.json, metrics.jsonl); \"\" = none"),
+
+    STR(data, train_path, "", "HDF5 token file for training (build/prepare_text)"),
+    STR(data, val_path, "", "HDF5 token file for validation"),
+};
+#define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
+
+/* ---- helpers ---------------------------------------------------------------------------------- */
+
+static void *field(RunConfig *c, const KeyDef *k) { return (char *)c + k->offset; }
+static const void *cfield(const RunConfig *c, const KeyDef *k) { return (const char *)c + k->offset; }
+
+static const char *type_name(KeyType t) {
+    switch (t) {
+    case K_INT: return "int";
+    case K_FLOAT: return "float";
+    case K_BOOL: return "bool";
+    case K_STRING: return "string";
+    case K_U64: return "uint64";
+    }
+    return "?";
+}
+
+static int edit_distance(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 64 || lb > 64) return 1000; /* keys are short; a long name is no near miss */
+    int row[65];
+    for (size_t j = 0; j <= lb; j++) row[j] = (int)j;
+    for (size_t i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = (int)i;
+        for (size_t j = 1; j <= lb; j++) {
+            int up = row[j];
+            int sub = diag + (a[i - 1] != b[j - 1]);
+            int best = up + 1 < row[j - 1] + 1 ? up + 1 : row[j - 1] + 1;
+            row[j] = sub < best ? sub : best;
+            diag = up;
+        }
+    }
+    return (int)row[lb];
+}
+
+static bool is_section(const char *s) {
+    for (int i = 0; i < N_SECTIONS; i++)
+        if (!strcmp(SECTIONS[i], s)) return true;
+    return false;
+}
+
+static const KeyDef *find_key(const char *section, const char *key) {
+    for (int i = 0; i < N_KEYS; i++)
+        if (!strcmp(KEYS[i].section, section) && !strcmp(KEYS[i].key, key)) return &KEYS[i];
+    return NULL;
+}
+
+static noreturn void unknown_section(const char *where, const char *section) {
+    int best = 0, bd = INT_MAX;
+    for (int i = 0; i < N_SECTIONS; i++) {
+        int d = edit_distance(section, SECTIONS[i]);
+        if (d < bd) bd = d, best = i;
+    }
+    fatal("%s: unknown section \"%s\" (did you mean \"%s\"? sections: model, msa, moe, optim, train, data)", where,
+          section, SECTIONS[best]);
+}
+
+/* The suggestion prefers the same section (a typo) but finds a key put in the wrong section too. */
+static noreturn void unknown_key(const char *where, const char *section, const char *key) {
+    const KeyDef *best = NULL;
+    int bd = INT_MAX;
+    for (int i = 0; i < N_KEYS; i++) {
+        int d = edit_distance(key, KEYS[i].key) + (strcmp(KEYS[i].section, section) ? 2 : 0);
+        if (d < bd) bd = d, best = &KEYS[i];
+    }
+    fatal("%s: unknown key \"%s.%s\" (did you mean \"%s.%s\"? build/train --help-config lists every key)", where,
+          section, key, best->section, best->key);
+}
+
+static const KeyDef *lookup(const char *where, const char *section, const char *key) {
+    if (!is_section(section)) unknown_section(where, section);
+    const KeyDef *k = find_key(section, key);
+    if (!k) unknown_key(where, section, key);
+    return k;
+}
+
+/* Shortest decimal that reads back as the same float, so JSON and help show 0.001, not 0.0010000000475. */
+static void format_float(char *buf, size_t n, float v) {
+    for (int p = 6; p <= 9; p++) {
+        snprintf(buf, n, "%.*g", p, (double)v);
+        if (strtof(buf, NULL) == v) return;
+    }
+}
+
+static void format_range(char *buf, size_t n, const KeyDef *k) {
+    char lo[32], hi[32];
+    if (k->type == K_FLOAT) {
+        format_float(lo, sizeof lo, (float)k->lo);
+        format_float(hi, sizeof hi, (float)k->hi);
+    } else {
+        snprintf(lo, sizeof lo, "%.0f", k->lo);
+        snprintf(hi, sizeof hi, "%.0f", k->hi);
+    }
+    bool no_hi = (k->type == K_FLOAT && k->hi >= FMAX) || (k->type == K_INT && k->hi >= IMAX) ||
+                 (k->type == K_U64 && k->hi >= U64MAX);
+    if (no_hi) snprintf(buf, n, "%s %s", k->lo_open ? ">" : ">=", lo);
+    else snprintf(buf, n, "%s%s, %s]", k->lo_open ? "(" : "[", lo, hi);
+}
+
+static bool in_range(const KeyDef *k, double v) {
+    return (k->lo_open ? v > k->lo : v >= k->lo) && v <= k->hi;
+}
+
+static noreturn void out_of_range(const char *where, const KeyDef *k, const char *value) {
+    char r[96];
+    format_range(r, sizeof r, k);
+    fatal("%s: %s.%s = %s is out of range (must be %s%s)", where, k->section, k->key, value,
+          r[0] == '>' ? "" : "in ", r);
+}
+
+/* "a|b" -> "a, b" for messages */
+static void choice_list(char *buf, size_t n, const char *choices) {
+    size_t j = 0;
+    for (const char *p = choices; *p && j + 3 < n; p++) {
+        if (*p == '|') {
+            buf[j++] = ',';
+            buf[j++] = ' ';
+        } else buf[j++] = *p;
+    }
+    buf[j] = 0;
+}
+
+static bool choice_ok(const char *choices, const char *v) {
+    size_t n = strlen(v);
+    for (const char *p = choices; *p;) {
+        const char *bar = strchr(p, '|');
+        size_t len = bar ? (size_t)(bar - p) : strlen(p);
+        if (len == n && !strncmp(p, v, n)) return true;
+        if (!bar) break;
+        p = bar + 1;
+    }
+    return false;
+}
+
+/* ---- layer selectors -------------------------------------------------------------------------- */
+
+/* Parses "all" | "none" | items separated by commas, each "N", "N-" (N and every later layer) or
+ * "N-M" (inclusive). With n_layers > 0 it marks sel[0..n_layers) and rejects layers past the end. */
+static bool parse_selector(const char *s, int n_layers, bool *sel, char *err, size_t errn) {
+    if (sel)
+        for (int l = 0; l < n_layers; l++) sel[l] = false;
+    if (!strcmp(s, "all")) {
+        if (sel)
+            for (int l = 0; l < n_layers; l++) sel[l] = true;
+        return true;
+    }
+    if (!strcmp(s, "none")) return true;
+    if (!*s) {
+        snprintf(err, errn, "is empty (use \"none\" for no layer)");
+        return false;
+    }
+    const char *p = s;
+    for (;;) {
+        while (*p == ' ') p++;
+        if (*p < '0' || *p > '9') {
+            snprintf(err, errn, "\"%s\" is not a layer selector (all, none, 3-, 1-4, 0,2,5, 0,3-5)", s);
+            return false;
+        }
+        char *end;
+        long a = strtol(p, &end, 10), b = a;
+        bool open = false;
+        p = end;
+        if (*p == '-') {
+            p++;
+            if (*p >= '0' && *p <= '9') {
+                b = strtol(p, &end, 10);
+                p = end;
+            } else open = true;
+        }
+        while (*p == ' ') p++;
+        if ((*p != ',' && *p) || a > CFG_MAX_LAYERS || b > CFG_MAX_LAYERS) {
+            snprintf(err, errn, "\"%s\" is not a layer selector (all, none, 3-, 1-4, 0,2,5, 0,3-5)", s);
+            return false;
+        }
+        if (b < a) {
+            snprintf(err, errn, "\"%s\": range %ld-%ld is reversed", s, a, b);
+            return false;
+        }
+        if (n_layers > 0 && (a >= n_layers || (!open && b >= n_layers))) {
+            snprintf(err, errn, "\"%s\": layer %ld does not exist (model.n_layers = %d, layers 0-%d)", s,
+                     !open && b >= n_layers ? b : a, n_layers, n_layers - 1);
+            return false;
+        }
+        if (sel) {
+            long hi = open ? n_layers - 1 : b;
+            for (long l = a; l <= hi && l < n_layers; l++) sel[l] = true;
+        }
+        if (!*p) return true;
+        p++; /* past the comma */
+    }
+}
+
+static bool layer_selected(const char *selector, int n_layers, int layer) {
+    bool sel[CFG_MAX_LAYERS];
+    char err[256];
+    if (layer < 0 || layer >= n_layers || n_layers > CFG_MAX_LAYERS) return false;
+    if (!parse_selector(selector, n_layers, sel, err, sizeof err)) fatal("layer selector %s", err);
+    return sel[layer];
+}
+
+bool config_layer_is_msa(const RunConfig *c, int layer) {
+    return !strcmp(c->model.attention, "msa") && layer_selected(c->model.msa_layers, c->model.n_layers, layer);
+}
+
+bool config_layer_is_moe(const RunConfig *c, int layer) {
+    return !strcmp(c->model.ffn, "moe") && layer_selected(c->model.moe_layers, c->model.n_layers, layer);
+}
+
+/* ---- setting one key (every path checks the same way) ----------------------------------------- */
+
+static void set_int(RunConfig *c, const KeyDef *k, long long v, const char *where) {
+    char s[32];
+    snprintf(s, sizeof s, "%lld", v);
+    if (!in_range(k, (double)v)) out_of_range(where, k, s);
+    *(int *)field(c, k) = (int)v;
+}
+
+static void set_u64(RunConfig *c, const KeyDef *k, uint64_t v) { *(uint64_t *)field(c, k) = v; }
+
+static void set_float(RunConfig *c, const KeyDef *k, double v, const char *where) {
+    char s[40];
+    snprintf(s, sizeof s, "%g", v);
+    if (!isfinite(v) || !in_range(k, v)) out_of_range(where, k, s);
+    *(float *)field(c, k) = (float)v;
+}
+
+static void set_string(RunConfig *c, const KeyDef *k, const char *v, const char *where) {
+    size_t n = strlen(v);
+    if (n >= k->size)
+        fatal("%s: %s.%s is too long (%zu characters, at most %zu)", where, k->section, k->key, n, k->size - 1);
+    if (k->check == S_CHOICES && !choice_ok(k->choices, v)) {
+        char list[64];
+        choice_list(list, sizeof list, k->choices);
+        fatal("%s: %s.%s = \"%s\" is not one of: %s", where, k->section, k->key, v, list);
+    }
+    if (k->check == S_SELECTOR) {
+        char err[256];
+        if (!parse_selector(v, 0, NULL, err, sizeof err)) fatal("%s: %s.%s %s", where, k->section, k->key, err);
+    }
+    char *dst = field(c, k);
+    memset(dst, 0, k->size); /* zero the tail so configs compare and serialise the same */
+    memcpy(dst, v, n);
+}
+
+/* Decimal, or hexadecimal after 0x; never octal (a seed of 010 is ten, not eight). */
+static bool parse_u64(const char *s, uint64_t *out) {
+    bool hex = s[0] == '0' && (s[1] == 'x' || s[1] == 'X');
+    const char *digits = hex ? s + 2 : s;
+    if (!*digits || strchr(s, '-') || strchr(s, '+') || strchr(s, ' ')) return false;
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(digits, &end, hex ? 16 : 10);
+    if (*end || errno) return false;
+    *out = x;
+    return true;
+}
+
+/* ---- public ----------------------------------------------------------------------------------- */
+
+void config_defaults(RunConfig *c) {
+    memset(c, 0, sizeof(*c));
+    for (int i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &KEYS[i];
+        switch (k->type) {
+        case K_INT: *(int *)field(c, k) = (int)k->def; break;
+        case K_FLOAT: *(float *)field(c, k) = (float)k->def; break;
+        case K_BOOL: *(bool *)field(c, k) = k->def != 0; break;
+        case K_U64: *(uint64_t *)field(c, k) = (uint64_t)k->def; break;
+        case K_STRING: snprintf(field(c, k), k->size, "%s", k->def_str); break;
+        }
+    }
+}
+
+static const char *json_type_name(const json_t *v) {
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: return "an integer";
+    case JSON_REAL: return "a number with a fraction";
+    case JSON_TRUE:
+    case JSON_FALSE: return "a boolean";
+    case JSON_NULL: return "null";
+    }
+    return "?";
+}
+
+static noreturn void wrong_type(const char *where, const KeyDef *k, const char *got) {
+    static const char *const want[] = {"an integer", "a number", "true or false", "a string",
+                                       "a non-negative integer"};
+    fatal("%s: %s.%s must be %s (%s), got %s", where, k->section, k->key, want[k->type], type_name(k->type), got);
+}
+
+static void set_from_json(RunConfig *c, const KeyDef *k, const json_t *v, const char *where) {
+    switch (k->type) {
+    case K_INT:
+        if (json_is_integer(v)) set_int(c, k, json_integer_value(v), where);
+        /* 1e5 parses as a real; accept reals with no fraction as integers */
+        else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
+                 fabs(json_real_value(v)) < 1e15)
+            set_int(c, k, (long long)json_real_value(v), where);
+        else wrong_type(where, k, json_type_name(v));
+        break;
+    case K_FLOAT:
+        if (!json_is_number(v)) wrong_type(where, k, json_type_name(v));
+        set_float(c, k, json_number_value(v), where);
+        break;
+    case K_BOOL:
+        if (!json_is_boolean(v)) wrong_type(where, k, json_type_name(v));
+        *(bool *)field(c, k) = json_is_true(v);
+        break;
+    case K_STRING:
+        if (!json_is_string(v)) wrong_type(where, k, json_type_name(v));
+        if (strlen(json_string_value(v)) != json_string_length(v))
+            fatal("%s: %s.%s contains a NUL character", where, k->section, k->key);
+        set_string(c, k, json_string_value(v), where);
+        break;
+    case K_U64:
+        /* JSON integers stop at 2^63 - 1 in jansson; larger seeds are written as decimal strings */
+        if (json_is_integer(v)) {
+            json_int_t x = json_integer_value(v);
+            if (x < 0) {
+                char s[32];
+                snprintf(s, sizeof s, "%lld", (long long)x);
+                out_of_range(where, k, s);
+            }
+            set_u64(c, k, (uint64_t)x);
+        } else if (json_is_string(v)) {
+            uint64_t x;
+            if (!parse_u64(json_string_value(v), &x)) wrong_type(where, k, "a string that is not one");
+            set_u64(c, k, x);
+        } else wrong_type(where, k, json_type_name(v));
+        break;
+    }
+}
+
+void config_load(RunConfig *c, const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) fatal("%s: is a directory, not a config file", path);
+    FILE *f = fopen(path, "rb");
+    if (!f) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
+    json_error_t je;
+    json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
+    fclose(f);
+    if (!root) fatal("%s: line %d, column %d: %s", path, je.line, je.column, je.text);
+    if (!json_is_object(root)) fatal("%s: the top level must be a JSON object of sections, got %s", path,
+                                     json_type_name(root));
+    const char *section;
+    json_t *obj;
+    json_object_foreach(root, section, obj) {
+        if (!is_section(section)) unknown_section(path, section);
+        if (!json_is_object(obj))
+            fatal("%s: section \"%s\" must be an object of keys, got %s", path, section, json_type_name(obj));
+        const char *key;
+        json_t *v;
+        json_object_foreach(obj, key, v) set_from_json(c, lookup(path, section, key), v, path);
+    }
+    json_decref(root);
+    snprintf(c->source, sizeof c->source, "%s", path);
+}
+
+void config_set(RunConfig *c, const char *assignment) {
+    char where[320];
+    snprintf(where, sizeof where, "--set %s", assignment);
+    const char *eq = strchr(assignment, '='), *dot = strchr(assignment, '.');
+    if (!eq || !dot || dot > eq) fatal("%s: expected section.key=value", where);
+    char section[64], key[64];
+    size_t ls = (size_t)(dot - assignment), lk = (size_t)(eq - dot - 1);
+    if (ls >= sizeof section || lk >= sizeof key) fatal("%s: no such key", where);
+    memcpy(section, assignment, ls);
+    section[ls] = 0;
+    memcpy(key, dot + 1, lk);
+    key[lk] = 0;
+    const KeyDef *k = lookup(where, section, key);
+    const char *val = eq + 1;
+    char *end;
+    errno = 0;
+    switch (k->type) {
+    case K_INT: {
+        long long x = strtoll(val, &end, 10);
+        bool ok = *val && !*end && !errno;
+        if (*val && *end) { /* 1e5, as JSON allows */
+            double d = strtod(val, &end);
+            ok = !*end && d == floor(d) && fabs(d) < 1e15;
+            x = (long long)d;
+        }
+        if (!ok) wrong_type(where, k, "text that is not one");
+        set_int(c, k, x, where);
+        break;
+    }
+    case K_FLOAT: {
+        double x = strtod(val, &end);
+        if (!*val || *end) wrong_type(where, k, "text that is not one");
+        set_float(c, k, x, where);
+        break;
+    }
+    case K_BOOL:
+        if (!strcmp(val, "true") || !strcmp(val, "1")) *(bool *)field(c, k) = true;
+        else if (!strcmp(val, "false") || !strcmp(val, "0")) *(bool *)field(c, k) = false;
+        else wrong_type(where, k, "text that is not one");
+        break;
+    case K_STRING: set_string(c, k, val, where); break;
+    case K_U64: {
+        uint64_t x;
+        if (!parse_u64(val, &x)) wrong_type(where, k, "text that is not one");
+        set_u64(c, k, x);
+        break;
+    }
+    }
+}
+
+void config_validate(const RunConfig *c) {
+    const char *src = c->source[0] ? c->source : "config";
+    /* every key again: code (tests, tools) may fill the struct without going through the reader */
+    for (int i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &KEYS[i];
+        char s[48];
+        const void *p = cfield(c, k);
+        if (k->type == K_INT && !in_range(k, *(const int *)p)) {
+            snprintf(s, sizeof s, "%d", *(const int *)p);
+            out_of_range(src, k, s);
+        }
+        if (k->type == K_FLOAT && (!isfinite(*(const float *)p) || !in_range(k, *(const float *)p))) {
+            snprintf(s, sizeof s, "%g", (double)*(const float *)p);
+            out_of_range(src, k, s);
+        }
+        if (k->type == K_STRING) {
+            const char *v = p;
+            if (strnlen(v, k->size) >= k->size) fatal("%s: %s.%s is not NUL-terminated", src, k->section, k->key);
+            if (k->check == S_CHOICES && !choice_ok(k->choices, v)) {
+                char list[64];
+                choice_list(list, sizeof list, k->choices);
+                fatal("%s: %s.%s = \"%s\" is not one of: %s", src, k->section, k->key, v, list);
+            }
+            if (k->check == S_SELECTOR) {
+                char err[256];
+                if (!parse_selector(v, c->model.n_layers, NULL, err, sizeof err))
+                    fatal("%s: %s.%s %s", src, k->section, k->key, err);
+            }
+        }
+    }
+    const ModelConfig *m = &c->model;
+    if (m->n_heads % m->n_kv_heads)
+        fatal("%s: model.n_kv_heads = %d must divide model.n_heads = %d", src, m->n_kv_heads, m->n_heads);
+    if (m->head_dim == 0 && m->d_model % m->n_heads)
+        fatal("%s: model.d_model = %d is not divisible by model.n_heads = %d (or set model.head_dim)", src,
+              m->d_model, m->n_heads);
+    int hd = m->head_dim ? m->head_dim : m->d_model / m->n_heads;
+    if (hd % 2)
+        fatal("%s: the head dimension %d (model.head_dim, or model.d_model / model.n_heads) must be even for RoPE",
+              src, hd);
+    if (m->rotary_dim % 2 || m->rotary_dim > hd)
+        fatal("%s: model.rotary_dim = %d must be even and <= the head dimension %d", src, m->rotary_dim, hd);
+    const MsaConfig *a = &c->msa;
+    if (a->index_heads != 0 && a->index_heads != m->n_kv_heads)
+        fatal("%s: msa.index_heads = %d must be 0 or model.n_kv_heads = %d (one index head per GQA group)", src,
+              a->index_heads, m->n_kv_heads);
+    if (a->index_dim % 2) fatal("%s: msa.index_dim = %d must be even (RoPE)", src, a->index_dim);
+    if (a->topk_blocks < a->init_blocks + a->local_blocks)
+        fatal("%s: msa.topk_blocks = %d must be >= msa.init_blocks + msa.local_blocks = %d", src, a->topk_blocks,
+              a->init_blocks + a->local_blocks);
+    if (c->optim.min_lr > c->optim.lr)
+        fatal("%s: optim.min_lr = %g must be <= optim.lr = %g", src, (double)c->optim.min_lr, (double)c->optim.lr);
+    if (!strcmp(m->ffn, "moe")) {
+        if (c->moe.experts_per_token > c->moe.num_experts)
+            fatal("%s: moe.experts_per_token = %d must be <= moe.num_experts = %d", src, c->moe.experts_per_token,
+                  c->moe.num_experts);
+        moe_validate_config(&c->moe);
+    }
+}
+
+static json_t *key_to_json(const RunConfig *c, const KeyDef *k) {
+    const void *p = cfield(c, k);
+    switch (k->type) {
+    case K_INT: return json_integer(*(const int *)p);
+    case K_FLOAT: {
+        /* the shortest decimal of the float, so the file reads 0.001 (JSON_REAL_PRECISION below) */
+        char buf[32];
+        format_float(buf, sizeof buf, *(const float *)p);
+        return json_real(strtod(buf, NULL));
+    }
+    case K_BOOL: return json_boolean(*(const bool *)p);
+    case K_STRING: return json_string(p);
+    case K_U64: {
+        uint64_t v = *(const uint64_t *)p;
+        if (v <= (uint64_t)INT64_MAX) return json_integer((json_int_t)v);
+        char buf[32];
+        snprintf(buf, sizeof buf, "%llu", (unsigned long long)v);
+        return json_string(buf);
+    }
+    }
+    return json_null();
+}
+
+char *config_to_json(const RunConfig *c) {
+    json_t *root = json_object();
+    for (int s = 0; s < N_SECTIONS; s++) {
+        json_t *sec = json_object();
+        for (int i = 0; i < N_KEYS; i++)
+            if (!strcmp(KEYS[i].section, SECTIONS[s])) json_object_set_new(sec, KEYS[i].key, key_to_json(c, &KEYS[i]));
+        json_object_set_new(root, SECTIONS[s], sec);
+    }
+    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
+    json_decref(root);
+    if (!text) fatal("config_to_json: out of memory");
+    /* hand back memory the caller frees with free(), with the newline a text file ends in */
+    size_t n = strlen(text);
+    char *out = xmalloc(n + 2);
+    memcpy(out, text, n);
+    out[n] = '\n';
+    out[n + 1] = 0;
+    free(text);
+    return out;
+}
+
+void config_print_help(void) {
+    printf("| section | key | type | default | allowed | meaning |\n");
+    printf("| --- | --- | --- | --- | --- | --- |\n");
+    for (int i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &KEYS[i];
+        char def[64], allowed[96];
+        switch (k->type) {
+        case K_INT: snprintf(def, sizeof def, "%d", (int)k->def); break;
+        case K_FLOAT: format_float(def, sizeof def, (float)k->def); break;
+        case K_BOOL: snprintf(def, sizeof def, "%s", k->def != 0 ? "true" : "false"); break;
+        case K_U64: snprintf(def, sizeof def, "%.0f", k->def); break;
+        case K_STRING: snprintf(def, sizeof def, "\"%s\"", k->def_str); break;
+        }
+        if (k->type == K_BOOL) snprintf(allowed, sizeof allowed, "true, false");
+        else if (k->type == K_U64) snprintf(allowed, sizeof allowed, "0 to 2^64 - 1");
+        else if (k->type != K_STRING) format_range(allowed, sizeof allowed, k);
+        else if (k->check == S_CHOICES) choice_list(allowed, sizeof allowed, k->choices);
+        else if (k->check == S_SELECTOR) snprintf(allowed, sizeof allowed, "layer selector");
+        else snprintf(allowed, sizeof allowed, "at most %zu bytes", k->size - 1);
+        printf("| %s | %s | %s | `%s` | %s | %s |\n", k->section, k->key, type_name(k->type), def, allowed, k->doc);
+    }
+}
