@@ -31,6 +31,13 @@ const KernelBackend cpu_backend = {
     .cross_entropy_forward = cpu_cross_entropy_forward,
     .cross_entropy_backward = cpu_cross_entropy_backward,
     .adamw_update = cpu_adamw_update,
+    /* MSA */
+    .msa_indexer = cpu_msa_indexer,
+    .msa_attention_forward = cpu_msa_attention_forward,
+    .msa_attention_backward = cpu_msa_attention_backward,
+    .msa_kl_forward = cpu_msa_kl_forward,
+    .msa_kl_backward = cpu_msa_kl_backward,
+    .msa_recall = cpu_msa_recall,
     /* MoE */
     .moe_scores_forward = cpu_moe_scores_forward,
     .moe_scores_backward = cpu_moe_scores_backward,

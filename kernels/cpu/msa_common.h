@@ -1,0 +1,96 @@
+/* Shared, type-independent plumbing of the CPU MSA kernels (msa_indexer.c, msa_attention.c,
+ * msa_kl.c): argument validation, per-token document bounds, the token support of a (group, query)
+ * selection, and the reverse map key block -> queries that selected it.
+ *
+ * Conventions (DESIGN §4, backend.h): N tokens, documents from cu_seqlens; blocks of B tokens count
+ * from each document's first token, so query t (position p = t - start in its document) sees blocks
+ * 0 .. p/B ("visible"); block p/B is its own (local) block, visible only up to t. topk [Hidx, N, K]
+ * holds document-relative block ids sorted ascending, -1 in unused slots; NULL = every visible block.
+ *
+ * Why a reverse map: the backward passes compute dk, dv and dki with one task per key (no atomics,
+ * no per-thread copies), so each key must find, in a fixed order, the queries that read it. */
+#ifndef MSA_CPU_MSA_COMMON_H
+#define MSA_CPU_MSA_COMMON_H
+
+#include "cpu.h"
+
+typedef struct MsaCtx {
+    int64_t N, Hq, Hkv, D;   /* main branch (D = 0 where the kernel has no q/k) */
+    int64_t G;               /* query heads per group, Hq / Hkv */
+    int64_t Di;              /* index head dim (0 where the kernel has no qi/ki) */
+    int64_t B, K;            /* block size, selection slots */
+    int64_t max_len;         /* longest document (>= 1): per-thread buffers */
+    int64_t max_blocks;      /* blocks of the longest document */
+    double scale, index_scale;
+    double work;             /* ~ causal (query, key) pairs: decides whether to thread */
+    const int32_t *cu;       /* [ndocs+1] */
+    int64_t ndocs;
+    int32_t *doc_of;         /* [N] document of each token */
+    const int32_t *topk;     /* [Hkv, N, K] or NULL (every visible block) */
+    /* reverse map (msa_build_key_queries): for group g and global block row r (= blk_base[doc] +
+     * document-relative block), the queries selecting it are q_idx[g*N*K + row_ptr[g*(R+1)+r] ..
+     * row_ptr[g*(R+1)+r+1]), ascending. Absent (NULL) when topk is NULL: then every later query
+     * of the document reads every key. */
+    int64_t *blk_base;       /* [ndocs+1] first global block row of each document, R = blk_base[ndocs] */
+    int64_t *row_ptr;
+    int32_t *q_idx;
+} MsaCtx;
+
+/* Validate the parameters (block_size >= 1, topk_blocks >= 1, init_blocks >= 0, local_blocks >= 1,
+ * init_blocks + local_blocks <= topk_blocks: forced blocks stay inside the budget) and cu_seqlens
+ * (i32 [ndocs+1], 0 .. N, non-decreasing); fill the document tables. Aborts naming `kernel`. */
+MsaCtx msa_ctx_init(const char *kernel, int64_t N, const Tensor *cu_seqlens, const MsaParams *p);
+void msa_ctx_free(MsaCtx *c);
+
+/* Check q [N,Hq,D] and k (and v when non-NULL) [N,Hkv,D]; sets Hq, Hkv, D, G. */
+void msa_check_qkv(const char *kernel, MsaCtx *c, const Tensor *q, const Tensor *k, const Tensor *v);
+/* Check qi [N,Hidx,Di] with Hidx == Hkv (already set) and ki [N,Di]; sets Di. */
+void msa_check_index(const char *kernel, MsaCtx *c, const Tensor *qi, const Tensor *ki);
+/* Check topk (i32 [Hkv, N, topk_blocks] or NULL) and every row's contents: ids strictly ascending,
+ * each a visible block of the query, -1 only after them, at least one id. Sets c->topk. */
+void msa_check_topk(const char *kernel, MsaCtx *c, const Tensor *topk);
+/* Build the reverse map of c->topk (no-op when NULL). */
+void msa_build_key_queries(MsaCtx *c);
+
+static inline int64_t msa_doc_start(const MsaCtx *c, int64_t t) { return c->cu[c->doc_of[t]]; }
+static inline int64_t msa_doc_end(const MsaCtx *c, int64_t t) { return c->cu[c->doc_of[t] + 1]; }
+
+/* The token support of (group g, query t), ascending, into keys (room for max_len): the tokens of
+ * the selected blocks that are <= t. Returns the count, >= 1 for a checked topk (msa_check_topk:
+ * every row selects at least one visible block, and every visible block has a token <= t). */
+static inline int64_t msa_support(const MsaCtx *c, int64_t g, int64_t t, int32_t *keys) {
+    const int64_t s = msa_doc_start(c, t);
+    int64_t n = 0;
+    if (!c->topk) {
+        for (int64_t j = s; j <= t; j++) keys[n++] = (int32_t)j;
+        return n;
+    }
+    const int32_t *row = c->topk + (g * c->N + t) * c->K;
+    for (int64_t i = 0; i < c->K && row[i] >= 0; i++) {
+        const int64_t lo = s + row[i] * c->B, hi = lo + c->B - 1 < t ? lo + c->B - 1 : t;
+        for (int64_t j = lo; j <= hi; j++) keys[n++] = (int32_t)j;
+    }
+    return n;
+}
+
+/* The queries of group g that read key j: either the list *list[0 .. *n) (ascending; entries < j,
+ * from j's own block, must be skipped by the caller) or, when *list is NULL, the range
+ * first .. first + *n - 1. */
+static inline void msa_key_queries(const MsaCtx *c, int64_t g, int64_t j, const int32_t **list, int64_t *n,
+                                   int64_t *first) {
+    const int64_t d = c->doc_of[j];
+    if (!c->topk) {
+        *list = NULL;
+        *first = j;
+        *n = c->cu[d + 1] - j;
+        return;
+    }
+    const int64_t R = c->blk_base[c->ndocs];
+    const int64_t r = c->blk_base[d] + (j - c->cu[d]) / c->B;
+    const int64_t *rp = c->row_ptr + g * (R + 1);
+    *list = c->q_idx + g * c->N * c->K + rp[r];
+    *n = rp[r + 1] - rp[r];
+    *first = 0;
+}
+
+#endif

@@ -1,0 +1,28 @@
+/* MSA Index Branch selection on the CPU (DESIGN §4, msa_spec.md b.1-b.2): token scores
+ * index_scale * <qi[t,g], ki[j]> over the visible keys of the query's document, block score = max
+ * over the block's visible tokens, then per (group, query) the forced init/local blocks plus the
+ * best-scoring other blocks up to topk_blocks. Output: document-relative block ids sorted ascending,
+ * -1 padding. Deterministic: no exponentials, fixed reduction order, ties to the lower block id.
+ *
+ * The reference the CUDA indexer is held to; it does not return the indexer's selected-token LSE
+ * (the KL forward recomputes it: msa_kl.c). */
+#include <stdlib.h>
+
+#include "msa_common.h"
+
+#define CPU_IMPL "msa_indexer_impl.h"
+#include "instantiate.h"
+
+void cpu_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens, const MsaParams *p) {
+    CPU_SAME_DTYPE("msa_indexer", qi, ki);
+    if (qi->ndim != 3) fatal("cpu msa_indexer: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
+    MsaCtx c = msa_ctx_init("msa_indexer", qi->shape[0], cu_seqlens, p);
+    c.Hkv = qi->shape[1];
+    msa_check_index("msa_indexer", &c, qi, ki);
+    if (topk->dtype != DT_I32) fatal("cpu msa_indexer: topk must be i32, got %s", dtype_name(topk->dtype));
+    if (topk->ndim != 3 || topk->shape[0] != c.Hkv || topk->shape[1] != c.N || topk->shape[2] != c.K)
+        fatal("cpu msa_indexer: topk must be [Hidx = %lld, N = %lld, topk_blocks = %lld]", (long long)c.Hkv,
+              (long long)c.N, (long long)c.K);
+    CPU_CALL(qi, msa_index, topk->data, qi->data, ki->data, &c, p->init_blocks, p->local_blocks);
+    msa_ctx_free(&c);
+}

@@ -1,0 +1,53 @@
+/* MSA KL alignment loss on the CPU (DESIGN §4, msa_spec.md c): KL(teacher || student) per (query,
+ * group) over the selected tokens, averaged over the N * Hidx pairs; the teacher (group mean of the
+ * main branch's attention probabilities, from q, k and the saved lse) is detached, so the backward
+ * produces only dqi and dki. A NULL topk is the dense warm-up: the support is the full causal prefix
+ * of the query's document. The reference the CUDA kernels are held to. */
+#include <stdlib.h>
+
+#include "msa_common.h"
+
+#define CPU_IMPL "msa_kl_impl.h"
+#include "instantiate.h"
+
+static MsaCtx kl_ctx(const char *kernel, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
+                     const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
+    if (q->ndim != 3) fatal("cpu %s: q must be [N, Hq, D], got %d dims", kernel, q->ndim);
+    MsaCtx c = msa_ctx_init(kernel, q->shape[0], cu_seqlens, p);
+    msa_check_qkv(kernel, &c, q, k, NULL);
+    msa_check_index(kernel, &c, qi, ki);
+    msa_check_topk(kernel, &c, topk);
+    if (lse->numel != c.Hq * c.N) fatal("cpu %s: lse must be [Hq, N] = [%lld, %lld]", kernel, (long long)c.Hq, (long long)c.N);
+    return c;
+}
+
+void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
+                        const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
+                        const MsaParams *p) {
+    CPU_SAME_DTYPE("msa_kl_forward", q, kl, idx_lse, k, lse, qi, ki);
+    MsaCtx c = kl_ctx("msa_kl_forward", q, k, lse, qi, ki, topk, cu_seqlens, p);
+    if (kl->numel != 1) fatal("cpu msa_kl_forward: kl must be a scalar tensor");
+    if (idx_lse->numel != c.Hkv * c.N) fatal("cpu msa_kl_forward: idx_lse must be [Hidx, N]");
+    double *vals = xmalloc((size_t)(c.N * c.Hkv > 0 ? c.N * c.Hkv : 1) * sizeof(double));
+    CPU_CALL(q, msa_kl_fwd, vals, idx_lse->data, q->data, k->data, lse->data, qi->data, ki->data, &c);
+    double sum = 0; /* fixed order: the loss does not depend on the thread count */
+    for (int64_t i = 0; i < c.N * c.Hkv; i++) sum += vals[i];
+    free(vals);
+    tensor_set(kl, 0, c.N * c.Hkv > 0 ? sum / (double)(c.N * c.Hkv) : 0.0);
+    msa_ctx_free(&c);
+}
+
+void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
+                         const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
+                         const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
+    if (!dqi && !dki) return;
+    CPU_SAME_DTYPE("msa_kl_backward", q, dqi, dki, k, lse, qi, ki, idx_lse);
+    MsaCtx c = kl_ctx("msa_kl_backward", q, k, lse, qi, ki, topk, cu_seqlens, p);
+    if (idx_lse->numel != c.Hkv * c.N) fatal("cpu msa_kl_backward: idx_lse must be [Hidx, N]");
+    if ((dqi && dqi->numel != qi->numel) || (dki && dki->numel != ki->numel))
+        fatal("cpu msa_kl_backward: gradients must have their inputs' shapes");
+    if (dki) msa_build_key_queries(&c);
+    CPU_CALL(q, msa_kl_bwd, dqi ? dqi->data : NULL, dki ? dki->data : NULL, q->data, k->data, lse->data, qi->data,
+             ki->data, idx_lse->data, (double)coeff, &c);
+    msa_ctx_free(&c);
+}

@@ -1,0 +1,277 @@
+/* opcheck: run one op chain on given inputs and write every output and gradient, so that a backend
+ * (the CUDA kernels, or an external reference such as a PyTorch port) can be compared against the
+ * CPU reference on identical data.
+ *
+ *   opcheck msa IN.h5 OUT.h5 [--device cpu|cuda]
+ *
+ * IN.h5 (datasets are read through HDF5 type conversion, so any numeric type works):
+ *   q [T,Hq,d], k [T,Hkv,d], v [T,Hkv,d], qi [T,Hidx,didx] (Hidx = Hkv), ki [T,didx],
+ *   cu_seqlens [ndocs+1] (integers, 0 .. T), dout [T,Hq,d]
+ *   root attributes: block_size, topk_blocks, init_blocks, local_blocks (integers),
+ *                    scale, index_scale, kl_weight (reals)
+ * The chain: topk = indexer(qi, ki); out, lse = msa_attention(q, k, v, topk);
+ *            kl = kl_weight * mean KL(teacher(q, k, lse) || student(qi, ki)) over topk;
+ *            backward of  L = sum(out * dout) + kl.
+ * OUT.h5 (float32 unless noted): out [T,Hq,d], lse [Hq,T], topk [Hidx,T,topk_blocks] (int32),
+ *   kl (scalar: the loss term kl_weight * mean KL), kl_unweighted (scalar: mean KL),
+ *   dq, dk, dv (shapes of q, k, v), dqi, dki (shapes of qi, ki).
+ * Bad input (a missing file, dataset or attribute, a shape mismatch) exits with status 1 and a
+ * message naming the file and the item. */
+#include <hdf5.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../autograd/ops.h"
+#include "../kernels/util.h"
+
+typedef struct {
+    int ndim;
+    int64_t dims[4];
+    void *data; /* float or int32_t */
+} HostArray;
+
+static void shape_str(char *buf, size_t n, int ndim, const int64_t *dims) {
+    size_t o = (size_t)snprintf(buf, n, "[");
+    for (int i = 0; i < ndim && o < n; i++) o += (size_t)snprintf(buf + o, n - o, i ? ", %lld" : "%lld", (long long)dims[i]);
+    if (o < n) snprintf(buf + o, n - o, "]");
+}
+
+/* Read dataset `name` of rank `ndim` into host memory as float (is_int = 0) or int32 (is_int = 1). */
+static HostArray read_dataset(hid_t file, const char *path, const char *name, int ndim, int is_int) {
+    HostArray a = {0};
+    if (H5Lexists(file, name, H5P_DEFAULT) <= 0) fatal("%s: missing dataset '%s'", path, name);
+    hid_t dset = H5Dopen2(file, name, H5P_DEFAULT);
+    if (dset < 0) fatal("%s: cannot open dataset '%s'", path, name);
+    hid_t type = H5Dget_type(dset), space = H5Dget_space(dset);
+    H5T_class_t cls = H5Tget_class(type);
+    if (cls != H5T_INTEGER && cls != H5T_FLOAT) fatal("%s: dataset '%s' is not numeric", path, name);
+    int nd = H5Sget_simple_extent_ndims(space);
+    hsize_t dims[H5S_MAX_RANK];
+    if (nd < 0 || nd > H5S_MAX_RANK) fatal("%s: cannot read the shape of dataset '%s'", path, name);
+    H5Sget_simple_extent_dims(space, dims, NULL);
+    a.ndim = nd;
+    int64_t n = 1;
+    for (int i = 0; i < nd && i < 4; i++) {
+        a.dims[i] = (int64_t)dims[i];
+        n *= a.dims[i];
+    }
+    if (nd != ndim) {
+        char got[96];
+        shape_str(got, sizeof got, nd < 4 ? nd : 4, a.dims);
+        fatal("%s: dataset '%s' has %d dimensions %s, expected %d", path, name, nd, got, ndim);
+    }
+    a.data = xmalloc((size_t)(n > 0 ? n : 1) * 4);
+    if (n > 0 && H5Dread(dset, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.data) < 0)
+        fatal("%s: cannot read dataset '%s' as %s", path, name, is_int ? "int32" : "float32");
+    H5Tclose(type);
+    H5Sclose(space);
+    H5Dclose(dset);
+    return a;
+}
+
+/* A one-element (scalar or [1]) numeric attribute of the root group, as double. */
+static double read_attr(hid_t file, const char *path, const char *name) {
+    if (H5Aexists(file, name) <= 0) fatal("%s: missing attribute '%s' on the root group", path, name);
+    hid_t attr = H5Aopen(file, name, H5P_DEFAULT);
+    hid_t type = H5Aget_type(attr), space = H5Aget_space(attr);
+    H5T_class_t cls = H5Tget_class(type);
+    if ((cls != H5T_INTEGER && cls != H5T_FLOAT) || H5Sget_simple_extent_npoints(space) != 1)
+        fatal("%s: attribute '%s' must be a single number", path, name);
+    double v = 0;
+    if (H5Aread(attr, H5T_NATIVE_DOUBLE, &v) < 0) fatal("%s: cannot read attribute '%s'", path, name);
+    H5Tclose(type);
+    H5Sclose(space);
+    H5Aclose(attr);
+    return v;
+}
+
+static int read_int_attr(hid_t file, const char *path, const char *name) {
+    double v = read_attr(file, path, name);
+    if (v != (double)(int)v) fatal("%s: attribute '%s' must be an integer, got %g", path, name, v);
+    return (int)v;
+}
+
+static void expect_shape(const char *path, const char *name, const HostArray *a, int ndim, const int64_t *want,
+                         const char *meaning) {
+    bool ok = a->ndim == ndim;
+    for (int i = 0; ok && i < ndim; i++) ok = a->dims[i] == want[i];
+    if (!ok) {
+        char got[96], exp[96];
+        shape_str(got, sizeof got, a->ndim, a->dims);
+        shape_str(exp, sizeof exp, ndim, want);
+        fatal("%s: dataset '%s' has shape %s, expected %s %s", path, name, got, exp, meaning);
+    }
+}
+
+static void write_dataset(hid_t file, const char *path, const char *name, int ndim, const int64_t *dims,
+                          const void *data, int is_int) {
+    hsize_t hd[4];
+    for (int i = 0; i < ndim; i++) hd[i] = (hsize_t)dims[i];
+    hid_t space = ndim ? H5Screate_simple(ndim, hd, NULL) : H5Screate(H5S_SCALAR);
+    hid_t ftype = is_int ? H5T_STD_I32LE : H5T_IEEE_F32LE;
+    hid_t dset = H5Dcreate2(file, name, ftype, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    if (dset < 0 || H5Dwrite(dset, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+        fatal("%s: cannot write dataset '%s'", path, name);
+    H5Dclose(dset);
+    H5Sclose(space);
+}
+
+/* A leaf activation on the engine's device in its activation dtype, from float32 host data. */
+static Tensor *upload(Engine *e, const HostArray *a, bool requires_grad) {
+    Tensor *t32 = engine_empty(e, DT_F32, a->ndim, a->dims);
+    tensor_from_host(e, t32, a->data);
+    Tensor *t = t32;
+    if (e->act_dtype != DT_F32) {
+        t = engine_empty(e, e->act_dtype, a->ndim, a->dims);
+        e->be->cast(t, t32);
+    }
+    t->requires_grad = requires_grad;
+    return t;
+}
+
+/* float32 host copy of any float tensor (zeros for a NULL gradient) */
+static float *download(Engine *e, const Tensor *t, int64_t numel) {
+    float *h = xcalloc((size_t)(numel > 0 ? numel : 1), sizeof(float));
+    if (!t) return h;
+    const Tensor *src = t;
+    if (t->dtype != DT_F32) {
+        Tensor *c = engine_empty(e, DT_F32, t->ndim, t->shape);
+        e->be->cast(c, t);
+        src = c;
+    }
+    tensor_to_host(e, h, src);
+    return h;
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: opcheck msa IN.h5 OUT.h5 [--device cpu|cuda]\n");
+    exit(1);
+}
+
+static int run_msa(const char *in_path, const char *out_path, const char *device) {
+    const KernelBackend *be = NULL;
+    DType act = DT_F32;
+    if (strcmp(device, "cpu") == 0) be = &cpu_backend;
+    else if (strcmp(device, "cuda") == 0) {
+#ifdef MSA_CUDA
+        be = &cuda_backend;
+        act = DT_BF16; /* the CUDA backend's activation dtype (DESIGN §5) */
+#else
+        fatal("--device cuda: CUDA backend not built (this opcheck was compiled without MSA_CUDA)");
+#endif
+    } else fatal("--device must be cpu or cuda, got '%s'", device);
+
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* our messages name the file and the item instead */
+    hid_t f = H5Fopen(in_path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) fatal("%s: cannot open as an HDF5 file", in_path);
+    HostArray q = read_dataset(f, in_path, "q", 3, 0);
+    const int64_t T = q.dims[0], Hq = q.dims[1], d = q.dims[2];
+    HostArray k = read_dataset(f, in_path, "k", 3, 0);
+    const int64_t Hkv = k.dims[1];
+    expect_shape(in_path, "k", &k, 3, (int64_t[]){T, Hkv, d}, "(T and d from q)");
+    HostArray v = read_dataset(f, in_path, "v", 3, 0);
+    expect_shape(in_path, "v", &v, 3, k.dims, "(the shape of k)");
+    if (Hkv < 1 || Hq % Hkv != 0)
+        fatal("%s: q has %lld heads, not a multiple of k's %lld heads", in_path, (long long)Hq, (long long)Hkv);
+    HostArray qi = read_dataset(f, in_path, "qi", 3, 0);
+    const int64_t didx = qi.dims[2];
+    expect_shape(in_path, "qi", &qi, 3, (int64_t[]){T, Hkv, didx}, "(T from q; one index head per KV head)");
+    HostArray ki = read_dataset(f, in_path, "ki", 2, 0);
+    expect_shape(in_path, "ki", &ki, 2, (int64_t[]){T, didx}, "(T from q, didx from qi)");
+    HostArray cu = read_dataset(f, in_path, "cu_seqlens", 1, 1);
+    const int32_t *c = cu.data;
+    const int64_t ndocs = cu.dims[0] - 1;
+    if (ndocs < 1) fatal("%s: cu_seqlens needs at least 2 entries", in_path);
+    if (c[0] != 0 || c[ndocs] != T) fatal("%s: cu_seqlens must run from 0 to T = %lld, got %d .. %d", in_path, (long long)T, c[0], c[ndocs]);
+    for (int64_t i = 0; i < ndocs; i++)
+        if (c[i + 1] < c[i]) fatal("%s: cu_seqlens decreases at entry %lld", in_path, (long long)i + 1);
+    HostArray dout = read_dataset(f, in_path, "dout", 3, 0);
+    expect_shape(in_path, "dout", &dout, 3, q.dims, "(the shape of q)");
+    MsaParams p = {
+        .block_size = read_int_attr(f, in_path, "block_size"),
+        .topk_blocks = read_int_attr(f, in_path, "topk_blocks"),
+        .init_blocks = read_int_attr(f, in_path, "init_blocks"),
+        .local_blocks = read_int_attr(f, in_path, "local_blocks"),
+        .scale = (float)read_attr(f, in_path, "scale"),
+        .index_scale = (float)read_attr(f, in_path, "index_scale"),
+    };
+    const float kl_weight = (float)read_attr(f, in_path, "kl_weight");
+    H5Fclose(f);
+    if (p.block_size < 1 || p.topk_blocks < 1 || p.init_blocks < 0 || p.local_blocks < 1 ||
+        p.init_blocks + p.local_blocks > p.topk_blocks)
+        fatal("%s: need block_size >= 1, topk_blocks >= 1, init_blocks >= 0, local_blocks >= 1 and init_blocks + "
+              "local_blocks <= topk_blocks (got %d, %d, %d, %d)",
+              in_path, p.block_size, p.topk_blocks, p.init_blocks, p.local_blocks);
+
+    Engine e;
+    engine_init(&e, be, act, 64 << 20);
+    Tensor *tq = upload(&e, &q, true), *tk = upload(&e, &k, true), *tv = upload(&e, &v, true);
+    Tensor *tqi = upload(&e, &qi, true), *tki = upload(&e, &ki, true), *tdout = upload(&e, &dout, false);
+    Tensor *tcu = engine_empty(&e, DT_I32, SHAPE(ndocs + 1));
+    tensor_from_host(&e, tcu, cu.data);
+
+    Tensor *topk = engine_empty(&e, DT_I32, SHAPE(Hkv, T, p.topk_blocks));
+    be->msa_indexer(topk, tqi, tki, tcu, &p);
+    Tensor *lse = NULL;
+    Tensor *out = op_msa_attention(&e, tq, tk, tv, topk, tcu, &p, &lse);
+    Tensor *kl = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, tcu, &p, kl_weight);
+    /* seed L = sum(out * dout) + kl in one walk of the tape (two separate backward calls would run
+     * the KL node twice) */
+    be->axpy(engine_grad(&e, out), tdout, 1.0f);
+    if (kl->dtype != DT_F32) fatal("opcheck: expected an f32 loss, got %s", dtype_name(kl->dtype));
+    Tensor *one = engine_empty(&e, DT_F32, SHAPE(1));
+    tensor_from_host(&e, one, &(float){1.0f});
+    be->axpy(engine_grad(&e, kl), one, 1.0f);
+    engine_backward_tape(&e, 0);
+    const double kl_val = tensor_item(&e, kl);
+
+    hid_t o = H5Fcreate(out_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (o < 0) fatal("%s: cannot create the output file", out_path);
+    struct {
+        const char *name;
+        const Tensor *t, *like;
+    } outs[] = {{"out", out, out}, {"lse", lse, lse}, {"dq", tq->grad, tq}, {"dk", tk->grad, tk},
+                {"dv", tv->grad, tv}, {"dqi", tqi->grad, tqi}, {"dki", tki->grad, tki}};
+    for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++) {
+        float *h = download(&e, outs[i].t, outs[i].like->numel);
+        write_dataset(o, out_path, outs[i].name, outs[i].like->ndim, outs[i].like->shape, h, 0);
+        free(h);
+    }
+    int32_t *htk = xmalloc(tensor_bytes(topk));
+    tensor_to_host(&e, htk, topk);
+    write_dataset(o, out_path, "topk", 3, topk->shape, htk, 1);
+    free(htk);
+    const float klw = (float)kl_val, klu = kl_weight != 0 ? (float)(kl_val / kl_weight) : 0.0f;
+    write_dataset(o, out_path, "kl", 0, NULL, &klw, 0);
+    if (kl_weight != 0) write_dataset(o, out_path, "kl_unweighted", 0, NULL, &klu, 0);
+    else { /* weight 0 hides the value: compute it once more, unweighted, without recording */
+        engine_set_grad(&e, false);
+        Tensor *raw = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, tcu, &p, 1.0f);
+        const float v0 = (float)tensor_item(&e, raw);
+        write_dataset(o, out_path, "kl_unweighted", 0, NULL, &v0, 0);
+    }
+    if (H5Fclose(o) < 0) fatal("%s: cannot close the output file", out_path);
+    printf("opcheck msa (%s): T=%lld Hq=%lld Hkv=%lld d=%lld didx=%lld docs=%lld, kl=%.6g -> %s\n", be->name,
+           (long long)T, (long long)Hq, (long long)Hkv, (long long)d, (long long)didx, (long long)ndocs, kl_val, out_path);
+    engine_free(&e);
+    HostArray *all[] = {&q, &k, &v, &qi, &ki, &cu, &dout};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]->data);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) usage();
+    const char *device = "cpu";
+    for (int i = 4; i < argc; i++) {
+        if (strcmp(argv[i], "--device") == 0 && i + 1 < argc) device = argv[++i];
+        else if (strncmp(argv[i], "--device=", 9) == 0) device = argv[i] + 9;
+        else {
+            fprintf(stderr, "opcheck: unknown argument '%s'\n", argv[i]);
+            usage();
+        }
+    }
+    if (strcmp(argv[1], "msa") == 0) return run_msa(argv[2], argv[3], device);
+    fprintf(stderr, "opcheck: unknown op '%s' (supported: msa)\n", argv[1]);
+    usage();
+}
