@@ -1,0 +1,192 @@
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../autograd/ops.h"
+#include "../kernels/util.h"
+
+#define IGNORE_INDEX (-1)
+
+static Tensor *param(Model *m, const char *fmt, int layer, int ndim, const int64_t *shape, InitKind init, float std,
+                     bool decay) {
+    char name[128];
+    snprintf(name, sizeof name, fmt, layer);
+    return params_add(&m->params, name, ndim, shape, init, std, decay);
+}
+
+void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed) {
+    memset(m, 0, sizeof(*m));
+    m->cfg = cfg->model;
+    m->msa_cfg = cfg->msa;
+    const ModelConfig *c = &m->cfg;
+    int64_t C = c->d_model, V = c->vocab_size, Hq = c->n_heads, Hkv = c->n_kv_heads;
+    m->head_dim = c->head_dim ? c->head_dim : c->d_model / c->n_heads;
+    m->rotary_dim = c->rotary_dim ? c->rotary_dim : m->head_dim;
+    int64_t D = m->head_dim, F = c->ffn_dim, Di = cfg->msa.index_dim;
+    m->index_rotary_dim = m->rotary_dim < Di ? m->rotary_dim : (int)Di;
+    float std = c->init_std, out_std = c->init_std / sqrtf(2.0f * (float)c->n_layers);
+
+    params_init(&m->params, be, param_dtype);
+    m->wte = params_add(&m->params, "wte", SHAPE(V, C), INIT_NORMAL, std, cfg->optim.decay_embeddings);
+    m->layers = xcalloc((size_t)c->n_layers, sizeof(LayerParams));
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerParams *L = &m->layers[l];
+        L->attn_norm = param(m, "layers.%d.attn_norm", l, SHAPE(C), INIT_ONES, 0, false);
+        L->wq = param(m, "layers.%d.attn.wq", l, SHAPE(Hq * D, C), INIT_NORMAL, std, true);
+        L->wk = param(m, "layers.%d.attn.wk", l, SHAPE(Hkv * D, C), INIT_NORMAL, std, true);
+        L->wv = param(m, "layers.%d.attn.wv", l, SHAPE(Hkv * D, C), INIT_NORMAL, std, true);
+        L->wo = param(m, "layers.%d.attn.wo", l, SHAPE(C, Hq * D), INIT_NORMAL, out_std, true);
+        if (c->qk_norm) {
+            L->q_norm = param(m, "layers.%d.attn.q_norm", l, SHAPE(D), INIT_ONES, 0, false);
+            L->k_norm = param(m, "layers.%d.attn.k_norm", l, SHAPE(D), INIT_ONES, 0, false);
+        }
+        L->msa = config_layer_is_msa(cfg, l);
+        if (L->msa) {
+            m->n_msa_layers++;
+            /* index branch (DESIGN §4): one index query head per GQA group, one shared index key;
+             * Gemma-style norms (gain 1 + w, w zero-initialised) as MiniMax-M3 */
+            L->w_iq = param(m, "layers.%d.index.wq", l, SHAPE(Hkv * Di, C), INIT_NORMAL, std, true);
+            L->w_ik = param(m, "layers.%d.index.wk", l, SHAPE(Di, C), INIT_NORMAL, std, true);
+            L->iq_norm = param(m, "layers.%d.index.q_norm", l, SHAPE(Di), INIT_ZEROS, 0, false);
+            L->ik_norm = param(m, "layers.%d.index.k_norm", l, SHAPE(Di), INIT_ZEROS, 0, false);
+        }
+        L->ffn_norm = param(m, "layers.%d.ffn_norm", l, SHAPE(C), INIT_ONES, 0, false);
+        L->w_gate = param(m, "layers.%d.ffn.w_gate", l, SHAPE(F, C), INIT_NORMAL, std, true);
+        L->w_up = param(m, "layers.%d.ffn.w_up", l, SHAPE(F, C), INIT_NORMAL, std, true);
+        L->w_down = param(m, "layers.%d.ffn.w_down", l, SHAPE(C, F), INIT_NORMAL, out_std, true);
+    }
+    m->final_norm = params_add(&m->params, "final_norm", SHAPE(C), INIT_ONES, 0, false);
+    m->lm_head = c->tie_embeddings ? m->wte : params_add(&m->params, "lm_head", SHAPE(V, C), INIT_NORMAL, std, true);
+    params_allocate(&m->params, seed);
+
+    m->msa = (MsaParams){
+        .block_size = cfg->msa.block_size,
+        .topk_blocks = cfg->msa.topk_blocks,
+        .init_blocks = cfg->msa.init_blocks,
+        .local_blocks = cfg->msa.local_blocks,
+        .scale = 1.0f / sqrtf((float)D),
+        .index_scale = 1.0f / sqrtf((float)Di),
+    };
+}
+
+void model_free(Model *m) {
+    params_free(&m->params);
+    free(m->layers);
+    memset(m, 0, sizeof(*m));
+}
+
+static Tensor *upload_i32(Engine *e, const int32_t *host, int64_t n) {
+    Tensor *t = engine_empty(e, DT_I32, SHAPE(n));
+    tensor_from_host(e, t, host);
+    return t;
+}
+
+ModelInput model_upload(Engine *e, const Batch *b) {
+    int64_t N = (int64_t)b->B * b->T;
+    ModelInput in;
+    in.tokens = upload_i32(e, b->inputs, N);
+    in.targets = b->targets ? upload_i32(e, b->targets, N) : NULL;
+    in.positions = upload_i32(e, b->positions, N);
+    in.cu_seqlens = upload_i32(e, b->cu_seqlens, b->n_segments + 1);
+    return in;
+}
+
+/* What a checkpointed block needs besides its input: lives in the host arena for the micro-step. */
+typedef struct BlockClosure {
+    Model *m;
+    int layer;
+    ModelInput in; /* by value: backward may recompute after the caller's ModelInput is gone */
+} BlockClosure;
+
+/* The MSA index branch and sparse (or dense warm-up) attention of one layer. h is the attention
+ * input; q, k (after norm and RoPE) and v are the main branch's. Returns the attention output and
+ * the weighted KL term through *kl. */
+static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Tensor *q, Tensor *k, Tensor *v,
+                             const ModelInput *in, Tensor **kl) {
+    int64_t N = tensor_rows(h), Hkv = m->cfg.n_kv_heads, Di = m->msa_cfg.index_dim;
+    float eps = m->cfg.norm_eps;
+    /* the indexer reads a detached copy of the hidden state: the KL must never move the backbone */
+    Tensor *hd = engine_detach(e, h);
+    Tensor *qi = engine_view(e, op_linear(e, hd, L->w_iq), SHAPE(N, Hkv, Di));
+    Tensor *ki = engine_view(e, op_linear(e, hd, L->w_ik), SHAPE(N, 1, Di));
+    qi = op_rope(e, op_rmsnorm(e, qi, L->iq_norm, eps, true), in->positions, m->index_rotary_dim, m->cfg.rope_theta);
+    ki = op_rope(e, op_rmsnorm(e, ki, L->ik_norm, eps, true), in->positions, m->index_rotary_dim, m->cfg.rope_theta);
+    ki = engine_view(e, ki, SHAPE(N, Di));
+
+    Tensor *topk = NULL, *lse = NULL, *out;
+    if (m->msa_dense) {
+        out = op_attention(e, q, k, v, in->cu_seqlens, m->msa.scale, &lse);
+    } else {
+        topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, m->msa.topk_blocks));
+        e->be->msa_indexer(topk, qi, ki, in->cu_seqlens, &m->msa);
+        out = op_msa_attention(e, q, k, v, topk, in->cu_seqlens, &m->msa, &lse);
+    }
+    float w = m->msa_cfg.kl_weight;
+    *kl = op_msa_kl(e, q, k, lse, qi, ki, topk, in->cu_seqlens, &m->msa, w);
+    if (m->collect_metrics && !e->recomputing) {
+        if (w > 0) m->metrics.kl_sum += tensor_item(e, *kl) / w;
+        m->metrics.layers++;
+        Tensor *sel = topk;
+        if (!sel) { /* dense phase: report the recall the sparse selection would have */
+            sel = engine_empty(e, DT_I32, SHAPE(Hkv, N, m->msa.topk_blocks));
+            e->be->msa_indexer(sel, qi, ki, in->cu_seqlens, &m->msa);
+        }
+        m->metrics.recall_sum += e->be->msa_recall(q, k, sel, in->cu_seqlens, &m->msa, m->msa_cfg.recall_stride);
+        m->metrics.recall_layers++;
+    }
+    return out;
+}
+
+static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
+    const BlockClosure *bc = closure;
+    Model *m = bc->m;
+    LayerParams *L = &m->layers[bc->layer];
+    const ModelConfig *c = &m->cfg;
+    int64_t N = tensor_rows(x), Hq = c->n_heads, Hkv = c->n_kv_heads, D = m->head_dim;
+    *aux = NULL;
+
+    Tensor *h = op_rmsnorm(e, x, L->attn_norm, c->norm_eps, false);
+    Tensor *q = engine_view(e, op_linear(e, h, L->wq), SHAPE(N, Hq, D));
+    Tensor *k = engine_view(e, op_linear(e, h, L->wk), SHAPE(N, Hkv, D));
+    Tensor *v = engine_view(e, op_linear(e, h, L->wv), SHAPE(N, Hkv, D));
+    if (c->qk_norm) {
+        q = op_rmsnorm(e, q, L->q_norm, c->norm_eps, false);
+        k = op_rmsnorm(e, k, L->k_norm, c->norm_eps, false);
+    }
+    q = op_rope(e, q, bc->in.positions, m->rotary_dim, c->rope_theta);
+    k = op_rope(e, k, bc->in.positions, m->rotary_dim, c->rope_theta);
+    Tensor *att = L->msa ? msa_attention(e, m, L, h, q, k, v, &bc->in, aux)
+                         : op_attention(e, q, k, v, bc->in.cu_seqlens, m->msa.scale, NULL);
+    x = op_add(e, x, op_linear(e, engine_view(e, att, SHAPE(N, Hq * D)), L->wo));
+
+    Tensor *h2 = op_rmsnorm(e, x, L->ffn_norm, c->norm_eps, false);
+    Tensor *f = op_swiglu(e, op_linear(e, h2, L->w_gate), op_linear(e, h2, L->w_up));
+    return op_add(e, x, op_linear(e, f, L->w_down));
+}
+
+Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
+    Tensor *x = op_embedding(e, m->wte, in->tokens);
+    Tensor *aux_total = NULL;
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        BlockClosure *bc = arena_alloc(&e->host, sizeof(BlockClosure));
+        *bc = (BlockClosure){m, l, *in};
+        Tensor *aux = NULL;
+        x = recompute ? op_checkpoint(e, block_forward, bc, x, &aux) : block_forward(e, x, bc, &aux);
+        if (aux) aux_total = aux_total ? op_add(e, aux_total, aux) : aux;
+    }
+    x = op_rmsnorm(e, x, m->final_norm, m->cfg.norm_eps, false);
+    if (aux_out) *aux_out = aux_total;
+    return op_linear(e, x, m->lm_head);
+}
+
+ModelLosses model_forward(Model *m, Engine *e, const ModelInput *in, bool recompute) {
+    if (!in->targets) fatal("model_forward: the batch has no targets");
+    ModelLosses L = {0};
+    Tensor *logits = model_logits(m, e, in, recompute, &L.aux);
+    L.lm = op_cross_entropy(e, logits, in->targets, IGNORE_INDEX);
+    L.total = L.aux ? op_add(e, L.lm, L.aux) : L.lm;
+    return L;
+}

@@ -1,0 +1,62 @@
+/* The decoder-only transformer of DESIGN §3: token embedding; per layer RMSNorm -> attention (dense
+ * GQA or MSA) -> residual -> RMSNorm -> SwiGLU FFN -> residual; final RMSNorm; LM head (tied or
+ * not); fp32 cross-entropy. Parameter names are the checkpoint dataset names. */
+#ifndef MSA_MODEL_H
+#define MSA_MODEL_H
+
+#include "../autograd/engine.h"
+#include "../autograd/params.h"
+#include "../data/dataset.h"
+#include "config.h"
+
+typedef struct LayerParams {
+    Tensor *attn_norm, *wq, *wk, *wv, *wo, *q_norm, *k_norm;
+    Tensor *ffn_norm, *w_gate, *w_up, *w_down;
+    bool msa;                              /* MSA attention in this layer */
+    Tensor *w_iq, *w_ik, *iq_norm, *ik_norm; /* index branch (MSA layers only) */
+} LayerParams;
+
+/* Per-forward MSA statistics, filled when Model.collect_metrics is set. */
+typedef struct MsaMetrics {
+    double kl_sum;       /* sum over MSA layers of the unweighted mean KL */
+    double recall_sum;   /* sum over MSA layers of the recall */
+    int layers;          /* MSA layers that contributed */
+    int recall_layers;
+} MsaMetrics;
+
+typedef struct Model {
+    ModelConfig cfg;
+    MsaConfig msa_cfg;
+    int head_dim, rotary_dim, index_rotary_dim, n_msa_layers;
+    ParamStore params;
+    Tensor *wte, *final_norm, *lm_head; /* lm_head == wte when tied */
+    LayerParams *layers;
+    MsaParams msa;                      /* kernel parameters of the MSA layers */
+    bool msa_dense;                     /* dense warm-up phase: every visible block selected */
+    bool collect_metrics;               /* compute KL/recall statistics during forward (eval) */
+    MsaMetrics metrics;
+} Model;
+
+/* Device tensors of one micro-batch. */
+typedef struct ModelInput {
+    Tensor *tokens, *targets, *positions, *cu_seqlens; /* i32 */
+} ModelInput;
+
+typedef struct ModelLosses {
+    Tensor *total;   /* lm + aux: what backward starts from */
+    Tensor *lm;      /* mean token cross-entropy */
+    Tensor *aux;     /* weighted KL (sum over MSA layers), NULL without MSA */
+} ModelLosses;
+
+/* Declare and initialise the parameters (fp32 master weights, F64 for gradient checks). */
+void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed);
+void model_free(Model *m);
+
+/* Upload a host batch as device tensors in the engine's arena. */
+ModelInput model_upload(Engine *e, const Batch *b);
+/* Final-norm hidden states -> logits [N, V] */
+Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out);
+/* Full forward with losses (targets required). */
+ModelLosses model_forward(Model *m, Engine *e, const ModelInput *in, bool recompute);
+
+#endif
