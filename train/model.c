@@ -21,6 +21,7 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
     memset(m, 0, sizeof(*m));
     m->cfg = cfg->model;
     m->msa_cfg = cfg->msa;
+    m->moe_cfg = cfg->moe;
     const ModelConfig *c = &m->cfg;
     int64_t C = c->d_model, V = c->vocab_size, Hq = c->n_heads, Hkv = c->n_kv_heads;
     m->head_dim = c->head_dim ? c->head_dim : c->d_model / c->n_heads;
@@ -54,9 +55,16 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
             L->ik_norm = param(m, "layers.%d.index.k_norm", l, SHAPE(Di), INIT_ZEROS, 0, false);
         }
         L->ffn_norm = param(m, "layers.%d.ffn_norm", l, SHAPE(C), INIT_ONES, 0, false);
-        L->w_gate = param(m, "layers.%d.ffn.w_gate", l, SHAPE(F, C), INIT_NORMAL, std, true);
-        L->w_up = param(m, "layers.%d.ffn.w_up", l, SHAPE(F, C), INIT_NORMAL, std, true);
-        L->w_down = param(m, "layers.%d.ffn.w_down", l, SHAPE(C, F), INIT_NORMAL, out_std, true);
+        L->moe = config_layer_is_moe(cfg, l);
+        if (L->moe) {
+            m->n_moe_layers++;
+            moe_declare_params(&m->params, l, c, &cfg->moe, &L->moe_p);
+            moe_stats_init(&L->moe_stats, cfg->moe.num_experts);
+        } else {
+            L->w_gate = param(m, "layers.%d.ffn.w_gate", l, SHAPE(F, C), INIT_NORMAL, std, true);
+            L->w_up = param(m, "layers.%d.ffn.w_up", l, SHAPE(F, C), INIT_NORMAL, std, true);
+            L->w_down = param(m, "layers.%d.ffn.w_down", l, SHAPE(C, F), INIT_NORMAL, out_std, true);
+        }
     }
     m->final_norm = params_add(&m->params, "final_norm", SHAPE(C), INIT_ONES, 0, false);
     m->lm_head = c->tie_embeddings ? m->wte : params_add(&m->params, "lm_head", SHAPE(V, C), INIT_NORMAL, std, true);
@@ -73,6 +81,11 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
 }
 
 void model_free(Model *m) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->layers[l].moe) {
+            moe_free_params(&m->layers[l].moe_p);
+            moe_stats_free(&m->layers[l].moe_stats);
+        }
     params_free(&m->params);
     free(m->layers);
     memset(m, 0, sizeof(*m));
@@ -163,8 +176,30 @@ static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor *
     x = op_add(e, x, op_linear(e, engine_view(e, att, SHAPE(N, Hq * D)), L->wo));
 
     Tensor *h2 = op_rmsnorm(e, x, L->ffn_norm, c->norm_eps, false);
+    if (L->moe) {
+        Tensor *moe_aux = NULL;
+        Tensor *f = moe_forward(e, &L->moe_p, &m->moe_cfg, h2, &L->moe_stats, &moe_aux);
+        if (moe_aux) *aux = *aux ? op_add(e, *aux, moe_aux) : moe_aux;
+        return op_add(e, x, f);
+    }
     Tensor *f = op_swiglu(e, op_linear(e, h2, L->w_gate), op_linear(e, h2, L->w_up));
     return op_add(e, x, op_linear(e, f, L->w_down));
+}
+
+void model_moe_step(Model *m, MoeSummary *summary, bool update_bias) {
+    MoeSummary s = {0};
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        LayerParams *L = &m->layers[l];
+        if (!L->moe) continue;
+        if (update_bias) moe_update_bias(&L->moe_p, &m->moe_cfg, &L->moe_stats);
+        double mx, mean;
+        moe_stats_load(&L->moe_stats, &mx, &mean);
+        if (mean > 0 && mx / mean > s.max_over_mean_load) s.max_over_mean_load = mx / mean;
+        s.aux_loss += moe_stats_aux_loss(&L->moe_stats) / m->n_moe_layers;
+        s.z_loss += moe_stats_z_loss(&L->moe_stats) / m->n_moe_layers;
+        moe_stats_reset(&L->moe_stats);
+    }
+    if (summary) *summary = s;
 }
 
 Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {

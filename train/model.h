@@ -8,10 +8,14 @@
 #include "../autograd/params.h"
 #include "../data/dataset.h"
 #include "config.h"
+#include "moe.h"
 
 typedef struct LayerParams {
     Tensor *attn_norm, *wq, *wk, *wv, *wo, *q_norm, *k_norm;
-    Tensor *ffn_norm, *w_gate, *w_up, *w_down;
+    Tensor *ffn_norm, *w_gate, *w_up, *w_down; /* dense SwiGLU (NULL in MoE layers) */
+    bool moe;                                 /* MoE feed-forward in this layer */
+    MoeLayerParams moe_p;
+    MoeStats moe_stats;                       /* routing statistics since the last optimizer step */
     bool msa;                              /* MSA attention in this layer */
     Tensor *w_iq, *w_ik, *iq_norm, *ik_norm; /* index branch (MSA layers only) */
 } LayerParams;
@@ -27,6 +31,8 @@ typedef struct MsaMetrics {
 typedef struct Model {
     ModelConfig cfg;
     MsaConfig msa_cfg;
+    MoeConfig moe_cfg;
+    int n_moe_layers;
     int head_dim, rotary_dim, index_rotary_dim, n_msa_layers;
     ParamStore params;
     Tensor *wte, *final_norm, *lm_head; /* lm_head == wte when tied */
@@ -51,6 +57,15 @@ typedef struct ModelLosses {
 /* Declare and initialise the parameters (fp32 master weights, F64 for gradient checks). */
 void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed);
 void model_free(Model *m);
+
+/* After each optimizer step (update_bias = true): apply the MoE selection-bias update from the step's
+ * loads; after an evaluation (false): leave the bias alone. Either way (if summary is not NULL) report the worst layer's max/mean expert load and the mean aux and z losses;
+ * then reset the routing statistics. */
+typedef struct MoeSummary {
+    double max_over_mean_load; /* worst MoE layer's max/mean tokens per expert (1 = balanced) */
+    double aux_loss, z_loss;   /* mean over MoE layers of the unweighted losses */
+} MoeSummary;
+void model_moe_step(Model *m, MoeSummary *summary, bool update_bias);
 
 /* Upload a host batch as device tensors in the engine's arena. */
 ModelInput model_upload(Engine *e, const Batch *b);

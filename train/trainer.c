@@ -103,14 +103,18 @@ static void log_step(Run *r, const StepResult *s) {
     if (!r->quiet) {
         printf("step %5d/%d | loss %.4f", r->step, c->train.steps, s->loss);
         if (r->model.n_msa_layers) printf(" | kl %.4f%s", s->aux, r->model.msa_dense ? " (dense)" : "");
+        if (r->model.n_moe_layers)
+            printf(" | load max/mean %.2f | aux %.4f | z %.3f", s->moe.max_over_mean_load, s->moe.aux_loss, s->moe.z_loss);
         printf(" | lr %.2e | gnorm %.3f | %.0f tok/s | %s elapsed | ETA %s\n", s->lr, s->grad_norm, tps, el, et);
         fflush(stdout);
     }
     if (r->metrics) {
         fprintf(r->metrics,
                 "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
-                "\"tokens_per_s\": %.1f, \"elapsed_s\": %.2f}\n",
-                r->step, s->loss, s->aux, s->lr, s->grad_norm, tps, elapsed);
+                "\"tokens_per_s\": %.1f, \"elapsed_s\": %.2f, \"moe_max_over_mean_load\": %.4f, "
+                "\"moe_aux_loss\": %.6f, \"moe_z_loss\": %.6f}\n",
+                r->step, s->loss, s->aux, s->lr, s->grad_norm, tps, elapsed, s->moe.max_over_mean_load, s->moe.aux_loss,
+                s->moe.z_loss);
         fflush(r->metrics);
     }
     r->t_last = now;
@@ -136,6 +140,7 @@ StepResult run_step(Run *r) {
     s.grad_norm = clip_grad_norm(&r->model.params, c->optim.grad_clip);
     s.lr = lr_schedule(&c->optim, r->step, c->train.steps);
     adamw_step(&r->opt, &r->model.params, &c->optim, s.lr);
+    model_moe_step(&r->model, &s.moe, true);
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;
     if (!isfinite(s.loss)) fatal("step %d: loss is %f (diverged); lower optim.lr or check the data", r->step, s.loss);
@@ -159,6 +164,7 @@ double run_evaluate(Run *r, MsaMetrics *mm) {
         total += tensor_item(e, L.lm);
     }
     if (mm) *mm = m->metrics;
+    model_moe_step(m, NULL, false); /* eval routing must not feed the next step's bias update */
     m->collect_metrics = false;
     m->msa_dense = prev_dense;
     engine_set_grad(e, prev);

@@ -32,6 +32,7 @@ typedef struct StepResult {
     double aux;        /* mean weighted auxiliary loss (MSA KL, MoE balance) */
     double grad_norm;  /* before clipping */
     float lr;
+    MoeSummary moe;    /* routing balance of the step (MoE models) */
 } StepResult;
 
 /* Open data, build model and optimizer from r->cfg (already loaded); exits with a message on bad input. */
