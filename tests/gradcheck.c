@@ -38,6 +38,14 @@ void test_tensor_free(Tensor *t) {
     free(t);
 }
 
+Tensor *test_cu_seqlens(const int *doc_lens, int ndocs) {
+    Tensor *cu = test_tensor(DT_I32, 1, (int64_t[]){ndocs + 1});
+    int32_t *c = cu->data;
+    c[0] = 0;
+    for (int d = 0; d < ndocs; d++) c[d + 1] = c[d] + doc_lens[d];
+    return cu;
+}
+
 void test_requires_grad(Tensor *t) {
     t->requires_grad = true;
     if (!t->grad) {

@@ -22,6 +22,8 @@ typedef struct GradCheckResult {
 Tensor *test_tensor(DType dt, int ndim, const int64_t *shape);
 Tensor *test_randn(DType dt, int ndim, const int64_t *shape, double std, uint64_t seed);
 void test_tensor_free(Tensor *t);
+/* cu_seqlens (i32 [ndocs+1]) for documents of the given lengths laid end to end */
+Tensor *test_cu_seqlens(const int *doc_lens, int ndocs);
 /* Give t a persistent zeroed grad and mark it requires_grad. */
 void test_requires_grad(Tensor *t);
 

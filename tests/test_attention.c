@@ -14,14 +14,6 @@
 
 /* ---- helpers ---- */
 
-static Tensor *make_cu_seqlens(const int *doc_lens, int ndocs) {
-    Tensor *cu = test_tensor(DT_I32, SHAPE(ndocs + 1));
-    int32_t *c = cu->data;
-    c[0] = 0;
-    for (int d = 0; d < ndocs; d++) c[d + 1] = c[d] + doc_lens[d];
-    return cu;
-}
-
 static Tensor *make_positions(const int32_t *pos, int64_t n) {
     Tensor *p = test_tensor(DT_I32, SHAPE(n));
     memcpy(p->data, pos, (size_t)n * sizeof(int32_t));
@@ -268,7 +260,7 @@ TEST(grad_attention_gqa_documents) {
         Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 500 + ci);
         Tensor *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 520 + ci);
         Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 540 + ci);
-        AttnCtx ac = {make_cu_seqlens(c->doc_lens, c->ndocs), 1.0f / sqrtf((float)c->D), NULL};
+        AttnCtx ac = {test_cu_seqlens(c->doc_lens, c->ndocs), 1.0f / sqrtf((float)c->D), NULL};
         test_requires_grad(q);
         test_requires_grad(k);
         test_requires_grad(v);
@@ -289,7 +281,7 @@ TEST(grad_attention_partial_inputs) {
     Engine *eng = tc->fixture;
     const AttnCase *c = &attn_cases[1];
     int N = case_tokens(c);
-    AttnCtx ac = {make_cu_seqlens(c->doc_lens, c->ndocs), 0.4f, NULL};
+    AttnCtx ac = {test_cu_seqlens(c->doc_lens, c->ndocs), 0.4f, NULL};
     for (int which = 0; which < 3; which++) {
         Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 700);
         Tensor *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 701);
@@ -308,7 +300,7 @@ TEST(grad_rope_then_attention) {
     Engine *eng = tc->fixture;
     int lens[3] = {6, 9, 4};
     int N = 19, Hq = 4, Hkv = 2, D = 6;
-    Tensor *cu = make_cu_seqlens(lens, 3);
+    Tensor *cu = test_cu_seqlens(lens, 3);
     RopeCtx rc = {doc_positions(cu), 4, 10000.0f};
     AttnCtx ac = {cu, 1.0f / sqrtf((float)D), &rc};
     Tensor *q = test_randn(DT_F64, SHAPE(N, Hq, D), 1.5, 800);
@@ -335,7 +327,7 @@ TEST(attention_matches_reference_and_gqa_equals_repeated_mha) {
         Tensor *q = test_randn(DT_F64, SHAPE(N, Hq, D), 2.0, 900 + ci);
         Tensor *k = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 920 + ci);
         Tensor *v = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 940 + ci);
-        Tensor *cu = make_cu_seqlens(c->doc_lens, c->ndocs);
+        Tensor *cu = test_cu_seqlens(c->doc_lens, c->ndocs);
         double scale = 1.0 / sqrt((double)D);
         double *ref_out = xmalloc(sizeof(double) * N * Hq * D), *ref_lse = xmalloc(sizeof(double) * Hq * N);
         ref_attention(q, k, v, cu, (float)scale, ref_out, ref_lse);
@@ -377,7 +369,7 @@ TEST(attention_document_isolation_and_causality) {
     Engine *eng = tc->fixture;
     int lens[3] = {5, 9, 7};
     const int N = 21, Hq = 4, Hkv = 2, D = 8, doc1 = 5, doc2 = 14, changed = doc1 + 4;
-    Tensor *cu = make_cu_seqlens(lens, 3);
+    Tensor *cu = test_cu_seqlens(lens, 3);
     Tensor *q = test_randn(DT_F64, SHAPE(N, Hq, D), 1.0, 1000), *k = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1001);
     Tensor *v = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1002);
     engine_reset(eng);
@@ -440,7 +432,7 @@ TEST(attention_f32_matches_f64) {
     Engine *eng = tc->fixture;
     int lens[3] = {37, 64, 27};
     const int N = 128, Hq = 4, Hkv = 2, D = 16;
-    Tensor *cu = make_cu_seqlens(lens, 3);
+    Tensor *cu = test_cu_seqlens(lens, 3);
     Tensor *in64[3] = {test_randn(DT_F64, SHAPE(N, Hq, D), 1.0, 1100), test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1101),
                        test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1102)};
     Tensor *seed64 = test_randn(DT_F64, SHAPE(N, Hq, D), 1.0, 1103);
@@ -486,7 +478,7 @@ TEST(attention_deterministic_and_timed) {
     Engine *eng = tc->fixture;
     int lens[3] = {512, 300, 212};
     const int N = 1024, Hq = 8, Hkv = 2, D = 64;
-    Tensor *cu = make_cu_seqlens(lens, 3);
+    Tensor *cu = test_cu_seqlens(lens, 3);
     Tensor *q = test_randn(DT_F32, SHAPE(N, Hq, D), 1.0, 1200), *k = test_randn(DT_F32, SHAPE(N, Hkv, D), 1.0, 1201);
     Tensor *v = test_randn(DT_F32, SHAPE(N, Hkv, D), 1.0, 1202), *seed = test_randn(DT_F32, SHAPE(N, Hq, D), 1.0, 1203);
     test_requires_grad(q);

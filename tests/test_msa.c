@@ -17,14 +17,6 @@
 
 /* ---- helpers ---- */
 
-static Tensor *make_cu(const int *lens, int ndocs) {
-    Tensor *cu = test_tensor(DT_I32, SHAPE(ndocs + 1));
-    int32_t *c = cu->data;
-    c[0] = 0;
-    for (int d = 0; d < ndocs; d++) c[d + 1] = c[d] + lens[d];
-    return cu;
-}
-
 static int64_t doc_start_of(const Tensor *cu, int64_t t) {
     const int32_t *c = cu->data;
     int64_t d = 0;
@@ -309,7 +301,7 @@ TEST(indexer_matches_bruteforce) {
                     qi = a;
                     ki = b;
                 }
-                Tensor *cu = make_cu(c->lens, c->ndocs);
+                Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
                 Tensor *tk = run_indexer(qi, ki, cu, &p);
                 int32_t *ref = xmalloc(sizeof(int32_t) * (size_t)tk->numel);
                 ref_select(ref, qi, ki, cu, &p);
@@ -345,7 +337,7 @@ TEST(indexer_ties_and_forced_blocks) {
         {4, 1, 2, {{0, 1, 4, 5}, {0, 2, 4, 5}}, {0, 1, 4, 5}}, /* blocks 0, 4, 5 forced */
         {5, 2, 1, {{0, 1, 2, 4, 5}, {0, 1, 2, 4, 5}}, {0, 1, 2, 3, 5}},
     };
-    Tensor *cu = make_cu((int[]){12}, 1);
+    Tensor *cu = test_cu_seqlens((int[]){12}, 1);
     for (int pat = 0; pat < 2; pat++) {
         Tensor *qi = test_tensor(DT_F64, SHAPE(N, 2, Di)), *ki = test_tensor(DT_F64, SHAPE(N, Di));
         for (int j = 0; j < N; j++) ((double *)ki->data)[j * Di] = vals[pat][j];
@@ -381,7 +373,7 @@ TEST(indexer_ties_and_forced_blocks) {
  * on a later token or in another document must not pull anything in. */
 TEST(indexer_ignores_future_and_other_documents) {
     const int lens[2] = {9, 8}, N = 17, Di = 3;
-    Tensor *cu = make_cu(lens, 2);
+    Tensor *cu = test_cu_seqlens(lens, 2);
     Tensor *qi = test_randn(DT_F64, SHAPE(N, 1, Di), 1.0, 31);
     Tensor *ki = test_randn(DT_F64, SHAPE(N, Di), 0.1, 32);
     MsaParams p = params(2, 2, 0, 1, 1.0, 1.0);
@@ -434,7 +426,7 @@ TEST(msa_attention_matches_masked_reference) {
             Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 100 + ci), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 110 + ci);
             Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 120 + ci);
             Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 130 + ci), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 140 + ci);
-            Tensor *cu = make_cu(c->lens, c->ndocs);
+            Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
             Tensor *tk = dense ? NULL : run_indexer(qi, ki, cu, &p);
             double *ro = xmalloc(sizeof(double) * (size_t)q->numel), *rl = xmalloc(sizeof(double) * (size_t)(c->Hq * N));
             ref_attention(q, k, v, tk, cu, &p, ro, rl);
@@ -470,7 +462,7 @@ TEST(msa_attention_full_budget_equals_dense) {
             Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 200 + ci), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 210 + ci);
             Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 220 + ci);
             Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 230 + ci), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 240 + ci);
-            Tensor *cu = make_cu(c->lens, c->ndocs);
+            Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
             Tensor *tk = null_topk ? NULL : run_indexer(qi, ki, cu, &p);
             Tensor *dout = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.0, 250 + ci);
             Tensor *grads[2][3];
@@ -520,7 +512,7 @@ TEST(grad_msa_attention_sparse) {
         Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 300 + ci), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 310 + ci);
         Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 320 + ci);
         Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 330 + ci), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 340 + ci);
-        MsaAttnCtx ctx = {NULL, make_cu(c->lens, c->ndocs), case_params(c)};
+        MsaAttnCtx ctx = {NULL, test_cu_seqlens(c->lens, c->ndocs), case_params(c)};
         ctx.topk = run_indexer(qi, ki, ctx.cu, &ctx.p);
         Tensor *in[3] = {q, k, v};
         for (int i = 0; i < 3; i++) test_requires_grad(in[i]);
@@ -545,7 +537,7 @@ TEST(grad_msa_attention_partial_inputs) {
         Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 400), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 401);
         Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 402);
         Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 403), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 404);
-        MsaAttnCtx ctx = {NULL, make_cu(c->lens, c->ndocs), case_params(c)};
+        MsaAttnCtx ctx = {NULL, test_cu_seqlens(c->lens, c->ndocs), case_params(c)};
         ctx.topk = run_indexer(qi, ki, ctx.cu, &ctx.p);
         Tensor *in[3] = {q, k, v};
         test_requires_grad(in[which]);
@@ -593,7 +585,7 @@ TEST(grad_msa_kl_index_branch) {
             Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 500 + ci), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 510 + ci);
             Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 520 + ci);
             Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.5, 530 + ci), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 540 + ci);
-            MsaKlCtx ctx = {q, k, NULL, NULL, make_cu(c->lens, c->ndocs), case_params(c), 0.7f};
+            MsaKlCtx ctx = {q, k, NULL, NULL, test_cu_seqlens(c->lens, c->ndocs), case_params(c), 0.7f};
             if (!dense) ctx.topk = run_indexer(qi, ki, ctx.cu, &ctx.p);
             ctx.lse = teacher_lse(q, k, v, ctx.topk, ctx.cu, &ctx.p);
             test_requires_grad(qi);
@@ -625,7 +617,7 @@ TEST(msa_kl_gives_no_gradient_to_teacher) {
     Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 602);
     Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 603), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 604);
     Tensor *R = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.0, 605);
-    Tensor *cu = make_cu(c->lens, c->ndocs);
+    Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
     MsaParams p = case_params(c);
     Tensor *all[5] = {q, k, v, qi, ki};
     for (int i = 0; i < 5; i++) test_requires_grad(all[i]);
@@ -677,7 +669,7 @@ TEST(msa_kl_matches_reference) {
             Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 700 + ci), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 710 + ci);
             Tensor *v = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 720 + ci);
             Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.5, 730 + ci), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 740 + ci);
-            Tensor *cu = make_cu(c->lens, c->ndocs);
+            Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
             Tensor *tk = dense ? NULL : run_indexer(qi, ki, cu, &p);
             Tensor *lse = teacher_lse(q, k, v, tk, cu, &p);
             double *ref_il = xmalloc(sizeof(double) * (size_t)(c->Hkv * N));
@@ -712,7 +704,7 @@ TEST(msa_kl_matches_reference) {
 TEST(msa_kl_zero_when_student_equals_teacher) {
     Engine *eng = tc->fixture;
     const int lens[3] = {9, 4, 12}, N = 25, D = 6;
-    Tensor *cu = make_cu(lens, 3);
+    Tensor *cu = test_cu_seqlens(lens, 3);
     Tensor *q = test_randn(DT_F64, SHAPE(N, 1, D), 1.5, 800), *k = test_randn(DT_F64, SHAPE(N, 1, D), 1.0, 801);
     Tensor *v = test_randn(DT_F64, SHAPE(N, 1, D), 1.0, 802);
     Tensor *ki = test_tensor(DT_F64, SHAPE(N, D));
@@ -753,7 +745,7 @@ TEST(msa_recall_matches_reference) {
         MsaParams p = case_params(c);
         Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 2.0, 900 + ci), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 910 + ci);
         Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 930 + ci), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 940 + ci);
-        Tensor *cu = make_cu(c->lens, c->ndocs);
+        Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
         Tensor *tk = run_indexer(qi, ki, cu, &p);
         MsaParams pfull = p;
         pfull.topk_blocks = 64;
@@ -788,7 +780,7 @@ TEST(msa_hand_example) {
     const double P0[8] = {0.02, 0.03, 0.10, 0.05, 0.30, 0.20, 0.15, 0.15};
     const double P1[8] = {0.04, 0.02, 0.04, 0.02, 0.40, 0.28, 0.10, 0.10};
     const double Sidx[8] = {-1.2, -0.8, 1.4, -0.3, 2.1, 1.5, 0.9, 1.1};
-    Tensor *cu = make_cu((int[]){8}, 1);
+    Tensor *cu = test_cu_seqlens((int[]){8}, 1);
     Tensor *q = test_tensor(DT_F64, SHAPE(N, Hq, D)), *k = test_tensor(DT_F64, SHAPE(N, Hkv, D));
     Tensor *v = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1);
     Tensor *qi = test_tensor(DT_F64, SHAPE(N, Hkv, D)), *ki = test_tensor(DT_F64, SHAPE(N, D));
@@ -856,7 +848,7 @@ TEST(msa_hand_example) {
  * repeated runs and thread counts (1 thread vs the default team). Sizes large enough to thread. */
 TEST(msa_f32_matches_f64_and_deterministic) {
     const int lens[3] = {300, 77, 223}, N = 600, Hq = 4, Hkv = 2, D = 16, Di = 16;
-    Tensor *cu = make_cu(lens, 3);
+    Tensor *cu = test_cu_seqlens(lens, 3);
     MsaParams p = params(16, 4, 1, 1, 0.25, 0.25);
     Tensor *q64 = test_randn(DT_F64, SHAPE(N, Hq, D), 1.0, 1100), *k64 = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1101);
     Tensor *v64 = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1102), *do64 = test_randn(DT_F64, SHAPE(N, Hq, D), 1.0, 1103);

@@ -3,24 +3,7 @@
  * [s,e) sees keys s..t; query head h reads KV head h / (Hq/Hkv). All dot products, softmax sums and
  * gradient sums are accumulated in double; only the stored results are rounded to T. */
 
-/* <a, b> with a already in double. The simd reduction lets the compiler split the sum into vector
- * lanes; its order is fixed at compile time, so results stay deterministic. */
-static inline double S(attn_dot)(const double *a, const T *b, int64_t D) {
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; d++) s += a[d] * (double)b[d];
-    return s;
-}
-
-static inline void S(attn_load)(double *dst, const T *src, int64_t D) {
-    for (int64_t d = 0; d < D; d++) dst[d] = (double)src[d];
-}
-
-/* acc += alpha * x */
-static inline void S(attn_axpy)(double *acc, double alpha, const T *x, int64_t D) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; d++) acc[d] += alpha * (double)x[d];
-}
+#include "vec_impl.h"
 
 /* One task per (head, query): a two-pass softmax over the visible keys with the scores kept in a
  * per-thread row buffer (the longest document's length), so memory stays O(threads * T). */
@@ -34,10 +17,10 @@ static void S(attn_fwd)(T *out, T *lse, const T *q, const T *k, const T *v, cons
 #pragma omp for schedule(dynamic, 16)
         for (int64_t task = 0; task < Hq * N; task++) {
             const int64_t h = task / N, t = task % N, hk = h / group, s = a->doc_start[t];
-            S(attn_load)(qd, q + (t * Hq + h) * D, D);
+            S(vec_load)(qd, q + (t * Hq + h) * D, D);
             double mx = -INFINITY;
             for (int64_t j = s; j <= t; j++) {
-                const double sc = a->scale * S(attn_dot)(qd, k + (j * Hkv + hk) * D, D);
+                const double sc = a->scale * S(vec_dot)(qd, k + (j * Hkv + hk) * D, D);
                 p[j - s] = sc;
                 if (sc > mx) mx = sc;
             }
@@ -47,7 +30,7 @@ static void S(attn_fwd)(T *out, T *lse, const T *q, const T *k, const T *v, cons
                 sum += p[j - s];
             }
             memset(acc, 0, (size_t)D * sizeof(double));
-            for (int64_t j = s; j <= t; j++) S(attn_axpy)(acc, p[j - s], v + (j * Hkv + hk) * D, D);
+            for (int64_t j = s; j <= t; j++) S(vec_axpy)(acc, p[j - s], v + (j * Hkv + hk) * D, D);
             const double inv = 1.0 / sum;
             T *o = out + (t * Hq + h) * D;
             for (int64_t d = 0; d < D; d++) o[d] = (T)(acc[d] * inv);
@@ -78,18 +61,18 @@ static void S(attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, const T 
         for (int64_t task = 0; task < Hq * N; task++) {
             const int64_t h = task / N, t = task % N, hk = h / group, s = a->doc_start[t];
             const int64_t row = (t * Hq + h) * D;
-            S(attn_load)(y, dout + row, D); /* y = dout_t */
-            const double ds = S(attn_dot)(y, out + row, D);
+            S(vec_load)(y, dout + row, D); /* y = dout_t */
+            const double ds = S(vec_dot)(y, out + row, D);
             dsum[h * N + t] = ds;
             if (!dq) continue;
-            S(attn_load)(x, q + row, D); /* x = q_t */
+            S(vec_load)(x, q + row, D); /* x = q_t */
             const double l = (double)lse[h * N + t];
             memset(acc1, 0, (size_t)D * sizeof(double));
             for (int64_t j = s; j <= t; j++) {
                 const T *kj = k + (j * Hkv + hk) * D;
-                const double P = exp(scale * S(attn_dot)(x, kj, D) - l);
-                const double dP = S(attn_dot)(y, v + (j * Hkv + hk) * D, D);
-                S(attn_axpy)(acc1, P * (dP - ds), kj, D);
+                const double P = exp(scale * S(vec_dot)(x, kj, D) - l);
+                const double dP = S(vec_dot)(y, v + (j * Hkv + hk) * D, D);
+                S(vec_axpy)(acc1, P * (dP - ds), kj, D);
             }
             for (int64_t d = 0; d < D; d++) dq[row + d] += (T)(scale * acc1[d]);
         }
@@ -99,19 +82,19 @@ static void S(attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, const T 
             for (int64_t task = 0; task < Hkv * N; task++) {
                 const int64_t hk = task / N, j = task % N, e = a->doc_end[j];
                 const int64_t krow = (j * Hkv + hk) * D;
-                S(attn_load)(x, k + krow, D); /* x = k_j */
-                S(attn_load)(y, v + krow, D); /* y = v_j */
+                S(vec_load)(x, k + krow, D); /* x = k_j */
+                S(vec_load)(y, v + krow, D); /* y = v_j */
                 memset(acc1, 0, (size_t)D * sizeof(double)); /* dk_j / scale */
                 memset(acc2, 0, (size_t)D * sizeof(double)); /* dv_j */
                 for (int64_t t = j; t < e; t++) {
                     for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
                         const int64_t row = (t * Hq + h) * D;
-                        const double P = exp(scale * S(attn_dot)(x, q + row, D) - (double)lse[h * N + t]);
+                        const double P = exp(scale * S(vec_dot)(x, q + row, D) - (double)lse[h * N + t]);
                         if (dk) {
-                            const double dP = S(attn_dot)(y, dout + row, D);
-                            S(attn_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
+                            const double dP = S(vec_dot)(y, dout + row, D);
+                            S(vec_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
                         }
-                        if (dv) S(attn_axpy)(acc2, P, dout + row, D);
+                        if (dv) S(vec_axpy)(acc2, P, dout + row, D);
                     }
                 }
                 for (int64_t d = 0; d < D; d++) {

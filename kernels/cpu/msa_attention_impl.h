@@ -4,22 +4,7 @@
  * over the support of (g, t): the tokens <= t of the blocks selected for (g, t). Dot products,
  * softmax sums and gradient sums are accumulated in double; only stored results are rounded to T. */
 
-static inline double S(msa_dot)(const double *a, const T *b, int64_t n) {
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < n; d++) s += a[d] * (double)b[d];
-    return s;
-}
-
-static inline void S(msa_load)(double *dst, const T *src, int64_t n) {
-    for (int64_t d = 0; d < n; d++) dst[d] = (double)src[d];
-}
-
-/* acc += alpha * x */
-static inline void S(msa_axpy)(double *acc, double alpha, const T *x, int64_t n) {
-#pragma omp simd
-    for (int64_t d = 0; d < n; d++) acc[d] += alpha * (double)x[d];
-}
+#include "vec_impl.h"
 
 /* One task per (query, group): the support is gathered once and shared by the G heads of the
  * group; per head an exact two-pass softmax over it (scores kept in a per-thread buffer). */
@@ -36,10 +21,10 @@ static void S(msa_attn_fwd)(T *out, T *lse, const T *q, const T *k, const T *v, 
             const int64_t t = task / Hkv, g = task % Hkv;
             const int64_t n = msa_support(c, g, t, keys);
             for (int64_t h = g * G; h < (g + 1) * G; h++) {
-                S(msa_load)(qd, q + (t * Hq + h) * D, D);
+                S(vec_load)(qd, q + (t * Hq + h) * D, D);
                 double mx = -INFINITY;
                 for (int64_t i = 0; i < n; i++) {
-                    p[i] = scale * S(msa_dot)(qd, k + (keys[i] * Hkv + g) * D, D);
+                    p[i] = scale * S(vec_dot)(qd, k + (keys[i] * Hkv + g) * D, D);
                     if (p[i] > mx) mx = p[i];
                 }
                 double sum = 0;
@@ -48,7 +33,7 @@ static void S(msa_attn_fwd)(T *out, T *lse, const T *q, const T *k, const T *v, 
                     sum += p[i];
                 }
                 memset(acc, 0, (size_t)D * sizeof(double));
-                for (int64_t i = 0; i < n; i++) S(msa_axpy)(acc, p[i], v + (keys[i] * Hkv + g) * D, D);
+                for (int64_t i = 0; i < n; i++) S(vec_axpy)(acc, p[i], v + (keys[i] * Hkv + g) * D, D);
                 const double inv = 1.0 / sum;
                 T *o = out + (t * Hq + h) * D;
                 for (int64_t d = 0; d < D; d++) o[d] = (T)(acc[d] * inv);
@@ -83,18 +68,18 @@ static void S(msa_attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, cons
             const int64_t n = dq ? msa_support(c, g, t, keys) : 0;
             for (int64_t h = g * G; h < (g + 1) * G; h++) {
                 const int64_t row = (t * Hq + h) * D;
-                S(msa_load)(y, dout + row, D);
-                const double ds = S(msa_dot)(y, out + row, D);
+                S(vec_load)(y, dout + row, D);
+                const double ds = S(vec_dot)(y, out + row, D);
                 dsum[h * N + t] = ds;
                 if (!dq) continue;
-                S(msa_load)(x, q + row, D);
+                S(vec_load)(x, q + row, D);
                 const double l = (double)lse[h * N + t];
                 memset(acc1, 0, (size_t)D * sizeof(double));
                 for (int64_t i = 0; i < n; i++) {
                     const int64_t kv = (keys[i] * Hkv + g) * D;
-                    const double P = exp(scale * S(msa_dot)(x, k + kv, D) - l);
-                    const double dP = S(msa_dot)(y, v + kv, D);
-                    S(msa_axpy)(acc1, P * (dP - ds), k + kv, D);
+                    const double P = exp(scale * S(vec_dot)(x, k + kv, D) - l);
+                    const double dP = S(vec_dot)(y, v + kv, D);
+                    S(vec_axpy)(acc1, P * (dP - ds), k + kv, D);
                 }
                 for (int64_t d = 0; d < D; d++) dq[row + d] += (T)(scale * acc1[d]);
             }
@@ -107,8 +92,8 @@ static void S(msa_attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, cons
                 const int32_t *list;
                 int64_t nq, first;
                 msa_key_queries(c, g, j, &list, &nq, &first);
-                S(msa_load)(x, k + krow, D);
-                S(msa_load)(y, v + krow, D);
+                S(vec_load)(x, k + krow, D);
+                S(vec_load)(y, v + krow, D);
                 memset(acc1, 0, (size_t)D * sizeof(double)); /* dk_j / scale */
                 memset(acc2, 0, (size_t)D * sizeof(double)); /* dv_j */
                 for (int64_t i = 0; i < nq; i++) {
@@ -116,12 +101,12 @@ static void S(msa_attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, cons
                     if (t < j) continue; /* an earlier query of j's own block: j is in its future */
                     for (int64_t h = g * G; h < (g + 1) * G; h++) {
                         const int64_t row = (t * Hq + h) * D;
-                        const double P = exp(scale * S(msa_dot)(x, q + row, D) - (double)lse[h * N + t]);
+                        const double P = exp(scale * S(vec_dot)(x, q + row, D) - (double)lse[h * N + t]);
                         if (dk) {
-                            const double dP = S(msa_dot)(y, dout + row, D);
-                            S(msa_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
+                            const double dP = S(vec_dot)(y, dout + row, D);
+                            S(vec_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
                         }
-                        if (dv) S(msa_axpy)(acc2, P, dout + row, D);
+                        if (dv) S(vec_axpy)(acc2, P, dout + row, D);
                     }
                 }
                 for (int64_t d = 0; d < D; d++) {
@@ -160,10 +145,10 @@ static void S(msa_recall_body)(double *vals, const T *q, const T *k, const MsaCt
             }
             double mass = 0;
             for (int64_t h = g * G; h < (g + 1) * G; h++) {
-                S(msa_load)(qd, q + (t * Hq + h) * D, D);
+                S(vec_load)(qd, q + (t * Hq + h) * D, D);
                 double mx = -INFINITY;
                 for (int64_t i = 0; i < n; i++) {
-                    p[i] = scale * S(msa_dot)(qd, k + ((s + i) * Hkv + g) * D, D);
+                    p[i] = scale * S(vec_dot)(qd, k + ((s + i) * Hkv + g) * D, D);
                     if (p[i] > mx) mx = p[i];
                 }
                 double sum = 0, in = 0;

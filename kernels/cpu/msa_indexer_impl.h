@@ -2,14 +2,7 @@
  * qi [N,Hidx,Di], ki [N,Di] -> topk i32 [Hidx,N,K]. Scores are accumulated in double whatever T is,
  * so f32 and f64 inputs with the same values rank alike up to the rounding of the inputs. */
 
-/* <a, b> with a already in double; the simd reduction order is fixed at compile time, so the
- * scores, and therefore the selection, do not depend on the thread count. */
-static inline double S(msa_idx_dot)(const double *a, const T *b, int64_t n) {
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < n; d++) s += a[d] * (double)b[d];
-    return s;
-}
+#include "vec_impl.h"
 
 /* One task per query t. Pass over its visible keys once, scoring every index head against each key
  * (the key row is loaded once for all heads) and keeping the running maximum per (head, block):
@@ -36,7 +29,7 @@ static void S(msa_index)(int32_t *topk, const T *qi, const T *ki, const MsaCtx *
                     const int64_t b = (j - s) / B;
                     const T *kj = ki + j * Di;
                     for (int64_t g = 0; g < H; g++) {
-                        double sc = isc * S(msa_idx_dot)(qd + g * Di, kj, Di);
+                        double sc = isc * S(vec_dot)(qd + g * Di, kj, Di);
                         if (sc > bm[g * MB + b]) bm[g * MB + b] = sc; /* NaN never wins: ranks as -inf */
                     }
                 }

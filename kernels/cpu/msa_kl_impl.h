@@ -5,20 +5,7 @@
  *   KL(g,t)  = sum_j p_j (log p_j - log r_j)
  * All in double; only stored results are rounded to T. */
 
-static inline double S(kl_dot)(const double *a, const T *b, int64_t n) {
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < n; d++) s += a[d] * (double)b[d];
-    return s;
-}
-
-/* <a, b> of two T rows, accumulated in double */
-static inline double S(kl_dot_tt)(const T *a, const T *b, int64_t n) {
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < n; d++) s += (double)a[d] * (double)b[d];
-    return s;
-}
+#include "vec_impl.h"
 
 /* The teacher probability of key j for query t of group g, from the saved main-branch lse. */
 static inline double S(kl_teacher)(const T *q, const T *k, const T *lse, int64_t j, int64_t g, int64_t t,
@@ -26,7 +13,7 @@ static inline double S(kl_teacher)(const T *q, const T *k, const T *lse, int64_t
     const T *kj = k + (j * c->Hkv + g) * c->D, *qt = q + (t * c->Hq + g * c->G) * c->D;
     double p = 0;
     for (int64_t i = 0; i < c->G; i++)
-        p += exp(c->scale * S(kl_dot_tt)(qt + i * c->D, kj, c->D) - (double)lse[(g * c->G + i) * c->N + t]);
+        p += exp(c->scale * S(vec_dot_tt)(qt + i * c->D, kj, c->D) - (double)lse[(g * c->G + i) * c->N + t]);
     return p / (double)c->G;
 }
 
@@ -48,7 +35,7 @@ static void S(msa_kl_fwd)(double *kl_vals, T *idx_lse, const T *q, const T *k, c
             for (int64_t d = 0; d < Di; d++) qid[d] = (double)qi[(t * Hkv + g) * Di + d];
             double mz = -INFINITY;
             for (int64_t i = 0; i < n; i++) {
-                z[i] = isc * S(kl_dot)(qid, ki + keys[i] * Di, Di);
+                z[i] = isc * S(vec_dot)(qid, ki + keys[i] * Di, Di);
                 if (z[i] > mz) mz = z[i];
             }
             double sum = 0;
@@ -94,7 +81,7 @@ static void S(msa_kl_bwd)(T *dqi, T *dki, const T *q, const T *k, const T *lse, 
                 memset(acc, 0, (size_t)Di * sizeof(double));
                 for (int64_t i = 0; i < n; i++) {
                     const T *kj = ki + keys[i] * Di;
-                    const double r = exp(isc * S(kl_dot)(vd, kj, Di) - l);
+                    const double r = exp(isc * S(vec_dot)(vd, kj, Di) - l);
                     const double p = S(kl_teacher)(q, k, lse, keys[i], g, t, c);
 #pragma omp simd
                     for (int64_t d = 0; d < Di; d++) acc[d] += (r - p) * (double)kj[d];
@@ -115,7 +102,7 @@ static void S(msa_kl_bwd)(T *dqi, T *dki, const T *q, const T *k, const T *lse, 
                         const int64_t t = list ? list[i] : first + i;
                         if (t < j) continue; /* an earlier query of j's own block */
                         const T *qrow = qi + (t * Hkv + g) * Di;
-                        const double r = exp(isc * S(kl_dot)(vd, qrow, Di) - (double)idx_lse[g * N + t]);
+                        const double r = exp(isc * S(vec_dot)(vd, qrow, Di) - (double)idx_lse[g * N + t]);
                                     const double p = S(kl_teacher)(q, k, lse, j, g, t, c);
 #pragma omp simd
                         for (int64_t d = 0; d < Di; d++) acc[d] += (r - p) * (double)qrow[d];
