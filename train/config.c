@@ -68,6 +68,7 @@ static const KeyDef KEYS[] = {
     POS(model, rope_theta, 10000, 0, FMAX, "RoPE base frequency"),
     NUM(model, rotary_dim, 0, 0, 4096, "rotary dims per head; 0 = head_dim (full); else even and <= head_dim"),
     BOOL(model, qk_norm, 0, "per-head RMSNorm on q and k (Qwen3 / MiniMax-M3)"),
+    BOOL(model, qkv_bias, 0, "biases on the q, k and v projections (Qwen2; tools/hf_import.py sets it)"),
     BOOL(model, tie_embeddings, 1, "the LM head shares the token embedding"),
     POS(model, norm_eps, 1e-5, 0, 1, "RMSNorm epsilon"),
     NUM(model, init_std, 0.02, 0, 10, "std of the normal init of matrices (output projections / sqrt(2 n_layers))"),
@@ -120,10 +121,15 @@ static const KeyDef KEYS[] = {
     CHOICE(train, device, "cpu", "cpu|cuda", "backend"),
     NUM(train, sample_tokens, 0, 0, IMAX, "tokens of text sampled after training (char/byte data); 0 = none"),
     POS(train, sample_temperature, 1.0, 0, FMAX, "sampling temperature"),
-    STR(train, out_dir, "", "run directory (config.json, metrics.jsonl); \"\" = none"),
+    STR(train, out_dir, "", "run directory (config.json, metrics.jsonl, checkpoints ckpt_STEP.h5); \"\" = none"),
+    NUM(train, checkpoint_every, 0, 0, IMAX, "steps between checkpoints in out_dir; 0 = only at the end and on SIGINT/SIGTERM"),
+    NUM(train, keep_checkpoints, 3, 0, IMAX, "newest checkpoints kept in out_dir (older ones are deleted); 0 = all"),
+    STR(train, init_from, "", "checkpoint whose parameters initialise the model (MSA index parameters it lacks start fresh); \"\" = none"),
+    BOOL(train, resume, 0, "continue bit-for-bit from the newest checkpoint in out_dir (as --resume)"),
 
     STR(data, train_path, "", "HDF5 token file for training (build/prepare_text)"),
     STR(data, val_path, "", "HDF5 token file for validation"),
+    STR(data, train_mix, "", "several training files, each window from one picked by weight: \"a.h5:0.7,b.h5:0.3\"; \"\" = train_path alone"),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 

@@ -22,6 +22,7 @@ typedef struct ModelConfig {
     float rope_theta;
     int rotary_dim;        /* 0 = head_dim (full rotary); else partial, even, <= head_dim */
     bool qk_norm;          /* per-head RMSNorm on q and k (Qwen3 / MiniMax-M3) */
+    bool qkv_bias;         /* biases on the q, k and v projections (Qwen2) */
     bool tie_embeddings;   /* LM head shares the token embedding */
     float norm_eps;
     float init_std;        /* std of the normal init of matrices (output projections scaled by 1/sqrt(2L)) */
@@ -83,12 +84,17 @@ typedef struct TrainConfig {
     char device[8];        /* "cpu" or "cuda" */
     int sample_tokens;     /* tokens of text sampled at the end (char/byte data); 0 = none */
     float sample_temperature;
-    char out_dir[CFG_STR]; /* run directory for logs (and checkpoints later); "" = none */
+    char out_dir[CFG_STR]; /* run directory: config.json, metrics.jsonl, checkpoints; "" = none */
+    int checkpoint_every;  /* steps between checkpoints (0 = only at the end and on SIGINT/SIGTERM) */
+    int keep_checkpoints;  /* newest checkpoints kept in out_dir (0 = all) */
+    char init_from[CFG_STR]; /* checkpoint whose parameters initialise the model; "" = none */
+    bool resume;           /* continue from the newest checkpoint in out_dir */
 } TrainConfig;
 
 typedef struct DataConfig {
     char train_path[CFG_STR];  /* HDF5 token file (tools/prepare_text) */
     char val_path[CFG_STR];    /* HDF5 token file for validation */
+    char train_mix[1024];      /* "path1:w1,path2:w2": several training files sampled by weight; "" = train_path */
 } DataConfig;
 
 typedef struct RunConfig {

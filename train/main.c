@@ -1,7 +1,7 @@
 /* build/train: trains the model a JSON config describes (configs/README.md lists every key).
  *
- *   build/train CONFIG.json [--set section.key=value]...   train
- *   build/train --help | --help-config                      usage | every config key
+ *   build/train CONFIG.json [--set section.key=value]... [--resume]   train (or continue a run)
+ *   build/train --help | --help-config                                 usage | every config key
  */
 #include <stdio.h>
 #include <string.h>
@@ -11,11 +11,24 @@
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: build/train CONFIG.json [--set section.key=value]...\n"
+            "usage: build/train CONFIG.json [--set section.key=value]... [--resume]\n"
             "       build/train --help-config      (every config key, its default and meaning)\n"
             "Trains the decoder-only transformer the config describes, prints a progress line per\n"
             "log step and the validation loss every train.eval_every steps. Example:\n"
-            "  build/train configs/shakespeare_char.json --set train.steps=100\n");
+            "  build/train configs/shakespeare_char.json --set train.steps=100\n"
+            "\n"
+            "Checkpoints (with train.out_dir set): OUT_DIR/ckpt_<step>.h5, written atomically every\n"
+            "train.checkpoint_every steps (0 = only at the end) and at the end of the run; the newest\n"
+            "train.keep_checkpoints (default 3; 0 = all) are kept. A fresh run refuses an out_dir that\n"
+            "already holds checkpoints.\n"
+            "  --resume            continue from the newest checkpoint in train.out_dir, bit-for-bit as\n"
+            "                      if the run had not stopped (same as --set train.resume=true);\n"
+            "                      metrics.jsonl is appended to; raise train.steps to train further\n"
+            "  train.init_from     a checkpoint whose parameters start a new run; MSA index parameters\n"
+            "                      it lacks are freshly initialised (dense checkpoint -> MSA model)\n"
+            "SIGINT (Ctrl-C) or SIGTERM: the run finishes its current step, writes a checkpoint, says\n"
+            "where, and exits 0; a second signal kills it at once. Without train.out_dir a signal\n"
+            "kills the run as usual.\n");
 }
 
 int main(int argc, char **argv) {
@@ -32,8 +45,10 @@ int main(int argc, char **argv) {
     Run run;
     memset(&run, 0, sizeof run);
     config_defaults(&run.cfg);
+    bool resume = false;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--set")) {
+        if (!strcmp(argv[i], "--resume")) resume = true; /* applied after the config file is read */
+        else if (!strcmp(argv[i], "--set")) {
             if (i + 1 >= argc) fatal("--set needs section.key=value");
             if (!run.config_path) fatal("--set must come after the config file");
             config_set(&run.cfg, argv[++i]);
@@ -49,9 +64,10 @@ int main(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
+    if (resume) run.cfg.train.resume = true;
     run_init(&run);
     run_train(&run);
-    run_sample(&run);
+    if (!run.stopped) run_sample(&run);
     run_free(&run);
     return 0;
 }

@@ -1,12 +1,27 @@
 #include "trainer.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <jansson.h>
 
 #include "../autograd/ops.h"
 #include "../kernels/util.h"
+#include "checkpoint.h"
+
+/* The trainer's one global. A signal handler receives only the signal number, so it cannot reach the
+ * Run; it sets this flag (the signal number) and nothing else, which is all a handler may safely do,
+ * and run_train polls it after every step to write a checkpoint and stop. */
+static volatile sig_atomic_t stop_requested;
+
+static void request_stop(int sig) { stop_requested = sig; }
 
 static const KernelBackend *select_backend(const char *device) {
     if (strcmp(device, "cpu") == 0) return &cpu_backend;
@@ -22,13 +37,185 @@ static void fmt_duration(char *buf, size_t n, double s) {
     else snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
 }
 
+/* ---- checkpoints in the run directory: out_dir/ckpt_<step>.h5 ------------------------------------ */
+
+static void checkpoint_file(char *buf, size_t n, const char *dir, int step) {
+    snprintf(buf, n, "%s/ckpt_%08d.h5", dir, step);
+}
+
+/* The step of a file name "ckpt_<digits>.h5" (suffix "" ) or "ckpt_<digits>.h5.tmp" (suffix ".tmp"); -1
+ * for any other name. */
+static long checkpoint_step_of(const char *name, const char *suffix) {
+    if (strncmp(name, "ckpt_", 5) != 0) return -1;
+    size_t digits = strspn(name + 5, "0123456789");
+    if (digits == 0 || digits > 9 || strncmp(name + 5 + digits, ".h5", 3) != 0 || strcmp(name + 8 + digits, suffix) != 0)
+        return -1;
+    return strtol(name + 5, NULL, 10);
+}
+
+static int compare_int(const void *a, const void *b) {
+    return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
+}
+
+/* Steps of the complete checkpoints in dir, ascending (malloc'd; *n of them). Half-written files
+ * (ckpt_<step>.h5.tmp, left by a crash mid-write) are never counted: only a finished write is renamed
+ * to ckpt_<step>.h5. */
+static int *list_checkpoints(const char *dir, int *n) {
+    *n = 0;
+    int cap = 16, *steps = xmalloc((size_t)cap * sizeof(int));
+    DIR *d = opendir(dir);
+    if (!d) return steps;
+    for (struct dirent *e; (e = readdir(d));) {
+        long step = checkpoint_step_of(e->d_name, "");
+        if (step < 0 || step > INT_MAX) continue;
+        if (*n == cap) steps = xrealloc(steps, (size_t)(cap *= 2) * sizeof(int));
+        steps[(*n)++] = (int)step;
+    }
+    closedir(d);
+    qsort(steps, (size_t)*n, sizeof(int), compare_int);
+    return steps;
+}
+
+/* Keep the newest keep_checkpoints checkpoints (0 = all) and drop the debris of crashed writes. */
+static void prune_checkpoints(const Run *r) {
+    const char *dir = r->cfg.train.out_dir;
+    char path[CFG_STR + 300]; /* the directory and a d_name of up to 255 bytes */
+    int n, *steps = list_checkpoints(dir, &n), keep = r->cfg.train.keep_checkpoints;
+    for (int i = 0; keep > 0 && i < n - keep; i++) {
+        checkpoint_file(path, sizeof path, dir, steps[i]);
+        if (unlink(path) != 0 && errno != ENOENT)
+            fprintf(stderr, "warning: %s: cannot delete (%s)\n", path, strerror(errno));
+    }
+    free(steps);
+    DIR *d = opendir(dir);
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (checkpoint_step_of(e->d_name, ".tmp") >= 0) {
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+    if (d) closedir(d);
+}
+
+const char *run_checkpoint(Run *r) {
+    const char *dir = r->cfg.train.out_dir;
+    if (!dir[0]) fatal("cannot write a checkpoint: train.out_dir is not set (the directory checkpoints go to)");
+    checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, r->step);
+    TrainState st = {.step = r->step, .data_counter = r->sampler.counter, .seed = r->sampler.seed};
+    char *json = config_to_json(&r->cfg);
+    checkpoint_write(r->checkpoint, &r->model, &r->opt, &st, json);
+    free(json);
+    prune_checkpoints(r);
+    return r->checkpoint;
+}
+
+/* Keys whose change alters the parameters' shapes or set: a checkpoint cannot resume under them. */
+static const char *const SHAPE_KEYS[] = {
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
+    "model.ffn_dim", "model.qk_norm", "model.qkv_bias", "model.tie_embeddings", "model.attention",
+    "model.msa_layers", "model.ffn", "model.moe_layers", "msa.index_heads", "msa.index_dim", "moe.num_experts",
+    "moe.expert_dim", "moe.shared_experts", "moe.shared_expert_dim",
+};
+
+static json_t *config_value(json_t *root, const char *dotted) {
+    char section[32];
+    const char *dot = strchr(dotted, '.');
+    snprintf(section, sizeof section, "%.*s", (int)(dot - dotted), dotted);
+    return json_object_get(json_object_get(root, section), dot + 1);
+}
+
+/* Stop, naming the key, when the checkpoint was made under a config of another shape. */
+static void check_resume_config(const Run *r, const char *path) {
+    char *stored = checkpoint_read_config(path);
+    if (!stored) return; /* an imported checkpoint: the tensor shapes are still checked one by one */
+    char *current = config_to_json(&r->cfg);
+    json_error_t je;
+    json_t *old = json_loads(stored, 0, &je), *cur = json_loads(current, 0, &je);
+    if (!old) fatal("%s: the checkpoint's stored config is not valid JSON (%s)", path, je.text);
+    for (size_t i = 0; i < sizeof SHAPE_KEYS / sizeof SHAPE_KEYS[0]; i++) {
+        json_t *a = config_value(old, SHAPE_KEYS[i]), *b = config_value(cur, SHAPE_KEYS[i]);
+        if (!a || !b || json_equal(a, b)) continue;
+        char *sa = json_dumps(a, JSON_ENCODE_ANY), *sb = json_dumps(b, JSON_ENCODE_ANY);
+        fatal("%s: %s = %s in the checkpoint but %s in this run's config; a resumed run keeps the model's shape "
+              "(to start a new run from these parameters use train.init_from)",
+              path, SHAPE_KEYS[i], sa, sb);
+    }
+    json_decref(old);
+    json_decref(cur);
+    free(current);
+    free(stored);
+}
+
+/* Drop the records of steps after `step` from metrics.jsonl: a run that crashed after its last
+ * checkpoint logged steps that the resumed run does again. */
+static void trim_metrics(const char *dir, int step) {
+    char path[CFG_STR + 32], tmp[CFG_STR + 40];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *in = fopen(path, "r");
+    if (!in) return;
+    FILE *out = fopen(tmp, "w");
+    if (!out) fatal("%s: cannot write", tmp);
+    char line[4096];
+    bool dropped = false;
+    while (fgets(line, sizeof line, in)) {
+        const char *k = strstr(line, "\"step\": ");
+        if (k && strtol(k + 8, NULL, 10) > step) dropped = true;
+        else fputs(line, out);
+    }
+    fclose(in);
+    if (fclose(out) != 0) fatal("%s: cannot write", tmp);
+    if (dropped ? rename(tmp, path) != 0 : unlink(tmp) != 0) fatal("%s: cannot replace", path);
+}
+
+static void resume(Run *r) {
+    const char *dir = r->cfg.train.out_dir;
+    int n, *steps = list_checkpoints(dir, &n);
+    if (n == 0)
+        fatal("train.resume: no checkpoint (ckpt_<step>.h5) in train.out_dir \"%s\" to resume from", dir);
+    checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, steps[n - 1]);
+    free(steps);
+    const char *path = r->checkpoint;
+    check_resume_config(r, path);
+    checkpoint_read_params(path, &r->model, false);
+    TrainState st;
+    checkpoint_read_state(path, &r->model, &r->opt, &st);
+    r->step = r->start_step = (int)st.step;
+    r->sampler.counter = st.data_counter;
+    if (st.seed != r->sampler.seed && !r->quiet)
+        printf("note: train.seed = %llu, but the checkpoint's data stream was seeded with %llu; it continues that "
+               "stream\n", (unsigned long long)r->sampler.seed, (unsigned long long)st.seed);
+    r->sampler.seed = st.seed;
+    trim_metrics(dir, r->step);
+    if (!r->quiet) printf("resumed from %s at step %d\n", path, r->step);
+}
+
+static void init_from_checkpoint(Run *r) {
+    const char *path = r->cfg.train.init_from;
+    int loaded = checkpoint_read_params(path, &r->model, true);
+    if (!r->quiet)
+        printf("initialised %d of %d parameter tensors from %s%s\n", loaded, r->model.params.n, path,
+               loaded < r->model.params.n ? " (the others, MSA index parameters, freshly initialised)" : "");
+}
+
+/* A fresh run must not write its checkpoints among an earlier run's: keep_checkpoints would delete the
+ * wrong ones and a later --resume would pick the earlier run's newest. */
+static void refuse_earlier_checkpoints(const Run *r) {
+    const char *dir = r->cfg.train.out_dir;
+    int n, *steps = list_checkpoints(dir, &n);
+    if (n > 0) {
+        char path[CFG_STR + 32];
+        checkpoint_file(path, sizeof path, dir, steps[n - 1]);
+        fatal("train.out_dir \"%s\" already holds checkpoints of an earlier run (newest %s): continue it with "
+              "--resume (raise train.steps to train further), or delete them or choose another train.out_dir to "
+              "start over",
+              dir, path);
+    }
+    free(steps);
+}
+
 static void open_run_dir(Run *r) {
     const char *dir = r->cfg.train.out_dir;
     if (!dir[0]) return;
-    if (mkdir(dir, 0755) != 0) {
-        struct stat st;
-        if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) fatal("train.out_dir \"%s\": cannot create the directory", dir);
-    }
     char path[CFG_STR + 32];
     snprintf(path, sizeof path, "%s/config.json", dir);
     FILE *f = fopen(path, "w");
@@ -38,48 +225,75 @@ static void open_run_dir(Run *r) {
     fclose(f);
     free(json);
     snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
-    r->metrics = fopen(path, "w");
+    r->metrics = fopen(path, r->cfg.train.resume ? "a" : "w"); /* a resumed run continues the record */
     if (!r->metrics) fatal("%s: cannot write", path);
 }
 
 void run_init(Run *r) {
     RunConfig *c = &r->cfg;
     const char *src = r->config_path ? r->config_path : "config";
-    if (!c->data.train_path[0]) fatal("%s: data.train_path is not set", src);
+    if (!c->data.train_path[0] && !c->data.train_mix[0]) fatal("%s: data.train_path is not set", src);
+    if (c->data.train_path[0] && c->data.train_mix[0])
+        fatal("%s: data.train_path and data.train_mix are both set; use one (a mix lists every file)", src);
     if (!c->data.val_path[0]) fatal("%s: data.val_path is not set", src);
-    dataset_open(&r->train_ds, c->data.train_path);
+    /* with data.train_mix, train_ds is the mix's first file: the vocabulary checks and sampling use it */
+    if (c->data.train_mix[0]) datamix_open(&r->train_mix, c->data.train_mix, src);
+    dataset_open(&r->train_ds, c->data.train_mix[0] ? r->train_mix.ds[0].path : c->data.train_path);
     dataset_open(&r->val_ds, c->data.val_path);
     if (r->val_ds.vocab_size != r->train_ds.vocab_size)
-        fatal("%s has vocab_size %d but %s has %d", c->data.val_path, r->val_ds.vocab_size, c->data.train_path,
+        fatal("%s has vocab_size %d but %s has %d", c->data.val_path, r->val_ds.vocab_size, r->train_ds.path,
               r->train_ds.vocab_size);
     if (c->model.vocab_size == 0) c->model.vocab_size = r->train_ds.vocab_size;
     else if (c->model.vocab_size < r->train_ds.vocab_size)
-        fatal("%s: model.vocab_size = %d but %s has vocab_size %d", src, c->model.vocab_size, c->data.train_path,
+        fatal("%s: model.vocab_size = %d but %s has vocab_size %d", src, c->model.vocab_size, r->train_ds.path,
               r->train_ds.vocab_size);
     config_validate(c);
     int64_t need = (int64_t)c->train.seq_len + 1;
     if (r->train_ds.n_tokens < need || r->val_ds.n_tokens < need)
         fatal("%s: the data files must hold more than train.seq_len = %d tokens", src, c->train.seq_len);
 
+    if (c->train.checkpoint_every > 0 && !c->train.out_dir[0])
+        fatal("%s: train.checkpoint_every = %d needs train.out_dir (the directory checkpoints go to)", src,
+              c->train.checkpoint_every);
+    if (c->train.resume && !c->train.out_dir[0])
+        fatal("%s: train.resume needs train.out_dir (the directory whose newest checkpoint to resume)", src);
+    if (c->train.out_dir[0] && mkdir(c->train.out_dir, 0755) != 0) {
+        struct stat st;
+        if (stat(c->train.out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
+            fatal("train.out_dir \"%s\": cannot create the directory", c->train.out_dir);
+    }
+
     r->be = select_backend(c->train.device);
     model_build(&r->model, c, r->be, DT_F32, c->train.seed);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
     adamw_init(&r->opt, &r->model.params);
-    sampler_init(&r->sampler, &r->train_ds, c->train.seed);
+    if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
+    else sampler_init(&r->sampler, &r->train_ds, c->train.seed);
     batch_alloc(&r->batch, c->train.batch_size, c->train.seq_len);
-    open_run_dir(r);
-    r->step = 0;
-    r->t_start = r->t_last = wall_seconds();
-    r->tokens_since_log = 0;
     if (!r->quiet) {
         printf("msa-train | %s | %s backend | %lld parameters (%d layers, d_model %d, heads %d/%d, %d MSA layers)\n",
                src, r->be->name, (long long)params_count(&r->model.params, false), c->model.n_layers,
                c->model.d_model, c->model.n_heads, c->model.n_kv_heads, r->model.n_msa_layers);
         printf("data: %s (%lld tokens, vocab %d) | val %s (%lld tokens) | %lld tokens per step\n",
-               c->data.train_path, (long long)r->train_ds.n_tokens, r->train_ds.vocab_size, c->data.val_path,
+               c->data.train_mix[0] ? c->data.train_mix : c->data.train_path, (long long)r->train_ds.n_tokens,
+               r->train_ds.vocab_size, c->data.val_path,
                (long long)r->val_ds.n_tokens,
                (long long)c->train.batch_size * c->train.seq_len * c->train.grad_accum);
     }
+    r->step = r->start_step = 0;
+    r->checkpoint[0] = 0;
+    /* load (and so validate) any checkpoint before open_run_dir rewrites config.json and metrics.jsonl */
+    if (c->train.resume) {
+        if (c->train.init_from[0] && !r->quiet)
+            printf("note: resuming, so train.init_from (%s) is not used\n", c->train.init_from);
+        resume(r);
+    } else {
+        if (c->train.out_dir[0]) refuse_earlier_checkpoints(r);
+        if (c->train.init_from[0]) init_from_checkpoint(r);
+    }
+    open_run_dir(r);
+    r->t_start = r->t_last = wall_seconds();
+    r->tokens_since_log = 0;
 }
 
 void run_free(Run *r) {
@@ -90,13 +304,14 @@ void run_free(Run *r) {
     model_free(&r->model);
     dataset_close(&r->train_ds);
     dataset_close(&r->val_ds);
+    datamix_close(&r->train_mix);
 }
 
 static void log_step(Run *r, const StepResult *s) {
     const RunConfig *c = &r->cfg;
     double now = wall_seconds(), elapsed = now - r->t_start;
     double tps = r->tokens_since_log / (now - r->t_last);
-    double eta = elapsed / r->step * (c->train.steps - r->step);
+    double eta = elapsed / (r->step - r->start_step) * (c->train.steps - r->step);
     char el[32], et[32];
     fmt_duration(el, sizeof el, elapsed);
     fmt_duration(et, sizeof et, eta);
@@ -144,7 +359,7 @@ StepResult run_step(Run *r) {
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;
     if (!isfinite(s.loss)) fatal("step %d: loss is %f (diverged); lower optim.lr or check the data", r->step, s.loss);
-    if (r->step % c->train.log_every == 0 || r->step == 1 || r->step == c->train.steps) log_step(r, &s);
+    if (r->step % c->train.log_every == 0 || r->step == r->start_step + 1 || r->step == c->train.steps) log_step(r, &s);
     return s;
 }
 
@@ -187,24 +402,72 @@ static void log_eval(Run *r, double val_loss, const MsaMetrics *mm) {
     }
 }
 
+/* SIGINT/SIGTERM set stop_requested; SA_RESETHAND gives a second signal its default action (the
+ * process dies at once), SA_RESTART keeps a checkpoint write from failing with EINTR. */
+static void install_stop_handlers(struct sigaction *old_int, struct sigaction *old_term) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = request_stop;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    stop_requested = 0;
+    sigaction(SIGINT, &sa, old_int);
+    sigaction(SIGTERM, &sa, old_term);
+}
+
 double run_train(Run *r) {
     const RunConfig *c = &r->cfg;
     double val = NAN;
+    r->stopped = false;
+    if (r->step >= c->train.steps) {
+        if (!r->quiet)
+            printf("nothing to train: the run is at step %d and train.steps = %d (raise train.steps to go on)\n",
+                   r->step, c->train.steps);
+        return val;
+    }
+    /* without a run directory there is nowhere to save, so a signal keeps its default action */
+    bool saving = c->train.out_dir[0] != 0;
+    struct sigaction old_int, old_term;
+    if (saving) install_stop_handlers(&old_int, &old_term);
     while (r->step < c->train.steps) {
         run_step(r);
-        if (r->step == c->train.steps || (c->train.eval_every > 0 && r->step % c->train.eval_every == 0)) {
+        double pause_start = wall_seconds();
+        bool last = r->step == c->train.steps;
+        if (last || (c->train.eval_every > 0 && r->step % c->train.eval_every == 0)) {
             MsaMetrics mm;
             val = run_evaluate(r, &mm);
             log_eval(r, val, &mm);
-            r->t_last = wall_seconds(); /* keep eval time out of the training throughput */
+        }
+        int sig = stop_requested;
+        if (saving && (last || sig || (c->train.checkpoint_every > 0 && r->step % c->train.checkpoint_every == 0))) {
+            run_checkpoint(r);
+            if (!r->quiet && !sig) printf("checkpoint %s\n", r->checkpoint);
+        }
+        /* keep eval and checkpoint time out of the training throughput: shift the start of the
+         * current logging window by the length of the pause */
+        r->t_last += wall_seconds() - pause_start;
+        if (sig) {
+            r->stopped = true;
+            if (!r->quiet) {
+                printf("stopped by %s at step %d/%d; checkpoint %s; continue with --resume\n",
+                       sig == SIGINT ? "SIGINT" : "SIGTERM", r->step, c->train.steps, r->checkpoint);
+                fflush(stdout);
+            }
+            break;
         }
     }
+    if (saving) {
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+    }
+    if (r->stopped) return val;
     double total = wall_seconds() - r->t_start;
+    int steps = c->train.steps - r->start_step;
     char el[32];
     fmt_duration(el, sizeof el, total);
     if (!r->quiet)
-        printf("done: %d steps in %s (%.1f s), final val loss %.4f, %.0f tokens/s overall\n", c->train.steps, el,
-               total, val, (double)c->train.batch_size * c->train.seq_len * c->train.grad_accum * c->train.steps / total);
+        printf("done: %d steps in %s (%.1f s), final val loss %.4f, %.0f tokens/s overall\n", steps, el, total, val,
+               (double)c->train.batch_size * c->train.seq_len * c->train.grad_accum * steps / total);
     return val;
 }
 

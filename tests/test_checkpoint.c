@@ -1,0 +1,652 @@
+/* Checkpoints and resuming: a resumed run continues bit-for-bit (dense, MoE with its selection bias,
+ * gradient accumulation, MSA across the dense warm-up boundary); a crash mid-write leaves the previous
+ * checkpoint and nothing half-written taken for one; keep_checkpoints; bad files stop with a message
+ * naming the file and the tensor and change no file; init_from turns a dense checkpoint into an MSA
+ * model; SIGTERM stops a run with a checkpoint that resumes.
+ * Run from the repository root after `make data` (make test does both); it runs build/train too. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <hdf5.h>
+
+#include "../train/checkpoint.h"
+#include "../train/trainer.h"
+#include "test.h"
+
+#define TINY "configs/tiny.json"
+/* small batches: these tests are about state, not learning */
+#define TINY_SET "--set train.batch_size=4 --set train.eval_batches=2 --set train.log_every=1"
+
+typedef enum { DENSE, MOE, ACCUM, MSA } Variant;
+static const char *const VARIANT_NAME[] = {"dense", "moe", "grad_accum 2", "msa"};
+
+static void tiny_config(RunConfig *c, const char *out_dir, Variant v, int steps) {
+    config_defaults(c);
+    config_load(c, TINY);
+    c->train.batch_size = 4;
+    c->train.eval_batches = 2;
+    c->train.steps = steps;
+    snprintf(c->train.out_dir, sizeof c->train.out_dir, "%s", out_dir ? out_dir : "");
+    if (v == MOE) {
+        snprintf(c->model.ffn, sizeof c->model.ffn, "moe");
+        c->moe.num_experts = 4;
+        c->moe.experts_per_token = 2;
+        c->moe.expert_dim = 32;
+        c->moe.shared_experts = 1;
+        c->moe.bias_update_rate = 0.01f; /* so the selection bias moves and must be restored */
+    }
+    if (v == ACCUM) c->train.grad_accum = 2;
+    if (v == MSA) {
+        snprintf(c->model.attention, sizeof c->model.attention, "msa");
+        c->msa.block_size = 8;
+        c->msa.topk_blocks = 3;
+        c->msa.index_dim = 16;
+        c->msa.dense_warmup_steps = 13; /* the switch to sparse selection happens after the resume */
+    }
+}
+
+static void start(Run *r, const RunConfig *c) {
+    memset(r, 0, sizeof *r);
+    r->quiet = true;
+    r->cfg = *c;
+    r->config_path = TINY;
+    run_init(r);
+}
+
+/* ---- files and processes ---------------------------------------------------------------------- */
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+static void make_temp_dir(char *dir, size_t n) {
+    snprintf(dir, n, "/tmp/msa_ckpt_test_XXXXXX");
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        exit(1);
+    }
+}
+
+static void remove_tree(const char *dir) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+static bool file_exists(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+static char *read_all(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    *len = fread(buf, 1, (size_t)n, f);
+    buf[*len] = 0;
+    fclose(f);
+    return buf;
+}
+
+static void write_bytes(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    fwrite(data, 1, n, f);
+    fclose(f);
+}
+
+static void copy_file(const char *from, const char *to, double fraction) {
+    size_t n;
+    char *buf = read_all(from, &n);
+    write_bytes(to, buf, (size_t)(n * fraction));
+    free(buf);
+}
+
+static bool same_bytes(const char *a, const char *b) {
+    size_t na, nb;
+    char *x = read_all(a, &na), *y = read_all(b, &nb);
+    bool same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
+/* Names of the entries of dir that start with "ckpt_", sorted, joined by spaces. */
+static void list_ckpt_files(const char *dir, char *out, size_t n) {
+    struct dirent **names;
+    int k = scandir(dir, &names, NULL, alphasort);
+    out[0] = 0;
+    for (int i = 0; i < k; i++) {
+        if (!strncmp(names[i]->d_name, "ckpt_", 5))
+            snprintf(out + strlen(out), n - strlen(out), "%s%s", out[0] ? " " : "", names[i]->d_name);
+        free(names[i]);
+    }
+    if (k >= 0) free(names);
+}
+
+/* Start build/train with `args` (words separated by single spaces), stdout and stderr into out_path;
+ * env_kv ("NAME=value") is added to its environment when not NULL. Returns the pid. */
+static pid_t spawn_train(const char *args, const char *env_kv, const char *out_path) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        char buf[2048], *argv[64];
+        int argc = 0;
+        snprintf(buf, sizeof buf, "%s", args);
+        argv[argc++] = "build/train";
+        for (char *w = strtok(buf, " "); w && argc < 63; w = strtok(NULL, " ")) argv[argc++] = w;
+        argv[argc] = NULL;
+        if (env_kv) putenv((char *)env_kv);
+        int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        execv("build/train", argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static int wait_for(pid_t pid) {
+    int st;
+    waitpid(pid, &st, 0);
+    return st;
+}
+
+/* Run build/train to the end; its exit status (-signal when killed); its output in out. */
+static int train_cli(const char *args, const char *env_kv, char *out, size_t n) {
+    char log[64];
+    snprintf(log, sizeof log, "/tmp/msa_ckpt_test_out_%d.txt", (int)getpid());
+    int st = wait_for(spawn_train(args, env_kv, log));
+    size_t len;
+    char *text = read_all(log, &len);
+    snprintf(out, n, "%s", text ? text : "");
+    free(text);
+    unlink(log);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : WIFSIGNALED(st) ? -WTERMSIG(st) : -1000;
+}
+
+/* Run fn(arg) in a forked child (a fatal error exits it, not the test); its exit status and stderr. */
+typedef void (*ChildFn)(void *arg);
+static int in_child(ChildFn fn, void *arg, char *err, size_t n) {
+    int fds[2];
+    if (pipe(fds) != 0) return -1;
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], 2);
+        int null = open("/dev/null", O_WRONLY);
+        dup2(null, 1);
+        fn(arg);
+        exit(0);
+    }
+    close(fds[1]);
+    size_t k = 0;
+    ssize_t got;
+    char sink[256];
+    for (;;) { /* keep what fits, drain the rest so the child never blocks on a full pipe */
+        bool room = k + 1 < n;
+        got = read(fds[0], room ? err + k : sink, room ? n - 1 - k : sizeof sink);
+        if (got <= 0) break;
+        if (room) k += (size_t)got;
+    }
+    err[k] = 0;
+    close(fds[0]);
+    int st = wait_for(pid);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* ---- snapshots of a run's state --------------------------------------------------------------- */
+
+typedef struct Snapshot {
+    size_t bytes;
+    char *params, *m, *v;
+    float *bias; /* all MoE layers' biases laid end to end */
+    int n_bias, adam_t;
+} Snapshot;
+
+static Snapshot snapshot(const Run *r) {
+    const ParamStore *ps = &r->model.params;
+    Snapshot s = {.bytes = (size_t)ps->numel * dtype_size(ps->dtype), .adam_t = r->opt.t};
+    s.params = malloc(s.bytes);
+    s.m = malloc(s.bytes);
+    s.v = malloc(s.bytes);
+    ps->be->copy_to_host(s.params, ps->data, s.bytes);
+    ps->be->copy_to_host(s.m, r->opt.m, s.bytes);
+    ps->be->copy_to_host(s.v, r->opt.v, s.bytes);
+    s.bias = malloc(sizeof(float) * 1024);
+    for (int l = 0; l < r->model.cfg.n_layers; l++)
+        if (r->model.layers[l].moe)
+            for (int e = 0; e < r->model.layers[l].moe_p.num_experts; e++)
+                s.bias[s.n_bias++] = r->model.layers[l].moe_p.bias[e];
+    return s;
+}
+
+static void snapshot_free(Snapshot *s) {
+    free(s->params);
+    free(s->m);
+    free(s->v);
+    free(s->bias);
+}
+
+/* ---- tests ------------------------------------------------------------------------------------ */
+
+/* 20 steps straight vs 10 steps, checkpoint, a fresh process-like Run resuming, 10 more. */
+static void resume_is_bit_for_bit(TestCtx *tc, Variant v) {
+    char dir[64];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    double straight[20], resumed[20];
+    Run r;
+
+    tiny_config(&c, NULL, v, 20);
+    start(&r, &c);
+    for (int s = 0; s < 20; s++) straight[s] = run_step(&r).loss;
+    Snapshot want = snapshot(&r);
+    run_free(&r);
+
+    tiny_config(&c, dir, v, 20);
+    start(&r, &c);
+    for (int s = 0; s < 10; s++) resumed[s] = run_step(&r).loss;
+    run_checkpoint(&r);
+    run_free(&r);
+
+    c.train.resume = true;
+    start(&r, &c);
+    int at = r.step;
+    for (int s = 10; s < 20; s++) resumed[s] = run_step(&r).loss;
+    Snapshot got = snapshot(&r);
+    run_free(&r);
+    remove_tree(dir);
+
+    bool bias_moved = false;
+    for (int i = 0; i < want.n_bias; i++) bias_moved = bias_moved || want.bias[i] != 0.0f;
+    bool losses_same = memcmp(straight, resumed, sizeof straight) == 0,
+         params_same = !memcmp(want.params, got.params, want.bytes),
+         moments_same = !memcmp(want.m, got.m, want.bytes) && !memcmp(want.v, got.v, want.bytes),
+         bias_same = want.n_bias == got.n_bias && !memcmp(want.bias, got.bias, sizeof(float) * (size_t)want.n_bias),
+         adam_same = want.adam_t == got.adam_t;
+    int first_diff = -1;
+    for (int s = 0; s < 20 && first_diff < 0; s++)
+        if (straight[s] != resumed[s]) first_diff = s;
+    snapshot_free(&want);
+    snapshot_free(&got);
+    printf("    %s: resumed at step %d, losses 11..20 %s\n", VARIANT_NAME[v], at, losses_same ? "identical" : "differ");
+    EXPECT(at == 10, "%s: the resumed run starts at step %d, not 10", VARIANT_NAME[v], at);
+    EXPECT(losses_same, "%s: losses differ from step %d on (%.9g vs %.9g)", VARIANT_NAME[v], first_diff + 1,
+           straight[first_diff], resumed[first_diff]);
+    EXPECT(params_same, "%s: final parameters differ", VARIANT_NAME[v]);
+    EXPECT(moments_same && adam_same, "%s: optimizer state differs", VARIANT_NAME[v]);
+    EXPECT(bias_same, "%s: MoE selection biases differ", VARIANT_NAME[v]);
+    EXPECT(v != MOE || bias_moved, "moe: the selection bias never moved, so the test proves nothing about it");
+}
+
+TEST(resume_dense_bit_for_bit) { resume_is_bit_for_bit(tc, DENSE); }
+TEST(resume_moe_bit_for_bit) { resume_is_bit_for_bit(tc, MOE); }
+TEST(resume_grad_accum_bit_for_bit) { resume_is_bit_for_bit(tc, ACCUM); }
+TEST(resume_msa_bit_for_bit) { resume_is_bit_for_bit(tc, MSA); }
+
+/* Loads a checkpoint into a model built from c; returns the parameter values (malloc'd). */
+static char *load_params(const RunConfig *c, const char *path, size_t *bytes) {
+    RunConfig cc = *c;
+    cc.model.vocab_size = 65;
+    Model m;
+    model_build(&m, &cc, &cpu_backend, DT_F32, cc.train.seed);
+    checkpoint_read_params(path, &m, false);
+    *bytes = (size_t)m.params.numel * sizeof(float);
+    char *out = malloc(*bytes);
+    memcpy(out, m.params.data, *bytes);
+    model_free(&m);
+    return out;
+}
+
+TEST(crash_during_write_keeps_previous_checkpoint) {
+    char ref[64], dir[64], args[1024], out[8192], path[256], tmp[256];
+    make_temp_dir(ref, sizeof ref);
+    make_temp_dir(dir, sizeof dir);
+    snprintf(args, sizeof args,
+             TINY " " TINY_SET " --set train.steps=20 --set train.checkpoint_every=10 --set train.out_dir=%s", ref);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0, "reference run: status %d: %s", rc, out);
+
+    /* the test hook kills the process (SIGKILL) in the middle of writing ckpt_20 */
+    snprintf(args, sizeof args,
+             TINY " " TINY_SET " --set train.steps=20 --set train.checkpoint_every=10 --set train.out_dir=%s", dir);
+    rc = train_cli(args, "MSA_CKPT_TEST_KILL_AFTER_PARAMS=20", out, sizeof out);
+    EXPECT(rc == -SIGKILL, "the run with the crash hook ended with status %d, not killed: %s", rc, out);
+    snprintf(path, sizeof path, "%s/ckpt_00000020.h5", dir);
+    snprintf(tmp, sizeof tmp, "%s/ckpt_00000020.h5.tmp", dir);
+    EXPECT(!file_exists(path), "a checkpoint appeared although its write was killed");
+    EXPECT(file_exists(tmp), "no half-written %s: the hook did not fire where expected", tmp);
+    snprintf(path, sizeof path, "%s/ckpt_00000010.h5", dir);
+    EXPECT(file_exists(path), "the previous checkpoint is gone");
+
+    /* --resume ignores the .tmp and continues from ckpt_10, ending where the uninterrupted run ended */
+    snprintf(args + strlen(args), sizeof args - strlen(args), " --resume");
+    rc = train_cli(args, NULL, out, sizeof out);
+    snprintf(path, sizeof path, "resumed from %s/ckpt_00000010.h5 at step 10", dir);
+    EXPECT(rc == 0 && strstr(out, path), "resume after the crash: status %d: %s", rc, out);
+    EXPECT(!file_exists(tmp), "the half-written file was not cleaned up");
+    RunConfig c;
+    tiny_config(&c, NULL, DENSE, 20);
+    size_t na, nb;
+    snprintf(path, sizeof path, "%s/ckpt_00000020.h5", ref);
+    char *a = load_params(&c, path, &na);
+    snprintf(path, sizeof path, "%s/ckpt_00000020.h5", dir);
+    char *b = load_params(&c, path, &nb);
+    bool same = na == nb && !memcmp(a, b, na);
+    free(a);
+    free(b);
+    remove_tree(ref);
+    remove_tree(dir);
+    EXPECT(same, "crash + resume ended with other parameters than the uninterrupted run");
+}
+
+TEST(keep_checkpoints_keeps_the_newest) {
+    char dir[64], list[1024];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    tiny_config(&c, dir, DENSE, 10);
+    c.train.checkpoint_every = 2;
+    c.train.keep_checkpoints = 3;
+    Run r;
+    start(&r, &c);
+    run_train(&r);
+    run_free(&r);
+    list_ckpt_files(dir, list, sizeof list);
+    remove_tree(dir);
+    EXPECT(!strcmp(list, "ckpt_00000006.h5 ckpt_00000008.h5 ckpt_00000010.h5"), "out_dir holds: %s", list);
+
+    make_temp_dir(dir, sizeof dir);
+    tiny_config(&c, dir, DENSE, 6);
+    c.train.checkpoint_every = 2;
+    c.train.keep_checkpoints = 0; /* all */
+    start(&r, &c);
+    run_train(&r);
+    run_free(&r);
+    list_ckpt_files(dir, list, sizeof list);
+    remove_tree(dir);
+    EXPECT(!strcmp(list, "ckpt_00000002.h5 ckpt_00000004.h5 ckpt_00000006.h5"), "keep_checkpoints 0: %s", list);
+}
+
+/* ---- bad files -------------------------------------------------------------------------------- */
+
+/* HDF5 surgery on a copy of a good checkpoint. */
+static void replace_dataset(const char *path, const char *name, int ndim, const hsize_t *dims) {
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    if (H5Lexists(f, name, H5P_DEFAULT) > 0) H5Ldelete(f, name, H5P_DEFAULT);
+    if (ndim > 0) {
+        hid_t space = H5Screate_simple(ndim, dims, NULL);
+        hid_t d = H5Dcreate2(f, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        H5Dclose(d);
+        H5Sclose(space);
+    }
+    H5Fclose(f);
+}
+
+typedef struct ReadJob {
+    const char *path;
+    Model *model;
+    AdamW *opt;
+    bool state; /* checkpoint_read_state instead of _params */
+    bool allow_missing_index;
+} ReadJob;
+
+static void read_job(void *arg) {
+    ReadJob *j = arg;
+    if (j->state) {
+        TrainState st;
+        checkpoint_read_state(j->path, j->model, j->opt, &st);
+    } else checkpoint_read_params(j->path, j->model, j->allow_missing_index);
+}
+
+/* Expect the read of path to exit 1 with a message naming the file and every word of `words`. */
+static bool read_fails(TestCtx *tc, Model *m, AdamW *opt, bool state, const char *path, const char *w1, const char *w2) {
+    char err[2048];
+    ReadJob job = {.path = path, .model = m, .opt = opt, .state = state};
+    int rc = in_child(read_job, &job, err, sizeof err);
+    if (rc != 1 || !strstr(err, path) || !strstr(err, "error: ") || (w1 && !strstr(err, w1)) ||
+        (w2 && !strstr(err, w2))) {
+        printf("    FAIL reading %s: status %d, message: %s\n", path, rc, err);
+        tc->current_failed = 1;
+        return false;
+    }
+    printf("    %s\n", strchr(err, '\n') ? (*strchr(err, '\n') = 0, err) : err);
+    return true;
+}
+
+TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
+    char dir[64], good[256];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    tiny_config(&c, dir, DENSE, 2);
+    Run r;
+    start(&r, &c);
+    run_step(&r);
+    run_step(&r);
+    snprintf(good, sizeof good, "%s", run_checkpoint(&r));
+    Model *m = &r.model;
+    AdamW *opt = &r.opt;
+
+    size_t gn;
+    char *good_bytes = read_all(good, &gn);
+    const char *names[] = {"truncated", "garbage", "shape", "missing", "extra", "no_moment", "not_ours"};
+    char paths[7][256];
+    for (int i = 0; i < 7; i++) snprintf(paths[i], sizeof paths[i], "%s/%s.h5", dir, names[i]);
+    copy_file(good, paths[0], 0.6);
+    write_bytes(paths[1], "this is not a checkpoint\n", 25);
+    copy_file(good, paths[2], 1.0);
+    replace_dataset(paths[2], "params/layers.0.attn.wq", 2, (hsize_t[]){32, 64});
+    copy_file(good, paths[3], 1.0);
+    replace_dataset(paths[3], "params/layers.1.ffn.w_up", 0, NULL);
+    copy_file(good, paths[4], 1.0);
+    replace_dataset(paths[4], "params/layers.7.attn.wq", 1, (hsize_t[]){4});
+    copy_file(good, paths[5], 1.0);
+    replace_dataset(paths[5], "optimizer/v/final_norm", 0, NULL);
+    copy_file(c.data.val_path, paths[6], 1.0);
+    size_t sizes[7];
+    char *before[7];
+    for (int i = 0; i < 7; i++) before[i] = read_all(paths[i], &sizes[i]);
+
+    read_fails(tc, m, opt, false, paths[0], "truncated", NULL);
+    read_fails(tc, m, opt, false, paths[1], "not an HDF5 file", NULL);
+    if (read_fails(tc, m, opt, false, paths[2], "params/layers.0.attn.wq", "[32, 64]"))
+        read_fails(tc, m, opt, false, paths[2], "[64, 64]", "shape mismatch");
+    read_fails(tc, m, opt, false, paths[3], "missing tensor params/layers.1.ffn.w_up", "[160, 64]");
+    read_fails(tc, m, opt, false, paths[4], "unexpected tensor params/layers.7.attn.wq", NULL);
+    read_fails(tc, m, opt, true, paths[5], "missing tensor optimizer/v/final_norm", NULL);
+    read_fails(tc, m, opt, false, paths[6], "not an msa-train checkpoint", NULL);
+    run_free(&r);
+
+    bool untouched = true;
+    for (int i = 0; i < 7; i++) {
+        size_t n;
+        char *now = read_all(paths[i], &n);
+        if (!now || n != sizes[i] || memcmp(now, before[i], n)) {
+            printf("    %s changed\n", paths[i]);
+            untouched = false;
+        }
+        free(now);
+        free(before[i]);
+    }
+    size_t n;
+    char *now = read_all(good, &n);
+    untouched = untouched && n == gn && !memcmp(now, good_bytes, n);
+    free(now);
+    free(good_bytes);
+    EXPECT(untouched, "a failed read changed a file");
+    remove_tree(dir);
+}
+
+/* The program: a corrupt newest checkpoint stops --resume with its name and changes no file in out_dir;
+ * a fresh run refuses an out_dir with checkpoints; a shape key change stops the resume naming the key. */
+TEST(train_program_refuses_bad_checkpoints_without_touching_files) {
+    char dir[64], args[1024], out[8192], p10[256], p20[256], metrics[256], cfg[256];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=10 --set train.out_dir=%s", dir);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0, "first run: status %d: %s", rc, out);
+    snprintf(p10, sizeof p10, "%s/ckpt_00000010.h5", dir);
+    snprintf(p20, sizeof p20, "%s/ckpt_00000020.h5", dir);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", dir);
+    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+    copy_file(p10, p20, 0.5); /* a newest checkpoint damaged on disk */
+    char keep[4][256];
+    const char *files[4] = {p10, p20, metrics, cfg};
+    for (int i = 0; i < 4; i++) {
+        snprintf(keep[i], sizeof keep[i], "%s.orig", files[i]);
+        copy_file(files[i], keep[i], 1.0);
+    }
+
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=30 --set train.out_dir=%s --resume", dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, p20) && strstr(out, "truncated"), "resume from a damaged checkpoint: status %d: %s",
+           rc, out);
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.out_dir=%s", dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "train.out_dir") && strstr(out, "--resume"),
+           "fresh run into a run directory: status %d: %s", rc, out);
+    unlink(p20);
+    snprintf(args, sizeof args,
+             TINY " " TINY_SET " --set train.steps=30 --set model.ffn_dim=96 --set train.out_dir=%s --resume", dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "model.ffn_dim") && strstr(out, p10), "resume with another shape: status %d: %s", rc,
+           out);
+    copy_file(keep[1], p20, 1.0);
+    for (int i = 0; i < 4; i++) EXPECT(same_bytes(files[i], keep[i]), "%s changed", files[i]);
+
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.init_from=%s", p20);
+    rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, p20), "init_from a damaged checkpoint: status %d: %s", rc, out);
+    rc = train_cli(TINY " --set train.checkpoint_every=5", NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "train.out_dir"), "checkpoint_every without out_dir: status %d: %s", rc, out);
+    rc = train_cli(TINY " --resume", NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "train.out_dir"), "--resume without out_dir: status %d: %s", rc, out);
+    remove_tree(dir);
+}
+
+/* ---- init_from: dense checkpoint -> MSA model ------------------------------------------------- */
+
+TEST(init_from_dense_checkpoint_into_msa_model) {
+    char dir[64], path[256];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig dense;
+    tiny_config(&dense, dir, DENSE, 3);
+    Run r;
+    start(&r, &dense);
+    for (int s = 0; s < 3; s++) run_step(&r);
+    snprintf(path, sizeof path, "%s", run_checkpoint(&r));
+    Model *dm = &r.model;
+
+    RunConfig msa;
+    tiny_config(&msa, NULL, MSA, 3);
+    snprintf(msa.train.init_from, sizeof msa.train.init_from, "%s", path);
+    Run s;
+    start(&s, &msa);
+    RunConfig fresh_cfg = msa;
+    fresh_cfg.train.init_from[0] = 0;
+    Run fresh;
+    start(&fresh, &fresh_cfg);
+
+    int backbone = 0, index = 0, wrong = 0;
+    for (int i = 0; i < s.model.params.n; i++) {
+        const Tensor *t = s.model.params.p[i].t;
+        bool is_index = strstr(t->name, ".index.") != NULL;
+        Param *ref = is_index ? params_find(&fresh.model.params, t->name) : params_find(&dm->params, t->name);
+        if (!ref || ref->t->numel != t->numel || memcmp(ref->t->data, t->data, (size_t)t->numel * sizeof(float))) {
+            printf("    %s differs from the %s\n", t->name, is_index ? "fresh initialisation" : "checkpoint");
+            wrong++;
+        }
+        is_index ? index++ : backbone++;
+    }
+    printf("    %d backbone tensors from the checkpoint, %d index tensors fresh\n", backbone, index);
+    EXPECT(wrong == 0 && index == 8 && backbone == dm->params.n, "%d tensors wrong (%d index, %d backbone)", wrong,
+           index, backbone);
+
+    /* without allow_missing_index the index parameters are missing tensors */
+    char err[2048];
+    ReadJob job = {.path = path, .model = &fresh.model, .allow_missing_index = false};
+    int rc = in_child(read_job, &job, err, sizeof err);
+    run_free(&fresh);
+    run_free(&s);
+    run_free(&r);
+    remove_tree(dir);
+    EXPECT(rc == 1 && strstr(err, path) && strstr(err, "missing tensor params/layers.0.index.wq"), "status %d: %s", rc,
+           err);
+}
+
+/* ---- signals ---------------------------------------------------------------------------------- */
+
+static int count_lines(const char *path) {
+    size_t n;
+    char *text = read_all(path, &n);
+    int lines = 0;
+    for (size_t i = 0; text && i < n; i++) lines += text[i] == '\n';
+    free(text);
+    return lines;
+}
+
+TEST(sigterm_stops_with_a_checkpoint_that_resumes) {
+    char dir[64], args[1024], out[8192], metrics[256], log[256], list[1024];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", dir);
+    snprintf(log, sizeof log, "%s/train.log", dir);
+    snprintf(args, sizeof args,
+             TINY " " TINY_SET " --set train.steps=1000000 --set train.eval_every=0 --set train.out_dir=%s", dir);
+    pid_t pid = spawn_train(args, NULL, log);
+    /* wait until it is training (three steps logged), then ask it to stop */
+    struct timespec nap = {0, 20 * 1000 * 1000};
+    for (int i = 0; i < 3000 && count_lines(metrics) < 3; i++) nanosleep(&nap, NULL);
+    kill(pid, SIGTERM);
+    int st = wait_for(pid);
+    size_t n;
+    char *text = read_all(log, &n);
+    snprintf(out, sizeof out, "%s", text ? text : "");
+    free(text);
+    EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0, "after SIGTERM: %s %d: %s", WIFEXITED(st) ? "status" : "signal",
+           WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st), out);
+    EXPECT(strstr(out, "stopped by SIGTERM"), "no stop message: %s", out);
+    list_ckpt_files(dir, list, sizeof list);
+    int step = 0;
+    EXPECT(sscanf(list, "ckpt_%d.h5", &step) == 1 && step >= 3 && !strchr(list, ' '), "checkpoints after SIGTERM: %s",
+           list);
+
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=%d --set train.out_dir=%s --resume", step + 2, dir);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    char want[64];
+    snprintf(want, sizeof want, "at step %d", step);
+    EXPECT(rc == 0 && strstr(out, want), "resume after SIGTERM: status %d: %s", rc, out);
+    text = read_all(metrics, &n);
+    snprintf(want, sizeof want, "{\"step\": %d, \"loss\"", step + 2);
+    bool logged = text && strstr(text, want);
+    snprintf(want, sizeof want, "{\"step\": 1, \"loss\"");
+    bool kept = text && strstr(text, want);
+    free(text);
+    remove_tree(dir);
+    EXPECT(logged && kept, "metrics.jsonl should hold step 1 (before the stop) and step %d (after)", step + 2);
+}
+
+int main(void) {
+    TEST_BEGIN();
+    RUN(resume_dense_bit_for_bit);
+    RUN(resume_moe_bit_for_bit);
+    RUN(resume_grad_accum_bit_for_bit);
+    RUN(resume_msa_bit_for_bit);
+    RUN(crash_during_write_keeps_previous_checkpoint);
+    RUN(keep_checkpoints_keeps_the_newest);
+    RUN(bad_checkpoints_stop_with_a_message_and_change_nothing);
+    RUN(train_program_refuses_bad_checkpoints_without_touching_files);
+    RUN(init_from_dense_checkpoint_into_msa_model);
+    RUN(sigterm_stops_with_a_checkpoint_that_resumes);
+    TEST_END();
+}
