@@ -83,4 +83,7 @@ Tensor *op_moe_aux_loss(Engine *e, Tensor *scores, const MoePlan *plan, bool nor
 /* scalar router z-loss: mean over tokens of logsumexp(logits)^2 */
 Tensor *op_moe_z_loss(Engine *e, Tensor *logits);
 
+/* y = x + b, b [last dim of x] added to every row (the q/k/v biases of Qwen2-family models) */
+Tensor *op_bias_add(Engine *e, Tensor *x, Tensor *b);
+
 #endif

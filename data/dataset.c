@@ -4,6 +4,7 @@
 #include "dataset.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,8 @@ static char *read_string_attr(hid_t attr, size_t *len) {
     if (npoints != 1) goto done; /* a scalar or one-element string, nothing else */
     htri_t vlen = H5Tis_variable_str(ftype);
     hid_t mtype = H5Tcopy(H5T_C_S1);
+    /* HDF5 converts no string between ASCII and UTF-8, and h5py writes str attributes as UTF-8 */
+    H5Tset_cset(mtype, H5Tget_cset(ftype));
     if (vlen > 0) {
         char *s = NULL;
         H5Tset_size(mtype, H5T_VARIABLE);
@@ -296,22 +299,51 @@ static uint64_t mix64(uint64_t z) {
 
 void sampler_init(Sampler *s, const TokenDataset *ds, uint64_t seed) {
     s->ds = ds;
+    s->mix = NULL;
     s->seed = seed;
     s->counter = 0;
 }
 
+void sampler_init_mix(Sampler *s, const DataMix *mix, uint64_t seed) {
+    if (mix->n < 1) fatal("sampler_init_mix: an empty mix");
+    s->ds = NULL;
+    s->mix = mix;
+    s->seed = seed;
+    s->counter = 0;
+}
+
+/* window `counter` depends on (seed, counter) alone: a resumed run that restores the counter draws
+ * the same windows, and no RNG state needs saving */
+static void window_rng(Rng *r, uint64_t seed, uint64_t counter) {
+    rng_seed(r, mix64(seed) ^ mix64(counter ^ 0x5851f42d4c957f2dULL));
+}
+
+/* The file of a mix for one window: the window's first uniform against the cumulative weights. A
+ * one-file mix draws nothing, so it gives exactly the windows of that file alone. */
+static int pick_file(const DataMix *mix, Rng *r) {
+    if (!mix || mix->n == 1) return 0;
+    double u = rng_uniform(r), acc = 0.0;
+    for (int i = 0; i < mix->n - 1; i++)
+        if (u < (acc += mix->weights[i])) return i;
+    return mix->n - 1; /* also catches the rounding of the weights' sum */
+}
+
+int sampler_pick(const Sampler *s, uint64_t counter) {
+    Rng r;
+    window_rng(&r, s->seed, counter);
+    return pick_file(s->mix, &r);
+}
+
 void sampler_next(Sampler *s, Batch *b) {
-    const TokenDataset *ds = s->ds;
-    check_fits(ds, b->T);
-    uint64_t n_starts = (uint64_t)(ds->n_tokens - b->T); /* starts 0 .. n_tokens - T - 1 */
     int32_t *buf = xmalloc(((size_t)b->T + 1) * sizeof(int32_t));
     b->n_segments = 0;
     for (int i = 0; i < b->B; i++) {
-        /* window `counter` depends on (seed, counter) alone: a resumed run that restores the
-         * counter draws the same windows, and no RNG state needs saving */
         Rng r;
-        rng_seed(&r, mix64(s->seed) ^ mix64(s->counter ^ 0x5851f42d4c957f2dULL));
+        window_rng(&r, s->seed, s->counter);
         s->counter++;
+        const TokenDataset *ds = s->mix ? &s->mix->ds[pick_file(s->mix, &r)] : s->ds;
+        check_fits(ds, b->T);
+        uint64_t n_starts = (uint64_t)(ds->n_tokens - b->T); /* starts 0 .. n_tokens - T - 1 */
         uint64_t start = (uint64_t)(rng_uniform(&r) * (double)n_starts);
         if (start >= n_starts) start = n_starts - 1;
         fill_row(ds, b, i, (int64_t)start, buf);
@@ -334,4 +366,59 @@ void sampler_sequential(const TokenDataset *ds, int64_t index, Batch *b) {
     }
     b->cu_seqlens[b->n_segments] = b->B * b->T;
     free(buf);
+}
+
+/* ---- several training files ------------------------------------------------------------------- */
+
+static char *trim(char *s) {
+    while (*s == ' ' || *s == '\t') s++;
+    char *e = s + strlen(s);
+    while (e > s && (e[-1] == ' ' || e[-1] == '\t')) *--e = 0;
+    return s;
+}
+
+void datamix_open(DataMix *mx, const char *spec, const char *where) {
+    memset(mx, 0, sizeof(*mx));
+    char *copy = xstrdup(spec);
+    int cap = 0;
+    double total = 0.0;
+    for (char *save = NULL, *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        item = trim(item);
+        char *colon = strrchr(item, ':');
+        if (!colon)
+            fatal("%s: data.train_mix entry \"%s\" must be path:weight (e.g. \"a.h5:0.7,b.h5:0.3\")", where, item);
+        *colon = 0;
+        const char *path = trim(item), *wtext = trim(colon + 1);
+        char *end;
+        double w = strtod(wtext, &end);
+        if (!*path) fatal("%s: data.train_mix entry \":%s\" has no path", where, wtext);
+        if (!*wtext || *end || !(w > 0) || !isfinite(w))
+            fatal("%s: data.train_mix: the weight of %s is \"%s\"; it must be a number > 0", where, path, wtext);
+        if (mx->n == cap) {
+            cap = cap ? 2 * cap : 4;
+            mx->ds = xrealloc(mx->ds, (size_t)cap * sizeof(TokenDataset));
+            mx->weights = xrealloc(mx->weights, (size_t)cap * sizeof(double));
+        }
+        dataset_open(&mx->ds[mx->n], path); /* its own messages name the file */
+        mx->weights[mx->n++] = w;
+        total += w;
+    }
+    free(copy);
+    if (mx->n == 0) fatal("%s: data.train_mix lists no files", where);
+    for (int i = 0; i < mx->n; i++) {
+        mx->weights[i] /= total;
+        const TokenDataset *a = &mx->ds[0], *b = &mx->ds[i];
+        /* windows of one batch would otherwise mix token ids of different vocabularies */
+        if (b->vocab_size != a->vocab_size || strcmp(b->tokenizer, a->tokenizer))
+            fatal("%s: data.train_mix: %s (tokenizer %s, vocab_size %d) and %s (tokenizer %s, vocab_size %d) "
+                  "must share the tokenizer",
+                  where, a->path, a->tokenizer, a->vocab_size, b->path, b->tokenizer, b->vocab_size);
+    }
+}
+
+void datamix_close(DataMix *mx) {
+    for (int i = 0; i < mx->n; i++) dataset_close(&mx->ds[i]);
+    free(mx->ds);
+    free(mx->weights);
+    memset(mx, 0, sizeof(*mx));
 }

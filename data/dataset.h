@@ -1,10 +1,11 @@
 /* HDF5 token datasets and the batch sampler.
  *
- * File format (written by tools/prepare_text, read here):
+ * File format (written by tools/prepare_text and tools/hf_tokenize.py, read here):
  *   dataset "tokens"       int32 [n_tokens], chunked + deflate
  *   dataset "doc_offsets"  int64 [n_docs + 1], document start offsets into tokens, last = n_tokens
- *   attribute "vocab_size" int32, attribute "tokenizer" string ("char", "byte", ...)
+ *   attribute "vocab_size" int32, attribute "tokenizer" string ("char", "byte", "hf:<name>", ...)
  *   attribute "vocab"      string (char tokenizer only: the alphabet, token id = index, for decoding)
+ *   dataset "tokenizer_json" uint8 (hf_tokenize.py only: the tokenizer.json used; ignored here)
  * Tokens are read with hyperslab selections, never the whole file, so files larger than memory work. */
 #ifndef MSA_DATASET_H
 #define MSA_DATASET_H
@@ -48,15 +49,33 @@ typedef struct Batch {
 void batch_alloc(Batch *b, int B, int T);
 void batch_free(Batch *b);
 
+/* Several training files, each window drawn from one picked by weight (config data.train_mix). */
+typedef struct DataMix {
+    int n;
+    TokenDataset *ds;      /* [n], open */
+    double *weights;       /* [n], normalised to sum 1 */
+} DataMix;
+
+/* Parses "path1:w1,path2:w2,..." (weights > 0, any scale; a path may itself hold ':' since the
+ * weight follows the last one) and opens every file; the files must agree on vocab_size and
+ * tokenizer. Any problem ends the program with a message that starts with `where` (the config). */
+void datamix_open(DataMix *mx, const char *spec, const char *where);
+void datamix_close(DataMix *mx); /* also fine on a zeroed, never opened DataMix */
+
 /* Deterministic sampler of random windows of T+1 tokens; its whole state is (seed, counter), so a
- * resumed run continues the same stream. */
+ * resumed run continues the same stream. With a mix, each window's file is picked from the same
+ * (seed, counter) draw as its start, with probability = the file's weight. */
 typedef struct Sampler {
-    const TokenDataset *ds;
+    const TokenDataset *ds;  /* the one file (NULL with a mix) */
+    const DataMix *mix;      /* NULL: ds alone */
     uint64_t seed;
-    uint64_t counter;      /* windows drawn so far */
+    uint64_t counter;        /* windows drawn so far */
 } Sampler;
 
 void sampler_init(Sampler *s, const TokenDataset *ds, uint64_t seed);
+void sampler_init_mix(Sampler *s, const DataMix *mix, uint64_t seed);
+/* The file window number `counter` of a mix comes from (index into mix->ds); 0 without a mix. */
+int sampler_pick(const Sampler *s, uint64_t counter);
 void sampler_next(Sampler *s, Batch *b);
 /* Sequential, non-overlapping windows from the start (validation: the same batches every eval). */
 void sampler_sequential(const TokenDataset *ds, int64_t index, Batch *b);

@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to build and test msa-train on the CPU:
 # a C compiler and make, jansson (configs), HDF5 (data, checkpoints), OpenBLAS (CPU GEMMs),
-# pkg-config. Needs root (or sudo). Safe to run again: installs only what is missing.
+# pkg-config, and Python 3 with venv for the tools (tools/hf_import.py, hf_export.py,
+# hf_tokenize.py). The tools' PyPI packages (tools/requirements.txt) go into a virtual environment
+# at .venv in the repository (Debian refuses system-wide pip installs, PEP 668); `make test` runs
+# the Python tests with .venv/bin/python. Needs root (or sudo) for apt. Safe to run again: installs
+# only what is missing.
 set -euo pipefail
-pkgs=(build-essential pkg-config libjansson-dev libhdf5-dev libopenblas-openmp-dev)
+cd "$(dirname "$0")/.."
+pkgs=(build-essential pkg-config libjansson-dev libhdf5-dev libopenblas-openmp-dev python3 python3-venv python3-pip)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install_deps: all of ${pkgs[*]} already installed"
-    exit 0
+else
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "install_deps: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "install_deps: installing ${missing[*]}"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+
+# Python packages of the tools, in .venv (kept out of git)
+if .venv/bin/python -c 'import numpy, h5py, safetensors, tokenizers' >/dev/null 2>&1; then
+    echo "install_deps: .venv already has the tools' Python packages"
+else
+    # the python3 on PATH (it may be a pyenv one), else Debian's own
+    python3 -m venv .venv 2>/dev/null || { rm -rf .venv; /usr/bin/python3 -m venv .venv; }
+    echo "install_deps: installing tools/requirements.txt into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r tools/requirements.txt
+fi

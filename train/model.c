@@ -40,6 +40,11 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
         L->wk = param(m, "layers.%d.attn.wk", l, SHAPE(Hkv * D, C), INIT_NORMAL, std, true);
         L->wv = param(m, "layers.%d.attn.wv", l, SHAPE(Hkv * D, C), INIT_NORMAL, std, true);
         L->wo = param(m, "layers.%d.attn.wo", l, SHAPE(C, Hq * D), INIT_NORMAL, out_std, true);
+        if (c->qkv_bias) { /* Qwen2-family checkpoints; zero-initialised, never decayed */
+            L->bq = param(m, "layers.%d.attn.bq", l, SHAPE(Hq * D), INIT_ZEROS, 0, false);
+            L->bk = param(m, "layers.%d.attn.bk", l, SHAPE(Hkv * D), INIT_ZEROS, 0, false);
+            L->bv = param(m, "layers.%d.attn.bv", l, SHAPE(Hkv * D), INIT_ZEROS, 0, false);
+        }
         if (c->qk_norm) {
             L->q_norm = param(m, "layers.%d.attn.q_norm", l, SHAPE(D), INIT_ONES, 0, false);
             L->k_norm = param(m, "layers.%d.attn.k_norm", l, SHAPE(D), INIT_ONES, 0, false);
@@ -162,9 +167,15 @@ static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor *
     *aux = NULL;
 
     Tensor *h = op_rmsnorm(e, x, L->attn_norm, c->norm_eps, false);
-    Tensor *q = engine_view(e, op_linear(e, h, L->wq), SHAPE(N, Hq, D));
-    Tensor *k = engine_view(e, op_linear(e, h, L->wk), SHAPE(N, Hkv, D));
-    Tensor *v = engine_view(e, op_linear(e, h, L->wv), SHAPE(N, Hkv, D));
+    Tensor *q = op_linear(e, h, L->wq), *k = op_linear(e, h, L->wk), *v = op_linear(e, h, L->wv);
+    if (L->bq) {
+        q = op_bias_add(e, q, L->bq);
+        k = op_bias_add(e, k, L->bk);
+        v = op_bias_add(e, v, L->bv);
+    }
+    q = engine_view(e, q, SHAPE(N, Hq, D));
+    k = engine_view(e, k, SHAPE(N, Hkv, D));
+    v = engine_view(e, v, SHAPE(N, Hkv, D));
     if (c->qk_norm) {
         q = op_rmsnorm(e, q, L->q_norm, c->norm_eps, false);
         k = op_rmsnorm(e, k, L->k_norm, c->norm_eps, false);

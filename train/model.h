@@ -12,6 +12,7 @@
 
 typedef struct LayerParams {
     Tensor *attn_norm, *wq, *wk, *wv, *wo, *q_norm, *k_norm;
+    Tensor *bq, *bk, *bv;                     /* q/k/v projection biases (model.qkv_bias), else NULL */
     Tensor *ffn_norm, *w_gate, *w_up, *w_down; /* dense SwiGLU (NULL in MoE layers) */
     bool moe;                                 /* MoE feed-forward in this layer */
     MoeLayerParams moe_p;

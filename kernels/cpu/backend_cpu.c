@@ -55,4 +55,6 @@ const KernelBackend cpu_backend = {
     .moe_aux_loss_backward = cpu_moe_aux_loss_backward,
     .moe_z_loss_forward = cpu_moe_z_loss_forward,
     .moe_z_loss_backward = cpu_moe_z_loss_backward,
+    .bias_add_forward = cpu_bias_add_forward,
+    .bias_add_backward = cpu_bias_add_backward,
 };

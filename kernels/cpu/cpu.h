@@ -105,5 +105,8 @@ void cpu_moe_aux_loss_backward(Tensor *dscores, const Tensor *dloss, const Tenso
                                bool normalize);
 void cpu_moe_z_loss_forward(Tensor *loss, Tensor *lse, const Tensor *logits);
 void cpu_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse);
+/* bias_add.c */
+void cpu_bias_add_forward(Tensor *y, const Tensor *x, const Tensor *b);
+void cpu_bias_add_backward(Tensor *db, const Tensor *dy);
 
 #endif

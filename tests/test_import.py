@@ -1,0 +1,553 @@
+#!/usr/bin/env python3
+"""Hugging Face import and export (tools/hf_import.py, tools/hf_export.py, build/forward).
+
+Small random Llama-, Qwen2- (q/k/v biases, tied head) and Qwen3-style (q/k norm, partial rotary,
+head_dim != hidden/heads) models are written in Hugging Face format here (numpy + safetensors, no
+network), imported, run through build/forward, and the logits compared with a float64 numpy forward of
+the same HF weights written from the Hugging Face modeling code's semantics (not from our C code):
+relative error < 1e-4. Also: every bad input (missing tensor, wrong shape, unsupported architecture
+or RoPE scaling, corrupt or truncated safetensors, missing config key, unexpected tensor) exits 1
+with a message naming it and writes nothing to OUT_DIR; export -> import round trips are exact (f32)
+or bf16-rounded; an MSA import loads with fresh index parameters. Prints "N passed, N failed".
+Run with the project's virtual environment: .venv/bin/python tests/test_import.py
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import h5py
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+IMPORT = os.path.join(ROOT, "tools", "hf_import.py")
+EXPORT = os.path.join(ROOT, "tools", "hf_export.py")
+FORWARD = os.path.join(ROOT, "build", "forward")
+TRAIN = os.path.join(ROOT, "build", "train")
+TOL = 1e-4
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+# ---- Hugging Face models, written here ------------------------------------------------------------
+
+FAMILIES = {
+    # Llama: untied head, default theta, sharded weights with an index
+    "llama": dict(arch="LlamaForCausalLM", mtype="llama", V=61, C=32, L=2, Hq=4, Hkv=2, D=8, F=40, theta=10000.0,
+                  eps=1e-5, tie=False, prf=None, bias=False, qk_norm=False, shards=2),
+    # Qwen2: q/k/v biases, tied head, large theta
+    "qwen2": dict(arch="Qwen2ForCausalLM", mtype="qwen2", V=53, C=24, L=2, Hq=6, Hkv=2, D=4, F=36, theta=1e6,
+                  eps=1e-6, tie=True, prf=None, bias=True, qk_norm=False, shards=1),
+    # Qwen3: per-head q/k RMSNorm, head_dim 16 != C/Hq = 8, partial rotary (half the head)
+    "qwen3": dict(arch="Qwen3ForCausalLM", mtype="qwen3", V=47, C=32, L=3, Hq=4, Hkv=1, D=16, F=48, theta=5e5,
+                  eps=1e-6, tie=False, prf=0.5, bias=False, qk_norm=True, shards=1),
+}
+
+
+def make_hf(path, family, seed=0, **over):
+    """Writes config.json and safetensors weights of a random model; returns (config, tensors)."""
+    s = dict(FAMILIES[family])
+    s.update(over)
+    rng = np.random.default_rng(seed)
+    V, C, L, Hq, Hkv, D, F = (s[k] for k in ("V", "C", "L", "Hq", "Hkv", "D", "F"))
+
+    def w(*shape, std=0.2):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def gain(n):
+        return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(V, C, std=1.0)}
+    for l in range(L):
+        p = f"model.layers.{l}."
+        t[p + "input_layernorm.weight"] = gain(C)
+        t[p + "self_attn.q_proj.weight"] = w(Hq * D, C)
+        t[p + "self_attn.k_proj.weight"] = w(Hkv * D, C)
+        t[p + "self_attn.v_proj.weight"] = w(Hkv * D, C)
+        t[p + "self_attn.o_proj.weight"] = w(C, Hq * D)
+        if s["bias"]:
+            t[p + "self_attn.q_proj.bias"] = w(Hq * D, std=0.5)
+            t[p + "self_attn.k_proj.bias"] = w(Hkv * D, std=0.5)
+            t[p + "self_attn.v_proj.bias"] = w(Hkv * D, std=0.5)
+        if s["qk_norm"]:
+            t[p + "self_attn.q_norm.weight"] = gain(D)
+            t[p + "self_attn.k_norm.weight"] = gain(D)
+        t[p + "post_attention_layernorm.weight"] = gain(C)
+        t[p + "mlp.gate_proj.weight"] = w(F, C)
+        t[p + "mlp.up_proj.weight"] = w(F, C)
+        t[p + "mlp.down_proj.weight"] = w(C, F)
+    t["model.norm.weight"] = gain(C)
+    if not s["tie"]:
+        t["lm_head.weight"] = w(V, C)
+
+    cfg = {
+        "architectures": [s["arch"]],
+        "model_type": s["mtype"],
+        "vocab_size": V,
+        "hidden_size": C,
+        "intermediate_size": F,
+        "num_hidden_layers": L,
+        "num_attention_heads": Hq,
+        "num_key_value_heads": Hkv,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": s["eps"],
+        "rope_theta": s["theta"],
+        "rope_scaling": None,
+        "tie_word_embeddings": s["tie"],
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+    }
+    if D != C // Hq or family == "qwen3":
+        cfg["head_dim"] = D
+    if s["prf"] is not None:
+        cfg["partial_rotary_factor"] = s["prf"]
+    if family == "qwen2":
+        cfg.update(use_sliding_window=False, sliding_window=4096, max_window_layers=L)
+    if family in ("llama", "qwen3"):
+        cfg["attention_bias"] = False
+    write_hf(path, cfg, t, s["shards"])
+    return cfg, t
+
+
+def write_hf(path, cfg, tensors, shards=1):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    names = sorted(tensors)
+    if shards == 1:
+        save_file({n: tensors[n] for n in names}, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({n: tensors[n] for n in part}, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+
+# ---- the reference: the Hugging Face forward, in float64 numpy --------------------------------------
+
+def hf_reference_logits(cfg, t, ids):
+    """Logits [T, V] of the HF model (LlamaForCausalLM / Qwen2 / Qwen3 modeling semantics)."""
+    g = {k: v.astype(np.float64) for k, v in t.items()}
+    C, Hq = cfg["hidden_size"], cfg["num_attention_heads"]
+    Hkv = cfg.get("num_key_value_heads", Hq)
+    D = cfg.get("head_dim") or C // Hq
+    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    rot = int(D * cfg.get("partial_rotary_factor", 1.0))
+    T = len(ids)
+
+    def rms_norm(x, weight):  # LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps)
+        return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+    # rotary embedding: inv_freq = 1 / theta^(arange(0, rot, 2) / rot), emb = cat(freqs, freqs)
+    inv_freq = 1.0 / theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+    freqs = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return np.concatenate([-x2, x1], axis=-1)
+
+    def apply_rope(x):  # [T, H, D]; partial: rotate the first `rot` dims, pass the rest
+        xr, xp = x[..., :rot], x[..., rot:]
+        return np.concatenate([xr * cos + rotate_half(xr) * sin, xp], axis=-1)
+
+    def linear(x, name):
+        y = x @ g[name + ".weight"].T
+        return y + g[name + ".bias"] if name + ".bias" in g else y
+
+    h = g["model.embed_tokens.weight"][ids]
+    mask = np.triu(np.full((T, T), -np.inf), k=1)
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        x = rms_norm(h, g[p + "input_layernorm.weight"])
+        q = linear(x, p + "self_attn.q_proj").reshape(T, Hq, D)
+        k = linear(x, p + "self_attn.k_proj").reshape(T, Hkv, D)
+        v = linear(x, p + "self_attn.v_proj").reshape(T, Hkv, D)
+        if p + "self_attn.q_norm.weight" in g:  # Qwen3: per-head norm before RoPE
+            q = rms_norm(q, g[p + "self_attn.q_norm.weight"])
+            k = rms_norm(k, g[p + "self_attn.k_norm.weight"])
+        q, k = apply_rope(q), apply_rope(k)
+        rep = Hq // Hkv  # repeat_kv
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask
+        scores -= scores.max(-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(-1, keepdims=True)
+        att = np.einsum("hts,shd->thd", probs, v).reshape(T, Hq * D)
+        h = h + linear(att, p + "self_attn.o_proj")
+        x = rms_norm(h, g[p + "post_attention_layernorm.weight"])
+        gate, up = linear(x, p + "mlp.gate_proj"), linear(x, p + "mlp.up_proj")
+        h = h + linear(gate / (1.0 + np.exp(-gate)) * up, p + "mlp.down_proj")
+    h = rms_norm(h, g["model.norm.weight"])
+    head = g["lm_head.weight"] if "lm_head.weight" in g else g["model.embed_tokens.weight"]
+    return h @ head.T
+
+
+# ---- running the tools -------------------------------------------------------------------------------
+
+def run(cmd):
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def must(cmd):
+    r = run(cmd)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}{r.stderr}")
+    return r
+
+
+def hf_import(hf, out, *extra):
+    return must([PY, IMPORT, hf, out, *extra])
+
+
+def forward(out_dir, ids, work):
+    tok = os.path.join(work, "tokens.h5")
+    with h5py.File(tok, "w") as f:
+        f.create_dataset("tokens", data=np.asarray(ids, dtype=np.int32))
+    logits = os.path.join(work, "logits.h5")
+    must([FORWARD, os.path.join(out_dir, "config.json"), os.path.join(out_dir, "ckpt_import.h5"), tok, logits])
+    with h5py.File(logits, "r") as f:
+        return f["logits"][()]
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def read_params(path):
+    with h5py.File(path, "r") as f:
+        return {k: f["params"][k][()] for k in f["params"]}
+
+
+def check(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+# ---- tests -------------------------------------------------------------------------------------------
+
+def import_matches_reference(work, family, T=20):
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "out")
+    cfg, t = make_hf(hf, family, seed={"llama": 11, "qwen2": 12, "qwen3": 13}[family])
+    hf_import(hf, out)
+    ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], T)
+    ours = forward(out, ids, work)
+    ref = hf_reference_logits(cfg, t, ids)
+    check(ours.shape == ref.shape, f"logits shape {ours.shape}, want {ref.shape}")
+    err = rel_err(ours, ref)
+    check(err < TOL, f"{family}: relative error {err:.3e} of the logits against the HF reference")
+    return cfg, out
+
+
+@test
+def llama_sharded_logits_match_hf(work):
+    _, out = import_matches_reference(work, "llama")
+    with open(os.path.join(out, "config.json")) as f:
+        m = json.load(f)["model"]
+    check(m["qk_norm"] is False and m["qkv_bias"] is False and m["tie_embeddings"] is False, f"flags: {m}")
+    check("lm_head" in read_params(os.path.join(out, "ckpt_import.h5")), "no lm_head in the checkpoint")
+
+
+@test
+def qwen2_biases_tied_logits_match_hf(work):
+    _, out = import_matches_reference(work, "qwen2")
+    with open(os.path.join(out, "config.json")) as f:
+        m = json.load(f)["model"]
+    check(m["qkv_bias"] is True and m["tie_embeddings"] is True, f"flags: {m}")
+    p = read_params(os.path.join(out, "ckpt_import.h5"))
+    check("layers.1.attn.bk" in p and "lm_head" not in p, f"params: {sorted(p)}")
+
+
+@test
+def qwen3_qk_norm_partial_rotary_logits_match_hf(work):
+    _, out = import_matches_reference(work, "qwen3")
+    with open(os.path.join(out, "config.json")) as f:
+        m = json.load(f)["model"]
+    check(m["qk_norm"] is True and m["head_dim"] == 16 and m["rotary_dim"] == 8 and m["d_model"] == 32, f"{m}")
+
+
+@test
+def checkpoint_attributes(work):
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "out")
+    make_hf(hf, "llama")
+    hf_import(hf, out)
+    with h5py.File(os.path.join(out, "ckpt_import.h5"), "r") as f:
+        check(f.attrs["format"] == "msa-train-checkpoint" and int(f.attrs["version"]) == 1, "format/version")
+        check(int(f.attrs["step"]) == 0, "step")
+        check(set(f.keys()) == {"params"}, f"groups {set(f.keys())}: an import has parameters only")
+        stored = json.loads(f.attrs["config"])
+        check(all(f["params"][k].dtype == np.float32 for k in f["params"]), "params must be f32")
+    with open(os.path.join(out, "config.json")) as f:
+        check(json.load(f) == stored, "the stored config differs from config.json")
+    check(sorted(os.listdir(out)) == ["ckpt_import.h5", "config.json"], f"files: {os.listdir(out)}")
+
+
+@test
+def mistral_bf16_weights(work):
+    """Mistral naming (= Llama) with bf16 safetensors, written by our exporter and read by the importer."""
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "out")
+    cfg, t = make_hf(hf, "llama", arch="MistralForCausalLM", mtype="mistral", shards=1)
+    hf_import(hf, out)
+    bf = os.path.join(work, "hf_bf16")
+    must([PY, EXPORT, os.path.join(out, "ckpt_import.h5"), bf, "--dtype", "bf16", "--arch", "mistral"])
+    with open(os.path.join(bf, "config.json")) as f:
+        check(json.load(f)["architectures"] == ["MistralForCausalLM"], "architecture")
+    out2 = os.path.join(work, "out2")
+    hf_import(bf, out2)
+    p = read_params(os.path.join(out2, "ckpt_import.h5"))
+    a, ref = p["layers.1.attn.wq"], t["model.layers.1.self_attn.q_proj.weight"]
+    check(np.all((a.view(np.uint32) & 0xFFFF) == 0), "bf16 values must have zero low mantissa bits")
+    check(np.all(np.abs(a - ref) <= np.abs(ref) * 2.0 ** -8), "bf16 rounding error above half an ulp")
+    check(np.any(a != ref), "bf16 export did not round")
+
+
+@test
+def export_round_trip_is_exact(work):
+    for family in ("llama", "qwen2", "qwen3"):
+        d = os.path.join(work, family)
+        hf, out, hf2, out2 = (os.path.join(d, n) for n in ("hf", "out", "hf2", "out2"))
+        cfg, t = make_hf(hf, family, seed=5)
+        hf_import(hf, out)
+        must([PY, EXPORT, os.path.join(out, "ckpt_import.h5"), hf2])
+        back = load_file(os.path.join(hf2, "model.safetensors"))  # the safetensors library reads it
+        check(sorted(back) == sorted(t), f"{family}: exported names differ: {sorted(set(back) ^ set(t))}")
+        for n in t:
+            check(np.array_equal(back[n], t[n]), f"{family}: {n} changed in the round trip")
+        with open(os.path.join(hf2, "config.json")) as f:
+            c2 = json.load(f)
+        check(c2["architectures"] == cfg["architectures"], f"{family}: architecture {c2['architectures']}")
+        hf_import(hf2, out2)
+        p1, p2 = read_params(os.path.join(out, "ckpt_import.h5")), read_params(os.path.join(out2, "ckpt_import.h5"))
+        check(sorted(p1) == sorted(p2), f"{family}: parameter names differ")
+        for n in p1:
+            check(np.array_equal(p1[n], p2[n]), f"{family}: {n} differs after import -> export -> import")
+        with open(os.path.join(out, "config.json")) as f1, open(os.path.join(out2, "config.json")) as f2:
+            check(json.load(f1) == json.load(f2), f"{family}: config.json differs after the round trip")
+
+
+@test
+def msa_import_loads_with_fresh_index(work):
+    hf = os.path.join(work, "hf")
+    cfg, t = make_hf(hf, "llama", seed=3)
+    ids = np.random.default_rng(2).integers(0, cfg["vocab_size"], 24)
+    ref = hf_reference_logits(cfg, t, ids)
+    # blocks of 16, budget 2: a 24-token sequence has 2 blocks, all selected: exactly dense attention
+    out = os.path.join(work, "msa_all")
+    hf_import(hf, out, "--attention", "msa", "--msa-layers", "1-", "--block-size", "16", "--topk-blocks", "2",
+              "--index-dim", "8")
+    with open(os.path.join(out, "config.json")) as f:
+        c = json.load(f)
+    check(c["model"]["attention"] == "msa" and c["model"]["msa_layers"] == "1-", f"model: {c['model']}")
+    check(c["msa"] == {"block_size": 16, "topk_blocks": 2, "index_dim": 8}, f"msa: {c['msa']}")
+    check(not any(".index." in n for n in read_params(os.path.join(out, "ckpt_import.h5"))),
+          "the import must leave the index parameters to a fresh initialisation")
+    err = rel_err(forward(out, ids, work), ref)
+    check(err < TOL, f"MSA with every block selected: relative error {err:.3e} against dense HF")
+    # blocks of 4, budget 2: sparse; loads and gives finite logits that differ from dense
+    out = os.path.join(work, "msa_sparse")
+    hf_import(hf, out, "--attention", "msa", "--msa-layers", "all", "--block-size", "4", "--topk-blocks", "2",
+              "--index-dim", "8")
+    ours = forward(out, ids, work)
+    check(ours.shape == ref.shape and np.all(np.isfinite(ours)), "sparse MSA logits")
+    check(rel_err(ours, ref) > 1e-3, "sparse MSA gave dense logits")
+    # a trained MSA checkpoint carries index parameters: export drops them
+    ck = os.path.join(out, "ckpt_import.h5")
+    with h5py.File(ck, "a") as f:
+        for l in range(cfg["num_hidden_layers"]):
+            f["params"].create_dataset(f"layers.{l}.index.wq", data=np.ones((2 * 8, 32), np.float32))
+    check(forward(out, ids, work).shape == ref.shape, "forward with index parameters present")
+    hf2 = os.path.join(work, "hf2")
+    r = must([PY, EXPORT, ck, hf2])
+    check("dropped 2 MSA index tensors" in r.stdout, r.stdout)
+    back = load_file(os.path.join(hf2, "model.safetensors"))
+    check(sorted(back) == sorted(t) and all(np.array_equal(back[n], t[n]) for n in t), "export of the backbone")
+
+
+@test
+def train_starts_from_the_import(work):
+    """build/train runs from an imported checkpoint (train.init_from), dense and with fresh MSA indexers."""
+    hf = os.path.join(work, "hf")
+    cfg, _ = make_hf(hf, "qwen2", seed=4)
+    data = os.path.join(work, "tokens.h5")
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], 400).astype(np.int32)
+    with h5py.File(data, "w") as f:
+        f.create_dataset("tokens", data=ids)
+        f.create_dataset("doc_offsets", data=np.array([0, 150, 400], np.int64))
+        f.attrs["vocab_size"] = np.int32(cfg["vocab_size"])
+        f.attrs["tokenizer"] = "test"
+    for name, extra in (("dense", []), ("msa", ["--attention", "msa", "--msa-layers", "1-", "--block-size", "4",
+                                                 "--topk-blocks", "2", "--index-dim", "8"])):
+        out = os.path.join(work, name)
+        hf_import(hf, out, *extra)
+        r = must([TRAIN, os.path.join(out, "config.json"), "--set", f"data.train_path={data}", "--set",
+                  f"data.val_path={data}", "--set", f"train.init_from={os.path.join(out, 'ckpt_import.h5')}",
+                  "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.seq_len=16", "--set",
+                  "train.eval_batches=1", "--set", "optim.warmup_steps=1"])
+        check("step     2/2" in r.stdout and "nan" not in r.stdout, f"{name}: {r.stdout}")
+
+
+def expect_fail(work, hf, needles, *extra):
+    """The import exits 1 naming each needle, and neither a new nor an existing OUT_DIR gets a file."""
+    for existing in (False, True):
+        out = os.path.join(work, "out_existing" if existing else "out_new")
+        if existing:
+            os.makedirs(out, exist_ok=True)
+        r = run([PY, IMPORT, hf, out, *extra])
+        check(r.returncode == 1, f"exit {r.returncode}, want 1; stderr: {r.stderr}")
+        check(r.stderr.startswith("error: ") and "Traceback" not in r.stderr, f"stderr: {r.stderr}")
+        for n in needles:
+            check(n in r.stderr, f"the message lacks {n!r}: {r.stderr}")
+        if existing:
+            check(os.listdir(out) == [], f"files left in OUT_DIR: {os.listdir(out)}")
+        else:
+            check(not os.path.exists(out), "OUT_DIR was created")
+    return r.stderr
+
+
+def mutate(work, name, family="llama", cfg_edit=None, t_edit=None, shards=1):
+    hf = os.path.join(work, name)
+    cfg, t = make_hf(hf, family, shards=shards)
+    if cfg_edit or t_edit:
+        if cfg_edit:
+            cfg_edit(cfg)
+        if t_edit:
+            t_edit(t)
+        shutil.rmtree(hf)
+        write_hf(hf, cfg, t, shards)
+    return hf
+
+
+@test
+def bad_inputs_fail_cleanly(work):
+    hf = mutate(work, "missing", t_edit=lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    expect_fail(work, hf, ["missing tensor", "model.layers.1.mlp.up_proj.weight"])
+
+    def bad_shape(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((12, 32), np.float32)
+    hf = mutate(work, "shape", t_edit=bad_shape)
+    expect_fail(work, hf, ["shape mismatch", "model.layers.0.self_attn.k_proj.weight", "[12, 32]", "[16, 32]",
+                           "model.safetensors"])
+
+    def extra(t):
+        t["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
+    hf = mutate(work, "unexpected", t_edit=extra)
+    expect_fail(work, hf, ["unexpected tensor", "model.layers.0.self_attn.o_proj.bias"])
+
+    hf = mutate(work, "arch", cfg_edit=lambda c: c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+    expect_fail(work, hf, ["unsupported architecture", "GPT2LMHeadModel", "config.json"])
+
+    hf = mutate(work, "rope", cfg_edit=lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    expect_fail(work, hf, ["rope_scaling", "llama3"])
+
+    hf = mutate(work, "key", cfg_edit=lambda c: c.pop("intermediate_size"))
+    expect_fail(work, hf, ["missing config key", "intermediate_size"])
+
+    # corrupt safetensors: garbage header, truncated data, in a shard of a sharded model
+    hf = mutate(work, "garbage")
+    with open(os.path.join(hf, "model.safetensors"), "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00not json at all")
+    expect_fail(work, hf, ["model.safetensors", "corrupt"])
+    hf = mutate(work, "truncated", shards=2)
+    shard = os.path.join(hf, "model-00002-of-00002.safetensors")
+    os.truncate(shard, os.path.getsize(shard) - 100)
+    expect_fail(work, hf, ["model-00002-of-00002.safetensors", "truncated"])
+    hf = mutate(work, "tiny")
+    with open(os.path.join(hf, "model.safetensors"), "wb") as f:
+        f.write(b"abc")
+    expect_fail(work, hf, ["model.safetensors", "not a safetensors file"])
+    # an index naming a shard that is not there
+    hf = mutate(work, "noshard", shards=2)
+    os.unlink(os.path.join(hf, "model-00001-of-00002.safetensors"))
+    expect_fail(work, hf, ["model-00001-of-00002.safetensors", "missing"])
+    # no weights at all, and a bad MSA option
+    hf = mutate(work, "noweights")
+    os.unlink(os.path.join(hf, "model.safetensors"))
+    expect_fail(work, hf, ["no model.safetensors"])
+    hf = mutate(work, "msaopt")
+    expect_fail(work, hf, ["--msa-layers", "5-9"], "--attention", "msa", "--msa-layers", "5-9")
+
+
+@test
+def export_refuses_bad_checkpoints(work):
+    r = run([PY, EXPORT, os.path.join(work, "none.h5"), os.path.join(work, "o")])
+    check(r.returncode == 1 and "none.h5" in r.stderr, r.stderr)
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "out")
+    make_hf(hf, "llama")
+    hf_import(hf, out)
+    ck = os.path.join(out, "ckpt_import.h5")
+    with h5py.File(ck, "a") as f:
+        del f["params"]["layers.0.ffn.w_up"]
+    r = run([PY, EXPORT, ck, os.path.join(work, "o")])
+    check(r.returncode == 1 and "params/layers.0.ffn.w_up" in r.stderr, r.stderr)
+    check(not os.path.exists(os.path.join(work, "o")), "export wrote after an error")
+    r = run([PY, EXPORT, ck, os.path.join(work, "o"), "--arch", "qwen3"])
+    check(r.returncode == 1 and "--arch qwen3" in r.stderr, r.stderr)
+
+
+@test
+def export_defaults_match_the_config_table(work):
+    """hf_export.py fills keys a config leaves out with train/config.c's defaults."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import hf_export
+
+    out = must([TRAIN, "--help-config"]).stdout
+    defaults = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 4 and cells[0] == "model":
+            defaults[cells[1]] = (cells[2], cells[3].strip("`"))
+    for key, value in hf_export.MODEL_DEFAULTS.items():
+        check(key in defaults, f"model.{key} is not a config key")
+        kind, text = defaults[key]
+        want = {"int": int, "float": float, "bool": lambda s: s == "true", "string": lambda s: s.strip('"')}[kind](text)
+        check(value == want, f"model.{key}: hf_export.py says {value!r}, the config table {want!r}")
+
+
+# ---- runner ----------------------------------------------------------------------------------------------
+
+def main():
+    for exe in (FORWARD, TRAIN):
+        if not os.access(exe, os.X_OK):
+            print(f"  FAIL setup: {exe} is not built (make)")
+            print("0 passed, 1 failed")
+            return 1
+    scratch = tempfile.mkdtemp(prefix="msa_test_import_")
+    passed = failed = 0
+    for fn in TESTS:
+        work = os.path.join(scratch, fn.__name__)
+        os.makedirs(work)
+        try:
+            fn(work)
+            passed += 1
+            print(f"  ok   {fn.__name__}", flush=True)
+        except Exception:
+            failed += 1
+            print(f"  FAIL {fn.__name__}")
+            print("    " + traceback.format_exc().replace("\n", "\n    "), flush=True)
+    if not failed:
+        shutil.rmtree(scratch)
+    else:
+        print(f"  (scratch files kept in {scratch})")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+/* build/forward: the logits of a checkpoint on one token sequence, for checking an import against
+ * a reference implementation (tests/test_import.py) and for scripts.
+ *
+ *   build/forward CONFIG.json CHECKPOINT.h5 TOKENS.h5 OUT.h5 [--set section.key=value]...
+ *
+ * Builds the model CONFIG.json describes, loads CHECKPOINT.h5's parameters (MSA index parameters the
+ * checkpoint lacks keep their fresh initialisation, as train.init_from does), runs the forward
+ * (no gradients) over the int32 dataset "tokens" of TOKENS.h5 as one document (positions 0..T-1),
+ * and writes the logits as dataset "logits", float32 [T, V], to OUT.h5. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <hdf5.h>
+
+#include "../kernels/util.h"
+#include "../train/checkpoint.h"
+#include "../train/config.h"
+#include "../train/model.h"
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: build/forward CONFIG.json CHECKPOINT.h5 TOKENS.h5 OUT.h5 [--set section.key=value]...\n"
+               "Writes the logits (float32 [T, V], dataset \"logits\") of the checkpoint's model on the int32\n"
+               "dataset \"tokens\" of TOKENS.h5, read as one document.\n");
+}
+
+static const KernelBackend *select_backend(const char *device) {
+    if (!strcmp(device, "cpu")) return &cpu_backend;
+#ifdef MSA_CUDA
+    if (!strcmp(device, "cuda")) return &cuda_backend;
+#endif
+    fatal("train.device = \"%s\": this build has no CUDA backend (build with nvcc present: make)", device);
+}
+
+/* The 1-D integer dataset "tokens" of path, as int32 (malloc'd); *n gets its length. */
+static int32_t *read_tokens(const char *path, int64_t *n) {
+    if (access(path, R_OK) != 0) fatal("%s: cannot read the token file (%s)", path, strerror(errno));
+    if (H5Fis_hdf5(path) <= 0) fatal("%s: not an HDF5 file", path);
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) fatal("%s: cannot open as HDF5 (truncated or corrupt?)", path);
+    if (H5Lexists(f, "tokens", H5P_DEFAULT) <= 0) fatal("%s: no dataset \"tokens\"", path);
+    hid_t d = H5Dopen2(f, "tokens", H5P_DEFAULT);
+    if (d < 0) fatal("%s: cannot open dataset \"tokens\"", path);
+    hid_t type = H5Dget_type(d), space = H5Dget_space(d);
+    bool integer = type >= 0 && H5Tget_class(type) == H5T_INTEGER;
+    int ndims = space >= 0 ? H5Sget_simple_extent_ndims(space) : -1;
+    hsize_t dims[1] = {0};
+    if (ndims == 1) H5Sget_simple_extent_dims(space, dims, NULL);
+    H5Tclose(type);
+    H5Sclose(space);
+    if (!integer || ndims != 1) fatal("%s: dataset \"tokens\" must be a 1-D integer dataset", path);
+    if (dims[0] == 0 || dims[0] > 0x7fffffff)
+        fatal("%s: dataset \"tokens\" has %llu tokens", path, (unsigned long long)dims[0]);
+    int32_t *tokens = xmalloc((size_t)dims[0] * sizeof(int32_t));
+    if (H5Dread(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, tokens) < 0)
+        fatal("%s: cannot read dataset \"tokens\" (corrupt file, or ids that do not fit int32?)", path);
+    H5Dclose(d);
+    H5Fclose(f);
+    *n = (int64_t)dims[0];
+    return tokens;
+}
+
+/* logits [T, V] float32 to path (through path.tmp, so a failed run leaves no half file) */
+static void write_logits(const char *path, const float *logits, int64_t T, int64_t V) {
+    char *tmp = xmalloc(strlen(path) + 5);
+    sprintf(tmp, "%s.tmp", path);
+    hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (f < 0) fatal("%s: cannot create", tmp);
+    hsize_t dims[2] = {(hsize_t)T, (hsize_t)V};
+    hid_t space = H5Screate_simple(2, dims, NULL);
+    hid_t d = H5Dcreate2(f, "logits", H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    bool ok = d >= 0 && H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, logits) >= 0;
+    if (d >= 0) ok = H5Dclose(d) >= 0 && ok;
+    H5Sclose(space);
+    ok = H5Fclose(f) >= 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        fatal("%s: cannot write the logits", path);
+    }
+    free(tmp);
+}
+
+int main(int argc, char **argv) {
+    const char *pos[4];
+    int npos = 0;
+    RunConfig cfg;
+    config_defaults(&cfg);
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            usage(stdout);
+            return 0;
+        }
+        if (!strcmp(argv[i], "--set")) {
+            if (i + 1 >= argc) fatal("--set needs section.key=value");
+            if (npos < 1) fatal("--set must come after the config file");
+            config_set(&cfg, argv[++i]);
+        } else if (argv[i][0] == '-') {
+            usage(stderr);
+            fatal("unknown option %s", argv[i]);
+        } else if (npos < 4) {
+            pos[npos++] = argv[i];
+            if (npos == 1) config_load(&cfg, argv[i]);
+        } else fatal("unexpected argument %s", argv[i]);
+    }
+    if (npos != 4) {
+        usage(stderr);
+        return 2;
+    }
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* failures are reported by name */
+    if (cfg.model.vocab_size <= 0)
+        fatal("%s: model.vocab_size must be set (there is no data file to take it from)", pos[0]);
+    config_validate(&cfg);
+
+    int64_t T;
+    int32_t *tokens = read_tokens(pos[2], &T);
+    for (int64_t t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= cfg.model.vocab_size)
+            fatal("%s: token %lld is %d, outside the vocabulary [0, %d)", pos[2], (long long)t, tokens[t],
+                  cfg.model.vocab_size);
+
+    const KernelBackend *be = select_backend(cfg.train.device);
+    Model m;
+    model_build(&m, &cfg, be, DT_F32, cfg.train.seed);
+    checkpoint_read_params(pos[1], &m, true);
+    Engine e;
+    engine_init(&e, be, be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
+    engine_set_grad(&e, false);
+
+    Batch b;
+    batch_alloc(&b, 1, (int)T);
+    for (int64_t t = 0; t < T; t++) {
+        b.inputs[t] = tokens[t];
+        b.positions[t] = (int32_t)t;
+    }
+    b.cu_seqlens[0] = 0;
+    b.cu_seqlens[1] = (int32_t)T;
+    b.n_segments = 1;
+    Batch view = b;
+    view.targets = NULL;
+    ModelInput in = model_upload(&e, &view);
+    Tensor *logits = model_logits(&m, &e, &in, false, NULL);
+    int64_t V = tensor_dim(logits, -1);
+    if (logits->dtype != DT_F32) { /* bf16 activations on CUDA */
+        Tensor *f32 = engine_empty(&e, DT_F32, logits->ndim, logits->shape);
+        be->cast(f32, logits);
+        logits = f32;
+    }
+    float *host = xmalloc((size_t)(T * V) * sizeof(float));
+    tensor_to_host(&e, host, logits);
+    write_logits(pos[3], host, T, V);
+    printf("forward: %s on %lld tokens of %s -> %s (logits [%lld, %lld])\n", pos[1], (long long)T, pos[2], pos[3],
+           (long long)T, (long long)V);
+
+    free(host);
+    batch_free(&b);
+    free(tokens);
+    engine_free(&e);
+    model_free(&m);
+    return 0;
+}

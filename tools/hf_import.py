@@ -1,0 +1,485 @@
+#!/usr/bin/env python3
+"""Hugging Face dense GQA model -> msa-train checkpoint and config.
+
+    python3 tools/hf_import.py HF_DIR OUT_DIR [--attention dense|msa] [--msa-layers SEL]
+                               [--block-size B] [--topk-blocks K] [--index-dim D]
+
+HF_DIR holds config.json and the weights as model.safetensors, or as shards listed by
+model.safetensors.index.json (any *.safetensors files when neither exists). Supported families:
+Llama, Mistral, Qwen2 (q/k/v biases -> model.qkv_bias) and Qwen3 (per-head q/k RMSNorm ->
+model.qk_norm), with plain RoPE (full or partial rotary dim).
+
+Writes
+    OUT_DIR/ckpt_import.h5   /params/<name> f32 and the root attributes format, version, step = 0 and
+                             config (train/checkpoint.h); no optimizer state
+    OUT_DIR/config.json      our config (model section; msa section with --attention msa)
+With --attention msa the checkpoint still holds only the backbone: the MSA index parameters are
+absent and start freshly initialised when the model loads it (train.init_from, build/forward).
+
+Every problem with the input (missing config key, missing or unexpected tensor, shape mismatch,
+corrupt safetensors file, unsupported architecture or RoPE scaling) ends the program with status 1 and
+a message naming the file and the tensor, before anything is written to OUT_DIR. The weights are read
+one tensor at a time straight from the safetensors files (their headers are checked first), so a
+model larger than memory imports fine.
+"""
+import argparse
+import json
+import os
+import re
+import struct
+import sys
+
+try:
+    import numpy as np
+except ImportError:  # the system python3 rather than the project's environment
+    sys.exit(f"error: {sys.executable} lacks numpy (and the other packages of tools/requirements.txt): "
+             f"run `bash tools/install_deps.sh`, then .venv/bin/python {' '.join(sys.argv)}")
+
+FORMAT = "msa-train-checkpoint"
+VERSION = 1
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+# safetensors dtype -> (numpy little-endian storage dtype, bytes per element); BF16 is stored as
+# uint16 and widened by hand (numpy has no bfloat16)
+ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
+
+# the largest safetensors JSON header we accept: the format itself caps it at 100 MB
+MAX_HEADER = 100 * 1000 * 1000
+
+
+class Fail(Exception):
+    """A problem with the user's input: reported as "error: <message>" with exit status 1."""
+
+
+# ---- safetensors ---------------------------------------------------------------------------------
+
+class SafetensorsFile:
+    """The header of one safetensors file, checked against the file's size, and per-tensor reads."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise Fail(f"{path}: not a safetensors file (shorter than the 8-byte header length)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise Fail(f"{path}: corrupt or truncated safetensors file (header length {n} "
+                               f"does not fit in the file's {size} bytes)")
+                raw = f.read(n)
+        except OSError as e:
+            raise Fail(f"{path}: cannot read ({e.strerror})")
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise Fail(f"{path}: corrupt safetensors file (the header is not JSON)")
+        if not isinstance(header, dict):
+            raise Fail(f"{path}: corrupt safetensors file (the header is not a JSON object)")
+        header.pop("__metadata__", None)
+        data_start = 8 + n
+        self.tensors = {}  # name -> (safetensors dtype, shape tuple, absolute byte offset)
+        for name, info in header.items():
+            where = f"{path}: tensor {name}"
+            if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                    and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+                    and len(info["data_offsets"]) == 2
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+                    and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])):
+                raise Fail(f"{where}: corrupt header entry {info!r}")
+            dtype = info["dtype"]
+            if dtype not in ST_DTYPES:
+                raise Fail(f"{where} has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * ST_DTYPES[dtype][1]
+            if begin < 0 or end - begin != nbytes:
+                raise Fail(f"{where}: corrupt header (data_offsets {begin}..{end} for {nbytes} bytes of "
+                           f"{dtype} {list(shape)})")
+            if data_start + end > size:
+                raise Fail(f"{where}: the file is truncated (the tensor ends at byte {data_start + end}, "
+                           f"the file has {size})")
+            self.tensors[name] = (dtype, shape, data_start + begin)
+
+    def read(self, name):
+        """The tensor as float32 (only this tensor is read from disk)."""
+        dtype, shape, offset = self.tensors[name]
+        store, _ = ST_DTYPES[dtype]
+        count = int(np.prod(shape, dtype=np.int64))
+        a = np.fromfile(self.path, dtype=store, count=count, offset=offset)
+        if a.size != count:
+            raise Fail(f"{self.path}: tensor {name}: short read (truncated file?)")
+        if dtype == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float32, copy=False).reshape(shape)
+
+
+class Weights:
+    """All tensors of a model directory: name -> the safetensors file that holds it."""
+
+    def __init__(self, hf_dir):
+        self.dir = hf_dir
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        single = os.path.join(hf_dir, "model.safetensors")
+        self.where = {}
+        if os.path.exists(index):
+            self.source = index
+            try:
+                with open(index) as f:
+                    wm = json.load(f).get("weight_map")
+            except (OSError, ValueError, AttributeError) as e:
+                raise Fail(f"{index}: not a valid index file ({e})")
+            if not isinstance(wm, dict) or not wm:
+                raise Fail(f"{index}: no \"weight_map\" object")
+            files = {}
+            for name, fname in wm.items():
+                if not isinstance(fname, str) or "/" in fname or fname.startswith("."):
+                    raise Fail(f"{index}: tensor {name} maps to {fname!r}, not a file name in {hf_dir}")
+                if fname not in files:
+                    p = os.path.join(hf_dir, fname)
+                    if not os.path.isfile(p):
+                        raise Fail(f"{index}: shard {fname} (holding {name}) is missing from {hf_dir}")
+                    files[fname] = SafetensorsFile(p)
+                if name not in files[fname].tensors:
+                    raise Fail(f"{files[fname].path}: missing tensor {name} (the index {index} places it there)")
+            shard_list = list(files.values())
+        elif os.path.exists(single):
+            self.source = single
+            shard_list = [SafetensorsFile(single)]
+        else:
+            names = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
+            if not names:
+                raise Fail(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or *.safetensors "
+                           f"(only safetensors checkpoints are supported)")
+            self.source = os.path.join(hf_dir, "*.safetensors")
+            shard_list = [SafetensorsFile(os.path.join(hf_dir, n)) for n in names]
+        for st in shard_list:
+            for name in st.tensors:
+                if name in self.where and self.where[name] is not st:
+                    raise Fail(f"{st.path}: tensor {name} is also in {self.where[name].path}")
+                self.where[name] = st
+
+    def shape(self, name):
+        return self.where[name].tensors[name][1]
+
+    def read(self, name):
+        return self.where[name].read(name)
+
+    def file_of(self, name):
+        return self.where[name].path
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+def read_hf_config(hf_dir, allow_sliding_window):
+    """The HF config.json -> (family, our model section as a dict, init_std)."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise Fail(f"{hf_dir}: not a directory (expected a Hugging Face model directory)")
+    if not os.path.isfile(path):
+        raise Fail(f"{path}: missing (a Hugging Face model directory holds config.json)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise Fail(f"{path}: not valid JSON ({e})")
+    except OSError as e:
+        raise Fail(f"{path}: cannot read ({e.strerror})")
+    if not isinstance(cfg, dict):
+        raise Fail(f"{path}: the top level is not a JSON object")
+
+    archs = cfg.get("architectures")
+    if archs is not None:
+        if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
+            raise Fail(f"{path}: unsupported architecture {archs!r}; supported: {', '.join(ARCHITECTURES)}")
+        family = ARCHITECTURES[archs[0]]
+    else:
+        family = cfg.get("model_type")
+        if family not in ARCHITECTURES.values():
+            raise Fail(f"{path}: unsupported model_type {family!r} (and no \"architectures\"); supported: "
+                       f"{', '.join(sorted(set(ARCHITECTURES.values())))}")
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise Fail(f"{path}: missing config key \"{key}\"")
+        return cfg[key]
+
+    def positive_int(key, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise Fail(f"{path}: config key \"{key}\" = {value!r} must be a positive integer")
+        return value
+
+    def number(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+            raise Fail(f"{path}: config key \"{key}\" = {value!r} must be a positive number")
+        return float(value)
+
+    hidden = positive_int("hidden_size", need("hidden_size"))
+    layers = positive_int("num_hidden_layers", need("num_hidden_layers"))
+    heads = positive_int("num_attention_heads", need("num_attention_heads"))
+    ffn = positive_int("intermediate_size", need("intermediate_size"))
+    vocab = positive_int("vocab_size", need("vocab_size"))
+    eps = number("rms_norm_eps", need("rms_norm_eps"))
+    # the HF defaults of the four families for keys older configs leave out
+    kv_heads = positive_int("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise Fail(f"{path}: num_key_value_heads = {kv_heads} does not divide num_attention_heads = {heads}")
+    if cfg.get("head_dim") is not None:
+        head_dim = positive_int("head_dim", cfg["head_dim"])
+    elif hidden % heads:
+        raise Fail(f"{path}: missing config key \"head_dim\" (hidden_size {hidden} is not divisible by "
+                   f"num_attention_heads {heads})")
+    else:
+        head_dim = hidden // heads
+
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise Fail(f"{path}: unsupported hidden_act {act!r} (msa-train's FFN is SwiGLU: silu)")
+    # RoPE: plain only. transformers >= 5 moves theta and the type into "rope_parameters".
+    rope_params = cfg.get("rope_parameters") or {}
+    if not isinstance(rope_params, dict):
+        raise Fail(f"{path}: config key \"rope_parameters\" is not an object")
+    for key, spec in (("rope_scaling", cfg.get("rope_scaling")), ("rope_parameters", rope_params or None)):
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise Fail(f"{path}: config key \"{key}\" = {spec!r} is not an object")
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind != "default":
+            raise Fail(f"{path}: unsupported {key} {kind!r}: msa-train implements plain RoPE only "
+                       f"(no linear/dynamic/yarn/llama3 scaling)")
+    theta = number("rope_theta", cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
+    factor = cfg.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+    factor = number("partial_rotary_factor", factor)
+    # HF computes int(head_dim * factor); rounding first keeps 0.6 * 10 (= 6.000000000000001) and
+    # 0.7 * 10 from landing one off through binary fractions
+    product = head_dim * factor
+    rotary_dim = round(product) if abs(product - round(product)) < 1e-6 else int(product)
+    if factor > 1 or rotary_dim < 2 or rotary_dim % 2:
+        raise Fail(f"{path}: partial_rotary_factor = {factor} gives rotary dim {rotary_dim} of head_dim "
+                   f"{head_dim}; it must be even and between 2 and head_dim")
+
+    # features the model does not have
+    if family == "mistral" and cfg.get("sliding_window") is not None and not allow_sliding_window:
+        raise Fail(f"{path}: sliding_window = {cfg['sliding_window']}: sliding-window attention is not "
+                   f"supported (--allow-sliding-window imports it as full attention, which differs only for "
+                   f"sequences longer than the window)")
+    if cfg.get("use_sliding_window") and not allow_sliding_window:
+        raise Fail(f"{path}: use_sliding_window = true: sliding-window attention is not supported "
+                   f"(--allow-sliding-window imports it as full attention)")
+    if cfg.get("attention_bias") and family != "qwen2":
+        raise Fail(f"{path}: attention_bias = true (biases on q/k/v and o_proj) is not supported; msa-train "
+                   f"has q/k/v biases only (Qwen2)")
+    if cfg.get("mlp_bias"):
+        raise Fail(f"{path}: mlp_bias = true is not supported (the FFN has no biases)")
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise Fail(f"{path}: config key \"tie_word_embeddings\" = {tie!r} must be true or false")
+    init_std = cfg.get("initializer_range", 0.02)
+    init_std = number("initializer_range", init_std) if init_std else 0.02
+
+    model = {
+        "vocab_size": vocab,
+        "d_model": hidden,
+        "n_layers": layers,
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "ffn_dim": ffn,
+        "rope_theta": theta,
+        "rotary_dim": rotary_dim,
+        "qk_norm": False,    # set from the tensors present
+        "qkv_bias": False,   # set from the tensors present
+        "tie_embeddings": tie,
+        "norm_eps": eps,
+        "init_std": init_std,
+    }
+    return path, family, model
+
+
+# ---- tensor mapping ---------------------------------------------------------------------------------
+
+# buffers some checkpoints carry that are derived from the config, not weights
+IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def tensor_map(model):
+    """[(hf name, our name, shape)] of every tensor the model needs."""
+    C, F, V = model["d_model"], model["ffn_dim"], model["vocab_size"]
+    Hq, Hkv, D = model["n_heads"], model["n_kv_heads"], model["head_dim"]
+    out = [("model.embed_tokens.weight", "wte", (V, C))]
+    for l in range(model["n_layers"]):
+        p, o = f"model.layers.{l}.", f"layers.{l}."
+        out += [
+            (p + "input_layernorm.weight", o + "attn_norm", (C,)),
+            (p + "self_attn.q_proj.weight", o + "attn.wq", (Hq * D, C)),
+            (p + "self_attn.k_proj.weight", o + "attn.wk", (Hkv * D, C)),
+            (p + "self_attn.v_proj.weight", o + "attn.wv", (Hkv * D, C)),
+            (p + "self_attn.o_proj.weight", o + "attn.wo", (C, Hq * D)),
+        ]
+        if model["qkv_bias"]:
+            out += [
+                (p + "self_attn.q_proj.bias", o + "attn.bq", (Hq * D,)),
+                (p + "self_attn.k_proj.bias", o + "attn.bk", (Hkv * D,)),
+                (p + "self_attn.v_proj.bias", o + "attn.bv", (Hkv * D,)),
+            ]
+        if model["qk_norm"]:
+            out += [
+                (p + "self_attn.q_norm.weight", o + "attn.q_norm", (D,)),
+                (p + "self_attn.k_norm.weight", o + "attn.k_norm", (D,)),
+            ]
+        out += [
+            (p + "post_attention_layernorm.weight", o + "ffn_norm", (C,)),
+            (p + "mlp.gate_proj.weight", o + "ffn.w_gate", (F, C)),
+            (p + "mlp.up_proj.weight", o + "ffn.w_up", (F, C)),
+            (p + "mlp.down_proj.weight", o + "ffn.w_down", (C, F)),
+        ]
+    out.append(("model.norm.weight", "final_norm", (C,)))
+    if not model["tie_embeddings"]:
+        out.append(("lm_head.weight", "lm_head", (V, C)))
+    return out
+
+
+def plan_import(weights, model):
+    """Check every tensor name and shape against the config; returns the mapping to write."""
+    names = set(weights.where)
+    # optional per-family tensors: decided by what the checkpoint has (then every layer must have them)
+    model["qk_norm"] = any(n.endswith(".self_attn.q_norm.weight") for n in names)
+    model["qkv_bias"] = any(n.endswith(".self_attn.q_proj.bias") for n in names)
+    mapping = tensor_map(model)
+    for hf, _, shape in mapping:
+        if hf not in names:
+            raise Fail(f"{weights.source}: missing tensor {hf} (expected shape {list(shape)})")
+        got = weights.shape(hf)
+        if tuple(got) != tuple(shape):
+            raise Fail(f"{weights.file_of(hf)}: shape mismatch for {hf}: the file has {list(got)}, the config "
+                       f"needs {list(shape)}")
+    expected = {hf for hf, _, _ in mapping}
+    for n in sorted(names - expected):
+        if IGNORED.match(n):
+            continue
+        if n == "lm_head.weight" and model["tie_embeddings"]:
+            # some tied checkpoints store the head anyway; fine as long as it is the embedding
+            if tuple(weights.shape(n)) != tuple(weights.shape("model.embed_tokens.weight")) or \
+                    not np.array_equal(weights.read(n), weights.read("model.embed_tokens.weight")):
+                raise Fail(f"{weights.file_of(n)}: tie_word_embeddings is true but lm_head.weight differs from "
+                           f"model.embed_tokens.weight")
+            continue
+        raise Fail(f"{weights.file_of(n)}: unexpected tensor {n} (msa-train has no such parameter; "
+                   f"an unsupported variant of the architecture?)")
+    return mapping
+
+
+# ---- MSA options ----------------------------------------------------------------------------------------
+
+def check_selector(sel, n_layers):
+    """The layer selector grammar of train/config.c: all, none, 3-, 1-4, 0,2,5, 0,3-5."""
+    if sel in ("all", "none"):
+        return
+    for part in sel.split(","):
+        m = re.fullmatch(r"(\d+)(-(\d*))?", part)
+        if not m:
+            raise Fail(f"--msa-layers {sel!r}: not a layer selector (all, none, 3-, 1-4, 0,2,5)")
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else (int(m.group(3)) if m.group(3) else n_layers - 1)
+        if lo > hi or hi >= n_layers:
+            raise Fail(f"--msa-layers {sel!r}: layers must be in 0..{n_layers - 1}, ranges ascending")
+
+
+def msa_section(args, model):
+    check_selector(args.msa_layers, model["n_layers"])
+    for key in ("block_size", "topk_blocks", "index_dim"):
+        if getattr(args, key) <= 0:
+            raise Fail(f"--{key.replace('_', '-')} must be positive")
+    if args.index_dim % 2:
+        raise Fail(f"--index-dim {args.index_dim} must be even (RoPE)")
+    return {"block_size": args.block_size, "topk_blocks": args.topk_blocks, "index_dim": args.index_dim}
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+def write_outputs(out_dir, weights, mapping, config, hf_dir):
+    import h5py  # imported late: the checks above run without it
+
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "ckpt_import.h5")
+    cfg_path = os.path.join(out_dir, "config.json")
+    tmp_ckpt, tmp_cfg = ckpt + ".tmp", cfg_path + ".tmp"
+    text = json.dumps(config, indent=2) + "\n"
+    try:
+        with h5py.File(tmp_ckpt, "w") as f:
+            g = f.create_group("params")
+            for hf, ours, _ in mapping:
+                a = weights.read(hf)
+                if not np.all(np.isfinite(a)):
+                    raise Fail(f"{weights.file_of(hf)}: tensor {hf} holds NaN or Inf values")
+                g.create_dataset(ours, data=a.astype("<f4", copy=False))
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = np.int32(VERSION)
+            f.attrs["step"] = np.int64(0)
+            f.attrs["config"] = text
+            f.attrs["imported_from"] = os.path.abspath(hf_dir)
+        with open(tmp_cfg, "w") as f:
+            f.write(text)
+        os.replace(tmp_ckpt, ckpt)
+        os.replace(tmp_cfg, cfg_path)
+    except BaseException:
+        for p in (tmp_ckpt, tmp_cfg):
+            if os.path.exists(p):
+                os.unlink(p)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    return ckpt, cfg_path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="tools/hf_import.py",
+        description="Import a Hugging Face Llama/Mistral/Qwen2/Qwen3 safetensors model into an msa-train "
+                    "checkpoint (OUT_DIR/ckpt_import.h5) and config (OUT_DIR/config.json).")
+    ap.add_argument("hf_dir", metavar="HF_DIR")
+    ap.add_argument("out_dir", metavar="OUT_DIR")
+    ap.add_argument("--attention", choices=("dense", "msa"), default="dense",
+                    help="attention of the layers --msa-layers selects (default dense)")
+    ap.add_argument("--msa-layers", default="all",
+                    help="layer selector for MSA: all, none, 3- (MiniMax-M3 style), 1-4, 0,2,5 (default all)")
+    ap.add_argument("--block-size", type=int, default=128, help="MSA KV block size (default 128)")
+    ap.add_argument("--topk-blocks", type=int, default=16, help="MSA blocks per query (default 16)")
+    ap.add_argument("--index-dim", type=int, default=128, help="MSA index query/key dim (default 128)")
+    ap.add_argument("--allow-sliding-window", action="store_true",
+                    help="import a sliding-window model as full attention")
+    args = ap.parse_args(argv)
+    try:
+        _, family, model = read_hf_config(args.hf_dir, args.allow_sliding_window)
+        weights = Weights(args.hf_dir)
+        mapping = plan_import(weights, model)
+        model["attention"] = args.attention
+        config = {"model": model}
+        if args.attention == "msa":
+            model["msa_layers"] = args.msa_layers
+            config["msa"] = msa_section(args, model)
+        ckpt, cfg_path = write_outputs(args.out_dir, weights, mapping, config, args.hf_dir)
+    except Fail as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n_params = sum(int(np.prod(s)) for _, _, s in mapping)
+    print(f"hf_import: {args.hf_dir} ({family}, {model['n_layers']} layers, d_model {model['d_model']}, heads "
+          f"{model['n_heads']}/{model['n_kv_heads']}, {n_params / 1e6:.2f}M parameters"
+          f"{', q/k norm' if model['qk_norm'] else ''}{', q/k/v bias' if model['qkv_bias'] else ''})")
+    print(f"  {ckpt}: {len(mapping)} tensors")
+    print(f"  {cfg_path}: attention {args.attention}"
+          + (f" (layers {args.msa_layers}; index parameters start fresh)" if args.attention == "msa" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
