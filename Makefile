@@ -1,7 +1,11 @@
-# msa-train build. `make` builds the CPU backend, the programs and the tests; with nvcc on PATH it
-# also compiles every CUDA source in kernels/cuda (CI runs that to catch CUDA build breaks).
-#   make            build/train, build/prepare_text, build/opcheck, tests
+# msa-train build. `make` builds the CPU backend, the programs and the tests. With nvcc on PATH it
+# also builds the CUDA backend (kernels/cuda: *.cu with nvcc for sm_90a, *.c with the C compiler) into
+# the library, defines MSA_CUDA for every C file and links cuBLASLt, cuBLAS and the CUDA runtime;
+# such binaries still run on machines without a GPU as long as train.device = "cpu" (CI runs `make`
+# and `make test` that way). Without nvcc everything stays CPU-only.
+#   make            build/train, build/prepare_text, build/opcheck, tests (and build/tests/gpu/test_gpu)
 #   make test       CPU tests (closing line "N passed, N failed")
+#   make test-gpu   CUDA kernels against the CPU reference + a short CPU-vs-CUDA training run (needs a GPU)
 #   make data       tokenise the shipped Shakespeare text into data/shakespeare/{train,val}.h5
 #   make cuda       CUDA objects only (needs nvcc)
 #   make BLAS=0     no OpenBLAS (plain OpenMP loops for GEMM)
@@ -44,21 +48,27 @@ LIB      := $(BUILD)/libmsa.a
 TOOLS      := $(patsubst tools/%.c,$(BUILD)/%,$(wildcard tools/*.c))
 TEST_SRC   := $(wildcard tests/test_*.c)
 TEST_BINS  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+# Python tests of the tools (run with .venv/bin/python, which tools/install_deps.sh sets up)
+TEST_PY    := $(wildcard tests/test_*.py)
 TEST_UTIL  := $(BUILD)/obj/tests/gradcheck.o
 
 NVCC    := $(shell command -v nvcc 2>/dev/null)
 CU_SRC  := $(wildcard kernels/cuda/*.cu)
 CU_OBJ  := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
-NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-Werror -DMSA_CUDA
+NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-Werror -DMSA_CUDA -MMD -MP
+GPU_TEST  := $(BUILD)/tests/gpu/test_gpu
 
 ALL := $(BUILD)/train $(TOOLS) $(TEST_BINS)
 ifneq ($(NVCC),)
-ifneq ($(CU_SRC),)
-  ALL += cuda
-endif
+  CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+  LIB_SRC += $(wildcard kernels/cuda/*.c)
+  LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_OBJ)
+  CFLAGS  += -DMSA_CUDA
+  LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
+  ALL     += $(GPU_TEST)
 endif
 
-.PHONY: all test data cuda clean
+.PHONY: all test test-gpu data cuda clean
 all: $(ALL)
 
 $(BUILD)/obj/%.o: %.c
@@ -80,7 +90,21 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL) $(LIB)
 	$(CC) $(CFLAGS) $< $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
 
 test: all data
-	@bash tests/run_tests.sh $(TEST_BINS)
+	@bash tests/run_tests.sh $(TEST_BINS) $(TEST_PY)
+
+# GPU checks: every CUDA kernel against the CPU reference on random inputs, then a few training steps
+# of configs/tiny.json on both devices (run from the repository root, on a machine with a GPU)
+ifneq ($(NVCC),)
+$(GPU_TEST): tests/gpu/test_gpu.c $(TEST_UTIL) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
+
+test-gpu: $(GPU_TEST) data
+	@bash tests/run_tests.sh $(GPU_TEST)
+else
+test-gpu:
+	@echo "make test-gpu: nvcc is not on PATH, so this build has no CUDA backend" >&2; exit 1
+endif
 
 data: data/shakespeare/train.h5
 data/shakespeare/train.h5: data/shakespeare/input.txt $(BUILD)/prepare_text
@@ -94,4 +118,4 @@ $(BUILD)/obj/%.o: %.cu
 clean:
 	rm -rf $(BUILD)
 
--include $(LIB_OBJ:.o=.d) $(TEST_UTIL:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(TEST_UTIL:.o=.d) $(CU_OBJ:.o=.d)

@@ -82,6 +82,7 @@ Tensor *engine_view(Engine *e, Tensor *t, int ndim, const int64_t *shape) {
     v->requires_grad = t->requires_grad && e->grad_enabled;
     v->is_param = t->is_param;
     v->name = t->name;
+    v->shadow = t->shadow; /* a view of a parameter reads the same BF16 copy */
     if (v->requires_grad) {
         /* share the gradient buffer so that what flows into the view reaches the base */
         Tensor *g = engine_grad(e, t);

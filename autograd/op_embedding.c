@@ -5,7 +5,9 @@
 Tensor *op_embedding(Engine *e, Tensor *w, Tensor *tokens) {
     if (tokens->dtype != DT_I32) fatal("embedding: tokens must be i32, got %s", dtype_name(tokens->dtype));
     if (w->ndim != 2) fatal("embedding: table must be 2-D");
-    Tensor *out = engine_empty(e, w->dtype, SHAPE(tokens->numel, w->shape[1]));
+    /* the output is an activation: the engine's activation dtype (BF16 on CUDA, where the table is
+     * F32 master weights; the table's own dtype on the CPU) */
+    Tensor *out = engine_empty(e, e->act_dtype, SHAPE(tokens->numel, w->shape[1]));
     e->be->embedding_forward(out, w, tokens);
     if (engine_wants_grad(e, &w, 1)) {
         Tensor *in[2] = {w, tokens};

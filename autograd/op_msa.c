@@ -58,6 +58,7 @@ Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *top
     const int64_t N = q->shape[0], Hq = q->shape[1];
     Tensor *out = engine_empty_like(e, q);
     Tensor *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
+    BACKEND_REQUIRE(e->be, msa_attention_forward);
     e->be->msa_attention_forward(out, lse, q, k, v, topk, cu_seqlens, p);
     Tensor *in[3] = {q, k, v};
     if (engine_wants_grad(e, in, 3)) {
@@ -76,6 +77,7 @@ void backward_msa_attention(Engine *e, Node *n) {
     Tensor *gq = engine_grad(e, q), *gk = engine_grad(e, k), *gv = engine_grad(e, v);
     if (!gq && !gk && !gv) return;
     MsaParams p = load_params(n);
+    BACKEND_REQUIRE(e->be, msa_attention_backward);
     e->be->msa_attention_backward(gq, gk, gv, n->out[0]->grad, q, k, v, n->out[0], n->saved[0], n->saved[1],
                                   n->saved[2], &p);
 }
@@ -98,6 +100,7 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
     DType sd = stat_dtype(qi->dtype);
     Tensor *loss = engine_empty(e, sd, SHAPE(1));
     Tensor *idx_lse = engine_empty(e, sd, SHAPE(Hkv, N));
+    BACKEND_REQUIRE(e->be, msa_kl_forward);
     e->be->msa_kl_forward(loss, idx_lse, q, k, lse, qi, ki, topk, cu_seqlens, p);
     if (weight != 1.0f) e->be->scale(loss, weight);
     Tensor *in[2] = {qi, ki};
@@ -124,6 +127,7 @@ void backward_msa_kl(Engine *e, Node *n) {
     const int64_t N = q->shape[0], Hidx = qi->shape[1];
     /* loss = weight * sum_{t,g} KL / (N * Hidx): the kernel takes the factor on sum_{t,g} KL */
     const double coeff = n->f[2] * tensor_item(e, n->out[0]->grad) / (double)(N * Hidx);
+    BACKEND_REQUIRE(e->be, msa_kl_backward);
     e->be->msa_kl_backward(gqi, gki, q, n->saved[1], n->saved[2], qi, ki, n->saved[3], n->ptr[0], n->ptr[1], &p,
                            (float)coeff);
 }

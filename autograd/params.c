@@ -19,6 +19,7 @@ void params_free(ParamStore *ps) {
     }
     if (ps->data) ps->be->free(ps->data);
     if (ps->grad) ps->be->free(ps->grad);
+    if (ps->shadow) ps->be->free(ps->shadow);
     free(ps->p);
     memset(ps, 0, sizeof(*ps));
 }
@@ -49,9 +50,12 @@ Tensor *params_add(ParamStore *ps, const char *name, int ndim, const int64_t *sh
     t->requires_grad = true;
     t->is_param = true;
     t->name = xstrdup(name);
+    /* On the GPU each parameter starts on a 64-element boundary (256 bytes of F32, 128 of its BF16
+     * shadow), so GEMMs get their aligned kernels; the gaps are never read. The CPU store stays dense. */
+    const int64_t align = ps->be->device == DEV_CUDA ? 64 : 1, offset = (ps->numel + align - 1) / align * align;
     Param *p = &ps->p[ps->n++];
-    *p = (Param){.t = t, .init = init, .init_std = std, .decay = decay, .lr_scale = 1.0f, .offset = ps->numel};
-    ps->numel += t->numel;
+    *p = (Param){.t = t, .init = init, .init_std = std, .decay = decay, .lr_scale = 1.0f, .offset = offset};
+    ps->numel = offset + t->numel;
     return t;
 }
 
@@ -66,6 +70,8 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
     ps->data = ps->be->alloc((size_t)ps->numel * es);
     ps->grad = ps->be->alloc((size_t)ps->numel * es);
     ps->be->zero(ps->grad, (size_t)ps->numel * es);
+    /* GPU GEMMs take BF16 inputs: keep a BF16 copy of the F32 master weights next to them */
+    if (ps->be->device == DEV_CUDA && ps->dtype == DT_F32) ps->shadow = ps->be->alloc((size_t)ps->numel * dtype_size(DT_BF16));
     ps->allocated = true;
     for (int i = 0; i < ps->n; i++) {
         Param *p = &ps->p[i];
@@ -77,7 +83,9 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
         g->requires_grad = false;
         g->grad = NULL;
         g->name = NULL;
+        g->shadow = NULL;
         t->grad = g;
+        if (ps->shadow) t->shadow = (char *)ps->shadow + (size_t)p->offset * dtype_size(DT_BF16);
         /* initialise on the host in the store's dtype, then copy to the device */
         Tensor host = *t;
         host.data = xmalloc(tensor_bytes(t));
@@ -90,6 +98,17 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
         ps->be->copy_from_host(t->data, host.data, tensor_bytes(t));
         free(host.data);
     }
+    params_sync_shadow(ps);
+}
+
+void params_sync_shadow(ParamStore *ps) {
+    if (!ps->shadow || ps->numel == 0) return;
+    Tensor src = {.dtype = ps->dtype, .device = ps->be->device, .ndim = 1, .shape = {ps->numel}, .numel = ps->numel,
+                  .data = ps->data};
+    Tensor dst = src;
+    dst.dtype = DT_BF16;
+    dst.data = ps->shadow;
+    ps->be->cast(&dst, &src);
 }
 
 void params_zero_grad(ParamStore *ps) {

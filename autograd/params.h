@@ -22,8 +22,10 @@ typedef struct ParamStore {
     DType dtype;     /* F32 master weights (F64 in gradient checks) */
     Param *p;
     int n, cap;
-    int64_t numel;
+    int64_t numel;   /* elements of each flat buffer (CUDA: with alignment gaps between parameters) */
     void *data, *grad;
+    void *shadow;    /* CUDA with F32 master weights: a BF16 copy of data (numel elements), each
+                        parameter's Tensor.shadow points into it; NULL on the CPU. See params_sync_shadow. */
     bool allocated;
 } ParamStore;
 
@@ -36,6 +38,12 @@ Tensor *params_add(ParamStore *ps, const char *name, int ndim, const int64_t *sh
  * seeded from seed and its name, so adding a parameter never changes the others' values). */
 void params_allocate(ParamStore *ps, uint64_t seed);
 void params_zero_grad(ParamStore *ps);
+/* Refresh the BF16 shadow copy of every parameter from the F32 master weights (one cast over the
+ * whole store; a no-op when the store has no shadow, i.e. on the CPU). params_allocate and the CUDA
+ * AdamW (which writes the shadow of each parameter it updates) keep it current by themselves; any
+ * other code that writes parameter values on a CUDA store (checkpoint loading, imports, tests that
+ * upload weights) must call this afterwards, or the GEMMs keep reading the old values. */
+void params_sync_shadow(ParamStore *ps);
 Param *params_find(ParamStore *ps, const char *name);
 /* Set requires_grad of every parameter whose name contains `substring` (NULL = all). Returns count. */
 int params_set_trainable(ParamStore *ps, const char *substring, bool trainable);

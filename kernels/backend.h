@@ -162,7 +162,43 @@ typedef struct KernelBackend {
     /* router z-loss (scalar) = mean over tokens of logsumexp(logits[t])^2; lse [N] saved */
     void (*moe_z_loss_forward)(Tensor *loss, Tensor *lse, const Tensor *logits);
     void (*moe_z_loss_backward)(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse);
+
+    /* bias over the last dim: y [rows, C] = x [rows, C] + b [C] (b may be F32 master weights while x
+     * is BF16 on CUDA); backward db [C] += sum over rows of dy (dx is the op's plain axpy) */
+    void (*bias_add_forward)(Tensor *y, const Tensor *x, const Tensor *b);
+    void (*bias_add_backward)(Tensor *db, const Tensor *dy);
 } KernelBackend;
+
+/* Entry groups a backend may still lack (NULL entries): the CUDA backend has no MSA and MoE kernels
+ * yet. backend_missing returns the name of the first NULL entry among the groups asked for, or NULL
+ * when the backend has them all: programs check it at start-up to refuse such a configuration with a
+ * message. BACKEND_REQUIRE(be, entry) guards a call site (needs kernels/util.h for fatal): a call
+ * through a NULL entry must never happen. */
+enum { BACKEND_MSA = 1, BACKEND_MOE = 2 };
+static inline const char *backend_missing(const KernelBackend *be, int groups) {
+#define BACKEND_CHECK_(fn) if (!be->fn) return #fn
+    if (groups & BACKEND_MSA) {
+        BACKEND_CHECK_(msa_indexer); BACKEND_CHECK_(msa_attention_forward); BACKEND_CHECK_(msa_attention_backward);
+        BACKEND_CHECK_(msa_kl_forward); BACKEND_CHECK_(msa_kl_backward); BACKEND_CHECK_(msa_recall);
+    }
+    if (groups & BACKEND_MOE) {
+        BACKEND_CHECK_(moe_scores_forward); BACKEND_CHECK_(moe_scores_backward); BACKEND_CHECK_(moe_topk);
+        BACKEND_CHECK_(moe_combine_weights_forward); BACKEND_CHECK_(moe_combine_weights_backward);
+        BACKEND_CHECK_(moe_plan); BACKEND_CHECK_(moe_permute_forward); BACKEND_CHECK_(moe_permute_backward);
+        BACKEND_CHECK_(moe_unpermute_forward); BACKEND_CHECK_(moe_unpermute_backward);
+        BACKEND_CHECK_(grouped_matmul_forward); BACKEND_CHECK_(grouped_matmul_backward);
+        BACKEND_CHECK_(moe_aux_loss_forward); BACKEND_CHECK_(moe_aux_loss_backward);
+        BACKEND_CHECK_(moe_z_loss_forward); BACKEND_CHECK_(moe_z_loss_backward);
+    }
+#undef BACKEND_CHECK_
+    return 0;
+}
+#define BACKEND_REQUIRE(be, entry)                                                                  \
+    do {                                                                                            \
+        if (!(be)->entry)                                                                           \
+            fatal("the %s backend has no %s kernel yet: MSA and MoE layers need train.device = "   \
+                  "\"cpu\" for now", (be)->name, #entry);                                           \
+    } while (0)
 
 extern const KernelBackend cpu_backend;
 #ifdef MSA_CUDA

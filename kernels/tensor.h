@@ -26,6 +26,10 @@ typedef struct Tensor {
     bool requires_grad;
     bool is_param;        /* lives in the parameter store: its grad persists across micro-steps */
     const char *name;     /* parameters only; becomes the checkpoint dataset name */
+    void *shadow;         /* CUDA F32 parameters only: a BF16 copy of data (same device), owned by the
+                             ParamStore and kept current by it (params_sync_shadow) and by the CUDA
+                             AdamW. GEMMs that round their inputs to BF16 anyway read it instead of
+                             casting data on every call. NULL everywhere else; kernels never require it. */
 } Tensor;
 
 static inline size_t dtype_size(DType dt) {

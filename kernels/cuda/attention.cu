@@ -1,0 +1,470 @@
+/* Causal GQA attention within packed documents on the GPU: our own FlashAttention-2-style kernels
+ * (cuDNN's fused SDPA through the graph API is not used yet; see the report of issue 6).
+ *
+ * Shapes as the CPU reference: q [N,Hq,D], k/v [N,Hkv,D], out [N,Hq,D], lse [Hq,N] F32 (natural log,
+ * scale included); query t of document [s,e) sees keys s..t; query head h reads KV head h/(Hq/Hkv).
+ * BF16 (or F32) data, fp32 arithmetic in registers and shared memory; head dims up to 256.
+ *
+ * Forward: a block = one head x 32 consecutive queries (4 warps x 8 queries); it walks the key tiles
+ * from the first query's document start to the last query, 32 keys per tile staged in shared memory
+ * as fp32. Scores: lane l of a warp takes key l of the tile against the warp's 8 queries (row-per-lane
+ * reads padded to 4 mod 32 floats: no bank conflicts); online softmax per query (running max and sum);
+ * P.V with lanes across the head dim and the probabilities broadcast by shuffles. Tiles (or queries)
+ * that see none of a tile's keys are skipped, so the causal mask costs at most one tile per block.
+ * Backward: no atomics, deterministic; three kernels as the CPU reference's two passes:
+ *   1. Dsum[h,t] = dout_t . out_t;
+ *   2. dq: the forward's layout, recomputing P = exp(scale q.k - lse) and dS = P (dout.v - Dsum);
+ *   3. dk, dv: a block = one KV head x 32 (16 for D > 128) keys, walking the later queries of its
+ *      documents for every query head of the group, lanes over queries for P and dS, then over the
+ *      head dim to accumulate dv += P dout and dk += dS q in registers.
+ * About 2x the arithmetic of a fused backward with atomics for dq; correctness and determinism first.
+ * The scores use CUDA cores, not tensor cores: a wgmma/mma version is future work. */
+#include <math.h>
+
+#include "common.cuh"
+
+using namespace msacuda;
+
+namespace {
+
+constexpr int NWARPS = 4, THREADS = NWARPS * 32;
+constexpr int QPW = 8;               /* queries per warp (forward, dq) */
+constexpr int BQ = NWARPS * QPW;     /* queries per block */
+constexpr int BK = 32;               /* keys per tile (= lanes) */
+constexpr unsigned FULL = 0xffffffffu;
+
+/* Shared-memory row pitches (floats): LP for rows read along the head dim by the lanes (covers every
+ * lane's dims), RP = LP + 4 for rows read whole by one lane each with float4 loads (4 mod 32: the
+ * 8 lanes of each quarter-warp hit distinct banks). */
+template <int DPL> struct Pitch {
+    static constexpr int LP = 32 * DPL, RP = 32 * DPL + 4;
+};
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
+/* Copy rows [r0, r0 + nrows) of head `head` of x [N, H, D] into smem rows of `pitch` floats, times mul;
+ * rows past `rlimit` and dims past D are zero. */
+template <typename T>
+__device__ __forceinline__ void load_rows(float *dst, int pitch, const T *x, int64_t r0, int nrows, int64_t rlimit, int H,
+                                          int head, int D, float mul) {
+    for (int idx = threadIdx.x; idx < nrows * pitch; idx += blockDim.x) {
+        const int r = idx / pitch, d = idx - r * pitch;
+        const int64_t t = r0 + r;
+        dst[idx] = (t < rlimit && d < D) ? to_f32(x[(t * H + head) * D + d]) * mul : 0.0f;
+    }
+}
+
+/* Per-token document bounds from cu_seqlens, and its validation (errors go to the error word; the
+ * bounds are clamped so that the kernels stay in bounds whatever cu_seqlens holds). */
+__global__ void doc_bounds_kernel(int *dstart, int *dend, const int *cu, int ndocs, int N, int *err) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < max(N, ndocs + 1); i += gridDim.x * blockDim.x) {
+        if (i <= ndocs) {
+            const bool bad = (i == 0 && cu[0] != 0) || (i == ndocs && cu[ndocs] != N) || (i > 0 && cu[i] < cu[i - 1]);
+            if (bad) report_error(err, ERR_CU_SEQLENS, i, cu[i]);
+        }
+        if (i < N) {
+            int lo = 0, hi = ndocs; /* last d in [0, ndocs) with cu[d] <= i */
+            while (hi - lo > 1) {
+                const int mid = (lo + hi) / 2;
+                if (cu[mid] <= i) lo = mid;
+                else hi = mid;
+            }
+            dstart[i] = min(max(cu[lo], 0), i);
+            dend[i] = max(min(cu[lo + 1], N), i + 1);
+        }
+    }
+}
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(THREADS) attn_fwd_kernel(T *out, float *lse, const T *q, const T *k, const T *v,
+                                                          const int *dstart, int N, int Hq, int Hkv, int D, float scale) {
+    constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
+    extern __shared__ float4 smem4[];
+    float *Qs = (float *)smem4;   /* [BQ][LP], pre-multiplied by scale */
+    float *Ks = Qs + BQ * LP;     /* [BK][RP] */
+    float *Vs = Ks + BK * RP;     /* [BK][LP] */
+    const int h = blockIdx.y, hk = h / (Hq / Hkv);
+    const int t0 = blockIdx.x * BQ, tlast = min(t0 + BQ, N) - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int D4 = (D + 3) / 4;
+    load_rows(Qs, LP, q, t0, BQ, N, Hq, h, D, scale);
+
+    const int wq0 = t0 + warp * QPW, wqlast = min(wq0 + QPW, N) - 1;
+    const int wkmin = wq0 < N ? dstart[wq0] : 0;
+    int qs[QPW];
+    float m[QPW], l[QPW], o[QPW][DPL];
+#pragma unroll
+    for (int i = 0; i < QPW; i++) {
+        qs[i] = wq0 + i < N ? dstart[wq0 + i] : N;
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < DPL; jj++) o[i][jj] = 0.0f;
+    }
+
+    for (int kt = dstart[t0]; kt <= tlast; kt += BK) {
+        __syncthreads();
+        load_rows(Ks, RP, k, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
+        load_rows(Vs, LP, v, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
+        __syncthreads();
+        if (wq0 >= N || kt > wqlast || kt + BK - 1 < wkmin) continue; /* warp-uniform */
+        float s[QPW];
+#pragma unroll
+        for (int i = 0; i < QPW; i++) s[i] = 0.0f;
+        const float4 *kr = (const float4 *)(Ks + lane * RP);
+        for (int d4 = 0; d4 < D4; d4++) {
+            const float4 kk = kr[d4];
+#pragma unroll
+            for (int i = 0; i < QPW; i++) s[i] += dot4(((const float4 *)(Qs + (warp * QPW + i) * LP))[d4], kk);
+        }
+        const int j = kt + lane;
+#pragma unroll
+        for (int i = 0; i < QPW; i++) {
+            const int t = wq0 + i;
+            const bool vis = t < N && j <= t && j >= qs[i];
+            if (!__any_sync(FULL, vis)) continue;
+            const float si = vis ? s[i] : -INFINITY;
+            const float mnew = fmaxf(m[i], warp_max(si));
+            const float p = vis ? expf(si - mnew) : 0.0f;
+            const float alpha = expf(m[i] - mnew); /* 0 while m was -inf */
+            l[i] = l[i] * alpha + warp_sum(p);
+            m[i] = mnew;
+#pragma unroll
+            for (int jj = 0; jj < DPL; jj++) o[i][jj] *= alpha;
+            for (int kk = 0; kk < BK; kk++) {
+                const float pk = __shfl_sync(FULL, p, kk);
+                const float *vr = Vs + kk * LP + lane;
+#pragma unroll
+                for (int jj = 0; jj < DPL; jj++) o[i][jj] += pk * vr[32 * jj];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < QPW; i++) {
+        const int t = wq0 + i;
+        if (t >= N) continue;
+        const float inv = 1.0f / l[i];
+        T *orow = out + ((int64_t)t * Hq + h) * D;
+#pragma unroll
+        for (int jj = 0; jj < DPL; jj++) {
+            const int d = lane + 32 * jj;
+            if (d < D) orow[d] = from_f32<T>(o[i][jj] * inv);
+        }
+        if (lane == 0) lse[(int64_t)h * N + t] = m[i] + logf(l[i]);
+    }
+}
+
+/* Dsum[h, t] = dout[t, h, :] . out[t, h, :], one warp per (t, h) */
+template <typename T>
+__global__ void attn_dsum_kernel(float *dsum, const T *dout, const T *out, int N, int Hq, int D) {
+    const int64_t row = blockIdx.x * (int64_t)NWARPS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= (int64_t)N * Hq) return;
+    const T *a = dout + row * D, *b = out + row * D;
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += to_f32(a[d]) * to_f32(b[d]);
+    s = warp_sum(s);
+    if (lane == 0) {
+        const int64_t t = row / Hq, h = row % Hq;
+        dsum[h * N + t] = s;
+    }
+}
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(THREADS) attn_bwd_dq_kernel(T *dq, const T *dout, const T *q, const T *k, const T *v,
+                                                             const float *lse, const float *dsum, const int *dstart, int N,
+                                                             int Hq, int Hkv, int D, float scale) {
+    constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
+    extern __shared__ float4 smem4[];
+    float *Qs = (float *)smem4;   /* [BQ][LP] */
+    float *Os = Qs + BQ * LP;     /* [BQ][LP] dout */
+    float *Ks = Os + BQ * LP;     /* [BK][RP] */
+    float *Vs = Ks + BK * RP;     /* [BK][RP] */
+    const int h = blockIdx.y, hk = h / (Hq / Hkv);
+    const int t0 = blockIdx.x * BQ, tlast = min(t0 + BQ, N) - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int D4 = (D + 3) / 4;
+    load_rows(Qs, LP, q, t0, BQ, N, Hq, h, D, 1.0f);
+    load_rows(Os, LP, dout, t0, BQ, N, Hq, h, D, 1.0f);
+
+    const int wq0 = t0 + warp * QPW, wqlast = min(wq0 + QPW, N) - 1;
+    const int wkmin = wq0 < N ? dstart[wq0] : 0;
+    int qs[QPW];
+    float ql[QPW], qd[QPW], acc[QPW][DPL];
+#pragma unroll
+    for (int i = 0; i < QPW; i++) {
+        const int t = wq0 + i;
+        qs[i] = t < N ? dstart[t] : N;
+        ql[i] = t < N ? lse[(int64_t)h * N + t] : 0.0f;
+        qd[i] = t < N ? dsum[(int64_t)h * N + t] : 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < DPL; jj++) acc[i][jj] = 0.0f;
+    }
+
+    for (int kt = dstart[t0]; kt <= tlast; kt += BK) {
+        __syncthreads();
+        load_rows(Ks, RP, k, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
+        load_rows(Vs, RP, v, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
+        __syncthreads();
+        if (wq0 >= N || kt > wqlast || kt + BK - 1 < wkmin) continue;
+        float s[QPW], dp[QPW];
+#pragma unroll
+        for (int i = 0; i < QPW; i++) s[i] = dp[i] = 0.0f;
+        const float4 *kr = (const float4 *)(Ks + lane * RP), *vr = (const float4 *)(Vs + lane * RP);
+        for (int d4 = 0; d4 < D4; d4++) {
+            const float4 kk = kr[d4], vv = vr[d4];
+#pragma unroll
+            for (int i = 0; i < QPW; i++) {
+                s[i] += dot4(((const float4 *)(Qs + (warp * QPW + i) * LP))[d4], kk);
+                dp[i] += dot4(((const float4 *)(Os + (warp * QPW + i) * LP))[d4], vv);
+            }
+        }
+        const int j = kt + lane;
+#pragma unroll
+        for (int i = 0; i < QPW; i++) {
+            const int t = wq0 + i;
+            const bool vis = t < N && j <= t && j >= qs[i];
+            if (!__any_sync(FULL, vis)) continue;
+            const float P = vis ? expf(scale * s[i] - ql[i]) : 0.0f;
+            const float dS = P * (dp[i] - qd[i]);
+            for (int kk = 0; kk < BK; kk++) {
+                const float g = __shfl_sync(FULL, dS, kk);
+                const float *krow = Ks + kk * RP + lane;
+#pragma unroll
+                for (int jj = 0; jj < DPL; jj++) acc[i][jj] += g * krow[32 * jj];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < QPW; i++) {
+        const int t = wq0 + i;
+        if (t >= N) continue;
+        T *row = dq + ((int64_t)t * Hq + h) * D;
+#pragma unroll
+        for (int jj = 0; jj < DPL; jj++) {
+            const int d = lane + 32 * jj;
+            if (d < D) row[d] = from_f32<T>(to_f32(row[d]) + scale * acc[i][jj]);
+        }
+    }
+}
+
+template <typename T, int DPL, int KPW>
+__global__ void __launch_bounds__(THREADS) attn_bwd_dkv_kernel(T *dk, T *dv, const T *dout, const T *q, const T *k, const T *v,
+                                                              const float *lse, const float *dsum, const int *dend, int N,
+                                                              int Hq, int Hkv, int D, float scale) {
+    constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP, BKK = NWARPS * KPW, BQT = 32;
+    extern __shared__ float4 smem4[];
+    float *Ks = (float *)smem4;   /* [BKK][LP] */
+    float *Vs = Ks + BKK * LP;    /* [BKK][LP] */
+    float *Qs = Vs + BKK * LP;    /* [BQT][RP] */
+    float *Os = Qs + BQT * RP;    /* [BQT][RP] dout */
+    float *Ls = Os + BQT * RP;    /* [BQT] lse */
+    float *Ds = Ls + BQT;         /* [BQT] Dsum */
+    const int hk = blockIdx.y, group = Hq / Hkv;
+    const int j0 = blockIdx.x * BKK, jlast = min(j0 + BKK, N) - 1;
+    const int qend = dend[jlast]; /* one past the last query any key of the block serves */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int D4 = (D + 3) / 4;
+    load_rows(Ks, LP, k, j0, BKK, N, Hkv, hk, D, 1.0f);
+    load_rows(Vs, LP, v, j0, BKK, N, Hkv, hk, D, 1.0f);
+
+    const int wj0 = j0 + warp * KPW;
+    int kend[KPW];
+    float ak[KPW][DPL], av[KPW][DPL];
+    int wqend = 0;
+#pragma unroll
+    for (int i = 0; i < KPW; i++) {
+        kend[i] = wj0 + i < N ? dend[wj0 + i] : 0;
+        wqend = max(wqend, kend[i]);
+#pragma unroll
+        for (int jj = 0; jj < DPL; jj++) ak[i][jj] = av[i][jj] = 0.0f;
+    }
+
+    for (int h = hk * group; h < (hk + 1) * group; h++) {
+        for (int tq = j0; tq < qend; tq += BQT) {
+            __syncthreads();
+            load_rows(Qs, RP, q, tq, BQT, qend, Hq, h, D, 1.0f);
+            load_rows(Os, RP, dout, tq, BQT, qend, Hq, h, D, 1.0f);
+            if (threadIdx.x < BQT) {
+                const int t = tq + threadIdx.x;
+                Ls[threadIdx.x] = t < qend ? lse[(int64_t)h * N + t] : 0.0f;
+                Ds[threadIdx.x] = t < qend ? dsum[(int64_t)h * N + t] : 0.0f;
+            }
+            __syncthreads();
+            if (wj0 >= N || tq >= wqend || tq + BQT - 1 < wj0) continue; /* warp-uniform */
+            float s[KPW], dp[KPW];
+#pragma unroll
+            for (int i = 0; i < KPW; i++) s[i] = dp[i] = 0.0f;
+            const float4 *qr = (const float4 *)(Qs + lane * RP), *orr = (const float4 *)(Os + lane * RP);
+            for (int d4 = 0; d4 < D4; d4++) {
+                const float4 qq = qr[d4], oo = orr[d4];
+#pragma unroll
+                for (int i = 0; i < KPW; i++) {
+                    s[i] += dot4(qq, ((const float4 *)(Ks + (warp * KPW + i) * LP))[d4]);
+                    dp[i] += dot4(oo, ((const float4 *)(Vs + (warp * KPW + i) * LP))[d4]);
+                }
+            }
+            const int t = tq + lane;
+            const float lt = Ls[lane], dt = Ds[lane];
+#pragma unroll
+            for (int i = 0; i < KPW; i++) {
+                const int j = wj0 + i;
+                const bool vis = j < N && t >= j && t < kend[i];
+                if (!__any_sync(FULL, vis)) continue;
+                const float P = vis ? expf(scale * s[i] - lt) : 0.0f;
+                const float dS = P * (dp[i] - dt);
+                for (int kk = 0; kk < BQT; kk++) {
+                    const float pk = __shfl_sync(FULL, P, kk), gk = __shfl_sync(FULL, dS, kk);
+                    const float *orow = Os + kk * RP + lane, *qrow = Qs + kk * RP + lane;
+#pragma unroll
+                    for (int jj = 0; jj < DPL; jj++) {
+                        av[i][jj] += pk * orow[32 * jj];
+                        ak[i][jj] += gk * qrow[32 * jj];
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < KPW; i++) {
+        const int j = wj0 + i;
+        if (j >= N) continue;
+        const int64_t base = ((int64_t)j * Hkv + hk) * D;
+#pragma unroll
+        for (int jj = 0; jj < DPL; jj++) {
+            const int d = lane + 32 * jj;
+            if (d >= D) continue;
+            if (dk) dk[base + d] = from_f32<T>(to_f32(dk[base + d]) + scale * ak[i][jj]);
+            if (dv) dv[base + d] = from_f32<T>(to_f32(dv[base + d]) + av[i][jj]);
+        }
+    }
+}
+
+/* Launch with `smem` bytes of dynamic shared memory, raising the kernel's limit once when needed. */
+template <typename Kern, typename... Args>
+void launch(const char *name, Kern kernel, int &raised, dim3 grid, size_t smem, Args... args) {
+    if (smem > 48 * 1024 && (int)smem > raised) {
+        if ((int)smem > max_smem_optin())
+            fatal("cuda %s: needs %zu bytes of shared memory, the device allows %d", name, smem, max_smem_optin());
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        raised = (int)smem;
+    }
+    kernel<<<grid, THREADS, smem>>>(args...);
+    LAUNCH_CHECK(name);
+}
+
+struct Dims {
+    int N, Hq, Hkv, D, ndocs;
+};
+
+Dims check_dims(const char *what, const Tensor *q, const Tensor *k, const Tensor *v, const Tensor *cu) {
+    if (q->ndim != 3 || k->ndim != 3 || v->ndim != 3) fatal("cuda %s: q, k, v must be [N, H, D]", what);
+    const int64_t N = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1], D = q->shape[2];
+    if (k->shape[0] != N || k->shape[2] != D || v->shape[0] != N || v->shape[1] != Hkv || v->shape[2] != D)
+        fatal("cuda %s: k and v must be [%lld, Hkv, %lld] like each other", what, (long long)N, (long long)D);
+    if (Hkv <= 0 || Hq % Hkv != 0) fatal("cuda %s: %lld query heads are not a multiple of %lld KV heads", what, (long long)Hq, (long long)Hkv);
+    if (D < 1 || D > 256) fatal("cuda %s: head dim %lld not supported (1..256)", what, (long long)D);
+    if (N >= INT32_MAX / 2 || Hq > 65535) fatal("cuda %s: too many tokens or heads", what);
+    if (q->dtype != k->dtype || q->dtype != v->dtype) fatal("cuda %s: q, k, v dtypes differ", what);
+    if (cu->dtype != DT_I32 || cu->numel < 2) fatal("cuda %s: cu_seqlens must be i32 [ndocs+1] with ndocs >= 1", what);
+    return Dims{(int)N, (int)Hq, (int)Hkv, (int)D, (int)(cu->numel - 1)};
+}
+
+int dpl_of(int D) { return D <= 32 ? 1 : D <= 64 ? 2 : D <= 128 ? 4 : 8; }
+
+/* scratch layout: dstart [N] | dend [N] | (backward) dsum [Hq*N] */
+int *doc_bounds(const Dims &a, const Tensor *cu, size_t extra_bytes, void **extra) {
+    const size_t bounds = ((size_t)2 * a.N * sizeof(int) + 255) / 256 * 256;
+    char *ws = (char *)scratch(bounds + extra_bytes);
+    int *dstart = (int *)ws;
+    doc_bounds_kernel<<<grid_for((int64_t)a.N + a.ndocs + 1, 256), 256>>>(dstart, dstart + a.N, (const int *)cu->data,
+                                                                         a.ndocs, a.N, errbuf());
+    LAUNCH_CHECK("attention doc_bounds");
+    if (extra) *extra = ws + bounds;
+    return dstart;
+}
+
+template <typename T, int DPL> void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                                                 const int *dstart, const Dims &a, float scale) {
+    static int raised = 0;
+    constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
+    const size_t smem = (size_t)(BQ * LP + BK * RP + BK * LP) * sizeof(float);
+    const dim3 grid((unsigned)((a.N + BQ - 1) / BQ), (unsigned)a.Hq);
+    launch("attention_forward", attn_fwd_kernel<T, DPL>, raised, grid, smem, (T *)out->data, (float *)lse->data,
+           (const T *)q->data, (const T *)k->data, (const T *)v->data, dstart, a.N, a.Hq, a.Hkv, a.D, scale);
+}
+
+template <typename T, int DPL>
+void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q, const Tensor *k, const Tensor *v,
+                   const Tensor *lse, const int *dstart, const int *dend, const float *dsum, const Dims &a, float scale) {
+    constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
+    if (dq) {
+        static int raised = 0;
+        const size_t smem = (size_t)(2 * BQ * LP + 2 * BK * RP) * sizeof(float);
+        const dim3 grid((unsigned)((a.N + BQ - 1) / BQ), (unsigned)a.Hq);
+        launch("attention_backward dq", attn_bwd_dq_kernel<T, DPL>, raised, grid, smem, (T *)dq->data, (const T *)dout->data,
+               (const T *)q->data, (const T *)k->data, (const T *)v->data, (const float *)lse->data, dsum, dstart, a.N, a.Hq,
+               a.Hkv, a.D, scale);
+    }
+    if (dk || dv) {
+        static int raised = 0;
+        constexpr int KPW = DPL <= 4 ? 8 : 4, BKK = NWARPS * KPW;
+        const size_t smem = (size_t)(2 * BKK * LP + 2 * 32 * RP + 64) * sizeof(float);
+        const dim3 grid((unsigned)((a.N + BKK - 1) / BKK), (unsigned)a.Hkv);
+        launch("attention_backward dk dv", attn_bwd_dkv_kernel<T, DPL, KPW>, raised, grid, smem,
+               dk ? (T *)dk->data : nullptr, dv ? (T *)dv->data : nullptr, (const T *)dout->data, (const T *)q->data,
+               (const T *)k->data, (const T *)v->data, (const float *)lse->data, dsum, dend, a.N, a.Hq, a.Hkv, a.D, scale);
+    }
+}
+
+}  // namespace
+
+extern "C" void cuda_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                                       const Tensor *cu_seqlens, float scale) {
+    init();
+    const Dims a = check_dims("attention_forward", q, k, v, cu_seqlens);
+    if (out->numel != q->numel || out->dtype != q->dtype) fatal("cuda attention_forward: out must have q's shape and dtype");
+    if (lse->numel != (int64_t)a.Hq * a.N || lse->dtype != DT_F32) fatal("cuda attention_forward: lse must be f32 [Hq, N]");
+    if (a.N == 0) return;
+    const int *dstart = doc_bounds(a, cu_seqlens, 0, nullptr);
+    DISPATCH_FLOAT(q->dtype, T, "attention_forward", {
+        switch (dpl_of(a.D)) {
+        case 1: forward_impl<T, 1>(out, lse, q, k, v, dstart, a, scale); break;
+        case 2: forward_impl<T, 2>(out, lse, q, k, v, dstart, a, scale); break;
+        case 4: forward_impl<T, 4>(out, lse, q, k, v, dstart, a, scale); break;
+        default: forward_impl<T, 8>(out, lse, q, k, v, dstart, a, scale); break;
+        }
+    });
+}
+
+extern "C" void cuda_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
+                                        const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
+                                        const Tensor *cu_seqlens, float scale) {
+    init();
+    if (!dq && !dk && !dv) return;
+    const Dims a = check_dims("attention_backward", q, k, v, cu_seqlens);
+    if (dout->numel != q->numel || out->numel != q->numel || dout->dtype != q->dtype || out->dtype != q->dtype)
+        fatal("cuda attention_backward: dout and out must have q's shape and dtype");
+    if (lse->numel != (int64_t)a.Hq * a.N || lse->dtype != DT_F32) fatal("cuda attention_backward: lse must be f32 [Hq, N]");
+    const Tensor *grads[3] = {dq, dk, dv}, *like[3] = {q, k, v};
+    for (int i = 0; i < 3; i++)
+        if (grads[i] && (grads[i]->numel != like[i]->numel || grads[i]->dtype != q->dtype))
+            fatal("cuda attention_backward: gradients must have their inputs' shapes and dtype");
+    if (a.N == 0) return;
+    void *extra = nullptr;
+    const int *dstart = doc_bounds(a, cu_seqlens, (size_t)a.Hq * a.N * sizeof(float), &extra);
+    const int *dend = dstart + a.N;
+    float *dsum = (float *)extra;
+    DISPATCH_FLOAT(q->dtype, T, "attention_backward", {
+        const int64_t rows = (int64_t)a.N * a.Hq;
+        attn_dsum_kernel<T><<<(unsigned)((rows + NWARPS - 1) / NWARPS), THREADS>>>(dsum, (const T *)dout->data,
+                                                                                   (const T *)out->data, a.N, a.Hq, a.D);
+        LAUNCH_CHECK("attention_backward dsum");
+        switch (dpl_of(a.D)) {
+        case 1: backward_impl<T, 1>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
+        case 2: backward_impl<T, 2>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
+        case 4: backward_impl<T, 4>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
+        default: backward_impl<T, 8>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
+        }
+    });
+}
