@@ -108,6 +108,8 @@ static const KeyDef KEYS[] = {
     NUM(optim, beta2, 0.95, 0, 0.999999, "AdamW second-moment decay"),
     POS(optim, eps, 1e-8, 0, 1, "AdamW epsilon"),
     NUM(optim, grad_clip, 1.0, 0, FMAX, "clip the global gradient L2 norm to this; 0 = off"),
+    CHOICE(optim, warmup_trainable, "all", "all|index", "what trains during msa.dense_warmup_steps: all, or only the MSA index branch (indexer fine-tuning stage 1)"),
+    NUM(optim, backbone_lr_scale, 1.0, 0, FMAX, "LR multiplier of every non-index parameter after the dense warm-up; 0 = backbone frozen"),
 
     NUM(train, steps, 1000, 1, IMAX, "optimizer steps"),
     NUM(train, batch_size, 16, 1, IMAX, "sequences per micro-batch"),
@@ -118,6 +120,7 @@ static const KeyDef KEYS[] = {
     NUM(train, log_every, 10, 1, IMAX, "steps between progress lines"),
     NUM(train, seed, 1337, 0, U64MAX, "seed of the initialisation and the data sampler"),
     BOOL(train, recompute, 0, "activation checkpointing per transformer block"),
+    BOOL(train, eval_dense_reference, 0, "MSA models: at each eval (and before step 1) also report the LM loss with every MSA layer in dense attention"),
     CHOICE(train, device, "cpu", "cpu|cuda", "backend"),
     NUM(train, sample_tokens, 0, 0, IMAX, "tokens of text sampled after training (char/byte data); 0 = none"),
     POS(train, sample_temperature, 1.0, 0, FMAX, "sampling temperature"),
@@ -592,6 +595,11 @@ void config_validate(const RunConfig *c) {
         fatal("%s: msa.index_heads = %d must be 0 or model.n_kv_heads = %d (one index head per GQA group)", src,
               a->index_heads, m->n_kv_heads);
     if (a->index_dim % 2) fatal("%s: msa.index_dim = %d must be even (RoPE)", src, a->index_dim);
+    bool has_msa = strcmp(m->attention, "msa") == 0;
+    if (!has_msa && strcmp(c->optim.warmup_trainable, "index") == 0)
+        fatal("%s: optim.warmup_trainable = \"index\" needs MSA layers (model.attention = \"msa\")", src);
+    if (!has_msa && c->optim.backbone_lr_scale == 0)
+        fatal("%s: optim.backbone_lr_scale = 0 freezes every parameter of a model without MSA layers", src);
     if (a->topk_blocks < a->init_blocks + a->local_blocks)
         fatal("%s: msa.topk_blocks = %d must be >= msa.init_blocks + msa.local_blocks = %d", src, a->topk_blocks,
               a->init_blocks + a->local_blocks);

@@ -69,6 +69,10 @@ typedef struct OptimConfig {
     bool decay_embeddings;
     float beta1, beta2, eps;
     float grad_clip;       /* global L2 norm; 0 = off */
+    char warmup_trainable[8]; /* "all" or "index": what trains during msa.dense_warmup_steps (stage 1
+                                 of indexer fine-tuning: "index" = only the MSA index branch) */
+    float backbone_lr_scale;  /* LR multiplier of every non-index parameter after the warm-up
+                                 (stage 2); 0 = backbone frozen */
 } OptimConfig;
 
 typedef struct TrainConfig {
@@ -81,6 +85,8 @@ typedef struct TrainConfig {
     int log_every;         /* steps between progress lines */
     uint64_t seed;
     bool recompute;        /* activation checkpointing per transformer block */
+    bool eval_dense_reference; /* MSA models: also evaluate with every MSA layer in dense attention
+                                  (same weights) and before the first step */
     char device[8];        /* "cpu" or "cuda" */
     int sample_tokens;     /* tokens of text sampled at the end (char/byte data); 0 = none */
     float sample_temperature;

@@ -96,6 +96,17 @@ void model_free(Model *m) {
     memset(m, 0, sizeof(*m));
 }
 
+bool model_is_index_param(const Tensor *p) { return strstr(p->name, ".index.") != NULL; }
+
+void model_set_trainable(Model *m, bool index_only, float backbone_lr_scale) {
+    for (int i = 0; i < m->params.n; i++) {
+        Param *p = &m->params.p[i];
+        bool index = model_is_index_param(p->t);
+        p->t->requires_grad = index || (!index_only && backbone_lr_scale > 0);
+        p->lr_scale = index ? 1.0f : backbone_lr_scale;
+    }
+}
+
 static Tensor *upload_i32(Engine *e, const int32_t *host, int64_t n) {
     Tensor *t = engine_empty(e, DT_I32, SHAPE(n));
     tensor_from_host(e, t, host);

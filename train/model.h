@@ -27,6 +27,8 @@ typedef struct MsaMetrics {
     double recall_sum;   /* sum over MSA layers of the recall */
     int layers;          /* MSA layers that contributed */
     int recall_layers;
+    double dense_loss;   /* LM loss with every MSA layer in dense attention (eval_dense_reference) */
+    bool has_dense_loss;
 } MsaMetrics;
 
 typedef struct Model {
@@ -67,6 +69,12 @@ typedef struct MoeSummary {
     double aux_loss, z_loss;   /* mean over MoE layers of the unweighted losses */
 } MoeSummary;
 void model_moe_step(Model *m, MoeSummary *summary, bool update_bias);
+
+/* Is this parameter part of an MSA index branch? (trained by the KL only) */
+bool model_is_index_param(const Tensor *p);
+/* Which parameters train: index_only = only the MSA index branches; else all, with the LR of every
+ * non-index parameter multiplied by backbone_lr_scale (0 = backbone frozen). */
+void model_set_trainable(Model *m, bool index_only, float backbone_lr_scale);
 
 /* Upload a host batch as device tensors in the engine's arena. */
 ModelInput model_upload(Engine *e, const Batch *b);

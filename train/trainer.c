@@ -340,7 +340,12 @@ StepResult run_step(Run *r) {
     const RunConfig *c = &r->cfg;
     Engine *e = &r->engine;
     StepResult s = {0};
-    r->model.msa_dense = r->step < c->msa.dense_warmup_steps;
+    /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
+     * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
+    bool warm = r->step < c->msa.dense_warmup_steps;
+    r->model.msa_dense = warm;
+    model_set_trainable(&r->model, warm && strcmp(c->optim.warmup_trainable, "index") == 0,
+                        warm ? 1.0f : c->optim.backbone_lr_scale);
     params_zero_grad(&r->model.params);
     for (int micro = 0; micro < c->train.grad_accum; micro++) {
         engine_reset(e);
@@ -350,7 +355,9 @@ StepResult run_step(Run *r) {
         s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
         if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
         /* the mean over micro-batches: each contributes 1/grad_accum of the gradient */
-        engine_backward(e, c->train.grad_accum > 1 ? op_scale(e, L.total, 1.0f / c->train.grad_accum) : L.total);
+        /* nothing to differentiate when every parameter on the loss's path is frozen */
+        if (L.total->requires_grad)
+            engine_backward(e, c->train.grad_accum > 1 ? op_scale(e, L.total, 1.0f / c->train.grad_accum) : L.total);
     }
     s.grad_norm = clip_grad_norm(&r->model.params, c->optim.grad_clip);
     s.lr = lr_schedule(&c->optim, r->step, c->train.steps);
@@ -379,6 +386,21 @@ double run_evaluate(Run *r, MsaMetrics *mm) {
         total += tensor_item(e, L.lm);
     }
     if (mm) *mm = m->metrics;
+    if (mm && r->cfg.train.eval_dense_reference && m->n_msa_layers) {
+        /* the same weights with every MSA layer in dense attention: with a frozen backbone this is
+         * exactly the dense model's loss, the reference the sparse loss is held to */
+        m->collect_metrics = false;
+        m->msa_dense = true;
+        double dense = 0.0;
+        for (int i = 0; i < r->cfg.train.eval_batches; i++) {
+            engine_reset(e);
+            sampler_sequential(&r->val_ds, i, &r->batch);
+            ModelInput in = model_upload(e, &r->batch);
+            dense += tensor_item(e, model_forward(m, e, &in, false).lm);
+        }
+        mm->dense_loss = dense / r->cfg.train.eval_batches;
+        mm->has_dense_loss = true;
+    }
     model_moe_step(m, NULL, false); /* eval routing must not feed the next step's bias update */
     m->collect_metrics = false;
     m->msa_dense = prev_dense;
@@ -391,12 +413,14 @@ static void log_eval(Run *r, double val_loss, const MsaMetrics *mm) {
     if (!r->quiet) {
         printf("eval step %d | val loss %.4f", r->step, val_loss);
         if (mm->layers) printf(" | kl %.4f | recall %.4f", kl, recall);
+        if (mm->has_dense_loss) printf(" | dense-attention loss %.4f", mm->dense_loss);
         printf("\n");
         fflush(stdout);
     }
     if (r->metrics) {
         fprintf(r->metrics, "{\"step\": %d, \"val_loss\": %.6f", r->step, val_loss);
         if (mm->layers) fprintf(r->metrics, ", \"kl\": %.6f, \"recall\": %.6f", kl, recall);
+        if (mm->has_dense_loss) fprintf(r->metrics, ", \"dense_attention_val_loss\": %.6f", mm->dense_loss);
         fprintf(r->metrics, "}\n");
         fflush(r->metrics);
     }
@@ -429,6 +453,13 @@ double run_train(Run *r) {
     bool saving = c->train.out_dir[0] != 0;
     struct sigaction old_int, old_term;
     if (saving) install_stop_handlers(&old_int, &old_term);
+    if (r->step == 0 && c->train.eval_dense_reference && r->model.n_msa_layers) {
+        /* before any step: the loss of the starting weights (the imported dense model) */
+        MsaMetrics mm;
+        val = run_evaluate(r, &mm);
+        log_eval(r, val, &mm);
+        r->t_last = wall_seconds();
+    }
     while (r->step < c->train.steps) {
         run_step(r);
         double pause_start = wall_seconds();
