@@ -265,6 +265,11 @@ void run_init(Run *r) {
 
     r->be = select_backend(c->train.device);
     model_build(&r->model, c, r->be, DT_F32, c->train.seed);
+    const char *missing = backend_missing(r->be, (r->model.n_msa_layers ? BACKEND_MSA : 0) |
+                                                     (r->model.n_moe_layers ? BACKEND_MOE : 0));
+    if (missing)
+        fatal("%s: the %s backend has no %s kernel yet: MSA/MoE layers need train.device = \"cpu\" for now", src,
+              r->be->name, missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
     adamw_init(&r->opt, &r->model.params);
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);

@@ -1,5 +1,5 @@
 /* Causal GQA attention within packed documents on the GPU: our own FlashAttention-2-style kernels
- * (cuDNN's fused SDPA through the graph API is not used yet; see the report of issue 6).
+ * (cuDNN's fused SDPA through the graph API is not used yet; kernels/cuda/NOTES.md).
  *
  * Shapes as the CPU reference: q [N,Hq,D], k/v [N,Hkv,D], out [N,Hq,D], lse [Hq,N] F32 (natural log,
  * scale included); query t of document [s,e) sees keys s..t; query head h reads KV head h/(Hq/Hkv).

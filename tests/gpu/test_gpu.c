@@ -190,7 +190,9 @@ static double rel_err(const float *a, const float *b, int64_t n, bool *nan) {
         num += d * d;
         den += (double)b[i] * (double)b[i];
     }
-    if (den == 0) return num == 0 ? 0 : INFINITY;
+    /* a reference that is exactly zero (e.g. dq of a one-token document) is held to the absolute rms
+     * error instead: the inputs are O(1) */
+    if (den == 0) return n ? sqrt(num / (double)n) : 0;
     return sqrt(num / den);
 }
 
@@ -225,7 +227,8 @@ static void grad_arm(Grad *gr) {
     for (int64_t i = 0; i < gr->p.c.numel; i++) ss += (double)inc[i] * inc[i];
     double rms = gr->p.c.numel ? sqrt(ss / (double)gr->p.c.numel) : 0;
     if (rms == 0) rms = 1;
-    gr->g0 = randn(gr->p.g.numel, 0, rms);
+    gr->g0 = randn(gr->p.g.numel, 0, 0.25 * rms); /* small enough that rounding g0 + inc to BF16 stays
+                                                      well inside the tolerance even for one element */
     for (int64_t i = 0; i < gr->p.g.numel; i++) gr->g0[i] = round_to(gr->p.g.dtype, gr->g0[i]);
     upload_f32(&gr->p.g, gr->g0);
 }
@@ -274,12 +277,13 @@ static void test_elementwise(void) {
         for (int d = 0; d < 2; d++) {
             DType dt = d ? DT_BF16 : DT_F32;
             Pair y = pair_rand(dt, 1, (int64_t[]){n}, 0, 1);
+            double a = GB->sumsq(&y.g), b = CB->sumsq(&y.c); /* the same values on both sides */
+            snprintf(name, sizeof name, "sumsq %s, n=%lld", dn(dt), (long long)n);
+            record(fabs(a - b) <= 1e-12 * fabs(b), "%-58s rel err %.2e (tol 1e-12, fp64 sums)", name, fabs(a - b) / fabs(b));
             CB->scale(&y.c, 0.37f);
             GB->scale(&y.g, 0.37f);
             snprintf(name, sizeof name, "scale %s, n=%lld", dn(dt), (long long)n);
             check(name, &y, tol_of(dt));
-            double a = GB->sumsq(&y.g), b = CB->sumsq(&y.c);
-            record(fabs(a - b) <= 1e-12 * fabs(b), "%-58s rel err %.2e (tol 1e-12, fp64 sums)", "sumsq", fabs(a - b) / fabs(b));
             pair_free(&y);
         }
         /* casts: f32 -> bf16 must round to nearest even exactly; bf16 -> f32 and f32 -> f32 are exact */
@@ -458,7 +462,7 @@ static void rmsnorm_case(int ndim, const int64_t *shape, DType act, bool has_w, 
 static void test_rmsnorm(void) {
     for (int d = 0; d < 2; d++) {
         DType act = d ? DT_BF16 : DT_F32;
-        rmsnorm_case(2, (int64_t[]){1, 1}, act, true, false, 3);
+        rmsnorm_case(2, (int64_t[]){1, 3}, act, true, false, 3); /* C = 1 is ill-conditioned: dx ~ eps/x^2 */
         rmsnorm_case(2, (int64_t[]){37, 64}, act, true, false, 3);
         rmsnorm_case(2, (int64_t[]){300, 1000}, act, true, false, 3);
         rmsnorm_case(3, (int64_t[]){50, 3, 40}, act, true, false, 3);
@@ -772,9 +776,11 @@ static double train_tiny(const char *device, int steps, bool recompute, double *
 }
 
 /* Tolerances: the CUDA run keeps activations in BF16 (relative rounding 2^-9 per op) while the CPU
- * reference is F32, from the same initial weights and batches. The first step's loss must agree to
- * 1% (measured about 1e-3 (fill in)), every later step and the validation loss to 3%: the two runs
- * drift apart slowly as AdamW turns small gradient differences into different updates. */
+ * reference is F32, from the same initial weights and batches. Measured on an H100 (2026-11-23):
+ * step 1 differs by 1.4e-5 relative, steps 2-12 by at most 5.5e-5, the validation loss by 5.6e-5
+ * (the mean cross-entropy averages the BF16 noise of the logits away; AdamW lets the runs drift
+ * apart only slowly). Required: 1e-3 at step 1 and 2e-3 afterwards, 20-40x the measured gaps, yet
+ * tight enough that a wrong gradient in any one parameter shows within 12 steps. */
 static void e2e_check(void) {
     enum { STEPS = 12 };
     double lc[STEPS], lg[STEPS], lg2[STEPS], lr[STEPS];
@@ -791,9 +797,9 @@ static void e2e_check(void) {
     }
     printf("    val    %8.5f   %9.5f   %.2e\n", vc, vg, fabs(vg - vc) / vc);
     double d0 = fabs(lg[0] - lc[0]) / lc[0];
-    record(!nan && d0 <= 1e-2, "%-58s rel diff %.2e (tol 1e-2)", "tiny.json step 1 loss, cuda vs cpu", d0);
-    record(!nan && worst <= 3e-2, "%-58s max rel diff %.2e (tol 3e-2)", "tiny.json steps 2-12 losses, cuda vs cpu", worst);
-    record(isfinite(vg) && fabs(vg - vc) / vc <= 3e-2, "%-58s rel diff %.2e (tol 3e-2)", "tiny.json validation loss, cuda vs cpu",
+    record(!nan && d0 <= 1e-3, "%-58s rel diff %.2e (tol 1e-3)", "tiny.json step 1 loss, cuda vs cpu", d0);
+    record(!nan && worst <= 2e-3, "%-58s max rel diff %.2e (tol 2e-3)", "tiny.json steps 2-12 losses, cuda vs cpu", worst);
+    record(isfinite(vg) && fabs(vg - vc) / vc <= 2e-3, "%-58s rel diff %.2e (tol 2e-3)", "tiny.json validation loss, cuda vs cpu",
            fabs(vg - vc) / vc);
     record(lg[STEPS - 1] < lg[0] - 0.3, "%-58s %.4f -> %.4f", "tiny.json on cuda: the loss falls", lg[0], lg[STEPS - 1]);
     train_tiny("cuda", STEPS, false, lg2);
@@ -846,34 +852,170 @@ static void expect_death(const char *self, const char *env, const char *what, co
     record(ok, "%-58s exit %d: %s", what, WIFEXITED(st) ? WEXITSTATUS(st) : -1, err);
 }
 
+/* ---------- --bench: rough timings on realistic shapes (not tests; wall clock around a sync) ---------- */
+
+static Tensor dev_rand(DType dt, int ndim, const int64_t *shape, double std) {
+    Tensor t = mk(GB, dt, ndim, shape);
+    float *v = randn(t.numel, 0, std);
+    upload_f32(&t, v);
+    free(v);
+    return t;
+}
+
+static void gpu_sync(void) { /* a copy to the host waits for all queued work */
+    static Tensor s;
+    if (!s.data) s = mk(GB, DT_F32, 1, (int64_t[]){1});
+    float x;
+    GB->copy_to_host(&x, s.data, 4);
+}
+
+static void bench_attention(int64_t N, int64_t Hq, int64_t Hkv, int64_t D) {
+    Tensor q = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1), k = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1),
+           v = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1), dout = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1);
+    Tensor out = mk(GB, DT_BF16, 3, (int64_t[]){N, Hq, D}), lse = mk(GB, DT_F32, 2, (int64_t[]){Hq, N});
+    Tensor dq = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 0), dk = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0),
+           dv = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0), cu = mk(GB, DT_I32, 1, (int64_t[]){2});
+    GB->copy_from_host(cu.data, (int32_t[]){0, (int32_t)N}, 8);
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int i = 0; i < 2; i++) {
+        GB->attention_forward(&out, &lse, &q, &k, &v, &cu, scale);
+        GB->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, scale);
+    }
+    const int reps = 5;
+    gpu_sync();
+    double t0 = wall_seconds();
+    for (int i = 0; i < reps; i++) GB->attention_forward(&out, &lse, &q, &k, &v, &cu, scale);
+    gpu_sync();
+    double tf = (wall_seconds() - t0) / reps;
+    t0 = wall_seconds();
+    for (int i = 0; i < reps; i++) GB->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, scale);
+    gpu_sync();
+    double tb = (wall_seconds() - t0) / reps;
+    const double flops = 4.0 * (double)Hq * (double)D * (double)N * (double)(N + 1) / 2; /* causal QK^T + PV */
+    printf("  attention bf16 causal N=%lld Hq=%lld Hkv=%lld D=%lld: fwd %.2f ms (%.1f TFLOP/s), bwd %.2f ms (%.1f TFLOP/s "
+           "counting 2.5x the forward's flops)\n",
+           (long long)N, (long long)Hq, (long long)Hkv, (long long)D, tf * 1e3, flops / tf * 1e-12, tb * 1e3,
+           2.5 * flops / tb * 1e-12);
+    Tensor *all[] = {&q, &k, &v, &dout, &out, &lse, &dq, &dk, &dv, &cu};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
+}
+
+static void bench_gemm(int64_t M, int64_t N, int64_t K) {
+    ParamStore ps;
+    params_init(&ps, GB, DT_F32);
+    Tensor *w = params_add(&ps, "w", 2, (int64_t[]){N, K}, INIT_NORMAL, 0.02f, true);
+    params_allocate(&ps, 3);
+    Tensor x = dev_rand(DT_BF16, 2, (int64_t[]){M, K}, 1), y = mk(GB, DT_BF16, 2, (int64_t[]){M, N});
+    Tensor dy = dev_rand(DT_BF16, 2, (int64_t[]){M, N}, 1), dx = dev_rand(DT_BF16, 2, (int64_t[]){M, K}, 0);
+    const char *what[3] = {"y = x W^T (bf16 out)", "dx += dy W (bf16 out)", "dW += dy^T x (f32 out)"};
+    const int reps = 10;
+    for (int op = 0; op < 3; op++) {
+        double t0 = 0;
+        for (int i = 0; i < reps + 2; i++) {
+            if (i == 2) {
+                gpu_sync();
+                t0 = wall_seconds();
+            }
+            if (op == 0) GB->matmul(&y, &x, w, false, true, 1.0f, 0.0f);
+            else if (op == 1) GB->matmul(&dx, &dy, w, false, false, 1.0f, 1.0f);
+            else GB->matmul(w->grad, &dy, &x, true, false, 1.0f, 1.0f);
+        }
+        gpu_sync();
+        double t = (wall_seconds() - t0) / reps;
+        printf("  gemm M=%lld N=%lld K=%lld %-24s %.3f ms (%.0f TFLOP/s)\n", (long long)M, (long long)N, (long long)K, what[op],
+               t * 1e3, 2.0 * (double)M * (double)N * (double)K / t * 1e-12);
+    }
+    free_t(&x);
+    free_t(&y);
+    free_t(&dy);
+    free_t(&dx);
+    params_free(&ps);
+}
+
+/* a d_model 1024, 4-layer model on the Shakespeare data: tokens per second of full training steps */
+static void bench_train(int seq_len, int batch) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, "configs/shakespeare_char.json");
+    r.cfg.model.d_model = 1024;
+    r.cfg.model.n_layers = 4;
+    r.cfg.model.n_heads = 8;
+    r.cfg.model.n_kv_heads = 2;
+    r.cfg.model.ffn_dim = 2816;
+    r.cfg.train.seq_len = seq_len;
+    r.cfg.train.batch_size = batch;
+    r.cfg.train.steps = 8;
+    r.cfg.train.out_dir[0] = 0;
+    snprintf(r.cfg.train.device, sizeof r.cfg.train.device, "cuda");
+    r.config_path = "configs/shakespeare_char.json";
+    run_init(&r);
+    double t0 = 0, loss = 0;
+    for (int s = 0; s < 8; s++) {
+        if (s == 2) t0 = wall_seconds(); /* each step ends with a synchronising loss read */
+        loss = run_step(&r).loss;
+    }
+    double t = (wall_seconds() - t0) / 6;
+    printf("  train step d_model 1024, 4 layers, heads 8/2 (D=128), ffn 2816, %d x %d tokens: %.1f ms/step, %.0f tokens/s "
+           "(loss %.3f)\n", batch, seq_len, t * 1e3, (double)batch * seq_len / t, loss);
+    run_free(&r);
+}
+
+static void bench(void) {
+    printf("bench (wall clock; rough)\n");
+    bench_gemm(4096, 4096, 4096);
+    bench_gemm(8192, 1024, 2816);
+    bench_attention(4096, 16, 4, 128);
+    bench_attention(8192, 8, 2, 64);
+    bench_train(2048, 4);
+}
+
+/* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: messages elementwise matmul embedding rmsnorm rope
+ * attention swiglu cross_entropy adamw e2e; default all; --only lets compute-sanitizer run the kernels
+ * without the training runs) */
+static bool wanted(const char *only, const char *group) {
+    if (!only) return true;
+    size_t n = strlen(group);
+    for (const char *p = only; (p = strstr(p, group)); p += n)
+        if ((p == only || p[-1] == ',') && (p[n] == 0 || p[n] == ',')) return true;
+    return false;
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "--die")) return die_scenario(argv[2]);
+    if (argc == 2 && !strcmp(argv[1], "--bench")) {
+        rng_seed(&rng, 1);
+        bench();
+        return 0;
+    }
+    const char *only = argc == 3 && !strcmp(argv[1], "--only") ? argv[2] : NULL;
+    if (argc > 1 && !only) {
+        fprintf(stderr, "usage: %s [--only GROUP[,GROUP...] | --bench]\n", argv[0]);
+        return 2;
+    }
     TEST_BEGIN();
     TC = tc;
     rng_seed(&rng, 20261117);
-    /* the messages first, before this process holds a CUDA context */
-    expect_death(argv[0], "CUDA_VISIBLE_DEVICES=", "nodevice", "no CUDA device found");
-    expect_death(argv[0], "", "token", "outside the vocabulary");
-    expect_death(argv[0], "", "target", "outside the vocabulary");
-    printf("elementwise\n");
-    test_elementwise();
-    printf("matmul\n");
-    test_matmul();
-    printf("embedding\n");
-    test_embedding();
-    printf("rmsnorm\n");
-    test_rmsnorm();
-    printf("rope\n");
-    test_rope();
-    printf("attention\n");
-    test_attention();
-    printf("swiglu, bias_add\n");
-    test_swiglu_bias();
-    printf("cross_entropy\n");
-    test_cross_entropy();
-    printf("adamw\n");
-    test_adamw();
-    printf("end to end (configs/tiny.json)\n");
-    e2e_check();
+    if (wanted(only, "messages")) { /* first, before this process holds a CUDA context */
+        printf("messages\n");
+        expect_death(argv[0], "CUDA_VISIBLE_DEVICES=", "nodevice", "no CUDA device found");
+        expect_death(argv[0], "", "token", "outside the vocabulary");
+        expect_death(argv[0], "", "target", "outside the vocabulary");
+    }
+    static const struct {
+        const char *name;
+        void (*fn)(void);
+    } groups[] = {{"elementwise", test_elementwise}, {"matmul", test_matmul},   {"embedding", test_embedding},
+                  {"rmsnorm", test_rmsnorm},         {"rope", test_rope},       {"attention", test_attention},
+                  {"swiglu", test_swiglu_bias},      {"cross_entropy", test_cross_entropy},
+                  {"adamw", test_adamw},             {"e2e", e2e_check}};
+    for (size_t i = 0; i < sizeof groups / sizeof groups[0]; i++) {
+        if (!wanted(only, groups[i].name)) continue;
+        printf("%s\n", groups[i].name);
+        double t0 = wall_seconds();
+        groups[i].fn();
+        printf("  (%s: %.1f s)\n", groups[i].name, wall_seconds() - t0);
+    }
     TEST_END();
 }
