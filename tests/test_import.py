@@ -16,8 +16,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pyharness  # noqa: E402
 
 import h5py
 import numpy as np
@@ -523,30 +524,7 @@ def export_defaults_match_the_config_table(work):
 # ---- runner ----------------------------------------------------------------------------------------------
 
 def main():
-    for exe in (FORWARD, TRAIN):
-        if not os.access(exe, os.X_OK):
-            print(f"  FAIL setup: {exe} is not built (make)")
-            print("0 passed, 1 failed")
-            return 1
-    scratch = tempfile.mkdtemp(prefix="msa_test_import_")
-    passed = failed = 0
-    for fn in TESTS:
-        work = os.path.join(scratch, fn.__name__)
-        os.makedirs(work)
-        try:
-            fn(work)
-            passed += 1
-            print(f"  ok   {fn.__name__}", flush=True)
-        except Exception:
-            failed += 1
-            print(f"  FAIL {fn.__name__}")
-            print("    " + traceback.format_exc().replace("\n", "\n    "), flush=True)
-    if not failed:
-        shutil.rmtree(scratch)
-    else:
-        print(f"  (scratch files kept in {scratch})")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return pyharness.run(TESTS, "msa_test_import_", (FORWARD, TRAIN))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pyharness  # noqa: E402
 
 import h5py
 import numpy as np
@@ -309,29 +309,7 @@ def bad_inputs_fail_cleanly(work):
 
 
 def main():
-    if not os.access(TRAIN, os.X_OK):
-        print(f"  FAIL setup: {TRAIN} is not built (make)")
-        print("0 passed, 1 failed")
-        return 1
-    scratch = tempfile.mkdtemp(prefix="msa_test_tokenize_")
-    passed = failed = 0
-    for fn in TESTS:
-        work = os.path.join(scratch, fn.__name__)
-        os.makedirs(work)
-        try:
-            fn(work)
-            passed += 1
-            print(f"  ok   {fn.__name__}", flush=True)
-        except Exception:
-            failed += 1
-            print(f"  FAIL {fn.__name__}")
-            print("    " + traceback.format_exc().replace("\n", "\n    "), flush=True)
-    if not failed:
-        shutil.rmtree(scratch)
-    else:
-        print(f"  (scratch files kept in {scratch})")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return pyharness.run(TESTS, "msa_test_tokenize_", (TRAIN,))
 
 
 if __name__ == "__main__":

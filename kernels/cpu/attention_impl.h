@@ -87,15 +87,8 @@ static void S(attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, const T 
                 memset(acc1, 0, (size_t)D * sizeof(double)); /* dk_j / scale */
                 memset(acc2, 0, (size_t)D * sizeof(double)); /* dv_j */
                 for (int64_t t = j; t < e; t++) {
-                    for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
-                        const int64_t row = (t * Hq + h) * D;
-                        const double P = exp(scale * S(vec_dot)(x, q + row, D) - (double)lse[h * N + t]);
-                        if (dk) {
-                            const double dP = S(vec_dot)(y, dout + row, D);
-                            S(vec_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
-                        }
-                        if (dv) S(vec_axpy)(acc2, P, dout + row, D);
-                    }
+                    S(attn_key_grad)(acc1, acc2, x, y, q, dout, lse, dsum, t, hk * group, (hk + 1) * group, Hq, N, D,
+                                     scale, dk != NULL, dv != NULL);
                 }
                 for (int64_t d = 0; d < D; d++) {
                     if (dk) dk[krow + d] += (T)(scale * acc1[d]);

@@ -99,15 +99,8 @@ static void S(msa_attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, cons
                 for (int64_t i = 0; i < nq; i++) {
                     const int64_t t = list ? list[i] : first + i;
                     if (t < j) continue; /* an earlier query of j's own block: j is in its future */
-                    for (int64_t h = g * G; h < (g + 1) * G; h++) {
-                        const int64_t row = (t * Hq + h) * D;
-                        const double P = exp(scale * S(vec_dot)(x, q + row, D) - (double)lse[h * N + t]);
-                        if (dk) {
-                            const double dP = S(vec_dot)(y, dout + row, D);
-                            S(vec_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
-                        }
-                        if (dv) S(vec_axpy)(acc2, P, dout + row, D);
-                    }
+                    S(attn_key_grad)(acc1, acc2, x, y, q, dout, lse, dsum, t, g * G, (g + 1) * G, Hq, N, D, scale,
+                                     dk != NULL, dv != NULL);
                 }
                 for (int64_t d = 0; d < D; d++) {
                     if (dk) dk[krow + d] += (T)(scale * acc1[d]);

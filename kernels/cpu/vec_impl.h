@@ -28,3 +28,22 @@ static inline __attribute__((unused)) void S(vec_axpy)(double *acc, double alpha
 #pragma omp simd
     for (int64_t d = 0; d < n; d++) acc[d] += alpha * (double)x[d];
 }
+
+/* Attention backward, key side: add query t's contribution through heads [h0, h1) to dk_j (acc1) and
+ * dv_j (acc2) of one key j whose k and v rows are kj and vj (in double). P is recomputed from the saved
+ * lse [Hq, N]; dsum [Hq, N] holds <dout, out> per (head, query). Shared by dense and MSA attention. */
+static inline __attribute__((unused)) void S(attn_key_grad)(double *acc1, double *acc2, const double *kj,
+                                                          const double *vj, const T *q, const T *dout,
+                                                          const T *lse, const double *dsum, int64_t t, int64_t h0,
+                                                          int64_t h1, int64_t Hq, int64_t N, int64_t D,
+                                                          double scale, bool want_dk, bool want_dv) {
+    for (int64_t h = h0; h < h1; h++) {
+        const int64_t row = (t * Hq + h) * D;
+        const double P = exp(scale * S(vec_dot)(kj, q + row, D) - (double)lse[h * N + t]);
+        if (want_dk) {
+            const double dP = S(vec_dot)(vj, dout + row, D);
+            S(vec_axpy)(acc1, P * (dP - dsum[h * N + t]), q + row, D);
+        }
+        if (want_dv) S(vec_axpy)(acc2, P, dout + row, D);
+    }
+}
