@@ -30,6 +30,10 @@ void test_requires_grad(Tensor *t);
 GradCheckResult gradcheck(Engine *e, GradCheckFn fn, Tensor **inputs, int n_inputs, void *ctx, int max_elems,
                           uint64_t seed);
 
+/* Runs fn(arg) in a forked child with its stderr captured into err (stdout discarded); returns the exit
+ * status (-1 if killed, 0 when fn returns). Lets tests watch code that ends the program on bad input. */
+int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t errn);
+
 /* ||a - b|| / ||b|| over n doubles */
 double rel_err(const double *a, const double *b, int64_t n);
 

@@ -15,6 +15,7 @@
 #include <hdf5.h>
 
 #include "../data/dataset.h"
+#include "gradcheck.h"
 #include "test.h"
 
 typedef struct Fixture {
@@ -63,32 +64,6 @@ static int run_cmd(const Fixture *fx, const char *cmd, char *err, size_t errn) {
         err[n] = 0;
         fclose(f);
     }
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-/* Runs fn(arg) in a child with its stderr captured into err; returns the exit status (-1 if killed,
- * 0 when fn returns). Lets the tests watch code that ends the program on bad input. */
-static int run_child(void (*fn)(const void *), const void *arg, char *err, size_t errn) {
-    int fd[2];
-    if (pipe(fd) != 0) return -2;
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid == 0) {
-        close(fd[0]);
-        dup2(fd[1], 2);
-        if (!freopen("/dev/null", "w", stdout)) _exit(3);
-        fn(arg);
-        fflush(NULL);
-        _exit(0);
-    }
-    close(fd[1]);
-    size_t n = 0;
-    ssize_t got;
-    while ((got = read(fd[0], err + n, errn - 1 - n)) > 0) n += (size_t)got;
-    err[n] = 0;
-    close(fd[0]);
-    int st;
-    waitpid(pid, &st, 0);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
@@ -475,7 +450,7 @@ TEST(sampler_determinism) {
 
 static void expect_open_fails(TestCtx *tc, const char *path, const char *word) {
     char err[4096];
-    int st = run_child(open_and_close, path, err, sizeof err);
+    int st = test_run_child(open_and_close, path, err, sizeof err);
     EXPECT(st == 1, "%s: exit status %d, want 1 (stderr: %s)", path, st, err);
     EXPECT(strstr(err, "error: ") && strstr(err, path), "%s: message does not name the file: %s", path, err);
     EXPECT(!word || strstr(err, word), "%s: message lacks \"%s\": %s", path, word, err);
@@ -521,7 +496,7 @@ TEST(malformed_datasets) {
     join(p, sizeof p, FX->dir, "raw_ok.h5");
     write_raw(p, &base);
     char err[4096];
-    int st = run_child(open_and_sample, p, err, sizeof err);
+    int st = test_run_child(open_and_sample, p, err, sizeof err);
     EXPECT(st == 0, "a valid raw file (variable-length strings) fails: %s", err);
 
     struct {
@@ -554,7 +529,7 @@ TEST(malformed_datasets) {
     big.tokens = bad;
     join(p, sizeof p, FX->dir, "raw_bad_id.h5");
     write_raw(p, &big);
-    st = run_child(open_and_sample, p, err, sizeof err);
+    st = test_run_child(open_and_sample, p, err, sizeof err);
     EXPECT(st == 1 && strstr(err, p) && strstr(err, "outside the vocabulary"), "bad id: status %d, %s", st, err);
 }
 

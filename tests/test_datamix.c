@@ -14,6 +14,7 @@
 #include <hdf5.h>
 
 #include "../data/dataset.h"
+#include "gradcheck.h"
 #include "test.h"
 
 typedef struct Fixture {
@@ -54,31 +55,6 @@ static void write_file(const char *path, int64_t n, int32_t value, int vocab_siz
     H5Sclose(sp);
     H5Fclose(f);
     free(t);
-}
-
-/* Runs fn(arg) in a child with stderr captured; returns its exit status (0 when fn returns). */
-static int run_child(void (*fn)(const void *), const void *arg, char *err, size_t errn) {
-    int fd[2];
-    if (pipe(fd) != 0) return -2;
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid == 0) {
-        close(fd[0]);
-        dup2(fd[1], 2);
-        if (!freopen("/dev/null", "w", stdout)) _exit(3);
-        fn(arg);
-        fflush(NULL);
-        _exit(0);
-    }
-    close(fd[1]);
-    size_t n = 0;
-    ssize_t got;
-    while ((got = read(fd[0], err + n, errn - 1 - n)) > 0) n += (size_t)got;
-    err[n] = 0;
-    close(fd[0]);
-    int st;
-    waitpid(pid, &st, 0);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 static void open_mix(const void *spec) {
@@ -138,22 +114,22 @@ TEST(bad_specs_name_the_problem) {
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         snprintf(spec, sizeof spec, cases[i].fmt, FX->a);
-        int st = run_child(open_mix, spec, err, sizeof err);
+        int st = test_run_child(open_mix, spec, err, sizeof err);
         EXPECT(st == 1 && strstr(err, "error: cfg.json: data.train_mix") && strstr(err, cases[i].want),
                "spec \"%s\": status %d, stderr: %s", spec, st, err);
     }
-    int st = run_child(open_mix, ",", err, sizeof err);
+    int st = test_run_child(open_mix, ",", err, sizeof err);
     EXPECT(st == 1 && strstr(err, "lists no files"), "empty mix: status %d, %s", st, err);
     snprintf(spec, sizeof spec, "%s:1,%s/missing.h5:1", FX->a, FX->dir);
-    st = run_child(open_mix, spec, err, sizeof err);
+    st = test_run_child(open_mix, spec, err, sizeof err);
     EXPECT(st == 1 && strstr(err, "missing.h5"), "missing file: status %d, %s", st, err);
     snprintf(spec, sizeof spec, "%s:1,%s:1", FX->a, FX->other_vocab);
-    st = run_child(open_mix, spec, err, sizeof err);
+    st = test_run_child(open_mix, spec, err, sizeof err);
     EXPECT(st == 1 && strstr(err, FX->a) && strstr(err, FX->other_vocab) && strstr(err, "share the tokenizer"),
            "vocab mismatch: status %d, %s", st, err);
     /* a file too short for the windows is named when the sampler reaches it */
     snprintf(spec, sizeof spec, "%s:1,%s:1", FX->a, FX->short_file);
-    st = run_child(sample_mix, spec, err, sizeof err);
+    st = test_run_child(sample_mix, spec, err, sizeof err);
     EXPECT(st == 1 && strstr(err, FX->short_file) && strstr(err, "too few"), "short file: status %d, %s", st, err);
 }
 
