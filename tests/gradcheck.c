@@ -154,3 +154,15 @@ int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t 
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+
+double test_norm(const Tensor *t) {
+    double s = 0;
+    for (int64_t i = 0; i < t->numel; i++) s += tensor_get(t, i) * tensor_get(t, i);
+    return sqrt(s);
+}
+
+Tensor *test_copy_as(const Tensor *src, DType dt) {
+    Tensor *t = test_tensor(dt, src->ndim, src->shape);
+    for (int64_t i = 0; i < src->numel; i++) tensor_set(t, i, tensor_get(src, i));
+    return t;
+}

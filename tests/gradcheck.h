@@ -34,6 +34,10 @@ GradCheckResult gradcheck(Engine *e, GradCheckFn fn, Tensor **inputs, int n_inpu
  * status (-1 if killed, 0 when fn returns). Lets tests watch code that ends the program on bad input. */
 int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t errn);
 
+/* L2 norm of a CPU float tensor; a copy of src converted to dtype dt (F32 or F64) */
+double test_norm(const Tensor *t);
+Tensor *test_copy_as(const Tensor *src, DType dt);
+
 /* ||a - b|| / ||b|| over n doubles */
 double rel_err(const double *a, const double *b, int64_t n);
 

@@ -30,18 +30,6 @@ static Tensor *doc_positions(const Tensor *cu) {
     return p;
 }
 
-static double norm_of(const Tensor *t) {
-    double s = 0;
-    for (int64_t i = 0; i < t->numel; i++) s += tensor_get(t, i) * tensor_get(t, i);
-    return sqrt(s);
-}
-
-static Tensor *copy_as(const Tensor *src, DType dt) {
-    Tensor *t = test_tensor(dt, src->ndim, src->shape);
-    for (int64_t i = 0; i < src->numel; i++) tensor_set(t, i, tensor_get(src, i));
-    return t;
-}
-
 /* Naive float64 attention: for every document, head and query, softmax over the document's keys up to
  * the query, query head h reading KV head h / (Hq / Hkv). lse may be NULL. */
 static void ref_attention(const Tensor *q, const Tensor *k, const Tensor *v, const Tensor *cu, double scale,
@@ -138,7 +126,7 @@ TEST(grad_rope_full_and_partial) {
         test_requires_grad(x);
         Tensor *in[] = {x};
         EXPECT(grad_ok(gradcheck(eng, f_rope, in, 1, &rc, 0, 200 + ci), "rope"), "rope gradient, case %d", ci);
-        EXPECT(norm_of(x->grad) > 0, "rope: zero gradient, case %d", ci);
+        EXPECT(test_norm(x->grad) > 0, "rope: zero gradient, case %d", ci);
         test_tensor_free(rc.positions);
         test_tensor_free(x);
     }
@@ -168,7 +156,7 @@ TEST(rope_matches_reference_and_tail_untouched) {
     EXPECT(tail_same, "rope changed dims past rotary_dim");
     EXPECT(pos0_identity, "rope at position 0 is not the identity");
     /* float32 kernel against the float64 reference (angles in double: large positions stay accurate) */
-    Tensor *x32 = copy_as(x, DT_F32);
+    Tensor *x32 = test_copy_as(x, DT_F32);
     engine_reset(eng);
     Tensor *y32 = op_rope(eng, x32, p, rd, theta);
     double e32 = 0;
@@ -267,7 +255,7 @@ TEST(grad_attention_gqa_documents) {
         Tensor *in[] = {q, k, v};
         EXPECT(grad_ok(gradcheck(eng, f_attention, in, 3, &ac, 300, 600 + ci), "attention"),
                "attention gradient, case %d", ci);
-        EXPECT(norm_of(q->grad) > 0 && norm_of(k->grad) > 0 && norm_of(v->grad) > 0,
+        EXPECT(test_norm(q->grad) > 0 && test_norm(k->grad) > 0 && test_norm(v->grad) > 0,
                "attention: an input got an all-zero gradient, case %d", ci);
         test_tensor_free(ac.cu);
         test_tensor_free(q);
@@ -436,9 +424,9 @@ TEST(attention_f32_matches_f64) {
     Tensor *in64[3] = {test_randn(DT_F64, SHAPE(N, Hq, D), 1.0, 1100), test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1101),
                        test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 1102)};
     Tensor *seed64 = test_randn(DT_F64, SHAPE(N, Hq, D), 1.0, 1103);
-    Tensor *in32[3], *seed32 = copy_as(seed64, DT_F32);
+    Tensor *in32[3], *seed32 = test_copy_as(seed64, DT_F32);
     for (int i = 0; i < 3; i++) {
-        in32[i] = copy_as(in64[i], DT_F32);
+        in32[i] = test_copy_as(in64[i], DT_F32);
         test_requires_grad(in64[i]);
         test_requires_grad(in32[i]);
     }

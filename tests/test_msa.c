@@ -24,18 +24,6 @@ static int64_t doc_start_of(const Tensor *cu, int64_t t) {
     return c[d];
 }
 
-static double norm_of(const Tensor *t) {
-    double s = 0;
-    for (int64_t i = 0; i < t->numel; i++) s += tensor_get(t, i) * tensor_get(t, i);
-    return sqrt(s);
-}
-
-static Tensor *copy_as(const Tensor *src, DType dt) {
-    Tensor *t = test_tensor(dt, src->ndim, src->shape);
-    for (int64_t i = 0; i < src->numel; i++) tensor_set(t, i, tensor_get(src, i));
-    return t;
-}
-
 static void zero_grad(Tensor *t) {
     if (t && t->grad) memset(t->grad->data, 0, tensor_bytes(t->grad));
 }
@@ -295,7 +283,7 @@ TEST(indexer_matches_bruteforce) {
                 Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 1000 + ci * 10 + vi);
                 Tensor *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 2000 + ci * 10 + vi);
                 if (f32) { /* the f32 values, seen exactly by the double reference */
-                    Tensor *a = copy_as(qi, DT_F32), *b = copy_as(ki, DT_F32);
+                    Tensor *a = test_copy_as(qi, DT_F32), *b = test_copy_as(ki, DT_F32);
                     test_tensor_free(qi);
                     test_tensor_free(ki);
                     qi = a;
@@ -475,17 +463,17 @@ TEST(msa_attention_full_budget_equals_dense) {
                 Tensor *lse = NULL;
                 Tensor *out = run == 0 ? op_msa_attention(eng, q, k, v, tk, cu, &p, &lse)
                                        : op_attention(eng, q, k, v, cu, p.scale, &lse);
-                outs[run] = copy_as(out, DT_F64);
-                lses[run] = copy_as(lse, DT_F64);
+                outs[run] = test_copy_as(out, DT_F64);
+                lses[run] = test_copy_as(lse, DT_F64);
                 engine_backward_from(eng, out, dout, 0);
-                for (int i = 0; i < 3; i++) grads[run][i] = copy_as(in[i]->grad, DT_F64);
+                for (int i = 0; i < 3; i++) grads[run][i] = test_copy_as(in[i]->grad, DT_F64);
             }
             double eo = rel_err(outs[0]->data, outs[1]->data, outs[0]->numel);
             double el = rel_err(lses[0]->data, lses[1]->data, lses[0]->numel);
             double eg = 0, gn = 0;
             for (int i = 0; i < 3; i++) {
                 eg = fmax(eg, rel_err(grads[0][i]->data, grads[1][i]->data, grads[0][i]->numel));
-                gn += norm_of(grads[0][i]);
+                gn += test_norm(grads[0][i]);
             }
             for (int run = 0; run < 2; run++) {
                 test_tensor_free(outs[run]);
@@ -517,7 +505,7 @@ TEST(grad_msa_attention_sparse) {
         Tensor *in[3] = {q, k, v};
         for (int i = 0; i < 3; i++) test_requires_grad(in[i]);
         GradCheckResult r = gradcheck(eng, f_msa_attention, in, 3, &ctx, 0, 350 + ci);
-        bool nz = norm_of(q->grad) > 0 && norm_of(k->grad) > 0 && norm_of(v->grad) > 0;
+        bool nz = test_norm(q->grad) > 0 && test_norm(k->grad) > 0 && test_norm(v->grad) > 0;
         test_tensor_free(ctx.topk);
         test_tensor_free(ctx.cu);
         for (int i = 0; i < 3; i++) test_tensor_free(in[i]);
@@ -592,7 +580,7 @@ TEST(grad_msa_kl_index_branch) {
             test_requires_grad(ki);
             Tensor *in[2] = {qi, ki};
             GradCheckResult r = gradcheck(eng, f_msa_kl, in, 2, &ctx, 0, 550 + ci);
-            bool nz = norm_of(qi->grad) > 0 && norm_of(ki->grad) > 0;
+            bool nz = test_norm(qi->grad) > 0 && test_norm(ki->grad) > 0;
             test_tensor_free(ctx.topk);
             test_tensor_free(ctx.cu);
             test_tensor_free(ctx.lse);
@@ -639,12 +627,12 @@ TEST(msa_kl_gives_no_gradient_to_teacher) {
         }
         engine_backward_tape(eng, 0);
         if (mode == 0)
-            for (int i = 0; i < 3; i++) g_main[i] = copy_as(all[i]->grad, DT_F64);
+            for (int i = 0; i < 3; i++) g_main[i] = test_copy_as(all[i]->grad, DT_F64);
         if (mode == 1)
             for (int i = 0; i < 3; i++) same &= memcmp(g_main[i]->data, all[i]->grad->data, tensor_bytes(g_main[i])) == 0;
         if (mode == 2) {
-            for (int i = 0; i < 3; i++) zero_from_kl &= norm_of(all[i]->grad) == 0;
-            idx_nonzero = norm_of(qi->grad) > 0 && norm_of(ki->grad) > 0;
+            for (int i = 0; i < 3; i++) zero_from_kl &= test_norm(all[i]->grad) == 0;
+            idx_nonzero = test_norm(qi->grad) > 0 && test_norm(ki->grad) > 0;
         }
     }
     for (int i = 0; i < 3; i++) test_tensor_free(g_main[i]);
@@ -709,7 +697,7 @@ TEST(msa_kl_zero_when_student_equals_teacher) {
     Tensor *v = test_randn(DT_F64, SHAPE(N, 1, D), 1.0, 802);
     Tensor *ki = test_tensor(DT_F64, SHAPE(N, D));
     memcpy(ki->data, k->data, tensor_bytes(ki));
-    Tensor *qi = copy_as(q, DT_F64);
+    Tensor *qi = test_copy_as(q, DT_F64);
     test_requires_grad(qi);
     test_requires_grad(ki);
     MsaParams p = params(2, 3, 1, 1, 0.4, 0.4);
@@ -722,7 +710,7 @@ TEST(msa_kl_zero_when_student_equals_teacher) {
         Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, cu, &p, 1.0f);
         double val = tensor_item(eng, kl);
         engine_backward(eng, kl);
-        double gq = norm_of(qi->grad), gk = norm_of(ki->grad);
+        double gq = test_norm(qi->grad), gk = test_norm(ki->grad);
         test_tensor_free(tk);
         test_tensor_free(lse);
         EXPECT(fabs(val) < 1e-12, "%s: KL %.3e, expected 0", dense ? "dense" : "sparse", val);
@@ -856,9 +844,9 @@ TEST(msa_f32_matches_f64_and_deterministic) {
     /* round the inputs to f32 first so that both precisions see the same values */
     Tensor *in64[6] = {q64, k64, v64, do64, qi64, ki64}, *in32[6];
     for (int i = 0; i < 6; i++) {
-        in32[i] = copy_as(in64[i], DT_F32);
+        in32[i] = test_copy_as(in64[i], DT_F32);
         test_tensor_free(in64[i]);
-        in64[i] = copy_as(in32[i], DT_F64);
+        in64[i] = test_copy_as(in32[i], DT_F64);
     }
     /* results[prec][run]: out, lse, dq, dk, dv, kl, idx_lse, dqi, dki */
     enum { R_OUT, R_LSE, R_DQ, R_DK, R_DV, R_KL, R_IL, R_DQI, R_DKI, R_N };
