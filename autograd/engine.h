@@ -32,7 +32,7 @@ typedef struct Node {
     Tensor *saved[NODE_MAX_SAVED]; /* extra tensors the backward needs (rstd, lse, ...) */
     double f[6];                   /* op scalars */
     int64_t i[6];
-    const void *ptr[2];            /* op pointers (checkpoint: function and its closure) */
+    const void *ptr[3];            /* op pointers (checkpoint: function and its closure) */
 } Node;
 
 typedef struct Engine {

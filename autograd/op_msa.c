@@ -52,20 +52,21 @@ static void check_main(const char *op, Tensor *q, Tensor *k, Tensor *v, Tensor *
     }
 }
 
-Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *cu_seqlens,
+Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *plan, Tensor *cu_seqlens,
                          const MsaParams *p, Tensor **lse_out) {
     check_main("msa_attention", q, k, v, topk, cu_seqlens, p);
     const int64_t N = q->shape[0], Hq = q->shape[1];
     Tensor *out = engine_empty_like(e, q);
     Tensor *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
     BACKEND_REQUIRE(e->be, msa_attention_forward);
-    e->be->msa_attention_forward(out, lse, q, k, v, topk, cu_seqlens, p);
+    e->be->msa_attention_forward(out, lse, q, k, v, topk, plan, cu_seqlens, p);
     Tensor *in[3] = {q, k, v};
     if (engine_wants_grad(e, in, 3)) {
         Node *n = engine_record(e, OP_msa_attention, in, 3, &out, 1);
         n->saved[0] = lse;
         n->saved[1] = topk; /* NULL: dense (every visible block) */
         n->saved[2] = cu_seqlens;
+        n->ptr[0] = plan;
         store_params(n, p);
     }
     if (lse_out) *lse_out = lse;
@@ -79,14 +80,14 @@ void backward_msa_attention(Engine *e, Node *n) {
     MsaParams p = load_params(n);
     BACKEND_REQUIRE(e->be, msa_attention_backward);
     e->be->msa_attention_backward(gq, gk, gv, n->out[0]->grad, q, k, v, n->out[0], n->saved[0], n->saved[1],
-                                  n->saved[2], &p);
+                                  n->ptr[0], n->saved[2], &p);
 }
 
 /* The node's inputs are qi and ki only: q, k and lse (the teacher) are saved tensors that the
  * backward reads but never differentiates, which is the detach of the paper's Eq. 10. topk and
- * cu_seqlens ride in the node's pointers (saved[] holds the four float tensors). */
+ * cu_seqlens (and the plan) ride in the node's pointers (saved[] holds the four float tensors). */
 Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                  Tensor *cu_seqlens, const MsaParams *p, float weight) {
+                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight) {
     check_main("msa_kl", q, k, NULL, topk, cu_seqlens, p);
     const int64_t N = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1];
     if (qi->ndim != 3) fatal("msa_kl: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
@@ -101,7 +102,7 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
     Tensor *loss = engine_empty(e, sd, SHAPE(1));
     Tensor *idx_lse = engine_empty(e, sd, SHAPE(Hkv, N));
     BACKEND_REQUIRE(e->be, msa_kl_forward);
-    e->be->msa_kl_forward(loss, idx_lse, q, k, lse, qi, ki, topk, cu_seqlens, p);
+    e->be->msa_kl_forward(loss, idx_lse, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
     if (weight != 1.0f) e->be->scale(loss, weight);
     Tensor *in[2] = {qi, ki};
     if (engine_wants_grad(e, in, 2)) {
@@ -112,6 +113,7 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
         n->saved[3] = idx_lse;
         n->ptr[0] = topk;
         n->ptr[1] = cu_seqlens;
+        n->ptr[2] = plan;
         n->f[2] = weight;
         store_params(n, p);
     }
@@ -128,6 +130,6 @@ void backward_msa_kl(Engine *e, Node *n) {
     /* loss = weight * sum_{t,g} KL / (N * Hidx): the kernel takes the factor on sum_{t,g} KL */
     const double coeff = n->f[2] * tensor_item(e, n->out[0]->grad) / (double)(N * Hidx);
     BACKEND_REQUIRE(e->be, msa_kl_backward);
-    e->be->msa_kl_backward(gqi, gki, q, n->saved[1], n->saved[2], qi, ki, n->saved[3], n->ptr[0], n->ptr[1], &p,
-                           (float)coeff);
+    e->be->msa_kl_backward(gqi, gki, q, n->saved[1], n->saved[2], qi, ki, n->saved[3], n->ptr[0], n->ptr[2], n->ptr[1],
+                           &p, (float)coeff);
 }

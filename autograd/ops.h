@@ -43,14 +43,15 @@ typedef Tensor *(*SegmentFn)(Engine *e, Tensor *x, const void *closure, Tensor *
 Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, Tensor **aux_out);
 
 /* MSA main branch: exact attention over the selected blocks (topk from the indexer; NULL = all
- * visible blocks). Outputs out [N,Hq,D] and, optionally, lse [Hq,N]. */
-Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *cu_seqlens,
+ * visible blocks; plan = msa_plan of topk, or NULL to let the kernels build their own). Outputs
+ * out [N,Hq,D] and, optionally, lse [Hq,N]. */
+Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *plan, Tensor *cu_seqlens,
                          const MsaParams *p, Tensor **lse_out);
 
 /* MSA KL alignment: scalar weight * mean_{t,g} KL(teacher || student); teacher from q, k, lse
  * (detached: no gradient to them); gradient only to qi and ki. */
 Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                  Tensor *cu_seqlens, const MsaParams *p, float weight);
+                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight);
 
 /* ---- MoE feed-forward (train/moe.c). N tokens, E experts, k experts per token. ---- */
 

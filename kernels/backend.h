@@ -102,26 +102,40 @@ typedef struct KernelBackend {
     /* ---- MSA (DESIGN §4). Shapes: q [N,Hq,D], k/v [N,Hkv,D], qi [N,Hidx,Di] with Hidx = Hkv,
      * ki [N,Di] (one index key shared by all index heads), lse [Hq,N], topk i32 [Hidx,N,k]
      * holding document-relative block ids sorted ascending, -1 in unused slots. A NULL topk means
-     * "every visible block" (dense warm-up): attention and KL then run over the full causal prefix. */
+     * "every visible block" (dense warm-up): attention and KL then run over the full causal prefix.
+     *
+     * plan: the reverse map of topk (key block -> the queries that selected it), built once per layer
+     * and step by msa_plan right after the indexer and shared by the attention forward and backward
+     * and the KL forward and backward, whose key-side work runs KV-outer from it. i32 [Hidx, P] with
+     * P = msa_plan_width(N, k) = (N+1) + N*k + 2*N; for group g, at plan + g*P:
+     *   row_ptr [N+1]  rows are the key blocks of all documents in order (block b of document d is row
+     *                  rows_before(d) + b; R = sum over documents of ceil(len/B) <= N rows); the queries
+     *                  of row r are q_idx[row_ptr[r] .. row_ptr[r+1]); row_ptr[r] = row_ptr[R] for r > R
+     *   q_idx [N*k]    global query token ids, ascending within a row (entries past row_ptr[R] are 0)
+     *   row_lo [N]     first global token of row r (r < R; 0 past R, as row_hi)
+     *   row_hi [N]     one past the last token of row r (the block's end, cut at the document's end)
+     * A NULL plan with a non-NULL topk makes the kernel build a temporary one (tests, opcheck); plan is
+     * NULL whenever topk is. The CPU builds exactly the same plan (the GPU tests compare them). */
     void (*msa_indexer)(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens,
                         const MsaParams *p);
+    void (*msa_plan)(Tensor *plan, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p);
     void (*msa_attention_forward)(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k,
-                                  const Tensor *v, const Tensor *topk, const Tensor *cu_seqlens,
-                                  const MsaParams *p);
+                                  const Tensor *v, const Tensor *topk, const Tensor *plan,
+                                  const Tensor *cu_seqlens, const MsaParams *p);
     void (*msa_attention_backward)(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout,
                                    const Tensor *q, const Tensor *k, const Tensor *v, const Tensor *out,
-                                   const Tensor *lse, const Tensor *topk, const Tensor *cu_seqlens,
-                                   const MsaParams *p);
+                                   const Tensor *lse, const Tensor *topk, const Tensor *plan,
+                                   const Tensor *cu_seqlens, const MsaParams *p);
     /* KL(teacher || student) averaged over (token, group): kl is a scalar tensor; idx_lse [Hidx,N]
      * (the student's log-normaliser over the selected tokens) is saved for the backward.
      * Teacher p[g,t,j] = mean over the heads h of group g of exp(q_h.k_j*scale - lse[h,t]). */
     void (*msa_kl_forward)(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
-                           const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
-                           const MsaParams *p);
+                           const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                           const Tensor *cu_seqlens, const MsaParams *p);
     /* dqi, dki += coeff * d(sum over (t,g) of KL)/d(qi, ki); the op passes coeff = dL/dkl / (N*Hidx) */
     void (*msa_kl_backward)(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
                             const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
-                            const Tensor *cu_seqlens, const MsaParams *p, float coeff);
+                            const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff);
     /* recall: mean over sampled (query, group) of the dense teacher mass (group mean of the heads'
      * full causal attention) that falls inside the selected blocks; every query_stride-th query */
     double (*msa_recall)(const Tensor *q, const Tensor *k, const Tensor *topk, const Tensor *cu_seqlens,
@@ -178,7 +192,7 @@ enum { BACKEND_MSA = 1, BACKEND_MOE = 2 };
 static inline const char *backend_missing(const KernelBackend *be, int groups) {
 #define BACKEND_CHECK_(fn) if (!be->fn) return #fn
     if (groups & BACKEND_MSA) {
-        BACKEND_CHECK_(msa_indexer); BACKEND_CHECK_(msa_attention_forward); BACKEND_CHECK_(msa_attention_backward);
+        BACKEND_CHECK_(msa_indexer); BACKEND_CHECK_(msa_plan); BACKEND_CHECK_(msa_attention_forward); BACKEND_CHECK_(msa_attention_backward);
         BACKEND_CHECK_(msa_kl_forward); BACKEND_CHECK_(msa_kl_backward); BACKEND_CHECK_(msa_recall);
     }
     if (groups & BACKEND_MOE) {
@@ -199,6 +213,9 @@ static inline const char *backend_missing(const KernelBackend *be, int groups) {
             fatal("the %s backend has no %s kernel yet: MSA and MoE layers need train.device = "   \
                   "\"cpu\" for now", (be)->name, #entry);                                           \
     } while (0)
+
+/* elements per group of an MSA plan (see msa_plan above) */
+static inline int64_t msa_plan_width(int64_t N, int64_t k) { return (N + 1) + N * k + 2 * N; }
 
 extern const KernelBackend cpu_backend;
 #ifdef MSA_CUDA

@@ -306,6 +306,48 @@ TEST(indexer_matches_bruteforce) {
             }
 }
 
+/* The plan (backend.h msa_plan) from its definition: for every group and every key block of every
+ * document, the queries whose selection holds that block, ascending; the rows' token ranges; zeros
+ * in the unused tail. */
+TEST(plan_matches_definition) {
+    for (int ci = 0; ci < N_CASES; ci++) {
+        const MsaCase *c = &cases[ci];
+        const int N = case_tokens(c);
+        MsaParams p = params(3, 3, 1, 1, 0.5, 1.0 / sqrt(c->Di));
+        Tensor *qi = test_randn(DT_F32, SHAPE(N, c->Hkv, c->Di), 1.0, 3000 + ci);
+        Tensor *ki = test_randn(DT_F32, SHAPE(N, c->Di), 1.0, 4000 + ci);
+        Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
+        Tensor *tk = run_indexer(qi, ki, cu, &p);
+        const int64_t K = p.topk_blocks, P = msa_plan_width(N, K);
+        Tensor *plan = test_tensor(DT_I32, SHAPE(c->Hkv, P));
+        cpu_backend.msa_plan(plan, tk, cu, &p);
+        int32_t *want = xcalloc((size_t)(c->Hkv * P), sizeof(int32_t));
+        const int32_t *cs = cu->data, *sel = tk->data;
+        for (int64_t g = 0; g < c->Hkv; g++) {
+            int32_t *rp = want + g * P, *qs = rp + N + 1, *lo = qs + N * K, *hi = lo + N;
+            int64_t r = 0, n = 0;
+            for (int d = 0; d < c->ndocs; d++)
+                for (int64_t b = 0; b * p.block_size < cs[d + 1] - cs[d]; b++, r++) {
+                    lo[r] = cs[d] + (int32_t)(b * p.block_size);
+                    hi[r] = lo[r] + p.block_size < cs[d + 1] ? lo[r] + p.block_size : cs[d + 1];
+                    rp[r] = (int32_t)n;
+                    for (int64_t t = cs[d]; t < cs[d + 1]; t++)
+                        for (int64_t i = 0; i < K; i++)
+                            if (sel[(g * N + t) * K + i] == b) qs[n++] = (int32_t)t;
+                }
+            for (int64_t rr = r; rr <= N; rr++) rp[rr] = (int32_t)n;
+        }
+        bool same = memcmp(want, plan->data, tensor_bytes(plan)) == 0;
+        EXPECT(same, "case %d: plan differs from its definition", ci);
+        free(want);
+        test_tensor_free(plan);
+        test_tensor_free(tk);
+        test_tensor_free(cu);
+        test_tensor_free(qi);
+        test_tensor_free(ki);
+    }
+}
+
 /* Exactly equal block maxima (integer data, exact arithmetic): the lower block id wins, also when a
  * higher score arrives after the tie (pattern 1: an eviction must drop the later tied block); forced
  * blocks stay even when they score worst. */
@@ -400,7 +442,7 @@ typedef struct {
 
 static Tensor *f_msa_attention(Engine *e, Tensor **in, void *ctx) {
     MsaAttnCtx *c = ctx;
-    return op_msa_attention(e, in[0], in[1], in[2], c->topk, c->cu, &c->p, NULL);
+    return op_msa_attention(e, in[0], in[1], in[2], c->topk, NULL, c->cu, &c->p, NULL);
 }
 
 /* Sparse forward (out, lse) against the masked dense reference, for indexer selections and NULL. */
@@ -420,7 +462,7 @@ TEST(msa_attention_matches_masked_reference) {
             ref_attention(q, k, v, tk, cu, &p, ro, rl);
             engine_reset(eng);
             Tensor *lse = NULL;
-            Tensor *out = op_msa_attention(eng, q, k, v, tk, cu, &p, &lse);
+            Tensor *out = op_msa_attention(eng, q, k, v, tk, NULL, cu, &p, &lse);
             bool lse_ok = lse->dtype == DT_F64 && lse->ndim == 2 && lse->shape[0] == c->Hq && lse->shape[1] == N;
             double eo = rel_err(out->data, ro, out->numel), el = rel_err(lse->data, rl, lse->numel);
             free(ro);
@@ -461,7 +503,7 @@ TEST(msa_attention_full_budget_equals_dense) {
                 for (int i = 0; i < 3; i++) zero_grad(in[i]);
                 engine_reset(eng);
                 Tensor *lse = NULL;
-                Tensor *out = run == 0 ? op_msa_attention(eng, q, k, v, tk, cu, &p, &lse)
+                Tensor *out = run == 0 ? op_msa_attention(eng, q, k, v, tk, NULL, cu, &p, &lse)
                                        : op_attention(eng, q, k, v, cu, p.scale, &lse);
                 outs[run] = test_copy_as(out, DT_F64);
                 lses[run] = test_copy_as(lse, DT_F64);
@@ -549,7 +591,7 @@ typedef struct {
 
 static Tensor *f_msa_kl(Engine *e, Tensor **in, void *ctx) {
     MsaKlCtx *c = ctx;
-    return op_msa_kl(e, c->q, c->k, c->lse, in[0], in[1], c->topk, c->cu, &c->p, c->weight);
+    return op_msa_kl(e, c->q, c->k, c->lse, in[0], in[1], c->topk, NULL, c->cu, &c->p, c->weight);
 }
 
 /* The teacher normaliser the way a layer produces it: the sparse forward's lse for a selection,
@@ -558,7 +600,7 @@ static Tensor *teacher_lse(const Tensor *q, const Tensor *k, const Tensor *v, co
                            const MsaParams *p) {
     Tensor *out = test_tensor(q->dtype, q->ndim, q->shape);
     Tensor *lse = test_tensor(q->dtype == DT_F64 ? DT_F64 : DT_F32, SHAPE(q->shape[1], q->shape[0]));
-    if (topk) cpu_backend.msa_attention_forward(out, lse, q, k, v, topk, cu, p);
+    if (topk) cpu_backend.msa_attention_forward(out, lse, q, k, v, topk, NULL, cu, p);
     else cpu_backend.attention_forward(out, lse, q, k, v, cu, p->scale);
     test_tensor_free(out);
     return lse;
@@ -617,8 +659,8 @@ TEST(msa_kl_gives_no_gradient_to_teacher) {
         Tensor *tk = engine_empty(eng, DT_I32, SHAPE(c->Hkv, N, p.topk_blocks));
         eng->be->msa_indexer(tk, qi, ki, cu, &p);
         Tensor *lse = NULL;
-        Tensor *out = op_msa_attention(eng, q, k, v, tk, cu, &p, &lse);
-        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, cu, &p, 2.5f);
+        Tensor *out = op_msa_attention(eng, q, k, v, tk, NULL, cu, &p, &lse);
+        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 2.5f);
         if (mode != 2) eng->be->axpy(engine_grad(eng, out), R, 1.0f);
         if (mode != 0) {
             Tensor *one = engine_empty(eng, DT_F64, SHAPE(1));
@@ -663,10 +705,10 @@ TEST(msa_kl_matches_reference) {
             double *ref_il = xmalloc(sizeof(double) * (size_t)(c->Hkv * N));
             double ref = ref_kl(q, k, qi, ki, tk, cu, &p, ref_il);
             Tensor *kl = test_tensor(DT_F64, SHAPE(1)), *il = test_tensor(DT_F64, SHAPE(c->Hkv, N));
-            cpu_backend.msa_kl_forward(kl, il, q, k, lse, qi, ki, tk, cu, &p);
+            cpu_backend.msa_kl_forward(kl, il, q, k, lse, qi, ki, tk, NULL, cu, &p);
             double got = tensor_get(kl, 0), eil = rel_err(il->data, ref_il, il->numel);
             engine_reset(eng);
-            Tensor *w = op_msa_kl(eng, q, k, lse, qi, ki, tk, cu, &p, 0.25f);
+            Tensor *w = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 0.25f);
             double wv = tensor_item(eng, w);
             free(ref_il);
             test_tensor_free(kl);
@@ -707,7 +749,7 @@ TEST(msa_kl_zero_when_student_equals_teacher) {
         zero_grad(qi);
         zero_grad(ki);
         engine_reset(eng);
-        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, cu, &p, 1.0f);
+        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 1.0f);
         double val = tensor_item(eng, kl);
         engine_backward(eng, kl);
         double gq = test_norm(qi->grad), gk = test_norm(ki->grad);
@@ -794,7 +836,7 @@ TEST(msa_hand_example) {
     for (int sparse = 0; sparse < 2; sparse++) {
         Tensor *sel = sparse ? tk : NULL;
         Tensor *lse = teacher_lse(q, k, v, sel, cu, &p);
-        cpu_backend.msa_kl_forward(kl, il, q, k, lse, qi, ki, sel, cu, &p);
+        cpu_backend.msa_kl_forward(kl, il, q, k, lse, qi, ki, sel, NULL, cu, &p);
         kls[sparse] = tensor_get(kl, 0) * N * Hkv; /* only (7, 0) contributes */
         test_tensor_free(lse);
     }
@@ -804,8 +846,8 @@ TEST(msa_hand_example) {
     test_requires_grad(ki);
     engine_reset(eng);
     Tensor *lse = NULL;
-    op_msa_attention(eng, q, k, v, NULL, cu, &p, &lse);
-    engine_backward(eng, op_msa_kl(eng, q, k, lse, qi, ki, NULL, cu, &p, 1.0f));
+    op_msa_attention(eng, q, k, v, NULL, NULL, cu, &p, &lse);
+    engine_backward(eng, op_msa_kl(eng, q, k, lse, qi, ki, NULL, NULL, cu, &p, 1.0f));
     double zs = 0, gerr = 0;
     for (int j = 0; j < N; j++) zs += exp(Sidx[j]);
     for (int j = 0; j < N; j++) {
@@ -869,10 +911,10 @@ TEST(msa_f32_matches_f64_and_deterministic) {
             r[R_IL] = test_tensor(dt, SHAPE(Hkv, N));
             r[R_DQI] = test_tensor(dt, SHAPE(N, Hkv, Di));
             r[R_DKI] = test_tensor(dt, SHAPE(N, Di));
-            cpu_backend.msa_attention_forward(r[R_OUT], r[R_LSE], x[0], x[1], x[2], tk, cu, &p);
-            cpu_backend.msa_attention_backward(r[R_DQ], r[R_DK], r[R_DV], x[3], x[0], x[1], x[2], r[R_OUT], r[R_LSE], tk, cu, &p);
-            cpu_backend.msa_kl_forward(r[R_KL], r[R_IL], x[0], x[1], r[R_LSE], x[4], x[5], tk, cu, &p);
-            cpu_backend.msa_kl_backward(r[R_DQI], r[R_DKI], x[0], x[1], r[R_LSE], x[4], x[5], r[R_IL], tk, cu, &p, 0.01f);
+            cpu_backend.msa_attention_forward(r[R_OUT], r[R_LSE], x[0], x[1], x[2], tk, NULL, cu, &p);
+            cpu_backend.msa_attention_backward(r[R_DQ], r[R_DK], r[R_DV], x[3], x[0], x[1], x[2], r[R_OUT], r[R_LSE], tk, NULL, cu, &p);
+            cpu_backend.msa_kl_forward(r[R_KL], r[R_IL], x[0], x[1], r[R_LSE], x[4], x[5], tk, NULL, cu, &p);
+            cpu_backend.msa_kl_backward(r[R_DQI], r[R_DKI], x[0], x[1], r[R_LSE], x[4], x[5], r[R_IL], tk, NULL, cu, &p, 0.01f);
             tks[prec][run] = tk;
         }
     omp_set_num_threads(max_threads);
@@ -922,6 +964,7 @@ int main(void) {
     RUN(indexer_matches_bruteforce);
     RUN(indexer_ties_and_forced_blocks);
     RUN(indexer_ignores_future_and_other_documents);
+    RUN(plan_matches_definition);
     RUN(msa_attention_matches_masked_reference);
     RUN(msa_attention_full_budget_equals_dense);
     RUN(grad_msa_attention_sparse);

@@ -176,10 +176,10 @@ static bool compare_with_kernels(const char *out_path, const InputSpec *s, const
     Tensor *dqi = test_tensor(DT_F32, SHAPE(T, s->Hkv, s->didx)), *dki = test_tensor(DT_F32, SHAPE(T, s->didx));
     Tensor *kl = test_tensor(DT_F32, SHAPE(1)), *il = test_tensor(DT_F32, SHAPE(s->Hkv, T));
     cpu_msa_indexer(topk, in->qi, in->ki, in->cu, p);
-    cpu_msa_attention_forward(out, lse, in->q, in->k, in->v, topk, in->cu, p);
-    cpu_msa_attention_backward(dq, dk, dv, in->dout, in->q, in->k, in->v, out, lse, topk, in->cu, p);
-    cpu_msa_kl_forward(kl, il, in->q, in->k, lse, in->qi, in->ki, topk, in->cu, p);
-    cpu_msa_kl_backward(dqi, dki, in->q, in->k, lse, in->qi, in->ki, il, topk, in->cu, p,
+    cpu_msa_attention_forward(out, lse, in->q, in->k, in->v, topk, NULL, in->cu, p);
+    cpu_msa_attention_backward(dq, dk, dv, in->dout, in->q, in->k, in->v, out, lse, topk, NULL, in->cu, p);
+    cpu_msa_kl_forward(kl, il, in->q, in->k, lse, in->qi, in->ki, topk, NULL, in->cu, p);
+    cpu_msa_kl_backward(dqi, dki, in->q, in->k, lse, in->qi, in->ki, il, topk, NULL, in->cu, p,
                         (float)((double)s->kl_weight / (double)(T * s->Hkv)));
     const double klv = tensor_get(kl, 0);
     bool ok = true;

@@ -145,16 +145,19 @@ static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Ten
     ki = op_rope(e, op_rmsnorm(e, ki, L->ik_norm, eps, true), in->positions, m->index_rotary_dim, m->cfg.rope_theta);
     ki = engine_view(e, ki, SHAPE(N, Di));
 
-    Tensor *topk = NULL, *lse = NULL, *out;
+    Tensor *topk = NULL, *plan = NULL, *lse = NULL, *out;
     if (m->msa_dense) {
         out = op_attention(e, q, k, v, in->cu_seqlens, m->msa.scale, &lse);
     } else {
         topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, m->msa.topk_blocks));
         e->be->msa_indexer(topk, qi, ki, in->cu_seqlens, &m->msa);
-        out = op_msa_attention(e, q, k, v, topk, in->cu_seqlens, &m->msa, &lse);
+        /* the reverse map, built once here and shared by the attention and KL, forward and backward */
+        plan = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, m->msa.topk_blocks)));
+        e->be->msa_plan(plan, topk, in->cu_seqlens, &m->msa);
+        out = op_msa_attention(e, q, k, v, topk, plan, in->cu_seqlens, &m->msa, &lse);
     }
     float w = m->msa_cfg.kl_weight;
-    *kl = op_msa_kl(e, q, k, lse, qi, ki, topk, in->cu_seqlens, &m->msa, w);
+    *kl = op_msa_kl(e, q, k, lse, qi, ki, topk, plan, in->cu_seqlens, &m->msa, w);
     if (m->collect_metrics && !e->recomputing) {
         if (w > 0) m->metrics.kl_sum += tensor_item(e, *kl) / w;
         m->metrics.layers++;

@@ -33,6 +33,7 @@ const KernelBackend cpu_backend = {
     .adamw_update = cpu_adamw_update,
     /* MSA */
     .msa_indexer = cpu_msa_indexer,
+    .msa_plan = cpu_msa_plan,
     .msa_attention_forward = cpu_msa_attention_forward,
     .msa_attention_backward = cpu_msa_attention_backward,
     .msa_kl_forward = cpu_msa_kl_forward,

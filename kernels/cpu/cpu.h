@@ -71,17 +71,18 @@ void cpu_cross_entropy_backward(Tensor *dlogits, const Tensor *dloss, const Tens
 void cpu_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1,
                       float beta2, float eps, float weight_decay, int t);
 void cpu_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens, const MsaParams *p);
+void cpu_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p);
 void cpu_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
-                               const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p);
+                               const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p);
 void cpu_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
                                 const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
-                                const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p);
+                                const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p);
 void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
-                        const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
-                        const MsaParams *p);
+                        const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                        const Tensor *cu_seqlens, const MsaParams *p);
 void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
                          const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
-                         const Tensor *cu_seqlens, const MsaParams *p, float coeff);
+                         const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff);
 double cpu_msa_recall(const Tensor *q, const Tensor *k, const Tensor *topk, const Tensor *cu_seqlens,
                       const MsaParams *p, int query_stride);
 /* MoE (moe_router.c, moe_dispatch.c) */

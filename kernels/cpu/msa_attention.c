@@ -10,7 +10,8 @@
 #include "instantiate.h"
 
 void cpu_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
-                               const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
+                               const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p) {
+    (void)plan; /* the CPU kernels rebuild their reverse map per call (msa_build_key_queries) */
     CPU_SAME_DTYPE("msa_attention_forward", q, out, lse, k, v);
     if (q->ndim != 3) fatal("cpu msa_attention_forward: q must be [N, Hq, D], got %d dims", q->ndim);
     MsaCtx c = msa_ctx_init("msa_attention_forward", q->shape[0], cu_seqlens, p);
@@ -24,7 +25,9 @@ void cpu_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const 
 
 void cpu_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
                                 const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
-                                const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
+                                const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens,
+                                const MsaParams *p) {
+    (void)plan;
     if (!dq && !dk && !dv) return;
     CPU_SAME_DTYPE("msa_attention_backward", q, dq, dk, dv, dout, k, v, out, lse);
     if (q->ndim != 3) fatal("cpu msa_attention_backward: q must be [N, Hq, D], got %d dims", q->ndim);

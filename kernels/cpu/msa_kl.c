@@ -22,8 +22,9 @@ static MsaCtx kl_ctx(const char *kernel, const Tensor *q, const Tensor *k, const
 }
 
 void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
-                        const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
-                        const MsaParams *p) {
+                        const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                        const Tensor *cu_seqlens, const MsaParams *p) {
+    (void)plan; /* the CPU kernels rebuild their reverse map per call (msa_build_key_queries) */
     CPU_SAME_DTYPE("msa_kl_forward", q, kl, idx_lse, k, lse, qi, ki);
     MsaCtx c = kl_ctx("msa_kl_forward", q, k, lse, qi, ki, topk, cu_seqlens, p);
     if (kl->numel != 1) fatal("cpu msa_kl_forward: kl must be a scalar tensor");
@@ -39,7 +40,8 @@ void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tens
 
 void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
                          const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
-                         const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
+                         const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
+    (void)plan;
     if (!dqi && !dki) return;
     CPU_SAME_DTYPE("msa_kl_backward", q, dqi, dki, k, lse, qi, ki, idx_lse);
     MsaCtx c = kl_ctx("msa_kl_backward", q, k, lse, qi, ki, topk, cu_seqlens, p);
