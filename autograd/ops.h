@@ -31,6 +31,10 @@ Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float t
 Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
                      Tensor **lse_out);
 
+/* dropout with probability p (0 returns x itself); the mask depends only on (seed, offset + element
+ * index), kernels/dropout_mask.h, so a recomputed forward and the backward see the same mask */
+Tensor *op_dropout(Engine *e, Tensor *x, float p, uint64_t seed, int64_t offset);
+
 Tensor *op_swiglu(Engine *e, Tensor *gate, Tensor *up);
 
 /* scalar mean cross-entropy over rows whose target != ignore_index */

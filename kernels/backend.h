@@ -80,6 +80,11 @@ typedef struct KernelBackend {
                                const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
                                const Tensor *cu_seqlens, float scale);
 
+    /* dropout: y = x * keep / (1 - p), keep[i] = dropout_bits(seed, offset + i) >= dropout_threshold(p)
+     * (kernels/dropout_mask.h: the same mask on every backend); backward dx += dy * keep / (1 - p) */
+    void (*dropout_forward)(Tensor *y, const Tensor *x, float p, uint64_t seed, int64_t offset);
+    void (*dropout_backward)(Tensor *dx, const Tensor *dy, float p, uint64_t seed, int64_t offset);
+
     /* SwiGLU: out = silu(gate) * up */
     void (*swiglu_forward)(Tensor *out, const Tensor *gate, const Tensor *up);
     void (*swiglu_backward)(Tensor *dgate, Tensor *dup, const Tensor *dout, const Tensor *gate,

@@ -1,5 +1,5 @@
 /* Float64 finite-difference gradient checks of the basic ops (add, scale, linear, embedding, rmsnorm,
- * swiglu, cross-entropy, checkpoint), forward values against naive references, and the engine's
+ * swiglu, dropout, cross-entropy, checkpoint), forward values against naive references, and the engine's
  * views, detach and no-grad mode. */
 #include <math.h>
 #include <string.h>
@@ -43,6 +43,10 @@ static Tensor *f_rmsnorm(Engine *e, Tensor **in, void *ctx) {
 static Tensor *f_swiglu(Engine *e, Tensor **in, void *ctx) {
     (void)ctx;
     return op_swiglu(e, in[0], in[1]);
+}
+static Tensor *f_dropout(Engine *e, Tensor **in, void *ctx) {
+    (void)ctx;
+    return op_dropout(e, in[0], 0.3f, 0x1234abcdull, 17);
 }
 static Tensor *f_ce(Engine *e, Tensor **in, void *ctx) {
     (void)ctx;
@@ -193,6 +197,54 @@ TEST(grad_swiglu) {
     test_tensor_free(u);
 }
 
+TEST(grad_dropout) {
+    Engine *eng = tc->fixture;
+    Tensor *x = test_randn(DT_F64, SHAPE(6, 9), 1, 102);
+    test_requires_grad(x);
+    EXPECT(grad_ok(tc, gradcheck(eng, f_dropout, &x, 1, NULL, 0, 8), "dropout"), "dropout gradient");
+    test_tensor_free(x);
+}
+
+/* The mask: the dropped fraction is p (binomial, 5 sigma), kept elements are scaled by 1/(1-p), a
+ * shifted offset shifts the mask (what data-parallel ranks rely on), another seed draws another mask,
+ * and f32 and f64 drop the same elements. */
+TEST(dropout_mask_statistics) {
+    Engine *eng = tc->fixture;
+    const int64_t n = 200000;
+    const float p = 0.2f;
+    Tensor *x = test_tensor(DT_F64, SHAPE(n)), *y = test_tensor(DT_F64, SHAPE(n)), *y2 = test_tensor(DT_F64, SHAPE(n));
+    for (int64_t i = 0; i < n; i++) ((double *)x->data)[i] = 1.0 + (double)(i % 7);
+    cpu_backend.dropout_forward(y, x, p, 99, 0);
+    int64_t dropped = 0, bad_scale = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double yi = ((double *)y->data)[i], xi = ((double *)x->data)[i];
+        if (yi == 0) dropped++;
+        else if (fabs(yi - xi / (1.0 - p)) > 1e-12 * xi) bad_scale++;
+    }
+    const double sigma = sqrt(n * p * (1 - p));
+    EXPECT(fabs((double)dropped - n * p) < 5 * sigma, "dropped %lld of %lld, expected %.0f +- %.0f", (long long)dropped,
+           (long long)n, n * p, 5 * sigma);
+    EXPECT(bad_scale == 0, "%lld kept elements not scaled by 1/(1-p)", (long long)bad_scale);
+    /* offset: element i of a call at offset 1000 is element i + 1000 of the call at offset 0 */
+    Tensor *xs = test_tensor(DT_F64, SHAPE(n - 1000)), *ys = test_tensor(DT_F64, SHAPE(n - 1000));
+    memcpy(xs->data, (double *)x->data + 1000, sizeof(double) * (size_t)(n - 1000));
+    cpu_backend.dropout_forward(ys, xs, p, 99, 1000);
+    EXPECT(memcmp(ys->data, (double *)y->data + 1000, sizeof(double) * (size_t)(n - 1000)) == 0,
+           "the mask at offset 1000 differs from the shifted mask at offset 0");
+    cpu_backend.dropout_forward(y2, x, p, 100, 0);
+    int64_t same = 0;
+    for (int64_t i = 0; i < n; i++) same += (((double *)y->data)[i] == 0) == (((double *)y2->data)[i] == 0);
+    EXPECT(same < n - n / 10, "seeds 99 and 100 agree on %lld of %lld elements", (long long)same, (long long)n);
+    Tensor *xf = test_copy_as(x, DT_F32), *yf = test_tensor(DT_F32, SHAPE(n));
+    cpu_backend.dropout_forward(yf, xf, p, 99, 0);
+    int64_t differ = 0;
+    for (int64_t i = 0; i < n; i++) differ += (((float *)yf->data)[i] == 0) != (((double *)y->data)[i] == 0);
+    EXPECT(differ == 0, "f32 and f64 masks differ in %lld elements", (long long)differ);
+    (void)eng;
+    Tensor *all[] = {x, y, y2, xs, ys, xf, yf};
+    for (int i = 0; i < 7; i++) test_tensor_free(all[i]);
+}
+
 TEST(grad_cross_entropy_with_ignore) {
     Engine *eng = tc->fixture;
     Tensor *lg = test_randn(DT_F64, SHAPE(7, 13), 2, 110);
@@ -306,6 +358,8 @@ int main(void) {
     RUN(grad_rmsnorm_variants);
     RUN(rmsnorm_forward_matches_naive);
     RUN(grad_swiglu);
+    RUN(grad_dropout);
+    RUN(dropout_mask_statistics);
     RUN(grad_cross_entropy_with_ignore);
     RUN(checkpoint_matches_plain_and_gradchecks);
     RUN(no_grad_and_detach_record_nothing);

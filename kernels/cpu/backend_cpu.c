@@ -33,6 +33,8 @@ const KernelBackend cpu_backend = {
     .adamw_update = cpu_adamw_update,
     /* MSA */
     .msa_indexer = cpu_msa_indexer,
+    .dropout_forward = cpu_dropout_forward,
+    .dropout_backward = cpu_dropout_backward,
     .msa_plan = cpu_msa_plan,
     .msa_attention_forward = cpu_msa_attention_forward,
     .msa_attention_backward = cpu_msa_attention_backward,

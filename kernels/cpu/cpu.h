@@ -70,6 +70,8 @@ void cpu_cross_entropy_backward(Tensor *dlogits, const Tensor *dloss, const Tens
                                 const Tensor *targets, int ignore_index, int64_t n_valid);
 void cpu_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1,
                       float beta2, float eps, float weight_decay, int t);
+void cpu_dropout_forward(Tensor *y, const Tensor *x, float p, uint64_t seed, int64_t offset);
+void cpu_dropout_backward(Tensor *dx, const Tensor *dy, float p, uint64_t seed, int64_t offset);
 void cpu_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens, const MsaParams *p);
 void cpu_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p);
 void cpu_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,

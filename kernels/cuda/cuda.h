@@ -43,6 +43,10 @@ void cuda_bias_add_backward(Tensor *db, const Tensor *dy);
 void cuda_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1, float beta2,
                        float eps, float weight_decay, int t);
 
+/* dropout.cu */
+void cuda_dropout_forward(Tensor *y, const Tensor *x, float p, uint64_t seed, int64_t offset);
+void cuda_dropout_backward(Tensor *dx, const Tensor *dy, float p, uint64_t seed, int64_t offset);
+
 /* gemm.cu */
 void cuda_matmul(Tensor *c, const Tensor *a, const Tensor *b, bool ta, bool tb, float alpha, float beta);
 
