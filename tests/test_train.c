@@ -14,7 +14,7 @@
 #define TINY "configs/tiny.json"
 
 /* Run `steps` steps of the tiny config quietly; fill losses[]; return the final validation loss. */
-static double train_tiny(int steps, bool recompute, uint64_t seed, double *losses) {
+static double train_tiny_dropout(int steps, bool recompute, uint64_t seed, float dropout, double *losses) {
     Run r;
     memset(&r, 0, sizeof r);
     r.quiet = true;
@@ -23,12 +23,17 @@ static double train_tiny(int steps, bool recompute, uint64_t seed, double *losse
     r.cfg.train.steps = steps;
     r.cfg.train.recompute = recompute;
     r.cfg.train.seed = seed;
+    r.cfg.model.dropout = dropout;
     r.config_path = TINY;
     run_init(&r);
     for (int s = 0; s < steps; s++) losses[s] = run_step(&r).loss;
     double val = run_evaluate(&r, NULL);
     run_free(&r);
     return val;
+}
+
+static double train_tiny(int steps, bool recompute, uint64_t seed, double *losses) {
+    return train_tiny_dropout(steps, recompute, seed, 0.0f, losses);
 }
 
 TEST(tiny_config_loss_falls) {
@@ -50,6 +55,20 @@ TEST(same_seed_same_losses_and_recompute_identical) {
     EXPECT(memcmp(a, b, sizeof a) == 0, "two runs with the same seed differ");
     EXPECT(memcmp(a, c, sizeof a) == 0, "activation recomputation changed the losses");
     EXPECT(memcmp(a, d, sizeof a) != 0, "a different seed gave the same losses");
+}
+
+/* Dropout: reproducible, the recomputed forward regenerates the same masks (bit-identical losses),
+ * and it changes the training losses. */
+TEST(dropout_reproducible_and_recompute_identical) {
+    double a[8], b[8], c[8], d[8];
+    double va = train_tiny_dropout(8, false, 5, 0.2f, a);
+    train_tiny_dropout(8, false, 5, 0.2f, b);
+    train_tiny_dropout(8, true, 5, 0.2f, c);
+    train_tiny_dropout(8, false, 5, 0.0f, d);
+    EXPECT(memcmp(a, b, sizeof a) == 0, "two dropout runs with the same seed differ");
+    EXPECT(memcmp(a, c, sizeof a) == 0, "activation recomputation changed the dropout losses");
+    EXPECT(a[0] != d[0], "dropout 0.2 left the first step's loss unchanged (%.6f)", a[0]);
+    EXPECT(isfinite(va) && va < 4.3, "validation loss %.3f", va);
 }
 
 /* run build/train with args; capture stderr; return the exit status */
@@ -94,6 +113,7 @@ int main(void) {
     TEST_BEGIN();
     RUN(tiny_config_loss_falls);
     RUN(same_seed_same_losses_and_recompute_identical);
+    RUN(dropout_reproducible_and_recompute_identical);
     RUN(bad_input_exits_with_a_message);
     TEST_END();
 }

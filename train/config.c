@@ -72,6 +72,7 @@ static const KeyDef KEYS[] = {
     BOOL(model, tie_embeddings, 1, "the LM head shares the token embedding"),
     POS(model, norm_eps, 1e-5, 0, 1, "RMSNorm epsilon"),
     NUM(model, init_std, 0.02, 0, 10, "std of the normal init of matrices (output projections / sqrt(2 n_layers))"),
+    NUM(model, dropout, 0, 0, 0.9, "dropout on the embedding output and on each attention and FFN output before its residual add, training steps only (nanoGPT's resid/embd dropout)"),
     CHOICE(model, attention, "dense", "dense|msa", "attention of the layers msa_layers selects (the others are dense)"),
     SELECT(model, msa_layers, "all", "layers with MSA when attention = msa: all, none, 3- (3 on), 1-4, 0,2,5, 0,3-5"),
     CHOICE(model, ffn, "dense", "dense|moe", "feed-forward of the layers moe_layers selects (the others are dense)"),

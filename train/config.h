@@ -26,6 +26,7 @@ typedef struct ModelConfig {
     bool tie_embeddings;   /* LM head shares the token embedding */
     float norm_eps;
     float init_std;        /* std of the normal init of matrices (output projections scaled by 1/sqrt(2L)) */
+    float dropout;         /* embedding and residual-branch dropout in training steps (0 = off) */
     /* attention per layer */
     char attention[16];    /* "dense" or "msa": the attention of layers chosen by msa_layers */
     char msa_layers[64];   /* layer selector: "all", "none", "3-" (from 3 on), "0,2,5", "1-4" */

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../autograd/ops.h"
+#include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 
 #define IGNORE_INDEX (-1)
@@ -120,6 +121,8 @@ ModelInput model_upload(Engine *e, const Batch *b) {
     in.targets = b->targets ? upload_i32(e, b->targets, N) : NULL;
     in.positions = upload_i32(e, b->positions, N);
     in.cu_seqlens = upload_i32(e, b->cu_seqlens, b->n_segments + 1);
+    in.dropout_seed = 0;
+    in.row_offset = 0;
     return in;
 }
 
@@ -172,6 +175,14 @@ static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Ten
     return out;
 }
 
+/* Dropout of one site (layer, site) of a [rows, C] activation; a no-op outside training steps. */
+static Tensor *model_dropout(Engine *e, const Model *m, const ModelInput *in, Tensor *x, int layer, int site) {
+    if (m->cfg.dropout == 0 || in->dropout_seed == 0) return x;
+    const int64_t cols = x->numel / tensor_rows(x);
+    return op_dropout(e, x, m->cfg.dropout, dropout_seed(in->dropout_seed, 0, (uint64_t)layer, (uint64_t)site),
+                      in->row_offset * cols);
+}
+
 static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
     const BlockClosure *bc = closure;
     Model *m = bc->m;
@@ -198,17 +209,18 @@ static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor *
     k = op_rope(e, k, bc->in.positions, m->rotary_dim, c->rope_theta);
     Tensor *att = L->msa ? msa_attention(e, m, L, h, q, k, v, &bc->in, aux)
                          : op_attention(e, q, k, v, bc->in.cu_seqlens, m->msa.scale, NULL);
-    x = op_add(e, x, op_linear(e, engine_view(e, att, SHAPE(N, Hq * D)), L->wo));
+    Tensor *att_out = op_linear(e, engine_view(e, att, SHAPE(N, Hq * D)), L->wo);
+    x = op_add(e, x, model_dropout(e, m, &bc->in, att_out, bc->layer, 1));
 
     Tensor *h2 = op_rmsnorm(e, x, L->ffn_norm, c->norm_eps, false);
     if (L->moe) {
         Tensor *moe_aux = NULL;
         Tensor *f = moe_forward(e, &L->moe_p, &m->moe_cfg, h2, &L->moe_stats, &moe_aux);
         if (moe_aux) *aux = *aux ? op_add(e, *aux, moe_aux) : moe_aux;
-        return op_add(e, x, f);
+        return op_add(e, x, model_dropout(e, m, &bc->in, f, bc->layer, 2));
     }
     Tensor *f = op_swiglu(e, op_linear(e, h2, L->w_gate), op_linear(e, h2, L->w_up));
-    return op_add(e, x, op_linear(e, f, L->w_down));
+    return op_add(e, x, model_dropout(e, m, &bc->in, op_linear(e, f, L->w_down), bc->layer, 2));
 }
 
 void model_moe_step(Model *m, MoeSummary *summary, bool update_bias) {
@@ -228,7 +240,7 @@ void model_moe_step(Model *m, MoeSummary *summary, bool update_bias) {
 }
 
 Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
-    Tensor *x = op_embedding(e, m->wte, in->tokens);
+    Tensor *x = model_dropout(e, m, in, op_embedding(e, m->wte, in->tokens), -1, 0);
     Tensor *aux_total = NULL;
     for (int l = 0; l < m->cfg.n_layers; l++) {
         BlockClosure *bc = arena_alloc(&e->host, sizeof(BlockClosure));

@@ -13,6 +13,7 @@
 #include <jansson.h>
 
 #include "../autograd/ops.h"
+#include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 #include "checkpoint.h"
 
@@ -356,6 +357,8 @@ StepResult run_step(Run *r) {
         engine_reset(e);
         sampler_next(&r->sampler, &r->batch);
         ModelInput in = model_upload(e, &r->batch);
+        /* a fresh dropout mask per (step, micro-batch), never 0 (= off); resume replays it exactly */
+        in.dropout_seed = dropout_seed(c->train.seed, (uint64_t)r->step, (uint64_t)micro, 0) | 1;
         ModelLosses L = model_forward(&r->model, e, &in, c->train.recompute);
         s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
         if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
