@@ -1,0 +1,317 @@
+/* build/bench: the GPU benchmark table of docs/benchmarks.md (issue 6). Run on a machine with a CUDA
+ * device, from the repository root after `make data`:
+ *
+ *   build/bench [--only train|attention] [--sizes 8192,32768,131072] [--models dense,moe] [--contexts 4096,32768]
+ *
+ * (a) training throughput of a ~1B-parameter dense GQA model (TinyLlama-1.1B shape: d_model 2048,
+ *     22 layers, 32 query / 4 KV heads of 64, SwiGLU 5632, vocabulary 32000) and of an MoE model of the
+ *     same active size (16 routed experts of 704, 4 per token, plus one shared expert of 2816: the same
+ *     5632 active FFN width), at 4K and 32K context, with BF16 activations and F32 master weights:
+ *     tokens/s and model FLOPs utilisation against the H100 SXM's dense BF16 peak (989 TFLOP/s).
+ *     Model FLOPs per token = 6 * (active matmul parameters, LM head included) + 6 * n_layers * H_q *
+ *     head_dim * context (causal attention, forward + backward: 12 * L * H * D * T / 2).
+ *     The shipped Shakespeare tokens are the data (ids < 65 are valid ids of a 32000 vocabulary; the
+ *     token values do not change the work). Each run: 2 warm-up steps, then the mean of the timed steps.
+ * (b) one attention layer, forward + backward, at 8K, 32K and 128K tokens in one document with H_q 64,
+ *     H_kv 4, d 128: dense causal attention (the backend's dense path: cuDNN's fused attention unless
+ *     MSA_ATTENTION=own) against MSA with block 128, top-k 16, d_idx 128 (indexer + plan + sparse
+ *     attention forward and backward + KL forward and backward: everything an MSA layer adds or
+ *     replaces), and the ratio. The MSA selection is the indexer's own on random index queries/keys.
+ *
+ * Times are wall clock around the work with a synchronising copy at both ends (every kernel runs on
+ * one stream). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../autograd/params.h"
+#include "../kernels/util.h"
+#include "../train/trainer.h"
+
+#ifndef MSA_CUDA
+int main(void) {
+    fprintf(stderr, "build/bench: this build has no CUDA backend (build with nvcc on PATH)\n");
+    return 1;
+}
+#else
+
+#define PEAK_BF16_FLOPS 989e12 /* H100 SXM dense BF16 tensor-core peak */
+
+static const KernelBackend *be = &cuda_backend;
+
+static void sync_device(void) { /* a copy to the host waits for all queued work */
+    static void *dev;
+    char host[16];
+    if (!dev) dev = be->alloc(16);
+    be->copy_to_host(host, dev, 16);
+}
+
+/* ---------- (a) training throughput ---------- */
+
+typedef struct {
+    const char *name;
+    bool moe;
+} ModelKind;
+
+static void bench_train(const ModelKind *mk, int context, int64_t tokens_per_step) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    r.config_path = "configs/shakespeare_char.json";
+    config_load(&r.cfg, r.config_path);
+    ModelConfig *m = &r.cfg.model;
+    m->vocab_size = 32000;
+    m->d_model = 2048;
+    m->n_layers = 22;
+    m->n_heads = 32;
+    m->n_kv_heads = 4;
+    m->head_dim = 64;
+    m->ffn_dim = 5632;
+    m->tie_embeddings = false;
+    if (mk->moe) {
+        snprintf(m->ffn, sizeof m->ffn, "moe");
+        snprintf(m->moe_layers, sizeof m->moe_layers, "all");
+        r.cfg.moe.num_experts = 16;
+        r.cfg.moe.experts_per_token = 4;
+        r.cfg.moe.expert_dim = 704;
+        r.cfg.moe.shared_experts = 1;
+        r.cfg.moe.shared_expert_dim = 2816;
+    }
+    r.cfg.train.seq_len = context;
+    r.cfg.train.batch_size = (int)(tokens_per_step / context);
+    r.cfg.train.recompute = context > 8192; /* activations of 22 layers at 32K tokens do not fit otherwise */
+    const int warm = 2, timed = 4;
+    r.cfg.train.steps = warm + timed;
+    r.cfg.train.eval_every = 0;
+    r.cfg.train.out_dir[0] = 0;
+    snprintf(r.cfg.train.device, sizeof r.cfg.train.device, "cuda");
+    run_init(&r);
+
+    /* active matmul parameters: everything but the embedding table, minus the routed experts a token
+     * does not visit */
+    const ParamStore *ps = &r.model.params;
+    int64_t total = params_count(ps, false), active = total - (int64_t)m->vocab_size * m->d_model;
+    if (mk->moe) {
+        const int64_t per_expert = 3LL * m->d_model * r.cfg.moe.expert_dim;
+        active -= (int64_t)m->n_layers * (r.cfg.moe.num_experts - r.cfg.moe.experts_per_token) * per_expert;
+    }
+    const double flops_per_token = 6.0 * (double)active + 6.0 * m->n_layers * m->n_heads * m->head_dim * (double)context;
+
+    double t0 = 0, loss = 0;
+    for (int s = 0; s < warm + timed; s++) {
+        if (s == warm) t0 = wall_seconds(); /* each step ends with a synchronising loss read */
+        loss = run_step(&r).loss;
+    }
+    const double t = (wall_seconds() - t0) / timed, tps = (double)tokens_per_step / t;
+    printf("| %-5s | %6.2fB / %5.2fB | %6d | %7lld | %s | %8.0f | %7.1f | %5.1f%% | %.3f |\n", mk->name, total / 1e9,
+           (active + (int64_t)m->vocab_size * m->d_model) / 1e9, context, (long long)tokens_per_step,
+           r.cfg.train.recompute ? "yes" : "no ", t * 1e3, tps / 1e3, 100.0 * tps * flops_per_token / PEAK_BF16_FLOPS,
+           loss);
+    fflush(stdout);
+    run_free(&r);
+}
+
+/* ---------- (b) one attention layer ---------- */
+
+static Tensor dev_tensor(DType dt, int ndim, const int64_t *shape) {
+    Tensor t;
+    memset(&t, 0, sizeof t);
+    t.dtype = dt;
+    t.device = DEV_CUDA;
+    t.ndim = ndim;
+    t.numel = 1;
+    for (int i = 0; i < ndim; i++) t.numel *= (t.shape[i] = shape[i]);
+    t.data = be->alloc(tensor_bytes(&t) + 16);
+    return t;
+}
+
+/* random N(0, std) BF16 (or F32) values, generated on the host in F32 and cast on the device */
+static Tensor dev_randn(Rng *rng, DType dt, int ndim, const int64_t *shape, double std) {
+    Tensor f = dev_tensor(DT_F32, ndim, shape), t = dev_tensor(dt, ndim, shape);
+    float *h = xmalloc((size_t)f.numel * sizeof(float));
+    for (int64_t i = 0; i < f.numel; i++) h[i] = (float)(std * rng_normal(rng));
+    be->copy_from_host(f.data, h, tensor_bytes(&f));
+    be->cast(&t, &f);
+    free(h);
+    be->free(f.data);
+    return t;
+}
+
+static void dev_free(Tensor *t) {
+    if (t->data) be->free(t->data);
+    t->data = NULL;
+}
+
+typedef struct {
+    double fwd, bwd;
+} Times;
+
+#define TIME_REPS(reps, body)                          \
+    ({                                                  \
+        sync_device();                                  \
+        double t0_ = wall_seconds();                    \
+        for (int rep_ = 0; rep_ < (reps); rep_++) body; \
+        sync_device();                                  \
+        (wall_seconds() - t0_) / (reps);                \
+    })
+
+static void bench_attention(int64_t N) {
+    const int64_t Hq = 64, Hkv = 4, D = 128, Di = 128;
+    const int reps = N >= 65536 ? 2 : 5;
+    Rng rng;
+    rng_seed(&rng, 7);
+    Tensor q = dev_randn(&rng, DT_BF16, 3, (int64_t[]){N, Hq, D}, 1.0);
+    Tensor k = dev_randn(&rng, DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1.0);
+    Tensor v = dev_randn(&rng, DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1.0);
+    Tensor dout = dev_randn(&rng, DT_BF16, 3, (int64_t[]){N, Hq, D}, 1.0);
+    Tensor qi = dev_randn(&rng, DT_BF16, 3, (int64_t[]){N, Hkv, Di}, 1.0);
+    Tensor ki = dev_randn(&rng, DT_BF16, 2, (int64_t[]){N, Di}, 1.0);
+    Tensor out = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hq, D}), lse = dev_tensor(DT_F32, 2, (int64_t[]){Hq, N});
+    Tensor dq = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hq, D}), dk = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, D}),
+           dv = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, D});
+    Tensor dqi = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, Di}), dki = dev_tensor(DT_BF16, 2, (int64_t[]){N, Di});
+    be->zero(dq.data, tensor_bytes(&dq));
+    be->zero(dk.data, tensor_bytes(&dk));
+    be->zero(dv.data, tensor_bytes(&dv));
+    be->zero(dqi.data, tensor_bytes(&dqi));
+    be->zero(dki.data, tensor_bytes(&dki));
+    Tensor cu = dev_tensor(DT_I32, 1, (int64_t[]){2});
+    int32_t hcu[2] = {0, (int32_t)N};
+    be->copy_from_host(cu.data, hcu, sizeof hcu);
+    const float scale = 1.0f / sqrtf((float)D);
+
+    /* dense */
+    be->attention_forward(&out, &lse, &q, &k, &v, &cu, scale); /* warm-up: plans, workspaces */
+    be->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, scale);
+    Times dense;
+    dense.fwd = TIME_REPS(reps, be->attention_forward(&out, &lse, &q, &k, &v, &cu, scale));
+    dense.bwd = TIME_REPS(reps, be->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, scale));
+
+    /* MSA */
+    const char *missing = backend_missing(be, BACKEND_MSA);
+    if (missing) {
+        printf("| %6lld | %9.2f | %9.2f | %9.2f | (the CUDA backend has no %s kernel) |\n", (long long)N, dense.fwd * 1e3,
+               dense.bwd * 1e3, (dense.fwd + dense.bwd) * 1e3, missing);
+        Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &out, &lse, &dq, &dk, &dv, &dqi, &dki, &cu};
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dev_free(all[i]);
+        return;
+    }
+    MsaParams p = {.block_size = 128, .topk_blocks = 16, .init_blocks = 0, .local_blocks = 1, .scale = scale,
+                   .index_scale = 1.0f / sqrtf((float)Di)};
+    const int64_t K = p.topk_blocks;
+    Tensor topk = dev_tensor(DT_I32, 3, (int64_t[]){Hkv, N, K});
+    Tensor plan = dev_tensor(DT_I32, 2, (int64_t[]){Hkv, msa_plan_width(N, K)});
+    Tensor kl = dev_tensor(DT_F32, 1, (int64_t[]){1}), idx_lse = dev_tensor(DT_F32, 2, (int64_t[]){Hkv, N});
+    const float coeff = 1.0f / (float)(N * Hkv);
+#define MSA_FWD()                                                                          \
+    do {                                                                                   \
+        be->msa_indexer(&topk, &qi, &ki, &cu, &p);                                         \
+        be->msa_plan(&plan, &topk, &cu, &p);                                               \
+        be->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p);          \
+        be->msa_kl_forward(&kl, &idx_lse, &q, &k, &lse, &qi, &ki, &topk, &plan, &cu, &p); \
+    } while (0)
+#define MSA_BWD()                                                                                            \
+    do {                                                                                                     \
+        be->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p);   \
+        be->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &idx_lse, &topk, &plan, &cu, &p, coeff); \
+    } while (0)
+    MSA_FWD();
+    MSA_BWD();
+    Times msa, part[5];
+    msa.fwd = TIME_REPS(reps, MSA_FWD());
+    msa.bwd = TIME_REPS(reps, MSA_BWD());
+    /* the parts, for "where the time goes" */
+    part[0].fwd = TIME_REPS(reps, be->msa_indexer(&topk, &qi, &ki, &cu, &p));
+    part[1].fwd = TIME_REPS(reps, be->msa_plan(&plan, &topk, &cu, &p));
+    part[2].fwd = TIME_REPS(reps, be->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p));
+    part[3].fwd = TIME_REPS(reps, be->msa_kl_forward(&kl, &idx_lse, &q, &k, &lse, &qi, &ki, &topk, &plan, &cu, &p));
+    part[2].bwd = TIME_REPS(
+        reps, be->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p));
+    part[3].bwd = TIME_REPS(
+        reps, be->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &idx_lse, &topk, &plan, &cu, &p, coeff));
+#undef MSA_FWD
+#undef MSA_BWD
+
+    /* FLOPs by the spec's conventions (msa_spec.md e.1): dense causal pairs N(N+1)/2; sparse pairs at
+     * most N * k * B minus the local block's causal cut, counted here as the exact support size */
+    const double causal = (double)N * (double)(N + 1) / 2;
+    const double B = p.block_size;
+    double sparse = 0; /* query at position t reads min(t/B + 1, k) blocks: full ones and its partial own */
+    for (int64_t t = 0; t < N; t++) {
+        const int64_t own = t / p.block_size, nblk = own + 1 < K ? own + 1 : K;
+        sparse += (double)(nblk - 1) * B + (double)(t - own * p.block_size + 1);
+    }
+    const double dense_flops = 4.0 * (double)Hq * D * causal * 3.5; /* fwd 4·H·D per pair, bwd 2.5x */
+    printf("| %6lld | %9.2f | %9.2f | %9.2f | %8.2f | %8.2f | %8.2f | %6.1fx | %5.0f |\n", (long long)N, dense.fwd * 1e3,
+           dense.bwd * 1e3, (dense.fwd + dense.bwd) * 1e3, msa.fwd * 1e3, msa.bwd * 1e3, (msa.fwd + msa.bwd) * 1e3,
+           (dense.fwd + dense.bwd) / (msa.fwd + msa.bwd), dense_flops / (dense.fwd + dense.bwd) / 1e12);
+    printf("|        |  MSA parts (ms): indexer %.2f, plan %.2f, attention fwd %.2f / bwd %.2f, KL fwd %.2f / bwd %.2f; "
+           "sparse pairs %.3g (%.1f%% of causal) |\n",
+           part[0].fwd * 1e3, part[1].fwd * 1e3, part[2].fwd * 1e3, part[2].bwd * 1e3, part[3].fwd * 1e3,
+           part[3].bwd * 1e3, sparse, 100.0 * sparse / causal);
+    fflush(stdout);
+    Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &out, &lse, &dq, &dk, &dv, &dqi, &dki, &cu, &topk, &plan, &kl, &idx_lse};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dev_free(all[i]);
+}
+
+/* comma-separated integers into out (at most max); returns the count */
+static int parse_list(const char *s, int64_t *out, int max) {
+    int n = 0;
+    for (const char *p = s; *p && n < max;) {
+        char *end;
+        long long v = strtoll(p, &end, 10);
+        if (end == p || v <= 0) fatal("bench: bad number list '%s'", s);
+        out[n++] = v;
+        p = *end == ',' ? end + 1 : end;
+    }
+    return n;
+}
+
+int main(int argc, char **argv) {
+    const char *only = NULL, *models = "dense,moe";
+    int64_t sizes[8] = {8192, 32768, 131072}, contexts[8] = {4096, 32768};
+    int nsizes = 3, ncontexts = 2;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        else if (!strcmp(argv[i], "--sizes") && i + 1 < argc) nsizes = parse_list(argv[++i], sizes, 8);
+        else if (!strcmp(argv[i], "--contexts") && i + 1 < argc) ncontexts = parse_list(argv[++i], contexts, 8);
+        else if (!strcmp(argv[i], "--models") && i + 1 < argc) models = argv[++i];
+        else {
+            fprintf(stderr, "usage: %s [--only train|attention] [--sizes N,...] [--contexts T,...] [--models dense,moe]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    const char *attn = getenv("MSA_ATTENTION");
+    printf("dense attention path: %s\n\n", attn && *attn ? attn : "default (cuDNN where supported)");
+    if (!only || !strcmp(only, "train")) {
+        printf("(a) training throughput, BF16 activations, F32 master weights and AdamW, 1 GPU\n\n");
+        printf("| model | params total / active | context | tokens/step | recompute | ms/step | Ktok/s | MFU | loss |\n");
+        printf("|---|---|---|---|---|---|---|---|---|\n");
+        static const ModelKind kinds[] = {{"dense", false}, {"moe", true}};
+        for (int mi = 0; mi < 2; mi++) {
+            if (!strstr(models, kinds[mi].name)) continue;
+            if (kinds[mi].moe && backend_missing(be, BACKEND_MOE)) {
+                printf("| moe | (the CUDA backend has no %s kernel) |\n", backend_missing(be, BACKEND_MOE));
+                continue;
+            }
+            for (int ci = 0; ci < ncontexts; ci++) {
+                const int64_t ctx = contexts[ci];
+                bench_train(&kinds[mi], (int)ctx, ctx >= 16384 ? ctx : 16384);
+            }
+        }
+        printf("\n");
+    }
+    if (!only || !strcmp(only, "attention")) {
+        printf("(b) one attention layer, forward + backward, H_q 64, H_kv 4, d 128, one document; MSA: block 128, "
+               "top-k 16, d_idx 128 (indexer + plan + sparse attention + KL)\n\n");
+        printf("| tokens | dense fwd ms | dense bwd ms | dense total | MSA fwd | MSA bwd | MSA total | speed-up | dense "
+               "TFLOP/s |\n");
+        printf("|---|---|---|---|---|---|---|---|---|\n");
+        for (int i = 0; i < nsizes; i++) bench_attention(sizes[i]);
+    }
+    return 0;
+}
+#endif
