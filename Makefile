@@ -2,7 +2,8 @@
 # also builds the CUDA backend (kernels/cuda: *.cu with nvcc for sm_90a, *.c with the C compiler) into
 # the library, defines MSA_CUDA for every C file and links cuBLASLt, cuBLAS and the CUDA runtime;
 # such binaries still run on machines without a GPU as long as train.device = "cpu" (CI runs `make`
-# and `make test` that way). Without nvcc everything stays CPU-only.
+# and `make test` that way). Without nvcc everything stays CPU-only. MPI (mpicc) is always needed;
+# CUDA builds link NCCL too (dist/nccl.c).
 #   make            build/train, build/prepare_text, build/opcheck, tests (and build/tests/gpu/test_gpu)
 #   make test       CPU tests (closing line "N passed, N failed")
 #   make test-gpu   CUDA kernels against the CPU reference + a short CPU-vs-CUDA training run (needs a GPU)
@@ -37,8 +38,17 @@ ifeq ($(BLAS),1)
   BLAS_LIBS   := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas)
 endif
 
-CFLAGS += $(HDF5_CFLAGS) $(BLAS_CFLAGS)
-LDLIBS := $(HDF5_LIBS) -ljansson $(BLAS_LIBS) $(LDLIBS)
+# MPI (dist/: launch, ranks, CPU collectives): the flags of the mpicc wrapper (OpenMPI's --showme), so
+# the build uses the C compiler above and every program links the MPI library
+MPICC ?= mpicc
+MPI_CFLAGS := $(shell $(MPICC) --showme:compile 2>/dev/null)
+MPI_LIBS   := $(shell $(MPICC) --showme:link 2>/dev/null)
+ifeq ($(strip $(MPI_LIBS)),)
+  $(error $(MPICC) --showme:link gave nothing: install OpenMPI (bash tools/install_deps.sh: libopenmpi-dev, openmpi-bin))
+endif
+
+CFLAGS += $(HDF5_CFLAGS) $(BLAS_CFLAGS) $(MPI_CFLAGS)
+LDLIBS := $(HDF5_LIBS) -ljansson $(BLAS_LIBS) $(MPI_LIBS) $(LDLIBS)
 
 LIB_SRC  := $(wildcard kernels/*.c kernels/cpu/*.c autograd/*.c data/*.c train/*.c dist/*.c)
 LIB_SRC  := $(filter-out train/main.c,$(LIB_SRC))
@@ -63,8 +73,10 @@ ifneq ($(NVCC),)
   CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
   LIB_SRC += $(wildcard kernels/cuda/*.c)
   LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_OBJ)
-  CFLAGS  += -DMSA_CUDA
-  LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
+  # the CUDA runtime and NCCL headers for dist/nccl.c (NCCL: in the toolkit here, in /usr/include and the
+  # system library directory on the GPU machine, which the compiler searches anyway)
+  CFLAGS  += -DMSA_CUDA -I$(CUDA_HOME)/include
+  LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnccl -lcublasLt -lcublas -lcudart -lstdc++
   ALL     += $(GPU_TEST)
 endif
 

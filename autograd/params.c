@@ -67,6 +67,7 @@ static uint64_t fnv1a(const char *s) {
 
 void params_allocate(ParamStore *ps, uint64_t seed) {
     size_t es = dtype_size(ps->dtype);
+    ps->capacity = ps->numel;
     ps->data = ps->be->alloc((size_t)ps->numel * es);
     ps->grad = ps->be->alloc((size_t)ps->numel * es);
     ps->be->zero(ps->grad, (size_t)ps->numel * es);
@@ -112,7 +113,33 @@ void params_sync_shadow(ParamStore *ps) {
 }
 
 void params_zero_grad(ParamStore *ps) {
-    if (ps->allocated) ps->be->zero(ps->grad, (size_t)ps->numel * dtype_size(ps->dtype));
+    /* the padding tail too: a sharded reduce-scatter writes results over it */
+    if (ps->allocated) ps->be->zero(ps->grad, (size_t)ps->capacity * dtype_size(ps->dtype));
+}
+
+/* A buffer of `capacity` elements of size es holding the first `keep` elements of old (then zeros). */
+static void *regrow(const KernelBackend *be, void *old, int64_t keep, int64_t capacity, size_t es) {
+    void *p = be->alloc((size_t)capacity * es);
+    be->zero(p, (size_t)capacity * es);
+    be->copy(p, old, (size_t)keep * es);
+    be->free(old);
+    return p;
+}
+
+void params_reserve(ParamStore *ps, int64_t capacity) {
+    if (!ps->allocated) fatal("params_reserve: the store is not allocated yet");
+    if (capacity <= ps->capacity) return;
+    size_t es = dtype_size(ps->dtype);
+    ps->data = regrow(ps->be, ps->data, ps->numel, capacity, es);
+    ps->grad = regrow(ps->be, ps->grad, ps->numel, capacity, es);
+    if (ps->shadow) ps->shadow = regrow(ps->be, ps->shadow, ps->numel, capacity, dtype_size(DT_BF16));
+    ps->capacity = capacity;
+    for (int i = 0; i < ps->n; i++) {
+        Param *p = &ps->p[i];
+        p->t->data = (char *)ps->data + (size_t)p->offset * es;
+        p->t->grad->data = (char *)ps->grad + (size_t)p->offset * es;
+        if (ps->shadow) p->t->shadow = (char *)ps->shadow + (size_t)p->offset * dtype_size(DT_BF16);
+    }
 }
 
 int params_set_trainable(ParamStore *ps, const char *substring, bool trainable) {

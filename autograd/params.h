@@ -23,6 +23,8 @@ typedef struct ParamStore {
     Param *p;
     int n, cap;
     int64_t numel;   /* elements of each flat buffer (CUDA: with alignment gaps between parameters) */
+    int64_t capacity;/* elements allocated per buffer, >= numel: the tail past numel (zero, no parameter's)
+                        pads the store to a multiple of the ranks that shard it (params_reserve) */
     void *data, *grad;
     void *shadow;    /* CUDA with F32 master weights: a BF16 copy of data (numel elements), each
                         parameter's Tensor.shadow points into it; NULL on the CPU. See params_sync_shadow. */
@@ -38,6 +40,11 @@ Tensor *params_add(ParamStore *ps, const char *name, int ndim, const int64_t *sh
  * seeded from seed and its name, so adding a parameter never changes the others' values). */
 void params_allocate(ParamStore *ps, uint64_t seed);
 void params_zero_grad(ParamStore *ps);
+/* Grow the allocated buffers (values, gradients, BF16 shadow) to `capacity` elements, moving every
+ * parameter's pointers: the store's flat buffers can then be reduce-scattered and all-gathered in
+ * equal contiguous shards (ZeRO-1, train/trainer.c). The tail is zero and stays so. No-op when the
+ * buffers are that large already. */
+void params_reserve(ParamStore *ps, int64_t capacity);
 /* Refresh the BF16 shadow copy of every parameter from the F32 master weights (one cast over the
  * whole store; a no-op when the store has no shadow, i.e. on the CPU). params_allocate and the CUDA
  * AdamW (which writes the shadow of each parameter it updates) keep it current by themselves; any

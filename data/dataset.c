@@ -334,13 +334,20 @@ int sampler_pick(const Sampler *s, uint64_t counter) {
     return pick_file(s->mix, &r);
 }
 
-void sampler_next(Sampler *s, Batch *b) {
+static void check_part(const Batch *b, int first_row, int global_rows) {
+    if (first_row < 0 || global_rows < b->B || first_row > global_rows - b->B)
+        fatal("sampler: rows [%d, %d) are not inside a batch of %d rows", first_row, first_row + b->B, global_rows);
+}
+
+void sampler_next(Sampler *s, Batch *b) { sampler_next_part(s, b, 0, b->B); }
+
+void sampler_next_part(Sampler *s, Batch *b, int first_row, int global_rows) {
+    check_part(b, first_row, global_rows);
     int32_t *buf = xmalloc(((size_t)b->T + 1) * sizeof(int32_t));
     b->n_segments = 0;
     for (int i = 0; i < b->B; i++) {
         Rng r;
-        window_rng(&r, s->seed, s->counter);
-        s->counter++;
+        window_rng(&r, s->seed, s->counter + (uint64_t)first_row + (uint64_t)i);
         const TokenDataset *ds = s->mix ? &s->mix->ds[pick_file(s->mix, &r)] : s->ds;
         check_fits(ds, b->T);
         uint64_t n_starts = (uint64_t)(ds->n_tokens - b->T); /* starts 0 .. n_tokens - T - 1 */
@@ -348,11 +355,17 @@ void sampler_next(Sampler *s, Batch *b) {
         if (start >= n_starts) start = n_starts - 1;
         fill_row(ds, b, i, (int64_t)start, buf);
     }
+    s->counter += (uint64_t)global_rows;
     b->cu_seqlens[b->n_segments] = b->B * b->T;
     free(buf);
 }
 
 void sampler_sequential(const TokenDataset *ds, int64_t index, Batch *b) {
+    sampler_sequential_part(ds, index, b, 0, b->B);
+}
+
+void sampler_sequential_part(const TokenDataset *ds, int64_t index, Batch *b, int first_row, int global_rows) {
+    check_part(b, first_row, global_rows);
     check_fits(ds, b->T);
     /* windows start every T tokens, so every token is an input exactly once (a window's extra
      * last token is only the next window's first input, used as a target) */
@@ -360,7 +373,7 @@ void sampler_sequential(const TokenDataset *ds, int64_t index, Batch *b) {
     int32_t *buf = xmalloc(((size_t)b->T + 1) * sizeof(int32_t));
     b->n_segments = 0;
     for (int i = 0; i < b->B; i++) {
-        int64_t w = ((index % n_windows) * b->B + i) % n_windows;
+        int64_t w = ((index % n_windows) * global_rows + first_row + i) % n_windows;
         if (w < 0) w += n_windows;
         fill_row(ds, b, i, w * b->T, buf);
     }

@@ -77,7 +77,15 @@ void sampler_init_mix(Sampler *s, const DataMix *mix, uint64_t seed);
 /* The file window number `counter` of a mix comes from (index into mix->ds); 0 without a mix. */
 int sampler_pick(const Sampler *s, uint64_t counter);
 void sampler_next(Sampler *s, Batch *b);
+/* Data parallel: this rank's rows of a global batch of global_rows windows. b gets the windows a single
+ * process would put at rows [first_row, first_row + b->B) of that global batch (window numbers counter +
+ * first_row ...), and the counter advances by global_rows on every rank, so the ranks stay in step, no
+ * two ranks read the same window, the union is exactly the single process's batch, and a checkpoint's
+ * counter means the same on any number of ranks. sampler_next(s, b) is sampler_next_part(s, b, 0, b->B). */
+void sampler_next_part(Sampler *s, Batch *b, int first_row, int global_rows);
 /* Sequential, non-overlapping windows from the start (validation: the same batches every eval). */
 void sampler_sequential(const TokenDataset *ds, int64_t index, Batch *b);
+/* Rows [first_row, first_row + b->B) of sampler_sequential's batch `index` of global_rows rows. */
+void sampler_sequential_part(const TokenDataset *ds, int64_t index, Batch *b, int first_row, int global_rows);
 
 #endif

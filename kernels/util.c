@@ -7,14 +7,33 @@
 #include <string.h>
 #include <time.h>
 
+/* The process's fatal() hook (util.h): set once at start-up by dist_init, before any other thread
+ * exists, and read only by fatal. */
+static struct {
+    FatalHook hook;
+    void *ctx;
+    char tag[32];
+    int entered; /* a fatal() inside the hook must not run the hook again */
+} fatal_ctx;
+
+void fatal_set_hook(FatalHook hook, void *ctx, const char *tag) {
+    fatal_ctx.hook = hook;
+    fatal_ctx.ctx = ctx;
+    snprintf(fatal_ctx.tag, sizeof fatal_ctx.tag, "%s", hook && tag ? tag : "");
+}
+
 void fatal(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fflush(stdout);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
+    /* one write per message, so that the messages of several ranks do not interleave mid-line */
+    char msg[8192];
+    int k = snprintf(msg, sizeof msg, "error: %s%s", fatal_ctx.tag, fatal_ctx.tag[0] ? ": " : "");
+    vsnprintf(msg + k, sizeof msg - (size_t)k, fmt, ap);
     va_end(ap);
+    fprintf(stderr, "%s\n", msg);
+    fflush(stderr);
+    if (fatal_ctx.hook && !fatal_ctx.entered++) fatal_ctx.hook(fatal_ctx.ctx);
     exit(1);
 }
 

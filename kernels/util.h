@@ -9,6 +9,13 @@
 /* Print "error: <message>" to stderr and exit(1). For bad input and unrecoverable states. */
 noreturn void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* What fatal() does besides printing, for the layer that owns the process: with a hook set, the message
+ * reads "error: <tag>: <message>" and fatal calls hook(ctx) before exit(1). dist/ sets one that calls
+ * MPI_Abort when the job has several ranks (tag "rank 3"), so a failing rank ends the whole job with its
+ * message instead of leaving the others waiting; this file stays free of MPI. NULL hook: the default. */
+typedef void (*FatalHook)(void *ctx);
+void fatal_set_hook(FatalHook hook, void *ctx, const char *tag);
+
 void *xmalloc(size_t bytes);
 void *xcalloc(size_t n, size_t size);
 void *xrealloc(void *p, size_t bytes);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to build and test msa-train on the CPU:
 # a C compiler and make, jansson (configs), HDF5 (data, checkpoints), OpenBLAS (CPU GEMMs),
+# OpenMPI (dist/: mpicc's flags for the build, mpirun for distributed runs and tests/test_dist),
 # pkg-config, and Python 3 with venv for the tools (tools/hf_import.py, hf_export.py,
 # hf_tokenize.py). The tools' PyPI packages (tools/requirements.txt) go into a virtual environment
 # at .venv in the repository (Debian refuses system-wide pip installs, PEP 668); `make test` runs
@@ -8,7 +9,8 @@
 # only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(build-essential pkg-config libjansson-dev libhdf5-dev libopenblas-openmp-dev python3 python3-venv python3-pip)
+pkgs=(build-essential pkg-config libjansson-dev libhdf5-dev libopenblas-openmp-dev libopenmpi-dev openmpi-bin
+      python3 python3-venv python3-pip)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

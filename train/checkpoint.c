@@ -124,13 +124,14 @@ static void write_string_attr(Writer *w, const char *name, const char *value) {
     H5Tclose(type);
 }
 
-/* Moments or parameter values of every parameter into one group. */
-static void write_store_slices(Writer *w, hid_t group, const char *gname, const ParamStore *ps, const void *base,
-                               float *host) {
+/* Moments or parameter values of every parameter into one group; base is a buffer laid out as the store,
+ * in the memory of backend be. */
+static void write_store_slices(Writer *w, hid_t group, const char *gname, const ParamStore *ps,
+                               const KernelBackend *be, const void *base, float *host) {
     size_t es = dtype_size(ps->dtype);
     for (int i = 0; i < ps->n; i++) {
         const Param *p = &ps->p[i];
-        store_to_f32(ps->be, ps->dtype, (const char *)base + (size_t)p->offset * es, p->t->numel, host);
+        store_to_f32(be, ps->dtype, (const char *)base + (size_t)p->offset * es, p->t->numel, host);
         write_f32(w, group, gname, p->t->name, p->t->ndim, p->t->shape, host);
     }
 }
@@ -163,6 +164,8 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
         if (strlen(ps->p[i].t->name) >= NAME_MAX_LEN || strchr(ps->p[i].t->name, '/'))
             fatal("%s: parameter name \"%s\" cannot be a checkpoint dataset name", path, ps->p[i].t->name);
     if (opt && opt->numel != ps->numel) fatal("%s: the optimizer does not match the model's parameters", path);
+    if (opt && (opt->begin != 0 || opt->end < ps->numel))
+        fatal("%s: the optimizer holds only a shard of the moments; gather them first", path);
 
     /* the temporary file replaces any leftover of an earlier crashed write of the same checkpoint */
     w.file = H5Fcreate(w.tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
@@ -170,17 +173,17 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
     float *host = xmalloc((size_t)max_param_numel(ps) * sizeof(float) + sizeof(float));
 
     hid_t g = make_group(&w, "params");
-    write_store_slices(&w, g, "params", ps, ps->data, host);
+    write_store_slices(&w, g, "params", ps, ps->be, ps->data, host);
     H5Gclose(g);
     test_hook_kill_after_params(&w, st ? st->step : 0);
 
     if (opt) { /* an imported checkpoint has parameters only */
         hid_t og = make_group(&w, "optimizer");
         hid_t mg = make_group(&w, "optimizer/m");
-        write_store_slices(&w, mg, "optimizer/m", ps, opt->m, host);
+        write_store_slices(&w, mg, "optimizer/m", ps, opt->be, opt->m, host);
         H5Gclose(mg);
         hid_t vg = make_group(&w, "optimizer/v");
-        write_store_slices(&w, vg, "optimizer/v", ps, opt->v, host);
+        write_store_slices(&w, vg, "optimizer/v", ps, opt->be, opt->v, host);
         H5Gclose(vg);
         H5Gclose(og);
     }
@@ -364,12 +367,13 @@ static bool is_moe_bias(const void *model, const char *name) {
 
 static bool is_index_param(const char *name) { return strstr(name, ".index.") != NULL; }
 
-/* Loads the parameter-shaped group gname (values or a moment) into base, a buffer laid out as the store.
+/* Loads the parameter-shaped group gname (values or a moment) into base, a buffer laid out as the store in
+ * the memory of backend be.
  * Every tensor is checked before any is read, so a bad file leaves the model as it was. A tensor the
  * file lacks is an error unless it is an MSA index parameter and allow_missing_index is set. Returns
  * the number of tensors loaded. */
-static int load_store_group(const char *path, hid_t file, const char *gname, ParamStore *ps, void *base,
-                            bool allow_missing_index, const char *why_no_group) {
+static int load_store_group(const char *path, hid_t file, const char *gname, ParamStore *ps, const KernelBackend *be,
+                            void *base, bool allow_missing_index, const char *why_no_group) {
     hid_t g = open_group(path, file, gname, why_no_group);
     bool *present = xcalloc((size_t)ps->n + 1, sizeof(bool));
     for (int i = 0; i < ps->n; i++) {
@@ -392,7 +396,7 @@ static int load_store_group(const char *path, hid_t file, const char *gname, Par
         if (!present[i]) continue;
         const Param *p = &ps->p[i];
         read_f32(path, g, gname, p->t->name, host);
-        f32_to_store(ps->be, ps->dtype, (char *)base + (size_t)p->offset * es, p->t->numel, host);
+        f32_to_store(be, ps->dtype, (char *)base + (size_t)p->offset * es, p->t->numel, host);
         loaded++;
     }
     free(host);
@@ -439,7 +443,7 @@ static bool read_int_attr(hid_t file, const char *name, hid_t mem_type, void *ou
 
 int checkpoint_read_params(const char *path, Model *m, bool allow_missing_index) {
     hid_t file = open_checkpoint(path);
-    int loaded = load_store_group(path, file, "params", &m->params, m->params.data, allow_missing_index, "");
+    int loaded = load_store_group(path, file, "params", &m->params, m->params.be, m->params.data, allow_missing_index, "");
     params_sync_shadow(&m->params); /* device GEMMs read the BF16 copy of the weights */
     /* MoE selection biases decide which experts run, so they are part of the model's function */
     load_moe_biases(path, file, m, false);
@@ -452,8 +456,10 @@ void checkpoint_read_state(const char *path, Model *m, AdamW *opt, TrainState *s
     const char *no_opt = " (an imported checkpoint without optimizer state can start a run through train.init_from, "
                          "not resume one)";
     if (opt->numel != m->params.numel) fatal("%s: the optimizer does not match the model's parameters", path);
-    load_store_group(path, file, "optimizer/m", &m->params, opt->m, false, no_opt);
-    load_store_group(path, file, "optimizer/v", &m->params, opt->v, false, no_opt);
+    if (opt->begin != 0 || opt->end < m->params.numel)
+        fatal("%s: the optimizer holds only a shard of the moments; read into a whole-store one, then scatter", path);
+    load_store_group(path, file, "optimizer/m", &m->params, opt->be, opt->m, false, no_opt);
+    load_store_group(path, file, "optimizer/v", &m->params, opt->be, opt->v, false, no_opt);
     load_moe_biases(path, file, m, true);
     int64_t step;
     int adam_t;

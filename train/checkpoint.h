@@ -30,7 +30,9 @@ typedef struct TrainState {
 
 /* Write a full checkpoint (parameters, optimizer state, MoE biases, train state, config). opt NULL
  * writes no /optimizer group (an imported checkpoint); st NULL writes step 0; config_json NULL, no
- * config. Test hook: MSA_CKPT_TEST_KILL_AFTER_PARAMS=<step> (checkpoint.c). */
+ * config. opt must hold the moments of the whole store, in the memory of opt->be (which may differ
+ * from the model's: a data-parallel run gathers the shards of its ranks into host memory and passes
+ * them with the CPU backend). Test hook: MSA_CKPT_TEST_KILL_AFTER_PARAMS=<step> (checkpoint.c). */
 void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const TrainState *st, const char *config_json);
 
 /* Load parameters by name into an already built model. A parameter the file lacks is an error unless
@@ -42,7 +44,8 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
 int checkpoint_read_params(const char *path, Model *m, bool allow_missing_index);
 
 /* Load optimizer moments, MoE biases and the train state (for --resume); opt->t gets adam_t. A file
- * without optimizer state (an imported checkpoint) is an error. */
+ * without optimizer state (an imported checkpoint) is an error. opt holds the whole store's moments, in
+ * the memory of opt->be (a data-parallel run reads into host memory, then scatters the shards). */
 void checkpoint_read_state(const char *path, Model *m, AdamW *opt, TrainState *st);
 
 /* The config JSON stored in a checkpoint (malloc'd), or NULL if it has none. */

@@ -54,7 +54,7 @@ typedef struct KeyDef {
 #define FMAX ((double)FLT_MAX)
 #define U64MAX 18446744073709551615.0
 
-static const char *const SECTIONS[] = {"model", "msa", "moe", "optim", "train", "data"};
+static const char *const SECTIONS[] = {"model", "msa", "moe", "optim", "train", "data", "dist"};
 #define N_SECTIONS ((int)(sizeof SECTIONS / sizeof SECTIONS[0]))
 
 static const KeyDef KEYS[] = {
@@ -113,7 +113,7 @@ static const KeyDef KEYS[] = {
     NUM(optim, backbone_lr_scale, 1.0, 0, FMAX, "LR multiplier of every non-index parameter after the dense warm-up; 0 = backbone frozen"),
 
     NUM(train, steps, 1000, 1, IMAX, "optimizer steps"),
-    NUM(train, batch_size, 16, 1, IMAX, "sequences per micro-batch"),
+    NUM(train, batch_size, 16, 1, IMAX, "sequences per micro-batch, over all data-parallel ranks (each takes batch_size / dist.dp of them)"),
     NUM(train, seq_len, 128, 1, IMAX, "tokens per sequence"),
     NUM(train, grad_accum, 1, 1, IMAX, "micro-batches per optimizer step"),
     NUM(train, eval_every, 100, 0, IMAX, "steps between validation passes; 0 = only at the end"),
@@ -134,6 +134,11 @@ static const KeyDef KEYS[] = {
     STR(data, train_path, "", "HDF5 token file for training (build/prepare_text)"),
     STR(data, val_path, "", "HDF5 token file for validation"),
     STR(data, train_mix, "", "several training files, each window from one picked by weight: \"a.h5:0.7,b.h5:0.3\"; \"\" = train_path alone"),
+
+    NUM(dist, dp, 0, 0, 1 << 20, "data-parallel ranks (ZeRO-1: optimizer state sharded over them); 0 = every rank that ep and cp leave; dp * ep * cp = ranks of mpirun -np"),
+    NUM(dist, ep, 1, 1, 1 << 20, "expert-parallel ranks (MoE experts sharded over them); not implemented yet, so 1"),
+    NUM(dist, cp, 1, 1, 1 << 20, "context-parallel ranks (each sequence split over them); not implemented yet, so 1"),
+    NUM(dist, timeout, 1800, 0, FMAX, "seconds a collective waits for the other ranks before the job ends with a message (a rank failed or hangs); 0 = forever"),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 
@@ -190,7 +195,7 @@ static noreturn void unknown_section(const char *where, const char *section) {
         int d = edit_distance(section, SECTIONS[i]);
         if (d < bd) bd = d, best = i;
     }
-    fatal("%s: unknown section \"%s\" (did you mean \"%s\"? sections: model, msa, moe, optim, train, data)", where,
+    fatal("%s: unknown section \"%s\" (did you mean \"%s\"? sections: model, msa, moe, optim, train, data, dist)", where,
           section, SECTIONS[best]);
 }
 

@@ -78,7 +78,7 @@ typedef struct OptimConfig {
 
 typedef struct TrainConfig {
     int steps;             /* optimizer steps */
-    int batch_size;        /* sequences per micro-batch */
+    int batch_size;        /* sequences per micro-batch, over all data-parallel ranks */
     int seq_len;           /* tokens per sequence */
     int grad_accum;        /* micro-batches per optimizer step */
     int eval_every;        /* steps between validation passes (0 = only at the end) */
@@ -104,6 +104,14 @@ typedef struct DataConfig {
     char train_mix[1024];      /* "path1:w1,path2:w2": several training files sampled by weight; "" = train_path */
 } DataConfig;
 
+/* Distributed runs (dist/, `mpirun -np N build/train CONFIG`): the world of N ranks is dp * ep * cp. */
+typedef struct DistConfig {
+    int dp;                /* data-parallel ranks; 0 = N / (ep * cp) */
+    int ep;                /* expert-parallel ranks (1 until expert parallelism lands) */
+    int cp;                /* context-parallel ranks (1 until context parallelism lands) */
+    float timeout;         /* seconds a collective waits for the other ranks; 0 = forever */
+} DistConfig;
+
 typedef struct RunConfig {
     ModelConfig model;
     MsaConfig msa;
@@ -111,6 +119,7 @@ typedef struct RunConfig {
     OptimConfig optim;
     TrainConfig train;
     DataConfig data;
+    DistConfig dist;
     char source[CFG_STR];      /* the file it was read from */
 } RunConfig;
 

@@ -1,6 +1,7 @@
 /* build/train: trains the model a JSON config describes (configs/README.md lists every key).
  *
  *   build/train CONFIG.json [--set section.key=value]... [--resume]   train (or continue a run)
+ *   mpirun -np N build/train CONFIG.json ...                           the same on N ranks (dist.*)
  *   build/train --help | --help-config                                 usage | every config key
  */
 #include <stdio.h>
@@ -28,22 +29,29 @@ static void usage(FILE *f) {
             "                      it lacks are freshly initialised (dense checkpoint -> MSA model)\n"
             "SIGINT (Ctrl-C) or SIGTERM: the run finishes its current step, writes a checkpoint, says\n"
             "where, and exits 0; a second signal kills it at once. Without train.out_dir a signal\n"
-            "kills the run as usual.\n");
+            "kills the run as usual.\n"
+            "\n"
+            "Distributed: mpirun -np N build/train CONFIG.json trains on N ranks, data parallel by\n"
+            "default (train.batch_size is the global batch, split over the ranks; optimizer state\n"
+            "sharded, ZeRO-1); dist.dp/ep/cp choose the groups, dist.timeout the collective timeout.\n"
+            "Rank 0 prints, writes the run directory and checkpoints (they load on any number of ranks).\n");
 }
 
-int main(int argc, char **argv) {
+/* The program's body; main wraps it in MPI's lifetime. */
+static int train_main(int argc, char **argv, Dist *dist) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
+            if (dist->rank == 0) usage(stdout);
             return 0;
         }
         if (!strcmp(argv[i], "--help-config")) {
-            config_print_help();
+            if (dist->rank == 0) config_print_help();
             return 0;
         }
     }
     Run run;
     memset(&run, 0, sizeof run);
+    run.dist = dist;
     config_defaults(&run.cfg);
     bool resume = false;
     for (int i = 1; i < argc; i++) {
@@ -61,13 +69,23 @@ int main(int argc, char **argv) {
         } else fatal("unexpected argument %s (one config file only)", argv[i]);
     }
     if (!run.config_path) {
-        usage(stderr);
+        if (dist->rank == 0) usage(stderr);
         return 2;
     }
     if (resume) run.cfg.train.resume = true;
     run_init(&run);
     run_train(&run);
-    if (!run.stopped) run_sample(&run);
+    if (!run.stopped && dist->rank == 0) run_sample(&run);
     run_free(&run);
     return 0;
+}
+
+int main(int argc, char **argv) {
+    /* first: under mpirun every rank learns its place, and from here on a fatal() on any rank ends the
+     * whole job; without mpirun this is a one-rank MPI singleton that behaves as a plain process */
+    Dist dist;
+    dist_init(&dist, &argc, &argv);
+    int status = train_main(argc, argv, &dist);
+    dist_finalize(&dist);
+    return status;
 }

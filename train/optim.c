@@ -5,16 +5,21 @@
 
 #include "../kernels/util.h"
 
-void adamw_init(AdamW *opt, const ParamStore *ps) {
+void adamw_init_range(AdamW *opt, const ParamStore *ps, int64_t begin, int64_t end) {
     memset(opt, 0, sizeof(*opt));
+    if (begin < 0 || end < begin) fatal("adamw_init_range: bad range [%lld, %lld)", (long long)begin, (long long)end);
     opt->be = ps->be;
     opt->numel = ps->numel;
-    size_t bytes = (size_t)ps->numel * dtype_size(ps->dtype);
+    opt->begin = begin;
+    opt->end = end;
+    size_t bytes = (size_t)(end - begin) * dtype_size(ps->dtype);
     opt->m = ps->be->alloc(bytes);
     opt->v = ps->be->alloc(bytes);
     ps->be->zero(opt->m, bytes);
     ps->be->zero(opt->v, bytes);
 }
+
+void adamw_init(AdamW *opt, const ParamStore *ps) { adamw_init_range(opt, ps, 0, ps->numel); }
 
 void adamw_free(AdamW *opt) {
     if (opt->m) opt->be->free(opt->m);
@@ -32,39 +37,80 @@ float lr_schedule(const OptimConfig *oc, int step, int total) {
     return (float)(oc->min_lr + (oc->lr - oc->min_lr) * cosine);
 }
 
-double grad_global_norm(const ParamStore *ps) {
+/* The part of parameter p inside the store elements [begin, end): *lo and *hi as element indices into
+ * the parameter; false when none of it is. */
+static bool param_part(const Param *p, int64_t begin, int64_t end, int64_t *lo, int64_t *hi) {
+    int64_t a = p->offset > begin ? p->offset : begin, b = p->offset + p->t->numel < end ? p->offset + p->t->numel : end;
+    if (a >= b) return false;
+    *lo = a - p->offset;
+    *hi = b - p->offset;
+    return true;
+}
+
+/* Elements [lo, hi) of t as a tensor: t itself when that is all of it (so that the unsharded path calls
+ * the kernels exactly as before), else a 1-D view (the kernels used on it are elementwise). */
+static Tensor part_view(const Tensor *t, int64_t lo, int64_t hi, DType dt) {
+    Tensor v = *t;
+    v.grad = NULL;
+    v.name = NULL;
+    if (lo == 0 && hi == t->numel) return v;
+    v.ndim = 1;
+    v.shape[0] = v.numel = hi - lo;
+    v.shape[1] = v.shape[2] = v.shape[3] = 0;
+    v.data = (char *)t->data + (size_t)lo * dtype_size(dt);
+    if (t->shadow) v.shadow = (char *)t->shadow + (size_t)lo * dtype_size(DT_BF16);
+    return v;
+}
+
+double grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end) {
     double s = 0.0;
-    for (int i = 0; i < ps->n; i++)
-        if (ps->p[i].t->requires_grad) s += ps->be->sumsq(ps->p[i].t->grad);
-    return sqrt(s);
+    int64_t lo, hi;
+    for (int i = 0; i < ps->n; i++) {
+        const Param *p = &ps->p[i];
+        if (!p->t->requires_grad || !param_part(p, begin, end, &lo, &hi)) continue;
+        Tensor g = part_view(p->t->grad, lo, hi, ps->dtype);
+        s += ps->be->sumsq(&g);
+    }
+    return s;
+}
+
+double grad_global_norm(const ParamStore *ps) { return sqrt(grad_sumsq_range(ps, 0, ps->numel)); }
+
+float clip_factor(double norm, float max_norm) {
+    return max_norm > 0 && norm > max_norm ? (float)(max_norm / (norm + 1e-6)) : 1.0f;
+}
+
+void grad_scale_range(ParamStore *ps, int64_t begin, int64_t end, float sc) {
+    int64_t lo, hi;
+    for (int i = 0; i < ps->n; i++) {
+        Param *p = &ps->p[i];
+        if (!p->t->requires_grad || !param_part(p, begin, end, &lo, &hi)) continue;
+        Tensor g = part_view(p->t->grad, lo, hi, ps->dtype);
+        ps->be->scale(&g, sc);
+    }
 }
 
 double clip_grad_norm(ParamStore *ps, float max_norm) {
     double norm = grad_global_norm(ps);
-    if (max_norm > 0 && norm > max_norm) {
-        float sc = (float)(max_norm / (norm + 1e-6));
-        for (int i = 0; i < ps->n; i++)
-            if (ps->p[i].t->requires_grad) ps->be->scale(ps->p[i].t->grad, sc);
-    }
+    float sc = clip_factor(norm, max_norm);
+    if (sc != 1.0f) grad_scale_range(ps, 0, ps->numel, sc);
     return norm;
-}
-
-/* a moment buffer's slice for parameter p, as a tensor of p's shape */
-static Tensor moment_view(const ParamStore *ps, const Param *p, void *base) {
-    Tensor t = *p->t;
-    t.data = (char *)base + (size_t)p->offset * dtype_size(ps->dtype);
-    t.grad = NULL;
-    t.name = NULL;
-    return t;
 }
 
 void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr) {
     opt->t++;
+    size_t es = dtype_size(ps->dtype);
+    int64_t lo, hi;
     for (int i = 0; i < ps->n; i++) {
         Param *p = &ps->p[i];
-        if (!p->t->requires_grad) continue;
-        Tensor m = moment_view(ps, p, opt->m), v = moment_view(ps, p, opt->v);
+        if (!p->t->requires_grad || !param_part(p, opt->begin, opt->end, &lo, &hi)) continue;
+        Tensor w = part_view(p->t, lo, hi, ps->dtype), g = part_view(p->t->grad, lo, hi, ps->dtype);
+        /* the moments of these elements, at their place in the optimizer's range */
+        Tensor m = w, v = w;
+        m.shadow = v.shadow = NULL;
+        m.data = (char *)opt->m + (size_t)(p->offset + lo - opt->begin) * es;
+        v.data = (char *)opt->v + (size_t)(p->offset + lo - opt->begin) * es;
         float wd = p->decay ? oc->weight_decay : 0.0f;
-        ps->be->adamw_update(p->t, p->t->grad, &m, &v, lr * p->lr_scale, oc->beta1, oc->beta2, oc->eps, wd, opt->t);
+        ps->be->adamw_update(&w, &g, &m, &v, lr * p->lr_scale, oc->beta1, oc->beta2, oc->eps, wd, opt->t);
     }
 }

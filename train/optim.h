@@ -1,5 +1,10 @@
 /* AdamW with decoupled weight decay over a ParamStore, global-norm gradient clipping, and the
- * linear warm-up + cosine decay schedule. Moments are fp32 buffers shaped like the store. */
+ * linear warm-up + cosine decay schedule. Moments are fp32 buffers laid out like the store.
+ *
+ * Sharding (ZeRO-1, train/trainer.c): an optimizer may own only the elements [begin, end) of the
+ * store's flat buffers, its moments then hold just those elements, and the *_range functions work on
+ * the parts of the parameters that fall in the range (a parameter may be cut at a shard boundary).
+ * Over the whole store, [0, numel), they compute exactly what the unsharded functions compute. */
 #ifndef MSA_OPTIM_H
 #define MSA_OPTIM_H
 
@@ -7,13 +12,18 @@
 #include "config.h"
 
 typedef struct AdamW {
-    const KernelBackend *be;
-    void *m, *v;   /* first and second moments, one allocation each, parameter offsets as the store */
-    int64_t numel;
+    const KernelBackend *be; /* where m and v live */
+    void *m, *v;   /* first and second moments of the store elements [begin, end), one allocation each */
+    int64_t numel; /* elements of the store (ParamStore.numel) */
+    int64_t begin, end; /* the shard this optimizer updates; [0, numel) unsharded */
     int t;         /* completed update steps */
 } AdamW;
 
+/* Moments for the whole store. */
 void adamw_init(AdamW *opt, const ParamStore *ps);
+/* Moments for the store elements [begin, end) only (end may pass numel: the padding tail has no
+ * parameter and is never updated). */
+void adamw_init_range(AdamW *opt, const ParamStore *ps, int64_t begin, int64_t end);
 void adamw_free(AdamW *opt);
 /* Learning rate at optimizer step `step` (0-based) of `total`: linear warm-up over warmup_steps,
  * then cosine decay from lr to min_lr at the last step. */
@@ -22,7 +32,15 @@ float lr_schedule(const OptimConfig *oc, int step, int total);
 double grad_global_norm(const ParamStore *ps);
 /* Scale gradients so that their global norm is at most max_norm (0 = off). Returns the norm before. */
 double clip_grad_norm(ParamStore *ps, float max_norm);
-/* One AdamW update of every trainable parameter with learning rate lr * param.lr_scale. */
+/* Sum of squares of the trainable parameters' gradient elements in [begin, end) (a sharded norm is the
+ * square root of these sums added over the shards). */
+double grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end);
+/* The clipping factor for a global norm (1 when max_norm is 0 or not exceeded). */
+float clip_factor(double norm, float max_norm);
+/* Multiply the trainable parameters' gradient elements in [begin, end) by sc. */
+void grad_scale_range(ParamStore *ps, int64_t begin, int64_t end, float sc);
+/* One AdamW update, with learning rate lr * param.lr_scale, of every trainable parameter element in the
+ * optimizer's range. */
 void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr);
 
 #endif

@@ -97,15 +97,62 @@ static void prune_checkpoints(const Run *r) {
     if (d) closedir(d);
 }
 
+/* ---- data parallel with ZeRO-1 ------------------------------------------------------------------ */
+
+static const DistGroup *dp_group(const Run *r) { return &r->dist->dp_group; }
+static bool is_rank0(const Run *r) { return r->dist->rank == 0; }
+
+/* A whole-store optimizer in host memory (the CPU backend's), for rank 0 to write or read a checkpoint
+ * of a sharded run: moments laid out as the store, padding included, so that the ranks' shards gather
+ * into it and scatter out of it as they are. */
+static AdamW host_optimizer(const Run *r, float *m, float *v) {
+    const ParamStore *ps = &r->model.params;
+    return (AdamW){.be = &cpu_backend, .m = m, .v = v, .numel = ps->numel, .begin = 0, .end = ps->numel, .t = r->opt.t};
+}
+
+/* The ranks' moment shards (device or host) into one host buffer of the whole store on rank 0. */
+static void gather_moment(const Run *r, const void *shard, float *full_on_rank0) {
+    float *host = xmalloc((size_t)r->shard * sizeof(float));
+    r->opt.be->copy_to_host(host, shard, (size_t)r->shard * sizeof(float));
+    dist_gather_host(dp_group(r), host, full_on_rank0, r->shard, DIST_F32, 0);
+    free(host);
+}
+
+/* Inverse of gather_moment: each rank's shard of rank 0's whole-store host buffer into its moments. */
+static void scatter_moment(const Run *r, const float *full_on_rank0, void *shard) {
+    float *host = xmalloc((size_t)r->shard * sizeof(float));
+    dist_scatter_host(dp_group(r), full_on_rank0, host, r->shard, DIST_F32, 0);
+    r->opt.be->copy_from_host(shard, host, (size_t)r->shard * sizeof(float));
+    free(host);
+}
+
 const char *run_checkpoint(Run *r) {
     const char *dir = r->cfg.train.out_dir;
     if (!dir[0]) fatal("cannot write a checkpoint: train.out_dir is not set (the directory checkpoints go to)");
     checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, r->step);
     TrainState st = {.step = r->step, .data_counter = r->sampler.counter, .seed = r->sampler.seed};
-    char *json = config_to_json(&r->cfg);
-    checkpoint_write(r->checkpoint, &r->model, &r->opt, &st, json);
-    free(json);
-    prune_checkpoints(r);
+    const ParamStore *ps = &r->model.params;
+    /* a sharded optimizer: rank 0 gathers the moments of every rank and writes them, unsharded, so the
+     * checkpoint loads on any number of ranks; the parameters are whole on every rank already */
+    bool sharded = dp_group(r)->size > 1;
+    float *m = NULL, *v = NULL;
+    if (sharded && is_rank0(r)) {
+        m = xmalloc((size_t)ps->capacity * sizeof(float));
+        v = xmalloc((size_t)ps->capacity * sizeof(float));
+    }
+    if (sharded) {
+        gather_moment(r, r->opt.m, m);
+        gather_moment(r, r->opt.v, v);
+    }
+    if (is_rank0(r)) {
+        AdamW full = sharded ? host_optimizer(r, m, v) : r->opt;
+        char *json = config_to_json(&r->cfg);
+        checkpoint_write(r->checkpoint, &r->model, &full, &st, json);
+        free(json);
+        prune_checkpoints(r);
+    }
+    free(m);
+    free(v);
     return r->checkpoint;
 }
 
@@ -168,28 +215,59 @@ static void trim_metrics(const char *dir, int step) {
     if (dropped ? rename(tmp, path) != 0 : unlink(tmp) != 0) fatal("%s: cannot replace", path);
 }
 
+/* Rank 0 reads every checkpoint (the run directory need not be visible to the other nodes); the others
+ * get what they need from it: sync_from_rank0 broadcasts parameters and MoE biases, resume scatters
+ * the optimizer shards and broadcasts the train state. */
 static void resume(Run *r) {
     const char *dir = r->cfg.train.out_dir;
-    int n, *steps = list_checkpoints(dir, &n);
-    if (n == 0)
-        fatal("train.resume: no checkpoint (ckpt_<step>.h5) in train.out_dir \"%s\" to resume from", dir);
-    checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, steps[n - 1]);
-    free(steps);
+    const ParamStore *ps = &r->model.params;
+    bool sharded = dp_group(r)->size > 1;
+    TrainState st = {0};
+    float *m = NULL, *v = NULL;
+    if (is_rank0(r)) {
+        int n, *steps = list_checkpoints(dir, &n);
+        if (n == 0)
+            fatal("train.resume: no checkpoint (ckpt_<step>.h5) in train.out_dir \"%s\" to resume from", dir);
+        checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, steps[n - 1]);
+        free(steps);
+        const char *path = r->checkpoint;
+        check_resume_config(r, path);
+        checkpoint_read_params(path, &r->model, false);
+        if (sharded) {
+            /* the checkpoint holds the whole moments (written by any number of ranks): read them into
+             * host memory, then hand each rank its shard of this run's sharding */
+            m = xcalloc((size_t)ps->capacity, sizeof(float));
+            v = xcalloc((size_t)ps->capacity, sizeof(float));
+            AdamW full = host_optimizer(r, m, v);
+            checkpoint_read_state(path, &r->model, &full, &st);
+            r->opt.t = full.t;
+        } else checkpoint_read_state(path, &r->model, &r->opt, &st);
+    }
+    if (sharded) {
+        scatter_moment(r, m, r->opt.m);
+        scatter_moment(r, v, r->opt.v);
+        free(m);
+        free(v);
+        uint64_t state[4] = {(uint64_t)st.step, st.data_counter, st.seed, (uint64_t)r->opt.t};
+        dist_broadcast(dp_group(r), state, 4, DIST_U64, 0, DEV_CPU);
+        st.step = (int64_t)state[0];
+        st.data_counter = state[1];
+        st.seed = state[2];
+        r->opt.t = (int)state[3];
+        dist_broadcast(dp_group(r), r->checkpoint, (int64_t)sizeof r->checkpoint, DIST_U8, 0, DEV_CPU);
+    }
     const char *path = r->checkpoint;
-    check_resume_config(r, path);
-    checkpoint_read_params(path, &r->model, false);
-    TrainState st;
-    checkpoint_read_state(path, &r->model, &r->opt, &st);
     r->step = r->start_step = (int)st.step;
     r->sampler.counter = st.data_counter;
     if (st.seed != r->sampler.seed && !r->quiet)
         printf("note: train.seed = %llu, but the checkpoint's data stream was seeded with %llu; it continues that "
                "stream\n", (unsigned long long)r->sampler.seed, (unsigned long long)st.seed);
     r->sampler.seed = st.seed;
-    trim_metrics(dir, r->step);
+    if (is_rank0(r)) trim_metrics(dir, r->step);
     if (!r->quiet) printf("resumed from %s at step %d\n", path, r->step);
 }
 
+/* rank 0 only (its parameters reach the others through sync_from_rank0) */
 static void init_from_checkpoint(Run *r) {
     const char *path = r->cfg.train.init_from;
     int loaded = checkpoint_read_params(path, &r->model, true);
@@ -214,6 +292,7 @@ static void refuse_earlier_checkpoints(const Run *r) {
     free(steps);
 }
 
+/* rank 0 only: the one writer of the run directory */
 static void open_run_dir(Run *r) {
     const char *dir = r->cfg.train.out_dir;
     if (!dir[0]) return;
@@ -230,9 +309,90 @@ static void open_run_dir(Run *r) {
     if (!r->metrics) fatal("%s: cannot write", path);
 }
 
+/* Parse "<rank>:<step>" of a test hook variable (-1 = off). */
+static void parse_hook(const char *name, int *rank, int *step) {
+    const char *v = getenv(name);
+    *rank = *step = -1;
+    if (v && *v && sscanf(v, "%d:%d", rank, step) != 2) fatal("%s = \"%s\": expected <rank>:<step>", name, v);
+}
+
+static void init_test_hooks(Run *r) {
+    DistTestHooks *h = &r->hooks;
+    parse_hook("MSA_DIST_TEST_FAIL", &h->fail_rank, &h->fail_step);
+    parse_hook("MSA_DIST_TEST_HANG", &h->hang_rank, &h->hang_step);
+    const char *prefix = getenv("MSA_DIST_TEST_SAMPLES");
+    h->samples = NULL;
+    if (prefix && *prefix) {
+        char path[CFG_STR + 32];
+        snprintf(path, sizeof path, "%s.%d", prefix, r->dist->rank);
+        if (!(h->samples = fopen(path, "a"))) fatal("MSA_DIST_TEST_SAMPLES: cannot write %s", path);
+    }
+}
+
+static void run_test_hooks(Run *r, int step) {
+    const DistTestHooks *h = &r->hooks;
+    if (h->fail_rank == r->dist->rank && h->fail_step == step)
+        fatal("test hook MSA_DIST_TEST_FAIL: rank %d fails at step %d", r->dist->rank, step);
+    if (h->hang_rank == r->dist->rank && h->hang_step == step)
+        for (;;) pause(); /* until the job's other ranks time out and mpirun kills this one */
+}
+
+/* The groups, and this rank's share of the data and of the optimizer; checks that the config fits the
+ * number of ranks. */
+static void init_dist(Run *r, const char *src) {
+    const RunConfig *c = &r->cfg;
+    Device dev = strcmp(c->train.device, "cuda") == 0 ? DEV_CUDA : DEV_CPU;
+    if (c->dist.ep != 1)
+        fatal("%s: dist.ep = %d: expert parallelism is not implemented yet (dist.ep must be 1)", src, c->dist.ep);
+    if (c->dist.cp != 1)
+        fatal("%s: dist.cp = %d: context parallelism is not implemented yet (dist.cp must be 1)", src, c->dist.cp);
+    dist_setup(r->dist, c->dist.dp, c->dist.ep, c->dist.cp, c->dist.timeout, dev, src);
+    int dp = r->dist->dp;
+    if (c->train.batch_size % dp)
+        fatal("%s: train.batch_size = %d is not divisible by the %d data-parallel ranks (dist.dp): each rank takes "
+              "batch_size / dp sequences of every micro-batch; use a multiple of %d",
+              src, c->train.batch_size, dp, dp);
+}
+
+/* Shard the parameter store over the data-parallel ranks (ZeRO-1): equal contiguous ranges of the flat
+ * store, each a multiple of 64 elements (256 bytes: aligned for NCCL and the vector kernels), the store
+ * padded to dp of them; each rank keeps AdamW moments for its range only. */
+static void init_optimizer(Run *r) {
+    ParamStore *ps = &r->model.params;
+    const DistGroup *g = dp_group(r);
+    if (g->size == 1) {
+        r->shard = ps->numel;
+        adamw_init(&r->opt, ps);
+        return;
+    }
+    if (ps->dtype != DT_F32) fatal("data parallelism needs f32 master weights");
+    const int64_t align = 64, per_rank = (ps->numel + g->size - 1) / g->size;
+    r->shard = (per_rank + align - 1) / align * align;
+    params_reserve(ps, r->shard * g->size);
+    adamw_init_range(&r->opt, ps, g->rank * r->shard, (g->rank + 1) * r->shard);
+}
+
+/* Every rank starts from rank 0's parameters and MoE selection biases: rank 0 alone reads checkpoints,
+ * and even a fresh initialisation (the same seed everywhere) is not left to chance. */
+static void sync_from_rank0(Run *r) {
+    const DistGroup *g = dp_group(r);
+    if (g->size == 1) return;
+    ParamStore *ps = &r->model.params;
+    dist_broadcast(g, ps->data, ps->numel, DIST_F32, 0, ps->be->device);
+    params_sync_shadow(ps);
+    for (int l = 0; l < r->model.cfg.n_layers; l++)
+        if (r->model.layers[l].moe && r->model.layers[l].moe_p.bias)
+            dist_broadcast(g, r->model.layers[l].moe_p.bias, r->model.layers[l].moe_p.num_experts, DIST_F32, 0, DEV_CPU);
+}
+
 void run_init(Run *r) {
     RunConfig *c = &r->cfg;
     const char *src = r->config_path ? r->config_path : "config";
+    if (!r->dist) {
+        dist_single(&r->single_dist);
+        r->dist = &r->single_dist;
+    }
+    if (!is_rank0(r)) r->quiet = true; /* rank 0 speaks for the run */
     if (!c->data.train_path[0] && !c->data.train_mix[0]) fatal("%s: data.train_path is not set", src);
     if (c->data.train_path[0] && c->data.train_mix[0])
         fatal("%s: data.train_path and data.train_mix are both set; use one (a mix lists every file)", src);
@@ -258,13 +418,14 @@ void run_init(Run *r) {
               c->train.checkpoint_every);
     if (c->train.resume && !c->train.out_dir[0])
         fatal("%s: train.resume needs train.out_dir (the directory whose newest checkpoint to resume)", src);
-    if (c->train.out_dir[0] && mkdir(c->train.out_dir, 0755) != 0) {
+    if (c->train.out_dir[0] && is_rank0(r) && mkdir(c->train.out_dir, 0755) != 0) {
         struct stat st;
         if (stat(c->train.out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
             fatal("train.out_dir \"%s\": cannot create the directory", c->train.out_dir);
     }
 
     r->be = select_backend(c->train.device);
+    init_dist(r, src); /* before the model: it picks this rank's GPU */
     model_build(&r->model, c, r->be, DT_F32, c->train.seed);
     const char *missing = backend_missing(r->be, (r->model.n_msa_layers ? BACKEND_MSA : 0) |
                                                      (r->model.n_moe_layers ? BACKEND_MOE : 0));
@@ -272,10 +433,11 @@ void run_init(Run *r) {
         fatal("%s: the %s backend has no %s kernel yet: MSA/MoE layers need train.device = \"cpu\" for now", src,
               r->be->name, missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
-    adamw_init(&r->opt, &r->model.params);
+    init_optimizer(r);
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
     else sampler_init(&r->sampler, &r->train_ds, c->train.seed);
-    batch_alloc(&r->batch, c->train.batch_size, c->train.seq_len);
+    batch_alloc(&r->batch, c->train.batch_size / r->dist->dp, c->train.seq_len);
+    init_test_hooks(r);
     if (!r->quiet) {
         printf("msa-train | %s | %s backend | %lld parameters (%d layers, d_model %d, heads %d/%d, %d MSA layers)\n",
                src, r->be->name, (long long)params_count(&r->model.params, false), c->model.n_layers,
@@ -285,6 +447,12 @@ void run_init(Run *r) {
                r->train_ds.vocab_size, c->data.val_path,
                (long long)r->val_ds.n_tokens,
                (long long)c->train.batch_size * c->train.seq_len * c->train.grad_accum);
+        const Dist *d = r->dist;
+        if (d->size > 1)
+            printf("distributed: %d ranks (dp %d, ep %d, cp %d) | collectives: MPI%s | %d sequences per rank per "
+                   "micro-batch | ZeRO-1: optimizer state in %d shards of %lld elements\n",
+                   d->size, d->dp, d->ep, d->cp, r->be->device == DEV_CUDA ? " (host), NCCL (device)" : "",
+                   r->batch.B, d->dp, (long long)r->shard);
     }
     r->step = r->start_step = 0;
     r->checkpoint[0] = 0;
@@ -293,17 +461,19 @@ void run_init(Run *r) {
         if (c->train.init_from[0] && !r->quiet)
             printf("note: resuming, so train.init_from (%s) is not used\n", c->train.init_from);
         resume(r);
-    } else {
+    } else if (is_rank0(r)) {
         if (c->train.out_dir[0]) refuse_earlier_checkpoints(r);
         if (c->train.init_from[0]) init_from_checkpoint(r);
     }
-    open_run_dir(r);
+    sync_from_rank0(r);
+    if (is_rank0(r)) open_run_dir(r);
     r->t_start = r->t_last = wall_seconds();
     r->tokens_since_log = 0;
 }
 
 void run_free(Run *r) {
     if (r->metrics) fclose(r->metrics);
+    if (r->hooks.samples) fclose(r->hooks.samples);
     batch_free(&r->batch);
     adamw_free(&r->opt);
     engine_free(&r->engine);
@@ -342,10 +512,65 @@ static void log_step(Run *r, const StepResult *s) {
     r->tokens_since_log = 0;
 }
 
+/* Targets that count in the mean LM loss (not ignore_index) of a host batch. */
+static int64_t counted_targets(const Batch *b) {
+    int64_t n = 0, N = (int64_t)b->B * b->T;
+    for (int64_t i = 0; i < N; i++) n += b->targets[i] >= 0;
+    return n;
+}
+
+/* The routing statistics of the step summed over the data-parallel ranks, so that every rank applies
+ * the same MoE selection-bias update and logs the loads of the whole batch. */
+static void reduce_moe_stats(Run *r) {
+    const DistGroup *g = dp_group(r);
+    for (int l = 0; l < r->model.cfg.n_layers; l++) {
+        LayerParams *L = &r->model.layers[l];
+        if (!L->moe) continue;
+        MoeStats *st = &L->moe_stats;
+        int64_t counts[2] = {st->tokens, st->forwards};
+        double sums[2] = {st->aux_loss_sum, st->z_loss_sum};
+        dist_all_reduce(g, st->load, st->num_experts, DIST_I64, DIST_SUM, DEV_CPU);
+        dist_all_reduce(g, counts, 2, DIST_I64, DIST_SUM, DEV_CPU);
+        dist_all_reduce(g, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
+        st->tokens = counts[0];
+        st->forwards = (int)counts[1];
+        st->aux_loss_sum = sums[0];
+        st->z_loss_sum = sums[1];
+    }
+}
+
+/* ZeRO-1 update over the data-parallel group: reduce-scatter the gradients (each rank gets the sum over
+ * ranks of its shard; the losses were weighted so that this sum is the single-process gradient of the
+ * global batch), clip by the global norm (shard sums of squares added over ranks), AdamW on the shard,
+ * all-gather the updated parameters. Without data parallelism every collective is a no-op and this is
+ * the plain clip + AdamW over the whole store. Returns the gradient norm before clipping. */
+static double optimizer_step(Run *r, float lr) {
+    const DistGroup *g = dp_group(r);
+    ParamStore *ps = &r->model.params;
+    const int64_t begin = r->opt.begin, end = r->opt.end;
+    const size_t es = dtype_size(ps->dtype);
+    Device dev = ps->be->device;
+    dist_reduce_scatter(g, ps->grad, (char *)ps->grad + (size_t)begin * es, r->shard, DIST_F32, DIST_SUM, dev);
+    double sumsq = grad_sumsq_range(ps, begin, end);
+    dist_all_reduce(g, &sumsq, 1, DIST_F64, DIST_SUM, DEV_CPU);
+    double norm = sqrt(sumsq);
+    float sc = clip_factor(norm, r->cfg.optim.grad_clip);
+    if (sc != 1.0f) grad_scale_range(ps, begin, end, sc);
+    adamw_step(&r->opt, ps, &r->cfg.optim, lr);
+    if (g->size > 1) {
+        dist_all_gather(g, (char *)ps->data + (size_t)begin * es, ps->data, r->shard, DIST_F32, dev);
+        params_sync_shadow(ps); /* the BF16 copy of the other ranks' shards (CUDA) */
+    }
+    return norm;
+}
+
 StepResult run_step(Run *r) {
     const RunConfig *c = &r->cfg;
     Engine *e = &r->engine;
     StepResult s = {0};
+    const DistGroup *g = dp_group(r);
+    const int dp = g->size, first_row = g->rank * r->batch.B;
+    run_test_hooks(r, r->step + 1);
     /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
      * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
     bool warm = r->step < c->msa.dense_warmup_steps;
@@ -355,27 +580,93 @@ StepResult run_step(Run *r) {
     params_zero_grad(&r->model.params);
     for (int micro = 0; micro < c->train.grad_accum; micro++) {
         engine_reset(e);
-        sampler_next(&r->sampler, &r->batch);
+        uint64_t first_window = r->sampler.counter + (uint64_t)first_row;
+        /* this rank's rows of the global micro-batch: exactly the windows a single process would put there */
+        sampler_next_part(&r->sampler, &r->batch, first_row, c->train.batch_size);
+        if (r->hooks.samples)
+            for (int i = 0; i < r->batch.B; i++)
+                fprintf(r->hooks.samples, "%llu\n", (unsigned long long)(first_window + (uint64_t)i));
         ModelInput in = model_upload(e, &r->batch);
-        /* a fresh dropout mask per (step, micro-batch), never 0 (= off); resume replays it exactly */
+        /* a fresh dropout mask per (step, micro-batch), never 0 (= off); resume replays it exactly; the
+         * rows' place in the global batch keeps the masks independent of the number of ranks */
         in.dropout_seed = dropout_seed(c->train.seed, (uint64_t)r->step, (uint64_t)micro, 0) | 1;
+        in.row_offset = (int64_t)first_row * r->batch.T; /* activation rows are tokens */
         ModelLosses L = model_forward(&r->model, e, &in, c->train.recompute);
-        s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
-        if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
-        /* the mean over micro-batches: each contributes 1/grad_accum of the gradient */
-        /* nothing to differentiate when every parameter on the loss's path is frozen */
-        if (L.total->requires_grad)
-            engine_backward(e, c->train.grad_accum > 1 ? op_scale(e, L.total, 1.0f / c->train.grad_accum) : L.total);
+        if (dp == 1) {
+            s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
+            if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
+            /* the mean over micro-batches: each contributes 1/grad_accum of the gradient */
+            /* nothing to differentiate when every parameter on the loss's path is frozen */
+            if (L.total->requires_grad)
+                engine_backward(e, c->train.grad_accum > 1 ? op_scale(e, L.total, 1.0f / c->train.grad_accum) : L.total);
+            continue;
+        }
+        /* Data parallel: the global micro-batch's LM loss is the mean over all its counted targets, so
+         * this rank's mean enters with weight (its targets) / (all ranks' targets); the auxiliary terms
+         * (MSA KL, MoE balance) are means over equally many tokens on every rank and enter with 1/dp.
+         * The gradient sum over ranks (reduce-scatter) is then the single-process gradient. */
+        int64_t counted[2] = {counted_targets(&r->batch), 0};
+        counted[1] = counted[0];
+        dist_all_reduce(g, &counted[1], 1, DIST_I64, DIST_SUM, DEV_CPU);
+        double w = counted[1] > 0 ? (double)counted[0] / (double)counted[1] : 0.0;
+        s.loss += tensor_item(e, L.lm) * w / c->train.grad_accum;
+        if (L.aux) s.aux += tensor_item(e, L.aux) / dp / c->train.grad_accum;
+        if (L.total->requires_grad) {
+            Tensor *loss = op_scale(e, L.lm, (float)(w / c->train.grad_accum));
+            if (L.aux) loss = op_add(e, loss, op_scale(e, L.aux, 1.0f / (float)(dp * c->train.grad_accum)));
+            engine_backward(e, loss);
+        }
     }
-    s.grad_norm = clip_grad_norm(&r->model.params, c->optim.grad_clip);
+    /* Where overlap would go: the backward finalises the gradients of the flat store from its end (LM
+     * head, last layer) towards its start (embedding), so the reduce-scatter could run per bucket of
+     * finished store ranges on the NCCL stream while the backward of earlier layers continues (a
+     * per-block callback from the engine, events instead of the host wait in dist/nccl.c), leaving
+     * only the last bucket exposed; likewise the all-gather of the next step's first layers could
+     * overlap the optimizer. Today the three collectives run after the backward. */
+    if (dp > 1) {
+        double sums[2] = {s.loss, s.aux};
+        dist_all_reduce(g, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
+        s.loss = sums[0];
+        s.aux = sums[1];
+    }
     s.lr = lr_schedule(&c->optim, r->step, c->train.steps);
-    adamw_step(&r->opt, &r->model.params, &c->optim, s.lr);
+    s.grad_norm = optimizer_step(r, s.lr);
+    reduce_moe_stats(r);
     model_moe_step(&r->model, &s.moe, true);
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;
     if (!isfinite(s.loss)) fatal("step %d: loss is %f (diverged); lower optim.lr or check the data", r->step, s.loss);
     if (r->step % c->train.log_every == 0 || r->step == r->start_step + 1 || r->step == c->train.steps) log_step(r, &s);
     return s;
+}
+
+/* The mean LM loss over eval_batches validation batches; with data parallelism each rank takes its rows
+ * of every batch and the batch losses are recombined, weighted by their counted targets, into exactly the
+ * single-process means. */
+static double eval_loss(Run *r) {
+    Engine *e = &r->engine;
+    Model *m = &r->model;
+    const DistGroup *g = dp_group(r);
+    const int nb = r->cfg.train.eval_batches;
+    double total = 0.0, *parts = g->size > 1 ? xcalloc(2 * (size_t)nb, sizeof(double)) : NULL;
+    for (int i = 0; i < nb; i++) {
+        engine_reset(e);
+        sampler_sequential_part(&r->val_ds, i, &r->batch, g->rank * r->batch.B, r->cfg.train.batch_size);
+        ModelInput in = model_upload(e, &r->batch);
+        double lm = tensor_item(e, model_forward(m, e, &in, false).lm);
+        if (!parts) total += lm;
+        else {
+            double n = (double)counted_targets(&r->batch);
+            parts[2 * i] = lm * n;
+            parts[2 * i + 1] = n;
+        }
+    }
+    if (parts) {
+        dist_all_reduce(g, parts, 2 * nb, DIST_F64, DIST_SUM, DEV_CPU);
+        for (int i = 0; i < nb; i++) total += parts[2 * i + 1] > 0 ? parts[2 * i] / parts[2 * i + 1] : 0.0;
+        free(parts);
+    }
+    return total / nb;
 }
 
 double run_evaluate(Run *r, MsaMetrics *mm) {
@@ -385,13 +676,15 @@ double run_evaluate(Run *r, MsaMetrics *mm) {
     bool prev_dense = m->msa_dense;
     m->collect_metrics = m->n_msa_layers > 0;
     memset(&m->metrics, 0, sizeof(m->metrics));
-    double total = 0.0;
-    for (int i = 0; i < r->cfg.train.eval_batches; i++) {
-        engine_reset(e);
-        sampler_sequential(&r->val_ds, i, &r->batch);
-        ModelInput in = model_upload(e, &r->batch);
-        ModelLosses L = model_forward(m, e, &in, false);
-        total += tensor_item(e, L.lm);
+    double loss = eval_loss(r);
+    if (dp_group(r)->size > 1 && m->collect_metrics) {
+        /* per-layer means over every rank's rows: add up the sums and the counts */
+        double sums[4] = {m->metrics.kl_sum, m->metrics.recall_sum, m->metrics.layers, m->metrics.recall_layers};
+        dist_all_reduce(dp_group(r), sums, 4, DIST_F64, DIST_SUM, DEV_CPU);
+        m->metrics.kl_sum = sums[0];
+        m->metrics.recall_sum = sums[1];
+        m->metrics.layers = (int)sums[2];
+        m->metrics.recall_layers = (int)sums[3];
     }
     if (mm) *mm = m->metrics;
     if (mm && r->cfg.train.eval_dense_reference && m->n_msa_layers) {
@@ -399,21 +692,14 @@ double run_evaluate(Run *r, MsaMetrics *mm) {
          * exactly the dense model's loss, the reference the sparse loss is held to */
         m->collect_metrics = false;
         m->msa_dense = true;
-        double dense = 0.0;
-        for (int i = 0; i < r->cfg.train.eval_batches; i++) {
-            engine_reset(e);
-            sampler_sequential(&r->val_ds, i, &r->batch);
-            ModelInput in = model_upload(e, &r->batch);
-            dense += tensor_item(e, model_forward(m, e, &in, false).lm);
-        }
-        mm->dense_loss = dense / r->cfg.train.eval_batches;
+        mm->dense_loss = eval_loss(r);
         mm->has_dense_loss = true;
     }
     model_moe_step(m, NULL, false); /* eval routing must not feed the next step's bias update */
     m->collect_metrics = false;
     m->msa_dense = prev_dense;
     engine_set_grad(e, prev);
-    return total / r->cfg.train.eval_batches;
+    return loss;
 }
 
 static void log_eval(Run *r, double val_loss, const MsaMetrics *mm) {
@@ -478,6 +764,8 @@ double run_train(Run *r) {
             log_eval(r, val, &mm);
         }
         int sig = stop_requested;
+        /* the ranks must stop at the same step (the checkpoint is collective): any rank's signal stops all */
+        if (r->dist->size > 1) dist_all_reduce(&r->dist->world, &sig, 1, DIST_I32, DIST_MAX, DEV_CPU);
         if (saving && (last || sig || (c->train.checkpoint_every > 0 && r->step % c->train.checkpoint_every == 0))) {
             run_checkpoint(r);
             if (!r->quiet && !sig) printf("checkpoint %s\n", r->checkpoint);

@@ -6,13 +6,32 @@
 #include <stdio.h>
 
 #include "../data/dataset.h"
+#include "../dist/dist.h"
 #include "config.h"
 #include "model.h"
 #include "optim.h"
 
+/* Test hooks of tests/test_dist.c, read from the environment by run_init (all off when unset):
+ *   MSA_DIST_TEST_FAIL=<rank>:<step>   that world rank calls fatal() when it starts that step
+ *   MSA_DIST_TEST_HANG=<rank>:<step>   that world rank stops there forever (the others must time out)
+ *   MSA_DIST_TEST_SAMPLES=<prefix>     every rank appends the window numbers it reads to <prefix>.<rank> */
+typedef struct DistTestHooks {
+    int fail_rank, fail_step, hang_rank, hang_step;
+    FILE *samples;
+} DistTestHooks;
+
 typedef struct Run {
     RunConfig cfg;
     const char *config_path;
+    /* the ranks of the run: main.c passes the one dist_init made; NULL (tests that drive the trainer
+     * in-process) = one process without MPI (run_init points it at single_dist) */
+    Dist *dist;
+    Dist single_dist;
+    /* data parallel with ZeRO-1 (dist.dp ranks): this rank updates the store elements
+     * [dp_rank * shard, (dp_rank + 1) * shard) of the parameter store, padded to dp * shard elements;
+     * without data parallelism shard is the whole store */
+    int64_t shard;
+    DistTestHooks hooks;
     const KernelBackend *be;
     TokenDataset train_ds, val_ds;
     DataMix train_mix;   /* the data.train_mix files (n = 0: data.train_path alone) */
@@ -20,7 +39,7 @@ typedef struct Run {
     Engine engine;
     AdamW opt;
     Sampler sampler;
-    Batch batch;
+    Batch batch;       /* this rank's part of each micro-batch: train.batch_size / dp sequences */
     FILE *metrics;     /* out_dir/metrics.jsonl or NULL */
     int step;          /* optimizer steps done */
     int start_step;    /* the step this process started from (the checkpoint's step when resumed) */
@@ -40,13 +59,18 @@ typedef struct StepResult {
 } StepResult;
 
 /* Open data, build model and optimizer from r->cfg (already loaded); exits with a message on bad input.
+ * With r->dist from dist_init (several ranks): sets up the dist.dp/ep/cp groups, splits every micro-batch
+ * over the data-parallel ranks and shards the optimizer state (ZeRO-1); rank 0 alone reads checkpoints
+ * (and hands the others what they need), writes them, the run directory and the progress output.
  * train.resume: continue from the newest checkpoint in out_dir (parameters, optimizer, MoE biases, step,
  * data position), bit-for-bit as if the run had never stopped; train.init_from: take the parameters of
  * a checkpoint (MSA index parameters it lacks keep their fresh initialisation). A fresh run refuses an
  * out_dir that holds checkpoints of an earlier run rather than mixing its checkpoints with them. */
 void run_init(Run *r);
 void run_free(Run *r);
-/* One optimizer step (grad_accum micro-batches), with progress output every log_every steps. */
+/* One optimizer step (grad_accum micro-batches), with progress output every log_every steps. With data
+ * parallelism the step equals a single process's step over the same global batch (up to fp32 rounding):
+ * the same windows, the same mean loss, the global gradient norm for clipping. */
 StepResult run_step(Run *r);
 /* Mean validation loss over eval_batches fixed batches; MSA metrics when the model has MSA layers. */
 double run_evaluate(Run *r, MsaMetrics *mm);

@@ -1,0 +1,32 @@
+/* Between dist.c (MPI, host memory) and nccl.c (NCCL, device memory; CUDA builds only). */
+#ifndef MSA_DIST_INTERNAL_H
+#define MSA_DIST_INTERNAL_H
+
+#include "dist.h"
+
+/* Waiting for other ranks with a deadline: poll, then back off so that a waiting rank does not take the
+ * core from a rank that shares it (oversubscribed CPU runs); past Dist.timeout_s, end the job with a
+ * message naming the collective and the group. */
+typedef struct DistWait {
+    const DistGroup *g;
+    const char *what;
+    double start;
+    long polls;
+} DistWait;
+
+void dist_wait_begin(DistWait *w, const DistGroup *g, const char *what);
+void dist_wait_poll(DistWait *w);
+
+/* nccl.c: device of this rank, CUDA stream and the groups' communicators; their teardown; the device
+ * collectives (the same contracts as the public ones); a device-to-device copy for groups of one rank. */
+void dist_nccl_setup(Dist *d, const char *where);
+void dist_nccl_teardown(Dist *d);
+void dist_nccl_all_reduce(const DistGroup *g, void *buf, int64_t count, DistType t, DistOp op);
+void dist_nccl_reduce_scatter(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t, DistOp op);
+void dist_nccl_all_gather(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t);
+void dist_nccl_all_to_allv(const DistGroup *g, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                           void *recv, const int64_t *recv_counts, const int64_t *recv_displs, DistType t);
+void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType t, int root);
+void dist_nccl_copy(void *dst, const void *src, size_t bytes);
+
+#endif

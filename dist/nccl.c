@@ -1,0 +1,183 @@
+/* The device side of dist (CUDA builds): one GPU per node-local rank, a CUDA stream for the
+ * collectives, and an NCCL communicator per group of more than one rank (dp, ep, cp; world collectives
+ * are host-only). Rank 0 of each group makes the ncclUniqueId and MPI broadcasts it.
+ *
+ * Timeouts: the communicators are nonblocking (ncclConfig_t.blocking = 0), so neither
+ * ncclCommInitRank nor a collective ever blocks the host; the host polls ncclCommGetAsyncError and then
+ * the stream, against Dist.timeout_s, and a collective that does not finish in time ends the job
+ * through fatal() (MPI_Abort, which also tears down this process's CUDA context and NCCL's kernels).
+ * No watchdog thread is needed: this is the pattern NCCL documents for fault tolerance.
+ *
+ * Ordering: the kernels run on the legacy default stream (kernels/cuda/cuda.h). The collectives' stream
+ * is a blocking stream (cudaStreamCreate without cudaStreamNonBlocking), which the legacy default
+ * stream synchronises with both ways, so a collective sees every kernel issued before it and every
+ * kernel issued after it sees the collective's result. Each collective is waited for on the host before
+ * it returns (the timeout needs it; it also keeps host copies of the results simple). Overlapping the
+ * gradient reduce-scatter with the backward (train/trainer.c says where) needs events instead. */
+#ifdef MSA_CUDA
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include "../kernels/util.h"
+#include "dist_internal.h"
+
+#if NCCL_VERSION_CODE < 21400
+#error "dist/nccl.c needs NCCL 2.14 or later (nonblocking communicators, ncclCommInitRankConfig)"
+#endif
+
+#define CUDA_OK(call)                                                                                               \
+    do {                                                                                                            \
+        cudaError_t err_ = (call);                                                                                  \
+        if (err_ != cudaSuccess) fatal("%s failed: %s (%s:%d)", #call, cudaGetErrorString(err_), __FILE__, __LINE__); \
+    } while (0)
+
+static ncclDataType_t nccl_type(DistType t) {
+    switch (t) {
+    case DIST_F32: return ncclFloat32;
+    case DIST_F64: return ncclFloat64;
+    case DIST_BF16: return ncclBfloat16;
+    case DIST_I32: return ncclInt32;
+    case DIST_I64: return ncclInt64;
+    case DIST_U64: return ncclUint64;
+    case DIST_U8: return ncclUint8;
+    }
+    return ncclFloat32;
+}
+
+static ncclRedOp_t nccl_op(DistOp op) { return op == DIST_SUM ? ncclSum : op == DIST_MAX ? ncclMax : ncclMin; }
+
+static ncclComm_t comm_of(const DistGroup *g, const char *what) {
+    if (!g->nccl)
+        fatal("%s over the %s group on device memory: the group has no NCCL communicator (only dp, ep and cp groups of "
+              "more than one rank have one)",
+              what, g->name);
+    return (ncclComm_t)g->nccl;
+}
+
+/* After an NCCL call on a nonblocking communicator: wait until it is enqueued (ncclInProgress turns
+ * into ncclSuccess), then, with stream set, until the stream has run it; fail on an NCCL or CUDA error
+ * and on the timeout. */
+static void nccl_wait(const DistGroup *g, ncclComm_t comm, ncclResult_t r, const char *what, bool stream) {
+    if (r != ncclSuccess && r != ncclInProgress)
+        fatal("%s over the %s group: NCCL error %s (%s)", what, g->name, ncclGetErrorString(r), ncclGetLastError(comm));
+    DistWait w;
+    dist_wait_begin(&w, g, what);
+    for (;;) {
+        ncclResult_t st = ncclSuccess;
+        ncclCommGetAsyncError(comm, &st);
+        if (st != ncclSuccess && st != ncclInProgress)
+            fatal("%s over the %s group: NCCL error %s (%s)", what, g->name, ncclGetErrorString(st),
+                  ncclGetLastError(comm));
+        if (st == ncclSuccess) {
+            if (!stream) return;
+            cudaError_t q = cudaStreamQuery((cudaStream_t)g->dist->stream);
+            if (q == cudaSuccess) return;
+            if (q != cudaErrorNotReady) fatal("%s over the %s group: CUDA error %s", what, g->name, cudaGetErrorString(q));
+        }
+        dist_wait_poll(&w);
+    }
+}
+
+static void comm_init(DistGroup *g) {
+    ncclUniqueId id;
+    memset(&id, 0, sizeof id);
+    if (g->rank == 0) {
+        ncclResult_t r = ncclGetUniqueId(&id);
+        if (r != ncclSuccess) fatal("ncclGetUniqueId for the %s group: %s", g->name, ncclGetErrorString(r));
+    }
+    dist_broadcast(g, &id, (int64_t)sizeof id, DIST_U8, 0, DEV_CPU); /* over MPI, host memory */
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t comm = NULL;
+    ncclResult_t r = ncclCommInitRankConfig(&comm, g->size, id, g->rank, &config);
+    nccl_wait(g, comm, r, "ncclCommInitRank", false);
+    g->nccl = comm;
+}
+
+void dist_nccl_setup(Dist *d, const char *where) {
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess || n == 0)
+        fatal("%s: train.device = \"cuda\" but this node has no usable GPU (%s)", where,
+              err != cudaSuccess ? cudaGetErrorString(err) : "no device");
+    if (d->local_size > n)
+        fatal("%s: %d ranks run on this node but it has %d GPU%s: one rank per GPU (mpirun -np, or -H host:slots)",
+              where, d->local_size, n, n == 1 ? "" : "s");
+    d->cuda_device = d->local_rank;
+    CUDA_OK(cudaSetDevice(d->cuda_device));
+    cudaStream_t s;
+    CUDA_OK(cudaStreamCreate(&s));
+    d->stream = s;
+    DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group};
+    for (int i = 0; i < 3; i++)
+        if (groups[i]->size > 1) comm_init(groups[i]);
+}
+
+void dist_nccl_teardown(Dist *d) {
+    DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group};
+    for (int i = 0; i < 3; i++) {
+        DistGroup *g = groups[i];
+        if (!g->nccl) continue;
+        ncclComm_t comm = g->nccl;
+        nccl_wait(g, comm, ncclCommFinalize(comm), "ncclCommFinalize", false);
+        ncclCommDestroy(comm);
+        g->nccl = NULL;
+    }
+    if (d->stream) cudaStreamDestroy((cudaStream_t)d->stream);
+    d->stream = NULL;
+}
+
+void dist_nccl_all_reduce(const DistGroup *g, void *buf, int64_t count, DistType t, DistOp op) {
+    ncclComm_t comm = comm_of(g, "all_reduce");
+    ncclResult_t r = ncclAllReduce(buf, buf, (size_t)count, nccl_type(t), nccl_op(op), comm, (cudaStream_t)g->dist->stream);
+    nccl_wait(g, comm, r, "all_reduce", true);
+}
+
+void dist_nccl_reduce_scatter(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t, DistOp op) {
+    ncclComm_t comm = comm_of(g, "reduce_scatter");
+    ncclResult_t r = ncclReduceScatter(send, recv, (size_t)count, nccl_type(t), nccl_op(op), comm,
+                                       (cudaStream_t)g->dist->stream);
+    nccl_wait(g, comm, r, "reduce_scatter", true);
+}
+
+void dist_nccl_all_gather(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t) {
+    ncclComm_t comm = comm_of(g, "all_gather");
+    ncclResult_t r = ncclAllGather(send, recv, (size_t)count, nccl_type(t), comm, (cudaStream_t)g->dist->stream);
+    nccl_wait(g, comm, r, "all_gather", true);
+}
+
+void dist_nccl_all_to_allv(const DistGroup *g, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                           void *recv, const int64_t *recv_counts, const int64_t *recv_displs, DistType t) {
+    ncclComm_t comm = comm_of(g, "all_to_allv");
+    cudaStream_t s = (cudaStream_t)g->dist->stream;
+    size_t es = dist_type_size(t);
+    ncclDataType_t nt = nccl_type(t);
+    /* point-to-point pairs inside one group call: NCCL schedules them together without deadlock */
+    ncclResult_t r = ncclGroupStart();
+    for (int p = 0; p < g->size && r == ncclSuccess; p++) {
+        if (send_counts[p] > 0)
+            r = ncclSend((const char *)send + (size_t)send_displs[p] * es, (size_t)send_counts[p], nt, p, comm, s);
+        if ((r == ncclSuccess || r == ncclInProgress) && recv_counts[p] > 0)
+            r = ncclRecv((char *)recv + (size_t)recv_displs[p] * es, (size_t)recv_counts[p], nt, p, comm, s);
+        if (r == ncclInProgress) r = ncclSuccess;
+    }
+    ncclResult_t e = ncclGroupEnd();
+    nccl_wait(g, comm, r != ncclSuccess ? r : e, "all_to_allv", true);
+}
+
+void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType t, int root) {
+    ncclComm_t comm = comm_of(g, "broadcast");
+    ncclResult_t r = ncclBroadcast(buf, buf, (size_t)count, nccl_type(t), root, comm, (cudaStream_t)g->dist->stream);
+    nccl_wait(g, comm, r, "broadcast", true);
+}
+
+void dist_nccl_copy(void *dst, const void *src, size_t bytes) {
+    CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+}
+
+#endif /* MSA_CUDA */
