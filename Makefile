@@ -76,7 +76,7 @@ ifneq ($(NVCC),)
   # the CUDA runtime and NCCL headers for dist/nccl.c (NCCL: in the toolkit here, in /usr/include and the
   # system library directory on the GPU machine, which the compiler searches anyway)
   CFLAGS  += -DMSA_CUDA -I$(CUDA_HOME)/include
-  LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnccl -lcublasLt -lcublas -lcudart -lstdc++
+  LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnccl -lcudnn -lcublasLt -lcublas -lcudart -lstdc++
   ALL     += $(GPU_TEST)
 endif
 
@@ -107,9 +107,10 @@ test: all data
 # GPU checks: every CUDA kernel against the CPU reference on random inputs, then a few training steps
 # of configs/tiny.json on both devices (run from the repository root, on a machine with a GPU)
 ifneq ($(NVCC),)
-$(GPU_TEST): tests/gpu/test_gpu.c $(TEST_UTIL) $(LIB)
+GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
+$(GPU_TEST): $(GPU_TEST_SRC) tests/gpu/gpu_check.h $(TEST_UTIL) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $< $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $(GPU_TEST_SRC) $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
 
 test-gpu: $(GPU_TEST) data
 	@bash tests/run_tests.sh $(GPU_TEST)

@@ -1,5 +1,7 @@
-/* Causal GQA attention within packed documents on the GPU: our own FlashAttention-2-style kernels
- * (cuDNN's fused SDPA through the graph API is not used yet; kernels/cuda/NOTES.md).
+/* Causal GQA attention within packed documents on the GPU: our own FlashAttention-2-style kernels, and
+ * the dispatch to cuDNN's fused SDPA engines (attention_cudnn.cu), which cuda_attention_forward /
+ * _backward try first: BF16 with D % 16 == 0 and D <= 128 goes to cuDNN unless MSA_ATTENTION=own
+ * (MSA_ATTENTION=cudnn forces it); F32, other head dims and graphs cuDNN refuses run the kernels here.
  *
  * Shapes as the CPU reference: q [N,Hq,D], k/v [N,Hkv,D], out [N,Hq,D], lse [Hq,N] F32 (natural log,
  * scale included); query t of document [s,e) sees keys s..t; query head h reads KV head h/(Hq/Hkv).
@@ -24,6 +26,15 @@
 #include "common.cuh"
 
 using namespace msacuda;
+
+namespace msacuda {
+/* attention_cudnn.cu: true when the cuDNN path ran the call, false when our kernels must */
+bool cudnn_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                             const Tensor *cu_seqlens, float scale, int N, int Hq, int Hkv, int D, int ndocs);
+bool cudnn_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q, const Tensor *k,
+                              const Tensor *v, const Tensor *out, const Tensor *lse, const Tensor *cu_seqlens, float scale,
+                              int N, int Hq, int Hkv, int D, int ndocs);
+}  // namespace msacuda
 
 namespace {
 
@@ -426,6 +437,7 @@ extern "C" void cuda_attention_forward(Tensor *out, Tensor *lse, const Tensor *q
     if (out->numel != q->numel || out->dtype != q->dtype) fatal("cuda attention_forward: out must have q's shape and dtype");
     if (lse->numel != (int64_t)a.Hq * a.N || lse->dtype != DT_F32) fatal("cuda attention_forward: lse must be f32 [Hq, N]");
     if (a.N == 0) return;
+    if (cudnn_attention_forward(out, lse, q, k, v, cu_seqlens, scale, a.N, a.Hq, a.Hkv, a.D, a.ndocs)) return;
     const int *dstart = doc_bounds(a, cu_seqlens, 0, nullptr);
     DISPATCH_FLOAT(q->dtype, T, "attention_forward", {
         switch (dpl_of(a.D)) {
@@ -451,6 +463,8 @@ extern "C" void cuda_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, cons
         if (grads[i] && (grads[i]->numel != like[i]->numel || grads[i]->dtype != q->dtype))
             fatal("cuda attention_backward: gradients must have their inputs' shapes and dtype");
     if (a.N == 0) return;
+    if (cudnn_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, scale, a.N, a.Hq, a.Hkv, a.D, a.ndocs))
+        return;
     void *extra = nullptr;
     const int *dstart = doc_bounds(a, cu_seqlens, (size_t)a.Hq * a.N * sizeof(float), &extra);
     const int *dend = dstart + a.N;

@@ -1,7 +1,7 @@
 /* The CUDA backend's dispatch table (kernels/cuda/cuda.h lists the kernels and their conventions).
  * Built only when nvcc is present (the Makefile then defines MSA_CUDA everywhere).
  *
- * The MSA and MoE entries are NULL for now: their CUDA kernels come next (issue 6, second part).
+ * Every MoE entry is filled (moe.cu). MSA entries whose CUDA kernels have not landed yet are NULL.
  * Nothing may call through a NULL entry: the autograd ops that use them check first
  * (BACKEND_REQUIRE in backend.h), and backend_missing() lets a program refuse an MSA or MoE
  * configuration on this backend at start-up with a message instead of failing mid-run. */
@@ -37,8 +37,29 @@ const KernelBackend cuda_backend = {
     .cross_entropy_forward = cuda_cross_entropy_forward,
     .cross_entropy_backward = cuda_cross_entropy_backward,
     .adamw_update = cuda_adamw_update,
-    /* MSA (msa_indexer, msa_attention_*, msa_kl_*, msa_recall): NULL until the CUDA kernels land */
-    /* MoE (moe_*, grouped_matmul_*): NULL until the CUDA kernels land */
+    .msa_indexer = cuda_msa_indexer,
+    .msa_plan = cuda_msa_plan,
+    .msa_attention_forward = cuda_msa_attention_forward,
+    .msa_attention_backward = cuda_msa_attention_backward,
+    .msa_kl_forward = cuda_msa_kl_forward,
+    .msa_kl_backward = cuda_msa_kl_backward,
+    .msa_recall = cuda_msa_recall,
+    .moe_scores_forward = cuda_moe_scores_forward,
+    .moe_scores_backward = cuda_moe_scores_backward,
+    .moe_topk = cuda_moe_topk,
+    .moe_combine_weights_forward = cuda_moe_combine_weights_forward,
+    .moe_combine_weights_backward = cuda_moe_combine_weights_backward,
+    .moe_plan = cuda_moe_plan,
+    .moe_permute_forward = cuda_moe_permute_forward,
+    .moe_permute_backward = cuda_moe_permute_backward,
+    .moe_unpermute_forward = cuda_moe_unpermute_forward,
+    .moe_unpermute_backward = cuda_moe_unpermute_backward,
+    .grouped_matmul_forward = cuda_grouped_matmul_forward,
+    .grouped_matmul_backward = cuda_grouped_matmul_backward,
+    .moe_aux_loss_forward = cuda_moe_aux_loss_forward,
+    .moe_aux_loss_backward = cuda_moe_aux_loss_backward,
+    .moe_z_loss_forward = cuda_moe_z_loss_forward,
+    .moe_z_loss_backward = cuda_moe_z_loss_backward,
     .bias_add_forward = cuda_bias_add_forward,
     .bias_add_backward = cuda_bias_add_backward,
 };

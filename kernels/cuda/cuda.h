@@ -76,6 +76,60 @@ int64_t cuda_cross_entropy_forward(Tensor *loss, Tensor *lse, const Tensor *logi
 void cuda_cross_entropy_backward(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse,
                                  const Tensor *targets, int ignore_index, int64_t n_valid);
 
+/* msa_*.cu */
+/* msa_plan.cu: validates topk on the device and reports a bad selection before it returns (one
+ * synchronisation); it does not use scratch(), so a kernel may build a temporary plan while holding its
+ * own scratch region. */
+void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p);
+/* msa_indexer.cu: BF16 (tensor cores) or F32 qi/ki; topk_blocks <= 32, Di <= 128 */
+void cuda_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens, const MsaParams *p);
+/* msa_attention.cu: KV-outer block-sparse attention from the plan (built here when NULL); BF16 with
+ * D = 64 or 128 on tensor cores, F32 and other head dims (<= 256) on CUDA cores; topk NULL runs the
+ * dense kernel. Uses scratch(); deterministic (no atomics). */
+void cuda_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                                const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p);
+void cuda_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
+                                 const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
+                                 const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens,
+                                 const MsaParams *p);
+/* msa_kl.cu: KL alignment loss, sparse KV-outer from the plan (built here when NULL) or dense
+ * flash-style when topk is NULL; BF16 on tensor cores, F32 on CUDA cores; D, Di <= 256. Uses scratch();
+ * deterministic (no atomics). MSA_CUDA_KL_WINDOW=<tokens> forces smaller query windows (tests). */
+void cuda_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
+                         const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                         const Tensor *cu_seqlens, const MsaParams *p);
+void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
+                          const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
+                          const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff);
+/* msa_recall.cu */
+double cuda_msa_recall(const Tensor *q, const Tensor *k, const Tensor *topk, const Tensor *cu_seqlens,
+                       const MsaParams *p, int query_stride);
+
+/* moe.cu: router, plan, permutes, grouped GEMM, balance losses. moe_plan and the grouped GEMMs synchronise
+ * once per call (the plan to report bad input, the GEMMs to read the offsets); they report what any MoE
+ * kernel flagged. */
+void cuda_moe_scores_forward(Tensor *scores, const Tensor *logits, MoeScoreFunc func);
+void cuda_moe_scores_backward(Tensor *dlogits, const Tensor *dscores, const Tensor *scores, MoeScoreFunc func);
+void cuda_moe_topk(Tensor *idx, const Tensor *scores, const Tensor *bias, int k);
+void cuda_moe_combine_weights_forward(Tensor *w, const Tensor *scores, const Tensor *idx, bool renormalize, float scale);
+void cuda_moe_combine_weights_backward(Tensor *dscores, const Tensor *dw, const Tensor *scores, const Tensor *idx,
+                                       bool renormalize, float scale);
+void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx);
+void cuda_moe_permute_forward(Tensor *xs, const Tensor *x, const Tensor *rows);
+void cuda_moe_permute_backward(Tensor *dx, const Tensor *dxs, const Tensor *rows);
+void cuda_moe_unpermute_forward(Tensor *out, const Tensor *ys, const Tensor *w, const Tensor *rows);
+void cuda_moe_unpermute_backward(Tensor *dys, Tensor *dw, const Tensor *dout, const Tensor *ys, const Tensor *w,
+                                 const Tensor *rows);
+void cuda_grouped_matmul_forward(Tensor *ys, const Tensor *xs, const Tensor *w, const Tensor *offsets);
+void cuda_grouped_matmul_backward(Tensor *dxs, Tensor *dw, const Tensor *dys, const Tensor *xs, const Tensor *w,
+                                  const Tensor *offsets);
+void cuda_moe_aux_loss_forward(Tensor *loss, const Tensor *scores, const Tensor *offsets, bool normalize);
+void cuda_moe_aux_loss_backward(Tensor *dscores, const Tensor *dloss, const Tensor *scores, const Tensor *offsets,
+                                bool normalize);
+void cuda_moe_z_loss_forward(Tensor *loss, Tensor *lse, const Tensor *logits);
+void cuda_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse);
+
+
 #ifdef __cplusplus
 }
 #endif

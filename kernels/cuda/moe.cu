@@ -1,0 +1,924 @@
+/* MoE kernels of the CUDA backend (backend.h, "MoE"; DESIGN §3; train/moe.c composes them). The CPU
+ * reference is kernels/cpu/moe_router*.{c,h} and moe_dispatch*.{c,h}; every kernel here computes what
+ * its CPU twin does, in fp32 (the Top-k comparison in fp64, as the CPU's, so that the selection is
+ * identical for identical scores).
+ *
+ * Dtypes (train/moe.c on CUDA): logits, scores, combine weights and the token activations BF16 (F32 is
+ * accepted everywhere, for the fp32 tests; logits and scores, or scores and combine weights, may even
+ * differ); idx, offsets and rows i32; the selection bias, the losses, z-loss's lse and dloss F32; the
+ * expert weights F32 master parameters read by the GEMMs through their BF16 shadow.
+ *
+ * Determinism: no atomic operation decides a value. Each output element is written by one thread (or
+ * one warp, reducing in a fixed order); the losses are summed by one block in a fixed order (fp64).
+ * The plan is a stable radix sort (CUB) of the assignments by expert: the rows and offsets are exactly
+ * the CPU's counting sort (tokens keep their order inside an expert).
+ *
+ * Bad input (an expert index outside [0, E), scores Top-k cannot rank, a rows entry outside the grouped
+ * buffer) is flagged in this file's device status word by the kernel that meets it (an atomicMin keeps
+ * the first position: it decides only which error is reported) and reported with the kernel's name at
+ * this file's synchronisation points: moe_plan (one synchronisation per call, so a bad idx never reaches
+ * the dispatch) and the grouped GEMMs (which copy the offsets to the host anyway). In the MoE layer the
+ * selection is followed by the plan, and the permutes by a grouped GEMM, so an error surfaces within the
+ * layer that made it; the kernels skip the bad entries meanwhile, so memory is never touched outside
+ * the tensors. */
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "common.cuh"
+
+using namespace msacuda;
+
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr int FINISH_THREADS = 1024;
+constexpr unsigned long long NO_ERROR = ~0ull;
+
+/* ---- the status word: the first bad entry each kernel family met, (position << 32) | value ---- */
+
+enum { ST_PLAN = 0, ST_TOPK, ST_COMBINE, ST_ROWS, ST_COUNT };
+constexpr size_t ST_BYTES = ST_COUNT * sizeof(unsigned long long);
+
+/* The device staging buffer: the status word, then room for a copy of a plan's offsets, so that one
+ * device-to-host copy reads both (see check_status). Grown when a larger offsets table comes; the status
+ * word moves along (the copy is ordered after every kernel that may still flag into the old one). */
+char *stage_buffer(int64_t n_offsets) {
+    static char *buf = nullptr;
+    static int64_t cap = -1;
+    if (n_offsets > cap) {
+        const int64_t want = n_offsets < 1024 ? 1024 : n_offsets + n_offsets / 4;
+        char *nb = nullptr;
+        CUDA_CHECK(cudaMalloc((void **)&nb, ST_BYTES + (size_t)want * sizeof(int32_t)));
+        if (buf) {
+            CUDA_CHECK(cudaMemcpy(nb, buf, ST_BYTES, cudaMemcpyDeviceToDevice));
+            CUDA_CHECK(cudaFree(buf));
+        } else {
+            CUDA_CHECK(cudaMemset(nb, 0xff, ST_BYTES));
+        }
+        buf = nb;
+        cap = want;
+    }
+    return buf;
+}
+
+unsigned long long *status_word() { return (unsigned long long *)stage_buffer(0); }
+
+__device__ __forceinline__ void flag(unsigned long long *w, int64_t pos, int32_t value) {
+    atomicMin(w, ((unsigned long long)pos << 32) | (unsigned long long)(uint32_t)value);
+}
+
+/* positions are packed into 32 bits: every indexed tensor here stays below 2^31 elements */
+void need_i32_positions(const char *kernel, int64_t n) {
+    if (n > INT32_MAX) fatal("cuda %s: %lld entries overflow the i32 indices", kernel, (long long)n);
+}
+
+/* One synchronising device-to-host copy: the status word and, when `offsets` is given, its E+1 entries
+ * (into off_host). Stops on the first error flagged, naming the kernel that met it; plan_E and plan_k
+ * (moe_plan's E and k) place a bad idx entry. */
+void check_status(int64_t plan_E, int64_t plan_k, const Tensor *offsets, int32_t *off_host) {
+    const int64_t n_off = offsets ? offsets->numel : 0;
+    char *stage = stage_buffer(n_off);
+    if (n_off)
+        CUDA_CHECK(cudaMemcpyAsync(stage + ST_BYTES, offsets->data, (size_t)n_off * sizeof(int32_t),
+                                   cudaMemcpyDeviceToDevice, 0));
+    const size_t bytes = ST_BYTES + (size_t)n_off * sizeof(int32_t);
+    unsigned long long *h = (unsigned long long *)malloc(bytes);
+    if (!h) fatal("cuda moe: out of host memory");
+    CUDA_CHECK(cudaMemcpy(h, stage, bytes, cudaMemcpyDeviceToHost));
+    if (n_off) memcpy(off_host, (char *)h + ST_BYTES, (size_t)n_off * sizeof(int32_t));
+    unsigned long long w[ST_COUNT];
+    memcpy(w, h, sizeof w);
+    free(h);
+    auto pos = [](unsigned long long x) { return (long long)(x >> 32); };
+    auto val = [](unsigned long long x) { return (int)(int32_t)(uint32_t)(x & 0xffffffffull); };
+    if (w[ST_TOPK] != NO_ERROR)
+        fatal("cuda moe_topk: router scores of token %lld are not finite numbers", pos(w[ST_TOPK]));
+    if (w[ST_PLAN] != NO_ERROR) {
+        const long long p = pos(w[ST_PLAN]), k = plan_k > 0 ? plan_k : 1;
+        fatal("cuda moe_plan: expert index %d outside [0, %lld) at idx[%lld, %lld]", val(w[ST_PLAN]), (long long)plan_E,
+              p / k, p % k);
+    }
+    if (w[ST_COMBINE] != NO_ERROR)
+        fatal("cuda moe_combine_weights: expert index %d at idx element %lld is outside [0, E) of the scores",
+              val(w[ST_COMBINE]), pos(w[ST_COMBINE]));
+    if (w[ST_ROWS] != NO_ERROR)
+        fatal("cuda moe_permute/moe_unpermute: rows element %lld = %d is outside the grouped buffer", pos(w[ST_ROWS]),
+              val(w[ST_ROWS]));
+}
+
+/* ---- shape and dtype checks ---- */
+
+void need_float(const char *kernel, const Tensor *t, const char *what) {
+    if (t->dtype != DT_F32 && t->dtype != DT_BF16)
+        fatal("cuda %s: %s must be f32 or bf16, got %s", kernel, what, dtype_name(t->dtype));
+}
+
+void need_same_dtype(const char *kernel, const Tensor *a, const Tensor *b, const char *what) {
+    if (a->dtype != b->dtype)
+        fatal("cuda %s: %s must have the dtype %s, got %s", kernel, what, dtype_name(a->dtype), dtype_name(b->dtype));
+}
+
+void need_f32(const char *kernel, const Tensor *t, int64_t numel, const char *what) {
+    if (t->dtype != DT_F32 || t->numel != numel)
+        fatal("cuda %s: %s must be f32 with %lld elements, got %s with %lld", kernel, what, (long long)numel,
+              dtype_name(t->dtype), (long long)t->numel);
+}
+
+void need_numel(const char *kernel, const Tensor *t, int64_t numel, const char *what) {
+    if (t->numel != numel)
+        fatal("cuda %s: %s must have %lld elements, got %lld", kernel, what, (long long)numel, (long long)t->numel);
+}
+
+/* idx i32 [N, k] for scores [N, E]; returns k */
+int check_idx(const char *kernel, const Tensor *idx, int64_t N) {
+    if (idx->dtype != DT_I32 || idx->ndim != 2 || idx->shape[0] != N)
+        fatal("cuda %s: idx must be i32 [N, k] with N = %lld", kernel, (long long)N);
+    need_i32_positions(kernel, idx->numel);
+    return (int)idx->shape[1];
+}
+
+/* rows i32 [N, k] with N*k = M rows in the grouped buffer; returns k */
+int check_rows(const char *kernel, const Tensor *rows, int64_t N, int64_t M) {
+    if (rows->dtype != DT_I32 || rows->ndim != 2 || rows->shape[0] != N || rows->numel != M)
+        fatal("cuda %s: rows must be i32 [%lld, k] with N*k = %lld rows in the grouped buffer", kernel, (long long)N,
+              (long long)M);
+    need_i32_positions(kernel, M);
+    return (int)rows->shape[1];
+}
+
+void check_offsets(const char *kernel, const Tensor *offsets, int64_t E) {
+    if (offsets->dtype != DT_I32 || offsets->numel != E + 1)
+        fatal("cuda %s: offsets must be i32 [E+1] with E = %lld", kernel, (long long)E);
+}
+
+/* ---- warp-per-row loops: warp w of the grid takes rows w, w + warps, ... (all lanes together) ---- */
+
+__device__ __forceinline__ int64_t warp_id() { return ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; }
+__device__ __forceinline__ int64_t warp_count() { return ((int64_t)gridDim.x * blockDim.x) >> 5; }
+__device__ __forceinline__ int64_t thread_id() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t thread_count() { return (int64_t)gridDim.x * blockDim.x; }
+
+/* ---------------------------------------------------------------- router scores */
+
+template <typename Ts, typename Tl>
+__global__ void scores_fwd_kernel(Ts *s, const Tl *lg, int64_t N, int64_t E, int sigmoid) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t t = warp_id(); t < N; t += warp_count()) {
+        const Tl *l = lg + t * E;
+        Ts *o = s + t * E;
+        if (sigmoid) {
+            for (int64_t e = lane; e < E; e += 32) o[e] = from_f32<Ts>(1.0f / (1.0f + expf(-to_f32(l[e]))));
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int64_t e = lane; e < E; e += 32) mx = fmaxf(mx, to_f32(l[e]));
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int64_t e = lane; e < E; e += 32) sum += expf(to_f32(l[e]) - mx);
+        const float inv = 1.0f / warp_sum(sum);
+        for (int64_t e = lane; e < E; e += 32) o[e] = from_f32<Ts>(expf(to_f32(l[e]) - mx) * inv);
+    }
+}
+
+/* sigmoid: dl += ds s (1 - s); softmax: dl += s (ds - <ds, s>) */
+template <typename Tl, typename Ts>
+__global__ void scores_bwd_kernel(Tl *dl, const Ts *ds, const Ts *s, int64_t N, int64_t E, int sigmoid) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t t = warp_id(); t < N; t += warp_count()) {
+        const Ts *g = ds + t * E, *p = s + t * E;
+        Tl *d = dl + t * E;
+        float dot = 0.0f;
+        if (!sigmoid) {
+            for (int64_t e = lane; e < E; e += 32) dot += to_f32(g[e]) * to_f32(p[e]);
+            dot = warp_sum(dot);
+        }
+        for (int64_t e = lane; e < E; e += 32) {
+            const float ge = to_f32(g[e]), pe = to_f32(p[e]);
+            const float v = sigmoid ? ge * pe * (1.0f - pe) : pe * (ge - dot);
+            d[e] = from_f32<Tl>(to_f32(d[e]) + v);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- Top-k */
+
+/* One warp per token, k rounds. As on the CPU: the order is (score + bias) descending, then expert
+ * ascending, and pick j is the best element strictly after pick j-1 in that order (no per-token mask).
+ * The values are fp64 sums of the score and the bias, exactly the CPU's, so the picks agree bit for bit.
+ * A NaN is never "after" anything and so never picked; a token without k rankable scores is flagged. */
+template <typename T>
+__global__ void topk_kernel(int32_t *idx, const T *s, const float *bias, int64_t N, int E, int k,
+                            unsigned long long *st) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t t = warp_id(); t < N; t += warp_count()) {
+        const T *p = s + t * (int64_t)E;
+        double prev_v = INFINITY;
+        int prev_e = -1;
+        for (int j = 0; j < k; j++) {
+            double bv = 0.0;
+            int be = -1;
+            for (int e = lane; e < E; e += 32) { /* ascending e with a strict '>': the lowest expert wins ties */
+                const double v = (double)to_f32(p[e]) + (bias ? (double)bias[e] : 0.0);
+                const bool after_prev = v < prev_v || (v == prev_v && e > prev_e);
+                if (after_prev && (be < 0 || v > bv)) {
+                    be = e;
+                    bv = v;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) { /* butterfly: every lane ends with the warp's best */
+                const double ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+                if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) {
+                    be = oe;
+                    bv = ov;
+                }
+            }
+            if (be < 0) { /* as the CPU: expert 0 and value 0 stand in; the token is reported */
+                if (lane == 0) flag(st, t, j);
+                be = 0;
+                bv = 0.0;
+            }
+            if (lane == 0) idx[t * k + j] = be;
+            prev_v = bv;
+            prev_e = be;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- combine weights */
+
+/* one thread per token (k is small): w[t,j] = scale s[t,idx[t,j]] / z */
+template <typename Tw, typename Ts>
+__global__ void cw_fwd_kernel(Tw *w, const Ts *s, const int32_t *idx, int64_t N, int64_t E, int k, int renorm,
+                              float scale, unsigned long long *st) {
+    for (int64_t t = thread_id(); t < N; t += thread_count()) {
+        const Ts *p = s + t * E;
+        const int32_t *id = idx + t * k;
+        float z = 1.0f;
+        if (renorm) {
+            z = 0.0f;
+            for (int j = 0; j < k; j++)
+                if (id[j] >= 0 && id[j] < E) z += to_f32(p[id[j]]);
+        }
+        for (int j = 0; j < k; j++) {
+            const int32_t e = id[j];
+            float v = 0.0f;
+            if (e < 0 || e >= E) flag(st, t * k + j, e);
+            else v = scale * to_f32(p[e]) / z;
+            w[t * k + j] = from_f32<Tw>(v);
+        }
+    }
+}
+
+/* w_j = scale s_j / z, z = sum_i s_i: ds_i += scale (dw_i - <dw, s>/z) / z (z = 1, no correction, without
+ * renormalisation). Each token writes only its own row of ds, in slot order (a repeated expert adds twice,
+ * as on the CPU). */
+template <typename Ts, typename Tw>
+__global__ void cw_bwd_kernel(Ts *ds, const Tw *dw, const Ts *s, const int32_t *idx, int64_t N, int64_t E, int k,
+                              int renorm, float scale, unsigned long long *st) {
+    for (int64_t t = thread_id(); t < N; t += thread_count()) {
+        const Ts *p = s + t * E;
+        const Tw *g = dw + t * k;
+        const int32_t *id = idx + t * k;
+        Ts *d = ds + t * E;
+        float z = 1.0f, gs = 0.0f;
+        if (renorm) {
+            z = 0.0f;
+            for (int j = 0; j < k; j++)
+                if (id[j] >= 0 && id[j] < E) {
+                    z += to_f32(p[id[j]]);
+                    gs += to_f32(g[j]) * to_f32(p[id[j]]);
+                }
+        }
+        for (int j = 0; j < k; j++) {
+            const int32_t e = id[j];
+            if (e < 0 || e >= E) {
+                flag(st, t * k + j, e);
+                continue;
+            }
+            const float v = renorm ? scale * (to_f32(g[j]) - gs / z) / z : scale * to_f32(g[j]);
+            d[e] = from_f32<Ts>(to_f32(d[e]) + v);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- balance loss and z-loss */
+
+/* f_e = (offsets[e+1] - offsets[e]) / M, the constant fraction of assignments expert e got */
+__device__ __forceinline__ float load_fraction(const int32_t *off, int64_t e, float inv_m) {
+    return (float)(off[e + 1] - off[e]) * inv_m;
+}
+
+/* a_t = sum_e f_e s[t,e] (/ sum_e s[t,e] when normalised), one warp per token, into val[t] */
+template <typename T>
+__global__ void aux_rows_kernel(float *val, const T *s, const int32_t *off, int64_t N, int64_t E, int norm) {
+    const int lane = threadIdx.x & 31;
+    const int32_t M = off[E];
+    const float inv_m = M > 0 ? 1.0f / (float)M : 0.0f;
+    for (int64_t t = warp_id(); t < N; t += warp_count()) {
+        const T *p = s + t * E;
+        float a = 0.0f, st = 0.0f;
+        for (int64_t e = lane; e < E; e += 32) {
+            const float pe = to_f32(p[e]);
+            a += load_fraction(off, e, inv_m) * pe;
+            st += pe;
+        }
+        a = warp_sum(a);
+        st = warp_sum(st);
+        if (lane == 0) val[t] = norm ? a / st : a;
+    }
+}
+
+/* loss = E / N * sum_t val[t] (0 when N or M is 0): one block, fp64, fixed order */
+__global__ void aux_finish_kernel(float *loss, const float *val, const int32_t *off, int64_t N, int64_t E) {
+    __shared__ double sh[32];
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) s += (double)val[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) *loss = N > 0 && off[E] > 0 ? (float)((double)E * s / (double)N) : 0.0f;
+}
+
+/* ds[t,e] += g (f_e - a_t) / S_t when normalised, g f_e otherwise; g = dloss E / N */
+template <typename T>
+__global__ void aux_bwd_kernel(T *ds, const float *dloss, const T *s, const int32_t *off, int64_t N, int64_t E, int norm) {
+    const int lane = threadIdx.x & 31;
+    const int32_t M = off[E];
+    if (M <= 0) return; /* no assignment: the loss is the constant 0 */
+    const float inv_m = 1.0f / (float)M, g = (float)((double)dloss[0] * (double)E / (double)N);
+    for (int64_t t = warp_id(); t < N; t += warp_count()) {
+        const T *p = s + t * E;
+        T *d = ds + t * E;
+        float a = 0.0f, st = 1.0f;
+        if (norm) {
+            st = 0.0f;
+            for (int64_t e = lane; e < E; e += 32) {
+                const float pe = to_f32(p[e]);
+                a += load_fraction(off, e, inv_m) * pe;
+                st += pe;
+            }
+            a = warp_sum(a);
+            st = warp_sum(st);
+            a /= st;
+        }
+        for (int64_t e = lane; e < E; e += 32)
+            d[e] = from_f32<T>(to_f32(d[e]) + g * (load_fraction(off, e, inv_m) - a) / st);
+    }
+}
+
+/* lse[t] = logsumexp(logits[t]), one warp per token */
+template <typename T> __global__ void z_rows_kernel(float *lse, const T *lg, int64_t N, int64_t E) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t t = warp_id(); t < N; t += warp_count()) {
+        const T *l = lg + t * E;
+        float mx = -INFINITY;
+        for (int64_t e = lane; e < E; e += 32) mx = fmaxf(mx, to_f32(l[e]));
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int64_t e = lane; e < E; e += 32) sum += expf(to_f32(l[e]) - mx);
+        sum = warp_sum(sum);
+        if (lane == 0) lse[t] = mx + logf(sum);
+    }
+}
+
+/* loss = mean of lse^2: one block, fp64, fixed order */
+__global__ void z_finish_kernel(float *loss, const float *lse, int64_t N) {
+    __shared__ double sh[32];
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) s += (double)lse[i] * (double)lse[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) *loss = N > 0 ? (float)(s / (double)N) : 0.0f;
+}
+
+/* dl[t,e] += (2 dloss / N) lse_t softmax(l_t)_e */
+template <typename T>
+__global__ void z_bwd_kernel(T *dl, const float *dloss, const T *lg, const float *lse, int64_t N, int64_t E) {
+    const float g = (float)(2.0 * (double)dloss[0] / (double)N);
+    for (int64_t i = thread_id(); i < N * E; i += thread_count()) {
+        const float z = lse[i / E];
+        dl[i] = from_f32<T>(to_f32(dl[i]) + g * z * expf(to_f32(lg[i]) - z));
+    }
+}
+
+/* ---------------------------------------------------------------- plan */
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+/* keys[i] = idx[i] (E for a bad one, which sorts last and is flagged), vals[i] = i */
+__global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *idx, int64_t M, int32_t E,
+                                 unsigned long long *st) {
+    for (int64_t i = thread_id(); i < M; i += thread_count()) {
+        const int32_t e = idx[i];
+        const bool bad = e < 0 || e >= E;
+        if (bad) flag(st, i, e);
+        keys[i] = bad ? (uint32_t)E : (uint32_t)e;
+        vals[i] = (int32_t)i;
+    }
+}
+
+/* first position in the ascending a[0 .. n) whose key is >= x */
+__device__ __forceinline__ int64_t lower_bound(const uint32_t *a, int64_t n, uint32_t x) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) >> 1;
+        if (a[mid] < x) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* rows[assignment at sorted position p] = p; offsets[e] = first sorted position with expert >= e */
+__global__ void plan_finish_kernel(int32_t *rows, int32_t *offsets, const uint32_t *sorted_keys,
+                                   const int32_t *sorted_vals, int64_t M, int32_t E) {
+    const int64_t n = M > (int64_t)E + 1 ? M : (int64_t)E + 1;
+    for (int64_t p = thread_id(); p < n; p += thread_count()) {
+        if (p < M) rows[sorted_vals[p]] = (int32_t)p;
+        if (p <= E) offsets[p] = (int32_t)lower_bound(sorted_keys, M, (uint32_t)p);
+    }
+}
+
+/* ---------------------------------------------------------------- permute / unpermute */
+
+/* xs[rows[i]] = x[i / k]: a row copy in units U (16-byte vectors when the rows allow, else elements),
+ * one thread per (assignment, unit) so that both the gather and the scatter are coalesced */
+template <typename U>
+__global__ void permute_fwd_kernel(U *xs, const U *x, const int32_t *rows, int64_t M, int k, int64_t units,
+                                   unsigned long long *st) {
+    for (int64_t i = thread_id(); i < M * units; i += thread_count()) {
+        const int64_t a = i / units, c = i % units;
+        const int32_t r = rows[a];
+        if (r < 0 || r >= M) {
+            if (c == 0) flag(st, a, r);
+            continue;
+        }
+        xs[(int64_t)r * units + c] = x[(a / k) * units + c];
+    }
+}
+
+/* dx[t,c] += sum_j dxs[rows[t,j], c] (slot order, fp32) */
+template <typename T>
+__global__ void permute_bwd_kernel(T *dx, const T *dxs, const int32_t *rows, int64_t N, int k, int64_t C, int64_t M,
+                                   unsigned long long *st) {
+    for (int64_t i = thread_id(); i < N * C; i += thread_count()) {
+        const int64_t t = i / C, c = i % C;
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) {
+            const int32_t r = rows[t * k + j];
+            if (r < 0 || r >= M) {
+                if (c == 0) flag(st, t * k + j, r);
+                continue;
+            }
+            acc += to_f32(dxs[(int64_t)r * C + c]);
+        }
+        dx[i] = from_f32<T>(to_f32(dx[i]) + acc);
+    }
+}
+
+/* out[t,c] = sum_j w[t,j] ys[rows[t,j], c] */
+template <typename T, typename Tw>
+__global__ void unpermute_fwd_kernel(T *out, const T *ys, const Tw *w, const int32_t *rows, int64_t N, int k, int64_t C,
+                                     int64_t M, unsigned long long *st) {
+    for (int64_t i = thread_id(); i < N * C; i += thread_count()) {
+        const int64_t t = i / C, c = i % C;
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) {
+            const int32_t r = rows[t * k + j];
+            if (r < 0 || r >= M) {
+                if (c == 0) flag(st, t * k + j, r);
+                continue;
+            }
+            acc += to_f32(w[t * k + j]) * to_f32(ys[(int64_t)r * C + c]);
+        }
+        out[i] = from_f32<T>(acc);
+    }
+}
+
+/* dys[rows[a], c] += w[a] dout[a / k, c], one thread per (assignment, channel): rows are distinct, so no
+ * two threads write one element */
+template <typename T, typename Tw>
+__global__ void unpermute_bwd_dys_kernel(T *dys, const T *dout, const Tw *w, const int32_t *rows, int64_t M, int k,
+                                         int64_t C, unsigned long long *st) {
+    for (int64_t i = thread_id(); i < M * C; i += thread_count()) {
+        const int64_t a = i / C, c = i % C;
+        const int32_t r = rows[a];
+        if (r < 0 || r >= M) {
+            if (c == 0) flag(st, a, r);
+            continue;
+        }
+        T *d = dys + (int64_t)r * C + c;
+        *d = from_f32<T>(to_f32(*d) + to_f32(w[a]) * to_f32(dout[(a / k) * C + c]));
+    }
+}
+
+/* dw[a] += <dout[a / k], ys[rows[a]]>, one warp per assignment */
+template <typename T, typename Tw>
+__global__ void unpermute_bwd_dw_kernel(Tw *dw, const T *dout, const T *ys, const int32_t *rows, int64_t M, int k,
+                                        int64_t C, unsigned long long *st) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t a = warp_id(); a < M; a += warp_count()) {
+        const int32_t r = rows[a];
+        if (r < 0 || r >= M) {
+            if (lane == 0) flag(st, a, r);
+            continue;
+        }
+        const T *g = dout + (a / k) * C, *y = ys + (int64_t)r * C;
+        float acc = 0.0f;
+        for (int64_t c = lane; c < C; c += 32) acc += to_f32(g[c]) * to_f32(y[c]);
+        acc = warp_sum(acc);
+        if (lane == 0) dw[a] = from_f32<Tw>(to_f32(dw[a]) + acc);
+    }
+}
+
+/* ---------------------------------------------------------------- grouped GEMM helpers */
+
+/* rows [r0, r0 + m) of a 2-D tensor, as a 2-D tensor */
+Tensor row_block(const Tensor *t, int64_t r0, int64_t m) {
+    Tensor v = *t;
+    const int64_t cols = t->shape[t->ndim - 1];
+    v.ndim = 2;
+    v.shape[0] = m;
+    v.shape[1] = cols;
+    v.shape[2] = v.shape[3] = 0;
+    v.numel = m * cols;
+    v.data = (char *)t->data + (size_t)(r0 * cols) * dtype_size(t->dtype);
+    v.grad = nullptr;
+    v.shadow = nullptr;
+    return v;
+}
+
+/* expert e's matrix [out, in] of w [E, out, in], with the matching slice of its BF16 shadow */
+Tensor expert_matrix(const Tensor *w, int64_t e) {
+    Tensor v = *w;
+    const int64_t out = w->shape[1], in = w->shape[2], off = e * out * in;
+    v.ndim = 2;
+    v.shape[0] = out;
+    v.shape[1] = in;
+    v.shape[2] = v.shape[3] = 0;
+    v.numel = out * in;
+    v.data = (char *)w->data + (size_t)off * dtype_size(w->dtype);
+    v.shadow = w->shadow ? (void *)((bf16 *)w->shadow + off) : nullptr;
+    v.grad = nullptr;
+    return v;
+}
+
+void check_grouped(const char *kernel, const Tensor *xs, const Tensor *w, const Tensor *offsets, const Tensor *ys) {
+    if (w->ndim != 3) fatal("cuda %s: w must be [E, out, in]", kernel);
+    check_offsets(kernel, offsets, w->shape[0]);
+    if (xs->ndim != 2 || xs->shape[1] != w->shape[2] || ys->ndim != 2 || ys->shape[1] != w->shape[1] ||
+        ys->shape[0] != xs->shape[0])
+        fatal("cuda %s: xs [M, in] and ys [M, out] do not match w [E, out, in]", kernel);
+    need_float(kernel, xs, "xs");
+    need_float(kernel, w, "w");
+    need_same_dtype(kernel, xs, ys, "the output rows");
+    need_i32_positions(kernel, xs->shape[0]);
+}
+
+/* The segment boundaries on the host: one device-to-host copy of the offsets per call (a synchronisation;
+ * the per-expert GEMMs are sized on the host, cuBLASLt takes its shapes from there). The same copy reads
+ * the status word, so it also reports the bad input the MoE kernels flagged. Caller frees. */
+int32_t *segments_to_host(const char *kernel, const Tensor *offsets, int64_t E, int64_t M) {
+    int32_t *off = (int32_t *)malloc((size_t)(E + 1) * sizeof(int32_t));
+    if (!off) fatal("cuda %s: out of host memory", kernel);
+    check_status(0, 0, offsets, off);
+    if (off[0] != 0 || off[E] != M)
+        fatal("cuda %s: offsets span [%d, %d), the grouped buffer has %lld rows", kernel, off[0], off[E], (long long)M);
+    for (int64_t e = 0; e < E; e++)
+        if (off[e + 1] < off[e]) fatal("cuda %s: offsets decrease at expert %lld", kernel, (long long)e);
+    return off;
+}
+
+}  // namespace
+
+/* ================================================================ entry points */
+
+extern "C" void cuda_moe_scores_forward(Tensor *scores, const Tensor *logits, MoeScoreFunc func) {
+    init();
+    need_numel("moe_scores_forward", scores, logits->numel, "scores");
+    const int64_t N = tensor_rows(logits), E = tensor_dim(logits, -1);
+    if (N == 0 || E == 0) return;
+    DISPATCH_FLOAT(scores->dtype, Ts, "moe_scores_forward", DISPATCH_FLOAT(logits->dtype, Tl, "moe_scores_forward", {
+        scores_fwd_kernel<Ts, Tl><<<grid_for(N, WARPS), THREADS>>>((Ts *)scores->data, (const Tl *)logits->data, N, E,
+                                                                    func == MOE_SCORE_SIGMOID);
+        LAUNCH_CHECK("moe_scores_forward");
+    }));
+}
+
+extern "C" void cuda_moe_scores_backward(Tensor *dlogits, const Tensor *dscores, const Tensor *scores, MoeScoreFunc func) {
+    init();
+    if (!dlogits) return;
+    need_numel("moe_scores_backward", dlogits, scores->numel, "dlogits");
+    need_numel("moe_scores_backward", dscores, scores->numel, "dscores");
+    need_same_dtype("moe_scores_backward", scores, dscores, "dscores");
+    const int64_t N = tensor_rows(scores), E = tensor_dim(scores, -1);
+    if (N == 0 || E == 0) return;
+    DISPATCH_FLOAT(dlogits->dtype, Tl, "moe_scores_backward", DISPATCH_FLOAT(scores->dtype, Ts, "moe_scores_backward", {
+        scores_bwd_kernel<Tl, Ts><<<grid_for(N, WARPS), THREADS>>>((Tl *)dlogits->data, (const Ts *)dscores->data,
+                                                                    (const Ts *)scores->data, N, E, func == MOE_SCORE_SIGMOID);
+        LAUNCH_CHECK("moe_scores_backward");
+    }));
+}
+
+extern "C" void cuda_moe_topk(Tensor *idx, const Tensor *scores, const Tensor *bias, int k) {
+    init();
+    if (scores->ndim != 2) fatal("cuda moe_topk: scores must be [N, E]");
+    const int64_t N = scores->shape[0], E = scores->shape[1];
+    if (k < 1 || k > E) fatal("cuda moe_topk: k = %d outside [1, %lld]", k, (long long)E);
+    if (E > INT32_MAX) fatal("cuda moe_topk: %lld experts", (long long)E);
+    if (idx->dtype != DT_I32 || idx->numel != N * k) fatal("cuda moe_topk: idx must be i32 [%lld, %d]", (long long)N, k);
+    if (bias && (bias->dtype != DT_F32 || bias->numel != E)) fatal("cuda moe_topk: bias must be f32 [%lld]", (long long)E);
+    need_i32_positions("moe_topk", N);
+    if (N == 0) return;
+    unsigned long long *st = status_word() + ST_TOPK;
+    DISPATCH_FLOAT(scores->dtype, T, "moe_topk", {
+        topk_kernel<T><<<grid_for(N, WARPS), THREADS>>>((int32_t *)idx->data, (const T *)scores->data,
+                                                        bias ? (const float *)bias->data : nullptr, N, (int)E, k, st);
+        LAUNCH_CHECK("moe_topk");
+    });
+}
+
+extern "C" void cuda_moe_combine_weights_forward(Tensor *w, const Tensor *scores, const Tensor *idx, bool renormalize,
+                                                 float scale) {
+    init();
+    if (scores->ndim != 2) fatal("cuda moe_combine_weights_forward: scores must be [N, E]");
+    const int64_t N = scores->shape[0], E = scores->shape[1];
+    const int k = check_idx("moe_combine_weights_forward", idx, N);
+    need_numel("moe_combine_weights_forward", w, idx->numel, "w");
+    if (idx->numel == 0) return;
+    unsigned long long *st = status_word() + ST_COMBINE;
+    DISPATCH_FLOAT(w->dtype, Tw, "moe_combine_weights_forward", DISPATCH_FLOAT(scores->dtype, Ts, "moe_combine_weights_forward", {
+        cw_fwd_kernel<Tw, Ts><<<grid_for(N, THREADS), THREADS>>>((Tw *)w->data, (const Ts *)scores->data,
+                                                                  (const int32_t *)idx->data, N, E, k, renormalize, scale, st);
+        LAUNCH_CHECK("moe_combine_weights_forward");
+    }));
+}
+
+extern "C" void cuda_moe_combine_weights_backward(Tensor *dscores, const Tensor *dw, const Tensor *scores, const Tensor *idx,
+                                                  bool renormalize, float scale) {
+    init();
+    if (!dscores) return;
+    if (scores->ndim != 2) fatal("cuda moe_combine_weights_backward: scores must be [N, E]");
+    const int64_t N = scores->shape[0], E = scores->shape[1];
+    const int k = check_idx("moe_combine_weights_backward", idx, N);
+    need_numel("moe_combine_weights_backward", dw, idx->numel, "dw");
+    need_numel("moe_combine_weights_backward", dscores, scores->numel, "dscores");
+    need_same_dtype("moe_combine_weights_backward", scores, dscores, "dscores");
+    if (idx->numel == 0) return;
+    unsigned long long *st = status_word() + ST_COMBINE;
+    DISPATCH_FLOAT(scores->dtype, Ts, "moe_combine_weights_backward", DISPATCH_FLOAT(dw->dtype, Tw, "moe_combine_weights_backward", {
+        cw_bwd_kernel<Ts, Tw><<<grid_for(N, THREADS), THREADS>>>((Ts *)dscores->data, (const Tw *)dw->data,
+                                                                  (const Ts *)scores->data, (const int32_t *)idx->data, N,
+                                                                  E, k, renormalize, scale, st);
+        LAUNCH_CHECK("moe_combine_weights_backward");
+    }));
+}
+
+/* Stable radix sort of the assignments by expert (CUB; stable, so the tokens of an expert stay in
+ * assignment order: exactly the CPU's counting sort), then rows and offsets from the sorted order.
+ * Synchronises once to report bad input before any kernel trusts the plan. */
+extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) {
+    init();
+    if (offsets->dtype != DT_I32 || rows->dtype != DT_I32 || idx->dtype != DT_I32 || rows->numel != idx->numel)
+        fatal("cuda moe_plan: offsets, rows and idx must be i32, rows the shape of idx");
+    const int64_t E = offsets->numel - 1, M = idx->numel;
+    if (E < 1 || E >= INT32_MAX) fatal("cuda moe_plan: offsets must be i32 [E+1] with E >= 1 (got %lld elements)",
+                                       (long long)offsets->numel);
+    if (M > INT32_MAX) fatal("cuda moe_plan: %lld assignments overflow i32 rows", (long long)M);
+    if (M == 0) {
+        CUDA_CHECK(cudaMemset(offsets->data, 0, (size_t)(E + 1) * sizeof(int32_t)));
+        return;
+    }
+    const int end_bit = 32 - __builtin_clz((unsigned)E); /* keys 0 .. E (E: the bad-entry sentinel) */
+    size_t temp_bytes = 0;
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, (const uint32_t *)nullptr, (uint32_t *)nullptr,
+                                               (const int32_t *)nullptr, (int32_t *)nullptr, (int)M, 0, end_bit));
+    /* scratch: keys_in, keys_out, vals_in, vals_out [M] | CUB temp */
+    const size_t seg = align256((size_t)M * 4);
+    char *ws = (char *)scratch(4 * seg + temp_bytes);
+    uint32_t *keys_in = (uint32_t *)ws, *keys_out = (uint32_t *)(ws + seg);
+    int32_t *vals_in = (int32_t *)(ws + 2 * seg), *vals_out = (int32_t *)(ws + 3 * seg);
+    void *temp = ws + 4 * seg;
+    plan_keys_kernel<<<grid_for(M, THREADS), THREADS>>>(keys_in, vals_in, (const int32_t *)idx->data, M, (int32_t)E,
+                                                        status_word() + ST_PLAN);
+    LAUNCH_CHECK("moe_plan keys");
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, (int)M, 0, end_bit));
+    const int64_t n = M > E + 1 ? M : E + 1;
+    plan_finish_kernel<<<grid_for(n, THREADS), THREADS>>>((int32_t *)rows->data, (int32_t *)offsets->data, keys_out,
+                                                          vals_out, M, (int32_t)E);
+    LAUNCH_CHECK("moe_plan finish");
+    check_status(E, idx->ndim == 2 ? idx->shape[1] : 1, nullptr, nullptr);
+}
+
+extern "C" void cuda_moe_permute_forward(Tensor *xs, const Tensor *x, const Tensor *rows) {
+    init();
+    need_float("moe_permute_forward", x, "x");
+    need_same_dtype("moe_permute_forward", x, xs, "xs");
+    const int64_t N = tensor_rows(x), C = tensor_dim(x, -1), M = tensor_rows(xs);
+    const int k = check_rows("moe_permute_forward", rows, N, M);
+    if (tensor_dim(xs, -1) != C) fatal("cuda moe_permute_forward: xs must be [N*k, %lld]", (long long)C);
+    if (M == 0 || C == 0) return;
+    unsigned long long *st = status_word() + ST_ROWS;
+    const size_t row_bytes = (size_t)C * dtype_size(x->dtype);
+    if (((uintptr_t)x->data | (uintptr_t)xs->data | row_bytes) % 16 == 0) {
+        const int64_t units = (int64_t)(row_bytes / 16);
+        permute_fwd_kernel<uint4><<<grid_for(M * units, THREADS), THREADS>>>((uint4 *)xs->data, (const uint4 *)x->data,
+                                                                             (const int32_t *)rows->data, M, k, units, st);
+    } else if (x->dtype == DT_F32) {
+        permute_fwd_kernel<uint32_t><<<grid_for(M * C, THREADS), THREADS>>>((uint32_t *)xs->data, (const uint32_t *)x->data,
+                                                                            (const int32_t *)rows->data, M, k, C, st);
+    } else {
+        permute_fwd_kernel<uint16_t><<<grid_for(M * C, THREADS), THREADS>>>((uint16_t *)xs->data, (const uint16_t *)x->data,
+                                                                            (const int32_t *)rows->data, M, k, C, st);
+    }
+    LAUNCH_CHECK("moe_permute_forward");
+}
+
+extern "C" void cuda_moe_permute_backward(Tensor *dx, const Tensor *dxs, const Tensor *rows) {
+    init();
+    if (!dx) return;
+    need_float("moe_permute_backward", dx, "dx");
+    need_same_dtype("moe_permute_backward", dx, dxs, "dxs");
+    const int64_t N = tensor_rows(dx), C = tensor_dim(dx, -1), M = tensor_rows(dxs);
+    const int k = check_rows("moe_permute_backward", rows, N, M);
+    if (tensor_dim(dxs, -1) != C) fatal("cuda moe_permute_backward: dxs must be [N*k, %lld]", (long long)C);
+    if (N == 0 || C == 0) return;
+    unsigned long long *st = status_word() + ST_ROWS;
+    DISPATCH_FLOAT(dx->dtype, T, "moe_permute_backward", {
+        permute_bwd_kernel<T><<<grid_for(N * C, THREADS), THREADS>>>((T *)dx->data, (const T *)dxs->data,
+                                                                     (const int32_t *)rows->data, N, k, C, M, st);
+        LAUNCH_CHECK("moe_permute_backward");
+    });
+}
+
+extern "C" void cuda_moe_unpermute_forward(Tensor *out, const Tensor *ys, const Tensor *w, const Tensor *rows) {
+    init();
+    need_float("moe_unpermute_forward", ys, "ys");
+    need_same_dtype("moe_unpermute_forward", ys, out, "out");
+    const int64_t N = tensor_rows(out), C = tensor_dim(out, -1), M = tensor_rows(ys);
+    const int k = check_rows("moe_unpermute_forward", rows, N, M);
+    if (tensor_dim(ys, -1) != C) fatal("cuda moe_unpermute_forward: ys must be [N*k, %lld]", (long long)C);
+    if (w->numel != rows->numel) fatal("cuda moe_unpermute_forward: weights must be [N, k]");
+    if (N == 0 || C == 0) return;
+    unsigned long long *st = status_word() + ST_ROWS;
+    DISPATCH_FLOAT(ys->dtype, T, "moe_unpermute_forward", DISPATCH_FLOAT(w->dtype, Tw, "moe_unpermute_forward", {
+        unpermute_fwd_kernel<T, Tw><<<grid_for(N * C, THREADS), THREADS>>>((T *)out->data, (const T *)ys->data,
+                                                                            (const Tw *)w->data, (const int32_t *)rows->data,
+                                                                            N, k, C, M, st);
+        LAUNCH_CHECK("moe_unpermute_forward");
+    }));
+}
+
+extern "C" void cuda_moe_unpermute_backward(Tensor *dys, Tensor *dw, const Tensor *dout, const Tensor *ys, const Tensor *w,
+                                            const Tensor *rows) {
+    init();
+    if (!dys && !dw) return;
+    need_float("moe_unpermute_backward", ys, "ys");
+    need_same_dtype("moe_unpermute_backward", ys, dout, "dout");
+    if (dys) need_same_dtype("moe_unpermute_backward", ys, dys, "dys");
+    if (dys) need_numel("moe_unpermute_backward", dys, ys->numel, "dys");
+    if (dw) need_same_dtype("moe_unpermute_backward", w, dw, "dw");
+    if (dw) need_numel("moe_unpermute_backward", dw, w->numel, "dw");
+    const int64_t N = tensor_rows(dout), C = tensor_dim(dout, -1), M = tensor_rows(ys);
+    const int k = check_rows("moe_unpermute_backward", rows, N, M);
+    if (tensor_dim(ys, -1) != C) fatal("cuda moe_unpermute_backward: ys must be [N*k, %lld]", (long long)C);
+    if (w->numel != rows->numel) fatal("cuda moe_unpermute_backward: weights must be [N, k]");
+    if (M == 0 || C == 0) return;
+    unsigned long long *st = status_word() + ST_ROWS;
+    DISPATCH_FLOAT(ys->dtype, T, "moe_unpermute_backward", DISPATCH_FLOAT(w->dtype, Tw, "moe_unpermute_backward", {
+        if (dys) {
+            unpermute_bwd_dys_kernel<T, Tw><<<grid_for(M * C, THREADS), THREADS>>>(
+                (T *)dys->data, (const T *)dout->data, (const Tw *)w->data, (const int32_t *)rows->data, M, k, C, st);
+            LAUNCH_CHECK("moe_unpermute_backward dys");
+        }
+        if (dw) {
+            unpermute_bwd_dw_kernel<T, Tw><<<grid_for(M, WARPS), THREADS>>>(
+                (Tw *)dw->data, (const T *)dout->data, (const T *)ys->data, (const int32_t *)rows->data, M, k, C, st);
+            LAUNCH_CHECK("moe_unpermute_backward dw");
+        }
+    }));
+}
+
+/* One cuBLASLt GEMM per non-empty expert segment through cuda_matmul (fp32 accumulation; BF16 inputs
+ * with the weights read from their BF16 shadow, or all-F32): the segments are sized on the host after
+ * one copy of the offsets (see segments_to_host). Empty experts are skipped: no work, and in backward no
+ * weight gradient. */
+extern "C" void cuda_grouped_matmul_forward(Tensor *ys, const Tensor *xs, const Tensor *w, const Tensor *offsets) {
+    init();
+    check_grouped("grouped_matmul_forward", xs, w, offsets, ys);
+    const int64_t E = w->shape[0], M = xs->shape[0];
+    int32_t *off = segments_to_host("grouped_matmul_forward", offsets, E, M);
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t r0 = off[e], m = (int64_t)off[e + 1] - off[e];
+        if (m == 0) continue;
+        Tensor xe = row_block(xs, r0, m), ye = row_block(ys, r0, m), we = expert_matrix(w, e);
+        cuda_matmul(&ye, &xe, &we, false, true, 1.0f, 0.0f); /* ys_e = xs_e W_e^T */
+    }
+    free(off);
+}
+
+extern "C" void cuda_grouped_matmul_backward(Tensor *dxs, Tensor *dw, const Tensor *dys, const Tensor *xs, const Tensor *w,
+                                             const Tensor *offsets) {
+    init();
+    if (!dxs && !dw) return;
+    check_grouped("grouped_matmul_backward", xs, w, offsets, dys);
+    if (dxs) {
+        need_same_dtype("grouped_matmul_backward", xs, dxs, "dxs");
+        need_numel("grouped_matmul_backward", dxs, xs->numel, "dxs");
+    }
+    if (dw) {
+        need_float("grouped_matmul_backward", dw, "dw");
+        if (dw->ndim != 3 || dw->shape[0] != w->shape[0] || dw->shape[1] != w->shape[1] || dw->shape[2] != w->shape[2])
+            fatal("cuda grouped_matmul_backward: dw must have the shape of w [E, out, in]");
+    }
+    const int64_t E = w->shape[0], M = xs->shape[0];
+    int32_t *off = segments_to_host("grouped_matmul_backward", offsets, E, M);
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t r0 = off[e], m = (int64_t)off[e + 1] - off[e];
+        if (m == 0) continue;
+        Tensor ge = row_block(dys, r0, m);
+        if (dxs) { /* dxs_e += dys_e W_e */
+            Tensor dxe = row_block(dxs, r0, m), we = expert_matrix(w, e);
+            cuda_matmul(&dxe, &ge, &we, false, false, 1.0f, 1.0f);
+        }
+        if (dw) { /* dW_e += dys_e^T xs_e (F32 master gradient: fp32 accumulation into it) */
+            Tensor dwe = expert_matrix(dw, e), xe = row_block(xs, r0, m);
+            dwe.shadow = nullptr;
+            cuda_matmul(&dwe, &ge, &xe, true, false, 1.0f, 1.0f);
+        }
+    }
+    free(off);
+}
+
+extern "C" void cuda_moe_aux_loss_forward(Tensor *loss, const Tensor *scores, const Tensor *offsets, bool normalize) {
+    init();
+    const int64_t N = tensor_rows(scores), E = tensor_dim(scores, -1);
+    check_offsets("moe_aux_loss_forward", offsets, E);
+    need_f32("moe_aux_loss_forward", loss, 1, "loss");
+    if (N == 0) {
+        CUDA_CHECK(cudaMemset(loss->data, 0, sizeof(float)));
+        return;
+    }
+    float *val = (float *)scratch((size_t)N * sizeof(float));
+    DISPATCH_FLOAT(scores->dtype, T, "moe_aux_loss_forward", {
+        aux_rows_kernel<T><<<grid_for(N, WARPS), THREADS>>>(val, (const T *)scores->data, (const int32_t *)offsets->data,
+                                                            N, E, normalize);
+        LAUNCH_CHECK("moe_aux_loss_forward");
+    });
+    aux_finish_kernel<<<1, FINISH_THREADS>>>((float *)loss->data, val, (const int32_t *)offsets->data, N, E);
+    LAUNCH_CHECK("moe_aux_loss_finish");
+}
+
+extern "C" void cuda_moe_aux_loss_backward(Tensor *dscores, const Tensor *dloss, const Tensor *scores, const Tensor *offsets,
+                                           bool normalize) {
+    init();
+    if (!dscores) return;
+    const int64_t N = tensor_rows(scores), E = tensor_dim(scores, -1);
+    check_offsets("moe_aux_loss_backward", offsets, E);
+    need_f32("moe_aux_loss_backward", dloss, 1, "dloss");
+    need_same_dtype("moe_aux_loss_backward", scores, dscores, "dscores");
+    need_numel("moe_aux_loss_backward", dscores, scores->numel, "dscores");
+    if (N == 0 || E == 0) return;
+    DISPATCH_FLOAT(scores->dtype, T, "moe_aux_loss_backward", {
+        aux_bwd_kernel<T><<<grid_for(N, WARPS), THREADS>>>((T *)dscores->data, (const float *)dloss->data,
+                                                           (const T *)scores->data, (const int32_t *)offsets->data, N, E,
+                                                           normalize);
+        LAUNCH_CHECK("moe_aux_loss_backward");
+    });
+}
+
+extern "C" void cuda_moe_z_loss_forward(Tensor *loss, Tensor *lse, const Tensor *logits) {
+    init();
+    const int64_t N = tensor_rows(logits), E = tensor_dim(logits, -1);
+    need_f32("moe_z_loss_forward", loss, 1, "loss");
+    need_f32("moe_z_loss_forward", lse, N, "lse");
+    if (N == 0) {
+        CUDA_CHECK(cudaMemset(loss->data, 0, sizeof(float)));
+        return;
+    }
+    DISPATCH_FLOAT(logits->dtype, T, "moe_z_loss_forward", {
+        z_rows_kernel<T><<<grid_for(N, WARPS), THREADS>>>((float *)lse->data, (const T *)logits->data, N, E);
+        LAUNCH_CHECK("moe_z_loss_forward");
+    });
+    z_finish_kernel<<<1, FINISH_THREADS>>>((float *)loss->data, (const float *)lse->data, N);
+    LAUNCH_CHECK("moe_z_loss_finish");
+}
+
+extern "C" void cuda_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse) {
+    init();
+    if (!dlogits) return;
+    const int64_t N = tensor_rows(logits), E = tensor_dim(logits, -1);
+    need_f32("moe_z_loss_backward", dloss, 1, "dloss");
+    need_f32("moe_z_loss_backward", lse, N, "lse");
+    need_same_dtype("moe_z_loss_backward", logits, dlogits, "dlogits");
+    need_numel("moe_z_loss_backward", dlogits, logits->numel, "dlogits");
+    if (N == 0 || E == 0) return;
+    DISPATCH_FLOAT(logits->dtype, T, "moe_z_loss_backward", {
+        z_bwd_kernel<T><<<grid_for(N * E, THREADS), THREADS>>>((T *)dlogits->data, (const float *)dloss->data,
+                                                               (const T *)logits->data, (const float *)lse->data, N, E);
+        LAUNCH_CHECK("moe_z_loss_backward");
+    });
+}

@@ -1,0 +1,264 @@
+/* MSA plan on the GPU: the reverse map key block -> queries of a Top-k selection, in the i32 layout
+ * backend.h defines (msa_plan), bit-identical to the CPU's (kernels/cpu/msa_plan.c).
+ *
+ * Per group g it is a stable counting sort of the (query, slot) pairs by their global block row:
+ *   1. doc_blocks + a CUB exclusive scan: blk_base[d] = first global row of document d;
+ *   2. keys: one thread per query validates its topk row (ids ascending, visible, -1 only after them,
+ *      at least one) and writes key = row of each selected block (a sentinel past every row for -1),
+ *      value = the query, in (query, slot) order;
+ *   3. CUB's radix sort of the pairs (stable: each row keeps its queries ascending, as the CPU's
+ *      scatter in query order does; no atomics decide any position, so the plan is deterministic),
+ *      the values landing straight in the plan's q_idx;
+ *   4. finish: row_ptr[r] = first sorted position with key >= r (a binary search per row), q_idx past
+ *      the last selection zeroed, row_lo/row_hi from the document table.
+ * Cost ~ a 2-3 pass radix sort of N*k pairs per group (N = 128K, k = 16: 2M pairs, ~11 key bits).
+ *
+ * Bad input is found on the device and reported here, before returning, with the CPU's messages:
+ * msa_plan runs once per layer and step, so the one synchronisation this costs is negligible next to
+ * the indexer it follows, and a bad selection never reaches the attention kernels that trust the plan.
+ * Workspace: a private buffer (not scratch(), so that a kernel holding its scratch region may build a
+ * temporary plan in the middle of its own call). */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include "msa_plan.cuh"
+
+namespace msacuda {
+
+int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *cu_seqlens) {
+    if (!p) fatal("cuda %s: MsaParams is NULL", kernel);
+    if (p->block_size < 1) fatal("cuda %s: block_size must be >= 1, got %d", kernel, p->block_size);
+    if (p->topk_blocks < 1) fatal("cuda %s: topk_blocks must be >= 1, got %d", kernel, p->topk_blocks);
+    if (p->init_blocks < 0) fatal("cuda %s: init_blocks must be >= 0, got %d", kernel, p->init_blocks);
+    if (p->local_blocks < 1)
+        fatal("cuda %s: local_blocks must be >= 1 (the query's own block is always selected), got %d", kernel,
+              p->local_blocks);
+    if (p->init_blocks + p->local_blocks > p->topk_blocks)
+        fatal("cuda %s: init_blocks (%d) + local_blocks (%d) exceed the budget topk_blocks (%d)", kernel, p->init_blocks,
+              p->local_blocks, p->topk_blocks);
+    if (!cu_seqlens) fatal("cuda %s: cu_seqlens is NULL", kernel);
+    if (cu_seqlens->dtype != DT_I32 || cu_seqlens->ndim != 1 || cu_seqlens->numel < 2)
+        fatal("cuda %s: cu_seqlens must be i32 [ndocs+1] with ndocs >= 1 (got %s with %lld elements)", kernel,
+              dtype_name(cu_seqlens->dtype), (long long)cu_seqlens->numel);
+    if (cu_seqlens->numel > INT32_MAX / 2) fatal("cuda %s: too many documents", kernel);
+    return cu_seqlens->numel - 1;
+}
+
+}  // namespace msacuda
+
+using namespace msacuda;
+
+namespace {
+
+constexpr int THREADS = 256;
+constexpr unsigned long long NO_ERROR = ~0ull;
+
+/* Grow-only device workspace of the plan (see the file comment for why not scratch()). */
+void *plan_workspace(size_t bytes) {
+    static void *buf = nullptr;
+    static size_t cap = 0;
+    if (bytes > cap) {
+        if (buf) CUDA_CHECK(cudaFree(buf)); /* synchronises: no earlier plan still uses it */
+        buf = nullptr;
+        const size_t want = bytes + bytes / 4 + 4096;
+        CUDA_CHECK(cudaMalloc(&buf, want));
+        cap = want;
+    }
+    return buf;
+}
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+/* nb[d] = blocks of document d (nb[ndocs] = 0, so that the exclusive scan's last entry is R);
+ * err[1] = the first bad cu_seqlens entry. */
+__global__ void doc_blocks_kernel(int64_t *nb, unsigned long long *err, const int32_t *cu, int ndocs, int64_t N, int B) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i <= ndocs; i += (int64_t)gridDim.x * blockDim.x) {
+        const bool bad = (i == 0 && cu[0] != 0) || (i == ndocs && cu[ndocs] != N) || (i > 0 && cu[i] < cu[i - 1]);
+        if (bad) atomicMin(err + 1, (unsigned long long)i);
+        int64_t len = i < ndocs ? (int64_t)cu[i + 1] - cu[i] : 0;
+        len = len < 0 ? 0 : len > N ? N : len; /* memory safety only: bad input is reported anyway */
+        nb[i] = (len + B - 1) / B;
+    }
+}
+
+/* One thread per query t of group g: validate its row of topk and emit its (key, value) pairs. */
+__global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, unsigned long long *err, const int32_t *topk_g,
+                                 const int32_t *cu, const int64_t *blk_base, int ndocs, int64_t N, int K, int B,
+                                 uint32_t sentinel, int g) {
+    for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < N; t += (int64_t)gridDim.x * blockDim.x) {
+        const int d = msa_doc_of(cu, ndocs, t);
+        const int64_t s = min(max((int64_t)cu[d], (int64_t)0), t);
+        const int64_t local = (t - s) / B, base = blk_base[d];
+        const int32_t *row = topk_g + t * K;
+        uint32_t *kr = keys + t * K;
+        int32_t *vr = vals + t * K;
+        bool bad = false;
+        int64_t prev = -1;
+        int i = 0;
+        for (; i < K; i++) {
+            const int32_t b = row[i];
+            if (b < 0) break;
+            if (b <= prev || b > local) bad = true;
+            prev = b;
+            const int64_t key = base + b;
+            kr[i] = key < 0 || key > (int64_t)sentinel ? sentinel : (uint32_t)key;
+            vr[i] = (int32_t)t;
+        }
+        if (i == 0) bad = true;
+        for (; i < K; i++) {
+            if (row[i] != -1) bad = true;
+            kr[i] = sentinel;
+            vr[i] = (int32_t)t;
+        }
+        if (bad) atomicMin(err, (unsigned long long)g * (unsigned long long)N + (unsigned long long)t);
+    }
+}
+
+/* first position in the ascending a[0 .. n) whose key is >= x */
+__device__ __forceinline__ int64_t lower_bound(const uint32_t *a, int64_t n, uint32_t x) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) >> 1;
+        if (a[mid] < x) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* row_ptr, the zero tail of q_idx, row_lo and row_hi of group g's plan (q_idx already holds the
+ * sorted queries). */
+__global__ void plan_finish_kernel(int32_t *plan_g, const uint32_t *sorted_keys, const int32_t *cu, const int64_t *blk_base,
+                                   int ndocs, int64_t N, int64_t NK, int B) {
+    const int64_t R = min(max(blk_base[ndocs], (int64_t)0), N);
+    int32_t *row_ptr = plan_g, *q_idx = plan_g + (N + 1), *row_lo = q_idx + NK, *row_hi = row_lo + N;
+    const int64_t n = max(N + 1, NK);
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        if (i <= N) row_ptr[i] = (int32_t)lower_bound(sorted_keys, NK, (uint32_t)(i < R ? i : R));
+        if (i < NK && sorted_keys[i] >= (uint32_t)R) q_idx[i] = 0;
+        if (i < N) {
+            int64_t lo = 0, hi = 0;
+            if (i < R) {
+                int a = 0, b = ndocs; /* the document owning row i: last d with blk_base[d] <= i */
+                while (b - a > 1) {
+                    const int mid = (a + b) >> 1;
+                    if (blk_base[mid] <= i) a = mid;
+                    else b = mid;
+                }
+                lo = (int64_t)cu[a] + (i - blk_base[a]) * B;
+                hi = min(lo + B, (int64_t)cu[a + 1]);
+            }
+            row_lo[i] = (int32_t)lo;
+            row_hi[i] = (int32_t)hi;
+        }
+    }
+}
+
+/* The CPU's msa_check_topk message for row (g, t), from host copies of that row and of cu_seqlens. */
+[[noreturn]] void report_bad_row(const Tensor *topk, const Tensor *cu_seqlens, int64_t g, int64_t t, int64_t N, int64_t K,
+                                 int B) {
+    int32_t *row = (int32_t *)malloc((size_t)K * sizeof(int32_t));
+    int32_t *cu = (int32_t *)malloc((size_t)cu_seqlens->numel * sizeof(int32_t));
+    if (!row || !cu) fatal("cuda msa_plan: out of host memory while reporting a bad topk row");
+    CUDA_CHECK(cudaMemcpy(row, (const int32_t *)topk->data + (g * N + t) * K, (size_t)K * sizeof(int32_t),
+                          cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(cu, cu_seqlens->data, (size_t)cu_seqlens->numel * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    int64_t d = 0;
+    while (d + 1 < cu_seqlens->numel - 1 && cu[d + 1] <= t) d++;
+    const int64_t local = (t - cu[d]) / B;
+    int64_t prev = -1, i = 0;
+    for (; i < K && row[i] >= 0; i++) {
+        if (row[i] <= prev || row[i] > local)
+            fatal("cuda msa_plan: topk[%lld, %lld] = {%d, ...}: slot %lld holds block %d; ids must be ascending visible "
+                  "blocks (0 .. %lld)",
+                  (long long)g, (long long)t, row[0], (long long)i, row[i], (long long)local);
+        prev = row[i];
+    }
+    if (i == 0) fatal("cuda msa_plan: topk[%lld, %lld] selects no block", (long long)g, (long long)t);
+    for (; i < K; i++)
+        if (row[i] != -1)
+            fatal("cuda msa_plan: topk[%lld, %lld] slot %lld holds %d after the padding began (-1 expected)", (long long)g,
+                  (long long)t, (long long)i, row[i]);
+    fatal("cuda msa_plan: topk[%lld, %lld] is not a valid selection", (long long)g, (long long)t);
+}
+
+}  // namespace
+
+extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
+    init();
+    const int64_t ndocs = msa_check_params("msa_plan", p, cu_seqlens);
+    if (!topk) fatal("cuda msa_plan: topk is NULL (dense selection has no plan)");
+    if (topk->dtype != DT_I32 || topk->ndim != 3)
+        fatal("cuda msa_plan: topk must be i32 [Hidx, N, topk_blocks], got %s with %d dims", dtype_name(topk->dtype),
+              topk->ndim);
+    const int64_t H = topk->shape[0], N = topk->shape[1], K = topk->shape[2];
+    if (K != p->topk_blocks)
+        fatal("cuda msa_plan: topk must be [Hidx, N, topk_blocks = %d], got %lld slots", p->topk_blocks, (long long)K);
+    const int64_t P = msa_plan_width(N, K);
+    if (!plan || plan->dtype != DT_I32 || plan->numel != H * P)
+        fatal("cuda msa_plan: plan must be i32 [Hidx, msa_plan_width(N, k)] = [%lld, %lld], got %s with %lld elements",
+              (long long)H, (long long)P, plan ? dtype_name(plan->dtype) : "NULL", plan ? (long long)plan->numel : 0LL);
+    if (N * K >= INT32_MAX) fatal("cuda msa_plan: N * topk_blocks = %lld does not fit the i32 plan", (long long)(N * K));
+    if (H == 0) return;
+    if (N == 0) { /* every group is row_ptr[0] = 0 */
+        CUDA_CHECK(cudaMemset(plan->data, 0, (size_t)(H * P) * sizeof(int32_t)));
+        return;
+    }
+    const int64_t NK = N * K;
+    const int B = p->block_size;
+    /* sentinel key: past every block row (R <= min(N, N/B + ndocs) for valid input) */
+    const int64_t rmax = N < N / B + ndocs ? N : N / B + ndocs;
+    const uint32_t sentinel = (uint32_t)rmax;
+    const int end_bit = 32 - __builtin_clz(sentinel);
+
+    size_t sort_bytes = 0, scan_bytes = 0;
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, (const uint32_t *)nullptr, (uint32_t *)nullptr,
+                                               (const int32_t *)nullptr, (int32_t *)nullptr, (int)NK, 0, end_bit));
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, (const int64_t *)nullptr, (int64_t *)nullptr,
+                                             (int)(ndocs + 1)));
+    const size_t temp_bytes = sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
+    /* workspace: err[2] | nb [ndocs+1] | blk_base [ndocs+1] | keys_in, keys_out, vals_in [NK] | CUB temp */
+    const size_t o_nb = 256, o_base = o_nb + align256((size_t)(ndocs + 1) * 8), o_kin = o_base + align256((size_t)(ndocs + 1) * 8);
+    const size_t o_kout = o_kin + align256((size_t)NK * 4), o_vin = o_kout + align256((size_t)NK * 4);
+    const size_t o_temp = o_vin + align256((size_t)NK * 4);
+    char *ws = (char *)plan_workspace(o_temp + temp_bytes);
+    unsigned long long *err = (unsigned long long *)ws;
+    int64_t *nb = (int64_t *)(ws + o_nb), *blk_base = (int64_t *)(ws + o_base);
+    uint32_t *keys_in = (uint32_t *)(ws + o_kin), *keys_out = (uint32_t *)(ws + o_kout);
+    int32_t *vals_in = (int32_t *)(ws + o_vin);
+    void *temp = ws + o_temp;
+    const int32_t *cu = (const int32_t *)cu_seqlens->data;
+
+    CUDA_CHECK(cudaMemsetAsync(err, 0xff, 2 * sizeof(unsigned long long)));
+    doc_blocks_kernel<<<grid_for(ndocs + 1, THREADS), THREADS>>>(nb, err, cu, (int)ndocs, N, B);
+    LAUNCH_CHECK("msa_plan doc_blocks");
+    size_t tb = temp_bytes;
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, tb, nb, blk_base, (int)(ndocs + 1)));
+    for (int64_t g = 0; g < H; g++) {
+        int32_t *plan_g = (int32_t *)plan->data + g * P;
+        plan_keys_kernel<<<grid_for(N, THREADS), THREADS>>>(keys_in, vals_in, err, (const int32_t *)topk->data + g * NK, cu,
+                                                            blk_base, (int)ndocs, N, (int)K, B, sentinel, (int)g);
+        LAUNCH_CHECK("msa_plan keys");
+        tb = temp_bytes;
+        CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, tb, keys_in, keys_out, vals_in, plan_g + (N + 1), (int)NK, 0,
+                                                   end_bit));
+        plan_finish_kernel<<<grid_for((N + 1 > NK ? N + 1 : NK), THREADS), THREADS>>>(plan_g, keys_out, cu, blk_base,
+                                                                                      (int)ndocs, N, NK, B);
+        LAUNCH_CHECK("msa_plan finish");
+    }
+
+    unsigned long long herr[2];
+    CUDA_CHECK(cudaMemcpy(herr, err, sizeof herr, cudaMemcpyDeviceToHost));
+    if (herr[1] != NO_ERROR) {
+        int32_t v = 0;
+        CUDA_CHECK(cudaMemcpy(&v, cu + herr[1], sizeof v, cudaMemcpyDeviceToHost));
+        fatal("cuda msa_plan: bad cu_seqlens (entry %llu = %d): it must start at 0, never decrease and end at N = %lld",
+              herr[1], v, (long long)N);
+    }
+    if (herr[0] != NO_ERROR)
+        report_bad_row(topk, cu_seqlens, (int64_t)(herr[0] / (unsigned long long)N), (int64_t)(herr[0] % (unsigned long long)N),
+                       N, K, B);
+}

@@ -1,0 +1,30 @@
+/* Internals shared by the CUDA MSA index-side kernels (msa_plan.cu, msa_indexer.cu): the host-side
+ * validation of MsaParams (the CPU's msa_ctx_init rules, with the same messages) and the device-side
+ * lookup of a token's document. */
+#ifndef MSA_CUDA_MSA_PLAN_CUH
+#define MSA_CUDA_MSA_PLAN_CUH
+
+#include "common.cuh"
+
+namespace msacuda {
+
+/* Abort with "cuda <kernel>: ..." unless block_size >= 1, topk_blocks >= 1, init_blocks >= 0,
+ * local_blocks >= 1 and init_blocks + local_blocks <= topk_blocks (forced blocks stay inside the
+ * budget), and cu_seqlens is i32 [ndocs+1] with ndocs >= 1. Returns ndocs. */
+int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *cu_seqlens);
+
+/* The document of token t: the last d in [0, ndocs) with cu[d] <= t (empty documents are skipped
+ * that way). Stays in [0, ndocs) whatever cu holds. */
+__device__ __forceinline__ int msa_doc_of(const int32_t *cu, int ndocs, int64_t t) {
+    int lo = 0, hi = ndocs;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (cu[mid] <= t) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+}  // namespace msacuda
+
+#endif

@@ -1,0 +1,85 @@
+/* The GPU tests' harness, shared by the test files of tests/gpu (make test-gpu).
+ *
+ * Every CUDA kernel is held to the CPU reference: fresh random inputs for each case, the GPU outputs
+ * poisoned with NaN before the call (so an unwritten element fails), the reference run on F32 copies of
+ * the very values the GPU holds (BF16-rounded where the GPU tensor is BF16). Accumulating outputs
+ * (gradients) start from random values on the GPU and from zero on the CPU, and the increments are
+ * compared. Relative error ||gpu - ref|| / ||ref|| must be <= TOL_BF16 when a BF16 tensor takes part,
+ * <= TOL_F32 on all-F32 paths; a NaN fails. */
+#ifndef MSA_GPU_CHECK_H
+#define MSA_GPU_CHECK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "../../kernels/backend.h"
+#include "../../kernels/util.h"
+#include "../test.h"
+
+#define TOL_BF16 1e-2
+#define TOL_F32 1e-5
+
+/* The harness's one piece of mutable state: the backends, the random stream of the inputs and the
+ * pass/fail counters (main sets tc). */
+typedef struct GpuCheck {
+    const KernelBackend *gpu, *cpu;
+    Rng rng;
+    TestCtx *tc;
+} GpuCheck;
+extern GpuCheck gpu_check;
+#define GB (gpu_check.gpu)
+#define CB (gpu_check.cpu)
+#define TC (gpu_check.tc)
+
+/* host BF16, round to nearest even as __float2bfloat16_rn */
+uint16_t bf16_bits(float f);
+float bf16_value(uint16_t h);
+float round_to(DType dt, float f); /* f rounded to what dtype dt holds */
+
+/* tensors on either backend; upload/download convert from/to host F32 */
+Tensor mk(const KernelBackend *be, DType dt, int ndim, const int64_t *shape);
+void upload_f32(Tensor *g, const float *h);
+float *download_f32(const Tensor *g);
+void poison(Tensor *g); /* all bits set: NaN in F32 and BF16 */
+void free_t(Tensor *t);
+float *randn(int64_t n, double mean, double std);
+
+/* The same values on both sides: c (CPU, F32, or I32) and g (GPU, dtype gdt); h the host copy. */
+typedef struct {
+    Tensor c, g;
+    float *h;
+} Pair;
+Pair pair_from(DType gdt, int ndim, const int64_t *shape, const float *vals);
+Pair pair_rand(DType gdt, int ndim, const int64_t *shape, double mean, double std);
+Pair pair_i32(int64_t n, const int32_t *vals);
+Pair pair_out(DType gdt, int ndim, const int64_t *shape); /* GPU side poisoned, CPU side zeroed */
+void pair_free(Pair *p);
+
+/* checks: one passed or failed count each */
+void record(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+double rel_err_f32(const float *a, const float *b, int64_t n, bool *nan);
+double tol_of(DType path);
+void check_h(const char *what, const Tensor *g, const float *ref, double tol); /* GPU tensor vs host ref */
+void check(const char *what, const Pair *p, double tol);
+
+/* A gradient for an accumulating backward: CPU side from zero (the result is the increment), GPU side
+ * from g0, random of the increment's size (grad_arm, after the CPU ran); grad_check compares increments. */
+typedef struct {
+    Pair p;
+    float *g0;
+} Grad;
+Grad grad_new(DType gdt, int ndim, const int64_t *shape);
+void grad_arm(Grad *gr);
+void grad_check(const char *what, Grad *gr, double tol);
+void grad_free(Grad *gr);
+
+const char *dn(DType dt);
+
+/* test groups defined outside test_gpu.c */
+void test_msa_gpu(void);           /* tests/gpu/test_gpu_msa.c: indexer, plan, recall, opcheck */
+void test_msa_attention_gpu(void); /* tests/gpu/test_gpu_msa_attention.c */
+void test_msa_kl_gpu(void);        /* tests/gpu/test_gpu_msa_kl.c */
+void test_moe_gpu(void);  /* tests/gpu/test_gpu_moe.c */
+void test_attention_cudnn_gpu(void); /* tests/gpu/test_gpu_cudnn.c: dense attention through cuDNN */
+
+#endif

@@ -1,0 +1,347 @@
+/* GPU tests of the MSA attention kernels (kernels/cuda/msa_attention.cu) against the CPU reference
+ * (tests/gpu/gpu_check.h), and their --bench timing (bench_msa_attention_gpu, called by test_gpu.c).
+ *
+ * Each case: random q/k/v, a selection (the CPU indexer on random index q/k, a "hot" selection where
+ * every query takes block 0, or NULL = dense), forward out/lse, then the accumulating backward from the
+ * same out/lse on both sides. The cases cover what the GPU kernels organise differently from the CPU:
+ * documents of unequal lengths (length 1, non-multiples of the block), block sizes 4..128 (and the
+ * key segments of a block larger than a tensor-core tile), k from 1 to more blocks than a document
+ * has, G = 1, 2, 16, D = 64 and 128 (tensor cores for BF16) and odd D (CUDA cores), a plan given or
+ * built inside, query chunks (MSA_CUDA_MSA_CHUNK), hot rows split over many CTAs, and inputs large
+ * enough that each CTA runs a pipeline of many tiles. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu_check.h"
+
+enum { SEL_INDEXER = 0, SEL_HOT = 1, SEL_DENSE = 2 };
+
+typedef struct {
+    int ndocs;
+    int32_t lens[6];
+    int Hq, Hkv, D, B, K, init_blocks;
+    int sel;        /* SEL_* */
+    int plan_given; /* the CPU's plan uploaded (else the kernel builds one) */
+    int grads;      /* bit 0 dq, bit 1 dk, bit 2 dv */
+    int chunk;      /* queries per chunk (MSA_CUDA_MSA_CHUNK); 0: the kernel's own choice */
+    int repeat;     /* run the backward twice and require bit-identical gradients */
+} MsaCase;
+
+static double uniform(void) { return rng_uniform(&gpu_check.rng); }
+
+/* A valid selection where every query takes block 0 (and its own block when k >= 2), the rest of
+ * the budget random earlier blocks; ascending, -1 padded. */
+static void hot_topk(float *out, const int32_t *cu, int ndocs, int Hkv, int64_t N, int K, int B) {
+    int32_t *sel = xmalloc((size_t)K * sizeof(int32_t));
+    for (int g = 0; g < Hkv; g++)
+        for (int d = 0; d < ndocs; d++)
+            for (int64_t t = cu[d]; t < cu[d + 1]; t++) {
+                const int local = (int)((t - cu[d]) / B);
+                int n = 0;
+                sel[n++] = 0;
+                if (K >= 2 && local > 0) sel[n++] = local;
+                for (int tries = 0; n < K && n < local + 1 && tries < 64; tries++) {
+                    const int b = (int)(uniform() * local);
+                    bool dup = false;
+                    for (int i = 0; i < n; i++) dup |= sel[i] == b;
+                    if (!dup) sel[n++] = b;
+                }
+                for (int i = 1; i < n; i++) /* insertion sort */
+                    for (int j = i; j > 0 && sel[j - 1] > sel[j]; j--) {
+                        const int32_t x = sel[j];
+                        sel[j] = sel[j - 1];
+                        sel[j - 1] = x;
+                    }
+                float *row = out + ((int64_t)g * N + t) * K;
+                for (int i = 0; i < K; i++) row[i] = i < n ? (float)sel[i] : -1.0f;
+            }
+    free(sel);
+}
+
+static void msa_attention_case(DType act, const MsaCase *c) {
+    const int ndocs = c->ndocs;
+    int32_t cu[8];
+    cu[0] = 0;
+    for (int i = 0; i < ndocs; i++) cu[i + 1] = cu[i] + c->lens[i];
+    const int64_t N = cu[ndocs], Hq = c->Hq, Hkv = c->Hkv, D = c->D, K = c->K;
+    const MsaParams p = {.block_size = c->B, .topk_blocks = c->K, .init_blocks = c->init_blocks, .local_blocks = 1,
+                         .scale = 1.0f / sqrtf((float)D), .index_scale = 0.25f};
+    Pair cs = pair_i32(ndocs + 1, cu);
+
+    /* the selection, on both devices (and the CPU's plan when the case gives one) */
+    Pair topk;
+    memset(&topk, 0, sizeof topk);
+    Tensor plan_g;
+    memset(&plan_g, 0, sizeof plan_g);
+    const int64_t tshape[3] = {Hkv, N, K};
+    if (c->sel != SEL_DENSE) {
+        float *tv = xmalloc((size_t)(Hkv * N * K) * sizeof(float) + 4);
+        if (c->sel == SEL_HOT) {
+            hot_topk(tv, cu, ndocs, (int)Hkv, N, (int)K, c->B);
+        } else {
+            const int64_t Di = 16;
+            Tensor qi = mk(CB, DT_F32, 3, (int64_t[]){N, Hkv, Di}), ki = mk(CB, DT_F32, 2, (int64_t[]){N, Di});
+            Tensor tk = mk(CB, DT_I32, 3, tshape);
+            float *r1 = randn(qi.numel, 0, 1), *r2 = randn(ki.numel, 0, 1);
+            memcpy(qi.data, r1, (size_t)qi.numel * sizeof(float));
+            memcpy(ki.data, r2, (size_t)ki.numel * sizeof(float));
+            CB->msa_indexer(&tk, &qi, &ki, &cs.c, &p);
+            for (int64_t i = 0; i < tk.numel; i++) tv[i] = (float)((const int32_t *)tk.data)[i];
+            free(r1);
+            free(r2);
+            free_t(&qi);
+            free_t(&ki);
+            free_t(&tk);
+        }
+        topk = pair_from(DT_I32, 3, tshape, tv);
+        free(tv);
+        if (c->plan_given) {
+            const int64_t pshape[2] = {Hkv, msa_plan_width(N, K)};
+            Tensor pc = mk(CB, DT_I32, 2, pshape);
+            CB->msa_plan(&pc, &topk.c, &cs.c, &p);
+            plan_g = mk(GB, DT_I32, 2, pshape);
+            GB->copy_from_host(plan_g.data, pc.data, tensor_bytes(&pc));
+            free_t(&pc);
+        }
+    }
+    const Tensor *tk_c = c->sel == SEL_DENSE ? NULL : &topk.c, *tk_g = c->sel == SEL_DENSE ? NULL : &topk.g;
+    const Tensor *pl_g = plan_g.data ? &plan_g : NULL;
+
+    char chunk_s[32];
+    if (c->chunk > 0) {
+        snprintf(chunk_s, sizeof chunk_s, "%d", c->chunk);
+        setenv("MSA_CUDA_MSA_CHUNK", chunk_s, 1);
+    }
+    char desc[200], name[260];
+    int o = snprintf(desc, sizeof desc, "%s G=%lld D=%lld B=%d k=%d %s%s%s docs=", dn(act), (long long)(Hq / Hkv), (long long)D,
+                     c->B, c->K, c->sel == SEL_HOT ? "hot" : c->sel == SEL_DENSE ? "dense" : "indexer",
+                     c->sel == SEL_DENSE ? "" : c->plan_given ? " plan" : " noplan", c->chunk ? " chunked" : "");
+    for (int i = 0; i < ndocs && o < (int)sizeof desc - 8; i++) o += snprintf(desc + o, sizeof desc - (size_t)o, i ? ",%d" : "%d", c->lens[i]);
+
+    Pair q = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1), k = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1),
+         v = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1);
+    Pair out = pair_out(act, 3, (int64_t[]){N, Hq, D}), lse = pair_out(DT_F32, 2, (int64_t[]){Hq, N});
+    CB->msa_attention_forward(&out.c, &lse.c, &q.c, &k.c, &v.c, tk_c, NULL, &cs.c, &p);
+    GB->msa_attention_forward(&out.g, &lse.g, &q.g, &k.g, &v.g, tk_g, pl_g, &cs.g, &p);
+    snprintf(name, sizeof name, "msa fwd out %s", desc);
+    check(name, &out, tol_of(act));
+    snprintf(name, sizeof name, "msa fwd lse %s", desc);
+    check(name, &lse, tol_of(act));
+
+    /* backward from the same out and lse on both sides */
+    Pair o2 = pair_from(act, 3, (int64_t[]){N, Hq, D}, (const float *)out.c.data);
+    Pair l2 = pair_from(DT_F32, 2, (int64_t[]){Hq, N}, (const float *)lse.c.data);
+    Pair dout = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1);
+    Grad dq = grad_new(act, 3, (int64_t[]){N, Hq, D}), dk = grad_new(act, 3, (int64_t[]){N, Hkv, D}),
+         dv = grad_new(act, 3, (int64_t[]){N, Hkv, D});
+    const int gm = c->grads;
+    CB->msa_attention_backward(gm & 1 ? &dq.p.c : NULL, gm & 2 ? &dk.p.c : NULL, gm & 4 ? &dv.p.c : NULL, &dout.c, &q.c, &k.c,
+                               &v.c, &o2.c, &l2.c, tk_c, NULL, &cs.c, &p);
+    grad_arm(&dq);
+    grad_arm(&dk);
+    grad_arm(&dv);
+    GB->msa_attention_backward(gm & 1 ? &dq.p.g : NULL, gm & 2 ? &dk.p.g : NULL, gm & 4 ? &dv.p.g : NULL, &dout.g, &q.g, &k.g,
+                               &v.g, &o2.g, &l2.g, tk_g, pl_g, &cs.g, &p);
+    Grad *gs[3] = {&dq, &dk, &dv};
+    const char *gn[3] = {"dq", "dk", "dv"};
+    float *first[3] = {NULL, NULL, NULL};
+    for (int i = 0; i < 3; i++) {
+        if (!(gm & (1 << i))) continue;
+        if (c->repeat) first[i] = download_f32(&gs[i]->p.g);
+        snprintf(name, sizeof name, "msa bwd %s %s%s", gn[i], desc, gm == 7 ? "" : " (others NULL)");
+        grad_check(name, gs[i], tol_of(act));
+    }
+    if (c->repeat) { /* again from the same starting gradients: bit-identical (no atomics) */
+        for (int i = 0; i < 3; i++)
+            if (gm & (1 << i)) upload_f32(&gs[i]->p.g, gs[i]->g0);
+        GB->msa_attention_backward(gm & 1 ? &dq.p.g : NULL, gm & 2 ? &dk.p.g : NULL, gm & 4 ? &dv.p.g : NULL, &dout.g, &q.g,
+                                   &k.g, &v.g, &o2.g, &l2.g, tk_g, pl_g, &cs.g, &p);
+        bool same = true;
+        for (int i = 0; i < 3; i++) {
+            if (!first[i]) continue;
+            float *again = download_f32(&gs[i]->p.g);
+            same &= memcmp(first[i], again, (size_t)gs[i]->p.g.numel * sizeof(float)) == 0;
+            free(again);
+            free(first[i]);
+        }
+        snprintf(name, sizeof name, "msa bwd deterministic %s", desc);
+        record(same, "%-58s %s", name, same ? "bit-identical" : "differs between two runs");
+    }
+    if (c->chunk > 0) unsetenv("MSA_CUDA_MSA_CHUNK");
+    for (int i = 0; i < 3; i++) grad_free(gs[i]);
+    pair_free(&dout);
+    pair_free(&o2);
+    pair_free(&l2);
+    pair_free(&out);
+    pair_free(&lse);
+    pair_free(&q);
+    pair_free(&k);
+    pair_free(&v);
+    if (c->sel != SEL_DENSE) pair_free(&topk);
+    free_t(&plan_g);
+    pair_free(&cs);
+}
+
+void test_msa_attention_gpu(void) {
+    /* ndocs, lens, Hq, Hkv, D, B, K, init, sel, plan, grads, chunk, repeat */
+    static const MsaCase both[] = {
+        /* G = 2, documents of 1 and non-multiples of B, k = 3 */
+        {4, {1, 37, 130, 64}, 2, 1, 64, 16, 3, 0, SEL_INDEXER, 0, 7, 0, 0},
+        /* G = 16, D = 128, k = 16 > the 4 blocks of a document */
+        {2, {200, 57}, 32, 2, 128, 64, 16, 0, SEL_INDEXER, 1, 7, 0, 0},
+        /* G = 1, block 4 (75 blocks), k = 16, a sink block */
+        {1, {300}, 4, 4, 64, 4, 16, 1, SEL_INDEXER, 1, 7, 0, 0},
+        /* k = 1 (only the local block), block 128, a one-token document between two others */
+        {3, {257, 1, 100}, 16, 1, 128, 128, 1, 0, SEL_INDEXER, 0, 7, 0, 0},
+        /* every query selects block 0, in chunks of 128 queries */
+        {2, {700, 300}, 32, 2, 128, 16, 3, 0, SEL_HOT, 0, 7, 128, 0},
+        /* block 256: two 128-key segments per block (and 8 on CUDA cores); chunks of 100 */
+        {2, {513, 96}, 8, 4, 128, 256, 3, 0, SEL_INDEXER, 1, 7, 100, 0},
+        /* odd head dim: CUDA cores for BF16 too */
+        {2, {90, 45}, 6, 2, 40, 16, 3, 0, SEL_INDEXER, 0, 7, 0, 0},
+        /* topk NULL: dense causal within documents */
+        {2, {50, 77}, 4, 2, 64, 16, 2, 0, SEL_DENSE, 0, 7, 0, 0},
+        /* many tiles per CTA (the pipelines, segment changes, hot rows over many CTAs), twice */
+        {1, {4096}, 16, 2, 64, 64, 4, 0, SEL_HOT, 1, 7, 0, 1},
+    };
+    for (int d = 0; d < 2; d++)
+        for (size_t i = 0; i < sizeof both / sizeof both[0]; i++) msa_attention_case(d ? DT_BF16 : DT_F32, &both[i]);
+    static const MsaCase bf16_only[] = {
+        /* D = 128 tensor cores with many tiles per CTA, G = 16, chunked, twice */
+        {2, {1500, 700}, 32, 2, 128, 128, 4, 0, SEL_HOT, 0, 7, 700, 1},
+        {1, {2500}, 16, 1, 128, 64, 8, 0, SEL_INDEXER, 1, 7, 0, 0},
+        /* subsets of the gradients */
+        {2, {140, 60}, 32, 2, 64, 32, 3, 0, SEL_INDEXER, 0, 2, 0, 0}, /* dk only, G = 16 with D = 64 */
+        {2, {140, 60}, 8, 2, 128, 32, 3, 0, SEL_INDEXER, 0, 5, 0, 0}, /* dq and dv */
+        {2, {140, 60}, 8, 2, 128, 32, 3, 0, SEL_INDEXER, 1, 1, 0, 0}, /* dq only */
+    };
+    for (size_t i = 0; i < sizeof bf16_only / sizeof bf16_only[0]; i++) msa_attention_case(DT_BF16, &bf16_only[i]);
+}
+
+/* ---------- --bench ---------- */
+
+static void bench_sync(void) { /* a copy to the host waits for all queued work */
+    static Tensor s;
+    if (!s.data) s = mk(GB, DT_F32, 1, (int64_t[]){1});
+    float x;
+    GB->copy_to_host(&x, s.data, 4);
+}
+
+static Tensor bench_rand(DType dt, int ndim, const int64_t *shape, double std) {
+    Tensor t = mk(GB, dt, ndim, shape);
+    float *v = randn(t.numel, 0, std);
+    upload_f32(&t, v);
+    free(v);
+    return t;
+}
+
+/* One document of N tokens, Hq/Hkv/D, block B, top-k K: each query takes its own block and K-1 distinct
+ * random earlier blocks (all of them when it sees at most K). Times the plan, the forward and the
+ * backward (dq, dk, dv), and dense causal attention on the same q/k/v for comparison. FLOPs as the
+ * release's benchmark: FWD 2(d_qk + d_v) Hq * pairs, BWD 2(3 d_qk + 2 d_v) Hq * pairs, pairs = attended
+ * (query, key) pairs per head (mean over groups). */
+static void bench_msa_one(int64_t N, int64_t Hq, int64_t Hkv, int64_t D, int B, int K, bool *dense_ok) {
+    const int64_t nt = Hkv * N * K;
+    int32_t *tk = xmalloc((size_t)nt * sizeof(int32_t));
+    double pairs = 0;
+    for (int64_t g = 0; g < Hkv; g++)
+        for (int64_t t = 0; t < N; t++) {
+            int32_t *row = tk + (g * N + t) * K;
+            const int local = (int)(t / B);
+            int n = 0;
+            if (local + 1 <= K) {
+                for (int b = 0; b <= local; b++) row[n++] = b;
+            } else {
+                row[n++] = local;
+                while (n < K) {
+                    const int b = (int)(uniform() * local);
+                    bool dup = false;
+                    for (int i = 1; i < n; i++) dup |= row[i] == b;
+                    if (!dup) row[n++] = b;
+                }
+                for (int i = 1; i < n; i++)
+                    for (int j = i; j > 0 && row[j - 1] > row[j]; j--) {
+                        const int32_t x = row[j];
+                        row[j] = row[j - 1];
+                        row[j - 1] = x;
+                    }
+            }
+            for (int i = 0; i < n; i++) {
+                const int64_t lo = (int64_t)row[i] * B, hi = lo + B < t + 1 ? lo + B : t + 1;
+                pairs += (double)(hi - lo);
+            }
+            for (int i = n; i < K; i++) row[i] = -1;
+        }
+    pairs /= (double)Hkv;
+    const MsaParams p = {.block_size = B, .topk_blocks = K, .init_blocks = 0, .local_blocks = 1,
+                         .scale = 1.0f / sqrtf((float)D), .index_scale = 1.0f / sqrtf(128.0f)};
+    Tensor topk = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K}), cu = mk(GB, DT_I32, 1, (int64_t[]){2});
+    GB->copy_from_host(topk.data, tk, (size_t)nt * sizeof(int32_t));
+    GB->copy_from_host(cu.data, (int32_t[]){0, (int32_t)N}, 8);
+    free(tk);
+    Tensor plan = mk(GB, DT_I32, 2, (int64_t[]){Hkv, msa_plan_width(N, K)});
+    Tensor q = bench_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1), k = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1),
+           v = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1), dout = bench_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1);
+    Tensor out = mk(GB, DT_BF16, 3, (int64_t[]){N, Hq, D}), lse = mk(GB, DT_F32, 2, (int64_t[]){Hq, N});
+    Tensor dq = bench_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 0), dk = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0),
+           dv = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0);
+    GB->msa_plan(&plan, &topk, &cu, &p); /* warm-up */
+    GB->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p);
+    GB->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p);
+    const int reps = N >= 65536 ? 2 : 5;
+    bench_sync();
+    double t0 = wall_seconds();
+    for (int i = 0; i < reps; i++) GB->msa_plan(&plan, &topk, &cu, &p);
+    bench_sync();
+    const double tp = (wall_seconds() - t0) / reps;
+    t0 = wall_seconds();
+    for (int i = 0; i < reps; i++) GB->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p);
+    bench_sync();
+    const double tf = (wall_seconds() - t0) / reps;
+    t0 = wall_seconds();
+    for (int i = 0; i < reps; i++)
+        GB->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p);
+    bench_sync();
+    const double tb = (wall_seconds() - t0) / reps;
+    const double ff = 2.0 * (double)(D + D) * (double)Hq * pairs, fb = 2.0 * (double)(3 * D + 2 * D) * (double)Hq * pairs;
+    printf("  msa attention bf16 N=%lld Hq=%lld Hkv=%lld D=%lld B=%d k=%d (%.0f keys/query): plan %.2f ms, fwd %.2f ms "
+           "(%.1f TFLOP/s), bwd %.2f ms (%.1f TFLOP/s)\n",
+           (long long)N, (long long)Hq, (long long)Hkv, (long long)D, B, K, pairs / (double)N, tp * 1e3, tf * 1e3,
+           ff / tf * 1e-12, tb * 1e3, fb / tb * 1e-12);
+    fflush(stdout);
+    /* dense causal attention on the same tensors, while it stays affordable (the first size decides) */
+    if (*dense_ok) {
+        const int dreps = N >= 65536 ? 1 : 3;
+        GB->attention_forward(&out, &lse, &q, &k, &v, &cu, p.scale);
+        GB->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, p.scale);
+        bench_sync();
+        t0 = wall_seconds();
+        for (int i = 0; i < dreps; i++) GB->attention_forward(&out, &lse, &q, &k, &v, &cu, p.scale);
+        bench_sync();
+        const double df = (wall_seconds() - t0) / dreps;
+        t0 = wall_seconds();
+        for (int i = 0; i < dreps; i++) GB->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, p.scale);
+        bench_sync();
+        const double db = (wall_seconds() - t0) / dreps;
+        const double dflops = 4.0 * (double)Hq * (double)D * (double)N * (double)(N + 1) / 2;
+        printf("    dense causal on the same shapes: fwd %.2f ms (%.1f TFLOP/s), bwd %.2f ms; MSA speed-up fwd %.1fx, "
+               "bwd %.1fx, fwd+bwd %.1fx (plan included)\n",
+               df * 1e3, dflops / df * 1e-12, db * 1e3, df / tf, db / tb, (df + db) / (tp + tf + tb));
+        if (df + db > 1.0) *dense_ok = false; /* the next size would take ~16x as long */
+    }
+    Tensor *all[] = {&topk, &cu, &plan, &q, &k, &v, &dout, &out, &lse, &dq, &dk, &dv};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
+}
+
+void bench_msa_attention_gpu(void) {
+    if (!GB->msa_attention_forward || !GB->msa_plan) {
+        printf("  msa attention: the CUDA backend lacks msa_plan or msa_attention; skipped\n");
+        return;
+    }
+    bool dense_ok = true;
+    bench_msa_one(8192, 64, 4, 128, 128, 16, &dense_ok);
+    bench_msa_one(32768, 64, 4, 128, 128, 16, &dense_ok);
+    bench_msa_one(131072, 64, 4, 128, 128, 16, &dense_ok);
+}
