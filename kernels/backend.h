@@ -188,8 +188,8 @@ typedef struct KernelBackend {
     void (*bias_add_backward)(Tensor *db, const Tensor *dy);
 } KernelBackend;
 
-/* Entry groups a backend may still lack (NULL entries): the CUDA backend has no MSA and MoE kernels
- * yet. backend_missing returns the name of the first NULL entry among the groups asked for, or NULL
+/* Entry groups a backend may lack (NULL entries; both backends have them all today, a new backend
+ * may start without them). backend_missing returns the name of the first NULL entry among the groups asked for, or NULL
  * when the backend has them all: programs check it at start-up to refuse such a configuration with a
  * message. BACKEND_REQUIRE(be, entry) guards a call site (needs kernels/util.h for fatal): a call
  * through a NULL entry must never happen. */
@@ -215,8 +215,8 @@ static inline const char *backend_missing(const KernelBackend *be, int groups) {
 #define BACKEND_REQUIRE(be, entry)                                                                  \
     do {                                                                                            \
         if (!(be)->entry)                                                                           \
-            fatal("the %s backend has no %s kernel yet: MSA and MoE layers need train.device = "   \
-                  "\"cpu\" for now", (be)->name, #entry);                                           \
+            fatal("the %s backend has no %s kernel: MSA and MoE layers need a backend that has",    \
+                  (be)->name, #entry);                                                              \
     } while (0)
 
 /* elements per group of an MSA plan (see msa_plan above) */

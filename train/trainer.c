@@ -430,8 +430,8 @@ void run_init(Run *r) {
     const char *missing = backend_missing(r->be, (r->model.n_msa_layers ? BACKEND_MSA : 0) |
                                                      (r->model.n_moe_layers ? BACKEND_MOE : 0));
     if (missing)
-        fatal("%s: the %s backend has no %s kernel yet: MSA/MoE layers need train.device = \"cpu\" for now", src,
-              r->be->name, missing);
+        fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers need", src, r->be->name,
+              missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
     init_optimizer(r);
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
