@@ -91,4 +91,44 @@ Tensor *op_moe_z_loss(Engine *e, Tensor *logits);
 /* y = x + b, b [last dim of x] added to every row (the q/k/v biases of Qwen2-family models) */
 Tensor *op_bias_add(Engine *e, Tensor *x, Tensor *b);
 
+/* ---- context parallelism, head-parallel (autograd/op_cp.c; train/model.c). The P ranks of the group g
+ * (dist/dist.h) share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P). A group of
+ * one rank returns x itself. ---- */
+struct DistGroup;
+/* x [N/P, H, D] (this rank's tokens, every head) -> [N, H/P, D] (every token, heads [r*H/P, (r+1)*H/P)) */
+Tensor *op_cp_seq_to_heads(Engine *e, Tensor *x, const struct DistGroup *g);
+/* the inverse: x [N, H/P, D] -> [N/P, H, D] */
+Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const struct DistGroup *g);
+/* x [n, ...] -> [P*n, ...]: every rank's rows in rank order; backward: the gradient reduce-scattered (sum) */
+Tensor *op_cp_all_gather(Engine *e, Tensor *x, const struct DistGroup *g);
+
+/* ---- expert parallelism (autograd/op_ep.c; train/moe.c). The P ranks of the expert-parallel group g
+ * (dist/dist.h) route different tokens; rank r holds the routed experts [r*El, (r+1)*El), E = P*El. ---- */
+typedef struct EpDispatch {
+    const struct DistGroup *g;
+    int ranks, local_experts;         /* P, El */
+    int64_t rows_in, rows_out;        /* rows this rank sends (N*k) and receives (M) */
+    int64_t *send_rows, *send_first;  /* [P]: rows of xs for rank r, and where they start (host) */
+    int64_t *recv_rows, *recv_first;  /* [P]: rows from rank s, and where they land in the [s][j] buffer */
+    int32_t *recv_counts;             /* [P*El]: rows rank s routed to local expert j (host) */
+    Tensor *order;                    /* i32 [M,1]: row of the received [s][j] buffer -> row of the [j][s]
+                                         (dispatched) order; NULL when they coincide (P = 1 or El = 1) */
+    Tensor *offsets;                  /* i32 [El+1]: local expert segments of the dispatched rows */
+} EpDispatch;
+/* Not differentiable: exchanges the per-expert row counts of plan (over all E experts) with the group and
+ * builds the dispatch (in the engine's host arena, valid until engine_reset). A collective. */
+EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const struct DistGroup *g);
+/* xs [N*k, C] (grouped by global expert) -> [M, C]: every rank's rows for this rank's experts, grouped
+ * by local expert (segments d->offsets), within an expert by source rank. A collective. */
+Tensor *op_ep_dispatch(Engine *e, Tensor *xs, const EpDispatch *d);
+/* the inverse: yr [M, C'] (the local experts' outputs) -> [N*k, C'] in xs's order. A collective. */
+Tensor *op_ep_return(Engine *e, Tensor *yr, const EpDispatch *d);
+/* The pure layout arithmetic behind the plan. Send: the rows for rank r are the segments of its experts,
+ * offsets [E+1] -> send_rows/send_first [P]. Receive: from recv_counts [P][El], recv_rows/recv_first [P]
+ * and local_offsets [El+1]; returns M. Order: order [M] as in EpDispatch.order. */
+void ep_send_layout(const int32_t *offsets, int P, int El, int64_t *send_rows, int64_t *send_first);
+int64_t ep_recv_layout(const int32_t *recv_counts, int P, int El, int64_t *recv_rows, int64_t *recv_first,
+                       int32_t *local_offsets);
+void ep_recv_order(const int32_t *recv_counts, int P, int El, const int32_t *local_offsets, int32_t *order);
+
 #endif

@@ -92,6 +92,8 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
         host.data = xmalloc(tensor_bytes(t));
         Rng rng;
         rng_seed(&rng, seed ^ fnv1a(t->name));
+        /* skip the elements before the slice: two draws per normal value (rng_normal) */
+        for (int64_t j = 0; p->init == INIT_NORMAL && j < 2 * p->init_first; j++) rng_next(&rng);
         for (int64_t j = 0; j < t->numel; j++) {
             double v = p->init == INIT_ONES ? 1.0 : p->init == INIT_ZEROS ? 0.0 : p->init_std * rng_normal(&rng);
             tensor_set(&host, j, v);
@@ -126,6 +128,17 @@ static void *regrow(const KernelBackend *be, void *old, int64_t keep, int64_t ca
     return p;
 }
 
+/* Every parameter's value, gradient and shadow pointers from its offset (after the buffers moved). */
+static void repoint(ParamStore *ps) {
+    size_t es = dtype_size(ps->dtype);
+    for (int i = 0; i < ps->n; i++) {
+        Param *p = &ps->p[i];
+        p->t->data = (char *)ps->data + (size_t)p->offset * es;
+        p->t->grad->data = (char *)ps->grad + (size_t)p->offset * es;
+        if (ps->shadow) p->t->shadow = (char *)ps->shadow + (size_t)p->offset * dtype_size(DT_BF16);
+    }
+}
+
 void params_reserve(ParamStore *ps, int64_t capacity) {
     if (!ps->allocated) fatal("params_reserve: the store is not allocated yet");
     if (capacity <= ps->capacity) return;
@@ -134,12 +147,35 @@ void params_reserve(ParamStore *ps, int64_t capacity) {
     ps->grad = regrow(ps->be, ps->grad, ps->numel, capacity, es);
     if (ps->shadow) ps->shadow = regrow(ps->be, ps->shadow, ps->numel, capacity, dtype_size(DT_BF16));
     ps->capacity = capacity;
-    for (int i = 0; i < ps->n; i++) {
-        Param *p = &ps->p[i];
-        p->t->data = (char *)ps->data + (size_t)p->offset * es;
-        p->t->grad->data = (char *)ps->grad + (size_t)p->offset * es;
-        if (ps->shadow) p->t->shadow = (char *)ps->shadow + (size_t)p->offset * dtype_size(DT_BF16);
-    }
+    repoint(ps);
+}
+
+/* `old` (numel elements of size es) with the elements from `at` on moved up by delta, the gap zero. */
+static void *open_gap(const KernelBackend *be, void *old, int64_t at, int64_t delta, int64_t numel, int64_t capacity,
+                      size_t es) {
+    char *p = be->alloc((size_t)capacity * es);
+    be->zero(p, (size_t)capacity * es);
+    be->copy(p, old, (size_t)at * es);
+    be->copy(p + (size_t)(at + delta) * es, (const char *)old + (size_t)at * es, (size_t)(numel - at) * es);
+    be->free(old);
+    return p;
+}
+
+void params_move_from(ParamStore *ps, int first, int64_t offset) {
+    if (!ps->allocated) fatal("params_move_from: the store is not allocated yet");
+    if (first >= ps->n) return;
+    const int64_t at = ps->p[first].offset, delta = offset - at;
+    if (delta < 0) fatal("params_move_from: parameters can only move up (%lld -> %lld)", (long long)at, (long long)offset);
+    if (delta == 0) return;
+    size_t es = dtype_size(ps->dtype);
+    int64_t capacity = ps->capacity + delta;
+    ps->data = open_gap(ps->be, ps->data, at, delta, ps->numel, capacity, es);
+    ps->grad = open_gap(ps->be, ps->grad, at, delta, ps->numel, capacity, es);
+    if (ps->shadow) ps->shadow = open_gap(ps->be, ps->shadow, at, delta, ps->numel, capacity, dtype_size(DT_BF16));
+    for (int i = first; i < ps->n; i++) ps->p[i].offset += delta;
+    ps->numel += delta;
+    ps->capacity = capacity;
+    repoint(ps);
 }
 
 int params_set_trainable(ParamStore *ps, const char *substring, bool trainable) {

@@ -15,6 +15,9 @@ typedef struct Param {
     bool decay;      /* AdamW weight decay applies (off for norms and embeddings by default) */
     float lr_scale;  /* multiplies the scheduled LR (e.g. a separate backbone LR) */
     int64_t offset;  /* element offset in the store's buffers */
+    int64_t init_first; /* INIT_NORMAL: the values are elements [init_first, init_first + numel) of the
+                           name's random stream (0 after params_add): a slice of a larger tensor, e.g.
+                           an expert-parallel rank's experts, gets the values the whole tensor has there */
 } Param;
 
 typedef struct ParamStore {
@@ -45,6 +48,11 @@ void params_zero_grad(ParamStore *ps);
  * equal contiguous shards (ZeRO-1, train/trainer.c). The tail is zero and stays so. No-op when the
  * buffers are that large already. */
 void params_reserve(ParamStore *ps, int64_t capacity);
+/* Move the parameters p[first..n) up so that p[first] starts at element `offset` (>= where it starts),
+ * keeping their layout; values, gradients and shadow move along and the gap is zero (no parameter's).
+ * ZeRO-1 over two groups (train/trainer.c) pads the store's first region, the parameters before `first`,
+ * to a multiple of its ranks this way. numel and capacity grow by the gap. */
+void params_move_from(ParamStore *ps, int first, int64_t offset);
 /* Refresh the BF16 shadow copy of every parameter from the F32 master weights (one cast over the
  * whole store; a no-op when the store has no shadow, i.e. on the CPU). params_allocate and the CUDA
  * AdamW (which writes the shadow of each parameter it updates) keep it current by themselves; any

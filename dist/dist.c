@@ -153,6 +153,7 @@ void dist_single(Dist *d) {
     group_single(&d->dp_group, "dp", d);
     group_single(&d->ep_group, "ep", d);
     group_single(&d->cp_group, "cp", d);
+    group_single(&d->dp_cp_group, "dp*cp", d);
 }
 
 void dist_init(Dist *d, int *argc, char ***argv) {
@@ -218,18 +219,28 @@ void dist_setup(Dist *d, int dp, int ep, int cp, double timeout_s, Device device
         split(d, &d->dp_group, "dp", ep_i * cp + cp_i, dp_i);
         split(d, &d->ep_group, "ep", dp_i * cp + cp_i, ep_i);
         split(d, &d->cp_group, "cp", dp_i * ep + ep_i, cp_i);
+        if (dp > 1 && cp > 1) split(d, &d->dp_cp_group, "dp*cp", ep_i, dp_i * cp + cp_i);
     }
     /* one rank keeps the CUDA backend's own device choice and needs no communicator */
     if (device == DEV_CUDA && d->size > 1) dist_nccl_setup(d, where);
+    if (!(dp > 1 && cp > 1)) { /* dp * cp ranks are the dp or the cp group: share its communicators */
+        d->dp_cp_group = cp > 1 ? d->cp_group : d->dp_group;
+        d->dp_cp_group.name = "dp*cp";
+    }
     d->setup = true;
+}
+
+bool dist_group_is_alias(const Dist *d, const DistGroup *g) {
+    return g == &d->dp_cp_group && !(d->dp > 1 && d->cp > 1);
 }
 
 void dist_finalize(Dist *d) {
     if (d->device == DEV_CUDA && d->setup) dist_nccl_teardown(d);
     if (d->mpi) {
-        DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group};
-        for (int i = 0; i < 3; i++)
-            if (groups[i]->comm != MPI_COMM_NULL && groups[i]->comm != MPI_COMM_WORLD) MPI_Comm_free(&groups[i]->comm);
+        DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group, &d->dp_cp_group};
+        for (int i = 0; i < 4; i++)
+            if (groups[i]->comm != MPI_COMM_NULL && groups[i]->comm != MPI_COMM_WORLD && !dist_group_is_alias(d, groups[i]))
+                MPI_Comm_free(&groups[i]->comm);
         fatal_set_hook(NULL, NULL, NULL);
         MPI_Finalize();
     }

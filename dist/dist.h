@@ -9,11 +9,12 @@
  * so the ranks of a context-parallel group (the most traffic, every layer) are neighbours, on one node
  * whenever cp divides the GPUs per node, and the data-parallel group (one reduce-scatter and one
  * all-gather per step) spans the nodes. The dp group of a rank holds the ranks with its ep and cp
- * indices, and likewise for ep and cp.
+ * indices, and likewise for ep and cp; the dp_cp group holds the ranks with its ep index.
  *
  * Collectives take a device: DEV_CPU buffers go through MPI, DEV_CUDA buffers through the group's NCCL
  * communicator (CUDA builds; made for every group of more than one rank but the world, whose
- * collectives are host-only). None of them can wait forever: each waits at most Dist.timeout_s for
+ * collectives are host-only unless dist.ep > 1: expert parallelism reduces the parameters every rank
+ * holds over the world). None of them can wait forever: each waits at most Dist.timeout_s for
  * the other ranks, then ends the job with a message that names the collective and the group (a rank
  * that failed has already ended it with its own message; this catches a rank that hangs).
  *
@@ -53,6 +54,10 @@ typedef struct Dist {
     int local_rank, local_size; /* among the ranks on this node (one device per local rank) */
     int dp, ep, cp;           /* group sizes, dp * ep * cp = size (after dist_setup) */
     DistGroup world, dp_group, ep_group, cp_group;
+    /* the dp * cp ranks that share this rank's ep index: they hold the same copy of every parameter
+     * (context parallelism splits tokens, not weights), so ZeRO-1 shards the optimizer and sums the
+     * gradients over them. The dp or cp group itself when the other has one rank (no extra communicator). */
+    DistGroup dp_cp_group;
     double timeout_s;         /* the longest a collective waits for the other ranks (0 = forever) */
     Device device;            /* where the training tensors live (dist_setup) */
     int cuda_device;          /* the GPU of this rank (CUDA), -1 otherwise */

@@ -14,6 +14,10 @@ typedef struct DistWait {
     long polls;
 } DistWait;
 
+/* Is g the dp_cp group standing in for the dp or cp group (sharing its communicators, which must be
+ * freed once)? */
+bool dist_group_is_alias(const Dist *d, const DistGroup *g);
+
 void dist_wait_begin(DistWait *w, const DistGroup *g, const char *what);
 void dist_wait_poll(DistWait *w);
 

@@ -1,6 +1,7 @@
 /* The device side of dist (CUDA builds): one GPU per node-local rank, a CUDA stream for the
- * collectives, and an NCCL communicator per group of more than one rank (dp, ep, cp; world collectives
- * are host-only). Rank 0 of each group makes the ncclUniqueId and MPI broadcasts it.
+ * collectives, and an NCCL communicator per group of more than one rank (dp, ep, cp, dp*cp; the world's
+ * collectives are host-only but under expert parallelism, whose ZeRO-1 of the parameters every rank holds
+ * runs over it). Rank 0 of each group makes the ncclUniqueId and MPI broadcasts it.
  *
  * Timeouts: the communicators are nonblocking (ncclConfig_t.blocking = 0), so neither
  * ncclCommInitRank nor a collective ever blocks the host; the host polls ncclCommGetAsyncError and then
@@ -53,8 +54,8 @@ static ncclRedOp_t nccl_op(DistOp op) { return op == DIST_SUM ? ncclSum : op == 
 
 static ncclComm_t comm_of(const DistGroup *g, const char *what) {
     if (!g->nccl)
-        fatal("%s over the %s group on device memory: the group has no NCCL communicator (only dp, ep and cp groups of "
-              "more than one rank have one)",
+        fatal("%s over the %s group on device memory: the group has no NCCL communicator (only dp, ep, cp and dp*cp groups "
+              "of more than one rank have one)",
               what, g->name);
     return (ncclComm_t)g->nccl;
 }
@@ -113,21 +114,34 @@ void dist_nccl_setup(Dist *d, const char *where) {
     cudaStream_t s;
     CUDA_OK(cudaStreamCreate(&s));
     d->stream = s;
-    DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group};
-    for (int i = 0; i < 3; i++)
+    /* dp_cp_group is still of one rank here unless it is a group of its own (dist_setup aliases it after) */
+    DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group, &d->dp_cp_group};
+    for (int i = 0; i < 4; i++)
         if (groups[i]->size > 1) comm_init(groups[i]);
+    /* expert parallelism: ZeRO-1 of the parameters every rank holds (all but the routed experts) runs over
+     * the world, which is the ep group itself when dp = cp = 1 */
+    if (d->ep > 1) {
+        if (d->world.size == d->ep) d->world.nccl = d->ep_group.nccl;
+        else comm_init(&d->world);
+    }
 }
 
 void dist_nccl_teardown(Dist *d) {
-    DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group};
-    for (int i = 0; i < 3; i++) {
+    DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group, &d->dp_cp_group};
+    for (int i = 0; i < 4; i++) {
         DistGroup *g = groups[i];
-        if (!g->nccl) continue;
+        if (!g->nccl || dist_group_is_alias(d, g)) continue;
         ncclComm_t comm = g->nccl;
         nccl_wait(g, comm, ncclCommFinalize(comm), "ncclCommFinalize", false);
         ncclCommDestroy(comm);
         g->nccl = NULL;
     }
+    if (d->world.nccl && d->world.size != d->ep) {
+        ncclComm_t comm = d->world.nccl;
+        nccl_wait(&d->world, comm, ncclCommFinalize(comm), "ncclCommFinalize", false);
+        ncclCommDestroy(comm);
+    }
+    d->world.nccl = NULL;
     if (d->stream) cudaStreamDestroy((cudaStream_t)d->stream);
     d->stream = NULL;
 }

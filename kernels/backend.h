@@ -186,6 +186,11 @@ typedef struct KernelBackend {
      * is BF16 on CUDA); backward db [C] += sum over rows of dy (dx is the op's plain axpy) */
     void (*bias_add_forward)(Tensor *y, const Tensor *x, const Tensor *b);
     void (*bias_add_backward)(Tensor *db, const Tensor *dy);
+
+    /* block transpose for the context-parallel exchanges (autograd/op_cp.c): src seen as [a, b, inner]
+     * becomes dst [b, a, inner], dst[j, i, :] = src[i, j, :], inner = numel / (a * b) elements moved
+     * whole (any dtype: a pure copy, so BF16 stays bit-exact); src and dst must not overlap */
+    void (*transpose01)(Tensor *dst, const Tensor *src, int64_t a, int64_t b);
 } KernelBackend;
 
 /* Entry groups a backend may lack (NULL entries; both backends have them all today, a new backend

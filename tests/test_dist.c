@@ -445,8 +445,9 @@ TEST(rank_counts_that_do_not_fit_are_refused) {
            "dp 3 on 2 ranks: %s", o.err);
     o = train(tc, 0, NULL, "--set dist.dp=2", "");
     EXPECT(o.status == 1 && strstr(o.err, "but the job has 1 rank"), "dp 2 without mpirun: %s", o.err);
-    o = train(tc, 2, NULL, "--set dist.ep=2", "");
-    EXPECT(o.status != 0 && strstr(o.err, "expert parallelism is not implemented yet"), "ep 2: %s", o.err);
+    o = train(tc, 2, NULL, "--set dist.ep=2 --set train.batch_size=5", "");
+    EXPECT(o.status != 0 && strstr(o.err, "train.batch_size = 5 is not divisible by the dist.dp * dist.ep = 1 * 2"),
+           "batch 5 over ep 2: %s", o.err);
 }
 
 /* ---- the collectives themselves: this program under mpirun, in its --collectives mode ------------------ */
@@ -529,8 +530,16 @@ static int collectives_main(int argc, char **argv) {
     dist_all_gather(&d.dp_group, &w, members, 1, DIST_I32, DEV_CPU);
     for (int r = 0; r < d.dp; r++) CHECK(members[r] == (r * d.ep + ep_i) * d.cp + cp_i, "dp group member %d", r);
     free(members);
-    const DistGroup *groups[] = {&d.world, &d.dp_group, &d.ep_group, &d.cp_group};
-    for (int i = 0; i < 4; i++) check_group_collectives(groups[i], d.rank);
+    /* the dp*cp group: the ranks that share this rank's ep index, in the order (dp index, cp index) */
+    CHECK(d.dp_cp_group.size == d.dp * d.cp && d.dp_cp_group.rank == dp_i * d.cp + cp_i, "dp*cp group: rank %d of %d",
+          d.dp_cp_group.rank, d.dp_cp_group.size);
+    members = xmalloc((size_t)d.dp * d.cp * sizeof(int32_t));
+    dist_all_gather(&d.dp_cp_group, &w, members, 1, DIST_I32, DEV_CPU);
+    for (int r = 0; r < d.dp * d.cp; r++)
+        CHECK(members[r] == ((r / d.cp) * d.ep + ep_i) * d.cp + r % d.cp, "dp*cp group member %d", r);
+    free(members);
+    const DistGroup *groups[] = {&d.world, &d.dp_group, &d.ep_group, &d.cp_group, &d.dp_cp_group};
+    for (int i = 0; i < 5; i++) check_group_collectives(groups[i], d.rank);
     printf("rank %d: collectives ok (dp %d of %d, ep %d of %d, cp %d of %d)\n", d.rank, dp_i, d.dp, ep_i, d.ep, cp_i,
            d.cp);
     dist_finalize(&d);

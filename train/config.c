@@ -113,7 +113,7 @@ static const KeyDef KEYS[] = {
     NUM(optim, backbone_lr_scale, 1.0, 0, FMAX, "LR multiplier of every non-index parameter after the dense warm-up; 0 = backbone frozen"),
 
     NUM(train, steps, 1000, 1, IMAX, "optimizer steps"),
-    NUM(train, batch_size, 16, 1, IMAX, "sequences per micro-batch, over all data-parallel ranks (each takes batch_size / dist.dp of them)"),
+    NUM(train, batch_size, 16, 1, IMAX, "sequences per micro-batch, over all data-parallel ranks (each takes batch_size / (dist.dp * dist.ep) of them)"),
     NUM(train, seq_len, 128, 1, IMAX, "tokens per sequence"),
     NUM(train, grad_accum, 1, 1, IMAX, "micro-batches per optimizer step"),
     NUM(train, eval_every, 100, 0, IMAX, "steps between validation passes; 0 = only at the end"),
@@ -136,8 +136,8 @@ static const KeyDef KEYS[] = {
     STR(data, train_mix, "", "several training files, each window from one picked by weight: \"a.h5:0.7,b.h5:0.3\"; \"\" = train_path alone"),
 
     NUM(dist, dp, 0, 0, 1 << 20, "data-parallel ranks (ZeRO-1: optimizer state sharded over them); 0 = every rank that ep and cp leave; dp * ep * cp = ranks of mpirun -np"),
-    NUM(dist, ep, 1, 1, 1 << 20, "expert-parallel ranks (MoE experts sharded over them); not implemented yet, so 1"),
-    NUM(dist, cp, 1, 1, 1 << 20, "context-parallel ranks (each sequence split over them); not implemented yet, so 1"),
+    NUM(dist, ep, 1, 1, 1 << 20, "expert-parallel ranks: each holds num_experts / ep of the routed experts (must divide moe.num_experts) and takes its own sequences; tokens reach their experts by all-to-all"),
+    NUM(dist, cp, 1, 1, 1 << 20, "context-parallel ranks: each micro-batch's tokens split over them, attention head-parallel (must divide n_kv_heads)"),
     NUM(dist, timeout, 1800, 0, FMAX, "seconds a collective waits for the other ranks before the job ends with a message (a rank failed or hangs); 0 = forever"),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
@@ -616,6 +616,10 @@ void config_validate(const RunConfig *c) {
             fatal("%s: moe.experts_per_token = %d must be <= moe.num_experts = %d", src, c->moe.experts_per_token,
                   c->moe.num_experts);
         moe_validate_config(&c->moe);
+        if (c->moe.num_experts % c->dist.ep)
+            fatal("%s: moe.num_experts = %d does not divide over dist.ep = %d expert-parallel ranks (each rank holds "
+                  "num_experts / ep of them): choose an ep that divides it",
+                  src, c->moe.num_experts, c->dist.ep);
     }
 }
 

@@ -75,7 +75,7 @@ static int train_main(int argc, char **argv, Dist *dist) {
     if (resume) run.cfg.train.resume = true;
     run_init(&run);
     run_train(&run);
-    if (!run.stopped && dist->rank == 0) run_sample(&run);
+    if (!run.stopped) run_sample(&run); /* rank 0's (and its expert-parallel peers') */
     run_free(&run);
     return 0;
 }

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../autograd/ops.h"
+#include "../dist/dist.h"
 #include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 
@@ -19,6 +20,11 @@ static Tensor *param(Model *m, const char *fmt, int layer, int ndim, const int64
 }
 
 void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed) {
+    model_build_ep(m, cfg, be, param_dtype, seed, NULL);
+}
+
+void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed,
+                    const struct DistGroup *ep) {
     memset(m, 0, sizeof(*m));
     m->cfg = cfg->model;
     m->msa_cfg = cfg->msa;
@@ -64,7 +70,7 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
         L->moe = config_layer_is_moe(cfg, l);
         if (L->moe) {
             m->n_moe_layers++;
-            moe_declare_params(&m->params, l, c, &cfg->moe, &L->moe_p);
+            moe_declare_router_params(&m->params, l, c, &cfg->moe, &L->moe_p);
             moe_stats_init(&L->moe_stats, cfg->moe.num_experts);
         } else {
             L->w_gate = param(m, "layers.%d.ffn.w_gate", l, SHAPE(F, C), INIT_NORMAL, std, true);
@@ -74,6 +80,12 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
     }
     m->final_norm = params_add(&m->params, "final_norm", SHAPE(C), INIT_ONES, 0, false);
     m->lm_head = c->tie_embeddings ? m->wte : params_add(&m->params, "lm_head", SHAPE(V, C), INIT_NORMAL, std, true);
+    /* the routed experts last: one contiguous region of the store, which expert parallelism reduces
+     * over other ranks than the rest (and whose contents differ between the ranks of an ep group) */
+    m->ep = ep && ep->size > 1 ? ep : NULL;
+    m->first_expert_param = m->params.n;
+    for (int l = 0; l < c->n_layers; l++)
+        if (m->layers[l].moe) moe_declare_expert_params(&m->params, c, &cfg->moe, &m->layers[l].moe_p, m->ep);
     params_allocate(&m->params, seed);
 
     m->msa = (MsaParams){
@@ -126,6 +138,52 @@ ModelInput model_upload(Engine *e, const Batch *b) {
     return in;
 }
 
+/* ---- context parallelism ---------------------------------------------------------------------- */
+
+static bool cp_on(const Model *m) { return m->cp && m->cp->size > 1; }
+
+void model_cp_range(const Model *m, int64_t N, int64_t *begin, int64_t *end) {
+    if (!cp_on(m)) {
+        *begin = 0, *end = N;
+        return;
+    }
+    const int64_t P = m->cp->size;
+    if (N % P)
+        fatal("context parallelism: a micro-batch of %lld tokens does not split over dist.cp = %lld ranks (each takes "
+              "an equal share of the batch_size / dp * seq_len tokens)",
+              (long long)N, (long long)P);
+    *begin = m->cp->rank * (N / P);
+    *end = *begin + N / P;
+}
+
+/* Rows [begin, begin + n) of an i32 input tensor: a header in the host arena over the same data. */
+static Tensor *input_rows(Engine *e, const Tensor *t, int64_t begin, int64_t n) {
+    Tensor *v = arena_alloc(&e->host, sizeof(Tensor));
+    *v = *t;
+    v->shape[0] = n;
+    v->numel = n;
+    v->data = (char *)t->data + (size_t)begin * dtype_size(t->dtype);
+    v->grad = NULL;
+    v->requires_grad = false;
+    return v;
+}
+
+/* The input this rank's layers see: its share of the tokens, positions and targets (the positions are
+ * per token, so RoPE before the exchange is the single-process RoPE), the whole micro-batch's
+ * cu_seqlens (attention runs on all tokens after the exchange), and the dropout offset moved to its
+ * first token so that every token draws the single-process mask. */
+static ModelInput local_input(const Model *m, Engine *e, const ModelInput *in) {
+    ModelInput loc = *in;
+    if (!cp_on(m)) return loc;
+    int64_t begin, end;
+    model_cp_range(m, in->tokens->numel, &begin, &end);
+    loc.tokens = input_rows(e, in->tokens, begin, end - begin);
+    loc.positions = input_rows(e, in->positions, begin, end - begin);
+    if (in->targets) loc.targets = input_rows(e, in->targets, begin, end - begin);
+    loc.row_offset = in->row_offset + begin;
+    return loc;
+}
+
 /* What a checkpointed block needs besides its input: lives in the host arena for the micro-step. */
 typedef struct BlockClosure {
     Model *m;
@@ -147,6 +205,14 @@ static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Ten
     qi = op_rope(e, op_rmsnorm(e, qi, L->iq_norm, eps, true), in->positions, m->index_rotary_dim, m->cfg.rope_theta);
     ki = op_rope(e, op_rmsnorm(e, ki, L->ik_norm, eps, true), in->positions, m->index_rotary_dim, m->cfg.rope_theta);
     ki = engine_view(e, ki, SHAPE(N, Di));
+    if (cp_on(m)) {
+        /* context parallel (q, k, v arrive head-split): the index heads of this rank's GQA groups over all
+         * tokens, and the one index key that every group scores against, gathered whole */
+        qi = op_cp_seq_to_heads(e, qi, m->cp);
+        ki = op_cp_all_gather(e, ki, m->cp);
+        N = qi->shape[0];
+        Hkv = qi->shape[1];
+    }
 
     Tensor *topk = NULL, *plan = NULL, *lse = NULL, *out;
     if (m->msa_dense) {
@@ -207,8 +273,14 @@ static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor *
     }
     q = op_rope(e, q, bc->in.positions, m->rotary_dim, c->rope_theta);
     k = op_rope(e, k, bc->in.positions, m->rotary_dim, c->rope_theta);
+    if (cp_on(m)) { /* this rank's tokens, every head -> every token, this rank's heads (GQA groups whole) */
+        q = op_cp_seq_to_heads(e, q, m->cp);
+        k = op_cp_seq_to_heads(e, k, m->cp);
+        v = op_cp_seq_to_heads(e, v, m->cp);
+    }
     Tensor *att = L->msa ? msa_attention(e, m, L, h, q, k, v, &bc->in, aux)
                          : op_attention(e, q, k, v, bc->in.cu_seqlens, m->msa.scale, NULL);
+    if (cp_on(m)) att = op_cp_heads_to_seq(e, att, m->cp);
     Tensor *att_out = op_linear(e, engine_view(e, att, SHAPE(N, Hq * D)), L->wo);
     x = op_add(e, x, model_dropout(e, m, &bc->in, att_out, bc->layer, 1));
 
@@ -239,7 +311,8 @@ void model_moe_step(Model *m, MoeSummary *summary, bool update_bias) {
     if (summary) *summary = s;
 }
 
-Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
+/* The logits of the rows of `in` (already this rank's share under context parallelism). */
+static Tensor *logits_of(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
     Tensor *x = model_dropout(e, m, in, op_embedding(e, m->wte, in->tokens), -1, 0);
     Tensor *aux_total = NULL;
     for (int l = 0; l < m->cfg.n_layers; l++) {
@@ -254,11 +327,17 @@ Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, 
     return op_linear(e, x, m->lm_head);
 }
 
+Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
+    ModelInput loc = local_input(m, e, in);
+    return logits_of(m, e, &loc, recompute, aux_out);
+}
+
 ModelLosses model_forward(Model *m, Engine *e, const ModelInput *in, bool recompute) {
     if (!in->targets) fatal("model_forward: the batch has no targets");
     ModelLosses L = {0};
-    Tensor *logits = model_logits(m, e, in, recompute, &L.aux);
-    L.lm = op_cross_entropy(e, logits, in->targets, IGNORE_INDEX);
+    ModelInput loc = local_input(m, e, in);
+    Tensor *logits = logits_of(m, e, &loc, recompute, &L.aux);
+    L.lm = op_cross_entropy(e, logits, loc.targets, IGNORE_INDEX);
     L.total = L.aux ? op_add(e, L.lm, L.aux) : L.lm;
     return L;
 }

@@ -44,6 +44,18 @@ typedef struct Model {
     bool msa_dense;                     /* dense warm-up phase: every visible block selected */
     bool collect_metrics;               /* compute KL/recall statistics during forward (eval) */
     MsaMetrics metrics;
+    /* Context parallelism (dist.cp; NULL or a group of one rank: none). The group's ranks share each
+     * micro-batch: every op but attention runs on this rank's contiguous 1/cp of its N tokens
+     * (model_cp_range), and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
+     * around it (autograd/op_cp.c); MSA layers gather the shared index key. The ModelInput stays the
+     * whole micro-batch; the logits, the LM loss and the MSA KL and metrics then cover this rank's
+     * share only (its tokens; its GQA groups), and the trainer recombines them over the group. */
+    const struct DistGroup *cp;
+    /* Expert parallelism (dist.ep; NULL: none): the MoE layers' routed experts are split over this group
+     * (train/moe.h), the rest of the model is the same on its ranks. The routed experts' tensors are the
+     * store's last ones, params.p[first_expert_param .. params.n) (none without MoE layers). */
+    const struct DistGroup *ep;
+    int first_expert_param;
 } Model;
 
 /* Device tensors of one micro-batch. */
@@ -64,6 +76,10 @@ typedef struct ModelLosses {
 
 /* Declare and initialise the parameters (fp32 master weights, F64 for gradient checks). */
 void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed);
+/* The same for one rank of the expert-parallel group ep (NULL or one rank: model_build): this rank's
+ * routed experts only, initialised as the single process's rows of them. */
+void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed,
+                    const struct DistGroup *ep);
 void model_free(Model *m);
 
 /* After each optimizer step (update_bias = true): apply the MoE selection-bias update from the step's
@@ -81,9 +97,13 @@ bool model_is_index_param(const Tensor *p);
  * non-index parameter multiplied by backbone_lr_scale (0 = backbone frozen). */
 void model_set_trainable(Model *m, bool index_only, float backbone_lr_scale);
 
+/* This rank's tokens [*begin, *end) of a micro-batch of N tokens under context parallelism (all of them
+ * without); stops with a message when N does not divide by the group's size. */
+void model_cp_range(const Model *m, int64_t N, int64_t *begin, int64_t *end);
+
 /* Upload a host batch as device tensors in the engine's arena. */
 ModelInput model_upload(Engine *e, const Batch *b);
-/* Final-norm hidden states -> logits [N, V] */
+/* Final-norm hidden states -> logits [N, V] (context parallel: this rank's rows of them) */
 Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out);
 /* Full forward with losses (targets required). */
 ModelLosses model_forward(Model *m, Engine *e, const ModelInput *in, bool recompute);

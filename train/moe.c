@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "../autograd/ops.h"
+#include "../dist/dist.h"
 #include "../kernels/util.h"
 
 void moe_stats_init(MoeStats *s, int num_experts) {
@@ -68,23 +69,19 @@ static Tensor *add_param(ParamStore *ps, const char *name, int ndim, const int64
     return params_add(ps, name, ndim, shape, INIT_NORMAL, std, true);
 }
 
-void moe_declare_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p) {
+void moe_declare_router_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c,
+                               MoeLayerParams *p) {
     moe_validate_config(c);
     memset(p, 0, sizeof(*p));
-    int64_t E = c->num_experts, C = mc->d_model, F = c->expert_dim;
+    int64_t E = c->num_experts, C = mc->d_model;
     int64_t Fs = c->shared_expert_dim ? c->shared_expert_dim : c->expert_dim;
     float std = mc->init_std, out_std = mc->init_std / sqrtf(2.0f * (float)mc->n_layers);
     char name[128];
     p->layer = layer;
     p->num_experts = c->num_experts;
+    p->num_local_experts = c->num_experts;
     snprintf(name, sizeof name, "layers.%d.moe.router", layer);
     p->w_router = add_param(ps, name, SHAPE(E, C), std);
-    snprintf(name, sizeof name, "layers.%d.moe.w_gate", layer);
-    p->w_gate = add_param(ps, name, SHAPE(E, F, C), std);
-    snprintf(name, sizeof name, "layers.%d.moe.w_up", layer);
-    p->w_up = add_param(ps, name, SHAPE(E, F, C), std);
-    snprintf(name, sizeof name, "layers.%d.moe.w_down", layer);
-    p->w_down = add_param(ps, name, SHAPE(E, C, F), out_std);
     p->n_shared = c->shared_experts;
     for (int i = 0; i < p->n_shared; i++) {
         snprintf(name, sizeof name, "layers.%d.moe.shared.%d.w_gate", layer, i);
@@ -95,6 +92,45 @@ void moe_declare_params(ParamStore *ps, int layer, const ModelConfig *mc, const 
         p->shared_down[i] = add_param(ps, name, SHAPE(C, Fs), out_std);
     }
     p->bias = xcalloc((size_t)E, sizeof(float));
+}
+
+/* One stacked expert tensor [El, d1, d2] of this rank: rows [first, first + El) of the full [E, d1, d2]. */
+static Tensor *add_expert_param(ParamStore *ps, const char *name, const MoeLayerParams *p, int64_t d1, int64_t d2,
+                                float std) {
+    Tensor *t = add_param(ps, name, SHAPE(p->num_local_experts, d1, d2), std);
+    params_find(ps, name)->init_first = (int64_t)p->first_expert * d1 * d2;
+    return t;
+}
+
+void moe_declare_expert_params(ParamStore *ps, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p,
+                               const DistGroup *ep) {
+    int64_t C = mc->d_model, F = c->expert_dim;
+    float std = mc->init_std, out_std = mc->init_std / sqrtf(2.0f * (float)mc->n_layers);
+    int P = ep ? ep->size : 1;
+    if (c->num_experts % P)
+        fatal("moe.num_experts = %d does not divide over dist.ep = %d expert-parallel ranks (each rank holds "
+              "num_experts / ep of them): choose an ep that divides it",
+              c->num_experts, P);
+    p->ep = P > 1 ? ep : NULL;
+    p->num_local_experts = c->num_experts / P;
+    p->first_expert = (P > 1 ? ep->rank : 0) * p->num_local_experts;
+    char name[128];
+    snprintf(name, sizeof name, "layers.%d.moe.w_gate", p->layer);
+    p->w_gate = add_expert_param(ps, name, p, F, C, std);
+    snprintf(name, sizeof name, "layers.%d.moe.w_up", p->layer);
+    p->w_up = add_expert_param(ps, name, p, F, C, std);
+    snprintf(name, sizeof name, "layers.%d.moe.w_down", p->layer);
+    p->w_down = add_expert_param(ps, name, p, C, F, out_std);
+}
+
+void moe_declare_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p) {
+    moe_declare_router_params(ps, layer, mc, c, p);
+    moe_declare_expert_params(ps, mc, c, p, NULL);
+}
+
+bool moe_is_expert_param(const Tensor *t) {
+    const char *s = strstr(t->name, ".moe.w_");
+    return s && (!strcmp(s, ".moe.w_gate") || !strcmp(s, ".moe.w_up") || !strcmp(s, ".moe.w_down"));
 }
 
 void moe_free_params(MoeLayerParams *p) {
@@ -114,6 +150,13 @@ static void record_stats(Engine *e, MoeStats *s, const MoePlan *plan, Tensor *au
     if (aux_loss) s->aux_loss_sum += tensor_item(e, aux_loss);
     if (z_loss) s->z_loss_sum += tensor_item(e, z_loss);
     s->forwards++;
+}
+
+/* The SwiGLU experts of this rank over rows grouped by its experts (segments offsets [El+1]). */
+static Tensor *routed_experts(Engine *e, const MoeLayerParams *p, Tensor *xs, Tensor *offsets) {
+    Tensor *g = op_grouped_linear(e, xs, p->w_gate, offsets);
+    Tensor *u = op_grouped_linear(e, xs, p->w_up, offsets);
+    return op_grouped_linear(e, op_swiglu(e, g, u), p->w_down, offsets);
 }
 
 Tensor *moe_forward_routed(Engine *e, MoeLayerParams *p, const MoeConfig *c, Tensor *x, Tensor *idx, MoeStats *stats,
@@ -141,11 +184,15 @@ Tensor *moe_forward_routed(Engine *e, MoeLayerParams *p, const MoeConfig *c, Ten
     MoePlan plan = op_moe_plan(e, idx, E);
     Tensor *w = op_moe_combine_weights(e, scores, idx, c->renormalize, c->routing_scale);
 
-    /* routed experts over the expert-grouped rows */
-    Tensor *xs = op_moe_permute(e, x, &plan);
-    Tensor *g = op_grouped_linear(e, xs, p->w_gate, plan.offsets);
-    Tensor *u = op_grouped_linear(e, xs, p->w_up, plan.offsets);
-    Tensor *ys = op_grouped_linear(e, op_swiglu(e, g, u), p->w_down, plan.offsets);
+    /* routed experts over the expert-grouped rows; with expert parallelism the rows go to the ranks
+     * that hold their experts and the outputs come back (plan over all E experts, GEMMs over ours) */
+    Tensor *xs = op_moe_permute(e, x, &plan), *ys;
+    if (p->ep) {
+        EpDispatch *d = op_ep_dispatch_plan(e, &plan, p->ep);
+        ys = op_ep_return(e, routed_experts(e, p, op_ep_dispatch(e, xs, d), d->offsets), d);
+    } else {
+        ys = routed_experts(e, p, xs, plan.offsets);
+    }
     Tensor *out = op_moe_unpermute(e, ys, w, &plan);
 
     for (int i = 0; i < p->n_shared; i++) {

@@ -6,6 +6,9 @@
  *
  * Use from the model, per MoE layer l:
  *   build:     moe_declare_params(&ps, l, &cfg.model, &cfg.moe, &P[l]); moe_stats_init(&S[l], E);
+ *              (or moe_declare_router_params now and moe_declare_expert_params later: the model
+ *              declares every layer's routed experts last, so that they form one contiguous region of
+ *              the parameter store, the one expert parallelism reduces over other ranks)
  *   forward:   f = moe_forward(e, &P[l], &cfg.moe, ffn_norm_out, &S[l], &aux);   (aux may be NULL)
  *   per step:  after the optimizer step moe_update_bias(&P[l], &cfg.moe, &S[l]); log from S[l];
  *              then moe_stats_reset(&S[l]).
@@ -19,11 +22,21 @@
 
 #define MOE_MAX_SHARED 8
 
+struct DistGroup;
+
+/* Expert parallelism (dist.ep = P ranks in the layer's group `ep`): the ranks of the group route
+ * different tokens, and each holds El = E / P of the routed experts, rank r the experts
+ * [r*El, (r+1)*El) (first_expert, num_local_experts). The router, the shared experts and the bias
+ * cover all E experts and are the same on every rank. The routed experts' rows travel to their owners
+ * and back by all-to-all (autograd/op_ep.c); everything else is unchanged. Without it (ep NULL or of
+ * one rank) first_expert = 0 and num_local_experts = E. */
 typedef struct MoeLayerParams {
     int layer, num_experts;
+    const struct DistGroup *ep;       /* expert-parallel group, or NULL */
+    int first_expert, num_local_experts;
     Tensor *w_router;                 /* [E, C] */
-    Tensor *w_gate, *w_up;            /* [E, F, C] stacked experts */
-    Tensor *w_down;                   /* [E, C, F] */
+    Tensor *w_gate, *w_up;            /* [El, F, C] stacked experts: this rank's */
+    Tensor *w_down;                   /* [El, C, F] */
     int n_shared;
     Tensor *shared_gate[MOE_MAX_SHARED], *shared_up[MOE_MAX_SHARED]; /* [Fs, C] */
     Tensor *shared_down[MOE_MAX_SHARED];                             /* [C, Fs] */
@@ -64,11 +77,29 @@ void moe_validate_config(const MoeConfig *c);
  * std mc->init_std, down projections mc->init_std / sqrt(2 n_layers) like the dense model's output
  * projections. Allocates the host bias (free with moe_free_params). */
 void moe_declare_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p);
+/* The same in two parts (moe_declare_params = both, without expert parallelism): the router, shared
+ * experts and host bias first; the routed experts ".w_gate", ".w_up", ".w_down" later, those of this
+ * rank of the expert-parallel group ep (NULL: all E). A slice [El, ...] is initialised with exactly the
+ * values the full [E, ...] tensor has in those rows (params.h: init_first), so a fresh expert-parallel
+ * run starts from the single process's weights. Stops with a message when E does not divide by the
+ * group's size. */
+void moe_declare_router_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c,
+                               MoeLayerParams *p);
+void moe_declare_expert_params(ParamStore *ps, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p,
+                               const struct DistGroup *ep);
+/* Is this parameter one of the routed experts' weights (held per expert-parallel rank)? */
+bool moe_is_expert_param(const Tensor *t);
 void moe_free_params(MoeLayerParams *p);
 
 /* The MoE FFN output [N, C] for the normed input x [N, C] (any leading dims). *aux gets
  * aux_loss_weight * balance loss + z_loss_weight * z-loss as one scalar (stat dtype), or NULL when
- * both weights are 0. stats (NULL = none) accumulates load and the unweighted losses. */
+ * both weights are 0. stats (NULL = none) accumulates load and the unweighted losses.
+ * With expert parallelism this is a collective of the layer's ep group (every rank calls it, in the same
+ * order, with its own tokens). The balance loss stays that of this rank's tokens (f and P of its own
+ * N tokens, as a single process computes it for its micro-batch): the all-to-all already moves the rows,
+ * and a global f would add a blocking all-reduce to every MoE layer's forward for a term that is a
+ * regulariser, not the objective; the stats (loads) are this rank's and the trainer sums them over the
+ * ranks before the bias update. */
 Tensor *moe_forward(Engine *e, MoeLayerParams *p, const MoeConfig *c, Tensor *x, MoeStats *stats, Tensor **aux);
 /* The same with the selection given: idx i32 [N, k] (NULL = select from scores + bias as usual).
  * For tests that hold routing fixed while perturbing the router weights. */

@@ -99,8 +99,22 @@ static void prune_checkpoints(const Run *r) {
 
 /* ---- data parallel with ZeRO-1 ------------------------------------------------------------------ */
 
-static const DistGroup *dp_group(const Run *r) { return &r->dist->dp_group; }
+/* The ranks that hold the same parameters, data and context parallel (dp * cp; context parallelism
+ * splits tokens, not weights): ZeRO-1 shards the optimizer state over them and sums their gradients.
+ * With expert parallelism: the ranks that hold the same routed experts (init_optimizer). */
+static const DistGroup *zero_group(const Run *r) { return &r->dist->dp_cp_group; }
+/* Every rank computes a share of the global batch (dp and ep: rows, cp: the tokens of those rows), so the
+ * losses and statistics of a step are recombined over all of them. */
+static const DistGroup *batch_group(const Run *r) { return &r->dist->world; }
 static bool is_rank0(const Run *r) { return r->dist->rank == 0; }
+/* The dp * ep ranks of a cp index take different sequences (rows) of every micro-batch (expert-parallel
+ * ranks are data parallel for everything but the routed experts), in the order (dp index, ep index), so
+ * that their rows tile the single process's batch in order. */
+static int row_rank(const Run *r) { return r->dist->dp_group.rank * r->dist->ep + r->dist->ep_group.rank; }
+static AdamW *region_opt(Run *r, int i) { return i == 0 ? &r->opt : &r->opt_experts; }
+/* Rank 0 of its ZeRO regions' groups: rank 0, and with expert parallelism the other ranks of rank 0's ep
+ * group (dp and cp index 0), where the moments of their ep index's experts gather for a checkpoint. */
+static bool store_root(const Run *r) { return r->dist->dp_group.rank == 0 && r->dist->cp_group.rank == 0; }
 
 /* A whole-store optimizer in host memory (the CPU backend's), for rank 0 to write or read a checkpoint
  * of a sharded run: moments laid out as the store, padding included, so that the ranks' shards gather
@@ -110,20 +124,118 @@ static AdamW host_optimizer(const Run *r, float *m, float *v) {
     return (AdamW){.be = &cpu_backend, .m = m, .v = v, .numel = ps->numel, .begin = 0, .end = ps->numel, .t = r->opt.t};
 }
 
-/* The ranks' moment shards (device or host) into one host buffer of the whole store on rank 0. */
-static void gather_moment(const Run *r, const void *shard, float *full_on_rank0) {
-    float *host = xmalloc((size_t)r->shard * sizeof(float));
-    r->opt.be->copy_to_host(host, shard, (size_t)r->shard * sizeof(float));
-    dist_gather_host(dp_group(r), host, full_on_rank0, r->shard, DIST_F32, 0);
+/* The moment shards of region i (device or host) into one host buffer laid out as the store, on rank 0 of
+ * the region's group (full is NULL on the others). */
+static void gather_moment(Run *r, int i, const void *shard, float *full) {
+    const ZeroRegion *z = &r->zero[i];
+    float *host = xmalloc((size_t)z->shard * sizeof(float));
+    region_opt(r, i)->be->copy_to_host(host, shard, (size_t)z->shard * sizeof(float));
+    dist_gather_host(z->group, host, full ? full + z->begin : NULL, z->shard, DIST_F32, 0);
     free(host);
 }
 
-/* Inverse of gather_moment: each rank's shard of rank 0's whole-store host buffer into its moments. */
-static void scatter_moment(const Run *r, const float *full_on_rank0, void *shard) {
-    float *host = xmalloc((size_t)r->shard * sizeof(float));
-    dist_scatter_host(dp_group(r), full_on_rank0, host, r->shard, DIST_F32, 0);
-    r->opt.be->copy_from_host(shard, host, (size_t)r->shard * sizeof(float));
+/* Inverse of gather_moment: each rank's shard of region i of the root's whole-store host buffer. */
+static void scatter_moment(Run *r, int i, const float *full, void *shard) {
+    const ZeroRegion *z = &r->zero[i];
+    float *host = xmalloc((size_t)z->shard * sizeof(float));
+    dist_scatter_host(z->group, full ? full + z->begin : NULL, host, z->shard, DIST_F32, 0);
+    region_opt(r, i)->be->copy_from_host(shard, host, (size_t)z->shard * sizeof(float));
     free(host);
+}
+
+/* ---- expert parallelism: checkpoints hold every expert -------------------------------------------
+ * A checkpoint holds all E experts of every MoE layer, whatever dist.ep wrote it, so that it loads under
+ * any other. With dist.ep > 1 the ranks of rank 0's ep group (the store roots) hold every expert
+ * between them: rank 0 builds the whole model in host memory, in the single-process layout (the
+ * image), they gather their slices of each expert tensor into it (rank i's El experts are rows
+ * [i * El, (i + 1) * El), so the gather's rank order is the tensor's) or are scattered theirs from it,
+ * and rank 0 writes or reads the image with the ordinary checkpoint functions. The image costs rank 0
+ * host memory for the whole model and its moments, as the gathered moments of ZeRO-1 already do. */
+
+typedef struct Image {
+    Model model;  /* host, f32, every expert */
+    float *m, *v; /* its AdamW moments, laid out as its store (NULL: parameters only) */
+    AdamW opt;
+} Image;
+
+static void image_init(const Run *r, Image *im, bool moments) {
+    memset(im, 0, sizeof(*im));
+    model_build(&im->model, &r->cfg, &cpu_backend, DT_F32, r->cfg.train.seed);
+    const ParamStore *ps = &im->model.params;
+    if (moments) {
+        im->m = xcalloc((size_t)ps->numel, sizeof(float));
+        im->v = xcalloc((size_t)ps->numel, sizeof(float));
+    }
+    im->opt = (AdamW){.be = &cpu_backend, .m = im->m, .v = im->v, .numel = ps->numel, .begin = 0, .end = ps->numel,
+                      .t = r->opt.t};
+}
+
+static void image_free(Image *im) {
+    model_free(&im->model);
+    free(im->m);
+    free(im->v);
+}
+
+static int64_t max_param_numel(const ParamStore *ps) {
+    int64_t mx = 1;
+    for (int i = 0; i < ps->n; i++) mx = ps->p[i].t->numel > mx ? ps->p[i].t->numel : mx;
+    return mx;
+}
+
+/* Store roots: this rank's parameters (and with m set, the whole-store host moments m, v of its ep index)
+ * into rank 0's image im (NULL on the others): the tensors every rank holds from rank 0, the expert slices
+ * from every rank of the ep group. */
+static void to_image(Run *r, Image *im, const float *m, const float *v) {
+    const ParamStore *ps = &r->model.params;
+    const DistGroup *ep = &r->dist->ep_group;
+    float *buf = xmalloc((size_t)max_param_numel(ps) * sizeof(float));
+    for (int i = 0; i < ps->n; i++) {
+        const Param *p = &ps->p[i], *q = im ? &im->model.params.p[i] : NULL;
+        if (q && strcmp(p->t->name, q->t->name)) fatal("checkpoint image: %s vs %s", p->t->name, q->t->name);
+        const bool expert = i >= r->model.first_expert_param;
+        const size_t bytes = (size_t)p->t->numel * sizeof(float);
+        for (int k = 0; k < (m ? 3 : 1); k++) { /* the values, then the two moments */
+            const float *src = k == 0 ? buf : (k == 1 ? m : v) + p->offset;
+            float *dst = !q ? NULL : k == 0 ? q->t->data : (k == 1 ? im->m : im->v) + q->offset;
+            if (k == 0) ps->be->copy_to_host(buf, p->t->data, bytes);
+            if (expert) dist_gather_host(ep, src, dst, p->t->numel, DIST_F32, 0);
+            else if (dst) memcpy(dst, src, bytes);
+        }
+    }
+    free(buf);
+    for (int l = 0; im && l < r->model.cfg.n_layers; l++) /* the biases are the same on every rank */
+        if (r->model.layers[l].moe)
+            memcpy(im->model.layers[l].moe_p.bias, r->model.layers[l].moe_p.bias,
+                   (size_t)r->model.layers[l].moe_p.num_experts * sizeof(float));
+}
+
+/* Inverse of to_image: rank 0 takes every tensor of the image but the experts, each store root its
+ * experts' slices (and with m set, their moments into the whole-store host buffers m, v). The other ranks
+ * get theirs from sync_from_rank0 and the moment scatter. */
+static void from_image(Run *r, const Image *im, float *m, float *v) {
+    ParamStore *ps = &r->model.params;
+    const DistGroup *ep = &r->dist->ep_group;
+    float *buf = xmalloc((size_t)max_param_numel(ps) * sizeof(float));
+    for (int i = 0; i < ps->n; i++) {
+        const Param *p = &ps->p[i], *q = im ? &im->model.params.p[i] : NULL;
+        if (q && strcmp(p->t->name, q->t->name)) fatal("checkpoint image: %s vs %s", p->t->name, q->t->name);
+        const bool expert = i >= r->model.first_expert_param;
+        const size_t bytes = (size_t)p->t->numel * sizeof(float);
+        for (int k = 0; k < (m ? 3 : 1); k++) {
+            const float *src = !q ? NULL : k == 0 ? q->t->data : (k == 1 ? im->m : im->v) + q->offset;
+            float *dst = k == 0 ? buf : (k == 1 ? m : v) + p->offset;
+            if (expert) dist_scatter_host(ep, src, dst, p->t->numel, DIST_F32, 0);
+            else if (src) memcpy(dst, src, bytes);
+            else continue;
+            if (k == 0) ps->be->copy_from_host(p->t->data, buf, bytes);
+        }
+    }
+    free(buf);
+    params_sync_shadow(ps);
+    for (int l = 0; im && l < r->model.cfg.n_layers; l++)
+        if (r->model.layers[l].moe)
+            memcpy(r->model.layers[l].moe_p.bias, im->model.layers[l].moe_p.bias,
+                   (size_t)r->model.layers[l].moe_p.num_experts * sizeof(float));
 }
 
 const char *run_checkpoint(Run *r) {
@@ -132,25 +244,35 @@ const char *run_checkpoint(Run *r) {
     checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, r->step);
     TrainState st = {.step = r->step, .data_counter = r->sampler.counter, .seed = r->sampler.seed};
     const ParamStore *ps = &r->model.params;
-    /* a sharded optimizer: rank 0 gathers the moments of every rank and writes them, unsharded, so the
-     * checkpoint loads on any number of ranks; the parameters are whole on every rank already */
-    bool sharded = dp_group(r)->size > 1;
+    /* a sharded optimizer: the moments of each region gather, unsharded, on rank 0 of its group (rank 0,
+     * and for the experts of each ep index the store root of that index) and are written whole, so the
+     * checkpoint loads on any number of ranks; the parameters are whole on every rank already (but for
+     * the experts, which the image gathers) */
+    bool sharded = r->dist->size > 1;
     float *m = NULL, *v = NULL;
-    if (sharded && is_rank0(r)) {
-        m = xmalloc((size_t)ps->capacity * sizeof(float));
-        v = xmalloc((size_t)ps->capacity * sizeof(float));
+    if (sharded && store_root(r)) {
+        m = xcalloc((size_t)ps->capacity, sizeof(float));
+        v = xcalloc((size_t)ps->capacity, sizeof(float));
     }
-    if (sharded) {
-        gather_moment(r, r->opt.m, m);
-        gather_moment(r, r->opt.v, v);
+    for (int i = 0; sharded && i < r->n_zero; i++) {
+        gather_moment(r, i, region_opt(r, i)->m, m);
+        gather_moment(r, i, region_opt(r, i)->v, v);
     }
-    if (is_rank0(r)) {
+    char *json = is_rank0(r) ? config_to_json(&r->cfg) : NULL;
+    if (r->model.ep) {
+        Image im;
+        if (is_rank0(r)) image_init(r, &im, true);
+        if (store_root(r)) to_image(r, is_rank0(r) ? &im : NULL, m, v);
+        if (is_rank0(r)) {
+            checkpoint_write(r->checkpoint, &im.model, &im.opt, &st, json);
+            image_free(&im);
+        }
+    } else if (is_rank0(r)) {
         AdamW full = sharded ? host_optimizer(r, m, v) : r->opt;
-        char *json = config_to_json(&r->cfg);
         checkpoint_write(r->checkpoint, &r->model, &full, &st, json);
-        free(json);
-        prune_checkpoints(r);
     }
+    if (is_rank0(r)) prune_checkpoints(r);
+    free(json);
     free(m);
     free(v);
     return r->checkpoint;
@@ -217,13 +339,21 @@ static void trim_metrics(const char *dir, int step) {
 
 /* Rank 0 reads every checkpoint (the run directory need not be visible to the other nodes); the others
  * get what they need from it: sync_from_rank0 broadcasts parameters and MoE biases, resume scatters
- * the optimizer shards and broadcasts the train state. */
+ * the optimizer shards and broadcasts the train state. With expert parallelism rank 0 reads into the
+ * image and the store roots take their experts from it (from_image). */
 static void resume(Run *r) {
     const char *dir = r->cfg.train.out_dir;
     const ParamStore *ps = &r->model.params;
-    bool sharded = dp_group(r)->size > 1;
+    bool sharded = r->dist->size > 1;
     TrainState st = {0};
     float *m = NULL, *v = NULL;
+    Image im;
+    if (sharded && store_root(r)) {
+        /* the checkpoint holds the whole moments (written by any number of ranks): read them into host
+         * memory, then hand each rank its shard of this run's sharding */
+        m = xcalloc((size_t)ps->capacity, sizeof(float));
+        v = xcalloc((size_t)ps->capacity, sizeof(float));
+    }
     if (is_rank0(r)) {
         int n, *steps = list_checkpoints(dir, &n);
         if (n == 0)
@@ -232,29 +362,34 @@ static void resume(Run *r) {
         free(steps);
         const char *path = r->checkpoint;
         check_resume_config(r, path);
-        checkpoint_read_params(path, &r->model, false);
-        if (sharded) {
-            /* the checkpoint holds the whole moments (written by any number of ranks): read them into
-             * host memory, then hand each rank its shard of this run's sharding */
-            m = xcalloc((size_t)ps->capacity, sizeof(float));
-            v = xcalloc((size_t)ps->capacity, sizeof(float));
-            AdamW full = host_optimizer(r, m, v);
+        if (r->model.ep) {
+            image_init(r, &im, true);
+            checkpoint_read_params(path, &im.model, false);
+            checkpoint_read_state(path, &im.model, &im.opt, &st);
+            r->opt.t = im.opt.t;
+        } else {
+            checkpoint_read_params(path, &r->model, false);
+            AdamW full = sharded ? host_optimizer(r, m, v) : r->opt;
             checkpoint_read_state(path, &r->model, &full, &st);
             r->opt.t = full.t;
-        } else checkpoint_read_state(path, &r->model, &r->opt, &st);
+        }
     }
+    if (r->model.ep && store_root(r)) from_image(r, is_rank0(r) ? &im : NULL, m, v);
+    if (r->model.ep && is_rank0(r)) image_free(&im);
     if (sharded) {
-        scatter_moment(r, m, r->opt.m);
-        scatter_moment(r, v, r->opt.v);
+        for (int i = 0; i < r->n_zero; i++) {
+            scatter_moment(r, i, m, region_opt(r, i)->m);
+            scatter_moment(r, i, v, region_opt(r, i)->v);
+        }
         free(m);
         free(v);
         uint64_t state[4] = {(uint64_t)st.step, st.data_counter, st.seed, (uint64_t)r->opt.t};
-        dist_broadcast(dp_group(r), state, 4, DIST_U64, 0, DEV_CPU);
+        dist_broadcast(&r->dist->world, state, 4, DIST_U64, 0, DEV_CPU);
         st.step = (int64_t)state[0];
         st.data_counter = state[1];
         st.seed = state[2];
-        r->opt.t = (int)state[3];
-        dist_broadcast(dp_group(r), r->checkpoint, (int64_t)sizeof r->checkpoint, DIST_U8, 0, DEV_CPU);
+        r->opt.t = r->opt_experts.t = (int)state[3];
+        dist_broadcast(&r->dist->world, r->checkpoint, (int64_t)sizeof r->checkpoint, DIST_U8, 0, DEV_CPU);
     }
     const char *path = r->checkpoint;
     r->step = r->start_step = (int)st.step;
@@ -267,10 +402,22 @@ static void resume(Run *r) {
     if (!r->quiet) printf("resumed from %s at step %d\n", path, r->step);
 }
 
-/* rank 0 only (its parameters reach the others through sync_from_rank0) */
+/* Rank 0 reads the checkpoint; its parameters reach the others through sync_from_rank0 (with expert
+ * parallelism the experts go through the image to the store roots first: every rank calls this). */
 static void init_from_checkpoint(Run *r) {
     const char *path = r->cfg.train.init_from;
-    int loaded = checkpoint_read_params(path, &r->model, true);
+    int loaded = 0;
+    if (r->model.ep) {
+        Image im;
+        if (is_rank0(r)) {
+            image_init(r, &im, false);
+            loaded = checkpoint_read_params(path, &im.model, true);
+        }
+        if (store_root(r)) from_image(r, is_rank0(r) ? &im : NULL, NULL, NULL);
+        if (is_rank0(r)) image_free(&im);
+    } else if (is_rank0(r)) {
+        loaded = checkpoint_read_params(path, &r->model, true);
+    }
     if (!r->quiet)
         printf("initialised %d of %d parameter tensors from %s%s\n", loaded, r->model.params.n, path,
                loaded < r->model.params.n ? " (the others, MSA index parameters, freshly initialised)" : "");
@@ -342,47 +489,96 @@ static void run_test_hooks(Run *r, int step) {
 static void init_dist(Run *r, const char *src) {
     const RunConfig *c = &r->cfg;
     Device dev = strcmp(c->train.device, "cuda") == 0 ? DEV_CUDA : DEV_CPU;
-    if (c->dist.ep != 1)
-        fatal("%s: dist.ep = %d: expert parallelism is not implemented yet (dist.ep must be 1)", src, c->dist.ep);
-    if (c->dist.cp != 1)
-        fatal("%s: dist.cp = %d: context parallelism is not implemented yet (dist.cp must be 1)", src, c->dist.cp);
     dist_setup(r->dist, c->dist.dp, c->dist.ep, c->dist.cp, c->dist.timeout, dev, src);
-    int dp = r->dist->dp;
+    int dp = r->dist->dp, ep = r->dist->ep, cp = r->dist->cp;
     if (c->train.batch_size % dp)
         fatal("%s: train.batch_size = %d is not divisible by the %d data-parallel ranks (dist.dp): each rank takes "
               "batch_size / dp sequences of every micro-batch; use a multiple of %d",
               src, c->train.batch_size, dp, dp);
+    /* expert parallelism (train/moe.h): the ranks of an ep group take different sequences too */
+    if (c->train.batch_size % (dp * ep))
+        fatal("%s: train.batch_size = %d is not divisible by the dist.dp * dist.ep = %d * %d ranks that take its "
+              "sequences (expert-parallel ranks route different tokens): each takes batch_size / (dp * ep) of every "
+              "micro-batch; use a multiple of %d",
+              src, c->train.batch_size, dp, ep, dp * ep);
+    const int rows = dp * ep; /* the ranks that split the rows */
+    /* context parallelism (train/model.c): attention runs head-parallel, whole GQA groups per rank, and
+     * every other op on an equal share of the micro-batch's tokens */
+    if (c->model.n_kv_heads % cp)
+        fatal("%s: dist.cp = %d does not divide model.n_kv_heads = %d: context parallelism gives each cp rank whole "
+              "GQA groups (n_kv_heads / cp of them, and their query heads), so cp can be at most n_kv_heads",
+              src, cp, c->model.n_kv_heads);
+    int64_t tokens = (int64_t)(c->train.batch_size / rows) * c->train.seq_len;
+    if (tokens % cp)
+        fatal("%s: dist.cp = %d does not divide the %lld tokens of a rank's micro-batch (train.batch_size / (dist.dp * "
+              "dist.ep) * train.seq_len = %d * %d): each cp rank takes an equal share of them",
+              src, cp, (long long)tokens, c->train.batch_size / rows, c->train.seq_len);
 }
 
-/* Shard the parameter store over the data-parallel ranks (ZeRO-1): equal contiguous ranges of the flat
- * store, each a multiple of 64 elements (256 bytes: aligned for NCCL and the vector kernels), the store
- * padded to dp of them; each rank keeps AdamW moments for its range only. */
+/* Elements per rank of a region of n elements sharded over `ranks`: a multiple of 64 elements (256 bytes:
+ * aligned for NCCL and the vector kernels), or all n for one rank. */
+static int64_t shard_of(int64_t n, int ranks) {
+    if (ranks == 1) return n;
+    const int64_t align = 64, per_rank = (n + ranks - 1) / ranks;
+    return (per_rank + align - 1) / align * align;
+}
+
+/* Shard the parameter store over the ranks that hold the same parameters (ZeRO-1): per region (Run.zero)
+ * equal contiguous ranges of the flat store, the region padded to its group's size of them; each rank
+ * keeps AdamW moments for its ranges only. Without expert parallelism one region: the whole store over
+ * the dp * cp ranks. With it, region 0 is every parameter but the routed experts, the same on every rank,
+ * over the world; region 1 the routed experts (the store's last parameters, moved past region 0's
+ * padding), over the dp * cp ranks of this rank's ep index, which hold the same experts. */
 static void init_optimizer(Run *r) {
     ParamStore *ps = &r->model.params;
-    const DistGroup *g = dp_group(r);
-    if (g->size == 1) {
-        r->shard = ps->numel;
+    const Model *m = &r->model;
+    memset(&r->opt_experts, 0, sizeof r->opt_experts);
+    const bool experts = m->ep && m->first_expert_param < ps->n;
+    /* expert-parallel ranks share every other parameter with the whole world (a dense model under dist.ep
+     * > 1 has no experts: its ep ranks are plain data-parallel ranks) */
+    const DistGroup *g0 = m->ep ? &r->dist->world : zero_group(r);
+    r->n_zero = 1;
+    if (g0->size == 1) {
+        r->zero[0] = (ZeroRegion){g0, 0, ps->numel};
         adamw_init(&r->opt, ps);
         return;
     }
     if (ps->dtype != DT_F32) fatal("data parallelism needs f32 master weights");
-    const int64_t align = 64, per_rank = (ps->numel + g->size - 1) / g->size;
-    r->shard = (per_rank + align - 1) / align * align;
-    params_reserve(ps, r->shard * g->size);
-    adamw_init_range(&r->opt, ps, g->rank * r->shard, (g->rank + 1) * r->shard);
+    const int64_t end0 = experts ? ps->p[m->first_expert_param].offset : ps->numel;
+    r->zero[0] = (ZeroRegion){g0, 0, shard_of(end0, g0->size)};
+    if (experts) {
+        params_move_from(ps, m->first_expert_param, g0->size * r->zero[0].shard);
+        const DistGroup *g1 = zero_group(r);
+        const int64_t begin1 = ps->p[m->first_expert_param].offset;
+        r->zero[1] = (ZeroRegion){g1, begin1, shard_of(ps->numel - begin1, g1->size)};
+        r->n_zero = 2;
+    }
+    const ZeroRegion *last = &r->zero[r->n_zero - 1];
+    params_reserve(ps, last->begin + last->group->size * last->shard);
+    for (int i = 0; i < r->n_zero; i++) {
+        const ZeroRegion *z = &r->zero[i];
+        const int64_t first = z->begin + z->group->rank * z->shard;
+        adamw_init_range(region_opt(r, i), ps, first, first + z->shard);
+    }
 }
 
 /* Every rank starts from rank 0's parameters and MoE selection biases: rank 0 alone reads checkpoints,
- * and even a fresh initialisation (the same seed everywhere) is not left to chance. */
+ * and even a fresh initialisation (the same seed everywhere) is not left to chance. Each region goes out
+ * from rank 0 of its group: the experts from the store root of their ep index, which holds them. */
 static void sync_from_rank0(Run *r) {
-    const DistGroup *g = dp_group(r);
-    if (g->size == 1) return;
+    if (r->dist->size == 1) return;
     ParamStore *ps = &r->model.params;
-    dist_broadcast(g, ps->data, ps->numel, DIST_F32, 0, ps->be->device);
+    const size_t es = dtype_size(ps->dtype);
+    for (int i = 0; i < r->n_zero; i++) {
+        const ZeroRegion *z = &r->zero[i];
+        dist_broadcast(z->group, (char *)ps->data + (size_t)z->begin * es, z->group->size * z->shard, DIST_F32, 0,
+                       ps->be->device);
+    }
     params_sync_shadow(ps);
     for (int l = 0; l < r->model.cfg.n_layers; l++)
         if (r->model.layers[l].moe && r->model.layers[l].moe_p.bias)
-            dist_broadcast(g, r->model.layers[l].moe_p.bias, r->model.layers[l].moe_p.num_experts, DIST_F32, 0, DEV_CPU);
+            dist_broadcast(&r->dist->world, r->model.layers[l].moe_p.bias, r->model.layers[l].moe_p.num_experts,
+                           DIST_F32, 0, DEV_CPU);
 }
 
 void run_init(Run *r) {
@@ -426,7 +622,9 @@ void run_init(Run *r) {
 
     r->be = select_backend(c->train.device);
     init_dist(r, src); /* before the model: it picks this rank's GPU */
-    model_build(&r->model, c, r->be, DT_F32, c->train.seed);
+    /* expert parallel when the ep group has more than one rank: this rank's experts only */
+    model_build_ep(&r->model, c, r->be, DT_F32, c->train.seed, &r->dist->ep_group);
+    r->model.cp = &r->dist->cp_group; /* context parallel when it has more than one rank */
     const char *missing = backend_missing(r->be, (r->model.n_msa_layers ? BACKEND_MSA : 0) |
                                                      (r->model.n_moe_layers ? BACKEND_MOE : 0));
     if (missing)
@@ -436,7 +634,7 @@ void run_init(Run *r) {
     init_optimizer(r);
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
     else sampler_init(&r->sampler, &r->train_ds, c->train.seed);
-    batch_alloc(&r->batch, c->train.batch_size / r->dist->dp, c->train.seq_len);
+    batch_alloc(&r->batch, c->train.batch_size / (r->dist->dp * r->dist->ep), c->train.seq_len);
     init_test_hooks(r);
     if (!r->quiet) {
         printf("msa-train | %s | %s backend | %lld parameters (%d layers, d_model %d, heads %d/%d, %d MSA layers)\n",
@@ -448,11 +646,18 @@ void run_init(Run *r) {
                (long long)r->val_ds.n_tokens,
                (long long)c->train.batch_size * c->train.seq_len * c->train.grad_accum);
         const Dist *d = r->dist;
-        if (d->size > 1)
-            printf("distributed: %d ranks (dp %d, ep %d, cp %d) | collectives: MPI%s | %d sequences per rank per "
-                   "micro-batch | ZeRO-1: optimizer state in %d shards of %lld elements\n",
+        if (d->size > 1) {
+            printf("distributed: %d ranks (dp %d, ep %d, cp %d) | collectives: MPI%s | %d sequences per dp%s rank per "
+                   "micro-batch%s | ZeRO-1: optimizer state in %d shards of %lld elements",
                    d->size, d->dp, d->ep, d->cp, r->be->device == DEV_CUDA ? " (host), NCCL (device)" : "",
-                   r->batch.B, d->dp, (long long)r->shard);
+                   r->batch.B, d->ep > 1 ? "*ep" : "",
+                   d->cp > 1 ? ", 1/cp of their tokens per cp rank (attention: 1/cp of the heads)" : "",
+                   r->zero[0].group->size, (long long)r->zero[0].shard);
+            if (r->n_zero > 1)
+                printf(" (the routed experts: %d of %d per rank, in %d shards of %lld)", c->moe.num_experts / d->ep,
+                       c->moe.num_experts, r->zero[1].group->size, (long long)r->zero[1].shard);
+            printf("\n");
+        }
     }
     r->step = r->start_step = 0;
     r->checkpoint[0] = 0;
@@ -461,8 +666,8 @@ void run_init(Run *r) {
         if (c->train.init_from[0] && !r->quiet)
             printf("note: resuming, so train.init_from (%s) is not used\n", c->train.init_from);
         resume(r);
-    } else if (is_rank0(r)) {
-        if (c->train.out_dir[0]) refuse_earlier_checkpoints(r);
+    } else {
+        if (is_rank0(r) && c->train.out_dir[0]) refuse_earlier_checkpoints(r);
         if (c->train.init_from[0]) init_from_checkpoint(r);
     }
     sync_from_rank0(r);
@@ -476,6 +681,7 @@ void run_free(Run *r) {
     if (r->hooks.samples) fclose(r->hooks.samples);
     batch_free(&r->batch);
     adamw_free(&r->opt);
+    adamw_free(&r->opt_experts);
     engine_free(&r->engine);
     model_free(&r->model);
     dataset_close(&r->train_ds);
@@ -512,17 +718,19 @@ static void log_step(Run *r, const StepResult *s) {
     r->tokens_since_log = 0;
 }
 
-/* Targets that count in the mean LM loss (not ignore_index) of a host batch. */
-static int64_t counted_targets(const Batch *b) {
-    int64_t n = 0, N = (int64_t)b->B * b->T;
-    for (int64_t i = 0; i < N; i++) n += b->targets[i] >= 0;
+/* Targets that count in the mean LM loss (not ignore_index) among the tokens of r->batch that this rank
+ * computes: all of them, or its share under context parallelism. */
+static int64_t counted_targets(const Run *r) {
+    int64_t n = 0, begin, end;
+    model_cp_range(&r->model, (int64_t)r->batch.B * r->batch.T, &begin, &end);
+    for (int64_t i = begin; i < end; i++) n += r->batch.targets[i] >= 0;
     return n;
 }
 
-/* The routing statistics of the step summed over the data-parallel ranks, so that every rank applies
- * the same MoE selection-bias update and logs the loads of the whole batch. */
+/* The routing statistics of the step summed over every rank's tokens, so that every rank applies the
+ * same MoE selection-bias update and logs the loads of the whole batch. */
 static void reduce_moe_stats(Run *r) {
-    const DistGroup *g = dp_group(r);
+    const DistGroup *g = batch_group(r);
     for (int l = 0; l < r->model.cfg.n_layers; l++) {
         LayerParams *L = &r->model.layers[l];
         if (!L->moe) continue;
@@ -539,28 +747,41 @@ static void reduce_moe_stats(Run *r) {
     }
 }
 
-/* ZeRO-1 update over the data-parallel group: reduce-scatter the gradients (each rank gets the sum over
- * ranks of its shard; the losses were weighted so that this sum is the single-process gradient of the
- * global batch), clip by the global norm (shard sums of squares added over ranks), AdamW on the shard,
- * all-gather the updated parameters. Without data parallelism every collective is a no-op and this is
- * the plain clip + AdamW over the whole store. Returns the gradient norm before clipping. */
+/* ZeRO-1 update, region by region over the ranks that hold its parameters (Run.zero): reduce-scatter the
+ * gradients (each rank gets the sum over the group of its shard; the losses were weighted so that this
+ * sum is the single-process gradient of the global batch), clip by the global norm, AdamW on the shards,
+ * all-gather the updated parameters. The norm's sums of squares add up over the world: every gradient
+ * element of region 0 lies in one rank's shard, and the experts of each ep index (region 1) in one shard
+ * of one of its dp * cp ranks, so each expert counts once. Without data parallelism every collective is
+ * a no-op and this is the plain clip + AdamW over the whole store. Returns the norm before clipping. */
 static double optimizer_step(Run *r, float lr) {
-    const DistGroup *g = dp_group(r);
     ParamStore *ps = &r->model.params;
-    const int64_t begin = r->opt.begin, end = r->opt.end;
     const size_t es = dtype_size(ps->dtype);
     Device dev = ps->be->device;
-    dist_reduce_scatter(g, ps->grad, (char *)ps->grad + (size_t)begin * es, r->shard, DIST_F32, DIST_SUM, dev);
-    double sumsq = grad_sumsq_range(ps, begin, end);
-    dist_all_reduce(g, &sumsq, 1, DIST_F64, DIST_SUM, DEV_CPU);
+    double sumsq = 0.0;
+    for (int i = 0; i < r->n_zero; i++) {
+        const ZeroRegion *z = &r->zero[i];
+        const AdamW *o = region_opt(r, i);
+        dist_reduce_scatter(z->group, (char *)ps->grad + (size_t)z->begin * es, (char *)ps->grad + (size_t)o->begin * es,
+                            z->shard, DIST_F32, DIST_SUM, dev);
+        sumsq += grad_sumsq_range(ps, o->begin, o->end);
+    }
+    dist_all_reduce(&r->dist->world, &sumsq, 1, DIST_F64, DIST_SUM, DEV_CPU);
     double norm = sqrt(sumsq);
     float sc = clip_factor(norm, r->cfg.optim.grad_clip);
-    if (sc != 1.0f) grad_scale_range(ps, begin, end, sc);
-    adamw_step(&r->opt, ps, &r->cfg.optim, lr);
-    if (g->size > 1) {
-        dist_all_gather(g, (char *)ps->data + (size_t)begin * es, ps->data, r->shard, DIST_F32, dev);
-        params_sync_shadow(ps); /* the BF16 copy of the other ranks' shards (CUDA) */
+    bool gathered = false;
+    for (int i = 0; i < r->n_zero; i++) {
+        const ZeroRegion *z = &r->zero[i];
+        AdamW *o = region_opt(r, i);
+        if (sc != 1.0f) grad_scale_range(ps, o->begin, o->end, sc);
+        adamw_step(o, ps, &r->cfg.optim, lr);
+        if (z->group->size > 1) {
+            dist_all_gather(z->group, (char *)ps->data + (size_t)o->begin * es, (char *)ps->data + (size_t)z->begin * es,
+                            z->shard, DIST_F32, dev);
+            gathered = true;
+        }
     }
+    if (gathered) params_sync_shadow(ps); /* the BF16 copy of the other ranks' shards (CUDA) */
     return norm;
 }
 
@@ -568,8 +789,8 @@ StepResult run_step(Run *r) {
     const RunConfig *c = &r->cfg;
     Engine *e = &r->engine;
     StepResult s = {0};
-    const DistGroup *g = dp_group(r);
-    const int dp = g->size, first_row = g->rank * r->batch.B;
+    const DistGroup *bg = batch_group(r);
+    const int ranks = bg->size, first_row = row_rank(r) * r->batch.B;
     run_test_hooks(r, r->step + 1);
     /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
      * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
@@ -592,7 +813,7 @@ StepResult run_step(Run *r) {
         in.dropout_seed = dropout_seed(c->train.seed, (uint64_t)r->step, (uint64_t)micro, 0) | 1;
         in.row_offset = (int64_t)first_row * r->batch.T; /* activation rows are tokens */
         ModelLosses L = model_forward(&r->model, e, &in, c->train.recompute);
-        if (dp == 1) {
+        if (ranks == 1) {
             s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
             if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
             /* the mean over micro-batches: each contributes 1/grad_accum of the gradient */
@@ -601,19 +822,21 @@ StepResult run_step(Run *r) {
                 engine_backward(e, c->train.grad_accum > 1 ? op_scale(e, L.total, 1.0f / c->train.grad_accum) : L.total);
             continue;
         }
-        /* Data parallel: the global micro-batch's LM loss is the mean over all its counted targets, so
-         * this rank's mean enters with weight (its targets) / (all ranks' targets); the auxiliary terms
-         * (MSA KL, MoE balance) are means over equally many tokens on every rank and enter with 1/dp.
-         * The gradient sum over ranks (reduce-scatter) is then the single-process gradient. */
-        int64_t counted[2] = {counted_targets(&r->batch), 0};
+        /* Data and context parallel: the global micro-batch's LM loss is the mean over all its counted
+         * targets, so this rank's mean (over its rows, or its share of their tokens) enters with weight
+         * (its targets) / (all ranks' targets); the auxiliary terms are means over equal shares on every
+         * rank (MoE balance: equally many tokens; MSA KL: equally many GQA groups over the same tokens,
+         * under cp) and enter with 1/ranks. The gradient sum over the ranks (the reduce-scatter, and under
+         * cp the backward of the exchanges) is then the single-process gradient. */
+        int64_t counted[2] = {counted_targets(r), 0};
         counted[1] = counted[0];
-        dist_all_reduce(g, &counted[1], 1, DIST_I64, DIST_SUM, DEV_CPU);
+        dist_all_reduce(bg, &counted[1], 1, DIST_I64, DIST_SUM, DEV_CPU);
         double w = counted[1] > 0 ? (double)counted[0] / (double)counted[1] : 0.0;
         s.loss += tensor_item(e, L.lm) * w / c->train.grad_accum;
-        if (L.aux) s.aux += tensor_item(e, L.aux) / dp / c->train.grad_accum;
+        if (L.aux) s.aux += tensor_item(e, L.aux) / ranks / c->train.grad_accum;
         if (L.total->requires_grad) {
             Tensor *loss = op_scale(e, L.lm, (float)(w / c->train.grad_accum));
-            if (L.aux) loss = op_add(e, loss, op_scale(e, L.aux, 1.0f / (float)(dp * c->train.grad_accum)));
+            if (L.aux) loss = op_add(e, loss, op_scale(e, L.aux, 1.0f / (float)(ranks * c->train.grad_accum)));
             engine_backward(e, loss);
         }
     }
@@ -623,9 +846,9 @@ StepResult run_step(Run *r) {
      * per-block callback from the engine, events instead of the host wait in dist/nccl.c), leaving
      * only the last bucket exposed; likewise the all-gather of the next step's first layers could
      * overlap the optimizer. Today the three collectives run after the backward. */
-    if (dp > 1) {
+    if (ranks > 1) {
         double sums[2] = {s.loss, s.aux};
-        dist_all_reduce(g, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
+        dist_all_reduce(bg, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
         s.loss = sums[0];
         s.aux = sums[1];
     }
@@ -641,28 +864,28 @@ StepResult run_step(Run *r) {
 }
 
 /* The mean LM loss over eval_batches validation batches; with data parallelism each rank takes its rows
- * of every batch and the batch losses are recombined, weighted by their counted targets, into exactly the
- * single-process means. */
+ * of every batch (and with context parallelism its share of their tokens) and the batch losses are
+ * recombined, weighted by their counted targets, into exactly the single-process means. */
 static double eval_loss(Run *r) {
     Engine *e = &r->engine;
     Model *m = &r->model;
-    const DistGroup *g = dp_group(r);
+    const DistGroup *bg = batch_group(r);
     const int nb = r->cfg.train.eval_batches;
-    double total = 0.0, *parts = g->size > 1 ? xcalloc(2 * (size_t)nb, sizeof(double)) : NULL;
+    double total = 0.0, *parts = bg->size > 1 ? xcalloc(2 * (size_t)nb, sizeof(double)) : NULL;
     for (int i = 0; i < nb; i++) {
         engine_reset(e);
-        sampler_sequential_part(&r->val_ds, i, &r->batch, g->rank * r->batch.B, r->cfg.train.batch_size);
+        sampler_sequential_part(&r->val_ds, i, &r->batch, row_rank(r) * r->batch.B, r->cfg.train.batch_size);
         ModelInput in = model_upload(e, &r->batch);
         double lm = tensor_item(e, model_forward(m, e, &in, false).lm);
         if (!parts) total += lm;
         else {
-            double n = (double)counted_targets(&r->batch);
+            double n = (double)counted_targets(r);
             parts[2 * i] = lm * n;
             parts[2 * i + 1] = n;
         }
     }
     if (parts) {
-        dist_all_reduce(g, parts, 2 * nb, DIST_F64, DIST_SUM, DEV_CPU);
+        dist_all_reduce(bg, parts, 2 * nb, DIST_F64, DIST_SUM, DEV_CPU);
         for (int i = 0; i < nb; i++) total += parts[2 * i + 1] > 0 ? parts[2 * i] / parts[2 * i + 1] : 0.0;
         free(parts);
     }
@@ -677,10 +900,11 @@ double run_evaluate(Run *r, MsaMetrics *mm) {
     m->collect_metrics = m->n_msa_layers > 0;
     memset(&m->metrics, 0, sizeof(m->metrics));
     double loss = eval_loss(r);
-    if (dp_group(r)->size > 1 && m->collect_metrics) {
-        /* per-layer means over every rank's rows: add up the sums and the counts */
+    if (batch_group(r)->size > 1 && m->collect_metrics) {
+        /* per-layer means over every rank's rows (under cp: its GQA groups, equally many per rank): add up
+         * the sums and the counts */
         double sums[4] = {m->metrics.kl_sum, m->metrics.recall_sum, m->metrics.layers, m->metrics.recall_layers};
-        dist_all_reduce(dp_group(r), sums, 4, DIST_F64, DIST_SUM, DEV_CPU);
+        dist_all_reduce(batch_group(r), sums, 4, DIST_F64, DIST_SUM, DEV_CPU);
         m->metrics.kl_sum = sums[0];
         m->metrics.recall_sum = sums[1];
         m->metrics.layers = (int)sums[2];
@@ -803,8 +1027,15 @@ void run_sample(Run *r) {
     int n = r->cfg.train.sample_tokens, T = r->cfg.train.seq_len;
     bool chars = ds->vocab && strcmp(ds->tokenizer, "char") == 0, bytes = strcmp(ds->tokenizer, "byte") == 0;
     if (n <= 0 || (!chars && !bytes)) return;
+    /* rank 0 samples; with expert parallelism the other ranks of its ep group, which hold the other
+     * experts, run the same forwards with it (silently; rank 0's token is theirs too) */
+    const bool speak = is_rank0(r), ep = r->model.ep != NULL;
+    if (!speak && !(ep && store_root(r))) return;
     Engine *e = &r->engine;
     bool prev = engine_set_grad(e, false);
+    /* rank 0 samples alone (a context that grows one token at a time): no context-parallel exchanges */
+    const struct DistGroup *cp = r->model.cp;
+    r->model.cp = NULL;
     int32_t *ctx = xmalloc((size_t)(n + 1) * sizeof(int32_t));
     /* start from a newline, as nanoGPT's sampler does */
     const char *nl = chars ? strchr(ds->vocab, '\n') : NULL;
@@ -816,7 +1047,7 @@ void run_sample(Run *r) {
     double *probs = xmalloc((size_t)V * sizeof(double)), temp = r->cfg.train.sample_temperature;
     Batch b;
     batch_alloc(&b, 1, T);
-    printf("---- sample (%d tokens, temperature %.2f) ----\n", n, temp);
+    if (speak) printf("---- sample (%d tokens, temperature %.2f) ----\n", n, temp);
     for (int i = 1; i <= n; i++) {
         int len = i < T ? i : T;
         for (int t = 0; t < len; t++) {
@@ -847,13 +1078,15 @@ void run_sample(Run *r) {
                 next = v;
                 break;
             }
+        if (ep) dist_broadcast(&r->dist->ep_group, &next, 1, DIST_I32, 0, DEV_CPU);
         ctx[i] = next;
-        putchar(chars ? ds->vocab[next] : next);
+        if (speak) putchar(chars ? ds->vocab[next] : next);
     }
-    printf("\n---- end of sample ----\n");
+    if (speak) printf("\n---- end of sample ----\n");
     batch_free(&b);
     free(probs);
     free(logits);
     free(ctx);
+    r->model.cp = cp;
     engine_set_grad(e, prev);
 }

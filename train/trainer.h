@@ -20,6 +20,17 @@ typedef struct DistTestHooks {
     FILE *samples;
 } DistTestHooks;
 
+/* A contiguous range of the parameter store whose parameters the ranks of `group` hold alike: their
+ * gradients are summed (reduce-scatter) and their AdamW state sharded over the group, rank i updating
+ * the elements [begin + i * shard, begin + (i + 1) * shard) (Run.opt and Run.opt_experts hold the
+ * moments of this rank's shard of region 0 and 1). The range, padding included, is
+ * [begin, begin + group->size * shard); shard is a multiple of 64 elements (256 bytes: aligned for NCCL
+ * and the vector kernels) when the group has more than one rank. */
+typedef struct ZeroRegion {
+    const DistGroup *group;
+    int64_t begin, shard;
+} ZeroRegion;
+
 typedef struct Run {
     RunConfig cfg;
     const char *config_path;
@@ -27,19 +38,25 @@ typedef struct Run {
      * in-process) = one process without MPI (run_init points it at single_dist) */
     Dist *dist;
     Dist single_dist;
-    /* data parallel with ZeRO-1 (dist.dp ranks): this rank updates the store elements
-     * [dp_rank * shard, (dp_rank + 1) * shard) of the parameter store, padded to dp * shard elements;
-     * without data parallelism shard is the whole store */
-    int64_t shard;
+    /* ZeRO-1: the parameter store in regions of parameters that the same ranks hold, each with its
+     * gradients summed and its optimizer state sharded over those ranks (ZeroRegion). Without expert
+     * parallelism one region, the whole store over the dist.dp * dist.cp ranks (Dist.dp_cp_group); with
+     * it (dist.ep > 1) every parameter but the routed experts over the world (region 0, r->opt), and the
+     * routed experts, the store's last parameters, over the dp * cp ranks that hold the same experts
+     * (region 1, r->opt_experts). */
+    ZeroRegion zero[2];
+    int n_zero;
     DistTestHooks hooks;
     const KernelBackend *be;
     TokenDataset train_ds, val_ds;
     DataMix train_mix;   /* the data.train_mix files (n = 0: data.train_path alone) */
     Model model;
     Engine engine;
-    AdamW opt;
+    AdamW opt;         /* the moments of this rank's shard of region 0 (the whole store in one process) */
+    AdamW opt_experts; /* ... of region 1 (expert parallelism only) */
     Sampler sampler;
-    Batch batch;       /* this rank's part of each micro-batch: train.batch_size / dp sequences */
+    Batch batch;       /* this rank's part of each micro-batch: train.batch_size / (dp * ep) sequences (the
+                          same on the cp ranks of a (dp, ep) index; the model takes its 1/cp of their tokens) */
     FILE *metrics;     /* out_dir/metrics.jsonl or NULL */
     int step;          /* optimizer steps done */
     int start_step;    /* the step this process started from (the checkpoint's step when resumed) */
@@ -60,8 +77,10 @@ typedef struct StepResult {
 
 /* Open data, build model and optimizer from r->cfg (already loaded); exits with a message on bad input.
  * With r->dist from dist_init (several ranks): sets up the dist.dp/ep/cp groups, splits every micro-batch
- * over the data-parallel ranks and shards the optimizer state (ZeRO-1); rank 0 alone reads checkpoints
- * (and hands the others what they need), writes them, the run directory and the progress output.
+ * over the data- and expert-parallel ranks (and their tokens over the context-parallel ranks, train/model.h),
+ * splits the MoE layers' routed experts over the ep ranks (train/moe.h) and shards the optimizer state
+ * (ZeRO-1, Run.zero); rank 0 alone reads checkpoints (and hands the others what they need; every expert is
+ * in a checkpoint, whatever dist.ep), writes them, the run directory and the progress output.
  * train.resume: continue from the newest checkpoint in out_dir (parameters, optimizer, MoE biases, step,
  * data position), bit-for-bit as if the run had never stopped; train.init_from: take the parameters of
  * a checkpoint (MSA index parameters it lacks keep their fresh initialisation). A fresh run refuses an
@@ -81,7 +100,8 @@ double run_train(Run *r);
 /* Write out_dir/ckpt_<step>.h5 now (atomically) and delete all but the newest train.keep_checkpoints;
  * returns its path (r->checkpoint). */
 const char *run_checkpoint(Run *r);
-/* Sample text from the model (char/byte tokenizers) to stdout. */
+/* Sample text from the model (char/byte tokenizers) to stdout: rank 0 prints; call it on every rank (with
+ * expert parallelism the ranks of rank 0's ep group compute with it; the others return at once). */
 void run_sample(Run *r);
 
 #endif

@@ -60,4 +60,5 @@ const KernelBackend cpu_backend = {
     .moe_z_loss_backward = cpu_moe_z_loss_backward,
     .bias_add_forward = cpu_bias_add_forward,
     .bias_add_backward = cpu_bias_add_backward,
+    .transpose01 = cpu_transpose01,
 };

@@ -111,5 +111,7 @@ void cpu_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, const Tensor 
 /* bias_add.c */
 void cpu_bias_add_forward(Tensor *y, const Tensor *x, const Tensor *b);
 void cpu_bias_add_backward(Tensor *db, const Tensor *dy);
+/* transpose.c */
+void cpu_transpose01(Tensor *dst, const Tensor *src, int64_t a, int64_t b);
 
 #endif

@@ -62,4 +62,5 @@ const KernelBackend cuda_backend = {
     .moe_z_loss_backward = cuda_moe_z_loss_backward,
     .bias_add_forward = cuda_bias_add_forward,
     .bias_add_backward = cuda_bias_add_backward,
+    .transpose01 = cuda_transpose01,
 };

@@ -129,6 +129,8 @@ void cuda_moe_aux_loss_backward(Tensor *dscores, const Tensor *dloss, const Tens
 void cuda_moe_z_loss_forward(Tensor *loss, Tensor *lse, const Tensor *logits);
 void cuda_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, const Tensor *logits, const Tensor *lse);
 
+/* transpose.cu: the context-parallel block transpose (a copy in the widest word the layout allows) */
+void cuda_transpose01(Tensor *dst, const Tensor *src, int64_t a, int64_t b);
 
 #ifdef __cplusplus
 }

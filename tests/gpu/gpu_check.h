@@ -81,5 +81,6 @@ void test_msa_attention_gpu(void); /* tests/gpu/test_gpu_msa_attention.c */
 void test_msa_kl_gpu(void);        /* tests/gpu/test_gpu_msa_kl.c */
 void test_moe_gpu(void);  /* tests/gpu/test_gpu_moe.c */
 void test_attention_cudnn_gpu(void); /* tests/gpu/test_gpu_cudnn.c: dense attention through cuDNN */
+void test_cp_gpu(void);   /* tests/gpu/test_gpu_cp.c: the context-parallel block transpose */
 
 #endif

@@ -812,7 +812,7 @@ static void bench(void) {
 }
 
 /* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: messages elementwise matmul embedding rmsnorm rope
- * attention attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe e2e; default all; --only lets compute-sanitizer run the kernels
+ * attention attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp e2e; default all; --only lets compute-sanitizer run the kernels
  * without the training runs) */
 static bool wanted(const char *only, const char *group) {
     if (!only) return true;
@@ -852,7 +852,7 @@ int main(int argc, char **argv) {
                   {"swiglu", test_swiglu_bias},      {"cross_entropy", test_cross_entropy},
                   {"adamw", test_adamw},             {"msa", test_msa_gpu},
                   {"msa_attention", test_msa_attention_gpu}, {"msa_kl", test_msa_kl_gpu},
-                  {"moe", test_moe_gpu},             {"e2e", e2e_check}};
+                  {"moe", test_moe_gpu},             {"cp", test_cp_gpu},         {"e2e", e2e_check}};
     for (size_t i = 0; i < sizeof groups / sizeof groups[0]; i++) {
         if (!wanted(only, groups[i].name)) continue;
         printf("%s\n", groups[i].name);

@@ -1,0 +1,108 @@
+/* Context parallelism, head-parallel (the DeepSpeed-Ulysses scheme; train/model.c wires it): the P ranks
+ * of a cp group share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P) for every op
+ * but attention. Around attention two all-to-alls turn the sequence split into a head split and back:
+ *
+ *   seq_to_heads  x [N/P, H, D]  (this rank's tokens, every head)
+ *             ->    [N, H/P, D]  (every token of the micro-batch in order, heads [r*H/P, (r+1)*H/P))
+ *   heads_to_seq  the inverse
+ *
+ * so that the unchanged attention kernels run on the whole micro-batch (its full cu_seqlens) for this
+ * rank's heads. Each exchange is linear and its adjoint is its inverse: the backward sends the gradient
+ * back the other way. all_gather (MSA's single index key, needed by every head) gathers the rows of the
+ * group; its adjoint is the reduce-scatter (sum) of the gradient.
+ *
+ * Layout: the all-to-all sends block j of its send buffer to rank j and stores what rank s sent at
+ * block s. seq_to_heads first transposes x [n, P, H/P*D] into [P, n, H/P*D] (backend transpose01), so
+ * block j holds rank j's heads of this rank's tokens; what arrives is [P, n, H/P, D] with block s the
+ * tokens of rank s, which is already [N, H/P, D] in token order. heads_to_seq sends x as it is (block j
+ * = the tokens of rank j) and transposes what arrives, [P, n, H/P*D] with block s the heads of rank s,
+ * into [n, P, H/P*D] = [n, H, D].
+ *
+ * The group travels by pointer in the node (ptr[0]); it must outlive the tape (it lives in the Dist).
+ * Every rank of the group runs the same ops in the same order, forward and backward (the tape has the
+ * same shape on every rank), which is what keeps the collectives matched. The collectives wait on the
+ * host (dist/), so these ops synchronise the device. */
+#include "../dist/dist.h"
+#include "../kernels/util.h"
+#include "ops.h"
+
+static DistType dist_type_of(DType dt, const char *op) {
+    switch (dt) {
+    case DT_F32: return DIST_F32;
+    case DT_F64: return DIST_F64;
+    case DT_BF16: return DIST_BF16;
+    case DT_I32: return DIST_I32;
+    default: fatal("%s: dtype %s cannot be exchanged", op, dtype_name(dt));
+    }
+}
+
+/* The exchange without the tape (forward of one direction = backward of the other). */
+static Tensor *exchange(Engine *e, const Tensor *x, const DistGroup *g, bool to_heads) {
+    const int64_t P = g->size, rows = x->shape[0], H = x->shape[1], D = x->shape[2];
+    const DistType t = dist_type_of(x->dtype, "cp exchange");
+    BACKEND_REQUIRE(e->be, transpose01);
+    if (to_heads) {
+        Tensor *send = engine_empty(e, x->dtype, SHAPE(P, rows, H / P, D));
+        e->be->transpose01(send, x, rows, P);
+        Tensor *out = engine_empty(e, x->dtype, SHAPE(rows * P, H / P, D));
+        dist_all_to_all(g, send->data, out->data, x->numel / P, t, x->device);
+        return out;
+    }
+    Tensor *recv = engine_empty(e, x->dtype, SHAPE(P, rows / P, H, D));
+    dist_all_to_all(g, x->data, recv->data, x->numel / P, t, x->device);
+    Tensor *out = engine_empty(e, x->dtype, SHAPE(rows / P, H * P, D));
+    e->be->transpose01(out, recv, P, rows / P);
+    return out;
+}
+
+static Tensor *cp_exchange(Engine *e, Tensor *x, const DistGroup *g, bool to_heads) {
+    const char *op = to_heads ? "cp_seq_to_heads" : "cp_heads_to_seq";
+    if (!g) fatal("%s: no context-parallel group", op);
+    if (x->ndim != 3) fatal("%s: x must be [tokens, heads, head_dim], got %d dims", op, x->ndim);
+    const int64_t P = g->size;
+    if (to_heads && x->shape[1] % P)
+        fatal("%s: %lld heads do not split over %lld context-parallel ranks", op, (long long)x->shape[1], (long long)P);
+    if (!to_heads && x->shape[0] % P)
+        fatal("%s: %lld tokens do not split over %lld context-parallel ranks", op, (long long)x->shape[0], (long long)P);
+    if (P == 1) return x;
+    Tensor *out = exchange(e, x, g, to_heads);
+    if (engine_wants_grad(e, &x, 1)) {
+        Node *n = engine_record(e, OP_cp_exchange, &x, 1, &out, 1);
+        n->ptr[0] = g;
+        n->i[0] = to_heads;
+    }
+    return out;
+}
+
+Tensor *op_cp_seq_to_heads(Engine *e, Tensor *x, const struct DistGroup *g) { return cp_exchange(e, x, g, true); }
+Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const struct DistGroup *g) { return cp_exchange(e, x, g, false); }
+
+void backward_cp_exchange(Engine *e, Node *n) {
+    /* the input requires grad (the node exists), so gx is there on every rank and the collective runs on all */
+    Tensor *gx = engine_grad(e, n->in[0]);
+    Tensor *back = exchange(e, n->out[0]->grad, n->ptr[0], !n->i[0]);
+    e->be->axpy(gx, back, 1.0f);
+}
+
+Tensor *op_cp_all_gather(Engine *e, Tensor *x, const struct DistGroup *g) {
+    if (!g) fatal("cp_all_gather: no context-parallel group");
+    if (g->size == 1) return x;
+    int64_t shape[TENSOR_MAX_DIMS];
+    for (int d = 0; d < x->ndim; d++) shape[d] = x->shape[d];
+    shape[0] *= g->size;
+    Tensor *out = engine_empty(e, x->dtype, x->ndim, shape);
+    dist_all_gather(g, x->data, out->data, x->numel, dist_type_of(x->dtype, "cp_all_gather"), x->device);
+    if (engine_wants_grad(e, &x, 1)) {
+        Node *n = engine_record(e, OP_cp_all_gather, &x, 1, &out, 1);
+        n->ptr[0] = g;
+    }
+    return out;
+}
+
+void backward_cp_all_gather(Engine *e, Node *n) {
+    Tensor *x = n->in[0], *gx = engine_grad(e, x);
+    Tensor *part = engine_empty_like(e, x);
+    dist_reduce_scatter(n->ptr[0], n->out[0]->grad->data, part->data, x->numel, dist_type_of(x->dtype, "cp_all_gather"),
+                        DIST_SUM, x->device);
+    e->be->axpy(gx, part, 1.0f);
+}
