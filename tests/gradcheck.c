@@ -154,6 +154,19 @@ int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t 
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+int test_system(const char *cmd, const char *errpath, char *err, size_t errn, bool first_line) {
+    int st = system(cmd);
+    err[0] = 0;
+    FILE *f = fopen(errpath, "r");
+    if (f) {
+        size_t n = fread(err, 1, errn - 1, f);
+        err[n] = 0;
+        fclose(f);
+    }
+    char *nl = first_line ? strchr(err, '\n') : NULL;
+    if (nl) *nl = 0;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
 
 double test_norm(const Tensor *t) {
     double s = 0;
@@ -165,4 +178,38 @@ Tensor *test_copy_as(const Tensor *src, DType dt) {
     Tensor *t = test_tensor(dt, src->ndim, src->shape);
     for (int64_t i = 0; i < src->numel; i++) tensor_set(t, i, tensor_get(src, i));
     return t;
+}
+
+void test_h5_write(hid_t f, const char *name, int ndim, const hsize_t *dims, const void *data, bool is_int) {
+    hid_t space = H5Screate_simple(ndim, dims, NULL);
+    hid_t dset = H5Dcreate2(f, name, is_int ? H5T_STD_I32LE : H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(dset, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
+    H5Dclose(dset);
+    H5Sclose(space);
+}
+
+void test_h5_attr(hid_t f, const char *name, double v, bool is_int) {
+    hid_t space = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(f, name, is_int ? H5T_STD_I32LE : H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    int32_t iv = (int32_t)v;
+    H5Awrite(a, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_DOUBLE, is_int ? (const void *)&iv : (const void *)&v);
+    H5Aclose(a);
+    H5Sclose(space);
+}
+
+void *test_h5_read(const char *path, const char *name, int64_t numel, bool is_int) {
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return NULL;
+    void *buf = NULL;
+    if (H5Lexists(f, name, H5P_DEFAULT) > 0) {
+        hid_t d = H5Dopen2(f, name, H5P_DEFAULT), sp = H5Dget_space(d);
+        if (H5Sget_simple_extent_npoints(sp) == numel) {
+            buf = xcalloc((size_t)numel, 4);
+            H5Dread(d, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
+        }
+        H5Sclose(sp);
+        H5Dclose(d);
+    }
+    H5Fclose(f);
+    return buf;
 }

@@ -8,6 +8,9 @@
 #ifndef MSA_GRADCHECK_H
 #define MSA_GRADCHECK_H
 
+#include <hdf5.h>
+#include <stdbool.h>
+
 #include "../autograd/engine.h"
 
 typedef Tensor *(*GradCheckFn)(Engine *e, Tensor **inputs, void *ctx);
@@ -33,6 +36,10 @@ GradCheckResult gradcheck(Engine *e, GradCheckFn fn, Tensor **inputs, int n_inpu
 /* Runs fn(arg) in a forked child with its stderr captured into err (stdout discarded); returns the exit
  * status (-1 if killed, 0 when fn returns). Lets tests watch code that ends the program on bad input. */
 int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t errn);
+/* Runs the shell command cmd, which sends its stderr to the file errpath; err gets that file's text (its
+ * first line only with first_line), "" without the file. Returns the exit status (-1 if killed). Lets
+ * tests run the programs (build/opcheck, test_gpu --die). */
+int test_system(const char *cmd, const char *errpath, char *err, size_t errn, bool first_line);
 
 /* L2 norm of a CPU float tensor; a copy of src converted to dtype dt (F32 or F64) */
 double test_norm(const Tensor *t);
@@ -40,5 +47,12 @@ Tensor *test_copy_as(const Tensor *src, DType dt);
 
 /* ||a - b|| / ||b|| over n doubles */
 double rel_err(const double *a, const double *b, int64_t n);
+
+/* HDF5 files of the program tests (build/opcheck's input and output): write a dataset of f32 (is_int:
+ * i32) values, or a scalar attribute stored as f64 (is_int: i32); read a dataset back as float (is_int:
+ * int32), NULL when it is absent or has another element count (the caller frees it). */
+void test_h5_write(hid_t f, const char *name, int ndim, const hsize_t *dims, const void *data, bool is_int);
+void test_h5_attr(hid_t f, const char *name, double v, bool is_int);
+void *test_h5_read(const char *path, const char *name, int64_t numel, bool is_int);
 
 #endif

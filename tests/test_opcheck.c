@@ -37,23 +37,6 @@ static int spec_tokens(const InputSpec *s) {
     return n;
 }
 
-static void h5_write(hid_t f, const char *name, int ndim, const hsize_t *dims, const void *data, bool is_int) {
-    hid_t space = H5Screate_simple(ndim, dims, NULL);
-    hid_t dset = H5Dcreate2(f, name, is_int ? H5T_STD_I32LE : H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    H5Dwrite(dset, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
-    H5Dclose(dset);
-    H5Sclose(space);
-}
-
-static void h5_attr(hid_t f, const char *name, double v, bool is_int) {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(f, name, is_int ? H5T_STD_I32LE : H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-    int32_t iv = (int32_t)v;
-    H5Awrite(a, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_DOUBLE, is_int ? (const void *)&iv : (const void *)&v);
-    H5Aclose(a);
-    H5Sclose(space);
-}
-
 /* The inputs as f32 test tensors (also what the direct kernel calls use). */
 typedef struct {
     Tensor *q, *k, *v, *qi, *ki, *cu, *dout;
@@ -94,11 +77,11 @@ static void write_input(const char *path, const InputSpec *s, const Inputs *in) 
         if (s->bad_k && strcmp(ds[i].name, "k") == 0) {
             dims[2] += 1;
             float *junk = calloc(T * (hsize_t)s->Hkv * dims[2], sizeof(float));
-            h5_write(f, "k", 3, dims, junk, false);
+            test_h5_write(f, "k", 3, dims, junk, false);
             free(junk);
             continue;
         }
-        h5_write(f, ds[i].name, ds[i].t->ndim, dims, ds[i].t->data, ds[i].t->dtype == DT_I32);
+        test_h5_write(f, ds[i].name, ds[i].t->ndim, dims, ds[i].t->data, ds[i].t->dtype == DT_I32);
     }
     struct {
         const char *name;
@@ -109,7 +92,7 @@ static void write_input(const char *path, const InputSpec *s, const Inputs *in) 
               {"scale", s->p.scale, false},            {"index_scale", s->p.index_scale, false},
               {"kl_weight", s->kl_weight, false}};
     for (size_t i = 0; i < sizeof at / sizeof at[0]; i++)
-        if (!(s->skip && strcmp(s->skip, at[i].name) == 0)) h5_attr(f, at[i].name, at[i].v, at[i].is_int);
+        if (!(s->skip && strcmp(s->skip, at[i].name) == 0)) test_h5_attr(f, at[i].name, at[i].v, at[i].is_int);
     H5Fclose(f);
 }
 
@@ -120,33 +103,7 @@ static int run_opcheck(const Fixture *fx, const char *in, const char *out, const
     char cmd[8192], errpath[128];
     snprintf(errpath, sizeof errpath, "%s/stderr.txt", fx->dir);
     snprintf(cmd, sizeof cmd, "'%s' msa '%s' '%s' %s >/dev/null 2>'%s'", fx->opcheck, in, out, extra ? extra : "", errpath);
-    int rc = system(cmd);
-    err[0] = 0;
-    FILE *f = fopen(errpath, "r");
-    if (f) {
-        size_t n = fread(err, 1, nerr - 1, f);
-        err[n] = 0;
-        fclose(f);
-    }
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-/* Read a dataset of the output file as float (or int32); NULL if absent or of another element count. */
-static void *read_out(const char *path, const char *name, int64_t numel, bool is_int) {
-    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return NULL;
-    void *buf = NULL;
-    if (H5Lexists(f, name, H5P_DEFAULT) > 0) {
-        hid_t d = H5Dopen2(f, name, H5P_DEFAULT), sp = H5Dget_space(d);
-        if (H5Sget_simple_extent_npoints(sp) == numel) {
-            buf = calloc((size_t)numel, 4);
-            H5Dread(d, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-        }
-        H5Sclose(sp);
-        H5Dclose(d);
-    }
-    H5Fclose(f);
-    return buf;
+    return test_system(cmd, errpath, err, nerr, false);
 }
 
 static double rel_err_f(const float *a, const float *b, int64_t n) {
@@ -183,7 +140,7 @@ static bool compare_with_kernels(const char *out_path, const InputSpec *s, const
                         (float)((double)s->kl_weight / (double)(T * s->Hkv)));
     const double klv = tensor_get(kl, 0);
     bool ok = true;
-    int32_t *gtk = read_out(out_path, "topk", topk->numel, true);
+    int32_t *gtk = test_h5_read(out_path, "topk", topk->numel, true);
     if (!gtk || memcmp(gtk, topk->data, tensor_bytes(topk)) != 0) {
         snprintf(why, nwhy, "topk missing or different");
         ok = false;
@@ -194,7 +151,7 @@ static bool compare_with_kernels(const char *out_path, const InputSpec *s, const
         Tensor *t;
     } cmp[] = {{"out", out}, {"lse", lse}, {"dq", dq}, {"dk", dk}, {"dv", dv}, {"dqi", dqi}, {"dki", dki}};
     for (size_t i = 0; ok && i < sizeof cmp / sizeof cmp[0]; i++) {
-        float *g = read_out(out_path, cmp[i].name, cmp[i].t->numel, false);
+        float *g = test_h5_read(out_path, cmp[i].name, cmp[i].t->numel, false);
         double e = g ? rel_err_f(g, cmp[i].t->data, cmp[i].t->numel) : INFINITY;
         double nrm = 0;
         for (int64_t j = 0; j < cmp[i].t->numel; j++) nrm += fabs(tensor_get(cmp[i].t, j));
@@ -205,7 +162,7 @@ static bool compare_with_kernels(const char *out_path, const InputSpec *s, const
         }
         free(g);
     }
-    float *gkl = read_out(out_path, "kl", 1, false), *gku = read_out(out_path, "kl_unweighted", 1, false);
+    float *gkl = test_h5_read(out_path, "kl", 1, false), *gku = test_h5_read(out_path, "kl_unweighted", 1, false);
     if (ok && (!gkl || !gku || fabs(*gkl - s->kl_weight * klv) > 1e-6 * fmax(1, klv) || fabs(*gku - klv) > 1e-6 * fmax(1, klv) || !(klv > 0))) {
         snprintf(why, nwhy, "kl %g / unweighted %g, expected %g / %g", gkl ? *gkl : NAN, gku ? *gku : NAN,
                  s->kl_weight * klv, klv);

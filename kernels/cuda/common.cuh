@@ -48,6 +48,10 @@ static inline int grid_for(int64_t n, int threads) {
 
 const char *dt_name(DType dt);
 
+/* n rounded up to a multiple of 256 bytes: the alignment of the regions a call carves out of one
+ * device buffer (its scratch() region, or a kernel's private workspace). */
+static inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
 }  // namespace msacuda
 
 #define CUDA_CHECK(call)                                                                              \
@@ -115,6 +119,20 @@ __device__ __forceinline__ void report_error(int *err, int code, int a, int b) {
         err[1] = a;
         err[2] = b;
     }
+}
+
+/* ---- search ---- */
+
+/* The first index in the ascending a[0 .. n) with a[i] >= x (n when there is none). The index type I
+ * is the caller's (int for i32 lists, int64_t for long key arrays): the midpoints are computed in it. */
+template <typename K, typename I> __device__ __forceinline__ I lower_bound(const K *a, I n, K x) {
+    I lo = 0, hi = n;
+    while (lo < hi) {
+        const I mid = (lo + hi) >> 1;
+        if (a[mid] < x) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
 }
 
 /* ---- warp and block reductions ---- */

@@ -12,6 +12,9 @@ static void check_args(const char *kernel, const Tensor *a, const Tensor *b, flo
     if (a->dtype != b->dtype) fatal("cuda %s: dtypes differ (%s, %s)", kernel, dt_name(a->dtype), dt_name(b->dtype));
 }
 
+/* the scale of a kept element, 1 / (1 - p): computed in double, rounded once to the kernels' fp32 */
+static float keep_scale(float p) { return (float)(1.0 / (1.0 - (double)p)); }
+
 template <typename T>
 __global__ void dropout_fwd_kernel(T *y, const T *x, int64_t n, uint64_t seed, int64_t offset, uint32_t thr, float inv_keep) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
@@ -28,7 +31,7 @@ extern "C" void cuda_dropout_forward(Tensor *y, const Tensor *x, float p, uint64
     init();
     check_args("dropout_forward", y, x, p);
     if (x->numel == 0) return;
-    const float inv_keep = (float)(1.0 / (1.0 - (double)p));
+    const float inv_keep = keep_scale(p);
     DISPATCH_FLOAT(x->dtype, T, "dropout_forward", {
         dropout_fwd_kernel<T><<<grid_for(x->numel, 256), 256>>>((T *)y->data, (const T *)x->data, x->numel, seed, offset,
                                                                dropout_threshold(p), inv_keep);
@@ -40,7 +43,7 @@ extern "C" void cuda_dropout_backward(Tensor *dx, const Tensor *dy, float p, uin
     init();
     check_args("dropout_backward", dx, dy, p);
     if (dy->numel == 0) return;
-    const float inv_keep = (float)(1.0 / (1.0 - (double)p));
+    const float inv_keep = keep_scale(p);
     DISPATCH_FLOAT(dy->dtype, T, "dropout_backward", {
         dropout_bwd_kernel<T><<<grid_for(dy->numel, 256), 256>>>((T *)dx->data, (const T *)dy->data, dy->numel, seed,
                                                                 offset, dropout_threshold(p), inv_keep);

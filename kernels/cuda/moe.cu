@@ -152,6 +152,19 @@ int check_rows(const char *kernel, const Tensor *rows, int64_t N, int64_t M) {
     return (int)rows->shape[1];
 }
 
+/* The shapes of a permute or unpermute: token rows tok [N, C], the grouped buffer grp [M, C] (named
+ * grp_name in the message) and rows i32 [N, k] with N*k = M. Returns k; N, C and M through the
+ * references. */
+int check_permute_shapes(const char *kernel, const Tensor *tok, const Tensor *grp, const char *grp_name, const Tensor *rows,
+                         int64_t &N, int64_t &C, int64_t &M) {
+    N = tensor_rows(tok);
+    C = tensor_dim(tok, -1);
+    M = tensor_rows(grp);
+    const int k = check_rows(kernel, rows, N, M);
+    if (tensor_dim(grp, -1) != C) fatal("cuda %s: %s must be [N*k, %lld]", kernel, grp_name, (long long)C);
+    return k;
+}
+
 void check_offsets(const char *kernel, const Tensor *offsets, int64_t E) {
     if (offsets->dtype != DT_I32 || offsets->numel != E + 1)
         fatal("cuda %s: offsets must be i32 [E+1] with E = %lld", kernel, (long long)E);
@@ -315,6 +328,21 @@ __device__ __forceinline__ float load_fraction(const int32_t *off, int64_t e, fl
     return (float)(off[e + 1] - off[e]) * inv_m;
 }
 
+/* One token's row p = s[t, :] in a warp: a = sum_e f_e p[e] and st = sum_e p[e], on every lane */
+template <typename T>
+__device__ __forceinline__ void aux_row_sums(const T *p, const int32_t *off, int64_t E, float inv_m, int lane, float &a,
+                                             float &st) {
+    a = 0.0f;
+    st = 0.0f;
+    for (int64_t e = lane; e < E; e += 32) {
+        const float pe = to_f32(p[e]);
+        a += load_fraction(off, e, inv_m) * pe;
+        st += pe;
+    }
+    a = warp_sum(a);
+    st = warp_sum(st);
+}
+
 /* a_t = sum_e f_e s[t,e] (/ sum_e s[t,e] when normalised), one warp per token, into val[t] */
 template <typename T>
 __global__ void aux_rows_kernel(float *val, const T *s, const int32_t *off, int64_t N, int64_t E, int norm) {
@@ -322,15 +350,8 @@ __global__ void aux_rows_kernel(float *val, const T *s, const int32_t *off, int6
     const int32_t M = off[E];
     const float inv_m = M > 0 ? 1.0f / (float)M : 0.0f;
     for (int64_t t = warp_id(); t < N; t += warp_count()) {
-        const T *p = s + t * E;
-        float a = 0.0f, st = 0.0f;
-        for (int64_t e = lane; e < E; e += 32) {
-            const float pe = to_f32(p[e]);
-            a += load_fraction(off, e, inv_m) * pe;
-            st += pe;
-        }
-        a = warp_sum(a);
-        st = warp_sum(st);
+        float a, st;
+        aux_row_sums(s + t * E, off, E, inv_m, lane, a, st);
         if (lane == 0) val[t] = norm ? a / st : a;
     }
 }
@@ -356,14 +377,7 @@ __global__ void aux_bwd_kernel(T *ds, const float *dloss, const T *s, const int3
         T *d = ds + t * E;
         float a = 0.0f, st = 1.0f;
         if (norm) {
-            st = 0.0f;
-            for (int64_t e = lane; e < E; e += 32) {
-                const float pe = to_f32(p[e]);
-                a += load_fraction(off, e, inv_m) * pe;
-                st += pe;
-            }
-            a = warp_sum(a);
-            st = warp_sum(st);
+            aux_row_sums(p, off, E, inv_m, lane, a, st);
             a /= st;
         }
         for (int64_t e = lane; e < E; e += 32)
@@ -407,8 +421,6 @@ __global__ void z_bwd_kernel(T *dl, const float *dloss, const T *lg, const float
 
 /* ---------------------------------------------------------------- plan */
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
 /* keys[i] = idx[i] (E for a bad one, which sorts last and is flagged), vals[i] = i */
 __global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *idx, int64_t M, int32_t E,
                                  unsigned long long *st) {
@@ -419,17 +431,6 @@ __global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *i
         keys[i] = bad ? (uint32_t)E : (uint32_t)e;
         vals[i] = (int32_t)i;
     }
-}
-
-/* first position in the ascending a[0 .. n) whose key is >= x */
-__device__ __forceinline__ int64_t lower_bound(const uint32_t *a, int64_t n, uint32_t x) {
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi) >> 1;
-        if (a[mid] < x) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
 }
 
 /* rows[assignment at sorted position p] = p; offsets[e] = first sorted position with expert >= e */
@@ -444,6 +445,31 @@ __global__ void plan_finish_kernel(int32_t *rows, int32_t *offsets, const uint32
 
 /* ---------------------------------------------------------------- permute / unpermute */
 
+/* True when r = rows[a], assignment a's row in the grouped buffer, lies outside [0, M): the caller
+ * skips the entry, which the one thread of its loop that `reporter` names has flagged (so that it is
+ * flagged once, not once per channel). */
+__device__ __forceinline__ bool bad_row(int32_t r, int64_t a, int64_t M, bool reporter, unsigned long long *st) {
+    if (r < 0 || r >= M) {
+        if (reporter) flag(st, a, r);
+        return true;
+    }
+    return false;
+}
+
+/* The sum over token t's k slots j, in slot order (fp32), of term(j, r) for each slot whose grouped
+ * row r = rows[t, j] is valid; channel c == 0 flags the bad ones. */
+template <typename Term>
+__device__ __forceinline__ float slot_sum(const int32_t *rows, int64_t t, int k, int64_t c, int64_t M, unsigned long long *st,
+                                          Term term) {
+    float acc = 0.0f;
+    for (int j = 0; j < k; j++) {
+        const int32_t r = rows[t * k + j];
+        if (bad_row(r, t * k + j, M, c == 0, st)) continue;
+        acc += term(j, r);
+    }
+    return acc;
+}
+
 /* xs[rows[i]] = x[i / k]: a row copy in units U (16-byte vectors when the rows allow, else elements),
  * one thread per (assignment, unit) so that both the gather and the scatter are coalesced */
 template <typename U>
@@ -452,10 +478,7 @@ __global__ void permute_fwd_kernel(U *xs, const U *x, const int32_t *rows, int64
     for (int64_t i = thread_id(); i < M * units; i += thread_count()) {
         const int64_t a = i / units, c = i % units;
         const int32_t r = rows[a];
-        if (r < 0 || r >= M) {
-            if (c == 0) flag(st, a, r);
-            continue;
-        }
+        if (bad_row(r, a, M, c == 0, st)) continue;
         xs[(int64_t)r * units + c] = x[(a / k) * units + c];
     }
 }
@@ -466,15 +489,7 @@ __global__ void permute_bwd_kernel(T *dx, const T *dxs, const int32_t *rows, int
                                    unsigned long long *st) {
     for (int64_t i = thread_id(); i < N * C; i += thread_count()) {
         const int64_t t = i / C, c = i % C;
-        float acc = 0.0f;
-        for (int j = 0; j < k; j++) {
-            const int32_t r = rows[t * k + j];
-            if (r < 0 || r >= M) {
-                if (c == 0) flag(st, t * k + j, r);
-                continue;
-            }
-            acc += to_f32(dxs[(int64_t)r * C + c]);
-        }
+        const float acc = slot_sum(rows, t, k, c, M, st, [&](int, int32_t r) { return to_f32(dxs[(int64_t)r * C + c]); });
         dx[i] = from_f32<T>(to_f32(dx[i]) + acc);
     }
 }
@@ -485,15 +500,8 @@ __global__ void unpermute_fwd_kernel(T *out, const T *ys, const Tw *w, const int
                                      int64_t M, unsigned long long *st) {
     for (int64_t i = thread_id(); i < N * C; i += thread_count()) {
         const int64_t t = i / C, c = i % C;
-        float acc = 0.0f;
-        for (int j = 0; j < k; j++) {
-            const int32_t r = rows[t * k + j];
-            if (r < 0 || r >= M) {
-                if (c == 0) flag(st, t * k + j, r);
-                continue;
-            }
-            acc += to_f32(w[t * k + j]) * to_f32(ys[(int64_t)r * C + c]);
-        }
+        const float acc = slot_sum(rows, t, k, c, M, st,
+                                   [&](int j, int32_t r) { return to_f32(w[t * k + j]) * to_f32(ys[(int64_t)r * C + c]); });
         out[i] = from_f32<T>(acc);
     }
 }
@@ -506,10 +514,7 @@ __global__ void unpermute_bwd_dys_kernel(T *dys, const T *dout, const Tw *w, con
     for (int64_t i = thread_id(); i < M * C; i += thread_count()) {
         const int64_t a = i / C, c = i % C;
         const int32_t r = rows[a];
-        if (r < 0 || r >= M) {
-            if (c == 0) flag(st, a, r);
-            continue;
-        }
+        if (bad_row(r, a, M, c == 0, st)) continue;
         T *d = dys + (int64_t)r * C + c;
         *d = from_f32<T>(to_f32(*d) + to_f32(w[a]) * to_f32(dout[(a / k) * C + c]));
     }
@@ -522,10 +527,7 @@ __global__ void unpermute_bwd_dw_kernel(Tw *dw, const T *dout, const T *ys, cons
     const int lane = threadIdx.x & 31;
     for (int64_t a = warp_id(); a < M; a += warp_count()) {
         const int32_t r = rows[a];
-        if (r < 0 || r >= M) {
-            if (lane == 0) flag(st, a, r);
-            continue;
-        }
+        if (bad_row(r, a, M, lane == 0, st)) continue;
         const T *g = dout + (a / k) * C, *y = ys + (int64_t)r * C;
         float acc = 0.0f;
         for (int64_t c = lane; c < C; c += 32) acc += to_f32(g[c]) * to_f32(y[c]);
@@ -717,9 +719,8 @@ extern "C" void cuda_moe_permute_forward(Tensor *xs, const Tensor *x, const Tens
     init();
     need_float("moe_permute_forward", x, "x");
     need_same_dtype("moe_permute_forward", x, xs, "xs");
-    const int64_t N = tensor_rows(x), C = tensor_dim(x, -1), M = tensor_rows(xs);
-    const int k = check_rows("moe_permute_forward", rows, N, M);
-    if (tensor_dim(xs, -1) != C) fatal("cuda moe_permute_forward: xs must be [N*k, %lld]", (long long)C);
+    int64_t N, C, M;
+    const int k = check_permute_shapes("moe_permute_forward", x, xs, "xs", rows, N, C, M);
     if (M == 0 || C == 0) return;
     unsigned long long *st = status_word() + ST_ROWS;
     const size_t row_bytes = (size_t)C * dtype_size(x->dtype);
@@ -742,9 +743,8 @@ extern "C" void cuda_moe_permute_backward(Tensor *dx, const Tensor *dxs, const T
     if (!dx) return;
     need_float("moe_permute_backward", dx, "dx");
     need_same_dtype("moe_permute_backward", dx, dxs, "dxs");
-    const int64_t N = tensor_rows(dx), C = tensor_dim(dx, -1), M = tensor_rows(dxs);
-    const int k = check_rows("moe_permute_backward", rows, N, M);
-    if (tensor_dim(dxs, -1) != C) fatal("cuda moe_permute_backward: dxs must be [N*k, %lld]", (long long)C);
+    int64_t N, C, M;
+    const int k = check_permute_shapes("moe_permute_backward", dx, dxs, "dxs", rows, N, C, M);
     if (N == 0 || C == 0) return;
     unsigned long long *st = status_word() + ST_ROWS;
     DISPATCH_FLOAT(dx->dtype, T, "moe_permute_backward", {
@@ -758,9 +758,8 @@ extern "C" void cuda_moe_unpermute_forward(Tensor *out, const Tensor *ys, const 
     init();
     need_float("moe_unpermute_forward", ys, "ys");
     need_same_dtype("moe_unpermute_forward", ys, out, "out");
-    const int64_t N = tensor_rows(out), C = tensor_dim(out, -1), M = tensor_rows(ys);
-    const int k = check_rows("moe_unpermute_forward", rows, N, M);
-    if (tensor_dim(ys, -1) != C) fatal("cuda moe_unpermute_forward: ys must be [N*k, %lld]", (long long)C);
+    int64_t N, C, M;
+    const int k = check_permute_shapes("moe_unpermute_forward", out, ys, "ys", rows, N, C, M);
     if (w->numel != rows->numel) fatal("cuda moe_unpermute_forward: weights must be [N, k]");
     if (N == 0 || C == 0) return;
     unsigned long long *st = status_word() + ST_ROWS;
@@ -782,9 +781,8 @@ extern "C" void cuda_moe_unpermute_backward(Tensor *dys, Tensor *dw, const Tenso
     if (dys) need_numel("moe_unpermute_backward", dys, ys->numel, "dys");
     if (dw) need_same_dtype("moe_unpermute_backward", w, dw, "dw");
     if (dw) need_numel("moe_unpermute_backward", dw, w->numel, "dw");
-    const int64_t N = tensor_rows(dout), C = tensor_dim(dout, -1), M = tensor_rows(ys);
-    const int k = check_rows("moe_unpermute_backward", rows, N, M);
-    if (tensor_dim(ys, -1) != C) fatal("cuda moe_unpermute_backward: ys must be [N*k, %lld]", (long long)C);
+    int64_t N, C, M;
+    const int k = check_permute_shapes("moe_unpermute_backward", dout, ys, "ys", rows, N, C, M);
     if (w->numel != rows->numel) fatal("cuda moe_unpermute_backward: weights must be [N, k]");
     if (M == 0 || C == 0) return;
     unsigned long long *st = status_word() + ST_ROWS;

@@ -65,16 +65,6 @@ struct __align__(16) TileDesc {
 };
 constexpr int TILE_ROWS = 0xffff, TILE_FIRST = 1 << 16, TILE_LAST = 1 << 17; /* in TileDesc.rows */
 
-/* first index in the ascending a[0 .. n) with a[i] >= x */
-__device__ __forceinline__ int lower_bound_i32(const int32_t *a, int n, int x) {
-    int lo = 0, hi = n;
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (a[mid] < x) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
 /* first index in the non-decreasing a[0 .. n) with a[i] > x */
 __device__ __forceinline__ int upper_bound_i32(const int *a, int n, int x) {
     int lo = 0, hi = n;
@@ -105,7 +95,7 @@ __global__ void sched_count_kernel(int *rs, int *cnt, int *ntiles, PlanView pv, 
         const int g = gr / Rb, r = gr - g * Rb;
         const int32_t *rp = pv.row_ptr(g), *qi = pv.q_idx(g);
         const int a = min(max(rp[r], 0), (int)pv.NK), b = min(max(rp[r + 1], a), (int)pv.NK);
-        const int lo = a + lower_bound_i32(qi + a, b - a, c0), hi = a + lower_bound_i32(qi + a, b - a, c1);
+        const int lo = a + lower_bound(qi + a, b - a, c0), hi = a + lower_bound(qi + a, b - a, c1);
         rs[gr] = lo;
         cnt[gr] = hi - lo;
         ntiles[gr] = nks * (int)(((int64_t)(hi - lo) * G + M - 1) / M);
@@ -362,6 +352,41 @@ __device__ __forceinline__ void tc_load_kv(unsigned char *sK, unsigned char *sV,
         cp_async16(smem_u32(sV) + swz<CPR>(row, ch), v + off, ok);
     }
 }
+/* The ring's prologue, before a CTA's first tile tb: the descriptors of tb .. tb+2, then the entries of
+ * tb and tb+1 (addressed by those descriptors), then tb's row meta (built from those entries), each
+ * stage waited for before the next. The kernel then gathers tb's rows and loads its K/V. */
+template <int M>
+__device__ __forceinline__ void tc_ring_prologue(TcRing<M> &ring, const TileArgs &a, int tb, int te) {
+    for (int j = tb; j < te && j < tb + 3; j++) tc_issue_desc(ring, a, j);
+    cp_commit();
+    cp_wait_all();
+    __syncthreads();
+    for (int j = tb; j < te && j < tb + 2; j++) tc_issue_ent(ring, a, j);
+    cp_commit();
+    cp_wait_all();
+    __syncthreads();
+    tc_build_meta(ring, a, tb);
+    __syncthreads();
+}
+/* The ring's steps that open iteration i of the tile loop: tile i+1's row meta from its entries, then
+ * the descriptor of i+3 and the entries of i+2 issued (committed by the kernel with i+1's rows), and
+ * the barrier after which i+1's meta may be read for its gather. */
+template <int M>
+__device__ __forceinline__ void tc_ring_advance(TcRing<M> &ring, const TileArgs &a, int i, int te) {
+    if (i + 1 < te) tc_build_meta(ring, a, i + 1);
+    if (i + 3 < te) tc_issue_desc(ring, a, i + 3);
+    if (i + 2 < te) tc_issue_ent(ring, a, i + 2);
+    __syncthreads();
+}
+/* The fp32 accumulators of two adjacent n8 tiles (the m16n8 C layout, lo = columns 0-7, hi = 8-15) as
+ * the bf16 A fragment of one m16n8k16 step over those 16 columns: the C layout of two n-tiles is the
+ * A layout of a k16 step. */
+__device__ __forceinline__ void acc_to_a_frag(uint32_t (&f)[4], const float (&lo)[4], const float (&hi)[4]) {
+    f[0] = pack_bf16(lo[0], lo[1]);
+    f[1] = pack_bf16(lo[2], lo[3]);
+    f[2] = pack_bf16(hi[0], hi[1]);
+    f[3] = pack_bf16(hi[2], hi[3]);
+}
 
 /* ------------------------------------------------------------------------------------------------
  * Tensor-core forward
@@ -460,10 +485,7 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
         for (int kk = 0; kk < 4; kk++) {
             if (kk < steps) {
                 uint32_t pa[4];
-                pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                acc_to_a_frag(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
                 for (int dp = 0; dp < D / 16; dp++) {
                     uint32_t b[4];
@@ -516,16 +538,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
     if (tb >= te) return;
 
     /* prologue: descriptors tb .. tb+2, entries tb, tb+1, rows of tb, K/V of tb's segment */
-    for (int j = tb; j < te && j < tb + 3; j++) tc_issue_desc(ring, a, j);
-    cp_commit();
-    cp_wait_all();
-    __syncthreads();
-    for (int j = tb; j < te && j < tb + 2; j++) tc_issue_ent(ring, a, j);
-    cp_commit();
-    cp_wait_all();
-    __syncthreads();
-    tc_build_meta(ring, a, tb);
-    __syncthreads();
+    tc_ring_prologue(ring, a, tb, te);
     tc_gather_rows<D, M>(sQ + (tb & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta[tb & 1], a.Hq);
     tc_load_kv<D>(sK, sV, a, ring.desc[tb & 3]);
     cp_commit();
@@ -533,10 +546,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
     __syncthreads();
 
     for (int i = tb; i < te; i++) {
-        if (i + 1 < te) tc_build_meta(ring, a, i + 1);
-        if (i + 3 < te) tc_issue_desc(ring, a, i + 3);
-        if (i + 2 < te) tc_issue_ent(ring, a, i + 2);
-        __syncthreads();
+        tc_ring_advance(ring, a, i, te);
         if (i + 1 < te) tc_gather_rows<D, M>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta[(i + 1) & 1], a.Hq);
         cp_commit();
         tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sK, sV, ring.desc[i & 3], ring.meta[i & 1], a);
@@ -676,14 +686,8 @@ __device__ __forceinline__ void tc_bwd_tile(TcDkv<D> &acc, const unsigned char *
 #pragma unroll
                 for (int kq = 0; kq < M / 16; kq++) {
                     uint32_t pa[4], da[4];
-                    pa[0] = pack_bf16(st[2 * kq][0], st[2 * kq][1]);
-                    pa[1] = pack_bf16(st[2 * kq][2], st[2 * kq][3]);
-                    pa[2] = pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]);
-                    pa[3] = pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3]);
-                    da[0] = pack_bf16(dpt[2 * kq][0], dpt[2 * kq][1]);
-                    da[1] = pack_bf16(dpt[2 * kq][2], dpt[2 * kq][3]);
-                    da[2] = pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
-                    da[3] = pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
+                    acc_to_a_frag(pa, st[2 * kq], st[2 * kq + 1]);
+                    acc_to_a_frag(da, dpt[2 * kq], dpt[2 * kq + 1]);
 #pragma unroll
                     for (int dp = 0; dp < D / 16; dp++) {
                         uint32_t b[4];
@@ -776,16 +780,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_ker
     cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
     if (tb >= te) return;
 
-    for (int j = tb; j < te && j < tb + 3; j++) tc_issue_desc(ring, a, j);
-    cp_commit();
-    cp_wait_all();
-    __syncthreads();
-    for (int j = tb; j < te && j < tb + 2; j++) tc_issue_ent(ring, a, j);
-    cp_commit();
-    cp_wait_all();
-    __syncthreads();
-    tc_build_meta(ring, a, tb);
-    __syncthreads();
+    tc_ring_prologue(ring, a, tb, te);
     tc_bwd_gather<D>(sQ + (tb & 1) * C::Q_BYTES, sO + (tb & 1) * C::Q_BYTES, sL + (tb & 1) * M, sDs + (tb & 1) * M,
                      ring.meta[tb & 1], a);
     tc_load_kv<D>(sK, sV, a, ring.desc[tb & 3]);
@@ -802,10 +797,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_ker
 
     for (int i = tb; i < te; i++) {
         const int b1 = (i + 1) & 1;
-        if (i + 1 < te) tc_build_meta(ring, a, i + 1);
-        if (i + 3 < te) tc_issue_desc(ring, a, i + 3);
-        if (i + 2 < te) tc_issue_ent(ring, a, i + 2);
-        __syncthreads();
+        tc_ring_advance(ring, a, i, te);
         if (i + 1 < te) tc_bwd_gather<D>(sQ + b1 * C::Q_BYTES, sO + b1 * C::Q_BYTES, sL + b1 * M, sDs + b1 * M, ring.meta[b1], a);
         cp_commit();
         const int b0 = i & 1;
@@ -1260,8 +1252,6 @@ template <typename T> __global__ void msa_add_acc_kernel(T *grad, const float *a
  * Host side
  * ---------------------------------------------------------------------------------------------- */
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
 /* Carve one scratch region: a first pass with base = nullptr only measures. */
 struct Carve {
     char *base;
@@ -1336,16 +1326,20 @@ int chunk_queries(int N, size_t bytes_per_query) {
 }
 
 /* Grid of a persistent tile kernel: every CTA the device holds at once (raising the shared-memory
- * limit first when the kernel needs more than 48 KB). */
-template <typename Kern> int persistent_grid(const char *name, Kern kernel, int threads, size_t smem) {
+ * limit first when the kernel needs more than 48 KB). Measured at the kernel's first use and kept: a
+ * tile kernel's threads and shared memory are fixed by its template arguments. */
+template <auto Kernel> int persistent_grid(const char *name, int threads, size_t smem) {
+    static int grid = 0;
+    if (grid) return grid;
     if (smem > 48 * 1024) {
         if ((int)smem > max_smem_optin())
             fatal("cuda %s: needs %zu bytes of shared memory, the device allows %d", name, smem, max_smem_optin());
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
     int per_sm = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    return sm_count() * (per_sm > 0 ? per_sm : 1);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, smem));
+    grid = sm_count() * (per_sm > 0 ? per_sm : 1);
+    return grid;
 }
 
 int dpl_of(int D) { return D <= 32 ? 1 : D <= 64 ? 2 : D <= 128 ? 4 : 8; }
@@ -1399,23 +1393,15 @@ Shape check_common(const char *what, const Tensor *q, const Tensor *k, const Ten
     return s;
 }
 
-/* The plan to use: the caller's, or a temporary built here (freed by release_plan). */
+/* The plan to use: the caller's, or a temporary built here (then *owned, which the caller frees with
+ * cuda_free). */
 const int32_t *get_plan(const Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p, const Shape &sh,
                         void **owned) {
     *owned = nullptr;
     if (plan) return (const int32_t *)plan->data;
-    Tensor t;
-    memset(&t, 0, sizeof t);
-    t.dtype = DT_I32;
-    t.device = DEV_CUDA;
-    t.ndim = 2;
-    t.shape[0] = sh.Hkv;
-    t.shape[1] = sh.P;
-    t.numel = sh.Hkv * sh.P;
-    t.data = cuda_alloc((size_t)t.numel * sizeof(int32_t));
-    cuda_msa_plan(&t, topk, cu, p);
-    *owned = t.data;
-    return (const int32_t *)t.data;
+    int32_t *built = msa_temporary_plan(topk, cu, p, sh.Hkv, sh.P);
+    *owned = built;
+    return built;
 }
 
 template <typename T, typename PT, int VPL>
@@ -1450,6 +1436,44 @@ void dq_combine(Tensor *dq, const float *dqp, const int32_t *topk, const Shape &
     LAUNCH_CHECK("msa_attention_backward dq combine");
 }
 
+/* The TileArgs fields the forward and the backward share: the inputs, the chunk schedule's buffers and
+ * the shapes. The rest stays null until the caller sets its direction's buffers; c0 is set per chunk
+ * (for_each_chunk). */
+TileArgs tile_args(const Tensor *q, const Tensor *k, const Tensor *v, const Sched &sc, const Shape &sh, const Geo &geo,
+                   float scale) {
+    TileArgs a;
+    memset(&a, 0, sizeof a);
+    a.q = q->data;
+    a.k = k->data;
+    a.v = v->data;
+    a.desc = sc.desc;
+    a.ent = sc.ent;
+    a.tile_off = sc.tile_off;
+    a.n_gr = sh.n_gr;
+    a.Rb = sh.Rb;
+    a.N = sh.N;
+    a.Hq = sh.Hq;
+    a.Hkv = sh.Hkv;
+    a.G = sh.G;
+    a.NS = geo.NS;
+    a.nks = geo.nks;
+    a.scale = scale;
+    return a;
+}
+
+/* The query chunks [c0, c1) of Qc queries in order: each chunk's schedule is built into sc and a.c0
+ * set, then run(c0, c1) launches the chunk's kernels (which read the schedule and a). */
+template <typename Run>
+void for_each_chunk(const Sched &sc, const Shape &sh, const Geo &geo, const int32_t *plan, const int32_t *topk,
+                    const int32_t *cu, int Qc, TileArgs &a, Run run) {
+    for (int c0 = 0; c0 < sh.N; c0 += Qc) {
+        const int c1 = sh.N - c0 > Qc ? c0 + Qc : sh.N;
+        sched_build(sc, sh, geo, plan, topk, cu, c0, c1);
+        a.c0 = c0;
+        run(c0, c1);
+    }
+}
+
 /* The geometry of the forward tile kernel for this call (the grid is measured once per kernel). */
 template <typename T> Geo fwd_geo(const Shape &sh) {
     Geo g;
@@ -1458,15 +1482,11 @@ template <typename T> Geo fwd_geo(const Shape &sh) {
         g.KB = TC_KB;
         g.threads = TC_THREADS;
         if (sh.D == 128) {
-            static int grid = 0;
             g.smem = TcFwd<128>::SMEM;
-            if (!grid) grid = persistent_grid("msa_attention_forward", msa_fwd_tc_kernel<128>, TC_THREADS, g.smem);
-            g.grid = grid;
+            g.grid = persistent_grid<msa_fwd_tc_kernel<128>>("msa_attention_forward", TC_THREADS, g.smem);
         } else {
-            static int grid = 0;
             g.smem = TcFwd<64>::SMEM;
-            if (!grid) grid = persistent_grid("msa_attention_forward", msa_fwd_tc_kernel<64>, TC_THREADS, g.smem);
-            g.grid = grid;
+            g.grid = persistent_grid<msa_fwd_tc_kernel<64>>("msa_attention_forward", TC_THREADS, g.smem);
         }
     } else {
         const int dpl = dpl_of(sh.D), LP = 32 * dpl, RP = LP + 4;
@@ -1474,17 +1494,13 @@ template <typename T> Geo fwd_geo(const Shape &sh) {
         g.KB = 32;
         g.threads = CC_THREADS;
         g.smem = (size_t)(CC_M * LP + 32 * RP + 32 * LP) * sizeof(float) + CC_M * sizeof(int4);
-        static int grids[4] = {0, 0, 0, 0};
-        const int slot = dpl == 1 ? 0 : dpl == 2 ? 1 : dpl == 4 ? 2 : 3;
-        if (!grids[slot]) {
-            switch (dpl) {
-            case 1: grids[slot] = persistent_grid("msa_attention_forward", msa_fwd_cc_kernel<T, float, 1>, CC_THREADS, g.smem); break;
-            case 2: grids[slot] = persistent_grid("msa_attention_forward", msa_fwd_cc_kernel<T, float, 2>, CC_THREADS, g.smem); break;
-            case 4: grids[slot] = persistent_grid("msa_attention_forward", msa_fwd_cc_kernel<T, float, 4>, CC_THREADS, g.smem); break;
-            default: grids[slot] = persistent_grid("msa_attention_forward", msa_fwd_cc_kernel<T, float, 8>, CC_THREADS, g.smem); break;
-            }
+        const char *name = "msa_attention_forward";
+        switch (dpl) {
+        case 1: g.grid = persistent_grid<msa_fwd_cc_kernel<T, float, 1>>(name, CC_THREADS, g.smem); break;
+        case 2: g.grid = persistent_grid<msa_fwd_cc_kernel<T, float, 2>>(name, CC_THREADS, g.smem); break;
+        case 4: g.grid = persistent_grid<msa_fwd_cc_kernel<T, float, 4>>(name, CC_THREADS, g.smem); break;
+        default: g.grid = persistent_grid<msa_fwd_cc_kernel<T, float, 8>>(name, CC_THREADS, g.smem); break;
         }
-        g.grid = grids[slot];
     }
     g.nks = (sh.B + g.KB - 1) / g.KB;
     g.NS = sh.K * g.nks;
@@ -1508,29 +1524,10 @@ void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, co
         opart = cv.take<char>((int64_t)Qc * sh.Hq * geo.NS * sh.D * (int64_t)psz);
         lpart = cv.take<float>((int64_t)Qc * sh.Hq * geo.NS);
     }
-    TileArgs a;
-    memset(&a, 0, sizeof a);
-    a.q = q->data;
-    a.k = k->data;
-    a.v = v->data;
-    a.desc = sc.desc;
-    a.ent = sc.ent;
-    a.tile_off = sc.tile_off;
+    TileArgs a = tile_args(q, k, v, sc, sh, geo, scale);
     a.opart = opart;
     a.lpart = lpart;
-    a.n_gr = sh.n_gr;
-    a.Rb = sh.Rb;
-    a.N = sh.N;
-    a.Hq = sh.Hq;
-    a.Hkv = sh.Hkv;
-    a.G = sh.G;
-    a.NS = geo.NS;
-    a.nks = geo.nks;
-    a.scale = scale;
-    for (int c0 = 0; c0 < sh.N; c0 += Qc) {
-        const int c1 = sh.N - c0 > Qc ? c0 + Qc : sh.N;
-        sched_build(sc, sh, geo, plan, topk, cu, c0, c1);
-        a.c0 = c0;
+    for_each_chunk(sc, sh, geo, plan, topk, cu, Qc, a, [&](int c0, int c1) {
         if (tc) {
             if (sh.D == 128) msa_fwd_tc_kernel<128><<<geo.grid, geo.threads, geo.smem>>>(a);
             else msa_fwd_tc_kernel<64><<<geo.grid, geo.threads, geo.smem>>>(a);
@@ -1546,7 +1543,7 @@ void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, co
             LAUNCH_CHECK("msa_attention_forward tiles");
             fwd_combine<T, float>(out, lse, (const float *)opart, lpart, topk, sh, c0, c1 - c0, geo.nks, geo.NS);
         }
-    }
+    });
 }
 
 template <typename T> Geo bwd_geo(const Shape &sh) {
@@ -1555,17 +1552,13 @@ template <typename T> Geo bwd_geo(const Shape &sh) {
         g.KB = TC_KB;
         g.threads = TC_THREADS;
         if (sh.D == 128) {
-            static int grid = 0;
             g.M = TcBwd<128>::M;
             g.smem = TcBwd<128>::SMEM;
-            if (!grid) grid = persistent_grid("msa_attention_backward", msa_bwd_tc_kernel<128>, TC_THREADS, g.smem);
-            g.grid = grid;
+            g.grid = persistent_grid<msa_bwd_tc_kernel<128>>("msa_attention_backward", TC_THREADS, g.smem);
         } else {
-            static int grid = 0;
             g.M = TcBwd<64>::M;
             g.smem = TcBwd<64>::SMEM;
-            if (!grid) grid = persistent_grid("msa_attention_backward", msa_bwd_tc_kernel<64>, TC_THREADS, g.smem);
-            g.grid = grid;
+            g.grid = persistent_grid<msa_bwd_tc_kernel<64>>("msa_attention_backward", TC_THREADS, g.smem);
         }
     } else {
         const int dpl = dpl_of(sh.D), LP = 32 * dpl, RP = LP + 4, KPW = dpl <= 4 ? 8 : 4;
@@ -1573,17 +1566,13 @@ template <typename T> Geo bwd_geo(const Shape &sh) {
         g.KB = CC_WARPS * KPW;
         g.threads = CC_THREADS;
         g.smem = (size_t)(2 * g.KB * LP + 2 * CC_M * RP + CC_M * (g.KB + 1) + 2 * CC_M) * sizeof(float) + CC_M * sizeof(int4);
-        static int grids[4] = {0, 0, 0, 0};
-        const int slot = dpl == 1 ? 0 : dpl == 2 ? 1 : dpl == 4 ? 2 : 3;
-        if (!grids[slot]) {
-            switch (dpl) {
-            case 1: grids[slot] = persistent_grid("msa_attention_backward", msa_bwd_cc_kernel<T, 1, 8>, CC_THREADS, g.smem); break;
-            case 2: grids[slot] = persistent_grid("msa_attention_backward", msa_bwd_cc_kernel<T, 2, 8>, CC_THREADS, g.smem); break;
-            case 4: grids[slot] = persistent_grid("msa_attention_backward", msa_bwd_cc_kernel<T, 4, 8>, CC_THREADS, g.smem); break;
-            default: grids[slot] = persistent_grid("msa_attention_backward", msa_bwd_cc_kernel<T, 8, 4>, CC_THREADS, g.smem); break;
-            }
+        const char *name = "msa_attention_backward";
+        switch (dpl) {
+        case 1: g.grid = persistent_grid<msa_bwd_cc_kernel<T, 1, 8>>(name, CC_THREADS, g.smem); break;
+        case 2: g.grid = persistent_grid<msa_bwd_cc_kernel<T, 2, 8>>(name, CC_THREADS, g.smem); break;
+        case 4: g.grid = persistent_grid<msa_bwd_cc_kernel<T, 4, 8>>(name, CC_THREADS, g.smem); break;
+        default: g.grid = persistent_grid<msa_bwd_cc_kernel<T, 8, 4>>(name, CC_THREADS, g.smem); break;
         }
-        g.grid = grids[slot];
     }
     g.nks = (sh.B + g.KB - 1) / g.KB;
     g.NS = sh.K * g.nks;
@@ -1617,34 +1606,15 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     LAUNCH_CHECK("msa_attention_backward dsum");
     if (acck) CUDA_CHECK(cudaMemsetAsync(acck, 0, (size_t)nkv * sizeof(float)));
     if (accv) CUDA_CHECK(cudaMemsetAsync(accv, 0, (size_t)nkv * sizeof(float)));
-    TileArgs a;
-    memset(&a, 0, sizeof a);
-    a.q = q->data;
-    a.k = k->data;
-    a.v = v->data;
+    TileArgs a = tile_args(q, k, v, sc, sh, geo, scale);
     a.dout = dout->data;
     a.lse = (const float *)lse->data;
     a.dsum = dsum;
-    a.desc = sc.desc;
-    a.ent = sc.ent;
-    a.tile_off = sc.tile_off;
     a.dqp = dqp;
     a.acck = acck;
     a.accv = accv;
     a.cut = cut;
-    a.n_gr = sh.n_gr;
-    a.Rb = sh.Rb;
-    a.N = sh.N;
-    a.Hq = sh.Hq;
-    a.Hkv = sh.Hkv;
-    a.G = sh.G;
-    a.NS = geo.NS;
-    a.nks = geo.nks;
-    a.scale = scale;
-    for (int c0 = 0; c0 < sh.N; c0 += Qc) {
-        const int c1 = sh.N - c0 > Qc ? c0 + Qc : sh.N;
-        sched_build(sc, sh, geo, plan, topk, cu, c0, c1);
-        a.c0 = c0;
+    for_each_chunk(sc, sh, geo, plan, topk, cu, Qc, a, [&](int c0, int c1) {
         if (tc) {
             if (sh.D == 128) msa_bwd_tc_kernel<128><<<geo.grid, geo.threads, geo.smem>>>(a);
             else msa_bwd_tc_kernel<64><<<geo.grid, geo.threads, geo.smem>>>(a);
@@ -1664,7 +1634,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
             LAUNCH_CHECK("msa_attention_backward dk dv fixup");
         }
         if (dq) dq_combine<T>(dq, dqp, topk, sh, c0, c1 - c0, geo.nks, geo.NS, scale);
-    }
+    });
     if (acck) {
         msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256>>>((T *)dk->data, acck, nkv, scale);
         LAUNCH_CHECK("msa_attention_backward dk");

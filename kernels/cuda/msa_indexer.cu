@@ -116,16 +116,21 @@ __device__ __forceinline__ void load_tile(T *dst, const T *x, int64_t r0, int nr
  * acc[mt][j][2h+e] = score of row 16*mt + 8*h + lane/4 and key 32*c + 8*j + 2*(lane%4) + e. */
 template <typename T, int KS, bool FAST> struct Chunk;
 
+/* a chunk's accumulators, zeroed before either Chunk::compute sums into them */
+__device__ __forceinline__ void zero_chunk(float (&acc)[2][4][4]) {
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[mt][j][i] = 0.0f;
+}
+
 template <int KS, bool FAST> struct Chunk<bf16, KS, FAST> {
     using C = Cfg<bf16, KS, FAST>;
     static __device__ __forceinline__ void compute(float (&acc)[2][4][4], const uint32_t (&a)[2][KS][4], const bf16 *,
                                                    const bf16 *kb, int c, int lane) {
-#pragma unroll
-        for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) acc[mt][j][i] = 0.0f;
+        zero_chunk(acc);
         /* ldmatrix x4 over 16 keys x 16 dims: matrices (keys 0-7, dims 0-7), (keys 0-7, dims 8-15),
          * (keys 8-15, dims 0-7), (keys 8-15, dims 8-15) = the B fragments of two n8 tiles */
         const bf16 *base = kb + (32 * c + (lane >> 4) * 8 + (lane & 7)) * C::PITCH + ((lane >> 3) & 1) * 8;
@@ -147,12 +152,7 @@ template <int KS, bool FAST> struct Chunk<float, KS, FAST> {
     using C = Cfg<float, KS, FAST>;
     static __device__ __forceinline__ void compute(float (&acc)[2][4][4], const uint32_t (&)[2][KS][4], const float *qw,
                                                    const float *kb, int c, int lane) {
-#pragma unroll
-        for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) acc[mt][j][i] = 0.0f;
+        zero_chunk(acc);
         const int g = lane >> 2, q = lane & 3;
         const float *qr = qw + g * C::PITCH;                  /* row g of the warp; +8, +16, +24 */
         const float *kr = kb + (32 * c + 2 * q) * C::PITCH;   /* key 2q of the chunk; +8j, +e */

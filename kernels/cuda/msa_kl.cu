@@ -1002,7 +1002,7 @@ struct Bump {
     size_t off;
     template <typename X> X *take(int64_t n) {
         X *p = base ? (X *)(base + off) : nullptr;
-        off += ((size_t)(n > 0 ? n : 1) * sizeof(X) + 255) / 256 * 256;
+        off += align256((size_t)(n > 0 ? n : 1) * sizeof(X));
         return p;
     }
 };
@@ -1017,18 +1017,7 @@ struct PlanHold {
             ptr = (const int *)plan->data;
             return;
         }
-        const int64_t P = msa_plan_width(d.N, d.K);
-        mem = cuda_alloc((size_t)d.Hkv * P * sizeof(int32_t));
-        Tensor t;
-        memset(&t, 0, sizeof t);
-        t.dtype = DT_I32;
-        t.device = DEV_CUDA;
-        t.ndim = 2;
-        t.shape[0] = d.Hkv;
-        t.shape[1] = P;
-        t.numel = d.Hkv * P;
-        t.data = mem;
-        cuda_msa_plan(&t, topk, cu, p);
+        mem = msa_temporary_plan(topk, cu, p, d.Hkv, msa_plan_width(d.N, d.K));
         ptr = (const int *)mem;
     }
     ~PlanHold() { cuda_free(mem); } /* synchronises: the kernels that read it are done */

@@ -21,6 +21,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
@@ -48,6 +49,20 @@ int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *c
     return cu_seqlens->numel - 1;
 }
 
+int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p, int64_t Hidx, int64_t P) {
+    Tensor t;
+    memset(&t, 0, sizeof t);
+    t.dtype = DT_I32;
+    t.device = DEV_CUDA;
+    t.ndim = 2;
+    t.shape[0] = Hidx;
+    t.shape[1] = P;
+    t.numel = Hidx * P;
+    t.data = cuda_alloc((size_t)t.numel * sizeof(int32_t));
+    cuda_msa_plan(&t, topk, cu_seqlens, p);
+    return (int32_t *)t.data;
+}
+
 }  // namespace msacuda
 
 using namespace msacuda;
@@ -70,8 +85,6 @@ void *plan_workspace(size_t bytes) {
     }
     return buf;
 }
-
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 /* nb[d] = blocks of document d (nb[ndocs] = 0, so that the exclusive scan's last entry is R);
  * err[1] = the first bad cu_seqlens entry. */
@@ -116,17 +129,6 @@ __global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, unsigned long lo
         }
         if (bad) atomicMin(err, (unsigned long long)g * (unsigned long long)N + (unsigned long long)t);
     }
-}
-
-/* first position in the ascending a[0 .. n) whose key is >= x */
-__device__ __forceinline__ int64_t lower_bound(const uint32_t *a, int64_t n, uint32_t x) {
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi) >> 1;
-        if (a[mid] < x) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
 }
 
 /* row_ptr, the zero tail of q_idx, row_lo and row_hi of group g's plan (q_idx already holds the

@@ -1,5 +1,6 @@
-/* Internals shared by the CUDA MSA index-side kernels (msa_plan.cu, msa_indexer.cu): the host-side
- * validation of MsaParams (the CPU's msa_ctx_init rules, with the same messages) and the device-side
+/* Internals shared by the CUDA MSA kernels (msa_plan.cu, msa_indexer.cu, msa_recall.cu,
+ * msa_attention.cu, msa_kl.cu): the host-side validation of MsaParams (the CPU's msa_ctx_init rules,
+ * with the same messages), a temporary plan for the kernels called without one, and the device-side
  * lookup of a token's document. */
 #ifndef MSA_CUDA_MSA_PLAN_CUH
 #define MSA_CUDA_MSA_PLAN_CUH
@@ -12,6 +13,11 @@ namespace msacuda {
  * local_blocks >= 1 and init_blocks + local_blocks <= topk_blocks (forced blocks stay inside the
  * budget), and cu_seqlens is i32 [ndocs+1] with ndocs >= 1. Returns ndocs. */
 int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *cu_seqlens);
+
+/* The plan of topk for a kernel given none: i32 [Hidx, P = msa_plan_width(N, k)] built by cuda_msa_plan
+ * in memory from cuda_alloc, which the caller releases with cuda_free. cuda_msa_plan works in its own
+ * workspace, so the caller may hold its scratch() region meanwhile. */
+int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p, int64_t Hidx, int64_t P);
 
 /* The document of token t: the last d in [0, ndocs) with cu[d] <= t (empty documents are skipped
  * that way). Stays in [0, ndocs) whatever cu holds. */

@@ -215,4 +215,116 @@ void grad_free(Grad *gr) {
 
 const char *dn(DType dt) { return dtype_name(dt); }
 
-/* ---------- elementwise ---------- */
+/* ---------- attention cases ---------- */
+
+AttnCase attn_inputs(DType act, int64_t N, int64_t Hq, int64_t Hkv, int64_t D) {
+    AttnCase a;
+    memset(&a, 0, sizeof a);
+    a.q = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1);
+    a.k = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1);
+    a.v = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1);
+    a.out = pair_out(act, 3, (int64_t[]){N, Hq, D});
+    a.lse = pair_out(DT_F32, 2, (int64_t[]){Hq, N});
+    return a;
+}
+
+void attn_backward_inputs(AttnCase *a, DType act) {
+    const int64_t N = a->q.c.shape[0], Hq = a->q.c.shape[1], D = a->q.c.shape[2], Hkv = a->k.c.shape[1];
+    a->o2 = pair_from(act, 3, (int64_t[]){N, Hq, D}, (const float *)a->out.c.data);
+    a->l2 = pair_from(DT_F32, 2, (int64_t[]){Hq, N}, (const float *)a->lse.c.data);
+    a->dout = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1);
+    a->dq = grad_new(act, 3, (int64_t[]){N, Hq, D});
+    a->dk = grad_new(act, 3, (int64_t[]){N, Hkv, D});
+    a->dv = grad_new(act, 3, (int64_t[]){N, Hkv, D});
+}
+
+void attn_check_forward(const AttnCase *a, const char *label, const char *desc, double tol) {
+    char name[320];
+    snprintf(name, sizeof name, "%s fwd out %s", label, desc);
+    check(name, &a->out, tol);
+    snprintf(name, sizeof name, "%s fwd lse %s", label, desc);
+    check(name, &a->lse, tol);
+}
+
+void attn_arm_grads(AttnCase *a) {
+    grad_arm(&a->dq);
+    grad_arm(&a->dk);
+    grad_arm(&a->dv);
+}
+
+void attn_check_grads(AttnCase *a, int grads, const char *label, const char *desc, double tol) {
+    Grad *gs[3] = {&a->dq, &a->dk, &a->dv};
+    const char *gn[3] = {"dq", "dk", "dv"};
+    char name[320];
+    for (int i = 0; i < 3; i++) {
+        if (!(grads & (1 << i))) continue;
+        snprintf(name, sizeof name, "%s bwd %s %s%s", label, gn[i], desc, grads == 7 ? "" : " (others NULL)");
+        grad_check(name, gs[i], tol);
+    }
+}
+
+void attn_free(AttnCase *a) {
+    grad_free(&a->dq);
+    grad_free(&a->dk);
+    grad_free(&a->dv);
+    Pair *ps[] = {&a->dout, &a->o2, &a->l2, &a->out, &a->lse, &a->q, &a->k, &a->v};
+    for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) pair_free(ps[i]);
+}
+
+/* ---------- --bench helpers ---------- */
+
+void gpu_sync(void) {
+    static Tensor s;
+    if (!s.data) s = mk(GB, DT_F32, 1, (int64_t[]){1});
+    float x;
+    GB->copy_to_host(&x, s.data, 4);
+}
+
+Tensor dev_rand(DType dt, int ndim, const int64_t *shape, double std) {
+    Tensor t = mk(GB, dt, ndim, shape);
+    float *v = randn(t.numel, 0, std);
+    upload_f32(&t, v);
+    free(v);
+    return t;
+}
+
+double msa_bench_selection(Tensor *topk, Tensor *cu, Tensor *plan, int64_t Hkv, int64_t N, int B, int K) {
+    const int64_t nt = Hkv * N * K;
+    int32_t *tk = xmalloc((size_t)nt * sizeof(int32_t));
+    double pairs = 0;
+    for (int64_t g = 0; g < Hkv; g++)
+        for (int64_t t = 0; t < N; t++) {
+            int32_t *row = tk + (g * N + t) * K;
+            const int local = (int)(t / B);
+            int n = 0;
+            if (local + 1 <= K) {
+                for (int b = 0; b <= local; b++) row[n++] = b;
+            } else {
+                row[n++] = local;
+                while (n < K) {
+                    const int b = (int)(rng_uniform(&gpu_check.rng) * local);
+                    bool dup = false;
+                    for (int i = 1; i < n; i++) dup |= row[i] == b;
+                    if (!dup) row[n++] = b;
+                }
+                for (int i = 1; i < n; i++)
+                    for (int j = i; j > 0 && row[j - 1] > row[j]; j--) {
+                        const int32_t x = row[j];
+                        row[j] = row[j - 1];
+                        row[j - 1] = x;
+                    }
+            }
+            for (int i = 0; i < n; i++) {
+                const int64_t lo = (int64_t)row[i] * B, hi = lo + B < t + 1 ? lo + B : t + 1;
+                pairs += (double)(hi - lo);
+            }
+            for (int i = n; i < K; i++) row[i] = -1;
+        }
+    *topk = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K});
+    *cu = mk(GB, DT_I32, 1, (int64_t[]){2});
+    GB->copy_from_host(topk->data, tk, (size_t)nt * sizeof(int32_t));
+    GB->copy_from_host(cu->data, (int32_t[]){0, (int32_t)N}, 8);
+    free(tk);
+    *plan = mk(GB, DT_I32, 2, (int64_t[]){Hkv, msa_plan_width(N, K)});
+    return pairs / (double)Hkv;
+}

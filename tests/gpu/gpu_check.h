@@ -75,6 +75,39 @@ void grad_free(Grad *gr);
 
 const char *dn(DType dt);
 
+/* An attention case's tensors (dense: test_gpu.c; MSA: test_gpu_msa_attention.c). attn_inputs: random
+ * q [N, Hq, D], k and v [N, Hkv, D], and the forward's outputs out [N, Hq, D] and lse [Hq, N]. After the
+ * CPU forward, attn_backward_inputs: the backward runs from the reference's out and lse on both sides
+ * (o2, l2: those values as the GPU's dtype holds them) with a random dout, into the accumulating
+ * gradients dq, dk, dv. */
+typedef struct {
+    Pair q, k, v, out, lse, o2, l2, dout;
+    Grad dq, dk, dv;
+} AttnCase;
+AttnCase attn_inputs(DType act, int64_t N, int64_t Hq, int64_t Hkv, int64_t D);
+void attn_backward_inputs(AttnCase *a, DType act);
+void attn_check_forward(const AttnCase *a, const char *label, const char *desc, double tol); /* "<label> fwd out|lse <desc>" */
+void attn_arm_grads(AttnCase *a); /* grad_arm of dq, dk, dv, after the CPU backward */
+/* grad_check of the gradients selected by grads (bit 0 dq, bit 1 dk, bit 2 dv): "<label> bwd dq <desc>", with
+ * " (others NULL)" when not all three were asked for */
+void attn_check_grads(AttnCase *a, int grads, const char *label, const char *desc, double tol);
+void attn_free(AttnCase *a);
+
+/* One dense attention case (tests/gpu/test_gpu.c; the cuDNN group runs it too): forward out and lse, then the
+ * backward into the gradients selected by grads, against the CPU; the checks are named after label. */
+void attention_case(const char *label, DType act, int ndocs, const int32_t *lens, int64_t Hq, int64_t Hkv, int64_t D,
+                    int grads);
+
+/* --bench helpers: a synchronisation (a copy to the host waits for all queued work) and a GPU tensor of
+ * random N(0, std) values */
+void gpu_sync(void);
+Tensor dev_rand(DType dt, int ndim, const int64_t *shape, double std);
+/* The MSA benchmarks' selection: one document of N tokens, block B; each query takes its own block and
+ * K-1 distinct random earlier blocks (all of them when it sees at most K), ascending, -1 padded. Makes
+ * topk [Hkv, N, K] and cu_seqlens {0, N} on the GPU and allocates (does not build) the plan. Returns the
+ * attended (query, key) pairs per group (mean over the groups), for the FLOP counts. */
+double msa_bench_selection(Tensor *topk, Tensor *cu, Tensor *plan, int64_t Hkv, int64_t N, int B, int K);
+
 /* test groups defined outside test_gpu.c */
 void test_msa_gpu(void);           /* tests/gpu/test_gpu_msa.c: indexer, plan, recall, opcheck */
 void test_msa_attention_gpu(void); /* tests/gpu/test_gpu_msa_attention.c */

@@ -20,6 +20,7 @@
 #include "../../autograd/params.h"
 #include "../../kernels/util.h"
 #include "../../train/trainer.h"
+#include "../gradcheck.h" /* test_system */
 #include "../test.h"
 #include "gpu_check.h"
 
@@ -287,54 +288,31 @@ static void test_rope(void) {
 
 /* ---------- attention ---------- */
 
-static void attention_case(DType act, int ndocs, const int32_t *lens, int64_t Hq, int64_t Hkv, int64_t D, int grads) {
+/* label: "attention" here, "cudnn attention" in the cuDNN group (tests/gpu/test_gpu_cudnn.c) */
+void attention_case(const char *label, DType act, int ndocs, const int32_t *lens, int64_t Hq, int64_t Hkv, int64_t D,
+                    int grads) {
     int32_t *cu = xmalloc((size_t)(ndocs + 1) * sizeof(int32_t));
     cu[0] = 0;
     for (int i = 0; i < ndocs; i++) cu[i + 1] = cu[i] + lens[i];
     const int64_t N = cu[ndocs];
     const float scale = 1.0f / sqrtf((float)D);
     Pair cs = pair_i32(ndocs + 1, cu);
-    Pair q = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1), k = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1),
-         v = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1);
-    Pair out = pair_out(act, 3, (int64_t[]){N, Hq, D}), lse = pair_out(DT_F32, 2, (int64_t[]){Hq, N});
-    CB->attention_forward(&out.c, &lse.c, &q.c, &k.c, &v.c, &cs.c, scale);
-    GB->attention_forward(&out.g, &lse.g, &q.g, &k.g, &v.g, &cs.g, scale);
-    char name[160], desc[120];
+    AttnCase a = attn_inputs(act, N, Hq, Hkv, D);
+    CB->attention_forward(&a.out.c, &a.lse.c, &a.q.c, &a.k.c, &a.v.c, &cs.c, scale);
+    GB->attention_forward(&a.out.g, &a.lse.g, &a.q.g, &a.k.g, &a.v.g, &cs.g, scale);
+    char desc[120];
     int o = snprintf(desc, sizeof desc, "%s Hq=%lld Hkv=%lld D=%lld docs=", dn(act), (long long)Hq, (long long)Hkv, (long long)D);
     for (int i = 0; i < ndocs && o < (int)sizeof desc - 8; i++) o += snprintf(desc + o, sizeof desc - (size_t)o, i ? ",%d" : "%d", lens[i]);
-    snprintf(name, sizeof name, "attention fwd out %s", desc);
-    check(name, &out, tol_of(act));
-    snprintf(name, sizeof name, "attention fwd lse %s", desc);
-    check(name, &lse, tol_of(act));
+    attn_check_forward(&a, label, desc, tol_of(act));
     /* backward from the same out (as the GPU holds it) and lse on both sides */
-    Pair o2 = pair_from(act, 3, (int64_t[]){N, Hq, D}, (const float *)out.c.data);
-    Pair l2 = pair_from(DT_F32, 2, (int64_t[]){Hq, N}, (const float *)lse.c.data);
-    Pair dout = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1);
-    Grad dq = grad_new(act, 3, (int64_t[]){N, Hq, D}), dk = grad_new(act, 3, (int64_t[]){N, Hkv, D}),
-         dv = grad_new(act, 3, (int64_t[]){N, Hkv, D});
-    Tensor *cq = grads & 1 ? &dq.p.c : NULL, *ck = grads & 2 ? &dk.p.c : NULL, *cv = grads & 4 ? &dv.p.c : NULL;
-    CB->attention_backward(cq, ck, cv, &dout.c, &q.c, &k.c, &v.c, &o2.c, &l2.c, &cs.c, scale);
-    grad_arm(&dq);
-    grad_arm(&dk);
-    grad_arm(&dv);
-    GB->attention_backward(grads & 1 ? &dq.p.g : NULL, grads & 2 ? &dk.p.g : NULL, grads & 4 ? &dv.p.g : NULL, &dout.g, &q.g,
-                           &k.g, &v.g, &o2.g, &l2.g, &cs.g, scale);
-    Grad *gs[3] = {&dq, &dk, &dv};
-    const char *gn[3] = {"dq", "dk", "dv"};
-    for (int i = 0; i < 3; i++) {
-        if (!(grads & (1 << i))) continue;
-        snprintf(name, sizeof name, "attention bwd %s %s%s", gn[i], desc, grads == 7 ? "" : " (others NULL)");
-        grad_check(name, gs[i], tol_of(act));
-    }
-    for (int i = 0; i < 3; i++) grad_free(gs[i]);
-    pair_free(&dout);
-    pair_free(&o2);
-    pair_free(&l2);
-    pair_free(&out);
-    pair_free(&lse);
-    pair_free(&q);
-    pair_free(&k);
-    pair_free(&v);
+    attn_backward_inputs(&a, act);
+    CB->attention_backward(grads & 1 ? &a.dq.p.c : NULL, grads & 2 ? &a.dk.p.c : NULL, grads & 4 ? &a.dv.p.c : NULL,
+                           &a.dout.c, &a.q.c, &a.k.c, &a.v.c, &a.o2.c, &a.l2.c, &cs.c, scale);
+    attn_arm_grads(&a);
+    GB->attention_backward(grads & 1 ? &a.dq.p.g : NULL, grads & 2 ? &a.dk.p.g : NULL, grads & 4 ? &a.dv.p.g : NULL,
+                           &a.dout.g, &a.q.g, &a.k.g, &a.v.g, &a.o2.g, &a.l2.g, &cs.g, scale);
+    attn_check_grads(&a, grads, label, desc, tol_of(act));
+    attn_free(&a);
     pair_free(&cs);
     free(cu);
 }
@@ -345,16 +323,16 @@ static void test_attention(void) {
     setenv("MSA_ATTENTION", "own", 1);
     for (int d = 0; d < 2; d++) {
         DType act = d ? DT_BF16 : DT_F32;
-        attention_case(act, 1, (int32_t[]){1}, 1, 1, 16, 7);
-        attention_case(act, 4, (int32_t[]){5, 37, 1, 90}, 4, 2, 64, 7);
-        attention_case(act, 2, (int32_t[]){200, 57}, 8, 1, 128, 7);
-        attention_case(act, 3, (int32_t[]){33, 0, 64}, 2, 2, 40, 7);
-        attention_case(act, 2, (int32_t[]){70, 29}, 3, 3, 18, 7);
-        attention_case(act, 1, (int32_t[]){300}, 2, 1, 256, 7);
-        attention_case(act, 5, (int32_t[]){31, 32, 33, 64, 65}, 6, 2, 96, 7);
+        attention_case("attention", act, 1, (int32_t[]){1}, 1, 1, 16, 7);
+        attention_case("attention", act, 4, (int32_t[]){5, 37, 1, 90}, 4, 2, 64, 7);
+        attention_case("attention", act, 2, (int32_t[]){200, 57}, 8, 1, 128, 7);
+        attention_case("attention", act, 3, (int32_t[]){33, 0, 64}, 2, 2, 40, 7);
+        attention_case("attention", act, 2, (int32_t[]){70, 29}, 3, 3, 18, 7);
+        attention_case("attention", act, 1, (int32_t[]){300}, 2, 1, 256, 7);
+        attention_case("attention", act, 5, (int32_t[]){31, 32, 33, 64, 65}, 6, 2, 96, 7);
     }
-    attention_case(DT_BF16, 2, (int32_t[]){40, 60}, 4, 2, 64, 2); /* dk only */
-    attention_case(DT_BF16, 2, (int32_t[]){40, 60}, 4, 2, 64, 5); /* dq and dv */
+    attention_case("attention", DT_BF16, 2, (int32_t[]){40, 60}, 4, 2, 64, 2); /* dk only */
+    attention_case("attention", DT_BF16, 2, (int32_t[]){40, 60}, 4, 2, 64, 5); /* dq and dv */
     unsetenv("MSA_ATTENTION");
 }
 
@@ -657,35 +635,12 @@ static int die_scenario(const char *what) {
 static void expect_death(const char *self, const char *env, const char *what, const char *message) {
     char cmd[1024], err[2048] = "";
     snprintf(cmd, sizeof cmd, "%s %s --die %s >/dev/null 2>/tmp/msa_test_gpu_err.txt", env, self, what);
-    int st = system(cmd);
-    FILE *f = fopen("/tmp/msa_test_gpu_err.txt", "r");
-    if (f) {
-        size_t n = fread(err, 1, sizeof err - 1, f);
-        err[n] = 0;
-        fclose(f);
-    }
-    char *nl = strchr(err, '\n');
-    if (nl) *nl = 0;
-    bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(err, message);
-    record(ok, "%-58s exit %d: %s", what, WIFEXITED(st) ? WEXITSTATUS(st) : -1, err);
+    const int rc = test_system(cmd, "/tmp/msa_test_gpu_err.txt", err, sizeof err, true);
+    const bool ok = rc == 1 && strstr(err, message);
+    record(ok, "%-58s exit %d: %s", what, rc, err);
 }
 
 /* ---------- --bench: rough timings on realistic shapes (not tests; wall clock around a sync) ---------- */
-
-static Tensor dev_rand(DType dt, int ndim, const int64_t *shape, double std) {
-    Tensor t = mk(GB, dt, ndim, shape);
-    float *v = randn(t.numel, 0, std);
-    upload_f32(&t, v);
-    free(v);
-    return t;
-}
-
-static void gpu_sync(void) { /* a copy to the host waits for all queued work */
-    static Tensor s;
-    if (!s.data) s = mk(GB, DT_F32, 1, (int64_t[]){1});
-    float x;
-    GB->copy_to_host(&x, s.data, 4);
-}
 
 static void bench_attention(int64_t N, int64_t Hq, int64_t Hkv, int64_t D) {
     Tensor q = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1), k = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1),

@@ -17,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../gradcheck.h" /* test_h5_*: the opcheck files */
 #include "gpu_check.h"
 
 /* ---------- helpers ---------- */
@@ -301,55 +302,6 @@ static void recall_case(DType dt, int ndocs, const int32_t *lens, int64_t Hq, in
 
 /* ---------- build/opcheck msa on both devices ---------- */
 
-static void h5_write(hid_t f, const char *name, int ndim, const hsize_t *dims, const void *data, bool is_int) {
-    hid_t space = H5Screate_simple(ndim, dims, NULL);
-    hid_t dset = H5Dcreate2(f, name, is_int ? H5T_STD_I32LE : H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    H5Dwrite(dset, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
-    H5Dclose(dset);
-    H5Sclose(space);
-}
-
-static void h5_attr(hid_t f, const char *name, double v, bool is_int) {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(f, name, is_int ? H5T_STD_I32LE : H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-    int32_t iv = (int32_t)v;
-    H5Awrite(a, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_DOUBLE, is_int ? (const void *)&iv : (const void *)&v);
-    H5Aclose(a);
-    H5Sclose(space);
-}
-
-/* a dataset of an output file as float (or int32), NULL when absent or of another size */
-static void *h5_read(const char *path, const char *name, int64_t numel, bool is_int) {
-    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return NULL;
-    void *buf = NULL;
-    if (H5Lexists(f, name, H5P_DEFAULT) > 0) {
-        hid_t d = H5Dopen2(f, name, H5P_DEFAULT), sp = H5Dget_space(d);
-        if (H5Sget_simple_extent_npoints(sp) == numel) {
-            buf = xcalloc((size_t)numel, 4);
-            H5Dread(d, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-        }
-        H5Sclose(sp);
-        H5Dclose(d);
-    }
-    H5Fclose(f);
-    return buf;
-}
-
-static int run_cmd(const char *cmd, char *err, size_t nerr, const char *errpath) {
-    int st = system(cmd);
-    err[0] = 0;
-    FILE *f = fopen(errpath, "r");
-    if (f) {
-        size_t n = fread(err, 1, nerr - 1, f);
-        err[n] = 0;
-        fclose(f);
-        char *nl = strchr(err, '\n');
-        if (nl) *nl = 0;
-    }
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 /* The whole MSA op chain (indexer, plan, attention, KL, backward) through build/opcheck on the CPU and
  * on CUDA, on inputs the BF16 activations hold exactly (so both devices see the same numbers) and with
  * small-integer qi, ki (so both select exactly the same blocks): topk must match exactly, every other
@@ -387,27 +339,27 @@ static void opcheck_case(void) {
     snprintf(outg, sizeof outg, "%s/out_cuda.h5", dir);
     snprintf(errp, sizeof errp, "%s/stderr.txt", dir);
     hid_t f = H5Fcreate(in, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    h5_write(f, "q", 3, (hsize_t[]){T, Hq, d}, q, false);
-    h5_write(f, "k", 3, (hsize_t[]){T, Hkv, d}, k, false);
-    h5_write(f, "v", 3, (hsize_t[]){T, Hkv, d}, v, false);
-    h5_write(f, "qi", 3, (hsize_t[]){T, Hkv, didx}, qi, false);
-    h5_write(f, "ki", 2, (hsize_t[]){T, didx}, ki, false);
-    h5_write(f, "cu_seqlens", 1, (hsize_t[]){ndocs + 1}, cu, true);
-    h5_write(f, "dout", 3, (hsize_t[]){T, Hq, d}, dout, false);
-    h5_attr(f, "block_size", p.block_size, true);
-    h5_attr(f, "topk_blocks", p.topk_blocks, true);
-    h5_attr(f, "init_blocks", p.init_blocks, true);
-    h5_attr(f, "local_blocks", p.local_blocks, true);
-    h5_attr(f, "scale", p.scale, false);
-    h5_attr(f, "index_scale", p.index_scale, false);
-    h5_attr(f, "kl_weight", kl_weight, false);
+    test_h5_write(f, "q", 3, (hsize_t[]){T, Hq, d}, q, false);
+    test_h5_write(f, "k", 3, (hsize_t[]){T, Hkv, d}, k, false);
+    test_h5_write(f, "v", 3, (hsize_t[]){T, Hkv, d}, v, false);
+    test_h5_write(f, "qi", 3, (hsize_t[]){T, Hkv, didx}, qi, false);
+    test_h5_write(f, "ki", 2, (hsize_t[]){T, didx}, ki, false);
+    test_h5_write(f, "cu_seqlens", 1, (hsize_t[]){ndocs + 1}, cu, true);
+    test_h5_write(f, "dout", 3, (hsize_t[]){T, Hq, d}, dout, false);
+    test_h5_attr(f, "block_size", p.block_size, true);
+    test_h5_attr(f, "topk_blocks", p.topk_blocks, true);
+    test_h5_attr(f, "init_blocks", p.init_blocks, true);
+    test_h5_attr(f, "local_blocks", p.local_blocks, true);
+    test_h5_attr(f, "scale", p.scale, false);
+    test_h5_attr(f, "index_scale", p.index_scale, false);
+    test_h5_attr(f, "kl_weight", kl_weight, false);
     H5Fclose(f);
 
     bool ok = true;
     const char *devs[2] = {"cpu", "cuda"}, *outs[2] = {outc, outg};
     for (int i = 0; i < 2 && ok; i++) {
         snprintf(cmd, sizeof cmd, "%s msa %s %s --device %s >/dev/null 2>%s", opcheck, in, outs[i], devs[i], errp);
-        int rc = run_cmd(cmd, err, sizeof err, errp);
+        int rc = test_system(cmd, errp, err, sizeof err, true);
         if (rc != 0) {
             record(false, "opcheck msa --device %s exited with %d: %s", devs[i], rc, err);
             ok = false;
@@ -415,7 +367,7 @@ static void opcheck_case(void) {
     }
     if (ok) {
         const int64_t ntk = (int64_t)Hkv * T * p.topk_blocks;
-        int32_t *tc = h5_read(outc, "topk", ntk, true), *tg = h5_read(outg, "topk", ntk, true);
+        int32_t *tc = test_h5_read(outc, "topk", ntk, true), *tg = test_h5_read(outg, "topk", ntk, true);
         record(tc && tg && !memcmp(tc, tg, (size_t)ntk * 4), "opcheck msa cpu vs cuda: topk identical (integer index inputs)");
         free(tc);
         free(tg);
@@ -426,7 +378,7 @@ static void opcheck_case(void) {
                   {"dv", T * Hkv * d}, {"dqi", T * Hkv * didx}, {"dki", T * didx},        {"kl", 1},
                   {"kl_unweighted", 1}};
         for (size_t i = 0; i < sizeof ds / sizeof ds[0]; i++) {
-            float *a = h5_read(outg, ds[i].name, ds[i].n, false), *b = h5_read(outc, ds[i].name, ds[i].n, false);
+            float *a = test_h5_read(outg, ds[i].name, ds[i].n, false), *b = test_h5_read(outc, ds[i].name, ds[i].n, false);
             bool nan = false;
             double e = a && b ? rel_err_f32(a, b, ds[i].n, &nan) : INFINITY;
             record(a && b && !nan && e <= TOL_BF16, "opcheck msa cpu vs cuda: %-14s rel err %.2e (tol %.0e)%s", ds[i].name, e,

@@ -120,44 +120,29 @@ static void msa_attention_case(DType act, const MsaCase *c) {
                      c->sel == SEL_DENSE ? "" : c->plan_given ? " plan" : " noplan", c->chunk ? " chunked" : "");
     for (int i = 0; i < ndocs && o < (int)sizeof desc - 8; i++) o += snprintf(desc + o, sizeof desc - (size_t)o, i ? ",%d" : "%d", c->lens[i]);
 
-    Pair q = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1), k = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1),
-         v = pair_rand(act, 3, (int64_t[]){N, Hkv, D}, 0, 1);
-    Pair out = pair_out(act, 3, (int64_t[]){N, Hq, D}), lse = pair_out(DT_F32, 2, (int64_t[]){Hq, N});
-    CB->msa_attention_forward(&out.c, &lse.c, &q.c, &k.c, &v.c, tk_c, NULL, &cs.c, &p);
-    GB->msa_attention_forward(&out.g, &lse.g, &q.g, &k.g, &v.g, tk_g, pl_g, &cs.g, &p);
-    snprintf(name, sizeof name, "msa fwd out %s", desc);
-    check(name, &out, tol_of(act));
-    snprintf(name, sizeof name, "msa fwd lse %s", desc);
-    check(name, &lse, tol_of(act));
+    AttnCase a = attn_inputs(act, N, Hq, Hkv, D);
+    CB->msa_attention_forward(&a.out.c, &a.lse.c, &a.q.c, &a.k.c, &a.v.c, tk_c, NULL, &cs.c, &p);
+    GB->msa_attention_forward(&a.out.g, &a.lse.g, &a.q.g, &a.k.g, &a.v.g, tk_g, pl_g, &cs.g, &p);
+    attn_check_forward(&a, "msa", desc, tol_of(act));
 
     /* backward from the same out and lse on both sides */
-    Pair o2 = pair_from(act, 3, (int64_t[]){N, Hq, D}, (const float *)out.c.data);
-    Pair l2 = pair_from(DT_F32, 2, (int64_t[]){Hq, N}, (const float *)lse.c.data);
-    Pair dout = pair_rand(act, 3, (int64_t[]){N, Hq, D}, 0, 1);
-    Grad dq = grad_new(act, 3, (int64_t[]){N, Hq, D}), dk = grad_new(act, 3, (int64_t[]){N, Hkv, D}),
-         dv = grad_new(act, 3, (int64_t[]){N, Hkv, D});
+    attn_backward_inputs(&a, act);
     const int gm = c->grads;
-    CB->msa_attention_backward(gm & 1 ? &dq.p.c : NULL, gm & 2 ? &dk.p.c : NULL, gm & 4 ? &dv.p.c : NULL, &dout.c, &q.c, &k.c,
-                               &v.c, &o2.c, &l2.c, tk_c, NULL, &cs.c, &p);
-    grad_arm(&dq);
-    grad_arm(&dk);
-    grad_arm(&dv);
-    GB->msa_attention_backward(gm & 1 ? &dq.p.g : NULL, gm & 2 ? &dk.p.g : NULL, gm & 4 ? &dv.p.g : NULL, &dout.g, &q.g, &k.g,
-                               &v.g, &o2.g, &l2.g, tk_g, pl_g, &cs.g, &p);
-    Grad *gs[3] = {&dq, &dk, &dv};
-    const char *gn[3] = {"dq", "dk", "dv"};
+    CB->msa_attention_backward(gm & 1 ? &a.dq.p.c : NULL, gm & 2 ? &a.dk.p.c : NULL, gm & 4 ? &a.dv.p.c : NULL, &a.dout.c,
+                               &a.q.c, &a.k.c, &a.v.c, &a.o2.c, &a.l2.c, tk_c, NULL, &cs.c, &p);
+    attn_arm_grads(&a);
+    GB->msa_attention_backward(gm & 1 ? &a.dq.p.g : NULL, gm & 2 ? &a.dk.p.g : NULL, gm & 4 ? &a.dv.p.g : NULL, &a.dout.g,
+                               &a.q.g, &a.k.g, &a.v.g, &a.o2.g, &a.l2.g, tk_g, pl_g, &cs.g, &p);
+    Grad *gs[3] = {&a.dq, &a.dk, &a.dv};
     float *first[3] = {NULL, NULL, NULL};
-    for (int i = 0; i < 3; i++) {
-        if (!(gm & (1 << i))) continue;
-        if (c->repeat) first[i] = download_f32(&gs[i]->p.g);
-        snprintf(name, sizeof name, "msa bwd %s %s%s", gn[i], desc, gm == 7 ? "" : " (others NULL)");
-        grad_check(name, gs[i], tol_of(act));
-    }
+    for (int i = 0; i < 3; i++)
+        if (c->repeat && (gm & (1 << i))) first[i] = download_f32(&gs[i]->p.g);
+    attn_check_grads(&a, gm, "msa", desc, tol_of(act));
     if (c->repeat) { /* again from the same starting gradients: bit-identical (no atomics) */
         for (int i = 0; i < 3; i++)
             if (gm & (1 << i)) upload_f32(&gs[i]->p.g, gs[i]->g0);
-        GB->msa_attention_backward(gm & 1 ? &dq.p.g : NULL, gm & 2 ? &dk.p.g : NULL, gm & 4 ? &dv.p.g : NULL, &dout.g, &q.g,
-                                   &k.g, &v.g, &o2.g, &l2.g, tk_g, pl_g, &cs.g, &p);
+        GB->msa_attention_backward(gm & 1 ? &a.dq.p.g : NULL, gm & 2 ? &a.dk.p.g : NULL, gm & 4 ? &a.dv.p.g : NULL, &a.dout.g,
+                                   &a.q.g, &a.k.g, &a.v.g, &a.o2.g, &a.l2.g, tk_g, pl_g, &cs.g, &p);
         bool same = true;
         for (int i = 0; i < 3; i++) {
             if (!first[i]) continue;
@@ -170,15 +155,7 @@ static void msa_attention_case(DType act, const MsaCase *c) {
         record(same, "%-58s %s", name, same ? "bit-identical" : "differs between two runs");
     }
     if (c->chunk > 0) unsetenv("MSA_CUDA_MSA_CHUNK");
-    for (int i = 0; i < 3; i++) grad_free(gs[i]);
-    pair_free(&dout);
-    pair_free(&o2);
-    pair_free(&l2);
-    pair_free(&out);
-    pair_free(&lse);
-    pair_free(&q);
-    pair_free(&k);
-    pair_free(&v);
+    attn_free(&a);
     if (c->sel != SEL_DENSE) pair_free(&topk);
     free_t(&plan_g);
     pair_free(&cs);
@@ -222,88 +199,38 @@ void test_msa_attention_gpu(void) {
 
 /* ---------- --bench ---------- */
 
-static void bench_sync(void) { /* a copy to the host waits for all queued work */
-    static Tensor s;
-    if (!s.data) s = mk(GB, DT_F32, 1, (int64_t[]){1});
-    float x;
-    GB->copy_to_host(&x, s.data, 4);
-}
-
-static Tensor bench_rand(DType dt, int ndim, const int64_t *shape, double std) {
-    Tensor t = mk(GB, dt, ndim, shape);
-    float *v = randn(t.numel, 0, std);
-    upload_f32(&t, v);
-    free(v);
-    return t;
-}
-
 /* One document of N tokens, Hq/Hkv/D, block B, top-k K: each query takes its own block and K-1 distinct
  * random earlier blocks (all of them when it sees at most K). Times the plan, the forward and the
  * backward (dq, dk, dv), and dense causal attention on the same q/k/v for comparison. FLOPs as the
  * release's benchmark: FWD 2(d_qk + d_v) Hq * pairs, BWD 2(3 d_qk + 2 d_v) Hq * pairs, pairs = attended
  * (query, key) pairs per head (mean over groups). */
 static void bench_msa_one(int64_t N, int64_t Hq, int64_t Hkv, int64_t D, int B, int K, bool *dense_ok) {
-    const int64_t nt = Hkv * N * K;
-    int32_t *tk = xmalloc((size_t)nt * sizeof(int32_t));
-    double pairs = 0;
-    for (int64_t g = 0; g < Hkv; g++)
-        for (int64_t t = 0; t < N; t++) {
-            int32_t *row = tk + (g * N + t) * K;
-            const int local = (int)(t / B);
-            int n = 0;
-            if (local + 1 <= K) {
-                for (int b = 0; b <= local; b++) row[n++] = b;
-            } else {
-                row[n++] = local;
-                while (n < K) {
-                    const int b = (int)(uniform() * local);
-                    bool dup = false;
-                    for (int i = 1; i < n; i++) dup |= row[i] == b;
-                    if (!dup) row[n++] = b;
-                }
-                for (int i = 1; i < n; i++)
-                    for (int j = i; j > 0 && row[j - 1] > row[j]; j--) {
-                        const int32_t x = row[j];
-                        row[j] = row[j - 1];
-                        row[j - 1] = x;
-                    }
-            }
-            for (int i = 0; i < n; i++) {
-                const int64_t lo = (int64_t)row[i] * B, hi = lo + B < t + 1 ? lo + B : t + 1;
-                pairs += (double)(hi - lo);
-            }
-            for (int i = n; i < K; i++) row[i] = -1;
-        }
-    pairs /= (double)Hkv;
+    Tensor topk, cu, plan;
+    const double pairs = msa_bench_selection(&topk, &cu, &plan, Hkv, N, B, K);
     const MsaParams p = {.block_size = B, .topk_blocks = K, .init_blocks = 0, .local_blocks = 1,
                          .scale = 1.0f / sqrtf((float)D), .index_scale = 1.0f / sqrtf(128.0f)};
-    Tensor topk = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K}), cu = mk(GB, DT_I32, 1, (int64_t[]){2});
-    GB->copy_from_host(topk.data, tk, (size_t)nt * sizeof(int32_t));
-    GB->copy_from_host(cu.data, (int32_t[]){0, (int32_t)N}, 8);
-    free(tk);
-    Tensor plan = mk(GB, DT_I32, 2, (int64_t[]){Hkv, msa_plan_width(N, K)});
-    Tensor q = bench_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1), k = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1),
-           v = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1), dout = bench_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1);
+    Tensor q = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1), k = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1),
+           v = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1), dout = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1);
     Tensor out = mk(GB, DT_BF16, 3, (int64_t[]){N, Hq, D}), lse = mk(GB, DT_F32, 2, (int64_t[]){Hq, N});
-    Tensor dq = bench_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 0), dk = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0),
-           dv = bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0);
+    Tensor dq = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 0), dk = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0),
+           dv = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 0);
     GB->msa_plan(&plan, &topk, &cu, &p); /* warm-up */
     GB->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p);
     GB->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p);
     const int reps = N >= 65536 ? 2 : 5;
-    bench_sync();
+    gpu_sync();
     double t0 = wall_seconds();
     for (int i = 0; i < reps; i++) GB->msa_plan(&plan, &topk, &cu, &p);
-    bench_sync();
+    gpu_sync();
     const double tp = (wall_seconds() - t0) / reps;
     t0 = wall_seconds();
     for (int i = 0; i < reps; i++) GB->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p);
-    bench_sync();
+    gpu_sync();
     const double tf = (wall_seconds() - t0) / reps;
     t0 = wall_seconds();
     for (int i = 0; i < reps; i++)
         GB->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p);
-    bench_sync();
+    gpu_sync();
     const double tb = (wall_seconds() - t0) / reps;
     const double ff = 2.0 * (double)(D + D) * (double)Hq * pairs, fb = 2.0 * (double)(3 * D + 2 * D) * (double)Hq * pairs;
     printf("  msa attention bf16 N=%lld Hq=%lld Hkv=%lld D=%lld B=%d k=%d (%.0f keys/query): plan %.2f ms, fwd %.2f ms "
@@ -316,14 +243,14 @@ static void bench_msa_one(int64_t N, int64_t Hq, int64_t Hkv, int64_t D, int B, 
         const int dreps = N >= 65536 ? 1 : 3;
         GB->attention_forward(&out, &lse, &q, &k, &v, &cu, p.scale);
         GB->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, p.scale);
-        bench_sync();
+        gpu_sync();
         t0 = wall_seconds();
         for (int i = 0; i < dreps; i++) GB->attention_forward(&out, &lse, &q, &k, &v, &cu, p.scale);
-        bench_sync();
+        gpu_sync();
         const double df = (wall_seconds() - t0) / dreps;
         t0 = wall_seconds();
         for (int i = 0; i < dreps; i++) GB->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, p.scale);
-        bench_sync();
+        gpu_sync();
         const double db = (wall_seconds() - t0) / dreps;
         const double dflops = 4.0 * (double)Hq * (double)D * (double)N * (double)(N + 1) / 2;
         printf("    dense causal on the same shapes: fwd %.2f ms (%.1f TFLOP/s), bwd %.2f ms; MSA speed-up fwd %.1fx, "

@@ -296,21 +296,6 @@ void test_msa_kl_gpu(void) {
 
 /* ---------- --bench ---------- */
 
-static void kl_bench_sync(void) { /* a copy to the host waits for all queued work */
-    static Tensor s;
-    if (!s.data) s = mk(GB, DT_F32, 1, (int64_t[]){1});
-    float x;
-    GB->copy_to_host(&x, s.data, 4);
-}
-
-static Tensor kl_bench_rand(DType dt, int ndim, const int64_t *shape, double std) {
-    Tensor t = mk(GB, dt, ndim, shape);
-    float *v = randn(t.numel, 0, std);
-    upload_f32(&t, v);
-    free(v);
-    return t;
-}
-
 /* One document of N tokens, MiniMax-M3 heads (Hq 64, Hkv 4, D = Di = 128), block 128, k = 16: each
  * query takes its own block and 15 distinct random earlier blocks (all when it sees at most 16). The
  * teacher's lse comes from the GPU's MSA attention when it exists (else a constant). FLOPs as the
@@ -319,52 +304,17 @@ static Tensor kl_bench_rand(DType dt, int ndim, const int64_t *shape, double std
 static void kl_bench_one(int64_t N) {
     const int64_t Hq = 64, Hkv = 4, D = 128, Di = 128;
     const int B = 128, K = 16;
-    const int64_t nt = Hkv * N * K;
-    int32_t *tk = xmalloc((size_t)nt * sizeof(int32_t));
-    double pairs = 0;
-    for (int64_t g = 0; g < Hkv; g++)
-        for (int64_t t = 0; t < N; t++) {
-            int32_t *row = tk + (g * N + t) * K;
-            const int local = (int)(t / B);
-            int n = 0;
-            if (local + 1 <= K) {
-                for (int b = 0; b <= local; b++) row[n++] = b;
-            } else {
-                row[n++] = local;
-                while (n < K) {
-                    const int b = (int)(rng_uniform(&gpu_check.rng) * local);
-                    bool dup = false;
-                    for (int i = 1; i < n; i++) dup |= row[i] == b;
-                    if (!dup) row[n++] = b;
-                }
-                for (int i = 1; i < n; i++)
-                    for (int j = i; j > 0 && row[j - 1] > row[j]; j--) {
-                        const int32_t x = row[j];
-                        row[j] = row[j - 1];
-                        row[j - 1] = x;
-                    }
-            }
-            for (int i = 0; i < n; i++) {
-                const int64_t lo = (int64_t)row[i] * B, hi = lo + B < t + 1 ? lo + B : t + 1;
-                pairs += (double)(hi - lo);
-            }
-            for (int i = n; i < K; i++) row[i] = -1;
-        }
-    pairs /= (double)Hkv;
+    Tensor topk, cu, plan;
+    const double pairs = msa_bench_selection(&topk, &cu, &plan, Hkv, N, B, K);
     const MsaParams p = {.block_size = B, .topk_blocks = K, .init_blocks = 0, .local_blocks = 1,
                          .scale = 1.0f / sqrtf((float)D), .index_scale = 1.0f / sqrtf((float)Di)};
-    Tensor topk = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K}), cu = mk(GB, DT_I32, 1, (int64_t[]){2});
-    GB->copy_from_host(topk.data, tk, (size_t)nt * sizeof(int32_t));
-    GB->copy_from_host(cu.data, (int32_t[]){0, (int32_t)N}, 8);
-    free(tk);
-    Tensor plan = mk(GB, DT_I32, 2, (int64_t[]){Hkv, msa_plan_width(N, K)});
     GB->msa_plan(&plan, &topk, &cu, &p);
-    Tensor q = kl_bench_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1), k = kl_bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1);
-    Tensor qi = kl_bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, Di}, 1), ki = kl_bench_rand(DT_BF16, 2, (int64_t[]){N, Di}, 1);
+    Tensor q = dev_rand(DT_BF16, 3, (int64_t[]){N, Hq, D}, 1), k = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1);
+    Tensor qi = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, Di}, 1), ki = dev_rand(DT_BF16, 2, (int64_t[]){N, Di}, 1);
     Tensor lse = mk(GB, DT_F32, 2, (int64_t[]){Hq, N});
     const bool real_lse = GB->msa_attention_forward != NULL;
     if (real_lse) {
-        Tensor v = kl_bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1), out = mk(GB, DT_BF16, 3, (int64_t[]){N, Hq, D});
+        Tensor v = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, D}, 1), out = mk(GB, DT_BF16, 3, (int64_t[]){N, Hq, D});
         GB->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p);
         free_t(&v);
         free_t(&out);
@@ -375,18 +325,18 @@ static void kl_bench_one(int64_t N) {
         free(l);
     }
     Tensor kl = mk(GB, DT_F32, 1, (int64_t[]){1}), il = mk(GB, DT_F32, 2, (int64_t[]){Hkv, N});
-    Tensor dqi = kl_bench_rand(DT_BF16, 3, (int64_t[]){N, Hkv, Di}, 0), dki = kl_bench_rand(DT_BF16, 2, (int64_t[]){N, Di}, 0);
+    Tensor dqi = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, Di}, 0), dki = dev_rand(DT_BF16, 2, (int64_t[]){N, Di}, 0);
     GB->msa_kl_forward(&kl, &il, &q, &k, &lse, &qi, &ki, &topk, &plan, &cu, &p); /* warm-up */
     GB->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &il, &topk, &plan, &cu, &p, 1e-3f);
     const int reps = 3;
-    kl_bench_sync();
+    gpu_sync();
     double t0 = wall_seconds();
     for (int i = 0; i < reps; i++) GB->msa_kl_forward(&kl, &il, &q, &k, &lse, &qi, &ki, &topk, &plan, &cu, &p);
-    kl_bench_sync();
+    gpu_sync();
     const double tf = (wall_seconds() - t0) / reps;
     t0 = wall_seconds();
     for (int i = 0; i < reps; i++) GB->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &il, &topk, &plan, &cu, &p, 1e-3f);
-    kl_bench_sync();
+    gpu_sync();
     const double tb = (wall_seconds() - t0) / reps;
     float klv = 0;
     GB->copy_to_host(&klv, kl.data, 4);
