@@ -60,7 +60,7 @@ TEST_SRC   := $(wildcard tests/test_*.c)
 TEST_BINS  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 # Python tests of the tools (run with .venv/bin/python, which tools/install_deps.sh sets up)
 TEST_PY    := $(wildcard tests/test_*.py)
-TEST_UTIL  := $(BUILD)/obj/tests/gradcheck.o
+TEST_UTIL  := $(BUILD)/obj/tests/gradcheck.o $(BUILD)/obj/tests/dist_harness.o
 
 NVCC    := $(shell command -v nvcc 2>/dev/null)
 CU_SRC  := $(wildcard kernels/cuda/*.cu)

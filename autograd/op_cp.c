@@ -18,44 +18,34 @@
  * = the tokens of rank j) and transposes what arrives, [P, n, H/P*D] with block s the heads of rank s,
  * into [n, P, H/P*D] = [n, H, D].
  *
- * The group travels by pointer in the node (ptr[0]); it must outlive the tape (it lives in the Dist).
+ * The group is a Comm (kernels/comm.h), which train/ hands in, so this file knows nothing of MPI. It
+ * travels by pointer in the node (ptr[0]) and must outlive the tape (the trainer's Run holds it).
  * Every rank of the group runs the same ops in the same order, forward and backward (the tape has the
  * same shape on every rank), which is what keeps the collectives matched. The collectives wait on the
- * host (dist/), so these ops synchronise the device. */
-#include "../dist/dist.h"
+ * host, so these ops synchronise the device. A group of one rank is the identity and never calls the
+ * Comm. */
 #include "../kernels/util.h"
 #include "ops.h"
 
-static DistType dist_type_of(DType dt, const char *op) {
-    switch (dt) {
-    case DT_F32: return DIST_F32;
-    case DT_F64: return DIST_F64;
-    case DT_BF16: return DIST_BF16;
-    case DT_I32: return DIST_I32;
-    default: fatal("%s: dtype %s cannot be exchanged", op, dtype_name(dt));
-    }
-}
-
 /* The exchange without the tape (forward of one direction = backward of the other). */
-static Tensor *exchange(Engine *e, const Tensor *x, const DistGroup *g, bool to_heads) {
+static Tensor *exchange(Engine *e, const Tensor *x, const Comm *g, bool to_heads) {
     const int64_t P = g->size, rows = x->shape[0], H = x->shape[1], D = x->shape[2];
-    const DistType t = dist_type_of(x->dtype, "cp exchange");
     BACKEND_REQUIRE(e->be, transpose01);
     if (to_heads) {
         Tensor *send = engine_empty(e, x->dtype, SHAPE(P, rows, H / P, D));
         e->be->transpose01(send, x, rows, P);
         Tensor *out = engine_empty(e, x->dtype, SHAPE(rows * P, H / P, D));
-        dist_all_to_all(g, send->data, out->data, x->numel / P, t, x->device);
+        g->all_to_all(g, send->data, out->data, x->numel / P, x->dtype, x->device);
         return out;
     }
     Tensor *recv = engine_empty(e, x->dtype, SHAPE(P, rows / P, H, D));
-    dist_all_to_all(g, x->data, recv->data, x->numel / P, t, x->device);
+    g->all_to_all(g, x->data, recv->data, x->numel / P, x->dtype, x->device);
     Tensor *out = engine_empty(e, x->dtype, SHAPE(rows / P, H * P, D));
     e->be->transpose01(out, recv, P, rows / P);
     return out;
 }
 
-static Tensor *cp_exchange(Engine *e, Tensor *x, const DistGroup *g, bool to_heads) {
+static Tensor *cp_exchange(Engine *e, Tensor *x, const Comm *g, bool to_heads) {
     const char *op = to_heads ? "cp_seq_to_heads" : "cp_heads_to_seq";
     if (!g) fatal("%s: no context-parallel group", op);
     if (x->ndim != 3) fatal("%s: x must be [tokens, heads, head_dim], got %d dims", op, x->ndim);
@@ -74,8 +64,8 @@ static Tensor *cp_exchange(Engine *e, Tensor *x, const DistGroup *g, bool to_hea
     return out;
 }
 
-Tensor *op_cp_seq_to_heads(Engine *e, Tensor *x, const struct DistGroup *g) { return cp_exchange(e, x, g, true); }
-Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const struct DistGroup *g) { return cp_exchange(e, x, g, false); }
+Tensor *op_cp_seq_to_heads(Engine *e, Tensor *x, const Comm *g) { return cp_exchange(e, x, g, true); }
+Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const Comm *g) { return cp_exchange(e, x, g, false); }
 
 void backward_cp_exchange(Engine *e, Node *n) {
     /* the input requires grad (the node exists), so gx is there on every rank and the collective runs on all */
@@ -84,14 +74,14 @@ void backward_cp_exchange(Engine *e, Node *n) {
     e->be->axpy(gx, back, 1.0f);
 }
 
-Tensor *op_cp_all_gather(Engine *e, Tensor *x, const struct DistGroup *g) {
+Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g) {
     if (!g) fatal("cp_all_gather: no context-parallel group");
     if (g->size == 1) return x;
     int64_t shape[TENSOR_MAX_DIMS];
     for (int d = 0; d < x->ndim; d++) shape[d] = x->shape[d];
     shape[0] *= g->size;
     Tensor *out = engine_empty(e, x->dtype, x->ndim, shape);
-    dist_all_gather(g, x->data, out->data, x->numel, dist_type_of(x->dtype, "cp_all_gather"), x->device);
+    g->all_gather(g, x->data, out->data, x->numel, x->dtype, x->device);
     if (engine_wants_grad(e, &x, 1)) {
         Node *n = engine_record(e, OP_cp_all_gather, &x, 1, &out, 1);
         n->ptr[0] = g;
@@ -102,7 +92,7 @@ Tensor *op_cp_all_gather(Engine *e, Tensor *x, const struct DistGroup *g) {
 void backward_cp_all_gather(Engine *e, Node *n) {
     Tensor *x = n->in[0], *gx = engine_grad(e, x);
     Tensor *part = engine_empty_like(e, x);
-    dist_reduce_scatter(n->ptr[0], n->out[0]->grad->data, part->data, x->numel, dist_type_of(x->dtype, "cp_all_gather"),
-                        DIST_SUM, x->device);
+    const Comm *g = n->ptr[0];
+    g->reduce_scatter_sum(g, n->out[0]->grad->data, part->data, x->numel, x->dtype, x->device);
     e->be->axpy(gx, part, 1.0f);
 }

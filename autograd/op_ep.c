@@ -22,26 +22,17 @@
  * vice versa. Every rank of the group runs the same ops in the same order, forward and backward (the
  * tape has the same shape on every rank, and a node is recorded or not on every rank alike), which
  * keeps the collectives matched; the rows themselves may be any number, zero included. The
- * collectives wait on the host (dist/), so these ops synchronise the device.
+ * collectives wait on the host, so these ops synchronise the device.
  *
- * The dispatch plan lives in the engine's host arena and the group in the Dist: both outlive the tape
- * (the node holds the plan by pointer, ptr[0]). */
+ * The group is a Comm (kernels/comm.h), which train/ hands in, so this file knows nothing of MPI. In
+ * a group of one rank every exchange is a local copy, done here with the backend, so such a Comm needs
+ * no implementation (comm_single). The dispatch plan lives in the engine's host arena and the Comm in
+ * the trainer's Run: both outlive the tape (the node holds the plan by pointer, ptr[0]). */
 #include <stdlib.h>
 #include <string.h>
 
-#include "../dist/dist.h"
 #include "../kernels/util.h"
 #include "ops.h"
-
-static DistType dist_type_of(DType dt, const char *op) {
-    switch (dt) {
-    case DT_F32: return DIST_F32;
-    case DT_F64: return DIST_F64;
-    case DT_BF16: return DIST_BF16;
-    case DT_I32: return DIST_I32;
-    default: fatal("%s: dtype %s cannot be exchanged", op, dtype_name(dt));
-    }
-}
 
 /* ---- the layout (pure host arithmetic; tests/test_ep.c checks it against a simulated group) -------- */
 
@@ -84,7 +75,7 @@ void ep_recv_order(const int32_t *recv_counts, int P, int El, const int32_t *loc
 
 /* ---- the plan: counts exchanged, displacements, permutation ----------------------------------- */
 
-EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const struct DistGroup *g) {
+EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const Comm *g) {
     if (!g) fatal("ep_dispatch: no expert-parallel group");
     const int P = g->size, E = plan->num_experts;
     if (E % P)
@@ -105,7 +96,8 @@ EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const struct Dis
     ep_send_layout(off, P, El, d->send_rows, d->send_first);
     /* counts[e] for the experts of rank r form block r: exactly what rank r must learn from us */
     for (int x = 0; x < E; x++) counts[x] = off[x + 1] - off[x];
-    dist_all_to_all(g, counts, d->recv_counts, El, DIST_I32, DEV_CPU);
+    if (P == 1) memcpy(d->recv_counts, counts, (size_t)El * sizeof(int32_t));
+    else g->all_to_all(g, counts, d->recv_counts, El, DT_I32, DEV_CPU);
     free(counts);
     free(off);
 
@@ -129,8 +121,12 @@ EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const struct Dis
 
 /* src rows -> dst rows across the group: to_owners sends the dispatch direction (send ranges of xs,
  * receive ranges of the [s][j] buffer), else the return direction. */
-static void exchange_rows(const EpDispatch *d, const Tensor *src, Tensor *dst, bool to_owners, const char *op) {
+static void exchange_rows(Engine *e, const EpDispatch *d, const Tensor *src, Tensor *dst, bool to_owners) {
     const int P = d->ranks;
+    if (P == 1) { /* every row stays where it is (rows_in = rows_out): a local copy */
+        if (src->numel) e->be->copy(dst->data, src->data, tensor_bytes(src));
+        return;
+    }
     const int64_t C = tensor_dim(src, -1);
     int64_t *c = xmalloc(4 * (size_t)P * sizeof(int64_t)), *sc = c, *sd = c + P, *rc = c + 2 * P, *rd = c + 3 * P;
     const int64_t *s_rows = to_owners ? d->send_rows : d->recv_rows, *s_first = to_owners ? d->send_first : d->recv_first;
@@ -139,7 +135,7 @@ static void exchange_rows(const EpDispatch *d, const Tensor *src, Tensor *dst, b
         sc[r] = s_rows[r] * C, sd[r] = s_first[r] * C;
         rc[r] = r_rows[r] * C, rd[r] = r_first[r] * C;
     }
-    dist_all_to_allv(d->g, src->data, sc, sd, dst->data, rc, rd, dist_type_of(src->dtype, op), src->device);
+    d->g->all_to_allv(d->g, src->data, sc, sd, dst->data, rc, rd, src->dtype, src->device);
     free(c);
 }
 
@@ -147,7 +143,7 @@ static void exchange_rows(const EpDispatch *d, const Tensor *src, Tensor *dst, b
 static Tensor *to_owners(Engine *e, const EpDispatch *d, const Tensor *xs) {
     const int64_t C = tensor_dim(xs, -1);
     Tensor *recv = engine_empty(e, xs->dtype, SHAPE(d->rows_out, C));
-    exchange_rows(d, xs, recv, true, "ep_dispatch");
+    exchange_rows(e, d, xs, recv, true);
     if (!d->order) return recv;
     Tensor *xr = engine_empty(e, xs->dtype, SHAPE(d->rows_out, C));
     BACKEND_REQUIRE(e->be, moe_permute_forward);
@@ -166,7 +162,7 @@ static Tensor *from_owners(Engine *e, const EpDispatch *d, const Tensor *yr) {
         send = g;
     }
     Tensor *ys = engine_empty(e, yr->dtype, SHAPE(d->rows_in, C));
-    exchange_rows(d, send, ys, false, "ep_return");
+    exchange_rows(e, d, send, ys, false);
     return ys;
 }
 

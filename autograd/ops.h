@@ -4,6 +4,7 @@
 #ifndef MSA_OPS_H
 #define MSA_OPS_H
 
+#include "../kernels/comm.h"
 #include "engine.h"
 
 #define OP_BACKWARD_DECL(name) void backward_##name(Engine *e, Node *n);
@@ -92,20 +93,20 @@ Tensor *op_moe_z_loss(Engine *e, Tensor *logits);
 Tensor *op_bias_add(Engine *e, Tensor *x, Tensor *b);
 
 /* ---- context parallelism, head-parallel (autograd/op_cp.c; train/model.c). The P ranks of the group g
- * (dist/dist.h) share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P). A group of
- * one rank returns x itself. ---- */
-struct DistGroup;
+ * (a Comm, kernels/comm.h) share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P). A
+ * group of one rank returns x itself. ---- */
 /* x [N/P, H, D] (this rank's tokens, every head) -> [N, H/P, D] (every token, heads [r*H/P, (r+1)*H/P)) */
-Tensor *op_cp_seq_to_heads(Engine *e, Tensor *x, const struct DistGroup *g);
+Tensor *op_cp_seq_to_heads(Engine *e, Tensor *x, const Comm *g);
 /* the inverse: x [N, H/P, D] -> [N/P, H, D] */
-Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const struct DistGroup *g);
+Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const Comm *g);
 /* x [n, ...] -> [P*n, ...]: every rank's rows in rank order; backward: the gradient reduce-scattered (sum) */
-Tensor *op_cp_all_gather(Engine *e, Tensor *x, const struct DistGroup *g);
+Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g);
 
 /* ---- expert parallelism (autograd/op_ep.c; train/moe.c). The P ranks of the expert-parallel group g
- * (dist/dist.h) route different tokens; rank r holds the routed experts [r*El, (r+1)*El), E = P*El. ---- */
+ * (a Comm, kernels/comm.h) route different tokens; rank r holds the routed experts [r*El, (r+1)*El),
+ * E = P*El. A group of one rank needs no Comm implementation (comm_single). ---- */
 typedef struct EpDispatch {
-    const struct DistGroup *g;
+    const Comm *g;
     int ranks, local_experts;         /* P, El */
     int64_t rows_in, rows_out;        /* rows this rank sends (N*k) and receives (M) */
     int64_t *send_rows, *send_first;  /* [P]: rows of xs for rank r, and where they start (host) */
@@ -117,7 +118,7 @@ typedef struct EpDispatch {
 } EpDispatch;
 /* Not differentiable: exchanges the per-expert row counts of plan (over all E experts) with the group and
  * builds the dispatch (in the engine's host arena, valid until engine_reset). A collective. */
-EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const struct DistGroup *g);
+EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const Comm *g);
 /* xs [N*k, C] (grouped by global expert) -> [M, C]: every rank's rows for this rank's experts, grouped
  * by local expert (segments d->offsets), within an expert by source rank. A collective. */
 Tensor *op_ep_dispatch(Engine *e, Tensor *xs, const EpDispatch *d);

@@ -395,3 +395,46 @@ void dist_barrier(const DistGroup *g) {
     MPI_Ibarrier(g->comm, &req);
     mpi_wait(g, &req, "barrier");
 }
+
+/* ---- the Comm interface (kernels/comm.h) -------------------------------------------------------- */
+
+static DistType comm_type(DType t) {
+    switch (t) {
+    case DT_F32: return DIST_F32;
+    case DT_F64: return DIST_F64;
+    case DT_BF16: return DIST_BF16;
+    case DT_I32: return DIST_I32;
+    default: fatal("dist: dtype %s cannot be exchanged", dtype_name(t));
+    }
+}
+
+static void comm_all_to_all(const Comm *c, const void *send, void *recv, int64_t count, DType t, Device dev) {
+    dist_all_to_all(c->impl, send, recv, count, comm_type(t), dev);
+}
+
+static void comm_all_to_allv(const Comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                             void *recv, const int64_t *recv_counts, const int64_t *recv_displs, DType t, Device dev) {
+    dist_all_to_allv(c->impl, send, send_counts, send_displs, recv, recv_counts, recv_displs, comm_type(t), dev);
+}
+
+static void comm_all_gather(const Comm *c, const void *send, void *recv, int64_t count, DType t, Device dev) {
+    dist_all_gather(c->impl, send, recv, count, comm_type(t), dev);
+}
+
+static void comm_reduce_scatter_sum(const Comm *c, const void *send, void *recv, int64_t count, DType t, Device dev) {
+    dist_reduce_scatter(c->impl, send, recv, count, comm_type(t), DIST_SUM, dev);
+}
+
+void dist_comm(Comm *c, const DistGroup *g) {
+    check_group(g, "dist_comm");
+    *c = (Comm){
+        .name = g->name,
+        .rank = g->rank,
+        .size = g->size,
+        .impl = g,
+        .all_to_all = comm_all_to_all,
+        .all_to_allv = comm_all_to_allv,
+        .all_gather = comm_all_gather,
+        .reduce_scatter_sum = comm_reduce_scatter_sum,
+    };
+}

@@ -29,6 +29,7 @@
 
 #include <mpi.h>
 
+#include "../kernels/comm.h"
 #include "../kernels/tensor.h"
 
 /* element types; BF16 and U8 only move (no host reductions of them) */
@@ -107,5 +108,10 @@ void dist_gather_host(const DistGroup *g, const void *send, void *recv, int64_t 
 void dist_scatter_host(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t, int root);
 /* Every rank of the group has arrived (host, with the timeout). */
 void dist_barrier(const DistGroup *g);
+
+/* The group as a Comm (kernels/comm.h) for the autograd ops that span ranks: rank and size, and the
+ * collectives above behind its function pointers (DType mapped to DistType). g must outlive c; every
+ * size works, one included. */
+void dist_comm(Comm *c, const DistGroup *g);
 
 #endif

@@ -12,242 +12,33 @@
  *   - a rank that fails ends the job with its message, a rank that hangs makes the others time out;
  *   - rank counts that do not fit the config are refused with a message.
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
-#include <errno.h>
-#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <hdf5.h>
 
 #include "../data/dataset.h"
 #include "../dist/dist.h"
 #include "../kernels/util.h"
+#include "dist_harness.h"
 #include "test.h"
 
-#define TINY "configs/tiny.json"
 #define TRAIN_DATA "data/shakespeare/train.h5"
-/* 10 logged steps, a 2-batch eval at the end, no sample text */
-#define COMMON "--set train.steps=10 --set train.log_every=1 --set train.eval_batches=2 --set train.sample_tokens=0"
-#define MAX_STEPS 16
 
-/* fp32 tolerances: metrics.jsonl prints losses with 6 decimals; parameters after 10 AdamW steps differ by
- * the rounding of sums taken in another order (measured ~1e-6) */
-#define LOSS_TOL 2e-5
-#define PARAM_ABS_TOL 1e-5
-#define PARAM_REL_TOL 1e-5
-#define MOMENT_REL_TOL 1e-4
-
-typedef struct Fixture {
-    char dir[256];
-    bool have_mpirun;
-} Fixture;
-#define FX ((Fixture *)tc->fixture)
-
-/* ---- running build/train ------------------------------------------------------------------------ */
-
-typedef struct Outcome {
-    int status;       /* exit status, -1 when killed */
-    double seconds;
-    char err[8192];   /* stderr */
-    char out[8192];   /* the end of stdout */
-} Outcome;
-
-static void read_tail(const char *path, char *buf, size_t n) {
-    buf[0] = 0;
-    FILE *f = fopen(path, "r");
-    if (!f) return;
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f), from = size > (long)n - 1 ? size - (long)n + 1 : 0;
-    fseek(f, from, SEEK_SET);
-    size_t k = fread(buf, 1, n - 1, f);
-    buf[k] = 0;
-    fclose(f);
-}
-
-/* np = 0: a plain process; else mpirun -np np. env: extra "NAME=value ..." for the command (or ""). */
-static Outcome train(TestCtx *tc, int np, const char *out_dir, const char *args, const char *env) {
-    char cmd[4096], launcher[128] = "", o[512], e[512];
-    if (np > 0) snprintf(launcher, sizeof launcher, "mpirun --oversubscribe -np %d ", np);
-    snprintf(o, sizeof o, "%s/stdout.txt", FX->dir);
-    snprintf(e, sizeof e, "%s/stderr.txt", FX->dir);
-    snprintf(cmd, sizeof cmd, "env %s %sbuild/train " TINY " " COMMON " %s%s %s >%s 2>%s", env, launcher,
-             out_dir ? "--set train.out_dir=" : "", out_dir ? out_dir : "", args, o, e);
-    Outcome r;
-    double t0 = wall_seconds();
-    int st = system(cmd);
-    r.seconds = wall_seconds() - t0;
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    read_tail(e, r.err, sizeof r.err);
-    read_tail(o, r.out, sizeof r.out);
-    return r;
-}
-
-static void path_in(char *buf, size_t n, TestCtx *tc, const char *name) { snprintf(buf, n, "%s/%s", FX->dir, name); }
-
-/* ---- what a run leaves: metrics.jsonl and the checkpoint ---------------------------------------- */
-
-typedef struct Metrics {
-    int n;                        /* training records */
-    int step[MAX_STEPS];
-    double loss[MAX_STEPS], grad_norm[MAX_STEPS];
-    double val_loss;              /* the last eval record's (NAN if none) */
-} Metrics;
-
-static double number_after(const char *line, const char *key) {
-    const char *p = strstr(line, key);
-    return p ? strtod(p + strlen(key), NULL) : NAN;
-}
-
-static Metrics read_metrics(const char *run_dir) {
-    Metrics m = {.n = 0, .val_loss = NAN};
-    char path[512], line[4096];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
-    FILE *f = fopen(path, "r");
-    if (!f) return m;
-    while (fgets(line, sizeof line, f)) {
-        if (strstr(line, "\"val_loss\"")) m.val_loss = number_after(line, "\"val_loss\": ");
-        else if (strstr(line, "\"loss\"") && m.n < MAX_STEPS) {
-            m.step[m.n] = (int)number_after(line, "\"step\": ");
-            m.loss[m.n] = number_after(line, "\"loss\": ");
-            m.grad_norm[m.n] = number_after(line, "\"grad_norm\": ");
-            m.n++;
-        }
-    }
-    fclose(f);
-    return m;
-}
-
-/* Largest |a - b| of the loss and of the gradient norm over the steps both logged (steps from `from`). */
-static void compare_metrics(const Metrics *a, const Metrics *b, int from, double *loss_diff, double *gnorm_diff,
-                            int *common) {
-    *loss_diff = *gnorm_diff = 0;
-    *common = 0;
-    for (int i = 0; i < a->n; i++)
-        for (int j = 0; j < b->n; j++)
-            if (a->step[i] == b->step[j] && a->step[i] >= from) {
-                *loss_diff = fmax(*loss_diff, fabs(a->loss[i] - b->loss[j]));
-                *gnorm_diff = fmax(*gnorm_diff, fabs(a->grad_norm[i] - b->grad_norm[j]));
-                (*common)++;
-            }
-}
-
-typedef struct Diff {
-    double max_abs, max_rel; /* over tensors: max |a - b|, max ||a - b|| / ||a|| */
-    int tensors;
-    bool ok;                 /* both files readable with the same tensors */
-} Diff;
-
-static float *read_dataset(hid_t g, const char *name, hssize_t *n) {
-    hid_t d = H5Dopen2(g, name, H5P_DEFAULT);
-    if (d < 0) return NULL;
-    hid_t sp = H5Dget_space(d);
-    *n = H5Sget_simple_extent_npoints(sp);
-    float *buf = xmalloc((size_t)(*n > 0 ? *n : 1) * sizeof(float));
-    herr_t st = H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-    H5Sclose(sp);
-    H5Dclose(d);
-    if (st < 0) {
-        free(buf);
-        return NULL;
-    }
-    return buf;
-}
-
-/* Compare group gname ("params", "optimizer/m", ...) of two checkpoints tensor by tensor. */
-static Diff compare_group(const char *file_a, const char *file_b, const char *gname) {
-    Diff df = {0, 0, 0, false};
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    hid_t fa = H5Fopen(file_a, H5F_ACC_RDONLY, H5P_DEFAULT), fb = H5Fopen(file_b, H5F_ACC_RDONLY, H5P_DEFAULT);
-    hid_t ga = fa >= 0 ? H5Gopen2(fa, gname, H5P_DEFAULT) : -1, gb = fb >= 0 ? H5Gopen2(fb, gname, H5P_DEFAULT) : -1;
-    H5G_info_t ia, ib;
-    if (ga >= 0 && gb >= 0 && H5Gget_info(ga, &ia) >= 0 && H5Gget_info(gb, &ib) >= 0 && ia.nlinks == ib.nlinks &&
-        ia.nlinks > 0) {
-        df.ok = true;
-        for (hsize_t i = 0; i < ia.nlinks && df.ok; i++) {
-            char name[256];
-            H5Lget_name_by_idx(ga, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
-            hssize_t na = 0, nb = 0;
-            float *a = read_dataset(ga, name, &na), *b = read_dataset(gb, name, &nb);
-            if (!a || !b || na != nb) df.ok = false;
-            else {
-                double d2 = 0, a2 = 0;
-                for (hssize_t k = 0; k < na; k++) {
-                    double d = (double)a[k] - (double)b[k];
-                    df.max_abs = fmax(df.max_abs, fabs(d));
-                    d2 += d * d;
-                    a2 += (double)a[k] * a[k];
-                }
-                df.max_rel = fmax(df.max_rel, a2 > 0 ? sqrt(d2 / a2) : sqrt(d2));
-                df.tensors++;
-            }
-            free(a);
-            free(b);
-        }
-    }
-    if (ga >= 0) H5Gclose(ga);
-    if (gb >= 0) H5Gclose(gb);
-    if (fa >= 0) H5Fclose(fa);
-    if (fb >= 0) H5Fclose(fb);
-    return df;
-}
-
-static long long ckpt_attr(const char *file, const char *name) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    long long v = -1;
-    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return -1;
-    hid_t a = H5Aopen(f, name, H5P_DEFAULT);
-    if (a >= 0) {
-        H5Aread(a, H5T_NATIVE_LLONG, &v);
-        H5Aclose(a);
-    }
-    H5Fclose(f);
-    return v;
-}
-
-/* A finished run of `args` on np ranks (0 = plain process) into <tmp>/<name>; its directory in dir. A run
- * that finished there already (the single-process reference of several tests) is reused. */
-static bool run_into(TestCtx *tc, const char *name, int np, const char *args, const char *env, char *dir, size_t n) {
-    path_in(dir, n, tc, name);
-    char done[600];
-    snprintf(done, sizeof done, "%s/ckpt_00000010.h5", dir);
-    if (access(done, F_OK) == 0) return true;
-    Outcome o = train(tc, np, dir, args, env);
-    if (o.status != 0) printf("    %s (np %d) exited with %d:\n%s\n", name, np, o.status, o.err);
-    return o.status == 0;
-}
+#define FX ((DistHarness *)tc->fixture)
 
 /* The single-process run and the np-rank run of the same config agree within fp32 tolerance. */
 static void expect_same_training(TestCtx *tc, const char *name, int np, const char *args) {
-    char single[512], multi[512], name1[128], name2[128], ca[600], cb[600];
+    EXPECT(FX->have_mpirun, "no mpirun");
+    char name1[128];
     snprintf(name1, sizeof name1, "%s_single", name);
-    snprintf(name2, sizeof name2, "%s_np%d", name, np);
-    EXPECT(run_into(tc, name1, 0, args, "", single, sizeof single), "single-process run failed");
-    EXPECT(run_into(tc, name2, np, args, "", multi, sizeof multi), "%d-rank run failed", np);
-    Metrics a = read_metrics(single), b = read_metrics(multi);
-    double dl, dg;
-    int common;
-    compare_metrics(&a, &b, 0, &dl, &dg, &common);
-    snprintf(ca, sizeof ca, "%s/ckpt_00000010.h5", single);
-    snprintf(cb, sizeof cb, "%s/ckpt_00000010.h5", multi);
-    Diff p = compare_group(ca, cb, "params"), m = compare_group(ca, cb, "optimizer/m"),
-         v = compare_group(ca, cb, "optimizer/v");
+    RunDiff d;
+    EXPECT_OK(harness_run_pair(tc, name1, args, name, np, args, &d));
     printf("    np %d vs 1 over %d steps: loss %.1e, grad norm %.1e, val loss %.1e; params max |d| %.2e (rel %.2e), "
            "AdamW m rel %.2e, v rel %.2e\n",
-           np, common, dl, dg, fabs(a.val_loss - b.val_loss), p.max_abs, p.max_rel, m.max_rel, v.max_rel);
-    EXPECT(a.n == 10 && common == 10, "logged steps: %d single, %d common", a.n, common);
-    EXPECT(dl <= LOSS_TOL && dg <= LOSS_TOL, "losses differ by %g, gradient norms by %g", dl, dg);
-    EXPECT(fabs(a.val_loss - b.val_loss) <= LOSS_TOL, "val loss %.6f vs %.6f", a.val_loss, b.val_loss);
-    EXPECT(p.ok && m.ok && v.ok, "cannot compare the checkpoints %s and %s", ca, cb);
-    EXPECT(p.max_abs <= PARAM_ABS_TOL && p.max_rel <= PARAM_REL_TOL, "parameters differ: max %g, rel %g", p.max_abs,
-           p.max_rel);
-    EXPECT(m.max_rel <= MOMENT_REL_TOL && v.max_rel <= MOMENT_REL_TOL, "moments differ: m %g, v %g", m.max_rel, v.max_rel);
-    EXPECT(ckpt_attr(ca, "data_counter") == ckpt_attr(cb, "data_counter"), "data counters differ");
+           np, d.steps.common, d.steps.loss, d.steps.grad_norm, fabs(d.a.val_loss - d.b.val_loss), d.params.max_abs,
+           d.params.max_rel, d.m.max_rel, d.v.max_rel);
+    harness_expect_same_training(tc, &d, HARNESS_CHECK_COUNTER);
 }
 
 /* ---- tests -------------------------------------------------------------------------------------- */
@@ -295,39 +86,32 @@ TEST(mpirun_is_available) { EXPECT(FX->have_mpirun, "mpirun not found: install o
 /* mpirun -np 1 is the plain process, bit for bit */
 TEST(one_rank_is_the_plain_process) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    char a[512], b[512], ca[600], cb[600];
-    EXPECT(run_into(tc, "plain", 0, "", "", a, sizeof a) && run_into(tc, "np1", 1, "", "", b, sizeof b), "run failed");
-    Metrics ma = read_metrics(a), mb = read_metrics(b);
-    double dl, dg;
-    int common;
-    compare_metrics(&ma, &mb, 0, &dl, &dg, &common);
-    snprintf(ca, sizeof ca, "%s/ckpt_00000010.h5", a);
-    snprintf(cb, sizeof cb, "%s/ckpt_00000010.h5", b);
-    Diff p = compare_group(ca, cb, "params"), m = compare_group(ca, cb, "optimizer/v");
-    EXPECT(common == 10 && dl == 0 && dg == 0 && p.ok && p.max_abs == 0 && m.ok && m.max_abs == 0,
-           "mpirun -np 1 differs from the plain process: loss %g, params %g, v %g", dl, p.max_abs, m.max_abs);
+    char a[512], b[512];
+    EXPECT(harness_run_into(tc, "plain", 0, "", a, sizeof a) && harness_run_into(tc, "np1", 1, "", b, sizeof b),
+           "run failed");
+    RunDiff d = harness_compare_runs(a, b, 0);
+    EXPECT(d.steps.common == 10 && d.steps.loss == 0 && d.steps.grad_norm == 0 && d.params.ok &&
+               d.params.max_abs == 0 && d.v.ok && d.v.max_abs == 0,
+           "mpirun -np 1 differs from the plain process: loss %g, params %g, v %g", d.steps.loss, d.params.max_abs,
+           d.v.max_abs);
 }
 
 TEST(dp2_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "dense", 2, "");
 }
 
 TEST(dp4_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "dense", 4, "");
 }
 
 /* gradient accumulation (each micro-batch split over the ranks) and dropout (masks by global row) */
 TEST(dp2_with_grad_accum_and_dropout_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "accum", 2, "--set train.grad_accum=2 --set train.batch_size=4 --set model.dropout=0.1");
 }
 
 /* MoE: the expert loads are summed over the ranks before the selection-bias update (the load-balancing aux
  * loss is off: it is a product of batch means, per rank by design, so it differs from the global batch's) */
 TEST(dp2_moe_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "moe", 2,
                          "--set model.ffn=moe --set moe.num_experts=4 --set moe.expert_dim=32 --set moe.shared_experts=1 "
                          "--set moe.aux_loss_weight=0 --set moe.z_loss_weight=0.001 --set moe.bias_update_rate=0.01");
@@ -337,7 +121,6 @@ TEST(dp2_moe_equals_single_process) {
  * crosses the switch from dense warm-up to sparse selection, and the evals (KL, recall, dense reference)
  * are recombined over the ranks */
 TEST(dp2_msa_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "msa", 2,
                          "--set model.attention=msa --set msa.block_size=8 --set msa.topk_blocks=3 --set msa.index_dim=16 "
                          "--set msa.dense_warmup_steps=4 --set train.eval_every=5 --set train.eval_dense_reference=true");
@@ -347,39 +130,19 @@ TEST(dp2_msa_equals_single_process) {
  * single-process run ends. */
 TEST(checkpoint_from_2_ranks_resumes_on_1_and_4) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    char ref[512], two[512], ck5[600];
-    EXPECT(run_into(tc, "resume_ref", 0, "", "", ref, sizeof ref), "reference run failed");
-    EXPECT(run_into(tc, "resume_np2", 2, "--set train.checkpoint_every=5 --set train.keep_checkpoints=0", "", two,
-                    sizeof two),
-           "2-rank run failed");
-    snprintf(ck5, sizeof ck5, "%s/ckpt_00000005.h5", two);
-    Metrics mr = read_metrics(ref);
+    char ref[512], two[512];
+    EXPECT(harness_run_into(tc, "resume_ref", 0, "", ref, sizeof ref), "reference run failed");
+    EXPECT(harness_run_into(tc, "resume_np2", 2, HARNESS_CHECKPOINTS, two, sizeof two), "2-rank run failed");
     for (int np = 1; np <= 4; np *= 4) {
-        char dir[512], cmd[2048], ca[600], cb[600];
-        snprintf(dir, sizeof dir, "%s/resume_on_%d", FX->dir, np);
-        snprintf(cmd, sizeof cmd, "mkdir -p %s && cp %s %s/", dir, ck5, dir);
-        EXPECT(system(cmd) == 0, "%s failed", cmd);
-        Outcome o = train(tc, np == 1 ? 0 : np, dir, "--resume", "");
+        char dir[512];
+        RunOutcome o = harness_resume(tc, two, np == 1 ? 0 : np, "", dir, sizeof dir);
         EXPECT(o.status == 0, "resume on %d rank(s) exited with %d: %s", np, o.status, o.err);
         EXPECT(strstr(o.out, "resumed from") || strstr(o.out, "done:"), "no progress output: %s", o.out);
-        Metrics m = read_metrics(dir);
-        double dl, dg;
-        int common;
-        compare_metrics(&mr, &m, 6, &dl, &dg, &common);
-        snprintf(ca, sizeof ca, "%s/ckpt_00000010.h5", ref);
-        snprintf(cb, sizeof cb, "%s/ckpt_00000010.h5", dir);
-        Diff p = compare_group(ca, cb, "params"), v = compare_group(ca, cb, "optimizer/v");
+        RunDiff d = harness_compare_runs(ref, dir, 6);
         printf("    2 ranks -> %d: steps 6-10 loss %.1e, grad norm %.1e; final params max |d| %.2e (rel %.2e), v rel "
                "%.2e\n",
-               np, dl, dg, p.max_abs, p.max_rel, v.max_rel);
-        EXPECT(common == 5 && dl <= LOSS_TOL && dg <= LOSS_TOL, "steps 6-10 after resuming on %d: %d steps, loss %g",
-               np, common, dl);
-        EXPECT(p.ok && p.max_abs <= PARAM_ABS_TOL && p.max_rel <= PARAM_REL_TOL, "parameters: %g (rel %g)", p.max_abs,
-               p.max_rel);
-        EXPECT(v.ok && v.max_rel <= MOMENT_REL_TOL, "second moments: rel %g", v.max_rel);
-        EXPECT(ckpt_attr(cb, "data_counter") == ckpt_attr(ca, "data_counter") && ckpt_attr(cb, "adam_t") == 10,
-               "train state after resuming on %d: counter %lld vs %lld, adam_t %lld", np, ckpt_attr(cb, "data_counter"),
-               ckpt_attr(ca, "data_counter"), ckpt_attr(cb, "adam_t"));
+               np, d.steps.loss, d.steps.grad_norm, d.params.max_abs, d.params.max_rel, d.v.max_rel);
+        EXPECT_OK(harness_expect_resumed(tc, &d, true));
     }
 }
 
@@ -387,9 +150,9 @@ TEST(checkpoint_from_2_ranks_resumes_on_1_and_4) {
 TEST(no_two_ranks_read_the_same_sample) {
     EXPECT(FX->have_mpirun, "no mpirun");
     char prefix[512], env[600];
-    path_in(prefix, sizeof prefix, tc, "samples");
+    harness_path(tc, "samples", prefix, sizeof prefix);
     snprintf(env, sizeof env, "MSA_DIST_TEST_SAMPLES=%s", prefix);
-    Outcome o = train(tc, 4, NULL, "--set train.steps=3 --set train.grad_accum=2", env);
+    RunOutcome o = harness_train(tc, 4, NULL, "--set train.steps=3 --set train.grad_accum=2", env);
     EXPECT(o.status == 0, "4-rank run exited with %d: %s", o.status, o.err);
     enum { WINDOWS = 3 * 2 * 8 };
     int seen[WINDOWS] = {0}, per_rank[4] = {0}, stray = 0;
@@ -417,7 +180,7 @@ TEST(no_two_ranks_read_the_same_sample) {
 /* A rank that fails ends the whole job at once, with its own message. */
 TEST(failing_rank_ends_the_job_with_its_message) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    Outcome o = train(tc, 2, NULL, "", "MSA_DIST_TEST_FAIL=1:3");
+    RunOutcome o = harness_train(tc, 2, NULL, "", "MSA_DIST_TEST_FAIL=1:3");
     printf("    exit %d after %.1f s\n", o.status, o.seconds);
     EXPECT(o.status != 0, "mpirun exited 0");
     EXPECT(strstr(o.err, "error: rank 1: test hook MSA_DIST_TEST_FAIL"), "stderr lacks rank 1's message: %s", o.err);
@@ -427,7 +190,7 @@ TEST(failing_rank_ends_the_job_with_its_message) {
 /* A rank that hangs: the others give up after dist.timeout and end the job with a message. */
 TEST(hanging_rank_makes_the_others_time_out) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    Outcome o = train(tc, 2, NULL, "--set dist.timeout=2", "MSA_DIST_TEST_HANG=1:3");
+    RunOutcome o = harness_train(tc, 2, NULL, "--set dist.timeout=2", "MSA_DIST_TEST_HANG=1:3");
     printf("    exit %d after %.1f s\n", o.status, o.seconds);
     EXPECT(o.status != 0, "mpirun exited 0");
     EXPECT(strstr(o.err, "error: rank 0:") && strstr(o.err, "did not complete within dist.timeout = 2 s"),
@@ -437,25 +200,20 @@ TEST(hanging_rank_makes_the_others_time_out) {
 
 TEST(rank_counts_that_do_not_fit_are_refused) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    Outcome o = train(tc, 4, NULL, "--set train.batch_size=6", "");
+    RunOutcome o = harness_train(tc, 4, NULL, "--set train.batch_size=6", "");
     EXPECT(o.status != 0 && strstr(o.err, "train.batch_size = 6 is not divisible by the 4 data-parallel ranks"),
            "batch 6 on 4 ranks: %s", o.err);
-    o = train(tc, 2, NULL, "--set dist.dp=3", "");
+    o = harness_train(tc, 2, NULL, "--set dist.dp=3", "");
     EXPECT(o.status != 0 && strstr(o.err, "dist.dp * dist.ep * dist.cp = 3 * 1 * 1 = 3, but the job has 2 ranks"),
            "dp 3 on 2 ranks: %s", o.err);
-    o = train(tc, 0, NULL, "--set dist.dp=2", "");
+    o = harness_train(tc, 0, NULL, "--set dist.dp=2", "");
     EXPECT(o.status == 1 && strstr(o.err, "but the job has 1 rank"), "dp 2 without mpirun: %s", o.err);
-    o = train(tc, 2, NULL, "--set dist.ep=2 --set train.batch_size=5", "");
+    o = harness_train(tc, 2, NULL, "--set dist.ep=2 --set train.batch_size=5", "");
     EXPECT(o.status != 0 && strstr(o.err, "train.batch_size = 5 is not divisible by the dist.dp * dist.ep = 1 * 2"),
            "batch 5 over ep 2: %s", o.err);
 }
 
 /* ---- the collectives themselves: this program under mpirun, in its --collectives mode ------------------ */
-
-#define CHECK(cond, ...)                                                                                    \
-    do {                                                                                                    \
-        if (!(cond)) fatal(__VA_ARGS__);                                                                    \
-    } while (0)
 
 /* The group layout and every host collective on the world and on each group, checked on every rank; a
  * wrong result ends the job through fatal (MPI_Abort) with the rank's message. */
@@ -551,45 +309,18 @@ TEST(collectives_on_every_group) {
     static const int layouts[][4] = {{2, 0, 1, 1}, {4, 0, 1, 1}, {4, 2, 1, 2}, {4, 1, 2, 2}, {4, 1, 4, 1}};
     for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {
         const int *l = layouts[i];
-        char cmd[512], o[300], out[8192];
-        snprintf(o, sizeof o, "%s/collectives.txt", FX->dir);
-        snprintf(cmd, sizeof cmd, "mpirun --oversubscribe -np %d build/tests/test_dist --collectives %d %d %d >%s 2>&1",
-                 l[0], l[1], l[2], l[3], o);
-        int st = system(cmd);
-        read_tail(o, out, sizeof out);
-        int ok = 0;
-        for (const char *p = out; (p = strstr(p, "collectives ok")); p++) ok++;
-        EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0 && ok == l[0], "np %d, dp %d ep %d cp %d: %s", l[0], l[1], l[2],
-               l[3], out);
+        char cmd[512], out[8192];
+        snprintf(cmd, sizeof cmd, "build/tests/test_dist --collectives %d %d %d", l[1], l[2], l[3]);
+        EXPECT(harness_run_ranks(tc, l[0], cmd, "collectives ok", out, sizeof out), "np %d, dp %d ep %d cp %d: %s",
+               l[0], l[1], l[2], l[3], out);
     }
 }
 
 /* ---- main ----------------------------------------------------------------------------------------- */
 
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--collectives")) return collectives_main(argc, argv);
-    TEST_BEGIN();
-    Fixture fx;
-    snprintf(fx.dir, sizeof fx.dir, "/tmp/msa_test_dist_XXXXXX");
-    if (!mkdtemp(fx.dir)) {
-        perror("mkdtemp");
-        return 1;
-    }
-    fx.have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
-    /* the same arithmetic in every process (one thread each: ranks share the cores), and what mpirun needs
-     * here: CI runs as root; containers often forbid the cross-process memory copy of the shared-memory
-     * transport (CMA) */
-    setenv("OMP_NUM_THREADS", "1", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    tc->fixture = &fx;
+    HARNESS_TEST_BEGIN("test_dist", "");
     RUN(sampler_parts_tile_the_global_batch);
     RUN(mpirun_is_available);
     RUN(collectives_on_every_group);
@@ -604,6 +335,5 @@ int main(int argc, char **argv) {
     RUN(failing_rank_ends_the_job_with_its_message);
     RUN(hanging_rank_makes_the_others_time_out);
     RUN(rank_counts_that_do_not_fit_are_refused);
-    nftw(fx.dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-    TEST_END();
+    HARNESS_TEST_END();
 }

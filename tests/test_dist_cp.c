@@ -10,43 +10,23 @@
  *   - a checkpoint of a CP-2 run resumes on 1 rank and on CP-2 x DP-2;
  *   - a cp that does not divide the KV heads or the tokens of a micro-batch is refused with a message.
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
-#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <hdf5.h>
 
 #include "../autograd/ops.h"
 #include "../dist/dist.h"
 #include "../kernels/util.h"
+#include "dist_harness.h"
 #include "gradcheck.h"
 #include "test.h"
 
-#define TINY "configs/tiny.json"
-/* 10 logged steps, a 2-batch eval at the end, no sample text */
-#define COMMON "--set train.steps=10 --set train.log_every=1 --set train.eval_batches=2 --set train.sample_tokens=0"
 /* MSA in layer 1 (layer 0 stays dense): block 8 of a 64-token sequence, 3 of up to 8 blocks selected */
 #define MSA "--set model.attention=msa --set model.msa_layers=1- --set msa.block_size=8 --set msa.topk_blocks=3 " \
             "--set msa.index_dim=16 --set train.eval_every=5"
-#define MAX_STEPS 16
 
-/* fp32 tolerances (those of tests/test_dist.c): metrics.jsonl prints 6 decimals; parameters after 10
- * AdamW steps differ by the rounding of sums taken in another order */
-#define LOSS_TOL 2e-5
-#define PARAM_ABS_TOL 1e-5
-#define PARAM_REL_TOL 1e-5
-#define MOMENT_REL_TOL 1e-4
-
-typedef struct Fixture {
-    char dir[256];
-    bool have_mpirun;
-} Fixture;
-#define FX ((Fixture *)tc->fixture)
+#define FX ((DistHarness *)tc->fixture)
 
 /* ---- the block transpose and the exchange layout, in one process --------------------------------- */
 
@@ -119,22 +99,19 @@ TEST(seq_heads_exchange_layout_for_P_ranks) {
 TEST(one_rank_group_is_the_identity) {
     Dist d;
     dist_single(&d);
+    Comm cp;
+    dist_comm(&cp, &d.cp_group);
     Engine e;
     engine_init(&e, &cpu_backend, DT_F32, 1 << 20);
     Tensor *x = engine_zeros(&e, DT_F32, SHAPE(4, 2, 3));
     x->requires_grad = true;
-    EXPECT(op_cp_seq_to_heads(&e, x, &d.cp_group) == x && op_cp_heads_to_seq(&e, x, &d.cp_group) == x &&
-               op_cp_all_gather(&e, x, &d.cp_group) == x && e.tape_len == 0,
+    EXPECT(op_cp_seq_to_heads(&e, x, &cp) == x && op_cp_heads_to_seq(&e, x, &cp) == x &&
+               op_cp_all_gather(&e, x, &cp) == x && e.tape_len == 0,
            "a cp group of one rank changed the graph");
     engine_free(&e);
 }
 
 /* ---- the exchange ops under mpirun: this program's --exchange mode ------------------------------------ */
-
-#define CHECK(cond, ...)                                                                                    \
-    do {                                                                                                    \
-        if (!(cond)) fatal(__VA_ARGS__);                                                                    \
-    } while (0)
 
 static Tensor *filled(Engine *e, DType dt, int64_t rows, int64_t H, int64_t D, double scale,
                       double (*value)(int rank, int64_t t, int64_t h, int64_t d, int64_t n, int64_t Hc), int rank,
@@ -172,7 +149,9 @@ static int exchange_main(int argc, char **argv) {
     Dist dist;
     dist_init(&dist, &argc, &argv);
     dist_setup(&dist, 1, 1, dist.size, 10.0, DEV_CPU, "test_dist_cp");
-    const DistGroup *g = &dist.cp_group;
+    Comm cp; /* the ops see the group through its Comm (kernels/comm.h) */
+    dist_comm(&cp, &dist.cp_group);
+    const Comm *g = &cp;
     const int P = g->size, r = g->rank;
     const int64_t n = 3, N = n * P, Hc = 2, H = Hc * P, D = 5;
     for (int dt = 0; dt < 2; dt++) {
@@ -215,248 +194,58 @@ static int exchange_main(int argc, char **argv) {
     return 0;
 }
 
-static void read_tail(const char *path, char *buf, size_t n) {
-    buf[0] = 0;
-    FILE *f = fopen(path, "r");
-    if (!f) return;
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f), from = size > (long)n - 1 ? size - (long)n + 1 : 0;
-    fseek(f, from, SEEK_SET);
-    size_t k = fread(buf, 1, n - 1, f);
-    buf[k] = 0;
-    fclose(f);
-}
-
 TEST(exchange_ops_under_mpirun) {
     EXPECT(FX->have_mpirun, "no mpirun: install openmpi-bin (bash tools/install_deps.sh)");
     for (int np = 2; np <= 4; np += 2) {
-        char cmd[512], o[300], out[8192];
-        snprintf(o, sizeof o, "%s/exchange.txt", FX->dir);
-        snprintf(cmd, sizeof cmd, "mpirun --oversubscribe -np %d build/tests/test_dist_cp --exchange >%s 2>&1", np, o);
-        int st = system(cmd);
-        read_tail(o, out, sizeof out);
-        int ok = 0;
-        for (const char *p = out; (p = strstr(p, "exchange ok")); p++) ok++;
-        EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0 && ok == np, "np %d: %s", np, out);
+        char out[8192];
+        EXPECT(harness_run_ranks(tc, np, "build/tests/test_dist_cp --exchange", "exchange ok", out, sizeof out),
+               "np %d: %s", np, out);
     }
 }
 
 /* ---- build/train on several ranks against one process ----------------------------------------------- */
 
-typedef struct Outcome {
-    int status; /* exit status, -1 when killed */
-    char err[8192];
-} Outcome;
-
-/* np = 0: a plain process; else mpirun -np np */
-static Outcome train(TestCtx *tc, int np, const char *out_dir, const char *args) {
-    char cmd[4096], launcher[128] = "", o[512], e[512];
-    if (np > 0) snprintf(launcher, sizeof launcher, "mpirun --oversubscribe -np %d ", np);
-    snprintf(o, sizeof o, "%s/stdout.txt", FX->dir);
-    snprintf(e, sizeof e, "%s/stderr.txt", FX->dir);
-    snprintf(cmd, sizeof cmd, "%sbuild/train " TINY " " COMMON " %s%s %s >%s 2>%s", launcher,
-             out_dir ? "--set train.out_dir=" : "", out_dir ? out_dir : "", args, o, e);
-    Outcome r;
-    int st = system(cmd);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    read_tail(e, r.err, sizeof r.err);
-    return r;
-}
-
-typedef struct Metrics {
-    int n; /* training records */
-    int step[MAX_STEPS];
-    double loss[MAX_STEPS], aux[MAX_STEPS], grad_norm[MAX_STEPS];
-    double val_loss, val_kl, val_recall, val_dense; /* the last eval record's (NAN if absent) */
-} Metrics;
-
-static double number_after(const char *line, const char *key) {
-    const char *p = strstr(line, key);
-    return p ? strtod(p + strlen(key), NULL) : NAN;
-}
-
-static Metrics read_metrics(const char *run_dir) {
-    Metrics m = {.n = 0, .val_loss = NAN, .val_kl = NAN, .val_recall = NAN, .val_dense = NAN};
-    char path[512], line[4096];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
-    FILE *f = fopen(path, "r");
-    if (!f) return m;
-    while (fgets(line, sizeof line, f)) {
-        if (strstr(line, "\"val_loss\"")) {
-            m.val_loss = number_after(line, "\"val_loss\": ");
-            m.val_kl = number_after(line, "\"kl\": ");
-            m.val_recall = number_after(line, "\"recall\": ");
-            m.val_dense = number_after(line, "\"dense_attention_val_loss\": ");
-        } else if (strstr(line, "\"loss\"") && m.n < MAX_STEPS) {
-            m.step[m.n] = (int)number_after(line, "\"step\": ");
-            m.loss[m.n] = number_after(line, "\"loss\": ");
-            m.aux[m.n] = number_after(line, "\"aux\": ");
-            m.grad_norm[m.n] = number_after(line, "\"grad_norm\": ");
-            m.n++;
-        }
-    }
-    fclose(f);
-    return m;
-}
-
-/* |a - b|, 0 when both are absent (NAN) */
-static double diff_or_0(double a, double b) { return isnan(a) && isnan(b) ? 0.0 : fabs(a - b); }
-
-typedef struct MetricDiff {
-    double loss, aux, grad_norm; /* largest |a - b| over the common steps from `from` */
-    int common;
-} MetricDiff;
-
-static MetricDiff compare_metrics(const Metrics *a, const Metrics *b, int from) {
-    MetricDiff d = {0, 0, 0, 0};
-    for (int i = 0; i < a->n; i++)
-        for (int j = 0; j < b->n; j++)
-            if (a->step[i] == b->step[j] && a->step[i] >= from) {
-                d.loss = fmax(d.loss, fabs(a->loss[i] - b->loss[j]));
-                d.aux = fmax(d.aux, fabs(a->aux[i] - b->aux[j]));
-                d.grad_norm = fmax(d.grad_norm, fabs(a->grad_norm[i] - b->grad_norm[j]));
-                d.common++;
-            }
-    return d;
-}
-
-typedef struct Diff {
-    double max_abs, max_rel; /* over tensors: max |a - b|, max ||a - b|| / ||a|| */
-    bool ok;                 /* both files readable with the same tensors */
-} Diff;
-
-static float *read_dataset(hid_t g, const char *name, hssize_t *n) {
-    hid_t d = H5Dopen2(g, name, H5P_DEFAULT);
-    if (d < 0) return NULL;
-    hid_t sp = H5Dget_space(d);
-    *n = H5Sget_simple_extent_npoints(sp);
-    float *buf = xmalloc((size_t)(*n > 0 ? *n : 1) * sizeof(float));
-    herr_t st = H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-    H5Sclose(sp);
-    H5Dclose(d);
-    if (st < 0) {
-        free(buf);
-        return NULL;
-    }
-    return buf;
-}
-
-/* Compare group gname ("params", "optimizer/m", ...) of two checkpoints tensor by tensor. */
-static Diff compare_group(const char *file_a, const char *file_b, const char *gname) {
-    Diff df = {0, 0, false};
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    hid_t fa = H5Fopen(file_a, H5F_ACC_RDONLY, H5P_DEFAULT), fb = H5Fopen(file_b, H5F_ACC_RDONLY, H5P_DEFAULT);
-    hid_t ga = fa >= 0 ? H5Gopen2(fa, gname, H5P_DEFAULT) : -1, gb = fb >= 0 ? H5Gopen2(fb, gname, H5P_DEFAULT) : -1;
-    H5G_info_t ia, ib;
-    if (ga >= 0 && gb >= 0 && H5Gget_info(ga, &ia) >= 0 && H5Gget_info(gb, &ib) >= 0 && ia.nlinks == ib.nlinks &&
-        ia.nlinks > 0) {
-        df.ok = true;
-        for (hsize_t i = 0; i < ia.nlinks && df.ok; i++) {
-            char name[256];
-            H5Lget_name_by_idx(ga, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
-            hssize_t na = 0, nb = 0;
-            float *a = read_dataset(ga, name, &na), *b = read_dataset(gb, name, &nb);
-            if (!a || !b || na != nb) df.ok = false;
-            else {
-                double d2 = 0, a2 = 0;
-                for (hssize_t k = 0; k < na; k++) {
-                    double d = (double)a[k] - (double)b[k];
-                    df.max_abs = fmax(df.max_abs, fabs(d));
-                    d2 += d * d;
-                    a2 += (double)a[k] * a[k];
-                }
-                df.max_rel = fmax(df.max_rel, a2 > 0 ? sqrt(d2 / a2) : sqrt(d2));
-            }
-            free(a);
-            free(b);
-        }
-    }
-    if (ga >= 0) H5Gclose(ga);
-    if (gb >= 0) H5Gclose(gb);
-    if (fa >= 0) H5Fclose(fa);
-    if (fb >= 0) H5Fclose(fb);
-    return df;
-}
-
-/* A finished run of `args` on np ranks (0 = plain process) into <tmp>/<name>; reused when it is there. */
-static bool run_into(TestCtx *tc, const char *name, int np, const char *args, char *dir, size_t n) {
-    snprintf(dir, n, "%s/%s", FX->dir, name);
-    char done[600];
-    snprintf(done, sizeof done, "%s/ckpt_00000010.h5", dir);
-    if (access(done, F_OK) == 0) return true;
-    Outcome o = train(tc, np, dir, args);
-    if (o.status != 0) printf("    %s (np %d) exited with %d:\n%s\n", name, np, o.status, o.err);
-    return o.status == 0;
-}
-
-/* The two finished runs agree within fp32 tolerance: every logged step, the last eval, the final checkpoint. */
-static void expect_same_runs(TestCtx *tc, const char *a_dir, const char *b_dir, const char *what) {
-    char ca[600], cb[600];
-    Metrics a = read_metrics(a_dir), b = read_metrics(b_dir);
-    MetricDiff md = compare_metrics(&a, &b, 0);
-    double dv = diff_or_0(a.val_loss, b.val_loss), dk = diff_or_0(a.val_kl, b.val_kl),
-           dr = diff_or_0(a.val_recall, b.val_recall), dd = diff_or_0(a.val_dense, b.val_dense);
-    snprintf(ca, sizeof ca, "%s/ckpt_00000010.h5", a_dir);
-    snprintf(cb, sizeof cb, "%s/ckpt_00000010.h5", b_dir);
-    Diff p = compare_group(ca, cb, "params"), m = compare_group(ca, cb, "optimizer/m"),
-         v = compare_group(ca, cb, "optimizer/v");
-    printf("    %s over %d steps: loss %.1e, kl %.1e, grad norm %.1e; eval loss %.1e, kl %.1e, recall %.1e, dense "
-           "%.1e; params max |d| %.2e (rel %.2e), AdamW m rel %.2e, v rel %.2e\n",
-           what, md.common, md.loss, md.aux, md.grad_norm, dv, dk, dr, dd, p.max_abs, p.max_rel, m.max_rel, v.max_rel);
-    EXPECT(a.n == 10 && md.common == 10, "logged steps: %d single, %d common", a.n, md.common);
-    EXPECT(md.loss <= LOSS_TOL && md.aux <= LOSS_TOL && md.grad_norm <= LOSS_TOL,
-           "losses differ by %g, KL by %g, gradient norms by %g", md.loss, md.aux, md.grad_norm);
-    EXPECT(!isnan(a.val_loss) && dv <= LOSS_TOL && dk <= LOSS_TOL && dr <= LOSS_TOL && dd <= LOSS_TOL,
-           "eval: loss %.6f vs %.6f, kl by %g, recall by %g, dense loss by %g", a.val_loss, b.val_loss, dk, dr, dd);
-    EXPECT(p.ok && m.ok && v.ok, "cannot compare the checkpoints %s and %s", ca, cb);
-    EXPECT(p.max_abs <= PARAM_ABS_TOL && p.max_rel <= PARAM_REL_TOL, "parameters differ: max %g, rel %g", p.max_abs,
-           p.max_rel);
-    EXPECT(m.max_rel <= MOMENT_REL_TOL && v.max_rel <= MOMENT_REL_TOL, "moments differ: m %g, v %g", m.max_rel, v.max_rel);
-}
-
-/* The single process and np ranks with `layout` (e.g. "--set dist.cp=2") on the same config and batch. */
+/* The single process and np ranks with `layout` (e.g. "--set dist.cp=2") on the same config and batch agree
+ * within fp32 tolerance: every logged step, the last eval, the final checkpoint. */
 static void expect_same_training(TestCtx *tc, const char *name, int np, const char *layout, const char *args) {
-    char single[512], multi[512], name1[128], name2[128], all[2048], what[64];
+    EXPECT(FX->have_mpirun, "no mpirun");
+    char name1[128], all[2048];
     snprintf(name1, sizeof name1, "%s_single", name);
-    snprintf(name2, sizeof name2, "%s_np%d", name, np);
     snprintf(all, sizeof all, "%s %s", args, layout);
-    EXPECT(run_into(tc, name1, 0, args, single, sizeof single), "single-process run failed");
-    EXPECT(run_into(tc, name2, np, all, multi, sizeof multi), "%d-rank run failed", np);
-    snprintf(what, sizeof what, "np %d (%s) vs 1", np, layout + 6);
-    expect_same_runs(tc, single, multi, what);
+    RunDiff d;
+    EXPECT_OK(harness_run_pair(tc, name1, args, name, np, all, &d));
+    printf("    np %d (%s) vs 1 over %d steps: loss %.1e, kl %.1e, grad norm %.1e; eval loss %.1e, kl %.1e, recall "
+           "%.1e, dense %.1e; params max |d| %.2e (rel %.2e), AdamW m rel %.2e, v rel %.2e\n",
+           np, layout + 6, d.steps.common, d.steps.loss, d.steps.aux, d.steps.grad_norm, d.val_loss, d.val_kl,
+           d.val_recall, d.val_dense, d.params.max_abs, d.params.max_rel, d.m.max_rel, d.v.max_rel);
+    harness_expect_same_training(tc, &d, HARNESS_CHECK_EVAL);
 }
 
 #define CP2 "--set dist.cp=2"
-#define CHECKPOINTS "--set train.checkpoint_every=5 --set train.keep_checkpoints=0"
 
 TEST(cp2_dense_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
-    expect_same_training(tc, "dense", 2, CP2, CHECKPOINTS);
+    expect_same_training(tc, "dense", 2, CP2, HARNESS_CHECKPOINTS);
 }
 
 /* dropout masks by global token (row_offset), two micro-batches per step, every block recomputed in the
  * backward (its exchanges run again) */
 TEST(cp2_dense_with_dropout_accum_recompute_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "dropout", 2, CP2,
                          "--set model.dropout=0.1 --set train.grad_accum=2 --set train.batch_size=4 --set train.recompute=true");
 }
 
 /* sparse from the first step (the KL over the selected blocks), with recomputation */
 TEST(cp2_msa_sparse_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "msa_sparse", 2, CP2, MSA " --set msa.dense_warmup_steps=0 --set train.recompute=true");
 }
 
 /* 4 steps of dense warm-up (KL over the full causal prefix), then sparse; evals with the dense reference */
 TEST(cp2_msa_warmup_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "msa_warm", 2, CP2,
                          MSA " --set msa.dense_warmup_steps=4 --set train.eval_dense_reference=true");
 }
 
 TEST(cp2_dp2_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "msa_warm", 4, CP2,
                          MSA " --set msa.dense_warmup_steps=4 --set train.eval_dense_reference=true");
 }
@@ -466,67 +255,37 @@ TEST(cp2_dp2_equals_single_process) {
 TEST(cp2_checkpoint_resumes_on_1_and_on_cp2_dp2) {
     EXPECT(FX->have_mpirun, "no mpirun");
     char single[512], two[512];
-    EXPECT(run_into(tc, "dense_single", 0, CHECKPOINTS, single, sizeof single) &&
-               run_into(tc, "dense_np2", 2, CHECKPOINTS " " CP2, two, sizeof two),
+    EXPECT(harness_run_into(tc, "dense_single", 0, HARNESS_CHECKPOINTS, single, sizeof single) &&
+               harness_run_into(tc, "dense_np2", 2, HARNESS_CHECKPOINTS " " CP2, two, sizeof two),
            "the reference runs failed");
     static const int nps[] = {0, 4};
     for (int i = 0; i < 2; i++) {
-        char dir[512], cmd[2048];
-        snprintf(dir, sizeof dir, "%s/resume_%d", FX->dir, nps[i]);
-        snprintf(cmd, sizeof cmd, "mkdir -p %s && cp %s/ckpt_00000005.h5 %s/", dir, two, dir);
-        EXPECT(system(cmd) == 0, "%s failed", cmd);
-        Outcome o = train(tc, nps[i], dir, nps[i] ? "--resume " CP2 : "--resume");
+        char dir[512];
+        RunOutcome o = harness_resume(tc, two, nps[i], nps[i] ? CP2 : "", dir, sizeof dir);
         EXPECT(o.status == 0, "resume on %d rank(s) exited with %d: %s", nps[i], o.status, o.err);
-        Metrics a = read_metrics(single), b = read_metrics(dir);
-        MetricDiff md = compare_metrics(&a, &b, 6);
-        char ca[600], cb[600];
-        snprintf(ca, sizeof ca, "%s/ckpt_00000010.h5", single);
-        snprintf(cb, sizeof cb, "%s/ckpt_00000010.h5", dir);
-        Diff p = compare_group(ca, cb, "params"), v = compare_group(ca, cb, "optimizer/v");
+        RunDiff d = harness_compare_runs(single, dir, 6);
         printf("    cp 2 -> %s: steps 6-10 loss %.1e, grad norm %.1e; final params max |d| %.2e (rel %.2e), v rel %.2e\n",
-               nps[i] ? "cp 2 x dp 2" : "1 rank", md.loss, md.grad_norm, p.max_abs, p.max_rel, v.max_rel);
-        EXPECT(md.common == 5 && md.loss <= LOSS_TOL && md.grad_norm <= LOSS_TOL, "steps 6-10: %d steps, loss %g",
-               md.common, md.loss);
-        EXPECT(p.ok && p.max_abs <= PARAM_ABS_TOL && p.max_rel <= PARAM_REL_TOL, "parameters: %g (rel %g)", p.max_abs,
-               p.max_rel);
-        EXPECT(v.ok && v.max_rel <= MOMENT_REL_TOL, "second moments: rel %g", v.max_rel);
+               nps[i] ? "cp 2 x dp 2" : "1 rank", d.steps.loss, d.steps.grad_norm, d.params.max_abs, d.params.max_rel,
+               d.v.max_rel);
+        EXPECT_OK(harness_expect_resumed(tc, &d, false));
     }
 }
 
 TEST(cp_that_does_not_divide_is_refused) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    Outcome o = train(tc, 4, NULL, "--set dist.cp=4");
+    RunOutcome o = harness_train(tc, 4, NULL, "--set dist.cp=4", "");
     EXPECT(o.status != 0 && strstr(o.err, "dist.cp = 4 does not divide model.n_kv_heads = 2"), "cp 4, 2 KV heads: %s",
            o.err);
-    o = train(tc, 2, NULL, CP2 " --set train.batch_size=1 --set train.seq_len=63");
+    o = harness_train(tc, 2, NULL, CP2 " --set train.batch_size=1 --set train.seq_len=63", "");
     EXPECT(o.status != 0 && strstr(o.err, "dist.cp = 2 does not divide the 63 tokens of a rank's micro-batch"),
            "63 tokens on cp 2: %s", o.err);
 }
 
 /* ---- main ----------------------------------------------------------------------------------------- */
 
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--exchange")) return exchange_main(argc, argv);
-    TEST_BEGIN();
-    Fixture fx;
-    snprintf(fx.dir, sizeof fx.dir, "/tmp/msa_test_dist_cp_XXXXXX");
-    if (!mkdtemp(fx.dir)) {
-        perror("mkdtemp");
-        return 1;
-    }
-    fx.have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
-    /* as tests/test_dist.c: one thread per process (ranks share the cores), root in CI, no CMA */
-    setenv("OMP_NUM_THREADS", "1", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    tc->fixture = &fx;
+    HARNESS_TEST_BEGIN("test_dist_cp", "");
     RUN(transpose01_matches_the_index_reference_and_round_trips);
     RUN(seq_heads_exchange_layout_for_P_ranks);
     RUN(one_rank_group_is_the_identity);
@@ -538,6 +297,5 @@ int main(int argc, char **argv) {
     RUN(cp2_dp2_equals_single_process);
     RUN(cp2_checkpoint_resumes_on_1_and_on_cp2_dp2);
     RUN(cp_that_does_not_divide_is_refused);
-    nftw(fx.dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-    TEST_END();
+    HARNESS_TEST_END();
 }

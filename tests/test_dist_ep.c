@@ -12,48 +12,29 @@
  *     the uninterrupted run ends; train.init_from under ep = 2 trains as the single process does;
  *   - moe.num_experts not divisible by dist.ep is refused with a message.
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
-#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <hdf5.h>
 
 #include "../autograd/ops.h"
 #include "../dist/dist.h"
 #include "../kernels/util.h"
 #include "../train/moe.h"
+#include "dist_harness.h"
 #include "gradcheck.h"
 #include "test.h"
 
-#define TINY "configs/tiny.json"
-/* 10 logged steps, a 2-batch eval at the end, no sample text */
-#define COMMON "--set train.steps=10 --set train.log_every=1 --set train.eval_batches=2 --set train.sample_tokens=0"
-/* 2 MoE layers of 8 experts, top-2, one shared expert; 8 sequences of 64 tokens per step. The balance
- * loss is off: it is the product of per-rank batch means by design (train/moe.h), so it is not the global
- * batch's; the z-loss (a mean over tokens) and the selection-bias update (global loads) are on. */
+/* Every build/train run of this program (the harness adds it): 2 MoE layers of 8 experts, top-2, one
+ * shared expert; 8 sequences of 64 tokens per step. The balance loss is off: it is the product of per-rank
+ * batch means by design (train/moe.h), so it is not the global batch's; the z-loss (a mean over tokens)
+ * and the selection-bias update (global loads) are on. */
 #define MOE                                                                                                    \
     "--set model.ffn=moe --set moe.num_experts=8 --set moe.experts_per_token=2 --set moe.expert_dim=32 "       \
     "--set moe.shared_experts=1 --set moe.aux_loss_weight=0 --set moe.z_loss_weight=0.001 "                     \
     "--set moe.bias_update_rate=0.01"
-#define MAX_STEPS 16
 
-/* fp32 tolerances, as tests/test_dist.c: losses are logged with 6 decimals; parameters after 10 AdamW
- * steps differ by the rounding of sums taken in another order */
-#define LOSS_TOL 2e-5
-#define PARAM_ABS_TOL 1e-5
-#define PARAM_REL_TOL 1e-5
-#define MOMENT_REL_TOL 1e-4
-
-typedef struct Fixture {
-    char dir[256];
-    bool have_mpirun;
-} Fixture;
-#define FX ((Fixture *)tc->fixture)
+#define FX ((DistHarness *)tc->fixture)
 
 /* ---- the dispatch layout, in-process ------------------------------------------------------------ */
 
@@ -124,7 +105,9 @@ TEST(dispatch_on_one_rank_is_the_identity) {
     Tensor *x = test_randn(DT_F64, SHAPE(N, C), 1.0, 5);
     test_requires_grad(x);
     Tensor *xs = op_moe_permute(&e, x, &plan);
-    EpDispatch *dp = op_ep_dispatch_plan(&e, &plan, &d.ep_group);
+    Comm ep;
+    dist_comm(&ep, &d.ep_group);
+    EpDispatch *dp = op_ep_dispatch_plan(&e, &plan, &ep);
     EXPECT(dp->rows_in == N * k && dp->rows_out == N * k && !dp->order, "rows %lld -> %lld", (long long)dp->rows_in,
            (long long)dp->rows_out);
     Tensor *xr = op_ep_dispatch(&e, xs, dp);
@@ -151,11 +134,6 @@ TEST(dispatch_on_one_rank_is_the_identity) {
 }
 
 /* ---- one MoE layer under mpirun: this program's --layer mode -------------------------------------- */
-
-#define CHECK(cond, ...)                                                                                    \
-    do {                                                                                                    \
-        if (!(cond)) fatal(__VA_ARGS__);                                                                    \
-    } while (0)
 
 static double rel_diff(const double *a, const double *b, int64_t n) {
     double d2 = 0, b2 = 0;
@@ -195,7 +173,9 @@ static int layer_tokens(int s) { return 3 + 5 * s; }
 /* hot: a large selection bias on experts 0 and 1 sends every token there, so the other ranks of the group
  * receive no rows at all (their experts idle, their collectives still matched) */
 static void check_layer(const Dist *d, const char *func, bool renorm, int shared, bool hot, uint64_t seed) {
-    const DistGroup *g = &d->ep_group;
+    Comm ep; /* the layer sees its group through a Comm (kernels/comm.h) */
+    dist_comm(&ep, &d->ep_group);
+    const Comm *g = &ep;
     const int P = g->size, me = g->rank, E = 8, C = 16, F = 12;
     ModelConfig mc;
     memset(&mc, 0, sizeof mc);
@@ -301,257 +281,51 @@ static int layer_main(int argc, char **argv) {
     return 0;
 }
 
-static void read_tail(const char *path, char *buf, size_t n) {
-    buf[0] = 0;
-    FILE *f = fopen(path, "r");
-    if (!f) return;
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f), from = size > (long)n - 1 ? size - (long)n + 1 : 0;
-    fseek(f, from, SEEK_SET);
-    size_t k = fread(buf, 1, n - 1, f);
-    buf[k] = 0;
-    fclose(f);
-}
-
 TEST(layer_equals_single_process_on_2_and_4_ranks) {
     EXPECT(FX->have_mpirun, "no mpirun: install openmpi-bin (bash tools/install_deps.sh)");
     static const int layouts[][2] = {{2, 2}, {4, 4}, {4, 2}}; /* ranks, ep (the rest dp) */
     for (int i = 0; i < 3; i++) {
-        char cmd[512], o[300], out[8192];
-        snprintf(o, sizeof o, "%s/layer.txt", FX->dir);
-        snprintf(cmd, sizeof cmd, "mpirun --oversubscribe -np %d build/tests/test_dist_ep --layer %d >%s 2>&1",
-                 layouts[i][0], layouts[i][1], o);
-        int st = system(cmd);
-        read_tail(o, out, sizeof out);
-        int ok = 0;
-        for (const char *p = out; (p = strstr(p, "layer ok")); p++) ok++;
-        EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0 && ok == layouts[i][0], "np %d, ep %d: %s", layouts[i][0],
-               layouts[i][1], out);
+        char cmd[512], out[8192];
+        snprintf(cmd, sizeof cmd, "build/tests/test_dist_ep --layer %d", layouts[i][1]);
+        EXPECT(harness_run_ranks(tc, layouts[i][0], cmd, "layer ok", out, sizeof out), "np %d, ep %d: %s",
+               layouts[i][0], layouts[i][1], out);
     }
 }
 
 /* ---- build/train ---------------------------------------------------------------------------------- */
 
-typedef struct Outcome {
-    int status;
-    char err[8192], out[8192];
-} Outcome;
-
-/* np = 0: a plain process; else mpirun -np np */
-static Outcome train(TestCtx *tc, int np, const char *out_dir, const char *args) {
-    char cmd[4096], launcher[128] = "", o[512], e[512];
-    if (np > 0) snprintf(launcher, sizeof launcher, "mpirun --oversubscribe -np %d ", np);
-    snprintf(o, sizeof o, "%s/stdout.txt", FX->dir);
-    snprintf(e, sizeof e, "%s/stderr.txt", FX->dir);
-    snprintf(cmd, sizeof cmd, "%sbuild/train " TINY " " COMMON " " MOE " %s%s %s >%s 2>%s", launcher,
-             out_dir ? "--set train.out_dir=" : "", out_dir ? out_dir : "", args, o, e);
-    Outcome r;
-    int st = system(cmd);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    read_tail(e, r.err, sizeof r.err);
-    read_tail(o, r.out, sizeof r.out);
-    return r;
-}
-
-typedef struct Metrics {
-    int n;
-    int step[MAX_STEPS];
-    double loss[MAX_STEPS], grad_norm[MAX_STEPS];
-    double val_loss;
-} Metrics;
-
-static double number_after(const char *line, const char *key) {
-    const char *p = strstr(line, key);
-    return p ? strtod(p + strlen(key), NULL) : NAN;
-}
-
-static Metrics read_metrics(const char *run_dir) {
-    Metrics m = {.n = 0, .val_loss = NAN};
-    char path[512], line[4096];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
-    FILE *f = fopen(path, "r");
-    if (!f) return m;
-    while (fgets(line, sizeof line, f)) {
-        if (strstr(line, "\"val_loss\"")) m.val_loss = number_after(line, "\"val_loss\": ");
-        else if (strstr(line, "\"loss\"") && m.n < MAX_STEPS) {
-            m.step[m.n] = (int)number_after(line, "\"step\": ");
-            m.loss[m.n] = number_after(line, "\"loss\": ");
-            m.grad_norm[m.n] = number_after(line, "\"grad_norm\": ");
-            m.n++;
-        }
-    }
-    fclose(f);
-    return m;
-}
-
-/* Largest |a - b| of the loss and of the gradient norm over the steps both logged from `from` on. */
-static int compare_metrics(const Metrics *a, const Metrics *b, int from, double *loss_diff, double *gnorm_diff) {
-    int common = 0;
-    *loss_diff = *gnorm_diff = 0;
-    for (int i = 0; i < a->n; i++)
-        for (int j = 0; j < b->n; j++)
-            if (a->step[i] == b->step[j] && a->step[i] >= from) {
-                *loss_diff = fmax(*loss_diff, fabs(a->loss[i] - b->loss[j]));
-                *gnorm_diff = fmax(*gnorm_diff, fabs(a->grad_norm[i] - b->grad_norm[j]));
-                common++;
-            }
-    return common;
-}
-
-typedef struct Diff {
-    double max_abs, max_rel;
-    int tensors;
-    bool ok;
-} Diff;
-
-static float *read_dataset(hid_t g, const char *name, hssize_t *n) {
-    hid_t d = H5Dopen2(g, name, H5P_DEFAULT);
-    if (d < 0) return NULL;
-    hid_t sp = H5Dget_space(d);
-    *n = H5Sget_simple_extent_npoints(sp);
-    float *buf = xmalloc((size_t)(*n > 0 ? *n : 1) * sizeof(float));
-    herr_t st = H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-    H5Sclose(sp);
-    H5Dclose(d);
-    if (st < 0) {
-        free(buf);
-        return NULL;
-    }
-    return buf;
-}
-
-/* Group gname ("params", "optimizer/m", "state") of two checkpoints, tensor by tensor: the same names
- * and sizes (so every expert is there), and the largest differences. */
-static Diff compare_group(const char *file_a, const char *file_b, const char *gname) {
-    Diff df = {0, 0, 0, false};
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    hid_t fa = H5Fopen(file_a, H5F_ACC_RDONLY, H5P_DEFAULT), fb = H5Fopen(file_b, H5F_ACC_RDONLY, H5P_DEFAULT);
-    hid_t ga = fa >= 0 ? H5Gopen2(fa, gname, H5P_DEFAULT) : -1, gb = fb >= 0 ? H5Gopen2(fb, gname, H5P_DEFAULT) : -1;
-    H5G_info_t ia, ib;
-    if (ga >= 0 && gb >= 0 && H5Gget_info(ga, &ia) >= 0 && H5Gget_info(gb, &ib) >= 0 && ia.nlinks == ib.nlinks &&
-        ia.nlinks > 0) {
-        df.ok = true;
-        for (hsize_t i = 0; i < ia.nlinks && df.ok; i++) {
-            char name[256];
-            H5Lget_name_by_idx(ga, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
-            hssize_t na = 0, nb = 0;
-            float *a = read_dataset(ga, name, &na), *b = read_dataset(gb, name, &nb);
-            if (!a || !b || na != nb) df.ok = false;
-            else {
-                double d2 = 0, a2 = 0;
-                for (hssize_t k = 0; k < na; k++) {
-                    double d = (double)a[k] - (double)b[k];
-                    df.max_abs = fmax(df.max_abs, fabs(d));
-                    d2 += d * d;
-                    a2 += (double)a[k] * a[k];
-                }
-                df.max_rel = fmax(df.max_rel, a2 > 0 ? sqrt(d2 / a2) : sqrt(d2));
-                df.tensors++;
-            }
-            free(a);
-            free(b);
-        }
-    }
-    if (ga >= 0) H5Gclose(ga);
-    if (gb >= 0) H5Gclose(gb);
-    if (fa >= 0) H5Fclose(fa);
-    if (fb >= 0) H5Fclose(fb);
-    return df;
-}
-
-static long long ckpt_attr(const char *file, const char *name) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    long long v = -1;
-    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return -1;
-    hid_t a = H5Aopen(f, name, H5P_DEFAULT);
-    if (a >= 0) {
-        H5Aread(a, H5T_NATIVE_LLONG, &v);
-        H5Aclose(a);
-    }
-    H5Fclose(f);
-    return v;
-}
-
-/* The shape of dataset params/<name> (dims[0] for the expert count), or 0 dims if absent. */
-static int dataset_dims(const char *file, const char *name, hsize_t *dims) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    int nd = 0;
-    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
-    hid_t d = f >= 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
-    if (d >= 0) {
-        hid_t sp = H5Dget_space(d);
-        nd = H5Sget_simple_extent_dims(sp, dims, NULL);
-        H5Sclose(sp);
-        H5Dclose(d);
-    }
-    if (f >= 0) H5Fclose(f);
-    return nd;
-}
-
-/* A finished run of `args` on np ranks (0 = plain process) into <tmp>/<name>, reused when there already. */
-static bool run_into(TestCtx *tc, const char *name, int np, const char *args, char *dir, size_t n) {
-    snprintf(dir, n, "%s/%s", FX->dir, name);
-    char done[600];
-    snprintf(done, sizeof done, "%s/ckpt_00000010.h5", dir);
-    if (access(done, F_OK) == 0) return true;
-    Outcome o = train(tc, np, dir, args);
-    if (o.status != 0) printf("    %s (np %d) exited with %d:\n%s\n", name, np, o.status, o.err);
-    return o.status == 0;
-}
-
 /* The np-rank run of `args` equals the single-process run (the same global batch). */
 static void expect_same_training(TestCtx *tc, const char *name, int np, const char *args) {
-    char single[512], multi[512], name2[128], ca[600], cb[600];
-    snprintf(name2, sizeof name2, "%s_np%d", name, np);
-    EXPECT(run_into(tc, "single", 0, "", single, sizeof single), "single-process run failed");
-    EXPECT(run_into(tc, name2, np, args, multi, sizeof multi), "%d-rank run failed", np);
-    Metrics a = read_metrics(single), b = read_metrics(multi);
-    double dl, dg;
-    int common = compare_metrics(&a, &b, 0, &dl, &dg);
-    snprintf(ca, sizeof ca, "%s/ckpt_00000010.h5", single);
-    snprintf(cb, sizeof cb, "%s/ckpt_00000010.h5", multi);
-    Diff p = compare_group(ca, cb, "params"), m = compare_group(ca, cb, "optimizer/m"),
-         v = compare_group(ca, cb, "optimizer/v"), s = compare_group(ca, cb, "state");
+    EXPECT(FX->have_mpirun, "no mpirun");
+    RunDiff d;
+    EXPECT_OK(harness_run_pair(tc, "single", "", name, np, args, &d));
     printf("    %s (np %d) vs 1 process over %d steps: loss %.1e, grad norm %.1e, val loss %.1e; params max |d| %.2e "
            "(rel %.2e), AdamW m rel %.2e, v rel %.2e; MoE biases max |d| %.1e\n",
-           args, np, common, dl, dg, fabs(a.val_loss - b.val_loss), p.max_abs, p.max_rel, m.max_rel, v.max_rel,
-           s.max_abs);
-    hsize_t dims[4];
-    EXPECT(dataset_dims(cb, "params/layers.1.moe.w_gate", dims) == 3 && dims[0] == 8,
+           args, np, d.steps.common, d.steps.loss, d.steps.grad_norm, fabs(d.a.val_loss - d.b.val_loss),
+           d.params.max_abs, d.params.max_rel, d.m.max_rel, d.v.max_rel, d.state.max_abs);
+    int64_t dims[4];
+    EXPECT(harness_ckpt_dims(d.ckpt_b, "params/layers.1.moe.w_gate", dims, 4) == 3 && dims[0] == 8,
            "the checkpoint of the %d-rank run does not hold all 8 experts", np);
-    EXPECT(a.n == 10 && common == 10, "logged steps: %d single, %d common", a.n, common);
-    EXPECT(dl <= LOSS_TOL && dg <= LOSS_TOL, "losses differ by %g, gradient norms by %g", dl, dg);
-    EXPECT(fabs(a.val_loss - b.val_loss) <= LOSS_TOL, "val loss %.6f vs %.6f", a.val_loss, b.val_loss);
-    EXPECT(p.ok && m.ok && v.ok && s.ok, "cannot compare the checkpoints %s and %s", ca, cb);
-    EXPECT(p.max_abs <= PARAM_ABS_TOL && p.max_rel <= PARAM_REL_TOL, "parameters differ: max %g, rel %g", p.max_abs,
-           p.max_rel);
-    EXPECT(m.max_rel <= MOMENT_REL_TOL && v.max_rel <= MOMENT_REL_TOL, "moments differ: m %g, v %g", m.max_rel, v.max_rel);
-    EXPECT(s.max_abs == 0, "MoE selection biases differ by %g", s.max_abs);
-    EXPECT(ckpt_attr(ca, "data_counter") == ckpt_attr(cb, "data_counter"), "data counters differ");
+    harness_expect_same_training(tc, &d, HARNESS_CHECK_STATE | HARNESS_CHECK_COUNTER);
 }
 
 TEST(ep2_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "ep2", 2, "--set dist.ep=2");
 }
 
 /* ep 2 x dp 2 on 4 ranks, with activation recomputation (the dispatch's collectives run again in the
  * backward of every block) */
 TEST(ep2_dp2_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "ep2dp2", 4, "--set dist.ep=2 --set train.recompute=true");
 }
 
 TEST(ep4_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "ep4", 4, "--set dist.ep=4");
 }
 
 /* expert and context parallel together: 4 ranks, ep 2 x cp 2 (each MoE layer dispatches its cp share of
  * the tokens within its ep group) */
 TEST(ep2_cp2_equals_single_process) {
-    EXPECT(FX->have_mpirun, "no mpirun");
     expect_same_training(tc, "ep2cp2", 4, "--set dist.ep=2 --set dist.cp=2");
 }
 
@@ -559,41 +333,23 @@ TEST(ep2_cp2_equals_single_process) {
  * uninterrupted single-process run ends. */
 TEST(checkpoint_from_ep2_resumes_on_1_rank_and_on_ep4) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    char ref[512], two[512], ck5[600];
-    EXPECT(run_into(tc, "single", 0, "", ref, sizeof ref), "reference run failed");
-    EXPECT(run_into(tc, "resume_ep2", 2, "--set dist.ep=2 --set train.checkpoint_every=5 --set train.keep_checkpoints=0",
-                    two, sizeof two),
+    char ref[512], two[512];
+    EXPECT(harness_run_into(tc, "single", 0, "", ref, sizeof ref), "reference run failed");
+    EXPECT(harness_run_into(tc, "resume_ep2", 2, "--set dist.ep=2 " HARNESS_CHECKPOINTS, two, sizeof two),
            "ep 2 run failed");
-    snprintf(ck5, sizeof ck5, "%s/ckpt_00000005.h5", two);
-    Metrics mr = read_metrics(ref);
     static const struct {
         int np;
         const char *args;
     } to[] = {{0, ""}, {4, "--set dist.ep=4"}};
     for (int i = 0; i < 2; i++) {
-        char dir[512], cmd[2048], args[256], ca[600], cb[600];
-        snprintf(dir, sizeof dir, "%s/resume_on_%d", FX->dir, to[i].np);
-        snprintf(cmd, sizeof cmd, "mkdir -p %s && cp %s %s/", dir, ck5, dir);
-        EXPECT(system(cmd) == 0, "%s failed", cmd);
-        snprintf(args, sizeof args, "--resume %s", to[i].args);
-        Outcome o = train(tc, to[i].np, dir, args);
+        char dir[512];
+        RunOutcome o = harness_resume(tc, two, to[i].np, to[i].args, dir, sizeof dir);
         EXPECT(o.status == 0, "resume on %d rank(s) exited with %d: %s", to[i].np, o.status, o.err);
-        Metrics m = read_metrics(dir);
-        double dl, dg;
-        int common = compare_metrics(&mr, &m, 6, &dl, &dg);
-        snprintf(ca, sizeof ca, "%s/ckpt_00000010.h5", ref);
-        snprintf(cb, sizeof cb, "%s/ckpt_00000010.h5", dir);
-        Diff p = compare_group(ca, cb, "params"), v = compare_group(ca, cb, "optimizer/v");
+        RunDiff d = harness_compare_runs(ref, dir, 6);
         printf("    ep 2 -> %s: steps 6-10 loss %.1e, grad norm %.1e; final params max |d| %.2e (rel %.2e), v rel %.2e\n",
-               to[i].np ? "ep 4 (4 ranks)" : "1 process", dl, dg, p.max_abs, p.max_rel, v.max_rel);
-        EXPECT(common == 5 && dl <= LOSS_TOL && dg <= LOSS_TOL, "steps 6-10: %d steps, loss %g, grad norm %g", common,
-               dl, dg);
-        EXPECT(p.ok && p.max_abs <= PARAM_ABS_TOL && p.max_rel <= PARAM_REL_TOL, "parameters: %g (rel %g)", p.max_abs,
-               p.max_rel);
-        EXPECT(v.ok && v.max_rel <= MOMENT_REL_TOL, "second moments: rel %g", v.max_rel);
-        EXPECT(ckpt_attr(cb, "data_counter") == ckpt_attr(ca, "data_counter") && ckpt_attr(cb, "adam_t") == 10,
-               "train state: counter %lld vs %lld, adam_t %lld", ckpt_attr(cb, "data_counter"),
-               ckpt_attr(ca, "data_counter"), ckpt_attr(cb, "adam_t"));
+               to[i].np ? "ep 4 (4 ranks)" : "1 process", d.steps.loss, d.steps.grad_norm, d.params.max_abs,
+               d.params.max_rel, d.v.max_rel);
+        EXPECT_OK(harness_expect_resumed(tc, &d, true));
     }
 }
 
@@ -602,57 +358,37 @@ TEST(checkpoint_from_ep2_resumes_on_1_rank_and_on_ep4) {
 TEST(init_from_a_checkpoint_under_ep2) {
     EXPECT(FX->have_mpirun, "no mpirun");
     char ref[512], a[512], b[512], args[1024];
-    EXPECT(run_into(tc, "single", 0, "", ref, sizeof ref), "reference run failed");
+    EXPECT(harness_run_into(tc, "single", 0, "", ref, sizeof ref), "reference run failed");
     snprintf(args, sizeof args, "--set train.init_from=%s/ckpt_00000010.h5", ref);
-    EXPECT(run_into(tc, "init_np1", 0, args, a, sizeof a), "single-process init_from run failed");
+    EXPECT(harness_run_into(tc, "init_np1", 0, args, a, sizeof a), "single-process init_from run failed");
     snprintf(args, sizeof args, "--set train.init_from=%s/ckpt_00000010.h5 --set dist.ep=2", ref);
-    EXPECT(run_into(tc, "init_ep2", 2, args, b, sizeof b), "ep 2 init_from run failed");
-    Metrics ma = read_metrics(a), mb = read_metrics(b);
-    double dl, dg;
-    int common = compare_metrics(&ma, &mb, 0, &dl, &dg);
+    EXPECT(harness_run_into(tc, "init_ep2", 2, args, b, sizeof b), "ep 2 init_from run failed");
+    RunMetrics ma = harness_read_metrics(a), mb = harness_read_metrics(b), fresh = harness_read_metrics(ref);
+    StepDiff s = harness_compare_steps(&ma, &mb, 0);
     printf("    init_from, ep 2 vs 1 process over %d steps: loss %.1e, grad norm %.1e (first loss %.4f, the fresh "
            "run's %.4f)\n",
-           common, dl, dg, mb.loss[0], read_metrics(ref).loss[0]);
-    EXPECT(common == 10 && dl <= LOSS_TOL && dg <= LOSS_TOL, "%d steps, loss %g, grad norm %g", common, dl, dg);
-    EXPECT(fabs(mb.loss[0] - read_metrics(ref).loss[0]) > 0.1, "the ep 2 run did not start from the checkpoint");
+           s.common, s.loss, s.grad_norm, mb.loss[0], fresh.loss[0]);
+    EXPECT(s.common == 10 && s.loss <= HARNESS_LOSS_TOL && s.grad_norm <= HARNESS_LOSS_TOL,
+           "%d steps, loss %g, grad norm %g", s.common, s.loss, s.grad_norm);
+    EXPECT(fabs(mb.loss[0] - fresh.loss[0]) > 0.1, "the ep 2 run did not start from the checkpoint");
 }
 
 TEST(experts_that_do_not_divide_over_ep_are_refused) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    Outcome o = train(tc, 2, NULL, "--set dist.ep=2 --set moe.num_experts=5");
+    RunOutcome o = harness_train(tc, 2, NULL, "--set dist.ep=2 --set moe.num_experts=5", "");
     EXPECT(o.status != 0 && strstr(o.err, "moe.num_experts = 5 does not divide over dist.ep = 2"), "5 experts, ep 2: %s",
            o.err);
-    o = train(tc, 0, NULL, "--set dist.ep=3");
+    o = harness_train(tc, 0, NULL, "--set dist.ep=3", "");
     EXPECT(o.status != 0 && strstr(o.err, "moe.num_experts = 8 does not divide over dist.ep = 3"), "8 experts, ep 3: %s",
            o.err);
-    o = train(tc, 2, NULL, "--set dist.ep=2 --set train.batch_size=5");
+    o = harness_train(tc, 2, NULL, "--set dist.ep=2 --set train.batch_size=5", "");
     EXPECT(o.status != 0 && strstr(o.err, "train.batch_size = 5 is not divisible by the dist.dp * dist.ep = 1 * 2 ranks"),
            "batch 5 over ep 2: %s", o.err);
 }
 
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--layer")) return layer_main(argc, argv);
-    TEST_BEGIN();
-    Fixture fx;
-    snprintf(fx.dir, sizeof fx.dir, "/tmp/msa_test_dist_ep_XXXXXX");
-    if (!mkdtemp(fx.dir)) {
-        perror("mkdtemp");
-        return 1;
-    }
-    fx.have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
-    /* as tests/test_dist.c: one thread per process (ranks share the cores), what mpirun needs in CI
-     * (root, no cross-process memory copy in containers) */
-    setenv("OMP_NUM_THREADS", "1", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    tc->fixture = &fx;
+    HARNESS_TEST_BEGIN("test_dist_ep", MOE);
     RUN(dispatch_layout_groups_rows_by_local_expert);
     RUN(dispatch_on_one_rank_is_the_identity);
     RUN(layer_equals_single_process_on_2_and_4_ranks);
@@ -663,6 +399,5 @@ int main(int argc, char **argv) {
     RUN(checkpoint_from_ep2_resumes_on_1_rank_and_on_ep4);
     RUN(init_from_a_checkpoint_under_ep2);
     RUN(experts_that_do_not_divide_over_ep_are_refused);
-    nftw(fx.dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-    TEST_END();
+    HARNESS_TEST_END();
 }

@@ -6,7 +6,6 @@
 #include <string.h>
 
 #include "../autograd/ops.h"
-#include "../dist/dist.h"
 #include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 
@@ -24,7 +23,7 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
 }
 
 void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed,
-                    const struct DistGroup *ep) {
+                    const Comm *ep) {
     memset(m, 0, sizeof(*m));
     m->cfg = cfg->model;
     m->msa_cfg = cfg->msa;

@@ -49,12 +49,13 @@ typedef struct Model {
      * (model_cp_range), and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
      * around it (autograd/op_cp.c); MSA layers gather the shared index key. The ModelInput stays the
      * whole micro-batch; the logits, the LM loss and the MSA KL and metrics then cover this rank's
-     * share only (its tokens; its GQA groups), and the trainer recombines them over the group. */
-    const struct DistGroup *cp;
+     * share only (its tokens; its GQA groups), and the trainer recombines them over the group. The Comm
+     * (kernels/comm.h) is the trainer's, made from its Dist group by dist_comm. */
+    const Comm *cp;
     /* Expert parallelism (dist.ep; NULL: none): the MoE layers' routed experts are split over this group
      * (train/moe.h), the rest of the model is the same on its ranks. The routed experts' tensors are the
      * store's last ones, params.p[first_expert_param .. params.n) (none without MoE layers). */
-    const struct DistGroup *ep;
+    const Comm *ep;
     int first_expert_param;
 } Model;
 
@@ -79,7 +80,7 @@ void model_build(Model *m, const RunConfig *cfg, const KernelBackend *be, DType 
 /* The same for one rank of the expert-parallel group ep (NULL or one rank: model_build): this rank's
  * routed experts only, initialised as the single process's rows of them. */
 void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DType param_dtype, uint64_t seed,
-                    const struct DistGroup *ep);
+                    const Comm *ep);
 void model_free(Model *m);
 
 /* After each optimizer step (update_bias = true): apply the MoE selection-bias update from the step's

@@ -8,7 +8,6 @@
 #include <string.h>
 
 #include "../autograd/ops.h"
-#include "../dist/dist.h"
 #include "../kernels/util.h"
 
 void moe_stats_init(MoeStats *s, int num_experts) {
@@ -103,7 +102,7 @@ static Tensor *add_expert_param(ParamStore *ps, const char *name, const MoeLayer
 }
 
 void moe_declare_expert_params(ParamStore *ps, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p,
-                               const DistGroup *ep) {
+                               const Comm *ep) {
     int64_t C = mc->d_model, F = c->expert_dim;
     float std = mc->init_std, out_std = mc->init_std / sqrtf(2.0f * (float)mc->n_layers);
     int P = ep ? ep->size : 1;

@@ -18,21 +18,20 @@
 
 #include "../autograd/engine.h"
 #include "../autograd/params.h"
+#include "../kernels/comm.h"
 #include "config.h"
 
 #define MOE_MAX_SHARED 8
 
-struct DistGroup;
-
-/* Expert parallelism (dist.ep = P ranks in the layer's group `ep`): the ranks of the group route
- * different tokens, and each holds El = E / P of the routed experts, rank r the experts
- * [r*El, (r+1)*El) (first_expert, num_local_experts). The router, the shared experts and the bias
- * cover all E experts and are the same on every rank. The routed experts' rows travel to their owners
- * and back by all-to-all (autograd/op_ep.c); everything else is unchanged. Without it (ep NULL or of
+/* Expert parallelism (dist.ep = P ranks in the layer's group `ep`, a Comm that dist_comm made): the
+ * ranks of the group route different tokens, and each holds El = E / P of the routed experts, rank r
+ * the experts [r*El, (r+1)*El) (first_expert, num_local_experts). The router, the shared experts and
+ * the bias cover all E experts and are the same on every rank. The routed experts' rows travel to their
+ * owners and back by all-to-all (autograd/op_ep.c); everything else is unchanged. Without it (ep NULL or of
  * one rank) first_expert = 0 and num_local_experts = E. */
 typedef struct MoeLayerParams {
     int layer, num_experts;
-    const struct DistGroup *ep;       /* expert-parallel group, or NULL */
+    const Comm *ep;                   /* expert-parallel group, or NULL */
     int first_expert, num_local_experts;
     Tensor *w_router;                 /* [E, C] */
     Tensor *w_gate, *w_up;            /* [El, F, C] stacked experts: this rank's */
@@ -86,7 +85,7 @@ void moe_declare_params(ParamStore *ps, int layer, const ModelConfig *mc, const 
 void moe_declare_router_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c,
                                MoeLayerParams *p);
 void moe_declare_expert_params(ParamStore *ps, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p,
-                               const struct DistGroup *ep);
+                               const Comm *ep);
 /* Is this parameter one of the routed experts' weights (held per expert-parallel rank)? */
 bool moe_is_expert_param(const Tensor *t);
 void moe_free_params(MoeLayerParams *p);

@@ -623,8 +623,10 @@ void run_init(Run *r) {
     r->be = select_backend(c->train.device);
     init_dist(r, src); /* before the model: it picks this rank's GPU */
     /* expert parallel when the ep group has more than one rank: this rank's experts only */
-    model_build_ep(&r->model, c, r->be, DT_F32, c->train.seed, &r->dist->ep_group);
-    r->model.cp = &r->dist->cp_group; /* context parallel when it has more than one rank */
+    dist_comm(&r->ep_comm, &r->dist->ep_group);
+    dist_comm(&r->cp_comm, &r->dist->cp_group);
+    model_build_ep(&r->model, c, r->be, DT_F32, c->train.seed, &r->ep_comm);
+    r->model.cp = &r->cp_comm; /* context parallel when it has more than one rank */
     const char *missing = backend_missing(r->be, (r->model.n_msa_layers ? BACKEND_MSA : 0) |
                                                      (r->model.n_moe_layers ? BACKEND_MOE : 0));
     if (missing)
@@ -1034,7 +1036,7 @@ void run_sample(Run *r) {
     Engine *e = &r->engine;
     bool prev = engine_set_grad(e, false);
     /* rank 0 samples alone (a context that grows one token at a time): no context-parallel exchanges */
-    const struct DistGroup *cp = r->model.cp;
+    const Comm *cp = r->model.cp;
     r->model.cp = NULL;
     int32_t *ctx = xmalloc((size_t)(n + 1) * sizeof(int32_t));
     /* start from a newline, as nanoGPT's sampler does */

@@ -38,6 +38,9 @@ typedef struct Run {
      * in-process) = one process without MPI (run_init points it at single_dist) */
     Dist *dist;
     Dist single_dist;
+    /* the context- and expert-parallel groups as the model's ops see them (kernels/comm.h): made from
+     * dist's cp and ep groups in run_init, pointed at by Model.cp, Model.ep and the MoE layers */
+    Comm cp_comm, ep_comm;
     /* ZeRO-1: the parameter store in regions of parameters that the same ranks hold, each with its
      * gradients summed and its optimizer state sharded over those ranks (ZeroRegion). Without expert
      * parallelism one region, the whole store over the dist.dp * dist.cp ranks (Dist.dp_cp_group); with
