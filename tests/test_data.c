@@ -56,15 +56,7 @@ static int run_cmd(const Fixture *fx, const char *cmd, char *err, size_t errn) {
     join(errpath, sizeof errpath, fx->dir, "cmd.err");
     snprintf(full, sizeof full, "%s >%s/cmd.out 2>%s", cmd, fx->dir, errpath);
     fflush(NULL);
-    int st = system(full);
-    err[0] = 0;
-    FILE *f = fopen(errpath, "r");
-    if (f) {
-        size_t n = fread(err, 1, errn - 1, f);
-        err[n] = 0;
-        fclose(f);
-    }
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return test_system(full, errpath, err, errn, false);
 }
 
 static void open_and_close(const void *path) {
