@@ -339,6 +339,31 @@ TEST(plan_matches_definition) {
         }
         bool same = memcmp(want, plan->data, tensor_bytes(plan)) == 0;
         EXPECT(same, "case %d: plan differs from its definition", ci);
+        /* the backward passes read the plan instead of rebuilding the map: identical gradients */
+        Tensor *q = test_randn(DT_F32, SHAPE(N, c->Hq, c->D), 1.0, 5000 + ci);
+        Tensor *k = test_randn(DT_F32, SHAPE(N, c->Hkv, c->D), 1.0, 5100 + ci);
+        Tensor *v = test_randn(DT_F32, SHAPE(N, c->Hkv, c->D), 1.0, 5200 + ci);
+        Tensor *dout = test_randn(DT_F32, SHAPE(N, c->Hq, c->D), 1.0, 5300 + ci);
+        Tensor *out = test_tensor(DT_F32, SHAPE(N, c->Hq, c->D)), *lse = test_tensor(DT_F32, SHAPE(c->Hq, N));
+        Tensor *il = test_tensor(DT_F32, SHAPE(c->Hkv, N)), *kl = test_tensor(DT_F32, SHAPE(1));
+        cpu_backend.msa_attention_forward(out, lse, q, k, v, tk, NULL, cu, &p);
+        cpu_backend.msa_kl_forward(kl, il, q, k, lse, qi, ki, tk, NULL, cu, &p);
+        Tensor *g[2][3];
+        for (int w = 0; w < 2; w++) {
+            g[w][0] = test_tensor(DT_F32, SHAPE(N, c->Hkv, c->D));
+            g[w][1] = test_tensor(DT_F32, SHAPE(N, c->Hkv, c->D));
+            g[w][2] = test_tensor(DT_F32, SHAPE(N, c->Di));
+            cpu_backend.msa_attention_backward(NULL, g[w][0], g[w][1], dout, q, k, v, out, lse, tk, w ? plan : NULL, cu, &p);
+            cpu_backend.msa_kl_backward(NULL, g[w][2], q, k, lse, qi, ki, il, tk, w ? plan : NULL, cu, &p, 0.5f);
+        }
+        for (int i = 0; i < 3; i++) {
+            EXPECT(memcmp(g[0][i]->data, g[1][i]->data, tensor_bytes(g[0][i])) == 0,
+                   "case %d: %s with the plan differs from the rebuilt map", ci, i == 0 ? "dk" : i == 1 ? "dv" : "dki");
+            test_tensor_free(g[0][i]);
+            test_tensor_free(g[1][i]);
+        }
+        Tensor *tmp[] = {q, k, v, dout, out, lse, il, kl};
+        for (int i = 0; i < 8; i++) test_tensor_free(tmp[i]);
         free(want);
         test_tensor_free(plan);
         test_tensor_free(tk);

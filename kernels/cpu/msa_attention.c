@@ -11,7 +11,7 @@
 
 void cpu_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
                                const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p) {
-    (void)plan; /* the CPU kernels rebuild their reverse map per call (msa_build_key_queries) */
+    (void)plan; /* the forward walks each query's own selection: no reverse map */
     CPU_SAME_DTYPE("msa_attention_forward", q, out, lse, k, v);
     if (q->ndim != 3) fatal("cpu msa_attention_forward: q must be [N, Hq, D], got %d dims", q->ndim);
     MsaCtx c = msa_ctx_init("msa_attention_forward", q->shape[0], cu_seqlens, p);
@@ -27,7 +27,6 @@ void cpu_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor
                                 const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
                                 const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens,
                                 const MsaParams *p) {
-    (void)plan;
     if (!dq && !dk && !dv) return;
     CPU_SAME_DTYPE("msa_attention_backward", q, dq, dk, dv, dout, k, v, out, lse);
     if (q->ndim != 3) fatal("cpu msa_attention_backward: q must be [N, Hq, D], got %d dims", q->ndim);
@@ -38,7 +37,7 @@ void cpu_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor
         fatal("cpu msa_attention_backward: dout and out must have q's shape, lse must be [Hq, N]");
     if ((dq && dq->numel != q->numel) || (dk && dk->numel != k->numel) || (dv && dv->numel != v->numel))
         fatal("cpu msa_attention_backward: gradients must have their inputs' shapes");
-    if (dk || dv) msa_build_key_queries(&c);
+    if (dk || dv) msa_build_key_queries(&c, plan);
     double *dsum = xmalloc((size_t)(c.Hq * c.N > 0 ? c.Hq * c.N : 1) * sizeof(double));
     CPU_CALL(q, msa_attn_bwd, dq ? dq->data : NULL, dk ? dk->data : NULL, dv ? dv->data : NULL, dout->data, q->data,
              k->data, v->data, out->data, lse->data, dsum, &c);

@@ -50,8 +50,10 @@ MsaCtx msa_ctx_init(const char *kernel, int64_t N, const Tensor *cu_seqlens, con
 void msa_ctx_free(MsaCtx *c) {
     free(c->doc_of);
     free(c->blk_base);
-    free(c->row_ptr);
-    free(c->q_idx);
+    if (c->owns_map) {
+        free((void *)c->row_ptr);
+        free((void *)c->q_idx);
+    }
     memset(c, 0, sizeof *c);
 }
 
@@ -116,24 +118,37 @@ void msa_check_topk(const char *kernel, MsaCtx *c, const Tensor *topk) {
 }
 
 /* Counting sort per group: histogram of (block row) over the selections, prefix sum, then a scatter
- * in ascending query order, so every row lists its queries ascending. One task per group. */
-void msa_build_key_queries(MsaCtx *c) {
+ * in ascending query order, so every row lists its queries ascending. One task per group. With a
+ * plan, its map is used as it is (it was built from the same topk by msa_plan). */
+void msa_build_key_queries(MsaCtx *c, const Tensor *plan) {
     if (!c->topk) return;
     const int64_t R = c->blk_base[c->ndocs], N = c->N, K = c->K;
-    c->row_ptr = xcalloc((size_t)(c->Hkv * (R + 1)), sizeof(int64_t));
-    c->q_idx = xmalloc((size_t)(c->Hkv * N * K > 0 ? c->Hkv * N * K : 1) * sizeof(int32_t));
+    if (plan) {
+        const int64_t P = msa_plan_width(N, K);
+        if (plan->dtype != DT_I32 || plan->numel != c->Hkv * P)
+            fatal("cpu msa kernels: plan must be i32 [Hidx, msa_plan_width(N, k)] = [%lld, %lld], got %s with %lld "
+                  "elements", (long long)c->Hkv, (long long)P, dtype_name(plan->dtype), (long long)plan->numel);
+        c->row_ptr = plan->data;
+        c->q_idx = (const int32_t *)plan->data + (N + 1);
+        c->row_stride = c->q_stride = P;
+        c->owns_map = false;
+        return;
+    }
+    if (N * K >= INT32_MAX) fatal("cpu msa kernels: N * topk_blocks = %lld does not fit an i32 map", (long long)(N * K));
+    int32_t *row_ptr = xcalloc((size_t)(c->Hkv * (R + 1)), sizeof(int32_t));
+    int32_t *q_idx = xmalloc((size_t)(c->Hkv * N * K > 0 ? c->Hkv * N * K : 1) * sizeof(int32_t));
 #pragma omp parallel for schedule(static) if (c->Hkv > 1 && N * K > 65536)
     for (int64_t g = 0; g < c->Hkv; g++) {
-        int64_t *rp = c->row_ptr + g * (R + 1);
-        int32_t *qi = c->q_idx + g * N * K;
+        int32_t *rp = row_ptr + g * (R + 1);
+        int32_t *qi = q_idx + g * N * K;
         for (int64_t t = 0; t < N; t++) {
             const int32_t *row = c->topk + (g * N + t) * K;
             const int64_t base = c->blk_base[c->doc_of[t]];
             for (int64_t i = 0; i < K && row[i] >= 0; i++) rp[base + row[i] + 1]++;
         }
         for (int64_t r = 0; r < R; r++) rp[r + 1] += rp[r];
-        int64_t *fill = xmalloc((size_t)(R > 0 ? R : 1) * sizeof(int64_t));
-        memcpy(fill, rp, (size_t)R * sizeof(int64_t));
+        int32_t *fill = xmalloc((size_t)(R > 0 ? R : 1) * sizeof(int32_t));
+        memcpy(fill, rp, (size_t)R * sizeof(int32_t));
         for (int64_t t = 0; t < N; t++) {
             const int32_t *row = c->topk + (g * N + t) * K;
             const int64_t base = c->blk_base[c->doc_of[t]];
@@ -141,4 +156,9 @@ void msa_build_key_queries(MsaCtx *c) {
         }
         free(fill);
     }
+    c->row_ptr = row_ptr;
+    c->q_idx = q_idx;
+    c->row_stride = R + 1;
+    c->q_stride = N * K;
+    c->owns_map = true;
 }

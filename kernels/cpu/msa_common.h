@@ -28,12 +28,15 @@ typedef struct MsaCtx {
     int32_t *doc_of;         /* [N] document of each token */
     const int32_t *topk;     /* [Hkv, N, K] or NULL (every visible block) */
     /* reverse map (msa_build_key_queries): for group g and global block row r (= blk_base[doc] +
-     * document-relative block), the queries selecting it are q_idx[g*N*K + row_ptr[g*(R+1)+r] ..
-     * row_ptr[g*(R+1)+r+1]), ascending. Absent (NULL) when topk is NULL: then every later query
-     * of the document reads every key. */
+     * document-relative block), the queries selecting it are q_idx[g*q_stride + row_ptr[g*row_stride+r]
+     * .. row_ptr[g*row_stride+r+1]), ascending. Either built here (owns_map) or read from the layer's
+     * plan (backend.h msa_plan, the same map in its i32 layout). Absent (NULL) when topk is NULL: then
+     * every later query of the document reads every key. */
     int64_t *blk_base;       /* [ndocs+1] first global block row of each document, R = blk_base[ndocs] */
-    int64_t *row_ptr;
-    int32_t *q_idx;
+    const int32_t *row_ptr;
+    const int32_t *q_idx;
+    int64_t row_stride, q_stride;
+    bool owns_map;
 } MsaCtx;
 
 /* Validate the parameters (block_size >= 1, topk_blocks >= 1, init_blocks >= 0, local_blocks >= 1,
@@ -49,8 +52,9 @@ void msa_check_index(const char *kernel, MsaCtx *c, const Tensor *qi, const Tens
 /* Check topk (i32 [Hkv, N, topk_blocks] or NULL) and every row's contents: ids strictly ascending,
  * each a visible block of the query, -1 only after them, at least one id. Sets c->topk. */
 void msa_check_topk(const char *kernel, MsaCtx *c, const Tensor *topk);
-/* Build the reverse map of c->topk (no-op when NULL). */
-void msa_build_key_queries(MsaCtx *c);
+/* The reverse map of c->topk (no-op when NULL): plan's when given (the layer's msa_plan of the same
+ * topk, checked for shape), else built here. */
+void msa_build_key_queries(MsaCtx *c, const Tensor *plan);
 
 static inline int64_t msa_doc_start(const MsaCtx *c, int64_t t) { return c->cu[c->doc_of[t]]; }
 static inline int64_t msa_doc_end(const MsaCtx *c, int64_t t) { return c->cu[c->doc_of[t] + 1]; }
@@ -85,10 +89,9 @@ static inline void msa_key_queries(const MsaCtx *c, int64_t g, int64_t j, const 
         *n = c->cu[d + 1] - j;
         return;
     }
-    const int64_t R = c->blk_base[c->ndocs];
     const int64_t r = c->blk_base[d] + (j - c->cu[d]) / c->B;
-    const int64_t *rp = c->row_ptr + g * (R + 1);
-    *list = c->q_idx + g * c->N * c->K + rp[r];
+    const int32_t *rp = c->row_ptr + g * c->row_stride;
+    *list = c->q_idx + g * c->q_stride + rp[r];
     *n = rp[r + 1] - rp[r];
     *first = 0;
 }

@@ -24,7 +24,7 @@ static MsaCtx kl_ctx(const char *kernel, const Tensor *q, const Tensor *k, const
 void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
                         const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
                         const Tensor *cu_seqlens, const MsaParams *p) {
-    (void)plan; /* the CPU kernels rebuild their reverse map per call (msa_build_key_queries) */
+    (void)plan; /* the forward walks each query's own selection: no reverse map */
     CPU_SAME_DTYPE("msa_kl_forward", q, kl, idx_lse, k, lse, qi, ki);
     MsaCtx c = kl_ctx("msa_kl_forward", q, k, lse, qi, ki, topk, cu_seqlens, p);
     if (kl->numel != 1) fatal("cpu msa_kl_forward: kl must be a scalar tensor");
@@ -41,14 +41,13 @@ void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tens
 void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
                          const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
                          const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
-    (void)plan;
     if (!dqi && !dki) return;
     CPU_SAME_DTYPE("msa_kl_backward", q, dqi, dki, k, lse, qi, ki, idx_lse);
     MsaCtx c = kl_ctx("msa_kl_backward", q, k, lse, qi, ki, topk, cu_seqlens, p);
     if (idx_lse->numel != c.Hkv * c.N) fatal("cpu msa_kl_backward: idx_lse must be [Hidx, N]");
     if ((dqi && dqi->numel != qi->numel) || (dki && dki->numel != ki->numel))
         fatal("cpu msa_kl_backward: gradients must have their inputs' shapes");
-    if (dki) msa_build_key_queries(&c);
+    if (dki) msa_build_key_queries(&c, plan);
     CPU_CALL(q, msa_kl_bwd, dqi ? dqi->data : NULL, dki ? dki->data : NULL, q->data, k->data, lse->data, qi->data,
              ki->data, idx_lse->data, (double)coeff, &c);
     msa_ctx_free(&c);

@@ -18,14 +18,14 @@ void cpu_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu_seqlens, co
     MsaCtx c = msa_ctx_init("msa_plan", N, cu_seqlens, p);
     c.Hkv = H;
     msa_check_topk("msa_plan", &c, topk);
-    msa_build_key_queries(&c);
+    msa_build_key_queries(&c, NULL);
     const int64_t R = c.blk_base[c.ndocs];
     int32_t *out = plan->data;
     for (int64_t g = 0; g < H; g++) {
         int32_t *row_ptr = out + g * P, *q_idx = row_ptr + (N + 1), *row_lo = q_idx + N * K, *row_hi = row_lo + N;
-        const int64_t *rp = c.row_ptr + g * (R + 1);
-        for (int64_t r = 0; r <= N; r++) row_ptr[r] = (int32_t)rp[r <= R ? r : R];
-        for (int64_t i = 0; i < N * K; i++) q_idx[i] = i < rp[R] ? c.q_idx[g * N * K + i] : 0;
+        const int32_t *rp = c.row_ptr + g * c.row_stride;
+        for (int64_t r = 0; r <= N; r++) row_ptr[r] = rp[r <= R ? r : R];
+        for (int64_t i = 0; i < N * K; i++) q_idx[i] = i < rp[R] ? c.q_idx[g * c.q_stride + i] : 0;
         for (int64_t r = 0; r < N; r++) row_lo[r] = row_hi[r] = 0;
         for (int64_t d = 0; d < c.ndocs; d++)
             for (int64_t r = c.blk_base[d]; r < c.blk_base[d + 1]; r++) {
