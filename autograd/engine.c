@@ -174,6 +174,17 @@ void tensor_from_host(const Engine *e, Tensor *t, const void *src) {
     e->be->copy_from_host(t->data, src, tensor_bytes(t));
 }
 
+void tensor_to_host_f32(Engine *e, float *dst, const Tensor *t) {
+    if (t->dtype == DT_F32) {
+        tensor_to_host(e, dst, t);
+        return;
+    }
+    if (t->dtype != DT_BF16 && t->dtype != DT_F64) fatal("tensor_to_host_f32: not a float tensor");
+    Tensor *f32 = engine_empty(e, DT_F32, t->ndim, t->shape);
+    e->be->cast(f32, t);
+    tensor_to_host(e, dst, f32);
+}
+
 double tensor_item(const Engine *e, const Tensor *t) {
     union {
         float f;

@@ -94,6 +94,10 @@ static inline bool engine_set_grad(Engine *e, bool on) {
 /* Host <-> tensor copies for any device (dtype must match the host buffer's). */
 void tensor_to_host(const Engine *e, void *dst, const Tensor *t);
 void tensor_from_host(const Engine *e, Tensor *t, const void *src);
+/* Any float tensor (F32, BF16 activations on CUDA, F64) to a host float buffer of numel entries: other
+ * dtypes are cast on the device first (a temporary in the engine's arena), so callers never read raw
+ * bf16 bits as floats. */
+void tensor_to_host_f32(Engine *e, float *dst, const Tensor *t);
 /* Read a scalar (F32, F64 or BF16) tensor's value to the host. */
 double tensor_item(const Engine *e, const Tensor *t);
 

@@ -89,6 +89,50 @@ static void write_file(const char *path, const char *text) {
     fclose(f);
 }
 
+/* The sampler's next-token distribution is the model's: over a text, the mean -log p(next token) from
+ * run_next_token_probs equals the cross-entropy the loss path gives for the same text (and the
+ * distribution is normalised); a longer context uses its last seq_len tokens. */
+TEST(sampler_distribution_matches_the_loss) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, TINY);
+    r.cfg.train.steps = 20;
+    r.config_path = TINY;
+    run_init(&r);
+    for (int s = 0; s < 20; s++) run_step(&r);
+    enum { LEN = 40 };
+    const int V = r.model.cfg.vocab_size;
+    int32_t text[LEN];
+    for (int i = 0; i < LEN; i++) text[i] = (int32_t)((i * 7 + 3) % V);
+    double *p = xmalloc((size_t)V * sizeof(double)), nll = 0, worst_norm = 0;
+    for (int t = 1; t < LEN; t++) {
+        run_next_token_probs(&r, text, t, 1.0, p);
+        double sum = 0;
+        for (int v = 0; v < V; v++) sum += p[v];
+        worst_norm = fmax(worst_norm, fabs(sum - 1));
+        nll -= log(p[text[t]]) / (LEN - 1);
+    }
+    double loss = run_text_loss(&r, text, LEN);
+    EXPECT(fabs(nll - loss) <= 1e-5 * loss, "sampler -log p %.8f vs loss %.8f", nll, loss);
+    EXPECT(worst_norm < 1e-12, "probabilities sum to 1 +- %.2e", worst_norm);
+    /* a context longer than seq_len: only its last seq_len tokens count */
+    const int T = r.cfg.train.seq_len;
+    int32_t *long_ctx = xmalloc((size_t)(T + 5) * sizeof(int32_t));
+    for (int i = 0; i < T + 5; i++) long_ctx[i] = (int32_t)((i * 11 + 1) % V);
+    double *q = xmalloc((size_t)V * sizeof(double)), diff = 0;
+    run_next_token_probs(&r, long_ctx, T + 5, 0.8, p);
+    run_next_token_probs(&r, long_ctx + 5, T, 0.8, q);
+    for (int v = 0; v < V; v++) diff = fmax(diff, fabs(p[v] - q[v]));
+    EXPECT(diff == 0, "a context past seq_len changed the distribution by %.2e", diff);
+    printf("    sampler -log p %.6f, loss %.6f\n", nll, loss);
+    free(long_ctx);
+    free(q);
+    free(p);
+    run_free(&r);
+}
+
 TEST(bad_input_exits_with_a_message) {
     char err[4096];
     EXPECT(run_train_cli("/tmp/msa_no_such_config.json", err, sizeof err) == 1 && strstr(err, "msa_no_such_config.json"),
@@ -114,6 +158,7 @@ int main(void) {
     RUN(tiny_config_loss_falls);
     RUN(same_seed_same_losses_and_recompute_identical);
     RUN(dropout_reproducible_and_recompute_identical);
+    RUN(sampler_distribution_matches_the_loss);
     RUN(bad_input_exits_with_a_message);
     TEST_END();
 }

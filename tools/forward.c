@@ -142,13 +142,8 @@ int main(int argc, char **argv) {
     ModelInput in = model_upload(&e, &view);
     Tensor *logits = model_logits(&m, &e, &in, false, NULL);
     int64_t V = tensor_dim(logits, -1);
-    if (logits->dtype != DT_F32) { /* bf16 activations on CUDA */
-        Tensor *f32 = engine_empty(&e, DT_F32, logits->ndim, logits->shape);
-        be->cast(f32, logits);
-        logits = f32;
-    }
     float *host = xmalloc((size_t)(T * V) * sizeof(float));
-    tensor_to_host(&e, host, logits);
+    tensor_to_host_f32(&e, host, logits); /* bf16 activations on CUDA */
     write_logits(pos[3], host, T, V);
     printf("forward: %s on %lld tokens of %s -> %s (logits [%lld, %lld])\n", pos[1], (long long)T, pos[2], pos[3],
            (long long)T, (long long)V);

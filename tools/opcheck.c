@@ -134,13 +134,7 @@ static Tensor *upload(Engine *e, const HostArray *a, bool requires_grad) {
 static float *download(Engine *e, const Tensor *t, int64_t numel) {
     float *h = xcalloc((size_t)(numel > 0 ? numel : 1), sizeof(float));
     if (!t) return h;
-    const Tensor *src = t;
-    if (t->dtype != DT_F32) {
-        Tensor *c = engine_empty(e, DT_F32, t->ndim, t->shape);
-        e->be->cast(c, t);
-        src = c;
-    }
-    tensor_to_host(e, h, src);
+    tensor_to_host_f32(e, h, t);
     return h;
 }
 

@@ -1024,17 +1024,74 @@ double run_train(Run *r) {
     return val;
 }
 
+void run_next_token_probs(Run *r, const int32_t *ctx, int len, double temperature, double *probs) {
+    const int T = r->cfg.train.seq_len, V = r->model.cfg.vocab_size;
+    if (len > T) { /* the model sees the last seq_len tokens */
+        ctx += len - T;
+        len = T;
+    }
+    Engine *e = &r->engine;
+    bool prev = engine_set_grad(e, false);
+    Batch b;
+    batch_alloc(&b, 1, len);
+    for (int t = 0; t < len; t++) {
+        b.inputs[t] = ctx[t];
+        b.positions[t] = t;
+    }
+    b.targets = NULL;
+    b.cu_seqlens[0] = 0;
+    b.cu_seqlens[1] = len;
+    b.n_segments = 1;
+    engine_reset(e);
+    ModelInput in = model_upload(e, &b);
+    Tensor *lg = model_logits(&r->model, e, &in, false, NULL);
+    Tensor last = *lg; /* the last row */
+    last.ndim = 1;
+    last.shape[0] = last.numel = V;
+    last.data = (char *)lg->data + (size_t)(len - 1) * V * dtype_size(lg->dtype);
+    float *logits = xmalloc((size_t)V * sizeof(float));
+    tensor_to_host_f32(e, logits, &last); /* bf16 on CUDA */
+    double mx = -INFINITY, sum = 0.0;
+    for (int v = 0; v < V; v++) mx = fmax(mx, logits[v] / temperature);
+    for (int v = 0; v < V; v++) sum += probs[v] = exp(logits[v] / temperature - mx);
+    for (int v = 0; v < V; v++) probs[v] /= sum;
+    free(logits);
+    batch_free(&b);
+    engine_set_grad(e, prev);
+}
+
+double run_text_loss(Run *r, const int32_t *tokens, int len) {
+    if (len < 2 || len - 1 > r->cfg.train.seq_len) fatal("run_text_loss: %d tokens (2 to seq_len + 1)", len);
+    const int T = len - 1;
+    Engine *e = &r->engine;
+    bool prev = engine_set_grad(e, false);
+    Batch b;
+    batch_alloc(&b, 1, T);
+    for (int t = 0; t < T; t++) {
+        b.inputs[t] = tokens[t];
+        b.targets[t] = tokens[t + 1];
+        b.positions[t] = t;
+    }
+    b.cu_seqlens[0] = 0;
+    b.cu_seqlens[1] = T;
+    b.n_segments = 1;
+    engine_reset(e);
+    ModelInput in = model_upload(e, &b);
+    double loss = tensor_item(e, model_forward(&r->model, e, &in, false).lm);
+    batch_free(&b);
+    engine_set_grad(e, prev);
+    return loss;
+}
+
 void run_sample(Run *r) {
     const TokenDataset *ds = &r->train_ds;
-    int n = r->cfg.train.sample_tokens, T = r->cfg.train.seq_len;
+    int n = r->cfg.train.sample_tokens;
     bool chars = ds->vocab && strcmp(ds->tokenizer, "char") == 0, bytes = strcmp(ds->tokenizer, "byte") == 0;
     if (n <= 0 || (!chars && !bytes)) return;
     /* rank 0 samples; with expert parallelism the other ranks of its ep group, which hold the other
      * experts, run the same forwards with it (silently; rank 0's token is theirs too) */
     const bool speak = is_rank0(r), ep = r->model.ep != NULL;
     if (!speak && !(ep && store_root(r))) return;
-    Engine *e = &r->engine;
-    bool prev = engine_set_grad(e, false);
     /* rank 0 samples alone (a context that grows one token at a time): no context-parallel exchanges */
     const Comm *cp = r->model.cp;
     r->model.cp = NULL;
@@ -1045,35 +1102,11 @@ void run_sample(Run *r) {
     Rng rng;
     rng_seed(&rng, r->cfg.train.seed + 7);
     int V = r->model.cfg.vocab_size;
-    float *logits = xmalloc((size_t)V * sizeof(float));
     double *probs = xmalloc((size_t)V * sizeof(double)), temp = r->cfg.train.sample_temperature;
-    Batch b;
-    batch_alloc(&b, 1, T);
     if (speak) printf("---- sample (%d tokens, temperature %.2f) ----\n", n, temp);
     for (int i = 1; i <= n; i++) {
-        int len = i < T ? i : T;
-        for (int t = 0; t < len; t++) {
-            b.inputs[t] = ctx[i - len + t];
-            b.positions[t] = t;
-        }
-        Batch view = b;
-        view.T = len;
-        view.targets = NULL;
-        view.cu_seqlens[0] = 0;
-        view.cu_seqlens[1] = len;
-        view.n_segments = 1;
-        engine_reset(e);
-        ModelInput in = model_upload(e, &view);
-        Tensor *lg = model_logits(&r->model, e, &in, false, NULL);
-        Tensor last = *lg; /* the last row */
-        last.ndim = 1;
-        last.shape[0] = last.numel = V;
-        last.data = (char *)lg->data + (size_t)(len - 1) * V * dtype_size(lg->dtype);
-        tensor_to_host(e, logits, &last);
-        double mx = -INFINITY, sum = 0.0;
-        for (int v = 0; v < V; v++) mx = fmax(mx, logits[v] / temp);
-        for (int v = 0; v < V; v++) sum += probs[v] = exp(logits[v] / temp - mx);
-        double u = rng_uniform(&rng) * sum, acc = 0.0;
+        run_next_token_probs(r, ctx, i, temp, probs);
+        double u = rng_uniform(&rng), acc = 0.0;
         int next = V - 1;
         for (int v = 0; v < V; v++)
             if (u < (acc += probs[v])) {
@@ -1085,10 +1118,7 @@ void run_sample(Run *r) {
         if (speak) putchar(chars ? ds->vocab[next] : next);
     }
     if (speak) printf("\n---- end of sample ----\n");
-    batch_free(&b);
     free(probs);
-    free(logits);
     free(ctx);
     r->model.cp = cp;
-    engine_set_grad(e, prev);
 }

@@ -106,5 +106,11 @@ const char *run_checkpoint(Run *r);
 /* Sample text from the model (char/byte tokenizers) to stdout: rank 0 prints; call it on every rank (with
  * expert parallelism the ranks of rank 0's ep group compute with it; the others return at once). */
 void run_sample(Run *r);
+/* The sampler's next-token distribution after ctx[0..len) (the last seq_len tokens of it), at the given
+ * temperature: probs[vocab_size], summing to 1. No gradient, no effect on training state. */
+void run_next_token_probs(Run *r, const int32_t *ctx, int len, double temperature, double *probs);
+/* The model's mean cross-entropy of tokens[1..len) given what precedes each, as one document (the loss
+ * path: the check against which the sampler's distribution is tested). 2 <= len <= seq_len + 1. */
+double run_text_loss(Run *r, const int32_t *tokens, int len);
 
 #endif

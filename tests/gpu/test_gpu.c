@@ -552,6 +552,36 @@ static double train_tiny(const char *device, int steps, bool recompute, double *
     return val;
 }
 
+/* The sampler on CUDA reads BF16 logits: its mean -log p(next token) over a text must equal the loss
+ * path's cross-entropy of that text (to BF16 rounding of the logits: 1e-2 relative; the bug this guards
+ * against, raw bf16 bits read as floats, is off by orders of magnitude). */
+static void sampler_check(void) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, TINY);
+    r.cfg.train.steps = 12;
+    snprintf(r.cfg.train.device, sizeof r.cfg.train.device, "cuda");
+    r.config_path = TINY;
+    run_init(&r);
+    for (int s = 0; s < 12; s++) run_step(&r);
+    enum { LEN = 40 };
+    const int V = r.model.cfg.vocab_size;
+    int32_t text[LEN];
+    for (int i = 0; i < LEN; i++) text[i] = (int32_t)((i * 7 + 3) % V);
+    double *p = xmalloc((size_t)V * sizeof(double)), nll = 0;
+    for (int t = 1; t < LEN; t++) {
+        run_next_token_probs(&r, text, t, 1.0, p);
+        nll -= log(p[text[t]]) / (LEN - 1);
+    }
+    double loss = run_text_loss(&r, text, LEN);
+    record(isfinite(nll) && fabs(nll - loss) <= 1e-2 * loss, "%-58s %.5f vs %.5f", "sampler -log p vs loss path on cuda (bf16 logits)",
+           nll, loss);
+    free(p);
+    run_free(&r);
+}
+
 /* Tolerances: the CUDA run keeps activations in BF16 (relative rounding 2^-9 per op) while the CPU
  * reference is F32, from the same initial weights and batches. Measured on an H100 (2026-11-23):
  * step 1 differs by 1.4e-5 relative, steps 2-12 by at most 5.5e-5, the validation loss by 5.6e-5
@@ -593,6 +623,7 @@ static void e2e_check(void) {
     double worst_own = 0;
     for (int s = 0; s < STEPS; s++) worst_own = fmax(worst_own, fabs(lo[s] - lg[s]) / lg[s]);
     record(worst_own <= 2e-3, "%-58s max rel diff %.2e (tol 2e-3)", "tiny.json losses, own attention vs default path", worst_own);
+    sampler_check();
 }
 
 /* ---------- bad input and no device: in child processes ---------- */
