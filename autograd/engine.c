@@ -164,7 +164,12 @@ void engine_backward_tape(Engine *e, int from) {
         Node n = e->tape[i];
         bool any = false;
         for (int k = 0; k < n.n_out; k++) any |= n.out[k] && n.out[k]->grad;
-        if (any) backward_rules[n.op](e, &n);
+        if (!any) continue;
+        /* the profiler's bracket: a checkpoint's replayed forward and its sub-tape's rules open
+         * brackets of their own inside this one, so checkpoint is charged only its glue */
+        if (e->prof) profiler_begin(e->prof);
+        backward_rules[n.op](e, &n);
+        if (e->prof) profiler_end(e->prof, n.op, PROF_BACKWARD);
     }
 }
 

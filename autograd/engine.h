@@ -20,6 +20,21 @@ typedef enum {
     OP_COUNT
 } OpKind;
 
+/* Profiled work that is no tape op (no node, no backward rule), timed under its own name by the step
+ * profiler (autograd/profile.h): numbered after the ops so that one table holds both. */
+typedef enum {
+    PROF_msa_indexer = OP_COUNT, /* MSA block Top-k selection (KernelBackend.msa_indexer) */
+    PROF_msa_plan,               /* MSA reverse map of the selection (KernelBackend.msa_plan) */
+    PROF_moe_topk,               /* op_moe_topk */
+    PROF_moe_plan,               /* op_moe_plan */
+    PROF_ep_dispatch_plan,       /* op_ep_dispatch_plan (a collective: the per-expert row counts) */
+    PROF_KIND_COUNT
+} ProfExtraKind;
+
+/* When an op's time was spent: its forward, its forward replayed by a checkpointed segment's backward
+ * (Engine.recomputing), or its backward rule. */
+typedef enum { PROF_FORWARD, PROF_RECOMPUTE, PROF_BACKWARD, PROF_PHASES } ProfPhase;
+
 #define NODE_MAX_IN 8
 #define NODE_MAX_OUT 2
 #define NODE_MAX_SAVED 4
@@ -46,6 +61,7 @@ typedef struct Engine {
     bool grad_enabled; /* false = no_grad mode: ops record nothing */
     bool recomputing;  /* inside a checkpointed segment's backward recompute: skip side effects
                           such as metrics, which the forward already collected */
+    struct Profiler *prof; /* the step profiler while the trainer profiles a step, else NULL */
 } Engine;
 
 void engine_init(Engine *e, const KernelBackend *be, DType act_dtype, size_t arena_chunk_bytes);
@@ -83,6 +99,18 @@ void engine_backward_from(Engine *e, Tensor *out, const Tensor *seed, int from);
 static inline void engine_backward(Engine *e, Tensor *loss) { engine_backward_from(e, loss, NULL, 0); }
 /* Run the backward rules of tape entries [from, tape_len) in reverse (gradients already seeded). */
 void engine_backward_tape(Engine *e, int from);
+
+/* Step profiler hooks (autograd/profile.h). Every op_* function calls engine_op_begin before its work
+ * and engine_op_end(e, its kind) after it (op kind, or a ProfExtraKind for untaped work); the engine
+ * brackets each backward rule itself. With no profiler attached they cost one NULL test. */
+void profiler_begin(struct Profiler *p);
+void profiler_end(struct Profiler *p, int kind, ProfPhase phase);
+static inline void engine_op_begin(Engine *e) {
+    if (e->prof) profiler_begin(e->prof);
+}
+static inline void engine_op_end(Engine *e, int kind) {
+    if (e->prof) profiler_end(e->prof, kind, e->recomputing ? PROF_RECOMPUTE : PROF_FORWARD);
+}
 
 /* Switch gradient recording; returns the previous state (to restore). */
 static inline bool engine_set_grad(Engine *e, bool on) {

@@ -3,10 +3,12 @@
 
 Tensor *op_add(Engine *e, Tensor *a, Tensor *b) {
     check_same_shape("add", a, b);
+    engine_op_begin(e);
     Tensor *out = engine_empty_like(e, a);
     e->be->add(out, a, b);
     Tensor *in[2] = {a, b};
     if (engine_wants_grad(e, in, 2)) engine_record(e, OP_add, in, 2, &out, 1);
+    engine_op_end(e, OP_add);
     return out;
 }
 
@@ -19,6 +21,7 @@ void backward_add(Engine *e, Node *n) {
 }
 
 Tensor *op_scale(Engine *e, Tensor *x, float alpha) {
+    engine_op_begin(e);
     Tensor *out = engine_empty_like(e, x);
     e->be->copy(out->data, x->data, tensor_bytes(x));
     e->be->scale(out, alpha);
@@ -26,6 +29,7 @@ Tensor *op_scale(Engine *e, Tensor *x, float alpha) {
         Node *n = engine_record(e, OP_scale, &x, 1, &out, 1);
         n->f[0] = alpha;
     }
+    engine_op_end(e, OP_scale);
     return out;
 }
 

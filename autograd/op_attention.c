@@ -27,6 +27,7 @@ Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seql
             fatal("attention: cu_seqlens must run from 0 to N = %lld tokens, got %d .. %d", (long long)N, cu[0],
                   cu[cu_seqlens->numel - 1]);
     }
+    engine_op_begin(e);
     Tensor *out = engine_empty_like(e, q);
     Tensor *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
     e->be->attention_forward(out, lse, q, k, v, cu_seqlens, scale);
@@ -36,6 +37,7 @@ Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seql
         n->saved[0] = lse;
         n->f[0] = scale;
     }
+    engine_op_end(e, OP_attention);
     if (lse_out) *lse_out = lse;
     return out;
 }

@@ -9,11 +9,13 @@ Tensor *op_bias_add(Engine *e, Tensor *x, Tensor *b) {
     check_shape("bias_add", "bias", b, SHAPE(tensor_dim(x, -1)));
     if (!e->be->bias_add_forward) /* a backend that has not caught up yet: say so rather than crash */
         fatal("the %s backend has no bias_add kernel (needed by model.qkv_bias)", e->be->name);
+    engine_op_begin(e);
     Tensor *y = engine_empty_like(e, x);
     Tensor x2 = tensor_as_rows(x), y2 = tensor_as_rows(y);
     e->be->bias_add_forward(&y2, &x2, b);
     Tensor *in[2] = {x, b};
     if (engine_wants_grad(e, in, 2)) engine_record(e, OP_bias_add, in, 2, &y, 1);
+    engine_op_end(e, OP_bias_add);
     return y;
 }
 

@@ -9,8 +9,11 @@
 #include "ops.h"
 
 Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, Tensor **aux_out) {
-    if (!e->grad_enabled) return fn(e, x, closure, aux_out);
+    if (!e->grad_enabled) return fn(e, x, closure, aux_out); /* no checkpoint: the block's ops as they are */
 
+    /* profiled, the block's ops open brackets of their own inside this one: checkpoint's self time is
+     * the copies and bookkeeping here, the ops' forward time is theirs */
+    engine_op_begin(e);
     Tensor *y = engine_empty_like(e, x);
     Tensor *aux = engine_empty(e, stat_dtype(x->dtype), SHAPE(1));
     e->be->zero(aux->data, tensor_bytes(aux));
@@ -36,6 +39,7 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
     n->ptr[0] = (const void *)fn;
     n->ptr[1] = closure;
     if (aux_out) *aux_out = has_aux ? aux : NULL;
+    engine_op_end(e, OP_checkpoint);
     return y;
 }
 

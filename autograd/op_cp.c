@@ -55,12 +55,14 @@ static Tensor *cp_exchange(Engine *e, Tensor *x, const Comm *g, bool to_heads) {
     if (!to_heads && x->shape[0] % P)
         fatal("%s: %lld tokens do not split over %lld context-parallel ranks", op, (long long)x->shape[0], (long long)P);
     if (P == 1) return x;
+    engine_op_begin(e);
     Tensor *out = exchange(e, x, g, to_heads);
     if (engine_wants_grad(e, &x, 1)) {
         Node *n = engine_record(e, OP_cp_exchange, &x, 1, &out, 1);
         n->ptr[0] = g;
         n->i[0] = to_heads;
     }
+    engine_op_end(e, OP_cp_exchange);
     return out;
 }
 
@@ -77,6 +79,7 @@ void backward_cp_exchange(Engine *e, Node *n) {
 Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g) {
     if (!g) fatal("cp_all_gather: no context-parallel group");
     if (g->size == 1) return x;
+    engine_op_begin(e);
     int64_t shape[TENSOR_MAX_DIMS];
     for (int d = 0; d < x->ndim; d++) shape[d] = x->shape[d];
     shape[0] *= g->size;
@@ -86,6 +89,7 @@ Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g) {
         Node *n = engine_record(e, OP_cp_all_gather, &x, 1, &out, 1);
         n->ptr[0] = g;
     }
+    engine_op_end(e, OP_cp_all_gather);
     return out;
 }
 

@@ -7,6 +7,7 @@ Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_
     if (targets->dtype != DT_I32) fatal("cross_entropy: targets must be i32");
     if (targets->numel != tensor_rows(logits))
         fatal("cross_entropy: %lld targets for %lld rows of logits", (long long)targets->numel, (long long)tensor_rows(logits));
+    engine_op_begin(e);
     DType sd = stat_dtype(logits->dtype);
     Tensor *loss = engine_empty(e, sd, SHAPE(1));
     Tensor *lse = engine_empty(e, sd, SHAPE(tensor_rows(logits)));
@@ -18,6 +19,7 @@ Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_
         n->i[0] = ignore_index;
         n->i[1] = n_valid;
     }
+    engine_op_end(e, OP_cross_entropy);
     return loss;
 }
 

@@ -7,7 +7,8 @@
 #include "ops.h"
 
 Tensor *op_dropout(Engine *e, Tensor *x, float p, uint64_t seed, int64_t offset) {
-    if (p == 0.0f) return x;
+    if (p == 0.0f) return x; /* no work, no call */
+    engine_op_begin(e);
     Tensor *y = engine_empty_like(e, x);
     e->be->dropout_forward(y, x, p, seed, offset);
     if (engine_wants_grad(e, &x, 1)) {
@@ -16,6 +17,7 @@ Tensor *op_dropout(Engine *e, Tensor *x, float p, uint64_t seed, int64_t offset)
         memcpy(&n->i[0], &seed, sizeof seed);
         n->i[1] = offset;
     }
+    engine_op_end(e, OP_dropout);
     return y;
 }
 

@@ -81,6 +81,7 @@ EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const Comm *g) {
     if (E % P)
         fatal("ep_dispatch: %d experts do not split over the %d ranks of the expert-parallel group", E, P);
     const int El = E / P;
+    engine_op_begin(e);
     EpDispatch *d = arena_alloc(&e->host, sizeof(EpDispatch));
     memset(d, 0, sizeof(*d));
     d->g = g;
@@ -114,6 +115,7 @@ EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const Comm *g) {
         free(order);
     }
     free(local_off);
+    engine_op_end(e, PROF_ep_dispatch_plan);
     return d;
 }
 
@@ -168,11 +170,13 @@ static Tensor *from_owners(Engine *e, const EpDispatch *d, const Tensor *yr) {
 
 Tensor *op_ep_dispatch(Engine *e, Tensor *xs, const EpDispatch *d) {
     check_shape("ep_dispatch", "xs", xs, SHAPE(d->rows_in, -1));
+    engine_op_begin(e);
     Tensor *xr = to_owners(e, d, xs);
     if (engine_wants_grad(e, &xs, 1)) {
         Node *n = engine_record(e, OP_ep_dispatch, &xs, 1, &xr, 1);
         n->ptr[0] = d;
     }
+    engine_op_end(e, OP_ep_dispatch);
     return xr;
 }
 
@@ -184,11 +188,13 @@ void backward_ep_dispatch(Engine *e, Node *n) {
 
 Tensor *op_ep_return(Engine *e, Tensor *yr, const EpDispatch *d) {
     check_shape("ep_return", "yr", yr, SHAPE(d->rows_out, -1));
+    engine_op_begin(e);
     Tensor *ys = from_owners(e, d, yr);
     if (engine_wants_grad(e, &yr, 1)) {
         Node *n = engine_record(e, OP_ep_return, &yr, 1, &ys, 1);
         n->ptr[0] = d;
     }
+    engine_op_end(e, OP_ep_return);
     return ys;
 }
 

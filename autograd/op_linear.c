@@ -4,6 +4,7 @@
 
 Tensor *op_linear(Engine *e, Tensor *x, Tensor *w) {
     check_shape("linear", "weight", w, SHAPE(-1, tensor_dim(x, -1)));
+    engine_op_begin(e);
     int64_t shape[TENSOR_MAX_DIMS];
     for (int i = 0; i < x->ndim; i++) shape[i] = x->shape[i];
     shape[x->ndim - 1] = w->shape[0];
@@ -12,6 +13,7 @@ Tensor *op_linear(Engine *e, Tensor *x, Tensor *w) {
     e->be->matmul(&y2, &x2, w, false, true, 1.0f, 0.0f);
     Tensor *in[2] = {x, w};
     if (engine_wants_grad(e, in, 2)) engine_record(e, OP_linear, in, 2, &y, 1);
+    engine_op_end(e, OP_linear);
     return y;
 }
 

@@ -9,6 +9,7 @@
 
 Tensor *op_moe_router_scores(Engine *e, Tensor *logits, MoeScoreFunc func) {
     if (logits->ndim != 2) fatal("moe_router_scores: logits must be [N, E]");
+    engine_op_begin(e);
     Tensor *scores = engine_empty_like(e, logits);
     BACKEND_REQUIRE(e->be, moe_scores_forward);
     e->be->moe_scores_forward(scores, logits, func);
@@ -16,6 +17,7 @@ Tensor *op_moe_router_scores(Engine *e, Tensor *logits, MoeScoreFunc func) {
         Node *n = engine_record(e, OP_moe_router_scores, &logits, 1, &scores, 1);
         n->i[0] = func;
     }
+    engine_op_end(e, OP_moe_router_scores);
     return scores;
 }
 
@@ -27,25 +29,30 @@ void backward_moe_router_scores(Engine *e, Node *n) {
 
 Tensor *op_moe_topk(Engine *e, Tensor *scores, Tensor *bias, int k) {
     if (scores->ndim != 2) fatal("moe_topk: scores must be [N, E]");
+    engine_op_begin(e);
     Tensor *idx = engine_empty(e, DT_I32, SHAPE(scores->shape[0], k));
     BACKEND_REQUIRE(e->be, moe_topk);
     e->be->moe_topk(idx, scores, bias, k);
+    engine_op_end(e, PROF_moe_topk);
     return idx;
 }
 
 MoePlan op_moe_plan(Engine *e, Tensor *idx, int num_experts) {
     if (idx->dtype != DT_I32 || idx->ndim != 2) fatal("moe_plan: idx must be i32 [N, k]");
+    engine_op_begin(e);
     MoePlan p = {.idx = idx, .num_experts = num_experts, .k = (int)idx->shape[1]};
     p.offsets = engine_empty(e, DT_I32, SHAPE(num_experts + 1));
     p.rows = engine_empty(e, DT_I32, SHAPE(idx->shape[0], idx->shape[1]));
     BACKEND_REQUIRE(e->be, moe_plan);
     e->be->moe_plan(p.offsets, p.rows, idx);
+    engine_op_end(e, PROF_moe_plan);
     return p;
 }
 
 Tensor *op_moe_combine_weights(Engine *e, Tensor *scores, Tensor *idx, bool renormalize, float scale) {
     if (scores->ndim != 2) fatal("moe_combine_weights: scores must be [N, E]");
     check_shape("moe_combine_weights", "idx", idx, SHAPE(scores->shape[0], -1));
+    engine_op_begin(e);
     Tensor *w = engine_empty(e, scores->dtype, SHAPE(idx->shape[0], idx->shape[1]));
     BACKEND_REQUIRE(e->be, moe_combine_weights_forward);
     e->be->moe_combine_weights_forward(w, scores, idx, renormalize, scale);
@@ -55,6 +62,7 @@ Tensor *op_moe_combine_weights(Engine *e, Tensor *scores, Tensor *idx, bool reno
         n->i[0] = renormalize;
         n->f[0] = scale;
     }
+    engine_op_end(e, OP_moe_combine_weights);
     return w;
 }
 
@@ -67,6 +75,7 @@ void backward_moe_combine_weights(Engine *e, Node *n) {
 Tensor *op_moe_permute(Engine *e, Tensor *x, const MoePlan *plan) {
     int64_t N = plan->rows->shape[0], C = tensor_dim(x, -1);
     check_shape("moe_permute", "x", x, SHAPE(N, C));
+    engine_op_begin(e);
     Tensor *xs = engine_empty(e, x->dtype, SHAPE(N * plan->k, C));
     BACKEND_REQUIRE(e->be, moe_permute_forward);
     e->be->moe_permute_forward(xs, x, plan->rows);
@@ -74,6 +83,7 @@ Tensor *op_moe_permute(Engine *e, Tensor *x, const MoePlan *plan) {
         Tensor *in[2] = {x, plan->rows};
         engine_record(e, OP_moe_permute, in, 2, &xs, 1);
     }
+    engine_op_end(e, OP_moe_permute);
     return xs;
 }
 
@@ -87,11 +97,13 @@ Tensor *op_moe_unpermute(Engine *e, Tensor *ys, Tensor *weights, const MoePlan *
     int64_t N = plan->rows->shape[0], C = tensor_dim(ys, -1);
     check_shape("moe_unpermute", "ys", ys, SHAPE(N * plan->k, C));
     check_shape("moe_unpermute", "weights", weights, SHAPE(N, plan->k));
+    engine_op_begin(e);
     Tensor *out = engine_empty(e, ys->dtype, SHAPE(N, C));
     BACKEND_REQUIRE(e->be, moe_unpermute_forward);
     e->be->moe_unpermute_forward(out, ys, weights, plan->rows);
     Tensor *in[3] = {ys, weights, plan->rows};
     if (engine_wants_grad(e, in, 2)) engine_record(e, OP_moe_unpermute, in, 3, &out, 1);
+    engine_op_end(e, OP_moe_unpermute);
     return out;
 }
 
@@ -105,11 +117,13 @@ Tensor *op_grouped_linear(Engine *e, Tensor *xs, Tensor *w, Tensor *offsets) {
     if (w->ndim != 3) fatal("grouped_linear: weight must be [E, out, in]");
     check_shape("grouped_linear", "input", xs, SHAPE(-1, w->shape[2]));
     check_shape("grouped_linear", "offsets", offsets, SHAPE(w->shape[0] + 1));
+    engine_op_begin(e);
     Tensor *ys = engine_empty(e, xs->dtype, SHAPE(xs->shape[0], w->shape[1]));
     BACKEND_REQUIRE(e->be, grouped_matmul_forward);
     e->be->grouped_matmul_forward(ys, xs, w, offsets);
     Tensor *in[3] = {xs, w, offsets};
     if (engine_wants_grad(e, in, 2)) engine_record(e, OP_grouped_linear, in, 3, &ys, 1);
+    engine_op_end(e, OP_grouped_linear);
     return ys;
 }
 
@@ -121,6 +135,7 @@ void backward_grouped_linear(Engine *e, Node *n) {
 
 Tensor *op_moe_aux_loss(Engine *e, Tensor *scores, const MoePlan *plan, bool normalize) {
     check_shape("moe_aux_loss", "scores", scores, SHAPE(plan->rows->shape[0], plan->num_experts));
+    engine_op_begin(e);
     Tensor *loss = engine_empty(e, stat_dtype(scores->dtype), SHAPE(1));
     BACKEND_REQUIRE(e->be, moe_aux_loss_forward);
     e->be->moe_aux_loss_forward(loss, scores, plan->offsets, normalize);
@@ -129,6 +144,7 @@ Tensor *op_moe_aux_loss(Engine *e, Tensor *scores, const MoePlan *plan, bool nor
         Node *n = engine_record(e, OP_moe_aux_loss, in, 2, &loss, 1);
         n->i[0] = normalize;
     }
+    engine_op_end(e, OP_moe_aux_loss);
     return loss;
 }
 
@@ -140,6 +156,7 @@ void backward_moe_aux_loss(Engine *e, Node *n) {
 
 Tensor *op_moe_z_loss(Engine *e, Tensor *logits) {
     if (logits->ndim != 2) fatal("moe_z_loss: logits must be [N, E]");
+    engine_op_begin(e);
     DType sd = stat_dtype(logits->dtype);
     Tensor *loss = engine_empty(e, sd, SHAPE(1));
     Tensor *lse = engine_empty(e, sd, SHAPE(logits->shape[0]));
@@ -149,6 +166,7 @@ Tensor *op_moe_z_loss(Engine *e, Tensor *logits) {
         Node *n = engine_record(e, OP_moe_z_loss, &logits, 1, &loss, 1);
         n->saved[0] = lse;
     }
+    engine_op_end(e, OP_moe_z_loss);
     return loss;
 }
 

@@ -56,6 +56,7 @@ Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *top
                          const MsaParams *p, Tensor **lse_out) {
     check_main("msa_attention", q, k, v, topk, cu_seqlens, p);
     const int64_t N = q->shape[0], Hq = q->shape[1];
+    engine_op_begin(e);
     Tensor *out = engine_empty_like(e, q);
     Tensor *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
     BACKEND_REQUIRE(e->be, msa_attention_forward);
@@ -69,6 +70,7 @@ Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *top
         n->ptr[0] = plan;
         store_params(n, p);
     }
+    engine_op_end(e, OP_msa_attention);
     if (lse_out) *lse_out = lse;
     return out;
 }
@@ -98,6 +100,7 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
     check_shape("msa_kl", "ki", ki, SHAPE(N, Di));
     check_shape("msa_kl", "lse", lse, SHAPE(Hq, N));
     if (qi->dtype != ki->dtype) fatal("msa_kl: qi and ki dtypes differ (%s, %s)", dtype_name(qi->dtype), dtype_name(ki->dtype));
+    engine_op_begin(e);
     DType sd = stat_dtype(qi->dtype);
     Tensor *loss = engine_empty(e, sd, SHAPE(1));
     Tensor *idx_lse = engine_empty(e, sd, SHAPE(Hkv, N));
@@ -117,6 +120,7 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
         n->f[2] = weight;
         store_params(n, p);
     }
+    engine_op_end(e, OP_msa_kl);
     return loss;
 }
 

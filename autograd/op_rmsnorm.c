@@ -4,6 +4,7 @@
 
 Tensor *op_rmsnorm(Engine *e, Tensor *x, Tensor *w, float eps, bool unit_offset) {
     if (w) check_shape("rmsnorm", "gain", w, SHAPE(tensor_dim(x, -1)));
+    engine_op_begin(e);
     Tensor *y = engine_empty_like(e, x);
     Tensor *rstd = engine_empty(e, stat_dtype(x->dtype), SHAPE(tensor_rows(x)));
     e->be->rmsnorm_forward(y, rstd, x, w, eps, unit_offset);
@@ -13,6 +14,7 @@ Tensor *op_rmsnorm(Engine *e, Tensor *x, Tensor *w, float eps, bool unit_offset)
         n->saved[0] = rstd;
         n->i[0] = unit_offset;
     }
+    engine_op_end(e, OP_rmsnorm);
     return y;
 }
 

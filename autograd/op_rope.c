@@ -9,6 +9,7 @@ Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float t
     check_shape("rope", "positions", positions, SHAPE(x->shape[0]));
     if (rotary_dim <= 0 || rotary_dim % 2 != 0 || rotary_dim > x->shape[2])
         fatal("rope: rotary_dim %d must be even and in [2, head dim %lld]", rotary_dim, (long long)x->shape[2]);
+    engine_op_begin(e);
     Tensor *y = engine_empty_like(e, x);
     e->be->rope_forward(y, x, positions, rotary_dim, theta);
     if (engine_wants_grad(e, &x, 1)) {
@@ -17,6 +18,7 @@ Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float t
         n->i[0] = rotary_dim;
         n->f[0] = theta;
     }
+    engine_op_end(e, OP_rope);
     return y;
 }
 

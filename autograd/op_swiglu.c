@@ -3,10 +3,12 @@
 
 Tensor *op_swiglu(Engine *e, Tensor *gate, Tensor *up) {
     check_same_shape("swiglu", gate, up);
+    engine_op_begin(e);
     Tensor *out = engine_empty_like(e, gate);
     e->be->swiglu_forward(out, gate, up);
     Tensor *in[2] = {gate, up};
     if (engine_wants_grad(e, in, 2)) engine_record(e, OP_swiglu, in, 2, &out, 1);
+    engine_op_end(e, OP_swiglu);
     return out;
 }
 

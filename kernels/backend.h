@@ -42,6 +42,9 @@ typedef struct KernelBackend {
     void (*copy_from_host)(void *dst, const void *src, size_t bytes);
     void (*copy)(void *dst, const void *src, size_t bytes);
     void (*zero)(void *dst, size_t bytes);
+    /* wait until every kernel and copy issued so far has finished (the CPU's return finished: a no-op);
+     * only the step profiler (autograd/profile.h) calls it, to charge asynchronous work to its op */
+    void (*synchronize)(void);
 
     /* elementwise and reductions (float dtypes) */
     void (*axpy)(Tensor *y, const Tensor *x, float alpha);          /* y += alpha * x */

@@ -130,6 +130,7 @@ static const KeyDef KEYS[] = {
     NUM(train, keep_checkpoints, 3, 0, IMAX, "newest checkpoints kept in out_dir (older ones are deleted); 0 = all"),
     STR(train, init_from, "", "checkpoint whose parameters initialise the model (MSA index parameters it lacks start fresh); \"\" = none"),
     BOOL(train, resume, 0, "continue bit-for-bit from the newest checkpoint in out_dir (as --resume)"),
+    NUM(train, profile_steps, 0, 0, IMAX, "time every op's forward and backward (self time, device synchronised around each) over this many steps after the first, then print a table of where a step's time goes (and write it to out_dir/profile.md); the losses are unchanged; 0 = off"),
 
     STR(data, train_path, "", "HDF5 token file for training (build/prepare_text)"),
     STR(data, val_path, "", "HDF5 token file for validation"),

@@ -96,6 +96,7 @@ typedef struct TrainConfig {
     int keep_checkpoints;  /* newest checkpoints kept in out_dir (0 = all) */
     char init_from[CFG_STR]; /* checkpoint whose parameters initialise the model; "" = none */
     bool resume;           /* continue from the newest checkpoint in out_dir */
+    int profile_steps;     /* steps profiled per op after the first step of the run (0 = off) */
 } TrainConfig;
 
 typedef struct DataConfig {

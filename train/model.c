@@ -217,11 +217,16 @@ static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Ten
     if (m->msa_dense) {
         out = op_attention(e, q, k, v, in->cu_seqlens, m->msa.scale, &lse);
     } else {
+        /* no tape ops, but timed as ops of their own when the step profiler is on */
+        engine_op_begin(e);
         topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, m->msa.topk_blocks));
         e->be->msa_indexer(topk, qi, ki, in->cu_seqlens, &m->msa);
+        engine_op_end(e, PROF_msa_indexer);
         /* the reverse map, built once here and shared by the attention and KL, forward and backward */
+        engine_op_begin(e);
         plan = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, m->msa.topk_blocks)));
         e->be->msa_plan(plan, topk, in->cu_seqlens, &m->msa);
+        engine_op_end(e, PROF_msa_plan);
         out = op_msa_attention(e, q, k, v, topk, plan, in->cu_seqlens, &m->msa, &lse);
     }
     float w = m->msa_cfg.kl_weight;

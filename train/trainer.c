@@ -633,6 +633,14 @@ void run_init(Run *r) {
         fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers need", src, r->be->name,
               missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
+    r->prof = NULL;
+    if (c->train.profile_steps > 0) {
+        if (!r->be->synchronize)
+            fatal("%s: train.profile_steps = %d needs the %s backend's synchronize entry, which it lacks", src,
+                  c->train.profile_steps, r->be->name);
+        r->prof = xmalloc(sizeof *r->prof);
+        profiler_init(r->prof, r->be);
+    }
     init_optimizer(r);
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
     else sampler_init(&r->sampler, &r->train_ds, c->train.seed);
@@ -679,6 +687,8 @@ void run_init(Run *r) {
 }
 
 void run_free(Run *r) {
+    free(r->prof);
+    r->prof = NULL;
     if (r->metrics) fclose(r->metrics);
     if (r->hooks.samples) fclose(r->hooks.samples);
     batch_free(&r->batch);
@@ -787,6 +797,38 @@ static double optimizer_step(Run *r, float lr) {
     return norm;
 }
 
+/* The per-op table of the profiled steps: stdout on rank 0 (unless quiet), and out_dir/profile.md. The
+ * profiled steps are consecutive and end with the current one. */
+static void report_profile(Run *r) {
+    const Profiler *p = r->prof;
+    const RunConfig *c = &r->cfg;
+    char title[2048], ranks[64] = "";
+    if (r->dist->size > 1) snprintf(ranks, sizeof ranks, ", rank 0 of %d", r->dist->size);
+    snprintf(title, sizeof title,
+             "## Step profile: steps %d-%d of %s (%s backend%s), ms per step, mean of %d steps%s\n\n"
+             "Self time per op kind (time in ops nested inside another counts once, for the inner op). A device "
+             "synchronisation before and after every forward and backward makes a profiled step slower than an "
+             "unprofiled one on a GPU. recompute: the forward replayed in a checkpointed block's backward "
+             "(train.recompute); calls/step: forward calls.",
+             r->step - p->steps + 1, r->step, r->config_path ? r->config_path : "the config", r->be->name, ranks,
+             p->steps, p->steps < c->train.profile_steps ? " (the run ended before train.profile_steps)" : "");
+    if (!r->quiet) {
+        printf("\n");
+        profiler_write_table(p, stdout, title);
+        printf("\n");
+        fflush(stdout);
+    }
+    if (is_rank0(r) && c->train.out_dir[0]) {
+        char path[CFG_STR + 32];
+        snprintf(path, sizeof path, "%s/profile.md", c->train.out_dir);
+        FILE *f = fopen(path, "w");
+        if (!f) fatal("%s: cannot write", path);
+        profiler_write_table(p, f, title);
+        if (fclose(f) != 0) fatal("%s: cannot write", path);
+        if (!r->quiet) printf("profile written to %s\n", path);
+    }
+}
+
 StepResult run_step(Run *r) {
     const RunConfig *c = &r->cfg;
     Engine *e = &r->engine;
@@ -794,6 +836,13 @@ StepResult run_step(Run *r) {
     const DistGroup *bg = batch_group(r);
     const int ranks = bg->size, first_row = row_rank(r) * r->batch.B;
     run_test_hooks(r, r->step + 1);
+    /* profiled: the profile_steps steps after this process's first, which pays for first-use work (arena
+     * chunks, GEMM plans, workspaces) that later steps do not repeat */
+    Profiler *prof = r->prof && r->step > r->start_step && r->prof->steps < c->train.profile_steps ? r->prof : NULL;
+    if (prof) {
+        profiler_step_begin(prof);
+        e->prof = prof;
+    }
     /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
      * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
     bool warm = r->step < c->msa.dense_warmup_steps;
@@ -842,6 +891,7 @@ StepResult run_step(Run *r) {
             engine_backward(e, loss);
         }
     }
+    if (prof) profiler_backward_end(prof); /* the optimizer phase starts */
     /* Where overlap would go: the backward finalises the gradients of the flat store from its end (LM
      * head, last layer) towards its start (embedding), so the reduce-scatter could run per bucket of
      * finished store ranges on the NCCL stream while the backward of earlier layers continues (a
@@ -858,10 +908,15 @@ StepResult run_step(Run *r) {
     s.grad_norm = optimizer_step(r, s.lr);
     reduce_moe_stats(r);
     model_moe_step(&r->model, &s.moe, true);
+    if (prof) {
+        profiler_step_end(prof);
+        e->prof = NULL;
+    }
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;
     if (!isfinite(s.loss)) fatal("step %d: loss is %f (diverged); lower optim.lr or check the data", r->step, s.loss);
     if (r->step % c->train.log_every == 0 || r->step == r->start_step + 1 || r->step == c->train.steps) log_step(r, &s);
+    if (prof && prof->steps == c->train.profile_steps) report_profile(r);
     return s;
 }
 
@@ -1013,6 +1068,10 @@ double run_train(Run *r) {
         sigaction(SIGINT, &old_int, NULL);
         sigaction(SIGTERM, &old_term, NULL);
     }
+    if (r->prof && r->prof->steps > 0 && r->prof->steps < c->train.profile_steps) report_profile(r); /* ended early */
+    if (r->prof && r->prof->steps == 0 && !r->quiet)
+        printf("train.profile_steps: no step profiled (this run made %d step(s); its first is never profiled)\n",
+               r->step - r->start_step);
     if (r->stopped) return val;
     double total = wall_seconds() - r->t_start;
     int steps = c->train.steps - r->start_step;

@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 
+#include "../autograd/profile.h"
 #include "../data/dataset.h"
 #include "../dist/dist.h"
 #include "config.h"
@@ -68,6 +69,9 @@ typedef struct Run {
     char checkpoint[CFG_STR + 32]; /* the checkpoint last written or resumed from ("" = none) */
     double t_start, t_last;
     int64_t tokens_since_log;
+    /* train.profile_steps > 0: the step profiler, attached to the engine (Engine.prof) during the
+     * profiled steps only (never during evaluation or sampling); NULL otherwise */
+    Profiler *prof;
 } Run;
 
 typedef struct StepResult {
@@ -90,7 +94,9 @@ typedef struct StepResult {
  * out_dir that holds checkpoints of an earlier run rather than mixing its checkpoints with them. */
 void run_init(Run *r);
 void run_free(Run *r);
-/* One optimizer step (grad_accum micro-batches), with progress output every log_every steps. With data
+/* One optimizer step (grad_accum micro-batches), with progress output every log_every steps. With
+ * train.profile_steps = N, the N steps after this process's first are profiled per op (autograd/profile.h),
+ * and the last of them ends by printing the table (rank 0) and writing out_dir/profile.md. With data
  * parallelism the step equals a single process's step over the same global batch (up to fp32 rounding):
  * the same windows, the same mean loss, the global gradient norm for clipping. */
 StepResult run_step(Run *r);

@@ -3,6 +3,9 @@
 
 static void cpu_copy_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst, src, bytes); }
 
+/* every CPU kernel has finished when it returns (OpenMP regions join before that) */
+static void cpu_synchronize(void) {}
+
 const KernelBackend cpu_backend = {
     .name = "cpu",
     .device = DEV_CPU,
@@ -12,6 +15,7 @@ const KernelBackend cpu_backend = {
     .copy_from_host = cpu_copy_host,
     .copy = cpu_copy,
     .zero = cpu_zero,
+    .synchronize = cpu_synchronize,
     .axpy = cpu_axpy,
     .scale = cpu_scale,
     .add = cpu_add,

@@ -16,6 +16,7 @@ const KernelBackend cuda_backend = {
     .copy_from_host = cuda_copy_from_host,
     .copy = cuda_copy,
     .zero = cuda_zero,
+    .synchronize = cuda_synchronize,
     .axpy = cuda_axpy,
     .scale = cuda_scale,
     .add = cuda_add,

@@ -29,6 +29,7 @@ void cuda_copy_to_host(void *dst, const void *src, size_t bytes);
 void cuda_copy_from_host(void *dst, const void *src, size_t bytes);
 void cuda_copy(void *dst, const void *src, size_t bytes);
 void cuda_zero(void *dst, size_t bytes);
+void cuda_synchronize(void); /* cudaDeviceSynchronize: a failed kernel is reported here, naming this call */
 
 /* elementwise.cu */
 void cuda_axpy(Tensor *y, const Tensor *x, float alpha);

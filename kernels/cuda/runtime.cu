@@ -117,6 +117,11 @@ extern "C" void cuda_copy(void *dst, const void *src, size_t bytes) {
     if (bytes && dst != src) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
 }
 
+extern "C" void cuda_synchronize(void) {
+    init();
+    CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 extern "C" void cuda_zero(void *dst, size_t bytes) {
     init();
     if (bytes) CUDA_CHECK(cudaMemset(dst, 0, bytes));

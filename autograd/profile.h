@@ -1,0 +1,75 @@
+/* Step profiler: where the time of a training step goes, per op kind, forward and backward.
+ *
+ * The trainer attaches a Profiler to the engine (Engine.prof) for the steps it profiles
+ * (train.profile_steps) and detaches it afterwards; with none attached every hook below is one NULL
+ * test. While attached:
+ *   - every op_* function brackets its work with engine_op_begin / engine_op_end (engine.h), and
+ *     engine_backward_tape brackets each backward rule it calls; both ends synchronise the device
+ *     (KernelBackend.synchronize), so asynchronous CUDA work is charged to the op that launched it and
+ *     not to whichever later op happens to wait for it. A forward bracket spans the op's output
+ *     allocation, kernels and tape record (its host-side argument checks come before it); it is the
+ *     same whether the op records a node or not (no-grad mode, frozen inputs), so a forward is timed
+ *     however it runs. Bracketing explicitly, rather than timing from one engine_record to the next,
+ *     keeps untaped forwards, views and the model code between ops out of the ops' times. An op that
+ *     does nothing (dropout with p = 0, a context-parallel exchange over one rank, checkpoint in no-grad
+ *     mode, which just calls the block) opens no bracket and counts no call;
+ *   - the brackets nest, and each op is charged its SELF time: the time of its bracket minus the
+ *     brackets opened inside it. This matters for activation checkpointing (op_checkpoint): its forward
+ *     runs the block's ops without recording and its backward replays them (then runs their backward
+ *     rules) inside its own bracket, so those ops are charged to themselves (the replay as "recompute"
+ *     time, apart from their forward time) and checkpoint keeps only its glue (the output copy, the
+ *     gradient seeds);
+ *   - non-differentiable work that is no tape op (the MSA Top-k indexer and plan, the MoE Top-k and
+ *     plan, the expert-parallel dispatch plan) has kinds of its own (ProfExtraKind), forward only;
+ *   - everything else of the forward and backward (sampling and uploading the batch, the loss reads,
+ *     arena resets, zeroing gradients, the gradient buffer the first view of a tensor that requires grad
+ *     allocates, the backward's seed) is "other": the time outside every bracket from
+ *     the start of the step to the end of its last backward, measured, not derived. The optimizer
+ *     phase (collectives, gradient norm and clipping, AdamW, MoE bias update) is one more bracket from
+ *     the end of the backward to the end of the step. Op self times + other + optimizer = the step's
+ *     wall time, up to rounding, which tests/test_profile.c checks.
+ * Synchronising around every op makes a profiled step slower than an unprofiled one on CUDA (no
+ * overlap of launches with host work); the numbers it computes are unchanged. */
+#ifndef MSA_PROFILE_H
+#define MSA_PROFILE_H
+
+#include <stdio.h>
+
+#include "engine.h"
+
+#define PROF_MAX_DEPTH 16
+
+typedef struct Profiler {
+    const KernelBackend *be;                       /* whose synchronize brackets the ops */
+    double self[PROF_KIND_COUNT][PROF_PHASES];     /* seconds of self time, summed over the profiled steps */
+    int64_t calls[PROF_KIND_COUNT][PROF_PHASES];
+    double other;     /* seconds outside every op bracket, from step start to the end of the backward */
+    double optimizer; /* seconds from the end of the backward to the end of the step, less any op inside */
+    double wall;      /* seconds from step start to step end, synchronised at both ends */
+    int steps;        /* profiled steps so far */
+    /* the open brackets: start time and time spent in brackets nested inside */
+    double start[PROF_MAX_DEPTH], nested[PROF_MAX_DEPTH];
+    int depth;
+    double mark;       /* when the current stretch outside every bracket began */
+    double step_start; /* when the current step began */
+} Profiler;
+
+void profiler_init(Profiler *p, const KernelBackend *be);
+/* The phases of one profiled step, in this order: begin (synchronises), the forward and backward of
+ * every micro-batch, backward_end (the optimizer phase starts), step_end (synchronises). */
+void profiler_step_begin(Profiler *p);
+void profiler_backward_end(Profiler *p);
+void profiler_step_end(Profiler *p);
+
+/* The name of a kind: the op's name in ops.def, or the extra kind's. */
+const char *profiler_kind_name(int kind);
+/* Self seconds of one kind over every phase. */
+double profiler_kind_total(const Profiler *p, int kind);
+
+/* The table, ms per profiled step, kinds sorted by total self time (kinds never called left out):
+ *   | op | calls/step | forward ms/step | recompute ms/step | backward ms/step | total ms/step | % of step |
+ * then rows for the optimizer phase, other, and the profiled step wall time. calls/step counts
+ * forward calls (a replay under recomputation is not one). title is the heading line. */
+void profiler_write_table(const Profiler *p, FILE *f, const char *title);
+
+#endif

@@ -1,0 +1,303 @@
+/* Tests of the step profiler (train.profile_steps, autograd/profile.h) on the CPU backend with
+ * configs/tiny.json: profiling leaves the losses bit-identical; the table has the model's ops with the
+ * exact call counts and times forward and backward; op self times + optimizer + other add up to the
+ * profiled step wall time (measured apart, so a wrongly nested bracket shows); under train.recompute the
+ * replayed forward is charged to its ops as recompute time, not to checkpoint; MSA and MoE runs time
+ * their untaped work (indexer, plans, Top-k); build/train prints the table, writes out_dir/profile.md and
+ * rejects bad values naming the key. Run from the repository root after `make data` (make test does). */
+#include <ftw.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../kernels/util.h"
+#include "../train/trainer.h"
+#include "gradcheck.h"
+#include "test.h"
+
+#define TINY "configs/tiny.json"
+#define STEPS 5   /* steps per run */
+#define PROFILED 3 /* profiled steps: 2-4 (the first is never profiled) */
+
+typedef struct Result {
+    double losses[STEPS];
+    Profiler prof;  /* a copy of the run's profiler (zero when not profiling) */
+    double outer;   /* wall time of the profiled run_step calls, measured around them */
+    bool detached;  /* the engine had no profiler attached after the run */
+} Result;
+
+typedef struct Fixture {
+    Result plain, profiled, recompute, recompute_profiled, msa_moe;
+    char dir[64]; /* out_dir of the MSA/MoE run */
+} Fixture;
+
+#define FX ((Fixture *)tc->fixture)
+
+/* STEPS steps of the tiny config (with `sets`, "section.key=value" strings, NULL-terminated) */
+static void train(Result *res, int profile_steps, bool recompute, const char *const *sets) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    memset(res, 0, sizeof *res);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, TINY);
+    r.cfg.train.steps = STEPS;
+    r.cfg.train.recompute = recompute;
+    r.cfg.train.profile_steps = profile_steps;
+    for (int i = 0; sets && sets[i]; i++) config_set(&r.cfg, sets[i]);
+    r.config_path = TINY;
+    run_init(&r);
+    for (int s = 0; s < STEPS; s++) {
+        int before = r.prof ? r.prof->steps : 0;
+        double t = wall_seconds();
+        res->losses[s] = run_step(&r).loss;
+        if (r.prof && r.prof->steps > before) res->outer += wall_seconds() - t;
+    }
+    if (r.prof) res->prof = *r.prof;
+    res->detached = r.engine.prof == NULL;
+    run_free(&r);
+}
+
+static double phase_sum(const Profiler *p, ProfPhase ph) {
+    double t = 0.0;
+    for (int k = 0; k < PROF_KIND_COUNT; k++) t += p->self[k][ph];
+    return t;
+}
+
+/* every self time >= 0, other >= 0, and self + optimizer + other = wall (up to rounding) */
+static bool adds_up(const Profiler *p, char *why, size_t n) {
+    double sum = 0.0;
+    for (int k = 0; k < PROF_KIND_COUNT; k++)
+        for (int ph = 0; ph < PROF_PHASES; ph++) {
+            if (p->self[k][ph] < 0) {
+                snprintf(why, n, "%s phase %d: self time %g s < 0", profiler_kind_name(k), ph, p->self[k][ph]);
+                return false;
+            }
+            sum += p->self[k][ph];
+        }
+    if (p->other < 0 || p->optimizer <= 0 || p->wall <= 0) {
+        snprintf(why, n, "other %g s, optimizer %g s, wall %g s", p->other, p->optimizer, p->wall);
+        return false;
+    }
+    double total = sum + p->optimizer + p->other;
+    if (fabs(total - p->wall) > 1e-6 + 1e-6 * p->wall) {
+        snprintf(why, n, "ops %.6f + optimizer %.6f + other %.6f = %.6f s, but the wall time is %.6f s", sum,
+                 p->optimizer, p->other, total, p->wall);
+        return false;
+    }
+    return true;
+}
+
+TEST(profiling_leaves_losses_bit_identical) {
+    EXPECT(FX->profiled.prof.steps == PROFILED && FX->recompute_profiled.prof.steps == PROFILED,
+           "profiled %d and %d steps, expected %d", FX->profiled.prof.steps, FX->recompute_profiled.prof.steps,
+           PROFILED);
+    EXPECT(FX->profiled.detached && FX->recompute_profiled.detached, "the engine still has the profiler attached");
+    EXPECT(memcmp(FX->plain.losses, FX->profiled.losses, sizeof FX->plain.losses) == 0,
+           "profiling changed the losses (step 3: %.9f vs %.9f)", FX->plain.losses[2], FX->profiled.losses[2]);
+    EXPECT(memcmp(FX->recompute.losses, FX->recompute_profiled.losses, sizeof FX->plain.losses) == 0,
+           "profiling changed the losses under recomputation");
+    EXPECT(memcmp(FX->plain.losses, FX->recompute_profiled.losses, sizeof FX->plain.losses) == 0,
+           "profiled recomputation differs from the plain run");
+}
+
+/* configs/tiny.json: 2 layers, each 7 linears (q, k, v, o, gate, up, down), one attention; the LM head
+ * is one more linear; one cross-entropy */
+TEST(rows_for_linear_attention_cross_entropy) {
+    const Profiler *p = &FX->profiled.prof;
+    const struct {
+        int kind;
+        int per_step;
+    } want[] = {{OP_linear, 15}, {OP_attention, 2}, {OP_cross_entropy, 1}, {OP_rmsnorm, 5}, {OP_embedding, 1}};
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        const int k = want[i].kind;
+        const char *name = profiler_kind_name(k);
+        EXPECT(p->calls[k][PROF_FORWARD] == (int64_t)want[i].per_step * PROFILED, "%s: %lld forward calls, expected %d",
+               name, (long long)p->calls[k][PROF_FORWARD], want[i].per_step * PROFILED);
+        EXPECT(p->calls[k][PROF_BACKWARD] == p->calls[k][PROF_FORWARD], "%s: %lld backward calls for %lld forward",
+               name, (long long)p->calls[k][PROF_BACKWARD], (long long)p->calls[k][PROF_FORWARD]);
+        EXPECT(p->self[k][PROF_FORWARD] > 0 && p->self[k][PROF_BACKWARD] > 0, "%s: forward %g s, backward %g s", name,
+               p->self[k][PROF_FORWARD], p->self[k][PROF_BACKWARD]);
+        EXPECT(p->calls[k][PROF_RECOMPUTE] == 0 && p->self[k][PROF_RECOMPUTE] == 0, "%s: recompute without recompute",
+               name);
+    }
+    EXPECT(p->calls[OP_checkpoint][PROF_FORWARD] == 0, "checkpoint called without train.recompute");
+    EXPECT(strcmp(profiler_kind_name(OP_linear), "linear") == 0 && strcmp(profiler_kind_name(PROF_msa_indexer), "msa_indexer") == 0,
+           "kind names: %s, %s", profiler_kind_name(OP_linear), profiler_kind_name(PROF_msa_indexer));
+}
+
+TEST(times_add_up_to_the_step_wall_time) {
+    const Result *runs[] = {&FX->profiled, &FX->recompute_profiled, &FX->msa_moe};
+    const char *names[] = {"plain", "recompute", "msa+moe"};
+    char why[256];
+    for (int i = 0; i < 3; i++) {
+        const Profiler *p = &runs[i]->prof;
+        EXPECT(adds_up(p, why, sizeof why), "%s run: %s", names[i], why);
+        /* the profiler's wall time lies inside the run_step calls, and is most of them */
+        EXPECT(p->wall <= runs[i]->outer + 1e-6 && p->wall >= 0.5 * runs[i]->outer,
+               "%s run: profiled wall %.6f s, run_step calls %.6f s", names[i], p->wall, runs[i]->outer);
+        printf("    %s: %.2f ms/step profiled (ops %.2f, optimizer %.2f, other %.2f)\n", names[i], 1e3 * p->wall / p->steps,
+               1e3 * (phase_sum(p, PROF_FORWARD) + phase_sum(p, PROF_RECOMPUTE) + phase_sum(p, PROF_BACKWARD)) / p->steps,
+               1e3 * p->optimizer / p->steps, 1e3 * p->other / p->steps);
+    }
+}
+
+/* With train.recompute every block's forward runs twice: once without recording inside checkpoint's
+ * forward (counted as the ops' forward, as without recompute) and once replayed in checkpoint's backward
+ * (the ops' recompute). checkpoint itself keeps only its copies. */
+TEST(recompute_not_double_counted) {
+    const Profiler *p = &FX->profiled.prof, *q = &FX->recompute_profiled.prof;
+    const int ck = OP_checkpoint, layers = 2;
+    for (int k = 0; k < PROF_KIND_COUNT; k++) {
+        if (k == ck) continue;
+        EXPECT(q->calls[k][PROF_FORWARD] == p->calls[k][PROF_FORWARD] &&
+                   q->calls[k][PROF_BACKWARD] == p->calls[k][PROF_BACKWARD],
+               "%s: forward/backward calls %lld/%lld with recompute, %lld/%lld without", profiler_kind_name(k),
+               (long long)q->calls[k][PROF_FORWARD], (long long)q->calls[k][PROF_BACKWARD],
+               (long long)p->calls[k][PROF_FORWARD], (long long)p->calls[k][PROF_BACKWARD]);
+    }
+    EXPECT(q->calls[ck][PROF_FORWARD] == layers * PROFILED && q->calls[ck][PROF_BACKWARD] == layers * PROFILED,
+           "checkpoint: %lld forward, %lld backward calls", (long long)q->calls[ck][PROF_FORWARD],
+           (long long)q->calls[ck][PROF_BACKWARD]);
+    /* the replay: the blocks' ops, not the embedding, final norm, LM head or loss */
+    const struct {
+        int kind, per_step;
+    } replay[] = {{OP_linear, 14}, {OP_attention, 2}, {OP_rmsnorm, 4}, {OP_cross_entropy, 0}, {OP_embedding, 0}};
+    for (size_t i = 0; i < sizeof replay / sizeof replay[0]; i++) {
+        const int k = replay[i].kind;
+        EXPECT(q->calls[k][PROF_RECOMPUTE] == (int64_t)replay[i].per_step * PROFILED, "%s: %lld recompute calls, expected %d",
+               profiler_kind_name(k), (long long)q->calls[k][PROF_RECOMPUTE], replay[i].per_step * PROFILED);
+        EXPECT((q->self[k][PROF_RECOMPUTE] > 0) == (replay[i].per_step > 0), "%s: recompute time %g s",
+               profiler_kind_name(k), q->self[k][PROF_RECOMPUTE]);
+    }
+    EXPECT(q->self[ck][PROF_RECOMPUTE] == 0, "checkpoint charged recompute time");
+    /* checkpoint's own time is its copies: small against the forward it replays; charged inclusively it
+     * would exceed the whole recompute plus the blocks' backward */
+    const double ck_self = profiler_kind_total(q, ck), replayed = phase_sum(q, PROF_RECOMPUTE);
+    EXPECT(ck_self < 0.2 * replayed, "checkpoint self time %.3f ms vs %.3f ms of recomputed ops", 1e3 * ck_self,
+           1e3 * replayed);
+}
+
+static bool contains(const char *path, const char *what) {
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = 0;
+    fclose(f);
+    return strstr(buf, what) != NULL;
+}
+
+/* MSA attention and MoE FFNs, recomputed: the untaped work has rows of its own, forward and recompute only */
+TEST(msa_moe_untaped_work_and_profile_file) {
+    const Profiler *p = &FX->msa_moe.prof;
+    EXPECT(p->steps == 2, "profiled %d steps, expected 2", p->steps);
+    const int taped[] = {OP_msa_attention, OP_msa_kl, OP_grouped_linear, OP_moe_router_scores, OP_moe_permute,
+                         OP_moe_unpermute, OP_moe_combine_weights};
+    for (size_t i = 0; i < sizeof taped / sizeof taped[0]; i++) {
+        const int k = taped[i];
+        EXPECT(p->calls[k][PROF_FORWARD] > 0 && p->calls[k][PROF_RECOMPUTE] > 0 && p->calls[k][PROF_BACKWARD] > 0 &&
+                   p->self[k][PROF_FORWARD] > 0 && p->self[k][PROF_BACKWARD] > 0,
+               "%s: calls %lld/%lld/%lld", profiler_kind_name(k), (long long)p->calls[k][PROF_FORWARD],
+               (long long)p->calls[k][PROF_RECOMPUTE], (long long)p->calls[k][PROF_BACKWARD]);
+    }
+    const int untaped[] = {PROF_msa_indexer, PROF_msa_plan, PROF_moe_topk, PROF_moe_plan};
+    for (size_t i = 0; i < sizeof untaped / sizeof untaped[0]; i++) {
+        const int k = untaped[i];
+        EXPECT(p->calls[k][PROF_FORWARD] == 2 * 2 && p->calls[k][PROF_RECOMPUTE] == 2 * 2 &&
+                   p->calls[k][PROF_BACKWARD] == 0 && p->self[k][PROF_FORWARD] > 0,
+               "%s: calls %lld/%lld/%lld (2 layers, 2 steps)", profiler_kind_name(k), (long long)p->calls[k][PROF_FORWARD],
+               (long long)p->calls[k][PROF_RECOMPUTE], (long long)p->calls[k][PROF_BACKWARD]);
+    }
+    char path[128];
+    snprintf(path, sizeof path, "%s/profile.md", FX->dir);
+    EXPECT(contains(path, "## Step profile: steps 2-3 of configs/tiny.json (cpu backend), ms per step, mean of 2 steps"),
+           "%s: no heading", path);
+    EXPECT(contains(path, "| op | calls/step | forward ms/step | recompute ms/step | backward ms/step | total ms/step | % of step |"),
+           "%s: no table header", path);
+    EXPECT(contains(path, "| msa_indexer | 2 |") && contains(path, "| msa_attention | 2 |") && contains(path, "| optimizer") &&
+               contains(path, "| other") && contains(path, "| step wall time (profiled"),
+           "%s: rows missing", path);
+}
+
+/* build/train with args: stdout into out, stderr into err; the exit status */
+static int train_cli(const char *args, char *out, size_t on, char *err, size_t en) {
+    char cmd[1024], outpath[64], errpath[64];
+    snprintf(outpath, sizeof outpath, "/tmp/msa_profile_out_%d.txt", (int)getpid());
+    snprintf(errpath, sizeof errpath, "/tmp/msa_profile_err_%d.txt", (int)getpid());
+    snprintf(cmd, sizeof cmd, "build/train %s >%s 2>%s", args, outpath, errpath);
+    int st = test_system(cmd, errpath, err, en, false);
+    FILE *f = fopen(outpath, "r");
+    size_t n = f ? fread(out, 1, on - 1, f) : 0;
+    out[n] = 0;
+    if (f) fclose(f);
+    remove(outpath);
+    remove(errpath);
+    return st;
+}
+
+TEST(cli_prints_the_table_and_rejects_bad_values) {
+    static char out[1 << 16], err[4096];
+    const char *base = TINY " --set train.steps=3 --set train.eval_every=0 --set train.eval_batches=1";
+    char args[512];
+    snprintf(args, sizeof args, "%s --set train.profile_steps=1", base);
+    EXPECT(train_cli(args, out, sizeof out, err, sizeof err) == 0, "exit status != 0: %s", err);
+    EXPECT(strstr(out, "## Step profile: steps 2-2 of configs/tiny.json (cpu backend)") && strstr(out, "| linear | 15 |") &&
+               strstr(out, "| attention | 2 |") && strstr(out, "| cross_entropy | 1 |") && strstr(out, "| step wall time"),
+           "no table in the output:\n%s", out);
+    EXPECT(!strstr(out, "| checkpoint |"), "a checkpoint row without recompute");
+    snprintf(args, sizeof args, "%s --set train.profile_steps=5", base);
+    EXPECT(train_cli(args, out, sizeof out, err, sizeof err) == 0, "exit status != 0: %s", err);
+    EXPECT(strstr(out, "## Step profile: steps 2-3 of configs/tiny.json (cpu backend), ms per step, mean of 2 steps "
+                       "(the run ended before train.profile_steps)"),
+           "no partial table:\n%s", out);
+    snprintf(args, sizeof args, "%s --set train.steps=1 --set train.profile_steps=2", base);
+    EXPECT(train_cli(args, out, sizeof out, err, sizeof err) == 0 && strstr(out, "no step profiled") &&
+               !strstr(out, "## Step profile"),
+           "one step, profile_steps 2:\n%s", out);
+    EXPECT(train_cli(TINY " --set train.profile_steps=-1", out, sizeof out, err, sizeof err) == 1 &&
+               strstr(err, "train.profile_steps"),
+           "negative value: %s", err);
+    EXPECT(train_cli(TINY " --set train.profile_steps=two", out, sizeof out, err, sizeof err) == 1 &&
+               strstr(err, "train.profile_steps"),
+           "not a number: %s", err);
+    EXPECT(train_cli(TINY " --set train.profile_step=2", out, sizeof out, err, sizeof err) == 1 &&
+               strstr(err, "profile_steps"),
+           "misspelt key (should suggest train.profile_steps): %s", err);
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+int main(void) {
+    TEST_BEGIN();
+    static Fixture fx;
+    tc->fixture = &fx;
+    train(&fx.plain, 0, false, NULL);
+    train(&fx.profiled, PROFILED, false, NULL);
+    train(&fx.recompute, 0, true, NULL);
+    train(&fx.recompute_profiled, PROFILED, true, NULL);
+    snprintf(fx.dir, sizeof fx.dir, "/tmp/msa_profile_test_XXXXXX");
+    if (!mkdtemp(fx.dir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    char out_dir[96];
+    snprintf(out_dir, sizeof out_dir, "train.out_dir=%s", fx.dir);
+    const char *msa_moe[] = {"model.attention=msa", "msa.block_size=16", "msa.topk_blocks=2", "msa.index_dim=16",
+                             "model.ffn=moe", "moe.num_experts=4", "moe.expert_dim=32", out_dir, NULL};
+    train(&fx.msa_moe, 2, true, msa_moe);
+    RUN(profiling_leaves_losses_bit_identical);
+    RUN(rows_for_linear_attention_cross_entropy);
+    RUN(times_add_up_to_the_step_wall_time);
+    RUN(recompute_not_double_counted);
+    RUN(msa_moe_untaped_work_and_profile_file);
+    RUN(cli_prints_the_table_and_rejects_bad_values);
+    nftw(fx.dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    TEST_END();
+}
