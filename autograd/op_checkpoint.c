@@ -4,16 +4,20 @@
  * activation inside is released at once. Backward runs the segment again with recording, seeds the
  * recomputed outputs with the upstream gradients, walks that sub-tape, and releases it. Peak
  * activation memory is then one block's activations plus the block outputs, which is what lets
- * 32K-128K-token sequences fit. A segment maps x to a tensor of x's shape and must be deterministic. */
+ * 32K-128K-token sequences fit. A segment maps x to a tensor of x's shape and must be deterministic.
+ *
+ * Without gradients (evaluation, sampling) the forward is the same minus the recording: the segment's
+ * intermediates are released as soon as its output is copied out, so a no-grad forward holds one
+ * block's activations at a time. Otherwise an arena that frees nothing until the step ends would hold
+ * every block's, and evaluation would run out of memory where the training step with recompute fits. */
 #include "../kernels/util.h"
 #include "ops.h"
 
 Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, Tensor **aux_out) {
-    if (!e->grad_enabled) return fn(e, x, closure, aux_out); /* no checkpoint: the block's ops as they are */
-
+    const bool record = e->grad_enabled;
     /* profiled, the block's ops open brackets of their own inside this one: checkpoint's self time is
-     * the copies and bookkeeping here, the ops' forward time is theirs */
-    engine_op_begin(e);
+     * the copies and bookkeeping here, the ops' forward time is theirs (no-grad forwards: not timed) */
+    if (record) engine_op_begin(e);
     Tensor *y = engine_empty_like(e, x);
     Tensor *aux = engine_empty(e, stat_dtype(x->dtype), SHAPE(1));
     e->be->zero(aux->data, tensor_bytes(aux));
@@ -23,7 +27,7 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
     engine_set_grad(e, false);
     Tensor *seg_aux = NULL;
     Tensor *seg_y = fn(e, x, closure, &seg_aux);
-    engine_set_grad(e, true);
+    engine_set_grad(e, record);
     check_same_shape("checkpoint (segment output vs input)", x, seg_y);
     e->be->copy(y->data, seg_y->data, tensor_bytes(y));
     if (seg_aux) {
@@ -33,12 +37,13 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
     }
     arena_rewind(&e->data, md);
     arena_rewind(&e->host, mh);
+    if (aux_out) *aux_out = has_aux ? aux : NULL;
+    if (!record) return y;
 
     Tensor *outs[2] = {y, has_aux ? aux : NULL};
     Node *n = engine_record(e, OP_checkpoint, &x, 1, outs, 2);
     n->ptr[0] = (const void *)fn;
     n->ptr[1] = closure;
-    if (aux_out) *aux_out = has_aux ? aux : NULL;
     engine_op_end(e, OP_checkpoint);
     return y;
 }

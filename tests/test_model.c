@@ -161,6 +161,40 @@ TEST(msa_kl_gives_backbone_exactly_zero_gradient) {
     model_free(&m);
 }
 
+/* Without gradients (evaluation, sampling) a forward holds one block's activations at a time: each extra
+ * layer adds only its output (and the auxiliary loss scalar) to the arena's high-water mark, not its
+ * activations; and the loss is the one the recording forward computes. */
+TEST(no_grad_forward_memory_does_not_grow_with_depth) {
+    Engine *e = tc->fixture;
+    const int depth[2] = {2, 8};
+    size_t high[2];
+    for (int i = 0; i < 2; i++) {
+        RunConfig c = tiny_config(true);
+        c.model.n_layers = depth[i];
+        Model m;
+        model_build(&m, &c, &cpu_backend, DT_F64, 11);
+        engine_reset(e);
+        ModelInput in = make_input(e);
+        double with_grad = tensor_item(e, model_forward(&m, e, &in, false).total);
+        engine_reset(e);
+        e->data.high_water = 0;
+        bool prev = engine_set_grad(e, false);
+        in = make_input(e);
+        double no_grad = tensor_item(e, model_forward(&m, e, &in, false).total);
+        engine_set_grad(e, prev);
+        high[i] = e->data.high_water;
+        EXPECT(no_grad == with_grad, "%d layers: no-grad loss %.17g, recording forward %.17g", depth[i], no_grad, with_grad);
+        model_free(&m);
+    }
+    /* a block output: T x d_model doubles, 64-byte aligned; the aux scalar: one more 64-byte slot */
+    const double out_bytes = ((T_TOKENS * 12 * 8 + 63) / 64) * 64 + 64;
+    double per_layer = (double)(high[1] - high[0]) / (depth[1] - depth[0]);
+    printf("    no-grad arena high water: %zu B (2 layers), %zu B (8 layers): %.0f B per layer, block output %.0f B\n",
+           high[0], high[1], per_layer, out_bytes);
+    EXPECT(per_layer <= 1.5 * out_bytes, "each layer adds %.0f bytes to a no-grad forward (its output is %.0f)", per_layer,
+           out_bytes);
+}
+
 int main(void) {
     TEST_BEGIN();
     Engine eng;
@@ -170,6 +204,7 @@ int main(void) {
     RUN(dense_model_gradcheck_with_recompute);
     RUN(msa_model_gradcheck_backbone_lm_and_index_kl);
     RUN(msa_kl_gives_backbone_exactly_zero_gradient);
+    RUN(no_grad_forward_memory_does_not_grow_with_depth);
     engine_free(&eng);
     TEST_END();
 }

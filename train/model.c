@@ -323,7 +323,9 @@ static Tensor *logits_of(Model *m, Engine *e, const ModelInput *in, bool recompu
         BlockClosure *bc = arena_alloc(&e->host, sizeof(BlockClosure));
         *bc = (BlockClosure){m, l, *in};
         Tensor *aux = NULL;
-        x = recompute ? op_checkpoint(e, block_forward, bc, x, &aux) : block_forward(e, x, bc, &aux);
+        /* without gradients every block goes through checkpoint, which releases its intermediates:
+         * evaluation and sampling hold one block's activations, not all of them */
+        x = recompute || !e->grad_enabled ? op_checkpoint(e, block_forward, bc, x, &aux) : block_forward(e, x, bc, &aux);
         if (aux) aux_total = aux_total ? op_add(e, aux_total, aux) : aux;
     }
     x = op_rmsnorm(e, x, m->final_norm, m->cfg.norm_eps, false);
