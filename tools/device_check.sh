@@ -10,6 +10,8 @@
 #   bench            build/bench: the table of docs/benchmarks.md (training throughput, attention)
 #   baseline-dense   configs/shakespeare_gpu.json, 5000 steps (nanoGPT's baby GPT)
 #   baseline-msa     the same with model.attention=msa
+#   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
+#                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or /tmp/device_check.
 # Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md)
@@ -53,6 +55,30 @@ for what in "$@"; do
         echo "wall $(($(date +%s) - start)) s"
         grep -E "eval step|done:" "$OUT/baseline_$variant.log" | tail -22
         rm -f "$OUT/run_$variant"/ckpt_*.h5
+        ;;
+    profile)
+        stage profile
+        # the bench's ~1B shape (TinyLlama) on the shakespeare tokens (vocab 65: the embedding is not
+        # what is measured); 2 steps of warm-up, 2 profiled
+        big="--set model.d_model=2048 --set model.n_layers=22 --set model.n_heads=32 --set model.n_kv_heads=4
+             --set model.head_dim=64 --set model.ffn_dim=5632 --set model.dropout=0 --set train.steps=4
+             --set train.profile_steps=2 --set train.eval_every=0 --set train.eval_batches=1
+             --set train.sample_tokens=0 --set train.log_every=1"
+        moe="--set model.ffn=moe --set moe.num_experts=16 --set moe.experts_per_token=4 --set moe.expert_dim=704
+             --set moe.shared_experts=1 --set moe.shared_expert_dim=2816"
+        msa="--set model.attention=msa --set msa.block_size=128 --set msa.topk_blocks=16 --set msa.index_dim=128
+             --set msa.dense_warmup_steps=0"
+        for p in "dense_4k:--set train.seq_len=4096 --set train.batch_size=4" \
+                 "dense_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true" \
+                 "moe_4k:--set train.seq_len=4096 --set train.batch_size=4 --set train.recompute=true $moe" \
+                 "msa_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true $msa"; do
+            name=${p%%:*}
+            echo "--- $name"
+            # shellcheck disable=SC2086
+            build/train configs/shakespeare_gpu.json $big ${p#*:} --set train.out_dir= \
+                >"$OUT/profile_$name.log" 2>&1 || status=1
+            tail -45 "$OUT/profile_$name.log"
+        done
         ;;
     *)
         echo "unknown stage '$what'"
