@@ -2,7 +2,8 @@
  * gradient accumulation, MSA across the dense warm-up boundary); a crash mid-write leaves the previous
  * checkpoint and nothing half-written taken for one; keep_checkpoints; bad files stop with a message
  * naming the file and the tensor and change no file; init_from turns a dense checkpoint into an MSA
- * model; SIGTERM stops a run with a checkpoint that resumes.
+ * model; SIGTERM stops a run with a checkpoint that resumes; train.save_best keeps the weights of the
+ * lowest eval in ckpt_best.h5, across --resume, never pruned and never resumed from.
  * Run from the repository root after `make data` (make test does both); it runs build/train too. */
 #include <dirent.h>
 #include <fcntl.h>
@@ -636,6 +637,249 @@ TEST(sigterm_stops_with_a_checkpoint_that_resumes) {
     EXPECT(logged && kept, "metrics.jsonl should hold step 1 (before the stop) and step %d (after)", step + 2);
 }
 
+/* ---- train.save_best: out_dir/ckpt_best.h5 ------------------------------------------------------ */
+
+/* A root attribute of a checkpoint as a double (NaN when absent or unreadable). */
+static double ckpt_attr(const char *path, const char *name) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    double v = NAN;
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return v;
+    hid_t a = H5Aexists(f, name) > 0 ? H5Aopen(f, name, H5P_DEFAULT) : -1;
+    if (a >= 0 && H5Aread(a, H5T_NATIVE_DOUBLE, &v) < 0) v = NAN;
+    if (a >= 0) H5Aclose(a);
+    H5Fclose(f);
+    return v;
+}
+
+/* The eval records of dir/metrics.jsonl ({"step": N, "val_loss": X, ...}) in order; returns how many. */
+static int read_evals(const char *dir, int *steps, double *losses, int max) {
+    char path[256], line[1024];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    FILE *f = fopen(path, "r");
+    int n = 0;
+    while (f && n < max && fgets(line, sizeof line, f))
+        if (sscanf(line, "{\"step\": %d, \"val_loss\": %lf", &steps[n], &losses[n]) == 2) n++;
+    if (f) fclose(f);
+    return n;
+}
+
+/* The index of the lowest of n losses (the first of equals, as a strict "lower than" keeps it). */
+static int lowest(const double *losses, int n) {
+    int k = 0;
+    for (int i = 1; i < n; i++)
+        if (losses[i] < losses[k]) k = i;
+    return k;
+}
+
+/* The program, 20 steps with an eval every 2: ckpt_best.h5 holds the lowest of the ten logged evals (its
+ * step and loss, as printed), and the model loaded from it through train.init_from evaluates to it. */
+TEST(save_best_keeps_the_lowest_eval) {
+    char dir[64], args[1024], path[256], want[512];
+    static char out[32768];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(args, sizeof args,
+             TINY " " TINY_SET " --set train.steps=20 --set train.eval_every=2 --set train.save_best=true "
+                  "--set train.out_dir=%s",
+             dir);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0, "status %d: %s", rc, out);
+    int steps[32];
+    double losses[32];
+    int n = read_evals(dir, steps, losses, 32), k = lowest(losses, n);
+    EXPECT(n == 10, "metrics.jsonl holds %d evals, not 10", n);
+    printf("    evals at steps 2..20, the lowest %.6f at step %d (the last %.6f)\n", losses[k], steps[k],
+           losses[n - 1]);
+    EXPECT(k < n - 1, "the lowest eval is the last, so the test cannot tell the best from the newest");
+    snprintf(path, sizeof path, "%s/ckpt_best.h5", dir);
+    EXPECT(file_exists(path), "no %s", path);
+    double best = ckpt_attr(path, "best_val_loss"), step = ckpt_attr(path, "step");
+    EXPECT(step == steps[k], "ckpt_best.h5 is of step %g, the lowest eval of step %d", step, steps[k]);
+    /* metrics.jsonl prints 6 decimals */
+    EXPECT(fabs(best - losses[k]) <= 1e-6, "ckpt_best.h5 has best_val_loss %.9f, the lowest eval %.6f", best,
+           losses[k]);
+    /* the last line of its kind names the lowest eval */
+    snprintf(want, sizeof want, "best val loss %.4f at step %d: checkpoint %s\n", best, steps[k], path);
+    const char *last = NULL;
+    for (const char *p = out; (p = strstr(p, "best val loss")); p++) last = p;
+    EXPECT(last && !strncmp(last, want, strlen(want)), "expected the last best line \"%.*s\" in: %s",
+           (int)strlen(want) - 1, want, out);
+    /* the regular checkpoint at the end records the best too */
+    snprintf(path, sizeof path, "%s/ckpt_00000020.h5", dir);
+    EXPECT(ckpt_attr(path, "best_val_loss") == best, "ckpt_00000020.h5 has best_val_loss %.9f, not %.9f",
+           ckpt_attr(path, "best_val_loss"), best);
+
+    /* a new run from its weights evaluates to the best loss (the same batches: the same eval settings) */
+    RunConfig c;
+    tiny_config(&c, NULL, DENSE, 20);
+    snprintf(c.train.init_from, sizeof c.train.init_from, "%s/ckpt_best.h5", dir);
+    Run r;
+    start(&r, &c);
+    double val = run_evaluate(&r, NULL);
+    run_free(&r);
+    remove_tree(dir);
+    printf("    the model of ckpt_best.h5 evaluates to %.9f (best_val_loss %.9f)\n", val, best);
+    EXPECT(fabs(val - best) <= 1e-6 * best, "evaluated %.9f, best_val_loss %.9f", val, best);
+}
+
+/* Resuming carries the best loss on: 12 steps, then --resume to 18, ends with the ckpt_best.h5 of the
+ * uninterrupted 18-step run, and the resumed steps, whose evals are all worse than the best before the
+ * resume, leave the file as it was. A resumed run that forgot the best would take its first eval for
+ * one. The LR is constant after the warm-up (min_lr = lr), so that the 12-step run trains as the first 12
+ * steps of the 18-step one (the cosine schedule depends on train.steps). */
+TEST(save_best_survives_resume) {
+    char a[64], b[64], best_a[256], best_b[256], kept[256];
+    make_temp_dir(a, sizeof a);
+    make_temp_dir(b, sizeof b);
+    RunConfig c;
+    Run r;
+    tiny_config(&c, a, DENSE, 18);
+    c.train.eval_every = 2;
+    c.train.save_best = true;
+    c.optim.min_lr = c.optim.lr;
+    start(&r, &c);
+    run_train(&r);
+    run_free(&r);
+
+    snprintf(c.train.out_dir, sizeof c.train.out_dir, "%s", b);
+    c.train.steps = 12;
+    start(&r, &c);
+    run_train(&r);
+    run_free(&r);
+    snprintf(best_a, sizeof best_a, "%s/ckpt_best.h5", a);
+    snprintf(best_b, sizeof best_b, "%s/ckpt_best.h5", b);
+    snprintf(kept, sizeof kept, "%s/before_resume.h5", b);
+    copy_file(best_b, kept, 1.0);
+    double best_before = ckpt_attr(best_b, "best_val_loss");
+    c.train.steps = 18;
+    c.train.resume = true;
+    start(&r, &c);
+    double resumed_best = r.best_val_loss;
+    run_train(&r);
+    run_free(&r);
+
+    int steps[32];
+    double losses[32];
+    int n = read_evals(b, steps, losses, 32), later = 0, worse = 0;
+    for (int i = 0; i < n; i++)
+        if (steps[i] > 12) {
+            later++;
+            worse += losses[i] > best_before;
+        }
+    double step_a = ckpt_attr(best_a, "step"), step_b = ckpt_attr(best_b, "step");
+    double loss_a = ckpt_attr(best_a, "best_val_loss"), loss_b = ckpt_attr(best_b, "best_val_loss");
+    size_t na, nb;
+    char *pa = load_params(&c, best_a, &na), *pb = load_params(&c, best_b, &nb);
+    bool same_params = na == nb && !memcmp(pa, pb, na), untouched = same_bytes(best_b, kept);
+    free(pa);
+    free(pb);
+    remove_tree(a);
+    remove_tree(b);
+    printf("    uninterrupted: best %.6f at step %g; 12 + resumed 6: best %.6f at step %g; %d of the %d resumed evals "
+           "worse than %.6f\n",
+           loss_a, step_a, loss_b, step_b, worse, later, best_before);
+    EXPECT(resumed_best == best_before, "the resumed run starts from best %.9f, the checkpoint's is %.9f", resumed_best,
+           best_before);
+    EXPECT(step_a == step_b && loss_a == loss_b && same_params,
+           "ckpt_best.h5 differs: step %g vs %g, loss %.9f vs %.9f, parameters %s", step_a, step_b, loss_a, loss_b,
+           same_params ? "equal" : "differ");
+    EXPECT(later == 3 && worse == later, "the test needs 3 resumed evals all worse than the best before (%d of %d)",
+           worse, later);
+    EXPECT(untouched, "the resumed run rewrote ckpt_best.h5 although no eval beat it");
+}
+
+/* keep_checkpoints = 1 never deletes ckpt_best.h5 (and drops a half-written ckpt_best.h5.tmp); --resume
+ * continues from the newest ckpt_<step>.h5, never from ckpt_best.h5, and with none left refuses rather
+ * than take it; a fresh run refuses the directory of an earlier run's ckpt_best.h5. */
+TEST(save_best_is_never_pruned_or_resumed_from) {
+    char dir[64], list[1024], best[256], kept[256], want[300], args[1024], out[16384], from[300];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    Run r;
+    tiny_config(&c, dir, DENSE, 20);
+    c.train.eval_every = 2;
+    c.train.checkpoint_every = 2;
+    c.train.keep_checkpoints = 1;
+    c.train.save_best = true;
+    start(&r, &c);
+    run_train(&r);
+    run_free(&r);
+    list_ckpt_files(dir, list, sizeof list);
+    EXPECT(!strcmp(list, "ckpt_00000020.h5 ckpt_best.h5"), "keep_checkpoints 1 left: %s", list);
+    snprintf(best, sizeof best, "%s/ckpt_best.h5", dir);
+    double best_step = ckpt_attr(best, "step");
+    EXPECT(best_step < 20, "the best is of step %g, so resuming from it would look the same as from step 20",
+           best_step);
+    snprintf(kept, sizeof kept, "%s/best_copy.h5", dir);
+    copy_file(best, kept, 1.0);
+    snprintf(want, sizeof want, "%s.tmp", best);
+    write_bytes(want, "half-written", 12); /* the debris of a crash mid-write */
+
+    c.train.steps = 22;
+    c.train.resume = true;
+    start(&r, &c);
+    int at = r.step;
+    snprintf(from, sizeof from, "%s", r.checkpoint);
+    run_train(&r);
+    run_free(&r);
+    snprintf(want, sizeof want, "%s/ckpt_00000020.h5", dir);
+    EXPECT(at == 20 && !strcmp(from, want), "--resume started at step %d from %s, not from %s", at, from, want);
+    list_ckpt_files(dir, list, sizeof list);
+    EXPECT(!strcmp(list, "ckpt_00000022.h5 ckpt_best.h5"), "after the resumed run: %s", list);
+
+    /* only ckpt_best.h5 left: nothing to resume from, and not a directory to start afresh in */
+    snprintf(want, sizeof want, "%s/ckpt_00000022.h5", dir);
+    unlink(want);
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=30 --set train.out_dir=%s --resume", dir);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "no checkpoint") && strstr(out, "ckpt_best.h5") && strstr(out, "train.init_from"),
+           "--resume with only ckpt_best.h5: status %d: %s", rc, out);
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.save_best=true --set train.out_dir=%s", dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, best) && strstr(out, "earlier run"), "fresh run over ckpt_best.h5: status %d: %s", rc,
+           out);
+    /* the resumed run's evals at 22 did not beat the best of step best_step */
+    EXPECT(ckpt_attr(best, "step") == best_step && same_bytes(best, kept), "ckpt_best.h5 changed");
+    remove_tree(dir);
+}
+
+/* best_val_loss round-trips through checkpoint_read_state, and a checkpoint without it (written before
+ * it existed) reads as none (NaN) rather than failing. */
+TEST(best_val_loss_round_trips_and_is_optional) {
+    char dir[64], path[256], old[256];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    tiny_config(&c, dir, DENSE, 2);
+    Run r;
+    start(&r, &c);
+    run_step(&r);
+    r.best_val_loss = 2.75;
+    snprintf(path, sizeof path, "%s", run_checkpoint(&r));
+    snprintf(old, sizeof old, "%s/older.h5", dir);
+    copy_file(path, old, 1.0);
+    hid_t f = H5Fopen(old, H5F_ACC_RDWR, H5P_DEFAULT);
+    bool deleted = f >= 0 && H5Adelete(f, "best_val_loss") >= 0;
+    if (f >= 0) H5Fclose(f);
+    TrainState now = {0}, before = {0};
+    checkpoint_read_state(path, &r.model, &r.opt, &now);
+    checkpoint_read_state(old, &r.model, &r.opt, &before);
+    run_free(&r);
+    remove_tree(dir);
+    EXPECT(deleted, "could not delete the attribute from %s", old);
+    EXPECT(now.best_val_loss == 2.75 && now.step == 1, "read back best %g at step %lld", now.best_val_loss,
+           (long long)now.step);
+    EXPECT(isnan(before.best_val_loss) && before.step == 1, "a checkpoint without best_val_loss read %g",
+           before.best_val_loss);
+}
+
+TEST(save_best_needs_out_dir) {
+    char out[8192];
+    int rc = train_cli(TINY " --set train.save_best=true", NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "train.save_best") && strstr(out, "train.out_dir"),
+           "save_best without out_dir: status %d: %s", rc, out);
+    printf("    %s", strstr(out, "error: ") ? strstr(out, "error: ") : out);
+}
+
 int main(void) {
     TEST_BEGIN();
     RUN(resume_dense_bit_for_bit);
@@ -648,5 +892,10 @@ int main(void) {
     RUN(train_program_refuses_bad_checkpoints_without_touching_files);
     RUN(init_from_dense_checkpoint_into_msa_model);
     RUN(sigterm_stops_with_a_checkpoint_that_resumes);
+    RUN(save_best_keeps_the_lowest_eval);
+    RUN(save_best_survives_resume);
+    RUN(save_best_is_never_pruned_or_resumed_from);
+    RUN(best_val_loss_round_trips_and_is_optional);
+    RUN(save_best_needs_out_dir);
     TEST_END();
 }

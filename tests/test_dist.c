@@ -8,6 +8,7 @@
  *     accumulation and dropout, for an MoE model with the selection-bias update, and for MSA);
  *   - mpirun -np 1 is bit-for-bit the plain process;
  *   - a checkpoint written by 2 ranks resumes on 1 and on 4 and ends where the uninterrupted run ends;
+ *   - train.save_best on 2 ranks (and resumed on 2) writes the single process's ckpt_best.h5;
  *   - no two ranks read the same window, and together they read exactly the single process's windows;
  *   - a rank that fails ends the job with its message, a rank that hangs makes the others time out;
  *   - rank counts that do not fit the config are refused with a message.
@@ -16,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <hdf5.h>
 
 #include "../data/dataset.h"
 #include "../dist/dist.h"
@@ -143,6 +146,59 @@ TEST(checkpoint_from_2_ranks_resumes_on_1_and_4) {
                "%.2e\n",
                np, d.steps.loss, d.steps.grad_norm, d.params.max_abs, d.params.max_rel, d.v.max_rel);
         EXPECT_OK(harness_expect_resumed(tc, &d, true));
+    }
+}
+
+/* The float attribute best_val_loss of a checkpoint (NaN if absent). */
+static double best_val_loss_of(const char *file) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    double v = NAN;
+    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return v;
+    hid_t a = H5Aexists(f, "best_val_loss") > 0 ? H5Aopen(f, "best_val_loss", H5P_DEFAULT) : -1;
+    if (a >= 0 && H5Aread(a, H5T_NATIVE_DOUBLE, &v) < 0) v = NAN;
+    if (a >= 0) H5Aclose(a);
+    H5Fclose(f);
+    return v;
+}
+
+/* train.save_best is collective (rank 0 writes, the moment shards gather into its file): on 2 ranks, and
+ * resumed on 2 from their step-5 checkpoint, ckpt_best.h5 is the single process's, of the same step, best
+ * loss, parameters and moments. The LR makes the evals fall to step 8, then rise, so the best file is not
+ * the final state. */
+TEST(save_best_on_2_ranks_equals_single_process) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    const char *args = "--set train.eval_every=2 --set train.save_best=true --set optim.lr=0.01 " HARNESS_CHECKPOINTS;
+    char one[512], two[512], dirs[3][600];
+    EXPECT(harness_run_into(tc, "best_single", 0, args, one, sizeof one), "single-process run failed");
+    EXPECT(harness_run_into(tc, "best_np2", 2, args, two, sizeof two), "2-rank run failed");
+    RunOutcome o = harness_resume(tc, two, 2, args, dirs[2], sizeof dirs[2]);
+    EXPECT(o.status == 0, "resume on 2 ranks exited with %d: %s", o.status, o.err);
+    snprintf(dirs[0], sizeof dirs[0], "%s", one);
+    snprintf(dirs[1], sizeof dirs[1], "%s", two);
+    char ref[700];
+    snprintf(ref, sizeof ref, "%s/ckpt_best.h5", one);
+    const long long ref_step = harness_ckpt_attr(ref, "step");
+    const double ref_loss = best_val_loss_of(ref);
+    EXPECT(ref_step > 0 && ref_step < 10, "the single process's best is of step %lld: the test needs one before the "
+           "last step", ref_step);
+    for (int i = 1; i < 3; i++) {
+        char file[700];
+        snprintf(file, sizeof file, "%s/ckpt_best.h5", dirs[i]);
+        const long long step = harness_ckpt_attr(file, "step");
+        const double loss = best_val_loss_of(file);
+        TensorDiff p = harness_compare_group(ref, file, "params"), m = harness_compare_group(ref, file, "optimizer/m"),
+                   v = harness_compare_group(ref, file, "optimizer/v");
+        printf("    %s: best %.6f at step %lld (single process %.6f at %lld); params max |d| %.2e (rel %.2e), m "
+               "rel %.2e, v rel %.2e\n",
+               i == 1 ? "2 ranks" : "2 ranks resumed at 5", loss, step, ref_loss, ref_step, p.max_abs, p.max_rel,
+               m.max_rel, v.max_rel);
+        EXPECT(step == ref_step && fabs(loss - ref_loss) <= HARNESS_LOSS_TOL, "best of step %lld, loss %.9f", step,
+               loss);
+        EXPECT(p.ok && p.max_abs <= HARNESS_PARAM_ABS_TOL && p.max_rel <= HARNESS_PARAM_REL_TOL,
+               "parameters: %g (rel %g)", p.max_abs, p.max_rel);
+        EXPECT(m.ok && v.ok && m.max_rel <= HARNESS_MOMENT_REL_TOL && v.max_rel <= HARNESS_MOMENT_REL_TOL,
+               "moments: m rel %g, v rel %g", m.max_rel, v.max_rel);
     }
 }
 
@@ -331,6 +387,7 @@ int main(int argc, char **argv) {
     RUN(dp2_moe_equals_single_process);
     RUN(dp2_msa_equals_single_process);
     RUN(checkpoint_from_2_ranks_resumes_on_1_and_4);
+    RUN(save_best_on_2_ranks_equals_single_process);
     RUN(no_two_ranks_read_the_same_sample);
     RUN(failing_rank_ends_the_job_with_its_message);
     RUN(hanging_rank_makes_the_others_time_out);

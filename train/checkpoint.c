@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -145,9 +146,10 @@ static void fsync_path(const char *path, bool directory) {
 }
 
 /* Test hook, for tests/test_checkpoint.c only: MSA_CKPT_TEST_KILL_AFTER_PARAMS=<step> makes the process
- * kill itself with SIGKILL while writing the checkpoint of that step, right after the parameters are
- * flushed to <path>.tmp, so a test can check that a crash mid-write leaves a half-written .tmp file
- * that nothing takes for a checkpoint, and the previous checkpoint intact. */
+ * kill itself with SIGKILL while writing the checkpoint of that step (the first one: with train.save_best
+ * a new best's ckpt_best.h5 comes before ckpt_<step>.h5), right after the parameters are flushed to
+ * <path>.tmp, so a test can check that a crash mid-write leaves a half-written .tmp file that nothing
+ * takes for a checkpoint, and the previous checkpoint intact. */
 static void test_hook_kill_after_params(Writer *w, int64_t step) {
     const char *env = getenv("MSA_CKPT_TEST_KILL_AFTER_PARAMS");
     if (!env || !*env || strtoll(env, NULL, 10) != step) return;
@@ -202,12 +204,14 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
     int version = CKPT_VERSION, adam_t = opt ? opt->t : 0;
     int64_t step = st ? st->step : 0;
     uint64_t counter = st ? st->data_counter : 0, seed = st ? st->seed : 0;
+    double best = st ? st->best_val_loss : NAN;
     write_string_attr(&w, "format", CKPT_FORMAT);
     write_scalar_attr(&w, "version", H5T_STD_I32LE, H5T_NATIVE_INT, &version);
     write_scalar_attr(&w, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step);
     write_scalar_attr(&w, "adam_t", H5T_STD_I32LE, H5T_NATIVE_INT, &adam_t);
     write_scalar_attr(&w, "data_counter", H5T_STD_U64LE, H5T_NATIVE_UINT64, &counter);
     write_scalar_attr(&w, "seed", H5T_STD_U64LE, H5T_NATIVE_UINT64, &seed);
+    write_scalar_attr(&w, "best_val_loss", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &best);
     if (config_json) write_string_attr(&w, "config", config_json);
 
     hid_t file = w.file;
@@ -441,6 +445,19 @@ static bool read_int_attr(hid_t file, const char *name, hid_t mem_type, void *ou
     return ok;
 }
 
+/* An optional float attribute: NaN when the file lacks it (older checkpoints); false when it is there but
+ * not a readable floating-point scalar. */
+static bool read_optional_float_attr(hid_t file, const char *name, double *out) {
+    *out = NAN;
+    if (H5Aexists(file, name) <= 0) return true;
+    hid_t a = H5Aopen(file, name, H5P_DEFAULT);
+    hid_t type = a >= 0 ? H5Aget_type(a) : -1;
+    bool ok = type >= 0 && H5Tget_class(type) == H5T_FLOAT && H5Aread(a, H5T_NATIVE_DOUBLE, out) >= 0;
+    if (type >= 0) H5Tclose(type);
+    if (a >= 0) H5Aclose(a);
+    return ok;
+}
+
 int checkpoint_read_params(const char *path, Model *m, bool allow_missing_index) {
     hid_t file = open_checkpoint(path);
     int loaded = load_store_group(path, file, "params", &m->params, m->params.be, m->params.data, allow_missing_index, "");
@@ -464,6 +481,7 @@ void checkpoint_read_state(const char *path, Model *m, AdamW *opt, TrainState *s
     int64_t step;
     int adam_t;
     uint64_t counter, seed;
+    double best;
     if (!read_int_attr(file, "step", H5T_NATIVE_INT64, &step) || step < 0 || step > 0x7fffffff)
         fatal("%s: the checkpoint has no valid \"step\" attribute", path);
     if (!read_int_attr(file, "adam_t", H5T_NATIVE_INT, &adam_t) || adam_t < 0)
@@ -472,11 +490,14 @@ void checkpoint_read_state(const char *path, Model *m, AdamW *opt, TrainState *s
         fatal("%s: the checkpoint has no valid \"data_counter\" attribute", path);
     if (!read_int_attr(file, "seed", H5T_NATIVE_UINT64, &seed))
         fatal("%s: the checkpoint has no valid \"seed\" attribute", path);
+    if (!read_optional_float_attr(file, "best_val_loss", &best))
+        fatal("%s: the checkpoint's \"best_val_loss\" attribute is not a floating-point number", path);
     H5Fclose(file);
     opt->t = adam_t;
     st->step = step;
     st->data_counter = counter;
     st->seed = seed;
+    st->best_val_loss = best;
 }
 
 char *checkpoint_read_config(const char *path) {

@@ -128,6 +128,7 @@ static const KeyDef KEYS[] = {
     STR(train, out_dir, "", "run directory (config.json, metrics.jsonl, checkpoints ckpt_STEP.h5); \"\" = none"),
     NUM(train, checkpoint_every, 0, 0, IMAX, "steps between checkpoints in out_dir; 0 = only at the end and on SIGINT/SIGTERM"),
     NUM(train, keep_checkpoints, 3, 0, IMAX, "newest checkpoints kept in out_dir (older ones are deleted); 0 = all"),
+    BOOL(train, save_best, 0, "after every evaluation whose validation loss is the lowest of the run so far (across --resume), write a full checkpoint to out_dir/ckpt_best.h5 (never pruned, never resumed from; start a run from it with init_from); needs out_dir"),
     STR(train, init_from, "", "checkpoint whose parameters initialise the model (MSA index parameters it lacks start fresh); \"\" = none"),
     BOOL(train, resume, 0, "continue bit-for-bit from the newest checkpoint in out_dir (as --resume)"),
     NUM(train, profile_steps, 0, 0, IMAX, "time every op's forward and backward (self time, device synchronised around each) over this many steps after the first, then print a table of where a step's time goes (and write it to out_dir/profile.md); the losses are unchanged; 0 = off"),

@@ -94,6 +94,7 @@ typedef struct TrainConfig {
     char out_dir[CFG_STR]; /* run directory: config.json, metrics.jsonl, checkpoints; "" = none */
     int checkpoint_every;  /* steps between checkpoints (0 = only at the end and on SIGINT/SIGTERM) */
     int keep_checkpoints;  /* newest checkpoints kept in out_dir (0 = all) */
+    bool save_best;        /* after each eval with the run's lowest val loss so far, write out_dir/ckpt_best.h5 */
     char init_from[CFG_STR]; /* checkpoint whose parameters initialise the model; "" = none */
     bool resume;           /* continue from the newest checkpoint in out_dir */
     int profile_steps;     /* steps profiled per op after the first step of the run (0 = off) */

@@ -27,6 +27,8 @@ static void usage(FILE *f) {
             "                      metrics.jsonl is appended to; raise train.steps to train further\n"
             "  train.init_from     a checkpoint whose parameters start a new run; MSA index parameters\n"
             "                      it lacks are freshly initialised (dense checkpoint -> MSA model)\n"
+            "  train.save_best     also write OUT_DIR/ckpt_best.h5 at every eval with the lowest val\n"
+            "                      loss so far (kept across --resume; never pruned, never resumed from)\n"
             "SIGINT (Ctrl-C) or SIGTERM: the run finishes its current step, writes a checkpoint, says\n"
             "where, and exits 0; a second signal kills it at once. Without train.out_dir a signal\n"
             "kills the run as usual.\n"

@@ -40,8 +40,22 @@ static void fmt_duration(char *buf, size_t n, double s) {
 
 /* ---- checkpoints in the run directory: out_dir/ckpt_<step>.h5 ------------------------------------ */
 
+/* train.save_best's checkpoint. Its name has no step digits, so list_checkpoints never counts it:
+ * keep_checkpoints never deletes it and --resume never picks it (the best weights are rarely the newest
+ * state, and resuming from them would repeat steps with another data position). */
+#define BEST_CHECKPOINT "ckpt_best.h5"
+
 static void checkpoint_file(char *buf, size_t n, const char *dir, int step) {
     snprintf(buf, n, "%s/ckpt_%08d.h5", dir, step);
+}
+
+static void best_checkpoint_file(char *buf, size_t n, const char *dir) { snprintf(buf, n, "%s/" BEST_CHECKPOINT, dir); }
+
+static bool best_checkpoint_exists(const char *dir) {
+    char path[CFG_STR + 32];
+    best_checkpoint_file(path, sizeof path, dir);
+    struct stat sb;
+    return stat(path, &sb) == 0;
 }
 
 /* The step of a file name "ckpt_<digits>.h5" (suffix "" ) or "ckpt_<digits>.h5.tmp" (suffix ".tmp"); -1
@@ -60,7 +74,7 @@ static int compare_int(const void *a, const void *b) {
 
 /* Steps of the complete checkpoints in dir, ascending (malloc'd; *n of them). Half-written files
  * (ckpt_<step>.h5.tmp, left by a crash mid-write) are never counted: only a finished write is renamed
- * to ckpt_<step>.h5. */
+ * to ckpt_<step>.h5. Nor is ckpt_best.h5 (no step in its name). */
 static int *list_checkpoints(const char *dir, int *n) {
     *n = 0;
     int cap = 16, *steps = xmalloc((size_t)cap * sizeof(int));
@@ -90,7 +104,7 @@ static void prune_checkpoints(const Run *r) {
     free(steps);
     DIR *d = opendir(dir);
     for (struct dirent *e; d && (e = readdir(d));)
-        if (checkpoint_step_of(e->d_name, ".tmp") >= 0) {
+        if (checkpoint_step_of(e->d_name, ".tmp") >= 0 || !strcmp(e->d_name, BEST_CHECKPOINT ".tmp")) {
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             unlink(path);
         }
@@ -238,11 +252,11 @@ static void from_image(Run *r, const Image *im, float *m, float *v) {
                    (size_t)r->model.layers[l].moe_p.num_experts * sizeof(float));
 }
 
-const char *run_checkpoint(Run *r) {
-    const char *dir = r->cfg.train.out_dir;
-    if (!dir[0]) fatal("cannot write a checkpoint: train.out_dir is not set (the directory checkpoints go to)");
-    checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, r->step);
-    TrainState st = {.step = r->step, .data_counter = r->sampler.counter, .seed = r->sampler.seed};
+/* The run's whole state now into the checkpoint file `path` (atomically, checkpoint_write), whatever its
+ * name: ckpt_<step>.h5 and ckpt_best.h5 alike. Collective: every rank calls it, rank 0 writes. */
+static void write_checkpoint(Run *r, const char *path) {
+    TrainState st = {.step = r->step, .data_counter = r->sampler.counter, .seed = r->sampler.seed,
+                     .best_val_loss = r->best_val_loss};
     const ParamStore *ps = &r->model.params;
     /* a sharded optimizer: the moments of each region gather, unsharded, on rank 0 of its group (rank 0,
      * and for the experts of each ep index the store root of that index) and are written whole, so the
@@ -264,18 +278,44 @@ const char *run_checkpoint(Run *r) {
         if (is_rank0(r)) image_init(r, &im, true);
         if (store_root(r)) to_image(r, is_rank0(r) ? &im : NULL, m, v);
         if (is_rank0(r)) {
-            checkpoint_write(r->checkpoint, &im.model, &im.opt, &st, json);
+            checkpoint_write(path, &im.model, &im.opt, &st, json);
             image_free(&im);
         }
     } else if (is_rank0(r)) {
         AdamW full = sharded ? host_optimizer(r, m, v) : r->opt;
-        checkpoint_write(r->checkpoint, &r->model, &full, &st, json);
+        checkpoint_write(path, &r->model, &full, &st, json);
     }
-    if (is_rank0(r)) prune_checkpoints(r);
     free(json);
     free(m);
     free(v);
+}
+
+const char *run_checkpoint(Run *r) {
+    const char *dir = r->cfg.train.out_dir;
+    if (!dir[0]) fatal("cannot write a checkpoint: train.out_dir is not set (the directory checkpoints go to)");
+    checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, r->step);
+    write_checkpoint(r, r->checkpoint);
+    if (is_rank0(r)) prune_checkpoints(r);
     return r->checkpoint;
+}
+
+/* train.save_best, after an eval of loss val: a new lowest loss of the run becomes r->best_val_loss and
+ * out_dir/ckpt_best.h5 (the file records it too). Collective: every rank calls it. Rank 0 decides for
+ * all (its loss is the one logged, its best the one checkpoints record), since the ranks must agree on
+ * whether to enter the collective write. */
+static void save_if_best(Run *r, double val) {
+    double best = r->best_val_loss;
+    double decision[2] = {isnan(best) ? !isnan(val) : val < best, val}; /* NaN best: none yet */
+    if (r->dist->size > 1) dist_broadcast(&r->dist->world, decision, 2, DIST_F64, 0, DEV_CPU);
+    if (decision[0] == 0) return;
+    r->best_val_loss = val = decision[1];
+    char path[CFG_STR + 32];
+    best_checkpoint_file(path, sizeof path, r->cfg.train.out_dir);
+    write_checkpoint(r, path);
+    if (!r->quiet) {
+        printf("best val loss %.4f at step %d: checkpoint %s\n", val, r->step, path);
+        fflush(stdout);
+    }
 }
 
 /* Keys whose change alters the parameters' shapes or set: a checkpoint cannot resume under them. */
@@ -357,7 +397,10 @@ static void resume(Run *r) {
     if (is_rank0(r)) {
         int n, *steps = list_checkpoints(dir, &n);
         if (n == 0)
-            fatal("train.resume: no checkpoint (ckpt_<step>.h5) in train.out_dir \"%s\" to resume from", dir);
+            fatal("train.resume: no checkpoint (ckpt_<step>.h5) in train.out_dir \"%s\" to resume from%s", dir,
+                  best_checkpoint_exists(dir) ? " (" BEST_CHECKPOINT " holds the best weights, not a place to resume "
+                                                "from: start a new run from it with train.init_from)"
+                                              : "");
         checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, steps[n - 1]);
         free(steps);
         const char *path = r->checkpoint;
@@ -383,17 +426,20 @@ static void resume(Run *r) {
         }
         free(m);
         free(v);
-        uint64_t state[4] = {(uint64_t)st.step, st.data_counter, st.seed, (uint64_t)r->opt.t};
-        dist_broadcast(&r->dist->world, state, 4, DIST_U64, 0, DEV_CPU);
+        uint64_t state[5] = {(uint64_t)st.step, st.data_counter, st.seed, (uint64_t)r->opt.t, 0};
+        memcpy(&state[4], &st.best_val_loss, sizeof(double)); /* its bits, NaN included */
+        dist_broadcast(&r->dist->world, state, 5, DIST_U64, 0, DEV_CPU);
         st.step = (int64_t)state[0];
         st.data_counter = state[1];
         st.seed = state[2];
         r->opt.t = r->opt_experts.t = (int)state[3];
+        memcpy(&st.best_val_loss, &state[4], sizeof(double));
         dist_broadcast(&r->dist->world, r->checkpoint, (int64_t)sizeof r->checkpoint, DIST_U8, 0, DEV_CPU);
     }
     const char *path = r->checkpoint;
     r->step = r->start_step = (int)st.step;
     r->sampler.counter = st.data_counter;
+    r->best_val_loss = st.best_val_loss;
     if (st.seed != r->sampler.seed && !r->quiet)
         printf("note: train.seed = %llu, but the checkpoint's data stream was seeded with %llu; it continues that "
                "stream\n", (unsigned long long)r->sampler.seed, (unsigned long long)st.seed);
@@ -428,8 +474,8 @@ static void init_from_checkpoint(Run *r) {
 static void refuse_earlier_checkpoints(const Run *r) {
     const char *dir = r->cfg.train.out_dir;
     int n, *steps = list_checkpoints(dir, &n);
+    char path[CFG_STR + 32];
     if (n > 0) {
-        char path[CFG_STR + 32];
         checkpoint_file(path, sizeof path, dir, steps[n - 1]);
         fatal("train.out_dir \"%s\" already holds checkpoints of an earlier run (newest %s): continue it with "
               "--resume (raise train.steps to train further), or delete them or choose another train.out_dir to "
@@ -437,6 +483,15 @@ static void refuse_earlier_checkpoints(const Run *r) {
               dir, path);
     }
     free(steps);
+    /* an earlier run's ckpt_best.h5 alone (its other checkpoints deleted, or it stopped before the first):
+     * this run would overwrite it, or leave it lying among its own checkpoints as if it were theirs */
+    if (best_checkpoint_exists(dir)) {
+        best_checkpoint_file(path, sizeof path, dir);
+        fatal("train.out_dir \"%s\" already holds the best checkpoint of an earlier run (%s), and nothing to resume: "
+              "delete it or choose another train.out_dir to start over (train.init_from starts a new run from its "
+              "weights)",
+              dir, path);
+    }
 }
 
 /* rank 0 only: the one writer of the run directory */
@@ -614,6 +669,8 @@ void run_init(Run *r) {
               c->train.checkpoint_every);
     if (c->train.resume && !c->train.out_dir[0])
         fatal("%s: train.resume needs train.out_dir (the directory whose newest checkpoint to resume)", src);
+    if (c->train.save_best && !c->train.out_dir[0])
+        fatal("%s: train.save_best needs train.out_dir (the directory ckpt_best.h5 goes to)", src);
     if (c->train.out_dir[0] && is_rank0(r) && mkdir(c->train.out_dir, 0755) != 0) {
         struct stat st;
         if (stat(c->train.out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
@@ -671,6 +728,7 @@ void run_init(Run *r) {
     }
     r->step = r->start_step = 0;
     r->checkpoint[0] = 0;
+    r->best_val_loss = NAN; /* resume() restores the checkpoint's */
     /* load (and so validate) any checkpoint before open_run_dir rewrites config.json and metrics.jsonl */
     if (c->train.resume) {
         if (c->train.init_from[0] && !r->quiet)
@@ -1043,6 +1101,9 @@ double run_train(Run *r) {
             MsaMetrics mm;
             val = run_evaluate(r, &mm);
             log_eval(r, val, &mm);
+            /* before this step's regular checkpoint, so that it records the new best; not the eval before
+             * step 1 (eval_dense_reference), which measures the starting weights, not this run's training */
+            if (c->train.save_best) save_if_best(r, val);
         }
         int sig = stop_requested;
         /* the ranks must stop at the same step (the checkpoint is collective): any rank's signal stops all */

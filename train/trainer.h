@@ -67,6 +67,9 @@ typedef struct Run {
     bool quiet;        /* no progress output (tests) */
     bool stopped;      /* run_train stopped early on SIGINT/SIGTERM, after writing a checkpoint */
     char checkpoint[CFG_STR + 32]; /* the checkpoint last written or resumed from ("" = none) */
+    /* the lowest validation loss of the periodic and final evals so far, NaN before the first: kept in
+     * every checkpoint, so a resumed run goes on comparing against it (train.save_best) */
+    double best_val_loss;
     double t_start, t_last;
     int64_t tokens_since_log;
     /* train.profile_steps > 0: the step profiler, attached to the engine (Engine.prof) during the
@@ -103,11 +106,13 @@ StepResult run_step(Run *r);
 /* Mean validation loss over eval_batches fixed batches; MSA metrics when the model has MSA layers. */
 double run_evaluate(Run *r, MsaMetrics *mm);
 /* The whole loop: steps, evals, checkpoints (every train.checkpoint_every steps and at the end, when
- * out_dir is set), final summary. With out_dir set, SIGINT/SIGTERM stop it after the current step with
- * a checkpoint (r->stopped; a second signal kills). Returns the last validation loss (NAN if none). */
+ * out_dir is set), final summary. With train.save_best, every eval whose loss is below r->best_val_loss
+ * also writes out_dir/ckpt_best.h5 (before that step's regular checkpoint, which then records the new
+ * best). With out_dir set, SIGINT/SIGTERM stop it after the current step with a checkpoint (r->stopped;
+ * a second signal kills). Returns the last validation loss (NAN if none). */
 double run_train(Run *r);
-/* Write out_dir/ckpt_<step>.h5 now (atomically) and delete all but the newest train.keep_checkpoints;
- * returns its path (r->checkpoint). */
+/* Write out_dir/ckpt_<step>.h5 now (atomically) and delete all but the newest train.keep_checkpoints
+ * (ckpt_best.h5 is never among them); returns its path (r->checkpoint). Collective: every rank calls it. */
 const char *run_checkpoint(Run *r);
 /* Sample text from the model (char/byte tokenizers) to stdout: rank 0 prints; call it on every rank (with
  * expert parallelism the ranks of rank 0's ep group compute with it; the others return at once). */
