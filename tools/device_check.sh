@@ -10,6 +10,9 @@
 #   bench            build/bench: the table of docs/benchmarks.md (training throughput, attention)
 #   baseline-dense   configs/shakespeare_gpu.json, 5000 steps (nanoGPT's baby GPT)
 #   baseline-msa     the same with model.attention=msa
+#   dist             (2 GPUs: nvidia-h200-x2) DP-2, EP-2 and CP-2 with NCCL against one GPU on configs/tiny.json
+#                    (losses step by step), and the 1 -> 2 GPU DP scaling of the bench's ~1B dense model at
+#                    4K (same per-GPU batch); not yet run: no 2-GPU machine has been lent so far
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
 #
@@ -79,6 +82,51 @@ for what in "$@"; do
                 >"$OUT/profile_$name.log" 2>&1 || status=1
             tail -45 "$OUT/profile_$name.log"
         done
+        ;;
+    dist)
+        stage "2 GPUs"
+        nvidia-smi -L
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+        two="mpirun -np 2 -x NCCL_NVLS_ENABLE=0 -x PATH -x LD_LIBRARY_PATH"
+        tiny="configs/tiny.json --set train.device=cuda --set train.steps=10 --set train.log_every=1
+              --set train.eval_batches=2 --set train.sample_tokens=0"
+        # tests/test_dist_ep.c's MoE (no balance loss: each rank's would differ from the global one)
+        moe="--set model.ffn=moe --set moe.num_experts=8 --set moe.experts_per_token=2 --set moe.expert_dim=32
+             --set moe.shared_experts=1 --set moe.aux_loss_weight=0 --set moe.z_loss_weight=0.001
+             --set moe.bias_update_rate=0.01"
+        # the largest relative loss difference over the logged steps of two runs' metrics.jsonl
+        cmp_losses() {
+            python3 -c 'import json,sys
+a,b=[[json.loads(l) for l in open(f) if "\"loss\"" in l] for f in sys.argv[1:3]]
+d=max(abs(x["loss"]-y["loss"])/abs(x["loss"]) for x,y in zip(a,b))
+print("  %d steps, max relative loss difference %.2e" % (min(len(a),len(b)), d))' "$1" "$2"
+        }
+        for p in "dp:" "ep:$moe --set dist.ep=2" "cp:--set dist.cp=2"; do
+            name=${p%%:*}
+            extra=${p#*:}
+            echo "--- $name-2 vs 1 GPU"
+            rm -rf /tmp/one_$name /tmp/two_$name
+            # shellcheck disable=SC2086
+            build/train $tiny ${extra/--set dist.*=2/} --set train.out_dir=/tmp/one_$name >"$OUT/dist_${name}_1.log" 2>&1 || status=1
+            # shellcheck disable=SC2086
+            $two build/train $tiny $extra --set train.out_dir=/tmp/two_$name >"$OUT/dist_${name}_2.log" 2>&1 || status=1
+            cmp_losses /tmp/one_$name/metrics.jsonl /tmp/two_$name/metrics.jsonl || status=1
+        done
+        echo "--- DP scaling, ~1B dense model at 4K, 4 sequences per GPU"
+        big="configs/shakespeare_gpu.json --set model.d_model=2048 --set model.n_layers=22 --set model.n_heads=32
+             --set model.n_kv_heads=4 --set model.head_dim=64 --set model.ffn_dim=5632 --set model.dropout=0
+             --set train.seq_len=4096 --set train.steps=8 --set train.log_every=1 --set train.eval_every=0
+             --set train.eval_batches=1 --set train.sample_tokens=0"
+        rm -rf /tmp/scale_1 /tmp/scale_2
+        # shellcheck disable=SC2086
+        build/train $big --set train.batch_size=4 --set train.out_dir=/tmp/scale_1 >"$OUT/scale_1.log" 2>&1 || status=1
+        # shellcheck disable=SC2086
+        $two build/train $big --set train.batch_size=8 --set train.out_dir=/tmp/scale_2 >"$OUT/scale_2.log" 2>&1 || status=1
+        python3 -c 'import json,sys
+t=[[json.loads(l)["tokens_per_s"] for l in open(f) if "tokens_per_s" in l][3:] for f in sys.argv[1:3]]
+one,two=(sum(x)/len(x) for x in t)
+print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one,two,two/one))' \
+            /tmp/scale_1/metrics.jsonl /tmp/scale_2/metrics.jsonl || status=1
         ;;
     *)
         echo "unknown stage '$what'"
