@@ -61,6 +61,8 @@ typedef struct Engine {
     bool grad_enabled; /* false = no_grad mode: ops record nothing */
     bool recomputing;  /* inside a checkpointed segment's backward recompute: skip side effects
                           such as metrics, which the forward already collected */
+    bool checkpoint_forward; /* inside a checkpointed segment's first forward, which its backward will
+                                replay: a segment may keep what the replay can reuse (train/model.c) */
     struct Profiler *prof; /* the step profiler while the trainer profiles a step, else NULL */
 } Engine;
 

@@ -25,8 +25,10 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
 
     ArenaMark md = arena_mark(&e->data), mh = arena_mark(&e->host);
     engine_set_grad(e, false);
+    e->checkpoint_forward = record; /* the backward replays it: no-grad forwards are never replayed */
     Tensor *seg_aux = NULL;
     Tensor *seg_y = fn(e, x, closure, &seg_aux);
+    e->checkpoint_forward = false;
     engine_set_grad(e, record);
     check_same_shape("checkpoint (segment output vs input)", x, seg_y);
     e->be->copy(y->data, seg_y->data, tensor_bytes(y));

@@ -88,8 +88,9 @@ void backward_msa_attention(Engine *e, Node *n) {
 /* The node's inputs are qi and ki only: q, k and lse (the teacher) are saved tensors that the
  * backward reads but never differentiates, which is the detach of the paper's Eq. 10. topk and
  * cu_seqlens (and the plan) ride in the node's pointers (saved[] holds the four float tensors). */
-Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight) {
+void op_msa_kl_outputs(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
+                       Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor **loss,
+                       Tensor **idx_lse) {
     check_main("msa_kl", q, k, NULL, topk, cu_seqlens, p);
     const int64_t N = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1];
     if (qi->ndim != 3) fatal("msa_kl: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
@@ -102,11 +103,18 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
     if (qi->dtype != ki->dtype) fatal("msa_kl: qi and ki dtypes differ (%s, %s)", dtype_name(qi->dtype), dtype_name(ki->dtype));
     engine_op_begin(e);
     DType sd = stat_dtype(qi->dtype);
-    Tensor *loss = engine_empty(e, sd, SHAPE(1));
-    Tensor *idx_lse = engine_empty(e, sd, SHAPE(Hkv, N));
+    *loss = engine_empty(e, sd, SHAPE(1));
+    *idx_lse = engine_empty(e, sd, SHAPE(Hkv, N));
     BACKEND_REQUIRE(e->be, msa_kl_forward);
-    e->be->msa_kl_forward(loss, idx_lse, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
-    if (weight != 1.0f) e->be->scale(loss, weight);
+    e->be->msa_kl_forward(*loss, *idx_lse, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+    if (weight != 1.0f) e->be->scale(*loss, weight);
+    engine_op_end(e, OP_msa_kl);
+}
+
+Tensor *op_msa_kl_given(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
+                        Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *loss,
+                        Tensor *idx_lse) {
+    check_shape("msa_kl", "idx_lse", idx_lse, SHAPE(k->shape[1], q->shape[0]));
     Tensor *in[2] = {qi, ki};
     if (engine_wants_grad(e, in, 2)) {
         Node *n = engine_record(e, OP_msa_kl, in, 2, &loss, 1);
@@ -120,8 +128,14 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
         n->f[2] = weight;
         store_params(n, p);
     }
-    engine_op_end(e, OP_msa_kl);
     return loss;
+}
+
+Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
+                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight) {
+    Tensor *loss, *idx_lse;
+    op_msa_kl_outputs(e, q, k, lse, qi, ki, topk, plan, cu_seqlens, p, weight, &loss, &idx_lse);
+    return op_msa_kl_given(e, q, k, lse, qi, ki, topk, plan, cu_seqlens, p, weight, loss, idx_lse);
 }
 
 void backward_msa_kl(Engine *e, Node *n) {

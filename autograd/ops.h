@@ -57,6 +57,16 @@ Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *top
  * (detached: no gradient to them); gradient only to qi and ki. */
 Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
                   Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight);
+/* op_msa_kl in its two halves, for a checkpointed block that keeps the forward's results for its replay
+ * (train/model.c): _outputs runs the kernel (the weighted loss [1] and the student's log-normaliser
+ * idx_lse [Hkv, N]) and records nothing; _given records the op from such results, computed now or by an
+ * earlier forward over the same inputs. op_msa_kl is _outputs then _given. */
+void op_msa_kl_outputs(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
+                       Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor **loss,
+                       Tensor **idx_lse);
+Tensor *op_msa_kl_given(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
+                        Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *loss,
+                        Tensor *idx_lse);
 
 /* ---- MoE feed-forward (train/moe.c). N tokens, E experts, k experts per token. ---- */
 

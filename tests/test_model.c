@@ -161,6 +161,76 @@ TEST(msa_kl_gives_backbone_exactly_zero_gradient) {
     model_free(&m);
 }
 
+/* Calls of the MSA forward kernels that recomputation must not repeat (the replay reuses the
+ * checkpointed forward's results: MsaReplay in train/model.h), counted through a wrapped CPU backend. */
+static struct {
+    int indexer, plan, kl_forward;
+} msa_calls;
+static void count_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu, const MsaParams *p) {
+    msa_calls.indexer++;
+    cpu_backend.msa_indexer(topk, qi, ki, cu, p);
+}
+static void count_plan(Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p) {
+    msa_calls.plan++;
+    cpu_backend.msa_plan(plan, topk, cu, p);
+}
+static void count_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
+                             const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                             const Tensor *cu, const MsaParams *p) {
+    msa_calls.kl_forward++;
+    cpu_backend.msa_kl_forward(kl, idx_lse, q, k, lse, qi, ki, topk, plan, cu, p);
+}
+
+/* With train.recompute an MSA layer's replay copies the selection, plan and KL results its forward kept:
+ * the indexer, plan and KL forward run once per step as without recomputation, and the loss and every
+ * gradient are bit-identical to the run without it; in the dense warm-up and in the sparse phase. */
+TEST(msa_recompute_reuses_the_forward_and_changes_nothing) {
+    KernelBackend counting = cpu_backend;
+    counting.msa_indexer = count_indexer;
+    counting.msa_plan = count_plan;
+    counting.msa_kl_forward = count_kl_forward;
+    Engine e;
+    engine_init(&e, &counting, DT_F64, 1 << 20);
+    for (int dense = 0; dense < 2; dense++) {
+        RunConfig c = tiny_config(true);
+        c.model.n_layers = 3; /* layers 1 and 2 MSA */
+        Model m;
+        model_build(&m, &c, &cpu_backend, DT_F64, 12);
+        m.msa_dense = dense;
+        const int64_t n = m.params.numel;
+        double loss[2], *g[2];
+        int calls[2][3];
+        for (int recompute = 0; recompute < 2; recompute++) {
+            memset(&msa_calls, 0, sizeof msa_calls);
+            params_zero_grad(&m.params);
+            engine_reset(&e);
+            ModelInput in = make_input(&e);
+            Tensor *total = model_forward(&m, &e, &in, recompute).total;
+            loss[recompute] = tensor_item(&e, total);
+            engine_backward(&e, total);
+            g[recompute] = malloc((size_t)n * sizeof(double));
+            memcpy(g[recompute], m.params.grad, (size_t)n * sizeof(double));
+            calls[recompute][0] = msa_calls.indexer;
+            calls[recompute][1] = msa_calls.plan;
+            calls[recompute][2] = msa_calls.kl_forward;
+        }
+        const char *phase = dense ? "dense warm-up" : "sparse";
+        EXPECT(loss[0] == loss[1], "%s: recompute changed the loss (%.17g vs %.17g)", phase, loss[0], loss[1]);
+        EXPECT(memcmp(g[0], g[1], (size_t)n * sizeof(double)) == 0, "%s: recompute changed a gradient", phase);
+        EXPECT(calls[1][2] == 2 && calls[0][2] == 2, "%s: KL forward ran %d times with recompute, %d without (2 MSA layers)",
+               phase, calls[1][2], calls[0][2]);
+        EXPECT(calls[1][0] == calls[0][0] && calls[1][1] == calls[0][1] && calls[0][0] == (dense ? 0 : 2) &&
+                   calls[0][1] == (dense ? 0 : 2),
+               "%s: indexer/plan ran %d/%d times with recompute, %d/%d without", phase, calls[1][0], calls[1][1],
+               calls[0][0], calls[0][1]);
+        EXPECT(!m.layers[1].replay.valid && !m.layers[2].replay.valid, "%s: a kept forward was not consumed", phase);
+        free(g[0]);
+        free(g[1]);
+        model_free(&m);
+    }
+    engine_free(&e);
+}
+
 /* Without gradients (evaluation, sampling) a forward holds one block's activations at a time: each extra
  * layer adds only its output (and the auxiliary loss scalar) to the arena's high-water mark, not its
  * activations; and the loss is the one the recording forward computes. */
@@ -205,6 +275,7 @@ int main(void) {
     RUN(msa_model_gradcheck_backbone_lm_and_index_kl);
     RUN(msa_kl_gives_backbone_exactly_zero_gradient);
     RUN(no_grad_forward_memory_does_not_grow_with_depth);
+    RUN(msa_recompute_reuses_the_forward_and_changes_nothing);
     engine_free(&eng);
     TEST_END();
 }

@@ -98,11 +98,14 @@ void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DTy
 }
 
 void model_free(Model *m) {
-    for (int l = 0; l < m->cfg.n_layers; l++)
+    for (int l = 0; l < m->cfg.n_layers; l++) {
         if (m->layers[l].moe) {
             moe_free_params(&m->layers[l].moe_p);
             moe_stats_free(&m->layers[l].moe_stats);
         }
+        MsaReplay *rp = &m->layers[l].replay;
+        if (rp->buf) rp->be->free(rp->buf);
+    }
     params_free(&m->params);
     free(m->layers);
     memset(m, 0, sizeof(*m));
@@ -190,6 +193,41 @@ typedef struct BlockClosure {
     ModelInput in; /* by value: backward may recompute after the caller's ModelInput is gone */
 } BlockClosure;
 
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* The parts of a layer's kept forward results: 0 topk, 1 plan, 2 idx_lse, 3 loss */
+static void *replay_part(const MsaReplay *rp, int part) {
+    size_t off = 0;
+    const int64_t bytes[4] = {rp->topk_bytes, rp->plan_bytes, rp->lse_bytes, rp->loss_bytes};
+    for (int i = 0; i < part; i++) off += align64((size_t)bytes[i]);
+    return (char *)rp->buf + off;
+}
+
+/* A checkpointed forward keeps its selection, plan and KL results for the replay (MsaReplay). */
+static void replay_keep(const KernelBackend *be, MsaReplay *rp, const Tensor *topk, const Tensor *plan,
+                        const Tensor *idx_lse, const Tensor *loss, bool dense) {
+    rp->topk_bytes = topk ? (int64_t)tensor_bytes(topk) : 0;
+    rp->plan_bytes = plan ? (int64_t)tensor_bytes(plan) : 0;
+    rp->lse_bytes = (int64_t)tensor_bytes(idx_lse);
+    rp->loss_bytes = (int64_t)tensor_bytes(loss);
+    size_t need = align64((size_t)rp->topk_bytes) + align64((size_t)rp->plan_bytes) + align64((size_t)rp->lse_bytes) +
+                  align64((size_t)rp->loss_bytes);
+    if (need > rp->cap || be != rp->be) {
+        if (rp->buf) rp->be->free(rp->buf);
+        rp->be = be;
+        rp->buf = be->alloc(need);
+        rp->cap = need;
+    }
+    if (topk) be->copy(replay_part(rp, 0), topk->data, (size_t)rp->topk_bytes);
+    if (plan) be->copy(replay_part(rp, 1), plan->data, (size_t)rp->plan_bytes);
+    be->copy(replay_part(rp, 2), idx_lse->data, (size_t)rp->lse_bytes);
+    be->copy(replay_part(rp, 3), loss->data, (size_t)rp->loss_bytes);
+    rp->n = idx_lse->shape[1];
+    rp->hkv = idx_lse->shape[0];
+    rp->dense = dense;
+    rp->valid = true;
+}
+
 /* The MSA index branch and sparse (or dense warm-up) attention of one layer. h is the attention
  * input; q, k (after norm and RoPE) and v are the main branch's. Returns the attention output and
  * the weighted KL term through *kl. */
@@ -213,6 +251,10 @@ static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Ten
         Hkv = qi->shape[1];
     }
 
+    /* the replay of a checkpointed forward (train.recompute) copies what that forward kept instead of
+     * running the indexer, the plan and the KL forward again (MsaReplay) */
+    MsaReplay *rp = &L->replay;
+    const bool reuse = e->recomputing && rp->valid && rp->n == N && rp->hkv == Hkv && rp->dense == m->msa_dense;
     Tensor *topk = NULL, *plan = NULL, *lse = NULL, *out;
     if (m->msa_dense) {
         out = op_attention(e, q, k, v, in->cu_seqlens, m->msa.scale, &lse);
@@ -220,17 +262,32 @@ static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Ten
         /* no tape ops, but timed as ops of their own when the step profiler is on */
         engine_op_begin(e);
         topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, m->msa.topk_blocks));
-        e->be->msa_indexer(topk, qi, ki, in->cu_seqlens, &m->msa);
+        if (reuse) e->be->copy(topk->data, replay_part(rp, 0), tensor_bytes(topk));
+        else e->be->msa_indexer(topk, qi, ki, in->cu_seqlens, &m->msa);
         engine_op_end(e, PROF_msa_indexer);
         /* the reverse map, built once here and shared by the attention and KL, forward and backward */
         engine_op_begin(e);
         plan = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, m->msa.topk_blocks)));
-        e->be->msa_plan(plan, topk, in->cu_seqlens, &m->msa);
+        if (reuse) e->be->copy(plan->data, replay_part(rp, 1), tensor_bytes(plan));
+        else e->be->msa_plan(plan, topk, in->cu_seqlens, &m->msa);
         engine_op_end(e, PROF_msa_plan);
         out = op_msa_attention(e, q, k, v, topk, plan, in->cu_seqlens, &m->msa, &lse);
     }
     float w = m->msa_cfg.kl_weight;
-    *kl = op_msa_kl(e, q, k, lse, qi, ki, topk, plan, in->cu_seqlens, &m->msa, w);
+    Tensor *kl_loss, *idx_lse;
+    if (reuse) {
+        engine_op_begin(e);
+        kl_loss = engine_empty(e, stat_dtype(qi->dtype), SHAPE(1));
+        idx_lse = engine_empty(e, stat_dtype(qi->dtype), SHAPE(Hkv, N));
+        e->be->copy(idx_lse->data, replay_part(rp, 2), tensor_bytes(idx_lse));
+        e->be->copy(kl_loss->data, replay_part(rp, 3), tensor_bytes(kl_loss));
+        engine_op_end(e, OP_msa_kl);
+        rp->valid = false; /* one replay per kept forward */
+    } else {
+        op_msa_kl_outputs(e, q, k, lse, qi, ki, topk, plan, in->cu_seqlens, &m->msa, w, &kl_loss, &idx_lse);
+    }
+    if (e->checkpoint_forward) replay_keep(e->be, rp, topk, plan, idx_lse, kl_loss, m->msa_dense);
+    *kl = op_msa_kl_given(e, q, k, lse, qi, ki, topk, plan, in->cu_seqlens, &m->msa, w, kl_loss, idx_lse);
     if (m->collect_metrics && !e->recomputing) {
         if (w > 0) m->metrics.kl_sum += tensor_item(e, *kl) / w;
         m->metrics.layers++;

@@ -10,6 +10,19 @@
 #include "config.h"
 #include "moe.h"
 
+/* What an MSA layer's checkpointed forward keeps for the replay of it in the backward (train.recompute):
+ * the selection, its plan and the KL forward's results. They are functions of inputs the replay
+ * recomputes bit for bit (a checkpointed segment is deterministic), so the replay copies them instead of
+ * running the indexer, the plan and the KL forward a second time. Device memory of the engine's backend,
+ * grown on demand; valid from a checkpointed forward until its replay. */
+typedef struct MsaReplay {
+    const KernelBackend *be; /* where buf lives */
+    void *buf;               /* topk | plan | idx_lse | loss, each 64-byte aligned */
+    size_t cap;
+    bool valid, dense;       /* dense: kept in the dense warm-up (no topk, no plan) */
+    int64_t n, hkv, topk_bytes, plan_bytes, lse_bytes, loss_bytes;
+} MsaReplay;
+
 typedef struct LayerParams {
     Tensor *attn_norm, *wq, *wk, *wv, *wo, *q_norm, *k_norm;
     Tensor *bq, *bk, *bv;                     /* q/k/v projection biases (model.qkv_bias), else NULL */
@@ -19,6 +32,7 @@ typedef struct LayerParams {
     MoeStats moe_stats;                       /* routing statistics since the last optimizer step */
     bool msa;                              /* MSA attention in this layer */
     Tensor *w_iq, *w_ik, *iq_norm, *ik_norm; /* index branch (MSA layers only) */
+    MsaReplay replay;                        /* under train.recompute (MSA layers only) */
 } LayerParams;
 
 /* Per-forward MSA statistics, filled when Model.collect_metrics is set. */
