@@ -435,27 +435,27 @@ static void load_moe_biases(const char *path, hid_t file, Model *m, bool require
     H5Gclose(g);
 }
 
-static bool read_int_attr(hid_t file, const char *name, hid_t mem_type, void *out) {
-    if (H5Aexists(file, name) <= 0) return false;
+/* A scalar root attribute of the given class read as mem_type: 1 read, 0 absent, -1 there but not a
+ * readable scalar of that class. */
+static int read_scalar_attr(hid_t file, const char *name, H5T_class_t cls, hid_t mem_type, void *out) {
+    if (H5Aexists(file, name) <= 0) return 0;
     hid_t a = H5Aopen(file, name, H5P_DEFAULT);
     hid_t type = a >= 0 ? H5Aget_type(a) : -1;
-    bool ok = type >= 0 && H5Tget_class(type) == H5T_INTEGER && H5Aread(a, mem_type, out) >= 0;
+    bool ok = type >= 0 && H5Tget_class(type) == cls && H5Aread(a, mem_type, out) >= 0;
     if (type >= 0) H5Tclose(type);
     if (a >= 0) H5Aclose(a);
-    return ok;
+    return ok ? 1 : -1;
+}
+
+static bool read_int_attr(hid_t file, const char *name, hid_t mem_type, void *out) {
+    return read_scalar_attr(file, name, H5T_INTEGER, mem_type, out) == 1;
 }
 
 /* An optional float attribute: NaN when the file lacks it (older checkpoints); false when it is there but
  * not a readable floating-point scalar. */
 static bool read_optional_float_attr(hid_t file, const char *name, double *out) {
     *out = NAN;
-    if (H5Aexists(file, name) <= 0) return true;
-    hid_t a = H5Aopen(file, name, H5P_DEFAULT);
-    hid_t type = a >= 0 ? H5Aget_type(a) : -1;
-    bool ok = type >= 0 && H5Tget_class(type) == H5T_FLOAT && H5Aread(a, H5T_NATIVE_DOUBLE, out) >= 0;
-    if (type >= 0) H5Tclose(type);
-    if (a >= 0) H5Aclose(a);
-    return ok;
+    return read_scalar_attr(file, name, H5T_FLOAT, H5T_NATIVE_DOUBLE, out) >= 0;
 }
 
 int checkpoint_read_params(const char *path, Model *m, bool allow_missing_index) {

@@ -1144,6 +1144,27 @@ double run_train(Run *r) {
     return val;
 }
 
+/* One document of len tokens as a micro-batch of one row (targets: the next tokens, or NULL), uploaded
+ * with gradients off; the caller frees *b and restores the grad mode it returns. */
+static bool upload_document(Run *r, Batch *b, ModelInput *in, const int32_t *tokens, const int32_t *targets, int len) {
+    Engine *e = &r->engine;
+    bool prev = engine_set_grad(e, false);
+    batch_alloc(b, 1, len);
+    for (int t = 0; t < len; t++) {
+        b->inputs[t] = tokens[t];
+        b->positions[t] = t;
+        if (targets) b->targets[t] = targets[t];
+    }
+    b->cu_seqlens[0] = 0;
+    b->cu_seqlens[1] = len;
+    b->n_segments = 1;
+    Batch view = *b; /* b keeps its buffers for batch_free */
+    if (!targets) view.targets = NULL;
+    engine_reset(e);
+    *in = model_upload(e, &view);
+    return prev;
+}
+
 void run_next_token_probs(Run *r, const int32_t *ctx, int len, double temperature, double *probs) {
     const int T = r->cfg.train.seq_len, V = r->model.cfg.vocab_size;
     if (len > T) { /* the model sees the last seq_len tokens */
@@ -1151,19 +1172,9 @@ void run_next_token_probs(Run *r, const int32_t *ctx, int len, double temperatur
         len = T;
     }
     Engine *e = &r->engine;
-    bool prev = engine_set_grad(e, false);
     Batch b;
-    batch_alloc(&b, 1, len);
-    for (int t = 0; t < len; t++) {
-        b.inputs[t] = ctx[t];
-        b.positions[t] = t;
-    }
-    b.targets = NULL;
-    b.cu_seqlens[0] = 0;
-    b.cu_seqlens[1] = len;
-    b.n_segments = 1;
-    engine_reset(e);
-    ModelInput in = model_upload(e, &b);
+    ModelInput in;
+    bool prev = upload_document(r, &b, &in, ctx, NULL, len);
     Tensor *lg = model_logits(&r->model, e, &in, false, NULL);
     Tensor last = *lg; /* the last row */
     last.ndim = 1;
@@ -1182,21 +1193,10 @@ void run_next_token_probs(Run *r, const int32_t *ctx, int len, double temperatur
 
 double run_text_loss(Run *r, const int32_t *tokens, int len) {
     if (len < 2 || len - 1 > r->cfg.train.seq_len) fatal("run_text_loss: %d tokens (2 to seq_len + 1)", len);
-    const int T = len - 1;
     Engine *e = &r->engine;
-    bool prev = engine_set_grad(e, false);
     Batch b;
-    batch_alloc(&b, 1, T);
-    for (int t = 0; t < T; t++) {
-        b.inputs[t] = tokens[t];
-        b.targets[t] = tokens[t + 1];
-        b.positions[t] = t;
-    }
-    b.cu_seqlens[0] = 0;
-    b.cu_seqlens[1] = T;
-    b.n_segments = 1;
-    engine_reset(e);
-    ModelInput in = model_upload(e, &b);
+    ModelInput in;
+    bool prev = upload_document(r, &b, &in, tokens, tokens + 1, len - 1);
     double loss = tensor_item(e, model_forward(&r->model, e, &in, false).lm);
     batch_free(&b);
     engine_set_grad(e, prev);
