@@ -1,11 +1,47 @@
 """The runner the Python test programs share: each test gets its own scratch folder; prints
 "  ok   name" / "  FAIL name" with the traceback, and the closing line "N passed, N failed". Scratch files
-are kept when something failed, for inspection."""
+are kept when something failed, for inspection. Also how the tests run a tool on a full disk or into a
+folder it may not write, and check that it then fails with one error line."""
+import ctypes
 import os
+import resource
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import traceback
+
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+
+
+def run_constrained(cmd, file_size_limit=None, honour_modes=False):
+    """subprocess.run(cmd) with its output captured as text. file_size_limit: no file the command writes
+    grows past that many bytes; a write beyond fails with EFBIG as one on a full disk fails with ENOSPC
+    (SIGXFSZ is ignored). honour_modes: a folder's mode bits bind the command even when the tests run as
+    root (it runs without the capabilities that override them), so that mode 0555 means unwritable."""
+    def setup():
+        if file_size_limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+        if honour_modes and os.geteuid() == 0:
+            libc = ctypes.CDLL(None, use_errno=True)
+            for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+                if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                    raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=setup)
+
+
+def expect_error_line(r, *needles):
+    """The command exited 1 with exactly one line on stderr, "error: ...", holding every needle."""
+    lines = r.stderr.strip().splitlines()
+    if r.returncode != 1 or len(lines) != 1 or not lines[0].startswith("error: "):
+        raise AssertionError(f"want exit 1 and one error line; got exit {r.returncode}, stderr:\n{r.stderr}")
+    for n in needles:
+        if n not in lines[0]:
+            raise AssertionError(f"the message lacks {n!r}: {lines[0]}")
+    return lines[0]
 
 
 def run(tests, prefix, required_exes=()):
