@@ -70,3 +70,46 @@ def run(tests, prefix, required_exes=()):
     print(f"{passed} passed, {failed} failed")
     sys.stdout.flush()
     return 1 if failed else 0
+
+
+def _check(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def output_folder_failures(work, command, outputs):
+    """command(OUT_DIR) -> argv of a tool that writes the files `outputs` into OUT_DIR. OUT_DIR three levels
+    below a missing folder is created; an OUT_DIR that is a file, below a file, in a folder of mode 0555, or
+    on a disk that fills up fails with one error line, writes nothing, and leaves an earlier output intact."""
+    nested = os.path.join(work, "new", "deeper", "out")
+    r = run_constrained(command(nested))
+    _check(r.returncode == 0, f"{' '.join(command(nested))} exited {r.returncode}:\n{r.stdout}{r.stderr}")
+    _check(sorted(os.listdir(nested)) == sorted(outputs), f"{nested} holds {os.listdir(nested)}")
+
+    plain = os.path.join(work, "plain_file")
+    with open(plain, "w") as f:
+        f.write("not a folder\n")
+    expect_error_line(run_constrained(command(plain)), plain, "not a folder")
+    expect_error_line(run_constrained(command(os.path.join(plain, "sub"))), plain, "Not a directory")
+
+    locked = os.path.join(work, "locked")
+    os.makedirs(locked)
+    os.chmod(locked, 0o555)
+    try:
+        r = run_constrained(command(os.path.join(locked, "out")), honour_modes=True)
+    finally:
+        os.chmod(locked, 0o755)
+    expect_error_line(r, locked, "Permission denied")
+    _check(os.listdir(locked) == [], f"{locked} holds {os.listdir(locked)}")
+
+    before = {n: _read(os.path.join(nested, n)) for n in outputs}
+    r = run_constrained(command(nested), file_size_limit=4096)
+    expect_error_line(r, nested, "File too large")
+    _check(sorted(os.listdir(nested)) == sorted(outputs), f"after a full disk {nested} holds {os.listdir(nested)}")
+    for n in outputs:
+        _check(_read(os.path.join(nested, n)) == before[n], f"{n} changed by the failed write")

@@ -690,43 +690,11 @@ def export_refuses_groups_and_non_tensors(work):
         check(not os.path.exists(o), f"{name}: export wrote after refusing")
 
 
-def output_folder_failures(work, command, outputs):
-    """command(OUT_DIR) -> argv of a tool that writes the files `outputs` into OUT_DIR. OUT_DIR three levels
-    below a missing folder is created; an OUT_DIR that is a file, below a file, in a folder of mode 0555, or
-    on a disk that fills up fails with one error line, writes nothing, and leaves an earlier output intact."""
-    nested = os.path.join(work, "new", "deeper", "out")
-    must(command(nested))
-    check(sorted(os.listdir(nested)) == sorted(outputs), f"{nested} holds {os.listdir(nested)}")
-
-    plain = os.path.join(work, "plain_file")
-    with open(plain, "w") as f:
-        f.write("not a folder\n")
-    expect_error_line(run(command(plain)), plain, "not a folder")
-    expect_error_line(run(command(os.path.join(plain, "sub"))), plain, "Not a directory")
-
-    locked = os.path.join(work, "locked")
-    os.makedirs(locked)
-    os.chmod(locked, 0o555)
-    try:
-        r = run_constrained(command(os.path.join(locked, "out")), honour_modes=True)
-    finally:
-        os.chmod(locked, 0o755)
-    expect_error_line(r, locked, "Permission denied")
-    check(os.listdir(locked) == [], f"{locked} holds {os.listdir(locked)}")
-
-    before = {n: open(os.path.join(nested, n), "rb").read() for n in outputs}
-    r = run_constrained(command(nested), file_size_limit=4096)
-    expect_error_line(r, nested, "File too large")
-    check(sorted(os.listdir(nested)) == sorted(outputs), f"after a full disk {nested} holds {os.listdir(nested)}")
-    for n in outputs:
-        check(open(os.path.join(nested, n), "rb").read() == before[n], f"{n} changed by the failed write")
-
-
 @test
 def import_output_folder_failures(work):
     hf = os.path.join(work, "hf")
     make_hf(hf, "llama")
-    output_folder_failures(work, lambda out: [PY, IMPORT, hf, out], ["ckpt_import.h5", "config.json"])
+    pyharness.output_folder_failures(work, lambda out: [PY, IMPORT, hf, out], ["ckpt_import.h5", "config.json"])
 
 
 @test
@@ -735,7 +703,7 @@ def export_output_folder_failures(work):
     make_hf(hf, "llama")
     hf_import(hf, out)
     ck = os.path.join(out, "ckpt_import.h5")
-    output_folder_failures(work, lambda o: [PY, EXPORT, ck, o], ["model.safetensors", "config.json"])
+    pyharness.output_folder_failures(work, lambda o: [PY, EXPORT, ck, o], ["model.safetensors", "config.json"])
 
 
 # ---- runner ----------------------------------------------------------------------------------------------

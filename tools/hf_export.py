@@ -24,6 +24,9 @@ import argparse
 import json
 import os
 import struct
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
 
 from tool_common import Fail, check_config, exit_with, make_out_dir, remove_dirs, report, write_text
 

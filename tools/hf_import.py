@@ -33,6 +33,9 @@ import json
 import os
 import re
 import struct
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
 
 from tool_common import Fail, Hdf5Writer, check_config, exit_with, make_out_dir, parse_json, read_json, \
     remove_dirs, report, write_text
