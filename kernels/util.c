@@ -1,10 +1,12 @@
 #include "util.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 /* The process's fatal() hook (util.h): set once at start-up by dist_init, before any other thread
@@ -67,6 +69,26 @@ double wall_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int make_dirs(const char *dir, char *failed, size_t failed_size) {
+    char *p = xstrdup(dir);
+    int err = 0;
+    /* each prefix that ends at a '/' (the leading one of an absolute path excluded), then dir itself */
+    for (char *s = p + 1; *p && !err; s++) {
+        if (*s != '/' && *s) continue;
+        char c = *s;
+        *s = 0;
+        struct stat st;
+        if (mkdir(p, 0755) != 0 && errno != EEXIST) err = errno;
+        else if (stat(p, &st) != 0) err = errno;
+        else if (!S_ISDIR(st.st_mode)) err = ENOTDIR;
+        if (err) snprintf(failed, failed_size, "%s", p);
+        *s = c;
+        if (!c) break;
+    }
+    free(p);
+    return err;
 }
 
 static uint64_t splitmix64(uint64_t *x) {

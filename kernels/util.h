@@ -23,6 +23,11 @@ char *xstrdup(const char *s);
 
 double wall_seconds(void);
 
+/* Create the directory dir and every missing parent (mkdir -p), mode 0755; one that exists is fine. Returns
+ * 0, or an errno value (ENOTDIR when a component exists but is not a directory) with the component that
+ * could not be made in failed[0..failed_size). The caller words the message: it knows what dir is for. */
+int make_dirs(const char *dir, char *failed, size_t failed_size);
+
 /* splitmix64-seeded xoshiro256** generator: deterministic, state is a plain value */
 typedef struct Rng {
     uint64_t s[4];

@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
 """Hugging Face import and export (tools/hf_import.py, tools/hf_export.py, build/forward).
 
-Small random Llama-, Qwen2- (q/k/v biases, tied head) and Qwen3-style (q/k norm, partial rotary,
-head_dim != hidden/heads) models are written in Hugging Face format here (numpy + safetensors, no
-network), imported, run through build/forward, and the logits compared with a float64 numpy forward of
-the same HF weights written from the Hugging Face modeling code's semantics (not from our C code):
-relative error < 1e-4. Also: every bad input (missing tensor, wrong shape, unsupported architecture
-or RoPE scaling, corrupt or truncated safetensors, missing config key, unexpected tensor) exits 1
-with a message naming it and writes nothing to OUT_DIR; export -> import round trips are exact (f32)
-or bf16-rounded; an MSA import loads with fresh index parameters. Prints "N passed, N failed".
+Small random Llama-, Qwen2- (q/k/v biases, tied head) and Qwen3-style (q/k norm, head_dim !=
+hidden/heads) models are written in Hugging Face format here (numpy + safetensors, no network),
+imported, run through build/forward, and the logits compared with a float64 numpy forward of the same
+HF weights written from the Hugging Face modeling code's semantics (not from our C code): relative
+error < 1e-4. Also: every bad input (missing tensor, wrong shape, unsupported architecture or RoPE
+scaling, partial rotary, corrupt, truncated or too deeply nested files, missing config key, unexpected
+tensor, a model build/train would refuse) exits 1 with one error line naming it and writes nothing to
+OUT_DIR; so does an OUT_DIR that is a file, unwritable or on a full disk, for both tools; export ->
+import round trips are exact (f32) or bf16-rounded; an MSA import loads with fresh index parameters.
+Prints "N passed, N failed".
 Run with the project's virtual environment: .venv/bin/python tests/test_import.py
 """
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
+from pyharness import expect_error_line, run_constrained  # noqa: E402
 
 import h5py
 import numpy as np
@@ -49,9 +53,9 @@ FAMILIES = {
     # Qwen2: q/k/v biases, tied head, large theta
     "qwen2": dict(arch="Qwen2ForCausalLM", mtype="qwen2", V=53, C=24, L=2, Hq=6, Hkv=2, D=4, F=36, theta=1e6,
                   eps=1e-6, tie=True, prf=None, bias=True, qk_norm=False, shards=1),
-    # Qwen3: per-head q/k RMSNorm, head_dim 16 != C/Hq = 8, partial rotary (half the head)
+    # Qwen3: per-head q/k RMSNorm, head_dim 16 != C/Hq = 8
     "qwen3": dict(arch="Qwen3ForCausalLM", mtype="qwen3", V=47, C=32, L=3, Hq=4, Hkv=1, D=16, F=48, theta=5e5,
-                  eps=1e-6, tie=False, prf=0.5, bias=False, qk_norm=True, shards=1),
+                  eps=1e-6, tie=False, prf=None, bias=False, qk_norm=True, shards=1),
 }
 
 
@@ -148,14 +152,14 @@ def hf_reference_logits(cfg, t, ids):
     Hkv = cfg.get("num_key_value_heads", Hq)
     D = cfg.get("head_dim") or C // Hq
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
-    rot = int(D * cfg.get("partial_rotary_factor", 1.0))
     T = len(ids)
 
     def rms_norm(x, weight):  # LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps)
         return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
-    # rotary embedding: inv_freq = 1 / theta^(arange(0, rot, 2) / rot), emb = cat(freqs, freqs)
-    inv_freq = 1.0 / theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+    # rotary embedding over the whole head: inv_freq = 1 / theta^(arange(0, D, 2) / D), emb = cat(freqs,
+    # freqs); the four families' modeling code has no partial rotary (hf_import refuses the factor)
+    inv_freq = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
     freqs = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)
     cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
@@ -164,9 +168,8 @@ def hf_reference_logits(cfg, t, ids):
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
         return np.concatenate([-x2, x1], axis=-1)
 
-    def apply_rope(x):  # [T, H, D]; partial: rotate the first `rot` dims, pass the rest
-        xr, xp = x[..., :rot], x[..., rot:]
-        return np.concatenate([xr * cos + rotate_half(xr) * sin, xp], axis=-1)
+    def apply_rope(x):  # [T, H, D]
+        return x * cos + rotate_half(x) * sin
 
     def linear(x, name):
         y = x @ g[name + ".weight"].T
@@ -276,11 +279,11 @@ def qwen2_biases_tied_logits_match_hf(work):
 
 
 @test
-def qwen3_qk_norm_partial_rotary_logits_match_hf(work):
+def qwen3_qk_norm_logits_match_hf(work):
     _, out = import_matches_reference(work, "qwen3")
     with open(os.path.join(out, "config.json")) as f:
         m = json.load(f)["model"]
-    check(m["qk_norm"] is True and m["head_dim"] == 16 and m["rotary_dim"] == 8 and m["d_model"] == 32, f"{m}")
+    check(m["qk_norm"] is True and m["head_dim"] == 16 and m["rotary_dim"] == 0 and m["d_model"] == 32, f"{m}")
 
 
 @test
@@ -404,20 +407,18 @@ def train_starts_from_the_import(work):
 
 
 def expect_fail(work, hf, needles, *extra):
-    """The import exits 1 naming each needle, and neither a new nor an existing OUT_DIR gets a file."""
+    """The import exits 1 with one error line naming each needle, and neither a new OUT_DIR (two levels
+    below a folder that does not exist) nor an existing one gets a file."""
     for existing in (False, True):
-        out = os.path.join(work, "out_existing" if existing else "out_new")
+        out = os.path.join(work, "out_existing" if existing else "out_new/nested")
         if existing:
             os.makedirs(out, exist_ok=True)
         r = run([PY, IMPORT, hf, out, *extra])
-        check(r.returncode == 1, f"exit {r.returncode}, want 1; stderr: {r.stderr}")
-        check(r.stderr.startswith("error: ") and "Traceback" not in r.stderr, f"stderr: {r.stderr}")
-        for n in needles:
-            check(n in r.stderr, f"the message lacks {n!r}: {r.stderr}")
+        expect_error_line(r, *needles)
         if existing:
             check(os.listdir(out) == [], f"files left in OUT_DIR: {os.listdir(out)}")
         else:
-            check(not os.path.exists(out), "OUT_DIR was created")
+            check(not os.path.exists(os.path.dirname(out)), "OUT_DIR or its parent was created")
     return r.stderr
 
 
@@ -502,23 +503,207 @@ def export_refuses_bad_checkpoints(work):
     check(r.returncode == 1 and "--arch qwen3" in r.stderr, r.stderr)
 
 
-@test
-def export_defaults_match_the_config_table(work):
-    """hf_export.py fills keys a config leaves out with train/config.c's defaults."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import hf_export
-
+def help_config_defaults():
+    """{model key: default} from build/train --help-config's table (the trainer's own account of them)."""
     out = must([TRAIN, "--help-config"]).stdout
     defaults = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) >= 4 and cells[0] == "model":
-            defaults[cells[1]] = (cells[2], cells[3].strip("`"))
-    for key, value in hf_export.MODEL_DEFAULTS.items():
-        check(key in defaults, f"model.{key} is not a config key")
-        kind, text = defaults[key]
-        want = {"int": int, "float": float, "bool": lambda s: s == "true", "string": lambda s: s.strip('"')}[kind](text)
-        check(value == want, f"model.{key}: hf_export.py says {value!r}, the config table {want!r}")
+            kind, text = cells[2], cells[3].strip("`")
+            defaults[cells[1]] = {"int": int, "float": float, "bool": lambda v: v == "true",
+                                  "string": lambda v: v.strip('"')}[kind](text)
+    return defaults
+
+
+@test
+def export_fills_left_out_keys_with_the_trainers_defaults(work):
+    """hf_export --config with keys left out exports what build/train would run: its defaults."""
+    hf, out, hf2 = (os.path.join(work, n) for n in ("hf", "out", "hf2"))
+    make_hf(hf, "qwen2")  # eps 1e-6, theta 1e6, tied: not the defaults except the tie
+    hf_import(hf, out)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    for key in ("norm_eps", "rope_theta", "init_std", "tie_embeddings"):
+        del cfg["model"][key]
+    partial = os.path.join(work, "partial.json")
+    with open(partial, "w") as f:
+        json.dump(cfg, f)
+    must([PY, EXPORT, os.path.join(out, "ckpt_import.h5"), hf2, "--config", partial])
+    with open(os.path.join(hf2, "config.json")) as f:
+        c2 = json.load(f)
+    d = help_config_defaults()
+    for hf_key, ours in (("rms_norm_eps", "norm_eps"), ("rope_theta", "rope_theta"), ("initializer_range", "init_std")):
+        check(abs(c2[hf_key] - d[ours]) <= 1e-6 * d[ours], f"{hf_key} = {c2[hf_key]}, the default {d[ours]}")
+    check(c2["tie_word_embeddings"] is d["tie_embeddings"], f"tie_word_embeddings {c2['tie_word_embeddings']}")
+
+
+@test
+def partial_rotary_is_refused_both_ways(work):
+    """transformers' Llama, Mistral, Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor
+    says: the import refuses the key (top level or in rope_parameters), the export a rotary_dim below
+    the head dimension; a factor of 1 is the whole head and imports."""
+    families = (("llama", "LlamaForCausalLM", "llama"), ("llama", "MistralForCausalLM", "mistral"),
+                ("qwen2", "Qwen2ForCausalLM", "qwen2"), ("qwen3", "Qwen3ForCausalLM", "qwen3"))
+    for family, arch, mtype in families:
+        for place in ("top", "rope_parameters"):
+            def edit(c):
+                c.update(architectures=[arch], model_type=mtype)
+                if place == "top":
+                    c["partial_rotary_factor"] = 0.5
+                else:
+                    c["rope_parameters"] = {"rope_type": "default", "rope_theta": c["rope_theta"],
+                                            "partial_rotary_factor": 0.5}
+            hf = mutate(work, f"{mtype}_{place}", family=family, cfg_edit=edit)
+            key = "partial_rotary_factor" if place == "top" else "rope_parameters.partial_rotary_factor"
+            expect_fail(work, hf, [f'"{key}" = 0.5', "config.json"])
+    hf = mutate(work, "factor_one", family="qwen3", cfg_edit=lambda c: c.update(partial_rotary_factor=1.0))
+    out = os.path.join(work, "factor_one_out")
+    hf_import(hf, out)
+
+    # export: a Qwen3-shaped model (head_dim 16) with rotary_dim 8
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model"]["rotary_dim"] = 8
+    partial = os.path.join(work, "partial_rotary.json")
+    with open(partial, "w") as f:
+        json.dump(cfg, f)
+    o = os.path.join(work, "hf_out")
+    r = run([PY, EXPORT, os.path.join(out, "ckpt_import.h5"), o, "--config", partial])
+    expect_error_line(r, partial, "model.rotary_dim = 8", "head dimension 16")
+    check(not os.path.exists(o), "export wrote after refusing")
+
+
+@test
+def import_refuses_what_the_trainer_refuses(work):
+    """A model build/train would not load is refused before anything is written, naming the trainer's key
+    and the Hugging Face key it came from."""
+    cases = (
+        ("head_dim", dict(D=15), ["head dimension 15", 'config key "head_dim"']),
+        ("layers", dict(L=300, C=8, Hq=2, Hkv=1, D=4, F=8, V=11, shards=1),
+         ["model.n_layers = 300", 'config key "num_hidden_layers"']),
+        ("eps", dict(eps=2.0), ["model.norm_eps = 2", 'config key "rms_norm_eps"']),
+        ("theta", dict(theta=1e300), ["model.rope_theta = 1e+300", 'config key "rope_theta"']),
+    )
+    for name, over, needles in cases:
+        hf = os.path.join(work, name)
+        make_hf(hf, "llama", **over)
+        expect_fail(work, hf, ["build/train refuses it", os.path.join(hf, "config.json")] + needles)
+
+
+@test
+def nested_json_fails_cleanly(work):
+    """JSON nested deeper than Python's recursion limit, in every JSON file the import reads."""
+    deep = "[" * 100000 + "]" * 100000
+    hf = mutate(work, "config")
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        f.write(deep)
+    expect_fail(work, hf, ["config.json", "nested"])
+    hf = mutate(work, "index", shards=2)
+    with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
+        f.write('{"weight_map": ' + deep + "}")
+    expect_fail(work, hf, ["model.safetensors.index.json", "nested"])
+    hf = mutate(work, "header")
+    raw = deep.encode()
+    with open(os.path.join(hf, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+    expect_fail(work, hf, ["model.safetensors", "corrupt", "nested"])
+
+
+@test
+def export_refuses_a_config_the_trainer_refuses(work):
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "out")
+    make_hf(hf, "llama")
+    hf_import(hf, out)
+    ck = os.path.join(out, "ckpt_import.h5")
+    o = os.path.join(work, "o")
+    with open(os.path.join(out, "config.json")) as f:
+        good = json.load(f)
+    for name, edit, needles in (("heads0", {"n_heads": 0}, ["model.n_heads = 0"]),
+                                ("string", {"d_model": "128"}, ["model.d_model", "string"])):
+        cfg = json.loads(json.dumps(good))
+        cfg["model"].update(edit)
+        p = os.path.join(work, name + ".json")
+        with open(p, "w") as f:
+            json.dump(cfg, f)
+        expect_error_line(run([PY, EXPORT, ck, o, "--config", p]), p, "build/train refuses it", *needles)
+        check(not os.path.exists(o), f"{name}: export wrote after refusing")
+    p = os.path.join(work, "nested.json")
+    with open(p, "w") as f:
+        f.write('{"model": ' + "[" * 100000 + "]" * 100000 + "}")
+    expect_error_line(run([PY, EXPORT, ck, o, "--config", p]), p, "depth")
+    # the config stored in the checkpoint goes through the same checks
+    bad = os.path.join(work, "bad_stored.h5")
+    shutil.copy(ck, bad)
+    cfg = json.loads(json.dumps(good))
+    cfg["model"]["n_heads"] = 0
+    with h5py.File(bad, "a") as f:
+        f.attrs["config"] = json.dumps(cfg)
+    expect_error_line(run([PY, EXPORT, bad, o]), "(stored config)", "model.n_heads = 0")
+    check(not os.path.exists(o), "export wrote after refusing")
+
+
+@test
+def export_refuses_groups_and_non_tensors(work):
+    """A group, a non-float dataset or a non-scalar attribute where the checkpoint format has a tensor or a
+    string: one error line naming the object."""
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "out")
+    make_hf(hf, "llama")
+    hf_import(hf, out)
+    ck = os.path.join(out, "ckpt_import.h5")
+
+    def group_for(name):
+        def edit(f):
+            del f["params"][name]
+            f["params"].create_group(name)
+        return edit
+
+    def int_tensor(f):
+        a = f["params"]["final_norm"][()]
+        del f["params"]["final_norm"]
+        f["params"].create_dataset("final_norm", data=a.astype(np.int32))
+
+    def params_dataset(f):
+        del f["params"]
+        f.create_dataset("params", data=np.zeros(3, np.float32))
+
+    def array_attr(name):
+        def edit(f):
+            f.attrs[name] = np.array([b"msa-train-checkpoint", b"x"])
+        return edit
+
+    cases = (
+        ("wq_group", group_for("layers.0.attn.wq"), ["params/layers.0.attn.wq", "group", "not a tensor"]),
+        ("wte_group", group_for("wte"), ["params/wte", "tensor"]),
+        ("int_tensor", int_tensor, ["params/final_norm", "int32"]),
+        ("params_dataset", params_dataset, ["not an msa-train checkpoint", "/params"]),
+        ("format_array", array_attr("format"), ["attribute format", "string"]),
+        ("config_array", array_attr("config"), ["attribute config", "string"]),
+    )
+    for name, edit, needles in cases:
+        bad = os.path.join(work, name + ".h5")
+        shutil.copy(ck, bad)
+        with h5py.File(bad, "a") as f:
+            edit(f)
+        o = os.path.join(work, "o_" + name)
+        expect_error_line(run([PY, EXPORT, bad, o]), bad, *needles)
+        check(not os.path.exists(o), f"{name}: export wrote after refusing")
+
+
+@test
+def import_output_folder_failures(work):
+    hf = os.path.join(work, "hf")
+    make_hf(hf, "llama")
+    pyharness.output_folder_failures(work, lambda out: [PY, IMPORT, hf, out], ["ckpt_import.h5", "config.json"])
+
+
+@test
+def export_output_folder_failures(work):
+    hf, out = os.path.join(work, "hf"), os.path.join(work, "imported")
+    make_hf(hf, "llama")
+    hf_import(hf, out)
+    ck = os.path.join(out, "ckpt_import.h5")
+    pyharness.output_folder_failures(work, lambda o: [PY, EXPORT, ck, o], ["model.safetensors", "config.json"])
 
 
 # ---- runner ----------------------------------------------------------------------------------------------

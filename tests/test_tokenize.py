@@ -7,7 +7,8 @@ documents longer than the streaming chunk, --doc-separator, --eos), the train/va
 nothing, the file format (datasets, attributes, growable chunked tokens) is what data/dataset.h
 describes and build/train trains on it (alone and as a data.train_mix of two corpora), memory stays
 bounded on an input much larger than the chunk, and every bad input exits 1 with a message and no
-output file. Prints "N passed, N failed". Run with the project's virtual environment:
+output file; so does an output folder that is a file, unwritable or on a full disk (one error line,
+an earlier output intact), and a missing one is created with its parents. Prints "N passed, N failed". Run with the project's virtual environment:
 .venv/bin/python tests/test_tokenize.py
 """
 import contextlib
@@ -306,6 +307,13 @@ def bad_inputs_fail_cleanly(work):
     open(empty, "w").close()
     expect(["empty input"], "--tokenizer", tk, empty)
     expect(["--val-fraction"], "--tokenizer", tk, "--val-fraction", "1.5", corpus)
+
+
+@test
+def output_folder_failures(work):
+    tk, _, corpus = setup(work)
+    pyharness.output_folder_failures(work, lambda out: [PY, TOOL, "--tokenizer", tk, corpus, out],
+                                     ["train.h5", "val.h5"])
 
 
 def main():

@@ -5,14 +5,20 @@
                                [--dtype f32|bf16|f16] [--max-position N]
 
 Exports the backbone: embedding, attention, SwiGLU FFN, norms and head. MSA index parameters
-(layers.N.index.*) have no Hugging Face counterpart and are dropped; MoE models are refused. The
-config is CONFIG.json when given, else the one stored in the checkpoint. The naming follows the
-config (--arch auto): model.qk_norm -> Qwen3, model.qkv_bias -> Qwen2, otherwise Llama. A partial
-rotary dim is written as partial_rotary_factor. tools/hf_import.py reads the result back to the same
-tensors (tests/test_import.py checks the round trip).
+(layers.N.index.*) have no Hugging Face counterpart and are dropped; MoE models are refused, and so
+is a partial rotary dim (model.rotary_dim below the head dimension): transformers' Llama, Mistral,
+Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor says. The config is CONFIG.json
+when given, else the one stored in the checkpoint; either is read by build/train --check-config (the
+trainer's own checks, its defaults for keys left out). The naming follows the config (--arch auto):
+model.qk_norm -> Qwen3, model.qkv_bias -> Qwen2, otherwise Llama. tools/hf_import.py reads the result
+back to the same tensors (tests/test_import.py checks the round trip).
 
-The safetensors file is written one tensor at a time (header first), so a checkpoint larger than
-memory exports fine; bf16 rounds to nearest even.
+OUT_DIR is created with its parents; model.safetensors and config.json are written under temporary
+names and renamed into place once both are complete. Any problem (a tensor missing, of the wrong shape
+or type, or a group where a tensor belongs; a config the trainer refuses; an OUT_DIR that is a file,
+not writable or on a full disk) ends the program with status 1 and one line naming it. The
+safetensors file is written one tensor at a time (header first), so a checkpoint larger than memory
+exports fine; bf16 rounds to nearest even.
 """
 import argparse
 import json
@@ -20,35 +26,13 @@ import os
 import struct
 import sys
 
-try:
-    import numpy as np
-except ImportError:  # the system python3 rather than the project's environment
-    sys.exit(f"error: {sys.executable} lacks numpy (and the other packages of tools/requirements.txt): "
-             f"run `bash tools/install_deps.sh`, then .venv/bin/python {' '.join(sys.argv)}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
+
+from tool_common import Fail, check_config, exit_with, make_out_dir, remove_dirs, report, write_text
+
+import numpy as np
 
 FORMAT = "msa-train-checkpoint"
-
-# Defaults of the model section's keys (train/config.c's key table; tests/test_import.py checks
-# that they agree with `build/train --help-config`). A config written by hf_import.py names every
-# key, a config written by build/train too; hand-written ones may leave keys out.
-MODEL_DEFAULTS = {
-    "vocab_size": 0,
-    "d_model": 128,
-    "n_layers": 4,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "head_dim": 0,
-    "ffn_dim": 384,
-    "rope_theta": 10000.0,
-    "rotary_dim": 0,
-    "qk_norm": False,
-    "qkv_bias": False,
-    "tie_embeddings": True,
-    "norm_eps": 1e-5,
-    "init_std": 0.02,
-    "attention": "dense",
-    "ffn": "dense",
-}
 
 ARCH = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -61,10 +45,6 @@ ST_DTYPE = {"f32": ("F32", "<f4", 4), "f16": ("F16", "<f2", 2), "bf16": ("BF16",
 TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
-class Fail(Exception):
-    """A problem with the user's input: reported as "error: <message>" with exit status 1."""
-
-
 def to_bf16_bits(a):
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
     u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
@@ -75,30 +55,54 @@ def to_bf16_bits(a):
     return rounded
 
 
-def load_config(ckpt_file, ckpt_path, config_path):
+def string_attr(f, path, name):
+    """A root attribute that must be one string (None when absent)."""
+    v = f.attrs.get(name)
+    if v is None:
+        return None
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v[()]
+    if isinstance(v, bytes):
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Fail(f"{path}: attribute {name} is not UTF-8 text")
+    if not isinstance(v, str):
+        raise Fail(f"{path}: attribute {name} must be a string, got {type(v).__name__} "
+                   f"{getattr(v, 'shape', '')}".rstrip())
+    return v
+
+
+def load_model_config(ckpt_file, ckpt_path, config_path):
+    """(where, model section) of the config build/train accepts: CONFIG.json, else the stored one."""
     if config_path:
-        try:
-            with open(config_path) as f:
-                cfg = json.load(f)
-        except (OSError, ValueError) as e:
-            raise Fail(f"{config_path}: cannot read the config ({e})")
-        where = config_path
-    else:
-        text = ckpt_file.attrs.get("config")
-        if text is None:
-            raise Fail(f"{ckpt_path}: the checkpoint stores no config; pass --config CONFIG.json")
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        try:
-            cfg = json.loads(str(text))
-        except ValueError as e:
-            raise Fail(f"{ckpt_path}: the stored config is not valid JSON ({e})")
-        where = f"{ckpt_path} (stored config)"
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model", {}), dict):
-        raise Fail(f"{where}: not a config (an object with a \"model\" section)")
-    model = dict(MODEL_DEFAULTS)
-    model.update(cfg.get("model", {}))
-    return where, model
+        return config_path, check_config(config_path, config_path)["model"]
+    text = string_attr(ckpt_file, ckpt_path, "config")
+    if text is None:
+        raise Fail(f"{ckpt_path}: the checkpoint stores no config; pass --config CONFIG.json")
+    where = f"{ckpt_path} (stored config)"
+    try:
+        cfg = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise Fail(f"{where}: not valid JSON ({e})")
+    return where, check_config(cfg, where)["model"]
+
+
+def tensor(params, path, name, shape):
+    """params/name as float32, after checking that it is a float dataset of the shape the config needs."""
+    import h5py
+
+    obj = params.get(name)
+    if obj is None:
+        raise Fail(f"{path}: missing tensor params/{name} (the config needs it, shape {list(shape)})")
+    if not isinstance(obj, h5py.Dataset):
+        raise Fail(f"{path}: params/{name} is a {type(obj).__name__.lower()}, not a tensor (a dataset of "
+                   f"shape {list(shape)})")
+    if obj.dtype.kind != "f":
+        raise Fail(f"{path}: params/{name} holds {obj.dtype}, not floating-point numbers")
+    if tuple(obj.shape) != tuple(shape):
+        raise Fail(f"{path}: shape mismatch for params/{name}: {list(obj.shape)}, the config needs {list(shape)}")
+    return obj
 
 
 def hf_names(model, V):
@@ -154,7 +158,6 @@ def choose_arch(model, requested, where):
 
 def hf_config(model, arch, V, dtype, max_position):
     D = model["head_dim"] or model["d_model"] // model["n_heads"]
-    rotary = model["rotary_dim"] or D
     cls, mtype = ARCH[arch]
     cfg = {
         "architectures": [cls],
@@ -176,8 +179,6 @@ def hf_config(model, arch, V, dtype, max_position):
         "attention_dropout": 0.0,
         "torch_dtype": TORCH_DTYPE[dtype],
     }
-    if rotary != D:
-        cfg["partial_rotary_factor"] = rotary / D
     if arch in ("llama", "qwen3"):
         cfg["attention_bias"] = False
     if arch == "llama":
@@ -219,81 +220,91 @@ def main(argv=None):
                     help="Hugging Face family (default: by the config)")
     ap.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32", help="tensor dtype (default f32)")
     ap.add_argument("--max-position", type=int, default=131072, help="max_position_embeddings to write")
-    args = ap.parse_args(argv)
+    return report(run, ap.parse_args(argv))
+
+
+def run(args):
     import h5py
 
+    path = args.checkpoint
+    if not os.path.isfile(path):
+        raise Fail(f"{path}: no such checkpoint file")
     try:
-        path = args.checkpoint
-        if not os.path.isfile(path):
-            raise Fail(f"{path}: no such checkpoint file")
-        try:
-            f = h5py.File(path, "r")
-        except OSError:
-            raise Fail(f"{path}: not an HDF5 file (truncated or corrupt?)")
-        with f:
-            fmt = f.attrs.get("format")
-            if isinstance(fmt, bytes):
-                fmt = fmt.decode()
-            if fmt != FORMAT or "params" not in f:
-                raise Fail(f"{path}: not an msa-train checkpoint (format {fmt!r}, /params "
-                           f"{'present' if 'params' in f else 'absent'})")
-            where, model = load_config(f, path, args.config)
-            if model["ffn"] == "moe":
-                raise Fail(f"{where}: model.ffn = moe: MoE layers have no Llama/Qwen counterpart to export to")
-            params = f["params"]
-            if "wte" not in params:
-                raise Fail(f"{path}: missing tensor params/wte")
-            V = params["wte"].shape[0]
-            if model["vocab_size"] not in (0, V):
-                raise Fail(f"{where}: model.vocab_size = {model['vocab_size']} but params/wte has {V} rows")
-            arch = choose_arch(model, args.arch, where)
-            mapping = hf_names(model, V)
-            for ours, _, shape in mapping:
-                if ours not in params:
-                    raise Fail(f"{path}: missing tensor params/{ours} (the config needs it, shape {list(shape)})")
-                if tuple(params[ours].shape) != tuple(shape):
-                    raise Fail(f"{path}: shape mismatch for params/{ours}: {list(params[ours].shape)}, the config "
-                               f"needs {list(shape)}")
-            known = {ours for ours, _, _ in mapping}
-            dropped = []
-            for name in params:
-                if name in known:
-                    continue
-                if ".index." in name:
-                    dropped.append(name)
-                    continue
-                raise Fail(f"{path}: unexpected tensor params/{name} for this config")
-            to_ours = {hf: ours for ours, hf, _ in mapping}
-            entries = [(hf, shape) for _, hf, shape in mapping]
+        f = h5py.File(path, "r")
+    except OSError:
+        raise Fail(f"{path}: not an HDF5 file (truncated or corrupt?)")
+    with f:
+        fmt = string_attr(f, path, "format")
+        if fmt != FORMAT or not isinstance(f.get("params"), h5py.Group):
+            raise Fail(f"{path}: not an msa-train checkpoint (format {fmt!r}, /params "
+                       f"{'a group' if isinstance(f.get('params'), h5py.Group) else 'not a group'})")
+        where, model = load_model_config(f, path, args.config)
+        if model["ffn"] == "moe":
+            raise Fail(f"{where}: model.ffn = moe: MoE layers have no Llama/Qwen counterpart to export to")
+        D = model["head_dim"] or model["d_model"] // model["n_heads"]
+        if model["rotary_dim"] not in (0, D):
+            raise Fail(f"{where}: model.rotary_dim = {model['rotary_dim']} rotates part of the head dimension {D}: "
+                       f"Hugging Face transformers' Llama, Mistral, Qwen2 and Qwen3 rotate the whole head whatever "
+                       f"partial_rotary_factor says, so no Hugging Face config describes this model")
+        params = f["params"]
+        wte = params.get("wte")
+        if not isinstance(wte, h5py.Dataset) or len(wte.shape) != 2:
+            raise Fail(f"{path}: params/wte must be a tensor [vocab, d_model]")
+        V = wte.shape[0]
+        if model["vocab_size"] not in (0, V):
+            raise Fail(f"{where}: model.vocab_size = {model['vocab_size']} but params/wte has {V} rows")
+        arch = choose_arch(model, args.arch, where)
+        mapping = hf_names(model, V)
+        tensors = {ours: tensor(params, path, ours, shape) for ours, _, shape in mapping}
+        dropped = []
+        for name in params:
+            if name in tensors:
+                continue
+            if ".index." in name:
+                dropped.append(name)
+                continue
+            raise Fail(f"{path}: unexpected tensor params/{name} for this config")
+        to_ours = {hf: ours for ours, hf, _ in mapping}
+        entries = [(hf, shape) for _, hf, shape in mapping]
 
-            created = not os.path.exists(args.out_dir)
-            os.makedirs(args.out_dir, exist_ok=True)
-            st_path = os.path.join(args.out_dir, "model.safetensors")
-            cfg_path = os.path.join(args.out_dir, "config.json")
-            tmps = [st_path + ".tmp", cfg_path + ".tmp"]
+        def read(hf):
             try:
-                write_safetensors(tmps[0], entries, lambda hf: params[to_ours[hf]][()].astype(np.float32),
-                                  args.dtype)
-                with open(tmps[1], "w") as out:
-                    json.dump(hf_config(model, arch, V, args.dtype, args.max_position), out, indent=2)
-                    out.write("\n")
-                os.replace(tmps[0], st_path)
-                os.replace(tmps[1], cfg_path)
-            except BaseException:
-                for t in tmps:
-                    if os.path.exists(t):
-                        os.unlink(t)
-                if created and not os.listdir(args.out_dir):
-                    os.rmdir(args.out_dir)
-                raise
-    except Fail as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+                return tensors[to_ours[hf]][()].astype(np.float32)
+            except OSError as e:
+                raise Fail(f"{path}: cannot read params/{to_ours[hf]} ({e})")
+
+        write_outputs(args.out_dir, entries, read, hf_config(model, arch, V, args.dtype, args.max_position),
+                      args.dtype)
     print(f"hf_export: {path} -> {args.out_dir} ({ARCH[arch][0]}, {len(entries)} tensors, {args.dtype})")
     if dropped:
         print(f"  dropped {len(dropped)} MSA index tensors (no Hugging Face counterpart)")
-    return 0
+
+
+def write_outputs(out_dir, entries, read, config, dtype):
+    """OUT_DIR/model.safetensors and config.json, under temporary names until both are complete: a failure
+    leaves OUT_DIR as it was (and removes the folders this call created)."""
+    created = make_out_dir(out_dir)
+    st_path = os.path.join(out_dir, "model.safetensors")
+    cfg_path = os.path.join(out_dir, "config.json")
+    tmps = [st_path + ".tmp", cfg_path + ".tmp"]
+    try:
+        try:
+            write_safetensors(tmps[0], entries, read, dtype)
+        except OSError as e:
+            raise Fail(f"{tmps[0]}: cannot write ({e.strerror})")
+        write_text(tmps[1], json.dumps(config, indent=2) + "\n")
+        for tmp, final in zip(tmps, (st_path, cfg_path)):
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                raise Fail(f"{final}: cannot rename {tmp} into place ({e.strerror})")
+    except BaseException:
+        for t in tmps:
+            if os.path.exists(t):
+                os.unlink(t)
+        remove_dirs(created)
+        raise
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -7,7 +7,9 @@
 HF_DIR holds config.json and the weights as model.safetensors, or as shards listed by
 model.safetensors.index.json (any *.safetensors files when neither exists). Supported families:
 Llama, Mistral, Qwen2 (q/k/v biases -> model.qkv_bias) and Qwen3 (per-head q/k RMSNorm ->
-model.qk_norm), with plain RoPE (full or partial rotary dim).
+model.qk_norm), with plain RoPE over the whole head: Hugging Face transformers does not implement
+partial_rotary_factor for these four (5.x rotates the whole head anyway, 4.57 crashes), so a config
+that sets it describes no model transformers runs, and is refused.
 
 Writes
     OUT_DIR/ckpt_import.h5   /params/<name> f32 and the root attributes format, version, step = 0 and
@@ -16,11 +18,15 @@ Writes
 With --attention msa the checkpoint still holds only the backbone: the MSA index parameters are
 absent and start freshly initialised when the model loads it (train.init_from, build/forward).
 
+OUT_DIR is created with its parents. The config written is first put to build/train --check-config:
+a model the trainer would refuse (an odd head dimension, more layers than it takes, rms_norm_eps above
+1, a rope_theta beyond float range) is refused here, naming the key.
+
 Every problem with the input (missing config key, missing or unexpected tensor, shape mismatch,
-corrupt safetensors file, unsupported architecture or RoPE scaling) ends the program with status 1 and
-a message naming the file and the tensor, before anything is written to OUT_DIR. The weights are read
-one tensor at a time straight from the safetensors files (their headers are checked first), so a
-model larger than memory imports fine.
+corrupt safetensors file, unsupported architecture or RoPE scaling) or with OUT_DIR (a file, no
+permission, a full disk) ends the program with status 1 and one line naming the file and the tensor,
+and leaves OUT_DIR as it was. The weights are read one tensor at a time straight from the safetensors
+files (their headers are checked first), so a model larger than memory imports fine.
 """
 import argparse
 import json
@@ -29,11 +35,12 @@ import re
 import struct
 import sys
 
-try:
-    import numpy as np
-except ImportError:  # the system python3 rather than the project's environment
-    sys.exit(f"error: {sys.executable} lacks numpy (and the other packages of tools/requirements.txt): "
-             f"run `bash tools/install_deps.sh`, then .venv/bin/python {' '.join(sys.argv)}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
+
+from tool_common import Fail, Hdf5Writer, check_config, exit_with, make_out_dir, parse_json, read_json, \
+    remove_dirs, report, write_text
+
+import numpy as np
 
 FORMAT = "msa-train-checkpoint"
 VERSION = 1
@@ -51,10 +58,6 @@ ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("
 
 # the largest safetensors JSON header we accept: the format itself caps it at 100 MB
 MAX_HEADER = 100 * 1000 * 1000
-
-
-class Fail(Exception):
-    """A problem with the user's input: reported as "error: <message>" with exit status 1."""
 
 
 # ---- safetensors ---------------------------------------------------------------------------------
@@ -77,10 +80,7 @@ class SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise Fail(f"{path}: cannot read ({e.strerror})")
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise Fail(f"{path}: corrupt safetensors file (the header is not JSON)")
+        header = parse_json(raw, f"{path}: corrupt safetensors file: the header")
         if not isinstance(header, dict):
             raise Fail(f"{path}: corrupt safetensors file (the header is not a JSON object)")
         header.pop("__metadata__", None)
@@ -131,11 +131,8 @@ class Weights:
         self.where = {}
         if os.path.exists(index):
             self.source = index
-            try:
-                with open(index) as f:
-                    wm = json.load(f).get("weight_map")
-            except (OSError, ValueError, AttributeError) as e:
-                raise Fail(f"{index}: not a valid index file ({e})")
+            content = read_json(index)
+            wm = content.get("weight_map") if isinstance(content, dict) else None
             if not isinstance(wm, dict) or not wm:
                 raise Fail(f"{index}: no \"weight_map\" object")
             files = {}
@@ -185,13 +182,7 @@ def read_hf_config(hf_dir, allow_sliding_window):
         raise Fail(f"{hf_dir}: not a directory (expected a Hugging Face model directory)")
     if not os.path.isfile(path):
         raise Fail(f"{path}: missing (a Hugging Face model directory holds config.json)")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except ValueError as e:
-        raise Fail(f"{path}: not valid JSON ({e})")
-    except OSError as e:
-        raise Fail(f"{path}: cannot read ({e.strerror})")
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise Fail(f"{path}: the top level is not a JSON object")
 
@@ -256,15 +247,14 @@ def read_hf_config(hf_dir, allow_sliding_window):
             raise Fail(f"{path}: unsupported {key} {kind!r}: msa-train implements plain RoPE only "
                        f"(no linear/dynamic/yarn/llama3 scaling)")
     theta = number("rope_theta", cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
-    factor = cfg.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
-    factor = number("partial_rotary_factor", factor)
-    # HF computes int(head_dim * factor); rounding first keeps 0.6 * 10 (= 6.000000000000001) and
-    # 0.7 * 10 from landing one off through binary fractions
-    product = head_dim * factor
-    rotary_dim = round(product) if abs(product - round(product)) < 1e-6 else int(product)
-    if factor > 1 or rotary_dim < 2 or rotary_dim % 2:
-        raise Fail(f"{path}: partial_rotary_factor = {factor} gives rotary dim {rotary_dim} of head_dim "
-                   f"{head_dim}; it must be even and between 2 and head_dim")
+    # transformers' Llama, Mistral, Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor
+    # says (5.x; 4.57 crashes on it): a factor below 1 describes a model no Hugging Face code runs
+    for key, spec in (("partial_rotary_factor", cfg), ("rope_parameters.partial_rotary_factor", rope_params)):
+        factor = spec.get("partial_rotary_factor")
+        if factor is not None and factor != 1:
+            raise Fail(f"{path}: config key \"{key}\" = {factor!r}: Hugging Face transformers does not implement "
+                       f"partial rotary for {family} (it rotates the whole head), so which model this is cannot "
+                       f"be told; remove the key to import it with RoPE over the whole head")
 
     # features the model does not have
     if family == "mistral" and cfg.get("sliding_window") is not None and not allow_sliding_window:
@@ -294,7 +284,7 @@ def read_hf_config(hf_dir, allow_sliding_window):
         "head_dim": head_dim,
         "ffn_dim": ffn,
         "rope_theta": theta,
-        "rotary_dim": rotary_dim,
+        "rotary_dim": 0,  # the whole head
         "qk_norm": False,    # set from the tensors present
         "qkv_bias": False,   # set from the tensors present
         "tie_embeddings": tie,
@@ -377,66 +367,81 @@ def plan_import(weights, model):
     return mapping
 
 
-# ---- MSA options ----------------------------------------------------------------------------------------
+# ---- the trainer's checks ------------------------------------------------------------------------------
 
-def check_selector(sel, n_layers):
-    """The layer selector grammar of train/config.c: all, none, 3-, 1-4, 0,2,5, 0,3-5."""
-    if sel in ("all", "none"):
-        return
-    for part in sel.split(","):
-        m = re.fullmatch(r"(\d+)(-(\d*))?", part)
-        if not m:
-            raise Fail(f"--msa-layers {sel!r}: not a layer selector (all, none, 3-, 1-4, 0,2,5)")
-        lo = int(m.group(1))
-        hi = lo if m.group(2) is None else (int(m.group(3)) if m.group(3) else n_layers - 1)
-        if lo > hi or hi >= n_layers:
-            raise Fail(f"--msa-layers {sel!r}: layers must be in 0..{n_layers - 1}, ranges ascending")
+# where each key of the written config comes from, so that the trainer's refusal names what to change
+SOURCES = {
+    "model.vocab_size": 'config key "vocab_size"',
+    "model.d_model": 'config key "hidden_size"',
+    "model.n_layers": 'config key "num_hidden_layers"',
+    "model.n_heads": 'config key "num_attention_heads"',
+    "model.n_kv_heads": 'config key "num_key_value_heads"',
+    "model.head_dim": 'config key "head_dim" (or hidden_size / num_attention_heads)',
+    "model.ffn_dim": 'config key "intermediate_size"',
+    "model.rope_theta": 'config key "rope_theta"',
+    "model.norm_eps": 'config key "rms_norm_eps"',
+    "model.init_std": 'config key "initializer_range"',
+    "model.msa_layers": "--msa-layers",
+    "msa.block_size": "--block-size",
+    "msa.topk_blocks": "--topk-blocks",
+    "msa.index_dim": "--index-dim",
+}
 
 
-def msa_section(args, model):
-    check_selector(args.msa_layers, model["n_layers"])
-    for key in ("block_size", "topk_blocks", "index_dim"):
-        if getattr(args, key) <= 0:
-            raise Fail(f"--{key.replace('_', '-')} must be positive")
-    if args.index_dim % 2:
-        raise Fail(f"--index-dim {args.index_dim} must be even (RoPE)")
-    return {"block_size": args.block_size, "topk_blocks": args.topk_blocks, "index_dim": args.index_dim}
+def check_with_trainer(config, hf_config_path):
+    """build/train --check-config on the config about to be written; its refusal names the source too."""
+    try:
+        check_config(config, f"{hf_config_path}: the imported model")
+    except Fail as e:
+        msg = str(e)
+        found = [(msg.find(key), key) for key in SOURCES if key in msg]
+        if found:
+            key = min(found)[1]
+            msg += f" ({key} comes from {SOURCES[key]})"
+        raise Fail(msg)
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
 
 def write_outputs(out_dir, weights, mapping, config, hf_dir):
-    import h5py  # imported late: the checks above run without it
-
-    created = not os.path.exists(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    """OUT_DIR/ckpt_import.h5 and config.json, each written under a temporary name and renamed into place once
+    both are complete: a failure leaves OUT_DIR as it was (and removes the folders this call created)."""
+    created = make_out_dir(out_dir)
     ckpt = os.path.join(out_dir, "ckpt_import.h5")
     cfg_path = os.path.join(out_dir, "config.json")
     tmp_ckpt, tmp_cfg = ckpt + ".tmp", cfg_path + ".tmp"
     text = json.dumps(config, indent=2) + "\n"
+    writer = None
     try:
-        with h5py.File(tmp_ckpt, "w") as f:
-            g = f.create_group("params")
-            for hf, ours, _ in mapping:
-                a = weights.read(hf)
-                if not np.all(np.isfinite(a)):
-                    raise Fail(f"{weights.file_of(hf)}: tensor {hf} holds NaN or Inf values")
-                g.create_dataset(ours, data=a.astype("<f4", copy=False))
+        writer = Hdf5Writer(tmp_ckpt)
+        f = writer.file
+        with writer.writing():
+            g = writer.hold(f.create_group("params"))
+        for hf, ours, _ in mapping:
+            a = weights.read(hf)
+            if not np.all(np.isfinite(a)):
+                raise Fail(f"{weights.file_of(hf)}: tensor {hf} holds NaN or Inf values")
+            with writer.writing():
+                writer.hold(g.create_dataset(ours, data=a.astype("<f4", copy=False)))
+        with writer.writing():
             f.attrs["format"] = FORMAT
             f.attrs["version"] = np.int32(VERSION)
             f.attrs["step"] = np.int64(0)
             f.attrs["config"] = text
             f.attrs["imported_from"] = os.path.abspath(hf_dir)
-        with open(tmp_cfg, "w") as f:
-            f.write(text)
-        os.replace(tmp_ckpt, ckpt)
-        os.replace(tmp_cfg, cfg_path)
+        writer.close()
+        write_text(tmp_cfg, text)
+        for tmp, final in ((tmp_ckpt, ckpt), (tmp_cfg, cfg_path)):
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                raise Fail(f"{final}: cannot rename {tmp} into place ({e.strerror})")
     except BaseException:
-        for p in (tmp_ckpt, tmp_cfg):
-            if os.path.exists(p):
-                os.unlink(p)
-        if created and not os.listdir(out_dir):
-            os.rmdir(out_dir)
+        if writer is not None:
+            writer.discard()
+        if os.path.exists(tmp_cfg):
+            os.unlink(tmp_cfg)
+        remove_dirs(created)
         raise
     return ckpt, cfg_path
 
@@ -458,19 +463,20 @@ def main(argv=None):
     ap.add_argument("--allow-sliding-window", action="store_true",
                     help="import a sliding-window model as full attention")
     args = ap.parse_args(argv)
-    try:
-        _, family, model = read_hf_config(args.hf_dir, args.allow_sliding_window)
-        weights = Weights(args.hf_dir)
-        mapping = plan_import(weights, model)
-        model["attention"] = args.attention
-        config = {"model": model}
-        if args.attention == "msa":
-            model["msa_layers"] = args.msa_layers
-            config["msa"] = msa_section(args, model)
-        ckpt, cfg_path = write_outputs(args.out_dir, weights, mapping, config, args.hf_dir)
-    except Fail as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return report(run, args)
+
+
+def run(args):
+    hf_config_path, family, model = read_hf_config(args.hf_dir, args.allow_sliding_window)
+    weights = Weights(args.hf_dir)
+    mapping = plan_import(weights, model)
+    model["attention"] = args.attention
+    config = {"model": model}
+    if args.attention == "msa":
+        model["msa_layers"] = args.msa_layers
+        config["msa"] = {"block_size": args.block_size, "topk_blocks": args.topk_blocks, "index_dim": args.index_dim}
+    check_with_trainer(config, hf_config_path)
+    ckpt, cfg_path = write_outputs(args.out_dir, weights, mapping, config, args.hf_dir)
     n_params = sum(int(np.prod(s)) for _, _, s in mapping)
     print(f"hf_import: {args.hf_dir} ({family}, {model['n_layers']} layers, d_model {model['d_model']}, heads "
           f"{model['n_heads']}/{model['n_kv_heads']}, {n_params / 1e6:.2f}M parameters"
@@ -478,8 +484,7 @@ def main(argv=None):
     print(f"  {ckpt}: {len(mapping)} tensors")
     print(f"  {cfg_path}: attention {args.attention}"
           + (f" (layers {args.msa_layers}; index parameters start fresh)" if args.attention == "msa" else ""))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

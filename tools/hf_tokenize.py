@@ -19,28 +19,25 @@ gives back the exact text.
 
 Each file holds: tokens int32 (chunked, shuffle + deflate), doc_offsets int64, attributes vocab_size
 (int32) and tokenizer ("hf:<name>", at most 31 characters), and the dataset tokenizer_json (the
-tokenizer itself, as bytes) so the tokens can be decoded later. Written as NAME.h5.tmp and renamed
-into place once complete and checked; any problem exits 1 with a message and leaves no output file.
+tokenizer itself, as bytes) so the tokens can be decoded later. OUTDIR is created with its parents;
+each file is written as NAME.h5.tmp and renamed into place once both are complete and checked. Any
+problem (bad input; an OUTDIR that is a file, not writable or on a full disk) exits 1 with one error
+line and leaves OUTDIR as it was.
 """
 import argparse
-import json
 import os
 import sys
 
-try:
-    import numpy as np
-except ImportError:  # the system python3 rather than the project's environment
-    sys.exit(f"error: {sys.executable} lacks numpy (and the other packages of tools/requirements.txt): "
-             f"run `bash tools/install_deps.sh`, then .venv/bin/python {' '.join(sys.argv)}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
+
+from tool_common import Fail, Hdf5Writer, exit_with, make_out_dir, remove_dirs, report
+
+import numpy as np
 
 CHUNK_TOKENS = 1 << 16  # HDF5 chunk of the tokens dataset (256 KiB of int32), as prepare_text
 FLUSH_TOKENS = 1 << 20  # tokens buffered in memory before they are appended to the file
 PIECE_BYTES = 1 << 16   # longest text the tokenizer encodes as one sequence
 DEFLATE_LEVEL = 6
-
-
-class Fail(Exception):
-    """A problem with the user's input: reported as "error: <message>" with exit status 1."""
 
 
 # ---- input ----------------------------------------------------------------------------------------------
@@ -50,7 +47,10 @@ def input_files(path):
         raise Fail(f"{path}: no such file or directory")
     if not os.path.isdir(path):
         return [path]
-    names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+    try:
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+    except OSError as e:
+        raise Fail(f"{path}: cannot list the folder ({e.strerror})")
     files = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
     if not files:
         raise Fail(f"{path}: no text files in the directory")
@@ -146,25 +146,34 @@ class TokenWriter:
     """One token file, grown as tokens arrive (written to path.tmp; the caller renames it)."""
 
     def __init__(self, path, vocab_size, name, tokenizer_json):
-        import h5py
-
         self.path, self.tmp = path, path + ".tmp"
-        self.f = h5py.File(self.tmp, "w")
-        self.tokens = self.f.create_dataset("tokens", shape=(0,), maxshape=(None,), dtype="<i4",
-                                            chunks=(CHUNK_TOKENS,), shuffle=True, compression="gzip",
-                                            compression_opts=DEFLATE_LEVEL)
-        self.offsets = self.f.create_dataset("doc_offsets", shape=(0,), maxshape=(None,), dtype="<i8",
-                                             chunks=(1 << 14,), compression="gzip", compression_opts=DEFLATE_LEVEL)
-        self.f.attrs.create("vocab_size", np.int32(vocab_size))
-        # a fixed-length string, as prepare_text writes (dataset.c reads both kinds)
-        self.f.attrs.create("tokenizer", np.bytes_(name.encode("utf-8")))
-        self.f.create_dataset("tokenizer_json", data=np.frombuffer(tokenizer_json, dtype=np.uint8),
-                              compression="gzip", compression_opts=DEFLATE_LEVEL)
+        self.out = Hdf5Writer(self.tmp)
+        try:
+            self.create(vocab_size, name, tokenizer_json)
+        except BaseException:
+            self.out.discard()
+            raise
         self.n_tokens = 0       # in the file and the buffer
         self.n_docs = 0
         self.buf, self.buf_len = [], 0
         self.off_buf = []
         self.in_doc = False     # the current document has tokens
+
+    def create(self, vocab_size, name, tokenizer_json):
+        f = self.out.file
+        with self.out.writing():
+            self.tokens = self.out.hold(f.create_dataset(
+                "tokens", shape=(0,), maxshape=(None,), dtype="<i4", chunks=(CHUNK_TOKENS,), shuffle=True,
+                compression="gzip", compression_opts=DEFLATE_LEVEL))
+            self.offsets = self.out.hold(f.create_dataset(
+                "doc_offsets", shape=(0,), maxshape=(None,), dtype="<i8", chunks=(1 << 14,), compression="gzip",
+                compression_opts=DEFLATE_LEVEL))
+            f.attrs.create("vocab_size", np.int32(vocab_size))
+            # a fixed-length string, as prepare_text writes (dataset.c reads both kinds)
+            f.attrs.create("tokenizer", np.bytes_(name.encode("utf-8")))
+            self.out.hold(f.create_dataset("tokenizer_json", data=np.frombuffer(tokenizer_json, dtype=np.uint8),
+                                           compression="gzip", compression_opts=DEFLATE_LEVEL))
+        self.out.flush()
 
     def add(self, start, ids, eos):
         if start and self.in_doc:
@@ -190,29 +199,26 @@ class TokenWriter:
         self.in_doc = False
 
     def flush(self):
-        for ds, parts in ((self.tokens, self.buf), (self.offsets, self.off_buf)):
-            if not len(parts):
-                continue
-            a = np.concatenate(parts) if ds is self.tokens else np.asarray(parts, dtype=np.int64)
-            n = ds.shape[0]
-            ds.resize((n + a.size,))
-            ds[n:] = a
+        with self.out.writing():
+            for ds, parts in ((self.tokens, self.buf), (self.offsets, self.off_buf)):
+                if not len(parts):
+                    continue
+                a = np.concatenate(parts) if ds is self.tokens else np.asarray(parts, dtype=np.int64)
+                n = ds.shape[0]
+                ds.resize((n + a.size,))
+                ds[n:] = a
+        self.out.flush()  # a full disk shows here, one buffer at a time
         self.buf, self.buf_len, self.off_buf = [], 0, []
 
     def finish(self, eos):
         self.end_doc(eos)
         self.off_buf.append(self.n_tokens)
         self.flush()
-        self.f.close()
-        self.f = None
+        self.out.close()
         check_file(self.tmp)
 
     def abort(self):
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self.out.discard()
 
 
 def check_file(path):
@@ -244,8 +250,11 @@ def run(args):
 
     if not os.path.isfile(args.tokenizer):
         raise Fail(f"{args.tokenizer}: no such tokenizer file")
-    with open(args.tokenizer, "rb") as f:
-        tok_json = f.read()
+    try:
+        with open(args.tokenizer, "rb") as f:
+            tok_json = f.read()
+    except OSError as e:
+        raise Fail(f"{args.tokenizer}: cannot read ({e.strerror})")
     try:
         tok = Tokenizer.from_str(tok_json.decode("utf-8"))
     except Exception as e:  # the Rust library raises plain Exceptions
@@ -270,8 +279,7 @@ def run(args):
         raise Fail(f"{args.input}: no text (empty input)")
     split_at = int(total * (1 - args.val_fraction)) if args.val_fraction > 0 else None
 
-    created = not os.path.exists(args.outdir)
-    os.makedirs(args.outdir, exist_ok=True)
+    created = make_out_dir(args.outdir)
     name = tokenizer_name(args)
     outs = []
     try:
@@ -306,12 +314,14 @@ def run(args):
         for w in outs:
             w.finish(eos)
         for w in outs:  # only once every file is complete and checked
-            os.replace(w.tmp, w.path)
+            try:
+                os.replace(w.tmp, w.path)
+            except OSError as e:
+                raise Fail(f"{w.path}: cannot rename {w.tmp} into place ({e.strerror})")
     except BaseException:
         for w in outs:
             w.abort()
-        if created and not os.listdir(args.outdir):
-            os.rmdir(args.outdir)
+        remove_dirs(created)
         raise
     print(f"hf_tokenize: {args.input}: {len(files)} file{'s' if len(files) != 1 else ''}, {total} bytes, "
           f"tokenizer {name} (vocab {vocab})")
@@ -331,14 +341,8 @@ def main(argv=None):
     ap.add_argument("--doc-separator", help="also split files into documents at this string")
     ap.add_argument("--eos", help="token appended to every document, e.g. \"<|endoftext|>\"")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20, help="bytes read and tokenised at a time")
-    args = ap.parse_args(argv)
-    try:
-        run(args)
-    except Fail as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return report(run, ap.parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

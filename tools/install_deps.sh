@@ -3,7 +3,7 @@
 # a C compiler and make, jansson (configs), HDF5 (data, checkpoints), OpenBLAS (CPU GEMMs),
 # OpenMPI (dist/: mpicc's flags for the build, mpirun for distributed runs and tests/test_dist),
 # pkg-config, and Python 3 with venv for the tools (tools/hf_import.py, hf_export.py,
-# hf_tokenize.py). The tools' PyPI packages (tools/requirements.txt) go into a virtual environment
+# hf_tokenize.py, plot_run.py). The tools' PyPI packages (tools/requirements.txt) go into a virtual environment
 # at .venv in the repository (Debian refuses system-wide pip installs, PEP 668); `make test` runs
 # the Python tests with .venv/bin/python. Needs root (or sudo) for apt. Safe to run again: installs
 # only what is missing.
@@ -26,7 +26,8 @@ else
 fi
 
 # Python packages of the tools, in .venv (kept out of git)
-if .venv/bin/python -c 'import numpy, h5py, safetensors, tokenizers' >/dev/null 2>&1; then
+modules=$(sed -e 's/#.*//' -e 's/[<>=!~ ].*//' tools/requirements.txt | grep . | paste -sd, -)
+if .venv/bin/python -c "import $modules" >/dev/null 2>&1; then
     echo "install_deps: .venv already has the tools' Python packages"
 else
     # the python3 on PATH (it may be a pyenv one), else Debian's own

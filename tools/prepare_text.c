@@ -213,22 +213,6 @@ static void write_token_file(const char *path, const int32_t *tokens, int64_t n,
     free(w.path);
 }
 
-static void make_dirs(const char *dir) {
-    char *p = xstrdup(dir);
-    for (char *s = p + 1;; s++) {
-        if (*s == '/' || !*s) {
-            char c = *s;
-            *s = 0;
-            if (mkdir(p, 0755) != 0 && errno != EEXIST) fatal("%s: cannot create the directory (%s)", p, strerror(errno));
-            *s = c;
-            if (!c) break;
-        }
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) fatal("%s: not a directory", dir);
-    free(p);
-}
-
 static void parse_args(Options *o, int argc, char **argv) {
     *o = (Options){.tokenizer = "char", .val_fraction = 0.1};
     for (int i = 1; i < argc; i++) {
@@ -316,7 +300,9 @@ int main(int argc, char **argv) {
     tr_off[n_tr_docs] = n_train;
     va_off[n_va_docs] = n_val;
 
-    make_dirs(o.outdir);
+    char failed[4096];
+    int err = make_dirs(o.outdir, failed, sizeof failed);
+    if (err) fatal("%s: cannot create the directory %s (%s)", o.outdir, failed, strerror(err));
     char *train_path = xmalloc(strlen(o.outdir) + 16), *val_path = xmalloc(strlen(o.outdir) + 16);
     sprintf(train_path, "%s/train.h5", o.outdir);
     sprintf(val_path, "%s/val.h5", o.outdir);

@@ -3,8 +3,10 @@
  *   build/train CONFIG.json [--set section.key=value]... [--resume]   train (or continue a run)
  *   mpirun -np N build/train CONFIG.json ...                           the same on N ranks (dist.*)
  *   build/train --help | --help-config                                 usage | every config key
+ *   build/train --check-config CONFIG.json [--set ...]                 validate; print the effective config
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../kernels/util.h"
@@ -14,6 +16,9 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: build/train CONFIG.json [--set section.key=value]... [--resume]\n"
             "       build/train --help-config      (every config key, its default and meaning)\n"
+            "       build/train --check-config CONFIG.json [--set section.key=value]...\n"
+            "                                      (the checks a run makes of the keys, without data or\n"
+            "                                      checkpoints; prints the effective config as JSON)\n"
             "Trains the decoder-only transformer the config describes, prints a progress line per\n"
             "log step and the validation loss every train.eval_every steps. Example:\n"
             "  build/train configs/shakespeare_char.json --set train.steps=100\n"
@@ -55,9 +60,10 @@ static int train_main(int argc, char **argv, Dist *dist) {
     memset(&run, 0, sizeof run);
     run.dist = dist;
     config_defaults(&run.cfg);
-    bool resume = false;
+    bool resume = false, check_only = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--resume")) resume = true; /* applied after the config file is read */
+        else if (!strcmp(argv[i], "--check-config")) check_only = true;
         else if (!strcmp(argv[i], "--set")) {
             if (i + 1 >= argc) fatal("--set needs section.key=value");
             if (!run.config_path) fatal("--set must come after the config file");
@@ -75,6 +81,14 @@ static int train_main(int argc, char **argv, Dist *dist) {
         return 2;
     }
     if (resume) run.cfg.train.resume = true;
+    if (check_only) {
+        /* tools/hf_import.py and hf_export.py ask this before they write a model: the trainer's own rules */
+        config_validate(&run.cfg);
+        char *json = config_to_json(&run.cfg);
+        if (dist->rank == 0) puts(json);
+        free(json);
+        return 0;
+    }
     run_init(&run);
     run_train(&run);
     if (!run.stopped) run_sample(&run); /* rank 0's (and its expert-parallel peers') */

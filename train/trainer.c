@@ -671,10 +671,10 @@ void run_init(Run *r) {
         fatal("%s: train.resume needs train.out_dir (the directory whose newest checkpoint to resume)", src);
     if (c->train.save_best && !c->train.out_dir[0])
         fatal("%s: train.save_best needs train.out_dir (the directory ckpt_best.h5 goes to)", src);
-    if (c->train.out_dir[0] && is_rank0(r) && mkdir(c->train.out_dir, 0755) != 0) {
-        struct stat st;
-        if (stat(c->train.out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
-            fatal("train.out_dir \"%s\": cannot create the directory", c->train.out_dir);
+    if (c->train.out_dir[0] && is_rank0(r)) {
+        char failed[CFG_STR];
+        int err = make_dirs(c->train.out_dir, failed, sizeof failed);
+        if (err) fatal("train.out_dir \"%s\": cannot create the directory %s (%s)", c->train.out_dir, failed, strerror(err));
     }
 
     r->be = select_backend(c->train.device);
