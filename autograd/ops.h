@@ -53,20 +53,20 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
 Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *plan, Tensor *cu_seqlens,
                          const MsaParams *p, Tensor **lse_out);
 
-/* MSA KL alignment: scalar weight * mean_{t,g} KL(teacher || student); teacher from q, k, lse
- * (detached: no gradient to them); gradient only to qi and ki. */
+/* What the MSA KL forward computes: loss = weight * kl (recorded: its gradient goes to qi and ki), kl the
+ * unweighted mean KL (the metric; not recorded), idx_lse [Hkv, N] the student's log-normaliser over the
+ * selected tokens (saved for the backward). loss is kl itself when weight is 1. */
+typedef struct MsaKlForward {
+    Tensor *loss, *kl, *idx_lse;
+} MsaKlForward;
+
+/* MSA KL alignment: the scalar weight * mean_{t,g} KL(teacher || student); teacher from q, k, lse
+ * (detached: no gradient to them); gradient only to qi and ki. fwd (NULL: not wanted) gets what the
+ * forward computed; given loss and idx_lse of an earlier forward over the same inputs (a checkpointed
+ * block's replay, layers/msa.c), it records the op with them instead of running the kernel again, and
+ * sets kl to NULL. */
 Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight);
-/* op_msa_kl in its two halves, for a checkpointed block that keeps the forward's results for its replay
- * (train/model.c): _outputs runs the kernel (the weighted loss [1] and the student's log-normaliser
- * idx_lse [Hkv, N]) and records nothing; _given records the op from such results, computed now or by an
- * earlier forward over the same inputs. op_msa_kl is _outputs then _given. */
-void op_msa_kl_outputs(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                       Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor **loss,
-                       Tensor **idx_lse);
-Tensor *op_msa_kl_given(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                        Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *loss,
-                        Tensor *idx_lse);
+                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, MsaKlForward *fwd);
 
 /* ---- MoE feed-forward (train/moe.c). N tokens, E experts, k experts per token. ---- */
 

@@ -616,7 +616,7 @@ typedef struct {
 
 static Tensor *f_msa_kl(Engine *e, Tensor **in, void *ctx) {
     MsaKlCtx *c = ctx;
-    return op_msa_kl(e, c->q, c->k, c->lse, in[0], in[1], c->topk, NULL, c->cu, &c->p, c->weight);
+    return op_msa_kl(e, c->q, c->k, c->lse, in[0], in[1], c->topk, NULL, c->cu, &c->p, c->weight, NULL);
 }
 
 /* The teacher normaliser the way a layer produces it: the sparse forward's lse for a selection,
@@ -685,7 +685,7 @@ TEST(msa_kl_gives_no_gradient_to_teacher) {
         eng->be->msa_indexer(tk, qi, ki, cu, &p);
         Tensor *lse = NULL;
         Tensor *out = op_msa_attention(eng, q, k, v, tk, NULL, cu, &p, &lse);
-        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 2.5f);
+        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 2.5f, NULL);
         if (mode != 2) eng->be->axpy(engine_grad(eng, out), R, 1.0f);
         if (mode != 0) {
             Tensor *one = engine_empty(eng, DT_F64, SHAPE(1));
@@ -733,7 +733,7 @@ TEST(msa_kl_matches_reference) {
             cpu_backend.msa_kl_forward(kl, il, q, k, lse, qi, ki, tk, NULL, cu, &p);
             double got = tensor_get(kl, 0), eil = rel_err(il->data, ref_il, il->numel);
             engine_reset(eng);
-            Tensor *w = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 0.25f);
+            Tensor *w = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 0.25f, NULL);
             double wv = tensor_item(eng, w);
             free(ref_il);
             test_tensor_free(kl);
@@ -774,7 +774,7 @@ TEST(msa_kl_zero_when_student_equals_teacher) {
         zero_grad(qi);
         zero_grad(ki);
         engine_reset(eng);
-        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 1.0f);
+        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 1.0f, NULL);
         double val = tensor_item(eng, kl);
         engine_backward(eng, kl);
         double gq = test_norm(qi->grad), gk = test_norm(ki->grad);
@@ -872,7 +872,7 @@ TEST(msa_hand_example) {
     engine_reset(eng);
     Tensor *lse = NULL;
     op_msa_attention(eng, q, k, v, NULL, NULL, cu, &p, &lse);
-    engine_backward(eng, op_msa_kl(eng, q, k, lse, qi, ki, NULL, NULL, cu, &p, 1.0f));
+    engine_backward(eng, op_msa_kl(eng, q, k, lse, qi, ki, NULL, NULL, cu, &p, 1.0f, NULL));
     double zs = 0, gerr = 0;
     for (int j = 0; j < N; j++) zs += exp(Sidx[j]);
     for (int j = 0; j < N; j++) {

@@ -211,7 +211,7 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
     Tensor *plan = engine_empty(&e, DT_I32, SHAPE(Hkv, msa_plan_width(T, p.topk_blocks)));
     be->msa_plan(plan, topk, tcu, &p);
     Tensor *out = op_msa_attention(&e, tq, tk, tv, topk, plan, tcu, &p, &lse);
-    Tensor *kl = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, plan, tcu, &p, kl_weight);
+    Tensor *kl = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, plan, tcu, &p, kl_weight, NULL);
     /* seed L = sum(out * dout) + kl in one walk of the tape (two separate backward calls would run
      * the KL node twice) */
     be->axpy(engine_grad(&e, out), tdout, 1.0f);
@@ -243,7 +243,7 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
     if (kl_weight != 0) write_dataset(o, out_path, "kl_unweighted", 0, NULL, &klu, 0);
     else { /* weight 0 hides the value: compute it once more, unweighted, without recording */
         engine_set_grad(&e, false);
-        Tensor *raw = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, plan, tcu, &p, 1.0f);
+        Tensor *raw = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, plan, tcu, &p, 1.0f, NULL);
         const float v0 = (float)tensor_item(&e, raw);
         write_dataset(o, out_path, "kl_unweighted", 0, NULL, &v0, 0);
     }

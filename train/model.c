@@ -264,30 +264,28 @@ static Tensor *msa_attention(Engine *e, Model *m, LayerParams *L, Tensor *h, Ten
         topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, m->msa.topk_blocks));
         if (reuse) e->be->copy(topk->data, replay_part(rp, 0), tensor_bytes(topk));
         else e->be->msa_indexer(topk, qi, ki, in->cu_seqlens, &m->msa);
-        engine_op_end(e, PROF_msa_indexer);
+        engine_op_end_named(e, "msa_indexer");
         /* the reverse map, built once here and shared by the attention and KL, forward and backward */
         engine_op_begin(e);
         plan = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, m->msa.topk_blocks)));
         if (reuse) e->be->copy(plan->data, replay_part(rp, 1), tensor_bytes(plan));
         else e->be->msa_plan(plan, topk, in->cu_seqlens, &m->msa);
-        engine_op_end(e, PROF_msa_plan);
+        engine_op_end_named(e, "msa_plan");
         out = op_msa_attention(e, q, k, v, topk, plan, in->cu_seqlens, &m->msa, &lse);
     }
     float w = m->msa_cfg.kl_weight;
-    Tensor *kl_loss, *idx_lse;
+    MsaKlForward kf = {0};
     if (reuse) {
         engine_op_begin(e);
-        kl_loss = engine_empty(e, stat_dtype(qi->dtype), SHAPE(1));
-        idx_lse = engine_empty(e, stat_dtype(qi->dtype), SHAPE(Hkv, N));
-        e->be->copy(idx_lse->data, replay_part(rp, 2), tensor_bytes(idx_lse));
-        e->be->copy(kl_loss->data, replay_part(rp, 3), tensor_bytes(kl_loss));
+        kf.loss = engine_empty(e, stat_dtype(qi->dtype), SHAPE(1));
+        kf.idx_lse = engine_empty(e, stat_dtype(qi->dtype), SHAPE(Hkv, N));
+        e->be->copy(kf.idx_lse->data, replay_part(rp, 2), tensor_bytes(kf.idx_lse));
+        e->be->copy(kf.loss->data, replay_part(rp, 3), tensor_bytes(kf.loss));
         engine_op_end(e, OP_msa_kl);
         rp->valid = false; /* one replay per kept forward */
-    } else {
-        op_msa_kl_outputs(e, q, k, lse, qi, ki, topk, plan, in->cu_seqlens, &m->msa, w, &kl_loss, &idx_lse);
     }
-    if (e->checkpoint_forward) replay_keep(e->be, rp, topk, plan, idx_lse, kl_loss, m->msa_dense);
-    *kl = op_msa_kl_given(e, q, k, lse, qi, ki, topk, plan, in->cu_seqlens, &m->msa, w, kl_loss, idx_lse);
+    *kl = op_msa_kl(e, q, k, lse, qi, ki, topk, plan, in->cu_seqlens, &m->msa, w, &kf);
+    if (e->checkpoint_forward) replay_keep(e->be, rp, topk, plan, kf.idx_lse, kf.loss, m->msa_dense);
     if (m->collect_metrics && !e->recomputing) {
         if (w > 0) m->metrics.kl_sum += tensor_item(e, *kl) / w;
         m->metrics.layers++;
