@@ -59,7 +59,7 @@ typedef struct Engine {
     bool recomputing;  /* inside a checkpointed segment's backward recompute: skip side effects
                           such as metrics, which the forward already collected */
     bool checkpoint_forward; /* inside a checkpointed segment's first forward, which its backward will
-                                replay: a segment may keep what the replay can reuse (train/model.c) */
+                                replay: a segment may keep what the replay can reuse (layers/msa.c) */
     struct Profiler *prof; /* the step profiler while the trainer profiles a step, else NULL */
 } Engine;
 

@@ -1,4 +1,4 @@
-/* Context parallelism, head-parallel (the DeepSpeed-Ulysses scheme; train/model.c wires it): the P ranks
+/* Context parallelism, head-parallel (the DeepSpeed-Ulysses scheme; layers/attention.c wires it): the P ranks
  * of a cp group share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P) for every op
  * but attention. Around attention two all-to-alls turn the sequence split into a head split and back:
  *

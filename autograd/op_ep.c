@@ -1,4 +1,4 @@
-/* Expert parallelism (issue 7; train/moe.c wires it): the P ranks of an expert-parallel group route
+/* Expert parallelism (issue 7; layers/moe.c wires it): the P ranks of an expert-parallel group route
  * different tokens, and rank r holds the routed experts [r*El, (r+1)*El) of the E = P*El experts. After
  * the local routing and permutation (op_moe_permute: the N*k assignment rows of this rank grouped by
  * expert 0..E-1), two all-to-alls take the rows to their experts' owners and the outputs back:

@@ -1,6 +1,6 @@
 /* The MoE ops: router scores, Top-k selection and the routing plan (not differentiable), combine
  * weights, permute / unpermute between token order and the expert-grouped order, the grouped
- * expert linear, and the balance and z-losses. train/moe.c composes them into the MoE layer.
+ * expert linear, and the balance and z-losses. layers/moe.c composes them into the MoE layer.
  *
  * Dropless routing: each of the N*k token-expert assignments gets its own row of the grouped
  * buffer, so experts process segments of variable length (offsets) and nothing is truncated. */

@@ -68,7 +68,7 @@ typedef struct MsaKlForward {
 Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
                   Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, MsaKlForward *fwd);
 
-/* ---- MoE feed-forward (train/moe.c). N tokens, E experts, k experts per token. ---- */
+/* ---- MoE feed-forward (layers/moe.c). N tokens, E experts, k experts per token. ---- */
 
 /* The routing of one MoE layer's tokens, built once per forward and shared by its ops:
  * idx i32 [N,k] the chosen experts (slot j = rank j), offsets i32 [E+1] the expert segments of the
@@ -102,7 +102,7 @@ Tensor *op_moe_z_loss(Engine *e, Tensor *logits);
 /* y = x + b, b [last dim of x] added to every row (the q/k/v biases of Qwen2-family models) */
 Tensor *op_bias_add(Engine *e, Tensor *x, Tensor *b);
 
-/* ---- context parallelism, head-parallel (autograd/op_cp.c; train/model.c). The P ranks of the group g
+/* ---- context parallelism, head-parallel (autograd/op_cp.c; layers/attention.c, layers/msa.c). The P ranks of the group g
  * (a Comm, kernels/comm.h) share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P). A
  * group of one rank returns x itself. ---- */
 /* x [N/P, H, D] (this rank's tokens, every head) -> [N, H/P, D] (every token, heads [r*H/P, (r+1)*H/P)) */
@@ -112,7 +112,7 @@ Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const Comm *g);
 /* x [n, ...] -> [P*n, ...]: every rank's rows in rank order; backward: the gradient reduce-scattered (sum) */
 Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g);
 
-/* ---- expert parallelism (autograd/op_ep.c; train/moe.c). The P ranks of the expert-parallel group g
+/* ---- expert parallelism (autograd/op_ep.c; layers/moe.c). The P ranks of the expert-parallel group g
  * (a Comm, kernels/comm.h) route different tokens; rank r holds the routed experts [r*El, (r+1)*El),
  * E = P*El. A group of one rank needs no Comm implementation (comm_single). ---- */
 typedef struct EpDispatch {

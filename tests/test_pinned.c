@@ -124,6 +124,13 @@ static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
     return h;
 }
 
+/* The sum of the values a statistic had (0: none) */
+static double metric_sum(const Metrics *m, const char *name) {
+    for (int i = 0; i < m->n; i++)
+        if (!strcmp(m->name[i], name)) return m->sum[i];
+    return 0;
+}
+
 static Pinned run_case(const PinCase *pc) {
     Run r;
     memset(&r, 0, sizeof r);
@@ -146,15 +153,16 @@ static Pinned run_case(const PinCase *pc) {
     const size_t bytes = (size_t)ps->numel * dtype_size(ps->dtype);
     p.params_hash = fnv1a(0xcbf29ce484222325ULL, ps->data, bytes);
     p.grads_hash = fnv1a(0xcbf29ce484222325ULL, ps->grad, bytes);
-    for (int l = 0; l < r.model.cfg.n_layers; l++)
-        if (r.model.layers[l].moe)
-            p.bias_hash = fnv1a(p.bias_hash ? p.bias_hash : 0xcbf29ce484222325ULL, r.model.layers[l].moe_p.bias,
-                                (size_t)r.model.layers[l].moe_p.num_experts * sizeof(float));
-    MsaMetrics mm;
-    p.val_loss = run_evaluate(&r, &mm);
-    p.kl_sum = mm.kl_sum;
-    p.recall_sum = mm.recall_sum;
-    p.dense_loss = mm.has_dense_loss ? mm.dense_loss : 0;
+    for (int l = 0; l < r.model.cfg.n_layers; l++) {
+        const MoeLayer *ml = moe_layer_of(&r.model.layers[l].ffn);
+        if (ml) p.bias_hash = fnv1a(p.bias_hash ? p.bias_hash : 0xcbf29ce484222325ULL, ml->p.bias,
+                                    (size_t)ml->p.num_experts * sizeof(float));
+    }
+    EvalMetrics em;
+    p.val_loss = run_evaluate(&r, &em);
+    p.kl_sum = metric_sum(&em.layers, "kl");
+    p.recall_sum = metric_sum(&em.layers, "recall");
+    p.dense_loss = em.has_dense_loss ? em.dense_loss : 0;
     run_free(&r);
     return p;
 }
