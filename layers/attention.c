@@ -105,8 +105,6 @@ static Tensor *dense_forward(void *self, Engine *e, Tensor *x, const LayerContex
 }
 
 const LayerKind attention_dense = {
-    .name = "dense",
-    .role = LAYER_ATTENTION,
     .size = sizeof(AttentionFrame),
     .requires = attention_requires,
     .declare = dense_declare,

@@ -34,8 +34,6 @@ static Tensor *ffn_forward(void *self, Engine *e, Tensor *x, const LayerContext 
 }
 
 const LayerKind ffn_dense = {
-    .name = "dense",
-    .role = LAYER_FFN,
     .size = sizeof(DenseFfn),
     .declare = ffn_declare,
     .forward = ffn_forward,

@@ -11,8 +11,12 @@
 #include "layers.def"
 #undef LAYER
 
-static const LayerKind *const KINDS[] = {
-#define LAYER(role, name, kind) &kind,
+static const struct {
+    LayerRole role;
+    const char *name;
+    const LayerKind *kind;
+} KINDS[] = {
+#define LAYER(role, name, kind) {LAYER_##role, #name, &kind},
 #include "layers.def"
 #undef LAYER
 };
@@ -35,7 +39,7 @@ const char layer_ffn_names[] =
 
 const LayerKind *layer_kind(LayerRole role, const char *name) {
     for (int i = 0; i < N_KINDS; i++)
-        if (KINDS[i]->role == role && !strcmp(KINDS[i]->name, name)) return KINDS[i];
+        if (KINDS[i].role == role && !strcmp(KINDS[i].name, name)) return KINDS[i].kind;
     return NULL;
 }
 

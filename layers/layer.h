@@ -66,9 +66,9 @@ typedef struct LayerContext {
     Metrics *metrics;   /* where statistics go; NULL: none. Replays (Engine.recomputing) add none */
 } LayerContext;
 
+/* A variant; its name (the config's value of model.attention or model.ffn) and its role are its line in
+ * layers.def. */
 typedef struct LayerKind {
-    const char *name; /* the config's value (model.attention or model.ffn) */
-    LayerRole role;
     size_t size;      /* bytes of the variant's state, zeroed before declare */
     /* true when `backend` can run this variant as cfg describes; else false with the reason in why (the
      * config key, its value and the limit it breaks). NULL: no condition. */

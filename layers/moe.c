@@ -311,8 +311,6 @@ static void moe_layer_free(void *self) {
 }
 
 const LayerKind ffn_moe = {
-    .name = "moe",
-    .role = LAYER_FFN,
     .size = sizeof(MoeLayer),
     .requires = moe_requires,
     .declare = moe_layer_declare,

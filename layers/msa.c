@@ -243,8 +243,6 @@ static bool msa_requires(Device backend, const RunConfig *c, char *why, size_t n
 static void msa_free(void *self) { msa_replay_free(&((MsaLayer *)self)->replay); }
 
 const LayerKind attention_msa = {
-    .name = "msa",
-    .role = LAYER_ATTENTION,
     .size = sizeof(MsaLayer),
     .requires = msa_requires,
     .declare = msa_declare,

@@ -91,8 +91,6 @@ static bool window_requires(Device backend, const RunConfig *c, char *why, size_
 }
 
 const LayerKind attention_window = {
-    .name = "window",
-    .role = LAYER_ATTENTION,
     .size = sizeof(WindowLayer),
     .requires = window_requires,
     .declare = window_declare,
