@@ -50,7 +50,7 @@ endif
 CFLAGS += $(HDF5_CFLAGS) $(BLAS_CFLAGS) $(MPI_CFLAGS)
 LDLIBS := $(HDF5_LIBS) -ljansson $(BLAS_LIBS) $(MPI_LIBS) $(LDLIBS)
 
-LIB_SRC  := $(wildcard kernels/*.c kernels/cpu/*.c autograd/*.c data/*.c train/*.c dist/*.c)
+LIB_SRC  := $(wildcard kernels/*.c kernels/cpu/*.c autograd/*.c layers/*.c data/*.c train/*.c dist/*.c)
 LIB_SRC  := $(filter-out train/main.c,$(LIB_SRC))
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 LIB      := $(BUILD)/libmsa.a

@@ -20,35 +20,32 @@ typedef enum {
     OP_COUNT
 } OpKind;
 
-/* Profiled work that is no tape op (no node, no backward rule), timed under its own name by the step
- * profiler (autograd/profile.h): numbered after the ops so that one table holds both. */
-typedef enum {
-    PROF_msa_indexer = OP_COUNT, /* MSA block Top-k selection (KernelBackend.msa_indexer) */
-    PROF_msa_plan,               /* MSA reverse map of the selection (KernelBackend.msa_plan) */
-    PROF_moe_topk,               /* op_moe_topk */
-    PROF_moe_plan,               /* op_moe_plan */
-    PROF_ep_dispatch_plan,       /* op_ep_dispatch_plan (a collective: the per-expert row counts) */
-    PROF_KIND_COUNT
-} ProfExtraKind;
-
 /* When an op's time was spent: its forward, its forward replayed by a checkpointed segment's backward
  * (Engine.recomputing), or its backward rule. */
 typedef enum { PROF_FORWARD, PROF_RECOMPUTE, PROF_BACKWARD, PROF_PHASES } ProfPhase;
 
 #define NODE_MAX_IN 8
 #define NODE_MAX_OUT 2
-#define NODE_MAX_SAVED 4
+#define NODE_PARAMS_BYTES 96
 
+/* One recorded op. Everything its backward rule needs besides inputs and outputs (scalars, saved
+ * tensors such as rstd or lse, pointers such as a checkpoint's function) is the op's own params struct,
+ * declared in its autograd/op_<name>.c and reached by name through NODE_PARAMS. */
 typedef struct Node {
     OpKind op;
     int n_in, n_out;
     Tensor *in[NODE_MAX_IN];       /* NULL entries allowed (optional inputs) */
     Tensor *out[NODE_MAX_OUT];
-    Tensor *saved[NODE_MAX_SAVED]; /* extra tensors the backward needs (rstd, lse, ...) */
-    double f[6];                   /* op scalars */
-    int64_t i[6];
-    const void *ptr[3];            /* op pointers (checkpoint: function and its closure) */
+    union {
+        unsigned char bytes[NODE_PARAMS_BYTES];
+        double align_double;
+        void *align_pointer;
+    } params;
 } Node;
+
+/* The params of node n as the op's struct T (zeroed by engine_record); a T larger than the node's room
+ * does not compile. */
+#define NODE_PARAMS(n, T) ((T *)(void *)((n)->params.bytes + 0 * sizeof(char[sizeof(T) <= NODE_PARAMS_BYTES ? 1 : -1])))
 
 typedef struct Engine {
     const KernelBackend *be;
@@ -62,7 +59,7 @@ typedef struct Engine {
     bool recomputing;  /* inside a checkpointed segment's backward recompute: skip side effects
                           such as metrics, which the forward already collected */
     bool checkpoint_forward; /* inside a checkpointed segment's first forward, which its backward will
-                                replay: a segment may keep what the replay can reuse (train/model.c) */
+                                replay: a segment may keep what the replay can reuse (layers/msa.c) */
     struct Profiler *prof; /* the step profiler while the trainer profiles a step, else NULL */
 } Engine;
 
@@ -103,8 +100,8 @@ static inline void engine_backward(Engine *e, Tensor *loss) { engine_backward_fr
 void engine_backward_tape(Engine *e, int from);
 
 /* Step profiler hooks (autograd/profile.h). Every op_* function calls engine_op_begin before its work
- * and engine_op_end(e, its kind) after it (op kind, or a ProfExtraKind for untaped work); the engine
- * brackets each backward rule itself. With no profiler attached they cost one NULL test. */
+ * and engine_op_end(e, its kind) after it (untaped work: engine_op_end_named); the engine brackets
+ * each backward rule itself. With no profiler attached they cost one NULL test. */
 void profiler_begin(struct Profiler *p);
 void profiler_end(struct Profiler *p, int kind, ProfPhase phase);
 static inline void engine_op_begin(Engine *e) {
@@ -112,6 +109,13 @@ static inline void engine_op_begin(Engine *e) {
 }
 static inline void engine_op_end(Engine *e, int kind) {
     if (e->prof) profiler_end(e->prof, kind, e->recomputing ? PROF_RECOMPUTE : PROF_FORWARD);
+}
+/* The same for profiled work that is no tape op (no node, no backward rule: the MSA and MoE selections
+ * and plans, the expert-parallel dispatch plan), timed under a name of its own: a string that lives as
+ * long as the program (a literal). The profiler numbers such names after the ops as they first occur. */
+void profiler_end_named(struct Profiler *p, const char *name, ProfPhase phase);
+static inline void engine_op_end_named(Engine *e, const char *name) {
+    if (e->prof) profiler_end_named(e->prof, name, e->recomputing ? PROF_RECOMPUTE : PROF_FORWARD);
 }
 
 /* Switch gradient recording; returns the previous state (to restore). */

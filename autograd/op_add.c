@@ -20,6 +20,10 @@ void backward_add(Engine *e, Node *n) {
     }
 }
 
+typedef struct ScaleParams {
+    float alpha;
+} ScaleParams;
+
 Tensor *op_scale(Engine *e, Tensor *x, float alpha) {
     engine_op_begin(e);
     Tensor *out = engine_empty_like(e, x);
@@ -27,7 +31,7 @@ Tensor *op_scale(Engine *e, Tensor *x, float alpha) {
     e->be->scale(out, alpha);
     if (engine_wants_grad(e, &x, 1)) {
         Node *n = engine_record(e, OP_scale, &x, 1, &out, 1);
-        n->f[0] = alpha;
+        NODE_PARAMS(n, ScaleParams)->alpha = alpha;
     }
     engine_op_end(e, OP_scale);
     return out;
@@ -35,5 +39,5 @@ Tensor *op_scale(Engine *e, Tensor *x, float alpha) {
 
 void backward_scale(Engine *e, Node *n) {
     Tensor *gx = engine_grad(e, n->in[0]);
-    if (gx) e->be->axpy(gx, n->out[0]->grad, (float)n->f[0]);
+    if (gx) e->be->axpy(gx, n->out[0]->grad, NODE_PARAMS(n, ScaleParams)->alpha);
 }

@@ -5,6 +5,11 @@
 #include "../kernels/util.h"
 #include "ops.h"
 
+typedef struct AttentionParams {
+    Tensor *lse; /* [Hq, N] */
+    float scale;
+} AttentionParams;
+
 Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
                      Tensor **lse_out) {
     if (q->ndim != 3) fatal("attention: q must be [N, Hq, D], got %d dims", q->ndim);
@@ -34,8 +39,7 @@ Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seql
     Tensor *in[4] = {q, k, v, cu_seqlens};
     if (engine_wants_grad(e, in, 3)) {
         Node *n = engine_record(e, OP_attention, in, 4, &out, 1);
-        n->saved[0] = lse;
-        n->f[0] = scale;
+        *NODE_PARAMS(n, AttentionParams) = (AttentionParams){lse, scale};
     }
     engine_op_end(e, OP_attention);
     if (lse_out) *lse_out = lse;
@@ -45,7 +49,7 @@ Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seql
 void backward_attention(Engine *e, Node *n) {
     Tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
     Tensor *gq = engine_grad(e, q), *gk = engine_grad(e, k), *gv = engine_grad(e, v);
+    const AttentionParams *ap = NODE_PARAMS(n, AttentionParams);
     if (gq || gk || gv)
-        e->be->attention_backward(gq, gk, gv, n->out[0]->grad, q, k, v, n->out[0], n->saved[0], n->in[3],
-                                  (float)n->f[0]);
+        e->be->attention_backward(gq, gk, gv, n->out[0]->grad, q, k, v, n->out[0], ap->lse, n->in[3], ap->scale);
 }

@@ -13,6 +13,11 @@
 #include "../kernels/util.h"
 #include "ops.h"
 
+typedef struct CheckpointParams {
+    SegmentFn fn;
+    const void *closure;
+} CheckpointParams;
+
 Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, Tensor **aux_out) {
     const bool record = e->grad_enabled;
     /* profiled, the block's ops open brackets of their own inside this one: checkpoint's self time is
@@ -44,15 +49,15 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
 
     Tensor *outs[2] = {y, has_aux ? aux : NULL};
     Node *n = engine_record(e, OP_checkpoint, &x, 1, outs, 2);
-    n->ptr[0] = (const void *)fn;
-    n->ptr[1] = closure;
+    *NODE_PARAMS(n, CheckpointParams) = (CheckpointParams){fn, closure};
     engine_op_end(e, OP_checkpoint);
     return y;
 }
 
 void backward_checkpoint(Engine *e, Node *n) {
-    SegmentFn fn = (SegmentFn)n->ptr[0];
-    const void *closure = n->ptr[1];
+    const CheckpointParams *cp = NODE_PARAMS(n, CheckpointParams);
+    SegmentFn fn = cp->fn;
+    const void *closure = cp->closure;
     Tensor *x = n->in[0], *gy = n->out[0]->grad, *gaux = n->out[1] ? n->out[1]->grad : NULL;
     engine_grad(e, x); /* allocate x's gradient outside the region released below */
 

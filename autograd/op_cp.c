@@ -1,4 +1,4 @@
-/* Context parallelism, head-parallel (the DeepSpeed-Ulysses scheme; train/model.c wires it): the P ranks
+/* Context parallelism, head-parallel (the DeepSpeed-Ulysses scheme; layers/attention.c wires it): the P ranks
  * of a cp group share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P) for every op
  * but attention. Around attention two all-to-alls turn the sequence split into a head split and back:
  *
@@ -45,6 +45,11 @@ static Tensor *exchange(Engine *e, const Tensor *x, const Comm *g, bool to_heads
     return out;
 }
 
+typedef struct CpExchangeParams {
+    const Comm *group;
+    bool to_heads; /* the forward's direction: token split -> head split */
+} CpExchangeParams;
+
 static Tensor *cp_exchange(Engine *e, Tensor *x, const Comm *g, bool to_heads) {
     const char *op = to_heads ? "cp_seq_to_heads" : "cp_heads_to_seq";
     if (!g) fatal("%s: no context-parallel group", op);
@@ -59,8 +64,7 @@ static Tensor *cp_exchange(Engine *e, Tensor *x, const Comm *g, bool to_heads) {
     Tensor *out = exchange(e, x, g, to_heads);
     if (engine_wants_grad(e, &x, 1)) {
         Node *n = engine_record(e, OP_cp_exchange, &x, 1, &out, 1);
-        n->ptr[0] = g;
-        n->i[0] = to_heads;
+        *NODE_PARAMS(n, CpExchangeParams) = (CpExchangeParams){g, to_heads};
     }
     engine_op_end(e, OP_cp_exchange);
     return out;
@@ -72,9 +76,14 @@ Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const Comm *g) { return cp_exch
 void backward_cp_exchange(Engine *e, Node *n) {
     /* the input requires grad (the node exists), so gx is there on every rank and the collective runs on all */
     Tensor *gx = engine_grad(e, n->in[0]);
-    Tensor *back = exchange(e, n->out[0]->grad, n->ptr[0], !n->i[0]);
+    const CpExchangeParams *cp = NODE_PARAMS(n, CpExchangeParams);
+    Tensor *back = exchange(e, n->out[0]->grad, cp->group, !cp->to_heads);
     e->be->axpy(gx, back, 1.0f);
 }
+
+typedef struct CpAllGatherParams {
+    const Comm *group;
+} CpAllGatherParams;
 
 Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g) {
     if (!g) fatal("cp_all_gather: no context-parallel group");
@@ -87,7 +96,7 @@ Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g) {
     g->all_gather(g, x->data, out->data, x->numel, x->dtype, x->device);
     if (engine_wants_grad(e, &x, 1)) {
         Node *n = engine_record(e, OP_cp_all_gather, &x, 1, &out, 1);
-        n->ptr[0] = g;
+        NODE_PARAMS(n, CpAllGatherParams)->group = g;
     }
     engine_op_end(e, OP_cp_all_gather);
     return out;
@@ -96,7 +105,7 @@ Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g) {
 void backward_cp_all_gather(Engine *e, Node *n) {
     Tensor *x = n->in[0], *gx = engine_grad(e, x);
     Tensor *part = engine_empty_like(e, x);
-    const Comm *g = n->ptr[0];
+    const Comm *g = NODE_PARAMS(n, CpAllGatherParams)->group;
     g->reduce_scatter_sum(g, n->out[0]->grad->data, part->data, x->numel, x->dtype, x->device);
     e->be->axpy(gx, part, 1.0f);
 }

@@ -3,6 +3,12 @@
 #include "../kernels/util.h"
 #include "ops.h"
 
+typedef struct CrossEntropyParams {
+    Tensor *lse; /* [N] */
+    int ignore_index;
+    int64_t n_valid; /* rows whose target counts */
+} CrossEntropyParams;
+
 Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_index) {
     if (targets->dtype != DT_I32) fatal("cross_entropy: targets must be i32");
     if (targets->numel != tensor_rows(logits))
@@ -15,9 +21,7 @@ Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_
     if (engine_wants_grad(e, &logits, 1)) {
         Tensor *in[2] = {logits, targets};
         Node *n = engine_record(e, OP_cross_entropy, in, 2, &loss, 1);
-        n->saved[0] = lse;
-        n->i[0] = ignore_index;
-        n->i[1] = n_valid;
+        *NODE_PARAMS(n, CrossEntropyParams) = (CrossEntropyParams){lse, ignore_index, n_valid};
     }
     engine_op_end(e, OP_cross_entropy);
     return loss;
@@ -25,5 +29,6 @@ Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_
 
 void backward_cross_entropy(Engine *e, Node *n) {
     Tensor *gl = engine_grad(e, n->in[0]);
-    if (gl) e->be->cross_entropy_backward(gl, n->out[0]->grad, n->in[0], n->saved[0], n->in[1], (int)n->i[0], n->i[1]);
+    const CrossEntropyParams *cp = NODE_PARAMS(n, CrossEntropyParams);
+    if (gl) e->be->cross_entropy_backward(gl, n->out[0]->grad, n->in[0], cp->lse, n->in[1], cp->ignore_index, cp->n_valid);
 }

@@ -1,4 +1,4 @@
-/* Expert parallelism (issue 7; train/moe.c wires it): the P ranks of an expert-parallel group route
+/* Expert parallelism (issue 7; layers/moe.c wires it): the P ranks of an expert-parallel group route
  * different tokens, and rank r holds the routed experts [r*El, (r+1)*El) of the E = P*El experts. After
  * the local routing and permutation (op_moe_permute: the N*k assignment rows of this rank grouped by
  * expert 0..E-1), two all-to-alls take the rows to their experts' owners and the outputs back:
@@ -115,7 +115,7 @@ EpDispatch *op_ep_dispatch_plan(Engine *e, const MoePlan *plan, const Comm *g) {
         free(order);
     }
     free(local_off);
-    engine_op_end(e, PROF_ep_dispatch_plan);
+    engine_op_end_named(e, "ep_dispatch_plan");
     return d;
 }
 
@@ -168,13 +168,18 @@ static Tensor *from_owners(Engine *e, const EpDispatch *d, const Tensor *yr) {
     return ys;
 }
 
+/* ep_dispatch and ep_return: the dispatch plan both directions follow */
+typedef struct EpParams {
+    const EpDispatch *dispatch;
+} EpParams;
+
 Tensor *op_ep_dispatch(Engine *e, Tensor *xs, const EpDispatch *d) {
     check_shape("ep_dispatch", "xs", xs, SHAPE(d->rows_in, -1));
     engine_op_begin(e);
     Tensor *xr = to_owners(e, d, xs);
     if (engine_wants_grad(e, &xs, 1)) {
         Node *n = engine_record(e, OP_ep_dispatch, &xs, 1, &xr, 1);
-        n->ptr[0] = d;
+        NODE_PARAMS(n, EpParams)->dispatch = d;
     }
     engine_op_end(e, OP_ep_dispatch);
     return xr;
@@ -183,7 +188,7 @@ Tensor *op_ep_dispatch(Engine *e, Tensor *xs, const EpDispatch *d) {
 void backward_ep_dispatch(Engine *e, Node *n) {
     /* the input requires grad (the node exists), so gx is there on every rank and the collective runs on all */
     Tensor *gx = engine_grad(e, n->in[0]);
-    e->be->axpy(gx, from_owners(e, n->ptr[0], n->out[0]->grad), 1.0f);
+    e->be->axpy(gx, from_owners(e, NODE_PARAMS(n, EpParams)->dispatch, n->out[0]->grad), 1.0f);
 }
 
 Tensor *op_ep_return(Engine *e, Tensor *yr, const EpDispatch *d) {
@@ -192,7 +197,7 @@ Tensor *op_ep_return(Engine *e, Tensor *yr, const EpDispatch *d) {
     Tensor *ys = from_owners(e, d, yr);
     if (engine_wants_grad(e, &yr, 1)) {
         Node *n = engine_record(e, OP_ep_return, &yr, 1, &ys, 1);
-        n->ptr[0] = d;
+        NODE_PARAMS(n, EpParams)->dispatch = d;
     }
     engine_op_end(e, OP_ep_return);
     return ys;
@@ -200,5 +205,5 @@ Tensor *op_ep_return(Engine *e, Tensor *yr, const EpDispatch *d) {
 
 void backward_ep_return(Engine *e, Node *n) {
     Tensor *gy = engine_grad(e, n->in[0]);
-    e->be->axpy(gy, to_owners(e, n->ptr[0], n->out[0]->grad), 1.0f);
+    e->be->axpy(gy, to_owners(e, NODE_PARAMS(n, EpParams)->dispatch, n->out[0]->grad), 1.0f);
 }

@@ -1,11 +1,15 @@
 /* The MoE ops: router scores, Top-k selection and the routing plan (not differentiable), combine
  * weights, permute / unpermute between token order and the expert-grouped order, the grouped
- * expert linear, and the balance and z-losses. train/moe.c composes them into the MoE layer.
+ * expert linear, and the balance and z-losses. layers/moe.c composes them into the MoE layer.
  *
  * Dropless routing: each of the N*k token-expert assignments gets its own row of the grouped
  * buffer, so experts process segments of variable length (offsets) and nothing is truncated. */
 #include "../kernels/util.h"
 #include "ops.h"
+
+typedef struct RouterScoresParams {
+    MoeScoreFunc func;
+} RouterScoresParams;
 
 Tensor *op_moe_router_scores(Engine *e, Tensor *logits, MoeScoreFunc func) {
     if (logits->ndim != 2) fatal("moe_router_scores: logits must be [N, E]");
@@ -15,7 +19,7 @@ Tensor *op_moe_router_scores(Engine *e, Tensor *logits, MoeScoreFunc func) {
     e->be->moe_scores_forward(scores, logits, func);
     if (engine_wants_grad(e, &logits, 1)) {
         Node *n = engine_record(e, OP_moe_router_scores, &logits, 1, &scores, 1);
-        n->i[0] = func;
+        NODE_PARAMS(n, RouterScoresParams)->func = func;
     }
     engine_op_end(e, OP_moe_router_scores);
     return scores;
@@ -24,7 +28,7 @@ Tensor *op_moe_router_scores(Engine *e, Tensor *logits, MoeScoreFunc func) {
 void backward_moe_router_scores(Engine *e, Node *n) {
     Tensor *gl = engine_grad(e, n->in[0]);
     BACKEND_REQUIRE(e->be, moe_scores_backward);
-    if (gl) e->be->moe_scores_backward(gl, n->out[0]->grad, n->out[0], (MoeScoreFunc)n->i[0]);
+    if (gl) e->be->moe_scores_backward(gl, n->out[0]->grad, n->out[0], NODE_PARAMS(n, RouterScoresParams)->func);
 }
 
 Tensor *op_moe_topk(Engine *e, Tensor *scores, Tensor *bias, int k) {
@@ -33,7 +37,7 @@ Tensor *op_moe_topk(Engine *e, Tensor *scores, Tensor *bias, int k) {
     Tensor *idx = engine_empty(e, DT_I32, SHAPE(scores->shape[0], k));
     BACKEND_REQUIRE(e->be, moe_topk);
     e->be->moe_topk(idx, scores, bias, k);
-    engine_op_end(e, PROF_moe_topk);
+    engine_op_end_named(e, "moe_topk");
     return idx;
 }
 
@@ -45,9 +49,14 @@ MoePlan op_moe_plan(Engine *e, Tensor *idx, int num_experts) {
     p.rows = engine_empty(e, DT_I32, SHAPE(idx->shape[0], idx->shape[1]));
     BACKEND_REQUIRE(e->be, moe_plan);
     e->be->moe_plan(p.offsets, p.rows, idx);
-    engine_op_end(e, PROF_moe_plan);
+    engine_op_end_named(e, "moe_plan");
     return p;
 }
+
+typedef struct CombineWeightsParams {
+    bool renormalize;
+    float scale;
+} CombineWeightsParams;
 
 Tensor *op_moe_combine_weights(Engine *e, Tensor *scores, Tensor *idx, bool renormalize, float scale) {
     if (scores->ndim != 2) fatal("moe_combine_weights: scores must be [N, E]");
@@ -59,8 +68,7 @@ Tensor *op_moe_combine_weights(Engine *e, Tensor *scores, Tensor *idx, bool reno
     if (engine_wants_grad(e, &scores, 1)) {
         Tensor *in[2] = {scores, idx};
         Node *n = engine_record(e, OP_moe_combine_weights, in, 2, &w, 1);
-        n->i[0] = renormalize;
-        n->f[0] = scale;
+        *NODE_PARAMS(n, CombineWeightsParams) = (CombineWeightsParams){renormalize, scale};
     }
     engine_op_end(e, OP_moe_combine_weights);
     return w;
@@ -69,7 +77,8 @@ Tensor *op_moe_combine_weights(Engine *e, Tensor *scores, Tensor *idx, bool reno
 void backward_moe_combine_weights(Engine *e, Node *n) {
     Tensor *gs = engine_grad(e, n->in[0]);
     BACKEND_REQUIRE(e->be, moe_combine_weights_backward);
-    if (gs) e->be->moe_combine_weights_backward(gs, n->out[0]->grad, n->in[0], n->in[1], n->i[0] != 0, (float)n->f[0]);
+    const CombineWeightsParams *cp = NODE_PARAMS(n, CombineWeightsParams);
+    if (gs) e->be->moe_combine_weights_backward(gs, n->out[0]->grad, n->in[0], n->in[1], cp->renormalize, cp->scale);
 }
 
 Tensor *op_moe_permute(Engine *e, Tensor *x, const MoePlan *plan) {
@@ -133,6 +142,10 @@ void backward_grouped_linear(Engine *e, Node *n) {
     if (gx || gw) e->be->grouped_matmul_backward(gx, gw, n->out[0]->grad, n->in[0], n->in[1], n->in[2]);
 }
 
+typedef struct AuxLossParams {
+    bool normalize; /* P_e of per-token normalised scores */
+} AuxLossParams;
+
 Tensor *op_moe_aux_loss(Engine *e, Tensor *scores, const MoePlan *plan, bool normalize) {
     check_shape("moe_aux_loss", "scores", scores, SHAPE(plan->rows->shape[0], plan->num_experts));
     engine_op_begin(e);
@@ -142,7 +155,7 @@ Tensor *op_moe_aux_loss(Engine *e, Tensor *scores, const MoePlan *plan, bool nor
     if (engine_wants_grad(e, &scores, 1)) {
         Tensor *in[2] = {scores, plan->offsets};
         Node *n = engine_record(e, OP_moe_aux_loss, in, 2, &loss, 1);
-        n->i[0] = normalize;
+        NODE_PARAMS(n, AuxLossParams)->normalize = normalize;
     }
     engine_op_end(e, OP_moe_aux_loss);
     return loss;
@@ -151,8 +164,12 @@ Tensor *op_moe_aux_loss(Engine *e, Tensor *scores, const MoePlan *plan, bool nor
 void backward_moe_aux_loss(Engine *e, Node *n) {
     Tensor *gs = engine_grad(e, n->in[0]);
     BACKEND_REQUIRE(e->be, moe_aux_loss_backward);
-    if (gs) e->be->moe_aux_loss_backward(gs, n->out[0]->grad, n->in[0], n->in[1], n->i[0] != 0);
+    if (gs) e->be->moe_aux_loss_backward(gs, n->out[0]->grad, n->in[0], n->in[1], NODE_PARAMS(n, AuxLossParams)->normalize);
 }
+
+typedef struct ZLossParams {
+    Tensor *lse; /* [N] */
+} ZLossParams;
 
 Tensor *op_moe_z_loss(Engine *e, Tensor *logits) {
     if (logits->ndim != 2) fatal("moe_z_loss: logits must be [N, E]");
@@ -164,7 +181,7 @@ Tensor *op_moe_z_loss(Engine *e, Tensor *logits) {
     e->be->moe_z_loss_forward(loss, lse, logits);
     if (engine_wants_grad(e, &logits, 1)) {
         Node *n = engine_record(e, OP_moe_z_loss, &logits, 1, &loss, 1);
-        n->saved[0] = lse;
+        NODE_PARAMS(n, ZLossParams)->lse = lse;
     }
     engine_op_end(e, OP_moe_z_loss);
     return loss;
@@ -173,5 +190,5 @@ Tensor *op_moe_z_loss(Engine *e, Tensor *logits) {
 void backward_moe_z_loss(Engine *e, Node *n) {
     Tensor *gl = engine_grad(e, n->in[0]);
     BACKEND_REQUIRE(e->be, moe_z_loss_backward);
-    if (gl) e->be->moe_z_loss_backward(gl, n->out[0]->grad, n->in[0], n->saved[0]);
+    if (gl) e->be->moe_z_loss_backward(gl, n->out[0]->grad, n->in[0], NODE_PARAMS(n, ZLossParams)->lse);
 }

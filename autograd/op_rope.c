@@ -3,6 +3,11 @@
 #include "../kernels/util.h"
 #include "ops.h"
 
+typedef struct RopeParams {
+    int rotary_dim;
+    float theta;
+} RopeParams;
+
 Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float theta) {
     if (x->ndim != 3) fatal("rope: x must be [N, H, D], got %d dims", x->ndim);
     if (positions->dtype != DT_I32) fatal("rope: positions must be i32, got %s", dtype_name(positions->dtype));
@@ -15,8 +20,7 @@ Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float t
     if (engine_wants_grad(e, &x, 1)) {
         Tensor *in[2] = {x, positions};
         Node *n = engine_record(e, OP_rope, in, 2, &y, 1);
-        n->i[0] = rotary_dim;
-        n->f[0] = theta;
+        *NODE_PARAMS(n, RopeParams) = (RopeParams){rotary_dim, theta};
     }
     engine_op_end(e, OP_rope);
     return y;
@@ -24,5 +28,6 @@ Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float t
 
 void backward_rope(Engine *e, Node *n) {
     Tensor *gx = engine_grad(e, n->in[0]);
-    if (gx) e->be->rope_backward(gx, n->out[0]->grad, n->in[1], (int)n->i[0], (float)n->f[0]);
+    const RopeParams *rp = NODE_PARAMS(n, RopeParams);
+    if (gx) e->be->rope_backward(gx, n->out[0]->grad, n->in[1], rp->rotary_dim, rp->theta);
 }

@@ -53,22 +53,22 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
 Tensor *op_msa_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *plan, Tensor *cu_seqlens,
                          const MsaParams *p, Tensor **lse_out);
 
-/* MSA KL alignment: scalar weight * mean_{t,g} KL(teacher || student); teacher from q, k, lse
- * (detached: no gradient to them); gradient only to qi and ki. */
-Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight);
-/* op_msa_kl in its two halves, for a checkpointed block that keeps the forward's results for its replay
- * (train/model.c): _outputs runs the kernel (the weighted loss [1] and the student's log-normaliser
- * idx_lse [Hkv, N]) and records nothing; _given records the op from such results, computed now or by an
- * earlier forward over the same inputs. op_msa_kl is _outputs then _given. */
-void op_msa_kl_outputs(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                       Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor **loss,
-                       Tensor **idx_lse);
-Tensor *op_msa_kl_given(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
-                        Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *loss,
-                        Tensor *idx_lse);
+/* What the MSA KL forward computes: loss = weight * kl (recorded: its gradient goes to qi and ki), kl the
+ * unweighted mean KL (the metric; not recorded), idx_lse [Hkv, N] the student's log-normaliser over the
+ * selected tokens (saved for the backward). loss is kl itself when weight is 1. */
+typedef struct MsaKlForward {
+    Tensor *loss, *kl, *idx_lse;
+} MsaKlForward;
 
-/* ---- MoE feed-forward (train/moe.c). N tokens, E experts, k experts per token. ---- */
+/* MSA KL alignment: the scalar weight * mean_{t,g} KL(teacher || student); teacher from q, k, lse
+ * (detached: no gradient to them); gradient only to qi and ki. fwd (NULL: not wanted) gets what the
+ * forward computed; given loss and idx_lse of an earlier forward over the same inputs (a checkpointed
+ * block's replay, layers/msa.c), it records the op with them instead of running the kernel again, and
+ * sets kl to NULL. */
+Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
+                  Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, MsaKlForward *fwd);
+
+/* ---- MoE feed-forward (layers/moe.c). N tokens, E experts, k experts per token. ---- */
 
 /* The routing of one MoE layer's tokens, built once per forward and shared by its ops:
  * idx i32 [N,k] the chosen experts (slot j = rank j), offsets i32 [E+1] the expert segments of the
@@ -102,7 +102,7 @@ Tensor *op_moe_z_loss(Engine *e, Tensor *logits);
 /* y = x + b, b [last dim of x] added to every row (the q/k/v biases of Qwen2-family models) */
 Tensor *op_bias_add(Engine *e, Tensor *x, Tensor *b);
 
-/* ---- context parallelism, head-parallel (autograd/op_cp.c; train/model.c). The P ranks of the group g
+/* ---- context parallelism, head-parallel (autograd/op_cp.c; layers/attention.c, layers/msa.c). The P ranks of the group g
  * (a Comm, kernels/comm.h) share a micro-batch of N tokens, rank r holding tokens [r*N/P, (r+1)*N/P). A
  * group of one rank returns x itself. ---- */
 /* x [N/P, H, D] (this rank's tokens, every head) -> [N, H/P, D] (every token, heads [r*H/P, (r+1)*H/P)) */
@@ -112,7 +112,7 @@ Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const Comm *g);
 /* x [n, ...] -> [P*n, ...]: every rank's rows in rank order; backward: the gradient reduce-scattered (sum) */
 Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g);
 
-/* ---- expert parallelism (autograd/op_ep.c; train/moe.c). The P ranks of the expert-parallel group g
+/* ---- expert parallelism (autograd/op_ep.c; layers/moe.c). The P ranks of the expert-parallel group g
  * (a Comm, kernels/comm.h) route different tokens; rank r holds the routed experts [r*El, (r+1)*El),
  * E = P*El. A group of one rank needs no Comm implementation (comm_single). ---- */
 typedef struct EpDispatch {

@@ -5,19 +5,21 @@
 
 #include "../kernels/util.h"
 
-static const char *const kind_names[PROF_KIND_COUNT] = {
+static const char *const op_names[OP_COUNT] = {
 #define OP(name) [OP_##name] = #name,
 #include "ops.def"
 #undef OP
-    [PROF_msa_indexer] = "msa_indexer",
-    [PROF_msa_plan] = "msa_plan",
-    [PROF_moe_topk] = "moe_topk",
-    [PROF_moe_plan] = "moe_plan",
-    [PROF_ep_dispatch_plan] = "ep_dispatch_plan",
 };
 
-const char *profiler_kind_name(int kind) {
-    return kind >= 0 && kind < PROF_KIND_COUNT && kind_names[kind] ? kind_names[kind] : "?";
+const char *profiler_kind_name(const Profiler *p, int kind) {
+    if (kind >= 0 && kind < OP_COUNT) return op_names[kind];
+    return kind >= OP_COUNT && kind < OP_COUNT + p->n_named ? p->named[kind - OP_COUNT] : "?";
+}
+
+int profiler_kind(const Profiler *p, const char *name) {
+    for (int k = 0; k < OP_COUNT + p->n_named; k++)
+        if (!strcmp(profiler_kind_name(p, k), name)) return k;
+    return -1;
 }
 
 void profiler_init(Profiler *p, const KernelBackend *be) {
@@ -54,9 +56,21 @@ static double close_bracket(Profiler *p) {
 }
 
 void profiler_end(Profiler *p, int kind, ProfPhase phase) {
-    if (kind < 0 || kind >= PROF_KIND_COUNT) fatal("profiler: op kind %d out of range", kind);
+    if (kind < 0 || kind >= PROF_KIND_MAX) fatal("profiler: op kind %d out of range", kind);
     p->self[kind][phase] += close_bracket(p);
     p->calls[kind][phase]++;
+}
+
+void profiler_end_named(Profiler *p, const char *name, ProfPhase phase) {
+    int kind = -1;
+    for (int i = 0; i < p->n_named && kind < 0; i++)
+        if (!strcmp(p->named[i], name)) kind = OP_COUNT + i;
+    if (kind < 0) {
+        if (p->n_named == PROF_MAX_NAMED) fatal("profiler: more than %d names of untaped work (%s)", PROF_MAX_NAMED, name);
+        p->named[p->n_named] = name;
+        kind = OP_COUNT + p->n_named++;
+    }
+    profiler_end(p, kind, phase);
 }
 
 void profiler_step_begin(Profiler *p) {
@@ -95,9 +109,9 @@ static int by_total_desc(const void *a, const void *b) {
 
 void profiler_write_table(const Profiler *p, FILE *f, const char *title) {
     const double n = p->steps > 0 ? p->steps : 1, ms = 1e3 / n, wall = p->wall > 0 ? p->wall : 1.0;
-    Row rows[PROF_KIND_COUNT];
+    Row rows[PROF_KIND_MAX];
     int nr = 0;
-    for (int k = 0; k < PROF_KIND_COUNT; k++) {
+    for (int k = 0; k < PROF_KIND_MAX; k++) {
         int64_t calls = 0;
         for (int ph = 0; ph < PROF_PHASES; ph++) calls += p->calls[k][ph];
         if (calls) rows[nr++] = (Row){k, profiler_kind_total(p, k)};
@@ -108,7 +122,7 @@ void profiler_write_table(const Profiler *p, FILE *f, const char *title) {
     fprintf(f, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for (int i = 0; i < nr; i++) {
         const int k = rows[i].kind;
-        fprintf(f, "| %s | %g | %.3f | %.3f | %.3f | %.3f | %.1f |\n", profiler_kind_name(k),
+        fprintf(f, "| %s | %g | %.3f | %.3f | %.3f | %.3f | %.1f |\n", profiler_kind_name(p, k),
                 (double)p->calls[k][PROF_FORWARD] / n, p->self[k][PROF_FORWARD] * ms, p->self[k][PROF_RECOMPUTE] * ms,
                 p->self[k][PROF_BACKWARD] * ms, rows[i].total * ms, 100.0 * rows[i].total / wall);
     }

@@ -20,7 +20,8 @@
  *     time, apart from their forward time) and checkpoint keeps only its glue (the output copy, the
  *     gradient seeds);
  *   - non-differentiable work that is no tape op (the MSA Top-k indexer and plan, the MoE Top-k and
- *     plan, the expert-parallel dispatch plan) has kinds of its own (ProfExtraKind), forward only;
+ *     plan, the expert-parallel dispatch plan) is timed under the name its caller gives
+ *     (engine_op_end_named), forward only: a kind numbered after the ops when the name first occurs;
  *   - everything else of the forward and backward (sampling and uploading the batch, the loss reads,
  *     arena resets, zeroing gradients, the gradient buffer the first view of a tensor that requires grad
  *     allocates, the backward's seed) is "other": the time outside every bracket from
@@ -38,11 +39,15 @@
 #include "engine.h"
 
 #define PROF_MAX_DEPTH 16
+#define PROF_MAX_NAMED 16                          /* names of untaped work (engine_op_end_named) */
+#define PROF_KIND_MAX (OP_COUNT + PROF_MAX_NAMED)  /* kinds: the ops, then the names */
 
 typedef struct Profiler {
     const KernelBackend *be;                       /* whose synchronize brackets the ops */
-    double self[PROF_KIND_COUNT][PROF_PHASES];     /* seconds of self time, summed over the profiled steps */
-    int64_t calls[PROF_KIND_COUNT][PROF_PHASES];
+    double self[PROF_KIND_MAX][PROF_PHASES];       /* seconds of self time, summed over the profiled steps */
+    int64_t calls[PROF_KIND_MAX][PROF_PHASES];
+    const char *named[PROF_MAX_NAMED];             /* kind OP_COUNT + i is named[i] */
+    int n_named;
     double other;     /* seconds outside every op bracket, from step start to the end of the backward */
     double optimizer; /* seconds from the end of the backward to the end of the step, less any op inside */
     double wall;      /* seconds from step start to step end, synchronised at both ends */
@@ -61,8 +66,10 @@ void profiler_step_begin(Profiler *p);
 void profiler_backward_end(Profiler *p);
 void profiler_step_end(Profiler *p);
 
-/* The name of a kind: the op's name in ops.def, or the extra kind's. */
-const char *profiler_kind_name(int kind);
+/* The name of a kind: the op's name in ops.def, or the name untaped work was timed under. */
+const char *profiler_kind_name(const Profiler *p, int kind);
+/* The kind of an op or a name of untaped work ("msa_indexer"), or -1 when that name never occurred. */
+int profiler_kind(const Profiler *p, const char *name);
 /* Self seconds of one kind over every phase. */
 double profiler_kind_total(const Profiler *p, int kind);
 

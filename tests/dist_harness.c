@@ -297,7 +297,7 @@ void harness_expect_same_training(TestCtx *tc, const RunDiff *d, unsigned checks
            "parameters differ: max %g, rel %g", p->max_abs, p->max_rel);
     EXPECT(m->max_rel <= HARNESS_MOMENT_REL_TOL && v->max_rel <= HARNESS_MOMENT_REL_TOL, "moments differ: m %g, v %g",
            m->max_rel, v->max_rel);
-    /* the biases move by sign steps of the summed loads (train/moe.h): equal loads, equal biases */
+    /* the biases move by sign steps of the summed loads (layers/moe.h): equal loads, equal biases */
     if (state) EXPECT(d->state.max_abs == 0, "MoE selection biases differ by %g", d->state.max_abs);
     if (checks & HARNESS_CHECK_COUNTER)
         EXPECT(harness_ckpt_attr(d->ckpt_a, "data_counter") == harness_ckpt_attr(d->ckpt_b, "data_counter"),

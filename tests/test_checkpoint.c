@@ -226,10 +226,10 @@ static Snapshot snapshot(const Run *r) {
     ps->be->copy_to_host(s.m, r->opt.m, s.bytes);
     ps->be->copy_to_host(s.v, r->opt.v, s.bytes);
     s.bias = malloc(sizeof(float) * 1024);
-    for (int l = 0; l < r->model.cfg.n_layers; l++)
-        if (r->model.layers[l].moe)
-            for (int e = 0; e < r->model.layers[l].moe_p.num_experts; e++)
-                s.bias[s.n_bias++] = r->model.layers[l].moe_p.bias[e];
+    for (int l = 0; l < r->model.cfg.n_layers; l++) {
+        const MoeLayer *ml = moe_layer_of(&r->model.layers[l].ffn);
+        for (int e = 0; ml && e < ml->p.num_experts; e++) s.bias[s.n_bias++] = ml->p.bias[e];
+    }
     return s;
 }
 

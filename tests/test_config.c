@@ -154,7 +154,7 @@ TEST(defaults_are_valid) {
            "train defaults");
     EXPECT(!c.data.train_path[0] && !c.data.val_path[0], "data defaults");
     for (int l = 0; l < c.model.n_layers; l++)
-        EXPECT(!config_layer_is_msa(&c, l) && !config_layer_is_moe(&c, l), "default layer %d not dense", l);
+        EXPECT(!strcmp(config_layer_attention(&c, l), "dense") && !strcmp(config_layer_ffn(&c, l), "dense"), "default layer %d not dense", l);
 }
 
 TEST(sample_json_loads) {
@@ -187,7 +187,7 @@ TEST(sample_json_loads) {
     EXPECT(!strcmp(c.source, path), "source %s", c.source);
     /* keys not in the file keep their defaults */
     EXPECT(c.train.steps == 1000 && c.optim.beta1 == 0.9f && c.msa.local_blocks == 1, "defaults kept");
-    for (int l = 0; l < 6; l++) EXPECT(config_layer_is_msa(&c, l) == (l >= 2), "msa layer %d", l);
+    for (int l = 0; l < 6; l++) EXPECT(!strcmp(config_layer_attention(&c, l), "msa") == (l >= 2), "msa layer %d", l);
     char err[4096];
     int st = run_child(load_default_and_validate, path, NULL, 0, err, sizeof err);
     EXPECT(st == 0, "sample fails validation: %s", err);
@@ -371,10 +371,12 @@ TEST(validation_cross_keys) {
     expect_invalid(tc, &c, "model.rotary_dim", NULL);
     if (tc->current_failed) return;
     config_defaults(&c);
+    snprintf(c.model.attention, sizeof c.model.attention, "msa"); /* the msa keys of a model with MSA layers */
     c.msa.index_heads = 4;
     expect_invalid(tc, &c, "msa.index_heads", "model.n_kv_heads");
     if (tc->current_failed) return;
     config_defaults(&c);
+    snprintf(c.model.attention, sizeof c.model.attention, "msa");
     c.msa.init_blocks = 16;
     expect_invalid(tc, &c, "msa.topk_blocks", "msa.init_blocks");
     if (tc->current_failed) return;
@@ -406,7 +408,7 @@ TEST(validation_cross_keys) {
 
 static bool sel(RunConfig *c, const char *s, int l) {
     snprintf(c->model.msa_layers, sizeof c->model.msa_layers, "%s", s);
-    return config_layer_is_msa(c, l);
+    return !strcmp(config_layer_attention(c, l), "msa");
 }
 
 TEST(layer_selectors) {
@@ -436,7 +438,7 @@ TEST(layer_selectors) {
     /* the same syntax for MoE */
     snprintf(c.model.ffn, sizeof c.model.ffn, "moe");
     snprintf(c.model.moe_layers, sizeof c.model.moe_layers, "3-");
-    for (int l = 0; l < 8; l++) EXPECT(config_layer_is_moe(&c, l) == (l >= 3), "moe layer %d", l);
+    for (int l = 0; l < 8; l++) EXPECT(!strcmp(config_layer_ffn(&c, l), "moe") == (l >= 3), "moe layer %d", l);
 
     const char *bad[] = {"", "x", "4-1", "1-2-3", "0,,1", "-3", "1,", "all,1", "8", "3-9", "99999999999"};
     snprintf(c.model.attention, sizeof c.model.attention, "msa");

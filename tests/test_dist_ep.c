@@ -20,14 +20,14 @@
 #include "../autograd/ops.h"
 #include "../dist/dist.h"
 #include "../kernels/util.h"
-#include "../train/moe.h"
+#include "../layers/moe.h"
 #include "dist_harness.h"
 #include "gradcheck.h"
 #include "test.h"
 
 /* Every build/train run of this program (the harness adds it): 2 MoE layers of 8 experts, top-2, one
  * shared expert; 8 sequences of 64 tokens per step. The balance loss is off: it is the product of per-rank
- * batch means by design (train/moe.h), so it is not the global batch's; the z-loss (a mean over tokens)
+ * batch means by design (layers/moe.h), so it is not the global batch's; the z-loss (a mean over tokens)
  * and the selection-bias update (global loads) are on. */
 #define MOE                                                                                                    \
     "--set model.ffn=moe --set moe.num_experts=8 --set moe.experts_per_token=2 --set moe.expert_dim=32 "       \

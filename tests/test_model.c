@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "../autograd/ops.h"
+#include "../layers/msa.h"
 #include "../train/model.h"
 #include "gradcheck.h"
 #include "test.h"
@@ -78,6 +79,14 @@ static void collect(Model *m, Tensor **out, int *n, bool index_params) {
     }
 }
 
+/* msa.kl_weight of every MSA layer of a built model */
+static void set_kl_weight(Model *m, float w) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->layers[l].attention.kind->learned_selection) ((MsaLayer *)m->layers[l].attention.self)->settings.kl_weight = w;
+}
+
+static MsaReplay *replay_of(Model *m, int l) { return &((MsaLayer *)m->layers[l].attention.self)->replay; }
+
 static bool check_all(TestCtx *tc, Engine *e, Model *m, bool recompute, bool index_params, const char *what) {
     (void)tc;
     Tensor *inputs[128];
@@ -124,7 +133,7 @@ TEST(msa_model_gradcheck_backbone_lm_and_index_kl) {
     EXPECT(m.n_msa_layers == 1, "expected one MSA layer, got %d", m.n_msa_layers);
     EXPECT(check_all(tc, e, &m, false, false, "msa backbone"), "MSA model backbone gradient");
     /* index branch: only the KL depends on it smoothly (the selection is piecewise constant) */
-    m.msa_cfg.kl_weight = 1.0f;
+    set_kl_weight(&m, 1.0f);
     EXPECT(check_all(tc, e, &m, false, true, "msa index"), "MSA model index-branch gradient");
     EXPECT(check_all(tc, e, &m, true, true, "msa index recompute"), "MSA index-branch gradient with recompute");
     model_free(&m);
@@ -139,7 +148,7 @@ TEST(msa_kl_gives_backbone_exactly_zero_gradient) {
     int64_t n = m.params.numel;
     double *g[2];
     for (int pass = 0; pass < 2; pass++) {
-        m.msa_cfg.kl_weight = pass == 0 ? 0.0f : 5.0f;
+        set_kl_weight(&m, pass == 0 ? 0.0f : 5.0f);
         params_zero_grad(&m.params);
         engine_reset(e);
         ModelInput in = make_input(e);
@@ -162,7 +171,7 @@ TEST(msa_kl_gives_backbone_exactly_zero_gradient) {
 }
 
 /* Calls of the MSA forward kernels that recomputation must not repeat (the replay reuses the
- * checkpointed forward's results: MsaReplay in train/model.h), counted through a wrapped CPU backend. */
+ * checkpointed forward's results: MsaReplay in layers/msa.h), counted through a wrapped CPU backend. */
 static struct {
     int indexer, plan, kl_forward;
 } msa_calls;
@@ -223,7 +232,7 @@ TEST(msa_recompute_reuses_the_forward_and_changes_nothing) {
                    calls[0][1] == (dense ? 0 : 2),
                "%s: indexer/plan ran %d/%d times with recompute, %d/%d without", phase, calls[1][0], calls[1][1],
                calls[0][0], calls[0][1]);
-        EXPECT(!m.layers[1].replay.valid && !m.layers[2].replay.valid, "%s: a kept forward was not consumed", phase);
+        EXPECT(!replay_of(&m, 1)->valid && !replay_of(&m, 2)->valid, "%s: a kept forward was not consumed", phase);
         free(g[0]);
         free(g[1]);
         model_free(&m);

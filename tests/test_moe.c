@@ -1,4 +1,4 @@
-/* The MoE feed-forward (train/moe.c) and its ops: float64 finite-difference gradient checks of every
+/* The MoE feed-forward (layers/moe.c) and its ops: float64 finite-difference gradient checks of every
  * op and of the whole layer (routing held fixed), forward values against naive per-token references
  * written here, exactness of the permutation, the E = k = 1 reduction to the dense SwiGLU, the
  * balance losses, the auxiliary-loss-free bias update, and metrics under activation checkpointing. */
@@ -8,7 +8,7 @@
 #include "../autograd/ops.h"
 #include "../autograd/params.h"
 #include "../kernels/util.h"
-#include "../train/moe.h"
+#include "../layers/moe.h"
 #include "gradcheck.h"
 #include "test.h"
 
@@ -171,7 +171,7 @@ static void layer_init(TestLayer *L, MoeConfig cfg, int64_t N, int64_t C, uint64
     L->p.bias = L->bias;
 }
 
-static void layer_free(TestLayer *L) {
+static void test_layer_free(TestLayer *L) {
     test_tensor_free(L->x);
     test_tensor_free(L->p.w_router);
     test_tensor_free(L->p.w_gate);
@@ -500,7 +500,7 @@ TEST(layer_matches_per_token_reference) {
         ref_moe(&L.p, &L.cfg, L.x, NULL, plain_idx, tmp);
         memcpy(L.bias, saved_bias, sizeof saved_bias);
         EXPECT(memcmp(plain_idx, ref_idx, sizeof plain_idx) != 0, "variant %d: the bias changed no selection", v);
-        layer_free(&L);
+        test_layer_free(&L);
     }
 }
 
@@ -530,7 +530,7 @@ TEST(large_layer_parallel_paths) {
     free(ref);
     free(ref_idx);
     moe_stats_free(&st);
-    layer_free(&L);
+    test_layer_free(&L);
 }
 
 TEST(token_output_uses_exactly_its_topk) {
@@ -561,7 +561,7 @@ TEST(token_output_uses_exactly_its_topk) {
         memcpy(wd, saved, sizeof saved);
     }
     free(b);
-    layer_free(&L);
+    test_layer_free(&L);
 }
 
 TEST(single_expert_equals_dense_swiglu) {
@@ -579,7 +579,7 @@ TEST(single_expert_equals_dense_swiglu) {
         double max_err = 0;
         for (int64_t i = 0; i < moe->numel; i++) max_err = fmax(max_err, fabs(tensor_get(moe, i) - tensor_get(dense, i)));
         EXPECT(max_err < 1e-14, "%s: E = k = 1 differs from the dense SwiGLU by %.3e", funcs[f], max_err);
-        layer_free(&L);
+        test_layer_free(&L);
     }
 }
 
@@ -636,7 +636,7 @@ TEST(grad_whole_layer_fixed_routing) {
         }
         test_tensor_free(bt);
         test_tensor_free(idx);
-        layer_free(&L);
+        test_layer_free(&L);
     }
 }
 
@@ -682,7 +682,7 @@ TEST(bias_update_balances_load) {
     for (int64_t i = 0; i < N * C; i++) max_err = fmax(max_err, fabs(tensor_get(out, i) - ref[i]));
     EXPECT(max_err < 1e-12, "biased layer output error %.3e", max_err);
     moe_stats_free(&st);
-    layer_free(&L);
+    test_layer_free(&L);
 }
 
 /* A checkpointed segment runs the layer twice (forward, then recompute in backward): stats must
@@ -735,7 +735,7 @@ TEST(checkpointed_layer_counts_stats_once) {
     free(grads[0]);
     free(grads[1]);
     moe_stats_free(&st);
-    layer_free(&L);
+    test_layer_free(&L);
 }
 
 /* The float32 instantiation of every kernel against the float64 layer (same fixed routing). */
@@ -782,7 +782,7 @@ TEST(float32_layer_matches_float64) {
     free(b);
     engine_free(&e32);
     for (int i = 0; i < n; i++) test_tensor_free(in32[i]);
-    layer_free(&L);
+    test_layer_free(&L);
 }
 
 TEST(declare_params_names_shapes_init) {

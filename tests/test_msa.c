@@ -10,6 +10,7 @@
 
 #include "../autograd/ops.h"
 #include "../kernels/util.h"
+#include "../layers/msa.h"
 #include "gradcheck.h"
 #include "test.h"
 
@@ -616,7 +617,7 @@ typedef struct {
 
 static Tensor *f_msa_kl(Engine *e, Tensor **in, void *ctx) {
     MsaKlCtx *c = ctx;
-    return op_msa_kl(e, c->q, c->k, c->lse, in[0], in[1], c->topk, NULL, c->cu, &c->p, c->weight);
+    return op_msa_kl(e, c->q, c->k, c->lse, in[0], in[1], c->topk, NULL, c->cu, &c->p, c->weight, NULL);
 }
 
 /* The teacher normaliser the way a layer produces it: the sparse forward's lse for a selection,
@@ -681,11 +682,9 @@ TEST(msa_kl_gives_no_gradient_to_teacher) {
     for (int mode = 0; mode < 3; mode++) { /* 0: out only, 1: out + KL, 2: KL only */
         for (int i = 0; i < 5; i++) zero_grad(all[i]);
         engine_reset(eng);
-        Tensor *tk = engine_empty(eng, DT_I32, SHAPE(c->Hkv, N, p.topk_blocks));
-        eng->be->msa_indexer(tk, qi, ki, cu, &p);
-        Tensor *lse = NULL;
-        Tensor *out = op_msa_attention(eng, q, k, v, tk, NULL, cu, &p, &lse);
-        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 2.5f);
+        const MsaSettings s = {.params = p, .kl_weight = 2.5f};
+        MsaAttention a = msa_attend(eng, &s, q, k, v, qi, ki, cu, false, NULL);
+        Tensor *out = a.out, *kl = a.loss;
         if (mode != 2) eng->be->axpy(engine_grad(eng, out), R, 1.0f);
         if (mode != 0) {
             Tensor *one = engine_empty(eng, DT_F64, SHAPE(1));
@@ -733,8 +732,9 @@ TEST(msa_kl_matches_reference) {
             cpu_backend.msa_kl_forward(kl, il, q, k, lse, qi, ki, tk, NULL, cu, &p);
             double got = tensor_get(kl, 0), eil = rel_err(il->data, ref_il, il->numel);
             engine_reset(eng);
-            Tensor *w = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 0.25f);
-            double wv = tensor_item(eng, w);
+            MsaKlForward kf = {0};
+            Tensor *w = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 0.25f, &kf);
+            double wv = tensor_item(eng, w), uv = tensor_item(eng, kf.kl);
             free(ref_il);
             test_tensor_free(kl);
             test_tensor_free(il);
@@ -751,6 +751,7 @@ TEST(msa_kl_matches_reference) {
                    dense ? " dense" : "", got, ref);
             EXPECT(eil < 1e-12, "case %d: idx_lse differs from the reference by %.3e", ci, eil);
             EXPECT(fabs(wv - 0.25 * got) <= 1e-15 * fmax(1.0, got), "case %d: op output %.15g is not weight * KL (%.15g)", ci, wv, 0.25 * got);
+            EXPECT(uv == got, "case %d: the unweighted KL the op hands out is %.15g, the kernel's %.15g", ci, uv, got);
         }
 }
 
@@ -774,7 +775,7 @@ TEST(msa_kl_zero_when_student_equals_teacher) {
         zero_grad(qi);
         zero_grad(ki);
         engine_reset(eng);
-        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 1.0f);
+        Tensor *kl = op_msa_kl(eng, q, k, lse, qi, ki, tk, NULL, cu, &p, 1.0f, NULL);
         double val = tensor_item(eng, kl);
         engine_backward(eng, kl);
         double gq = test_norm(qi->grad), gk = test_norm(ki->grad);
@@ -872,7 +873,7 @@ TEST(msa_hand_example) {
     engine_reset(eng);
     Tensor *lse = NULL;
     op_msa_attention(eng, q, k, v, NULL, NULL, cu, &p, &lse);
-    engine_backward(eng, op_msa_kl(eng, q, k, lse, qi, ki, NULL, NULL, cu, &p, 1.0f));
+    engine_backward(eng, op_msa_kl(eng, q, k, lse, qi, ki, NULL, NULL, cu, &p, 1.0f, NULL));
     double zs = 0, gerr = 0;
     for (int j = 0; j < N; j++) zs += exp(Sidx[j]);
     for (int j = 0; j < N; j++) {

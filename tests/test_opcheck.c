@@ -232,6 +232,13 @@ TEST(opcheck_reports_bad_shapes_and_devices) {
     int rc = run_opcheck(fx, in_path, out_path, NULL, err, sizeof err);
     EXPECT(rc == 1 && strstr(err, "'k'") && strstr(err, "shape"), "k of the wrong head dim: status %d, %s", rc, err);
     s.bad_k = NULL;
+    /* the forced blocks beyond the budget: the rule the config's keys obey (layers/msa.h msa_check) */
+    s.p.local_blocks = s.p.topk_blocks;
+    write_input(in_path, &s, &in);
+    rc = run_opcheck(fx, in_path, out_path, NULL, err, sizeof err);
+    EXPECT(rc == 1 && strstr(err, in_path) && strstr(err, "topk_blocks = 3") && strstr(err, "init_blocks + "),
+           "init 1 + local 3 > top-k 3: status %d, %s", rc, err);
+    s.p = base_spec.p;
     write_input(in_path, &s, &in);
     free_inputs(&in);
 #ifndef MSA_CUDA

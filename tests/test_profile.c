@@ -63,17 +63,17 @@ static void train(Result *res, int profile_steps, bool recompute, const char *co
 
 static double phase_sum(const Profiler *p, ProfPhase ph) {
     double t = 0.0;
-    for (int k = 0; k < PROF_KIND_COUNT; k++) t += p->self[k][ph];
+    for (int k = 0; k < PROF_KIND_MAX; k++) t += p->self[k][ph];
     return t;
 }
 
 /* every self time >= 0, other >= 0, and self + optimizer + other = wall (up to rounding) */
 static bool adds_up(const Profiler *p, char *why, size_t n) {
     double sum = 0.0;
-    for (int k = 0; k < PROF_KIND_COUNT; k++)
+    for (int k = 0; k < PROF_KIND_MAX; k++)
         for (int ph = 0; ph < PROF_PHASES; ph++) {
             if (p->self[k][ph] < 0) {
-                snprintf(why, n, "%s phase %d: self time %g s < 0", profiler_kind_name(k), ph, p->self[k][ph]);
+                snprintf(why, n, "%s phase %d: self time %g s < 0", profiler_kind_name(p, k), ph, p->self[k][ph]);
                 return false;
             }
             sum += p->self[k][ph];
@@ -114,7 +114,7 @@ TEST(rows_for_linear_attention_cross_entropy) {
     } want[] = {{OP_linear, 15}, {OP_attention, 2}, {OP_cross_entropy, 1}, {OP_rmsnorm, 5}, {OP_embedding, 1}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         const int k = want[i].kind;
-        const char *name = profiler_kind_name(k);
+        const char *name = profiler_kind_name(p, k);
         EXPECT(p->calls[k][PROF_FORWARD] == (int64_t)want[i].per_step * PROFILED, "%s: %lld forward calls, expected %d",
                name, (long long)p->calls[k][PROF_FORWARD], want[i].per_step * PROFILED);
         EXPECT(p->calls[k][PROF_BACKWARD] == p->calls[k][PROF_FORWARD], "%s: %lld backward calls for %lld forward",
@@ -125,8 +125,10 @@ TEST(rows_for_linear_attention_cross_entropy) {
                name);
     }
     EXPECT(p->calls[OP_checkpoint][PROF_FORWARD] == 0, "checkpoint called without train.recompute");
-    EXPECT(strcmp(profiler_kind_name(OP_linear), "linear") == 0 && strcmp(profiler_kind_name(PROF_msa_indexer), "msa_indexer") == 0,
-           "kind names: %s, %s", profiler_kind_name(OP_linear), profiler_kind_name(PROF_msa_indexer));
+    EXPECT(strcmp(profiler_kind_name(p, OP_linear), "linear") == 0 && profiler_kind(p, "linear") == OP_linear,
+           "kind names: %s, %d", profiler_kind_name(p, OP_linear), profiler_kind(p, "linear"));
+    EXPECT(p->n_named == 0 && profiler_kind(p, "msa_indexer") == -1, "a dense model timed %d names of untaped work",
+           p->n_named);
 }
 
 TEST(times_add_up_to_the_step_wall_time) {
@@ -151,13 +153,15 @@ TEST(times_add_up_to_the_step_wall_time) {
 TEST(recompute_not_double_counted) {
     const Profiler *p = &FX->profiled.prof, *q = &FX->recompute_profiled.prof;
     const int ck = OP_checkpoint, layers = 2;
-    for (int k = 0; k < PROF_KIND_COUNT; k++) {
+    EXPECT(q->n_named == p->n_named, "%d names of untaped work with recompute, %d without", q->n_named, p->n_named);
+    for (int k = 0; k < OP_COUNT + q->n_named; k++) {
+        const int kp = profiler_kind(p, profiler_kind_name(q, k)); /* the same op or name in the other run */
         if (k == ck) continue;
-        EXPECT(q->calls[k][PROF_FORWARD] == p->calls[k][PROF_FORWARD] &&
-                   q->calls[k][PROF_BACKWARD] == p->calls[k][PROF_BACKWARD],
-               "%s: forward/backward calls %lld/%lld with recompute, %lld/%lld without", profiler_kind_name(k),
+        EXPECT(kp >= 0 && q->calls[k][PROF_FORWARD] == p->calls[kp][PROF_FORWARD] &&
+                   q->calls[k][PROF_BACKWARD] == p->calls[kp][PROF_BACKWARD],
+               "%s: forward/backward calls %lld/%lld with recompute, %lld/%lld without", profiler_kind_name(q, k),
                (long long)q->calls[k][PROF_FORWARD], (long long)q->calls[k][PROF_BACKWARD],
-               (long long)p->calls[k][PROF_FORWARD], (long long)p->calls[k][PROF_BACKWARD]);
+               kp >= 0 ? (long long)p->calls[kp][PROF_FORWARD] : -1LL, kp >= 0 ? (long long)p->calls[kp][PROF_BACKWARD] : -1LL);
     }
     EXPECT(q->calls[ck][PROF_FORWARD] == layers * PROFILED && q->calls[ck][PROF_BACKWARD] == layers * PROFILED,
            "checkpoint: %lld forward, %lld backward calls", (long long)q->calls[ck][PROF_FORWARD],
@@ -169,9 +173,9 @@ TEST(recompute_not_double_counted) {
     for (size_t i = 0; i < sizeof replay / sizeof replay[0]; i++) {
         const int k = replay[i].kind;
         EXPECT(q->calls[k][PROF_RECOMPUTE] == (int64_t)replay[i].per_step * PROFILED, "%s: %lld recompute calls, expected %d",
-               profiler_kind_name(k), (long long)q->calls[k][PROF_RECOMPUTE], replay[i].per_step * PROFILED);
+               profiler_kind_name(q, k), (long long)q->calls[k][PROF_RECOMPUTE], replay[i].per_step * PROFILED);
         EXPECT((q->self[k][PROF_RECOMPUTE] > 0) == (replay[i].per_step > 0), "%s: recompute time %g s",
-               profiler_kind_name(k), q->self[k][PROF_RECOMPUTE]);
+               profiler_kind_name(q, k), q->self[k][PROF_RECOMPUTE]);
     }
     EXPECT(q->self[ck][PROF_RECOMPUTE] == 0, "checkpoint charged recompute time");
     /* checkpoint's own time is its copies: small against the forward it replays; charged inclusively it
@@ -201,15 +205,16 @@ TEST(msa_moe_untaped_work_and_profile_file) {
         const int k = taped[i];
         EXPECT(p->calls[k][PROF_FORWARD] > 0 && p->calls[k][PROF_RECOMPUTE] > 0 && p->calls[k][PROF_BACKWARD] > 0 &&
                    p->self[k][PROF_FORWARD] > 0 && p->self[k][PROF_BACKWARD] > 0,
-               "%s: calls %lld/%lld/%lld", profiler_kind_name(k), (long long)p->calls[k][PROF_FORWARD],
+               "%s: calls %lld/%lld/%lld", profiler_kind_name(p, k), (long long)p->calls[k][PROF_FORWARD],
                (long long)p->calls[k][PROF_RECOMPUTE], (long long)p->calls[k][PROF_BACKWARD]);
     }
-    const int untaped[] = {PROF_msa_indexer, PROF_msa_plan, PROF_moe_topk, PROF_moe_plan};
+    const char *untaped[] = {"msa_indexer", "msa_plan", "moe_topk", "moe_plan"};
     for (size_t i = 0; i < sizeof untaped / sizeof untaped[0]; i++) {
-        const int k = untaped[i];
+        const int k = profiler_kind(p, untaped[i]);
+        EXPECT(k >= OP_COUNT, "%s: no row of its own (kind %d)", untaped[i], k);
         EXPECT(p->calls[k][PROF_FORWARD] == 2 * 2 && p->calls[k][PROF_RECOMPUTE] == 2 * 2 &&
                    p->calls[k][PROF_BACKWARD] == 0 && p->self[k][PROF_FORWARD] > 0,
-               "%s: calls %lld/%lld/%lld (2 layers, 2 steps)", profiler_kind_name(k), (long long)p->calls[k][PROF_FORWARD],
+               "%s: calls %lld/%lld/%lld (2 layers, 2 steps)", profiler_kind_name(p, k), (long long)p->calls[k][PROF_FORWARD],
                (long long)p->calls[k][PROF_RECOMPUTE], (long long)p->calls[k][PROF_BACKWARD]);
     }
     char path[128];

@@ -16,7 +16,9 @@
  *     H_kv 4, d 128: dense causal attention (the backend's dense path: cuDNN's fused attention unless
  *     MSA_ATTENTION=own) against MSA with block 128, top-k 16, d_idx 128 (indexer + plan + sparse
  *     attention forward and backward + KL forward and backward: everything an MSA layer adds or
- *     replaces), and the ratio. The MSA selection is the indexer's own on random index queries/keys.
+ *     replaces), and the ratio. Both run through the engine as an attention layer does (op_attention; the
+ *     MSA layer's chain, layers/msa.h msa_attend), the MSA selection is the indexer's own on random index
+ *     queries/keys, and the parts come from the step profiler (synchronised around every op).
  *
  * Times are wall clock around the work with a synchronising copy at both ends (every kernel runs on
  * one stream). */
@@ -25,8 +27,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../autograd/ops.h"
 #include "../autograd/params.h"
+#include "../autograd/profile.h"
 #include "../kernels/util.h"
+#include "../layers/msa.h"
 #include "../train/trainer.h"
 
 #ifndef MSA_CUDA
@@ -150,14 +155,56 @@ typedef struct {
     double fwd, bwd;
 } Times;
 
-#define TIME_REPS(reps, body)                          \
-    ({                                                  \
-        sync_device();                                  \
-        double t0_ = wall_seconds();                    \
-        for (int rep_ = 0; rep_ < (reps); rep_++) body; \
-        sync_device();                                  \
-        (wall_seconds() - t0_) / (reps);                \
-    })
+/* A leaf activation of the benchmark: persistent data and gradient, outside the engine's arena. */
+static Tensor *leaf(Tensor *t, Tensor *grad) {
+    t->requires_grad = true;
+    t->grad = grad;
+    be->zero(grad->data, tensor_bytes(grad));
+    return t;
+}
+
+/* One layer's attention forward and backward through the engine, as the model runs it: dense softmax
+ * attention (the dense layer's), or MSA's chain (layers/msa.h msa_attend: indexer, plan, sparse attention,
+ * KL) with the backward seeded by dout and the KL's gradient 1. Adds the forward and backward wall times. */
+typedef struct AttentionRun {
+    Engine *e;
+    const MsaSettings *msa; /* NULL: dense */
+    Tensor *q, *k, *v, *qi, *ki, *cu, *dout, *one;
+} AttentionRun;
+
+static void attention_pass(const AttentionRun *a, Times *t) {
+    engine_reset(a->e);
+    sync_device();
+    const double t0 = wall_seconds();
+    Tensor *out, *loss = NULL;
+    if (a->msa) {
+        MsaAttention m = msa_attend(a->e, a->msa, a->q, a->k, a->v, a->qi, a->ki, a->cu, false, NULL);
+        out = m.out, loss = m.loss;
+    } else {
+        out = op_attention(a->e, a->q, a->k, a->v, a->cu, 1.0f / sqrtf((float)a->q->shape[2]), NULL);
+    }
+    sync_device();
+    const double t1 = wall_seconds();
+    be->axpy(engine_grad(a->e, out), a->dout, 1.0f);
+    if (loss) be->axpy(engine_grad(a->e, loss), a->one, 1.0f);
+    engine_backward_tape(a->e, 0);
+    sync_device();
+    t->fwd += t1 - t0;
+    t->bwd += wall_seconds() - t1;
+}
+
+static Times time_attention(const AttentionRun *a, int reps) {
+    Times warm = {0}, t = {0};
+    attention_pass(a, &warm); /* plans, workspaces, arena chunks */
+    for (int r = 0; r < reps; r++) attention_pass(a, &t);
+    return (Times){t.fwd / reps, t.bwd / reps};
+}
+
+/* ms per pass of one kind the profiler timed, in one phase */
+static double part_ms(const Profiler *p, const char *kind, ProfPhase phase) {
+    const int k = profiler_kind(p, kind);
+    return k < 0 ? 0.0 : p->self[k][phase] * 1e3 / p->steps;
+}
 
 static void bench_attention(int64_t N) {
     const int64_t Hq = 64, Hkv = 4, D = 128, Di = 128;
@@ -170,91 +217,73 @@ static void bench_attention(int64_t N) {
     Tensor dout = dev_randn(&rng, DT_BF16, 3, (int64_t[]){N, Hq, D}, 1.0);
     Tensor qi = dev_randn(&rng, DT_BF16, 3, (int64_t[]){N, Hkv, Di}, 1.0);
     Tensor ki = dev_randn(&rng, DT_BF16, 2, (int64_t[]){N, Di}, 1.0);
-    Tensor out = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hq, D}), lse = dev_tensor(DT_F32, 2, (int64_t[]){Hq, N});
     Tensor dq = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hq, D}), dk = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, D}),
            dv = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, D});
     Tensor dqi = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, Di}), dki = dev_tensor(DT_BF16, 2, (int64_t[]){N, Di});
-    be->zero(dq.data, tensor_bytes(&dq));
-    be->zero(dk.data, tensor_bytes(&dk));
-    be->zero(dv.data, tensor_bytes(&dv));
-    be->zero(dqi.data, tensor_bytes(&dqi));
-    be->zero(dki.data, tensor_bytes(&dki));
-    Tensor cu = dev_tensor(DT_I32, 1, (int64_t[]){2});
+    Tensor cu = dev_tensor(DT_I32, 1, (int64_t[]){2}), one = dev_tensor(DT_F32, 1, (int64_t[]){1});
     int32_t hcu[2] = {0, (int32_t)N};
     be->copy_from_host(cu.data, hcu, sizeof hcu);
-    const float scale = 1.0f / sqrtf((float)D);
+    be->copy_from_host(one.data, &(float){1.0f}, sizeof(float));
+    Engine e;
+    engine_init(&e, be, DT_BF16, (size_t)256 << 20);
+    AttentionRun run = {&e, NULL, leaf(&q, &dq), leaf(&k, &dk), leaf(&v, &dv), leaf(&qi, &dqi), leaf(&ki, &dki), &cu,
+                        &dout, &one};
 
     /* dense */
-    be->attention_forward(&out, &lse, &q, &k, &v, &cu, scale); /* warm-up: plans, workspaces */
-    be->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, scale);
-    Times dense;
-    dense.fwd = TIME_REPS(reps, be->attention_forward(&out, &lse, &q, &k, &v, &cu, scale));
-    dense.bwd = TIME_REPS(reps, be->attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &cu, scale));
+    const Times dense = time_attention(&run, reps);
 
     /* MSA */
+    Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &dq, &dk, &dv, &dqi, &dki, &cu, &one};
     const char *missing = backend_missing(be, BACKEND_MSA);
     if (missing) {
         printf("| %6lld | %9.2f | %9.2f | %9.2f | (the CUDA backend has no %s kernel) |\n", (long long)N, dense.fwd * 1e3,
                dense.bwd * 1e3, (dense.fwd + dense.bwd) * 1e3, missing);
-        Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &out, &lse, &dq, &dk, &dv, &dqi, &dki, &cu};
+        engine_free(&e);
         for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dev_free(all[i]);
         return;
     }
-    MsaParams p = {.block_size = 128, .topk_blocks = 16, .init_blocks = 0, .local_blocks = 1, .scale = scale,
-                   .index_scale = 1.0f / sqrtf((float)Di)};
-    const int64_t K = p.topk_blocks;
-    Tensor topk = dev_tensor(DT_I32, 3, (int64_t[]){Hkv, N, K});
-    Tensor plan = dev_tensor(DT_I32, 2, (int64_t[]){Hkv, msa_plan_width(N, K)});
-    Tensor kl = dev_tensor(DT_F32, 1, (int64_t[]){1}), idx_lse = dev_tensor(DT_F32, 2, (int64_t[]){Hkv, N});
-    const float coeff = 1.0f / (float)(N * Hkv);
-#define MSA_FWD()                                                                          \
-    do {                                                                                   \
-        be->msa_indexer(&topk, &qi, &ki, &cu, &p);                                         \
-        be->msa_plan(&plan, &topk, &cu, &p);                                               \
-        be->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p);          \
-        be->msa_kl_forward(&kl, &idx_lse, &q, &k, &lse, &qi, &ki, &topk, &plan, &cu, &p); \
-    } while (0)
-#define MSA_BWD()                                                                                            \
-    do {                                                                                                     \
-        be->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p);   \
-        be->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &idx_lse, &topk, &plan, &cu, &p, coeff); \
-    } while (0)
-    MSA_FWD();
-    MSA_BWD();
-    Times msa, part[5];
-    msa.fwd = TIME_REPS(reps, MSA_FWD());
-    msa.bwd = TIME_REPS(reps, MSA_BWD());
-    /* the parts, for "where the time goes" */
-    part[0].fwd = TIME_REPS(reps, be->msa_indexer(&topk, &qi, &ki, &cu, &p));
-    part[1].fwd = TIME_REPS(reps, be->msa_plan(&plan, &topk, &cu, &p));
-    part[2].fwd = TIME_REPS(reps, be->msa_attention_forward(&out, &lse, &q, &k, &v, &topk, &plan, &cu, &p));
-    part[3].fwd = TIME_REPS(reps, be->msa_kl_forward(&kl, &idx_lse, &q, &k, &lse, &qi, &ki, &topk, &plan, &cu, &p));
-    part[2].bwd = TIME_REPS(
-        reps, be->msa_attention_backward(&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, &topk, &plan, &cu, &p));
-    part[3].bwd = TIME_REPS(
-        reps, be->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &idx_lse, &topk, &plan, &cu, &p, coeff));
-#undef MSA_FWD
-#undef MSA_BWD
+    const MsaSettings settings = {
+        .params = {.block_size = 128, .topk_blocks = 16, .init_blocks = 0, .local_blocks = 1,
+                   .scale = 1.0f / sqrtf((float)D), .index_scale = 1.0f / sqrtf((float)Di)},
+        .kl_weight = 1.0f,
+    };
+    const MsaParams *p = &settings.params;
+    run.msa = &settings;
+    const Times msa = time_attention(&run, reps);
+    /* the parts, for "where the time goes": the same passes under the step profiler */
+    Profiler prof;
+    profiler_init(&prof, be);
+    e.prof = &prof;
+    for (int r = 0; r < reps; r++) {
+        Times ignored = {0};
+        profiler_step_begin(&prof);
+        attention_pass(&run, &ignored);
+        profiler_backward_end(&prof);
+        profiler_step_end(&prof);
+    }
+    e.prof = NULL;
 
     /* FLOPs by the spec's conventions (msa_spec.md e.1): dense causal pairs N(N+1)/2; sparse pairs at
      * most N * k * B minus the local block's causal cut, counted here as the exact support size */
+    const int64_t K = p->topk_blocks;
     const double causal = (double)N * (double)(N + 1) / 2;
-    const double B = p.block_size;
+    const double B = p->block_size;
     double sparse = 0; /* query at position t reads min(t/B + 1, k) blocks: full ones and its partial own */
     for (int64_t t = 0; t < N; t++) {
-        const int64_t own = t / p.block_size, nblk = own + 1 < K ? own + 1 : K;
-        sparse += (double)(nblk - 1) * B + (double)(t - own * p.block_size + 1);
+        const int64_t own = t / p->block_size, nblk = own + 1 < K ? own + 1 : K;
+        sparse += (double)(nblk - 1) * B + (double)(t - own * p->block_size + 1);
     }
     const double dense_flops = 4.0 * (double)Hq * D * causal * 3.5; /* fwd 4·H·D per pair, bwd 2.5x */
     printf("| %6lld | %9.2f | %9.2f | %9.2f | %8.2f | %8.2f | %8.2f | %6.1fx | %5.0f |\n", (long long)N, dense.fwd * 1e3,
            dense.bwd * 1e3, (dense.fwd + dense.bwd) * 1e3, msa.fwd * 1e3, msa.bwd * 1e3, (msa.fwd + msa.bwd) * 1e3,
            (dense.fwd + dense.bwd) / (msa.fwd + msa.bwd), dense_flops / (dense.fwd + dense.bwd) / 1e12);
-    printf("|        |  MSA parts (ms): indexer %.2f, plan %.2f, attention fwd %.2f / bwd %.2f, KL fwd %.2f / bwd %.2f; "
-           "sparse pairs %.3g (%.1f%% of causal) |\n",
-           part[0].fwd * 1e3, part[1].fwd * 1e3, part[2].fwd * 1e3, part[2].bwd * 1e3, part[3].fwd * 1e3,
-           part[3].bwd * 1e3, sparse, 100.0 * sparse / causal);
+    printf("|        |  MSA parts (ms, profiled): indexer %.2f, plan %.2f, attention fwd %.2f / bwd %.2f, KL fwd %.2f / bwd "
+           "%.2f; sparse pairs %.3g (%.1f%% of causal) |\n",
+           part_ms(&prof, "msa_indexer", PROF_FORWARD), part_ms(&prof, "msa_plan", PROF_FORWARD),
+           part_ms(&prof, "msa_attention", PROF_FORWARD), part_ms(&prof, "msa_attention", PROF_BACKWARD),
+           part_ms(&prof, "msa_kl", PROF_FORWARD), part_ms(&prof, "msa_kl", PROF_BACKWARD), sparse, 100.0 * sparse / causal);
     fflush(stdout);
-    Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &out, &lse, &dq, &dk, &dv, &dqi, &dki, &cu, &topk, &plan, &kl, &idx_lse};
+    engine_free(&e);
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dev_free(all[i]);
 }
 

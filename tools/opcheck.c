@@ -9,9 +9,9 @@
  *   cu_seqlens [ndocs+1] (integers, 0 .. T), dout [T,Hq,d]
  *   root attributes: block_size, topk_blocks, init_blocks, local_blocks (integers),
  *                    scale, index_scale, kl_weight (reals)
- * The chain: topk = indexer(qi, ki); out, lse = msa_attention(q, k, v, topk);
- *            kl = kl_weight * mean KL(teacher(q, k, lse) || student(qi, ki)) over topk;
- *            backward of  L = sum(out * dout) + kl.
+ * The chain is the MSA layer's (layers/msa.h msa_attend): topk = indexer(qi, ki), its plan;
+ *            out, lse = msa_attention(q, k, v, topk); kl = kl_weight * mean KL(teacher(q, k, lse) ||
+ *            student(qi, ki)) over topk; backward of  L = sum(out * dout) + kl.
  * OUT.h5 (float32 unless noted): out [T,Hq,d], lse [Hq,T], topk [Hidx,T,topk_blocks] (int32),
  *   kl (scalar: the loss term kl_weight * mean KL), kl_unweighted (scalar: mean KL),
  *   dq, dk, dv (shapes of q, k, v), dqi, dki (shapes of qi, ki).
@@ -24,6 +24,7 @@
 
 #include "../autograd/ops.h"
 #include "../kernels/util.h"
+#include "../layers/msa.h"
 
 typedef struct {
     int ndim;
@@ -182,21 +183,18 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
         if (c[i + 1] < c[i]) fatal("%s: cu_seqlens decreases at entry %lld", in_path, (long long)i + 1);
     HostArray dout = read_dataset(f, in_path, "dout", 3, 0);
     expect_shape(in_path, "dout", &dout, 3, q.dims, "(the shape of q)");
-    MsaParams p = {
-        .block_size = read_int_attr(f, in_path, "block_size"),
-        .topk_blocks = read_int_attr(f, in_path, "topk_blocks"),
-        .init_blocks = read_int_attr(f, in_path, "init_blocks"),
-        .local_blocks = read_int_attr(f, in_path, "local_blocks"),
-        .scale = (float)read_attr(f, in_path, "scale"),
-        .index_scale = (float)read_attr(f, in_path, "index_scale"),
+    const MsaSettings s = {
+        .params = {.block_size = read_int_attr(f, in_path, "block_size"),
+                   .topk_blocks = read_int_attr(f, in_path, "topk_blocks"),
+                   .init_blocks = read_int_attr(f, in_path, "init_blocks"),
+                   .local_blocks = read_int_attr(f, in_path, "local_blocks"),
+                   .scale = (float)read_attr(f, in_path, "scale"),
+                   .index_scale = (float)read_attr(f, in_path, "index_scale")},
+        .kl_weight = (float)read_attr(f, in_path, "kl_weight"),
     };
-    const float kl_weight = (float)read_attr(f, in_path, "kl_weight");
     H5Fclose(f);
-    if (p.block_size < 1 || p.topk_blocks < 1 || p.init_blocks < 0 || p.local_blocks < 1 ||
-        p.init_blocks + p.local_blocks > p.topk_blocks)
-        fatal("%s: need block_size >= 1, topk_blocks >= 1, init_blocks >= 0, local_blocks >= 1 and init_blocks + "
-              "local_blocks <= topk_blocks (got %d, %d, %d, %d)",
-              in_path, p.block_size, p.topk_blocks, p.init_blocks, p.local_blocks);
+    char why[256];
+    if (!msa_check(&s.params, "attribute ", why, sizeof why)) fatal("%s: %s", in_path, why);
 
     Engine e;
     engine_init(&e, be, act, 64 << 20);
@@ -205,48 +203,36 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
     Tensor *tcu = engine_empty(&e, DT_I32, SHAPE(ndocs + 1));
     tensor_from_host(&e, tcu, cu.data);
 
-    Tensor *topk = engine_empty(&e, DT_I32, SHAPE(Hkv, T, p.topk_blocks));
-    be->msa_indexer(topk, tqi, tki, tcu, &p);
-    Tensor *lse = NULL;
-    Tensor *plan = engine_empty(&e, DT_I32, SHAPE(Hkv, msa_plan_width(T, p.topk_blocks)));
-    be->msa_plan(plan, topk, tcu, &p);
-    Tensor *out = op_msa_attention(&e, tq, tk, tv, topk, plan, tcu, &p, &lse);
-    Tensor *kl = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, plan, tcu, &p, kl_weight);
+    MsaAttention a = msa_attend(&e, &s, tq, tk, tv, tqi, tki, tcu, false, NULL);
     /* seed L = sum(out * dout) + kl in one walk of the tape (two separate backward calls would run
      * the KL node twice) */
-    be->axpy(engine_grad(&e, out), tdout, 1.0f);
-    if (kl->dtype != DT_F32) fatal("opcheck: expected an f32 loss, got %s", dtype_name(kl->dtype));
+    be->axpy(engine_grad(&e, a.out), tdout, 1.0f);
+    if (a.loss->dtype != DT_F32) fatal("opcheck: expected an f32 loss, got %s", dtype_name(a.loss->dtype));
     Tensor *one = engine_empty(&e, DT_F32, SHAPE(1));
     tensor_from_host(&e, one, &(float){1.0f});
-    be->axpy(engine_grad(&e, kl), one, 1.0f);
+    be->axpy(engine_grad(&e, a.loss), one, 1.0f);
     engine_backward_tape(&e, 0);
-    const double kl_val = tensor_item(&e, kl);
+    const double kl_val = tensor_item(&e, a.loss);
 
     hid_t o = H5Fcreate(out_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (o < 0) fatal("%s: cannot create the output file", out_path);
     struct {
         const char *name;
         const Tensor *t, *like;
-    } outs[] = {{"out", out, out}, {"lse", lse, lse}, {"dq", tq->grad, tq}, {"dk", tk->grad, tk},
+    } outs[] = {{"out", a.out, a.out}, {"lse", a.lse, a.lse}, {"dq", tq->grad, tq}, {"dk", tk->grad, tk},
                 {"dv", tv->grad, tv}, {"dqi", tqi->grad, tqi}, {"dki", tki->grad, tki}};
     for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++) {
         float *h = download(&e, outs[i].t, outs[i].like->numel);
         write_dataset(o, out_path, outs[i].name, outs[i].like->ndim, outs[i].like->shape, h, 0);
         free(h);
     }
-    int32_t *htk = xmalloc(tensor_bytes(topk));
-    tensor_to_host(&e, htk, topk);
-    write_dataset(o, out_path, "topk", 3, topk->shape, htk, 1);
+    int32_t *htk = xmalloc(tensor_bytes(a.topk));
+    tensor_to_host(&e, htk, a.topk);
+    write_dataset(o, out_path, "topk", 3, a.topk->shape, htk, 1);
     free(htk);
-    const float klw = (float)kl_val, klu = kl_weight != 0 ? (float)(kl_val / kl_weight) : 0.0f;
+    const float klw = (float)kl_val, klu = (float)tensor_item(&e, a.kl);
     write_dataset(o, out_path, "kl", 0, NULL, &klw, 0);
-    if (kl_weight != 0) write_dataset(o, out_path, "kl_unweighted", 0, NULL, &klu, 0);
-    else { /* weight 0 hides the value: compute it once more, unweighted, without recording */
-        engine_set_grad(&e, false);
-        Tensor *raw = op_msa_kl(&e, tq, tk, lse, tqi, tki, topk, plan, tcu, &p, 1.0f);
-        const float v0 = (float)tensor_item(&e, raw);
-        write_dataset(o, out_path, "kl_unweighted", 0, NULL, &v0, 0);
-    }
+    write_dataset(o, out_path, "kl_unweighted", 0, NULL, &klu, 0);
     if (H5Fclose(o) < 0) fatal("%s: cannot close the output file", out_path);
     printf("opcheck msa (%s): T=%lld Hq=%lld Hkv=%lld d=%lld didx=%lld docs=%lld, kl=%.6g -> %s\n", be->name,
            (long long)T, (long long)Hq, (long long)Hkv, (long long)d, (long long)didx, (long long)ndocs, kl_val, out_path);

@@ -192,8 +192,9 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
 
     hid_t sg = make_group(&w, "state");
     for (int l = 0; l < m->cfg.n_layers; l++) {
-        const MoeLayerParams *mp = &m->layers[l].moe_p;
-        if (!m->layers[l].moe || !mp->bias) continue;
+        const MoeLayer *ml = moe_layer_of(&m->layers[l].ffn);
+        const MoeLayerParams *mp = ml ? &ml->p : NULL;
+        if (!mp || !mp->bias) continue;
         char name[64];
         int64_t shape[1] = {mp->num_experts};
         write_f32(&w, sg, "state", moe_bias_name(name, sizeof name, l), 1, shape, mp->bias); /* host memory */
@@ -364,7 +365,7 @@ static bool is_moe_bias(const void *model, const char *name) {
     const Model *m = model;
     for (int l = 0; l < m->cfg.n_layers; l++) {
         char b[64];
-        if (m->layers[l].moe && !strcmp(name, moe_bias_name(b, sizeof b, l))) return true;
+        if (moe_layer_of(&m->layers[l].ffn) && !strcmp(name, moe_bias_name(b, sizeof b, l))) return true;
     }
     return false;
 }
@@ -412,8 +413,7 @@ static int load_store_group(const char *path, hid_t file, const char *gname, Par
 /* The MoE selection biases in /state. required: every MoE layer's bias must be there (resume); else
  * the ones present are loaded and the others stay as they are (an imported checkpoint has none). */
 static void load_moe_biases(const char *path, hid_t file, Model *m, bool required) {
-    bool any_moe = false;
-    for (int l = 0; l < m->cfg.n_layers; l++) any_moe = any_moe || m->layers[l].moe;
+    const bool any_moe = m->n_moe_layers > 0;
     if (H5Lexists(file, "state", H5P_DEFAULT) <= 0) {
         if (required && any_moe)
             fatal("%s: the checkpoint has no /state group (no MoE selection biases to resume)", path);
@@ -422,8 +422,9 @@ static void load_moe_biases(const char *path, hid_t file, Model *m, bool require
     hid_t g = open_group(path, file, "state", "");
     if (required) check_no_unexpected(path, g, "state", is_moe_bias, m);
     for (int l = 0; l < m->cfg.n_layers; l++) {
-        if (!m->layers[l].moe) continue;
-        MoeLayerParams *mp = &m->layers[l].moe_p;
+        MoeLayer *ml = moe_layer_of(&m->layers[l].ffn);
+        if (!ml) continue;
+        MoeLayerParams *mp = &ml->p;
         char name[64];
         int64_t shape[1] = {mp->num_experts};
         if (check_tensor(path, g, "state", moe_bias_name(name, sizeof name, l), 1, shape))

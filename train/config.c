@@ -15,7 +15,8 @@
 #include <jansson.h>
 
 #include "../kernels/util.h"
-#include "moe.h"
+#include "../layers/layer.h"
+#include "../layers/moe.h"
 
 typedef enum KeyType { K_INT, K_FLOAT, K_BOOL, K_STRING, K_U64 } KeyType;
 
@@ -73,9 +74,10 @@ static const KeyDef KEYS[] = {
     POS(model, norm_eps, 1e-5, 0, 1, "RMSNorm epsilon"),
     NUM(model, init_std, 0.02, 0, 10, "std of the normal init of matrices (output projections / sqrt(2 n_layers))"),
     NUM(model, dropout, 0, 0, 0.9, "dropout on the embedding output and on each attention and FFN output before its residual add, training steps only (nanoGPT's resid/embd dropout)"),
-    CHOICE(model, attention, "dense", "dense|msa", "attention of the layers msa_layers selects (the others are dense)"),
+    /* the choices: the variants layers/layers.def lists (after the names' leading '|') */
+    CHOICE(model, attention, "dense", layer_attention_names + 1, "attention of the layers msa_layers selects (the others are dense)"),
     SELECT(model, msa_layers, "all", "layers with MSA when attention = msa: all, none, 3- (3 on), 1-4, 0,2,5, 0,3-5"),
-    CHOICE(model, ffn, "dense", "dense|moe", "feed-forward of the layers moe_layers selects (the others are dense)"),
+    CHOICE(model, ffn, "dense", layer_ffn_names + 1, "feed-forward of the layers moe_layers selects (the others are dense)"),
     SELECT(model, moe_layers, "all", "layers with MoE when ffn = moe (selector as msa_layers; MiniMax-M3: 3-)"),
 
     NUM(msa, block_size, 128, 1, 1 << 20, "tokens per KV block B"),
@@ -344,12 +346,12 @@ static bool layer_selected(const char *selector, int n_layers, int layer) {
     return sel[layer];
 }
 
-bool config_layer_is_msa(const RunConfig *c, int layer) {
-    return !strcmp(c->model.attention, "msa") && layer_selected(c->model.msa_layers, c->model.n_layers, layer);
+const char *config_layer_attention(const RunConfig *c, int layer) {
+    return layer_selected(c->model.msa_layers, c->model.n_layers, layer) ? c->model.attention : "dense";
 }
 
-bool config_layer_is_moe(const RunConfig *c, int layer) {
-    return !strcmp(c->model.ffn, "moe") && layer_selected(c->model.moe_layers, c->model.n_layers, layer);
+const char *config_layer_ffn(const RunConfig *c, int layer) {
+    return layer_selected(c->model.moe_layers, c->model.n_layers, layer) ? c->model.ffn : "dense";
 }
 
 /* ---- setting one key (every path checks the same way) ----------------------------------------- */
@@ -598,31 +600,16 @@ void config_validate(const RunConfig *c) {
               src, hd);
     if (m->rotary_dim % 2 || m->rotary_dim > hd)
         fatal("%s: model.rotary_dim = %d must be even and <= the head dimension %d", src, m->rotary_dim, hd);
-    const MsaConfig *a = &c->msa;
-    if (a->index_heads != 0 && a->index_heads != m->n_kv_heads)
-        fatal("%s: msa.index_heads = %d must be 0 or model.n_kv_heads = %d (one index head per GQA group)", src,
-              a->index_heads, m->n_kv_heads);
-    if (a->index_dim % 2) fatal("%s: msa.index_dim = %d must be even (RoPE)", src, a->index_dim);
-    bool has_msa = strcmp(m->attention, "msa") == 0;
+    const LayerKind *attention = layer_kind(LAYER_ATTENTION, m->attention);
+    const bool has_msa = attention && attention->learned_selection; /* index parameters to train alone */
     if (!has_msa && strcmp(c->optim.warmup_trainable, "index") == 0)
         fatal("%s: optim.warmup_trainable = \"index\" needs MSA layers (model.attention = \"msa\")", src);
     if (!has_msa && c->optim.backbone_lr_scale == 0)
         fatal("%s: optim.backbone_lr_scale = 0 freezes every parameter of a model without MSA layers", src);
-    if (a->topk_blocks < a->init_blocks + a->local_blocks)
-        fatal("%s: msa.topk_blocks = %d must be >= msa.init_blocks + msa.local_blocks = %d", src, a->topk_blocks,
-              a->init_blocks + a->local_blocks);
     if (c->optim.min_lr > c->optim.lr)
         fatal("%s: optim.min_lr = %g must be <= optim.lr = %g", src, (double)c->optim.min_lr, (double)c->optim.lr);
-    if (!strcmp(m->ffn, "moe")) {
-        if (c->moe.experts_per_token > c->moe.num_experts)
-            fatal("%s: moe.experts_per_token = %d must be <= moe.num_experts = %d", src, c->moe.experts_per_token,
-                  c->moe.num_experts);
-        moe_validate_config(&c->moe);
-        if (c->moe.num_experts % c->dist.ep)
-            fatal("%s: moe.num_experts = %d does not divide over dist.ep = %d expert-parallel ranks (each rank holds "
-                  "num_experts / ep of them): choose an ep that divides it",
-                  src, c->moe.num_experts, c->dist.ep);
-    }
+    /* the keys of the layer variants in use, and the limits of the backend that runs them */
+    layers_require(c, src);
 }
 
 static json_t *key_to_json(const RunConfig *c, const KeyDef *k) {

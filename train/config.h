@@ -28,10 +28,10 @@ typedef struct ModelConfig {
     float init_std;        /* std of the normal init of matrices (output projections scaled by 1/sqrt(2L)) */
     float dropout;         /* embedding and residual-branch dropout in training steps (0 = off) */
     /* attention per layer */
-    char attention[16];    /* "dense" or "msa": the attention of layers chosen by msa_layers */
+    char attention[16];    /* "dense", "msa" (layers/layers.def): the attention of layers chosen by msa_layers */
     char msa_layers[64];   /* layer selector: "all", "none", "3-" (from 3 on), "0,2,5", "1-4" */
     /* feed-forward per layer */
-    char ffn[16];          /* "dense" or "moe": the FFN of layers chosen by moe_layers */
+    char ffn[16];          /* "dense", "moe" (layers/layers.def): the FFN of layers chosen by moe_layers */
     char moe_layers[64];   /* layer selector as msa_layers (MiniMax-M3: "3-", first 3 dense) */
 } ModelConfig;
 
@@ -137,9 +137,9 @@ void config_validate(const RunConfig *c);
 char *config_to_json(const RunConfig *c);
 /* Print the documentation of every key (section, key, type, default, meaning) as Markdown. */
 void config_print_help(void);
-/* Does layer l use MSA attention? (attention == "msa" and l selected by msa_layers) */
-bool config_layer_is_msa(const RunConfig *c, int layer);
-/* Does layer l use an MoE feed-forward? (ffn == "moe" and l selected by moe_layers) */
-bool config_layer_is_moe(const RunConfig *c, int layer);
+/* The attention variant of layer l: model.attention where model.msa_layers selects l, else "dense". */
+const char *config_layer_attention(const RunConfig *c, int layer);
+/* The feed-forward variant of layer l: model.ffn where model.moe_layers selects l, else "dense". */
+const char *config_layer_ffn(const RunConfig *c, int layer);
 
 #endif

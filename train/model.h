@@ -1,63 +1,33 @@
-/* The decoder-only transformer of DESIGN §3: token embedding; per layer RMSNorm -> attention (dense
- * GQA or MSA) -> residual -> RMSNorm -> SwiGLU FFN -> residual; final RMSNorm; LM head (tied or
- * not); fp32 cross-entropy. Parameter names are the checkpoint dataset names. */
+/* The decoder-only transformer of DESIGN §3: token embedding; per block RMSNorm -> attention ->
+ * residual -> RMSNorm -> feed-forward -> residual; final RMSNorm; LM head (tied or not); fp32
+ * cross-entropy. Each block's attention and feed-forward are layers (layers/layer.h) of the variants the
+ * config names; the model knows none of them and calls no kernel itself. Parameter names are the
+ * checkpoint dataset names. */
 #ifndef MSA_MODEL_H
 #define MSA_MODEL_H
 
 #include "../autograd/engine.h"
 #include "../autograd/params.h"
 #include "../data/dataset.h"
+#include "../layers/layer.h"
+#include "../layers/moe.h"
 #include "config.h"
-#include "moe.h"
 
-/* What an MSA layer's checkpointed forward keeps for the replay of it in the backward (train.recompute):
- * the selection, its plan and the KL forward's results. They are functions of inputs the replay
- * recomputes bit for bit (a checkpointed segment is deterministic), so the replay copies them instead of
- * running the indexer, the plan and the KL forward a second time. Device memory of the engine's backend,
- * grown on demand; valid from a checkpointed forward until its replay. */
-typedef struct MsaReplay {
-    const KernelBackend *be; /* where buf lives */
-    void *buf;               /* topk | plan | idx_lse | loss, each 64-byte aligned */
-    size_t cap;
-    bool valid, dense;       /* dense: kept in the dense warm-up (no topk, no plan) */
-    int64_t n, hkv, topk_bytes, plan_bytes, lse_bytes, loss_bytes;
-} MsaReplay;
-
-typedef struct LayerParams {
-    Tensor *attn_norm, *wq, *wk, *wv, *wo, *q_norm, *k_norm;
-    Tensor *bq, *bk, *bv;                     /* q/k/v projection biases (model.qkv_bias), else NULL */
-    Tensor *ffn_norm, *w_gate, *w_up, *w_down; /* dense SwiGLU (NULL in MoE layers) */
-    bool moe;                                 /* MoE feed-forward in this layer */
-    MoeLayerParams moe_p;
-    MoeStats moe_stats;                       /* routing statistics since the last optimizer step */
-    bool msa;                              /* MSA attention in this layer */
-    Tensor *w_iq, *w_ik, *iq_norm, *ik_norm; /* index branch (MSA layers only) */
-    MsaReplay replay;                        /* under train.recompute (MSA layers only) */
-} LayerParams;
-
-/* Per-forward MSA statistics, filled when Model.collect_metrics is set. */
-typedef struct MsaMetrics {
-    double kl_sum;       /* sum over MSA layers of the unweighted mean KL */
-    double recall_sum;   /* sum over MSA layers of the recall */
-    int layers;          /* MSA layers that contributed */
-    int recall_layers;
-    double dense_loss;   /* LM loss with every MSA layer in dense attention (eval_dense_reference) */
-    bool has_dense_loss;
-} MsaMetrics;
+typedef struct Block {
+    Tensor *attn_norm, *ffn_norm;
+    Layer attention, ffn;
+} Block;
 
 typedef struct Model {
     ModelConfig cfg;
-    MsaConfig msa_cfg;
-    MoeConfig moe_cfg;
-    int n_moe_layers;
-    int head_dim, rotary_dim, index_rotary_dim, n_msa_layers;
+    int n_msa_layers;                   /* blocks whose attention has a learned selection (LayerKind) */
+    int n_moe_layers;                   /* blocks whose feed-forward is MoE */
     ParamStore params;
     Tensor *wte, *final_norm, *lm_head; /* lm_head == wte when tied */
-    LayerParams *layers;
-    MsaParams msa;                      /* kernel parameters of the MSA layers */
+    Block *layers;
     bool msa_dense;                     /* dense warm-up phase: every visible block selected */
-    bool collect_metrics;               /* compute KL/recall statistics during forward (eval) */
-    MsaMetrics metrics;
+    bool collect_metrics;               /* evaluation: also the statistics that cost extra work (recall) */
+    Metrics metrics;                    /* what the layers reported since the caller zeroed it ("kl", "recall") */
     /* Context parallelism (dist.cp; NULL or a group of one rank: none). The group's ranks share each
      * micro-batch: every op but attention runs on this rank's contiguous 1/cp of its N tokens
      * (model_cp_range), and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
@@ -67,7 +37,7 @@ typedef struct Model {
      * (kernels/comm.h) is the trainer's, made from its Dist group by dist_comm. */
     const Comm *cp;
     /* Expert parallelism (dist.ep; NULL: none): the MoE layers' routed experts are split over this group
-     * (train/moe.h), the rest of the model is the same on its ranks. The routed experts' tensors are the
+     * (layers/moe.h), the rest of the model is the same on its ranks. The routed experts' tensors are the
      * store's last ones, params.p[first_expert_param .. params.n) (none without MoE layers). */
     const Comm *ep;
     int first_expert_param;
@@ -86,7 +56,7 @@ typedef struct ModelInput {
 typedef struct ModelLosses {
     Tensor *total;   /* lm + aux: what backward starts from */
     Tensor *lm;      /* mean token cross-entropy */
-    Tensor *aux;     /* weighted KL (sum over MSA layers), NULL without MSA */
+    Tensor *aux;     /* the layers' weighted auxiliary losses (MSA KL, MoE balance terms), NULL: none */
 } ModelLosses;
 
 /* Declare and initialise the parameters (fp32 master weights, F64 for gradient checks). */
@@ -97,13 +67,9 @@ void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DTy
                     const Comm *ep);
 void model_free(Model *m);
 
-/* After each optimizer step (update_bias = true): apply the MoE selection-bias update from the step's
- * loads; after an evaluation (false): leave the bias alone. Either way (if summary is not NULL) report the worst layer's max/mean expert load and the mean aux and z losses;
- * then reset the routing statistics. */
-typedef struct MoeSummary {
-    double max_over_mean_load; /* worst MoE layer's max/mean tokens per expert (1 = balanced) */
-    double aux_loss, z_loss;   /* mean over MoE layers of the unweighted losses */
-} MoeSummary;
+/* After each optimizer step (update_bias = true) or evaluation (false): every layer's step_end (the MoE
+ * selection-bias update from the step's loads, after a step only) and, if summary is not NULL, the MoE
+ * routing balance they report (the worst layer's max/mean expert load, the mean aux and z losses). */
 void model_moe_step(Model *m, MoeSummary *summary, bool update_bias);
 
 /* Is this parameter part of an MSA index branch? (trained by the KL only) */

@@ -217,10 +217,12 @@ static void to_image(Run *r, Image *im, const float *m, const float *v) {
         }
     }
     free(buf);
-    for (int l = 0; im && l < r->model.cfg.n_layers; l++) /* the biases are the same on every rank */
-        if (r->model.layers[l].moe)
-            memcpy(im->model.layers[l].moe_p.bias, r->model.layers[l].moe_p.bias,
-                   (size_t)r->model.layers[l].moe_p.num_experts * sizeof(float));
+    for (int l = 0; im && l < r->model.cfg.n_layers; l++) { /* the biases are the same on every rank */
+        const MoeLayer *from = moe_layer_of(&r->model.layers[l].ffn);
+        if (from)
+            memcpy(moe_layer_of(&im->model.layers[l].ffn)->p.bias, from->p.bias,
+                   (size_t)from->p.num_experts * sizeof(float));
+    }
 }
 
 /* Inverse of to_image: rank 0 takes every tensor of the image but the experts, each store root its
@@ -246,10 +248,11 @@ static void from_image(Run *r, const Image *im, float *m, float *v) {
     }
     free(buf);
     params_sync_shadow(ps);
-    for (int l = 0; im && l < r->model.cfg.n_layers; l++)
-        if (r->model.layers[l].moe)
-            memcpy(r->model.layers[l].moe_p.bias, im->model.layers[l].moe_p.bias,
-                   (size_t)r->model.layers[l].moe_p.num_experts * sizeof(float));
+    for (int l = 0; im && l < r->model.cfg.n_layers; l++) {
+        MoeLayer *to = moe_layer_of(&r->model.layers[l].ffn);
+        if (to)
+            memcpy(to->p.bias, moe_layer_of(&im->model.layers[l].ffn)->p.bias, (size_t)to->p.num_experts * sizeof(float));
+    }
 }
 
 /* The run's whole state now into the checkpoint file `path` (atomically, checkpoint_write), whatever its
@@ -550,7 +553,7 @@ static void init_dist(Run *r, const char *src) {
         fatal("%s: train.batch_size = %d is not divisible by the %d data-parallel ranks (dist.dp): each rank takes "
               "batch_size / dp sequences of every micro-batch; use a multiple of %d",
               src, c->train.batch_size, dp, dp);
-    /* expert parallelism (train/moe.h): the ranks of an ep group take different sequences too */
+    /* expert parallelism (layers/moe.h): the ranks of an ep group take different sequences too */
     if (c->train.batch_size % (dp * ep))
         fatal("%s: train.batch_size = %d is not divisible by the dist.dp * dist.ep = %d * %d ranks that take its "
               "sequences (expert-parallel ranks route different tokens): each takes batch_size / (dp * ep) of every "
@@ -630,10 +633,10 @@ static void sync_from_rank0(Run *r) {
                        ps->be->device);
     }
     params_sync_shadow(ps);
-    for (int l = 0; l < r->model.cfg.n_layers; l++)
-        if (r->model.layers[l].moe && r->model.layers[l].moe_p.bias)
-            dist_broadcast(&r->dist->world, r->model.layers[l].moe_p.bias, r->model.layers[l].moe_p.num_experts,
-                           DIST_F32, 0, DEV_CPU);
+    for (int l = 0; l < r->model.cfg.n_layers; l++) {
+        MoeLayer *ml = moe_layer_of(&r->model.layers[l].ffn);
+        if (ml && ml->p.bias) dist_broadcast(&r->dist->world, ml->p.bias, ml->p.num_experts, DIST_F32, 0, DEV_CPU);
+    }
 }
 
 void run_init(Run *r) {
@@ -759,6 +762,22 @@ void run_free(Run *r) {
     datamix_close(&r->train_mix);
 }
 
+/* The layers' statistics of a step or an evaluation, summed over the ranks of group g (every rank's
+ * layers report the same names in the same order). */
+static void reduce_metrics(const DistGroup *g, Metrics *m) {
+    if (g->size == 1 || m->n == 0) return;
+    double sums[2 * METRICS_MAX];
+    for (int i = 0; i < m->n; i++) sums[i] = m->sum[i], sums[m->n + i] = m->count[i];
+    dist_all_reduce(g, sums, 2 * m->n, DIST_F64, DIST_SUM, DEV_CPU);
+    dist_all_reduce(g, m->max, m->n, DIST_F64, DIST_MAX, DEV_CPU);
+    for (int i = 0; i < m->n; i++) m->sum[i] = sums[i], m->count[i] = sums[m->n + i];
+}
+
+/* `, "name": mean` for each statistic of m */
+static void print_metrics_json(FILE *f, const Metrics *m) {
+    for (int i = 0; i < m->n; i++) fprintf(f, ", \"%s\": %.6f", m->name[i], m->sum[i] / m->count[i]);
+}
+
 static void log_step(Run *r, const StepResult *s) {
     const RunConfig *c = &r->cfg;
     double now = wall_seconds(), elapsed = now - r->t_start;
@@ -769,7 +788,8 @@ static void log_step(Run *r, const StepResult *s) {
     fmt_duration(et, sizeof et, eta);
     if (!r->quiet) {
         printf("step %5d/%d | loss %.4f", r->step, c->train.steps, s->loss);
-        if (r->model.n_msa_layers) printf(" | kl %.4f%s", s->aux, r->model.msa_dense ? " (dense)" : "");
+        for (int i = 0; i < s->layers.n; i++) printf(" | %s %.4f", s->layers.name[i], s->layers.sum[i] / s->layers.count[i]);
+        if (r->model.n_msa_layers && r->model.msa_dense) printf(" (dense)");
         if (r->model.n_moe_layers)
             printf(" | load max/mean %.2f | aux %.4f | z %.3f", s->moe.max_over_mean_load, s->moe.aux_loss, s->moe.z_loss);
         printf(" | lr %.2e | gnorm %.3f | %.0f tok/s | %s elapsed | ETA %s\n", s->lr, s->grad_norm, tps, el, et);
@@ -779,9 +799,11 @@ static void log_step(Run *r, const StepResult *s) {
         fprintf(r->metrics,
                 "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
                 "\"tokens_per_s\": %.1f, \"elapsed_s\": %.2f, \"moe_max_over_mean_load\": %.4f, "
-                "\"moe_aux_loss\": %.6f, \"moe_z_loss\": %.6f}\n",
+                "\"moe_aux_loss\": %.6f, \"moe_z_loss\": %.6f",
                 r->step, s->loss, s->aux, s->lr, s->grad_norm, tps, elapsed, s->moe.max_over_mean_load, s->moe.aux_loss,
                 s->moe.z_loss);
+        print_metrics_json(r->metrics, &s->layers);
+        fprintf(r->metrics, "}\n");
         fflush(r->metrics);
     }
     r->t_last = now;
@@ -802,9 +824,9 @@ static int64_t counted_targets(const Run *r) {
 static void reduce_moe_stats(Run *r) {
     const DistGroup *g = batch_group(r);
     for (int l = 0; l < r->model.cfg.n_layers; l++) {
-        LayerParams *L = &r->model.layers[l];
-        if (!L->moe) continue;
-        MoeStats *st = &L->moe_stats;
+        MoeLayer *ml = moe_layer_of(&r->model.layers[l].ffn);
+        if (!ml) continue;
+        MoeStats *st = &ml->stats;
         int64_t counts[2] = {st->tokens, st->forwards};
         double sums[2] = {st->aux_loss_sum, st->z_loss_sum};
         dist_all_reduce(g, st->load, st->num_experts, DIST_I64, DIST_SUM, DEV_CPU);
@@ -908,6 +930,7 @@ StepResult run_step(Run *r) {
     model_set_trainable(&r->model, warm && strcmp(c->optim.warmup_trainable, "index") == 0,
                         warm ? 1.0f : c->optim.backbone_lr_scale);
     params_zero_grad(&r->model.params);
+    memset(&r->model.metrics, 0, sizeof r->model.metrics);
     for (int micro = 0; micro < c->train.grad_accum; micro++) {
         engine_reset(e);
         uint64_t first_window = r->sampler.counter + (uint64_t)first_row;
@@ -962,6 +985,8 @@ StepResult run_step(Run *r) {
         s.loss = sums[0];
         s.aux = sums[1];
     }
+    reduce_metrics(bg, &r->model.metrics);
+    s.layers = r->model.metrics;
     s.lr = lr_schedule(&c->optim, r->step, c->train.steps);
     s.grad_norm = optimizer_step(r, s.lr);
     reduce_moe_stats(r);
@@ -1007,32 +1032,25 @@ static double eval_loss(Run *r) {
     return total / nb;
 }
 
-double run_evaluate(Run *r, MsaMetrics *mm) {
+double run_evaluate(Run *r, EvalMetrics *em) {
     Engine *e = &r->engine;
     Model *m = &r->model;
     bool prev = engine_set_grad(e, false);
     bool prev_dense = m->msa_dense;
-    m->collect_metrics = m->n_msa_layers > 0;
+    m->collect_metrics = true;
     memset(&m->metrics, 0, sizeof(m->metrics));
     double loss = eval_loss(r);
-    if (batch_group(r)->size > 1 && m->collect_metrics) {
-        /* per-layer means over every rank's rows (under cp: its GQA groups, equally many per rank): add up
-         * the sums and the counts */
-        double sums[4] = {m->metrics.kl_sum, m->metrics.recall_sum, m->metrics.layers, m->metrics.recall_layers};
-        dist_all_reduce(batch_group(r), sums, 4, DIST_F64, DIST_SUM, DEV_CPU);
-        m->metrics.kl_sum = sums[0];
-        m->metrics.recall_sum = sums[1];
-        m->metrics.layers = (int)sums[2];
-        m->metrics.recall_layers = (int)sums[3];
-    }
-    if (mm) *mm = m->metrics;
-    if (mm && r->cfg.train.eval_dense_reference && m->n_msa_layers) {
+    /* per-layer means over every rank's rows (under cp: its GQA groups, equally many per rank): add up
+     * the sums and the counts */
+    reduce_metrics(batch_group(r), &m->metrics);
+    if (em) *em = (EvalMetrics){.layers = m->metrics};
+    if (em && r->cfg.train.eval_dense_reference && m->n_msa_layers) {
         /* the same weights with every MSA layer in dense attention: with a frozen backbone this is
          * exactly the dense model's loss, the reference the sparse loss is held to */
         m->collect_metrics = false;
         m->msa_dense = true;
-        mm->dense_loss = eval_loss(r);
-        mm->has_dense_loss = true;
+        em->dense_loss = eval_loss(r);
+        em->has_dense_loss = true;
     }
     model_moe_step(m, NULL, false); /* eval routing must not feed the next step's bias update */
     m->collect_metrics = false;
@@ -1041,19 +1059,19 @@ double run_evaluate(Run *r, MsaMetrics *mm) {
     return loss;
 }
 
-static void log_eval(Run *r, double val_loss, const MsaMetrics *mm) {
-    double kl = mm->layers ? mm->kl_sum / mm->layers : 0, recall = mm->recall_layers ? mm->recall_sum / mm->recall_layers : 0;
+static void log_eval(Run *r, double val_loss, const EvalMetrics *em) {
+    const Metrics *lm = &em->layers;
     if (!r->quiet) {
         printf("eval step %d | val loss %.4f", r->step, val_loss);
-        if (mm->layers) printf(" | kl %.4f | recall %.4f", kl, recall);
-        if (mm->has_dense_loss) printf(" | dense-attention loss %.4f", mm->dense_loss);
+        for (int i = 0; i < lm->n; i++) printf(" | %s %.4f", lm->name[i], lm->sum[i] / lm->count[i]);
+        if (em->has_dense_loss) printf(" | dense-attention loss %.4f", em->dense_loss);
         printf("\n");
         fflush(stdout);
     }
     if (r->metrics) {
         fprintf(r->metrics, "{\"step\": %d, \"val_loss\": %.6f", r->step, val_loss);
-        if (mm->layers) fprintf(r->metrics, ", \"kl\": %.6f, \"recall\": %.6f", kl, recall);
-        if (mm->has_dense_loss) fprintf(r->metrics, ", \"dense_attention_val_loss\": %.6f", mm->dense_loss);
+        print_metrics_json(r->metrics, lm);
+        if (em->has_dense_loss) fprintf(r->metrics, ", \"dense_attention_val_loss\": %.6f", em->dense_loss);
         fprintf(r->metrics, "}\n");
         fflush(r->metrics);
     }
@@ -1088,9 +1106,9 @@ double run_train(Run *r) {
     if (saving) install_stop_handlers(&old_int, &old_term);
     if (r->step == 0 && c->train.eval_dense_reference && r->model.n_msa_layers) {
         /* before any step: the loss of the starting weights (the imported dense model) */
-        MsaMetrics mm;
-        val = run_evaluate(r, &mm);
-        log_eval(r, val, &mm);
+        EvalMetrics em;
+        val = run_evaluate(r, &em);
+        log_eval(r, val, &em);
         r->t_last = wall_seconds();
     }
     while (r->step < c->train.steps) {
@@ -1098,9 +1116,9 @@ double run_train(Run *r) {
         double pause_start = wall_seconds();
         bool last = r->step == c->train.steps;
         if (last || (c->train.eval_every > 0 && r->step % c->train.eval_every == 0)) {
-            MsaMetrics mm;
-            val = run_evaluate(r, &mm);
-            log_eval(r, val, &mm);
+            EvalMetrics em;
+            val = run_evaluate(r, &em);
+            log_eval(r, val, &em);
             /* before this step's regular checkpoint, so that it records the new best; not the eval before
              * step 1 (eval_dense_reference), which measures the starting weights, not this run's training */
             if (c->train.save_best) save_if_best(r, val);

@@ -83,12 +83,21 @@ typedef struct StepResult {
     double grad_norm;  /* before clipping */
     float lr;
     MoeSummary moe;    /* routing balance of the step (MoE models) */
+    Metrics layers;    /* the layers' statistics over the step's forwards, all ranks ("kl": the unweighted
+                          mean KL of each MSA layer, whatever msa.kl_weight) */
 } StepResult;
+
+/* What an evaluation reports besides the validation loss. */
+typedef struct EvalMetrics {
+    Metrics layers;      /* the layers' statistics over the validation batches ("kl", "recall") */
+    double dense_loss;   /* LM loss with every MSA layer in dense attention (eval_dense_reference) */
+    bool has_dense_loss;
+} EvalMetrics;
 
 /* Open data, build model and optimizer from r->cfg (already loaded); exits with a message on bad input.
  * With r->dist from dist_init (several ranks): sets up the dist.dp/ep/cp groups, splits every micro-batch
  * over the data- and expert-parallel ranks (and their tokens over the context-parallel ranks, train/model.h),
- * splits the MoE layers' routed experts over the ep ranks (train/moe.h) and shards the optimizer state
+ * splits the MoE layers' routed experts over the ep ranks (layers/moe.h) and shards the optimizer state
  * (ZeRO-1, Run.zero); rank 0 alone reads checkpoints (and hands the others what they need; every expert is
  * in a checkpoint, whatever dist.ep), writes them, the run directory and the progress output.
  * train.resume: continue from the newest checkpoint in out_dir (parameters, optimizer, MoE biases, step,
@@ -103,8 +112,8 @@ void run_free(Run *r);
  * parallelism the step equals a single process's step over the same global batch (up to fp32 rounding):
  * the same windows, the same mean loss, the global gradient norm for clipping. */
 StepResult run_step(Run *r);
-/* Mean validation loss over eval_batches fixed batches; MSA metrics when the model has MSA layers. */
-double run_evaluate(Run *r, MsaMetrics *mm);
+/* Mean validation loss over eval_batches fixed batches; the layers' statistics into em (NULL: none). */
+double run_evaluate(Run *r, EvalMetrics *em);
 /* The whole loop: steps, evals, checkpoints (every train.checkpoint_every steps and at the end, when
  * out_dir is set), final summary. With train.save_best, every eval whose loss is below r->best_val_loss
  * also writes out_dir/ckpt_best.h5 (before that step's regular checkpoint, which then records the new

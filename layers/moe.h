@@ -4,7 +4,8 @@
  * token passes through, and the load-balancing machinery: auxiliary balance loss, router z-loss,
  * and the auxiliary-loss-free per-expert selection bias (DeepSeek-V3).
  *
- * Use from the model, per MoE layer l:
+ * The model uses it as the feed-forward variant "moe" (LayerKind ffn_moe, layers/layers.def: its state
+ * is a MoeLayer); the functions below are the same layer in parts, for tests and tools:
  *   build:     moe_declare_params(&ps, l, &cfg.model, &cfg.moe, &P[l]); moe_stats_init(&S[l], E);
  *              (or moe_declare_router_params now and moe_declare_expert_params later: the model
  *              declares every layer's routed experts last, so that they form one contiguous region of
@@ -19,7 +20,7 @@
 #include "../autograd/engine.h"
 #include "../autograd/params.h"
 #include "../kernels/comm.h"
-#include "config.h"
+#include "layer.h"
 
 #define MOE_MAX_SHARED 8
 
@@ -68,8 +69,8 @@ double moe_stats_z_loss(const MoeStats *s);
 
 /* The score function named by c->score_func ("softmax" or "sigmoid"); fatal otherwise. */
 MoeScoreFunc moe_score_func(const MoeConfig *c);
-/* Check the MoE keys against the model (k <= E, dims > 0, ...); fatal with the key's name. */
-void moe_validate_config(const MoeConfig *c);
+/* The rules of the MoE keys (k <= E, dims > 0, ...); false with the reason, naming the key, in why. */
+bool moe_check_config(const MoeConfig *c, char *why, size_t n);
 
 /* Declare layer `layer`'s parameters in ps (before params_allocate): "layers.<l>.moe.router",
  * ".w_gate", ".w_up", ".w_down", ".shared.<i>.w_gate|w_up|w_down"; all decay; normal init with
@@ -110,5 +111,26 @@ Tensor *moe_forward_routed(Engine *e, MoeLayerParams *p, const MoeConfig *c, Ten
  * c->bias_update_rate == 0 or nothing was routed. With data parallelism the loads must be summed
  * over ranks first so that every rank applies the same update. */
 void moe_update_bias(MoeLayerParams *p, const MoeConfig *c, const MoeStats *stats);
+
+/* ---- the layer -------------------------------------------------------------------------------- */
+
+/* The state of an MoE layer (LayerKind ffn_moe). Its step_end applies the bias update (after an
+ * optimizer step) and reports "moe_max_over_mean_load", "moe_aux_loss" and "moe_z_loss" (the unweighted
+ * losses), then resets the statistics. */
+typedef struct MoeLayer {
+    MoeLayerParams p;
+    MoeStats stats; /* since the last step_end; with several ranks the trainer sums them first */
+    MoeConfig cfg;
+} MoeLayer;
+
+/* L's MoE state, or NULL when L is no MoE layer. */
+MoeLayer *moe_layer_of(const Layer *L);
+
+/* The routing balance the MoE layers reported (step_end) into m. */
+typedef struct MoeSummary {
+    double max_over_mean_load; /* worst MoE layer's max/mean tokens per expert (1 = balanced) */
+    double aux_loss, z_loss;   /* mean over MoE layers of the unweighted losses */
+} MoeSummary;
+MoeSummary moe_summary(const Metrics *m);
 
 #endif

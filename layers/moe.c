@@ -41,27 +41,53 @@ void moe_stats_load(const MoeStats *s, double *max_load, double *mean_load) {
 double moe_stats_aux_loss(const MoeStats *s) { return s->forwards ? s->aux_loss_sum / s->forwards : 0; }
 double moe_stats_z_loss(const MoeStats *s) { return s->forwards ? s->z_loss_sum / s->forwards : 0; }
 
-MoeScoreFunc moe_score_func(const MoeConfig *c) {
-    if (strcmp(c->score_func, "softmax") == 0) return MOE_SCORE_SOFTMAX;
-    if (strcmp(c->score_func, "sigmoid") == 0) return MOE_SCORE_SIGMOID;
-    fatal("moe.score_func: \"%s\" is not \"softmax\" or \"sigmoid\"", c->score_func);
+/* The score function of c, or false with the reason in why. */
+static bool score_func_of(const MoeConfig *c, MoeScoreFunc *f, char *why, size_t n) {
+    if (strcmp(c->score_func, "softmax") == 0) *f = MOE_SCORE_SOFTMAX;
+    else if (strcmp(c->score_func, "sigmoid") == 0) *f = MOE_SCORE_SIGMOID;
+    else {
+        snprintf(why, n, "moe.score_func: \"%s\" is not \"softmax\" or \"sigmoid\"", c->score_func);
+        return false;
+    }
+    return true;
 }
 
-void moe_validate_config(const MoeConfig *c) {
-    if (c->num_experts < 1) fatal("moe.num_experts must be >= 1 (got %d)", c->num_experts);
-    if (c->experts_per_token < 1 || c->experts_per_token > c->num_experts)
-        fatal("moe.experts_per_token must be in [1, moe.num_experts = %d] (got %d)", c->num_experts,
-              c->experts_per_token);
-    if (c->expert_dim < 1) fatal("moe.expert_dim must be >= 1 (got %d)", c->expert_dim);
-    if (c->shared_experts < 0 || c->shared_experts > MOE_MAX_SHARED)
-        fatal("moe.shared_experts must be in [0, %d] (got %d)", MOE_MAX_SHARED, c->shared_experts);
-    if (c->shared_expert_dim < 0) fatal("moe.shared_expert_dim must be >= 0 (got %d)", c->shared_expert_dim);
+MoeScoreFunc moe_score_func(const MoeConfig *c) {
+    MoeScoreFunc f;
+    char why[128];
+    if (!score_func_of(c, &f, why, sizeof why)) fatal("%s", why);
+    return f;
+}
+
+/* Do the routed experts split evenly over P expert-parallel ranks? Else false with the reason. */
+static bool experts_divide(const MoeConfig *c, int P, char *why, size_t n) {
+    if (c->num_experts % P == 0) return true;
+    snprintf(why, n, "moe.num_experts = %d does not divide over dist.ep = %d expert-parallel ranks (each rank holds "
+             "num_experts / ep of them): choose an ep that divides it", c->num_experts, P);
+    return false;
+}
+
+bool moe_check_config(const MoeConfig *c, char *why, size_t n) {
+    if (c->num_experts < 1) snprintf(why, n, "moe.num_experts must be >= 1 (got %d)", c->num_experts);
+    else if (c->experts_per_token < 1 || c->experts_per_token > c->num_experts)
+        snprintf(why, n, "moe.experts_per_token must be in [1, moe.num_experts = %d] (got %d)", c->num_experts,
+                 c->experts_per_token);
+    else if (c->expert_dim < 1) snprintf(why, n, "moe.expert_dim must be >= 1 (got %d)", c->expert_dim);
+    else if (c->shared_experts < 0 || c->shared_experts > MOE_MAX_SHARED)
+        snprintf(why, n, "moe.shared_experts must be in [0, %d] (got %d)", MOE_MAX_SHARED, c->shared_experts);
+    else if (c->shared_expert_dim < 0)
+        snprintf(why, n, "moe.shared_expert_dim must be >= 0 (got %d)", c->shared_expert_dim);
     /* a zero scale would silently switch the routed experts off */
-    if (!(c->routing_scale > 0)) fatal("moe.routing_scale must be > 0 (got %g)", (double)c->routing_scale);
-    if (c->aux_loss_weight < 0) fatal("moe.aux_loss_weight must be >= 0");
-    if (c->z_loss_weight < 0) fatal("moe.z_loss_weight must be >= 0");
-    if (c->bias_update_rate < 0) fatal("moe.bias_update_rate must be >= 0");
-    (void)moe_score_func(c);
+    else if (!(c->routing_scale > 0))
+        snprintf(why, n, "moe.routing_scale must be > 0 (got %g)", (double)c->routing_scale);
+    else if (c->aux_loss_weight < 0) snprintf(why, n, "moe.aux_loss_weight must be >= 0");
+    else if (c->z_loss_weight < 0) snprintf(why, n, "moe.z_loss_weight must be >= 0");
+    else if (c->bias_update_rate < 0) snprintf(why, n, "moe.bias_update_rate must be >= 0");
+    else {
+        MoeScoreFunc f;
+        return score_func_of(c, &f, why, n);
+    }
+    return false;
 }
 
 static Tensor *add_param(ParamStore *ps, const char *name, int ndim, const int64_t *shape, float std) {
@@ -70,7 +96,8 @@ static Tensor *add_param(ParamStore *ps, const char *name, int ndim, const int64
 
 void moe_declare_router_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c,
                                MoeLayerParams *p) {
-    moe_validate_config(c);
+    char why[256];
+    if (!moe_check_config(c, why, sizeof why)) fatal("layer %d: %s", layer, why);
     memset(p, 0, sizeof(*p));
     int64_t E = c->num_experts, C = mc->d_model;
     int64_t Fs = c->shared_expert_dim ? c->shared_expert_dim : c->expert_dim;
@@ -106,10 +133,8 @@ void moe_declare_expert_params(ParamStore *ps, const ModelConfig *mc, const MoeC
     int64_t C = mc->d_model, F = c->expert_dim;
     float std = mc->init_std, out_std = mc->init_std / sqrtf(2.0f * (float)mc->n_layers);
     int P = ep ? ep->size : 1;
-    if (c->num_experts % P)
-        fatal("moe.num_experts = %d does not divide over dist.ep = %d expert-parallel ranks (each rank holds "
-              "num_experts / ep of them): choose an ep that divides it",
-              c->num_experts, P);
+    char why[256];
+    if (!experts_divide(c, P, why, sizeof why)) fatal("%s", why);
     p->ep = P > 1 ? ep : NULL;
     p->num_local_experts = c->num_experts / P;
     p->first_expert = (P > 1 ? ep->rank : 0) * p->num_local_experts;
@@ -239,4 +264,66 @@ void moe_update_bias(MoeLayerParams *p, const MoeConfig *c, const MoeStats *stat
         double d = mean - (double)stats->load[i];
         p->bias[i] += c->bias_update_rate * (float)((d > 0) - (d < 0));
     }
+}
+
+/* ---- the layer -------------------------------------------------------------------------------- */
+
+static bool moe_requires(Device backend, const RunConfig *c, char *why, size_t n) {
+    (void)backend;
+    return moe_check_config(&c->moe, why, n) && experts_divide(&c->moe, c->dist.ep, why, n);
+}
+
+static void moe_layer_declare(void *self, const LayerSetup *s) {
+    MoeLayer *L = self;
+    L->cfg = s->cfg->moe;
+    moe_declare_router_params(s->params, s->layer, &s->cfg->model, &L->cfg, &L->p);
+    moe_stats_init(&L->stats, L->cfg.num_experts);
+}
+
+static void moe_layer_declare_experts(void *self, const LayerSetup *s) {
+    MoeLayer *L = self;
+    moe_declare_expert_params(s->params, &s->cfg->model, &L->cfg, &L->p, s->ep);
+}
+
+static Tensor *moe_layer_forward(void *self, Engine *e, Tensor *x, const LayerContext *ctx, Tensor **aux) {
+    MoeLayer *L = self;
+    (void)ctx;
+    return moe_forward(e, &L->p, &L->cfg, x, &L->stats, aux);
+}
+
+static void moe_layer_step_end(void *self, bool update, Metrics *m) {
+    MoeLayer *L = self;
+    if (update) moe_update_bias(&L->p, &L->cfg, &L->stats);
+    if (m) {
+        double mx, mean;
+        moe_stats_load(&L->stats, &mx, &mean);
+        if (mean > 0) metrics_add(m, "moe_max_over_mean_load", mx / mean);
+        metrics_add(m, "moe_aux_loss", moe_stats_aux_loss(&L->stats));
+        metrics_add(m, "moe_z_loss", moe_stats_z_loss(&L->stats));
+    }
+    moe_stats_reset(&L->stats);
+}
+
+static void moe_layer_free(void *self) {
+    MoeLayer *L = self;
+    moe_free_params(&L->p);
+    moe_stats_free(&L->stats);
+}
+
+const LayerKind ffn_moe = {
+    .size = sizeof(MoeLayer),
+    .requires = moe_requires,
+    .declare = moe_layer_declare,
+    .declare_late = moe_layer_declare_experts,
+    .forward = moe_layer_forward,
+    .step_end = moe_layer_step_end,
+    .free = moe_layer_free,
+};
+
+MoeLayer *moe_layer_of(const Layer *L) { return L->kind == &ffn_moe ? L->self : NULL; }
+
+MoeSummary moe_summary(const Metrics *m) {
+    return (MoeSummary){.max_over_mean_load = metrics_max(m, "moe_max_over_mean_load"),
+                        .aux_loss = metrics_mean(m, "moe_aux_loss"),
+                        .z_loss = metrics_mean(m, "moe_z_loss")};
 }

@@ -1,0 +1,112 @@
+/* The GQA attention frame every attention variant shares, and the dense variant: causal softmax
+ * attention over every visible key of the document (DESIGN §3). */
+#include "attention.h"
+
+#include <math.h>
+#include <stdio.h>
+
+#include "../autograd/ops.h"
+#include "../kernels/cuda/limits.h"
+
+int attention_head_dim(const ModelConfig *c) { return c->head_dim ? c->head_dim : c->d_model / c->n_heads; }
+
+int attention_rotary_dim(const ModelConfig *c) { return c->rotary_dim ? c->rotary_dim : attention_head_dim(c); }
+
+static Tensor *param(const LayerSetup *s, const char *what, int ndim, const int64_t *shape, InitKind init, float std,
+                     bool decay) {
+    char name[128];
+    snprintf(name, sizeof name, "layers.%d.attn.%s", s->layer, what);
+    return params_add(s->params, name, ndim, shape, init, std, decay);
+}
+
+void attention_declare(AttentionFrame *f, const LayerSetup *s) {
+    const ModelConfig *c = &s->cfg->model;
+    f->n_heads = c->n_heads;
+    f->n_kv_heads = c->n_kv_heads;
+    f->head_dim = attention_head_dim(c);
+    f->rotary_dim = attention_rotary_dim(c);
+    f->rope_theta = c->rope_theta;
+    f->norm_eps = c->norm_eps;
+    f->scale = 1.0f / sqrtf((float)f->head_dim);
+    const int64_t C = c->d_model, Hq = c->n_heads, Hkv = c->n_kv_heads, D = f->head_dim;
+    const float std = c->init_std, out_std = c->init_std / sqrtf(2.0f * (float)c->n_layers);
+    f->wq = param(s, "wq", SHAPE(Hq * D, C), INIT_NORMAL, std, true);
+    f->wk = param(s, "wk", SHAPE(Hkv * D, C), INIT_NORMAL, std, true);
+    f->wv = param(s, "wv", SHAPE(Hkv * D, C), INIT_NORMAL, std, true);
+    f->wo = param(s, "wo", SHAPE(C, Hq * D), INIT_NORMAL, out_std, true);
+    if (c->qkv_bias) { /* Qwen2-family checkpoints; zero-initialised, never decayed */
+        f->bq = param(s, "bq", SHAPE(Hq * D), INIT_ZEROS, 0, false);
+        f->bk = param(s, "bk", SHAPE(Hkv * D), INIT_ZEROS, 0, false);
+        f->bv = param(s, "bv", SHAPE(Hkv * D), INIT_ZEROS, 0, false);
+    }
+    if (c->qk_norm) {
+        f->q_norm = param(s, "q_norm", SHAPE(D), INIT_ONES, 0, false);
+        f->k_norm = param(s, "k_norm", SHAPE(D), INIT_ONES, 0, false);
+    }
+}
+
+void attention_project(const AttentionFrame *f, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **q_out,
+                       Tensor **k_out, Tensor **v_out) {
+    const int64_t N = tensor_rows(h), Hq = f->n_heads, Hkv = f->n_kv_heads, D = f->head_dim;
+    Tensor *q = op_linear(e, h, f->wq), *k = op_linear(e, h, f->wk), *v = op_linear(e, h, f->wv);
+    if (f->bq) {
+        q = op_bias_add(e, q, f->bq);
+        k = op_bias_add(e, k, f->bk);
+        v = op_bias_add(e, v, f->bv);
+    }
+    q = engine_view(e, q, SHAPE(N, Hq, D));
+    k = engine_view(e, k, SHAPE(N, Hkv, D));
+    v = engine_view(e, v, SHAPE(N, Hkv, D));
+    if (f->q_norm) {
+        q = op_rmsnorm(e, q, f->q_norm, f->norm_eps, false);
+        k = op_rmsnorm(e, k, f->k_norm, f->norm_eps, false);
+    }
+    q = op_rope(e, q, ctx->positions, f->rotary_dim, f->rope_theta);
+    k = op_rope(e, k, ctx->positions, f->rotary_dim, f->rope_theta);
+    if (ctx->cp && ctx->cp->size > 1) { /* this rank's tokens, every head -> every token, this rank's heads */
+        q = op_cp_seq_to_heads(e, q, ctx->cp);
+        k = op_cp_seq_to_heads(e, k, ctx->cp);
+        v = op_cp_seq_to_heads(e, v, ctx->cp);
+    }
+    *q_out = q, *k_out = k, *v_out = v;
+}
+
+Tensor *attention_output(const AttentionFrame *f, Engine *e, Tensor *o, const LayerContext *ctx) {
+    if (ctx->cp && ctx->cp->size > 1) o = op_cp_heads_to_seq(e, o, ctx->cp);
+    return op_linear(e, engine_view(e, o, SHAPE(o->shape[0], (int64_t)f->n_heads * f->head_dim)), f->wo);
+}
+
+bool attention_requires(Device backend, const RunConfig *c, char *why, size_t n) {
+    if (backend != DEV_CUDA) return true;
+    const int D = attention_head_dim(&c->model);
+    if (D > CUDA_HEAD_DIM_MAX) {
+        snprintf(why, n, "the head dimension %d (model.head_dim, or model.d_model / model.n_heads) is above %d, the "
+                 "most the CUDA attention kernels take (kernels/cuda/limits.h CUDA_HEAD_DIM_MAX)", D, CUDA_HEAD_DIM_MAX);
+        return false;
+    }
+    if (c->model.n_heads > CUDA_HEADS_MAX) {
+        snprintf(why, n, "model.n_heads = %d is above %d, the most the CUDA attention kernels take "
+                 "(kernels/cuda/limits.h CUDA_HEADS_MAX)", c->model.n_heads, CUDA_HEADS_MAX);
+        return false;
+    }
+    return true;
+}
+
+/* ---- the dense variant ------------------------------------------------------------------------ */
+
+static void dense_declare(void *self, const LayerSetup *s) { attention_declare(self, s); }
+
+static Tensor *dense_forward(void *self, Engine *e, Tensor *x, const LayerContext *ctx, Tensor **aux) {
+    const AttentionFrame *f = self;
+    Tensor *q, *k, *v;
+    attention_project(f, e, x, ctx, &q, &k, &v);
+    *aux = NULL;
+    return attention_output(f, e, op_attention(e, q, k, v, ctx->cu_seqlens, f->scale, NULL), ctx);
+}
+
+const LayerKind attention_dense = {
+    .size = sizeof(AttentionFrame),
+    .requires = attention_requires,
+    .declare = dense_declare,
+    .forward = dense_forward,
+};

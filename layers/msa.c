@@ -1,0 +1,252 @@
+/* The MSA attention layer: the GQA frame, the Index Branch, and the chain selection -> plan -> sparse
+ * attention -> KL (msa.h). */
+#include "msa.h"
+
+#include <math.h>
+#include <stdio.h>
+
+#include "../autograd/ops.h"
+#include "../kernels/cuda/limits.h"
+#include "../kernels/util.h"
+
+MsaSettings msa_settings(const RunConfig *c) {
+    const int D = attention_head_dim(&c->model), Di = c->msa.index_dim;
+    return (MsaSettings){
+        .params = {.block_size = c->msa.block_size,
+                   .topk_blocks = c->msa.topk_blocks,
+                   .init_blocks = c->msa.init_blocks,
+                   .local_blocks = c->msa.local_blocks,
+                   .scale = 1.0f / sqrtf((float)D),
+                   .index_scale = 1.0f / sqrtf((float)Di)},
+        .kl_weight = c->msa.kl_weight,
+        .recall_stride = c->msa.recall_stride,
+        .index_dim = Di,
+    };
+}
+
+bool msa_check(const MsaParams *p, const char *kp, char *why, size_t n) {
+    if (p->block_size < 1) snprintf(why, n, "%sblock_size = %d must be >= 1", kp, p->block_size);
+    else if (p->topk_blocks < 1) snprintf(why, n, "%stopk_blocks = %d must be >= 1", kp, p->topk_blocks);
+    else if (p->init_blocks < 0) snprintf(why, n, "%sinit_blocks = %d must be >= 0", kp, p->init_blocks);
+    else if (p->local_blocks < 1)
+        snprintf(why, n, "%slocal_blocks = %d must be >= 1 (the query's own block is always selected)", kp,
+                 p->local_blocks);
+    else if (p->topk_blocks < p->init_blocks + p->local_blocks)
+        snprintf(why, n, "%stopk_blocks = %d must be >= %sinit_blocks + %slocal_blocks = %d (the forced blocks are part of "
+                 "the budget)", kp, p->topk_blocks, kp, kp, p->init_blocks + p->local_blocks);
+    else return true;
+    return false;
+}
+
+/* ---- the replay store ------------------------------------------------------------------------- */
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+enum { KEPT_TOPK, KEPT_PLAN, KEPT_IDX_LSE, KEPT_LOSS };
+
+static void *kept(const MsaReplay *rp, int part) {
+    size_t off = 0;
+    const int64_t bytes[4] = {rp->topk_bytes, rp->plan_bytes, rp->lse_bytes, rp->loss_bytes};
+    for (int i = 0; i < part; i++) off += align64((size_t)bytes[i]);
+    return (char *)rp->buf + off;
+}
+
+static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, const Tensor *idx_lse, bool dense) {
+    rp->topk_bytes = a->topk ? (int64_t)tensor_bytes(a->topk) : 0;
+    rp->plan_bytes = a->plan ? (int64_t)tensor_bytes(a->plan) : 0;
+    rp->lse_bytes = (int64_t)tensor_bytes(idx_lse);
+    rp->loss_bytes = (int64_t)tensor_bytes(a->loss);
+    size_t need = align64((size_t)rp->topk_bytes) + align64((size_t)rp->plan_bytes) + align64((size_t)rp->lse_bytes) +
+                  align64((size_t)rp->loss_bytes);
+    if (need > rp->cap || be != rp->be) {
+        if (rp->buf) rp->be->free(rp->buf);
+        rp->be = be;
+        rp->buf = be->alloc(need);
+        rp->cap = need;
+    }
+    if (a->topk) be->copy(kept(rp, KEPT_TOPK), a->topk->data, (size_t)rp->topk_bytes);
+    if (a->plan) be->copy(kept(rp, KEPT_PLAN), a->plan->data, (size_t)rp->plan_bytes);
+    be->copy(kept(rp, KEPT_IDX_LSE), idx_lse->data, (size_t)rp->lse_bytes);
+    be->copy(kept(rp, KEPT_LOSS), a->loss->data, (size_t)rp->loss_bytes);
+    rp->n = idx_lse->shape[1];
+    rp->hkv = idx_lse->shape[0];
+    rp->dense = dense;
+    rp->valid = true;
+}
+
+void msa_replay_free(MsaReplay *rp) {
+    if (rp->buf) rp->be->free(rp->buf);
+    *rp = (MsaReplay){0};
+}
+
+/* ---- the chain -------------------------------------------------------------------------------- */
+
+/* The Top-k selection (from a replay's store when it is given): no tape op, timed under its own name */
+static Tensor *select_blocks(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens,
+                             const MsaReplay *from) {
+    const int64_t N = qi->shape[0], Hkv = qi->shape[1];
+    engine_op_begin(e);
+    Tensor *topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, p->topk_blocks));
+    if (from) e->be->copy(topk->data, kept(from, KEPT_TOPK), tensor_bytes(topk));
+    else {
+        BACKEND_REQUIRE(e->be, msa_indexer);
+        e->be->msa_indexer(topk, qi, ki, cu_seqlens, p);
+    }
+    engine_op_end_named(e, "msa_indexer");
+    return topk;
+}
+
+/* The reverse map of the selection, built once and shared by the attention and the KL, forward and
+ * backward */
+static Tensor *plan_of(Engine *e, const MsaParams *p, Tensor *topk, Tensor *cu_seqlens, const MsaReplay *from) {
+    const int64_t Hkv = topk->shape[0], N = topk->shape[1];
+    engine_op_begin(e);
+    Tensor *plan = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, p->topk_blocks)));
+    if (from) e->be->copy(plan->data, kept(from, KEPT_PLAN), tensor_bytes(plan));
+    else {
+        BACKEND_REQUIRE(e->be, msa_plan);
+        e->be->msa_plan(plan, topk, cu_seqlens, p);
+    }
+    engine_op_end_named(e, "msa_plan");
+    return plan;
+}
+
+Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens) {
+    return select_blocks(e, p, qi, ki, cu_seqlens, NULL);
+}
+
+MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki,
+                        Tensor *cu_seqlens, bool dense, MsaReplay *rp) {
+    const int64_t N = qi->shape[0], Hkv = qi->shape[1];
+    const MsaParams *p = &s->params;
+    const MsaReplay *from =
+        rp && e->recomputing && rp->valid && rp->n == N && rp->hkv == Hkv && rp->dense == dense ? rp : NULL;
+    MsaAttention a = {0};
+    if (dense) {
+        a.out = op_attention(e, q, k, v, cu_seqlens, p->scale, &a.lse);
+    } else {
+        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from);
+        a.plan = plan_of(e, p, a.topk, cu_seqlens, from);
+        a.out = op_msa_attention(e, q, k, v, a.topk, a.plan, cu_seqlens, p, &a.lse);
+    }
+    MsaKlForward kf = {0};
+    if (from) {
+        engine_op_begin(e);
+        kf.loss = engine_empty(e, stat_dtype(qi->dtype), SHAPE(1));
+        kf.idx_lse = engine_empty(e, stat_dtype(qi->dtype), SHAPE(Hkv, N));
+        e->be->copy(kf.idx_lse->data, kept(from, KEPT_IDX_LSE), tensor_bytes(kf.idx_lse));
+        e->be->copy(kf.loss->data, kept(from, KEPT_LOSS), tensor_bytes(kf.loss));
+        engine_op_end(e, OP_msa_kl);
+        rp->valid = false; /* one replay per kept forward */
+    }
+    a.loss = op_msa_kl(e, q, k, a.lse, qi, ki, a.topk, a.plan, cu_seqlens, p, s->kl_weight, &kf);
+    a.kl = kf.kl;
+    if (rp && e->checkpoint_forward) keep(e->be, rp, &a, kf.idx_lse, dense);
+    return a;
+}
+
+double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *topk, Tensor *qi, Tensor *ki,
+                  Tensor *cu_seqlens) {
+    if (!topk) topk = msa_select(e, &s->params, qi, ki, cu_seqlens);
+    BACKEND_REQUIRE(e->be, msa_recall);
+    return e->be->msa_recall(q, k, topk, cu_seqlens, &s->params, s->recall_stride);
+}
+
+/* ---- the layer -------------------------------------------------------------------------------- */
+
+static Tensor *param(const LayerSetup *s, const char *what, int ndim, const int64_t *shape, InitKind init, float std,
+                     bool decay) {
+    char name[128];
+    snprintf(name, sizeof name, "layers.%d.index.%s", s->layer, what);
+    return params_add(s->params, name, ndim, shape, init, std, decay);
+}
+
+static void msa_declare(void *self, const LayerSetup *s) {
+    MsaLayer *L = self;
+    attention_declare(&L->frame, s);
+    L->settings = msa_settings(s->cfg);
+    char why[256];
+    if (!msa_check(&L->settings.params, "msa.", why, sizeof why)) fatal("layer %d: %s", s->layer, why);
+    const int64_t C = s->cfg->model.d_model, Hkv = L->frame.n_kv_heads, Di = L->settings.index_dim;
+    const float std = s->cfg->model.init_std;
+    L->index_rotary_dim = L->frame.rotary_dim < Di ? L->frame.rotary_dim : (int)Di;
+    /* one index query head per GQA group, one shared index key; Gemma-style norms (gain 1 + w, w
+     * zero-initialised) as MiniMax-M3 */
+    L->w_iq = param(s, "wq", SHAPE(Hkv * Di, C), INIT_NORMAL, std, true);
+    L->w_ik = param(s, "wk", SHAPE(Di, C), INIT_NORMAL, std, true);
+    L->iq_norm = param(s, "q_norm", SHAPE(Di), INIT_ZEROS, 0, false);
+    L->ik_norm = param(s, "k_norm", SHAPE(Di), INIT_ZEROS, 0, false);
+}
+
+/* The index projections of h: qi [N, Hkv, Di], ki [N, Di]; under context parallelism the index heads of
+ * this rank's GQA groups over every token, and the one index key every group scores against, whole */
+static void index_project(const MsaLayer *L, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **qi_out,
+                          Tensor **ki_out) {
+    const int64_t N = tensor_rows(h), Hkv = L->frame.n_kv_heads, Di = L->settings.index_dim;
+    const float eps = L->frame.norm_eps, theta = L->frame.rope_theta;
+    /* the indexer reads a detached copy of the hidden state: the KL must never move the backbone */
+    Tensor *hd = engine_detach(e, h);
+    Tensor *qi = engine_view(e, op_linear(e, hd, L->w_iq), SHAPE(N, Hkv, Di));
+    Tensor *ki = engine_view(e, op_linear(e, hd, L->w_ik), SHAPE(N, 1, Di));
+    qi = op_rope(e, op_rmsnorm(e, qi, L->iq_norm, eps, true), ctx->positions, L->index_rotary_dim, theta);
+    ki = op_rope(e, op_rmsnorm(e, ki, L->ik_norm, eps, true), ctx->positions, L->index_rotary_dim, theta);
+    ki = engine_view(e, ki, SHAPE(N, Di));
+    if (ctx->cp && ctx->cp->size > 1) {
+        qi = op_cp_seq_to_heads(e, qi, ctx->cp);
+        ki = op_cp_all_gather(e, ki, ctx->cp);
+    }
+    *qi_out = qi, *ki_out = ki;
+}
+
+static Tensor *msa_forward(void *self, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **aux) {
+    MsaLayer *L = self;
+    Tensor *q, *k, *v, *qi, *ki;
+    attention_project(&L->frame, e, h, ctx, &q, &k, &v);
+    index_project(L, e, h, ctx, &qi, &ki);
+    MsaAttention a = msa_attend(e, &L->settings, q, k, v, qi, ki, ctx->cu_seqlens, ctx->dense, &L->replay);
+    *aux = a.loss;
+    if (ctx->metrics && !e->recomputing) {
+        metrics_add(ctx->metrics, "kl", tensor_item(e, a.kl));
+        if (ctx->collect) /* the dense warm-up: the recall the sparse selection would have */
+            metrics_add(ctx->metrics, "recall", msa_recall(e, &L->settings, q, k, a.topk, qi, ki, ctx->cu_seqlens));
+    }
+    return attention_output(&L->frame, e, a.out, ctx);
+}
+
+static bool msa_requires(Device backend, const RunConfig *c, char *why, size_t n) {
+    const MsaConfig *a = &c->msa;
+    if (a->index_heads != 0 && a->index_heads != c->model.n_kv_heads) {
+        snprintf(why, n, "msa.index_heads = %d must be 0 or model.n_kv_heads = %d (one index head per GQA group)",
+                 a->index_heads, c->model.n_kv_heads);
+        return false;
+    }
+    if (a->index_dim % 2) {
+        snprintf(why, n, "msa.index_dim = %d must be even (RoPE)", a->index_dim);
+        return false;
+    }
+    const MsaSettings s = msa_settings(c);
+    if (!msa_check(&s.params, "msa.", why, n) || !attention_requires(backend, c, why, n)) return false;
+    if (backend != DEV_CUDA) return true;
+    if (a->topk_blocks > CUDA_MSA_TOPK_MAX)
+        snprintf(why, n, "msa.topk_blocks = %d is above %d, the most the CUDA indexer selects "
+                 "(kernels/cuda/limits.h CUDA_MSA_TOPK_MAX)", a->topk_blocks, CUDA_MSA_TOPK_MAX);
+    else if (a->index_dim > CUDA_MSA_INDEX_DIM_MAX)
+        snprintf(why, n, "msa.index_dim = %d is above %d, the most the CUDA indexer takes "
+                 "(kernels/cuda/limits.h CUDA_MSA_INDEX_DIM_MAX)", a->index_dim, CUDA_MSA_INDEX_DIM_MAX);
+    else if (c->model.n_kv_heads > CUDA_MSA_INDEX_HEADS_MAX)
+        snprintf(why, n, "model.n_kv_heads = %d (one index head each) is above %d, the most the CUDA indexer takes "
+                 "(kernels/cuda/limits.h CUDA_MSA_INDEX_HEADS_MAX)", c->model.n_kv_heads, CUDA_MSA_INDEX_HEADS_MAX);
+    else return true;
+    return false;
+}
+
+static void msa_free(void *self) { msa_replay_free(&((MsaLayer *)self)->replay); }
+
+const LayerKind attention_msa = {
+    .size = sizeof(MsaLayer),
+    .requires = msa_requires,
+    .declare = msa_declare,
+    .forward = msa_forward,
+    .free = msa_free,
+    .learned_selection = true,
+};

@@ -1,0 +1,75 @@
+/* MiniMax Sparse Attention as a layer (DESIGN §4, msa_spec.md): the GQA frame (attention.h) plus the
+ * Index Branch (index projections w_iq [Hkv*Di, C], w_ik [Di, C], Gemma-style norms, RoPE) and the whole
+ * chain in one place: block Top-k selection (the indexer), its plan, the block-sparse attention, the KL
+ * alignment loss, the recall metric, and the reuse of a checkpointed forward's results by its replay.
+ *
+ * msa_attend is the chain from given main and index projections; the layer's forward, tools/opcheck.c,
+ * tools/bench.c and the tests all run it. */
+#ifndef MSA_LAYER_MSA_H
+#define MSA_LAYER_MSA_H
+
+#include "attention.h"
+
+/* One MSA layer's settings, from the config (msa.*). */
+typedef struct MsaSettings {
+    MsaParams params;   /* the kernels' (backend.h) */
+    float kl_weight;    /* the auxiliary loss is kl_weight * mean KL */
+    int recall_stride;  /* the recall samples every recall_stride-th query */
+    int index_dim;      /* Di */
+} MsaSettings;
+
+MsaSettings msa_settings(const RunConfig *c);
+/* The rules a selection's parameters obey (block_size >= 1, topk_blocks >= 1, init_blocks >= 0,
+ * local_blocks >= 1, init_blocks + local_blocks <= topk_blocks: the forced blocks stay inside the
+ * budget), checked here and nowhere else on the host; false with the reason in why, the names prefixed
+ * with key_prefix ("msa." for the config's keys). */
+bool msa_check(const MsaParams *p, const char *key_prefix, char *why, size_t n);
+
+/* What a checkpointed forward keeps for its replay in the backward (train.recompute): the selection, its
+ * plan and the KL forward's results. They are functions of inputs the replay recomputes bit for bit (a
+ * checkpointed segment is deterministic), so the replay copies them instead of running the indexer, the
+ * plan and the KL forward a second time. Device memory of the engine's backend, grown on demand; valid
+ * from a checkpointed forward until its replay. */
+typedef struct MsaReplay {
+    const KernelBackend *be; /* where buf lives */
+    void *buf;               /* topk | plan | idx_lse | loss, each 64-byte aligned */
+    size_t cap;
+    bool valid, dense;       /* dense: kept in the dense warm-up (no topk, no plan) */
+    int64_t n, hkv, topk_bytes, plan_bytes, lse_bytes, loss_bytes;
+} MsaReplay;
+
+void msa_replay_free(MsaReplay *rp);
+
+/* The result of msa_attend. */
+typedef struct MsaAttention {
+    Tensor *out;  /* [N, Hq, D] */
+    Tensor *lse;  /* [Hq, N] */
+    Tensor *topk; /* [Hkv, N, topk_blocks]: the selection; NULL when dense */
+    Tensor *plan; /* its reverse map (backend.h msa_plan); NULL when dense */
+    Tensor *loss; /* kl_weight * mean KL, recorded (gradient to qi and ki only) */
+    Tensor *kl;   /* the unweighted mean KL; NULL in a replay that reused its forward's */
+} MsaAttention;
+
+/* The MSA attention of q [N, Hq, D], k, v [N, Hkv, D] with the index projections qi [N, Hkv, Di] and ki
+ * [N, Di]: the indexer's Top-k selection and its plan (dense: every visible block, the dense warm-up),
+ * the sparse attention and the KL loss. replay (NULL: none) is the layer's store for train.recompute:
+ * a checkpointed forward fills it, its replay consumes it. */
+MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki,
+                        Tensor *cu_seqlens, bool dense, MsaReplay *replay);
+/* The indexer's selection alone: i32 [Hkv, N, topk_blocks]. */
+Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens);
+/* The recall of a selection (NULL: the one the indexer makes of qi, ki): the share of the dense teacher's
+ * attention mass inside the selected blocks, every s->recall_stride-th query. */
+double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *topk, Tensor *qi, Tensor *ki,
+                  Tensor *cu_seqlens);
+
+/* The layer's state (LayerKind attention_msa): the frame first, as in every attention variant. */
+typedef struct MsaLayer {
+    AttentionFrame frame;
+    Tensor *w_iq, *w_ik, *iq_norm, *ik_norm;
+    int index_rotary_dim;
+    MsaSettings settings;
+    MsaReplay replay;
+} MsaLayer;
+
+#endif
