@@ -4,7 +4,9 @@
  * instantiated for float (training) and double (float64 gradient checks) by
  *     #define CPU_IMPL "<op>_impl.h"
  *     #include "instantiate.h"
- * which defines S(name) as name_f32 / name_f64. The public cpu_<op>_* functions dispatch on dtype
+ * which defines S(name) as name_f32 / name_f64. A small kernel may keep its typed bodies in its own .c
+ * file instead, below `#ifdef S` (the file names itself as CPU_IMPL: instantiate.h includes it again
+ * once per type, with S defined). The public cpu_<op>_* functions dispatch on dtype
  * with CPU_CALL. Accumulations that matter (norms, softmax sums, dot products of attention) are done
  * in double whatever T is. */
 #ifndef MSA_CPU_H

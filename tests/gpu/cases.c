@@ -326,6 +326,19 @@ static void cp_cases(void) {
     GPU_CASE("cp", transpose_case, TransposeCase, DT_BF16, 1, 1, 5);
 }
 
+/* every pointwise activation of kernels.def (its ACTIVATION lines): x ~ N(0, 2) (the saturated tails
+ * included), both dtypes, one element, an odd count and a large one */
+static void activation_cases(void) {
+#define KERNEL(group, ret, name, params)
+#define ACTIVATION(group, name)                                                                     \
+    for (int d = 0; d < 2; d++)                                                                     \
+        for (int si = 0; si < 3; si++)                                                              \
+            GPU_CASE("activation", unary_case, UnaryCase, UNARY_KERNEL(name), acts[d], (int64_t[]){1, 1001, 65536}[si], 2.0);
+#include "../../kernels/kernels.def"
+#undef ACTIVATION
+#undef KERNEL
+}
+
 void gpu_cases(void) {
     message_cases();
     elementwise_cases();
@@ -339,5 +352,6 @@ void gpu_cases(void) {
     msa_kl_cases();
     moe_cases();
     cp_cases();
+    activation_cases();
     GPU_CASE0("e2e", e2e_case); /* last: a few training steps of configs/tiny.json on both devices */
 }

@@ -790,7 +790,7 @@ static void bench(void) {
 
 /* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: the first argument of the GPU_CASE lines of
  * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm rope attention
- * attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp e2e; default all; --only lets
+ * attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
  * compute-sanitizer run the kernels without the training runs) */
 static bool wanted(const char *only, const char *group) {
     if (!only) return true;
