@@ -35,13 +35,15 @@ extern "C" {
  *                     while holding its own scratch region
  *   msa_indexer.cu    BF16 (tensor cores) or F32 qi/ki; topk_blocks <= 32, Di <= 128
  *   msa_attention.cu  KV-outer block-sparse attention from the plan (built here when NULL); BF16 with
- *                     D = 64 or 128 on tensor cores, F32 and other head dims (<= 256) on CUDA cores; topk
- *                     NULL runs the dense kernel. Uses scratch(); deterministic (no atomics)
+ *                     D = 64 or 128 on tensor cores (msa_attention_tc.cu), F32 and other head dims
+ *                     (<= 256) on CUDA cores (msa_attention_cc.cu); topk NULL runs the dense kernel. Uses
+ *                     scratch(); deterministic (no atomics)
  *   msa_kl.cu         KL alignment loss, sparse KV-outer from the plan (built here when NULL) or dense
  *                     flash-style when topk is NULL; BF16 on tensor cores, F32 on CUDA cores; D, Di <= 256.
  *                     Uses scratch(); deterministic (no atomics). MSA_CUDA_KL_WINDOW=<tokens> forces
  *                     smaller query windows (tests)
  *   msa_recall.cu     the recall metric
+ *   gelu.cu           the GELU activation (fp32 math)
  *   moe.cu            router, plan, permutes, grouped GEMM, balance losses. moe_plan and the grouped GEMMs
  *                     synchronise once per call (the plan to report bad input, the GEMMs to read the
  *                     offsets); they report what any MoE kernel flagged */
