@@ -1203,6 +1203,16 @@ double run_text_loss(Run *r, const int32_t *tokens, int len) {
     return loss;
 }
 
+/* The text of a sampled token id: its character (char tokenizer) or byte (byte tokenizer), or a visible
+ * placeholder "<id N>" for an id the data's vocabulary has no text for. model.vocab_size may exceed the
+ * data's (e.g. rounded up for faster matrix sizes); the extra ids never occur in the data but an
+ * undertrained model can still sample them. Returns its length in bytes (a char vocabulary may hold NUL). */
+static int token_text(const TokenDataset *ds, int id, char *buf, size_t n) {
+    const bool chars = ds->vocab && strcmp(ds->tokenizer, "char") == 0;
+    if (id >= 0 && id < (chars ? ds->vocab_size : 256)) return snprintf(buf, n, "%c", chars ? ds->vocab[id] : id);
+    return snprintf(buf, n, "<id %d>", id);
+}
+
 void run_sample(Run *r) {
     const TokenDataset *ds = &r->train_ds;
     int n = r->cfg.train.sample_tokens;
@@ -1235,7 +1245,10 @@ void run_sample(Run *r) {
             }
         if (ep) dist_broadcast(&r->dist->ep_group, &next, 1, DIST_I32, 0, DEV_CPU);
         ctx[i] = next;
-        if (speak) putchar(chars ? ds->vocab[next] : next);
+        if (speak) {
+            char text[32];
+            fwrite(text, 1, (size_t)token_text(ds, next, text, sizeof text), stdout);
+        }
     }
     if (speak) printf("\n---- end of sample ----\n");
     free(probs);
