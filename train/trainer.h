@@ -65,7 +65,8 @@ typedef struct Run {
     int step;          /* optimizer steps done */
     int start_step;    /* the step this process started from (the checkpoint's step when resumed) */
     bool quiet;        /* no progress output (tests) */
-    bool stopped;      /* run_train stopped early on SIGINT/SIGTERM, after writing a checkpoint */
+    bool stopped;      /* run_train stopped early on SIGINT/SIGTERM/SIGHUP, after writing a checkpoint */
+    bool eval_stopped; /* the last run_evaluate was cut short by a stop signal (its loss: NaN) */
     char checkpoint[CFG_STR + 32]; /* the checkpoint last written or resumed from ("" = none) */
     /* the lowest validation loss of the periodic and final evals so far, NaN before the first: kept in
      * every checkpoint, so a resumed run goes on comparing against it (train.save_best) */
@@ -108,7 +109,8 @@ double run_evaluate(Run *r, MsaMetrics *mm);
 /* The whole loop: steps, evals, checkpoints (every train.checkpoint_every steps and at the end, when
  * out_dir is set), final summary. With train.save_best, every eval whose loss is below r->best_val_loss
  * also writes out_dir/ckpt_best.h5 (before that step's regular checkpoint, which then records the new
- * best). With out_dir set, SIGINT/SIGTERM stop it after the current step with a checkpoint (r->stopped;
+ * best). With out_dir set, SIGINT/SIGTERM/SIGHUP stop it after the current step, or within an eval (before
+ * its next batch: the eval is cut short and not logged), with a checkpoint (r->stopped;
  * a second signal kills). Returns the last validation loss (NAN if none). */
 double run_train(Run *r);
 /* Write out_dir/ckpt_<step>.h5 now (atomically) and delete all but the newest train.keep_checkpoints
