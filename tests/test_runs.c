@@ -1,6 +1,7 @@
 /* build/train as a process among others: a stop signal (SIGTERM, SIGHUP) during a long eval acts within
  * seconds, with a checkpoint that resumes; SIGHUP stops a run as SIGTERM does unless the run was started
- * ignoring it (nohup).
+ * ignoring it (nohup); a second run on the out_dir of a running one stops at once, naming the first one's
+ * pid, and changes none of its files.
  * Run from the repository root after `make data` (make test does both). */
 #include <fcntl.h>
 #include <ftw.h>
@@ -168,10 +169,68 @@ TEST(nohup_run_ignores_sighup) {
     remove_tree(dir);
 }
 
+/* ---- one run per out_dir ------------------------------------------------------------------------ */
+
+/* While a run trains in a directory, a second run there, fresh or --resume, stops at once with a message
+ * naming the first one's pid and changes none of its files (it once truncated metrics.jsonl and wrote its
+ * own config.json, checkpoints and records among the first run's). Once the first has stopped, the
+ * directory is free again. */
+TEST(second_run_on_the_same_out_dir_stops_naming_the_first) {
+    char dir[64], args[1024], log[128], metrics[128], config[128], out[8192], want[64];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(log, sizeof log, "%s/first.log", dir);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", dir);
+    snprintf(config, sizeof config, "%s/config.json", dir);
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=1000000 --set train.out_dir=%s", dir);
+    pid_t first = test_spawn_train(args, NULL, log);
+    bool started = wait_for_text(metrics, "{\"step\": 2,", 120);
+    size_t n;
+    char *config_before = test_read_file(config, &n);
+    snprintf(want, sizeof want, "is in use by another run (pid %d on ", (int)first);
+    const char *const second[] = {"--set train.steps=2", "--set train.steps=2 --resume"};
+    for (int i = 0; i < 2 && started; i++) {
+        char second_log[128];
+        snprintf(second_log, sizeof second_log, "%s/second.log", dir);
+        snprintf(args, sizeof args, TINY " " TINY_SET " %s --set train.out_dir=%s", second[i], dir);
+        double t0 = wall_seconds();
+        int st = wait_at_most(test_spawn_train(args, NULL, second_log), 60);
+        double took = wall_seconds() - t0;
+        read_text(second_log, out, sizeof out);
+        EXPECT(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(out, want) && strstr(out, dir),
+               "second run (%s) on the directory of a running one: status %d, want \"%s\": %s", second[i], st, want, out);
+        EXPECT(took < 10, "the second run took %.1f s to stop", took);
+    }
+    char *config_after = test_read_file(config, &n);
+    bool config_kept = config_before && config_after && !strcmp(config_before, config_after);
+    free(config_before);
+    free(config_after);
+    bool metrics_kept = file_contains(metrics, "{\"step\": 1,");
+    kill(first, SIGTERM);
+    int st = wait_at_most(first, 60);
+    read_text(log, out, sizeof out);
+    EXPECT(started, "the first run never logged step 2: %s", out);
+    EXPECT(config_kept && metrics_kept, "the second run changed the first one's files: config.json %s, metrics.jsonl %s",
+           config_kept ? "kept" : "changed", metrics_kept ? "kept" : "lost step 1");
+    int step = 0;
+    const char *said = strstr(out, "stopped by SIGTERM at step ");
+    EXPECT(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0 && said &&
+               sscanf(said, "stopped by SIGTERM at step %d", &step) == 1,
+           "the first run after SIGTERM: %s", out);
+    /* the directory is free once its run has ended */
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=%d --set train.eval_batches=1 --set train.out_dir=%s --resume",
+             step + 1, dir);
+    st = wait_at_most(test_spawn_train(args, NULL, log), 120);
+    read_text(log, out, sizeof out);
+    EXPECT(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0 && strstr(out, "resumed from"),
+           "resume after the first run ended: %s", out);
+    remove_tree(dir);
+}
+
 int main(void) {
     TEST_BEGIN();
     RUN(sigterm_during_a_long_eval_stops_within_seconds);
     RUN(sighup_stops_with_a_checkpoint);
     RUN(nohup_run_ignores_sighup);
+    RUN(second_run_on_the_same_out_dir_stops_naming_the_first);
     TEST_END();
 }

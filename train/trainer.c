@@ -16,6 +16,7 @@
 #include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 #include "checkpoint.h"
+#include "run_lock.h"
 
 /* The trainer's one global. A signal handler receives only the signal number, so it cannot reach the
  * Run; it sets this flag (the signal number) and nothing else, which is all a handler may safely do,
@@ -696,6 +697,7 @@ void run_init(Run *r) {
         r->dist = &r->single_dist;
     }
     if (!is_rank0(r)) r->quiet = true; /* rank 0 speaks for the run */
+    r->dir_lock = -1;
     if (!c->data.train_path[0] && !c->data.train_mix[0]) fatal("%s: data.train_path is not set", src);
     if (c->data.train_path[0] && c->data.train_mix[0])
         fatal("%s: data.train_path and data.train_mix are both set; use one (a mix lists every file)", src);
@@ -731,6 +733,8 @@ void run_init(Run *r) {
         if (stat(c->train.out_dir, &st) != 0 || !S_ISDIR(st.st_mode))
             fatal("train.out_dir \"%s\": cannot create the directory", c->train.out_dir);
     }
+    /* before anything reads or writes the directory's files: one run per directory (run_lock.h) */
+    if (c->train.out_dir[0] && is_rank0(r)) r->dir_lock = run_dir_lock(c->train.out_dir);
 
     r->be = select_backend(c->train.device);
     init_dist(r, src); /* before the model: it picks this rank's GPU */
@@ -812,6 +816,8 @@ void run_free(Run *r) {
     dataset_close(&r->train_ds);
     dataset_close(&r->val_ds);
     datamix_close(&r->train_mix);
+    run_dir_unlock(r->dir_lock); /* last: the directory's files are closed */
+    r->dir_lock = -1;
 }
 
 static void log_step(Run *r, const StepResult *s) {

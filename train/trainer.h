@@ -62,6 +62,7 @@ typedef struct Run {
     Batch batch;       /* this rank's part of each micro-batch: train.batch_size / (dp * ep) sequences (the
                           same on the cp ranks of a (dp, ep) index; the model takes its 1/cp of their tokens) */
     FILE *metrics;     /* out_dir/metrics.jsonl or NULL */
+    int dir_lock;      /* rank 0 with out_dir set: the descriptor holding out_dir's lock (run_lock.h); else -1 */
     int step;          /* optimizer steps done */
     int start_step;    /* the step this process started from (the checkpoint's step when resumed) */
     bool quiet;        /* no progress output (tests) */
