@@ -187,18 +187,20 @@ TEST(second_run_on_the_same_out_dir_stops_naming_the_first) {
     size_t n;
     char *config_before = test_read_file(config, &n);
     snprintf(want, sizeof want, "is in use by another run (pid %d on ", (int)first);
+    /* what the second runs did, checked after the first run is stopped (a failed check must not leave it
+     * running) */
     const char *const second[] = {"--set train.steps=2", "--set train.steps=2 --resume"};
+    int second_status[2] = {-2, -2};
+    double second_took[2] = {0, 0};
+    char second_out[2][4096] = {"", ""};
     for (int i = 0; i < 2 && started; i++) {
         char second_log[128];
         snprintf(second_log, sizeof second_log, "%s/second.log", dir);
         snprintf(args, sizeof args, TINY " " TINY_SET " %s --set train.out_dir=%s", second[i], dir);
         double t0 = wall_seconds();
-        int st = wait_at_most(test_spawn_train(args, NULL, second_log), 60);
-        double took = wall_seconds() - t0;
-        read_text(second_log, out, sizeof out);
-        EXPECT(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(out, want) && strstr(out, dir),
-               "second run (%s) on the directory of a running one: status %d, want \"%s\": %s", second[i], st, want, out);
-        EXPECT(took < 10, "the second run took %.1f s to stop", took);
+        second_status[i] = wait_at_most(test_spawn_train(args, NULL, second_log), 60);
+        second_took[i] = wall_seconds() - t0;
+        read_text(second_log, second_out[i], sizeof second_out[i]);
     }
     char *config_after = test_read_file(config, &n);
     bool config_kept = config_before && config_after && !strcmp(config_before, config_after);
@@ -209,6 +211,14 @@ TEST(second_run_on_the_same_out_dir_stops_naming_the_first) {
     int st = wait_at_most(first, 60);
     read_text(log, out, sizeof out);
     EXPECT(started, "the first run never logged step 2: %s", out);
+    for (int i = 0; i < 2; i++) {
+        int s2 = second_status[i];
+        EXPECT(s2 != -1 && WIFEXITED(s2) && WEXITSTATUS(s2) == 1 && strstr(second_out[i], want) &&
+                   strstr(second_out[i], dir),
+               "second run (%s) on the directory of a running one: status %d, want \"%s\": %s", second[i], s2, want,
+               second_out[i]);
+        EXPECT(second_took[i] < 10, "the second run took %.1f s to stop", second_took[i]);
+    }
     EXPECT(config_kept && metrics_kept, "the second run changed the first one's files: config.json %s, metrics.jsonl %s",
            config_kept ? "kept" : "changed", metrics_kept ? "kept" : "lost step 1");
     int step = 0;
