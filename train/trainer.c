@@ -16,6 +16,7 @@
 #include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 #include "checkpoint.h"
+#include "ranks_agree.h"
 #include "run_lock.h"
 
 /* The trainer's one global. A signal handler receives only the signal number, so it cannot reach the
@@ -689,6 +690,22 @@ static void require_targets(const TokenDataset *ds, const char *key) {
           ds->path, key, (long long)ds->n_docs);
 }
 
+/* Every rank runs rank 0's effective config on data files with the same headers (ranks_agree.h). */
+static void agree_with_rank0(const Run *r, const char *src) {
+    const int n = r->train_mix.n ? r->train_mix.n + 1 : 2;
+    AgreedFile *files = xmalloc((size_t)n * sizeof *files);
+    char (*keys)[32] = xmalloc((size_t)n * sizeof *keys);
+    for (int i = 0; i < r->train_mix.n; i++) {
+        snprintf(keys[i], sizeof keys[i], "data.train_mix[%d]", i);
+        files[i] = (AgreedFile){keys[i], &r->train_mix.ds[i]};
+    }
+    if (!r->train_mix.n) files[0] = (AgreedFile){"data.train_path", &r->train_ds};
+    files[n - 1] = (AgreedFile){"data.val_path", &r->val_ds};
+    ranks_agree(r->dist, &r->cfg, files, n, src);
+    free(keys);
+    free(files);
+}
+
 void run_init(Run *r) {
     RunConfig *c = &r->cfg;
     const char *src = r->config_path ? r->config_path : "config";
@@ -717,6 +734,9 @@ void run_init(Run *r) {
         fatal("%s: model.vocab_size = %d but %s has vocab_size %d", src, c->model.vocab_size, r->train_ds.path,
               r->train_ds.vocab_size);
     config_validate(c);
+    /* before rank 0 touches out_dir and before the first collective without a timeout (dist_setup) */
+    dist_set_timeout(r->dist, c->dist.timeout);
+    agree_with_rank0(r, src);
     int64_t need = (int64_t)c->train.seq_len + 1;
     if (r->train_ds.n_tokens < need || r->val_ds.n_tokens < need)
         fatal("%s: the data files must hold more than train.seq_len = %d tokens", src, c->train.seq_len);

@@ -96,7 +96,10 @@ typedef struct StepResult {
  * train.resume: continue from the newest checkpoint in out_dir (parameters, optimizer, MoE biases, step,
  * data position), bit-for-bit as if the run had never stopped; train.init_from: take the parameters of
  * a checkpoint (MSA index parameters it lacks keep their fresh initialisation). A fresh run refuses an
- * out_dir that holds checkpoints of an earlier run rather than mixing its checkpoints with them. */
+ * out_dir that holds checkpoints of an earlier run rather than mixing its checkpoints with them, and rank 0
+ * holds out_dir's lock (run_lock.h) until run_free. With several ranks, every rank's effective config and
+ * data file headers must equal rank 0's (ranks_agree.h), checked before the first collective without a
+ * timeout and before out_dir is touched. */
 void run_init(Run *r);
 void run_free(Run *r);
 /* One optimizer step (grad_accum micro-batches), with progress output every log_every steps. With
