@@ -32,7 +32,12 @@ int run_dir_lock(const char *dir) {
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) fatal("%s: cannot open the run directory's lock file (%s)", path, strerror(errno));
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        if (errno != EWOULDBLOCK) fatal("%s: cannot lock the run directory (%s)", path, strerror(errno));
+        if (errno != EWOULDBLOCK) { /* a file system without locks (some network ones) must not stop the run */
+            fprintf(stderr, "warning: %s: cannot lock the run directory (%s): a second run on it will not be stopped\n",
+                    path, strerror(errno));
+            close(fd);
+            return -1;
+        }
         char holder[256];
         read_holder(fd, holder, sizeof holder);
         close(fd);

@@ -9,8 +9,8 @@
 #define RUN_LOCK_FILE "train.lock"
 
 /* Take the lock of directory dir (which exists) without waiting; returns the file descriptor that holds
- * it (run_dir_unlock releases it). When another process holds it, ends the program with a message that
- * names the directory and the holder. */
+ * it (run_dir_unlock releases it), or -1 after a warning where the file system has no locks. When another
+ * process holds it, ends the program with a message that names the directory and the holder. */
 int run_dir_lock(const char *dir);
 void run_dir_unlock(int fd);
 
