@@ -302,6 +302,21 @@ TEST(ranks_with_different_settings_stop_naming_the_key) {
     }
 }
 
+/* The check compares what the ranks run, not how they were told: rank 1 reading a copy of the config file
+ * from another path trains as rank 0 does. */
+TEST(ranks_with_the_same_config_from_other_files_train) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    char copy[600], cmd[2048], rank1[2048];
+    harness_path(tc, "tiny_copy.json", copy, sizeof copy);
+    snprintf(cmd, sizeof cmd, "cp configs/tiny.json %s", copy);
+    EXPECT(system(cmd) == 0, "%s", cmd);
+    const char *rest = strstr(HARNESS_TRAIN, " --set"); /* HARNESS_TRAIN with the copy as its config */
+    snprintf(rank1, sizeof rank1, "build/train %s%s", copy, rest);
+    const char *cmds[2] = {HARNESS_TRAIN, rank1};
+    RunOutcome o = harness_train_ranks(tc, 2, cmds, 300);
+    EXPECT(o.status == 0 && strstr(o.out, "done: 10 steps"), "exit %d: %s%s", o.status, o.out, o.err);
+}
+
 /* Per rank: a directory (the rank's working directory, -wdir) holding val.h5, a link to `target` or a FIFO
  * (target NULL); and its command line, with absolute paths but data.val_path = val.h5, so that the ranks
  * run the same config and each opens its own directory's file. */
@@ -488,6 +503,7 @@ int main(int argc, char **argv) {
     RUN(hanging_rank_makes_the_others_time_out);
     RUN(rank_counts_that_do_not_fit_are_refused);
     RUN(ranks_with_different_settings_stop_naming_the_key);
+    RUN(ranks_with_the_same_config_from_other_files_train);
     RUN(ranks_with_different_data_files_stop_naming_the_file);
     RUN(a_rank_stuck_opening_a_file_stops_the_job_within_the_timeout);
     HARNESS_TEST_END();
