@@ -394,7 +394,7 @@ void datamix_open(DataMix *mx, const char *spec, const char *where) {
     memset(mx, 0, sizeof(*mx));
     char *copy = xstrdup(spec);
     int cap = 0;
-    double total = 0.0;
+    double largest = 0.0;
     for (char *save = NULL, *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
         item = trim(item);
         char *colon = strrchr(item, ':');
@@ -414,12 +414,20 @@ void datamix_open(DataMix *mx, const char *spec, const char *where) {
         }
         dataset_open(&mx->ds[mx->n], path); /* its own messages name the file */
         mx->weights[mx->n++] = w;
-        total += w;
+        largest = fmax(largest, w);
     }
     free(copy);
     if (mx->n == 0) fatal("%s: data.train_mix lists no files", where);
+    /* any positive finite weights, any scale: relative to the largest first, so that the sum (at most n)
+     * cannot overflow to inf, which would make every weight 0 */
+    double total = 0.0;
+    for (int i = 0; i < mx->n; i++) total += mx->weights[i] /= largest;
     for (int i = 0; i < mx->n; i++) {
         mx->weights[i] /= total;
+        if (!(mx->weights[i] > 0))
+            fatal("%s: data.train_mix: the weight of %s is so much smaller than the largest (%g) that it rounds to "
+                  "0: the file would never be drawn; raise it or drop the file",
+                  where, mx->ds[i].path, largest);
         const TokenDataset *a = &mx->ds[0], *b = &mx->ds[i];
         /* windows of one batch would otherwise mix token ids of different vocabularies */
         if (b->vocab_size != a->vocab_size || strcmp(b->tokenizer, a->tokenizer))

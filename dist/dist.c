@@ -194,6 +194,8 @@ static void split(Dist *d, DistGroup *g, const char *name, int color, int key) {
     MPI_Comm_size(c, &g->size);
 }
 
+void dist_set_timeout(Dist *d, double timeout_s) { d->timeout_s = timeout_s; }
+
 void dist_setup(Dist *d, int dp, int ep, int cp, double timeout_s, Device device, const char *where) {
     if (d->setup) fatal("dist_setup: called twice");
     d->timeout_s = timeout_s;
@@ -215,6 +217,9 @@ void dist_setup(Dist *d, int dp, int ep, int cp, double timeout_s, Device device
     d->ep = ep;
     d->cp = cp;
     if (d->mpi && d->size > 1) {
+        /* a rank still opening a file on a stuck file system would otherwise leave the others in
+         * MPI_Comm_split, which has no timeout, forever */
+        dist_meet(&d->world, "its start-up, before the groups are made");
         int dp_i = d->rank / (ep * cp), ep_i = (d->rank / cp) % ep, cp_i = d->rank % cp;
         split(d, &d->dp_group, "dp", ep_i * cp + cp_i, dp_i);
         split(d, &d->ep_group, "ep", dp_i * cp + cp_i, ep_i);
@@ -388,12 +393,20 @@ void dist_scatter_host(const DistGroup *g, const void *send, void *recv, int64_t
     mpi_wait(g, &req, "scatter");
 }
 
-void dist_barrier(const DistGroup *g) {
+static void barrier(const DistGroup *g, const char *what) {
     check_group(g, "barrier");
     if (g->size == 1) return;
     MPI_Request req;
     MPI_Ibarrier(g->comm, &req);
-    mpi_wait(g, &req, "barrier");
+    mpi_wait(g, &req, what);
+}
+
+void dist_barrier(const DistGroup *g) { barrier(g, "barrier"); }
+
+void dist_meet(const DistGroup *g, const char *what) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "the barrier of every rank arriving from %s", what);
+    barrier(g, msg);
 }
 
 /* ---- the Comm interface (kernels/comm.h) -------------------------------------------------------- */

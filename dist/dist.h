@@ -72,11 +72,16 @@ typedef struct Dist {
 void dist_init(Dist *d, int *argc, char ***argv);
 /* One process without MPI: every group of size 1, no MPI call ever made. */
 void dist_single(Dist *d);
+/* The longest a collective waits for the other ranks (0 = forever), from dist.timeout: set as soon as the
+ * config is read, so that the collectives before dist_setup (the start-up checks) time out too. */
+void dist_set_timeout(Dist *d, double timeout_s);
 /* After the config is known: the groups for dp * ep * cp = world size (dp = 0: world / (ep * cp)); the
  * device of this rank (CUDA with more than one rank: the local rank's GPU by cudaSetDevice, which must
  * come before the first CUDA call, a stream and the NCCL communicators); the collective timeout.
- * `where` prefixes error messages (the config file). Stops with a message when the sizes do
- * not multiply to the world size or there are fewer GPUs on a node than ranks. */
+ * The ranks first meet in a barrier under the timeout: MPI_Comm_split and the NCCL set-up have no
+ * timeout of their own, so every rank must be there before they start. `where` prefixes error messages
+ * (the config file). Stops with a message when the sizes do not multiply to the world size or there are
+ * fewer GPUs on a node than ranks. */
 void dist_setup(Dist *d, int dp, int ep, int cp, double timeout_s, Device device, const char *where);
 /* MPI_Finalize (and NCCL teardown) when dist_init initialised MPI; nothing for dist_single. */
 void dist_finalize(Dist *d);
@@ -108,6 +113,9 @@ void dist_gather_host(const DistGroup *g, const void *send, void *recv, int64_t 
 void dist_scatter_host(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t, int root);
 /* Every rank of the group has arrived (host, with the timeout). */
 void dist_barrier(const DistGroup *g);
+/* The same, its timeout message saying what the ranks were to arrive from (`what`, e.g. "reading its
+ * config and data files"), since the rank that is missing has not yet said anything itself. */
+void dist_meet(const DistGroup *g, const char *what);
 
 /* The group as a Comm (kernels/comm.h) for the autograd ops that span ranks: rank and size, and the
  * collectives above behind its function pointers (DType mapped to DistType). g must outlive c; every

@@ -78,6 +78,24 @@ RunOutcome harness_train(TestCtx *tc, int np, const char *out_dir, const char *a
     return r;
 }
 
+RunOutcome harness_train_ranks(TestCtx *tc, int n, const char *const *rank_cmds, double timeout_s) {
+    char cmd[8192], o[512], e[512];
+    harness_path(tc, "stdout.txt", o, sizeof o);
+    harness_path(tc, "stderr.txt", e, sizeof e);
+    /* TERM first: mpirun passes it on to the ranks it started, and is killed 5 s later if it is stuck too */
+    int len = snprintf(cmd, sizeof cmd, "timeout -k 5 %g mpirun --oversubscribe", timeout_s);
+    for (int i = 0; i < n; i++) len += snprintf(cmd + len, sizeof cmd - (size_t)len, "%s -np 1 %s", i ? " :" : "", rank_cmds[i]);
+    snprintf(cmd + len, sizeof cmd - (size_t)len, " >%s 2>%s", o, e);
+    RunOutcome r;
+    double t0 = wall_seconds();
+    int st = system(cmd);
+    r.seconds = wall_seconds() - t0;
+    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    read_tail(e, r.err, sizeof r.err);
+    read_tail(o, r.out, sizeof r.out);
+    return r;
+}
+
 bool harness_run_into(TestCtx *tc, const char *name, int np, const char *args, char *dir, size_t n) {
     harness_path(tc, name, dir, n);
     char done[600];

@@ -87,6 +87,11 @@ typedef struct RunOutcome {
 /* HARNESS_TRAIN, the harness's settings, train.out_dir = out_dir (unless NULL), then args. np = 0: a
  * plain process, else mpirun -np np; env: extra "NAME=value ..." for the command, or "". */
 RunOutcome harness_train(TestCtx *tc, int np, const char *out_dir, const char *args, const char *env);
+/* One job of several programs (MPMD: `mpirun -np 1 A : -np 1 B ...`), one rank per entry of rank_cmds, each
+ * a command line for its rank (mpirun options such as -wdir first, then the program and its arguments);
+ * so that ranks can be given different arguments. Killed after timeout_s (status 124 or 137), so that a
+ * job that hangs fails the test rather than stopping the suite. */
+RunOutcome harness_train_ranks(TestCtx *tc, int n, const char *const *rank_cmds, double timeout_s);
 /* A finished run of args on np ranks (0 = plain process) into <tmp>/<name>, its directory in dir. A run
  * that finished there already (the single-process reference of several tests) is reused. False, after
  * printing the run's stderr, when it fails. */

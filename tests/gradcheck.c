@@ -1,5 +1,6 @@
 #include "gradcheck.h"
 
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <sys/wait.h>
@@ -166,6 +167,40 @@ int test_system(const char *cmd, const char *errpath, char *err, size_t errn, bo
     char *nl = first_line ? strchr(err, '\n') : NULL;
     if (nl) *nl = 0;
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+pid_t test_spawn_train(const char *args, const char *env_kv, const char *out_path) {
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        char buf[4096], *argv[128];
+        int argc = 0;
+        snprintf(buf, sizeof buf, "%s", args);
+        argv[argc++] = "build/train";
+        for (char *w = strtok(buf, " "); w && argc < 127; w = strtok(NULL, " ")) argv[argc++] = w;
+        argv[argc] = NULL;
+        if (env_kv) putenv((char *)env_kv);
+        int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0) _exit(126);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        execv("build/train", argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+char *test_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = xmalloc((size_t)(n > 0 ? n : 0) + 1);
+    *len = fread(buf, 1, (size_t)(n > 0 ? n : 0), f);
+    buf[*len] = 0;
+    fclose(f);
+    return buf;
 }
 
 double test_norm(const Tensor *t) {

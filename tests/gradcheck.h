@@ -10,6 +10,7 @@
 
 #include <hdf5.h>
 #include <stdbool.h>
+#include <sys/types.h>
 
 #include "../autograd/engine.h"
 
@@ -40,6 +41,13 @@ int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t 
  * first line only with first_line), "" without the file. Returns the exit status (-1 if killed). Lets
  * tests run the programs (build/opcheck, test_gpu --die). */
 int test_system(const char *cmd, const char *errpath, char *err, size_t errn, bool first_line);
+
+/* Starts build/train with `args` (words separated by single spaces; none may hold a space) in the
+ * background, its stdout and stderr into the file out_path; env_kv ("NAME=value") is added to its
+ * environment when not NULL. Returns the pid (waitpid it). Lets tests signal a running training. */
+pid_t test_spawn_train(const char *args, const char *env_kv, const char *out_path);
+/* The whole file, NUL-terminated (malloc'd; *len bytes without the NUL), or NULL without the file. */
+char *test_read_file(const char *path, size_t *len);
 
 /* L2 norm of a CPU float tensor; a copy of src converted to dtype dt (F32 or F64) */
 double test_norm(const Tensor *t);

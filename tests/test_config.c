@@ -305,6 +305,29 @@ TEST(set_overrides) {
     expect_set_fails(tc, "train.device=gpu", "cpu, cuda");
 }
 
+static void to_json(const void *cfg) { free(config_to_json(cfg)); }
+
+/* The stored config is JSON, which holds UTF-8 only: a string value that is not UTF-8 is refused with the
+ * key's name (by --set, or by the writer for a struct that code filled), never dropped from config.json and
+ * the checkpoints as it once was; UTF-8 beyond ASCII is kept as it is. */
+TEST(non_utf8_strings_are_refused_not_dropped) {
+    expect_set_fails(tc, "data.train_path=caf\xe9.h5", "data.train_path is not valid UTF-8");
+    if (tc->current_failed) return;
+    expect_set_fails(tc, "train.out_dir=runs/\xff\xfe", "train.out_dir is not valid UTF-8");
+    if (tc->current_failed) return;
+    RunConfig c;
+    config_defaults(&c);
+    config_set(&c, "train.out_dir=runs/caf\xc3\xa9"); /* "café" in UTF-8 */
+    char *json = config_to_json(&c);
+    EXPECT(strstr(json, "\"out_dir\": \"runs/caf\xc3\xa9\""), "UTF-8 out_dir not stored as it is: %s", json);
+    free(json);
+    snprintf(c.data.val_path, sizeof c.data.val_path, "val\xff.h5");
+    char err[4096];
+    int st = run_child(to_json, &c, NULL, 0, err, sizeof err);
+    EXPECT(st == 1 && strstr(err, "data.val_path") && strstr(err, "UTF-8"), "writing a non-UTF-8 val_path: status %d, %s",
+           st, err);
+}
+
 TEST(json_round_trip) {
     RunConfig a, b;
     config_defaults(&a);
@@ -507,6 +530,7 @@ int main(void) {
     RUN(shipped_configs_load);
     RUN(bad_files_name_the_problem);
     RUN(set_overrides);
+    RUN(non_utf8_strings_are_refused_not_dropped);
     RUN(json_round_trip);
     RUN(validation_cross_keys);
     RUN(layer_selectors);

@@ -1,5 +1,5 @@
 /* Several training files (data.train_mix): the "path:weight,..." parser and its errors, the files'
- * shared-tokenizer check, window counts that follow the weights, determinism in (seed, counter),
+ * shared-tokenizer check, window counts that follow the weights (of any scale), determinism in (seed, counter),
  * and a one-file mix drawing exactly the windows of that file alone. */
 #include <errno.h>
 #include <math.h>
@@ -98,6 +98,34 @@ TEST(parse_weights_and_paths) {
     EXPECT(mx.n == 1 && !strcmp(mx.ds[0].path, FX->colon) && mx.weights[0] == 1.0, "path with a colon");
     datamix_close(&mx);
     datamix_close(&mx); /* twice is harmless */
+}
+
+/* Weights of any finite scale: ones whose sum overflows a double keep their proportions (the sum once made
+ * every weight 0, so every window came from the last file), and a weight too small next to the largest to
+ * be drawn at all is refused rather than silently dropped. */
+TEST(huge_weights_keep_their_proportions) {
+    char spec[8192], err[4096];
+    snprintf(spec, sizeof spec, "%s:1e308,%s:1e308,%s:1.5e308", FX->a, FX->b, FX->c);
+    DataMix mx;
+    datamix_open(&mx, spec, "cfg.json");
+    const double want[3] = {1 / 3.5, 1 / 3.5, 1.5 / 3.5};
+    for (int i = 0; i < 3; i++)
+        EXPECT(fabs(mx.weights[i] - want[i]) < 1e-12, "weight %d is %g, want %g", i, mx.weights[i], want[i]);
+    Sampler s;
+    sampler_init_mix(&s, &mx, 5);
+    long count[3] = {0, 0, 0};
+    enum { WINDOWS = 20000 };
+    for (uint64_t w = 0; w < WINDOWS; w++) count[sampler_pick(&s, w)]++;
+    for (int i = 0; i < 3; i++) {
+        double sigma = sqrt(WINDOWS * want[i] * (1 - want[i]));
+        EXPECT(fabs(count[i] - WINDOWS * want[i]) < 5 * sigma, "file %d drew %ld of %d windows, want %.0f", i, count[i],
+               WINDOWS, WINDOWS * want[i]);
+    }
+    datamix_close(&mx);
+    snprintf(spec, sizeof spec, "%s:1e-320,%s:1e300", FX->a, FX->b);
+    int st = test_run_child(open_mix, spec, err, sizeof err);
+    EXPECT(st == 1 && strstr(err, "error: cfg.json: data.train_mix") && strstr(err, FX->a) && strstr(err, "rounds to 0"),
+           "a weight 1e-320 next to 1e300: status %d, stderr: %s", st, err);
 }
 
 TEST(bad_specs_name_the_problem) {
@@ -230,6 +258,7 @@ int main(void) {
     write_file(fx.short_file, 10, 2, 8, "test");
     tc->fixture = &fx;
     RUN(parse_weights_and_paths);
+    RUN(huge_weights_keep_their_proportions);
     RUN(bad_specs_name_the_problem);
     RUN(counts_follow_weights_deterministically);
     RUN(one_file_mix_is_the_file_alone);

@@ -11,12 +11,16 @@
  *   - train.save_best on 2 ranks (and resumed on 2) writes the single process's ckpt_best.h5;
  *   - no two ranks read the same window, and together they read exactly the single process's windows;
  *   - a rank that fails ends the job with its message, a rank that hangs makes the others time out;
- *   - rank counts that do not fit the config are refused with a message.
+ *   - rank counts that do not fit the config are refused with a message;
+ *   - ranks given different settings or data files stop the job naming the key; a rank stuck opening a
+ *     file (a FIFO) makes the others stop within dist.timeout.
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <hdf5.h>
 
@@ -269,6 +273,112 @@ TEST(rank_counts_that_do_not_fit_are_refused) {
            "batch 5 over ep 2: %s", o.err);
 }
 
+/* ---- ranks agree or stop ------------------------------------------------------------------------- */
+
+/* Rank 1 given one more --set than rank 0 (an MPMD job): the job stops before any training with rank 1's
+ * message naming the key and both values. Once a different optim.lr, seed, batch or sequence length
+ * trained on silently (exit 0) and a different d_model or n_layers died with "MPI Error in NBC
+ * subrequest". */
+TEST(ranks_with_different_settings_stop_naming_the_key) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    static const char *const cases[][2] = {
+        {"optim.lr=0.002", "optim.lr = 0.002 here but 0.004 on rank 0"},
+        {"train.seed=7", "train.seed = 7 here but 1337 on rank 0"},
+        {"train.batch_size=4", "train.batch_size = 4 here but 8 on rank 0"},
+        {"train.seq_len=32", "train.seq_len = 32 here but 64 on rank 0"},
+        {"model.d_model=32", "model.d_model = 32 here but 64 on rank 0"},
+        {"model.n_layers=3", "model.n_layers = 3 here but 2 on rank 0"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char rank1[1024];
+        snprintf(rank1, sizeof rank1, HARNESS_TRAIN " --set %s", cases[i][0]);
+        const char *cmds[2] = {HARNESS_TRAIN, rank1};
+        RunOutcome o = harness_train_ranks(tc, 2, cmds, 120);
+        printf("    rank 1 with --set %s: exit %d after %.1f s\n", cases[i][0], o.status, o.seconds);
+        EXPECT(o.status != 0 && strstr(o.err, "error: rank 1: ") && strstr(o.err, cases[i][1]) &&
+                   !strstr(o.out, "step "),
+               "rank 1 with --set %s: exit %d, want \"%s\" before any step: %s%s", cases[i][0], o.status, cases[i][1],
+               o.out, o.err);
+    }
+}
+
+/* The check compares what the ranks run, not how they were told: rank 1 reading a copy of the config file
+ * from another path trains as rank 0 does. */
+TEST(ranks_with_the_same_config_from_other_files_train) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    char copy[600], cmd[2048], rank1[2048];
+    harness_path(tc, "tiny_copy.json", copy, sizeof copy);
+    snprintf(cmd, sizeof cmd, "cp configs/tiny.json %s", copy);
+    EXPECT(system(cmd) == 0, "%s", cmd);
+    const char *rest = strstr(HARNESS_TRAIN, " --set"); /* HARNESS_TRAIN with the copy as its config */
+    snprintf(rank1, sizeof rank1, "build/train %s%s", copy, rest);
+    const char *cmds[2] = {HARNESS_TRAIN, rank1};
+    RunOutcome o = harness_train_ranks(tc, 2, cmds, 300);
+    EXPECT(o.status == 0 && strstr(o.out, "done: 10 steps"), "exit %d: %s%s", o.status, o.out, o.err);
+}
+
+/* Per rank: a directory (the rank's working directory, -wdir) holding val.h5, a link to `target` or a FIFO
+ * (target NULL); and its command line, with absolute paths but data.val_path = val.h5, so that the ranks
+ * run the same config and each opens its own directory's file. */
+static void rank_in_dir(TestCtx *tc, const char *name, const char *target, const char *args, char *cmd, size_t n) {
+    char cwd[512], dir[512], link[600];
+    if (!getcwd(cwd, sizeof cwd)) cwd[0] = 0;
+    harness_path(tc, name, dir, sizeof dir);
+    snprintf(link, sizeof link, "%s/val.h5", dir);
+    mkdir(dir, 0755);
+    unlink(link);
+    char full[700];
+    snprintf(full, sizeof full, "%s/%s", cwd, target ? target : "");
+    if (target ? symlink(full, link) != 0 : mkfifo(link, 0644) != 0) perror(link);
+    snprintf(cmd, n,
+             "-wdir %s %s/build/train %s/configs/tiny.json --set train.steps=2 --set train.eval_batches=1 --set "
+             "train.sample_tokens=0 --set data.train_path=%s/" TRAIN_DATA " --set data.val_path=val.h5 %s",
+             dir, cwd, cwd, cwd, args);
+}
+
+/* The same config, but rank 1's val.h5 is another file (the training file): the headers differ, and rank 1
+ * names the file's key and the header field. */
+TEST(ranks_with_different_data_files_stop_naming_the_file) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    char a[2048], b[2048];
+    rank_in_dir(tc, "same_val", "data/shakespeare/val.h5", "", a, sizeof a);
+    rank_in_dir(tc, "other_val", TRAIN_DATA, "", b, sizeof b);
+    const char *cmds[2] = {a, b};
+    RunOutcome o = harness_train_ranks(tc, 2, cmds, 120);
+    EXPECT(o.status != 0 && strstr(o.err, "error: rank 1: ") &&
+               strstr(o.err, "the data file header data.val_path: tokens = 1003854 here but 111540 on rank 0"),
+           "exit %d: %s", o.status, o.err);
+}
+
+/* A rank that cannot finish opening a file (a FIFO no one writes: a stuck file system) makes the others
+ * stop within dist.timeout, naming what they waited for; it once left them in MPI_Comm_split forever.
+ * Rank 1's data file, and then its config file, is the FIFO. */
+TEST(a_rank_stuck_opening_a_file_stops_the_job_within_the_timeout) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    char a[2048], b[2048];
+    rank_in_dir(tc, "fifo_ok", "data/shakespeare/val.h5", "--set dist.timeout=3", a, sizeof a);
+    rank_in_dir(tc, "fifo_val", NULL, "--set dist.timeout=3", b, sizeof b);
+    const char *cmds[2] = {a, b};
+    RunOutcome o = harness_train_ranks(tc, 2, cmds, 60);
+    printf("    rank 1's val.h5 a FIFO: exit %d after %.1f s\n", o.status, o.seconds);
+    EXPECT(o.status != 0 && o.status != 124 && o.status != 137 && strstr(o.err, "error: rank 0: ") &&
+               strstr(o.err, "reading its config and data files") &&
+               strstr(o.err, "did not complete within dist.timeout = 3 s"),
+           "exit %d after %.1f s: %s", o.status, o.seconds, o.err);
+    EXPECT(o.seconds < 30, "the job took %.1f s to end", o.seconds);
+    /* the config file: rank 1's is the FIFO (its directory's val.h5), rank 0's the real one */
+    char fifo_config[600], config_fifo_cmd[2048];
+    harness_path(tc, "fifo_val/val.h5", fifo_config, sizeof fifo_config);
+    snprintf(config_fifo_cmd, sizeof config_fifo_cmd, "build/train %s --set dist.timeout=3", fifo_config);
+    const char *cmds2[2] = {HARNESS_TRAIN " --set dist.timeout=3", config_fifo_cmd};
+    o = harness_train_ranks(tc, 2, cmds2, 60);
+    printf("    rank 1's config file a FIFO: exit %d after %.1f s\n", o.status, o.seconds);
+    EXPECT(o.status != 0 && o.status != 124 && o.status != 137 && strstr(o.err, "error: rank 0: ") &&
+               strstr(o.err, "did not complete within dist.timeout = 3 s"),
+           "exit %d after %.1f s: %s", o.status, o.seconds, o.err);
+    EXPECT(o.seconds < 30, "the job took %.1f s to end", o.seconds);
+}
+
 /* ---- the collectives themselves: this program under mpirun, in its --collectives mode ------------------ */
 
 /* The group layout and every host collective on the world and on each group, checked on every rank; a
@@ -392,5 +502,9 @@ int main(int argc, char **argv) {
     RUN(failing_rank_ends_the_job_with_its_message);
     RUN(hanging_rank_makes_the_others_time_out);
     RUN(rank_counts_that_do_not_fit_are_refused);
+    RUN(ranks_with_different_settings_stop_naming_the_key);
+    RUN(ranks_with_the_same_config_from_other_files_train);
+    RUN(ranks_with_different_data_files_stop_naming_the_file);
+    RUN(a_rank_stuck_opening_a_file_stops_the_job_within_the_timeout);
     HARNESS_TEST_END();
 }

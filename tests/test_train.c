@@ -1,5 +1,8 @@
 /* Integration tests of the training program: the tiny config learns, runs are reproducible,
- * recomputation changes nothing, and bad input stops the program with a message naming the problem.
+ * recomputation changes nothing, the sampler prints only text the vocabulary has (and a placeholder for ids
+ * beyond it), and bad input stops the program with a message naming the problem: weights that are not
+ * finite (named, not called a divergence), a checkpoint's corrupt stored config (with the parser's line and
+ * column), token files without a single next-token target (not a val loss of 0).
  * Run from the repository root after `make data` (make test does both). */
 #include <math.h>
 #include <stdio.h>
@@ -8,7 +11,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <hdf5.h>
+
+#include "../data/dataset.h"
 #include "../train/trainer.h"
+#include "gradcheck.h"
 #include "test.h"
 
 #define TINY "configs/tiny.json"
@@ -153,12 +160,210 @@ TEST(bad_input_exits_with_a_message) {
     EXPECT(run_train_cli(TINY " --frobnicate", err, sizeof err) == 1 && strstr(err, "frobnicate"), "bad option: %s", err);
 }
 
+/* build/train with args to the end: its exit status (-signal when killed) and its stdout and stderr. */
+static int train_output(const char *args, char *out, size_t n) {
+    char log[64];
+    snprintf(log, sizeof log, "/tmp/msa_train_out_%d.txt", (int)getpid());
+    int st;
+    waitpid(test_spawn_train(args, NULL, log), &st, 0);
+    size_t len;
+    char *text = test_read_file(log, &len);
+    snprintf(out, n, "%s", text ? text : "");
+    free(text);
+    unlink(log);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : WIFSIGNALED(st) ? -WTERMSIG(st) : -1000;
+}
+
+/* model.vocab_size 200 over the 65 characters of the data: the untrained model samples ids past the
+ * alphabet, which print as "<id N>" (they once read past the alphabet's string: garbage, a heap over-read);
+ * every other byte of the sample is a character of the alphabet, and the tokens add up to the count asked. */
+TEST(sample_never_reads_past_the_vocabulary) {
+    TokenDataset ds;
+    dataset_open(&ds, "data/shakespeare/train.h5");
+    EXPECT(ds.vocab && !memchr(ds.vocab, '<', (size_t)ds.vocab_size), "the test needs a char alphabet without '<'");
+    static char out[65536];
+    int st = train_output(TINY " --set model.vocab_size=200 --set train.steps=1 --set train.eval_batches=1 "
+                               "--set train.sample_tokens=300",
+                          out, sizeof out);
+    const char *begin = strstr(out, "----\n"), *end = strstr(out, "\n---- end of sample ----");
+    EXPECT(st == 0 && begin && end && begin < end, "status %d, no sample in: %s", st, out);
+    begin += 5;
+    int tokens = 0, placeholders = 0;
+    for (const char *p = begin; p < end; tokens++) {
+        int id, len = 0;
+        if (sscanf(p, "<id %d>%n", &id, &len) == 1 && len > 0) {
+            EXPECT(id >= ds.vocab_size && id < 200, "placeholder for id %d, which %s", id,
+                   id < ds.vocab_size ? "has text" : "the model cannot sample");
+            placeholders++;
+            p += len;
+        } else {
+            EXPECT(*p && memchr(ds.vocab, *p, (size_t)ds.vocab_size), "byte 0x%02x at %d is not in the alphabet",
+                   (unsigned char)*p, (int)(p - begin));
+            p++;
+        }
+    }
+    printf("    %d tokens sampled, %d of them ids past the alphabet\n", tokens, placeholders);
+    EXPECT(tokens == 300 && placeholders > 0, "%d tokens (want 300), %d placeholders", tokens, placeholders);
+    dataset_close(&ds);
+}
+
+/* In a child (fatal ends it, not the test): the tiny run with element 3 of parameter tensor `name` set to
+ * NaN, then one step. */
+static void step_with_a_nan_weight(const void *name) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, TINY);
+    r.config_path = TINY;
+    run_init(&r);
+    for (int i = 0; i < r.model.params.n; i++)
+        if (!strcmp(r.model.params.p[i].t->name, name)) ((float *)r.model.params.p[i].t->data)[3] = NAN;
+    run_step(&r);
+}
+
+/* Weights that are not finite make the loss NaN whatever the learning rate: the message names the tensor
+ * and where the weights came from, not a divergence to cure by lowering optim.lr (as it once did); finite
+ * weights and a loss that overflows are still a divergence. The first test main runs: its child computes
+ * with OpenMP, which can hang in a child forked from a process whose OpenMP threads have run. */
+TEST(nan_weights_are_named_not_called_a_divergence) {
+    char err[4096];
+    int st = test_run_child(step_with_a_nan_weight, "layers.1.attn.wk", err, sizeof err);
+    EXPECT(st == 1 && strstr(err, "parameter tensor layers.1.attn.wk holds 1 non-finite values of ") &&
+               strstr(err, "(element 3 is nan)") && strstr(err, "initial weights") && !strstr(err, "diverged"),
+           "status %d: %s", st, err);
+    /* a learning rate of 1e30 overflows the activations within a few steps while the weights stay finite */
+    st = train_output(TINY " --set optim.lr=1e30 --set optim.min_lr=0 --set optim.warmup_steps=0 --set train.steps=20",
+                      err, sizeof err);
+    EXPECT(st == 1 && strstr(err, "with finite weights (diverged); lower optim.lr"), "lr 1e30: status %d: %s", st, err);
+}
+
+/* Replace a root string attribute of an HDF5 file. */
+static bool set_string_attr(const char *path, const char *name, const char *value) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    if (f < 0) return false;
+    H5Adelete(f, name);
+    hid_t type = H5Tcopy(H5T_C_S1), space = H5Screate(H5S_SCALAR);
+    H5Tset_size(type, H5T_VARIABLE);
+    hid_t a = H5Acreate2(f, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    bool ok = a >= 0 && H5Awrite(a, type, &value) >= 0;
+    if (a >= 0) H5Aclose(a);
+    H5Sclose(space);
+    H5Tclose(type);
+    return H5Fclose(f) >= 0 && ok;
+}
+
+/* A checkpoint whose stored config is not JSON: --resume says where the parser stopped and why (it once
+ * said "not valid JSON ()", the text of a later, successful parse). */
+TEST(corrupt_stored_config_names_line_and_column) {
+    char dir[] = "/tmp/msa_train_cfg_XXXXXX", args[512], ckpt[128], out[8192];
+    EXPECT(mkdtemp(dir), "mkdtemp");
+    snprintf(args, sizeof args, TINY " --set train.steps=1 --set train.eval_batches=1 --set train.out_dir=%s", dir);
+    int st = train_output(args, out, sizeof out);
+    snprintf(ckpt, sizeof ckpt, "%s/ckpt_00000001.h5", dir);
+    EXPECT(st == 0 && set_string_attr(ckpt, "config", "{\"model\": {\"d_model\": 64,,}}"), "setup: status %d: %s", st,
+           out);
+    snprintf(args, sizeof args, TINY " --set train.steps=2 --set train.eval_batches=1 --set train.out_dir=%s --resume",
+             dir);
+    st = train_output(args, out, sizeof out);
+    EXPECT(st == 1 && strstr(out, ckpt) && strstr(out, "is not valid JSON: line 1, column 26: ") && !strstr(out, "()"),
+           "status %d: %s", st, out);
+    char cmd[160];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    EXPECT(system(cmd) == 0, "%s", cmd);
+}
+
+/* Token files from text through build/prepare_text with "|" between documents; split at half the tokens. */
+static bool prepare_tokens(const char *dir, const char *text) {
+    char path[256], cmd[1024];
+    snprintf(path, sizeof path, "%s/input.txt", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) return false;
+    fputs(text, f);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "build/prepare_text --tokenizer char --val-fraction 0.5 --doc-separator '|' %s %s >/dev/null",
+             path, dir);
+    return system(cmd) == 0;
+}
+
+/* n letters of one document, then `singles` documents of 1 letter, then `tail` letters of one document */
+static char *documents(int n, int singles, int tail) {
+    char *t = xmalloc((size_t)(n + 2 * singles + tail) + 2), *p = t;
+    for (int i = 0; i < n; i++) *p++ = (char)('a' + i % 26);
+    for (int i = 0; i < singles; i++) {
+        *p++ = '|';
+        *p++ = (char)('a' + i % 26);
+    }
+    if (tail) *p++ = '|';
+    for (int i = 0; i < tail; i++) *p++ = (char)('a' + i % 26);
+    *p = 0;
+    return t;
+}
+
+/* A token is a target only within its document: a file of 1-token documents has none, and its loss, once
+ * reported as 0.0000, is refused at start-up with the file named; validation batches that happen to hold no
+ * target are not counted as a loss of 0 in the mean, and an eval with none at all is refused. */
+TEST(files_without_targets_are_refused) {
+    char dir[] = "/tmp/msa_train_docs_XXXXXX", args[1024], out[8192];
+    EXPECT(mkdtemp(dir), "mkdtemp");
+    char *text = documents(2000, 2000, 0); /* train.h5: the long document; val.h5: 2000 documents of 1 token */
+    bool made = prepare_tokens(dir, text);
+    free(text);
+    EXPECT(made, "prepare_text failed");
+    snprintf(args, sizeof args,
+             TINY " --set train.steps=1 --set train.eval_batches=1 --set data.train_path=%s/train.h5 --set "
+                  "data.val_path=%s/val.h5",
+             dir, dir);
+    int st = train_output(args, out, sizeof out);
+    EXPECT(st == 1 && strstr(out, "val.h5 (data.val_path): each of its 2000 documents is 1 token long"), "val: %d: %s",
+           st, out);
+    snprintf(args, sizeof args,
+             TINY " --set train.steps=1 --set train.eval_batches=1 --set data.train_path=%s/val.h5 --set "
+                  "data.val_path=%s/train.h5",
+             dir, dir);
+    st = train_output(args, out, sizeof out);
+    EXPECT(st == 1 && strstr(out, "val.h5 (data.train_path): each of its 2000 documents is 1 token long"),
+           "train: %d: %s", st, out);
+    /* val.h5: 1500 documents of 1 token, then one of 1500: eval batches 0 and 1 (tokens [0, 1024) of 8 rows of
+     * 64) have no target, batches 2 and 3 have */
+    text = documents(3000, 1500, 1499);
+    made = prepare_tokens(dir, text);
+    free(text);
+    EXPECT(made, "prepare_text failed");
+    snprintf(args, sizeof args,
+             TINY " --set train.steps=1 --set train.eval_batches=1 --set data.train_path=%s/train.h5 --set "
+                  "data.val_path=%s/val.h5",
+             dir, dir);
+    st = train_output(args, out, sizeof out);
+    EXPECT(st == 1 && strstr(out, "the 1 validation batches (train.eval_batches) hold no targets"), "1 batch: %d: %s",
+           st, out);
+    snprintf(args, sizeof args,
+             TINY " --set train.steps=1 --set train.eval_batches=4 --set data.train_path=%s/train.h5 --set "
+                  "data.val_path=%s/val.h5",
+             dir, dir);
+    st = train_output(args, out, sizeof out);
+    /* the model after one step at a warm-up LR of 4e-4 is still near uniform: its loss is near ln 26 = 3.26;
+     * counting the two empty batches as 0 would halve it */
+    const char *v = strstr(out, "val loss ");
+    double val = v ? strtod(v + 9, NULL) : NAN;
+    printf("    val loss over the 2 measured batches of 4: %.4f (ln 26 = %.4f)\n", val, log(26.0));
+    EXPECT(st == 0 && fabs(val - log(26.0)) < 0.3, "4 batches: status %d, val loss %g: %s", st, val, out);
+    char cmd[160];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    EXPECT(system(cmd) == 0, "%s", cmd);
+}
+
 int main(void) {
     TEST_BEGIN();
+    RUN(nan_weights_are_named_not_called_a_divergence); /* first: it forks a child that computes */
     RUN(tiny_config_loss_falls);
     RUN(same_seed_same_losses_and_recompute_identical);
     RUN(dropout_reproducible_and_recompute_identical);
     RUN(sampler_distribution_matches_the_loss);
     RUN(bad_input_exits_with_a_message);
+    RUN(sample_never_reads_past_the_vocabulary);
+    RUN(corrupt_stored_config_names_line_and_column);
+    RUN(files_without_targets_are_refused);
     TEST_END();
 }

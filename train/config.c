@@ -385,6 +385,13 @@ static void set_string(RunConfig *c, const KeyDef *k, const char *v, const char 
         char err[256];
         if (!parse_selector(v, 0, NULL, err, sizeof err)) fatal("%s: %s.%s %s", where, k->section, k->key, err);
     }
+    /* the config is stored as JSON (config.json, checkpoints), which holds UTF-8 text only: jansson's own
+     * check, so that what is accepted here is exactly what can be written there */
+    json_t *text = json_string(v);
+    if (!text)
+        fatal("%s: %s.%s is not valid UTF-8 text (a config is stored as JSON, which holds only UTF-8)", where,
+              k->section, k->key);
+    json_decref(text);
     char *dst = field(c, k);
     memset(dst, 0, k->size); /* zero the tail so configs compare and serialise the same */
     memcpy(dst, v, n);
@@ -623,7 +630,13 @@ static json_t *key_to_json(const RunConfig *c, const KeyDef *k) {
         return json_real(strtod(buf, NULL));
     }
     case K_BOOL: return json_boolean(*(const bool *)p);
-    case K_STRING: return json_string(p);
+    case K_STRING: {
+        /* set_string admits UTF-8 only; a struct filled by other code must not lose the key silently */
+        json_t *v = json_string(p);
+        if (!v) fatal("config: %s.%s = \"%s\" is not valid UTF-8 text and cannot be stored as JSON", k->section, k->key,
+                      (const char *)p);
+        return v;
+    }
     case K_U64: {
         uint64_t v = *(const uint64_t *)p;
         if (v <= (uint64_t)INT64_MAX) return json_integer((json_int_t)v);

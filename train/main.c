@@ -34,14 +34,17 @@ static void usage(FILE *f) {
             "                      it lacks are freshly initialised (dense checkpoint -> MSA model)\n"
             "  train.save_best     also write OUT_DIR/ckpt_best.h5 at every eval with the lowest val\n"
             "                      loss so far (kept across --resume; never pruned, never resumed from)\n"
-            "SIGINT (Ctrl-C) or SIGTERM: the run finishes its current step, writes a checkpoint, says\n"
-            "where, and exits 0; a second signal kills it at once. Without train.out_dir a signal\n"
-            "kills the run as usual.\n"
+            "SIGINT (Ctrl-C), SIGTERM or SIGHUP: the run finishes its current step (or cuts its eval\n"
+            "short), writes a checkpoint, says where, and exits 0; a second signal kills it at once.\n"
+            "Without train.out_dir a signal kills the run as usual. One run per out_dir: a second run\n"
+            "on the out_dir of a running one stops, naming its pid (OUT_DIR/train.lock).\n"
             "\n"
             "Distributed: mpirun -np N build/train CONFIG.json trains on N ranks, data parallel by\n"
             "default (train.batch_size is the global batch, split over the ranks; optimizer state\n"
             "sharded, ZeRO-1); dist.dp/ep/cp choose the groups, dist.timeout the collective timeout.\n"
-            "Rank 0 prints, writes the run directory and checkpoints (they load on any number of ranks).\n");
+            "Rank 0 prints, writes the run directory and checkpoints (they load on any number of ranks).\n"
+            "Every rank must be given the same config: one that differs from rank 0's stops the job,\n"
+            "naming the first key that differs.\n");
 }
 
 /* The program's body; main wraps it in MPI's lifetime. */

@@ -16,13 +16,51 @@
 #include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 #include "checkpoint.h"
+#include "ranks_agree.h"
+#include "run_lock.h"
 
 /* The trainer's one global. A signal handler receives only the signal number, so it cannot reach the
  * Run; it sets this flag (the signal number) and nothing else, which is all a handler may safely do,
- * and run_train polls it after every step to write a checkpoint and stop. */
+ * and run_train polls it after every step and before every eval batch to write a checkpoint and stop. */
 static volatile sig_atomic_t stop_requested;
 
 static void request_stop(int sig) { stop_requested = sig; }
+
+/* The signals that stop a run with a checkpoint: Ctrl-C, a scheduler's preemption, and a closed terminal
+ * or ssh session (SIGHUP, whose default action would end the run without one). */
+static const int STOP_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
+#define N_STOP_SIGNALS ((int)(sizeof STOP_SIGNALS / sizeof STOP_SIGNALS[0]))
+
+static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : sig == SIGHUP ? "SIGHUP" : "SIGTERM"; }
+
+/* The stop signals set stop_requested; SA_RESETHAND gives a second signal its default action (the
+ * process dies at once), SA_RESTART keeps a checkpoint write from failing with EINTR. A signal the run was
+ * started ignoring stays ignored: `nohup` (SIGHUP) and a shell's background jobs (SIGINT) ask for that. */
+static void install_stop_handlers(struct sigaction *old) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = request_stop;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    stop_requested = 0;
+    for (int i = 0; i < N_STOP_SIGNALS; i++) {
+        sigaction(STOP_SIGNALS[i], NULL, &old[i]);
+        if (old[i].sa_handler != SIG_IGN) sigaction(STOP_SIGNALS[i], &sa, NULL);
+    }
+}
+
+static void restore_stop_handlers(const struct sigaction *old) {
+    for (int i = 0; i < N_STOP_SIGNALS; i++) sigaction(STOP_SIGNALS[i], &old[i], NULL);
+    stop_requested = 0; /* a later run_evaluate outside run_train must not see this run's stop */
+}
+
+/* The signal that stops the run now (0: none). The ranks must stop at the same point (the checkpoint and
+ * the eval's collectives are collective): any rank's signal stops all. Collective with several ranks. */
+static int agreed_stop_signal(Run *r) {
+    int sig = stop_requested;
+    if (r->dist->size > 1) dist_all_reduce(&r->dist->world, &sig, 1, DIST_I32, DIST_MAX, DEV_CPU);
+    return sig;
+}
 
 static const KernelBackend *select_backend(const char *device) {
     if (strcmp(device, "cpu") == 0) return &cpu_backend;
@@ -342,8 +380,12 @@ static void check_resume_config(const Run *r, const char *path) {
     if (!stored) return; /* an imported checkpoint: the tensor shapes are still checked one by one */
     char *current = config_to_json(&r->cfg);
     json_error_t je;
-    json_t *old = json_loads(stored, 0, &je), *cur = json_loads(current, 0, &je);
-    if (!old) fatal("%s: the checkpoint's stored config is not valid JSON (%s)", path, je.text);
+    json_t *old = json_loads(stored, 0, &je);
+    if (!old)
+        fatal("%s: the checkpoint's stored config (attribute \"config\") is not valid JSON: line %d, column %d: %s", path,
+              je.line, je.column, je.text);
+    json_t *cur = json_loads(current, 0, &je);
+    if (!cur) fatal("this run's config as JSON does not parse: line %d, column %d: %s", je.line, je.column, je.text);
     for (size_t i = 0; i < sizeof SHAPE_KEYS / sizeof SHAPE_KEYS[0]; i++) {
         json_t *a = config_value(old, SHAPE_KEYS[i]), *b = config_value(cur, SHAPE_KEYS[i]);
         if (!a || !b || json_equal(a, b)) continue;
@@ -639,6 +681,34 @@ static void sync_from_rank0(Run *r) {
     }
 }
 
+/* A token is a target only inside its document (the next token of a document's last belongs to another),
+ * so a file whose documents are all 1 token long has nothing to train on or measure: its loss would read
+ * 0. */
+static void require_targets(const TokenDataset *ds, const char *key) {
+    for (int64_t d = 0; d < ds->n_docs; d++)
+        if (ds->doc_offsets[d + 1] - ds->doc_offsets[d] >= 2) return;
+    fatal("%s (%s): each of its %lld documents is 1 token long, so no token has a next token of its document to "
+          "predict: there is nothing to train on or measure (join the documents, or tokenise with a coarser "
+          "--doc-separator)",
+          ds->path, key, (long long)ds->n_docs);
+}
+
+/* Every rank runs rank 0's effective config on data files with the same headers (ranks_agree.h). */
+static void agree_with_rank0(const Run *r, const char *src) {
+    const int n = r->train_mix.n ? r->train_mix.n + 1 : 2;
+    AgreedFile *files = xmalloc((size_t)n * sizeof *files);
+    char (*keys)[32] = xmalloc((size_t)n * sizeof *keys);
+    for (int i = 0; i < r->train_mix.n; i++) {
+        snprintf(keys[i], sizeof keys[i], "data.train_mix[%d]", i);
+        files[i] = (AgreedFile){keys[i], &r->train_mix.ds[i]};
+    }
+    if (!r->train_mix.n) files[0] = (AgreedFile){"data.train_path", &r->train_ds};
+    files[n - 1] = (AgreedFile){"data.val_path", &r->val_ds};
+    ranks_agree(r->dist, &r->cfg, files, n, src);
+    free(keys);
+    free(files);
+}
+
 void run_init(Run *r) {
     RunConfig *c = &r->cfg;
     const char *src = r->config_path ? r->config_path : "config";
@@ -647,6 +717,7 @@ void run_init(Run *r) {
         r->dist = &r->single_dist;
     }
     if (!is_rank0(r)) r->quiet = true; /* rank 0 speaks for the run */
+    r->dir_lock = -1;
     if (!c->data.train_path[0] && !c->data.train_mix[0]) fatal("%s: data.train_path is not set", src);
     if (c->data.train_path[0] && c->data.train_mix[0])
         fatal("%s: data.train_path and data.train_mix are both set; use one (a mix lists every file)", src);
@@ -658,11 +729,17 @@ void run_init(Run *r) {
     if (r->val_ds.vocab_size != r->train_ds.vocab_size)
         fatal("%s has vocab_size %d but %s has %d", c->data.val_path, r->val_ds.vocab_size, r->train_ds.path,
               r->train_ds.vocab_size);
+    for (int i = 0; i < r->train_mix.n; i++) require_targets(&r->train_mix.ds[i], "data.train_mix");
+    if (!r->train_mix.n) require_targets(&r->train_ds, "data.train_path");
+    require_targets(&r->val_ds, "data.val_path");
     if (c->model.vocab_size == 0) c->model.vocab_size = r->train_ds.vocab_size;
     else if (c->model.vocab_size < r->train_ds.vocab_size)
         fatal("%s: model.vocab_size = %d but %s has vocab_size %d", src, c->model.vocab_size, r->train_ds.path,
               r->train_ds.vocab_size);
     config_validate(c);
+    /* before rank 0 touches out_dir and before the first collective without a timeout (dist_setup) */
+    dist_set_timeout(r->dist, c->dist.timeout);
+    agree_with_rank0(r, src);
     int64_t need = (int64_t)c->train.seq_len + 1;
     if (r->train_ds.n_tokens < need || r->val_ds.n_tokens < need)
         fatal("%s: the data files must hold more than train.seq_len = %d tokens", src, c->train.seq_len);
@@ -679,6 +756,8 @@ void run_init(Run *r) {
         int err = make_dirs(c->train.out_dir, failed, sizeof failed);
         if (err) fatal("train.out_dir \"%s\": cannot create the directory %s (%s)", c->train.out_dir, failed, strerror(err));
     }
+    /* before anything reads or writes the directory's files: one run per directory (run_lock.h) */
+    if (c->train.out_dir[0] && is_rank0(r)) r->dir_lock = run_dir_lock(c->train.out_dir);
 
     r->be = select_backend(c->train.device);
     init_dist(r, src); /* before the model: it picks this rank's GPU */
@@ -760,6 +839,8 @@ void run_free(Run *r) {
     dataset_close(&r->train_ds);
     dataset_close(&r->val_ds);
     datamix_close(&r->train_mix);
+    run_dir_unlock(r->dir_lock); /* last: the directory's files are closed */
+    r->dir_lock = -1;
 }
 
 /* The layers' statistics of a step or an evaluation, summed over the ranks of group g (every rank's
@@ -909,6 +990,36 @@ static void report_profile(Run *r) {
     }
 }
 
+/* The step's loss is not finite: say why. Weights that are not finite make it so whatever the data: name
+ * the first such tensor, and where the weights came from (the run's starting weights, or the previous
+ * step's update). Finite weights and a non-finite loss: the training diverged. */
+static noreturn void stop_on_bad_loss(Run *r, double loss) {
+    const ParamStore *ps = &r->model.params;
+    const int step = r->step + 1;
+    float *buf = xmalloc((size_t)max_param_numel(ps) * sizeof(float));
+    for (int i = 0; i < ps->n; i++) {
+        const Tensor *t = ps->p[i].t;
+        ps->be->copy_to_host(buf, t->data, (size_t)t->numel * sizeof(float));
+        int64_t bad = 0, first = -1;
+        for (int64_t k = 0; k < t->numel; k++)
+            if (!isfinite(buf[k]) && bad++ == 0) first = k;
+        if (!bad) continue;
+        char origin[CFG_STR + 64];
+        if (r->step > r->start_step)
+            snprintf(origin, sizeof origin, "the update of step %d made them so: the training diverged (lower optim.lr)",
+                     r->step);
+        else if (r->cfg.train.resume) snprintf(origin, sizeof origin, "they came from the checkpoint %s", r->checkpoint);
+        else if (r->cfg.train.init_from[0])
+            snprintf(origin, sizeof origin, "they came from train.init_from = %s", r->cfg.train.init_from);
+        else snprintf(origin, sizeof origin, "they are the run's initial weights");
+        fatal("step %d: the loss is %g because parameter tensor %s holds %lld non-finite values of %lld (element "
+              "%lld is %g): the weights are not finite; %s",
+              step, loss, t->name, (long long)bad, (long long)t->numel, (long long)first, (double)buf[first], origin);
+    }
+    free(buf);
+    fatal("step %d: the loss is %g with finite weights (diverged); lower optim.lr or check the data", step, loss);
+}
+
 StepResult run_step(Run *r) {
     const RunConfig *c = &r->cfg;
     Engine *e = &r->engine;
@@ -985,6 +1096,8 @@ StepResult run_step(Run *r) {
         s.loss = sums[0];
         s.aux = sums[1];
     }
+    /* before the update, so that the weights checked are the ones that gave this loss */
+    if (!isfinite(s.loss)) stop_on_bad_loss(r, s.loss);
     reduce_metrics(bg, &r->model.metrics);
     s.layers = r->model.metrics;
     s.lr = lr_schedule(&c->optim, r->step, c->train.steps);
@@ -997,7 +1110,6 @@ StepResult run_step(Run *r) {
     }
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;
-    if (!isfinite(s.loss)) fatal("step %d: loss is %f (diverged); lower optim.lr or check the data", r->step, s.loss);
     if (r->step % c->train.log_every == 0 || r->step == r->start_step + 1 || r->step == c->train.steps) log_step(r, &s);
     if (prof && prof->steps == c->train.profile_steps) report_profile(r);
     return s;
@@ -1011,25 +1123,38 @@ static double eval_loss(Run *r) {
     Model *m = &r->model;
     const DistGroup *bg = batch_group(r);
     const int nb = r->cfg.train.eval_batches;
-    double total = 0.0, *parts = bg->size > 1 ? xcalloc(2 * (size_t)nb, sizeof(double)) : NULL;
+    double *parts = xcalloc(2 * (size_t)nb, sizeof(double));
     for (int i = 0; i < nb; i++) {
+        /* a long eval must not hold off a stop signal (a scheduler kills after a grace period) */
+        if (agreed_stop_signal(r)) {
+            free(parts);
+            r->eval_stopped = true;
+            return NAN;
+        }
         engine_reset(e);
         sampler_sequential_part(&r->val_ds, i, &r->batch, row_rank(r) * r->batch.B, r->cfg.train.batch_size);
         ModelInput in = model_upload(e, &r->batch);
-        double lm = tensor_item(e, model_forward(m, e, &in, false).lm);
-        if (!parts) total += lm;
-        else {
-            double n = (double)counted_targets(r);
-            parts[2 * i] = lm * n;
-            parts[2 * i + 1] = n;
+        double lm = tensor_item(e, model_forward(m, e, &in, false).lm), n = (double)counted_targets(r);
+        parts[2 * i] = lm * n; /* exact in double: lm is a float, n < 2^29 */
+        parts[2 * i + 1] = n;
+    }
+    dist_all_reduce(bg, parts, 2 * nb, DIST_F64, DIST_SUM, DEV_CPU);
+    /* the mean over the batches that have targets: a batch of nothing but document ends measures nothing,
+     * and counting it as a loss of 0 would flatter the model */
+    double total = 0.0;
+    int measured = 0;
+    for (int i = 0; i < nb; i++)
+        if (parts[2 * i + 1] > 0) {
+            total += parts[2 * i] / parts[2 * i + 1];
+            measured++;
         }
-    }
-    if (parts) {
-        dist_all_reduce(bg, parts, 2 * nb, DIST_F64, DIST_SUM, DEV_CPU);
-        for (int i = 0; i < nb; i++) total += parts[2 * i + 1] > 0 ? parts[2 * i] / parts[2 * i + 1] : 0.0;
-        free(parts);
-    }
-    return total / nb;
+    free(parts);
+    if (!measured)
+        fatal("%s: the %d validation batches (train.eval_batches) hold no targets: every token in them ends a document, "
+              "so there is no next token to predict and no loss to measure (documents of 1 token?); raise "
+              "train.eval_batches or use a validation file of longer documents",
+              r->val_ds.path, nb);
+    return total / measured;
 }
 
 double run_evaluate(Run *r, EvalMetrics *em) {
@@ -1039,18 +1164,20 @@ double run_evaluate(Run *r, EvalMetrics *em) {
     bool prev_dense = m->msa_dense;
     m->collect_metrics = true;
     memset(&m->metrics, 0, sizeof(m->metrics));
+    r->eval_stopped = false;
     double loss = eval_loss(r);
     /* per-layer means over every rank's rows (under cp: its GQA groups, equally many per rank): add up
      * the sums and the counts */
-    reduce_metrics(batch_group(r), &m->metrics);
+    if (!r->eval_stopped) reduce_metrics(batch_group(r), &m->metrics);
     if (em) *em = (EvalMetrics){.layers = m->metrics};
-    if (em && r->cfg.train.eval_dense_reference && m->n_msa_layers) {
+    if (em && r->cfg.train.eval_dense_reference && m->n_msa_layers && !r->eval_stopped) {
         /* the same weights with every MSA layer in dense attention: with a frozen backbone this is
          * exactly the dense model's loss, the reference the sparse loss is held to */
         m->collect_metrics = false;
         m->msa_dense = true;
         em->dense_loss = eval_loss(r);
         em->has_dense_loss = true;
+        if (r->eval_stopped) loss = NAN;
     }
     model_moe_step(m, NULL, false); /* eval routing must not feed the next step's bias update */
     m->collect_metrics = false;
@@ -1077,17 +1204,15 @@ static void log_eval(Run *r, double val_loss, const EvalMetrics *em) {
     }
 }
 
-/* SIGINT/SIGTERM set stop_requested; SA_RESETHAND gives a second signal its default action (the
- * process dies at once), SA_RESTART keeps a checkpoint write from failing with EINTR. */
-static void install_stop_handlers(struct sigaction *old_int, struct sigaction *old_term) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = request_stop;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESETHAND | SA_RESTART;
-    stop_requested = 0;
-    sigaction(SIGINT, &sa, old_int);
-    sigaction(SIGTERM, &sa, old_term);
+/* An eval in run_train: logged, and with train.save_best kept when it is the best so far; nothing of an eval
+ * cut short by a stop signal (r->eval_stopped). Returns its loss, or `last` (the previous eval's). */
+static double train_eval(Run *r, double last, bool save_best) {
+    EvalMetrics em;
+    double val = run_evaluate(r, &em);
+    if (r->eval_stopped) return last;
+    log_eval(r, val, &em);
+    if (save_best) save_if_best(r, val);
+    return val;
 }
 
 double run_train(Run *r) {
@@ -1102,30 +1227,27 @@ double run_train(Run *r) {
     }
     /* without a run directory there is nowhere to save, so a signal keeps its default action */
     bool saving = c->train.out_dir[0] != 0;
-    struct sigaction old_int, old_term;
-    if (saving) install_stop_handlers(&old_int, &old_term);
+    struct sigaction old[N_STOP_SIGNALS];
+    if (saving) install_stop_handlers(old);
+    int sig = 0;
     if (r->step == 0 && c->train.eval_dense_reference && r->model.n_msa_layers) {
-        /* before any step: the loss of the starting weights (the imported dense model) */
-        EvalMetrics em;
-        val = run_evaluate(r, &em);
-        log_eval(r, val, &em);
+        /* before any step: the loss of the starting weights (the imported dense model); not a best (it
+         * measures the starting weights, not this run's training) */
+        val = train_eval(r, val, false);
+        if (r->eval_stopped) {
+            sig = agreed_stop_signal(r);
+            run_checkpoint(r);
+        }
         r->t_last = wall_seconds();
     }
-    while (r->step < c->train.steps) {
+    while (!sig && r->step < c->train.steps) {
         run_step(r);
         double pause_start = wall_seconds();
         bool last = r->step == c->train.steps;
-        if (last || (c->train.eval_every > 0 && r->step % c->train.eval_every == 0)) {
-            EvalMetrics em;
-            val = run_evaluate(r, &em);
-            log_eval(r, val, &em);
-            /* before this step's regular checkpoint, so that it records the new best; not the eval before
-             * step 1 (eval_dense_reference), which measures the starting weights, not this run's training */
-            if (c->train.save_best) save_if_best(r, val);
-        }
-        int sig = stop_requested;
-        /* the ranks must stop at the same step (the checkpoint is collective): any rank's signal stops all */
-        if (r->dist->size > 1) dist_all_reduce(&r->dist->world, &sig, 1, DIST_I32, DIST_MAX, DEV_CPU);
+        /* before this step's regular checkpoint, so that it records a new best */
+        if (last || (c->train.eval_every > 0 && r->step % c->train.eval_every == 0))
+            val = train_eval(r, val, c->train.save_best);
+        sig = agreed_stop_signal(r);
         if (saving && (last || sig || (c->train.checkpoint_every > 0 && r->step % c->train.checkpoint_every == 0))) {
             run_checkpoint(r);
             if (!r->quiet && !sig) printf("checkpoint %s\n", r->checkpoint);
@@ -1133,19 +1255,16 @@ double run_train(Run *r) {
         /* keep eval and checkpoint time out of the training throughput: shift the start of the
          * current logging window by the length of the pause */
         r->t_last += wall_seconds() - pause_start;
-        if (sig) {
-            r->stopped = true;
-            if (!r->quiet) {
-                printf("stopped by %s at step %d/%d; checkpoint %s; continue with --resume\n",
-                       sig == SIGINT ? "SIGINT" : "SIGTERM", r->step, c->train.steps, r->checkpoint);
-                fflush(stdout);
-            }
-            break;
-        }
     }
-    if (saving) {
-        sigaction(SIGINT, &old_int, NULL);
-        sigaction(SIGTERM, &old_term, NULL);
+    if (saving) restore_stop_handlers(old);
+    if (sig) {
+        r->stopped = true;
+        if (!r->quiet) {
+            printf("stopped by %s at step %d/%d%s; checkpoint %s; continue with --resume\n", signal_name(sig), r->step,
+                   c->train.steps, r->eval_stopped ? " (during its eval, which was cut short and not logged)" : "",
+                   r->checkpoint);
+            fflush(stdout);
+        }
     }
     if (r->prof && r->prof->steps > 0 && r->prof->steps < c->train.profile_steps) report_profile(r); /* ended early */
     if (r->prof && r->prof->steps == 0 && !r->quiet)
@@ -1221,6 +1340,16 @@ double run_text_loss(Run *r, const int32_t *tokens, int len) {
     return loss;
 }
 
+/* The text of a sampled token id: its character (char tokenizer) or byte (byte tokenizer), or a visible
+ * placeholder "<id N>" for an id the data's vocabulary has no text for. model.vocab_size may exceed the
+ * data's (e.g. rounded up for faster matrix sizes); the extra ids never occur in the data but an
+ * undertrained model can still sample them. Returns its length in bytes (a char vocabulary may hold NUL). */
+static int token_text(const TokenDataset *ds, int id, char *buf, size_t n) {
+    const bool chars = ds->vocab && strcmp(ds->tokenizer, "char") == 0;
+    if (id >= 0 && id < (chars ? ds->vocab_size : 256)) return snprintf(buf, n, "%c", chars ? ds->vocab[id] : id);
+    return snprintf(buf, n, "<id %d>", id);
+}
+
 void run_sample(Run *r) {
     const TokenDataset *ds = &r->train_ds;
     int n = r->cfg.train.sample_tokens;
@@ -1253,7 +1382,10 @@ void run_sample(Run *r) {
             }
         if (ep) dist_broadcast(&r->dist->ep_group, &next, 1, DIST_I32, 0, DEV_CPU);
         ctx[i] = next;
-        if (speak) putchar(chars ? ds->vocab[next] : next);
+        if (speak) {
+            char text[32];
+            fwrite(text, 1, (size_t)token_text(ds, next, text, sizeof text), stdout);
+        }
     }
     if (speak) printf("\n---- end of sample ----\n");
     free(probs);

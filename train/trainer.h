@@ -62,10 +62,12 @@ typedef struct Run {
     Batch batch;       /* this rank's part of each micro-batch: train.batch_size / (dp * ep) sequences (the
                           same on the cp ranks of a (dp, ep) index; the model takes its 1/cp of their tokens) */
     FILE *metrics;     /* out_dir/metrics.jsonl or NULL */
+    int dir_lock;      /* rank 0 with out_dir set: the descriptor holding out_dir's lock (run_lock.h); else -1 */
     int step;          /* optimizer steps done */
     int start_step;    /* the step this process started from (the checkpoint's step when resumed) */
     bool quiet;        /* no progress output (tests) */
-    bool stopped;      /* run_train stopped early on SIGINT/SIGTERM, after writing a checkpoint */
+    bool stopped;      /* run_train stopped early on SIGINT/SIGTERM/SIGHUP, after writing a checkpoint */
+    bool eval_stopped; /* the last run_evaluate was cut short by a stop signal (its loss: NaN) */
     char checkpoint[CFG_STR + 32]; /* the checkpoint last written or resumed from ("" = none) */
     /* the lowest validation loss of the periodic and final evals so far, NaN before the first: kept in
      * every checkpoint, so a resumed run goes on comparing against it (train.save_best) */
@@ -103,7 +105,10 @@ typedef struct EvalMetrics {
  * train.resume: continue from the newest checkpoint in out_dir (parameters, optimizer, MoE biases, step,
  * data position), bit-for-bit as if the run had never stopped; train.init_from: take the parameters of
  * a checkpoint (MSA index parameters it lacks keep their fresh initialisation). A fresh run refuses an
- * out_dir that holds checkpoints of an earlier run rather than mixing its checkpoints with them. */
+ * out_dir that holds checkpoints of an earlier run rather than mixing its checkpoints with them, and rank 0
+ * holds out_dir's lock (run_lock.h) until run_free. With several ranks, every rank's effective config and
+ * data file headers must equal rank 0's (ranks_agree.h), checked before the first collective without a
+ * timeout and before out_dir is touched. */
 void run_init(Run *r);
 void run_free(Run *r);
 /* One optimizer step (grad_accum micro-batches), with progress output every log_every steps. With
@@ -117,7 +122,8 @@ double run_evaluate(Run *r, EvalMetrics *em);
 /* The whole loop: steps, evals, checkpoints (every train.checkpoint_every steps and at the end, when
  * out_dir is set), final summary. With train.save_best, every eval whose loss is below r->best_val_loss
  * also writes out_dir/ckpt_best.h5 (before that step's regular checkpoint, which then records the new
- * best). With out_dir set, SIGINT/SIGTERM stop it after the current step with a checkpoint (r->stopped;
+ * best). With out_dir set, SIGINT/SIGTERM/SIGHUP stop it after the current step, or within an eval (before
+ * its next batch: the eval is cut short and not logged), with a checkpoint (r->stopped;
  * a second signal kills). Returns the last validation loss (NAN if none). */
 double run_train(Run *r);
 /* Write out_dir/ckpt_<step>.h5 now (atomically) and delete all but the newest train.keep_checkpoints
