@@ -18,11 +18,15 @@
 
 /* ---- errors ------------------------------------------------------------------------------------- */
 
-/* fatal()'s hook with more than one rank: the message is printed already; take every rank down. */
+/* fatal()'s hook with more than one rank: the message is printed already; take every rank down. The
+ * pause first: mpirun forwards a rank's stderr asynchronously, and an immediate MPI_Abort can tear the job
+ * down before the message is forwarded (seen under load: the job ended with status 1 and no message). */
 static void abort_job(void *ctx) {
     (void)ctx;
     fflush(stdout);
     fflush(stderr);
+    struct timespec forward_time = {0, 300 * 1000 * 1000};
+    nanosleep(&forward_time, NULL);
     MPI_Abort(MPI_COMM_WORLD, 1);
 }
 
