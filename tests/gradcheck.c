@@ -1,7 +1,9 @@
 #include "gradcheck.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <stdlib.h>
@@ -152,6 +154,39 @@ int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t 
     int st;
     waitpid(pid, &st, 0);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+int test_run_program(char *const argv[], long fsize_limit, char *out, size_t n) {
+    int fd[2];
+    if (pipe(fd) != 0) return -1000;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fd[0]);
+        dup2(fd[1], 1);
+        dup2(fd[1], 2);
+        if (fsize_limit > 0) {
+            /* an ignored signal stays ignored across exec: the write fails with EFBIG instead */
+            signal(SIGXFSZ, SIG_IGN);
+            struct rlimit rl = {(rlim_t)fsize_limit, (rlim_t)fsize_limit};
+            setrlimit(RLIMIT_FSIZE, &rl);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(fd[1]);
+    size_t k = 0;
+    char sink[256];
+    for (ssize_t got;;) { /* keep what fits, drain the rest so the child never blocks on a full pipe */
+        bool room = k + 1 < n;
+        if ((got = read(fd[0], room ? out + k : sink, room ? n - 1 - k : sizeof sink)) <= 0) break;
+        if (room) k += (size_t)got;
+    }
+    out[k] = 0;
+    close(fd[0]);
+    int st;
+    waitpid(pid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : WIFSIGNALED(st) ? -WTERMSIG(st) : -1000;
 }
 
 int test_system(const char *cmd, const char *errpath, char *err, size_t errn, bool first_line) {

@@ -70,6 +70,9 @@ typedef struct Run {
     /* the lowest validation loss of the periodic and final evals so far, NaN before the first: kept in
      * every checkpoint, so a resumed run goes on comparing against it (train.save_best) */
     double best_val_loss;
+    /* the run's first validation loss (NaN before it), kept in every checkpoint: the reference of
+     * train.diverge_factor, so that a resumed run is held to the same bound */
+    double first_val_loss;
     double t_start, t_last;
     int64_t tokens_since_log;
     /* train.profile_steps > 0: the step profiler, attached to the engine (Engine.prof) during the
