@@ -162,7 +162,7 @@ static void write_1d(Writer *w, const char *name, hid_t ftype, hid_t mtype, cons
             writer_fail(w, name);
         }
     }
-    H5Dclose(dset);
+    if (H5Dclose(dset) < 0) writer_fail(w, name); /* the chunks still cached are written here */
 }
 
 /* A fixed-length string attribute of exactly len bytes (NUL-padded, so a NUL inside survives). */
