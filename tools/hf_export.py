@@ -13,12 +13,17 @@ tensors (tests/test_import.py checks the round trip).
 
 The safetensors file is written one tensor at a time (header first), so a checkpoint larger than
 memory exports fine; bf16 rounds to nearest even.
+
+Every tensor read is checked as build/train checks it (train/checkpoint.h): its crc32 attribute must
+equal zlib.crc32 of its values as little-endian float32 bytes (format version 2; a version 1 file has
+none and is exported with a warning) and every value must be finite; a mismatch names the tensor.
 """
 import argparse
 import json
 import os
 import struct
 import sys
+import zlib
 
 try:
     import numpy as np
@@ -27,6 +32,7 @@ except ImportError:  # the system python3 rather than the project's environment
              f"run `bash tools/install_deps.sh`, then .venv/bin/python {' '.join(sys.argv)}")
 
 FORMAT = "msa-train-checkpoint"
+VERSIONS = (1, 2)  # the checkpoint format versions this tool reads (2: a crc32 on every tensor)
 
 # Defaults of the model section's keys (train/config.c's key table; tests/test_import.py checks
 # that they agree with `build/train --help-config`). A config written by hf_import.py names every
@@ -75,6 +81,57 @@ def to_bf16_bits(a):
     return rounded
 
 
+def root_attr(ckpt_file, path, name, kind):
+    """The root attribute name as one value of kind (str or int), None when absent: an array where one
+    value belongs is an error naming it, as in build/train (data/h5read.h)."""
+    try:
+        v = ckpt_file.attrs.get(name)
+    except (OSError, TypeError, ValueError) as e:
+        raise Fail(f"{path}: attribute \"{name}\" cannot be read ({e})")
+    if v is None:
+        return None
+    if isinstance(v, np.ndarray):
+        if v.size != 1:
+            raise Fail(f"{path}: attribute \"{name}\": expected a single value, found an array of shape {list(v.shape)}")
+        v = v.reshape(()).item()
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    ok = isinstance(v, str) if kind is str else isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if not ok:
+        raise Fail(f"{path}: attribute \"{name}\": expected {'a string' if kind is str else 'an integer'}, "
+                   f"found {type(v).__name__}")
+    return v
+
+
+def checked_tensor(params, path, name, version):
+    """params/<name> as float32 after the checks build/train makes on every load: a floating-point dataset,
+    its crc32 attribute (from version 2 on) equal to zlib.crc32 of its little-endian float32 bytes, every
+    value finite."""
+    import h5py
+
+    obj = params.get(name)
+    if not isinstance(obj, h5py.Dataset) or obj.dtype.kind != "f":
+        raise Fail(f"{path}: params/{name} is not a floating-point tensor")
+    try:
+        a = np.ascontiguousarray(obj[()], dtype="<f4")
+    except (OSError, ValueError) as e:
+        raise Fail(f"{path}: tensor params/{name} cannot be read ({e}): the checkpoint is truncated or corrupt")
+    if version >= 2:
+        want = obj.attrs.get("crc32")
+        if want is None or np.ndim(want) != 0 or not isinstance(want, (int, np.integer)):
+            raise Fail(f"{path}: tensor params/{name} has no crc32 checksum (every tensor of a version {version} "
+                       f"checkpoint has one): the checkpoint is corrupt")
+        got = zlib.crc32(a.data)
+        if got != int(want):
+            raise Fail(f"{path}: tensor params/{name} does not match its checksum (crc32 0x{int(want):08x} stored, "
+                       f"0x{got:08x} read): the checkpoint is corrupt")
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise Fail(f"{path}: tensor params/{name} holds {a.flat[bad[0]]} at element {bad[0]}: the checkpoint is "
+                   f"corrupt, or was written by a run that had diverged")
+    return a
+
+
 def load_config(ckpt_file, ckpt_path, config_path):
     if config_path:
         try:
@@ -84,11 +141,9 @@ def load_config(ckpt_file, ckpt_path, config_path):
             raise Fail(f"{config_path}: cannot read the config ({e})")
         where = config_path
     else:
-        text = ckpt_file.attrs.get("config")
+        text = root_attr(ckpt_file, ckpt_path, "config", str)
         if text is None:
             raise Fail(f"{ckpt_path}: the checkpoint stores no config; pass --config CONFIG.json")
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
         try:
             cfg = json.loads(str(text))
         except ValueError as e:
@@ -231,25 +286,30 @@ def main(argv=None):
         except OSError:
             raise Fail(f"{path}: not an HDF5 file (truncated or corrupt?)")
         with f:
-            fmt = f.attrs.get("format")
-            if isinstance(fmt, bytes):
-                fmt = fmt.decode()
-            if fmt != FORMAT or "params" not in f:
+            fmt = root_attr(f, path, "format", str)
+            if fmt != FORMAT or not isinstance(f.get("params"), h5py.Group):
                 raise Fail(f"{path}: not an msa-train checkpoint (format {fmt!r}, /params "
                            f"{'present' if 'params' in f else 'absent'})")
+            version = root_attr(f, path, "version", int)
+            if version not in VERSIONS:
+                raise Fail(f"{path}: checkpoint format version {version}; this tool reads versions "
+                           f"{VERSIONS[0]} to {VERSIONS[-1]}")
+            if version < 2:
+                print(f"warning: {path}: checkpoint format version 1 has no checksums, so its tensors are exported "
+                      f"unverified (NaN and infinite values are still refused)", file=sys.stderr)
             where, model = load_config(f, path, args.config)
             if model["ffn"] == "moe":
                 raise Fail(f"{where}: model.ffn = moe: MoE layers have no Llama/Qwen counterpart to export to")
             params = f["params"]
-            if "wte" not in params:
-                raise Fail(f"{path}: missing tensor params/wte")
+            if not isinstance(params.get("wte"), h5py.Dataset) or len(params["wte"].shape) != 2:
+                raise Fail(f"{path}: missing tensor params/wte (a 2-D dataset)")
             V = params["wte"].shape[0]
             if model["vocab_size"] not in (0, V):
                 raise Fail(f"{where}: model.vocab_size = {model['vocab_size']} but params/wte has {V} rows")
             arch = choose_arch(model, args.arch, where)
             mapping = hf_names(model, V)
             for ours, _, shape in mapping:
-                if ours not in params:
+                if not isinstance(params.get(ours), h5py.Dataset):
                     raise Fail(f"{path}: missing tensor params/{ours} (the config needs it, shape {list(shape)})")
                 if tuple(params[ours].shape) != tuple(shape):
                     raise Fail(f"{path}: shape mismatch for params/{ours}: {list(params[ours].shape)}, the config "
@@ -272,13 +332,17 @@ def main(argv=None):
             cfg_path = os.path.join(args.out_dir, "config.json")
             tmps = [st_path + ".tmp", cfg_path + ".tmp"]
             try:
-                write_safetensors(tmps[0], entries, lambda hf: params[to_ours[hf]][()].astype(np.float32),
-                                  args.dtype)
-                with open(tmps[1], "w") as out:
-                    json.dump(hf_config(model, arch, V, args.dtype, args.max_position), out, indent=2)
-                    out.write("\n")
-                os.replace(tmps[0], st_path)
-                os.replace(tmps[1], cfg_path)
+                try:
+                    write_safetensors(tmps[0], entries, lambda hf: checked_tensor(params, path, to_ours[hf], version),
+                                      args.dtype)
+                    with open(tmps[1], "w") as out:
+                        json.dump(hf_config(model, arch, V, args.dtype, args.max_position), out, indent=2)
+                        out.write("\n")
+                    os.replace(tmps[0], st_path)
+                    os.replace(tmps[1], cfg_path)
+                except OSError as e:
+                    raise Fail(f"{args.out_dir}: cannot write the export ({e.strerror or e}; disk full or no "
+                               f"permission?); nothing in it was replaced")
             except BaseException:
                 for t in tmps:
                     if os.path.exists(t):

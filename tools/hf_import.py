@@ -10,8 +10,8 @@ Llama, Mistral, Qwen2 (q/k/v biases -> model.qkv_bias) and Qwen3 (per-head q/k R
 model.qk_norm), with plain RoPE (full or partial rotary dim).
 
 Writes
-    OUT_DIR/ckpt_import.h5   /params/<name> f32 and the root attributes format, version, step = 0 and
-                             config (train/checkpoint.h); no optimizer state
+    OUT_DIR/ckpt_import.h5   /params/<name> f32, each with its crc32, and the root attributes format,
+                             version, step = 0 and config (train/checkpoint.h); no optimizer state
     OUT_DIR/config.json      our config (model section; msa section with --attention msa)
 With --attention msa the checkpoint still holds only the backbone: the MSA index parameters are
 absent and start freshly initialised when the model loads it (train.init_from, build/forward).
@@ -28,6 +28,7 @@ import os
 import re
 import struct
 import sys
+import zlib
 
 try:
     import numpy as np
@@ -36,7 +37,7 @@ except ImportError:  # the system python3 rather than the project's environment
              f"run `bash tools/install_deps.sh`, then .venv/bin/python {' '.join(sys.argv)}")
 
 FORMAT = "msa-train-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: a crc32 attribute on every tensor (train/checkpoint.h)
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -405,9 +406,65 @@ def msa_section(args, model):
 
 # ---- writing ------------------------------------------------------------------------------------------------
 
-def write_outputs(out_dir, weights, mapping, config, hf_dir):
-    import h5py  # imported late: the checks above run without it
+def write_checkpoint(path, weights, mapping, text, hf_dir):
+    import h5py  # imported late: the checks before writing run without it
 
+    with h5py.File(path, "w") as f:
+        g = f.create_group("params")
+        for hf, ours, _ in mapping:
+            a = np.ascontiguousarray(weights.read(hf), dtype="<f4")
+            if not np.all(np.isfinite(a)):
+                raise Fail(f"{weights.file_of(hf)}: tensor {hf} holds NaN or Inf values")
+            g.create_dataset(ours, data=a).attrs["crc32"] = np.uint32(zlib.crc32(a.data))
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = np.int32(VERSION)
+        f.attrs["step"] = np.int64(0)
+        f.attrs["config"] = text
+        f.attrs["imported_from"] = os.path.abspath(hf_dir)
+
+
+def in_child(write, target):
+    """Runs write() in a forked child process and raises Fail when it fails. When a write fails (a full
+    disk), HDF5 is left with a half-closed file that h5py's close or HDF5's clean-up at exit dereference:
+    SIGSEGV, after a traceback per object h5py frees. So only the child ever holds the file: whatever
+    happens to it, this process reports one error line and exits cleanly."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # h5py's tracebacks of the objects it cannot close
+        code, msg = 0, ""
+        try:
+            write()
+        except Fail as e:
+            code, msg = 2, str(e)
+        except BaseException as e:  # h5py reports a full disk as OSError or RuntimeError
+            errno = getattr(e, "errno", None)
+            code, msg = 1, os.strerror(errno) if errno else f"HDF5: {str(e).splitlines()[0] if str(e) else e!r}"
+        os.write(w, msg.encode("utf-8", "replace"))
+        os._exit(code)  # no clean-up at exit, which is where HDF5 crashes
+    os.close(w)
+    chunks = []
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    msg = b"".join(chunks).decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 2:
+        raise Fail(msg)
+    why = msg or f"the writer was killed by signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else '?'}"
+    raise Fail(f"{target}: cannot write the checkpoint ({why}; disk full or no permission?); nothing was written "
+               f"under that name")
+
+
+def write_outputs(out_dir, weights, mapping, config, hf_dir):
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "ckpt_import.h5")
@@ -415,20 +472,12 @@ def write_outputs(out_dir, weights, mapping, config, hf_dir):
     tmp_ckpt, tmp_cfg = ckpt + ".tmp", cfg_path + ".tmp"
     text = json.dumps(config, indent=2) + "\n"
     try:
-        with h5py.File(tmp_ckpt, "w") as f:
-            g = f.create_group("params")
-            for hf, ours, _ in mapping:
-                a = weights.read(hf)
-                if not np.all(np.isfinite(a)):
-                    raise Fail(f"{weights.file_of(hf)}: tensor {hf} holds NaN or Inf values")
-                g.create_dataset(ours, data=a.astype("<f4", copy=False))
-            f.attrs["format"] = FORMAT
-            f.attrs["version"] = np.int32(VERSION)
-            f.attrs["step"] = np.int64(0)
-            f.attrs["config"] = text
-            f.attrs["imported_from"] = os.path.abspath(hf_dir)
-        with open(tmp_cfg, "w") as f:
-            f.write(text)
+        in_child(lambda: write_checkpoint(tmp_ckpt, weights, mapping, text, hf_dir), ckpt)
+        try:
+            with open(tmp_cfg, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise Fail(f"{cfg_path}: cannot write ({e.strerror}; disk full or no permission?)") from None
         os.replace(tmp_ckpt, ckpt)
         os.replace(tmp_cfg, cfg_path)
     except BaseException:
