@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../data/h5read.h"
 #include "../kernels/util.h"
 
 Tensor *test_tensor(DType dt, int ndim, const int64_t *shape) {
@@ -233,18 +234,15 @@ void test_h5_attr(hid_t f, const char *name, double v, bool is_int) {
 }
 
 void *test_h5_read(const char *path, const char *name, int64_t numel, bool is_int) {
-    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return NULL;
+    H5Reader rd;
+    if (!h5r_open(&rd, path, "output file", NULL, false)) return NULL;
+    const H5DatasetSpec spec = {.mem_type = is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, .ndim = -1};
+    H5Shape shape;
     void *buf = NULL;
-    if (H5Lexists(f, name, H5P_DEFAULT) > 0) {
-        hid_t d = H5Dopen2(f, name, H5P_DEFAULT), sp = H5Dget_space(d);
-        if (H5Sget_simple_extent_npoints(sp) == numel) {
-            buf = xcalloc((size_t)numel, 4);
-            H5Dread(d, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-        }
-        H5Sclose(sp);
-        H5Dclose(d);
+    if (h5r_dataset_read(&rd, rd.file, name, &spec, false, &shape, &buf) == 1 && shape.numel != numel) {
+        free(buf);
+        buf = NULL;
     }
-    H5Fclose(f);
+    h5r_close(&rd);
     return buf;
 }
