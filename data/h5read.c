@@ -355,14 +355,39 @@ static bool check_dataset(H5Reader *r, hid_t d, const char *label, const H5Datas
     return true;
 }
 
+int h5r_link(H5Reader *r, hid_t loc, const char *name) {
+    char prefix[512];
+    if (snprintf(prefix, sizeof prefix, "%s", name) >= (int)sizeof prefix) {
+        h5r_fail(r, "the name \"%.64s...\" is too long", name);
+        return -1;
+    }
+    /* one component at a time: H5Lexists would follow a soft or external link in the middle of the path */
+    for (char *slash = prefix;; slash++) {
+        slash = strchr(slash, '/');
+        if (slash) *slash = 0;
+        if (H5Lexists(loc, prefix, H5P_DEFAULT) <= 0) return 0;
+        H5L_info_t info;
+        if (H5Lget_info(loc, prefix, &info, H5P_DEFAULT) < 0 || info.type != H5L_TYPE_HARD) {
+            char where[512];
+            object_path(loc, where, sizeof where);
+            h5r_fail(r, "\"%s%s%s\" is a soft or external link, which this reader does not follow", where,
+                     where[0] ? "/" : "", prefix);
+            return -1;
+        }
+        if (!slash) return 1;
+        *slash = '/';
+    }
+}
+
 int h5r_dataset_open(H5Reader *r, hid_t loc, const char *name, const H5DatasetSpec *spec, bool required, hid_t dapl,
                      hid_t *dset, H5Shape *shape) {
     char label[640];
     dataset_label(loc, name, label, sizeof label);
     *dset = -1;
-    htri_t exists = H5Lexists(loc, name, H5P_DEFAULT);
-    if (exists <= 0 && !required) return 0;
-    if (exists <= 0) {
+    int link = h5r_link(r, loc, name);
+    if (link < 0) return -1;
+    if (link == 0 && !required) return 0;
+    if (link == 0) {
         h5r_fail(r, "no %s", label);
         return -1;
     }

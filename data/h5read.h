@@ -60,6 +60,10 @@ int h5r_attr_float(H5Reader *r, hid_t obj, const char *name, bool required, bool
  * *len (may be NULL) is its length in bytes: a fixed-length string's whole size, NULs it holds included. */
 int h5r_attr_string(H5Reader *r, hid_t obj, const char *name, bool required, char **out, size_t *len);
 
+/* Whether loc/name ("a" or "a/b/c") is there as an object of this file: 1 yes, 0 absent, -1 a soft or
+ * external link on the way (an error: a link to another file would open it, a FIFO would hang). */
+int h5r_link(H5Reader *r, hid_t loc, const char *name);
+
 typedef struct H5Shape {
     int ndim; /* 0: a scalar dataset */
     int64_t dims[H5R_MAX_RANK];

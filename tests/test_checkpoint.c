@@ -444,9 +444,9 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
 
     size_t gn;
     char *good_bytes = read_all(good, &gn);
-    const char *names[] = {"truncated", "garbage", "shape", "missing", "extra", "no_moment", "not_ours"};
-    char paths[7][256];
-    for (int i = 0; i < 7; i++) snprintf(paths[i], sizeof paths[i], "%s/%s.h5", dir, names[i]);
+    const char *names[] = {"truncated", "garbage", "shape", "missing", "extra", "no_moment", "not_ours", "soft_link"};
+    char paths[8][256];
+    for (int i = 0; i < 8; i++) snprintf(paths[i], sizeof paths[i], "%s/%s.h5", dir, names[i]);
     copy_file(good, paths[0], 0.6);
     write_bytes(paths[1], "this is not a checkpoint\n", 25);
     copy_file(good, paths[2], 1.0);
@@ -458,9 +458,14 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     copy_file(good, paths[5], 1.0);
     replace_dataset(paths[5], "optimizer/v/final_norm", 0, NULL);
     copy_file(c.data.val_path, paths[6], 1.0);
-    size_t sizes[7];
-    char *before[7];
-    for (int i = 0; i < 7; i++) before[i] = read_all(paths[i], &sizes[i]);
+    copy_file(good, paths[7], 1.0); /* a tensor that is a soft link to another tensor of the same shape */
+    hid_t f = H5Fopen(paths[7], H5F_ACC_RDWR, H5P_DEFAULT);
+    H5Ldelete(f, "params/layers.1.attn.wq", H5P_DEFAULT);
+    H5Lcreate_soft("/params/layers.0.attn.wq", f, "params/layers.1.attn.wq", H5P_DEFAULT, H5P_DEFAULT);
+    H5Fclose(f);
+    size_t sizes[8];
+    char *before[8];
+    for (int i = 0; i < 8; i++) before[i] = read_all(paths[i], &sizes[i]);
 
     read_fails(tc, m, opt, false, paths[0], "truncated", NULL);
     read_fails(tc, m, opt, false, paths[1], "not an HDF5 file", NULL);
@@ -470,10 +475,11 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     read_fails(tc, m, opt, false, paths[4], "unexpected tensor params/layers.7.attn.wq", NULL);
     read_fails(tc, m, opt, true, paths[5], "missing tensor optimizer/v/final_norm", NULL);
     read_fails(tc, m, opt, false, paths[6], "not an msa-train checkpoint", NULL);
+    read_fails(tc, m, opt, false, paths[7], "params/layers.1.attn.wq", "soft or external link");
     run_free(&r);
 
     bool untouched = true;
-    for (int i = 0; i < 7; i++) {
+    for (int i = 0; i < 8; i++) {
         size_t n;
         char *now = read_all(paths[i], &n);
         if (!now || n != sizes[i] || memcmp(now, before[i], n)) {

@@ -120,6 +120,7 @@ typedef struct RawFile {
     bool wide_tokens;      /* tokens as int64 */
     bool unwritten_tokens; /* tokens declared, never written (no storage) */
     bool tokens_group;     /* a group named "tokens" */
+    const char *tokens_link; /* "tokens" as an external link to this file's "tokens" */
 } RawFile;
 
 static void write_raw(const char *path, const RawFile *r) {
@@ -127,6 +128,7 @@ static void write_raw(const char *path, const RawFile *r) {
     hsize_t dims[1] = {(hsize_t)r->n};
     hid_t sp = H5Screate_simple(1, dims, NULL);
     if (r->tokens_group) H5Gclose(H5Gcreate2(f, "tokens", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    if (r->tokens_link) H5Lcreate_external(r->tokens_link, "tokens", f, "tokens", H5P_DEFAULT, H5P_DEFAULT);
     if (r->tokens_rank2 || r->wide_tokens || r->unwritten_tokens) {
         hsize_t d2[2] = {2, (hsize_t)r->n / 2};
         hid_t sp2 = r->tokens_rank2 ? H5Screate_simple(2, d2, NULL) : H5Screate_simple(1, dims, NULL);
@@ -135,7 +137,7 @@ static void write_raw(const char *path, const RawFile *r) {
         if (!r->unwritten_tokens) H5Dwrite(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, r->tokens);
         H5Dclose(d);
         H5Sclose(sp2);
-    } else if (!r->no_tokens && !r->tokens_group) {
+    } else if (!r->no_tokens && !r->tokens_group && !r->tokens_link) {
         if (r->float_tokens) {
             float *x = malloc((size_t)r->n * sizeof(float));
             for (int64_t i = 0; i < r->n; i++) x[i] = (float)r->tokens[i];
@@ -545,6 +547,8 @@ TEST(malformed_datasets) {
         {"tokens_int64", "wider than int32", base},
         {"tokens_unwritten", "never written", base},
         {"tokens_group", "\"tokens\" is a group", base},
+        /* a link to another file (which could be a FIFO that never answers) is not followed */
+        {"tokens_external", "\"tokens\" is a soft or external link", base},
     };
     cases[0].r.no_tokens = true;
     cases[1].r.float_tokens = true;
@@ -560,6 +564,9 @@ TEST(malformed_datasets) {
     cases[11].r.wide_tokens = true;
     cases[12].r.unwritten_tokens = true;
     cases[13].r.tokens_group = true;
+    char linked[1024];
+    join(linked, sizeof linked, FX->dir, "raw_ok.h5");
+    cases[14].r.tokens_link = linked;
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         snprintf(p, sizeof p, "%s/raw_%s.h5", FX->dir, cases[i].name);
         write_raw(p, &cases[i].r);

@@ -291,12 +291,13 @@ static bool open_checkpoint(Ckpt *c, const char *path, bool exit_on_error) {
     else if (st == 1 && strcmp(format, CKPT_FORMAT) != 0)
         h5r_fail(r, "not an msa-train checkpoint (attribute \"format\" is \"%.64s\", not \"" CKPT_FORMAT "\")", format);
     else if (st == 1 && h5r_attr_int(r, r->file, "version", true, 0, INT32_MAX, &version) == 1) {
+        int params = 0;
         if (version < CKPT_OLDEST_VERSION || version > CKPT_VERSION)
             h5r_fail(r, "checkpoint format version %lld; this build reads versions %d to %d", (long long)version,
                      CKPT_OLDEST_VERSION, CKPT_VERSION);
-        else if (H5Lexists(r->file, "params", H5P_DEFAULT) <= 0)
+        else if ((params = h5r_link(r, r->file, "params")) == 0)
             h5r_fail(r, "checkpoint without a /params group (truncated or corrupt)");
-        else {
+        else if (params == 1) {
             free(format);
             c->version = (int)version;
             if (c->version < 2) warn_unverifiable(path);
@@ -311,8 +312,9 @@ static bool open_checkpoint(Ckpt *c, const char *path, bool exit_on_error) {
 /* 1: *g open; 0: absent and not required; -1: a problem. why follows "no /<name> group". */
 static int open_group(Ckpt *c, const char *name, bool required, const char *why, hid_t *g) {
     *g = -1;
-    /* an intermediate link that is missing ("optimizer" of "optimizer/m") makes H5Lexists fail: absent */
-    if (H5Lexists(c->rd.file, name, H5P_DEFAULT) <= 0) {
+    int link = h5r_link(&c->rd, c->rd.file, name);
+    if (link < 0) return -1;
+    if (link == 0) {
         if (!required) return 0;
         h5r_fail(&c->rd, "the checkpoint has no /%s group%s", name, why);
         return -1;
@@ -547,8 +549,7 @@ bool checkpoint_verify(const char *path, char *why, size_t why_len) {
     int adam_t;
     bool ok = open_checkpoint(&c, path, false);
     if (ok) {
-        bool has_m = H5Lexists(c.rd.file, "optimizer", H5P_DEFAULT) > 0 &&
-                     H5Lexists(c.rd.file, "optimizer/m", H5P_DEFAULT) > 0;
+        bool has_m = h5r_link(&c.rd, c.rd.file, "optimizer/m") == 1;
         ok = verify_group(&c, "params", true) && verify_group(&c, "optimizer/m", false) &&
              verify_group(&c, "optimizer/v", has_m) && verify_group(&c, "state", false) &&
              read_train_state(&c, false, &st, &adam_t);
