@@ -25,6 +25,7 @@ void h5_setup(void) {
 
 bool h5r_fail(H5Reader *r, const char *fmt, ...) {
     int k = snprintf(r->error, sizeof r->error, "%s: ", r->path);
+    if (k < 0 || k >= (int)sizeof r->error) k = (int)sizeof r->error - 1; /* a path longer than the message */
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(r->error + k, sizeof r->error - (size_t)k, fmt, ap);
@@ -250,10 +251,13 @@ int h5r_attr_string(H5Reader *r, hid_t obj, const char *name, bool required, cha
         }
         if (v) H5free_memory(v);
     } else if (ok && vlen == 0) {
-        /* exactly the stored bytes, NUL-padded: a fixed-length string may hold NULs (a char vocabulary) */
+        /* exactly the stored bytes, NUL-padded: a fixed-length string may hold NULs (a char vocabulary);
+         * one longer than the file is a corrupt header, not an allocation to make */
         n = H5Tget_size(type);
-        s = xcalloc(n + 1, 1);
-        ok = H5Tset_size(mtype, n) >= 0 && H5Tset_strpad(mtype, H5T_STR_NULLPAD) >= 0 && H5Aread(attr, mtype, s) >= 0;
+        ok = n > 0 && n <= (size_t)r->file_bytes;
+        s = ok ? xcalloc(n + 1, 1) : NULL;
+        ok = ok && H5Tset_size(mtype, n) >= 0 && H5Tset_strpad(mtype, H5T_STR_NULLPAD) >= 0 &&
+             H5Aread(attr, mtype, s) >= 0;
         if (!ok) {
             free(s);
             s = NULL;
