@@ -361,10 +361,10 @@ static void check_resume_config(const Run *r, const char *path) {
 
 /* Ends the run when writes to f failed (a full disk, a file system gone read-only), checked at each flush
  * or close: the error comes where it happened (at start-up for config.json), not after the whole run. */
-static void check_written(FILE *f, const char *path, bool close) {
+static void check_written(FILE *f, const char *path, bool closing) {
     bool failed = ferror(f) != 0;
     int err = errno;
-    if (close ? fclose(f) != 0 : fflush(f) != 0) {
+    if (closing ? fclose(f) != 0 : fflush(f) != 0) {
         failed = true;
         err = errno;
     }
