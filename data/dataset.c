@@ -3,14 +3,13 @@
  * never with HDF5's own error stack. */
 #include "dataset.h"
 
-#include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
-#include <hdf5.h>
+#include "h5read.h"
 
 /* Raw-data chunk cache per open token dataset: random windows hit chunks all over the file, and the
  * default 1 MiB cache would inflate a chunk again for nearly every window. 64 MiB holds the whole of
@@ -18,181 +17,100 @@
 #define CHUNK_CACHE_BYTES ((size_t)64 << 20)
 #define CHUNK_CACHE_SLOTS 12421 /* a prime well above the chunks the cache holds (HDF5's advice) */
 
-/* Reads a string attribute, fixed-length (our writer) or variable-length (h5py's default), into a
- * malloc'd NUL-terminated buffer; *len is its length in bytes (a fixed-length string may hold NULs).
- * Returns NULL when the attribute is not a string. */
-static char *read_string_attr(hid_t attr, size_t *len) {
-    hid_t ftype = H5Aget_type(attr);
-    if (ftype < 0) return NULL;
-    char *out = NULL;
-    if (H5Tget_class(ftype) != H5T_STRING) goto done;
-    hid_t space = H5Aget_space(attr);
-    hssize_t npoints = space >= 0 ? H5Sget_simple_extent_npoints(space) : -1;
-    if (space >= 0) H5Sclose(space);
-    if (npoints != 1) goto done; /* a scalar or one-element string, nothing else */
-    htri_t vlen = H5Tis_variable_str(ftype);
-    hid_t mtype = H5Tcopy(H5T_C_S1);
-    /* HDF5 converts no string between ASCII and UTF-8, and h5py writes str attributes as UTF-8 */
-    H5Tset_cset(mtype, H5Tget_cset(ftype));
-    if (vlen > 0) {
-        char *s = NULL;
-        H5Tset_size(mtype, H5T_VARIABLE);
-        if (H5Aread(attr, mtype, &s) >= 0 && s) {
-            *len = strlen(s);
-            out = xstrdup(s);
-            H5free_memory(s);
-        }
-    } else if (vlen == 0) {
-        size_t size = H5Tget_size(ftype);
-        H5Tset_size(mtype, size);
-        H5Tset_strpad(mtype, H5T_STR_NULLPAD);
-        out = xcalloc(size + 1, 1);
-        if (H5Aread(attr, mtype, out) < 0) {
-            free(out);
-            out = NULL;
-        } else *len = size;
-    }
-    H5Tclose(mtype);
-done:
-    H5Tclose(ftype);
-    return out;
+/* dataset_open's failure path: release everything (a fuzzer's fatal hook may carry on), then end the
+ * program with the reader's message, which names the file, the object and what was expected. */
+static noreturn void open_fail(TokenDataset *ds, H5Reader *rd) {
+    char msg[sizeof rd->error];
+    memcpy(msg, rd->error, sizeof msg);
+    dataset_close(ds); /* closes rd's file too: ds->hid_file is the same handle */
+    fatal("%s", msg);
 }
 
-/* dataset_open's failure path: release what is open (dset: another open dataset, or -1), then report. */
-static noreturn void open_fail(TokenDataset *ds, hid_t dset, const char *fmt, const char *detail) {
+/* ... with a problem found in what was read */
+static noreturn void open_problem(TokenDataset *ds, H5Reader *rd, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static noreturn void open_problem(TokenDataset *ds, H5Reader *rd, const char *fmt, ...) {
     char msg[512];
-    snprintf(msg, sizeof msg, fmt, detail);
-    if (dset >= 0 && dset != (hid_t)ds->hid_tokens) H5Dclose(dset);
-    if (ds->hid_tokens >= 0) H5Dclose((hid_t)ds->hid_tokens);
-    if (ds->hid_file >= 0) H5Fclose((hid_t)ds->hid_file);
-    fatal("%s: %s", ds->path, msg);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    rd->exit_on_error = false;
+    h5r_fail(rd, "%s", msg);
+    open_fail(ds, rd);
 }
 
-/* A 1-D integer dataset; returns its length, or fails naming the dataset. */
-static int64_t check_1d_integer(TokenDataset *ds, hid_t dset, const char *name, bool int32) {
-    hid_t type = H5Dget_type(dset), space = H5Dget_space(dset);
-    bool integer = type >= 0 && H5Tget_class(type) == H5T_INTEGER;
-    size_t size = type >= 0 ? H5Tget_size(type) : 0;
-    bool is_signed = type >= 0 && H5Tget_sign(type) == H5T_SGN_2;
-    int ndims = space >= 0 ? H5Sget_simple_extent_ndims(space) : -1;
-    hsize_t dims[1] = {0};
-    if (ndims == 1) H5Sget_simple_extent_dims(space, dims, NULL);
-    if (type >= 0) H5Tclose(type);
-    if (space >= 0) H5Sclose(space);
-    if (!integer) open_fail(ds, dset, "dataset \"%s\" is not an integer dataset", name);
-    /* tokens are read as int32: a wider type (or uint32) could hold ids that do not fit */
-    if (int32 && (size > 4 || (size == 4 && !is_signed)))
-        open_fail(ds, dset, "dataset \"%s\" has an integer type wider than int32", name);
-    if (ndims != 1) open_fail(ds, dset, "dataset \"%s\" is not 1-dimensional", name);
-    return (int64_t)dims[0];
+/* The char tokenizer's alphabet, optional (without it nothing can be decoded). */
+static void read_vocab(TokenDataset *ds, H5Reader *rd) {
+    char *v = NULL;
+    size_t len = 0;
+    int st = h5r_attr_string(rd, rd->file, "vocab", false, &v, &len);
+    if (st < 0) open_fail(ds, rd);
+    if (st == 0) return;
+    /* a fixed-length attribute of exactly vocab_size bytes may hold a NUL character; a longer one
+     * (or a variable-length string) is read up to its terminator */
+    if (len != (size_t)ds->vocab_size) len = strlen(v);
+    if (len != (size_t)ds->vocab_size) {
+        free(v);
+        open_problem(ds, rd, "attribute \"vocab\" has %zu characters but vocab_size is %d", len, ds->vocab_size);
+    }
+    ds->vocab = v;
 }
 
 void dataset_open(TokenDataset *ds, const char *path) {
     memset(ds, 0, sizeof(*ds));
     ds->hid_file = ds->hid_tokens = -1;
     ds->path = xstrdup(path);
-    /* our messages replace HDF5's stack dumps, which name neither the file nor the fix */
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-
-    struct stat st;
-    if (stat(path, &st) != 0) fatal("%s: cannot open the token file (%s)", path, strerror(errno));
-    if (S_ISDIR(st.st_mode)) fatal("%s: is a directory, not a token file", path);
-    FILE *probe = fopen(path, "rb");
-    if (!probe) fatal("%s: cannot read the token file (%s)", path, strerror(errno));
-    fclose(probe);
-    if (H5Fis_hdf5(path) <= 0) fatal("%s: not an HDF5 file (make one with build/prepare_text)", path);
-    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (file < 0) fatal("%s: cannot open as HDF5 (the file is truncated or corrupt)", path);
+    H5Reader rd;
+    /* errors come back here first, so that the handles are closed before fatal() */
+    if (!h5r_open(&rd, ds->path, "token file", " (make one with build/prepare_text)", false)) open_fail(ds, &rd);
+    hid_t file = rd.file;
     ds->hid_file = file;
 
-    /* tokens */
-    if (H5Lexists(file, "tokens", H5P_DEFAULT) <= 0) open_fail(ds, -1, "%s", "no dataset \"tokens\"");
-    hid_t dapl = H5Pcreate(H5P_DATASET_ACCESS);
+    /* tokens: read as int32 (a wider type could hold ids that do not fit), a window at a time */
+    const H5DatasetSpec tokens_spec = {.mem_type = H5T_NATIVE_INT32, .ndim = 1};
+    hid_t dapl = H5Pcreate(H5P_DATASET_ACCESS), tokens;
     H5Pset_chunk_cache(dapl, CHUNK_CACHE_SLOTS, CHUNK_CACHE_BYTES, 1.0);
-    hid_t tokens = H5Dopen2(file, "tokens", dapl);
+    H5Shape shape;
+    int st = h5r_dataset_open(&rd, file, "tokens", &tokens_spec, true, dapl, &tokens, &shape);
     H5Pclose(dapl);
-    if (tokens < 0) open_fail(ds, -1, "%s", "cannot open dataset \"tokens\" (is it a dataset? corrupt file?)");
+    if (st != 1) open_fail(ds, &rd);
     ds->hid_tokens = tokens;
-    ds->n_tokens = check_1d_integer(ds, tokens, "tokens", true);
-    if (ds->n_tokens <= 0) open_fail(ds, -1, "%s", "dataset \"tokens\" is empty");
+    ds->n_tokens = shape.dims[0];
+    if (ds->n_tokens <= 0) open_problem(ds, &rd, "dataset \"tokens\" is empty");
 
     /* doc_offsets */
-    if (H5Lexists(file, "doc_offsets", H5P_DEFAULT) <= 0) open_fail(ds, -1, "%s", "no dataset \"doc_offsets\"");
-    hid_t offs = H5Dopen2(file, "doc_offsets", H5P_DEFAULT);
-    if (offs < 0) open_fail(ds, -1, "%s", "cannot open dataset \"doc_offsets\"");
-    int64_t n_off = check_1d_integer(ds, offs, "doc_offsets", false);
-    if (n_off < 2) open_fail(ds, offs, "%s", "dataset \"doc_offsets\" needs at least 2 entries (0 and n_tokens)");
-    ds->doc_offsets = xmalloc((size_t)n_off * sizeof(int64_t));
-    if (H5Dread(offs, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, ds->doc_offsets) < 0)
-        open_fail(ds, offs, "%s", "cannot read dataset \"doc_offsets\" (corrupt file?)");
-    H5Dclose(offs);
+    const H5DatasetSpec offsets_spec = {.mem_type = H5T_NATIVE_INT64, .ndim = 1};
+    void *offsets;
+    if (h5r_dataset_read(&rd, file, "doc_offsets", &offsets_spec, true, &shape, &offsets) != 1) open_fail(ds, &rd);
+    ds->doc_offsets = offsets;
+    int64_t n_off = shape.dims[0];
+    if (n_off < 2) open_problem(ds, &rd, "dataset \"doc_offsets\" needs at least 2 entries (0 and n_tokens)");
     ds->n_docs = n_off - 1;
-    char detail[160];
-    if (ds->doc_offsets[0] != 0)
-        open_fail(ds, -1, "%s", "dataset \"doc_offsets\" must start at 0");
-    if (ds->doc_offsets[n_off - 1] != ds->n_tokens) {
-        snprintf(detail, sizeof detail, "dataset \"doc_offsets\" ends at %lld, not at n_tokens = %lld",
-                 (long long)ds->doc_offsets[n_off - 1], (long long)ds->n_tokens);
-        open_fail(ds, -1, "%s", detail);
-    }
+    if (ds->doc_offsets[0] != 0) open_problem(ds, &rd, "dataset \"doc_offsets\" must start at 0");
+    if (ds->doc_offsets[n_off - 1] != ds->n_tokens)
+        open_problem(ds, &rd, "dataset \"doc_offsets\" ends at %lld, not at n_tokens = %lld",
+                     (long long)ds->doc_offsets[n_off - 1], (long long)ds->n_tokens);
     for (int64_t i = 1; i < n_off; i++)
-        if (ds->doc_offsets[i] < ds->doc_offsets[i - 1]) {
-            snprintf(detail, sizeof detail, "dataset \"doc_offsets\" decreases at entry %lld (%lld after %lld)",
-                     (long long)i, (long long)ds->doc_offsets[i], (long long)ds->doc_offsets[i - 1]);
-            open_fail(ds, -1, "%s", detail);
-        }
+        if (ds->doc_offsets[i] < ds->doc_offsets[i - 1])
+            open_problem(ds, &rd, "dataset \"doc_offsets\" decreases at entry %lld (%lld after %lld)",
+                         (long long)i, (long long)ds->doc_offsets[i], (long long)ds->doc_offsets[i - 1]);
 
-    /* vocab_size */
-    if (H5Aexists(file, "vocab_size") <= 0) open_fail(ds, -1, "%s", "no attribute \"vocab_size\"");
-    hid_t attr = H5Aopen(file, "vocab_size", H5P_DEFAULT);
-    hid_t atype = attr >= 0 ? H5Aget_type(attr) : -1;
-    bool ok = atype >= 0 && H5Tget_class(atype) == H5T_INTEGER;
-    if (atype >= 0) H5Tclose(atype);
-    long long vocab = 0;
-    ok = ok && H5Aread(attr, H5T_NATIVE_LLONG, &vocab) >= 0;
-    if (attr >= 0) H5Aclose(attr);
-    if (!ok) open_fail(ds, -1, "%s", "attribute \"vocab_size\" is not an integer");
-    if (vocab <= 0 || vocab > 0x7fffffff) {
-        snprintf(detail, sizeof detail, "attribute \"vocab_size\" = %lld must be in [1, 2^31)", vocab);
-        open_fail(ds, -1, "%s", detail);
-    }
+    int64_t vocab;
+    if (h5r_attr_int(&rd, file, "vocab_size", true, 1, INT32_MAX, &vocab) != 1) open_fail(ds, &rd);
     ds->vocab_size = (int)vocab;
 
-    /* tokenizer */
-    if (H5Aexists(file, "tokenizer") <= 0) open_fail(ds, -1, "%s", "no attribute \"tokenizer\"");
-    attr = H5Aopen(file, "tokenizer", H5P_DEFAULT);
-    size_t len = 0;
-    char *tok = attr >= 0 ? read_string_attr(attr, &len) : NULL;
-    if (attr >= 0) H5Aclose(attr);
-    if (!tok) open_fail(ds, -1, "%s", "attribute \"tokenizer\" is not a string");
-    len = strlen(tok);
+    char *tok = NULL;
+    if (h5r_attr_string(&rd, file, "tokenizer", true, &tok, NULL) != 1) open_fail(ds, &rd);
+    size_t len = strlen(tok);
     if (len == 0 || len >= sizeof ds->tokenizer) {
         free(tok);
-        open_fail(ds, -1, "%s", "attribute \"tokenizer\" is empty or longer than 31 characters");
+        open_problem(ds, &rd, "attribute \"tokenizer\" is empty or longer than %zu characters",
+                     sizeof ds->tokenizer - 1);
     }
     memcpy(ds->tokenizer, tok, len + 1);
     free(tok);
-
-    /* vocab: the char tokenizer's alphabet, optional (without it nothing can be decoded) */
-    if (!strcmp(ds->tokenizer, "char") && H5Aexists(file, "vocab") > 0) {
-        attr = H5Aopen(file, "vocab", H5P_DEFAULT);
-        char *v = attr >= 0 ? read_string_attr(attr, &len) : NULL;
-        if (attr >= 0) H5Aclose(attr);
-        if (!v) open_fail(ds, -1, "%s", "attribute \"vocab\" is not a string");
-        /* a fixed-length attribute of exactly vocab_size bytes may hold a NUL character; a longer one
-         * (or a variable-length string) is read up to its terminator */
-        if (len != (size_t)ds->vocab_size) len = strlen(v);
-        if (len != (size_t)ds->vocab_size) {
-            free(v);
-            snprintf(detail, sizeof detail, "attribute \"vocab\" has %zu characters but vocab_size is %d", len,
-                     ds->vocab_size);
-            open_fail(ds, -1, "%s", detail);
-        }
-        ds->vocab = xmalloc(len + 1);
-        memcpy(ds->vocab, v, len);
-        ds->vocab[len] = 0;
-        free(v);
-    }
+    if (!strcmp(ds->tokenizer, "char")) read_vocab(ds, &rd);
 }
 
 void dataset_close(TokenDataset *ds) {
@@ -210,17 +128,10 @@ void dataset_read(const TokenDataset *ds, int64_t start, int64_t n, int32_t *out
         fatal("%s: read of tokens [%lld, %lld) outside the %lld tokens", ds->path, (long long)start,
               (long long)(start + n), (long long)ds->n_tokens);
     if (n == 0) return;
-    hid_t dset = (hid_t)ds->hid_tokens;
-    hid_t fspace = H5Dget_space(dset);
-    hsize_t off[1] = {(hsize_t)start}, cnt[1] = {(hsize_t)n};
-    herr_t st = H5Sselect_hyperslab(fspace, H5S_SELECT_SET, off, NULL, cnt, NULL);
-    hid_t mspace = H5Screate_simple(1, cnt, NULL);
-    if (st >= 0) st = H5Dread(dset, H5T_NATIVE_INT32, mspace, fspace, H5P_DEFAULT, out);
-    H5Sclose(mspace);
-    H5Sclose(fspace);
-    if (st < 0)
-        fatal("%s: cannot read tokens [%lld, %lld) (corrupt file?)", ds->path, (long long)start,
-              (long long)(start + n));
+    /* the file passed dataset_open's checks; any failure now is the file changing or breaking under us */
+    H5Reader rd = {.path = ds->path, .file = (hid_t)ds->hid_file, .exit_on_error = true};
+    const H5Shape shape = {.ndim = 1, .dims = {ds->n_tokens}, .numel = ds->n_tokens};
+    h5r_read_rows(&rd, (hid_t)ds->hid_tokens, &shape, H5T_NATIVE_INT32, start, n, out);
     /* an id outside the vocabulary would index past the embedding table; checking what we read
      * anyway costs nothing next to the read */
     for (int64_t i = 0; i < n; i++)

@@ -10,7 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <hdf5.h>
+#include "../data/h5read.h"
 
 #define HARNESS ((const DistHarness *)tc->fixture)
 /* the launcher of np ranks: --oversubscribe, since the tests start more ranks than this machine may
@@ -175,27 +175,21 @@ StepDiff harness_compare_steps(const RunMetrics *a, const RunMetrics *b, int fro
     return d;
 }
 
-static float *read_dataset(hid_t g, const char *name, hssize_t *n) {
-    hid_t d = H5Dopen2(g, name, H5P_DEFAULT);
-    if (d < 0) return NULL;
-    hid_t sp = H5Dget_space(d);
-    *n = H5Sget_simple_extent_npoints(sp);
-    float *buf = xmalloc((size_t)(*n > 0 ? *n : 1) * sizeof(float));
-    herr_t st = H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-    H5Sclose(sp);
-    H5Dclose(d);
-    if (st < 0) {
-        free(buf);
-        return NULL;
-    }
+/* A float dataset of any shape (NULL when absent or not one). */
+static float *read_dataset(H5Reader *rd, hid_t g, const char *name, int64_t *n) {
+    const H5DatasetSpec spec = {.mem_type = H5T_NATIVE_FLOAT, .ndim = -1};
+    H5Shape shape;
+    void *buf = NULL;
+    if (h5r_dataset_read(rd, g, name, &spec, true, &shape, &buf) != 1) return NULL;
+    *n = shape.numel;
     return buf;
 }
 
 TensorDiff harness_compare_group(const char *file_a, const char *file_b, const char *gname) {
     TensorDiff df = {0, 0, 0, false};
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* an absent group is an answer (ok = false), not a report */
-    hid_t fa = H5Fopen(file_a, H5F_ACC_RDONLY, H5P_DEFAULT), fb = H5Fopen(file_b, H5F_ACC_RDONLY, H5P_DEFAULT);
-    hid_t ga = fa >= 0 ? H5Gopen2(fa, gname, H5P_DEFAULT) : -1, gb = fb >= 0 ? H5Gopen2(fb, gname, H5P_DEFAULT) : -1;
+    H5Reader ra, rb; /* without exit_on_error: an absent group or file is an answer (ok = false) */
+    bool open_a = h5r_open(&ra, file_a, "checkpoint", NULL, false), open_b = h5r_open(&rb, file_b, "checkpoint", NULL, false);
+    hid_t ga = open_a ? H5Gopen2(ra.file, gname, H5P_DEFAULT) : -1, gb = open_b ? H5Gopen2(rb.file, gname, H5P_DEFAULT) : -1;
     H5G_info_t ia, ib;
     if (ga >= 0 && gb >= 0 && H5Gget_info(ga, &ia) >= 0 && H5Gget_info(gb, &ib) >= 0 && ia.nlinks == ib.nlinks &&
         ia.nlinks > 0) {
@@ -203,12 +197,12 @@ TensorDiff harness_compare_group(const char *file_a, const char *file_b, const c
         for (hsize_t i = 0; i < ia.nlinks && df.ok; i++) {
             char name[256];
             H5Lget_name_by_idx(ga, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
-            hssize_t na = 0, nb = 0;
-            float *a = read_dataset(ga, name, &na), *b = read_dataset(gb, name, &nb);
+            int64_t na = 0, nb = 0;
+            float *a = read_dataset(&ra, ga, name, &na), *b = read_dataset(&rb, gb, name, &nb);
             if (!a || !b || na != nb) df.ok = false;
             else {
                 double d2 = 0, a2 = 0;
-                for (hssize_t k = 0; k < na; k++) {
+                for (int64_t k = 0; k < na; k++) {
                     double d = (double)a[k] - (double)b[k];
                     df.max_abs = fmax(df.max_abs, fabs(d));
                     d2 += d * d;
@@ -223,40 +217,30 @@ TensorDiff harness_compare_group(const char *file_a, const char *file_b, const c
     }
     if (ga >= 0) H5Gclose(ga);
     if (gb >= 0) H5Gclose(gb);
-    if (fa >= 0) H5Fclose(fa);
-    if (fb >= 0) H5Fclose(fb);
+    h5r_close(&ra);
+    h5r_close(&rb);
     return df;
 }
 
 long long harness_ckpt_attr(const char *file, const char *name) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    long long v = -1;
-    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return -1;
-    hid_t a = H5Aopen(f, name, H5P_DEFAULT);
-    if (a >= 0) {
-        H5Aread(a, H5T_NATIVE_LLONG, &v);
-        H5Aclose(a);
-    }
-    H5Fclose(f);
+    H5Reader rd;
+    int64_t v = -1;
+    if (!h5r_open(&rd, file, "checkpoint", NULL, false)) return -1;
+    if (h5r_attr_int(&rd, rd.file, name, true, INT64_MIN, INT64_MAX, &v) != 1) v = -1;
+    h5r_close(&rd);
     return v;
 }
 
 int harness_ckpt_dims(const char *file, const char *name, int64_t *dims, int max_dims) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    int nd = 0;
-    hsize_t hd[H5S_MAX_RANK];
-    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
-    hid_t d = f >= 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
-    if (d >= 0) {
-        hid_t sp = H5Dget_space(d);
-        nd = H5Sget_simple_extent_dims(sp, hd, NULL);
-        H5Sclose(sp);
-        H5Dclose(d);
-    }
-    if (f >= 0) H5Fclose(f);
-    for (int i = 0; i < nd && i < max_dims; i++) dims[i] = (int64_t)hd[i];
-    return nd;
+    H5Reader rd;
+    if (!h5r_open(&rd, file, "checkpoint", NULL, false)) return 0;
+    const H5DatasetSpec spec = {.mem_type = H5T_NATIVE_FLOAT, .ndim = -1};
+    H5Shape shape = {0};
+    hid_t d;
+    if (h5r_dataset_open(&rd, rd.file, name, &spec, true, H5P_DEFAULT, &d, &shape) == 1) H5Dclose(d);
+    h5r_close(&rd);
+    for (int i = 0; i < shape.ndim && i < max_dims; i++) dims[i] = shape.dims[i];
+    return shape.ndim;
 }
 
 /* |a - b|, 0 when both are absent (NAN): a run without MSA logs no KL or recall */

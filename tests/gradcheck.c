@@ -2,12 +2,15 @@
 
 #include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "../data/h5read.h"
 #include "../kernels/util.h"
 
 Tensor *test_tensor(DType dt, int ndim, const int64_t *shape) {
@@ -155,6 +158,39 @@ int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t 
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+int test_run_program(char *const argv[], long fsize_limit, char *out, size_t n) {
+    int fd[2];
+    if (pipe(fd) != 0) return -1000;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fd[0]);
+        dup2(fd[1], 1);
+        dup2(fd[1], 2);
+        if (fsize_limit > 0) {
+            /* an ignored signal stays ignored across exec: the write fails with EFBIG instead */
+            signal(SIGXFSZ, SIG_IGN);
+            struct rlimit rl = {(rlim_t)fsize_limit, (rlim_t)fsize_limit};
+            setrlimit(RLIMIT_FSIZE, &rl);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(fd[1]);
+    size_t k = 0;
+    char sink[256];
+    for (ssize_t got;;) { /* keep what fits, drain the rest so the child never blocks on a full pipe */
+        bool room = k + 1 < n;
+        if ((got = read(fd[0], room ? out + k : sink, room ? n - 1 - k : sizeof sink)) <= 0) break;
+        if (room) k += (size_t)got;
+    }
+    out[k] = 0;
+    close(fd[0]);
+    int st;
+    waitpid(pid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : WIFSIGNALED(st) ? -WTERMSIG(st) : -1000;
+}
+
 int test_system(const char *cmd, const char *errpath, char *err, size_t errn, bool first_line) {
     int st = system(cmd);
     err[0] = 0;
@@ -233,18 +269,15 @@ void test_h5_attr(hid_t f, const char *name, double v, bool is_int) {
 }
 
 void *test_h5_read(const char *path, const char *name, int64_t numel, bool is_int) {
-    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return NULL;
+    H5Reader rd;
+    if (!h5r_open(&rd, path, "output file", NULL, false)) return NULL;
+    const H5DatasetSpec spec = {.mem_type = is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, .ndim = -1};
+    H5Shape shape;
     void *buf = NULL;
-    if (H5Lexists(f, name, H5P_DEFAULT) > 0) {
-        hid_t d = H5Dopen2(f, name, H5P_DEFAULT), sp = H5Dget_space(d);
-        if (H5Sget_simple_extent_npoints(sp) == numel) {
-            buf = xcalloc((size_t)numel, 4);
-            H5Dread(d, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
-        }
-        H5Sclose(sp);
-        H5Dclose(d);
+    if (h5r_dataset_read(&rd, rd.file, name, &spec, false, &shape, &buf) == 1 && shape.numel != numel) {
+        free(buf);
+        buf = NULL;
     }
-    H5Fclose(f);
+    h5r_close(&rd);
     return buf;
 }

@@ -37,6 +37,11 @@ GradCheckResult gradcheck(Engine *e, GradCheckFn fn, Tensor **inputs, int n_inpu
 /* Runs fn(arg) in a forked child with its stderr captured into err (stdout discarded); returns the exit
  * status (-1 if killed, 0 when fn returns). Lets tests watch code that ends the program on bad input. */
 int test_run_child(void (*fn)(const void *), const void *arg, char *err, size_t errn);
+/* Runs the program argv[0] (a path) with argv (NULL-terminated), its stdout and stderr together into
+ * out (what fits in n - 1 bytes). fsize_limit > 0: under RLIMIT_FSIZE = fsize_limit bytes with SIGXFSZ
+ * ignored, so that a write past the limit fails with EFBIG as one on a full disk does. Returns the exit
+ * status, or -N when signal N killed it (a crash is told apart from a clean error exit). */
+int test_run_program(char *const argv[], long fsize_limit, char *out, size_t n);
 /* Runs the shell command cmd, which sends its stderr to the file errpath; err gets that file's text (its
  * first line only with first_line), "" without the file. Returns the exit status (-1 if killed). Lets
  * tests run the programs (build/opcheck, test_gpu --die). */

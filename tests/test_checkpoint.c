@@ -20,8 +20,11 @@
 
 #include <hdf5.h>
 
+#include "../data/crc32.h"
+#include "../data/h5read.h"
 #include "../train/checkpoint.h"
 #include "../train/trainer.h"
+#include "gradcheck.h"
 #include "test.h"
 
 #define TINY "configs/tiny.json"
@@ -441,9 +444,9 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
 
     size_t gn;
     char *good_bytes = read_all(good, &gn);
-    const char *names[] = {"truncated", "garbage", "shape", "missing", "extra", "no_moment", "not_ours"};
-    char paths[7][256];
-    for (int i = 0; i < 7; i++) snprintf(paths[i], sizeof paths[i], "%s/%s.h5", dir, names[i]);
+    const char *names[] = {"truncated", "garbage", "shape", "missing", "extra", "no_moment", "not_ours", "soft_link"};
+    char paths[8][256];
+    for (int i = 0; i < 8; i++) snprintf(paths[i], sizeof paths[i], "%s/%s.h5", dir, names[i]);
     copy_file(good, paths[0], 0.6);
     write_bytes(paths[1], "this is not a checkpoint\n", 25);
     copy_file(good, paths[2], 1.0);
@@ -455,9 +458,14 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     copy_file(good, paths[5], 1.0);
     replace_dataset(paths[5], "optimizer/v/final_norm", 0, NULL);
     copy_file(c.data.val_path, paths[6], 1.0);
-    size_t sizes[7];
-    char *before[7];
-    for (int i = 0; i < 7; i++) before[i] = read_all(paths[i], &sizes[i]);
+    copy_file(good, paths[7], 1.0); /* a tensor that is a soft link to another tensor of the same shape */
+    hid_t f = H5Fopen(paths[7], H5F_ACC_RDWR, H5P_DEFAULT);
+    H5Ldelete(f, "params/layers.1.attn.wq", H5P_DEFAULT);
+    H5Lcreate_soft("/params/layers.0.attn.wq", f, "params/layers.1.attn.wq", H5P_DEFAULT, H5P_DEFAULT);
+    H5Fclose(f);
+    size_t sizes[8];
+    char *before[8];
+    for (int i = 0; i < 8; i++) before[i] = read_all(paths[i], &sizes[i]);
 
     read_fails(tc, m, opt, false, paths[0], "truncated", NULL);
     read_fails(tc, m, opt, false, paths[1], "not an HDF5 file", NULL);
@@ -467,10 +475,11 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     read_fails(tc, m, opt, false, paths[4], "unexpected tensor params/layers.7.attn.wq", NULL);
     read_fails(tc, m, opt, true, paths[5], "missing tensor optimizer/v/final_norm", NULL);
     read_fails(tc, m, opt, false, paths[6], "not an msa-train checkpoint", NULL);
+    read_fails(tc, m, opt, false, paths[7], "params/layers.1.attn.wq", "soft or external link");
     run_free(&r);
 
     bool untouched = true;
-    for (int i = 0; i < 7; i++) {
+    for (int i = 0; i < 8; i++) {
         size_t n;
         char *now = read_all(paths[i], &n);
         if (!now || n != sizes[i] || memcmp(now, before[i], n)) {
@@ -489,8 +498,9 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     remove_tree(dir);
 }
 
-/* The program: a corrupt newest checkpoint stops --resume with its name and changes no file in out_dir;
- * a fresh run refuses an out_dir with checkpoints; a shape key change stops the resume naming the key. */
+/* The program: when no checkpoint in out_dir verifies, --resume stops naming each one and why and changes
+ * no file; a fresh run refuses an out_dir with checkpoints; a shape key change stops the resume naming
+ * the key; init_from a damaged checkpoint stops naming it. */
 TEST(train_program_refuses_bad_checkpoints_without_touching_files) {
     char dir[64], args[1024], out[8192], p10[256], p20[256], metrics[256], cfg[256];
     make_temp_dir(dir, sizeof dir);
@@ -509,10 +519,13 @@ TEST(train_program_refuses_bad_checkpoints_without_touching_files) {
         copy_file(files[i], keep[i], 1.0);
     }
 
+    /* the damaged one alone: nothing verifies (with ckpt_10 there, --resume takes it: the next test) */
+    unlink(p10);
     snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=30 --set train.out_dir=%s --resume", dir);
     rc = train_cli(args, NULL, out, sizeof out);
-    EXPECT(rc == 1 && strstr(out, p20) && strstr(out, "truncated"), "resume from a damaged checkpoint: status %d: %s",
-           rc, out);
+    EXPECT(rc == 1 && strstr(out, p20) && strstr(out, "truncated") && strstr(out, "none of the 1 checkpoint"),
+           "resume from a damaged checkpoint: status %d: %s", rc, out);
+    copy_file(keep[0], p10, 1.0);
     snprintf(args, sizeof args, TINY " " TINY_SET " --set train.out_dir=%s", dir);
     rc = train_cli(args, NULL, out, sizeof out);
     EXPECT(rc == 1 && strstr(out, "train.out_dir") && strstr(out, "--resume"),
@@ -534,6 +547,315 @@ TEST(train_program_refuses_bad_checkpoints_without_touching_files) {
     rc = train_cli(TINY " --resume", NULL, out, sizeof out);
     EXPECT(rc == 1 && strstr(out, "train.out_dir"), "--resume without out_dir: status %d: %s", rc, out);
     remove_tree(dir);
+}
+
+/* ---- verification: checksums, finite values, checked attributes ------------------------------- */
+
+/* Run the program prog with the words of args (single spaces), its stdout and stderr into out, under a
+ * file size limit of fsize_limit bytes (0 = none). Its exit status, or -N when signal N killed it. */
+static int run_program(const char *prog, const char *args, long fsize_limit, char *out, size_t n) {
+    char buf[2048], *argv[64];
+    int argc = 0;
+    snprintf(buf, sizeof buf, "%s", args);
+    argv[argc++] = (char *)prog;
+    for (char *w = strtok(buf, " "); w && argc < 63; w = strtok(NULL, " ")) argv[argc++] = w;
+    argv[argc] = NULL;
+    return test_run_program(argv, fsize_limit, out, n);
+}
+
+/* Flip the bits `mask` of byte `byte` of dataset name's data in the file itself, as a bad sector or a
+ * bad write would: our writer's datasets are contiguous, at the offset HDF5 reports. */
+static bool flip_byte(const char *path, const char *name, long byte, unsigned char mask) {
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t d = f >= 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
+    haddr_t at = d >= 0 ? H5Dget_offset(d) : HADDR_UNDEF;
+    if (d >= 0) H5Dclose(d);
+    if (f >= 0) H5Fclose(f);
+    int fd = open(path, O_RDWR);
+    unsigned char b;
+    bool ok = at != HADDR_UNDEF && fd >= 0 && pread(fd, &b, 1, (off_t)(at + byte)) == 1;
+    b ^= mask;
+    ok = ok && pwrite(fd, &b, 1, (off_t)(at + byte)) == 1;
+    if (fd >= 0) close(fd);
+    return ok;
+}
+
+/* Set element i of the float dataset name to v and its crc32 to match the new values: a file whose
+ * checksums hold but whose values are not finite, as a run that had diverged would write it. */
+static bool set_value(const char *path, const char *name, int64_t i, float v) {
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    hid_t d = f >= 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1, sp = d >= 0 ? H5Dget_space(d) : -1;
+    int64_t n = sp >= 0 ? H5Sget_simple_extent_npoints(sp) : 0;
+    float *x = calloc((size_t)n + 1, sizeof(float));
+    bool ok = n > i && H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, x) >= 0;
+    x[i] = v;
+    uint32_t crc = crc32_update(0, x, (size_t)n * sizeof(float));
+    ok = ok && H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, x) >= 0;
+    hid_t a = ok ? H5Aopen(d, "crc32", H5P_DEFAULT) : -1;
+    ok = a >= 0 && H5Awrite(a, H5T_NATIVE_UINT32, &crc) >= 0;
+    if (a >= 0) H5Aclose(a);
+    free(x);
+    if (sp >= 0) H5Sclose(sp);
+    if (d >= 0) H5Dclose(d);
+    if (f >= 0) H5Fclose(f);
+    return ok;
+}
+
+/* Replace the root attribute name with an array of n elements of type (an integer or a float type): what
+ * a broken or hostile writer may leave where a scalar belongs. HDF5 writes all n into the reader's
+ * buffer, so before the checked reader n = 2 overwrote a neighbour on the stack and n = 1000 crashed. */
+static bool array_attr(const char *path, const char *name, hid_t type, int n) {
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    if (f < 0) return false;
+    if (H5Aexists(f, name) > 0) H5Adelete(f, name);
+    hsize_t dims[1] = {(hsize_t)n};
+    hid_t sp = H5Screate_simple(1, dims, NULL), a = H5Acreate2(f, name, type, sp, H5P_DEFAULT, H5P_DEFAULT);
+    double *v = calloc((size_t)n, sizeof(double)); /* zeros of any 8-byte type */
+    bool ok = a >= 0 && H5Awrite(a, H5Tget_class(type) == H5T_FLOAT ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64, v) >= 0;
+    free(v);
+    if (a >= 0) H5Aclose(a);
+    H5Sclose(sp);
+    return H5Fclose(f) >= 0 && ok;
+}
+
+/* One flipped bit in a moment of the newest checkpoint: --resume says it skips that file naming the
+ * tensor and the checksum, resumes from the one before, and keep_checkpoints = 1 never counts the bad
+ * file as the one to keep (it deleted the good ones before); going on to the bad file's step replaces it
+ * with the parameters of the uninterrupted run. The LR is constant after the warm-up (min_lr = lr), so
+ * that runs of different train.steps train alike. */
+TEST(resume_skips_a_checkpoint_that_does_not_verify) {
+    char ref[64], dir[64], args[1024], p10[256], p14[256], p20[256], want[300], list[1024], why[1024];
+    static char out[65536];
+    const char *tensor = "optimizer/m/layers.1.ffn.w_up", *common = TINY " " TINY_SET " --set optim.min_lr=0.004";
+    make_temp_dir(ref, sizeof ref);
+    make_temp_dir(dir, sizeof dir);
+    snprintf(args, sizeof args, "%s --set train.steps=20 --set train.checkpoint_every=10 --set train.out_dir=%s",
+             common, ref);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0, "reference run: status %d: %s", rc, out);
+    snprintf(args, sizeof args, "%s --set train.steps=20 --set train.checkpoint_every=10 --set train.out_dir=%s",
+             common, dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0, "first run: status %d: %s", rc, out);
+    snprintf(p10, sizeof p10, "%s/ckpt_00000010.h5", dir);
+    snprintf(p14, sizeof p14, "%s/ckpt_00000014.h5", dir);
+    snprintf(p20, sizeof p20, "%s/ckpt_00000020.h5", dir);
+    EXPECT(checkpoint_verify(p20, why, sizeof why), "a fresh checkpoint does not verify: %s", why);
+    /* the lowest exponent bit of the third value: it halves or doubles, a finite number still */
+    EXPECT(flip_byte(p20, tensor, 10, 0x80), "cannot damage %s", p20);
+    EXPECT(!checkpoint_verify(p20, why, sizeof why) && strstr(why, tensor) && strstr(why, "checksum"),
+           "checkpoint_verify of the damaged file: %s", why[0] ? why : "(verifies)");
+    printf("    %s\n", why);
+
+    snprintf(args, sizeof args,
+             "%s --set train.steps=14 --set train.checkpoint_every=2 --set train.keep_checkpoints=1 "
+             "--set train.out_dir=%s --resume",
+             common, dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    snprintf(want, sizeof want, "resumed from %s at step 10", p10);
+    EXPECT(rc == 0 && strstr(out, "warning: --resume skips") && strstr(out, p20) && strstr(out, tensor) &&
+               strstr(out, want),
+           "resume past a damaged checkpoint: status %d: %s", rc, out);
+    list_ckpt_files(dir, list, sizeof list);
+    EXPECT(!strcmp(list, "ckpt_00000014.h5 ckpt_00000020.h5"), "keep_checkpoints 1 left: %s", list);
+
+    snprintf(args, sizeof args, "%s --set train.steps=20 --set train.checkpoint_every=10 --set train.out_dir=%s --resume",
+             common, dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    snprintf(want, sizeof want, "resumed from %s at step 14", p14);
+    EXPECT(rc == 0 && strstr(out, want), "resume to 20: status %d: %s", rc, out);
+    EXPECT(checkpoint_verify(p20, why, sizeof why), "the run's own ckpt_20 does not verify: %s", why);
+    RunConfig c;
+    tiny_config(&c, NULL, DENSE, 20);
+    size_t na, nb;
+    snprintf(want, sizeof want, "%s/ckpt_00000020.h5", ref);
+    char *a = load_params(&c, want, &na), *b = load_params(&c, p20, &nb);
+    bool same = na == nb && !memcmp(a, b, na);
+    free(a);
+    free(b);
+    remove_tree(ref);
+    remove_tree(dir);
+    EXPECT(same, "skip + resume ended with other parameters than the uninterrupted run");
+}
+
+/* A checkpoint that comes out wrong (the test hook flips a bit after the write, before the read-back)
+ * never takes its final name and never lets keep_checkpoints delete the one before. */
+TEST(a_checkpoint_that_does_not_verify_is_never_published) {
+    char dir[64], args[1024], list[1024], want[300];
+    static char out[32768];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(args, sizeof args,
+             TINY " " TINY_SET " --set train.steps=10 --set train.checkpoint_every=5 --set train.keep_checkpoints=1 "
+                  "--set train.out_dir=%s",
+             dir);
+    int rc = train_cli(args, "MSA_CKPT_TEST_CORRUPT=10", out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "ckpt_00000010.h5") && strstr(out, "does not verify") && strstr(out, "checksum"),
+           "a damaged write: status %d: %s", rc, out);
+    list_ckpt_files(dir, list, sizeof list);
+    EXPECT(!strcmp(list, "ckpt_00000005.h5 ckpt_00000010.h5.tmp"), "after the damaged write: %s", list);
+    snprintf(args + strlen(args), sizeof args - strlen(args), " --resume");
+    rc = train_cli(args, NULL, out, sizeof out);
+    snprintf(want, sizeof want, "resumed from %s/ckpt_00000005.h5 at step 5", dir);
+    EXPECT(rc == 0 && strstr(out, want), "resume: status %d: %s", rc, out);
+    list_ckpt_files(dir, list, sizeof list);
+    remove_tree(dir);
+    EXPECT(!strcmp(list, "ckpt_00000010.h5"), "after the resumed run: %s", list);
+}
+
+/* NaN or infinity in a moment or a weight, with a checksum that holds (a diverged run wrote it): every
+ * load refuses it naming the tensor, and checkpoint_verify does too. */
+TEST(non_finite_values_are_refused_naming_the_tensor) {
+    char dir[64], nan_m[256], inf_p[256], why[1024];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    tiny_config(&c, dir, DENSE, 2);
+    Run r;
+    start(&r, &c);
+    run_step(&r);
+    const char *good = run_checkpoint(&r);
+    snprintf(nan_m, sizeof nan_m, "%s/nan_moment.h5", dir);
+    snprintf(inf_p, sizeof inf_p, "%s/inf_param.h5", dir);
+    copy_file(good, nan_m, 1.0);
+    copy_file(good, inf_p, 1.0);
+    bool made = set_value(nan_m, "optimizer/m/final_norm", 3, NAN) && set_value(inf_p, "params/wte", 0, INFINITY);
+    if (made) {
+        read_fails(tc, &r.model, &r.opt, true, nan_m, "optimizer/m/final_norm", "nan");
+        read_fails(tc, &r.model, &r.opt, false, inf_p, "params/wte", "inf");
+    }
+    bool refused = !checkpoint_verify(nan_m, why, sizeof why) && strstr(why, "optimizer/m/final_norm");
+    run_free(&r);
+    remove_tree(dir);
+    EXPECT(made, "could not write the non-finite values");
+    EXPECT(refused, "checkpoint_verify of a NaN moment: %s", why[0] ? why : "(verifies)");
+}
+
+/* Arrays where the checkpoint's scalars belong, and hostile token files for build/forward: each program
+ * ends with status 1 and a message naming the object and what was expected, never a crash (before the
+ * checked reader the 1000-element arrays died with SIGSEGV). */
+TEST(hostile_attributes_end_with_a_message_not_a_crash) {
+    char dir[64], good[256], path[400], sub[300], tokens[300], logits[300], args[2048];
+    static char out[32768];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    tiny_config(&c, dir, DENSE, 2);
+    Run r;
+    start(&r, &c);
+    run_step(&r);
+    snprintf(good, sizeof good, "%s", run_checkpoint(&r));
+    run_free(&r);
+
+    /* build/forward's token file: 8 ids as the program wants them, and a 2-D one */
+    snprintf(tokens, sizeof tokens, "%s/tokens.h5", dir);
+    snprintf(logits, sizeof logits, "%s/logits.h5", dir);
+    const int32_t ids[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    hid_t f = H5Fcreate(tokens, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    test_h5_write(f, "tokens", 1, (hsize_t[]){8}, ids, true);
+    test_h5_write(f, "grid", 2, (hsize_t[]){2, 4}, ids, true);
+    H5Fclose(f);
+    const char *forward = TINY " %s %s %s --set model.vocab_size=65";
+    snprintf(args, sizeof args, forward, good, tokens, logits);
+    int rc = run_program("build/forward", args, 0, out, sizeof out);
+    EXPECT(rc == 0, "build/forward on a good checkpoint: status %d: %s", rc, out);
+
+    struct {
+        const char *attr;
+        hid_t type;
+    } cases[] = {{"version", H5T_STD_I64LE}, {"step", H5T_STD_I64LE}, {"adam_t", H5T_STD_I32LE},
+                 {"seed", H5T_STD_U64LE}, {"best_val_loss", H5T_IEEE_F64LE}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int n = 2; n <= 1000; n += 998) {
+            snprintf(sub, sizeof sub, "%s/%s_%d", dir, cases[i].attr, n);
+            mkdir(sub, 0755);
+            snprintf(path, sizeof path, "%s/ckpt_00000001.h5", sub);
+            copy_file(good, path, 1.0);
+            EXPECT(array_attr(path, cases[i].attr, cases[i].type, n), "cannot write %s", path);
+            char attr[64];
+            snprintf(attr, sizeof attr, "attribute \"%s\"", cases[i].attr);
+            /* --resume: the one checkpoint does not verify */
+            snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=3 --set train.out_dir=%s --resume", sub);
+            rc = run_program("build/train", args, 0, out, sizeof out);
+            EXPECT(rc == 1 && strstr(out, attr) && strstr(out, "expected a scalar") && strstr(out, path),
+                   "--resume with %s of %d elements: status %d: %s", cases[i].attr, n, rc, out);
+            if (strcmp(cases[i].attr, "version") != 0) continue;
+            /* the version is read by every load: init_from and build/forward too */
+            snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=1 --set train.init_from=%s", path);
+            rc = run_program("build/train", args, 0, out, sizeof out);
+            EXPECT(rc == 1 && strstr(out, attr) && strstr(out, path), "init_from with %d versions: status %d: %s", n,
+                   rc, out);
+            snprintf(args, sizeof args, forward, path, tokens, logits);
+            rc = run_program("build/forward", args, 0, out, sizeof out);
+            EXPECT(rc == 1 && strstr(out, attr) && strstr(out, path), "build/forward with %d versions: status %d: %s",
+                   n, rc, out);
+        }
+    printf("    %s", out);
+
+    /* build/forward's own input: "tokens" must be 1-D integers */
+    f = H5Fopen(tokens, H5F_ACC_RDWR, H5P_DEFAULT);
+    H5Ldelete(f, "tokens", H5P_DEFAULT);
+    H5Lmove(f, "grid", f, "tokens", H5P_DEFAULT, H5P_DEFAULT);
+    H5Fclose(f);
+    snprintf(args, sizeof args, forward, good, tokens, logits);
+    rc = run_program("build/forward", args, 0, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "dataset \"tokens\"") && strstr(out, "shape mismatch") && strstr(out, tokens),
+           "build/forward with 2-D tokens: status %d: %s", rc, out);
+    remove_tree(dir);
+}
+
+/* ---- failed writes ---------------------------------------------------------------------------- */
+
+/* A disk that fills while a checkpoint is written (a file size limit makes the writes fail as ENOSPC
+ * does), in a dataset and in the final H5Fclose: status 1 with the message, never SIGSEGV at exit
+ * (HDF5's clean-up after a failed close), and the previous checkpoint as it was. */
+TEST(checkpoint_write_on_a_full_disk_exits_cleanly) {
+    char dir[64], args[1024], p4[256], p8[256], tmp[300], keep[256];
+    static char out[32768];
+    make_temp_dir(dir, sizeof dir);
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=4 --set train.out_dir=%s", dir);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0, "first run: status %d: %s", rc, out);
+    snprintf(p4, sizeof p4, "%s/ckpt_00000004.h5", dir);
+    snprintf(p8, sizeof p8, "%s/ckpt_00000008.h5", dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", p8);
+    snprintf(keep, sizeof keep, "%s/kept.h5", dir);
+    copy_file(p4, keep, 1.0);
+    struct stat sb;
+    stat(p4, &sb);
+    /* well inside the tensors, and the last KiB: the metadata H5Fclose writes */
+    const long limits[2] = {200 * 1024, (long)sb.st_size - 1024};
+    const char *where[2] = {"writing", "closing"};
+    snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=8 --set train.out_dir=%s --resume", dir);
+    for (int i = 0; i < 2; i++) {
+        rc = run_program("build/train", args, limits[i], out, sizeof out);
+        printf("    limit %ld bytes: status %d, %s", limits[i], rc, strstr(out, "error: ") ? strstr(out, "error: ") : out);
+        EXPECT(rc == 1 && strstr(out, p8) && strstr(out, "cannot write the checkpoint") && strstr(out, where[i]),
+               "limit %ld: status %d (negative: killed by that signal): %s", limits[i], rc, out);
+        EXPECT(same_bytes(p4, keep) && !file_exists(p8) && !file_exists(tmp),
+               "limit %ld: the previous checkpoint changed, or a new one or its .tmp remained", limits[i]);
+    }
+    remove_tree(dir);
+}
+
+/* config.json and metrics.jsonl on a full disk (/dev/full): status 1 naming the file, config.json at
+ * start-up before any step, metrics.jsonl at its first record, not after the whole run. */
+TEST(run_directory_writes_on_a_full_disk_stop_the_run) {
+    char dir[64], args[1024], link_path[256], list[1024];
+    static char out[32768];
+    const char *files[2] = {"config.json", "metrics.jsonl"};
+    for (int i = 0; i < 2; i++) {
+        make_temp_dir(dir, sizeof dir);
+        snprintf(link_path, sizeof link_path, "%s/%s", dir, files[i]);
+        EXPECT(symlink("/dev/full", link_path) == 0, "cannot link %s to /dev/full", link_path);
+        snprintf(args, sizeof args, TINY " " TINY_SET " --set train.steps=20 --set train.out_dir=%s", dir);
+        int rc = run_program("build/train", args, 0, out, sizeof out);
+        printf("    %s", strstr(out, "error: ") ? strstr(out, "error: ") : out);
+        EXPECT(rc == 1 && strstr(out, link_path) && strstr(out, "No space left"), "%s on a full disk: status %d: %s",
+               files[i], rc, out);
+        /* config.json: before the first step; metrics.jsonl: at the first step's record */
+        EXPECT(i == 1 ? !strstr(out, "step     2/") : !strstr(out, "loss"), "%s: the run went on: %s", files[i], out);
+        list_ckpt_files(dir, list, sizeof list);
+        remove_tree(dir);
+        EXPECT(!list[0], "%s: checkpoints written: %s", files[i], list);
+    }
 }
 
 /* ---- init_from: dense checkpoint -> MSA model ------------------------------------------------- */
@@ -641,14 +963,11 @@ TEST(sigterm_stops_with_a_checkpoint_that_resumes) {
 
 /* A root attribute of a checkpoint as a double (NaN when absent or unreadable). */
 static double ckpt_attr(const char *path, const char *name) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    H5Reader rd;
     double v = NAN;
-    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return v;
-    hid_t a = H5Aexists(f, name) > 0 ? H5Aopen(f, name, H5P_DEFAULT) : -1;
-    if (a >= 0 && H5Aread(a, H5T_NATIVE_DOUBLE, &v) < 0) v = NAN;
-    if (a >= 0) H5Aclose(a);
-    H5Fclose(f);
+    if (!h5r_open(&rd, path, "checkpoint", NULL, false)) return v;
+    if (h5r_attr_float(&rd, rd.file, name, true, true, &v) != 1) v = NAN;
+    h5r_close(&rd);
     return v;
 }
 
@@ -872,12 +1191,121 @@ TEST(best_val_loss_round_trips_and_is_optional) {
            before.best_val_loss);
 }
 
+/* A version 1 file (written before checksums: no crc32 attributes) still resumes, bit for bit, with one
+ * warning that its tensors cannot be verified; a version from the future is refused. */
+static void drop_crc(hid_t file, const char *gname) {
+    hid_t g = H5Lexists(file, gname, H5P_DEFAULT) > 0 ? H5Gopen2(file, gname, H5P_DEFAULT) : -1;
+    H5G_info_t info;
+    for (hsize_t i = 0; g >= 0 && H5Gget_info(g, &info) >= 0 && i < info.nlinks; i++) {
+        char name[256];
+        H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
+        H5Adelete_by_name(g, name, "crc32", H5P_DEFAULT);
+    }
+    if (g >= 0) H5Gclose(g);
+}
+
+static bool set_version(const char *path, int version, bool drop_checksums) {
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    hid_t a = f >= 0 ? H5Aopen(f, "version", H5P_DEFAULT) : -1;
+    bool ok = a >= 0 && H5Awrite(a, H5T_NATIVE_INT, &version) >= 0;
+    if (a >= 0) H5Aclose(a);
+    const char *groups[] = {"params", "optimizer/m", "optimizer/v", "state"};
+    for (int i = 0; ok && drop_checksums && i < 4; i++) drop_crc(f, groups[i]);
+    return f >= 0 && H5Fclose(f) >= 0 && ok;
+}
+
+static void resume_job(const void *arg) {
+    RunConfig c = *(const RunConfig *)arg;
+    c.train.resume = true;
+    Run r;
+    start(&r, &c);
+    run_free(&r);
+}
+
+TEST(version_1_checkpoints_load_with_a_warning) {
+    char dir[64], path[256], future[256], err[4096];
+    make_temp_dir(dir, sizeof dir);
+    RunConfig c;
+    tiny_config(&c, dir, DENSE, 4);
+    Run r;
+    start(&r, &c);
+    run_step(&r);
+    run_step(&r);
+    snprintf(path, sizeof path, "%s", run_checkpoint(&r));
+    Snapshot want = snapshot(&r);
+    run_free(&r);
+    snprintf(future, sizeof future, "%s/future.h5", dir);
+    copy_file(path, future, 1.0);
+    bool made = set_version(path, 1, true) && set_version(future, 3, false);
+    int rc = test_run_child(resume_job, &c, err, sizeof err);
+    c.train.resume = true;
+    start(&r, &c); /* in this process too, to compare the state */
+    Snapshot got = snapshot(&r);
+    bool same = !memcmp(want.params, got.params, want.bytes) && !memcmp(want.m, got.m, want.bytes) &&
+                !memcmp(want.v, got.v, want.bytes) && r.step == 2;
+    snapshot_free(&want);
+    snapshot_free(&got);
+    char why[1024];
+    bool refused = !checkpoint_verify(future, why, sizeof why) && strstr(why, "version 3");
+    run_free(&r);
+    remove_tree(dir);
+    EXPECT(made, "could not rewrite the version");
+    printf("    %s", err);
+    EXPECT(rc == 0 && strstr(err, "version 1") && strstr(err, "unverified") && strstr(err, path),
+           "resume from a version 1 file: status %d: %s", rc, err);
+    EXPECT(same, "a version 1 file resumed to another state");
+    EXPECT(refused, "a version 3 file: %s", why[0] ? why : "(verifies)");
+}
+
 TEST(save_best_needs_out_dir) {
     char out[8192];
     int rc = train_cli(TINY " --set train.save_best=true", NULL, out, sizeof out);
     EXPECT(rc == 1 && strstr(out, "train.save_best") && strstr(out, "train.out_dir"),
            "save_best without out_dir: status %d: %s", rc, out);
     printf("    %s", strstr(out, "error: ") ? strstr(out, "error: ") : out);
+}
+
+/* ---- divergence: train.diverge_factor --------------------------------------------------------- */
+
+/* A run's first eval is kept in its checkpoints (first_val_loss); resumed with a learning rate 750 times
+ * too high, its evals come out in the hundreds and the first one above diverge_factor times that stops
+ * the run: status 1, no checkpoint of the diverged weights. diverge_factor 0 lets the same run go on;
+ * a factor in (0, 1) is refused. */
+TEST(divergence_bound_stops_the_run) {
+    char dir[64], args[1024], p4[256], list[1024], want[512];
+    static char out[65536];
+    make_temp_dir(dir, sizeof dir);
+    const char *common = TINY " " TINY_SET " --set train.eval_every=2 --set train.checkpoint_every=2";
+    snprintf(args, sizeof args, "%s --set train.steps=4 --set train.out_dir=%s", common, dir);
+    int rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0, "first run: status %d: %s", rc, out);
+    int steps[8];
+    double losses[8];
+    int n = read_evals(dir, steps, losses, 8);
+    snprintf(p4, sizeof p4, "%s/ckpt_00000004.h5", dir);
+    double first = ckpt_attr(p4, "first_val_loss");
+    EXPECT(n == 2 && steps[0] == 2 && fabs(first - losses[0]) <= 1e-6, "first_val_loss %.9f, the first eval %.6f",
+           first, n ? losses[0] : NAN);
+
+    const char *steep = "--set optim.lr=3 --set optim.min_lr=3 --set train.steps=10";
+    snprintf(args, sizeof args, "%s %s --set train.diverge_factor=10 --set train.out_dir=%s --resume", common, steep,
+             dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    snprintf(want, sizeof want, "above train.diverge_factor = 10 times the run's first, %.4f (diverged)", first);
+    printf("    %s", strstr(out, "error: ") ? strstr(out, "error: ") : out);
+    EXPECT(rc == 1 && strstr(out, "step 6: validation loss") && strstr(out, want) && strstr(out, p4),
+           "diverging run: status %d: %s", rc, out);
+    list_ckpt_files(dir, list, sizeof list);
+    EXPECT(!strcmp(list, "ckpt_00000002.h5 ckpt_00000004.h5"), "a checkpoint of the diverged run was written: %s",
+           list);
+
+    snprintf(args, sizeof args, "%s %s --set train.diverge_factor=0 --set train.out_dir=%s --resume", common, steep,
+             dir);
+    rc = train_cli(args, NULL, out, sizeof out);
+    EXPECT(rc == 0 && strstr(out, "done:"), "diverge_factor 0: status %d: %s", rc, out);
+    rc = train_cli(TINY " --set train.diverge_factor=0.5", NULL, out, sizeof out);
+    EXPECT(rc == 1 && strstr(out, "train.diverge_factor"), "diverge_factor 0.5: status %d: %s", rc, out);
+    remove_tree(dir);
 }
 
 int main(void) {
@@ -890,6 +1318,13 @@ int main(void) {
     RUN(keep_checkpoints_keeps_the_newest);
     RUN(bad_checkpoints_stop_with_a_message_and_change_nothing);
     RUN(train_program_refuses_bad_checkpoints_without_touching_files);
+    RUN(resume_skips_a_checkpoint_that_does_not_verify);
+    RUN(a_checkpoint_that_does_not_verify_is_never_published);
+    RUN(non_finite_values_are_refused_naming_the_tensor);
+    RUN(hostile_attributes_end_with_a_message_not_a_crash);
+    RUN(checkpoint_write_on_a_full_disk_exits_cleanly);
+    RUN(run_directory_writes_on_a_full_disk_stop_the_run);
+    RUN(divergence_bound_stops_the_run);
     RUN(init_from_dense_checkpoint_into_msa_model);
     RUN(sigterm_stops_with_a_checkpoint_that_resumes);
     RUN(save_best_keeps_the_lowest_eval);
@@ -897,5 +1332,6 @@ int main(void) {
     RUN(save_best_is_never_pruned_or_resumed_from);
     RUN(best_val_loss_round_trips_and_is_optional);
     RUN(save_best_needs_out_dir);
+    RUN(version_1_checkpoints_load_with_a_warning);
     TEST_END();
 }

@@ -21,6 +21,7 @@
 typedef struct Fixture {
     char dir[128];  /* scratch directory of this run */
     char tool[512]; /* build/prepare_text next to this test's build/tests/ */
+    char train[512]; /* build/train, there too */
 } Fixture;
 
 #define FX ((Fixture *)tc->fixture)
@@ -35,6 +36,19 @@ static void write_bytes(const char *path, const void *data, size_t n) {
     }
     fwrite(data, 1, n, f);
     fclose(f);
+}
+
+/* The bytes of a file (malloc'd; NULL when it cannot be read), *n of them. */
+static char *read_whole(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)(len > 0 ? len : 1));
+    *n = fread(buf, 1, (size_t)(len > 0 ? len : 0), f);
+    fclose(f);
+    return buf;
 }
 
 /* dst = a/b; the paths here are short, a long one is a broken test setup */
@@ -101,13 +115,29 @@ typedef struct RawFile {
     int vocab_size;
     const char *tokenizer, *vocab;
     bool no_tokens, float_tokens, no_vocab_size;
+    int vocab_size_elems;  /* > 0: vocab_size as an array of that many elements, where a scalar belongs */
+    bool tokens_rank2;     /* tokens as [2, n/2] */
+    bool wide_tokens;      /* tokens as int64 */
+    bool unwritten_tokens; /* tokens declared, never written (no storage) */
+    bool tokens_group;     /* a group named "tokens" */
+    const char *tokens_link; /* "tokens" as an external link to this file's "tokens" */
 } RawFile;
 
 static void write_raw(const char *path, const RawFile *r) {
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     hsize_t dims[1] = {(hsize_t)r->n};
     hid_t sp = H5Screate_simple(1, dims, NULL);
-    if (!r->no_tokens) {
+    if (r->tokens_group) H5Gclose(H5Gcreate2(f, "tokens", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    if (r->tokens_link) H5Lcreate_external(r->tokens_link, "tokens", f, "tokens", H5P_DEFAULT, H5P_DEFAULT);
+    if (r->tokens_rank2 || r->wide_tokens || r->unwritten_tokens) {
+        hsize_t d2[2] = {2, (hsize_t)r->n / 2};
+        hid_t sp2 = r->tokens_rank2 ? H5Screate_simple(2, d2, NULL) : H5Screate_simple(1, dims, NULL);
+        hid_t d = H5Dcreate2(f, "tokens", r->wide_tokens ? H5T_STD_I64LE : H5T_STD_I32LE, sp2, H5P_DEFAULT,
+                             H5P_DEFAULT, H5P_DEFAULT);
+        if (!r->unwritten_tokens) H5Dwrite(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, r->tokens);
+        H5Dclose(d);
+        H5Sclose(sp2);
+    } else if (!r->no_tokens && !r->tokens_group && !r->tokens_link) {
         if (r->float_tokens) {
             float *x = malloc((size_t)r->n * sizeof(float));
             for (int64_t i = 0; i < r->n; i++) x[i] = (float)r->tokens[i];
@@ -129,7 +159,19 @@ static void write_raw(const char *path, const RawFile *r) {
     H5Dclose(d);
     H5Sclose(sp);
     sp = H5Screate(H5S_SCALAR);
-    if (!r->no_vocab_size) {
+    if (r->vocab_size_elems > 0) {
+        /* HDF5 writes every element into the reader's buffer: before the checked reader, 2 overwrote a
+         * neighbour on the stack and 1000 crashed */
+        hsize_t n[1] = {(hsize_t)r->vocab_size_elems};
+        hid_t asp = H5Screate_simple(1, n, NULL);
+        int *v = calloc((size_t)r->vocab_size_elems, sizeof(int));
+        for (int i = 0; i < r->vocab_size_elems; i++) v[i] = r->vocab_size;
+        hid_t a = H5Acreate2(f, "vocab_size", H5T_STD_I32LE, asp, H5P_DEFAULT, H5P_DEFAULT);
+        H5Awrite(a, H5T_NATIVE_INT, v);
+        H5Aclose(a);
+        H5Sclose(asp);
+        free(v);
+    } else if (!r->no_vocab_size) {
         hid_t a = H5Acreate2(f, "vocab_size", H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT);
         H5Awrite(a, H5T_NATIVE_INT, &r->vocab_size);
         H5Aclose(a);
@@ -499,6 +541,14 @@ TEST(malformed_datasets) {
         {"offsets_down", "decreases", base},  {"offsets_end", "n_tokens", base},
         {"offsets_start", "start at 0", base}, {"vocab_zero", "vocab_size", base},
         {"no_vocab_size", "vocab_size", base}, {"vocab_length", "\"vocab\"", base},
+        {"vocab_size_x2", "attribute \"vocab_size\": expected a scalar integer", base},
+        {"vocab_size_x1000", "attribute \"vocab_size\": expected a scalar integer", base},
+        {"tokens_2d", "dataset \"tokens\": shape mismatch", base},
+        {"tokens_int64", "wider than int32", base},
+        {"tokens_unwritten", "never written", base},
+        {"tokens_group", "\"tokens\" is a group", base},
+        /* a link to another file (which could be a FIFO that never answers) is not followed */
+        {"tokens_external", "\"tokens\" is a soft or external link", base},
     };
     cases[0].r.no_tokens = true;
     cases[1].r.float_tokens = true;
@@ -508,6 +558,15 @@ TEST(malformed_datasets) {
     cases[5].r.vocab_size = 0;
     cases[6].r.no_vocab_size = true;
     cases[7].r.vocab = "xyzw";
+    cases[8].r.vocab_size_elems = 2;
+    cases[9].r.vocab_size_elems = 1000;
+    cases[10].r.tokens_rank2 = true;
+    cases[11].r.wide_tokens = true;
+    cases[12].r.unwritten_tokens = true;
+    cases[13].r.tokens_group = true;
+    char linked[1024];
+    join(linked, sizeof linked, FX->dir, "raw_ok.h5");
+    cases[14].r.tokens_link = linked;
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         snprintf(p, sizeof p, "%s/raw_%s.h5", FX->dir, cases[i].name);
         write_raw(p, &cases[i].r);
@@ -523,6 +582,65 @@ TEST(malformed_datasets) {
     write_raw(p, &big);
     st = test_run_child(open_and_sample, p, err, sizeof err);
     EXPECT(st == 1 && strstr(err, p) && strstr(err, "outside the vocabulary"), "bad id: status %d, %s", st, err);
+}
+
+/* build/train on a token file with an array where vocab_size belongs: status 1 and a message naming the
+ * file and the attribute (before the checked reader: SIGSEGV). */
+TEST(train_program_refuses_a_hostile_token_file) {
+    const int32_t tok[6] = {0, 1, 2, 0, 1, 2};
+    const int64_t offs[2] = {0, 6};
+    RawFile r = {.tokens = tok, .n = 6, .offsets = offs, .n_off = 2, .vocab_size = 3, .tokenizer = "char",
+                 .vocab_size_elems = 1000};
+    char p[1024], set_train[1100], set_val[1100], out[8192];
+    join(p, sizeof p, FX->dir, "hostile.h5");
+    write_raw(p, &r);
+    snprintf(set_train, sizeof set_train, "data.train_path=%s", p);
+    snprintf(set_val, sizeof set_val, "data.val_path=%s", p);
+    char *argv[] = {FX->train, "configs/tiny.json", "--set", set_train, "--set", set_val, NULL};
+    int st = test_run_program(argv, 0, out, sizeof out);
+    EXPECT(st == 1 && strstr(out, p) && strstr(out, "attribute \"vocab_size\": expected a scalar integer"),
+           "build/train on %s: status %d (negative: killed by that signal): %s", p, st, out);
+}
+
+/* A disk that fills while prepare_text writes (a file size limit makes the writes fail as ENOSPC does), in
+ * the data and at the end: status 1 with the message, never SIGSEGV at exit (HDF5's clean-up after a
+ * failed close), no temporary file left, and the train.h5 of an earlier run as it was. */
+TEST(prepare_text_on_a_full_disk_exits_cleanly) {
+    char in[512], out_dir[512], train[1024], tmp[1100], out[8192];
+    join(in, sizeof in, FX->dir, "big.txt");
+    join(out_dir, sizeof out_dir, FX->dir, "full");
+    join(train, sizeof train, out_dir, "train.h5");
+    snprintf(tmp, sizeof tmp, "%s.tmp", train);
+    /* letters at random: they compress about 4:3, so the data is most of the file */
+    char *text = malloc(400000);
+    uint64_t x = 12345;
+    for (int i = 0; i < 400000; i++) {
+        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+        text[i] = (char)('a' + (x >> 33) % 26);
+    }
+    write_bytes(in, text, 400000);
+    free(text);
+    char *argv[] = {FX->tool, "--val-fraction", "0.1", in, out_dir, NULL};
+    int st = test_run_program(argv, 0, out, sizeof out);
+    EXPECT(st == 0, "prepare_text without a limit: status %d: %s", st, out);
+    size_t n_before;
+    char *before = read_whole(train, &n_before);
+    EXPECT(before, "no %s", train);
+    const long limits[2] = {(long)n_before / 4, (long)n_before - 512};
+    bool same = true;
+    for (int i = 0; i < 2 && same; i++) {
+        st = test_run_program(argv, limits[i], out, sizeof out);
+        printf("    limit %ld bytes: status %d, %s", limits[i], st, out);
+        size_t n_now;
+        char *now = read_whole(train, &n_now);
+        same = now && n_now == n_before && !memcmp(now, before, n_before) && !file_exists(tmp);
+        free(now);
+        if (st != 1 || !strstr(out, train) || !strstr(out, "cannot write")) break;
+    }
+    free(before);
+    EXPECT(st == 1 && strstr(out, train) && strstr(out, "cannot write"),
+           "status %d (negative: killed by that signal): %s", st, out);
+    EXPECT(same, "%s changed, or %s remained", train, tmp);
 }
 
 TEST(tool_errors) {
@@ -566,6 +684,7 @@ int main(void) {
     slash = strrchr(exe, '/');
     if (slash) *slash = 0;
     snprintf(fx.tool, sizeof fx.tool, "%s/prepare_text", exe);
+    snprintf(fx.train, sizeof fx.train, "%s/train", exe);
     tc->fixture = &fx;
     if (!file_exists(fx.tool)) {
         printf("  FAIL %s is not built (make build/prepare_text)\n", fx.tool);
@@ -580,6 +699,8 @@ int main(void) {
     RUN(sampler_determinism);
     RUN(missing_garbage_and_truncated_files);
     RUN(malformed_datasets);
+    RUN(train_program_refuses_a_hostile_token_file);
+    RUN(prepare_text_on_a_full_disk_exits_cleanly);
     RUN(tool_errors);
     char cmd[4096];
     snprintf(cmd, sizeof cmd, "rm -rf %s", fx.dir);

@@ -22,7 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <hdf5.h>
+#include "../data/h5read.h"
 
 #include "../data/dataset.h"
 #include "../dist/dist.h"
@@ -155,14 +155,11 @@ TEST(checkpoint_from_2_ranks_resumes_on_1_and_4) {
 
 /* The float attribute best_val_loss of a checkpoint (NaN if absent). */
 static double best_val_loss_of(const char *file) {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    H5Reader rd;
     double v = NAN;
-    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) return v;
-    hid_t a = H5Aexists(f, "best_val_loss") > 0 ? H5Aopen(f, "best_val_loss", H5P_DEFAULT) : -1;
-    if (a >= 0 && H5Aread(a, H5T_NATIVE_DOUBLE, &v) < 0) v = NAN;
-    if (a >= 0) H5Aclose(a);
-    H5Fclose(f);
+    if (!h5r_open(&rd, file, "checkpoint", NULL, false)) return v;
+    if (h5r_attr_float(&rd, rd.file, "best_val_loss", true, false, &v) != 1) v = NAN;
+    h5r_close(&rd);
     return v;
 }
 

@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
@@ -292,7 +293,10 @@ def checkpoint_attributes(work):
     make_hf(hf, "llama")
     hf_import(hf, out)
     with h5py.File(os.path.join(out, "ckpt_import.h5"), "r") as f:
-        check(f.attrs["format"] == "msa-train-checkpoint" and int(f.attrs["version"]) == 1, "format/version")
+        check(f.attrs["format"] == "msa-train-checkpoint" and int(f.attrs["version"]) == 2, "format/version")
+        # every tensor's crc32 is zlib's CRC-32 of its little-endian float32 bytes (train/checkpoint.h)
+        check(all(int(d.attrs["crc32"]) == zlib.crc32(np.ascontiguousarray(d[()], "<f4").data)
+                  for d in f["params"].values()), "crc32 attributes")
         check(int(f.attrs["step"]) == 0, "step")
         check(set(f.keys()) == {"params"}, f"groups {set(f.keys())}: an import has parameters only")
         stored = json.loads(f.attrs["config"])
@@ -374,7 +378,8 @@ def msa_import_loads_with_fresh_index(work):
     ck = os.path.join(out, "ckpt_import.h5")
     with h5py.File(ck, "a") as f:
         for l in range(cfg["num_hidden_layers"]):
-            f["params"].create_dataset(f"layers.{l}.index.wq", data=np.ones((2 * 8, 32), np.float32))
+            wq = np.ones((2 * 8, 32), np.float32)
+            f["params"].create_dataset(f"layers.{l}.index.wq", data=wq).attrs["crc32"] = np.uint32(zlib.crc32(wq.data))
     check(forward(out, ids, work).shape == ref.shape, "forward with index parameters present")
     hf2 = os.path.join(work, "hf2")
     r = must([PY, EXPORT, ck, hf2])

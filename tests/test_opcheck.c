@@ -214,7 +214,7 @@ TEST(opcheck_reports_missing_items) {
         free_inputs(&in);
         int rc = run_opcheck(fx, in_path, out_path, NULL, err, sizeof err);
         char quoted[64];
-        snprintf(quoted, sizeof quoted, "'%s'", items[i]);
+        snprintf(quoted, sizeof quoted, "\"%s\"", items[i]);
         EXPECT(rc == 1, "without %s: exit status %d, expected 1", items[i], rc);
         EXPECT(strstr(err, quoted) && strstr(err, in_path), "without %s: message does not name it and the file: %s", items[i], err);
     }
@@ -230,7 +230,7 @@ TEST(opcheck_reports_bad_shapes_and_devices) {
     Inputs in = make_inputs(&s, 9);
     write_input(in_path, &s, &in);
     int rc = run_opcheck(fx, in_path, out_path, NULL, err, sizeof err);
-    EXPECT(rc == 1 && strstr(err, "'k'") && strstr(err, "shape"), "k of the wrong head dim: status %d, %s", rc, err);
+    EXPECT(rc == 1 && strstr(err, "\"k\"") && strstr(err, "shape"), "k of the wrong head dim: status %d, %s", rc, err);
     s.bad_k = NULL;
     /* the forced blocks beyond the budget: the rule the config's keys obey (layers/msa.h msa_check) */
     s.p.local_blocks = s.p.topk_blocks;

@@ -7,14 +7,12 @@
  * checkpoint lacks keep their fresh initialisation, as train.init_from does), runs the forward
  * (no gradients) over the int32 dataset "tokens" of TOKENS.h5 as one document (positions 0..T-1),
  * and writes the logits as dataset "logits", float32 [T, V], to OUT.h5. */
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include <hdf5.h>
-
+#include "../data/h5read.h"
 #include "../kernels/util.h"
 #include "../train/checkpoint.h"
 #include "../train/config.h"
@@ -36,29 +34,16 @@ static const KernelBackend *select_backend(const char *device) {
 
 /* The 1-D integer dataset "tokens" of path, as int32 (malloc'd); *n gets its length. */
 static int32_t *read_tokens(const char *path, int64_t *n) {
-    if (access(path, R_OK) != 0) fatal("%s: cannot read the token file (%s)", path, strerror(errno));
-    if (H5Fis_hdf5(path) <= 0) fatal("%s: not an HDF5 file", path);
-    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) fatal("%s: cannot open as HDF5 (truncated or corrupt?)", path);
-    if (H5Lexists(f, "tokens", H5P_DEFAULT) <= 0) fatal("%s: no dataset \"tokens\"", path);
-    hid_t d = H5Dopen2(f, "tokens", H5P_DEFAULT);
-    if (d < 0) fatal("%s: cannot open dataset \"tokens\"", path);
-    hid_t type = H5Dget_type(d), space = H5Dget_space(d);
-    bool integer = type >= 0 && H5Tget_class(type) == H5T_INTEGER;
-    int ndims = space >= 0 ? H5Sget_simple_extent_ndims(space) : -1;
-    hsize_t dims[1] = {0};
-    if (ndims == 1) H5Sget_simple_extent_dims(space, dims, NULL);
-    H5Tclose(type);
-    H5Sclose(space);
-    if (!integer || ndims != 1) fatal("%s: dataset \"tokens\" must be a 1-D integer dataset", path);
-    if (dims[0] == 0 || dims[0] > 0x7fffffff)
-        fatal("%s: dataset \"tokens\" has %llu tokens", path, (unsigned long long)dims[0]);
-    int32_t *tokens = xmalloc((size_t)dims[0] * sizeof(int32_t));
-    if (H5Dread(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, tokens) < 0)
-        fatal("%s: cannot read dataset \"tokens\" (corrupt file, or ids that do not fit int32?)", path);
-    H5Dclose(d);
-    H5Fclose(f);
-    *n = (int64_t)dims[0];
+    H5Reader rd;
+    h5r_open(&rd, path, "token file", NULL, true);
+    const H5DatasetSpec spec = {.mem_type = H5T_NATIVE_INT32, .ndim = 1};
+    H5Shape shape;
+    void *tokens;
+    h5r_dataset_read(&rd, rd.file, "tokens", &spec, true, &shape, &tokens);
+    h5r_close(&rd);
+    if (shape.dims[0] == 0 || shape.dims[0] > 0x7fffffff)
+        fatal("%s: dataset \"tokens\" has %lld tokens (1 to 2^31 - 1 make a document)", path, (long long)shape.dims[0]);
+    *n = shape.dims[0];
     return tokens;
 }
 
@@ -108,7 +93,7 @@ int main(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* failures are reported by name */
+    h5_setup(); /* failures are reported by name, and a failed close does not crash the exit */
     if (cfg.model.vocab_size <= 0)
         fatal("%s: model.vocab_size must be set (there is no data file to take it from)", pos[0]);
     config_validate(&cfg);

@@ -19,12 +19,17 @@ or type, or a group where a tensor belongs; a config the trainer refuses; an OUT
 not writable or on a full disk) ends the program with status 1 and one line naming it. The
 safetensors file is written one tensor at a time (header first), so a checkpoint larger than memory
 exports fine; bf16 rounds to nearest even.
+
+Every tensor read is checked as build/train checks it (train/checkpoint.h): its crc32 attribute must
+equal zlib.crc32 of its values as little-endian float32 bytes (format version 2; a version 1 file has
+none and is exported with a warning) and every value must be finite; a mismatch names the tensor.
 """
 import argparse
 import json
 import os
 import struct
 import sys
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
 
@@ -33,6 +38,7 @@ from tool_common import Fail, check_config, exit_with, make_out_dir, remove_dirs
 import numpy as np
 
 FORMAT = "msa-train-checkpoint"
+VERSIONS = (1, 2)  # the checkpoint format versions this tool reads (2: a crc32 on every tensor)
 
 ARCH = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -86,6 +92,30 @@ def load_model_config(ckpt_file, ckpt_path, config_path):
     except (ValueError, RecursionError) as e:
         raise Fail(f"{where}: not valid JSON ({e})")
     return where, check_config(cfg, where)["model"]
+
+
+def verified(obj, path, name, version):
+    """The values of params/name as float32 after the checks build/train makes on every load
+    (train/checkpoint.h): its crc32 attribute (from version 2 on) equal to zlib.crc32 of its little-endian
+    float32 bytes, every value finite."""
+    try:
+        a = np.ascontiguousarray(obj[()], dtype="<f4")
+    except (OSError, ValueError) as e:
+        raise Fail(f"{path}: tensor params/{name} cannot be read ({e}): the checkpoint is truncated or corrupt")
+    if version >= 2:
+        want = obj.attrs.get("crc32")
+        if want is None or np.ndim(want) != 0 or not isinstance(want, (int, np.integer)):
+            raise Fail(f"{path}: tensor params/{name} has no crc32 checksum (every tensor of a version {version} "
+                       f"checkpoint has one): the checkpoint is corrupt")
+        got = zlib.crc32(a.data)
+        if got != int(want):
+            raise Fail(f"{path}: tensor params/{name} does not match its checksum (crc32 0x{int(want):08x} stored, "
+                       f"0x{got:08x} read): the checkpoint is corrupt")
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise Fail(f"{path}: tensor params/{name} holds {a.flat[bad[0]]} at element {bad[0]}: the checkpoint is "
+                   f"corrupt, or was written by a run that had diverged")
+    return a
 
 
 def tensor(params, path, name, shape):
@@ -238,6 +268,19 @@ def run(args):
         if fmt != FORMAT or not isinstance(f.get("params"), h5py.Group):
             raise Fail(f"{path}: not an msa-train checkpoint (format {fmt!r}, /params "
                        f"{'a group' if isinstance(f.get('params'), h5py.Group) else 'not a group'})")
+        version = f.attrs.get("version")
+        if isinstance(version, np.ndarray):
+            if version.size != 1:
+                raise Fail(f"{path}: attribute \"version\": expected a single value, found an array of shape "
+                           f"{list(version.shape)}")
+            version = version.reshape(()).item()
+        if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or int(version) not in VERSIONS:
+            raise Fail(f"{path}: checkpoint format version {version!r}; this tool reads versions "
+                       f"{VERSIONS[0]} to {VERSIONS[-1]}")
+        version = int(version)
+        if version < 2:
+            print(f"warning: {path}: checkpoint format version 1 has no checksums, so its tensors are exported "
+                  f"unverified (NaN and infinite values are still refused)", file=sys.stderr)
         where, model = load_model_config(f, path, args.config)
         if model["ffn"] == "moe":
             raise Fail(f"{where}: model.ffn = moe: MoE layers have no Llama/Qwen counterpart to export to")
@@ -268,10 +311,7 @@ def run(args):
         entries = [(hf, shape) for _, hf, shape in mapping]
 
         def read(hf):
-            try:
-                return tensors[to_ours[hf]][()].astype(np.float32)
-            except OSError as e:
-                raise Fail(f"{path}: cannot read params/{to_ours[hf]} ({e})")
+            return verified(tensors[to_ours[hf]], path, to_ours[hf], version)
 
         write_outputs(args.out_dir, entries, read, hf_config(model, arch, V, args.dtype, args.max_position),
                       args.dtype)

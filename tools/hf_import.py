@@ -12,8 +12,8 @@ partial_rotary_factor for these four (5.x rotates the whole head anyway, 4.57 cr
 that sets it describes no model transformers runs, and is refused.
 
 Writes
-    OUT_DIR/ckpt_import.h5   /params/<name> f32 and the root attributes format, version, step = 0 and
-                             config (train/checkpoint.h); no optimizer state
+    OUT_DIR/ckpt_import.h5   /params/<name> f32, each with its crc32, and the root attributes format,
+                             version, step = 0 and config (train/checkpoint.h); no optimizer state
     OUT_DIR/config.json      our config (model section; msa section with --attention msa)
 With --attention msa the checkpoint still holds only the backbone: the MSA index parameters are
 absent and start freshly initialised when the model loads it (train.init_from, build/forward).
@@ -34,6 +34,7 @@ import os
 import re
 import struct
 import sys
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
 
@@ -43,7 +44,7 @@ from tool_common import Fail, Hdf5Writer, check_config, exit_with, make_out_dir,
 import numpy as np
 
 FORMAT = "msa-train-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: a crc32 attribute on every tensor (train/checkpoint.h)
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -418,11 +419,12 @@ def write_outputs(out_dir, weights, mapping, config, hf_dir):
         with writer.writing():
             g = writer.hold(f.create_group("params"))
         for hf, ours, _ in mapping:
-            a = weights.read(hf)
+            a = np.ascontiguousarray(weights.read(hf), dtype="<f4")
             if not np.all(np.isfinite(a)):
                 raise Fail(f"{weights.file_of(hf)}: tensor {hf} holds NaN or Inf values")
             with writer.writing():
-                writer.hold(g.create_dataset(ours, data=a.astype("<f4", copy=False)))
+                d = writer.hold(g.create_dataset(ours, data=a))
+                d.attrs["crc32"] = np.uint32(zlib.crc32(a.data))  # checked on every load (train/checkpoint.h)
         with writer.writing():
             f.attrs["format"] = FORMAT
             f.attrs["version"] = np.int32(VERSION)

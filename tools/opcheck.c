@@ -17,12 +17,14 @@
  *   dq, dk, dv (shapes of q, k, v), dqi, dki (shapes of qi, ki).
  * Bad input (a missing file, dataset or attribute, a shape mismatch) exits with status 1 and a
  * message naming the file and the item. */
-#include <hdf5.h>
+#include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../autograd/ops.h"
+#include "../data/h5read.h"
 #include "../kernels/util.h"
 #include "../layers/msa.h"
 
@@ -38,58 +40,29 @@ static void shape_str(char *buf, size_t n, int ndim, const int64_t *dims) {
     if (o < n) snprintf(buf + o, n - o, "]");
 }
 
-/* Read dataset `name` of rank `ndim` into host memory as float (is_int = 0) or int32 (is_int = 1). */
-static HostArray read_dataset(hid_t file, const char *path, const char *name, int ndim, int is_int) {
-    HostArray a = {0};
-    if (H5Lexists(file, name, H5P_DEFAULT) <= 0) fatal("%s: missing dataset '%s'", path, name);
-    hid_t dset = H5Dopen2(file, name, H5P_DEFAULT);
-    if (dset < 0) fatal("%s: cannot open dataset '%s'", path, name);
-    hid_t type = H5Dget_type(dset), space = H5Dget_space(dset);
-    H5T_class_t cls = H5Tget_class(type);
-    if (cls != H5T_INTEGER && cls != H5T_FLOAT) fatal("%s: dataset '%s' is not numeric", path, name);
-    int nd = H5Sget_simple_extent_ndims(space);
-    hsize_t dims[H5S_MAX_RANK];
-    if (nd < 0 || nd > H5S_MAX_RANK) fatal("%s: cannot read the shape of dataset '%s'", path, name);
-    H5Sget_simple_extent_dims(space, dims, NULL);
-    a.ndim = nd;
-    int64_t n = 1;
-    for (int i = 0; i < nd && i < 4; i++) {
-        a.dims[i] = (int64_t)dims[i];
-        n *= a.dims[i];
-    }
-    if (nd != ndim) {
-        char got[96];
-        shape_str(got, sizeof got, nd < 4 ? nd : 4, a.dims);
-        fatal("%s: dataset '%s' has %d dimensions %s, expected %d", path, name, nd, got, ndim);
-    }
-    a.data = xmalloc((size_t)(n > 0 ? n : 1) * 4);
-    if (n > 0 && H5Dread(dset, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.data) < 0)
-        fatal("%s: cannot read dataset '%s' as %s", path, name, is_int ? "int32" : "float32");
-    H5Tclose(type);
-    H5Sclose(space);
-    H5Dclose(dset);
+/* Read dataset `name` of rank `ndim` (any numeric type) into host memory as float (is_int = 0) or int32
+ * (is_int = 1). */
+static HostArray read_dataset(H5Reader *rd, const char *name, int ndim, int is_int) {
+    const H5DatasetSpec spec = {.mem_type = is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, .any_number = true,
+                                .ndim = ndim};
+    H5Shape shape;
+    HostArray a = {.ndim = ndim};
+    h5r_dataset_read(rd, rd->file, name, &spec, true, &shape, &a.data);
+    for (int i = 0; i < ndim; i++) a.dims[i] = shape.dims[i];
     return a;
 }
 
 /* A one-element (scalar or [1]) numeric attribute of the root group, as double. */
-static double read_attr(hid_t file, const char *path, const char *name) {
-    if (H5Aexists(file, name) <= 0) fatal("%s: missing attribute '%s' on the root group", path, name);
-    hid_t attr = H5Aopen(file, name, H5P_DEFAULT);
-    hid_t type = H5Aget_type(attr), space = H5Aget_space(attr);
-    H5T_class_t cls = H5Tget_class(type);
-    if ((cls != H5T_INTEGER && cls != H5T_FLOAT) || H5Sget_simple_extent_npoints(space) != 1)
-        fatal("%s: attribute '%s' must be a single number", path, name);
+static double read_attr(H5Reader *rd, const char *name) {
     double v = 0;
-    if (H5Aread(attr, H5T_NATIVE_DOUBLE, &v) < 0) fatal("%s: cannot read attribute '%s'", path, name);
-    H5Tclose(type);
-    H5Sclose(space);
-    H5Aclose(attr);
+    h5r_attr_float(rd, rd->file, name, true, true, &v);
     return v;
 }
 
-static int read_int_attr(hid_t file, const char *path, const char *name) {
-    double v = read_attr(file, path, name);
-    if (v != (double)(int)v) fatal("%s: attribute '%s' must be an integer, got %g", path, name, v);
+static int read_int_attr(H5Reader *rd, const char *name) {
+    double v = read_attr(rd, name);
+    if (!(v >= INT_MIN && v <= INT_MAX) || v != floor(v))
+        fatal("%s: attribute \"%s\" must be an integer, got %g", rd->path, name, v);
     return (int)v;
 }
 
@@ -101,7 +74,7 @@ static void expect_shape(const char *path, const char *name, const HostArray *a,
         char got[96], exp[96];
         shape_str(got, sizeof got, a->ndim, a->dims);
         shape_str(exp, sizeof exp, ndim, want);
-        fatal("%s: dataset '%s' has shape %s, expected %s %s", path, name, got, exp, meaning);
+        fatal("%s: dataset \"%s\" has shape %s, expected %s %s", path, name, got, exp, meaning);
     }
 }
 
@@ -113,7 +86,7 @@ static void write_dataset(hid_t file, const char *path, const char *name, int nd
     hid_t ftype = is_int ? H5T_STD_I32LE : H5T_IEEE_F32LE;
     hid_t dset = H5Dcreate2(file, name, ftype, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     if (dset < 0 || H5Dwrite(dset, is_int ? H5T_NATIVE_INT32 : H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
-        fatal("%s: cannot write dataset '%s'", path, name);
+        fatal("%s: cannot write dataset \"%s\"", path, name);
     H5Dclose(dset);
     H5Sclose(space);
 }
@@ -157,42 +130,41 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
 #endif
     } else fatal("--device must be cpu or cuda, got '%s'", device);
 
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* our messages name the file and the item instead */
-    hid_t f = H5Fopen(in_path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) fatal("%s: cannot open as an HDF5 file", in_path);
-    HostArray q = read_dataset(f, in_path, "q", 3, 0);
+    H5Reader rd; /* its messages name the file and the item; h5_setup keeps a failed close from crashing the exit */
+    h5r_open(&rd, in_path, "input file", NULL, true);
+    HostArray q = read_dataset(&rd, "q", 3, 0);
     const int64_t T = q.dims[0], Hq = q.dims[1], d = q.dims[2];
-    HostArray k = read_dataset(f, in_path, "k", 3, 0);
+    HostArray k = read_dataset(&rd, "k", 3, 0);
     const int64_t Hkv = k.dims[1];
     expect_shape(in_path, "k", &k, 3, (int64_t[]){T, Hkv, d}, "(T and d from q)");
-    HostArray v = read_dataset(f, in_path, "v", 3, 0);
+    HostArray v = read_dataset(&rd, "v", 3, 0);
     expect_shape(in_path, "v", &v, 3, k.dims, "(the shape of k)");
     if (Hkv < 1 || Hq % Hkv != 0)
         fatal("%s: q has %lld heads, not a multiple of k's %lld heads", in_path, (long long)Hq, (long long)Hkv);
-    HostArray qi = read_dataset(f, in_path, "qi", 3, 0);
+    HostArray qi = read_dataset(&rd, "qi", 3, 0);
     const int64_t didx = qi.dims[2];
     expect_shape(in_path, "qi", &qi, 3, (int64_t[]){T, Hkv, didx}, "(T from q; one index head per KV head)");
-    HostArray ki = read_dataset(f, in_path, "ki", 2, 0);
+    HostArray ki = read_dataset(&rd, "ki", 2, 0);
     expect_shape(in_path, "ki", &ki, 2, (int64_t[]){T, didx}, "(T from q, didx from qi)");
-    HostArray cu = read_dataset(f, in_path, "cu_seqlens", 1, 1);
+    HostArray cu = read_dataset(&rd, "cu_seqlens", 1, 1);
     const int32_t *c = cu.data;
     const int64_t ndocs = cu.dims[0] - 1;
     if (ndocs < 1) fatal("%s: cu_seqlens needs at least 2 entries", in_path);
     if (c[0] != 0 || c[ndocs] != T) fatal("%s: cu_seqlens must run from 0 to T = %lld, got %d .. %d", in_path, (long long)T, c[0], c[ndocs]);
     for (int64_t i = 0; i < ndocs; i++)
         if (c[i + 1] < c[i]) fatal("%s: cu_seqlens decreases at entry %lld", in_path, (long long)i + 1);
-    HostArray dout = read_dataset(f, in_path, "dout", 3, 0);
+    HostArray dout = read_dataset(&rd, "dout", 3, 0);
     expect_shape(in_path, "dout", &dout, 3, q.dims, "(the shape of q)");
     const MsaSettings s = {
-        .params = {.block_size = read_int_attr(f, in_path, "block_size"),
-                   .topk_blocks = read_int_attr(f, in_path, "topk_blocks"),
-                   .init_blocks = read_int_attr(f, in_path, "init_blocks"),
-                   .local_blocks = read_int_attr(f, in_path, "local_blocks"),
-                   .scale = (float)read_attr(f, in_path, "scale"),
-                   .index_scale = (float)read_attr(f, in_path, "index_scale")},
-        .kl_weight = (float)read_attr(f, in_path, "kl_weight"),
+        .params = {.block_size = read_int_attr(&rd, "block_size"),
+                   .topk_blocks = read_int_attr(&rd, "topk_blocks"),
+                   .init_blocks = read_int_attr(&rd, "init_blocks"),
+                   .local_blocks = read_int_attr(&rd, "local_blocks"),
+                   .scale = (float)read_attr(&rd, "scale"),
+                   .index_scale = (float)read_attr(&rd, "index_scale")},
+        .kl_weight = (float)read_attr(&rd, "kl_weight"),
     };
-    H5Fclose(f);
+    h5r_close(&rd);
     char why[256];
     if (!msa_check(&s.params, "attribute ", why, sizeof why)) fatal("%s: %s", in_path, why);
 

@@ -19,9 +19,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <hdf5.h>
-
 #include "../data/dataset.h"
+#include "../data/h5read.h"
 #include "../kernels/util.h"
 
 #define CHUNK_TOKENS ((hsize_t)1 << 16) /* 256 KiB of int32 per chunk: small reads stay cheap */
@@ -127,10 +126,12 @@ typedef struct Writer {
     hid_t file;
 } Writer;
 
+/* Give up on this file: drop its half-written temporary (an earlier file of that name stays as it was)
+ * and say why. The exit after a failed close is clean because main called h5_setup. */
 static noreturn void writer_fail(Writer *w, const char *what) {
     if (w->file >= 0) H5Fclose(w->file);
     unlink(w->tmp);
-    fatal("%s: cannot write %s", w->tmp, what);
+    fatal("%s: cannot write %s into %s (disk full or no permission?); %s is unchanged", w->path, what, w->tmp, w->path);
 }
 
 /* A growable (unlimited) 1-D chunked, shuffled and deflated dataset, appended to one chunk at a time
@@ -143,7 +144,7 @@ static void write_1d(Writer *w, const char *name, hid_t ftype, hid_t mtype, cons
     /* shuffle groups the bytes of small ids together: deflate then shrinks int32 tokens ~2x more */
     if (space < 0 || dcpl < 0 || H5Pset_chunk(dcpl, 1, chunk) < 0 || H5Pset_shuffle(dcpl) < 0 ||
         H5Pset_deflate(dcpl, DEFLATE_LEVEL) < 0)
-        writer_fail(w, "(dataset properties)");
+        writer_fail(w, "the layout of a dataset");
     hid_t dset = H5Dcreate2(w->file, name, ftype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
     H5Pclose(dcpl);
     H5Sclose(space);
@@ -161,7 +162,7 @@ static void write_1d(Writer *w, const char *name, hid_t ftype, hid_t mtype, cons
             writer_fail(w, name);
         }
     }
-    H5Dclose(dset);
+    if (H5Dclose(dset) < 0) writer_fail(w, name); /* the chunks still cached are written here */
 }
 
 /* A fixed-length string attribute of exactly len bytes (NUL-padded, so a NUL inside survives). */
@@ -197,7 +198,7 @@ static void write_token_file(const char *path, const int32_t *tokens, int64_t n,
     if (vocab) write_string_attr(&w, "vocab", vocab, (size_t)vocab_size);
     if (H5Fclose(w.file) < 0) {
         w.file = -1;
-        writer_fail(&w, "(closing)");
+        writer_fail(&w, "the file's last blocks (closing it)");
     }
     w.file = -1;
     /* read it back through the trainer's own checks before it takes the final name */
@@ -258,7 +259,7 @@ static const char *plural(int64_t n) { return n == 1 ? "" : "s"; }
 int main(int argc, char **argv) {
     Options o;
     parse_args(&o, argc, argv);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* failures are reported by name below */
+    h5_setup(); /* failures are reported by name below, and a failed close does not crash the exit */
 
     Corpus c = {0};
     read_input(&c, &o);

@@ -1,7 +1,7 @@
 /* Checkpoints in HDF5 (format in checkpoint.h). A checkpoint is the user's file: every problem with one
- * ends the program with "error: <file>: <problem>" naming the tensor at fault, never with HDF5's own
- * error stack, and a failed read or write never touches another file. Tensor data goes through the
- * backend's copy functions, so the same code saves CPU and device memory. */
+ * ends the program with "error: <file>: <problem>" naming the tensor at fault (or, verifying, returns
+ * it), never with HDF5's own error stack, and a failed read or write never touches another file. Tensor
+ * data goes through the backend's copy functions, so the same code saves CPU and device memory. */
 #include "checkpoint.h"
 
 #include <errno.h>
@@ -14,23 +14,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <hdf5.h>
-
+#include "../data/crc32.h"
+#include "../data/h5read.h"
 #include "../kernels/util.h"
 
 #define CKPT_FORMAT "msa-train-checkpoint"
-#define CKPT_VERSION 1
-#define NAME_MAX_LEN 256 /* parameter names are far shorter ("layers.12.moe.shared.0.w_gate") */
-
-/* our messages replace HDF5's stack dumps, which name neither the file nor the tensor */
-static void silence_hdf5(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
-
-static void format_shape(char *buf, size_t n, int ndim, const int64_t *dims) {
-    size_t k = (size_t)snprintf(buf, n, "[");
-    for (int i = 0; i < ndim && k < n; i++)
-        k += (size_t)snprintf(buf + k, n - k, "%s%lld", i ? ", " : "", (long long)dims[i]);
-    if (k < n) snprintf(buf + k, n - k, "]");
-}
+#define CKPT_VERSION 2      /* 2: a crc32 attribute on every tensor */
+#define CKPT_OLDEST_VERSION 1
+#define NAME_MAX_LEN 256    /* parameter names are far shorter ("layers.12.moe.shared.0.w_gate") */
+#define VERIFY_SLAB_FLOATS ((int64_t)1 << 20) /* checkpoint_verify's read buffer: 4 MiB */
 
 /* A parameter-store slice (dtype of the store, F32 in training, F64 in gradient checks) <-> host f32. */
 static void store_to_f32(const KernelBackend *be, DType dt, const void *src, int64_t numel, float *out) {
@@ -93,16 +85,26 @@ static hid_t make_group(Writer *w, const char *name) {
     return g;
 }
 
+/* A tensor and its crc32 attribute (checkpoint.h). */
 static void write_f32(Writer *w, hid_t group, const char *gname, const char *name, int ndim, const int64_t *shape,
                       const float *host) {
     hsize_t dims[TENSOR_MAX_DIMS];
-    for (int i = 0; i < ndim; i++) dims[i] = (hsize_t)shape[i];
+    int64_t numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        dims[i] = (hsize_t)shape[i];
+        numel *= shape[i];
+    }
     char full[NAME_MAX_LEN + 32];
     snprintf(full, sizeof full, "%s/%s", gname, name);
-    hid_t space = H5Screate_simple(ndim, dims, NULL);
+    uint32_t crc = crc32_update(0, host, (size_t)numel * sizeof(float));
+    hid_t space = H5Screate_simple(ndim, dims, NULL), one = H5Screate(H5S_SCALAR);
     hid_t d = space >= 0 ? H5Dcreate2(group, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT) : -1;
     bool ok = d >= 0 && H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, host) >= 0;
+    hid_t a = ok && one >= 0 ? H5Acreate2(d, "crc32", H5T_STD_U32LE, one, H5P_DEFAULT, H5P_DEFAULT) : -1;
+    ok = a >= 0 && H5Awrite(a, H5T_NATIVE_UINT32, &crc) >= 0;
+    if (a >= 0) ok = H5Aclose(a) >= 0 && ok;
     if (d >= 0) ok = H5Dclose(d) >= 0 && ok;
+    if (one >= 0) H5Sclose(one);
     if (space >= 0) H5Sclose(space);
     if (!ok) write_fail(w, "writing", full);
 }
@@ -157,8 +159,29 @@ static void test_hook_kill_after_params(Writer *w, int64_t step) {
     raise(SIGKILL);
 }
 
+/* Test hook, for tests/test_checkpoint.c only: MSA_CKPT_TEST_CORRUPT=<step> flips one bit in the data of
+ * the first parameter of the checkpoint of that step, in <path>.tmp after it is written and closed,
+ * before the verification: the damage a bad disk or a bad write would do. */
+static void test_hook_corrupt(const Writer *w, int64_t step, const char *tensor) {
+    const char *env = getenv("MSA_CKPT_TEST_CORRUPT");
+    if (!env || !*env || strtoll(env, NULL, 10) != step) return;
+    char name[NAME_MAX_LEN + 16];
+    snprintf(name, sizeof name, "params/%s", tensor);
+    hid_t f = H5Fopen(w->tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t d = f >= 0 ? H5Dopen2(f, name, H5P_DEFAULT) : -1;
+    haddr_t at = d >= 0 ? H5Dget_offset(d) : HADDR_UNDEF;
+    if (d >= 0) H5Dclose(d);
+    if (f >= 0) H5Fclose(f);
+    int fd = open(w->tmp, O_RDWR);
+    unsigned char byte = 0;
+    if (at == HADDR_UNDEF || fd < 0 || pread(fd, &byte, 1, (off_t)at + 6) != 1) fatal("MSA_CKPT_TEST_CORRUPT: cannot find %s", name);
+    byte ^= 0x80; /* the lowest exponent bit of the second value: it halves or doubles, still finite */
+    if (pwrite(fd, &byte, 1, (off_t)at + 6) != 1) fatal("MSA_CKPT_TEST_CORRUPT: cannot write %s", w->tmp);
+    close(fd);
+}
+
 void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const TrainState *st, const char *config_json) {
-    silence_hdf5();
+    h5_setup();
     Writer w = {.path = path, .file = -1};
     if ((size_t)snprintf(w.tmp, sizeof w.tmp, "%s.tmp", path) >= sizeof w.tmp) fatal("%s: path too long", path);
     const ParamStore *ps = &m->params;
@@ -205,7 +228,7 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
     int version = CKPT_VERSION, adam_t = opt ? opt->t : 0;
     int64_t step = st ? st->step : 0;
     uint64_t counter = st ? st->data_counter : 0, seed = st ? st->seed : 0;
-    double best = st ? st->best_val_loss : NAN;
+    double best = st ? st->best_val_loss : NAN, first = st ? st->first_val_loss : NAN;
     write_string_attr(&w, "format", CKPT_FORMAT);
     write_scalar_attr(&w, "version", H5T_STD_I32LE, H5T_NATIVE_INT, &version);
     write_scalar_attr(&w, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step);
@@ -213,12 +236,20 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
     write_scalar_attr(&w, "data_counter", H5T_STD_U64LE, H5T_NATIVE_UINT64, &counter);
     write_scalar_attr(&w, "seed", H5T_STD_U64LE, H5T_NATIVE_UINT64, &seed);
     write_scalar_attr(&w, "best_val_loss", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &best);
+    write_scalar_attr(&w, "first_val_loss", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &first);
     if (config_json) write_string_attr(&w, "config", config_json);
 
     hid_t file = w.file;
     w.file = -1;
     if (H5Fclose(file) < 0) write_fail(&w, "closing", w.tmp);
     fsync_path(w.tmp, false);
+    test_hook_corrupt(&w, step, ps->p[0].t->name);
+    /* what the disk holds now, read back through the loaders' own checks: a write that came out wrong
+     * must not replace a good checkpoint, nor let keep_checkpoints delete older ones */
+    char why[1024];
+    if (!checkpoint_verify(w.tmp, why, sizeof why))
+        fatal("%s: the checkpoint just written does not verify (%s); it stays as %s, earlier checkpoints are untouched",
+              path, why, w.tmp);
     if (rename(w.tmp, path) != 0) {
         int err = errno;
         unlink(w.tmp);
@@ -233,129 +264,121 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
 
 /* ---- reading ---------------------------------------------------------------------------------- */
 
-/* A scalar string attribute, variable-length (our writer, h5py) or fixed-length, as a malloc'd
- * NUL-terminated string; NULL when it is not a string. */
-static char *read_string_attr(hid_t attr) {
-    hid_t type = H5Aget_type(attr);
-    if (type < 0) return NULL;
-    char *out = NULL;
-    if (H5Tget_class(type) == H5T_STRING) {
-        hid_t mtype = H5Tcopy(H5T_C_S1);
-        H5Tset_cset(mtype, H5Tget_cset(type)); /* HDF5 converts no string between ASCII and UTF-8 */
-        if (H5Tis_variable_str(type) > 0) {
-            char *s = NULL;
-            H5Tset_size(mtype, H5T_VARIABLE);
-            if (H5Aread(attr, mtype, &s) >= 0 && s) {
-                out = xstrdup(s);
-                H5free_memory(s);
-            }
-        } else {
-            size_t size = H5Tget_size(type);
-            H5Tset_size(mtype, size + 1); /* room for the terminator a NULPAD string lacks */
-            out = xcalloc(size + 2, 1);
-            if (H5Aread(attr, mtype, out) < 0) {
-                free(out);
-                out = NULL;
-            }
+typedef struct Ckpt {
+    H5Reader rd; /* its mode decides: loaders end the program on a problem, checkpoint_verify returns it */
+    int version;
+} Ckpt;
+
+/* A version 1 file says so once per file, not at each of the reads of one --resume. */
+static void warn_unverifiable(const char *path) {
+    static char warned[4096];
+    if (!strcmp(warned, path)) return;
+    snprintf(warned, sizeof warned, "%s", path);
+    fprintf(stderr,
+            "warning: %s: checkpoint format version 1 has no checksums, so its tensors load unverified (NaN and "
+            "infinite values are still refused); checkpoints written from now on have them\n",
+            path);
+}
+
+/* Opens a checkpoint read-only and checks that it is one of ours, of a version this build reads. */
+static bool open_checkpoint(Ckpt *c, const char *path, bool exit_on_error) {
+    H5Reader *r = &c->rd;
+    if (!h5r_open(r, path, "checkpoint", ", so not a checkpoint (truncated or corrupt?)", exit_on_error)) return false;
+    char *format = NULL;
+    int64_t version = 0;
+    int st = h5r_attr_string(r, r->file, "format", false, &format, NULL);
+    if (st == 0)
+        h5r_fail(r, "not an msa-train checkpoint (no \"format\" attribute; an HDF5 file of another kind?)");
+    else if (st == 1 && strcmp(format, CKPT_FORMAT) != 0)
+        h5r_fail(r, "not an msa-train checkpoint (attribute \"format\" is \"%.64s\", not \"" CKPT_FORMAT "\")", format);
+    else if (st == 1 && h5r_attr_int(r, r->file, "version", true, 0, INT32_MAX, &version) == 1) {
+        int params = 0;
+        if (version < CKPT_OLDEST_VERSION || version > CKPT_VERSION)
+            h5r_fail(r, "checkpoint format version %lld; this build reads versions %d to %d", (long long)version,
+                     CKPT_OLDEST_VERSION, CKPT_VERSION);
+        else if ((params = h5r_link(r, r->file, "params")) == 0)
+            h5r_fail(r, "checkpoint without a /params group (truncated or corrupt)");
+        else if (params == 1) {
+            free(format);
+            c->version = (int)version;
+            if (c->version < 2) warn_unverifiable(path);
+            return true;
         }
-        H5Tclose(mtype);
     }
-    H5Tclose(type);
-    return out;
-}
-
-/* Opens a checkpoint read-only and checks that it is one of ours; any problem ends the program. */
-static hid_t open_checkpoint(const char *path) {
-    silence_hdf5();
-    struct stat sb;
-    if (stat(path, &sb) != 0) fatal("%s: cannot open the checkpoint (%s)", path, strerror(errno));
-    if (S_ISDIR(sb.st_mode)) fatal("%s: is a directory, not a checkpoint", path);
-    FILE *probe = fopen(path, "rb");
-    if (!probe) fatal("%s: cannot read the checkpoint (%s)", path, strerror(errno));
-    fclose(probe);
-    if (sb.st_size == 0) fatal("%s: the checkpoint is empty (truncated)", path);
-    if (H5Fis_hdf5(path) <= 0) fatal("%s: not an HDF5 file, so not a checkpoint (truncated or corrupt?)", path);
-    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (file < 0) fatal("%s: cannot open as HDF5 (the checkpoint is truncated or corrupt)", path);
-
-    if (H5Aexists(file, "format") <= 0)
-        fatal("%s: not an msa-train checkpoint (no \"format\" attribute; an HDF5 file of another kind?)", path);
-    hid_t a = H5Aopen(file, "format", H5P_DEFAULT);
-    char *format = a >= 0 ? read_string_attr(a) : NULL;
-    if (a >= 0) H5Aclose(a);
-    if (!format || strcmp(format, CKPT_FORMAT) != 0)
-        fatal("%s: not an msa-train checkpoint (attribute \"format\" is %s%s%s, not \"" CKPT_FORMAT "\")", path,
-              format ? "\"" : "not a string", format ? format : "", format ? "\"" : "");
     free(format);
-
-    long long version = 0;
-    a = H5Aexists(file, "version") > 0 ? H5Aopen(file, "version", H5P_DEFAULT) : -1;
-    if (a < 0 || H5Aread(a, H5T_NATIVE_LLONG, &version) < 0)
-        fatal("%s: checkpoint without a readable \"version\" attribute", path);
-    H5Aclose(a);
-    if (version != CKPT_VERSION)
-        fatal("%s: checkpoint format version %lld; this build reads version %d", path, version, CKPT_VERSION);
-    if (H5Lexists(file, "params", H5P_DEFAULT) <= 0)
-        fatal("%s: checkpoint without a /params group (truncated or corrupt)", path);
-    return file;
+    h5r_close(r);
+    return false;
 }
 
-static hid_t open_group(const char *path, hid_t file, const char *name, const char *why) {
-    hid_t g = H5Lexists(file, name, H5P_DEFAULT) > 0 ? H5Gopen2(file, name, H5P_DEFAULT) : -1;
-    if (g < 0) fatal("%s: the checkpoint has no /%s group%s", path, name, why);
-    return g;
-}
-
-/* Checks that gname/name exists as a floating-point dataset of the given shape. Returns false when it is
- * absent; any other mismatch ends the program naming the tensor and both shapes. */
-static bool check_tensor(const char *path, hid_t group, const char *gname, const char *name, int ndim,
-                         const int64_t *shape) {
-    if (H5Lexists(group, name, H5P_DEFAULT) <= 0) return false;
-    hid_t d = H5Dopen2(group, name, H5P_DEFAULT);
-    if (d < 0) fatal("%s: %s/%s is not a dataset (corrupt checkpoint?)", path, gname, name);
-    hid_t type = H5Dget_type(d), space = H5Dget_space(d);
-    bool is_float = type >= 0 && H5Tget_class(type) == H5T_FLOAT;
-    int fnd = space >= 0 ? H5Sget_simple_extent_ndims(space) : -1;
-    hsize_t fdims[H5S_MAX_RANK];
-    int64_t fshape[H5S_MAX_RANK];
-    if (fnd > 0) H5Sget_simple_extent_dims(space, fdims, NULL);
-    for (int i = 0; i < fnd; i++) fshape[i] = (int64_t)fdims[i];
-    if (type >= 0) H5Tclose(type);
-    if (space >= 0) H5Sclose(space);
-    H5Dclose(d);
-    if (!is_float) fatal("%s: %s/%s is not a floating-point dataset", path, gname, name);
-    bool same = fnd == ndim;
-    for (int i = 0; same && i < ndim; i++) same = fshape[i] == shape[i];
-    if (!same) {
-        char want[128], got[128];
-        format_shape(want, sizeof want, ndim, shape);
-        format_shape(got, sizeof got, fnd < 0 ? 0 : fnd, fshape);
-        fatal("%s: shape mismatch for %s/%s: the checkpoint has %s, the model needs %s (a different model config?)",
-              path, gname, name, got, want);
+/* 1: *g open; 0: absent and not required; -1: a problem. why follows "no /<name> group". */
+static int open_group(Ckpt *c, const char *name, bool required, const char *why, hid_t *g) {
+    *g = -1;
+    int link = h5r_link(&c->rd, c->rd.file, name);
+    if (link < 0) return -1;
+    if (link == 0) {
+        if (!required) return 0;
+        h5r_fail(&c->rd, "the checkpoint has no /%s group%s", name, why);
+        return -1;
     }
-    return true;
+    *g = H5Gopen2(c->rd.file, name, H5P_DEFAULT);
+    if (*g >= 0) return 1;
+    h5r_fail(&c->rd, "/%s is not a group (corrupt checkpoint?)", name);
+    return -1;
 }
 
-static void read_f32(const char *path, hid_t group, const char *gname, const char *name, float *out) {
-    hid_t d = H5Dopen2(group, name, H5P_DEFAULT);
-    if (d < 0 || H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
-        fatal("%s: cannot read %s/%s (the checkpoint is truncated or corrupt)", path, gname, name);
-    H5Dclose(d);
+/* Opens tensor gname/name as a floating-point dataset; of the given shape, or of any (shape NULL). */
+static int open_tensor(Ckpt *c, hid_t group, const char *name, int ndim, const int64_t *shape, bool required, hid_t *d,
+                       H5Shape *sh) {
+    const H5DatasetSpec spec = {.mem_type = H5T_NATIVE_FLOAT, .ndim = shape ? ndim : -1, .dims = shape,
+                                .hint = " (a different model config?)"};
+    return h5r_dataset_open(&c->rd, group, name, &spec, required, H5P_DEFAULT, d, sh);
+}
+
+/* Reads the open tensor d (shape sh) into out, or with out NULL through a bounded scratch buffer only to
+ * check it: every value must be finite, and from version 2 on the CRC-32 of the values must equal the
+ * tensor's crc32 attribute. */
+static bool read_tensor(Ckpt *c, hid_t d, const char *gname, const char *name, const H5Shape *sh, float *out) {
+    H5Reader *r = &c->rd;
+    uint64_t want = 0;
+    if (c->version >= 2 && h5r_attr_uint(r, d, "crc32", true, UINT32_MAX, &want) != 1) return false;
+    int64_t rows = sh->ndim ? sh->dims[0] : 1, row_floats = rows ? sh->numel / rows : 0;
+    int64_t slab = out || row_floats == 0 ? rows : VERIFY_SLAB_FLOATS / row_floats;
+    if (slab < 1) slab = 1;
+    float *scratch = out ? NULL : xmalloc((size_t)((slab < rows ? slab : rows) * row_floats) * sizeof(float) + 1);
+    uint32_t crc = 0;
+    bool ok = true;
+    for (int64_t at = 0; ok && at < rows; at += slab) {
+        int64_t n = slab < rows - at ? slab : rows - at, count = n * row_floats;
+        float *buf = out ? out + at * row_floats : scratch;
+        ok = h5r_read_rows(r, d, sh, H5T_NATIVE_FLOAT, at, n, buf);
+        for (int64_t i = 0; ok && i < count; i++)
+            if (!isfinite(buf[i]))
+                ok = h5r_fail(r, "tensor %s/%s holds %g at element %lld: the checkpoint is corrupt, or was written "
+                                 "by a run that had diverged",
+                              gname, name, (double)buf[i], (long long)(at * row_floats + i));
+        if (ok) crc = crc32_update(crc, buf, (size_t)count * sizeof(float));
+    }
+    free(scratch);
+    if (ok && c->version >= 2 && crc != (uint32_t)want)
+        ok = h5r_fail(r, "tensor %s/%s does not match its checksum (crc32 0x%08x stored, 0x%08x read): the checkpoint "
+                         "is corrupt",
+                      gname, name, (unsigned)want, (unsigned)crc);
+    return ok;
 }
 
 /* Every link of a group must name something the model has: is_known(ctx, name) decides. */
 typedef bool (*KnownFn)(const void *ctx, const char *name);
 
-static void check_no_unexpected(const char *path, hid_t group, const char *gname, KnownFn is_known, const void *ctx) {
+static void check_no_unexpected(Ckpt *c, hid_t group, const char *gname, KnownFn is_known, const void *ctx) {
     H5G_info_t info;
-    if (H5Gget_info(group, &info) < 0) fatal("%s: cannot list /%s (the checkpoint is corrupt)", path, gname);
+    if (H5Gget_info(group, &info) < 0) h5r_fail(&c->rd, "cannot list /%s (the checkpoint is corrupt)", gname);
     for (hsize_t i = 0; i < info.nlinks; i++) {
         char name[NAME_MAX_LEN + 1];
         ssize_t len = H5Lget_name_by_idx(group, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
-        if (len < 0) fatal("%s: cannot list /%s (the checkpoint is corrupt)", path, gname);
+        if (len < 0) h5r_fail(&c->rd, "cannot list /%s (the checkpoint is corrupt)", gname);
         if (len >= (ssize_t)sizeof name || !is_known(ctx, name))
-            fatal("%s: unexpected tensor %s/%s: the model has no such %s (a different model config?)", path, gname,
-                  name, !strcmp(gname, "state") ? "state" : "parameter");
+            h5r_fail(&c->rd, "unexpected tensor %s/%s: the model has no such %s (a different model config?)", gname,
+                     name, !strcmp(gname, "state") ? "state" : "parameter");
     }
 }
 
@@ -373,26 +396,30 @@ static bool is_moe_bias(const void *model, const char *name) {
 static bool is_index_param(const char *name) { return strstr(name, ".index.") != NULL; }
 
 /* Loads the parameter-shaped group gname (values or a moment) into base, a buffer laid out as the store in
- * the memory of backend be.
- * Every tensor is checked before any is read, so a bad file leaves the model as it was. A tensor the
- * file lacks is an error unless it is an MSA index parameter and allow_missing_index is set. Returns
- * the number of tensors loaded. */
-static int load_store_group(const char *path, hid_t file, const char *gname, ParamStore *ps, const KernelBackend *be,
-                            void *base, bool allow_missing_index, const char *why_no_group) {
-    hid_t g = open_group(path, file, gname, why_no_group);
+ * the memory of backend be (the reader ends the program on any problem).
+ * Every tensor's presence and shape is checked before any is read, so a file for another model leaves
+ * the model as it was. A tensor the file lacks is an error unless it is an MSA index parameter and
+ * allow_missing_index is set. Returns the number of tensors loaded. */
+static int load_store_group(Ckpt *c, const char *gname, ParamStore *ps, const KernelBackend *be, void *base,
+                            bool allow_missing_index, const char *why_no_group) {
+    const char *path = c->rd.path;
+    hid_t g, d;
+    H5Shape sh;
+    open_group(c, gname, true, why_no_group, &g);
     bool *present = xcalloc((size_t)ps->n + 1, sizeof(bool));
     for (int i = 0; i < ps->n; i++) {
         const Tensor *t = ps->p[i].t;
-        present[i] = check_tensor(path, g, gname, t->name, t->ndim, t->shape);
+        present[i] = open_tensor(c, g, t->name, t->ndim, t->shape, false, &d, &sh) == 1;
+        if (present[i]) H5Dclose(d);
         if (!present[i] && !(allow_missing_index && is_index_param(t->name))) {
             char shape[128];
-            format_shape(shape, sizeof shape, t->ndim, t->shape);
+            h5r_format_shape(shape, sizeof shape, t->ndim, t->shape);
             fatal("%s: missing tensor %s/%s (the model has it, shape %s)%s", path, gname, t->name, shape,
                   is_index_param(t->name) ? "; a dense checkpoint initialises an MSA model through train.init_from"
                                           : "");
         }
     }
-    check_no_unexpected(path, g, gname, is_param, ps);
+    check_no_unexpected(c, g, gname, is_param, ps);
 
     float *host = xmalloc((size_t)max_param_numel(ps) * sizeof(float) + sizeof(float));
     size_t es = dtype_size(ps->dtype);
@@ -400,7 +427,9 @@ static int load_store_group(const char *path, hid_t file, const char *gname, Par
     for (int i = 0; i < ps->n; i++) {
         if (!present[i]) continue;
         const Param *p = &ps->p[i];
-        read_f32(path, g, gname, p->t->name, host);
+        open_tensor(c, g, p->t->name, p->t->ndim, p->t->shape, true, &d, &sh);
+        read_tensor(c, d, gname, p->t->name, &sh, host);
+        H5Dclose(d);
         f32_to_store(be, ps->dtype, (char *)base + (size_t)p->offset * es, p->t->numel, host);
         loaded++;
     }
@@ -412,104 +441,124 @@ static int load_store_group(const char *path, hid_t file, const char *gname, Par
 
 /* The MoE selection biases in /state. required: every MoE layer's bias must be there (resume); else
  * the ones present are loaded and the others stay as they are (an imported checkpoint has none). */
-static void load_moe_biases(const char *path, hid_t file, Model *m, bool required) {
+static void load_moe_biases(Ckpt *c, Model *m, bool required) {
     const bool any_moe = m->n_moe_layers > 0;
-    if (H5Lexists(file, "state", H5P_DEFAULT) <= 0) {
-        if (required && any_moe)
-            fatal("%s: the checkpoint has no /state group (no MoE selection biases to resume)", path);
-        return;
-    }
-    hid_t g = open_group(path, file, "state", "");
-    if (required) check_no_unexpected(path, g, "state", is_moe_bias, m);
+    hid_t g, d;
+    H5Shape sh;
+    if (open_group(c, "state", required && any_moe, " (no MoE selection biases to resume)", &g) == 0) return;
+    if (required) check_no_unexpected(c, g, "state", is_moe_bias, m);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         MoeLayer *ml = moe_layer_of(&m->layers[l].ffn);
         if (!ml) continue;
         MoeLayerParams *mp = &ml->p;
         char name[64];
         int64_t shape[1] = {mp->num_experts};
-        if (check_tensor(path, g, "state", moe_bias_name(name, sizeof name, l), 1, shape))
-            read_f32(path, g, "state", name, mp->bias);
-        else if (required)
-            fatal("%s: missing tensor state/%s (the model's MoE layer %d needs its selection bias, shape [%d])", path,
-                  name, l, mp->num_experts);
+        if (open_tensor(c, g, moe_bias_name(name, sizeof name, l), 1, shape, false, &d, &sh) == 1) {
+            read_tensor(c, d, "state", name, &sh, mp->bias);
+            H5Dclose(d);
+        } else if (required)
+            fatal("%s: missing tensor state/%s (the model's MoE layer %d needs its selection bias, shape [%d])",
+                  c->rd.path, name, l, mp->num_experts);
     }
     H5Gclose(g);
 }
 
-/* A scalar root attribute of the given class read as mem_type: 1 read, 0 absent, -1 there but not a
- * readable scalar of that class. */
-static int read_scalar_attr(hid_t file, const char *name, H5T_class_t cls, hid_t mem_type, void *out) {
-    if (H5Aexists(file, name) <= 0) return 0;
-    hid_t a = H5Aopen(file, name, H5P_DEFAULT);
-    hid_t type = a >= 0 ? H5Aget_type(a) : -1;
-    bool ok = type >= 0 && H5Tget_class(type) == cls && H5Aread(a, mem_type, out) >= 0;
-    if (type >= 0) H5Tclose(type);
-    if (a >= 0) H5Aclose(a);
-    return ok ? 1 : -1;
-}
-
-static bool read_int_attr(hid_t file, const char *name, hid_t mem_type, void *out) {
-    return read_scalar_attr(file, name, H5T_INTEGER, mem_type, out) == 1;
-}
-
-/* An optional float attribute: NaN when the file lacks it (older checkpoints); false when it is there but
- * not a readable floating-point scalar. */
-static bool read_optional_float_attr(hid_t file, const char *name, double *out) {
-    *out = NAN;
-    return read_scalar_attr(file, name, H5T_FLOAT, H5T_NATIVE_DOUBLE, out) >= 0;
+/* The train-state root attributes. required: step, adam_t, data_counter and seed must be there (resume);
+ * else only those present are checked. best_val_loss and first_val_loss are optional (NaN). */
+static bool read_train_state(Ckpt *c, bool required, TrainState *st, int *adam_t) {
+    H5Reader *r = &c->rd;
+    int64_t step = 0, t = 0;
+    uint64_t counter = 0, seed = 0;
+    double best = NAN, first = NAN;
+    if (h5r_attr_int(r, r->file, "step", required, 0, INT32_MAX, &step) < 0 ||
+        h5r_attr_int(r, r->file, "adam_t", required, 0, INT32_MAX, &t) < 0 ||
+        h5r_attr_uint(r, r->file, "data_counter", required, UINT64_MAX, &counter) < 0 ||
+        h5r_attr_uint(r, r->file, "seed", required, UINT64_MAX, &seed) < 0 ||
+        h5r_attr_float(r, r->file, "best_val_loss", false, false, &best) < 0 ||
+        h5r_attr_float(r, r->file, "first_val_loss", false, false, &first) < 0)
+        return false;
+    *st = (TrainState){.step = step, .data_counter = counter, .seed = seed, .best_val_loss = best,
+                       .first_val_loss = first};
+    *adam_t = (int)t;
+    return true;
 }
 
 int checkpoint_read_params(const char *path, Model *m, bool allow_missing_index) {
-    hid_t file = open_checkpoint(path);
-    int loaded = load_store_group(path, file, "params", &m->params, m->params.be, m->params.data, allow_missing_index, "");
+    Ckpt c;
+    open_checkpoint(&c, path, true);
+    int loaded = load_store_group(&c, "params", &m->params, m->params.be, m->params.data, allow_missing_index, "");
     params_sync_shadow(&m->params); /* device GEMMs read the BF16 copy of the weights */
     /* MoE selection biases decide which experts run, so they are part of the model's function */
-    load_moe_biases(path, file, m, false);
-    H5Fclose(file);
+    load_moe_biases(&c, m, false);
+    h5r_close(&c.rd);
     return loaded;
 }
 
 void checkpoint_read_state(const char *path, Model *m, AdamW *opt, TrainState *st) {
-    hid_t file = open_checkpoint(path);
+    Ckpt c;
+    open_checkpoint(&c, path, true);
     const char *no_opt = " (an imported checkpoint without optimizer state can start a run through train.init_from, "
                          "not resume one)";
     if (opt->numel != m->params.numel) fatal("%s: the optimizer does not match the model's parameters", path);
     if (opt->begin != 0 || opt->end < m->params.numel)
         fatal("%s: the optimizer holds only a shard of the moments; read into a whole-store one, then scatter", path);
-    load_store_group(path, file, "optimizer/m", &m->params, opt->be, opt->m, false, no_opt);
-    load_store_group(path, file, "optimizer/v", &m->params, opt->be, opt->v, false, no_opt);
-    load_moe_biases(path, file, m, true);
-    int64_t step;
-    int adam_t;
-    uint64_t counter, seed;
-    double best;
-    if (!read_int_attr(file, "step", H5T_NATIVE_INT64, &step) || step < 0 || step > 0x7fffffff)
-        fatal("%s: the checkpoint has no valid \"step\" attribute", path);
-    if (!read_int_attr(file, "adam_t", H5T_NATIVE_INT, &adam_t) || adam_t < 0)
-        fatal("%s: the checkpoint has no valid \"adam_t\" attribute", path);
-    if (!read_int_attr(file, "data_counter", H5T_NATIVE_UINT64, &counter))
-        fatal("%s: the checkpoint has no valid \"data_counter\" attribute", path);
-    if (!read_int_attr(file, "seed", H5T_NATIVE_UINT64, &seed))
-        fatal("%s: the checkpoint has no valid \"seed\" attribute", path);
-    if (!read_optional_float_attr(file, "best_val_loss", &best))
-        fatal("%s: the checkpoint's \"best_val_loss\" attribute is not a floating-point number", path);
-    H5Fclose(file);
-    opt->t = adam_t;
-    st->step = step;
-    st->data_counter = counter;
-    st->seed = seed;
-    st->best_val_loss = best;
+    load_store_group(&c, "optimizer/m", &m->params, opt->be, opt->m, false, no_opt);
+    load_store_group(&c, "optimizer/v", &m->params, opt->be, opt->v, false, no_opt);
+    load_moe_biases(&c, m, true);
+    read_train_state(&c, true, st, &opt->t);
+    h5r_close(&c.rd);
 }
 
 char *checkpoint_read_config(const char *path) {
-    hid_t file = open_checkpoint(path);
+    Ckpt c;
+    open_checkpoint(&c, path, true);
     char *out = NULL;
-    if (H5Aexists(file, "config") > 0) {
-        hid_t a = H5Aopen(file, "config", H5P_DEFAULT);
-        out = a >= 0 ? read_string_attr(a) : NULL;
-        if (a >= 0) H5Aclose(a);
-        if (!out) fatal("%s: the checkpoint's \"config\" attribute is not a string", path);
-    }
-    H5Fclose(file);
+    h5r_attr_string(&c.rd, c.rd.file, "config", false, &out, NULL);
+    h5r_close(&c.rd);
     return out;
+}
+
+/* Every link of group gname must be a finite, checksum-true tensor. */
+static bool verify_group(Ckpt *c, const char *gname, bool required) {
+    hid_t g;
+    int st = open_group(c, gname, required, "", &g);
+    if (st <= 0) return st == 0;
+    H5G_info_t info;
+    bool ok = H5Gget_info(g, &info) >= 0 || h5r_fail(&c->rd, "cannot list /%s (the checkpoint is corrupt)", gname);
+    for (hsize_t i = 0; ok && i < info.nlinks; i++) {
+        char name[NAME_MAX_LEN + 1];
+        ssize_t len = H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name, H5P_DEFAULT);
+        if (len < 0 || len >= (ssize_t)sizeof name) {
+            ok = h5r_fail(&c->rd, "cannot list /%s (the checkpoint is corrupt)", gname);
+            break;
+        }
+        hid_t d;
+        H5Shape sh;
+        ok = open_tensor(c, g, name, -1, NULL, true, &d, &sh) == 1;
+        if (ok) {
+            ok = read_tensor(c, d, gname, name, &sh, NULL);
+            H5Dclose(d);
+        }
+    }
+    H5Gclose(g);
+    return ok;
+}
+
+bool checkpoint_verify(const char *path, char *why, size_t why_len) {
+    Ckpt c;
+    TrainState st;
+    int adam_t;
+    bool ok = open_checkpoint(&c, path, false);
+    if (ok) {
+        bool has_m = h5r_link(&c.rd, c.rd.file, "optimizer/m") == 1;
+        ok = verify_group(&c, "params", true) && verify_group(&c, "optimizer/m", false) &&
+             verify_group(&c, "optimizer/v", has_m) && verify_group(&c, "state", false) &&
+             read_train_state(&c, false, &st, &adam_t);
+        char *config = NULL;
+        ok = ok && h5r_attr_string(&c.rd, c.rd.file, "config", false, &config, NULL) >= 0;
+        free(config);
+        h5r_close(&c.rd);
+    }
+    snprintf(why, why_len, "%s", ok ? "" : c.rd.error);
+    return ok;
 }

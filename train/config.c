@@ -131,6 +131,7 @@ static const KeyDef KEYS[] = {
     NUM(train, checkpoint_every, 0, 0, IMAX, "steps between checkpoints in out_dir; 0 = only at the end and on SIGINT/SIGTERM"),
     NUM(train, keep_checkpoints, 3, 0, IMAX, "newest checkpoints kept in out_dir (older ones are deleted); 0 = all"),
     BOOL(train, save_best, 0, "after every evaluation whose validation loss is the lowest of the run so far (across --resume), write a full checkpoint to out_dir/ckpt_best.h5 (never pruned, never resumed from; start a run from it with init_from); needs out_dir"),
+    NUM(train, diverge_factor, 100, 0, FMAX, "stop the run as diverged (exit 1, no checkpoint of the diverged weights) when a validation loss is above diverge_factor times the run's first one (kept across --resume); 0 = no bound; >= 1 otherwise. A loss that is not finite always stops it"),
     STR(train, init_from, "", "checkpoint whose parameters initialise the model (MSA index parameters it lacks start fresh); \"\" = none"),
     BOOL(train, resume, 0, "continue bit-for-bit from the newest checkpoint in out_dir (as --resume)"),
     NUM(train, profile_steps, 0, 0, IMAX, "time every op's forward and backward (self time, device synchronised around each) over this many steps after the first, then print a table of where a step's time goes (and write it to out_dir/profile.md); the losses are unchanged; 0 = off"),
@@ -613,6 +614,10 @@ void config_validate(const RunConfig *c) {
         fatal("%s: optim.warmup_trainable = \"index\" needs MSA layers (model.attention = \"msa\")", src);
     if (!has_msa && c->optim.backbone_lr_scale == 0)
         fatal("%s: optim.backbone_lr_scale = 0 freezes every parameter of a model without MSA layers", src);
+    if (c->train.diverge_factor > 0 && c->train.diverge_factor < 1)
+        fatal("%s: train.diverge_factor = %g must be 0 (no bound) or >= 1 (a bound below the first validation loss "
+              "would stop a run that is learning)",
+              src, (double)c->train.diverge_factor);
     if (c->optim.min_lr > c->optim.lr)
         fatal("%s: optim.min_lr = %g must be <= optim.lr = %g", src, (double)c->optim.min_lr, (double)c->optim.lr);
     /* the keys of the layer variants in use, and the limits of the backend that runs them */

@@ -95,6 +95,7 @@ typedef struct TrainConfig {
     int checkpoint_every;  /* steps between checkpoints (0 = only at the end and on SIGINT/SIGTERM) */
     int keep_checkpoints;  /* newest checkpoints kept in out_dir (0 = all) */
     bool save_best;        /* after each eval with the run's lowest val loss so far, write out_dir/ckpt_best.h5 */
+    float diverge_factor;  /* a val loss above this times the run's first one stops the run (0 = no bound) */
     char init_from[CFG_STR]; /* checkpoint whose parameters initialise the model; "" = none */
     bool resume;           /* continue from the newest checkpoint in out_dir */
     int profile_steps;     /* steps profiled per op after the first step of the run (0 = off) */

@@ -129,12 +129,16 @@ static int *list_checkpoints(const char *dir, int *n) {
     return steps;
 }
 
-/* Keep the newest keep_checkpoints checkpoints (0 = all) and drop the debris of crashed writes. */
+/* After the checkpoint of this step was written and verified (checkpoint_write): keep it and the newest
+ * keep_checkpoints - 1 before it (0 = all), and drop the debris of crashed writes. Checkpoints of later
+ * steps are ones --resume skipped because they do not verify: they count for nothing, so they never
+ * push a good one out, and are left for the run to overwrite when it gets there (or the user to look at). */
 static void prune_checkpoints(const Run *r) {
     const char *dir = r->cfg.train.out_dir;
     char path[CFG_STR + 300]; /* the directory and a d_name of up to 255 bytes */
-    int n, *steps = list_checkpoints(dir, &n), keep = r->cfg.train.keep_checkpoints;
-    for (int i = 0; keep > 0 && i < n - keep; i++) {
+    int n, *steps = list_checkpoints(dir, &n), keep = r->cfg.train.keep_checkpoints, older = 0;
+    while (older < n && steps[older] < r->step) older++;
+    for (int i = 0; keep > 0 && i < older - (keep - 1); i++) {
         checkpoint_file(path, sizeof path, dir, steps[i]);
         if (unlink(path) != 0 && errno != ENOENT)
             fprintf(stderr, "warning: %s: cannot delete (%s)\n", path, strerror(errno));
@@ -297,7 +301,7 @@ static void from_image(Run *r, const Image *im, float *m, float *v) {
  * name: ckpt_<step>.h5 and ckpt_best.h5 alike. Collective: every rank calls it, rank 0 writes. */
 static void write_checkpoint(Run *r, const char *path) {
     TrainState st = {.step = r->step, .data_counter = r->sampler.counter, .seed = r->sampler.seed,
-                     .best_val_loss = r->best_val_loss};
+                     .best_val_loss = r->best_val_loss, .first_val_loss = r->first_val_loss};
     const ParamStore *ps = &r->model.params;
     /* a sharded optimizer: the moments of each region gather, unsharded, on rank 0 of its group (rank 0,
      * and for the experts of each ep index the store root of that index) and are written whole, so the
@@ -400,6 +404,24 @@ static void check_resume_config(const Run *r, const char *path) {
     free(stored);
 }
 
+/* Ends the run when writes to f failed (a full disk, a file system gone read-only), checked at each flush
+ * or close: the error comes where it happened (at start-up for config.json), not after the whole run. */
+static void check_written(FILE *f, const char *path, bool closing) {
+    bool failed = ferror(f) != 0;
+    int err = errno;
+    if (closing ? fclose(f) != 0 : fflush(f) != 0) {
+        failed = true;
+        err = errno;
+    }
+    if (failed) fatal("%s: cannot write (%s; is the disk full?)", path, strerror(err));
+}
+
+static void flush_metrics(const Run *r) {
+    char path[CFG_STR + 32];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", r->cfg.train.out_dir);
+    check_written(r->metrics, path, false);
+}
+
 /* Drop the records of steps after `step` from metrics.jsonl: a run that crashed after its last
  * checkpoint logged steps that the resumed run does again. */
 static void trim_metrics(const char *dir, int step) {
@@ -409,7 +431,7 @@ static void trim_metrics(const char *dir, int step) {
     FILE *in = fopen(path, "r");
     if (!in) return;
     FILE *out = fopen(tmp, "w");
-    if (!out) fatal("%s: cannot write", tmp);
+    if (!out) fatal("%s: cannot write (%s)", tmp, strerror(errno));
     char line[4096];
     bool dropped = false;
     while (fgets(line, sizeof line, in)) {
@@ -418,8 +440,31 @@ static void trim_metrics(const char *dir, int step) {
         else fputs(line, out);
     }
     fclose(in);
-    if (fclose(out) != 0) fatal("%s: cannot write", tmp);
+    check_written(out, tmp, true);
     if (dropped ? rename(tmp, path) != 0 : unlink(tmp) != 0) fatal("%s: cannot replace", path);
+}
+
+/* The newest checkpoint in out_dir that verifies (checkpoint_verify) into r->checkpoint; each newer one
+ * that does not is skipped with a message that says why (a flipped bit, a truncated file). */
+static void pick_checkpoint_to_resume(Run *r) {
+    const char *dir = r->cfg.train.out_dir;
+    int n, *steps = list_checkpoints(dir, &n);
+    if (n == 0)
+        fatal("train.resume: no checkpoint (ckpt_<step>.h5) in train.out_dir \"%s\" to resume from%s", dir,
+              best_checkpoint_exists(dir) ? " (" BEST_CHECKPOINT " holds the best weights, not a place to resume "
+                                            "from: start a new run from it with train.init_from)"
+                                          : "");
+    int i = n - 1;
+    for (char why[1024]; i >= 0; i--) {
+        checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, steps[i]);
+        if (checkpoint_verify(r->checkpoint, why, sizeof why)) break;
+        fprintf(stderr, "warning: --resume skips a checkpoint that does not verify: %s\n", why); /* why names it */
+    }
+    free(steps);
+    if (i < 0)
+        fatal("train.resume: none of the %d checkpoint%s in train.out_dir \"%s\" verifies (the reasons are above); "
+              "nothing to resume from",
+              n, n == 1 ? "" : "s", dir);
 }
 
 /* Rank 0 reads every checkpoint (the run directory need not be visible to the other nodes); the others
@@ -440,14 +485,7 @@ static void resume(Run *r) {
         v = xcalloc((size_t)ps->capacity, sizeof(float));
     }
     if (is_rank0(r)) {
-        int n, *steps = list_checkpoints(dir, &n);
-        if (n == 0)
-            fatal("train.resume: no checkpoint (ckpt_<step>.h5) in train.out_dir \"%s\" to resume from%s", dir,
-                  best_checkpoint_exists(dir) ? " (" BEST_CHECKPOINT " holds the best weights, not a place to resume "
-                                                "from: start a new run from it with train.init_from)"
-                                              : "");
-        checkpoint_file(r->checkpoint, sizeof r->checkpoint, dir, steps[n - 1]);
-        free(steps);
+        pick_checkpoint_to_resume(r);
         const char *path = r->checkpoint;
         check_resume_config(r, path);
         if (r->model.ep) {
@@ -471,20 +509,23 @@ static void resume(Run *r) {
         }
         free(m);
         free(v);
-        uint64_t state[5] = {(uint64_t)st.step, st.data_counter, st.seed, (uint64_t)r->opt.t, 0};
-        memcpy(&state[4], &st.best_val_loss, sizeof(double)); /* its bits, NaN included */
-        dist_broadcast(&r->dist->world, state, 5, DIST_U64, 0, DEV_CPU);
+        uint64_t state[6] = {(uint64_t)st.step, st.data_counter, st.seed, (uint64_t)r->opt.t, 0, 0};
+        memcpy(&state[4], &st.best_val_loss, sizeof(double)); /* their bits, NaN included */
+        memcpy(&state[5], &st.first_val_loss, sizeof(double));
+        dist_broadcast(&r->dist->world, state, 6, DIST_U64, 0, DEV_CPU);
         st.step = (int64_t)state[0];
         st.data_counter = state[1];
         st.seed = state[2];
         r->opt.t = r->opt_experts.t = (int)state[3];
         memcpy(&st.best_val_loss, &state[4], sizeof(double));
+        memcpy(&st.first_val_loss, &state[5], sizeof(double));
         dist_broadcast(&r->dist->world, r->checkpoint, (int64_t)sizeof r->checkpoint, DIST_U8, 0, DEV_CPU);
     }
     const char *path = r->checkpoint;
     r->step = r->start_step = (int)st.step;
     r->sampler.counter = st.data_counter;
     r->best_val_loss = st.best_val_loss;
+    r->first_val_loss = st.first_val_loss;
     if (st.seed != r->sampler.seed && !r->quiet)
         printf("note: train.seed = %llu, but the checkpoint's data stream was seeded with %llu; it continues that "
                "stream\n", (unsigned long long)r->sampler.seed, (unsigned long long)st.seed);
@@ -546,14 +587,14 @@ static void open_run_dir(Run *r) {
     char path[CFG_STR + 32];
     snprintf(path, sizeof path, "%s/config.json", dir);
     FILE *f = fopen(path, "w");
-    if (!f) fatal("%s: cannot write", path);
+    if (!f) fatal("%s: cannot write (%s)", path, strerror(errno));
     char *json = config_to_json(&r->cfg);
     fputs(json, f);
-    fclose(f);
     free(json);
+    check_written(f, path, true);
     snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
     r->metrics = fopen(path, r->cfg.train.resume ? "a" : "w"); /* a resumed run continues the record */
-    if (!r->metrics) fatal("%s: cannot write", path);
+    if (!r->metrics) fatal("%s: cannot write (%s)", path, strerror(errno));
 }
 
 /* Parse "<rank>:<step>" of a test hook variable (-1 = off). */
@@ -810,7 +851,7 @@ void run_init(Run *r) {
     }
     r->step = r->start_step = 0;
     r->checkpoint[0] = 0;
-    r->best_val_loss = NAN; /* resume() restores the checkpoint's */
+    r->best_val_loss = r->first_val_loss = NAN; /* resume() restores the checkpoint's */
     /* load (and so validate) any checkpoint before open_run_dir rewrites config.json and metrics.jsonl */
     if (c->train.resume) {
         if (c->train.init_from[0] && !r->quiet)
@@ -885,7 +926,7 @@ static void log_step(Run *r, const StepResult *s) {
                 s->moe.z_loss);
         print_metrics_json(r->metrics, &s->layers);
         fprintf(r->metrics, "}\n");
-        fflush(r->metrics);
+        flush_metrics(r);
     }
     r->t_last = now;
     r->tokens_since_log = 0;
@@ -1200,17 +1241,38 @@ static void log_eval(Run *r, double val_loss, const EvalMetrics *em) {
         print_metrics_json(r->metrics, lm);
         if (em->has_dense_loss) fprintf(r->metrics, ", \"dense_attention_val_loss\": %.6f", em->dense_loss);
         fprintf(r->metrics, "}\n");
-        fflush(r->metrics);
+        flush_metrics(r);
     }
 }
 
-/* An eval in run_train: logged, and with train.save_best kept when it is the best so far; nothing of an eval
- * cut short by a stop signal (r->eval_stopped). Returns its loss, or `last` (the previous eval's). */
+/* A validation loss that is not finite, or above train.diverge_factor times the run's first (the
+ * reference every checkpoint keeps), ends the run before anything is written from the diverged weights
+ * (ckpt_best.h5, this step's checkpoint): the newest checkpoint stays one from before. The ranks agree,
+ * as every rank holds the same all-reduced loss. */
+static void stop_if_diverged(Run *r, double val) {
+    const double factor = r->cfg.train.diverge_factor, first = r->first_val_loss;
+    const char *ckpt = r->checkpoint[0] ? r->checkpoint : NULL;
+    if (isfinite(val) && isnan(first)) r->first_val_loss = val;
+    if (isfinite(val) && (factor == 0 || isnan(first) || val <= factor * first)) return;
+    char why[160];
+    if (!isfinite(val)) snprintf(why, sizeof why, "validation loss is %g", val);
+    else
+        snprintf(why, sizeof why, "validation loss %.4f is above train.diverge_factor = %g times the run's first, %.4f",
+                 val, factor, first);
+    fatal("step %d: %s (diverged); %s%s: lower optim.lr and --resume, or check the data", r->step, why,
+          ckpt ? "the newest checkpoint is from before the divergence, " : "no checkpoint was written",
+          ckpt ? ckpt : "");
+}
+
+/* An eval in run_train: logged, checked for divergence, and with train.save_best kept when it is the best
+ * so far; nothing of an eval cut short by a stop signal (r->eval_stopped). Returns its loss, or `last` (the
+ * previous eval's). */
 static double train_eval(Run *r, double last, bool save_best) {
     EvalMetrics em;
     double val = run_evaluate(r, &em);
     if (r->eval_stopped) return last;
     log_eval(r, val, &em);
+    stop_if_diverged(r, val);
     if (save_best) save_if_best(r, val);
     return val;
 }

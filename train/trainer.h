@@ -72,6 +72,9 @@ typedef struct Run {
     /* the lowest validation loss of the periodic and final evals so far, NaN before the first: kept in
      * every checkpoint, so a resumed run goes on comparing against it (train.save_best) */
     double best_val_loss;
+    /* the run's first validation loss (NaN before it), kept in every checkpoint: the reference of
+     * train.diverge_factor, so that a resumed run is held to the same bound */
+    double first_val_loss;
     double t_start, t_last;
     int64_t tokens_since_log;
     /* train.profile_steps > 0: the step profiler, attached to the engine (Engine.prof) during the
@@ -102,8 +105,9 @@ typedef struct EvalMetrics {
  * splits the MoE layers' routed experts over the ep ranks (layers/moe.h) and shards the optimizer state
  * (ZeRO-1, Run.zero); rank 0 alone reads checkpoints (and hands the others what they need; every expert is
  * in a checkpoint, whatever dist.ep), writes them, the run directory and the progress output.
- * train.resume: continue from the newest checkpoint in out_dir (parameters, optimizer, MoE biases, step,
- * data position), bit-for-bit as if the run had never stopped; train.init_from: take the parameters of
+ * train.resume: continue from the newest checkpoint in out_dir that verifies (checkpoint_verify; newer ones
+ * that do not are skipped with a warning saying why): parameters, optimizer, MoE biases, step, data
+ * position, bit-for-bit as if the run had never stopped; train.init_from: take the parameters of
  * a checkpoint (MSA index parameters it lacks keep their fresh initialisation). A fresh run refuses an
  * out_dir that holds checkpoints of an earlier run rather than mixing its checkpoints with them, and rank 0
  * holds out_dir's lock (run_lock.h) until run_free. With several ranks, every rank's effective config and
@@ -124,10 +128,13 @@ double run_evaluate(Run *r, EvalMetrics *em);
  * also writes out_dir/ckpt_best.h5 (before that step's regular checkpoint, which then records the new
  * best). With out_dir set, SIGINT/SIGTERM/SIGHUP stop it after the current step, or within an eval (before
  * its next batch: the eval is cut short and not logged), with a checkpoint (r->stopped;
- * a second signal kills). Returns the last validation loss (NAN if none). */
+ * a second signal kills). A validation loss that is not finite or above train.diverge_factor times the
+ * run's first ends the program (exit 1) before anything is written from those weights. Returns the last
+ * validation loss (NAN if none). */
 double run_train(Run *r);
-/* Write out_dir/ckpt_<step>.h5 now (atomically) and delete all but the newest train.keep_checkpoints
- * (ckpt_best.h5 is never among them); returns its path (r->checkpoint). Collective: every rank calls it. */
+/* Write out_dir/ckpt_<step>.h5 now (atomically, verified before it takes its name) and only then delete
+ * the older ones beyond train.keep_checkpoints (ckpt_best.h5 and checkpoints of later steps are never
+ * among them); returns its path (r->checkpoint). Collective: every rank calls it. */
 const char *run_checkpoint(Run *r);
 /* Sample text from the model (char/byte tokenizers) to stdout: rank 0 prints; call it on every rank (with
  * expert parallelism the ranks of rank 0's ep group compute with it; the others return at once). */
