@@ -288,6 +288,11 @@ TEST(set_overrides) {
     if (tc->current_failed) return;
     expect_set_fails(tc, "model.d_model=-4", "out of range");
     if (tc->current_failed) return;
+    /* too large for any integer: refused, never converted (a sanitizer build stops on the conversion) */
+    expect_set_fails(tc, "model.d_model=1e300", "integer");
+    if (tc->current_failed) return;
+    expect_set_fails(tc, "model.d_model=inf", "integer");
+    if (tc->current_failed) return;
     expect_set_fails(tc, "model.qk_norm=maybe", "true or false");
     if (tc->current_failed) return;
     expect_set_fails(tc, "optim.lr=nan", "optim.lr");

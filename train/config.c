@@ -529,7 +529,7 @@ void config_set(RunConfig *c, const char *assignment) {
         if (*val && *end) { /* 1e5, as JSON allows */
             double d = strtod(val, &end);
             ok = !*end && d == floor(d) && fabs(d) < 1e15;
-            x = (long long)d;
+            x = ok ? (long long)d : 0; /* converting inf or 1e300 is undefined */
         }
         if (!ok) wrong_type(where, k, "text that is not one");
         set_int(c, k, x, where);
