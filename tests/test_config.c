@@ -293,6 +293,9 @@ TEST(set_overrides) {
     if (tc->current_failed) return;
     expect_set_fails(tc, "model.d_model=inf", "integer");
     if (tc->current_failed) return;
+    /* a Latin-1 byte: config.json (JSON, UTF-8) could not store it and would drop the key */
+    expect_set_fails(tc, "train.out_dir=runs/caf\xe9", "train.out_dir is not UTF-8");
+    if (tc->current_failed) return;
     expect_set_fails(tc, "model.qk_norm=maybe", "true or false");
     if (tc->current_failed) return;
     expect_set_fails(tc, "optim.lr=nan", "optim.lr");
@@ -362,6 +365,10 @@ TEST(validation_cross_keys) {
     c.model.n_heads = 4;
     c.model.n_kv_heads = 1; /* head dim 33 */
     expect_invalid(tc, &c, "even", NULL);
+    if (tc->current_failed) return;
+    config_defaults(&c);
+    snprintf(c.data.val_path, sizeof c.data.val_path, "caf\xe9.h5"); /* code, not the reader, filled it */
+    expect_invalid(tc, &c, "data.val_path", "UTF-8");
     if (tc->current_failed) return;
     config_defaults(&c);
     c.model.head_dim = 16;

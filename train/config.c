@@ -370,10 +370,24 @@ static void set_float(RunConfig *c, const KeyDef *k, double v, const char *where
     *(float *)field(c, k) = (float)v;
 }
 
+/* The run's config.json and checkpoints store every value as JSON text, which is UTF-8: a value that is
+ * not would be dropped from them (jansson's check, the one config_to_json meets). */
+static bool is_utf8(const char *v) {
+    json_t *s = json_string(v);
+    json_decref(s);
+    return s != NULL;
+}
+
+static noreturn void not_utf8(const char *where, const KeyDef *k) {
+    fatal("%s: %s.%s is not UTF-8 text (the run's config.json and checkpoints store it as JSON, which is)", where,
+          k->section, k->key);
+}
+
 static void set_string(RunConfig *c, const KeyDef *k, const char *v, const char *where) {
     size_t n = strlen(v);
     if (n >= k->size)
         fatal("%s: %s.%s is too long (%zu characters, at most %zu)", where, k->section, k->key, n, k->size - 1);
+    if (!is_utf8(v)) not_utf8(where, k);
     if (k->check == S_CHOICES && !choice_ok(k->choices, v)) {
         char list[64];
         choice_list(list, sizeof list, k->choices);
@@ -574,6 +588,7 @@ void config_validate(const RunConfig *c) {
         if (k->type == K_STRING) {
             const char *v = p;
             if (strnlen(v, k->size) >= k->size) fatal("%s: %s.%s is not NUL-terminated", src, k->section, k->key);
+            if (!is_utf8(v)) not_utf8(src, k);
             if (k->check == S_CHOICES && !choice_ok(k->choices, v)) {
                 char list[64];
                 choice_list(list, sizeof list, k->choices);
