@@ -432,14 +432,26 @@ static void write_dataset_variant(FuzzBytes *b, hid_t loc, const char *name, con
     switch (variant) {
     case 0: put_dataset(loc, name, want->file_type, want->rank, want->dims, want->mem_type, want->data, false); break;
     case 1: put_dataset(loc, name, want->file_type, want->rank, want->dims, want->mem_type, want->data, true); break;
-    case 2:    /* a few values overwritten with raw bytes (out of range, NaN, negative, ...) */
+    case 2:    /* a few values replaced by edge values (out of range, negative, NaN, inf, ...) */
     case 12: { /* the leading values all raw bytes */
         uint8_t *copy = malloc(n * es + 1);
         memcpy(copy, want->data, n * es);
         int k = variant == 2 ? 1 + (int)fb_pick(b, 4) : (int)(n < 64 ? n : 64);
+        bool is_float = H5Tget_class(want->mem_type) == H5T_FLOAT;
         for (int j = 0; j < k && n > 0; j++) {
-            hsize_t at = variant == 2 ? fb_u32(b) % n : (hsize_t)j;
-            for (size_t i = 0; i < es; i++) copy[at * es + i] = fb_u8(b);
+            uint8_t *at = copy + (variant == 2 ? fb_u32(b) % n : (hsize_t)j) * es;
+            if (variant == 12) {
+                for (size_t i = 0; i < es; i++) at[i] = fb_u8(b);
+            } else if (is_float && es == sizeof(float)) {
+                float f = (float)fb_double(b);
+                memcpy(at, &f, es);
+            } else if (is_float && es == sizeof(double)) {
+                double d = fb_double(b);
+                memcpy(at, &d, es);
+            } else { /* an integer: the low bytes of an edge value (little-endian, as x86 and ARM) */
+                int64_t v = fb_int(b);
+                memcpy(at, &v, es < sizeof v ? es : sizeof v);
+            }
         }
         bool chunked = fb_pick(b, 2);
         put_dataset(loc, name, want->file_type, want->rank, want->dims, want->mem_type, copy, chunked);
