@@ -34,8 +34,13 @@ for target in "$@"; do
         echo "fuzz $name: ${runs:-?}s, no finding"
     else
         status=1
-        echo "fuzz $name: FINDING (exit $rc); input in $findings/, log $log:"
-        grep -E 'ERROR|runtime error|broken property|SUMMARY|^ *#[0-9]+ ' "$log" | head -n 40 | sed 's/^/    /'
+        echo "fuzz $name: FINDING (exit $rc), log $log:"
+        {
+            grep -E 'ERROR:|runtime error|broken property' "$log" | head -n 2
+            # the stack's frames in the project's code, then where the input was kept
+            grep -E '^ *#[0-9]+ .* in [^ ]+ [^ ]*/(autograd|data|dist|kernels|tests|tools|train)/' "$log" | head -n 8
+            grep -E 'Test unit written to' "$log"
+        } | sed 's/^/    /'
     fi
 done
 exit $status
