@@ -24,6 +24,9 @@ ifeq ($(SANITIZE),1)
 else ifeq ($(SANITIZE),fuzz)
   BUILD := build-fuzz
   CC    := $(FUZZ_CC)
+  ifeq ($(shell command -v $(FUZZ_CC) 2>/dev/null),)
+    $(error $(FUZZ_CC) not found: the fuzz targets need clang and libFuzzer (bash tools/install_deps.sh --fuzz))
+  endif
 else
   BUILD := build
 endif
