@@ -10,9 +10,26 @@
 #   make data       tokenise the shipped Shakespeare text into data/shakespeare/{train,val}.h5
 #   make cuda       CUDA objects only (needs nvcc)
 #   make BLAS=0     no OpenBLAS (plain OpenMP loops for GEMM)
+#   make SANITIZE=1 [test]  the CPU build under AddressSanitizer and UndefinedBehaviorSanitizer, in
+#                   build-san/ (the normal build/ stays as it is); its test run stops at the first finding
+#   make fuzz-smoke every fuzz target of tests/fuzz/ for a bounded time (clang, libFuzzer; build-fuzz/)
 
 CC      ?= gcc
-BUILD   := build
+FUZZ_CC ?= clang
+# SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer build in build-san (make SANITIZE=1 test);
+# SANITIZE=fuzz: the same with clang and libFuzzer's coverage in build-fuzz (make fuzz-smoke sets it)
+SANITIZE ?= 0
+ifeq ($(SANITIZE),1)
+  BUILD := build-san
+else ifeq ($(SANITIZE),fuzz)
+  BUILD := build-fuzz
+  CC    := $(FUZZ_CC)
+  ifeq ($(shell command -v $(FUZZ_CC) 2>/dev/null),)
+    $(error $(FUZZ_CC) not found: the fuzz targets need clang and libFuzzer (bash tools/install_deps.sh --fuzz))
+  endif
+else
+  BUILD := build
+endif
 CFLAGS  := -std=c11 -O2 -g -Wall -Wextra -Werror -fopenmp -D_GNU_SOURCE -MMD -MP
 LDLIBS  := -fopenmp -lm
 
@@ -63,6 +80,17 @@ TEST_PY    := $(wildcard tests/test_*.py)
 TEST_UTIL  := $(BUILD)/obj/tests/gradcheck.o $(BUILD)/obj/tests/dist_harness.o
 
 NVCC    := $(shell command -v nvcc 2>/dev/null)
+ifneq ($(filter 1 fuzz,$(SANITIZE)),)
+  # CPU only: the sanitizers see no device code, and the CUDA runtime's own allocations would only add noise
+  NVCC :=
+  # float-cast-overflow: GCC leaves it out of "undefined" (a double beyond an int's range cast to it)
+  SAN_FLAGS := -fsanitize=address,undefined,float-cast-overflow $(if $(filter fuzz,$(SANITIZE)),-fsanitize=fuzzer-no-link)
+  CFLAGS += $(SAN_FLAGS) -fno-sanitize-recover=all -fno-omit-frame-pointer
+  # clang warns that it cannot vectorize the `omp simd` loops (kernels/cpu/vec_impl.h) once ASan
+  # instruments them: a missed optimisation of this build, not a defect of the code
+  CFLAGS += $(if $(filter fuzz,$(SANITIZE)),-Wno-pass-failed)
+  LDLIBS += $(SAN_FLAGS)
+endif
 CU_SRC  := $(wildcard kernels/cuda/*.cu)
 CU_OBJ  := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
 NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-Werror -DMSA_CUDA -MMD -MP
@@ -101,8 +129,25 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
 
+ifneq ($(SANITIZE),1)
 test: all data
 	@bash tests/run_tests.sh $(TEST_BINS) $(TEST_PY)
+else
+# The tests name their programs relative to the repository root (build/train, build/tests/test_dist, ...),
+# so the sanitized suite runs in build-san/view: a link to every top-level entry of the repository, except
+# that its build/ is build-san. SAN_OPTIONS says why each option is there.
+SAN_VIEW := $(BUILD)/view
+# abort_on_error: a finding kills with SIGABRT, never the exit status 1 that tests expect of a refused input.
+# detect_leaks=0: fatal() ends a process with its memory in use by design (a refused input is what many
+# tests run), so LeakSanitizer would report whatever a finished function's local pointed to; and OpenMPI
+# keeps its own allocations until exit.
+SAN_OPTIONS := ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=abort_on_error=1:print_stacktrace=1
+test: all data
+	@rm -rf $(SAN_VIEW) && mkdir -p $(SAN_VIEW)
+	@for e in $$(ls -A); do case $$e in build|$(BUILD)|.git) ;; *) ln -s ../../$$e $(SAN_VIEW)/$$e ;; esac; done
+	@ln -s .. $(SAN_VIEW)/build
+	@cd $(SAN_VIEW) && $(SAN_OPTIONS) bash tests/run_tests.sh $(TEST_BINS:$(BUILD)/%=build/%) $(TEST_PY)
+endif
 
 # GPU checks: every CUDA kernel against the CPU reference on random inputs, then a few training steps
 # of configs/tiny.json on both devices (run from the repository root, on a machine with a GPU)
@@ -119,6 +164,24 @@ test-gpu:
 	@echo "make test-gpu: nvcc is not on PATH, so this build has no CUDA backend" >&2; exit 1
 endif
 
+# Fuzz targets (tests/fuzz/README.md): each one's libFuzzer binary in build-fuzz/fuzz/, run for FUZZ_SECONDS
+# each by tests/fuzz/smoke.sh, which fails on any finding
+FUZZ_SECONDS ?= 45
+FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
+$(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(BUILD)/obj/tests/fuzz/fuzz.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fsanitize=fuzzer $< $(BUILD)/obj/tests/fuzz/fuzz.o $(LIB) $(LDLIBS) -o $@
+.PHONY: fuzz fuzz-smoke
+.SECONDARY: $(BUILD)/obj/tests/fuzz/fuzz.o
+ifeq ($(SANITIZE),fuzz)
+fuzz: $(FUZZ_TARGETS)
+fuzz-smoke: $(FUZZ_TARGETS)
+	@bash tests/fuzz/smoke.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+else
+fuzz fuzz-smoke:
+	@$(MAKE) --no-print-directory SANITIZE=fuzz $@
+endif
+
 data: data/shakespeare/train.h5
 data/shakespeare/train.h5: data/shakespeare/input.txt $(BUILD)/prepare_text
 	$(BUILD)/prepare_text --tokenizer char --val-fraction 0.1 data/shakespeare/input.txt data/shakespeare
@@ -129,6 +192,6 @@ $(BUILD)/obj/%.o: %.cu
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf build build-san build-fuzz
 
--include $(LIB_OBJ:.o=.d) $(TEST_UTIL:.o=.d) $(CU_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(TEST_UTIL:.o=.d) $(CU_OBJ:.o=.d) $(BUILD)/obj/tests/fuzz/fuzz.d

@@ -21,6 +21,7 @@ static struct {
 void fatal_set_hook(FatalHook hook, void *ctx, const char *tag) {
     fatal_ctx.hook = hook;
     fatal_ctx.ctx = ctx;
+    fatal_ctx.entered = 0; /* setting arms it again: the fuzz targets' hook jumps out of fatal each input */
     snprintf(fatal_ctx.tag, sizeof fatal_ctx.tag, "%s", hook && tag ? tag : "");
 }
 

@@ -7,10 +7,23 @@
 # at .venv in the repository (Debian refuses system-wide pip installs, PEP 668); `make test` runs
 # the Python tests with .venv/bin/python. Needs root (or sudo) for apt. Safe to run again: installs
 # only what is missing.
+#   --fuzz  also clang with its sanitizer and libFuzzer runtimes and LLVM's OpenMP, for `make fuzz-smoke`
+#           (tests/fuzz/; CI installs them, building and training need none of them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(build-essential pkg-config libjansson-dev libhdf5-dev libopenblas-openmp-dev libopenmpi-dev openmpi-bin
       python3 python3-venv python3-pip)
+for arg in "$@"; do
+    case $arg in
+    --fuzz)
+        pkgs+=(clang libomp-dev)
+        # Debian 12 ships libFuzzer and the sanitizer runtimes in libclang-rt-dev, which clang only
+        # recommends; older releases have them in a package clang depends on
+        if apt-cache show libclang-rt-dev >/dev/null 2>&1; then pkgs+=(libclang-rt-dev); fi
+        ;;
+    *) echo "usage: tools/install_deps.sh [--fuzz]" >&2; exit 2 ;;
+    esac
+done
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

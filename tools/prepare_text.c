@@ -101,8 +101,9 @@ static void read_input(Corpus *c, const Options *o) {
     struct dirent *e;
     while ((e = readdir(d))) {
         if (e->d_name[0] == '.') continue; /* ".", ".." and hidden files (editor and OS litter) */
-        char *path = xmalloc(strlen(o->input) + strlen(e->d_name) + 2);
-        sprintf(path, "%s/%s", o->input, e->d_name);
+        size_t size = strlen(o->input) + strlen(e->d_name) + 2;
+        char *path = xmalloc(size);
+        snprintf(path, size, "%s/%s", o->input, e->d_name);
         if (stat(path, &st) != 0 || !S_ISREG(st.st_mode)) {
             free(path);
             continue;

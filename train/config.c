@@ -373,10 +373,24 @@ static void set_float(RunConfig *c, const KeyDef *k, double v, const char *where
     *(float *)field(c, k) = (float)v;
 }
 
+/* The run's config.json and checkpoints store every value as JSON text, which is UTF-8: a value that is
+ * not would be dropped from them (jansson's check, the one config_to_json meets). */
+static bool is_utf8(const char *v) {
+    json_t *s = json_string(v);
+    json_decref(s);
+    return s != NULL;
+}
+
+static noreturn void not_utf8(const char *where, const KeyDef *k) {
+    fatal("%s: %s.%s is not UTF-8 text (the run's config.json and checkpoints store it as JSON, which is)", where,
+          k->section, k->key);
+}
+
 static void set_string(RunConfig *c, const KeyDef *k, const char *v, const char *where) {
     size_t n = strlen(v);
     if (n >= k->size)
         fatal("%s: %s.%s is too long (%zu characters, at most %zu)", where, k->section, k->key, n, k->size - 1);
+    if (!is_utf8(v)) not_utf8(where, k);
     if (k->check == S_CHOICES && !choice_ok(k->choices, v)) {
         char list[64];
         choice_list(list, sizeof list, k->choices);
@@ -386,13 +400,6 @@ static void set_string(RunConfig *c, const KeyDef *k, const char *v, const char 
         char err[256];
         if (!parse_selector(v, 0, NULL, err, sizeof err)) fatal("%s: %s.%s %s", where, k->section, k->key, err);
     }
-    /* the config is stored as JSON (config.json, checkpoints), which holds UTF-8 text only: jansson's own
-     * check, so that what is accepted here is exactly what can be written there */
-    json_t *text = json_string(v);
-    if (!text)
-        fatal("%s: %s.%s is not valid UTF-8 text (a config is stored as JSON, which holds only UTF-8)", where,
-              k->section, k->key);
-    json_decref(text);
     char *dst = field(c, k);
     memset(dst, 0, k->size); /* zero the tail so configs compare and serialise the same */
     memcpy(dst, v, n);
@@ -539,7 +546,7 @@ void config_set(RunConfig *c, const char *assignment) {
         if (*val && *end) { /* 1e5, as JSON allows */
             double d = strtod(val, &end);
             ok = !*end && d == floor(d) && fabs(d) < 1e15;
-            x = (long long)d;
+            x = ok ? (long long)d : 0; /* converting inf or 1e300 is undefined */
         }
         if (!ok) wrong_type(where, k, "text that is not one");
         set_int(c, k, x, where);
@@ -584,6 +591,7 @@ void config_validate(const RunConfig *c) {
         if (k->type == K_STRING) {
             const char *v = p;
             if (strnlen(v, k->size) >= k->size) fatal("%s: %s.%s is not NUL-terminated", src, k->section, k->key);
+            if (!is_utf8(v)) not_utf8(src, k);
             if (k->check == S_CHOICES && !choice_ok(k->choices, v)) {
                 char list[64];
                 choice_list(list, sizeof list, k->choices);
