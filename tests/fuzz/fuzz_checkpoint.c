@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "../../kernels/backend.h"
+#include "../../layers/moe.h"
 #include "../../train/checkpoint.h"
 #include "fuzz.h"
 
@@ -74,7 +75,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
         }
         models[k].bias = calloc((size_t)m->cfg.n_layers * 4, sizeof(float));
         for (int l = 0; l < m->cfg.n_layers; l++)
-            if (m->layers[l].moe)
+            if (moe_layer_of(&m->layers[l].ffn))
                 for (int e = 0; e < 4; e++) models[k].bias[l * 4 + e] = 0.01f * (float)(e - l);
     }
     return 0;
@@ -89,7 +90,8 @@ static void restore(int k) {
     memcpy(opt->v, models[k].v, store_bytes(m));
     opt->t = 7;
     for (int l = 0; l < m->cfg.n_layers; l++)
-        if (m->layers[l].moe) memcpy(m->layers[l].moe_p.bias, &models[k].bias[l * 4], 4 * sizeof(float));
+        if (moe_layer_of(&m->layers[l].ffn))
+            memcpy(moe_layer_of(&m->layers[l].ffn)->p.bias, &models[k].bias[l * 4], 4 * sizeof(float));
 }
 
 static void write_checkpoint(FuzzBytes *b, int k, const char *path) {

@@ -24,8 +24,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (setjmp(fuzz_refused)) return 0;
     config_validate(&c);
     for (int l = 0; l < c.model.n_layers; l++) {
-        config_layer_is_msa(&c, l);
-        config_layer_is_moe(&c, l);
+        config_layer_attention(&c, l);
+        config_layer_ffn(&c, l);
     }
     return 0;
 }
