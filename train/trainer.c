@@ -896,8 +896,16 @@ static void reduce_metrics(const DistGroup *g, Metrics *m) {
 }
 
 /* `, "name": mean` for each statistic of m */
+/* `, "key": value` of a metrics.jsonl record; JSON has no NaN or infinity (printf's "nan" would make the line
+ * unreadable to every JSON reader, tools/plot_run.py included), so a non-finite value is written as null. */
+static void json_number(FILE *f, const char *key, double v, const char *fmt) {
+    fprintf(f, ", \"%s\": ", key);
+    if (isfinite(v)) fprintf(f, fmt, v);
+    else fputs("null", f);
+}
+
 static void print_metrics_json(FILE *f, const Metrics *m) {
-    for (int i = 0; i < m->n; i++) fprintf(f, ", \"%s\": %.6f", m->name[i], m->sum[i] / m->count[i]);
+    for (int i = 0; i < m->n; i++) json_number(f, m->name[i], m->sum[i] / m->count[i], "%.6f");
 }
 
 static void log_step(Run *r, const StepResult *s) {
@@ -918,12 +926,17 @@ static void log_step(Run *r, const StepResult *s) {
         fflush(stdout);
     }
     if (r->metrics) {
-        fprintf(r->metrics,
-                "{\"step\": %d, \"loss\": %.6f, \"aux\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
-                "\"tokens_per_s\": %.1f, \"elapsed_s\": %.2f, \"moe_max_over_mean_load\": %.4f, "
-                "\"moe_aux_loss\": %.6f, \"moe_z_loss\": %.6f",
-                r->step, s->loss, s->aux, s->lr, s->grad_norm, tps, elapsed, s->moe.max_over_mean_load, s->moe.aux_loss,
-                s->moe.z_loss);
+        FILE *f = r->metrics;
+        fprintf(f, "{\"step\": %d", r->step);
+        json_number(f, "loss", s->loss, "%.6f");
+        json_number(f, "aux", s->aux, "%.6f");
+        json_number(f, "lr", s->lr, "%.6e");
+        json_number(f, "grad_norm", s->grad_norm, "%.6f");
+        json_number(f, "tokens_per_s", tps, "%.1f");
+        json_number(f, "elapsed_s", elapsed, "%.2f");
+        json_number(f, "moe_max_over_mean_load", s->moe.max_over_mean_load, "%.4f");
+        json_number(f, "moe_aux_loss", s->moe.aux_loss, "%.6f");
+        json_number(f, "moe_z_loss", s->moe.z_loss, "%.6f");
         print_metrics_json(r->metrics, &s->layers);
         fprintf(r->metrics, "}\n");
         flush_metrics(r);
@@ -1237,9 +1250,10 @@ static void log_eval(Run *r, double val_loss, const EvalMetrics *em) {
         fflush(stdout);
     }
     if (r->metrics) {
-        fprintf(r->metrics, "{\"step\": %d, \"val_loss\": %.6f", r->step, val_loss);
+        fprintf(r->metrics, "{\"step\": %d", r->step);
+        json_number(r->metrics, "val_loss", val_loss, "%.6f");
         print_metrics_json(r->metrics, lm);
-        if (em->has_dense_loss) fprintf(r->metrics, ", \"dense_attention_val_loss\": %.6f", em->dense_loss);
+        if (em->has_dense_loss) json_number(r->metrics, "dense_attention_val_loss", em->dense_loss, "%.6f");
         fprintf(r->metrics, "}\n");
         flush_metrics(r);
     }
