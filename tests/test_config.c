@@ -293,6 +293,9 @@ TEST(set_overrides) {
     if (tc->current_failed) return;
     expect_set_fails(tc, "model.d_model=inf", "integer");
     if (tc->current_failed) return;
+    /* a float key without an upper bound of its own: the message gives the float range, not just "> 0" */
+    expect_set_fails(tc, "model.rope_theta=1e300", "at most 3.40282e+38, the float range");
+    if (tc->current_failed) return;
     /* a Latin-1 byte: config.json (JSON, UTF-8) could not store it and would drop the key */
     expect_set_fails(tc, "train.out_dir=runs/caf\xe9", "train.out_dir is not UTF-8");
     if (tc->current_failed) return;

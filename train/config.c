@@ -242,7 +242,9 @@ static void format_range(char *buf, size_t n, const KeyDef *k) {
     }
     bool no_hi = (k->type == K_FLOAT && k->hi >= FMAX) || (k->type == K_INT && k->hi >= IMAX) ||
                  (k->type == K_U64 && k->hi >= U64MAX);
-    if (no_hi) snprintf(buf, n, "%s %s", k->lo_open ? ">" : ">=", lo);
+    /* a float key without a bound of its own is still a float: 1e300 is out of range for that reason */
+    if (no_hi && k->type == K_FLOAT) snprintf(buf, n, "%s %s and at most %g, the float range", k->lo_open ? ">" : ">=", lo, (double)FLT_MAX);
+    else if (no_hi) snprintf(buf, n, "%s %s", k->lo_open ? ">" : ">=", lo);
     else snprintf(buf, n, "%s%s, %s]", k->lo_open ? "(" : "[", lo, hi);
 }
 
