@@ -23,6 +23,7 @@
  * The scores use CUDA cores, not tensor cores: a wgmma/mma version is future work. */
 #include <math.h>
 
+#include "limits.h"
 #include "primitives.cuh"
 
 using namespace msacuda;
@@ -365,8 +366,9 @@ Dims check_dims(const char *what, const Tensor *q, const Tensor *k, const Tensor
     if (k->shape[0] != N || k->shape[2] != D || v->shape[0] != N || v->shape[1] != Hkv || v->shape[2] != D)
         fatal("cuda %s: k and v must be [%lld, Hkv, %lld] like each other", what, (long long)N, (long long)D);
     if (Hkv <= 0 || Hq % Hkv != 0) fatal("cuda %s: %lld query heads are not a multiple of %lld KV heads", what, (long long)Hq, (long long)Hkv);
-    if (D < 1 || D > 256) fatal("cuda %s: head dim %lld not supported (1..256)", what, (long long)D);
-    if (N >= INT32_MAX / 2 || Hq > 65535) fatal("cuda %s: too many tokens or heads", what);
+    if (D < 1 || D > CUDA_HEAD_DIM_MAX)
+        fatal("cuda %s: head dim %lld not supported (1..%d)", what, (long long)D, CUDA_HEAD_DIM_MAX);
+    if (N >= INT32_MAX / 2 || Hq > CUDA_HEADS_MAX) fatal("cuda %s: too many tokens or heads", what);
     if (q->dtype != k->dtype || q->dtype != v->dtype) fatal("cuda %s: q, k, v dtypes differ", what);
     if (cu->dtype != DT_I32 || cu->numel < 2) fatal("cuda %s: cu_seqlens must be i32 [ndocs+1] with ndocs >= 1", what);
     return Dims{(int)N, (int)Hq, (int)Hkv, (int)D, (int)(cu->numel - 1)};

@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stdio.h>
 
+#include "limits.h"
 #include "msa_plan.cuh"
 
 using namespace msacuda;
@@ -42,7 +43,7 @@ __device__ __forceinline__ float block_max(float v, float *sh) {
 }
 
 template <typename T> __global__ void __launch_bounds__(THREADS) recall_kernel(const T *q, const T *k, const RecallArgs a) {
-    __shared__ float qs[HC][256];
+    __shared__ float qs[HC][CUDA_HEAD_DIM_MAX];
     extern __shared__ int ids[]; /* [K] */
     __shared__ float red[32];
     __shared__ int nsel_s;
@@ -145,7 +146,8 @@ extern "C" double cuda_msa_recall(const Tensor *q, const Tensor *k, const Tensor
     if (Hkv < 1 || Hq % Hkv != 0)
         fatal("cuda msa_recall: %lld query heads are not a multiple of %lld KV heads", (long long)Hq, (long long)Hkv);
     if (q->dtype != k->dtype) fatal("cuda msa_recall: q and k dtypes differ (%s, %s)", dtype_name(q->dtype), dtype_name(k->dtype));
-    if (D < 1 || D > 256) fatal("cuda msa_recall: head dim %lld not supported (1..256)", (long long)D);
+    if (D < 1 || D > CUDA_HEAD_DIM_MAX)
+        fatal("cuda msa_recall: head dim %lld not supported (1..%d)", (long long)D, CUDA_HEAD_DIM_MAX);
     if (N >= (int64_t)1 << 30) fatal("cuda msa_recall: %lld tokens: too many (< 2^30)", (long long)N);
     if (topk && (topk->dtype != DT_I32 || topk->ndim != 3 || topk->shape[0] != Hkv || topk->shape[1] != N || topk->shape[2] != K))
         fatal("cuda msa_recall: topk must be i32 [Hidx = %lld, N = %lld, topk_blocks = %lld]", (long long)Hkv, (long long)N,
