@@ -108,7 +108,7 @@ test: all data
 # of configs/tiny.json on both devices (run from the repository root, on a machine with a GPU)
 ifneq ($(NVCC),)
 GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
-$(GPU_TEST): $(GPU_TEST_SRC) tests/gpu/gpu_check.h $(TEST_UTIL) $(LIB)
+$(GPU_TEST): $(GPU_TEST_SRC) tests/gpu/gpu_check.h tests/gpu/gpu_cases.h $(TEST_UTIL) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(GPU_TEST_SRC) $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
 

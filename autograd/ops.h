@@ -38,6 +38,9 @@ Tensor *op_dropout(Engine *e, Tensor *x, float p, uint64_t seed, int64_t offset)
 
 Tensor *op_swiglu(Engine *e, Tensor *gate, Tensor *up);
 
+/* GELU, GPT-2's tanh approximation: x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+Tensor *op_gelu(Engine *e, Tensor *x);
+
 /* scalar mean cross-entropy over rows whose target != ignore_index */
 Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_index);
 

@@ -1,68 +1,23 @@
-/* The CPU reference backend: float32 kernels (float64 for gradient checks), OpenMP, OpenBLAS GEMMs. */
+/* The CPU reference backend: float32 kernels (float64 for gradient checks), OpenMP, OpenBLAS GEMMs.
+ * Its table is kernels.def with .entry = cpu_<entry>; the CPU is the reference, so it has every group. */
 #include "cpu.h"
 
-static void cpu_copy_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst, src, bytes); }
+void cpu_copy_to_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst, src, bytes); }
+void cpu_copy_from_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst, src, bytes); }
 
 /* every CPU kernel has finished when it returns (OpenMP regions join before that) */
-static void cpu_synchronize(void) {}
+void cpu_synchronize(void) {}
+
+/* The groups of kernels.def this backend implements: a group it lacked would expand to nothing here,
+ * leaving its entries NULL for backend_missing() to report at start-up. */
+#define CPU_HAS_CORE(entry) entry,
+#define CPU_HAS_MSA(entry) entry,
+#define CPU_HAS_MOE(entry) entry,
 
 const KernelBackend cpu_backend = {
     .name = "cpu",
     .device = DEV_CPU,
-    .alloc = cpu_alloc,
-    .free = cpu_free,
-    .copy_to_host = cpu_copy_host,
-    .copy_from_host = cpu_copy_host,
-    .copy = cpu_copy,
-    .zero = cpu_zero,
-    .synchronize = cpu_synchronize,
-    .axpy = cpu_axpy,
-    .scale = cpu_scale,
-    .add = cpu_add,
-    .sumsq = cpu_sumsq,
-    .cast = cpu_cast,
-    .matmul = cpu_matmul,
-    .embedding_forward = cpu_embedding_forward,
-    .embedding_backward = cpu_embedding_backward,
-    .rmsnorm_forward = cpu_rmsnorm_forward,
-    .rmsnorm_backward = cpu_rmsnorm_backward,
-    .rope_forward = cpu_rope_forward,
-    .rope_backward = cpu_rope_backward,
-    .attention_forward = cpu_attention_forward,
-    .attention_backward = cpu_attention_backward,
-    .swiglu_forward = cpu_swiglu_forward,
-    .swiglu_backward = cpu_swiglu_backward,
-    .cross_entropy_forward = cpu_cross_entropy_forward,
-    .cross_entropy_backward = cpu_cross_entropy_backward,
-    .adamw_update = cpu_adamw_update,
-    /* MSA */
-    .msa_indexer = cpu_msa_indexer,
-    .dropout_forward = cpu_dropout_forward,
-    .dropout_backward = cpu_dropout_backward,
-    .msa_plan = cpu_msa_plan,
-    .msa_attention_forward = cpu_msa_attention_forward,
-    .msa_attention_backward = cpu_msa_attention_backward,
-    .msa_kl_forward = cpu_msa_kl_forward,
-    .msa_kl_backward = cpu_msa_kl_backward,
-    .msa_recall = cpu_msa_recall,
-    /* MoE */
-    .moe_scores_forward = cpu_moe_scores_forward,
-    .moe_scores_backward = cpu_moe_scores_backward,
-    .moe_topk = cpu_moe_topk,
-    .moe_combine_weights_forward = cpu_moe_combine_weights_forward,
-    .moe_combine_weights_backward = cpu_moe_combine_weights_backward,
-    .moe_plan = cpu_moe_plan,
-    .moe_permute_forward = cpu_moe_permute_forward,
-    .moe_permute_backward = cpu_moe_permute_backward,
-    .moe_unpermute_forward = cpu_moe_unpermute_forward,
-    .moe_unpermute_backward = cpu_moe_unpermute_backward,
-    .grouped_matmul_forward = cpu_grouped_matmul_forward,
-    .grouped_matmul_backward = cpu_grouped_matmul_backward,
-    .moe_aux_loss_forward = cpu_moe_aux_loss_forward,
-    .moe_aux_loss_backward = cpu_moe_aux_loss_backward,
-    .moe_z_loss_forward = cpu_moe_z_loss_forward,
-    .moe_z_loss_backward = cpu_moe_z_loss_backward,
-    .bias_add_forward = cpu_bias_add_forward,
-    .bias_add_backward = cpu_bias_add_backward,
-    .transpose01 = cpu_transpose01,
+#define KERNEL(group, ret, name, params) CPU_HAS_##group(.name = cpu_##name)
+#include "../kernels.def"
+#undef KERNEL
 };

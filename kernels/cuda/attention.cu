@@ -23,7 +23,7 @@
  * The scores use CUDA cores, not tensor cores: a wgmma/mma version is future work. */
 #include <math.h>
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 
@@ -43,15 +43,6 @@ constexpr int QPW = 8;               /* queries per warp (forward, dq) */
 constexpr int BQ = NWARPS * QPW;     /* queries per block */
 constexpr int BK = 32;               /* keys per tile (= lanes) */
 constexpr unsigned FULL = 0xffffffffu;
-
-/* Shared-memory row pitches (floats): LP for rows read along the head dim by the lanes (covers every
- * lane's dims), RP = LP + 4 for rows read whole by one lane each with float4 loads (4 mod 32: the
- * 8 lanes of each quarter-warp hit distinct banks). */
-template <int DPL> struct Pitch {
-    static constexpr int LP = 32 * DPL, RP = 32 * DPL + 4;
-};
-
-__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
 /* Copy rows [r0, r0 + nrows) of head `head` of x [N, H, D] into smem rows of `pitch` floats, times mul;
  * rows past `rlimit` and dims past D are zero. */
@@ -380,8 +371,6 @@ Dims check_dims(const char *what, const Tensor *q, const Tensor *k, const Tensor
     if (cu->dtype != DT_I32 || cu->numel < 2) fatal("cuda %s: cu_seqlens must be i32 [ndocs+1] with ndocs >= 1", what);
     return Dims{(int)N, (int)Hq, (int)Hkv, (int)D, (int)(cu->numel - 1)};
 }
-
-int dpl_of(int D) { return D <= 32 ? 1 : D <= 64 ? 2 : D <= 128 ? 4 : 8; }
 
 /* scratch layout: dstart [N] | dend [N] | (backward) dsum [Hq*N] */
 int *doc_bounds(const Dims &a, const Tensor *cu, size_t extra_bytes, void **extra) {

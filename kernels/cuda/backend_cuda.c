@@ -1,67 +1,20 @@
-/* The CUDA backend's dispatch table (kernels/cuda/cuda.h lists the kernels and their conventions).
- * Built only when nvcc is present (the Makefile then defines MSA_CUDA everywhere).
- *
- * Every MoE entry is filled (moe.cu). MSA entries whose CUDA kernels have not landed yet are NULL.
- * Nothing may call through a NULL entry: the autograd ops that use them check first
+/* The CUDA backend's dispatch table (kernels/cuda/cuda.h lists the kernels and their conventions):
+ * kernels.def with .entry = cuda_<entry>. Built only when nvcc is present (the Makefile then defines
+ * MSA_CUDA everywhere). */
+#include "cuda.h"
+
+/* The groups of kernels.def this backend implements (all of them). A group whose kernels had not landed
+ * would expand to nothing here: its entries stay NULL, the autograd ops that use them check first
  * (BACKEND_REQUIRE in backend.h), and backend_missing() lets a program refuse an MSA or MoE
  * configuration on this backend at start-up with a message instead of failing mid-run. */
-#include "cuda.h"
+#define CUDA_HAS_CORE(entry) entry,
+#define CUDA_HAS_MSA(entry) entry,
+#define CUDA_HAS_MOE(entry) entry,
 
 const KernelBackend cuda_backend = {
     .name = "cuda",
     .device = DEV_CUDA,
-    .alloc = cuda_alloc,
-    .free = cuda_free,
-    .copy_to_host = cuda_copy_to_host,
-    .copy_from_host = cuda_copy_from_host,
-    .copy = cuda_copy,
-    .zero = cuda_zero,
-    .synchronize = cuda_synchronize,
-    .axpy = cuda_axpy,
-    .scale = cuda_scale,
-    .add = cuda_add,
-    .sumsq = cuda_sumsq,
-    .cast = cuda_cast,
-    .matmul = cuda_matmul,
-    .embedding_forward = cuda_embedding_forward,
-    .embedding_backward = cuda_embedding_backward,
-    .rmsnorm_forward = cuda_rmsnorm_forward,
-    .rmsnorm_backward = cuda_rmsnorm_backward,
-    .rope_forward = cuda_rope_forward,
-    .rope_backward = cuda_rope_backward,
-    .attention_forward = cuda_attention_forward,
-    .attention_backward = cuda_attention_backward,
-    .dropout_forward = cuda_dropout_forward,
-    .dropout_backward = cuda_dropout_backward,
-    .swiglu_forward = cuda_swiglu_forward,
-    .swiglu_backward = cuda_swiglu_backward,
-    .cross_entropy_forward = cuda_cross_entropy_forward,
-    .cross_entropy_backward = cuda_cross_entropy_backward,
-    .adamw_update = cuda_adamw_update,
-    .msa_indexer = cuda_msa_indexer,
-    .msa_plan = cuda_msa_plan,
-    .msa_attention_forward = cuda_msa_attention_forward,
-    .msa_attention_backward = cuda_msa_attention_backward,
-    .msa_kl_forward = cuda_msa_kl_forward,
-    .msa_kl_backward = cuda_msa_kl_backward,
-    .msa_recall = cuda_msa_recall,
-    .moe_scores_forward = cuda_moe_scores_forward,
-    .moe_scores_backward = cuda_moe_scores_backward,
-    .moe_topk = cuda_moe_topk,
-    .moe_combine_weights_forward = cuda_moe_combine_weights_forward,
-    .moe_combine_weights_backward = cuda_moe_combine_weights_backward,
-    .moe_plan = cuda_moe_plan,
-    .moe_permute_forward = cuda_moe_permute_forward,
-    .moe_permute_backward = cuda_moe_permute_backward,
-    .moe_unpermute_forward = cuda_moe_unpermute_forward,
-    .moe_unpermute_backward = cuda_moe_unpermute_backward,
-    .grouped_matmul_forward = cuda_grouped_matmul_forward,
-    .grouped_matmul_backward = cuda_grouped_matmul_backward,
-    .moe_aux_loss_forward = cuda_moe_aux_loss_forward,
-    .moe_aux_loss_backward = cuda_moe_aux_loss_backward,
-    .moe_z_loss_forward = cuda_moe_z_loss_forward,
-    .moe_z_loss_backward = cuda_moe_z_loss_backward,
-    .bias_add_forward = cuda_bias_add_forward,
-    .bias_add_backward = cuda_bias_add_backward,
-    .transpose01 = cuda_transpose01,
+#define KERNEL(group, ret, name, params) CUDA_HAS_##group(.name = cuda_##name)
+#include "../kernels.def"
+#undef KERNEL
 };

@@ -1,6 +1,6 @@
-/* Shared internals of the CUDA kernels (C++): error checking, lazy device initialisation, the per-call
- * scratch buffer, the device error word, dtype conversions and dispatch. See cuda.h for the backend's
- * execution and numerics conventions. */
+/* Shared runtime of the CUDA kernels (C++): error checking, lazy device initialisation, the per-call
+ * scratch buffer, the device error word and dtype dispatch. See cuda.h for the backend's execution and
+ * numerics conventions; the device primitives the kernels share are in primitives.cuh. */
 #ifndef MSA_CUDA_COMMON_CUH
 #define MSA_CUDA_COMMON_CUH
 
@@ -95,70 +95,12 @@ static inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
     default: fatal("cuda %s: dtype %s not supported (f32, bf16 or f64)", what, msacuda::dt_name(dt)); \
     }
 
-/* ---- device-side conversions ---- */
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(double x) { return (float)x; }
-__device__ __forceinline__ double to_f64(float x) { return (double)x; }
-__device__ __forceinline__ double to_f64(bf16 x) { return (double)__bfloat162float(x); }
-__device__ __forceinline__ double to_f64(double x) { return x; }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ double from_f32<double>(float x) { return (double)x; }
-
-template <typename T> __device__ __forceinline__ T from_f64(double x);
-template <> __device__ __forceinline__ float from_f64<float>(double x) { return (float)x; }
-template <> __device__ __forceinline__ bf16 from_f64<bf16>(double x) { return __double2bfloat16(x); }
-template <> __device__ __forceinline__ double from_f64<double>(double x) { return x; }
-
 /* record the first bad-input error (see errbuf) */
 __device__ __forceinline__ void report_error(int *err, int code, int a, int b) {
     if (atomicCAS(err, 0, code) == 0) {
         err[1] = a;
         err[2] = b;
     }
-}
-
-/* ---- search ---- */
-
-/* The first index in the ascending a[0 .. n) with a[i] >= x (n when there is none). The index type I
- * is the caller's (int for i32 lists, int64_t for long key arrays): the midpoints are computed in it. */
-template <typename K, typename I> __device__ __forceinline__ I lower_bound(const K *a, I n, K x) {
-    I lo = 0, hi = n;
-    while (lo < hi) {
-        const I mid = (lo + hi) >> 1;
-        if (a[mid] < x) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
-
-/* ---- warp and block reductions ---- */
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ double warp_sum(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
- * `sh` needs 32 elements; the block must not use `sh` again before a __syncthreads(). */
-template <typename A> __device__ __forceinline__ A block_sum(A v, A *sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    A r = lane < nw ? sh[lane] : (A)0;
-    return warp_sum(r);
 }
 
 #endif

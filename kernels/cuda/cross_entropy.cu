@@ -5,7 +5,7 @@
  * program there. The backward reads dloss on the device (no synchronisation). */
 #include <math.h>
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 

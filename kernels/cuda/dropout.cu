@@ -1,7 +1,7 @@
 /* Dropout kernels of the CUDA backend: the mask of kernels/dropout_mask.h (identical to the CPU's),
  * fp32 arithmetic, grid-stride loops. */
 #include "../dropout_mask.h"
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 

@@ -4,7 +4,7 @@
  * pass). Grid-stride loops; reductions are two-pass and deterministic (fixed grid, fixed order). */
 #include <math.h>
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 

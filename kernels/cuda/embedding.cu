@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 

@@ -27,9 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cub/device/device_radix_sort.cuh>
-
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 
@@ -422,7 +420,7 @@ __global__ void z_bwd_kernel(T *dl, const float *dloss, const T *lg, const float
 /* ---------------------------------------------------------------- plan */
 
 /* keys[i] = idx[i] (E for a bad one, which sorts last and is flagged), vals[i] = i */
-__global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *idx, int64_t M, int32_t E,
+__global__ void expert_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *idx, int64_t M, int32_t E,
                                  unsigned long long *st) {
     for (int64_t i = thread_id(); i < M; i += thread_count()) {
         const int32_t e = idx[i];
@@ -434,7 +432,7 @@ __global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *i
 }
 
 /* rows[assignment at sorted position p] = p; offsets[e] = first sorted position with expert >= e */
-__global__ void plan_finish_kernel(int32_t *rows, int32_t *offsets, const uint32_t *sorted_keys,
+__global__ void rows_offsets_kernel(int32_t *rows, int32_t *offsets, const uint32_t *sorted_keys,
                                    const int32_t *sorted_vals, int64_t M, int32_t E) {
     const int64_t n = M > (int64_t)E + 1 ? M : (int64_t)E + 1;
     for (int64_t p = thread_id(); p < n; p += thread_count()) {
@@ -679,8 +677,8 @@ extern "C" void cuda_moe_combine_weights_backward(Tensor *dscores, const Tensor 
     }));
 }
 
-/* Stable radix sort of the assignments by expert (CUB; stable, so the tokens of an expert stay in
- * assignment order: exactly the CPU's counting sort), then rows and offsets from the sorted order.
+/* Stable sort of the assignments by expert (sort_pairs, primitives.cuh: the tokens of an expert stay
+ * in assignment order, exactly the CPU's counting sort), then rows and offsets from the sorted order.
  * Synchronises once to report bad input before any kernel trusts the plan. */
 extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) {
     init();
@@ -694,23 +692,20 @@ extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) 
         CUDA_CHECK(cudaMemset(offsets->data, 0, (size_t)(E + 1) * sizeof(int32_t)));
         return;
     }
-    const int end_bit = 32 - __builtin_clz((unsigned)E); /* keys 0 .. E (E: the bad-entry sentinel) */
-    size_t temp_bytes = 0;
-    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, (const uint32_t *)nullptr, (uint32_t *)nullptr,
-                                               (const int32_t *)nullptr, (int32_t *)nullptr, (int)M, 0, end_bit));
+    const size_t temp_bytes = sort_pairs_temp_bytes(M, (uint32_t)E); /* keys 0 .. E (E: the bad-entry sentinel) */
     /* scratch: keys_in, keys_out, vals_in, vals_out [M] | CUB temp */
     const size_t seg = align256((size_t)M * 4);
     char *ws = (char *)scratch(4 * seg + temp_bytes);
     uint32_t *keys_in = (uint32_t *)ws, *keys_out = (uint32_t *)(ws + seg);
     int32_t *vals_in = (int32_t *)(ws + 2 * seg), *vals_out = (int32_t *)(ws + 3 * seg);
     void *temp = ws + 4 * seg;
-    plan_keys_kernel<<<grid_for(M, THREADS), THREADS>>>(keys_in, vals_in, (const int32_t *)idx->data, M, (int32_t)E,
-                                                        status_word() + ST_PLAN);
+    expert_keys_kernel<<<grid_for(M, THREADS), THREADS>>>(keys_in, vals_in, (const int32_t *)idx->data, M, (int32_t)E,
+                                                          status_word() + ST_PLAN);
     LAUNCH_CHECK("moe_plan keys");
-    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, (int)M, 0, end_bit));
+    sort_pairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, M, (uint32_t)E);
     const int64_t n = M > E + 1 ? M : E + 1;
-    plan_finish_kernel<<<grid_for(n, THREADS), THREADS>>>((int32_t *)rows->data, (int32_t *)offsets->data, keys_out,
-                                                          vals_out, M, (int32_t)E);
+    rows_offsets_kernel<<<grid_for(n, THREADS), THREADS>>>((int32_t *)rows->data, (int32_t *)offsets->data, keys_out,
+                                                           vals_out, M, (int32_t)E);
     LAUNCH_CHECK("moe_plan finish");
     check_status(E, idx->ndim == 2 ? idx->shape[1] : 1, nullptr, nullptr);
 }

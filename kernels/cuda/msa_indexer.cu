@@ -61,32 +61,6 @@ template <typename T, int KS, bool FAST> struct Cfg {
     static size_t smem(int rsel) { return LIST_OFF + (size_t)rsel * ROWS * 8; }
 };
 
-/* ---- PTX wrappers ---- */
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool pred) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    const int n = pred ? 16 : 0; /* 0: zero-fill, nothing read */
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(s));
-}
-
-/* c += a (16x16, row) * b (16x8, col), bf16 inputs, fp32 accumulators */
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
-
 __device__ __forceinline__ float neg_or_zero(float x, float mul) { return x * mul; }
 __device__ __forceinline__ bf16 neg_or_zero(bf16 x, float mul) { return __float2bfloat16_rn(__bfloat162float(x) * mul); }
 
@@ -101,7 +75,7 @@ __device__ __forceinline__ void load_tile(T *dst, const T *x, int64_t r0, int nr
             const int r = idx / CPR, c = idx - r * CPR;
             const int64_t gr = r0 + r;
             const bool ok = gr < nlimit && c * CH < Di;
-            cp_async16(dst + r * PITCH + c * CH, ok ? (const void *)(x + gr * Di + c * CH) : (const void *)x, ok);
+            cp_async16(smem_u32(dst + r * PITCH + c * CH), ok ? (const void *)(x + gr * Di + c * CH) : (const void *)x, ok);
         }
     } else {
         for (int idx = threadIdx.x; idx < nrows * DP; idx += blockDim.x) {
@@ -138,12 +112,12 @@ template <int KS, bool FAST> struct Chunk<bf16, KS, FAST> {
         for (int ks = 0; ks < KS; ks++)
 #pragma unroll
             for (int jp = 0; jp < 2; jp++) {
-                uint32_t b0, b1, b2, b3;
-                ldsm_x4(b0, b1, b2, b3, base + 16 * jp * C::PITCH + 16 * ks);
-                mma_bf16(acc[0][2 * jp], a[0][ks], b0, b1);
-                mma_bf16(acc[1][2 * jp], a[1][ks], b0, b1);
-                mma_bf16(acc[0][2 * jp + 1], a[0][ks], b2, b3);
-                mma_bf16(acc[1][2 * jp + 1], a[1][ks], b2, b3);
+                uint32_t b[4];
+                ldsm_x4(b, smem_u32(base + 16 * jp * C::PITCH + 16 * ks));
+                mma_bf16_16816(acc[0][2 * jp], a[0][ks], b[0], b[1]);
+                mma_bf16_16816(acc[1][2 * jp], a[1][ks], b[0], b[1]);
+                mma_bf16_16816(acc[0][2 * jp + 1], a[0][ks], b[2], b[3]);
+                mma_bf16_16816(acc[1][2 * jp + 1], a[1][ks], b[2], b[3]);
             }
     }
 };
@@ -245,7 +219,7 @@ __global__ void __launch_bounds__(Cfg<T, KS, FAST>::THREADS, (Cfg<T, KS, FAST>::
     T *qs = (T *)smem;
     load_tile<T, C::DP, C::PITCH, C::CH>(qs, qi, t0 * a.H, C::ROWS, N * a.H, a.Di, a.vec);
     cp_async_commit();
-    cp_async_wait_all();
+    cp_async_wait_committed();
     __syncthreads();
     if (a.qmul != 1.0f)
         for (int i = threadIdx.x; i < C::ROWS * C::PITCH; i += blockDim.x) qs[i] = neg_or_zero(qs[i], a.qmul);
@@ -258,8 +232,8 @@ __global__ void __launch_bounds__(Cfg<T, KS, FAST>::THREADS, (Cfg<T, KS, FAST>::
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
             for (int ks = 0; ks < KS; ks++)
-                ldsm_x4(af[mt][ks][0], af[mt][ks][1], af[mt][ks][2], af[mt][ks][3],
-                        qs + (warp * 32 + 16 * mt + (lane & 7) + ((lane >> 3) & 1) * 8) * C::PITCH + 16 * ks + (lane >> 4) * 8);
+                ldsm_x4(af[mt][ks],
+                        smem_u32(qs + (warp * 32 + 16 * mt + (lane & 7) + ((lane >> 3) & 1) * 8) * C::PITCH + 16 * ks + (lane >> 4) * 8));
         __syncthreads(); /* the staging area becomes the key tiles */
     }
     const T *qw = qs + warp * 32 * C::PITCH;
@@ -307,7 +281,7 @@ __global__ void __launch_bounds__(Cfg<T, KS, FAST>::THREADS, (Cfg<T, KS, FAST>::
         load_tile<T, C::DP, C::PITCH, C::CH>(kbuf, ki, kstart, C::TK, N, a.Di, a.vec);
         cp_async_commit();
         for (int it = 0; it < ntiles; it++) {
-            cp_async_wait_all();
+            cp_async_wait_committed();
             __syncthreads(); /* tile it landed; everyone is done with tile it-1, whose buffer is refilled next */
             if (it + 1 < ntiles)
                 load_tile<T, C::DP, C::PITCH, C::CH>(kbuf + ((it + 1) & 1) * C::TK * C::PITCH, ki,

@@ -192,12 +192,6 @@ template <typename T> struct KA {
  * Loads
  * ---------------------------------------------------------------------------------------------- */
 
-__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
-    const unsigned sa = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
 /* Rows [0, nrows) of a shared tile (pitch ld, Wp = padded width) from the global rows src(r) (W valid
  * elements; nullptr = a zero row), padding columns zero. 16-byte cp.async copies when vec (W * sizeof(T)
  * a multiple of 16 and every row 16-byte aligned), else element copies. Complete after
@@ -211,7 +205,7 @@ __device__ __forceinline__ void load_tile(T *dst, int ld, int nrows, int Wp, int
             const int r = i / cpr, c = (i - r * cpr) * VEC;
             T *d = dst + r * ld + c;
             const T *s = src(r);
-            if (s && c < W) cp_async16(d, s + c);
+            if (s && c < W) cp_async16(smem_u32(d), s + c, true);
             else *(uint4 *)d = make_uint4(0u, 0u, 0u, 0u);
         }
     } else {
@@ -720,15 +714,6 @@ __global__ void kl_doc_bounds_kernel(int *dstart, int *dend, const int32_t *cu, 
 
 /* ---- the sparse work list: pieces of the rows' query lists, per (group, window) ---- */
 
-__device__ __forceinline__ int lower_bound_i32(const int *a, int lo, int hi, int x) {
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (a[mid] < x) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
-
 /* per (g, w, r): the row's queries in window w are q_idx[elo .. elo + ecnt) (two binary searches in
  * its ascending list), npc = its pieces */
 __global__ void kl_count_kernel(int *elo, int *ecnt, int *npc, const int *plan, int64_t Pw, int N, int K, int W, int Rb,
@@ -741,7 +726,7 @@ __global__ void kl_count_kernel(int *elo, int *ecnt, int *npc, const int *plan, 
         const int *row_ptr = plan + g * Pw, *q_idx = row_ptr + N + 1;
         const int b = min(max(row_ptr[r], 0), NK), e = min(max(row_ptr[r + 1], b), NK);
         const int w0 = w * Nw, w1 = min(N, w0 + Nw);
-        const int lo = lower_bound_i32(q_idx, b, e, w0), hi = lower_bound_i32(q_idx, lo, e, w1);
+        const int lo = b + lower_bound(q_idx + b, e - b, w0), hi = lo + lower_bound(q_idx + lo, e - lo, w1);
         elo[i] = lo;
         ecnt[i] = hi - lo;
         npc[i] = (hi - lo + QSEG - 1) / QSEG;

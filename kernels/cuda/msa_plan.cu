@@ -6,10 +6,10 @@
  *   2. keys: one thread per query validates its topk row (ids ascending, visible, -1 only after them,
  *      at least one) and writes key = row of each selected block (a sentinel past every row for -1),
  *      value = the query, in (query, slot) order;
- *   3. CUB's radix sort of the pairs (stable: each row keeps its queries ascending, as the CPU's
- *      scatter in query order does; no atomics decide any position, so the plan is deterministic),
- *      the values landing straight in the plan's q_idx;
- *   4. finish: row_ptr[r] = first sorted position with key >= r (a binary search per row), q_idx past
+ *   3. sort_pairs (primitives.cuh: CUB's radix sort, stable, so each row keeps its queries ascending,
+ *      as the CPU's scatter in query order does; no atomics decide any position, so the plan is
+ *      deterministic), the values landing straight in the plan's q_idx;
+ *   4. rows: row_ptr[r] = first sorted position with key >= r (a binary search per row), q_idx past
  *      the last selection zeroed, row_lo/row_hi from the document table.
  * Cost ~ a 2-3 pass radix sort of N*k pairs per group (N = 128K, k = 16: 2M pairs, ~11 key bits).
  *
@@ -23,7 +23,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
 #include "msa_plan.cuh"
@@ -99,7 +98,7 @@ __global__ void doc_blocks_kernel(int64_t *nb, unsigned long long *err, const in
 }
 
 /* One thread per query t of group g: validate its row of topk and emit its (key, value) pairs. */
-__global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, unsigned long long *err, const int32_t *topk_g,
+__global__ void block_keys_kernel(uint32_t *keys, int32_t *vals, unsigned long long *err, const int32_t *topk_g,
                                  const int32_t *cu, const int64_t *blk_base, int ndocs, int64_t N, int K, int B,
                                  uint32_t sentinel, int g) {
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < N; t += (int64_t)gridDim.x * blockDim.x) {
@@ -133,7 +132,7 @@ __global__ void plan_keys_kernel(uint32_t *keys, int32_t *vals, unsigned long lo
 
 /* row_ptr, the zero tail of q_idx, row_lo and row_hi of group g's plan (q_idx already holds the
  * sorted queries). */
-__global__ void plan_finish_kernel(int32_t *plan_g, const uint32_t *sorted_keys, const int32_t *cu, const int64_t *blk_base,
+__global__ void plan_rows_kernel(int32_t *plan_g, const uint32_t *sorted_keys, const int32_t *cu, const int64_t *blk_base,
                                    int ndocs, int64_t N, int64_t NK, int B) {
     const int64_t R = min(max(blk_base[ndocs], (int64_t)0), N);
     int32_t *row_ptr = plan_g, *q_idx = plan_g + (N + 1), *row_lo = q_idx + NK, *row_hi = row_lo + N;
@@ -214,11 +213,9 @@ extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu
     /* sentinel key: past every block row (R <= min(N, N/B + ndocs) for valid input) */
     const int64_t rmax = N < N / B + ndocs ? N : N / B + ndocs;
     const uint32_t sentinel = (uint32_t)rmax;
-    const int end_bit = 32 - __builtin_clz(sentinel);
 
-    size_t sort_bytes = 0, scan_bytes = 0;
-    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, (const uint32_t *)nullptr, (uint32_t *)nullptr,
-                                               (const int32_t *)nullptr, (int32_t *)nullptr, (int)NK, 0, end_bit));
+    const size_t sort_bytes = sort_pairs_temp_bytes(NK, sentinel);
+    size_t scan_bytes = 0;
     CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, (const int64_t *)nullptr, (int64_t *)nullptr,
                                              (int)(ndocs + 1)));
     const size_t temp_bytes = sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
@@ -241,14 +238,12 @@ extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu
     CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, tb, nb, blk_base, (int)(ndocs + 1)));
     for (int64_t g = 0; g < H; g++) {
         int32_t *plan_g = (int32_t *)plan->data + g * P;
-        plan_keys_kernel<<<grid_for(N, THREADS), THREADS>>>(keys_in, vals_in, err, (const int32_t *)topk->data + g * NK, cu,
-                                                            blk_base, (int)ndocs, N, (int)K, B, sentinel, (int)g);
+        block_keys_kernel<<<grid_for(N, THREADS), THREADS>>>(keys_in, vals_in, err, (const int32_t *)topk->data + g * NK, cu,
+                                                             blk_base, (int)ndocs, N, (int)K, B, sentinel, (int)g);
         LAUNCH_CHECK("msa_plan keys");
-        tb = temp_bytes;
-        CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, tb, keys_in, keys_out, vals_in, plan_g + (N + 1), (int)NK, 0,
-                                                   end_bit));
-        plan_finish_kernel<<<grid_for((N + 1 > NK ? N + 1 : NK), THREADS), THREADS>>>(plan_g, keys_out, cu, blk_base,
-                                                                                      (int)ndocs, N, NK, B);
+        sort_pairs(temp, temp_bytes, keys_in, keys_out, vals_in, plan_g + (N + 1), NK, sentinel);
+        plan_rows_kernel<<<grid_for((N + 1 > NK ? N + 1 : NK), THREADS), THREADS>>>(plan_g, keys_out, cu, blk_base,
+                                                                                    (int)ndocs, N, NK, B);
         LAUNCH_CHECK("msa_plan finish");
     }
 

@@ -5,7 +5,7 @@
 #ifndef MSA_CUDA_MSA_PLAN_CUH
 #define MSA_CUDA_MSA_PLAN_CUH
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 namespace msacuda {
 

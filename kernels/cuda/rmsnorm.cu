@@ -4,7 +4,7 @@
  * chunks, then the chunks in order). */
 #include <math.h>
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 

@@ -5,7 +5,7 @@
  * is the rotation by -angle, accumulated into dx. */
 #include <math.h>
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 using namespace msacuda;
 

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpu_check.h"
+#include "gpu_cases.h"
 
 GpuCheck gpu_check = {.gpu = &cuda_backend, .cpu = &cpu_backend};
 
@@ -269,6 +269,34 @@ void attn_free(AttnCase *a) {
     grad_free(&a->dv);
     Pair *ps[] = {&a->dout, &a->o2, &a->l2, &a->out, &a->lse, &a->q, &a->k, &a->v};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) pair_free(ps[i]);
+}
+
+/* ---------- the case list ---------- */
+
+void gpu_case_add(const char *group, GpuCaseFn run, const void *args, size_t bytes) {
+    GpuCheck *g = &gpu_check;
+    if (g->ncases == g->cap) {
+        g->cap = g->cap ? 2 * g->cap : 256;
+        g->cases = xrealloc(g->cases, (size_t)g->cap * sizeof *g->cases);
+    }
+    void *copy = NULL;
+    if (args) {
+        copy = xmalloc(bytes);
+        memcpy(copy, args, bytes);
+    }
+    g->cases[g->ncases++] = (GpuCase){.group = group, .run = run, .args = copy};
+}
+
+const GpuCase *gpu_case_list(int *n) {
+    *n = gpu_check.ncases;
+    return gpu_check.cases;
+}
+
+void gpu_case_list_free(void) {
+    for (int i = 0; i < gpu_check.ncases; i++) free(gpu_check.cases[i].args);
+    free(gpu_check.cases);
+    gpu_check.cases = NULL;
+    gpu_check.ncases = gpu_check.cap = 0;
 }
 
 /* ---------- --bench helpers ---------- */

@@ -19,12 +19,16 @@
 #define TOL_BF16 1e-2
 #define TOL_F32 1e-5
 
-/* The harness's one piece of mutable state: the backends, the random stream of the inputs and the
- * pass/fail counters (main sets tc). */
+/* The harness's one piece of mutable state: the backends, the random stream of the inputs, the
+ * pass/fail counters (main sets tc), this program's path (for the checks run in a child process) and
+ * the case list (gpu_cases.h). */
 typedef struct GpuCheck {
     const KernelBackend *gpu, *cpu;
     Rng rng;
     TestCtx *tc;
+    const char *self;
+    struct GpuCase *cases;
+    int ncases, cap;
 } GpuCheck;
 extern GpuCheck gpu_check;
 #define GB (gpu_check.gpu)
@@ -93,11 +97,6 @@ void attn_arm_grads(AttnCase *a); /* grad_arm of dq, dk, dv, after the CPU backw
 void attn_check_grads(AttnCase *a, int grads, const char *label, const char *desc, double tol);
 void attn_free(AttnCase *a);
 
-/* One dense attention case (tests/gpu/test_gpu.c; the cuDNN group runs it too): forward out and lse, then the
- * backward into the gradients selected by grads, against the CPU; the checks are named after label. */
-void attention_case(const char *label, DType act, int ndocs, const int32_t *lens, int64_t Hq, int64_t Hkv, int64_t D,
-                    int grads);
-
 /* --bench helpers: a synchronisation (a copy to the host waits for all queued work) and a GPU tensor of
  * random N(0, std) values */
 void gpu_sync(void);
@@ -108,12 +107,9 @@ Tensor dev_rand(DType dt, int ndim, const int64_t *shape, double std);
  * attended (query, key) pairs per group (mean over the groups), for the FLOP counts. */
 double msa_bench_selection(Tensor *topk, Tensor *cu, Tensor *plan, int64_t Hkv, int64_t N, int B, int K);
 
-/* test groups defined outside test_gpu.c */
-void test_msa_gpu(void);           /* tests/gpu/test_gpu_msa.c: indexer, plan, recall, opcheck */
-void test_msa_attention_gpu(void); /* tests/gpu/test_gpu_msa_attention.c */
-void test_msa_kl_gpu(void);        /* tests/gpu/test_gpu_msa_kl.c */
-void test_moe_gpu(void);  /* tests/gpu/test_gpu_moe.c */
-void test_attention_cudnn_gpu(void); /* tests/gpu/test_gpu_cudnn.c: dense attention through cuDNN */
-void test_cp_gpu(void);   /* tests/gpu/test_gpu_cp.c: the context-parallel block transpose */
+/* --bench parts defined outside test_gpu.c */
+void bench_msa_indexer(void);       /* tests/gpu/test_gpu_msa.c */
+void bench_msa_attention_gpu(void); /* tests/gpu/test_gpu_msa_attention.c */
+void bench_msa_kl_gpu(void);        /* tests/gpu/test_gpu_msa_kl.c: KL forward + backward at N = 8K, 32K */
 
 #endif

@@ -1,4 +1,5 @@
-/* GPU tests (make test-gpu; needs a CUDA device, run from the repository root after `make data`).
+/* GPU tests (make test-gpu; needs a CUDA device, run from the repository root after `make data`): main
+ * runs the case list of tests/gpu/cases.c; this file holds the case families of the engine's kernels.
  *
  * Every CUDA kernel against the CPU reference: fresh random inputs for each case, the GPU outputs
  * poisoned with NaN before the call (so an unwritten element fails), the reference run on F32 copies of
@@ -6,7 +7,7 @@
  * unrounded on the reference side, as in training). Accumulating outputs (gradients) start from random
  * values on the GPU and from zero on the CPU, and the increments are compared. Relative error
  * ||gpu - ref|| / ||ref|| must be <= 1e-2 when a BF16 tensor takes part, <= 1e-5 on all-F32 paths; a NaN
- * fails. Then a few training steps of configs/tiny.json on both devices (tolerances at e2e_check), and
+ * fails. Then a few training steps of configs/tiny.json on both devices (tolerances at e2e_case), and
  * the bad-input and no-device messages in child processes. Closing line "N passed, N failed", one count
  * per check. */
 #include <math.h>
@@ -22,77 +23,82 @@
 #include "../../train/trainer.h"
 #include "../gradcheck.h" /* test_system */
 #include "../test.h"
-#include "gpu_check.h"
+#include "gpu_cases.h"
 
 #define TINY "configs/tiny.json"
 
-static void test_elementwise(void) {
-    const int64_t sizes[] = {1, 1000, 100003};
-    const DType dts[][2] = {{DT_F32, DT_F32}, {DT_BF16, DT_BF16}, {DT_BF16, DT_F32}, {DT_F32, DT_BF16}};
+void axpy_add_case(const void *args) {
+    const AxpyAddCase *c = args;
+    const int64_t n = c->n;
+    const DType ydt = c->ydt, xdt = c->xdt;
+    const DType path = ydt == DT_BF16 || xdt == DT_BF16 ? DT_BF16 : DT_F32;
     char name[160];
-    for (int si = 0; si < 3; si++) {
-        int64_t n = sizes[si];
-        for (int di = 0; di < 4; di++) {
-            DType ydt = dts[di][0], xdt = dts[di][1];
-            DType path = ydt == DT_BF16 || xdt == DT_BF16 ? DT_BF16 : DT_F32;
-            Pair y = pair_rand(ydt, 1, (int64_t[]){n}, 0, 1), x = pair_rand(xdt, 1, (int64_t[]){n}, 0, 1);
-            CB->axpy(&y.c, &x.c, -0.75f);
-            GB->axpy(&y.g, &x.g, -0.75f);
-            snprintf(name, sizeof name, "axpy y %s += x %s, n=%lld", dn(ydt), dn(xdt), (long long)n);
-            check(name, &y, tol_of(path));
-            Pair o = pair_out(ydt, 1, (int64_t[]){n});
-            CB->add(&o.c, &y.c, &x.c);
-            GB->add(&o.g, &y.g, &x.g);
-            snprintf(name, sizeof name, "add out %s = %s + %s, n=%lld", dn(ydt), dn(ydt), dn(xdt), (long long)n);
-            check(name, &o, tol_of(path));
-            pair_free(&o);
-            pair_free(&y);
-            pair_free(&x);
-        }
-        for (int d = 0; d < 2; d++) {
-            DType dt = d ? DT_BF16 : DT_F32;
-            Pair y = pair_rand(dt, 1, (int64_t[]){n}, 0, 1);
-            double a = GB->sumsq(&y.g), b = CB->sumsq(&y.c); /* the same values on both sides */
-            snprintf(name, sizeof name, "sumsq %s, n=%lld", dn(dt), (long long)n);
-            record(fabs(a - b) <= 1e-12 * fabs(b), "%-58s rel err %.2e (tol 1e-12, fp64 sums)", name, fabs(a - b) / fabs(b));
-            CB->scale(&y.c, 0.37f);
-            GB->scale(&y.g, 0.37f);
-            snprintf(name, sizeof name, "scale %s, n=%lld", dn(dt), (long long)n);
-            check(name, &y, tol_of(dt));
-            pair_free(&y);
-        }
-        /* casts: f32 -> bf16 must round to nearest even exactly; bf16 -> f32 and f32 -> f32 are exact */
-        Pair s = pair_rand(DT_F32, 1, (int64_t[]){n}, 0, 3);
-        Tensor d16 = mk(GB, DT_BF16, 1, (int64_t[]){n}), d32 = mk(GB, DT_F32, 1, (int64_t[]){n});
-        poison(&d16);
-        poison(&d32);
-        GB->cast(&d16, &s.g);
-        float *want = xmalloc((size_t)n * sizeof(float)), *got = download_f32(&d16);
-        bool exact = true;
-        for (int64_t i = 0; i < n; i++) exact &= bf16_bits(got[i]) == bf16_bits(s.h[i]) && got[i] == round_to(DT_BF16, s.h[i]);
-        snprintf(name, sizeof name, "cast f32 -> bf16 (round to nearest even), n=%lld", (long long)n);
-        record(exact, "%-58s %s", name, exact ? "bit-exact" : "differs");
-        free(got);
-        GB->cast(&d32, &d16);
-        got = download_f32(&d32);
-        exact = true;
-        for (int64_t i = 0; i < n; i++) exact &= got[i] == round_to(DT_BF16, s.h[i]);
-        snprintf(name, sizeof name, "cast bf16 -> f32, n=%lld", (long long)n);
-        record(exact, "%-58s %s", name, exact ? "bit-exact" : "differs");
-        free(got);
-        free(want);
-        free_t(&d16);
-        free_t(&d32);
-        pair_free(&s);
-    }
+    Pair y = pair_rand(ydt, 1, (int64_t[]){n}, 0, 1), x = pair_rand(xdt, 1, (int64_t[]){n}, 0, 1);
+    CB->axpy(&y.c, &x.c, -0.75f);
+    GB->axpy(&y.g, &x.g, -0.75f);
+    snprintf(name, sizeof name, "axpy y %s += x %s, n=%lld", dn(ydt), dn(xdt), (long long)n);
+    check(name, &y, tol_of(path));
+    Pair o = pair_out(ydt, 1, (int64_t[]){n});
+    CB->add(&o.c, &y.c, &x.c);
+    GB->add(&o.g, &y.g, &x.g);
+    snprintf(name, sizeof name, "add out %s = %s + %s, n=%lld", dn(ydt), dn(ydt), dn(xdt), (long long)n);
+    check(name, &o, tol_of(path));
+    pair_free(&o);
+    pair_free(&y);
+    pair_free(&x);
+}
+
+void sumsq_scale_case(const void *args) {
+    const SumsqScaleCase *c = args;
+    const int64_t n = c->n;
+    const DType dt = c->dt;
+    char name[160];
+    Pair y = pair_rand(dt, 1, (int64_t[]){n}, 0, 1);
+    double a = GB->sumsq(&y.g), b = CB->sumsq(&y.c); /* the same values on both sides */
+    snprintf(name, sizeof name, "sumsq %s, n=%lld", dn(dt), (long long)n);
+    record(fabs(a - b) <= 1e-12 * fabs(b), "%-58s rel err %.2e (tol 1e-12, fp64 sums)", name, fabs(a - b) / fabs(b));
+    CB->scale(&y.c, 0.37f);
+    GB->scale(&y.g, 0.37f);
+    snprintf(name, sizeof name, "scale %s, n=%lld", dn(dt), (long long)n);
+    check(name, &y, tol_of(dt));
+    pair_free(&y);
+}
+
+/* casts: f32 -> bf16 must round to nearest even exactly; bf16 -> f32 and f32 -> f32 are exact */
+void cast_case(const void *args) {
+    const int64_t n = ((const CastCase *)args)->n;
+    char name[160];
+    Pair s = pair_rand(DT_F32, 1, (int64_t[]){n}, 0, 3);
+    Tensor d16 = mk(GB, DT_BF16, 1, (int64_t[]){n}), d32 = mk(GB, DT_F32, 1, (int64_t[]){n});
+    poison(&d16);
+    poison(&d32);
+    GB->cast(&d16, &s.g);
+    float *got = download_f32(&d16);
+    bool exact = true;
+    for (int64_t i = 0; i < n; i++) exact &= bf16_bits(got[i]) == bf16_bits(s.h[i]) && got[i] == round_to(DT_BF16, s.h[i]);
+    snprintf(name, sizeof name, "cast f32 -> bf16 (round to nearest even), n=%lld", (long long)n);
+    record(exact, "%-58s %s", name, exact ? "bit-exact" : "differs");
+    free(got);
+    GB->cast(&d32, &d16);
+    got = download_f32(&d32);
+    exact = true;
+    for (int64_t i = 0; i < n; i++) exact &= got[i] == round_to(DT_BF16, s.h[i]);
+    snprintf(name, sizeof name, "cast bf16 -> f32, n=%lld", (long long)n);
+    record(exact, "%-58s %s", name, exact ? "bit-exact" : "differs");
+    free(got);
+    free_t(&d16);
+    free_t(&d32);
+    pair_free(&s);
 }
 
 /* ---------- matmul ---------- */
 
-/* c = alpha op(a) op(b) + beta c. b_param: b is an F32 parameter of a CUDA ParamStore (read through its
- * BF16 shadow); the reference keeps its F32 values. */
-static void matmul_case(int64_t batch, int64_t M, int64_t N, int64_t K, bool ta, bool tb, DType adt, DType bdt, DType cdt,
-                        bool b_param, float alpha, float beta) {
+void matmul_case(const void *args) {
+    const MatmulCase *mc = args;
+    const int64_t batch = mc->batch, M = mc->M, N = mc->N, K = mc->K;
+    const bool ta = mc->ta, tb = mc->tb, b_param = mc->b_param;
+    const DType adt = mc->adt, bdt = mc->bdt, cdt = mc->cdt;
+    const float alpha = mc->alpha, beta = mc->beta;
     int nd = batch > 1 ? 3 : 2;
     int64_t as[3], bs[3], cs[3];
     int o = 0;
@@ -133,65 +139,47 @@ static void matmul_case(int64_t batch, int64_t M, int64_t N, int64_t K, bool ta,
     } else pair_free(&b);
 }
 
-static void test_matmul(void) {
-    const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 5}, {64, 48, 96}, {257, 129, 67}, {512, 1000, 64}};
-    for (int s = 0; s < 5; s++) {
-        int64_t M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
-        for (int t = 0; t < 4; t++) {
-            bool ta = t & 1, tb = t & 2;
-            matmul_case(1, M, N, K, ta, tb, DT_F32, DT_F32, DT_F32, false, 1.0f, 0.0f);
-            matmul_case(1, M, N, K, ta, tb, DT_BF16, DT_BF16, DT_BF16, false, 1.0f, 0.0f);
-        }
-        /* the linear op's three GEMMs with F32 weights: y = x W^T (shadow), dx += dy W, dW += dy^T x (f32 out) */
-        matmul_case(1, M, N, K, false, true, DT_BF16, DT_F32, DT_BF16, true, 1.0f, 0.0f);
-        matmul_case(1, M, N, K, false, false, DT_BF16, DT_F32, DT_BF16, true, 1.0f, 1.0f);
-        matmul_case(1, M, N, K, true, false, DT_BF16, DT_BF16, DT_F32, false, 1.0f, 1.0f);
-        /* an F32 operand without a shadow: cast per call */
-        matmul_case(1, M, N, K, false, true, DT_BF16, DT_F32, DT_BF16, false, 0.5f, 0.0f);
-    }
-    matmul_case(3, 33, 17, 40, false, true, DT_BF16, DT_BF16, DT_BF16, false, 1.0f, 0.0f);
-    matmul_case(3, 33, 17, 40, true, false, DT_F32, DT_F32, DT_F32, false, 1.0f, 1.0f);
-    matmul_case(1, 16, 24, 0, false, false, DT_BF16, DT_BF16, DT_F32, false, 1.0f, 0.0f); /* K = 0 */
-}
-
 /* ---------- embedding ---------- */
 
-static void test_embedding(void) {
-    const int64_t cases[][3] = {{17, 8, 1}, {65, 33, 100}, {1000, 256, 1000}}; /* V, C, N */
+void embedding_case(const void *args) {
+    const EmbeddingCase *ec = args;
     char name[160];
-    for (int ci = 0; ci < 3; ci++) {
-        int64_t V = cases[ci][0], C = cases[ci][1], N = cases[ci][2];
-        int32_t *tok = xmalloc((size_t)N * sizeof(int32_t));
-        for (int64_t n = 0; n < N; n++) tok[n] = (int32_t)(rng_next(&gpu_check.rng) % (uint64_t)(V > 10 ? V / 3 : V)); /* repeats */
-        Pair tk = pair_i32(N, tok);
-        for (int d = 0; d < 2; d++) {
-            DType act = d ? DT_BF16 : DT_F32;
-            Pair w = pair_rand(DT_F32, 2, (int64_t[]){V, C}, 0, 1);
-            Pair out = pair_out(act, 2, (int64_t[]){N, C});
-            CB->embedding_forward(&out.c, &w.c, &tk.c);
-            GB->embedding_forward(&out.g, &w.g, &tk.g);
-            snprintf(name, sizeof name, "embedding fwd f32 -> %s V=%lld C=%lld N=%lld", dn(act), (long long)V, (long long)C, (long long)N);
-            check(name, &out, tol_of(act));
-            Pair dout = pair_rand(act, 2, (int64_t[]){N, C}, 0, 1);
-            Grad dw = grad_new(DT_F32, 2, (int64_t[]){V, C});
-            CB->embedding_backward(&dw.p.c, &dout.c, &tk.c);
-            grad_arm(&dw);
-            GB->embedding_backward(&dw.p.g, &dout.g, &tk.g);
-            snprintf(name, sizeof name, "embedding bwd %s -> dW f32 V=%lld C=%lld N=%lld", dn(act), (long long)V, (long long)C, (long long)N);
-            grad_check(name, &dw, tol_of(act));
-            grad_free(&dw);
-            pair_free(&dout);
-            pair_free(&out);
-            pair_free(&w);
-        }
-        pair_free(&tk);
-        free(tok);
+    const int64_t V = ec->V, C = ec->C, N = ec->N;
+    int32_t *tok = xmalloc((size_t)N * sizeof(int32_t));
+    for (int64_t n = 0; n < N; n++) tok[n] = (int32_t)(rng_next(&gpu_check.rng) % (uint64_t)(V > 10 ? V / 3 : V)); /* repeats */
+    Pair tk = pair_i32(N, tok);
+    for (int d = 0; d < 2; d++) {
+        DType act = d ? DT_BF16 : DT_F32;
+        Pair w = pair_rand(DT_F32, 2, (int64_t[]){V, C}, 0, 1);
+        Pair out = pair_out(act, 2, (int64_t[]){N, C});
+        CB->embedding_forward(&out.c, &w.c, &tk.c);
+        GB->embedding_forward(&out.g, &w.g, &tk.g);
+        snprintf(name, sizeof name, "embedding fwd f32 -> %s V=%lld C=%lld N=%lld", dn(act), (long long)V, (long long)C, (long long)N);
+        check(name, &out, tol_of(act));
+        Pair dout = pair_rand(act, 2, (int64_t[]){N, C}, 0, 1);
+        Grad dw = grad_new(DT_F32, 2, (int64_t[]){V, C});
+        CB->embedding_backward(&dw.p.c, &dout.c, &tk.c);
+        grad_arm(&dw);
+        GB->embedding_backward(&dw.p.g, &dout.g, &tk.g);
+        snprintf(name, sizeof name, "embedding bwd %s -> dW f32 V=%lld C=%lld N=%lld", dn(act), (long long)V, (long long)C, (long long)N);
+        grad_check(name, &dw, tol_of(act));
+        grad_free(&dw);
+        pair_free(&dout);
+        pair_free(&out);
+        pair_free(&w);
     }
+    pair_free(&tk);
+    free(tok);
 }
 
 /* ---------- rmsnorm ---------- */
 
-static void rmsnorm_case(int ndim, const int64_t *shape, DType act, bool has_w, bool unit_offset, int grads) {
+void rmsnorm_case(const void *args) {
+    const RmsnormCase *rc = args;
+    const int ndim = rc->ndim, grads = rc->grads;
+    const int64_t *shape = rc->shape;
+    const DType act = rc->act;
+    const bool has_w = rc->has_w, unit_offset = rc->unit_offset;
     int64_t C = shape[ndim - 1], rows = 1;
     for (int i = 0; i < ndim - 1; i++) rows *= shape[i];
     Pair x = pair_rand(act, ndim, shape, 0.3, 1.5);
@@ -234,23 +222,15 @@ static void rmsnorm_case(int ndim, const int64_t *shape, DType act, bool has_w, 
     if (has_w) pair_free(&w);
 }
 
-static void test_rmsnorm(void) {
-    for (int d = 0; d < 2; d++) {
-        DType act = d ? DT_BF16 : DT_F32;
-        rmsnorm_case(2, (int64_t[]){1, 3}, act, true, false, 3); /* C = 1 is ill-conditioned: dx ~ eps/x^2 */
-        rmsnorm_case(2, (int64_t[]){37, 64}, act, true, false, 3);
-        rmsnorm_case(2, (int64_t[]){300, 1000}, act, true, false, 3);
-        rmsnorm_case(3, (int64_t[]){50, 3, 40}, act, true, false, 3);
-        rmsnorm_case(3, (int64_t[]){29, 2, 128}, act, true, true, 3);
-        rmsnorm_case(2, (int64_t[]){33, 96}, act, false, false, 1);
-        rmsnorm_case(2, (int64_t[]){33, 96}, act, true, false, 1);
-        rmsnorm_case(2, (int64_t[]){33, 96}, act, true, false, 2);
-    }
-}
-
 /* ---------- rope ---------- */
 
-static void rope_case(DType act, int64_t N, int64_t H, int64_t D, int rot, float theta, int32_t maxpos) {
+void rope_case(const void *args) {
+    const RopeCase *rc = args;
+    const DType act = rc->act;
+    const int64_t N = rc->N, H = rc->H, D = rc->D;
+    const int rot = rc->rot;
+    const float theta = rc->theta;
+    const int32_t maxpos = rc->maxpos;
     int32_t *pos = xmalloc((size_t)N * sizeof(int32_t));
     for (int64_t n = 0; n < N; n++) pos[n] = (int32_t)(rng_next(&gpu_check.rng) % (uint64_t)maxpos);
     Pair p = pair_i32(N, pos);
@@ -276,21 +256,24 @@ static void rope_case(DType act, int64_t N, int64_t H, int64_t D, int rot, float
     free(pos);
 }
 
-static void test_rope(void) {
-    for (int d = 0; d < 2; d++) {
-        DType act = d ? DT_BF16 : DT_F32;
-        rope_case(act, 1, 1, 2, 2, 10000.0f, 10);
-        rope_case(act, 77, 3, 64, 64, 10000.0f, 4096);
-        rope_case(act, 50, 4, 40, 24, 1e6f, 200000);
-        rope_case(act, 33, 2, 128, 64, 5e5f, 131072);
-    }
-}
-
 /* ---------- attention ---------- */
 
-/* label: "attention" here, "cudnn attention" in the cuDNN group (tests/gpu/test_gpu_cudnn.c) */
-void attention_case(const char *label, DType act, int ndocs, const int32_t *lens, int64_t Hq, int64_t Hkv, int64_t D,
-                    int grads) {
+/* The implementation is chosen by MSA_ATTENTION for the case (the previous value restored after): "own"
+ * our kernels (labelled "attention"), "cudnn" cuDNN's fused SDPA (labelled "cudnn attention"), forced,
+ * so that a graph cuDNN refuses stops the run with the graph and cuDNN's reason on stderr instead of
+ * passing on our own kernel. */
+void attention_case(const void *args) {
+    const AttentionCase *ac = args;
+    const DType act = ac->act;
+    const int ndocs = ac->ndocs, grads = ac->grads;
+    const int32_t *lens = ac->lens;
+    const int64_t Hq = ac->Hq, Hkv = ac->Hkv, D = ac->D;
+    const bool cudnn = !strcmp(ac->impl, "cudnn");
+    const char *label = cudnn ? "cudnn attention" : "attention";
+    const char *prev = getenv("MSA_ATTENTION");
+    char saved[64] = "";
+    if (prev) snprintf(saved, sizeof saved, "%s", prev);
+    setenv("MSA_ATTENTION", ac->impl, 1);
     int32_t *cu = xmalloc((size_t)(ndocs + 1) * sizeof(int32_t));
     cu[0] = 0;
     for (int i = 0; i < ndocs; i++) cu[i + 1] = cu[i] + lens[i];
@@ -315,109 +298,132 @@ void attention_case(const char *label, DType act, int ndocs, const int32_t *lens
     attn_free(&a);
     pair_free(&cs);
     free(cu);
+    if (prev) setenv("MSA_ATTENTION", saved, 1);
+    else unsetenv("MSA_ATTENTION");
 }
 
-static void test_attention(void) {
-    /* our own kernel here (the default sends BF16 shapes cuDNN supports to cuDNN, tested by the
-     * attention_cudnn group) */
-    setenv("MSA_ATTENTION", "own", 1);
-    for (int d = 0; d < 2; d++) {
-        DType act = d ? DT_BF16 : DT_F32;
-        attention_case("attention", act, 1, (int32_t[]){1}, 1, 1, 16, 7);
-        attention_case("attention", act, 4, (int32_t[]){5, 37, 1, 90}, 4, 2, 64, 7);
-        attention_case("attention", act, 2, (int32_t[]){200, 57}, 8, 1, 128, 7);
-        attention_case("attention", act, 3, (int32_t[]){33, 0, 64}, 2, 2, 40, 7);
-        attention_case("attention", act, 2, (int32_t[]){70, 29}, 3, 3, 18, 7);
-        attention_case("attention", act, 1, (int32_t[]){300}, 2, 1, 256, 7);
-        attention_case("attention", act, 5, (int32_t[]){31, 32, 33, 64, 65}, 6, 2, 96, 7);
-    }
-    attention_case("attention", DT_BF16, 2, (int32_t[]){40, 60}, 4, 2, 64, 2); /* dk only */
-    attention_case("attention", DT_BF16, 2, (int32_t[]){40, 60}, 4, 2, 64, 5); /* dq and dv */
-    unsetenv("MSA_ATTENTION");
-}
+/* ---------- swiglu, dropout, bias add, pointwise activations ---------- */
 
-/* ---------- swiglu, bias add ---------- */
-
-static void test_swiglu_bias(void) {
+void swiglu_case(const void *args) {
+    const SwigluCase *c = args;
+    const DType act = c->act;
+    const int64_t n = c->n;
+    const bool want_du = !c->dup_null;
     char name[160];
-    const int64_t sizes[] = {1, 1001, 65536};
-    for (int d = 0; d < 2; d++) {
-        DType act = d ? DT_BF16 : DT_F32;
-        for (int si = 0; si < 3; si++) {
-            int64_t n = sizes[si];
-            Pair g = pair_rand(act, 1, (int64_t[]){n}, 0, 2), u = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
-            Pair out = pair_out(act, 1, (int64_t[]){n});
-            CB->swiglu_forward(&out.c, &g.c, &u.c);
-            GB->swiglu_forward(&out.g, &g.g, &u.g);
-            snprintf(name, sizeof name, "swiglu fwd %s n=%lld", dn(act), (long long)n);
-            check(name, &out, tol_of(act));
-            Pair dout = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
-            Grad dg = grad_new(act, 1, (int64_t[]){n}), du = grad_new(act, 1, (int64_t[]){n});
-            bool want_du = si != 1;
-            CB->swiglu_backward(&dg.p.c, want_du ? &du.p.c : NULL, &dout.c, &g.c, &u.c);
-            grad_arm(&dg);
-            grad_arm(&du);
-            GB->swiglu_backward(&dg.p.g, want_du ? &du.p.g : NULL, &dout.g, &g.g, &u.g);
-            snprintf(name, sizeof name, "swiglu bwd dgate %s n=%lld%s", dn(act), (long long)n, want_du ? "" : " (dup NULL)");
-            grad_check(name, &dg, tol_of(act));
-            if (want_du) {
-                snprintf(name, sizeof name, "swiglu bwd dup %s n=%lld", dn(act), (long long)n);
-                grad_check(name, &du, tol_of(act));
-            }
-            grad_free(&dg);
-            grad_free(&du);
-            pair_free(&dout);
-            pair_free(&out);
-            pair_free(&g);
-            pair_free(&u);
-        }
-        /* dropout: the same mask on both devices (a dropped element is exactly 0 on both, so the relative
-         * error also catches a mask mismatch), at a nonzero offset */
-        for (int si = 0; si < 3; si++) {
-            const int64_t n = sizes[si];
-            Pair x = pair_rand(act, 1, (int64_t[]){n}, 0, 1), y = pair_out(act, 1, (int64_t[]){n});
-            CB->dropout_forward(&y.c, &x.c, 0.2f, 42 + si, 12345);
-            GB->dropout_forward(&y.g, &x.g, 0.2f, 42 + si, 12345);
-            snprintf(name, sizeof name, "dropout fwd %s n=%lld", dn(act), (long long)n);
-            check(name, &y, tol_of(act));
-            Pair dy = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
-            Grad dx = grad_new(act, 1, (int64_t[]){n});
-            CB->dropout_backward(&dx.p.c, &dy.c, 0.2f, 42 + si, 12345);
-            grad_arm(&dx);
-            GB->dropout_backward(&dx.p.g, &dy.g, 0.2f, 42 + si, 12345);
-            snprintf(name, sizeof name, "dropout bwd %s n=%lld", dn(act), (long long)n);
-            grad_check(name, &dx, tol_of(act));
-            grad_free(&dx);
-            pair_free(&dy);
-            pair_free(&y);
-            pair_free(&x);
-        }
-        if (!CB->bias_add_forward) continue;
-        const int64_t R = 37, C = 65;
-        Pair x = pair_rand(act, 2, (int64_t[]){R, C}, 0, 1), b = pair_rand(DT_F32, 1, (int64_t[]){C}, 0, 1);
-        Pair y = pair_out(act, 2, (int64_t[]){R, C});
-        CB->bias_add_forward(&y.c, &x.c, &b.c);
-        GB->bias_add_forward(&y.g, &x.g, &b.g);
-        snprintf(name, sizeof name, "bias_add fwd %s + f32 [%lld,%lld]", dn(act), (long long)R, (long long)C);
-        check(name, &y, tol_of(act));
-        Pair dy = pair_rand(act, 2, (int64_t[]){R, C}, 0, 1);
-        Grad db = grad_new(DT_F32, 1, (int64_t[]){C});
-        CB->bias_add_backward(&db.p.c, &dy.c);
-        grad_arm(&db);
-        GB->bias_add_backward(&db.p.g, &dy.g);
-        snprintf(name, sizeof name, "bias_add bwd db f32 from %s", dn(act));
-        grad_check(name, &db, tol_of(act));
-        grad_free(&db);
-        pair_free(&dy);
-        pair_free(&y);
-        pair_free(&x);
-        pair_free(&b);
+    Pair g = pair_rand(act, 1, (int64_t[]){n}, 0, 2), u = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
+    Pair out = pair_out(act, 1, (int64_t[]){n});
+    CB->swiglu_forward(&out.c, &g.c, &u.c);
+    GB->swiglu_forward(&out.g, &g.g, &u.g);
+    snprintf(name, sizeof name, "swiglu fwd %s n=%lld", dn(act), (long long)n);
+    check(name, &out, tol_of(act));
+    Pair dout = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
+    Grad dg = grad_new(act, 1, (int64_t[]){n}), du = grad_new(act, 1, (int64_t[]){n});
+    CB->swiglu_backward(&dg.p.c, want_du ? &du.p.c : NULL, &dout.c, &g.c, &u.c);
+    grad_arm(&dg);
+    grad_arm(&du);
+    GB->swiglu_backward(&dg.p.g, want_du ? &du.p.g : NULL, &dout.g, &g.g, &u.g);
+    snprintf(name, sizeof name, "swiglu bwd dgate %s n=%lld%s", dn(act), (long long)n, want_du ? "" : " (dup NULL)");
+    grad_check(name, &dg, tol_of(act));
+    if (want_du) {
+        snprintf(name, sizeof name, "swiglu bwd dup %s n=%lld", dn(act), (long long)n);
+        grad_check(name, &du, tol_of(act));
     }
+    grad_free(&dg);
+    grad_free(&du);
+    pair_free(&dout);
+    pair_free(&out);
+    pair_free(&g);
+    pair_free(&u);
+}
+
+/* dropout: the same mask on both devices (a dropped element is exactly 0 on both, so the relative error
+ * also catches a mask mismatch) */
+void dropout_case(const void *args) {
+    const DropoutCase *c = args;
+    const DType act = c->act;
+    const int64_t n = c->n;
+    char name[160];
+    Pair x = pair_rand(act, 1, (int64_t[]){n}, 0, 1), y = pair_out(act, 1, (int64_t[]){n});
+    CB->dropout_forward(&y.c, &x.c, c->p, c->seed, c->offset);
+    GB->dropout_forward(&y.g, &x.g, c->p, c->seed, c->offset);
+    snprintf(name, sizeof name, "dropout fwd %s n=%lld", dn(act), (long long)n);
+    check(name, &y, tol_of(act));
+    Pair dy = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
+    Grad dx = grad_new(act, 1, (int64_t[]){n});
+    CB->dropout_backward(&dx.p.c, &dy.c, c->p, c->seed, c->offset);
+    grad_arm(&dx);
+    GB->dropout_backward(&dx.p.g, &dy.g, c->p, c->seed, c->offset);
+    snprintf(name, sizeof name, "dropout bwd %s n=%lld", dn(act), (long long)n);
+    grad_check(name, &dx, tol_of(act));
+    grad_free(&dx);
+    pair_free(&dy);
+    pair_free(&y);
+    pair_free(&x);
+}
+
+void bias_add_case(const void *args) {
+    const BiasAddCase *c = args;
+    const DType act = c->act;
+    const int64_t R = c->rows, C = c->C;
+    char name[160];
+    Pair x = pair_rand(act, 2, (int64_t[]){R, C}, 0, 1), b = pair_rand(DT_F32, 1, (int64_t[]){C}, 0, 1);
+    Pair y = pair_out(act, 2, (int64_t[]){R, C});
+    CB->bias_add_forward(&y.c, &x.c, &b.c);
+    GB->bias_add_forward(&y.g, &x.g, &b.g);
+    snprintf(name, sizeof name, "bias_add fwd %s + f32 [%lld,%lld]", dn(act), (long long)R, (long long)C);
+    check(name, &y, tol_of(act));
+    Pair dy = pair_rand(act, 2, (int64_t[]){R, C}, 0, 1);
+    Grad db = grad_new(DT_F32, 1, (int64_t[]){C});
+    CB->bias_add_backward(&db.p.c, &dy.c);
+    grad_arm(&db);
+    GB->bias_add_backward(&db.p.g, &dy.g);
+    snprintf(name, sizeof name, "bias_add bwd db f32 from %s", dn(act));
+    grad_check(name, &db, tol_of(act));
+    grad_free(&db);
+    pair_free(&dy);
+    pair_free(&y);
+    pair_free(&x);
+    pair_free(&b);
+}
+
+static UnaryForwardFn unary_forward(const KernelBackend *be, const UnaryKernel *k) {
+    return *(const UnaryForwardFn *)((const char *)be + k->forward);
+}
+static UnaryBackwardFn unary_backward(const KernelBackend *be, const UnaryKernel *k) {
+    return *(const UnaryBackwardFn *)((const char *)be + k->backward);
+}
+
+/* y = f(x), then dx += f'(x) dy from a random dy */
+void unary_case(const void *args) {
+    const UnaryCase *c = args;
+    const DType act = c->act;
+    const int64_t n = c->n;
+    char name[160];
+    Pair x = pair_rand(act, 1, (int64_t[]){n}, 0, c->std), y = pair_out(act, 1, (int64_t[]){n});
+    unary_forward(CB, &c->kernel)(&y.c, &x.c);
+    unary_forward(GB, &c->kernel)(&y.g, &x.g);
+    snprintf(name, sizeof name, "%s fwd %s n=%lld", c->kernel.name, dn(act), (long long)n);
+    check(name, &y, tol_of(act));
+    Pair dy = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
+    Grad dx = grad_new(act, 1, (int64_t[]){n});
+    unary_backward(CB, &c->kernel)(&dx.p.c, &dy.c, &x.c);
+    grad_arm(&dx);
+    unary_backward(GB, &c->kernel)(&dx.p.g, &dy.g, &x.g);
+    snprintf(name, sizeof name, "%s bwd %s n=%lld", c->kernel.name, dn(act), (long long)n);
+    grad_check(name, &dx, tol_of(act));
+    grad_free(&dx);
+    pair_free(&dy);
+    pair_free(&y);
+    pair_free(&x);
 }
 
 /* ---------- cross-entropy ---------- */
 
-static void ce_case(DType act, int64_t N, int64_t V, int ignore_every) {
+void cross_entropy_case(const void *args) {
+    const CrossEntropyCase *c = args;
+    const DType act = c->act;
+    const int64_t N = c->N, V = c->V;
+    const int ignore_every = c->ignore_every;
     const int ignore = -1;
     int32_t *tg = xmalloc((size_t)N * sizeof(int32_t));
     for (int64_t n = 0; n < N; n++)
@@ -453,84 +459,70 @@ static void ce_case(DType act, int64_t N, int64_t V, int ignore_every) {
     free(tg);
 }
 
-static void test_cross_entropy(void) {
-    for (int d = 0; d < 2; d++) {
-        DType act = d ? DT_BF16 : DT_F32;
-        ce_case(act, 1, 5, 0);
-        ce_case(act, 37, 65, 4);
-        ce_case(act, 64, 50257, 3);
-        ce_case(act, 300, 1000, 0);
-    }
-}
-
 /* ---------- adamw ---------- */
 
-static void test_adamw(void) {
-    const int64_t sizes[] = {1000, 100003};
+void adamw_case(const void *args) {
+    const int64_t n = ((const AdamwCase *)args)->n;
+    const bool with_shadow = ((const AdamwCase *)args)->with_shadow;
     char name[160];
-    for (int si = 0; si < 2; si++) {
-        int64_t n = sizes[si];
-        for (int with_shadow = 0; with_shadow < 2; with_shadow++) {
-            ParamStore ps;
-            Tensor pg;
-            float *p0 = randn(n, 0, 1);
-            if (with_shadow) {
-                params_init(&ps, GB, DT_F32);
-                pg = *params_add(&ps, "p", 1, (int64_t[]){n}, INIT_NORMAL, 1.0f, true);
-                params_allocate(&ps, 2);
-                pg = *ps.p[0].t;
-                GB->copy_from_host(pg.data, p0, (size_t)n * sizeof(float));
-                params_sync_shadow(&ps);
-            } else {
-                pg = mk(GB, DT_F32, 1, (int64_t[]){n});
-                upload_f32(&pg, p0);
-            }
-            Tensor pc = mk(CB, DT_F32, 1, (int64_t[]){n});
-            memcpy(pc.data, p0, (size_t)n * sizeof(float));
-            Pair g = pair_rand(DT_F32, 1, (int64_t[]){n}, 0, 0.1);
-            Pair m = pair_rand(DT_F32, 1, (int64_t[]){n}, 0, 0.01);
-            float *vv = randn(n, 0, 0.001);
-            for (int64_t i = 0; i < n; i++) vv[i] = vv[i] * vv[i];
-            Pair v = pair_from(DT_F32, 1, (int64_t[]){n}, vv);
-            CB->adamw_update(&pc, &g.c, &m.c, &v.c, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 3);
-            GB->adamw_update(&pg, &g.g, &m.g, &v.g, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 3);
-            /* compare the updates p_new - p_old */
-            float *pn = download_f32(&pg), *dref = xmalloc((size_t)n * sizeof(float));
-            for (int64_t i = 0; i < n; i++) {
-                dref[i] = ((float *)pc.data)[i] - p0[i];
-                pn[i] -= p0[i];
-            }
-            bool nan;
-            double e = rel_err_f32(pn, dref, n, &nan);
-            snprintf(name, sizeof name, "adamw update n=%lld%s", (long long)n, with_shadow ? " (with bf16 shadow)" : "");
-            record(!nan && e <= TOL_F32, "%-58s rel err %.2e (tol %.0e)", name, e, TOL_F32);
-            snprintf(name, sizeof name, "adamw m n=%lld", (long long)n);
-            check(name, &m, TOL_F32);
-            snprintf(name, sizeof name, "adamw v n=%lld", (long long)n);
-            check(name, &v, TOL_F32);
-            free(pn);
-            if (with_shadow) {
-                Tensor sh = pg;
-                sh.dtype = DT_BF16;
-                sh.data = pg.shadow;
-                float *s = download_f32(&sh), *p = download_f32(&pg);
-                bool exact = true;
-                for (int64_t i = 0; i < n; i++) exact &= s[i] == round_to(DT_BF16, p[i]);
-                snprintf(name, sizeof name, "adamw writes the bf16 shadow n=%lld", (long long)n);
-                record(exact, "%-58s %s", name, exact ? "bit-exact" : "stale or wrong");
-                free(s);
-                free(p);
-                params_free(&ps);
-            } else free_t(&pg);
-            free(dref);
-            free(vv);
-            free(p0);
-            free_t(&pc);
-            pair_free(&g);
-            pair_free(&m);
-            pair_free(&v);
-        }
+    ParamStore ps;
+    Tensor pg;
+    float *p0 = randn(n, 0, 1);
+    if (with_shadow) {
+        params_init(&ps, GB, DT_F32);
+        pg = *params_add(&ps, "p", 1, (int64_t[]){n}, INIT_NORMAL, 1.0f, true);
+        params_allocate(&ps, 2);
+        pg = *ps.p[0].t;
+        GB->copy_from_host(pg.data, p0, (size_t)n * sizeof(float));
+        params_sync_shadow(&ps);
+    } else {
+        pg = mk(GB, DT_F32, 1, (int64_t[]){n});
+        upload_f32(&pg, p0);
     }
+    Tensor pc = mk(CB, DT_F32, 1, (int64_t[]){n});
+    memcpy(pc.data, p0, (size_t)n * sizeof(float));
+    Pair g = pair_rand(DT_F32, 1, (int64_t[]){n}, 0, 0.1);
+    Pair m = pair_rand(DT_F32, 1, (int64_t[]){n}, 0, 0.01);
+    float *vv = randn(n, 0, 0.001);
+    for (int64_t i = 0; i < n; i++) vv[i] = vv[i] * vv[i];
+    Pair v = pair_from(DT_F32, 1, (int64_t[]){n}, vv);
+    CB->adamw_update(&pc, &g.c, &m.c, &v.c, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 3);
+    GB->adamw_update(&pg, &g.g, &m.g, &v.g, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 3);
+    /* compare the updates p_new - p_old */
+    float *pn = download_f32(&pg), *dref = xmalloc((size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        dref[i] = ((float *)pc.data)[i] - p0[i];
+        pn[i] -= p0[i];
+    }
+    bool nan;
+    double e = rel_err_f32(pn, dref, n, &nan);
+    snprintf(name, sizeof name, "adamw update n=%lld%s", (long long)n, with_shadow ? " (with bf16 shadow)" : "");
+    record(!nan && e <= TOL_F32, "%-58s rel err %.2e (tol %.0e)", name, e, TOL_F32);
+    snprintf(name, sizeof name, "adamw m n=%lld", (long long)n);
+    check(name, &m, TOL_F32);
+    snprintf(name, sizeof name, "adamw v n=%lld", (long long)n);
+    check(name, &v, TOL_F32);
+    free(pn);
+    if (with_shadow) {
+        Tensor sh = pg;
+        sh.dtype = DT_BF16;
+        sh.data = pg.shadow;
+        float *s = download_f32(&sh), *p = download_f32(&pg);
+        bool exact = true;
+        for (int64_t i = 0; i < n; i++) exact &= s[i] == round_to(DT_BF16, p[i]);
+        snprintf(name, sizeof name, "adamw writes the bf16 shadow n=%lld", (long long)n);
+        record(exact, "%-58s %s", name, exact ? "bit-exact" : "stale or wrong");
+        free(s);
+        free(p);
+        params_free(&ps);
+    } else free_t(&pg);
+    free(dref);
+    free(vv);
+    free(p0);
+    free_t(&pc);
+    pair_free(&g);
+    pair_free(&m);
+    pair_free(&v);
 }
 
 /* ---------- end to end: a few steps of configs/tiny.json on both devices ---------- */
@@ -588,7 +580,8 @@ static void sampler_check(void) {
  * (the mean cross-entropy averages the BF16 noise of the logits away; AdamW lets the runs drift
  * apart only slowly). Required: 1e-3 at step 1 and 2e-3 afterwards, 20-40x the measured gaps, yet
  * tight enough that a wrong gradient in any one parameter shows within 12 steps. */
-static void e2e_check(void) {
+void e2e_case(const void *args) {
+    (void)args;
     enum { STEPS = 12 };
     double lc[STEPS], lg[STEPS], lg2[STEPS], lr[STEPS];
     double vc = train_tiny("cpu", STEPS, false, lc);
@@ -663,9 +656,11 @@ static int die_scenario(const char *what) {
     return 2;
 }
 
-static void expect_death(const char *self, const char *env, const char *what, const char *message) {
+void death_case(const void *args) {
+    const DeathCase *c = args;
+    const char *env = c->env, *what = c->what, *message = c->message;
     char cmd[1024], err[2048] = "";
-    snprintf(cmd, sizeof cmd, "%s %s --die %s >/dev/null 2>/tmp/msa_test_gpu_err.txt", env, self, what);
+    snprintf(cmd, sizeof cmd, "%s %s --die %s >/dev/null 2>/tmp/msa_test_gpu_err.txt", env, gpu_check.self, what);
     const int rc = test_system(cmd, "/tmp/msa_test_gpu_err.txt", err, sizeof err, true);
     const bool ok = rc == 1 && strstr(err, message);
     record(ok, "%-58s exit %d: %s", what, rc, err);
@@ -780,8 +775,6 @@ static void bench_train(int seq_len, int batch) {
     run_free(&r);
 }
 
-void bench_msa_indexer(void); /* tests/gpu/test_gpu_msa.c */
-
 static void bench(void) {
     printf("bench (wall clock; rough)\n");
     bench_msa_indexer();
@@ -790,16 +783,15 @@ static void bench(void) {
     bench_attention(4096, 16, 4, 128);
     bench_attention(16384, 16, 4, 128);
     bench_attention(8192, 8, 2, 64);
-    void bench_msa_attention_gpu(void); /* tests/gpu/test_gpu_msa_attention.c */
     bench_msa_attention_gpu();
-    void bench_msa_kl_gpu(void); /* tests/gpu/test_gpu_msa_kl.c: KL forward + backward at N = 8K, 32K */
     bench_msa_kl_gpu();
     bench_train(2048, 4);
 }
 
-/* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: messages elementwise matmul embedding rmsnorm rope
- * attention attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp e2e; default all; --only lets compute-sanitizer run the kernels
- * without the training runs) */
+/* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: the first argument of the GPU_CASE lines of
+ * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm rope attention
+ * attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
+ * compute-sanitizer run the kernels without the training runs) */
 static bool wanted(const char *only, const char *group) {
     if (!only) return true;
     size_t n = strlen(group);
@@ -822,29 +814,24 @@ int main(int argc, char **argv) {
     }
     TEST_BEGIN();
     TC = tc;
+    gpu_check.self = argv[0];
     rng_seed(&gpu_check.rng, 20261117);
-    if (wanted(only, "messages")) { /* first, before this process holds a CUDA context */
-        printf("messages\n");
-        expect_death(argv[0], "CUDA_VISIBLE_DEVICES=", "nodevice", "no CUDA device found");
-        expect_death(argv[0], "", "token", "outside the vocabulary");
-        expect_death(argv[0], "", "target", "outside the vocabulary");
-        expect_death(argv[0], "", "msa_plan", "cuda msa_plan: topk[0, 6] = {1, ...}: slot 1 holds block 0");
+    gpu_cases();
+    int n;
+    const GpuCase *cases = gpu_case_list(&n);
+    const char *group = NULL;
+    double t0 = 0;
+    for (int i = 0; i < n; i++) {
+        if (!wanted(only, cases[i].group)) continue;
+        if (!group || strcmp(group, cases[i].group)) {
+            if (group) printf("  (%s: %.1f s)\n", group, wall_seconds() - t0);
+            group = cases[i].group;
+            printf("%s\n", group);
+            t0 = wall_seconds();
+        }
+        cases[i].run(cases[i].args);
     }
-    static const struct {
-        const char *name;
-        void (*fn)(void);
-    } groups[] = {{"elementwise", test_elementwise}, {"matmul", test_matmul},   {"embedding", test_embedding},
-                  {"rmsnorm", test_rmsnorm},         {"rope", test_rope},       {"attention", test_attention}, {"attention_cudnn", test_attention_cudnn_gpu},
-                  {"swiglu", test_swiglu_bias},      {"cross_entropy", test_cross_entropy},
-                  {"adamw", test_adamw},             {"msa", test_msa_gpu},
-                  {"msa_attention", test_msa_attention_gpu}, {"msa_kl", test_msa_kl_gpu},
-                  {"moe", test_moe_gpu},             {"cp", test_cp_gpu},         {"e2e", e2e_check}};
-    for (size_t i = 0; i < sizeof groups / sizeof groups[0]; i++) {
-        if (!wanted(only, groups[i].name)) continue;
-        printf("%s\n", groups[i].name);
-        double t0 = wall_seconds();
-        groups[i].fn();
-        printf("  (%s: %.1f s)\n", groups[i].name, wall_seconds() - t0);
-    }
+    if (group) printf("  (%s: %.1f s)\n", group, wall_seconds() - t0);
+    gpu_case_list_free();
     TEST_END();
 }

@@ -1,5 +1,6 @@
-/* GPU tests of the MoE kernels (kernels/cuda/moe.cu) against the CPU reference (tests/gpu/gpu_check.h),
- * then a few training steps of a small MoE model on both devices.
+/* GPU case families of the MoE kernels (kernels/cuda/moe.cu) against the CPU reference
+ * (tests/gpu/gpu_check.h; the cases are listed in tests/gpu/cases.c), then a few training steps of a small
+ * MoE model on both devices.
  *
  * Every entry of the MoE section of the backend, on fresh random inputs with the GPU outputs poisoned:
  * BF16 and F32 activations, softmax and sigmoid scores, renormalisation and the selection bias on and
@@ -17,7 +18,7 @@
 
 #include "../../autograd/params.h"
 #include "../../train/trainer.h"
-#include "gpu_check.h"
+#include "gpu_cases.h"
 
 /* ---------- helpers ---------- */
 
@@ -88,7 +89,11 @@ static const char *fn_name(MoeScoreFunc f) { return f == MOE_SCORE_SIGMOID ? "si
 
 /* ---------- router scores ---------- */
 
-static void scores_case(DType ldt, DType sdt, int64_t N, int64_t E, MoeScoreFunc f) {
+void moe_scores_case(const void *args) {
+    const MoeScoresCase *c = args;
+    const DType ldt = c->ldt, sdt = c->sdt;
+    const int64_t N = c->N, E = c->E;
+    const MoeScoreFunc f = c->func;
     char name[320], desc[120];
     snprintf(desc, sizeof desc, "%s logits %s scores %s N=%lld E=%lld", fn_name(f), dn(ldt), dn(sdt), (long long)N,
              (long long)E);
@@ -116,7 +121,12 @@ static void scores_case(DType ldt, DType sdt, int64_t N, int64_t E, MoeScoreFunc
 
 /* ---------- Top-k (and the plan of its selection) ---------- */
 
-static void topk_case(DType dt, int64_t N, int E, int k, bool with_bias, bool ties, bool nans) {
+void moe_topk_case(const void *args) {
+    const MoeTopkCase *c = args;
+    const DType dt = c->dt;
+    const int64_t N = c->N;
+    const int E = c->E, k = c->k;
+    const bool with_bias = c->bias, ties = c->ties, nans = c->nans;
     char name[320], desc[120];
     snprintf(desc, sizeof desc, "%s N=%lld E=%d k=%d%s%s%s", dn(dt), (long long)N, E, k, with_bias ? " bias" : "",
              ties ? " ties" : "", nans ? " NaNs" : "");
@@ -162,7 +172,13 @@ static void topk_case(DType dt, int64_t N, int E, int k, bool with_bias, bool ti
 
 /* ---------- combine weights ---------- */
 
-static void combine_case(DType sdt, DType wdt, int64_t N, int E, int k, bool renorm, float scale) {
+void moe_combine_case(const void *args) {
+    const MoeCombineCase *c = args;
+    const DType sdt = c->sdt, wdt = c->wdt;
+    const int64_t N = c->N;
+    const int E = c->E, k = c->k;
+    const bool renorm = c->renorm;
+    const float scale = c->scale;
     char name[320], desc[120];
     snprintf(desc, sizeof desc, "scores %s w %s N=%lld E=%d k=%d%s scale %g", dn(sdt), dn(wdt), (long long)N, E, k,
              renorm ? " renorm" : "", scale);
@@ -192,7 +208,10 @@ static void combine_case(DType sdt, DType wdt, int64_t N, int E, int k, bool ren
 
 /* ---------- plan on random routings (an expert with no token where E > k) ---------- */
 
-static void plan_case(int64_t N, int E, int k) {
+void moe_plan_case(const void *args) {
+    const MoePlanCase *c = args;
+    const int64_t N = c->N;
+    const int E = c->E, k = c->k;
     char name[320], desc[120];
     const int empty = E > k ? (int)(rng_next(&gpu_check.rng) % (uint64_t)E) : -1;
     snprintf(desc, sizeof desc, "N=%lld E=%d k=%d empty expert %d", (long long)N, E, k, empty);
@@ -217,7 +236,11 @@ static void plan_case(int64_t N, int E, int k) {
 
 /* ---------- permute / unpermute ---------- */
 
-static void permute_case(DType dt, int64_t N, int E, int k, int64_t C, int grads) {
+void moe_permute_case(const void *args) {
+    const MoePermuteCase *c = args;
+    const DType dt = c->dt;
+    const int64_t N = c->N, C = c->C;
+    const int E = c->E, k = c->k, grads = c->grads;
     char name[320], desc[120];
     const int empty = E > k ? 0 : -1;
     const int64_t M = N * k;
@@ -274,9 +297,12 @@ static void permute_case(DType dt, int64_t N, int E, int k, int64_t C, int grads
 
 /* ---------- grouped GEMM ---------- */
 
-/* wmode 0: w a plain F32 tensor (BF16 activations: cast per call); 1: an F32 parameter of a CUDA
- * ParamStore, read through its BF16 shadow. The reference keeps the F32 weights, as in training. */
-static void grouped_case(DType dt, int wmode, int64_t N, int E, int k, int64_t in, int64_t out) {
+/* The reference keeps the F32 weights, as in training. */
+void moe_grouped_case(const void *args) {
+    const MoeGroupedCase *c = args;
+    const DType dt = c->dt;
+    const int wmode = c->wmode, E = c->E, k = c->k;
+    const int64_t N = c->N, in = c->in, out = c->out;
     char name[320], desc[160];
     const int empty = E > k ? E - 1 : -1;
     const int64_t M = N * k;
@@ -361,7 +387,12 @@ static void grouped_case(DType dt, int wmode, int64_t N, int E, int k, int64_t i
 /* ---------- balance loss and z-loss ---------- */
 
 /* no_assignments: offsets all zero (M = 0): the loss is 0 and the backward adds nothing */
-static void aux_case(DType dt, int64_t N, int E, int k, bool normalize, bool no_assignments) {
+void moe_aux_case(const void *args) {
+    const MoeAuxCase *c = args;
+    const DType dt = c->dt;
+    const int64_t N = c->N;
+    const int E = c->E, k = c->k;
+    const bool normalize = c->normalize, no_assignments = c->no_assignments;
     char name[320], desc[120];
     snprintf(desc, sizeof desc, "%s N=%lld E=%d k=%d%s%s", dn(dt), (long long)N, E, k, normalize ? " normalized" : "",
              no_assignments ? " M=0" : "");
@@ -391,7 +422,10 @@ static void aux_case(DType dt, int64_t N, int E, int k, bool normalize, bool no_
     free(rows);
 }
 
-static void z_case(DType dt, int64_t N, int64_t E) {
+void moe_z_case(const void *args) {
+    const MoeZCase *c = args;
+    const DType dt = c->dt;
+    const int64_t N = c->N, E = c->E;
     char name[320], desc[120];
     snprintf(desc, sizeof desc, "%s N=%lld E=%lld", dn(dt), (long long)N, (long long)E);
     Pair lg = pair_rand(dt, 2, (int64_t[]){N, E}, 0, 3);
@@ -466,7 +500,8 @@ static double train_moe(const char *device, int variant, int steps, bool recompu
  * steps 2-12 and validation; the exact checks are on CUDA alone: two runs and a run with activation
  * recomputation give identical losses. The weighted balance terms (StepResult.aux) are printed, not
  * checked: they depend on the routed counts directly. */
-static void moe_e2e(int variant) {
+void moe_e2e_case(const void *args) {
+    const int variant = ((const MoeE2eCase *)args)->variant;
     enum { STEPS = 12 };
     double lc[STEPS], lg[STEPS], ac[STEPS], ag[STEPS], lg2[STEPS], ag2[STEPS];
     const char *what = variant ? "sigmoid k=3 of 5" : "softmax k=2 of 8, shared";
@@ -503,8 +538,8 @@ static void moe_e2e(int variant) {
 
 /* ---------- bad input: the messages, in child processes ---------- */
 
-/* In the child (test_gpu --only moe with MSA_TEST_MOE_DIE set): feed one kernel bad input; the program
- * must stop with the message. Returning means it did not. */
+/* In the child (test_gpu --only moe with MSA_TEST_MOE_DIE set, whose first case is a bad-input case):
+ * feed one kernel bad input; the program must stop with the message. Returning means it did not. */
 static void die_scenario(const char *what) {
     const int64_t N = 3, k = 2, E = 8, M = N * k;
     if (!strcmp(what, "plan")) { /* idx[1, 1] = 9 with E = 8 */
@@ -534,7 +569,13 @@ static void die_scenario(const char *what) {
     }
 }
 
-static void expect_moe_death(const char *what, const char *message) {
+void moe_bad_input_case(const void *args) {
+    const char *die = getenv("MSA_TEST_MOE_DIE");
+    if (die) {
+        die_scenario(die);
+        exit(3); /* the scenario did not stop the program */
+    }
+    const char *what = ((const MoeBadInputCase *)args)->what, *message = ((const MoeBadInputCase *)args)->message;
     char self[4096], cmd[8192], errf[64], err[2048] = "";
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n <= 0) {
@@ -558,70 +599,4 @@ static void expect_moe_death(const char *what, const char *message) {
     snprintf(name, sizeof name, "moe bad input: %s", what);
     bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(err, message);
     record(ok, "%-58s exit %d: %s", name, WIFEXITED(st) ? WEXITSTATUS(st) : -1, err);
-}
-
-/* ---------- the group ---------- */
-
-void test_moe_gpu(void) {
-    const char *die = getenv("MSA_TEST_MOE_DIE");
-    if (die) {
-        die_scenario(die);
-        exit(3); /* the scenario did not stop the program */
-    }
-    expect_moe_death("plan", "cuda moe_plan: expert index 9 outside [0, 8) at idx[1, 1]");
-    expect_moe_death("topk", "cuda moe_topk: router scores of token 1 are not finite numbers");
-    expect_moe_death("offsets", "cuda grouped_matmul_forward: offsets decrease at expert 1");
-    expect_moe_death("rows", "cuda moe_permute/moe_unpermute: rows element 3 = 7 is outside the grouped buffer");
-
-    const DType acts[2] = {DT_F32, DT_BF16};
-    for (int a = 0; a < 2; a++) {
-        const DType dt = acts[a];
-        const int64_t sc[][2] = {{1, 1}, {37, 5}, {1000, 8}, {129, 64}, {77, 300}};
-        for (int i = 0; i < 5; i++)
-            for (int f = 0; f < 2; f++) scores_case(dt, dt, sc[i][0], sc[i][1], f ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX);
-
-        const struct { int64_t N; int E, k; } tk[] = {{1, 1, 1}, {37, 5, 1}, {37, 5, 2}, {1000, 8, 2},
-                                                       {513, 8, 8}, {129, 64, 6}, {77, 300, 4}};
-        for (size_t i = 0; i < sizeof tk / sizeof tk[0]; i++)
-            for (int v = 0; v < 4; v++) topk_case(dt, tk[i].N, tk[i].E, tk[i].k, v & 1, v & 2, false);
-        topk_case(dt, 301, 8, 2, true, false, true);
-        topk_case(dt, 64, 5, 4, false, true, true);
-
-        const struct { int64_t N; int E, k; } cw[] = {{1, 1, 1}, {37, 5, 2}, {1000, 8, 2}, {129, 64, 6}, {50, 8, 8}};
-        for (size_t i = 0; i < sizeof cw / sizeof cw[0]; i++)
-            for (int r = 0; r < 2; r++) combine_case(dt, dt, cw[i].N, cw[i].E, cw[i].k, r, r ? 1.0f : 2.5f);
-
-        const struct { int64_t N; int E, k; int64_t C; int grads; } pm[] = {
-            {1, 1, 1, 1, 3}, {37, 5, 2, 5, 3}, {300, 8, 2, 64, 3}, {1001, 8, 1, 8, 3}, {129, 5, 2, 1000, 3},
-            {45, 8, 2, 33, 1}, {45, 8, 2, 33, 2}};
-        for (size_t i = 0; i < sizeof pm / sizeof pm[0]; i++) permute_case(dt, pm[i].N, pm[i].E, pm[i].k, pm[i].C, pm[i].grads);
-
-        const struct { int64_t N; int E, k; } ax[] = {{1, 1, 1}, {37, 5, 2}, {1000, 8, 2}, {129, 64, 6}};
-        for (size_t i = 0; i < sizeof ax / sizeof ax[0]; i++)
-            for (int nz = 0; nz < 2; nz++) aux_case(dt, ax[i].N, ax[i].E, ax[i].k, nz, false);
-        aux_case(dt, 37, 5, 2, true, true);
-        aux_case(dt, 37, 5, 2, false, true);
-
-        const int64_t zc[][2] = {{1, 1}, {37, 5}, {1000, 8}, {77, 300}};
-        for (int i = 0; i < 4; i++) z_case(dt, zc[i][0], zc[i][1]);
-    }
-    /* mixed router dtypes (an F32 router over BF16 activations) */
-    scores_case(DT_BF16, DT_F32, 129, 8, MOE_SCORE_SOFTMAX);
-    scores_case(DT_F32, DT_BF16, 129, 8, MOE_SCORE_SIGMOID);
-    combine_case(DT_F32, DT_BF16, 129, 8, 2, true, 1.0f);
-
-    const struct { int64_t N; int E, k; } pl[] = {{0, 4, 2}, {1, 1, 1}, {37, 5, 1}, {37, 5, 2}, {1000, 8, 2},
-                                                   {4099, 8, 1}, {3001, 64, 6}, {20000, 8, 8}};
-    for (size_t i = 0; i < sizeof pl / sizeof pl[0]; i++) plan_case(pl[i].N, pl[i].E, pl[i].k);
-
-    const struct { int64_t N; int E, k; int64_t in, out; } gm[] = {
-        {1, 1, 1, 16, 8}, {37, 5, 2, 24, 40}, {300, 8, 2, 64, 48}, {257, 8, 1, 33, 17}, {64, 5, 5, 96, 128}};
-    for (size_t i = 0; i < sizeof gm / sizeof gm[0]; i++) {
-        grouped_case(DT_F32, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
-        grouped_case(DT_BF16, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
-        grouped_case(DT_BF16, 1, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
-    }
-
-    moe_e2e(0);
-    moe_e2e(1);
 }

@@ -1,5 +1,6 @@
-/* GPU tests of the MSA index side against the CPU reference (tests/gpu/gpu_check.h): the indexer, the
- * plan (block -> queries map, bit for bit), the recall metric, and build/opcheck msa on both devices.
+/* GPU case families of the MSA index side against the CPU reference (tests/gpu/gpu_check.h; the cases
+ * are listed in tests/gpu/cases.c): the indexer, the plan (block -> queries map, bit for bit), the recall
+ * metric, and build/opcheck msa on both devices.
  * Also the indexer timing of `test_gpu --bench` (bench_msa_indexer).
  *
  * Indexer ties: the CPU ranks block maxima computed in double, the GPU in fp32 (tensor cores for BF16)
@@ -18,7 +19,7 @@
 #include <unistd.h>
 
 #include "../gradcheck.h" /* test_h5_*: the opcheck files */
-#include "gpu_check.h"
+#include "gpu_cases.h"
 
 /* ---------- helpers ---------- */
 
@@ -140,13 +141,6 @@ static bool row_acceptable(const int32_t *gr, const int32_t *cr, const double *S
     snprintf(why, nwhy, "weakest selected block scores %.9g, best left out %.9g (tolerance %.2g)", min_sel, max_uns, tol);
     return min_sel >= max_uns - tol;
 }
-
-typedef struct {
-    int ndocs;
-    int32_t lens[6];
-    int H, Di;
-    MsaParams p;
-} IdxSpec;
 
 /* CPU vs GPU indexer on one input; integer = qi, ki small integers (exact scores: equality required).
  * Returns the CPU's topk (host, caller frees) for the plan checks when keep is set. */
@@ -398,52 +392,36 @@ static void opcheck_case(void) {
     free(ki);
 }
 
-/* ---------- the group ---------- */
+/* ---------- the families ---------- */
 
-void test_msa_gpu(void) {
-    const float is128 = 0.08838835f, is64 = 0.125f, is32 = 0.17677669f;
-    /* documents of unequal lengths incl. 1 and non-multiples of B; B 4/16/64/128 and odd sizes (12: the
-     * scan path with blocks across tiles; 24: the n-tile path with blocks across tiles); k above the
-     * block count; init 0/1, local 1/2; Hidx 1..4; Di 32/64/128 and 20/40 (padding, scalar copies) */
-    const IdxSpec specs[] = {
-        {5, {1, 37, 200, 5, 64}, 2, 64, {16, 4, 1, 1, 0.125f, is64}},
-        {2, {300, 129}, 4, 128, {4, 8, 0, 2, 0.125f, is128}},
-        {1, {1000}, 1, 32, {64, 6, 1, 2, 0.125f, is32}},
-        {3, {77, 513, 3}, 4, 128, {128, 3, 0, 1, 0.125f, is128}},
-        {2, {50, 20}, 2, 64, {16, 8, 1, 1, 0.125f, is64}},
-        {2, {700, 300}, 3, 40, {24, 5, 1, 1, 0.125f, 0.158f}},
-        {1, {400}, 2, 20, {12, 6, 0, 1, 0.125f, 0.2236f}},
-        {1, {2500}, 4, 128, {16, 32, 1, 2, 0.125f, is128}},
-        {1, {4096}, 4, 128, {128, 16, 0, 1, 0.125f, is128}},
-        {4, {1, 1, 2, 3}, 2, 32, {4, 2, 0, 1, 0.125f, is32}},
-    };
-    const int nspecs = (int)(sizeof specs / sizeof specs[0]);
-    for (int si = 0; si < nspecs; si++) {
-        const IdxSpec *sp = &specs[si];
-        int32_t *tk = indexer_case(DT_BF16, sp, false, true);
-        indexer_case(DT_BF16, sp, true, false);
-        indexer_case(DT_F32, sp, false, false);
-        if (si % 3 == 0) indexer_case(DT_F32, sp, true, false);
-        plan_case("cpu-indexer topk", tk, sp->H, sp->ndocs, sp->lens, &sp->p);
-        free(tk);
-    }
-    IdxSpec neg = specs[0]; /* a negative index_scale flips the ranking, exactly as on the CPU */
-    neg.p.index_scale = -0.3f;
-    indexer_case(DT_BF16, &neg, true, false);
+void msa_indexer_plan_case(const void *args) {
+    const MsaIndexerPlanCase *c = args;
+    const IdxSpec *sp = &c->spec;
+    int32_t *tk = indexer_case(DT_BF16, sp, false, true);
+    indexer_case(DT_BF16, sp, true, false);
+    indexer_case(DT_F32, sp, false, false);
+    if (c->f32_integer) indexer_case(DT_F32, sp, true, false);
+    plan_case("cpu-indexer topk", tk, sp->H, sp->ndocs, sp->lens, &sp->p);
+    free(tk);
+}
 
-    plan_random_case(3, 5, (int32_t[]){1, 100, 33, 0, 257}, 8, 5);
-    plan_random_case(2, 2, (int32_t[]){50, 50}, 1, 3); /* B = 1: every token a block */
-    plan_random_case(4, 1, (int32_t[]){20000}, 16, 16);
-    plan_random_case(1, 3, (int32_t[]){7, 0, 9}, 4, 1);
+void msa_indexer_case(const void *args) {
+    const MsaIndexerCase *c = args;
+    indexer_case(c->dt, &c->spec, c->integer, false);
+}
 
-    for (int di = 0; di < 2; di++) {
-        const DType dt = di ? DT_BF16 : DT_F32;
-        recall_case(dt, 3, (int32_t[]){1, 90, 37}, 4, 2, 64, 16, 3, 1, false);
-        recall_case(dt, 1, (int32_t[]){300}, 8, 2, 128, 32, 4, 7, false);
-        recall_case(dt, 2, (int32_t[]){64, 200}, 20, 2, 32, 8, 6, 3, false);
-        recall_case(dt, 2, (int32_t[]){64, 200}, 4, 4, 48, 8, 2, 1, true);
-    }
+void msa_plan_random_case(const void *args) {
+    const MsaPlanRandomCase *c = args;
+    plan_random_case(c->H, c->ndocs, c->lens, c->B, c->K);
+}
 
+void msa_recall_case(const void *args) {
+    const MsaRecallCase *c = args;
+    recall_case(c->dt, c->ndocs, c->lens, c->Hq, c->Hkv, c->D, c->B, c->K, c->stride, c->null_topk);
+}
+
+void msa_opcheck_case(const void *args) {
+    (void)args;
     opcheck_case();
 }
 

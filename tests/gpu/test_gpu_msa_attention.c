@@ -1,5 +1,5 @@
-/* GPU tests of the MSA attention kernels (kernels/cuda/msa_attention.cu) against the CPU reference
- * (tests/gpu/gpu_check.h), and their --bench timing (bench_msa_attention_gpu, called by test_gpu.c).
+/* GPU case family of the MSA attention kernels (kernels/cuda/msa_attention*.cu) against the CPU reference
+ * (tests/gpu/gpu_check.h; the cases are listed in tests/gpu/cases.c), and their --bench timing (bench_msa_attention_gpu, called by test_gpu.c).
  *
  * Each case: random q/k/v, a selection (the CPU indexer on random index q/k, a "hot" selection where
  * every query takes block 0, or NULL = dense), forward out/lse, then the accumulating backward from the
@@ -14,20 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpu_check.h"
-
-enum { SEL_INDEXER = 0, SEL_HOT = 1, SEL_DENSE = 2 };
-
-typedef struct {
-    int ndocs;
-    int32_t lens[6];
-    int Hq, Hkv, D, B, K, init_blocks;
-    int sel;        /* SEL_* */
-    int plan_given; /* the CPU's plan uploaded (else the kernel builds one) */
-    int grads;      /* bit 0 dq, bit 1 dk, bit 2 dv */
-    int chunk;      /* queries per chunk (MSA_CUDA_MSA_CHUNK); 0: the kernel's own choice */
-    int repeat;     /* run the backward twice and require bit-identical gradients */
-} MsaCase;
+#include "gpu_cases.h"
 
 static double uniform(void) { return rng_uniform(&gpu_check.rng); }
 
@@ -60,7 +47,9 @@ static void hot_topk(float *out, const int32_t *cu, int ndocs, int Hkv, int64_t 
     free(sel);
 }
 
-static void msa_attention_case(DType act, const MsaCase *c) {
+void msa_attention_case(const void *args) {
+    const MsaAttentionCase *c = args;
+    const DType act = c->act;
     const int ndocs = c->ndocs;
     int32_t cu[8];
     cu[0] = 0;
@@ -159,42 +148,6 @@ static void msa_attention_case(DType act, const MsaCase *c) {
     if (c->sel != SEL_DENSE) pair_free(&topk);
     free_t(&plan_g);
     pair_free(&cs);
-}
-
-void test_msa_attention_gpu(void) {
-    /* ndocs, lens, Hq, Hkv, D, B, K, init, sel, plan, grads, chunk, repeat */
-    static const MsaCase both[] = {
-        /* G = 2, documents of 1 and non-multiples of B, k = 3 */
-        {4, {1, 37, 130, 64}, 2, 1, 64, 16, 3, 0, SEL_INDEXER, 0, 7, 0, 0},
-        /* G = 16, D = 128, k = 16 > the 4 blocks of a document */
-        {2, {200, 57}, 32, 2, 128, 64, 16, 0, SEL_INDEXER, 1, 7, 0, 0},
-        /* G = 1, block 4 (75 blocks), k = 16, a sink block */
-        {1, {300}, 4, 4, 64, 4, 16, 1, SEL_INDEXER, 1, 7, 0, 0},
-        /* k = 1 (only the local block), block 128, a one-token document between two others */
-        {3, {257, 1, 100}, 16, 1, 128, 128, 1, 0, SEL_INDEXER, 0, 7, 0, 0},
-        /* every query selects block 0, in chunks of 128 queries */
-        {2, {700, 300}, 32, 2, 128, 16, 3, 0, SEL_HOT, 0, 7, 128, 0},
-        /* block 256: two 128-key segments per block (and 8 on CUDA cores); chunks of 100 */
-        {2, {513, 96}, 8, 4, 128, 256, 3, 0, SEL_INDEXER, 1, 7, 100, 0},
-        /* odd head dim: CUDA cores for BF16 too */
-        {2, {90, 45}, 6, 2, 40, 16, 3, 0, SEL_INDEXER, 0, 7, 0, 0},
-        /* topk NULL: dense causal within documents */
-        {2, {50, 77}, 4, 2, 64, 16, 2, 0, SEL_DENSE, 0, 7, 0, 0},
-        /* many tiles per CTA (the pipelines, segment changes, hot rows over many CTAs), twice */
-        {1, {4096}, 16, 2, 64, 64, 4, 0, SEL_HOT, 1, 7, 0, 1},
-    };
-    for (int d = 0; d < 2; d++)
-        for (size_t i = 0; i < sizeof both / sizeof both[0]; i++) msa_attention_case(d ? DT_BF16 : DT_F32, &both[i]);
-    static const MsaCase bf16_only[] = {
-        /* D = 128 tensor cores with many tiles per CTA, G = 16, chunked, twice */
-        {2, {1500, 700}, 32, 2, 128, 128, 4, 0, SEL_HOT, 0, 7, 700, 1},
-        {1, {2500}, 16, 1, 128, 64, 8, 0, SEL_INDEXER, 1, 7, 0, 0},
-        /* subsets of the gradients */
-        {2, {140, 60}, 32, 2, 64, 32, 3, 0, SEL_INDEXER, 0, 2, 0, 0}, /* dk only, G = 16 with D = 64 */
-        {2, {140, 60}, 8, 2, 128, 32, 3, 0, SEL_INDEXER, 0, 5, 0, 0}, /* dq and dv */
-        {2, {140, 60}, 8, 2, 128, 32, 3, 0, SEL_INDEXER, 1, 1, 0, 0}, /* dq only */
-    };
-    for (size_t i = 0; i < sizeof bf16_only / sizeof bf16_only[0]; i++) msa_attention_case(DT_BF16, &bf16_only[i]);
 }
 
 /* ---------- --bench ---------- */

@@ -1,5 +1,5 @@
-/* GPU tests of the MSA KL alignment loss (kernels/cuda/msa_kl.cu) against the CPU reference
- * (tests/gpu/gpu_check.h), and its --bench timing (bench_msa_kl_gpu, called by test_gpu.c).
+/* GPU case families of the MSA KL alignment loss (kernels/cuda/msa_kl.cu) against the CPU reference
+ * (tests/gpu/gpu_check.h; the cases are listed in tests/gpu/cases.c), and its --bench timing (bench_msa_kl_gpu, called by test_gpu.c).
  *
  * Each case: random q/k/v and qi/ki, a selection (the CPU indexer on qi/ki, optionally with a forced
  * first block so that block 0 is a hot row, or NULL = the dense warm-up KL), the teacher's lse from
@@ -16,21 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpu_check.h"
+#include "gpu_cases.h"
 
-enum { KL_INDEXER = 0, KL_DENSE = 1 };
-
-typedef struct {
-    int ndocs;
-    int32_t lens[6];
-    int Hq, Hkv, D, Di, B, K, init_blocks;
-    int sel;        /* KL_INDEXER (init_blocks 1: block 0 is selected by every query) or KL_DENSE */
-    int plan_given; /* the CPU's plan uploaded (else the kernel builds one) */
-    int grads;      /* bit 0 dqi, bit 1 dki */
-    int window;     /* query window in tokens (MSA_CUDA_KL_WINDOW); 0: the kernel's own */
-} KlCase;
-
-static MsaParams case_params(const KlCase *c) {
+static MsaParams case_params(const MsaKlCase *c) {
     return (MsaParams){.block_size = c->B, .topk_blocks = c->K, .init_blocks = c->init_blocks, .local_blocks = 1,
                        .scale = 1.0f / sqrtf((float)c->D), .index_scale = 1.0f / sqrtf((float)c->Di)};
 }
@@ -95,7 +83,9 @@ static bool same_bits(const Tensor *a, const Tensor *b) {
     return same;
 }
 
-static void kl_case(DType act, const KlCase *c) {
+void msa_kl_case(const void *args) {
+    const MsaKlCase *c = args;
+    const DType act = c->act;
     int32_t cu[8];
     cu[0] = 0;
     for (int i = 0; i < c->ndocs; i++) cu[i + 1] = cu[i] + c->lens[i];
@@ -185,7 +175,9 @@ static void kl_case(DType act, const KlCase *c) {
 /* Student == teacher: G = 1 (Hq = Hkv = 2), D == Di, index_scale == scale, qi = q and every group's k
  * equal to the shared ki. The teacher's lse is the CPU's; the GPU's own idx_lse feeds its backward.
  * KL must vanish (to 1e-6) and so must the gradient (rms of the increments <= 1e-6). */
-static void kl_zero_case(DType act, bool dense) {
+void msa_kl_zero_case(const void *args) {
+    const DType act = ((const MsaKlZeroCase *)args)->act;
+    const bool dense = ((const MsaKlZeroCase *)args)->dense;
     const int32_t lens[4] = {9, 40, 1, 77};
     int32_t cu[5] = {0};
     for (int i = 0; i < 4; i++) cu[i + 1] = cu[i] + lens[i];
@@ -247,51 +239,6 @@ static void kl_zero_case(DType act, bool dense) {
     free(kiv);
     free(qv);
     free(kv);
-}
-
-void test_msa_kl_gpu(void) {
-    static const KlCase cases[] = {
-        /* block 4, k = 3, G = 2, a one-token document */
-        {4, {1, 37, 100, 5}, 4, 2, 64, 32, 4, 3, 0, KL_INDEXER, 0, 3, 0},
-        /* G = 1; k = 16 above every document's block count (all selected) */
-        {3, {200, 57, 1}, 2, 2, 128, 128, 16, 16, 0, KL_INDEXER, 1, 3, 0},
-        /* G = 16, block 128, k = 1 (the local block only) */
-        {2, {300, 129}, 32, 2, 128, 128, 128, 1, 0, KL_INDEXER, 1, 3, 0},
-        /* G = 16, k = 16 out of 19 blocks */
-        {2, {300, 129}, 32, 2, 128, 128, 16, 16, 0, KL_INDEXER, 0, 3, 0},
-        /* hot row: block 0 taken by all 700 queries (pieces of 256, split partials), 3 windows */
-        {1, {700}, 16, 1, 64, 32, 16, 4, 1, KL_INDEXER, 0, 3, 300},
-        /* hot rows in two groups, plan given, windows of 128 tokens */
-        {2, {600, 90}, 8, 2, 128, 64, 32, 3, 1, KL_INDEXER, 1, 3, 128},
-        /* a block longer than a key tile (sub-tiles merged), k = 2 */
-        {2, {450, 30}, 4, 1, 64, 64, 200, 2, 0, KL_INDEXER, 0, 3, 0},
-        /* odd head dims (element-wise loads, padding), G = 3 */
-        {3, {70, 1, 29}, 6, 2, 18, 20, 8, 3, 0, KL_INDEXER, 0, 3, 0},
-        /* D = 256 (smaller tiles) */
-        {2, {40, 33}, 4, 2, 256, 128, 16, 2, 0, KL_INDEXER, 1, 3, 0},
-        /* G = 128: two head passes per query */
-        {1, {40}, 128, 1, 32, 32, 8, 2, 0, KL_INDEXER, 0, 3, 0},
-        /* one gradient at a time */
-        {2, {90, 45}, 4, 2, 64, 64, 16, 3, 0, KL_INDEXER, 0, 1, 0},
-        {2, {90, 45}, 4, 2, 64, 64, 16, 3, 1, KL_INDEXER, 0, 2, 64},
-        /* dense warm-up KL (topk NULL) */
-        {4, {1, 90, 33, 130}, 8, 4, 64, 32, 16, 4, 0, KL_DENSE, 0, 3, 0},
-        {2, {150, 20}, 32, 2, 128, 128, 16, 4, 0, KL_DENSE, 0, 3, 0},
-        {1, {300}, 1, 1, 128, 32, 16, 4, 0, KL_DENSE, 0, 3, 0},
-        {3, {129, 1, 64}, 6, 2, 18, 20, 16, 4, 0, KL_DENSE, 0, 1, 0},
-        {3, {129, 1, 64}, 4, 2, 256, 64, 16, 4, 0, KL_DENSE, 0, 2, 0},
-    };
-    for (int d = 0; d < 2; d++) {
-        const DType act = d ? DT_BF16 : DT_F32;
-        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) kl_case(act, &cases[i]);
-    }
-    /* MiniMax-like heads (G = 16, D = Di = 128), longer documents: many pieces per row (BF16 only) */
-    const KlCase big = {2, {1100, 600}, 32, 2, 128, 128, 64, 8, 0, KL_INDEXER, 0, 3, 0};
-    kl_case(DT_BF16, &big);
-    for (int d = 0; d < 2; d++) {
-        kl_zero_case(d ? DT_BF16 : DT_F32, false);
-        kl_zero_case(d ? DT_BF16 : DT_F32, true);
-    }
 }
 
 /* ---------- --bench ---------- */

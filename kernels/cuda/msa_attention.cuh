@@ -1,0 +1,84 @@
+/* Internals shared by the three files of the CUDA MSA attention: msa_attention.cu (the schedule, the
+ * reductions and the entry points), msa_attention_tc.cu (the tensor-core tile kernels) and
+ * msa_attention_cc.cu (the CUDA-core tile kernels). The schedule's tile descriptor, the arguments of
+ * every tile kernel, and each tile implementation's geometry and launch; the design is described at the
+ * top of msa_attention.cu. */
+#ifndef MSA_CUDA_MSA_ATTENTION_CUH
+#define MSA_CUDA_MSA_ATTENTION_CUH
+
+#include "msa_plan.cuh"
+
+namespace msacuda {
+
+/* One tile: packed rows [piece*M, piece*M + rows) of segment (gr = g*Rb + r, ks). Entry ebase + j of
+ * the chunk's entry array is the tile's j-th query; packed row p is query (off0 + p) / G, head
+ * (off0 + p) % G. Keys [klo, khi). */
+struct __align__(16) TileDesc {
+    int gr, ks, ebase, rows, off0, klo, khi, piece;
+};
+constexpr int TILE_ROWS = 0xffff, TILE_FIRST = 1 << 16, TILE_LAST = 1 << 17; /* in TileDesc.rows */
+
+/* Everything a tile kernel reads; one struct for the four tile kernels (unused fields null). */
+struct TileArgs {
+    const void *q, *k, *v, *dout;
+    const float *lse, *dsum;          /* backward: [Hq, N] */
+    const TileDesc *desc;
+    const int2 *ent;
+    const int *tile_off;              /* total tiles at [n_gr] */
+    void *opart;                      /* forward: [Qc][Hq][NS][D] of the partial type */
+    float *lpart;                     /* forward: [Qc][Hq][NS] log-sum-exp (natural log) */
+    float *dqp;                       /* backward: [Qc][Hq][NS][D] fp32, NULL without dq */
+    float *acck, *accv;               /* backward: fp32 [N, Hkv, D], NULL when not wanted */
+    float *cut;                       /* backward: [grid][2][2][KB][D] parts of split segments */
+    int n_gr, Rb, N, Hq, Hkv, G, NS, nks, c0;
+    float scale;
+};
+
+/* the contiguous tile range of this CTA; the fixup kernel uses the same formula */
+__device__ __forceinline__ void cta_range(int T, int c, int nc, int &tb, int &te) {
+    tb = (int)((int64_t)c * T / nc);
+    te = (int)((int64_t)(c + 1) * T / nc);
+}
+
+/* A tile kernel's geometry for one call: packed rows (M) and keys (KB) per tile, threads, dynamic
+ * shared memory, the persistent grid; nks (key segments per block) and NS (partial slots per query
+ * head) follow from the block size and are set by the schedule. */
+struct Geo {
+    int M, KB, threads, grid, nks, NS;
+    size_t smem;
+};
+
+/* Grid of a persistent tile kernel: every CTA the device holds at once (raising the shared-memory
+ * limit first when the kernel needs more than 48 KB). Measured at the kernel's first use and kept: a
+ * tile kernel's threads and shared memory are fixed by its template arguments. */
+template <auto Kernel> int persistent_grid(const char *name, int threads, size_t smem) {
+    static int grid = 0;
+    if (grid) return grid;
+    if (smem > 48 * 1024) {
+        if ((int)smem > max_smem_optin())
+            fatal("cuda %s: needs %zu bytes of shared memory, the device allows %d", name, smem, max_smem_optin());
+        CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    }
+    int per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, smem));
+    grid = sm_count() * (per_sm > 0 ? per_sm : 1);
+    return grid;
+}
+
+/* Tensor cores (msa_attention_tc.cu): BF16 with D = 64 or 128; partial outputs in bf16. */
+bool msa_tc_handles(DType dt, int D);
+Geo msa_tc_forward_geo(int D);
+void msa_tc_forward_tiles(const Geo &g, const TileArgs &a, int D);
+Geo msa_tc_backward_geo(int D);
+void msa_tc_backward_tiles(const Geo &g, const TileArgs &a, int D);
+
+/* CUDA cores (msa_attention_cc.cu): every other call (F32, and BF16 with other head dims up to 256);
+ * partial outputs in fp32. */
+Geo msa_cc_forward_geo(DType dt, int D);
+void msa_cc_forward_tiles(const Geo &g, const TileArgs &a, DType dt, int D);
+Geo msa_cc_backward_geo(DType dt, int D);
+void msa_cc_backward_tiles(const Geo &g, const TileArgs &a, DType dt, int D);
+
+}  // namespace msacuda
+
+#endif

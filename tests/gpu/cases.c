@@ -1,0 +1,357 @@
+/* The GPU test cases, one list (gpu_cases.h): every CUDA kernel against the CPU reference, each GPU_CASE
+ * line a case family (tests/gpu/test_gpu*.c) with its arguments, in run order. The inputs of all cases
+ * come from one random stream, so the order fixes them; a new case goes where its group runs (a group's
+ * cases are consecutive: test_gpu --only GROUP selects them). */
+#include "gpu_cases.h"
+
+static const DType acts[2] = {DT_F32, DT_BF16};
+
+/* messages first, before this process holds a CUDA context */
+static void message_cases(void) {
+    GPU_CASE("messages", death_case, DeathCase, "CUDA_VISIBLE_DEVICES=", "nodevice", "no CUDA device found");
+    GPU_CASE("messages", death_case, DeathCase, "", "token", "outside the vocabulary");
+    GPU_CASE("messages", death_case, DeathCase, "", "target", "outside the vocabulary");
+    GPU_CASE("messages", death_case, DeathCase, "", "msa_plan", "cuda msa_plan: topk[0, 6] = {1, ...}: slot 1 holds block 0");
+}
+
+static void elementwise_cases(void) {
+    const int64_t sizes[] = {1, 1000, 100003};
+    const DType pairs[][2] = {{DT_F32, DT_F32}, {DT_BF16, DT_BF16}, {DT_BF16, DT_F32}, {DT_F32, DT_BF16}}; /* y, x */
+    for (int si = 0; si < 3; si++) {
+        for (int di = 0; di < 4; di++) GPU_CASE("elementwise", axpy_add_case, AxpyAddCase, sizes[si], pairs[di][0], pairs[di][1]);
+        for (int d = 0; d < 2; d++) GPU_CASE("elementwise", sumsq_scale_case, SumsqScaleCase, sizes[si], acts[d]);
+        GPU_CASE("elementwise", cast_case, CastCase, sizes[si]);
+    }
+}
+
+static void matmul_cases(void) {
+    const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 5}, {64, 48, 96}, {257, 129, 67}, {512, 1000, 64}};
+    for (int s = 0; s < 5; s++) {
+        const int64_t M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        for (int t = 0; t < 4; t++) {
+            const bool ta = t & 1, tb = t & 2;
+            GPU_CASE("matmul", matmul_case, MatmulCase, 1, M, N, K, ta, tb, DT_F32, DT_F32, DT_F32, false, 1.0f, 0.0f);
+            GPU_CASE("matmul", matmul_case, MatmulCase, 1, M, N, K, ta, tb, DT_BF16, DT_BF16, DT_BF16, false, 1.0f, 0.0f);
+        }
+        /* the linear op's three GEMMs with F32 weights: y = x W^T (shadow), dx += dy W, dW += dy^T x (f32 out) */
+        GPU_CASE("matmul", matmul_case, MatmulCase, 1, M, N, K, false, true, DT_BF16, DT_F32, DT_BF16, true, 1.0f, 0.0f);
+        GPU_CASE("matmul", matmul_case, MatmulCase, 1, M, N, K, false, false, DT_BF16, DT_F32, DT_BF16, true, 1.0f, 1.0f);
+        GPU_CASE("matmul", matmul_case, MatmulCase, 1, M, N, K, true, false, DT_BF16, DT_BF16, DT_F32, false, 1.0f, 1.0f);
+        /* an F32 operand without a shadow: cast per call */
+        GPU_CASE("matmul", matmul_case, MatmulCase, 1, M, N, K, false, true, DT_BF16, DT_F32, DT_BF16, false, 0.5f, 0.0f);
+    }
+    GPU_CASE("matmul", matmul_case, MatmulCase, 3, 33, 17, 40, false, true, DT_BF16, DT_BF16, DT_BF16, false, 1.0f, 0.0f);
+    GPU_CASE("matmul", matmul_case, MatmulCase, 3, 33, 17, 40, true, false, DT_F32, DT_F32, DT_F32, false, 1.0f, 1.0f);
+    GPU_CASE("matmul", matmul_case, MatmulCase, 1, 16, 24, 0, false, false, DT_BF16, DT_BF16, DT_F32, false, 1.0f, 0.0f); /* K = 0 */
+}
+
+static void norm_rope_cases(void) {
+    /* V, C, N */
+    GPU_CASE("embedding", embedding_case, EmbeddingCase, 17, 8, 1);
+    GPU_CASE("embedding", embedding_case, EmbeddingCase, 65, 33, 100);
+    GPU_CASE("embedding", embedding_case, EmbeddingCase, 1000, 256, 1000);
+    /* ndim, shape, act, has_w, unit_offset, grads (1 dx, 2 dw) */
+    for (int d = 0; d < 2; d++) {
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {1, 3}, acts[d], true, false, 3); /* C = 1 is ill-conditioned: dx ~ eps/x^2 */
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {37, 64}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {300, 1000}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 3, {50, 3, 40}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 3, {29, 2, 128}, acts[d], true, true, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {33, 96}, acts[d], false, false, 1);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {33, 96}, acts[d], true, false, 1);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {33, 96}, acts[d], true, false, 2);
+    }
+    /* act, N, H, D, rotary dim, theta, positions below */
+    for (int d = 0; d < 2; d++) {
+        GPU_CASE("rope", rope_case, RopeCase, acts[d], 1, 1, 2, 2, 10000.0f, 10);
+        GPU_CASE("rope", rope_case, RopeCase, acts[d], 77, 3, 64, 64, 10000.0f, 4096);
+        GPU_CASE("rope", rope_case, RopeCase, acts[d], 50, 4, 40, 24, 1e6f, 200000);
+        GPU_CASE("rope", rope_case, RopeCase, acts[d], 33, 2, 128, 64, 5e5f, 131072);
+    }
+}
+
+static void attention_cases(void) {
+    /* our own kernels (the default sends BF16 shapes cuDNN supports to cuDNN, tested by the
+     * attention_cudnn group); impl, act, ndocs, lens, Hq, Hkv, D, grads (bit 0 dq, 1 dk, 2 dv) */
+    for (int d = 0; d < 2; d++) {
+        GPU_CASE("attention", attention_case, AttentionCase, "own", acts[d], 1, {1}, 1, 1, 16, 7);
+        GPU_CASE("attention", attention_case, AttentionCase, "own", acts[d], 4, {5, 37, 1, 90}, 4, 2, 64, 7);
+        GPU_CASE("attention", attention_case, AttentionCase, "own", acts[d], 2, {200, 57}, 8, 1, 128, 7);
+        GPU_CASE("attention", attention_case, AttentionCase, "own", acts[d], 3, {33, 0, 64}, 2, 2, 40, 7);
+        GPU_CASE("attention", attention_case, AttentionCase, "own", acts[d], 2, {70, 29}, 3, 3, 18, 7);
+        GPU_CASE("attention", attention_case, AttentionCase, "own", acts[d], 1, {300}, 2, 1, 256, 7);
+        GPU_CASE("attention", attention_case, AttentionCase, "own", acts[d], 5, {31, 32, 33, 64, 65}, 6, 2, 96, 7);
+    }
+    GPU_CASE("attention", attention_case, AttentionCase, "own", DT_BF16, 2, {40, 60}, 4, 2, 64, 2); /* dk only */
+    GPU_CASE("attention", attention_case, AttentionCase, "own", DT_BF16, 2, {40, 60}, 4, 2, 64, 5); /* dq and dv */
+
+    /* cuDNN's fused SDPA (kernels/cuda/attention_cudnn.cu), BF16 only (the path's dtype): documents of
+     * unequal lengths (1, 0, not multiples of 64, more documents than a power of two so that the plan's
+     * batch is padded with empty documents), Hq/Hkv = 1, 2, 8, D = 64 and 128, and two shapes in the same
+     * plan bucket with different document lengths (the cached plan, new lengths and offsets) */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 1, {1}, 2, 1, 64, 7); /* one token */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 4, {5, 37, 1, 90}, 4, 2, 64, 7); /* plan (b 4, s 128) */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 4, {60, 3, 100, 2}, 4, 2, 64, 7); /* the same plan, new lengths */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 3, {33, 0, 64}, 2, 2, 64, 7); /* an empty document, MHA */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 2, {200, 57}, 8, 1, 128, 7); /* Hq/Hkv = 8 */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 5, {31, 32, 33, 64, 65}, 8, 8, 128, 7); /* Hq/Hkv = 1, D 128 */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 3, {300, 1, 129}, 16, 2, 128, 7); /* Hq/Hkv = 8, 16 heads */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 9, {7, 1, 13, 64, 65, 2, 128, 3, 50}, 4, 1, 64, 7); /* b 16: 7 empty documents */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 1, {1000}, 4, 2, 128, 7); /* one longer document (s 1024) */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 2, {40, 60}, 4, 2, 64, 2); /* dk only */
+    GPU_CASE("attention_cudnn", attention_case, AttentionCase, "cudnn", DT_BF16, 2, {40, 60}, 4, 2, 64, 5); /* dq and dv */
+}
+
+/* group "swiglu": the pointwise kernels of the feed-forward and the residual stream */
+static void pointwise_cases(void) {
+    const int64_t sizes[] = {1, 1001, 65536};
+    for (int d = 0; d < 2; d++) {
+        for (int si = 0; si < 3; si++) GPU_CASE("swiglu", swiglu_case, SwigluCase, acts[d], sizes[si], si == 1); /* dup NULL at 1001 */
+        /* p, seed, a nonzero offset */
+        for (int si = 0; si < 3; si++) GPU_CASE("swiglu", dropout_case, DropoutCase, acts[d], sizes[si], 0.2f, 42 + (uint64_t)si, 12345);
+        GPU_CASE("swiglu", bias_add_case, BiasAddCase, acts[d], 37, 65);
+    }
+}
+
+static void loss_optimizer_cases(void) {
+    /* act, N, V, every how many rows a target is ignore_index (0: none) */
+    for (int d = 0; d < 2; d++) {
+        GPU_CASE("cross_entropy", cross_entropy_case, CrossEntropyCase, acts[d], 1, 5, 0);
+        GPU_CASE("cross_entropy", cross_entropy_case, CrossEntropyCase, acts[d], 37, 65, 4);
+        GPU_CASE("cross_entropy", cross_entropy_case, CrossEntropyCase, acts[d], 64, 50257, 3);
+        GPU_CASE("cross_entropy", cross_entropy_case, CrossEntropyCase, acts[d], 300, 1000, 0);
+    }
+    for (int si = 0; si < 2; si++)
+        for (int with_shadow = 0; with_shadow < 2; with_shadow++)
+            GPU_CASE("adamw", adamw_case, AdamwCase, si ? 100003 : 1000, with_shadow);
+}
+
+/* The MSA index side. Documents of unequal lengths incl. 1 and non-multiples of B; B 4/16/64/128 and odd
+ * sizes (12: the scan path with blocks across tiles; 24: the n-tile path with blocks across tiles); k
+ * above the block count; init 0/1, local 1/2; Hidx 1..4; Di 32/64/128 and 20/40 (padding, scalar
+ * copies). */
+static void msa_index_cases(void) {
+    const float is128 = 0.08838835f, is64 = 0.125f, is32 = 0.17677669f;
+    /* ndocs, lens, Hidx, Di, {B, k, init, local, scale, index_scale} */
+    const IdxSpec specs[] = {
+        {5, {1, 37, 200, 5, 64}, 2, 64, {16, 4, 1, 1, 0.125f, is64}},
+        {2, {300, 129}, 4, 128, {4, 8, 0, 2, 0.125f, is128}},
+        {1, {1000}, 1, 32, {64, 6, 1, 2, 0.125f, is32}},
+        {3, {77, 513, 3}, 4, 128, {128, 3, 0, 1, 0.125f, is128}},
+        {2, {50, 20}, 2, 64, {16, 8, 1, 1, 0.125f, is64}},
+        {2, {700, 300}, 3, 40, {24, 5, 1, 1, 0.125f, 0.158f}},
+        {1, {400}, 2, 20, {12, 6, 0, 1, 0.125f, 0.2236f}},
+        {1, {2500}, 4, 128, {16, 32, 1, 2, 0.125f, is128}},
+        {1, {4096}, 4, 128, {128, 16, 0, 1, 0.125f, is128}},
+        {4, {1, 1, 2, 3}, 2, 32, {4, 2, 0, 1, 0.125f, is32}},
+    };
+    for (int si = 0; si < (int)(sizeof specs / sizeof specs[0]); si++)
+        GPU_CASE("msa", msa_indexer_plan_case, MsaIndexerPlanCase, specs[si], si % 3 == 0);
+    IdxSpec neg = specs[0]; /* a negative index_scale flips the ranking, exactly as on the CPU */
+    neg.p.index_scale = -0.3f;
+    GPU_CASE("msa", msa_indexer_case, MsaIndexerCase, neg, DT_BF16, true);
+
+    /* Hidx, ndocs, lens, B, k: random valid selections */
+    GPU_CASE("msa", msa_plan_random_case, MsaPlanRandomCase, 3, 5, {1, 100, 33, 0, 257}, 8, 5);
+    GPU_CASE("msa", msa_plan_random_case, MsaPlanRandomCase, 2, 2, {50, 50}, 1, 3); /* B = 1: every token a block */
+    GPU_CASE("msa", msa_plan_random_case, MsaPlanRandomCase, 4, 1, {20000}, 16, 16);
+    GPU_CASE("msa", msa_plan_random_case, MsaPlanRandomCase, 1, 3, {7, 0, 9}, 4, 1);
+
+    /* dt, ndocs, lens, Hq, Hkv, D, B, k, query stride, topk NULL */
+    for (int d = 0; d < 2; d++) {
+        GPU_CASE("msa", msa_recall_case, MsaRecallCase, acts[d], 3, {1, 90, 37}, 4, 2, 64, 16, 3, 1, false);
+        GPU_CASE("msa", msa_recall_case, MsaRecallCase, acts[d], 1, {300}, 8, 2, 128, 32, 4, 7, false);
+        GPU_CASE("msa", msa_recall_case, MsaRecallCase, acts[d], 2, {64, 200}, 20, 2, 32, 8, 6, 3, false);
+        GPU_CASE("msa", msa_recall_case, MsaRecallCase, acts[d], 2, {64, 200}, 4, 4, 48, 8, 2, 1, true);
+    }
+    GPU_CASE0("msa", msa_opcheck_case);
+}
+
+/* MSA attention (tests/gpu/test_gpu_msa_attention.c says what each case covers) */
+static void msa_attention_cases(void) {
+    /* act, ndocs, lens, Hq, Hkv, D, B, K, init, sel, plan given, grads, chunk, repeat */
+    for (int d = 0; d < 2; d++) {
+        const DType a = acts[d];
+        /* G = 2, documents of 1 and non-multiples of B, k = 3 */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 4, {1, 37, 130, 64}, 2, 1, 64, 16, 3, 0, SEL_INDEXER, 0, 7, 0, 0);
+        /* G = 16, D = 128, k = 16 > the 4 blocks of a document */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 2, {200, 57}, 32, 2, 128, 64, 16, 0, SEL_INDEXER, 1, 7, 0, 0);
+        /* G = 1, block 4 (75 blocks), k = 16, a sink block */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 1, {300}, 4, 4, 64, 4, 16, 1, SEL_INDEXER, 1, 7, 0, 0);
+        /* k = 1 (only the local block), block 128, a one-token document between two others */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 3, {257, 1, 100}, 16, 1, 128, 128, 1, 0, SEL_INDEXER, 0, 7, 0, 0);
+        /* every query selects block 0, in chunks of 128 queries */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 2, {700, 300}, 32, 2, 128, 16, 3, 0, SEL_HOT, 0, 7, 128, 0);
+        /* block 256: two 128-key segments per block (and 8 on CUDA cores); chunks of 100 */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 2, {513, 96}, 8, 4, 128, 256, 3, 0, SEL_INDEXER, 1, 7, 100, 0);
+        /* odd head dim: CUDA cores for BF16 too */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 2, {90, 45}, 6, 2, 40, 16, 3, 0, SEL_INDEXER, 0, 7, 0, 0);
+        /* topk NULL: dense causal within documents */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 2, {50, 77}, 4, 2, 64, 16, 2, 0, SEL_DENSE, 0, 7, 0, 0);
+        /* many tiles per CTA (the pipelines, segment changes, hot rows over many CTAs), twice */
+        GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, a, 1, {4096}, 16, 2, 64, 64, 4, 0, SEL_HOT, 1, 7, 0, 1);
+    }
+    const DType b = DT_BF16;
+    /* D = 128 tensor cores with many tiles per CTA, G = 16, chunked, twice */
+    GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, b, 2, {1500, 700}, 32, 2, 128, 128, 4, 0, SEL_HOT, 0, 7, 700, 1);
+    GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, b, 1, {2500}, 16, 1, 128, 64, 8, 0, SEL_INDEXER, 1, 7, 0, 0);
+    /* subsets of the gradients */
+    GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, b, 2, {140, 60}, 32, 2, 64, 32, 3, 0, SEL_INDEXER, 0, 2, 0, 0); /* dk only, G = 16 with D = 64 */
+    GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, b, 2, {140, 60}, 8, 2, 128, 32, 3, 0, SEL_INDEXER, 0, 5, 0, 0); /* dq and dv */
+    GPU_CASE("msa_attention", msa_attention_case, MsaAttentionCase, b, 2, {140, 60}, 8, 2, 128, 32, 3, 0, SEL_INDEXER, 1, 1, 0, 0); /* dq only */
+}
+
+/* MSA KL (tests/gpu/test_gpu_msa_kl.c says what each case covers) */
+static void msa_kl_cases(void) {
+    /* act, ndocs, lens, Hq, Hkv, D, Di, B, K, init, sel, plan given, grads (1 dqi, 2 dki), window */
+    for (int d = 0; d < 2; d++) {
+        const DType a = acts[d];
+        /* block 4, k = 3, G = 2, a one-token document */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 4, {1, 37, 100, 5}, 4, 2, 64, 32, 4, 3, 0, KL_INDEXER, 0, 3, 0);
+        /* G = 1; k = 16 above every document's block count (all selected) */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 3, {200, 57, 1}, 2, 2, 128, 128, 16, 16, 0, KL_INDEXER, 1, 3, 0);
+        /* G = 16, block 128, k = 1 (the local block only) */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {300, 129}, 32, 2, 128, 128, 128, 1, 0, KL_INDEXER, 1, 3, 0);
+        /* G = 16, k = 16 out of 19 blocks */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {300, 129}, 32, 2, 128, 128, 16, 16, 0, KL_INDEXER, 0, 3, 0);
+        /* hot row: block 0 taken by all 700 queries (pieces of 256, split partials), 3 windows */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 1, {700}, 16, 1, 64, 32, 16, 4, 1, KL_INDEXER, 0, 3, 300);
+        /* hot rows in two groups, plan given, windows of 128 tokens */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {600, 90}, 8, 2, 128, 64, 32, 3, 1, KL_INDEXER, 1, 3, 128);
+        /* a block longer than a key tile (sub-tiles merged), k = 2 */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {450, 30}, 4, 1, 64, 64, 200, 2, 0, KL_INDEXER, 0, 3, 0);
+        /* odd head dims (element-wise loads, padding), G = 3 */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 3, {70, 1, 29}, 6, 2, 18, 20, 8, 3, 0, KL_INDEXER, 0, 3, 0);
+        /* D = 256 (smaller tiles) */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {40, 33}, 4, 2, 256, 128, 16, 2, 0, KL_INDEXER, 1, 3, 0);
+        /* G = 128: two head passes per query */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 1, {40}, 128, 1, 32, 32, 8, 2, 0, KL_INDEXER, 0, 3, 0);
+        /* one gradient at a time */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {90, 45}, 4, 2, 64, 64, 16, 3, 0, KL_INDEXER, 0, 1, 0);
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {90, 45}, 4, 2, 64, 64, 16, 3, 1, KL_INDEXER, 0, 2, 64);
+        /* dense warm-up KL (topk NULL) */
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 4, {1, 90, 33, 130}, 8, 4, 64, 32, 16, 4, 0, KL_DENSE, 0, 3, 0);
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 2, {150, 20}, 32, 2, 128, 128, 16, 4, 0, KL_DENSE, 0, 3, 0);
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 1, {300}, 1, 1, 128, 32, 16, 4, 0, KL_DENSE, 0, 3, 0);
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 3, {129, 1, 64}, 6, 2, 18, 20, 16, 4, 0, KL_DENSE, 0, 1, 0);
+        GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, a, 3, {129, 1, 64}, 4, 2, 256, 64, 16, 4, 0, KL_DENSE, 0, 2, 0);
+    }
+    /* MiniMax-like heads (G = 16, D = Di = 128), longer documents: many pieces per row (BF16 only) */
+    GPU_CASE("msa_kl", msa_kl_case, MsaKlCase, DT_BF16, 2, {1100, 600}, 32, 2, 128, 128, 64, 8, 0, KL_INDEXER, 0, 3, 0);
+    for (int d = 0; d < 2; d++) {
+        GPU_CASE("msa_kl", msa_kl_zero_case, MsaKlZeroCase, acts[d], false);
+        GPU_CASE("msa_kl", msa_kl_zero_case, MsaKlZeroCase, acts[d], true);
+    }
+}
+
+/* MoE (tests/gpu/test_gpu_moe.c says what the cases cover) */
+static void moe_cases(void) {
+    /* first: in a child process started by the first of them, these run the bad input */
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "plan", "cuda moe_plan: expert index 9 outside [0, 8) at idx[1, 1]");
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "topk", "cuda moe_topk: router scores of token 1 are not finite numbers");
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "offsets", "cuda grouped_matmul_forward: offsets decrease at expert 1");
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "rows",
+             "cuda moe_permute/moe_unpermute: rows element 3 = 7 is outside the grouped buffer");
+
+    for (int a = 0; a < 2; a++) {
+        const DType dt = acts[a];
+        const int64_t sc[][2] = {{1, 1}, {37, 5}, {1000, 8}, {129, 64}, {77, 300}}; /* N, E */
+        for (int i = 0; i < 5; i++)
+            for (int f = 0; f < 2; f++)
+                GPU_CASE("moe", moe_scores_case, MoeScoresCase, dt, dt, sc[i][0], sc[i][1], f ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX);
+
+        const struct { int64_t N; int E, k; } tk[] = {{1, 1, 1}, {37, 5, 1}, {37, 5, 2}, {1000, 8, 2},
+                                                       {513, 8, 8}, {129, 64, 6}, {77, 300, 4}};
+        /* dt, N, E, k, bias, ties, NaN scores */
+        for (size_t i = 0; i < sizeof tk / sizeof tk[0]; i++)
+            for (int v = 0; v < 4; v++) GPU_CASE("moe", moe_topk_case, MoeTopkCase, dt, tk[i].N, tk[i].E, tk[i].k, v & 1, v & 2, false);
+        GPU_CASE("moe", moe_topk_case, MoeTopkCase, dt, 301, 8, 2, true, false, true);
+        GPU_CASE("moe", moe_topk_case, MoeTopkCase, dt, 64, 5, 4, false, true, true);
+
+        const struct { int64_t N; int E, k; } cw[] = {{1, 1, 1}, {37, 5, 2}, {1000, 8, 2}, {129, 64, 6}, {50, 8, 8}};
+        for (size_t i = 0; i < sizeof cw / sizeof cw[0]; i++)
+            for (int r = 0; r < 2; r++)
+                GPU_CASE("moe", moe_combine_case, MoeCombineCase, dt, dt, cw[i].N, cw[i].E, cw[i].k, r, r ? 1.0f : 2.5f);
+
+        /* dt, N, E, k, C, grads (1 dys, 2 dw) */
+        GPU_CASE("moe", moe_permute_case, MoePermuteCase, dt, 1, 1, 1, 1, 3);
+        GPU_CASE("moe", moe_permute_case, MoePermuteCase, dt, 37, 5, 2, 5, 3);
+        GPU_CASE("moe", moe_permute_case, MoePermuteCase, dt, 300, 8, 2, 64, 3);
+        GPU_CASE("moe", moe_permute_case, MoePermuteCase, dt, 1001, 8, 1, 8, 3);
+        GPU_CASE("moe", moe_permute_case, MoePermuteCase, dt, 129, 5, 2, 1000, 3);
+        GPU_CASE("moe", moe_permute_case, MoePermuteCase, dt, 45, 8, 2, 33, 1);
+        GPU_CASE("moe", moe_permute_case, MoePermuteCase, dt, 45, 8, 2, 33, 2);
+
+        const struct { int64_t N; int E, k; } ax[] = {{1, 1, 1}, {37, 5, 2}, {1000, 8, 2}, {129, 64, 6}};
+        /* dt, N, E, k, normalize, no assignments (M = 0) */
+        for (size_t i = 0; i < sizeof ax / sizeof ax[0]; i++)
+            for (int nz = 0; nz < 2; nz++) GPU_CASE("moe", moe_aux_case, MoeAuxCase, dt, ax[i].N, ax[i].E, ax[i].k, nz, false);
+        GPU_CASE("moe", moe_aux_case, MoeAuxCase, dt, 37, 5, 2, true, true);
+        GPU_CASE("moe", moe_aux_case, MoeAuxCase, dt, 37, 5, 2, false, true);
+
+        const int64_t zc[][2] = {{1, 1}, {37, 5}, {1000, 8}, {77, 300}}; /* N, E */
+        for (int i = 0; i < 4; i++) GPU_CASE("moe", moe_z_case, MoeZCase, dt, zc[i][0], zc[i][1]);
+    }
+    /* mixed router dtypes (an F32 router over BF16 activations) */
+    GPU_CASE("moe", moe_scores_case, MoeScoresCase, DT_BF16, DT_F32, 129, 8, MOE_SCORE_SOFTMAX);
+    GPU_CASE("moe", moe_scores_case, MoeScoresCase, DT_F32, DT_BF16, 129, 8, MOE_SCORE_SIGMOID);
+    GPU_CASE("moe", moe_combine_case, MoeCombineCase, DT_F32, DT_BF16, 129, 8, 2, true, 1.0f);
+
+    const struct { int64_t N; int E, k; } pl[] = {{0, 4, 2}, {1, 1, 1}, {37, 5, 1}, {37, 5, 2}, {1000, 8, 2},
+                                                   {4099, 8, 1}, {3001, 64, 6}, {20000, 8, 8}};
+    for (size_t i = 0; i < sizeof pl / sizeof pl[0]; i++) GPU_CASE("moe", moe_plan_case, MoePlanCase, pl[i].N, pl[i].E, pl[i].k);
+
+    const struct { int64_t N; int E, k; int64_t in, out; } gm[] = {
+        {1, 1, 1, 16, 8}, {37, 5, 2, 24, 40}, {300, 8, 2, 64, 48}, {257, 8, 1, 33, 17}, {64, 5, 5, 96, 128}};
+    /* dt, weights (0 plain F32, 1 F32 parameters with a BF16 shadow), N, E, k, in, out */
+    for (size_t i = 0; i < sizeof gm / sizeof gm[0]; i++) {
+        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_F32, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
+        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_BF16, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
+        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_BF16, 1, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
+    }
+
+    GPU_CASE("moe", moe_e2e_case, MoeE2eCase, 0);
+    GPU_CASE("moe", moe_e2e_case, MoeE2eCase, 1);
+}
+
+/* the context-parallel block transpose: row sizes for every word width the kernel picks (16-byte rows
+ * of BF16 head dims, 12-byte F32 rows, 6-byte BF16 rows, 2-byte rows); dt, a, b, inner */
+static void cp_cases(void) {
+    GPU_CASE("cp", transpose_case, TransposeCase, DT_BF16, 64, 2, 128);
+    GPU_CASE("cp", transpose_case, TransposeCase, DT_BF16, 3, 4, 64);
+    GPU_CASE("cp", transpose_case, TransposeCase, DT_F32, 5, 2, 3);
+    GPU_CASE("cp", transpose_case, TransposeCase, DT_BF16, 7, 3, 3);
+    GPU_CASE("cp", transpose_case, TransposeCase, DT_BF16, 9, 4, 1);
+    GPU_CASE("cp", transpose_case, TransposeCase, DT_F32, 2048, 8, 64);
+    GPU_CASE("cp", transpose_case, TransposeCase, DT_BF16, 1, 1, 5);
+}
+
+/* every pointwise activation of kernels.def (its ACTIVATION lines): x ~ N(0, 2) (the saturated tails
+ * included), both dtypes, one element, an odd count and a large one */
+static void activation_cases(void) {
+#define KERNEL(group, ret, name, params)
+#define ACTIVATION(group, name)                                                                     \
+    for (int d = 0; d < 2; d++)                                                                     \
+        for (int si = 0; si < 3; si++)                                                              \
+            GPU_CASE("activation", unary_case, UnaryCase, UNARY_KERNEL(name), acts[d], (int64_t[]){1, 1001, 65536}[si], 2.0);
+#include "../../kernels/kernels.def"
+#undef ACTIVATION
+#undef KERNEL
+}
+
+void gpu_cases(void) {
+    message_cases();
+    elementwise_cases();
+    matmul_cases();
+    norm_rope_cases();
+    attention_cases();
+    pointwise_cases();
+    loss_optimizer_cases();
+    msa_index_cases();
+    msa_attention_cases();
+    msa_kl_cases();
+    moe_cases();
+    cp_cases();
+    activation_cases();
+    GPU_CASE0("e2e", e2e_case); /* last: a few training steps of configs/tiny.json on both devices */
+}

@@ -1,0 +1,195 @@
+/* The GPU test cases: one list (tests/gpu/cases.c) of every CUDA-vs-CPU check, each entry a case family
+ * (a function of tests/gpu/test_gpu*.c) with its arguments, run in list order by test_gpu's main.
+ *
+ * A family runs one kernel (or a forward/backward pair) on the CPU and on the GPU from the same inputs
+ * and records each comparison through the harness (gpu_check.h): the forward's outputs ("eval") and the
+ * accumulating backward's gradient increments ("gradient", against the CPU's backward, which
+ * tests/gradcheck.c holds to float64 finite differences). A new kernel whose entries have the shape of an
+ * existing family is one GPU_CASE line in cases.c; UNARY_KERNEL below is the family of pointwise
+ * activations. */
+#ifndef MSA_GPU_CASES_H
+#define MSA_GPU_CASES_H
+
+#include <stddef.h>
+
+#include "gpu_check.h"
+
+/* ---- the list ---- */
+
+/* A family: runs the case its argument struct describes. */
+typedef void (*GpuCaseFn)(const void *args);
+typedef struct GpuCase {
+    const char *group; /* test_gpu --only GROUP selects by it; a group's entries are consecutive */
+    GpuCaseFn run;
+    void *args;        /* a copy of the family's argument struct, owned by the list (NULL: none) */
+} GpuCase;
+
+void gpu_case_add(const char *group, GpuCaseFn run, const void *args, size_t bytes);
+/* GPU_CASE(group, family, ArgType, initialisers of ArgType...): one case of family in group */
+#define GPU_CASE(group, family, Type, ...) gpu_case_add(group, family, &(Type){__VA_ARGS__}, sizeof(Type))
+/* a family without arguments */
+#define GPU_CASE0(group, family) gpu_case_add(group, family, NULL, 0)
+
+/* Fill the list (cases.c), then read it back: *n entries in run order. */
+void gpu_cases(void);
+const GpuCase *gpu_case_list(int *n);
+void gpu_case_list_free(void);
+
+/* ---- families of tests/gpu/test_gpu.c: the engine's kernels ---- */
+
+typedef struct { int64_t n; DType ydt, xdt; } AxpyAddCase;  /* axpy y += -0.75 x, then add out = y + x */
+void axpy_add_case(const void *args);
+typedef struct { int64_t n; DType dt; } SumsqScaleCase;     /* sumsq (fp64 sums), then scale by 0.37 */
+void sumsq_scale_case(const void *args);
+typedef struct { int64_t n; } CastCase;                     /* f32 -> bf16 -> f32, bit-exact */
+void cast_case(const void *args);
+/* c = alpha op(a) op(b) + beta c. b_param: b is an F32 parameter of a CUDA ParamStore (read through its
+ * BF16 shadow); the reference keeps its F32 values. */
+typedef struct {
+    int64_t batch, M, N, K;
+    bool ta, tb;
+    DType adt, bdt, cdt;
+    bool b_param;
+    float alpha, beta;
+} MatmulCase;
+void matmul_case(const void *args);
+typedef struct { int64_t V, C, N; } EmbeddingCase;          /* F32 and BF16 activations, repeated tokens */
+void embedding_case(const void *args);
+/* grads: 1 = dx, 2 = dw, 3 = both */
+typedef struct { int ndim; int64_t shape[3]; DType act; bool has_w, unit_offset; int grads; } RmsnormCase;
+void rmsnorm_case(const void *args);
+typedef struct { DType act; int64_t N, H, D; int rot; float theta; int32_t maxpos; } RopeCase;
+void rope_case(const void *args);
+/* Dense attention through MSA_ATTENTION = impl ("own": our kernels, "cudnn": cuDNN's, forced); grads:
+ * bit 0 dq, bit 1 dk, bit 2 dv. */
+typedef struct {
+    const char *impl;
+    DType act;
+    int ndocs;
+    int32_t lens[9];
+    int64_t Hq, Hkv, D;
+    int grads;
+} AttentionCase;
+void attention_case(const void *args);
+typedef struct { DType act; int64_t n; bool dup_null; } SwigluCase;
+void swiglu_case(const void *args);
+typedef struct { DType act; int64_t n; float p; uint64_t seed; int64_t offset; } DropoutCase;
+void dropout_case(const void *args);
+typedef struct { DType act; int64_t rows, C; } BiasAddCase; /* x of act plus an F32 bias */
+void bias_add_case(const void *args);
+typedef struct { DType act; int64_t N, V; int ignore_every; } CrossEntropyCase;
+void cross_entropy_case(const void *args);
+typedef struct { int64_t n; bool with_shadow; } AdamwCase;
+void adamw_case(const void *args);
+
+/* A pointwise activation: entries X_forward(y, x) and X_backward(dx, dy, x) of KernelBackend, named by
+ * their byte offsets in it (UNARY_KERNEL checks their types at compile time). */
+typedef void (*UnaryForwardFn)(Tensor *y, const Tensor *x);
+typedef void (*UnaryBackwardFn)(Tensor *dx, const Tensor *dy, const Tensor *x);
+typedef struct {
+    const char *name;
+    size_t forward, backward;
+} UnaryKernel;
+#define BACKEND_ENTRY_(field, Type) (offsetof(KernelBackend, field) + 0 * sizeof(_Generic(((KernelBackend *)0)->field, Type: 1)))
+#define UNARY_KERNEL(X) ((UnaryKernel){#X, BACKEND_ENTRY_(X##_forward, UnaryForwardFn), BACKEND_ENTRY_(X##_backward, UnaryBackwardFn)})
+/* x ~ N(0, std) of n elements */
+typedef struct { UnaryKernel kernel; DType act; int64_t n; double std; } UnaryCase;
+void unary_case(const void *args);
+
+/* The messages: the program run again in a child (test_gpu --die what, env before it) must exit 1 with
+ * message on stderr. */
+typedef struct { const char *env, *what, *message; } DeathCase;
+void death_case(const void *args);
+void e2e_case(const void *args); /* a few steps of configs/tiny.json on both devices, and the sampler */
+
+/* ---- tests/gpu/test_gpu_msa.c: indexer, plan, recall, opcheck ---- */
+
+typedef struct {
+    int ndocs;
+    int32_t lens[6];
+    int H, Di;
+    MsaParams p;
+} IdxSpec;
+/* The indexer on one input set: BF16 randn (its topk kept for a plan check), BF16 small integers, F32
+ * randn, F32 small integers when f32_integer; then msa_plan of the CPU's selection. */
+typedef struct { IdxSpec spec; bool f32_integer; } MsaIndexerPlanCase;
+void msa_indexer_plan_case(const void *args);
+typedef struct { IdxSpec spec; DType dt; bool integer; } MsaIndexerCase;
+void msa_indexer_case(const void *args);
+typedef struct { int64_t H; int ndocs; int32_t lens[6]; int B, K; } MsaPlanRandomCase;
+void msa_plan_random_case(const void *args);
+typedef struct {
+    DType dt;
+    int ndocs;
+    int32_t lens[6];
+    int64_t Hq, Hkv, D;
+    int B, K, stride;
+    bool null_topk;
+} MsaRecallCase;
+void msa_recall_case(const void *args);
+void msa_opcheck_case(const void *args); /* build/opcheck msa on both devices */
+
+/* ---- tests/gpu/test_gpu_msa_attention.c ---- */
+
+enum { SEL_INDEXER = 0, SEL_HOT = 1, SEL_DENSE = 2 };
+typedef struct {
+    DType act;
+    int ndocs;
+    int32_t lens[6];
+    int Hq, Hkv, D, B, K, init_blocks;
+    int sel;        /* SEL_* */
+    int plan_given; /* the CPU's plan uploaded (else the kernel builds one) */
+    int grads;      /* bit 0 dq, bit 1 dk, bit 2 dv */
+    int chunk;      /* queries per chunk (MSA_CUDA_MSA_CHUNK); 0: the kernel's own choice */
+    int repeat;     /* run the backward twice and require bit-identical gradients */
+} MsaAttentionCase;
+void msa_attention_case(const void *args);
+
+/* ---- tests/gpu/test_gpu_msa_kl.c ---- */
+
+enum { KL_INDEXER = 0, KL_DENSE = 1 };
+typedef struct {
+    DType act;
+    int ndocs;
+    int32_t lens[6];
+    int Hq, Hkv, D, Di, B, K, init_blocks;
+    int sel;        /* KL_INDEXER (init_blocks 1: block 0 is selected by every query) or KL_DENSE */
+    int plan_given; /* the CPU's plan uploaded (else the kernel builds one) */
+    int grads;      /* bit 0 dqi, bit 1 dki */
+    int window;     /* query window in tokens (MSA_CUDA_KL_WINDOW); 0: the kernel's own */
+} MsaKlCase;
+void msa_kl_case(const void *args);
+typedef struct { DType act; bool dense; } MsaKlZeroCase; /* student == teacher: KL and gradient 0 */
+void msa_kl_zero_case(const void *args);
+
+/* ---- tests/gpu/test_gpu_moe.c ---- */
+
+typedef struct { DType ldt, sdt; int64_t N, E; MoeScoreFunc func; } MoeScoresCase;
+void moe_scores_case(const void *args);
+typedef struct { DType dt; int64_t N; int E, k; bool bias, ties, nans; } MoeTopkCase;
+void moe_topk_case(const void *args);
+typedef struct { DType sdt, wdt; int64_t N; int E, k; bool renorm; float scale; } MoeCombineCase;
+void moe_combine_case(const void *args);
+typedef struct { int64_t N; int E, k; } MoePlanCase;
+void moe_plan_case(const void *args);
+typedef struct { DType dt; int64_t N; int E, k; int64_t C; int grads; } MoePermuteCase;
+void moe_permute_case(const void *args);
+/* wmode 0: w a plain F32 tensor (BF16 activations: cast per call); 1: an F32 parameter of a CUDA
+ * ParamStore, read through its BF16 shadow */
+typedef struct { DType dt; int wmode; int64_t N; int E, k; int64_t in, out; } MoeGroupedCase;
+void moe_grouped_case(const void *args);
+typedef struct { DType dt; int64_t N; int E, k; bool normalize, no_assignments; } MoeAuxCase;
+void moe_aux_case(const void *args);
+typedef struct { DType dt; int64_t N, E; } MoeZCase;
+void moe_z_case(const void *args);
+typedef struct { const char *what, *message; } MoeBadInputCase; /* in a child process */
+void moe_bad_input_case(const void *args);
+typedef struct { int variant; } MoeE2eCase; /* a small MoE model trained a few steps on both devices */
+void moe_e2e_case(const void *args);
+
+/* ---- tests/gpu/test_gpu_cp.c ---- */
+
+typedef struct { DType dt; int64_t a, b, inner; } TransposeCase;
+void transpose_case(const void *args);
+
+#endif
