@@ -90,7 +90,7 @@ static Tensor *select_blocks(Engine *e, const MsaParams *p, Tensor *qi, Tensor *
     if (from) e->be->copy(topk->data, kept(from, KEPT_TOPK), tensor_bytes(topk));
     else {
         BACKEND_REQUIRE(e->be, msa_indexer);
-        e->be->msa_indexer(topk, qi, ki, cu_seqlens, p);
+        e->be->msa_indexer(topk, NULL, qi, ki, cu_seqlens, p);
     }
     engine_op_end_named(e, "msa_indexer");
     return topk;

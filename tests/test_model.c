@@ -175,9 +175,10 @@ TEST(msa_kl_gives_backbone_exactly_zero_gradient) {
 static struct {
     int indexer, plan, kl_forward;
 } msa_calls;
-static void count_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu, const MsaParams *p) {
+static void count_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *cu,
+                          const MsaParams *p) {
     msa_calls.indexer++;
-    cpu_backend.msa_indexer(topk, qi, ki, cu, p);
+    cpu_backend.msa_indexer(topk, idx_lse, qi, ki, cu, p);
 }
 static void count_plan(Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p) {
     msa_calls.plan++;

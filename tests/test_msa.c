@@ -46,7 +46,7 @@ static MsaParams params(int B, int K, int init, int local, double scale, double 
 /* the kernel's topk for (qi, ki) as a persistent tensor */
 static Tensor *run_indexer(const Tensor *qi, const Tensor *ki, const Tensor *cu, const MsaParams *p) {
     Tensor *tk = test_tensor(DT_I32, SHAPE(qi->shape[1], qi->shape[0], p->topk_blocks));
-    cpu_backend.msa_indexer(tk, qi, ki, cu, p);
+    cpu_backend.msa_indexer(tk, NULL, qi, ki, cu, p);
     return tk;
 }
 
@@ -898,6 +898,44 @@ TEST(msa_hand_example) {
     EXPECT(fabs(rec - (1 + 1 + 0.695 + 0.5) / 4) < 1e-12, "recall %.15g, expected %.15g", rec, (1 + 1 + 0.695 + 0.5) / 4);
 }
 
+/* ---- the sparse phase: idx_lse from the indexer ---- */
+
+/* The indexer's idx_lse is the KL forward's student normaliser, bit for bit (f64 and f32), and the
+ * brute-force reference's. */
+TEST(indexer_idx_lse_is_the_kl_forwards) {
+    for (int ci = 0; ci < N_CASES; ci++)
+        for (int prec = 0; prec < 2; prec++) {
+            const MsaCase *c = &cases[ci];
+            const int N = case_tokens(c);
+            const DType dt = prec ? DT_F64 : DT_F32;
+            MsaParams p = case_params(c);
+            Tensor *q = test_randn(dt, SHAPE(N, c->Hq, c->D), 1.5, 1200 + ci), *k = test_randn(dt, SHAPE(N, c->Hkv, c->D), 1.0, 1210 + ci);
+            Tensor *v = test_randn(dt, SHAPE(N, c->Hkv, c->D), 1.0, 1220 + ci);
+            Tensor *qi = test_randn(dt, SHAPE(N, c->Hkv, c->Di), 1.5, 1230 + ci), *ki = test_randn(dt, SHAPE(N, c->Di), 1.0, 1240 + ci);
+            Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
+            Tensor *tk = test_tensor(DT_I32, SHAPE(c->Hkv, N, c->K)), *il = test_tensor(dt, SHAPE(c->Hkv, N));
+            cpu_backend.msa_indexer(tk, il, qi, ki, cu, &p);
+            Tensor *tk0 = run_indexer(qi, ki, cu, &p);
+            Tensor *lse = teacher_lse(q, k, v, tk, cu, &p);
+            Tensor *kl = test_tensor(dt, SHAPE(1)), *il_kl = test_tensor(dt, SHAPE(c->Hkv, N));
+            cpu_backend.msa_kl_forward(kl, il_kl, q, k, lse, qi, ki, tk, NULL, cu, &p);
+            Tensor *q64 = test_copy_as(q, DT_F64), *k64 = test_copy_as(k, DT_F64), *qi64 = test_copy_as(qi, DT_F64),
+                   *ki64 = test_copy_as(ki, DT_F64);
+            double *ref_il = xmalloc(sizeof(double) * (size_t)(c->Hkv * N));
+            ref_kl(q64, k64, qi64, ki64, tk, cu, &p, ref_il);
+            Tensor *il64 = test_copy_as(il, DT_F64);
+            const double e = rel_err(il64->data, ref_il, il64->numel);
+            const bool same_sel = memcmp(tk->data, tk0->data, tensor_bytes(tk)) == 0;
+            const bool same = memcmp(il->data, il_kl->data, tensor_bytes(il)) == 0;
+            free(ref_il);
+            Tensor *all[] = {q, k, v, qi, ki, cu, tk, il, tk0, lse, kl, il_kl, q64, k64, qi64, ki64, il64};
+            for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) test_tensor_free(all[i]);
+            EXPECT(same_sel, "case %d %s: asking for idx_lse changed the selection", ci, dtype_name(dt));
+            EXPECT(same, "case %d %s: the indexer's idx_lse differs from the KL forward's", ci, dtype_name(dt));
+            EXPECT(e < (prec ? 1e-12 : 1e-6), "case %d %s: idx_lse differs from the reference by %.3e", ci, dtype_name(dt), e);
+        }
+}
+
 /* ---- precision and determinism ---- */
 
 /* f32 kernels against f64 on the same values (same selection), and bit-identical results across
@@ -1002,6 +1040,7 @@ int main(void) {
     RUN(msa_recall_matches_reference);
     RUN(msa_hand_example);
     RUN(msa_f32_matches_f64_and_deterministic);
+    RUN(indexer_idx_lse_is_the_kl_forwards);
     engine_free(&eng);
     TEST_END();
 }

@@ -19,6 +19,11 @@ int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *c
  * workspace, so the caller may hold its scratch() region meanwhile. */
 int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p, int64_t Hidx, int64_t P);
 
+/* msa_kl.cu, for the indexer: the student's log-normaliser over the selection topk (a temporary plan),
+ * idx_lse f32 [Hidx, N] (the indexer's second output, backend.h msa_indexer). */
+void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
+                      const MsaParams *p);
+
 /* The document of token t: the last d in [0, ndocs) with cu[d] <= t (empty documents are skipped
  * that way). Stays in [0, ndocs) whatever cu holds. */
 __device__ __forceinline__ int msa_doc_of(const int32_t *cu, int ndocs, int64_t t) {

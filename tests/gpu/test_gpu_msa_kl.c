@@ -32,7 +32,7 @@ static Sel make_sel(const Pair *qi, const Pair *ki, const Pair *cs, const MsaPar
     Sel s;
     memset(&s, 0, sizeof s);
     s.tc = mk(CB, DT_I32, 3, (int64_t[]){Hkv, N, p->topk_blocks});
-    CB->msa_indexer(&s.tc, &qi->c, &ki->c, &cs->c, p);
+    CB->msa_indexer(&s.tc, NULL, &qi->c, &ki->c, &cs->c, p);
     s.tg = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, p->topk_blocks});
     GB->copy_from_host(s.tg.data, s.tc.data, tensor_bytes(&s.tc));
     if (plan) {
