@@ -683,7 +683,7 @@ TEST(msa_kl_gives_no_gradient_to_teacher) {
         for (int i = 0; i < 5; i++) zero_grad(all[i]);
         engine_reset(eng);
         const MsaSettings s = {.params = p, .kl_weight = 2.5f};
-        MsaAttention a = msa_attend(eng, &s, q, k, v, qi, ki, cu, false, NULL);
+        MsaAttention a = msa_attend(eng, &s, q, k, v, qi, ki, cu, false, NULL, NULL);
         Tensor *out = a.out, *kl = a.loss;
         if (mode != 2) eng->be->axpy(engine_grad(eng, out), R, 1.0f);
         if (mode != 0) {

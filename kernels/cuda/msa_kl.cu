@@ -47,6 +47,8 @@
  *
  * The student alone (LSE_SPARSE): the sparse forward's walk without the teacher, the statistics (m, s) of
  * the selected tokens per (query, slot), combined into idx_lse: the indexer's idx_lse (msa_indexer.cu).
+ * The gradient's coefficient may be read on the device (a loss term's upstream gradient, so that no step
+ * waits for it on the host): cs = cs_mul * cs_grad[0] (cs_grad NULL: cs_mul).
  *
  * Memory: shared memory 179 KB per CTA at D = Di = 128, G = 16 (one CTA of 8 warps per SM; the Q rows
  * of the next teacher unit load while the current one computes); global workspace (scratch) per
@@ -187,6 +189,7 @@ template <typename T> struct KA {
     int N, Hq, Hkv, G, D, Di, K, B;
     int g, w0, work_cap, split_cap, rowp;
     float sl2, isl2, invG, lg2G, cs;
+    const float *cs_grad;       /* the gradient's coefficient is cs * cs_grad[0] (NULL: cs) */
     int vec_q, vec_i, want_dqi, want_dki;
     Lay L;
 };
@@ -658,12 +661,13 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_q_kernel(const __grid_con
             a.vals[(int64_t)t * a.Hkv + g] = fmaf(ls, r.w, r.z) * LN2; /* ab + (l2 - m) c */
         }
     } else {
+        const float cs = a.cs_grad ? a.cs * *a.cs_grad : a.cs;
         acc.store(s.O, L.ldo, L.QTp, L.Dip);
         __syncthreads();
         for (int i = tid; i < nq * a.Di; i += THREADS) {
             const int qq = i / a.Di, d = i - qq * a.Di;
             T *o = a.dqi + ((int64_t)(t0 + qq) * a.Hkv + g) * a.Di + d;
-            *o = from_f32<T>(to_f32(*o) + a.cs * s.O[qq * L.ldo + d]);
+            *o = from_f32<T>(to_f32(*o) + cs * s.O[qq * L.ldo + d]);
         }
     }
 }
@@ -696,12 +700,13 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_dk_kernel(const __grid_co
         }
     }
     __syncthreads();
+    const float cs = a.cs_grad ? a.cs * *a.cs_grad : a.cs;
     acc.store(s.O, L.ldo, L.KTp, L.Dip);
     __syncthreads();
     for (int i = tid; i < nk * a.Di; i += THREADS) {
         const int jj = i / a.Di, d = i - jj * a.Di;
         T *o = a.dki + (int64_t)(j0 + jj) * a.Di + d;
-        *o = from_f32<T>(to_f32(*o) + a.cs * s.O[jj * L.ldo + d]);
+        *o = from_f32<T>(to_f32(*o) + cs * s.O[jj * L.ldo + d]);
     }
 }
 
@@ -837,7 +842,8 @@ __global__ void kl_fwd_reduce_kernel(float *idx_lse, float *vals, const float4 *
 /* backward, per (query of the window, dim): dqi += cs * (the slots' partials in slot order) */
 template <typename T>
 __global__ void kl_dqi_reduce_kernel(T *dqi, const float *part, const int *topk, int g, int w0, int nt, int N, int Hkv, int K,
-                                     int Di, float cs) {
+                                     int Di, float cs_mul, const float *cs_grad) {
+    const float cs = cs_grad ? cs_mul * *cs_grad : cs_mul;
     const int64_t total = (int64_t)nt * Di;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         const int tl = (int)(i / Di), d = (int)(i - (int64_t)tl * Di), t = w0 + tl;
@@ -870,7 +876,8 @@ __global__ void kl_split_reduce_kernel(float *dki_acc, const float *split, const
     }
 }
 
-template <typename T> __global__ void kl_dki_final_kernel(T *dki, const float *acc, int64_t n, float cs) {
+template <typename T> __global__ void kl_dki_final_kernel(T *dki, const float *acc, int64_t n, float cs_mul, const float *cs_grad) {
+    const float cs = cs_grad ? cs_mul * *cs_grad : cs_mul;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         dki[i] = from_f32<T>(to_f32(dki[i]) + cs * acc[i]);
 }
@@ -1078,6 +1085,7 @@ void doc_bounds(int *dstart, int *dend, const Tensor *cu, const Dims &d) {
     LAUNCH_CHECK("msa_kl doc_bounds");
 }
 
+/* kl (the mean KL) and idx_lse (NULL: into a temporary: the value alone) */
 template <typename T>
 void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                 const Tensor *ki, const Tensor *topk, const Tensor *plan, const Tensor *cu, const MsaParams *p, const Dims &d) {
@@ -1086,22 +1094,23 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
     const Lay L = layout_for("msa_kl_forward", bf, d, topk != nullptr);
     KA<T> a = make_args<T>(d, p, L, q, k, lse, qi, ki, topk);
     a.plan = ph.ptr;
-    a.idx_lse_out = (float *)idx_lse->data;
     Sched sc(d, (int64_t)d.K * (int64_t)sizeof(float4));
     int *dstart = nullptr, *dend = nullptr;
-    float *vals = nullptr;
+    float *vals = nullptr, *il = nullptr;
     size_t need = 0;
     for (int pass = 0; pass < 2; pass++) { /* size, then carve */
         Bump b{pass ? (char *)scratch(need) : nullptr, 0};
         dstart = b.take<int>(d.N);
         dend = b.take<int>(d.N);
         vals = b.take<float>((int64_t)d.N * d.Hkv);
+        if (!idx_lse) il = b.take<float>((int64_t)d.N * d.Hkv);
         if (topk) {
             sc.carve(b, d.Hkv);
             a.part = b.take<float>((int64_t)sc.Nw * d.K * 4);
         }
         need = b.off;
     }
+    a.idx_lse_out = idx_lse ? (float *)idx_lse->data : il;
     a.dstart = dstart;
     a.dend = dend;
     a.vals = vals;
@@ -1182,10 +1191,12 @@ void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const 
         }
 }
 
+/* dqi, dki += cs_mul * cs_grad[0] * dKL/dz chained to qi, ki (cs_grad NULL: cs_mul), cs_mul including the
+ * index scale */
 template <typename T>
 void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                  const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan, const Tensor *cu,
-                 const MsaParams *p, float coeff, const Dims &d) {
+                 const MsaParams *p, float cs_mul, const float *cs_grad, const Dims &d) {
     const bool bf = std::is_same<T, bf16>::value;
     PlanHold ph(topk, plan, cu, p, d);
     const Lay L = layout_for("msa_kl_backward", bf, d, topk != nullptr);
@@ -1196,7 +1207,8 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
     a.dki = dki ? (T *)dki->data : nullptr;
     a.want_dqi = dqi != nullptr;
     a.want_dki = dki != nullptr;
-    a.cs = coeff * p->index_scale;
+    a.cs = cs_mul;
+    a.cs_grad = cs_grad;
     a.rowp = d.B < d.N ? d.B : d.N; /* rows of a block */
     const int64_t unit = (dqi ? (int64_t)d.K * d.Di * 4 : 0) + (dki ? (2 * (int64_t)d.K * a.rowp * d.Di * 4 + QSEG - 1) / QSEG : 0);
     Sched sc(d, unit);
@@ -1243,7 +1255,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
             const int nt = sc.window_len(d.N, w);
             if (dqi) {
                 kl_dqi_reduce_kernel<T><<<grid_for((int64_t)nt * d.Di, 256), 256>>>(a.dqi, a.part, a.topk, g, a.w0, nt, d.N,
-                                                                                  d.Hkv, d.K, d.Di, a.cs);
+                                                                                  d.Hkv, d.K, d.Di, a.cs, a.cs_grad);
                 LAUNCH_CHECK("msa_kl_backward dqi reduce");
             }
             if (dki) {
@@ -1254,7 +1266,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
         }
     if (dki) {
         const int64_t n = (int64_t)d.N * d.Di;
-        kl_dki_final_kernel<T><<<grid_for(n, 256), 256>>>(a.dki, a.dki_acc, n, a.cs);
+        kl_dki_final_kernel<T><<<grid_for(n, 256), 256>>>(a.dki, a.dki_acc, n, a.cs, a.cs_grad);
         LAUNCH_CHECK("msa_kl_backward dki");
     }
 }
@@ -1291,7 +1303,8 @@ extern "C" void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, 
         fatal("cuda msa_kl_backward: dqi and dki must have qi's and ki's shapes and dtype, on the device");
     if (d.N == 0) return;
     DISPATCH_FLOAT(q->dtype, T, "msa_kl_backward",
-                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, coeff, d));
+                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, coeff * p->index_scale,
+                                  nullptr, d));
 }
 
 namespace msacuda {
@@ -1305,6 +1318,35 @@ void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const
     if (N == 0) return;
     const Dims d{(int)N, (int)H, (int)H, 1, 0, (int)Di, p->topk_blocks, p->block_size, (int)ndocs};
     DISPATCH_FLOAT(qi->dtype, T, "msa_indexer", kl_selected_lse<T>(idx_lse, qi, ki, topk, cu_seqlens, p, d));
+}
+
+void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
+                            const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
+                            const Tensor *cu_seqlens, const MsaParams *p, float coeff_mul, const float *coeff_grad) {
+    if (!dqi && !dki) return;
+    const Dims d = check_args("msa_attention_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
+        fatal("cuda msa_attention_kl_backward: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", d.Hkv, d.N);
+    if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype || dqi->device != DEV_CUDA)) ||
+        (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype || dki->device != DEV_CUDA)))
+        fatal("cuda msa_attention_kl_backward: dqi and dki must have qi's and ki's shapes and dtype, on the device");
+    if (d.N == 0) return;
+    DISPATCH_FLOAT(q->dtype, T, "msa_attention_kl_backward",
+                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                                  coeff_mul * p->index_scale, coeff_grad, d));
+}
+
+void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi, const Tensor *ki,
+                  const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p) {
+    const Dims d = check_args("msa_attention_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+    if (!kl || kl->numel != 1 || kl->dtype != DT_F32 || kl->device != DEV_CUDA)
+        fatal("cuda msa_attention_kl_backward: kl must be an f32 scalar tensor on the device");
+    if (d.N == 0) {
+        CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float)));
+        return;
+    }
+    DISPATCH_FLOAT(q->dtype, T, "msa_attention_kl_backward",
+                   kl_forward<T>(kl, nullptr, q, k, lse, qi, ki, topk, plan, cu_seqlens, p, d));
 }
 
 }  // namespace msacuda
