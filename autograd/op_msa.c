@@ -1,6 +1,7 @@
-/* MSA ops (DESIGN §4): the Main Branch's block-sparse attention and the Index Branch's KL alignment
- * loss. The Top-k selection itself (KernelBackend.msa_indexer) is not differentiable and records
- * nothing; both ops take its output, held fixed through their backward. */
+/* MSA ops (DESIGN §4): the Main Branch's block-sparse attention, the Index Branch's KL alignment loss,
+ * and the two in one node whose backward computes the KL (the sparse phase: no KL forward). The Top-k
+ * selection itself (KernelBackend.msa_indexer) is not differentiable and records nothing; the ops take
+ * its output, held fixed through their backward. */
 #include "../kernels/util.h"
 #include "ops.h"
 
@@ -129,4 +130,57 @@ void backward_msa_kl(Engine *e, Node *n) {
     BACKEND_REQUIRE(e->be, msa_kl_backward);
     e->be->msa_kl_backward(gqi, gki, kp->q, kp->k, kp->lse, qi, ki, kp->idx_lse, kp->topk, kp->plan, kp->cu_seqlens,
                            &kp->msa, (float)coeff);
+}
+
+typedef struct MsaAttentionKlParams {
+    MsaParams msa;
+    float weight;       /* the loss term is weight * mean KL */
+    Tensor *lse, *idx_lse, *topk, *plan, *cu_seqlens;
+    Tensor *kl;         /* where the backward writes the mean KL (NULL: nowhere) */
+} MsaAttentionKlParams;
+
+Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki, Tensor *topk, Tensor *plan,
+                            Tensor *idx_lse, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *kl,
+                            Tensor **lse_out, Tensor **loss_out) {
+    check_main("msa_attention_kl", q, k, v, topk, cu_seqlens, p);
+    if (!topk) fatal("msa_attention_kl: topk is required (the dense warm-up has op_msa_kl)");
+    const int64_t N = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1];
+    if (qi->ndim != 3 || qi->shape[1] != Hkv)
+        fatal("msa_attention_kl: qi must be [N, Hidx = Hkv = %lld, Di]", (long long)Hkv);
+    check_shape("msa_attention_kl", "qi", qi, SHAPE(N, Hkv, qi->shape[2]));
+    check_shape("msa_attention_kl", "ki", ki, SHAPE(N, qi->shape[2]));
+    check_shape("msa_attention_kl", "idx_lse", idx_lse, SHAPE(Hkv, N));
+    if (kl) check_shape("msa_attention_kl", "kl", kl, SHAPE(1));
+    engine_op_begin(e);
+    Tensor *out = engine_empty_like(e, q);
+    Tensor *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
+    Tensor *loss = engine_zeros(e, stat_dtype(q->dtype), SHAPE(1));
+    BACKEND_REQUIRE(e->be, msa_attention_forward);
+    BACKEND_REQUIRE(e->be, msa_attention_kl_backward);
+    e->be->msa_attention_forward(out, lse, q, k, v, topk, plan, cu_seqlens, p);
+    Tensor *in[5] = {q, k, v, qi, ki};
+    if (engine_wants_grad(e, in, 5)) {
+        Tensor *outs[2] = {out, loss};
+        Node *n = engine_record(e, OP_msa_attention_kl, in, 5, outs, 2);
+        *NODE_PARAMS(n, MsaAttentionKlParams) = (MsaAttentionKlParams){*p, weight, lse, idx_lse, topk, plan, cu_seqlens, kl};
+    } else if (kl && !e->checkpoint_forward) {
+        /* no backward comes (a replay whose inputs want no gradient): the value now */
+        e->be->msa_attention_kl_backward(NULL, NULL, NULL, NULL, NULL, kl, NULL, q, k, v, out, lse, qi, ki, idx_lse, topk,
+                                         plan, cu_seqlens, p, NULL, weight);
+    }
+    engine_op_end(e, OP_msa_attention_kl);
+    if (lse_out) *lse_out = lse;
+    *loss_out = loss;
+    return out;
+}
+
+void backward_msa_attention_kl(Engine *e, Node *n) {
+    Tensor *q = n->in[0], *k = n->in[1], *v = n->in[2], *qi = n->in[3], *ki = n->in[4];
+    Tensor *out = n->out[0], *dout = out->grad, *dloss = n->out[1]->grad;
+    const MsaAttentionKlParams *kp = NODE_PARAMS(n, MsaAttentionKlParams);
+    /* the attention's gradients need the output's, the KL's the loss term's; the value is computed anyway */
+    Tensor *gq = dout ? engine_grad(e, q) : NULL, *gk = dout ? engine_grad(e, k) : NULL, *gv = dout ? engine_grad(e, v) : NULL;
+    Tensor *gqi = dloss ? engine_grad(e, qi) : NULL, *gki = dloss ? engine_grad(e, ki) : NULL;
+    e->be->msa_attention_kl_backward(gq, gk, gv, gqi, gki, kp->kl, dout, q, k, v, out, kp->lse, qi, ki, kp->idx_lse, kp->topk,
+                                     kp->plan, kp->cu_seqlens, &kp->msa, dloss, kp->weight);
 }

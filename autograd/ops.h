@@ -71,6 +71,16 @@ typedef struct MsaKlForward {
 Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tensor *ki, Tensor *topk,
                   Tensor *plan, Tensor *cu_seqlens, const MsaParams *p, float weight, MsaKlForward *fwd);
 
+/* The sparse phase's MSA attention and KL in one node (KernelBackend.msa_attention_kl_backward): out (and
+ * lse) as op_msa_attention over topk, and *loss_out, the loss term weight * mean KL whose gradient goes to
+ * qi and ki only, as op_msa_kl's, but whose value the backward computes: the forward leaves it 0 (it still
+ * takes the gradient the backward reads, on the device) and the backward writes the mean KL into kl
+ * (a scalar of lse's dtype; NULL: nowhere). idx_lse [Hkv, N] is the indexer's. Without a recording the
+ * value is computed at once, unless a checkpointed segment's replay will record it (checkpoint_forward). */
+Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki, Tensor *topk, Tensor *plan,
+                            Tensor *idx_lse, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *kl,
+                            Tensor **lse_out, Tensor **loss_out);
+
 /* ---- MoE feed-forward (layers/moe.c). N tokens, E experts, k experts per token. ---- */
 
 /* The routing of one MoE layer's tokens, built once per forward and shared by its ops:

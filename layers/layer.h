@@ -13,6 +13,8 @@
  *   declare       its parameters, "layers.<l>.<...>" in the checkpoint (and declare_late: those that
  *                 must come after every block's and the head's, the MoE routed experts);
  *   forward       output, its weighted auxiliary loss (NULL: none) and its statistics (Metrics);
+ *   collect       what its forwards and their backwards left on the device: statistics and the part of the
+ *                 auxiliary loss only a backward computes (MSA's sparse phase: the KL), read once per step;
  *   step_end      what it does once per optimizer step or evaluation with what its forwards gathered
  *                 (the MoE selection-bias update) and the statistics it reports then;
  *   its own names for the profiler (engine_op_end_named) for work that is no tape op.
@@ -44,6 +46,15 @@ void metrics_add(Metrics *m, const char *name, double value);
 /* The mean / the largest of the values added under name; 0 when there were none. */
 double metrics_mean(const Metrics *m, const char *name);
 double metrics_max(const Metrics *m, const char *name);
+
+/* One forward's statistics and late loss term, as a variant's collect hands them out. */
+#define LAYER_FORWARD_STATS 2
+typedef struct LayerForward {
+    int n;                                    /* statistics */
+    const char *name[LAYER_FORWARD_STATS];    /* string literals */
+    double value[LAYER_FORWARD_STATS];
+    double late_aux; /* the part of the forward's weighted auxiliary loss that its backward computed (0: none) */
+} LayerForward;
 
 /* ---- the interface ---------------------------------------------------------------------------- */
 
@@ -82,6 +93,11 @@ typedef struct LayerKind {
     /* After each optimizer step (update = true) or evaluation (false): apply what the forwards since the
      * last call gathered, report it into m (NULL: do not report), and start gathering anew. NULL: none. */
     void (*step_end)(void *self, bool update, Metrics *m);
+    /* What the forwards since the last call (not replays), and their backwards, left on the device, read
+     * in one copy: *out gets one record per forward, in order, valid until the next call; returns their
+     * number. The model interleaves every layer's records forward by forward (model_collect), so that the
+     * statistics add up in the order the forwards made them. NULL: nothing left on the device. */
+    int (*collect)(void *self, const LayerForward **out);
     void (*free)(void *self); /* NULL: nothing to free beyond the state */
     /* an attention whose blocks a learned index branch selects, trained by a KL term, with a dense
      * warm-up (ctx->dense): the trainer's MSA recipe (msa.dense_warmup_steps, optim.warmup_trainable,

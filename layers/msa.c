@@ -4,6 +4,8 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "../autograd/ops.h"
 #include "../kernels/cuda/limits.h"
@@ -51,11 +53,13 @@ static void *kept(const MsaReplay *rp, int part) {
     return (char *)rp->buf + off;
 }
 
-static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, const Tensor *idx_lse, bool dense) {
+/* loss: the KL forward's (NULL when the backward computes the KL: nothing to keep) */
+static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, const Tensor *idx_lse, const Tensor *loss,
+                 bool dense) {
     rp->topk_bytes = a->topk ? (int64_t)tensor_bytes(a->topk) : 0;
     rp->plan_bytes = a->plan ? (int64_t)tensor_bytes(a->plan) : 0;
     rp->lse_bytes = (int64_t)tensor_bytes(idx_lse);
-    rp->loss_bytes = (int64_t)tensor_bytes(a->loss);
+    rp->loss_bytes = loss ? (int64_t)tensor_bytes(loss) : 0;
     size_t need = align64((size_t)rp->topk_bytes) + align64((size_t)rp->plan_bytes) + align64((size_t)rp->lse_bytes) +
                   align64((size_t)rp->loss_bytes);
     if (need > rp->cap || be != rp->be) {
@@ -67,7 +71,7 @@ static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, 
     if (a->topk) be->copy(kept(rp, KEPT_TOPK), a->topk->data, (size_t)rp->topk_bytes);
     if (a->plan) be->copy(kept(rp, KEPT_PLAN), a->plan->data, (size_t)rp->plan_bytes);
     be->copy(kept(rp, KEPT_IDX_LSE), idx_lse->data, (size_t)rp->lse_bytes);
-    be->copy(kept(rp, KEPT_LOSS), a->loss->data, (size_t)rp->loss_bytes);
+    if (loss) be->copy(kept(rp, KEPT_LOSS), loss->data, (size_t)rp->loss_bytes);
     rp->n = idx_lse->shape[1];
     rp->hkv = idx_lse->shape[0];
     rp->dense = dense;
@@ -81,16 +85,20 @@ void msa_replay_free(MsaReplay *rp) {
 
 /* ---- the chain -------------------------------------------------------------------------------- */
 
-/* The Top-k selection (from a replay's store when it is given): no tape op, timed under its own name */
+/* The Top-k selection and, when idx_lse is non-NULL, the student's normaliser over it into *idx_lse (from a
+ * replay's store when it is given): no tape op, timed under its own name */
 static Tensor *select_blocks(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens,
-                             const MsaReplay *from) {
+                             const MsaReplay *from, Tensor **idx_lse) {
     const int64_t N = qi->shape[0], Hkv = qi->shape[1];
     engine_op_begin(e);
     Tensor *topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, p->topk_blocks));
-    if (from) e->be->copy(topk->data, kept(from, KEPT_TOPK), tensor_bytes(topk));
-    else {
+    if (idx_lse) *idx_lse = engine_empty(e, stat_dtype(qi->dtype), SHAPE(Hkv, N));
+    if (from) {
+        e->be->copy(topk->data, kept(from, KEPT_TOPK), tensor_bytes(topk));
+        if (idx_lse) e->be->copy((*idx_lse)->data, kept(from, KEPT_IDX_LSE), tensor_bytes(*idx_lse));
+    } else {
         BACKEND_REQUIRE(e->be, msa_indexer);
-        e->be->msa_indexer(topk, qi, ki, cu_seqlens, p);
+        e->be->msa_indexer(topk, idx_lse ? *idx_lse : NULL, qi, ki, cu_seqlens, p);
     }
     engine_op_end_named(e, "msa_indexer");
     return topk;
@@ -112,20 +120,33 @@ static Tensor *plan_of(Engine *e, const MsaParams *p, Tensor *topk, Tensor *cu_s
 }
 
 Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens) {
-    return select_blocks(e, p, qi, ki, cu_seqlens, NULL);
+    return select_blocks(e, p, qi, ki, cu_seqlens, NULL, NULL);
 }
 
 MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki,
-                        Tensor *cu_seqlens, bool dense, MsaReplay *rp) {
+                        Tensor *cu_seqlens, bool dense, Tensor *kl, MsaReplay *rp) {
     const int64_t N = qi->shape[0], Hkv = qi->shape[1];
     const MsaParams *p = &s->params;
     const MsaReplay *from =
         rp && e->recomputing && rp->valid && rp->n == N && rp->hkv == Hkv && rp->dense == dense ? rp : NULL;
     MsaAttention a = {0};
+    /* the sparse phase with a backward to come computes the KL there: a checkpointed segment's first
+     * forward (its replay records), or a recording forward */
+    Tensor *in[5] = {q, k, v, qi, ki};
+    a.deferred = !dense && (e->grad_enabled ? engine_wants_grad(e, in, 5) || e->recomputing : e->checkpoint_forward);
     if (dense) {
         a.out = op_attention(e, q, k, v, cu_seqlens, p->scale, &a.lse);
+    } else if (a.deferred) {
+        Tensor *idx_lse;
+        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, &idx_lse);
+        a.plan = plan_of(e, p, a.topk, cu_seqlens, from);
+        a.out = op_msa_attention_kl(e, q, k, v, qi, ki, a.topk, a.plan, idx_lse, cu_seqlens, p, s->kl_weight, kl, &a.lse,
+                                    &a.loss);
+        if (from) rp->valid = false; /* one replay per kept forward */
+        if (rp && e->checkpoint_forward) keep(e->be, rp, &a, idx_lse, NULL, dense);
+        return a;
     } else {
-        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from);
+        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, NULL);
         a.plan = plan_of(e, p, a.topk, cu_seqlens, from);
         a.out = op_msa_attention(e, q, k, v, a.topk, a.plan, cu_seqlens, p, &a.lse);
     }
@@ -140,8 +161,8 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         rp->valid = false; /* one replay per kept forward */
     }
     a.loss = op_msa_kl(e, q, k, a.lse, qi, ki, a.topk, a.plan, cu_seqlens, p, s->kl_weight, &kf);
-    a.kl = kf.kl;
-    if (rp && e->checkpoint_forward) keep(e->be, rp, &a, kf.idx_lse, dense);
+    if (kl && kf.kl) e->be->copy(kl->data, kf.kl->data, tensor_bytes(kl));
+    if (rp && e->checkpoint_forward) keep(e->be, rp, &a, kf.idx_lse, a.loss, dense);
     return a;
 }
 
@@ -159,6 +180,83 @@ static Tensor *param(const LayerSetup *s, const char *what, int ndim, const int6
     char name[128];
     snprintf(name, sizeof name, "layers.%d.index.%s", s->layer, what);
     return params_add(s->params, name, ndim, shape, init, std, decay);
+}
+
+/* ---- the KL log (msa.h MsaKlLog) --------------------------------------------------------------- */
+
+/* The scalar where forward i's KL goes, as a tensor header in the engine's host arena over the log's
+ * device memory. */
+static Tensor *kl_slot(const MsaKlLog *log, Engine *e, int i) {
+    Tensor *t = arena_alloc(&e->host, sizeof *t);
+    memset(t, 0, sizeof *t);
+    t->dtype = log->dtype;
+    t->device = e->device;
+    t->ndim = 1;
+    t->shape[0] = t->numel = 1;
+    t->data = (char *)log->buf + (size_t)i * dtype_size(log->dtype);
+    return t;
+}
+
+static void kl_log_free(MsaKlLog *log) {
+    if (log->buf) log->be->free(log->buf);
+    free(log->deferred);
+    free(log->recall);
+    free(log->out);
+    memset(log, 0, sizeof *log);
+}
+
+/* A new forward's slot, zeroed (a value its backward will write stays 0 until then). */
+static Tensor *kl_log_add(MsaKlLog *log, Engine *e, DType dt) {
+    if (log->be != e->be || log->dtype != dt) {
+        kl_log_free(log);
+        log->be = e->be;
+        log->dtype = dt;
+    }
+    if (log->n == log->cap) {
+        const int cap = log->cap ? 2 * log->cap : 16;
+        void *buf = e->be->alloc((size_t)cap * dtype_size(dt));
+        if (log->buf) {
+            e->be->copy(buf, log->buf, (size_t)log->n * dtype_size(dt));
+            e->be->free(log->buf);
+        }
+        log->buf = buf;
+        log->deferred = xrealloc(log->deferred, (size_t)cap * sizeof *log->deferred);
+        log->recall = xrealloc(log->recall, (size_t)cap * sizeof *log->recall);
+        log->out = xrealloc(log->out, (size_t)cap * sizeof *log->out);
+        log->cap = cap;
+    }
+    const int i = log->n++;
+    log->deferred[i] = false;
+    log->recall[i] = NAN;
+    Tensor *t = kl_slot(log, e, i);
+    e->be->zero(t->data, dtype_size(dt));
+    return t;
+}
+
+static int msa_collect(void *self, const LayerForward **out) {
+    MsaLayer *L = self;
+    MsaKlLog *log = &L->kl_log;
+    const int n = log->n;
+    log->n = 0;
+    *out = log->out;
+    if (n == 0) return 0;
+    const size_t es = dtype_size(log->dtype);
+    void *host = xmalloc((size_t)n * es);
+    log->be->copy_to_host(host, log->buf, (size_t)n * es);
+    const float w = L->settings.kl_weight;
+    for (int i = 0; i < n; i++) {
+        const bool f64 = log->dtype == DT_F64;
+        const double kl = f64 ? ((const double *)host)[i] : (double)((const float *)host)[i];
+        LayerForward *r = &log->out[i];
+        r->n = 0;
+        r->name[r->n] = "kl", r->value[r->n++] = kl;
+        if (!isnan(log->recall[i])) r->name[r->n] = "recall", r->value[r->n++] = log->recall[i];
+        /* weight * KL as the KL op forms its loss: in the statistics dtype, no product for weight 1 */
+        const double wkl = w == 1.0f ? kl : f64 ? (double)w * kl : (double)((float)kl * w);
+        r->late_aux = log->deferred[i] ? wkl : 0.0;
+    }
+    free(host);
+    return n;
 }
 
 static void msa_declare(void *self, const LayerSetup *s) {
@@ -203,12 +301,16 @@ static Tensor *msa_forward(void *self, Engine *e, Tensor *h, const LayerContext 
     Tensor *q, *k, *v, *qi, *ki;
     attention_project(&L->frame, e, h, ctx, &q, &k, &v);
     index_project(L, e, h, ctx, &qi, &ki);
-    MsaAttention a = msa_attend(e, &L->settings, q, k, v, qi, ki, ctx->cu_seqlens, ctx->dense, &L->replay);
+    /* a forward's KL goes to a new slot of the log, its replay's (a checkpointed segment's backward, before
+     * the next forward) to the same one */
+    MsaKlLog *log = &L->kl_log;
+    Tensor *kl = !e->recomputing ? kl_log_add(log, e, stat_dtype(qi->dtype)) : log->n > 0 ? kl_slot(log, e, log->n - 1) : NULL;
+    MsaAttention a = msa_attend(e, &L->settings, q, k, v, qi, ki, ctx->cu_seqlens, ctx->dense, kl, &L->replay);
     *aux = a.loss;
-    if (ctx->metrics && !e->recomputing) {
-        metrics_add(ctx->metrics, "kl", tensor_item(e, a.kl));
-        if (ctx->collect) /* the dense warm-up: the recall the sparse selection would have */
-            metrics_add(ctx->metrics, "recall", msa_recall(e, &L->settings, q, k, a.topk, qi, ki, ctx->cu_seqlens));
+    if (!e->recomputing) {
+        log->deferred[log->n - 1] = a.deferred;
+        if (ctx->metrics && ctx->collect) /* the dense warm-up: the recall the sparse selection would have */
+            log->recall[log->n - 1] = msa_recall(e, &L->settings, q, k, a.topk, qi, ki, ctx->cu_seqlens);
     }
     return attention_output(&L->frame, e, a.out, ctx);
 }
@@ -240,13 +342,17 @@ static bool msa_requires(Device backend, const RunConfig *c, char *why, size_t n
     return false;
 }
 
-static void msa_free(void *self) { msa_replay_free(&((MsaLayer *)self)->replay); }
+static void msa_free(void *self) {
+    msa_replay_free(&((MsaLayer *)self)->replay);
+    kl_log_free(&((MsaLayer *)self)->kl_log);
+}
 
 const LayerKind attention_msa = {
     .size = sizeof(MsaLayer),
     .requires = msa_requires,
     .declare = msa_declare,
     .forward = msa_forward,
+    .collect = msa_collect,
     .free = msa_free,
     .learned_selection = true,
 };

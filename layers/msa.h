@@ -26,13 +26,15 @@ MsaSettings msa_settings(const RunConfig *c);
 bool msa_check(const MsaParams *p, const char *key_prefix, char *why, size_t n);
 
 /* What a checkpointed forward keeps for its replay in the backward (train.recompute): the selection, its
- * plan and the KL forward's results. They are functions of inputs the replay recomputes bit for bit (a
- * checkpointed segment is deterministic), so the replay copies them instead of running the indexer, the
- * plan and the KL forward a second time. Device memory of the engine's backend, grown on demand; valid
- * from a checkpointed forward until its replay. */
+ * plan and the student's normaliser (the indexer's, or with the KL forward's loss in the dense warm-up).
+ * They are functions of inputs the replay recomputes bit for bit (a checkpointed segment is deterministic),
+ * so the replay copies them instead of running the indexer, the plan and the KL forward a second time.
+ * Device memory of the engine's backend, grown on demand; valid from a checkpointed forward until its
+ * replay. */
 typedef struct MsaReplay {
     const KernelBackend *be; /* where buf lives */
-    void *buf;               /* topk | plan | idx_lse | loss, each 64-byte aligned */
+    void *buf;               /* topk | plan | idx_lse | loss (none when the backward computes the KL), each
+                                64-byte aligned */
     size_t cap;
     bool valid, dense;       /* dense: kept in the dense warm-up (no topk, no plan) */
     int64_t n, hkv, topk_bytes, plan_bytes, lse_bytes, loss_bytes;
@@ -42,26 +44,43 @@ void msa_replay_free(MsaReplay *rp);
 
 /* The result of msa_attend. */
 typedef struct MsaAttention {
-    Tensor *out;  /* [N, Hq, D] */
-    Tensor *lse;  /* [Hq, N] */
-    Tensor *topk; /* [Hkv, N, topk_blocks]: the selection; NULL when dense */
-    Tensor *plan; /* its reverse map (backend.h msa_plan); NULL when dense */
-    Tensor *loss; /* kl_weight * mean KL, recorded (gradient to qi and ki only) */
-    Tensor *kl;   /* the unweighted mean KL; NULL in a replay that reused its forward's */
+    Tensor *out;   /* [N, Hq, D] */
+    Tensor *lse;   /* [Hq, N] */
+    Tensor *topk;  /* [Hkv, N, topk_blocks]: the selection; NULL when dense */
+    Tensor *plan;  /* its reverse map (backend.h msa_plan); NULL when dense */
+    Tensor *loss;  /* kl_weight * mean KL, recorded (gradient to qi and ki only); when deferred, 0 until the
+                      backward, which computes the KL (the loss still takes the gradient) */
+    bool deferred; /* the sparse phase with a backward to come: no KL forward ran, the backward computes it */
 } MsaAttention;
 
 /* The MSA attention of q [N, Hq, D], k, v [N, Hkv, D] with the index projections qi [N, Hkv, Di] and ki
  * [N, Di]: the indexer's Top-k selection and its plan (dense: every visible block, the dense warm-up),
- * the sparse attention and the KL loss. replay (NULL: none) is the layer's store for train.recompute:
- * a checkpointed forward fills it, its replay consumes it. */
+ * the sparse attention and the KL loss. kl (a scalar of lse's dtype on the engine's device; NULL: not
+ * kept) gets the unweighted mean KL: at once when the forward computes it (the dense warm-up, the sparse
+ * phase without a backward), else from the backward (deferred: one node for attention and KL, the KL
+ * computed there with the indexer's idx_lse, msa_spec.md c.4). replay (NULL: none) is the layer's store
+ * for train.recompute: a checkpointed forward fills it, its replay consumes it. */
 MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki,
-                        Tensor *cu_seqlens, bool dense, MsaReplay *replay);
+                        Tensor *cu_seqlens, bool dense, Tensor *kl, MsaReplay *replay);
 /* The indexer's selection alone: i32 [Hkv, N, topk_blocks]. */
 Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens);
 /* The recall of a selection (NULL: the one the indexer makes of qi, ki): the share of the dense teacher's
  * attention mass inside the selected blocks, every s->recall_stride-th query. */
 double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *topk, Tensor *qi, Tensor *ki,
                   Tensor *cu_seqlens);
+
+/* The layer's KL values, one per forward (not replay) since the last collect: device memory of the
+ * engine's backend in the statistics dtype, each written by its forward or, deferred, by its backward, and
+ * read in one copy by the layer's collect (LayerKind.collect) instead of once per forward. */
+typedef struct MsaKlLog {
+    const KernelBackend *be;
+    void *buf;
+    DType dtype;
+    int n, cap;
+    bool *deferred;    /* [cap] forward i's loss term is computed by its backward */
+    double *recall;    /* [cap] forward i's recall (an evaluation's), NaN: none */
+    LayerForward *out; /* [cap] collect's records */
+} MsaKlLog;
 
 /* The layer's state (LayerKind attention_msa): the frame first, as in every attention variant. */
 typedef struct MsaLayer {
@@ -70,6 +89,7 @@ typedef struct MsaLayer {
     int index_rotary_dim;
     MsaSettings settings;
     MsaReplay replay;
+    MsaKlLog kl_log;
 } MsaLayer;
 
 #endif

@@ -173,11 +173,12 @@ TEST(msa_kl_gives_backbone_exactly_zero_gradient) {
 /* Calls of the MSA forward kernels that recomputation must not repeat (the replay reuses the
  * checkpointed forward's results: MsaReplay in layers/msa.h), counted through a wrapped CPU backend. */
 static struct {
-    int indexer, plan, kl_forward;
+    int indexer, plan, kl_forward, fused_backward;
 } msa_calls;
-static void count_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu, const MsaParams *p) {
+static void count_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *cu,
+                          const MsaParams *p) {
     msa_calls.indexer++;
-    cpu_backend.msa_indexer(topk, qi, ki, cu, p);
+    cpu_backend.msa_indexer(topk, idx_lse, qi, ki, cu, p);
 }
 static void count_plan(Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p) {
     msa_calls.plan++;
@@ -190,14 +191,26 @@ static void count_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const
     cpu_backend.msa_kl_forward(kl, idx_lse, q, k, lse, qi, ki, topk, plan, cu, p);
 }
 
+static void count_fused_backward(Tensor *dq, Tensor *dk, Tensor *dv, Tensor *dqi, Tensor *dki, Tensor *kl, const Tensor *dout,
+                                 const Tensor *q, const Tensor *k, const Tensor *v, const Tensor *out, const Tensor *lse,
+                                 const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
+                                 const Tensor *plan, const Tensor *cu, const MsaParams *p, const Tensor *kl_grad, float w) {
+    msa_calls.fused_backward++;
+    cpu_backend.msa_attention_kl_backward(dq, dk, dv, dqi, dki, kl, dout, q, k, v, out, lse, qi, ki, idx_lse, topk, plan, cu,
+                                          p, kl_grad, w);
+}
+
 /* With train.recompute an MSA layer's replay copies the selection, plan and KL results its forward kept:
- * the indexer, plan and KL forward run once per step as without recomputation, and the loss and every
- * gradient are bit-identical to the run without it; in the dense warm-up and in the sparse phase. */
+ * the indexer, plan and KL forward run once per step as without recomputation (the sparse phase has no
+ * KL forward at all: its one backward, attention and KL together, computes the KL), and the loss (the
+ * forward's plus the terms the backward computed) and every gradient are bit-identical to the run
+ * without it; in the dense warm-up and in the sparse phase. */
 TEST(msa_recompute_reuses_the_forward_and_changes_nothing) {
     KernelBackend counting = cpu_backend;
     counting.msa_indexer = count_indexer;
     counting.msa_plan = count_plan;
     counting.msa_kl_forward = count_kl_forward;
+    counting.msa_attention_kl_backward = count_fused_backward;
     Engine e;
     engine_init(&e, &counting, DT_F64, 1 << 20);
     for (int dense = 0; dense < 2; dense++) {
@@ -208,26 +221,31 @@ TEST(msa_recompute_reuses_the_forward_and_changes_nothing) {
         m.msa_dense = dense;
         const int64_t n = m.params.numel;
         double loss[2], *g[2];
-        int calls[2][3];
+        int calls[2][4];
         for (int recompute = 0; recompute < 2; recompute++) {
             memset(&msa_calls, 0, sizeof msa_calls);
             params_zero_grad(&m.params);
             engine_reset(&e);
             ModelInput in = make_input(&e);
             Tensor *total = model_forward(&m, &e, &in, recompute).total;
-            loss[recompute] = tensor_item(&e, total);
             engine_backward(&e, total);
+            loss[recompute] = tensor_item(&e, total) + model_collect(&m, &e, NULL);
             g[recompute] = malloc((size_t)n * sizeof(double));
             memcpy(g[recompute], m.params.grad, (size_t)n * sizeof(double));
             calls[recompute][0] = msa_calls.indexer;
             calls[recompute][1] = msa_calls.plan;
             calls[recompute][2] = msa_calls.kl_forward;
+            calls[recompute][3] = msa_calls.fused_backward;
         }
         const char *phase = dense ? "dense warm-up" : "sparse";
         EXPECT(loss[0] == loss[1], "%s: recompute changed the loss (%.17g vs %.17g)", phase, loss[0], loss[1]);
         EXPECT(memcmp(g[0], g[1], (size_t)n * sizeof(double)) == 0, "%s: recompute changed a gradient", phase);
-        EXPECT(calls[1][2] == 2 && calls[0][2] == 2, "%s: KL forward ran %d times with recompute, %d without (2 MSA layers)",
-               phase, calls[1][2], calls[0][2]);
+        const int kl_fwd = dense ? 2 : 0, fused = dense ? 0 : 2; /* 2 MSA layers */
+        EXPECT(calls[1][2] == kl_fwd && calls[0][2] == kl_fwd,
+               "%s: KL forward ran %d times with recompute, %d without (expected %d)", phase, calls[1][2], calls[0][2], kl_fwd);
+        EXPECT(calls[1][3] == fused && calls[0][3] == fused,
+               "%s: the attention-KL backward ran %d times with recompute, %d without (expected %d)", phase, calls[1][3],
+               calls[0][3], fused);
         EXPECT(calls[1][0] == calls[0][0] && calls[1][1] == calls[0][1] && calls[0][0] == (dense ? 0 : 2) &&
                    calls[0][1] == (dense ? 0 : 2),
                "%s: indexer/plan ran %d/%d times with recompute, %d/%d without", phase, calls[1][0], calls[1][1],
@@ -242,7 +260,8 @@ TEST(msa_recompute_reuses_the_forward_and_changes_nothing) {
 
 /* Without gradients (evaluation, sampling) a forward holds one block's activations at a time: each extra
  * layer adds only its output (and the auxiliary loss scalar) to the arena's high-water mark, not its
- * activations; and the loss is the one the recording forward computes. */
+ * activations; and the loss is the one the recording forward and its backward compute (the sparse
+ * phase's KL terms, model_collect, added after the backward) to the last bit. */
 TEST(no_grad_forward_memory_does_not_grow_with_depth) {
     Engine *e = tc->fixture;
     const int depth[2] = {2, 8};
@@ -254,7 +273,9 @@ TEST(no_grad_forward_memory_does_not_grow_with_depth) {
         model_build(&m, &c, &cpu_backend, DT_F64, 11);
         engine_reset(e);
         ModelInput in = make_input(e);
-        double with_grad = tensor_item(e, model_forward(&m, e, &in, false).total);
+        Tensor *total = model_forward(&m, e, &in, false).total;
+        engine_backward(e, total);
+        double with_grad = tensor_item(e, total) + model_collect(&m, e, NULL);
         engine_reset(e);
         e->data.high_water = 0;
         bool prev = engine_set_grad(e, false);

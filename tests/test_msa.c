@@ -46,7 +46,7 @@ static MsaParams params(int B, int K, int init, int local, double scale, double 
 /* the kernel's topk for (qi, ki) as a persistent tensor */
 static Tensor *run_indexer(const Tensor *qi, const Tensor *ki, const Tensor *cu, const MsaParams *p) {
     Tensor *tk = test_tensor(DT_I32, SHAPE(qi->shape[1], qi->shape[0], p->topk_blocks));
-    cpu_backend.msa_indexer(tk, qi, ki, cu, p);
+    cpu_backend.msa_indexer(tk, NULL, qi, ki, cu, p);
     return tk;
 }
 
@@ -683,7 +683,7 @@ TEST(msa_kl_gives_no_gradient_to_teacher) {
         for (int i = 0; i < 5; i++) zero_grad(all[i]);
         engine_reset(eng);
         const MsaSettings s = {.params = p, .kl_weight = 2.5f};
-        MsaAttention a = msa_attend(eng, &s, q, k, v, qi, ki, cu, false, NULL);
+        MsaAttention a = msa_attend(eng, &s, q, k, v, qi, ki, cu, false, NULL, NULL);
         Tensor *out = a.out, *kl = a.loss;
         if (mode != 2) eng->be->axpy(engine_grad(eng, out), R, 1.0f);
         if (mode != 0) {
@@ -898,6 +898,159 @@ TEST(msa_hand_example) {
     EXPECT(fabs(rec - (1 + 1 + 0.695 + 0.5) / 4) < 1e-12, "recall %.15g, expected %.15g", rec, (1 + 1 + 0.695 + 0.5) / 4);
 }
 
+/* ---- the sparse phase: idx_lse from the indexer, the KL in the attention backward ---- */
+
+/* The indexer's idx_lse is the KL forward's student normaliser, bit for bit (f64 and f32), and the
+ * brute-force reference's. */
+TEST(indexer_idx_lse_is_the_kl_forwards) {
+    for (int ci = 0; ci < N_CASES; ci++)
+        for (int prec = 0; prec < 2; prec++) {
+            const MsaCase *c = &cases[ci];
+            const int N = case_tokens(c);
+            const DType dt = prec ? DT_F64 : DT_F32;
+            MsaParams p = case_params(c);
+            Tensor *q = test_randn(dt, SHAPE(N, c->Hq, c->D), 1.5, 1200 + ci), *k = test_randn(dt, SHAPE(N, c->Hkv, c->D), 1.0, 1210 + ci);
+            Tensor *v = test_randn(dt, SHAPE(N, c->Hkv, c->D), 1.0, 1220 + ci);
+            Tensor *qi = test_randn(dt, SHAPE(N, c->Hkv, c->Di), 1.5, 1230 + ci), *ki = test_randn(dt, SHAPE(N, c->Di), 1.0, 1240 + ci);
+            Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
+            Tensor *tk = test_tensor(DT_I32, SHAPE(c->Hkv, N, c->K)), *il = test_tensor(dt, SHAPE(c->Hkv, N));
+            cpu_backend.msa_indexer(tk, il, qi, ki, cu, &p);
+            Tensor *tk0 = run_indexer(qi, ki, cu, &p);
+            Tensor *lse = teacher_lse(q, k, v, tk, cu, &p);
+            Tensor *kl = test_tensor(dt, SHAPE(1)), *il_kl = test_tensor(dt, SHAPE(c->Hkv, N));
+            cpu_backend.msa_kl_forward(kl, il_kl, q, k, lse, qi, ki, tk, NULL, cu, &p);
+            Tensor *q64 = test_copy_as(q, DT_F64), *k64 = test_copy_as(k, DT_F64), *qi64 = test_copy_as(qi, DT_F64),
+                   *ki64 = test_copy_as(ki, DT_F64);
+            double *ref_il = xmalloc(sizeof(double) * (size_t)(c->Hkv * N));
+            ref_kl(q64, k64, qi64, ki64, tk, cu, &p, ref_il);
+            Tensor *il64 = test_copy_as(il, DT_F64);
+            const double e = rel_err(il64->data, ref_il, il64->numel);
+            const bool same_sel = memcmp(tk->data, tk0->data, tensor_bytes(tk)) == 0;
+            const bool same = memcmp(il->data, il_kl->data, tensor_bytes(il)) == 0;
+            free(ref_il);
+            Tensor *all[] = {q, k, v, qi, ki, cu, tk, il, tk0, lse, kl, il_kl, q64, k64, qi64, ki64, il64};
+            for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) test_tensor_free(all[i]);
+            EXPECT(same_sel, "case %d %s: asking for idx_lse changed the selection", ci, dtype_name(dt));
+            EXPECT(same, "case %d %s: the indexer's idx_lse differs from the KL forward's", ci, dtype_name(dt));
+            EXPECT(e < (prec ? 1e-12 : 1e-6), "case %d %s: idx_lse differs from the reference by %.3e", ci, dtype_name(dt), e);
+        }
+}
+
+/* The CPU's msa_attention_kl_backward is the separate kernels, bit for bit: the attention backward, the KL
+ * backward with the coefficient the KL op used (kl_weight * upstream gradient / (N * Hidx)) and the KL
+ * forward's value; every subset of gradients, an upstream gradient or none, f32 and f64. */
+TEST(fused_backward_equals_the_separate_kernels) {
+    const int picks[2] = {1, 3};
+    for (int pi = 0; pi < 2; pi++)
+        for (int prec = 0; prec < 2; prec++)
+            for (int variant = 0; variant < 3; variant++) {
+                const MsaCase *c = &cases[picks[pi]];
+                const int N = case_tokens(c);
+                const DType dt = prec ? DT_F64 : DT_F32;
+                MsaParams p = case_params(c);
+                const uint64_t sd = 1300 + 10 * (uint64_t)pi;
+                Tensor *q = test_randn(dt, SHAPE(N, c->Hq, c->D), 1.5, sd), *k = test_randn(dt, SHAPE(N, c->Hkv, c->D), 1.0, sd + 1);
+                Tensor *v = test_randn(dt, SHAPE(N, c->Hkv, c->D), 1.0, sd + 2), *dout = test_randn(dt, SHAPE(N, c->Hq, c->D), 1.0, sd + 3);
+                Tensor *qi = test_randn(dt, SHAPE(N, c->Hkv, c->Di), 1.5, sd + 4), *ki = test_randn(dt, SHAPE(N, c->Di), 1.0, sd + 5);
+                Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
+                Tensor *tk = test_tensor(DT_I32, SHAPE(c->Hkv, N, c->K)), *il = test_tensor(dt, SHAPE(c->Hkv, N));
+                cpu_backend.msa_indexer(tk, il, qi, ki, cu, &p);
+                Tensor *out = test_tensor(dt, SHAPE(N, c->Hq, c->D)), *lse = test_tensor(dt, SHAPE(c->Hq, N));
+                cpu_backend.msa_attention_forward(out, lse, q, k, v, tk, NULL, cu, &p);
+                Tensor *kg = test_tensor(dt, SHAPE(1));
+                tensor_set(kg, 0, 0.37);
+                const bool with_grad = variant != 1;
+                const float w = 2.5f;
+                /* variant 0: everything; 1: no upstream gradient; 2: the KL's alone (a frozen backbone) */
+                const bool main = variant != 2;
+                Tensor *r[2][6]; /* dq dk dv dqi dki kl: [0] fused, [1] separate */
+                for (int f = 0; f < 2; f++) {
+                    r[f][0] = main ? test_tensor(dt, SHAPE(N, c->Hq, c->D)) : NULL;
+                    r[f][1] = main ? test_tensor(dt, SHAPE(N, c->Hkv, c->D)) : NULL;
+                    r[f][2] = main ? test_tensor(dt, SHAPE(N, c->Hkv, c->D)) : NULL;
+                    r[f][3] = test_tensor(dt, SHAPE(N, c->Hkv, c->Di));
+                    r[f][4] = test_tensor(dt, SHAPE(N, c->Di));
+                    r[f][5] = test_tensor(dt, SHAPE(1));
+                }
+                cpu_backend.msa_attention_kl_backward(r[0][0], r[0][1], r[0][2], r[0][3], r[0][4], r[0][5], main ? dout : NULL, q,
+                                                      k, v, out, lse, qi, ki, il, tk, NULL, cu, &p, with_grad ? kg : NULL, w);
+                if (main) cpu_backend.msa_attention_backward(r[1][0], r[1][1], r[1][2], dout, q, k, v, out, lse, tk, NULL, cu, &p);
+                const double gval = with_grad ? tensor_get(kg, 0) : 1.0;
+                const float coeff_op = (float)((double)w * gval / (double)(N * c->Hkv));
+                cpu_backend.msa_kl_backward(r[1][3], r[1][4], q, k, lse, qi, ki, il, tk, NULL, cu, &p, coeff_op);
+                Tensor *il2 = test_tensor(dt, SHAPE(c->Hkv, N));
+                cpu_backend.msa_kl_forward(r[1][5], il2, q, k, lse, qi, ki, tk, NULL, cu, &p);
+                bool same = true;
+                int first = -1;
+                for (int i = 0; i < 6; i++)
+                    if (r[0][i] && memcmp(r[0][i]->data, r[1][i]->data, tensor_bytes(r[0][i])) != 0) {
+                        same = false;
+                        if (first < 0) first = i;
+                    }
+                const bool moved = test_norm(r[0][3]) > 0 && test_norm(r[0][4]) > 0 && tensor_get(r[0][5], 0) > 0;
+                for (int f = 0; f < 2; f++)
+                    for (int i = 0; i < 6; i++) test_tensor_free(r[f][i]);
+                Tensor *all[] = {q, k, v, dout, qi, ki, cu, tk, il, out, lse, kg, il2};
+                for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) test_tensor_free(all[i]);
+                EXPECT(same, "case %d %s variant %d: result %d of the fused entry differs from the separate kernels'",
+                       picks[pi], dtype_name(dt), variant, first);
+                EXPECT(moved, "case %d %s variant %d: no KL gradient or value", picks[pi], dtype_name(dt), variant);
+            }
+}
+
+/* Finite differences through the MSA chain as a layer runs it (msa_attend: selection, plan, attention,
+ * KL) of L = cross-entropy(out) + kl_weight * mean KL: the analytic gradients come from the recording
+ * forward and its one backward (attention and KL together, no KL forward), the numeric ones from forwards
+ * without gradients (where the KL forward gives the loss). The teacher is detached, so the KL's value
+ * moves with q and k while its gradient does not: q, k, v are checked with kl_weight 0 (the attention's
+ * gradients through the joint node), qi and ki with kl_weight 0.7 (the KL's). */
+typedef struct {
+    Tensor *cu, *targets, *x[5];
+    MsaSettings s;
+    bool deferred, forward_kl;
+} AttendCtx;
+
+static Tensor *f_msa_attend(Engine *e, Tensor **in, void *ctx) {
+    (void)in; /* the checked inputs are among c->x */
+    AttendCtx *c = ctx;
+    Tensor **x = c->x;
+    MsaAttention a = msa_attend(e, &c->s, x[0], x[1], x[2], x[3], x[4], c->cu, false, NULL, NULL);
+    c->deferred |= a.deferred;
+    c->forward_kl |= !a.deferred;
+    const int64_t rows = x[0]->shape[0] * x[0]->shape[1];
+    Tensor *ce = op_cross_entropy(e, engine_view(e, a.out, SHAPE(rows, x[0]->shape[2])), c->targets, -1);
+    return op_add(e, ce, a.loss);
+}
+
+TEST(grad_msa_attend_kl_in_the_backward) {
+    Engine *eng = tc->fixture;
+    for (int ci = 1; ci < N_CASES; ci++) {
+        const MsaCase *c = &cases[ci];
+        const int N = case_tokens(c);
+        AttendCtx ctx = {test_cu_seqlens(c->lens, c->ndocs), test_tensor(DT_I32, SHAPE((int64_t)N * c->Hq)),
+                         {test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 1.5, 1400 + ci), test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 1410 + ci),
+                          test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 1420 + ci),
+                          test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.5, 1430 + ci), test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 1440 + ci)},
+                         {.params = case_params(c)}, false, false};
+        for (int64_t i = 0; i < ctx.targets->numel; i++) ((int32_t *)ctx.targets->data)[i] = (int32_t)((i * 7 + 3) % c->D);
+        for (int i = 0; i < 5; i++) test_requires_grad(ctx.x[i]);
+        ctx.s.kl_weight = 0.0f;
+        GradCheckResult rm = gradcheck(eng, f_msa_attend, ctx.x, 3, &ctx, 24, 1450 + ci);
+        ctx.s.kl_weight = 0.7f;
+        GradCheckResult ri = gradcheck(eng, f_msa_attend, ctx.x + 3, 2, &ctx, 24, 1460 + ci);
+        bool nz = true;
+        for (int i = 0; i < 5; i++) nz &= test_norm(ctx.x[i]->grad) > 0;
+        for (int i = 0; i < 5; i++) test_tensor_free(ctx.x[i]);
+        test_tensor_free(ctx.cu);
+        test_tensor_free(ctx.targets);
+        EXPECT(grad_ok(rm, "msa_attend q, k, v"), "case %d: gradient of cross-entropy(out) through msa_attend", ci);
+        EXPECT(grad_ok(ri, "msa_attend qi, ki"), "case %d: gradient of cross-entropy(out) + KL through msa_attend", ci);
+        EXPECT(nz, "case %d: an input got an all-zero gradient", ci);
+        EXPECT(ctx.deferred && ctx.forward_kl, "case %d: the recording forward deferred the KL: %d, the others ran it: %d", ci,
+               ctx.deferred, ctx.forward_kl);
+    }
+}
+
 /* ---- precision and determinism ---- */
 
 /* f32 kernels against f64 on the same values (same selection), and bit-identical results across
@@ -1002,6 +1155,9 @@ int main(void) {
     RUN(msa_recall_matches_reference);
     RUN(msa_hand_example);
     RUN(msa_f32_matches_f64_and_deterministic);
+    RUN(indexer_idx_lse_is_the_kl_forwards);
+    RUN(fused_backward_equals_the_separate_kernels);
+    RUN(grad_msa_attend_kl_in_the_backward);
     engine_free(&eng);
     TEST_END();
 }

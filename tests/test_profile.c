@@ -195,11 +195,12 @@ static bool contains(const char *path, const char *what) {
     return strstr(buf, what) != NULL;
 }
 
-/* MSA attention and MoE FFNs, recomputed: the untaped work has rows of its own, forward and recompute only */
+/* MSA attention and MoE FFNs, recomputed: the untaped work has rows of its own, forward and recompute only;
+ * the sparse phase's MSA is one op (attention and KL, the KL computed by its backward): no KL forward */
 TEST(msa_moe_untaped_work_and_profile_file) {
     const Profiler *p = &FX->msa_moe.prof;
     EXPECT(p->steps == 2, "profiled %d steps, expected 2", p->steps);
-    const int taped[] = {OP_msa_attention, OP_msa_kl, OP_grouped_linear, OP_moe_router_scores, OP_moe_permute,
+    const int taped[] = {OP_msa_attention_kl, OP_grouped_linear, OP_moe_router_scores, OP_moe_permute,
                          OP_moe_unpermute, OP_moe_combine_weights};
     for (size_t i = 0; i < sizeof taped / sizeof taped[0]; i++) {
         const int k = taped[i];
@@ -208,6 +209,9 @@ TEST(msa_moe_untaped_work_and_profile_file) {
                "%s: calls %lld/%lld/%lld", profiler_kind_name(p, k), (long long)p->calls[k][PROF_FORWARD],
                (long long)p->calls[k][PROF_RECOMPUTE], (long long)p->calls[k][PROF_BACKWARD]);
     }
+    EXPECT(p->calls[OP_msa_kl][PROF_FORWARD] == 0 && p->calls[OP_msa_attention][PROF_FORWARD] == 0,
+           "the sparse phase ran %lld KL forwards and %lld separate attention ops", (long long)p->calls[OP_msa_kl][PROF_FORWARD],
+           (long long)p->calls[OP_msa_attention][PROF_FORWARD]);
     const char *untaped[] = {"msa_indexer", "msa_plan", "moe_topk", "moe_plan"};
     for (size_t i = 0; i < sizeof untaped / sizeof untaped[0]; i++) {
         const int k = profiler_kind(p, untaped[i]);
@@ -223,7 +227,7 @@ TEST(msa_moe_untaped_work_and_profile_file) {
            "%s: no heading", path);
     EXPECT(contains(path, "| op | calls/step | forward ms/step | recompute ms/step | backward ms/step | total ms/step | % of step |"),
            "%s: no table header", path);
-    EXPECT(contains(path, "| msa_indexer | 2 |") && contains(path, "| msa_attention | 2 |") && contains(path, "| optimizer") &&
+    EXPECT(contains(path, "| msa_indexer | 2 |") && contains(path, "| msa_attention_kl | 2 |") && contains(path, "| optimizer") &&
                contains(path, "| other") && contains(path, "| step wall time (profiled"),
            "%s: rows missing", path);
 }

@@ -17,8 +17,11 @@
  *     MSA_ATTENTION=own) against MSA with block 128, top-k 16, d_idx 128 (indexer + plan + sparse
  *     attention forward and backward + KL forward and backward: everything an MSA layer adds or
  *     replaces), and the ratio. Both run through the engine as an attention layer does (op_attention; the
- *     MSA layer's chain, layers/msa.h msa_attend), the MSA selection is the indexer's own on random index
- *     queries/keys, and the parts come from the step profiler (synchronised around every op).
+ *     MSA layer's chain, layers/msa.h msa_attend, whose sparse phase computes the KL in the attention's
+ *     backward), the MSA selection is the indexer's own on random index queries/keys, and the parts come
+ *     from the step profiler (synchronised around every op). A second MSA row runs the chain as it was
+ *     before issue 14 in the same process: a KL forward (which also computes the student's normaliser)
+ *     and a separate KL backward as ops of their own beside the sparse attention.
  *
  * Times are wall clock around the work with a synchronising copy at both ends (every kernel runs on
  * one stream). */
@@ -164,21 +167,43 @@ static Tensor *leaf(Tensor *t, Tensor *grad) {
 }
 
 /* One layer's attention forward and backward through the engine, as the model runs it: dense softmax
- * attention (the dense layer's), or MSA's chain (layers/msa.h msa_attend: indexer, plan, sparse attention,
- * KL) with the backward seeded by dout and the KL's gradient 1. Adds the forward and backward wall times. */
+ * attention (the dense layer's), or MSA's chain (layers/msa.h msa_attend: indexer, plan, sparse attention
+ * and KL, the KL's value into kl) with the backward seeded by dout and the KL's gradient 1, or that chain
+ * with the KL as separate forward and backward ops (separate_kl: before issue 14). Adds the forward and
+ * backward wall times. */
 typedef struct AttentionRun {
     Engine *e;
     const MsaSettings *msa; /* NULL: dense */
-    Tensor *q, *k, *v, *qi, *ki, *cu, *dout, *one;
+    bool separate_kl;
+    Tensor *q, *k, *v, *qi, *ki, *cu, *dout, *one, *kl;
 } AttentionRun;
+
+/* The MSA chain with the KL as its own ops: the indexer without the student's normaliser, the plan, the
+ * sparse attention, then the KL forward (normaliser and value) and, in the backward, its own node. */
+static Tensor *msa_separate_kl(const AttentionRun *a, Tensor **loss) {
+    Engine *e = a->e;
+    const MsaParams *p = &a->msa->params;
+    Tensor *topk = msa_select(e, p, a->qi, a->ki, a->cu);
+    const int64_t Hkv = topk->shape[0], N = topk->shape[1];
+    engine_op_begin(e);
+    Tensor *plan = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, p->topk_blocks)));
+    be->msa_plan(plan, topk, a->cu, p);
+    engine_op_end_named(e, "msa_plan");
+    Tensor *lse;
+    Tensor *out = op_msa_attention(e, a->q, a->k, a->v, topk, plan, a->cu, p, &lse);
+    *loss = op_msa_kl(e, a->q, a->k, lse, a->qi, a->ki, topk, plan, a->cu, p, a->msa->kl_weight, NULL);
+    return out;
+}
 
 static void attention_pass(const AttentionRun *a, Times *t) {
     engine_reset(a->e);
     sync_device();
     const double t0 = wall_seconds();
     Tensor *out, *loss = NULL;
-    if (a->msa) {
-        MsaAttention m = msa_attend(a->e, a->msa, a->q, a->k, a->v, a->qi, a->ki, a->cu, false, NULL);
+    if (a->msa && a->separate_kl) {
+        out = msa_separate_kl(a, &loss);
+    } else if (a->msa) {
+        MsaAttention m = msa_attend(a->e, a->msa, a->q, a->k, a->v, a->qi, a->ki, a->cu, false, a->kl, NULL);
         out = m.out, loss = m.loss;
     } else {
         out = op_attention(a->e, a->q, a->k, a->v, a->cu, 1.0f / sqrtf((float)a->q->shape[2]), NULL);
@@ -220,20 +245,21 @@ static void bench_attention(int64_t N) {
     Tensor dq = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hq, D}), dk = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, D}),
            dv = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, D});
     Tensor dqi = dev_tensor(DT_BF16, 3, (int64_t[]){N, Hkv, Di}), dki = dev_tensor(DT_BF16, 2, (int64_t[]){N, Di});
-    Tensor cu = dev_tensor(DT_I32, 1, (int64_t[]){2}), one = dev_tensor(DT_F32, 1, (int64_t[]){1});
+    Tensor cu = dev_tensor(DT_I32, 1, (int64_t[]){2}), one = dev_tensor(DT_F32, 1, (int64_t[]){1}),
+           kl = dev_tensor(DT_F32, 1, (int64_t[]){1});
     int32_t hcu[2] = {0, (int32_t)N};
     be->copy_from_host(cu.data, hcu, sizeof hcu);
     be->copy_from_host(one.data, &(float){1.0f}, sizeof(float));
     Engine e;
     engine_init(&e, be, DT_BF16, (size_t)256 << 20);
-    AttentionRun run = {&e, NULL, leaf(&q, &dq), leaf(&k, &dk), leaf(&v, &dv), leaf(&qi, &dqi), leaf(&ki, &dki), &cu,
-                        &dout, &one};
+    AttentionRun run = {&e, NULL, false, leaf(&q, &dq), leaf(&k, &dk), leaf(&v, &dv), leaf(&qi, &dqi), leaf(&ki, &dki), &cu,
+                        &dout, &one, &kl};
 
     /* dense */
     const Times dense = time_attention(&run, reps);
 
     /* MSA */
-    Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &dq, &dk, &dv, &dqi, &dki, &cu, &one};
+    Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &dq, &dk, &dv, &dqi, &dki, &cu, &one, &kl};
     const char *missing = backend_missing(be, BACKEND_MSA);
     if (missing) {
         printf("| %6lld | %9.2f | %9.2f | %9.2f | (the CUDA backend has no %s kernel) |\n", (long long)N, dense.fwd * 1e3,
@@ -249,19 +275,23 @@ static void bench_attention(int64_t N) {
     };
     const MsaParams *p = &settings.params;
     run.msa = &settings;
-    const Times msa = time_attention(&run, reps);
-    /* the parts, for "where the time goes": the same passes under the step profiler */
-    Profiler prof;
-    profiler_init(&prof, be);
-    e.prof = &prof;
-    for (int r = 0; r < reps; r++) {
-        Times ignored = {0};
-        profiler_step_begin(&prof);
-        attention_pass(&run, &ignored);
-        profiler_backward_end(&prof);
-        profiler_step_end(&prof);
+    Times msa[2];
+    Profiler prof[2];
+    for (int sep = 0; sep < 2; sep++) { /* the chain, then the chain before issue 14 */
+        run.separate_kl = sep;
+        msa[sep] = time_attention(&run, reps);
+        /* the parts, for "where the time goes": the same passes under the step profiler */
+        profiler_init(&prof[sep], be);
+        e.prof = &prof[sep];
+        for (int r = 0; r < reps; r++) {
+            Times ignored = {0};
+            profiler_step_begin(&prof[sep]);
+            attention_pass(&run, &ignored);
+            profiler_backward_end(&prof[sep]);
+            profiler_step_end(&prof[sep]);
+        }
+        e.prof = NULL;
     }
-    e.prof = NULL;
 
     /* FLOPs by the spec's conventions (msa_spec.md e.1): dense causal pairs N(N+1)/2; sparse pairs at
      * most N * k * B minus the local block's causal cut, counted here as the exact support size */
@@ -274,14 +304,29 @@ static void bench_attention(int64_t N) {
         sparse += (double)(nblk - 1) * B + (double)(t - own * p->block_size + 1);
     }
     const double dense_flops = 4.0 * (double)Hq * D * causal * 3.5; /* fwd 4·H·D per pair, bwd 2.5x */
-    printf("| %6lld | %9.2f | %9.2f | %9.2f | %8.2f | %8.2f | %8.2f | %6.1fx | %5.0f |\n", (long long)N, dense.fwd * 1e3,
-           dense.bwd * 1e3, (dense.fwd + dense.bwd) * 1e3, msa.fwd * 1e3, msa.bwd * 1e3, (msa.fwd + msa.bwd) * 1e3,
-           (dense.fwd + dense.bwd) / (msa.fwd + msa.bwd), dense_flops / (dense.fwd + dense.bwd) / 1e12);
-    printf("|        |  MSA parts (ms, profiled): indexer %.2f, plan %.2f, attention fwd %.2f / bwd %.2f, KL fwd %.2f / bwd "
-           "%.2f; sparse pairs %.3g (%.1f%% of causal) |\n",
-           part_ms(&prof, "msa_indexer", PROF_FORWARD), part_ms(&prof, "msa_plan", PROF_FORWARD),
-           part_ms(&prof, "msa_attention", PROF_FORWARD), part_ms(&prof, "msa_attention", PROF_BACKWARD),
-           part_ms(&prof, "msa_kl", PROF_FORWARD), part_ms(&prof, "msa_kl", PROF_BACKWARD), sparse, 100.0 * sparse / causal);
+    const double dense_ms = (dense.fwd + dense.bwd) * 1e3;
+    float klv = 0;
+    be->copy_to_host(&klv, kl.data, sizeof klv);
+    for (int sep = 0; sep < 2; sep++) {
+        const Times *m = &msa[sep];
+        const Profiler *pr = &prof[sep];
+        printf("| %6lld | %s | %9.2f | %9.2f | %9.2f | %8.2f | %8.2f | %8.2f | %6.1fx | %5.0f |\n", (long long)N,
+               sep ? "MSA, KL ops apart (before)" : "MSA, KL in the attention bwd", dense.fwd * 1e3, dense.bwd * 1e3, dense_ms,
+               m->fwd * 1e3, m->bwd * 1e3, (m->fwd + m->bwd) * 1e3, (dense.fwd + dense.bwd) / (m->fwd + m->bwd),
+               dense_flops / (dense.fwd + dense.bwd) / 1e12);
+        if (sep)
+            printf("|        |  parts (ms, profiled): indexer %.2f, plan %.2f, attention fwd %.2f / bwd %.2f, KL fwd %.2f / bwd "
+                   "%.2f |\n",
+                   part_ms(pr, "msa_indexer", PROF_FORWARD), part_ms(pr, "msa_plan", PROF_FORWARD),
+                   part_ms(pr, "msa_attention", PROF_FORWARD), part_ms(pr, "msa_attention", PROF_BACKWARD),
+                   part_ms(pr, "msa_kl", PROF_FORWARD), part_ms(pr, "msa_kl", PROF_BACKWARD));
+        else
+            printf("|        |  parts (ms, profiled): indexer (with idx_lse) %.2f, plan %.2f, attention fwd %.2f, attention + KL "
+                   "bwd %.2f; KL %.5g; sparse pairs %.3g (%.1f%% of causal) |\n",
+                   part_ms(pr, "msa_indexer", PROF_FORWARD), part_ms(pr, "msa_plan", PROF_FORWARD),
+                   part_ms(pr, "msa_attention_kl", PROF_FORWARD), part_ms(pr, "msa_attention_kl", PROF_BACKWARD), klv, sparse,
+                   100.0 * sparse / causal);
+    }
     fflush(stdout);
     engine_free(&e);
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dev_free(all[i]);
@@ -338,9 +383,9 @@ int main(int argc, char **argv) {
     if (!only || !strcmp(only, "attention")) {
         printf("(b) one attention layer, forward + backward, H_q 64, H_kv 4, d 128, one document; MSA: block 128, "
                "top-k 16, d_idx 128 (indexer + plan + sparse attention + KL)\n\n");
-        printf("| tokens | dense fwd ms | dense bwd ms | dense total | MSA fwd | MSA bwd | MSA total | speed-up | dense "
-               "TFLOP/s |\n");
-        printf("|---|---|---|---|---|---|---|---|---|\n");
+        printf("| tokens | MSA chain | dense fwd ms | dense bwd ms | dense total | MSA fwd | MSA bwd | MSA total | speed-up | "
+               "dense TFLOP/s |\n");
+        printf("|---|---|---|---|---|---|---|---|---|---|\n");
         for (int i = 0; i < nsizes; i++) bench_attention(sizes[i]);
     }
     return 0;

@@ -11,7 +11,8 @@
  *                    scale, index_scale, kl_weight (reals)
  * The chain is the MSA layer's (layers/msa.h msa_attend): topk = indexer(qi, ki), its plan;
  *            out, lse = msa_attention(q, k, v, topk); kl = kl_weight * mean KL(teacher(q, k, lse) ||
- *            student(qi, ki)) over topk; backward of  L = sum(out * dout) + kl.
+ *            student(qi, ki)) over topk; backward of  L = sum(out * dout) + kl (the sparse phase's one
+ *            node: the KL computed by the backward, with the indexer's idx_lse).
  * OUT.h5 (float32 unless noted): out [T,Hq,d], lse [Hq,T], topk [Hidx,T,topk_blocks] (int32),
  *   kl (scalar: the loss term kl_weight * mean KL), kl_unweighted (scalar: mean KL),
  *   dq, dk, dv (shapes of q, k, v), dqi, dki (shapes of qi, ki).
@@ -175,7 +176,8 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
     Tensor *tcu = engine_empty(&e, DT_I32, SHAPE(ndocs + 1));
     tensor_from_host(&e, tcu, cu.data);
 
-    MsaAttention a = msa_attend(&e, &s, tq, tk, tv, tqi, tki, tcu, false, NULL);
+    Tensor *kl = engine_zeros(&e, DT_F32, SHAPE(1)); /* the unweighted mean KL, the backward's */
+    MsaAttention a = msa_attend(&e, &s, tq, tk, tv, tqi, tki, tcu, false, kl, NULL);
     /* seed L = sum(out * dout) + kl in one walk of the tape (two separate backward calls would run
      * the KL node twice) */
     be->axpy(engine_grad(&e, a.out), tdout, 1.0f);
@@ -184,7 +186,9 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
     tensor_from_host(&e, one, &(float){1.0f});
     be->axpy(engine_grad(&e, a.loss), one, 1.0f);
     engine_backward_tape(&e, 0);
-    const double kl_val = tensor_item(&e, a.loss);
+    const float klu = (float)tensor_item(&e, kl);
+    /* the loss term as the KL op forms it (weight * KL in f32), known after the backward when deferred */
+    const double kl_val = a.deferred ? (s.kl_weight == 1.0f ? klu : klu * s.kl_weight) : tensor_item(&e, a.loss);
 
     hid_t o = H5Fcreate(out_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (o < 0) fatal("%s: cannot create the output file", out_path);
@@ -202,7 +206,7 @@ static int run_msa(const char *in_path, const char *out_path, const char *device
     tensor_to_host(&e, htk, a.topk);
     write_dataset(o, out_path, "topk", 3, a.topk->shape, htk, 1);
     free(htk);
-    const float klw = (float)kl_val, klu = (float)tensor_item(&e, a.kl);
+    const float klw = (float)kl_val;
     write_dataset(o, out_path, "kl", 0, NULL, &klw, 0);
     write_dataset(o, out_path, "kl_unweighted", 0, NULL, &klu, 0);
     if (H5Fclose(o) < 0) fatal("%s: cannot close the output file", out_path);

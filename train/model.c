@@ -188,6 +188,33 @@ void model_moe_step(Model *m, MoeSummary *summary, bool update_bias) {
     if (summary) *summary = moe_summary(&reported);
 }
 
+double model_collect(Model *m, const Engine *e, Metrics *into) {
+    const bool f32 = stat_dtype(e->act_dtype) == DT_F32;
+    const int nl = 2 * m->cfg.n_layers;
+    const LayerForward **rec = xcalloc((size_t)nl, sizeof *rec);
+    int *cnt = xcalloc((size_t)nl, sizeof *cnt), most = 0;
+    for (int i = 0; i < nl; i++) {
+        Layer *L = i % 2 ? &m->layers[i / 2].ffn : &m->layers[i / 2].attention;
+        if (L->kind->collect) cnt[i] = L->kind->collect(L->self, &rec[i]);
+        if (cnt[i] > most) most = cnt[i];
+    }
+    double late = 0;
+    for (int f = 0; f < most; f++) {
+        double sum = 0; /* this forward's terms, as op_add sums the blocks' losses */
+        for (int i = 0; i < nl; i++) {
+            if (f >= cnt[i]) continue;
+            const LayerForward *r = &rec[i][f];
+            if (into)
+                for (int s = 0; s < r->n; s++) metrics_add(into, r->name[s], r->value[s]);
+            sum = f32 ? (double)(float)(sum + r->late_aux) : sum + r->late_aux;
+        }
+        late += sum;
+    }
+    free(rec);
+    free(cnt);
+    return late;
+}
+
 /* The logits of the rows of `in` (already this rank's share under context parallelism). */
 static Tensor *logits_of(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
     Tensor *x = model_dropout(e, m, in, op_embedding(e, m->wte, in->tokens), -1, 0);

@@ -27,7 +27,8 @@ typedef struct Model {
     Block *layers;
     bool msa_dense;                     /* dense warm-up phase: every visible block selected */
     bool collect_metrics;               /* evaluation: also the statistics that cost extra work (recall) */
-    Metrics metrics;                    /* what the layers reported since the caller zeroed it ("kl", "recall") */
+    Metrics metrics;                    /* what the layers reported since the caller zeroed it ("kl", "recall";
+                                           the statistics a layer leaves on the device arrive with model_collect) */
     /* Context parallelism (dist.cp; NULL or a group of one rank: none). The group's ranks share each
      * micro-batch: every op but attention runs on this rank's contiguous 1/cp of its N tokens
      * (model_cp_range), and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
@@ -56,7 +57,10 @@ typedef struct ModelInput {
 typedef struct ModelLosses {
     Tensor *total;   /* lm + aux: what backward starts from */
     Tensor *lm;      /* mean token cross-entropy */
-    Tensor *aux;     /* the layers' weighted auxiliary losses (MSA KL, MoE balance terms), NULL: none */
+    Tensor *aux;     /* the layers' weighted auxiliary losses (MSA KL, MoE balance terms), NULL: none. The
+                        terms a backward computes (the MSA KL of the sparse phase, when gradients are
+                        recorded) are 0 in its value and in total's: model_collect gives them after the
+                        backward. */
 } ModelLosses;
 
 /* Declare and initialise the parameters (fp32 master weights, F64 for gradient checks). */
@@ -71,6 +75,14 @@ void model_free(Model *m);
  * selection-bias update from the step's loads, after a step only) and, if summary is not NULL, the MoE
  * routing balance they report (the worst layer's max/mean expert load, the mean aux and z losses). */
 void model_moe_step(Model *m, MoeSummary *summary, bool update_bias);
+
+/* What the layers' forwards since the last call (and their backwards) left on the device, read once
+ * (a copy per layer that left something): their statistics into into (NULL: dropped), forward by forward in
+ * layer order as the forwards made them, and the sum over those forwards of the auxiliary loss terms that
+ * only their backwards computed (the MSA KL of the sparse phase), each forward's terms added in layer
+ * order in the statistics dtype of e's activations, as the forward adds its own. The step calls it after
+ * its last backward and reports loss = lm + aux + this. */
+double model_collect(Model *m, const Engine *e, Metrics *into);
 
 /* Is this parameter part of an MSA index branch? (trained by the KL only) */
 bool model_is_index_param(const Tensor *p);

@@ -1096,6 +1096,7 @@ StepResult run_step(Run *r) {
                         warm ? 1.0f : c->optim.backbone_lr_scale);
     params_zero_grad(&r->model.params);
     memset(&r->model.metrics, 0, sizeof r->model.metrics);
+    model_collect(&r->model, e, NULL); /* whatever forwards outside a step left (sampling) */
     for (int micro = 0; micro < c->train.grad_accum; micro++) {
         engine_reset(e);
         uint64_t first_window = r->sampler.counter + (uint64_t)first_row;
@@ -1137,6 +1138,10 @@ StepResult run_step(Run *r) {
             engine_backward(e, loss);
         }
     }
+    /* the loss terms the backwards computed (the MSA KL of the sparse phase) and the layers' statistics,
+     * read once for the whole step: the reported loss is assembled here, where they are known; each
+     * micro-batch's terms enter as its forward's do */
+    s.aux += model_collect(&r->model, e, &r->model.metrics) / ranks / c->train.grad_accum;
     if (prof) profiler_backward_end(prof); /* the optimizer phase starts */
     /* Where overlap would go: the backward finalises the gradients of the flat store from its end (LM
      * head, last layer) towards its start (embedding), so the reduce-scatter could run per bucket of
@@ -1219,7 +1224,9 @@ double run_evaluate(Run *r, EvalMetrics *em) {
     m->collect_metrics = true;
     memset(&m->metrics, 0, sizeof(m->metrics));
     r->eval_stopped = false;
+    model_collect(m, e, NULL); /* whatever forwards outside an evaluation left */
     double loss = eval_loss(r);
+    model_collect(m, e, &m->metrics);
     /* per-layer means over every rank's rows (under cp: its GQA groups, equally many per rank): add up
      * the sums and the counts */
     if (!r->eval_stopped) reduce_metrics(batch_group(r), &m->metrics);
@@ -1232,6 +1239,7 @@ double run_evaluate(Run *r, EvalMetrics *em) {
         em->dense_loss = eval_loss(r);
         em->has_dense_loss = true;
         if (r->eval_stopped) loss = NAN;
+        model_collect(m, e, NULL);
     }
     model_moe_step(m, NULL, false); /* eval routing must not feed the next step's bias update */
     m->collect_metrics = false;

@@ -4,8 +4,9 @@
  * best-scoring other blocks up to topk_blocks. Output: document-relative block ids sorted ascending,
  * -1 padding. Deterministic: no exponentials, fixed reduction order, ties to the lower block id.
  *
- * The reference the CUDA indexer is held to; it does not return the indexer's selected-token LSE
- * (the KL forward recomputes it: msa_kl.c). */
+ * With idx_lse, also the student's log-normaliser over the selected tokens (msa_spec.md b.4), computed
+ * by the KL forward's own code (vec_impl.h index_lse), so the sparse phase's KL, which takes it from
+ * here, has the bits the KL forward would give. The reference the CUDA indexer is held to. */
 #include <stdlib.h>
 
 #include "msa_common.h"
@@ -13,8 +14,9 @@
 #define CPU_IMPL "msa_indexer_impl.h"
 #include "instantiate.h"
 
-void cpu_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens, const MsaParams *p) {
-    CPU_SAME_DTYPE("msa_indexer", qi, ki);
+void cpu_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens,
+                     const MsaParams *p) {
+    CPU_SAME_DTYPE("msa_indexer", qi, ki, idx_lse);
     if (qi->ndim != 3) fatal("cpu msa_indexer: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
     MsaCtx c = msa_ctx_init("msa_indexer", qi->shape[0], cu_seqlens, p);
     c.Hkv = qi->shape[1];
@@ -23,6 +25,10 @@ void cpu_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Ten
     if (topk->ndim != 3 || topk->shape[0] != c.Hkv || topk->shape[1] != c.N || topk->shape[2] != c.K)
         fatal("cpu msa_indexer: topk must be [Hidx = %lld, N = %lld, topk_blocks = %lld]", (long long)c.Hkv,
               (long long)c.N, (long long)c.K);
-    CPU_CALL(qi, msa_index, topk->data, qi->data, ki->data, &c, p->init_blocks, p->local_blocks);
+    if (idx_lse && idx_lse->numel != c.Hkv * c.N)
+        fatal("cpu msa_indexer: idx_lse must be [Hidx = %lld, N = %lld]", (long long)c.Hkv, (long long)c.N);
+    c.topk = topk->data; /* the support of a row, for idx_lse, is read back from it */
+    CPU_CALL(qi, msa_index, topk->data, idx_lse ? idx_lse->data : NULL, qi->data, ki->data, &c, p->init_blocks,
+             p->local_blocks);
     msa_ctx_free(&c);
 }

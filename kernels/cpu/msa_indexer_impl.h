@@ -1,5 +1,6 @@
 /* Typed body of the MSA indexer (instantiated by msa_indexer.c; MsaCtx in msa_common.h).
- * qi [N,Hidx,Di], ki [N,Di] -> topk i32 [Hidx,N,K]. Scores are accumulated in double whatever T is,
+ * qi [N,Hidx,Di], ki [N,Di] -> topk i32 [Hidx,N,K] and, when idx_lse is non-NULL, the student's
+ * log-normaliser over each selection, idx_lse [Hidx,N] (vec_impl.h index_lse, as the KL forward). Scores are accumulated in double whatever T is,
  * so f32 and f64 inputs with the same values rank alike up to the rounding of the inputs. */
 
 #include "vec_impl.h"
@@ -8,7 +9,7 @@
  * (the key row is loaded once for all heads) and keeping the running maximum per (head, block):
  * the "exp-free" ranking needs only raw block maxima. Then, per head, the selection rule of
  * DESIGN §4: forced init and local blocks, the rest by block score (ties: lower block id). */
-static void S(msa_index)(int32_t *topk, const T *qi, const T *ki, const MsaCtx *c, int64_t init, int64_t local) {
+static void S(msa_index)(int32_t *topk, T *idx_lse, const T *qi, const T *ki, const MsaCtx *c, int64_t init, int64_t local) {
     const int64_t N = c->N, H = c->Hkv, Di = c->Di, B = c->B, K = c->K, MB = c->max_blocks;
     const double isc = c->index_scale;
 #pragma omp parallel if (c->work * (double)(H * Di) > 65536)
@@ -17,6 +18,8 @@ static void S(msa_index)(int32_t *topk, const T *qi, const T *ki, const MsaCtx *
         double *qd = xmalloc((size_t)(H * Di) * sizeof(double));
         double *top_s = xmalloc((size_t)K * sizeof(double));
         int32_t *top_b = xmalloc((size_t)K * sizeof(int32_t)), *sel = xmalloc((size_t)K * sizeof(int32_t));
+        int32_t *keys = idx_lse ? xmalloc((size_t)c->max_len * sizeof(int32_t)) : NULL;
+        double *z = idx_lse ? xmalloc((size_t)c->max_len * sizeof(double)) : NULL;
         /* cost grows with the query's position: dynamic chunks balance it */
 #pragma omp for schedule(dynamic, 16)
         for (int64_t t = 0; t < N; t++) {
@@ -72,6 +75,9 @@ static void S(msa_index)(int32_t *topk, const T *qi, const T *ki, const MsaCtx *
                     memcpy(row, sel, (size_t)n * sizeof(int32_t));
                 }
                 for (int64_t i = n; i < K; i++) row[i] = -1;
+                /* the student's normaliser over the row just chosen (c->topk is topk: msa_support reads it) */
+                if (idx_lse)
+                    idx_lse[g * N + t] = (T)S(index_lse)(z, qd + g * Di, ki, keys, msa_support(c, g, t, keys), Di, isc);
             }
         }
         free(bm);
@@ -79,5 +85,7 @@ static void S(msa_index)(int32_t *topk, const T *qi, const T *ki, const MsaCtx *
         free(top_s);
         free(top_b);
         free(sel);
+        free(keys);
+        free(z);
     }
 }

@@ -21,21 +21,29 @@ static MsaCtx kl_ctx(const char *kernel, const Tensor *q, const Tensor *k, const
     return c;
 }
 
-void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
-                        const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
-                        const Tensor *cu_seqlens, const MsaParams *p) {
-    (void)plan; /* the forward walks each query's own selection: no reverse map */
-    CPU_SAME_DTYPE("msa_kl_forward", q, kl, idx_lse, k, lse, qi, ki);
-    MsaCtx c = kl_ctx("msa_kl_forward", q, k, lse, qi, ki, topk, cu_seqlens, p);
-    if (kl->numel != 1) fatal("cpu msa_kl_forward: kl must be a scalar tensor");
-    if (idx_lse->numel != c.Hkv * c.N) fatal("cpu msa_kl_forward: idx_lse must be [Hidx, N]");
+/* The mean KL over the N * Hidx (query, group) pairs into kl (written), and the student's normaliser into
+ * idx_lse when non-NULL: the KL forward, and the value the sparse phase's fused backward hands out. */
+static void kl_value(const char *kernel, Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
+                     const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
+    CPU_SAME_DTYPE(kernel, q, kl, idx_lse, k, lse, qi, ki);
+    MsaCtx c = kl_ctx(kernel, q, k, lse, qi, ki, topk, cu_seqlens, p);
+    if (kl->numel != 1) fatal("cpu %s: kl must be a scalar tensor", kernel);
+    if (idx_lse && idx_lse->numel != c.Hkv * c.N) fatal("cpu %s: idx_lse must be [Hidx, N]", kernel);
     double *vals = xmalloc((size_t)(c.N * c.Hkv > 0 ? c.N * c.Hkv : 1) * sizeof(double));
-    CPU_CALL(q, msa_kl_fwd, vals, idx_lse->data, q->data, k->data, lse->data, qi->data, ki->data, &c);
+    CPU_CALL(q, msa_kl_fwd, vals, idx_lse ? idx_lse->data : NULL, q->data, k->data, lse->data, qi->data, ki->data, &c);
     double sum = 0; /* fixed order: the loss does not depend on the thread count */
     for (int64_t i = 0; i < c.N * c.Hkv; i++) sum += vals[i];
     free(vals);
     tensor_set(kl, 0, c.N * c.Hkv > 0 ? sum / (double)(c.N * c.Hkv) : 0.0);
     msa_ctx_free(&c);
+}
+
+void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
+                        const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                        const Tensor *cu_seqlens, const MsaParams *p) {
+    (void)plan; /* the forward walks each query's own selection: no reverse map */
+    if (!idx_lse) fatal("cpu msa_kl_forward: idx_lse is required");
+    kl_value("msa_kl_forward", kl, idx_lse, q, k, lse, qi, ki, topk, cu_seqlens, p);
 }
 
 void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
@@ -51,4 +59,28 @@ void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor
     CPU_CALL(q, msa_kl_bwd, dqi ? dqi->data : NULL, dki ? dki->data : NULL, q->data, k->data, lse->data, qi->data,
              ki->data, idx_lse->data, (double)coeff, &c);
     msa_ctx_free(&c);
+}
+
+/* The CPU reference of the fused entry is the separate kernels in sequence, so that its results are those
+ * bits: the attention backward, the KL backward with the coefficient the KL op computed before the
+ * fusion, and the KL value of the forward (recomputing the student's normaliser unrounded, as the forward
+ * did; the given idx_lse, the indexer's, has the same value rounded to lse's dtype). */
+void cpu_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *dv, Tensor *dqi, Tensor *dki, Tensor *kl,
+                                   const Tensor *dout, const Tensor *q, const Tensor *k, const Tensor *v,
+                                   const Tensor *out, const Tensor *lse, const Tensor *qi, const Tensor *ki,
+                                   const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
+                                   const Tensor *cu_seqlens, const MsaParams *p, const Tensor *kl_grad, float kl_weight) {
+    if (!topk) fatal("cpu msa_attention_kl_backward: topk is required (the dense warm-up has msa_kl_backward)");
+    if (dq || dk || dv) {
+        if (!dout) fatal("cpu msa_attention_kl_backward: dout is required for dq, dk or dv");
+        cpu_msa_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, topk, plan, cu_seqlens, p);
+    }
+    if (dqi || dki) {
+        if (!idx_lse) fatal("cpu msa_attention_kl_backward: idx_lse (the indexer's) is required for dqi or dki");
+        if (kl_grad && kl_grad->numel != 1) fatal("cpu msa_attention_kl_backward: kl_grad must be a scalar tensor");
+        const int64_t pairs = qi->shape[0] * qi->shape[1];
+        const double coeff = (double)kl_weight * (kl_grad ? tensor_get(kl_grad, 0) : 1.0) / (double)pairs;
+        cpu_msa_kl_backward(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, (float)coeff);
+    }
+    if (kl) kl_value("msa_attention_kl_backward", kl, NULL, q, k, lse, qi, ki, topk, cu_seqlens, p);
 }

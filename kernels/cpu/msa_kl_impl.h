@@ -17,8 +17,8 @@ static inline double S(kl_teacher)(const T *q, const T *k, const T *lse, int64_t
     return p / (double)c->G;
 }
 
-/* One task per (query, group): the student's log-normaliser idx_lse[g,t] and KL(g,t) into
- * kl_vals[t*Hkv + g] (summed by the caller in a fixed order). */
+/* One task per (query, group): the student's log-normaliser idx_lse[g,t] (NULL: not kept) and KL(g,t)
+ * into kl_vals[t*Hkv + g] (summed by the caller in a fixed order). */
 static void S(msa_kl_fwd)(double *kl_vals, T *idx_lse, const T *q, const T *k, const T *lse, const T *qi,
                           const T *ki, const MsaCtx *c) {
     const int64_t N = c->N, Hkv = c->Hkv, Di = c->Di;
@@ -33,20 +33,13 @@ static void S(msa_kl_fwd)(double *kl_vals, T *idx_lse, const T *q, const T *k, c
             const int64_t t = task / Hkv, g = task % Hkv;
             const int64_t n = msa_support(c, g, t, keys);
             for (int64_t d = 0; d < Di; d++) qid[d] = (double)qi[(t * Hkv + g) * Di + d];
-            double mz = -INFINITY;
-            for (int64_t i = 0; i < n; i++) {
-                z[i] = isc * S(vec_dot)(qid, ki + keys[i] * Di, Di);
-                if (z[i] > mz) mz = z[i];
-            }
-            double sum = 0;
-            for (int64_t i = 0; i < n; i++) sum += exp(z[i] - mz);
-            const double l = mz + log(sum);
+            const double l = S(index_lse)(z, qid, ki, keys, n, Di, isc);
             double kl = 0;
             for (int64_t i = 0; i < n; i++) {
                 const double p = S(kl_teacher)(q, k, lse, keys[i], g, t, c);
                 if (p > 0) kl += p * (log(p) - (z[i] - l)); /* p log p -> 0 as p -> 0 */
             }
-            idx_lse[g * N + t] = (T)l;
+            if (idx_lse) idx_lse[g * N + t] = (T)l;
             kl_vals[task] = kl;
         }
         free(keys);
@@ -77,7 +70,7 @@ static void S(msa_kl_bwd)(T *dqi, T *dki, const T *q, const T *k, const T *lse, 
                 const int64_t n = msa_support(c, g, t, keys);
                 const T *qrow = qi + (t * Hkv + g) * Di;
                 for (int64_t d = 0; d < Di; d++) vd[d] = (double)qrow[d];
-                    const double l = (double)idx_lse[g * N + t];
+                const double l = (double)idx_lse[g * N + t];
                 memset(acc, 0, (size_t)Di * sizeof(double));
                 for (int64_t i = 0; i < n; i++) {
                     const T *kj = ki + keys[i] * Di;
@@ -103,7 +96,7 @@ static void S(msa_kl_bwd)(T *dqi, T *dki, const T *q, const T *k, const T *lse, 
                         if (t < j) continue; /* an earlier query of j's own block */
                         const T *qrow = qi + (t * Hkv + g) * Di;
                         const double r = exp(isc * S(vec_dot)(vd, qrow, Di) - (double)idx_lse[g * N + t]);
-                                    const double p = S(kl_teacher)(q, k, lse, j, g, t, c);
+                        const double p = S(kl_teacher)(q, k, lse, j, g, t, c);
 #pragma omp simd
                         for (int64_t d = 0; d < Di; d++) acc[d] += (r - p) * (double)qrow[d];
                     }

@@ -29,6 +29,21 @@ static inline __attribute__((unused)) void S(vec_axpy)(double *acc, double alpha
     for (int64_t d = 0; d < n; d++) acc[d] += alpha * (double)x[d];
 }
 
+/* The student's log-normaliser over a support (the MSA KL forward and the indexer's idx_lse, one
+ * definition so that both give the same bits): z[i] = index_scale <qi, ki[keys[i]]> (qi in double) and
+ * log sum_i exp z[i], the sum in key order. */
+static inline __attribute__((unused)) double S(index_lse)(double *z, const double *qi, const T *ki, const int32_t *keys,
+                                                          int64_t n, int64_t Di, double index_scale) {
+    double mz = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        z[i] = index_scale * S(vec_dot)(qi, ki + keys[i] * Di, Di);
+        if (z[i] > mz) mz = z[i];
+    }
+    double sum = 0;
+    for (int64_t i = 0; i < n; i++) sum += exp(z[i] - mz);
+    return mz + log(sum);
+}
+
 /* Attention backward, key side: add query t's contribution through heads [h0, h1) to dk_j (acc1) and
  * dv_j (acc2) of one key j whose k and v rows are kj and vj (in double). P is recomputed from the saved
  * lse [Hq, N]; dsum [Hq, N] holds <dout, out> per (head, query). Shared by dense and MSA attention. */

@@ -33,11 +33,17 @@ extern "C" {
  *   msa_plan.cu       validates topk on the device and reports a bad selection before it returns (one
  *                     synchronisation); it does not use scratch(), so a kernel may build a temporary plan
  *                     while holding its own scratch region
- *   msa_indexer.cu    BF16 (tensor cores) or F32 qi/ki; topk_blocks <= 32, Di <= 128
+ *   msa_indexer.cu    BF16 (tensor cores) or F32 qi/ki; topk_blocks <= 32, Di <= 128; idx_lse by a second,
+ *                     student-only pass of msa_kl.cu over the selection (a temporary plan: one
+ *                     synchronisation)
  *   msa_attention.cu  KV-outer block-sparse attention from the plan (built here when NULL); BF16 with
  *                     D = 64 or 128 on tensor cores (msa_attention_tc.cu), F32 and other head dims
  *                     (<= 256) on CUDA cores (msa_attention_cc.cu); topk NULL runs the dense kernel. Uses
- *                     scratch(); deterministic (no atomics)
+ *                     scratch(); deterministic (no atomics).
+ *                     msa_attention_kl_backward: the KL folded into the tensor-core backward for BF16, D
+ *                     and Di 64 or 128, G a power of two, >= 4 at D = 128 and >= 8 at D = 64 (<= 8 queries
+ *                     per tile); other shapes run msa_attention_backward and msa_kl.cu's kernels in
+ *                     sequence
  *   msa_kl.cu         KL alignment loss, sparse KV-outer from the plan (built here when NULL) or dense
  *                     flash-style when topk is NULL; BF16 on tensor cores, F32 on CUDA cores; D, Di <= 256.
  *                     Uses scratch(); deterministic (no atomics). MSA_CUDA_KL_WINDOW=<tokens> forces

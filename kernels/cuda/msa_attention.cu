@@ -30,6 +30,14 @@
  * No atomics anywhere: results are run-to-run deterministic on a given GPU (they depend on the SM
  * count through the tile ranges only in fp32 rounding of dK/dV).
  *
+ * msa_attention_kl_backward folds the KL alignment loss into the tensor-core backward (its section of
+ * msa_attention_tc.cu): per tile the teacher from the P it already has, the student from qi/ki; dqi per
+ * (query, slot) partials combined like dQ (one head per group), dki per group in fp32 like dK (split
+ * segments through the same fixup), summed over the groups at the end; the KL value per CTA, summed in
+ * CTA order. The gradient's coefficient is read on the device (no host wait). Shapes the fold does not
+ * take (F32, other head dims, G not a power of two or more than 8 queries per tile) run the separate
+ * kernels in sequence (msa_kl.cu).
+ *
  * Two implementations of the tile kernels share that schedule, each in its own file behind the
  * interface of msa_attention.cuh (this file holds the schedule, the reductions and the entry points):
  *   - msa_attention_tc.cu, tensor cores (BF16, D = 64 or 128): 8 warps, mma.sync m16n8k16 bf16 with
@@ -271,12 +279,14 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
     if (lane == 0) lse[(int64_t)h * N + t] = L;
 }
 
-/* One warp per (chunk query, head): dq += scale * sum of the valid dQ partials in slot order. */
+/* One warp per (chunk query, head): dq += scale * sum of the valid dQ partials in slot order (scale times
+ * scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1, D = Di). */
 template <typename T, int VPL>
 __global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *topk, int c0, int nq, int N, int Hq, int G,
-                                      int K, int nks, int NS, int D, float scale) {
+                                      int K, int nks, int NS, int D, float scale, const float *scale_grad) {
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (int64_t)nq * Hq) return;
+    if (scale_grad) scale *= *scale_grad;
     const int lane = threadIdx.x & 31;
     const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
     const int ns = selected_slots(topk + ((int64_t)(h / G) * N + t) * K, K) * nks;
@@ -327,8 +337,9 @@ template <typename T> __global__ void msa_dsum_kernel(float *dsum, const T *dout
 
 /* For each segment split over CTAs (block c = the CTA where it starts): sum the parts in CTA order
  * into the fp32 accumulators. */
-__global__ void msa_dkv_fixup_kernel(float *acck, float *accv, const float *cut, const TileDesc *desc, const int *tile_off,
-                                     int n_gr, int nks, int Rb, int Hkv, int D, int KB) {
+__global__ void msa_dkv_fixup_kernel(float *acck, float *accv, const float *cut, float *accki, const float *cutki,
+                                     const TileDesc *desc, const int *tile_off, int n_gr, int nks, int Rb, int N, int Hkv,
+                                     int D, int Di, int KB) {
     const int T = tile_off[n_gr], nc = gridDim.x, c = blockIdx.x;
     int tb, te;
     cta_range(T, c, nc, tb, te);
@@ -339,7 +350,7 @@ __global__ void msa_dkv_fixup_kernel(float *acck, float *accv, const float *cut,
     if (first < tb) return; /* it started in an earlier CTA, whose block does the sum */
     const int tpr = (tile_off[dl.gr + 1] - tile_off[dl.gr]) / nks, last = first + tpr - 1;
     const int c1 = (int)(((int64_t)(last + 1) * nc - 1) / T); /* the CTA holding the last tile */
-    const int g = dl.gr / Rb, n = (dl.khi - dl.klo) * D;
+    const int g = dl.gr / Rb, n = (acck || accv) ? (dl.khi - dl.klo) * D : 0;
     const int64_t part = (int64_t)KB * D;
     for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
         float sk = cut[((int64_t)c * 2 + 1) * 2 * part + idx], sv = cut[(((int64_t)c * 2 + 1) * 2 + 1) * part + idx];
@@ -355,6 +366,39 @@ __global__ void msa_dkv_fixup_kernel(float *acck, float *accv, const float *cut,
         if (acck) acck[o] += sk;
         if (accv) accv[o] += sv;
     }
+    /* the KL's dki of the segment: [cta][slot][KB][Di] parts into group g's accumulator */
+    const int ni = accki ? (dl.khi - dl.klo) * Di : 0;
+    const int64_t parti = (int64_t)KB * Di;
+    for (int idx = threadIdx.x; idx < ni; idx += blockDim.x) {
+        float si = cutki[((int64_t)c * 2 + 1) * parti + idx];
+        for (int cc = c + 1; cc <= c1; cc++) {
+            int b0, e0;
+            cta_range(T, cc, nc, b0, e0);
+            if (b0 >= e0) continue;
+            si += cutki[(int64_t)cc * 2 * parti + idx];
+        }
+        accki[((int64_t)g * N + dl.klo) * Di + idx] += si;
+    }
+}
+
+/* dki += mul * mul_grad[0] * (the groups' fp32 dki summed in group order) */
+template <typename T>
+__global__ void msa_dki_final_kernel(T *dki, const float *accki, int64_t n, int Hkv, float mul, const float *mul_grad) {
+    const float m = mul_grad ? mul * *mul_grad : mul;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int g = 0; g < Hkv; g++) s += accki[(int64_t)g * n + i];
+        dki[i] = from_f32<T>(to_f32(dki[i]) + m * s);
+    }
+}
+
+/* kl = (the CTAs' KL in CTA order, log2 units) * ln 2 / pairs: the mean KL, one block */
+__global__ void __launch_bounds__(1024) msa_kl_final_kernel(float *kl, const double *klpart, int n, double pairs) {
+    __shared__ double sh[32];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += klpart[i];
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) kl[0] = pairs > 0 ? (float)(acc * 0.6931471805599453 / pairs) : 0.0f;
 }
 
 /* grad += mul * acc */
@@ -512,17 +556,19 @@ void fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, 
     else launch_fwd_combine<T, PT, 1>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
 }
 
+/* dq += scale (* scale_grad[0]) * the partials of heads H of G per group, head dim D: the attention's dq
+ * (H = Hq, G, D), or the KL's dqi (H = Hkv, G = 1, D = Di) */
 template <typename T>
-void dq_combine(Tensor *dq, const float *dqp, const int32_t *topk, const Shape &sh, int c0, int nq, int nks, int NS,
-                float scale) {
-    const int64_t rows = (int64_t)nq * sh.Hq;
+void dq_combine(Tensor *dq, const float *dqp, const int32_t *topk, const Shape &sh, int H, int G, int D, int c0, int nq,
+                int nks, int NS, float scale, const float *scale_grad) {
+    const int64_t rows = (int64_t)nq * H;
     const unsigned blocks = (unsigned)((rows + 7) / 8);
     T *d = (T *)dq->data;
-    if (sh.D % 128 == 0)
-        msa_dq_combine_kernel<T, 4><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, sh.Hq, sh.G, sh.K, nks, NS, sh.D, scale);
-    else if (sh.D % 64 == 0)
-        msa_dq_combine_kernel<T, 2><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, sh.Hq, sh.G, sh.K, nks, NS, sh.D, scale);
-    else msa_dq_combine_kernel<T, 1><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, sh.Hq, sh.G, sh.K, nks, NS, sh.D, scale);
+    if (D % 128 == 0)
+        msa_dq_combine_kernel<T, 4><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
+    else if (D % 64 == 0)
+        msa_dq_combine_kernel<T, 2><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
+    else msa_dq_combine_kernel<T, 1><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
     LAUNCH_CHECK("msa_attention_backward dq combine");
 }
 
@@ -564,10 +610,11 @@ void for_each_chunk(const Sched &sc, const Shape &sh, const Geo &geo, const int3
     }
 }
 
-/* The geometry of the tile kernels for this call (the grid is measured once per kernel). */
-Geo tile_geo(DType dt, const Shape &sh, bool backward) {
+/* The geometry of the tile kernels for this call (the grid is measured once per kernel); Di > 0: the
+ * tensor-core backward with the KL folded in. */
+Geo tile_geo(DType dt, const Shape &sh, bool backward, int Di) {
     const bool tc = msa_tc_handles(dt, sh.D);
-    Geo g = backward ? (tc ? msa_tc_backward_geo(sh.D) : msa_cc_backward_geo(dt, sh.D))
+    Geo g = backward ? (tc ? msa_tc_backward_geo(sh.D, Di) : msa_cc_backward_geo(dt, sh.D))
                      : (tc ? msa_tc_forward_geo(sh.D) : msa_cc_forward_geo(dt, sh.D));
     g.nks = (sh.B + g.KB - 1) / g.KB;
     g.NS = sh.K * g.nks;
@@ -578,7 +625,7 @@ template <typename T>
 void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v, const int32_t *topk,
                   const int32_t *plan, const int32_t *cu, const Shape &sh, float scale) {
     const bool tc = msa_tc_handles(q->dtype, sh.D);
-    const Geo geo = tile_geo(q->dtype, sh, false);
+    const Geo geo = tile_geo(q->dtype, sh, false, 0);
     const size_t psz = tc ? sizeof(bf16) : sizeof(float); /* partial O: bf16 on the tensor-core path */
     const int Qc = chunk_queries(sh.N, (size_t)sh.Hq * geo.NS * (sh.D * psz + sizeof(float)));
     Carve cv{nullptr, 0};
@@ -605,18 +652,33 @@ void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, co
     });
 }
 
+/* The KL folded into the backward (msa_attention_kl_backward on the tensor cores): its inputs, outputs
+ * (NULL: not wanted) and the gradient's coefficient mul * grad[0] (grad NULL: mul), index scale included. */
+struct KlFold {
+    const Tensor *qi, *ki, *idx_lse;
+    Tensor *dqi, *dki, *kl;
+    const float *grad;
+    float mul, index_scale;
+    int Di;
+};
+
 template <typename T>
 void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q, const Tensor *k, const Tensor *v,
                    const Tensor *out, const Tensor *lse, const int32_t *topk, const int32_t *plan, const int32_t *cu,
-                   const Shape &sh, float scale) {
+                   const Shape &sh, float scale, const KlFold *kl) {
     const bool tc = msa_tc_handles(q->dtype, sh.D);
-    const Geo geo = tile_geo(q->dtype, sh, true);
-    const int Qc = dq ? chunk_queries(sh.N, (size_t)sh.Hq * geo.NS * sh.D * sizeof(float)) : chunk_queries(sh.N, 0);
+    const int Di = kl ? kl->Di : 0;
+    const Geo geo = tile_geo(q->dtype, sh, true, Di);
+    const size_t per_query = (dq ? (size_t)sh.Hq * geo.NS * sh.D * sizeof(float) : 0) +
+                             (kl && kl->dqi ? (size_t)sh.Hkv * geo.NS * Di * sizeof(float) : 0);
+    const int Qc = chunk_queries(sh.N, per_query);
     const bool want_kv = dk || dv;
-    const int64_t nkv = (int64_t)sh.N * sh.Hkv * sh.D;
+    const int64_t nkv = (int64_t)sh.N * sh.Hkv * sh.D, nki = (int64_t)sh.N * Di;
     Carve cv{nullptr, 0};
     Sched sc;
     float *dsum = nullptr, *acck = nullptr, *accv = nullptr, *cut = nullptr, *dqp = nullptr;
+    float *dqip = nullptr, *accki = nullptr, *cutki = nullptr;
+    double *klpart = nullptr;
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 1) cv = Carve{(char *)scratch(cv.off), 0};
         dsum = cv.take<float>((int64_t)sh.Hq * sh.N);
@@ -624,6 +686,12 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         accv = dv ? cv.take<float>(nkv) : nullptr;
         cut = want_kv ? cv.take<float>((int64_t)geo.grid * 2 * 2 * geo.KB * sh.D) : nullptr;
         dqp = dq ? cv.take<float>((int64_t)Qc * sh.Hq * geo.NS * sh.D) : nullptr;
+        if (kl) {
+            dqip = kl->dqi ? cv.take<float>((int64_t)Qc * sh.Hkv * geo.NS * Di) : nullptr;
+            accki = kl->dki ? cv.take<float>((int64_t)sh.Hkv * nki) : nullptr;
+            cutki = kl->dki ? cv.take<float>((int64_t)geo.grid * 2 * geo.KB * Di) : nullptr;
+            klpart = kl->kl ? cv.take<double>(geo.grid) : nullptr;
+        }
         sched_carve(cv, sc, sh, geo, Qc);
     }
     const int64_t rows = (int64_t)sh.N * sh.Hq;
@@ -632,6 +700,8 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     LAUNCH_CHECK("msa_attention_backward dsum");
     if (acck) CUDA_CHECK(cudaMemsetAsync(acck, 0, (size_t)nkv * sizeof(float)));
     if (accv) CUDA_CHECK(cudaMemsetAsync(accv, 0, (size_t)nkv * sizeof(float)));
+    if (accki) CUDA_CHECK(cudaMemsetAsync(accki, 0, (size_t)(sh.Hkv * nki) * sizeof(float)));
+    if (klpart) CUDA_CHECK(cudaMemsetAsync(klpart, 0, (size_t)geo.grid * sizeof(double)));
     TileArgs a = tile_args(q, k, v, sc, sh, geo, scale);
     a.dout = dout->data;
     a.lse = (const float *)lse->data;
@@ -640,15 +710,29 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     a.acck = acck;
     a.accv = accv;
     a.cut = cut;
+    if (kl) {
+        a.qi = kl->qi->data;
+        a.ki = kl->ki->data;
+        a.idx_lse = (const float *)kl->idx_lse->data;
+        a.dqip = dqip;
+        a.accki = accki;
+        a.cutki = cutki;
+        a.klpart = klpart;
+        a.lgG = 0;
+        while ((1 << a.lgG) < sh.G) a.lgG++;
+        a.isl2 = kl->index_scale * 1.4426950408889634f;
+    }
     for_each_chunk(sc, sh, geo, plan, topk, cu, Qc, a, [&](int c0, int c1) {
-        if (tc) msa_tc_backward_tiles(geo, a, sh.D);
+        if (tc) msa_tc_backward_tiles(geo, a, sh.D, Di);
         else msa_cc_backward_tiles(geo, a, q->dtype, sh.D);
-        if (want_kv) {
-            msa_dkv_fixup_kernel<<<geo.grid, 256>>>(acck, accv, cut, sc.desc, sc.tile_off, sh.n_gr, geo.nks, sh.Rb, sh.Hkv,
-                                                    sh.D, geo.KB);
+        if (want_kv || accki) {
+            msa_dkv_fixup_kernel<<<geo.grid, 256>>>(acck, accv, cut, accki, cutki, sc.desc, sc.tile_off, sh.n_gr, geo.nks,
+                                                    sh.Rb, sh.N, sh.Hkv, sh.D, Di, geo.KB);
             LAUNCH_CHECK("msa_attention_backward dk dv fixup");
         }
-        if (dq) dq_combine<T>(dq, dqp, topk, sh, c0, c1 - c0, geo.nks, geo.NS, scale);
+        if (dq) dq_combine<T>(dq, dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, c1 - c0, geo.nks, geo.NS, scale, nullptr);
+        if (kl && kl->dqi)
+            dq_combine<T>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, c1 - c0, geo.nks, geo.NS, kl->mul, kl->grad);
     });
     if (acck) {
         msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256>>>((T *)dk->data, acck, nkv, scale);
@@ -657,6 +741,14 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     if (accv) {
         msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256>>>((T *)dv->data, accv, nkv, 1.0f);
         LAUNCH_CHECK("msa_attention_backward dv");
+    }
+    if (accki) {
+        msa_dki_final_kernel<T><<<grid_for(nki, 256), 256>>>((T *)kl->dki->data, accki, nki, sh.Hkv, kl->mul, kl->grad);
+        LAUNCH_CHECK("msa_attention_kl_backward dki");
+    }
+    if (klpart) {
+        msa_kl_final_kernel<<<1, 1024>>>((float *)kl->kl->data, klpart, geo.grid, (double)sh.N * sh.Hkv);
+        LAUNCH_CHECK("msa_attention_kl_backward kl");
     }
 }
 
@@ -708,7 +800,61 @@ extern "C" void cuda_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, 
     const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh, &owned);
     DISPATCH_FLOAT(q->dtype, T, what,
                    backward_impl<T>(dq, dk, dv, dout, q, k, v, out, lse, (const int32_t *)topk->data, pl,
-                                    (const int32_t *)cu_seqlens->data, sh, p->scale));
+                                    (const int32_t *)cu_seqlens->data, sh, p->scale, nullptr));
     if (owned) cuda_free(owned);
 }
 
+
+extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *dv, Tensor *dqi, Tensor *dki, Tensor *kl,
+                                               const Tensor *dout, const Tensor *q, const Tensor *k, const Tensor *v,
+                                               const Tensor *out, const Tensor *lse, const Tensor *qi, const Tensor *ki,
+                                               const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
+                                               const Tensor *cu_seqlens, const MsaParams *p, const Tensor *kl_grad,
+                                               float kl_weight) {
+    init();
+    const char *what = "msa_attention_kl_backward";
+    const Shape sh = check_common(what, q, k, v, topk, plan, cu_seqlens, p);
+    if (!topk) fatal("cuda %s: topk is required (the dense warm-up has msa_kl_backward)", what);
+    if (!dq && !dk && !dv && !dqi && !dki && !kl) return;
+    if ((dq || dk || dv) && !dout) fatal("cuda %s: dout is required for dq, dk or dv", what);
+    if (dout && (dout->numel != q->numel || dout->dtype != q->dtype)) fatal("cuda %s: dout must have q's shape and dtype", what);
+    if (!out || out->numel != q->numel || out->dtype != q->dtype) fatal("cuda %s: out must have q's shape and dtype", what);
+    if (!lse || lse->numel != (int64_t)sh.Hq * sh.N || lse->dtype != DT_F32) fatal("cuda %s: lse must be f32 [Hq, N]", what);
+    const Tensor *grads[3] = {dq, dk, dv}, *like[3] = {q, k, v};
+    for (int i = 0; i < 3; i++)
+        if (grads[i] && (grads[i]->numel != like[i]->numel || grads[i]->dtype != q->dtype))
+            fatal("cuda %s: gradients must have their inputs' shapes and dtype", what);
+    if (!qi || !ki || qi->ndim != 3 || qi->shape[0] != sh.N || qi->shape[1] != sh.Hkv || ki->ndim != 2 ||
+        ki->shape[0] != sh.N || ki->shape[1] != qi->shape[2] || qi->dtype != ki->dtype)
+        fatal("cuda %s: qi must be [N, Hidx = Hkv, Di] and ki [N, Di] of one dtype", what);
+    if (!idx_lse || idx_lse->numel != (int64_t)sh.Hkv * sh.N || idx_lse->dtype != DT_F32)
+        fatal("cuda %s: idx_lse must be f32 [Hidx, N] (the indexer's)", what);
+    if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype)) || (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype)))
+        fatal("cuda %s: dqi and dki must have qi's and ki's shapes and dtype", what);
+    if ((kl && (kl->numel != 1 || kl->dtype != DT_F32)) || (kl_grad && (kl_grad->numel != 1 || kl_grad->dtype != DT_F32)))
+        fatal("cuda %s: kl and kl_grad must be f32 scalars", what);
+    const Tensor *dev[] = {dq, dk, dv, dqi, dki, kl, dout, out, lse, qi, ki, idx_lse, kl_grad};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        if (dev[i] && dev[i]->device != DEV_CUDA) fatal("cuda %s: every tensor must be on the CUDA device", what);
+    if (sh.N == 0) {
+        if (kl) CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float)));
+        return;
+    }
+    const int Di = (int)qi->shape[2];
+    /* the gradient's coefficient: kl_weight * kl_grad[0] / (N * Hidx), kl_grad read on the device */
+    const float mul = (float)((double)kl_weight / ((double)sh.N * sh.Hkv));
+    const float *grad = kl_grad ? (const float *)kl_grad->data : nullptr;
+    if (!dout || (!dqi && !dki && !kl) || !msa_tc_kl_handles(q->dtype, sh.D, sh.G, Di) || qi->dtype != DT_BF16) {
+        /* the separate kernels in sequence (the CUDA-core shapes and dtypes, or no dout) */
+        if (dq || dk || dv) cuda_msa_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, topk, plan, cu_seqlens, p);
+        msa_kl_backward_scaled(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul, grad);
+        if (kl) msa_kl_value(kl, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+        return;
+    }
+    void *owned;
+    const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh, &owned);
+    const KlFold fold = {qi, ki, idx_lse, dqi, dki, kl, grad, mul * p->index_scale, p->index_scale, Di};
+    backward_impl<bf16>(dq, dk, dv, dout, q, k, v, out, lse, (const int32_t *)topk->data, pl,
+                        (const int32_t *)cu_seqlens->data, sh, p->scale, &fold);
+    if (owned) cuda_free(owned);
+}

@@ -32,6 +32,15 @@ struct TileArgs {
     float *cut;                       /* backward: [grid][2][2][KB][D] parts of split segments */
     int n_gr, Rb, N, Hq, Hkv, G, NS, nks, c0;
     float scale;
+    /* the KL folded into the backward (msa_attention_kl_backward; tensor cores only), unused without */
+    const void *qi, *ki;              /* [N, Hkv, Di], [N, Di] */
+    const float *idx_lse;             /* [Hkv, N] */
+    float *dqip;                      /* [Qc][Hkv][NS][Di] fp32 dqi partials, NULL without dqi */
+    float *accki;                     /* [Hkv][N][Di] fp32: each group's dki, NULL without dki */
+    float *cutki;                     /* [grid][2][KB][Di] parts of split segments */
+    double *klpart;                   /* [grid]: the KL (log2 units) of each CTA's pairs, NULL without kl */
+    int lgG;                          /* log2 G (G a power of two with the KL) */
+    float isl2;                       /* index_scale * log2(e) */
 };
 
 /* the contiguous tile range of this CTA; the fixup kernel uses the same formula */
@@ -65,12 +74,15 @@ template <auto Kernel> int persistent_grid(const char *name, int threads, size_t
     return grid;
 }
 
-/* Tensor cores (msa_attention_tc.cu): BF16 with D = 64 or 128; partial outputs in bf16. */
+/* Tensor cores (msa_attention_tc.cu): BF16 with D = 64 or 128; partial outputs in bf16. The backward with
+ * the KL folded in (Di > 0) takes BF16 qi/ki with Di = 64 or 128 and G a power of two with at most 8
+ * queries per tile (msa_tc_kl_handles); Di = 0: the attention alone. */
 bool msa_tc_handles(DType dt, int D);
+bool msa_tc_kl_handles(DType dt, int D, int G, int Di);
 Geo msa_tc_forward_geo(int D);
 void msa_tc_forward_tiles(const Geo &g, const TileArgs &a, int D);
-Geo msa_tc_backward_geo(int D);
-void msa_tc_backward_tiles(const Geo &g, const TileArgs &a, int D);
+Geo msa_tc_backward_geo(int D, int Di);
+void msa_tc_backward_tiles(const Geo &g, const TileArgs &a, int D, int Di);
 
 /* CUDA cores (msa_attention_cc.cu): every other call (F32, and BF16 with other head dims up to 256);
  * partial outputs in fp32. */

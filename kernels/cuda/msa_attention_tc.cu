@@ -3,7 +3,8 @@
  * mma.sync m16n8k16 bf16 with fp32 accumulation, ldmatrix from XOR-swizzled shared memory, a 3-stage
  * cp.async pipeline (descriptor, entries, gathered Q / dO rows one tile ahead) so the gathers overlap
  * the previous tile's math. Forward tile 128 packed rows x 128 keys (16 rows per warp, 64-key
- * sub-tiles); backward tile 32 (D = 128) or 64 (D = 64) packed rows x 128 keys. */
+ * sub-tiles); backward tile 32 (D = 128) or 64 (D = 64) packed rows x 128 keys, optionally with the KL
+ * alignment loss folded in (msa_attention_kl_backward; see the backward's section). */
 #include <math.h>
 
 #include "msa_attention.cuh"
@@ -296,14 +297,37 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Tensor-core backward
+ * Tensor-core backward, and the KL folded into it
+ *
+ * With DI > 0 (msa_attention_kl_backward) each tile also does the KL's work on the pairs it already
+ * holds: the tile's packed rows are whole queries (G | M, M/G <= 8 queries), so the teacher of (key,
+ * query) is the mean of the P^T entries of the query's G heads, summed in registers and across the quad;
+ * the student's scores Z^T = KI QI^T (the warp's 16 keys x the tile's queries, one n8 tile) come from
+ * the segment's ki rows (loaded with K/V) and the tile's qi rows (gathered with Q/dO); dz = r - p with
+ * r = exp(z - idx_lse) (the indexer's normaliser) is then
+ *   dki += dz QI: fp32 accumulators in shared memory (each thread owns its elements, the mma C layout),
+ *                 flushed per segment like dK/dV (whole segments straight into the group's fp32 dki,
+ *                 split ones through per-CTA parts summed by the fixup in CTA order);
+ *   dqi partial = dz^T KI per (query, slot): dz staged as bf16 [key][query] like dS, one m16n8 mma chain
+ *                 per 16 dims over the segment's keys, combined in slot order like dQ;
+ *   KL += p (log p - log r) per CTA in fp64, summed in CTA order at the end.
+ * No atomics: the KL's results are as deterministic as dK/dV.
  * ---------------------------------------------------------------------------------------------- */
 
-template <int D> struct TcBwd {
+template <int D, int DI> struct TcBwd {
     static constexpr int M = D == 128 ? 32 : 64; /* packed query rows per tile (registers: dK, dV live) */
     static constexpr int CPR = D / 8, RB = D * 2, CPRS = M / 8;
     static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * M * 2;
-    static constexpr size_t SMEM = 4 * Q_BYTES + 2 * KV_BYTES + DS_BYTES + 4 * M * sizeof(float) + sizeof(TcRing<M>);
+    /* the KL's: ki of the segment, qi of the tile's queries (16 rows: an mma k16 / two n8 tiles, the rows
+     * past the tile's queries zero), dz [key][8 queries] bf16, the dki accumulators (rows padded by 8
+     * floats: conflict-free float2 per half-warp) */
+    static constexpr int QI_ROWS = 16, KACC_LD = DI + 8;
+    static constexpr size_t KI_BYTES = (size_t)TC_KB * DI * 2, QI_BYTES = (size_t)QI_ROWS * DI * 2,
+                            DZ_BYTES = DI > 0 ? (size_t)TC_KB * 16 : 0, KACC_BYTES = DI > 0 ? (size_t)TC_KB * KACC_LD * 4 : 0,
+                            LI_BYTES = DI > 0 ? 2 * QI_ROWS * sizeof(float) : 0;
+    static constexpr size_t KL_BYTES = KI_BYTES + 2 * QI_BYTES + DZ_BYTES + KACC_BYTES + LI_BYTES;
+    static constexpr size_t SMEM =
+        4 * Q_BYTES + 2 * KV_BYTES + DS_BYTES + KL_BYTES + 4 * M * sizeof(float) + sizeof(TcRing<M>);
 };
 
 /* Accumulators of one segment: warp w owns keys 16w .. 16w+15 (thread rows gid, gid+8), all D. */
@@ -311,11 +335,20 @@ template <int D> struct TcDkv {
     float k[D / 8][4], v[D / 8][4];
 };
 
+/* The KL's shared memory (DI > 0) of the CTA, and where the tile's current buffers are. */
+struct TcKlSmem {
+    unsigned char *ki, *qi; /* qi: 2 buffers of QI_BYTES */
+    unsigned char *dz;
+    float *kacc, *li;       /* li: 2 buffers of 16 (the tile's queries' idx_lse, natural log) */
+};
+
 /* Add a finished segment's dK/dV (unscaled) to the fp32 accumulators, or, when the segment is split
  * over CTAs, store it in this CTA's part (slot 1: the CTA where the segment starts; slot 0: the
- * others), summed in CTA order by msa_dkv_fixup_kernel. */
-template <int D>
-__device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TileDesc &d, bool started, bool ended, const TileArgs &a) {
+ * others), summed in CTA order by msa_dkv_fixup_kernel. The KL's dki (DI > 0) the same way, from the
+ * shared-memory accumulators, which it zeroes. */
+template <int D, int DI>
+__device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TcKlSmem &kls, const TileDesc &d, bool started, bool ended,
+                                         const TileArgs &a) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
     const int g = d.gr / a.Rb;
     const bool whole = started && ended;
@@ -324,28 +357,52 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TileDesc &d, bool 
     for (int half = 0; half < 2; half++) {
         const int kr = warp * 16 + gid + half * 8, key = d.klo + kr;
         if (key >= d.khi) continue;
+        if (a.acck || a.accv) {
 #pragma unroll
-        for (int j = 0; j < D / 8; j++) {
-            const int col = j * 8 + tig * 2;
-            const float2 vk = make_float2(acc.k[j][2 * half], acc.k[j][2 * half + 1]);
-            const float2 vv = make_float2(acc.v[j][2 * half], acc.v[j][2 * half + 1]);
-            if (whole) {
-                const int64_t o = ((int64_t)key * a.Hkv + g) * D + col;
-                if (a.acck) {
-                    float2 x = *(float2 *)(a.acck + o);
-                    x.x += vk.x;
-                    x.y += vk.y;
-                    *(float2 *)(a.acck + o) = x;
+            for (int j = 0; j < D / 8; j++) {
+                const int col = j * 8 + tig * 2;
+                const float2 vk = make_float2(acc.k[j][2 * half], acc.k[j][2 * half + 1]);
+                const float2 vv = make_float2(acc.v[j][2 * half], acc.v[j][2 * half + 1]);
+                if (whole) {
+                    const int64_t o = ((int64_t)key * a.Hkv + g) * D + col;
+                    if (a.acck) {
+                        float2 x = *(float2 *)(a.acck + o);
+                        x.x += vk.x;
+                        x.y += vk.y;
+                        *(float2 *)(a.acck + o) = x;
+                    }
+                    if (a.accv) {
+                        float2 x = *(float2 *)(a.accv + o);
+                        x.x += vv.x;
+                        x.y += vv.y;
+                        *(float2 *)(a.accv + o) = x;
+                    }
+                } else {
+                    *(float2 *)(cutp + (int64_t)kr * D + col) = vk;
+                    *(float2 *)(cutp + (int64_t)(TC_KB + kr) * D + col) = vv;
                 }
-                if (a.accv) {
-                    float2 x = *(float2 *)(a.accv + o);
-                    x.x += vv.x;
-                    x.y += vv.y;
-                    *(float2 *)(a.accv + o) = x;
+            }
+        }
+        if constexpr (DI > 0) {
+            if (a.accki) {
+                using C = TcBwd<D, DI>;
+                float *cuti = a.cutki + (((int64_t)blockIdx.x * 2 + (started ? 1 : 0)) * TC_KB + kr) * DI;
+                float *dst = a.accki + ((int64_t)g * a.N + key) * DI;
+#pragma unroll
+                for (int j = 0; j < DI / 8; j++) {
+                    const int col = j * 8 + tig * 2;
+                    float2 *s = (float2 *)(kls.kacc + kr * C::KACC_LD + col);
+                    const float2 v = *s;
+                    *s = make_float2(0.0f, 0.0f);
+                    if (whole) {
+                        float2 x = *(float2 *)(dst + col);
+                        x.x += v.x;
+                        x.y += v.y;
+                        *(float2 *)(dst + col) = x;
+                    } else {
+                        *(float2 *)(cuti + col) = v;
+                    }
                 }
-            } else {
-                *(float2 *)(cutp + (int64_t)kr * D + col) = vk;
-                *(float2 *)(cutp + (int64_t)(TC_KB + kr) * D + col) = vv;
             }
         }
     }
@@ -355,11 +412,135 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TileDesc &d, bool 
         for (int e = 0; e < 4; e++) acc.k[j][e] = acc.v[j][e] = 0.0f;
 }
 
-template <int D>
-__device__ __forceinline__ void tc_bwd_tile(TcDkv<D> &acc, const unsigned char *sQt, const unsigned char *sOt,
-                                            const float *sL, const float *sDs, unsigned char *sdS, const unsigned char *sK,
-                                            const unsigned char *sV, const TileDesc &d, const int4 *meta, const TileArgs &a) {
-    using C = TcBwd<D>;
+/* The KL's part of a tile for the warp's 16 keys (they have visible pairs): st = P^T of the warp (key rows
+ * gid, gid+8; packed row n*8 + 2 tig + (e & 1)). Adds dz QI to the dki accumulators, stages dz for dqi,
+ * returns the warp's KL share of this thread (log2 units). */
+template <int D, int DI>
+__device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 8][4], const TcKlSmem &kls,
+                                            const unsigned char *sQIt, const float *sLIt, const TileDesc &d,
+                                            const int4 *meta, const TileArgs &a) {
+    using C = TcBwd<D, DI>;
+    constexpr int NQ = C::M / 8, CPRI = DI / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    const int kw0 = warp * 16, lgG = a.lgG, nqt = C::M >> lgG;
+    const uint32_t kis = smem_u32(kls.ki), qis = smem_u32(sQIt);
+
+    /* Z^T: the warp's 16 keys x the tile's queries 0-7 */
+    float zt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int kk = 0; kk < DI / 16; kk++) {
+        uint32_t ka[4], b[4];
+        ldsm_x4(ka, kis + swz<CPRI>(kw0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+        ldsm_x4(b, qis + swz<CPRI>((lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1)));
+        mma_bf16_16816(zt, ka, b[0], b[1]);
+    }
+    /* the teacher (times G) of this thread's (key, query) elements: query q's heads are packed rows
+     * q*G .. q*G+G-1, spread over the quad's columns and the n-tiles */
+    float tp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        if (q < nqt) {
+            float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NQ; n++)
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+                    if (((n * 8 + tig * 2 + c) >> lgG) == q) {
+                        sa += st[n][c];
+                        sb += st[n][2 + c];
+                    }
+            sa = quad_sum(sa);
+            sb = quad_sum(sb);
+            if (q == 2 * tig) tp[0] = sa, tp[2] = sb;
+            if (q == 2 * tig + 1) tp[1] = sa, tp[3] = sb;
+        }
+    }
+    const float invG = ldexpf(1.0f, -lgG), lg2G = (float)lgG;
+    float dz[4], kl = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int qc = 2 * tig + (e & 1), key = d.klo + kw0 + gid + (e >> 1) * 8;
+        const int t = qc < nqt ? meta[qc << lgG].x : -1;
+        const bool vis = t >= 0 && key <= t && key < d.khi;
+        float v = 0.0f;
+        if (vis) {
+            const float lr = zt[e] * a.isl2 - sLIt[qc] * LOG2E; /* log2 r */
+            const float p = tp[e] * invG;
+            v = exp2f(lr) - p;
+            if (tp[e] > 0.0f) kl = fmaf(p, (log2f(tp[e]) - lg2G) - lr, kl);
+        }
+        dz[e] = v;
+    }
+    /* dki += dz QI (the queries are the k of the product; columns 8-15 zero) */
+    if (a.accki) {
+        const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        uint32_t da[4];
+        acc_to_a_frag(da, dz, zero);
+#pragma unroll
+        for (int dp = 0; dp < DI / 16; dp++) {
+            uint32_t b[4];
+            ldsm_x4_t(b, qis + swz<CPRI>((lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+            float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma_bf16_16816(c0, da, b[0], b[1]);
+            mma_bf16_16816(c1, da, b[2], b[3]);
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                float *row = kls.kacc + (kw0 + gid + half * 8) * C::KACC_LD + dp * 16 + tig * 2;
+                float2 x0 = *(float2 *)row, x1 = *(float2 *)(row + 8);
+                x0.x += c0[2 * half];
+                x0.y += c0[2 * half + 1];
+                x1.x += c1[2 * half];
+                x1.y += c1[2 * half + 1];
+                *(float2 *)row = x0;
+                *(float2 *)(row + 8) = x1;
+            }
+        }
+    }
+    if (a.dqip) {
+        *(uint32_t *)(kls.dz + (kw0 + gid) * 16 + tig * 4) = pack_bf16(dz[0], dz[1]);
+        *(uint32_t *)(kls.dz + (kw0 + gid + 8) * 16 + tig * 4) = pack_bf16(dz[2], dz[3]);
+    }
+    return kl;
+}
+
+/* dqi partial = dz^T KI over the segment's keys for the tile's queries (after the barrier that follows
+ * the warps' dz): warp w < DI/16 takes dims 16w .. 16w+15. */
+template <int D, int DI>
+__device__ __forceinline__ void tc_kl_dqi(const TcKlSmem &kls, int nkeys, const int4 *meta, const TileArgs &a) {
+    using C = TcBwd<D, DI>;
+    constexpr int CPRI = DI / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    if (warp >= DI / 16) return;
+    const int mt = warp, lgG = a.lgG, nqt = C::M >> lgG, nk16 = (nkeys + 15) >> 4;
+    const uint32_t kis = smem_u32(kls.ki), dzs = smem_u32(kls.dz);
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int kk = 0; kk < TC_KB / 16; kk++) {
+        if (kk < nk16) {
+            uint32_t af[4], b[4];
+            ldsm_x4_t(af, kis + swz<CPRI>(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1)));
+            ldsm_x4_t(b, dzs + (kk * 16 + (lane & 15)) * 16); /* b[2], b[3] repeat b[0], b[1] */
+            mma_bf16_16816(c, af, b[0], b[1]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int qc = 2 * tig + (e & 1);
+        if (qc >= nqt) continue;
+        const int4 m = meta[qc << lgG];
+        if (m.x < 0) continue;
+        const int dim = mt * 16 + gid + (e >> 1) * 8;
+        a.dqip[(((int64_t)(m.x - a.c0) * a.Hkv + (m.y >> lgG)) * a.NS + m.z) * DI + dim] = c[e];
+    }
+}
+
+template <int D, int DI>
+__device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls, const unsigned char *sQt,
+                                             const unsigned char *sOt, const float *sL, const float *sDs,
+                                             const unsigned char *sQIt, const float *sLIt, unsigned char *sdS,
+                                             const unsigned char *sK, const unsigned char *sV, const TileDesc &d,
+                                             const int4 *meta, const TileArgs &a) {
+    using C = TcBwd<D, DI>;
     constexpr int M = C::M, CPR = C::CPR, CPRS = C::CPRS, NQ = M / 8, ND = D / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, nkeys = d.khi - d.klo;
@@ -367,15 +548,18 @@ __device__ __forceinline__ void tc_bwd_tile(TcDkv<D> &acc, const unsigned char *
     for (int p = lane; p < M; p += 32) tmax = max(tmax, meta[p].x);
     tmax = __reduce_max_sync(FULL, tmax);
     const bool want_kv = a.acck || a.accv;
+    const bool want_dqi = DI > 0 && a.dqip;
     const float sl2 = a.scale * LOG2E;
     const uint32_t qs = smem_u32(sQt), os = smem_u32(sOt), ks = smem_u32(sK), vs = smem_u32(sV), dss = smem_u32(sdS);
+    float kl = 0.0f;
 
     if (kw0 < nkeys) { /* warp-uniform */
         if (d.klo + kw0 > tmax) {
-            /* every key of the warp is in the future of every query of the tile: dS = 0 */
+            /* every key of the warp is in the future of every query of the tile: dS = 0 (and dz) */
             if (a.dqp)
                 for (int idx = lane; idx < 16 * CPRS; idx += 32)
                     *(uint4 *)(sdS + swz<CPRS>(kw0 + idx / CPRS, idx % CPRS)) = make_uint4(0, 0, 0, 0);
+            if (want_dqi && lane < 16) *(uint4 *)(kls.dz + (kw0 + lane) * 16) = make_uint4(0, 0, 0, 0);
         } else {
             float st[NQ][4], dpt[NQ][4];
 #pragma unroll
@@ -443,10 +627,14 @@ __device__ __forceinline__ void tc_bwd_tile(TcDkv<D> &acc, const unsigned char *
                     *(uint32_t *)(sdS + swz<CPRS>(kw0 + gid + 8, n) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
                 }
             }
+            if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, a);
         }
     }
-    if (!a.dqp) return; /* uniform over the CTA */
+    if (!a.dqp && !want_dqi) return kl; /* uniform over the CTA */
     __syncthreads();
+    if constexpr (DI > 0)
+        if (want_dqi) tc_kl_dqi<D, DI>(kls, nkeys, meta, a);
+    if (!a.dqp) return kl;
     /* dQ_partial = dS K over the segment's keys: warp -> m-tile mt (16 packed rows), 4 d n-tiles */
     constexpr int MT = M / 16, NPW = 4;
     static_assert(MT * (ND / NPW) == TC_WARPS, "dQ work must cover the 8 warps");
@@ -478,12 +666,16 @@ __device__ __forceinline__ void tc_bwd_tile(TcDkv<D> &acc, const unsigned char *
         for (int j = 0; j < NPW; j++)
             *(float2 *)(dst + (n0 + j) * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
     }
+    return kl;
 }
 
-template <int D>
-__device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *sO, float *sL, float *sDs, const int4 *meta,
-                                              const TileArgs &a) {
-    constexpr int M = TcBwd<D>::M;
+/* the rows of the tile (meta): q and dout rows, lse and Dsum; with the KL also the tile's queries' qi rows
+ * (query q = packed rows q*G .., rows past the tile's queries zero) and idx_lse */
+template <int D, int DI>
+__device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *sO, float *sL, float *sDs, unsigned char *sQI,
+                                              float *sLI, const int4 *meta, const TileArgs &a) {
+    using C = TcBwd<D, DI>;
+    constexpr int M = C::M;
     tc_gather_rows<D, M>(sQ, (const bf16 *)a.q, meta, a.Hq);
     tc_gather_rows<D, M>(sO, (const bf16 *)a.dout, meta, a.Hq);
     for (int p = threadIdx.x; p < M; p += TC_THREADS) {
@@ -497,24 +689,66 @@ __device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *
             sDs[p] = 0.0f;
         }
     }
+    if constexpr (DI > 0) {
+        constexpr int CPRI = DI / 8;
+        const int nqt = M >> a.lgG;
+        for (int idx = threadIdx.x; idx < C::QI_ROWS * CPRI; idx += TC_THREADS) {
+            const int r = idx / CPRI, ch = idx - r * CPRI;
+            const int4 mt = r < nqt ? meta[r << a.lgG] : make_int4(-1, 0, 0, 0);
+            const bool ok = mt.x >= 0;
+            const bf16 *src = (const bf16 *)a.qi + (ok ? ((int64_t)mt.x * a.Hkv + (mt.y >> a.lgG)) * DI + ch * 8 : 0);
+            cp_async16(smem_u32(sQI) + swz<CPRI>(r, ch), src, ok);
+        }
+        if (threadIdx.x < C::QI_ROWS) {
+            const int r = threadIdx.x;
+            const int4 mt = r < nqt ? meta[r << a.lgG] : make_int4(-1, 0, 0, 0);
+            if (mt.x >= 0) cp_async4(smem_u32(sLI + r), a.idx_lse + (int64_t)(mt.y >> a.lgG) * a.N + mt.x);
+            else sLI[r] = 0.0f;
+        }
+    }
 }
 
-template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_kernel(TileArgs a) {
-    using C = TcBwd<D>;
+/* the segment's keys of K, V (and ki with the KL) */
+template <int D, int DI>
+__device__ __forceinline__ void tc_bwd_load_keys(unsigned char *sK, unsigned char *sV, unsigned char *sKI, const TileArgs &a,
+                                                 const TileDesc &d) {
+    tc_load_kv<D>(sK, sV, a, d);
+    if constexpr (DI > 0) {
+        constexpr int CPRI = DI / 8;
+        const bf16 *ki = (const bf16 *)a.ki;
+        for (int idx = threadIdx.x; idx < TC_KB * CPRI; idx += TC_THREADS) {
+            const int row = idx / CPRI, ch = idx - row * CPRI, key = d.klo + row;
+            const bool ok = key < d.khi;
+            cp_async16(smem_u32(sKI) + swz<CPRI>(row, ch), ki + (ok ? (int64_t)key * DI + ch * 8 : 0), ok);
+        }
+    }
+}
+
+template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_kernel(TileArgs a) {
+    using C = TcBwd<D, DI>;
     constexpr int M = C::M;
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char *sQ = smem, *sO = sQ + 2 * C::Q_BYTES, *sK = sO + 2 * C::Q_BYTES, *sV = sK + C::KV_BYTES;
     unsigned char *sdS = sV + C::KV_BYTES;
-    float *sL = (float *)(sdS + C::DS_BYTES), *sDs = sL + 2 * M;
+    TcKlSmem kls;
+    kls.ki = sdS + C::DS_BYTES;
+    kls.qi = kls.ki + C::KI_BYTES;
+    kls.dz = kls.qi + 2 * C::QI_BYTES;
+    kls.kacc = (float *)(kls.dz + C::DZ_BYTES);
+    kls.li = (float *)((unsigned char *)kls.kacc + C::KACC_BYTES);
+    float *sL = (float *)((unsigned char *)kls.li + C::LI_BYTES), *sDs = sL + 2 * M;
     TcRing<M> &ring = *(TcRing<M> *)(sDs + 2 * M);
     int tb, te;
     cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
     if (tb >= te) return;
+    const bool want_kv = a.acck || a.accv || (DI > 0 && a.accki);
+    if constexpr (DI > 0)
+        for (int i = threadIdx.x; i < TC_KB * C::KACC_LD; i += TC_THREADS) kls.kacc[i] = 0.0f;
 
     tc_ring_prologue(ring, a, tb, te);
-    tc_bwd_gather<D>(sQ + (tb & 1) * C::Q_BYTES, sO + (tb & 1) * C::Q_BYTES, sL + (tb & 1) * M, sDs + (tb & 1) * M,
-                     ring.meta[tb & 1], a);
-    tc_load_kv<D>(sK, sV, a, ring.desc[tb & 3]);
+    tc_bwd_gather<D, DI>(sQ + (tb & 1) * C::Q_BYTES, sO + (tb & 1) * C::Q_BYTES, sL + (tb & 1) * M, sDs + (tb & 1) * M,
+                         kls.qi + (tb & 1) * C::QI_BYTES, kls.li + (tb & 1) * C::QI_ROWS, ring.meta[tb & 1], a);
+    tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, ring.desc[tb & 3]);
     cp_async_commit();
     cp_async_wait_committed();
     __syncthreads();
@@ -525,30 +759,41 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_ker
 #pragma unroll
         for (int e = 0; e < 4; e++) acc.k[j][e] = acc.v[j][e] = 0.0f;
     bool started = (ring.desc[tb & 3].rows & TILE_FIRST) != 0;
+    double kl = 0.0;
 
     for (int i = tb; i < te; i++) {
         const int b1 = (i + 1) & 1;
         tc_ring_advance(ring, a, i, te);
-        if (i + 1 < te) tc_bwd_gather<D>(sQ + b1 * C::Q_BYTES, sO + b1 * C::Q_BYTES, sL + b1 * M, sDs + b1 * M, ring.meta[b1], a);
+        if (i + 1 < te)
+            tc_bwd_gather<D, DI>(sQ + b1 * C::Q_BYTES, sO + b1 * C::Q_BYTES, sL + b1 * M, sDs + b1 * M,
+                                 kls.qi + b1 * C::QI_BYTES, kls.li + b1 * C::QI_ROWS, ring.meta[b1], a);
         cp_async_commit();
         const int b0 = i & 1;
-        tc_bwd_tile<D>(acc, sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, sL + b0 * M, sDs + b0 * M, sdS, sK, sV,
-                       ring.desc[i & 3], ring.meta[b0], a);
+        kl += (double)tc_bwd_tile<D, DI>(acc, kls, sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, sL + b0 * M, sDs + b0 * M,
+                                         kls.qi + b0 * C::QI_BYTES, kls.li + b0 * C::QI_ROWS, sdS, sK, sV,
+                                         ring.desc[i & 3], ring.meta[b0], a);
         cp_async_wait_committed();
         __syncthreads();
         const TileDesc &dc = ring.desc[i & 3];
         if (i + 1 == te) {
-            if (a.acck || a.accv) tc_flush<D>(acc, dc, started, (dc.rows & TILE_LAST) != 0, a);
+            if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
         } else {
             const TileDesc &dn = ring.desc[(i + 1) & 3];
             if (dn.gr != dc.gr || dn.ks != dc.ks) {
-                if (a.acck || a.accv) tc_flush<D>(acc, dc, started, (dc.rows & TILE_LAST) != 0, a);
+                if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
                 started = (dn.rows & TILE_FIRST) != 0;
-                tc_load_kv<D>(sK, sV, a, dn);
+                tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, dn);
                 cp_async_commit();
                 cp_async_wait_committed();
                 __syncthreads();
             }
+        }
+    }
+    if constexpr (DI > 0) {
+        if (a.klpart) { /* this CTA's share, added to its slot launch after launch (one chunk each) */
+            __shared__ double red[TC_WARPS];
+            kl = block_sum(kl, red);
+            if (threadIdx.x == 0) a.klpart[blockIdx.x] += kl;
         }
     }
 }
@@ -558,6 +803,12 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_ker
 namespace msacuda {
 
 bool msa_tc_handles(DType dt, int D) { return dt == DT_BF16 && (D == 64 || D == 128); }
+
+bool msa_tc_kl_handles(DType dt, int D, int G, int Di) {
+    if (!msa_tc_handles(dt, D) || (Di != 64 && Di != 128) || G < 1 || (G & (G - 1))) return false;
+    const int M = D == 128 ? TcBwd<128, 0>::M : TcBwd<64, 0>::M;
+    return M % G == 0 && M / G <= 8;
+}
 
 Geo msa_tc_forward_geo(int D) {
     Geo g;
@@ -580,26 +831,33 @@ void msa_tc_forward_tiles(const Geo &g, const TileArgs &a, int D) {
     LAUNCH_CHECK("msa_attention_forward tiles (tensor cores)");
 }
 
-Geo msa_tc_backward_geo(int D) {
+template <int D, int DI> Geo tc_backward_geo() {
     Geo g;
     g.KB = TC_KB;
     g.threads = TC_THREADS;
-    if (D == 128) {
-        g.M = TcBwd<128>::M;
-        g.smem = TcBwd<128>::SMEM;
-        g.grid = persistent_grid<msa_bwd_tc_kernel<128>>("msa_attention_backward", TC_THREADS, g.smem);
-    } else {
-        g.M = TcBwd<64>::M;
-        g.smem = TcBwd<64>::SMEM;
-        g.grid = persistent_grid<msa_bwd_tc_kernel<64>>("msa_attention_backward", TC_THREADS, g.smem);
-    }
+    g.M = TcBwd<D, DI>::M;
+    g.smem = TcBwd<D, DI>::SMEM;
+    g.grid = persistent_grid<msa_bwd_tc_kernel<D, DI>>(DI ? "msa_attention_kl_backward" : "msa_attention_backward",
+                                                        TC_THREADS, g.smem);
     return g;
 }
 
-void msa_tc_backward_tiles(const Geo &g, const TileArgs &a, int D) {
-    if (D == 128) msa_bwd_tc_kernel<128><<<g.grid, g.threads, g.smem>>>(a);
-    else msa_bwd_tc_kernel<64><<<g.grid, g.threads, g.smem>>>(a);
-    LAUNCH_CHECK("msa_attention_backward tiles (tensor cores)");
+Geo msa_tc_backward_geo(int D, int Di) {
+    if (D == 128) return Di == 128 ? tc_backward_geo<128, 128>() : Di == 64 ? tc_backward_geo<128, 64>() : tc_backward_geo<128, 0>();
+    return Di == 128 ? tc_backward_geo<64, 128>() : Di == 64 ? tc_backward_geo<64, 64>() : tc_backward_geo<64, 0>();
+}
+
+void msa_tc_backward_tiles(const Geo &g, const TileArgs &a, int D, int Di) {
+    if (D == 128) {
+        if (Di == 128) msa_bwd_tc_kernel<128, 128><<<g.grid, g.threads, g.smem>>>(a);
+        else if (Di == 64) msa_bwd_tc_kernel<128, 64><<<g.grid, g.threads, g.smem>>>(a);
+        else msa_bwd_tc_kernel<128, 0><<<g.grid, g.threads, g.smem>>>(a);
+    } else {
+        if (Di == 128) msa_bwd_tc_kernel<64, 128><<<g.grid, g.threads, g.smem>>>(a);
+        else if (Di == 64) msa_bwd_tc_kernel<64, 64><<<g.grid, g.threads, g.smem>>>(a);
+        else msa_bwd_tc_kernel<64, 0><<<g.grid, g.threads, g.smem>>>(a);
+    }
+    LAUNCH_CHECK(Di ? "msa_attention_kl_backward tiles (tensor cores)" : "msa_attention_backward tiles (tensor cores)");
 }
 
 }  // namespace msacuda

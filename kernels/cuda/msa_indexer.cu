@@ -28,6 +28,11 @@
  * last one, strictly: ties keep the lower id), so the Top-k costs almost nothing next to the GEMM.
  * Thread blocks are issued heaviest first (the last query tiles see the most keys).
  *
+ * idx_lse (the student's log-normaliser over the selected tokens, msa_spec.md b.4) is a second pass over
+ * the selection only, KV-outer from a temporary plan (msa_kl.cu msa_selected_lse): the selected tokens are
+ * k * B per query where the scoring above visits the whole prefix, so the exponentials are not worth
+ * folding into this pass over every candidate as the official K1 kernel does.
+ *
  * Limits: topk_blocks <= 32, Di <= 128, Hidx <= 128, N < 2^30. */
 #include <math.h>
 #include <type_traits>
@@ -393,8 +398,8 @@ template <typename T, bool FAST> void index_dispatch_ks(const Tensor *qi, const 
 
 }  // namespace
 
-extern "C" void cuda_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens,
-                                 const MsaParams *p) {
+extern "C" void cuda_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tensor *ki,
+                                 const Tensor *cu_seqlens, const MsaParams *p) {
     init();
     const int64_t ndocs = msa_check_params("msa_indexer", p, cu_seqlens);
     if (qi->ndim != 3) fatal("cuda msa_indexer: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
@@ -411,6 +416,8 @@ extern "C" void cuda_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *k
     if (H < 1 || H > 128) fatal("cuda msa_indexer: %lld index heads not supported (1..128)", (long long)H);
     if (N >= (int64_t)1 << 30) fatal("cuda msa_indexer: %lld tokens: too many (< 2^30)", (long long)N);
     if (N == 0) return;
+    if (idx_lse && idx_lse->numel != H * N)
+        fatal("cuda msa_indexer: idx_lse must be f32 [Hidx = %lld, N = %lld]", (long long)H, (long long)N);
     IndexArgs a;
     a.topk = (int32_t *)topk->data;
     a.cu = (const int32_t *)cu_seqlens->data;
@@ -432,4 +439,5 @@ extern "C" void cuda_msa_indexer(Tensor *topk, const Tensor *qi, const Tensor *k
         if (fast) index_dispatch_ks<T, true>(qi, ki, a);
         else index_dispatch_ks<T, false>(qi, ki, a);
     });
+    if (idx_lse) msa_selected_lse(idx_lse, qi, ki, topk, cu_seqlens, p);
 }

@@ -45,6 +45,11 @@
  * forward's stats merged per tile), dki runs key-outer (a CTA keeps a key tile and walks the later
  * queries of its documents for every group). Both recompute the teacher from q, k and lse.
  *
+ * The student alone (LSE_SPARSE): the sparse forward's walk without the teacher, the statistics (m, s) of
+ * the selected tokens per (query, slot), combined into idx_lse: the indexer's idx_lse (msa_indexer.cu).
+ * The gradient's coefficient may be read on the device (a loss term's upstream gradient, so that no step
+ * waits for it on the host): cs = cs_mul * cs_grad[0] (cs_grad NULL: cs_mul).
+ *
  * Memory: shared memory 179 KB per CTA at D = Di = 128, G = 16 (one CTA of 8 warps per SM; the Q rows
  * of the next teacher unit load while the current one computes); global workspace (scratch) per
  * window <= WINDOW_BUDGET plus O(N) tables, and an fp32 [N, Di] dki accumulator in the sparse
@@ -68,7 +73,7 @@ constexpr int QSEG = 256; /* queries per work item (piece of a row's list): boun
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 constexpr size_t WINDOW_BUDGET = (size_t)256 << 20; /* bytes of per-window partials */
 
-enum { FWD_SPARSE = 0, BWD_SPARSE = 1, FWD_DENSE = 2, BWD_DENSE_DQ = 3, BWD_DENSE_DK = 4 };
+enum { FWD_SPARSE = 0, BWD_SPARSE = 1, FWD_DENSE = 2, BWD_DENSE_DQ = 3, BWD_DENSE_DK = 4, LSE_SPARSE = 5 };
 
 /* ------------------------------------------------------------------------------------------------
  * Tile geometry and the dynamic shared memory layout (computed on the host, read by the kernels)
@@ -174,7 +179,7 @@ template <typename T> struct KA {
     const T *q, *k, *qi, *ki;
     const float *lse, *idx_lse; /* idx_lse: the backward's input */
     const int *topk, *plan, *dstart, *dend;
-    float *idx_lse_out, *vals;  /* forward: idx_lse [Hkv, N], KL per (t, g) at t * Hkv + g */
+    float *idx_lse_out, *vals;  /* forward: idx_lse [Hkv, N], KL per (t, g) at t * Hkv + g (NULL: none) */
     T *dqi, *dki;               /* dense backward: accumulated in place */
     float *part;                /* sparse: the window's per-(query, slot) partials */
     float *dki_acc, *split;     /* sparse backward: fp32 dki accumulator, split-row partials */
@@ -184,6 +189,7 @@ template <typename T> struct KA {
     int N, Hq, Hkv, G, D, Di, K, B;
     int g, w0, work_cap, split_cap, rowp;
     float sl2, isl2, invG, lg2G, cs;
+    const float *cs_grad;       /* the gradient's coefficient is cs * cs_grad[0] (NULL: cs) */
     int vec_q, vec_i, want_dqi, want_dki;
     Lay L;
 };
@@ -413,7 +419,13 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
      * major, so the ones holding real queries are a prefix. Unit u's Q rows and lse go to buffer u & 1
      * (Q: buffer 0 when qbuf = 1) and are issued one unit ahead, to land while the previous unit
      * computes. */
-    const int nu = min(L.ngrp * L.npass, (nq + L.QS - 1) / L.QS * L.npass);
+    if constexpr (MODE == LSE_SPARSE) { /* the student alone */
+        cp_async_wait_all();
+        __syncthreads();
+        Ops<T>::nt(s.Z, L.ldzs, s.qis, L.ldqi, s.kis, L.ldki, L.QTp, L.KTp, L.Dip);
+        __syncthreads();
+    }
+    const int nu = MODE == LSE_SPARSE ? 0 : min(L.ngrp * L.npass, (nq + L.QS - 1) / L.QS * L.npass);
     auto issue_q = [&](int u) {
         const int qg = u / L.npass, h0 = (u - qg * L.npass) * L.HP, hn = min(L.HP, a.G - h0);
         T *qs = s.qs + (L.qbuf == 2 ? (u & 1) : 0) * L.ROWS * L.ldq;
@@ -429,7 +441,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
                                               : 0.0f;
         }
     };
-    issue_q(0);
+    if (nu > 0) issue_q(0);
     for (int u = 0; u < nu; u++) {
         const int qg = u / L.npass, hp = u - qg * L.npass, h0 = hp * L.HP, hn = min(L.HP, a.G - h0);
         cp_async_wait_all();
@@ -452,7 +464,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
     }
     __syncthreads();
 
-    if constexpr (MODE == FWD_SPARSE || MODE == FWD_DENSE) {
+    if constexpr (MODE == FWD_SPARSE || MODE == FWD_DENSE || MODE == LSE_SPARSE) {
         /* a warp per query, lanes over keys: the tile's statistics in log2 units */
         for (int qq = warp; qq < nq; qq += NWARPS) {
             const int t = s.qt[qq], tlo = s.qlo[qq];
@@ -468,7 +480,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
                 for (int jj = lane; jj < nk; jj += 32) {
                     const int j = j0 + jj;
                     if (j > t || j < tlo) continue;
-                    const float z2 = zr[jj] * a.isl2, pg = pr[jj];
+                    const float z2 = zr[jj] * a.isl2, pg = MODE == LSE_SPARSE ? 0.0f : pr[jj];
                     sum += exp2f(z2 - m);
                     if (pg > 0.0f) { /* p log p -> 0 as p -> 0 */
                         const float p = pg * a.invG;
@@ -482,7 +494,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
             c = warp_sum(c);
             if (lane == 0) {
                 const float4 ts = make_float4(m, sum, ab, c);
-                if constexpr (MODE == FWD_SPARSE) {
+                if constexpr (MODE == FWD_SPARSE || MODE == LSE_SPARSE) {
                     if (s.qslot[qq] >= 0) {
                         float4 *dst = (float4 *)a.part + ((int64_t)(t - a.w0) * a.K + s.qslot[qq]);
                         *dst = st == 0 ? ts : merge_stats(*dst, ts);
@@ -531,9 +543,10 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
 template <typename T>
 __device__ __forceinline__ void load_keys(const KA<T> &a, const Sm<T> &s, int g, int j0, int nk, bool with_ki) {
     const Lay &L = a.L;
-    load_tile<T>(s.ks, L.ldk, L.KTp, L.Dp, a.D, a.vec_q != 0, [&](int r) -> const T * {
-        return r < nk ? a.k + ((int64_t)(j0 + r) * a.Hkv + g) * a.D : nullptr;
-    });
+    if (a.k) /* (the student alone has no k) */
+        load_tile<T>(s.ks, L.ldk, L.KTp, L.Dp, a.D, a.vec_q != 0, [&](int r) -> const T * {
+            return r < nk ? a.k + ((int64_t)(j0 + r) * a.Hkv + g) * a.D : nullptr;
+        });
     if (with_ki)
         load_tile<T>(s.kis, L.ldki, L.KTp, L.Dip, a.Di, a.vec_i != 0, [&](int r) -> const T * {
             return r < nk ? a.ki + (int64_t)(j0 + r) * a.Di : nullptr;
@@ -648,12 +661,13 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_q_kernel(const __grid_con
             a.vals[(int64_t)t * a.Hkv + g] = fmaf(ls, r.w, r.z) * LN2; /* ab + (l2 - m) c */
         }
     } else {
+        const float cs = a.cs_grad ? a.cs * *a.cs_grad : a.cs;
         acc.store(s.O, L.ldo, L.QTp, L.Dip);
         __syncthreads();
         for (int i = tid; i < nq * a.Di; i += THREADS) {
             const int qq = i / a.Di, d = i - qq * a.Di;
             T *o = a.dqi + ((int64_t)(t0 + qq) * a.Hkv + g) * a.Di + d;
-            *o = from_f32<T>(to_f32(*o) + a.cs * s.O[qq * L.ldo + d]);
+            *o = from_f32<T>(to_f32(*o) + cs * s.O[qq * L.ldo + d]);
         }
     }
 }
@@ -686,12 +700,13 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_dk_kernel(const __grid_co
         }
     }
     __syncthreads();
+    const float cs = a.cs_grad ? a.cs * *a.cs_grad : a.cs;
     acc.store(s.O, L.ldo, L.KTp, L.Dip);
     __syncthreads();
     for (int i = tid; i < nk * a.Di; i += THREADS) {
         const int jj = i / a.Di, d = i - jj * a.Di;
         T *o = a.dki + (int64_t)(j0 + jj) * a.Di + d;
-        *o = from_f32<T>(to_f32(*o) + a.cs * s.O[jj * L.ldo + d]);
+        *o = from_f32<T>(to_f32(*o) + cs * s.O[jj * L.ldo + d]);
     }
 }
 
@@ -820,14 +835,15 @@ __global__ void kl_fwd_reduce_kernel(float *idx_lse, float *vals, const float4 *
             l = (m + ls) * LN2;
         }
         idx_lse[(int64_t)g * N + t] = l;
-        vals[(int64_t)t * Hkv + g] = kl * LN2;
+        if (vals) vals[(int64_t)t * Hkv + g] = kl * LN2;
     }
 }
 
 /* backward, per (query of the window, dim): dqi += cs * (the slots' partials in slot order) */
 template <typename T>
 __global__ void kl_dqi_reduce_kernel(T *dqi, const float *part, const int *topk, int g, int w0, int nt, int N, int Hkv, int K,
-                                     int Di, float cs) {
+                                     int Di, float cs_mul, const float *cs_grad) {
+    const float cs = cs_grad ? cs_mul * *cs_grad : cs_mul;
     const int64_t total = (int64_t)nt * Di;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         const int tl = (int)(i / Di), d = (int)(i - (int64_t)tl * Di), t = w0 + tl;
@@ -860,7 +876,8 @@ __global__ void kl_split_reduce_kernel(float *dki_acc, const float *split, const
     }
 }
 
-template <typename T> __global__ void kl_dki_final_kernel(T *dki, const float *acc, int64_t n, float cs) {
+template <typename T> __global__ void kl_dki_final_kernel(T *dki, const float *acc, int64_t n, float cs_mul, const float *cs_grad) {
+    const float cs = cs_grad ? cs_mul * *cs_grad : cs_mul;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         dki[i] = from_f32<T>(to_f32(dki[i]) + cs * acc[i]);
 }
@@ -1068,6 +1085,7 @@ void doc_bounds(int *dstart, int *dend, const Tensor *cu, const Dims &d) {
     LAUNCH_CHECK("msa_kl doc_bounds");
 }
 
+/* kl (the mean KL) and idx_lse (NULL: into a temporary: the value alone) */
 template <typename T>
 void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                 const Tensor *ki, const Tensor *topk, const Tensor *plan, const Tensor *cu, const MsaParams *p, const Dims &d) {
@@ -1076,22 +1094,23 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
     const Lay L = layout_for("msa_kl_forward", bf, d, topk != nullptr);
     KA<T> a = make_args<T>(d, p, L, q, k, lse, qi, ki, topk);
     a.plan = ph.ptr;
-    a.idx_lse_out = (float *)idx_lse->data;
     Sched sc(d, (int64_t)d.K * (int64_t)sizeof(float4));
     int *dstart = nullptr, *dend = nullptr;
-    float *vals = nullptr;
+    float *vals = nullptr, *il = nullptr;
     size_t need = 0;
     for (int pass = 0; pass < 2; pass++) { /* size, then carve */
         Bump b{pass ? (char *)scratch(need) : nullptr, 0};
         dstart = b.take<int>(d.N);
         dend = b.take<int>(d.N);
         vals = b.take<float>((int64_t)d.N * d.Hkv);
+        if (!idx_lse) il = b.take<float>((int64_t)d.N * d.Hkv);
         if (topk) {
             sc.carve(b, d.Hkv);
             a.part = b.take<float>((int64_t)sc.Nw * d.K * 4);
         }
         need = b.off;
     }
+    a.idx_lse_out = idx_lse ? (float *)idx_lse->data : il;
     a.dstart = dstart;
     a.dend = dend;
     a.vals = vals;
@@ -1117,10 +1136,67 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
     LAUNCH_CHECK("msa_kl_forward sum");
 }
 
+/* the student's normaliser alone over the selection (LSE_SPARSE): the indexer's idx_lse */
+template <typename T>
+void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu,
+                     const MsaParams *p, const Dims &d) {
+    const bool bf = std::is_same<T, bf16>::value;
+    PlanHold ph(topk, nullptr, cu, p, d);
+    /* one "head" per group and no main-branch rows: QTq = 64 queries per chunk share each key tile */
+    Lay L = make_lay(bf, d.B, 0, d.Di, 1, true, 1);
+    if (L.bytes > max_smem_optin())
+        fatal("cuda msa_indexer: Di = %d needs %d bytes of shared memory per block for idx_lse, the device allows %d", d.Di,
+              L.bytes, max_smem_optin());
+    KA<T> a;
+    memset(&a, 0, sizeof a);
+    a.qi = (const T *)qi->data;
+    a.ki = (const T *)ki->data;
+    a.topk = (const int *)topk->data;
+    a.plan = ph.ptr;
+    a.Pw = msa_plan_width(d.N, d.K);
+    a.N = d.N;
+    a.Hq = a.Hkv = d.Hkv;
+    a.G = 1;
+    a.Di = d.Di;
+    a.K = d.K;
+    a.B = d.B;
+    a.isl2 = p->index_scale * LOG2E;
+    a.vec_i = (d.Di * sizeof(T)) % 16 == 0 && ((uintptr_t)qi->data & 15) == 0 && ((uintptr_t)ki->data & 15) == 0;
+    a.L = L;
+    a.idx_lse_out = (float *)idx_lse->data;
+    Sched sc(d, (int64_t)d.K * (int64_t)sizeof(float4));
+    int *dstart = nullptr, *dend = nullptr;
+    size_t need = 0;
+    for (int pass = 0; pass < 2; pass++) { /* size, then carve */
+        Bump b{pass ? (char *)scratch(need) : nullptr, 0};
+        dstart = b.take<int>(d.N);
+        dend = b.take<int>(d.N);
+        sc.carve(b, d.Hkv);
+        a.part = b.take<float>((int64_t)sc.Nw * d.K * 4);
+        need = b.off;
+    }
+    a.dstart = dstart;
+    a.dend = dend;
+    doc_bounds(dstart, dend, cu, d);
+    sc.build(ph.ptr, d);
+    static int raised = 0;
+    for (int w = 0; w < sc.W; w++)
+        for (int g = 0; g < d.Hkv; g++) {
+            sc.select(a, g, w);
+            launch_tiles("msa_indexer idx_lse rows", kl_rows_kernel<T, LSE_SPARSE>, raised, dim3((unsigned)sc.cap), a);
+            const int nt = sc.window_len(d.N, w);
+            kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256>>>(a.idx_lse_out, nullptr, (const float4 *)a.part, a.topk, g, a.w0,
+                                                            nt, d.N, d.Hkv, d.K);
+            LAUNCH_CHECK("msa_indexer idx_lse reduce");
+        }
+}
+
+/* dqi, dki += cs_mul * cs_grad[0] * dKL/dz chained to qi, ki (cs_grad NULL: cs_mul), cs_mul including the
+ * index scale */
 template <typename T>
 void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                  const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan, const Tensor *cu,
-                 const MsaParams *p, float coeff, const Dims &d) {
+                 const MsaParams *p, float cs_mul, const float *cs_grad, const Dims &d) {
     const bool bf = std::is_same<T, bf16>::value;
     PlanHold ph(topk, plan, cu, p, d);
     const Lay L = layout_for("msa_kl_backward", bf, d, topk != nullptr);
@@ -1131,7 +1207,8 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
     a.dki = dki ? (T *)dki->data : nullptr;
     a.want_dqi = dqi != nullptr;
     a.want_dki = dki != nullptr;
-    a.cs = coeff * p->index_scale;
+    a.cs = cs_mul;
+    a.cs_grad = cs_grad;
     a.rowp = d.B < d.N ? d.B : d.N; /* rows of a block */
     const int64_t unit = (dqi ? (int64_t)d.K * d.Di * 4 : 0) + (dki ? (2 * (int64_t)d.K * a.rowp * d.Di * 4 + QSEG - 1) / QSEG : 0);
     Sched sc(d, unit);
@@ -1178,7 +1255,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
             const int nt = sc.window_len(d.N, w);
             if (dqi) {
                 kl_dqi_reduce_kernel<T><<<grid_for((int64_t)nt * d.Di, 256), 256>>>(a.dqi, a.part, a.topk, g, a.w0, nt, d.N,
-                                                                                  d.Hkv, d.K, d.Di, a.cs);
+                                                                                  d.Hkv, d.K, d.Di, a.cs, a.cs_grad);
                 LAUNCH_CHECK("msa_kl_backward dqi reduce");
             }
             if (dki) {
@@ -1189,7 +1266,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
         }
     if (dki) {
         const int64_t n = (int64_t)d.N * d.Di;
-        kl_dki_final_kernel<T><<<grid_for(n, 256), 256>>>(a.dki, a.dki_acc, n, a.cs);
+        kl_dki_final_kernel<T><<<grid_for(n, 256), 256>>>(a.dki, a.dki_acc, n, a.cs, a.cs_grad);
         LAUNCH_CHECK("msa_kl_backward dki");
     }
 }
@@ -1226,5 +1303,50 @@ extern "C" void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, 
         fatal("cuda msa_kl_backward: dqi and dki must have qi's and ki's shapes and dtype, on the device");
     if (d.N == 0) return;
     DISPATCH_FLOAT(q->dtype, T, "msa_kl_backward",
-                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, coeff, d));
+                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, coeff * p->index_scale,
+                                  nullptr, d));
 }
+
+namespace msacuda {
+
+void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
+                      const MsaParams *p) {
+    const int64_t ndocs = msa_check_params("msa_indexer", p, cu_seqlens);
+    const int64_t N = qi->shape[0], H = qi->shape[1], Di = qi->shape[2];
+    if (!idx_lse || idx_lse->dtype != DT_F32 || idx_lse->numel != H * N || idx_lse->device != DEV_CUDA)
+        fatal("cuda msa_indexer: idx_lse must be f32 [Hidx = %lld, N = %lld] on the device", (long long)H, (long long)N);
+    if (N == 0) return;
+    const Dims d{(int)N, (int)H, (int)H, 1, 0, (int)Di, p->topk_blocks, p->block_size, (int)ndocs};
+    DISPATCH_FLOAT(qi->dtype, T, "msa_indexer", kl_selected_lse<T>(idx_lse, qi, ki, topk, cu_seqlens, p, d));
+}
+
+void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
+                            const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
+                            const Tensor *cu_seqlens, const MsaParams *p, float coeff_mul, const float *coeff_grad) {
+    if (!dqi && !dki) return;
+    const Dims d = check_args("msa_attention_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
+        fatal("cuda msa_attention_kl_backward: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", d.Hkv, d.N);
+    if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype || dqi->device != DEV_CUDA)) ||
+        (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype || dki->device != DEV_CUDA)))
+        fatal("cuda msa_attention_kl_backward: dqi and dki must have qi's and ki's shapes and dtype, on the device");
+    if (d.N == 0) return;
+    DISPATCH_FLOAT(q->dtype, T, "msa_attention_kl_backward",
+                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                                  coeff_mul * p->index_scale, coeff_grad, d));
+}
+
+void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi, const Tensor *ki,
+                  const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p) {
+    const Dims d = check_args("msa_attention_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+    if (!kl || kl->numel != 1 || kl->dtype != DT_F32 || kl->device != DEV_CUDA)
+        fatal("cuda msa_attention_kl_backward: kl must be an f32 scalar tensor on the device");
+    if (d.N == 0) {
+        CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float)));
+        return;
+    }
+    DISPATCH_FLOAT(q->dtype, T, "msa_attention_kl_backward",
+                   kl_forward<T>(kl, nullptr, q, k, lse, qi, ki, topk, plan, cu_seqlens, p, d));
+}
+
+}  // namespace msacuda

@@ -242,6 +242,33 @@ static void msa_kl_cases(void) {
         GPU_CASE("msa_kl", msa_kl_zero_case, MsaKlZeroCase, acts[d], false);
         GPU_CASE("msa_kl", msa_kl_zero_case, MsaKlZeroCase, acts[d], true);
     }
+
+    /* the KL folded into the attention backward: act, ndocs, lens, Hq, Hkv, D, Di, B, K, init, grads (bits dq dk dv dqi
+     * dki kl), chunk, kl_grad, repeat. BF16 with G = 4..16 on the tensor cores (the fused kernel); F32 and G = 2, 3
+     * the separate kernels */
+    for (int d = 0; d < 2; d++) {
+        const DType a = acts[d];
+        /* G = 16, D = Di = 128, several documents (one of 1 token), k = 4 of up to 5 blocks */
+        GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, a, 3, {300, 129, 1}, 32, 2, 128, 128, 64, 4, 0, 63, 0, 1, 0);
+        /* G = 8, D = 64, Di = 128, hot block 0, chunks of 128 queries */
+        GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, a, 2, {700, 90}, 16, 2, 64, 128, 32, 3, 1, 63, 128, 1, 0);
+    }
+    const DType b = DT_BF16;
+    /* G = 8, D = 128, Di = 64, block 16 (segments of 16 keys: most warps idle), k = 6 */
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 3, {1, 37, 500}, 32, 4, 128, 64, 16, 6, 0, 63, 0, 1, 0);
+    /* G = 16, D = 64, Di = 64, k = 16 above every document's blocks: all selected */
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {600, 300}, 64, 4, 64, 64, 128, 16, 0, 63, 0, 0, 0);
+    /* G = 4 (8 queries per tile at D = 128), block 256: two key segments per block */
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {513, 96}, 8, 2, 128, 128, 256, 3, 1, 63, 100, 1, 0);
+    /* G = 2 and 3: the separate kernels */
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 1, {200}, 4, 2, 128, 128, 32, 3, 0, 63, 0, 1, 0);
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {90, 45}, 6, 2, 64, 64, 16, 3, 0, 63, 0, 0, 0);
+    /* subsets: the KL's gradients and value alone (a frozen backbone); the attention's gradients and the value */
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {300, 129}, 32, 2, 128, 128, 64, 4, 1, 56, 0, 1, 0);
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {300, 129}, 16, 2, 64, 128, 64, 4, 0, 39, 0, 0, 0);
+    /* MiniMax-like heads, many tiles per CTA, hot rows over many CTAs, twice: deterministic */
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {1500, 700}, 32, 2, 128, 128, 128, 8, 1, 63, 0, 1, 1);
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 1, {4096}, 16, 2, 64, 128, 64, 8, 0, 63, 0, 1, 1);
 }
 
 /* MoE (tests/gpu/test_gpu_moe.c says what the cases cover) */

@@ -161,6 +161,18 @@ typedef struct {
 void msa_kl_case(const void *args);
 typedef struct { DType act; bool dense; } MsaKlZeroCase; /* student == teacher: KL and gradient 0 */
 void msa_kl_zero_case(const void *args);
+/* msa_attention_kl_backward (the KL folded into the attention backward) against the CPU's separate kernels */
+typedef struct {
+    DType act;
+    int ndocs;
+    int32_t lens[6];
+    int Hq, Hkv, D, Di, B, K, init_blocks; /* init_blocks 1: block 0 selected by every query (hot) */
+    int grads;   /* bit 0 dq, 1 dk, 2 dv, 3 dqi, 4 dki, 5 the KL value */
+    int chunk;   /* queries per chunk (MSA_CUDA_MSA_CHUNK); 0: the kernel's own choice */
+    int kl_grad; /* the loss term's upstream gradient on the device (0.6); 0: none (1) */
+    int repeat;  /* run the GPU backward twice and require bit-identical results */
+} MsaAttentionKlCase;
+void msa_attention_kl_case(const void *args);
 
 /* ---- tests/gpu/test_gpu_moe.c ---- */
 

@@ -163,8 +163,9 @@ static int32_t *indexer_case(DType dt, const IdxSpec *sp, bool integer, bool kee
     }
     Tensor tc = mk(CB, DT_I32, 3, (int64_t[]){H, N, K});
     Tensor tg = dev_i32(3, (int64_t[]){H, N, K}, NULL);
-    CB->msa_indexer(&tc, &qi.c, &ki.c, &cs.c, &sp->p);
-    GB->msa_indexer(&tg, &qi.g, &ki.g, &cs.g, &sp->p);
+    Pair il = pair_out(DT_F32, 2, (int64_t[]){H, N});
+    CB->msa_indexer(&tc, &il.c, &qi.c, &ki.c, &cs.c, &sp->p);
+    GB->msa_indexer(&tg, &il.g, &qi.g, &ki.g, &cs.g, &sp->p);
     int32_t *gt = host_i32(&tg);
     const int32_t *ct = tc.data;
 
@@ -200,6 +201,24 @@ static int32_t *indexer_case(DType dt, const IdxSpec *sp, bool integer, bool kee
            dn(dt), integer ? "int" : "randn", sp->H, sp->Di, sp->p.block_size, sp->p.topk_blocks, sp->p.init_blocks,
            sp->p.local_blocks, docs, (long long)differ, (long long)(H * N),
            integer ? " (must be 0)" : " (near-ties allowed)", bad ? why : "");
+    /* idx_lse, the student's normaliser over the selection, on the rows both selected alike */
+    float *ilg = download_f32(&il.g), *ga = xmalloc((size_t)(H * N) * sizeof(float) + 4),
+          *ca = xmalloc((size_t)(H * N) * sizeof(float) + 4);
+    int64_t same = 0;
+    for (int64_t r = 0; r < H * N; r++)
+        if (!memcmp(gt + r * K, ct + r * K, (size_t)K * sizeof(int32_t))) {
+            ga[same] = ilg[r];
+            ca[same++] = ((const float *)il.c.data)[r];
+        }
+    bool nan;
+    const double e = rel_err_f32(ga, ca, same, &nan), tol = tol_of(dt);
+    record(same > 0 && !nan && e <= tol, "msa_indexer idx_lse %s %s H=%d Di=%d B=%d k=%d %s: rel err %.2e (tol %.0e) on %lld/%lld rows",
+           dn(dt), integer ? "int" : "randn", sp->H, sp->Di, sp->p.block_size, sp->p.topk_blocks, docs, e, tol, (long long)same,
+           (long long)(H * N));
+    free(ilg);
+    free(ga);
+    free(ca);
+    pair_free(&il);
     int32_t *ret = NULL;
     if (keep) {
         ret = xmalloc(tensor_bytes(&tc) + 4);
@@ -448,11 +467,11 @@ void bench_msa_indexer(void) {
         Tensor tk = mk(GB, DT_I32, 3, (int64_t[]){H, N, p.topk_blocks});
         Tensor plan = mk(GB, DT_I32, 2, (int64_t[]){H, msa_plan_width(N, p.topk_blocks)});
         int32_t x;
-        GB->msa_indexer(&tk, &qi, &ki, &cu, &p); /* warm-up */
+        GB->msa_indexer(&tk, NULL, &qi, &ki, &cu, &p); /* warm-up */
         GB->copy_to_host(&x, tk.data, 4);
         const int reps = N >= 131072 ? 3 : 10;
         double t0 = wall_seconds();
-        for (int i = 0; i < reps; i++) GB->msa_indexer(&tk, &qi, &ki, &cu, &p);
+        for (int i = 0; i < reps; i++) GB->msa_indexer(&tk, NULL, &qi, &ki, &cu, &p);
         GB->copy_to_host(&x, tk.data, 4);
         const double ti = (wall_seconds() - t0) / reps;
         GB->msa_plan(&plan, &tk, &cu, &p); /* warm-up (synchronises) */

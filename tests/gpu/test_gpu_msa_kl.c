@@ -1,5 +1,6 @@
-/* GPU case families of the MSA KL alignment loss (kernels/cuda/msa_kl.cu) against the CPU reference
- * (tests/gpu/gpu_check.h; the cases are listed in tests/gpu/cases.c), and its --bench timing (bench_msa_kl_gpu, called by test_gpu.c).
+/* GPU case families of the MSA KL alignment loss (kernels/cuda/msa_kl.cu, and folded into the attention
+ * backward: msa_attention_kl_case below) against the CPU reference (tests/gpu/gpu_check.h; the cases are
+ * listed in tests/gpu/cases.c), and its --bench timing (bench_msa_kl_gpu, called by test_gpu.c).
  *
  * Each case: random q/k/v and qi/ki, a selection (the CPU indexer on qi/ki, optionally with a forced
  * first block so that block 0 is a hot row, or NULL = the dense warm-up KL), the teacher's lse from
@@ -32,7 +33,7 @@ static Sel make_sel(const Pair *qi, const Pair *ki, const Pair *cs, const MsaPar
     Sel s;
     memset(&s, 0, sizeof s);
     s.tc = mk(CB, DT_I32, 3, (int64_t[]){Hkv, N, p->topk_blocks});
-    CB->msa_indexer(&s.tc, &qi->c, &ki->c, &cs->c, p);
+    CB->msa_indexer(&s.tc, NULL, &qi->c, &ki->c, &cs->c, p);
     s.tg = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, p->topk_blocks});
     GB->copy_from_host(s.tg.data, s.tc.data, tensor_bytes(&s.tc));
     if (plan) {
@@ -239,6 +240,147 @@ void msa_kl_zero_case(const void *args) {
     free(kiv);
     free(qv);
     free(kv);
+}
+
+/* ---------- the attention backward with the KL folded in (msa_attention_kl_backward) ---------- */
+
+/* The sparse phase's one backward: random q/k/v/qi/ki, the CPU indexer's selection and idx_lse (forced
+ * first block: block 0 hot), the CPU's forward out/lse, then the backward from those on both sides into
+ * accumulating dq, dk, dv, dqi, dki (the subset of grads) and the KL value, with an upstream gradient of
+ * the loss term on the device (or none: 1) and a KL weight. Also the GPU indexer's own idx_lse against
+ * the CPU's on the rows where their selections agree (BF16 near-ties may pick other blocks). BF16 with a
+ * power-of-two G of at most 8 queries per tensor-core tile is the fused kernel; the rest (F32, other G)
+ * the separate kernels in sequence. */
+void msa_attention_kl_case(const void *args) {
+    const MsaAttentionKlCase *c = args;
+    const DType act = c->act;
+    int32_t cu[8];
+    cu[0] = 0;
+    for (int i = 0; i < c->ndocs; i++) cu[i + 1] = cu[i] + c->lens[i];
+    const int64_t N = cu[c->ndocs], Hq = c->Hq, Hkv = c->Hkv, D = c->D, Di = c->Di, K = c->K;
+    const MsaParams p = {.block_size = c->B, .topk_blocks = c->K, .init_blocks = c->init_blocks, .local_blocks = 1,
+                         .scale = 1.0f / sqrtf((float)D), .index_scale = 1.0f / sqrtf((float)Di)};
+    const double tol = tol_of(act);
+    char desc[200], name[300];
+    int o = snprintf(desc, sizeof desc, "%s G=%lld D=%lld Di=%lld B=%d k=%d%s%s%s docs=", dn(act), (long long)(Hq / Hkv),
+                     (long long)D, (long long)Di, c->B, c->K, c->init_blocks ? " hot" : "", c->chunk ? " chunked" : "",
+                     c->kl_grad ? " grad" : "");
+    for (int i = 0; i < c->ndocs && o < (int)sizeof desc - 8; i++)
+        o += snprintf(desc + o, sizeof desc - (size_t)o, i ? ",%d" : "%d", c->lens[i]);
+
+    Pair cs = pair_i32(c->ndocs + 1, cu);
+    AttnCase a = attn_inputs(act, N, Hq, Hkv, D);
+    Pair qi = pair_rand(act, 3, (int64_t[]){N, Hkv, Di}, 0, 1), ki = pair_rand(act, 2, (int64_t[]){N, Di}, 0, 1);
+
+    /* the selection and the student's normaliser: the CPU indexer's, on both sides */
+    Tensor tkc = mk(CB, DT_I32, 3, (int64_t[]){Hkv, N, K});
+    Pair il = pair_out(DT_F32, 2, (int64_t[]){Hkv, N});
+    CB->msa_indexer(&tkc, &il.c, &qi.c, &ki.c, &cs.c, &p);
+    Tensor tkg = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K});
+    GB->copy_from_host(tkg.data, tkc.data, tensor_bytes(&tkc));
+    /* the GPU indexer's idx_lse where its selection is the CPU's */
+    Tensor tkg2 = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K});
+    GB->msa_indexer(&tkg2, &il.g, &qi.g, &ki.g, &cs.g, &p);
+    {
+        int32_t *g2 = xmalloc(tensor_bytes(&tkg2) + 4);
+        GB->copy_to_host(g2, tkg2.data, tensor_bytes(&tkg2));
+        float *ilg = download_f32(&il.g), *a1 = xmalloc((size_t)(Hkv * N) * sizeof(float) + 4),
+              *b1 = xmalloc((size_t)(Hkv * N) * sizeof(float) + 4);
+        int64_t same = 0;
+        for (int64_t r = 0; r < Hkv * N; r++)
+            if (!memcmp(g2 + r * K, (const int32_t *)tkc.data + r * K, (size_t)K * sizeof(int32_t))) {
+                a1[same] = ilg[r];
+                b1[same++] = ((const float *)il.c.data)[r];
+            }
+        bool nan;
+        const double e = rel_err_f32(a1, b1, same, &nan);
+        snprintf(name, sizeof name, "msa_indexer idx_lse %s", desc);
+        record(same > Hkv * N / 2 && !nan && e <= tol, "%-58s rel err %.2e (tol %.0e) on %lld/%lld rows of equal selection",
+               name, e, tol, (long long)same, (long long)(Hkv * N));
+        free(g2);
+        free(ilg);
+        free(a1);
+        free(b1);
+    }
+    upload_f32(&il.g, (const float *)il.c.data);
+
+    CB->msa_attention_forward(&a.out.c, &a.lse.c, &a.q.c, &a.k.c, &a.v.c, &tkc, NULL, &cs.c, &p);
+    attn_backward_inputs(&a, act);
+    Grad dqi = grad_new(act, 3, (int64_t[]){N, Hkv, Di}), dki = grad_new(act, 2, (int64_t[]){N, Di});
+    Pair kl = pair_out(DT_F32, 1, (int64_t[]){1});
+    const float grad_v = 0.6f, weight = 2.5f;
+    Pair kg = pair_from(DT_F32, 1, (int64_t[]){1}, &grad_v);
+    const int gm = c->grads;
+    if (c->chunk > 0) {
+        char b[32];
+        snprintf(b, sizeof b, "%d", c->chunk);
+        setenv("MSA_CUDA_MSA_CHUNK", b, 1);
+    }
+#define KL_BWD(S, be)                                                                                                   \
+    be->msa_attention_kl_backward(gm & 1 ? &a.dq.p.S : NULL, gm & 2 ? &a.dk.p.S : NULL, gm & 4 ? &a.dv.p.S : NULL,      \
+                                  gm & 8 ? &dqi.p.S : NULL, gm & 16 ? &dki.p.S : NULL, gm & 32 ? &kl.S : NULL,          \
+                                  &a.dout.S, &a.q.S, &a.k.S, &a.v.S, &a.o2.S, &a.l2.S, &qi.S, &ki.S,                    \
+                                  &il.S, &tk##S, NULL, &cs.S, &p, c->kl_grad ? &kg.S : NULL, weight)
+    KL_BWD(c, CB);
+    attn_arm_grads(&a);
+    grad_arm(&dqi);
+    grad_arm(&dki);
+    KL_BWD(g, GB);
+    attn_check_grads(&a, gm & 7, "msa_attention_kl", desc, tol);
+    const char *others = (gm & 31) == 31 ? "" : " (others NULL)";
+    if (gm & 8) {
+        snprintf(name, sizeof name, "msa_attention_kl bwd dqi %s%s", desc, others);
+        grad_check(name, &dqi, tol);
+    }
+    if (gm & 16) {
+        snprintf(name, sizeof name, "msa_attention_kl bwd dki %s%s", desc, others);
+        grad_check(name, &dki, tol);
+    }
+    if (gm & 32) {
+        float *got = download_f32(&kl.g);
+        const double ref = ((const float *)kl.c.data)[0], e = fabs((double)got[0] - ref) / fmax(fabs(ref), 1e-30);
+        snprintf(name, sizeof name, "msa_attention_kl bwd kl %s", desc);
+        record(isfinite(got[0]) && ref > 0 && e <= tol, "%-58s rel err %.2e (tol %.0e) kl %.7g vs %.7g", name, e, tol, got[0], ref);
+        free(got);
+    }
+    if (c->repeat) { /* again from the same starting gradients: bit-identical (no atomics) */
+        Grad *gs[5] = {&a.dq, &a.dk, &a.dv, &dqi, &dki};
+        float *first[5] = {NULL}, *klf = download_f32(&kl.g);
+        for (int i = 0; i < 5; i++)
+            if (gm & (1 << i)) {
+                first[i] = download_f32(&gs[i]->p.g);
+                upload_f32(&gs[i]->p.g, gs[i]->g0);
+            }
+        KL_BWD(g, GB);
+        bool same = true;
+        for (int i = 0; i < 5; i++) {
+            if (!first[i]) continue;
+            float *again = download_f32(&gs[i]->p.g);
+            same &= memcmp(first[i], again, (size_t)gs[i]->p.g.numel * sizeof(float)) == 0;
+            free(again);
+            free(first[i]);
+        }
+        float *kl2 = download_f32(&kl.g);
+        same &= !(gm & 32) || kl2[0] == klf[0];
+        free(kl2);
+        free(klf);
+        snprintf(name, sizeof name, "msa_attention_kl bwd deterministic %s", desc);
+        record(same, "%-58s %s", name, same ? "bit-identical" : "differs between two runs");
+    }
+#undef KL_BWD
+    if (c->chunk > 0) unsetenv("MSA_CUDA_MSA_CHUNK");
+    grad_free(&dqi);
+    grad_free(&dki);
+    pair_free(&kl);
+    pair_free(&kg);
+    pair_free(&il);
+    free_t(&tkc);
+    free_t(&tkg);
+    free_t(&tkg2);
+    pair_free(&qi);
+    pair_free(&ki);
+    attn_free(&a);
+    pair_free(&cs);
 }
 
 /* ---------- --bench ---------- */
