@@ -89,19 +89,6 @@ static bool file_exists(const char *path) {
     return stat(path, &sb) == 0;
 }
 
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    *len = fread(buf, 1, (size_t)n, f);
-    buf[*len] = 0;
-    fclose(f);
-    return buf;
-}
-
 static void write_bytes(const char *path, const void *data, size_t n) {
     FILE *f = fopen(path, "wb");
     fwrite(data, 1, n, f);
@@ -110,14 +97,14 @@ static void write_bytes(const char *path, const void *data, size_t n) {
 
 static void copy_file(const char *from, const char *to, double fraction) {
     size_t n;
-    char *buf = read_all(from, &n);
+    char *buf = test_read_file(from, &n);
     write_bytes(to, buf, (size_t)(n * fraction));
     free(buf);
 }
 
 static bool same_bytes(const char *a, const char *b) {
     size_t na, nb;
-    char *x = read_all(a, &na), *y = read_all(b, &nb);
+    char *x = test_read_file(a, &na), *y = test_read_file(b, &nb);
     bool same = x && y && na == nb && memcmp(x, y, na) == 0;
     free(x);
     free(y);
@@ -137,28 +124,6 @@ static void list_ckpt_files(const char *dir, char *out, size_t n) {
     if (k >= 0) free(names);
 }
 
-/* Start build/train with `args` (words separated by single spaces), stdout and stderr into out_path;
- * env_kv ("NAME=value") is added to its environment when not NULL. Returns the pid. */
-static pid_t spawn_train(const char *args, const char *env_kv, const char *out_path) {
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid == 0) {
-        char buf[2048], *argv[64];
-        int argc = 0;
-        snprintf(buf, sizeof buf, "%s", args);
-        argv[argc++] = "build/train";
-        for (char *w = strtok(buf, " "); w && argc < 63; w = strtok(NULL, " ")) argv[argc++] = w;
-        argv[argc] = NULL;
-        if (env_kv) putenv((char *)env_kv);
-        int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        dup2(fd, 1);
-        dup2(fd, 2);
-        execv("build/train", argv);
-        _exit(127);
-    }
-    return pid;
-}
-
 static int wait_for(pid_t pid) {
     int st;
     waitpid(pid, &st, 0);
@@ -169,9 +134,9 @@ static int wait_for(pid_t pid) {
 static int train_cli(const char *args, const char *env_kv, char *out, size_t n) {
     char log[64];
     snprintf(log, sizeof log, "/tmp/msa_ckpt_test_out_%d.txt", (int)getpid());
-    int st = wait_for(spawn_train(args, env_kv, log));
+    int st = wait_for(test_spawn_train(args, env_kv, log));
     size_t len;
-    char *text = read_all(log, &len);
+    char *text = test_read_file(log, &len);
     snprintf(out, n, "%s", text ? text : "");
     free(text);
     unlink(log);
@@ -443,7 +408,7 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     AdamW *opt = &r.opt;
 
     size_t gn;
-    char *good_bytes = read_all(good, &gn);
+    char *good_bytes = test_read_file(good, &gn);
     const char *names[] = {"truncated", "garbage", "shape", "missing", "extra", "no_moment", "not_ours", "soft_link"};
     char paths[8][256];
     for (int i = 0; i < 8; i++) snprintf(paths[i], sizeof paths[i], "%s/%s.h5", dir, names[i]);
@@ -465,7 +430,7 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     H5Fclose(f);
     size_t sizes[8];
     char *before[8];
-    for (int i = 0; i < 8; i++) before[i] = read_all(paths[i], &sizes[i]);
+    for (int i = 0; i < 8; i++) before[i] = test_read_file(paths[i], &sizes[i]);
 
     read_fails(tc, m, opt, false, paths[0], "truncated", NULL);
     read_fails(tc, m, opt, false, paths[1], "not an HDF5 file", NULL);
@@ -481,7 +446,7 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
     bool untouched = true;
     for (int i = 0; i < 8; i++) {
         size_t n;
-        char *now = read_all(paths[i], &n);
+        char *now = test_read_file(paths[i], &n);
         if (!now || n != sizes[i] || memcmp(now, before[i], n)) {
             printf("    %s changed\n", paths[i]);
             untouched = false;
@@ -490,7 +455,7 @@ TEST(bad_checkpoints_stop_with_a_message_and_change_nothing) {
         free(before[i]);
     }
     size_t n;
-    char *now = read_all(good, &n);
+    char *now = test_read_file(good, &n);
     untouched = untouched && n == gn && !memcmp(now, good_bytes, n);
     free(now);
     free(good_bytes);
@@ -912,7 +877,7 @@ TEST(init_from_dense_checkpoint_into_msa_model) {
 
 static int count_lines(const char *path) {
     size_t n;
-    char *text = read_all(path, &n);
+    char *text = test_read_file(path, &n);
     int lines = 0;
     for (size_t i = 0; text && i < n; i++) lines += text[i] == '\n';
     free(text);
@@ -926,14 +891,14 @@ TEST(sigterm_stops_with_a_checkpoint_that_resumes) {
     snprintf(log, sizeof log, "%s/train.log", dir);
     snprintf(args, sizeof args,
              TINY " " TINY_SET " --set train.steps=1000000 --set train.eval_every=0 --set train.out_dir=%s", dir);
-    pid_t pid = spawn_train(args, NULL, log);
+    pid_t pid = test_spawn_train(args, NULL, log);
     /* wait until it is training (three steps logged), then ask it to stop */
     struct timespec nap = {0, 20 * 1000 * 1000};
     for (int i = 0; i < 3000 && count_lines(metrics) < 3; i++) nanosleep(&nap, NULL);
     kill(pid, SIGTERM);
     int st = wait_for(pid);
     size_t n;
-    char *text = read_all(log, &n);
+    char *text = test_read_file(log, &n);
     snprintf(out, sizeof out, "%s", text ? text : "");
     free(text);
     EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0, "after SIGTERM: %s %d: %s", WIFEXITED(st) ? "status" : "signal",
@@ -949,7 +914,7 @@ TEST(sigterm_stops_with_a_checkpoint_that_resumes) {
     char want[64];
     snprintf(want, sizeof want, "at step %d", step);
     EXPECT(rc == 0 && strstr(out, want), "resume after SIGTERM: status %d: %s", rc, out);
-    text = read_all(metrics, &n);
+    text = test_read_file(metrics, &n);
     snprintf(want, sizeof want, "{\"step\": %d, \"loss\"", step + 2);
     bool logged = text && strstr(text, want);
     snprintf(want, sizeof want, "{\"step\": 1, \"loss\"");
