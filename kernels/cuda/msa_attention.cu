@@ -844,7 +844,12 @@ extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *d
     /* the gradient's coefficient: kl_weight * kl_grad[0] / (N * Hidx), kl_grad read on the device */
     const float mul = (float)((double)kl_weight / ((double)sh.N * sh.Hkv));
     const float *grad = kl_grad ? (const float *)kl_grad->data : nullptr;
-    if (!dout || (!dqi && !dki && !kl) || !msa_tc_kl_handles(q->dtype, sh.D, sh.G, Di) || qi->dtype != DT_BF16) {
+    /* MSA_CUDA_KL_FOLD=0 runs the separate kernels for every shape: the fold is new, and a user who suspects it
+     * can compare the two paths without rebuilding */
+    const char *fold_env = getenv("MSA_CUDA_KL_FOLD");
+    const bool fold_off = fold_env && !strcmp(fold_env, "0");
+    if (fold_off || !dout || (!dqi && !dki && !kl) || !msa_tc_kl_handles(q->dtype, sh.D, sh.G, Di) ||
+        qi->dtype != DT_BF16) {
         /* the separate kernels in sequence (the CUDA-core shapes and dtypes, or no dout) */
         if (dq || dk || dv) cuda_msa_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, topk, plan, cu_seqlens, p);
         msa_kl_backward_scaled(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul, grad);
