@@ -1290,21 +1290,31 @@ extern "C" void cuda_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q
                    kl_forward<T>(kl, idx_lse, q, k, lse, qi, ki, topk, plan, cu_seqlens, p, d));
 }
 
+/* The sparse KL backward's argument checks and launch, for both entries that run it (what: the entry's name
+ * in messages); the coefficient is coeff_mul, times *coeff_grad when that device scalar is given. */
+static void kl_backward_checked(const char *what, Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k,
+                                const Tensor *lse, const Tensor *qi, const Tensor *ki, const Tensor *idx_lse,
+                                const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p,
+                                float coeff_mul, const float *coeff_grad) {
+    if (!dqi && !dki) return;
+    const Dims d = check_args(what, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
+        fatal("cuda %s: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", what, d.Hkv, d.N);
+    if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype || dqi->device != DEV_CUDA)) ||
+        (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype || dki->device != DEV_CUDA)))
+        fatal("cuda %s: dqi and dki must have qi's and ki's shapes and dtype, on the device", what);
+    if (d.N == 0) return;
+    DISPATCH_FLOAT(q->dtype, T, what,
+                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                                  coeff_mul * p->index_scale, coeff_grad, d));
+}
+
 extern "C" void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
                                      const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
                                      const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
     init();
-    if (!dqi && !dki) return;
-    const Dims d = check_args("msa_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
-    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
-        fatal("cuda msa_kl_backward: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", d.Hkv, d.N);
-    if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype || dqi->device != DEV_CUDA)) ||
-        (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype || dki->device != DEV_CUDA)))
-        fatal("cuda msa_kl_backward: dqi and dki must have qi's and ki's shapes and dtype, on the device");
-    if (d.N == 0) return;
-    DISPATCH_FLOAT(q->dtype, T, "msa_kl_backward",
-                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, coeff * p->index_scale,
-                                  nullptr, d));
+    kl_backward_checked("msa_kl_backward", dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, coeff,
+                        nullptr);
 }
 
 namespace msacuda {
@@ -1323,17 +1333,8 @@ void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const
 void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                             const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
                             const Tensor *cu_seqlens, const MsaParams *p, float coeff_mul, const float *coeff_grad) {
-    if (!dqi && !dki) return;
-    const Dims d = check_args("msa_attention_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
-    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
-        fatal("cuda msa_attention_kl_backward: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", d.Hkv, d.N);
-    if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype || dqi->device != DEV_CUDA)) ||
-        (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype || dki->device != DEV_CUDA)))
-        fatal("cuda msa_attention_kl_backward: dqi and dki must have qi's and ki's shapes and dtype, on the device");
-    if (d.N == 0) return;
-    DISPATCH_FLOAT(q->dtype, T, "msa_attention_kl_backward",
-                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
-                                  coeff_mul * p->index_scale, coeff_grad, d));
+    kl_backward_checked("msa_attention_kl_backward", dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                        coeff_mul, coeff_grad);
 }
 
 void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi, const Tensor *ki,
