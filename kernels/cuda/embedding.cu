@@ -1,11 +1,8 @@
 /* Token embedding on the GPU. Forward: out[n,:] = wte[tokens[n],:] (wte F32 master weights or BF16,
  * out the activation dtype). Backward: dwte[v,:] += sum of dout[n,:] over the positions n holding
- * token v, deterministic: the tokens are sorted by value on the host (one small copy of the i32 ids,
- * a synchronisation once per backward) and each (token, channel) sums its rows in position order,
- * so an F32 gradient is bit-identical to the CPU reference's. */
-#include <stdlib.h>
-#include <string.h>
-
+ * token v, deterministic: the token ids are radix-sorted on the device (stable, so each token's positions stay in
+ * order; no copy to the host) and each (token, channel) sums its rows in position order, so an F32
+ * gradient is bit-identical to the CPU reference's. */
 #include "primitives.cuh"
 
 using namespace msacuda;
@@ -38,16 +35,35 @@ extern "C" void cuda_embedding_forward(Tensor *out, const Tensor *wte, const Ten
     }));
 }
 
-/* one block row per distinct token (blockIdx.x), channels across threads and blockIdx.y */
+/* Sort keys for the backward: the token id (V for an id outside the vocabulary, which the forward has
+ * already reported, so it sorts last and is skipped) with its position as the value. */
+__global__ void embedding_sort_keys_kernel(uint32_t *keys, int32_t *pos, const int32_t *tokens, int64_t N, int64_t V,
+                                           int *err) {
+    for (int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; n < N; n += (int64_t)gridDim.x * blockDim.x) {
+        const int32_t tok = tokens[n];
+        const bool bad = tok < 0 || tok >= V;
+        if (bad) report_error(err, ERR_TOKEN, (int)n, tok);
+        keys[n] = bad ? (uint32_t)V : (uint32_t)tok;
+        pos[n] = (int32_t)n;
+    }
+}
+
+/* Thread block (i, y) per sorted position i and 128 channels: the blocks at the first position of each
+ * run of one token sum that token's rows in position order (the sort is stable) into its gradient row;
+ * every other block exits at once. */
 template <typename Tw, typename To>
-__global__ void embedding_bwd_kernel(Tw *dwte, const To *dout, const int32_t *uniq, const int32_t *offs,
-                                     const int32_t *perm, int64_t C) {
+__global__ void embedding_bwd_kernel(Tw *dwte, const To *dout, const uint32_t *keys, const int32_t *pos, int64_t N,
+                                     int64_t C, int64_t V) {
+    const int64_t i = blockIdx.x;
+    const uint32_t v = keys[i];
+    if (v >= (uint32_t)V || (i > 0 && keys[i - 1] == v)) return;
+    int64_t end = i + 1;
+    while (end < N && keys[end] == v) end++;
     const int64_t c = blockIdx.y * (int64_t)blockDim.x + threadIdx.x;
     if (c >= C) return;
-    const int64_t v = uniq[blockIdx.x];
-    float acc = to_f32(dwte[v * C + c]);
-    for (int32_t k = offs[blockIdx.x]; k < offs[blockIdx.x + 1]; k++) acc += to_f32(dout[(int64_t)perm[k] * C + c]);
-    dwte[v * C + c] = from_f32<Tw>(acc);
+    float acc = to_f32(dwte[(int64_t)v * C + c]);
+    for (int64_t k = i; k < end; k++) acc += to_f32(dout[(int64_t)pos[k] * C + c]);
+    dwte[(int64_t)v * C + c] = from_f32<Tw>(acc);
 }
 
 extern "C" void cuda_embedding_backward(Tensor *dwte, const Tensor *dout, const Tensor *tokens) {
@@ -58,43 +74,18 @@ extern "C" void cuda_embedding_backward(Tensor *dwte, const Tensor *dout, const 
     if (dwte->ndim != 2 || dout->numel != N * C)
         fatal("cuda embedding backward: dout must be [%lld, %lld]", (long long)N, (long long)C);
     if (N == 0 || C == 0) return;
-    if (N > INT32_MAX) fatal("cuda embedding backward: more than 2^31 tokens");
-    int32_t *tok = (int32_t *)malloc((size_t)N * sizeof(int32_t));
-    int32_t *count = (int32_t *)calloc((size_t)V + 1, sizeof(int32_t));
-    if (!tok || !count) fatal("out of host memory in cuda embedding backward");
-    CUDA_CHECK(cudaMemcpy(tok, tokens->data, (size_t)N * sizeof(int32_t), cudaMemcpyDeviceToHost));
-    for (int64_t n = 0; n < N; n++) {
-        if (tok[n] < 0 || tok[n] >= V)
-            fatal("embedding: token %d at position %lld outside the vocabulary [0, %lld)", tok[n], (long long)n, (long long)V);
-        count[tok[n]]++;
-    }
-    /* host layout: perm [N] | uniq [U] | offs [U+1], uploaded in one copy */
-    int32_t *host = (int32_t *)malloc((size_t)(3 * N + 1) * sizeof(int32_t));
-    if (!host) fatal("out of host memory in cuda embedding backward");
-    int32_t U = 0;
-    for (int64_t v = 0; v < V; v++) U += count[v] > 0;
-    int32_t *perm = host, *uniq = host + N, *offs = host + N + U;
-    int32_t pos = 0, u = 0;
-    for (int64_t v = 0; v < V; v++) { /* count[v] becomes the token's first slot in perm */
-        const int32_t c = count[v];
-        count[v] = pos;
-        if (c) {
-            uniq[u] = (int32_t)v;
-            offs[u++] = pos;
-        }
-        pos += c;
-    }
-    offs[U] = pos;
-    for (int64_t n = 0; n < N; n++) perm[count[tok[n]]++] = (int32_t)n; /* stable: position order */
-    const size_t words = (size_t)N + 2 * (size_t)U + 1;
-    int32_t *dev = (int32_t *)scratch(words * sizeof(int32_t));
-    CUDA_CHECK(cudaMemcpy(dev, host, words * sizeof(int32_t), cudaMemcpyHostToDevice));
-    free(tok);
-    free(count);
-    free(host);
-    const dim3 grid((unsigned)U, (unsigned)((C + 127) / 128));
+    if (N > INT32_MAX || V >= INT32_MAX) fatal("cuda embedding backward: more than 2^31 tokens or vocabulary entries");
+    /* scratch: keys_in, keys_out [N] u32 | pos_in, pos_out [N] i32 | radix-sort temp */
+    const size_t temp_bytes = sort_pairs_temp_bytes(N, (uint32_t)V);
+    const size_t a = align256((size_t)N * 4);
+    char *ws = (char *)scratch(4 * a + temp_bytes);
+    uint32_t *keys_in = (uint32_t *)ws, *keys = (uint32_t *)(ws + a);
+    int32_t *pos_in = (int32_t *)(ws + 2 * a), *pos = (int32_t *)(ws + 3 * a);
+    embedding_sort_keys_kernel<<<grid_for(N, 256), 256>>>(keys_in, pos_in, (const int32_t *)tokens->data, N, V, errbuf());
+    LAUNCH_CHECK("embedding_backward keys");
+    sort_pairs(ws + 4 * a, temp_bytes, keys_in, keys, pos_in, pos, N, (uint32_t)V);
     DISPATCH_FLOAT(dwte->dtype, Tw, "embedding_backward", DISPATCH_FLOAT(dout->dtype, To, "embedding_backward", {
-        embedding_bwd_kernel<Tw, To><<<grid, 128>>>((Tw *)dwte->data, (const To *)dout->data, dev + N, dev + N + U, dev, C);
+        embedding_bwd_kernel<Tw, To><<<dim3((unsigned)N, (unsigned)((C + 127) / 128)), 128>>>((Tw *)dwte->data, (const To *)dout->data, keys, pos, N, C, V);
         LAUNCH_CHECK("embedding_backward");
     }));
 }
