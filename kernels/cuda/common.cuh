@@ -29,10 +29,12 @@ void after_launch(const char *kernel, const char *file, int line);
  * calls is safe. */
 void *scratch(size_t bytes);
 
-/* The device error word, int[4]: [0] an error code (first one wins), [1], [2] details. Kernels that
- * find bad input (a token outside the vocabulary, ...) record it instead of trapping; the host reads it
- * at its synchronisation points (check_device_errors: copies to the host, sumsq, cross-entropy). */
-enum { ERR_NONE = 0, ERR_TOKEN = 1, ERR_TARGET = 2, ERR_CU_SEQLENS = 3 };
+/* The device error word, int[ERR_WORDS]: [0] an error code (first one wins), [1..] details. Kernels that
+ * find bad input (a token outside the vocabulary, ...) record it instead of trapping or making the host
+ * wait; the host reads it at its synchronisation points (check_device_errors: copies to the host, sumsq,
+ * cross-entropy), so a bad input costs no round trip while the step runs. */
+enum { ERR_NONE = 0, ERR_TOKEN = 1, ERR_TARGET = 2, ERR_CU_SEQLENS = 3, ERR_MSA_TOPK = 4 };
+constexpr int ERR_WORDS = 8;
 int *errbuf();
 void check_device_errors();
 
@@ -96,10 +98,15 @@ static inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
     }
 
 /* record the first bad-input error (see errbuf) */
-__device__ __forceinline__ void report_error(int *err, int code, int a, int b) {
+__device__ __forceinline__ void report_error(int *err, int code, int a, int b, int c = 0, int d = 0, int e = 0,
+                                             int f = 0) {
     if (atomicCAS(err, 0, code) == 0) {
         err[1] = a;
         err[2] = b;
+        err[3] = c;
+        err[4] = d;
+        err[5] = e;
+        err[6] = f;
     }
 }
 

@@ -13,15 +13,14 @@
  *      the last selection zeroed, row_lo/row_hi from the document table.
  * Cost ~ a 2-3 pass radix sort of N*k pairs per group (N = 128K, k = 16: 2M pairs, ~11 key bits).
  *
- * Bad input is found on the device and reported here, before returning, with the CPU's messages:
- * msa_plan runs once per layer and step, so the one synchronisation this costs is negligible next to
- * the indexer it follows, and a bad selection never reaches the attention kernels that trust the plan.
+ * Bad input is found on the device and recorded in the error word (common.cuh) with what the CPU's
+ * messages name; the host reports it at its next synchronisation (at the latest the step's loss read),
+ * so building a plan costs no round trip. Until then the plan of a bad selection stays memory-safe
+ * (keys clamped to valid rows or the sentinel): the attention kernels that trust it read only valid
+ * blocks, and the run stops before an optimizer step uses what they computed.
  * Workspace: a private buffer (not scratch(), so that a kernel holding its scratch region may build a
  * temporary plan in the middle of its own call). */
 #include <limits.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include <cub/device/device_scan.cuh>
 
@@ -69,7 +68,6 @@ using namespace msacuda;
 namespace {
 
 constexpr int THREADS = 256;
-constexpr unsigned long long NO_ERROR = ~0ull;
 
 /* Grow-only device workspace of the plan (see the file comment for why not scratch()). */
 void *plan_workspace(size_t bytes) {
@@ -85,20 +83,22 @@ void *plan_workspace(size_t bytes) {
     return buf;
 }
 
-/* nb[d] = blocks of document d (nb[ndocs] = 0, so that the exclusive scan's last entry is R);
- * err[1] = the first bad cu_seqlens entry. */
-__global__ void doc_blocks_kernel(int64_t *nb, unsigned long long *err, const int32_t *cu, int ndocs, int64_t N, int B) {
+/* nb[d] = blocks of document d (nb[ndocs] = 0, so that the exclusive scan's last entry is R); a bad
+ * cu_seqlens entry goes to the error word. */
+__global__ void doc_blocks_kernel(int64_t *nb, int *err, const int32_t *cu, int ndocs, int64_t N, int B) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i <= ndocs; i += (int64_t)gridDim.x * blockDim.x) {
         const bool bad = (i == 0 && cu[0] != 0) || (i == ndocs && cu[ndocs] != N) || (i > 0 && cu[i] < cu[i - 1]);
-        if (bad) atomicMin(err + 1, (unsigned long long)i);
+        if (bad) report_error(err, ERR_CU_SEQLENS, (int)i, cu[i]);
         int64_t len = i < ndocs ? (int64_t)cu[i + 1] - cu[i] : 0;
         len = len < 0 ? 0 : len > N ? N : len; /* memory safety only: bad input is reported anyway */
         nb[i] = (len + B - 1) / B;
     }
 }
 
-/* One thread per query t of group g: validate its row of topk and emit its (key, value) pairs. */
-__global__ void block_keys_kernel(uint32_t *keys, int32_t *vals, unsigned long long *err, const int32_t *topk_g,
+/* One thread per query t of group g: validate its row of topk (a bad row goes to the error word: the
+ * message of the CPU's msa_check_topk, read at the host's next synchronisation) and emit its (key,
+ * value) pairs; the keys of a bad row are clamped so the plan stays memory-safe. */
+__global__ void block_keys_kernel(uint32_t *keys, int32_t *vals, int *err, const int32_t *topk_g,
                                  const int32_t *cu, const int64_t *blk_base, int ndocs, int64_t N, int K, int B,
                                  uint32_t sentinel, int g) {
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < N; t += (int64_t)gridDim.x * blockDim.x) {
@@ -108,25 +108,26 @@ __global__ void block_keys_kernel(uint32_t *keys, int32_t *vals, unsigned long l
         const int32_t *row = topk_g + t * K;
         uint32_t *kr = keys + t * K;
         int32_t *vr = vals + t * K;
-        bool bad = false;
+        /* the first fault of the row: kind 0 = a bad id, 1 = no id, 2 = an id after the padding */
+        int kind = -1, slot = 0, id = 0;
         int64_t prev = -1;
         int i = 0;
         for (; i < K; i++) {
             const int32_t b = row[i];
             if (b < 0) break;
-            if (b <= prev || b > local) bad = true;
+            if (kind < 0 && (b <= prev || b > local)) kind = 0, slot = i, id = b;
             prev = b;
             const int64_t key = base + b;
             kr[i] = key < 0 || key > (int64_t)sentinel ? sentinel : (uint32_t)key;
             vr[i] = (int32_t)t;
         }
-        if (i == 0) bad = true;
+        if (i == 0 && kind < 0) kind = 1;
         for (; i < K; i++) {
-            if (row[i] != -1) bad = true;
+            if (row[i] != -1 && kind < 0) kind = 2, slot = i, id = row[i];
             kr[i] = sentinel;
             vr[i] = (int32_t)t;
         }
-        if (bad) atomicMin(err, (unsigned long long)g * (unsigned long long)N + (unsigned long long)t);
+        if (kind >= 0) report_error(err, ERR_MSA_TOPK, g, (int)t, row[0], kind, slot, id);
     }
 }
 
@@ -156,34 +157,6 @@ __global__ void plan_rows_kernel(int32_t *plan_g, const uint32_t *sorted_keys, c
             row_hi[i] = (int32_t)hi;
         }
     }
-}
-
-/* The CPU's msa_check_topk message for row (g, t), from host copies of that row and of cu_seqlens. */
-[[noreturn]] void report_bad_row(const Tensor *topk, const Tensor *cu_seqlens, int64_t g, int64_t t, int64_t N, int64_t K,
-                                 int B) {
-    int32_t *row = (int32_t *)malloc((size_t)K * sizeof(int32_t));
-    int32_t *cu = (int32_t *)malloc((size_t)cu_seqlens->numel * sizeof(int32_t));
-    if (!row || !cu) fatal("cuda msa_plan: out of host memory while reporting a bad topk row");
-    CUDA_CHECK(cudaMemcpy(row, (const int32_t *)topk->data + (g * N + t) * K, (size_t)K * sizeof(int32_t),
-                          cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(cu, cu_seqlens->data, (size_t)cu_seqlens->numel * sizeof(int32_t), cudaMemcpyDeviceToHost));
-    int64_t d = 0;
-    while (d + 1 < cu_seqlens->numel - 1 && cu[d + 1] <= t) d++;
-    const int64_t local = (t - cu[d]) / B;
-    int64_t prev = -1, i = 0;
-    for (; i < K && row[i] >= 0; i++) {
-        if (row[i] <= prev || row[i] > local)
-            fatal("cuda msa_plan: topk[%lld, %lld] = {%d, ...}: slot %lld holds block %d; ids must be ascending visible "
-                  "blocks (0 .. %lld)",
-                  (long long)g, (long long)t, row[0], (long long)i, row[i], (long long)local);
-        prev = row[i];
-    }
-    if (i == 0) fatal("cuda msa_plan: topk[%lld, %lld] selects no block", (long long)g, (long long)t);
-    for (; i < K; i++)
-        if (row[i] != -1)
-            fatal("cuda msa_plan: topk[%lld, %lld] slot %lld holds %d after the padding began (-1 expected)", (long long)g,
-                  (long long)t, (long long)i, row[i]);
-    fatal("cuda msa_plan: topk[%lld, %lld] is not a valid selection", (long long)g, (long long)t);
 }
 
 }  // namespace
@@ -219,19 +192,18 @@ extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu
     CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, (const int64_t *)nullptr, (int64_t *)nullptr,
                                              (int)(ndocs + 1)));
     const size_t temp_bytes = sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
-    /* workspace: err[2] | nb [ndocs+1] | blk_base [ndocs+1] | keys_in, keys_out, vals_in [NK] | CUB temp */
-    const size_t o_nb = 256, o_base = o_nb + align256((size_t)(ndocs + 1) * 8), o_kin = o_base + align256((size_t)(ndocs + 1) * 8);
+    /* workspace: nb [ndocs+1] | blk_base [ndocs+1] | keys_in, keys_out, vals_in [NK] | CUB temp */
+    const size_t o_nb = 0, o_base = o_nb + align256((size_t)(ndocs + 1) * 8), o_kin = o_base + align256((size_t)(ndocs + 1) * 8);
     const size_t o_kout = o_kin + align256((size_t)NK * 4), o_vin = o_kout + align256((size_t)NK * 4);
     const size_t o_temp = o_vin + align256((size_t)NK * 4);
     char *ws = (char *)plan_workspace(o_temp + temp_bytes);
-    unsigned long long *err = (unsigned long long *)ws;
+    int *err = errbuf();
     int64_t *nb = (int64_t *)(ws + o_nb), *blk_base = (int64_t *)(ws + o_base);
     uint32_t *keys_in = (uint32_t *)(ws + o_kin), *keys_out = (uint32_t *)(ws + o_kout);
     int32_t *vals_in = (int32_t *)(ws + o_vin);
     void *temp = ws + o_temp;
     const int32_t *cu = (const int32_t *)cu_seqlens->data;
 
-    CUDA_CHECK(cudaMemsetAsync(err, 0xff, 2 * sizeof(unsigned long long)));
     doc_blocks_kernel<<<grid_for(ndocs + 1, THREADS), THREADS>>>(nb, err, cu, (int)ndocs, N, B);
     LAUNCH_CHECK("msa_plan doc_blocks");
     size_t tb = temp_bytes;
@@ -246,16 +218,4 @@ extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu
                                                                                     (int)ndocs, N, NK, B);
         LAUNCH_CHECK("msa_plan finish");
     }
-
-    unsigned long long herr[2];
-    CUDA_CHECK(cudaMemcpy(herr, err, sizeof herr, cudaMemcpyDeviceToHost));
-    if (herr[1] != NO_ERROR) {
-        int32_t v = 0;
-        CUDA_CHECK(cudaMemcpy(&v, cu + herr[1], sizeof v, cudaMemcpyDeviceToHost));
-        fatal("cuda msa_plan: bad cu_seqlens (entry %llu = %d): it must start at 0, never decrease and end at N = %lld",
-              herr[1], v, (long long)N);
-    }
-    if (herr[0] != NO_ERROR)
-        report_bad_row(topk, cu_seqlens, (int64_t)(herr[0] / (unsigned long long)N), (int64_t)(herr[0] % (unsigned long long)N),
-                       N, K, B);
 }

@@ -29,8 +29,8 @@ void init() {
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&g_sm_count, cudaDevAttrMultiProcessorCount, dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&g_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    CUDA_CHECK(cudaMalloc((void **)&g_err, 4 * sizeof(int)));
-    CUDA_CHECK(cudaMemset(g_err, 0, 4 * sizeof(int)));
+    CUDA_CHECK(cudaMalloc((void **)&g_err, ERR_WORDS * sizeof(int)));
+    CUDA_CHECK(cudaMemset(g_err, 0, ERR_WORDS * sizeof(int)));
     const char *s = getenv("MSA_CUDA_SYNC");
     g_sync_each_launch = s && s[0] && strcmp(s, "0") != 0;
     g_ready = true;
@@ -60,15 +60,21 @@ void *scratch(size_t bytes) {
 int *errbuf() { return g_err; }
 
 void check_device_errors() {
-    int h[4];
+    int h[ERR_WORDS];
     CUDA_CHECK(cudaMemcpy(h, g_err, sizeof h, cudaMemcpyDeviceToHost));
     if (h[0] == ERR_NONE) return;
-    CUDA_CHECK(cudaMemset(g_err, 0, 4 * sizeof(int)));
+    CUDA_CHECK(cudaMemset(g_err, 0, sizeof h));
     switch (h[0]) {
     case ERR_TOKEN: fatal("embedding: token %d at position %d outside the vocabulary", h[2], h[1]);
     case ERR_TARGET: fatal("cross_entropy: target %d at row %d outside the vocabulary", h[2], h[1]);
     case ERR_CU_SEQLENS:
         fatal("attention: bad cu_seqlens (entry %d = %d): it must start at 0, never decrease and end at N", h[1], h[2]);
+    case ERR_MSA_TOPK: /* msa_plan: [1] group, [2] query, [3] first id, [4] kind, [5] slot, [6] id, [7] unused */
+        if (h[4] == 0)
+            fatal("cuda msa_plan: topk[%d, %d] = {%d, ...}: slot %d holds block %d; ids must be ascending visible blocks",
+                  h[1], h[2], h[3], h[5], h[6]);
+        if (h[4] == 1) fatal("cuda msa_plan: topk[%d, %d] selects no block", h[1], h[2]);
+        fatal("cuda msa_plan: topk[%d, %d] slot %d holds %d after the padding began (-1 expected)", h[1], h[2], h[5], h[6]);
     default: fatal("cuda backend: device error code %d (%d, %d)", h[0], h[1], h[2]);
     }
 }

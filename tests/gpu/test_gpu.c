@@ -651,6 +651,8 @@ static int die_scenario(const char *what) {
         GB->copy_from_host(tk.data, (int32_t[]){0, -1, 0, -1, 0, -1, 0, -1, 0, 1, 0, 1, 1, 0, 0, 1}, 64);
         GB->copy_from_host(cu.data, (int32_t[]){0, 8}, 8);
         GB->msa_plan(&plan, &tk, &cu, &p);
+        int32_t first; /* the plan reports on the device; the host learns of it at its next copy */
+        GB->copy_to_host(&first, plan.data, sizeof first);
         return 0;
     }
     return 2;
