@@ -15,6 +15,7 @@
 #                    4K (same per-GPU batch); not yet run: no 2-GPU machine has been lent so far
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
+#                    (PROFILES="dense_32k msa_32k" selects some of them)
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or /tmp/device_check.
 # Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md)
@@ -76,6 +77,8 @@ for what in "$@"; do
                  "moe_4k:--set train.seq_len=4096 --set train.batch_size=4 --set train.recompute=true $moe" \
                  "msa_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true $msa"; do
             name=${p%%:*}
+            # PROFILES="dense_32k msa_32k" runs only those
+            case " ${PROFILES:-$name} " in *" $name "*) ;; *) continue ;; esac
             echo "--- $name"
             # shellcheck disable=SC2086
             build/train configs/shakespeare_gpu.json $big ${p#*:} --set train.out_dir= \
