@@ -1,7 +1,8 @@
 /* build/bench: the GPU benchmark table of docs/benchmarks.md (issue 6). Run on a machine with a CUDA
  * device, from the repository root after `make data`:
  *
- *   build/bench [--only train|attention] [--sizes 8192,32768,131072] [--models dense,moe] [--contexts 4096,32768]
+ *   build/bench [--only train|attention] [--sizes 8192,32768,131072] [--heads 64/4/128,32/4/64] [--models dense,moe]
+ *               [--contexts 4096,32768]
  *
  * (a) training throughput of a ~1B-parameter dense GQA model (TinyLlama-1.1B shape: d_model 2048,
  *     22 layers, 32 query / 4 KV heads of 64, SwiGLU 5632, vocabulary 32000) and of an MoE model of the
@@ -12,8 +13,9 @@
  *     head_dim * context (causal attention, forward + backward: 12 * L * H * D * T / 2).
  *     The shipped Shakespeare tokens are the data (ids < 65 are valid ids of a 32000 vocabulary; the
  *     token values do not change the work). Each run: 2 warm-up steps, then the mean of the timed steps.
- * (b) one attention layer, forward + backward, at 8K, 32K and 128K tokens in one document with H_q 64,
- *     H_kv 4, d 128: dense causal attention (the backend's dense path: cuDNN's fused attention unless
+ * (b) one attention layer, forward + backward, at 8K, 32K and 128K tokens in one document, for each head
+ *     shape of --heads (H_q/H_kv/d: 64/4/128, the shape issue 14 states its targets at, and 32/4/64, the
+ *     ~1.1B model's attention): dense causal attention (the backend's dense path: cuDNN's fused attention unless
  *     MSA_ATTENTION=own) against MSA with block 128, top-k 16, d_idx 128 (indexer + plan + sparse
  *     attention forward and backward + KL forward and backward: everything an MSA layer adds or
  *     replaces), and the ratio. Both run through the engine as an attention layer does (op_attention; the
@@ -231,8 +233,13 @@ static double part_ms(const Profiler *p, const char *kind, ProfPhase phase) {
     return k < 0 ? 0.0 : p->self[k][phase] * 1e3 / p->steps;
 }
 
-static void bench_attention(int64_t N) {
-    const int64_t Hq = 64, Hkv = 4, D = 128, Di = 128;
+/* one attention shape: query heads, KV heads, head dim */
+typedef struct {
+    int64_t hq, hkv, d;
+} HeadShape;
+
+static void bench_attention(int64_t N, HeadShape shape) {
+    const int64_t Hq = shape.hq, Hkv = shape.hkv, D = shape.d, Di = 128;
     const int reps = N >= 65536 ? 2 : 5;
     Rng rng;
     rng_seed(&rng, 7);
@@ -262,7 +269,8 @@ static void bench_attention(int64_t N) {
     Tensor *all[] = {&q, &k, &v, &dout, &qi, &ki, &dq, &dk, &dv, &dqi, &dki, &cu, &one, &kl};
     const char *missing = backend_missing(be, BACKEND_MSA);
     if (missing) {
-        printf("| %6lld | %9.2f | %9.2f | %9.2f | (the CUDA backend has no %s kernel) |\n", (long long)N, dense.fwd * 1e3,
+        printf("| %lld/%lld/%lld | %6lld | %9.2f | %9.2f | %9.2f | (the CUDA backend has no %s kernel) |\n", (long long)Hq,
+               (long long)Hkv, (long long)D, (long long)N, dense.fwd * 1e3,
                dense.bwd * 1e3, (dense.fwd + dense.bwd) * 1e3, missing);
         engine_free(&e);
         for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dev_free(all[i]);
@@ -310,7 +318,8 @@ static void bench_attention(int64_t N) {
     for (int sep = 0; sep < 2; sep++) {
         const Times *m = &msa[sep];
         const Profiler *pr = &prof[sep];
-        printf("| %6lld | %s | %9.2f | %9.2f | %9.2f | %8.2f | %8.2f | %8.2f | %6.1fx | %5.0f |\n", (long long)N,
+        printf("| %lld/%lld/%lld | %6lld | %s | %9.2f | %9.2f | %9.2f | %8.2f | %8.2f | %8.2f | %6.1fx | %5.0f |\n",
+               (long long)Hq, (long long)Hkv, (long long)D, (long long)N,
                sep ? "MSA, KL ops apart (before)" : "MSA, KL in the attention bwd", dense.fwd * 1e3, dense.bwd * 1e3, dense_ms,
                m->fwd * 1e3, m->bwd * 1e3, (m->fwd + m->bwd) * 1e3, (dense.fwd + dense.bwd) / (m->fwd + m->bwd),
                dense_flops / (dense.fwd + dense.bwd) / 1e12);
@@ -320,12 +329,15 @@ static void bench_attention(int64_t N) {
                    part_ms(pr, "msa_indexer", PROF_FORWARD), part_ms(pr, "msa_plan", PROF_FORWARD),
                    part_ms(pr, "msa_attention", PROF_FORWARD), part_ms(pr, "msa_attention", PROF_BACKWARD),
                    part_ms(pr, "msa_kl", PROF_FORWARD), part_ms(pr, "msa_kl", PROF_BACKWARD));
-        else
+        else {
+            /* the sparse attention's rate on the pairs it computes, by the dense row's convention (the
+             * backward's KL work is not counted: the rate is a lower bound for the attention alone) */
+            const double fwd = part_ms(pr, "msa_attention_kl", PROF_FORWARD), bwd = part_ms(pr, "msa_attention_kl", PROF_BACKWARD);
             printf("|        |  parts (ms, profiled): indexer (with idx_lse) %.2f, plan %.2f, attention fwd %.2f, attention + KL "
-                   "bwd %.2f; KL %.5g; sparse pairs %.3g (%.1f%% of causal) |\n",
-                   part_ms(pr, "msa_indexer", PROF_FORWARD), part_ms(pr, "msa_plan", PROF_FORWARD),
-                   part_ms(pr, "msa_attention_kl", PROF_FORWARD), part_ms(pr, "msa_attention_kl", PROF_BACKWARD), klv, sparse,
-                   100.0 * sparse / causal);
+                   "bwd %.2f; KL %.5g; sparse pairs %.3g (%.1f%% of causal), sparse attention %.0f TFLOP/s on them |\n",
+                   part_ms(pr, "msa_indexer", PROF_FORWARD), part_ms(pr, "msa_plan", PROF_FORWARD), fwd, bwd, klv, sparse,
+                   100.0 * sparse / causal, 4.0 * (double)Hq * D * sparse * 3.5 / ((fwd + bwd) * 1e-3) / 1e12);
+        }
     }
     fflush(stdout);
     engine_free(&e);
@@ -345,17 +357,38 @@ static int parse_list(const char *s, int64_t *out, int max) {
     return n;
 }
 
+/* comma-separated HQ/HKV/D triples into out (at most max); returns the count */
+static int parse_shapes(const char *s, HeadShape *out, int max) {
+    int n = 0;
+    for (const char *p = s; *p && n < max;) {
+        long long hq, hkv, d;
+        int used = 0;
+        if (sscanf(p, "%lld/%lld/%lld%n", &hq, &hkv, &d, &used) != 3 || hq <= 0 || hkv <= 0 || d <= 0 || hq % hkv)
+            fatal("bench: bad head shape list '%s' (HQ/HKV/D,..., HKV dividing HQ)", s);
+        out[n++] = (HeadShape){hq, hkv, d};
+        p += used;
+        if (*p == ',') p++;
+    }
+    return n;
+}
+
 int main(int argc, char **argv) {
     const char *only = NULL, *models = "dense,moe";
     int64_t sizes[8] = {8192, 32768, 131072}, contexts[8] = {4096, 32768};
     int nsizes = 3, ncontexts = 2;
+    /* the issue-14 shape, then the ~1.1B model's attention */
+    HeadShape shapes[8] = {{64, 4, 128}, {32, 4, 64}};
+    int nshapes = 2;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
         else if (!strcmp(argv[i], "--sizes") && i + 1 < argc) nsizes = parse_list(argv[++i], sizes, 8);
         else if (!strcmp(argv[i], "--contexts") && i + 1 < argc) ncontexts = parse_list(argv[++i], contexts, 8);
         else if (!strcmp(argv[i], "--models") && i + 1 < argc) models = argv[++i];
+        else if (!strcmp(argv[i], "--heads") && i + 1 < argc) nshapes = parse_shapes(argv[++i], shapes, 8);
         else {
-            fprintf(stderr, "usage: %s [--only train|attention] [--sizes N,...] [--contexts T,...] [--models dense,moe]\n",
+            fprintf(stderr,
+                    "usage: %s [--only train|attention] [--sizes N,...] [--heads HQ/HKV/D,...] [--contexts T,...] "
+                    "[--models dense,moe]\n",
                     argv[0]);
             return 2;
         }
@@ -381,12 +414,13 @@ int main(int argc, char **argv) {
         printf("\n");
     }
     if (!only || !strcmp(only, "attention")) {
-        printf("(b) one attention layer, forward + backward, H_q 64, H_kv 4, d 128, one document; MSA: block 128, "
+        printf("(b) one attention layer, forward + backward, heads H_q/H_kv/d, one document; MSA: block 128, "
                "top-k 16, d_idx 128 (indexer + plan + sparse attention + KL)\n\n");
-        printf("| tokens | MSA chain | dense fwd ms | dense bwd ms | dense total | MSA fwd | MSA bwd | MSA total | speed-up | "
+        printf("| heads | tokens | MSA chain | dense fwd ms | dense bwd ms | dense total | MSA fwd | MSA bwd | MSA total | speed-up | "
                "dense TFLOP/s |\n");
-        printf("|---|---|---|---|---|---|---|---|---|---|\n");
-        for (int i = 0; i < nsizes; i++) bench_attention(sizes[i]);
+        printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for (int h = 0; h < nshapes; h++)
+            for (int i = 0; i < nsizes; i++) bench_attention(sizes[i], shapes[h]);
     }
     return 0;
 }
