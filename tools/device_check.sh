@@ -8,6 +8,8 @@
 #   test             make test-gpu (every CUDA op against the CPU reference, opcheck --device cuda against
 #                    --device cpu, the CPU-vs-CUDA training runs)
 #   bench            build/bench: the table of docs/benchmarks.md (training throughput, attention)
+#   attention        build/bench --only attention and the attention peers (.peers/attn_peer.py) at both of
+#                    its head shapes (SIZES=8192,32768,131072 by default)
 #   baseline-dense   configs/shakespeare_gpu.json, 5000 steps (nanoGPT's baby GPT)
 #   baseline-msa     the same with model.attention=msa
 #   dist             (2 GPUs: nvidia-h200-x2) DP-2, EP-2 and CP-2 with NCCL against one GPU on configs/tiny.json
@@ -47,6 +49,21 @@ for what in "$@"; do
     bench)
         stage bench
         build/bench | tee "$OUT/bench.md"
+        ;;
+    attention)
+        # build/bench's attention table (both head shapes) and the peers of ../shared/peers/attn_peer.py
+        # (carried in .peers/) at the same shapes in the same call; the peer states 64/4/128, so a copy
+        # with the ~1.1B model's 32/4/64 runs the second shape
+        stage attention
+        sizes=${SIZES:-8192,32768,131072}
+        build/bench --only attention --sizes "$sizes" | tee "$OUT/bench_attention.md"
+        for shape in 64,4,128 32,4,64; do
+            echo "--- peers at H_q,H_kv,d = $shape"
+            sed "s/^dev = \"cuda\"; Hq, Hkv, D, BS, K = 64, 4, 128, 128, 16/dev = \"cuda\"; Hq, Hkv, D, BS, K = $shape, 128, 16/" \
+                .peers/attn_peer.py >/tmp/attn_peer_shape.py
+            grep -q "Hq, Hkv, D, BS, K = $shape," /tmp/attn_peer_shape.py || { echo "peer script changed: no shape line"; status=1; continue; }
+            python3 /tmp/attn_peer_shape.py "$sizes" 2>&1 | tee -a "$OUT/peer_attention.txt"
+        done
         ;;
     baseline-dense | baseline-msa)
         variant=${what#baseline-}
