@@ -41,8 +41,16 @@ template <int VEC, typename T> __device__ __forceinline__ void store_vec(T *p, c
     *reinterpret_cast<Pack<T, VEC> *>(p) = pk;
 }
 
-template <typename Tw> __device__ __forceinline__ float gain(const Tw *w, int64_t c, bool unit_offset) {
-    return w ? (unit_offset ? 1.0f + to_f32(w[c]) : to_f32(w[c])) : 1.0f;
+/* The gains of the thread's columns, read once: the row loop then loads only activations. */
+template <typename Tw, int VEC, int TILES>
+__device__ __forceinline__ void load_gains(float (&g)[TILES][VEC], const Tw *w, int C, int thread, int team, bool unit_offset) {
+#pragma unroll
+    for (int k = 0; k < TILES; k++) {
+        const int c0 = (thread + k * team) * VEC;
+#pragma unroll
+        for (int j = 0; j < VEC; j++)
+            g[k][j] = !w || c0 >= C ? 1.0f : unit_offset ? 1.0f + to_f32(w[c0 + j]) : to_f32(w[c0 + j]);
+    }
 }
 
 /* Which rows this thread's team visits and which vectors of a row the thread holds. */
@@ -70,6 +78,8 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
                                                                   bool warp_rows) {
     __shared__ float sh[32];
     const Team tm = team_of(warp_rows);
+    float g[TILES][VEC];
+    load_gains<Tw, VEC, TILES>(g, w, C, tm.thread, tm.size, unit_offset);
     for (int64_t r = tm.first_row; r < rows; r += tm.row_stride) {
         Pack<Tx, VEC> xv[TILES];
         float ss = 0.0f;
@@ -90,7 +100,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
             if (c0 >= C) continue;
             float o[VEC];
 #pragma unroll
-            for (int j = 0; j < VEC; j++) o[j] = to_f32(xv[k].v[j]) * rs * gain(w, c0 + j, unit_offset);
+            for (int j = 0; j < VEC; j++) o[j] = to_f32(xv[k].v[j]) * rs * g[k][j];
             store_vec<VEC>(y + r * C + c0, o);
         }
     }
@@ -104,7 +114,8 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
                                                                   bool unit_offset, bool warp_rows) {
     __shared__ float sh[32];
     const Team tm = team_of(warp_rows);
-    float acc[TILES][VEC];
+    float g[TILES][VEC], acc[TILES][VEC];
+    load_gains<Tw, VEC, TILES>(g, w, C, tm.thread, tm.size, unit_offset);
 #pragma unroll
     for (int k = 0; k < TILES; k++)
 #pragma unroll
@@ -119,7 +130,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
             xv[k] = load_pack<Tx, VEC>(x + r * C + c0);
             dyv[k] = load_pack<Tx, VEC>(dy + r * C + c0);
 #pragma unroll
-            for (int j = 0; j < VEC; j++) dot += to_f32(xv[k].v[j]) * gain(w, c0 + j, unit_offset) * to_f32(dyv[k].v[j]);
+            for (int j = 0; j < VEC; j++) dot += to_f32(xv[k].v[j]) * g[k][j] * to_f32(dyv[k].v[j]);
         }
         dot = team_sum(dot, warp_rows, sh);
         const float rs = rstd[r], kx = rs * rs * rs / (float)C * dot;
@@ -135,7 +146,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
                 float d[VEC];
 #pragma unroll
                 for (int j = 0; j < VEC; j++)
-                    d[j] = to_f32(old.v[j]) + rs * gain(w, c0 + j, unit_offset) * to_f32(dyv[k].v[j]) - kx * to_f32(xv[k].v[j]);
+                    d[j] = to_f32(old.v[j]) + rs * g[k][j] * to_f32(dyv[k].v[j]) - kx * to_f32(xv[k].v[j]);
                 store_vec<VEC>(dx + r * C + c0, d);
             }
         }
