@@ -910,23 +910,33 @@ static void bench_train(int seq_len, int batch) {
     run_free(&r);
 }
 
-static void bench(void) {
+static bool wanted(const char *only, const char *group);
+
+/* --bench [NAME,...]: all timings, or those named (msa_indexer rmsnorm gemm attention msa_attention msa_kl
+ * train) */
+static void bench(const char *only) {
     printf("bench (wall clock; rough)\n");
-    bench_msa_indexer();
-    bench_rmsnorm(16384, 2048); /* the ~1.1B dense model's 4 x 4K tokens */
-    bench_rmsnorm(16384, 4096);
-    bench_rmsnorm(16384 * 16, 128); /* per-head q/k norms */
-    bench_gemm(4096, 4096, 4096);
-    bench_gemm(8192, 1024, 2816);
-    bench_attention(4096, 16, 4, 128);
-    bench_attention(16384, 16, 4, 128);
-    bench_attention(8192, 8, 2, 64);
-    bench_msa_attention_gpu();
-    bench_msa_kl_gpu();
-    bench_train(2048, 4);
+    if (wanted(only, "msa_indexer")) bench_msa_indexer();
+    if (wanted(only, "rmsnorm")) {
+        bench_rmsnorm(16384, 2048); /* the ~1.1B dense model's 4 x 4K tokens */
+        bench_rmsnorm(16384, 4096);
+        bench_rmsnorm(16384 * 16, 128); /* per-head q/k norms */
+    }
+    if (wanted(only, "gemm")) {
+        bench_gemm(4096, 4096, 4096);
+        bench_gemm(8192, 1024, 2816);
+    }
+    if (wanted(only, "attention")) {
+        bench_attention(4096, 16, 4, 128);
+        bench_attention(16384, 16, 4, 128);
+        bench_attention(8192, 8, 2, 64);
+    }
+    if (wanted(only, "msa_attention")) bench_msa_attention_gpu();
+    if (wanted(only, "msa_kl")) bench_msa_kl_gpu();
+    if (wanted(only, "train")) bench_train(2048, 4);
 }
 
-/* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: the first argument of the GPU_CASE lines of
+/* usage: test_gpu [--only GROUP[,GROUP...] | --bench [NAME,...]]   (groups: the first argument of the GPU_CASE lines of
  * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm rope attention
  * attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
  * compute-sanitizer run the kernels without the training runs) */
@@ -940,14 +950,14 @@ static bool wanted(const char *only, const char *group) {
 
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "--die")) return die_scenario(argv[2]);
-    if (argc == 2 && !strcmp(argv[1], "--bench")) {
+    if ((argc == 2 || argc == 3) && !strcmp(argv[1], "--bench")) {
         rng_seed(&gpu_check.rng, 1);
-        bench();
+        bench(argc == 3 ? argv[2] : NULL);
         return 0;
     }
     const char *only = argc == 3 && !strcmp(argv[1], "--only") ? argv[2] : NULL;
     if (argc > 1 && !only) {
-        fprintf(stderr, "usage: %s [--only GROUP[,GROUP...] | --bench]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--only GROUP[,GROUP...] | --bench [NAME,...]]\n", argv[0]);
         return 2;
     }
     TEST_BEGIN();
