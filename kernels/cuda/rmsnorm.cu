@@ -53,6 +53,20 @@ __device__ __forceinline__ void load_gains(float (&g)[TILES][VEC], const Tw *w, 
     }
 }
 
+/* This thread's vectors of row r of src (those inside the row). */
+template <typename Tx, int VEC, int TILES>
+__device__ __forceinline__ void load_row(Pack<Tx, VEC> (&v)[TILES], const Tx *src, int64_t r, int C, int thread, int team) {
+#pragma unroll
+    for (int k = 0; k < TILES; k++) {
+        const int c0 = (thread + k * team) * VEC;
+        if (c0 < C) v[k] = load_pack<Tx, VEC>(src + r * C + c0);
+    }
+}
+
+/* The next row's loads are issued before this row's team reduction (whose barrier would otherwise let the
+ * loads in flight run dry at every row), where the registers allow a second row. */
+#define PREFETCH_TILES_MAX 4
+
 /* Which rows this thread's team visits and which vectors of a row the thread holds. */
 struct Team {
     int64_t first_row, row_stride;
@@ -80,14 +94,22 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
     const Team tm = team_of(warp_rows);
     float g[TILES][VEC];
     load_gains<Tw, VEC, TILES>(g, w, C, tm.thread, tm.size, unit_offset);
+    Pack<Tx, VEC> xn[TILES] = {};
+    if (TILES <= PREFETCH_TILES_MAX && tm.first_row < rows) load_row(xn, x, tm.first_row, C, tm.thread, tm.size);
     for (int64_t r = tm.first_row; r < rows; r += tm.row_stride) {
         Pack<Tx, VEC> xv[TILES];
+        if (TILES <= PREFETCH_TILES_MAX) {
+#pragma unroll
+            for (int k = 0; k < TILES; k++) xv[k] = xn[k];
+            if (r + tm.row_stride < rows) load_row(xn, x, r + tm.row_stride, C, tm.thread, tm.size);
+        } else {
+            load_row(xv, x, r, C, tm.thread, tm.size);
+        }
         float ss = 0.0f;
 #pragma unroll
         for (int k = 0; k < TILES; k++) {
             const int c0 = (tm.thread + k * tm.size) * VEC;
             if (c0 >= C) continue;
-            xv[k] = load_pack<Tx, VEC>(x + r * C + c0);
 #pragma unroll
             for (int j = 0; j < VEC; j++) ss += to_f32(xv[k].v[j]) * to_f32(xv[k].v[j]);
         }
@@ -120,15 +142,29 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
     for (int k = 0; k < TILES; k++)
 #pragma unroll
         for (int j = 0; j < VEC; j++) acc[k][j] = 0.0f;
+    Pack<Tx, VEC> xn[TILES] = {}, dyn[TILES] = {};
+    if (TILES <= PREFETCH_TILES_MAX && tm.first_row < rows) {
+        load_row(xn, x, tm.first_row, C, tm.thread, tm.size);
+        load_row(dyn, dy, tm.first_row, C, tm.thread, tm.size);
+    }
     for (int64_t r = tm.first_row; r < rows; r += tm.row_stride) {
         Pack<Tx, VEC> xv[TILES], dyv[TILES];
+        if (TILES <= PREFETCH_TILES_MAX) {
+#pragma unroll
+            for (int k = 0; k < TILES; k++) xv[k] = xn[k], dyv[k] = dyn[k];
+            if (r + tm.row_stride < rows) {
+                load_row(xn, x, r + tm.row_stride, C, tm.thread, tm.size);
+                load_row(dyn, dy, r + tm.row_stride, C, tm.thread, tm.size);
+            }
+        } else {
+            load_row(xv, x, r, C, tm.thread, tm.size);
+            load_row(dyv, dy, r, C, tm.thread, tm.size);
+        }
         float dot = 0.0f;
 #pragma unroll
         for (int k = 0; k < TILES; k++) {
             const int c0 = (tm.thread + k * tm.size) * VEC;
             if (c0 >= C) continue;
-            xv[k] = load_pack<Tx, VEC>(x + r * C + c0);
-            dyv[k] = load_pack<Tx, VEC>(dy + r * C + c0);
 #pragma unroll
             for (int j = 0; j < VEC; j++) dot += to_f32(xv[k].v[j]) * g[k][j] * to_f32(dyv[k].v[j]);
         }
