@@ -3,7 +3,7 @@
  * weights.
  *
  * The kernels are bandwidth-bound, so the layout is chosen to read each byte once with 16-byte loads:
- * a team of threads owns a row (a warp for rows of at most 32 vectors, else the whole block), and
+ * a team of threads owns a row (lanes of a warp for rows of at most 32 vectors, else the whole block), and
  * thread t of the team holds the vectors t, t + team, ... (TILES of them) of the row in registers, so
  * that the row's sum (of squares, or of x w dy) needs one team reduction and nothing is read twice.
  * The backward does dx and dw in one pass: each thread adds its columns' dy x rstd into registers over
@@ -17,10 +17,12 @@
 
 using namespace msacuda;
 
-/* Rows of at most one vector a lane go one per warp; longer rows take a block each, of as many threads
- * as keep the vectors a thread holds (and its registers) fewest: more resident threads, more loads in
- * flight. */
+/* Rows of at most 32 vectors go to a group of lanes of a warp, a vector a lane (the group the smallest
+ * power of two of at least ROW_LANES_MIN lanes that holds the row: a warp takes 32 / lanes rows at a
+ * time); longer rows take a block each, of as many threads as keep the vectors a thread holds (and its
+ * registers) fewest: more resident threads, more loads in flight. */
 #define WARP_ROW_VECS 32
+#define ROW_LANES_MIN 4
 #define WARP_ROWS_BLOCK 256 /* threads of a block of warp-owned rows */
 /* A block-owned row takes at most this many threads: the bound leaves 255 registers a thread for its
  * TILES (<= 8) vectors of x and dy, the dw sums and the gains of its columns. */
@@ -67,42 +69,53 @@ __device__ __forceinline__ void load_row(Pack<Tx, VEC> (&v)[TILES], const Tx *sr
  * loads in flight run dry at every row), where the registers allow a second row. */
 #define PREFETCH_TILES_MAX 4
 
-/* Which rows this thread's team visits and which vectors of a row the thread holds. */
+/* Which rows this thread's team visits and which vectors of a row the thread holds. The loop runs over
+ * rounds: round r0 gives the team the row r0 + sub, so that every lane of a warp (every thread of a block)
+ * makes the same number of rounds and meets the same shuffles and barriers; a team whose row is past the
+ * end sits the round out. lanes: the lanes of a warp-owned row, 0 when a block owns a row. */
 struct Team {
-    int64_t first_row, row_stride;
+    int64_t first_round, round_stride;
+    int sub;          /* the team's row within a round */
     int thread, size; /* the thread's rank in the team, the team's threads */
 };
 
-__device__ __forceinline__ Team team_of(bool warp_rows) {
-    const int warps = blockDim.x >> 5;
-    if (warp_rows)
-        return {blockIdx.x * (int64_t)warps + (threadIdx.x >> 5), (int64_t)gridDim.x * warps, (int)(threadIdx.x & 31), 32};
-    return {blockIdx.x, gridDim.x, (int)threadIdx.x, (int)blockDim.x};
+__device__ __forceinline__ Team team_of(int lanes) {
+    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31, per_warp = lanes ? 32 / lanes : 0;
+    if (lanes)
+        return {(blockIdx.x * (int64_t)warps + (threadIdx.x >> 5)) * per_warp, (int64_t)gridDim.x * warps * per_warp,
+                lane / lanes, lane % lanes, lanes};
+    return {blockIdx.x, gridDim.x, 0, (int)threadIdx.x, (int)blockDim.x};
 }
 
-/* The sum over the team; every thread of the team gets it. A block team calls it from every thread. */
-__device__ __forceinline__ float team_sum(float v, bool warp_rows, float *sh) {
-    return warp_rows ? warp_sum(v) : block_sum(v, sh);
+/* The sum over the team; every thread of the team gets it. Called by every thread of the warp (the
+ * butterfly stays within each aligned group of `lanes`) or of the block. */
+__device__ __forceinline__ float team_sum(float v, int lanes, float *sh) {
+    if (!lanes) return block_sum(v, sh);
+    for (int o = lanes >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
 /* The rows are held as loaded (BF16 pairs stay packed) to leave registers for the TILES vectors. */
 template <typename Tx, typename Tw, int VEC, int TILES>
 __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *rstd, const Tx *x, const Tw *w,
                                                                   int64_t rows, int C, float eps, bool unit_offset,
-                                                                  bool warp_rows) {
+                                                                  int lanes) {
     __shared__ float sh[32];
-    const Team tm = team_of(warp_rows);
+    const Team tm = team_of(lanes);
     float g[TILES][VEC];
     load_gains<Tw, VEC, TILES>(g, w, C, tm.thread, tm.size, unit_offset);
     Pack<Tx, VEC> xn[TILES] = {};
-    if (TILES <= PREFETCH_TILES_MAX && tm.first_row < rows) load_row(xn, x, tm.first_row, C, tm.thread, tm.size);
-    for (int64_t r = tm.first_row; r < rows; r += tm.row_stride) {
-        Pack<Tx, VEC> xv[TILES];
+    if (TILES <= PREFETCH_TILES_MAX && tm.first_round + tm.sub < rows)
+        load_row(xn, x, tm.first_round + tm.sub, C, tm.thread, tm.size);
+    for (int64_t r0 = tm.first_round; r0 < rows; r0 += tm.round_stride) {
+        const int64_t r = r0 + tm.sub;
+        const bool live = r < rows;
+        Pack<Tx, VEC> xv[TILES] = {};
         if (TILES <= PREFETCH_TILES_MAX) {
 #pragma unroll
             for (int k = 0; k < TILES; k++) xv[k] = xn[k];
-            if (r + tm.row_stride < rows) load_row(xn, x, r + tm.row_stride, C, tm.thread, tm.size);
-        } else {
+            if (r + tm.round_stride < rows) load_row(xn, x, r + tm.round_stride, C, tm.thread, tm.size);
+        } else if (live) {
             load_row(xv, x, r, C, tm.thread, tm.size);
         }
         float ss = 0.0f;
@@ -113,7 +126,8 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
 #pragma unroll
             for (int j = 0; j < VEC; j++) ss += to_f32(xv[k].v[j]) * to_f32(xv[k].v[j]);
         }
-        ss = team_sum(ss, warp_rows, sh);
+        ss = team_sum(ss, lanes, sh);
+        if (!live) continue;
         const float rs = 1.0f / sqrtf(ss / (float)C + eps);
         if (tm.thread == 0) rstd[r] = rs;
 #pragma unroll
@@ -133,9 +147,9 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
 template <typename Tx, typename Tw, int VEC, int TILES>
 __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float *dw_partial, const Tx *dy, const Tx *x,
                                                                   const Tw *w, const float *rstd, int64_t rows, int C,
-                                                                  bool unit_offset, bool warp_rows) {
+                                                                  bool unit_offset, int lanes) {
     __shared__ float sh[32];
-    const Team tm = team_of(warp_rows);
+    const Team tm = team_of(lanes);
     float g[TILES][VEC], acc[TILES][VEC];
     load_gains<Tw, VEC, TILES>(g, w, C, tm.thread, tm.size, unit_offset);
 #pragma unroll
@@ -143,20 +157,22 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
 #pragma unroll
         for (int j = 0; j < VEC; j++) acc[k][j] = 0.0f;
     Pack<Tx, VEC> xn[TILES] = {}, dyn[TILES] = {};
-    if (TILES <= PREFETCH_TILES_MAX && tm.first_row < rows) {
-        load_row(xn, x, tm.first_row, C, tm.thread, tm.size);
-        load_row(dyn, dy, tm.first_row, C, tm.thread, tm.size);
+    if (TILES <= PREFETCH_TILES_MAX && tm.first_round + tm.sub < rows) {
+        load_row(xn, x, tm.first_round + tm.sub, C, tm.thread, tm.size);
+        load_row(dyn, dy, tm.first_round + tm.sub, C, tm.thread, tm.size);
     }
-    for (int64_t r = tm.first_row; r < rows; r += tm.row_stride) {
-        Pack<Tx, VEC> xv[TILES], dyv[TILES];
+    for (int64_t r0 = tm.first_round; r0 < rows; r0 += tm.round_stride) {
+        const int64_t r = r0 + tm.sub;
+        const bool live = r < rows;
+        Pack<Tx, VEC> xv[TILES] = {}, dyv[TILES] = {};
         if (TILES <= PREFETCH_TILES_MAX) {
 #pragma unroll
             for (int k = 0; k < TILES; k++) xv[k] = xn[k], dyv[k] = dyn[k];
-            if (r + tm.row_stride < rows) {
-                load_row(xn, x, r + tm.row_stride, C, tm.thread, tm.size);
-                load_row(dyn, dy, r + tm.row_stride, C, tm.thread, tm.size);
+            if (r + tm.round_stride < rows) {
+                load_row(xn, x, r + tm.round_stride, C, tm.thread, tm.size);
+                load_row(dyn, dy, r + tm.round_stride, C, tm.thread, tm.size);
             }
-        } else {
+        } else if (live) {
             load_row(xv, x, r, C, tm.thread, tm.size);
             load_row(dyv, dy, r, C, tm.thread, tm.size);
         }
@@ -168,7 +184,8 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
 #pragma unroll
             for (int j = 0; j < VEC; j++) dot += to_f32(xv[k].v[j]) * g[k][j] * to_f32(dyv[k].v[j]);
         }
-        dot = team_sum(dot, warp_rows, sh);
+        dot = team_sum(dot, lanes, sh);
+        if (!live) continue;
         const float rs = rstd[r], kx = rs * rs * rs / (float)C * dot;
 #pragma unroll
         for (int k = 0; k < TILES; k++) {
@@ -189,7 +206,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
     }
     if (!dw_partial) return;
     float *out = dw_partial + (int64_t)blockIdx.x * C;
-    if (!warp_rows) {
+    if (!lanes) {
 #pragma unroll
         for (int k = 0; k < TILES; k++) {
             const int c0 = (tm.thread + k * tm.size) * VEC;
@@ -199,15 +216,21 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
         }
         return;
     }
-    /* the block's warps hold the same columns: add them in warp order (a warp row holds at most
-     * WARP_ROW_VECS vectors of at most 8 elements) */
+    /* the teams of a warp hold the same columns: a butterfly over the teams (the same sums in every team),
+     * then the block's warps in warp order through shared memory (a warp row holds at most WARP_ROW_VECS
+     * vectors of at most 8 elements) */
+#pragma unroll
+    for (int k = 0; k < TILES; k++)
+#pragma unroll
+        for (int j = 0; j < VEC; j++)
+            for (int o = lanes; o < 32; o <<= 1) acc[k][j] += __shfl_xor_sync(0xffffffffu, acc[k][j], o);
     __shared__ float sum[WARP_ROW_VECS * 8];
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int wi = 0; wi < warps; wi++) {
-        if (warp == wi)
+        if (warp == wi && tm.sub == 0)
 #pragma unroll
             for (int k = 0; k < TILES; k++) {
-                const int c0 = (tm.thread + k * 32) * VEC;
+                const int c0 = (tm.thread + k * tm.size) * VEC;
                 if (c0 < C)
 #pragma unroll
                     for (int j = 0; j < VEC; j++) sum[c0 + j] = wi == 0 ? acc[k][j] : sum[c0 + j] + acc[k][j];
@@ -238,7 +261,7 @@ template <typename Tw> __global__ void rmsnorm_dw_finish_kernel(Tw *dw, const fl
 /* How a row of C elements is spread over a team (see the file comment). */
 struct Layout {
     int vec, tiles, threads; /* elements per load, loads per thread per row, threads per block */
-    bool warp_rows;
+    int lanes; /* the lanes of a warp-owned row; 0: a block a row */
 };
 
 static bool aligned16(const void *p) { return p == nullptr || (uintptr_t)p % 16 == 0; }
@@ -249,12 +272,12 @@ static Layout layout_of(const char *what, int64_t C, size_t elem_bytes, bool ali
     l.vec = aligned && C % wide == 0 ? wide : 1;
     const int64_t vecs = C / l.vec;
     if (vecs <= WARP_ROW_VECS) {
-        l.warp_rows = true;
+        for (l.lanes = ROW_LANES_MIN; l.lanes < vecs; l.lanes *= 2) {}
         l.threads = WARP_ROWS_BLOCK;
         l.tiles = 1;
         return l;
     }
-    l.warp_rows = false;
+    l.lanes = 0;
     /* the fewest vectors a thread (registers) with at most MAX_THREADS threads a row */
     for (l.tiles = 1; l.tiles <= 8; l.tiles *= 2) {
         l.threads = (int)((vecs + l.tiles - 1) / l.tiles + 31) / 32 * 32;
@@ -269,7 +292,8 @@ static Layout layout_of(const char *what, int64_t C, size_t elem_bytes, bool ali
 template <typename K> static int grid_of(K kernel, const Layout &l, int64_t rows) {
     int per_sm = 0;
     CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, l.threads, 0));
-    const int64_t rows_per_block = l.warp_rows ? l.threads / 32 : 1, need = (rows + rows_per_block - 1) / rows_per_block;
+    const int64_t rows_per_block = l.lanes ? l.threads / 32 * (32 / l.lanes) : 1,
+                  need = (rows + rows_per_block - 1) / rows_per_block;
     const int64_t wave = (int64_t)sm_count() * (per_sm > 0 ? per_sm : 1);
     return (int)(need < wave ? need : wave);
 }
@@ -318,7 +342,7 @@ extern "C" void cuda_rmsnorm_forward(Tensor *y, Tensor *rstd, const Tensor *x, c
             auto kernel = rmsnorm_fwd_kernel<Tx, Tw, VEC, TILES>;
             kernel<<<grid_of(kernel, l, rows), l.threads>>>((Tx *)y->data, (float *)rstd->data, (const Tx *)x->data,
                                                             w ? (const Tw *)w->data : nullptr, rows, (int)C, eps,
-                                                            unit_offset, l.warp_rows);
+                                                            unit_offset, l.lanes);
             LAUNCH_CHECK("rmsnorm_forward");
         });
     }));
@@ -345,7 +369,7 @@ extern "C" void cuda_rmsnorm_backward(Tensor *dx, Tensor *dw, const Tensor *dy, 
             if (dw) partial = (float *)scratch((size_t)blocks * (size_t)C * sizeof(float));
             kernel<<<blocks, l.threads>>>(dx ? (Tx *)dx->data : nullptr, partial, (const Tx *)dy->data,
                                           (const Tx *)x->data, w ? (const Tw *)w->data : nullptr,
-                                          (const float *)rstd->data, rows, (int)C, unit_offset, l.warp_rows);
+                                          (const float *)rstd->data, rows, (int)C, unit_offset, l.lanes);
             LAUNCH_CHECK("rmsnorm_backward");
         });
     }));
