@@ -2,13 +2,15 @@
  * flattened into rows, so [N, C] and [B, T, C] inputs both work. */
 #include "ops.h"
 
-Tensor *op_linear(Engine *e, Tensor *x, Tensor *w) {
+Tensor *op_linear(Engine *e, Tensor *x, Tensor *w) { return op_linear_to(e, x, w, x->dtype); }
+
+Tensor *op_linear_to(Engine *e, Tensor *x, Tensor *w, DType out) {
     check_shape("linear", "weight", w, SHAPE(-1, tensor_dim(x, -1)));
     engine_op_begin(e);
     int64_t shape[TENSOR_MAX_DIMS];
     for (int i = 0; i < x->ndim; i++) shape[i] = x->shape[i];
     shape[x->ndim - 1] = w->shape[0];
-    Tensor *y = engine_empty(e, x->dtype, x->ndim, shape);
+    Tensor *y = engine_empty(e, out, x->ndim, shape);
     Tensor x2 = tensor_as_rows(x), y2 = tensor_as_rows(y);
     e->be->matmul(&y2, &x2, w, false, true, 1.0f, 0.0f);
     Tensor *in[2] = {x, w};

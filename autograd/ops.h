@@ -17,6 +17,9 @@ Tensor *op_scale(Engine *e, Tensor *x, float alpha);
 
 /* y[..., out] = x[..., in] @ W^T with W [out, in] (PyTorch nn.Linear layout, no bias) */
 Tensor *op_linear(Engine *e, Tensor *x, Tensor *w);
+/* the same op with y in dtype `out` (fp32 accumulation either way): the MoE router's F32 logits from
+ * BF16 activations, so that near-ties route as on the CPU and the softmax sees unrounded logits */
+Tensor *op_linear_to(Engine *e, Tensor *x, Tensor *w, DType out);
 
 /* out [N, C] from W [V, C] and i32 tokens [N] */
 Tensor *op_embedding(Engine *e, Tensor *w, Tensor *tokens);

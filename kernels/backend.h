@@ -32,6 +32,13 @@ typedef struct MsaParams {
  * expert (DeepSeek-V3). */
 typedef enum { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } MoeScoreFunc;
 
+/* One parameter (or the part of one in an optimizer's shard) for adamw_update_many: the tensors of an
+ * adamw_update call and its rates. */
+typedef struct AdamwPart {
+    Tensor param, grad, m, v;
+    float lr, weight_decay;
+} AdamwPart;
+
 typedef struct KernelBackend {
     const char *name;
     Device device;

@@ -192,8 +192,10 @@ Tensor *moe_forward_routed(Engine *e, MoeLayerParams *p, const MoeConfig *c, Ten
     int64_t N = tensor_rows(x), C = tensor_dim(x, -1);
     if (x->ndim != 2) x = engine_view(e, x, SHAPE(N, C));
 
-    /* router: logits and scores are differentiable; the selection reads them but records nothing */
-    Tensor *logits = op_linear(e, x, p->w_router);
+    /* router: logits and scores are differentiable; the selection reads them but records nothing. The
+     * logits are F32 when the activations are BF16 (E values a token: nothing to save by rounding), and so
+     * are the scores and combine weights that follow them; F32 and F64 (gradient checks) stay as they are */
+    Tensor *logits = op_linear_to(e, x, p->w_router, x->dtype == DT_BF16 ? DT_F32 : x->dtype);
     Tensor *scores = op_moe_router_scores(e, logits, func);
     if (!idx) {
         Tensor *bias = NULL;

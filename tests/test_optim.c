@@ -39,7 +39,7 @@ TEST(adamw_three_steps_match_reference) {
                           {0.7, 0.7, -0.7, 0.1, 0.2, 0.3, -0.02, 0.04, 0.0}};
     for (int t = 1; t <= 3; t++) {
         memcpy(ps.grad, grads[t - 1], sizeof grads[0]);
-        adamw_step(&opt, &ps, &oc, oc.lr);
+        adamw_step(&opt, &ps, &oc, oc.lr, 1.0f);
         adamw_reference(p_ref, grads[t - 1], m_ref, v_ref, 6, oc.lr, oc.beta1, oc.beta2, oc.eps, oc.weight_decay, t);
         adamw_reference(p_ref + 6, grads[t - 1] + 6, m_ref + 6, v_ref + 6, 3, oc.lr, oc.beta1, oc.beta2, oc.eps, 0.0, t);
         double err = 0;
@@ -65,7 +65,7 @@ TEST(frozen_parameters_do_not_move) {
     OptimConfig oc = test_optim();
     AdamW opt;
     adamw_init(&opt, &ps);
-    adamw_step(&opt, &ps, &oc, oc.lr);
+    adamw_step(&opt, &ps, &oc, oc.lr, 1.0f);
     EXPECT(memcmp(before, ps.data, 4 * sizeof(double)) == 0, "a frozen parameter moved");
     EXPECT(memcmp(before + 4, (double *)ps.data + 4, 4 * sizeof(double)) != 0, "a trainable parameter did not move");
     EXPECT(params_count(&ps, true) == 4, "trainable count %lld", (long long)params_count(&ps, true));
@@ -93,6 +93,34 @@ TEST(clipping_clips_to_max_norm) {
     params_free(&ps);
 }
 
+/* adamw_step's grad_scale is the clipping step folded into the update (one backend call): the same
+ * parameters and moments as scaling the gradients first, bit for bit, and the gradients left scaled */
+TEST(adamw_grad_scale_is_clipping_then_update) {
+    ParamStore ps[2];
+    AdamW opt[2];
+    OptimConfig oc = test_optim();
+    for (int k = 0; k < 2; k++) {
+        params_init(&ps[k], &cpu_backend, DT_F32);
+        params_add(&ps[k], "w", 2, (int64_t[]){3, 5}, INIT_NORMAL, 1.0f, true);
+        params_add(&ps[k], "norm", 1, (int64_t[]){5}, INIT_ONES, 0, false);
+        params_allocate(&ps[k], 7);
+        for (int i = 0; i < 20; i++) ((float *)ps[k].grad)[i] = 0.1f * (float)(i % 7) - 0.25f;
+        adamw_init(&opt[k], &ps[k]);
+    }
+    const float sc = 0.37f;
+    grad_scale_range(&ps[0], 0, ps[0].numel, sc);
+    adamw_step(&opt[0], &ps[0], &oc, oc.lr, 1.0f);
+    adamw_step(&opt[1], &ps[1], &oc, oc.lr, sc);
+    const size_t bytes = 20 * sizeof(float);
+    EXPECT(memcmp(ps[0].data, ps[1].data, bytes) == 0, "parameters differ");
+    EXPECT(memcmp(opt[0].m, opt[1].m, bytes) == 0 && memcmp(opt[0].v, opt[1].v, bytes) == 0, "moments differ");
+    EXPECT(memcmp(ps[0].grad, ps[1].grad, bytes) == 0, "gradients not left scaled");
+    for (int k = 0; k < 2; k++) {
+        adamw_free(&opt[k]);
+        params_free(&ps[k]);
+    }
+}
+
 TEST(lr_schedule_warmup_then_cosine) {
     OptimConfig oc = test_optim();
     oc.warmup_steps = 10;
@@ -113,6 +141,7 @@ int main(void) {
     RUN(adamw_three_steps_match_reference);
     RUN(frozen_parameters_do_not_move);
     RUN(clipping_clips_to_max_norm);
+    RUN(adamw_grad_scale_is_clipping_then_update);
     RUN(lr_schedule_warmup_then_cosine);
     TEST_END();
 }

@@ -12,6 +12,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "../kernels/cuda/limits.h"
+
 #include <jansson.h>
 
 #include "../kernels/util.h"
@@ -630,6 +632,11 @@ void config_validate(const RunConfig *c) {
               src, (double)c->train.diverge_factor);
     if (c->optim.min_lr > c->optim.lr)
         fatal("%s: optim.min_lr = %g must be <= optim.lr = %g", src, (double)c->optim.min_lr, (double)c->optim.lr);
+    if (!strcmp(c->train.device, "cuda") &&
+        (m->d_model > CUDA_NORM_DIM_MAX || (m->d_model % 8 && m->d_model > CUDA_NORM_DIM_MAX_UNALIGNED)))
+        fatal("%s: model.d_model = %d is more than the CUDA RMSNorm takes (%d, a multiple of 8; %d otherwise: "
+              "kernels/cuda/limits.h CUDA_NORM_DIM_MAX)", src, m->d_model, CUDA_NORM_DIM_MAX,
+              CUDA_NORM_DIM_MAX_UNALIGNED);
     /* the keys of the layer variants in use, and the limits of the backend that runs them */
     layers_require(c, src);
 }

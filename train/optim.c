@@ -1,6 +1,7 @@
 #include "optim.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../kernels/util.h"
@@ -63,14 +64,20 @@ static Tensor part_view(const Tensor *t, int64_t lo, int64_t hi, DType dt) {
 }
 
 double grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end) {
-    double s = 0.0;
+    Tensor *views = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof(Tensor));
+    const Tensor **list = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof(Tensor *));
+    int n = 0;
     int64_t lo, hi;
     for (int i = 0; i < ps->n; i++) {
         const Param *p = &ps->p[i];
         if (!p->t->requires_grad || !param_part(p, begin, end, &lo, &hi)) continue;
-        Tensor g = part_view(p->t->grad, lo, hi, ps->dtype);
-        s += ps->be->sumsq(&g);
+        views[n] = part_view(p->t->grad, lo, hi, ps->dtype);
+        list[n] = &views[n];
+        n++;
     }
+    const double s = ps->be->sumsq_many(list, n);
+    free(list);
+    free(views);
     return s;
 }
 
@@ -97,20 +104,26 @@ double clip_grad_norm(ParamStore *ps, float max_norm) {
     return norm;
 }
 
-void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr) {
+void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, float grad_scale) {
     opt->t++;
     size_t es = dtype_size(ps->dtype);
+    AdamwPart *parts = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof(AdamwPart));
+    int n = 0;
     int64_t lo, hi;
     for (int i = 0; i < ps->n; i++) {
         Param *p = &ps->p[i];
         if (!p->t->requires_grad || !param_part(p, opt->begin, opt->end, &lo, &hi)) continue;
-        Tensor w = part_view(p->t, lo, hi, ps->dtype), g = part_view(p->t->grad, lo, hi, ps->dtype);
+        AdamwPart *q = &parts[n++];
+        q->param = part_view(p->t, lo, hi, ps->dtype);
+        q->grad = part_view(p->t->grad, lo, hi, ps->dtype);
         /* the moments of these elements, at their place in the optimizer's range */
-        Tensor m = w, v = w;
-        m.shadow = v.shadow = NULL;
-        m.data = (char *)opt->m + (size_t)(p->offset + lo - opt->begin) * es;
-        v.data = (char *)opt->v + (size_t)(p->offset + lo - opt->begin) * es;
-        float wd = p->decay ? oc->weight_decay : 0.0f;
-        ps->be->adamw_update(&w, &g, &m, &v, lr * p->lr_scale, oc->beta1, oc->beta2, oc->eps, wd, opt->t);
+        q->m = q->v = q->param;
+        q->m.shadow = q->v.shadow = NULL;
+        q->m.data = (char *)opt->m + (size_t)(p->offset + lo - opt->begin) * es;
+        q->v.data = (char *)opt->v + (size_t)(p->offset + lo - opt->begin) * es;
+        q->lr = lr * p->lr_scale;
+        q->weight_decay = p->decay ? oc->weight_decay : 0.0f;
     }
+    ps->be->adamw_update_many(parts, n, grad_scale, oc->beta1, oc->beta2, oc->eps, opt->t);
+    free(parts);
 }

@@ -40,7 +40,8 @@ float clip_factor(double norm, float max_norm);
 /* Multiply the trainable parameters' gradient elements in [begin, end) by sc. */
 void grad_scale_range(ParamStore *ps, int64_t begin, int64_t end, float sc);
 /* One AdamW update, with learning rate lr * param.lr_scale, of every trainable parameter element in the
- * optimizer's range. */
-void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr);
+ * optimizer's range, after multiplying their gradients by grad_scale (the clipping factor; 1: as they
+ * are). One backend call for all of them (adamw_update_many). */
+void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, float grad_scale);
 
 #endif

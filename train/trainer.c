@@ -1000,8 +1000,7 @@ static double optimizer_step(Run *r, float lr) {
     for (int i = 0; i < r->n_zero; i++) {
         const ZeroRegion *z = &r->zero[i];
         AdamW *o = region_opt(r, i);
-        if (sc != 1.0f) grad_scale_range(ps, o->begin, o->end, sc);
-        adamw_step(o, ps, &r->cfg.optim, lr);
+        adamw_step(o, ps, &r->cfg.optim, lr, sc);
         if (z->group->size > 1) {
             dist_all_gather(z->group, (char *)ps->data + (size_t)o->begin * es, (char *)ps->data + (size_t)z->begin * es,
                             z->shard, DIST_F32, dev);

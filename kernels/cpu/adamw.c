@@ -10,3 +10,11 @@ void cpu_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, f
     CPU_CALL(param, adamw, param->data, grad->data, m->data, v->data, param->numel, lr, beta1, beta2, eps,
              weight_decay, t);
 }
+
+void cpu_adamw_update_many(AdamwPart *parts, int n, float grad_scale, float beta1, float beta2, float eps, int t) {
+    for (int i = 0; i < n; i++) {
+        AdamwPart *q = &parts[i];
+        if (grad_scale != 1.0f) cpu_scale(&q->grad, grad_scale);
+        cpu_adamw_update(&q->param, &q->grad, &q->m, &q->v, q->lr, beta1, beta2, eps, q->weight_decay, t);
+    }
+}

@@ -24,6 +24,12 @@ double cpu_sumsq(const Tensor *x) {
     fatal("cpu sumsq: dtype %s", dtype_name(x->dtype));
 }
 
+double cpu_sumsq_many(const Tensor *const *xs, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += cpu_sumsq(xs[i]);
+    return s;
+}
+
 void cpu_cast(Tensor *dst, const Tensor *src) {
     if (dst->numel != src->numel) fatal("cpu cast: element counts differ");
     for (int64_t i = 0; i < src->numel; i++) tensor_set(dst, i, tensor_get(src, i));

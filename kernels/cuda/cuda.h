@@ -26,7 +26,9 @@ extern "C" {
  * kernels add to the contracts there:
  *   runtime.cu        memory and copies; cuda_synchronize is cudaDeviceSynchronize, so a failed kernel
  *                     is reported there, naming that call
- *   elementwise.cu    axpy, scale, add, sumsq, cast, swiglu, bias_add, adamw_update
+ *   elementwise.cu    axpy, scale, add, sumsq, cast, swiglu, bias_add, adamw_update, and sumsq_many and
+ *                     adamw_update_many: the list goes to the kernel as a parameter, 32 tensors a launch
+ *                     (no copy; sumsq_many synchronises once to return its sum)
  *   dropout.cu, gemm.cu (matmul), embedding.cu, rmsnorm.cu, rope.cu, cross_entropy.cu, transpose.cu
  *                     (the context-parallel block transpose: a copy in the widest word the layout allows)
  *   attention.cu      dense attention (attention_cudnn.cu: the cuDNN path it hands BF16 shapes to)

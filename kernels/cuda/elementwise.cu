@@ -1,7 +1,8 @@
 /* Elementwise kernels and reductions of the CUDA backend: axpy, scale, add, sumsq, cast (any float
  * dtypes, mixed allowed, fp64 arithmetic), SwiGLU and bias add (fp32 arithmetic), and AdamW on the
  * F32 master weights (fp64 arithmetic like the CPU reference, and the BF16 shadow written in the same
- * pass). Grid-stride loops; reductions are two-pass and deterministic (fixed grid, fixed order). */
+ * pass), with the optimizer's multi-tensor forms of sumsq and AdamW (a list of tensors in one launch).
+ * Grid-stride loops; reductions are two-pass and deterministic (fixed grid, fixed order). */
 #include <math.h>
 
 #include "primitives.cuh"
@@ -242,19 +243,31 @@ extern "C" void cuda_bias_add_backward(Tensor *db, const Tensor *dy) {
 
 /* ---- AdamW on F32 master weights (fp64 arithmetic as the CPU reference) ---- */
 
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, bf16 *shadow, int64_t n, double lr, double b1,
-                             double b2, double c1, double c2, double eps, double wd) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const double gi = g[i];
-        const double mi = b1 * m[i] + (1.0 - b1) * gi;
-        const double vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-        m[i] = (float)mi;
-        v[i] = (float)vi;
-        const double pi = p[i];
-        const float pn = (float)(pi - lr * ((mi / c1) / (sqrt(vi / c2) + eps) + wd * pi));
-        p[i] = pn;
-        if (shadow) shadow[i] = __float2bfloat16_rn(pn);
-    }
+struct AdamwRates {
+    double b1, b2, c1, c2, eps; /* betas, bias corrections 1 - beta^t, epsilon */
+};
+
+static AdamwRates adamw_rates(float beta1, float beta2, float eps, int t) {
+    return {beta1, beta2, 1.0 - pow((double)beta1, t), 1.0 - pow((double)beta2, t), eps};
+}
+
+__device__ __forceinline__ void adamw_element(float *p, float g, float *m, float *v, bf16 *shadow, int64_t i,
+                                              const AdamwRates &r, double lr, double wd) {
+    const double gi = g;
+    const double mi = r.b1 * m[i] + (1.0 - r.b1) * gi;
+    const double vi = r.b2 * v[i] + (1.0 - r.b2) * gi * gi;
+    m[i] = (float)mi;
+    v[i] = (float)vi;
+    const double pi = p[i];
+    const float pn = (float)(pi - lr * ((mi / r.c1) / (sqrt(vi / r.c2) + r.eps) + wd * pi));
+    p[i] = pn;
+    if (shadow) shadow[i] = __float2bfloat16_rn(pn);
+}
+
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, bf16 *shadow, int64_t n, double lr,
+                             AdamwRates r, double wd) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        adamw_element(p, g[i], m, v, shadow, i, r, lr, wd);
 }
 
 extern "C" void cuda_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1,
@@ -267,9 +280,150 @@ extern "C" void cuda_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, 
         need_same_numel("adamw_update", param, all[i]);
     }
     if (param->numel == 0) return;
-    const double c1 = 1.0 - pow((double)beta1, t), c2 = 1.0 - pow((double)beta2, t);
     adamw_kernel<<<grid_for(param->numel, 256), 256>>>((float *)param->data, (const float *)grad->data, (float *)m->data,
-                                                       (float *)v->data, (bf16 *)param->shadow, param->numel, lr, beta1,
-                                                       beta2, c1, c2, eps, weight_decay);
+                                                       (float *)v->data, (bf16 *)param->shadow, param->numel, lr,
+                                                       adamw_rates(beta1, beta2, eps, t), weight_decay);
     LAUNCH_CHECK("adamw");
+}
+
+/* ---- the optimizer's multi-tensor forms: the tensor list travels as a kernel parameter (no copy, no
+ * synchronisation), up to MANY_TENSORS a launch; block b of a launch takes the MANY_CHUNK elements
+ * (b - first_block[s]) * MANY_CHUNK ... of its tensor s ---- */
+
+#define MANY_TENSORS 32
+#define MANY_THREADS 256
+#define MANY_CHUNK (MANY_THREADS * 16)
+
+struct ManyBlocks {
+    int64_t numel[MANY_TENSORS];
+    int first_block[MANY_TENSORS + 1]; /* first_block[count]: the launch's blocks */
+    int count;
+};
+
+/* Append a tensor of numel elements (the caller launches and restarts a full list first). */
+static void many_add(ManyBlocks &l, int64_t numel) {
+    if (l.count == 0) l.first_block[0] = 0;
+    l.numel[l.count] = numel;
+    l.first_block[l.count + 1] = l.first_block[l.count] + (int)((numel + MANY_CHUNK - 1) / MANY_CHUNK);
+    l.count++;
+}
+
+/* This block's tensor and its element range [*begin, *end) (an empty tensor has no block). */
+__device__ __forceinline__ int many_part(const ManyBlocks &l, int64_t *begin, int64_t *end) {
+    const int s = upper_bound(l.first_block + 1, l.count, (int)blockIdx.x);
+    *begin = (int64_t)(blockIdx.x - l.first_block[s]) * MANY_CHUNK;
+    *end = min(*begin + MANY_CHUNK, l.numel[s]);
+    return s;
+}
+
+struct AdamwList {
+    ManyBlocks blocks;
+    float *p[MANY_TENSORS], *g[MANY_TENSORS], *m[MANY_TENSORS], *v[MANY_TENSORS];
+    bf16 *shadow[MANY_TENSORS];
+    float lr[MANY_TENSORS], wd[MANY_TENSORS];
+};
+
+__global__ void __launch_bounds__(MANY_THREADS) adamw_many_kernel(const __grid_constant__ AdamwList l, float grad_scale,
+                                                                 AdamwRates r) {
+    int64_t begin, end;
+    const int s = many_part(l.blocks, &begin, &end);
+    float *g = l.g[s];
+    for (int64_t i = begin + threadIdx.x; i < end; i += MANY_THREADS) {
+        float gi = g[i];
+        if (grad_scale != 1.0f) g[i] = gi = (float)((double)grad_scale * gi); /* as cuda_scale */
+        adamw_element(l.p[s], gi, l.m[s], l.v[s], l.shadow[s], i, r, l.lr[s], l.wd[s]);
+    }
+}
+
+static void adamw_many_launch(const AdamwList &l, float grad_scale, const AdamwRates &r) {
+    if (l.blocks.count == 0 || l.blocks.first_block[l.blocks.count] == 0) return;
+    adamw_many_kernel<<<l.blocks.first_block[l.blocks.count], MANY_THREADS>>>(l, grad_scale, r);
+    LAUNCH_CHECK("adamw_many");
+}
+
+extern "C" void cuda_adamw_update_many(AdamwPart *parts, int n, float grad_scale, float beta1, float beta2, float eps,
+                                       int t) {
+    init();
+    const AdamwRates r = adamw_rates(beta1, beta2, eps, t);
+    AdamwList l{};
+    for (int i = 0; i < n; i++) {
+        AdamwPart *q = &parts[i];
+        const Tensor *all[4] = {&q->param, &q->grad, &q->m, &q->v};
+        for (int k = 0; k < 4; k++) {
+            if (all[k]->dtype != DT_F32)
+                fatal("cuda adamw_update_many: parameters, gradients and moments must be f32 (got %s)",
+                      dtype_name(all[k]->dtype));
+            need_same_numel("adamw_update_many", &q->param, all[k]);
+        }
+        if (l.blocks.count == MANY_TENSORS) {
+            adamw_many_launch(l, grad_scale, r);
+            l.blocks.count = 0;
+        }
+        const int s = l.blocks.count;
+        many_add(l.blocks, q->param.numel);
+        l.p[s] = (float *)q->param.data, l.g[s] = (float *)q->grad.data;
+        l.m[s] = (float *)q->m.data, l.v[s] = (float *)q->v.data;
+        l.shadow[s] = (bf16 *)q->param.shadow;
+        l.lr[s] = q->lr, l.wd[s] = q->weight_decay;
+    }
+    adamw_many_launch(l, grad_scale, r);
+}
+
+/* sumsq_many: one fp64 partial sum per block over all launches, then sum_partials_kernel in order */
+struct SumsqList {
+    ManyBlocks blocks;
+    const void *x[MANY_TENSORS];
+};
+
+template <typename T> __global__ void __launch_bounds__(MANY_THREADS) sumsq_many_kernel(double *partial,
+                                                                                       const __grid_constant__ SumsqList l) {
+    __shared__ double sh[32];
+    int64_t begin, end;
+    const T *x = (const T *)l.x[many_part(l.blocks, &begin, &end)];
+    double s = 0.0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += MANY_THREADS) {
+        const double v = to_f64(x[i]);
+        s += v * v;
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+static void sumsq_many_launch(const SumsqList &l, DType dt, double *partial) {
+    const int blocks = l.blocks.count ? l.blocks.first_block[l.blocks.count] : 0;
+    if (blocks == 0) return;
+    DISPATCH_FLOAT64(dt, T, "sumsq_many", {
+        sumsq_many_kernel<T><<<blocks, MANY_THREADS>>>(partial, l);
+        LAUNCH_CHECK("sumsq_many");
+    });
+}
+
+extern "C" double cuda_sumsq_many(const Tensor *const *xs, int n) {
+    init();
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        if (xs[i]->dtype != xs[0]->dtype)
+            fatal("cuda sumsq_many: tensors of one dtype (%s and %s)", dtype_name(xs[0]->dtype), dtype_name(xs[i]->dtype));
+        total += (xs[i]->numel + MANY_CHUNK - 1) / MANY_CHUNK;
+    }
+    if (total == 0) return 0.0;
+    if (total > INT32_MAX) fatal("cuda sumsq_many: %lld blocks of %d elements are too many", (long long)total, MANY_CHUNK);
+    double *buf = (double *)scratch((size_t)(total + 1) * sizeof(double)), *partial = buf + 1;
+    SumsqList l{};
+    for (int i = 0; i < n; i++) {
+        if (l.blocks.count == MANY_TENSORS) {
+            sumsq_many_launch(l, xs[0]->dtype, partial);
+            partial += l.blocks.first_block[l.blocks.count];
+            l.blocks.count = 0;
+        }
+        l.x[l.blocks.count] = xs[i]->data;
+        many_add(l.blocks, xs[i]->numel);
+    }
+    sumsq_many_launch(l, xs[0]->dtype, partial);
+    sum_partials_kernel<<<1, 1024>>>(buf, buf + 1, (int)total);
+    LAUNCH_CHECK("sum_partials");
+    double r = 0.0;
+    CUDA_CHECK(cudaMemcpy(&r, buf, sizeof r, cudaMemcpyDeviceToHost));
+    check_device_errors();
+    return r;
 }

@@ -19,5 +19,11 @@
 #define CUDA_MSA_INDEX_DIM_MAX 128
 /* msa_indexer.cu: index heads, one per GQA group (= KV heads) */
 #define CUDA_MSA_INDEX_HEADS_MAX 128
+/* rmsnorm.cu: the elements of a normalised row (model.d_model; the per-head norms' head dims are far
+ * below). A block of at most 256 threads holds a row in registers, 8 vectors a thread: 16-byte vectors
+ * in rows of a multiple of 8 elements with a 16-byte aligned start (F32: 8192; BF16 takes 16384),
+ * single elements otherwise. */
+#define CUDA_NORM_DIM_MAX 8192
+#define CUDA_NORM_DIM_MAX_UNALIGNED 2048
 
 #endif

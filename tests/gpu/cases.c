@@ -60,6 +60,21 @@ static void norm_rope_cases(void) {
         GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {33, 96}, acts[d], false, false, 1);
         GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {33, 96}, acts[d], true, false, 1);
         GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {33, 96}, acts[d], true, false, 2);
+        /* the layouts of kernels/cuda/rmsnorm.cu (BF16 / F32 vectors of 8 / 4): 4 to 32 lanes of a warp a
+         * row over more rows than a wave of blocks holds, the last round with teams past the end (also
+         * {1, 3} above: one row, 8 teams of 4 lanes); a block a row with 1, 2, 4 and 8 vectors a thread,
+         * idle threads in the last ones, more rows than blocks (the dw partial sums of many blocks); C odd
+         * (one element a load), with 1 + w and without a gain */
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {20000, 72}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {5001, 32}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {3, 16}, acts[d], true, true, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {4099, 2048}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {300, 4000}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {40, 6000}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {40, 6000}, acts[d], false, false, 1);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {7, acts[d] == DT_BF16 ? 16384 : 8192}, acts[d], true, false, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {65, 1999}, acts[d], true, true, 3);
+        GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {65, 1999}, acts[d], true, false, 2);
     }
     /* act, N, H, D, rotary dim, theta, positions below */
     for (int d = 0; d < 2; d++) {
@@ -124,6 +139,9 @@ static void loss_optimizer_cases(void) {
     for (int si = 0; si < 2; si++)
         for (int with_shadow = 0; with_shadow < 2; with_shadow++)
             GPU_CASE("adamw", adamw_case, AdamwCase, si ? 100003 : 1000, with_shadow);
+    /* tensors, largest size, gradient scale (1: no clipping) */
+    GPU_CASE("adamw", optimizer_many_case, OptimizerManyCase, 70, 20000, 0.37f);
+    GPU_CASE("adamw", optimizer_many_case, OptimizerManyCase, 33, 5000, 1.0f);
 }
 
 /* The MSA index side. Documents of unequal lengths incl. 1 and non-multiples of B; B 4/16/64/128 and odd

@@ -81,6 +81,9 @@ typedef struct { DType act; int64_t N, V; int ignore_every; } CrossEntropyCase;
 void cross_entropy_case(const void *args);
 typedef struct { int64_t n; bool with_shadow; } AdamwCase;
 void adamw_case(const void *args);
+/* sumsq_many and adamw_update_many over count tensors of up to max_n elements */
+typedef struct { int count; int64_t max_n; float grad_scale; } OptimizerManyCase;
+void optimizer_many_case(const void *args);
 
 /* A pointwise activation: entries X_forward(y, x) and X_backward(dx, dy, x) of KernelBackend, named by
  * their byte offsets in it (UNARY_KERNEL checks their types at compile time). */

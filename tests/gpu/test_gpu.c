@@ -525,6 +525,92 @@ void adamw_case(const void *args) {
     pair_free(&v);
 }
 
+/* The optimizer's multi-tensor kernels over a list longer than one launch's (kernels/cuda/elementwise.cu
+ * MANY_TENSORS), of sizes around a block's chunk (4096): sumsq_many against the CPU's
+ * per-tensor fp64 sums; adamw_update_many (grad *= grad_scale, then AdamW with each part's lr and weight
+ * decay) against the CPU's single-tensor kernels: the updates, moments and scaled gradients of all
+ * tensors as one comparison each, the BF16 shadows (every other tensor has one) bit-exact. */
+void optimizer_many_case(const void *args) {
+    const OptimizerManyCase *c = args;
+    const int count = c->count;
+    const float grad_scale = c->grad_scale;
+    Pair *p = xmalloc((size_t)count * sizeof(Pair)), *g = xmalloc((size_t)count * sizeof(Pair)),
+         *m = xmalloc((size_t)count * sizeof(Pair)), *v = xmalloc((size_t)count * sizeof(Pair));
+    Tensor *shadow = xcalloc((size_t)count, sizeof(Tensor));
+    const Tensor **gc = xmalloc((size_t)count * sizeof(Tensor *)), **gg = xmalloc((size_t)count * sizeof(Tensor *));
+    AdamwPart *pc = xmalloc((size_t)count * sizeof(AdamwPart)), *pg = xmalloc((size_t)count * sizeof(AdamwPart));
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) {
+        const int64_t n = i == 0 ? 1 : i == 1 ? 4096 : i == 2 ? 4097 : i == 3 ? 2 * 4096 : 1 + (int64_t)i * 7919 % c->max_n;
+        total += n;
+        const int64_t shape[1] = {n};
+        p[i] = pair_rand(DT_F32, 1, shape, 0, 1);
+        g[i] = pair_rand(DT_F32, 1, shape, 0, 0.1);
+        m[i] = pair_rand(DT_F32, 1, shape, 0, 0.01);
+        float *vv = randn(n, 0, 0.001);
+        for (int64_t e = 0; e < n; e++) vv[e] = vv[e] * vv[e];
+        v[i] = pair_from(DT_F32, 1, shape, vv);
+        free(vv);
+        if (i % 2) {
+            shadow[i] = mk(GB, DT_BF16, 1, shape);
+            poison(&shadow[i]);
+            p[i].g.shadow = shadow[i].data;
+        }
+        gc[i] = &g[i].c, gg[i] = &g[i].g;
+        const float lr = 1e-3f * (float)(1 + i % 3), wd = i % 2 ? 0.1f : 0.0f;
+        pc[i] = (AdamwPart){p[i].c, g[i].c, m[i].c, v[i].c, lr, wd};
+        pg[i] = (AdamwPart){p[i].g, g[i].g, m[i].g, v[i].g, lr, wd};
+    }
+    char name[160];
+    const double a = GB->sumsq_many(gg, count), b = CB->sumsq_many(gc, count);
+    snprintf(name, sizeof name, "sumsq_many %d tensors, %lld elements", count, (long long)total);
+    record(fabs(a - b) <= 1e-12 * fabs(b), "%-58s rel err %.2e (tol 1e-12, fp64 sums)", name, fabs(a - b) / fabs(b));
+    CB->adamw_update_many(pc, count, grad_scale, 0.9f, 0.95f, 1e-8f, 3);
+    GB->adamw_update_many(pg, count, grad_scale, 0.9f, 0.95f, 1e-8f, 3);
+    /* all tensors laid end to end: the updates p_new - p_old, then m, v and the scaled gradients */
+    float *got[4], *want[4];
+    for (int k = 0; k < 4; k++) got[k] = xmalloc((size_t)total * sizeof(float)), want[k] = xmalloc((size_t)total * sizeof(float));
+    bool shadow_exact = true;
+    int64_t at = 0;
+    for (int i = 0; i < count; i++) {
+        const int64_t n = p[i].c.numel;
+        const Pair *all[4] = {&p[i], &m[i], &v[i], &g[i]};
+        for (int k = 0; k < 4; k++) {
+            float *d = download_f32(&all[k]->g);
+            memcpy(got[k] + at, d, (size_t)n * sizeof(float));
+            memcpy(want[k] + at, all[k]->c.data, (size_t)n * sizeof(float));
+            if (k == 0)
+                for (int64_t e = 0; e < n; e++) got[0][at + e] -= p[i].h[e], want[0][at + e] -= p[i].h[e];
+            if (k == 0 && shadow[i].data) {
+                float *sh = download_f32(&shadow[i]);
+                for (int64_t e = 0; e < n; e++) shadow_exact &= sh[e] == round_to(DT_BF16, d[e]);
+                free(sh);
+            }
+            free(d);
+        }
+        at += n;
+    }
+    static const char *what[4] = {"update", "m", "v", "scaled grad"};
+    for (int k = 0; k < 4; k++) {
+        bool nan;
+        const double e = rel_err_f32(got[k], want[k], total, &nan);
+        snprintf(name, sizeof name, "adamw_update_many %s, %d tensors, grad_scale %g", what[k], count, (double)grad_scale);
+        record(!nan && e <= TOL_F32, "%-58s rel err %.2e (tol %.0e)", name, e, TOL_F32);
+        free(got[k]);
+        free(want[k]);
+    }
+    snprintf(name, sizeof name, "adamw_update_many writes the bf16 shadows, %d tensors", count);
+    record(shadow_exact, "%-58s %s", name, shadow_exact ? "bit-exact" : "stale or wrong");
+    for (int i = 0; i < count; i++) {
+        pair_free(&p[i]);
+        pair_free(&g[i]);
+        pair_free(&m[i]);
+        pair_free(&v[i]);
+        if (shadow[i].data) free_t(&shadow[i]);
+    }
+    free(p), free(g), free(m), free(v), free(shadow), free(gc), free(gg), free(pc), free(pg);
+}
+
 /* ---------- end to end: a few steps of configs/tiny.json on both devices ---------- */
 
 static double train_tiny(const char *device, int steps, bool recompute, double *losses) {
@@ -747,6 +833,55 @@ static void bench_gemm(int64_t M, int64_t N, int64_t K) {
     params_free(&ps);
 }
 
+/* Seconds per call of run(arg), over reps calls after two warm-up calls. */
+static double time_calls(void (*run)(void *), void *arg, int reps) {
+    run(arg);
+    run(arg);
+    gpu_sync();
+    const double t0 = wall_seconds();
+    for (int i = 0; i < reps; i++) run(arg);
+    gpu_sync();
+    return (wall_seconds() - t0) / reps;
+}
+
+typedef struct {
+    Tensor x, y, dy, dx, w, dw, rstd, copy_dst;
+} NormBench;
+static void norm_fwd(void *a) {
+    NormBench *b = a;
+    GB->rmsnorm_forward(&b->y, &b->rstd, &b->x, &b->w, 1e-5f, false);
+}
+static void norm_bwd(void *a) {
+    NormBench *b = a;
+    GB->rmsnorm_backward(&b->dx, &b->dw, &b->dy, &b->x, &b->w, &b->rstd, false);
+}
+static void norm_copy(void *a) {
+    NormBench *b = a;
+    GB->copy(b->copy_dst.data, b->x.data, (size_t)b->x.numel * dtype_size(b->x.dtype));
+}
+
+/* RMSNorm, BF16 activations and an F32 gain (training's dtypes): GB/s of the traffic the op cannot avoid
+ * (forward: read x, write y; backward: read x, dy and dx, write dx, since dx accumulates; the F32 rstd,
+ * gain and dw besides), against a device-to-device copy of x in the same run. */
+static void bench_rmsnorm(int64_t rows, int64_t C) {
+    NormBench b;
+    const int64_t shape[2] = {rows, C};
+    b.x = dev_rand(DT_BF16, 2, shape, 1), b.dy = dev_rand(DT_BF16, 2, shape, 1), b.dx = dev_rand(DT_BF16, 2, shape, 0);
+    b.y = mk(GB, DT_BF16, 2, shape), b.copy_dst = mk(GB, DT_BF16, 2, shape);
+    b.w = dev_rand(DT_F32, 1, (int64_t[]){C}, 1), b.dw = dev_rand(DT_F32, 1, (int64_t[]){C}, 0);
+    b.rstd = mk(GB, DT_F32, 1, (int64_t[]){rows});
+    const double act = (double)rows * (double)C * 2, small = (double)rows * 4 + (double)C * 4;
+    const double t_copy = time_calls(norm_copy, &b, 20), t_fwd = time_calls(norm_fwd, &b, 20),
+                 t_bwd = time_calls(norm_bwd, &b, 20);
+    const double copy_gbs = 2 * act / t_copy * 1e-9, fwd_gbs = (2 * act + small) / t_fwd * 1e-9,
+                 bwd_gbs = (4 * act + small + 2 * (double)C * 4) / t_bwd * 1e-9;
+    printf("  rmsnorm bf16 rows=%lld C=%lld: fwd %.1f us (%.0f GB/s, %.0f%% of a copy's %.0f GB/s), bwd dx+dw %.1f us "
+           "(%.0f GB/s, %.0f%%)\n", (long long)rows, (long long)C, t_fwd * 1e6, fwd_gbs, 100 * fwd_gbs / copy_gbs,
+           copy_gbs, t_bwd * 1e6, bwd_gbs, 100 * bwd_gbs / copy_gbs);
+    Tensor *all[] = {&b.x, &b.y, &b.dy, &b.dx, &b.w, &b.dw, &b.rstd, &b.copy_dst};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
+}
+
 /* a d_model 1024, 4-layer model on the Shakespeare data: tokens per second of full training steps */
 static void bench_train(int seq_len, int batch) {
     Run r;
@@ -777,20 +912,33 @@ static void bench_train(int seq_len, int batch) {
     run_free(&r);
 }
 
-static void bench(void) {
+static bool wanted(const char *only, const char *group);
+
+/* --bench [NAME,...]: all timings, or those named (msa_indexer rmsnorm gemm attention msa_attention msa_kl
+ * train) */
+static void bench(const char *only) {
     printf("bench (wall clock; rough)\n");
-    bench_msa_indexer();
-    bench_gemm(4096, 4096, 4096);
-    bench_gemm(8192, 1024, 2816);
-    bench_attention(4096, 16, 4, 128);
-    bench_attention(16384, 16, 4, 128);
-    bench_attention(8192, 8, 2, 64);
-    bench_msa_attention_gpu();
-    bench_msa_kl_gpu();
-    bench_train(2048, 4);
+    if (wanted(only, "msa_indexer")) bench_msa_indexer();
+    if (wanted(only, "rmsnorm")) {
+        bench_rmsnorm(16384, 2048); /* the ~1.1B dense model's 4 x 4K tokens */
+        bench_rmsnorm(16384, 4096);
+        bench_rmsnorm(16384 * 16, 128); /* per-head q/k norms */
+    }
+    if (wanted(only, "gemm")) {
+        bench_gemm(4096, 4096, 4096);
+        bench_gemm(8192, 1024, 2816);
+    }
+    if (wanted(only, "attention")) {
+        bench_attention(4096, 16, 4, 128);
+        bench_attention(16384, 16, 4, 128);
+        bench_attention(8192, 8, 2, 64);
+    }
+    if (wanted(only, "msa_attention")) bench_msa_attention_gpu();
+    if (wanted(only, "msa_kl")) bench_msa_kl_gpu();
+    if (wanted(only, "train")) bench_train(2048, 4);
 }
 
-/* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: the first argument of the GPU_CASE lines of
+/* usage: test_gpu [--only GROUP[,GROUP...] | --bench [NAME,...]]   (groups: the first argument of the GPU_CASE lines of
  * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm rope attention
  * attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
  * compute-sanitizer run the kernels without the training runs) */
@@ -804,14 +952,14 @@ static bool wanted(const char *only, const char *group) {
 
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "--die")) return die_scenario(argv[2]);
-    if (argc == 2 && !strcmp(argv[1], "--bench")) {
+    if ((argc == 2 || argc == 3) && !strcmp(argv[1], "--bench")) {
         rng_seed(&gpu_check.rng, 1);
-        bench();
+        bench(argc == 3 ? argv[2] : NULL);
         return 0;
     }
     const char *only = argc == 3 && !strcmp(argv[1], "--only") ? argv[2] : NULL;
     if (argc > 1 && !only) {
-        fprintf(stderr, "usage: %s [--only GROUP[,GROUP...] | --bench]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--only GROUP[,GROUP...] | --bench [NAME,...]]\n", argv[0]);
         return 2;
     }
     TEST_BEGIN();
