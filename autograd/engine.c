@@ -173,6 +173,12 @@ void engine_backward_tape(Engine *e, int from) {
     }
 }
 
+void engine_set_profiler(Engine *e, struct Profiler *p) {
+    e->prof = p;
+    e->data.observe = p ? profiler_observe : NULL;
+    e->data.observer = p;
+}
+
 void tensor_to_host(const Engine *e, void *dst, const Tensor *t) { e->be->copy_to_host(dst, t->data, tensor_bytes(t)); }
 
 void tensor_from_host(const Engine *e, Tensor *t, const void *src) {

@@ -118,6 +118,12 @@ static inline void engine_op_end_named(Engine *e, const char *name) {
     if (e->prof) profiler_end_named(e->prof, name, e->recomputing ? PROF_RECOMPUTE : PROF_FORWARD);
 }
 
+/* Attach the step profiler (NULL: detach): its time brackets, and its memory columns, which watch the
+ * activation arena (e->data) while attached. */
+void engine_set_profiler(Engine *e, struct Profiler *p);
+/* the arena observer (Arena.observe) of the memory columns, autograd/profile.c */
+void profiler_observe(void *profiler, size_t live_before, size_t live_after);
+
 /* Switch gradient recording; returns the previous state (to restore). */
 static inline bool engine_set_grad(Engine *e, bool on) {
     bool prev = e->grad_enabled;

@@ -868,6 +868,7 @@ void run_init(Run *r) {
 }
 
 void run_free(Run *r) {
+    if (r->prof) profiler_free(r->prof);
     free(r->prof);
     r->prof = NULL;
     if (r->metrics) fclose(r->metrics);
@@ -1086,7 +1087,7 @@ StepResult run_step(Run *r) {
     Profiler *prof = r->prof && r->step > r->start_step && r->prof->steps < c->train.profile_steps ? r->prof : NULL;
     if (prof) {
         profiler_step_begin(prof);
-        e->prof = prof;
+        engine_set_profiler(e, prof);
     }
     /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
      * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
@@ -1165,7 +1166,7 @@ StepResult run_step(Run *r) {
     model_moe_step(&r->model, &s.moe, true);
     if (prof) {
         profiler_step_end(prof);
-        e->prof = NULL;
+        engine_set_profiler(e, NULL);
     }
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;
