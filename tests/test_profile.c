@@ -109,13 +109,13 @@ TEST(profiling_leaves_losses_bit_identical) {
 }
 
 /* configs/tiny.json: 2 layers, each 7 linears (q, k, v, o, gate, up, down), one attention; the LM head
- * is one more linear; one cross-entropy */
-TEST(rows_for_linear_attention_cross_entropy) {
+ * and its cross-entropy are one lm_head_loss */
+TEST(rows_for_linear_attention_lm_head_loss) {
     const Profiler *p = &FX->profiled.prof;
     const struct {
         int kind;
         int per_step;
-    } want[] = {{OP_linear, 15}, {OP_attention, 2}, {OP_cross_entropy, 1}, {OP_rmsnorm, 5}, {OP_embedding, 1}};
+    } want[] = {{OP_linear, 14}, {OP_attention, 2}, {OP_lm_head_loss, 1}, {OP_rmsnorm, 5}, {OP_embedding, 1}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         const int k = want[i].kind;
         const char *name = profiler_kind_name(p, k);
@@ -258,8 +258,8 @@ TEST(cli_prints_the_table_and_rejects_bad_values) {
     char args[512];
     snprintf(args, sizeof args, "%s --set train.profile_steps=1", base);
     EXPECT(train_cli(args, out, sizeof out, err, sizeof err) == 0, "exit status != 0: %s", err);
-    EXPECT(strstr(out, "## Step profile: steps 2-2 of configs/tiny.json (cpu backend)") && strstr(out, "| linear | 15 |") &&
-               strstr(out, "| attention | 2 |") && strstr(out, "| cross_entropy | 1 |") && strstr(out, "| step wall time"),
+    EXPECT(strstr(out, "## Step profile: steps 2-2 of configs/tiny.json (cpu backend)") && strstr(out, "| linear | 14 |") &&
+               strstr(out, "| attention | 2 |") && strstr(out, "| lm_head_loss | 1 |") && strstr(out, "| step wall time"),
            "no table in the output:\n%s", out);
     EXPECT(!strstr(out, "| checkpoint |"), "a checkpoint row without recompute");
     snprintf(args, sizeof args, "%s --set train.profile_steps=5", base);
@@ -402,7 +402,7 @@ int main(void) {
                              "model.ffn=moe", "moe.num_experts=4", "moe.expert_dim=32", out_dir, NULL};
     train(&fx.msa_moe, 2, true, msa_moe);
     RUN(profiling_leaves_losses_bit_identical);
-    RUN(rows_for_linear_attention_cross_entropy);
+    RUN(rows_for_linear_attention_lm_head_loss);
     RUN(times_add_up_to_the_step_wall_time);
     RUN(recompute_not_double_counted);
     RUN(msa_moe_untaped_work_and_profile_file);

@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 
 #include "../../autograd/engine.h"
+#include "../../autograd/ops.h"
 #include "../../autograd/params.h"
 #include "../../kernels/util.h"
 #include "../../train/trainer.h"
@@ -384,6 +385,59 @@ void bias_add_case(const void *args) {
     pair_free(&y);
     pair_free(&x);
     pair_free(&b);
+}
+
+/* ---------- the chunked LM head + cross-entropy (an op, on an engine of each backend) ---------- */
+
+/* The op's loss on one backend, and its gradients dx and dW as host F32 copies (the caller frees them):
+ * x, w (taking gradients) and targets are that side's tensors. */
+typedef struct {
+    double loss;
+    float *dx, *dw;
+} LmHeadLossResult;
+
+static LmHeadLossResult lm_head_loss_run(const KernelBackend *be, DType act, Tensor *x, Tensor *w, Tensor *t,
+                                         int64_t chunk_rows) {
+    Engine e;
+    engine_init(&e, be, act, (size_t)64 << 20);
+    x->requires_grad = w->requires_grad = true;
+    x->grad = w->grad = NULL;
+    Tensor *loss = op_lm_head_loss(&e, x, w, t, -1, chunk_rows);
+    engine_backward(&e, loss);
+    LmHeadLossResult r = {tensor_item(&e, loss), download_f32(x->grad), download_f32(w->grad)};
+    x->grad = w->grad = NULL; /* they lived in the engine's arena */
+    x->requires_grad = w->requires_grad = false;
+    engine_free(&e);
+    return r;
+}
+
+void lm_head_loss_case(const void *args) {
+    const LmHeadLossCase *c = args;
+    const int64_t N = c->N, C = c->C, V = c->V;
+    int32_t *tg = xmalloc((size_t)N * sizeof(int32_t));
+    for (int64_t n = 0; n < N; n++)
+        tg[n] = c->ignore_every && n % c->ignore_every == 0 ? -1 : (int32_t)(rng_next(&gpu_check.rng) % (uint64_t)V);
+    Pair t = pair_i32(N, tg);
+    Pair x = pair_rand(DT_BF16, 2, (int64_t[]){N, C}, 0, 1), w = pair_rand(DT_F32, 2, (int64_t[]){V, C}, 0, 0.5);
+    /* the reference: the CPU engine in F32 on the values the GPU holds, in one chunk (op_linear +
+     * op_cross_entropy bit for bit) */
+    LmHeadLossResult ref = lm_head_loss_run(CB, DT_F32, &x.c, &w.c, &t.c, N);
+    LmHeadLossResult got = lm_head_loss_run(GB, DT_BF16, &x.g, &w.g, &t.g, c->chunk_rows);
+    char desc[96];
+    snprintf(desc, sizeof desc, "N=%lld C=%lld V=%lld chunk %lld", (long long)N, (long long)C, (long long)V,
+             (long long)c->chunk_rows);
+    const double el = fabs(got.loss - ref.loss) / fabs(ref.loss);
+    record(el <= TOL_BF16, "lm_head_loss fwd loss %-37s rel err %.2e (gpu %.6f cpu %.6f)", desc, el, got.loss, ref.loss);
+    bool nan = false;
+    const double ex = rel_err_f32(got.dx, ref.dx, N * C, &nan);
+    record(!nan && ex <= TOL_BF16, "lm_head_loss bwd dx %-39s rel err %.2e", desc, ex);
+    const double ew = rel_err_f32(got.dw, ref.dw, V * C, &nan);
+    record(!nan && ew <= TOL_BF16, "lm_head_loss bwd dW %-39s rel err %.2e", desc, ew);
+    free(ref.dx), free(ref.dw), free(got.dx), free(got.dw);
+    pair_free(&x);
+    pair_free(&w);
+    pair_free(&t);
+    free(tg);
 }
 
 static UnaryForwardFn unary_forward(const KernelBackend *be, const UnaryKernel *k) {
@@ -790,7 +844,7 @@ static void bench(void) {
 
 /* usage: test_gpu [--only GROUP[,GROUP...] | --bench]   (groups: the first argument of the GPU_CASE lines of
  * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm rope attention
- * attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
+ * attention_cudnn swiglu cross_entropy lm_head_loss adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
  * compute-sanitizer run the kernels without the training runs) */
 static bool wanted(const char *only, const char *group) {
     if (!only) return true;
