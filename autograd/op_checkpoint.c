@@ -6,6 +6,9 @@
  * activation memory is then one block's activations plus the block outputs, which is what lets
  * 32K-128K-token sequences fit. A segment maps x to a tensor of x's shape and must be deterministic.
  *
+ * After its backward, a checkpoint's output has no gradient (y->grad is NULL): the buffer holds the
+ * gradient of its input, which a chain of blocks then passes down from block to block.
+ *
  * Without gradients (evaluation, sampling) the forward is the same minus the recording: the segment's
  * intermediates are released as soon as its output is copied out, so a no-grad forward holds one
  * block's activations at a time. Otherwise an arena that frees nothing until the step ends would hold
@@ -58,8 +61,12 @@ void backward_checkpoint(Engine *e, Node *n) {
     const CheckpointParams *cp = NODE_PARAMS(n, CheckpointParams);
     SegmentFn fn = cp->fn;
     const void *closure = cp->closure;
-    Tensor *x = n->in[0], *gy = n->out[0]->grad, *gaux = n->out[1] ? n->out[1]->grad : NULL;
-    engine_grad(e, x); /* allocate x's gradient outside the region released below */
+    Tensor *x = n->in[0], *y_out = n->out[0], *gy = y_out->grad, *gaux = n->out[1] ? n->out[1]->grad : NULL;
+    /* x's gradient, outside the region released below; made here when nothing downstream made it yet
+     * (the input of a chain of blocks: the previous block's output) */
+    const bool fresh = x->requires_grad && !x->grad;
+    const ArenaMark before_gx = arena_mark(&e->data);
+    engine_grad(e, x);
 
     ArenaMark md = arena_mark(&e->data), mh = arena_mark(&e->host);
     int tape_mark = e->tape_len;
@@ -76,4 +83,14 @@ void backward_checkpoint(Engine *e, Node *n) {
     e->tape_len = tape_mark;
     arena_rewind(&e->data, md);
     arena_rewind(&e->host, mh);
+    /* y's gradient is dead now: every op that read y was recorded after this node, so its backward rule
+     * has run. x's gradient moves into that buffer (y has x's shape and dtype) and its own is released, so
+     * that a chain of checkpointed blocks holds two block-sized gradients, not one per block (22 x tokens
+     * x d_model for the 1.1B model). y keeps no gradient. */
+    if (fresh && gy && gy->dtype == x->grad->dtype && gy->numel == x->grad->numel) {
+        e->be->copy(gy->data, x->grad->data, tensor_bytes(gy));
+        x->grad->data = gy->data;
+        y_out->grad = NULL;
+        arena_rewind(&e->data, before_gx);
+    }
 }
