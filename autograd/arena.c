@@ -15,12 +15,14 @@ void arena_init(Arena *a, const KernelBackend *be, size_t chunk_size) {
 }
 
 static void *chunk_alloc(Arena *a, size_t bytes) {
+    if (a->be && a->host) return a->be->host_alloc(bytes);
     if (a->be) return a->be->alloc(bytes);
     return xmalloc(bytes);
 }
 
 static void chunk_free(Arena *a, void *p) {
-    if (a->be) a->be->free(p);
+    if (a->be && a->host) a->be->host_free(p);
+    else if (a->be) a->be->free(p);
     else free(p);
 }
 

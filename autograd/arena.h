@@ -3,6 +3,7 @@
 #ifndef MSA_ARENA_H
 #define MSA_ARENA_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "../kernels/backend.h"
@@ -14,6 +15,7 @@ typedef struct ArenaChunk {
 
 typedef struct Arena {
     const KernelBackend *be; /* where chunks live; NULL = host malloc */
+    bool host;               /* chunks from be->host_alloc (host memory the device copies at full speed) */
     ArenaChunk *chunks;
     int n_chunks, cap_chunks;
     int cur;                 /* chunk being filled */

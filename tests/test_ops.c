@@ -350,10 +350,11 @@ static Tensor *block_no_aux(Engine *e, Tensor *x, const void *closure, Tensor **
 
 /* The arena peak of a chain of `blocks` checkpointed blocks on x [rows, 6], forward and backward, and
  * x's gradient into gx (rows x 6 doubles). */
-static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool checkpointed, double *gx) {
+static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool checkpointed, bool offload, double *gx) {
     memset(x->grad->data, 0, tensor_bytes(x));
     engine_free(e);
     engine_init(e, &cpu_backend, DT_F64, 1 << 20);
+    e->offload_block_inputs = offload;
     Tensor *h = op_scale(e, x, 1.0f);
     for (int i = 0; i < blocks; i++) {
         Tensor *aux = NULL;
@@ -364,9 +365,10 @@ static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool chec
     return e->data.high_water;
 }
 
-/* A chain of checkpointed blocks holds one gradient buffer of a block's input for the whole chain (each
+/* A chain of checkpointed blocks holds two gradient buffers of a block's input for the whole chain (each
  * block's backward hands its input's gradient down in its output's buffer), not one per block: 4 more
- * blocks cost 4 saved outputs (and their auxiliary scalars), not 4 outputs and 4 gradients. */
+ * blocks cost 4 saved outputs (and their auxiliary scalars), not 4 outputs and 4 gradients. Offloaded
+ * (train.offload_block_inputs), the outputs leave the arena, and the gradient stays bit for bit. */
 TEST(checkpoint_chain_reuses_the_gradient_buffer) {
     Engine *eng = tc->fixture;
     const int64_t rows = 64;
@@ -375,15 +377,22 @@ TEST(checkpoint_chain_reuses_the_gradient_buffer) {
     test_requires_grad(x);
     SegCtx sc = {w1, w2, test_tensor(DT_I32, SHAPE(rows))};
     for (int64_t r = 0; r < rows; r++) ((int32_t *)sc.targets->data)[r] = (int32_t)(r % 6);
-    double *g[3];
-    for (int i = 0; i < 3; i++) g[i] = malloc(tensor_bytes(x));
-    const size_t four = chain_peak(eng, x, &sc, 4, true, g[0]), eight = chain_peak(eng, x, &sc, 8, true, g[1]);
-    chain_peak(eng, x, &sc, 8, false, g[2]);
+    double *g[4];
+    for (int i = 0; i < 4; i++) g[i] = malloc(tensor_bytes(x));
+    const size_t four = chain_peak(eng, x, &sc, 4, true, false, g[0]), eight = chain_peak(eng, x, &sc, 8, true, false, g[1]);
+    chain_peak(eng, x, &sc, 8, false, false, g[2]);
+    /* offloaded, the 8 outputs leave the arena (two device slots and the host hold them) */
+    const size_t offloaded = chain_peak(eng, x, &sc, 8, true, true, g[3]);
     const size_t act = (size_t)rows * 6 * sizeof(double), per_block = act + 64; /* output + aux scalar */
     EXPECT(eight - four == 4 * per_block, "4 more blocks add %zu bytes at the peak, expected %zu (one %zu-byte output each)",
            eight - four, 4 * per_block, act);
     EXPECT(memcmp(g[1], g[2], tensor_bytes(x)) == 0, "x's gradient through 8 checkpointed blocks differs from the plain chain's");
-    for (int i = 0; i < 3; i++) free(g[i]);
+    EXPECT(memcmp(g[3], g[2], tensor_bytes(x)) == 0 && eng->n_offloaded == 8,
+           "offloaded: x's gradient differs from the plain chain's (%d outputs offloaded)", eng->n_offloaded);
+    EXPECT(eight - offloaded == 8 * act, "offloading 8 outputs lowers the arena peak by %zu bytes, expected %zu",
+           eight - offloaded, 8 * act);
+    for (int i = 0; i < 4; i++) free(g[i]);
+    eng->offload_block_inputs = false;
     test_tensor_free(sc.targets);
     test_tensor_free(x);
     test_tensor_free(w1);

@@ -813,6 +813,7 @@ void run_init(Run *r) {
         fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers need", src, r->be->name,
               missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
+    r->engine.offload_block_inputs = c->train.recompute && c->train.offload_block_inputs;
     r->prof = NULL;
     if (c->train.profile_steps > 0) {
         if (!r->be->synchronize)
