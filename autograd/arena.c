@@ -15,12 +15,14 @@ void arena_init(Arena *a, const KernelBackend *be, size_t chunk_size) {
 }
 
 static void *chunk_alloc(Arena *a, size_t bytes) {
+    if (a->be && a->host) return a->be->host_alloc(bytes);
     if (a->be) return a->be->alloc(bytes);
     return xmalloc(bytes);
 }
 
 static void chunk_free(Arena *a, void *p) {
-    if (a->be) a->be->free(p);
+    if (a->be && a->host) a->be->host_free(p);
+    else if (a->be) a->be->free(p);
     else free(p);
 }
 
@@ -30,7 +32,13 @@ void arena_free(Arena *a) {
     memset(a, 0, sizeof(*a));
 }
 
+static void *allocated(Arena *a, size_t live_before, void *p) {
+    if (a->observe) a->observe(a->observer, live_before, a->live);
+    return p;
+}
+
 void *arena_alloc(Arena *a, size_t bytes) {
+    const size_t live_before = a->live;
     bytes = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
     if (bytes == 0) bytes = ARENA_ALIGN;
     /* find a chunk (the current one or a later, already allocated one) with room */
@@ -41,7 +49,7 @@ void *arena_alloc(Arena *a, size_t bytes) {
             a->used += bytes;
             a->live += bytes;
             if (a->live > a->high_water) a->high_water = a->live;
-            return p;
+            return allocated(a, live_before, p);
         }
         /* the tail of this chunk is wasted until the next rewind; move on */
         a->live += c->size - a->used;
@@ -60,15 +68,17 @@ void *arena_alloc(Arena *a, size_t bytes) {
     a->used = bytes;
     a->live += bytes;
     if (a->live > a->high_water) a->high_water = a->live;
-    return c->base;
+    return allocated(a, live_before, c->base);
 }
 
 ArenaMark arena_mark(const Arena *a) { return (ArenaMark){a->cur, a->used, a->live}; }
 
 void arena_rewind(Arena *a, ArenaMark m) {
+    const size_t live_before = a->live;
     a->cur = m.cur;
     a->used = m.used;
     a->live = m.live;
+    if (a->observe) a->observe(a->observer, live_before, a->live);
 }
 
 void arena_reset(Arena *a) { arena_rewind(a, (ArenaMark){0, 0, 0}); }

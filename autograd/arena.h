@@ -3,6 +3,7 @@
 #ifndef MSA_ARENA_H
 #define MSA_ARENA_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "../kernels/backend.h"
@@ -14,6 +15,7 @@ typedef struct ArenaChunk {
 
 typedef struct Arena {
     const KernelBackend *be; /* where chunks live; NULL = host malloc */
+    bool host;               /* chunks from be->host_alloc (host memory the device copies at full speed) */
     ArenaChunk *chunks;
     int n_chunks, cap_chunks;
     int cur;                 /* chunk being filled */
@@ -21,6 +23,10 @@ typedef struct Arena {
     size_t chunk_size;       /* default size of a new chunk */
     size_t high_water;       /* most bytes ever live at once */
     size_t live;             /* bytes live now (sum of used over chunks 0..cur) */
+    /* Who watches live (the step profiler's memory column, engine_set_profiler): called after every
+     * change of live, by an allocation (live grows) or a rewind (live shrinks); NULL = nobody. */
+    void (*observe)(void *observer, size_t live_before, size_t live_after);
+    void *observer;
 } Arena;
 
 typedef struct ArenaMark {

@@ -28,12 +28,18 @@ void engine_init(Engine *e, const KernelBackend *be, DType act_dtype, size_t are
     e->act_dtype = act_dtype;
     arena_init(&e->data, be, arena_chunk_bytes);
     arena_init(&e->host, NULL, 1 << 20);
+    arena_init(&e->offload_host, be, arena_chunk_bytes);
+    e->offload_host.host = true;
     e->grad_enabled = true;
 }
 
 void engine_free(Engine *e) {
     arena_free(&e->data);
     arena_free(&e->host);
+    arena_free(&e->offload_host);
+    for (int i = 0; i < 2; i++)
+        if (e->offload_slot[i]) e->be->free(e->offload_slot[i]);
+    free(e->offloaded);
     free(e->tape);
     memset(e, 0, sizeof(*e));
 }
@@ -41,6 +47,8 @@ void engine_free(Engine *e) {
 void engine_reset(Engine *e) {
     arena_reset(&e->data);
     arena_reset(&e->host);
+    arena_reset(&e->offload_host);
+    e->n_offloaded = 0;
     e->tape_len = 0;
 }
 
@@ -171,6 +179,12 @@ void engine_backward_tape(Engine *e, int from) {
         backward_rules[n.op](e, &n);
         if (e->prof) profiler_end(e->prof, n.op, PROF_BACKWARD);
     }
+}
+
+void engine_set_profiler(Engine *e, struct Profiler *p) {
+    e->prof = p;
+    e->data.observe = p ? profiler_observe : NULL;
+    e->data.observer = p;
 }
 
 void tensor_to_host(const Engine *e, void *dst, const Tensor *t) { e->be->copy_to_host(dst, t->data, tensor_bytes(t)); }

@@ -61,6 +61,17 @@ typedef struct Engine {
     bool checkpoint_forward; /* inside a checkpointed segment's first forward, which its backward will
                                 replay: a segment may keep what the replay can reuse (layers/msa.c) */
     struct Profiler *prof; /* the step profiler while the trainer profiles a step, else NULL */
+    /* Offloading (train.offload_block_inputs): the output of a recorded checkpoint (the next block's
+     * input) lives on the device in one of two slots outside the arena, which the checkpoints after it
+     * take in turn, and between its forward and the backward that needs it in offload_host (the
+     * backend's host_alloc memory, reset with the arena); autograd/op_checkpoint.c. */
+    bool offload_block_inputs;
+    Arena offload_host;
+    void *offload_slot[2];
+    size_t offload_slot_bytes;
+    int offload_next;                   /* the slot the next output takes */
+    struct Offloaded *offloaded;        /* the outputs on the host this micro-step */
+    int n_offloaded, cap_offloaded;
 } Engine;
 
 void engine_init(Engine *e, const KernelBackend *be, DType act_dtype, size_t arena_chunk_bytes);
@@ -117,6 +128,12 @@ void profiler_end_named(struct Profiler *p, const char *name, ProfPhase phase);
 static inline void engine_op_end_named(Engine *e, const char *name) {
     if (e->prof) profiler_end_named(e->prof, name, e->recomputing ? PROF_RECOMPUTE : PROF_FORWARD);
 }
+
+/* Attach the step profiler (NULL: detach): its time brackets, and its memory columns, which watch the
+ * activation arena (e->data) while attached. */
+void engine_set_profiler(Engine *e, struct Profiler *p);
+/* the arena observer (Arena.observe) of the memory columns, autograd/profile.c */
+void profiler_observe(void *profiler, size_t live_before, size_t live_after);
 
 /* Switch gradient recording; returns the previous state (to restore). */
 static inline bool engine_set_grad(Engine *e, bool on) {

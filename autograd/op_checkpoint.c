@@ -6,12 +6,72 @@
  * activation memory is then one block's activations plus the block outputs, which is what lets
  * 32K-128K-token sequences fit. A segment maps x to a tensor of x's shape and must be deterministic.
  *
+ * Offloading (Engine.offload_block_inputs, train.offload_block_inputs): a recorded checkpoint's output is
+ * written to one of two device slots outside the arena, which the next checkpoint does not use, and copied
+ * to host memory; the backward that reads it as its input copies it back first. The device then holds two
+ * block inputs instead of one per block; the copies are synchronous. It assumes what the model does: a
+ * checkpoint output is read by the next checkpoint (and, the last one, by the ops after the blocks) and by
+ * nothing after the second checkpoint that follows it.
+ *
+ * After its backward, a checkpoint's output has no gradient (y->grad is NULL): the buffer holds the
+ * gradient of its input, which a chain of blocks then passes down from block to block.
+ *
  * Without gradients (evaluation, sampling) the forward is the same minus the recording: the segment's
  * intermediates are released as soon as its output is copied out, so a no-grad forward holds one
  * block's activations at a time. Otherwise an arena that frees nothing until the step ends would hold
  * every block's, and evaluation would run out of memory where the training step with recompute fits. */
 #include "../kernels/util.h"
 #include "ops.h"
+
+/* ---- offloading the outputs (the next blocks' inputs) to the host (Engine.offload_block_inputs) ---- */
+
+typedef struct Offloaded {
+    Tensor *t;  /* on the device in one of the engine's two slots */
+    void *host; /* its copy in offload_host */
+} Offloaded;
+
+/* A tensor like x whose data is the slot the next checkpoint output takes: not x's own (x is the previous
+ * output, in the other slot, when the checkpoints form a chain). The slots grow at a micro-step's first
+ * checkpoint, when neither holds anything. */
+static Tensor *slot_output(Engine *e, Tensor *x) {
+    const size_t bytes = tensor_bytes(x);
+    if (bytes > e->offload_slot_bytes) {
+        if (e->n_offloaded)
+            fatal("checkpoint: an offloaded block output of %zu bytes after ones of %zu in the same micro-step "
+                  "(train.offload_block_inputs needs blocks of one shape)", bytes, e->offload_slot_bytes);
+        for (int i = 0; i < 2; i++) {
+            if (e->offload_slot[i]) e->be->free(e->offload_slot[i]);
+            e->offload_slot[i] = e->be->alloc(bytes);
+        }
+        e->offload_slot_bytes = bytes;
+    }
+    if (e->offload_slot[e->offload_next] == x->data) e->offload_next ^= 1;
+    Tensor *y = engine_detach(e, x);
+    y->data = e->offload_slot[e->offload_next];
+    e->offload_next ^= 1;
+    return y;
+}
+
+/* y's copy on the host, for the backward of the block that reads it. */
+static void offload(Engine *e, Tensor *y) {
+    if (e->n_offloaded == e->cap_offloaded) {
+        e->cap_offloaded = e->cap_offloaded ? 2 * e->cap_offloaded : 64;
+        e->offloaded = xrealloc(e->offloaded, (size_t)e->cap_offloaded * sizeof *e->offloaded);
+    }
+    void *host = arena_alloc(&e->offload_host, tensor_bytes(y));
+    e->be->copy_to_host(host, y->data, tensor_bytes(y));
+    e->offloaded[e->n_offloaded++] = (Offloaded){y, host};
+}
+
+/* Put x back in its slot when it was offloaded: the slot may hold a later block's output by now, which
+ * is dead (its block's backward has run). */
+static void restore(Engine *e, Tensor *x) {
+    for (int i = e->n_offloaded - 1; i >= 0; i--)
+        if (e->offloaded[i].t == x) {
+            e->be->copy_from_host(x->data, e->offloaded[i].host, tensor_bytes(x));
+            return;
+        }
+}
 
 typedef struct CheckpointParams {
     SegmentFn fn;
@@ -23,7 +83,8 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
     /* profiled, the block's ops open brackets of their own inside this one: checkpoint's self time is
      * the copies and bookkeeping here, the ops' forward time is theirs (no-grad forwards: not timed) */
     if (record) engine_op_begin(e);
-    Tensor *y = engine_empty_like(e, x);
+    const bool offloading = record && e->offload_block_inputs;
+    Tensor *y = offloading ? slot_output(e, x) : engine_empty_like(e, x);
     Tensor *aux = engine_empty(e, stat_dtype(x->dtype), SHAPE(1));
     e->be->zero(aux->data, tensor_bytes(aux));
     bool has_aux = false;
@@ -44,6 +105,7 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
     }
     arena_rewind(&e->data, md);
     arena_rewind(&e->host, mh);
+    if (offloading) offload(e, y);
     if (aux_out) *aux_out = has_aux ? aux : NULL;
     if (!record) return y;
 
@@ -58,8 +120,13 @@ void backward_checkpoint(Engine *e, Node *n) {
     const CheckpointParams *cp = NODE_PARAMS(n, CheckpointParams);
     SegmentFn fn = cp->fn;
     const void *closure = cp->closure;
-    Tensor *x = n->in[0], *gy = n->out[0]->grad, *gaux = n->out[1] ? n->out[1]->grad : NULL;
-    engine_grad(e, x); /* allocate x's gradient outside the region released below */
+    Tensor *x = n->in[0], *y_out = n->out[0], *gy = y_out->grad, *gaux = n->out[1] ? n->out[1]->grad : NULL;
+    /* x's gradient, outside the region released below; made here when nothing downstream made it yet
+     * (the input of a chain of blocks: the previous block's output) */
+    const bool fresh = x->requires_grad && !x->grad;
+    restore(e, x);
+    const ArenaMark before_gx = arena_mark(&e->data);
+    engine_grad(e, x);
 
     ArenaMark md = arena_mark(&e->data), mh = arena_mark(&e->host);
     int tape_mark = e->tape_len;
@@ -76,4 +143,14 @@ void backward_checkpoint(Engine *e, Node *n) {
     e->tape_len = tape_mark;
     arena_rewind(&e->data, md);
     arena_rewind(&e->host, mh);
+    /* y's gradient is dead now: every op that read y was recorded after this node, so its backward rule
+     * has run. x's gradient moves into that buffer (y has x's shape and dtype) and its own is released, so
+     * that a chain of checkpointed blocks holds two block-sized gradients, not one per block (22 x tokens
+     * x d_model for the 1.1B model). y keeps no gradient. */
+    if (fresh && gy && gy->dtype == x->grad->dtype && gy->numel == x->grad->numel) {
+        e->be->copy(gy->data, x->grad->data, tensor_bytes(gy));
+        x->grad->data = gy->data;
+        y_out->grad = NULL;
+        arena_rewind(&e->data, before_gx);
+    }
 }

@@ -47,6 +47,11 @@ Tensor *op_gelu(Engine *e, Tensor *x);
 /* scalar mean cross-entropy over rows whose target != ignore_index */
 Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_index);
 
+/* The mean cross-entropy of the logits x W^T (x [..., C], W [V, C], targets i32, one per row of x),
+ * computed chunk_rows rows at a time, forward and backward (autograd/op_lm_head_loss.c): the [N, V]
+ * logits never exist at once. One chunk is op_cross_entropy(op_linear(x, W)) bit for bit. */
+Tensor *op_lm_head_loss(Engine *e, Tensor *x, Tensor *w, Tensor *targets, int ignore_index, int64_t chunk_rows);
+
 /* Activation checkpointing: y = fn(x) recomputed in backward. fn may also return an auxiliary scalar
  * loss (e.g. the MSA KL of the block) through *aux (NULL if none); its gradient is seeded with the
  * upstream gradient of the returned aux tensor. fn must be deterministic. */

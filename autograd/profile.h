@@ -29,6 +29,17 @@
  *     phase (collectives, gradient norm and clipping, AdamW, MoE bias update) is one more bracket from
  *     the end of the backward to the end of the step. Op self times + other + optimizer = the step's
  *     wall time, up to rounding, which tests/test_profile.c checks.
+ *
+ * Memory (attached with engine_set_profiler, which makes it watch the engine's activation arena): every
+ * allocation from the arena is charged to the op whose bracket is innermost when it is made, under the
+ * phase that bracket closes with (so a checkpoint's replay charges the block's ops as "recompute", and
+ * the gradient buffers a backward rule allocates are charged to that op's backward), or to "other"
+ * outside every bracket. At the arena's high-water mark (the most bytes live at once over the profiled
+ * steps, rewinds included) the profiler keeps a snapshot of the bytes live per kind and phase: the table's
+ * memory columns. They include the 64-byte alignment and the tail of an arena chunk that an allocation
+ * skipped, so they sum to the high-water mark exactly. Parameters, their gradients and the optimizer
+ * state live outside the arena and are not in them.
+ *
  * Synchronising around every op makes a profiled step slower than an unprofiled one on CUDA (no
  * overlap of launches with host work); the numbers it computes are unchanged. */
 #ifndef MSA_PROFILE_H
@@ -41,6 +52,15 @@
 #define PROF_MAX_DEPTH 16
 #define PROF_MAX_NAMED 16                          /* names of untaped work (engine_op_end_named) */
 #define PROF_KIND_MAX (OP_COUNT + PROF_MAX_NAMED)  /* kinds: the ops, then the names */
+
+/* One allocation from the watched arena: it ends at arena live offset `end`; kind -1 while the bracket
+ * that made it is open (level: the bracket depth when it was made, 0 = outside every bracket). */
+typedef struct ProfAlloc {
+    size_t end, bytes;
+    int kind, phase, level;
+} ProfAlloc;
+
+#define PROF_OTHER PROF_KIND_MAX /* the memory charged to no op: allocations outside every bracket */
 
 typedef struct Profiler {
     const KernelBackend *be;                       /* whose synchronize brackets the ops */
@@ -57,9 +77,21 @@ typedef struct Profiler {
     int depth;
     double mark;       /* when the current stretch outside every bracket began */
     double step_start; /* when the current step began */
+    /* memory: the allocations live now, oldest first; bytes live per kind (PROF_OTHER last) and phase;
+     * bytes made by still-open brackets per level; the same at the high-water mark (peak) */
+    ProfAlloc *allocs;
+    int n_allocs, cap_allocs;
+    int alloc_start[PROF_MAX_DEPTH]; /* n_allocs when each open bracket began */
+    size_t live_bytes[PROF_KIND_MAX + 1][PROF_PHASES], open_bytes[PROF_MAX_DEPTH + 1];
+    size_t peak, peak_bytes[PROF_KIND_MAX + 1][PROF_PHASES], peak_open_bytes[PROF_MAX_DEPTH + 1];
 } Profiler;
 
 void profiler_init(Profiler *p, const KernelBackend *be);
+void profiler_free(Profiler *p);
+/* Bytes of kind k (PROF_OTHER: outside every op) live at the high-water mark, all phases / phases
+ * forward and recompute only. */
+size_t profiler_peak_bytes(const Profiler *p, int kind);
+size_t profiler_peak_forward_bytes(const Profiler *p, int kind);
 /* The phases of one profiled step, in this order: begin (synchronises), the forward and backward of
  * every micro-batch, backward_end (the optimizer phase starts), step_end (synchronises). */
 void profiler_step_begin(Profiler *p);
@@ -75,7 +107,8 @@ double profiler_kind_total(const Profiler *p, int kind);
 
 /* The table, ms per profiled step, kinds sorted by total self time (kinds never called left out):
  *   | op | calls/step | forward ms/step | recompute ms/step | backward ms/step | total ms/step | % of step |
- * then rows for the optimizer phase, other, and the profiled step wall time. calls/step counts
+ *   | MiB at peak | of which forward |
+ * (the memory columns empty when memory was not watched) then rows for the optimizer phase, other, and the profiled step wall time. calls/step counts
  * forward calls (a replay under recomputation is not one). title is the heading line. */
 void profiler_write_table(const Profiler *p, FILE *f, const char *title);
 

@@ -66,6 +66,20 @@ static inline Tensor tensor_as_rows(const Tensor *t) {
     return v;
 }
 
+/* Entries [begin, begin + n) along the first dimension (rows of a matrix, elements of a vector): a
+ * by-value descriptor over the same data, for kernel calls on a part of a tensor (not for a parameter's
+ * BF16 shadow, which it does not offset). */
+static inline Tensor tensor_first_dim_range(const Tensor *t, int64_t begin, int64_t n) {
+    Tensor v = *t;
+    const int64_t per_entry = t->shape[0] ? t->numel / t->shape[0] : 0;
+    v.shape[0] = n;
+    v.numel = n * per_entry;
+    v.data = (char *)t->data + (size_t)(begin * per_entry) * dtype_size(t->dtype);
+    v.grad = NULL;
+    v.shadow = NULL;
+    return v;
+}
+
 /* Float element access for CPU tensors of F32 or F64 (tests, references, host-side metrics). */
 static inline double tensor_get(const Tensor *t, int64_t i) {
     return t->dtype == DT_F64 ? ((const double *)t->data)[i] : (double)((const float *)t->data)[i];

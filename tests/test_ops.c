@@ -340,6 +340,65 @@ TEST(checkpoint_matches_plain_and_gradchecks) {
     test_tensor_free(w2);
 }
 
+/* y = x + W2 swiglu(W1 x, W1 x): segment above without its auxiliary loss */
+static Tensor *block_no_aux(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
+    Tensor *unused = NULL;
+    Tensor *y = segment(e, x, closure, &unused);
+    *aux = NULL;
+    return y;
+}
+
+/* The arena peak of a chain of `blocks` checkpointed blocks on x [rows, 6], forward and backward, and
+ * x's gradient into gx (rows x 6 doubles). */
+static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool checkpointed, bool offload, double *gx) {
+    memset(x->grad->data, 0, tensor_bytes(x));
+    engine_free(e);
+    engine_init(e, &cpu_backend, DT_F64, 1 << 20);
+    e->offload_block_inputs = offload;
+    Tensor *h = op_scale(e, x, 1.0f);
+    for (int i = 0; i < blocks; i++) {
+        Tensor *aux = NULL;
+        h = checkpointed ? op_checkpoint(e, block_no_aux, sc, h, NULL) : block_no_aux(e, h, sc, &aux);
+    }
+    engine_backward(e, op_cross_entropy(e, h, sc->targets, -1));
+    memcpy(gx, x->grad->data, tensor_bytes(x));
+    return e->data.high_water;
+}
+
+/* A chain of checkpointed blocks holds two gradient buffers of a block's input for the whole chain (each
+ * block's backward hands its input's gradient down in its output's buffer), not one per block: 4 more
+ * blocks cost 4 saved outputs (and their auxiliary scalars), not 4 outputs and 4 gradients. Offloaded
+ * (train.offload_block_inputs), the outputs leave the arena, and the gradient stays bit for bit. */
+TEST(checkpoint_chain_reuses_the_gradient_buffer) {
+    Engine *eng = tc->fixture;
+    const int64_t rows = 64;
+    Tensor *x = test_randn(DT_F64, SHAPE(rows, 6), 1, 140);
+    Tensor *w1 = test_randn(DT_F64, SHAPE(8, 6), 0.5, 141), *w2 = test_randn(DT_F64, SHAPE(6, 8), 0.5, 142);
+    test_requires_grad(x);
+    SegCtx sc = {w1, w2, test_tensor(DT_I32, SHAPE(rows))};
+    for (int64_t r = 0; r < rows; r++) ((int32_t *)sc.targets->data)[r] = (int32_t)(r % 6);
+    double *g[4];
+    for (int i = 0; i < 4; i++) g[i] = malloc(tensor_bytes(x));
+    const size_t four = chain_peak(eng, x, &sc, 4, true, false, g[0]), eight = chain_peak(eng, x, &sc, 8, true, false, g[1]);
+    chain_peak(eng, x, &sc, 8, false, false, g[2]);
+    /* offloaded, the 8 outputs leave the arena (two device slots and the host hold them) */
+    const size_t offloaded = chain_peak(eng, x, &sc, 8, true, true, g[3]);
+    const size_t act = (size_t)rows * 6 * sizeof(double), per_block = act + 64; /* output + aux scalar */
+    EXPECT(eight - four == 4 * per_block, "4 more blocks add %zu bytes at the peak, expected %zu (one %zu-byte output each)",
+           eight - four, 4 * per_block, act);
+    EXPECT(memcmp(g[1], g[2], tensor_bytes(x)) == 0, "x's gradient through 8 checkpointed blocks differs from the plain chain's");
+    EXPECT(memcmp(g[3], g[2], tensor_bytes(x)) == 0 && eng->n_offloaded == 8,
+           "offloaded: x's gradient differs from the plain chain's (%d outputs offloaded)", eng->n_offloaded);
+    EXPECT(eight - offloaded == 8 * act, "offloading 8 outputs lowers the arena peak by %zu bytes, expected %zu",
+           eight - offloaded, 8 * act);
+    for (int i = 0; i < 4; i++) free(g[i]);
+    eng->offload_block_inputs = false;
+    test_tensor_free(sc.targets);
+    test_tensor_free(x);
+    test_tensor_free(w1);
+    test_tensor_free(w2);
+}
+
 TEST(no_grad_and_detach_record_nothing) {
     Engine *eng = tc->fixture;
     Tensor *x = test_randn(DT_F64, SHAPE(3, 4), 1, 130), *w = test_randn(DT_F64, SHAPE(2, 4), 1, 131);
@@ -398,6 +457,7 @@ int main(void) {
     RUN(dropout_mask_statistics);
     RUN(grad_cross_entropy_with_ignore);
     RUN(checkpoint_matches_plain_and_gradchecks);
+    RUN(checkpoint_chain_reuses_the_gradient_buffer);
     RUN(no_grad_and_detach_record_nothing);
     RUN(view_shares_gradient);
     engine_free(&eng);

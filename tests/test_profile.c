@@ -4,7 +4,8 @@
  * profiled step wall time (measured apart, so a wrongly nested bracket shows); under train.recompute the
  * replayed forward is charged to its ops as recompute time, not to checkpoint; MSA and MoE runs time
  * their untaped work (indexer, plans, Top-k); build/train prints the table, writes out_dir/profile.md and
- * rejects bad values naming the key. Run from the repository root after `make data` (make test does). */
+ * rejects bad values naming the key. The memory columns: bytes charged per op kind and phase on a tiny graph
+ * equal the sizes computed by hand, and on the model runs they sum to the arena's peak. Run from the repository root after `make data` (make test does). */
 #include <ftw.h>
 #include <math.h>
 #include <stdio.h>
@@ -14,6 +15,7 @@
 #include <unistd.h>
 
 #include "../kernels/util.h"
+#include "../autograd/ops.h"
 #include "../train/trainer.h"
 #include "gradcheck.h"
 #include "test.h"
@@ -27,6 +29,7 @@ typedef struct Result {
     Profiler prof;  /* a copy of the run's profiler (zero when not profiling) */
     double outer;   /* wall time of the profiled run_step calls, measured around them */
     bool detached;  /* the engine had no profiler attached after the run */
+    size_t high_water; /* the activation arena's high-water mark over the whole run */
 } Result;
 
 typedef struct Fixture {
@@ -58,6 +61,7 @@ static void train(Result *res, int profile_steps, bool recompute, const char *co
     }
     if (r.prof) res->prof = *r.prof;
     res->detached = r.engine.prof == NULL;
+    res->high_water = r.engine.data.high_water;
     run_free(&r);
 }
 
@@ -105,13 +109,13 @@ TEST(profiling_leaves_losses_bit_identical) {
 }
 
 /* configs/tiny.json: 2 layers, each 7 linears (q, k, v, o, gate, up, down), one attention; the LM head
- * is one more linear; one cross-entropy */
-TEST(rows_for_linear_attention_cross_entropy) {
+ * and its cross-entropy are one lm_head_loss */
+TEST(rows_for_linear_attention_lm_head_loss) {
     const Profiler *p = &FX->profiled.prof;
     const struct {
         int kind;
         int per_step;
-    } want[] = {{OP_linear, 15}, {OP_attention, 2}, {OP_cross_entropy, 1}, {OP_rmsnorm, 5}, {OP_embedding, 1}};
+    } want[] = {{OP_linear, 14}, {OP_attention, 2}, {OP_lm_head_loss, 1}, {OP_rmsnorm, 5}, {OP_embedding, 1}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         const int k = want[i].kind;
         const char *name = profiler_kind_name(p, k);
@@ -254,8 +258,8 @@ TEST(cli_prints_the_table_and_rejects_bad_values) {
     char args[512];
     snprintf(args, sizeof args, "%s --set train.profile_steps=1", base);
     EXPECT(train_cli(args, out, sizeof out, err, sizeof err) == 0, "exit status != 0: %s", err);
-    EXPECT(strstr(out, "## Step profile: steps 2-2 of configs/tiny.json (cpu backend)") && strstr(out, "| linear | 15 |") &&
-               strstr(out, "| attention | 2 |") && strstr(out, "| cross_entropy | 1 |") && strstr(out, "| step wall time"),
+    EXPECT(strstr(out, "## Step profile: steps 2-2 of configs/tiny.json (cpu backend)") && strstr(out, "| linear | 14 |") &&
+               strstr(out, "| attention | 2 |") && strstr(out, "| lm_head_loss | 1 |") && strstr(out, "| step wall time"),
            "no table in the output:\n%s", out);
     EXPECT(!strstr(out, "| checkpoint |"), "a checkpoint row without recompute");
     snprintf(args, sizeof args, "%s --set train.profile_steps=5", base);
@@ -276,6 +280,102 @@ TEST(cli_prints_the_table_and_rejects_bad_values) {
     EXPECT(train_cli(TINY " --set train.profile_step=2", out, sizeof out, err, sizeof err) == 1 &&
                strstr(err, "profile_steps"),
            "misspelt key (should suggest train.profile_steps): %s", err);
+}
+
+/* Bytes an arena allocation of n bytes takes (ARENA_ALIGN, autograd/arena.c). */
+static size_t aligned(size_t n) { return (n + 63) / 64 * 64; }
+
+/* A graph small enough to count by hand: x [3,5] and w [7,5] made outside every op (other), y = x w^T
+ * (linear forward: y), the cross-entropy of y (forward: loss and lse), backward: the seed's gradient and
+ * ones (other), dy (cross_entropy backward), dx and dw (linear backward). Nothing is released, so the
+ * peak is their sum. Then a checkpointed segment (linear, scale) whose backward's replay frees what it
+ * made: the peak falls inside open brackets, and the columns still sum to it. */
+TEST(memory_columns_count_each_allocation) {
+    Engine e;
+    engine_init(&e, &cpu_backend, DT_F32, 1 << 20);
+    Profiler p;
+    profiler_init(&p, &cpu_backend);
+    engine_set_profiler(&e, &p);
+    profiler_step_begin(&p);
+    Tensor *x = engine_zeros(&e, DT_F32, SHAPE(3, 5)), *w = engine_zeros(&e, DT_F32, SHAPE(7, 5));
+    Tensor *targets = engine_zeros(&e, DT_I32, SHAPE(3));
+    x->requires_grad = w->requires_grad = true;
+    Tensor *loss = op_cross_entropy(&e, op_linear(&e, x, w), targets, -1);
+    engine_backward(&e, loss);
+    profiler_backward_end(&p);
+    profiler_step_end(&p);
+    const size_t other = aligned(60) + aligned(140) + aligned(12) + 2 * aligned(4);
+    const size_t linear_fwd = aligned(84), linear_bwd = aligned(60) + aligned(140);
+    const size_t ce_fwd = aligned(4) + aligned(12), ce_bwd = aligned(84);
+    EXPECT(profiler_peak_bytes(&p, PROF_OTHER) == other, "other: %zu bytes, expected %zu",
+           profiler_peak_bytes(&p, PROF_OTHER), other);
+    EXPECT(profiler_peak_forward_bytes(&p, OP_linear) == linear_fwd &&
+               profiler_peak_bytes(&p, OP_linear) == linear_fwd + linear_bwd,
+           "linear: %zu bytes (%zu forward), expected %zu (%zu)", profiler_peak_bytes(&p, OP_linear),
+           profiler_peak_forward_bytes(&p, OP_linear), linear_fwd + linear_bwd, linear_fwd);
+    EXPECT(profiler_peak_forward_bytes(&p, OP_cross_entropy) == ce_fwd &&
+               profiler_peak_bytes(&p, OP_cross_entropy) == ce_fwd + ce_bwd,
+           "cross_entropy: %zu bytes (%zu forward), expected %zu (%zu)", profiler_peak_bytes(&p, OP_cross_entropy),
+           profiler_peak_forward_bytes(&p, OP_cross_entropy), ce_fwd + ce_bwd, ce_fwd);
+    const size_t total = other + linear_fwd + linear_bwd + ce_fwd + ce_bwd;
+    EXPECT(p.peak == total && e.data.high_water == total, "peak %zu, arena high water %zu, expected %zu", p.peak,
+           e.data.high_water, total);
+    engine_set_profiler(&e, NULL);
+    EXPECT(e.data.observe == NULL, "the arena is still watched after detaching");
+    profiler_free(&p);
+    engine_free(&e);
+}
+
+static Tensor *linear_scale_segment(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
+    *aux = NULL;
+    return op_scale(e, op_linear(e, x, (Tensor *)closure), 0.5f);
+}
+
+static size_t columns_sum(const Profiler *p) {
+    size_t sum = 0;
+    for (int k = 0; k <= PROF_OTHER; k++) sum += profiler_peak_bytes(p, k);
+    return sum;
+}
+
+TEST(memory_columns_sum_to_the_peak_under_checkpointing) {
+    Engine e;
+    engine_init(&e, &cpu_backend, DT_F32, 1 << 20);
+    Profiler p;
+    profiler_init(&p, &cpu_backend);
+    engine_set_profiler(&e, &p);
+    profiler_step_begin(&p);
+    Tensor *x = engine_zeros(&e, DT_F32, SHAPE(4, 6)), *w = engine_zeros(&e, DT_F32, SHAPE(6, 6));
+    x->requires_grad = w->requires_grad = true;
+    Tensor *y = op_checkpoint(&e, linear_scale_segment, w, x, NULL);
+    Tensor *seed = engine_zeros(&e, DT_F32, SHAPE(4, 6));
+    engine_backward_from(&e, y, seed, 0);
+    profiler_backward_end(&p);
+    profiler_step_end(&p);
+    /* the replay's linear and scale outputs and the scale's dx are released by checkpoint's backward:
+     * they count at the peak (inside its bracket) as recompute and backward of their ops */
+    const size_t act = aligned(4 * 6 * 4);
+    EXPECT(p.peak == e.data.high_water && columns_sum(&p) == p.peak, "columns sum %zu, peak %zu, arena high water %zu",
+           columns_sum(&p), p.peak, e.data.high_water);
+    EXPECT(p.peak_bytes[OP_linear][PROF_RECOMPUTE] == act && p.peak_bytes[OP_scale][PROF_RECOMPUTE] == act,
+           "recompute bytes at the peak: linear %zu, scale %zu, expected %zu each", p.peak_bytes[OP_linear][PROF_RECOMPUTE],
+           p.peak_bytes[OP_scale][PROF_RECOMPUTE], act);
+    EXPECT(p.live_bytes[OP_linear][PROF_RECOMPUTE] == 0 && p.n_allocs > 0,
+           "after the backward %zu bytes of the replay are still charged as live", p.live_bytes[OP_linear][PROF_RECOMPUTE]);
+    engine_set_profiler(&e, NULL);
+    profiler_free(&p);
+    engine_free(&e);
+}
+
+TEST(memory_columns_of_the_model_runs) {
+    const Result *runs[] = {&FX->profiled, &FX->recompute_profiled, &FX->msa_moe};
+    for (int i = 0; i < 3; i++) {
+        const Profiler *p = &runs[i]->prof;
+        EXPECT(p->peak > 0 && columns_sum(p) == p->peak && p->peak <= runs[i]->high_water,
+               "run %d: columns sum %zu, peak %zu, arena high water %zu", i, columns_sum(p), p->peak, runs[i]->high_water);
+    }
+    /* recomputation holds less at the peak than keeping every block's activations */
+    EXPECT(FX->recompute_profiled.prof.peak < FX->profiled.prof.peak, "peak %zu with recompute, %zu without",
+           FX->recompute_profiled.prof.peak, FX->profiled.prof.peak);
 }
 
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
@@ -302,11 +402,14 @@ int main(void) {
                              "model.ffn=moe", "moe.num_experts=4", "moe.expert_dim=32", out_dir, NULL};
     train(&fx.msa_moe, 2, true, msa_moe);
     RUN(profiling_leaves_losses_bit_identical);
-    RUN(rows_for_linear_attention_cross_entropy);
+    RUN(rows_for_linear_attention_lm_head_loss);
     RUN(times_add_up_to_the_step_wall_time);
     RUN(recompute_not_double_counted);
     RUN(msa_moe_untaped_work_and_profile_file);
     RUN(cli_prints_the_table_and_rejects_bad_values);
+    RUN(memory_columns_count_each_allocation);
+    RUN(memory_columns_sum_to_the_peak_under_checkpointing);
+    RUN(memory_columns_of_the_model_runs);
     nftw(fx.dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
     TEST_END();
 }

@@ -64,6 +64,40 @@ TEST(same_seed_same_losses_and_recompute_identical) {
     EXPECT(memcmp(a, d, sizeof a) != 0, "a different seed gave the same losses");
 }
 
+/* train.offload_block_inputs: with recomputation, 4 blocks whose inputs wait on the host between forward
+ * and backward, over 2 micro-batches per step: the losses and the final validation loss are those of the
+ * run that keeps them on the device, bit for bit. */
+static double train_offload(bool offload, double *losses, int *offloaded) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, TINY);
+    config_set(&r.cfg, "model.n_layers=4");
+    config_set(&r.cfg, "train.grad_accum=2");
+    r.cfg.train.steps = 6;
+    r.cfg.train.recompute = true;
+    r.cfg.train.offload_block_inputs = offload;
+    r.config_path = TINY;
+    run_init(&r);
+    for (int s = 0; s < 6; s++) losses[s] = run_step(&r).loss;
+    *offloaded = r.engine.n_offloaded; /* the last micro-batch's */
+    double val = run_evaluate(&r, NULL);
+    run_free(&r);
+    return val;
+}
+
+TEST(offloaded_block_inputs_change_nothing) {
+    double kept[6], offloaded[6];
+    int n_kept, n_offloaded;
+    const double val_kept = train_offload(false, kept, &n_kept), val_offloaded = train_offload(true, offloaded, &n_offloaded);
+    EXPECT(n_kept == 0 && n_offloaded == 4, "block outputs offloaded per micro-batch: %d without, %d with (expected 0, 4)",
+           n_kept, n_offloaded);
+    EXPECT(memcmp(kept, offloaded, sizeof kept) == 0, "offloading changed the losses (step 6: %.9f vs %.9f)", kept[5],
+           offloaded[5]);
+    EXPECT(val_kept == val_offloaded, "offloading changed the validation loss: %.9f vs %.9f", val_kept, val_offloaded);
+}
+
 /* Dropout: reproducible, the recomputed forward regenerates the same masks (bit-identical losses),
  * and it changes the training losses. */
 TEST(dropout_reproducible_and_recompute_identical) {
@@ -360,6 +394,7 @@ int main(void) {
     RUN(tiny_config_loss_falls);
     RUN(same_seed_same_losses_and_recompute_identical);
     RUN(dropout_reproducible_and_recompute_identical);
+    RUN(offloaded_block_inputs_change_nothing);
     RUN(sampler_distribution_matches_the_loss);
     RUN(bad_input_exits_with_a_message);
     RUN(sample_never_reads_past_the_vocabulary);

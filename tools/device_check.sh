@@ -2,7 +2,7 @@
 # Everything issue 6 asks of the GPU machine, in one script for the device tool (one H100; a run is at
 # most 10 minutes, so the stages are selectable):
 #
-#   bash tools/device_check.sh [build] [test] [bench] [baseline-dense] [baseline-msa]
+#   bash tools/device_check.sh [build] [test] [bench] [baseline-dense] [baseline-msa] [memory] ...
 #
 #   build            make (BLAS=0: the machine has no OpenBLAS headers; jansson from the carried .deps)
 #   test             make test-gpu (every CUDA op against the CPU reference, opcheck --device cuda against
@@ -15,6 +15,14 @@
 #   dist             (2 GPUs: nvidia-h200-x2) DP-2, EP-2 and CP-2 with NCCL against one GPU on configs/tiny.json
 #                    (losses step by step), and the 1 -> 2 GPU DP scaling of the bench's ~1B dense model at
 #                    4K (same per-GPU batch); not yet run: no 2-GPU machine has been lent so far
+#   memory           peak GPU memory and tokens/s of the bench's 1.1B model (vocab 32000) with
+#                    train.recompute=true, batch 1, 3 steps: dense at 32K, 64K, 128K and MSA at 128K, 256K,
+#                    then dense 64K and MSA 256K with train.offload_block_inputs=true (a name ending in
+#                    _offload) (MEM_CASES="dense_32k msa_128k ..." picks some; MEM_EXTRA="--set k=v ..." is added to
+#                    every run, e.g. train.loss_chunk_tokens=0 for the unchunked head); the peak is the
+#                    most nvidia-smi saw used while the run lasted (CUDA context, cuBLAS/cuDNN workspaces and
+#                    the activation arena's chunks included), and step 2's profile has the arena's bytes
+#                    per op kind at its peak (the memory columns)
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
 #                    (PROFILES="dense_32k msa_32k" selects some of them)
@@ -101,6 +109,40 @@ for what in "$@"; do
             build/train configs/shakespeare_gpu.json $big ${p#*:} --set train.out_dir= \
                 >"$OUT/profile_$name.log" 2>&1 || status=1
             tail -45 "$OUT/profile_$name.log"
+        done
+        ;;
+    memory)
+        stage memory
+        big="--set model.d_model=2048 --set model.n_layers=22 --set model.n_heads=32 --set model.n_kv_heads=4
+             --set model.head_dim=64 --set model.ffn_dim=5632 --set model.vocab_size=32000
+             --set model.tie_embeddings=false --set model.dropout=0 --set train.batch_size=1
+             --set train.recompute=true --set train.steps=3 --set train.profile_steps=1 --set train.eval_every=0
+             --set train.eval_batches=1 --set train.sample_tokens=0 --set train.log_every=1"
+        msa="--set model.attention=msa --set msa.block_size=128 --set msa.topk_blocks=16 --set msa.index_dim=128
+             --set msa.dense_warmup_steps=0"
+        for name in ${MEM_CASES:-dense_32k dense_64k dense_128k msa_128k msa_256k dense_64k_offload msa_256k_offload}; do
+            variant=${name%%_*}
+            size=${name#*_}
+            size=${size%%_*}
+            tokens=$((${size%k} * 1024))
+            extra=""
+            [ "$variant" = msa ] && extra=$msa
+            [ "${name%_offload}" != "$name" ] && extra="$extra --set train.offload_block_inputs=true"
+            echo "--- $name"
+            nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$OUT/memory_$name.smi" &
+            smi=$!
+            # shellcheck disable=SC2086
+            # no out_dir (no 13 GB checkpoint at the end); the evaluation reads the training split, since
+            # the shipped validation split (111K tokens) is shorter than these windows
+            build/train configs/shakespeare_gpu.json $big $extra ${MEM_EXTRA:-} --set train.seq_len=$tokens \
+                --set data.val_path=data/shakespeare/train.h5 --set train.out_dir= >"$OUT/memory_$name.log" 2>&1 || status=1
+            kill $smi
+            wait $smi 2>/dev/null
+            peak=$(sort -n "$OUT/memory_$name.smi" | tail -1)
+            tps=$(grep -E "^step +3/3" "$OUT/memory_$name.log" | sed -E 's/.*\| ([0-9.]+) tok\/s.*/\1/')
+            echo "$name: seq_len $tokens, peak GPU memory ${peak:-?} MiB (nvidia-smi), step 3 ${tps:-n/a} tokens/s"
+            grep -E "out of memory|failed|error" "$OUT/memory_$name.log" | head -3
+            grep -E "^\| (step wall time|other|checkpoint|lm_head_loss|linear|attention|msa_)" "$OUT/memory_$name.log" | head -12
         done
         ;;
     dist)

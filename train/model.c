@@ -25,6 +25,7 @@ void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DTy
                     const Comm *ep) {
     memset(m, 0, sizeof(*m));
     m->cfg = cfg->model;
+    m->loss_chunk_tokens = cfg->train.loss_chunk_tokens;
     const ModelConfig *c = &m->cfg;
     const int64_t C = c->d_model, V = c->vocab_size;
     const float std = c->init_std;
@@ -215,8 +216,9 @@ double model_collect(Model *m, const Engine *e, Metrics *into) {
     return late;
 }
 
-/* The logits of the rows of `in` (already this rank's share under context parallelism). */
-static Tensor *logits_of(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
+/* The final hidden states (after the final norm) of the rows of `in` (already this rank's share under
+ * context parallelism). */
+static Tensor *hidden_of(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
     Tensor *x = model_dropout(e, m, in, op_embedding(e, m->wte, in->tokens), -1, 0);
     Tensor *aux_total = NULL;
     for (int l = 0; l < m->cfg.n_layers; l++) {
@@ -228,22 +230,23 @@ static Tensor *logits_of(Model *m, Engine *e, const ModelInput *in, bool recompu
         x = recompute || !e->grad_enabled ? op_checkpoint(e, block_forward, bc, x, &aux) : block_forward(e, x, bc, &aux);
         if (aux) aux_total = aux_total ? op_add(e, aux_total, aux) : aux;
     }
-    x = op_rmsnorm(e, x, m->final_norm, m->cfg.norm_eps, false);
     if (aux_out) *aux_out = aux_total;
-    return op_linear(e, x, m->lm_head);
+    return op_rmsnorm(e, x, m->final_norm, m->cfg.norm_eps, false);
 }
 
 Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
     ModelInput loc = local_input(m, e, in);
-    return logits_of(m, e, &loc, recompute, aux_out);
+    return op_linear(e, hidden_of(m, e, &loc, recompute, aux_out), m->lm_head);
 }
 
 ModelLosses model_forward(Model *m, Engine *e, const ModelInput *in, bool recompute) {
     if (!in->targets) fatal("model_forward: the batch has no targets");
     ModelLosses L = {0};
     ModelInput loc = local_input(m, e, in);
-    Tensor *logits = logits_of(m, e, &loc, recompute, &L.aux);
-    L.lm = op_cross_entropy(e, logits, loc.targets, IGNORE_INDEX);
+    Tensor *x = hidden_of(m, e, &loc, recompute, &L.aux);
+    /* the head and the loss in chunks: the [tokens, vocabulary] logits are never all kept */
+    const int64_t chunk = m->loss_chunk_tokens > 0 ? m->loss_chunk_tokens : tensor_rows(x);
+    L.lm = op_lm_head_loss(e, x, m->lm_head, loc.targets, IGNORE_INDEX, chunk);
     L.total = L.aux ? op_add(e, L.lm, L.aux) : L.lm;
     return L;
 }

@@ -26,6 +26,8 @@ typedef struct Model {
     Tensor *wte, *final_norm, *lm_head; /* lm_head == wte when tied */
     Block *layers;
     bool msa_dense;                     /* dense warm-up phase: every visible block selected */
+    int64_t loss_chunk_tokens;          /* rows per chunk of the LM head and its loss in model_forward
+                                           (train.loss_chunk_tokens; 0 = all rows in one chunk) */
     bool collect_metrics;               /* evaluation: also the statistics that cost extra work (recall) */
     Metrics metrics;                    /* what the layers reported since the caller zeroed it ("kl", "recall";
                                            the statistics a layer leaves on the device arrive with model_collect) */

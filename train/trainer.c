@@ -813,6 +813,7 @@ void run_init(Run *r) {
         fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers need", src, r->be->name,
               missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
+    r->engine.offload_block_inputs = c->train.recompute && c->train.offload_block_inputs;
     r->prof = NULL;
     if (c->train.profile_steps > 0) {
         if (!r->be->synchronize)
@@ -868,6 +869,7 @@ void run_init(Run *r) {
 }
 
 void run_free(Run *r) {
+    if (r->prof) profiler_free(r->prof);
     free(r->prof);
     r->prof = NULL;
     if (r->metrics) fclose(r->metrics);
@@ -1085,7 +1087,7 @@ StepResult run_step(Run *r) {
     Profiler *prof = r->prof && r->step > r->start_step && r->prof->steps < c->train.profile_steps ? r->prof : NULL;
     if (prof) {
         profiler_step_begin(prof);
-        e->prof = prof;
+        engine_set_profiler(e, prof);
     }
     /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
      * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
@@ -1164,7 +1166,7 @@ StepResult run_step(Run *r) {
     model_moe_step(&r->model, &s.moe, true);
     if (prof) {
         profiler_step_end(prof);
-        e->prof = NULL;
+        engine_set_profiler(e, NULL);
     }
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;

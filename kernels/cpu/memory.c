@@ -5,6 +5,8 @@
 
 void *cpu_alloc(size_t bytes) { return xmalloc(bytes); }
 void cpu_free(void *p) { free(p); }
+void *cpu_host_alloc(size_t bytes) { return xmalloc(bytes); }
+void cpu_host_free(void *p) { free(p); }
 void cpu_copy(void *dst, const void *src, size_t bytes) {
     if (bytes) memmove(dst, src, bytes);
 }

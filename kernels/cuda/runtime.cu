@@ -101,6 +101,20 @@ extern "C" void *cuda_alloc(size_t bytes) {
     return p;
 }
 
+extern "C" void *cuda_host_alloc(size_t bytes) {
+    init();
+    void *p = nullptr;
+    cudaError_t err = cudaMallocHost(&p, bytes ? bytes : 1);
+    if (err != cudaSuccess) fatal("cudaMallocHost of %zu bytes (page-locked host memory) failed: %s", bytes, cudaGetErrorString(err));
+    return p;
+}
+
+extern "C" void cuda_host_free(void *p) {
+    if (!p) return;
+    init();
+    CUDA_CHECK(cudaFreeHost(p));
+}
+
 extern "C" void cuda_free(void *p) {
     if (!p) return;
     init();

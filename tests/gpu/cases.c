@@ -136,6 +136,13 @@ static void loss_optimizer_cases(void) {
         GPU_CASE("cross_entropy", cross_entropy_case, CrossEntropyCase, acts[d], 64, 50257, 3);
         GPU_CASE("cross_entropy", cross_entropy_case, CrossEntropyCase, acts[d], 300, 1000, 0);
     }
+    /* the chunked LM head + cross-entropy op through a CUDA engine: N, C, V, chunk rows, ignore every */
+    GPU_CASE("lm_head_loss", lm_head_loss_case, LmHeadLossCase, 37, 64, 65, 37, 4);     /* one chunk */
+    GPU_CASE("lm_head_loss", lm_head_loss_case, LmHeadLossCase, 300, 96, 1000, 64, 0);  /* a short last chunk */
+    GPU_CASE("lm_head_loss", lm_head_loss_case, LmHeadLossCase, 129, 128, 32000, 16, 3);
+    /* a chain of checkpointed blocks with their inputs offloaded to page-locked host memory: N, C, blocks */
+    GPU_CASE("checkpoint_offload", checkpoint_offload_case, CheckpointOffloadCase, 256, 64, 4);
+    GPU_CASE("checkpoint_offload", checkpoint_offload_case, CheckpointOffloadCase, 1000, 96, 7);
     for (int si = 0; si < 2; si++)
         for (int with_shadow = 0; with_shadow < 2; with_shadow++)
             GPU_CASE("adamw", adamw_case, AdamwCase, si ? 100003 : 1000, with_shadow);

@@ -79,6 +79,10 @@ typedef struct { DType act; int64_t rows, C; } BiasAddCase; /* x of act plus an 
 void bias_add_case(const void *args);
 typedef struct { DType act; int64_t N, V; int ignore_every; } CrossEntropyCase;
 void cross_entropy_case(const void *args);
+typedef struct { int64_t N, C, V, chunk_rows; int ignore_every; } LmHeadLossCase; /* BF16 x, F32 W */
+void lm_head_loss_case(const void *args);
+typedef struct { int64_t N, C; int blocks; } CheckpointOffloadCase; /* BF16 x, F32 weights */
+void checkpoint_offload_case(const void *args);
 typedef struct { int64_t n; bool with_shadow; } AdamwCase;
 void adamw_case(const void *args);
 /* sumsq_many and adamw_update_many over count tensors of up to max_n elements */

@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 
 #include "../../autograd/engine.h"
+#include "../../autograd/ops.h"
 #include "../../autograd/params.h"
 #include "../../kernels/util.h"
 #include "../../train/trainer.h"
@@ -384,6 +385,123 @@ void bias_add_case(const void *args) {
     pair_free(&y);
     pair_free(&x);
     pair_free(&b);
+}
+
+/* ---------- the chunked LM head + cross-entropy (an op, on an engine of each backend) ---------- */
+
+/* The op's loss on one backend, and its gradients dx and dW as host F32 copies (the caller frees them):
+ * x, w (taking gradients) and targets are that side's tensors. */
+typedef struct {
+    double loss;
+    float *dx, *dw;
+} LmHeadLossResult;
+
+static LmHeadLossResult lm_head_loss_run(const KernelBackend *be, DType act, Tensor *x, Tensor *w, Tensor *t,
+                                         int64_t chunk_rows) {
+    Engine e;
+    engine_init(&e, be, act, (size_t)64 << 20);
+    x->requires_grad = w->requires_grad = true;
+    x->grad = w->grad = NULL;
+    Tensor *loss = op_lm_head_loss(&e, x, w, t, -1, chunk_rows);
+    engine_backward(&e, loss);
+    LmHeadLossResult r = {tensor_item(&e, loss), download_f32(x->grad), download_f32(w->grad)};
+    x->grad = w->grad = NULL; /* they lived in the engine's arena */
+    x->requires_grad = w->requires_grad = false;
+    engine_free(&e);
+    return r;
+}
+
+void lm_head_loss_case(const void *args) {
+    const LmHeadLossCase *c = args;
+    const int64_t N = c->N, C = c->C, V = c->V;
+    int32_t *tg = xmalloc((size_t)N * sizeof(int32_t));
+    for (int64_t n = 0; n < N; n++)
+        tg[n] = c->ignore_every && n % c->ignore_every == 0 ? -1 : (int32_t)(rng_next(&gpu_check.rng) % (uint64_t)V);
+    Pair t = pair_i32(N, tg);
+    Pair x = pair_rand(DT_BF16, 2, (int64_t[]){N, C}, 0, 1), w = pair_rand(DT_F32, 2, (int64_t[]){V, C}, 0, 0.5);
+    /* the reference: the CPU engine in F32 on the values the GPU holds, in one chunk (op_linear +
+     * op_cross_entropy bit for bit) */
+    LmHeadLossResult ref = lm_head_loss_run(CB, DT_F32, &x.c, &w.c, &t.c, N);
+    LmHeadLossResult got = lm_head_loss_run(GB, DT_BF16, &x.g, &w.g, &t.g, c->chunk_rows);
+    char desc[96];
+    snprintf(desc, sizeof desc, "N=%lld C=%lld V=%lld chunk %lld", (long long)N, (long long)C, (long long)V,
+             (long long)c->chunk_rows);
+    const double el = fabs(got.loss - ref.loss) / fabs(ref.loss);
+    record(el <= TOL_BF16, "lm_head_loss fwd loss %-37s rel err %.2e (gpu %.6f cpu %.6f)", desc, el, got.loss, ref.loss);
+    bool nan = false;
+    const double ex = rel_err_f32(got.dx, ref.dx, N * C, &nan);
+    record(!nan && ex <= TOL_BF16, "lm_head_loss bwd dx %-39s rel err %.2e", desc, ex);
+    const double ew = rel_err_f32(got.dw, ref.dw, V * C, &nan);
+    record(!nan && ew <= TOL_BF16, "lm_head_loss bwd dW %-39s rel err %.2e", desc, ew);
+    free(ref.dx), free(ref.dw), free(got.dx), free(got.dw);
+    pair_free(&x);
+    pair_free(&w);
+    pair_free(&t);
+    free(tg);
+}
+
+/* ---------- checkpointed blocks with offloaded inputs (train.offload_block_inputs) ---------- */
+
+typedef struct {
+    Tensor *w1, *w2; /* [C, C] */
+} OffloadBlock;
+
+/* y = x + W2 swiglu(W1 x, W1 x) */
+static Tensor *offload_block(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
+    const OffloadBlock *b = closure;
+    *aux = NULL;
+    Tensor *h = op_linear(e, x, b->w1);
+    return op_add(e, x, op_linear(e, op_swiglu(e, h, h), b->w2));
+}
+
+/* x's gradient (host F32, the caller frees it) through `blocks` checkpointed blocks into the mean
+ * cross-entropy of the last one's output against targets t; *offloaded: the outputs offloaded. */
+static float *offload_chain_grad(const KernelBackend *be, DType act, Tensor *x, const OffloadBlock *b, Tensor *t,
+                                 int blocks, bool offload, int *offloaded) {
+    Engine e;
+    engine_init(&e, be, act, (size_t)64 << 20);
+    e.offload_block_inputs = offload;
+    x->requires_grad = true;
+    x->grad = NULL;
+    Tensor *h = op_scale(&e, x, 1.0f);
+    for (int i = 0; i < blocks; i++) h = op_checkpoint(&e, offload_block, b, h, NULL);
+    engine_backward(&e, op_cross_entropy(&e, h, t, -1));
+    float *g = download_f32(x->grad);
+    *offloaded = e.n_offloaded;
+    x->grad = NULL; /* it lived in the engine's arena */
+    x->requires_grad = false;
+    engine_free(&e);
+    return g;
+}
+
+void checkpoint_offload_case(const void *args) {
+    const CheckpointOffloadCase *c = args;
+    const int64_t N = c->N, C = c->C;
+    int32_t *tg = xmalloc((size_t)N * sizeof(int32_t));
+    for (int64_t n = 0; n < N; n++) tg[n] = (int32_t)(rng_next(&gpu_check.rng) % (uint64_t)C);
+    Pair t = pair_i32(N, tg);
+    Pair x = pair_rand(DT_BF16, 2, (int64_t[]){N, C}, 0, 1);
+    Pair w1 = pair_rand(DT_F32, 2, (int64_t[]){C, C}, 0, 0.1), w2 = pair_rand(DT_F32, 2, (int64_t[]){C, C}, 0, 0.1);
+    const OffloadBlock bc = {&w1.c, &w2.c}, bg = {&w1.g, &w2.g};
+    int n_ref, n_kept, n_offloaded;
+    float *ref = offload_chain_grad(CB, DT_F32, &x.c, &bc, &t.c, c->blocks, false, &n_ref);
+    float *kept = offload_chain_grad(GB, DT_BF16, &x.g, &bg, &t.g, c->blocks, false, &n_kept);
+    float *offloaded = offload_chain_grad(GB, DT_BF16, &x.g, &bg, &t.g, c->blocks, true, &n_offloaded);
+    char desc[80];
+    snprintf(desc, sizeof desc, "N=%lld C=%lld blocks %d", (long long)N, (long long)C, c->blocks);
+    record(n_kept == 0 && n_offloaded == c->blocks, "checkpoint_offload outputs offloaded %-21s %d (expected %d)", desc,
+           n_offloaded, c->blocks);
+    bool nan = false;
+    const double same = rel_err_f32(offloaded, kept, N * C, &nan);
+    record(!nan && same <= TOL_F32, "checkpoint_offload dx vs kept on the gpu %-18s rel err %.2e", desc, same);
+    const double e = rel_err_f32(offloaded, ref, N * C, &nan);
+    record(!nan && e <= TOL_BF16, "checkpoint_offload dx vs cpu %-30s rel err %.2e", desc, e);
+    free(ref), free(kept), free(offloaded);
+    pair_free(&x);
+    pair_free(&w1);
+    pair_free(&w2);
+    pair_free(&t);
+    free(tg);
 }
 
 static UnaryForwardFn unary_forward(const KernelBackend *be, const UnaryKernel *k) {
@@ -940,7 +1058,7 @@ static void bench(const char *only) {
 
 /* usage: test_gpu [--only GROUP[,GROUP...] | --bench [NAME,...]]   (groups: the first argument of the GPU_CASE lines of
  * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm rope attention
- * attention_cudnn swiglu cross_entropy adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
+ * attention_cudnn swiglu cross_entropy lm_head_loss checkpoint_offload adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
  * compute-sanitizer run the kernels without the training runs) */
 static bool wanted(const char *only, const char *group) {
     if (!only) return true;
