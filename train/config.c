@@ -17,6 +17,7 @@
 #include "../kernels/util.h"
 #include "../layers/layer.h"
 #include "../layers/moe.h"
+#include "../layers/rope_scaling.h"
 
 typedef enum KeyType { K_INT, K_FLOAT, K_BOOL, K_STRING, K_U64 } KeyType;
 
@@ -67,6 +68,17 @@ static const KeyDef KEYS[] = {
     NUM(model, head_dim, 0, 0, 4096, "per-head dimension; 0 = d_model / n_heads; must be even"),
     NUM(model, ffn_dim, 384, 1, 1 << 20, "SwiGLU hidden size of the dense FFN"),
     POS(model, rope_theta, 10000, 0, FMAX, "RoPE base frequency"),
+    CHOICE(model, rope_scaling, "none", "none|linear|dynamic|yarn|llama3", "RoPE scaling for a longer context, as Hugging Face transformers' rope_scaling rope_type: linear (positions / rope_factor), dynamic (NTK: rope_theta grown with each forward's longest sequence past rope_original_max_position), yarn (per-frequency interpolation, cos and sin times the attention factor), llama3 (Llama 3.1's frequency bands)"),
+    NUM(model, rope_factor, 1, 1, FMAX, "RoPE scaling factor (transformers' factor): the context extension"),
+    NUM(model, rope_original_max_position, 0, 0, IMAX, "context the model was trained at (transformers' original_max_position_embeddings; for dynamic its max_position_embeddings); needed by dynamic, yarn, llama3"),
+    POS(model, rope_low_freq_factor, 1, 0, FMAX, "llama3: wavelengths above rope_original_max_position / this are divided by rope_factor"),
+    POS(model, rope_high_freq_factor, 4, 0, FMAX, "llama3: wavelengths below rope_original_max_position / this are kept; > rope_low_freq_factor"),
+    POS(model, rope_beta_fast, 32, 0, FMAX, "yarn: frequencies with more rotations than this over rope_original_max_position are kept"),
+    POS(model, rope_beta_slow, 1, 0, FMAX, "yarn: frequencies with fewer rotations than this are divided by rope_factor"),
+    NUM(model, rope_mscale, 0, 0, FMAX, "yarn: transformers' mscale; with rope_mscale_all_dim the attention factor is (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1); 0 = unset"),
+    NUM(model, rope_mscale_all_dim, 0, 0, FMAX, "yarn: transformers' mscale_all_dim (see rope_mscale); 0 = unset"),
+    NUM(model, rope_attention_factor, 0, 0, FMAX, "yarn: cos and sin are multiplied by this; 0 = 0.1 ln(rope_factor) + 1 (or the mscale ratio)"),
+    BOOL(model, rope_truncate, 1, "yarn: round the ends of the interpolation ramp to whole dimensions (transformers' truncate)"),
     NUM(model, rotary_dim, 0, 0, 4096, "rotary dims per head; 0 = head_dim (full); else even and <= head_dim"),
     BOOL(model, qk_norm, 0, "per-head RMSNorm on q and k (Qwen3 / MiniMax-M3)"),
     BOOL(model, qkv_bias, 0, "biases on the q, k and v projections (Qwen2; tools/hf_import.py sets it)"),
@@ -618,6 +630,7 @@ void config_validate(const RunConfig *c) {
               src, hd);
     if (m->rotary_dim % 2 || m->rotary_dim > hd)
         fatal("%s: model.rotary_dim = %d must be even and <= the head dimension %d", src, m->rotary_dim, hd);
+    rope_scaling_validate(m, src);
     const LayerKind *attention = layer_kind(LAYER_ATTENTION, m->attention);
     const bool has_msa = attention && attention->learned_selection; /* index parameters to train alone */
     if (!has_msa && strcmp(c->optim.warmup_trainable, "index") == 0)

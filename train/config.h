@@ -20,6 +20,16 @@ typedef struct ModelConfig {
     int head_dim;          /* 0 = d_model / n_heads */
     int ffn_dim;           /* SwiGLU hidden size */
     float rope_theta;
+    /* RoPE scaling for context extension (layers/rope_scaling.h), as Hugging Face transformers'
+     * rope_scaling: "none", "linear", "dynamic" (NTK), "yarn", "llama3" */
+    char rope_scaling[16];
+    float rope_factor;             /* context extension factor s */
+    int rope_original_max_position; /* the context the model was trained at (dynamic, yarn, llama3) */
+    float rope_low_freq_factor, rope_high_freq_factor; /* llama3's band edges */
+    float rope_beta_fast, rope_beta_slow;              /* yarn's ramp, in rotations */
+    float rope_mscale, rope_mscale_all_dim;            /* yarn's attention factor terms (0 = unset) */
+    float rope_attention_factor;   /* yarn: explicit attention factor (0 = from factor and mscale) */
+    bool rope_truncate;            /* yarn: round the ramp's ends to whole dims */
     int rotary_dim;        /* 0 = head_dim (full rotary); else partial, even, <= head_dim */
     bool qk_norm;          /* per-head RMSNorm on q and k (Qwen3 / MiniMax-M3) */
     bool qkv_bias;         /* biases on the q, k and v projections (Qwen2) */
