@@ -442,6 +442,37 @@ TEST(validation_cross_keys) {
     config_defaults(&c);
     snprintf(c.train.device, sizeof c.train.device, "tpu");
     expect_invalid(tc, &c, "train.device", NULL);
+    if (tc->current_failed) return;
+    /* RoPE scaling: each type with what it needs (linear needs no context), then what it lacks */
+    const char *types[] = {"linear", "dynamic", "yarn", "llama3"};
+    for (int i = 0; i < 4; i++) {
+        config_defaults(&c);
+        snprintf(c.model.rope_scaling, sizeof c.model.rope_scaling, "%s", types[i]);
+        c.model.rope_factor = 4;
+        c.model.rope_original_max_position = 4096;
+        st = run_child(validate_cfg, &c, NULL, 0, err, sizeof err);
+        EXPECT(st == 0, "rope_scaling %s rejected: %s", types[i], err);
+        if (i == 0) continue;
+        c.model.rope_original_max_position = 0;
+        expect_invalid(tc, &c, "model.rope_original_max_position", types[i]);
+        if (tc->current_failed) return;
+    }
+    config_defaults(&c);
+    snprintf(c.model.rope_scaling, sizeof c.model.rope_scaling, "llama3");
+    c.model.rope_original_max_position = 8192;
+    c.model.rope_low_freq_factor = 4;
+    c.model.rope_high_freq_factor = 4;
+    expect_invalid(tc, &c, "model.rope_high_freq_factor = 4", "model.rope_low_freq_factor = 4");
+    if (tc->current_failed) return;
+    config_defaults(&c);
+    snprintf(c.model.rope_scaling, sizeof c.model.rope_scaling, "yarn");
+    c.model.rope_original_max_position = 8192;
+    c.model.rope_beta_slow = 64;
+    expect_invalid(tc, &c, "model.rope_beta_fast = 32", "model.rope_beta_slow = 64");
+    if (tc->current_failed) return;
+    config_defaults(&c);
+    c.model.rope_factor = 0.5f; /* a factor below 1 shrinks the context */
+    expect_invalid(tc, &c, "model.rope_factor", "out of range");
 }
 
 static bool sel(RunConfig *c, const char *s, int l) {
