@@ -158,6 +158,7 @@ static const KeyDef KEYS[] = {
     NUM(dist, timeout, 1800, 0, FMAX, "seconds a collective waits for the other ranks before the job ends with a message (a rank failed or hangs); 0 = forever"),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
+_Static_assert(sizeof KEYS / sizeof KEYS[0] <= CFG_MAX_KEYS, "raise CFG_MAX_KEYS (config.h) to the number of keys");
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
@@ -469,6 +470,7 @@ static noreturn void wrong_type(const char *where, const KeyDef *k, const char *
 }
 
 static void set_from_json(RunConfig *c, const KeyDef *k, const json_t *v, const char *where) {
+    c->given[k - KEYS] = true;
     switch (k->type) {
     case K_INT:
         if (json_is_integer(v)) set_int(c, k, json_integer_value(v), where);
@@ -511,16 +513,8 @@ static void set_from_json(RunConfig *c, const KeyDef *k, const json_t *v, const 
     }
 }
 
-void config_load(RunConfig *c, const char *path) {
-    struct stat st;
-    if (stat(path, &st) != 0) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
-    if (S_ISDIR(st.st_mode)) fatal("%s: is a directory, not a config file", path);
-    FILE *f = fopen(path, "rb");
-    if (!f) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
-    json_error_t je;
-    json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
-    fclose(f);
-    if (!root) fatal("%s: line %d, column %d: %s", path, je.line, je.column, je.text);
+/* Every key of the JSON object root over c (path names it in messages). */
+static void load_root(RunConfig *c, json_t *root, const char *path) {
     if (!json_is_object(root)) fatal("%s: the top level must be a JSON object of sections, got %s", path,
                                      json_type_name(root));
     const char *section;
@@ -533,8 +527,60 @@ void config_load(RunConfig *c, const char *path) {
         json_t *v;
         json_object_foreach(obj, key, v) set_from_json(c, lookup(path, section, key), v, path);
     }
+}
+
+void config_load(RunConfig *c, const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) fatal("%s: is a directory, not a config file", path);
+    FILE *f = fopen(path, "rb");
+    if (!f) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
+    json_error_t je;
+    json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
+    fclose(f);
+    if (!root) fatal("%s: line %d, column %d: %s", path, je.line, je.column, je.text);
+    load_root(c, root, path);
     json_decref(root);
     snprintf(c->source, sizeof c->source, "%s", path);
+}
+
+static json_t *key_to_json(const RunConfig *c, const KeyDef *k);
+
+/* The model keys a run started from a checkpoint may set otherwise than the checkpoint's config (config.h) */
+static bool may_differ_from_checkpoint(const KeyDef *k) {
+    static const char *const keys[] = {"attention", "msa_layers", "dropout", "init_std", "rope_theta"};
+    if (!strncmp(k->key, "rope_", 5)) return true;
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        if (!strcmp(k->key, keys[i])) return true;
+    return false;
+}
+
+void config_take_model(RunConfig *c, const char *stored_json, const char *checkpoint) {
+    char where[CFG_STR + 64];
+    snprintf(where, sizeof where, "%s (the config stored in train.init_from)", checkpoint);
+    json_error_t je;
+    json_t *root = json_loads(stored_json, JSON_REJECT_DUPLICATES, &je);
+    if (!root) fatal("%s: line %d, column %d: %s", where, je.line, je.column, je.text);
+    RunConfig stored;
+    config_defaults(&stored);
+    load_root(&stored, root, where);
+    json_decref(root);
+    const char *src = c->source[0] ? c->source : "config";
+    for (int i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &KEYS[i];
+        if (strcmp(k->section, "model")) continue;
+        json_t *mine = key_to_json(c, k), *theirs = key_to_json(&stored, k);
+        const bool vocab_from_data = k->offset == offsetof(RunConfig, model.vocab_size) && c->model.vocab_size == 0;
+        if (c->given[i] && !vocab_from_data && !may_differ_from_checkpoint(k) && !json_equal(mine, theirs)) {
+            char *a = json_dumps(mine, JSON_ENCODE_ANY), *b = json_dumps(theirs, JSON_ENCODE_ANY);
+            fatal("%s: model.%s = %s contradicts train.init_from = %s, whose model.%s = %s (leave the key out to take "
+                  "the checkpoint's)",
+                  src, k->key, a, checkpoint, k->key, b);
+        }
+        json_decref(mine);
+        json_decref(theirs);
+        if (!c->given[i] || vocab_from_data) memcpy(field(c, k), cfield(&stored, k), k->size);
+    }
 }
 
 void config_set(RunConfig *c, const char *assignment) {
@@ -550,6 +596,7 @@ void config_set(RunConfig *c, const char *assignment) {
     memcpy(key, dot + 1, lk);
     key[lk] = 0;
     const KeyDef *k = lookup(where, section, key);
+    c->given[k - KEYS] = true;
     const char *val = eq + 1;
     char *end;
     errno = 0;

@@ -125,6 +125,9 @@ typedef struct DistConfig {
     float timeout;         /* seconds a collective waits for the other ranks; 0 = forever */
 } DistConfig;
 
+/* At least the number of keys in config.c's table (checked there). */
+#define CFG_MAX_KEYS 192
+
 typedef struct RunConfig {
     ModelConfig model;
     MsaConfig msa;
@@ -133,13 +136,22 @@ typedef struct RunConfig {
     TrainConfig train;
     DataConfig data;
     DistConfig dist;
-    char source[CFG_STR];      /* the file it was read from */
+    char source[CFG_STR];      /* the file it was read from ("a.json + b.json" for layered files) */
+    bool given[CFG_MAX_KEYS];  /* by key (config.c's table order): a file or --set gave it */
 } RunConfig;
 
 /* Defaults for every key (the values documented in configs/README.md). */
 void config_defaults(RunConfig *c);
 /* Read a JSON config over the defaults. On any problem prints "error: <file>: <what>" and exits 1. */
 void config_load(RunConfig *c, const char *path);
+/* The model keys of a checkpoint's stored config (stored_json, the text checkpoint_read_config gives;
+ * checkpoint names the file) for every model key no file or --set gave: a recipe run with train.init_from
+ * needs no model section. A given key that contradicts the stored one stops with both values named;
+ * only the keys a run started from a checkpoint may change differ: model.attention and model.msa_layers
+ * (a dense checkpoint becomes an MSA model), model.rope_theta and model.rope_* (a context extension),
+ * model.dropout and model.init_std (the init of parameters the checkpoint lacks); and model.vocab_size = 0
+ * ("from the data") takes the stored size. */
+void config_take_model(RunConfig *c, const char *stored_json, const char *checkpoint);
 /* Apply one "section.key=value" override (command line --set). Exits with a message on error. */
 void config_set(RunConfig *c, const char *assignment);
 /* Cross-key checks (heads divide, dims even, ...); exits with a message naming the keys. */
