@@ -30,7 +30,8 @@ static double yarn_correction_dim(double rotations, int dim, double base, double
 
 static double yarn_mscale(double factor, double mscale) { return factor <= 1 ? 1.0 : 0.1 * mscale * log(factor) + 1.0; }
 
-static double yarn(const ModelConfig *c, int dim, double *inv_freq) {
+/* YaRN's frequencies into inv_freq; returns its attention factor (Peng et al. 2023, §3.3-3.4) */
+static double yarn_table(const ModelConfig *c, int dim, double *inv_freq) {
     const double base = c->rope_theta, s = c->rope_factor, L = c->rope_original_max_position;
     double low = yarn_correction_dim(c->rope_beta_fast, dim, base, L);
     double high = yarn_correction_dim(c->rope_beta_slow, dim, base, L);
@@ -50,7 +51,8 @@ static double yarn(const ModelConfig *c, int dim, double *inv_freq) {
     return yarn_mscale(s, 1);
 }
 
-static void llama3(const ModelConfig *c, int dim, double *inv_freq) {
+/* Llama 3.1's frequency bands into inv_freq */
+static void llama3_table(const ModelConfig *c, int dim, double *inv_freq) {
     const double s = c->rope_factor, L = c->rope_original_max_position;
     const double lo = c->rope_low_freq_factor, hi = c->rope_high_freq_factor;
     for (int i = 0; i < dim / 2; i++) {
@@ -70,11 +72,11 @@ RopeTable rope_table(const ModelConfig *c, int rotary_dim, int64_t positions_end
     RopeTable t = {.rotary_dim = dim, .attention_scale = 1.0, .inv_freq = inv_freq};
     double base = c->rope_theta;
     if (!strcmp(type, "yarn")) {
-        t.attention_scale = yarn(c, dim, inv_freq);
+        t.attention_scale = yarn_table(c, dim, inv_freq);
         return t;
     }
     if (!strcmp(type, "llama3")) {
-        llama3(c, dim, inv_freq);
+        llama3_table(c, dim, inv_freq);
         return t;
     }
     if (!strcmp(type, "dynamic")) {
