@@ -27,8 +27,9 @@ Tensor *op_embedding(Engine *e, Tensor *w, Tensor *tokens);
 /* RMSNorm over the last dim of x; w has that dim's size (NULL = no gain). unit_offset: gain 1 + w. */
 Tensor *op_rmsnorm(Engine *e, Tensor *x, Tensor *w, float eps, bool unit_offset);
 
-/* x [N, H, D], positions i32 [N] */
-Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, int rotary_dim, float theta);
+/* x [N, H, D], positions i32 [N]; rope (and its inv_freq) must live until the backward has run
+ * (layers/rope_scaling.h rope_table_in puts it in the engine's host arena) */
+Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, const RopeTable *rope);
 
 /* q [N,Hq,D], k/v [N,Hkv,D], cu_seqlens i32 [ndocs+1] -> out [N,Hq,D]; *lse_out (optional) gets the
  * [Hq,N] f32 log-sum-exp the MSA KL uses as its teacher normaliser. */

@@ -28,6 +28,16 @@ typedef struct MsaParams {
     float index_scale; /* index-branch score scale, 1/sqrt(d_idx); the student's temperature */
 } MsaParams;
 
+/* The rotary frequencies of one forward (layers/rope_scaling.c computes them from the config on the host,
+ * once, for every backend): pair i of the first rotary_dim dims of a head turns by position * inv_freq[i],
+ * and the rotated values are multiplied by attention_scale (transformers' attention_scaling, which
+ * multiplies cos and sin: YaRN's attention factor, 1 otherwise); dims past rotary_dim pass unscaled. */
+typedef struct RopeTable {
+    int rotary_dim;
+    double attention_scale;
+    const double *inv_freq; /* host memory, rotary_dim / 2 values */
+} RopeTable;
+
 /* MoE router score function (train/moe.c): softmax over the experts, or an independent sigmoid per
  * expert (DeepSeek-V3). */
 typedef enum { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } MoeScoreFunc;

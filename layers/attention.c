@@ -7,6 +7,7 @@
 
 #include "../autograd/ops.h"
 #include "../kernels/cuda/limits.h"
+#include "rope_scaling.h"
 
 int attention_head_dim(const ModelConfig *c) { return c->head_dim ? c->head_dim : c->d_model / c->n_heads; }
 
@@ -25,7 +26,7 @@ void attention_declare(AttentionFrame *f, const LayerSetup *s) {
     f->n_kv_heads = c->n_kv_heads;
     f->head_dim = attention_head_dim(c);
     f->rotary_dim = attention_rotary_dim(c);
-    f->rope_theta = c->rope_theta;
+    f->rope = *c;
     f->norm_eps = c->norm_eps;
     f->scale = 1.0f / sqrtf((float)f->head_dim);
     const int64_t C = c->d_model, Hq = c->n_heads, Hkv = c->n_kv_heads, D = f->head_dim;
@@ -61,8 +62,9 @@ void attention_project(const AttentionFrame *f, Engine *e, Tensor *h, const Laye
         q = op_rmsnorm(e, q, f->q_norm, f->norm_eps, false);
         k = op_rmsnorm(e, k, f->k_norm, f->norm_eps, false);
     }
-    q = op_rope(e, q, ctx->positions, f->rotary_dim, f->rope_theta);
-    k = op_rope(e, k, ctx->positions, f->rotary_dim, f->rope_theta);
+    const RopeTable *rope = rope_table_in(e, &f->rope, f->rotary_dim, ctx->positions_end);
+    q = op_rope(e, q, ctx->positions, rope);
+    k = op_rope(e, k, ctx->positions, rope);
     if (ctx->cp && ctx->cp->size > 1) { /* this rank's tokens, every head -> every token, this rank's heads */
         q = op_cp_seq_to_heads(e, q, ctx->cp);
         k = op_cp_seq_to_heads(e, k, ctx->cp);

@@ -13,7 +13,8 @@ typedef struct AttentionFrame {
     Tensor *bq, *bk, *bv;   /* q/k/v projection biases (model.qkv_bias), else NULL */
     Tensor *q_norm, *k_norm; /* per-head norms (model.qk_norm), else NULL */
     int n_heads, n_kv_heads, head_dim, rotary_dim;
-    float rope_theta, norm_eps;
+    float norm_eps;
+    ModelConfig rope;       /* the model keys: RoPE's theta and scaling (layers/rope_scaling.h) */
     float scale;            /* 1/sqrt(head_dim) */
 } AttentionFrame;
 

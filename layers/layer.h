@@ -69,6 +69,8 @@ typedef struct LayerSetup {
 /* What a forward reads besides its input. */
 typedef struct LayerContext {
     Tensor *positions;  /* i32 [N]: the position of each of this rank's tokens in its document */
+    int64_t positions_end; /* 1 + the largest position of the whole micro-batch (every rank's tokens): dynamic
+                              RoPE scaling's sequence length; 0 = unknown */
     Tensor *cu_seqlens; /* i32 [ndocs+1]: the documents of the whole micro-batch */
     const Comm *cp;     /* context-parallel group; NULL or one rank: none (autograd/ops.h) */
     bool dense;         /* attention with a learned selection reads every visible block instead

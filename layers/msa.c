@@ -10,6 +10,7 @@
 #include "../autograd/ops.h"
 #include "../kernels/cuda/limits.h"
 #include "../kernels/util.h"
+#include "rope_scaling.h"
 
 MsaSettings msa_settings(const RunConfig *c) {
     const int D = attention_head_dim(&c->model), Di = c->msa.index_dim;
@@ -281,13 +282,15 @@ static void msa_declare(void *self, const LayerSetup *s) {
 static void index_project(const MsaLayer *L, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **qi_out,
                           Tensor **ki_out) {
     const int64_t N = tensor_rows(h), Hkv = L->frame.n_kv_heads, Di = L->settings.index_dim;
-    const float eps = L->frame.norm_eps, theta = L->frame.rope_theta;
+    const float eps = L->frame.norm_eps;
+    /* the index branch's RoPE is the model's, scaled the same way, at the index branch's rotary dims */
+    const RopeTable *rope = rope_table_in(e, &L->frame.rope, L->index_rotary_dim, ctx->positions_end);
     /* the indexer reads a detached copy of the hidden state: the KL must never move the backbone */
     Tensor *hd = engine_detach(e, h);
     Tensor *qi = engine_view(e, op_linear(e, hd, L->w_iq), SHAPE(N, Hkv, Di));
     Tensor *ki = engine_view(e, op_linear(e, hd, L->w_ik), SHAPE(N, 1, Di));
-    qi = op_rope(e, op_rmsnorm(e, qi, L->iq_norm, eps, true), ctx->positions, L->index_rotary_dim, theta);
-    ki = op_rope(e, op_rmsnorm(e, ki, L->ik_norm, eps, true), ctx->positions, L->index_rotary_dim, theta);
+    qi = op_rope(e, op_rmsnorm(e, qi, L->iq_norm, eps, true), ctx->positions, rope);
+    ki = op_rope(e, op_rmsnorm(e, ki, L->ik_norm, eps, true), ctx->positions, rope);
     ki = engine_view(e, ki, SHAPE(N, Di));
     if (ctx->cp && ctx->cp->size > 1) {
         qi = op_cp_seq_to_heads(e, qi, ctx->cp);

@@ -7,6 +7,7 @@
 
 #include "../autograd/ops.h"
 #include "../kernels/util.h"
+#include "../layers/rope_scaling.h"
 #include "gradcheck.h"
 #include "test.h"
 
@@ -86,13 +87,24 @@ static bool grad_ok(GradCheckResult r, const char *what) {
 
 typedef struct {
     Tensor *positions;
-    int rotary_dim;
-    float theta;
+    RopeTable table;
+    double inv_freq[32];
 } RopeCtx;
+
+/* The unscaled table of rotary_dim dims and base theta (model.rope_scaling = none) in c. */
+static void rope_ctx(RopeCtx *c, Tensor *positions, int rotary_dim, float theta) {
+    ModelConfig m;
+    RunConfig defaults;
+    config_defaults(&defaults);
+    m = defaults.model;
+    m.rope_theta = theta;
+    c->positions = positions;
+    c->table = rope_table(&m, rotary_dim, 0, c->inv_freq);
+}
 
 static Tensor *f_rope(Engine *e, Tensor **in, void *ctx) {
     RopeCtx *c = ctx;
-    return op_rope(e, in[0], c->positions, c->rotary_dim, c->theta);
+    return op_rope(e, in[0], c->positions, &c->table);
 }
 
 typedef struct {
@@ -105,8 +117,8 @@ static Tensor *f_attention(Engine *e, Tensor **in, void *ctx) {
     AttnCtx *c = ctx;
     Tensor *q = in[0], *k = in[1];
     if (c->rope) {
-        q = op_rope(e, q, c->rope->positions, c->rope->rotary_dim, c->rope->theta);
-        k = op_rope(e, k, c->rope->positions, c->rope->rotary_dim, c->rope->theta);
+        q = op_rope(e, q, c->rope->positions, &c->rope->table);
+        k = op_rope(e, k, c->rope->positions, &c->rope->table);
     }
     return op_attention(e, q, k, in[2], c->cu, c->scale, NULL);
 }
@@ -122,7 +134,9 @@ TEST(grad_rope_full_and_partial) {
         Tensor *x = test_randn(DT_F64, SHAPE(N, H, D), 1.0, 100 + ci);
         int32_t pos[13];
         for (int t = 0; t < N; t++) pos[t] = (t * 37 + ci * 1000) % 4099; /* unordered, some large */
-        RopeCtx rc = {make_positions(pos, N), rd, ci == 1 ? 500000.0f : 10000.0f};
+        RopeCtx rc;
+        rope_ctx(&rc, make_positions(pos, N), rd, ci == 1 ? 500000.0f : 10000.0f);
+        if (ci == 2) rc.table.attention_scale = 1.25; /* YaRN's cos/sin scale goes through the backward too */
         test_requires_grad(x);
         Tensor *in[] = {x};
         EXPECT(grad_ok(gradcheck(eng, f_rope, in, 1, &rc, 0, 200 + ci), "rope"), "rope gradient, case %d", ci);
@@ -139,8 +153,10 @@ TEST(rope_matches_reference_and_tail_untouched) {
     Tensor *x = test_randn(DT_F64, SHAPE(N, H, D), 1.0, 300);
     int32_t pos[9] = {0, 1, 2, 3, 100, 7, 65535, 131071, 42};
     Tensor *p = make_positions(pos, N);
+    RopeCtx rc;
+    rope_ctx(&rc, p, rd, theta);
     engine_reset(eng);
-    Tensor *y = op_rope(eng, x, p, rd, theta);
+    Tensor *y = op_rope(eng, x, p, &rc.table);
     double max_err = 0, ref[14];
     bool tail_same = true, pos0_identity = true;
     for (int t = 0; t < N; t++)
@@ -158,10 +174,21 @@ TEST(rope_matches_reference_and_tail_untouched) {
     /* float32 kernel against the float64 reference (angles in double: large positions stay accurate) */
     Tensor *x32 = test_copy_as(x, DT_F32);
     engine_reset(eng);
-    Tensor *y32 = op_rope(eng, x32, p, rd, theta);
+    Tensor *y32 = op_rope(eng, x32, p, &rc.table);
     double e32 = 0;
     for (int64_t i = 0; i < y->numel; i++) e32 = fmax(e32, fabs(tensor_get(y32, i) - tensor_get(y, i)));
     EXPECT(e32 < 1e-5, "float32 rope differs from float64 by %.3e", e32);
+    /* a cos/sin scale (YaRN's attention factor) multiplies the rotated dims and leaves the tail */
+    rc.table.attention_scale = 1.5;
+    Tensor *ys = op_rope(eng, x, p, &rc.table);
+    double es = 0;
+    for (int t = 0; t < N; t++)
+        for (int h = 0; h < H; h++) {
+            const double *xr = (const double *)x->data + (t * H + h) * D, *yr = (const double *)ys->data + (t * H + h) * D;
+            ref_rope(ref, xr, D, rd, pos[t], theta);
+            for (int d = 0; d < D; d++) es = fmax(es, fabs(yr[d] - (d < rd ? 1.5 * ref[d] : xr[d])));
+        }
+    EXPECT(es < 1e-10, "scaled rope differs from 1.5 x the rotation by %.3e", es);
     test_tensor_free(x32);
     test_tensor_free(p);
     test_tensor_free(x);
@@ -180,7 +207,9 @@ TEST(rope_relative_position) {
         double base[12];
         engine_reset(eng);
         Tensor *pm = make_positions(m, N), *pn = make_positions(n, N);
-        Tensor *qr = op_rope(eng, q, pm, rds[r], 10000.0f), *kr = op_rope(eng, k, pn, rds[r], 10000.0f);
+        RopeCtx rc;
+        rope_ctx(&rc, NULL, rds[r], 10000.0f);
+        Tensor *qr = op_rope(eng, q, pm, &rc.table), *kr = op_rope(eng, k, pn, &rc.table);
         for (int i = 0; i < N * H; i++) {
             base[i] = 0;
             for (int d = 0; d < D; d++) base[i] += tensor_get(qr, i * D + d) * tensor_get(kr, i * D + d);
@@ -197,8 +226,8 @@ TEST(rope_relative_position) {
             engine_reset(eng);
             pm = make_positions(m2, N);
             pn = make_positions(n2, N);
-            qr = op_rope(eng, q, pm, rds[r], 10000.0f);
-            kr = op_rope(eng, k, pn, rds[r], 10000.0f);
+            qr = op_rope(eng, q, pm, &rc.table);
+            kr = op_rope(eng, k, pn, &rc.table);
             double max_diff = 0;
             for (int i = 0; i < N * H; i++) {
                 double dot = 0;
@@ -289,7 +318,8 @@ TEST(grad_rope_then_attention) {
     int lens[3] = {6, 9, 4};
     int N = 19, Hq = 4, Hkv = 2, D = 6;
     Tensor *cu = test_cu_seqlens(lens, 3);
-    RopeCtx rc = {doc_positions(cu), 4, 10000.0f};
+    RopeCtx rc;
+    rope_ctx(&rc, doc_positions(cu), 4, 10000.0f);
     AttnCtx ac = {cu, 1.0f / sqrtf((float)D), &rc};
     Tensor *q = test_randn(DT_F64, SHAPE(N, Hq, D), 1.5, 800);
     Tensor *k = test_randn(DT_F64, SHAPE(N, Hkv, D), 1.0, 801);

@@ -363,8 +363,10 @@ TEST(json_round_trip) {
     config_load(&b, path);
     char *json2 = config_to_json(&b);
     EXPECT(!strcmp(json, json2), "the saved config reads back differently:\n%s\n---\n%s", json, json2);
-    /* the struct too, except where it was read from (memcmp is fair: defaults zero every byte) */
+    /* the struct too, except where it was read from and which keys a file gave (memcmp is fair: defaults
+     * zero every byte) */
     memcpy(b.source, a.source, sizeof a.source);
+    memcpy(b.given, a.given, sizeof a.given);
     size_t diff = 0;
     while (diff < sizeof a && ((const char *)&a)[diff] == ((const char *)&b)[diff]) diff++;
     EXPECT(diff == sizeof a, "the structs differ after a round trip at byte %zu of %zu", diff, sizeof a);
@@ -442,6 +444,97 @@ TEST(validation_cross_keys) {
     config_defaults(&c);
     snprintf(c.train.device, sizeof c.train.device, "tpu");
     expect_invalid(tc, &c, "train.device", NULL);
+    if (tc->current_failed) return;
+    /* RoPE scaling: each type with what it needs (linear needs no context), then what it lacks */
+    const char *types[] = {"linear", "dynamic", "yarn", "llama3"};
+    for (int i = 0; i < 4; i++) {
+        config_defaults(&c);
+        snprintf(c.model.rope_scaling, sizeof c.model.rope_scaling, "%s", types[i]);
+        c.model.rope_factor = 4;
+        c.model.rope_original_max_position = 4096;
+        st = run_child(validate_cfg, &c, NULL, 0, err, sizeof err);
+        EXPECT(st == 0, "rope_scaling %s rejected: %s", types[i], err);
+        if (i == 0) continue;
+        c.model.rope_original_max_position = 0;
+        expect_invalid(tc, &c, "model.rope_original_max_position", types[i]);
+        if (tc->current_failed) return;
+    }
+    config_defaults(&c);
+    snprintf(c.model.rope_scaling, sizeof c.model.rope_scaling, "llama3");
+    c.model.rope_original_max_position = 8192;
+    c.model.rope_low_freq_factor = 4;
+    c.model.rope_high_freq_factor = 4;
+    expect_invalid(tc, &c, "model.rope_high_freq_factor = 4", "model.rope_low_freq_factor = 4");
+    if (tc->current_failed) return;
+    config_defaults(&c);
+    snprintf(c.model.rope_scaling, sizeof c.model.rope_scaling, "yarn");
+    c.model.rope_original_max_position = 8192;
+    c.model.rope_beta_slow = 64;
+    expect_invalid(tc, &c, "model.rope_beta_fast = 32", "model.rope_beta_slow = 64");
+    if (tc->current_failed) return;
+    config_defaults(&c);
+    c.model.rope_factor = 0.5f; /* a factor below 1 shrinks the context */
+    expect_invalid(tc, &c, "model.rope_factor", "out of range");
+}
+
+typedef struct TakeModel {
+    const RunConfig *c;
+    const char *stored;
+} TakeModel;
+
+static void take_model(const void *arg) {
+    const TakeModel *t = arg;
+    RunConfig c = *t->c;
+    config_take_model(&c, t->stored, "ckpt.h5");
+}
+
+/* train.init_from's stored config supplies the model keys no file or --set gave; a given one that
+ * contradicts it stops naming both values, except the keys a continued run may change. */
+TEST(model_from_the_checkpoint) {
+    RunConfig stored;
+    config_defaults(&stored);
+    stored.model.d_model = 96;
+    stored.model.n_layers = 3;
+    stored.model.vocab_size = 65;
+    stored.model.qk_norm = true;
+    stored.model.rope_theta = 5e5f;
+    char *json = config_to_json(&stored);
+    /* a recipe: no model shape, a new attention and a context extension, a train key */
+    char path[1024];
+    join(path, sizeof path, FX->dir, "recipe.json");
+    write_text(path, "{\"model\": {\"attention\": \"msa\", \"rope_scaling\": \"yarn\", \"rope_factor\": 4,"
+                     " \"rope_original_max_position\": 4096, \"rope_theta\": 1e6}, \"train\": {\"steps\": 7}}");
+    RunConfig c;
+    config_defaults(&c);
+    config_load(&c, path);
+    config_set(&c, "model.n_layers=3"); /* given and equal: no contradiction */
+    config_take_model(&c, json, "ckpt.h5");
+    EXPECT(c.model.d_model == 96 && c.model.n_layers == 3 && c.model.vocab_size == 65 && c.model.qk_norm,
+           "shape keys not taken: d_model %d n_layers %d vocab %d", c.model.d_model, c.model.n_layers,
+           c.model.vocab_size);
+    EXPECT(!strcmp(c.model.attention, "msa") && !strcmp(c.model.rope_scaling, "yarn") && c.model.rope_theta == 1e6f &&
+               c.train.steps == 7,
+           "the recipe's own keys were overwritten");
+    /* vocab_size 0 ("from the data") takes the stored size */
+    config_defaults(&c);
+    config_set(&c, "model.vocab_size=0");
+    config_take_model(&c, json, "ckpt.h5");
+    EXPECT(c.model.vocab_size == 65, "vocab_size 0 -> %d", c.model.vocab_size);
+    /* contradictions, from a file and from --set, name both values and the checkpoint */
+    const char *sets[] = {"model.d_model=128", "model.qk_norm=false", "model.n_layers=4"};
+    const char *words[][2] = {{"model.d_model = 128", "model.d_model = 96"},
+                              {"model.qk_norm = false", "model.qk_norm = true"},
+                              {"model.n_layers = 4", "model.n_layers = 3"}};
+    for (int i = 0; i < 3; i++) {
+        config_defaults(&c);
+        config_set(&c, sets[i]);
+        char err[4096];
+        TakeModel t = {&c, json};
+        int st = run_child(take_model, &t, NULL, 0, err, sizeof err);
+        EXPECT(st == 1 && strstr(err, words[i][0]) && strstr(err, words[i][1]) && strstr(err, "ckpt.h5"),
+               "%s: status %d, %s", sets[i], st, err);
+    }
+    free(json);
 }
 
 static bool sel(RunConfig *c, const char *s, int l) {
@@ -548,6 +641,7 @@ int main(void) {
     RUN(non_utf8_strings_are_refused_not_dropped);
     RUN(json_round_trip);
     RUN(validation_cross_keys);
+    RUN(model_from_the_checkpoint);
     RUN(layer_selectors);
     RUN(help_table_and_readme);
     char cmd[300];

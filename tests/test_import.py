@@ -5,7 +5,9 @@ Small random Llama-, Qwen2- (q/k/v biases, tied head) and Qwen3-style (q/k norm,
 hidden/heads) models are written in Hugging Face format here (numpy + safetensors, no network),
 imported, run through build/forward, and the logits compared with a float64 numpy forward of the same
 HF weights written from the Hugging Face modeling code's semantics (not from our C code): relative
-error < 1e-4. Also: every bad input (missing tensor, wrong shape, unsupported architecture or RoPE
+error < 1e-4; the same with each RoPE scaling (linear, dynamic, yarn with and without mscale terms,
+llama3), whose frequencies and attention scaling hf_rope writes from the published definitions, and
+whose rope_scaling block survives import -> export -> import. Also: every bad input (missing tensor, wrong shape, unsupported architecture or RoPE
 scaling, partial rotary, corrupt, truncated or too deeply nested files, missing config key, unexpected
 tensor, a model build/train would refuse) exits 1 with one error line naming it and writes nothing to
 OUT_DIR; so does an OUT_DIR that is a file, unwritable or on a full disk, for both tools; export ->
@@ -146,6 +148,67 @@ def write_hf(path, cfg, tensors, shards=1):
 
 # ---- the reference: the Hugging Face forward, in float64 numpy --------------------------------------
 
+def hf_rope(cfg, dim, T):
+    """(inv_freq, attention scaling) of a sequence of T tokens, from the published definitions of the
+    Hugging Face rope_type (transformers' modeling_rope_utils.py; YaRN: Peng et al. 2023, arXiv
+    2309.00071; dynamic NTK: /u/bloc97 and /u/emozilla; llama3: Meta's Llama 3.1 reference code),
+    written here from those definitions, not from msa-train's C code."""
+    spec = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    base = cfg.get("rope_theta", spec.get("rope_theta"))
+    idx = np.arange(0, dim, 2, dtype=np.float64)
+    plain = 1.0 / base ** (idx / dim)
+    if kind == "default":
+        return plain, 1.0
+    s = spec["factor"]
+    if kind == "linear":  # positions divided by s
+        return plain / s, 1.0
+    if kind == "dynamic":  # the base grows once the sequence outruns the trained context
+        L = cfg["max_position_embeddings"]
+        seq = max(T, L)
+        b = base * (s * seq / L - (s - 1)) ** (dim / (dim - 2))
+        return 1.0 / b ** (idx / dim), 1.0
+    if kind == "llama3":
+        L, lo, hi = spec["original_max_position_embeddings"], spec["low_freq_factor"], spec["high_freq_factor"]
+        out = []
+        for f in plain:
+            wavelen = 2 * np.pi / f
+            if wavelen < L / hi:  # high frequencies: unchanged
+                out.append(f)
+            elif wavelen > L / lo:  # low frequencies: interpolated by s
+                out.append(f / s)
+            else:  # the band between: a smooth mix
+                smooth = (L / wavelen - lo) / (hi - lo)
+                out.append((1 - smooth) * f / s + smooth * f)
+        return np.array(out), 1.0
+    assert kind == "yarn", kind
+    L = spec.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+    fast, slow = spec.get("beta_fast") or 32, spec.get("beta_slow") or 1
+
+    def dim_of(rotations):  # the dimension whose frequency turns `rotations` times over L
+        return dim * np.log(L / (rotations * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if spec.get("truncate", True):
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)  # 0: extrapolate, 1: interpolate
+    inv_freq = plain / s * ramp + plain * (1 - ramp)
+
+    def mscale(m):
+        return 1.0 if s <= 1 else 0.1 * m * np.log(s) + 1.0
+
+    if spec.get("attention_factor"):
+        att = spec["attention_factor"]
+    elif spec.get("mscale") and spec.get("mscale_all_dim"):
+        att = mscale(spec["mscale"]) / mscale(spec["mscale_all_dim"])
+    else:
+        att = mscale(1)
+    return inv_freq, att
+
+
 def hf_reference_logits(cfg, t, ids):
     """Logits [T, V] of the HF model (LlamaForCausalLM / Qwen2 / Qwen3 modeling semantics)."""
     g = {k: v.astype(np.float64) for k, v in t.items()}
@@ -158,12 +221,13 @@ def hf_reference_logits(cfg, t, ids):
     def rms_norm(x, weight):  # LlamaRMSNorm: weight * x / sqrt(mean(x^2) + eps)
         return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
-    # rotary embedding over the whole head: inv_freq = 1 / theta^(arange(0, D, 2) / D), emb = cat(freqs,
-    # freqs); the four families' modeling code has no partial rotary (hf_import refuses the factor)
-    inv_freq = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    # rotary embedding over the whole head: emb = cat(freqs, freqs) of the (scaled) inverse frequencies,
+    # cos and sin times the attention scaling; the four families' modeling code has no partial rotary
+    # (hf_import refuses the factor)
+    inv_freq, attention_scaling = hf_rope(cfg, D, T)
     freqs = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)
-    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+    cos, sin = np.cos(emb)[:, None, :] * attention_scaling, np.sin(emb)[:, None, :] * attention_scaling
 
     def rotate_half(x):
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
@@ -349,6 +413,100 @@ def export_round_trip_is_exact(work):
             check(json.load(f1) == json.load(f2), f"{family}: config.json differs after the round trip")
 
 
+# Small contexts (rope_original_max_position) against the 20-token test sequence and head dims of 8 to 16,
+# so that each scaling's bands all hold some of the frequencies and dynamic's sequence outruns its context.
+ROPE_CASES = {
+    "linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 3.0}}),
+    "dynamic": ("qwen2", {"max_position_embeddings": 8, "rope_scaling": {"type": "dynamic", "factor": 2.5}}),
+    "llama3": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 16.0, "original_max_position_embeddings": 512}}),
+    # Qwen2.5's YaRN block (factor 4 over 32768 there), as transformers 5 writes it: rope_parameters
+    "yarn": ("qwen2", {"rope_scaling": None,
+                       "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                           "original_max_position_embeddings": 512}}),
+    # DeepSeek-style mscale terms, untruncated ramp, beta 16/2
+    "yarn_mscale": ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 16.0, "beta_fast": 16, "beta_slow": 2,
+                                               "mscale": 1.0, "mscale_all_dim": 0.707, "truncate": False,
+                                               "original_max_position_embeddings": 1024}}),
+    "yarn_attention_factor": ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0,
+                                                         "attention_factor": 1.3}}),
+}
+
+
+def rope_case(work, name, seed=21):
+    family, edit = ROPE_CASES[name]
+    hf = os.path.join(work, name, "hf")
+    cfg, t = make_hf(hf, family, seed=seed)
+    cfg.update(edit)
+    shutil.rmtree(hf)
+    write_hf(hf, cfg, t)
+    return hf, cfg, t
+
+
+@test
+def rope_scaling_logits_match_hf(work):
+    """Every rope_type: the imported model's logits (build/forward, positions 0..19) against the numpy
+    forward with hf_rope's frequencies and attention scaling, and different from the unscaled model's."""
+    ids = np.random.default_rng(3).integers(0, 40, 20)
+    for name in ROPE_CASES:
+        hf, cfg, t = rope_case(work, name)
+        out = os.path.join(work, name, "out")
+        hf_import(hf, out)
+        ref = hf_reference_logits(cfg, t, ids)
+        err = rel_err(forward(out, ids, work), ref)
+        check(err < TOL, f"{name}: relative error {err:.3e} of the logits against the HF reference")
+        plain = dict(cfg, rope_scaling=None, rope_parameters=None)
+        plain["rope_theta"] = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
+        moved = rel_err(hf_reference_logits(plain, t, ids), ref)
+        check(moved > 1e-3, f"{name}: the scaling changes the logits by only {moved:.3e}; the case tests nothing")
+
+
+@test
+def rope_scaling_round_trips(work):
+    """import -> export -> import keeps every rope_* key, and the exported config.json carries the
+    rope_scaling block transformers reads (the same frequencies: hf_rope of both agree)."""
+    for name in ROPE_CASES:
+        hf, cfg, t = rope_case(work, name)
+        out, hf2, out2 = (os.path.join(work, name, n) for n in ("out", "hf2", "out2"))
+        hf_import(hf, out)
+        must([PY, EXPORT, os.path.join(out, "ckpt_import.h5"), hf2])
+        with open(os.path.join(hf2, "config.json")) as f:
+            c2 = json.load(f)
+        D = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        for T in (20, 5000):  # below and above every context here (dynamic changes with T)
+            (f1, a1), (f2, a2) = hf_rope(cfg, D, T), hf_rope(c2, D, T)
+            check(np.allclose(f1, f2, rtol=1e-6) and abs(a1 - a2) < 1e-6,
+                  f"{name}: the exported rope_scaling {c2['rope_scaling']} gives other frequencies at T={T}")
+        hf_import(hf2, out2)
+        with open(os.path.join(out, "config.json")) as f1, open(os.path.join(out2, "config.json")) as f2:
+            m1, m2 = json.load(f1)["model"], json.load(f2)["model"]
+        check(m1 == m2, f"{name}: model section differs after import -> export -> import: {m1} vs {m2}")
+        check(m1["rope_scaling"] == name.split("_")[0], f"{name}: model.rope_scaling = {m1['rope_scaling']}")
+
+
+@test
+def rope_scaling_bad_values_name_the_key(work):
+    cases = (
+        ("no_low", {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64}, ['needs "low_freq_factor"']),
+        ("factor_below_1", {"rope_type": "linear", "factor": 0.5}, ["rope_scaling.factor = 0.5", ">= 1"]),
+        ("factor_string", {"rope_type": "yarn", "factor": "4"}, ['"rope_scaling.factor"', "positive number"]),
+        ("band", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                  "original_max_position_embeddings": 64},
+         ["model.rope_high_freq_factor = 1", "model.rope_low_freq_factor = 4", "rope_scaling.high_freq_factor"]),
+        ("truncate", {"rope_type": "yarn", "factor": 4.0, "truncate": "no"}, ["rope_scaling.truncate", "true or false"]),
+    )
+    for name, spec, needles in cases:
+        hf = mutate(work, name, cfg_edit=lambda c: c.update(rope_scaling=spec))
+        expect_fail(work, hf, ["config.json"] + needles)
+    # our side: a config whose scaling lacks what it needs, or with an unknown type, names the key
+    for assignment, needles in (("model.rope_scaling=yarn", ["model.rope_original_max_position", "yarn"]),
+                                ("model.rope_scaling=ntk", ["model.rope_scaling", "none, linear, dynamic"]),
+                                ("model.rope_factor=0.5", ["model.rope_factor = 0.5", "out of range"])):
+        r = run([TRAIN, "--check-config", os.path.join(ROOT, "configs", "tiny.json"), "--set", assignment])
+        expect_error_line(r, *needles)
+
+
 @test
 def msa_import_loads_with_fresh_index(work):
     hf = os.path.join(work, "hf")
@@ -459,8 +617,8 @@ def bad_inputs_fail_cleanly(work):
     hf = mutate(work, "arch", cfg_edit=lambda c: c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
     expect_fail(work, hf, ["unsupported architecture", "GPT2LMHeadModel", "config.json"])
 
-    hf = mutate(work, "rope", cfg_edit=lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
-    expect_fail(work, hf, ["rope_scaling", "llama3"])
+    hf = mutate(work, "rope", cfg_edit=lambda c: c.update(rope_scaling={"rope_type": "longrope", "factor": 8.0}))
+    expect_fail(work, hf, ["unsupported rope_scaling type", "longrope", "config.json"])
 
     hf = mutate(work, "key", cfg_edit=lambda c: c.pop("intermediate_size"))
     expect_fail(work, hf, ["missing config key", "intermediate_size"])

@@ -8,7 +8,10 @@
 3. indexer fine-tuning of a dense GQA checkpoint: dense pretrain -> tools/hf_export.py -> Hugging Face
    directory -> tools/hf_import.py --attention msa -> configs/indexer_finetune.json (stage 1 dense
    warm-up training only the index branch, stage 2 sparse), checking that the backbone never moved,
-   that the index branch did, and that KL, recall and the dense-attention reference loss are reported.
+   that the index branch did, and that KL, recall and the dense-attention reference loss are reported;
+4. a recipe applies to any model: config files layered left to right (build/train MODEL.json RECIPE.json,
+   --set last), the model keys a recipe leaves out taken from train.init_from's checkpoint, a contradicting
+   one named with both values, a YaRN context extension on init_from.
 
 Each config runs with --set overrides that shrink the model and the step count, so the whole file takes
 seconds on a CPU. Prints "N passed, N failed". Run from anywhere with the project's virtual environment.
@@ -97,14 +100,16 @@ def long_context_continuation_from_a_checkpoint(tmp):
                                                                   "train.eval_batches=1"])
     start = newest_checkpoint(base)
     out = os.path.join(tmp, "long")
-    # longer sequence (4x), RoPE theta changed (the shipped config's 40000 against 10000), recompute on
-    train("longctx_continue.json", out, TINY_MODEL + TINY_MSA + [f"train.init_from={start}", "train.steps=3",
+    # longer sequence (4x), RoPE theta changed (the shipped config's 40000 against 10000), recompute on; the
+    # recipe has no model shape: the checkpoint's stored config supplies it (no TINY_MODEL here)
+    train("longctx_continue.json", out, TINY_MSA + [f"train.init_from={start}", "train.steps=3",
                                                                   "train.seq_len=256", "train.batch_size=1",
                                                                   "train.eval_every=0", "train.eval_batches=1",
                                                                   "train.checkpoint_every=0"])
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["train"]["seq_len"] == 256 and cfg["model"]["rope_theta"] == 40000, "continuation config not applied"
+    assert cfg["model"]["d_model"] == 32 and cfg["model"]["n_layers"] == 2, f"model not from the checkpoint: {cfg}"
     assert cfg["train"]["recompute"] is True
     # it started from the checkpoint: the first loss is well below a fresh model's ln(65) = 4.17
     first = [r["loss"] for r in metrics(out) if "loss" in r][0]
@@ -127,7 +132,7 @@ def indexer_finetuning_of_an_imported_dense_model(tmp):
                    capture_output=True)
     start = os.path.join(imported, "ckpt_import.h5")
     out = os.path.join(tmp, "finetune")
-    log = train("indexer_finetune.json", out, TINY_MODEL + TINY_MSA + [
+    log = train("indexer_finetune.json", out, TINY_MSA + [
         f"train.init_from={start}", "train.steps=6", "msa.dense_warmup_steps=3", "train.seq_len=64",
         "train.batch_size=2", "train.eval_every=3", "train.eval_batches=2", "optim.warmup_steps=1"])
     assert "eval step 0 " in log, "no reference evaluation before the first step"
@@ -170,6 +175,66 @@ def stage_two_can_unfreeze_the_backbone_with_its_own_lr(tmp):
     refs = [r["dense_attention_val_loss"] for r in evals]
     # frozen through stage 1 (evals at steps 0 and 2 agree), moving in stage 2
     assert refs[0] == refs[1] and refs[2] != refs[1], f"dense-attention losses {refs}"
+
+
+def train_files(configs, out_dir, sets):
+    """build/train with several config files layered left to right; (returncode, stdout, stderr)."""
+    args = [TRAIN, *configs]
+    for s in DATA + [f"train.out_dir={out_dir}", "train.log_every=1", "train.sample_tokens=0"] + sets:
+        args += ["--set", s]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+@test
+def a_recipe_applies_to_any_model(tmp):
+    """build/train MODEL.json RECIPE.json: the later file's keys override the earlier one's, --set comes
+    last; with train.init_from the checkpoint supplies the model keys the files leave out, and a given
+    key that contradicts it stops the run naming both values."""
+    dense = os.path.join(tmp, "dense")
+    train("shakespeare_char.json", dense, TINY_MODEL + ["train.steps=2", "train.seq_len=64", "train.batch_size=2",
+                                                         "train.eval_every=0", "train.eval_batches=1"])
+    start = newest_checkpoint(dense)
+    # the model file: the dense run's own config.json (d_model 32, 2 layers, and its train keys)
+    model_file = os.path.join(dense, "config.json")
+    recipe = os.path.join(ROOT, "configs", "indexer_finetune.json")
+    shrink = TINY_MSA + ["train.steps=2", "msa.dense_warmup_steps=1", "train.seq_len=64", "train.batch_size=2",
+                         "train.eval_every=0", "train.eval_batches=1", "optim.warmup_steps=1"]
+    out = os.path.join(tmp, "layered")
+    rc, log, err = train_files([model_file, recipe], out, shrink + [f"train.init_from={start}", "train.seed=5"])
+    assert rc == 0, f"layered run failed ({rc}):\n{log[-2000:]}\n{err[-2000:]}"
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    with open(model_file) as f:
+        base = json.load(f)
+    assert cfg["model"]["d_model"] == 32 and cfg["model"]["attention"] == "msa", f"model: {cfg['model']}"
+    assert cfg["optim"]["backbone_lr_scale"] == 0 and cfg["optim"]["warmup_trainable"] == "index", \
+        "the recipe (the later file) did not override the model file's optim keys"
+    assert base["optim"]["warmup_trainable"] == "all", "the model file should hold the opposite value"
+    assert cfg["train"]["seed"] == 5, "--set must come after every file"
+    # the recipe alone with init_from: the checkpoint supplies d_model, n_layers, ... (defaults: 128, 4)
+    out = os.path.join(tmp, "recipe_only")
+    rc, log, err = train_files([recipe], out, shrink + [f"train.init_from={start}"])
+    assert rc == 0, f"recipe-only run failed ({rc}):\n{log[-2000:]}\n{err[-2000:]}"
+    with open(os.path.join(out, "config.json")) as f:
+        m = json.load(f)["model"]
+    assert (m["d_model"], m["n_layers"], m["ffn_dim"], m["attention"]) == (32, 2, 64, "msa"), f"model: {m}"
+    # an explicit key that contradicts the checkpoint: both values named
+    rc, log, err = train_files([recipe], os.path.join(tmp, "contradiction"),
+                               shrink + [f"train.init_from={start}", "model.d_model=48"])
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, f"want one error line, got {rc}: {err}"
+    for needle in ("model.d_model = 48", "model.d_model = 32", start, "indexer_finetune.json"):
+        assert needle in lines[0], f"the message lacks {needle!r}: {lines[0]}"
+    # a context extension on init_from is allowed to differ: YaRN over the checkpoint's 64-token context
+    out = os.path.join(tmp, "yarn")
+    rc, log, err = train_files([recipe], out, shrink + [f"train.init_from={start}", "model.rope_scaling=yarn",
+                                                        "model.rope_factor=4", "model.rope_original_max_position=64",
+                                                        "train.seq_len=256", "train.batch_size=1"])
+    assert rc == 0, f"YaRN extension failed ({rc}):\n{log[-2000:]}\n{err[-2000:]}"
+    with open(os.path.join(out, "config.json")) as f:
+        m = json.load(f)["model"]
+    assert m["rope_scaling"] == "yarn" and m["d_model"] == 32, f"model: {m}"
 
 
 def main():

@@ -7,7 +7,8 @@
 Exports the backbone: embedding, attention, SwiGLU FFN, norms and head. MSA index parameters
 (layers.N.index.*) have no Hugging Face counterpart and are dropped; MoE models are refused, and so
 is a partial rotary dim (model.rotary_dim below the head dimension): transformers' Llama, Mistral,
-Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor says. The config is CONFIG.json
+Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor says. RoPE scaling
+(model.rope_scaling and its rope_* keys) is written as the rope_scaling block transformers reads. The config is CONFIG.json
 when given, else the one stored in the checkpoint; either is read by build/train --check-config (the
 trainer's own checks, its defaults for keys left out). The naming follows the config (--arch auto):
 model.qk_norm -> Qwen3, model.qkv_bias -> Qwen2, otherwise Llama. tools/hf_import.py reads the result
@@ -186,6 +187,40 @@ def choose_arch(model, requested, where):
     return requested
 
 
+def hf_rope_scaling(model):
+    """Our model.rope_* keys -> transformers' rope_scaling block (None: plain RoPE), the names
+    modeling_rope_utils.py reads for each rope_type."""
+    kind = model.get("rope_scaling", "none")
+    if kind == "none":
+        return None
+    spec = {"rope_type": kind, "factor": float(model["rope_factor"])}
+    if kind == "llama3":
+        spec.update(low_freq_factor=float(model["rope_low_freq_factor"]),
+                    high_freq_factor=float(model["rope_high_freq_factor"]),
+                    original_max_position_embeddings=model["rope_original_max_position"])
+    if kind == "yarn":
+        spec.update(original_max_position_embeddings=model["rope_original_max_position"],
+                    beta_fast=float(model["rope_beta_fast"]), beta_slow=float(model["rope_beta_slow"]))
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            if model[f"rope_{name}"]:
+                spec[name] = float(model[f"rope_{name}"])
+        if not model["rope_truncate"]:
+            spec["truncate"] = False
+    return spec
+
+
+def default_max_position(model):
+    """max_position_embeddings when --max-position is not given: dynamic NTK reads it as the trained
+    context; for yarn, factor x the original context, so that transformers 4.x (which recomputes a YaRN
+    factor as max_position_embeddings / original_max_position_embeddings) gets the same factor."""
+    kind = model.get("rope_scaling", "none")
+    if kind == "dynamic":
+        return model["rope_original_max_position"]
+    if kind == "yarn":
+        return int(round(model["rope_factor"] * model["rope_original_max_position"]))
+    return 131072
+
+
 def hf_config(model, arch, V, dtype, max_position):
     D = model["head_dim"] or model["d_model"] // model["n_heads"]
     cls, mtype = ARCH[arch]
@@ -203,7 +238,7 @@ def hf_config(model, arch, V, dtype, max_position):
         "max_position_embeddings": max_position,
         "rms_norm_eps": float(model["norm_eps"]),
         "rope_theta": float(model["rope_theta"]),
-        "rope_scaling": None,
+        "rope_scaling": hf_rope_scaling(model),
         "tie_word_embeddings": bool(model["tie_embeddings"]),
         "initializer_range": float(model["init_std"]),
         "attention_dropout": 0.0,
@@ -249,7 +284,10 @@ def main(argv=None):
     ap.add_argument("--arch", choices=("auto", "llama", "mistral", "qwen2", "qwen3"), default="auto",
                     help="Hugging Face family (default: by the config)")
     ap.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32", help="tensor dtype (default f32)")
-    ap.add_argument("--max-position", type=int, default=131072, help="max_position_embeddings to write")
+    ap.add_argument("--max-position", type=int,
+                    help="max_position_embeddings to write (default 131072; model.rope_scaling = dynamic: "
+                         "model.rope_original_max_position, which it must then equal; yarn: rope_factor x "
+                         "rope_original_max_position)")
     return report(run, ap.parse_args(argv))
 
 
@@ -289,6 +327,11 @@ def run(args):
             raise Fail(f"{where}: model.rotary_dim = {model['rotary_dim']} rotates part of the head dimension {D}: "
                        f"Hugging Face transformers' Llama, Mistral, Qwen2 and Qwen3 rotate the whole head whatever "
                        f"partial_rotary_factor says, so no Hugging Face config describes this model")
+        max_position = args.max_position or default_max_position(model)
+        if model.get("rope_scaling") == "dynamic" and max_position != model["rope_original_max_position"]:
+            raise Fail(f"{where}: --max-position {max_position} with model.rope_scaling = dynamic: transformers' "
+                       f"dynamic NTK reads max_position_embeddings as the trained context, "
+                       f"model.rope_original_max_position = {model['rope_original_max_position']}")
         params = f["params"]
         wte = params.get("wte")
         if not isinstance(wte, h5py.Dataset) or len(wte.shape) != 2:
@@ -313,7 +356,7 @@ def run(args):
         def read(hf):
             return verified(tensors[to_ours[hf]], path, to_ours[hf], version)
 
-        write_outputs(args.out_dir, entries, read, hf_config(model, arch, V, args.dtype, args.max_position),
+        write_outputs(args.out_dir, entries, read, hf_config(model, arch, V, args.dtype, max_position),
                       args.dtype)
     print(f"hf_export: {path} -> {args.out_dir} ({ARCH[arch][0]}, {len(entries)} tensors, {args.dtype})")
     if dropped:

@@ -7,9 +7,12 @@
 HF_DIR holds config.json and the weights as model.safetensors, or as shards listed by
 model.safetensors.index.json (any *.safetensors files when neither exists). Supported families:
 Llama, Mistral, Qwen2 (q/k/v biases -> model.qkv_bias) and Qwen3 (per-head q/k RMSNorm ->
-model.qk_norm), with plain RoPE over the whole head: Hugging Face transformers does not implement
-partial_rotary_factor for these four (5.x rotates the whole head anyway, 4.57 crashes), so a config
-that sets it describes no model transformers runs, and is refused.
+model.qk_norm), with RoPE over the whole head, plain or scaled: rope_scaling (transformers 5:
+rope_parameters) of rope_type linear, dynamic, yarn or llama3 (Llama 3.1/3.2, Qwen2.5 YaRN) becomes
+model.rope_scaling and its rope_* keys (configs/README.md), read as transformers reads them; other
+types (longrope, ...) are refused. Hugging Face transformers does not implement partial_rotary_factor
+for these four (5.x rotates the whole head anyway, 4.57 crashes), so a config that sets it describes
+no model transformers runs, and is refused.
 
 Writes
     OUT_DIR/ckpt_import.h5   /params/<name> f32, each with its crc32, and the root attributes format,
@@ -23,7 +26,7 @@ a model the trainer would refuse (an odd head dimension, more layers than it tak
 1, a rope_theta beyond float range) is refused here, naming the key.
 
 Every problem with the input (missing config key, missing or unexpected tensor, shape mismatch,
-corrupt safetensors file, unsupported architecture or RoPE scaling) or with OUT_DIR (a file, no
+corrupt safetensors file, unsupported architecture or RoPE scaling type) or with OUT_DIR (a file, no
 permission, a full disk) ends the program with status 1 and one line naming the file and the tensor,
 and leaves OUT_DIR as it was. The weights are read one tensor at a time straight from the safetensors
 files (their headers are checked first), so a model larger than memory imports fine.
@@ -234,19 +237,11 @@ def read_hf_config(hf_dir, allow_sliding_window):
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise Fail(f"{path}: unsupported hidden_act {act!r} (msa-train's FFN is SwiGLU: silu)")
-    # RoPE: plain only. transformers >= 5 moves theta and the type into "rope_parameters".
+    # RoPE and its scaling: transformers < 5 writes "rope_scaling", 5 moves theta, the type and the
+    # scaling keys into "rope_parameters"
     rope_params = cfg.get("rope_parameters") or {}
     if not isinstance(rope_params, dict):
         raise Fail(f"{path}: config key \"rope_parameters\" is not an object")
-    for key, spec in (("rope_scaling", cfg.get("rope_scaling")), ("rope_parameters", rope_params or None)):
-        if spec is None:
-            continue
-        if not isinstance(spec, dict):
-            raise Fail(f"{path}: config key \"{key}\" = {spec!r} is not an object")
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise Fail(f"{path}: unsupported {key} {kind!r}: msa-train implements plain RoPE only "
-                       f"(no linear/dynamic/yarn/llama3 scaling)")
     theta = number("rope_theta", cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
     # transformers' Llama, Mistral, Qwen2 and Qwen3 rotate the whole head whatever partial_rotary_factor
     # says (5.x; 4.57 crashes on it): a factor below 1 describes a model no Hugging Face code runs
@@ -291,8 +286,75 @@ def read_hf_config(hf_dir, allow_sliding_window):
         "tie_embeddings": tie,
         "norm_eps": eps,
         "init_std": init_std,
+        **rope_scaling_keys(path, cfg, rope_params, number, positive_int),
     }
     return path, family, model
+
+
+ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3"}
+
+
+def rope_scaling_keys(path, cfg, rope_params, number, positive_int):
+    """HF rope_scaling (or 5.x rope_parameters) -> our model.rope_* keys, read as transformers'
+    modeling_rope_utils.py reads them for each rope_type."""
+    spec_key = "rope_scaling" if cfg.get("rope_scaling") is not None else "rope_parameters"
+    spec = cfg.get("rope_scaling") if spec_key == "rope_scaling" else (rope_params or None)
+    if spec is None:
+        return {"rope_scaling": "none"}
+    if not isinstance(spec, dict):
+        raise Fail(f"{path}: config key \"{spec_key}\" = {spec!r} is not an object")
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise Fail(f"{path}: unsupported {spec_key} type {kind!r}: msa-train implements "
+                   f"{', '.join(ROPE_TYPES)}")
+    keys = {"rope_scaling": ROPE_TYPES[kind]}
+    if kind == "default":
+        return keys
+
+    def need(name):
+        if spec.get(name) is None:
+            raise Fail(f"{path}: {spec_key} of type {kind!r} needs \"{name}\"")
+        return spec[name]
+
+    def spec_number(name, value):
+        return number(f"{spec_key}.{name}", value)
+
+    def max_position():
+        return positive_int("max_position_embeddings", cfg.get("max_position_embeddings") or
+                            need("original_max_position_embeddings"))
+
+    if kind == "yarn" and spec.get("factor") is None and spec.get("original_max_position_embeddings"):
+        # transformers: a YaRN config without a factor extends original_max_position_embeddings to
+        # max_position_embeddings
+        keys["rope_factor"] = max_position() / positive_int(f"{spec_key}.original_max_position_embeddings",
+                                                            spec["original_max_position_embeddings"])
+    else:
+        keys["rope_factor"] = spec_number("factor", need("factor"))
+    if keys["rope_factor"] < 1:
+        raise Fail(f"{path}: {spec_key}.factor = {keys['rope_factor']!r} must be >= 1 (a context extension)")
+    if kind == "dynamic":  # transformers' dynamic NTK reads the model's max_position_embeddings
+        keys["rope_original_max_position"] = positive_int("max_position_embeddings",
+                                                          cfg.get("max_position_embeddings"))
+    if kind == "llama3":
+        keys["rope_original_max_position"] = positive_int(f"{spec_key}.original_max_position_embeddings",
+                                                          need("original_max_position_embeddings"))
+        keys["rope_low_freq_factor"] = spec_number("low_freq_factor", need("low_freq_factor"))
+        keys["rope_high_freq_factor"] = spec_number("high_freq_factor", need("high_freq_factor"))
+    if kind == "yarn":
+        orig = spec.get("original_max_position_embeddings")
+        keys["rope_original_max_position"] = (positive_int(f"{spec_key}.original_max_position_embeddings", orig)
+                                              if orig is not None else max_position())
+        # transformers: `spec.get("beta_fast") or 32`, so an explicit 0 or null means the default too
+        keys["rope_beta_fast"] = spec_number("beta_fast", spec.get("beta_fast") or 32)
+        keys["rope_beta_slow"] = spec_number("beta_slow", spec.get("beta_slow") or 1)
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            if spec.get(name):  # unset (None) and 0 both leave transformers' default
+                keys[f"rope_{name}"] = spec_number(name, spec[name])
+        truncate = spec.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise Fail(f"{path}: {spec_key}.truncate = {truncate!r} must be true or false")
+        keys["rope_truncate"] = truncate
+    return keys
 
 
 # ---- tensor mapping ---------------------------------------------------------------------------------
@@ -380,6 +442,13 @@ SOURCES = {
     "model.head_dim": 'config key "head_dim" (or hidden_size / num_attention_heads)',
     "model.ffn_dim": 'config key "intermediate_size"',
     "model.rope_theta": 'config key "rope_theta"',
+    "model.rope_factor": 'config key "rope_scaling.factor"',
+    "model.rope_original_max_position": 'config key "rope_scaling.original_max_position_embeddings" (dynamic: '
+                                        '"max_position_embeddings")',
+    "model.rope_low_freq_factor": 'config key "rope_scaling.low_freq_factor"',
+    "model.rope_high_freq_factor": 'config key "rope_scaling.high_freq_factor"',
+    "model.rope_beta_fast": 'config key "rope_scaling.beta_fast"',
+    "model.rope_beta_slow": 'config key "rope_scaling.beta_slow"',
     "model.norm_eps": 'config key "rms_norm_eps"',
     "model.init_std": 'config key "initializer_range"',
     "model.msa_layers": "--msa-layers",

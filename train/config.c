@@ -19,6 +19,7 @@
 #include "../kernels/util.h"
 #include "../layers/layer.h"
 #include "../layers/moe.h"
+#include "../layers/rope_scaling.h"
 
 typedef enum KeyType { K_INT, K_FLOAT, K_BOOL, K_STRING, K_U64 } KeyType;
 
@@ -69,6 +70,17 @@ static const KeyDef KEYS[] = {
     NUM(model, head_dim, 0, 0, 4096, "per-head dimension; 0 = d_model / n_heads; must be even"),
     NUM(model, ffn_dim, 384, 1, 1 << 20, "SwiGLU hidden size of the dense FFN"),
     POS(model, rope_theta, 10000, 0, FMAX, "RoPE base frequency"),
+    CHOICE(model, rope_scaling, "none", "none|linear|dynamic|yarn|llama3", "RoPE scaling for a longer context, as Hugging Face transformers' rope_scaling rope_type: linear (positions / rope_factor), dynamic (NTK: rope_theta grown with each forward's longest sequence past rope_original_max_position), yarn (per-frequency interpolation, cos and sin times the attention factor), llama3 (Llama 3.1's frequency bands)"),
+    NUM(model, rope_factor, 1, 1, FMAX, "RoPE scaling factor (transformers' factor): the context extension"),
+    NUM(model, rope_original_max_position, 0, 0, IMAX, "context the model was trained at (transformers' original_max_position_embeddings; for dynamic its max_position_embeddings); needed by dynamic, yarn, llama3"),
+    POS(model, rope_low_freq_factor, 1, 0, FMAX, "llama3: wavelengths above rope_original_max_position / this are divided by rope_factor"),
+    POS(model, rope_high_freq_factor, 4, 0, FMAX, "llama3: wavelengths below rope_original_max_position / this are kept; > rope_low_freq_factor"),
+    POS(model, rope_beta_fast, 32, 0, FMAX, "yarn: frequencies with more rotations than this over rope_original_max_position are kept"),
+    POS(model, rope_beta_slow, 1, 0, FMAX, "yarn: frequencies with fewer rotations than this are divided by rope_factor"),
+    NUM(model, rope_mscale, 0, 0, FMAX, "yarn: transformers' mscale; with rope_mscale_all_dim the attention factor is (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1); 0 = unset"),
+    NUM(model, rope_mscale_all_dim, 0, 0, FMAX, "yarn: transformers' mscale_all_dim (see rope_mscale); 0 = unset"),
+    NUM(model, rope_attention_factor, 0, 0, FMAX, "yarn: cos and sin are multiplied by this; 0 = 0.1 ln(rope_factor) + 1 (or the mscale ratio)"),
+    BOOL(model, rope_truncate, 1, "yarn: round the ends of the interpolation ramp to whole dimensions (transformers' truncate)"),
     NUM(model, rotary_dim, 0, 0, 4096, "rotary dims per head; 0 = head_dim (full); else even and <= head_dim"),
     BOOL(model, qk_norm, 0, "per-head RMSNorm on q and k (Qwen3 / MiniMax-M3)"),
     BOOL(model, qkv_bias, 0, "biases on the q, k and v projections (Qwen2; tools/hf_import.py sets it)"),
@@ -150,6 +162,7 @@ static const KeyDef KEYS[] = {
     NUM(dist, timeout, 1800, 0, FMAX, "seconds a collective waits for the other ranks before the job ends with a message (a rank failed or hangs); 0 = forever"),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
+_Static_assert(sizeof KEYS / sizeof KEYS[0] <= CFG_MAX_KEYS, "raise CFG_MAX_KEYS (config.h) to the number of keys");
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
@@ -461,6 +474,7 @@ static noreturn void wrong_type(const char *where, const KeyDef *k, const char *
 }
 
 static void set_from_json(RunConfig *c, const KeyDef *k, const json_t *v, const char *where) {
+    c->given[k - KEYS] = true;
     switch (k->type) {
     case K_INT:
         if (json_is_integer(v)) set_int(c, k, json_integer_value(v), where);
@@ -503,16 +517,8 @@ static void set_from_json(RunConfig *c, const KeyDef *k, const json_t *v, const 
     }
 }
 
-void config_load(RunConfig *c, const char *path) {
-    struct stat st;
-    if (stat(path, &st) != 0) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
-    if (S_ISDIR(st.st_mode)) fatal("%s: is a directory, not a config file", path);
-    FILE *f = fopen(path, "rb");
-    if (!f) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
-    json_error_t je;
-    json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
-    fclose(f);
-    if (!root) fatal("%s: line %d, column %d: %s", path, je.line, je.column, je.text);
+/* Every key of the JSON object root over c (path names it in messages). */
+static void load_root(RunConfig *c, json_t *root, const char *path) {
     if (!json_is_object(root)) fatal("%s: the top level must be a JSON object of sections, got %s", path,
                                      json_type_name(root));
     const char *section;
@@ -525,8 +531,60 @@ void config_load(RunConfig *c, const char *path) {
         json_t *v;
         json_object_foreach(obj, key, v) set_from_json(c, lookup(path, section, key), v, path);
     }
+}
+
+void config_load(RunConfig *c, const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) fatal("%s: is a directory, not a config file", path);
+    FILE *f = fopen(path, "rb");
+    if (!f) fatal("%s: cannot read the config file (%s)", path, strerror(errno));
+    json_error_t je;
+    json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
+    fclose(f);
+    if (!root) fatal("%s: line %d, column %d: %s", path, je.line, je.column, je.text);
+    load_root(c, root, path);
     json_decref(root);
     snprintf(c->source, sizeof c->source, "%s", path);
+}
+
+static json_t *key_to_json(const RunConfig *c, const KeyDef *k);
+
+/* The model keys a run started from a checkpoint may set otherwise than the checkpoint's config (config.h) */
+static bool may_differ_from_checkpoint(const KeyDef *k) {
+    static const char *const keys[] = {"attention", "msa_layers", "dropout", "init_std", "rope_theta"};
+    if (!strncmp(k->key, "rope_", 5)) return true;
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        if (!strcmp(k->key, keys[i])) return true;
+    return false;
+}
+
+void config_take_model(RunConfig *c, const char *stored_json, const char *checkpoint) {
+    char where[CFG_STR + 64];
+    snprintf(where, sizeof where, "%s (the config stored in train.init_from)", checkpoint);
+    json_error_t je;
+    json_t *root = json_loads(stored_json, JSON_REJECT_DUPLICATES, &je);
+    if (!root) fatal("%s: line %d, column %d: %s", where, je.line, je.column, je.text);
+    RunConfig stored;
+    config_defaults(&stored);
+    load_root(&stored, root, where);
+    json_decref(root);
+    const char *src = c->source[0] ? c->source : "config";
+    for (int i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &KEYS[i];
+        if (strcmp(k->section, "model")) continue;
+        json_t *mine = key_to_json(c, k), *theirs = key_to_json(&stored, k);
+        const bool vocab_from_data = k->offset == offsetof(RunConfig, model.vocab_size) && c->model.vocab_size == 0;
+        if (c->given[i] && !vocab_from_data && !may_differ_from_checkpoint(k) && !json_equal(mine, theirs)) {
+            char *a = json_dumps(mine, JSON_ENCODE_ANY), *b = json_dumps(theirs, JSON_ENCODE_ANY);
+            fatal("%s: model.%s = %s contradicts train.init_from = %s, whose model.%s = %s (leave the key out to take "
+                  "the checkpoint's)",
+                  src, k->key, a, checkpoint, k->key, b);
+        }
+        json_decref(mine);
+        json_decref(theirs);
+        if (!c->given[i] || vocab_from_data) memcpy(field(c, k), cfield(&stored, k), k->size);
+    }
 }
 
 void config_set(RunConfig *c, const char *assignment) {
@@ -542,6 +600,7 @@ void config_set(RunConfig *c, const char *assignment) {
     memcpy(key, dot + 1, lk);
     key[lk] = 0;
     const KeyDef *k = lookup(where, section, key);
+    c->given[k - KEYS] = true;
     const char *val = eq + 1;
     char *end;
     errno = 0;
@@ -622,6 +681,7 @@ void config_validate(const RunConfig *c) {
               src, hd);
     if (m->rotary_dim % 2 || m->rotary_dim > hd)
         fatal("%s: model.rotary_dim = %d must be even and <= the head dimension %d", src, m->rotary_dim, hd);
+    rope_scaling_validate(m, src);
     const LayerKind *attention = layer_kind(LAYER_ATTENTION, m->attention);
     const bool has_msa = attention && attention->learned_selection; /* index parameters to train alone */
     if (!has_msa && strcmp(c->optim.warmup_trainable, "index") == 0)

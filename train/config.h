@@ -20,6 +20,16 @@ typedef struct ModelConfig {
     int head_dim;          /* 0 = d_model / n_heads */
     int ffn_dim;           /* SwiGLU hidden size */
     float rope_theta;
+    /* RoPE scaling for context extension (layers/rope_scaling.h), as Hugging Face transformers'
+     * rope_scaling: "none", "linear", "dynamic" (NTK), "yarn", "llama3" */
+    char rope_scaling[16];
+    float rope_factor;             /* context extension factor s */
+    int rope_original_max_position; /* the context the model was trained at (dynamic, yarn, llama3) */
+    float rope_low_freq_factor, rope_high_freq_factor; /* llama3's band edges */
+    float rope_beta_fast, rope_beta_slow;              /* yarn's ramp, in rotations */
+    float rope_mscale, rope_mscale_all_dim;            /* yarn's attention factor terms (0 = unset) */
+    float rope_attention_factor;   /* yarn: explicit attention factor (0 = from factor and mscale) */
+    bool rope_truncate;            /* yarn: round the ramp's ends to whole dims */
     int rotary_dim;        /* 0 = head_dim (full rotary); else partial, even, <= head_dim */
     bool qk_norm;          /* per-head RMSNorm on q and k (Qwen3 / MiniMax-M3) */
     bool qkv_bias;         /* biases on the q, k and v projections (Qwen2) */
@@ -117,6 +127,9 @@ typedef struct DistConfig {
     float timeout;         /* seconds a collective waits for the other ranks; 0 = forever */
 } DistConfig;
 
+/* At least the number of keys in config.c's table (checked there). */
+#define CFG_MAX_KEYS 192
+
 typedef struct RunConfig {
     ModelConfig model;
     MsaConfig msa;
@@ -125,13 +138,22 @@ typedef struct RunConfig {
     TrainConfig train;
     DataConfig data;
     DistConfig dist;
-    char source[CFG_STR];      /* the file it was read from */
+    char source[CFG_STR];      /* the file it was read from ("a.json + b.json" for layered files) */
+    bool given[CFG_MAX_KEYS];  /* by key (config.c's table order): a file or --set gave it */
 } RunConfig;
 
 /* Defaults for every key (the values documented in configs/README.md). */
 void config_defaults(RunConfig *c);
 /* Read a JSON config over the defaults. On any problem prints "error: <file>: <what>" and exits 1. */
 void config_load(RunConfig *c, const char *path);
+/* The model keys of a checkpoint's stored config (stored_json, the text checkpoint_read_config gives;
+ * checkpoint names the file) for every model key no file or --set gave: a recipe run with train.init_from
+ * needs no model section. A given key that contradicts the stored one stops with both values named;
+ * only the keys a run started from a checkpoint may change differ: model.attention and model.msa_layers
+ * (a dense checkpoint becomes an MSA model), model.rope_theta and model.rope_* (a context extension),
+ * model.dropout and model.init_std (the init of parameters the checkpoint lacks); and model.vocab_size = 0
+ * ("from the data") takes the stored size. */
+void config_take_model(RunConfig *c, const char *stored_json, const char *checkpoint);
 /* Apply one "section.key=value" override (command line --set). Exits with a message on error. */
 void config_set(RunConfig *c, const char *assignment);
 /* Cross-key checks (heads divide, dims even, ...); exits with a message naming the keys. */

@@ -92,6 +92,9 @@ ModelInput model_upload(Engine *e, const Batch *b) {
     in.tokens = upload_i32(e, b->inputs, N);
     in.targets = b->targets ? upload_i32(e, b->targets, N) : NULL;
     in.positions = upload_i32(e, b->positions, N);
+    in.positions_end = 0;
+    for (int64_t i = 0; i < N; i++)
+        if (b->positions[i] + 1 > in.positions_end) in.positions_end = b->positions[i] + 1;
     in.cu_seqlens = upload_i32(e, b->cu_seqlens, b->n_segments + 1);
     in.dropout_seed = 0;
     in.row_offset = 0;
@@ -165,6 +168,7 @@ static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor *
     Block *B = &m->layers[bc->layer];
     const float eps = m->cfg.norm_eps;
     const LayerContext ctx = {.positions = bc->in.positions,
+                              .positions_end = bc->in.positions_end,
                               .cu_seqlens = bc->in.cu_seqlens,
                               .cp = m->cp,
                               .dense = m->msa_dense,

@@ -49,6 +49,8 @@ typedef struct Model {
 /* Device tensors of one micro-batch. */
 typedef struct ModelInput {
     Tensor *tokens, *targets, *positions, *cu_seqlens; /* i32 */
+    int64_t positions_end; /* 1 + the largest position (the longest document's length): dynamic RoPE scaling
+                              reads it (LayerContext); model_upload sets it, 0 = unknown */
     /* dropout (model.dropout > 0): the micro-batch's mask seed, 0 = no dropout (evaluation; set by the
      * training step), and the batch's first row in the global batch, so that each row's mask does not
      * depend on how the batch is split (kernels/dropout_mask.h) */

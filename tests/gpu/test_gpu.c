@@ -21,6 +21,7 @@
 #include "../../autograd/ops.h"
 #include "../../autograd/params.h"
 #include "../../kernels/util.h"
+#include "../../layers/rope_scaling.h"
 #include "../../train/trainer.h"
 #include "../gradcheck.h" /* test_system */
 #include "../test.h"
@@ -236,17 +237,26 @@ void rope_case(const void *args) {
     for (int64_t n = 0; n < N; n++) pos[n] = (int32_t)(rng_next(&gpu_check.rng) % (uint64_t)maxpos);
     Pair p = pair_i32(N, pos);
     Pair x = pair_rand(act, 3, (int64_t[]){N, H, D}, 0, 1), y = pair_out(act, 3, (int64_t[]){N, H, D});
-    CB->rope_forward(&y.c, &x.c, &p.c, rot, theta);
-    GB->rope_forward(&y.g, &x.g, &p.g, rot, theta);
+    /* a YaRN table: frequencies that are not one power series, and a cos/sin scale */
+    RunConfig cfg;
+    config_defaults(&cfg);
+    cfg.model.rope_theta = theta;
+    snprintf(cfg.model.rope_scaling, sizeof cfg.model.rope_scaling, "yarn");
+    cfg.model.rope_factor = 4;
+    cfg.model.rope_original_max_position = maxpos / 4 > 64 ? maxpos / 4 : 64;
+    double *inv_freq = xmalloc((size_t)(rot / 2) * sizeof(double));
+    const RopeTable rope = rope_table(&cfg.model, rot, maxpos, inv_freq);
+    CB->rope_forward(&y.c, &x.c, &p.c, &rope);
+    GB->rope_forward(&y.g, &x.g, &p.g, &rope);
     char name[160];
-    snprintf(name, sizeof name, "rope fwd %s N=%lld H=%lld D=%lld rot=%d theta=%g pos<%d", dn(act), (long long)N, (long long)H,
+    snprintf(name, sizeof name, "rope fwd (yarn) %s N=%lld H=%lld D=%lld rot=%d theta=%g pos<%d", dn(act), (long long)N, (long long)H,
              (long long)D, rot, (double)theta, maxpos);
     check(name, &y, tol_of(act));
     Pair dy = pair_rand(act, 3, (int64_t[]){N, H, D}, 0, 1);
     Grad dx = grad_new(act, 3, (int64_t[]){N, H, D});
-    CB->rope_backward(&dx.p.c, &dy.c, &p.c, rot, theta);
+    CB->rope_backward(&dx.p.c, &dy.c, &p.c, &rope);
     grad_arm(&dx);
-    GB->rope_backward(&dx.p.g, &dy.g, &p.g, rot, theta);
+    GB->rope_backward(&dx.p.g, &dy.g, &p.g, &rope);
     snprintf(name, sizeof name, "rope bwd %s N=%lld H=%lld D=%lld rot=%d", dn(act), (long long)N, (long long)H, (long long)D, rot);
     grad_check(name, &dx, tol_of(act));
     grad_free(&dx);
@@ -254,6 +264,7 @@ void rope_case(const void *args) {
     pair_free(&x);
     pair_free(&y);
     pair_free(&p);
+    free(inv_freq);
     free(pos);
 }
 
