@@ -61,6 +61,13 @@ typedef struct Engine {
     bool checkpoint_forward; /* inside a checkpointed segment's first forward, which its backward will
                                 replay: a segment may keep what the replay can reuse (layers/msa.c) */
     struct Profiler *prof; /* the step profiler while the trainer profiles a step, else NULL */
+    /* Called after the outermost backward walk has passed tape entry i (run its rule, or skipped it):
+     * every entry from i on is done, so gradients that only those entries write are final. The trainer
+     * starts the reduction of finished gradient buckets here (train/grad_buckets.h); NULL: none. The
+     * walks that a rule runs inside itself (a checkpoint's sub-tape) do not call it. */
+    void (*backward_progress)(void *ctx, int tape_index);
+    void *backward_progress_ctx;
+    int backward_depth; /* walks in progress (engine_backward_tape nests inside a checkpoint's rule) */
 } Engine;
 
 void engine_init(Engine *e, const KernelBackend *be, DType act_dtype, size_t arena_chunk_bytes);

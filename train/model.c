@@ -223,6 +223,7 @@ static Tensor *logits_of(Model *m, Engine *e, const ModelInput *in, bool recompu
         BlockClosure *bc = arena_alloc(&e->host, sizeof(BlockClosure));
         *bc = (BlockClosure){m, l, *in};
         Tensor *aux = NULL;
+        if (m->block_tape_start) m->block_tape_start[l] = e->tape_len;
         /* without gradients every block goes through checkpoint, which releases its intermediates:
          * evaluation and sampling hold one block's activations, not all of them */
         x = recompute || !e->grad_enabled ? op_checkpoint(e, block_forward, bc, x, &aux) : block_forward(e, x, bc, &aux);
