@@ -43,6 +43,10 @@ typedef struct DistGroup {
     int rank, size;       /* this rank's index in the group, and the group's size */
     MPI_Comm comm;        /* MPI_COMM_NULL in a single process without MPI */
     void *nccl;           /* ncclComm_t of the group (CUDA builds, device collectives), or NULL */
+    /* a second ncclComm_t of the same ranks for the collectives in flight (dist_start_*; the ZeRO groups
+     * only), or NULL: they run on another stream, concurrently with the group's other collectives, and
+     * NCCL orders nothing between two streams' operations on one communicator */
+    void *nccl_side;
     struct Dist *dist;    /* the context: timeout, CUDA stream */
 } DistGroup;
 
