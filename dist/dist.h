@@ -146,7 +146,8 @@ typedef struct DistPending {
 /* In place, per-rank parts: buf holds the group's parts one after another, rank r's counts[r] elements
  * (zero allowed); on completion this rank's part holds op over the group's ranks of their copies of that
  * part, and the other parts are clobbered. The same sums, element by element, as dist_reduce_scatter of
- * the whole range (MPI: bit for bit with Open MPI 4.1, tests/test_dist_overlap.c). */
+ * the whole range (MPI: bit for bit with Open MPI 4.1, tests/test_dist_overlap.c; NCCL: one reduce per
+ * part, whose order of summation may differ from its reduce-scatter's in the last bits). */
 void dist_start_reduce_scatter_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op,
                                      Device dev, const char *what, DistPending *p);
 /* In place, per-rank parts laid out as above: every rank's part goes to every rank. */

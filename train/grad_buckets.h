@@ -12,7 +12,8 @@
  * unequal (dist_start_reduce_scatter_parts), and each element is summed over the same ranks as the whole
  * region's reduce-scatter sums it: the results are those of dist.bucket_mb = 0 (one reduce-scatter per
  * region after the backward, one all-gather after the update), bit for bit where the MPI sums each
- * element in an order that does not depend on the message (tests/test_dist_overlap.c checks it).
+ * element in an order that does not depend on the message (tests/test_dist_overlap.c checks it; NCCL's
+ * reduce per part may round differently from its reduce-scatter).
  *
  * Every rank starts the buckets in one fixed order (by the last block they wait for, then from the
  * store's end), which is what MPI and NCCL need of collectives on one group; when a bucket becomes ready
