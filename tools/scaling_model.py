@@ -277,9 +277,13 @@ def seconds(dp, ep, cp, v, compute, dense_attention):
          "cp_block_fetch": pairwise(v["cp_block_fetch"], cp, 1)}
     backward = 0.75 * compute
     at_end = ring(v["dp_reduce_scatter_at_end"], g0, 1)
+    # the all-gather: the same buckets (embeddings, final norm, LM head) are waited for before the forward
+    # starts, the blocks' buckets each before its block
+    at_start = at_end * MASTER_BYTES / GRAD_BYTES
     exposed = {"dp_reduce_scatter": at_end + max(0.0, t["dp_reduce_scatter"] - at_end - backward),
+               "dp_all_gather": at_start + max(0.0, t["dp_all_gather"] - at_start - (compute - backward)),
                "cp_ring_kv": max(0.0, t["cp_ring_kv"] - dense_attention)}
-    for kind in ("dp_all_gather", "ep_all_to_all", "cp_heads_all_to_all", "cp_index_keys", "cp_block_fetch"):
+    for kind in ("ep_all_to_all", "cp_heads_all_to_all", "cp_index_keys", "cp_block_fetch"):
         exposed[kind] = t[kind]
     return t, exposed, compute + sum(exposed.values())
 
@@ -375,7 +379,8 @@ rows are pessimistic.
 reduce-scatter runs in buckets during the backward (3/4 of a step's compute with recomputation) and only
 the buckets of the embedding, final norm and LM head (final at the very end) and whatever the backward
 cannot cover are exposed; the all-gather of the updated weights is started after the update
-and waited for before the next forward, so it is exposed; the EP all-to-alls, the CP head all-to-alls, the
+and waited for in the next forward block by block, so the buckets outside the blocks (waited for before
+the embedding) and whatever the forward (1/4 of the compute) cannot cover are exposed; the EP all-to-alls, the CP head all-to-alls, the
 index-key all-gathers and the block fetches sit on the critical path of their layers (exposed); ring K/V
 overlaps the attention of the previous chunk (exposed only beyond the dense layers' attention time).
 Step time = compute + exposed communication.

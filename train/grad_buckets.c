@@ -13,17 +13,19 @@ static int block_of(const Param *p) {
     return l;
 }
 
-/* The last block whose backward bucket [begin, end) waits for (GradBucket.last_block). */
-static int bucket_last_block(const ParamStore *ps, int64_t begin, int64_t end, int n_layers) {
-    int last = n_layers;
+/* The lowest block of the parameters in [begin, end): -1 when one is outside the blocks, n_layers when
+ * none is there (padding). Both ends of a bucket's life: the backward finishes its gradients after that
+ * block's (GradBucket.last_block), and the forward first reads it there (GradBucket.first_block). */
+static int lowest_block(const ParamStore *ps, int64_t begin, int64_t end, int n_layers) {
+    int lowest = n_layers;
     for (int i = 0; i < ps->n; i++) {
         const Param *p = &ps->p[i];
         if (p->offset >= end || p->offset + p->t->numel <= begin) continue;
         int l = block_of(p);
         if (l < 0) return -1;
-        if (l < last) last = l;
+        if (l < lowest) lowest = l;
     }
-    return last;
+    return lowest;
 }
 
 /* The order every rank starts the buckets in: those the backward finishes first (higher last_block;
@@ -60,7 +62,7 @@ void grad_buckets_init(GradBuckets *gb, ParamStore *ps, const ZeroRegion *zero, 
             b->region = z;
             b->begin = a;
             b->end = a + elems < end ? a + elems : end;
-            b->last_block = bucket_last_block(ps, b->begin, b->end, n_layers);
+            b->last_block = b->first_block = lowest_block(ps, b->begin, b->end, n_layers);
             b->counts = xmalloc((size_t)size * sizeof(int64_t));
             for (int k = 0; k < size; k++) {
                 int64_t lo = r->begin + k * r->shard, hi = lo + r->shard;
@@ -121,13 +123,28 @@ void grad_buckets_gather_start(GradBuckets *gb, int region) {
         void *data = (char *)gb->ps->data + (size_t)b->begin * dtype_size(gb->ps->dtype);
         dist_start_all_gather_parts(gb->zero[region].group, data, b->counts, DIST_F32, gb->ps->be->device,
                                     "the all-gather of a bucket of updated parameters", &b->pending);
-        gb->gathering = true;
+        b->gathering = gb->gathering = true;
     }
 }
 
-bool grad_buckets_gather_finish(GradBuckets *gb) {
-    if (!gb->gathering) return false;
-    for (int i = gb->n - 1; i >= 0; i--) dist_finish(&gb->b[i].pending);
-    gb->gathering = false;
-    return true;
+void grad_buckets_gather_wait(GradBuckets *gb, int layer) {
+    if (!gb->gathering) return;
+    bool more = false;
+    for (int i = gb->n - 1; i >= 0; i--) {
+        GradBucket *b = &gb->b[i];
+        if (!b->gathering) continue;
+        if (b->first_block > layer) {
+            dist_test(&b->pending); /* progress (MPI) */
+            more = true;
+            continue;
+        }
+        dist_finish(&b->pending);
+        params_sync_shadow_range(gb->ps, b->begin, b->end); /* the other ranks' parts (CUDA) */
+        b->gathering = false;
+    }
+    gb->gathering = more;
 }
+
+void grad_buckets_before_block(void *ctx, int layer) { grad_buckets_gather_wait(ctx, layer); }
+
+void grad_buckets_gather_finish(GradBuckets *gb) { grad_buckets_gather_wait(gb, gb->n_layers); }

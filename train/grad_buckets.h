@@ -6,7 +6,9 @@
  * runs; only the buckets of the parameters outside the blocks (embedding, final norm, LM head: their
  * gradients are final only at the very end) and the last started ones are left to wait for after the
  * backward. Likewise the updated parameters are all-gathered bucket by bucket as soon as the update of
- * their region is done, and waited for only before their next use.
+ * their region is done, and waited for only before their next use: in the next step's forward, just
+ * before the first block that reads them (Model.before_block), so the gathers of later blocks overlap the
+ * forward of the earlier ones.
  *
  * Each rank's part of a bucket is the bucket's overlap with its shard of the region, so the parts are
  * unequal (dist_start_reduce_scatter_parts), and each element is summed over the same ranks as the whole
@@ -41,6 +43,10 @@ typedef struct GradBucket {
     /* its gradients are final once the backward has finished blocks last_block .. n_layers - 1; -1: only
      * when the backward has ended (a parameter outside the blocks); n_layers: from the start (padding) */
     int last_block;
+    /* the first block whose forward reads its parameters; -1: before the first (a parameter outside the
+     * blocks: the embedding, and conservatively the final norm and LM head); n_layers: none (padding) */
+    int first_block;
+    bool gathering;      /* its all-gather is started and not yet waited for */
     int64_t *counts;     /* per rank of the region's group: the bucket's elements in that rank's shard */
     DistPending pending;
 } GradBucket;
@@ -71,8 +77,13 @@ void grad_buckets_reduce_rest(GradBuckets *gb);
 void grad_buckets_reduce_finish(GradBuckets *gb);
 /* After the update of region `region`: starts the all-gather of its buckets' parameters. */
 void grad_buckets_gather_start(GradBuckets *gb, int region);
-/* Waits for the all-gathers started since the last call; true when there were any (then every rank
- * holds every updated parameter, and the caller refreshes what depends on them, e.g. the BF16 shadow). */
-bool grad_buckets_gather_finish(GradBuckets *gb);
+/* Waits for the all-gathers of the buckets whose parameters the forward reads up to block `layer` (-1:
+ * the embedding) and refreshes their BF16 shadow (CUDA); lets the others progress. */
+void grad_buckets_gather_wait(GradBuckets *gb, int layer);
+/* Model.before_block: grad_buckets_gather_wait. ctx: gb. */
+void grad_buckets_before_block(void *ctx, int layer);
+/* Waits for every all-gather still in flight (an evaluation, a checkpoint or sampling reads every
+ * parameter), refreshing their BF16 shadow. */
+void grad_buckets_gather_finish(GradBuckets *gb);
 
 #endif

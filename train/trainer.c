@@ -174,9 +174,7 @@ static bool store_root(const Run *r) { return r->dist->dp_group.rank == 0 && r->
 
 /* The parameters are every rank's updated ones: the all-gathers of the last update's buckets are done (the
  * next forward, an evaluation, a checkpoint or sampling reads them). */
-static void params_current(Run *r) {
-    if (grad_buckets_gather_finish(&r->buckets)) params_sync_shadow(&r->model.params);
-}
+static void params_current(Run *r) { grad_buckets_gather_finish(&r->buckets); }
 
 /* A whole-store optimizer in host memory (the CPU backend's), for rank 0 to write or read a checkpoint
  * of a sharded run: moments laid out as the store, padding included, so that the ranks' shards gather
@@ -1143,8 +1141,14 @@ StepResult run_step(Run *r) {
          * rows' place in the global batch keeps the masks independent of the number of ranks */
         in.dropout_seed = dropout_seed(c->train.seed, (uint64_t)r->step, (uint64_t)micro, 0) | 1;
         in.row_offset = (int64_t)first_row * r->batch.T; /* activation rows are tokens */
-        if (micro == 0) params_current(r); /* the previous update's all-gathers overlapped the sampling */
+        /* the first forward waits for the previous update's all-gathers block by block */
+        if (micro == 0 && r->buckets.n) {
+            r->model.before_block = grad_buckets_before_block;
+            r->model.before_block_ctx = &r->buckets;
+        }
         ModelLosses L = model_forward(&r->model, e, &in, c->train.recompute);
+        r->model.before_block = NULL;
+        if (micro == 0) params_current(r); /* padding-only buckets: no block waits for them */
         if (ranks == 1) {
             s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
             if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
