@@ -167,18 +167,22 @@ void engine_backward_from(Engine *e, Tensor *out, const Tensor *seed, int from) 
 }
 
 void engine_backward_tape(Engine *e, int from) {
+    const bool outermost = e->backward_depth++ == 0;
     for (int i = e->tape_len - 1; i >= from; i--) {
         /* re-read the node each time: a rule (checkpoint) may grow and move the tape */
         Node n = e->tape[i];
         bool any = false;
         for (int k = 0; k < n.n_out; k++) any |= n.out[k] && n.out[k]->grad;
-        if (!any) continue;
-        /* the profiler's bracket: a checkpoint's replayed forward and its sub-tape's rules open
-         * brackets of their own inside this one, so checkpoint is charged only its glue */
-        if (e->prof) profiler_begin(e->prof);
-        backward_rules[n.op](e, &n);
-        if (e->prof) profiler_end(e->prof, n.op, PROF_BACKWARD);
+        if (any) {
+            /* the profiler's bracket: a checkpoint's replayed forward and its sub-tape's rules open
+             * brackets of their own inside this one, so checkpoint is charged only its glue */
+            if (e->prof) profiler_begin(e->prof);
+            backward_rules[n.op](e, &n);
+            if (e->prof) profiler_end(e->prof, n.op, PROF_BACKWARD);
+        }
+        if (outermost && e->backward_progress) e->backward_progress(e->backward_progress_ctx, i);
     }
+    e->backward_depth--;
 }
 
 void engine_set_profiler(Engine *e, struct Profiler *p) {

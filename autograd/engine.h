@@ -72,6 +72,13 @@ typedef struct Engine {
     int offload_next;                   /* the slot the next output takes */
     struct Offloaded *offloaded;        /* the outputs on the host this micro-step */
     int n_offloaded, cap_offloaded;
+    /* Called after the outermost backward walk has passed tape entry i (run its rule, or skipped it):
+     * every entry from i on is done, so gradients that only those entries write are final. The trainer
+     * starts the reduction of finished gradient buckets here (train/grad_buckets.h); NULL: none. The
+     * walks that a rule runs inside itself (a checkpoint's sub-tape) do not call it. */
+    void (*backward_progress)(void *ctx, int tape_index);
+    void *backward_progress_ctx;
+    int backward_depth; /* walks in progress (engine_backward_tape nests inside a checkpoint's rule) */
 } Engine;
 
 void engine_init(Engine *e, const KernelBackend *be, DType act_dtype, size_t arena_chunk_bytes);

@@ -104,15 +104,18 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
     params_sync_shadow(ps);
 }
 
-void params_sync_shadow(ParamStore *ps) {
-    if (!ps->shadow || ps->numel == 0) return;
-    Tensor src = {.dtype = ps->dtype, .device = ps->be->device, .ndim = 1, .shape = {ps->numel}, .numel = ps->numel,
-                  .data = ps->data};
+void params_sync_shadow_range(ParamStore *ps, int64_t begin, int64_t end) {
+    if (end > ps->numel) end = ps->numel;
+    if (!ps->shadow || end <= begin) return;
+    Tensor src = {.dtype = ps->dtype, .device = ps->be->device, .ndim = 1, .shape = {end - begin},
+                  .numel = end - begin, .data = (char *)ps->data + (size_t)begin * dtype_size(ps->dtype)};
     Tensor dst = src;
     dst.dtype = DT_BF16;
-    dst.data = ps->shadow;
+    dst.data = (char *)ps->shadow + (size_t)begin * dtype_size(DT_BF16);
     ps->be->cast(&dst, &src);
 }
+
+void params_sync_shadow(ParamStore *ps) { params_sync_shadow_range(ps, 0, ps->numel); }
 
 void params_zero_grad(ParamStore *ps) {
     /* the padding tail too: a sharded reduce-scatter writes results over it */

@@ -59,6 +59,8 @@ void params_move_from(ParamStore *ps, int first, int64_t offset);
  * other code that writes parameter values on a CUDA store (checkpoint loading, imports, tests that
  * upload weights) must call this afterwards, or the GEMMs keep reading the old values. */
 void params_sync_shadow(ParamStore *ps);
+/* The same for the store elements [begin, end) only (clipped to the store; the padding has no shadow). */
+void params_sync_shadow_range(ParamStore *ps, int64_t begin, int64_t end);
 Param *params_find(ParamStore *ps, const char *name);
 /* Set requires_grad of every parameter whose name contains `substring` (NULL = all). Returns count. */
 int params_set_trainable(ParamStore *ps, const char *substring, bool trainable);

@@ -137,6 +137,15 @@ void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType 
     (void)g, (void)buf, (void)count, (void)t, (void)root;
     no_cuda();
 }
+void dist_nccl_start_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op, bool reduce,
+                           DistPending *p) {
+    (void)g, (void)buf, (void)counts, (void)t, (void)op, (void)reduce, (void)p;
+    no_cuda();
+}
+bool dist_nccl_test(DistPending *p) {
+    (void)p;
+    no_cuda();
+}
 void dist_nccl_copy(void *dst, const void *src, size_t bytes) {
     (void)dst, (void)src, (void)bytes;
     no_cuda();
@@ -411,6 +420,83 @@ void dist_meet(const DistGroup *g, const char *what) {
     char msg[256];
     snprintf(msg, sizeof msg, "the barrier of every rank arriving from %s", what);
     barrier(g, msg);
+}
+
+/* ---- collectives in flight --------------------------------------------------------------------- */
+
+/* The element offset of rank r's part: the parts before it. */
+static int64_t part_offset(const int64_t *counts, int r) {
+    int64_t o = 0;
+    for (int i = 0; i < r; i++) o += counts[i];
+    return o;
+}
+
+/* MPI's int counts and displacements of the parts (2 * size ints), kept in p until completion. */
+static void mpi_parts(const DistGroup *g, const int64_t *counts, const char *what, DistPending *p) {
+    p->mpi_counts = xmalloc(2 * (size_t)g->size * sizeof(int));
+    for (int r = 0; r < g->size; r++) {
+        p->mpi_counts[r] = mpi_count(g, counts[r], what);
+        p->mpi_counts[g->size + r] = mpi_count(g, part_offset(counts, r), what);
+    }
+}
+
+static void start(const DistGroup *g, Device dev, const char *what, DistPending *p) {
+    check_group(g, what);
+    *p = (DistPending){.g = g, .what = what, .dev = dev, .req = MPI_REQUEST_NULL};
+}
+
+void dist_start_reduce_scatter_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op,
+                                     Device dev, const char *what, DistPending *p) {
+    start(g, dev, what, p);
+    if (g->size == 1) return; /* the one part is its own sum */
+    p->active = true;
+    if (dev == DEV_CUDA) {
+        dist_nccl_start_parts(g, buf, counts, t, op, true, p);
+        return;
+    }
+    mpi_parts(g, counts, what, p);
+    size_t es = dist_type_size(t);
+    p->move_to = (char *)buf + (size_t)part_offset(counts, g->rank) * es;
+    p->move_from = buf;
+    p->move_bytes = (size_t)counts[g->rank] * es;
+    MPI_Ireduce_scatter(MPI_IN_PLACE, buf, p->mpi_counts, mpi_type(t), mpi_op(t, op, what), g->comm, &p->req);
+}
+
+void dist_start_all_gather_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, Device dev,
+                                 const char *what, DistPending *p) {
+    start(g, dev, what, p);
+    if (g->size == 1) return;
+    p->active = true;
+    if (dev == DEV_CUDA) {
+        dist_nccl_start_parts(g, buf, counts, t, DIST_SUM, false, p);
+        return;
+    }
+    mpi_parts(g, counts, what, p);
+    MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, p->mpi_counts, p->mpi_counts + g->size, mpi_type(t),
+                    g->comm, &p->req);
+}
+
+bool dist_test(DistPending *p) {
+    if (!p->active) return true;
+    if (p->dev == DEV_CUDA) {
+        if (!dist_nccl_test(p)) return false;
+    } else {
+        int done = 0;
+        MPI_Test(&p->req, &done, MPI_STATUS_IGNORE);
+        if (!done) return false;
+        if (p->move_bytes && p->move_to != p->move_from) memmove(p->move_to, p->move_from, p->move_bytes);
+        free(p->mpi_counts);
+        p->mpi_counts = NULL;
+    }
+    p->active = false;
+    return true;
+}
+
+void dist_finish(DistPending *p) {
+    if (!p->active) return;
+    DistWait w;
+    dist_wait_begin(&w, p->g, p->what);
+    while (!dist_test(p)) dist_wait_poll(&w);
 }
 
 /* ---- the Comm interface (kernels/comm.h) -------------------------------------------------------- */

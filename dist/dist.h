@@ -43,6 +43,10 @@ typedef struct DistGroup {
     int rank, size;       /* this rank's index in the group, and the group's size */
     MPI_Comm comm;        /* MPI_COMM_NULL in a single process without MPI */
     void *nccl;           /* ncclComm_t of the group (CUDA builds, device collectives), or NULL */
+    /* a second ncclComm_t of the same ranks for the collectives in flight (dist_start_*; the ZeRO groups
+     * only), or NULL: they run on another stream, concurrently with the group's other collectives, and
+     * NCCL orders nothing between two streams' operations on one communicator */
+    void *nccl_side;
     struct Dist *dist;    /* the context: timeout, CUDA stream */
 } DistGroup;
 
@@ -63,6 +67,8 @@ typedef struct Dist {
     Device device;            /* where the training tensors live (dist_setup) */
     int cuda_device;          /* the GPU of this rank (CUDA), -1 otherwise */
     void *stream;             /* cudaStream_t the NCCL collectives run on, or NULL */
+    void *side_stream;        /* cudaStream_t of the collectives started by dist_start_* (non-blocking: they
+                                 run beside the compute kernels), or NULL */
     bool setup;               /* dist_setup has run */
     char tag[32];             /* "rank 3" in messages (empty for a single rank) */
 } Dist;
@@ -116,6 +122,41 @@ void dist_barrier(const DistGroup *g);
 /* The same, its timeout message saying what the ranks were to arrive from (`what`, e.g. "reading its
  * config and data files"), since the rank that is missing has not yet said anything itself. */
 void dist_meet(const DistGroup *g, const char *what);
+
+/* ---- collectives in flight: gradient buckets (train/grad_buckets.h) ---------------------------------
+ * dist_start_* returns at once; the collective runs beside the caller's computation (MPI: it progresses
+ * inside MPI calls, so poll it with dist_test; NCCL: on Dist.side_stream, after the kernels issued
+ * before the start) and is done after dist_test returns true or dist_finish returns. Its buffer must
+ * not be touched until then. Ranks start them in the same order per group, as every collective. */
+typedef struct DistPending {
+    const DistGroup *g;
+    const char *what;       /* names it in the timeout message (a string that outlives it) */
+    Device dev;
+    bool active;            /* started and not yet seen done */
+    MPI_Request req;        /* DEV_CPU */
+    int *mpi_counts;        /* MPI's int counts and displacements: kept until completion, as MPI requires */
+    void *done;             /* cudaEvent_t recorded on the side stream after the NCCL calls (DEV_CUDA) */
+    /* MPI's in-place reduce-scatter leaves this rank's result at the start of the buffer: moved to the
+     * rank's part on completion */
+    char *move_to;
+    const char *move_from;
+    size_t move_bytes;
+} DistPending;
+
+/* In place, per-rank parts: buf holds the group's parts one after another, rank r's counts[r] elements
+ * (zero allowed); on completion this rank's part holds op over the group's ranks of their copies of that
+ * part, and the other parts are clobbered. The same sums, element by element, as dist_reduce_scatter of
+ * the whole range (MPI: bit for bit with Open MPI 4.1, tests/test_dist_overlap.c; NCCL: one reduce per
+ * part, whose order of summation may differ from its reduce-scatter's in the last bits). */
+void dist_start_reduce_scatter_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op,
+                                     Device dev, const char *what, DistPending *p);
+/* In place, per-rank parts laid out as above: every rank's part goes to every rank. */
+void dist_start_all_gather_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, Device dev,
+                                 const char *what, DistPending *p);
+/* Lets it progress; true once it is done (then, and for one never started, a no-op). */
+bool dist_test(DistPending *p);
+/* Waits until it is done, at most Dist.timeout_s (then ends the job naming p->what and the group). */
+void dist_finish(DistPending *p);
 
 /* The group as a Comm (kernels/comm.h) for the autograd ops that span ranks: rank and size, and the
  * collectives above behind its function pointers (DType mapped to DistType). g must outlive c; every

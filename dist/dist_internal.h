@@ -31,6 +31,11 @@ void dist_nccl_all_gather(const DistGroup *g, const void *send, void *recv, int6
 void dist_nccl_all_to_allv(const DistGroup *g, const void *send, const int64_t *send_counts, const int64_t *send_displs,
                            void *recv, const int64_t *recv_counts, const int64_t *recv_displs, DistType t);
 void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType t, int root);
+/* The started forms of the per-rank-parts collectives on Dist.side_stream (p->done recorded after them),
+ * and the test of their completion (true when done; errors and NCCL failures end the job). */
+void dist_nccl_start_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op, bool reduce,
+                           DistPending *p);
+bool dist_nccl_test(DistPending *p);
 void dist_nccl_copy(void *dst, const void *src, size_t bytes);
 
 #endif

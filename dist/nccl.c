@@ -13,8 +13,16 @@
  * is a blocking stream (cudaStreamCreate without cudaStreamNonBlocking), which the legacy default
  * stream synchronises with both ways, so a collective sees every kernel issued before it and every
  * kernel issued after it sees the collective's result. Each collective is waited for on the host before
- * it returns (the timeout needs it; it also keeps host copies of the results simple). Overlapping the
- * gradient reduce-scatter with the backward (train/trainer.c says where) needs events instead. */
+ * it returns (the timeout needs it; it also keeps host copies of the results simple).
+ *
+ * Collectives in flight (dist_start_*: the gradient buckets reduced during the backward, the parameters
+ * gathered after the update) run on a second, non-blocking stream instead, so that the default stream's
+ * kernels do not wait for them: an event recorded on the default stream at the start orders them after
+ * the kernels that wrote their buffer, and an event recorded on the side stream after them says, when
+ * the host sees it complete (dist_test), that their result is there. They use a second communicator of
+ * their group (DistGroup.nccl_side, the ZeRO groups only): the backward's own exchanges (context and
+ * expert parallel) may share the group's first one, and two streams' kernels on one communicator could
+ * meet in different orders on different ranks. */
 #ifdef MSA_CUDA
 
 #include <stdio.h>
@@ -84,7 +92,7 @@ static void nccl_wait(const DistGroup *g, ncclComm_t comm, ncclResult_t r, const
     }
 }
 
-static void comm_init(DistGroup *g) {
+static ncclComm_t comm_create(const DistGroup *g) {
     ncclUniqueId id;
     memset(&id, 0, sizeof id);
     if (g->rank == 0) {
@@ -97,7 +105,15 @@ static void comm_init(DistGroup *g) {
     ncclComm_t comm = NULL;
     ncclResult_t r = ncclCommInitRankConfig(&comm, g->size, id, g->rank, &config);
     nccl_wait(g, comm, r, "ncclCommInitRank", false);
-    g->nccl = comm;
+    return comm;
+}
+
+static void comm_destroy(const DistGroup *g, void **slot) {
+    if (!*slot) return;
+    ncclComm_t comm = *slot;
+    nccl_wait(g, comm, ncclCommFinalize(comm), "ncclCommFinalize", false);
+    ncclCommDestroy(comm);
+    *slot = NULL;
 }
 
 void dist_nccl_setup(Dist *d, const char *where) {
@@ -114,36 +130,40 @@ void dist_nccl_setup(Dist *d, const char *where) {
     cudaStream_t s;
     CUDA_OK(cudaStreamCreate(&s));
     d->stream = s;
+    cudaStream_t side;
+    CUDA_OK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    d->side_stream = side;
     /* dp_cp_group is still of one rank here unless it is a group of its own (dist_setup aliases it after) */
     DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group, &d->dp_cp_group};
     for (int i = 0; i < 4; i++)
-        if (groups[i]->size > 1) comm_init(groups[i]);
+        if (groups[i]->size > 1) groups[i]->nccl = comm_create(groups[i]);
     /* expert parallelism: ZeRO-1 of the parameters every rank holds (all but the routed experts) runs over
      * the world, which is the ep group itself when dp = cp = 1 */
     if (d->ep > 1) {
         if (d->world.size == d->ep) d->world.nccl = d->ep_group.nccl;
-        else comm_init(&d->world);
+        else d->world.nccl = comm_create(&d->world);
+        d->world.nccl_side = comm_create(&d->world);
     }
+    /* the dp * cp group's side communicator, made on the group dist_setup will alias when it is the dp or
+     * the cp group */
+    DistGroup *zero = d->dp > 1 && d->cp > 1 ? &d->dp_cp_group : d->cp > 1 ? &d->cp_group : &d->dp_group;
+    if (zero->size > 1) zero->nccl_side = comm_create(zero);
 }
 
 void dist_nccl_teardown(Dist *d) {
     DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group, &d->dp_cp_group};
     for (int i = 0; i < 4; i++) {
         DistGroup *g = groups[i];
-        if (!g->nccl || dist_group_is_alias(d, g)) continue;
-        ncclComm_t comm = g->nccl;
-        nccl_wait(g, comm, ncclCommFinalize(comm), "ncclCommFinalize", false);
-        ncclCommDestroy(comm);
-        g->nccl = NULL;
+        if (dist_group_is_alias(d, g)) continue;
+        comm_destroy(g, &g->nccl);
+        comm_destroy(g, &g->nccl_side);
     }
-    if (d->world.nccl && d->world.size != d->ep) {
-        ncclComm_t comm = d->world.nccl;
-        nccl_wait(&d->world, comm, ncclCommFinalize(comm), "ncclCommFinalize", false);
-        ncclCommDestroy(comm);
-    }
+    if (d->world.size != d->ep) comm_destroy(&d->world, &d->world.nccl);
     d->world.nccl = NULL;
+    comm_destroy(&d->world, &d->world.nccl_side);
     if (d->stream) cudaStreamDestroy((cudaStream_t)d->stream);
-    d->stream = NULL;
+    if (d->side_stream) cudaStreamDestroy((cudaStream_t)d->side_stream);
+    d->stream = d->side_stream = NULL;
 }
 
 void dist_nccl_all_reduce(const DistGroup *g, void *buf, int64_t count, DistType t, DistOp op) {
@@ -188,6 +208,56 @@ void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType 
     ncclComm_t comm = comm_of(g, "broadcast");
     ncclResult_t r = ncclBroadcast(buf, buf, (size_t)count, nccl_type(t), root, comm, (cudaStream_t)g->dist->stream);
     nccl_wait(g, comm, r, "broadcast", true);
+}
+
+/* Per-rank parts as one NCCL group on the side stream and the group's side communicator: a reduce-scatter of unequal parts is a reduce of
+ * each part to its rank, an all-gather of them a broadcast of each part from its rank (in place: NCCL
+ * allows sendbuff == recvbuff for both). */
+void dist_nccl_start_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op, bool reduce,
+                           DistPending *p) {
+    const char *what = p->what;
+    if (!g->nccl_side)
+        fatal("%s over the %s group on device memory: the group has no side communicator (only the ZeRO groups, "
+              "dp*cp and the world under expert parallelism, have one)",
+              what, g->name);
+    ncclComm_t comm = g->nccl_side;
+    cudaStream_t side = (cudaStream_t)g->dist->side_stream;
+    cudaEvent_t ready, done;
+    CUDA_OK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    CUDA_OK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    CUDA_OK(cudaEventRecord(ready, cudaStreamLegacy)); /* after the kernels that wrote buf */
+    CUDA_OK(cudaStreamWaitEvent(side, ready, 0));
+    size_t es = dist_type_size(t), offset = 0;
+    ncclDataType_t nt = nccl_type(t);
+    ncclResult_t r = ncclGroupStart();
+    for (int k = 0; k < g->size && (r == ncclSuccess || r == ncclInProgress); k++) {
+        void *part = (char *)buf + offset * es;
+        if (counts[k] > 0)
+            r = reduce ? ncclReduce(part, part, (size_t)counts[k], nt, nccl_op(op), k, comm, side)
+                       : ncclBroadcast(part, part, (size_t)counts[k], nt, k, comm, side);
+        offset += (size_t)counts[k];
+    }
+    ncclResult_t e = ncclGroupEnd();
+    /* enqueued (a nonblocking communicator may still be launching): only then does the event follow it */
+    nccl_wait(g, comm, r != ncclSuccess && r != ncclInProgress ? r : e, what, false);
+    CUDA_OK(cudaEventRecord(done, side));
+    CUDA_OK(cudaEventDestroy(ready)); /* released once the side stream has passed it */
+    p->done = done;
+}
+
+bool dist_nccl_test(DistPending *p) {
+    ncclComm_t comm = (ncclComm_t)p->g->nccl_side;
+    ncclResult_t st = ncclSuccess;
+    ncclCommGetAsyncError(comm, &st);
+    if (st != ncclSuccess && st != ncclInProgress)
+        fatal("%s over the %s group: NCCL error %s (%s)", p->what, p->g->name, ncclGetErrorString(st),
+              ncclGetLastError(comm));
+    cudaError_t q = cudaEventQuery((cudaEvent_t)p->done);
+    if (q == cudaErrorNotReady) return false;
+    if (q != cudaSuccess) fatal("%s over the %s group: CUDA error %s", p->what, p->g->name, cudaGetErrorString(q));
+    CUDA_OK(cudaEventDestroy((cudaEvent_t)p->done));
+    p->done = NULL;
+    return true;
 }
 
 void dist_nccl_copy(void *dst, const void *src, size_t bytes) {

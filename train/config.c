@@ -159,6 +159,7 @@ static const KeyDef KEYS[] = {
     NUM(dist, dp, 0, 0, 1 << 20, "data-parallel ranks (ZeRO-1: optimizer state sharded over them); 0 = every rank that ep and cp leave; dp * ep * cp = ranks of mpirun -np"),
     NUM(dist, ep, 1, 1, 1 << 20, "expert-parallel ranks: each holds num_experts / ep of the routed experts (must divide moe.num_experts) and takes its own sequences; tokens reach their experts by all-to-all"),
     NUM(dist, cp, 1, 1, 1 << 20, "context-parallel ranks: each micro-batch's tokens split over them, attention head-parallel (must divide n_kv_heads)"),
+    NUM(dist, bucket_mb, 25, 0, FMAX, "MiB of gradients per bucket: each bucket is reduce-scattered as soon as the backward has finished it, overlapping the backward of the earlier layers, and its updated parameters all-gathered during the next forward, each before the first block that reads it; 0 = one reduce-scatter and one all-gather per ZeRO region after the backward"),
     NUM(dist, timeout, 1800, 0, FMAX, "seconds a collective waits for the other ranks before the job ends with a message (a rank failed or hangs); 0 = forever"),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))

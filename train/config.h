@@ -124,6 +124,7 @@ typedef struct DistConfig {
     int dp;                /* data-parallel ranks; 0 = N / (ep * cp) */
     int ep;                /* expert-parallel ranks (1 until expert parallelism lands) */
     int cp;                /* context-parallel ranks (1 until context parallelism lands) */
+    float bucket_mb;       /* MiB of gradients per overlapped bucket; 0 = one per ZeRO region, after the backward */
     float timeout;         /* seconds a collective waits for the other ranks; 0 = forever */
 } DistConfig;
 

@@ -223,12 +223,15 @@ double model_collect(Model *m, const Engine *e, Metrics *into) {
 /* The final hidden states (after the final norm) of the rows of `in` (already this rank's share under
  * context parallelism). */
 static Tensor *hidden_of(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
+    if (m->before_block) m->before_block(m->before_block_ctx, -1);
     Tensor *x = model_dropout(e, m, in, op_embedding(e, m->wte, in->tokens), -1, 0);
     Tensor *aux_total = NULL;
     for (int l = 0; l < m->cfg.n_layers; l++) {
         BlockClosure *bc = arena_alloc(&e->host, sizeof(BlockClosure));
         *bc = (BlockClosure){m, l, *in};
         Tensor *aux = NULL;
+        if (m->block_tape_start) m->block_tape_start[l] = e->tape_len;
+        if (m->before_block) m->before_block(m->before_block_ctx, l);
         /* without gradients every block goes through checkpoint, which releases its intermediates:
          * evaluation and sampling hold one block's activations, not all of them */
         x = recompute || !e->grad_enabled ? op_checkpoint(e, block_forward, bc, x, &aux) : block_forward(e, x, bc, &aux);

@@ -44,6 +44,17 @@ typedef struct Model {
      * store's last ones, params.p[first_expert_param .. params.n) (none without MoE layers). */
     const Comm *ep;
     int first_expert_param;
+    /* NULL, or n_layers entries the forward fills: the tape length when block l's forward began. Block l's
+     * parameters ("layers.<l>.*") are written by the backward of tape entries [block_tape_start[l],
+     * block_tape_start[l + 1]) only, so their gradients are final once the backward has passed
+     * block_tape_start[l] (train/grad_buckets.h reduces them then). Set by whoever wants it. */
+    int *block_tape_start;
+    /* NULL, or called before the forward reads parameters: with layer -1 before the embedding, then with
+     * l before block l. The trainer waits there for the all-gather of the updated parameters that block
+     * (and everything before it) reads (train/grad_buckets.h), so the gathers of later blocks overlap the
+     * forward of earlier ones. */
+    void (*before_block)(void *ctx, int layer);
+    void *before_block_ctx;
 } Model;
 
 /* Device tensors of one micro-batch. */

@@ -172,6 +172,10 @@ static AdamW *region_opt(Run *r, int i) { return i == 0 ? &r->opt : &r->opt_expe
  * group (dp and cp index 0), where the moments of their ep index's experts gather for a checkpoint. */
 static bool store_root(const Run *r) { return r->dist->dp_group.rank == 0 && r->dist->cp_group.rank == 0; }
 
+/* The parameters are every rank's updated ones: the all-gathers of the last update's buckets are done (the
+ * next forward, an evaluation, a checkpoint or sampling reads them). */
+static void params_current(Run *r) { grad_buckets_gather_finish(&r->buckets); }
+
 /* A whole-store optimizer in host memory (the CPU backend's), for rank 0 to write or read a checkpoint
  * of a sharded run: moments laid out as the store, padding included, so that the ranks' shards gather
  * into it and scatter out of it as they are. */
@@ -300,6 +304,7 @@ static void from_image(Run *r, const Image *im, float *m, float *v) {
 /* The run's whole state now into the checkpoint file `path` (atomically, checkpoint_write), whatever its
  * name: ckpt_<step>.h5 and ckpt_best.h5 alike. Collective: every rank calls it, rank 0 writes. */
 static void write_checkpoint(Run *r, const char *path) {
+    params_current(r);
     TrainState st = {.step = r->step, .data_counter = r->sampler.counter, .seed = r->sampler.seed,
                      .best_val_loss = r->best_val_loss, .first_val_loss = r->first_val_loss};
     const ParamStore *ps = &r->model.params;
@@ -608,6 +613,8 @@ static void init_test_hooks(Run *r) {
     DistTestHooks *h = &r->hooks;
     parse_hook("MSA_DIST_TEST_FAIL", &h->fail_rank, &h->fail_step);
     parse_hook("MSA_DIST_TEST_HANG", &h->hang_rank, &h->hang_step);
+    parse_hook("MSA_DIST_TEST_HANG_IN_BUCKET", &h->bucket_hang_rank, &h->bucket_hang_step);
+    parse_hook("MSA_DIST_TEST_FAIL_IN_BUCKET", &h->bucket_fail_rank, &h->bucket_fail_step);
     const char *prefix = getenv("MSA_DIST_TEST_SAMPLES");
     h->samples = NULL;
     if (prefix && *prefix) {
@@ -623,6 +630,20 @@ static void run_test_hooks(Run *r, int step) {
         fatal("test hook MSA_DIST_TEST_FAIL: rank %d fails at step %d", r->dist->rank, step);
     if (h->hang_rank == r->dist->rank && h->hang_step == step)
         for (;;) pause(); /* until the job's other ranks time out and mpirun kills this one */
+}
+
+/* Engine.backward_progress of a step's last backward: the gradient buckets that are final start their
+ * reduce-scatter (the *_IN_BUCKET test hooks: a rank stops or fails with one of them in flight). */
+static void backward_progress(void *ctx, int tape_index) {
+    Run *r = ctx;
+    grad_buckets_backward_progress(&r->buckets, tape_index);
+    const DistTestHooks *h = &r->hooks;
+    if (r->buckets.started == 0) return;
+    if (h->bucket_fail_rank == r->dist->rank && h->bucket_fail_step == r->step + 1)
+        fatal("test hook MSA_DIST_TEST_FAIL_IN_BUCKET: rank %d fails at step %d with a gradient bucket in flight",
+              r->dist->rank, r->step + 1);
+    if (h->bucket_hang_rank == r->dist->rank && h->bucket_hang_step == r->step + 1)
+        for (;;) pause();
 }
 
 /* The groups, and this rank's share of the data and of the optimizer; checks that the config fits the
@@ -823,6 +844,8 @@ void run_init(Run *r) {
         profiler_init(r->prof, r->be);
     }
     init_optimizer(r);
+    grad_buckets_init(&r->buckets, &r->model.params, r->zero, r->n_zero, c->model.n_layers, c->dist.bucket_mb);
+    r->model.block_tape_start = r->buckets.n ? r->buckets.block_tape_start : NULL;
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
     else sampler_init(&r->sampler, &r->train_ds, c->train.seed);
     batch_alloc(&r->batch, c->train.batch_size / (r->dist->dp * r->dist->ep), c->train.seq_len);
@@ -870,6 +893,7 @@ void run_init(Run *r) {
 
 void run_free(Run *r) {
     if (r->prof) profiler_free(r->prof);
+    grad_buckets_free(&r->buckets); /* after the collectives in flight */
     free(r->prof);
     r->prof = NULL;
     if (r->metrics) fclose(r->metrics);
@@ -982,17 +1006,21 @@ static void reduce_moe_stats(Run *r) {
  * all-gather the updated parameters. The norm's sums of squares add up over the world: every gradient
  * element of region 0 lies in one rank's shard, and the experts of each ep index (region 1) in one shard
  * of one of its dp * cp ranks, so each expert counts once. Without data parallelism every collective is
- * a no-op and this is the plain clip + AdamW over the whole store. Returns the norm before clipping. */
+ * a no-op and this is the plain clip + AdamW over the whole store. With gradient buckets (Run.buckets)
+ * the reduce-scatter has happened bucket by bucket during the backward (run_step), and the all-gather is
+ * only started here. Returns the norm before clipping. */
 static double optimizer_step(Run *r, float lr) {
     ParamStore *ps = &r->model.params;
     const size_t es = dtype_size(ps->dtype);
     Device dev = ps->be->device;
     double sumsq = 0.0;
+    GradBuckets *gb = &r->buckets; /* with buckets, run_step has reduced the gradients */
     for (int i = 0; i < r->n_zero; i++) {
         const ZeroRegion *z = &r->zero[i];
         const AdamW *o = region_opt(r, i);
-        dist_reduce_scatter(z->group, (char *)ps->grad + (size_t)z->begin * es, (char *)ps->grad + (size_t)o->begin * es,
-                            z->shard, DIST_F32, DIST_SUM, dev);
+        if (!gb->n)
+            dist_reduce_scatter(z->group, (char *)ps->grad + (size_t)z->begin * es,
+                                (char *)ps->grad + (size_t)o->begin * es, z->shard, DIST_F32, DIST_SUM, dev);
         sumsq += grad_sumsq_range(ps, o->begin, o->end);
     }
     dist_all_reduce(&r->dist->world, &sumsq, 1, DIST_F64, DIST_SUM, DEV_CPU);
@@ -1003,7 +1031,8 @@ static double optimizer_step(Run *r, float lr) {
         const ZeroRegion *z = &r->zero[i];
         AdamW *o = region_opt(r, i);
         adamw_step(o, ps, &r->cfg.optim, lr, sc);
-        if (z->group->size > 1) {
+        if (gb->n) grad_buckets_gather_start(gb, i); /* waited for before the parameters' next use */
+        else if (z->group->size > 1) {
             dist_all_gather(z->group, (char *)ps->data + (size_t)o->begin * es, (char *)ps->data + (size_t)z->begin * es,
                             z->shard, DIST_F32, dev);
             gathered = true;
@@ -1099,6 +1128,8 @@ StepResult run_step(Run *r) {
     memset(&r->model.metrics, 0, sizeof r->model.metrics);
     model_collect(&r->model, e, NULL); /* whatever forwards outside a step left (sampling) */
     for (int micro = 0; micro < c->train.grad_accum; micro++) {
+        /* the last backward completes the gradients: their buckets start as it finishes them */
+        const bool last = micro == c->train.grad_accum - 1;
         engine_reset(e);
         uint64_t first_window = r->sampler.counter + (uint64_t)first_row;
         /* this rank's rows of the global micro-batch: exactly the windows a single process would put there */
@@ -1111,7 +1142,14 @@ StepResult run_step(Run *r) {
          * rows' place in the global batch keeps the masks independent of the number of ranks */
         in.dropout_seed = dropout_seed(c->train.seed, (uint64_t)r->step, (uint64_t)micro, 0) | 1;
         in.row_offset = (int64_t)first_row * r->batch.T; /* activation rows are tokens */
+        /* the first forward waits for the previous update's all-gathers block by block */
+        if (micro == 0 && r->buckets.n) {
+            r->model.before_block = grad_buckets_before_block;
+            r->model.before_block_ctx = &r->buckets;
+        }
         ModelLosses L = model_forward(&r->model, e, &in, c->train.recompute);
+        r->model.before_block = NULL;
+        if (micro == 0) params_current(r); /* padding-only buckets: no block waits for them */
         if (ranks == 1) {
             s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
             if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
@@ -1136,20 +1174,22 @@ StepResult run_step(Run *r) {
         if (L.total->requires_grad) {
             Tensor *loss = op_scale(e, L.lm, (float)(w / c->train.grad_accum));
             if (L.aux) loss = op_add(e, loss, op_scale(e, L.aux, 1.0f / (float)(ranks * c->train.grad_accum)));
+            if (last && r->buckets.n) {
+                e->backward_progress = backward_progress;
+                e->backward_progress_ctx = r;
+            }
             engine_backward(e, loss);
+            e->backward_progress = NULL;
         }
     }
+    /* the gradient buckets, started as the last backward finished them: waited for before any other
+     * collective, so that a rank lost with one in flight is named as such */
+    if (r->buckets.n) grad_buckets_reduce_finish(&r->buckets);
     /* the loss terms the backwards computed (the MSA KL of the sparse phase) and the layers' statistics,
      * read once for the whole step: the reported loss is assembled here, where they are known; each
      * micro-batch's terms enter as its forward's do */
     s.aux += model_collect(&r->model, e, &r->model.metrics) / ranks / c->train.grad_accum;
     if (prof) profiler_backward_end(prof); /* the optimizer phase starts */
-    /* Where overlap would go: the backward finalises the gradients of the flat store from its end (LM
-     * head, last layer) towards its start (embedding), so the reduce-scatter could run per bucket of
-     * finished store ranges on the NCCL stream while the backward of earlier layers continues (a
-     * per-block callback from the engine, events instead of the host wait in dist/nccl.c), leaving
-     * only the last bucket exposed; likewise the all-gather of the next step's first layers could
-     * overlap the optimizer. Today the three collectives run after the backward. */
     if (ranks > 1) {
         double sums[2] = {s.loss, s.aux};
         dist_all_reduce(bg, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
@@ -1218,6 +1258,7 @@ static double eval_loss(Run *r) {
 }
 
 double run_evaluate(Run *r, EvalMetrics *em) {
+    params_current(r);
     Engine *e = &r->engine;
     Model *m = &r->model;
     bool prev = engine_set_grad(e, false);
@@ -1388,6 +1429,7 @@ static bool upload_document(Run *r, Batch *b, ModelInput *in, const int32_t *tok
 }
 
 void run_next_token_probs(Run *r, const int32_t *ctx, int len, double temperature, double *probs) {
+    params_current(r);
     const int T = r->cfg.train.seq_len, V = r->model.cfg.vocab_size;
     if (len > T) { /* the model sees the last seq_len tokens */
         ctx += len - T;
@@ -1414,6 +1456,7 @@ void run_next_token_probs(Run *r, const int32_t *ctx, int len, double temperatur
 }
 
 double run_text_loss(Run *r, const int32_t *tokens, int len) {
+    params_current(r);
     if (len < 2 || len - 1 > r->cfg.train.seq_len) fatal("run_text_loss: %d tokens (2 to seq_len + 1)", len);
     Engine *e = &r->engine;
     Batch b;
@@ -1436,6 +1479,7 @@ static int token_text(const TokenDataset *ds, int id, char *buf, size_t n) {
 }
 
 void run_sample(Run *r) {
+    params_current(r); /* on every rank: the all-gathers are collectives */
     const TokenDataset *ds = &r->train_ds;
     int n = r->cfg.train.sample_tokens;
     bool chars = ds->vocab && strcmp(ds->tokenizer, "char") == 0, bytes = strcmp(ds->tokenizer, "byte") == 0;

@@ -9,28 +9,22 @@
 #include "../data/dataset.h"
 #include "../dist/dist.h"
 #include "config.h"
+#include "grad_buckets.h"
 #include "model.h"
 #include "optim.h"
 
 /* Test hooks of tests/test_dist.c, read from the environment by run_init (all off when unset):
  *   MSA_DIST_TEST_FAIL=<rank>:<step>   that world rank calls fatal() when it starts that step
  *   MSA_DIST_TEST_HANG=<rank>:<step>   that world rank stops there forever (the others must time out)
+ *   MSA_DIST_TEST_HANG_IN_BUCKET=<rank>:<step>  that world rank stops forever in that step's backward, right
+ *                                      after it has started its first gradient bucket (dist.bucket_mb > 0)
+ *   MSA_DIST_TEST_FAIL_IN_BUCKET=<rank>:<step>  ... calls fatal() there instead
  *   MSA_DIST_TEST_SAMPLES=<prefix>     every rank appends the window numbers it reads to <prefix>.<rank> */
 typedef struct DistTestHooks {
-    int fail_rank, fail_step, hang_rank, hang_step;
+    int fail_rank, fail_step, hang_rank, hang_step, bucket_hang_rank, bucket_hang_step, bucket_fail_rank,
+        bucket_fail_step;
     FILE *samples;
 } DistTestHooks;
-
-/* A contiguous range of the parameter store whose parameters the ranks of `group` hold alike: their
- * gradients are summed (reduce-scatter) and their AdamW state sharded over the group, rank i updating
- * the elements [begin + i * shard, begin + (i + 1) * shard) (Run.opt and Run.opt_experts hold the
- * moments of this rank's shard of region 0 and 1). The range, padding included, is
- * [begin, begin + group->size * shard); shard is a multiple of 64 elements (256 bytes: aligned for NCCL
- * and the vector kernels) when the group has more than one rank. */
-typedef struct ZeroRegion {
-    const DistGroup *group;
-    int64_t begin, shard;
-} ZeroRegion;
 
 typedef struct Run {
     RunConfig cfg;
@@ -50,6 +44,9 @@ typedef struct Run {
      * (region 1, r->opt_experts). */
     ZeroRegion zero[2];
     int n_zero;
+    /* dist.bucket_mb > 0: the regions' reduce-scatters and all-gathers in buckets that overlap the backward
+     * and what follows the update (grad_buckets.h); none (n = 0) otherwise */
+    GradBuckets buckets;
     DistTestHooks hooks;
     const KernelBackend *be;
     TokenDataset train_ds, val_ds;
