@@ -156,6 +156,30 @@ def split_loses_nothing(work):
 
 
 @test
+def min_doc_tokens_keeps_the_long_documents_whole(work):
+    tk, tok, corpus = setup(work)
+    # the reference: each document tokenised alone (plus its EOS), the kept ones those of >= N tokens
+    eos = tok.token_to_id("<|endoftext|>")
+    lengths = [len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in EXPECTED_DOCS]
+    n = sorted(lengths)[len(lengths) // 2]  # about half the documents survive
+    want = [d + "<|endoftext|>" for d, k in zip(EXPECTED_DOCS, lengths) if k >= n]
+    check(0 < len(want) < len(EXPECTED_DOCS), f"a test corpus with documents on both sides of {n}: {lengths}")
+    for chunk in ("16", "100000"):  # documents in many pieces, and whole
+        out = os.path.join(work, "long" + chunk)
+        must("--tokenizer", tk, "--val-fraction", "0", "--chunk-bytes", chunk, "--eos", "<|endoftext|>",
+             "--min-doc-tokens", str(n), corpus, out)
+        got = decode_docs(tok, os.path.join(out, "train.h5"))
+        check(got == want, f"chunk {chunk}: kept documents {got!r}, want {want!r}")
+        t, off, _, _ = read(os.path.join(out, "train.h5"))
+        check(all(off[i + 1] - off[i] >= n and t[off[i + 1] - 1] == eos for i in range(len(off) - 1)),
+              "a kept document is shorter than --min-doc-tokens or lost its EOS")
+    r = run("--tokenizer", tk, "--val-fraction", "0", "--min-doc-tokens", str(10 ** 9), corpus,
+            os.path.join(work, "none"))
+    check(r.returncode == 1 and "--min-doc-tokens" in r.stderr, f"no long document: {r.returncode} {r.stderr}")
+    check(not os.path.exists(os.path.join(work, "none")), "a failed run left its output folder")
+
+
+@test
 def file_format(work):
     tk, tok, corpus = setup(work)
     out = os.path.join(work, "out")

@@ -3,13 +3,16 @@
 package), in the format data/dataset.h describes (the same files build/prepare_text writes).
 
     python3 tools/hf_tokenize.py --tokenizer TOKENIZER.json [--name NAME] [--val-fraction F]
-                                 [--doc-separator STR] [--eos TOKEN] [--chunk-bytes N] INPUT OUTDIR
+                                 [--doc-separator STR] [--eos TOKEN] [--chunk-bytes N]
+                                 [--min-doc-tokens N] INPUT OUTDIR
 
 INPUT is a UTF-8 text file, or a directory whose regular files (sorted by name, hidden ones skipped)
 are one document each; --doc-separator also cuts files into documents at that string (dropped; empty
 documents are skipped). --eos appends that token (e.g. "<|endoftext|>") to every document. The last
 F of the input bytes (default 0.1; cut at the first line end after that point) go to OUTDIR/val.h5,
-the rest to OUTDIR/train.h5; F = 0 writes no val file.
+the rest to OUTDIR/train.h5; F = 0 writes no val file. --min-doc-tokens N keeps only the documents of at least N tokens (the EOS
+included) in each file: a length bucket for long-context training and evaluation (build/prepare_text has
+the same option).
 
 Streaming: files are read --chunk-bytes at a time (default 4 MiB), tokenised in batches of about that
 many bytes, and the token and document-offset datasets are extended as tokens arrive, so memory stays
@@ -145,8 +148,9 @@ def split_pieces(stream, split_at):
 class TokenWriter:
     """One token file, grown as tokens arrive (written to path.tmp; the caller renames it)."""
 
-    def __init__(self, path, vocab_size, name, tokenizer_json):
+    def __init__(self, path, vocab_size, name, tokenizer_json, min_doc_tokens=0):
         self.path, self.tmp = path, path + ".tmp"
+        self.min_doc_tokens = min_doc_tokens
         self.out = Hdf5Writer(self.tmp)
         try:
             self.create(vocab_size, name, tokenizer_json)
@@ -158,6 +162,9 @@ class TokenWriter:
         self.buf, self.buf_len = [], 0
         self.off_buf = []
         self.in_doc = False     # the current document has tokens
+        # the current document's tokens not yet in buf: all of them with min_doc_tokens (its length decides
+        # whether it is kept), else none (streamed as they come)
+        self.doc, self.doc_len, self.doc_kept = [], 0, False
 
     def create(self, vocab_size, name, tokenizer_json):
         f = self.out.file
@@ -180,22 +187,35 @@ class TokenWriter:
             self.end_doc(eos)
         if not ids:
             return
-        if not self.in_doc:
+        self.in_doc = True
+        self.doc.append(np.asarray(ids, dtype=np.int32))
+        self.doc_len += len(ids)
+        if not self.min_doc_tokens:
+            self.keep_doc()
+
+    def keep_doc(self):
+        """Moves the current document's held tokens to the file's buffer (its offset with the first)."""
+        if not self.doc:
+            return
+        if not self.doc_kept:
             self.off_buf.append(self.n_tokens)
             self.n_docs += 1
-            self.in_doc = True
-        a = np.asarray(ids, dtype=np.int32)
-        self.buf.append(a)
-        self.buf_len += a.size
-        self.n_tokens += a.size
+            self.doc_kept = True
+        for a in self.doc:
+            self.buf.append(a)
+            self.buf_len += a.size
+            self.n_tokens += a.size
+        self.doc = []
         if self.buf_len >= FLUSH_TOKENS:
             self.flush()
 
     def end_doc(self, eos):
         if self.in_doc and eos is not None:
-            self.buf.append(np.array([eos], dtype=np.int32))
-            self.buf_len += 1
-            self.n_tokens += 1
+            self.doc.append(np.array([eos], dtype=np.int32))
+            self.doc_len += 1
+        if self.doc_len >= self.min_doc_tokens:
+            self.keep_doc()
+        self.doc, self.doc_len, self.doc_kept = [], 0, False
         self.in_doc = False
 
     def flush(self):
@@ -267,6 +287,8 @@ def run(args):
             raise Fail(f"{args.tokenizer}: --eos {args.eos!r} is not a token of this tokenizer")
     if not 0 <= args.val_fraction < 1:
         raise Fail(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+    if args.min_doc_tokens < 0:
+        raise Fail(f"--min-doc-tokens {args.min_doc_tokens}: must be >= 0")
     if args.chunk_bytes < 16:
         raise Fail(f"--chunk-bytes {args.chunk_bytes}: must be at least 16")
     sep = args.doc_separator.encode("utf-8") if args.doc_separator is not None else None
@@ -283,9 +305,9 @@ def run(args):
     name = tokenizer_name(args)
     outs = []
     try:
-        outs.append(TokenWriter(os.path.join(args.outdir, "train.h5"), vocab, name, tok_json))
+        outs.append(TokenWriter(os.path.join(args.outdir, "train.h5"), vocab, name, tok_json, args.min_doc_tokens))
         if split_at is not None:
-            outs.append(TokenWriter(os.path.join(args.outdir, "val.h5"), vocab, name, tok_json))
+            outs.append(TokenWriter(os.path.join(args.outdir, "val.h5"), vocab, name, tok_json, args.min_doc_tokens))
         batch, batch_bytes = [], 0
 
         def encode(batch):
@@ -309,6 +331,9 @@ def run(args):
             encode(batch)
         for w, label in zip(outs, ("train", "validation")):
             if w.n_tokens == 0:
+                if args.min_doc_tokens:
+                    raise Fail(f"{args.input}: no document of the {label} part has at least --min-doc-tokens "
+                               f"{args.min_doc_tokens} tokens")
                 raise Fail(f"{args.input}: the {label} part has no tokens (too little text for --val-fraction "
                            f"{args.val_fraction}?)")
         for w in outs:
@@ -340,6 +365,8 @@ def main(argv=None):
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of the input for val.h5 (default 0.1)")
     ap.add_argument("--doc-separator", help="also split files into documents at this string")
     ap.add_argument("--eos", help="token appended to every document, e.g. \"<|endoftext|>\"")
+    ap.add_argument("--min-doc-tokens", type=int, default=0,
+                    help="keep only documents of at least this many tokens (default 0: all)")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20, help="bytes read and tokenised at a time")
     return report(run, ap.parse_args(argv))
 

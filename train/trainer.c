@@ -824,6 +824,7 @@ void run_init(Run *r) {
     init_optimizer(r);
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
     else sampler_init(&r->sampler, &r->train_ds, c->train.seed);
+    if (!strcmp(c->data.sample, "documents")) sampler_documents(&r->sampler, c->train.seq_len);
     batch_alloc(&r->batch, c->train.batch_size / (r->dist->dp * r->dist->ep), c->train.seq_len);
     init_test_hooks(r);
     if (!r->quiet) {
@@ -879,6 +880,7 @@ void run_free(Run *r) {
     model_free(&r->model);
     dataset_close(&r->train_ds);
     dataset_close(&r->val_ds);
+    sampler_free(&r->sampler);
     datamix_close(&r->train_mix);
     run_dir_unlock(r->dir_lock); /* last: the directory's files are closed */
     r->dir_lock = -1;
@@ -1191,7 +1193,8 @@ static double eval_loss(Run *r) {
             return NAN;
         }
         engine_reset(e);
-        sampler_sequential_part(&r->val_ds, i, &r->batch, row_rank(r) * r->batch.B, r->cfg.train.batch_size);
+        (strcmp(r->cfg.data.sample, "documents") ? sampler_sequential_part : sampler_documents_part)(
+            &r->val_ds, i, &r->batch, row_rank(r) * r->batch.B, r->cfg.train.batch_size);
         ModelInput in = model_upload(e, &r->batch);
         double lm = tensor_item(e, model_forward(m, e, &in, false).lm), n = (double)counted_targets(r);
         parts[2 * i] = lm * n; /* exact in double: lm is a float, n < 2^29 */
