@@ -10,7 +10,8 @@
  * with F filler tokens (the filler sentence repeated and cut to F tokens) and p = round(depth * F). Greedy
  * decoding reproduces the key exactly iff at each answer position the argmax of the logits, with the key's
  * earlier tokens as input, is the key's token; so one forward over the prompt and the key (teacher forcing)
- * scores a trial, and also gives the key's log-probability.
+ * scores a trial, and also gives the key's log-probability. The answer recorded is greedy decoding's output
+ * up to its first wrong token.
  * Per-position loss: the mean next-token loss by position bucket over the first T + 1 tokens of documents
  * of the data file (the first --loss-docs documents holding that many); falling loss at far positions is
  * the standard sign that a model uses far context.
@@ -41,7 +42,7 @@ static const char NEEDLE_HEAD[] = "The pass key is ", NEEDLE_MID[] = ". Remember
 static const char QUESTION[] = "What is the pass key? The pass key is ";
 
 typedef struct Options {
-    const char *config, *checkpoint, *data, *json;
+    const char *config, *checkpoint, *data, *json, *key;
     int lengths[MAX_GRID], n_lengths;
     double depths[MAX_GRID];
     int n_depths;
@@ -61,6 +62,7 @@ static void usage(FILE *f) {
             "  --key-length K     key characters (default 5; digits, or lowercase letters if the vocabulary\n"
             "                     lacks a digit)\n"
             "  --seed S           seed of the keys (default 1)\n"
+            "  --key KEY          this key in every trial instead of random ones (characters of the vocabulary)\n"
             "  --loss-length T    tokens per document for the per-position loss (default: the largest length)\n"
             "  --loss-docs N      documents for the per-position loss (default 4; 0 = none)\n"
             "  --buckets N        position buckets of equal width (default 8)\n"
@@ -120,6 +122,10 @@ static void parse_args(Options *o, RunConfig *cfg, int argc, char **argv) {
             config_set(cfg, v);
         } else if (!strcmp(a, "--data")) o->data = v;
         else if (!strcmp(a, "--json")) o->json = v;
+        else if (!strcmp(a, "--key")) {
+            if (!*v || strlen(v) > 64) fatal("--key \"%s\": must have 1 to 64 characters", v);
+            o->key = v;
+        }
         else if (!strcmp(a, "--lengths")) {
             o->n_lengths = parse_list(a, v, true, 1, 0x7ffffffe, list);
             for (int k = 0; k < o->n_lengths; k++) o->lengths[k] = (int)list[k];
@@ -139,6 +145,7 @@ static void parse_args(Options *o, RunConfig *cfg, int argc, char **argv) {
         usage(stderr);
         fatal("CONFIG.json, CHECKPOINT.h5 and --data are required");
     }
+    if (o->key) o->key_length = (int)strlen(o->key);
     if (!o->loss_length)
         for (int k = 0; k < o->n_lengths; k++)
             if (o->lengths[k] > o->loss_length) o->loss_length = o->lengths[k];
@@ -192,8 +199,11 @@ static const char *key_alphabet(const Codec *c) {
 /* ---- passkey ------------------------------------------------------------------------------------ */
 
 typedef struct Trial {
-    char key[65], answer[65];
+    char key[65];
+    /* greedy decoding's output up to and including its first token that is not the key's */
+    char answer[65];
     int32_t answer_tokens[64];
+    int answer_length;
     int64_t needle_at; /* token offset of the needle in the prompt */
     bool correct;
     double key_logprob, recall; /* recall: NaN without MSA layers */
@@ -256,15 +266,20 @@ static void run_trial(Inference *inf, const Codec *c, int64_t L, double depth, c
     snprintf(tr->key, sizeof tr->key, "%s", key);
     tr->correct = true;
     tr->key_logprob = 0;
+    tr->answer_length = 0;
     for (int k = 0; k < K; k++) {
         const float *row = logits + (size_t)(L - 1 + k) * (size_t)V;
-        tr->answer_tokens[k] = argmax(row, V);
-        const char ch = c->text[tr->answer_tokens[k]];
-        tr->answer[k] = ch >= 32 && ch < 127 ? ch : '?'; /* JSON text: printable ASCII only */
-        tr->correct = tr->correct && tr->answer_tokens[k] == want[k];
         tr->key_logprob += log_prob(row, V, want[k]);
+        if (!tr->correct) continue;
+        /* greedy decoding's token while its output so far is the key; after a wrong one it would go on from
+         * its own output, which this forward did not see */
+        const int32_t t = argmax(row, V);
+        const char ch = c->text[t];
+        tr->answer_tokens[tr->answer_length] = t;
+        tr->answer[tr->answer_length++] = ch >= 32 && ch < 127 ? ch : '?'; /* JSON text: printable ASCII only */
+        tr->correct = t == want[k];
     }
-    tr->answer[K] = 0;
+    tr->answer[tr->answer_length] = 0;
     tr->recall = inf->model.n_msa_layers ? layer_recall(&metrics) : NAN;
     free(logits);
     free(tokens);
@@ -286,7 +301,7 @@ static Trial *run_passkey(Inference *inf, const Codec *c, const Options *o) {
                 Rng r;
                 rng_seed(&r, o->seed * 0x9e3779b97f4a7c15ULL + (uint64_t)(tr - all));
                 char key[65];
-                for (int k = 0; k < o->key_length; k++) key[k] = alphabet[rng_next(&r) % na];
+                for (int k = 0; k < o->key_length; k++) key[k] = o->key ? o->key[k] : alphabet[rng_next(&r) % na];
                 key[o->key_length] = 0;
                 run_trial(inf, c, o->lengths[l], o->depths[d], key, tr);
             }
@@ -392,7 +407,7 @@ static json_t *passkey_json(const Trial *all, const Options *o) {
             for (int t = 0; t < o->trials; t++) {
                 const Trial *tr = cell(all, o, l, d) + t;
                 json_t *answer = json_array();
-                for (int k = 0; k < o->key_length; k++) json_array_append_new(answer, json_integer(tr->answer_tokens[k]));
+                for (int k = 0; k < tr->answer_length; k++) json_array_append_new(answer, json_integer(tr->answer_tokens[k]));
                 json_array_append_new(trials, json_pack("{s:i, s:f, s:s, s:s, s:I, s:o, s:b, s:o, s:o}", "length",
                                                         o->lengths[l], "depth", o->depths[d], "key", tr->key,
                                                         "answer", tr->answer,
