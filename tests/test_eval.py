@@ -125,11 +125,11 @@ def prompt(length, depth, key, enc):
 def passkey_prompts_and_scores_match_a_reference(work):
     lengths, depths, trials, K = [256, 320], [0.0, 1.0], 2, 4
     res, out = run_eval("dense", work, "--data", VAL, "--lengths", ",".join(map(str, lengths)), "--depths",
-                        ",".join(map(str, depths)), "--trials", str(trials), "--key-length", str(K), "--loss-docs", "0")
+                        ",".join(map(str, depths)), "--trials", str(trials), "--key-length", str(K), "--loss-windows", "0")
     pk = res["passkey"]
     check(pk["lengths"] == lengths and pk["depths"] == depths and len(pk["trials"]) == 8, f"grid {pk}")
     check("recall_by_length" not in res and all(t["recall"] is None for t in pk["trials"]), "recall of a dense model")
-    check("position_loss" not in res, "--loss-docs 0 still measured the loss")
+    check("position_loss" not in res, "--loss-windows 0 still measured the loss")
     enc = vocab_of(VAL)
     INV.update({i: c for c, i in enc.items()})
     keys = [t["key"] for t in pk["trials"]]
@@ -171,7 +171,7 @@ def passkey_prompts_and_scores_match_a_reference(work):
     echo = "".join(INV[x] for x in greedy(prompt(L, d, first, enc)[0], K, work))
     check(echo == first, f"no fixed point for the hand-made case: {first!r} answers {echo!r}")
     res, _ = run_eval("dense", work, "--data", VAL, "--lengths", str(L), "--depths", str(d), "--trials", "2", "--key",
-                      first, "--loss-docs", "0")
+                      first, "--loss-windows", "0")
     t = res["passkey"]["trials"]
     check(res["passkey"]["accuracy"] == [[1.0]] and all(x["correct"] and x["answer"] == first for x in t),
           f"the model answers {first!r} to its own key: {res['passkey']}")
@@ -203,10 +203,10 @@ def per_position_loss_is_the_mean_over_positions(work):
     tokens = write_docs(data, lens)
     T, buckets = 64, 4
     res, out = run_eval("dense", work, "--data", data, "--lengths", "256", "--depths", "0.5", "--trials", "1",
-                        "--loss-length", str(T), "--loss-docs", "2", "--buckets", str(buckets))
+                        "--loss-length", str(T), "--loss-windows", "2", "--buckets", str(buckets))
     pl = res["position_loss"]
-    check(pl["length"] == T and pl["documents"] == 2, f"{pl}")
-    # the first two documents of at least T + 1 tokens: those starting at 30 and 140
+    check(pl["length"] == T and pl["windows"] == 2, f"{pl}")
+    # one window of T + 1 tokens fits in each of the documents of 70 and 100 tokens, at 30 and 140
     nll = []
     for start in (30, 140):
         ids = tokens[start:start + T + 1]
@@ -218,25 +218,33 @@ def per_position_loss_is_the_mean_over_positions(work):
         want = nll[:, lo:hi].mean()
         check(got["start"] == lo and got["end"] == hi and got["tokens"] == 2 * (hi - lo), f"bucket {got}")
         check(abs(got["loss"] - want) < 1e-5, f"bucket {b}: loss {got['loss']}, the logits give {want}")
-    check("per-position loss (2 documents" in out, out)
-    # a third document of 65 tokens does not exist: the message names the file and the longest
+    check("per-position loss (2 windows" in out, out)
+    # a third window does not fit: the message names the file and the longest document
     cfg, ckpt = model("dense")
     r = subprocess.run([EVAL, cfg, ckpt, "--data", data, "--lengths", "256", "--trials", "1", "--loss-length",
-                        str(T), "--loss-docs", "3"], cwd=ROOT, capture_output=True, text=True)
-    expect_error_line(r, data, "--loss-docs", "has 100 tokens")
+                        str(T), "--loss-windows", "3"], cwd=ROOT, capture_output=True, text=True)
+    expect_error_line(r, data, "--loss-windows", "2 windows", "has 100 tokens")
+    # windows every T tokens inside a document: 4 of a 4T + 1 token document, positions restarting at 0
+    tokens = write_docs(data, [4 * T + 1])
+    res, _ = run_eval("dense", work, "--data", data, "--lengths", "256", "--depths", "0.5", "--trials", "1",
+                      "--loss-length", str(T), "--loss-windows", "4", "--buckets", "1")
+    nll = [-log_softmax(logits("dense", tokens[w * T:(w + 1) * T], work))[np.arange(T), tokens[w * T + 1:(w + 1) * T + 1]]
+           for w in range(4)]
+    got = res["position_loss"]["buckets"][0]["loss"]
+    check(abs(got - np.mean(nll)) < 1e-5, f"4 windows of one document: {got}, the logits give {np.mean(nll)}")
 
 
 @test
 def msa_recall_by_length(work):
     few, _ = run_eval("msa", work, "--data", VAL, "--lengths", "256,512", "--depths", "0.5", "--trials", "1",
-                      "--loss-docs", "0")
+                      "--loss-windows", "0")
     rec = few["recall_by_length"]
     check([x["length"] for x in rec] == [256, 512], f"{rec}")
     # 2 of 32 or 64 blocks of 8 tokens: a near-uniform untrained attention leaves much of its mass outside
     check(all(0 < x["recall"] < 0.95 for x in rec), f"recall with 2 blocks selected: {rec}")
     check(all(t["recall"] is not None for t in few["passkey"]["trials"]), "per-trial recall")
     every, out = run_eval("msa", work, "--data", VAL, "--lengths", "256,512", "--depths", "0.5", "--trials", "1",
-                          "--loss-docs", "0", "--set", "msa.topk_blocks=100")
+                          "--loss-windows", "0", "--set", "msa.topk_blocks=100")
     check(all(abs(x["recall"] - 1) < 1e-5 for x in every["recall_by_length"]), f"every block selected: {every}")
     check("indexer recall by context length" in out, out)
 
@@ -265,7 +273,7 @@ def bad_inputs_fail_with_one_line(work):
 @test
 def plot_draws_before_and_after(work):
     res, _ = run_eval("msa", work, "--data", VAL, "--lengths", "256", "--depths", "0,1", "--trials", "1",
-                      "--loss-length", "64", "--loss-docs", "1")
+                      "--loss-length", "64", "--loss-windows", "1")
     js = os.path.join(work, "eval_msa.json")
     png = os.path.join(work, "pic", "eval.png")
     r = must([PY, os.path.join(ROOT, "tools", "plot_eval.py"), js, js, "--labels", "before,after", "-o", png])

@@ -12,9 +12,10 @@
  * earlier tokens as input, is the key's token; so one forward over the prompt and the key (teacher forcing)
  * scores a trial, and also gives the key's log-probability. The answer recorded is greedy decoding's output
  * up to its first wrong token.
- * Per-position loss: the mean next-token loss by position bucket over the first T + 1 tokens of documents
- * of the data file (the first --loss-docs documents holding that many); falling loss at far positions is
- * the standard sign that a model uses far context.
+ * Per-position loss: the mean next-token loss by position bucket over windows of T + 1 tokens of the data
+ * file's documents, each read as one document (positions 0 .. T-1): windows laid every T tokens from each
+ * document's start, none crossing its end, the first --loss-windows of them in file order. Falling loss at far
+ * positions is the standard sign that a model uses far context.
  * Indexer recall (MSA models): the mean recall the MSA layers report (the share of the dense teacher's
  * attention mass inside the selected blocks), by context length, over the passkey forwards.
  * The passkey prompts are text, so the data file's tokenizer must be "char" or "byte". */
@@ -46,7 +47,7 @@ typedef struct Options {
     int lengths[MAX_GRID], n_lengths;
     double depths[MAX_GRID];
     int n_depths;
-    int trials, key_length, loss_length, loss_docs, buckets;
+    int trials, key_length, loss_length, loss_windows, buckets;
     uint64_t seed;
 } Options;
 
@@ -63,8 +64,9 @@ static void usage(FILE *f) {
             "                     lacks a digit)\n"
             "  --seed S           seed of the keys (default 1)\n"
             "  --key KEY          this key in every trial instead of random ones (characters of the vocabulary)\n"
-            "  --loss-length T    tokens per document for the per-position loss (default: the largest length)\n"
-            "  --loss-docs N      documents for the per-position loss (default 4; 0 = none)\n"
+            "  --loss-length T    tokens per window of the per-position loss (default: the largest length)\n"
+            "  --loss-windows N   windows for the per-position loss (default 4; 0 = none), T + 1 tokens each, laid\n"
+            "                     every T tokens from each document's start\n"
             "  --buckets N        position buckets of equal width (default 8)\n"
             "  --json OUT.json    also write the results as JSON\n");
 }
@@ -97,7 +99,7 @@ static int parse_list(const char *opt, const char *v, bool integers, double lo, 
 }
 
 static void parse_args(Options *o, RunConfig *cfg, int argc, char **argv) {
-    *o = (Options){.trials = 4, .key_length = 5, .loss_docs = 4, .buckets = 8, .seed = 1,
+    *o = (Options){.trials = 4, .key_length = 5, .loss_windows = 4, .buckets = 8, .seed = 1,
                    .lengths = {256, 512, 1024}, .n_lengths = 3, .depths = {0, 0.25, 0.5, 0.75, 1}, .n_depths = 5};
     config_defaults(cfg);
     int npos = 0;
@@ -134,7 +136,7 @@ static void parse_args(Options *o, RunConfig *cfg, int argc, char **argv) {
         else if (!strcmp(a, "--key-length")) o->key_length = (int)parse_int(a, v, 1, 64);
         else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_int(a, v, 0, 0x7fffffffffffffffL);
         else if (!strcmp(a, "--loss-length")) o->loss_length = (int)parse_int(a, v, 1, 0x7ffffffe);
-        else if (!strcmp(a, "--loss-docs")) o->loss_docs = (int)parse_int(a, v, 0, 1 << 20);
+        else if (!strcmp(a, "--loss-windows")) o->loss_windows = (int)parse_int(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--buckets")) o->buckets = (int)parse_int(a, v, 1, 1 << 20);
         else {
             usage(stderr);
@@ -311,40 +313,47 @@ static Trial *run_passkey(Inference *inf, const Codec *c, const Options *o) {
 /* ---- per-position loss -------------------------------------------------------------------------- */
 
 typedef struct PositionLoss {
-    int n_docs;
+    int n_windows;
     double *sum;   /* [buckets] */
     int64_t *count;
 } PositionLoss;
 
 static int64_t bucket_start(const Options *o, int b) { return (int64_t)o->loss_length * b / o->buckets; }
 
-static void run_position_loss(Inference *inf, const TokenDataset *ds, const Options *o, PositionLoss *pl) {
+static void window_loss(Inference *inf, const TokenDataset *ds, const Options *o, int64_t start, int32_t *tokens,
+                        PositionLoss *pl) {
     const int64_t T = o->loss_length;
     const int V = inf->model.cfg.vocab_size;
+    dataset_read(ds, start, T + 1, tokens);
+    float *logits = inference_logits(inf, tokens, T, ds->path, NULL);
+    for (int b = 0; b < o->buckets; b++)
+        for (int64_t t = bucket_start(o, b); t < bucket_start(o, b + 1); t++) {
+            pl->sum[b] -= log_prob(logits + (size_t)t * (size_t)V, V, tokens[t + 1]);
+            pl->count[b]++;
+        }
+    free(logits);
+    pl->n_windows++;
+}
+
+static void run_position_loss(Inference *inf, const TokenDataset *ds, const Options *o, PositionLoss *pl) {
+    const int64_t T = o->loss_length;
     pl->sum = xcalloc((size_t)o->buckets, sizeof(double));
     pl->count = xcalloc((size_t)o->buckets, sizeof(int64_t));
     int32_t *tokens = xmalloc(((size_t)T + 1) * sizeof(int32_t));
     int64_t longest = 0;
-    for (int64_t d = 0; d < ds->n_docs && pl->n_docs < o->loss_docs; d++) {
-        const int64_t len = ds->doc_offsets[d + 1] - ds->doc_offsets[d];
-        longest = len > longest ? len : longest;
-        if (len < T + 1) continue;
-        dataset_read(ds, ds->doc_offsets[d], T + 1, tokens);
-        float *logits = inference_logits(inf, tokens, T, ds->path, NULL);
-        for (int b = 0; b < o->buckets; b++)
-            for (int64_t t = bucket_start(o, b); t < bucket_start(o, b + 1); t++) {
-                pl->sum[b] -= log_prob(logits + (size_t)t * (size_t)V, V, tokens[t + 1]);
-                pl->count[b]++;
-            }
-        free(logits);
-        pl->n_docs++;
+    for (int64_t d = 0; d < ds->n_docs && pl->n_windows < o->loss_windows; d++) {
+        const int64_t begin = ds->doc_offsets[d], end = ds->doc_offsets[d + 1];
+        longest = end - begin > longest ? end - begin : longest;
+        for (int64_t at = begin; at + T + 1 <= end && pl->n_windows < o->loss_windows; at += T)
+            window_loss(inf, ds, o, at, tokens, pl);
     }
     free(tokens);
-    if (pl->n_docs < o->loss_docs)
-        fatal("%s: %d document%s of at least --loss-length + 1 = %lld tokens, --loss-docs asks for %d (the longest "
-              "has %lld tokens): lower --loss-length or --loss-docs, or use a file of longer documents "
-              "(build/prepare_text --min-doc-tokens)",
-              ds->path, pl->n_docs, pl->n_docs == 1 ? "" : "s", (long long)T + 1, o->loss_docs, (long long)longest);
+    if (pl->n_windows < o->loss_windows)
+        fatal("%s: its documents hold %d window%s of --loss-length + 1 = %lld tokens, --loss-windows asks for %d (the "
+              "longest document has %lld tokens): lower --loss-length or --loss-windows, or use a file of longer "
+              "documents (build/prepare_text --min-doc-tokens)",
+              ds->path, pl->n_windows, pl->n_windows == 1 ? "" : "s", (long long)T + 1, o->loss_windows,
+              (long long)longest);
 }
 
 /* ---- report ------------------------------------------------------------------------------------- */
@@ -383,8 +392,8 @@ static void print_tables(const Trial *all, const PositionLoss *pl, const Options
         printf("\nindexer recall by context length (MSA layers, passkey prompts)\n| length | recall |\n|---|---|\n");
         for (int l = 0; l < o->n_lengths; l++) printf("| %d | %.4f |\n", o->lengths[l], length_recall(all, o, l));
     }
-    if (pl->n_docs) {
-        printf("\nper-position loss (%d documents, first %d positions)\n| positions | loss |\n|---|---|\n", pl->n_docs,
+    if (pl->n_windows) {
+        printf("\nper-position loss (%d windows of %d positions)\n| positions | loss |\n|---|---|\n", pl->n_windows,
                o->loss_length);
         for (int b = 0; b < o->buckets; b++)
             printf("| %lld-%lld | %.4f |\n", (long long)bucket_start(o, b), (long long)bucket_start(o, b + 1) - 1,
@@ -430,7 +439,7 @@ static void write_json(const Trial *all, const PositionLoss *pl, const Options *
                                                  number(length_recall(all, o, l))));
         json_object_set_new(root, "recall_by_length", rec);
     }
-    if (pl->n_docs) {
+    if (pl->n_windows) {
         json_t *buckets = json_array();
         for (int b = 0; b < o->buckets; b++)
             json_array_append_new(buckets, json_pack("{s:I, s:I, s:o, s:I}", "start", (json_int_t)bucket_start(o, b),
@@ -438,7 +447,7 @@ static void write_json(const Trial *all, const PositionLoss *pl, const Options *
                                                      number(pl->sum[b] / (double)pl->count[b]), "tokens",
                                                      (json_int_t)pl->count[b]));
         json_object_set_new(root, "position_loss",
-                            json_pack("{s:i, s:i, s:o}", "length", o->loss_length, "documents", pl->n_docs, "buckets", buckets));
+                            json_pack("{s:i, s:i, s:o}", "length", o->loss_length, "windows", pl->n_windows, "buckets", buckets));
     }
     char *tmp = xmalloc(strlen(o->json) + 5);
     sprintf(tmp, "%s.tmp", o->json);
@@ -469,7 +478,7 @@ int main(int argc, char **argv) {
 
     Trial *trials = run_passkey(&inf, &codec, &o);
     PositionLoss pl = {0};
-    if (o.loss_docs) run_position_loss(&inf, &ds, &o, &pl);
+    if (o.loss_windows) run_position_loss(&inf, &ds, &o, &pl);
     print_tables(trials, &pl, &o, msa);
     if (o.json) {
         write_json(trials, &pl, &o, msa);
