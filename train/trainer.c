@@ -16,6 +16,7 @@
 #include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 #include "checkpoint.h"
+#include "inference.h"
 #include "ranks_agree.h"
 #include "run_lock.h"
 
@@ -60,14 +61,6 @@ static int agreed_stop_signal(Run *r) {
     int sig = stop_requested;
     if (r->dist->size > 1) dist_all_reduce(&r->dist->world, &sig, 1, DIST_I32, DIST_MAX, DEV_CPU);
     return sig;
-}
-
-static const KernelBackend *select_backend(const char *device) {
-    if (strcmp(device, "cpu") == 0) return &cpu_backend;
-#ifdef MSA_CUDA
-    if (strcmp(device, "cuda") == 0) return &cuda_backend;
-#endif
-    fatal("train.device = \"%s\": this build has no CUDA backend (build with nvcc present: make)", device);
 }
 
 static void fmt_duration(char *buf, size_t n, double s) {
@@ -800,7 +793,7 @@ void run_init(Run *r) {
     /* before anything reads or writes the directory's files: one run per directory (run_lock.h) */
     if (c->train.out_dir[0] && is_rank0(r)) r->dir_lock = run_dir_lock(c->train.out_dir);
 
-    r->be = select_backend(c->train.device);
+    r->be = backend_for_device(c->train.device);
     init_dist(r, src); /* before the model: it picks this rank's GPU */
     /* expert parallel when the ep group has more than one rank: this rank's experts only */
     dist_comm(&r->ep_comm, &r->dist->ep_group);
