@@ -4,13 +4,14 @@ package), in the format data/dataset.h describes (the same files build/prepare_t
 
     python3 tools/hf_tokenize.py --tokenizer TOKENIZER.json [--name NAME] [--val-fraction F]
                                  [--doc-separator STR] [--eos TOKEN] [--chunk-bytes N]
-                                 [--min-doc-tokens N] INPUT OUTDIR
+                                 [--whole-documents] [--min-doc-tokens N] INPUT OUTDIR
 
 INPUT is a UTF-8 text file, or a directory whose regular files (sorted by name, hidden ones skipped)
 are one document each; --doc-separator also cuts files into documents at that string (dropped; empty
 documents are skipped). --eos appends that token (e.g. "<|endoftext|>") to every document. The last
 F of the input bytes (default 0.1; cut at the first line end after that point) go to OUTDIR/val.h5,
-the rest to OUTDIR/train.h5; F = 0 writes no val file. --min-doc-tokens N keeps only the documents of at least N tokens (the EOS
+the rest to OUTDIR/train.h5; F = 0 writes no val file. --whole-documents moves the split to the document
+start nearest that point instead, so that no document is cut (an input of one document is still cut). --min-doc-tokens N keeps only the documents of at least N tokens (the EOS
 included) in each file: a length bucket for long-context training and evaluation (build/prepare_text has
 the same option).
 
@@ -117,10 +118,46 @@ def pieces(paths, sep, chunk):
                 buf = buf[i:]
 
 
-def split_pieces(stream, split_at):
+def nearest_document_start(paths, sep, chunk, target, total):
+    """The global byte offset of the document start nearest target (each file's start, and the byte after
+    each separator), other than the input's start and end; None when there is none (one document). Reads
+    the input once, chunk bytes at a time, as pieces() finds the separators: left to right, not overlapping."""
+    best, pos = None, 0
+
+    def consider(b):
+        nonlocal best
+        if 0 < b < total and (best is None or abs(b - target) < abs(best - target)):
+            best = b
+
+    for path in paths:
+        consider(pos)
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise Fail(f"{path}: cannot read ({e.strerror})")
+        with f:
+            tail, base, free_from = b"", pos, pos  # base: offset of tail[0]; free_from: end of the last match
+            while sep:
+                data = f.read(chunk)
+                if not data:
+                    break
+                buf = tail + data
+                i = buf.find(sep)
+                while i >= 0:
+                    if base + i >= free_from:
+                        free_from = base + i + len(sep)
+                        consider(free_from)
+                    i = buf.find(sep, i + 1)
+                cut = max(len(buf) - (len(sep) - 1), 0)  # a separator may start in the last len(sep) - 1 bytes
+                base, tail = base + cut, buf[cut:]
+        pos += os.path.getsize(path)
+    return best
+
+
+def split_pieces(stream, split_at, at_document=False):
     """Tags each piece with its output (0 = train, 1 = val): bytes from global offset split_at on go to
-    val, the piece holding that offset cut at its first line end at or after it. The first val piece
-    always starts a document."""
+    val, the piece holding that offset cut at its first line end at or after it (at_document: split_at is
+    a document start, where pieces start, so nothing is cut). The first val piece always starts a document."""
     if split_at is None:
         for piece in stream:
             yield piece + (0,)
@@ -129,7 +166,7 @@ def split_pieces(stream, split_at):
     for path, start, data, pos in stream:
         if not switched and pos + len(data) > split_at:
             at = max(split_at - pos, 0)
-            cut = data.find(b"\n", at) + 1
+            cut = at if at_document else data.find(b"\n", at) + 1
             if cut <= 0:
                 cut = char_boundary(data, 0, at) if 0 < at < len(data) else at
             if cut > 0:
@@ -300,6 +337,10 @@ def run(args):
     if total == 0:
         raise Fail(f"{args.input}: no text (empty input)")
     split_at = int(total * (1 - args.val_fraction)) if args.val_fraction > 0 else None
+    at_document = None
+    if split_at is not None and args.whole_documents:
+        at_document = nearest_document_start(files, sep, args.chunk_bytes, split_at, total)
+        split_at = at_document if at_document is not None else split_at
 
     created = make_out_dir(args.outdir)
     name = tokenizer_name(args)
@@ -317,7 +358,8 @@ def run(args):
                     outs[0].end_doc(None)  # a document the split cuts continues in val.h5: no EOS at the cut
                 outs[which].add(start, enc.ids, eos)
 
-        for path, start, data, pos, which in split_pieces(pieces(files, sep, args.chunk_bytes), split_at):
+        for path, start, data, pos, which in split_pieces(pieces(files, sep, args.chunk_bytes), split_at,
+                                                                  at_document is not None):
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -365,6 +407,8 @@ def main(argv=None):
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of the input for val.h5 (default 0.1)")
     ap.add_argument("--doc-separator", help="also split files into documents at this string")
     ap.add_argument("--eos", help="token appended to every document, e.g. \"<|endoftext|>\"")
+    ap.add_argument("--whole-documents", action="store_true",
+                    help="split train/val at the document start nearest the split point (no document cut)")
     ap.add_argument("--min-doc-tokens", type=int, default=0,
                     help="keep only documents of at least this many tokens (default 0: all)")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20, help="bytes read and tokenised at a time")
