@@ -8,6 +8,8 @@
 #   make test       CPU tests (closing line "N passed, N failed")
 #   make test-gpu   CUDA kernels against the CPU reference + a short CPU-vs-CUDA training run (needs a GPU)
 #   make data       tokenise the shipped Shakespeare text into data/shakespeare/{train,val}.h5
+#   make data-long  the same text as data/shakespeare_long/{train,val}.h5: the last quarter for validation,
+#                   one document of 278,849 tokens (longer than a 256K window; the shipped val.h5 has 111K)
 #   make cuda       CUDA objects only (needs nvcc)
 #   make BLAS=0     no OpenBLAS (plain OpenMP loops for GEMM)
 #   make SANITIZE=1 [test]  the CPU build under AddressSanitizer and UndefinedBehaviorSanitizer, in
@@ -108,7 +110,7 @@ ifneq ($(NVCC),)
   ALL     += $(GPU_TEST)
 endif
 
-.PHONY: all test test-gpu data cuda clean
+.PHONY: all test test-gpu data data-long cuda clean
 all: $(ALL)
 
 $(BUILD)/obj/%.o: %.c
@@ -130,7 +132,7 @@ $(BUILD)/tests/%: tests/%.c $(TEST_UTIL) $(LIB)
 	$(CC) $(CFLAGS) $< $(TEST_UTIL) $(LIB) $(LDLIBS) -o $@
 
 ifneq ($(SANITIZE),1)
-test: all data
+test: all data data-long
 	@bash tests/run_tests.sh $(TEST_BINS) $(TEST_PY)
 else
 # The tests name their programs relative to the repository root (build/train, build/tests/test_dist, ...),
@@ -142,7 +144,7 @@ SAN_VIEW := $(BUILD)/view
 # tests run), so LeakSanitizer would report whatever a finished function's local pointed to; and OpenMPI
 # keeps its own allocations until exit.
 SAN_OPTIONS := ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=abort_on_error=1:print_stacktrace=1
-test: all data
+test: all data data-long
 	@rm -rf $(SAN_VIEW) && mkdir -p $(SAN_VIEW)
 	@for e in $$(ls -A); do case $$e in build|$(BUILD)|.git) ;; *) ln -s ../../$$e $(SAN_VIEW)/$$e ;; esac; done
 	@ln -s .. $(SAN_VIEW)/build
@@ -185,6 +187,11 @@ endif
 data: data/shakespeare/train.h5
 data/shakespeare/train.h5: data/shakespeare/input.txt $(BUILD)/prepare_text
 	$(BUILD)/prepare_text --tokenizer char --val-fraction 0.1 data/shakespeare/input.txt data/shakespeare
+
+# --min-doc-tokens 262145: the tool fails rather than write a validation file too short for a 256K window
+data-long: data/shakespeare_long/train.h5
+data/shakespeare_long/train.h5: data/shakespeare/input.txt $(BUILD)/prepare_text
+	$(BUILD)/prepare_text --tokenizer char --val-fraction 0.25 --min-doc-tokens 262145 data/shakespeare/input.txt data/shakespeare_long
 
 cuda: $(CU_OBJ)
 $(BUILD)/obj/%.o: %.cu

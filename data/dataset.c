@@ -209,18 +209,50 @@ static uint64_t mix64(uint64_t z) {
 }
 
 void sampler_init(Sampler *s, const TokenDataset *ds, uint64_t seed) {
-    s->ds = ds;
-    s->mix = NULL;
-    s->seed = seed;
-    s->counter = 0;
+    *s = (Sampler){.ds = ds, .seed = seed};
 }
 
 void sampler_init_mix(Sampler *s, const DataMix *mix, uint64_t seed) {
     if (mix->n < 1) fatal("sampler_init_mix: an empty mix");
-    s->ds = NULL;
-    s->mix = mix;
-    s->seed = seed;
-    s->counter = 0;
+    *s = (Sampler){.mix = mix, .seed = seed};
+}
+
+DocList long_documents(const TokenDataset *ds, int64_t min_tokens, const char *why) {
+    DocList l = {xmalloc((size_t)ds->n_docs * sizeof(int64_t)), 0};
+    int64_t longest = 0;
+    for (int64_t d = 0; d < ds->n_docs; d++) {
+        int64_t len = ds->doc_offsets[d + 1] - ds->doc_offsets[d];
+        if (len >= min_tokens) l.docs[l.n++] = d;
+        longest = len > longest ? len : longest;
+    }
+    if (!l.n)
+        fatal("%s: %s needs documents of at least %lld tokens, and the longest of its %lld documents has %lld (a file of "
+              "long documents: build/prepare_text --min-doc-tokens)",
+              ds->path, why, (long long)min_tokens, (long long)ds->n_docs, (long long)longest);
+    return l;
+}
+
+void sampler_documents(Sampler *s, int T) {
+    const int n = s->mix ? s->mix->n : 1;
+    s->doc_tokens = (int64_t)T + 1;
+    s->long_docs = xcalloc((size_t)n, sizeof(DocList));
+    for (int i = 0; i < n; i++)
+        s->long_docs[i] = long_documents(s->mix ? &s->mix->ds[i] : s->ds, s->doc_tokens,
+                                         "data.sample = \"documents\" with train.seq_len + 1 tokens");
+}
+
+void sampler_free(Sampler *s) {
+    const int n = s->mix ? s->mix->n : 1;
+    for (int i = 0; s->long_docs && i < n; i++) free(s->long_docs[i].docs);
+    free(s->long_docs);
+    s->long_docs = NULL;
+    s->doc_tokens = 0;
+}
+
+/* uniform in [0, n), n > 0, from one uniform draw */
+static uint64_t draw_below(Rng *r, uint64_t n) {
+    uint64_t x = (uint64_t)(rng_uniform(r) * (double)n);
+    return x < n ? x : n - 1;
 }
 
 /* window `counter` depends on (seed, counter) alone: a resumed run that restores the counter draws
@@ -259,12 +291,17 @@ void sampler_next_part(Sampler *s, Batch *b, int first_row, int global_rows) {
     for (int i = 0; i < b->B; i++) {
         Rng r;
         window_rng(&r, s->seed, s->counter + (uint64_t)first_row + (uint64_t)i);
-        const TokenDataset *ds = s->mix ? &s->mix->ds[pick_file(s->mix, &r)] : s->ds;
+        const int f = pick_file(s->mix, &r);
+        const TokenDataset *ds = s->mix ? &s->mix->ds[f] : s->ds;
         check_fits(ds, b->T);
-        uint64_t n_starts = (uint64_t)(ds->n_tokens - b->T); /* starts 0 .. n_tokens - T - 1 */
-        uint64_t start = (uint64_t)(rng_uniform(&r) * (double)n_starts);
-        if (start >= n_starts) start = n_starts - 1;
-        fill_row(ds, b, i, (int64_t)start, buf);
+        int64_t start;
+        if (s->doc_tokens) {
+            const DocList *l = &s->long_docs[f];
+            int64_t d = l->docs[draw_below(&r, (uint64_t)l->n)];
+            int64_t len = ds->doc_offsets[d + 1] - ds->doc_offsets[d];
+            start = ds->doc_offsets[d] + (int64_t)draw_below(&r, (uint64_t)(len - b->T)); /* len - T - 1 + 1 starts */
+        } else start = (int64_t)draw_below(&r, (uint64_t)(ds->n_tokens - b->T)); /* starts 0 .. n_tokens - T - 1 */
+        fill_row(ds, b, i, start, buf);
     }
     s->counter += (uint64_t)global_rows;
     b->cu_seqlens[b->n_segments] = b->B * b->T;
@@ -290,6 +327,21 @@ void sampler_sequential_part(const TokenDataset *ds, int64_t index, Batch *b, in
     }
     b->cu_seqlens[b->n_segments] = b->B * b->T;
     free(buf);
+}
+
+void sampler_documents_part(const TokenDataset *ds, int64_t index, Batch *b, int first_row, int global_rows) {
+    check_part(b, first_row, global_rows);
+    DocList l = long_documents(ds, (int64_t)b->T + 1, "data.sample = \"documents\" (validation) with train.seq_len + 1 tokens");
+    int32_t *buf = xmalloc(((size_t)b->T + 1) * sizeof(int32_t));
+    b->n_segments = 0;
+    for (int i = 0; i < b->B; i++) {
+        int64_t w = ((index % l.n) * global_rows + first_row + i) % l.n;
+        if (w < 0) w += l.n;
+        fill_row(ds, b, i, ds->doc_offsets[l.docs[w]], buf);
+    }
+    b->cu_seqlens[b->n_segments] = b->B * b->T;
+    free(buf);
+    free(l.docs);
 }
 
 /* ---- several training files ------------------------------------------------------------------- */

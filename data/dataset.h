@@ -62,6 +62,16 @@ typedef struct DataMix {
 void datamix_open(DataMix *mx, const char *spec, const char *where);
 void datamix_close(DataMix *mx); /* also fine on a zeroed, never opened DataMix */
 
+/* The documents of a file with at least some number of tokens (a length bucket), by index. */
+typedef struct DocList {
+    int64_t *docs;
+    int64_t n;
+} DocList;
+
+/* The documents of ds with at least min_tokens tokens; none ends the program with a message that names
+ * the file, `why` (what needs them) and the longest document. */
+DocList long_documents(const TokenDataset *ds, int64_t min_tokens, const char *why);
+
 /* Deterministic sampler of random windows of T+1 tokens; its whole state is (seed, counter), so a
  * resumed run continues the same stream. With a mix, each window's file is picked from the same
  * (seed, counter) draw as its start, with probability = the file's weight. */
@@ -70,10 +80,20 @@ typedef struct Sampler {
     const DataMix *mix;      /* NULL: ds alone */
     uint64_t seed;
     uint64_t counter;        /* windows drawn so far */
+    /* sampler_documents: every window inside one document of at least doc_tokens tokens (0: anywhere) */
+    int64_t doc_tokens;
+    DocList *long_docs;      /* [number of files] those documents of each file */
 } Sampler;
 
 void sampler_init(Sampler *s, const TokenDataset *ds, uint64_t seed);
 void sampler_init_mix(Sampler *s, const DataMix *mix, uint64_t seed);
+/* config data.sample = "documents": from now on each window of T + 1 tokens is drawn from one document of
+ * at least T + 1 tokens: the document uniformly among those of its file, the window's start uniformly
+ * inside it; no window crosses a document boundary, so a long-context run sees documents as long as its
+ * window (positions 0 .. T-1, as random windows). A file without such a document ends the program with a
+ * message naming it and its longest document. */
+void sampler_documents(Sampler *s, int T);
+void sampler_free(Sampler *s); /* what sampler_documents allocated */
 /* The file window number `counter` of a mix comes from (index into mix->ds); 0 without a mix. */
 int sampler_pick(const Sampler *s, uint64_t counter);
 void sampler_next(Sampler *s, Batch *b);
@@ -87,5 +107,9 @@ void sampler_next_part(Sampler *s, Batch *b, int first_row, int global_rows);
 void sampler_sequential(const TokenDataset *ds, int64_t index, Batch *b);
 /* Rows [first_row, first_row + b->B) of sampler_sequential's batch `index` of global_rows rows. */
 void sampler_sequential_part(const TokenDataset *ds, int64_t index, Batch *b, int first_row, int global_rows);
+/* Validation with data.sample = "documents": window w is the first T + 1 tokens of the w-th document (in file
+ * order, cyclically) of at least T + 1 tokens, so every window starts at a document's position 0; rows as
+ * sampler_sequential_part. */
+void sampler_documents_part(const TokenDataset *ds, int64_t index, Batch *b, int first_row, int global_rows);
 
 #endif

@@ -380,6 +380,128 @@ TEST(split_cuts_a_document) {
     dataset_close(&va);
 }
 
+/* Documents "ab", "cdefghijkl", "mn", "opqrstuvwxyzABCD", "EF" (2, 10, 2, 16, 2 tokens). --whole-documents with
+ * val fraction 0.5 (split point 16) moves the split to the nearest boundary, 14 (between "mn" and the 16-token
+ * document); --min-doc-tokens 5 then keeps "cdefghijkl" in train and "opqrstuvwxyzABCD" in val. */
+TEST(whole_documents_and_min_doc_tokens) {
+    char in[512], out[512], args[3200], err[4096], tp[1024], vp[1024];
+    join(in, sizeof in, FX->dir, "long.txt");
+    join(out, sizeof out, FX->dir, "long");
+    const char *text = "ab|cdefghijkl|mn|opqrstuvwxyzABCD|EF";
+    write_bytes(in, text, strlen(text));
+    snprintf(args, sizeof args, "--val-fraction 0.5 --doc-separator '|' --whole-documents --min-doc-tokens 5 %s %s",
+             in, out);
+    int st = prepare(tc, args, err, sizeof err);
+    EXPECT(st == 0, "prepare_text exited %d: %s", st, err);
+    join(tp, sizeof tp, out, "train.h5");
+    join(vp, sizeof vp, out, "val.h5");
+    TokenDataset tr, va;
+    dataset_open(&tr, tp);
+    dataset_open(&va, vp);
+    char *a = decode_all(&tr), *b = decode_all(&va);
+    EXPECT(!strcmp(a, "cdefghijkl") && tr.n_docs == 1, "train %s (%lld docs)", a, (long long)tr.n_docs);
+    EXPECT(!strcmp(b, "opqrstuvwxyzABCD") && va.n_docs == 1, "val %s (%lld docs)", b, (long long)va.n_docs);
+    free(a);
+    free(b);
+    dataset_close(&tr);
+    dataset_close(&va);
+    /* without --whole-documents the split at 16 cuts the long document into 2 + 14 tokens */
+    snprintf(args, sizeof args, "--val-fraction 0.5 --doc-separator '|' --min-doc-tokens 3 %s %s", in, out);
+    st = prepare(tc, args, err, sizeof err);
+    EXPECT(st == 0, "prepare_text exited %d: %s", st, err);
+    dataset_open(&va, vp);
+    b = decode_all(&va);
+    EXPECT(!strcmp(b, "qrstuvwxyzABCD"), "cut val %s", b);
+    free(b);
+    dataset_close(&va);
+    /* no document long enough: an error naming the bound and the longest document */
+    snprintf(args, sizeof args, "--val-fraction 0 --doc-separator '|' --min-doc-tokens 17 %s %s", in, out);
+    st = prepare(tc, args, err, sizeof err);
+    EXPECT(st == 1 && strstr(err, "--min-doc-tokens 17") && strstr(err, "longest has 16"), "status %d: %s", st, err);
+}
+
+/* data.sample = "documents": documents of 3, 40, 5, 100, 8 tokens, each token = its document's number * 100 +
+ * its position in the document, so a window shows where it came from. */
+static void write_numbered_docs(const char *path) {
+    const int64_t lens[5] = {3, 40, 5, 100, 8};
+    int64_t off[6] = {0};
+    for (int d = 0; d < 5; d++) off[d + 1] = off[d] + lens[d];
+    int32_t *t = malloc((size_t)off[5] * sizeof(int32_t));
+    for (int d = 0; d < 5; d++)
+        for (int64_t i = 0; i < lens[d]; i++) t[off[d] + i] = (int32_t)(d * 100 + i);
+    write_raw(path, &(RawFile){.tokens = t, .n = off[5], .offsets = off, .n_off = 6, .vocab_size = 500,
+                               .tokenizer = "byte"});
+    free(t);
+}
+
+TEST(sampler_draws_windows_inside_long_documents) {
+    char p[1024];
+    join(p, sizeof p, FX->dir, "numbered.h5");
+    write_numbered_docs(p);
+    TokenDataset ds;
+    dataset_open(&ds, p);
+    const int T = 31; /* documents 1 (40 tokens) and 3 (100) hold T + 1 */
+    Batch b;
+    batch_alloc(&b, 4, T);
+    Sampler s;
+    sampler_init(&s, &ds, 11);
+    sampler_documents(&s, T);
+    int seen[5] = {0};
+    for (int rep = 0; rep < 25; rep++) {
+        sampler_next(&s, &b);
+        EXPECT(b.n_segments == 4, "a window crossed a document boundary: %d segments", b.n_segments);
+        for (int r = 0; r < 4; r++) {
+            const int32_t *in = b.inputs + r * T, *tg = b.targets + r * T;
+            int d = in[0] / 100, first = in[0] % 100;
+            seen[d]++;
+            EXPECT(d == 1 || d == 3, "a window from document %d (shorter than T + 1)", d);
+            for (int t = 0; t < T; t++) {
+                EXPECT(in[t] == d * 100 + first + t && tg[t] == in[t] + 1 && b.positions[r * T + t] == t,
+                       "row %d token %d: input %d target %d position %d", r, t, in[t], tg[t], b.positions[r * T + t]);
+            }
+        }
+    }
+    /* uniform over the two documents, and inside document 3 starts beyond document 1's length too */
+    EXPECT(seen[1] > 25 && seen[3] > 25, "documents drawn %d and %d times of 100", seen[1], seen[3]);
+    /* the stream is (seed, counter) alone: a fresh sampler at the same counter draws the same batch */
+    Sampler again;
+    sampler_init(&again, &ds, 11);
+    sampler_documents(&again, T);
+    again.counter = s.counter - 4;
+    Batch c;
+    batch_alloc(&c, 4, T);
+    sampler_next(&again, &c);
+    EXPECT(!memcmp(b.inputs, c.inputs, 4 * T * sizeof(int32_t)), "the documents stream does not replay");
+    sampler_free(&again);
+    sampler_free(&s);
+
+    /* validation: window w = the first T + 1 tokens of the w-th long document, cyclically */
+    sampler_documents_part(&ds, 0, &b, 0, 4);
+    for (int r = 0; r < 4; r++)
+        EXPECT(b.inputs[r * T] == (r % 2 ? 300 : 100) && b.inputs[r * T + T - 1] == b.inputs[r * T] + T - 1,
+               "validation row %d starts with %d", r, b.inputs[r * T]);
+    batch_free(&b);
+    batch_free(&c);
+    dataset_close(&ds);
+}
+
+static void sample_documents_of_101(const void *path) {
+    TokenDataset ds;
+    dataset_open(&ds, path);
+    Sampler s;
+    sampler_init(&s, &ds, 1);
+    sampler_documents(&s, 100);
+}
+
+TEST(sampler_documents_without_a_long_document) {
+    char p[1024], err[4096];
+    join(p, sizeof p, FX->dir, "numbered.h5");
+    write_numbered_docs(p);
+    int st = test_run_child(sample_documents_of_101, p, err, sizeof err);
+    EXPECT(st == 1 && strstr(err, p) && strstr(err, "data.sample") && strstr(err, "101") && strstr(err, "has 100"),
+           "status %d: %s", st, err);
+}
+
 TEST(directory_input_sorted_documents) {
     char dir[512], p[1024], out[512], args[3200], err[4096], tp[1024];
     join(dir, sizeof dir, FX->dir, "corpus");
@@ -696,6 +818,9 @@ int main(void) {
     RUN(document_boundaries_in_batches);
     RUN(split_cuts_a_document);
     RUN(directory_input_sorted_documents);
+    RUN(whole_documents_and_min_doc_tokens);
+    RUN(sampler_draws_windows_inside_long_documents);
+    RUN(sampler_documents_without_a_long_document);
     RUN(sampler_determinism);
     RUN(missing_garbage_and_truncated_files);
     RUN(malformed_datasets);

@@ -156,6 +156,63 @@ def split_loses_nothing(work):
 
 
 @test
+def whole_documents_split_at_the_nearest_document_start(work):
+    tk, tok, corpus = setup(work)
+    # the reference: document starts in bytes (file starts here, the empty c.txt's too) and the nearest one
+    # to the split point of fraction F
+    names = sorted(n for n in DOCS if not n.startswith("."))
+    sizes = [len(DOCS[n].encode()) for n in names]
+    total = sum(sizes)
+    starts = [sum(sizes[:i]) for i in range(1, len(names)) if 0 < sum(sizes[:i]) < total]
+    for frac in ("0.2", "0.5", "0.8"):
+        target = int(total * (1 - float(frac)))
+        at = min(starts, key=lambda b: abs(b - target))
+        want_train = [DOCS[n] for n, b in zip(names, [sum(sizes[:i]) for i in range(len(names))]) if b < at and DOCS[n]]
+        want_val = [DOCS[n] for n, b in zip(names, [sum(sizes[:i]) for i in range(len(names))]) if b >= at and DOCS[n]]
+        for chunk in ("16", "100000"):
+            out = os.path.join(work, f"whole{frac}_{chunk}")
+            must("--tokenizer", tk, "--val-fraction", frac, "--whole-documents", "--chunk-bytes", chunk, corpus, out)
+            train, val = decode_docs(tok, os.path.join(out, "train.h5")), decode_docs(tok, os.path.join(out, "val.h5"))
+            check(train == want_train and val == want_val, f"fraction {frac}, chunk {chunk}: {len(train)} train "
+                  f"and {len(val)} val documents, want {len(want_train)} and {len(want_val)}")
+    # separators: documents "aaa", "bbbbbbbbbb", "cc" of one file; at 0.5 of 17 bytes (8) the nearest start
+    # is the one after the first separator (4), not the second (15)
+    src = os.path.join(work, "sep.txt")
+    with open(src, "w") as f:
+        f.write("aaa|bbbbbbbbbb|cc")
+    for chunk in ("16", "100000"):
+        out = os.path.join(work, "sep" + chunk)
+        must("--tokenizer", tk, "--val-fraction", "0.5", "--whole-documents", "--doc-separator", "|", "--chunk-bytes",
+             chunk, src, out)
+        train, val = decode_docs(tok, os.path.join(out, "train.h5")), decode_docs(tok, os.path.join(out, "val.h5"))
+        check(train == ["aaa"] and val == ["bbbbbbbbbb", "cc"], f"chunk {chunk}: {train} | {val}")
+
+
+@test
+def min_doc_tokens_keeps_the_long_documents_whole(work):
+    tk, tok, corpus = setup(work)
+    # the reference: each document tokenised alone (plus its EOS), the kept ones those of >= N tokens
+    eos = tok.token_to_id("<|endoftext|>")
+    lengths = [len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in EXPECTED_DOCS]
+    n = sorted(lengths)[len(lengths) // 2]  # about half the documents survive
+    want = [d + "<|endoftext|>" for d, k in zip(EXPECTED_DOCS, lengths) if k >= n]
+    check(0 < len(want) < len(EXPECTED_DOCS), f"a test corpus with documents on both sides of {n}: {lengths}")
+    for chunk in ("16", "100000"):  # documents in many pieces, and whole
+        out = os.path.join(work, "long" + chunk)
+        must("--tokenizer", tk, "--val-fraction", "0", "--chunk-bytes", chunk, "--eos", "<|endoftext|>",
+             "--min-doc-tokens", str(n), corpus, out)
+        got = decode_docs(tok, os.path.join(out, "train.h5"))
+        check(got == want, f"chunk {chunk}: kept documents {got!r}, want {want!r}")
+        t, off, _, _ = read(os.path.join(out, "train.h5"))
+        check(all(off[i + 1] - off[i] >= n and t[off[i + 1] - 1] == eos for i in range(len(off) - 1)),
+              "a kept document is shorter than --min-doc-tokens or lost its EOS")
+    r = run("--tokenizer", tk, "--val-fraction", "0", "--min-doc-tokens", str(10 ** 9), corpus,
+            os.path.join(work, "none"))
+    check(r.returncode == 1 and "--min-doc-tokens" in r.stderr, f"no long document: {r.returncode} {r.stderr}")
+    check(not os.path.exists(os.path.join(work, "none")), "a failed run left its output folder")
+
+
+@test
 def file_format(work):
     tk, tok, corpus = setup(work)
     out = os.path.join(work, "out")

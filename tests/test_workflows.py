@@ -4,7 +4,9 @@
 1. pretraining from scratch: configs/shakespeare_char.json (dense), configs/shakespeare_msa.json (MSA),
    configs/pretrain_msa_moe.json (MSA + MoE);
 2. continued long-context training from a checkpoint: configs/longctx_continue.json (longer sequence,
-   RoPE theta change, init_from);
+   RoPE theta change, init_from), and the whole continuation workflow of the README's long-context section:
+   a model trained at 64 tokens, extended to 256 with a RoPE change and MSA on whole long documents
+   (data.sample = documents), build/eval before and after, tools/plot_eval.py;
 3. indexer fine-tuning of a dense GQA checkpoint: dense pretrain -> tools/hf_export.py -> Hugging Face
    directory -> tools/hf_import.py --attention msa -> configs/indexer_finetune.json (stage 1 dense
    warm-up training only the index branch, stage 2 sparse), checking that the backbone never moved,
@@ -30,6 +32,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 TRAIN = os.path.join(ROOT, "build", "train")
+EVAL = os.path.join(ROOT, "build", "eval")
+LONG_DATA = ["data.train_path=data/shakespeare_long/train.h5", "data.val_path=data/shakespeare_long/val.h5"]
 
 # a tiny model every workflow config can be shrunk to
 TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64"]
@@ -115,6 +119,58 @@ def long_context_continuation_from_a_checkpoint(tmp):
     first = [r["loss"] for r in metrics(out) if "loss" in r][0]
     fresh = [r["loss"] for r in metrics(base) if "loss" in r][0]
     assert first < fresh, f"continuation starts at {first}, a fresh model at {fresh}"
+
+
+def evaluate(config, checkpoint, out_json):
+    r = subprocess.run([EVAL, config, checkpoint, "--data", "data/shakespeare_long/val.h5", "--lengths", "256",
+                        "--depths", "0,0.5,1", "--trials", "1", "--loss-length", "256", "--loss-windows", "8",
+                        "--buckets", "4", "--json", out_json], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"build/eval failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    with open(out_json) as f:
+        return json.load(f), r.stdout
+
+
+@test
+def long_context_continuation_with_eval_before_and_after(tmp):
+    # the README's long-context recipe, small: a dense model trained at 64 tokens ...
+    base = os.path.join(tmp, "base")
+    train("shakespeare_char.json", base, TINY_MODEL + LONG_DATA + [
+        "train.steps=60", "train.seq_len=64", "train.batch_size=8", "train.eval_every=0", "train.eval_batches=1",
+        "optim.lr=0.01", "optim.warmup_steps=5"])
+    start = newest_checkpoint(base)
+    before, table = evaluate(os.path.join(base, "config.json"), start, os.path.join(tmp, "before.json"))
+    check_eval(before, table, msa=False)
+    # ... extended to 256 with a RoPE theta change (the shipped config's 40000) and MSA, on whole long documents
+    out = os.path.join(tmp, "long")
+    train("longctx_continue.json", out, TINY_MODEL + TINY_MSA + LONG_DATA + [
+        f"train.init_from={start}", "train.steps=20", "train.seq_len=256", "train.batch_size=2",
+        "train.eval_every=0", "train.eval_batches=1", "train.checkpoint_every=0", "data.sample=documents",
+        "optim.lr=0.003", "optim.warmup_steps=3"])
+    after, table = evaluate(os.path.join(out, "config.json"), newest_checkpoint(out), os.path.join(tmp, "after.json"))
+    check_eval(after, table, msa=True)
+    # positions past the 64 the base model was trained on: the continued model predicts them better
+    def far(r):
+        return np.mean([b["loss"] for b in r["position_loss"]["buckets"] if b["start"] >= 64])
+    assert far(after) < far(before), f"loss at positions >= 64: {far(before):.4f} before, {far(after):.4f} after"
+    png = os.path.join(tmp, "eval.png")
+    r = subprocess.run([PY, os.path.join(ROOT, "tools", "plot_eval.py"), os.path.join(tmp, "before.json"),
+                        os.path.join(tmp, "after.json"), "--labels", "before,after", "-o", png],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and os.path.getsize(png) > 0, f"plot_eval: {r.stderr}"
+
+
+def check_eval(r, table, msa):
+    pk = r["passkey"]
+    assert pk["lengths"] == [256] and pk["depths"] == [0, 0.5, 1], f"grid {pk}"
+    assert all(0 <= a <= 1 for row in pk["accuracy"] for a in row), f"accuracy {pk['accuracy']}"
+    assert all(np.isfinite(t["key_logprob"]) and t["key_logprob"] < 0 for t in pk["trials"]), "key log-probabilities"
+    losses = [b["loss"] for b in r["position_loss"]["buckets"]]
+    assert r["position_loss"]["windows"] == 8 and all(np.isfinite(x) and 0 < x < 10 for x in losses), f"{losses}"
+    assert ("recall_by_length" in r) == msa, "recall by length for MSA models only"
+    if msa:
+        assert all(0 < x["recall"] <= 1 for x in r["recall_by_length"]), f"{r['recall_by_length']}"
+    assert "passkey exact-match accuracy" in table and "per-position loss" in table, table
 
 
 @test
@@ -238,8 +294,9 @@ def a_recipe_applies_to_any_model(tmp):
 
 
 def main():
-    if not os.path.exists(TRAIN) or not os.path.exists(os.path.join(ROOT, "data/shakespeare/train.h5")):
-        print(f"{TRAIN} or the Shakespeare data is missing: run make and make data first")
+    if not os.path.exists(EVAL) or not os.path.exists(os.path.join(ROOT, "data/shakespeare_long/val.h5")) or \
+            not os.path.exists(os.path.join(ROOT, "data/shakespeare/train.h5")):
+        print(f"{TRAIN}, {EVAL} or the Shakespeare data is missing: run make, make data and make data-long first")
         print("0 passed, 1 failed")
         return 1
     passed = failed = 0

@@ -14,22 +14,13 @@
 
 #include "../data/h5read.h"
 #include "../kernels/util.h"
-#include "../train/checkpoint.h"
 #include "../train/config.h"
-#include "../train/model.h"
+#include "../train/inference.h"
 
 static void usage(FILE *f) {
     fprintf(f, "usage: build/forward CONFIG.json CHECKPOINT.h5 TOKENS.h5 OUT.h5 [--set section.key=value]...\n"
                "Writes the logits (float32 [T, V], dataset \"logits\") of the checkpoint's model on the int32\n"
                "dataset \"tokens\" of TOKENS.h5, read as one document.\n");
-}
-
-static const KernelBackend *select_backend(const char *device) {
-    if (!strcmp(device, "cpu")) return &cpu_backend;
-#ifdef MSA_CUDA
-    if (!strcmp(device, "cuda")) return &cuda_backend;
-#endif
-    fatal("train.device = \"%s\": this build has no CUDA backend (build with nvcc present: make)", device);
 }
 
 /* The 1-D integer dataset "tokens" of path, as int32 (malloc'd); *n gets its length. */
@@ -94,49 +85,18 @@ int main(int argc, char **argv) {
         return 2;
     }
     h5_setup(); /* failures are reported by name, and a failed close does not crash the exit */
-    if (cfg.model.vocab_size <= 0)
-        fatal("%s: model.vocab_size must be set (there is no data file to take it from)", pos[0]);
-    config_validate(&cfg);
-
+    Inference inf;
+    inference_open(&inf, &cfg, pos[0], pos[1]);
     int64_t T;
     int32_t *tokens = read_tokens(pos[2], &T);
-    for (int64_t t = 0; t < T; t++)
-        if (tokens[t] < 0 || tokens[t] >= cfg.model.vocab_size)
-            fatal("%s: token %lld is %d, outside the vocabulary [0, %d)", pos[2], (long long)t, tokens[t],
-                  cfg.model.vocab_size);
-
-    const KernelBackend *be = select_backend(cfg.train.device);
-    Model m;
-    model_build(&m, &cfg, be, DT_F32, cfg.train.seed);
-    checkpoint_read_params(pos[1], &m, true);
-    Engine e;
-    engine_init(&e, be, be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
-    engine_set_grad(&e, false);
-
-    Batch b;
-    batch_alloc(&b, 1, (int)T);
-    for (int64_t t = 0; t < T; t++) {
-        b.inputs[t] = tokens[t];
-        b.positions[t] = (int32_t)t;
-    }
-    b.cu_seqlens[0] = 0;
-    b.cu_seqlens[1] = (int32_t)T;
-    b.n_segments = 1;
-    Batch view = b;
-    view.targets = NULL;
-    ModelInput in = model_upload(&e, &view);
-    Tensor *logits = model_logits(&m, &e, &in, false, NULL);
-    int64_t V = tensor_dim(logits, -1);
-    float *host = xmalloc((size_t)(T * V) * sizeof(float));
-    tensor_to_host_f32(&e, host, logits); /* bf16 activations on CUDA */
+    float *host = inference_logits(&inf, tokens, T, pos[2], NULL);
+    const int64_t V = inf.model.cfg.vocab_size;
     write_logits(pos[3], host, T, V);
     printf("forward: %s on %lld tokens of %s -> %s (logits [%lld, %lld])\n", pos[1], (long long)T, pos[2], pos[3],
            (long long)T, (long long)V);
 
     free(host);
-    batch_free(&b);
     free(tokens);
-    engine_free(&e);
-    model_free(&m);
+    inference_close(&inf);
     return 0;
 }

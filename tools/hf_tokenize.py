@@ -3,13 +3,17 @@
 package), in the format data/dataset.h describes (the same files build/prepare_text writes).
 
     python3 tools/hf_tokenize.py --tokenizer TOKENIZER.json [--name NAME] [--val-fraction F]
-                                 [--doc-separator STR] [--eos TOKEN] [--chunk-bytes N] INPUT OUTDIR
+                                 [--doc-separator STR] [--eos TOKEN] [--chunk-bytes N]
+                                 [--whole-documents] [--min-doc-tokens N] INPUT OUTDIR
 
 INPUT is a UTF-8 text file, or a directory whose regular files (sorted by name, hidden ones skipped)
 are one document each; --doc-separator also cuts files into documents at that string (dropped; empty
 documents are skipped). --eos appends that token (e.g. "<|endoftext|>") to every document. The last
 F of the input bytes (default 0.1; cut at the first line end after that point) go to OUTDIR/val.h5,
-the rest to OUTDIR/train.h5; F = 0 writes no val file.
+the rest to OUTDIR/train.h5; F = 0 writes no val file. --whole-documents moves the split to the document
+start nearest that point instead, so that no document is cut (an input of one document is still cut). --min-doc-tokens N keeps only the documents of at least N tokens (the EOS
+included) in each file: a length bucket for long-context training and evaluation (build/prepare_text has
+the same option).
 
 Streaming: files are read --chunk-bytes at a time (default 4 MiB), tokenised in batches of about that
 many bytes, and the token and document-offset datasets are extended as tokens arrive, so memory stays
@@ -114,10 +118,46 @@ def pieces(paths, sep, chunk):
                 buf = buf[i:]
 
 
-def split_pieces(stream, split_at):
+def nearest_document_start(paths, sep, chunk, target, total):
+    """The global byte offset of the document start nearest target (each file's start, and the byte after
+    each separator), other than the input's start and end; None when there is none (one document). Reads
+    the input once, chunk bytes at a time, as pieces() finds the separators: left to right, not overlapping."""
+    best, pos = None, 0
+
+    def consider(b):
+        nonlocal best
+        if 0 < b < total and (best is None or abs(b - target) < abs(best - target)):
+            best = b
+
+    for path in paths:
+        consider(pos)
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise Fail(f"{path}: cannot read ({e.strerror})")
+        with f:
+            tail, base, free_from = b"", pos, pos  # base: offset of tail[0]; free_from: end of the last match
+            while sep:
+                data = f.read(chunk)
+                if not data:
+                    break
+                buf = tail + data
+                i = buf.find(sep)
+                while i >= 0:
+                    if base + i >= free_from:
+                        free_from = base + i + len(sep)
+                        consider(free_from)
+                    i = buf.find(sep, i + 1)
+                cut = max(len(buf) - (len(sep) - 1), 0)  # a separator may start in the last len(sep) - 1 bytes
+                base, tail = base + cut, buf[cut:]
+        pos += os.path.getsize(path)
+    return best
+
+
+def split_pieces(stream, split_at, at_document=False):
     """Tags each piece with its output (0 = train, 1 = val): bytes from global offset split_at on go to
-    val, the piece holding that offset cut at its first line end at or after it. The first val piece
-    always starts a document."""
+    val, the piece holding that offset cut at its first line end at or after it (at_document: split_at is
+    a document start, where pieces start, so nothing is cut). The first val piece always starts a document."""
     if split_at is None:
         for piece in stream:
             yield piece + (0,)
@@ -126,7 +166,7 @@ def split_pieces(stream, split_at):
     for path, start, data, pos in stream:
         if not switched and pos + len(data) > split_at:
             at = max(split_at - pos, 0)
-            cut = data.find(b"\n", at) + 1
+            cut = at if at_document else data.find(b"\n", at) + 1
             if cut <= 0:
                 cut = char_boundary(data, 0, at) if 0 < at < len(data) else at
             if cut > 0:
@@ -145,8 +185,9 @@ def split_pieces(stream, split_at):
 class TokenWriter:
     """One token file, grown as tokens arrive (written to path.tmp; the caller renames it)."""
 
-    def __init__(self, path, vocab_size, name, tokenizer_json):
+    def __init__(self, path, vocab_size, name, tokenizer_json, min_doc_tokens=0):
         self.path, self.tmp = path, path + ".tmp"
+        self.min_doc_tokens = min_doc_tokens
         self.out = Hdf5Writer(self.tmp)
         try:
             self.create(vocab_size, name, tokenizer_json)
@@ -158,6 +199,9 @@ class TokenWriter:
         self.buf, self.buf_len = [], 0
         self.off_buf = []
         self.in_doc = False     # the current document has tokens
+        # the current document's tokens not yet in buf: all of them with min_doc_tokens (its length decides
+        # whether it is kept), else none (streamed as they come)
+        self.doc, self.doc_len, self.doc_kept = [], 0, False
 
     def create(self, vocab_size, name, tokenizer_json):
         f = self.out.file
@@ -180,22 +224,35 @@ class TokenWriter:
             self.end_doc(eos)
         if not ids:
             return
-        if not self.in_doc:
+        self.in_doc = True
+        self.doc.append(np.asarray(ids, dtype=np.int32))
+        self.doc_len += len(ids)
+        if not self.min_doc_tokens:
+            self.keep_doc()
+
+    def keep_doc(self):
+        """Moves the current document's held tokens to the file's buffer (its offset with the first)."""
+        if not self.doc:
+            return
+        if not self.doc_kept:
             self.off_buf.append(self.n_tokens)
             self.n_docs += 1
-            self.in_doc = True
-        a = np.asarray(ids, dtype=np.int32)
-        self.buf.append(a)
-        self.buf_len += a.size
-        self.n_tokens += a.size
+            self.doc_kept = True
+        for a in self.doc:
+            self.buf.append(a)
+            self.buf_len += a.size
+            self.n_tokens += a.size
+        self.doc = []
         if self.buf_len >= FLUSH_TOKENS:
             self.flush()
 
     def end_doc(self, eos):
         if self.in_doc and eos is not None:
-            self.buf.append(np.array([eos], dtype=np.int32))
-            self.buf_len += 1
-            self.n_tokens += 1
+            self.doc.append(np.array([eos], dtype=np.int32))
+            self.doc_len += 1
+        if self.doc_len >= self.min_doc_tokens:
+            self.keep_doc()
+        self.doc, self.doc_len, self.doc_kept = [], 0, False
         self.in_doc = False
 
     def flush(self):
@@ -267,6 +324,8 @@ def run(args):
             raise Fail(f"{args.tokenizer}: --eos {args.eos!r} is not a token of this tokenizer")
     if not 0 <= args.val_fraction < 1:
         raise Fail(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+    if args.min_doc_tokens < 0:
+        raise Fail(f"--min-doc-tokens {args.min_doc_tokens}: must be >= 0")
     if args.chunk_bytes < 16:
         raise Fail(f"--chunk-bytes {args.chunk_bytes}: must be at least 16")
     sep = args.doc_separator.encode("utf-8") if args.doc_separator is not None else None
@@ -278,14 +337,18 @@ def run(args):
     if total == 0:
         raise Fail(f"{args.input}: no text (empty input)")
     split_at = int(total * (1 - args.val_fraction)) if args.val_fraction > 0 else None
+    at_document = None
+    if split_at is not None and args.whole_documents:
+        at_document = nearest_document_start(files, sep, args.chunk_bytes, split_at, total)
+        split_at = at_document if at_document is not None else split_at
 
     created = make_out_dir(args.outdir)
     name = tokenizer_name(args)
     outs = []
     try:
-        outs.append(TokenWriter(os.path.join(args.outdir, "train.h5"), vocab, name, tok_json))
+        outs.append(TokenWriter(os.path.join(args.outdir, "train.h5"), vocab, name, tok_json, args.min_doc_tokens))
         if split_at is not None:
-            outs.append(TokenWriter(os.path.join(args.outdir, "val.h5"), vocab, name, tok_json))
+            outs.append(TokenWriter(os.path.join(args.outdir, "val.h5"), vocab, name, tok_json, args.min_doc_tokens))
         batch, batch_bytes = [], 0
 
         def encode(batch):
@@ -295,7 +358,8 @@ def run(args):
                     outs[0].end_doc(None)  # a document the split cuts continues in val.h5: no EOS at the cut
                 outs[which].add(start, enc.ids, eos)
 
-        for path, start, data, pos, which in split_pieces(pieces(files, sep, args.chunk_bytes), split_at):
+        for path, start, data, pos, which in split_pieces(pieces(files, sep, args.chunk_bytes), split_at,
+                                                                  at_document is not None):
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -309,6 +373,9 @@ def run(args):
             encode(batch)
         for w, label in zip(outs, ("train", "validation")):
             if w.n_tokens == 0:
+                if args.min_doc_tokens:
+                    raise Fail(f"{args.input}: no document of the {label} part has at least --min-doc-tokens "
+                               f"{args.min_doc_tokens} tokens")
                 raise Fail(f"{args.input}: the {label} part has no tokens (too little text for --val-fraction "
                            f"{args.val_fraction}?)")
         for w in outs:
@@ -340,6 +407,10 @@ def main(argv=None):
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of the input for val.h5 (default 0.1)")
     ap.add_argument("--doc-separator", help="also split files into documents at this string")
     ap.add_argument("--eos", help="token appended to every document, e.g. \"<|endoftext|>\"")
+    ap.add_argument("--whole-documents", action="store_true",
+                    help="split train/val at the document start nearest the split point (no document cut)")
+    ap.add_argument("--min-doc-tokens", type=int, default=0,
+                    help="keep only documents of at least this many tokens (default 0: all)")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20, help="bytes read and tokenised at a time")
     return report(run, ap.parse_args(argv))
 

@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tool_common, however the tool is started
 
-from tool_common import Fail, exit_with, make_out_dir, parse_json, remove_dirs, report
+from tool_common import Fail, exit_with, parse_json, report, save_png
 
 # (title, y label, [(record key, legend label, kind of record)]): "train" records are the logged steps,
 # "eval" ones the validation passes (they hold val_loss)
@@ -117,19 +117,7 @@ def plot(run_dir, out_path):
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)) or run_dir)
     fig.tight_layout()
 
-    created = make_out_dir(os.path.dirname(out_path) or ".")
-    tmp = out_path + ".tmp"
-    try:
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, out_path)
-        except OSError as e:
-            raise Fail(f"{out_path}: cannot write ({e.strerror})")
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        remove_dirs(created)
-        raise
+    save_png(fig, out_path)
     return [ax.get_title() for ax in fig.axes]
 
 

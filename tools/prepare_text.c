@@ -1,13 +1,17 @@
 /* build/prepare_text: text -> HDF5 token files (the format data/dataset.h describes).
  *
- *   build/prepare_text [--tokenizer char|byte] [--val-fraction F] [--doc-separator STR] INPUT OUTDIR
+ *   build/prepare_text [--tokenizer char|byte] [--val-fraction F] [--doc-separator STR] [--whole-documents]
+ *                      [--min-doc-tokens N] INPUT OUTDIR
  *
  * INPUT is a text file, or a directory whose regular files (sorted by name, hidden ones skipped) are
  * one document each; --doc-separator also cuts files into documents at that string (the separator
  * itself is dropped, empty documents are skipped). The token stream is split at one token position
  * as nanoGPT's shakespeare_char does: the first (1 - F) of the tokens go to OUTDIR/train.h5, the rest
  * to OUTDIR/val.h5 (F = 0: no val file); a document cut by the split continues as the first document
- * of val.h5. Tokenizers: "char" = the sorted set of distinct bytes of the input (stored as the
+ * of val.h5; with --whole-documents the split moves to the document boundary nearest that position instead,
+ * so that no document is cut (an input of one document is still cut). --min-doc-tokens N keeps only the
+ * documents of at least N tokens in each file (a length bucket for long-context training and evaluation;
+ * a part left without any is an error). Tokenizers: "char" = the sorted set of distinct bytes of the input (stored as the
  * "vocab" attribute; 65 for tiny Shakespeare), "byte" = the 256 byte values. Each file is written as
  * NAME.h5.tmp, checked by reading it back with dataset_open, then renamed into place. */
 #include <dirent.h>
@@ -29,6 +33,8 @@
 typedef struct Options {
     const char *tokenizer, *separator, *input, *outdir;
     double val_fraction;
+    bool whole_documents;
+    int64_t min_doc_tokens; /* 0: every document */
 } Options;
 
 /* All documents laid end to end; doc_offsets[d] is where document d starts in text. */
@@ -41,7 +47,8 @@ typedef struct Corpus {
 
 static noreturn void usage_error(const char *msg) {
     fprintf(stderr,
-            "usage: build/prepare_text [--tokenizer char|byte] [--val-fraction F] [--doc-separator STR] INPUT OUTDIR\n");
+            "usage: build/prepare_text [--tokenizer char|byte] [--val-fraction F] [--doc-separator STR] "
+            "[--whole-documents] [--min-doc-tokens N] INPUT OUTDIR\n");
     fatal("%s", msg);
 }
 
@@ -226,10 +233,17 @@ static void parse_args(Options *o, int argc, char **argv) {
                    "OUTDIR/train.h5 and OUTDIR/val.h5 (the last F of the tokens; default F = 0.1).\n"
                    "  --tokenizer char    vocabulary = the distinct bytes of the input (default)\n"
                    "  --tokenizer byte    vocabulary = the 256 byte values\n"
-                   "  --doc-separator S   also split files into documents at the string S\n");
+                   "  --doc-separator S   also split files into documents at the string S\n"
+                   "  --whole-documents   split train/val at the document boundary nearest the split point\n"
+                   "  --min-doc-tokens N  keep only documents of at least N tokens (in each file)\n");
             exit(0);
         }
-        if (!strcmp(a, "--tokenizer") || !strcmp(a, "--val-fraction") || !strcmp(a, "--doc-separator")) {
+        if (!strcmp(a, "--whole-documents")) {
+            o->whole_documents = true;
+            continue;
+        }
+        if (!strcmp(a, "--tokenizer") || !strcmp(a, "--val-fraction") || !strcmp(a, "--doc-separator") ||
+            !strcmp(a, "--min-doc-tokens")) {
             if (i + 1 >= argc) usage_error("missing value after an option");
             const char *v = argv[++i];
             if (!strcmp(a, "--tokenizer")) {
@@ -240,6 +254,12 @@ static void parse_args(Options *o, int argc, char **argv) {
                 o->val_fraction = strtod(v, &end);
                 if (!*v || *end || !(o->val_fraction >= 0 && o->val_fraction < 1))
                     fatal("--val-fraction %s: must be a number in [0, 1)", v);
+            } else if (!strcmp(a, "--min-doc-tokens")) {
+                char *end;
+                errno = 0;
+                long long n = strtoll(v, &end, 10);
+                if (!*v || *end || errno || n < 1) fatal("--min-doc-tokens %s: must be an integer >= 1", v);
+                o->min_doc_tokens = n;
             } else {
                 if (!*v) fatal("--doc-separator: the separator must not be empty");
                 o->separator = v;
@@ -253,6 +273,40 @@ static void parse_args(Options *o, int argc, char **argv) {
         else usage_error("too many arguments");
     }
     if (!o->input || !o->outdir) usage_error("INPUT and OUTDIR are required");
+}
+
+/* The document boundary (a start other than 0) nearest token position at; at itself when the corpus is one
+ * document. */
+static int64_t nearest_boundary(const Corpus *c, int64_t at) {
+    int64_t best = at, dist = INT64_MAX;
+    for (int64_t d = 1; d < c->n_docs; d++) {
+        int64_t b = c->doc_offsets[d], e = b > at ? b - at : at - b;
+        if (e < dist) best = b, dist = e;
+    }
+    return best;
+}
+
+/* --min-doc-tokens: drops the documents shorter than that from one part (tokens *tokens, document offsets
+ * off [*n_docs + 1]); *tokens becomes a new array of the documents kept (malloc'd), off and *n_docs theirs.
+ * Returns the tokens kept. */
+static int64_t keep_long_documents(const Options *o, const char *path, int32_t **tokens, int64_t *off, int64_t *n_docs) {
+    int32_t *kept = xmalloc((size_t)(off[*n_docs] > 0 ? off[*n_docs] : 1) * sizeof(int32_t));
+    int64_t n = 0, docs = 0, longest = 0;
+    for (int64_t d = 0; d < *n_docs; d++) {
+        int64_t len = off[d + 1] - off[d];
+        longest = len > longest ? len : longest;
+        if (len < o->min_doc_tokens) continue;
+        memcpy(kept + n, *tokens + off[d], (size_t)len * sizeof(int32_t));
+        off[docs++] = n; /* docs <= d: the entry was read already */
+        n += len;
+    }
+    if (!docs)
+        fatal("%s: no document of at least --min-doc-tokens %lld tokens would go into %s (its longest has %lld)",
+              o->input, (long long)o->min_doc_tokens, path, (long long)longest);
+    off[docs] = n;
+    *n_docs = docs;
+    *tokens = kept;
+    return n;
 }
 
 static const char *plural(int64_t n) { return n == 1 ? "" : "s"; }
@@ -287,7 +341,9 @@ int main(int argc, char **argv) {
     free(c.text);
 
     /* split at one token position, as nanoGPT: n_train = int(n * 0.9) */
-    int64_t n = c.n, n_train = (int64_t)floor((double)n * (1.0 - o.val_fraction)), n_val = n - n_train;
+    int64_t n = c.n, n_train = (int64_t)floor((double)n * (1.0 - o.val_fraction));
+    if (o.whole_documents && o.val_fraction > 0) n_train = nearest_boundary(&c, n_train);
+    int64_t n_val = n - n_train;
     if (n_train <= 0 || (o.val_fraction > 0 && n_val <= 0))
         fatal("%s: %lld tokens are too few to split with --val-fraction %g", o.input, (long long)n, o.val_fraction);
 
@@ -309,8 +365,13 @@ int main(int argc, char **argv) {
     sprintf(train_path, "%s/train.h5", o.outdir);
     sprintf(val_path, "%s/val.h5", o.outdir);
     const char *v = chars ? vocab : NULL;
-    write_token_file(train_path, tokens, n_train, tr_off, n_tr_docs, o.tokenizer, vocab_size, v);
-    if (n_val > 0) write_token_file(val_path, tokens + n_train, n_val, va_off, n_va_docs, o.tokenizer, vocab_size, v);
+    int32_t *tr_tokens = tokens, *va_tokens = tokens + n_train;
+    if (o.min_doc_tokens) {
+        n_train = keep_long_documents(&o, train_path, &tr_tokens, tr_off, &n_tr_docs);
+        if (n_val > 0) n_val = keep_long_documents(&o, val_path, &va_tokens, va_off, &n_va_docs);
+    }
+    write_token_file(train_path, tr_tokens, n_train, tr_off, n_tr_docs, o.tokenizer, vocab_size, v);
+    if (n_val > 0) write_token_file(val_path, va_tokens, n_val, va_off, n_va_docs, o.tokenizer, vocab_size, v);
 
     printf("prepare_text: %s: %lld tokens in %lld document%s, %s tokenizer, vocab size %d\n", o.input, (long long)n,
            (long long)c.n_docs, plural(c.n_docs), o.tokenizer, vocab_size);
@@ -320,6 +381,10 @@ int main(int argc, char **argv) {
         printf("  %s: %lld tokens, %lld document%s\n", val_path, (long long)n_val, (long long)n_va_docs,
                plural(n_va_docs));
     else printf("  (no validation file: --val-fraction 0)\n");
+    if (o.min_doc_tokens) {
+        free(tr_tokens);
+        if (n_val > 0) free(va_tokens);
+    }
     free(tr_off);
     free(va_off);
     free(tokens);

@@ -87,6 +87,24 @@ def remove_dirs(created):
             return
 
 
+def save_png(fig, out_path):
+    """A matplotlib figure to out_path (its folder created with its parents), written under a temporary name
+    and renamed, so an earlier picture survives a failed write; a failure leaves nothing behind."""
+    created = make_out_dir(os.path.dirname(out_path) or ".")
+    tmp = out_path + ".tmp"
+    try:
+        try:
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, out_path)
+        except OSError as e:
+            raise Fail(f"{out_path}: cannot write ({e.strerror})")
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        remove_dirs(created)
+        raise
+
+
 def write_text(path, text):
     """Writes text to the file at path; Fail naming it when the write fails (full disk, no permission)."""
     try:

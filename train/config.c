@@ -155,6 +155,7 @@ static const KeyDef KEYS[] = {
     STR(data, train_path, "", "HDF5 token file for training (build/prepare_text)"),
     STR(data, val_path, "", "HDF5 token file for validation"),
     STR(data, train_mix, "", "several training files, each window from one picked by weight: \"a.h5:0.7,b.h5:0.3\"; \"\" = train_path alone"),
+    CHOICE(data, sample, "windows", "windows|documents", "windows: training windows start anywhere (documents inside one are separated by cu_seqlens) and validation windows are the file cut every seq_len tokens; documents: each training window lies inside one document of at least seq_len + 1 tokens (drawn uniformly, the window uniformly inside it) and validation window w is the first seq_len + 1 tokens of the w-th such document, so a long-context run trains and evaluates on whole long documents (build/prepare_text --min-doc-tokens writes such files)"),
 
     NUM(dist, dp, 0, 0, 1 << 20, "data-parallel ranks (ZeRO-1: optimizer state sharded over them); 0 = every rank that ep and cp leave; dp * ep * cp = ranks of mpirun -np"),
     NUM(dist, ep, 1, 1, 1 << 20, "expert-parallel ranks: each holds num_experts / ep of the routed experts (must divide moe.num_experts) and takes its own sequences; tokens reach their experts by all-to-all"),

@@ -117,6 +117,7 @@ typedef struct DataConfig {
     char train_path[CFG_STR];  /* HDF5 token file (tools/prepare_text) */
     char val_path[CFG_STR];    /* HDF5 token file for validation */
     char train_mix[1024];      /* "path1:w1,path2:w2": several training files sampled by weight; "" = train_path */
+    char sample[16];           /* "windows" (anywhere) or "documents" (each window inside one long enough document) */
 } DataConfig;
 
 /* Distributed runs (dist/, `mpirun -np N build/train CONFIG`): the world of N ranks is dp * ep * cp. */

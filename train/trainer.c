@@ -16,6 +16,7 @@
 #include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 #include "checkpoint.h"
+#include "inference.h"
 #include "ranks_agree.h"
 #include "run_lock.h"
 
@@ -60,14 +61,6 @@ static int agreed_stop_signal(Run *r) {
     int sig = stop_requested;
     if (r->dist->size > 1) dist_all_reduce(&r->dist->world, &sig, 1, DIST_I32, DIST_MAX, DEV_CPU);
     return sig;
-}
-
-static const KernelBackend *select_backend(const char *device) {
-    if (strcmp(device, "cpu") == 0) return &cpu_backend;
-#ifdef MSA_CUDA
-    if (strcmp(device, "cuda") == 0) return &cuda_backend;
-#endif
-    fatal("train.device = \"%s\": this build has no CUDA backend (build with nvcc present: make)", device);
 }
 
 static void fmt_duration(char *buf, size_t n, double s) {
@@ -821,7 +814,7 @@ void run_init(Run *r) {
     /* before anything reads or writes the directory's files: one run per directory (run_lock.h) */
     if (c->train.out_dir[0] && is_rank0(r)) r->dir_lock = run_dir_lock(c->train.out_dir);
 
-    r->be = select_backend(c->train.device);
+    r->be = backend_for_device(c->train.device);
     init_dist(r, src); /* before the model: it picks this rank's GPU */
     /* expert parallel when the ep group has more than one rank: this rank's experts only */
     dist_comm(&r->ep_comm, &r->dist->ep_group);
@@ -848,6 +841,7 @@ void run_init(Run *r) {
     r->model.block_tape_start = r->buckets.n ? r->buckets.block_tape_start : NULL;
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
     else sampler_init(&r->sampler, &r->train_ds, c->train.seed);
+    if (!strcmp(c->data.sample, "documents")) sampler_documents(&r->sampler, c->train.seq_len);
     batch_alloc(&r->batch, c->train.batch_size / (r->dist->dp * r->dist->ep), c->train.seq_len);
     init_test_hooks(r);
     if (!r->quiet) {
@@ -905,6 +899,7 @@ void run_free(Run *r) {
     model_free(&r->model);
     dataset_close(&r->train_ds);
     dataset_close(&r->val_ds);
+    sampler_free(&r->sampler);
     datamix_close(&r->train_mix);
     run_dir_unlock(r->dir_lock); /* last: the directory's files are closed */
     r->dir_lock = -1;
@@ -1232,7 +1227,8 @@ static double eval_loss(Run *r) {
             return NAN;
         }
         engine_reset(e);
-        sampler_sequential_part(&r->val_ds, i, &r->batch, row_rank(r) * r->batch.B, r->cfg.train.batch_size);
+        (strcmp(r->cfg.data.sample, "documents") ? sampler_sequential_part : sampler_documents_part)(
+            &r->val_ds, i, &r->batch, row_rank(r) * r->batch.B, r->cfg.train.batch_size);
         ModelInput in = model_upload(e, &r->batch);
         double lm = tensor_item(e, model_forward(m, e, &in, false).lm), n = (double)counted_targets(r);
         parts[2 * i] = lm * n; /* exact in double: lm is a float, n < 2^29 */
