@@ -30,8 +30,8 @@ typedef struct Model {
     Metrics metrics;                    /* what the layers reported since the caller zeroed it ("kl", "recall";
                                            the statistics a layer leaves on the device arrive with model_collect) */
     /* Context parallelism (dist.cp; NULL or a group of one rank: none). The group's ranks share each
-     * micro-batch: every op but attention runs on this rank's contiguous 1/cp of its N tokens
-     * (model_cp_range), and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
+     * micro-batch: every op but attention runs on this rank's 1/cp of its N tokens (model_cp_tokens);
+     * heads mode: a contiguous share, and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
      * around it (autograd/op_cp.c); MSA layers gather the shared index key. The ModelInput stays the
      * whole micro-batch; the logits, the LM loss and the MSA KL and metrics then cover this rank's
      * share only (its tokens; its GQA groups), and the trainer recombines them over the group. The Comm

@@ -643,8 +643,9 @@ static void init_dist(Run *r, const char *src) {
               "micro-batch; use a multiple of %d",
               src, c->train.batch_size, dp, ep, dp * ep);
     const int rows = dp * ep; /* the ranks that split the rows */
-    /* context parallelism (train/model.c): attention runs head-parallel, whole GQA groups per rank, and
-     * every other op on an equal share of the micro-batch's tokens */
+    /* context parallelism (train/model.c): every op but attention on an equal share of the micro-batch's
+     * tokens; attention head-parallel, whole GQA groups per rank, or over the sequence by ring (the limits
+     * of that mode: config_validate) */
     if (!config_cp_sequence(c) && c->model.n_kv_heads % cp)
         fatal("%s: dist.cp = %d does not divide model.n_kv_heads = %d: context parallelism with dist.cp_mode = heads "
               "gives each cp rank whole GQA groups (n_kv_heads / cp of them, and their query heads), so cp can be at "
