@@ -811,10 +811,11 @@ void run_init(Run *r) {
     r->model.cp = &r->cp_comm; /* context parallel when it has more than one rank */
     r->model.cp_sequence = config_cp_sequence(c);
     const char *missing = backend_missing(r->be, (r->model.n_msa_layers ? BACKEND_MSA : 0) |
-                                                     (r->model.n_moe_layers ? BACKEND_MOE : 0));
+                                                     (r->model.n_moe_layers ? BACKEND_MOE : 0) |
+                                                     (r->model.cp_sequence && r->dist->cp > 1 ? BACKEND_RING : 0));
     if (missing)
-        fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers need", src, r->be->name,
-              missing);
+        fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers or dist.cp_mode = sequence "
+              "need", src, r->be->name, missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
     r->prof = NULL;
     if (c->train.profile_steps > 0) {
