@@ -134,6 +134,15 @@ Tensor *op_cp_heads_to_seq(Engine *e, Tensor *x, const Comm *g);
 /* x [n, ...] -> [P*n, ...]: every rank's rows in rank order; backward: the gradient reduce-scattered (sum) */
 Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g);
 
+/* ---- context parallelism over the sequence (autograd/op_cp_sequence.c; layers/attention.c). Each rank of
+ * g holds n tokens of the micro-batch, not necessarily contiguous, named by their global indices
+ * (index, i32 [n]); cu_seqlens [ndocs+1] covers the whole micro-batch. ---- */
+/* causal GQA attention within documents of this rank's q [n, Hq, D] over every rank's k, v [n, Hkv, D]
+ * (ring attention): out [n, Hq, D], the single-process attention's rows of this rank's tokens. Backward:
+ * dq here, dk/dv summed over every rank's queries on the rank that holds those keys. */
+Tensor *op_cp_ring_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, Tensor *index,
+                             float scale, const Comm *g);
+
 /* ---- expert parallelism (autograd/op_ep.c; layers/moe.c). The P ranks of the expert-parallel group g
  * (a Comm, kernels/comm.h) route different tokens; rank r holds the routed experts [r*El, (r+1)*El),
  * E = P*El. A group of one rank needs no Comm implementation (comm_single). ---- */

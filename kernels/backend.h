@@ -59,12 +59,13 @@ typedef struct KernelBackend {
 } KernelBackend;
 
 /* Entry groups (the first column of kernels.def). CORE entries every backend has; a backend may lack the
- * MSA or MoE group (its table file says which groups it fills; both backends here fill all of them).
+ * MSA, MoE or RING group (its table file says which groups it fills; the CPU fills all of them, CUDA all
+ * but RING: sequence-split context parallelism runs on the CPU only, train/trainer.c refuses it on CUDA).
  * backend_missing returns the name of the first NULL entry among CORE and the groups asked for, or
  * NULL when the backend has them all: programs check it at start-up to refuse such a configuration
  * with a message. BACKEND_REQUIRE(be, entry) guards a call site (needs kernels/util.h for fatal): a
  * call through a NULL entry must never happen. */
-enum { BACKEND_CORE = 0, BACKEND_MSA = 1, BACKEND_MOE = 2 };
+enum { BACKEND_CORE = 0, BACKEND_MSA = 1, BACKEND_MOE = 2, BACKEND_RING = 4 };
 static inline const char *backend_missing(const KernelBackend *be, int groups) {
 #define KERNEL(group, ret, name, params)                                                            \
     if ((BACKEND_##group == BACKEND_CORE || (groups & BACKEND_##group)) && !be->name) return #name;

@@ -9,6 +9,8 @@
 #include "../kernels/cuda/limits.h"
 #include "rope_scaling.h"
 
+bool attention_cp_heads(const LayerContext *ctx) { return ctx->cp && ctx->cp->size > 1 && !ctx->cp_index; }
+
 int attention_head_dim(const ModelConfig *c) { return c->head_dim ? c->head_dim : c->d_model / c->n_heads; }
 
 int attention_rotary_dim(const ModelConfig *c) { return c->rotary_dim ? c->rotary_dim : attention_head_dim(c); }
@@ -65,7 +67,7 @@ void attention_project(const AttentionFrame *f, Engine *e, Tensor *h, const Laye
     const RopeTable *rope = rope_table_in(e, &f->rope, f->rotary_dim, ctx->positions_end);
     q = op_rope(e, q, ctx->positions, rope);
     k = op_rope(e, k, ctx->positions, rope);
-    if (ctx->cp && ctx->cp->size > 1) { /* this rank's tokens, every head -> every token, this rank's heads */
+    if (attention_cp_heads(ctx)) { /* this rank's tokens, every head -> every token, this rank's heads */
         q = op_cp_seq_to_heads(e, q, ctx->cp);
         k = op_cp_seq_to_heads(e, k, ctx->cp);
         v = op_cp_seq_to_heads(e, v, ctx->cp);
@@ -74,7 +76,7 @@ void attention_project(const AttentionFrame *f, Engine *e, Tensor *h, const Laye
 }
 
 Tensor *attention_output(const AttentionFrame *f, Engine *e, Tensor *o, const LayerContext *ctx) {
-    if (ctx->cp && ctx->cp->size > 1) o = op_cp_heads_to_seq(e, o, ctx->cp);
+    if (attention_cp_heads(ctx)) o = op_cp_heads_to_seq(e, o, ctx->cp);
     return op_linear(e, engine_view(e, o, SHAPE(o->shape[0], (int64_t)f->n_heads * f->head_dim)), f->wo);
 }
 
@@ -103,7 +105,10 @@ static Tensor *dense_forward(void *self, Engine *e, Tensor *x, const LayerContex
     Tensor *q, *k, *v;
     attention_project(f, e, x, ctx, &q, &k, &v);
     *aux = NULL;
-    return attention_output(f, e, op_attention(e, q, k, v, ctx->cu_seqlens, f->scale, NULL), ctx);
+    Tensor *o = ctx->cp_index && ctx->cp->size > 1
+                    ? op_cp_ring_attention(e, q, k, v, ctx->cu_seqlens, ctx->cp_index, f->scale, ctx->cp)
+                    : op_attention(e, q, k, v, ctx->cu_seqlens, f->scale, NULL);
+    return attention_output(f, e, o, ctx);
 }
 
 const LayerKind attention_dense = {

@@ -24,11 +24,14 @@ int attention_rotary_dim(const ModelConfig *c);
 
 /* Declare "layers.<l>.attn.wq, wk, wv, wo" (then bq, bk, bv; q_norm, k_norm when configured). */
 void attention_declare(AttentionFrame *f, const LayerSetup *s);
-/* h [N, C] -> q [N, Hq, D], k, v [N, Hkv, D] after biases, norms and RoPE; under context parallelism
- * every token of this rank's heads (GQA groups whole). */
+/* h [N, C] -> q [N, Hq, D], k, v [N, Hkv, D] after biases, norms and RoPE; under head-parallel context
+ * parallelism every token of this rank's heads (GQA groups whole); under sequence-split context
+ * parallelism (ctx->cp_index) this rank's tokens, every head, as without it. */
 void attention_project(const AttentionFrame *f, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **q, Tensor **k,
                        Tensor **v);
 /* o [N, Hq, D] (as attention_project left it) -> [N, C] of this rank's tokens. */
+/* Does context parallelism split the heads here (an exchange around attention)? */
+bool attention_cp_heads(const LayerContext *ctx);
 Tensor *attention_output(const AttentionFrame *f, Engine *e, Tensor *o, const LayerContext *ctx);
 
 /* The CUDA attention kernels' limits on the frame's shapes (head dim, query heads). */

@@ -73,6 +73,8 @@ typedef struct LayerContext {
                               RoPE scaling's sequence length; 0 = unknown */
     Tensor *cu_seqlens; /* i32 [ndocs+1]: the documents of the whole micro-batch */
     const Comm *cp;     /* context-parallel group; NULL or one rank: none (autograd/ops.h) */
+    Tensor *cp_index;   /* i32 [N]: under sequence-split context parallelism (dist.cp_mode = sequence), the
+                           micro-batch index of each of this rank's tokens; NULL: cp splits the heads */
     bool dense;         /* attention with a learned selection reads every visible block instead
                            (MSA's dense warm-up and the dense-attention reference, Model.msa_dense) */
     bool collect;       /* evaluation: also the statistics that cost extra work (MSA recall) */

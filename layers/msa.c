@@ -292,7 +292,7 @@ static void index_project(const MsaLayer *L, Engine *e, Tensor *h, const LayerCo
     qi = op_rope(e, op_rmsnorm(e, qi, L->iq_norm, eps, true), ctx->positions, rope);
     ki = op_rope(e, op_rmsnorm(e, ki, L->ik_norm, eps, true), ctx->positions, rope);
     ki = engine_view(e, ki, SHAPE(N, Di));
-    if (ctx->cp && ctx->cp->size > 1) {
+    if (attention_cp_heads(ctx)) {
         qi = op_cp_seq_to_heads(e, qi, ctx->cp);
         ki = op_cp_all_gather(e, ki, ctx->cp);
     }
@@ -301,6 +301,9 @@ static void index_project(const MsaLayer *L, Engine *e, Tensor *h, const LayerCo
 
 static Tensor *msa_forward(void *self, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **aux) {
     MsaLayer *L = self;
+    if (ctx->cp_index && ctx->cp->size > 1)
+        fatal("an MSA layer under dist.cp_mode = sequence: not implemented (train/trainer.c refuses the config); "
+              "use dist.cp_mode = heads");
     Tensor *q, *k, *v, *qi, *ki;
     attention_project(&L->frame, e, h, ctx, &q, &k, &v);
     index_project(L, e, h, ctx, &qi, &ki);

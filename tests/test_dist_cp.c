@@ -1,4 +1,5 @@
-/* Context parallelism on the CPU (issue 7; head-parallel, autograd/op_cp.c and train/model.c).
+/* Context parallelism on the CPU: head-parallel (issue 7; autograd/op_cp.c and train/model.c) and over the
+ * sequence (issue 17; autograd/op_cp_sequence.c, the zigzag split of model_cp_tokens).
  *   - the block transpose (backend transpose01) against an index-by-index reference and its round trip,
  *     and the seq <-> heads exchange built from it, simulated for P ranks in one process;
  *   - the exchange ops themselves under mpirun (this program in its `--exchange` mode, 2 and 4 ranks):
@@ -8,16 +9,25 @@
  *     with dropout, gradient accumulation and activation recomputation), an MSA model whose selection is
  *     sparse (block 8, top-3 of up to 8 blocks) with and without dense warm-up, and CP-2 x DP-2 on 4 ranks;
  *   - a checkpoint of a CP-2 run resumes on 1 rank and on CP-2 x DP-2;
- *   - a cp that does not divide the KV heads or the tokens of a micro-batch is refused with a message.
+ *   - a cp that does not divide the KV heads (dist.cp_mode = heads) or the tokens of a micro-batch is refused
+ *     with a message;
+ *   - sequence mode: the zigzag split partitions every sequence with equal causal work per rank; the ring
+ *     attention op under mpirun (`--ring`, 2, 4 and 8 ranks) equals single-process attention in output, dq,
+ *     dk and dv on documents that cross the chunks; a rank that hangs mid-ring ends the job within
+ *     dist.timeout (`--ring-hang`); build/train at cp 2, 4, 8 (2 KV heads), cp 4 x dp 2 and cp 2 x ep 2 (MoE)
+ *     equals the single process on a file of short documents; what sequence mode does not cover is refused.
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
 #include "../autograd/ops.h"
 #include "../dist/dist.h"
 #include "../kernels/util.h"
+#include "../train/model.h"
 #include "dist_harness.h"
 #include "gradcheck.h"
 #include "test.h"
@@ -203,6 +213,183 @@ TEST(exchange_ops_under_mpirun) {
     }
 }
 
+/* ---- sequence-split context parallelism: the zigzag split and the ring ----------------------------- */
+
+/* model_cp_tokens in sequence mode for P ranks at once: every token of every sequence on exactly one rank,
+ * rank r holding chunks r and 2P-1-r of each, in ascending order; and the causal work (keys a token can
+ * see within its sequence, pos + 1) is the same on every rank, which is what the zigzag is for. */
+TEST(zigzag_split_partitions_each_sequence_with_equal_causal_work) {
+    const int64_t rows = 3, T = 48, N = rows * T;
+    for (int P = 1; P <= 8; P++) {
+        if (T % (2 * P)) continue;
+        const int64_t chunk = T / (2 * P);
+        int *owner = xcalloc((size_t)N, sizeof(int));
+        int32_t *index = xmalloc((size_t)N * sizeof(int32_t));
+        int64_t work0 = -1;
+        for (int r = 0; r < P; r++) {
+            Comm g = {.name = "cp", .rank = r, .size = P};
+            Model m = {.cp = &g, .cp_sequence = true};
+            const int64_t n = model_cp_tokens(&m, N, T, index);
+            EXPECT(n == N / P, "P %d rank %d: %lld tokens, expected %lld", P, r, (long long)n, (long long)(N / P));
+            int64_t work = 0;
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t t = index[i], c = (t % T) / chunk;
+                EXPECT(i == 0 || index[i] > index[i - 1], "P %d rank %d: indices not ascending at %lld", P, r, (long long)i);
+                EXPECT(c == r || c == 2 * P - 1 - r, "P %d rank %d holds token %lld of chunk %lld", P, r, (long long)t,
+                       (long long)c);
+                owner[t]++;
+                work += t % T + 1;
+            }
+            if (work0 < 0) work0 = work;
+            EXPECT(work == work0, "P %d: rank %d's causal work %lld differs from rank 0's %lld", P, r, (long long)work,
+                   (long long)work0);
+        }
+        for (int64_t t = 0; t < N; t++) EXPECT(owner[t] == 1, "P %d: token %lld held %d times", P, (long long)t, owner[t]);
+        free(owner), free(index);
+    }
+}
+
+/* A micro-batch of 2 sequences of 32 tokens in 7 documents: boundaries at 5, 19, 20 (a 1-token document),
+ * 32 (the row), 45 and 51, so that at 2, 4 and 8 ranks (chunks of 8, 4 and 2 tokens) documents start and
+ * end inside chunks and span the chunks of several ranks. */
+static const int32_t RING_CU[] = {0, 5, 19, 20, 32, 45, 51, 64};
+#define RING_T 32
+#define RING_N 64
+
+/* rows index[0..n) of x [N, H, D] as a fresh test tensor */
+static Tensor *take_rows(const Tensor *x, const int32_t *index, int64_t n) {
+    const int64_t row = x->numel / x->shape[0];
+    Tensor *t = test_tensor(x->dtype, SHAPE(n, x->shape[1], x->shape[2]));
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < row; j++) tensor_set(t, i * row + j, tensor_get(x, (int64_t)index[i] * row + j));
+    return t;
+}
+
+/* max |a - rows of b| / max |rows of b| */
+static double rows_rel_diff(const Tensor *a, const Tensor *b, const int32_t *index, int64_t n) {
+    const int64_t row = b->numel / b->shape[0];
+    double diff = 0, ref = 0;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < row; j++) {
+            const double x = tensor_get(a, i * row + j), y = tensor_get(b, (int64_t)index[i] * row + j);
+            if (fabs(x - y) > diff) diff = fabs(x - y);
+            if (fabs(y) > ref) ref = fabs(y);
+        }
+    return diff / (ref > 0 ? ref : 1);
+}
+
+/* mpirun -np P build/tests/test_dist_cp --ring: op_cp_ring_attention on this rank's zigzag rows of q, k, v
+ * equals the single-process op_attention over the whole micro-batch (computed here too, from the same
+ * seeds): the output rows, and after a backward from the same seed gradient dq, dk and dv of this rank's
+ * rows (dk, dv summed over every rank's queries). F64: 1e-12, F32: 1e-5 relative. */
+static int ring_main(int argc, char **argv) {
+    Dist dist;
+    dist_init(&dist, &argc, &argv);
+    dist_setup(&dist, 1, 1, dist.size, 10.0, DEV_CPU, "test_dist_cp");
+    Comm cp;
+    dist_comm(&cp, &dist.cp_group);
+    Model m = {.cp = &cp, .cp_sequence = true};
+    int32_t index[RING_N];
+    const int64_t n = model_cp_tokens(&m, RING_N, RING_T, index), Hq = 4, Hkv = 2, D = 8;
+    const float scale = 0.35f;
+    for (int dt = 0; dt < 2; dt++) {
+        const DType type = dt ? DT_F32 : DT_F64;
+        const double tol = dt ? 1e-5 : 1e-12;
+        Engine eng, *e = &eng;
+        engine_init(e, &cpu_backend, type, 1 << 20);
+        Tensor *cu = engine_empty(e, DT_I32, SHAPE((int64_t)(sizeof RING_CU / sizeof RING_CU[0])));
+        tensor_from_host(e, cu, RING_CU);
+        Tensor *idx = engine_empty(e, DT_I32, SHAPE(n));
+        tensor_from_host(e, idx, index);
+        Tensor *q = test_randn(type, SHAPE(RING_N, Hq, D), 1.0, 101), *k = test_randn(type, SHAPE(RING_N, Hkv, D), 1.0, 102),
+               *v = test_randn(type, SHAPE(RING_N, Hkv, D), 1.0, 103), *dout = test_randn(type, SHAPE(RING_N, Hq, D), 1.0, 104);
+        Tensor *ql = take_rows(q, index, n), *kl = take_rows(k, index, n), *vl = take_rows(v, index, n),
+               *doutl = take_rows(dout, index, n);
+        q->requires_grad = k->requires_grad = v->requires_grad = true;
+        ql->requires_grad = kl->requires_grad = vl->requires_grad = true;
+        Tensor *ref = op_attention(e, q, k, v, cu, scale, NULL);
+        engine_backward_from(e, ref, dout, 0);
+        const int from = e->tape_len;
+        Tensor *out = op_cp_ring_attention(e, ql, kl, vl, cu, idx, scale, &cp);
+        engine_backward_from(e, out, doutl, from);
+        const struct { const char *what; const Tensor *a, *b; } cmp[] = {
+            {"out", out, ref}, {"dq", ql->grad, q->grad}, {"dk", kl->grad, k->grad}, {"dv", vl->grad, v->grad}};
+        for (int c = 0; c < 4; c++) {
+            const double rel = rows_rel_diff(cmp[c].a, cmp[c].b, index, n);
+            CHECK(rel <= tol, "rank %d of %d, %s: %s differs from the single process by %.3g relative (tolerance %g)",
+                  cp.rank, cp.size, dtype_name(type), cmp[c].what, rel, tol);
+        }
+        engine_free(e);
+        Tensor *all[] = {q, k, v, dout, ql, kl, vl, doutl};
+        for (int i = 0; i < 8; i++) {
+            all[i]->grad = NULL; /* the engine's arena held it */
+            test_tensor_free(all[i]);
+        }
+    }
+    printf("rank %d: ring ok (cp %d)\n", cp.rank, cp.size);
+    dist_finalize(&dist);
+    return 0;
+}
+
+TEST(ring_attention_equals_single_process_attention_at_2_4_8_ranks) {
+    EXPECT(FX->have_mpirun, "no mpirun: install openmpi-bin (bash tools/install_deps.sh)");
+    for (int np = 2; np <= 8; np *= 2) {
+        char out[8192];
+        EXPECT(harness_run_ranks(tc, np, "build/tests/test_dist_cp --ring", "ring ok", out, sizeof out), "np %d: %s", np,
+               out);
+    }
+}
+
+/* The cp group's all_to_allv (the ring's shift), except that the last rank stops for good before its second
+ * shift: it has passed its first block on and hangs in the middle of the ring. */
+static Comm hang_base;
+static void all_to_allv_then_hang(const Comm *c, const void *send, const int64_t *sc, const int64_t *sd, void *recv,
+                                  const int64_t *rc, const int64_t *rd, DType t, Device dev) {
+    static int shifts;
+    if (c->rank == c->size - 1 && ++shifts == 2)
+        for (;;) pause(); /* until the others time out and mpirun ends the job */
+    hang_base.all_to_allv(c, send, sc, sd, recv, rc, rd, t, dev);
+}
+
+/* mpirun -np 4 build/tests/test_dist_cp --ring-hang: the ring forward with dist.timeout = 2 s and a rank
+ * that hangs after its first shift; the others must end the job with the timeout's message. */
+static int ring_hang_main(int argc, char **argv) {
+    Dist dist;
+    dist_init(&dist, &argc, &argv);
+    dist_setup(&dist, 1, 1, dist.size, 2.0, DEV_CPU, "test_dist_cp");
+    dist_comm(&hang_base, &dist.cp_group);
+    Comm cp = hang_base;
+    cp.all_to_allv = all_to_allv_then_hang;
+    Model m = {.cp = &cp, .cp_sequence = true};
+    int32_t index[RING_N];
+    const int64_t n = model_cp_tokens(&m, RING_N, RING_T, index);
+    Engine eng, *e = &eng;
+    engine_init(e, &cpu_backend, DT_F32, 1 << 20);
+    Tensor *cu = engine_empty(e, DT_I32, SHAPE((int64_t)(sizeof RING_CU / sizeof RING_CU[0])));
+    tensor_from_host(e, cu, RING_CU);
+    Tensor *idx = engine_empty(e, DT_I32, SHAPE(n));
+    tensor_from_host(e, idx, index);
+    Tensor *q = engine_zeros(e, DT_F32, SHAPE(n, 2, 4)), *k = engine_zeros(e, DT_F32, SHAPE(n, 1, 4));
+    op_cp_ring_attention(e, q, k, k, cu, idx, 0.5f, &cp);
+    printf("rank %d: the ring completed although a rank hung\n", cp.rank);
+    dist_finalize(&dist);
+    return 0;
+}
+
+TEST(a_rank_that_hangs_mid_ring_ends_the_job_within_the_timeout) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    const char *cmds[4];
+    for (int i = 0; i < 4; i++) cmds[i] = "build/tests/test_dist_cp --ring-hang";
+    RunOutcome o = harness_train_ranks(tc, 4, cmds, 60);
+    printf("    a rank hung mid-ring (dist.timeout = 2 s): the job ended after %.1f s with status %d\n", o.seconds,
+           o.status);
+    EXPECT(o.status != 0 && o.status != 124 && o.status != 137, "status %d (124/137: killed by the test's timeout): %s",
+           o.status, o.err);
+    EXPECT(strstr(o.err, "did not complete within dist.timeout = 2 s") && strstr(o.err, "cp group"),
+           "stderr lacks the timeout message: %s", o.err);
+    EXPECT(o.seconds < 30, "the job took %.1f s to end", o.seconds);
+}
+
 /* ---- build/train on several ranks against one process ----------------------------------------------- */
 
 /* The single process and np ranks with `layout` (e.g. "--set dist.cp=2") on the same config and batch agree
@@ -271,9 +458,97 @@ TEST(cp2_checkpoint_resumes_on_1_and_on_cp2_dp2) {
     }
 }
 
+/* ---- sequence-split context parallelism in build/train ---------------------------------------------- */
+
+/* Settings that train on Shakespeare cut into documents of 1 to 53 characters (build/prepare_text, "|"
+ * between them), made once in the harness directory: each 64-token sequence holds several documents, whose
+ * boundaries fall inside the zigzag chunks (32, 16, 8, 4 tokens at cp 1, 2, 4, 8) and whose tokens span
+ * the chunks of several ranks. NULL when the files cannot be made. */
+static const char *documents_data(TestCtx *tc) {
+    static char args[1200];
+    if (args[0]) return args;
+    char dir[512], path[600], cmd[1400];
+    harness_path(tc, "documents", dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/input.txt", dir);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s", dir);
+    FILE *in = system(cmd) == 0 ? fopen("data/shakespeare/input.txt", "rb") : NULL, *out = in ? fopen(path, "wb") : NULL;
+    if (!out) {
+        if (in) fclose(in);
+        return NULL;
+    }
+    int c, left = 1, doc = 0;
+    for (long i = 0; i < 120000 && (c = fgetc(in)) != EOF; i++) {
+        fputc(c, out);
+        if (--left == 0) { /* lengths 1, 14, 27, ..., 53, 13, ...: every offset modulo the chunk sizes */
+            fputc('|', out);
+            left = 1 + (13 * ++doc) % 53;
+        }
+    }
+    fclose(in);
+    fclose(out);
+    snprintf(cmd, sizeof cmd, "build/prepare_text --tokenizer char --val-fraction 0.1 --doc-separator '|' %s %s >/dev/null",
+             path, dir);
+    if (system(cmd) != 0) return NULL;
+    snprintf(args, sizeof args, "--set data.train_path=%s/train.h5 --set data.val_path=%s/val.h5", dir, dir);
+    return args;
+}
+
+/* expect_same_training on the documents data: the single process and np ranks with `layout` */
+static void expect_same_on_documents(TestCtx *tc, const char *name, int np, const char *layout, const char *args) {
+    const char *docs = documents_data(tc);
+    EXPECT(docs, "could not make the documents data with build/prepare_text");
+    char all[2048];
+    snprintf(all, sizeof all, "%s %s", docs, args);
+    expect_same_training(tc, name, np, layout, all);
+}
+
+#define SEQ "--set dist.cp_mode=sequence "
+
+/* cp 2 with 2 KV heads: auto would split the heads, so the mode is asked for; two micro-batches per step,
+ * every block recomputed in the backward (its ring runs again) */
+TEST(sequence_cp2_equals_single_process) {
+    expect_same_on_documents(tc, "seq_cp2", 2, SEQ "--set dist.cp=2",
+                             "--set train.grad_accum=2 --set train.batch_size=4 --set train.recompute=true");
+}
+
+/* cp 4 and 8 exceed the 2 KV heads: auto splits the sequence */
+TEST(sequence_cp4_cp8_beyond_the_kv_heads_equal_single_process) {
+    expect_same_on_documents(tc, "docs", 4, "--set dist.cp=4", "");
+    expect_same_on_documents(tc, "docs", 8, "--set dist.cp=8", "");
+}
+
+TEST(sequence_cp4_dp2_equals_single_process) {
+    expect_same_on_documents(tc, "docs", 8, "--set dist.cp=4 --set dist.dp=2", "");
+}
+
+/* with MoE layers whose experts are split over ep 2 (the MoE settings of test_dist_ep.c) */
+TEST(sequence_cp2_ep2_moe_equals_single_process) {
+    expect_same_on_documents(tc, "docs_moe", 4, SEQ "--set dist.cp=2 --set dist.ep=2",
+                             "--set model.ffn=moe --set moe.num_experts=8 --set moe.experts_per_token=2 "
+                             "--set moe.expert_dim=32 --set moe.shared_experts=1 --set moe.aux_loss_weight=0 "
+                             "--set moe.z_loss_weight=0.001 --set moe.bias_update_rate=0.01");
+}
+
+/* What sequence mode does not cover is refused at start-up with the key and what to use instead. */
+TEST(sequence_mode_refuses_what_it_does_not_cover) {
+    EXPECT(FX->have_mpirun, "no mpirun");
+    static const struct { const char *args, *expect; } cases[] = {
+        {MSA, "dist.cp_mode = sequence (dist.cp = 4) takes dense attention only, and layer 1 is MSA"},
+        {"--set model.dropout=0.1", "dist.cp_mode = sequence (dist.cp = 4) does not take model.dropout = 0.1"},
+        {"--set train.seq_len=36", "train.seq_len = 36 is not a multiple of 2 * dist.cp = 8"},
+        {"--set train.device=cuda", "dist.cp_mode = sequence (dist.cp = 4) runs on train.device = \"cpu\" only"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char args[512];
+        snprintf(args, sizeof args, "--set dist.cp=4 %s", cases[i].args);
+        RunOutcome o = harness_train(tc, 4, NULL, args, "");
+        EXPECT(o.status != 0 && strstr(o.err, cases[i].expect), "%s: status %d: %s", cases[i].args, o.status, o.err);
+    }
+}
+
 TEST(cp_that_does_not_divide_is_refused) {
     EXPECT(FX->have_mpirun, "no mpirun");
-    RunOutcome o = harness_train(tc, 4, NULL, "--set dist.cp=4", "");
+    RunOutcome o = harness_train(tc, 4, NULL, "--set dist.cp=4 --set dist.cp_mode=heads", "");
     EXPECT(o.status != 0 && strstr(o.err, "dist.cp = 4 does not divide model.n_kv_heads = 2"), "cp 4, 2 KV heads: %s",
            o.err);
     o = harness_train(tc, 2, NULL, CP2 " --set train.batch_size=1 --set train.seq_len=63", "");
@@ -285,17 +560,27 @@ TEST(cp_that_does_not_divide_is_refused) {
 
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--exchange")) return exchange_main(argc, argv);
+    if (argc > 1 && !strcmp(argv[1], "--ring")) return ring_main(argc, argv);
+    if (argc > 1 && !strcmp(argv[1], "--ring-hang")) return ring_hang_main(argc, argv);
     HARNESS_TEST_BEGIN("test_dist_cp", "");
     RUN(transpose01_matches_the_index_reference_and_round_trips);
     RUN(seq_heads_exchange_layout_for_P_ranks);
     RUN(one_rank_group_is_the_identity);
     RUN(exchange_ops_under_mpirun);
+    RUN(zigzag_split_partitions_each_sequence_with_equal_causal_work);
+    RUN(ring_attention_equals_single_process_attention_at_2_4_8_ranks);
+    RUN(a_rank_that_hangs_mid_ring_ends_the_job_within_the_timeout);
     RUN(cp2_dense_equals_single_process);
     RUN(cp2_dense_with_dropout_accum_recompute_equals_single_process);
     RUN(cp2_msa_sparse_equals_single_process);
     RUN(cp2_msa_warmup_equals_single_process);
     RUN(cp2_dp2_equals_single_process);
     RUN(cp2_checkpoint_resumes_on_1_and_on_cp2_dp2);
+    RUN(sequence_cp2_equals_single_process);
+    RUN(sequence_cp4_cp8_beyond_the_kv_heads_equal_single_process);
+    RUN(sequence_cp4_dp2_equals_single_process);
+    RUN(sequence_cp2_ep2_moe_equals_single_process);
+    RUN(sequence_mode_refuses_what_it_does_not_cover);
     RUN(cp_that_does_not_divide_is_refused);
     HARNESS_TEST_END();
 }

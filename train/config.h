@@ -124,7 +124,8 @@ typedef struct DataConfig {
 typedef struct DistConfig {
     int dp;                /* data-parallel ranks; 0 = N / (ep * cp) */
     int ep;                /* expert-parallel ranks (1 until expert parallelism lands) */
-    int cp;                /* context-parallel ranks (1 until context parallelism lands) */
+    int cp;                /* context-parallel ranks */
+    char cp_mode[16];      /* "auto", "heads" or "sequence": what context parallelism splits (config_cp_sequence) */
     float bucket_mb;       /* MiB of gradients per overlapped bucket; 0 = one per ZeRO region, after the backward */
     float timeout;         /* seconds a collective waits for the other ranks; 0 = forever */
 } DistConfig;
@@ -160,6 +161,9 @@ void config_take_model(RunConfig *c, const char *stored_json, const char *checkp
 void config_set(RunConfig *c, const char *assignment);
 /* Cross-key checks (heads divide, dims even, ...); exits with a message naming the keys. */
 void config_validate(const RunConfig *c);
+/* Does context parallelism split the sequence (dist.cp_mode = sequence, or auto with a dist.cp that does not
+ * divide model.n_kv_heads) rather than the heads? */
+bool config_cp_sequence(const RunConfig *c);
 /* The config as JSON text (malloc'd), for the run directory and later checkpoints. */
 char *config_to_json(const RunConfig *c);
 /* Print the documentation of every key (section, key, type, default, meaning) as Markdown. */

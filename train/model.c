@@ -98,6 +98,8 @@ ModelInput model_upload(Engine *e, const Batch *b) {
     in.cu_seqlens = upload_i32(e, b->cu_seqlens, b->n_segments + 1);
     in.dropout_seed = 0;
     in.row_offset = 0;
+    in.seq_len = b->T;
+    in.cp_index = NULL;
     return in;
 }
 
@@ -105,18 +107,28 @@ ModelInput model_upload(Engine *e, const Batch *b) {
 
 static bool cp_on(const Model *m) { return m->cp && m->cp->size > 1; }
 
-void model_cp_range(const Model *m, int64_t N, int64_t *begin, int64_t *end) {
-    if (!cp_on(m)) {
-        *begin = 0, *end = N;
-        return;
+int64_t model_cp_tokens(const Model *m, int64_t N, int64_t seq_len, int32_t *index) {
+    const int64_t P = cp_on(m) ? m->cp->size : 1, r = cp_on(m) ? m->cp->rank : 0;
+    int64_t n = 0;
+    if (!m->cp_sequence || P == 1) {
+        if (N % P)
+            fatal("context parallelism: a micro-batch of %lld tokens does not split over dist.cp = %lld ranks (each "
+                  "takes an equal share of the batch_size / dp * seq_len tokens)",
+                  (long long)N, (long long)P);
+        for (int64_t i = r * (N / P); i < (r + 1) * (N / P); i++) index[n++] = (int32_t)i;
+        return n;
     }
-    const int64_t P = m->cp->size;
-    if (N % P)
-        fatal("context parallelism: a micro-batch of %lld tokens does not split over dist.cp = %lld ranks (each takes "
-              "an equal share of the batch_size / dp * seq_len tokens)",
-              (long long)N, (long long)P);
-    *begin = m->cp->rank * (N / P);
-    *end = *begin + N / P;
+    const int64_t T = seq_len ? seq_len : N, chunk = T / (2 * P);
+    if (N % T || T % (2 * P))
+        fatal("context parallelism over the sequence: sequences of %lld tokens do not cut into 2 * dist.cp = %lld "
+              "equal chunks (each rank takes two of them)",
+              (long long)T, (long long)(2 * P));
+    for (int64_t row = 0; row < N; row += T) {
+        const int64_t chunks[2] = {r, 2 * P - 1 - r};
+        for (int c = 0; c < 2; c++)
+            for (int64_t i = 0; i < chunk; i++) index[n++] = (int32_t)(row + chunks[c] * chunk + i);
+    }
+    return n;
 }
 
 /* Rows [begin, begin + n) of an i32 input tensor: a header in the host arena over the same data. */
@@ -131,19 +143,42 @@ static Tensor *input_rows(Engine *e, const Tensor *t, int64_t begin, int64_t n) 
     return v;
 }
 
+/* The rows index[0..n) of an i32 input tensor, copied run by run (the zigzag split has two runs per
+ * sequence). */
+static Tensor *gather_rows(Engine *e, const Tensor *t, const int32_t *index, int64_t n) {
+    Tensor *out = engine_empty(e, t->dtype, SHAPE(n));
+    const size_t es = dtype_size(t->dtype);
+    for (int64_t i = 0, run; i < n; i += run) {
+        for (run = 1; i + run < n && index[i + run] == index[i] + run;) run++;
+        e->be->copy((char *)out->data + (size_t)i * es, (const char *)t->data + (size_t)index[i] * es, (size_t)run * es);
+    }
+    return out;
+}
+
 /* The input this rank's layers see: its share of the tokens, positions and targets (the positions are
- * per token, so RoPE before the exchange is the single-process RoPE), the whole micro-batch's
- * cu_seqlens (attention runs on all tokens after the exchange), and the dropout offset moved to its
- * first token so that every token draws the single-process mask. */
+ * per token, so RoPE on this rank is the single-process RoPE), the whole micro-batch's cu_seqlens
+ * (attention runs on all tokens after the head exchange, or names them by index in the ring). Heads
+ * mode: a contiguous share, and the dropout offset moved to its first token so that every token draws
+ * the single-process mask; sequence mode: the zigzag share and its indices (no dropout: the trainer
+ * refuses it, one offset cannot place two chunks). */
 static ModelInput local_input(const Model *m, Engine *e, const ModelInput *in) {
     ModelInput loc = *in;
     if (!cp_on(m)) return loc;
-    int64_t begin, end;
-    model_cp_range(m, in->tokens->numel, &begin, &end);
-    loc.tokens = input_rows(e, in->tokens, begin, end - begin);
-    loc.positions = input_rows(e, in->positions, begin, end - begin);
-    if (in->targets) loc.targets = input_rows(e, in->targets, begin, end - begin);
-    loc.row_offset = in->row_offset + begin;
+    const int64_t N = in->tokens->numel;
+    int32_t *index = xmalloc((size_t)N * sizeof(int32_t));
+    const int64_t n = model_cp_tokens(m, N, in->seq_len, index);
+    if (m->cp_sequence) {
+        loc.tokens = gather_rows(e, in->tokens, index, n);
+        loc.positions = gather_rows(e, in->positions, index, n);
+        if (in->targets) loc.targets = gather_rows(e, in->targets, index, n);
+        loc.cp_index = upload_i32(e, index, n);
+    } else {
+        loc.tokens = input_rows(e, in->tokens, index[0], n);
+        loc.positions = input_rows(e, in->positions, index[0], n);
+        if (in->targets) loc.targets = input_rows(e, in->targets, index[0], n);
+        loc.row_offset = in->row_offset + index[0];
+    }
+    free(index);
     return loc;
 }
 
@@ -171,6 +206,7 @@ static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor *
                               .positions_end = bc->in.positions_end,
                               .cu_seqlens = bc->in.cu_seqlens,
                               .cp = m->cp,
+                              .cp_index = bc->in.cp_index,
                               .dense = m->msa_dense,
                               .collect = m->collect_metrics,
                               .metrics = &m->metrics};

@@ -32,13 +32,18 @@ typedef struct Model {
     Metrics metrics;                    /* what the layers reported since the caller zeroed it ("kl", "recall";
                                            the statistics a layer leaves on the device arrive with model_collect) */
     /* Context parallelism (dist.cp; NULL or a group of one rank: none). The group's ranks share each
-     * micro-batch: every op but attention runs on this rank's contiguous 1/cp of its N tokens
-     * (model_cp_range), and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
+     * micro-batch: every op but attention runs on this rank's 1/cp of its N tokens (model_cp_tokens);
+     * heads mode: a contiguous share, and attention on all N tokens for 1/cp of the heads, by all-to-all exchanges
      * around it (autograd/op_cp.c); MSA layers gather the shared index key. The ModelInput stays the
      * whole micro-batch; the logits, the LM loss and the MSA KL and metrics then cover this rank's
      * share only (its tokens; its GQA groups), and the trainer recombines them over the group. The Comm
      * (kernels/comm.h) is the trainer's, made from its Dist group by dist_comm. */
     const Comm *cp;
+    /* dist.cp_mode = sequence: the cp ranks split the tokens and keep every head instead. Each holds two
+     * chunks of every sequence (model_cp_tokens: the zigzag split), every op runs on its own tokens, and
+     * dense attention reads the other ranks' keys by ring attention (autograd/op_cp_sequence.c). The
+     * logits and the LM loss then cover this rank's tokens. */
+    bool cp_sequence;
     /* Expert parallelism (dist.ep; NULL: none): the MoE layers' routed experts are split over this group
      * (layers/moe.h), the rest of the model is the same on its ranks. The routed experts' tensors are the
      * store's last ones, params.p[first_expert_param .. params.n) (none without MoE layers). */
@@ -67,6 +72,9 @@ typedef struct ModelInput {
      * depend on how the batch is split (kernels/dropout_mask.h) */
     uint64_t dropout_seed;
     int64_t row_offset;
+    int64_t seq_len;   /* tokens per sequence (row) of the micro-batch; 0: the micro-batch is one sequence */
+    Tensor *cp_index;  /* i32: the micro-batch index of each token this rank holds under sequence-split
+                          context parallelism (model_forward sets it); NULL otherwise */
 } ModelInput;
 
 typedef struct ModelLosses {
@@ -105,9 +113,13 @@ bool model_is_index_param(const Tensor *p);
  * non-index parameter multiplied by backbone_lr_scale (0 = backbone frozen). */
 void model_set_trainable(Model *m, bool index_only, float backbone_lr_scale);
 
-/* This rank's tokens [*begin, *end) of a micro-batch of N tokens under context parallelism (all of them
- * without); stops with a message when N does not divide by the group's size. */
-void model_cp_range(const Model *m, int64_t N, int64_t *begin, int64_t *end);
+/* The tokens this rank holds of a micro-batch of N tokens in sequences of seq_len (0: one sequence of N)
+ * under context parallelism: their indices into the micro-batch, ascending, in index[] (room for N), and
+ * their number. All N without context parallelism; heads mode: the contiguous N/cp of rank r, from
+ * r*N/cp; sequence mode: of every sequence cut into 2*cp chunks, chunks r and 2*cp-1-r (the zigzag
+ * split: a rank's early chunk has few keys to attend to, its late one many, so every rank does the same
+ * causal attention work). Stops with a message when the tokens do not split so. */
+int64_t model_cp_tokens(const Model *m, int64_t N, int64_t seq_len, int32_t *index);
 
 /* Upload a host batch as device tensors in the engine's arena. */
 ModelInput model_upload(Engine *e, const Batch *b);

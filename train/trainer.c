@@ -657,11 +657,13 @@ static void init_dist(Run *r, const char *src) {
               "micro-batch; use a multiple of %d",
               src, c->train.batch_size, dp, ep, dp * ep);
     const int rows = dp * ep; /* the ranks that split the rows */
-    /* context parallelism (train/model.c): attention runs head-parallel, whole GQA groups per rank, and
-     * every other op on an equal share of the micro-batch's tokens */
-    if (c->model.n_kv_heads % cp)
-        fatal("%s: dist.cp = %d does not divide model.n_kv_heads = %d: context parallelism gives each cp rank whole "
-              "GQA groups (n_kv_heads / cp of them, and their query heads), so cp can be at most n_kv_heads",
+    /* context parallelism (train/model.c): every op but attention on an equal share of the micro-batch's
+     * tokens; attention head-parallel, whole GQA groups per rank, or over the sequence by ring (the limits
+     * of that mode: config_validate) */
+    if (!config_cp_sequence(c) && c->model.n_kv_heads % cp)
+        fatal("%s: dist.cp = %d does not divide model.n_kv_heads = %d: context parallelism with dist.cp_mode = heads "
+              "gives each cp rank whole GQA groups (n_kv_heads / cp of them, and their query heads), so cp can be at "
+              "most n_kv_heads; dist.cp_mode = sequence (or auto) splits the sequence instead",
               src, cp, c->model.n_kv_heads);
     int64_t tokens = (int64_t)(c->train.batch_size / rows) * c->train.seq_len;
     if (tokens % cp)
@@ -821,11 +823,13 @@ void run_init(Run *r) {
     dist_comm(&r->cp_comm, &r->dist->cp_group);
     model_build_ep(&r->model, c, r->be, DT_F32, c->train.seed, &r->ep_comm);
     r->model.cp = &r->cp_comm; /* context parallel when it has more than one rank */
+    r->model.cp_sequence = config_cp_sequence(c);
     const char *missing = backend_missing(r->be, (r->model.n_msa_layers ? BACKEND_MSA : 0) |
-                                                     (r->model.n_moe_layers ? BACKEND_MOE : 0));
+                                                     (r->model.n_moe_layers ? BACKEND_MOE : 0) |
+                                                     (r->model.cp_sequence && r->dist->cp > 1 ? BACKEND_RING : 0));
     if (missing)
-        fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers need", src, r->be->name,
-              missing);
+        fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers or dist.cp_mode = sequence "
+              "need", src, r->be->name, missing);
     engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
     r->engine.offload_block_inputs = c->train.recompute && c->train.offload_block_inputs;
     r->prof = NULL;
@@ -859,7 +863,9 @@ void run_init(Run *r) {
                    "micro-batch%s | ZeRO-1: optimizer state in %d shards of %lld elements",
                    d->size, d->dp, d->ep, d->cp, r->be->device == DEV_CUDA ? " (host), NCCL (device)" : "",
                    r->batch.B, d->ep > 1 ? "*ep" : "",
-                   d->cp > 1 ? ", 1/cp of their tokens per cp rank (attention: 1/cp of the heads)" : "",
+                   d->cp <= 1             ? ""
+                   : r->model.cp_sequence ? ", 1/cp of their tokens per cp rank (zigzag chunks; attention: ring)"
+                                          : ", 1/cp of their tokens per cp rank (attention: 1/cp of the heads)",
                    r->zero[0].group->size, (long long)r->zero[0].shard);
             if (r->n_zero > 1)
                 printf(" (the routed experts: %d of %d per rank, in %d shards of %lld)", c->moe.num_experts / d->ep,
@@ -969,9 +975,11 @@ static void log_step(Run *r, const StepResult *s) {
 /* Targets that count in the mean LM loss (not ignore_index) among the tokens of r->batch that this rank
  * computes: all of them, or its share under context parallelism. */
 static int64_t counted_targets(const Run *r) {
-    int64_t n = 0, begin, end;
-    model_cp_range(&r->model, (int64_t)r->batch.B * r->batch.T, &begin, &end);
-    for (int64_t i = begin; i < end; i++) n += r->batch.targets[i] >= 0;
+    const int64_t N = (int64_t)r->batch.B * r->batch.T;
+    int32_t *index = xmalloc((size_t)N * sizeof(int32_t));
+    int64_t n = 0, mine = model_cp_tokens(&r->model, N, r->batch.T, index);
+    for (int64_t i = 0; i < mine; i++) n += r->batch.targets[index[i]] >= 0;
+    free(index);
     return n;
 }
 

@@ -13,6 +13,7 @@ void cpu_synchronize(void) {}
 #define CPU_HAS_CORE(entry) entry,
 #define CPU_HAS_MSA(entry) entry,
 #define CPU_HAS_MOE(entry) entry,
+#define CPU_HAS_RING(entry) entry,
 
 const KernelBackend cpu_backend = {
     .name = "cpu",
