@@ -29,9 +29,9 @@ void attention_declare(AttentionFrame *f, const LayerSetup *s);
  * parallelism (ctx->cp_index) this rank's tokens, every head, as without it. */
 void attention_project(const AttentionFrame *f, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **q, Tensor **k,
                        Tensor **v);
-/* o [N, Hq, D] (as attention_project left it) -> [N, C] of this rank's tokens. */
 /* Does context parallelism split the heads here (an exchange around attention)? */
 bool attention_cp_heads(const LayerContext *ctx);
+/* o [N, Hq, D] (as attention_project left it) -> [N, C] of this rank's tokens. */
 Tensor *attention_output(const AttentionFrame *f, Engine *e, Tensor *o, const LayerContext *ctx);
 
 /* The CUDA attention kernels' limits on the frame's shapes (head dim, query heads). */

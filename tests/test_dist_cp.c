@@ -12,6 +12,7 @@
  *   - a cp that does not divide the KV heads (dist.cp_mode = heads) or the tokens of a micro-batch is refused
  *     with a message;
  *   - sequence mode: the zigzag split partitions every sequence with equal causal work per rank; the ring
+ *     kernels merge interleaved key blocks in any order into attention's output and gradients; the ring
  *     attention op under mpirun (`--ring`, 2, 4 and 8 ranks) equals single-process attention in output, dq,
  *     dk and dv on documents that cross the chunks; a rank that hangs mid-ring ends the job within
  *     dist.timeout (`--ring-hang`); build/train at cp 2, 4, 8 (2 KV heads), cp 4 x dp 2 and cp 2 x ep 2 (MoE)
@@ -276,6 +277,76 @@ static double rows_rel_diff(const Tensor *a, const Tensor *b, const int32_t *ind
             if (fabs(y) > ref) ref = fabs(y);
         }
     return diff / (ref > 0 ? ref : 1);
+}
+
+/* index [n] as a host i32 tensor */
+static Tensor *index_tensor(const int32_t *index, int64_t n) {
+    Tensor *t = test_tensor(DT_I32, SHAPE(n));
+    memcpy(t->data, index, (size_t)n * sizeof(int32_t));
+    return t;
+}
+
+/* The ring kernels in one process, without the ring: the queries of one zigzag share (rank 1 of 4), the keys
+ * of the whole micro-batch cut into 3 interleaved blocks (token t in block t % 3) and merged in the order
+ * 2, 0, 1, give the rows of attention_forward; the blocks' backward shares, each scattered back to its
+ * keys' rows, add up to attention_backward's dk, dv (from a dout that is zero outside the share), and dq to
+ * its rows. F64, 1e-12 relative. */
+TEST(ring_kernels_merge_interleaved_blocks_in_any_order) {
+    const int64_t Hq = 4, Hkv = 2, D = 8, n_cu = (int64_t)(sizeof RING_CU / sizeof RING_CU[0]);
+    const double scale = 0.35;
+    Comm g = {.name = "cp", .rank = 1, .size = 4};
+    Model m = {.cp = &g, .cp_sequence = true};
+    int32_t qidx[RING_N], kidx[3][RING_N];
+    const int64_t nq = model_cp_tokens(&m, RING_N, RING_T, qidx);
+    int64_t nk[3] = {0, 0, 0};
+    for (int32_t t = 0; t < RING_N; t++) kidx[t % 3][nk[t % 3]++] = t;
+    Tensor *cu = index_tensor(RING_CU, n_cu), *qi = index_tensor(qidx, nq);
+    Tensor *q = test_randn(DT_F64, SHAPE(RING_N, Hq, D), 1.0, 201), *k = test_randn(DT_F64, SHAPE(RING_N, Hkv, D), 1.0, 202),
+           *v = test_randn(DT_F64, SHAPE(RING_N, Hkv, D), 1.0, 203), *dout = test_randn(DT_F64, SHAPE(RING_N, Hq, D), 1.0, 204);
+    for (int64_t t = 0, i = 0; t < RING_N; t++) { /* the reference's dout: zero outside the share */
+        if (i < nq && qidx[i] == t) {
+            i++;
+            continue;
+        }
+        for (int64_t j = 0; j < Hq * D; j++) tensor_set(dout, t * Hq * D + j, 0.0);
+    }
+    Tensor *ref = test_tensor(DT_F64, SHAPE(RING_N, Hq, D)), *ref_lse = test_tensor(DT_F64, SHAPE(Hq, RING_N));
+    Tensor *dq = test_tensor(DT_F64, SHAPE(RING_N, Hq, D)), *dk = test_tensor(DT_F64, SHAPE(RING_N, Hkv, D)),
+           *dv = test_tensor(DT_F64, SHAPE(RING_N, Hkv, D));
+    cpu_backend.attention_forward(ref, ref_lse, q, k, v, cu, (float)scale);
+    cpu_backend.attention_backward(dq, dk, dv, dout, q, k, v, ref, ref_lse, cu, (float)scale);
+    Tensor *ql = take_rows(q, qidx, nq), *doutl = take_rows(dout, qidx, nq), *out = test_tensor(DT_F64, SHAPE(nq, Hq, D)),
+           *lse = test_tensor(DT_F64, SHAPE(Hq, nq)), *dql = test_tensor(DT_F64, SHAPE(nq, Hq, D)),
+           *dk_all = test_tensor(DT_F64, SHAPE(RING_N, Hkv, D)), *dv_all = test_tensor(DT_F64, SHAPE(RING_N, Hkv, D));
+    for (int64_t i = 0; i < lse->numel; i++) tensor_set(lse, i, -INFINITY);
+    static const int order[3] = {2, 0, 1};
+    Tensor *kb[3], *vb[3], *ki[3];
+    for (int b = 0; b < 3; b++) {
+        kb[b] = take_rows(k, kidx[b], nk[b]), vb[b] = take_rows(v, kidx[b], nk[b]), ki[b] = index_tensor(kidx[b], nk[b]);
+    }
+    for (int o = 0; o < 3; o++) {
+        const int b = order[o];
+        cpu_backend.attention_ring_forward(out, lse, ql, kb[b], vb[b], qi, ki[b], cu, (float)scale);
+    }
+    for (int b = 0; b < 3; b++) {
+        Tensor *dkb = test_tensor(DT_F64, SHAPE(nk[b], Hkv, D)), *dvb = test_tensor(DT_F64, SHAPE(nk[b], Hkv, D));
+        cpu_backend.attention_ring_backward(dql, dkb, dvb, doutl, ql, kb[b], vb[b], out, lse, qi, ki[b], cu, (float)scale);
+        for (int64_t i = 0; i < nk[b]; i++)
+            for (int64_t j = 0; j < Hkv * D; j++) {
+                tensor_set(dk_all, kidx[b][i] * Hkv * D + j, tensor_get(dkb, i * Hkv * D + j));
+                tensor_set(dv_all, kidx[b][i] * Hkv * D + j, tensor_get(dvb, i * Hkv * D + j));
+            }
+        test_tensor_free(dkb), test_tensor_free(dvb);
+    }
+    int32_t every[RING_N];
+    for (int32_t t = 0; t < RING_N; t++) every[t] = t;
+    const double rel[4] = {rows_rel_diff(out, ref, qidx, nq), rows_rel_diff(dql, dq, qidx, nq),
+                           rows_rel_diff(dk_all, dk, every, RING_N), rows_rel_diff(dv_all, dv, every, RING_N)};
+    static const char *const what[4] = {"out", "dq", "dk", "dv"};
+    for (int c = 0; c < 4; c++) EXPECT(rel[c] <= 1e-12, "%s differs from attention by %.3g relative", what[c], rel[c]);
+    Tensor *all[] = {cu, qi, q, k, v, dout, ref, ref_lse, dq, dk, dv, ql, doutl, out, lse, dql, dk_all, dv_all};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) test_tensor_free(all[i]);
+    for (int b = 0; b < 3; b++) test_tensor_free(kb[b]), test_tensor_free(vb[b]), test_tensor_free(ki[b]);
 }
 
 /* mpirun -np P build/tests/test_dist_cp --ring: op_cp_ring_attention on this rank's zigzag rows of q, k, v
@@ -568,6 +639,7 @@ int main(int argc, char **argv) {
     RUN(one_rank_group_is_the_identity);
     RUN(exchange_ops_under_mpirun);
     RUN(zigzag_split_partitions_each_sequence_with_equal_causal_work);
+    RUN(ring_kernels_merge_interleaved_blocks_in_any_order);
     RUN(ring_attention_equals_single_process_attention_at_2_4_8_ranks);
     RUN(a_rank_that_hangs_mid_ring_ends_the_job_within_the_timeout);
     RUN(cp2_dense_equals_single_process);
