@@ -159,12 +159,14 @@ static void parse_args(Options *o, RunConfig *cfg, int argc, char **argv) {
 
 typedef struct Codec {
     int32_t id[256]; /* byte -> token, -1: not in the vocabulary */
-    char text[256];  /* token -> byte (vocab_size <= 256) */
+    char text[256];  /* token -> byte */
+    int n_text;      /* tokens with a byte: the file's vocabulary (a model's may be larger) */
     const char *path;
 } Codec;
 
 static void codec_init(Codec *c, const TokenDataset *ds) {
     c->path = ds->path;
+    c->n_text = ds->vocab_size;
     for (int b = 0; b < 256; b++) c->id[b] = -1;
     if (!strcmp(ds->tokenizer, "byte") && ds->vocab_size == 256) {
         for (int b = 0; b < 256; b++) c->id[b] = b, c->text[b] = (char)b;
@@ -251,12 +253,6 @@ static int argmax(const float *row, int V) {
     return best;
 }
 
-static double layer_recall(const Metrics *m) {
-    for (int i = 0; i < m->n; i++)
-        if (!strcmp(m->name[i], "recall") && m->count[i] > 0) return m->sum[i] / m->count[i];
-    return NAN;
-}
-
 static void run_trial(Inference *inf, const Codec *c, int64_t L, double depth, const char *key, Trial *tr) {
     const int K = (int)strlen(key), V = inf->model.cfg.vocab_size;
     const int64_t n = L + K - 1;
@@ -276,13 +272,13 @@ static void run_trial(Inference *inf, const Codec *c, int64_t L, double depth, c
         /* greedy decoding's token while its output so far is the key; after a wrong one it would go on from
          * its own output, which this forward did not see */
         const int32_t t = argmax(row, V);
-        const char ch = c->text[t];
+        const char ch = t < c->n_text ? c->text[t] : 0;
         tr->answer_tokens[tr->answer_length] = t;
         tr->answer[tr->answer_length++] = ch >= 32 && ch < 127 ? ch : '?'; /* JSON text: printable ASCII only */
         tr->correct = t == want[k];
     }
     tr->answer[tr->answer_length] = 0;
-    tr->recall = inf->model.n_msa_layers ? layer_recall(&metrics) : NAN;
+    tr->recall = inf->model.n_msa_layers ? metrics_mean(&metrics, "recall") : NAN;
     free(logits);
     free(tokens);
 }
@@ -467,7 +463,7 @@ int main(int argc, char **argv) {
     TokenDataset ds;
     dataset_open(&ds, o.data);
     if (cfg.model.vocab_size == 0) cfg.model.vocab_size = ds.vocab_size;
-    if (cfg.model.vocab_size != ds.vocab_size)
+    if (cfg.model.vocab_size < ds.vocab_size) /* larger is fine: a padded vocabulary, as build/train allows */
         fatal("%s: model.vocab_size is %d but %s has vocab_size %d", o.config, cfg.model.vocab_size, o.data,
               ds.vocab_size);
     Codec codec;
