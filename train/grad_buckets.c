@@ -72,7 +72,7 @@ void grad_buckets_init(GradBuckets *gb, ParamStore *ps, const ZeroRegion *zero, 
             }
         }
     }
-    qsort(gb->b, (size_t)gb->n, sizeof *gb->b, start_order);
+    if (gb->n > 1) qsort(gb->b, (size_t)gb->n, sizeof *gb->b, start_order); /* b is NULL when there are none */
 }
 
 void grad_buckets_free(GradBuckets *gb) {
