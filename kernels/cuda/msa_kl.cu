@@ -1079,6 +1079,24 @@ struct Sched {
     int window_len(int N, int w) const { return (w + 1) * Nw < N ? Nw : N - w * Nw; }
 };
 
+/* The forward-direction sparse passes (the KL value with idx_lse, or idx_lse alone): per window and
+ * group the rows kernel in MODE over that work list, then the per-token reduction of its partials into
+ * idx_lse and, when vals is not NULL, the per-token KL values. */
+template <typename T, int MODE>
+void sparse_row_passes(KA<T> &a, const Sched &sc, const Dims &d, float *vals, const char *rows_name,
+                       const char *reduce_name) {
+    static int raised = 0;
+    for (int w = 0; w < sc.W; w++)
+        for (int g = 0; g < d.Hkv; g++) {
+            sc.select(a, g, w);
+            launch_tiles(rows_name, kl_rows_kernel<T, MODE>, raised, dim3((unsigned)sc.cap), a);
+            const int nt = sc.window_len(d.N, w);
+            kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256>>>(a.idx_lse_out, vals, (const float4 *)a.part, a.topk, g, a.w0,
+                                                            nt, d.N, d.Hkv, d.K);
+            LAUNCH_CHECK(reduce_name);
+        }
+}
+
 void doc_bounds(int *dstart, int *dend, const Tensor *cu, const Dims &d) {
     kl_doc_bounds_kernel<<<grid_for((int64_t)d.N + d.ndocs + 1, 256), 256>>>(dstart, dend, (const int32_t *)cu->data, d.ndocs,
                                                                             d.N, errbuf());
@@ -1121,16 +1139,7 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
                      dim3((unsigned)((d.N + L.QTq - 1) / L.QTq), (unsigned)d.Hkv), a);
     } else {
         sc.build(ph.ptr, d);
-        static int raised = 0;
-        for (int w = 0; w < sc.W; w++)
-            for (int g = 0; g < d.Hkv; g++) {
-                sc.select(a, g, w);
-                launch_tiles("msa_kl_forward rows", kl_rows_kernel<T, FWD_SPARSE>, raised, dim3((unsigned)sc.cap), a);
-                const int nt = sc.window_len(d.N, w);
-                kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256>>>(a.idx_lse_out, vals, (const float4 *)a.part, a.topk, g,
-                                                                a.w0, nt, d.N, d.Hkv, d.K);
-                LAUNCH_CHECK("msa_kl_forward reduce");
-            }
+        sparse_row_passes<T, FWD_SPARSE>(a, sc, d, vals, "msa_kl_forward rows", "msa_kl_forward reduce");
     }
     kl_sum_kernel<<<1, 1024>>>((float *)kl->data, vals, (int64_t)d.N * d.Hkv);
     LAUNCH_CHECK("msa_kl_forward sum");
@@ -1179,16 +1188,7 @@ void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const 
     a.dend = dend;
     doc_bounds(dstart, dend, cu, d);
     sc.build(ph.ptr, d);
-    static int raised = 0;
-    for (int w = 0; w < sc.W; w++)
-        for (int g = 0; g < d.Hkv; g++) {
-            sc.select(a, g, w);
-            launch_tiles("msa_indexer idx_lse rows", kl_rows_kernel<T, LSE_SPARSE>, raised, dim3((unsigned)sc.cap), a);
-            const int nt = sc.window_len(d.N, w);
-            kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256>>>(a.idx_lse_out, nullptr, (const float4 *)a.part, a.topk, g, a.w0,
-                                                            nt, d.N, d.Hkv, d.K);
-            LAUNCH_CHECK("msa_indexer idx_lse reduce");
-        }
+    sparse_row_passes<T, LSE_SPARSE>(a, sc, d, nullptr, "msa_indexer idx_lse rows", "msa_indexer idx_lse reduce");
 }
 
 /* dqi, dki += cs_mul * cs_grad[0] * dKL/dz chained to qi, ki (cs_grad NULL: cs_mul), cs_mul including the
