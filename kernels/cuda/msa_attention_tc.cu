@@ -80,7 +80,7 @@ __device__ __forceinline__ void tc_gather_rows(unsigned char *dst, const bf16 *s
         const int4 mt = meta[row];
         const bool ok = mt.x >= 0;
         const bf16 *s = ok ? src + ((int64_t)mt.x * Hq + mt.y) * D + ch * 8 : src;
-        cp_async16(smem_u32(dst) + swz<CPR>(row, ch), s, ok);
+        cp_async16(smem_u32(dst) + gmma_off(row, ch, M), s, ok);
     }
 }
 /* the segment's keys [klo, khi) of K and V (KB rows, zero past khi) */
@@ -93,8 +93,8 @@ __device__ __forceinline__ void tc_load_kv(unsigned char *sK, unsigned char *sV,
         const int row = idx / CPR, ch = idx - row * CPR, key = d.klo + row;
         const bool ok = key < d.khi;
         const int64_t off = ok ? ((int64_t)key * a.Hkv + g) * D + ch * 8 : 0;
-        cp_async16(smem_u32(sK) + swz<CPR>(row, ch), k + off, ok);
-        cp_async16(smem_u32(sV) + swz<CPR>(row, ch), v + off, ok);
+        cp_async16(smem_u32(sK) + gmma_off(row, ch, TC_KB), k + off, ok);
+        cp_async16(smem_u32(sV) + gmma_off(row, ch, TC_KB), v + off, ok);
     }
 }
 /* The ring's prologue, before a CTA's first tile tb: the descriptors of tb .. tb+2, then the entries of
@@ -125,55 +125,67 @@ __device__ __forceinline__ void tc_ring_advance(TcRing<M> &ring, const TileArgs 
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Tensor-core forward
+ * Tensor-core forward (Hopper warpgroup MMA)
+ *
+ * Warpgroup wg (warps 4wg .. 4wg+3) owns packed rows 64wg .. 64wg+63 of the tile, warp w rows 16w ..
+ * 16w+15 (thread rows gid and gid+8). Per 64-key sub-tile: S = Q K^T as 8 (D = 128) or 4 k16 steps of
+ * m64n64 with Q and K read from shared memory by the instruction, the online softmax in registers, then
+ * O += P V with P as the A operand in registers and V read transposed (MN-major) from shared memory.
+ * Q, K and V are never staged through registers: one descriptor per k step replaces the ldmatrix of
+ * every warp (the K and V sub-tiles are read once per warpgroup instead of once per warp).
  * ---------------------------------------------------------------------------------------------- */
 
 template <int D> struct TcFwd {
     static constexpr int M = 128, CPR = D / 8, RB = D * 2;
     static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB;
-    static constexpr size_t SMEM = 2 * Q_BYTES + 2 * KV_BYTES + sizeof(TcRing<M>);
+    /* + 1024: the buffers start 1024-byte aligned (the swizzle of the wgmma operands) */
+    static constexpr size_t SMEM = 2 * Q_BYTES + 2 * KV_BYTES + sizeof(TcRing<M>) + 1024;
 };
 
-/* One tile: warp w owns packed rows 16w .. 16w+15 (thread rows gid and gid+8 of them). */
+/* the 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is __syncthreads) */
+__device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
+
+/* O (+)= P V for 16 keys: the A fragment pa, V's rows from shared address vrow (MN-major, panel stride
+ * TC_KB rows) */
+template <int D> __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[4], uint32_t vrow) {
+    const uint64_t dv = gmma_desc(vrow, TC_KB * 128, 1024);
+    if constexpr (D == 128) wgmma_rs_n128<1>(o, pa, dv, false);
+    else wgmma_rs_n64<1>(o, pa, dv, false);
+}
+
 template <int D>
 __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned char *sK, const unsigned char *sV,
                                             const TileDesc &d, const int4 *meta, const TileArgs &a) {
     using C = TcFwd<D>;
-    constexpr int CPR = C::CPR, NT = D / 8;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    constexpr int M = C::M, NT = D / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
     const int r0 = warp * 16;
     const int4 ma = meta[r0 + gid], mb = meta[r0 + gid + 8];
-    const int tmax = __reduce_max_sync(FULL, max(ma.x, mb.x));
-    if (tmax < 0) return; /* no valid row in this warp (warp-uniform) */
+    /* the warpgroup's last visible key: every warp of it computes the same value (wgmma is collective) */
+    const int tmax = __reduce_max_sync(FULL, max(meta[wg * 64 + lane].x, meta[wg * 64 + 32 + lane].x));
+    if (tmax < 0) return; /* no valid row in this warpgroup (warpgroup-uniform) */
     const float sl2 = a.scale * LOG2E;
-    const uint32_t qs = smem_u32(sQt), ks = smem_u32(sK), vs = smem_u32(sV);
+    const uint32_t qs = smem_u32(sQt) + wg * 64 * 128, ks = smem_u32(sK), vs = smem_u32(sV);
 
     float o[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
-    const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warp */
+    const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warpgroup */
 
     for (int kt = 0; d.klo + kt * 64 < kend; kt++) {
         const int kbase = d.klo + kt * 64;
-        const int steps = min(4, (kend - kbase + 15) >> 4); /* 16-key steps with a possibly visible key */
         float s[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t qa[4];
-            ldsm_x4(qa, qs + swz<CPR>(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-#pragma unroll
-            for (int np = 0; np < 4; np++) {
-                if (np < steps) {
-                    uint32_t b[4];
-                    ldsm_x4(b, ks + swz<CPR>(kt * 64 + np * 16 + (lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1)));
-                    mma_bf16_16816(s[2 * np], qa, b[0], b[1]);
-                    mma_bf16_16816(s[2 * np + 1], qa, b[2], b[3]);
-                }
-            }
+            const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
+            const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
+            wgmma_ss_n64<0, 0>(s, dq, dk, kk == 0);
         }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(s);
         /* mask, scale to log2 units, row max */
         float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
@@ -214,32 +226,28 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
             o[j][2] *= al_b;
             o[j][3] *= al_b;
         }
-        /* O += P V: the accumulator layout of two adjacent key n-tiles is the A fragment of a k16 step */
+        /* O += P V: the accumulator layout of two adjacent key blocks is the A fragment of a k16 step */
+        uint32_t pa[4][4];
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            if (kk < steps) {
-                uint32_t pa[4];
-                acc_to_a_frag(pa, s[2 * kk], s[2 * kk + 1]);
+        for (int kk = 0; kk < 4; kk++) acc_to_a_frag(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        wgmma_fence();
 #pragma unroll
-                for (int dp = 0; dp < D / 16; dp++) {
-                    uint32_t b[4];
-                    ldsm_x4_t(b, vs + swz<CPR>(kt * 64 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
-                    mma_bf16_16816(o[2 * dp], pa, b[0], b[1]);
-                    mma_bf16_16816(o[2 * dp + 1], pa, b[2], b[3]);
-                }
-            }
-        }
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[kk], vs + (kt * 64 + kk * 16) * 128);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(o);
     }
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
 
-    /* stage the normalised rows (bf16) in this warp's own rows of the Q buffer, then 16-byte stores */
-    __syncwarp();
+    /* stage the normalised rows (bf16) in this warp's own rows of the Q buffer once the whole warpgroup's
+     * MMAs (which read those rows) are done, then 16-byte stores */
+    warpgroup_sync(wg);
 #pragma unroll
     for (int j = 0; j < NT; j++) {
-        *(uint32_t *)(sQt + swz<CPR>(r0 + gid, j) + tig * 4) = pack_bf16(o[j][0] * inv_a, o[j][1] * inv_a);
-        *(uint32_t *)(sQt + swz<CPR>(r0 + gid + 8, j) + tig * 4) = pack_bf16(o[j][2] * inv_b, o[j][3] * inv_b);
+        *(uint32_t *)(sQt + gmma_off(r0 + gid, j, M) + tig * 4) = pack_bf16(o[j][0] * inv_a, o[j][1] * inv_a);
+        *(uint32_t *)(sQt + gmma_off(r0 + gid + 8, j, M) + tig * 4) = pack_bf16(o[j][2] * inv_b, o[j][3] * inv_b);
     }
     if (tig == 0) {
         if (ma.x >= 0)
@@ -250,20 +258,25 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     __syncwarp();
     bf16 *op = (bf16 *)a.opart;
 #pragma unroll
-    for (int it = 0; it < 16 * CPR / 32; it++) {
-        const int c = lane + 32 * it, row = r0 + c / CPR, ch = c % CPR;
+    for (int it = 0; it < 16 * C::CPR / 32; it++) {
+        const int c = lane + 32 * it, row = r0 + c / C::CPR, ch = c % C::CPR;
         const int4 mt = meta[row];
         if (mt.x < 0) continue;
-        const uint4 val = *(const uint4 *)(sQt + swz<CPR>(row, ch));
+        const uint4 val = *(const uint4 *)(sQt + gmma_off(row, ch, M));
         *(uint4 *)(op + (((int64_t)(mt.x - a.c0) * a.Hq + mt.y) * a.NS + mt.z) * D + ch * 8) = val;
     }
+}
+
+/* the dynamic shared memory rounded up to 1024 bytes (the launch asks for 1024 more) */
+__device__ __forceinline__ unsigned char *smem_1024(unsigned char *p) {
+    return p + ((1024 - (smem_u32(p) & 1023)) & 1023);
 }
 
 template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_kernel(TileArgs a) {
     using C = TcFwd<D>;
     constexpr int M = C::M;
-    extern __shared__ __align__(128) unsigned char smem[];
-    unsigned char *sQ = smem, *sK = sQ + 2 * C::Q_BYTES, *sV = sK + C::KV_BYTES;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char *sQ = smem_1024(smem_raw), *sK = sQ + 2 * C::Q_BYTES, *sV = sK + C::KV_BYTES;
     TcRing<M> &ring = *(TcRing<M> *)(sV + C::KV_BYTES);
     int tb, te;
     cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
@@ -275,6 +288,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
     tc_load_kv<D>(sK, sV, a, ring.desc[tb & 3]);
     cp_async_commit();
     cp_async_wait_committed();
+    fence_async_smem();
     __syncthreads();
 
     for (int i = tb; i < te; i++) {
@@ -283,6 +297,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
         cp_async_commit();
         tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sK, sV, ring.desc[i & 3], ring.meta[i & 1], a);
         cp_async_wait_committed();
+        fence_async_smem();
         __syncthreads();
         if (i + 1 < te) {
             const TileDesc &dn = ring.desc[(i + 1) & 3], &dc = ring.desc[i & 3];
@@ -290,6 +305,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
                 tc_load_kv<D>(sK, sV, a, dn);
                 cp_async_commit();
                 cp_async_wait_committed();
+                fence_async_smem();
                 __syncthreads();
             }
         }
@@ -317,7 +333,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
 template <int D, int DI> struct TcBwd {
     static constexpr int M = D == 128 ? 32 : 64; /* packed query rows per tile (registers: dK, dV live) */
     static constexpr int CPR = D / 8, RB = D * 2, CPRS = M / 8;
-    static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * M * 2;
+    static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * 128; /* dS^T [key][64 rows] */
     /* the KL's: ki of the segment, qi of the tile's queries (16 rows: an mma k16 / two n8 tiles, the rows
      * past the tile's queries zero), dz [key][8 queries] bf16, the dki accumulators (rows padded by 8
      * floats: conflict-free float2 per half-warp) */
@@ -327,7 +343,7 @@ template <int D, int DI> struct TcBwd {
                             LI_BYTES = DI > 0 ? 2 * QI_ROWS * sizeof(float) : 0;
     static constexpr size_t KL_BYTES = KI_BYTES + 2 * QI_BYTES + DZ_BYTES + KACC_BYTES + LI_BYTES;
     static constexpr size_t SMEM =
-        4 * Q_BYTES + 2 * KV_BYTES + DS_BYTES + KL_BYTES + 4 * M * sizeof(float) + sizeof(TcRing<M>);
+        4 * Q_BYTES + 2 * KV_BYTES + DS_BYTES + KL_BYTES + 4 * M * sizeof(float) + sizeof(TcRing<M>) + 1024;
 };
 
 /* Accumulators of one segment: warp w owns keys 16w .. 16w+15 (thread rows gid, gid+8), all D. */
@@ -541,49 +557,46 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                                              const unsigned char *sK, const unsigned char *sV, const TileDesc &d,
                                              const int4 *meta, const TileArgs &a) {
     using C = TcBwd<D, DI>;
-    constexpr int M = C::M, CPR = C::CPR, CPRS = C::CPRS, NQ = M / 8, ND = D / 8;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
-    const int kw0 = warp * 16, nkeys = d.khi - d.klo;
+    constexpr int M = C::M, NQ = M / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
+    const int kw0 = warp * 16, kg0 = wg * 64, nkeys = d.khi - d.klo;
     int tmax = -1;
     for (int p = lane; p < M; p += 32) tmax = max(tmax, meta[p].x);
     tmax = __reduce_max_sync(FULL, tmax);
-    const bool want_kv = a.acck || a.accv;
     const bool want_dqi = DI > 0 && a.dqip;
     const float sl2 = a.scale * LOG2E;
     const uint32_t qs = smem_u32(sQt), os = smem_u32(sOt), ks = smem_u32(sK), vs = smem_u32(sV), dss = smem_u32(sdS);
     float kl = 0.0f;
 
-    if (kw0 < nkeys) { /* warp-uniform */
-        if (d.klo + kw0 > tmax) {
-            /* every key of the warp is in the future of every query of the tile: dS = 0 (and dz) */
+    { /* warpgroup-uniform branches, as every wgmma below */
+        if (kg0 >= nkeys || d.klo + kg0 > tmax) {
+            /* the warpgroup's keys are past the segment or in the future of every query of the tile: dS = 0
+             * (and dz) */
             if (a.dqp)
-                for (int idx = lane; idx < 16 * CPRS; idx += 32)
-                    *(uint4 *)(sdS + swz<CPRS>(kw0 + idx / CPRS, idx % CPRS)) = make_uint4(0, 0, 0, 0);
+                for (int idx = lane; idx < 16 * 8; idx += 32)
+                    *(uint4 *)(sdS + gmma_off(kw0 + idx / 8, idx % 8, TC_KB)) = make_uint4(0, 0, 0, 0);
             if (want_dqi && lane < 16) *(uint4 *)(kls.dz + (kw0 + lane) * 16) = make_uint4(0, 0, 0, 0);
         } else {
+            /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
+             * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
             float st[NQ][4], dpt[NQ][4];
-#pragma unroll
-            for (int n = 0; n < NQ; n++) st[n][0] = st[n][1] = st[n][2] = st[n][3] = dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
-            /* S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x M packed rows */
+            wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t ka[4], va[4];
-                const uint32_t ao = swz<CPR>(kw0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4));
-                ldsm_x4(ka, ks + ao);
-                ldsm_x4(va, vs + ao);
-#pragma unroll
-                for (int nq = 0; nq < M / 16; nq++) {
-                    uint32_t b[4];
-                    const uint32_t bo = swz<CPR>(nq * 16 + (lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1));
-                    ldsm_x4(b, qs + bo);
-                    mma_bf16_16816(st[2 * nq], ka, b[0], b[1]);
-                    mma_bf16_16816(st[2 * nq + 1], ka, b[2], b[3]);
-                    ldsm_x4(b, os + bo);
-                    mma_bf16_16816(dpt[2 * nq], va, b[0], b[1]);
-                    mma_bf16_16816(dpt[2 * nq + 1], va, b[2], b[3]);
+                const uint32_t ko = (kk >> 2) * TC_KB * 128 + kg0 * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
+                if constexpr (M == 32) {
+                    wgmma_ss_n32<0, 0>(st, gmma_desc(ks + ko, 16, 1024), gmma_desc(qs + qo, 16, 1024), kk == 0);
+                    wgmma_ss_n32<0, 0>(dpt, gmma_desc(vs + ko, 16, 1024), gmma_desc(os + qo, 16, 1024), kk == 0);
+                } else {
+                    wgmma_ss_n64<0, 0>(st, gmma_desc(ks + ko, 16, 1024), gmma_desc(qs + qo, 16, 1024), kk == 0);
+                    wgmma_ss_n64<0, 0>(dpt, gmma_desc(vs + ko, 16, 1024), gmma_desc(os + qo, 16, 1024), kk == 0);
                 }
             }
-            /* P^T and dS^T in place (element: key kw0 + gid (+8), packed row n*8 + 2 tig (+1)) */
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_hold(st);
+            wgmma_hold(dpt);
+            /* P^T and dS^T in place */
 #pragma unroll
             for (int n = 0; n < NQ; n++) {
 #pragma unroll
@@ -596,75 +609,74 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     dpt[n][e] = p * (dpt[n][e] - sDs[qr]);
                 }
             }
-            if (want_kv) {
-                /* dV += P^T dO, dK += dS^T Q (rows = keys, k = packed rows) */
+            /* dV += P^T dO, dK += dS^T Q (k = packed rows; dO and Q read transposed: MN-major) */
+            if (a.acck || a.accv) {
+                uint32_t pa[M / 16][4], da[M / 16][4];
 #pragma unroll
                 for (int kq = 0; kq < M / 16; kq++) {
-                    uint32_t pa[4], da[4];
-                    acc_to_a_frag(pa, st[2 * kq], st[2 * kq + 1]);
-                    acc_to_a_frag(da, dpt[2 * kq], dpt[2 * kq + 1]);
+                    acc_to_a_frag(pa[kq], st[2 * kq], st[2 * kq + 1]);
+                    acc_to_a_frag(da[kq], dpt[2 * kq], dpt[2 * kq + 1]);
+                }
+                wgmma_fence();
 #pragma unroll
-                    for (int dp = 0; dp < D / 16; dp++) {
-                        uint32_t b[4];
-                        const uint32_t bo = swz<CPR>(kq * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4));
-                        if (a.accv) {
-                            ldsm_x4_t(b, os + bo);
-                            mma_bf16_16816(acc.v[2 * dp], pa, b[0], b[1]);
-                            mma_bf16_16816(acc.v[2 * dp + 1], pa, b[2], b[3]);
-                        }
-                        if (a.acck) {
-                            ldsm_x4_t(b, qs + bo);
-                            mma_bf16_16816(acc.k[2 * dp], da, b[0], b[1]);
-                            mma_bf16_16816(acc.k[2 * dp + 1], da, b[2], b[3]);
-                        }
+                for (int kq = 0; kq < M / 16; kq++) {
+                    const uint64_t dob = gmma_desc(os + kq * 16 * 128, M * 128, 1024), qb = gmma_desc(qs + kq * 16 * 128, M * 128, 1024);
+                    if constexpr (D == 128) {
+                        wgmma_rs_n128<1>(acc.v, pa[kq], dob, false);
+                        wgmma_rs_n128<1>(acc.k, da[kq], qb, false);
+                    } else {
+                        wgmma_rs_n64<1>(acc.v, pa[kq], dob, false);
+                        wgmma_rs_n64<1>(acc.k, da[kq], qb, false);
                     }
                 }
+                wgmma_commit();
             }
+            /* dS^T as bf16 [key][packed row] (128-byte rows: M <= 64) for dQ, while the MMAs run */
             if (a.dqp) {
 #pragma unroll
                 for (int n = 0; n < NQ; n++) {
-                    *(uint32_t *)(sdS + swz<CPRS>(kw0 + gid, n) + tig * 4) = pack_bf16(dpt[n][0], dpt[n][1]);
-                    *(uint32_t *)(sdS + swz<CPRS>(kw0 + gid + 8, n) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
+                    *(uint32_t *)(sdS + gmma_off(kw0 + gid, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][0], dpt[n][1]);
+                    *(uint32_t *)(sdS + gmma_off(kw0 + gid + 8, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
                 }
             }
+            wgmma_wait<0>();
+            wgmma_hold(acc.k);
+            wgmma_hold(acc.v);
             if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, a);
         }
     }
     if (!a.dqp && !want_dqi) return kl; /* uniform over the CTA */
+    fence_async_smem();
     __syncthreads();
     if constexpr (DI > 0)
         if (want_dqi) tc_kl_dqi<D, DI>(kls, nkeys, meta, a);
     if (!a.dqp) return kl;
-    /* dQ_partial = dS K over the segment's keys: warp -> m-tile mt (16 packed rows), 4 d n-tiles */
-    constexpr int MT = M / 16, NPW = 4;
-    static_assert(MT * (ND / NPW) == TC_WARPS, "dQ work must cover the 8 warps");
-    const int mt = warp % MT, n0 = (warp / MT) * NPW;
-    float dq[NPW][4];
+    /* dQ_partial = dS K over the segment's keys: m64 = the packed rows (rows past M unused), n64 = head
+     * dims [64 wg, 64 wg + 64) (D = 128: a warpgroup each; D = 64: warpgroup 0); dS read transposed from
+     * [key][row], K transposed from [key][d] */
+    if (wg * 64 >= D) return kl;
+    constexpr int NH = 64;
+    float dq[NH / 8][4];
+    wgmma_fence();
 #pragma unroll
-    for (int j = 0; j < NPW; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
-    const int nk16 = (nkeys + 15) >> 4;
-#pragma unroll
-    for (int kk = 0; kk < TC_KB / 16; kk++) {
-        if (kk < nk16) {
-            uint32_t af[4];
-            ldsm_x4_t(af, dss + swz<CPRS>(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-            for (int j2 = 0; j2 < NPW / 2; j2++) {
-                uint32_t b[4];
-                ldsm_x4_t(b, ks + swz<CPR>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + 2 * j2 + (lane >> 4)));
-                mma_bf16_16816(dq[2 * j2], af, b[0], b[1]);
-                mma_bf16_16816(dq[2 * j2 + 1], af, b[2], b[3]);
-            }
-        }
+    for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
+        const uint64_t dsa = gmma_desc(dss + kk * 16 * 128, TC_KB * 128, 1024);
+        const uint64_t kb = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
+        wgmma_ss_n64<1, 1>(dq, dsa, kb, kk == 0);
     }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(dq);
+    const int rw = (warp & 3) * 16; /* this warp's rows of the m64 */
+    if (rw < M) {
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int4 m = meta[mt * 16 + gid + half * 8];
-        if (m.x < 0) continue;
-        float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D;
+        for (int half = 0; half < 2; half++) {
+            const int4 m = meta[rw + gid + half * 8];
+            if (m.x < 0) continue;
+            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * NH;
 #pragma unroll
-        for (int j = 0; j < NPW; j++)
-            *(float2 *)(dst + (n0 + j) * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
+            for (int j = 0; j < NH / 8; j++) *(float2 *)(dst + j * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
+        }
     }
     return kl;
 }
@@ -727,8 +739,8 @@ __device__ __forceinline__ void tc_bwd_load_keys(unsigned char *sK, unsigned cha
 template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_kernel(TileArgs a) {
     using C = TcBwd<D, DI>;
     constexpr int M = C::M;
-    extern __shared__ __align__(128) unsigned char smem[];
-    unsigned char *sQ = smem, *sO = sQ + 2 * C::Q_BYTES, *sK = sO + 2 * C::Q_BYTES, *sV = sK + C::KV_BYTES;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char *sQ = smem_1024(smem_raw), *sO = sQ + 2 * C::Q_BYTES, *sK = sO + 2 * C::Q_BYTES, *sV = sK + C::KV_BYTES;
     unsigned char *sdS = sV + C::KV_BYTES;
     TcKlSmem kls;
     kls.ki = sdS + C::DS_BYTES;
@@ -751,6 +763,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
     tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, ring.desc[tb & 3]);
     cp_async_commit();
     cp_async_wait_committed();
+    fence_async_smem();
     __syncthreads();
 
     TcDkv<D> acc;
@@ -773,6 +786,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
                                          kls.qi + b0 * C::QI_BYTES, kls.li + b0 * C::QI_ROWS, sdS, sK, sV,
                                          ring.desc[i & 3], ring.meta[b0], a);
         cp_async_wait_committed();
+        fence_async_smem();
         __syncthreads();
         const TileDesc &dc = ring.desc[i & 3];
         if (i + 1 == te) {
@@ -785,6 +799,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
                 tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, dn);
                 cp_async_commit();
                 cp_async_wait_committed();
+                fence_async_smem();
                 __syncthreads();
             }
         }
