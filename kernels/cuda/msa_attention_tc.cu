@@ -153,6 +153,62 @@ template <int D> __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], 
     else wgmma_rs_n64<1>(o, pa, dv, false);
 }
 
+/* multiply the two rows a thread holds of an accumulator by their factors */
+template <int NB> __device__ __forceinline__ void rescale_rows(float (&o)[NB][4], float fa, float fb) {
+#pragma unroll
+    for (int j = 0; j < NB; j++) {
+        o[j][0] *= fa;
+        o[j][1] *= fa;
+        o[j][2] *= fb;
+        o[j][3] *= fb;
+    }
+}
+
+/* The online softmax of one 64-key sub-tile starting at key kbase (S in s, rows t_a / t_b see keys <= t,
+ * keys < khi exist): updates the running max (log2 units) and sum, returns the factors the rows' earlier
+ * output must be scaled by and P as the A fragments of the sub-tile's four k16 steps of P V. */
+__device__ __forceinline__ void fwd_softmax(float (&s)[8][4], uint32_t (&pa)[4][4], int kbase, int khi, int t_a, int t_b,
+                                            float sl2, float &m_a, float &m_b, float &l_a, float &l_b, float &al_a,
+                                            float &al_b) {
+    const int tig = threadIdx.x & 3;
+    float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = kbase + j * 8 + tig * 2 + (e & 1), t = e < 2 ? t_a : t_b;
+            const float x = (key < khi && key <= t) ? s[j][e] * sl2 : -INFINITY;
+            s[j][e] = x;
+            if (e < 2) mx_a = fmaxf(mx_a, x);
+            else mx_b = fmaxf(mx_b, x);
+        }
+    }
+    mx_a = quad_max(mx_a);
+    mx_b = quad_max(mx_b);
+    const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+    /* a row with nothing visible yet keeps max -inf: use 0 as the reference so no inf - inf */
+    const float mu_a = mn_a == -INFINITY ? 0.0f : mn_a, mu_b = mn_b == -INFINITY ? 0.0f : mn_b;
+    al_a = exp2f(m_a - mu_a);
+    al_b = exp2f(m_b - mu_b);
+    m_a = mn_a;
+    m_b = mn_b;
+    float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        s[j][0] = exp2f(s[j][0] - mu_a);
+        s[j][1] = exp2f(s[j][1] - mu_a);
+        s[j][2] = exp2f(s[j][2] - mu_b);
+        s[j][3] = exp2f(s[j][3] - mu_b);
+        sum_a += s[j][0] + s[j][1];
+        sum_b += s[j][2] + s[j][3];
+    }
+    l_a = l_a * al_a + sum_a;
+    l_b = l_b * al_b + sum_b;
+    /* the accumulator layout of two adjacent key blocks is the A fragment of a k16 step */
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) acc_to_a_frag(pa[kk], s[2 * kk], s[2 * kk + 1]);
+}
+
 template <int D>
 __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned char *sK, const unsigned char *sV,
                                             const TileDesc &d, const int4 *meta, const TileArgs &a) {
@@ -173,67 +229,49 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warpgroup */
 
-    for (int kt = 0; d.klo + kt * 64 < kend; kt++) {
-        const int kbase = d.klo + kt * 64;
-        float s[8][4];
-        wgmma_fence();
+    /* The block's (at most) two 64-key sub-tiles: both S = Q K^T issued at once, so the second runs on
+     * the tensor cores while the first one's softmax runs on the CUDA cores, and the second one's softmax
+     * while P V of the first runs. */
+    static_assert(TC_KB == 128, "two 64-key sub-tiles per block");
+    const int nkt = kend > d.klo ? (kend - d.klo + 63) >> 6 : 0;
+    if (nkt > 0) {
+        float s[2][8][4];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
-            const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
-            wgmma_ss_n64<0, 0>(s, dq, dk, kk == 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(s);
-        /* mask, scale to log2 units, row max */
-        float mx_a = -INFINITY, mx_b = -INFINITY;
+        for (int kt = 0; kt < 2; kt++) {
+            if (kt < nkt) {
+                wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = kbase + j * 8 + tig * 2 + (e & 1), t = e < 2 ? ma.x : mb.x;
-                const float x = (key < d.khi && key <= t) ? s[j][e] * sl2 : -INFINITY;
-                s[j][e] = x;
-                if (e < 2) mx_a = fmaxf(mx_a, x);
-                else mx_b = fmaxf(mx_b, x);
+                for (int kk = 0; kk < D / 16; kk++) {
+                    const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
+                    const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
+                    wgmma_ss_n64<0, 0>(s[kt], dq, dk, kk == 0);
+                }
+                wgmma_commit();
             }
         }
-        mx_a = quad_max(mx_a);
-        mx_b = quad_max(mx_b);
-        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-        /* a row with nothing visible yet keeps max -inf: use 0 as the reference so no inf - inf */
-        const float mu_a = mn_a == -INFINITY ? 0.0f : mn_a, mu_b = mn_b == -INFINITY ? 0.0f : mn_b;
-        const float al_a = exp2f(m_a - mu_a), al_b = exp2f(m_b - mu_b);
-        m_a = mn_a;
-        m_b = mn_b;
-        float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            s[j][0] = exp2f(s[j][0] - mu_a);
-            s[j][1] = exp2f(s[j][1] - mu_a);
-            s[j][2] = exp2f(s[j][2] - mu_b);
-            s[j][3] = exp2f(s[j][3] - mu_b);
-            sum_a += s[j][0] + s[j][1];
-            sum_b += s[j][2] + s[j][3];
-        }
-        l_a = l_a * al_a + sum_a;
-        l_b = l_b * al_b + sum_b;
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            o[j][0] *= al_a;
-            o[j][1] *= al_a;
-            o[j][2] *= al_b;
-            o[j][3] *= al_b;
-        }
-        /* O += P V: the accumulator layout of two adjacent key blocks is the A fragment of a k16 step */
-        uint32_t pa[4][4];
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) acc_to_a_frag(pa[kk], s[2 * kk], s[2 * kk + 1]);
+        if (nkt > 1) wgmma_wait<1>();
+        else wgmma_wait<0>();
+        wgmma_hold(s[0]);
+        uint32_t pa[2][4][4]; /* one per sub-tile: P V of the first reads its registers while the second's
+                               * softmax runs */
+        float al_a, al_b;
+        fwd_softmax(s[0], pa[0], d.klo, d.khi, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[kk], vs + (kt * 64 + kk * 16) * 128);
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
         wgmma_commit();
+        if (nkt > 1) {
+            wgmma_wait<1>();
+            wgmma_hold(s[1]);
+            fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+            wgmma_wait<0>();
+            wgmma_hold(o);
+            rescale_rows(o, al_a, al_b);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], vs + (64 + kk * 16) * 128);
+            wgmma_commit();
+        }
         wgmma_wait<0>();
         wgmma_hold(o);
     }
@@ -321,27 +359,30 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
  * the student's scores Z^T = KI QI^T (the warp's 16 keys x the tile's queries, one n8 tile) come from
  * the segment's ki rows (loaded with K/V) and the tile's qi rows (gathered with Q/dO); dz = r - p with
  * r = exp(z - idx_lse) (the indexer's normaliser) is then
+ *   dz is staged as bf16 [key][query slot] in a batch of 16 query slots (the queries of 16 / (M/G)
+ *   consecutive tiles of one segment, their qi rows copied beside it), and each full batch (or the
+ *   segment's last) is flushed with whole k16 / n16 MMAs where a tile alone would fill 2 of 16:
  *   dki += dz QI: fp32 accumulators in shared memory (each thread owns its elements, the mma C layout),
- *                 flushed per segment like dK/dV (whole segments straight into the group's fp32 dki,
+ *                 written out per segment like dK/dV (whole segments straight into the group's fp32 dki,
  *                 split ones through per-CTA parts summed by the fixup in CTA order);
- *   dqi partial = dz^T KI per (query, slot): dz staged as bf16 [key][query] like dS, one m16n8 mma chain
- *                 per 16 dims over the segment's keys, combined in slot order like dQ;
+ *   dqi partial = dz^T KI per (query, slot): one m16n16 mma chain per 16 dims over the segment's keys,
+ *                 combined in slot order like dQ;
  *   KL += p (log p - log r) per CTA in fp64, summed in CTA order at the end.
  * No atomics: the KL's results are as deterministic as dK/dV.
  * ---------------------------------------------------------------------------------------------- */
 
 template <int D, int DI> struct TcBwd {
     static constexpr int M = D == 128 ? 32 : 64; /* packed query rows per tile (registers: dK, dV live) */
-    static constexpr int CPR = D / 8, RB = D * 2, CPRS = M / 8;
+    static constexpr int RB = D * 2;
     static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * 128; /* dS^T [key][64 rows] */
-    /* the KL's: ki of the segment, qi of the tile's queries (16 rows: an mma k16 / two n8 tiles, the rows
-     * past the tile's queries zero), dz [key][8 queries] bf16, the dki accumulators (rows padded by 8
-     * floats: conflict-free float2 per half-warp) */
-    static constexpr int QI_ROWS = 16, KACC_LD = DI + 8;
+    /* the KL's: ki of the segment, qi of the tile's queries (8 rows, the rows past the tile's queries
+     * zero), the batch (dz [key][16 slots] bf16, the slots' qi rows and meta), the dki accumulators */
+    static constexpr int QI_ROWS = 8, BATCH = 16;
     static constexpr size_t KI_BYTES = (size_t)TC_KB * DI * 2, QI_BYTES = (size_t)QI_ROWS * DI * 2,
-                            DZ_BYTES = DI > 0 ? (size_t)TC_KB * 16 : 0, KACC_BYTES = DI > 0 ? (size_t)TC_KB * KACC_LD * 4 : 0,
+                            DZB_BYTES = DI > 0 ? (size_t)TC_KB * BATCH * 2 : 0, QIB_BYTES = (size_t)BATCH * DI * 2,
+                            BMETA_BYTES = DI > 0 ? BATCH * sizeof(int4) : 0, KACC_BYTES = (size_t)TC_KB * DI * 4,
                             LI_BYTES = DI > 0 ? 2 * QI_ROWS * sizeof(float) : 0;
-    static constexpr size_t KL_BYTES = KI_BYTES + 2 * QI_BYTES + DZ_BYTES + KACC_BYTES + LI_BYTES;
+    static constexpr size_t KL_BYTES = KI_BYTES + 2 * QI_BYTES + DZB_BYTES + QIB_BYTES + BMETA_BYTES + KACC_BYTES + LI_BYTES;
     static constexpr size_t SMEM =
         4 * Q_BYTES + 2 * KV_BYTES + DS_BYTES + KL_BYTES + 4 * M * sizeof(float) + sizeof(TcRing<M>) + 1024;
 };
@@ -354,9 +395,17 @@ template <int D> struct TcDkv {
 /* The KL's shared memory (DI > 0) of the CTA, and where the tile's current buffers are. */
 struct TcKlSmem {
     unsigned char *ki, *qi; /* qi: 2 buffers of QI_BYTES */
-    unsigned char *dz;
-    float *kacc, *li;       /* li: 2 buffers of 16 (the tile's queries' idx_lse, natural log) */
+    bf16 *dzb;              /* the batch's dz [TC_KB][BATCH], zero where no visible pair */
+    unsigned char *qib;     /* the batch's qi rows */
+    int4 *bmeta;            /* the batch's query slots: the meta of the query's first packed row */
+    float *kacc, *li;       /* li: 2 buffers of QI_ROWS (the tile's queries' idx_lse, natural log) */
 };
+
+/* element (key row, column) of the dki accumulators of DI columns: columns XOR-swizzled by 8 per row so the
+ * float2 accesses of a half-warp (rows gid, columns 2 tig) hit 32 distinct banks */
+template <int DI> __device__ __forceinline__ float *kacc_at(float *kacc, int row, int col) {
+    return kacc + row * DI + (col ^ ((row & 7) << 3));
+}
 
 /* Add a finished segment's dK/dV (unscaled) to the fp32 accumulators, or, when the segment is split
  * over CTAs, store it in this CTA's part (slot 1: the CTA where the segment starts; slot 0: the
@@ -401,13 +450,12 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TcKlSmem &kls, con
         }
         if constexpr (DI > 0) {
             if (a.accki) {
-                using C = TcBwd<D, DI>;
                 float *cuti = a.cutki + (((int64_t)blockIdx.x * 2 + (started ? 1 : 0)) * TC_KB + kr) * DI;
                 float *dst = a.accki + ((int64_t)g * a.N + key) * DI;
 #pragma unroll
                 for (int j = 0; j < DI / 8; j++) {
                     const int col = j * 8 + tig * 2;
-                    float2 *s = (float2 *)(kls.kacc + kr * C::KACC_LD + col);
+                    float2 *s = (float2 *)kacc_at<DI>(kls.kacc, kr, col);
                     const float2 v = *s;
                     *s = make_float2(0.0f, 0.0f);
                     if (whole) {
@@ -429,12 +477,12 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TcKlSmem &kls, con
 }
 
 /* The KL's part of a tile for the warp's 16 keys (they have visible pairs): st = P^T of the warp (key rows
- * gid, gid+8; packed row n*8 + 2 tig + (e & 1)). Adds dz QI to the dki accumulators, stages dz for dqi,
- * returns the warp's KL share of this thread (log2 units). */
+ * gid, gid+8; packed row n*8 + 2 tig + (e & 1)). Stages dz in the batch at slots pos * nqt .., returns the
+ * warp's KL share of this thread (log2 units). */
 template <int D, int DI>
 __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 8][4], const TcKlSmem &kls,
                                             const unsigned char *sQIt, const float *sLIt, const TileDesc &d,
-                                            const int4 *meta, const TileArgs &a) {
+                                            const int4 *meta, int pos, const TileArgs &a) {
     using C = TcBwd<D, DI>;
     constexpr int NQ = C::M / 8, CPRI = DI / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
@@ -447,7 +495,7 @@ __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 
     for (int kk = 0; kk < DI / 16; kk++) {
         uint32_t ka[4], b[4];
         ldsm_x4(ka, kis + swz<CPRI>(kw0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-        ldsm_x4(b, qis + swz<CPRI>((lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1)));
+        ldsm_x4(b, qis + swz<CPRI>(lane & 7, kk * 2 + ((lane >> 3) & 1))); /* b[2], b[3] repeat b[0], b[1] */
         mma_bf16_16816(zt, ka, b[0], b[1]);
     }
     /* the teacher (times G) of this thread's (key, query) elements: query q's heads are packed rows
@@ -487,67 +535,93 @@ __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 
         }
         dz[e] = v;
     }
-    /* dki += dz QI (the queries are the k of the product; columns 8-15 zero) */
-    if (a.accki) {
-        const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        uint32_t da[4];
-        acc_to_a_frag(da, dz, zero);
+    if (a.accki || a.dqip) {
 #pragma unroll
-        for (int dp = 0; dp < DI / 16; dp++) {
-            uint32_t b[4];
-            ldsm_x4_t(b, qis + swz<CPRI>((lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
-            float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            mma_bf16_16816(c0, da, b[0], b[1]);
-            mma_bf16_16816(c1, da, b[2], b[3]);
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                float *row = kls.kacc + (kw0 + gid + half * 8) * C::KACC_LD + dp * 16 + tig * 2;
-                float2 x0 = *(float2 *)row, x1 = *(float2 *)(row + 8);
-                x0.x += c0[2 * half];
-                x0.y += c0[2 * half + 1];
-                x1.x += c1[2 * half];
-                x1.y += c1[2 * half + 1];
-                *(float2 *)row = x0;
-                *(float2 *)(row + 8) = x1;
-            }
+        for (int e = 0; e < 4; e++) {
+            const int qc = 2 * tig + (e & 1);
+            if (qc < nqt && dz[e] != 0.0f) kls.dzb[(kw0 + gid + (e >> 1) * 8) * C::BATCH + pos * nqt + qc] = __float2bfloat16_rn(dz[e]);
         }
-    }
-    if (a.dqip) {
-        *(uint32_t *)(kls.dz + (kw0 + gid) * 16 + tig * 4) = pack_bf16(dz[0], dz[1]);
-        *(uint32_t *)(kls.dz + (kw0 + gid + 8) * 16 + tig * 4) = pack_bf16(dz[2], dz[3]);
     }
     return kl;
 }
 
-/* dqi partial = dz^T KI over the segment's keys for the tile's queries (after the barrier that follows
- * the warps' dz): warp w < DI/16 takes dims 16w .. 16w+15. */
+/* Add the tile's queries to the batch at position pos: their qi rows and meta (after the tile's buffers
+ * have landed; read by the flush after the loop's barrier). */
 template <int D, int DI>
-__device__ __forceinline__ void tc_kl_dqi(const TcKlSmem &kls, int nkeys, const int4 *meta, const TileArgs &a) {
+__device__ __forceinline__ void tc_kl_batch_add(const TcKlSmem &kls, const unsigned char *sQIt, const int4 *meta, int pos,
+                                                const TileArgs &a) {
     using C = TcBwd<D, DI>;
     constexpr int CPRI = DI / 8;
+    const int nqt = C::M >> a.lgG;
+    for (int idx = threadIdx.x; idx < nqt * CPRI; idx += TC_THREADS) {
+        const int r = idx / CPRI, ch = idx - r * CPRI;
+        *(uint4 *)(kls.qib + swz<CPRI>(pos * nqt + r, ch)) = *(const uint4 *)(sQIt + swz<CPRI>(r, ch));
+    }
+    if (threadIdx.x < nqt) kls.bmeta[pos * nqt + threadIdx.x] = meta[threadIdx.x << a.lgG];
+}
+
+/* Flush the batch (its first nslots slots; all threads, after a barrier that follows the batch's last
+ * tile): dki += dz QI into the shared accumulators (warp w: keys 16w ..), the dqi partials dz^T KI of the
+ * slots' queries (warp w < DI/16: dims 16w ..), then dz zeroed for the next batch. */
+template <int D, int DI>
+__device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int nkeys, const TileArgs &a) {
+    using C = TcBwd<D, DI>;
+    constexpr int CPRI = DI / 8, BRB = C::BATCH * 2; /* bytes per dz row */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
-    if (warp >= DI / 16) return;
-    const int mt = warp, lgG = a.lgG, nqt = C::M >> lgG, nk16 = (nkeys + 15) >> 4;
-    const uint32_t kis = smem_u32(kls.ki), dzs = smem_u32(kls.dz);
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const uint32_t dzs = smem_u32(kls.dzb), qbs = smem_u32(kls.qib), kis = smem_u32(kls.ki);
+    if (a.accki) {
+        const int kw0 = warp * 16;
+        uint32_t af[4];
+        ldsm_x4(af, dzs + (kw0 + (lane & 15)) * BRB + (lane >> 4) * 16);
 #pragma unroll
-    for (int kk = 0; kk < TC_KB / 16; kk++) {
-        if (kk < nk16) {
-            uint32_t af[4], b[4];
-            ldsm_x4_t(af, kis + swz<CPRI>(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1)));
-            ldsm_x4_t(b, dzs + (kk * 16 + (lane & 15)) * 16); /* b[2], b[3] repeat b[0], b[1] */
-            mma_bf16_16816(c, af, b[0], b[1]);
+        for (int dp = 0; dp < DI / 16; dp++) {
+            uint32_t b[4];
+            ldsm_x4_t(b, qbs + swz<CPRI>(lane & 15, dp * 2 + (lane >> 4)));
+            float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma_bf16_16816(c0, af, b[0], b[1]);
+            mma_bf16_16816(c1, af, b[2], b[3]);
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int row = kw0 + gid + half * 8, col = dp * 16 + tig * 2;
+                float2 *p0 = (float2 *)kacc_at<DI>(kls.kacc, row, col), *p1 = (float2 *)kacc_at<DI>(kls.kacc, row, col + 8);
+                float2 x0 = *p0, x1 = *p1;
+                x0.x += c0[2 * half];
+                x0.y += c0[2 * half + 1];
+                x1.x += c1[2 * half];
+                x1.y += c1[2 * half + 1];
+                *p0 = x0;
+                *p1 = x1;
+            }
         }
     }
+    if (a.dqip && warp < DI / 16) {
+        const int mt = warp, nk16 = (nkeys + 15) >> 4;
+        float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const int qc = 2 * tig + (e & 1);
-        if (qc >= nqt) continue;
-        const int4 m = meta[qc << lgG];
-        if (m.x < 0) continue;
-        const int dim = mt * 16 + gid + (e >> 1) * 8;
-        a.dqip[(((int64_t)(m.x - a.c0) * a.Hkv + (m.y >> lgG)) * a.NS + m.z) * DI + dim] = c[e];
+        for (int kk = 0; kk < TC_KB / 16; kk++) {
+            if (kk < nk16) {
+                uint32_t af[4], b[4];
+                ldsm_x4_t(af, kis + swz<CPRI>(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1)));
+                ldsm_x4_t(b, dzs + (kk * 16 + (lane & 15)) * BRB + (lane >> 4) * 16);
+                mma_bf16_16816(c[0], af, b[0], b[1]);
+                mma_bf16_16816(c[1], af, b[2], b[3]);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int slot = n * 8 + 2 * tig + (e & 1);
+                if (slot >= nslots) continue;
+                const int4 m = kls.bmeta[slot];
+                if (m.x < 0) continue;
+                const int dim = mt * 16 + gid + (e >> 1) * 8;
+                a.dqip[(((int64_t)(m.x - a.c0) * a.Hkv + (m.y >> a.lgG)) * a.NS + m.z) * DI + dim] = c[n][e];
+            }
+        }
     }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < (int)(C::DZB_BYTES / 16); idx += TC_THREADS) ((uint4 *)kls.dzb)[idx] = make_uint4(0, 0, 0, 0);
 }
 
 template <int D, int DI>
@@ -555,7 +629,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                                              const unsigned char *sOt, const float *sL, const float *sDs,
                                              const unsigned char *sQIt, const float *sLIt, unsigned char *sdS,
                                              const unsigned char *sK, const unsigned char *sV, const TileDesc &d,
-                                             const int4 *meta, const TileArgs &a) {
+                                             const int4 *meta, int pos, const TileArgs &a) {
     using C = TcBwd<D, DI>;
     constexpr int M = C::M, NQ = M / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
@@ -563,7 +637,8 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     int tmax = -1;
     for (int p = lane; p < M; p += 32) tmax = max(tmax, meta[p].x);
     tmax = __reduce_max_sync(FULL, tmax);
-    const bool want_dqi = DI > 0 && a.dqip;
+    if constexpr (DI > 0)
+        if (a.accki || a.dqip) tc_kl_batch_add<D, DI>(kls, sQIt, meta, pos, a);
     const float sl2 = a.scale * LOG2E;
     const uint32_t qs = smem_u32(sQt), os = smem_u32(sOt), ks = smem_u32(sK), vs = smem_u32(sV), dss = smem_u32(sdS);
     float kl = 0.0f;
@@ -571,11 +646,10 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     { /* warpgroup-uniform branches, as every wgmma below */
         if (kg0 >= nkeys || d.klo + kg0 > tmax) {
             /* the warpgroup's keys are past the segment or in the future of every query of the tile: dS = 0
-             * (and dz) */
+             * (dz stays zero) */
             if (a.dqp)
                 for (int idx = lane; idx < 16 * 8; idx += 32)
                     *(uint4 *)(sdS + gmma_off(kw0 + idx / 8, idx % 8, TC_KB)) = make_uint4(0, 0, 0, 0);
-            if (want_dqi && lane < 16) *(uint4 *)(kls.dz + (kw0 + lane) * 16) = make_uint4(0, 0, 0, 0);
         } else {
             /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
              * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
@@ -630,8 +704,13 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     }
                 }
                 wgmma_commit();
+                /* waited for here: registers written while an RS wgmma is in flight make ptxas serialise
+                 * every wgmma of the kernel */
+                wgmma_wait<0>();
+                wgmma_hold(acc.k);
+                wgmma_hold(acc.v);
             }
-            /* dS^T as bf16 [key][packed row] (128-byte rows: M <= 64) for dQ, while the MMAs run */
+            /* dS^T as bf16 [key][packed row] (128-byte rows: M <= 64) for dQ */
             if (a.dqp) {
 #pragma unroll
                 for (int n = 0; n < NQ; n++) {
@@ -639,18 +718,12 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     *(uint32_t *)(sdS + gmma_off(kw0 + gid + 8, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
                 }
             }
-            wgmma_wait<0>();
-            wgmma_hold(acc.k);
-            wgmma_hold(acc.v);
-            if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, a);
+            if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, a);
         }
     }
-    if (!a.dqp && !want_dqi) return kl; /* uniform over the CTA */
+    if (!a.dqp) return kl; /* uniform over the CTA */
     fence_async_smem();
     __syncthreads();
-    if constexpr (DI > 0)
-        if (want_dqi) tc_kl_dqi<D, DI>(kls, nkeys, meta, a);
-    if (!a.dqp) return kl;
     /* dQ_partial = dS K over the segment's keys: m64 = the packed rows (rows past M unused), n64 = head
      * dims [64 wg, 64 wg + 64) (D = 128: a warpgroup each; D = 64: warpgroup 0); dS read transposed from
      * [key][row], K transposed from [key][d] */
@@ -745,8 +818,10 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
     TcKlSmem kls;
     kls.ki = sdS + C::DS_BYTES;
     kls.qi = kls.ki + C::KI_BYTES;
-    kls.dz = kls.qi + 2 * C::QI_BYTES;
-    kls.kacc = (float *)(kls.dz + C::DZ_BYTES);
+    kls.dzb = (bf16 *)(kls.qi + 2 * C::QI_BYTES);
+    kls.qib = (unsigned char *)kls.dzb + C::DZB_BYTES;
+    kls.bmeta = (int4 *)(kls.qib + C::QIB_BYTES);
+    kls.kacc = (float *)((unsigned char *)kls.bmeta + C::BMETA_BYTES);
     kls.li = (float *)((unsigned char *)kls.kacc + C::KACC_BYTES);
     float *sL = (float *)((unsigned char *)kls.li + C::LI_BYTES), *sDs = sL + 2 * M;
     TcRing<M> &ring = *(TcRing<M> *)(sDs + 2 * M);
@@ -754,8 +829,14 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
     cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
     if (tb >= te) return;
     const bool want_kv = a.acck || a.accv || (DI > 0 && a.accki);
-    if constexpr (DI > 0)
-        for (int i = threadIdx.x; i < TC_KB * C::KACC_LD; i += TC_THREADS) kls.kacc[i] = 0.0f;
+    if constexpr (DI > 0) {
+        for (int i = threadIdx.x; i < TC_KB * DI; i += TC_THREADS) kls.kacc[i] = 0.0f;
+        /* dz starts zero; qi rows of unused slots meet zero dz, so they must be finite: zero too */
+        for (int i = threadIdx.x; i < (int)((C::DZB_BYTES + C::QIB_BYTES) / 16); i += TC_THREADS)
+            ((uint4 *)kls.dzb)[i] = make_uint4(0, 0, 0, 0);
+    }
+    const int kl_tiles = DI > 0 ? C::BATCH / (M >> a.lgG) : 0; /* tiles per KL batch */
+    int pos = 0;                                                /* this tile's place in the batch */
 
     tc_ring_prologue(ring, a, tb, te);
     tc_bwd_gather<D, DI>(sQ + (tb & 1) * C::Q_BYTES, sO + (tb & 1) * C::Q_BYTES, sL + (tb & 1) * M, sDs + (tb & 1) * M,
@@ -784,11 +865,18 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
         const int b0 = i & 1;
         kl += (double)tc_bwd_tile<D, DI>(acc, kls, sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, sL + b0 * M, sDs + b0 * M,
                                          kls.qi + b0 * C::QI_BYTES, kls.li + b0 * C::QI_ROWS, sdS, sK, sV,
-                                         ring.desc[i & 3], ring.meta[b0], a);
+                                         ring.desc[i & 3], ring.meta[b0], pos, a);
         cp_async_wait_committed();
         fence_async_smem();
         __syncthreads();
         const TileDesc &dc = ring.desc[i & 3];
+        const bool seg_end = i + 1 == te || ring.desc[(i + 1) & 3].gr != dc.gr || ring.desc[(i + 1) & 3].ks != dc.ks;
+        if constexpr (DI > 0) {
+            if (++pos == kl_tiles || seg_end) {
+                if (a.accki || a.dqip) tc_kl_flush<D, DI>(kls, pos * (M >> a.lgG), dc.khi - dc.klo, a);
+                pos = 0;
+            }
+        }
         if (i + 1 == te) {
             if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
         } else {
