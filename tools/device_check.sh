@@ -23,6 +23,8 @@
 #                    most nvidia-smi saw used while the run lasted (CUDA context, cuBLAS/cuDNN workspaces and
 #                    the activation arena's chunks included), and step 2's profile has the arena's bytes
 #                    per op kind at its peak (the memory columns)
+#   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
+#                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
 #                    (PROFILES="dense_32k msa_32k" selects some of them)
@@ -84,6 +86,19 @@ for what in "$@"; do
         echo "wall $(($(date +%s) - start)) s"
         grep -E "eval step|done:" "$OUT/baseline_$variant.log" | tail -22
         rm -f "$OUT/run_$variant"/ckpt_*.h5
+        ;;
+    ncu)
+        # Nsight Compute on the MSA kernels of one attention layer (bench shape, NCU_SIZE tokens, default
+        # 32768): speed of light, memory and warp-state sections of the first launches of the tile kernels,
+        # the combines and the indexer (NCU_KERNELS, a regex, picks others)
+        stage ncu
+        ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        if [ -z "$ncu_bin" ]; then echo "no ncu on this machine"; status=1; continue; fi
+        timeout 400 "$ncu_bin" --kernel-name "regex:${NCU_KERNELS:-msa_(fwd|bwd)_tc|combine|msa_indexer}" --launch-count 8 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+            build/bench --only attention --sizes "${NCU_SIZE:-32768}" --heads "${NCU_HEADS:-64/4/128}" \
+            >"$OUT/ncu_msa.txt" 2>&1 || status=1
+        grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued" "$OUT/ncu_msa.txt" | head -120
         ;;
     profile)
         stage profile

@@ -1,10 +1,11 @@
 /* The tensor-core tile kernels of the CUDA MSA attention (BF16, D = 64 or 128; the schedule, the
- * reductions and the entry points are in msa_attention.cu, which describes the design): 8 warps,
- * mma.sync m16n8k16 bf16 with fp32 accumulation, ldmatrix from XOR-swizzled shared memory, a 3-stage
- * cp.async pipeline (descriptor, entries, gathered Q / dO rows one tile ahead) so the gathers overlap
- * the previous tile's math. Forward tile 128 packed rows x 128 keys (16 rows per warp, 64-key
- * sub-tiles); backward tile 32 (D = 128) or 64 (D = 64) packed rows x 128 keys, optionally with the KL
- * alignment loss folded in (msa_attention_kl_backward; see the backward's section). */
+ * reductions and the entry points are in msa_attention.cu, which describes the design): 8 warps = two
+ * warpgroups issuing Hopper warpgroup MMAs (wgmma, fp32 accumulation) on 128-byte-swizzled shared-memory
+ * tiles addressed by descriptors, a 3-stage cp.async pipeline (descriptor, entries, gathered Q / dO rows
+ * one tile ahead) so the gathers overlap the previous tile's math. Forward tile 128 packed rows (64 per
+ * warpgroup) x 128 keys (two 64-key sub-tiles); backward tile 32 (D = 128) or 64 (D = 64) packed rows x
+ * 128 keys (64 per warpgroup), optionally with the KL alignment loss folded in
+ * (msa_attention_kl_backward; see the backward's section). The KL's small products stay on mma.sync. */
 #include <math.h>
 
 #include "msa_attention.cuh"
