@@ -13,8 +13,10 @@
  *
  * The residual add + RMSNorm (add_rmsnorm_*) is the same kernels with RESIDUAL set: the forward loads x
  * and r, stores h = x + r rounded to the activation dtype and normalises that h (what the backward
- * reads); the backward adds the gradient reaching h, dh, to the norm's dx and writes the sum into both
- * dx and dr. */
+ * reads); the backward adds the gradient reaching h, dh, to the norm's dx and adds the sum to both dx
+ * and dr. Each rounds as the unfused add, rmsnorm and axpy kernels do, so that the fused op's results
+ * are theirs bit for bit where the rows are 16-byte aligned (a model with and without recomputation,
+ * which fuses one add fewer per block, trains bit-identically; tests/gpu add_rmsnorm_case). */
 #include <math.h>
 
 #include "limits.h"
@@ -71,7 +73,8 @@ __device__ __forceinline__ void load_row(Pack<Tx, VEC> (&v)[TILES], const Tx *sr
 }
 
 /* h = x + r over this thread's vectors of row r (xv holds x, then h as the activation dtype rounds it:
- * what the norm and its backward see), stored to h. */
+ * what the norm and its backward see), stored to h. The sum as the add kernel forms it (elementwise.cu:
+ * fp64, one rounding), so that h is add's h bit for bit. */
 template <typename Tx, int VEC, int TILES>
 __device__ __forceinline__ void add_residual(Pack<Tx, VEC> (&xv)[TILES], const Pack<Tx, VEC> (&rv)[TILES], Tx *h, int64_t r,
                                              int C, int thread, int team) {
@@ -80,7 +83,7 @@ __device__ __forceinline__ void add_residual(Pack<Tx, VEC> (&xv)[TILES], const P
         const int c0 = (thread + k * team) * VEC;
         if (c0 >= C) continue;
 #pragma unroll
-        for (int j = 0; j < VEC; j++) xv[k].v[j] = from_f32<Tx>(to_f32(xv[k].v[j]) + to_f32(rv[k].v[j]));
+        for (int j = 0; j < VEC; j++) xv[k].v[j] = from_f64<Tx>(to_f64(xv[k].v[j]) + to_f64(rv[k].v[j]));
         *reinterpret_cast<Pack<Tx, VEC> *>(h + r * C + c0) = xv[k];
     }
 }
@@ -170,6 +173,12 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
     }
 }
 
+/* One element of the norm's dx added to old, rmsnorm_backward's and add_rmsnorm_backward's one expression
+ * (the fused op's gradient of h rounds as the unfused rmsnorm's dx into the gradient buffer of h). */
+__device__ __forceinline__ float plus_norm_dx(float old, float rs, float g, float dy, float kx, float x) {
+    return old + rs * g * dy - kx * x;
+}
+
 /* dx += rstd (w dy) - rstd^3 / C (x . w dy) x, and (when dw_partial) the block's sum over its rows of
  * dy x rstd into dw_partial[blockIdx.x][:]. RESIDUAL: x is h = x + r of the forward, and dx and dr (each
  * NULL: skip) both get dh (NULL: 0) + that norm gradient. */
@@ -225,12 +234,15 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, Tx *dr
 #pragma unroll
                 for (int j = 0; j < VEC; j++) acc[k][j] += to_f32(dyv[k].v[j]) * to_f32(xv[k].v[j]) * rs;
             if (RESIDUAL) {
+                /* the unfused sequence's arithmetic: dh + the norm's dx rounded to the activation dtype (its
+                 * gradient buffer), then added to dx and dr as axpy adds (fp32 sum, one rounding) */
                 float dsum[VEC];
                 Pack<Tx, VEC> dhv = {};
                 if (dh) dhv = load_pack<Tx, VEC>(dh + r * C + c0);
 #pragma unroll
                 for (int j = 0; j < VEC; j++)
-                    dsum[j] = to_f32(dhv.v[j]) + rs * g[k][j] * to_f32(dyv[k].v[j]) - kx * to_f32(xv[k].v[j]);
+                    dsum[j] = to_f32(from_f32<Tx>(plus_norm_dx(dh ? to_f32(dhv.v[j]) : 0.0f, rs, g[k][j],
+                                                               to_f32(dyv[k].v[j]), kx, to_f32(xv[k].v[j]))));
                 /* one tensor after the other, each read after the previous store: dx and dr may alias */
                 Tx *const outs[2] = {dx, dr};
 #pragma unroll
@@ -247,7 +259,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, Tx *dr
                 float d[VEC];
 #pragma unroll
                 for (int j = 0; j < VEC; j++)
-                    d[j] = to_f32(old.v[j]) + rs * g[k][j] * to_f32(dyv[k].v[j]) - kx * to_f32(xv[k].v[j]);
+                    d[j] = plus_norm_dx(to_f32(old.v[j]), rs, g[k][j], to_f32(dyv[k].v[j]), kx, to_f32(xv[k].v[j]));
                 store_vec<VEC>(dx + r * C + c0, d);
             }
         }
@@ -427,7 +439,9 @@ static void norm_backward(const char *what, Tensor *dx, Tensor *dr, Tensor *dw, 
     DISPATCH_FLOAT(x->dtype, Tx, what, DISPATCH_FLOAT(w ? w->dtype : DT_F32, Tw, what, {
         WITH_LAYOUT(l, Tx, VEC, TILES, {
             auto kernel = rmsnorm_bwd_kernel<Tx, Tw, VEC, TILES, RESIDUAL>;
-            blocks = grid_of(kernel, l, rows);
+            /* the plain kernel's grid for both: the same blocks sum the same rows into dw, so add_rmsnorm's
+             * dw is rmsnorm's bit for bit (their occupancy is the same but in rows of single elements) */
+            blocks = grid_of(rmsnorm_bwd_kernel<Tx, Tw, VEC, TILES, false>, l, rows);
             if (dw) partial = (float *)scratch((size_t)blocks * (size_t)C * sizeof(float));
             kernel<<<blocks, l.threads>>>(dx ? (Tx *)dx->data : nullptr, dr ? (Tx *)dr->data : nullptr, partial,
                                           (const Tx *)dy->data, dh ? (const Tx *)dh->data : nullptr,

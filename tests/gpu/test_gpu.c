@@ -226,6 +226,29 @@ void rmsnorm_case(const void *args) {
 
 /* ---------- add_rmsnorm ---------- */
 
+/* Do two GPU tensors hold the same bytes? */
+static bool same_bits(const Tensor *a, const Tensor *b) {
+    const size_t n = tensor_bytes(a);
+    if (n != tensor_bytes(b)) return false;
+    char *ha = xmalloc(n + 1), *hb = xmalloc(n + 1);
+    GB->copy_to_host(ha, a->data, n);
+    GB->copy_to_host(hb, b->data, n);
+    const bool same = memcmp(ha, hb, n) == 0;
+    free(ha);
+    free(hb);
+    return same;
+}
+
+/* A GPU copy of a GPU tensor. */
+static Tensor gpu_copy_of(const Tensor *t) {
+    Tensor c = mk(GB, t->dtype, t->ndim, t->shape);
+    GB->copy(c.data, t->data, tensor_bytes(t));
+    return c;
+}
+
+/* The fused op against the CPU, and against the unfused GPU kernels (add, rmsnorm; rmsnorm's backward
+ * into the gradient of h, then axpy into dx and dr) bit for bit: what keeps a CUDA model's results the
+ * same with and without recomputation, which leaves one add per block unfused. */
 void add_rmsnorm_case(const void *args) {
     const AddRmsnormCase *c = args;
     const int64_t rows = c->rows, C = c->C, shape[2] = {rows, C};
@@ -247,6 +270,16 @@ void add_rmsnorm_case(const void *args) {
     check(name, &y, tol_of(act));
     snprintf(name, sizeof name, "add_rmsnorm fwd rstd %s", desc);
     check(name, &rstd, tol_of(act));
+    {
+        Tensor hu = mk(GB, act, 2, shape), yu = mk(GB, act, 2, shape), ru = mk(GB, DT_F32, 1, (int64_t[]){rows});
+        GB->add(&hu, &x.g, &r.g);
+        GB->rmsnorm_forward(&yu, &ru, &hu, c->has_w ? &w.g : NULL, eps, false);
+        snprintf(name, sizeof name, "add_rmsnorm fwd = add + rmsnorm bit for bit %s", desc);
+        record(same_bits(&h.g, &hu) && same_bits(&y.g, &yu) && same_bits(&rstd.g, &ru), "%-58s", name);
+        free_t(&hu);
+        free_t(&yu);
+        free_t(&ru);
+    }
     /* backward from the reference's h and rstd on both sides (h as the GPU's dtype holds it); grads: 1 dx,
      * 2 dr, 4 dw, 8 dr is dx (both increments land in one tensor) */
     Pair h2 = pair_from(act, 2, shape, (const float *)h.c.data);
@@ -260,8 +293,23 @@ void add_rmsnorm_case(const void *args) {
     grad_arm(&dx);
     grad_arm(&dr);
     grad_arm(&dw);
+    Tensor dxu = gpu_copy_of(&dx.p.g), dru = gpu_copy_of(&dr.p.g), dwu = gpu_copy_of(&dw.p.g);
     GB->add_rmsnorm_backward(want_dx ? &dx.p.g : NULL, want_dr ? &drp->p.g : NULL, want_dw ? &dw.p.g : NULL, &dy.g,
                              c->has_dh ? &dh.g : NULL, &h2.g, c->has_w ? &w.g : NULL, &rs.g);
+    {
+        Tensor gh = mk(GB, act, 2, shape); /* the unfused gradient of h: dh, or zero */
+        if (c->has_dh) GB->copy(gh.data, dh.g.data, tensor_bytes(&gh));
+        else GB->zero(gh.data, tensor_bytes(&gh));
+        GB->rmsnorm_backward(&gh, want_dw ? &dwu : NULL, &dy.g, &h2.g, c->has_w ? &w.g : NULL, &rs.g, false);
+        if (want_dx) GB->axpy(&dxu, &gh, 1.0f);
+        if (want_dr) GB->axpy(alias ? &dxu : &dru, &gh, 1.0f);
+        snprintf(name, sizeof name, "add_rmsnorm bwd = rmsnorm bwd + axpy bit for bit %s", desc);
+        record(same_bits(&dx.p.g, &dxu) && same_bits(&dr.p.g, &dru) && same_bits(&dw.p.g, &dwu), "%-58s", name);
+        free_t(&gh);
+    }
+    free_t(&dxu);
+    free_t(&dru);
+    free_t(&dwu);
     if (want_dx) {
         snprintf(name, sizeof name, "add_rmsnorm bwd dx %s%s", desc, alias ? " (dr is dx)" : want_dr ? "" : " (dr NULL)");
         grad_check(name, &dx, tol_of(act));
