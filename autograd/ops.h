@@ -26,6 +26,10 @@ Tensor *op_embedding(Engine *e, Tensor *w, Tensor *tokens);
 
 /* RMSNorm over the last dim of x; w has that dim's size (NULL = no gain). unit_offset: gain 1 + w. */
 Tensor *op_rmsnorm(Engine *e, Tensor *x, Tensor *w, float eps, bool unit_offset);
+/* The residual add and the RMSNorm of its sum in one op (one pass over the rows on CUDA): returns
+ * op_rmsnorm(h, w, eps, false) with h = x + r, the new residual stream, in *h_out. Both, and the
+ * gradients, are op_add's and op_rmsnorm's bit for bit (on CUDA where the rows are 16-byte aligned). */
+Tensor *op_add_rmsnorm(Engine *e, Tensor *x, Tensor *r, Tensor *w, float eps, Tensor **h_out);
 
 /* x [N, H, D], positions i32 [N]; rope (and its inv_freq) must live until the backward has run
  * (layers/rope_scaling.h rope_table_in puts it in the engine's host arena) */

@@ -64,8 +64,9 @@ TEST(cuda_limits_stop_a_config_at_validation) {
         {"head dim", 256, 258, "head dimension 258"},
         {"d_model", 8192, 8200, "model.d_model = 8200"},            /* RMSNorm rows */
         {"d_model not a multiple of 8", 2048, 2050, "model.d_model = 2050"},
+        {"index heads", 128, 129, "model.n_kv_heads = 129"},        /* one index head per KV head */
     };
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) {
         for (int cuda = 0; cuda < 2; cuda++)
             for (int bad = 0; bad < 2; bad++) {
                 RunConfig c = msa_config(cuda ? "cuda" : "cpu");
@@ -73,7 +74,8 @@ TEST(cuda_limits_stop_a_config_at_validation) {
                 if (i == 0) c.msa.topk_blocks = v;
                 if (i == 1) c.msa.index_dim = v;
                 if (i == 2) c.model.head_dim = v;
-                if (i >= 3) c.model.d_model = v, c.model.head_dim = 64;
+                if (i == 3 || i == 4) c.model.d_model = v, c.model.head_dim = 64;
+                if (i == 5) c.model.n_heads = c.model.n_kv_heads = v, c.model.head_dim = 64;
                 char err[4096];
                 const int st = validate_in_child(&c, err, sizeof err);
                 if (cuda && bad) {

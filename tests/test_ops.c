@@ -1,10 +1,12 @@
 /* Float64 finite-difference gradient checks of the basic ops (add, scale, linear, embedding, rmsnorm,
- * swiglu, gelu, dropout, cross-entropy, checkpoint), forward values against naive references, and the engine's
+ * add_rmsnorm, swiglu, gelu, dropout, cross-entropy, checkpoint), forward values against naive references, and the engine's
  * views, detach and no-grad mode. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../autograd/ops.h"
+#include "../kernels/util.h"
 #include "gradcheck.h"
 #include "test.h"
 
@@ -39,6 +41,15 @@ typedef struct {
 static Tensor *f_rmsnorm(Engine *e, Tensor **in, void *ctx) {
     NormCtx *c = ctx;
     return op_rmsnorm(e, in[0], c->gain ? in[1] : NULL, 1e-5f, c->unit_offset);
+}
+typedef struct {
+    int uses; /* what the function returns: 1 the norm y, 2 the sum h, 3 swiglu(y, h) */
+    bool gain;
+} AddNormCtx;
+static Tensor *f_add_rmsnorm(Engine *e, Tensor **in, void *ctx) {
+    const AddNormCtx *c = ctx;
+    Tensor *h, *y = op_add_rmsnorm(e, in[0], in[1], c->gain ? in[2] : NULL, 1e-5f, &h);
+    return c->uses == 3 ? op_swiglu(e, y, h) : c->uses == 1 ? y : h;
 }
 static Tensor *f_swiglu(Engine *e, Tensor **in, void *ctx) {
     (void)ctx;
@@ -188,6 +199,82 @@ TEST(rmsnorm_forward_matches_naive) {
     EXPECT(max_err < 1e-12, "rmsnorm forward error %.3e", max_err);
     test_tensor_free(x);
     test_tensor_free(w);
+}
+
+TEST(grad_add_rmsnorm_variants) {
+    Engine *eng = tc->fixture;
+    /* both outputs used (the gradient reaching h adds to the norm's), only y (no gradient at h), only h
+     * (no norm gradient: the add's), without a gain */
+    AddNormCtx variants[] = {{3, true}, {1, true}, {2, true}, {3, false}};
+    for (int v = 0; v < 4; v++) {
+        const int64_t shapes[2][3] = {{7, 9}, {5, 3, 8}};
+        for (int k = 0; k < 2; k++) {
+            const int ndim = k + 2;
+            Tensor *x = test_randn(DT_F64, ndim, shapes[k], 1, 200 + v), *r = test_randn(DT_F64, ndim, shapes[k], 1, 210 + v);
+            Tensor *w = test_randn(DT_F64, SHAPE(tensor_dim(x, -1)), 0.5, 220 + v);
+            test_requires_grad(x);
+            test_requires_grad(r);
+            if (variants[v].gain && variants[v].uses & 1) test_requires_grad(w);
+            Tensor *in[] = {x, r, w};
+            EXPECT(grad_ok(tc, gradcheck(eng, f_add_rmsnorm, in, 3, &variants[v], 0, 9), "add_rmsnorm"),
+                   "add_rmsnorm gradient, variant %d, rank %d", v, ndim);
+            test_tensor_free(w);
+            test_tensor_free(r);
+            test_tensor_free(x);
+        }
+    }
+}
+
+/* The residual stream of two blocks, as the model had it (add, then rmsnorm) or fused: h1 = x + a,
+ * h2 = h1 + (norm(h1) W^T), out = swiglu(norm(h2), h2): h2 has two uses, as the stream between blocks. */
+static Tensor *residual_chain(Engine *e, Tensor *const *in, bool fused) {
+    Tensor *x = in[0], *a = in[1], *wl = in[2], *g1 = in[3], *g2 = in[4], *h1, *h2, *n1, *n2;
+    if (fused) n1 = op_add_rmsnorm(e, x, a, g1, 1e-5f, &h1);
+    else n1 = op_rmsnorm(e, h1 = op_add(e, x, a), g1, 1e-5f, false);
+    Tensor *f = op_linear(e, n1, wl);
+    if (fused) n2 = op_add_rmsnorm(e, h1, f, g2, 1e-5f, &h2);
+    else n2 = op_rmsnorm(e, h2 = op_add(e, h1, f), g2, 1e-5f, false);
+    return op_swiglu(e, n2, h2);
+}
+
+/* On the CPU the fused op is the unfused sequence bit for bit, forward and every gradient (what keeps a
+ * model's CPU losses unchanged by the fusion); F32 as in training, rows enough for the parallel loops. */
+TEST(add_rmsnorm_is_add_then_rmsnorm_bit_for_bit) {
+    Engine e;
+    engine_init(&e, &cpu_backend, DT_F32, 1 << 22);
+    const int64_t N = 300, C = 64;
+    Tensor *in[5] = {test_randn(DT_F32, SHAPE(N, C), 1, 230), test_randn(DT_F32, SHAPE(N, C), 1, 231),
+                     test_randn(DT_F32, SHAPE(C, C), 0.2, 232), test_randn(DT_F32, SHAPE(C), 0.3, 233),
+                     test_randn(DT_F32, SHAPE(C), 0.3, 234)};
+    Tensor *seed = test_randn(DT_F32, SHAPE(N, C), 1, 235);
+    for (int i = 0; i < 5; i++) test_requires_grad(in[i]);
+    float *out[2], *grad[2][5];
+    for (int fused = 0; fused < 2; fused++) {
+        for (int i = 0; i < 5; i++) memset(in[i]->grad->data, 0, tensor_bytes(in[i]));
+        engine_reset(&e);
+        Tensor *o = residual_chain(&e, in, fused);
+        out[fused] = xmalloc(tensor_bytes(o));
+        memcpy(out[fused], o->data, tensor_bytes(o));
+        engine_backward_from(&e, o, seed, 0);
+        for (int i = 0; i < 5; i++) {
+            grad[fused][i] = xmalloc(tensor_bytes(in[i]));
+            memcpy(grad[fused][i], in[i]->grad->data, tensor_bytes(in[i]));
+        }
+    }
+    EXPECT(memcmp(out[0], out[1], (size_t)(N * C) * sizeof(float)) == 0, "fused forward differs from add + rmsnorm");
+    const char *names[5] = {"x", "a", "W", "gain 1", "gain 2"};
+    for (int i = 0; i < 5; i++) {
+        EXPECT(test_norm(in[i]->grad) > 0, "the gradient of %s is zero: the comparison proves nothing", names[i]);
+        EXPECT(memcmp(grad[0][i], grad[1][i], tensor_bytes(in[i])) == 0, "fused gradient of %s differs from add + rmsnorm",
+               names[i]);
+    }
+    for (int f = 0; f < 2; f++) {
+        free(out[f]);
+        for (int i = 0; i < 5; i++) free(grad[f][i]);
+    }
+    for (int i = 0; i < 5; i++) test_tensor_free(in[i]);
+    test_tensor_free(seed);
+    engine_free(&e);
 }
 
 TEST(grad_swiglu) {
@@ -450,6 +537,8 @@ int main(void) {
     RUN(grad_embedding_repeated_tokens);
     RUN(grad_rmsnorm_variants);
     RUN(rmsnorm_forward_matches_naive);
+    RUN(grad_add_rmsnorm_variants);
+    RUN(add_rmsnorm_is_add_then_rmsnorm_bit_for_bit);
     RUN(grad_swiglu);
     RUN(grad_gelu);
     RUN(gelu_forward_matches_erf_gelu);

@@ -109,13 +109,15 @@ TEST(profiling_leaves_losses_bit_identical) {
 }
 
 /* configs/tiny.json: 2 layers, each 7 linears (q, k, v, o, gate, up, down), one attention; the LM head
- * and its cross-entropy are one lm_head_loss */
+ * and its cross-entropy are one lm_head_loss; the residual adds go into the norms after them
+ * (add_rmsnorm): only the first block's attention norm has none before it */
 TEST(rows_for_linear_attention_lm_head_loss) {
     const Profiler *p = &FX->profiled.prof;
     const struct {
         int kind;
         int per_step;
-    } want[] = {{OP_linear, 14}, {OP_attention, 2}, {OP_lm_head_loss, 1}, {OP_rmsnorm, 5}, {OP_embedding, 1}};
+    } want[] = {{OP_linear, 14}, {OP_attention, 2}, {OP_lm_head_loss, 1}, {OP_rmsnorm, 1}, {OP_add_rmsnorm, 4},
+                 {OP_embedding, 1}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         const int k = want[i].kind;
         const char *name = profiler_kind_name(p, k);
@@ -153,7 +155,9 @@ TEST(times_add_up_to_the_step_wall_time) {
 
 /* With train.recompute every block's forward runs twice: once without recording inside checkpoint's
  * forward (counted as the ops' forward, as without recompute) and once replayed in checkpoint's backward
- * (the ops' recompute). checkpoint itself keeps only its copies. */
+ * (the ops' recompute). checkpoint itself keeps only its copies. A checkpointed block adds its FFN output
+ * itself (one tensor leaves it), where a block on the tape leaves that add to the next norm: per block one
+ * add and one rmsnorm more, one add_rmsnorm fewer. */
 TEST(recompute_not_double_counted) {
     const Profiler *p = &FX->profiled.prof, *q = &FX->recompute_profiled.prof;
     const int ck = OP_checkpoint, layers = 2;
@@ -161,8 +165,9 @@ TEST(recompute_not_double_counted) {
     for (int k = 0; k < OP_COUNT + q->n_named; k++) {
         const int kp = profiler_kind(p, profiler_kind_name(q, k)); /* the same op or name in the other run */
         if (k == ck) continue;
-        EXPECT(kp >= 0 && q->calls[k][PROF_FORWARD] == p->calls[kp][PROF_FORWARD] &&
-                   q->calls[k][PROF_BACKWARD] == p->calls[kp][PROF_BACKWARD],
+        const int64_t more = (k == OP_add || k == OP_rmsnorm ? 1 : k == OP_add_rmsnorm ? -1 : 0) * layers * PROFILED;
+        EXPECT(kp >= 0 && q->calls[k][PROF_FORWARD] == p->calls[kp][PROF_FORWARD] + more &&
+                   q->calls[k][PROF_BACKWARD] == p->calls[kp][PROF_BACKWARD] + more,
                "%s: forward/backward calls %lld/%lld with recompute, %lld/%lld without", profiler_kind_name(q, k),
                (long long)q->calls[k][PROF_FORWARD], (long long)q->calls[k][PROF_BACKWARD],
                kp >= 0 ? (long long)p->calls[kp][PROF_FORWARD] : -1LL, kp >= 0 ? (long long)p->calls[kp][PROF_BACKWARD] : -1LL);
@@ -173,7 +178,8 @@ TEST(recompute_not_double_counted) {
     /* the replay: the blocks' ops, not the embedding, final norm, LM head or loss */
     const struct {
         int kind, per_step;
-    } replay[] = {{OP_linear, 14}, {OP_attention, 2}, {OP_rmsnorm, 4}, {OP_cross_entropy, 0}, {OP_embedding, 0}};
+    } replay[] = {{OP_linear, 14}, {OP_attention, 2}, {OP_rmsnorm, 2}, {OP_add_rmsnorm, 2}, {OP_add, 2},
+                   {OP_cross_entropy, 0}, {OP_embedding, 0}};
     for (size_t i = 0; i < sizeof replay / sizeof replay[0]; i++) {
         const int k = replay[i].kind;
         EXPECT(q->calls[k][PROF_RECOMPUTE] == (int64_t)replay[i].per_step * PROFILED, "%s: %lld recompute calls, expected %d",

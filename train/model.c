@@ -197,8 +197,25 @@ static Tensor *model_dropout(Engine *e, const Model *m, const ModelInput *in, Te
                       in->row_offset * cols);
 }
 
-static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
-    const BlockClosure *bc = closure;
+/* The residual stream between the sublayers: x, plus the branch output not yet added to it (NULL: none),
+ * which the next norm adds in the same pass (op_add_rmsnorm: the stream is read once for both). */
+typedef struct Residual {
+    Tensor *x, *branch;
+} Residual;
+
+/* The RMSNorm of the stream (gain w), which takes in the pending branch. */
+static Tensor *residual_norm(Engine *e, Residual *s, Tensor *w, float eps) {
+    if (!s->branch) return op_rmsnorm(e, s->x, w, eps, false);
+    Tensor *y = op_add_rmsnorm(e, s->x, s->branch, w, eps, &s->x);
+    s->branch = NULL;
+    return y;
+}
+
+static Tensor *residual_sum(Engine *e, Residual s) { return s.branch ? op_add(e, s.x, s.branch) : s.x; }
+
+/* Block bc->layer on the stream s, whose FFN output it leaves pending in s: the next block's or the
+ * final norm adds it. */
+static void block_step(Engine *e, const BlockClosure *bc, Residual *s, Tensor **aux) {
     Model *m = bc->m;
     Block *B = &m->layers[bc->layer];
     const float eps = m->cfg.norm_eps;
@@ -211,12 +228,18 @@ static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor *
                               .collect = m->collect_metrics,
                               .metrics = &m->metrics};
     Tensor *att_aux = NULL, *ffn_aux = NULL;
-    Tensor *att = B->attention.kind->forward(B->attention.self, e, op_rmsnorm(e, x, B->attn_norm, eps, false), &ctx,
-                                             &att_aux);
-    x = op_add(e, x, model_dropout(e, m, &bc->in, att, bc->layer, 1));
-    Tensor *f = B->ffn.kind->forward(B->ffn.self, e, op_rmsnorm(e, x, B->ffn_norm, eps, false), &ctx, &ffn_aux);
+    Tensor *att = B->attention.kind->forward(B->attention.self, e, residual_norm(e, s, B->attn_norm, eps), &ctx, &att_aux);
+    s->branch = model_dropout(e, m, &bc->in, att, bc->layer, 1);
+    Tensor *f = B->ffn.kind->forward(B->ffn.self, e, residual_norm(e, s, B->ffn_norm, eps), &ctx, &ffn_aux);
+    s->branch = model_dropout(e, m, &bc->in, f, bc->layer, 2);
     *aux = att_aux && ffn_aux ? op_add(e, att_aux, ffn_aux) : att_aux ? att_aux : ffn_aux;
-    return op_add(e, x, model_dropout(e, m, &bc->in, f, bc->layer, 2));
+}
+
+/* A checkpointed block (SegmentFn): one tensor in and out, so its FFN output is added here. */
+static Tensor *block_forward(Engine *e, Tensor *x, const void *closure, Tensor **aux) {
+    Residual s = {x, NULL};
+    block_step(e, closure, &s, aux);
+    return residual_sum(e, s);
 }
 
 void model_moe_step(Model *m, MoeSummary *summary, bool update_bias) {
@@ -260,7 +283,7 @@ double model_collect(Model *m, const Engine *e, Metrics *into) {
  * context parallelism). */
 static Tensor *hidden_of(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {
     if (m->before_block) m->before_block(m->before_block_ctx, -1);
-    Tensor *x = model_dropout(e, m, in, op_embedding(e, m->wte, in->tokens), -1, 0);
+    Residual s = {model_dropout(e, m, in, op_embedding(e, m->wte, in->tokens), -1, 0), NULL};
     Tensor *aux_total = NULL;
     for (int l = 0; l < m->cfg.n_layers; l++) {
         BlockClosure *bc = arena_alloc(&e->host, sizeof(BlockClosure));
@@ -269,12 +292,15 @@ static Tensor *hidden_of(Model *m, Engine *e, const ModelInput *in, bool recompu
         if (m->block_tape_start) m->block_tape_start[l] = e->tape_len;
         if (m->before_block) m->before_block(m->before_block_ctx, l);
         /* without gradients every block goes through checkpoint, which releases its intermediates:
-         * evaluation and sampling hold one block's activations, not all of them */
-        x = recompute || !e->grad_enabled ? op_checkpoint(e, block_forward, bc, x, &aux) : block_forward(e, x, bc, &aux);
+         * evaluation and sampling hold one block's activations, not all of them. A block left to the tape
+         * leaves its FFN output to the next norm (the add of the previous block's, recorded from here on,
+         * writes no gradient of block l - 1's parameters, as Model.block_tape_start asks). */
+        if (recompute || !e->grad_enabled) s = (Residual){op_checkpoint(e, block_forward, bc, residual_sum(e, s), &aux), NULL};
+        else block_step(e, bc, &s, &aux);
         if (aux) aux_total = aux_total ? op_add(e, aux_total, aux) : aux;
     }
     if (aux_out) *aux_out = aux_total;
-    return op_rmsnorm(e, x, m->final_norm, m->cfg.norm_eps, false);
+    return residual_norm(e, &s, m->final_norm, m->cfg.norm_eps);
 }
 
 Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out) {

@@ -9,13 +9,14 @@
 #ifndef MSA_CUDA_LIMITS_H
 #define MSA_CUDA_LIMITS_H
 
-/* attention.cu, msa_attention.cu, msa_kl.cu, msa_recall.cu: the head dimension of q, k and v */
+/* attention.cu, msa_attention.cu, msa_kl.cu (and its index dim), msa_recall.cu: the head dimension of q, k
+ * and v (primitives.cuh dpl_of: at most 8 elements a lane of a warp) */
 #define CUDA_HEAD_DIM_MAX 256
 /* attention.cu, msa_attention.cu: query heads (one grid dimension); msa_kl.cu: KV heads, the same */
 #define CUDA_HEADS_MAX 65535
-/* msa_indexer.cu (MAX_TOPK): the blocks one query selects, forced blocks included */
+/* msa_indexer.cu: the blocks one query selects, forced blocks included (its selection lists' shared memory) */
 #define CUDA_MSA_TOPK_MAX 32
-/* msa_indexer.cu: the index head dimension (msa_kl.cu alone would take 256) */
+/* msa_indexer.cu: the index head dimension (msa_kl.cu alone would take CUDA_HEAD_DIM_MAX) */
 #define CUDA_MSA_INDEX_DIM_MAX 128
 /* msa_indexer.cu: index heads, one per GQA group (= KV heads) */
 #define CUDA_MSA_INDEX_HEADS_MAX 128

@@ -52,6 +52,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "limits.h"
 #include "msa_attention.cuh"
 
 using namespace msacuda;
@@ -247,7 +248,7 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
         for (int s = lane; s < ns; s += 32) sum += expf(lp[s] - mx);
     sum = warp_sum(sum);
     const float L = mx != -INFINITY ? mx + logf(sum) : -INFINITY;
-    constexpr int STEPS = 8 / VPL; /* D <= 256: at most 8 elements per lane */
+    constexpr int STEPS = 8 / VPL; /* D <= CUDA_HEAD_DIM_MAX: at most 8 elements per lane (dpl_of) */
     float acc[STEPS][VPL];
 #pragma unroll
     for (int j = 0; j < STEPS; j++)
@@ -492,11 +493,13 @@ Shape check_common(const char *what, const Tensor *q, const Tensor *k, const Ten
     if (v->ndim != 3 || v->shape[0] != N || v->shape[1] != Hkv || v->shape[2] != D)
         fatal("cuda %s: v must be [%lld, %lld, %lld] like k", what, (long long)N, (long long)Hkv, (long long)D);
     if (Hkv <= 0 || Hq % Hkv != 0) fatal("cuda %s: %lld query heads are not a multiple of %lld KV heads", what, (long long)Hq, (long long)Hkv);
-    if (D < 1 || D > 256) fatal("cuda %s: head dim %lld not supported (1..256)", what, (long long)D);
+    if (D < 1 || D > CUDA_HEAD_DIM_MAX)
+        fatal("cuda %s: head dim %lld not supported (1..%d, kernels/cuda/limits.h CUDA_HEAD_DIM_MAX)", what, (long long)D,
+              CUDA_HEAD_DIM_MAX);
     if (q->dtype != k->dtype || q->dtype != v->dtype)
         fatal("cuda %s: q, k, v must share one dtype (got %s, %s, %s)", what, dt_name(q->dtype), dt_name(k->dtype), dt_name(v->dtype));
     if (q->dtype != DT_F32 && q->dtype != DT_BF16) fatal("cuda %s: dtype %s not supported (f32 or bf16)", what, dt_name(q->dtype));
-    if (N >= INT32_MAX / 2 || Hq > 65535) fatal("cuda %s: too many tokens or heads", what);
+    if (N >= INT32_MAX / 2 || Hq > CUDA_HEADS_MAX) fatal("cuda %s: too many tokens or heads", what);
     const int64_t K = p->topk_blocks;
     if (topk) {
         if (topk->dtype != DT_I32) fatal("cuda %s: topk must be i32, got %s", what, dt_name(topk->dtype));

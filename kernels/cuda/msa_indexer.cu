@@ -33,10 +33,12 @@
  * k * B per query where the scoring above visits the whole prefix, so the exponentials are not worth
  * folding into this pass over every candidate as the official K1 kernel does.
  *
- * Limits: topk_blocks <= 32, Di <= 128, Hidx <= 128, N < 2^30. */
+ * Limits (kernels/cuda/limits.h): topk_blocks <= CUDA_MSA_TOPK_MAX (the selection lists' shared memory),
+ * Di <= CUDA_MSA_INDEX_DIM_MAX, Hidx <= CUDA_MSA_INDEX_HEADS_MAX; N < 2^30. */
 #include <math.h>
 #include <type_traits>
 
+#include "limits.h"
 #include "msa_plan.cuh"
 
 using namespace msacuda;
@@ -44,7 +46,6 @@ using namespace msacuda;
 namespace {
 
 constexpr unsigned FULL = 0xffffffffu;
-constexpr int MAX_TOPK = 32;
 
 template <typename T, int KS, bool FAST> struct Cfg {
     static constexpr bool BF = std::is_same<T, bf16>::value;
@@ -390,6 +391,12 @@ template <typename T, int KS, bool FAST> void index_launch(const Tensor *qi, con
     LAUNCH_CHECK("msa_indexer");
 }
 
+/* The limits as the kernels meet them: the widest instantiation (KS = 8) holds CUDA_MSA_INDEX_DIM_MAX dims,
+ * and a tile of the fewest rows (F32's) at least one query of CUDA_MSA_INDEX_HEADS_MAX heads (TQ >= 1). */
+static_assert(Cfg<bf16, 8, true>::DP >= CUDA_MSA_INDEX_DIM_MAX, "the index dims of the widest instantiation");
+static_assert(Cfg<float, 8, false>::ROWS >= CUDA_MSA_INDEX_HEADS_MAX && Cfg<bf16, 8, true>::ROWS >= CUDA_MSA_INDEX_HEADS_MAX,
+              "a tile holds every index head of one query");
+
 template <typename T, bool FAST> void index_dispatch_ks(const Tensor *qi, const Tensor *ki, const IndexArgs &a) {
     if (a.Di <= 32) index_launch<T, 2, FAST>(qi, ki, a);
     else if (a.Di <= 64) index_launch<T, 4, FAST>(qi, ki, a);
@@ -411,9 +418,15 @@ extern "C" void cuda_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi
     if (!topk || topk->dtype != DT_I32 || topk->ndim != 3 || topk->shape[0] != H || topk->shape[1] != N || topk->shape[2] != K)
         fatal("cuda msa_indexer: topk must be i32 [Hidx = %lld, N = %lld, topk_blocks = %lld]", (long long)H, (long long)N,
               (long long)K);
-    if (K > MAX_TOPK) fatal("cuda msa_indexer: topk_blocks = %lld not supported (at most %d)", (long long)K, MAX_TOPK);
-    if (Di < 1 || Di > 128) fatal("cuda msa_indexer: index head dim %lld not supported (1..128)", (long long)Di);
-    if (H < 1 || H > 128) fatal("cuda msa_indexer: %lld index heads not supported (1..128)", (long long)H);
+    if (K > CUDA_MSA_TOPK_MAX)
+        fatal("cuda msa_indexer: topk_blocks = %lld not supported (at most %d, kernels/cuda/limits.h CUDA_MSA_TOPK_MAX)",
+              (long long)K, CUDA_MSA_TOPK_MAX);
+    if (Di < 1 || Di > CUDA_MSA_INDEX_DIM_MAX)
+        fatal("cuda msa_indexer: index head dim %lld not supported (1..%d, kernels/cuda/limits.h CUDA_MSA_INDEX_DIM_MAX)",
+              (long long)Di, CUDA_MSA_INDEX_DIM_MAX);
+    if (H < 1 || H > CUDA_MSA_INDEX_HEADS_MAX)
+        fatal("cuda msa_indexer: %lld index heads not supported (1..%d, kernels/cuda/limits.h CUDA_MSA_INDEX_HEADS_MAX)",
+              (long long)H, CUDA_MSA_INDEX_HEADS_MAX);
     if (N >= (int64_t)1 << 30) fatal("cuda msa_indexer: %lld tokens: too many (< 2^30)", (long long)N);
     if (N == 0) return;
     if (idx_lse && idx_lse->numel != H * N)

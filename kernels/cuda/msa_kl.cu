@@ -61,6 +61,7 @@
 
 #include <type_traits>
 
+#include "limits.h"
 #include "msa_plan.cuh"
 
 using namespace msacuda;
@@ -911,12 +912,16 @@ Dims check_args(const char *what, const Tensor *q, const Tensor *k, const Tensor
               (long long)k->shape[0], (long long)Hkv, (long long)k->shape[2]);
     if (Hkv <= 0 || Hq % Hkv != 0)
         fatal("cuda %s: %lld query heads are not a multiple of %lld KV heads", what, (long long)Hq, (long long)Hkv);
-    if (D < 1 || D > 256) fatal("cuda %s: head dim D = %lld not supported (1 .. 256)", what, (long long)D);
+    if (D < 1 || D > CUDA_HEAD_DIM_MAX)
+        fatal("cuda %s: head dim D = %lld not supported (1 .. %d, kernels/cuda/limits.h CUDA_HEAD_DIM_MAX)", what,
+              (long long)D, CUDA_HEAD_DIM_MAX);
     if (qi->ndim != 3 || qi->shape[0] != N || qi->shape[1] != Hkv)
         fatal("cuda %s: qi must be [N = %lld, Hidx = Hkv = %lld, Di] (one index head per GQA group)", what, (long long)N,
               (long long)Hkv);
     const int64_t Di = qi->shape[2];
-    if (Di < 1 || Di > 256) fatal("cuda %s: index head dim Di = %lld not supported (1 .. 256)", what, (long long)Di);
+    if (Di < 1 || Di > CUDA_HEAD_DIM_MAX) /* the tiles take Di as they take D */
+        fatal("cuda %s: index head dim Di = %lld not supported (1 .. %d, kernels/cuda/limits.h CUDA_HEAD_DIM_MAX)", what,
+              (long long)Di, CUDA_HEAD_DIM_MAX);
     if (ki->ndim != 2 || ki->shape[0] != N || ki->shape[1] != Di)
         fatal("cuda %s: ki must be [N = %lld, Di = %lld] (one key shared by all index heads)", what, (long long)N,
               (long long)Di);
@@ -938,7 +943,7 @@ Dims check_args(const char *what, const Tensor *q, const Tensor *k, const Tensor
     const Tensor *all[] = {q, k, lse, qi, ki, topk, plan, cu};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (all[i] && all[i]->device != DEV_CUDA) fatal("cuda %s: every tensor must be on the CUDA device", what);
-    if (N >= INT32_MAX / 2 || Hkv > 65535) fatal("cuda %s: too many tokens or heads", what);
+    if (N >= INT32_MAX / 2 || Hkv > CUDA_HEADS_MAX) fatal("cuda %s: too many tokens or heads", what);
     if (topk && N * p->topk_blocks >= INT32_MAX)
         fatal("cuda %s: N * topk_blocks = %lld does not fit the i32 plan", what, (long long)(N * p->topk_blocks));
     return Dims{(int)N, (int)Hq, (int)Hkv, (int)(Hq / Hkv), (int)D, (int)Di, p->topk_blocks, p->block_size, (int)ndocs};

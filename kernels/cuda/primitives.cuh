@@ -7,6 +7,7 @@
 #define MSA_CUDA_PRIMITIVES_CUH
 
 #include "common.cuh"
+#include "limits.h"
 
 /* ---- dtype conversions ---- */
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -228,8 +229,9 @@ template <int TB> __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
-/* head-dim elements per lane (DPL) for head dim D <= 256: the kernels' template argument */
+/* head-dim elements per lane (DPL) for head dim D <= CUDA_HEAD_DIM_MAX: the kernels' template argument */
 static inline int dpl_of(int D) { return D <= 32 ? 1 : D <= 64 ? 2 : D <= 128 ? 4 : 8; }
+static_assert(CUDA_HEAD_DIM_MAX <= 8 * 32, "dpl_of: 8 elements a lane of a warp hold the largest head dim");
 
 /* Shared-memory row pitches (floats): LP for rows read along the head dim by the lanes (covers every
  * lane's dims), RP = LP + 4 for rows read whole by one lane each with float4 loads (4 mod 32: the

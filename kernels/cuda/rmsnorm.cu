@@ -9,7 +9,14 @@
  * The backward does dx and dw in one pass: each thread adds its columns' dy x rstd into registers over
  * the rows its team visits (a grid-stride loop over a grid of about one wave), the block's warps are
  * combined in warp order through shared memory, and a second kernel adds the blocks' partial sums in
- * block order. No atomics: the same grid on the same device gives bit-identical dw. */
+ * block order. No atomics: the same grid on the same device gives bit-identical dw.
+ *
+ * The residual add + RMSNorm (add_rmsnorm_*) is the same kernels with RESIDUAL set: the forward loads x
+ * and r, stores h = x + r rounded to the activation dtype and normalises that h (what the backward
+ * reads); the backward adds the gradient reaching h, dh, to the norm's dx and adds the sum to both dx
+ * and dr. Each rounds as the unfused add, rmsnorm and axpy kernels do, so that the fused op's results
+ * are theirs bit for bit where the rows are 16-byte aligned (a model with and without recomputation,
+ * which fuses one add fewer per block, trains bit-identically; tests/gpu add_rmsnorm_case). */
 #include <math.h>
 
 #include "limits.h"
@@ -65,6 +72,22 @@ __device__ __forceinline__ void load_row(Pack<Tx, VEC> (&v)[TILES], const Tx *sr
     }
 }
 
+/* h = x + r over this thread's vectors of row r (xv holds x, then h as the activation dtype rounds it:
+ * what the norm and its backward see), stored to h. The sum as the add kernel forms it (elementwise.cu:
+ * fp64, one rounding), so that h is add's h bit for bit. */
+template <typename Tx, int VEC, int TILES>
+__device__ __forceinline__ void add_residual(Pack<Tx, VEC> (&xv)[TILES], const Pack<Tx, VEC> (&rv)[TILES], Tx *h, int64_t r,
+                                             int C, int thread, int team) {
+#pragma unroll
+    for (int k = 0; k < TILES; k++) {
+        const int c0 = (thread + k * team) * VEC;
+        if (c0 >= C) continue;
+#pragma unroll
+        for (int j = 0; j < VEC; j++) xv[k].v[j] = from_f64<Tx>(to_f64(xv[k].v[j]) + to_f64(rv[k].v[j]));
+        *reinterpret_cast<Pack<Tx, VEC> *>(h + r * C + c0) = xv[k];
+    }
+}
+
 /* The next row's loads are issued before this row's team reduction (whose barrier would otherwise let the
  * loads in flight run dry at every row), where the registers allow a second row. */
 #define PREFETCH_TILES_MAX 4
@@ -95,29 +118,37 @@ __device__ __forceinline__ float team_sum(float v, int lanes, float *sh) {
     return v;
 }
 
-/* The rows are held as loaded (BF16 pairs stay packed) to leave registers for the TILES vectors. */
-template <typename Tx, typename Tw, int VEC, int TILES>
-__global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *rstd, const Tx *x, const Tw *w,
-                                                                  int64_t rows, int C, float eps, bool unit_offset,
-                                                                  int lanes) {
+/* The rows are held as loaded (BF16 pairs stay packed) to leave registers for the TILES vectors.
+ * RESIDUAL: the row is x + res, stored to h (add_residual). */
+template <typename Tx, typename Tw, int VEC, int TILES, bool RESIDUAL>
+__global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *rstd, Tx *h, const Tx *x, const Tx *res,
+                                                                  const Tw *w, int64_t rows, int C, float eps,
+                                                                  bool unit_offset, int lanes) {
     __shared__ float sh[32];
     const Team tm = team_of(lanes);
     float g[TILES][VEC];
     load_gains<Tw, VEC, TILES>(g, w, C, tm.thread, tm.size, unit_offset);
-    Pack<Tx, VEC> xn[TILES] = {};
-    if (TILES <= PREFETCH_TILES_MAX && tm.first_round + tm.sub < rows)
+    Pack<Tx, VEC> xn[TILES] = {}, rn[TILES] = {};
+    if (TILES <= PREFETCH_TILES_MAX && tm.first_round + tm.sub < rows) {
         load_row(xn, x, tm.first_round + tm.sub, C, tm.thread, tm.size);
+        if (RESIDUAL) load_row(rn, res, tm.first_round + tm.sub, C, tm.thread, tm.size);
+    }
     for (int64_t r0 = tm.first_round; r0 < rows; r0 += tm.round_stride) {
         const int64_t r = r0 + tm.sub;
         const bool live = r < rows;
-        Pack<Tx, VEC> xv[TILES] = {};
+        Pack<Tx, VEC> xv[TILES] = {}, rv[TILES] = {};
         if (TILES <= PREFETCH_TILES_MAX) {
 #pragma unroll
-            for (int k = 0; k < TILES; k++) xv[k] = xn[k];
-            if (r + tm.round_stride < rows) load_row(xn, x, r + tm.round_stride, C, tm.thread, tm.size);
+            for (int k = 0; k < TILES; k++) xv[k] = xn[k], rv[k] = rn[k];
+            if (r + tm.round_stride < rows) {
+                load_row(xn, x, r + tm.round_stride, C, tm.thread, tm.size);
+                if (RESIDUAL) load_row(rn, res, r + tm.round_stride, C, tm.thread, tm.size);
+            }
         } else if (live) {
             load_row(xv, x, r, C, tm.thread, tm.size);
+            if (RESIDUAL) load_row(rv, res, r, C, tm.thread, tm.size);
         }
+        if (RESIDUAL && live) add_residual(xv, rv, h, r, C, tm.thread, tm.size);
         float ss = 0.0f;
 #pragma unroll
         for (int k = 0; k < TILES; k++) {
@@ -142,11 +173,19 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
     }
 }
 
+/* One element of the norm's dx added to old, rmsnorm_backward's and add_rmsnorm_backward's one expression
+ * (the fused op's gradient of h rounds as the unfused rmsnorm's dx into the gradient buffer of h). */
+__device__ __forceinline__ float plus_norm_dx(float old, float rs, float g, float dy, float kx, float x) {
+    return old + rs * g * dy - kx * x;
+}
+
 /* dx += rstd (w dy) - rstd^3 / C (x . w dy) x, and (when dw_partial) the block's sum over its rows of
- * dy x rstd into dw_partial[blockIdx.x][:]. */
-template <typename Tx, typename Tw, int VEC, int TILES>
-__global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float *dw_partial, const Tx *dy, const Tx *x,
-                                                                  const Tw *w, const float *rstd, int64_t rows, int C,
+ * dy x rstd into dw_partial[blockIdx.x][:]. RESIDUAL: x is h = x + r of the forward, and dx and dr (each
+ * NULL: skip) both get dh (NULL: 0) + that norm gradient. */
+template <typename Tx, typename Tw, int VEC, int TILES, bool RESIDUAL>
+__global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, Tx *dr, float *dw_partial, const Tx *dy,
+                                                                  const Tx *dh, const Tx *x, const Tw *w,
+                                                                  const float *rstd, int64_t rows, int C,
                                                                   bool unit_offset, int lanes) {
     __shared__ float sh[32];
     const Team tm = team_of(lanes);
@@ -194,12 +233,33 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, float 
             if (dw_partial)
 #pragma unroll
                 for (int j = 0; j < VEC; j++) acc[k][j] += to_f32(dyv[k].v[j]) * to_f32(xv[k].v[j]) * rs;
-            if (dx) {
+            if (RESIDUAL) {
+                /* the unfused sequence's arithmetic: dh + the norm's dx rounded to the activation dtype (its
+                 * gradient buffer), then added to dx and dr as axpy adds (fp32 sum, one rounding) */
+                float dsum[VEC];
+                Pack<Tx, VEC> dhv = {};
+                if (dh) dhv = load_pack<Tx, VEC>(dh + r * C + c0);
+#pragma unroll
+                for (int j = 0; j < VEC; j++)
+                    dsum[j] = to_f32(from_f32<Tx>(plus_norm_dx(dh ? to_f32(dhv.v[j]) : 0.0f, rs, g[k][j],
+                                                               to_f32(dyv[k].v[j]), kx, to_f32(xv[k].v[j]))));
+                /* one tensor after the other, each read after the previous store: dx and dr may alias */
+                Tx *const outs[2] = {dx, dr};
+#pragma unroll
+                for (int o = 0; o < 2; o++) {
+                    if (!outs[o]) continue;
+                    const Pack<Tx, VEC> old = load_pack<Tx, VEC>(outs[o] + r * C + c0);
+                    float d[VEC];
+#pragma unroll
+                    for (int j = 0; j < VEC; j++) d[j] = to_f32(old.v[j]) + dsum[j];
+                    store_vec<VEC>(outs[o] + r * C + c0, d);
+                }
+            } else if (dx) {
                 const Pack<Tx, VEC> old = load_pack<Tx, VEC>(dx + r * C + c0);
                 float d[VEC];
 #pragma unroll
                 for (int j = 0; j < VEC; j++)
-                    d[j] = to_f32(old.v[j]) + rs * g[k][j] * to_f32(dyv[k].v[j]) - kx * to_f32(xv[k].v[j]);
+                    d[j] = plus_norm_dx(to_f32(old.v[j]), rs, g[k][j], to_f32(dyv[k].v[j]), kx, to_f32(xv[k].v[j]));
                 store_vec<VEC>(dx + r * C + c0, d);
             }
         }
@@ -330,54 +390,91 @@ static void same_act(const char *what, const Tensor *x, const Tensor *t) {
         fatal("cuda %s: activations and their gradients must share x's dtype (%s) and size", what, dtype_name(x->dtype));
 }
 
-extern "C" void cuda_rmsnorm_forward(Tensor *y, Tensor *rstd, const Tensor *x, const Tensor *w, float eps, bool unit_offset) {
+/* The forward of rmsnorm (RESIDUAL false: h and res NULL) and of add_rmsnorm. */
+template <bool RESIDUAL>
+static void norm_forward(const char *what, Tensor *y, Tensor *rstd, Tensor *h, const Tensor *x, const Tensor *res,
+                         const Tensor *w, float eps, bool unit_offset) {
     init();
-    check_args("rmsnorm_forward", x, w, rstd);
-    same_act("rmsnorm_forward", x, y);
+    check_args(what, x, w, rstd);
+    same_act(what, x, y);
+    same_act(what, x, h);
+    same_act(what, x, res);
     const int64_t rows = tensor_rows(x), C = tensor_dim(x, -1);
     if (rows == 0) return;
-    const Layout l = layout_of("rmsnorm_forward", C, dtype_size(x->dtype), aligned16(x->data) && aligned16(y->data));
-    DISPATCH_FLOAT(x->dtype, Tx, "rmsnorm_forward", DISPATCH_FLOAT(w ? w->dtype : DT_F32, Tw, "rmsnorm_forward", {
+    const bool aligned = aligned16(x->data) && aligned16(y->data) && aligned16(h ? h->data : nullptr) &&
+                         aligned16(res ? res->data : nullptr);
+    const Layout l = layout_of(what, C, dtype_size(x->dtype), aligned);
+    DISPATCH_FLOAT(x->dtype, Tx, what, DISPATCH_FLOAT(w ? w->dtype : DT_F32, Tw, what, {
         WITH_LAYOUT(l, Tx, VEC, TILES, {
-            auto kernel = rmsnorm_fwd_kernel<Tx, Tw, VEC, TILES>;
-            kernel<<<grid_of(kernel, l, rows), l.threads>>>((Tx *)y->data, (float *)rstd->data, (const Tx *)x->data,
+            auto kernel = rmsnorm_fwd_kernel<Tx, Tw, VEC, TILES, RESIDUAL>;
+            kernel<<<grid_of(kernel, l, rows), l.threads>>>((Tx *)y->data, (float *)rstd->data,
+                                                            h ? (Tx *)h->data : nullptr, (const Tx *)x->data,
+                                                            res ? (const Tx *)res->data : nullptr,
                                                             w ? (const Tw *)w->data : nullptr, rows, (int)C, eps,
                                                             unit_offset, l.lanes);
-            LAUNCH_CHECK("rmsnorm_forward");
+            LAUNCH_CHECK(what);
         });
     }));
 }
 
-extern "C" void cuda_rmsnorm_backward(Tensor *dx, Tensor *dw, const Tensor *dy, const Tensor *x, const Tensor *w,
-                                      const Tensor *rstd, bool unit_offset) {
+/* The backward of rmsnorm (RESIDUAL false: dr and dh NULL) and of add_rmsnorm (x is h). */
+template <bool RESIDUAL>
+static void norm_backward(const char *what, Tensor *dx, Tensor *dr, Tensor *dw, const Tensor *dy, const Tensor *dh,
+                          const Tensor *x, const Tensor *w, const Tensor *rstd, bool unit_offset) {
     init();
-    if (!dx && !dw) return;
-    check_args("rmsnorm_backward", x, w, rstd);
-    same_act("rmsnorm_backward", x, dy);
-    same_act("rmsnorm_backward", x, dx);
-    if (dw && (!w || dw->numel != w->numel)) fatal("cuda rmsnorm_backward: dw without a gain of its size");
+    if (!dx && !dr && !dw) return;
+    check_args(what, x, w, rstd);
+    same_act(what, x, dy);
+    same_act(what, x, dx);
+    same_act(what, x, dr);
+    same_act(what, x, dh);
+    if (dw && (!w || dw->numel != w->numel)) fatal("cuda %s: dw without a gain of its size", what);
     const int64_t rows = tensor_rows(x), C = tensor_dim(x, -1);
     if (rows == 0) return;
-    const bool aligned = aligned16(x->data) && aligned16(dy->data) && aligned16(dx ? dx->data : nullptr);
-    const Layout l = layout_of("rmsnorm_backward", C, dtype_size(x->dtype), aligned);
+    const bool aligned = aligned16(x->data) && aligned16(dy->data) && aligned16(dx ? dx->data : nullptr) &&
+                         aligned16(dr ? dr->data : nullptr) && aligned16(dh ? dh->data : nullptr);
+    const Layout l = layout_of(what, C, dtype_size(x->dtype), aligned);
     int blocks = 0;
     float *partial = nullptr;
-    DISPATCH_FLOAT(x->dtype, Tx, "rmsnorm_backward", DISPATCH_FLOAT(w ? w->dtype : DT_F32, Tw, "rmsnorm_backward", {
+    DISPATCH_FLOAT(x->dtype, Tx, what, DISPATCH_FLOAT(w ? w->dtype : DT_F32, Tw, what, {
         WITH_LAYOUT(l, Tx, VEC, TILES, {
-            auto kernel = rmsnorm_bwd_kernel<Tx, Tw, VEC, TILES>;
-            blocks = grid_of(kernel, l, rows);
+            auto kernel = rmsnorm_bwd_kernel<Tx, Tw, VEC, TILES, RESIDUAL>;
+            /* the plain kernel's grid for both: the same blocks sum the same rows into dw, so add_rmsnorm's
+             * dw is rmsnorm's bit for bit (their occupancy is the same but in rows of single elements) */
+            blocks = grid_of(rmsnorm_bwd_kernel<Tx, Tw, VEC, TILES, false>, l, rows);
             if (dw) partial = (float *)scratch((size_t)blocks * (size_t)C * sizeof(float));
-            kernel<<<blocks, l.threads>>>(dx ? (Tx *)dx->data : nullptr, partial, (const Tx *)dy->data,
+            kernel<<<blocks, l.threads>>>(dx ? (Tx *)dx->data : nullptr, dr ? (Tx *)dr->data : nullptr, partial,
+                                          (const Tx *)dy->data, dh ? (const Tx *)dh->data : nullptr,
                                           (const Tx *)x->data, w ? (const Tw *)w->data : nullptr,
                                           (const float *)rstd->data, rows, (int)C, unit_offset, l.lanes);
-            LAUNCH_CHECK("rmsnorm_backward");
+            LAUNCH_CHECK(what);
         });
     }));
     if (!dw) return;
-    DISPATCH_FLOAT(dw->dtype, Tw, "rmsnorm_backward", {
+    DISPATCH_FLOAT(dw->dtype, Tw, what, {
         const dim3 threads(FINISH_COLS, FINISH_SUMS);
         rmsnorm_dw_finish_kernel<Tw><<<(unsigned)((C + FINISH_COLS - 1) / FINISH_COLS), threads>>>((Tw *)dw->data, partial,
                                                                                                   (int)C, blocks);
-        LAUNCH_CHECK("rmsnorm_backward dw");
+        LAUNCH_CHECK(what);
     });
+}
+
+extern "C" void cuda_rmsnorm_forward(Tensor *y, Tensor *rstd, const Tensor *x, const Tensor *w, float eps, bool unit_offset) {
+    norm_forward<false>("rmsnorm_forward", y, rstd, nullptr, x, nullptr, w, eps, unit_offset);
+}
+
+extern "C" void cuda_rmsnorm_backward(Tensor *dx, Tensor *dw, const Tensor *dy, const Tensor *x, const Tensor *w,
+                                      const Tensor *rstd, bool unit_offset) {
+    norm_backward<false>("rmsnorm_backward", dx, nullptr, dw, dy, nullptr, x, w, rstd, unit_offset);
+}
+
+extern "C" void cuda_add_rmsnorm_forward(Tensor *h, Tensor *y, Tensor *rstd, const Tensor *x, const Tensor *r,
+                                         const Tensor *w, float eps) {
+    if (!h || !r) fatal("cuda add_rmsnorm_forward: h and r are required");
+    norm_forward<true>("add_rmsnorm_forward", y, rstd, h, x, r, w, eps, false);
+}
+
+extern "C" void cuda_add_rmsnorm_backward(Tensor *dx, Tensor *dr, Tensor *dw, const Tensor *dy, const Tensor *dh,
+                                          const Tensor *h, const Tensor *w, const Tensor *rstd) {
+    norm_backward<true>("add_rmsnorm_backward", dx, dr, dw, dy, dh, h, w, rstd, false);
 }

@@ -76,6 +76,22 @@ static void norm_rope_cases(void) {
         GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {65, 1999}, acts[d], true, true, 3);
         GPU_CASE("rmsnorm", rmsnorm_case, RmsnormCase, 2, {65, 1999}, acts[d], true, false, 2);
     }
+    /* rows, C, act, has_w, has_dh, grads (1 dx, 2 dr, 4 dw, 8 dr is dx): rmsnorm's layouts (above), each
+     * output left out in turn */
+    for (int d = 0; d < 2; d++) {
+        const int64_t shapes[][2] = {{1, 3},     {37, 64},   {300, 1000}, {20000, 72}, {5001, 32},
+                                     {4099, 2048}, {300, 4000}, {40, 6000}, {65, 1999}};
+        for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+            GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, shapes[i][0], shapes[i][1], acts[d], true, true, 7);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 7, acts[d] == DT_BF16 ? 16384 : 8192, acts[d], true, true, 7);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 33, 96, acts[d], false, true, 3);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 33, 96, acts[d], true, false, 7);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 33, 96, acts[d], true, true, 1);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 33, 96, acts[d], true, true, 2);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 33, 96, acts[d], true, true, 4);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 300, 1000, acts[d], true, true, 12);
+        GPU_CASE("add_rmsnorm", add_rmsnorm_case, AddRmsnormCase, 65, 1999, acts[d], true, false, 8);
+    }
     /* act, N, H, D, rotary dim, theta, positions below */
     for (int d = 0; d < 2; d++) {
         GPU_CASE("rope", rope_case, RopeCase, acts[d], 1, 1, 2, 2, 10000.0f, 10);

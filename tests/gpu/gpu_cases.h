@@ -58,6 +58,10 @@ void embedding_case(const void *args);
 /* grads: 1 = dx, 2 = dw, 3 = both */
 typedef struct { int ndim; int64_t shape[3]; DType act; bool has_w, unit_offset; int grads; } RmsnormCase;
 void rmsnorm_case(const void *args);
+/* x [rows, C] + r, then the norm (gain F32 or none); the backward with a gradient reaching h (has_dh) or
+ * none; grads: 1 dx, 2 dr, 4 dw, 8 dr and dx one tensor */
+typedef struct { int64_t rows, C; DType act; bool has_w, has_dh; int grads; } AddRmsnormCase;
+void add_rmsnorm_case(const void *args);
 typedef struct { DType act; int64_t N, H, D; int rot; float theta; int32_t maxpos; } RopeCase;
 void rope_case(const void *args);
 /* Dense attention through MSA_ATTENTION = impl ("own": our kernels, "cudnn": cuDNN's, forced); grads:

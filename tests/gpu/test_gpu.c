@@ -224,6 +224,119 @@ void rmsnorm_case(const void *args) {
     if (has_w) pair_free(&w);
 }
 
+/* ---------- add_rmsnorm ---------- */
+
+/* Do two GPU tensors hold the same bytes? */
+static bool same_bits(const Tensor *a, const Tensor *b) {
+    const size_t n = tensor_bytes(a);
+    if (n != tensor_bytes(b)) return false;
+    char *ha = xmalloc(n + 1), *hb = xmalloc(n + 1);
+    GB->copy_to_host(ha, a->data, n);
+    GB->copy_to_host(hb, b->data, n);
+    const bool same = memcmp(ha, hb, n) == 0;
+    free(ha);
+    free(hb);
+    return same;
+}
+
+/* A GPU copy of a GPU tensor. */
+static Tensor gpu_copy_of(const Tensor *t) {
+    Tensor c = mk(GB, t->dtype, t->ndim, t->shape);
+    GB->copy(c.data, t->data, tensor_bytes(t));
+    return c;
+}
+
+/* The fused op against the CPU, and against the unfused GPU kernels (add, rmsnorm; rmsnorm's backward
+ * into the gradient of h, then axpy into dx and dr) bit for bit: what keeps a CUDA model's results the
+ * same with and without recomputation, which leaves one add per block unfused. */
+void add_rmsnorm_case(const void *args) {
+    const AddRmsnormCase *c = args;
+    const int64_t rows = c->rows, C = c->C, shape[2] = {rows, C};
+    const DType act = c->act;
+    const int grads = c->grads;
+    const bool alias = grads & 8, want_dw = c->has_w && (grads & 4);
+    Pair x = pair_rand(act, 2, shape, 0.3, 1.5), r = pair_rand(act, 2, shape, 0, 1);
+    Pair w = c->has_w ? pair_rand(DT_F32, 1, (int64_t[]){C}, 1.0, 0.2) : (Pair){0};
+    Pair h = pair_out(act, 2, shape), y = pair_out(act, 2, shape), rstd = pair_out(DT_F32, 1, (int64_t[]){rows});
+    const float eps = 1e-5f;
+    CB->add_rmsnorm_forward(&h.c, &y.c, &rstd.c, &x.c, &r.c, c->has_w ? &w.c : NULL, eps);
+    GB->add_rmsnorm_forward(&h.g, &y.g, &rstd.g, &x.g, &r.g, c->has_w ? &w.g : NULL, eps);
+    char name[160], desc[96];
+    snprintf(desc, sizeof desc, "%s rows=%lld C=%lld%s%s", dn(act), (long long)rows, (long long)C, c->has_w ? "" : " no-w",
+             c->has_dh ? "" : " no-dh");
+    snprintf(name, sizeof name, "add_rmsnorm fwd h %s", desc);
+    check(name, &h, tol_of(act));
+    snprintf(name, sizeof name, "add_rmsnorm fwd y %s", desc);
+    check(name, &y, tol_of(act));
+    snprintf(name, sizeof name, "add_rmsnorm fwd rstd %s", desc);
+    check(name, &rstd, tol_of(act));
+    {
+        Tensor hu = mk(GB, act, 2, shape), yu = mk(GB, act, 2, shape), ru = mk(GB, DT_F32, 1, (int64_t[]){rows});
+        GB->add(&hu, &x.g, &r.g);
+        GB->rmsnorm_forward(&yu, &ru, &hu, c->has_w ? &w.g : NULL, eps, false);
+        snprintf(name, sizeof name, "add_rmsnorm fwd = add + rmsnorm bit for bit %s", desc);
+        record(same_bits(&h.g, &hu) && same_bits(&y.g, &yu) && same_bits(&rstd.g, &ru), "%-58s", name);
+        free_t(&hu);
+        free_t(&yu);
+        free_t(&ru);
+    }
+    /* backward from the reference's h and rstd on both sides (h as the GPU's dtype holds it); grads: 1 dx,
+     * 2 dr, 4 dw, 8 dr is dx (both increments land in one tensor) */
+    Pair h2 = pair_from(act, 2, shape, (const float *)h.c.data);
+    Pair rs = pair_from(DT_F32, 1, (int64_t[]){rows}, (const float *)rstd.c.data);
+    Pair dy = pair_rand(act, 2, shape, 0, 1), dh = c->has_dh ? pair_rand(act, 2, shape, 0, 1) : (Pair){0};
+    Grad dx = grad_new(act, 2, shape), dr = grad_new(act, 2, shape), dw = grad_new(DT_F32, 1, (int64_t[]){C});
+    Grad *drp = alias ? &dx : &dr;
+    const bool want_dx = grads & 1 || alias, want_dr = grads & 2 || alias;
+    CB->add_rmsnorm_backward(want_dx ? &dx.p.c : NULL, want_dr ? &drp->p.c : NULL, want_dw ? &dw.p.c : NULL, &dy.c,
+                             c->has_dh ? &dh.c : NULL, &h2.c, c->has_w ? &w.c : NULL, &rs.c);
+    grad_arm(&dx);
+    grad_arm(&dr);
+    grad_arm(&dw);
+    Tensor dxu = gpu_copy_of(&dx.p.g), dru = gpu_copy_of(&dr.p.g), dwu = gpu_copy_of(&dw.p.g);
+    GB->add_rmsnorm_backward(want_dx ? &dx.p.g : NULL, want_dr ? &drp->p.g : NULL, want_dw ? &dw.p.g : NULL, &dy.g,
+                             c->has_dh ? &dh.g : NULL, &h2.g, c->has_w ? &w.g : NULL, &rs.g);
+    {
+        Tensor gh = mk(GB, act, 2, shape); /* the unfused gradient of h: dh, or zero */
+        if (c->has_dh) GB->copy(gh.data, dh.g.data, tensor_bytes(&gh));
+        else GB->zero(gh.data, tensor_bytes(&gh));
+        GB->rmsnorm_backward(&gh, want_dw ? &dwu : NULL, &dy.g, &h2.g, c->has_w ? &w.g : NULL, &rs.g, false);
+        if (want_dx) GB->axpy(&dxu, &gh, 1.0f);
+        if (want_dr) GB->axpy(alias ? &dxu : &dru, &gh, 1.0f);
+        snprintf(name, sizeof name, "add_rmsnorm bwd = rmsnorm bwd + axpy bit for bit %s", desc);
+        record(same_bits(&dx.p.g, &dxu) && same_bits(&dr.p.g, &dru) && same_bits(&dw.p.g, &dwu), "%-58s", name);
+        free_t(&gh);
+    }
+    free_t(&dxu);
+    free_t(&dru);
+    free_t(&dwu);
+    if (want_dx) {
+        snprintf(name, sizeof name, "add_rmsnorm bwd dx %s%s", desc, alias ? " (dr is dx)" : want_dr ? "" : " (dr NULL)");
+        grad_check(name, &dx, tol_of(act));
+    }
+    if (want_dr && !alias) {
+        snprintf(name, sizeof name, "add_rmsnorm bwd dr %s%s", desc, want_dx ? "" : " (dx NULL)");
+        grad_check(name, &dr, tol_of(act));
+    }
+    if (want_dw) {
+        snprintf(name, sizeof name, "add_rmsnorm bwd dw f32 %s%s", desc, want_dx || want_dr ? "" : " (dx, dr NULL)");
+        grad_check(name, &dw, tol_of(act));
+    }
+    grad_free(&dx);
+    grad_free(&dr);
+    grad_free(&dw);
+    pair_free(&dy);
+    if (c->has_dh) pair_free(&dh);
+    pair_free(&rs);
+    pair_free(&h2);
+    pair_free(&h);
+    pair_free(&y);
+    pair_free(&rstd);
+    pair_free(&x);
+    pair_free(&r);
+    if (c->has_w) pair_free(&w);
+}
+
 /* ---------- rope ---------- */
 
 void rope_case(const void *args) {
@@ -1011,6 +1124,59 @@ static void bench_rmsnorm(int64_t rows, int64_t C) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
 }
 
+typedef struct {
+    Tensor x, r, h, y, rstd, w, dy, dh, dx, dr, dw, copy_dst;
+} AddNormBench;
+static void add_norm_fused_fwd(void *a) {
+    AddNormBench *b = a;
+    GB->add_rmsnorm_forward(&b->h, &b->y, &b->rstd, &b->x, &b->r, &b->w, 1e-5f);
+}
+static void add_norm_fused_bwd(void *a) {
+    AddNormBench *b = a;
+    GB->add_rmsnorm_backward(&b->dx, &b->dr, &b->dw, &b->dy, &b->dh, &b->h, &b->w, &b->rstd);
+}
+/* what the model ran before: add, rmsnorm; rmsnorm's backward into dh, the add's two axpy */
+static void add_norm_unfused_fwd(void *a) {
+    AddNormBench *b = a;
+    GB->add(&b->h, &b->x, &b->r);
+    GB->rmsnorm_forward(&b->y, &b->rstd, &b->h, &b->w, 1e-5f, false);
+}
+static void add_norm_unfused_bwd(void *a) {
+    AddNormBench *b = a;
+    GB->rmsnorm_backward(&b->dh, &b->dw, &b->dy, &b->h, &b->w, &b->rstd, false);
+    GB->axpy(&b->dx, &b->dh, 1.0f);
+    GB->axpy(&b->dr, &b->dh, 1.0f);
+}
+static void add_norm_copy(void *a) {
+    AddNormBench *b = a;
+    GB->copy(b->copy_dst.data, b->x.data, (size_t)b->x.numel * dtype_size(b->x.dtype));
+}
+
+/* The residual add + RMSNorm, BF16 activations and an F32 gain: GB/s of the traffic the fused op cannot
+ * avoid (forward: read x and r, write h and y; backward: read dy, h, dh, dx and dr, write dx and dr; the
+ * F32 rstd, gain and dw besides) against a device-to-device copy of x, and the unfused sequence's time. */
+static void bench_add_rmsnorm(int64_t rows, int64_t C) {
+    AddNormBench b;
+    const int64_t shape[2] = {rows, C};
+    b.x = dev_rand(DT_BF16, 2, shape, 1), b.r = dev_rand(DT_BF16, 2, shape, 1), b.dy = dev_rand(DT_BF16, 2, shape, 1);
+    b.dh = dev_rand(DT_BF16, 2, shape, 1), b.dx = dev_rand(DT_BF16, 2, shape, 0), b.dr = dev_rand(DT_BF16, 2, shape, 0);
+    b.h = mk(GB, DT_BF16, 2, shape), b.y = mk(GB, DT_BF16, 2, shape), b.copy_dst = mk(GB, DT_BF16, 2, shape);
+    b.w = dev_rand(DT_F32, 1, (int64_t[]){C}, 1), b.dw = dev_rand(DT_F32, 1, (int64_t[]){C}, 0);
+    b.rstd = mk(GB, DT_F32, 1, (int64_t[]){rows});
+    const double act = (double)rows * (double)C * 2, small = (double)rows * 4 + (double)C * 4;
+    const double t_copy = time_calls(add_norm_copy, &b, 20), t_fwd = time_calls(add_norm_fused_fwd, &b, 20),
+                 t_bwd = time_calls(add_norm_fused_bwd, &b, 20), t_fwd_unfused = time_calls(add_norm_unfused_fwd, &b, 20),
+                 t_bwd_unfused = time_calls(add_norm_unfused_bwd, &b, 20);
+    const double copy_gbs = 2 * act / t_copy * 1e-9, fwd_gbs = (4 * act + small) / t_fwd * 1e-9,
+                 bwd_gbs = (7 * act + small + 2 * (double)C * 4) / t_bwd * 1e-9;
+    printf("  add_rmsnorm bf16 rows=%lld C=%lld: fwd %.1f us (%.0f GB/s, %.0f%% of a copy's %.0f GB/s; unfused %.1f us), "
+           "bwd dx+dr+dw %.1f us (%.0f GB/s, %.0f%%; unfused %.1f us)\n", (long long)rows, (long long)C, t_fwd * 1e6, fwd_gbs,
+           100 * fwd_gbs / copy_gbs, copy_gbs, t_fwd_unfused * 1e6, t_bwd * 1e6, bwd_gbs, 100 * bwd_gbs / copy_gbs,
+           t_bwd_unfused * 1e6);
+    Tensor *all[] = {&b.x, &b.r, &b.h, &b.y, &b.rstd, &b.w, &b.dy, &b.dh, &b.dx, &b.dr, &b.dw, &b.copy_dst};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
+}
+
 /* a d_model 1024, 4-layer model on the Shakespeare data: tokens per second of full training steps */
 static void bench_train(int seq_len, int batch) {
     Run r;
@@ -1043,8 +1209,8 @@ static void bench_train(int seq_len, int batch) {
 
 static bool wanted(const char *only, const char *group);
 
-/* --bench [NAME,...]: all timings, or those named (msa_indexer rmsnorm gemm attention msa_attention msa_kl
- * train) */
+/* --bench [NAME,...]: all timings, or those named (msa_indexer rmsnorm add_rmsnorm gemm attention msa_attention
+ * msa_kl train) */
 static void bench(const char *only) {
     printf("bench (wall clock; rough)\n");
     if (wanted(only, "msa_indexer")) bench_msa_indexer();
@@ -1052,6 +1218,11 @@ static void bench(const char *only) {
         bench_rmsnorm(16384, 2048); /* the ~1.1B dense model's 4 x 4K tokens */
         bench_rmsnorm(16384, 4096);
         bench_rmsnorm(16384 * 16, 128); /* per-head q/k norms */
+    }
+    if (wanted(only, "add_rmsnorm")) {
+        bench_add_rmsnorm(16384, 2048);
+        bench_add_rmsnorm(16384, 4096);
+        bench_add_rmsnorm(4 * 2048, 1024); /* the bench_train model's 4 x 2K tokens */
     }
     if (wanted(only, "gemm")) {
         bench_gemm(4096, 4096, 4096);
@@ -1068,7 +1239,7 @@ static void bench(const char *only) {
 }
 
 /* usage: test_gpu [--only GROUP[,GROUP...] | --bench [NAME,...]]   (groups: the first argument of the GPU_CASE lines of
- * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm rope attention
+ * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm add_rmsnorm rope attention
  * attention_cudnn swiglu cross_entropy lm_head_loss checkpoint_offload adamw msa msa_attention msa_kl moe cp activation e2e; default all; --only lets
  * compute-sanitizer run the kernels without the training runs) */
 static bool wanted(const char *only, const char *group) {
