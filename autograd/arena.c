@@ -37,48 +37,67 @@ static void *allocated(Arena *a, size_t live_before, void *p) {
     return p;
 }
 
+/* Put a chunk that holds `bytes` at index at (every chunk from there on is empty): the smallest such
+ * chunk among them, or a new one. */
+static void place_chunk(Arena *a, int at, size_t bytes) {
+    int best = -1;
+    for (int i = at; i < a->n_chunks; i++)
+        if (a->chunks[i].size >= bytes && (best < 0 || a->chunks[i].size < a->chunks[best].size)) best = i;
+    if (best < 0) {
+        if (a->n_chunks == a->cap_chunks) {
+            a->cap_chunks = a->cap_chunks ? 2 * a->cap_chunks : 8;
+            a->chunks = xrealloc(a->chunks, (size_t)a->cap_chunks * sizeof(ArenaChunk));
+        }
+        const size_t size = bytes > a->chunk_size ? bytes : a->chunk_size;
+        a->chunks[a->n_chunks] = (ArenaChunk){chunk_alloc(a, size), size};
+        best = a->n_chunks++;
+    }
+    const ArenaChunk c = a->chunks[best];
+    a->chunks[best] = a->chunks[at];
+    a->chunks[at] = c;
+}
+
 void *arena_alloc(Arena *a, size_t bytes) {
     const size_t live_before = a->live;
     bytes = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
     if (bytes == 0) bytes = ARENA_ALIGN;
-    /* find a chunk (the current one or a later, already allocated one) with room */
-    while (a->cur < a->n_chunks) {
-        ArenaChunk *c = &a->chunks[a->cur];
-        if (c->size - a->used >= bytes) {
-            void *p = c->base + a->used;
-            a->used += bytes;
-            a->live += bytes;
-            if (a->live > a->high_water) a->high_water = a->live;
-            return allocated(a, live_before, p);
-        }
-        /* the tail of this chunk is wasted until the next rewind; move on */
-        a->live += c->size - a->used;
-        a->cur++;
+    if (a->cur >= a->n_chunks || a->chunks[a->cur].size - a->used < bytes) {
+        /* the end of the current chunk is lost until the next rewind */
+        const bool any = a->cur < a->n_chunks;
+        if (any) a->live += a->chunks[a->cur].size - a->used;
+        const int next = any ? a->cur + 1 : a->cur;
+        place_chunk(a, next, bytes);
+        a->cur = next;
         a->used = 0;
     }
-    if (a->n_chunks == a->cap_chunks) {
-        a->cap_chunks = a->cap_chunks ? 2 * a->cap_chunks : 8;
-        a->chunks = xrealloc(a->chunks, (size_t)a->cap_chunks * sizeof(ArenaChunk));
-    }
-    size_t size = bytes > a->chunk_size ? bytes : a->chunk_size;
-    ArenaChunk *c = &a->chunks[a->n_chunks++];
-    c->base = chunk_alloc(a, size);
-    c->size = size;
-    a->cur = a->n_chunks - 1;
-    a->used = bytes;
+    void *p = a->chunks[a->cur].base + a->used;
+    a->used += bytes;
     a->live += bytes;
+    a->exact += bytes;
     if (a->live > a->high_water) a->high_water = a->live;
-    return allocated(a, live_before, c->base);
+    if (a->exact > a->need) a->need = a->exact;
+    return allocated(a, live_before, p);
 }
 
-ArenaMark arena_mark(const Arena *a) { return (ArenaMark){a->cur, a->used, a->live}; }
+ArenaMark arena_mark(const Arena *a) { return (ArenaMark){a->cur, a->used, a->live, a->exact}; }
 
 void arena_rewind(Arena *a, ArenaMark m) {
     const size_t live_before = a->live;
     a->cur = m.cur;
     a->used = m.used;
     a->live = m.live;
+    a->exact = m.exact;
     if (a->observe) a->observe(a->observer, live_before, a->live);
 }
 
-void arena_reset(Arena *a) { arena_rewind(a, (ArenaMark){0, 0, 0}); }
+void arena_reset(Arena *a) { arena_rewind(a, (ArenaMark){0, 0, 0, 0}); }
+
+void arena_compact(Arena *a) {
+    if (a->n_chunks <= 1 || a->live) return;
+    for (int i = 0; i < a->n_chunks; i++) chunk_free(a, a->chunks[i].base);
+    const size_t size = a->need > a->chunk_size ? a->need : a->chunk_size;
+    a->chunks[0] = (ArenaChunk){chunk_alloc(a, size), size};
+    a->n_chunks = 1;
+    a->cur = 0;
+    a->used = 0;
+}

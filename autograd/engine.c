@@ -46,6 +46,7 @@ void engine_free(Engine *e) {
 
 void engine_reset(Engine *e) {
     arena_reset(&e->data);
+    arena_compact(&e->data);
     arena_reset(&e->host);
     arena_reset(&e->offload_host);
     e->n_offloaded = 0;
@@ -65,6 +66,12 @@ static Tensor *new_header(Engine *e, DType dt, int ndim, const int64_t *shape) {
         t->shape[i] = shape[i];
         t->numel *= shape[i];
     }
+    return t;
+}
+
+Tensor *engine_empty_header(Engine *e, DType dt, int ndim, const int64_t *shape, void *data) {
+    Tensor *t = new_header(e, dt, ndim, shape);
+    t->data = data;
     return t;
 }
 
@@ -107,10 +114,44 @@ Tensor *engine_detach(Engine *e, Tensor *t) {
     return d;
 }
 
+/* A released gradient buffer of exactly `bytes`, taken out of the pool; NULL when there is none. */
+static void *pool_take(GradPool *p, size_t bytes) {
+    for (int i = p->n - 1; i >= 0; i--)
+        if (p->free[i].bytes == bytes) {
+            void *data = p->free[i].data;
+            p->free[i] = p->free[--p->n];
+            return data;
+        }
+    return NULL;
+}
+
 Tensor *engine_grad(Engine *e, Tensor *t) {
     if (!t || !t->requires_grad) return NULL;
-    if (!t->grad) t->grad = engine_zeros(e, t->dtype, t->ndim, t->shape);
+    if (!t->grad) {
+        void *reuse = e->grad_pool ? pool_take(e->grad_pool, tensor_bytes(t)) : NULL;
+        if (reuse) {
+            t->grad = engine_empty_header(e, t->dtype, t->ndim, t->shape, reuse);
+            e->be->zero(reuse, tensor_bytes(t));
+        } else t->grad = engine_zeros(e, t->dtype, t->ndim, t->shape);
+    }
     return t->grad;
+}
+
+/* After the rule of node n has run inside a checkpoint's backward: its outputs' gradients are dead
+ * (every op that read an output was recorded after n, so its rule ran before n's, and only n's own
+ * rule reads them), and their buffers go to the pool. */
+static void release_output_grads(Engine *e, const Node *n) {
+    GradPool *p = e->grad_pool;
+    for (int k = 0; k < n->n_out; k++) {
+        Tensor *o = n->out[k];
+        if (!o || !o->grad || o->is_param) continue;
+        if (p->n == p->cap) {
+            p->cap = p->cap ? 2 * p->cap : 64;
+            p->free = xrealloc(p->free, (size_t)p->cap * sizeof *p->free);
+        }
+        p->free[p->n++] = (PooledGrad){o->grad->data, tensor_bytes(o->grad)};
+        o->grad = NULL;
+    }
 }
 
 bool engine_wants_grad(const Engine *e, Tensor *const *inputs, int n) {
@@ -179,6 +220,7 @@ void engine_backward_tape(Engine *e, int from) {
             if (e->prof) profiler_begin(e->prof);
             backward_rules[n.op](e, &n);
             if (e->prof) profiler_end(e->prof, n.op, PROF_BACKWARD);
+            if (e->grad_pool) release_output_grads(e, &n);
         }
         if (outermost && e->backward_progress) e->backward_progress(e->backward_progress_ctx, i);
     }

@@ -47,6 +47,17 @@ typedef struct Node {
  * does not compile. */
 #define NODE_PARAMS(n, T) ((T *)(void *)((n)->params.bytes + 0 * sizeof(char[sizeof(T) <= NODE_PARAMS_BYTES ? 1 : -1])))
 
+/* Gradient buffers whose tensors' gradients are dead, for the next gradient of the same size (inside a
+ * checkpoint's backward: Engine.grad_pool). */
+typedef struct PooledGrad {
+    void *data;
+    size_t bytes;
+} PooledGrad;
+typedef struct GradPool {
+    PooledGrad *free;
+    int n, cap;
+} GradPool;
+
 typedef struct Engine {
     const KernelBackend *be;
     Device device;
@@ -76,6 +87,10 @@ typedef struct Engine {
      * every entry from i on is done, so gradients that only those entries write are final. The trainer
      * starts the reduction of finished gradient buckets here (train/grad_buckets.h); NULL: none. The
      * walks that a rule runs inside itself (a checkpoint's sub-tape) do not call it. */
+    /* Set by a checkpoint's backward for its sub-tape's walk (autograd/op_checkpoint.c): after each rule,
+     * the gradients of that node's outputs go to this pool and engine_grad takes from it, so that a
+     * block's backward holds the gradients in flight rather than one per intermediate; NULL otherwise. */
+    GradPool *grad_pool;
     void (*backward_progress)(void *ctx, int tape_index);
     void *backward_progress_ctx;
     int backward_depth; /* walks in progress (engine_backward_tape nests inside a checkpoint's rule) */
@@ -92,6 +107,8 @@ void engine_reset(Engine *e);
 /* A fresh activation tensor in the arena (contents undefined) / zero-filled. */
 Tensor *engine_empty(Engine *e, DType dt, int ndim, const int64_t *shape);
 Tensor *engine_zeros(Engine *e, DType dt, int ndim, const int64_t *shape);
+/* A tensor header over memory the caller owns (data), from the engine's header arena. */
+Tensor *engine_empty_header(Engine *e, DType dt, int ndim, const int64_t *shape, void *data);
 Tensor *engine_empty_like(Engine *e, const Tensor *t);
 /* A view of t with another shape (same numel, shares data; no node: gradients flow through the
  * shared grad tensor, which the view creates on first use). */

@@ -20,6 +20,8 @@
  * intermediates are released as soon as its output is copied out, so a no-grad forward holds one
  * block's activations at a time. Otherwise an arena that frees nothing until the step ends would hold
  * every block's, and evaluation would run out of memory where the training step with recompute fits. */
+#include <stdlib.h>
+
 #include "../kernels/util.h"
 #include "ops.h"
 
@@ -136,9 +138,15 @@ void backward_checkpoint(Engine *e, Node *n) {
     Tensor *y = fn(e, x, closure, &aux);
     e->recomputing = prev;
 
+    /* the walk releases each intermediate's gradient once the rule of the op that made it has run; the
+     * pool's buffers are all in the region rewound below */
+    GradPool pool = {0}, *outer_pool = e->grad_pool;
+    e->grad_pool = &pool;
     if (gy && y->requires_grad) e->be->axpy(engine_grad(e, y), gy, 1.0f);
     if (gaux && aux && aux->requires_grad) e->be->axpy(engine_grad(e, aux), gaux, 1.0f);
     engine_backward_tape(e, tape_mark);
+    e->grad_pool = outer_pool;
+    free(pool.free);
 
     e->tape_len = tape_mark;
     arena_rewind(&e->data, md);

@@ -830,7 +830,10 @@ void run_init(Run *r) {
     if (missing)
         fatal("%s: the %s backend has no %s kernel, which this model's MSA/MoE layers or dist.cp_mode = sequence "
               "need", src, r->be->name, missing);
-    engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)64 << 20);
+    /* small chunks: a tensor larger than a chunk gets one of its own size, and each small allocation
+     * after it opens a chunk whose end is lost until the next rewind (the first micro-step's; the arena
+     * is one chunk from the second on, autograd/arena.h) */
+    engine_init(&r->engine, r->be, r->be->device == DEV_CPU ? DT_F32 : DT_BF16, (size_t)2 << 20);
     r->engine.offload_block_inputs = c->train.recompute && c->train.offload_block_inputs;
     r->prof = NULL;
     if (c->train.profile_steps > 0) {

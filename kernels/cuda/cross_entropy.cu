@@ -2,7 +2,8 @@
  * max/sum; lse [N] F32 saved; the loss (F32 scalar) is the mean over counted rows, summed in fp64 in a
  * fixed order (deterministic). The forward returns the counted rows to the host, so it synchronises
  * (as the CPU kernel's return value requires); targets outside [0, V) other than ignore_index stop the
- * program there. The backward reads dloss on the device (no synchronisation). */
+ * program there. The backward reads dloss on the device (no synchronisation); its dlogits may be BF16
+ * where the logits are F32 (the chunked LM head keeps its logits in F32, its GEMMs read BF16). */
 #include <math.h>
 
 #include "primitives.cuh"
@@ -81,18 +82,18 @@ __global__ void ce_finish_kernel(float *loss, int *n_valid, const float *row_los
     }
 }
 
-template <typename T>
-__global__ void ce_bwd_kernel(T *dlogits, const float *dloss, const T *logits, const float *lse, const int32_t *targets,
+template <typename Td, typename T>
+__global__ void ce_bwd_kernel(Td *dlogits, const float *dloss, const T *logits, const float *lse, const int32_t *targets,
                               int64_t V, int ignore_index, double inv_n_valid) {
     const int64_t n = blockIdx.x;
     const int32_t t = targets[n];
     if (t == ignore_index || t < 0 || t >= V) return;
     const float sc = (float)((double)dloss[0] * inv_n_valid), l = lse[n];
     const T *row = logits + n * V;
-    T *drow = dlogits + n * V;
+    Td *drow = dlogits + n * V;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         const float p = expf(to_f32(row[v]) - l);
-        drow[v] = from_f32<T>(to_f32(drow[v]) + sc * (p - (v == t ? 1.0f : 0.0f)));
+        drow[v] = from_f32<Td>(to_f32(drow[v]) + sc * (p - (v == t ? 1.0f : 0.0f)));
     }
 }
 
@@ -129,14 +130,16 @@ extern "C" void cuda_cross_entropy_backward(Tensor *dlogits, const Tensor *dloss
     init();
     if (!dlogits || n_valid == 0) return;
     const int64_t N = tensor_rows(logits), V = tensor_dim(logits, -1);
-    if (dlogits->dtype != logits->dtype || dlogits->numel != logits->numel)
-        fatal("cuda cross_entropy_backward: dlogits must match the logits");
+    if (dlogits->numel != logits->numel)
+        fatal("cuda cross_entropy_backward: dlogits has %lld elements, the logits %lld", (long long)dlogits->numel,
+              (long long)logits->numel);
     if (dloss->dtype != DT_F32 || lse->dtype != DT_F32) fatal("cuda cross_entropy_backward: dloss and lse must be f32");
     if (N == 0) return;
-    DISPATCH_FLOAT(logits->dtype, T, "cross_entropy_backward", {
-        ce_bwd_kernel<T><<<(unsigned)N, CE_THREADS>>>((T *)dlogits->data, (const float *)dloss->data, (const T *)logits->data,
-                                                      (const float *)lse->data, (const int32_t *)targets->data, V,
-                                                      ignore_index, 1.0 / (double)n_valid);
+    DISPATCH_FLOAT(dlogits->dtype, Td, "cross_entropy_backward", DISPATCH_FLOAT(logits->dtype, T, "cross_entropy_backward", {
+        ce_bwd_kernel<Td, T><<<(unsigned)N, CE_THREADS>>>((Td *)dlogits->data, (const float *)dloss->data,
+                                                          (const T *)logits->data, (const float *)lse->data,
+                                                          (const int32_t *)targets->data, V, ignore_index,
+                                                          1.0 / (double)n_valid);
         LAUNCH_CHECK("cross_entropy_backward");
-    });
+    }));
 }
