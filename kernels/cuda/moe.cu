@@ -23,10 +23,10 @@
  * layer's plan. The kernels skip the bad entries meanwhile (a bad segment is computed as empty), so
  * memory is never touched outside the tensors.
  *
- * The grouped GEMMs: BF16 activations with widths that are multiples of 8 (training) run as one CUTLASS
- * grouped GEMM launch per product that reads the offsets on the device (moe_grouped_gemm.cuh); anything
- * else (F32, odd widths, a BF16 weight gradient) as one cuBLASLt GEMM per non-empty expert after one copy
- * of the offsets to the host. */
+ * The grouped GEMMs: BF16 activations with widths that are multiples of 8 and 16-byte aligned tensors
+ * (training) run as one CUTLASS grouped GEMM launch per product that reads the offsets on the device
+ * (moe_grouped_gemm.cuh); anything else (F32, odd widths, a BF16 weight gradient) as one cuBLASLt GEMM per
+ * non-empty expert after one copy of the offsets to the host. */
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -642,9 +642,15 @@ bool per_expert_forced() {
     fatal("MSA_MOE_GEMM=%s: expected \"grouped\" or \"per_expert\" (unset: grouped where it applies)", s);
 }
 
-/* Whether a grouped product of these activations goes to the single-launch grouped GEMM */
-bool single_launch(const Tensor *xs, const Tensor *w) {
-    return xs->dtype == DT_BF16 && grouped_gemm_fits(w->shape[2], w->shape[1]) && !per_expert_forced();
+bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+/* Whether a product of the rows xs and ys (or dys) with w goes to the single-launch grouped GEMM: BF16
+ * rows, widths and addresses as TMA needs them (w's BF16 values: its own, its shadow, or a copy in
+ * scratch, which is aligned) */
+bool single_launch(const Tensor *xs, const Tensor *ys, const Tensor *w) {
+    const void *wv = w->dtype == DT_BF16 ? w->data : w->shadow;
+    return xs->dtype == DT_BF16 && grouped_gemm_fits(w->shape[2], w->shape[1]) && aligned16(xs->data) &&
+           aligned16(ys->data) && (!wv || aligned16(wv)) && !per_expert_forced();
 }
 
 /* Bytes of the BF16 copy of w that the single-launch path needs when w has neither BF16 values nor a shadow */
@@ -870,7 +876,7 @@ extern "C" void cuda_grouped_matmul_forward(Tensor *ys, const Tensor *xs, const 
     init();
     check_grouped("grouped_matmul_forward", xs, w, offsets, ys);
     const int64_t E = w->shape[0], M = xs->shape[0], out = w->shape[1], in = w->shape[2];
-    if (single_launch(xs, w)) {
+    if (single_launch(xs, ys, w)) {
         const size_t wb = weight_copy_bytes(w);
         char *ws = (char *)scratch(wb + grouped_gemm_workspace(GROUPED_FORWARD, E));
         grouped_gemm(GROUPED_FORWARD, ys->data, (const bf16 *)xs->data, weight_bf16(w, ws), (const int32_t *)offsets->data,
@@ -898,8 +904,9 @@ extern "C" void cuda_grouped_matmul_backward(Tensor *dxs, Tensor *dw, const Tens
     }
     const int64_t E = w->shape[0], M = xs->shape[0], out = w->shape[1], in = w->shape[2];
     /* each product on its own path: dxs is BF16 with xs, the F32 master gradient dw takes the f32 epilogue */
-    Tensor *dxs_single = dxs && single_launch(xs, w) ? dxs : nullptr;
-    Tensor *dw_single = dw && dw->dtype == DT_F32 && single_launch(xs, w) ? dw : nullptr;
+    const bool single = single_launch(xs, dys, w);
+    Tensor *dxs_single = dxs && single && aligned16(dxs->data) ? dxs : nullptr;
+    Tensor *dw_single = dw && dw->dtype == DT_F32 && single && aligned16(dw->data) ? dw : nullptr;
     if (dxs_single || dw_single) {
         const size_t wb = dxs_single ? weight_copy_bytes(w) : 0;
         const size_t dx_bytes = dxs_single ? grouped_gemm_workspace(GROUPED_DX, E) : 0;
