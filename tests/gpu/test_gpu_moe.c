@@ -5,7 +5,9 @@
  * Every entry of the MoE section of the backend, on fresh random inputs with the GPU outputs poisoned:
  * BF16 and F32 activations, softmax and sigmoid scores, renormalisation and the selection bias on and
  * off, E = 1, 5, 8, 64, 300, k = 1, 2, 6, 8 and k = E, token counts that are multiples of nothing, an
- * expert that gets no token. The integer outputs (idx, offsets, rows) must equal the CPU's exactly, also
+ * expert that gets no token; the grouped GEMMs also with skewed routing (all tokens on 1 or 3 experts, the
+ * rest empty), on both of their paths (BF16 with widths that are multiples of 8: the single-launch CUTLASS
+ * grouped GEMM; F32 and odd widths: one cuBLASLt GEMM per expert), and bad offsets on each path. The integer outputs (idx, offsets, rows) must equal the CPU's exactly, also
  * with ties (scores quantised so that many are equal: the lower expert wins on both) and with NaN scores
  * the selection must skip; the permutation must copy bit for bit; the float outputs are held to the
  * harness's tolerances. */
