@@ -96,6 +96,11 @@ endif
 CU_SRC  := $(wildcard kernels/cuda/*.cu)
 CU_OBJ  := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
 NVCCFLAGS := -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-Werror -DMSA_CUDA -MMD -MP
+# CUTLASS's headers (header-only), for the MoE grouped GEMM only: tools/install_deps.sh unpacks PyPI's
+# nvidia-cutlass wheel there; -isystem keeps -Werror off their warnings; -DNDEBUG drops CuTe's device
+# asserts, whose calls inside the mainloop make ptxas serialise the wgmma pipeline (ptxas C7510)
+CUTLASS_INCLUDE ?= .deps/cutlass/include
+CUTLASS_OBJ := $(BUILD)/obj/kernels/cuda/moe_grouped_gemm.o
 GPU_TEST  := $(BUILD)/tests/gpu/test_gpu
 
 ALL := $(BUILD)/train $(TOOLS) $(TEST_BINS)
@@ -197,6 +202,10 @@ cuda: $(CU_OBJ)
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+$(CUTLASS_OBJ): NVCCFLAGS += -isystem $(CUTLASS_INCLUDE) --expt-relaxed-constexpr -DNDEBUG
+$(CUTLASS_OBJ): $(CUTLASS_INCLUDE)/cutlass/cutlass.h
+$(CUTLASS_INCLUDE)/cutlass/cutlass.h:
+	@echo "make: CUTLASS's headers are not in $(CUTLASS_INCLUDE): run bash tools/install_deps.sh (or make CUTLASS_INCLUDE=DIR)" >&2; exit 1
 
 clean:
 	rm -rf build build-san build-fuzz

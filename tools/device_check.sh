@@ -30,8 +30,8 @@
 #                    (PROFILES="dense_32k msa_32k" selects some of them)
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or /tmp/device_check.
-# Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md)
-# carried along.
+# Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md; and
+# CUTLASS's headers in .deps/cutlass, from tools/install_deps.sh) carried along.
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"

@@ -48,3 +48,38 @@ else
     echo "install_deps: installing tools/requirements.txt into .venv"
     .venv/bin/python -m pip install -q --disable-pip-version-check -r tools/requirements.txt
 fi
+
+# CUTLASS's C++ headers for the CUDA build's grouped GEMM (kernels/cuda/moe_grouped_gemm.cu), from PyPI's
+# nvidia-cutlass wheel (include/ and tools/util/include/ of its cutlass_library/source) into
+# .deps/cutlass/include, where the Makefile looks (CUTLASS_INCLUDE). Header-only, ~28 MB; .deps is kept out
+# of git and carried to machines without network as it is.
+cutlass_version=4.2.0.0
+cutlass_dir=.deps/cutlass
+if [ "$(cat "$cutlass_dir/VERSION" 2>/dev/null)" = "$cutlass_version" ]; then
+    echo "install_deps: $cutlass_dir has CUTLASS $cutlass_version"
+else
+    echo "install_deps: unpacking CUTLASS $cutlass_version's headers into $cutlass_dir/include"
+    wheel_dir=$(mktemp -d)
+    .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d "$wheel_dir" "nvidia-cutlass==$cutlass_version"
+    rm -rf "$cutlass_dir"
+    .venv/bin/python - "$wheel_dir"/nvidia_cutlass-*.whl "$cutlass_dir/include" <<'PY'
+import os, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+roots = ("cutlass_library/source/include/", "cutlass_library/source/tools/util/include/")
+n = 0
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        root = next((r for r in roots if name.startswith(r)), None)
+        if root is None or name.endswith("/"):
+            continue
+        path = os.path.join(dest, name[len(root):])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(z.read(name))
+        n += 1
+if n == 0:
+    sys.exit(f"install_deps: {wheel} has no CUTLASS headers under {roots}")
+PY
+    echo "$cutlass_version" > "$cutlass_dir/VERSION"
+    rm -rf "$wheel_dir"
+fi

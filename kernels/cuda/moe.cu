@@ -14,19 +14,26 @@
  * the CPU's counting sort (tokens keep their order inside an expert).
  *
  * Bad input (an expert index outside [0, E), scores Top-k cannot rank, a rows entry outside the grouped
- * buffer) is flagged in this file's device status word by the kernel that meets it (an atomicMin keeps
- * the first position: it decides only which error is reported) and reported with the kernel's name at
- * this file's synchronisation points: moe_plan (one synchronisation per call, so a bad idx never reaches
- * the dispatch) and the grouped GEMMs (which copy the offsets to the host anyway). In the MoE layer the
- * selection is followed by the plan, and the permutes by a grouped GEMM, so an error surfaces within the
- * layer that made it; the kernels skip the bad entries meanwhile, so memory is never touched outside
- * the tensors. */
+ * buffer, offsets that do not cut the grouped buffer into ordered segments) is flagged in this file's
+ * device status word by the kernel that meets it (an atomicMin keeps the first position: it decides only
+ * which error is reported) and reported with the kernel's name at this file's synchronisation points:
+ * moe_plan (one synchronisation per call, so a bad idx never reaches the dispatch) and the per-expert
+ * grouped GEMMs (which copy the offsets to the host anyway). The single-launch grouped GEMMs
+ * (moe_grouped_gemm.cu) never synchronise: what they or the permutes flag surfaces at the next MoE
+ * layer's plan. The kernels skip the bad entries meanwhile (a bad segment is computed as empty), so
+ * memory is never touched outside the tensors.
+ *
+ * The grouped GEMMs: BF16 activations with widths that are multiples of 8 and 16-byte aligned tensors
+ * (training) run as one CUTLASS grouped GEMM launch per product that reads the offsets on the device
+ * (moe_grouped_gemm.cuh); anything else (F32, odd widths, a BF16 weight gradient) as one cuBLASLt GEMM per
+ * non-empty expert after one copy of the offsets to the host. */
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "moe_grouped_gemm.cuh"
 #include "primitives.cuh"
 
 using namespace msacuda;
@@ -40,7 +47,7 @@ constexpr unsigned long long NO_ERROR = ~0ull;
 
 /* ---- the status word: the first bad entry each kernel family met, (position << 32) | value ---- */
 
-enum { ST_PLAN = 0, ST_TOPK, ST_COMBINE, ST_ROWS, ST_COUNT };
+enum { ST_PLAN = 0, ST_TOPK, ST_COMBINE, ST_ROWS, ST_OFFSETS, ST_COUNT };
 constexpr size_t ST_BYTES = ST_COUNT * sizeof(unsigned long long);
 
 /* The device staging buffer: the status word, then room for a copy of a plan's offsets, so that one
@@ -108,6 +115,10 @@ void check_status(int64_t plan_E, int64_t plan_k, const Tensor *offsets, int32_t
     if (w[ST_ROWS] != NO_ERROR)
         fatal("cuda moe_permute/moe_unpermute: rows element %lld = %d is outside the grouped buffer", pos(w[ST_ROWS]),
               val(w[ST_ROWS]));
+    if (w[ST_OFFSETS] != NO_ERROR)
+        fatal("cuda grouped_matmul: offsets[%lld] = %d ends expert %lld's segment out of order or outside the grouped "
+              "buffer (offsets must rise from 0 to its rows)",
+              pos(w[ST_OFFSETS]) + 1, val(w[ST_OFFSETS]), pos(w[ST_OFFSETS]));
 }
 
 /* ---- shape and dtype checks ---- */
@@ -592,6 +603,72 @@ int32_t *segments_to_host(const char *kernel, const Tensor *offsets, int64_t E, 
     return off;
 }
 
+/* The per-expert path: one cuBLASLt GEMM per non-empty expert segment through cuda_matmul (fp32
+ * accumulation; BF16 inputs with the weights read from their BF16 shadow, or all-F32), the segments sized
+ * on the host after one copy of the offsets (see segments_to_host). Empty experts are skipped: no work,
+ * and in backward no weight gradient. */
+void per_expert_forward(Tensor *ys, const Tensor *xs, const Tensor *w, const int32_t *off) {
+    for (int64_t e = 0; e < w->shape[0]; e++) {
+        const int64_t r0 = off[e], m = (int64_t)off[e + 1] - off[e];
+        if (m == 0) continue;
+        Tensor xe = row_block(xs, r0, m), ye = row_block(ys, r0, m), we = expert_matrix(w, e);
+        cuda_matmul(&ye, &xe, &we, false, true, 1.0f, 0.0f); /* ys_e = xs_e W_e^T */
+    }
+}
+
+void per_expert_backward(Tensor *dxs, Tensor *dw, const Tensor *dys, const Tensor *xs, const Tensor *w, const int32_t *off) {
+    for (int64_t e = 0; e < w->shape[0]; e++) {
+        const int64_t r0 = off[e], m = (int64_t)off[e + 1] - off[e];
+        if (m == 0) continue;
+        Tensor ge = row_block(dys, r0, m);
+        if (dxs) { /* dxs_e += dys_e W_e */
+            Tensor dxe = row_block(dxs, r0, m), we = expert_matrix(w, e);
+            cuda_matmul(&dxe, &ge, &we, false, false, 1.0f, 1.0f);
+        }
+        if (dw) { /* dW_e += dys_e^T xs_e (F32 master gradient: fp32 accumulation into it) */
+            Tensor dwe = expert_matrix(dw, e), xe = row_block(xs, r0, m);
+            dwe.shadow = nullptr;
+            cuda_matmul(&dwe, &ge, &xe, true, false, 1.0f, 1.0f);
+        }
+    }
+}
+
+/* MSA_MOE_GEMM=per_expert forces the per-expert path (the benchmark compares the two; read on every call,
+ * a string compare, so that it can switch with setenv) */
+bool per_expert_forced() {
+    const char *s = getenv("MSA_MOE_GEMM");
+    if (!s || !s[0] || !strcmp(s, "grouped")) return false;
+    if (!strcmp(s, "per_expert")) return true;
+    fatal("MSA_MOE_GEMM=%s: expected \"grouped\" or \"per_expert\" (unset: grouped where it applies)", s);
+}
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+/* Whether a product of the rows xs and ys (or dys) with w goes to the single-launch grouped GEMM: BF16
+ * rows, widths and addresses as TMA needs them (w's BF16 values: its own, its shadow, or a copy in
+ * scratch, which is aligned) */
+bool single_launch(const Tensor *xs, const Tensor *ys, const Tensor *w) {
+    const void *wv = w->dtype == DT_BF16 ? w->data : w->shadow;
+    return xs->dtype == DT_BF16 && grouped_gemm_fits(w->shape[2], w->shape[1]) && aligned16(xs->data) &&
+           aligned16(ys->data) && (!wv || aligned16(wv)) && !per_expert_forced();
+}
+
+/* Bytes of the BF16 copy of w that the single-launch path needs when w has neither BF16 values nor a shadow */
+size_t weight_copy_bytes(const Tensor *w) { return w->dtype == DT_F32 && !w->shadow ? align256((size_t)w->numel * 2) : 0; }
+
+/* w's BF16 values: itself, its parameter's BF16 shadow, or a copy cast into dst (weight_copy_bytes) */
+const bf16 *weight_bf16(const Tensor *w, void *dst) {
+    if (w->dtype == DT_BF16) return (const bf16 *)w->data;
+    if (w->shadow) return (const bf16 *)w->shadow;
+    Tensor d = *w;
+    d.dtype = DT_BF16;
+    d.data = dst;
+    d.shadow = nullptr;
+    d.grad = nullptr;
+    cuda_cast(&d, w);
+    return (const bf16 *)dst;
+}
+
 }  // namespace
 
 /* ================================================================ entry points */
@@ -795,21 +872,19 @@ extern "C" void cuda_moe_unpermute_backward(Tensor *dys, Tensor *dw, const Tenso
     }));
 }
 
-/* One cuBLASLt GEMM per non-empty expert segment through cuda_matmul (fp32 accumulation; BF16 inputs
- * with the weights read from their BF16 shadow, or all-F32): the segments are sized on the host after
- * one copy of the offsets (see segments_to_host). Empty experts are skipped: no work, and in backward no
- * weight gradient. */
 extern "C" void cuda_grouped_matmul_forward(Tensor *ys, const Tensor *xs, const Tensor *w, const Tensor *offsets) {
     init();
     check_grouped("grouped_matmul_forward", xs, w, offsets, ys);
-    const int64_t E = w->shape[0], M = xs->shape[0];
-    int32_t *off = segments_to_host("grouped_matmul_forward", offsets, E, M);
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t r0 = off[e], m = (int64_t)off[e + 1] - off[e];
-        if (m == 0) continue;
-        Tensor xe = row_block(xs, r0, m), ye = row_block(ys, r0, m), we = expert_matrix(w, e);
-        cuda_matmul(&ye, &xe, &we, false, true, 1.0f, 0.0f); /* ys_e = xs_e W_e^T */
+    const int64_t E = w->shape[0], M = xs->shape[0], out = w->shape[1], in = w->shape[2];
+    if (single_launch(xs, ys, w)) {
+        const size_t wb = weight_copy_bytes(w);
+        char *ws = (char *)scratch(wb + grouped_gemm_workspace(GROUPED_FORWARD, E));
+        grouped_gemm(GROUPED_FORWARD, ys->data, (const bf16 *)xs->data, weight_bf16(w, ws), (const int32_t *)offsets->data,
+                     E, M, out, in, status_word() + ST_OFFSETS, ws + wb);
+        return;
     }
+    int32_t *off = segments_to_host("grouped_matmul_forward", offsets, E, M);
+    per_expert_forward(ys, xs, w, off);
     free(off);
 }
 
@@ -827,22 +902,28 @@ extern "C" void cuda_grouped_matmul_backward(Tensor *dxs, Tensor *dw, const Tens
         if (dw->ndim != 3 || dw->shape[0] != w->shape[0] || dw->shape[1] != w->shape[1] || dw->shape[2] != w->shape[2])
             fatal("cuda grouped_matmul_backward: dw must have the shape of w [E, out, in]");
     }
-    const int64_t E = w->shape[0], M = xs->shape[0];
-    int32_t *off = segments_to_host("grouped_matmul_backward", offsets, E, M);
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t r0 = off[e], m = (int64_t)off[e + 1] - off[e];
-        if (m == 0) continue;
-        Tensor ge = row_block(dys, r0, m);
-        if (dxs) { /* dxs_e += dys_e W_e */
-            Tensor dxe = row_block(dxs, r0, m), we = expert_matrix(w, e);
-            cuda_matmul(&dxe, &ge, &we, false, false, 1.0f, 1.0f);
-        }
-        if (dw) { /* dW_e += dys_e^T xs_e (F32 master gradient: fp32 accumulation into it) */
-            Tensor dwe = expert_matrix(dw, e), xe = row_block(xs, r0, m);
-            dwe.shadow = nullptr;
-            cuda_matmul(&dwe, &ge, &xe, true, false, 1.0f, 1.0f);
-        }
+    const int64_t E = w->shape[0], M = xs->shape[0], out = w->shape[1], in = w->shape[2];
+    /* each product on its own path: dxs is BF16 with xs, the F32 master gradient dw takes the f32 epilogue */
+    const bool single = single_launch(xs, dys, w);
+    Tensor *dxs_single = dxs && single && aligned16(dxs->data) ? dxs : nullptr;
+    Tensor *dw_single = dw && dw->dtype == DT_F32 && single && aligned16(dw->data) ? dw : nullptr;
+    if (dxs_single || dw_single) {
+        const size_t wb = dxs_single ? weight_copy_bytes(w) : 0;
+        const size_t dx_bytes = dxs_single ? grouped_gemm_workspace(GROUPED_DX, E) : 0;
+        const size_t dw_bytes = dw_single ? grouped_gemm_workspace(GROUPED_DW, E) : 0;
+        char *ws = (char *)scratch(wb + dx_bytes + dw_bytes); /* separate regions: both launches are in flight */
+        unsigned long long *bad = status_word() + ST_OFFSETS;
+        if (dxs_single)
+            grouped_gemm(GROUPED_DX, dxs->data, (const bf16 *)dys->data, weight_bf16(w, ws), (const int32_t *)offsets->data,
+                         E, M, out, in, bad, ws + wb);
+        if (dw_single)
+            grouped_gemm(GROUPED_DW, dw->data, (const bf16 *)dys->data, (const bf16 *)xs->data,
+                         (const int32_t *)offsets->data, E, M, out, in, bad, ws + wb + dx_bytes);
     }
+    Tensor *dxs_rest = dxs_single ? nullptr : dxs, *dw_rest = dw_single ? nullptr : dw;
+    if (!dxs_rest && !dw_rest) return;
+    int32_t *off = segments_to_host("grouped_matmul_backward", offsets, E, M);
+    per_expert_backward(dxs_rest, dw_rest, dys, xs, w, off);
     free(off);
 }
 

@@ -318,6 +318,8 @@ static void moe_cases(void) {
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "plan", "cuda moe_plan: expert index 9 outside [0, 8) at idx[1, 1]");
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "topk", "cuda moe_topk: router scores of token 1 are not finite numbers");
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "offsets", "cuda grouped_matmul_forward: offsets decrease at expert 1");
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "offsets_single",
+             "cuda grouped_matmul: offsets[2] = 3 ends expert 1's segment out of order");
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "rows",
              "cuda moe_permute/moe_unpermute: rows element 3 = 7 is outside the grouped buffer");
 
@@ -369,13 +371,17 @@ static void moe_cases(void) {
                                                    {4099, 8, 1}, {3001, 64, 6}, {20000, 8, 8}};
     for (size_t i = 0; i < sizeof pl / sizeof pl[0]; i++) GPU_CASE("moe", moe_plan_case, MoePlanCase, pl[i].N, pl[i].E, pl[i].k);
 
-    const struct { int64_t N; int E, k; int64_t in, out; } gm[] = {
-        {1, 1, 1, 16, 8}, {37, 5, 2, 24, 40}, {300, 8, 2, 64, 48}, {257, 8, 1, 33, 17}, {64, 5, 5, 96, 128}};
-    /* dt, weights (0 plain F32, 1 F32 parameters with a BF16 shadow), N, E, k, in, out */
+    /* BF16 with in and out multiples of 8 run on the single-launch grouped GEMM (kernels/cuda/moe_grouped_gemm.cu),
+     * the rest (F32, in = 33 / out = 17) on the per-expert one */
+    const struct { int64_t N; int E, k; int64_t in, out; int used; } gm[] = {
+        {1, 1, 1, 16, 8, 0},        {37, 5, 2, 24, 40, 0},      {300, 8, 2, 64, 48, 0},   {257, 8, 1, 33, 17, 0},
+        {64, 5, 5, 96, 128, 0},     {1000, 64, 6, 256, 128, 0}, {500, 16, 2, 128, 64, 3}, {300, 8, 1, 64, 96, 1},
+        {700, 8, 2, 200, 72, 0},    {2048, 8, 2, 512, 1024, 0}, {129, 300, 2, 64, 64, 0}, {3, 32, 1, 1024, 256, 0}};
+    /* dt, weights (0 plain F32, 1 F32 parameters with a BF16 shadow), N, E, k, in, out, used */
     for (size_t i = 0; i < sizeof gm / sizeof gm[0]; i++) {
-        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_F32, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
-        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_BF16, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
-        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_BF16, 1, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out);
+        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_F32, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out, gm[i].used);
+        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_BF16, 0, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out, gm[i].used);
+        GPU_CASE("moe", moe_grouped_case, MoeGroupedCase, DT_BF16, 1, gm[i].N, gm[i].E, gm[i].k, gm[i].in, gm[i].out, gm[i].used);
     }
 
     GPU_CASE("moe", moe_e2e_case, MoeE2eCase, 0);

@@ -199,7 +199,8 @@ typedef struct { DType dt; int64_t N; int E, k; int64_t C; int grads; } MoePermu
 void moe_permute_case(const void *args);
 /* wmode 0: w a plain F32 tensor (BF16 activations: cast per call); 1: an F32 parameter of a CUDA
  * ParamStore, read through its BF16 shadow */
-typedef struct { DType dt; int wmode; int64_t N; int E, k; int64_t in, out; } MoeGroupedCase;
+/* used: the tokens pick among experts 0 .. used-1 only (the rest get none); 0: all but the last (when E > k) */
+typedef struct { DType dt; int wmode; int64_t N; int E, k; int64_t in, out; int used; } MoeGroupedCase;
 void moe_grouped_case(const void *args);
 typedef struct { DType dt; int64_t N; int E, k; bool normalize, no_assignments; } MoeAuxCase;
 void moe_aux_case(const void *args);

@@ -111,5 +111,6 @@ double msa_bench_selection(Tensor *topk, Tensor *cu, Tensor *plan, int64_t Hkv, 
 void bench_msa_indexer(void);       /* tests/gpu/test_gpu_msa.c */
 void bench_msa_attention_gpu(void); /* tests/gpu/test_gpu_msa_attention.c */
 void bench_msa_kl_gpu(void);        /* tests/gpu/test_gpu_msa_kl.c: KL forward + backward at N = 8K, 32K */
+void bench_moe_grouped(void);       /* tests/gpu/test_gpu_moe.c: the experts' grouped GEMMs, grouped vs per-expert */
 
 #endif

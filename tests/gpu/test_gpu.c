@@ -1228,7 +1228,7 @@ static void bench_train(int seq_len, int batch) {
 static bool wanted(const char *only, const char *group);
 
 /* --bench [NAME,...]: all timings, or those named (msa_indexer rmsnorm add_rmsnorm gemm attention msa_attention
- * msa_kl train) */
+ * msa_kl moe train) */
 static void bench(const char *only) {
     printf("bench (wall clock; rough)\n");
     if (wanted(only, "msa_indexer")) bench_msa_indexer();
@@ -1253,6 +1253,7 @@ static void bench(const char *only) {
     }
     if (wanted(only, "msa_attention")) bench_msa_attention_gpu();
     if (wanted(only, "msa_kl")) bench_msa_kl_gpu();
+    if (wanted(only, "moe")) bench_moe_grouped();
     if (wanted(only, "train")) bench_train(2048, 4);
 }
 

@@ -5,7 +5,9 @@
  * Every entry of the MoE section of the backend, on fresh random inputs with the GPU outputs poisoned:
  * BF16 and F32 activations, softmax and sigmoid scores, renormalisation and the selection bias on and
  * off, E = 1, 5, 8, 64, 300, k = 1, 2, 6, 8 and k = E, token counts that are multiples of nothing, an
- * expert that gets no token. The integer outputs (idx, offsets, rows) must equal the CPU's exactly, also
+ * expert that gets no token; the grouped GEMMs also with skewed routing (all tokens on 1 or 3 experts, the
+ * rest empty), on both of their paths (BF16 with widths that are multiples of 8: the single-launch CUTLASS
+ * grouped GEMM; F32 and odd widths: one cuBLASLt GEMM per expert), and bad offsets on each path. The integer outputs (idx, offsets, rows) must equal the CPU's exactly, also
  * with ties (scores quantised so that many are equal: the lower expert wins on both) and with NaN scores
  * the selection must skip; the permutation must copy bit for bit; the float outputs are held to the
  * harness's tolerances. */
@@ -303,12 +305,12 @@ void moe_grouped_case(const void *args) {
     const DType dt = c->dt;
     const int wmode = c->wmode, E = c->E, k = c->k;
     const int64_t N = c->N, in = c->in, out = c->out;
-    char name[320], desc[160];
-    const int empty = E > k ? E - 1 : -1;
+    char name[320], desc[200];
     const int64_t M = N * k;
-    snprintf(desc, sizeof desc, "%s w f32%s N=%lld E=%d k=%d in=%lld out=%lld", dn(dt), wmode ? "(shadow)" : "",
-             (long long)N, E, k, (long long)in, (long long)out);
-    int32_t *id = rand_idx(N, k, E, empty), *off, *rows;
+    snprintf(desc, sizeof desc, "%s w f32%s N=%lld E=%d k=%d in=%lld out=%lld%s", dn(dt), wmode ? "(shadow)" : "",
+             (long long)N, E, k, (long long)in, (long long)out, c->used ? " skewed" : "");
+    if (c->used) snprintf(desc + strlen(desc), sizeof desc - strlen(desc), " (experts %d.. empty)", c->used);
+    int32_t *id = c->used ? rand_idx(N, k, c->used, -1) : rand_idx(N, k, E, E > k ? E - 1 : -1), *off, *rows;
     cpu_plan(N, k, E, id, &off, &rows);
     Pair o = i32_pair(1, (int64_t[]){E + 1}, off);
     const int64_t ws[3] = {E, out, in};
@@ -342,12 +344,16 @@ void moe_grouped_case(const void *args) {
     GB->grouped_matmul_backward(&dxs.p.g, &dw.p.g, &dys.g, &xs.g, &w.g, &o.g);
     snprintf(name, sizeof name, "grouped_matmul bwd dxs %s", desc);
     grad_check(name, &dxs, tol_of(dt));
-    if (empty >= 0) { /* the expert without tokens: its gradient untouched, bit for bit */
+    int n_empty = 0;
+    for (int e = 0; e < E; e++) n_empty += off[e] == off[e + 1];
+    if (n_empty) { /* the experts without tokens: their gradients untouched, bit for bit */
         float *a = download_f32(&dw.p.g);
-        const int64_t n = out * in, base = (int64_t)empty * n;
+        const int64_t n = out * in;
         bool same = true;
-        for (int64_t i = 0; i < n; i++) same &= a[base + i] == dw.g0[base + i];
-        snprintf(name, sizeof name, "grouped_matmul bwd dw of the empty expert %s", desc);
+        for (int e = 0; e < E; e++)
+            if (off[e] == off[e + 1])
+                for (int64_t i = (int64_t)e * n; i < (int64_t)(e + 1) * n; i++) same &= a[i] == dw.g0[i];
+        snprintf(name, sizeof name, "grouped_matmul bwd dw of the %d empty experts %s", n_empty, desc);
         record(same, "%-58s %s", name, same ? "untouched" : "written");
         free(a);
     }
@@ -558,6 +564,14 @@ static void die_scenario(const char *what) {
         Pair xs = pair_rand(DT_BF16, 2, (int64_t[]){M, 8}, 0, 1), w = pair_rand(DT_F32, 3, (int64_t[]){3, 4, 8}, 0, 1);
         Tensor ys = mk(GB, DT_BF16, 2, (int64_t[]){M, 4});
         GB->grouped_matmul_forward(&ys, &xs.g, &w.g, &o.g);
+    } else if (!strcmp(what, "offsets_single")) { /* the same on the single-launch path: reported by the next plan */
+        Pair o = i32_pair(1, (int64_t[]){4}, (int32_t[]){0, 5, 3, 6});
+        Pair xs = pair_rand(DT_BF16, 2, (int64_t[]){M, 8}, 0, 1), w = pair_rand(DT_F32, 3, (int64_t[]){3, 8, 8}, 0, 1);
+        Pair idx = i32_pair(2, (int64_t[]){N, k}, (int32_t[]){0, 1, 2, 3, 4, 5});
+        Tensor ys = mk(GB, DT_BF16, 2, (int64_t[]){M, 8}), po = mk(GB, DT_I32, 1, (int64_t[]){E + 1}),
+               r = mk(GB, DT_I32, 2, (int64_t[]){N, k});
+        GB->grouped_matmul_forward(&ys, &xs.g, &w.g, &o.g);
+        GB->moe_plan(&po, &r, &idx.g);
     } else if (!strcmp(what, "rows")) { /* a row past the grouped buffer; reported by the next grouped GEMM */
         Pair r = i32_pair(2, (int64_t[]){N, k}, (int32_t[]){0, 1, 2, 7, 4, 5});
         Pair x = pair_rand(DT_BF16, 2, (int64_t[]){N, 8}, 0, 1);
@@ -599,4 +613,78 @@ void moe_bad_input_case(const void *args) {
     snprintf(name, sizeof name, "moe bad input: %s", what);
     bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(err, message);
     record(ok, "%-58s exit %d: %s", name, WIFEXITED(st) ? WEXITSTATUS(st) : -1, err);
+}
+
+/* ---------- --bench moe: the experts' grouped GEMMs ---------- */
+
+typedef struct {
+    Tensor xs, ys, dys, dxs, offsets;
+    Tensor *w;
+    int backward;
+} GroupedBench;
+
+static double time_grouped(GroupedBench *b, int reps) {
+    double t0 = 0;
+    for (int i = 0; i < reps + 2; i++) { /* two warm-up calls */
+        if (i == 2) {
+            gpu_sync();
+            t0 = wall_seconds();
+        }
+        if (b->backward) GB->grouped_matmul_backward(&b->dxs, b->w->grad, &b->dys, &b->xs, b->w, &b->offsets);
+        else GB->grouped_matmul_forward(&b->ys, &b->xs, b->w, &b->offsets);
+    }
+    gpu_sync();
+    return (wall_seconds() - t0) / reps;
+}
+
+/* One grouped linear layer of N tokens routed top-k of E experts (uniformly at random), w [E, out, in] F32
+ * parameters read through their BF16 shadow, BF16 rows: forward ys = xs w_e^T, backward dxs and dw
+ * together. The single-launch grouped GEMM against the per-expert cuBLASLt path (MSA_MOE_GEMM=per_expert),
+ * TFLOP/s of 2 M in out per product. */
+static void bench_grouped_layer(int64_t N, int E, int k, int64_t in, int64_t out) {
+    const int64_t M = N * k;
+    int32_t *id = rand_idx(N, k, E, -1), *off, *rows;
+    cpu_plan(N, k, E, id, &off, &rows);
+    GroupedBench b;
+    b.offsets = mk(GB, DT_I32, 1, (int64_t[]){E + 1});
+    GB->copy_from_host(b.offsets.data, off, (size_t)(E + 1) * sizeof(int32_t));
+    ParamStore ps;
+    params_init(&ps, GB, DT_F32);
+    b.w = params_add(&ps, "experts", 3, (int64_t[]){E, out, in}, INIT_NORMAL, 0.02f, true);
+    params_allocate(&ps, 3);
+    b.xs = dev_rand(DT_BF16, 2, (int64_t[]){M, in}, 1), b.ys = mk(GB, DT_BF16, 2, (int64_t[]){M, out});
+    b.dys = dev_rand(DT_BF16, 2, (int64_t[]){M, out}, 1), b.dxs = dev_rand(DT_BF16, 2, (int64_t[]){M, in}, 0);
+    const char *prev = getenv("MSA_MOE_GEMM");
+    char saved[64] = "";
+    if (prev) snprintf(saved, sizeof saved, "%s", prev);
+    static const char *paths[2] = {"grouped", "per_expert"};
+    double t[2][2];
+    const double flops = 2.0 * (double)M * (double)in * (double)out;
+    for (int p = 0; p < 2; p++) {
+        setenv("MSA_MOE_GEMM", paths[p], 1);
+        for (b.backward = 0; b.backward < 2; b.backward++) t[p][b.backward] = time_grouped(&b, 10);
+        printf("  moe grouped_linear N=%lld k=%d E=%d in=%lld out=%lld %-10s: fwd %.3f ms (%.0f TFLOP/s), bwd dx+dw %.3f ms "
+               "(%.0f TFLOP/s)\n",
+               (long long)N, k, E, (long long)in, (long long)out, paths[p], t[p][0] * 1e3, flops / t[p][0] * 1e-12,
+               t[p][1] * 1e3, 2 * flops / t[p][1] * 1e-12);
+    }
+    printf("  moe grouped_linear in=%lld out=%lld: grouped vs per_expert: fwd %.2fx, bwd %.2fx faster\n", (long long)in,
+           (long long)out, t[1][0] / t[0][0], t[1][1] / t[0][1]);
+    if (prev) setenv("MSA_MOE_GEMM", saved, 1);
+    else unsetenv("MSA_MOE_GEMM");
+    Tensor *all[] = {&b.xs, &b.ys, &b.dys, &b.dxs, &b.offsets};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
+    params_free(&ps);
+    free(id);
+    free(off);
+    free(rows);
+}
+
+void bench_moe_grouped(void) {
+    /* docs/benchmarks.md's MoE: 4 x 4K tokens, 16 experts of 704, top-4, d_model 2048 (gate/up, then down) */
+    bench_grouped_layer(16384, 16, 4, 2048, 704);
+    bench_grouped_layer(16384, 16, 4, 704, 2048);
+    /* finer experts: 64 of 352, top-8 */
+    bench_grouped_layer(16384, 64, 8, 2048, 352);
+    bench_grouped_layer(16384, 64, 8, 352, 2048);
 }

@@ -1,0 +1,236 @@
+/* The MoE grouped GEMMs (moe_grouped_gemm.cuh) on CUTLASS's SM90 grouped GEMM: one persistent,
+ * TMA-fed, warp-specialised (cooperative) kernel walks the tiles of every expert's problem, reading the
+ * problem shapes and the A/B/C/D pointers of expert e from device arrays (cutlass::gemm::GroupProblemShape,
+ * "ptr-array"). setup_kernel fills those arrays from the expert offsets on the device, so the host never
+ * reads them and one launch covers a variable number of rows per expert; the group count is E.
+ *
+ * BF16 operands, fp32 accumulation, 128x128x64 tiles (two consumer warp groups of 64 rows), no cluster
+ * (experts' M differ, so there is nothing to multicast reliably). Layouts, row-major storage throughout:
+ *   forward  A = xs_e [m, in] (K-major),      B = w_e [out, in] (K-major),     D = ys_e [m, out] bf16
+ *   dx       A = dys_e [m, out] (K-major),    B = w_e as [K=out, N=in] (N-major), C = D = dxs_e bf16
+ *   dw       A = dys_e^T [out, m] (M-major),  B = xs_e as [K=m, N=in] (N-major),  C = D = dw_e f32
+ * An empty expert is a problem with M = 0 (no tiles), also for dw, whose K would be 0. TMA clips every
+ * tile at the problem's edge, so m, in and out need no multiple of the tile; the rows and segment starts
+ * must be 16-byte aligned (grouped_gemm_fits). The headers come from PyPI's nvidia-cutlass wheel
+ * (tools/install_deps.sh puts them in .deps/cutlass/include). */
+/* CUTLASS first: its unqualified cute::Tensor would be ambiguous with our ::Tensor (tensor.h) declared
+ * before it */
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "moe_grouped_gemm.cuh"
+
+namespace msacuda {
+namespace {
+
+using namespace cute;
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>; /* (M, N, K) per expert */
+using Shape3 = ProblemShape::UnderlyingProblemShape;
+using RowMajor = cutlass::layout::RowMajor;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+
+/* One CUTLASS grouped GEMM type: A and B BF16 with the given layouts (CUTLASS's convention: B is N x K,
+ * ColumnMajor = K-major), C and D of ElementD, row-major */
+template <class LayoutA, class LayoutB, class ElementD> struct Grouped {
+    using Element = cutlass::bfloat16_t;
+    static constexpr int ALIGN_AB = 128 / cutlass::sizeof_bits<Element>::value;
+    static constexpr int ALIGN_D = 128 / cutlass::sizeof_bits<ElementD>::value;
+    using TileShape = Shape<_128, _128, _64>;
+    using ClusterShape = Shape<_1, _1, _1>;
+    using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+        cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementD, RowMajor *, ALIGN_D, ElementD,
+        RowMajor *, ALIGN_D, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+        cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
+    using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA *, ALIGN_AB, Element, LayoutB *, ALIGN_AB,
+        float, TileShape, ClusterShape,
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+        cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    using StrideA = typename Kernel::InternalStrideA;
+    using StrideB = typename Kernel::InternalStrideB;
+    using StrideC = typename Kernel::InternalStrideC;
+    using StrideD = typename Kernel::InternalStrideD;
+    using Out = ElementD;
+};
+
+using ForwardGemm = Grouped<RowMajor, ColumnMajor, cutlass::bfloat16_t>;
+using DxGemm = Grouped<RowMajor, RowMajor, cutlass::bfloat16_t>;
+using DwGemm = Grouped<ColumnMajor, RowMajor, float>;
+
+/* The per-expert argument arrays, each E entries, carved from the caller's workspace in this order
+ * (256-byte aligned each), then CUTLASS's own workspace. */
+template <class G> struct Args {
+    Shape3 *shape;
+    const typename G::Gemm::ElementA **a;
+    const typename G::Gemm::ElementB **b;
+    const typename G::Out **c;
+    typename G::Out **d;
+    typename G::StrideA *sa;
+    typename G::StrideB *sb;
+    typename G::StrideC *sc;
+    typename G::StrideD *sd;
+};
+
+template <class G> size_t args_bytes(int64_t E) {
+    const size_t e = (size_t)E;
+    return align256(e * sizeof(Shape3)) + 4 * align256(e * sizeof(void *)) + align256(e * sizeof(typename G::StrideA)) +
+           align256(e * sizeof(typename G::StrideB)) + align256(e * sizeof(typename G::StrideC)) +
+           align256(e * sizeof(typename G::StrideD));
+}
+
+template <class G> Args<G> carve(char *ws, int64_t E) {
+    const size_t e = (size_t)E;
+    Args<G> r;
+    auto take = [&](size_t bytes) {
+        char *p = ws;
+        ws += align256(bytes);
+        return (void *)p;
+    };
+    r.shape = (Shape3 *)take(e * sizeof(Shape3));
+    r.a = (const typename G::Gemm::ElementA **)take(e * sizeof(void *));
+    r.b = (const typename G::Gemm::ElementB **)take(e * sizeof(void *));
+    r.c = (const typename G::Out **)take(e * sizeof(void *));
+    r.d = (typename G::Out **)take(e * sizeof(void *));
+    r.sa = (typename G::StrideA *)take(e * sizeof(typename G::StrideA));
+    r.sb = (typename G::StrideB *)take(e * sizeof(typename G::StrideB));
+    r.sc = (typename G::StrideC *)take(e * sizeof(typename G::StrideC));
+    r.sd = (typename G::StrideD *)take(e * sizeof(typename G::StrideD));
+    return r;
+}
+
+/* One thread per expert: its segment [lo, hi) of the grouped rows -> its problem and operand addresses.
+ * A segment outside [0, M) or reversed, or offsets that do not start at 0 and end at M, is flagged and
+ * made empty. */
+template <class G, GroupedProduct P>
+__global__ void setup_kernel(Args<G> g, typename G::Out *dst, const bf16 *rows_in, const bf16 *other,
+                             const int32_t *off, int64_t E, int64_t M, int out, int in, unsigned long long *bad) {
+    using EA = typename G::Gemm::ElementA;
+    using EB = typename G::Gemm::ElementB;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < E; e += (int64_t)gridDim.x * blockDim.x) {
+        const int32_t lo = off[e], hi = off[e + 1];
+        const bool ok = lo >= 0 && lo <= hi && hi <= M && (e > 0 || lo == 0) && (e < E - 1 || hi == M);
+        if (!ok) atomicMin(bad, ((unsigned long long)e << 32) | (unsigned long long)(uint32_t)hi);
+        const int m = ok ? hi - lo : 0;
+        const int64_t r0 = ok ? lo : 0;
+        const EA *a = (const EA *)rows_in;
+        const EB *b = (const EB *)other;
+        typename G::Out *d;
+        if (P == GROUPED_FORWARD) { /* (m, out, in): xs_e w_e^T */
+            g.shape[e] = Shape3(m, out, in);
+            a += r0 * in;
+            b += e * (int64_t)out * in;
+            d = dst + r0 * out;
+            g.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, in, 1});
+            g.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {out, in, 1});
+            g.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, out, 1});
+        } else if (P == GROUPED_DX) { /* (m, in, out): dys_e w_e */
+            g.shape[e] = Shape3(m, in, out);
+            a += r0 * out;
+            b += e * (int64_t)out * in;
+            d = dst + r0 * in;
+            g.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, out, 1});
+            g.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {in, out, 1});
+            g.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, in, 1});
+        } else { /* (out, in, m): dys_e^T xs_e; no rows, no tiles (K = 0 would still run the epilogue) */
+            g.shape[e] = Shape3(m > 0 ? out : 0, in, m);
+            a += r0 * out;
+            b = (const EB *)other + r0 * in;
+            d = dst + e * (int64_t)out * in;
+            g.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {out, m, 1});
+            g.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {in, m, 1});
+            g.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {out, in, 1});
+        }
+        g.sc[e] = g.sd[e];
+        g.a[e] = a;
+        g.b[e] = b;
+        g.c[e] = d;
+        g.d[e] = d;
+    }
+}
+
+template <class G> size_t gemm_workspace(int64_t E) {
+    typename G::Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = ProblemShape{(int)E, nullptr, nullptr};
+    args.hw_info.sm_count = sm_count();
+    return G::Gemm::get_workspace_size(args);
+}
+
+template <class G, GroupedProduct P>
+void run(void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E, int64_t M, int64_t out,
+         int64_t in, unsigned long long *bad, void *ws) {
+    Args<G> g = carve<G>((char *)ws, E);
+    void *gemm_ws = (char *)ws + args_bytes<G>(E);
+    setup_kernel<G, P><<<grid_for(E, 128), 128>>>(g, (typename G::Out *)dst, rows_in, other, offsets, E, M, (int)out,
+                                                  (int)in, bad);
+    LAUNCH_CHECK("grouped_matmul setup");
+
+    typename G::Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = ProblemShape{(int)E, g.shape, nullptr}; /* no host copy: the shapes stay on the device */
+    args.mainloop.ptr_A = g.a;
+    args.mainloop.dA = g.sa;
+    args.mainloop.ptr_B = g.b;
+    args.mainloop.dB = g.sb;
+    args.epilogue.ptr_C = g.c;
+    args.epilogue.dC = g.sc;
+    args.epilogue.ptr_D = g.d;
+    args.epilogue.dD = g.sd;
+    auto &fusion = args.epilogue.thread;
+    fusion.alpha = 1.0f;
+    fusion.beta = P == GROUPED_FORWARD ? 0.0f : 1.0f; /* beta 0: C is never read */
+    fusion.alpha_ptr = nullptr;
+    fusion.beta_ptr = nullptr;
+    fusion.alpha_ptr_array = nullptr;
+    fusion.beta_ptr_array = nullptr;
+    args.hw_info.device_id = 0;
+    CUDA_CHECK(cudaGetDevice(&args.hw_info.device_id));
+    args.hw_info.sm_count = sm_count();
+
+    typename G::Gemm gemm;
+    cutlass::Status st = gemm.can_implement(args);
+    if (st != cutlass::Status::kSuccess)
+        fatal("cuda grouped_matmul: CUTLASS cannot run the grouped GEMM (%s) for E = %lld, out = %lld, in = %lld",
+              cutlassGetStatusString(st), (long long)E, (long long)out, (long long)in);
+    st = gemm.initialize(args, gemm_ws, 0);
+    if (st == cutlass::Status::kSuccess) st = gemm.run(0);
+    if (st != cutlass::Status::kSuccess) fatal("cuda grouped_matmul: CUTLASS grouped GEMM failed: %s", cutlassGetStatusString(st));
+    LAUNCH_CHECK("grouped_matmul");
+}
+
+}  // namespace
+
+size_t grouped_gemm_workspace(GroupedProduct p, int64_t E) {
+    switch (p) {
+    case GROUPED_FORWARD: return args_bytes<ForwardGemm>(E) + align256(gemm_workspace<ForwardGemm>(E));
+    case GROUPED_DX: return args_bytes<DxGemm>(E) + align256(gemm_workspace<DxGemm>(E));
+    case GROUPED_DW: return args_bytes<DwGemm>(E) + align256(gemm_workspace<DwGemm>(E));
+    }
+    fatal("cuda grouped_matmul: unknown product %d", (int)p);
+}
+
+void grouped_gemm(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E,
+                  int64_t M, int64_t out, int64_t in, unsigned long long *bad, void *ws) {
+    if (E <= 0) return;
+    if (M > INT32_MAX || E > INT32_MAX || !grouped_gemm_fits(in, out))
+        fatal("cuda grouped_matmul: E = %lld, M = %lld, out = %lld, in = %lld outside the grouped GEMM's range", (long long)E,
+              (long long)M, (long long)out, (long long)in);
+    switch (p) {
+    case GROUPED_FORWARD: run<ForwardGemm, GROUPED_FORWARD>(dst, rows_in, other, offsets, E, M, out, in, bad, ws); break;
+    case GROUPED_DX: run<DxGemm, GROUPED_DX>(dst, rows_in, other, offsets, E, M, out, in, bad, ws); break;
+    case GROUPED_DW: run<DwGemm, GROUPED_DW>(dst, rows_in, other, offsets, E, M, out, in, bad, ws); break;
+    }
+}
+
+}  // namespace msacuda
