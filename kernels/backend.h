@@ -26,6 +26,11 @@ typedef struct MsaParams {
     int local_blocks;  /* the query's own block and the local_blocks-1 before it, always selected */
     float scale;       /* main-branch softmax scale, 1/sqrt(d) */
     float index_scale; /* index-branch score scale, 1/sqrt(d_idx); the student's temperature */
+    /* NULL: the queries are the N tokens (q, qi, topk, lse, idx_lse have the rows of k, v, ki). Else i32 [Nq],
+     * ascending: the token of each query row, and the query-side tensors have Nq rows while the key-side
+     * ones keep the N tokens (of which a kernel reads only the rows the queries select): context
+     * parallelism over the sequence (layers/msa.c), CPU only (train/config.c refuses it on CUDA), no plan. */
+    const Tensor *query_index;
 } MsaParams;
 
 /* The rotary frequencies of one forward (layers/rope_scaling.c computes them from the config on the host,

@@ -381,7 +381,7 @@ static int ring_main(int argc, char **argv) {
         Tensor *ref = op_attention(e, q, k, v, cu, scale, NULL);
         engine_backward_from(e, ref, dout, 0);
         const int from = e->tape_len;
-        Tensor *out = op_cp_ring_attention(e, ql, kl, vl, cu, idx, scale, &cp);
+        Tensor *out = op_cp_ring_attention(e, ql, kl, vl, cu, idx, scale, &cp, NULL);
         engine_backward_from(e, out, doutl, from);
         const struct { const char *what; const Tensor *a, *b; } cmp[] = {
             {"out", out, ref}, {"dq", ql->grad, q->grad}, {"dk", kl->grad, k->grad}, {"dv", vl->grad, v->grad}};
@@ -441,7 +441,7 @@ static int ring_hang_main(int argc, char **argv) {
     Tensor *idx = engine_empty(e, DT_I32, SHAPE(n));
     tensor_from_host(e, idx, index);
     Tensor *q = engine_zeros(e, DT_F32, SHAPE(n, 2, 4)), *k = engine_zeros(e, DT_F32, SHAPE(n, 1, 4));
-    op_cp_ring_attention(e, q, k, k, cu, idx, 0.5f, &cp);
+    op_cp_ring_attention(e, q, k, k, cu, idx, 0.5f, &cp, NULL);
     printf("rank %d: the ring completed although a rank hung\n", cp.rank);
     dist_finalize(&dist);
     return 0;
