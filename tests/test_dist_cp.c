@@ -356,19 +356,25 @@ TEST(ring_kernels_merge_interleaved_blocks_in_any_order) {
     for (int b = 0; b < 3; b++) test_tensor_free(kb[b]), test_tensor_free(vb[b]), test_tensor_free(ki[b]);
 }
 
+/* An mpirun mode's start: every rank in one cp group (into *cp), and this rank's zigzag share of the RING_N
+ * tokens into index; returns its count. */
+static int64_t zigzag_group(Dist *dist, int *argc, char ***argv, Comm *cp, int32_t *index) {
+    dist_init(dist, argc, argv);
+    dist_setup(dist, 1, 1, dist->size, 10.0, DEV_CPU, "test_dist_cp");
+    dist_comm(cp, &dist->cp_group);
+    Model m = {.cp = cp, .cp_sequence = true};
+    return model_cp_tokens(&m, RING_N, RING_T, index);
+}
+
 /* mpirun -np P build/tests/test_dist_cp --ring: op_cp_ring_attention on this rank's zigzag rows of q, k, v
  * equals the single-process op_attention over the whole micro-batch (computed here too, from the same
  * seeds): the output rows, and after a backward from the same seed gradient dq, dk and dv of this rank's
  * rows (dk, dv summed over every rank's queries). F64: 1e-12, F32: 1e-5 relative. */
 static int ring_main(int argc, char **argv) {
     Dist dist;
-    dist_init(&dist, &argc, &argv);
-    dist_setup(&dist, 1, 1, dist.size, 10.0, DEV_CPU, "test_dist_cp");
     Comm cp;
-    dist_comm(&cp, &dist.cp_group);
-    Model m = {.cp = &cp, .cp_sequence = true};
     int32_t index[RING_N];
-    const int64_t n = model_cp_tokens(&m, RING_N, RING_T, index), Hq = 4, Hkv = 2, D = 8;
+    const int64_t n = zigzag_group(&dist, &argc, &argv, &cp, index), Hq = 4, Hkv = 2, D = 8;
     const float scale = 0.35f;
     for (int dt = 0; dt < 2; dt++) {
         const DType type = dt ? DT_F32 : DT_F64;
@@ -409,14 +415,19 @@ static int ring_main(int argc, char **argv) {
     return 0;
 }
 
-TEST(ring_attention_equals_single_process_attention_at_2_4_8_ranks) {
+/* this program in one of its mpirun modes (--ring, --msa) at 2, 4 and 8 ranks, each saying "<mode> ok" */
+static void run_mode_at_2_4_8_ranks(TestCtx *tc, const char *mode) {
     EXPECT(FX->have_mpirun, "no mpirun: install openmpi-bin (bash tools/install_deps.sh)");
+    char cmd[128], ok[32];
+    snprintf(cmd, sizeof cmd, "build/tests/test_dist_cp --%s", mode);
+    snprintf(ok, sizeof ok, "%s ok", mode);
     for (int np = 2; np <= 8; np *= 2) {
         char out[8192];
-        EXPECT(harness_run_ranks(tc, np, "build/tests/test_dist_cp --ring", "ring ok", out, sizeof out), "np %d: %s", np,
-               out);
+        EXPECT(harness_run_ranks(tc, np, cmd, ok, out, sizeof out), "np %d: %s", np, out);
     }
 }
+
+TEST(ring_attention_equals_single_process_attention_at_2_4_8_ranks) { run_mode_at_2_4_8_ranks(tc, "ring"); }
 
 /* ---- MSA over the sequence under mpirun: this program's --msa mode --------------------------------------- */
 
@@ -507,13 +518,9 @@ static double msa_split_diff(DType type, bool dense, bool grads, const int32_t *
  * plan), F64 within 1e-10 and F32 within 1e-5 relative. */
 static int msa_main(int argc, char **argv) {
     Dist dist;
-    dist_init(&dist, &argc, &argv);
-    dist_setup(&dist, 1, 1, dist.size, 10.0, DEV_CPU, "test_dist_cp");
     Comm cp;
-    dist_comm(&cp, &dist.cp_group);
-    Model m = {.cp = &cp, .cp_sequence = true};
     int32_t index[RING_N];
-    const int64_t n = model_cp_tokens(&m, RING_N, RING_T, index);
+    const int64_t n = zigzag_group(&dist, &argc, &argv, &cp, index);
     static const struct { bool dense, grads; const char *phase; } cases[] = {
         {true, true, "dense warm-up"}, {false, true, "sparse, KL in the backward"}, {false, false, "sparse, no gradient"}};
     for (int dt = 0; dt < 2; dt++)
@@ -535,14 +542,7 @@ static int msa_main(int argc, char **argv) {
 
 /* 2, 4 and 8 ranks over 2 KV heads, chunks of 16, 8 and 4 tokens, blocks of 3: documents and blocks cross
  * the chunks, and a block's tokens sit on two ranks */
-TEST(msa_over_the_sequence_equals_single_process_at_2_4_8_ranks) {
-    EXPECT(FX->have_mpirun, "no mpirun: install openmpi-bin (bash tools/install_deps.sh)");
-    for (int np = 2; np <= 8; np *= 2) {
-        char out[8192];
-        EXPECT(harness_run_ranks(tc, np, "build/tests/test_dist_cp --msa", "msa ok", out, sizeof out), "np %d: %s", np,
-               out);
-    }
-}
+TEST(msa_over_the_sequence_equals_single_process_at_2_4_8_ranks) { run_mode_at_2_4_8_ranks(tc, "msa"); }
 
 /* The cp group's all_to_allv (the ring's shift), except that the last rank stops for good before its second
  * shift: it has passed its first block on and hangs in the middle of the ring. */
