@@ -10,10 +10,11 @@
  *                     gradient's rows taken back into the gathered order and reduce-scattered (sum), so each
  *                     rank receives the sum over all ranks' queries of its own tokens' gradients.
  *
- *   cp_fetch_blocks   k, v [n, Hkv, D] and this rank's selection topk [Hkv, n, topk_blocks] -> kg, vg
- *                     [N, Hkv, D]: the tokens of every block that any of this rank's (group, query) pairs
- *                     selected, at their token rows, zero elsewhere (rows no query reads). The blocks are the
- *                     union of the selections; each is asked for once, of every rank that holds a token of it
+ *   cp_fetch_blocks   k, v [n, Hkv, D] and this rank's selection topk [Hkv, n, topk_blocks] -> kf, vf
+ *                     [M, Hkv, D]: the M tokens of every block that any of this rank's (group, query) pairs
+ *                     selected, and key_rows i32 [N], the row of each token there (-1: not fetched), which
+ *                     the MSA kernels read them through (MsaParams.key_rows). The blocks are the union of
+ *                     the selections; each is asked for once, of every rank that holds a token of it
  *                     (blocks need not align with the chunks): one all-to-all of counts, one of block ids (the
  *                     block's first token), one of the K/V rows. Backward: the gradients of those rows go back
  *                     the same way reversed and are added on the rank that holds the token, so dK/dV of a
@@ -29,10 +30,10 @@
 #include "../kernels/util.h"
 #include "ops.h"
 
-static void require_host(const char *op, const Tensor *x) {
+static void require_host(const char *op, const char *name, const Tensor *x) {
     if (x->device != DEV_CPU)
         fatal("%s: sequence-split context parallelism moves rows on the host, and %s is on the device "
-              "(train/config.c keeps dist.cp_mode = sequence to the CPU backend)", op, x->dtype == DT_I32 ? "the index" : "x");
+              "(train/config.c keeps dist.cp_mode = sequence to the CPU backend)", op, name);
 }
 
 /* Every rank's token indices, rank s's at s * n (host memory in the engine's arena). */
@@ -68,7 +69,7 @@ Tensor *op_cp_gather_tokens(Engine *e, Tensor *x, Tensor *index, const Comm *g) 
     if (x->ndim < 1 || index->dtype != DT_I32 || index->numel != x->shape[0])
         fatal("cp_gather_tokens: index must be i32 [%lld], one token per row of x", (long long)x->shape[0]);
     if (g->size == 1) return x;
-    require_host("cp_gather_tokens", x);
+    require_host("cp_gather_tokens", "x", x);
     engine_op_begin(e);
     const int64_t n = x->shape[0], N = n * g->size;
     int64_t shape[TENSOR_MAX_DIMS];
@@ -104,7 +105,7 @@ typedef struct CpFetchParams {
     int64_t *send_counts;     /* [P] rows to each rank */
     int64_t *recv_counts;     /* [P] rows from each rank */
     int32_t *send_rows;       /* [n_send] this rank's row of each sent token, grouped by destination */
-    int32_t *recv_tokens;     /* [n_recv] the token (row of kg/vg) of each received row, grouped by source */
+    int32_t *recv_tokens;     /* [n_recv] the token of each received row (row i of kf, vf), grouped by source */
 } CpFetchParams;
 
 static int64_t *displs(Engine *e, const int64_t *counts, int P, int64_t scale) {
@@ -222,9 +223,9 @@ static CpFetchParams fetch_plan(Engine *e, const int32_t *topk, const Tensor *in
     }
     f.send_rows = arena_alloc(&e->host, (size_t)(f.n_send > 0 ? f.n_send : 1) * sizeof(int32_t));
     f.recv_tokens = arena_alloc(&e->host, (size_t)(f.n_recv > 0 ? f.n_recv : 1) * sizeof(int32_t));
-    for (int s = 0, sent = 0, got = 0; s < P; s++) {
-        sent += (int)block_tokens(&tt, asked + asked_at[s], asked_counts[s], B, me, true, f.send_rows + sent);
-        got += (int)block_tokens(&tt, asks + ask_at[s], ask_counts[s], B, s, false, f.recv_tokens + got);
+    for (int64_t s = 0, sent = 0, got = 0; s < P; s++) {
+        sent += block_tokens(&tt, asked + asked_at[s], asked_counts[s], B, me, true, f.send_rows + sent);
+        got += block_tokens(&tt, asks + ask_at[s], ask_counts[s], B, (int)s, false, f.recv_tokens + got);
     }
     free(asked);
     free(asks);
@@ -233,16 +234,25 @@ static CpFetchParams fetch_plan(Engine *e, const int32_t *topk, const Tensor *in
     return f;
 }
 
-/* The K and V rows of rows[0 .. count) of k and v as one buffer [count, 2, Hkv * D], and back. */
+/* The K and V rows of rows[0 .. count) (NULL: 0 .. count-1) of k and v as one buffer [count, 2, Hkv * D]. */
 static void pack_kv(void *buf, const Tensor *k, const Tensor *v, const int32_t *rows, int64_t count, size_t row_bytes) {
     for (int64_t i = 0; i < count; i++) {
-        memcpy((char *)buf + (size_t)(2 * i) * row_bytes, (const char *)k->data + (size_t)rows[i] * row_bytes, row_bytes);
-        memcpy((char *)buf + (size_t)(2 * i + 1) * row_bytes, (const char *)v->data + (size_t)rows[i] * row_bytes, row_bytes);
+        const size_t from = (size_t)(rows ? rows[i] : i) * row_bytes;
+        memcpy((char *)buf + (size_t)(2 * i) * row_bytes, (const char *)k->data + from, row_bytes);
+        memcpy((char *)buf + (size_t)(2 * i + 1) * row_bytes, (const char *)v->data + from, row_bytes);
+    }
+}
+
+/* The inverse: buf [count, 2, Hkv * D] split into k_rows and v_rows [count, Hkv * D]. */
+static void unpack_kv(void *k_rows, void *v_rows, const void *buf, int64_t count, size_t row_bytes) {
+    for (int64_t i = 0; i < count; i++) {
+        memcpy((char *)k_rows + (size_t)i * row_bytes, (const char *)buf + (size_t)(2 * i) * row_bytes, row_bytes);
+        memcpy((char *)v_rows + (size_t)i * row_bytes, (const char *)buf + (size_t)(2 * i + 1) * row_bytes, row_bytes);
     }
 }
 
 Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor *index, Tensor *cu_seqlens,
-                           int64_t block_size, const Comm *g, Tensor **v_out) {
+                           int64_t block_size, const Comm *g, Tensor **v_out, Tensor **key_rows_out) {
     if (!g) fatal("cp_fetch_blocks: no context-parallel group");
     if (k->ndim != 3) fatal("cp_fetch_blocks: k must be [n, Hkv, D], got %d dims", k->ndim);
     const int64_t n = k->shape[0], Hkv = k->shape[1], D = k->shape[2], P = g->size, N = n * P;
@@ -259,8 +269,8 @@ Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor
     if (k->dtype != v->dtype || (k->dtype != DT_F32 && k->dtype != DT_F64))
         fatal("cp_fetch_blocks: k and v must both be f32 or f64 (the CPU's dtypes), got %s and %s", dtype_name(k->dtype),
               dtype_name(v->dtype));
-    require_host("cp_fetch_blocks", k);
-    require_host("cp_fetch_blocks", topk);
+    require_host("cp_fetch_blocks", "k", k);
+    require_host("cp_fetch_blocks", "topk", topk);
     engine_op_begin(e);
     CpFetchParams f = fetch_plan(e, topk->data, index, cu, cu_seqlens->numel - 1, Hkv, topk->shape[2], block_size, g);
     const size_t row_bytes = (size_t)(Hkv * D) * dtype_size(k->dtype);
@@ -270,22 +280,23 @@ Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor
     const int64_t row2 = 2 * Hkv * D;
     g->all_to_allv(g, send, scaled(e, f.send_counts, (int)P, row2), displs(e, f.send_counts, (int)P, row2), recv,
                    scaled(e, f.recv_counts, (int)P, row2), displs(e, f.recv_counts, (int)P, row2), k->dtype, DEV_CPU);
-    Tensor *kg = engine_zeros(e, k->dtype, SHAPE(N, Hkv, D)), *vg = engine_zeros(e, k->dtype, SHAPE(N, Hkv, D));
-    for (int64_t i = 0; i < f.n_recv; i++) {
-        memcpy((char *)kg->data + (size_t)f.recv_tokens[i] * row_bytes, (char *)recv + (size_t)(2 * i) * row_bytes, row_bytes);
-        memcpy((char *)vg->data + (size_t)f.recv_tokens[i] * row_bytes, (char *)recv + (size_t)(2 * i + 1) * row_bytes,
-               row_bytes);
-    }
+    Tensor *kf = engine_empty(e, k->dtype, SHAPE(f.n_recv, Hkv, D)), *vf = engine_empty(e, k->dtype, SHAPE(f.n_recv, Hkv, D));
+    unpack_kv(kf->data, vf->data, recv, f.n_recv, row_bytes);
+    Tensor *key_rows = engine_empty(e, DT_I32, SHAPE(N));
+    int32_t *row_of = key_rows->data;
+    for (int64_t j = 0; j < N; j++) row_of[j] = -1;
+    for (int64_t i = 0; i < f.n_recv; i++) row_of[f.recv_tokens[i]] = (int32_t)i;
     free(send);
     free(recv);
-    Tensor *in[2] = {k, v}, *outs[2] = {kg, vg};
+    Tensor *in[2] = {k, v}, *outs[2] = {kf, vf};
     if (engine_wants_grad(e, in, 2)) {
         Node *node = engine_record(e, OP_cp_fetch_blocks, in, 2, outs, 2);
         *NODE_PARAMS(node, CpFetchParams) = f;
     }
     engine_op_end(e, OP_cp_fetch_blocks);
-    *v_out = vg;
-    return kg;
+    *v_out = vf;
+    *key_rows_out = key_rows;
+    return kf;
 }
 
 /* dst[rows[i]] += src row i, in i's order (a token several ranks read receives their shares in rank order) */
@@ -307,21 +318,17 @@ void backward_cp_fetch_blocks(Engine *e, Node *node) {
     const int64_t width = k->shape[1] * k->shape[2], row2 = 2 * width;
     const size_t row_bytes = (size_t)width * dtype_size(k->dtype);
     /* a missing output gradient (an output no op read) travels as zeros: every rank runs the exchange */
-    Tensor *gkg = node->out[0]->grad, *gvg = node->out[1]->grad;
-    if (!gkg) gkg = engine_zeros(e, k->dtype, SHAPE(node->out[0]->shape[0], k->shape[1], k->shape[2]));
-    if (!gvg) gvg = engine_zeros(e, k->dtype, SHAPE(node->out[1]->shape[0], k->shape[1], k->shape[2]));
+    Tensor *gkf = node->out[0]->grad, *gvf = node->out[1]->grad;
+    if (!gkf) gkf = engine_zeros(e, k->dtype, SHAPE(f->n_recv, k->shape[1], k->shape[2]));
+    if (!gvf) gvf = engine_zeros(e, k->dtype, SHAPE(f->n_recv, k->shape[1], k->shape[2]));
     void *send = xmalloc((size_t)(f->n_recv > 0 ? 2 * f->n_recv : 1) * row_bytes);
     void *recv = xmalloc((size_t)(f->n_send > 0 ? 2 * f->n_send : 1) * row_bytes);
-    pack_kv(send, gkg, gvg, f->recv_tokens, f->n_recv, row_bytes);
+    pack_kv(send, gkf, gvf, NULL, f->n_recv, row_bytes);
     g->all_to_allv(g, send, scaled(e, f->recv_counts, P, row2), displs(e, f->recv_counts, P, row2), recv,
                    scaled(e, f->send_counts, P, row2), displs(e, f->send_counts, P, row2), k->dtype, DEV_CPU);
-    /* split the K and V halves of each returned row */
     void *dk_rows = xmalloc((size_t)(f->n_send > 0 ? f->n_send : 1) * row_bytes);
     void *dv_rows = xmalloc((size_t)(f->n_send > 0 ? f->n_send : 1) * row_bytes);
-    for (int64_t i = 0; i < f->n_send; i++) {
-        memcpy((char *)dk_rows + (size_t)i * row_bytes, (char *)recv + (size_t)(2 * i) * row_bytes, row_bytes);
-        memcpy((char *)dv_rows + (size_t)i * row_bytes, (char *)recv + (size_t)(2 * i + 1) * row_bytes, row_bytes);
-    }
+    unpack_kv(dk_rows, dv_rows, recv, f->n_send, row_bytes);
     if (gk) add_rows(gk, dk_rows, f->send_rows, f->n_send, width);
     if (gv) add_rows(gv, dv_rows, f->send_rows, f->n_send, width);
     free(send);

@@ -140,21 +140,24 @@ static Tensor *every_key(Engine *e, const MsaSettings *s, Tensor *k) {
     return op_cp_gather_tokens(e, engine_detach(e, k), s->cp_index, s->cp);
 }
 
-/* The main branch over the selection: under a split, the K/V rows of the selected blocks fetched first
- * (into *k_read, what the KL's teacher reads too) */
-static Tensor *fetched(Engine *e, const MsaSettings *s, const MsaParams *p, Tensor *k, Tensor *v, Tensor *topk,
+/* What the main branch (and the KL's teacher) reads of the selection: k, v themselves, or under a split the
+ * K/V rows of the selected blocks fetched from the ranks that hold them, found through p->key_rows (set here) */
+static Tensor *fetched(Engine *e, const MsaSettings *s, MsaParams *p, Tensor *k, Tensor *v, Tensor *topk,
                        Tensor *cu_seqlens, Tensor **v_read) {
     if (!split(s)) {
         *v_read = v;
         return k;
     }
-    return op_cp_fetch_blocks(e, k, v, topk, s->cp_index, cu_seqlens, p->block_size, s->cp, v_read);
+    Tensor *key_rows;
+    Tensor *k_read = op_cp_fetch_blocks(e, k, v, topk, s->cp_index, cu_seqlens, p->block_size, s->cp, v_read, &key_rows);
+    p->key_rows = key_rows;
+    return k_read;
 }
 
 MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki,
                         Tensor *cu_seqlens, bool dense, Tensor *kl, MsaReplay *rp) {
     const int64_t N = qi->shape[0], Hkv = qi->shape[1];
-    const MsaParams params = forward_params(s), *p = &params;
+    MsaParams params = forward_params(s), *p = &params;
     const MsaReplay *from =
         rp && e->recomputing && rp->valid && rp->n == N && rp->hkv == Hkv && rp->dense == dense ? rp : NULL;
     MsaAttention a = {0};

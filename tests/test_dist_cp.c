@@ -434,7 +434,8 @@ TEST(ring_attention_equals_single_process_attention_at_2_4_8_ranks) { run_mode_a
 /* The MSA chain (layers/msa.h msa_attend) of this rank's zigzag rows, its index keys gathered (op_cp_gather_tokens)
  * and the selected K/V blocks fetched (op_cp_fetch_blocks), against the chain of the whole micro-batch in one
  * engine of this process. Returns the largest relative difference over: out and lse rows, the selection rows
- * (exact), the KL (the mean of the ranks' means), the recall, and, where grads, dq, dk, dv, dqi, dki of this
+ * (exact), the fetched rows (exactly the tokens of the selected blocks, each with its K and V), the KL (the mean
+ * of the ranks' means), the recall, and, where grads, dq, dk, dv, dqi, dki of this
  * rank's rows after a backward of sum(out * R) + loss (single process) and sum(out rows * R rows) + loss / P
  * (each rank: the trainer's 1 / ranks for an auxiliary term), which add up to the same function. */
 static double msa_split_diff(DType type, bool dense, bool grads, const int32_t *index, int64_t n, const Comm *cp,
@@ -498,6 +499,26 @@ static double msa_split_diff(DType type, bool dense, bool grads, const int32_t *
             if (memcmp((int32_t *)a.topk->data + (g * n + i) * K, (int32_t *)a1.topk->data + (g * N + index[i]) * K,
                        (size_t)K * sizeof(int32_t)))
                 worst_rel = INFINITY, snprintf(worst, worst_n, "topk[%lld, %d]", (long long)g, index[i]);
+    if (!dense) { /* the fetch holds the tokens of the blocks this rank's queries selected, and only those */
+        Tensor *vf, *rows, *kf = op_cp_fetch_blocks(&split, xl[1], xl[2], a.topk, idx, cu, s.params.block_size, cp, &vf, &rows);
+        const int64_t B = s.params.block_size, n_cu = (int64_t)(sizeof RING_CU / sizeof RING_CU[0]);
+        unsigned char want[RING_N] = {0};
+        for (int64_t g = 0; g < Hkv; g++)
+            for (int64_t i = 0; i < n; i++) {
+                int64_t d = 0;
+                while (RING_CU[d + 1] <= index[i]) d++;
+                for (int64_t slot = 0, b; slot < K && (b = ((int32_t *)a.topk->data)[(g * n + i) * K + slot]) >= 0; slot++)
+                    for (int64_t j = RING_CU[d] + b * B; j < RING_CU[d] + (b + 1) * B && j < RING_CU[d + 1]; j++) want[j] = 1;
+            }
+        const int32_t *row = rows->data;
+        for (int64_t j = 0; j < N && j < RING_CU[n_cu - 1]; j++) {
+            bool same = (row[j] >= 0) == want[j];
+            for (int64_t c = 0; same && row[j] >= 0 && c < Hkv * D; c++)
+                same = tensor_get(kf, row[j] * Hkv * D + c) == tensor_get(x[1], j * Hkv * D + c) &&
+                       tensor_get(vf, row[j] * Hkv * D + c) == tensor_get(x[2], j * Hkv * D + c);
+            if (!same) worst_rel = INFINITY, snprintf(worst, worst_n, "the fetched row of token %lld", (long long)j);
+        }
+    }
     static const char *const what[5] = {"dq", "dk", "dv", "dqi", "dki"};
     for (int i = 0; grads && i < 5; i++) {
         const double rel = xl[i]->grad && x[i]->grad ? rows_rel_diff(xl[i]->grad, x[i]->grad, index, n) : INFINITY;
@@ -727,10 +748,11 @@ TEST(sequence_msa_cp2_accum_recompute_equals_single_process) {
                              SEQ_MSA " --set train.grad_accum=2 --set train.batch_size=4 --set train.recompute=true");
 }
 
-/* cp 4 and 8 exceed the 2 KV heads: auto splits the sequence */
+/* cp 4 and 8 exceed the 2 KV heads: auto splits the sequence (cp 4 MSA: the evals add the dense reference,
+ * the MSA layer's ring attention without a gradient) */
 TEST(sequence_cp4_cp8_beyond_the_kv_heads_equal_single_process) {
     expect_same_on_documents(tc, "docs", 4, "--set dist.cp=4", "");
-    expect_same_on_documents(tc, "docs_msa", 4, "--set dist.cp=4", SEQ_MSA);
+    expect_same_on_documents(tc, "docs_msa_ref", 4, "--set dist.cp=4", SEQ_MSA " --set train.eval_dense_reference=true");
     expect_same_on_documents(tc, "docs_msa", 8, "--set dist.cp=8", SEQ_MSA);
 }
 

@@ -14,7 +14,7 @@ void cpu_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const 
     (void)plan; /* the forward walks each query's own selection: no reverse map */
     CPU_SAME_DTYPE("msa_attention_forward", q, out, lse, k, v);
     if (q->ndim != 3) fatal("cpu msa_attention_forward: q must be [N, Hq, D], got %d dims", q->ndim);
-    MsaCtx c = msa_ctx_init("msa_attention_forward", k->shape[0], q->shape[0], cu_seqlens, p);
+    MsaCtx c = msa_ctx_init("msa_attention_forward", msa_token_count(k, p), q->shape[0], cu_seqlens, p);
     msa_check_qkv("msa_attention_forward", &c, q, k, v);
     msa_check_topk("msa_attention_forward", &c, topk);
     if (out->numel != q->numel) fatal("cpu msa_attention_forward: out must have q's shape");
@@ -30,7 +30,7 @@ void cpu_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor
     if (!dq && !dk && !dv) return;
     CPU_SAME_DTYPE("msa_attention_backward", q, dq, dk, dv, dout, k, v, out, lse);
     if (q->ndim != 3) fatal("cpu msa_attention_backward: q must be [N, Hq, D], got %d dims", q->ndim);
-    MsaCtx c = msa_ctx_init("msa_attention_backward", k->shape[0], q->shape[0], cu_seqlens, p);
+    MsaCtx c = msa_ctx_init("msa_attention_backward", msa_token_count(k, p), q->shape[0], cu_seqlens, p);
     msa_check_qkv("msa_attention_backward", &c, q, k, v);
     msa_check_topk("msa_attention_backward", &c, topk);
     if (dout->numel != q->numel || out->numel != q->numel || lse->numel != c.Hq * c.Nq)
@@ -49,6 +49,7 @@ double cpu_msa_recall(const Tensor *q, const Tensor *k, const Tensor *topk, cons
                       const MsaParams *p, int query_stride) {
     CPU_SAME_DTYPE("msa_recall", q, k);
     if (query_stride < 1) fatal("cpu msa_recall: query_stride must be >= 1, got %d", query_stride);
+    if (p->key_rows) fatal("cpu msa_recall: key_rows given, but the dense teacher reads every key of the prefix");
     if (q->ndim != 3) fatal("cpu msa_recall: q must be [N, Hq, D], got %d dims", q->ndim);
     MsaCtx c = msa_ctx_init("msa_recall", k->shape[0], q->shape[0], cu_seqlens, p);
     msa_check_qkv("msa_recall", &c, q, k, NULL);

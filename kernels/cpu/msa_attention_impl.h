@@ -24,7 +24,7 @@ static void S(msa_attn_fwd)(T *out, T *lse, const T *q, const T *k, const T *v, 
                 S(vec_load)(qd, q + (t * Hq + h) * D, D);
                 double mx = -INFINITY;
                 for (int64_t i = 0; i < n; i++) {
-                    p[i] = scale * S(vec_dot)(qd, k + (keys[i] * Hkv + g) * D, D);
+                    p[i] = scale * S(vec_dot)(qd, k + (msa_key_row(c, keys[i]) * Hkv + g) * D, D);
                     if (p[i] > mx) mx = p[i];
                 }
                 double sum = 0;
@@ -33,7 +33,7 @@ static void S(msa_attn_fwd)(T *out, T *lse, const T *q, const T *k, const T *v, 
                     sum += p[i];
                 }
                 memset(acc, 0, (size_t)D * sizeof(double));
-                for (int64_t i = 0; i < n; i++) S(vec_axpy)(acc, p[i], v + (keys[i] * Hkv + g) * D, D);
+                for (int64_t i = 0; i < n; i++) S(vec_axpy)(acc, p[i], v + (msa_key_row(c, keys[i]) * Hkv + g) * D, D);
                 const double inv = 1.0 / sum;
                 T *o = out + (t * Hq + h) * D;
                 for (int64_t d = 0; d < D; d++) o[d] = (T)(acc[d] * inv);
@@ -76,7 +76,7 @@ static void S(msa_attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, cons
                 const double l = (double)lse[h * Nq + t];
                 memset(acc1, 0, (size_t)D * sizeof(double));
                 for (int64_t i = 0; i < n; i++) {
-                    const int64_t kv = (keys[i] * Hkv + g) * D;
+                    const int64_t kv = (msa_key_row(c, keys[i]) * Hkv + g) * D;
                     const double P = exp(scale * S(vec_dot)(x, k + kv, D) - l);
                     const double dP = S(vec_dot)(y, v + kv, D);
                     S(vec_axpy)(acc1, P * (dP - ds), k + kv, D);
@@ -88,11 +88,12 @@ static void S(msa_attn_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, cons
         if (dk || dv) {
 #pragma omp for schedule(dynamic, 16)
             for (int64_t task = 0; task < N * Hkv; task++) {
-                const int64_t j = task / Hkv, g = task % Hkv, krow = (j * Hkv + g) * D;
+                const int64_t j = task / Hkv, g = task % Hkv, row = msa_key_row(c, j);
                 const int32_t *list;
                 int64_t nq, first;
                 msa_key_queries(c, g, j, &list, &nq, &first);
-                if (nq == 0) continue; /* a key no query selects (or, under a query_index, a row not fetched) */
+                if (nq == 0 || row < 0) continue; /* a key no query selects (then k, v may not hold it) */
+                const int64_t krow = (row * Hkv + g) * D;
                 S(vec_load)(x, k + krow, D);
                 S(vec_load)(y, v + krow, D);
                 memset(acc1, 0, (size_t)D * sizeof(double)); /* dk_j / scale */

@@ -45,6 +45,13 @@ MsaCtx msa_ctx_init(const char *kernel, int64_t N, int64_t Nq, const Tensor *cu_
     if (c.max_len == 0) c.max_len = 1;
     c.max_blocks = (c.max_len + c.B - 1) / c.B;
     c.Nq = Nq;
+    if (p->key_rows) {
+        if (!p->query_index) fatal("cpu %s: key_rows come with a query_index (sequence-split context parallelism)", kernel);
+        if (p->key_rows->dtype != DT_I32 || p->key_rows->numel != N)
+            fatal("cpu %s: key_rows must be i32 [N = %lld], got %s with %lld elements", kernel, (long long)N,
+                  dtype_name(p->key_rows->dtype), (long long)p->key_rows->numel);
+        c.key_row = p->key_rows->data;
+    }
     if (!p->query_index) {
         if (Nq != N)
             fatal("cpu %s: %lld query rows and %lld key rows, but no query_index names the queries' tokens", kernel,
@@ -79,13 +86,18 @@ void msa_check_qkv(const char *kernel, MsaCtx *c, const Tensor *q, const Tensor 
     c->Hq = q->shape[1];
     c->Hkv = k->shape[1];
     c->D = q->shape[2];
-    if (q->shape[0] != c->Nq || k->shape[0] != c->N)
+    const int64_t M = k->shape[0]; /* key rows: N, or the rows key_rows names */
+    if (q->shape[0] != c->Nq || (!c->key_row && M != c->N))
         fatal("cpu %s: q must have %lld rows and k N = %lld (got %lld and %lld)", kernel, (long long)c->Nq,
-              (long long)c->N, (long long)q->shape[0], (long long)k->shape[0]);
+              (long long)c->N, (long long)q->shape[0], (long long)M);
+    for (int64_t j = 0; c->key_row && j < c->N; j++)
+        if (c->key_row[j] < -1 || c->key_row[j] >= M)
+            fatal("cpu %s: key_rows[%lld] = %d is not a row of k's %lld (or -1)", kernel, (long long)j, c->key_row[j],
+                  (long long)M);
     if (k->shape[2] != c->D)
         fatal("cpu %s: q head dim %lld differs from k head dim %lld", kernel, (long long)c->D, (long long)k->shape[2]);
-    if (v && (v->ndim != 3 || v->shape[0] != c->N || v->shape[1] != c->Hkv || v->shape[2] != c->D))
-        fatal("cpu %s: v must be [%lld, %lld, %lld] like k", kernel, (long long)c->N, (long long)c->Hkv, (long long)c->D);
+    if (v && (v->ndim != 3 || v->shape[0] != M || v->shape[1] != c->Hkv || v->shape[2] != c->D))
+        fatal("cpu %s: v must be [%lld, %lld, %lld] like k", kernel, (long long)M, (long long)c->Hkv, (long long)c->D);
     if (c->Hkv <= 0 || c->Hq % c->Hkv != 0)
         fatal("cpu %s: %lld query heads are not a multiple of %lld KV heads", kernel, (long long)c->Hq, (long long)c->Hkv);
     c->G = c->Hq / c->Hkv;

@@ -12,8 +12,9 @@
  *
  * Query rows and tokens: the N tokens are the keys (k, v, ki have N rows). The queries (q, qi, topk, lse,
  * idx_lse) are either the same N tokens (row t is token t) or, under context parallelism over the sequence
- * (MsaParams.query_index), the Nq tokens one rank holds, row t being token q_token[t]: the kernels then
- * read keys by token from key tensors in which only the rows the queries select need to be filled. */
+ * (MsaParams.query_index), the Nq tokens one rank holds, row t being token q_token[t]. k and v hold either
+ * a row per token or (MsaParams.key_rows) only the tokens the selection reads, found through key_row; ki
+ * always has a row per token. */
 #ifndef MSA_CPU_MSA_COMMON_H
 #define MSA_CPU_MSA_COMMON_H
 
@@ -23,6 +24,7 @@ typedef struct MsaCtx {
     int64_t N, Hq, Hkv, D;   /* N tokens (key rows); main branch (D = 0 where the kernel has no q/k) */
     int64_t Nq;              /* query rows: N, or the query_index's count */
     const int32_t *q_token;  /* [Nq] the token of each query row (MsaParams.query_index), NULL: row t is token t */
+    const int32_t *key_row;  /* [N] the row of k, v holding each token, -1: none (MsaParams.key_rows), NULL: row j */
     int64_t G;               /* query heads per group, Hq / Hkv */
     int64_t Di;              /* index head dim (0 where the kernel has no qi/ki) */
     int64_t B, K;            /* block size, selection slots */
@@ -53,7 +55,8 @@ typedef struct MsaCtx {
 MsaCtx msa_ctx_init(const char *kernel, int64_t N, int64_t Nq, const Tensor *cu_seqlens, const MsaParams *p);
 void msa_ctx_free(MsaCtx *c);
 
-/* Check q [Nq,Hq,D] and k (and v when non-NULL) [N,Hkv,D]; sets Hq, Hkv, D, G. */
+/* Check q [Nq,Hq,D] and k (and v when non-NULL) [N,Hkv,D] (with key_rows, [M,Hkv,D] with every row of
+ * key_rows in [-1, M)); sets Hq, Hkv, D, G. */
 void msa_check_qkv(const char *kernel, MsaCtx *c, const Tensor *q, const Tensor *k, const Tensor *v);
 /* Check qi [Nq,Hidx,Di] with Hidx == Hkv (already set) and ki [N,Di]; sets Di. */
 void msa_check_index(const char *kernel, MsaCtx *c, const Tensor *qi, const Tensor *ki);
@@ -68,6 +71,8 @@ void msa_build_key_queries(MsaCtx *c, const Tensor *plan);
 static inline int64_t msa_doc_start(const MsaCtx *c, int64_t j) { return c->cu[c->doc_of[j]]; }
 /* the token of query row t */
 static inline int64_t msa_query_token(const MsaCtx *c, int64_t t) { return c->q_token ? c->q_token[t] : t; }
+/* the row of k and v that holds token j (-1: none; a selected token always has one) */
+static inline int64_t msa_key_row(const MsaCtx *c, int64_t j) { return c->key_row ? c->key_row[j] : j; }
 
 /* The token support of (group g, query row t), ascending, into keys (room for max_len): the tokens of
  * the selected blocks that are <= the query's token. Returns the count, >= 1 for a checked topk

@@ -13,7 +13,7 @@
 static MsaCtx kl_ctx(const char *kernel, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                      const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
     if (q->ndim != 3) fatal("cpu %s: q must be [N, Hq, D], got %d dims", kernel, q->ndim);
-    MsaCtx c = msa_ctx_init(kernel, k->shape[0], q->shape[0], cu_seqlens, p);
+    MsaCtx c = msa_ctx_init(kernel, msa_token_count(k, p), q->shape[0], cu_seqlens, p);
     msa_check_qkv(kernel, &c, q, k, NULL);
     msa_check_index(kernel, &c, qi, ki);
     msa_check_topk(kernel, &c, topk);

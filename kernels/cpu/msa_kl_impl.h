@@ -10,7 +10,7 @@
 /* The teacher probability of key j for query t of group g, from the saved main-branch lse. */
 static inline double S(kl_teacher)(const T *q, const T *k, const T *lse, int64_t j, int64_t g, int64_t t,
                                    const MsaCtx *c) {
-    const T *kj = k + (j * c->Hkv + g) * c->D, *qt = q + (t * c->Hq + g * c->G) * c->D;
+    const T *kj = k + (msa_key_row(c, j) * c->Hkv + g) * c->D, *qt = q + (t * c->Hq + g * c->G) * c->D;
     double p = 0;
     for (int64_t i = 0; i < c->G; i++)
         p += exp(c->scale * S(vec_dot_tt)(qt + i * c->D, kj, c->D) - (double)lse[(g * c->G + i) * c->Nq + t]);
