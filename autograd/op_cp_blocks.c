@@ -108,6 +108,8 @@ typedef struct CpFetchParams {
     int32_t *recv_tokens;     /* [n_recv] the token of each received row (row i of kf, vf), grouped by source */
 } CpFetchParams;
 
+/* all_to_allv's arguments from per-rank row counts, in elements of rows of `scale`: the displacements of
+ * the rows laid end to end by rank, and the counts */
 static int64_t *displs(Engine *e, const int64_t *counts, int P, int64_t scale) {
     int64_t *d = arena_alloc(&e->host, (size_t)P * sizeof(int64_t)), at = 0;
     for (int s = 0; s < P; s++) d[s] = at, at += counts[s] * scale;
@@ -253,7 +255,7 @@ static void unpack_kv(void *k_rows, void *v_rows, const void *buf, int64_t count
 
 Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor *index, Tensor *cu_seqlens,
                            int64_t block_size, const Comm *g, Tensor **v_out, Tensor **key_rows_out) {
-    if (!g) fatal("cp_fetch_blocks: no context-parallel group");
+    if (!g || g->size < 2) fatal("cp_fetch_blocks: no context-parallel group of several ranks (one rank holds every block)");
     if (k->ndim != 3) fatal("cp_fetch_blocks: k must be [n, Hkv, D], got %d dims", k->ndim);
     const int64_t n = k->shape[0], Hkv = k->shape[1], D = k->shape[2], P = g->size, N = n * P;
     check_shape("cp_fetch_blocks", "v", v, SHAPE(n, Hkv, D));

@@ -146,10 +146,11 @@ Tensor *op_cp_ring_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor 
 /* MSA layers (autograd/op_cp_blocks.c, on the CPU): x [n, ...] -> [N = P*n, ...], every rank's rows at their
  * tokens (the index keys); backward: each rank's rows of the gradient, summed over the ranks. */
 Tensor *op_cp_gather_tokens(Engine *e, Tensor *x, Tensor *index, const Comm *g);
-/* k, v [n, Hkv, D] -> kf (returned), *v_out: [M, Hkv, D], the M tokens of every block that this rank's
- * selection topk [Hkv, n, topk_blocks] (document-relative block ids of block_size tokens) names, fetched from
- * the ranks that hold them, and *key_rows_out i32 [N]: the row of each token in kf, vf (-1: not fetched;
- * MsaParams.key_rows). Backward: the rows' gradients added on the ranks that hold the tokens. */
+/* g of two or more ranks; k, v [n, Hkv, D] -> kf (returned), *v_out: [M, Hkv, D], the M tokens of every
+ * block that this rank's selection topk [Hkv, n, topk_blocks] (document-relative block ids of block_size
+ * tokens) names, fetched from the ranks that hold them, and *key_rows_out i32 [N]: the row of each token in
+ * kf, vf (-1: not fetched; MsaParams.key_rows). Backward: the rows' gradients added on the ranks that hold
+ * the tokens. */
 Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor *index, Tensor *cu_seqlens,
                            int64_t block_size, const Comm *g, Tensor **v_out, Tensor **key_rows_out);
 
