@@ -18,8 +18,9 @@
  *     dist.timeout (`--ring-hang`); MSA over the sequence under mpirun (`--msa`, 2, 4 and 8 ranks): the chain
  *     of this rank's rows (index keys gathered, selected K/V blocks fetched) equals the single process's in
  *     output, lse, selection, KL, recall and dq, dk, dv, dqi, dki, dense warm-up and sparse; build/train at
- *     cp 2, 4, 8 (2 KV heads), cp 4 x dp 2 and cp 2 x ep 2 (MoE), with a dense and an MSA layer, equals the
- *     single process on a file of short documents; what sequence mode does not cover is refused.
+ *     cp 2, 4, 8 (2 KV heads), cp 4 x dp 2 and cp 2 x ep 2 (MoE), with a dense and an MSA layer (and at cp 8
+ *     a sliding-window layer), equals the single process on a file of short documents; what sequence mode
+ *     does not cover is refused.
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
 #include <math.h>
 #include <stdio.h>
@@ -756,6 +757,13 @@ TEST(sequence_cp4_cp8_beyond_the_kv_heads_equal_single_process) {
     expect_same_on_documents(tc, "docs_msa", 8, "--set dist.cp=8", SEQ_MSA);
 }
 
+/* layer 1 a sliding window (2 blocks of 8 and a sink block): the blocks of each rank's windows fetched */
+TEST(sequence_window_cp8_equals_single_process) {
+    expect_same_on_documents(tc, "docs_window", 8, "--set dist.cp=8",
+                             "--set model.attention=window --set model.msa_layers=1- --set msa.block_size=8 "
+                             "--set msa.local_blocks=2 --set msa.init_blocks=1");
+}
+
 TEST(sequence_cp4_dp2_equals_single_process) {
     expect_same_on_documents(tc, "docs_msa", 8, "--set dist.cp=4 --set dist.dp=2", SEQ_MSA);
 }
@@ -820,6 +828,7 @@ int main(int argc, char **argv) {
     RUN(sequence_cp2_equals_single_process);
     RUN(sequence_msa_cp2_accum_recompute_equals_single_process);
     RUN(sequence_cp4_cp8_beyond_the_kv_heads_equal_single_process);
+    RUN(sequence_window_cp8_equals_single_process);
     RUN(sequence_cp4_dp2_equals_single_process);
     RUN(sequence_cp2_ep2_moe_equals_single_process);
     RUN(sequence_mode_refuses_what_it_does_not_cover);
