@@ -26,7 +26,7 @@ typedef enum { PROF_FORWARD, PROF_RECOMPUTE, PROF_BACKWARD, PROF_PHASES } ProfPh
 
 #define NODE_MAX_IN 8
 #define NODE_MAX_OUT 2
-#define NODE_PARAMS_BYTES 96
+#define NODE_PARAMS_BYTES 112 /* the largest, op_msa.c MsaKlParams */
 
 /* One recorded op. Everything its backward rule needs besides inputs and outputs (scalars, saved
  * tensors such as rstd or lse, pointers such as a checkpoint's function) is the op's own params struct,

@@ -70,7 +70,7 @@ static void ring_shift(const Comm *g, const Tensor *send, Tensor *recv, int64_t 
 }
 
 Tensor *op_cp_ring_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, Tensor *index,
-                             float scale, const Comm *g) {
+                             float scale, const Comm *g, Tensor **lse_out) {
     if (!g) fatal("cp_ring_attention: no context-parallel group");
     if (q->ndim != 3 || k->ndim != 3) fatal("cp_ring_attention: q and k must be [n, heads, head_dim]");
     const int64_t n = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1], D = q->shape[2], P = g->size;
@@ -112,6 +112,7 @@ Tensor *op_cp_ring_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor 
         *NODE_PARAMS(node, RingAttentionParams) = (RingAttentionParams){g, lse, all_index, scale};
     }
     engine_op_end(e, OP_cp_ring_attention);
+    if (lse_out) *lse_out = lse;
     return out;
 }
 

@@ -23,16 +23,21 @@ typedef struct MsaKlParams {
     Tensor *topk, *plan, *cu_seqlens;
 } MsaKlParams;
 
-/* Checks both ops share: q [N,Hq,D], k [N,Hkv,D] (v too when given), cu_seqlens i32 from 0 to N,
- * topk NULL or i32 [Hkv,N,topk_blocks]. Contents of topk are checked by the kernels. */
+/* Checks both ops share: q [Nq,Hq,D], k [N,Hkv,D] (v too when given; [M,Hkv,D] with p->key_rows i32 [N]),
+ * cu_seqlens i32 from 0 to N, topk NULL or i32 [Hkv,Nq,topk_blocks]; Nq = N unless p->query_index names the
+ * queries' tokens (i32 [Nq]). Contents of topk, query_index and key_rows are checked by the kernels. */
 static void check_main(const char *op, Tensor *q, Tensor *k, Tensor *v, Tensor *topk, Tensor *cu_seqlens,
                        const MsaParams *p) {
     if (!p) fatal("%s: MsaParams is NULL", op);
-    if (q->ndim != 3) fatal("%s: q must be [N, Hq, D], got %d dims", op, q->ndim);
+    if (q->ndim != 3) fatal("%s: q must be [Nq, Hq, D], got %d dims", op, q->ndim);
     if (k->ndim != 3) fatal("%s: k must be [N, Hkv, D], got %d dims", op, k->ndim);
-    const int64_t N = q->shape[0], Hq = q->shape[1], D = q->shape[2], Hkv = k->shape[1];
-    check_shape(op, "k", k, SHAPE(N, Hkv, D));
-    if (v) check_shape(op, "v", v, SHAPE(N, Hkv, D));
+    const int64_t Nq = q->shape[0], Hq = q->shape[1], D = q->shape[2], N = msa_token_count(k, p), Hkv = k->shape[1];
+    if (p->key_rows && !p->query_index) fatal("%s: key_rows come with a query_index (sequence-split CP)", op);
+    if (p->query_index) check_shape(op, "query_index", p->query_index, SHAPE(Nq));
+    else if (N != Nq) fatal("%s: q has %lld rows and the tokens %lld, and no query_index names the queries' tokens", op,
+                            (long long)Nq, (long long)N);
+    check_shape(op, "k", k, SHAPE(k->shape[0], Hkv, D));
+    if (v) check_shape(op, "v", v, SHAPE(k->shape[0], Hkv, D));
     if (Hkv <= 0 || Hq % Hkv != 0)
         fatal("%s: %lld query heads are not a multiple of %lld KV heads", op, (long long)Hq, (long long)Hkv);
     if (q->dtype != k->dtype || (v && q->dtype != v->dtype)) fatal("%s: q, k, v dtypes differ", op);
@@ -46,7 +51,7 @@ static void check_main(const char *op, Tensor *q, Tensor *k, Tensor *v, Tensor *
     }
     if (topk) {
         if (topk->dtype != DT_I32) fatal("%s: topk must be i32, got %s", op, dtype_name(topk->dtype));
-        check_shape(op, "topk", topk, SHAPE(Hkv, N, p->topk_blocks));
+        check_shape(op, "topk", topk, SHAPE(Hkv, Nq, p->topk_blocks));
     }
 }
 
@@ -88,7 +93,7 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
     if (qi->shape[1] != Hkv)
         fatal("msa_kl: qi has %lld index heads, must equal Hkv = %lld", (long long)qi->shape[1], (long long)Hkv);
     check_shape("msa_kl", "qi", qi, SHAPE(N, Hkv, Di));
-    check_shape("msa_kl", "ki", ki, SHAPE(N, Di));
+    check_shape("msa_kl", "ki", ki, SHAPE(msa_token_count(k, p), Di));
     check_shape("msa_kl", "lse", lse, SHAPE(Hq, N));
     if (qi->dtype != ki->dtype) fatal("msa_kl: qi and ki dtypes differ (%s, %s)", dtype_name(qi->dtype), dtype_name(ki->dtype));
     MsaKlForward mine = {0}, *f = fwd ? fwd : &mine;
@@ -148,7 +153,7 @@ Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *
     if (qi->ndim != 3 || qi->shape[1] != Hkv)
         fatal("msa_attention_kl: qi must be [N, Hidx = Hkv = %lld, Di]", (long long)Hkv);
     check_shape("msa_attention_kl", "qi", qi, SHAPE(N, Hkv, qi->shape[2]));
-    check_shape("msa_attention_kl", "ki", ki, SHAPE(N, qi->shape[2]));
+    check_shape("msa_attention_kl", "ki", ki, SHAPE(msa_token_count(k, p), qi->shape[2]));
     check_shape("msa_attention_kl", "idx_lse", idx_lse, SHAPE(Hkv, N));
     if (kl) check_shape("msa_attention_kl", "kl", kl, SHAPE(1));
     engine_op_begin(e);

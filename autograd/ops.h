@@ -142,10 +142,21 @@ Tensor *op_cp_all_gather(Engine *e, Tensor *x, const Comm *g);
  * g holds n tokens of the micro-batch, not necessarily contiguous, named by their global indices
  * (index, i32 [n]); cu_seqlens [ndocs+1] covers the whole micro-batch. ---- */
 /* causal GQA attention within documents of this rank's q [n, Hq, D] over every rank's k, v [n, Hkv, D]
- * (ring attention): out [n, Hq, D], the single-process attention's rows of this rank's tokens. Backward:
- * dq here, dk/dv summed over every rank's queries on the rank that holds those keys. */
+ * (ring attention): out [n, Hq, D], the single-process attention's rows of this rank's tokens, and into
+ * *lse_out (when non-NULL) their log-sum-exp [Hq, n]. Backward: dq here, dk/dv summed over every rank's
+ * queries on the rank that holds those keys. */
 Tensor *op_cp_ring_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, Tensor *index,
-                             float scale, const Comm *g);
+                             float scale, const Comm *g, Tensor **lse_out);
+/* MSA layers (autograd/op_cp_blocks.c, on the CPU): x [n, ...] -> [N = P*n, ...], every rank's rows at their
+ * tokens (the index keys); backward: each rank's rows of the gradient, summed over the ranks. */
+Tensor *op_cp_gather_tokens(Engine *e, Tensor *x, Tensor *index, const Comm *g);
+/* g of two or more ranks; k, v [n, Hkv, D] -> kf (returned), *v_out: [M, Hkv, D], the M tokens of every
+ * block that this rank's selection topk [Hkv, n, topk_blocks] (document-relative block ids of block_size
+ * tokens) names, fetched from the ranks that hold them, and *key_rows_out i32 [N]: the row of each token in
+ * kf, vf (-1: not fetched; MsaParams.key_rows). Backward: the rows' gradients added on the ranks that hold
+ * the tokens. */
+Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor *index, Tensor *cu_seqlens,
+                           int64_t block_size, const Comm *g, Tensor **v_out, Tensor **key_rows_out);
 
 /* ---- expert parallelism (autograd/op_ep.c; layers/moe.c). The P ranks of the expert-parallel group g
  * (a Comm, kernels/comm.h) route different tokens; rank r holds the routed experts [r*El, (r+1)*El),

@@ -26,7 +26,21 @@ typedef struct MsaParams {
     int local_blocks;  /* the query's own block and the local_blocks-1 before it, always selected */
     float scale;       /* main-branch softmax scale, 1/sqrt(d) */
     float index_scale; /* index-branch score scale, 1/sqrt(d_idx); the student's temperature */
+    /* NULL: the queries are the N tokens (q, qi, topk, lse, idx_lse have the rows of k, v, ki). Else i32 [Nq],
+     * ascending: the token of each query row, and the query-side tensors have Nq rows while the key-side
+     * ones keep the N tokens (of which a kernel reads only the rows the queries select): context
+     * parallelism over the sequence (layers/msa.c), CPU only (train/config.c refuses it on CUDA), no plan. */
+    const Tensor *query_index;
+    /* NULL: k and v have a row per token. Else i32 [N]: the row of k and v that holds each token, -1 for a
+     * token they do not hold (the fetched blocks of sequence-split context parallelism, op_cp_fetch_blocks:
+     * only the tokens the selection reads need a row); with query_index only, CPU only. */
+    const Tensor *key_rows;
 } MsaParams;
+
+/* The tokens of the micro-batch, given k: its rows, or key_rows' count when k holds only some of them. */
+static inline int64_t msa_token_count(const Tensor *k, const MsaParams *p) {
+    return p && p->key_rows ? p->key_rows->numel : k->shape[0];
+}
 
 /* The rotary frequencies of one forward (layers/rope_scaling.c computes them from the config on the host,
  * once, for every backend): pair i of the first rotary_dim dims of a head turns by position * inv_freq[i],

@@ -106,7 +106,7 @@ static Tensor *dense_forward(void *self, Engine *e, Tensor *x, const LayerContex
     attention_project(f, e, x, ctx, &q, &k, &v);
     *aux = NULL;
     Tensor *o = ctx->cp_index && ctx->cp->size > 1
-                    ? op_cp_ring_attention(e, q, k, v, ctx->cu_seqlens, ctx->cp_index, f->scale, ctx->cp)
+                    ? op_cp_ring_attention(e, q, k, v, ctx->cu_seqlens, ctx->cp_index, f->scale, ctx->cp, NULL)
                     : op_attention(e, q, k, v, ctx->cu_seqlens, f->scale, NULL);
     return attention_output(f, e, o, ctx);
 }

@@ -124,10 +124,40 @@ Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor
     return select_blocks(e, p, qi, ki, cu_seqlens, NULL, NULL);
 }
 
+/* Is this forward split over the sequence (s->cp of several ranks)? */
+static bool split(const MsaSettings *s) { return s->cp && s->cp->size > 1; }
+
+/* The kernels' parameters of this forward: under a split, the queries are this rank's tokens. */
+static MsaParams forward_params(const MsaSettings *s) {
+    MsaParams p = s->params;
+    if (split(s)) p.query_index = s->cp_index;
+    return p;
+}
+
+/* Every token's keys [N, Hkv, D], detached: the dense teacher of this rank's queries (the KL in the dense
+ * warm-up, the recall) reads every earlier key of their documents. */
+static Tensor *every_key(Engine *e, const MsaSettings *s, Tensor *k) {
+    return op_cp_gather_tokens(e, engine_detach(e, k), s->cp_index, s->cp);
+}
+
+/* What the main branch (and the KL's teacher) reads of the selection: k, v themselves, or under a split the
+ * K/V rows of the selected blocks fetched from the ranks that hold them, found through p->key_rows (set here) */
+static Tensor *fetched(Engine *e, const MsaSettings *s, MsaParams *p, Tensor *k, Tensor *v, Tensor *topk,
+                       Tensor *cu_seqlens, Tensor **v_read) {
+    if (!split(s)) {
+        *v_read = v;
+        return k;
+    }
+    Tensor *key_rows;
+    Tensor *k_read = op_cp_fetch_blocks(e, k, v, topk, s->cp_index, cu_seqlens, p->block_size, s->cp, v_read, &key_rows);
+    p->key_rows = key_rows;
+    return k_read;
+}
+
 MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki,
                         Tensor *cu_seqlens, bool dense, Tensor *kl, MsaReplay *rp) {
     const int64_t N = qi->shape[0], Hkv = qi->shape[1];
-    const MsaParams *p = &s->params;
+    MsaParams params = forward_params(s), *p = &params;
     const MsaReplay *from =
         rp && e->recomputing && rp->valid && rp->n == N && rp->hkv == Hkv && rp->dense == dense ? rp : NULL;
     MsaAttention a = {0};
@@ -135,21 +165,27 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
      * forward (its replay records), or a recording forward */
     Tensor *in[5] = {q, k, v, qi, ki};
     a.deferred = !dense && (e->grad_enabled ? engine_wants_grad(e, in, 5) || e->recomputing : e->checkpoint_forward);
+    Tensor *teacher_k = k, *v_read;
     if (dense) {
-        a.out = op_attention(e, q, k, v, cu_seqlens, p->scale, &a.lse);
+        if (split(s)) {
+            a.out = op_cp_ring_attention(e, q, k, v, cu_seqlens, s->cp_index, p->scale, s->cp, &a.lse);
+            teacher_k = every_key(e, s, k);
+        } else a.out = op_attention(e, q, k, v, cu_seqlens, p->scale, &a.lse);
     } else if (a.deferred) {
         Tensor *idx_lse;
         a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, &idx_lse);
-        a.plan = plan_of(e, p, a.topk, cu_seqlens, from);
-        a.out = op_msa_attention_kl(e, q, k, v, qi, ki, a.topk, a.plan, idx_lse, cu_seqlens, p, s->kl_weight, kl, &a.lse,
-                                    &a.loss);
+        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens, from);
+        Tensor *k_read = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
+        a.out = op_msa_attention_kl(e, q, k_read, v_read, qi, ki, a.topk, a.plan, idx_lse, cu_seqlens, p, s->kl_weight,
+                                    kl, &a.lse, &a.loss);
         if (from) rp->valid = false; /* one replay per kept forward */
         if (rp && e->checkpoint_forward) keep(e->be, rp, &a, idx_lse, NULL, dense);
         return a;
     } else {
         a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, NULL);
-        a.plan = plan_of(e, p, a.topk, cu_seqlens, from);
-        a.out = op_msa_attention(e, q, k, v, a.topk, a.plan, cu_seqlens, p, &a.lse);
+        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens, from);
+        teacher_k = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
+        a.out = op_msa_attention(e, q, teacher_k, v_read, a.topk, a.plan, cu_seqlens, p, &a.lse);
     }
     MsaKlForward kf = {0};
     if (from) {
@@ -161,7 +197,7 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         engine_op_end(e, OP_msa_kl);
         rp->valid = false; /* one replay per kept forward */
     }
-    a.loss = op_msa_kl(e, q, k, a.lse, qi, ki, a.topk, a.plan, cu_seqlens, p, s->kl_weight, &kf);
+    a.loss = op_msa_kl(e, q, teacher_k, a.lse, qi, ki, a.topk, a.plan, cu_seqlens, p, s->kl_weight, &kf);
     if (kl && kf.kl) e->be->copy(kl->data, kf.kl->data, tensor_bytes(kl));
     if (rp && e->checkpoint_forward) keep(e->be, rp, &a, kf.idx_lse, a.loss, dense);
     return a;
@@ -169,9 +205,20 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
 
 double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *topk, Tensor *qi, Tensor *ki,
                   Tensor *cu_seqlens) {
-    if (!topk) topk = msa_select(e, &s->params, qi, ki, cu_seqlens);
+    const MsaParams p = forward_params(s);
+    if (!topk) topk = msa_select(e, &p, qi, ki, cu_seqlens);
     BACKEND_REQUIRE(e->be, msa_recall);
-    return e->be->msa_recall(q, k, topk, cu_seqlens, &s->params, s->recall_stride);
+    if (!split(s)) return e->be->msa_recall(q, k, topk, cu_seqlens, &p, s->recall_stride);
+    const double mean = e->be->msa_recall(q, every_key(e, s, k), topk, cu_seqlens, &p, s->recall_stride);
+    /* the mean over every rank's sampled queries: each rank's sum and count, added up */
+    const int32_t *token = s->cp_index->data;
+    double mine[2] = {0, 0}, *all = xmalloc((size_t)(2 * s->cp->size) * sizeof(double)), sum = 0, count = 0;
+    for (int64_t t = 0; t < s->cp_index->numel; t++) mine[1] += token[t] % s->recall_stride == 0;
+    mine[0] = mean * mine[1];
+    s->cp->all_gather(s->cp, mine, all, 2, DT_F64, DEV_CPU);
+    for (int r = 0; r < s->cp->size; r++) sum += all[2 * r], count += all[2 * r + 1];
+    free(all);
+    return count > 0 ? sum / count : 1.0;
 }
 
 /* ---- the layer -------------------------------------------------------------------------------- */
@@ -277,8 +324,9 @@ static void msa_declare(void *self, const LayerSetup *s) {
     L->ik_norm = param(s, "k_norm", SHAPE(Di), INIT_ZEROS, 0, false);
 }
 
-/* The index projections of h: qi [N, Hkv, Di], ki [N, Di]; under context parallelism the index heads of
- * this rank's GQA groups over every token, and the one index key every group scores against, whole */
+/* The index projections of h: qi [N, Hkv, Di], ki [N, Di]; under head-parallel context parallelism the
+ * index heads of this rank's GQA groups over every token, and the one index key every group scores
+ * against, whole; over the sequence, this rank's queries and every token's index key */
 static void index_project(const MsaLayer *L, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **qi_out,
                           Tensor **ki_out) {
     const int64_t N = tensor_rows(h), Hkv = L->frame.n_kv_heads, Di = L->settings.index_dim;
@@ -295,15 +343,14 @@ static void index_project(const MsaLayer *L, Engine *e, Tensor *h, const LayerCo
     if (attention_cp_heads(ctx)) {
         qi = op_cp_seq_to_heads(e, qi, ctx->cp);
         ki = op_cp_all_gather(e, ki, ctx->cp);
+    } else if (ctx->cp_index && ctx->cp->size > 1) { /* over the sequence: this rank's queries, every key */
+        ki = op_cp_gather_tokens(e, ki, ctx->cp_index, ctx->cp);
     }
     *qi_out = qi, *ki_out = ki;
 }
 
 static Tensor *msa_forward(void *self, Engine *e, Tensor *h, const LayerContext *ctx, Tensor **aux) {
     MsaLayer *L = self;
-    if (ctx->cp_index && ctx->cp->size > 1)
-        fatal("an MSA layer under dist.cp_mode = sequence: not implemented (train/trainer.c refuses the config); "
-              "use dist.cp_mode = heads");
     Tensor *q, *k, *v, *qi, *ki;
     attention_project(&L->frame, e, h, ctx, &q, &k, &v);
     index_project(L, e, h, ctx, &qi, &ki);
@@ -311,12 +358,14 @@ static Tensor *msa_forward(void *self, Engine *e, Tensor *h, const LayerContext 
      * the next forward) to the same one */
     MsaKlLog *log = &L->kl_log;
     Tensor *kl = !e->recomputing ? kl_log_add(log, e, stat_dtype(qi->dtype)) : log->n > 0 ? kl_slot(log, e, log->n - 1) : NULL;
-    MsaAttention a = msa_attend(e, &L->settings, q, k, v, qi, ki, ctx->cu_seqlens, ctx->dense, kl, &L->replay);
+    MsaSettings s = L->settings;
+    if (ctx->cp_index) s.cp = ctx->cp, s.cp_index = ctx->cp_index;
+    MsaAttention a = msa_attend(e, &s, q, k, v, qi, ki, ctx->cu_seqlens, ctx->dense, kl, &L->replay);
     *aux = a.loss;
     if (!e->recomputing) {
         log->deferred[log->n - 1] = a.deferred;
         if (ctx->metrics && ctx->collect) /* the dense warm-up: the recall the sparse selection would have */
-            log->recall[log->n - 1] = msa_recall(e, &L->settings, q, k, a.topk, qi, ki, ctx->cu_seqlens);
+            log->recall[log->n - 1] = msa_recall(e, &s, q, k, a.topk, qi, ki, ctx->cu_seqlens);
     }
     return attention_output(&L->frame, e, a.out, ctx);
 }

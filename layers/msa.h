@@ -16,6 +16,10 @@ typedef struct MsaSettings {
     float kl_weight;    /* the auxiliary loss is kl_weight * mean KL */
     int recall_stride;  /* the recall samples every recall_stride-th query */
     int index_dim;      /* Di */
+    /* context parallelism over the sequence (dist.cp_mode = sequence), set by the layer per forward: the
+     * group (NULL or one rank: the whole micro-batch is here) and this rank's tokens, i32 [n] */
+    const Comm *cp;
+    Tensor *cp_index;
 } MsaSettings;
 
 MsaSettings msa_settings(const RunConfig *c);
@@ -55,7 +59,11 @@ typedef struct MsaAttention {
 
 /* The MSA attention of q [N, Hq, D], k, v [N, Hkv, D] with the index projections qi [N, Hkv, Di] and ki
  * [N, Di]: the indexer's Top-k selection and its plan (dense: every visible block, the dense warm-up),
- * the sparse attention and the KL loss. kl (a scalar of lse's dtype on the engine's device; NULL: not
+ * the sparse attention and the KL loss. Under sequence-split context parallelism (s->cp of several ranks)
+ * q, k, v and qi are this rank's n tokens (s->cp_index) and ki every token's [N, Di] (op_cp_gather_tokens):
+ * the selection is this rank's queries' over every earlier block, the K/V rows of the selected blocks are
+ * fetched from the ranks that hold them (op_cp_fetch_blocks; the dense warm-up: ring attention, and every
+ * key gathered for the KL's teacher), out, lse, topk and the KL are this rank's queries' (no plan). kl (a scalar of lse's dtype on the engine's device; NULL: not
  * kept) gets the unweighted mean KL: at once when the forward computes it (the dense warm-up, the sparse
  * phase without a backward), else from the backward (deferred: one node for attention and KL, the KL
  * computed there with the indexer's idx_lse, msa_spec.md c.4). replay (NULL: none) is the layer's store
@@ -65,7 +73,9 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
 /* The indexer's selection alone: i32 [Hkv, N, topk_blocks]. */
 Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens);
 /* The recall of a selection (NULL: the one the indexer makes of qi, ki): the share of the dense teacher's
- * attention mass inside the selected blocks, every s->recall_stride-th query. */
+ * attention mass inside the selected blocks, every query whose token is a multiple of s->recall_stride.
+ * Under sequence-split context parallelism (q, k, qi, topk of this rank's tokens, ki of all) the value
+ * over every rank's sampled queries, the same on each rank. */
 double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *topk, Tensor *qi, Tensor *ki,
                   Tensor *cu_seqlens);
 

@@ -15,8 +15,12 @@
  *     kernels merge interleaved key blocks in any order into attention's output and gradients; the ring
  *     attention op under mpirun (`--ring`, 2, 4 and 8 ranks) equals single-process attention in output, dq,
  *     dk and dv on documents that cross the chunks; a rank that hangs mid-ring ends the job within
- *     dist.timeout (`--ring-hang`); build/train at cp 2, 4, 8 (2 KV heads), cp 4 x dp 2 and cp 2 x ep 2 (MoE)
- *     equals the single process on a file of short documents; what sequence mode does not cover is refused.
+ *     dist.timeout (`--ring-hang`); MSA over the sequence under mpirun (`--msa`, 2, 4 and 8 ranks): the chain
+ *     of this rank's rows (index keys gathered, selected K/V blocks fetched) equals the single process's in
+ *     output, lse, selection, KL, recall and dq, dk, dv, dqi, dki, dense warm-up and sparse; build/train at
+ *     cp 2, 4, 8 (2 KV heads), cp 4 x dp 2 and cp 2 x ep 2 (MoE), with a dense and an MSA layer (and at cp 8
+ *     a sliding-window layer), equals the single process on a file of short documents; what sequence mode
+ *     does not cover is refused.
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
 #include <math.h>
 #include <stdio.h>
@@ -28,6 +32,7 @@
 #include "../autograd/ops.h"
 #include "../dist/dist.h"
 #include "../kernels/util.h"
+#include "../layers/msa.h"
 #include "../train/model.h"
 #include "dist_harness.h"
 #include "gradcheck.h"
@@ -257,10 +262,13 @@ static const int32_t RING_CU[] = {0, 5, 19, 20, 32, 45, 51, 64};
 #define RING_T 32
 #define RING_N 64
 
-/* rows index[0..n) of x [N, H, D] as a fresh test tensor */
+/* rows index[0..n) of x [N, ...] as a fresh test tensor */
 static Tensor *take_rows(const Tensor *x, const int32_t *index, int64_t n) {
     const int64_t row = x->numel / x->shape[0];
-    Tensor *t = test_tensor(x->dtype, SHAPE(n, x->shape[1], x->shape[2]));
+    int64_t shape[TENSOR_MAX_DIMS];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[0] = n;
+    Tensor *t = test_tensor(x->dtype, x->ndim, shape);
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < row; j++) tensor_set(t, i * row + j, tensor_get(x, (int64_t)index[i] * row + j));
     return t;
@@ -349,19 +357,25 @@ TEST(ring_kernels_merge_interleaved_blocks_in_any_order) {
     for (int b = 0; b < 3; b++) test_tensor_free(kb[b]), test_tensor_free(vb[b]), test_tensor_free(ki[b]);
 }
 
+/* An mpirun mode's start: every rank in one cp group (into *cp), and this rank's zigzag share of the RING_N
+ * tokens into index; returns its count. */
+static int64_t zigzag_group(Dist *dist, int *argc, char ***argv, Comm *cp, int32_t *index) {
+    dist_init(dist, argc, argv);
+    dist_setup(dist, 1, 1, dist->size, 10.0, DEV_CPU, "test_dist_cp");
+    dist_comm(cp, &dist->cp_group);
+    Model m = {.cp = cp, .cp_sequence = true};
+    return model_cp_tokens(&m, RING_N, RING_T, index);
+}
+
 /* mpirun -np P build/tests/test_dist_cp --ring: op_cp_ring_attention on this rank's zigzag rows of q, k, v
  * equals the single-process op_attention over the whole micro-batch (computed here too, from the same
  * seeds): the output rows, and after a backward from the same seed gradient dq, dk and dv of this rank's
  * rows (dk, dv summed over every rank's queries). F64: 1e-12, F32: 1e-5 relative. */
 static int ring_main(int argc, char **argv) {
     Dist dist;
-    dist_init(&dist, &argc, &argv);
-    dist_setup(&dist, 1, 1, dist.size, 10.0, DEV_CPU, "test_dist_cp");
     Comm cp;
-    dist_comm(&cp, &dist.cp_group);
-    Model m = {.cp = &cp, .cp_sequence = true};
     int32_t index[RING_N];
-    const int64_t n = model_cp_tokens(&m, RING_N, RING_T, index), Hq = 4, Hkv = 2, D = 8;
+    const int64_t n = zigzag_group(&dist, &argc, &argv, &cp, index), Hq = 4, Hkv = 2, D = 8;
     const float scale = 0.35f;
     for (int dt = 0; dt < 2; dt++) {
         const DType type = dt ? DT_F32 : DT_F64;
@@ -381,7 +395,7 @@ static int ring_main(int argc, char **argv) {
         Tensor *ref = op_attention(e, q, k, v, cu, scale, NULL);
         engine_backward_from(e, ref, dout, 0);
         const int from = e->tape_len;
-        Tensor *out = op_cp_ring_attention(e, ql, kl, vl, cu, idx, scale, &cp);
+        Tensor *out = op_cp_ring_attention(e, ql, kl, vl, cu, idx, scale, &cp, NULL);
         engine_backward_from(e, out, doutl, from);
         const struct { const char *what; const Tensor *a, *b; } cmp[] = {
             {"out", out, ref}, {"dq", ql->grad, q->grad}, {"dk", kl->grad, k->grad}, {"dv", vl->grad, v->grad}};
@@ -402,14 +416,155 @@ static int ring_main(int argc, char **argv) {
     return 0;
 }
 
-TEST(ring_attention_equals_single_process_attention_at_2_4_8_ranks) {
+/* this program in one of its mpirun modes (--ring, --msa) at 2, 4 and 8 ranks, each saying "<mode> ok" */
+static void run_mode_at_2_4_8_ranks(TestCtx *tc, const char *mode) {
     EXPECT(FX->have_mpirun, "no mpirun: install openmpi-bin (bash tools/install_deps.sh)");
+    char cmd[128], ok[32];
+    snprintf(cmd, sizeof cmd, "build/tests/test_dist_cp --%s", mode);
+    snprintf(ok, sizeof ok, "%s ok", mode);
     for (int np = 2; np <= 8; np *= 2) {
         char out[8192];
-        EXPECT(harness_run_ranks(tc, np, "build/tests/test_dist_cp --ring", "ring ok", out, sizeof out), "np %d: %s", np,
-               out);
+        EXPECT(harness_run_ranks(tc, np, cmd, ok, out, sizeof out), "np %d: %s", np, out);
     }
 }
+
+TEST(ring_attention_equals_single_process_attention_at_2_4_8_ranks) { run_mode_at_2_4_8_ranks(tc, "ring"); }
+
+/* ---- MSA over the sequence under mpirun: this program's --msa mode --------------------------------------- */
+
+/* The MSA chain (layers/msa.h msa_attend) of this rank's zigzag rows, its index keys gathered (op_cp_gather_tokens)
+ * and the selected K/V blocks fetched (op_cp_fetch_blocks), against the chain of the whole micro-batch in one
+ * engine of this process. Returns the largest relative difference over: out and lse rows, the selection rows
+ * (exact), the fetched rows (exactly the tokens of the selected blocks, each with its K and V), the KL (the mean
+ * of the ranks' means), the recall, and, where grads, dq, dk, dv, dqi, dki of this
+ * rank's rows after a backward of sum(out * R) + loss (single process) and sum(out rows * R rows) + loss / P
+ * (each rank: the trainer's 1 / ranks for an auxiliary term), which add up to the same function. */
+static double msa_split_diff(DType type, bool dense, bool grads, const int32_t *index, int64_t n, const Comm *cp,
+                             char *worst, size_t worst_n) {
+    const int64_t Hq = 4, Hkv = 2, D = 8, Di = 6, N = RING_N;
+    MsaSettings s = {.params = {.block_size = 3, .topk_blocks = 3, .init_blocks = 1, .local_blocks = 1, .scale = 0.35f,
+                                .index_scale = 0.4f},
+                     .kl_weight = 0.7f, .recall_stride = 3, .index_dim = (int)Di};
+    Tensor *x[5] = {test_randn(type, SHAPE(N, Hq, D), 1.0, 301), test_randn(type, SHAPE(N, Hkv, D), 1.0, 302),
+                    test_randn(type, SHAPE(N, Hkv, D), 1.0, 303), test_randn(type, SHAPE(N, Hkv, Di), 1.5, 304),
+                    test_randn(type, SHAPE(N, Di), 1.5, 305)};
+    Tensor *R = test_randn(type, SHAPE(1, N * Hq * D), 1.0, 306), *Rl = test_tensor(type, SHAPE(1, n * Hq * D)), *xl[5];
+    for (int64_t i = 0; i < n; i++) /* this rank's rows of R, as the rows of out it weighs */
+        for (int64_t j = 0; j < Hq * D; j++) tensor_set(Rl, i * Hq * D + j, tensor_get(R, index[i] * Hq * D + j));
+    for (int i = 0; i < 5; i++) {
+        xl[i] = take_rows(x[i], index, n);
+        x[i]->requires_grad = xl[i]->requires_grad = grads;
+    }
+    Engine one, split;
+    engine_init(&one, &cpu_backend, type, 1 << 20);
+    engine_init(&split, &cpu_backend, type, 1 << 20);
+    engine_set_grad(&one, grads);
+    engine_set_grad(&split, grads);
+    Tensor *cu = engine_empty(&one, DT_I32, SHAPE((int64_t)(sizeof RING_CU / sizeof RING_CU[0]))), *idx = engine_empty(&split, DT_I32, SHAPE(n));
+    tensor_from_host(&one, cu, RING_CU);
+    tensor_from_host(&split, idx, index);
+    /* the single process */
+    Tensor *kl1 = engine_zeros(&one, type, SHAPE(1));
+    MsaAttention a1 = msa_attend(&one, &s, x[0], x[1], x[2], x[3], x[4], cu, dense, kl1, NULL);
+    const double recall1 = msa_recall(&one, &s, x[0], x[1], a1.topk, x[3], x[4], cu);
+    if (grads)
+        engine_backward(&one, op_add(&one, engine_view(&one, op_linear(&one, engine_view(&one, a1.out, SHAPE(1, N * Hq * D)), R), SHAPE(1)), a1.loss));
+    /* this rank's share */
+    MsaSettings sp = s;
+    sp.cp = cp, sp.cp_index = idx;
+    Tensor *kl = engine_zeros(&split, type, SHAPE(1)), *ki = op_cp_gather_tokens(&split, xl[4], idx, cp);
+    MsaAttention a = msa_attend(&split, &sp, xl[0], xl[1], xl[2], xl[3], ki, cu, dense, kl, NULL);
+    const double recall = msa_recall(&split, &sp, xl[0], xl[1], a.topk, xl[3], ki, cu);
+    if (grads) {
+        Tensor *part = engine_view(&split, op_linear(&split, engine_view(&split, a.out, SHAPE(1, n * Hq * D)), Rl), SHAPE(1));
+        engine_backward(&split, op_add(&split, part, op_scale(&split, a.loss, 1.0f / (float)cp->size)));
+    }
+    double kls[8], kl_mean = 0, mine = tensor_get(kl, 0);
+    cp->all_gather(cp, &mine, kls, 1, DT_F64, DEV_CPU);
+    for (int r = 0; r < cp->size; r++) kl_mean += kls[r] / cp->size;
+    double worst_rel = 0;
+    const struct { const char *what; double rel; } scalars[] = {
+        {"kl", fabs(kl_mean - tensor_get(kl1, 0)) / fabs(tensor_get(kl1, 0))},
+        {"recall", fabs(recall - recall1) / fabs(recall1)},
+        {"out", rows_rel_diff(a.out, a1.out, index, n)}};
+    for (size_t c = 0; c < sizeof scalars / sizeof scalars[0]; c++)
+        if (!(scalars[c].rel <= worst_rel)) worst_rel = scalars[c].rel, snprintf(worst, worst_n, "%s", scalars[c].what);
+    for (int64_t h = 0; h < Hq; h++) /* lse [Hq, n] rows of [Hq, N] */
+        for (int64_t i = 0; i < n; i++) {
+            const double ref = tensor_get(a1.lse, h * N + index[i]), rel = fabs(tensor_get(a.lse, h * n + i) - ref) / fabs(ref);
+            if (!(rel <= worst_rel)) worst_rel = rel, snprintf(worst, worst_n, "lse[%lld, %d]", (long long)h, index[i]);
+        }
+    const int64_t K = s.params.topk_blocks;
+    for (int64_t g = 0; !dense && g < Hkv; g++)
+        for (int64_t i = 0; i < n; i++)
+            if (memcmp((int32_t *)a.topk->data + (g * n + i) * K, (int32_t *)a1.topk->data + (g * N + index[i]) * K,
+                       (size_t)K * sizeof(int32_t)))
+                worst_rel = INFINITY, snprintf(worst, worst_n, "topk[%lld, %d]", (long long)g, index[i]);
+    if (!dense) { /* the fetch holds the tokens of the blocks this rank's queries selected, and only those */
+        Tensor *vf, *rows, *kf = op_cp_fetch_blocks(&split, xl[1], xl[2], a.topk, idx, cu, s.params.block_size, cp, &vf, &rows);
+        const int64_t B = s.params.block_size, n_cu = (int64_t)(sizeof RING_CU / sizeof RING_CU[0]);
+        unsigned char want[RING_N] = {0};
+        for (int64_t g = 0; g < Hkv; g++)
+            for (int64_t i = 0; i < n; i++) {
+                int64_t d = 0;
+                while (RING_CU[d + 1] <= index[i]) d++;
+                for (int64_t slot = 0, b; slot < K && (b = ((int32_t *)a.topk->data)[(g * n + i) * K + slot]) >= 0; slot++)
+                    for (int64_t j = RING_CU[d] + b * B; j < RING_CU[d] + (b + 1) * B && j < RING_CU[d + 1]; j++) want[j] = 1;
+            }
+        const int32_t *row = rows->data;
+        for (int64_t j = 0; j < N && j < RING_CU[n_cu - 1]; j++) {
+            bool same = (row[j] >= 0) == want[j];
+            for (int64_t c = 0; same && row[j] >= 0 && c < Hkv * D; c++)
+                same = tensor_get(kf, row[j] * Hkv * D + c) == tensor_get(x[1], j * Hkv * D + c) &&
+                       tensor_get(vf, row[j] * Hkv * D + c) == tensor_get(x[2], j * Hkv * D + c);
+            if (!same) worst_rel = INFINITY, snprintf(worst, worst_n, "the fetched row of token %lld", (long long)j);
+        }
+    }
+    static const char *const what[5] = {"dq", "dk", "dv", "dqi", "dki"};
+    for (int i = 0; grads && i < 5; i++) {
+        const double rel = xl[i]->grad && x[i]->grad ? rows_rel_diff(xl[i]->grad, x[i]->grad, index, n) : INFINITY;
+        if (!(rel <= worst_rel)) worst_rel = rel, snprintf(worst, worst_n, "%s", what[i]);
+    }
+    engine_free(&one);
+    engine_free(&split);
+    for (int i = 0; i < 5; i++) {
+        x[i]->grad = xl[i]->grad = NULL; /* the engines' arenas held them */
+        test_tensor_free(x[i]), test_tensor_free(xl[i]);
+    }
+    test_tensor_free(R), test_tensor_free(Rl);
+    return worst_rel;
+}
+
+/* mpirun -np P build/tests/test_dist_cp --msa: msa_split_diff in the dense warm-up and the sparse phase with a
+ * backward (the KL in the attention's backward), and the sparse phase without (eval: the KL forward, no
+ * plan), F64 within 1e-10 and F32 within 1e-5 relative. */
+static int msa_main(int argc, char **argv) {
+    Dist dist;
+    Comm cp;
+    int32_t index[RING_N];
+    const int64_t n = zigzag_group(&dist, &argc, &argv, &cp, index);
+    static const struct { bool dense, grads; const char *phase; } cases[] = {
+        {true, true, "dense warm-up"}, {false, true, "sparse, KL in the backward"}, {false, false, "sparse, no gradient"}};
+    for (int dt = 0; dt < 2; dt++)
+        for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+            const DType type = dt ? DT_F32 : DT_F64;
+            const double tol = dt ? 1e-5 : 1e-10;
+            char worst[64] = "";
+            const double rel = msa_split_diff(type, cases[c].dense, cases[c].grads, index, n, &cp, worst, sizeof worst);
+            CHECK(rel <= tol, "rank %d of %d, %s, %s: %s differs from the single process by %.3g relative (tolerance %g)",
+                  cp.rank, cp.size, dtype_name(type), cases[c].phase, worst, rel, tol);
+            if (cp.rank == 0)
+                printf("cp %d, %s, %s: largest difference %.2e (%s)\n", cp.size, dtype_name(type), cases[c].phase, rel,
+                       worst);
+        }
+    printf("rank %d: msa ok (cp %d)\n", cp.rank, cp.size);
+    dist_finalize(&dist);
+    return 0;
+}
+
+/* 2, 4 and 8 ranks over 2 KV heads, chunks of 16, 8 and 4 tokens, blocks of 3: documents and blocks cross
+ * the chunks, and a block's tokens sit on two ranks */
+TEST(msa_over_the_sequence_equals_single_process_at_2_4_8_ranks) { run_mode_at_2_4_8_ranks(tc, "msa"); }
 
 /* The cp group's all_to_allv (the ring's shift), except that the last rank stops for good before its second
  * shift: it has passed its first block on and hangs in the middle of the ring. */
@@ -441,7 +596,7 @@ static int ring_hang_main(int argc, char **argv) {
     Tensor *idx = engine_empty(e, DT_I32, SHAPE(n));
     tensor_from_host(e, idx, index);
     Tensor *q = engine_zeros(e, DT_F32, SHAPE(n, 2, 4)), *k = engine_zeros(e, DT_F32, SHAPE(n, 1, 4));
-    op_cp_ring_attention(e, q, k, k, cu, idx, 0.5f, &cp);
+    op_cp_ring_attention(e, q, k, k, cu, idx, 0.5f, &cp, NULL);
     printf("rank %d: the ring completed although a rank hung\n", cp.rank);
     dist_finalize(&dist);
     return 0;
@@ -582,20 +737,41 @@ TEST(sequence_cp2_equals_single_process) {
                              "--set train.grad_accum=2 --set train.batch_size=4 --set train.recompute=true");
 }
 
-/* cp 4 and 8 exceed the 2 KV heads: auto splits the sequence */
+/* Layer 1 MSA (blocks of 8: at cp 4 and 8 a block spans the chunks of 2 and 3 ranks): 4 steps of dense
+ * warm-up (ring attention, the KL's teacher over every key gathered), then sparse (the selected blocks
+ * fetched, the KL in the backward); the evals at steps 5 and 10 compare the KL and the recall too */
+#define SEQ_MSA MSA " --set msa.dense_warmup_steps=4"
+
+/* the MSA model at cp 2, two micro-batches per step, every block recomputed in the backward (its fetches
+ * and gathers run again, the selection replayed) */
+TEST(sequence_msa_cp2_accum_recompute_equals_single_process) {
+    expect_same_on_documents(tc, "seq_msa_cp2", 2, SEQ "--set dist.cp=2",
+                             SEQ_MSA " --set train.grad_accum=2 --set train.batch_size=4 --set train.recompute=true");
+}
+
+/* cp 4 and 8 exceed the 2 KV heads: auto splits the sequence (cp 4 MSA: the evals add the dense reference,
+ * the MSA layer's ring attention without a gradient) */
 TEST(sequence_cp4_cp8_beyond_the_kv_heads_equal_single_process) {
     expect_same_on_documents(tc, "docs", 4, "--set dist.cp=4", "");
-    expect_same_on_documents(tc, "docs", 8, "--set dist.cp=8", "");
+    expect_same_on_documents(tc, "docs_msa_ref", 4, "--set dist.cp=4", SEQ_MSA " --set train.eval_dense_reference=true");
+    expect_same_on_documents(tc, "docs_msa", 8, "--set dist.cp=8", SEQ_MSA);
+}
+
+/* layer 1 a sliding window (2 blocks of 8 and a sink block): the blocks of each rank's windows fetched */
+TEST(sequence_window_cp8_equals_single_process) {
+    expect_same_on_documents(tc, "docs_window", 8, "--set dist.cp=8",
+                             "--set model.attention=window --set model.msa_layers=1- --set msa.block_size=8 "
+                             "--set msa.local_blocks=2 --set msa.init_blocks=1");
 }
 
 TEST(sequence_cp4_dp2_equals_single_process) {
-    expect_same_on_documents(tc, "docs", 8, "--set dist.cp=4 --set dist.dp=2", "");
+    expect_same_on_documents(tc, "docs_msa", 8, "--set dist.cp=4 --set dist.dp=2", SEQ_MSA);
 }
 
-/* with MoE layers whose experts are split over ep 2 (the MoE settings of test_dist_ep.c) */
+/* with MoE layers whose experts are split over ep 2 (the MoE settings of test_dist_ep.c) and the MSA layer */
 TEST(sequence_cp2_ep2_moe_equals_single_process) {
     expect_same_on_documents(tc, "docs_moe", 4, SEQ "--set dist.cp=2 --set dist.ep=2",
-                             "--set model.ffn=moe --set moe.num_experts=8 --set moe.experts_per_token=2 "
+                             SEQ_MSA " --set model.ffn=moe --set moe.num_experts=8 --set moe.experts_per_token=2 "
                              "--set moe.expert_dim=32 --set moe.shared_experts=1 --set moe.aux_loss_weight=0 "
                              "--set moe.z_loss_weight=0.001 --set moe.bias_update_rate=0.01");
 }
@@ -604,7 +780,6 @@ TEST(sequence_cp2_ep2_moe_equals_single_process) {
 TEST(sequence_mode_refuses_what_it_does_not_cover) {
     EXPECT(FX->have_mpirun, "no mpirun");
     static const struct { const char *args, *expect; } cases[] = {
-        {MSA, "dist.cp_mode = sequence (dist.cp = 4) takes dense attention only, and layer 1 is MSA"},
         {"--set model.dropout=0.1", "dist.cp_mode = sequence (dist.cp = 4) does not take model.dropout = 0.1"},
         {"--set train.seq_len=36", "train.seq_len = 36 is not a multiple of 2 * dist.cp = 8"},
         {"--set train.device=cuda", "dist.cp_mode = sequence (dist.cp = 4) runs on train.device = \"cpu\" only"},
@@ -633,6 +808,7 @@ int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--exchange")) return exchange_main(argc, argv);
     if (argc > 1 && !strcmp(argv[1], "--ring")) return ring_main(argc, argv);
     if (argc > 1 && !strcmp(argv[1], "--ring-hang")) return ring_hang_main(argc, argv);
+    if (argc > 1 && !strcmp(argv[1], "--msa")) return msa_main(argc, argv);
     HARNESS_TEST_BEGIN("test_dist_cp", "");
     RUN(transpose01_matches_the_index_reference_and_round_trips);
     RUN(seq_heads_exchange_layout_for_P_ranks);
@@ -642,6 +818,7 @@ int main(int argc, char **argv) {
     RUN(ring_kernels_merge_interleaved_blocks_in_any_order);
     RUN(ring_attention_equals_single_process_attention_at_2_4_8_ranks);
     RUN(a_rank_that_hangs_mid_ring_ends_the_job_within_the_timeout);
+    RUN(msa_over_the_sequence_equals_single_process_at_2_4_8_ranks);
     RUN(cp2_dense_equals_single_process);
     RUN(cp2_dense_with_dropout_accum_recompute_equals_single_process);
     RUN(cp2_msa_sparse_equals_single_process);
@@ -649,7 +826,9 @@ int main(int argc, char **argv) {
     RUN(cp2_dp2_equals_single_process);
     RUN(cp2_checkpoint_resumes_on_1_and_on_cp2_dp2);
     RUN(sequence_cp2_equals_single_process);
+    RUN(sequence_msa_cp2_accum_recompute_equals_single_process);
     RUN(sequence_cp4_cp8_beyond_the_kv_heads_equal_single_process);
+    RUN(sequence_window_cp8_equals_single_process);
     RUN(sequence_cp4_dp2_equals_single_process);
     RUN(sequence_cp2_ep2_moe_equals_single_process);
     RUN(sequence_mode_refuses_what_it_does_not_cover);

@@ -121,8 +121,8 @@ def sequence_split_layout(work):
         # the dense layer 0: K and V (2 heads of 16) of the 7 other ranks' tokens, 4 passes
         "cp_ring_kv": 7 * tokens * 64 * 2 * 4,
         "cp_index_keys": 7 * tokens * 16 * 2 * 3,
-        # K and V of a head over a block (2 x 16 x 8 bf16) and its id, 4 passes
-        "cp_block_fetch": pairs * (2 * 16 * 8 * 2 + 4) * 4,
+        # K and V of a head over a block (2 x 16 x 8 bf16) and its id, 3 passes (forward, replay, dK/dV back)
+        "cp_block_fetch": pairs * (2 * 16 * 8 * 2 + 4) * 3,
     })
 
 

@@ -190,7 +190,8 @@ def volumes(s, n, dp, ep, cp):
         # ring attention: every other rank's K/V pass through once per pass, dK/dV travel back in the backward
         v["cp_ring_kv"] = attention_layers * (cp - 1) * tokens * kv * ACT_BYTES * 4
         v["cp_index_keys"] = len(s.msa) * (cp - 1) * tokens * s.idx_dim * ACT_BYTES * 3
-        v["cp_block_fetch"] = len(s.msa) * fetched_pairs(s, n, cp) * block_pair_bytes(s) * 4
+        # fetched in the forward and again in the replay, whose rows the backward reuses: it only returns dK/dV
+        v["cp_block_fetch"] = len(s.msa) * fetched_pairs(s, n, cp) * block_pair_bytes(s) * 3
     return v
 
 
@@ -354,7 +355,9 @@ weights as the trainer keeps them):
   local) x H_kv (block, group) pairs, as if the queries of one 128-token block chose alike (the low end:
   the high end is every visible block), at most the blocks its queries see (half the sequence on average
   under causal load balancing), (cp - 1) / cp of them remote, 2 x head_dim x block bf16 each; forward,
-  replay, and the backward's fetch plus the dK/dV returned: 4 passes.
+  replay (whose rows the backward reads), and the dK/dV returned: 3 passes (`autograd/op_cp_blocks.c`;
+  it fetches a block with every KV head when any group selects it, which is more than this count when the
+  groups choose different blocks).
 
 **Links**: NVLink 900 GB/s per GPU within a node of 8, InfiniBand 400 Gb/s (50 GB/s) per GPU across
 nodes, as sustained bandwidths (no latency term). A ring collective (reduce-scatter, all-gather, ring K/V)

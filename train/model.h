@@ -41,8 +41,9 @@ typedef struct Model {
     const Comm *cp;
     /* dist.cp_mode = sequence: the cp ranks split the tokens and keep every head instead. Each holds two
      * chunks of every sequence (model_cp_tokens: the zigzag split), every op runs on its own tokens, and
-     * dense attention reads the other ranks' keys by ring attention (autograd/op_cp_sequence.c). The
-     * logits and the LM loss then cover this rank's tokens. */
+     * dense attention reads the other ranks' keys by ring attention (autograd/op_cp_sequence.c), MSA the
+     * selected blocks of them (autograd/op_cp_blocks.c). The logits, the LM loss and the MSA KL then cover
+     * this rank's tokens. */
     bool cp_sequence;
     /* Expert parallelism (dist.ep; NULL: none): the MoE layers' routed experts are split over this group
      * (layers/moe.h), the rest of the model is the same on its ranks. The routed experts' tensors are the

@@ -1168,9 +1168,10 @@ StepResult run_step(Run *r) {
         /* Data and context parallel: the global micro-batch's LM loss is the mean over all its counted
          * targets, so this rank's mean (over its rows, or its share of their tokens) enters with weight
          * (its targets) / (all ranks' targets); the auxiliary terms are means over equal shares on every
-         * rank (MoE balance: equally many tokens; MSA KL: equally many GQA groups over the same tokens,
-         * under cp) and enter with 1/ranks. The gradient sum over the ranks (the reduce-scatter, and under
-         * cp the backward of the exchanges) is then the single-process gradient. */
+         * rank (MoE balance: equally many tokens; MSA KL: equally many GQA groups over the same tokens
+         * under head-parallel cp, equally many tokens under sequence-split cp) and enter with 1/ranks.
+         * The gradient sum over the ranks (the reduce-scatter, and under cp the backward of the
+         * exchanges) is then the single-process gradient. */
         int64_t counted[2] = {counted_targets(r), 0};
         counted[1] = counted[0];
         dist_all_reduce(bg, &counted[1], 1, DIST_I64, DIST_SUM, DEV_CPU);

@@ -4,7 +4,7 @@
 
 #include "msa_common.h"
 
-MsaCtx msa_ctx_init(const char *kernel, int64_t N, const Tensor *cu_seqlens, const MsaParams *p) {
+MsaCtx msa_ctx_init(const char *kernel, int64_t N, int64_t Nq, const Tensor *cu_seqlens, const MsaParams *p) {
     MsaCtx c;
     memset(&c, 0, sizeof c);
     if (!p) fatal("cpu %s: MsaParams is NULL", kernel);
@@ -44,6 +44,29 @@ MsaCtx msa_ctx_init(const char *kernel, int64_t N, const Tensor *cu_seqlens, con
     }
     if (c.max_len == 0) c.max_len = 1;
     c.max_blocks = (c.max_len + c.B - 1) / c.B;
+    c.Nq = Nq;
+    if (p->key_rows) {
+        if (!p->query_index) fatal("cpu %s: key_rows come with a query_index (sequence-split context parallelism)", kernel);
+        if (p->key_rows->dtype != DT_I32 || p->key_rows->numel != N)
+            fatal("cpu %s: key_rows must be i32 [N = %lld], got %s with %lld elements", kernel, (long long)N,
+                  dtype_name(p->key_rows->dtype), (long long)p->key_rows->numel);
+        c.key_row = p->key_rows->data;
+    }
+    if (!p->query_index) {
+        if (Nq != N)
+            fatal("cpu %s: %lld query rows and %lld key rows, but no query_index names the queries' tokens", kernel,
+                  (long long)Nq, (long long)N);
+        return c;
+    }
+    const Tensor *qx = p->query_index;
+    if (qx->dtype != DT_I32 || qx->numel != Nq)
+        fatal("cpu %s: query_index must be i32 [Nq = %lld], got %s with %lld elements", kernel, (long long)Nq,
+              dtype_name(qx->dtype), (long long)qx->numel);
+    c.q_token = qx->data;
+    for (int64_t t = 0; t < Nq; t++)
+        if (c.q_token[t] < 0 || c.q_token[t] >= N || (t > 0 && c.q_token[t] <= c.q_token[t - 1]))
+            fatal("cpu %s: query_index[%lld] = %d: the query tokens must ascend within [0, N = %lld)", kernel,
+                  (long long)t, c.q_token[t], (long long)N);
     return c;
 }
 
@@ -63,21 +86,26 @@ void msa_check_qkv(const char *kernel, MsaCtx *c, const Tensor *q, const Tensor 
     c->Hq = q->shape[1];
     c->Hkv = k->shape[1];
     c->D = q->shape[2];
-    if (q->shape[0] != c->N || k->shape[0] != c->N)
-        fatal("cpu %s: q and k must have N = %lld rows (got %lld and %lld)", kernel, (long long)c->N,
-              (long long)q->shape[0], (long long)k->shape[0]);
+    const int64_t M = k->shape[0]; /* key rows: N, or the rows key_rows names */
+    if (q->shape[0] != c->Nq || (!c->key_row && M != c->N))
+        fatal("cpu %s: q must have %lld rows and k N = %lld (got %lld and %lld)", kernel, (long long)c->Nq,
+              (long long)c->N, (long long)q->shape[0], (long long)M);
+    for (int64_t j = 0; c->key_row && j < c->N; j++)
+        if (c->key_row[j] < -1 || c->key_row[j] >= M)
+            fatal("cpu %s: key_rows[%lld] = %d is not a row of k's %lld (or -1)", kernel, (long long)j, c->key_row[j],
+                  (long long)M);
     if (k->shape[2] != c->D)
         fatal("cpu %s: q head dim %lld differs from k head dim %lld", kernel, (long long)c->D, (long long)k->shape[2]);
-    if (v && (v->ndim != 3 || v->shape[0] != c->N || v->shape[1] != c->Hkv || v->shape[2] != c->D))
-        fatal("cpu %s: v must be [%lld, %lld, %lld] like k", kernel, (long long)c->N, (long long)c->Hkv, (long long)c->D);
+    if (v && (v->ndim != 3 || v->shape[0] != M || v->shape[1] != c->Hkv || v->shape[2] != c->D))
+        fatal("cpu %s: v must be [%lld, %lld, %lld] like k", kernel, (long long)M, (long long)c->Hkv, (long long)c->D);
     if (c->Hkv <= 0 || c->Hq % c->Hkv != 0)
         fatal("cpu %s: %lld query heads are not a multiple of %lld KV heads", kernel, (long long)c->Hq, (long long)c->Hkv);
     c->G = c->Hq / c->Hkv;
 }
 
 void msa_check_index(const char *kernel, MsaCtx *c, const Tensor *qi, const Tensor *ki) {
-    if (qi->ndim != 3 || qi->shape[0] != c->N)
-        fatal("cpu %s: qi must be [N = %lld, Hidx, Di], got %d dims with %lld rows", kernel, (long long)c->N, qi->ndim,
+    if (qi->ndim != 3 || qi->shape[0] != c->Nq)
+        fatal("cpu %s: qi must be [%lld, Hidx, Di], got %d dims with %lld rows", kernel, (long long)c->Nq, qi->ndim,
               (long long)qi->shape[0]);
     if (qi->shape[1] != c->Hkv)
         fatal("cpu %s: qi has %lld index heads, must equal Hkv = %lld (one index head per GQA group)", kernel,
@@ -92,14 +120,14 @@ void msa_check_topk(const char *kernel, MsaCtx *c, const Tensor *topk) {
     c->topk = NULL;
     if (!topk) return;
     if (topk->dtype != DT_I32) fatal("cpu %s: topk must be i32, got %s", kernel, dtype_name(topk->dtype));
-    if (topk->ndim != 3 || topk->shape[0] != c->Hkv || topk->shape[1] != c->N || topk->shape[2] != c->K)
-        fatal("cpu %s: topk must be [Hidx = %lld, N = %lld, topk_blocks = %lld]", kernel, (long long)c->Hkv,
-              (long long)c->N, (long long)c->K);
+    if (topk->ndim != 3 || topk->shape[0] != c->Hkv || topk->shape[1] != c->Nq || topk->shape[2] != c->K)
+        fatal("cpu %s: topk must be [Hidx = %lld, %lld, topk_blocks = %lld]", kernel, (long long)c->Hkv,
+              (long long)c->Nq, (long long)c->K);
     const int32_t *tk = topk->data;
     for (int64_t g = 0; g < c->Hkv; g++)
-        for (int64_t t = 0; t < c->N; t++) {
-            const int32_t *row = tk + (g * c->N + t) * c->K;
-            const int64_t local = (t - msa_doc_start(c, t)) / c->B;
+        for (int64_t t = 0; t < c->Nq; t++) {
+            const int32_t *row = tk + (g * c->Nq + t) * c->K;
+            const int64_t tok = msa_query_token(c, t), local = (tok - msa_doc_start(c, tok)) / c->B;
             int64_t prev = -1, i = 0;
             for (; i < c->K && row[i] >= 0; i++) {
                 if (row[i] <= prev || row[i] > local)
@@ -122,36 +150,37 @@ void msa_check_topk(const char *kernel, MsaCtx *c, const Tensor *topk) {
  * plan, its map is used as it is (it was built from the same topk by msa_plan). */
 void msa_build_key_queries(MsaCtx *c, const Tensor *plan) {
     if (!c->topk) return;
-    const int64_t R = c->blk_base[c->ndocs], N = c->N, K = c->K;
+    const int64_t R = c->blk_base[c->ndocs], Nq = c->Nq, K = c->K;
+    if (plan && c->q_token) fatal("cpu msa kernels: a plan with a query_index (the plan's rows are the tokens)");
     if (plan) {
-        const int64_t P = msa_plan_width(N, K);
+        const int64_t P = msa_plan_width(Nq, K);
         if (plan->dtype != DT_I32 || plan->numel != c->Hkv * P)
             fatal("cpu msa kernels: plan must be i32 [Hidx, msa_plan_width(N, k)] = [%lld, %lld], got %s with %lld "
                   "elements", (long long)c->Hkv, (long long)P, dtype_name(plan->dtype), (long long)plan->numel);
         c->row_ptr = plan->data;
-        c->q_idx = (const int32_t *)plan->data + (N + 1);
+        c->q_idx = (const int32_t *)plan->data + (Nq + 1);
         c->row_stride = c->q_stride = P;
         c->owns_map = false;
         return;
     }
-    if (N * K >= INT32_MAX) fatal("cpu msa kernels: N * topk_blocks = %lld does not fit an i32 map", (long long)(N * K));
+    if (Nq * K >= INT32_MAX) fatal("cpu msa kernels: Nq * topk_blocks = %lld does not fit an i32 map", (long long)(Nq * K));
     int32_t *row_ptr = xcalloc((size_t)(c->Hkv * (R + 1)), sizeof(int32_t));
-    int32_t *q_idx = xmalloc((size_t)(c->Hkv * N * K > 0 ? c->Hkv * N * K : 1) * sizeof(int32_t));
-#pragma omp parallel for schedule(static) if (c->Hkv > 1 && N * K > 65536)
+    int32_t *q_idx = xmalloc((size_t)(c->Hkv * Nq * K > 0 ? c->Hkv * Nq * K : 1) * sizeof(int32_t));
+#pragma omp parallel for schedule(static) if (c->Hkv > 1 && Nq * K > 65536)
     for (int64_t g = 0; g < c->Hkv; g++) {
         int32_t *rp = row_ptr + g * (R + 1);
-        int32_t *qi = q_idx + g * N * K;
-        for (int64_t t = 0; t < N; t++) {
-            const int32_t *row = c->topk + (g * N + t) * K;
-            const int64_t base = c->blk_base[c->doc_of[t]];
+        int32_t *qi = q_idx + g * Nq * K;
+        for (int64_t t = 0; t < Nq; t++) {
+            const int32_t *row = c->topk + (g * Nq + t) * K;
+            const int64_t base = c->blk_base[c->doc_of[msa_query_token(c, t)]];
             for (int64_t i = 0; i < K && row[i] >= 0; i++) rp[base + row[i] + 1]++;
         }
         for (int64_t r = 0; r < R; r++) rp[r + 1] += rp[r];
         int32_t *fill = xmalloc((size_t)(R > 0 ? R : 1) * sizeof(int32_t));
         memcpy(fill, rp, (size_t)R * sizeof(int32_t));
-        for (int64_t t = 0; t < N; t++) {
-            const int32_t *row = c->topk + (g * N + t) * K;
-            const int64_t base = c->blk_base[c->doc_of[t]];
+        for (int64_t t = 0; t < Nq; t++) {
+            const int32_t *row = c->topk + (g * Nq + t) * K;
+            const int64_t base = c->blk_base[c->doc_of[msa_query_token(c, t)]];
             for (int64_t i = 0; i < K && row[i] >= 0; i++) qi[fill[base + row[i]]++] = (int32_t)t;
         }
         free(fill);
@@ -159,6 +188,6 @@ void msa_build_key_queries(MsaCtx *c, const Tensor *plan) {
     c->row_ptr = row_ptr;
     c->q_idx = q_idx;
     c->row_stride = R + 1;
-    c->q_stride = N * K;
+    c->q_stride = Nq * K;
     c->owns_map = true;
 }

@@ -8,14 +8,23 @@
  * holds document-relative block ids sorted ascending, -1 in unused slots; NULL = every visible block.
  *
  * Why a reverse map: the backward passes compute dk, dv and dki with one task per key (no atomics,
- * no per-thread copies), so each key must find, in a fixed order, the queries that read it. */
+ * no per-thread copies), so each key must find, in a fixed order, the queries that read it.
+ *
+ * Query rows and tokens: the N tokens are the keys (k, v, ki have N rows). The queries (q, qi, topk, lse,
+ * idx_lse) are either the same N tokens (row t is token t) or, under context parallelism over the sequence
+ * (MsaParams.query_index), the Nq tokens one rank holds, row t being token q_token[t]. k and v hold either
+ * a row per token or (MsaParams.key_rows) only the tokens the selection reads, found through key_row; ki
+ * always has a row per token. */
 #ifndef MSA_CPU_MSA_COMMON_H
 #define MSA_CPU_MSA_COMMON_H
 
 #include "cpu.h"
 
 typedef struct MsaCtx {
-    int64_t N, Hq, Hkv, D;   /* main branch (D = 0 where the kernel has no q/k) */
+    int64_t N, Hq, Hkv, D;   /* N tokens (key rows); main branch (D = 0 where the kernel has no q/k) */
+    int64_t Nq;              /* query rows: N, or the query_index's count */
+    const int32_t *q_token;  /* [Nq] the token of each query row (MsaParams.query_index), NULL: row t is token t */
+    const int32_t *key_row;  /* [N] the row of k, v holding each token, -1: none (MsaParams.key_rows), NULL: row j */
     int64_t G;               /* query heads per group, Hq / Hkv */
     int64_t Di;              /* index head dim (0 where the kernel has no qi/ki) */
     int64_t B, K;            /* block size, selection slots */
@@ -40,53 +49,75 @@ typedef struct MsaCtx {
 } MsaCtx;
 
 /* Validate the parameters (block_size >= 1, topk_blocks >= 1, init_blocks >= 0, local_blocks >= 1,
- * init_blocks + local_blocks <= topk_blocks: forced blocks stay inside the budget) and cu_seqlens
- * (i32 [ndocs+1], 0 .. N, non-decreasing); fill the document tables. Aborts naming `kernel`. */
-MsaCtx msa_ctx_init(const char *kernel, int64_t N, const Tensor *cu_seqlens, const MsaParams *p);
+ * init_blocks + local_blocks <= topk_blocks: forced blocks stay inside the budget), cu_seqlens
+ * (i32 [ndocs+1], 0 .. N, non-decreasing) and the query rows (Nq == N without p->query_index, else its
+ * i32 [Nq] tokens, each in [0, N)); fill the document tables. Aborts naming `kernel`. */
+MsaCtx msa_ctx_init(const char *kernel, int64_t N, int64_t Nq, const Tensor *cu_seqlens, const MsaParams *p);
 void msa_ctx_free(MsaCtx *c);
 
-/* Check q [N,Hq,D] and k (and v when non-NULL) [N,Hkv,D]; sets Hq, Hkv, D, G. */
+/* Check q [Nq,Hq,D] and k (and v when non-NULL) [N,Hkv,D] (with key_rows, [M,Hkv,D] with every row of
+ * key_rows in [-1, M)); sets Hq, Hkv, D, G. */
 void msa_check_qkv(const char *kernel, MsaCtx *c, const Tensor *q, const Tensor *k, const Tensor *v);
-/* Check qi [N,Hidx,Di] with Hidx == Hkv (already set) and ki [N,Di]; sets Di. */
+/* Check qi [Nq,Hidx,Di] with Hidx == Hkv (already set) and ki [N,Di]; sets Di. */
 void msa_check_index(const char *kernel, MsaCtx *c, const Tensor *qi, const Tensor *ki);
-/* Check topk (i32 [Hkv, N, topk_blocks] or NULL) and every row's contents: ids strictly ascending,
+/* Check topk (i32 [Hkv, Nq, topk_blocks] or NULL) and every row's contents: ids strictly ascending,
  * each a visible block of the query, -1 only after them, at least one id. Sets c->topk. */
 void msa_check_topk(const char *kernel, MsaCtx *c, const Tensor *topk);
 /* The reverse map of c->topk (no-op when NULL): plan's when given (the layer's msa_plan of the same
  * topk, checked for shape), else built here. */
 void msa_build_key_queries(MsaCtx *c, const Tensor *plan);
 
-static inline int64_t msa_doc_start(const MsaCtx *c, int64_t t) { return c->cu[c->doc_of[t]]; }
-static inline int64_t msa_doc_end(const MsaCtx *c, int64_t t) { return c->cu[c->doc_of[t] + 1]; }
+/* the first token of token j's document */
+static inline int64_t msa_doc_start(const MsaCtx *c, int64_t j) { return c->cu[c->doc_of[j]]; }
+/* the token of query row t */
+static inline int64_t msa_query_token(const MsaCtx *c, int64_t t) { return c->q_token ? c->q_token[t] : t; }
+/* the row of k and v that holds token j (-1: none; a selected token always has one) */
+static inline int64_t msa_key_row(const MsaCtx *c, int64_t j) { return c->key_row ? c->key_row[j] : j; }
 
-/* The token support of (group g, query t), ascending, into keys (room for max_len): the tokens of
- * the selected blocks that are <= t. Returns the count, >= 1 for a checked topk (msa_check_topk:
- * every row selects at least one visible block, and every visible block has a token <= t). */
+/* The token support of (group g, query row t), ascending, into keys (room for max_len): the tokens of
+ * the selected blocks that are <= the query's token. Returns the count, >= 1 for a checked topk
+ * (msa_check_topk: every row selects at least one visible block, and every visible block has a token
+ * <= the query's). */
 static inline int64_t msa_support(const MsaCtx *c, int64_t g, int64_t t, int32_t *keys) {
-    const int64_t s = msa_doc_start(c, t);
+    const int64_t tok = msa_query_token(c, t), s = msa_doc_start(c, tok);
     int64_t n = 0;
     if (!c->topk) {
-        for (int64_t j = s; j <= t; j++) keys[n++] = (int32_t)j;
+        for (int64_t j = s; j <= tok; j++) keys[n++] = (int32_t)j;
         return n;
     }
-    const int32_t *row = c->topk + (g * c->N + t) * c->K;
+    const int32_t *row = c->topk + (g * c->Nq + t) * c->K;
     for (int64_t i = 0; i < c->K && row[i] >= 0; i++) {
-        const int64_t lo = s + row[i] * c->B, hi = lo + c->B - 1 < t ? lo + c->B - 1 : t;
+        const int64_t lo = s + row[i] * c->B, hi = lo + c->B - 1 < tok ? lo + c->B - 1 : tok;
         for (int64_t j = lo; j <= hi; j++) keys[n++] = (int32_t)j;
     }
     return n;
 }
 
-/* The queries of group g that read key j: either the list *list[0 .. *n) (ascending; entries < j,
- * from j's own block, must be skipped by the caller) or, when *list is NULL, the range
+/* The query rows of group g that read key j: either the list *list[0 .. *n) (ascending; rows whose token
+ * is < j, from j's own block, must be skipped by the caller) or, when *list is NULL, the rows
  * first .. first + *n - 1. */
+static inline void msa_key_queries(const MsaCtx *c, int64_t g, int64_t j, const int32_t **list, int64_t *n,
+                                   int64_t *first);
+
+/* The first query row whose token is >= j (q_token ascending, msa_ctx_init checks it). */
+static inline int64_t msa_first_query_from(const MsaCtx *c, int64_t j) {
+    if (!c->q_token) return j;
+    int64_t lo = 0, hi = c->Nq;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (c->q_token[mid] < j) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
 static inline void msa_key_queries(const MsaCtx *c, int64_t g, int64_t j, const int32_t **list, int64_t *n,
                                    int64_t *first) {
     const int64_t d = c->doc_of[j];
-    if (!c->topk) {
+    if (!c->topk) { /* every later query of the document: a run of rows, the rows being ascending tokens */
         *list = NULL;
-        *first = j;
-        *n = c->cu[d + 1] - j;
+        *first = msa_first_query_from(c, j);
+        *n = msa_first_query_from(c, c->cu[d + 1]) - *first;
         return;
     }
     const int64_t r = c->blk_base[d] + (j - c->cu[d]) / c->B;

@@ -18,15 +18,16 @@ void cpu_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tens
                      const MsaParams *p) {
     CPU_SAME_DTYPE("msa_indexer", qi, ki, idx_lse);
     if (qi->ndim != 3) fatal("cpu msa_indexer: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
-    MsaCtx c = msa_ctx_init("msa_indexer", qi->shape[0], cu_seqlens, p);
+    if (ki->ndim != 2) fatal("cpu msa_indexer: ki must be [N, Di], got %d dims", ki->ndim);
+    MsaCtx c = msa_ctx_init("msa_indexer", ki->shape[0], qi->shape[0], cu_seqlens, p);
     c.Hkv = qi->shape[1];
     msa_check_index("msa_indexer", &c, qi, ki);
     if (topk->dtype != DT_I32) fatal("cpu msa_indexer: topk must be i32, got %s", dtype_name(topk->dtype));
-    if (topk->ndim != 3 || topk->shape[0] != c.Hkv || topk->shape[1] != c.N || topk->shape[2] != c.K)
-        fatal("cpu msa_indexer: topk must be [Hidx = %lld, N = %lld, topk_blocks = %lld]", (long long)c.Hkv,
-              (long long)c.N, (long long)c.K);
-    if (idx_lse && idx_lse->numel != c.Hkv * c.N)
-        fatal("cpu msa_indexer: idx_lse must be [Hidx = %lld, N = %lld]", (long long)c.Hkv, (long long)c.N);
+    if (topk->ndim != 3 || topk->shape[0] != c.Hkv || topk->shape[1] != c.Nq || topk->shape[2] != c.K)
+        fatal("cpu msa_indexer: topk must be [Hidx = %lld, %lld, topk_blocks = %lld]", (long long)c.Hkv,
+              (long long)c.Nq, (long long)c.K);
+    if (idx_lse && idx_lse->numel != c.Hkv * c.Nq)
+        fatal("cpu msa_indexer: idx_lse must be [Hidx = %lld, %lld]", (long long)c.Hkv, (long long)c.Nq);
     c.topk = topk->data; /* the support of a row, for idx_lse, is read back from it */
     CPU_CALL(qi, msa_index, topk->data, idx_lse ? idx_lse->data : NULL, qi->data, ki->data, &c, p->init_blocks,
              p->local_blocks);

@@ -1,6 +1,6 @@
 /* Typed body of the MSA indexer (instantiated by msa_indexer.c; MsaCtx in msa_common.h).
- * qi [N,Hidx,Di], ki [N,Di] -> topk i32 [Hidx,N,K] and, when idx_lse is non-NULL, the student's
- * log-normaliser over each selection, idx_lse [Hidx,N] (vec_impl.h index_lse, as the KL forward). Scores are accumulated in double whatever T is,
+ * qi [Nq,Hidx,Di], ki [N,Di] -> topk i32 [Hidx,Nq,K] and, when idx_lse is non-NULL, the student's
+ * log-normaliser over each selection, idx_lse [Hidx,Nq] (vec_impl.h index_lse, as the KL forward). Scores are accumulated in double whatever T is,
  * so f32 and f64 inputs with the same values rank alike up to the rounding of the inputs. */
 
 #include "vec_impl.h"
@@ -10,7 +10,7 @@
  * the "exp-free" ranking needs only raw block maxima. Then, per head, the selection rule of
  * DESIGN §4: forced init and local blocks, the rest by block score (ties: lower block id). */
 static void S(msa_index)(int32_t *topk, T *idx_lse, const T *qi, const T *ki, const MsaCtx *c, int64_t init, int64_t local) {
-    const int64_t N = c->N, H = c->Hkv, Di = c->Di, B = c->B, K = c->K, MB = c->max_blocks;
+    const int64_t Nq = c->Nq, H = c->Hkv, Di = c->Di, B = c->B, K = c->K, MB = c->max_blocks;
     const double isc = c->index_scale;
 #pragma omp parallel if (c->work * (double)(H * Di) > 65536)
     {
@@ -22,13 +22,13 @@ static void S(msa_index)(int32_t *topk, T *idx_lse, const T *qi, const T *ki, co
         double *z = idx_lse ? xmalloc((size_t)c->max_len * sizeof(double)) : NULL;
         /* cost grows with the query's position: dynamic chunks balance it */
 #pragma omp for schedule(dynamic, 16)
-        for (int64_t t = 0; t < N; t++) {
-            const int64_t s = msa_doc_start(c, t), lb = (t - s) / B, nvis = lb + 1;
+        for (int64_t t = 0; t < Nq; t++) {
+            const int64_t tok = msa_query_token(c, t), s = msa_doc_start(c, tok), lb = (tok - s) / B, nvis = lb + 1;
             for (int64_t i = 0; i < H * Di; i++) qd[i] = (double)qi[t * H * Di + i];
             for (int64_t g = 0; g < H; g++)
                 for (int64_t b = 0; b < nvis; b++) bm[g * MB + b] = -INFINITY;
             if (nvis > K) { /* block scores are only needed when there is a choice to make */
-                for (int64_t j = s; j <= t; j++) {
+                for (int64_t j = s; j <= tok; j++) {
                     const int64_t b = (j - s) / B;
                     const T *kj = ki + j * Di;
                     for (int64_t g = 0; g < H; g++) {
@@ -38,7 +38,7 @@ static void S(msa_index)(int32_t *topk, T *idx_lse, const T *qi, const T *ki, co
                 }
             }
             for (int64_t g = 0; g < H; g++) {
-                int32_t *row = topk + (g * N + t) * K;
+                int32_t *row = topk + (g * Nq + t) * K;
                 int64_t n = 0;
                 if (nvis <= K) { /* dense fallback: everything visible fits the budget */
                     for (int64_t b = 0; b < nvis; b++) row[n++] = (int32_t)b;
@@ -77,7 +77,7 @@ static void S(msa_index)(int32_t *topk, T *idx_lse, const T *qi, const T *ki, co
                 for (int64_t i = n; i < K; i++) row[i] = -1;
                 /* the student's normaliser over the row just chosen (c->topk is topk: msa_support reads it) */
                 if (idx_lse)
-                    idx_lse[g * N + t] = (T)S(index_lse)(z, qd + g * Di, ki, keys, msa_support(c, g, t, keys), Di, isc);
+                    idx_lse[g * Nq + t] = (T)S(index_lse)(z, qd + g * Di, ki, keys, msa_support(c, g, t, keys), Di, isc);
             }
         }
         free(bm);

@@ -13,28 +13,29 @@
 static MsaCtx kl_ctx(const char *kernel, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                      const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
     if (q->ndim != 3) fatal("cpu %s: q must be [N, Hq, D], got %d dims", kernel, q->ndim);
-    MsaCtx c = msa_ctx_init(kernel, q->shape[0], cu_seqlens, p);
+    MsaCtx c = msa_ctx_init(kernel, msa_token_count(k, p), q->shape[0], cu_seqlens, p);
     msa_check_qkv(kernel, &c, q, k, NULL);
     msa_check_index(kernel, &c, qi, ki);
     msa_check_topk(kernel, &c, topk);
-    if (lse->numel != c.Hq * c.N) fatal("cpu %s: lse must be [Hq, N] = [%lld, %lld]", kernel, (long long)c.Hq, (long long)c.N);
+    if (lse->numel != c.Hq * c.Nq)
+        fatal("cpu %s: lse must be [Hq, Nq] = [%lld, %lld]", kernel, (long long)c.Hq, (long long)c.Nq);
     return c;
 }
 
-/* The mean KL over the N * Hidx (query, group) pairs into kl (written), and the student's normaliser into
+/* The mean KL over the Nq * Hidx (query, group) pairs into kl (written), and the student's normaliser into
  * idx_lse when non-NULL: the KL forward, and the value the sparse phase's fused backward hands out. */
 static void kl_value(const char *kernel, Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, const Tensor *lse,
                      const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p) {
     CPU_SAME_DTYPE(kernel, q, kl, idx_lse, k, lse, qi, ki);
     MsaCtx c = kl_ctx(kernel, q, k, lse, qi, ki, topk, cu_seqlens, p);
     if (kl->numel != 1) fatal("cpu %s: kl must be a scalar tensor", kernel);
-    if (idx_lse && idx_lse->numel != c.Hkv * c.N) fatal("cpu %s: idx_lse must be [Hidx, N]", kernel);
-    double *vals = xmalloc((size_t)(c.N * c.Hkv > 0 ? c.N * c.Hkv : 1) * sizeof(double));
+    if (idx_lse && idx_lse->numel != c.Hkv * c.Nq) fatal("cpu %s: idx_lse must be [Hidx, Nq]", kernel);
+    double *vals = xmalloc((size_t)(c.Nq * c.Hkv > 0 ? c.Nq * c.Hkv : 1) * sizeof(double));
     CPU_CALL(q, msa_kl_fwd, vals, idx_lse ? idx_lse->data : NULL, q->data, k->data, lse->data, qi->data, ki->data, &c);
     double sum = 0; /* fixed order: the loss does not depend on the thread count */
-    for (int64_t i = 0; i < c.N * c.Hkv; i++) sum += vals[i];
+    for (int64_t i = 0; i < c.Nq * c.Hkv; i++) sum += vals[i];
     free(vals);
-    tensor_set(kl, 0, c.N * c.Hkv > 0 ? sum / (double)(c.N * c.Hkv) : 0.0);
+    tensor_set(kl, 0, c.Nq * c.Hkv > 0 ? sum / (double)(c.Nq * c.Hkv) : 0.0);
     msa_ctx_free(&c);
 }
 
@@ -52,7 +53,7 @@ void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor
     if (!dqi && !dki) return;
     CPU_SAME_DTYPE("msa_kl_backward", q, dqi, dki, k, lse, qi, ki, idx_lse);
     MsaCtx c = kl_ctx("msa_kl_backward", q, k, lse, qi, ki, topk, cu_seqlens, p);
-    if (idx_lse->numel != c.Hkv * c.N) fatal("cpu msa_kl_backward: idx_lse must be [Hidx, N]");
+    if (idx_lse->numel != c.Hkv * c.Nq) fatal("cpu msa_kl_backward: idx_lse must be [Hidx, Nq]");
     if ((dqi && dqi->numel != qi->numel) || (dki && dki->numel != ki->numel))
         fatal("cpu msa_kl_backward: gradients must have their inputs' shapes");
     if (dki) msa_build_key_queries(&c, plan);

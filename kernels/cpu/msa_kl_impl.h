@@ -10,10 +10,10 @@
 /* The teacher probability of key j for query t of group g, from the saved main-branch lse. */
 static inline double S(kl_teacher)(const T *q, const T *k, const T *lse, int64_t j, int64_t g, int64_t t,
                                    const MsaCtx *c) {
-    const T *kj = k + (j * c->Hkv + g) * c->D, *qt = q + (t * c->Hq + g * c->G) * c->D;
+    const T *kj = k + (msa_key_row(c, j) * c->Hkv + g) * c->D, *qt = q + (t * c->Hq + g * c->G) * c->D;
     double p = 0;
     for (int64_t i = 0; i < c->G; i++)
-        p += exp(c->scale * S(vec_dot_tt)(qt + i * c->D, kj, c->D) - (double)lse[(g * c->G + i) * c->N + t]);
+        p += exp(c->scale * S(vec_dot_tt)(qt + i * c->D, kj, c->D) - (double)lse[(g * c->G + i) * c->Nq + t]);
     return p / (double)c->G;
 }
 
@@ -21,7 +21,7 @@ static inline double S(kl_teacher)(const T *q, const T *k, const T *lse, int64_t
  * into kl_vals[t*Hkv + g] (summed by the caller in a fixed order). */
 static void S(msa_kl_fwd)(double *kl_vals, T *idx_lse, const T *q, const T *k, const T *lse, const T *qi,
                           const T *ki, const MsaCtx *c) {
-    const int64_t N = c->N, Hkv = c->Hkv, Di = c->Di;
+    const int64_t Nq = c->Nq, Hkv = c->Hkv, Di = c->Di;
     const double isc = c->index_scale;
 #pragma omp parallel if (c->work * (double)(c->Hq * c->D + Hkv * Di) > 65536)
     {
@@ -29,7 +29,7 @@ static void S(msa_kl_fwd)(double *kl_vals, T *idx_lse, const T *q, const T *k, c
         double *z = xmalloc((size_t)c->max_len * sizeof(double));
         double *qid = xmalloc((size_t)Di * sizeof(double));
 #pragma omp for schedule(dynamic, 16)
-        for (int64_t task = 0; task < N * Hkv; task++) {
+        for (int64_t task = 0; task < Nq * Hkv; task++) {
             const int64_t t = task / Hkv, g = task % Hkv;
             const int64_t n = msa_support(c, g, t, keys);
             for (int64_t d = 0; d < Di; d++) qid[d] = (double)qi[(t * Hkv + g) * Di + d];
@@ -39,7 +39,7 @@ static void S(msa_kl_fwd)(double *kl_vals, T *idx_lse, const T *q, const T *k, c
                 const double p = S(kl_teacher)(q, k, lse, keys[i], g, t, c);
                 if (p > 0) kl += p * (log(p) - (z[i] - l)); /* p log p -> 0 as p -> 0 */
             }
-            if (idx_lse) idx_lse[g * N + t] = (T)l;
+            if (idx_lse) idx_lse[g * Nq + t] = (T)l;
             kl_vals[task] = kl;
         }
         free(keys);
@@ -56,7 +56,7 @@ static void S(msa_kl_fwd)(double *kl_vals, T *idx_lse, const T *q, const T *k, c
  * support, dki by one task per key over the reverse map of every group (groups in order). */
 static void S(msa_kl_bwd)(T *dqi, T *dki, const T *q, const T *k, const T *lse, const T *qi, const T *ki,
                           const T *idx_lse, double coeff, const MsaCtx *c) {
-    const int64_t N = c->N, Hkv = c->Hkv, Di = c->Di;
+    const int64_t N = c->N, Nq = c->Nq, Hkv = c->Hkv, Di = c->Di;
     const double isc = c->index_scale, cs = coeff * c->index_scale;
 #pragma omp parallel if (c->work * (double)(c->Hq * c->D + Hkv * Di) > 65536)
     {
@@ -65,12 +65,12 @@ static void S(msa_kl_bwd)(T *dqi, T *dki, const T *q, const T *k, const T *lse, 
         double *acc = xmalloc((size_t)Di * sizeof(double));
         if (dqi) {
 #pragma omp for schedule(dynamic, 16)
-            for (int64_t task = 0; task < N * Hkv; task++) {
+            for (int64_t task = 0; task < Nq * Hkv; task++) {
                 const int64_t t = task / Hkv, g = task % Hkv;
                 const int64_t n = msa_support(c, g, t, keys);
                 const T *qrow = qi + (t * Hkv + g) * Di;
                 for (int64_t d = 0; d < Di; d++) vd[d] = (double)qrow[d];
-                const double l = (double)idx_lse[g * N + t];
+                const double l = (double)idx_lse[g * Nq + t];
                 memset(acc, 0, (size_t)Di * sizeof(double));
                 for (int64_t i = 0; i < n; i++) {
                     const T *kj = ki + keys[i] * Di;
@@ -93,9 +93,9 @@ static void S(msa_kl_bwd)(T *dqi, T *dki, const T *q, const T *k, const T *lse, 
                     msa_key_queries(c, g, j, &list, &nq, &first);
                     for (int64_t i = 0; i < nq; i++) {
                         const int64_t t = list ? list[i] : first + i;
-                        if (t < j) continue; /* an earlier query of j's own block */
+                        if (msa_query_token(c, t) < j) continue; /* an earlier query of j's own block */
                         const T *qrow = qi + (t * Hkv + g) * Di;
-                        const double r = exp(isc * S(vec_dot)(vd, qrow, Di) - (double)idx_lse[g * N + t]);
+                        const double r = exp(isc * S(vec_dot)(vd, qrow, Di) - (double)idx_lse[g * Nq + t]);
                         const double p = S(kl_teacher)(q, k, lse, j, g, t, c);
 #pragma omp simd
                         for (int64_t d = 0; d < Di; d++) acc[d] += (r - p) * (double)qrow[d];

@@ -15,7 +15,8 @@ void cpu_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu_seqlens, co
         fatal("cpu msa_plan: plan must be i32 [Hidx, msa_plan_width(N, k)] = [%lld, %lld], got %s with %lld elements",
               (long long)H, (long long)P, dtype_name(plan->dtype), (long long)plan->numel);
     if (N * K >= INT32_MAX) fatal("cpu msa_plan: N * topk_blocks = %lld does not fit the i32 plan", (long long)(N * K));
-    MsaCtx c = msa_ctx_init("msa_plan", N, cu_seqlens, p);
+    if (p && (p->query_index || p->key_rows)) fatal("cpu msa_plan: a query_index (sequence-split context parallelism) takes no plan");
+    MsaCtx c = msa_ctx_init("msa_plan", N, N, cu_seqlens, p);
     c.Hkv = H;
     msa_check_topk("msa_plan", &c, topk);
     msa_build_key_queries(&c, NULL);

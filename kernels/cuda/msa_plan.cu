@@ -30,6 +30,8 @@ namespace msacuda {
 
 int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *cu_seqlens) {
     if (!p) fatal("cuda %s: MsaParams is NULL", kernel);
+    if (p->query_index || p->key_rows)
+        fatal("cuda %s: a query_index (MSA under dist.cp_mode = sequence) runs on the CPU backend only", kernel);
     if (p->block_size < 1) fatal("cuda %s: block_size must be >= 1, got %d", kernel, p->block_size);
     if (p->topk_blocks < 1) fatal("cuda %s: topk_blocks must be >= 1, got %d", kernel, p->topk_blocks);
     if (p->init_blocks < 0) fatal("cuda %s: init_blocks must be >= 0, got %d", kernel, p->init_blocks);

@@ -11,7 +11,8 @@ namespace msacuda {
 
 /* Abort with "cuda <kernel>: ..." unless block_size >= 1, topk_blocks >= 1, init_blocks >= 0,
  * local_blocks >= 1 and init_blocks + local_blocks <= topk_blocks (forced blocks stay inside the
- * budget), and cu_seqlens is i32 [ndocs+1] with ndocs >= 1. Returns ndocs. */
+ * budget), there is no query_index or key_rows (sequence-split context parallelism is the CPU's), and cu_seqlens is
+ * i32 [ndocs+1] with ndocs >= 1. Returns ndocs. */
 int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *cu_seqlens);
 
 /* The plan of topk for a kernel given none: i32 [Hidx, P = msa_plan_width(N, k)] built by cuda_msa_plan

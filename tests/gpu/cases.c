@@ -173,18 +173,18 @@ static void loss_optimizer_cases(void) {
  * copies). */
 static void msa_index_cases(void) {
     const float is128 = 0.08838835f, is64 = 0.125f, is32 = 0.17677669f;
-    /* ndocs, lens, Hidx, Di, {B, k, init, local, scale, index_scale} */
+    /* ndocs, lens, Hidx, Di, {B, k, init, local, scale, index_scale, no query_index, no key_rows} */
     const IdxSpec specs[] = {
-        {5, {1, 37, 200, 5, 64}, 2, 64, {16, 4, 1, 1, 0.125f, is64}},
-        {2, {300, 129}, 4, 128, {4, 8, 0, 2, 0.125f, is128}},
-        {1, {1000}, 1, 32, {64, 6, 1, 2, 0.125f, is32}},
-        {3, {77, 513, 3}, 4, 128, {128, 3, 0, 1, 0.125f, is128}},
-        {2, {50, 20}, 2, 64, {16, 8, 1, 1, 0.125f, is64}},
-        {2, {700, 300}, 3, 40, {24, 5, 1, 1, 0.125f, 0.158f}},
-        {1, {400}, 2, 20, {12, 6, 0, 1, 0.125f, 0.2236f}},
-        {1, {2500}, 4, 128, {16, 32, 1, 2, 0.125f, is128}},
-        {1, {4096}, 4, 128, {128, 16, 0, 1, 0.125f, is128}},
-        {4, {1, 1, 2, 3}, 2, 32, {4, 2, 0, 1, 0.125f, is32}},
+        {5, {1, 37, 200, 5, 64}, 2, 64, {16, 4, 1, 1, 0.125f, is64, NULL, NULL}},
+        {2, {300, 129}, 4, 128, {4, 8, 0, 2, 0.125f, is128, NULL, NULL}},
+        {1, {1000}, 1, 32, {64, 6, 1, 2, 0.125f, is32, NULL, NULL}},
+        {3, {77, 513, 3}, 4, 128, {128, 3, 0, 1, 0.125f, is128, NULL, NULL}},
+        {2, {50, 20}, 2, 64, {16, 8, 1, 1, 0.125f, is64, NULL, NULL}},
+        {2, {700, 300}, 3, 40, {24, 5, 1, 1, 0.125f, 0.158f, NULL, NULL}},
+        {1, {400}, 2, 20, {12, 6, 0, 1, 0.125f, 0.2236f, NULL, NULL}},
+        {1, {2500}, 4, 128, {16, 32, 1, 2, 0.125f, is128, NULL, NULL}},
+        {1, {4096}, 4, 128, {128, 16, 0, 1, 0.125f, is128, NULL, NULL}},
+        {4, {1, 1, 2, 3}, 2, 32, {4, 2, 0, 1, 0.125f, is32, NULL, NULL}},
     };
     for (int si = 0; si < (int)(sizeof specs / sizeof specs[0]); si++)
         GPU_CASE("msa", msa_indexer_plan_case, MsaIndexerPlanCase, specs[si], si % 3 == 0);
