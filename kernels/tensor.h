@@ -30,6 +30,11 @@ typedef struct Tensor {
                              ParamStore and kept current by it (params_sync_shadow) and by the CUDA
                              AdamW. GEMMs that round their inputs to BF16 anyway read it instead of
                              casting data on every call. NULL everywhere else; kernels never require it. */
+    /* An input the host filled (model_upload: tokens, targets, cu_seqlens): the host's copy of data, as
+     * long as the tensor lives, so that a kernel that must know something of the contents on the host
+     * (the cuDNN attention's longest document, the cross-entropy's counted rows) reads it there instead
+     * of waiting for a copy from the device. NULL: none. A view of part of the tensor offsets it as data. */
+    const void *host_data;
 } Tensor;
 
 static inline size_t dtype_size(DType dt) {
@@ -77,6 +82,7 @@ static inline Tensor tensor_first_dim_range(const Tensor *t, int64_t begin, int6
     v.data = (char *)t->data + (size_t)(begin * per_entry) * dtype_size(t->dtype);
     v.grad = NULL;
     v.shadow = NULL;
+    if (t->host_data) v.host_data = (const char *)t->host_data + (size_t)(begin * per_entry) * dtype_size(t->dtype);
     return v;
 }
 

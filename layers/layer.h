@@ -100,7 +100,8 @@ typedef struct LayerKind {
     /* What the forwards since the last call (not replays), and their backwards, left on the device, read
      * in one copy: *out gets one record per forward, in order, valid until the next call; returns their
      * number. The model interleaves every layer's records forward by forward (model_collect), so that the
-     * statistics add up in the order the forwards made them. NULL: nothing left on the device. */
+     * statistics add up in the order the forwards made them. out NULL: drop the records unread (no copy
+     * from the device; model_drop_collected). NULL: nothing left on the device. */
     int (*collect)(void *self, const LayerForward **out);
     void (*free)(void *self); /* NULL: nothing to free beyond the state */
     /* an attention whose blocks a learned index branch selects, trained by a KL term, with a dense

@@ -286,6 +286,7 @@ static int msa_collect(void *self, const LayerForward **out) {
     MsaKlLog *log = &L->kl_log;
     const int n = log->n;
     log->n = 0;
+    if (!out) return n;
     *out = log->out;
     if (n == 0) return 0;
     const size_t es = dtype_size(log->dtype);

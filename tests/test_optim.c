@@ -39,7 +39,7 @@ TEST(adamw_three_steps_match_reference) {
                           {0.7, 0.7, -0.7, 0.1, 0.2, 0.3, -0.02, 0.04, 0.0}};
     for (int t = 1; t <= 3; t++) {
         memcpy(ps.grad, grads[t - 1], sizeof grads[0]);
-        adamw_step(&opt, &ps, &oc, oc.lr, 1.0f);
+        adamw_step(&opt, &ps, &oc, oc.lr, NULL);
         adamw_reference(p_ref, grads[t - 1], m_ref, v_ref, 6, oc.lr, oc.beta1, oc.beta2, oc.eps, oc.weight_decay, t);
         adamw_reference(p_ref + 6, grads[t - 1] + 6, m_ref + 6, v_ref + 6, 3, oc.lr, oc.beta1, oc.beta2, oc.eps, 0.0, t);
         double err = 0;
@@ -65,7 +65,7 @@ TEST(frozen_parameters_do_not_move) {
     OptimConfig oc = test_optim();
     AdamW opt;
     adamw_init(&opt, &ps);
-    adamw_step(&opt, &ps, &oc, oc.lr, 1.0f);
+    adamw_step(&opt, &ps, &oc, oc.lr, NULL);
     EXPECT(memcmp(before, ps.data, 4 * sizeof(double)) == 0, "a frozen parameter moved");
     EXPECT(memcmp(before + 4, (double *)ps.data + 4, 4 * sizeof(double)) != 0, "a trainable parameter did not move");
     EXPECT(params_count(&ps, true) == 4, "trainable count %lld", (long long)params_count(&ps, true));
@@ -109,8 +109,11 @@ TEST(adamw_grad_scale_is_clipping_then_update) {
     }
     const float sc = 0.37f;
     grad_scale_range(&ps[0], 0, ps[0].numel, sc);
-    adamw_step(&opt[0], &ps[0], &oc, oc.lr, 1.0f);
-    adamw_step(&opt[1], &ps[1], &oc, oc.lr, sc);
+    adamw_step(&opt[0], &ps[0], &oc, oc.lr, NULL);
+    Tensor scale = step_scalar(&cpu_backend, DT_F32);
+    *(float *)scale.data = sc;
+    adamw_step(&opt[1], &ps[1], &oc, oc.lr, &scale);
+    step_scalar_free(&cpu_backend, &scale);
     const size_t bytes = 20 * sizeof(float);
     EXPECT(memcmp(ps[0].data, ps[1].data, bytes) == 0, "parameters differ");
     EXPECT(memcmp(opt[0].m, opt[1].m, bytes) == 0 && memcmp(opt[0].v, opt[1].v, bytes) == 0, "moments differ");

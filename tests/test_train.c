@@ -98,6 +98,42 @@ TEST(offloaded_block_inputs_change_nothing) {
     EXPECT(val_kept == val_offloaded, "offloading changed the validation loss: %.9f vs %.9f", val_kept, val_offloaded);
 }
 
+/* Run.defer_step_results (run_train on a GPU): the steps not logged leave their loss, aux and norm on the
+ * device (NaN in StepResult), the logged ones (log_every 3, the first, the last) read the very values a
+ * run that reads every step gets, over 2 micro-batches a step; the training itself is the same. */
+static void train_deferred(bool defer, StepResult *res) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, TINY);
+    config_set(&r.cfg, "train.grad_accum=2");
+    config_set(&r.cfg, "train.log_every=3");
+    r.cfg.train.steps = 7;
+    r.config_path = TINY;
+    run_init(&r);
+    r.defer_step_results = defer;
+    for (int s = 0; s < 7; s++) res[s] = run_step(&r);
+    run_free(&r);
+}
+
+TEST(deferred_step_results_read_only_on_logged_steps) {
+    StepResult every[7], deferred[7];
+    train_deferred(false, every);
+    train_deferred(true, deferred);
+    for (int s = 0; s < 7; s++) {
+        const bool logged = s == 0 || (s + 1) % 3 == 0 || s == 6;
+        if (logged)
+            EXPECT(deferred[s].loss == every[s].loss && deferred[s].grad_norm == every[s].grad_norm &&
+                       deferred[s].aux == every[s].aux,
+                   "step %d: loss %.9f vs %.9f, norm %.9f vs %.9f", s + 1, deferred[s].loss, every[s].loss,
+                   deferred[s].grad_norm, every[s].grad_norm);
+        else
+            EXPECT(isnan(deferred[s].loss) && isnan(deferred[s].grad_norm) && isfinite(every[s].loss),
+                   "step %d (not logged): loss %g, norm %g read", s + 1, deferred[s].loss, deferred[s].grad_norm);
+    }
+}
+
 /* Dropout: reproducible, the recomputed forward regenerates the same masks (bit-identical losses),
  * and it changes the training losses. */
 TEST(dropout_reproducible_and_recompute_identical) {
@@ -395,6 +431,7 @@ int main(void) {
     RUN(same_seed_same_losses_and_recompute_identical);
     RUN(dropout_reproducible_and_recompute_identical);
     RUN(offloaded_block_inputs_change_nothing);
+    RUN(deferred_step_results_read_only_on_logged_steps);
     RUN(sampler_distribution_matches_the_loss);
     RUN(bad_input_exits_with_a_message);
     RUN(sample_never_reads_past_the_vocabulary);

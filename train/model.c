@@ -83,6 +83,7 @@ void model_set_trainable(Model *m, bool index_only, float backbone_lr_scale) {
 static Tensor *upload_i32(Engine *e, const int32_t *host, int64_t n) {
     Tensor *t = engine_empty(e, DT_I32, SHAPE(n));
     tensor_from_host(e, t, host);
+    t->host_data = host; /* the batch outlives the micro-step's tensors */
     return t;
 }
 
@@ -140,6 +141,7 @@ static Tensor *input_rows(Engine *e, const Tensor *t, int64_t begin, int64_t n) 
     v->data = (char *)t->data + (size_t)begin * dtype_size(t->dtype);
     v->grad = NULL;
     v->requires_grad = false;
+    if (t->host_data) v->host_data = (const char *)t->host_data + (size_t)begin * dtype_size(t->dtype);
     return v;
 }
 
@@ -277,6 +279,13 @@ double model_collect(Model *m, const Engine *e, Metrics *into) {
     free(rec);
     free(cnt);
     return late;
+}
+
+void model_drop_collected(Model *m) {
+    for (int i = 0; i < 2 * m->cfg.n_layers; i++) {
+        Layer *L = i % 2 ? &m->layers[i / 2].ffn : &m->layers[i / 2].attention;
+        if (L->kind->collect) L->kind->collect(L->self, NULL);
+    }
 }
 
 /* The final hidden states (after the final norm) of the rows of `in` (already this rank's share under

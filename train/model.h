@@ -107,6 +107,8 @@ void model_moe_step(Model *m, MoeSummary *summary, bool update_bias);
  * order in the statistics dtype of e's activations, as the forward adds its own. The step calls it after
  * its last backward and reports loss = lm + aux + this. */
 double model_collect(Model *m, const Engine *e, Metrics *into);
+/* The same records dropped unread: no copy from the device (a training step whose numbers nobody reads). */
+void model_drop_collected(Model *m);
 
 /* Is this parameter part of an MSA index branch? (trained by the KL only) */
 bool model_is_index_param(const Tensor *p);

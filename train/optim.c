@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/grad_clip.h"
 #include "../kernels/util.h"
 
 void adamw_init_range(AdamW *opt, const ParamStore *ps, int64_t begin, int64_t end) {
@@ -63,7 +64,7 @@ static Tensor part_view(const Tensor *t, int64_t lo, int64_t hi, DType dt) {
     return v;
 }
 
-double grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end) {
+void grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end, Tensor *sum) {
     Tensor *views = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof(Tensor));
     const Tensor **list = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof(Tensor *));
     int n = 0;
@@ -75,16 +76,41 @@ double grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end) {
         list[n] = &views[n];
         n++;
     }
-    const double s = ps->be->sumsq_many(list, n);
+    ps->be->sumsq_many(sum, list, n);
     free(list);
     free(views);
-    return s;
 }
 
-double grad_global_norm(const ParamStore *ps) { return sqrt(grad_sumsq_range(ps, 0, ps->numel)); }
+/* A scalar of dtype dt in the backend's memory, as a tensor header (freed with step_scalar_free). */
+Tensor step_scalar(const KernelBackend *be, DType dt) {
+    Tensor t = {.dtype = dt, .device = be->device, .ndim = 1, .shape = {1}, .numel = 1};
+    t.data = be->alloc(dtype_size(dt));
+    be->zero(t.data, dtype_size(dt));
+    return t;
+}
 
-float clip_factor(double norm, float max_norm) {
-    return max_norm > 0 && norm > max_norm ? (float)(max_norm / (norm + 1e-6)) : 1.0f;
+void step_scalar_free(const KernelBackend *be, Tensor *t) {
+    if (t->data) be->free(t->data);
+    t->data = NULL;
+}
+
+double step_scalar_read(const KernelBackend *be, const Tensor *t) {
+    if (t->dtype == DT_F64) {
+        double v;
+        be->copy_to_host(&v, t->data, sizeof v);
+        return v;
+    }
+    float v;
+    be->copy_to_host(&v, t->data, sizeof v);
+    return v;
+}
+
+double grad_global_norm(const ParamStore *ps) {
+    Tensor sum = step_scalar(ps->be, DT_F64);
+    grad_sumsq_range(ps, 0, ps->numel, &sum);
+    const double norm = sqrt(step_scalar_read(ps->be, &sum));
+    step_scalar_free(ps->be, &sum);
+    return norm;
 }
 
 void grad_scale_range(ParamStore *ps, int64_t begin, int64_t end, float sc) {
@@ -104,7 +130,7 @@ double clip_grad_norm(ParamStore *ps, float max_norm) {
     return norm;
 }
 
-void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, float grad_scale) {
+void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, const Tensor *grad_scale) {
     opt->t++;
     size_t es = dtype_size(ps->dtype);
     AdamwPart *parts = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof(AdamwPart));

@@ -9,6 +9,7 @@
 #define MSA_OPTIM_H
 
 #include "../autograd/params.h"
+#include "../kernels/grad_clip.h"
 #include "config.h"
 
 typedef struct AdamW {
@@ -32,16 +33,21 @@ float lr_schedule(const OptimConfig *oc, int step, int total);
 double grad_global_norm(const ParamStore *ps);
 /* Scale gradients so that their global norm is at most max_norm (0 = off). Returns the norm before. */
 double clip_grad_norm(ParamStore *ps, float max_norm);
-/* Sum of squares of the trainable parameters' gradient elements in [begin, end) (a sharded norm is the
- * square root of these sums added over the shards). */
-double grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end);
-/* The clipping factor for a global norm (1 when max_norm is 0 or not exceeded). */
-float clip_factor(double norm, float max_norm);
+/* sum (an f64 scalar in the store's backend memory, step_scalar) += the sum of squares of the trainable
+ * parameters' gradient elements in [begin, end) (a sharded norm is the square root of these sums added
+ * over the shards). The host does not wait for the device: it reads sum when it needs the number. */
+void grad_sumsq_range(const ParamStore *ps, int64_t begin, int64_t end, Tensor *sum);
+/* A zeroed scalar of dtype dt in be's memory (the step's numbers that stay on the device: the gradients'
+ * sum of squares, the clipping factor); step_scalar_read copies one to the host (a wait on a GPU). */
+Tensor step_scalar(const KernelBackend *be, DType dt);
+void step_scalar_free(const KernelBackend *be, Tensor *t);
+double step_scalar_read(const KernelBackend *be, const Tensor *t);
 /* Multiply the trainable parameters' gradient elements in [begin, end) by sc. */
 void grad_scale_range(ParamStore *ps, int64_t begin, int64_t end, float sc);
 /* One AdamW update, with learning rate lr * param.lr_scale, of every trainable parameter element in the
- * optimizer's range, after multiplying their gradients by grad_scale (the clipping factor; 1: as they
- * are). One backend call for all of them (adamw_update_many). */
-void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, float grad_scale);
+ * optimizer's range, after multiplying their gradients by grad_scale (an f32 scalar in the backend's
+ * memory: the clipping factor, backend clip_scale; NULL: as they are). One backend call for all of them
+ * (adamw_update_many). */
+void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, const Tensor *grad_scale);
 
 #endif

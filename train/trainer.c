@@ -844,6 +844,11 @@ void run_init(Run *r) {
         profiler_init(r->prof, r->be);
     }
     init_optimizer(r);
+    r->grad_sumsq = step_scalar(r->be, DT_F64);
+    r->clip_scale = step_scalar(r->be, DT_F32);
+    r->micro_losses = (Tensor){.dtype = stat_dtype(r->engine.act_dtype), .device = r->be->device, .ndim = 1,
+                               .shape = {2 * c->train.grad_accum}, .numel = 2 * c->train.grad_accum};
+    r->micro_losses.data = r->be->alloc(tensor_bytes(&r->micro_losses));
     grad_buckets_init(&r->buckets, &r->model.params, r->zero, r->n_zero, c->model.n_layers, c->dist.bucket_mb);
     r->model.block_tape_start = r->buckets.n ? r->buckets.block_tape_start : NULL;
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
@@ -904,6 +909,9 @@ void run_free(Run *r) {
     batch_free(&r->batch);
     adamw_free(&r->opt);
     adamw_free(&r->opt_experts);
+    step_scalar_free(r->be, &r->grad_sumsq);
+    step_scalar_free(r->be, &r->clip_scale);
+    step_scalar_free(r->be, &r->micro_losses);
     engine_free(&r->engine);
     model_free(&r->model);
     dataset_close(&r->train_ds);
@@ -1014,29 +1022,29 @@ static void reduce_moe_stats(Run *r) {
  * of one of its dp * cp ranks, so each expert counts once. Without data parallelism every collective is
  * a no-op and this is the plain clip + AdamW over the whole store. With gradient buckets (Run.buckets)
  * the reduce-scatter has happened bucket by bucket during the backward (run_step), and the all-gather is
- * only started here. Returns the norm before clipping. */
-static double optimizer_step(Run *r, float lr) {
+ * only started here. The norm and the clipping factor stay on the device (Run.grad_sumsq, Run.clip_scale);
+ * returns the norm before clipping when read is set (a wait for the device on a GPU), else NaN. */
+static double optimizer_step(Run *r, float lr, bool read) {
     ParamStore *ps = &r->model.params;
     const size_t es = dtype_size(ps->dtype);
     Device dev = ps->be->device;
-    double sumsq = 0.0;
     GradBuckets *gb = &r->buckets; /* with buckets, run_step has reduced the gradients */
+    r->be->zero(r->grad_sumsq.data, sizeof(double));
     for (int i = 0; i < r->n_zero; i++) {
         const ZeroRegion *z = &r->zero[i];
         const AdamW *o = region_opt(r, i);
         if (!gb->n)
             dist_reduce_scatter(z->group, (char *)ps->grad + (size_t)z->begin * es,
                                 (char *)ps->grad + (size_t)o->begin * es, z->shard, DIST_F32, DIST_SUM, dev);
-        sumsq += grad_sumsq_range(ps, o->begin, o->end);
+        grad_sumsq_range(ps, o->begin, o->end, &r->grad_sumsq);
     }
-    dist_all_reduce(&r->dist->world, &sumsq, 1, DIST_F64, DIST_SUM, DEV_CPU);
-    double norm = sqrt(sumsq);
-    float sc = clip_factor(norm, r->cfg.optim.grad_clip);
+    dist_all_reduce(&r->dist->world, r->grad_sumsq.data, 1, DIST_F64, DIST_SUM, dev);
+    r->be->clip_scale(&r->clip_scale, &r->grad_sumsq, r->cfg.optim.grad_clip);
     bool gathered = false;
     for (int i = 0; i < r->n_zero; i++) {
         const ZeroRegion *z = &r->zero[i];
         AdamW *o = region_opt(r, i);
-        adamw_step(o, ps, &r->cfg.optim, lr, sc);
+        adamw_step(o, ps, &r->cfg.optim, lr, &r->clip_scale);
         if (gb->n) grad_buckets_gather_start(gb, i); /* waited for before the parameters' next use */
         else if (z->group->size > 1) {
             dist_all_gather(z->group, (char *)ps->data + (size_t)o->begin * es, (char *)ps->data + (size_t)z->begin * es,
@@ -1045,7 +1053,39 @@ static double optimizer_step(Run *r, float lr) {
         }
     }
     if (gathered) params_sync_shadow(ps); /* the BF16 copy of the other ranks' shards (CUDA) */
-    return norm;
+    return read ? sqrt(step_scalar_read(r->be, &r->grad_sumsq)) : NAN;
+}
+
+/* Micro-batch `micro`'s LM loss and auxiliary loss (0 without one) into Run.micro_losses: copies on the
+ * device, read by read_losses when the step is read. */
+static void keep_losses(Run *r, int micro, const ModelLosses *L) {
+    const size_t es = dtype_size(r->micro_losses.dtype);
+    char *slot = (char *)r->micro_losses.data + (size_t)(2 * micro) * es;
+    if (L->lm->dtype != r->micro_losses.dtype || (L->aux && L->aux->dtype != r->micro_losses.dtype))
+        fatal("run_step: the losses are %s, not %s", dtype_name(L->lm->dtype), dtype_name(r->micro_losses.dtype));
+    r->be->copy(slot, L->lm->data, es);
+    if (L->aux) r->be->copy(slot + es, L->aux->data, es);
+    else r->be->zero(slot + es, es);
+}
+
+/* The step's mean losses from Run.micro_losses (one copy to the host): each micro-batch's LM loss times its
+ * weight w[micro] (NULL: 1) and its auxiliary loss divided by aux_ranks, summed in micro-batch order. */
+static void read_losses(Run *r, const double *w, int aux_ranks, StepResult *s) {
+    const int n = 2 * r->cfg.train.grad_accum;
+    double *v = xmalloc((size_t)n * sizeof(double));
+    if (r->micro_losses.dtype == DT_F64) r->be->copy_to_host(v, r->micro_losses.data, (size_t)n * sizeof(double));
+    else {
+        float *f = xmalloc((size_t)n * sizeof(float));
+        r->be->copy_to_host(f, r->micro_losses.data, (size_t)n * sizeof(float));
+        for (int i = 0; i < n; i++) v[i] = f[i];
+        free(f);
+    }
+    const int ga = r->cfg.train.grad_accum;
+    for (int m = 0; m < ga; m++) {
+        s->loss += (w ? v[2 * m] * w[m] : v[2 * m]) / ga;
+        s->aux += v[2 * m + 1] / aux_ranks / ga;
+    }
+    free(v);
 }
 
 /* The per-op table of the profiled steps: stdout on rank 0 (unless quiet), and out_dir/profile.md. The
@@ -1132,7 +1172,13 @@ StepResult run_step(Run *r) {
                         warm ? 1.0f : c->optim.backbone_lr_scale);
     params_zero_grad(&r->model.params);
     memset(&r->model.metrics, 0, sizeof r->model.metrics);
-    model_collect(&r->model, e, NULL); /* whatever forwards outside a step left (sampling) */
+    model_drop_collected(&r->model); /* whatever forwards outside a step left (sampling) */
+    /* the step's losses and norm come to the host on the steps it logs (or on every step without
+     * defer_step_results) */
+    const int step = r->step + 1;
+    const bool logs = step % c->train.log_every == 0 || step == r->start_step + 1 || step == c->train.steps;
+    const bool read = logs || !r->defer_step_results;
+    double *loss_w = ranks > 1 ? xmalloc((size_t)c->train.grad_accum * sizeof(double)) : NULL;
     for (int micro = 0; micro < c->train.grad_accum; micro++) {
         /* the last backward completes the gradients: their buckets start as it finishes them */
         const bool last = micro == c->train.grad_accum - 1;
@@ -1156,9 +1202,8 @@ StepResult run_step(Run *r) {
         ModelLosses L = model_forward(&r->model, e, &in, c->train.recompute);
         r->model.before_block = NULL;
         if (micro == 0) params_current(r); /* padding-only buckets: no block waits for them */
+        keep_losses(r, micro, &L);
         if (ranks == 1) {
-            s.loss += tensor_item(e, L.lm) / c->train.grad_accum;
-            if (L.aux) s.aux += tensor_item(e, L.aux) / c->train.grad_accum;
             /* the mean over micro-batches: each contributes 1/grad_accum of the gradient */
             /* nothing to differentiate when every parameter on the loss's path is frozen */
             if (L.total->requires_grad)
@@ -1176,8 +1221,7 @@ StepResult run_step(Run *r) {
         counted[1] = counted[0];
         dist_all_reduce(bg, &counted[1], 1, DIST_I64, DIST_SUM, DEV_CPU);
         double w = counted[1] > 0 ? (double)counted[0] / (double)counted[1] : 0.0;
-        s.loss += tensor_item(e, L.lm) * w / c->train.grad_accum;
-        if (L.aux) s.aux += tensor_item(e, L.aux) / ranks / c->train.grad_accum;
+        loss_w[micro] = w;
         if (L.total->requires_grad) {
             Tensor *loss = op_scale(e, L.lm, (float)(w / c->train.grad_accum));
             if (L.aux) loss = op_add(e, loss, op_scale(e, L.aux, 1.0f / (float)(ranks * c->train.grad_accum)));
@@ -1195,20 +1239,27 @@ StepResult run_step(Run *r) {
     /* the loss terms the backwards computed (the MSA KL of the sparse phase) and the layers' statistics,
      * read once for the whole step: the reported loss is assembled here, where they are known; each
      * micro-batch's terms enter as its forward's do */
-    s.aux += model_collect(&r->model, e, &r->model.metrics) / ranks / c->train.grad_accum;
+    double late_aux = 0;
+    if (read) late_aux = model_collect(&r->model, e, &r->model.metrics);
+    else model_drop_collected(&r->model);
     if (prof) profiler_backward_end(prof); /* the optimizer phase starts */
-    if (ranks > 1) {
+    if (read) {
+        read_losses(r, loss_w, ranks, &s);
+        s.aux += late_aux / ranks / c->train.grad_accum;
+    } else s.loss = s.aux = NAN;
+    free(loss_w);
+    if (ranks > 1 && read) {
         double sums[2] = {s.loss, s.aux};
         dist_all_reduce(bg, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
         s.loss = sums[0];
         s.aux = sums[1];
     }
     /* before the update, so that the weights checked are the ones that gave this loss */
-    if (!isfinite(s.loss)) stop_on_bad_loss(r, s.loss);
+    if (read && !isfinite(s.loss)) stop_on_bad_loss(r, s.loss);
     reduce_metrics(bg, &r->model.metrics);
     s.layers = r->model.metrics;
     s.lr = lr_schedule(&c->optim, r->step, c->train.steps);
-    s.grad_norm = optimizer_step(r, s.lr);
+    s.grad_norm = optimizer_step(r, s.lr, read);
     reduce_moe_stats(r);
     model_moe_step(&r->model, &s.moe, true);
     if (prof) {
@@ -1217,7 +1268,7 @@ StepResult run_step(Run *r) {
     }
     r->step++;
     r->tokens_since_log += (int64_t)c->train.batch_size * c->train.seq_len * c->train.grad_accum;
-    if (r->step % c->train.log_every == 0 || r->step == r->start_step + 1 || r->step == c->train.steps) log_step(r, &s);
+    if (logs) log_step(r, &s);
     if (prof && prof->steps == c->train.profile_steps) report_profile(r);
     return s;
 }
@@ -1353,6 +1404,9 @@ double run_train(Run *r) {
     const RunConfig *c = &r->cfg;
     double val = NAN;
     r->stopped = false;
+    /* on a GPU, reading the loss and norm of every step would make the host wait for the device every
+     * step; the CPU computes them on the host anyway, and keeps its check of every step's loss */
+    r->defer_step_results = r->be->device != DEV_CPU;
     if (r->step >= c->train.steps) {
         if (!r->quiet)
             printf("nothing to train: the run is at step %d and train.steps = %d (raise train.steps to go on)\n",

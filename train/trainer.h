@@ -74,6 +74,14 @@ typedef struct Run {
     double first_val_loss;
     double t_start, t_last;
     int64_t tokens_since_log;
+    /* The step's numbers that stay in the backend's memory until the host reads them: the gradients' sum
+     * of squares (f64 [1]), the clipping factor the update reads (f32 [1]) and each micro-batch's LM and
+     * auxiliary losses ([2 * train.grad_accum], the losses' dtype). run_step reads them (a wait for the
+     * device on a GPU) on the steps it logs, and on every step unless defer_step_results is set: run_train
+     * sets it, so that a CUDA step waits nowhere; StepResult's loss, aux and grad_norm are NaN on the steps
+     * not read, and a non-finite loss is found at the next step that is. */
+    Tensor grad_sumsq, clip_scale, micro_losses;
+    bool defer_step_results;
     /* train.profile_steps > 0: the step profiler, attached to the engine (Engine.prof) during the
      * profiled steps only (never during evaluation or sampling); NULL otherwise */
     Profiler *prof;

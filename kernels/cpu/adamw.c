@@ -11,7 +11,8 @@ void cpu_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, f
              weight_decay, t);
 }
 
-void cpu_adamw_update_many(AdamwPart *parts, int n, float grad_scale, float beta1, float beta2, float eps, int t) {
+void cpu_adamw_update_many(AdamwPart *parts, int n, const Tensor *scale, float beta1, float beta2, float eps, int t) {
+    const float grad_scale = scale ? *(const float *)scale->data : 1.0f;
     for (int i = 0; i < n; i++) {
         AdamwPart *q = &parts[i];
         if (grad_scale != 1.0f) cpu_scale(&q->grad, grad_scale);

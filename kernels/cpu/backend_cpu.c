@@ -8,6 +8,9 @@ void cpu_copy_from_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst
 /* every CPU kernel has finished when it returns (OpenMP regions join before that) */
 void cpu_synchronize(void) {}
 
+/* the host never waits for a device: it computes everything itself */
+int64_t cpu_host_waits(void) { return 0; }
+
 /* The groups of kernels.def this backend implements: a group it lacked would expand to nothing here,
  * leaving its entries NULL for backend_missing() to report at start-up. */
 #define CPU_HAS_CORE(entry) entry,

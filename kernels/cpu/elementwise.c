@@ -1,6 +1,10 @@
 /* Elementwise kernels and reductions of the CPU backend. */
 #include "cpu.h"
 
+#include <math.h>
+
+#include "../grad_clip.h"
+
 #define CPU_IMPL "elementwise_impl.h"
 #include "instantiate.h"
 
@@ -24,10 +28,17 @@ double cpu_sumsq(const Tensor *x) {
     fatal("cpu sumsq: dtype %s", dtype_name(x->dtype));
 }
 
-double cpu_sumsq_many(const Tensor *const *xs, int n) {
+void cpu_sumsq_many(Tensor *sum, const Tensor *const *xs, int n) {
+    if (sum->dtype != DT_F64 || sum->numel != 1) fatal("cpu sumsq_many: the sum must be an f64 scalar");
     double s = 0.0;
     for (int i = 0; i < n; i++) s += cpu_sumsq(xs[i]);
-    return s;
+    *(double *)sum->data += s;
+}
+
+void cpu_clip_scale(Tensor *scale, const Tensor *sumsq, float max_norm) {
+    if (scale->dtype != DT_F32 || scale->numel != 1 || sumsq->dtype != DT_F64 || sumsq->numel != 1)
+        fatal("cpu clip_scale: the scale must be an f32 scalar and the sum of squares an f64 scalar");
+    *(float *)scale->data = clip_factor(sqrt(*(const double *)sumsq->data), max_norm);
 }
 
 void cpu_cast(Tensor *dst, const Tensor *src) {

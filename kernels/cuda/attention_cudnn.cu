@@ -799,10 +799,16 @@ const char *unsuitable(const Tensor *const *ts, int n, int D) {
     return nullptr;
 }
 
-/* cu_seqlens on the host (one synchronising copy), validated; returns the longest document */
-int64_t host_doc_lengths(const Tensor *cu_seqlens, int ndocs, int N, std::vector<int> &cu) {
-    cu.resize((size_t)ndocs + 1);
-    CUDA_CHECK(cudaMemcpy(cu.data(), cu_seqlens->data, ((size_t)ndocs + 1) * sizeof(int), cudaMemcpyDeviceToHost));
+/* The longest document, from the host's copy of cu_seqlens when it has one (model_upload), else from a
+ * copy to the host (a wait). Validated: the plan's s must cover it. */
+int64_t longest_document(const Tensor *cu_seqlens, int ndocs, int N) {
+    std::vector<int> copy;
+    const int *cu = (const int *)cu_seqlens->host_data;
+    if (!cu) {
+        copy.resize((size_t)ndocs + 1);
+        copy_to_host_at(copy.data(), cu_seqlens->data, ((size_t)ndocs + 1) * sizeof(int), "cudnn attention cu_seqlens");
+        cu = copy.data();
+    }
     int64_t longest = 0;
     for (int i = 0; i <= ndocs; i++) {
         const bool bad = (i == 0 && cu[0] != 0) || (i == ndocs && cu[ndocs] != N) || (i > 0 && cu[i] < cu[i - 1]);
@@ -899,8 +905,7 @@ bool cudnn_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Te
         return false;
     }
     if (!ready(mode)) return false;
-    std::vector<int> cu;
-    const int64_t longest = host_doc_lengths(cu_seqlens, ndocs, N, cu);
+    const int64_t longest = longest_document(cu_seqlens, ndocs, N);
     const Shape sh = {pow2_at_least(ndocs), pow2_at_least(longest > 64 ? longest : 64), Hq, Hkv, D};
     Plan *p = get_plan(false, sh);
     if (!usable(mode, p, "forward", sh)) return false;
@@ -936,8 +941,7 @@ bool cudnn_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *
         return false;
     }
     if (!ready(mode)) return false;
-    std::vector<int> cu;
-    const int64_t longest = host_doc_lengths(cu_seqlens, ndocs, N, cu);
+    const int64_t longest = longest_document(cu_seqlens, ndocs, N);
     const Shape sh = {pow2_at_least(ndocs), pow2_at_least(longest > 64 ? longest : 64), Hq, Hkv, D};
     Plan *p = get_plan(true, sh);
     if (!usable(mode, p, "backward", sh)) return false;

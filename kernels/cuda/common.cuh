@@ -24,6 +24,13 @@ void init();
 /* After a kernel launch: check the launch (and, with MSA_CUDA_SYNC=1, its execution). */
 void after_launch(const char *kernel, const char *file, int line);
 
+/* The host waits for the device at `site` (a copy to the host, a synchronisation, a free of memory a
+ * kernel may still use): counted, so that tests can hold a training step to none after its first steps
+ * (cuda_host_waits, cuda_last_host_wait). Call it just before the blocking call. */
+void host_wait(const char *site);
+/* A blocking copy of device memory to the host, counted at `site` (no device error check). */
+void copy_to_host_at(void *dst, const void *src, size_t bytes, const char *site);
+
 /* A device buffer of at least `bytes`, valid until the next scratch() call. Every user takes one
  * region per backend call and carves it; kernels on the single stream run in order, so reuse across
  * calls is safe. */

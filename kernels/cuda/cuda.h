@@ -25,19 +25,23 @@ extern "C" {
 /* The entry points cuda_<entry>, one per line of kernels.def. Where they live and what the CUDA
  * kernels add to the contracts there:
  *   runtime.cu        memory and copies; cuda_synchronize is cudaDeviceSynchronize, so a failed kernel
- *                     is reported there, naming that call
- *   elementwise.cu    axpy, scale, add, sumsq, cast, swiglu, bias_add, adamw_update, and sumsq_many and
- *                     adamw_update_many: the list goes to the kernel as a parameter, 32 tensors a launch
- *                     (no copy; sumsq_many synchronises once to return its sum)
+ *                     is reported there, naming that call. copy_from_host of up to 4 MiB is staged
+ *                     through page-locked memory and does not wait; host_waits counts every call site
+ *                     of the backend that does (copies to the host, synchronize, free, scratch growth)
+ *   elementwise.cu    axpy, scale, add, sumsq, cast, swiglu, bias_add, adamw_update, and sumsq_many,
+ *                     clip_scale and adamw_update_many: the list goes to the kernel as a parameter, 32
+ *                     tensors a launch (no copy), the sum and the clipping factor stay on the device
  *   dropout.cu, gemm.cu (matmul), embedding.cu, rmsnorm.cu, rope.cu, cross_entropy.cu, transpose.cu
  *                     (the context-parallel block transpose: a copy in the widest word the layout allows)
- *   attention.cu      dense attention (attention_cudnn.cu: the cuDNN path it hands BF16 shapes to)
- *   msa_plan.cu       validates topk on the device and reports a bad selection before it returns (one
- *                     synchronisation); it does not use scratch(), so a kernel may build a temporary plan
- *                     while holding its own scratch region
+ *   attention.cu      dense attention (attention_cudnn.cu: the cuDNN path it hands BF16 shapes to; it
+ *                     takes the longest document from cu_seqlens->host_data, else copies cu_seqlens to
+ *                     the host)
+ *   cross_entropy.cu  the counted rows from targets->host_data, else a copy to the host
+ *   msa_plan.cu       validates topk on the device (a bad selection is reported at the next wait); it
+ *                     does not use scratch(), so a kernel may build a temporary plan while holding its own
+ *                     scratch region
  *   msa_indexer.cu    BF16 (tensor cores) or F32 qi/ki; topk_blocks <= 32, Di <= 128; idx_lse by a second,
- *                     student-only pass of msa_kl.cu over the selection (a temporary plan: one
- *                     synchronisation)
+ *                     student-only pass of msa_kl.cu over the selection (a temporary plan)
  *   msa_attention.cu  KV-outer block-sparse attention from the plan (built here when NULL); BF16 with
  *                     D = 64 or 128 on tensor cores (msa_attention_tc.cu), F32 and other head dims
  *                     (<= 256) on CUDA cores (msa_attention_cc.cu); topk NULL runs the dense kernel. Uses
@@ -58,6 +62,9 @@ extern "C" {
 #define KERNEL(group, ret, name, params) ret cuda_##name params;
 #include "../kernels.def"
 #undef KERNEL
+
+/* where the host last waited for the device (cuda_host_waits counts them): a call site's name */
+const char *cuda_last_host_wait(void);
 
 #ifdef __cplusplus
 }

@@ -5,6 +5,7 @@
  * Grid-stride loops; reductions are two-pass and deterministic (fixed grid, fixed order). */
 #include <math.h>
 
+#include "../grad_clip.h"
 #include "primitives.cuh"
 
 using namespace msacuda;
@@ -75,7 +76,7 @@ extern "C" void cuda_cast(Tensor *dst, const Tensor *src) {
     need_same_numel("cast", dst, src);
     if (dst->numel == 0) return;
     if (dst->dtype == src->dtype) {
-        if (dst->data != src->data) CUDA_CHECK(cudaMemcpy(dst->data, src->data, tensor_bytes(src), cudaMemcpyDeviceToDevice));
+        if (dst->data != src->data) CUDA_CHECK(cudaMemcpyAsync(dst->data, src->data, tensor_bytes(src), cudaMemcpyDeviceToDevice, 0));
         return;
     }
     DISPATCH_FLOAT64(dst->dtype, Td, "cast", DISPATCH_FLOAT64(src->dtype, Ts, "cast", {
@@ -97,12 +98,13 @@ template <typename T> __global__ void sumsq_partial_kernel(double *partial, cons
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-__global__ void sum_partials_kernel(double *out, const double *partial, int n) {
+/* *out = (or += with add) the sum of the partials */
+__global__ void sum_partials_kernel(double *out, const double *partial, int n, bool add) {
     __shared__ double sh[32];
     double s = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
     s = block_sum(s, sh);
-    if (threadIdx.x == 0) *out = s;
+    if (threadIdx.x == 0) *out = add ? *out + s : s;
 }
 
 extern "C" double cuda_sumsq(const Tensor *x) {
@@ -114,10 +116,10 @@ extern "C" double cuda_sumsq(const Tensor *x) {
         sumsq_partial_kernel<T><<<blocks, 256>>>(buf + 1, (const T *)x->data, x->numel);
         LAUNCH_CHECK("sumsq_partial");
     });
-    sum_partials_kernel<<<1, 1024>>>(buf, buf + 1, blocks);
+    sum_partials_kernel<<<1, 1024>>>(buf, buf + 1, blocks, false);
     LAUNCH_CHECK("sum_partials");
     double r = 0.0;
-    CUDA_CHECK(cudaMemcpy(&r, buf, sizeof r, cudaMemcpyDeviceToHost));
+    copy_to_host_at(&r, buf, sizeof r, "sumsq");
     check_device_errors();
     return r;
 }
@@ -323,10 +325,11 @@ struct AdamwList {
     float lr[MANY_TENSORS], wd[MANY_TENSORS];
 };
 
-__global__ void __launch_bounds__(MANY_THREADS) adamw_many_kernel(const __grid_constant__ AdamwList l, float grad_scale,
-                                                                 AdamwRates r) {
+__global__ void __launch_bounds__(MANY_THREADS) adamw_many_kernel(const __grid_constant__ AdamwList l,
+                                                                 const float *scale, AdamwRates r) {
     int64_t begin, end;
     const int s = many_part(l.blocks, &begin, &end);
+    const float grad_scale = scale ? *scale : 1.0f;
     float *g = l.g[s];
     for (int64_t i = begin + threadIdx.x; i < end; i += MANY_THREADS) {
         float gi = g[i];
@@ -335,15 +338,18 @@ __global__ void __launch_bounds__(MANY_THREADS) adamw_many_kernel(const __grid_c
     }
 }
 
-static void adamw_many_launch(const AdamwList &l, float grad_scale, const AdamwRates &r) {
+static void adamw_many_launch(const AdamwList &l, const float *grad_scale, const AdamwRates &r) {
     if (l.blocks.count == 0 || l.blocks.first_block[l.blocks.count] == 0) return;
     adamw_many_kernel<<<l.blocks.first_block[l.blocks.count], MANY_THREADS>>>(l, grad_scale, r);
     LAUNCH_CHECK("adamw_many");
 }
 
-extern "C" void cuda_adamw_update_many(AdamwPart *parts, int n, float grad_scale, float beta1, float beta2, float eps,
-                                       int t) {
+extern "C" void cuda_adamw_update_many(AdamwPart *parts, int n, const Tensor *scale, float beta1, float beta2,
+                                       float eps, int t) {
     init();
+    if (scale && (scale->dtype != DT_F32 || scale->numel != 1))
+        fatal("cuda adamw_update_many: the gradient scale must be an f32 scalar");
+    const float *grad_scale = scale ? (const float *)scale->data : nullptr;
     const AdamwRates r = adamw_rates(beta1, beta2, eps, t);
     AdamwList l{};
     for (int i = 0; i < n; i++) {
@@ -398,15 +404,16 @@ static void sumsq_many_launch(const SumsqList &l, DType dt, double *partial) {
     });
 }
 
-extern "C" double cuda_sumsq_many(const Tensor *const *xs, int n) {
+extern "C" void cuda_sumsq_many(Tensor *sum, const Tensor *const *xs, int n) {
     init();
+    if (sum->dtype != DT_F64 || sum->numel != 1) fatal("cuda sumsq_many: the sum must be an f64 scalar");
     int64_t total = 0;
     for (int i = 0; i < n; i++) {
         if (xs[i]->dtype != xs[0]->dtype)
             fatal("cuda sumsq_many: tensors of one dtype (%s and %s)", dtype_name(xs[0]->dtype), dtype_name(xs[i]->dtype));
         total += (xs[i]->numel + MANY_CHUNK - 1) / MANY_CHUNK;
     }
-    if (total == 0) return 0.0;
+    if (total == 0) return;
     if (total > INT32_MAX) fatal("cuda sumsq_many: %lld blocks of %d elements are too many", (long long)total, MANY_CHUNK);
     double *buf = (double *)scratch((size_t)(total + 1) * sizeof(double)), *partial = buf + 1;
     SumsqList l{};
@@ -420,10 +427,18 @@ extern "C" double cuda_sumsq_many(const Tensor *const *xs, int n) {
         many_add(l.blocks, xs[i]->numel);
     }
     sumsq_many_launch(l, xs[0]->dtype, partial);
-    sum_partials_kernel<<<1, 1024>>>(buf, buf + 1, (int)total);
+    sum_partials_kernel<<<1, 1024>>>((double *)sum->data, buf + 1, (int)total, true);
     LAUNCH_CHECK("sum_partials");
-    double r = 0.0;
-    CUDA_CHECK(cudaMemcpy(&r, buf, sizeof r, cudaMemcpyDeviceToHost));
-    check_device_errors();
-    return r;
+}
+
+__global__ void clip_scale_kernel(float *scale, const double *sumsq, float max_norm) {
+    *scale = clip_factor(sqrt(*sumsq), max_norm);
+}
+
+extern "C" void cuda_clip_scale(Tensor *scale, const Tensor *sumsq, float max_norm) {
+    init();
+    if (scale->dtype != DT_F32 || scale->numel != 1 || sumsq->dtype != DT_F64 || sumsq->numel != 1)
+        fatal("cuda clip_scale: the scale must be an f32 scalar and the sum of squares an f64 scalar");
+    clip_scale_kernel<<<1, 1>>>((float *)scale->data, (const double *)sumsq->data, max_norm);
+    LAUNCH_CHECK("clip_scale");
 }

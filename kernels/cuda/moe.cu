@@ -61,10 +61,11 @@ char *stage_buffer(int64_t n_offsets) {
         char *nb = nullptr;
         CUDA_CHECK(cudaMalloc((void **)&nb, ST_BYTES + (size_t)want * sizeof(int32_t)));
         if (buf) {
-            CUDA_CHECK(cudaMemcpy(nb, buf, ST_BYTES, cudaMemcpyDeviceToDevice));
+            CUDA_CHECK(cudaMemcpyAsync(nb, buf, ST_BYTES, cudaMemcpyDeviceToDevice, 0));
+            host_wait("moe staging growth");
             CUDA_CHECK(cudaFree(buf));
         } else {
-            CUDA_CHECK(cudaMemset(nb, 0xff, ST_BYTES));
+            CUDA_CHECK(cudaMemsetAsync(nb, 0xff, ST_BYTES, 0));
         }
         buf = nb;
         cap = want;
@@ -95,7 +96,7 @@ void check_status(int64_t plan_E, int64_t plan_k, const Tensor *offsets, int32_t
     const size_t bytes = ST_BYTES + (size_t)n_off * sizeof(int32_t);
     unsigned long long *h = (unsigned long long *)malloc(bytes);
     if (!h) fatal("cuda moe: out of host memory");
-    CUDA_CHECK(cudaMemcpy(h, stage, bytes, cudaMemcpyDeviceToHost));
+    copy_to_host_at(h, stage, bytes, "moe status and offsets");
     if (n_off) memcpy(off_host, (char *)h + ST_BYTES, (size_t)n_off * sizeof(int32_t));
     unsigned long long w[ST_COUNT];
     memcpy(w, h, sizeof w);
@@ -766,7 +767,7 @@ extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) 
                                        (long long)offsets->numel);
     if (M > INT32_MAX) fatal("cuda moe_plan: %lld assignments overflow i32 rows", (long long)M);
     if (M == 0) {
-        CUDA_CHECK(cudaMemset(offsets->data, 0, (size_t)(E + 1) * sizeof(int32_t)));
+        CUDA_CHECK(cudaMemsetAsync(offsets->data, 0, (size_t)(E + 1) * sizeof(int32_t), 0));
         return;
     }
     const size_t temp_bytes = sort_pairs_temp_bytes(M, (uint32_t)E); /* keys 0 .. E (E: the bad-entry sentinel) */
@@ -933,7 +934,7 @@ extern "C" void cuda_moe_aux_loss_forward(Tensor *loss, const Tensor *scores, co
     check_offsets("moe_aux_loss_forward", offsets, E);
     need_f32("moe_aux_loss_forward", loss, 1, "loss");
     if (N == 0) {
-        CUDA_CHECK(cudaMemset(loss->data, 0, sizeof(float)));
+        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float), 0));
         return;
     }
     float *val = (float *)scratch((size_t)N * sizeof(float));
@@ -970,7 +971,7 @@ extern "C" void cuda_moe_z_loss_forward(Tensor *loss, Tensor *lse, const Tensor 
     need_f32("moe_z_loss_forward", loss, 1, "loss");
     need_f32("moe_z_loss_forward", lse, N, "lse");
     if (N == 0) {
-        CUDA_CHECK(cudaMemset(loss->data, 0, sizeof(float)));
+        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float), 0));
         return;
     }
     DISPATCH_FLOAT(logits->dtype, T, "moe_z_loss_forward", {

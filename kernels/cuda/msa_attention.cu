@@ -530,15 +530,10 @@ Shape check_common(const char *what, const Tensor *q, const Tensor *k, const Ten
     return s;
 }
 
-/* The plan to use: the caller's, or a temporary built here (then *owned, which the caller frees with
- * cuda_free). */
-const int32_t *get_plan(const Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p, const Shape &sh,
-                        void **owned) {
-    *owned = nullptr;
+/* The plan to use: the caller's, or a temporary built here (msa_temporary_plan). */
+const int32_t *get_plan(const Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p, const Shape &sh) {
     if (plan) return (const int32_t *)plan->data;
-    int32_t *built = msa_temporary_plan(topk, cu, p, sh.Hkv, sh.P);
-    *owned = built;
-    return built;
+    return msa_temporary_plan(topk, cu, p, sh.Hkv, sh.P);
 }
 
 template <typename T, typename PT, int VPL>
@@ -771,12 +766,10 @@ extern "C" void cuda_msa_attention_forward(Tensor *out, Tensor *lse, const Tenso
         return;
     }
     if (sh.N == 0) return;
-    void *owned;
-    const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh, &owned);
+    const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh);
     DISPATCH_FLOAT(q->dtype, T, what,
                    forward_impl<T>(out, lse, q, k, v, (const int32_t *)topk->data, pl, (const int32_t *)cu_seqlens->data, sh,
                                    p->scale));
-    if (owned) cuda_free(owned);
 }
 
 extern "C" void cuda_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
@@ -799,12 +792,10 @@ extern "C" void cuda_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, 
         return;
     }
     if (sh.N == 0) return;
-    void *owned;
-    const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh, &owned);
+    const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh);
     DISPATCH_FLOAT(q->dtype, T, what,
                    backward_impl<T>(dq, dk, dv, dout, q, k, v, out, lse, (const int32_t *)topk->data, pl,
                                     (const int32_t *)cu_seqlens->data, sh, p->scale, nullptr));
-    if (owned) cuda_free(owned);
 }
 
 
@@ -859,10 +850,8 @@ extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *d
         if (kl) msa_kl_value(kl, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
         return;
     }
-    void *owned;
-    const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh, &owned);
+    const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh);
     const KlFold fold = {qi, ki, idx_lse, dqi, dki, kl, grad, mul * p->index_scale, p->index_scale, Di};
     backward_impl<bf16>(dq, dk, dv, dout, q, k, v, out, lse, (const int32_t *)topk->data, pl,
                         (const int32_t *)cu_seqlens->data, sh, p->scale, &fold);
-    if (owned) cuda_free(owned);
 }

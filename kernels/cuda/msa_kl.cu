@@ -1016,7 +1016,6 @@ struct Bump {
 
 /* The plan: the caller's, or a temporary one built here (cuda_msa_plan keeps out of scratch()). */
 struct PlanHold {
-    void *mem = nullptr;
     const int *ptr = nullptr;
     PlanHold(const Tensor *topk, const Tensor *plan, const Tensor *cu, const MsaParams *p, const Dims &d) {
         if (!topk) return;
@@ -1024,12 +1023,8 @@ struct PlanHold {
             ptr = (const int *)plan->data;
             return;
         }
-        mem = msa_temporary_plan(topk, cu, p, d.Hkv, msa_plan_width(d.N, d.K));
-        ptr = (const int *)mem;
+        ptr = (const int *)msa_temporary_plan(topk, cu, p, d.Hkv, msa_plan_width(d.N, d.K));
     }
-    ~PlanHold() { cuda_free(mem); } /* synchronises: the kernels that read it are done */
-    PlanHold(const PlanHold &) = delete;
-    PlanHold &operator=(const PlanHold &) = delete;
 };
 
 /* Query windows of the sparse path and their work lists. */
@@ -1288,7 +1283,7 @@ extern "C" void cuda_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q
     if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
         fatal("cuda msa_kl_forward: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", d.Hkv, d.N);
     if (d.N == 0) { /* the CPU's mean over no (token, group) pair */
-        CUDA_CHECK(cudaMemset(kl->data, 0, sizeof(float)));
+        CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), 0));
         return;
     }
     DISPATCH_FLOAT(q->dtype, T, "msa_kl_forward",

@@ -58,7 +58,16 @@ int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const 
     t.shape[0] = Hidx;
     t.shape[1] = P;
     t.numel = Hidx * P;
-    t.data = cuda_alloc((size_t)t.numel * sizeof(int32_t));
+    /* grow-only, like scratch(): an alloc and free per call would make the host wait at every free */
+    static void *buf = nullptr;
+    static size_t cap = 0;
+    const size_t bytes = (size_t)t.numel * sizeof(int32_t);
+    if (bytes > cap) {
+        cuda_free(buf); /* waits: no earlier plan is still read */
+        cap = bytes + bytes / 4 + 4096;
+        buf = cuda_alloc(cap);
+    }
+    t.data = buf;
     cuda_msa_plan(&t, topk, cu_seqlens, p);
     return (int32_t *)t.data;
 }
@@ -76,7 +85,10 @@ void *plan_workspace(size_t bytes) {
     static void *buf = nullptr;
     static size_t cap = 0;
     if (bytes > cap) {
-        if (buf) CUDA_CHECK(cudaFree(buf)); /* synchronises: no earlier plan still uses it */
+        if (buf) {
+            host_wait("msa_plan workspace growth");
+            CUDA_CHECK(cudaFree(buf)); /* synchronises: no earlier plan still uses it */
+        }
         buf = nullptr;
         const size_t want = bytes + bytes / 4 + 4096;
         CUDA_CHECK(cudaMalloc(&buf, want));
@@ -180,7 +192,7 @@ extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu
     if (N * K >= INT32_MAX) fatal("cuda msa_plan: N * topk_blocks = %lld does not fit the i32 plan", (long long)(N * K));
     if (H == 0) return;
     if (N == 0) { /* every group is row_ptr[0] = 0 */
-        CUDA_CHECK(cudaMemset(plan->data, 0, (size_t)(H * P) * sizeof(int32_t)));
+        CUDA_CHECK(cudaMemsetAsync(plan->data, 0, (size_t)(H * P) * sizeof(int32_t), 0));
         return;
     }
     const int64_t NK = N * K;

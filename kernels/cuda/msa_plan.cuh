@@ -16,8 +16,9 @@ namespace msacuda {
 int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *cu_seqlens);
 
 /* The plan of topk for a kernel given none: i32 [Hidx, P = msa_plan_width(N, k)] built by cuda_msa_plan
- * in memory from cuda_alloc, which the caller releases with cuda_free. cuda_msa_plan works in its own
- * workspace, so the caller may hold its scratch() region meanwhile. */
+ * in a grow-only buffer of its own, valid until the next call (kernels on the one stream run in order, so
+ * the next call's plan never overwrites one still read). cuda_msa_plan works in its own workspace, so the
+ * caller may hold its scratch() region meanwhile. */
 int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p, int64_t Hidx, int64_t P);
 
 /* msa_kl.cu, for the indexer and the fused attention-KL backward's fallback (msa_attention.cu):

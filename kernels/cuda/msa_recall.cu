@@ -185,15 +185,14 @@ extern "C" double cuda_msa_recall(const Tensor *q, const Tensor *k, const Tensor
     LAUNCH_CHECK("msa_recall sum");
     double sum = 0;
     unsigned long long bad = 0;
-    CUDA_CHECK(cudaMemcpy(&sum, result, sizeof sum, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(&bad, a.bad, sizeof bad, cudaMemcpyDeviceToHost));
+    copy_to_host_at(&sum, result, sizeof sum, "msa_recall");
+    copy_to_host_at(&bad, a.bad, sizeof bad, "msa_recall");
     check_device_errors();
     if (bad != NO_ERROR) {
         const int64_t g = (int64_t)(bad / (unsigned long long)N), t = (int64_t)(bad % (unsigned long long)N);
         int32_t row[8];
         const int64_t nr = K < 8 ? K : 8;
-        CUDA_CHECK(cudaMemcpy(row, (const int32_t *)topk->data + (g * N + t) * K, (size_t)nr * sizeof(int32_t),
-                              cudaMemcpyDeviceToHost));
+        copy_to_host_at(row, (const int32_t *)topk->data + (g * N + t) * K, (size_t)nr * sizeof(int32_t), "msa_recall");
         char buf[128];
         int o = 0;
         for (int64_t c = 0; c < nr && o < (int)sizeof buf - 16; c++) o += snprintf(buf + o, sizeof buf - o, c ? ", %d" : "%d", row[c]);

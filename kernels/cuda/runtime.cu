@@ -3,6 +3,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <deque>
+
 #include "common.cuh"
 
 namespace msacuda {
@@ -13,6 +15,19 @@ static int g_sm_count = 0, g_smem_optin = 0;
 static int *g_err = nullptr;
 static void *g_scratch = nullptr;
 static size_t g_scratch_bytes = 0;
+static int64_t g_host_waits = 0;
+static const char *g_last_wait = "none";
+
+void host_wait(const char *site) {
+    g_host_waits++;
+    g_last_wait = site;
+}
+
+void copy_to_host_at(void *dst, const void *src, size_t bytes, const char *site) {
+    if (!bytes) return;
+    host_wait(site);
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
 
 void fail(const char *call, const char *code, const char *msg, const char *file, int line) {
     fatal("CUDA call %s failed at %s:%d: %s (%s)", call, file, line, code, msg);
@@ -40,6 +55,7 @@ void after_launch(const char *kernel, const char *file, int line) {
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) fatal("CUDA kernel %s failed to launch at %s:%d: %s (%s)", kernel, file, line, cudaGetErrorName(err), cudaGetErrorString(err));
     if (g_sync_each_launch) {
+        host_wait("MSA_CUDA_SYNC");
         err = cudaDeviceSynchronize();
         if (err != cudaSuccess) fatal("CUDA kernel %s (launched at %s:%d) failed: %s (%s)", kernel, file, line, cudaGetErrorName(err), cudaGetErrorString(err));
         check_device_errors();
@@ -49,7 +65,10 @@ void after_launch(const char *kernel, const char *file, int line) {
 void *scratch(size_t bytes) {
     if (bytes > g_scratch_bytes) {
         size_t want = bytes + bytes / 4 + 256;
-        if (g_scratch) CUDA_CHECK(cudaFree(g_scratch)); /* synchronises: nothing still reads the old one */
+        if (g_scratch) {
+            host_wait("scratch growth");
+            CUDA_CHECK(cudaFree(g_scratch)); /* synchronises: nothing still reads the old one */
+        }
         g_scratch = nullptr;
         CUDA_CHECK(cudaMalloc(&g_scratch, want));
         g_scratch_bytes = want;
@@ -61,9 +80,9 @@ int *errbuf() { return g_err; }
 
 void check_device_errors() {
     int h[ERR_WORDS];
-    CUDA_CHECK(cudaMemcpy(h, g_err, sizeof h, cudaMemcpyDeviceToHost));
+    copy_to_host_at(h, g_err, sizeof h, "device error word");
     if (h[0] == ERR_NONE) return;
-    CUDA_CHECK(cudaMemset(g_err, 0, sizeof h));
+    CUDA_CHECK(cudaMemsetAsync(g_err, 0, sizeof h));
     switch (h[0]) {
     case ERR_TOKEN: fatal("embedding: token %d at position %d outside the vocabulary", h[2], h[1]);
     case ERR_TARGET: fatal("cross_entropy: target %d at row %d outside the vocabulary", h[2], h[1]);
@@ -112,37 +131,116 @@ extern "C" void *cuda_host_alloc(size_t bytes) {
 extern "C" void cuda_host_free(void *p) {
     if (!p) return;
     init();
+    host_wait("host_free");
     CUDA_CHECK(cudaFreeHost(p));
 }
 
 extern "C" void cuda_free(void *p) {
     if (!p) return;
     init();
+    host_wait("free");
     CUDA_CHECK(cudaFree(p));
 }
 
 extern "C" void cuda_copy_to_host(void *dst, const void *src, size_t bytes) {
     init();
-    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    copy_to_host_at(dst, src, bytes, "copy_to_host");
     check_device_errors();
 }
 
+namespace {
+
+/* Copies from pageable host memory make the host wait for everything queued before them (the CUDA
+ * runtime synchronises the stream first). Small ones, the per-step uploads of a batch, go through this
+ * ring of page-locked memory instead: the bytes are copied into the ring on the host and from there to the
+ * device asynchronously, and a region of the ring is reused only after the event recorded behind its copy
+ * has passed. The ring holds at least RING_COPIES copies of the largest size seen, so the host waits only
+ * when it runs that many copies ahead of the device. */
+constexpr size_t RING_MAX_COPY = (size_t)4 << 20; /* larger copies (weights, checkpoints) stay blocking */
+constexpr size_t RING_COPIES = 16;
+
+struct InFlight {
+    size_t begin;
+    cudaEvent_t done;
+};
+
+struct StagingRing {
+    char *buf = nullptr;
+    size_t cap = 0, head = 0;
+    std::deque<InFlight> in_flight; /* oldest first; in ring order from head */
+    std::deque<cudaEvent_t> spare;
+
+    void retire_front() {
+        InFlight f = in_flight.front();
+        if (cudaEventQuery(f.done) == cudaErrorNotReady) {
+            host_wait("staged copy_from_host (ring full)");
+            CUDA_CHECK(cudaEventSynchronize(f.done));
+        }
+        spare.push_back(f.done);
+        in_flight.pop_front();
+    }
+    void grow(size_t bytes) {
+        while (!in_flight.empty()) retire_front();
+        size_t want = cap ? cap : (size_t)1 << 20;
+        while (want < bytes * RING_COPIES) want *= 2;
+        if (buf) CUDA_CHECK(cudaFreeHost(buf));
+        CUDA_CHECK(cudaMallocHost((void **)&buf, want));
+        cap = want;
+        head = 0;
+    }
+    /* The region [at, at + bytes) after waiting for the copies that still read it. */
+    size_t take(size_t bytes) {
+        if (bytes * RING_COPIES > cap) grow(bytes);
+        const bool wrap = head + bytes > cap;
+        const size_t span = wrap ? cap - head + bytes : bytes; /* in ring order from head */
+        while (!in_flight.empty() && (in_flight.front().begin + cap - head) % cap < span) retire_front();
+        const size_t at = wrap ? 0 : head;
+        head = (at + bytes) % cap;
+        return at;
+    }
+    void copy(void *dst, const void *src, size_t bytes) {
+        const size_t at = take(bytes);
+        memcpy(buf + at, src, bytes);
+        CUDA_CHECK(cudaMemcpyAsync(dst, buf + at, bytes, cudaMemcpyHostToDevice, 0));
+        cudaEvent_t done;
+        if (spare.empty()) CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+        else {
+            done = spare.front();
+            spare.pop_front();
+        }
+        CUDA_CHECK(cudaEventRecord(done, 0));
+        in_flight.push_back({at, done});
+    }
+};
+
+StagingRing g_ring;
+
+}  // namespace
+
 extern "C" void cuda_copy_from_host(void *dst, const void *src, size_t bytes) {
     init();
-    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    if (!bytes) return;
+    if (bytes <= RING_MAX_COPY) return g_ring.copy(dst, src, bytes);
+    host_wait("copy_from_host of pageable memory");
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }
 
 extern "C" void cuda_copy(void *dst, const void *src, size_t bytes) {
     init();
-    if (bytes && dst != src) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+    if (bytes && dst != src) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
 }
 
 extern "C" void cuda_synchronize(void) {
     init();
+    host_wait("synchronize");
     CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 extern "C" void cuda_zero(void *dst, size_t bytes) {
     init();
-    if (bytes) CUDA_CHECK(cudaMemset(dst, 0, bytes));
+    if (bytes) CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, 0));
 }
+
+extern "C" int64_t cuda_host_waits(void) { return g_host_waits; }
+
+extern "C" const char *cuda_last_host_wait(void) { return g_last_wait; }

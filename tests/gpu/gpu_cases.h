@@ -216,4 +216,11 @@ void moe_e2e_case(const void *args);
 typedef struct { DType dt; int64_t a, b, inner; } TransposeCase;
 void transpose_case(const void *args);
 
+/* ---- families of tests/gpu/test_gpu_sync.c: a training step without host waits ---- */
+
+/* warm_steps steps, then measured_steps steps that must not make the host wait (and leave their loss
+ * unread), then one logged step; sets: config assignments (NULL-terminated, up to 8) on config */
+typedef struct { const char *label, *config; const char *sets[9]; int warm_steps, measured_steps; } HostWaitsCase;
+void host_waits_case(const void *args);
+
 #endif

@@ -822,11 +822,34 @@ void optimizer_many_case(const void *args) {
         pg[i] = (AdamwPart){p[i].g, g[i].g, m[i].g, v[i].g, lr, wd};
     }
     char name[160];
-    const double a = GB->sumsq_many(gg, count), b = CB->sumsq_many(gc, count);
+    /* the sums added to a value already there (sumsq_many accumulates), the scales set for the update */
+    const int64_t one[1] = {1};
+    Tensor sum_g = mk(GB, DT_F64, 1, one), sum_c = mk(CB, DT_F64, 1, one);
+    Tensor scale_g = mk(GB, DT_F32, 1, one), scale_c = mk(CB, DT_F32, 1, one);
+    const double before = 0.5;
+    *(double *)sum_c.data = before;
+    GB->copy_from_host(sum_g.data, &before, sizeof before);
+    GB->sumsq_many(&sum_g, gg, count);
+    CB->sumsq_many(&sum_c, gc, count);
+    double a, b = *(const double *)sum_c.data - before;
+    GB->copy_to_host(&a, sum_g.data, sizeof a);
+    a -= before;
     snprintf(name, sizeof name, "sumsq_many %d tensors, %lld elements", count, (long long)total);
     record(fabs(a - b) <= 1e-12 * fabs(b), "%-58s rel err %.2e (tol 1e-12, fp64 sums)", name, fabs(a - b) / fabs(b));
-    CB->adamw_update_many(pc, count, grad_scale, 0.9f, 0.95f, 1e-8f, 3);
-    GB->adamw_update_many(pg, count, grad_scale, 0.9f, 0.95f, 1e-8f, 3);
+    /* clip_scale from the same sum on both sides: the host formula bit for bit (kernels/grad_clip.h) */
+    GB->copy_from_host(sum_g.data, sum_c.data, sizeof(double));
+    const float max_norm = (float)(sqrt(*(const double *)sum_c.data) * 0.5);
+    GB->clip_scale(&scale_g, &sum_g, max_norm);
+    CB->clip_scale(&scale_c, &sum_c, max_norm);
+    float sg;
+    GB->copy_to_host(&sg, scale_g.data, sizeof sg);
+    record(sg == *(const float *)scale_c.data && sg < 1.0f, "%-58s %.9g vs %.9g", "clip_scale as the host's clip_factor",
+           (double)sg, (double)*(const float *)scale_c.data);
+    GB->copy_from_host(scale_g.data, &grad_scale, sizeof grad_scale);
+    *(float *)scale_c.data = grad_scale;
+    CB->adamw_update_many(pc, count, &scale_c, 0.9f, 0.95f, 1e-8f, 3);
+    GB->adamw_update_many(pg, count, &scale_g, 0.9f, 0.95f, 1e-8f, 3);
+    free_t(&sum_g), free_t(&sum_c), free_t(&scale_g), free_t(&scale_c);
     /* all tensors laid end to end: the updates p_new - p_old, then m, v and the scaled gradients */
     float *got[4], *want[4];
     for (int k = 0; k < 4; k++) got[k] = xmalloc((size_t)total * sizeof(float)), want[k] = xmalloc((size_t)total * sizeof(float));
