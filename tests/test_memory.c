@@ -6,13 +6,12 @@
  *   - the head: the final norm's output and the gradient of it, 2 rows of d_model (+ its statistics);
  *   - one block's working set in its backward: the replayed forward's activations (each op's output,
  *     counted below op by op) and the gradients in flight, at most the SwiGLU backward's three rows of
- *     ffn_dim (its output's gradient and those of gate and up) and six rows of d_model (the two gradients
- *     a chain of checkpointed blocks hands down, the replayed output's seed, the residual branch's, and
- *     two buffers the pool holds for a later gradient of that size).
+ *     ffn_dim (its output's gradient and those of gate and up) and eight rows of d_model.
  *
  * Before the gradients of a block's intermediates were released as its backward went (autograd/
- * engine.h, grad_pool), every intermediate kept its gradient until the block's backward ended: 11.59 MiB
- * at 6 layers and 512 tokens (23737 bytes per token) against this bound's 22768; 10.59 MiB after. Also checked: the arena's chunk ends are not
+ * engine.h, grad_pool) and views made their gradients when first needed, every intermediate kept its
+ * gradient until the block's backward ended: 11.59 MiB at 6 layers and 512 tokens (23737 bytes per token)
+ * against this bound's 21488; 10.09 MiB after. Also checked: the arena's chunk ends are not
  * lost from the second step on (arena_compact), so the peak of a step equals the exact bytes live. Run from
  * the repository root after `make data` (make test does). */
 #include <stdio.h>
@@ -35,10 +34,9 @@ static int64_t allowed_values(const Shape *s) {
     /* the replayed block: norm (+ rstd), q, k, v, RoPE of q and k, attention output (+ lse per head), output
      * projection, residual add, norm (+ rstd), gate, up, SwiGLU, down projection, residual add */
     const int64_t replay = (d + 1) + (q + 2 * kv) + (q + kv) + (q + s->heads) + d + d + (d + 1) + 3 * f + d + d;
-    /* gradients: the SwiGLU backward's three ffn rows; eight model rows (the two a chain of blocks hands
-     * down, the replayed output's seed, the residual adds', the head's, and the pool's idle ones); the
-     * gradients of q, k, v and the attention output, which their views make as the replay runs */
-    const int64_t in_flight = 3 * f + 8 * d + 2 * q + 4 * kv;
+    /* gradients: the SwiGLU backward's three ffn rows and eight model rows (the two a chain of blocks hands
+     * down, the replayed output's seed, the residual adds', the head's, and the pool's idle ones) */
+    const int64_t in_flight = 3 * f + 8 * d;
     return saved + head + replay + in_flight;
 }
 
