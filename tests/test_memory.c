@@ -11,7 +11,7 @@
  * Before the gradients of a block's intermediates were released as its backward went (autograd/
  * engine.h, grad_pool) and views made their gradients when first needed, every intermediate kept its
  * gradient until the block's backward ended: 11.59 MiB at 6 layers and 512 tokens (23737 bytes per token)
- * against this bound's 21488; 10.09 MiB after. Also checked: the arena's chunk ends are not
+ * against this bound's 21488; 9.84 MiB after. Also checked: the arena's chunk ends are not
  * lost from the second step on (arena_compact), so the peak of a step equals the exact bytes live. Run from
  * the repository root after `make data` (make test does). */
 #include <stdio.h>
