@@ -62,10 +62,12 @@ void *arena_alloc(Arena *a, size_t bytes) {
     bytes = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
     if (bytes == 0) bytes = ARENA_ALIGN;
     if (a->cur >= a->n_chunks || a->chunks[a->cur].size - a->used < bytes) {
-        /* the end of the current chunk is lost until the next rewind */
-        const bool any = a->cur < a->n_chunks;
-        if (any) a->live += a->chunks[a->cur].size - a->used;
-        const int next = any ? a->cur + 1 : a->cur;
+        /* the end of the current chunk is lost until the next rewind; an empty one is just swapped out */
+        int next = a->cur;
+        if (a->cur < a->n_chunks && a->used > 0) {
+            a->live += a->chunks[a->cur].size - a->used;
+            next = a->cur + 1;
+        }
         place_chunk(a, next, bytes);
         a->cur = next;
         a->used = 0;

@@ -98,13 +98,10 @@ Tensor *engine_view(Engine *e, Tensor *t, int ndim, const int64_t *shape) {
     v->is_param = t->is_param;
     v->name = t->name;
     v->shadow = t->shadow; /* a view of a parameter reads the same BF16 copy */
-    if (v->requires_grad) {
-        /* share the gradient buffer so that what flows into the view reaches the base */
-        Tensor *g = engine_grad(e, t);
-        Tensor *gv = new_header(e, g->dtype, ndim, shape);
-        gv->data = g->data;
-        v->grad = gv;
-    }
+    /* what flows into the view reaches the base: engine_grad shares the base's gradient buffer (made then,
+     * not now: a replayed block's views would otherwise hold their gradients from the start of its
+     * backward, beside the activations at their peak) */
+    if (v->requires_grad) v->view_of = t;
     return v;
 }
 
@@ -127,6 +124,10 @@ static void *pool_take(GradPool *p, size_t bytes) {
 
 Tensor *engine_grad(Engine *e, Tensor *t) {
     if (!t || !t->requires_grad) return NULL;
+    if (!t->grad && t->view_of) {
+        Tensor *g = engine_grad(e, t->view_of);
+        t->grad = engine_empty_header(e, g->dtype, t->ndim, t->shape, g->data);
+    }
     if (!t->grad) {
         void *reuse = e->grad_pool ? pool_take(e->grad_pool, tensor_bytes(t)) : NULL;
         if (reuse) {

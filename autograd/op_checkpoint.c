@@ -142,7 +142,11 @@ void backward_checkpoint(Engine *e, Node *n) {
      * pool's buffers are all in the region rewound below */
     GradPool pool = {0}, *outer_pool = e->grad_pool;
     e->grad_pool = &pool;
-    if (gy && y->requires_grad) e->be->axpy(engine_grad(e, y), gy, 1.0f);
+    /* the replayed output's gradient is the upstream one: its buffer, which nothing reads after this walk
+     * (the hand-down below overwrites it), rather than a copy (a view shares its base's gradient instead) */
+    if (gy && y->requires_grad && !y->grad && !y->view_of && gy->dtype == y->dtype && gy->numel == y->numel)
+        y->grad = engine_empty_header(e, y->dtype, y->ndim, y->shape, gy->data);
+    else if (gy && y->requires_grad) e->be->axpy(engine_grad(e, y), gy, 1.0f);
     if (gaux && aux && aux->requires_grad) e->be->axpy(engine_grad(e, aux), gaux, 1.0f);
     engine_backward_tape(e, tape_mark);
     e->grad_pool = outer_pool;

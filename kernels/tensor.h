@@ -23,6 +23,8 @@ typedef struct Tensor {
     int64_t numel;
     void *data;
     struct Tensor *grad;  /* same shape, dtype and device; NULL until backward reaches it */
+    struct Tensor *view_of; /* engine_view: the tensor whose data and gradient this one shares (its gradient is
+                               made when one of them first needs it); NULL otherwise */
     bool requires_grad;
     bool is_param;        /* lives in the parameter store: its grad persists across micro-steps */
     const char *name;     /* parameters only; becomes the checkpoint dataset name */

@@ -2,7 +2,7 @@
 # Everything issue 6 asks of the GPU machine, in one script for the device tool (one H100; a run is at
 # most 10 minutes, so the stages are selectable):
 #
-#   bash tools/device_check.sh [build] [test] [bench] [baseline-dense] [baseline-msa] [memory] ...
+#   bash tools/device_check.sh [build] [test] [bench] [baseline-dense] [baseline-msa] [memory] [memory-fit] ...
 #
 #   build            make (BLAS=0: the machine has no OpenBLAS headers; jansson from the carried .deps)
 #   test             make test-gpu (every CUDA op against the CPU reference, opcheck --device cuda against
@@ -15,14 +15,22 @@
 #   dist             (2 GPUs: nvidia-h200-x2) DP-2, EP-2 and CP-2 with NCCL against one GPU on configs/tiny.json
 #                    (losses step by step), and the 1 -> 2 GPU DP scaling of the bench's ~1B dense model at
 #                    4K (same per-GPU batch); not yet run: no 2-GPU machine has been lent so far
-#   memory           peak GPU memory and tokens/s of the bench's 1.1B model (vocab 32000) with
-#                    train.recompute=true, batch 1, 3 steps: dense at 32K, 64K, 128K and MSA at 128K, 256K,
-#                    then dense 64K and MSA 256K with train.offload_block_inputs=true (a name ending in
-#                    _offload) (MEM_CASES="dense_32k msa_128k ..." picks some; MEM_EXTRA="--set k=v ..." is added to
-#                    every run, e.g. train.loss_chunk_tokens=0 for the unchunked head); the peak is the
-#                    most nvidia-smi saw used while the run lasted (CUDA context, cuBLAS/cuDNN workspaces and
-#                    the activation arena's chunks included), and step 2's profile has the arena's bytes
-#                    per op kind at its peak (the memory columns)
+#   memory           peak GPU memory and tokens/s with train.recompute=true, batch 1, vocab 32000, 3 steps, of
+#                    the cases in MEM_CASES: [SIZE_]VARIANT_CONTEXT[_offload], SIZE 0.1b (12 layers, d 768,
+#                    12/4 heads of 64, SwiGLU 2048: ~0.12B), 1b (the default: the bench's 22 layers, d 2048,
+#                    32/4 heads of 64, SwiGLU 5632: ~1.1B) or 3b (Llama 3.2 3B's 28 layers, d 3072, 24/8 heads
+#                    of 128, SwiGLU 8192: ~3.0B), VARIANT dense or msa, CONTEXT like 64k or 1m, _offload for
+#                    train.offload_block_inputs=true (default: the 1.1B dense at 32K, 64K, 128K, MSA at 128K,
+#                    256K, dense 64K and MSA 256K offloaded); MEM_EXTRA="--set k=v ..." is added to every run,
+#                    e.g. train.loss_chunk_tokens=0 for the unchunked head; the peak is the most nvidia-smi
+#                    saw used while the run lasted (CUDA context, cuBLAS/cuDNN workspaces and the activation
+#                    arena's chunks included), and step 2's profile has the arena's bytes per op kind at its
+#                    peak (the memory columns)
+#   memory-fit       the table "longest context that fits" per model size and variant: for each size in
+#                    FIT_SIZES (0.1b 1b 3b) and variant in FIT_VARIANTS (dense msa dense_offload msa_offload),
+#                    contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
+#                    FIT_MAX_K=2048 until one fails, 2 steps each; prints "longest context that fits: ..."
+#                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
@@ -126,39 +134,81 @@ for what in "$@"; do
             tail -45 "$OUT/profile_$name.log"
         done
         ;;
-    memory)
-        stage memory
-        big="--set model.d_model=2048 --set model.n_layers=22 --set model.n_heads=32 --set model.n_kv_heads=4
-             --set model.head_dim=64 --set model.ffn_dim=5632 --set model.vocab_size=32000
-             --set model.tie_embeddings=false --set model.dropout=0 --set train.batch_size=1
-             --set train.recompute=true --set train.steps=3 --set train.profile_steps=1 --set train.eval_every=0
-             --set train.eval_batches=1 --set train.sample_tokens=0 --set train.log_every=1"
+    memory | memory-fit)
+        stage "$what"
+        common="--set model.vocab_size=32000 --set model.tie_embeddings=false --set model.dropout=0
+                --set train.batch_size=1 --set train.recompute=true --set train.profile_steps=1 --set train.eval_every=0
+                --set train.eval_batches=1 --set train.sample_tokens=0 --set train.log_every=1"
         msa="--set model.attention=msa --set msa.block_size=128 --set msa.topk_blocks=16 --set msa.index_dim=128
              --set msa.dense_warmup_steps=0"
-        for name in ${MEM_CASES:-dense_32k dense_64k dense_128k msa_128k msa_256k dense_64k_offload msa_256k_offload}; do
-            variant=${name%%_*}
-            size=${name#*_}
-            size=${size%%_*}
-            tokens=$((${size%k} * 1024))
-            extra=""
+        # one case: [SIZE_]VARIANT_CONTEXT[_offload], SIZE 0.1b, 1b (the default) or 3b, VARIANT dense or msa,
+        # CONTEXT 64k, 1m, ...; prints "NAME: fits|out of memory ..." and returns 1 when the run failed
+        mem_case() {
+            local name=$1 rest=$1 size=1b shape extra="" tokens ctx variant peak tps steps=$2
+            case $rest in 0.1b_* | 1b_* | 3b_*) size=${rest%%_*}; rest=${rest#*_} ;; esac
+            variant=${rest%%_*}
+            ctx=${rest#*_}
+            ctx=${ctx%%_*}
+            case $ctx in *m) tokens=$((${ctx%m} * 1048576)) ;; *) tokens=$((${ctx%k} * 1024)) ;; esac
+            case $size in
+            # ~0.12B: GPT-2 small's width and depth, Llama's blocks
+            0.1b) shape="--set model.d_model=768 --set model.n_layers=12 --set model.n_heads=12 --set model.n_kv_heads=4
+                         --set model.head_dim=64 --set model.ffn_dim=2048" ;;
+            # ~1.1B: the bench's model (TinyLlama's shape)
+            1b) shape="--set model.d_model=2048 --set model.n_layers=22 --set model.n_heads=32 --set model.n_kv_heads=4
+                       --set model.head_dim=64 --set model.ffn_dim=5632" ;;
+            # ~3.0B: Llama 3.2 3B's shape with the bench's vocabulary
+            3b) shape="--set model.d_model=3072 --set model.n_layers=28 --set model.n_heads=24 --set model.n_kv_heads=8
+                       --set model.head_dim=128 --set model.ffn_dim=8192" ;;
+            esac
             [ "$variant" = msa ] && extra=$msa
             [ "${name%_offload}" != "$name" ] && extra="$extra --set train.offload_block_inputs=true"
             echo "--- $name"
             nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$OUT/memory_$name.smi" &
-            smi=$!
+            local smi=$! rc=0
             # shellcheck disable=SC2086
-            # no out_dir (no 13 GB checkpoint at the end); the evaluation reads the training split, since
+            # no out_dir (no multi-GB checkpoint at the end); the evaluation reads the training split, since
             # the shipped validation split (111K tokens) is shorter than these windows
-            build/train configs/shakespeare_gpu.json $big $extra ${MEM_EXTRA:-} --set train.seq_len=$tokens \
-                --set data.val_path=data/shakespeare/train.h5 --set train.out_dir= >"$OUT/memory_$name.log" 2>&1 || status=1
+            build/train configs/shakespeare_gpu.json $common $shape $extra ${MEM_EXTRA:-} --set train.steps=$steps \
+                --set train.seq_len=$tokens --set data.val_path=data/shakespeare/train.h5 --set train.out_dir= \
+                >"$OUT/memory_$name.log" 2>&1 || rc=1
             kill $smi
             wait $smi 2>/dev/null
             peak=$(sort -n "$OUT/memory_$name.smi" | tail -1)
-            tps=$(grep -E "^step +3/3" "$OUT/memory_$name.log" | sed -E 's/.*\| ([0-9.]+) tok\/s.*/\1/')
-            echo "$name: seq_len $tokens, peak GPU memory ${peak:-?} MiB (nvidia-smi), step 3 ${tps:-n/a} tokens/s"
-            grep -E "out of memory|failed|error" "$OUT/memory_$name.log" | head -3
+            tps=$(grep -E "^step +$steps/$steps" "$OUT/memory_$name.log" | sed -E 's/.*\| ([0-9.]+) tok\/s.*/\1/')
+            local params
+            params=$(grep -oE "[0-9]+ parameters" "$OUT/memory_$name.log" | head -1)
+            if [ $rc = 0 ]; then
+                echo "$name: fits; seq_len $tokens, $params, peak GPU memory ${peak:-?} MiB (nvidia-smi), step $steps ${tps:-n/a} tokens/s"
+            else
+                echo "$name: failed; seq_len $tokens, $params, peak GPU memory ${peak:-?} MiB before it ended"
+                grep -E "out of memory|failed|error" "$OUT/memory_$name.log" | head -3
+            fi
             grep -E "^\| (step wall time|other|checkpoint|lm_head_loss|linear|attention|msa_)" "$OUT/memory_$name.log" | head -12
-        done
+            return $rc
+        }
+        if [ "$what" = memory ]; then
+            for name in ${MEM_CASES:-dense_32k dense_64k dense_128k msa_128k msa_256k dense_64k_offload msa_256k_offload}; do
+                mem_case "$name" 3 || status=1
+            done
+        else
+            # the longest context that fits, per model size and variant: contexts doubling from FIT_FROM_<size>
+            # until one fails (2 steps each: the first has the allocator's warm-up, the second is timed)
+            for size in ${FIT_SIZES:-0.1b 1b 3b}; do
+                for variant in ${FIT_VARIANTS:-dense msa dense_offload msa_offload}; do
+                    case $size in 0.1b) k=${FIT_FROM_01B:-128} ;; 1b) k=${FIT_FROM_1B:-64} ;; 3b) k=${FIT_FROM_3B:-16} ;; esac
+                    fitted=none
+                    while [ "$k" -le "${FIT_MAX_K:-2048}" ]; do
+                        v=${variant%_offload}
+                        sfx=${variant#"$v"}
+                        mem_case "${size}_${v}_${k}k$sfx" 2 || break
+                        fitted=${k}K
+                        k=$((k * 2))
+                    done
+                    echo "=== longest context that fits: $size $variant: $fitted"
+                done
+            done
+        fi
         ;;
     dist)
         stage "2 GPUs"

@@ -10,7 +10,7 @@
  * G = 16 a 128-row tile is 8 queries x 16 heads, and one K/V tile serves every head of the group
  * (paper §4.2 "query concatenation"). A "tile" is M consecutive packed rows of one segment.
  * Queries are processed in chunks [c0, c1) (each row's sub-list found by binary search, the lists
- * being ascending) so that the per-query partial buffers stay under PARTIAL_BUDGET (3 GiB) at any N.
+ * being ascending) so that the per-query partial buffers stay under PARTIAL_BUDGET (1 GiB) at any N.
  * Per chunk, four small kernels build the schedule: rows' sub-lists (count), prefix sums (scan), one
  * 32-byte descriptor per tile (desc), and per entry (query of a row) its token and its slot, i.e. the
  * position of the row's block in topk[g][t] (entries). Tiles are ordered (g, r, ks, piece); a
@@ -60,8 +60,11 @@ using namespace msacuda;
 namespace {
 
 constexpr unsigned FULL = 0xffffffffu;
-/* bytes of per-query partials (forward O + lse, or backward dQ) per chunk */
-constexpr size_t PARTIAL_BUDGET = (size_t)3 << 30;
+/* bytes of per-query partials (forward O + lse, or backward dQ) per chunk: they live in scratch(), which
+ * keeps its largest size (x 1.25) for the rest of the run, beside the activations at their peak; 3 GiB
+ * made the 1.1B model's MSA run at 256K ask for 2.95 GB more with 2 GB free (issue 15). A chunk of 1 GiB
+ * is still ~15K queries at 16 slots of 32 heads of 64. */
+constexpr size_t PARTIAL_BUDGET = (size_t)1 << 30;
 
 /* ------------------------------------------------------------------------------------------------
  * Schedule
