@@ -48,3 +48,37 @@ void host_waits_case(const void *args) {
            last.grad_norm);
     run_free(&r);
 }
+
+/* copy_from_host stages copies of up to 4 MiB through a ring of page-locked memory and returns before the
+ * device has them (kernels/cuda/runtime.cu): many copies of mixed sizes, from one host buffer that is
+ * overwritten right after each call, around the ring several times (it reuses a region only after the
+ * copy that read it has passed), plus one past the ring's limit, must each land as their bytes were at
+ * the call. */
+void staged_copies_case(const void *args) {
+    (void)args;
+    enum { COPIES = 300 };
+    const size_t big = (size_t)5 << 20;
+    size_t size[COPIES + 1], at[COPIES + 2], total = 0;
+    for (int i = 0; i <= COPIES; i++) {
+        size[i] = i == COPIES ? big : 1 + (size_t)(rng_next(&gpu_check.rng) % (i % 7 == 0 ? 300000 : 5000));
+        at[i] = total;
+        total += size[i];
+    }
+    unsigned char *src = xmalloc(big), *want = xmalloc(total), *got = xmalloc(total);
+    char *dev = GB->alloc(total);
+    const int64_t waits = GB->host_waits();
+    for (int i = 0; i <= COPIES; i++) {
+        for (size_t b = 0; b < size[i]; b++) src[b] = (unsigned char)(rng_next(&gpu_check.rng) >> 24);
+        memcpy(want + at[i], src, size[i]);
+        GB->copy_from_host(dev + at[i], src, size[i]);
+        memset(src, 0xAB, size[i]); /* the staged copy must not read the caller's buffer after the call */
+    }
+    const int64_t staged_waits = GB->host_waits() - waits;
+    GB->copy_to_host(got, dev, total);
+    size_t bad = 0;
+    for (size_t b = 0; b < total; b++) bad += got[b] != want[b];
+    record(bad == 0, "%-58s %zu of %zu bytes differ; %lld host waits (the %zu-byte copy blocks)",
+           "staged copy_from_host, 301 copies around the ring", bad, total, (long long)staged_waits, big);
+    GB->free(dev);
+    free(src), free(want), free(got);
+}
