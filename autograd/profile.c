@@ -36,8 +36,10 @@ void profiler_init(Profiler *p, const KernelBackend *be) {
 }
 
 /* The time after everything issued so far has finished. */
-static double sync_now(const Profiler *p) {
+static double sync_now(Profiler *p) {
+    const int64_t before = p->be->host_waits();
     p->be->synchronize();
+    p->own_waits += p->be->host_waits() - before;
     return wall_seconds();
 }
 
@@ -162,6 +164,8 @@ void profiler_end_named(Profiler *p, const char *name, ProfPhase phase) {
 void profiler_step_begin(Profiler *p) {
     if (p->depth != 0) fatal("profiler: a step began inside an op bracket");
     p->step_start = p->mark = sync_now(p);
+    p->waits_at_step_start = p->be->host_waits();
+    p->own_at_step_start = p->own_waits;
 }
 
 void profiler_backward_end(Profiler *p) {
@@ -174,6 +178,7 @@ void profiler_step_end(Profiler *p) {
     p->optimizer += close_bracket(p);
     charge_open_allocs(p, 1, PROF_OTHER, PROF_FORWARD); /* the optimizer's temporaries, if any */
     p->wall += p->mark - p->step_start;
+    p->host_waits += p->be->host_waits() - p->waits_at_step_start - (p->own_waits - p->own_at_step_start);
     p->steps++;
 }
 
@@ -233,4 +238,7 @@ void profiler_write_table(const Profiler *p, FILE *f, const char *title) {
     fprintf(f, "| step wall time (profiled: synchronised around every op); memory: the activation arena's peak | | | | | %.3f | 100.0 |",
             p->wall * ms);
     memory_cells(p, f, p->peak, forward_bytes);
+    fprintf(f, "\nHost waits for the device per step, besides the profiler's own synchronisations: %.1f (copies to "
+               "the host, synchronisations and frees; a logged step reads its loss and norm)\n",
+            (double)p->host_waits / n);
 }

@@ -72,6 +72,11 @@ typedef struct Profiler {
     double optimizer; /* seconds from the end of the backward to the end of the step, less any op inside */
     double wall;      /* seconds from step start to step end, synchronised at both ends */
     int steps;        /* profiled steps so far */
+    /* the backend's host waits (KernelBackend.host_waits) in the profiled steps besides the profiler's own
+     * synchronisations: what the step would wait for unprofiled (0 on CUDA after warm-up, except where
+     * it reads its loss) */
+    int64_t host_waits;
+    int64_t own_waits, waits_at_step_start, own_at_step_start;
     /* the open brackets: start time and time spent in brackets nested inside */
     double start[PROF_MAX_DEPTH], nested[PROF_MAX_DEPTH];
     int depth;

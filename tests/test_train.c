@@ -100,8 +100,9 @@ TEST(offloaded_block_inputs_change_nothing) {
 
 /* Run.defer_step_results (run_train on a GPU): the steps not logged leave their loss, aux and norm on the
  * device (NaN in StepResult), the logged ones (log_every 3, the first, the last) read the very values a
- * run that reads every step gets, over 2 micro-batches a step; the training itself is the same. */
-static void train_deferred(bool defer, StepResult *res) {
+ * run that reads every step gets, over 2 micro-batches a step; the training itself is the same. With MSA
+ * layers past a 2-step dense warm-up, the KL terms their backwards compute (read with the loss) too. */
+static void train_deferred(bool defer, bool msa, StepResult *res) {
     Run r;
     memset(&r, 0, sizeof r);
     r.quiet = true;
@@ -109,6 +110,11 @@ static void train_deferred(bool defer, StepResult *res) {
     config_load(&r.cfg, TINY);
     config_set(&r.cfg, "train.grad_accum=2");
     config_set(&r.cfg, "train.log_every=3");
+    if (msa) {
+        static const char *sets[] = {"model.attention=msa", "msa.dense_warmup_steps=2", "msa.block_size=8",
+                                     "msa.topk_blocks=3", "msa.index_dim=16"};
+        for (int i = 0; i < 5; i++) config_set(&r.cfg, sets[i]);
+    }
     r.cfg.train.steps = 7;
     r.config_path = TINY;
     run_init(&r);
@@ -118,19 +124,24 @@ static void train_deferred(bool defer, StepResult *res) {
 }
 
 TEST(deferred_step_results_read_only_on_logged_steps) {
-    StepResult every[7], deferred[7];
-    train_deferred(false, every);
-    train_deferred(true, deferred);
-    for (int s = 0; s < 7; s++) {
-        const bool logged = s == 0 || (s + 1) % 3 == 0 || s == 6;
-        if (logged)
-            EXPECT(deferred[s].loss == every[s].loss && deferred[s].grad_norm == every[s].grad_norm &&
-                       deferred[s].aux == every[s].aux,
-                   "step %d: loss %.9f vs %.9f, norm %.9f vs %.9f", s + 1, deferred[s].loss, every[s].loss,
-                   deferred[s].grad_norm, every[s].grad_norm);
-        else
-            EXPECT(isnan(deferred[s].loss) && isnan(deferred[s].grad_norm) && isfinite(every[s].loss),
-                   "step %d (not logged): loss %g, norm %g read", s + 1, deferred[s].loss, deferred[s].grad_norm);
+    for (int msa = 0; msa < 2; msa++) {
+        StepResult every[7], deferred[7];
+        train_deferred(false, msa, every);
+        train_deferred(true, msa, deferred);
+        EXPECT(!msa || every[6].aux > 0, "the MSA run reports no KL (aux %g)", every[6].aux);
+        for (int s = 0; s < 7; s++) {
+            const bool logged = s == 0 || (s + 1) % 3 == 0 || s == 6;
+            if (logged)
+                EXPECT(deferred[s].loss == every[s].loss && deferred[s].grad_norm == every[s].grad_norm &&
+                           deferred[s].aux == every[s].aux,
+                       "%s step %d: loss %.9f vs %.9f, aux %.9f vs %.9f, norm %.9f vs %.9f", msa ? "msa" : "dense", s + 1,
+                       deferred[s].loss, every[s].loss, deferred[s].aux, every[s].aux, deferred[s].grad_norm,
+                       every[s].grad_norm);
+            else
+                EXPECT(isnan(deferred[s].loss) && isnan(deferred[s].grad_norm) && isfinite(every[s].loss),
+                       "%s step %d (not logged): loss %g, norm %g read", msa ? "msa" : "dense", s + 1, deferred[s].loss,
+                       deferred[s].grad_norm);
+        }
     }
 }
 

@@ -124,7 +124,10 @@ void model_set_trainable(Model *m, bool index_only, float backbone_lr_scale);
  * causal attention work). Stops with a message when the tokens do not split so. */
 int64_t model_cp_tokens(const Model *m, int64_t N, int64_t seq_len, int32_t *index);
 
-/* Upload a host batch as device tensors in the engine's arena. */
+/* Upload a host batch as device tensors in the engine's arena. The tensors keep pointers to b's arrays
+ * (Tensor.host_data: a CUDA kernel reads what it must know of the batch there instead of waiting for a copy
+ * back), so b's arrays must stay unchanged while the tensors are in use (the micro-step's forward and
+ * backward). */
 ModelInput model_upload(Engine *e, const Batch *b);
 /* Final-norm hidden states -> logits [N, V] (context parallel: this rank's rows of them) */
 Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out);

@@ -22,8 +22,9 @@
  *   broadcast KV head h/(Hq/Hkv) over the batch dims (Hq a multiple of Hkv). Stats [b, Hq, s, 1] with
  *   strides (Hq*s, 1, Hq, 1) and offsets cu[i]*Hq, i.e. token-major [N, Hq]; a small kernel turns it
  *   into our lse [Hq, N] (and back for the backward).
- *   Per call: cu_seqlens is copied to the host (one small synchronising copy) for the longest
- *   document; a kernel writes the per-document lengths and the ragged offsets into scratch.
+ *   Per call: the longest document from the host's copy of cu_seqlens (Tensor.host_data, the batch's;
+ *   without one, a copy to the host: a wait); a kernel writes the per-document lengths and the ragged
+ *   offsets into scratch.
  *
  * Forward graph (cudnn-frontend's CompositeSDPANode for a backend < 9.21):
  *   S1 = matmul(Q, K^T) [m, n overridden by seq_len_q/kv; padding value 0] ; S2 = S1 * attn_scale

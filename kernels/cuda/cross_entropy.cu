@@ -1,9 +1,10 @@
 /* Token cross-entropy on the GPU: fp32 math on BF16 (or F32) logits, one block per row with an online
  * max/sum; lse [N] F32 saved; the loss (F32 scalar) is the mean over counted rows, summed in fp64 in a
- * fixed order (deterministic). The forward returns the counted rows to the host, so it synchronises
- * (as the CPU kernel's return value requires); targets outside [0, V) other than ignore_index stop the
- * program there. The backward reads dloss on the device (no synchronisation); its dlogits may be BF16
- * where the logits are F32 (the chunked LM head keeps its logits in F32, its GEMMs read BF16). */
+ * fixed order (deterministic). The forward returns the counted rows (the CPU kernel's return value),
+ * counted on the host's copy of the targets when they have one (Tensor.host_data: no wait), else copied
+ * from the device (a wait); targets outside [0, V) other than ignore_index stop the program at the next
+ * wait. The backward reads dloss on the device (no synchronisation); its dlogits may be BF16 where the
+ * logits are F32 (the chunked LM head keeps its logits in F32, its GEMMs read BF16). */
 #include <math.h>
 
 #include "primitives.cuh"

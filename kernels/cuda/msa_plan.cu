@@ -14,10 +14,11 @@
  * Cost ~ a 2-3 pass radix sort of N*k pairs per group (N = 128K, k = 16: 2M pairs, ~11 key bits).
  *
  * Bad input is found on the device and recorded in the error word (common.cuh) with what the CPU's
- * messages name; the host reports it at its next synchronisation (at the latest the step's loss read),
+ * messages name; the host reports it at its next copy to the host (at the latest a logged step's loss read),
  * so building a plan costs no round trip. Until then the plan of a bad selection stays memory-safe
  * (keys clamped to valid rows or the sentinel): the attention kernels that trust it read only valid
- * blocks, and the run stops before an optimizer step uses what they computed.
+ * blocks, and the run stops at that read (a step read every step, as the tests do, stops before its
+ * update; run_train on a GPU reads on logged steps only, so updates until the next one use it).
  * Workspace: a private buffer (not scratch(), so that a kernel holding its scratch region may build a
  * temporary plan in the middle of its own call). */
 #include <limits.h>

@@ -183,7 +183,10 @@ struct StagingRing {
         while (!in_flight.empty()) retire_front();
         size_t want = cap ? cap : (size_t)1 << 20;
         while (want < bytes * RING_COPIES) want *= 2;
-        if (buf) CUDA_CHECK(cudaFreeHost(buf));
+        if (buf) {
+            host_wait("staging ring growth");
+            CUDA_CHECK(cudaFreeHost(buf));
+        }
         CUDA_CHECK(cudaMallocHost((void **)&buf, want));
         cap = want;
         head = 0;

@@ -427,6 +427,7 @@ void gpu_cases(void) {
     moe_cases();
     cp_cases();
     activation_cases();
+    GPU_CASE0("sync", staged_copies_case);
     /* the shakespeare_gpu model on fewer rows: dense (cuDNN attention, D = 64), then with MSA in layers 1-5
      * past their dense warm-up */
     GPU_CASE("sync", host_waits_case, HostWaitsCase, "tiny.json (cuDNN attention, D = 16)", "configs/tiny.json", {NULL}, 3, 4);

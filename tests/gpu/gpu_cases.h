@@ -222,5 +222,6 @@ void transpose_case(const void *args);
  * unread), then one logged step; sets: config assignments (NULL-terminated, up to 8) on config */
 typedef struct { const char *label, *config; const char *sets[9]; int warm_steps, measured_steps; } HostWaitsCase;
 void host_waits_case(const void *args);
+void staged_copies_case(const void *args); /* copy_from_host through the staging ring: every byte lands */
 
 #endif
