@@ -230,8 +230,9 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warpgroup */
 
-    /* The block's (at most) two 64-key sub-tiles: both S = Q K^T issued at once, then the second one's
-     * softmax runs on the CUDA cores while P V of the first runs on the tensor cores. */
+    /* The block's (at most) two 64-key sub-tiles: both S = Q K^T issued at once, so the second runs on
+     * the tensor cores while the first one's softmax runs on the CUDA cores, and the second one's softmax
+     * while P V of the first runs. */
     static_assert(TC_KB == 128, "two 64-key sub-tiles per block");
     const int nkt = kend > d.klo ? (kend - d.klo + 63) >> 6 : 0;
     if (nkt > 0) {
@@ -249,8 +250,8 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
                 wgmma_commit();
             }
         }
-        /* both S first: reading one S while the other's MMA is in flight makes ptxas serialise the kernel */
-        wgmma_wait<0>();
+        if (nkt > 1) wgmma_wait<1>();
+        else wgmma_wait<0>();
         wgmma_hold(s[0]);
         uint32_t pa[2][4][4]; /* one per sub-tile: P V of the first reads its registers while the second's
                                * softmax runs */
@@ -261,6 +262,7 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
         for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
         wgmma_commit();
         if (nkt > 1) {
+            wgmma_wait<1>();
             wgmma_hold(s[1]);
             fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
             wgmma_wait<0>();
@@ -385,14 +387,6 @@ template <int D, int DI> struct TcBwd {
     static constexpr size_t SMEM =
         4 * Q_BYTES + 2 * KV_BYTES + DS_BYTES + KL_BYTES + 4 * M * sizeof(float) + sizeof(TcRing<M>) + 1024;
 };
-
-/* Byte offset of the 16-byte chunk c (8 packed rows) of key row `key` in the dS^T buffer [TC_KB][M]:
- * 128-byte rows with the 128-byte swizzle (M = 64), 64-byte rows with the 64-byte swizzle (M = 32). */
-template <int M> __device__ __forceinline__ uint32_t ds_off(int key, int c) {
-    static_assert(M == 32 || M == 64, "dS^T rows of 64 or 128 bytes");
-    if constexpr (M == 64) return gmma_off(key, c, TC_KB);
-    else return swz<4>(key, c);
-}
 
 /* Accumulators of one segment: warp w owns keys 16w .. 16w+15 (thread rows gid, gid+8), all D. */
 template <int D> struct TcDkv {
@@ -655,8 +649,8 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             /* the warpgroup's keys are past the segment or in the future of every query of the tile: dS = 0
              * (dz stays zero) */
             if (a.dqp)
-                for (int idx = lane; idx < 16 * NQ; idx += 32)
-                    *(uint4 *)(sdS + ds_off<M>(kw0 + idx / NQ, idx % NQ)) = make_uint4(0, 0, 0, 0);
+                for (int idx = lane; idx < 16 * 8; idx += 32)
+                    *(uint4 *)(sdS + gmma_off(kw0 + idx / 8, idx % 8, TC_KB)) = make_uint4(0, 0, 0, 0);
         } else {
             /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
              * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
@@ -717,12 +711,12 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                 wgmma_hold(acc.k);
                 wgmma_hold(acc.v);
             }
-            /* dS^T as bf16 [key][packed row] for dQ */
+            /* dS^T as bf16 [key][packed row] (128-byte rows: M <= 64) for dQ */
             if (a.dqp) {
 #pragma unroll
                 for (int n = 0; n < NQ; n++) {
-                    *(uint32_t *)(sdS + ds_off<M>(kw0 + gid, n) + tig * 4) = pack_bf16(dpt[n][0], dpt[n][1]);
-                    *(uint32_t *)(sdS + ds_off<M>(kw0 + gid + 8, n) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
+                    *(uint32_t *)(sdS + gmma_off(kw0 + gid, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][0], dpt[n][1]);
+                    *(uint32_t *)(sdS + gmma_off(kw0 + gid + 8, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
                 }
             }
             if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, a);
@@ -731,56 +725,31 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     if (!a.dqp) return kl; /* uniform over the CTA */
     fence_async_smem();
     __syncthreads();
-    if constexpr (M == 64) {
-        /* dQ_partial = dS K over the segment's keys: m64 = the packed rows, n64 = head dims [64 wg, 64 wg +
-         * 64) (D = 64: warpgroup 0 only); dS read transposed from [key][row], K transposed from [key][d] */
-        if (wg * 64 >= D) return kl;
-        float dq[8][4];
-        wgmma_fence();
+    /* dQ_partial = dS K over the segment's keys: m64 = the packed rows (rows past M unused), n64 = head
+     * dims [64 wg, 64 wg + 64) (D = 128: a warpgroup each; D = 64: warpgroup 0); dS read transposed from
+     * [key][row], K transposed from [key][d] */
+    if (wg * 64 >= D) return kl;
+    constexpr int NH = 64;
+    float dq[NH / 8][4];
+    wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
-            const uint64_t dsa = gmma_desc(dss + kk * 16 * 128, TC_KB * 128, 1024);
-            const uint64_t kb = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
-            wgmma_ss_n64<1, 1>(dq, dsa, kb, kk == 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(dq);
-        const int rw = (warp & 3) * 16; /* this warp's rows */
+    for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
+        const uint64_t dsa = gmma_desc(dss + kk * 16 * 128, TC_KB * 128, 1024);
+        const uint64_t kb = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
+        wgmma_ss_n64<1, 1>(dq, dsa, kb, kk == 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(dq);
+    const int rw = (warp & 3) * 16; /* this warp's rows of the m64 */
+    if (rw < M) {
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int4 m = meta[rw + gid + half * 8];
             if (m.x < 0) continue;
-            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * 64;
+            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * NH;
 #pragma unroll
-            for (int j = 0; j < 8; j++) *(float2 *)(dst + j * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
-        }
-    } else {
-        /* dQ_partial^T = K^T dS^T (32 packed rows fill no m64): m64 = head dims [64 wg, 64 wg + 64), n32 = the
-         * packed rows; K read transposed from [key][d], dS^T from [key][row] (64-byte swizzle) */
-        static_assert(D == 128, "M = 32 is the D = 128 tile");
-        float dqt[4][4];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
-            const uint64_t ka = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
-            const uint64_t dsb = gmma_desc(dss + kk * 16 * 64, 64 * 64, 512, 2);
-            wgmma_ss_n32<1, 1>(dqt, ka, dsb, kk == 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(dqt);
-        const int d0 = wg * 64 + (warp & 3) * 16 + gid; /* this thread's head dims d0, d0 + 8 */
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int4 m = meta[j * 8 + tig * 2 + c];
-                if (m.x < 0) continue;
-                float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + d0;
-                dst[0] = dqt[j][c];
-                dst[8] = dqt[j][2 + c];
-            }
+            for (int j = 0; j < NH / 8; j++) *(float2 *)(dst + j * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
         }
     }
     return kl;

@@ -170,11 +170,10 @@ __device__ __forceinline__ float quad_sum(float v) {
 __host__ __device__ __forceinline__ uint32_t gmma_off(int r, int c, int rows) {
     return (uint32_t)((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
-/* descriptor of a swizzled shared-memory operand starting at shared address addr; swizzle 1: 128-byte
- * (gmma_off), 2: 64-byte (rows of 64 bytes, chunk c of row r at (c ^ ((r >> 1) & 3)) * 16, SBO = 512) */
-__device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes, uint32_t swizzle = 1) {
+/* descriptor of a 128B-swizzled shared-memory operand starting at shared address addr */
+__device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
     return (uint64_t)((addr & 0x3ffff) >> 4) | ((uint64_t)((lbo_bytes >> 4) & 0x3fff) << 16) |
-           ((uint64_t)((sbo_bytes >> 4) & 0x3fff) << 32) | ((uint64_t)swizzle << 62);
+           ((uint64_t)((sbo_bytes >> 4) & 0x3fff) << 32) | (1ull << 62);
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
