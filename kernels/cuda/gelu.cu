@@ -7,18 +7,25 @@ using namespace msacuda;
 /* sqrt(2/pi) and the cubic coefficient of the approximation */
 constexpr float GELU_C = 0.7978845608028654f, GELU_A = 0.044715f;
 
+/* (1 + tanh(u)) / 2 as the logistic of 2u: in fp32, 1 + tanhf(u) cancels for u << 0 (an x below about -3
+ * lost most of its digits: 1.8e-4 relative error against the CPU's double at one such x) */
+__device__ __forceinline__ float gelu_half_one_plus_tanh(float v) {
+    return 1.0f / (1.0f + expf(-2.0f * GELU_C * (v + GELU_A * v * v * v)));
+}
+
 template <typename T> __global__ void gelu_fwd_kernel(T *y, const T *x, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float v = to_f32(x[i]);
-        y[i] = from_f32<T>(0.5f * v * (1.0f + tanhf(GELU_C * (v + GELU_A * v * v * v))));
+        y[i] = from_f32<T>(v * gelu_half_one_plus_tanh(v));
     }
 }
 
-/* dx += dy f'(x), f'(x) = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3a x^2), t = tanh(sqrt(2/pi) (x + a x^3)) */
+/* dx += dy f'(x), f'(x) = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3a x^2), t = tanh(sqrt(2/pi) (x + a x^3));
+ * with s = (1 + t)/2, 1 - t^2 = 4 s (1 - s) */
 template <typename T> __global__ void gelu_bwd_kernel(T *dx, const T *dy, const T *x, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float v = to_f32(x[i]), t = tanhf(GELU_C * (v + GELU_A * v * v * v));
-        const float d = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
+        const float v = to_f32(x[i]), s = gelu_half_one_plus_tanh(v);
+        const float d = s + 2.0f * v * s * (1.0f - s) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
         dx[i] = from_f32<T>(to_f32(dx[i]) + to_f32(dy[i]) * d);
     }
 }
