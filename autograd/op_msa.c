@@ -129,12 +129,10 @@ void backward_msa_kl(Engine *e, Node *n) {
     Tensor *gqi = engine_grad(e, qi), *gki = engine_grad(e, ki);
     if (!gqi && !gki) return;
     const MsaKlParams *kp = NODE_PARAMS(n, MsaKlParams);
-    const int64_t N = kp->q->shape[0], Hidx = qi->shape[1];
-    /* loss = weight * sum_{t,g} KL / (N * Hidx): the kernel takes the factor on sum_{t,g} KL */
-    const double coeff = (double)kp->weight * tensor_item(e, n->out[0]->grad) / (double)(N * Hidx);
+    /* loss = weight * sum_{t,g} KL / (N * Hidx); the kernel reads the upstream gradient on the device */
     BACKEND_REQUIRE(e->be, msa_kl_backward);
     e->be->msa_kl_backward(gqi, gki, kp->q, kp->k, kp->lse, qi, ki, kp->idx_lse, kp->topk, kp->plan, kp->cu_seqlens,
-                           &kp->msa, (float)coeff);
+                           &kp->msa, n->out[0]->grad, kp->weight);
 }
 
 typedef struct MsaAttentionKlParams {

@@ -355,7 +355,7 @@ TEST(plan_matches_definition) {
             g[w][1] = test_tensor(DT_F32, SHAPE(N, c->Hkv, c->D));
             g[w][2] = test_tensor(DT_F32, SHAPE(N, c->Di));
             cpu_backend.msa_attention_backward(NULL, g[w][0], g[w][1], dout, q, k, v, out, lse, tk, w ? plan : NULL, cu, &p);
-            cpu_backend.msa_kl_backward(NULL, g[w][2], q, k, lse, qi, ki, il, tk, w ? plan : NULL, cu, &p, 0.5f);
+            cpu_backend.msa_kl_backward(NULL, g[w][2], q, k, lse, qi, ki, il, tk, w ? plan : NULL, cu, &p, NULL, 0.5f);
         }
         for (int i = 0; i < 3; i++) {
             EXPECT(memcmp(g[0][i]->data, g[1][i]->data, tensor_bytes(g[0][i])) == 0,
@@ -975,9 +975,7 @@ TEST(fused_backward_equals_the_separate_kernels) {
                 cpu_backend.msa_attention_kl_backward(r[0][0], r[0][1], r[0][2], r[0][3], r[0][4], r[0][5], main ? dout : NULL, q,
                                                       k, v, out, lse, qi, ki, il, tk, NULL, cu, &p, with_grad ? kg : NULL, w);
                 if (main) cpu_backend.msa_attention_backward(r[1][0], r[1][1], r[1][2], dout, q, k, v, out, lse, tk, NULL, cu, &p);
-                const double gval = with_grad ? tensor_get(kg, 0) : 1.0;
-                const float coeff_op = (float)((double)w * gval / (double)(N * c->Hkv));
-                cpu_backend.msa_kl_backward(r[1][3], r[1][4], q, k, lse, qi, ki, il, tk, NULL, cu, &p, coeff_op);
+                cpu_backend.msa_kl_backward(r[1][3], r[1][4], q, k, lse, qi, ki, il, tk, NULL, cu, &p, with_grad ? kg : NULL, w);
                 Tensor *il2 = test_tensor(dt, SHAPE(c->Hkv, N));
                 cpu_backend.msa_kl_forward(r[1][5], il2, q, k, lse, qi, ki, tk, NULL, cu, &p);
                 bool same = true;
@@ -1093,7 +1091,7 @@ TEST(msa_f32_matches_f64_and_deterministic) {
             cpu_backend.msa_attention_forward(r[R_OUT], r[R_LSE], x[0], x[1], x[2], tk, NULL, cu, &p);
             cpu_backend.msa_attention_backward(r[R_DQ], r[R_DK], r[R_DV], x[3], x[0], x[1], x[2], r[R_OUT], r[R_LSE], tk, NULL, cu, &p);
             cpu_backend.msa_kl_forward(r[R_KL], r[R_IL], x[0], x[1], r[R_LSE], x[4], x[5], tk, NULL, cu, &p);
-            cpu_backend.msa_kl_backward(r[R_DQI], r[R_DKI], x[0], x[1], r[R_LSE], x[4], x[5], r[R_IL], tk, NULL, cu, &p, 0.01f);
+            cpu_backend.msa_kl_backward(r[R_DQI], r[R_DKI], x[0], x[1], r[R_LSE], x[4], x[5], r[R_IL], tk, NULL, cu, &p, NULL, 0.01f);
             tks[prec][run] = tk;
         }
     omp_set_num_threads(max_threads);

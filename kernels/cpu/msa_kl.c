@@ -47,9 +47,10 @@ void cpu_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tens
     kl_value("msa_kl_forward", kl, idx_lse, q, k, lse, qi, ki, topk, cu_seqlens, p);
 }
 
-void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
-                         const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
-                         const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
+/* dqi, dki += coeff * d(sum over (t,g) of KL)/d(qi, ki) */
+static void kl_backward_coeff(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
+                              const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
+                              const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
     if (!dqi && !dki) return;
     CPU_SAME_DTYPE("msa_kl_backward", q, dqi, dki, k, lse, qi, ki, idx_lse);
     MsaCtx c = kl_ctx("msa_kl_backward", q, k, lse, qi, ki, topk, cu_seqlens, p);
@@ -60,6 +61,21 @@ void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor
     CPU_CALL(q, msa_kl_bwd, dqi ? dqi->data : NULL, dki ? dki->data : NULL, q->data, k->data, lse->data, qi->data,
              ki->data, idx_lse->data, (double)coeff, &c);
     msa_ctx_free(&c);
+}
+
+/* the coefficient of kernels.def, rounded to float as the kernel takes it */
+static float kl_coeff(const char *what, const Tensor *qi, const Tensor *kl_grad, float kl_weight) {
+    if (kl_grad && kl_grad->numel != 1) fatal("cpu %s: kl_grad must be a scalar tensor", what);
+    const int64_t pairs = qi->shape[0] * qi->shape[1];
+    return (float)((double)kl_weight * (kl_grad ? tensor_get(kl_grad, 0) : 1.0) / (double)pairs);
+}
+
+void cpu_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
+                         const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
+                         const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, const Tensor *kl_grad,
+                         float kl_weight) {
+    kl_backward_coeff(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                      kl_coeff("msa_kl_backward", qi, kl_grad, kl_weight));
 }
 
 /* The CPU reference of the fused entry is the separate kernels in sequence, so that its results are those
@@ -78,10 +94,8 @@ void cpu_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *dv, Tensor *d
     }
     if (dqi || dki) {
         if (!idx_lse) fatal("cpu msa_attention_kl_backward: idx_lse (the indexer's) is required for dqi or dki");
-        if (kl_grad && kl_grad->numel != 1) fatal("cpu msa_attention_kl_backward: kl_grad must be a scalar tensor");
-        const int64_t pairs = qi->shape[0] * qi->shape[1];
-        const double coeff = (double)kl_weight * (kl_grad ? tensor_get(kl_grad, 0) : 1.0) / (double)pairs;
-        cpu_msa_kl_backward(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, (float)coeff);
+        kl_backward_coeff(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                          kl_coeff("msa_attention_kl_backward", qi, kl_grad, kl_weight));
     }
     if (kl) kl_value("msa_attention_kl_backward", kl, NULL, q, k, lse, qi, ki, topk, cu_seqlens, p);
 }

@@ -1311,10 +1311,15 @@ static void kl_backward_checked(const char *what, Tensor *dqi, Tensor *dki, cons
 
 extern "C" void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse,
                                      const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk,
-                                     const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p, float coeff) {
+                                     const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p,
+                                     const Tensor *kl_grad, float kl_weight) {
     init();
-    kl_backward_checked("msa_kl_backward", dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, coeff,
-                        nullptr);
+    if (kl_grad && (kl_grad->numel != 1 || kl_grad->dtype != DT_F32 || kl_grad->device != DEV_CUDA))
+        fatal("cuda msa_kl_backward: kl_grad must be an f32 scalar on the device");
+    /* kl_weight / (N * Hidx) here, times kl_grad[0] on the device, as msa_attention_kl_backward */
+    const float mul = (float)((double)kl_weight / ((double)qi->shape[0] * (double)qi->shape[1]));
+    kl_backward_checked("msa_kl_backward", dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul,
+                        kl_grad ? (const float *)kl_grad->data : nullptr);
 }
 
 namespace msacuda {

@@ -429,10 +429,13 @@ void gpu_cases(void) {
     activation_cases();
     GPU_CASE0("sync", staged_copies_case);
     /* the shakespeare_gpu model on fewer rows: dense (cuDNN attention, D = 64), then with MSA in layers 1-5
-     * past their dense warm-up */
+     * in their dense warm-up and past it */
     GPU_CASE("sync", host_waits_case, HostWaitsCase, "tiny.json (cuDNN attention, D = 16)", "configs/tiny.json", {NULL}, 3, 4);
     GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu dense, 8 x 256 tokens", "configs/shakespeare_gpu.json",
              {"train.batch_size=8", NULL}, 3, 4);
+    GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu MSA dense warm-up, 8 x 256 tokens",
+             "configs/shakespeare_gpu.json", {"model.attention=msa", "msa.dense_warmup_steps=100", "train.batch_size=8", NULL},
+             3, 4);
     GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu MSA sparse phase, 8 x 256 tokens",
              "configs/shakespeare_gpu.json", {"model.attention=msa", "msa.dense_warmup_steps=2", "train.batch_size=8", NULL},
              4, 4);

@@ -140,13 +140,15 @@ void msa_kl_case(const void *args) {
     /* backward from the CPU's idx_lse on both sides */
     Pair ilr = pair_from(DT_F32, 2, (int64_t[]){Hkv, N}, (const float *)il.c.data);
     Grad dqi = grad_new(act, 3, (int64_t[]){N, Hkv, Di}), dki = grad_new(act, 2, (int64_t[]){N, Di});
-    const float coeff = 0.8f;
+    /* the upstream gradient read on the device (the op's way), the CPU's on the host */
+    const float weight = 0.8f;
+    Pair kl_grad = pair_from(DT_F32, 1, (int64_t[]){1}, (const float[]){1.25f});
     CB->msa_kl_backward(c->grads & 1 ? &dqi.p.c : NULL, c->grads & 2 ? &dki.p.c : NULL, &q.c, &k.c, &lse.c, &qi.c, &ki.c,
-                        &ilr.c, tkc, NULL, &cs.c, &p, coeff);
+                        &ilr.c, tkc, NULL, &cs.c, &p, &kl_grad.c, weight);
     grad_arm(&dqi);
     grad_arm(&dki);
     GB->msa_kl_backward(c->grads & 1 ? &dqi.p.g : NULL, c->grads & 2 ? &dki.p.g : NULL, &q.g, &k.g, &lse.g, &qi.g, &ki.g,
-                        &ilr.g, tkg, plg, &cs.g, &p, coeff);
+                        &ilr.g, tkg, plg, &cs.g, &p, &kl_grad.g, weight);
     const char *others = c->grads == 3 ? "" : " (other NULL)";
     if (c->grads & 1) {
         snprintf(name, sizeof name, "msa_kl bwd dqi %s%s", desc, others);
@@ -160,6 +162,7 @@ void msa_kl_case(const void *args) {
 
     grad_free(&dqi);
     grad_free(&dki);
+    pair_free(&kl_grad);
     pair_free(&ilr);
     pair_free(&kl);
     pair_free(&il);
@@ -209,7 +212,7 @@ void msa_kl_zero_case(const void *args) {
     upload_f32(&dqi, zeros);
     upload_f32(&dki, zeros);
     free(zeros);
-    GB->msa_kl_backward(&dqi, &dki, &q.g, &k.g, &lse.g, &qi.g, &ki.g, &il, tkg, NULL, &cs.g, &p, 1.0f);
+    GB->msa_kl_backward(&dqi, &dki, &q.g, &k.g, &lse.g, &qi.g, &ki.g, &il, tkg, NULL, &cs.g, &p, NULL, 1.0f * N * H);
     double rms[2];
     const Tensor *gs[2] = {&dqi, &dki};
     bool finite = true;
@@ -416,7 +419,7 @@ static void kl_bench_one(int64_t N) {
     Tensor kl = mk(GB, DT_F32, 1, (int64_t[]){1}), il = mk(GB, DT_F32, 2, (int64_t[]){Hkv, N});
     Tensor dqi = dev_rand(DT_BF16, 3, (int64_t[]){N, Hkv, Di}, 0), dki = dev_rand(DT_BF16, 2, (int64_t[]){N, Di}, 0);
     GB->msa_kl_forward(&kl, &il, &q, &k, &lse, &qi, &ki, &topk, &plan, &cu, &p); /* warm-up */
-    GB->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &il, &topk, &plan, &cu, &p, 1e-3f);
+    GB->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &il, &topk, &plan, &cu, &p, NULL, 1e-3f);
     const int reps = 3;
     gpu_sync();
     double t0 = wall_seconds();
@@ -424,7 +427,7 @@ static void kl_bench_one(int64_t N) {
     gpu_sync();
     const double tf = (wall_seconds() - t0) / reps;
     t0 = wall_seconds();
-    for (int i = 0; i < reps; i++) GB->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &il, &topk, &plan, &cu, &p, 1e-3f);
+    for (int i = 0; i < reps; i++) GB->msa_kl_backward(&dqi, &dki, &q, &k, &lse, &qi, &ki, &il, &topk, &plan, &cu, &p, NULL, 1e-3f);
     gpu_sync();
     const double tb = (wall_seconds() - t0) / reps;
     float klv = 0;

@@ -2,8 +2,9 @@
  * trips in an MSA step"): after the first steps have sized every buffer (scratch, plans, arenas, cuDNN
  * and cuBLAS plans), the backend's count of host waits (kernels.def host_waits: copies to the host,
  * synchronisations, frees) must not move over a step that is not logged. A dense model (the cuDNN
- * attention path, which once copied cu_seqlens to the host at every layer) and an MSA model in its sparse
- * phase. A failure names the call site of the last wait (cuda_last_host_wait). */
+ * attention path, which once copied cu_seqlens to the host at every layer) and an MSA model in its dense
+ * warm-up (whose KL backward once read its upstream gradient on the host) and its sparse phase. A failure
+ * names the call site of the last wait (cuda_last_host_wait). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
