@@ -138,14 +138,21 @@ Tensor *engine_grad(Engine *e, Tensor *t) {
     return t->grad;
 }
 
+/* Whether the gradient buffer g is also that of one of n's inputs (an output sharing its input's). */
+static bool shared_with_input(const Node *n, const Tensor *g) {
+    for (int i = 0; i < n->n_in; i++)
+        if (n->in[i] && n->in[i]->grad && n->in[i]->grad->data == g->data) return true;
+    return false;
+}
+
 /* After the rule of node n has run inside a checkpoint's backward: its outputs' gradients are dead
  * (every op that read an output was recorded after n, so its rule ran before n's, and only n's own
- * rule reads them), and their buffers go to the pool. */
+ * rule reads them), and their buffers go to the pool; not a view's, nor one an input shares. */
 static void release_output_grads(Engine *e, const Node *n) {
     GradPool *p = e->grad_pool;
     for (int k = 0; k < n->n_out; k++) {
         Tensor *o = n->out[k];
-        if (!o || !o->grad || o->is_param) continue;
+        if (!o || !o->grad || o->is_param || o->view_of || shared_with_input(n, o->grad)) continue;
         if (p->n == p->cap) {
             p->cap = p->cap ? 2 * p->cap : 64;
             p->free = xrealloc(p->free, (size_t)p->cap * sizeof *p->free);
