@@ -20,13 +20,18 @@
 
 #define TINY "configs/tiny.json"
 
+/* a quiet run of configs/tiny.json (the caller sets what it varies, then config_path and run_init) */
+static void tiny_run_config(Run *r) {
+    memset(r, 0, sizeof *r);
+    r->quiet = true;
+    config_defaults(&r->cfg);
+    config_load(&r->cfg, TINY);
+}
+
 /* Run `steps` steps of the tiny config quietly; fill losses[]; return the final validation loss. */
 static double train_tiny_dropout(int steps, bool recompute, uint64_t seed, float dropout, double *losses) {
     Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, TINY);
+    tiny_run_config(&r);
     r.cfg.train.steps = steps;
     r.cfg.train.recompute = recompute;
     r.cfg.train.seed = seed;
@@ -69,10 +74,7 @@ TEST(same_seed_same_losses_and_recompute_identical) {
  * run that keeps them on the device, bit for bit. */
 static double train_offload(bool offload, double *losses, int *offloaded) {
     Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, TINY);
+    tiny_run_config(&r);
     config_set(&r.cfg, "model.n_layers=4");
     config_set(&r.cfg, "train.grad_accum=2");
     r.cfg.train.steps = 6;
@@ -104,10 +106,7 @@ TEST(offloaded_block_inputs_change_nothing) {
  * layers past a 2-step dense warm-up, the KL terms their backwards compute (read with the loss) too. */
 static void train_deferred(bool defer, bool msa, StepResult *res) {
     Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, TINY);
+    tiny_run_config(&r);
     config_set(&r.cfg, "train.grad_accum=2");
     config_set(&r.cfg, "train.log_every=3");
     if (msa) {
@@ -182,10 +181,7 @@ static void write_file(const char *path, const char *text) {
  * distribution is normalised); a longer context uses its last seq_len tokens. */
 TEST(sampler_distribution_matches_the_loss) {
     Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, TINY);
+    tiny_run_config(&r);
     r.cfg.train.steps = 20;
     r.config_path = TINY;
     run_init(&r);
@@ -292,10 +288,7 @@ TEST(sample_never_reads_past_the_vocabulary) {
  * NaN, then one step. */
 static void step_with_a_nan_weight(const void *name) {
     Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, TINY);
+    tiny_run_config(&r);
     r.config_path = TINY;
     run_init(&r);
     for (int i = 0; i < r.model.params.n; i++)
