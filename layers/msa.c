@@ -173,7 +173,7 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         Tensor *k_read = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
         a.out = op_msa_attention_kl(e, q, k_read, v_read, qi, ki, a.topk, a.plan, idx_lse, cu_seqlens, p, s->kl_weight,
                                     kl, &a.lse, &a.loss);
-        if (from) msa_replay_free(rp); /* one replay per kept forward: released once its block's backward has it */
+        if (from) rp->valid = false; /* one replay per kept forward */
         if (rp && e->checkpoint_forward) keep(e->be, rp, &a, idx_lse, NULL, dense);
         return a;
     } else {
@@ -190,7 +190,7 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         e->be->copy(kf.idx_lse->data, kept(from, KEPT_IDX_LSE), tensor_bytes(kf.idx_lse));
         e->be->copy(kf.loss->data, kept(from, KEPT_LOSS), tensor_bytes(kf.loss));
         engine_op_end(e, OP_msa_kl);
-        msa_replay_free(rp); /* one replay per kept forward: released once its block's backward has it */
+        rp->valid = false; /* one replay per kept forward */
     }
     a.loss = op_msa_kl(e, q, teacher_k, a.lse, qi, ki, a.topk, a.plan, cu_seqlens, p, s->kl_weight, &kf);
     if (kl && kf.kl) e->be->copy(kl->data, kf.kl->data, tensor_bytes(kl));
