@@ -45,11 +45,11 @@ bool msa_check(const MsaParams *p, const char *kp, char *why, size_t n) {
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-enum { KEPT_TOPK, KEPT_PLAN, KEPT_IDX_LSE, KEPT_LOSS };
+enum { KEPT_TOPK, KEPT_IDX_LSE, KEPT_LOSS };
 
 static void *kept(const MsaReplay *rp, int part) {
     size_t off = 0;
-    const int64_t bytes[4] = {rp->topk_bytes, rp->plan_bytes, rp->lse_bytes, rp->loss_bytes};
+    const int64_t bytes[3] = {rp->topk_bytes, rp->lse_bytes, rp->loss_bytes};
     for (int i = 0; i < part; i++) off += align64((size_t)bytes[i]);
     return (char *)rp->buf + off;
 }
@@ -58,11 +58,9 @@ static void *kept(const MsaReplay *rp, int part) {
 static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, const Tensor *idx_lse, const Tensor *loss,
                  bool dense) {
     rp->topk_bytes = a->topk ? (int64_t)tensor_bytes(a->topk) : 0;
-    rp->plan_bytes = a->plan ? (int64_t)tensor_bytes(a->plan) : 0;
     rp->lse_bytes = (int64_t)tensor_bytes(idx_lse);
     rp->loss_bytes = loss ? (int64_t)tensor_bytes(loss) : 0;
-    size_t need = align64((size_t)rp->topk_bytes) + align64((size_t)rp->plan_bytes) + align64((size_t)rp->lse_bytes) +
-                  align64((size_t)rp->loss_bytes);
+    size_t need = align64((size_t)rp->topk_bytes) + align64((size_t)rp->lse_bytes) + align64((size_t)rp->loss_bytes);
     if (need > rp->cap || be != rp->be) {
         if (rp->buf) rp->be->free(rp->buf);
         rp->be = be;
@@ -70,7 +68,6 @@ static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, 
         rp->cap = need;
     }
     if (a->topk) be->copy(kept(rp, KEPT_TOPK), a->topk->data, (size_t)rp->topk_bytes);
-    if (a->plan) be->copy(kept(rp, KEPT_PLAN), a->plan->data, (size_t)rp->plan_bytes);
     be->copy(kept(rp, KEPT_IDX_LSE), idx_lse->data, (size_t)rp->lse_bytes);
     if (loss) be->copy(kept(rp, KEPT_LOSS), loss->data, (size_t)rp->loss_bytes);
     rp->n = idx_lse->shape[1];
@@ -105,17 +102,15 @@ static Tensor *select_blocks(Engine *e, const MsaParams *p, Tensor *qi, Tensor *
     return topk;
 }
 
-/* The reverse map of the selection, built once and shared by the attention and the KL, forward and
- * backward */
-static Tensor *plan_of(Engine *e, const MsaParams *p, Tensor *topk, Tensor *cu_seqlens, const MsaReplay *from) {
+/* The reverse map of the selection, shared by the attention and the KL, forward and backward; a replay
+ * rebuilds it from the kept selection (one pass over the selection, deterministic on both backends) rather
+ * than keeping it: it is larger than the selection itself */
+static Tensor *plan_of(Engine *e, const MsaParams *p, Tensor *topk, Tensor *cu_seqlens) {
     const int64_t Hkv = topk->shape[0], N = topk->shape[1];
     engine_op_begin(e);
     Tensor *plan = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, p->topk_blocks)));
-    if (from) e->be->copy(plan->data, kept(from, KEPT_PLAN), tensor_bytes(plan));
-    else {
-        BACKEND_REQUIRE(e->be, msa_plan);
-        e->be->msa_plan(plan, topk, cu_seqlens, p);
-    }
+    BACKEND_REQUIRE(e->be, msa_plan);
+    e->be->msa_plan(plan, topk, cu_seqlens, p);
     engine_op_end_named(e, "msa_plan");
     return plan;
 }
@@ -174,7 +169,7 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
     } else if (a.deferred) {
         Tensor *idx_lse;
         a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, &idx_lse);
-        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens, from);
+        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens);
         Tensor *k_read = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
         a.out = op_msa_attention_kl(e, q, k_read, v_read, qi, ki, a.topk, a.plan, idx_lse, cu_seqlens, p, s->kl_weight,
                                     kl, &a.lse, &a.loss);
@@ -183,7 +178,7 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         return a;
     } else {
         a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, NULL);
-        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens, from);
+        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens);
         teacher_k = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
         a.out = op_msa_attention(e, q, teacher_k, v_read, a.topk, a.plan, cu_seqlens, p, &a.lse);
     }

@@ -29,19 +29,22 @@ MsaSettings msa_settings(const RunConfig *c);
  * with key_prefix ("msa." for the config's keys). */
 bool msa_check(const MsaParams *p, const char *key_prefix, char *why, size_t n);
 
-/* What a checkpointed forward keeps for its replay in the backward (train.recompute): the selection, its
- * plan and the student's normaliser (the indexer's, or with the KL forward's loss in the dense warm-up).
- * They are functions of inputs the replay recomputes bit for bit (a checkpointed segment is deterministic),
- * so the replay copies them instead of running the indexer, the plan and the KL forward a second time.
- * Device memory of the engine's backend, grown on demand; valid from a checkpointed forward until its
- * replay. */
+/* What a checkpointed forward keeps for its replay in the backward (train.recompute): the selection and the
+ * student's normaliser (the indexer's, or with the KL forward's loss in the dense warm-up). They are
+ * functions of inputs the replay recomputes bit for bit (a checkpointed segment is deterministic), so the
+ * replay copies them instead of running the indexer and the KL forward a second time; the plan, a cheap
+ * function of the selection and larger than it, is rebuilt. Device memory of the engine's backend, per token
+ * and MSA layer Hkv x (4 topk_blocks + the statistic's size) bytes, grown on demand; valid from a
+ * checkpointed forward until its replay. It is kept for the next step rather than freed after the replay:
+ * every layer's store is live when the backward starts (the step's peak), so freeing it later lowers no
+ * peak, and on CUDA each free makes the host wait for the device (kernels.def host_waits). */
 typedef struct MsaReplay {
     const KernelBackend *be; /* where buf lives */
-    void *buf;               /* topk | plan | idx_lse | loss (none when the backward computes the KL), each
-                                64-byte aligned */
+    void *buf;               /* topk | idx_lse | loss (none when the backward computes the KL), each 64-byte
+                                aligned */
     size_t cap;
-    bool valid, dense;       /* dense: kept in the dense warm-up (no topk, no plan) */
-    int64_t n, hkv, topk_bytes, plan_bytes, lse_bytes, loss_bytes;
+    bool valid, dense;       /* dense: kept in the dense warm-up (no topk) */
+    int64_t n, hkv, topk_bytes, lse_bytes, loss_bytes;
 } MsaReplay;
 
 void msa_replay_free(MsaReplay *rp);

@@ -200,8 +200,9 @@ static void count_fused_backward(Tensor *dq, Tensor *dk, Tensor *dv, Tensor *dqi
                                           p, kl_grad, w);
 }
 
-/* With train.recompute an MSA layer's replay copies the selection, plan and KL results its forward kept:
- * the indexer, plan and KL forward run once per step as without recomputation (the sparse phase has no
+/* With train.recompute an MSA layer's replay copies the selection and KL results its forward kept: the
+ * indexer and KL forward run once per step as without recomputation, the plan once more per MSA layer (the
+ * replay rebuilds it from the kept selection) (the sparse phase has no
  * KL forward at all: its one backward, attention and KL together, computes the KL), and the loss (the
  * forward's plus the terms the backward computed) and every gradient are bit-identical to the run
  * without it; in the dense warm-up and in the sparse phase. */
@@ -246,13 +247,45 @@ TEST(msa_recompute_reuses_the_forward_and_changes_nothing) {
         EXPECT(calls[1][3] == fused && calls[0][3] == fused,
                "%s: the attention-KL backward ran %d times with recompute, %d without (expected %d)", phase, calls[1][3],
                calls[0][3], fused);
-        EXPECT(calls[1][0] == calls[0][0] && calls[1][1] == calls[0][1] && calls[0][0] == (dense ? 0 : 2) &&
+        EXPECT(calls[1][0] == calls[0][0] && calls[1][1] == 2 * calls[0][1] && calls[0][0] == (dense ? 0 : 2) &&
                    calls[0][1] == (dense ? 0 : 2),
                "%s: indexer/plan ran %d/%d times with recompute, %d/%d without", phase, calls[1][0], calls[1][1],
                calls[0][0], calls[0][1]);
         EXPECT(!replay_of(&m, 1)->valid && !replay_of(&m, 2)->valid, "%s: a kept forward was not consumed", phase);
         free(g[0]);
         free(g[1]);
+        model_free(&m);
+    }
+    engine_free(&e);
+}
+
+/* What an MSA layer's replay store holds (train.recompute) between its checkpointed forward and its block's
+ * backward, per token, is what the replay cannot cheaply recompute: the selection (i32 block ids, topk_blocks
+ * per token and KV head) and the student's normaliser (one statistic per token and KV head), plus the dense
+ * warm-up's KL scalar and each part's 64-byte alignment. The plan, a function of the selection alone, is
+ * rebuilt on the replay (before: kept, Hkv x (N + 1 + N x (topk_blocks + 2)) i32 more). */
+TEST(msa_replay_store_holds_the_selection_and_normaliser_per_token) {
+    Engine e;
+    engine_init(&e, &cpu_backend, DT_F64, 1 << 20);
+    for (int dense = 0; dense < 2; dense++) {
+        RunConfig c = tiny_config(true);
+        c.model.n_layers = 3; /* layers 1 and 2 MSA */
+        Model m;
+        model_build(&m, &c, &cpu_backend, DT_F64, 13);
+        m.msa_dense = dense;
+        engine_reset(&e);
+        ModelInput in = make_input(&e);
+        model_forward(&m, &e, &in, true);
+        const int64_t hkv = c.model.n_kv_heads, k = c.msa.topk_blocks, stat = (int64_t)dtype_size(stat_dtype(DT_F64));
+        const int64_t bound = hkv * T_TOKENS * ((dense ? 0 : k * 4) + stat) + stat + 3 * 63;
+        const char *phase = dense ? "dense warm-up" : "sparse";
+        for (int l = 1; l < 3; l++) {
+            const MsaReplay *rp = replay_of(&m, l);
+            printf("    %s, layer %d: replay store %zu B for %d tokens, %.1f B per token (bound %.1f)\n", phase, l, rp->cap,
+                   T_TOKENS, (double)rp->cap / T_TOKENS, (double)bound / T_TOKENS);
+            EXPECT(rp->valid && rp->cap <= (size_t)bound, "%s, layer %d: the replay store holds %zu bytes for %d tokens, "
+                   "over the %lld of the selection and the normaliser", phase, l, rp->cap, T_TOKENS, (long long)bound);
+        }
         model_free(&m);
     }
     engine_free(&e);
@@ -306,6 +339,7 @@ int main(void) {
     RUN(msa_kl_gives_backbone_exactly_zero_gradient);
     RUN(no_grad_forward_memory_does_not_grow_with_depth);
     RUN(msa_recompute_reuses_the_forward_and_changes_nothing);
+    RUN(msa_replay_store_holds_the_selection_and_normaliser_per_token);
     engine_free(&eng);
     TEST_END();
 }
