@@ -44,6 +44,20 @@ def expect_error_line(r, *needles):
     return lines[0]
 
 
+# the test functions of a program, in order: @test registers one, run(TESTS, ...) runs them
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+def check(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
 def run(tests, prefix, required_exes=()):
     for exe in required_exes:
         if not os.access(exe, os.X_OK):
@@ -72,11 +86,6 @@ def run(tests, prefix, required_exes=()):
     return 1 if failed else 0
 
 
-def _check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
-
 def _read(path):
     with open(path, "rb") as f:
         return f.read()
@@ -88,8 +97,8 @@ def output_folder_failures(work, command, outputs):
     on a disk that fills up fails with one error line, writes nothing, and leaves an earlier output intact."""
     nested = os.path.join(work, "new", "deeper", "out")
     r = run_constrained(command(nested))
-    _check(r.returncode == 0, f"{' '.join(command(nested))} exited {r.returncode}:\n{r.stdout}{r.stderr}")
-    _check(sorted(os.listdir(nested)) == sorted(outputs), f"{nested} holds {os.listdir(nested)}")
+    check(r.returncode == 0, f"{' '.join(command(nested))} exited {r.returncode}:\n{r.stdout}{r.stderr}")
+    check(sorted(os.listdir(nested)) == sorted(outputs), f"{nested} holds {os.listdir(nested)}")
 
     plain = os.path.join(work, "plain_file")
     with open(plain, "w") as f:
@@ -105,11 +114,11 @@ def output_folder_failures(work, command, outputs):
     finally:
         os.chmod(locked, 0o755)
     expect_error_line(r, locked, "Permission denied")
-    _check(os.listdir(locked) == [], f"{locked} holds {os.listdir(locked)}")
+    check(os.listdir(locked) == [], f"{locked} holds {os.listdir(locked)}")
 
     before = {n: _read(os.path.join(nested, n)) for n in outputs}
     r = run_constrained(command(nested), file_size_limit=4096)
     expect_error_line(r, nested, "File too large")
-    _check(sorted(os.listdir(nested)) == sorted(outputs), f"after a full disk {nested} holds {os.listdir(nested)}")
+    check(sorted(os.listdir(nested)) == sorted(outputs), f"after a full disk {nested} holds {os.listdir(nested)}")
     for n in outputs:
-        _check(_read(os.path.join(nested, n)) == before[n], f"{n} changed by the failed write")
+        check(_read(os.path.join(nested, n)) == before[n], f"{n} changed by the failed write")

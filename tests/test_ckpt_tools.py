@@ -19,6 +19,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
+from pyharness import TESTS, check, test  # noqa: E402
 import test_import as hf_models  # noqa: E402  (the small Hugging Face models it writes)
 
 import h5py  # noqa: E402
@@ -30,19 +31,6 @@ TRAIN = os.path.join(ROOT, "build", "train")
 EXPORT = os.path.join(ROOT, "tools", "hf_export.py")
 IMPORT = os.path.join(ROOT, "tools", "hf_import.py")
 TENSOR_GROUPS = ("params", "optimizer/m", "optimizer/v")
-
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
 
 def run(cmd, fsize_limit=0):
     """cmd from the repository root; with fsize_limit > 0 under RLIMIT_FSIZE with SIGXFSZ ignored."""

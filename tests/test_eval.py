@@ -19,6 +19,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
+from pyharness import TESTS, check, test  # noqa: E402
 from pyharness import expect_error_line  # noqa: E402
 
 import h5py
@@ -49,19 +50,6 @@ MSA = ["model.attention=msa", "msa.block_size=8", "msa.topk_blocks=2", "msa.inde
 INV = {}  # token -> character of Shakespeare's alphabet
 MODELS = {}  # kind -> (config.json, checkpoint), trained once per run
 SCRATCH = tempfile.mkdtemp(prefix="msa_test_eval_models_")
-
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
 
 def must(cmd):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

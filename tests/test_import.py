@@ -25,6 +25,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
+from pyharness import TESTS, check, test  # noqa: E402
 from pyharness import expect_error_line, run_constrained  # noqa: E402
 
 import h5py
@@ -38,14 +39,6 @@ EXPORT = os.path.join(ROOT, "tools", "hf_export.py")
 FORWARD = os.path.join(ROOT, "build", "forward")
 TRAIN = os.path.join(ROOT, "build", "train")
 TOL = 1e-4
-
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
-
 
 # ---- Hugging Face models, written here ------------------------------------------------------------
 
@@ -302,11 +295,6 @@ def rel_err(a, b):
 def read_params(path):
     with h5py.File(path, "r") as f:
         return {k: f["params"][k][()] for k in f["params"]}
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
 
 
 # ---- tests -------------------------------------------------------------------------------------------

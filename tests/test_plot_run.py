@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
+from pyharness import TESTS, check, test  # noqa: E402
 from pyharness import expect_error_line, run_constrained  # noqa: E402
 
 import matplotlib.image
@@ -36,19 +37,6 @@ SHORT = ["train.steps=12", "train.log_every=1", "train.eval_every=4", "train.bat
 TINY_MSA_MOE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
                 "msa.block_size=8", "msa.topk_blocks=2", "msa.index_dim=8", "msa.recall_stride=2",
                 "moe.num_experts=4", "moe.expert_dim=16", "moe.shared_expert_dim=32", "train.seq_len=32"]
-
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
 
 def must(cmd):
     r = run_constrained(cmd)

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
+from pyharness import TESTS, check, test  # noqa: E402
 from pyharness import expect_error_line  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,19 +40,6 @@ TINY = {
 HELD = 6464 + 43136 + 24992
 EXPERTS = 24576
 ACTIVE = HELD + 2 * 3 * 64 * 32
-
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
 
 def predict(work, contexts, gpus):
     path = os.path.join(work, "tiny.json")

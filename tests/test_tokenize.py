@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyharness  # noqa: E402
+from pyharness import TESTS, check, test  # noqa: E402
 
 import h5py
 import numpy as np
@@ -46,19 +47,6 @@ DOCS = {
     "d.txt": "x" * 500 + " no newline in this long line " + "ü" * 300,  # cut at a space / a character boundary
     ".hidden": "never read",
 }
-
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
 
 def make_tokenizer(path):
     tok = Tokenizer(models.BPE())
