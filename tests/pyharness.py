@@ -44,7 +44,8 @@ def expect_error_line(r, *needles):
     return lines[0]
 
 
-# the test functions of a program, in order: @test registers one, run(TESTS, ...) runs them
+# the test functions, in order: @test registers one, run(TESTS, ...) runs those of the program that was started
+# (a test program may import another one for its helpers: its tests register here too, and are not run)
 TESTS = []
 
 
@@ -66,7 +67,7 @@ def run(tests, prefix, required_exes=()):
             return 1
     scratch = tempfile.mkdtemp(prefix=prefix)
     passed = failed = 0
-    for fn in tests:
+    for fn in [t for t in tests if t.__module__ == "__main__"]:
         work = os.path.join(scratch, fn.__name__)
         os.makedirs(work)
         try:
