@@ -33,6 +33,8 @@
 #                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
+#   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
+#                    with YaRN and MSA), build/eval's tables before and after (CONT_BASE_STEPS, CONT_LONG_STEPS)
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
 #                    (PROFILES="dense_32k msa_32k" selects some of them)
@@ -107,6 +109,47 @@ for what in "$@"; do
             build/bench --only attention --sizes "${NCU_SIZE:-32768}" --heads "${NCU_HEADS:-64/4/128}" \
             >"$OUT/ncu_msa.txt" 2>&1 || status=1
         grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued" "$OUT/ncu_msa.txt" | head -120
+        ;;
+    continuation)
+        # issue 15's workflow at the ~1.1B size: a dense base trained at 4K on the long-document split, then
+        # extended to 32K with YaRN (factor 8 over 4096) and MSA in layers 1- (configs/longctx_continue.json,
+        # whole documents), build/eval before and after on the same validation windows (per-position loss
+        # at 32K, passkey at 4K/16K/32K, indexer recall); CONT_BASE_STEPS, CONT_LONG_STEPS
+        stage continuation
+        make data-long >>"$OUT/build.log" 2>&1 || { echo "make data-long failed"; status=1; continue; }
+        w=/tmp/continuation
+        rm -rf $w
+        big="--set model.d_model=2048 --set model.n_layers=22 --set model.n_heads=32 --set model.n_kv_heads=4
+             --set model.head_dim=64 --set model.ffn_dim=5632 --set model.dropout=0 --set model.tie_embeddings=false
+             --set data.train_path=data/shakespeare_long/train.h5 --set data.val_path=data/shakespeare_long/val.h5
+             --set train.eval_every=0 --set train.sample_tokens=0 --set train.checkpoint_every=0"
+        ev="--data data/shakespeare_long/val.h5 --lengths 4096,16384,32768 --depths 0,0.5,1 --trials 2
+            --loss-length 32768 --loss-windows 4 --buckets 8"
+        # shellcheck disable=SC2086
+        build/train configs/shakespeare_gpu.json $big --set train.seq_len=4096 --set train.batch_size=4 \
+            --set train.steps=${CONT_BASE_STEPS:-200} --set train.log_every=50 --set optim.lr=3e-4 \
+            --set optim.min_lr=3e-5 --set optim.warmup_steps=20 --set train.out_dir=$w/base \
+            >"$OUT/cont_base.log" 2>&1 || { tail -5 "$OUT/cont_base.log"; status=1; continue; }
+        grep -E "^step|val" "$OUT/cont_base.log" | tail -4
+        base_ckpt=$(ls $w/base/ckpt_*.h5 | tail -1)
+        # shellcheck disable=SC2086
+        build/eval $w/base/config.json "$base_ckpt" $ev --json "$OUT/cont_before.json" >"$OUT/cont_before.md" 2>&1 || status=1
+        cat "$OUT/cont_before.md"
+        # shellcheck disable=SC2086
+        build/train configs/longctx_continue.json $big --set train.device=cuda --set train.init_from="$base_ckpt" \
+            --set model.rope_theta=10000 --set model.rope_scaling=yarn --set model.rope_factor=8 \
+            --set model.rope_original_max_position=4096 --set msa.block_size=128 --set msa.topk_blocks=16 \
+            --set msa.index_dim=128 --set msa.recall_stride=64 --set train.seq_len=32768 --set train.batch_size=1 \
+            --set train.steps=${CONT_LONG_STEPS:-40} --set train.log_every=10 --set data.sample=documents \
+            --set optim.lr=1e-4 --set optim.min_lr=1e-5 --set optim.warmup_steps=5 --set train.out_dir=$w/long \
+            >"$OUT/cont_long.log" 2>&1 || { tail -5 "$OUT/cont_long.log"; status=1; continue; }
+        grep -E "^step" "$OUT/cont_long.log" | tail -3
+        rm -f "$base_ckpt"
+        # shellcheck disable=SC2086
+        build/eval $w/long/config.json "$(ls $w/long/ckpt_*.h5 | tail -1)" $ev --json "$OUT/cont_after.json" \
+            >"$OUT/cont_after.md" 2>&1 || status=1
+        cat "$OUT/cont_after.md"
+        rm -rf $w
         ;;
     profile)
         stage profile
