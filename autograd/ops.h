@@ -57,6 +57,12 @@ Tensor *op_cross_entropy(Engine *e, Tensor *logits, Tensor *targets, int ignore_
  * logits never exist at once. One chunk is op_cross_entropy(op_linear(x, W)) bit for bit. */
 Tensor *op_lm_head_loss(Engine *e, Tensor *x, Tensor *w, Tensor *targets, int ignore_index, int64_t chunk_rows);
 
+/* The SwiGLU feed-forward (silu(x Wg^T) * (x Wu^T)) Wd^T, Wg/Wu [F, C], Wd [C, F], computed chunk_rows rows
+ * at a time, forward and backward (autograd/op_swiglu_ffn.c): its [N, F] intermediates exist for one chunk,
+ * recomputed in the backward. One chunk is op_linear(op_swiglu(op_linear(x, Wg), op_linear(x, Wu)), Wd)
+ * bit for bit. */
+Tensor *op_swiglu_ffn(Engine *e, Tensor *x, Tensor *wg, Tensor *wu, Tensor *wd, int64_t chunk_rows);
+
 /* Activation checkpointing: y = fn(x) recomputed in backward. fn may also return an auxiliary scalar
  * loss (e.g. the MSA KL of the block) through *aux (NULL if none); its gradient is seeded with the
  * upstream gradient of the returned aux tensor. fn must be deterministic. */

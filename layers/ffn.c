@@ -8,6 +8,7 @@
 typedef struct DenseFfn {
     Tensor *w_gate, *w_up; /* [F, C] */
     Tensor *w_down;        /* [C, F] */
+    int64_t chunk_tokens;  /* train.ffn_chunk_tokens: 0 = the unfused ops over every row */
 } DenseFfn;
 
 static Tensor *param(const LayerSetup *s, const char *what, int64_t rows, int64_t cols, float std) {
@@ -24,12 +25,14 @@ static void ffn_declare(void *self, const LayerSetup *s) {
     f->w_gate = param(s, "w_gate", F, C, std);
     f->w_up = param(s, "w_up", F, C, std);
     f->w_down = param(s, "w_down", C, F, out_std);
+    f->chunk_tokens = s->cfg->train.ffn_chunk_tokens;
 }
 
 static Tensor *ffn_forward(void *self, Engine *e, Tensor *x, const LayerContext *ctx, Tensor **aux) {
     const DenseFfn *f = self;
     (void)ctx;
     *aux = NULL;
+    if (f->chunk_tokens > 0) return op_swiglu_ffn(e, x, f->w_gate, f->w_up, f->w_down, f->chunk_tokens);
     return op_linear(e, op_swiglu(e, op_linear(e, x, f->w_gate), op_linear(e, x, f->w_up)), f->w_down);
 }
 

@@ -149,6 +149,7 @@ static const KeyDef KEYS[] = {
     STR(train, init_from, "", "checkpoint whose parameters initialise the model (MSA index parameters it lacks start fresh); \"\" = none"),
     BOOL(train, resume, 0, "continue bit-for-bit from the newest checkpoint in out_dir (as --resume)"),
     NUM(train, loss_chunk_tokens, 4096, 0, IMAX, "tokens per chunk of the LM head and its cross-entropy (their logits and the logits' gradient exist for one chunk at a time: chunk x vocabulary values); 0 = all tokens of a micro-batch in one chunk"),
+    NUM(train, ffn_chunk_tokens, 0, 0, IMAX, "tokens per chunk of the dense SwiGLU feed-forward (autograd/op_swiglu_ffn.c): its gate, up and product, and their gradients, exist for one chunk at a time, recomputed in the backward (two GEMMs more per layer); for long contexts with train.recompute, where they are most of a block's working set; 0 = unchunked"),
     BOOL(train, offload_block_inputs, 0, "with recompute: keep the saved block inputs in page-locked host memory between the forward and the backward (two on the device instead of one per block; synchronous copies, ~2 x tokens x d_model x 2 bytes per block and step over PCIe on a GPU)"),
     NUM(train, profile_steps, 0, 0, IMAX, "time every op's forward and backward (self time, device synchronised around each) over this many steps after the first, then print a table of where a step's time goes (and write it to out_dir/profile.md); the losses are unchanged; 0 = off"),
 
