@@ -210,6 +210,55 @@ __device__ __forceinline__ void fwd_softmax(float (&s)[8][4], uint32_t (&pa)[4][
     for (int kk = 0; kk < 4; kk++) acc_to_a_frag(pa[kk], s[2 * kk], s[2 * kk + 1]);
 }
 
+/* The tile's key block as its first NKT (1 or 2) 64-key sub-tiles (the rest masked for every row of the
+ * warpgroup): both S = Q K^T issued at once, so the second runs on the tensor cores while the first one's
+ * softmax runs on the CUDA cores, and the second one's softmax while P V of the first runs. NKT is a
+ * template argument so that every wgmma wait is on one straight path from the products it waits for: with
+ * the second product and the waits under separate run-time tests of the count, ptxas also follows the
+ * path where a wait<1> comes after the first product alone (leaving it in flight while the softmax reads
+ * it) and serialises every wgmma of the kernel (C7514). */
+template <int D, int NKT>
+__device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uint32_t ks, uint32_t vs, const TileDesc &d,
+                                          int t_a, int t_b, float sl2, float &m_a, float &m_b, float &l_a, float &l_b) {
+    constexpr int M = TcFwd<D>::M;
+    float s[NKT][8][4];
+#pragma unroll
+    for (int kt = 0; kt < NKT; kt++) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
+            const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
+            wgmma_ss_n64<0, 0>(s[kt], dq, dk, kk == 0);
+        }
+        wgmma_commit();
+    }
+    wgmma_wait<NKT - 1>();
+    wgmma_hold(s[0]);
+    uint32_t pa[NKT][4][4]; /* one per sub-tile: P V of the first reads its registers while the second's
+                             * softmax runs */
+    float al_a, al_b;
+    fwd_softmax(s[0], pa[0], d.klo, d.khi, t_a, t_b, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
+    wgmma_commit();
+    if constexpr (NKT == 2) {
+        wgmma_wait<1>();
+        wgmma_hold(s[1]);
+        fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, t_a, t_b, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        rescale_rows(o, al_a, al_b);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], vs + (64 + kk * 16) * 128);
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    wgmma_hold(o);
+}
+
 template <int D>
 __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned char *sK, const unsigned char *sV,
                                             const TileDesc &d, const int4 *meta, const TileArgs &a) {
@@ -230,52 +279,10 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warpgroup */
 
-    /* The block's (at most) two 64-key sub-tiles: both S = Q K^T issued at once, so the second runs on
-     * the tensor cores while the first one's softmax runs on the CUDA cores, and the second one's softmax
-     * while P V of the first runs. */
     static_assert(TC_KB == 128, "two 64-key sub-tiles per block");
     const int nkt = kend > d.klo ? (kend - d.klo + 63) >> 6 : 0;
-    if (nkt > 0) {
-        float s[2][8][4];
-#pragma unroll
-        for (int kt = 0; kt < 2; kt++) {
-            if (kt < nkt) {
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
-                    const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
-                    wgmma_ss_n64<0, 0>(s[kt], dq, dk, kk == 0);
-                }
-                wgmma_commit();
-            }
-        }
-        if (nkt > 1) wgmma_wait<1>();
-        else wgmma_wait<0>();
-        wgmma_hold(s[0]);
-        uint32_t pa[2][4][4]; /* one per sub-tile: P V of the first reads its registers while the second's
-                               * softmax runs */
-        float al_a, al_b;
-        fwd_softmax(s[0], pa[0], d.klo, d.khi, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
-        wgmma_commit();
-        if (nkt > 1) {
-            wgmma_wait<1>();
-            wgmma_hold(s[1]);
-            fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
-            wgmma_wait<0>();
-            wgmma_hold(o);
-            rescale_rows(o, al_a, al_b);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], vs + (64 + kk * 16) * 128);
-            wgmma_commit();
-        }
-        wgmma_wait<0>();
-        wgmma_hold(o);
-    }
+    if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b);
+    else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b);
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
