@@ -212,7 +212,8 @@ __device__ __forceinline__ void fwd_softmax(float (&s)[8][4], uint32_t (&pa)[4][
 
 /* The tile's key block as its first NKT (1 or 2) 64-key sub-tiles (the rest masked for every row of the
  * warpgroup): both S = Q K^T issued at once, so the second runs on the tensor cores while the first one's
- * softmax runs on the CUDA cores, and the second one's softmax while P V of the first runs. NKT is a
+ * softmax runs on the CUDA cores, and the second one's softmax while P V of the first runs (so written; ptxas
+ * moves the wait for that P V ahead of most of the softmax's exp2s: kernels/cuda/NOTES.md). NKT is a
  * template argument so that every wgmma wait is on one straight path from the products it waits for: with
  * the second product and the waits under separate run-time tests of the count, ptxas also follows the
  * path where a wait<1> comes after the first product alone (leaving it in flight while the softmax reads
