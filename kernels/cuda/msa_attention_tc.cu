@@ -210,6 +210,56 @@ __device__ __forceinline__ void fwd_softmax(float (&s)[8][4], uint32_t (&pa)[4][
     for (int kk = 0; kk < 4; kk++) acc_to_a_frag(pa[kk], s[2 * kk], s[2 * kk + 1]);
 }
 
+/* The tile's key block as its first NKT (1 or 2) 64-key sub-tiles (the rest masked for every row of the
+ * warpgroup): both S = Q K^T issued at once, so the second runs on the tensor cores while the first one's
+ * softmax runs on the CUDA cores, and the second one's softmax while P V of the first runs (so written; ptxas
+ * moves the wait for that P V ahead of most of the softmax's exp2s: kernels/cuda/NOTES.md). NKT is a
+ * template argument so that every wgmma wait is on one straight path from the products it waits for: with
+ * the second product and the waits under separate run-time tests of the count, ptxas also follows the
+ * path where a wait<1> comes after the first product alone (leaving it in flight while the softmax reads
+ * it) and serialises every wgmma of the kernel (C7514). */
+template <int D, int NKT>
+__device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uint32_t ks, uint32_t vs, const TileDesc &d,
+                                          int t_a, int t_b, float sl2, float &m_a, float &m_b, float &l_a, float &l_b) {
+    constexpr int M = TcFwd<D>::M;
+    float s[NKT][8][4];
+#pragma unroll
+    for (int kt = 0; kt < NKT; kt++) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
+            const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
+            wgmma_ss_n64<0, 0>(s[kt], dq, dk, kk == 0);
+        }
+        wgmma_commit();
+    }
+    wgmma_wait<NKT - 1>();
+    wgmma_hold(s[0]);
+    uint32_t pa[NKT][4][4]; /* one per sub-tile: P V of the first reads its registers while the second's
+                             * softmax runs */
+    float al_a, al_b;
+    fwd_softmax(s[0], pa[0], d.klo, d.khi, t_a, t_b, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
+    wgmma_commit();
+    if constexpr (NKT == 2) {
+        wgmma_wait<1>();
+        wgmma_hold(s[1]);
+        fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, t_a, t_b, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        rescale_rows(o, al_a, al_b);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], vs + (64 + kk * 16) * 128);
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    wgmma_hold(o);
+}
+
 template <int D>
 __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned char *sK, const unsigned char *sV,
                                             const TileDesc &d, const int4 *meta, const TileArgs &a) {
@@ -230,52 +280,10 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warpgroup */
 
-    /* The block's (at most) two 64-key sub-tiles: both S = Q K^T issued at once, so the second runs on
-     * the tensor cores while the first one's softmax runs on the CUDA cores, and the second one's softmax
-     * while P V of the first runs. */
     static_assert(TC_KB == 128, "two 64-key sub-tiles per block");
     const int nkt = kend > d.klo ? (kend - d.klo + 63) >> 6 : 0;
-    if (nkt > 0) {
-        float s[2][8][4];
-#pragma unroll
-        for (int kt = 0; kt < 2; kt++) {
-            if (kt < nkt) {
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
-                    const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
-                    wgmma_ss_n64<0, 0>(s[kt], dq, dk, kk == 0);
-                }
-                wgmma_commit();
-            }
-        }
-        if (nkt > 1) wgmma_wait<1>();
-        else wgmma_wait<0>();
-        wgmma_hold(s[0]);
-        uint32_t pa[2][4][4]; /* one per sub-tile: P V of the first reads its registers while the second's
-                               * softmax runs */
-        float al_a, al_b;
-        fwd_softmax(s[0], pa[0], d.klo, d.khi, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
-        wgmma_commit();
-        if (nkt > 1) {
-            wgmma_wait<1>();
-            wgmma_hold(s[1]);
-            fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
-            wgmma_wait<0>();
-            wgmma_hold(o);
-            rescale_rows(o, al_a, al_b);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], vs + (64 + kk * 16) * 128);
-            wgmma_commit();
-        }
-        wgmma_wait<0>();
-        wgmma_hold(o);
-    }
+    if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b);
+    else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b);
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
@@ -375,7 +383,8 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
 template <int D, int DI> struct TcBwd {
     static constexpr int M = D == 128 ? 32 : 64; /* packed query rows per tile (registers: dK, dV live) */
     static constexpr int RB = D * 2;
-    static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * 128; /* dS^T [key][64 rows] */
+    /* dS of the tile for dQ (bf16, 128-byte swizzle): M = 64 as dS^T [key][64 rows], M = 32 as dS [32 rows][key] */
+    static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * M * 2;
     /* the KL's: ki of the segment, qi of the tile's queries (8 rows, the rows past the tile's queries
      * zero), the batch (dz [key][16 slots] bf16, the slots' qi rows and meta), the dki accumulators */
     static constexpr int QI_ROWS = 8, BATCH = 16;
@@ -625,9 +634,14 @@ __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int
     for (int idx = threadIdx.x; idx < (int)(C::DZB_BYTES / 16); idx += TC_THREADS) ((uint4 *)kls.dzb)[idx] = make_uint4(0, 0, 0, 0);
 }
 
+/* Column of element col (4-aligned groups stay together) of row `row` in the fp32 [row][64] staging of the
+ * 32-row tile's dQ: the fragment writes (rows 2 tig + c for one c, dims gid + const) and the float4 reads
+ * (rows r, r + 1 for even r) each hit 32 distinct banks */
+__device__ __forceinline__ int stage_col(int row, int col) { return col ^ ((((row >> 1) & 3) ^ ((row & 1) << 1)) << 3); }
+
 template <int D, int DI>
-__device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls, const unsigned char *sQt,
-                                             const unsigned char *sOt, const float *sL, const float *sDs,
+__device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls, unsigned char *sQt,
+                                             unsigned char *sOt, const float *sL, const float *sDs,
                                              const unsigned char *sQIt, const float *sLIt, unsigned char *sdS,
                                              const unsigned char *sK, const unsigned char *sV, const TileDesc &d,
                                              const int4 *meta, int pos, const TileArgs &a) {
@@ -648,9 +662,14 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
         if (kg0 >= nkeys || d.klo + kg0 > tmax) {
             /* the warpgroup's keys are past the segment or in the future of every query of the tile: dS = 0
              * (dz stays zero) */
-            if (a.dqp)
-                for (int idx = lane; idx < 16 * 8; idx += 32)
-                    *(uint4 *)(sdS + gmma_off(kw0 + idx / 8, idx % 8, TC_KB)) = make_uint4(0, 0, 0, 0);
+            if (a.dqp) {
+                if constexpr (M == 64)
+                    for (int idx = lane; idx < 16 * 8; idx += 32)
+                        *(uint4 *)(sdS + gmma_off(kw0 + idx / 8, idx % 8, TC_KB)) = make_uint4(0, 0, 0, 0);
+                else /* the warp's 16 keys are chunks kw0 / 8 and kw0 / 8 + 1 of every row */
+                    for (int idx = lane; idx < M * 2; idx += 32)
+                        *(uint4 *)(sdS + gmma_off(idx >> 1, (kw0 >> 3) + (idx & 1), M)) = make_uint4(0, 0, 0, 0);
+            }
         } else {
             /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
              * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
@@ -711,12 +730,24 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                 wgmma_hold(acc.k);
                 wgmma_hold(acc.v);
             }
-            /* dS^T as bf16 [key][packed row] (128-byte rows: M <= 64) for dQ */
+            /* dS for dQ: M = 64 as dS^T [key][packed row] (a thread's two rows are adjacent: 4-byte stores),
+             * M = 32 as dS [packed row][key] (a thread's two keys are 8 apart: 2-byte stores) */
             if (a.dqp) {
+                if constexpr (M == 64) {
 #pragma unroll
-                for (int n = 0; n < NQ; n++) {
-                    *(uint32_t *)(sdS + gmma_off(kw0 + gid, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][0], dpt[n][1]);
-                    *(uint32_t *)(sdS + gmma_off(kw0 + gid + 8, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
+                    for (int n = 0; n < NQ; n++) {
+                        *(uint32_t *)(sdS + gmma_off(kw0 + gid, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][0], dpt[n][1]);
+                        *(uint32_t *)(sdS + gmma_off(kw0 + gid + 8, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
+                    }
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) { /* key kw0 + gid + 8 (e >> 1) of rows n * 8 + 2 tig + (e & 1): the
+                                                   * swizzle repeats every 8 rows, so row n * 8 + r is 1024 n bytes
+                                                   * past row r */
+                        unsigned char *p = sdS + gmma_off(tig * 2 + (e & 1), (kw0 >> 3) + (e >> 1), M) + gid * 2;
+#pragma unroll
+                        for (int n = 0; n < NQ; n++) *(bf16 *)(p + n * 1024) = __float2bfloat16_rn(dpt[n][e]);
+                    }
                 }
             }
             if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, a);
@@ -725,31 +756,69 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     if (!a.dqp) return kl; /* uniform over the CTA */
     fence_async_smem();
     __syncthreads();
-    /* dQ_partial = dS K over the segment's keys: m64 = the packed rows (rows past M unused), n64 = head
-     * dims [64 wg, 64 wg + 64) (D = 128: a warpgroup each; D = 64: warpgroup 0); dS read transposed from
-     * [key][row], K transposed from [key][d] */
-    if (wg * 64 >= D) return kl;
-    constexpr int NH = 64;
-    float dq[NH / 8][4];
-    wgmma_fence();
+    if constexpr (M == 64) {
+        /* dQ_partial = dS K over the segment's keys: m64 = the packed rows, n64 = head dims [64 wg, 64 wg + 64)
+         * (D = 64: warpgroup 0 only); dS read transposed from [key][row], K transposed from [key][d] */
+        if (wg * 64 >= D) return kl;
+        float dq[8][4];
+        wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
-        const uint64_t dsa = gmma_desc(dss + kk * 16 * 128, TC_KB * 128, 1024);
-        const uint64_t kb = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
-        wgmma_ss_n64<1, 1>(dq, dsa, kb, kk == 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_hold(dq);
-    const int rw = (warp & 3) * 16; /* this warp's rows of the m64 */
-    if (rw < M) {
+        for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
+            const uint64_t dsa = gmma_desc(dss + kk * 16 * 128, TC_KB * 128, 1024);
+            const uint64_t kb = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
+            wgmma_ss_n64<1, 1>(dq, dsa, kb, kk == 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(dq);
+        const int rw = (warp & 3) * 16; /* this warp's rows */
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int4 m = meta[rw + gid + half * 8];
             if (m.x < 0) continue;
-            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * NH;
+            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * 64;
 #pragma unroll
-            for (int j = 0; j < NH / 8; j++) *(float2 *)(dst + j * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
+            for (int j = 0; j < 8; j++) *(float2 *)(dst + j * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
+        }
+    } else {
+        /* dQ_partial^T = K^T dS^T (32 packed rows would fill half of an m64): m64 = head dims [64 wg, 64 wg + 64),
+         * n32 = the packed rows; K read transposed from [key][d] (as B of the M = 64 product), dS from [row][key]
+         * (K-major, as Q in S^T = K Q^T) */
+        static_assert(D == 128, "M = 32 is the D = 128 tile");
+        float dqt[M / 8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
+            const uint64_t ka = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
+            const uint64_t dsb = gmma_desc(dss + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
+            wgmma_ss_n32<1, 0>(dqt, ka, dsb, kk == 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(dqt);
+        /* staged as fp32 [row][the warpgroup's 64 dims] in a tile buffer dead by now (Q: warpgroup 0, dO:
+         * warpgroup 1; every product that read them was waited for before the barrier above, and the next
+         * gather into them follows the loop's barrier), so that a thread writes one row: held as they are,
+         * each thread's eight rows cost ptxas registers it did not have (spills) */
+        float *stage = (float *)(wg == 0 ? sQt : sOt);
+        const int dl = (warp & 3) * 16 + gid; /* this thread's dims dl, dl + 8 */
+#pragma unroll
+        for (int j = 0; j < M / 8; j++) {
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int row = j * 8 + tig * 2 + c;
+                stage[row * 64 + stage_col(row, dl)] = dqt[j][c];
+                stage[row * 64 + stage_col(row, dl + 8)] = dqt[j][2 + c];
+            }
+        }
+        warpgroup_sync(wg);
+        const int row = (threadIdx.x & 127) >> 2, q = threadIdx.x & 3; /* dims 16 v + 4 q, v < 4 */
+        const int4 m = meta[row];
+        if (m.x >= 0) {
+            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * 64;
+#pragma unroll
+            for (int v = 0; v < 4; v++)
+                *(float4 *)(dst + v * 16 + q * 4) = *(const float4 *)(stage + row * 64 + stage_col(row, v * 16 + q * 4));
         }
     }
     return kl;
