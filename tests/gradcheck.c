@@ -281,3 +281,12 @@ void *test_h5_read(const char *path, const char *name, int64_t numel, bool is_in
     h5r_close(&rd);
     return buf;
 }
+
+double test_rel_err_f32(const float *got, const float *ref, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        num += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}

@@ -28,6 +28,8 @@ Tensor *test_randn(DType dt, int ndim, const int64_t *shape, double std, uint64_
 void test_tensor_free(Tensor *t);
 /* cu_seqlens (i32 [ndocs+1]) for documents of the given lengths laid end to end */
 Tensor *test_cu_seqlens(const int *doc_lens, int ndocs);
+/* ||got - ref|| / ||ref|| over n floats (||got - ref|| when ref is all zero), in double */
+double test_rel_err_f32(const float *got, const float *ref, int64_t n);
 /* Give t a persistent zeroed grad and mark it requires_grad. */
 void test_requires_grad(Tensor *t);
 

@@ -89,12 +89,6 @@ static F32Run run_f32(int64_t chunk_rows) {
     return r;
 }
 
-static double rel_err_f(const float *a, const float *b, int n) {
-    double d = 0, s = 0;
-    for (int i = 0; i < n; i++) d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), s += (double)b[i] * b[i];
-    return sqrt(d / s);
-}
-
 TEST(chunked_equals_unfused_and_one_chunk_is_bit_identical) {
     static F32Run ref, one, chunked[3];
     ref = run_f32(0);
@@ -106,7 +100,7 @@ TEST(chunked_equals_unfused_and_one_chunk_is_bit_identical) {
     for (int i = 0; i < 3; i++) {
         chunked[i] = run_f32(sizes[i]);
         const double el = fabs((double)chunked[i].loss - ref.loss) / fabs(ref.loss);
-        const double ex = rel_err_f(chunked[i].dx, ref.dx, N * C), ew = rel_err_f(chunked[i].dw, ref.dw, V * C);
+        const double ex = test_rel_err_f32(chunked[i].dx, ref.dx, N * C), ew = test_rel_err_f32(chunked[i].dw, ref.dw, V * C);
         EXPECT(el < 1e-6 && ex < 1e-6 && ew < 1e-6, "chunk %lld rows: rel err loss %.2e, dx %.2e, dw %.2e",
                (long long)sizes[i], el, ex, ew);
     }

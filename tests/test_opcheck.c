@@ -106,15 +106,6 @@ static int run_opcheck(const Fixture *fx, const char *in, const char *out, const
     return test_system(cmd, errpath, err, nerr, false);
 }
 
-static double rel_err_f(const float *a, const float *b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
 static const InputSpec base_spec = {
     .ndocs = 3, .lens = {37, 5, 22}, .Hq = 4, .Hkv = 2, .d = 8, .didx = 6,
     .p = {.block_size = 4, .topk_blocks = 3, .init_blocks = 1, .local_blocks = 1, .scale = 0.35355339f, .index_scale = 0.40824829f},
@@ -151,7 +142,7 @@ static bool compare_with_kernels(const char *out_path, const InputSpec *s, const
     } cmp[] = {{"out", out}, {"lse", lse}, {"dq", dq}, {"dk", dk}, {"dv", dv}, {"dqi", dqi}, {"dki", dki}};
     for (size_t i = 0; ok && i < sizeof cmp / sizeof cmp[0]; i++) {
         float *g = test_h5_read(out_path, cmp[i].name, cmp[i].t->numel, false);
-        double e = g ? rel_err_f(g, cmp[i].t->data, cmp[i].t->numel) : INFINITY;
+        double e = g ? test_rel_err_f32(g, cmp[i].t->data, cmp[i].t->numel) : INFINITY;
         double nrm = 0;
         for (int64_t j = 0; j < cmp[i].t->numel; j++) nrm += fabs(tensor_get(cmp[i].t, j));
         if (!(e < 1e-6) || (nrm == 0 && strcmp(cmp[i].name, "dqi") && strcmp(cmp[i].name, "dki")) ||

@@ -77,12 +77,6 @@ static F32Run run_f32(int64_t chunk_rows) {
     return r;
 }
 
-static double rel_err_f(const float *a, const float *b, int n) {
-    double d = 0, s = 0;
-    for (int i = 0; i < n; i++) d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), s += (double)b[i] * b[i];
-    return sqrt(d / s);
-}
-
 TEST(chunked_equals_unfused_and_one_chunk_is_bit_identical) {
     static F32Run ref, one, chunked[3];
     ref = run_f32(0);
@@ -94,9 +88,9 @@ TEST(chunked_equals_unfused_and_one_chunk_is_bit_identical) {
     const int64_t sizes[3] = {1, 4, 5};
     for (int i = 0; i < 3; i++) {
         chunked[i] = run_f32(sizes[i]);
-        const double ey = rel_err_f(chunked[i].y, ref.y, N * C), ex = rel_err_f(chunked[i].dx, ref.dx, N * C);
-        const double eg = rel_err_f(chunked[i].dwg, ref.dwg, F * C), eu = rel_err_f(chunked[i].dwu, ref.dwu, F * C);
-        const double ed = rel_err_f(chunked[i].dwd, ref.dwd, C * F);
+        const double ey = test_rel_err_f32(chunked[i].y, ref.y, N * C), ex = test_rel_err_f32(chunked[i].dx, ref.dx, N * C);
+        const double eg = test_rel_err_f32(chunked[i].dwg, ref.dwg, F * C), eu = test_rel_err_f32(chunked[i].dwu, ref.dwu, F * C);
+        const double ed = test_rel_err_f32(chunked[i].dwd, ref.dwd, C * F);
         EXPECT(ey < 1e-6 && ex < 1e-6 && eg < 1e-6 && eu < 1e-6 && ed < 1e-6,
                "chunk %lld rows: rel err y %.2e, dx %.2e, dWg %.2e, dWu %.2e, dWd %.2e", (long long)sizes[i], ey, ex,
                eg, eu, ed);

@@ -156,6 +156,10 @@ static void loss_optimizer_cases(void) {
     GPU_CASE("lm_head_loss", lm_head_loss_case, LmHeadLossCase, 37, 64, 65, 37, 4);     /* one chunk */
     GPU_CASE("lm_head_loss", lm_head_loss_case, LmHeadLossCase, 300, 96, 1000, 64, 0);  /* a short last chunk */
     GPU_CASE("lm_head_loss", lm_head_loss_case, LmHeadLossCase, 129, 128, 32000, 16, 3);
+    /* the chunked SwiGLU feed-forward op through a CUDA engine: N, C, F, chunk rows */
+    GPU_CASE("swiglu_ffn", swiglu_ffn_case, SwigluFfnCase, 37, 64, 176, 37);   /* one chunk */
+    GPU_CASE("swiglu_ffn", swiglu_ffn_case, SwigluFfnCase, 300, 128, 352, 64); /* a short last chunk */
+    GPU_CASE("swiglu_ffn", swiglu_ffn_case, SwigluFfnCase, 1024, 256, 704, 1);
     /* a chain of checkpointed blocks with their inputs offloaded to page-locked host memory: N, C, blocks */
     GPU_CASE("checkpoint_offload", checkpoint_offload_case, CheckpointOffloadCase, 256, 64, 4);
     GPU_CASE("checkpoint_offload", checkpoint_offload_case, CheckpointOffloadCase, 1000, 96, 7);

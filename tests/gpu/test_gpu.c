@@ -564,6 +564,49 @@ void lm_head_loss_case(const void *args) {
     free(tg);
 }
 
+/* ---------- the chunked SwiGLU feed-forward (an op, on an engine of each backend) ---------- */
+
+/* The op's output and the gradients of x and the three weights for the upstream gradient dy, as host F32
+ * copies in that order (the caller frees them): that side's tensors. */
+static void swiglu_ffn_run(const KernelBackend *be, DType act, Tensor *const in[4], Tensor *dy, int64_t chunk_rows,
+                           float *out[5]) {
+    Engine e;
+    engine_init(&e, be, act, (size_t)64 << 20);
+    for (int i = 0; i < 4; i++) in[i]->requires_grad = true, in[i]->grad = NULL;
+    Tensor *y = op_swiglu_ffn(&e, in[0], in[1], in[2], in[3], chunk_rows);
+    engine_backward_from(&e, y, dy, 0);
+    out[0] = download_f32(y);
+    for (int i = 0; i < 4; i++) {
+        out[1 + i] = download_f32(in[i]->grad);
+        in[i]->grad = NULL; /* they lived in the engine's arena */
+        in[i]->requires_grad = false;
+    }
+    engine_free(&e);
+}
+
+void swiglu_ffn_case(const void *args) {
+    const SwigluFfnCase *c = args;
+    const int64_t N = c->N, C = c->C, F = c->F;
+    Pair x = pair_rand(DT_BF16, 2, (int64_t[]){N, C}, 0, 1), dy = pair_rand(DT_BF16, 2, (int64_t[]){N, C}, 0, 1);
+    Pair wg = pair_rand(DT_F32, 2, (int64_t[]){F, C}, 0, 0.2), wu = pair_rand(DT_F32, 2, (int64_t[]){F, C}, 0, 0.2);
+    Pair wd = pair_rand(DT_F32, 2, (int64_t[]){C, F}, 0, 0.2);
+    /* the reference: the CPU engine in F32 on the values the GPU holds, in one chunk (the unfused linear /
+     * swiglu chain bit for bit) */
+    float *ref[5], *got[5];
+    swiglu_ffn_run(CB, DT_F32, (Tensor *const[]){&x.c, &wg.c, &wu.c, &wd.c}, &dy.c, N, ref);
+    swiglu_ffn_run(GB, DT_BF16, (Tensor *const[]){&x.g, &wg.g, &wu.g, &wd.g}, &dy.g, c->chunk_rows, got);
+    static const char *what[5] = {"fwd y", "bwd dx", "bwd dWg", "bwd dWu", "bwd dWd"};
+    const int64_t count[5] = {N * C, N * C, F * C, F * C, C * F};
+    for (int i = 0; i < 5; i++) {
+        bool nan = false;
+        const double err = rel_err_f32(got[i], ref[i], count[i], &nan);
+        record(!nan && err <= TOL_BF16, "swiglu_ffn %-7s N=%lld C=%lld F=%lld chunk %-5lld rel err %.2e", what[i],
+               (long long)N, (long long)C, (long long)F, (long long)c->chunk_rows, err);
+        free(ref[i]), free(got[i]);
+    }
+    pair_free(&x), pair_free(&dy), pair_free(&wg), pair_free(&wu), pair_free(&wd);
+}
+
 /* ---------- checkpointed blocks with offloaded inputs (train.offload_block_inputs) ---------- */
 
 typedef struct {
