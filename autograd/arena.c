@@ -44,11 +44,22 @@ static void place_chunk(Arena *a, int at, size_t bytes) {
     for (int i = at; i < a->n_chunks; i++)
         if (a->chunks[i].size >= bytes && (best < 0 || a->chunks[i].size < a->chunks[best].size)) best = i;
     if (best < 0) {
+        /* None holds it: the empty ones are given back and one chunk at least as large as all of them
+         * together replaces them. Otherwise a first step that rewinds and then asks for more than any
+         * empty chunk holds keeps them all beside the new one: memory at the step's peak that nothing uses
+         * (before this, the ~1.1B model's first step at 64K-128K tokens peaked 5-11 GB above the later
+         * steps on the GPU, docs/benchmarks.md). */
+        size_t size = bytes > a->chunk_size ? bytes : a->chunk_size, merged = 0;
+        for (int i = at; i < a->n_chunks; i++) {
+            merged += a->chunks[i].size;
+            chunk_free(a, a->chunks[i].base);
+        }
+        a->n_chunks = at;
+        if (merged > size) size = merged;
         if (a->n_chunks == a->cap_chunks) {
             a->cap_chunks = a->cap_chunks ? 2 * a->cap_chunks : 8;
             a->chunks = xrealloc(a->chunks, (size_t)a->cap_chunks * sizeof(ArenaChunk));
         }
-        const size_t size = bytes > a->chunk_size ? bytes : a->chunk_size;
         a->chunks[a->n_chunks] = (ArenaChunk){chunk_alloc(a, size), size};
         best = a->n_chunks++;
     }
@@ -102,4 +113,10 @@ void arena_compact(Arena *a) {
     a->n_chunks = 1;
     a->cur = 0;
     a->used = 0;
+}
+
+size_t arena_reserved(const Arena *a) {
+    size_t total = 0;
+    for (int i = 0; i < a->n_chunks; i++) total += a->chunks[i].size;
+    return total;
 }

@@ -3,7 +3,9 @@
  *
  * Chunks after the current one hold nothing, so their order is free: an allocation that does not fit
  * the current chunk takes the smallest later chunk that holds it (a new one only when none does),
- * instead of stepping over every smaller one. What is left at the end of the chunk it leaves is lost
+ * instead of stepping over every smaller one; when none does, the empty chunks are merged into one new
+ * chunk of at least their total size, so the chunks never hold more than the live bytes and the request.
+ * What is left at the end of the chunk it leaves is lost
  * until a rewind; with tensors larger than a chunk (each in a chunk of its own size) that happens at
  * every small allocation after a large one. arena_compact, between micro-steps, replaces the chunks by
  * one that holds the most bytes ever live at once without those losses (`need`), so from the second
@@ -52,5 +54,7 @@ void arena_rewind(Arena *a, ArenaMark m);
 void arena_reset(Arena *a);
 /* With nothing live and more than one chunk: one chunk of `need` bytes (or chunk_size) instead. */
 void arena_compact(Arena *a);
+/* the bytes of all its chunks (what it holds of the device or host, used or not) */
+size_t arena_reserved(const Arena *a);
 
 #endif

@@ -142,10 +142,38 @@ TEST(arena_takes_the_smallest_empty_chunk_that_fits) {
     arena_free(&a);
 }
 
+/* An allocation that no empty chunk holds after a rewind: the empty chunks are merged into the new one, so
+ * the arena never holds more than what is live and the request (before, the 1 KiB chunks stayed beside it). */
+TEST(arena_merges_the_empty_chunks_when_it_grows) {
+    Arena a;
+    arena_init(&a, NULL, 1024);
+    const ArenaMark m = arena_mark(&a);
+    arena_alloc(&a, 4096);
+    arena_alloc(&a, 1024);
+    arena_alloc(&a, 1024);
+    arena_rewind(&a, m);
+    arena_alloc(&a, 8192);
+    EXPECT(a.n_chunks == 1 && arena_reserved(&a) == 8192 && a.live == 8192,
+           "an 8 KiB allocation after the rewind: %d chunks, %zu bytes reserved, %zu live, expected one chunk of 8192",
+           a.n_chunks, arena_reserved(&a), a.live);
+    /* a request smaller than the empty chunks' total takes it all, in one chunk */
+    arena_reset(&a);
+    arena_alloc(&a, 512);
+    const ArenaMark m2 = arena_mark(&a);
+    for (int i = 0; i < 3; i++) arena_alloc(&a, 8192 + 64 * (i + 1));
+    arena_rewind(&a, m2);
+    const size_t before = arena_reserved(&a);
+    arena_alloc(&a, 8192 + 1024);
+    EXPECT(arena_reserved(&a) == before, "growth after a rewind: %zu bytes reserved, %zu before (the empty chunks "
+           "merged, nothing more)", arena_reserved(&a), before);
+    arena_free(&a);
+}
+
 int main(void) {
     TEST_BEGIN();
     RUN(peak_per_token_is_the_saved_inputs_and_one_block);
     RUN(arena_loses_no_chunk_ends_after_the_first_step);
     RUN(arena_takes_the_smallest_empty_chunk_that_fits);
+    RUN(arena_merges_the_empty_chunks_when_it_grows);
     TEST_END();
 }
