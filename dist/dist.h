@@ -66,6 +66,9 @@ typedef struct Dist {
     double timeout_s;         /* the longest a collective waits for the other ranks (0 = forever) */
     Device device;            /* where the training tensors live (dist_setup) */
     int cuda_device;          /* the GPU of this rank (CUDA), -1 otherwise */
+    /* two ranks of the job run on one GPU (found at set-up by their devices' UUIDs), which NCCL refuses:
+     * the device collectives go through MPI with host staging instead (dist/staged.c) */
+    bool gpu_shared;
     void *stream;             /* cudaStream_t the NCCL collectives run on, or NULL */
     void *side_stream;        /* cudaStream_t of the collectives started by dist_start_* (non-blocking: they
                                  run beside the compute kernels), or NULL */
