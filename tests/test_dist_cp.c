@@ -782,7 +782,8 @@ TEST(sequence_mode_refuses_what_it_does_not_cover) {
     static const struct { const char *args, *expect; } cases[] = {
         {"--set model.dropout=0.1", "dist.cp_mode = sequence (dist.cp = 4) does not take model.dropout = 0.1"},
         {"--set train.seq_len=36", "train.seq_len = 36 is not a multiple of 2 * dist.cp = 8"},
-        {"--set train.device=cuda", "dist.cp_mode = sequence (dist.cp = 4) runs on train.device = \"cpu\" only"},
+        {"--set train.device=cuda " MSA, "dist.cp_mode = sequence (dist.cp = 4) with model.attention = \"msa\" (layer 1) "
+                                         "runs on train.device = \"cpu\" only"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char args[512];
