@@ -16,7 +16,7 @@
  *                     the MSA kernels read them through (MsaParams.key_rows). The blocks are the union of
  *                     the selections; each is asked for once, of every rank that holds a token of it
  *                     (blocks need not align with the chunks): one all-to-all of counts, one of block ids (the
- *                     block's first token), one of the K/V rows. Backward: the gradients of those rows go back
+ *                     block's first token), then the K rows and the V rows. Backward: the gradients of those rows go back
  *                     the same way reversed and are added on the rank that holds the token, so dK/dV of a
  *                     token sum every rank's queries that read it.
  *

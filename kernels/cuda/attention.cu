@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(T *out, float *lse, c
 #pragma unroll
         for (int jj = 0; jj < DPL; jj++) {
             const int d = lane + 32 * jj;
-            if (d < D) orow[d] = from_f32<T>((merge ? to_f32(orow[d]) * keep : 0.0f) + o[i][jj] * add);
+            if (d < D) orow[d] = from_f32<T>(merge ? to_f32(orow[d]) * keep + o[i][jj] * add : o[i][jj] * add);
         }
         __syncwarp(); /* every lane has read the running lse before lane 0 overwrites it */
         if (lane == 0) lse[(int64_t)h * Nq + t] = merged;

@@ -18,17 +18,6 @@ using namespace msacuda;
 
 namespace {
 
-/* The last document d in [0, ndocs) with cu[d] <= token */
-__device__ __forceinline__ int document_of(const int *cu, int ndocs, int token) {
-    int lo = 0, hi = ndocs;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) >> 1;
-        if (cu[mid] <= token) lo = mid;
-        else hi = mid;
-    }
-    return lo;
-}
-
 /* The ring step's rows: query t sees the keys whose tokens lie in [start of q_index[t]'s document,
  * q_index[t]]; key j is seen by the queries whose tokens lie in [k_index[j], end of its document). */
 __global__ void ring_rows_kernel(AttnRows r, const int *q_index, const int *k_index, const int *cu, int ndocs, int *err) {
@@ -40,7 +29,7 @@ __global__ void ring_rows_kernel(AttnRows r, const int *q_index, const int *k_in
         const int token = index[row];
         if (token < cu[0] || token >= cu[ndocs] || (row > 0 && index[row - 1] >= token))
             report_error(err, ERR_RING_INDEX, is_query, row, token);
-        const int d = document_of(cu, ndocs, token);
+        const int d = max(upper_bound(cu, ndocs, token) - 1, 0); /* the last document starting at or before it */
         if (is_query) {
             r.key_lo[row] = lower_bound(k_index, Nk, cu[d]);
             r.key_hi[row] = max(r.key_lo[row], lower_bound(k_index, Nk, token + 1));
@@ -51,7 +40,8 @@ __global__ void ring_rows_kernel(AttnRows r, const int *q_index, const int *k_in
     }
 }
 
-/* Shapes and dtypes of a ring step; its rows in scratch (then extra_bytes more for the caller at *extra). */
+/* Shapes and dtypes of a ring step; its rows in scratch, then extra_per_query_head bytes per (query head, query)
+ * for the caller at *extra. */
 AttnRows ring_rows(const char *what, const Tensor *q, const Tensor *k, const Tensor *v, const Tensor *q_index,
                    const Tensor *k_index, const Tensor *cu, size_t extra_per_query_head, void **extra) {
     if (q->ndim != 3 || k->ndim != 3 || v->ndim != 3) fatal("cuda %s: q, k, v must be [N, H, D]", what);
