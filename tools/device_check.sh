@@ -32,7 +32,8 @@
 #                    contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
 #                    FIT_MAX_K=2048 until one fails, 2 steps each; prints "longest context that fits: ..."
 #                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
-#   cp-one-gpu       sequence-split context parallelism on one GPU: configs/tiny.json with one KV head (so cp 2
+#   cp-one-gpu       sequence-split context parallelism on one GPU: the split ops on device tensors against the
+#                    CPU (mpirun -np 2 and 4 build/tests/test_dist_cp --cuda), then configs/tiny.json with one KV head (so cp 2
 #                    exceeds it), 10 steps, as one process and as 2 ranks sharing the GPU (mpirun -np 2, dist.cp=2,
 #                    dist.cp_mode=sequence: ring attention, collectives staged through MPI), the same on the CPU;
 #                    losses compared step by step, PASS when the CUDA split moves the loss by at most twice what
@@ -268,7 +269,8 @@ print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one
         stage "sequence-split CP, 2 ranks on one GPU"
         nvidia-smi -L
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-        two="mpirun --allow-run-as-root --oversubscribe -np 2 -x PATH -x LD_LIBRARY_PATH -x MSA_ATTENTION"
+        ranks="mpirun --allow-run-as-root --oversubscribe -x PATH -x LD_LIBRARY_PATH -x MSA_ATTENTION"
+        two="$ranks -np 2"
         # one KV head: cp 2 exceeds it, as sequence mode is for; no evaluation (the losses of the logged steps)
         tiny="configs/tiny.json --set model.n_kv_heads=1 --set train.steps=10 --set train.log_every=1
               --set train.eval_every=0 --set train.eval_batches=1 --set train.sample_tokens=0"
@@ -285,6 +287,18 @@ print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one
             $launch build/train $tiny --set train.device="$dev" "$@" --set train.out_dir="/tmp/cp1g_$name" \
                 >"$OUT/cp1g_$name.log" 2>&1
         }
+        echo "--- the split ops on device tensors against the CPU (build/tests/test_dist_cp --cuda)"
+        for np in 2 4; do
+            if $ranks -np $np build/tests/test_dist_cp --cuda >"$OUT/cp1g_ops_$np.log" 2>&1 &&
+                [ "$(grep -c "cuda ok" "$OUT/cp1g_ops_$np.log")" = $np ]; then
+                grep -E "^cp $np:" "$OUT/cp1g_ops_$np.log"
+                echo "  PASS ($np ranks on one GPU)"
+            else
+                echo "  FAIL ($np ranks):"
+                grep -E "error|FAIL|differs" "$OUT/cp1g_ops_$np.log" | head -10
+                status=1
+            fi
+        done
         echo "--- dense layers"
         ok=1
         run_cp cuda1 1 cuda || ok=0
