@@ -16,52 +16,75 @@
  *                     the MSA kernels read them through (MsaParams.key_rows). The blocks are the union of
  *                     the selections; each is asked for once, of every rank that holds a token of it
  *                     (blocks need not align with the chunks): one all-to-all of counts, one of block ids (the
- *                     block's first token), one of the K/V rows. Backward: the gradients of those rows go back
+ *                     block's first token), then the K rows and the V rows. Backward: the gradients of those rows go back
  *                     the same way reversed and are added on the rank that holds the token, so dK/dV of a
  *                     token sum every rank's queries that read it.
  *
- * The exchanges are collectives of the group's Comm: every rank runs them in the same order, forward and
- * backward (the tape has the same shape on every rank). The tables (who holds each token, what to send) are
- * built on the host from the gathered indices; the row moves are host copies, so these ops take CPU tensors
- * (sequence-split CP runs on the CPU backend: train/config.c refuses it on CUDA). */
+ * The exchanges are collectives of the group's Comm on the tensors' device: every rank runs them in the same
+ * order, forward and backward (the tape has the same shape on every rank). The tables (who holds each token,
+ * what to send) are built on the host from the gathered indices and the selection (copied to the host when
+ * they live on the device: the selection's copy makes the host wait once per fetch); the row moves are the
+ * backend's embedding kernels, a gather of rows (embedding_forward) and an ordered scatter-add of rows
+ * (embedding_backward), so the ops run on either backend and the CPU's sums are in the order of the host
+ * loops they replace. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "../kernels/util.h"
 #include "ops.h"
 
-static void require_host(const char *op, const char *name, const Tensor *x) {
-    if (x->device != DEV_CPU)
-        fatal("%s: sequence-split context parallelism moves rows on the host, and %s is on the device "
-              "(train/config.c keeps dist.cp_mode = sequence to the CPU backend)", op, name);
+/* t's i32 values on the host: its data on the CPU, else the batch's host copy (Tensor.host_data) or a copy
+ * made here (host memory in the engine's arena). */
+static const int32_t *host_i32(Engine *e, const Tensor *t) {
+    if (t->device == DEV_CPU) return t->data;
+    if (t->host_data) return t->host_data;
+    int32_t *h = arena_alloc(&e->host, (size_t)(t->numel > 0 ? t->numel : 1) * sizeof(int32_t));
+    tensor_to_host(e, h, t);
+    return h;
 }
 
 /* Every rank's token indices, rank s's at s * n (host memory in the engine's arena). */
 static int32_t *gathered_index(Engine *e, const Tensor *index, const Comm *g) {
     const int64_t n = index->numel;
     int32_t *all = arena_alloc(&e->host, (size_t)(g->size * n > 0 ? g->size * n : 1) * sizeof(int32_t));
-    g->all_gather(g, index->data, all, n, DT_I32, DEV_CPU);
+    g->all_gather(g, host_i32(e, index), all, n, DT_I32, DEV_CPU);
     return all;
 }
 
-/* dst row dst_row[i] (or i when NULL) = src row src_row[i] (or i), for i < n, rows of row_bytes; runs of
- * consecutive rows on both sides move as one copy. */
-static void copy_rows(void *dst, const int32_t *dst_row, const void *src, const int32_t *src_row, int64_t n,
-                      size_t row_bytes) {
-    for (int64_t i = 0, run; i < n; i += run) {
-        const int64_t d0 = dst_row ? dst_row[i] : i, s0 = src_row ? src_row[i] : i;
-        for (run = 1; i + run < n && (dst_row ? dst_row[i + run] : i + run) == d0 + run &&
-                      (src_row ? src_row[i + run] : i + run) == s0 + run;)
-            run++;
-        memcpy((char *)dst + (size_t)d0 * row_bytes, (const char *)src + (size_t)s0 * row_bytes, (size_t)run * row_bytes);
-    }
+/* The host table rows[n] as an i32 tensor of the engine's device. */
+static Tensor *row_table(Engine *e, const int32_t *rows, int64_t n) {
+    Tensor *t = engine_empty(e, DT_I32, SHAPE(n));
+    if (n > 0) tensor_from_host(e, t, rows);
+    return t;
+}
+
+/* x [rows, ...] as [rows, the rest] over the same memory: the embedding kernels' 2-D layout */
+static Tensor *as_rows(Engine *e, const Tensor *x) {
+    Tensor *r = arena_alloc(&e->host, sizeof(Tensor));
+    *r = *x;
+    r->ndim = 2;
+    r->shape[1] = x->shape[0] > 0 ? x->numel / x->shape[0] : 1;
+    for (int d = 2; d < TENSOR_MAX_DIMS; d++) r->shape[d] = 0;
+    r->grad = NULL;
+    return r;
+}
+
+/* dst row i = src row rows[i] for every row of dst */
+static void take_rows(Engine *e, Tensor *dst, const Tensor *src, const Tensor *rows) {
+    e->be->embedding_forward(as_rows(e, dst), as_rows(e, src), rows);
+}
+
+/* dst row rows[i] += src row i, in i's order (a row named twice receives its shares in that order) */
+static void add_rows(Engine *e, Tensor *dst, const Tensor *src, const Tensor *rows) {
+    e->be->embedding_backward(as_rows(e, dst), as_rows(e, src), rows);
 }
 
 /* ---- cp_gather_tokens ----------------------------------------------------------------------------- */
 
 typedef struct CpGatherTokensParams {
     const Comm *group;
-    const int32_t *all_index; /* [N]: the token of each gathered row */
+    Tensor *token_rows; /* i32 [N] (the device's): the gathered row of each token, all_index inverted */
+    Tensor *all_index;  /* i32 [N] (the device's): the token of each gathered row */
 } CpGatherTokensParams;
 
 Tensor *op_cp_gather_tokens(Engine *e, Tensor *x, Tensor *index, const Comm *g) {
@@ -69,19 +92,21 @@ Tensor *op_cp_gather_tokens(Engine *e, Tensor *x, Tensor *index, const Comm *g) 
     if (x->ndim < 1 || index->dtype != DT_I32 || index->numel != x->shape[0])
         fatal("cp_gather_tokens: index must be i32 [%lld], one token per row of x", (long long)x->shape[0]);
     if (g->size == 1) return x;
-    require_host("cp_gather_tokens", "x", x);
     engine_op_begin(e);
     const int64_t n = x->shape[0], N = n * g->size;
     int64_t shape[TENSOR_MAX_DIMS];
     for (int d = 0; d < x->ndim; d++) shape[d] = x->shape[d];
     shape[0] = N;
     int32_t *all_index = gathered_index(e, index, g);
+    int32_t *row_of = arena_alloc(&e->host, (size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < N; i++) row_of[all_index[i]] = (int32_t)i;
+    Tensor *token_rows = row_table(e, row_of, N);
     Tensor *gathered = engine_empty(e, x->dtype, x->ndim, shape), *out = engine_empty(e, x->dtype, x->ndim, shape);
     g->all_gather(g, x->data, gathered->data, x->numel, x->dtype, x->device);
-    copy_rows(out->data, all_index, gathered->data, NULL, N, tensor_bytes(x) / (size_t)(n > 0 ? n : 1));
+    take_rows(e, out, gathered, token_rows);
     if (engine_wants_grad(e, &x, 1)) {
         Node *node = engine_record(e, OP_cp_gather_tokens, &x, 1, &out, 1);
-        *NODE_PARAMS(node, CpGatherTokensParams) = (CpGatherTokensParams){g, all_index};
+        *NODE_PARAMS(node, CpGatherTokensParams) = (CpGatherTokensParams){g, token_rows, row_table(e, all_index, N)};
     }
     engine_op_end(e, OP_cp_gather_tokens);
     return out;
@@ -90,9 +115,8 @@ Tensor *op_cp_gather_tokens(Engine *e, Tensor *x, Tensor *index, const Comm *g) 
 void backward_cp_gather_tokens(Engine *e, Node *node) {
     Tensor *x = node->in[0], *gx = engine_grad(e, x), *gout = node->out[0]->grad;
     const CpGatherTokensParams *p = NODE_PARAMS(node, CpGatherTokensParams);
-    const int64_t n = x->shape[0], N = n * p->group->size;
     Tensor *gathered = engine_empty_like(e, gout), *mine = engine_empty_like(e, x);
-    copy_rows(gathered->data, NULL, gout->data, p->all_index, N, tensor_bytes(x) / (size_t)(n > 0 ? n : 1));
+    take_rows(e, gathered, gout, p->all_index);
     p->group->reduce_scatter_sum(p->group, gathered->data, mine->data, x->numel, x->dtype, x->device);
     e->be->axpy(gx, mine, 1.0f);
 }
@@ -105,6 +129,7 @@ typedef struct CpFetchParams {
     int64_t *send_counts;     /* [P] rows to each rank */
     int64_t *recv_counts;     /* [P] rows from each rank */
     int32_t *send_rows;       /* [n_send] this rank's row of each sent token, grouped by destination */
+    Tensor *send_table;       /* send_rows as an i32 tensor of the device */
     int32_t *recv_tokens;     /* [n_recv] the token of each received row (row i of kf, vf), grouped by source */
 } CpFetchParams;
 
@@ -202,7 +227,7 @@ static CpFetchParams fetch_plan(Engine *e, const int32_t *topk, const Tensor *in
     const int P = g->size, me = g->rank;
     const int64_t n = index->numel, N = n * P;
     TokenTables tt = token_tables(gathered_index(e, index, g), n, N, cu, ndocs);
-    unsigned char *want = selected_blocks(&tt, topk, index->data, Hkv, n, K, B, N);
+    unsigned char *want = selected_blocks(&tt, topk, host_i32(e, index), Hkv, n, K, B, N);
     int64_t *ask_counts = arena_alloc(&e->host, (size_t)P * sizeof(int64_t));
     int64_t *asked_counts = arena_alloc(&e->host, (size_t)P * sizeof(int64_t));
     int32_t *asks = block_asks(&tt, want, N, B, P, ask_counts);
@@ -236,23 +261,6 @@ static CpFetchParams fetch_plan(Engine *e, const int32_t *topk, const Tensor *in
     return f;
 }
 
-/* The K and V rows of rows[0 .. count) (NULL: 0 .. count-1) of k and v as one buffer [count, 2, Hkv * D]. */
-static void pack_kv(void *buf, const Tensor *k, const Tensor *v, const int32_t *rows, int64_t count, size_t row_bytes) {
-    for (int64_t i = 0; i < count; i++) {
-        const size_t from = (size_t)(rows ? rows[i] : i) * row_bytes;
-        memcpy((char *)buf + (size_t)(2 * i) * row_bytes, (const char *)k->data + from, row_bytes);
-        memcpy((char *)buf + (size_t)(2 * i + 1) * row_bytes, (const char *)v->data + from, row_bytes);
-    }
-}
-
-/* The inverse: buf [count, 2, Hkv * D] split into k_rows and v_rows [count, Hkv * D]. */
-static void unpack_kv(void *k_rows, void *v_rows, const void *buf, int64_t count, size_t row_bytes) {
-    for (int64_t i = 0; i < count; i++) {
-        memcpy((char *)k_rows + (size_t)i * row_bytes, (const char *)buf + (size_t)(2 * i) * row_bytes, row_bytes);
-        memcpy((char *)v_rows + (size_t)i * row_bytes, (const char *)buf + (size_t)(2 * i + 1) * row_bytes, row_bytes);
-    }
-}
-
 Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor *index, Tensor *cu_seqlens,
                            int64_t block_size, const Comm *g, Tensor **v_out, Tensor **key_rows_out) {
     if (!g || g->size < 2) fatal("cp_fetch_blocks: no context-parallel group of several ranks (one rank holds every block)");
@@ -264,32 +272,40 @@ Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor
         fatal("cp_fetch_blocks: topk must be i32 [Hkv = %lld, %lld, topk_blocks]", (long long)Hkv, (long long)n);
     if (index->dtype != DT_I32 || cu_seqlens->dtype != DT_I32 || cu_seqlens->numel < 2)
         fatal("cp_fetch_blocks: index and cu_seqlens must be i32 (cu_seqlens [ndocs+1])");
-    const int32_t *cu = cu_seqlens->data;
+    const int32_t *cu = host_i32(e, cu_seqlens);
     if (cu[0] != 0 || cu[cu_seqlens->numel - 1] != N)
         fatal("cp_fetch_blocks: cu_seqlens must run from 0 to the %lld tokens of the %lld ranks, got %d .. %d",
               (long long)N, (long long)P, cu[0], cu[cu_seqlens->numel - 1]);
-    if (k->dtype != v->dtype || (k->dtype != DT_F32 && k->dtype != DT_F64))
-        fatal("cp_fetch_blocks: k and v must both be f32 or f64 (the CPU's dtypes), got %s and %s", dtype_name(k->dtype),
-              dtype_name(v->dtype));
-    require_host("cp_fetch_blocks", "k", k);
-    require_host("cp_fetch_blocks", "topk", topk);
+    if (k->dtype != v->dtype || (k->dtype != DT_F32 && k->dtype != DT_F64 && k->dtype != DT_BF16))
+        fatal("cp_fetch_blocks: k and v must have one float dtype (f32, f64 or bf16), got %s and %s",
+              dtype_name(k->dtype), dtype_name(v->dtype));
     engine_op_begin(e);
-    CpFetchParams f = fetch_plan(e, topk->data, index, cu, cu_seqlens->numel - 1, Hkv, topk->shape[2], block_size, g);
-    const size_t row_bytes = (size_t)(Hkv * D) * dtype_size(k->dtype);
-    void *send = xmalloc((size_t)(f.n_send > 0 ? 2 * f.n_send : 1) * row_bytes);
-    void *recv = xmalloc((size_t)(f.n_recv > 0 ? 2 * f.n_recv : 1) * row_bytes);
-    pack_kv(send, k, v, f.send_rows, f.n_send, row_bytes);
-    const int64_t row2 = 2 * Hkv * D;
-    g->all_to_allv(g, send, scaled(e, f.send_counts, (int)P, row2), displs(e, f.send_counts, (int)P, row2), recv,
-                   scaled(e, f.recv_counts, (int)P, row2), displs(e, f.recv_counts, (int)P, row2), k->dtype, DEV_CPU);
+    const int64_t K = topk->shape[2];
+    int32_t *selection = NULL; /* the selection on the host: a copy when it lives on the device */
+    if (topk->device != DEV_CPU) {
+        selection = xmalloc((size_t)(Hkv * n * K > 0 ? Hkv * n * K : 1) * sizeof(int32_t));
+        tensor_to_host(e, selection, topk);
+    }
+    CpFetchParams f = fetch_plan(e, selection ? selection : topk->data, index, cu, cu_seqlens->numel - 1, Hkv, K,
+                                 block_size, g);
+    free(selection);
+    f.send_table = row_table(e, f.send_rows, f.n_send);
+    /* K and V go as two exchanges of whole rows: what a rank receives is kf and vf as they are */
     Tensor *kf = engine_empty(e, k->dtype, SHAPE(f.n_recv, Hkv, D)), *vf = engine_empty(e, k->dtype, SHAPE(f.n_recv, Hkv, D));
-    unpack_kv(kf->data, vf->data, recv, f.n_recv, row_bytes);
-    Tensor *key_rows = engine_empty(e, DT_I32, SHAPE(N));
-    int32_t *row_of = key_rows->data;
+    Tensor *sent = engine_empty(e, k->dtype, SHAPE(f.n_send, Hkv, D));
+    const int64_t width = Hkv * D;
+    const int64_t *sc = scaled(e, f.send_counts, (int)P, width), *sd = displs(e, f.send_counts, (int)P, width);
+    const int64_t *rc = scaled(e, f.recv_counts, (int)P, width), *rd = displs(e, f.recv_counts, (int)P, width);
+    const Tensor *from[2] = {k, v};
+    Tensor *to[2] = {kf, vf};
+    for (int i = 0; i < 2; i++) {
+        take_rows(e, sent, from[i], f.send_table);
+        g->all_to_allv(g, sent->data, sc, sd, to[i]->data, rc, rd, k->dtype, k->device);
+    }
+    int32_t *row_of = arena_alloc(&e->host, (size_t)(N > 0 ? N : 1) * sizeof(int32_t));
     for (int64_t j = 0; j < N; j++) row_of[j] = -1;
     for (int64_t i = 0; i < f.n_recv; i++) row_of[f.recv_tokens[i]] = (int32_t)i;
-    free(send);
-    free(recv);
+    Tensor *key_rows = row_table(e, row_of, N);
     Tensor *in[2] = {k, v}, *outs[2] = {kf, vf};
     if (engine_wants_grad(e, in, 2)) {
         Node *node = engine_record(e, OP_cp_fetch_blocks, in, 2, outs, 2);
@@ -301,40 +317,21 @@ Tensor *op_cp_fetch_blocks(Engine *e, Tensor *k, Tensor *v, Tensor *topk, Tensor
     return kf;
 }
 
-/* dst[rows[i]] += src row i, in i's order (a token several ranks read receives their shares in rank order) */
-static void add_rows(Tensor *dst, const void *src, const int32_t *rows, int64_t count, int64_t width) {
-    for (int64_t i = 0; i < count; i++)
-        for (int64_t c = 0; c < width; c++) {
-            if (dst->dtype == DT_F64)
-                ((double *)dst->data)[rows[i] * width + c] += ((const double *)src)[i * width + c];
-            else ((float *)dst->data)[rows[i] * width + c] += ((const float *)src)[i * width + c];
-        }
-}
-
 void backward_cp_fetch_blocks(Engine *e, Node *node) {
     Tensor *k = node->in[0], *v = node->in[1];
-    Tensor *gk = engine_grad(e, k), *gv = engine_grad(e, v);
+    Tensor *grads[2] = {engine_grad(e, k), engine_grad(e, v)};
     const CpFetchParams *f = NODE_PARAMS(node, CpFetchParams);
     const Comm *g = f->group;
     const int P = g->size;
-    const int64_t width = k->shape[1] * k->shape[2], row2 = 2 * width;
-    const size_t row_bytes = (size_t)width * dtype_size(k->dtype);
-    /* a missing output gradient (an output no op read) travels as zeros: every rank runs the exchange */
-    Tensor *gkf = node->out[0]->grad, *gvf = node->out[1]->grad;
-    if (!gkf) gkf = engine_zeros(e, k->dtype, SHAPE(f->n_recv, k->shape[1], k->shape[2]));
-    if (!gvf) gvf = engine_zeros(e, k->dtype, SHAPE(f->n_recv, k->shape[1], k->shape[2]));
-    void *send = xmalloc((size_t)(f->n_recv > 0 ? 2 * f->n_recv : 1) * row_bytes);
-    void *recv = xmalloc((size_t)(f->n_send > 0 ? 2 * f->n_send : 1) * row_bytes);
-    pack_kv(send, gkf, gvf, NULL, f->n_recv, row_bytes);
-    g->all_to_allv(g, send, scaled(e, f->recv_counts, P, row2), displs(e, f->recv_counts, P, row2), recv,
-                   scaled(e, f->send_counts, P, row2), displs(e, f->send_counts, P, row2), k->dtype, DEV_CPU);
-    void *dk_rows = xmalloc((size_t)(f->n_send > 0 ? f->n_send : 1) * row_bytes);
-    void *dv_rows = xmalloc((size_t)(f->n_send > 0 ? f->n_send : 1) * row_bytes);
-    unpack_kv(dk_rows, dv_rows, recv, f->n_send, row_bytes);
-    if (gk) add_rows(gk, dk_rows, f->send_rows, f->n_send, width);
-    if (gv) add_rows(gv, dv_rows, f->send_rows, f->n_send, width);
-    free(send);
-    free(recv);
-    free(dk_rows);
-    free(dv_rows);
+    const int64_t Hkv = k->shape[1], D = k->shape[2], width = Hkv * D;
+    const int64_t *sc = scaled(e, f->recv_counts, P, width), *sd = displs(e, f->recv_counts, P, width);
+    const int64_t *rc = scaled(e, f->send_counts, P, width), *rd = displs(e, f->send_counts, P, width);
+    Tensor *returned = engine_empty(e, k->dtype, SHAPE(f->n_send, Hkv, D));
+    for (int i = 0; i < 2; i++) {
+        /* a missing output gradient (an output no op read) travels as zeros: every rank runs the exchange */
+        Tensor *gout = node->out[i]->grad;
+        if (!gout) gout = engine_zeros(e, k->dtype, SHAPE(f->n_recv, Hkv, D));
+        g->all_to_allv(g, gout->data, sc, sd, returned->data, rc, rd, k->dtype, k->device);
+        if (grads[i]) add_rows(e, grads[i], returned, f->send_table);
+    }
 }

@@ -66,6 +66,9 @@ typedef struct Dist {
     double timeout_s;         /* the longest a collective waits for the other ranks (0 = forever) */
     Device device;            /* where the training tensors live (dist_setup) */
     int cuda_device;          /* the GPU of this rank (CUDA), -1 otherwise */
+    /* two ranks of the job run on one GPU (found at set-up by their devices' UUIDs), which NCCL refuses:
+     * the device collectives go through MPI with host staging instead (dist/staged.c) */
+    bool gpu_shared;
     void *stream;             /* cudaStream_t the NCCL collectives run on, or NULL */
     void *side_stream;        /* cudaStream_t of the collectives started by dist_start_* (non-blocking: they
                                  run beside the compute kernels), or NULL */
@@ -83,11 +86,11 @@ void dist_single(Dist *d);
 void dist_set_timeout(Dist *d, double timeout_s);
 /* After the config is known: the groups for dp * ep * cp = world size (dp = 0: world / (ep * cp)); the
  * device of this rank (CUDA with more than one rank: the local rank's GPU by cudaSetDevice, which must
- * come before the first CUDA call, a stream and the NCCL communicators); the collective timeout.
+ * come before the first CUDA call, modulo the node's GPUs when there are fewer; a stream and the NCCL
+ * communicators, or none when ranks share a GPU: Dist.gpu_shared); the collective timeout.
  * The ranks first meet in a barrier under the timeout: MPI_Comm_split and the NCCL set-up have no
  * timeout of their own, so every rank must be there before they start. `where` prefixes error messages
- * (the config file). Stops with a message when the sizes do not multiply to the world size or there are
- * fewer GPUs on a node than ranks. */
+ * (the config file). Stops with a message when the sizes do not multiply to the world size. */
 void dist_setup(Dist *d, int dp, int ep, int cp, double timeout_s, Device device, const char *where);
 /* MPI_Finalize (and NCCL teardown) when dist_init initialised MPI; nothing for dist_single. */
 void dist_finalize(Dist *d);

@@ -1,4 +1,5 @@
-/* Between dist.c (MPI, host memory) and nccl.c (NCCL, device memory; CUDA builds only). */
+/* Between dist.c (MPI, host memory), nccl.c (NCCL, device memory; CUDA builds only) and staged.c (device
+ * memory through MPI, for ranks that share a GPU; CUDA builds only). */
 #ifndef MSA_DIST_INTERNAL_H
 #define MSA_DIST_INTERNAL_H
 
@@ -37,5 +38,16 @@ void dist_nccl_start_parts(const DistGroup *g, void *buf, const int64_t *counts,
                            DistPending *p);
 bool dist_nccl_test(DistPending *p);
 void dist_nccl_copy(void *dst, const void *src, size_t bytes);
+
+/* staged.c: the device collectives of dist_nccl_* for ranks that share a GPU (Dist.gpu_shared), through MPI
+ * with page-locked host staging; the same contracts. dist_staged_parts completes before it returns. */
+void dist_staged_all_reduce(const DistGroup *g, void *buf, int64_t count, DistType t, DistOp op);
+void dist_staged_reduce_scatter(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t, DistOp op);
+void dist_staged_all_gather(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t);
+void dist_staged_all_to_allv(const DistGroup *g, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                             void *recv, const int64_t *recv_counts, const int64_t *recv_displs, DistType t);
+void dist_staged_broadcast(const DistGroup *g, void *buf, int64_t count, DistType t, int root);
+void dist_staged_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op, bool reduce,
+                       DistPending *p);
 
 #endif

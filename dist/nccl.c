@@ -1,4 +1,6 @@
-/* The device side of dist (CUDA builds): one GPU per node-local rank, a CUDA stream for the
+/* The device side of dist (CUDA builds): one GPU per node-local rank (more ranks than GPUs share them
+ * round-robin, and then every device collective goes through MPI with host staging instead: dist/staged.c,
+ * since NCCL refuses two ranks on one device), a CUDA stream for the
  * collectives, and an NCCL communicator per group of more than one rank (dp, ep, cp, dp*cp; the world's
  * collectives are host-only but under expert parallelism, whose ZeRO-1 of the parameters every rank holds
  * runs over it). Rank 0 of each group makes the ncclUniqueId and MPI broadcasts it.
@@ -116,23 +118,41 @@ static void comm_destroy(const DistGroup *g, void **slot) {
     *slot = NULL;
 }
 
+/* Do two ranks of the job use one GPU? Their devices' UUIDs, gathered over the world (host memory). */
+static bool gpu_shared(const Dist *d) {
+    struct cudaDeviceProp prop;
+    CUDA_OK(cudaGetDeviceProperties(&prop, d->cuda_device));
+    unsigned char *all = xmalloc((size_t)d->size * sizeof prop.uuid.bytes);
+    dist_all_gather(&d->world, prop.uuid.bytes, all, (int64_t)sizeof prop.uuid.bytes, DIST_U8, DEV_CPU);
+    bool shared = false;
+    for (int a = 0; a < d->size && !shared; a++)
+        for (int b = a + 1; b < d->size && !shared; b++)
+            shared = !memcmp(all + a * sizeof prop.uuid.bytes, all + b * sizeof prop.uuid.bytes, sizeof prop.uuid.bytes);
+    free(all);
+    return shared;
+}
+
 void dist_nccl_setup(Dist *d, const char *where) {
     int n = 0;
     cudaError_t err = cudaGetDeviceCount(&n);
     if (err != cudaSuccess || n == 0)
         fatal("%s: train.device = \"cuda\" but this node has no usable GPU (%s)", where,
               err != cudaSuccess ? cudaGetErrorString(err) : "no device");
-    if (d->local_size > n)
-        fatal("%s: %d ranks run on this node but it has %d GPU%s: one rank per GPU (mpirun -np, or -H host:slots)",
-              where, d->local_size, n, n == 1 ? "" : "s");
-    d->cuda_device = d->local_rank;
+    /* one rank per GPU; more ranks than GPUs on a node share them round-robin (staged collectives) */
+    d->cuda_device = d->local_rank % n;
     CUDA_OK(cudaSetDevice(d->cuda_device));
+    d->gpu_shared = gpu_shared(d);
+    if (d->gpu_shared && d->rank == 0)
+        printf("dist: %d ranks share a GPU (%d on this node, %d GPU%s): device collectives go through MPI with host "
+               "staging instead of NCCL (slow; for tests)\n",
+               d->size, d->local_size, n, n == 1 ? "" : "s");
     cudaStream_t s;
     CUDA_OK(cudaStreamCreate(&s));
     d->stream = s;
     cudaStream_t side;
     CUDA_OK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
     d->side_stream = side;
+    if (d->gpu_shared) return; /* no communicators: NCCL refuses two ranks on one device */
     /* dp_cp_group is still of one rank here unless it is a group of its own (dist_setup aliases it after) */
     DistGroup *groups[] = {&d->dp_group, &d->ep_group, &d->cp_group, &d->dp_cp_group};
     for (int i = 0; i < 4; i++)
@@ -167,12 +187,20 @@ void dist_nccl_teardown(Dist *d) {
 }
 
 void dist_nccl_all_reduce(const DistGroup *g, void *buf, int64_t count, DistType t, DistOp op) {
+    if (g->dist->gpu_shared) {
+        dist_staged_all_reduce(g, buf, count, t, op);
+        return;
+    }
     ncclComm_t comm = comm_of(g, "all_reduce");
     ncclResult_t r = ncclAllReduce(buf, buf, (size_t)count, nccl_type(t), nccl_op(op), comm, (cudaStream_t)g->dist->stream);
     nccl_wait(g, comm, r, "all_reduce", true);
 }
 
 void dist_nccl_reduce_scatter(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t, DistOp op) {
+    if (g->dist->gpu_shared) {
+        dist_staged_reduce_scatter(g, send, recv, count, t, op);
+        return;
+    }
     ncclComm_t comm = comm_of(g, "reduce_scatter");
     ncclResult_t r = ncclReduceScatter(send, recv, (size_t)count, nccl_type(t), nccl_op(op), comm,
                                        (cudaStream_t)g->dist->stream);
@@ -180,6 +208,10 @@ void dist_nccl_reduce_scatter(const DistGroup *g, const void *send, void *recv, 
 }
 
 void dist_nccl_all_gather(const DistGroup *g, const void *send, void *recv, int64_t count, DistType t) {
+    if (g->dist->gpu_shared) {
+        dist_staged_all_gather(g, send, recv, count, t);
+        return;
+    }
     ncclComm_t comm = comm_of(g, "all_gather");
     ncclResult_t r = ncclAllGather(send, recv, (size_t)count, nccl_type(t), comm, (cudaStream_t)g->dist->stream);
     nccl_wait(g, comm, r, "all_gather", true);
@@ -187,6 +219,10 @@ void dist_nccl_all_gather(const DistGroup *g, const void *send, void *recv, int6
 
 void dist_nccl_all_to_allv(const DistGroup *g, const void *send, const int64_t *send_counts, const int64_t *send_displs,
                            void *recv, const int64_t *recv_counts, const int64_t *recv_displs, DistType t) {
+    if (g->dist->gpu_shared) {
+        dist_staged_all_to_allv(g, send, send_counts, send_displs, recv, recv_counts, recv_displs, t);
+        return;
+    }
     ncclComm_t comm = comm_of(g, "all_to_allv");
     cudaStream_t s = (cudaStream_t)g->dist->stream;
     size_t es = dist_type_size(t);
@@ -205,6 +241,10 @@ void dist_nccl_all_to_allv(const DistGroup *g, const void *send, const int64_t *
 }
 
 void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType t, int root) {
+    if (g->dist->gpu_shared) {
+        dist_staged_broadcast(g, buf, count, t, root);
+        return;
+    }
     ncclComm_t comm = comm_of(g, "broadcast");
     ncclResult_t r = ncclBroadcast(buf, buf, (size_t)count, nccl_type(t), root, comm, (cudaStream_t)g->dist->stream);
     nccl_wait(g, comm, r, "broadcast", true);
@@ -215,6 +255,10 @@ void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType 
  * allows sendbuff == recvbuff for both). */
 void dist_nccl_start_parts(const DistGroup *g, void *buf, const int64_t *counts, DistType t, DistOp op, bool reduce,
                            DistPending *p) {
+    if (g->dist->gpu_shared) {
+        dist_staged_parts(g, buf, counts, t, op, reduce, p);
+        return;
+    }
     const char *what = p->what;
     if (!g->nccl_side)
         fatal("%s over the %s group on device memory: the group has no side communicator (only the ZeRO groups, "

@@ -73,8 +73,7 @@ typedef struct KernelBackend {
 } KernelBackend;
 
 /* Entry groups (the first column of kernels.def). CORE entries every backend has; a backend may lack the
- * MSA, MoE or RING group (its table file says which groups it fills; the CPU fills all of them, CUDA all
- * but RING: sequence-split context parallelism runs on the CPU only, train/trainer.c refuses it on CUDA).
+ * MSA, MoE or RING group (its table file says which groups it fills; the CPU and CUDA fill all of them).
  * backend_missing returns the name of the first NULL entry among CORE and the groups asked for, or
  * NULL when the backend has them all: programs check it at start-up to refuse such a configuration
  * with a message. BACKEND_REQUIRE(be, entry) guards a call site (needs kernels/util.h for fatal): a

@@ -490,6 +490,21 @@ static void take_model(const void *arg) {
 
 /* train.init_from's stored config supplies the model keys no file or --set gave; a given one that
  * contradicts it stops naming both values, except the keys a continued run may change. */
+/* Sequence-split context parallelism on CUDA: dense layers run (the ring kernels of attention_ring.cu);
+ * sparse layers, whose CUDA kernels read no query index, are refused naming the layer. */
+TEST(sequence_cp_on_cuda_takes_dense_layers_only) {
+    RunConfig c;
+    config_defaults(&c);
+    snprintf(c.train.device, sizeof c.train.device, "cuda");
+    c.dist.cp = 4; /* > the 2 KV heads: auto picks sequence */
+    char err[4096];
+    int st = run_child(validate_cfg, &c, NULL, 0, err, sizeof err);
+    EXPECT(st == 0, "dense layers under sequence cp on cuda refused: %s", err);
+    snprintf(c.model.attention, sizeof c.model.attention, "msa");
+    snprintf(c.model.msa_layers, sizeof c.model.msa_layers, "2-");
+    expect_invalid(tc, &c, "model.attention = \"msa\" (layer 2)", "train.device = \"cpu\" only");
+}
+
 TEST(model_from_the_checkpoint) {
     RunConfig stored;
     config_defaults(&stored);
@@ -641,6 +656,7 @@ int main(void) {
     RUN(non_utf8_strings_are_refused_not_dropped);
     RUN(json_round_trip);
     RUN(validation_cross_keys);
+    RUN(sequence_cp_on_cuda_takes_dense_layers_only);
     RUN(model_from_the_checkpoint);
     RUN(layer_selectors);
     RUN(help_table_and_readme);

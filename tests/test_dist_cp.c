@@ -21,6 +21,9 @@
  *     cp 2, 4, 8 (2 KV heads), cp 4 x dp 2 and cp 2 x ep 2 (MoE), with a dense and an MSA layer (and at cp 8
  *     a sliding-window layer), equals the single process on a file of short documents; what sequence mode
  *     does not cover is refused.
+ * On a GPU (CUDA builds; not part of make test): `mpirun -np P build/tests/test_dist_cp --cuda` runs the ring
+ * attention, the index-key gather and the block fetch on device tensors against the same ops on the CPU
+ * (tools/device_check.sh cp-one-gpu: P ranks sharing one GPU, the staged collectives).
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
 #include <math.h>
 #include <stdio.h>
@@ -357,11 +360,11 @@ TEST(ring_kernels_merge_interleaved_blocks_in_any_order) {
     for (int b = 0; b < 3; b++) test_tensor_free(kb[b]), test_tensor_free(vb[b]), test_tensor_free(ki[b]);
 }
 
-/* An mpirun mode's start: every rank in one cp group (into *cp), and this rank's zigzag share of the RING_N
- * tokens into index; returns its count. */
-static int64_t zigzag_group(Dist *dist, int *argc, char ***argv, Comm *cp, int32_t *index) {
+/* An mpirun mode's start: every rank in one cp group (into *cp) with its tensors on dev, and this rank's zigzag
+ * share of the RING_N tokens into index; returns its count. */
+static int64_t zigzag_group(Dist *dist, int *argc, char ***argv, Device dev, Comm *cp, int32_t *index) {
     dist_init(dist, argc, argv);
-    dist_setup(dist, 1, 1, dist->size, 10.0, DEV_CPU, "test_dist_cp");
+    dist_setup(dist, 1, 1, dist->size, 10.0, dev, "test_dist_cp");
     dist_comm(cp, &dist->cp_group);
     Model m = {.cp = cp, .cp_sequence = true};
     return model_cp_tokens(&m, RING_N, RING_T, index);
@@ -375,7 +378,7 @@ static int ring_main(int argc, char **argv) {
     Dist dist;
     Comm cp;
     int32_t index[RING_N];
-    const int64_t n = zigzag_group(&dist, &argc, &argv, &cp, index), Hq = 4, Hkv = 2, D = 8;
+    const int64_t n = zigzag_group(&dist, &argc, &argv, DEV_CPU, &cp, index), Hq = 4, Hkv = 2, D = 8;
     const float scale = 0.35f;
     for (int dt = 0; dt < 2; dt++) {
         const DType type = dt ? DT_F32 : DT_F64;
@@ -542,7 +545,7 @@ static int msa_main(int argc, char **argv) {
     Dist dist;
     Comm cp;
     int32_t index[RING_N];
-    const int64_t n = zigzag_group(&dist, &argc, &argv, &cp, index);
+    const int64_t n = zigzag_group(&dist, &argc, &argv, DEV_CPU, &cp, index);
     static const struct { bool dense, grads; const char *phase; } cases[] = {
         {true, true, "dense warm-up"}, {false, true, "sparse, KL in the backward"}, {false, false, "sparse, no gradient"}};
     for (int dt = 0; dt < 2; dt++)
@@ -561,6 +564,126 @@ static int msa_main(int argc, char **argv) {
     dist_finalize(&dist);
     return 0;
 }
+
+#ifdef MSA_CUDA
+/* ---- the device paths under mpirun: this program's --cuda mode (CUDA builds, on a GPU) ------------------ */
+
+/* engine tensor of host tensor h (its dtype and shape), requiring grad when asked */
+static Tensor *upload(Engine *e, const Tensor *h, bool grad) {
+    Tensor *t = engine_empty(e, h->dtype, h->ndim, h->shape);
+    tensor_from_host(e, t, h->data);
+    t->requires_grad = grad;
+    return t;
+}
+
+/* a host copy of engine tensor t */
+static Tensor *download(Engine *e, const Tensor *t) {
+    Tensor *h = test_tensor(t->dtype, t->ndim, t->shape);
+    tensor_to_host(e, h->data, t);
+    return h;
+}
+
+enum { OUT_RING, OUT_RING_DQ, OUT_RING_DK, OUT_RING_DV, OUT_GATHERED, OUT_GATHER_DX, OUT_KF, OUT_VF, OUT_KEY_ROWS,
+       OUT_FETCH_DK, OUT_FETCH_DV, OUT_COUNT };
+static const char *const OUT_NAMES[OUT_COUNT] = {"ring out", "ring dq", "ring dk", "ring dv", "gathered keys",
+                                                 "gathered keys' dx", "fetched k", "fetched v", "key_rows",
+                                                 "fetch dk", "fetch dv"};
+
+/* This rank's sequence-split ops on backend be (F32 engine), from the host inputs in (q, k, v, dout, index keys,
+ * their seed gradient [N, Di], topk): the ring attention and its backward from dout; the index keys gathered and
+ * their backward from the seed; the selected blocks fetched and their backward from seeds made of the fetched
+ * rows (0.5 x + 0.25: the same on either backend when the rows are). Host copies of the results into out. */
+static void split_ops(const KernelBackend *be, Tensor *const *in, const int32_t *index, int64_t n, const Comm *cp,
+                      Tensor **out) {
+    Engine eng, *e = &eng;
+    engine_init(e, be, DT_F32, 1 << 20);
+    Tensor *cu_h = index_tensor(RING_CU, (int64_t)(sizeof RING_CU / sizeof RING_CU[0])), *idx_h = index_tensor(index, n);
+    Tensor *cu = upload(e, cu_h, false), *idx = upload(e, idx_h, false);
+    Tensor *q = upload(e, in[0], true), *k = upload(e, in[1], true), *v = upload(e, in[2], true);
+    Tensor *o = op_cp_ring_attention(e, q, k, v, cu, idx, 0.35f, cp, NULL);
+    engine_backward_from(e, o, upload(e, in[3], false), 0);
+    out[OUT_RING] = download(e, o), out[OUT_RING_DQ] = download(e, q->grad);
+    out[OUT_RING_DK] = download(e, k->grad), out[OUT_RING_DV] = download(e, v->grad);
+    int from = e->tape_len;
+    Tensor *ki = upload(e, in[4], true), *gathered = op_cp_gather_tokens(e, ki, idx, cp);
+    engine_backward_from(e, gathered, upload(e, in[5], false), from);
+    out[OUT_GATHERED] = download(e, gathered), out[OUT_GATHER_DX] = download(e, ki->grad);
+    from = e->tape_len;
+    Tensor *k2 = upload(e, in[1], true), *v2 = upload(e, in[2], true), *vf, *rows;
+    Tensor *kf = op_cp_fetch_blocks(e, k2, v2, upload(e, in[6], false), idx, cu, 3, cp, &vf, &rows);
+    out[OUT_KF] = download(e, kf), out[OUT_VF] = download(e, vf), out[OUT_KEY_ROWS] = download(e, rows);
+    for (int i = 0; i < 2; i++) {
+        Tensor *seed = download(e, i ? vf : kf);
+        for (int64_t j = 0; j < seed->numel; j++) tensor_set(seed, j, 0.5 * tensor_get(seed, j) + 0.25);
+        tensor_from_host(e, engine_grad(e, i ? vf : kf), seed->data);
+        test_tensor_free(seed);
+    }
+    engine_backward_tape(e, from);
+    out[OUT_FETCH_DK] = download(e, k2->grad), out[OUT_FETCH_DV] = download(e, v2->grad);
+    engine_free(e);
+    test_tensor_free(cu_h), test_tensor_free(idx_h);
+}
+
+/* mpirun -np P build/tests/test_dist_cp --cuda (a CUDA build on a GPU; ranks sharing one GPU use the staged
+ * collectives): the ops of sequence-split context parallelism on device tensors against the same ops on the
+ * CPU, F32, from the same inputs: the ring attention (our CUDA kernels against the CPU's: 1e-5 relative),
+ * the index keys gathered and the selected K/V blocks fetched, forward and backward (pure moves and ordered
+ * sums: identical). */
+static int cuda_main(int argc, char **argv) {
+    Dist dist;
+    Comm cp;
+    int32_t index[RING_N];
+    const int64_t n = zigzag_group(&dist, &argc, &argv, DEV_CUDA, &cp, index), Hq = 4, Hkv = 2, D = 8, Di = 6, K = 3,
+                  B = 3;
+    Tensor *whole[6] = {test_randn(DT_F32, SHAPE(RING_N, Hq, D), 1.0, 401), test_randn(DT_F32, SHAPE(RING_N, Hkv, D), 1.0, 402),
+                        test_randn(DT_F32, SHAPE(RING_N, Hkv, D), 1.0, 403), test_randn(DT_F32, SHAPE(RING_N, Hq, D), 1.0, 404),
+                        test_randn(DT_F32, SHAPE(RING_N, Di), 1.0, 405), test_randn(DT_F32, SHAPE(RING_N, Di), 1.0, 406)};
+    Tensor *in[7];
+    for (int i = 0; i < 5; i++) in[i] = take_rows(whole[i], index, n);
+    in[5] = whole[5]; /* the gathered keys' seed covers every token */
+    /* each query selects its document's first block and its own (group 1 also the one before): ascending, -1 padded */
+    in[6] = test_tensor(DT_I32, SHAPE(Hkv, n, K));
+    for (int64_t g = 0; g < Hkv; g++)
+        for (int64_t i = 0; i < n; i++) {
+            int64_t d = 0;
+            while (RING_CU[d + 1] <= index[i]) d++;
+            const int32_t own = (int32_t)((index[i] - RING_CU[d]) / B);
+            int32_t *row = (int32_t *)in[6]->data + (g * n + i) * K, m = 0;
+            row[m++] = 0;
+            if (g == 1 && own >= 2) row[m++] = own - 1;
+            if (own >= 1) row[m++] = own;
+            while (m < K) row[m++] = -1;
+        }
+    Tensor *ref[OUT_COUNT], *got[OUT_COUNT];
+    split_ops(&cpu_backend, in, index, n, &cp, ref);
+    split_ops(&cuda_backend, in, index, n, &cp, got);
+    for (int c = 0; c < OUT_COUNT; c++) {
+        const double tol = c <= OUT_RING_DV ? 1e-5 : 0;
+        double diff = 0, scale = 0;
+        CHECK(got[c]->numel == ref[c]->numel, "rank %d: %s has %lld elements on the GPU and %lld on the CPU", cp.rank,
+              OUT_NAMES[c], (long long)got[c]->numel, (long long)ref[c]->numel);
+        for (int64_t j = 0; j < ref[c]->numel; j++) {
+            if (ref[c]->dtype == DT_I32) { /* key_rows: the same rows, exactly */
+                diff = fmax(diff, ((int32_t *)got[c]->data)[j] == ((int32_t *)ref[c]->data)[j] ? 0 : INFINITY);
+                continue;
+            }
+            const double a = tensor_get(got[c], j), b = tensor_get(ref[c], j);
+            if (!(fabs(a - b) <= diff)) diff = fabs(a - b);
+            if (fabs(b) > scale) scale = fabs(b);
+        }
+        const double rel = diff / (scale > 0 ? scale : 1);
+        CHECK(rel <= tol, "rank %d of %d: %s on the GPU differs from the CPU by %.3g relative (tolerance %g)", cp.rank,
+              cp.size, OUT_NAMES[c], rel, tol);
+        if (cp.rank == 0) printf("cp %d: %-18s GPU vs CPU %.2e\n", cp.size, OUT_NAMES[c], rel);
+        test_tensor_free(ref[c]), test_tensor_free(got[c]);
+    }
+    for (int i = 0; i < 7; i++) test_tensor_free(in[i]);
+    for (int i = 0; i < 5; i++) test_tensor_free(whole[i]);
+    printf("rank %d: cuda ok (cp %d)\n", cp.rank, cp.size);
+    dist_finalize(&dist);
+    return 0;
+}
+#endif
 
 /* 2, 4 and 8 ranks over 2 KV heads, chunks of 16, 8 and 4 tokens, blocks of 3: documents and blocks cross
  * the chunks, and a block's tokens sit on two ranks */
@@ -782,7 +905,8 @@ TEST(sequence_mode_refuses_what_it_does_not_cover) {
     static const struct { const char *args, *expect; } cases[] = {
         {"--set model.dropout=0.1", "dist.cp_mode = sequence (dist.cp = 4) does not take model.dropout = 0.1"},
         {"--set train.seq_len=36", "train.seq_len = 36 is not a multiple of 2 * dist.cp = 8"},
-        {"--set train.device=cuda", "dist.cp_mode = sequence (dist.cp = 4) runs on train.device = \"cpu\" only"},
+        {"--set train.device=cuda " MSA, "dist.cp_mode = sequence (dist.cp = 4) with model.attention = \"msa\" (layer 1) "
+                                         "runs on train.device = \"cpu\" only"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char args[512];
@@ -809,6 +933,9 @@ int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--ring")) return ring_main(argc, argv);
     if (argc > 1 && !strcmp(argv[1], "--ring-hang")) return ring_hang_main(argc, argv);
     if (argc > 1 && !strcmp(argv[1], "--msa")) return msa_main(argc, argv);
+#ifdef MSA_CUDA
+    if (argc > 1 && !strcmp(argv[1], "--cuda")) return cuda_main(argc, argv);
+#endif
     HARNESS_TEST_BEGIN("test_dist_cp", "");
     RUN(transpose01_matches_the_index_reference_and_round_trips);
     RUN(seq_heads_exchange_layout_for_P_ranks);

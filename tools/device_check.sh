@@ -2,7 +2,8 @@
 # Everything issue 6 asks of the GPU machine, in one script for the device tool (one H100; a run is at
 # most 10 minutes, so the stages are selectable):
 #
-#   bash tools/device_check.sh [build] [test] [bench] [baseline-dense] [baseline-msa] [memory] [memory-fit] ...
+#   bash tools/device_check.sh [build] [test] [bench] [baseline-dense] [baseline-msa] [memory] [memory-fit]
+#                              [cp-one-gpu] ...
 #
 #   build            make (BLAS=0: the machine has no OpenBLAS headers; jansson from the carried .deps)
 #   test             make test-gpu (every CUDA op against the CPU reference, opcheck --device cuda against
@@ -31,6 +32,13 @@
 #                    contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
 #                    FIT_MAX_K=2048 until one fails, 2 steps each; prints "longest context that fits: ..."
 #                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
+#   cp-one-gpu       sequence-split context parallelism on one GPU: the split ops on device tensors against the
+#                    CPU (mpirun -np 2 and 4 build/tests/test_dist_cp --cuda), then configs/tiny.json with one KV head (so cp 2
+#                    exceeds it), 10 steps, as one process and as 2 ranks sharing the GPU (mpirun -np 2, dist.cp=2,
+#                    dist.cp_mode=sequence: ring attention, collectives staged through MPI), the same on the CPU;
+#                    losses compared step by step, PASS when the CUDA split moves the loss by at most twice what
+#                    bf16 itself does (CUDA vs CPU at cp 1, same call); the MSA variant is refused on CUDA and
+#                    the stage checks that message
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
@@ -49,6 +57,15 @@ export PATH=/usr/local/cuda/bin:$PATH NCCL_NVLS_ENABLE=0
 MAKE="make -j16 BLAS=0 DEPS_PREFIX=$PWD/.deps"
 status=0
 stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
+# the largest relative loss difference over the logged steps of two runs' metrics.jsonl; with a third
+# argument, that number alone (for arithmetic)
+cmp_losses() {
+    python3 -c 'import json,sys
+a,b=[[json.loads(l) for l in open(f) if "\"loss\"" in l] for f in sys.argv[1:3]]
+if not a or len(a)!=len(b): sys.exit("no or unequal loss lines: %d and %d" % (len(a),len(b)))
+d=max(abs(x["loss"]-y["loss"])/abs(x["loss"]) for x,y in zip(a,b))
+print("%.3e" % d if len(sys.argv)>3 else "  %d steps, max relative loss difference %.2e" % (len(a), d))' "$@"
+}
 
 for what in "$@"; do
     case "$what" in
@@ -264,13 +281,6 @@ for what in "$@"; do
         moe="--set model.ffn=moe --set moe.num_experts=8 --set moe.experts_per_token=2 --set moe.expert_dim=32
              --set moe.shared_experts=1 --set moe.aux_loss_weight=0 --set moe.z_loss_weight=0.001
              --set moe.bias_update_rate=0.01"
-        # the largest relative loss difference over the logged steps of two runs' metrics.jsonl
-        cmp_losses() {
-            python3 -c 'import json,sys
-a,b=[[json.loads(l) for l in open(f) if "\"loss\"" in l] for f in sys.argv[1:3]]
-d=max(abs(x["loss"]-y["loss"])/abs(x["loss"]) for x,y in zip(a,b))
-print("  %d steps, max relative loss difference %.2e" % (min(len(a),len(b)), d))' "$1" "$2"
-        }
         for p in "dp:" "ep:$moe --set dist.ep=2" "cp:--set dist.cp=2"; do
             name=${p%%:*}
             extra=${p#*:}
@@ -297,6 +307,83 @@ t=[[json.loads(l)["tokens_per_s"] for l in open(f) if "tokens_per_s" in l][3:] f
 one,two=(sum(x)/len(x) for x in t)
 print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one,two,two/one))' \
             /tmp/scale_1/metrics.jsonl /tmp/scale_2/metrics.jsonl || status=1
+        ;;
+    cp-one-gpu)
+        stage "sequence-split CP, 2 ranks on one GPU"
+        nvidia-smi -L
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+        ranks="mpirun --allow-run-as-root --oversubscribe -x PATH -x LD_LIBRARY_PATH -x MSA_ATTENTION"
+        two="$ranks -np 2"
+        # one KV head: cp 2 exceeds it, as sequence mode is for; no evaluation (the losses of the logged steps)
+        tiny="configs/tiny.json --set model.n_kv_heads=1 --set train.steps=10 --set train.log_every=1
+              --set train.eval_every=0 --set train.eval_batches=1 --set train.sample_tokens=0"
+        seq="--set dist.cp=2 --set dist.cp_mode=sequence"
+        # the single process runs our own attention kernels, the ones the ring runs (not cuDNN's)
+        export MSA_ATTENTION=own
+        run_cp() { # name, ranks (1 or 2), device, extra settings...
+            local name=$1 np=$2 dev=$3
+            shift 3
+            rm -rf "/tmp/cp1g_$name"
+            local launch=""
+            [ "$np" = 2 ] && launch=$two
+            # shellcheck disable=SC2086
+            $launch build/train $tiny --set train.device="$dev" "$@" --set train.out_dir="/tmp/cp1g_$name" \
+                >"$OUT/cp1g_$name.log" 2>&1
+        }
+        echo "--- the split ops on device tensors against the CPU (build/tests/test_dist_cp --cuda)"
+        for np in 2 4; do
+            if $ranks -np $np build/tests/test_dist_cp --cuda >"$OUT/cp1g_ops_$np.log" 2>&1 &&
+                [ "$(grep -c "cuda ok" "$OUT/cp1g_ops_$np.log")" = $np ]; then
+                grep -E "^cp $np:" "$OUT/cp1g_ops_$np.log"
+                echo "  PASS ($np ranks on one GPU)"
+            else
+                echo "  FAIL ($np ranks):"
+                grep -E "error|FAIL|differs" "$OUT/cp1g_ops_$np.log" | head -10
+                status=1
+            fi
+        done
+        echo "--- dense layers"
+        ok=1
+        run_cp cuda1 1 cuda || ok=0
+        # shellcheck disable=SC2086
+        run_cp cuda2 2 cuda $seq || ok=0
+        run_cp cpu1 1 cpu || ok=0
+        # shellcheck disable=SC2086
+        run_cp cpu2 2 cpu $seq || ok=0
+        grep -m1 "share a GPU" "$OUT/cp1g_cuda2.log"
+        if [ $ok = 1 ]; then
+            split_cuda=$(cmp_losses /tmp/cp1g_cuda1/metrics.jsonl /tmp/cp1g_cuda2/metrics.jsonl x)
+            bf16=$(cmp_losses /tmp/cp1g_cuda1/metrics.jsonl /tmp/cp1g_cpu1/metrics.jsonl x)
+            split_cpu=$(cmp_losses /tmp/cp1g_cpu1/metrics.jsonl /tmp/cp1g_cpu2/metrics.jsonl x)
+            cross=$(cmp_losses /tmp/cp1g_cpu2/metrics.jsonl /tmp/cp1g_cuda2/metrics.jsonl x)
+            echo "  max relative loss difference over 10 steps: CUDA cp 2 vs cp 1 $split_cuda; CUDA vs CPU at cp 1" \
+                "(bf16 vs fp32) $bf16; CPU cp 2 vs cp 1 $split_cpu; CUDA vs CPU at cp 2 $cross"
+            # the split changes only the rounding of bf16 activations (the merges, the sums over ranks), so it
+            # must stay within twice what bf16 rounding does to this run
+            if python3 -c "import sys; sys.exit(0 if $split_cuda <= 2 * $bf16 else 1)"; then
+                echo "  PASS: CUDA cp 2 within 2 x (bf16 vs fp32) = $(python3 -c "print('%.3e' % (2 * $bf16))")"
+            else
+                echo "  FAIL: CUDA cp 2 differs from cp 1 by more than 2 x (bf16 vs fp32)"
+                status=1
+            fi
+        else
+            echo "  FAIL: a run failed:"
+            tail -n 5 "$OUT"/cp1g_*.log
+            status=1
+        fi
+        echo "--- MSA layers (the CUDA MSA kernels read no query index yet: refused at start-up)"
+        msa="--set model.attention=msa --set model.msa_layers=1- --set msa.block_size=8 --set msa.topk_blocks=3
+             --set msa.index_dim=16"
+        # shellcheck disable=SC2086
+        if ! run_cp msa_cuda2 2 cuda $seq $msa && grep -q 'with model.attention = "msa" (layer 1) runs on train.device = "cpu" only' \
+            "$OUT/cp1g_msa_cuda2.log"; then
+            echo "  refused with the message, as expected"
+        else
+            echo "  FAIL: the MSA variant was not refused as expected"
+            tail -n 5 "$OUT/cp1g_msa_cuda2.log"
+            status=1
+        fi
+        unset MSA_ATTENTION
         ;;
     *)
         echo "unknown stage '$what'"

@@ -173,7 +173,10 @@ static ModelInput local_input(const Model *m, Engine *e, const ModelInput *in) {
         loc.tokens = gather_rows(e, in->tokens, index, n);
         loc.positions = gather_rows(e, in->positions, index, n);
         if (in->targets) loc.targets = gather_rows(e, in->targets, index, n);
-        loc.cp_index = upload_i32(e, index, n);
+        /* kept in the host arena: host_data must outlive the micro-step's tensors, as the batch's does */
+        int32_t *kept = arena_alloc(&e->host, (size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+        memcpy(kept, index, (size_t)n * sizeof(int32_t));
+        loc.cp_index = upload_i32(e, kept, n);
     } else {
         loc.tokens = input_rows(e, in->tokens, index[0], n);
         loc.positions = input_rows(e, in->positions, index[0], n);

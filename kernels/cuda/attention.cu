@@ -7,8 +7,14 @@
  * scale included); query t of document [s,e) sees keys s..t; query head h reads KV head h/(Hq/Hkv).
  * BF16 (or F32) data, fp32 arithmetic in registers and shared memory; head dims up to 256.
  *
+ * The kernels read the visible pairs as row ranges (attention.cuh's AttnRows): query row t sees the key
+ * rows key_lo[t] .. key_hi[t]-1, key row j is seen by the query rows query_lo[j] .. query_hi[j]-1, all four
+ * non-decreasing. Here the rows are the tokens (key_lo = document start, key_hi = t + 1); one step of ring
+ * attention (attention_ring.cu) runs the same kernels on its tokens named by index, merging the step into
+ * the running (out, lse).
+ *
  * Forward: a block = one head x 32 consecutive queries (4 warps x 8 queries); it walks the key tiles
- * from the first query's document start to the last query, 32 keys per tile staged in shared memory
+ * from the first query's first key to the last query's last, 32 keys per tile staged in shared memory
  * as fp32. Scores: lane l of a warp takes key l of the tile against the warp's 8 queries (row-per-lane
  * reads padded to 4 mod 32 floats: no bank conflicts); online softmax per query (running max and sum);
  * P.V with lanes across the head dim and the probabilities broadcast by shuffles. Tiles (or queries)
@@ -16,15 +22,15 @@
  * Backward: no atomics, deterministic; three kernels as the CPU reference's two passes:
  *   1. Dsum[h,t] = dout_t . out_t;
  *   2. dq: the forward's layout, recomputing P = exp(scale q.k - lse) and dS = P (dout.v - Dsum);
- *   3. dk, dv: a block = one KV head x 32 (16 for D > 128) keys, walking the later queries of its
- *      documents for every query head of the group, lanes over queries for P and dS, then over the
+ *   3. dk, dv: a block = one KV head x 32 (16 for D > 128) keys, walking the queries that see them
+ *      for every query head of the group, lanes over queries for P and dS, then over the
  *      head dim to accumulate dv += P dout and dk += dS q in registers.
  * About 2x the arithmetic of a fused backward with atomics for dq; correctness and determinism first.
  * The scores use CUDA cores, not tensor cores: a wgmma/mma version is future work. */
 #include <math.h>
 
+#include "attention.cuh"
 #include "limits.h"
-#include "primitives.cuh"
 
 using namespace msacuda;
 
@@ -57,9 +63,10 @@ __device__ __forceinline__ void load_rows(float *dst, int pitch, const T *x, int
     }
 }
 
-/* Per-token document bounds from cu_seqlens, and its validation (errors go to the error word; the
- * bounds are clamped so that the kernels stay in bounds whatever cu_seqlens holds). */
-__global__ void doc_bounds_kernel(int *dstart, int *dend, const int *cu, int ndocs, int N, int *err) {
+/* The visible rows of the whole micro-batch from cu_seqlens (query t of document [s, e) sees keys s..t),
+ * and cu_seqlens' validation (errors go to the error word; the ranges are clamped so that the kernels stay
+ * in bounds whatever cu_seqlens holds). */
+__global__ void doc_rows_kernel(AttnRows r, const int *cu, int ndocs, int N, int *err) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < max(N, ndocs + 1); i += gridDim.x * blockDim.x) {
         if (i <= ndocs) {
             const bool bad = (i == 0 && cu[0] != 0) || (i == ndocs && cu[ndocs] != N) || (i > 0 && cu[i] < cu[i - 1]);
@@ -72,45 +79,50 @@ __global__ void doc_bounds_kernel(int *dstart, int *dend, const int *cu, int ndo
                 if (cu[mid] <= i) lo = mid;
                 else hi = mid;
             }
-            dstart[i] = min(max(cu[lo], 0), i);
-            dend[i] = max(min(cu[lo + 1], N), i + 1);
+            r.key_lo[i] = min(max(cu[lo], 0), i);
+            r.key_hi[i] = i + 1;
+            r.query_lo[i] = i;
+            r.query_hi[i] = max(min(cu[lo + 1], N), i + 1);
         }
     }
 }
 
 template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(T *out, float *lse, const T *q, const T *k, const T *v,
-                                                          const int *dstart, int N, int Hq, int Hkv, int D, float scale) {
+                                                          AttnRows r, float scale, bool merge) {
     constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
     extern __shared__ float4 smem4[];
     float *Qs = (float *)smem4;   /* [BQ][LP], pre-multiplied by scale */
     float *Ks = Qs + BQ * LP;     /* [BK][RP] */
     float *Vs = Ks + BK * RP;     /* [BK][LP] */
+    const int Nq = r.Nq, Hq = r.Hq, Hkv = r.Hkv, D = r.D;
     const int h = blockIdx.y, hk = h / (Hq / Hkv);
-    const int t0 = blockIdx.x * BQ, tlast = min(t0 + BQ, N) - 1;
+    const int t0 = blockIdx.x * BQ, tlast = min(t0 + BQ, Nq) - 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int D4 = (D + 3) / 4;
-    load_rows(Qs, LP, q, t0, BQ, N, Hq, h, D, scale);
+    load_rows(Qs, LP, q, t0, BQ, Nq, Hq, h, D, scale);
 
-    const int wq0 = t0 + warp * QPW, wqlast = min(wq0 + QPW, N) - 1;
-    const int wkmin = wq0 < N ? dstart[wq0] : 0;
-    int qs[QPW];
+    const int wq0 = t0 + warp * QPW, wqlast = min(wq0 + QPW, Nq) - 1;
+    const int wkmin = wq0 < Nq ? r.key_lo[wq0] : 0, wkend = wq0 < Nq ? r.key_hi[wqlast] : 0;
+    int qs[QPW], qe[QPW];
     float m[QPW], l[QPW], o[QPW][DPL];
 #pragma unroll
     for (int i = 0; i < QPW; i++) {
-        qs[i] = wq0 + i < N ? dstart[wq0 + i] : N;
+        qs[i] = wq0 + i < Nq ? r.key_lo[wq0 + i] : 0;
+        qe[i] = wq0 + i < Nq ? r.key_hi[wq0 + i] : 0;
         m[i] = -INFINITY;
         l[i] = 0.0f;
 #pragma unroll
         for (int jj = 0; jj < DPL; jj++) o[i][jj] = 0.0f;
     }
 
-    for (int kt = dstart[t0]; kt <= tlast; kt += BK) {
+    const int kend = r.key_hi[tlast]; /* one past the last key any query of the block sees */
+    for (int kt = r.key_lo[t0]; kt < kend; kt += BK) {
         __syncthreads();
-        load_rows(Ks, RP, k, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
-        load_rows(Vs, LP, v, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
+        load_rows(Ks, RP, k, kt, BK, kend, Hkv, hk, D, 1.0f);
+        load_rows(Vs, LP, v, kt, BK, kend, Hkv, hk, D, 1.0f);
         __syncthreads();
-        if (wq0 >= N || kt > wqlast || kt + BK - 1 < wkmin) continue; /* warp-uniform */
+        if (wq0 >= Nq || kt >= wkend || kt + BK - 1 < wkmin) continue; /* warp-uniform */
         float s[QPW];
 #pragma unroll
         for (int i = 0; i < QPW; i++) s[i] = 0.0f;
@@ -123,8 +135,7 @@ __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(T *out, float *lse, c
         const int j = kt + lane;
 #pragma unroll
         for (int i = 0; i < QPW; i++) {
-            const int t = wq0 + i;
-            const bool vis = t < N && j <= t && j >= qs[i];
+            const bool vis = j >= qs[i] && j < qe[i];
             if (!__any_sync(FULL, vis)) continue;
             const float si = vis ? s[i] : -INFINITY;
             const float mnew = fmaxf(m[i], warp_max(si));
@@ -145,15 +156,23 @@ __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(T *out, float *lse, c
 #pragma unroll
     for (int i = 0; i < QPW; i++) {
         const int t = wq0 + i;
-        if (t >= N) continue;
-        const float inv = 1.0f / l[i];
+        if (t >= Nq || l[i] == 0.0f) continue; /* no visible key: a ring step leaves the query as it was */
+        const float blk = m[i] + logf(l[i]);
+        float keep = 0.0f, add = 1.0f / l[i], merged = blk;
+        if (merge) { /* L = logaddexp(L_run, L_blk); out = out_run e^(L_run - L) + out_blk e^(L_blk - L) */
+            const float run = lse[(int64_t)h * Nq + t], top = fmaxf(run, blk);
+            merged = top + logf(expf(run - top) + expf(blk - top));
+            keep = expf(run - merged);
+            add *= expf(blk - merged);
+        }
         T *orow = out + ((int64_t)t * Hq + h) * D;
 #pragma unroll
         for (int jj = 0; jj < DPL; jj++) {
             const int d = lane + 32 * jj;
-            if (d < D) orow[d] = from_f32<T>(o[i][jj] * inv);
+            if (d < D) orow[d] = from_f32<T>(merge ? to_f32(orow[d]) * keep + o[i][jj] * add : o[i][jj] * add);
         }
-        if (lane == 0) lse[(int64_t)h * N + t] = m[i] + logf(l[i]);
+        __syncwarp(); /* every lane has read the running lse before lane 0 overwrites it */
+        if (lane == 0) lse[(int64_t)h * Nq + t] = merged;
     }
 }
 
@@ -175,41 +194,44 @@ __global__ void attn_dsum_kernel(float *dsum, const T *dout, const T *out, int N
 
 template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) attn_bwd_dq_kernel(T *dq, const T *dout, const T *q, const T *k, const T *v,
-                                                             const float *lse, const float *dsum, const int *dstart, int N,
-                                                             int Hq, int Hkv, int D, float scale) {
+                                                             const float *lse, const float *dsum, AttnRows r,
+                                                             float scale) {
     constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
     extern __shared__ float4 smem4[];
     float *Qs = (float *)smem4;   /* [BQ][LP] */
     float *Os = Qs + BQ * LP;     /* [BQ][LP] dout */
     float *Ks = Os + BQ * LP;     /* [BK][RP] */
     float *Vs = Ks + BK * RP;     /* [BK][RP] */
+    const int Nq = r.Nq, Hq = r.Hq, Hkv = r.Hkv, D = r.D;
     const int h = blockIdx.y, hk = h / (Hq / Hkv);
-    const int t0 = blockIdx.x * BQ, tlast = min(t0 + BQ, N) - 1;
+    const int t0 = blockIdx.x * BQ, tlast = min(t0 + BQ, Nq) - 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int D4 = (D + 3) / 4;
-    load_rows(Qs, LP, q, t0, BQ, N, Hq, h, D, 1.0f);
-    load_rows(Os, LP, dout, t0, BQ, N, Hq, h, D, 1.0f);
+    load_rows(Qs, LP, q, t0, BQ, Nq, Hq, h, D, 1.0f);
+    load_rows(Os, LP, dout, t0, BQ, Nq, Hq, h, D, 1.0f);
 
-    const int wq0 = t0 + warp * QPW, wqlast = min(wq0 + QPW, N) - 1;
-    const int wkmin = wq0 < N ? dstart[wq0] : 0;
-    int qs[QPW];
+    const int wq0 = t0 + warp * QPW, wqlast = min(wq0 + QPW, Nq) - 1;
+    const int wkmin = wq0 < Nq ? r.key_lo[wq0] : 0, wkend = wq0 < Nq ? r.key_hi[wqlast] : 0;
+    int qs[QPW], qe[QPW];
     float ql[QPW], qd[QPW], acc[QPW][DPL];
 #pragma unroll
     for (int i = 0; i < QPW; i++) {
         const int t = wq0 + i;
-        qs[i] = t < N ? dstart[t] : N;
-        ql[i] = t < N ? lse[(int64_t)h * N + t] : 0.0f;
-        qd[i] = t < N ? dsum[(int64_t)h * N + t] : 0.0f;
+        qs[i] = t < Nq ? r.key_lo[t] : 0;
+        qe[i] = t < Nq ? r.key_hi[t] : 0;
+        ql[i] = t < Nq ? lse[(int64_t)h * Nq + t] : 0.0f;
+        qd[i] = t < Nq ? dsum[(int64_t)h * Nq + t] : 0.0f;
 #pragma unroll
         for (int jj = 0; jj < DPL; jj++) acc[i][jj] = 0.0f;
     }
 
-    for (int kt = dstart[t0]; kt <= tlast; kt += BK) {
+    const int kend = r.key_hi[tlast];
+    for (int kt = r.key_lo[t0]; kt < kend; kt += BK) {
         __syncthreads();
-        load_rows(Ks, RP, k, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
-        load_rows(Vs, RP, v, kt, BK, tlast + 1, Hkv, hk, D, 1.0f);
+        load_rows(Ks, RP, k, kt, BK, kend, Hkv, hk, D, 1.0f);
+        load_rows(Vs, RP, v, kt, BK, kend, Hkv, hk, D, 1.0f);
         __syncthreads();
-        if (wq0 >= N || kt > wqlast || kt + BK - 1 < wkmin) continue;
+        if (wq0 >= Nq || kt >= wkend || kt + BK - 1 < wkmin) continue;
         float s[QPW], dp[QPW];
 #pragma unroll
         for (int i = 0; i < QPW; i++) s[i] = dp[i] = 0.0f;
@@ -225,8 +247,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dq_kernel(T *dq, const T *do
         const int j = kt + lane;
 #pragma unroll
         for (int i = 0; i < QPW; i++) {
-            const int t = wq0 + i;
-            const bool vis = t < N && j <= t && j >= qs[i];
+            const bool vis = j >= qs[i] && j < qe[i];
             if (!__any_sync(FULL, vis)) continue;
             const float P = vis ? expf(scale * s[i] - ql[i]) : 0.0f;
             const float dS = P * (dp[i] - qd[i]);
@@ -241,7 +262,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dq_kernel(T *dq, const T *do
 #pragma unroll
     for (int i = 0; i < QPW; i++) {
         const int t = wq0 + i;
-        if (t >= N) continue;
+        if (t >= Nq || qs[i] >= qe[i]) continue; /* no visible key: nothing to add */
         T *row = dq + ((int64_t)t * Hq + h) * D;
 #pragma unroll
         for (int jj = 0; jj < DPL; jj++) {
@@ -253,8 +274,8 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dq_kernel(T *dq, const T *do
 
 template <typename T, int DPL, int KPW>
 __global__ void __launch_bounds__(THREADS) attn_bwd_dkv_kernel(T *dk, T *dv, const T *dout, const T *q, const T *k, const T *v,
-                                                              const float *lse, const float *dsum, const int *dend, int N,
-                                                              int Hq, int Hkv, int D, float scale) {
+                                                              const float *lse, const float *dsum, AttnRows r,
+                                                              float scale) {
     constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP, BKK = NWARPS * KPW, BQT = 32;
     extern __shared__ float4 smem4[];
     float *Ks = (float *)smem4;   /* [BKK][LP] */
@@ -263,38 +284,40 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkv_kernel(T *dk, T *dv, con
     float *Os = Qs + BQT * RP;    /* [BQT][RP] dout */
     float *Ls = Os + BQT * RP;    /* [BQT] lse */
     float *Ds = Ls + BQT;         /* [BQT] Dsum */
+    const int Nq = r.Nq, Nk = r.Nk, Hq = r.Hq, Hkv = r.Hkv, D = r.D;
     const int hk = blockIdx.y, group = Hq / Hkv;
-    const int j0 = blockIdx.x * BKK, jlast = min(j0 + BKK, N) - 1;
-    const int qend = dend[jlast]; /* one past the last query any key of the block serves */
+    const int j0 = blockIdx.x * BKK, jlast = min(j0 + BKK, Nk) - 1;
+    const int qbegin = r.query_lo[j0], qend = r.query_hi[jlast]; /* the queries any key of the block serves */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int D4 = (D + 3) / 4;
-    load_rows(Ks, LP, k, j0, BKK, N, Hkv, hk, D, 1.0f);
-    load_rows(Vs, LP, v, j0, BKK, N, Hkv, hk, D, 1.0f);
+    load_rows(Ks, LP, k, j0, BKK, Nk, Hkv, hk, D, 1.0f);
+    load_rows(Vs, LP, v, j0, BKK, Nk, Hkv, hk, D, 1.0f);
 
     const int wj0 = j0 + warp * KPW;
-    int kend[KPW];
+    int kbeg[KPW], kend[KPW];
     float ak[KPW][DPL], av[KPW][DPL];
-    int wqend = 0;
+    int wqbeg = wj0 < Nk ? r.query_lo[wj0] : 0, wqend = 0;
 #pragma unroll
     for (int i = 0; i < KPW; i++) {
-        kend[i] = wj0 + i < N ? dend[wj0 + i] : 0;
+        kbeg[i] = wj0 + i < Nk ? r.query_lo[wj0 + i] : 0;
+        kend[i] = wj0 + i < Nk ? r.query_hi[wj0 + i] : 0;
         wqend = max(wqend, kend[i]);
 #pragma unroll
         for (int jj = 0; jj < DPL; jj++) ak[i][jj] = av[i][jj] = 0.0f;
     }
 
     for (int h = hk * group; h < (hk + 1) * group; h++) {
-        for (int tq = j0; tq < qend; tq += BQT) {
+        for (int tq = qbegin; tq < qend; tq += BQT) {
             __syncthreads();
             load_rows(Qs, RP, q, tq, BQT, qend, Hq, h, D, 1.0f);
             load_rows(Os, RP, dout, tq, BQT, qend, Hq, h, D, 1.0f);
             if (threadIdx.x < BQT) {
                 const int t = tq + threadIdx.x;
-                Ls[threadIdx.x] = t < qend ? lse[(int64_t)h * N + t] : 0.0f;
-                Ds[threadIdx.x] = t < qend ? dsum[(int64_t)h * N + t] : 0.0f;
+                Ls[threadIdx.x] = t < qend ? lse[(int64_t)h * Nq + t] : 0.0f;
+                Ds[threadIdx.x] = t < qend ? dsum[(int64_t)h * Nq + t] : 0.0f;
             }
             __syncthreads();
-            if (wj0 >= N || tq >= wqend || tq + BQT - 1 < wj0) continue; /* warp-uniform */
+            if (wj0 >= Nk || tq >= wqend || tq + BQT - 1 < wqbeg) continue; /* warp-uniform */
             float s[KPW], dp[KPW];
 #pragma unroll
             for (int i = 0; i < KPW; i++) s[i] = dp[i] = 0.0f;
@@ -311,8 +334,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkv_kernel(T *dk, T *dv, con
             const float lt = Ls[lane], dt = Ds[lane];
 #pragma unroll
             for (int i = 0; i < KPW; i++) {
-                const int j = wj0 + i;
-                const bool vis = j < N && t >= j && t < kend[i];
+                const bool vis = t >= kbeg[i] && t < kend[i];
                 if (!__any_sync(FULL, vis)) continue;
                 const float P = vis ? expf(scale * s[i] - lt) : 0.0f;
                 const float dS = P * (dp[i] - dt);
@@ -331,7 +353,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkv_kernel(T *dk, T *dv, con
 #pragma unroll
     for (int i = 0; i < KPW; i++) {
         const int j = wj0 + i;
-        if (j >= N) continue;
+        if (j >= Nk || kbeg[i] >= kend[i]) continue; /* seen by no query: nothing to add */
         const int64_t base = ((int64_t)j * Hkv + hk) * D;
 #pragma unroll
         for (int jj = 0; jj < DPL; jj++) {
@@ -374,52 +396,88 @@ Dims check_dims(const char *what, const Tensor *q, const Tensor *k, const Tensor
     return Dims{(int)N, (int)Hq, (int)Hkv, (int)D, (int)(cu->numel - 1)};
 }
 
-/* scratch layout: dstart [N] | dend [N] | (backward) dsum [Hq*N] */
-int *doc_bounds(const Dims &a, const Tensor *cu, size_t extra_bytes, void **extra) {
-    const size_t bounds = ((size_t)2 * a.N * sizeof(int) + 255) / 256 * 256;
-    char *ws = (char *)scratch(bounds + extra_bytes);
-    int *dstart = (int *)ws;
-    doc_bounds_kernel<<<grid_for((int64_t)a.N + a.ndocs + 1, 256), 256>>>(dstart, dstart + a.N, (const int *)cu->data,
-                                                                         a.ndocs, a.N, errbuf());
-    LAUNCH_CHECK("attention doc_bounds");
-    if (extra) *extra = ws + bounds;
-    return dstart;
+/* scratch layout: the four row ranges [N] each | (backward) dsum [Hq*N] */
+AttnRows doc_rows(const Dims &a, const Tensor *cu, size_t extra_bytes, void **extra) {
+    const size_t rows_bytes = align256((size_t)4 * a.N * sizeof(int));
+    char *ws = (char *)scratch(rows_bytes + extra_bytes);
+    int *x = (int *)ws;
+    const AttnRows r{x, x + a.N, x + 2 * a.N, x + 3 * a.N, a.N, a.N, a.Hq, a.Hkv, a.D};
+    doc_rows_kernel<<<grid_for((int64_t)a.N + a.ndocs + 1, 256), 256>>>(r, (const int *)cu->data, a.ndocs, a.N, errbuf());
+    LAUNCH_CHECK("attention doc_rows");
+    if (extra) *extra = ws + rows_bytes;
+    return r;
 }
 
-template <typename T, int DPL> void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
-                                                 const int *dstart, const Dims &a, float scale) {
+template <typename T, int DPL>
+void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v, const AttnRows &r,
+                  float scale, bool merge, const char *what) {
     static int raised = 0;
     constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
     const size_t smem = (size_t)(BQ * LP + BK * RP + BK * LP) * sizeof(float);
-    const dim3 grid((unsigned)((a.N + BQ - 1) / BQ), (unsigned)a.Hq);
-    launch("attention_forward", attn_fwd_kernel<T, DPL>, raised, grid, smem, (T *)out->data, (float *)lse->data,
-           (const T *)q->data, (const T *)k->data, (const T *)v->data, dstart, a.N, a.Hq, a.Hkv, a.D, scale);
+    const dim3 grid((unsigned)((r.Nq + BQ - 1) / BQ), (unsigned)r.Hq);
+    launch(what, attn_fwd_kernel<T, DPL>, raised, grid, smem, (T *)out->data, (float *)lse->data, (const T *)q->data,
+           (const T *)k->data, (const T *)v->data, r, scale, merge);
 }
 
 template <typename T, int DPL>
 void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q, const Tensor *k, const Tensor *v,
-                   const Tensor *lse, const int *dstart, const int *dend, const float *dsum, const Dims &a, float scale) {
+                   const Tensor *lse, const AttnRows &r, const float *dsum, float scale) {
     constexpr int LP = Pitch<DPL>::LP, RP = Pitch<DPL>::RP;
     if (dq) {
         static int raised = 0;
         const size_t smem = (size_t)(2 * BQ * LP + 2 * BK * RP) * sizeof(float);
-        const dim3 grid((unsigned)((a.N + BQ - 1) / BQ), (unsigned)a.Hq);
-        launch("attention_backward dq", attn_bwd_dq_kernel<T, DPL>, raised, grid, smem, (T *)dq->data, (const T *)dout->data,
-               (const T *)q->data, (const T *)k->data, (const T *)v->data, (const float *)lse->data, dsum, dstart, a.N, a.Hq,
-               a.Hkv, a.D, scale);
+        const dim3 grid((unsigned)((r.Nq + BQ - 1) / BQ), (unsigned)r.Hq);
+        launch("attention backward dq", attn_bwd_dq_kernel<T, DPL>, raised, grid, smem, (T *)dq->data,
+               (const T *)dout->data, (const T *)q->data, (const T *)k->data, (const T *)v->data, (const float *)lse->data,
+               dsum, r, scale);
     }
     if (dk || dv) {
         static int raised = 0;
         constexpr int KPW = DPL <= 4 ? 8 : 4, BKK = NWARPS * KPW;
         const size_t smem = (size_t)(2 * BKK * LP + 2 * 32 * RP + 64) * sizeof(float);
-        const dim3 grid((unsigned)((a.N + BKK - 1) / BKK), (unsigned)a.Hkv);
-        launch("attention_backward dk dv", attn_bwd_dkv_kernel<T, DPL, KPW>, raised, grid, smem,
+        const dim3 grid((unsigned)((r.Nk + BKK - 1) / BKK), (unsigned)r.Hkv);
+        launch("attention backward dk dv", attn_bwd_dkv_kernel<T, DPL, KPW>, raised, grid, smem,
                dk ? (T *)dk->data : nullptr, dv ? (T *)dv->data : nullptr, (const T *)dout->data, (const T *)q->data,
-               (const T *)k->data, (const T *)v->data, (const float *)lse->data, dsum, dend, a.N, a.Hq, a.Hkv, a.D, scale);
+               (const T *)k->data, (const T *)v->data, (const float *)lse->data, dsum, r, scale);
     }
 }
 
 }  // namespace
+
+namespace msacuda {
+
+void attention_rows_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                            const AttnRows &r, float scale, bool merge, const char *what) {
+    if (r.Nq == 0 || r.Nk == 0) return;
+    DISPATCH_FLOAT(q->dtype, T, what, {
+        switch (dpl_of(r.D)) {
+        case 1: forward_impl<T, 1>(out, lse, q, k, v, r, scale, merge, what); break;
+        case 2: forward_impl<T, 2>(out, lse, q, k, v, r, scale, merge, what); break;
+        case 4: forward_impl<T, 4>(out, lse, q, k, v, r, scale, merge, what); break;
+        default: forward_impl<T, 8>(out, lse, q, k, v, r, scale, merge, what); break;
+        }
+    });
+}
+
+void attention_rows_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q, const Tensor *k,
+                             const Tensor *v, const Tensor *out, const Tensor *lse, const AttnRows &r, float *dsum,
+                             float scale, const char *what) {
+    if (r.Nq == 0 || r.Nk == 0) return;
+    DISPATCH_FLOAT(q->dtype, T, what, {
+        const int64_t rows = (int64_t)r.Nq * r.Hq;
+        attn_dsum_kernel<T><<<(unsigned)((rows + NWARPS - 1) / NWARPS), THREADS>>>(dsum, (const T *)dout->data,
+                                                                                   (const T *)out->data, r.Nq, r.Hq, r.D);
+        LAUNCH_CHECK("attention backward dsum");
+        switch (dpl_of(r.D)) {
+        case 1: backward_impl<T, 1>(dq, dk, dv, dout, q, k, v, lse, r, dsum, scale); break;
+        case 2: backward_impl<T, 2>(dq, dk, dv, dout, q, k, v, lse, r, dsum, scale); break;
+        case 4: backward_impl<T, 4>(dq, dk, dv, dout, q, k, v, lse, r, dsum, scale); break;
+        default: backward_impl<T, 8>(dq, dk, dv, dout, q, k, v, lse, r, dsum, scale); break;
+        }
+    });
+}
+
+}  // namespace msacuda
 
 extern "C" void cuda_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
                                        const Tensor *cu_seqlens, float scale) {
@@ -429,15 +487,7 @@ extern "C" void cuda_attention_forward(Tensor *out, Tensor *lse, const Tensor *q
     if (lse->numel != (int64_t)a.Hq * a.N || lse->dtype != DT_F32) fatal("cuda attention_forward: lse must be f32 [Hq, N]");
     if (a.N == 0) return;
     if (cudnn_attention_forward(out, lse, q, k, v, cu_seqlens, scale, a.N, a.Hq, a.Hkv, a.D, a.ndocs)) return;
-    const int *dstart = doc_bounds(a, cu_seqlens, 0, nullptr);
-    DISPATCH_FLOAT(q->dtype, T, "attention_forward", {
-        switch (dpl_of(a.D)) {
-        case 1: forward_impl<T, 1>(out, lse, q, k, v, dstart, a, scale); break;
-        case 2: forward_impl<T, 2>(out, lse, q, k, v, dstart, a, scale); break;
-        case 4: forward_impl<T, 4>(out, lse, q, k, v, dstart, a, scale); break;
-        default: forward_impl<T, 8>(out, lse, q, k, v, dstart, a, scale); break;
-        }
-    });
+    attention_rows_forward(out, lse, q, k, v, doc_rows(a, cu_seqlens, 0, nullptr), scale, false, "attention_forward");
 }
 
 extern "C" void cuda_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
@@ -457,19 +507,6 @@ extern "C" void cuda_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, cons
     if (cudnn_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, scale, a.N, a.Hq, a.Hkv, a.D, a.ndocs))
         return;
     void *extra = nullptr;
-    const int *dstart = doc_bounds(a, cu_seqlens, (size_t)a.Hq * a.N * sizeof(float), &extra);
-    const int *dend = dstart + a.N;
-    float *dsum = (float *)extra;
-    DISPATCH_FLOAT(q->dtype, T, "attention_backward", {
-        const int64_t rows = (int64_t)a.N * a.Hq;
-        attn_dsum_kernel<T><<<(unsigned)((rows + NWARPS - 1) / NWARPS), THREADS>>>(dsum, (const T *)dout->data,
-                                                                                   (const T *)out->data, a.N, a.Hq, a.D);
-        LAUNCH_CHECK("attention_backward dsum");
-        switch (dpl_of(a.D)) {
-        case 1: backward_impl<T, 1>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
-        case 2: backward_impl<T, 2>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
-        case 4: backward_impl<T, 4>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
-        default: backward_impl<T, 8>(dq, dk, dv, dout, q, k, v, lse, dstart, dend, dsum, a, scale); break;
-        }
-    });
+    const AttnRows r = doc_rows(a, cu_seqlens, (size_t)a.Hq * a.N * sizeof(float), &extra);
+    attention_rows_backward(dq, dk, dv, dout, q, k, v, out, lse, r, (float *)extra, scale, "attention_backward");
 }

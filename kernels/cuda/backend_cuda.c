@@ -3,15 +3,14 @@
  * MSA_CUDA everywhere). */
 #include "cuda.h"
 
-/* The groups of kernels.def this backend implements (all but RING: ring attention, for sequence-split
- * context parallelism, has no CUDA kernel yet and the trainer refuses dist.cp_mode = sequence on CUDA). A group whose kernels had not landed
+/* The groups of kernels.def this backend implements (all of them). A group whose kernels had not landed
  * would expand to nothing here: its entries stay NULL, the autograd ops that use them check first
  * (BACKEND_REQUIRE in backend.h), and backend_missing() lets a program refuse an MSA or MoE
  * configuration on this backend at start-up with a message instead of failing mid-run. */
 #define CUDA_HAS_CORE(entry) entry,
 #define CUDA_HAS_MSA(entry) entry,
 #define CUDA_HAS_MOE(entry) entry,
-#define CUDA_HAS_RING(entry)
+#define CUDA_HAS_RING(entry) entry,
 
 const KernelBackend cuda_backend = {
     .name = "cuda",

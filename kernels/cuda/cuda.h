@@ -35,7 +35,9 @@ extern "C" {
  *                     (the context-parallel block transpose: a copy in the widest word the layout allows)
  *   attention.cu      dense attention (attention_cudnn.cu: the cuDNN path it hands BF16 shapes to; it
  *                     takes the longest document from cu_seqlens->host_data, else copies cu_seqlens to
- *                     the host)
+ *                     the host); its own kernels read the visible pairs as row ranges (attention.cuh)
+ *   attention_ring.cu one step of ring attention (sequence-split context parallelism): attention.cu's
+ *                     kernels on the rows its index lists name, merging into the running (out, lse)
  *   cross_entropy.cu  the counted rows from targets->host_data, else a copy to the host
  *   msa_plan.cu       validates topk on the device (a bad selection is reported at the next wait); it
  *                     does not use scratch(), so a kernel may build a temporary plan while holding its own

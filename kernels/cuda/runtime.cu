@@ -94,6 +94,9 @@ void check_device_errors() {
                   h[1], h[2], h[3], h[5], h[6]);
         if (h[4] == 1) fatal("cuda msa_plan: topk[%d, %d] selects no block", h[1], h[2]);
         fatal("cuda msa_plan: topk[%d, %d] slot %d holds %d after the padding began (-1 expected)", h[1], h[2], h[5], h[6]);
+    case ERR_RING_INDEX: /* attention_ring: [1] 1 for q_index, 0 for k_index, [2] row, [3] token */
+        fatal("attention_ring: %s[%d] = %d: the tokens must ascend inside cu_seqlens' tokens", h[1] ? "q_index" : "k_index",
+              h[2], h[3]);
     default: fatal("cuda backend: device error code %d (%d, %d)", h[0], h[1], h[2]);
     }
 }

@@ -404,6 +404,23 @@ static void cp_cases(void) {
     GPU_CASE("cp", transpose_case, TransposeCase, DT_BF16, 1, 1, 5);
 }
 
+/* one rank's ring attention over every rank's block (tests/gpu/test_gpu_cp.c): documents that cross the
+ * chunks (and start inside them), so that some queries see none of a block's keys, a query tile (32 rows)
+ * wider than a chunk, GQA and MHA, head dims 16 to 256; act, ndocs, lens, ranks, me, Hq, Hkv, D, grads */
+static void ring_cases(void) {
+    for (int d = 0; d < 2; d++) {
+        GPU_CASE("ring", ring_case, RingCase, acts[d], 4, {5, 37, 1, 21}, 2, 0, 4, 2, 64, 7);
+        GPU_CASE("ring", ring_case, RingCase, acts[d], 4, {5, 37, 1, 21}, 2, 1, 4, 2, 64, 7);
+        GPU_CASE("ring", ring_case, RingCase, acts[d], 4, {70, 29, 1, 28}, 4, 1, 8, 1, 128, 7);
+        GPU_CASE("ring", ring_case, RingCase, acts[d], 1, {200}, 2, 0, 2, 2, 40, 7);
+        GPU_CASE("ring", ring_case, RingCase, acts[d], 5, {31, 32, 33, 64, 96}, 8, 3, 6, 2, 96, 7);
+        GPU_CASE("ring", ring_case, RingCase, acts[d], 6, {1, 1, 60, 2, 3, 5}, 4, 3, 3, 3, 16, 7);
+    }
+    GPU_CASE("ring", ring_case, RingCase, DT_BF16, 2, {100, 28}, 2, 1, 2, 1, 256, 7);
+    GPU_CASE("ring", ring_case, RingCase, DT_BF16, 4, {5, 37, 1, 21}, 2, 1, 4, 2, 64, 2); /* dk only */
+    GPU_CASE("ring", ring_case, RingCase, DT_BF16, 4, {5, 37, 1, 21}, 2, 0, 4, 2, 64, 5); /* dq and dv */
+}
+
 /* every pointwise activation of kernels.def (its ACTIVATION lines): x ~ N(0, 2) (the saturated tails
  * included), both dtypes, one element, an odd count and a large one */
 static void activation_cases(void) {
@@ -430,6 +447,7 @@ void gpu_cases(void) {
     msa_kl_cases();
     moe_cases();
     cp_cases();
+    ring_cases();
     activation_cases();
     GPU_CASE0("sync", staged_copies_case);
     /* the shakespeare_gpu model on fewer rows: dense (cuDNN attention, D = 64), then with MSA in layers 1-5

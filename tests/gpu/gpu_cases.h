@@ -217,6 +217,18 @@ void moe_e2e_case(const void *args);
 
 typedef struct { DType dt; int64_t a, b, inner; } TransposeCase;
 void transpose_case(const void *args);
+/* One rank's ring attention (attention_ring_forward / _backward): the micro-batch of documents lens is cut
+ * into 2 * ranks zigzag chunks; rank `me`'s queries merge every rank's K/V block in ring order (me, me-1,
+ * ...), then take the backward's share of each block; grads as AttentionCase's. */
+typedef struct {
+    DType act;
+    int ndocs;
+    int32_t lens[6];
+    int ranks, me;
+    int64_t Hq, Hkv, D;
+    int grads;
+} RingCase;
+void ring_case(const void *args);
 
 /* ---- families of tests/gpu/test_gpu_sync.c: a training step without host waits ---- */
 
