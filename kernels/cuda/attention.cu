@@ -352,7 +352,7 @@ void launch(const char *name, Kern kernel, int &raised, dim3 grid, size_t smem, 
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         raised = (int)smem;
     }
-    kernel<<<grid, THREADS, smem>>>(args...);
+    kernel<<<grid, THREADS, smem, stream()>>>(args...);
     LAUNCH_CHECK(name);
 }
 
@@ -379,7 +379,7 @@ int *doc_bounds(const Dims &a, const Tensor *cu, size_t extra_bytes, void **extr
     const size_t bounds = ((size_t)2 * a.N * sizeof(int) + 255) / 256 * 256;
     char *ws = (char *)scratch(bounds + extra_bytes);
     int *dstart = (int *)ws;
-    doc_bounds_kernel<<<grid_for((int64_t)a.N + a.ndocs + 1, 256), 256>>>(dstart, dstart + a.N, (const int *)cu->data,
+    doc_bounds_kernel<<<grid_for((int64_t)a.N + a.ndocs + 1, 256), 256, 0, stream()>>>(dstart, dstart + a.N, (const int *)cu->data,
                                                                          a.ndocs, a.N, errbuf());
     LAUNCH_CHECK("attention doc_bounds");
     if (extra) *extra = ws + bounds;
@@ -462,7 +462,7 @@ extern "C" void cuda_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, cons
     float *dsum = (float *)extra;
     DISPATCH_FLOAT(q->dtype, T, "attention_backward", {
         const int64_t rows = (int64_t)a.N * a.Hq;
-        attn_dsum_kernel<T><<<(unsigned)((rows + NWARPS - 1) / NWARPS), THREADS>>>(dsum, (const T *)dout->data,
+        attn_dsum_kernel<T><<<(unsigned)((rows + NWARPS - 1) / NWARPS), THREADS, 0, stream()>>>(dsum, (const T *)dout->data,
                                                                                    (const T *)out->data, a.N, a.Hq, a.D);
         LAUNCH_CHECK("attention_backward dsum");
         switch (dpl_of(a.D)) {

@@ -33,7 +33,7 @@ extern "C" void cuda_dropout_forward(Tensor *y, const Tensor *x, float p, uint64
     if (x->numel == 0) return;
     const float inv_keep = keep_scale(p);
     DISPATCH_FLOAT(x->dtype, T, "dropout_forward", {
-        dropout_fwd_kernel<T><<<grid_for(x->numel, 256), 256>>>((T *)y->data, (const T *)x->data, x->numel, seed, offset,
+        dropout_fwd_kernel<T><<<grid_for(x->numel, 256), 256, 0, stream()>>>((T *)y->data, (const T *)x->data, x->numel, seed, offset,
                                                                dropout_threshold(p), inv_keep);
         LAUNCH_CHECK("dropout_forward");
     });
@@ -45,7 +45,7 @@ extern "C" void cuda_dropout_backward(Tensor *dx, const Tensor *dy, float p, uin
     if (dy->numel == 0) return;
     const float inv_keep = keep_scale(p);
     DISPATCH_FLOAT(dy->dtype, T, "dropout_backward", {
-        dropout_bwd_kernel<T><<<grid_for(dy->numel, 256), 256>>>((T *)dx->data, (const T *)dy->data, dy->numel, seed,
+        dropout_bwd_kernel<T><<<grid_for(dy->numel, 256), 256, 0, stream()>>>((T *)dx->data, (const T *)dy->data, dy->numel, seed,
                                                                 offset, dropout_threshold(p), inv_keep);
         LAUNCH_CHECK("dropout_backward");
     });
