@@ -150,6 +150,7 @@ static const KeyDef KEYS[] = {
     BOOL(train, resume, 0, "continue bit-for-bit from the newest checkpoint in out_dir (as --resume)"),
     NUM(train, loss_chunk_tokens, 4096, 0, IMAX, "tokens per chunk of the LM head and its cross-entropy (their logits and the logits' gradient exist for one chunk at a time: chunk x vocabulary values); 0 = all tokens of a micro-batch in one chunk"),
     BOOL(train, offload_block_inputs, 0, "with recompute: keep the saved block inputs in page-locked host memory between the forward and the backward (two on the device instead of one per block; synchronous copies, ~2 x tokens x d_model x 2 bytes per block and step over PCIe on a GPU)"),
+    CHOICE(train, cuda_graph, "auto", "auto|on|off", "CUDA: capture a whole training step (forward, backward, optimizer) in a CUDA graph after its first eager steps and replay it, one launch per step and the same bits as the eager step (train/step_graph.h); auto: when the run allows it (dense attention, no MoE layers, one rank, windows sampling, no offloaded block inputs), else one log line says why not; on: as auto, but a run that does not allow it is an error; off: every step eager"),
     NUM(train, profile_steps, 0, 0, IMAX, "time every op's forward and backward (self time, device synchronised around each) over this many steps after the first, then print a table of where a step's time goes (and write it to out_dir/profile.md); the losses are unchanged; 0 = off"),
 
     STR(data, train_path, "", "HDF5 token file for training (build/prepare_text)"),

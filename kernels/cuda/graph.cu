@@ -1,9 +1,10 @@
 /* CUDA graphs of the backend's stream (kernels.def's GRAPH entries): a capture of everything issued on
  * stream() between graph_begin and graph_end, instantiated once and launched as one call.
  *
- * The capture is thread-local (cudaStreamCaptureModeThreadLocal): the host calls come from one thread
- * (cuda.h), and another thread's unrelated CUDA calls (NCCL's proxy) neither break it nor are taken into
- * it. A copy from the host during the capture would read its source at every launch, and the staging
+ * The capture is relaxed (cudaStreamCaptureModeRelaxed): an allocation during it (an arena chunk, a
+ * library's lazy workspace) is allowed, and the graph keeps using that memory, which is right here: no
+ * memory of ours is freed without memory_releases counting it, and a free during a capture is fatal
+ * (host_wait, runtime.cu). Other threads' CUDA calls (NCCL's proxy) are not taken into it. A copy from the host during the capture would read its source at every launch, and the staging
  * ring (runtime.cu) reuses its memory: such copies go to page-locked memory of the capture's own,
  * allocated before the capture starts (allocating it during one could synchronise) and freed with the
  * graph. */
@@ -56,7 +57,7 @@ extern "C" void cuda_graph_begin(void) {
     if (g_copies.host || capturing()) fatal("cuda graph_begin: a capture is already under way");
     CUDA_CHECK(cudaMallocHost((void **)&g_copies.host, CAPTURE_HOST_BYTES));
     g_copies.used = 0;
-    CUDA_CHECK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
+    CUDA_CHECK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeRelaxed));
 }
 
 extern "C" void *cuda_graph_end(int64_t *nodes) {

@@ -20,6 +20,7 @@
 #include "../../autograd/engine.h"
 #include "../../autograd/ops.h"
 #include "../../autograd/params.h"
+#include "../../kernels/dropout_mask.h"
 #include "../../kernels/util.h"
 #include "../../layers/rope_scaling.h"
 #include "../../train/trainer.h"
@@ -469,21 +470,28 @@ void dropout_case(const void *args) {
     const int64_t n = c->n;
     char name[160];
     Pair x = pair_rand(act, 1, (int64_t[]){n}, 0, 1), y = pair_out(act, 1, (int64_t[]){n});
-    CB->dropout_forward(&y.c, &x.c, c->p, c->seed, c->offset);
-    GB->dropout_forward(&y.g, &x.g, c->p, c->seed, c->offset);
+    /* the seed in each backend's memory, as the kernels read it */
+    int32_t words[2];
+    dropout_seed_words(c->seed, words);
+    Tensor seed_c = mk(CB, DT_I32, 1, (int64_t[]){2}), seed_g = mk(GB, DT_I32, 1, (int64_t[]){2});
+    memcpy(seed_c.data, words, sizeof words);
+    GB->copy_from_host(seed_g.data, words, sizeof words);
+    CB->dropout_forward(&y.c, &x.c, c->p, &seed_c, c->offset);
+    GB->dropout_forward(&y.g, &x.g, c->p, &seed_g, c->offset);
     snprintf(name, sizeof name, "dropout fwd %s n=%lld", dn(act), (long long)n);
     check(name, &y, tol_of(act));
     Pair dy = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
     Grad dx = grad_new(act, 1, (int64_t[]){n});
-    CB->dropout_backward(&dx.p.c, &dy.c, c->p, c->seed, c->offset);
+    CB->dropout_backward(&dx.p.c, &dy.c, c->p, &seed_c, c->offset);
     grad_arm(&dx);
-    GB->dropout_backward(&dx.p.g, &dy.g, c->p, c->seed, c->offset);
+    GB->dropout_backward(&dx.p.g, &dy.g, c->p, &seed_g, c->offset);
     snprintf(name, sizeof name, "dropout bwd %s n=%lld", dn(act), (long long)n);
     grad_check(name, &dx, tol_of(act));
     grad_free(&dx);
     pair_free(&dy);
     pair_free(&y);
     pair_free(&x);
+    free_t(&seed_c), free_t(&seed_g);
 }
 
 void bias_add_case(const void *args) {
