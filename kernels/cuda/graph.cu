@@ -64,11 +64,20 @@ extern "C" void *cuda_graph_end(int64_t *nodes) {
     init();
     if (!g_copies.host) fatal("cuda graph_end without graph_begin");
     cudaGraph_t graph = nullptr;
-    CUDA_CHECK(cudaStreamEndCapture(stream(), &graph));
+    /* a call the capture cannot take (a library's synchronisation, work on the legacy stream) invalidates it */
+    cudaError_t err = cudaStreamEndCapture(stream(), &graph);
+    if (err != cudaSuccess)
+        fatal("CUDA graph capture of the training step failed: %s (%s); set train.cuda_graph = off for this "
+              "configuration",
+              cudaGetErrorName(err), cudaGetErrorString(err));
     size_t n = 0;
     CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
     CudaGraph *g = new CudaGraph{nullptr, g_copies.host};
-    CUDA_CHECK(cudaGraphInstantiate(&g->exec, graph, 0));
+    err = cudaGraphInstantiate(&g->exec, graph, 0);
+    if (err != cudaSuccess)
+        fatal("CUDA graph of the training step (%zu nodes) cannot be instantiated: %s (%s); set train.cuda_graph = off "
+              "for this configuration",
+              n, cudaGetErrorName(err), cudaGetErrorString(err));
     CUDA_CHECK(cudaGraphDestroy(graph));
     g_copies = CapturedCopies{};
     if (nodes) *nodes = (int64_t)n;
