@@ -1,15 +1,16 @@
 /* dropout: y = x * keep / (1 - p), keep drawn per element from (seed, offset + index)
- * (kernels/dropout_mask.h). The mask is never stored: the backward regenerates it, and so does an
+ * (kernels/dropout_mask.h; seed: an i32 [2] tensor in the backend's memory, which must hold the same seed
+ * until the backward). The mask is never stored: the backward regenerates it, and so does an
  * activation-recomputing replay of the forward, from the same (seed, offset). */
 #include "ops.h"
 
 typedef struct DropoutParams {
     float p;
-    uint64_t seed;
+    const Tensor *seed;
     int64_t offset;
 } DropoutParams;
 
-Tensor *op_dropout(Engine *e, Tensor *x, float p, uint64_t seed, int64_t offset) {
+Tensor *op_dropout(Engine *e, Tensor *x, float p, const Tensor *seed, int64_t offset) {
     if (p == 0.0f) return x; /* no work, no call */
     engine_op_begin(e);
     Tensor *y = engine_empty_like(e, x);

@@ -42,7 +42,7 @@ Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seql
 
 /* dropout with probability p (0 returns x itself); the mask depends only on (seed, offset + element
  * index), kernels/dropout_mask.h, so a recomputed forward and the backward see the same mask */
-Tensor *op_dropout(Engine *e, Tensor *x, float p, uint64_t seed, int64_t offset);
+Tensor *op_dropout(Engine *e, Tensor *x, float p, const Tensor *seed, int64_t offset);
 
 Tensor *op_swiglu(Engine *e, Tensor *gate, Tensor *up);
 

@@ -11,17 +11,17 @@
  * through fatal() (MPI_Abort, which also tears down this process's CUDA context and NCCL's kernels).
  * No watchdog thread is needed: this is the pattern NCCL documents for fault tolerance.
  *
- * Ordering: the kernels run on the legacy default stream (kernels/cuda/cuda.h). The collectives' stream
- * is a blocking stream (cudaStreamCreate without cudaStreamNonBlocking), which the legacy default
- * stream synchronises with both ways, so a collective sees every kernel issued before it and every
- * kernel issued after it sees the collective's result. Each collective is waited for on the host before
- * it returns (the timeout needs it; it also keeps host copies of the results simple).
+ * Ordering: the kernels run on the CUDA backend's one stream (cuda_stream(), kernels/cuda/cuda.h). Each
+ * collective's stream first waits for an event recorded on it, so that the collective sees every kernel
+ * issued before it, and is waited for on the host before the collective returns (the timeout needs it;
+ * it also keeps host copies of the results simple), so that every kernel issued after it sees its
+ * result. No ordering rests on the legacy default stream.
  *
  * Collectives in flight (dist_start_*: the gradient buckets reduced during the backward, the parameters
- * gathered after the update) run on a second, non-blocking stream instead, so that the default stream's
- * kernels do not wait for them: an event recorded on the default stream at the start orders them after
- * the kernels that wrote their buffer, and an event recorded on the side stream after them says, when
- * the host sees it complete (dist_test), that their result is there. They use a second communicator of
+ * gathered after the update) run on a second, non-blocking stream instead, so that the backend's
+ * kernels do not wait for them: the same event orders them after the kernels that wrote their buffer,
+ * and an event recorded on the side stream after them says, when the host sees it complete
+ * (dist_test), that their result is there. They use a second communicator of
  * their group (DistGroup.nccl_side, the ZeRO groups only): the backward's own exchanges (context and
  * expert parallel) may share the group's first one, and two streams' kernels on one communicator could
  * meet in different orders on different ranks. */
@@ -34,6 +34,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include "../kernels/cuda/cuda.h"
 #include "../kernels/util.h"
 #include "dist_internal.h"
 
@@ -46,6 +47,22 @@
         cudaError_t err_ = (call);                                                                                  \
         if (err_ != cudaSuccess) fatal("%s failed: %s (%s:%d)", #call, cudaGetErrorString(err_), __FILE__, __LINE__); \
     } while (0)
+
+/* Make stream s wait for the work issued so far on the backend's stream (one event, recorded again each
+ * time: a wait takes the event as it was when the wait was issued). */
+static void after_backend_work(cudaStream_t s) {
+    static cudaEvent_t issued;
+    if (!issued) CUDA_OK(cudaEventCreateWithFlags(&issued, cudaEventDisableTiming));
+    CUDA_OK(cudaEventRecord(issued, cuda_stream()));
+    CUDA_OK(cudaStreamWaitEvent(s, issued, 0));
+}
+
+/* The collectives' stream, after the backend's work so far. */
+static cudaStream_t collective_stream(const DistGroup *g) {
+    cudaStream_t s = (cudaStream_t)g->dist->stream;
+    after_backend_work(s);
+    return s;
+}
 
 static ncclDataType_t nccl_type(DistType t) {
     switch (t) {
@@ -192,7 +209,7 @@ void dist_nccl_all_reduce(const DistGroup *g, void *buf, int64_t count, DistType
         return;
     }
     ncclComm_t comm = comm_of(g, "all_reduce");
-    ncclResult_t r = ncclAllReduce(buf, buf, (size_t)count, nccl_type(t), nccl_op(op), comm, (cudaStream_t)g->dist->stream);
+    ncclResult_t r = ncclAllReduce(buf, buf, (size_t)count, nccl_type(t), nccl_op(op), comm, collective_stream(g));
     nccl_wait(g, comm, r, "all_reduce", true);
 }
 
@@ -202,8 +219,7 @@ void dist_nccl_reduce_scatter(const DistGroup *g, const void *send, void *recv, 
         return;
     }
     ncclComm_t comm = comm_of(g, "reduce_scatter");
-    ncclResult_t r = ncclReduceScatter(send, recv, (size_t)count, nccl_type(t), nccl_op(op), comm,
-                                       (cudaStream_t)g->dist->stream);
+    ncclResult_t r = ncclReduceScatter(send, recv, (size_t)count, nccl_type(t), nccl_op(op), comm, collective_stream(g));
     nccl_wait(g, comm, r, "reduce_scatter", true);
 }
 
@@ -213,7 +229,7 @@ void dist_nccl_all_gather(const DistGroup *g, const void *send, void *recv, int6
         return;
     }
     ncclComm_t comm = comm_of(g, "all_gather");
-    ncclResult_t r = ncclAllGather(send, recv, (size_t)count, nccl_type(t), comm, (cudaStream_t)g->dist->stream);
+    ncclResult_t r = ncclAllGather(send, recv, (size_t)count, nccl_type(t), comm, collective_stream(g));
     nccl_wait(g, comm, r, "all_gather", true);
 }
 
@@ -224,7 +240,7 @@ void dist_nccl_all_to_allv(const DistGroup *g, const void *send, const int64_t *
         return;
     }
     ncclComm_t comm = comm_of(g, "all_to_allv");
-    cudaStream_t s = (cudaStream_t)g->dist->stream;
+    cudaStream_t s = collective_stream(g);
     size_t es = dist_type_size(t);
     ncclDataType_t nt = nccl_type(t);
     /* point-to-point pairs inside one group call: NCCL schedules them together without deadlock */
@@ -246,7 +262,7 @@ void dist_nccl_broadcast(const DistGroup *g, void *buf, int64_t count, DistType 
         return;
     }
     ncclComm_t comm = comm_of(g, "broadcast");
-    ncclResult_t r = ncclBroadcast(buf, buf, (size_t)count, nccl_type(t), root, comm, (cudaStream_t)g->dist->stream);
+    ncclResult_t r = ncclBroadcast(buf, buf, (size_t)count, nccl_type(t), root, comm, collective_stream(g));
     nccl_wait(g, comm, r, "broadcast", true);
 }
 
@@ -266,11 +282,9 @@ void dist_nccl_start_parts(const DistGroup *g, void *buf, const int64_t *counts,
               what, g->name);
     ncclComm_t comm = g->nccl_side;
     cudaStream_t side = (cudaStream_t)g->dist->side_stream;
-    cudaEvent_t ready, done;
-    CUDA_OK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    cudaEvent_t done;
     CUDA_OK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-    CUDA_OK(cudaEventRecord(ready, cudaStreamLegacy)); /* after the kernels that wrote buf */
-    CUDA_OK(cudaStreamWaitEvent(side, ready, 0));
+    after_backend_work(side); /* after the kernels that wrote buf */
     size_t es = dist_type_size(t), offset = 0;
     ncclDataType_t nt = nccl_type(t);
     ncclResult_t r = ncclGroupStart();
@@ -285,7 +299,6 @@ void dist_nccl_start_parts(const DistGroup *g, void *buf, const int64_t *counts,
     /* enqueued (a nonblocking communicator may still be launching): only then does the event follow it */
     nccl_wait(g, comm, r != ncclSuccess && r != ncclInProgress ? r : e, what, false);
     CUDA_OK(cudaEventRecord(done, side));
-    CUDA_OK(cudaEventDestroy(ready)); /* released once the side stream has passed it */
     p->done = done;
 }
 
@@ -305,7 +318,7 @@ bool dist_nccl_test(DistPending *p) {
 }
 
 void dist_nccl_copy(void *dst, const void *src, size_t bytes) {
-    CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+    CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_stream()));
 }
 
 #endif /* MSA_CUDA */

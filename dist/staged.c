@@ -8,8 +8,9 @@
  * MPI reduces no bf16: a bf16 reduction is widened to f32 on the host, reduced, and rounded back to
  * nearest even (NCCL sums bf16 in bf16, so the two transports may differ in the last bit).
  *
- * Ordering: the copies are cudaMemcpy on the legacy default stream, the kernels' stream, so they follow
- * every kernel issued before and precede every kernel issued after; the collectives in flight
+ * Ordering: the copies are cudaMemcpy on the legacy default stream, with which the backend's stream (a
+ * blocking stream, cuda_stream()) synchronises, so they follow every kernel issued before and precede every
+ * kernel issued after; the collectives in flight
  * (dist_start_*) complete before they return here. */
 #ifdef MSA_CUDA
 

@@ -16,6 +16,8 @@
 #ifndef MSA_BACKEND_H
 #define MSA_BACKEND_H
 
+#include <math.h>
+
 #include "tensor.h"
 
 /* MSA hyper-parameters of one layer (DESIGN §4). Blocks count from each document's first token. */
@@ -57,11 +59,17 @@ typedef struct RopeTable {
 typedef enum { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } MoeScoreFunc;
 
 /* One parameter (or the part of one in an optimizer's shard) for adamw_update_many: the tensors of an
- * adamw_update call and its rates. */
+ * adamw_update call, its multiple of the step's learning rate and its weight decay. */
 typedef struct AdamwPart {
     Tensor param, grad, m, v;
-    float lr, weight_decay;
+    float lr_scale, weight_decay;
 } AdamwPart;
+
+/* The numbers of an AdamW update that change from step to step, which adamw_update_many reads from the
+ * backend's memory (an f64 tensor of ADAMW_SCHEDULE values) so that a captured step (a CUDA graph) reads
+ * each step's own: the learning rate and the bias corrections 1 - beta^t of step t (1-based). */
+enum { ADAMW_LR = 0, ADAMW_BIAS1 = 1, ADAMW_BIAS2 = 2, ADAMW_SCHEDULE = 3 };
+static inline double adamw_bias_correction(double beta, int t) { return 1.0 - pow(beta, t); }
 
 typedef struct KernelBackend {
     const char *name;
@@ -73,12 +81,13 @@ typedef struct KernelBackend {
 } KernelBackend;
 
 /* Entry groups (the first column of kernels.def). CORE entries every backend has; a backend may lack the
- * MSA, MoE or RING group (its table file says which groups it fills; the CPU and CUDA fill all of them).
+ * MSA, MoE, RING or GRAPH group (its table file says which groups it fills; the CPU fills all but GRAPH,
+ * CUDA all of them: a step captured as a graph is a CUDA thing, train.cuda_graph).
  * backend_missing returns the name of the first NULL entry among CORE and the groups asked for, or
  * NULL when the backend has them all: programs check it at start-up to refuse such a configuration
  * with a message. BACKEND_REQUIRE(be, entry) guards a call site (needs kernels/util.h for fatal): a
  * call through a NULL entry must never happen. */
-enum { BACKEND_CORE = 0, BACKEND_MSA = 1, BACKEND_MOE = 2, BACKEND_RING = 4 };
+enum { BACKEND_CORE = 0, BACKEND_MSA = 1, BACKEND_MOE = 2, BACKEND_RING = 4, BACKEND_GRAPH = 8 };
 static inline const char *backend_missing(const KernelBackend *be, int groups) {
 #define KERNEL(group, ret, name, params)                                                            \
     if ((BACKEND_##group == BACKEND_CORE || (groups & BACKEND_##group)) && !be->name) return #name;

@@ -28,6 +28,17 @@ static inline MSA_HOST_DEVICE uint32_t dropout_bits(uint64_t seed, int64_t i) {
 /* elements whose bits fall below this are dropped: P(drop) = p to within 2^-32 (0 <= p < 1) */
 static inline MSA_HOST_DEVICE uint32_t dropout_threshold(float p) { return (uint32_t)((double)p * 4294967296.0); }
 
+/* A dropout kernel reads its seed from the backend's memory (kernels.def dropout_forward), so that a
+ * training step captured in a CUDA graph reads each step's: an i32 [2] tensor of its low and high 32
+ * bits (the dtypes have no 64-bit integer). */
+static inline MSA_HOST_DEVICE uint64_t dropout_seed_of_words(const int32_t *w) {
+    return (uint64_t)(uint32_t)w[0] | (uint64_t)(uint32_t)w[1] << 32;
+}
+static inline void dropout_seed_words(uint64_t seed, int32_t w[2]) {
+    w[0] = (int32_t)(uint32_t)seed;
+    w[1] = (int32_t)(uint32_t)(seed >> 32);
+}
+
 /* a seed for one dropout site from its coordinates (mixing each in through the same finaliser) */
 static inline uint64_t dropout_seed(uint64_t run_seed, uint64_t step, uint64_t layer, uint64_t site) {
     uint64_t s = run_seed;

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "../autograd/ops.h"
+#include "../kernels/dropout_mask.h"
 #include "../kernels/util.h"
 #include "gradcheck.h"
 #include "test.h"
@@ -59,9 +60,15 @@ static Tensor *f_gelu(Engine *e, Tensor **in, void *ctx) {
     (void)ctx;
     return op_gelu(e, in[0]);
 }
+/* a dropout seed as the kernels read it: an i32 [2] tensor of its words (kernels/dropout_mask.h) */
+static Tensor *seed_tensor(uint64_t seed) {
+    Tensor *t = test_tensor(DT_I32, SHAPE(2));
+    dropout_seed_words(seed, t->data);
+    return t;
+}
+
 static Tensor *f_dropout(Engine *e, Tensor **in, void *ctx) {
-    (void)ctx;
-    return op_dropout(e, in[0], 0.3f, 0x1234abcdull, 17);
+    return op_dropout(e, in[0], 0.3f, ctx, 17);
 }
 static Tensor *f_ce(Engine *e, Tensor **in, void *ctx) {
     (void)ctx;
@@ -322,8 +329,10 @@ TEST(grad_dropout) {
     Engine *eng = tc->fixture;
     Tensor *x = test_randn(DT_F64, SHAPE(6, 9), 1, 102);
     test_requires_grad(x);
-    EXPECT(grad_ok(tc, gradcheck(eng, f_dropout, &x, 1, NULL, 0, 8), "dropout"), "dropout gradient");
+    Tensor *seed = seed_tensor(0x1234abcdull);
+    EXPECT(grad_ok(tc, gradcheck(eng, f_dropout, &x, 1, seed, 0, 8), "dropout"), "dropout gradient");
     test_tensor_free(x);
+    test_tensor_free(seed);
 }
 
 /* The mask: the dropped fraction is p (binomial, 5 sigma), kept elements are scaled by 1/(1-p), a
@@ -333,9 +342,10 @@ TEST(dropout_mask_statistics) {
     Engine *eng = tc->fixture;
     const int64_t n = 200000;
     const float p = 0.2f;
+    Tensor *s99 = seed_tensor(99), *s100 = seed_tensor(100);
     Tensor *x = test_tensor(DT_F64, SHAPE(n)), *y = test_tensor(DT_F64, SHAPE(n)), *y2 = test_tensor(DT_F64, SHAPE(n));
     for (int64_t i = 0; i < n; i++) ((double *)x->data)[i] = 1.0 + (double)(i % 7);
-    cpu_backend.dropout_forward(y, x, p, 99, 0);
+    cpu_backend.dropout_forward(y, x, p, s99, 0);
     int64_t dropped = 0, bad_scale = 0;
     for (int64_t i = 0; i < n; i++) {
         double yi = ((double *)y->data)[i], xi = ((double *)x->data)[i];
@@ -349,21 +359,21 @@ TEST(dropout_mask_statistics) {
     /* offset: element i of a call at offset 1000 is element i + 1000 of the call at offset 0 */
     Tensor *xs = test_tensor(DT_F64, SHAPE(n - 1000)), *ys = test_tensor(DT_F64, SHAPE(n - 1000));
     memcpy(xs->data, (double *)x->data + 1000, sizeof(double) * (size_t)(n - 1000));
-    cpu_backend.dropout_forward(ys, xs, p, 99, 1000);
+    cpu_backend.dropout_forward(ys, xs, p, s99, 1000);
     EXPECT(memcmp(ys->data, (double *)y->data + 1000, sizeof(double) * (size_t)(n - 1000)) == 0,
            "the mask at offset 1000 differs from the shifted mask at offset 0");
-    cpu_backend.dropout_forward(y2, x, p, 100, 0);
+    cpu_backend.dropout_forward(y2, x, p, s100, 0);
     int64_t same = 0;
     for (int64_t i = 0; i < n; i++) same += (((double *)y->data)[i] == 0) == (((double *)y2->data)[i] == 0);
     EXPECT(same < n - n / 10, "seeds 99 and 100 agree on %lld of %lld elements", (long long)same, (long long)n);
     Tensor *xf = test_copy_as(x, DT_F32), *yf = test_tensor(DT_F32, SHAPE(n));
-    cpu_backend.dropout_forward(yf, xf, p, 99, 0);
+    cpu_backend.dropout_forward(yf, xf, p, s99, 0);
     int64_t differ = 0;
     for (int64_t i = 0; i < n; i++) differ += (((float *)yf->data)[i] == 0) != (((double *)y->data)[i] == 0);
     EXPECT(differ == 0, "f32 and f64 masks differ in %lld elements", (long long)differ);
     (void)eng;
-    Tensor *all[] = {x, y, y2, xs, ys, xf, yf};
-    for (int i = 0; i < 7; i++) test_tensor_free(all[i]);
+    Tensor *all[] = {x, y, y2, xs, ys, xf, yf, s99, s100};
+    for (int i = 0; i < 9; i++) test_tensor_free(all[i]);
 }
 
 TEST(grad_cross_entropy_with_ignore) {

@@ -11,7 +11,8 @@
 #   bench            build/bench: the table of docs/benchmarks.md (training throughput, attention)
 #   attention        build/bench --only attention and the attention peers (.peers/attn_peer.py) at both of
 #                    its head shapes (SIZES=8192,32768,131072 by default)
-#   baseline-dense   configs/shakespeare_gpu.json, 5000 steps (nanoGPT's baby GPT)
+#   baseline-dense   configs/shakespeare_gpu.json, 5000 steps (nanoGPT's baby GPT; its steps replayed as a CUDA
+#                    graph, train.cuda_graph: the log's "cuda graph" lines)
 #   baseline-msa     the same with model.attention=msa
 #   dist             (2 GPUs: nvidia-h200-x2) DP-2, EP-2 and CP-2 with NCCL against one GPU on configs/tiny.json
 #                    (losses step by step), and the 1 -> 2 GPU DP scaling of the bench's ~1B dense model at
@@ -111,7 +112,7 @@ for what in "$@"; do
         build/train configs/shakespeare_gpu.json $extra --set train.out_dir="$OUT/run_$variant" \
             --set train.sample_tokens=300 >"$OUT/baseline_$variant.log" 2>&1 || status=1
         echo "wall $(($(date +%s) - start)) s"
-        grep -E "eval step|done:" "$OUT/baseline_$variant.log" | tail -22
+        grep -E "cuda graph|eval step|done:" "$OUT/baseline_$variant.log" | tail -30
         rm -f "$OUT/run_$variant"/ckpt_*.h5
         ;;
     ncu)

@@ -108,6 +108,7 @@ typedef struct TrainConfig {
     float diverge_factor;  /* a val loss above this times the run's first one stops the run (0 = no bound) */
     char init_from[CFG_STR]; /* checkpoint whose parameters initialise the model; "" = none */
     bool resume;           /* continue from the newest checkpoint in out_dir */
+    char cuda_graph[8];    /* "auto", "on" or "off": the training step captured in a CUDA graph (step_graph.h) */
     int profile_steps;     /* steps profiled per op after the first step of the run (0 = off) */
     int loss_chunk_tokens; /* rows per chunk of the LM head and cross-entropy (op_lm_head_loss); 0 = one chunk */
     int ffn_chunk_tokens;  /* rows per chunk of the dense SwiGLU feed-forward (op_swiglu_ffn); 0 = unchunked */

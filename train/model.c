@@ -89,15 +89,24 @@ static Tensor *upload_i32(Engine *e, const int32_t *host, int64_t n) {
 
 ModelInput model_upload(Engine *e, const Batch *b) {
     int64_t N = (int64_t)b->B * b->T;
+    /* in this order (the arena's layout): a function's arguments are evaluated in no fixed order */
+    Tensor *tokens = upload_i32(e, b->inputs, N);
+    Tensor *targets = b->targets ? upload_i32(e, b->targets, N) : NULL;
+    Tensor *positions = upload_i32(e, b->positions, N);
+    return model_input_over(b, tokens, targets, positions, upload_i32(e, b->cu_seqlens, b->n_segments + 1));
+}
+
+ModelInput model_input_over(const Batch *b, Tensor *tokens, Tensor *targets, Tensor *positions, Tensor *cu_seqlens) {
+    int64_t N = (int64_t)b->B * b->T;
     ModelInput in;
-    in.tokens = upload_i32(e, b->inputs, N);
-    in.targets = b->targets ? upload_i32(e, b->targets, N) : NULL;
-    in.positions = upload_i32(e, b->positions, N);
+    in.tokens = tokens;
+    in.targets = targets;
+    in.positions = positions;
     in.positions_end = 0;
     for (int64_t i = 0; i < N; i++)
         if (b->positions[i] + 1 > in.positions_end) in.positions_end = b->positions[i] + 1;
-    in.cu_seqlens = upload_i32(e, b->cu_seqlens, b->n_segments + 1);
-    in.dropout_seed = 0;
+    in.cu_seqlens = cu_seqlens;
+    in.dropout_seeds = NULL;
     in.row_offset = 0;
     in.seq_len = b->T;
     in.cp_index = NULL;
@@ -194,12 +203,30 @@ typedef struct BlockClosure {
     ModelInput in; /* by value: backward may recompute after the caller's ModelInput is gone */
 } BlockClosure;
 
+/* Site (layer, site) of model_dropout as an index into ModelInput.dropout_seeds: the embedding's (-1, 0)
+ * first, then each layer's attention (1) and FFN (2) outputs. */
+static int dropout_site(int layer, int site) { return layer < 0 ? 0 : 1 + 2 * layer + (site - 1); }
+
+int model_dropout_sites(const Model *m) { return 1 + 2 * m->cfg.n_layers; }
+
+void model_dropout_seeds(const Model *m, uint64_t micro_seed, int32_t *words) {
+    for (int layer = -1; layer < m->cfg.n_layers; layer++)
+        for (int site = layer < 0 ? 0 : 1; site <= (layer < 0 ? 0 : 2); site++)
+            dropout_seed_words(dropout_seed(micro_seed, 0, (uint64_t)layer, (uint64_t)site),
+                               words + 2 * dropout_site(layer, site));
+}
+
 /* Dropout of one site (layer, site) of a [rows, C] activation; a no-op outside training steps. */
 static Tensor *model_dropout(Engine *e, const Model *m, const ModelInput *in, Tensor *x, int layer, int site) {
-    if (m->cfg.dropout == 0 || in->dropout_seed == 0) return x;
+    if (m->cfg.dropout == 0 || !in->dropout_seeds) return x;
     const int64_t cols = x->numel / tensor_rows(x);
-    return op_dropout(e, x, m->cfg.dropout, dropout_seed(in->dropout_seed, 0, (uint64_t)layer, (uint64_t)site),
-                      in->row_offset * cols);
+    /* this site's two words, a header in the host arena (the backward reads it within the micro-step) */
+    Tensor *seed = arena_alloc(&e->host, sizeof(Tensor));
+    *seed = *in->dropout_seeds;
+    seed->shape[0] = seed->numel = 2;
+    seed->data = (int32_t *)in->dropout_seeds->data + 2 * dropout_site(layer, site);
+    seed->host_data = NULL;
+    return op_dropout(e, x, m->cfg.dropout, seed, in->row_offset * cols);
 }
 
 /* The residual stream between the sublayers: x, plus the branch output not yet added to it (NULL: none),

@@ -68,10 +68,12 @@ typedef struct ModelInput {
     Tensor *tokens, *targets, *positions, *cu_seqlens; /* i32 */
     int64_t positions_end; /* 1 + the largest position (the longest document's length): dynamic RoPE scaling
                               reads it (LayerContext); model_upload sets it, 0 = unknown */
-    /* dropout (model.dropout > 0): the micro-batch's mask seed, 0 = no dropout (evaluation; set by the
-     * training step), and the batch's first row in the global batch, so that each row's mask does not
-     * depend on how the batch is split (kernels/dropout_mask.h) */
-    uint64_t dropout_seed;
+    /* dropout (model.dropout > 0): the mask seed of each of the micro-batch's dropout sites, i32
+     * [2 * model_dropout_sites] in the backend's memory (model_dropout_seeds writes them; the kernels read
+     * them there, so that a step captured in a CUDA graph gets each step's), NULL = no dropout (evaluation;
+     * set by the training step), and the batch's first row in the global batch, so that each row's mask
+     * does not depend on how the batch is split (kernels/dropout_mask.h) */
+    const Tensor *dropout_seeds;
     int64_t row_offset;
     int64_t seq_len;   /* tokens per sequence (row) of the micro-batch; 0: the micro-batch is one sequence */
     Tensor *cp_index;  /* i32: the micro-batch index of each token this rank holds under sequence-split
@@ -129,6 +131,15 @@ int64_t model_cp_tokens(const Model *m, int64_t N, int64_t seq_len, int32_t *ind
  * back), so b's arrays must stay unchanged while the tensors are in use (the micro-step's forward and
  * backward). */
 ModelInput model_upload(Engine *e, const Batch *b);
+/* Dropout sites of a forward (the embedding's, and each layer's attention and FFN outputs), and their
+ * mask seeds for the micro-batch seed micro_seed as ModelInput.dropout_seeds holds them (words:
+ * 2 * model_dropout_sites values). */
+int model_dropout_sites(const Model *m);
+void model_dropout_seeds(const Model *m, uint64_t micro_seed, int32_t *words);
+/* The input of batch b whose tensors already hold its tokens, targets (NULL: none), positions and
+ * cu_seqlens (and point their host_data at b's arrays): model_upload's, or fixed buffers the caller filled
+ * (a training step captured as a CUDA graph, train/step_graph.h). */
+ModelInput model_input_over(const Batch *b, Tensor *tokens, Tensor *targets, Tensor *positions, Tensor *cu_seqlens);
 /* Final-norm hidden states -> logits [N, V] (context parallel: this rank's rows of them) */
 Tensor *model_logits(Model *m, Engine *e, const ModelInput *in, bool recompute, Tensor **aux_out);
 /* Full forward with losses (targets required). */

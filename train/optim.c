@@ -19,6 +19,9 @@ void adamw_init_range(AdamW *opt, const ParamStore *ps, int64_t begin, int64_t e
     opt->v = ps->be->alloc(bytes);
     ps->be->zero(opt->m, bytes);
     ps->be->zero(opt->v, bytes);
+    opt->schedule = (Tensor){.dtype = DT_F64, .device = ps->be->device, .ndim = 1, .shape = {ADAMW_SCHEDULE},
+                             .numel = ADAMW_SCHEDULE};
+    opt->schedule.data = ps->be->alloc(ADAMW_SCHEDULE * sizeof(double));
 }
 
 void adamw_init(AdamW *opt, const ParamStore *ps) { adamw_init_range(opt, ps, 0, ps->numel); }
@@ -26,6 +29,7 @@ void adamw_init(AdamW *opt, const ParamStore *ps) { adamw_init_range(opt, ps, 0,
 void adamw_free(AdamW *opt) {
     if (opt->m) opt->be->free(opt->m);
     if (opt->v) opt->be->free(opt->v);
+    if (opt->schedule.data) opt->be->free(opt->schedule.data);
     memset(opt, 0, sizeof(*opt));
 }
 
@@ -130,8 +134,21 @@ double clip_grad_norm(ParamStore *ps, float max_norm) {
     return norm;
 }
 
-void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, const Tensor *grad_scale) {
+void adamw_begin_step(AdamW *opt, const OptimConfig *oc, float lr) {
     opt->t++;
+    double s[ADAMW_SCHEDULE];
+    s[ADAMW_LR] = lr;
+    s[ADAMW_BIAS1] = adamw_bias_correction(oc->beta1, opt->t);
+    s[ADAMW_BIAS2] = adamw_bias_correction(oc->beta2, opt->t);
+    opt->be->copy_from_host(opt->schedule.data, s, sizeof s);
+}
+
+void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, const Tensor *grad_scale) {
+    adamw_begin_step(opt, oc, lr);
+    adamw_update(opt, ps, oc, grad_scale);
+}
+
+void adamw_update(AdamW *opt, ParamStore *ps, const OptimConfig *oc, const Tensor *grad_scale) {
     size_t es = dtype_size(ps->dtype);
     AdamwPart *parts = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof(AdamwPart));
     int n = 0;
@@ -147,9 +164,9 @@ void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, con
         q->m.shadow = q->v.shadow = NULL;
         q->m.data = (char *)opt->m + (size_t)(p->offset + lo - opt->begin) * es;
         q->v.data = (char *)opt->v + (size_t)(p->offset + lo - opt->begin) * es;
-        q->lr = lr * p->lr_scale;
+        q->lr_scale = p->lr_scale;
         q->weight_decay = p->decay ? oc->weight_decay : 0.0f;
     }
-    ps->be->adamw_update_many(parts, n, grad_scale, oc->beta1, oc->beta2, oc->eps, opt->t);
+    ps->be->adamw_update_many(parts, n, grad_scale, &opt->schedule, oc->beta1, oc->beta2, oc->eps);
     free(parts);
 }

@@ -17,7 +17,10 @@ typedef struct AdamW {
     void *m, *v;   /* first and second moments of the store elements [begin, end), one allocation each */
     int64_t numel; /* elements of the store (ParamStore.numel) */
     int64_t begin, end; /* the shard this optimizer updates; [0, numel) unsharded */
-    int t;         /* completed update steps */
+    int t;         /* update steps begun (adamw_begin_step) */
+    /* the current step's learning rate and bias corrections in the backend's memory (f64 [ADAMW_SCHEDULE],
+     * kernels/backend.h), written by adamw_begin_step and read by the update's kernels */
+    Tensor schedule;
 } AdamW;
 
 /* Moments for the whole store. */
@@ -47,7 +50,13 @@ void grad_scale_range(ParamStore *ps, int64_t begin, int64_t end, float sc);
 /* One AdamW update, with learning rate lr * param.lr_scale, of every trainable parameter element in the
  * optimizer's range, after multiplying their gradients by grad_scale (an f32 scalar in the backend's
  * memory: the clipping factor, backend clip_scale; NULL: as they are). One backend call for all of them
- * (adamw_update_many). */
+ * (adamw_update_many). It is adamw_begin_step, then adamw_update. */
 void adamw_step(AdamW *opt, ParamStore *ps, const OptimConfig *oc, float lr, const Tensor *grad_scale);
+/* The numbers of the next update (step t + 1, learning rate lr) into opt->schedule: one copy from the host,
+ * queued before the step's kernels. Apart from adamw_update so that a training step captured in a CUDA
+ * graph, which replays adamw_update's kernels without the host, gets each step's numbers. */
+void adamw_begin_step(AdamW *opt, const OptimConfig *oc, float lr);
+/* The update of the step begun last (adamw_begin_step), as adamw_step. */
+void adamw_update(AdamW *opt, ParamStore *ps, const OptimConfig *oc, const Tensor *grad_scale);
 
 #endif

@@ -766,6 +766,34 @@ static void agree_with_rank0(const Run *r, const char *src) {
     free(files);
 }
 
+/* Why this run cannot capture its training step in a CUDA graph (step_graph.h), NULL when it can. */
+static const char *graph_refusal(const Run *r) {
+    const RunConfig *c = &r->cfg;
+    if (r->be->device != DEV_CUDA) return "the run is not on CUDA";
+    if (r->model.n_msa_layers || strcmp(c->model.attention, "dense") != 0)
+        return "model.attention is not dense: MSA layers' KL log and window attention's selection go through the host";
+    if (r->model.n_moe_layers) return "MoE layers: their routing plan makes the host wait";
+    if (r->dist->size > 1) return "more than one rank: the collectives wait on the host";
+    if (r->engine.offload_block_inputs) return "train.offload_block_inputs: the step copies to the host";
+    if (strcmp(c->data.sample, "windows") != 0) return "data.sample = documents: every batch has other documents";
+    return NULL;
+}
+
+/* train.cuda_graph: on when asked for and the run allows it, with one line saying which and why. */
+static void init_step_graph(Run *r, const char *src) {
+    const char *want = r->cfg.train.cuda_graph;
+    memset(&r->graph, 0, sizeof r->graph);
+    if (!strcmp(want, "off")) return;
+    const char *why = graph_refusal(r);
+    if (why && !strcmp(want, "on")) fatal("%s: train.cuda_graph = on, but this run cannot capture its step: %s", src, why);
+    if (why) {
+        if (!r->quiet && r->be->device == DEV_CUDA) printf("cuda graph: off (%s)\n", why);
+        return;
+    }
+    step_graph_init(&r->graph, r->be, r->cfg.train.grad_accum, r->batch.B, r->cfg.train.seq_len);
+    if (!r->quiet) printf("cuda graph: on (the training step is captured after its first eager steps, then replayed)\n");
+}
+
 void run_init(Run *r) {
     RunConfig *c = &r->cfg;
     const char *src = r->config_path ? r->config_path : "config";
@@ -849,6 +877,12 @@ void run_init(Run *r) {
     r->micro_losses = (Tensor){.dtype = stat_dtype(r->engine.act_dtype), .device = r->be->device, .ndim = 1,
                                .shape = {2 * c->train.grad_accum}, .numel = 2 * c->train.grad_accum};
     r->micro_losses.data = r->be->alloc(tensor_bytes(&r->micro_losses));
+    memset(&r->dropout_seeds, 0, sizeof r->dropout_seeds);
+    if (c->model.dropout > 0) {
+        const int64_t words = 2 * (int64_t)c->train.grad_accum * model_dropout_sites(&r->model);
+        r->dropout_seeds = (Tensor){.dtype = DT_I32, .device = r->be->device, .ndim = 1, .shape = {words}, .numel = words};
+        r->dropout_seeds.data = r->be->alloc(tensor_bytes(&r->dropout_seeds));
+    }
     grad_buckets_init(&r->buckets, &r->model.params, r->zero, r->n_zero, c->model.n_layers, c->dist.bucket_mb);
     r->model.block_tape_start = r->buckets.n ? r->buckets.block_tape_start : NULL;
     if (r->train_mix.n) sampler_init_mix(&r->sampler, &r->train_mix, c->train.seed);
@@ -881,6 +915,7 @@ void run_init(Run *r) {
             printf("\n");
         }
     }
+    init_step_graph(r, src);
     r->step = r->start_step = 0;
     r->checkpoint[0] = 0;
     r->best_val_loss = r->first_val_loss = NAN; /* resume() restores the checkpoint's */
@@ -907,11 +942,13 @@ void run_free(Run *r) {
     if (r->metrics) fclose(r->metrics);
     if (r->hooks.samples) fclose(r->hooks.samples);
     batch_free(&r->batch);
+    step_graph_free(&r->graph);
     adamw_free(&r->opt);
     adamw_free(&r->opt_experts);
     step_scalar_free(r->be, &r->grad_sumsq);
     step_scalar_free(r->be, &r->clip_scale);
     step_scalar_free(r->be, &r->micro_losses);
+    step_scalar_free(r->be, &r->dropout_seeds);
     engine_free(&r->engine);
     model_free(&r->model);
     dataset_close(&r->train_ds);
@@ -1023,8 +1060,9 @@ static void reduce_moe_stats(Run *r) {
  * a no-op and this is the plain clip + AdamW over the whole store. With gradient buckets (Run.buckets)
  * the reduce-scatter has happened bucket by bucket during the backward (run_step), and the all-gather is
  * only started here. The norm and the clipping factor stay on the device (Run.grad_sumsq, Run.clip_scale);
- * returns the norm before clipping when read is set (a wait for the device on a GPU), else NaN. */
-static double optimizer_step(Run *r, float lr, bool read) {
+ * returns the norm before clipping when read is set (a wait for the device on a GPU), else NaN. The step's
+ * learning rate and bias corrections were uploaded at its start (adamw_begin_step in run_step). */
+static double optimizer_step(Run *r, bool read) {
     ParamStore *ps = &r->model.params;
     const size_t es = dtype_size(ps->dtype);
     Device dev = ps->be->device;
@@ -1044,7 +1082,7 @@ static double optimizer_step(Run *r, float lr, bool read) {
     for (int i = 0; i < r->n_zero; i++) {
         const ZeroRegion *z = &r->zero[i];
         AdamW *o = region_opt(r, i);
-        adamw_step(o, ps, &r->cfg.optim, lr, &r->clip_scale);
+        adamw_update(o, ps, &r->cfg.optim, &r->clip_scale); /* begun by run_step at lr */
         if (gb->n) grad_buckets_gather_start(gb, i); /* waited for before the parameters' next use */
         else if (z->group->size > 1) {
             dist_all_gather(z->group, (char *)ps->data + (size_t)o->begin * es, (char *)ps->data + (size_t)z->begin * es,
@@ -1150,50 +1188,43 @@ static noreturn void stop_on_bad_loss(Run *r, double loss) {
     fatal("step %d: the loss is %g with finite weights (diverged); lower optim.lr or check the data", step, loss);
 }
 
-StepResult run_step(Run *r) {
+/* The step's micro-batches and work on the device: forward, backward and update (the tape). mode: eager,
+ * or recorded into a CUDA graph (STEP_CAPTURE: nothing may wait for the device, so the losses and the norm
+ * are read after the graph's launch, run_step). With read, s gets the losses and norm. */
+static void step_work(Run *r, StepMode mode, bool read, Profiler *prof, StepResult *s) {
     const RunConfig *c = &r->cfg;
     Engine *e = &r->engine;
-    StepResult s = {0};
     const DistGroup *bg = batch_group(r);
     const int ranks = bg->size, first_row = row_rank(r) * r->batch.B;
-    run_test_hooks(r, r->step + 1);
-    /* profiled: the profile_steps steps after this process's first, which pays for first-use work (arena
-     * chunks, GEMM plans, workspaces) that later steps do not repeat */
-    Profiler *prof = r->prof && r->step > r->start_step && r->prof->steps < c->train.profile_steps ? r->prof : NULL;
-    if (prof) {
-        profiler_step_begin(prof);
-        engine_set_profiler(e, prof);
-    }
-    /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
-     * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
-    bool warm = r->step < c->msa.dense_warmup_steps;
-    r->model.msa_dense = warm;
-    model_set_trainable(&r->model, warm && strcmp(c->optim.warmup_trainable, "index") == 0,
-                        warm ? 1.0f : c->optim.backbone_lr_scale);
+    const bool graphed = r->graph.on;
+    if (mode == STEP_CAPTURE) read = false;
     params_zero_grad(&r->model.params);
-    memset(&r->model.metrics, 0, sizeof r->model.metrics);
-    model_drop_collected(&r->model); /* whatever forwards outside a step left (sampling) */
-    /* the step's losses and norm come to the host on the steps it logs (or on every step without
-     * defer_step_results) */
-    const int step = r->step + 1;
-    const bool logs = step % c->train.log_every == 0 || step == r->start_step + 1 || step == c->train.steps;
-    const bool read = logs || !r->defer_step_results;
     double *loss_w = ranks > 1 ? xmalloc((size_t)c->train.grad_accum * sizeof(double)) : NULL;
     for (int micro = 0; micro < c->train.grad_accum; micro++) {
         /* the last backward completes the gradients: their buckets start as it finishes them */
         const bool last = micro == c->train.grad_accum - 1;
         engine_reset(e);
-        uint64_t first_window = r->sampler.counter + (uint64_t)first_row;
-        /* this rank's rows of the global micro-batch: exactly the windows a single process would put there */
-        sampler_next_part(&r->sampler, &r->batch, first_row, c->train.batch_size);
-        if (r->hooks.samples)
-            for (int i = 0; i < r->batch.B; i++)
-                fprintf(r->hooks.samples, "%llu\n", (unsigned long long)(first_window + (uint64_t)i));
-        ModelInput in = model_upload(e, &r->batch);
-        /* a fresh dropout mask per (step, micro-batch), never 0 (= off); resume replays it exactly; the
-         * rows' place in the global batch keeps the masks independent of the number of ranks */
-        in.dropout_seed = dropout_seed(c->train.seed, (uint64_t)r->step, (uint64_t)micro, 0) | 1;
-        in.row_offset = (int64_t)first_row * r->batch.T; /* activation rows are tokens */
+        ModelInput in;
+        if (graphed) in = step_graph_input(&r->graph, micro); /* sampled and uploaded by run_step */
+        else {
+            uint64_t first_window = r->sampler.counter + (uint64_t)first_row;
+            /* this rank's rows of the global micro-batch: exactly the windows a single process would put there */
+            sampler_next_part(&r->sampler, &r->batch, first_row, c->train.batch_size);
+            if (r->hooks.samples)
+                for (int i = 0; i < r->batch.B; i++)
+                    fprintf(r->hooks.samples, "%llu\n", (unsigned long long)(first_window + (uint64_t)i));
+            in = model_upload(e, &r->batch);
+        }
+        if (r->dropout_seeds.data) { /* this micro-batch's seeds (upload_dropout_seeds) */
+            const int64_t words = 2 * (int64_t)model_dropout_sites(&r->model);
+            Tensor *seeds = arena_alloc(&e->host, sizeof(Tensor));
+            *seeds = r->dropout_seeds;
+            seeds->shape[0] = seeds->numel = words;
+            seeds->data = (int32_t *)r->dropout_seeds.data + micro * words;
+            in.dropout_seeds = seeds;
+        }
+        in.row_offset = (int64_t)first_row * r->batch.T; /* activation rows are tokens; keeps the masks
+                                                               independent of the number of ranks */
         /* the first forward waits for the previous update's all-gathers block by block */
         if (micro == 0 && r->buckets.n) {
             r->model.before_block = grad_buckets_before_block;
@@ -1244,22 +1275,100 @@ StepResult run_step(Run *r) {
     else model_drop_collected(&r->model);
     if (prof) profiler_backward_end(prof); /* the optimizer phase starts */
     if (read) {
-        read_losses(r, loss_w, ranks, &s);
-        s.aux += late_aux / ranks / c->train.grad_accum;
-    } else s.loss = s.aux = NAN;
+        read_losses(r, loss_w, ranks, s);
+        s->aux += late_aux / ranks / c->train.grad_accum;
+    }
     free(loss_w);
     if (ranks > 1 && read) {
-        double sums[2] = {s.loss, s.aux};
+        double sums[2] = {s->loss, s->aux};
         dist_all_reduce(bg, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
-        s.loss = sums[0];
-        s.aux = sums[1];
+        s->loss = sums[0];
+        s->aux = sums[1];
     }
     /* before the update, so that the weights checked are the ones that gave this loss */
-    if (read && !isfinite(s.loss)) stop_on_bad_loss(r, s.loss);
+    if (read && !isfinite(s->loss)) stop_on_bad_loss(r, s->loss);
     reduce_metrics(bg, &r->model.metrics);
-    s.layers = r->model.metrics;
+    s->grad_norm = optimizer_step(r, read);
+}
+
+/* The dropout masks' seeds of every micro-batch of the step into Run.dropout_seeds, before the step's work
+ * (a captured step reads them there): a fresh mask per (step, micro-batch, site); resume replays it
+ * exactly. */
+static void upload_dropout_seeds(Run *r) {
+    const RunConfig *c = &r->cfg;
+    if (!r->dropout_seeds.data) return;
+    const int64_t words = 2 * (int64_t)model_dropout_sites(&r->model);
+    int32_t *w = xmalloc((size_t)(c->train.grad_accum * words) * sizeof(int32_t));
+    /* | 1: the micro-batch seeds as they were when 0 meant no dropout, so that the masks are unchanged */
+    for (int micro = 0; micro < c->train.grad_accum; micro++)
+        model_dropout_seeds(&r->model, dropout_seed(c->train.seed, (uint64_t)r->step, (uint64_t)micro, 0) | 1,
+                            w + micro * words);
+    r->be->copy_from_host(r->dropout_seeds.data, w, (size_t)(c->train.grad_accum * words) * sizeof(int32_t));
+    free(w);
+}
+
+StepResult run_step(Run *r) {
+    const RunConfig *c = &r->cfg;
+    Engine *e = &r->engine;
+    StepResult s = {0};
+    run_test_hooks(r, r->step + 1);
+    /* profiled: the profile_steps steps after this process's first, which pays for first-use work (arena
+     * chunks, GEMM plans, workspaces) that later steps do not repeat */
+    Profiler *prof = r->prof && r->step > r->start_step && r->prof->steps < c->train.profile_steps ? r->prof : NULL;
+    if (prof) {
+        profiler_step_begin(prof);
+        engine_set_profiler(e, prof);
+    }
+    /* stage 1 (dense warm-up): every visible block selected, optionally only the index branch
+     * trains; stage 2 (sparse): the backbone trains at backbone_lr_scale times the LR (0 = frozen) */
+    bool warm = r->step < c->msa.dense_warmup_steps;
+    r->model.msa_dense = warm;
+    model_set_trainable(&r->model, warm && strcmp(c->optim.warmup_trainable, "index") == 0,
+                        warm ? 1.0f : c->optim.backbone_lr_scale);
+    memset(&r->model.metrics, 0, sizeof r->model.metrics);
+    model_drop_collected(&r->model); /* whatever forwards outside a step left (sampling) */
+    /* the step's losses and norm come to the host on the steps it logs (or on every step without
+     * defer_step_results) */
+    const int step = r->step + 1;
+    const bool logs = step % c->train.log_every == 0 || step == r->start_step + 1 || step == c->train.steps;
+    const bool read = logs || !r->defer_step_results;
+    /* the update's numbers and the dropout seeds, uploaded before any of the step's work (a captured step
+     * reads them there) */
     s.lr = lr_schedule(&c->optim, r->step, c->train.steps);
-    s.grad_norm = optimizer_step(r, s.lr, read);
+    for (int i = 0; i < r->n_zero; i++) adamw_begin_step(region_opt(r, i), &c->optim, s.lr);
+    upload_dropout_seeds(r);
+    StepMode mode = STEP_EAGER;
+    if (r->graph.on) {
+        /* every micro-batch of the step on the host first: whether the captured graph fits them decides
+         * how the step runs (one process: this rank's rows are the whole micro-batch) */
+        for (int micro = 0; micro < c->train.grad_accum; micro++)
+            sampler_next_part(&r->sampler, &r->graph.host[micro], 0, c->train.batch_size);
+        /* a profiled step runs its ops one by one */
+        mode = step_graph_mode(&r->graph, warm, prof != NULL);
+        for (int micro = 0; micro < c->train.grad_accum; micro++) step_graph_upload(&r->graph, micro);
+    }
+    if (mode == STEP_REPLAY) r->be->graph_launch(r->graph.graph);
+    else {
+        if (mode == STEP_CAPTURE) r->be->graph_begin();
+        step_work(r, mode, read, prof, &s);
+        if (mode == STEP_CAPTURE) {
+            step_graph_captured(&r->graph, warm);
+            r->be->graph_launch(r->graph.graph);
+            if (!r->quiet)
+                printf("cuda graph: step %d captured (%lld kernels, copies and memsets), replayed as one launch from "
+                       "here on\n",
+                       step, (long long)r->graph.nodes);
+        }
+    }
+    if (read && mode != STEP_EAGER) {
+        /* what step_work reads before the update, after it here: a non-finite loss is reported with the
+         * updated weights */
+        read_losses(r, NULL, 1, &s);
+        s.grad_norm = sqrt(step_scalar_read(r->be, &r->grad_sumsq));
+        if (!isfinite(s.loss)) stop_on_bad_loss(r, s.loss);
+    }
+    if (!read) s.loss = s.aux = s.grad_norm = NAN;
+    s.layers = r->model.metrics;
     reduce_moe_stats(r);
     model_moe_step(&r->model, &s.moe, true);
     if (prof) {
@@ -1466,6 +1575,9 @@ double run_train(Run *r) {
     if (!r->quiet)
         printf("done: %d steps in %s (%.1f s), final val loss %.4f, %.0f tokens/s overall\n", steps, el, total, val,
                (double)c->train.batch_size * c->train.seq_len * c->train.grad_accum * steps / total);
+    if (!r->quiet && r->graph.on)
+        printf("cuda graph: %lld steps replayed, %lld captured, %lld eager\n", (long long)r->graph.replays,
+               (long long)r->graph.captures, (long long)r->graph.eager);
     return val;
 }
 

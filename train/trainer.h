@@ -12,6 +12,7 @@
 #include "grad_buckets.h"
 #include "model.h"
 #include "optim.h"
+#include "step_graph.h"
 
 /* Test hooks of tests/test_dist.c, read from the environment by run_init (all off when unset):
  *   MSA_DIST_TEST_FAIL=<rank>:<step>   that world rank calls fatal() when it starts that step
@@ -82,9 +83,15 @@ typedef struct Run {
      * not read, and a non-finite loss is found at the next step that is. */
     Tensor grad_sumsq, clip_scale, micro_losses;
     bool defer_step_results;
+    /* model.dropout > 0: the masks' seeds of the step's micro-batches (i32 [grad_accum][2 * model_dropout_sites]),
+     * written before the step's work, read by the dropout kernels; data NULL otherwise */
+    Tensor dropout_seeds;
     /* train.profile_steps > 0: the step profiler, attached to the engine (Engine.prof) during the
      * profiled steps only (never during evaluation or sampling); NULL otherwise */
     Profiler *prof;
+    /* train.cuda_graph: the step captured in a CUDA graph and replayed (step_graph.h); graph.on is false
+     * when the run does not (the CPU, train.cuda_graph = off, or a run graph_refusal names) */
+    StepGraph graph;
 } Run;
 
 typedef struct StepResult {

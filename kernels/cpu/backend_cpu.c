@@ -1,5 +1,6 @@
 /* The CPU reference backend: float32 kernels (float64 for gradient checks), OpenMP, OpenBLAS GEMMs.
- * Its table is kernels.def with .entry = cpu_<entry>; the CPU is the reference, so it has every group. */
+ * Its table is kernels.def with .entry = cpu_<entry>; the CPU is the reference, so it has every group but
+ * GRAPH (its kernels run as the host calls them: there is no launch to save). */
 #include "cpu.h"
 
 void cpu_copy_to_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst, src, bytes); }
@@ -17,6 +18,7 @@ int64_t cpu_host_waits(void) { return 0; }
 #define CPU_HAS_MSA(entry) entry,
 #define CPU_HAS_MOE(entry) entry,
 #define CPU_HAS_RING(entry) entry,
+#define CPU_HAS_GRAPH(entry)
 
 const KernelBackend cpu_backend = {
     .name = "cpu",

@@ -374,7 +374,7 @@ void launch(const char *name, Kern kernel, int &raised, dim3 grid, size_t smem, 
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         raised = (int)smem;
     }
-    kernel<<<grid, THREADS, smem>>>(args...);
+    kernel<<<grid, THREADS, smem, stream()>>>(args...);
     LAUNCH_CHECK(name);
 }
 
@@ -402,7 +402,7 @@ AttnRows doc_rows(const Dims &a, const Tensor *cu, size_t extra_bytes, void **ex
     char *ws = (char *)scratch(rows_bytes + extra_bytes);
     int *x = (int *)ws;
     const AttnRows r{x, x + a.N, x + 2 * a.N, x + 3 * a.N, a.N, a.N, a.Hq, a.Hkv, a.D};
-    doc_rows_kernel<<<grid_for((int64_t)a.N + a.ndocs + 1, 256), 256>>>(r, (const int *)cu->data, a.ndocs, a.N, errbuf());
+    doc_rows_kernel<<<grid_for((int64_t)a.N + a.ndocs + 1, 256), 256, 0, stream()>>>(r, (const int *)cu->data, a.ndocs, a.N, errbuf());
     LAUNCH_CHECK("attention doc_rows");
     if (extra) *extra = ws + rows_bytes;
     return r;
@@ -465,7 +465,7 @@ void attention_rows_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *d
     if (r.Nq == 0 || r.Nk == 0) return;
     DISPATCH_FLOAT(q->dtype, T, what, {
         const int64_t rows = (int64_t)r.Nq * r.Hq;
-        attn_dsum_kernel<T><<<(unsigned)((rows + NWARPS - 1) / NWARPS), THREADS>>>(dsum, (const T *)dout->data,
+        attn_dsum_kernel<T><<<(unsigned)((rows + NWARPS - 1) / NWARPS), THREADS, 0, stream()>>>(dsum, (const T *)dout->data,
                                                                                    (const T *)out->data, r.Nq, r.Hq, r.D);
         LAUNCH_CHECK("attention backward dsum");
         switch (dpl_of(r.D)) {

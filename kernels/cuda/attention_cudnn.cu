@@ -125,10 +125,11 @@ cudnnHandle_t ready(Mode mode) {
         if (v < MIN_VERSION) {
             why = version_string() + " is loaded; the cuDNN attention path needs 9.6 or newer";
         } else {
-            const cudnnStatus_t st = cudnnCreate(&g_handle); /* stream: the legacy default one, as all our kernels */
+            cudnnStatus_t st = cudnnCreate(&g_handle);
+            if (st == CUDNN_STATUS_SUCCESS) st = cudnnSetStream(g_handle, stream());
             if (st != CUDNN_STATUS_SUCCESS) {
                 g_handle = nullptr;
-                why = std::string("cudnnCreate failed: ") + cudnnGetErrorString(st) + " (" + std::to_string((int)st) + ")";
+                why = std::string("cudnnCreate or cudnnSetStream failed: ") + cudnnGetErrorString(st) + " (" + std::to_string((int)st) + ")";
                 const std::string le = last_error_string();
                 if (!le.empty()) why += "; cuDNN says: " + le;
             }
@@ -774,7 +775,7 @@ __global__ void accumulate_kernel(bf16 *dst, const bf16 *src, int64_t n) {
 
 void accumulate(Tensor *dst, const bf16 *src, const char *what) {
     if (!dst) return;
-    accumulate_kernel<<<grid_for(dst->numel, 256), 256>>>((bf16 *)dst->data, src, dst->numel);
+    accumulate_kernel<<<grid_for(dst->numel, 256), 256, 0, stream()>>>((bf16 *)dst->data, src, dst->numel);
     LAUNCH_CHECK(what);
 }
 
@@ -865,7 +866,7 @@ Ragged plan_ragged(Carve &c, int64_t nb) {
 void run_ragged_prep(const Carve &c, const Ragged &r, const Tensor *cu, int ndocs, const Shape &sh) {
     const RaggedPtrs p = {(int *)c.at(r.seq_q), (int *)c.at(r.seq_kv), (int64_t *)c.at(r.q), (int64_t *)c.at(r.k),
                           (int64_t *)c.at(r.v), (int64_t *)c.at(r.o), (int64_t *)c.at(r.st)};
-    ragged_prep_kernel<<<(unsigned)((sh.b + 1 + 255) / 256), 256>>>((const int *)cu->data, ndocs, (int)sh.b, sh.hq * sh.d,
+    ragged_prep_kernel<<<(unsigned)((sh.b + 1 + 255) / 256), 256, 0, stream()>>>((const int *)cu->data, ndocs, (int)sh.b, sh.hq * sh.d,
                                                                      sh.hkv * sh.d, sh.hq, p);
     LAUNCH_CHECK("cudnn attention ragged offsets");
 }
@@ -925,7 +926,7 @@ bool cudnn_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Te
                                       &sc.scale,      c.at(r.seq_q), c.at(r.seq_kv),   c.at(r.q),          c.at(r.k),
                                       c.at(r.v),      c.at(r.o),     c.at(r.st),       &sc.neg_inf_pad,    &sc.neg_inf_causal};
     execute(p, uids, ptrs, c.at(ws));
-    stats_to_lse_kernel<<<grid_for((int64_t)N * Hq, 256), 256>>>((float *)lse->data, (const float *)c.at(stats), N, Hq);
+    stats_to_lse_kernel<<<grid_for((int64_t)N * Hq, 256), 256, 0, stream()>>>((float *)lse->data, (const float *)c.at(stats), N, Hq);
     LAUNCH_CHECK("cudnn attention stats -> lse");
     return true;
 }
@@ -963,10 +964,10 @@ bool cudnn_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *
     const size_t ws = c.take((size_t)p->workspace);
     c.base = (char *)scratch(c.total);
     run_ragged_prep(c, r, cu_seqlens, ndocs, sh);
-    lse_to_stats_kernel<<<grid_for((int64_t)N * Hq, 256), 256>>>((float *)c.at(stats), (const float *)lse->data, N, Hq);
+    lse_to_stats_kernel<<<grid_for((int64_t)N * Hq, 256), 256, 0, stream()>>>((float *)c.at(stats), (const float *)lse->data, N, Hq);
     LAUNCH_CHECK("cudnn attention lse -> stats");
     /* cuDNN >= 9.6 clears dQ_accum itself (cudnn-frontend stopped doing it); cheap insurance */
-    CUDA_CHECK(cudaMemsetAsync(c.at(dq_acc), 0, (size_t)nq * sizeof(float)));
+    CUDA_CHECK(cudaMemsetAsync(c.at(dq_acc), 0, (size_t)nq * sizeof(float), stream()));
 
     Scalars sc = {scale, -INFINITY, -INFINITY, 1.0f};
     std::vector<int64_t> uids = {U_Q,     U_K,     U_V,     U_O,     U_DO,     U_STATS, U_SCALE, U_SEQ_Q, U_SEQ_KV,

@@ -66,7 +66,7 @@ AttnRows ring_rows(const char *what, const Tensor *q, const Tensor *k, const Ten
     int *x = (int *)ws;
     const AttnRows r{x, x + Nq, x + 2 * Nq, x + 2 * Nq + Nk, (int)Nq, (int)Nk, (int)Hq, (int)Hkv, (int)D};
     if (Nq + Nk > 0) {
-        ring_rows_kernel<<<grid_for(Nq + Nk, 256), 256>>>(r, (const int *)q_index->data, (const int *)k_index->data,
+        ring_rows_kernel<<<grid_for(Nq + Nk, 256), 256, 0, stream()>>>(r, (const int *)q_index->data, (const int *)k_index->data,
                                                           (const int *)cu->data, (int)(cu->numel - 1), errbuf());
         LAUNCH_CHECK("attention_ring rows");
     }

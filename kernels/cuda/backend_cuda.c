@@ -11,6 +11,7 @@
 #define CUDA_HAS_MSA(entry) entry,
 #define CUDA_HAS_MOE(entry) entry,
 #define CUDA_HAS_RING(entry) entry,
+#define CUDA_HAS_GRAPH(entry) entry,
 
 const KernelBackend cuda_backend = {
     .name = "cuda",

@@ -20,6 +20,13 @@ namespace msacuda {
 /* Initialise on first use: pick the current device, read its properties, allocate the error word.
  * Exits with "no CUDA device found" when the machine has none. Cheap after the first call. */
 void init();
+/* The backend's one stream: every kernel launch, copy and memset of kernels/cuda, and the cuBLASLt,
+ * cuBLAS, cuDNN, CUB and CUTLASS calls, go to it, so that they run in call order and a CUDA graph
+ * capture (cuda_graph_begin) can take the whole training step from it. Created by init(), blocking
+ * (see runtime.cu). */
+cudaStream_t stream();
+/* Whether the stream is being captured into a graph: the host must not wait then (a wait fails). */
+bool capturing();
 [[noreturn]] void fail(const char *call, const char *code, const char *msg, const char *file, int line);
 /* After a kernel launch: check the launch (and, with MSA_CUDA_SYNC=1, its execution). */
 void after_launch(const char *kernel, const char *file, int line);
@@ -28,6 +35,12 @@ void after_launch(const char *kernel, const char *file, int line);
  * kernel may still use): counted, so that tests can hold a training step to none after its first steps
  * (cuda_host_waits, cuda_last_host_wait). Call it just before the blocking call. */
 void host_wait(const char *site);
+/* Free device memory that kernels may still use (a wait, counted at `site`, and a release: see
+ * cuda_memory_releases). NULL: nothing. */
+void release(void *p, const char *site);
+/* During a graph capture (graph.cu): a copy of bytes at src in page-locked memory kept with the graph, the
+ * source of the captured copy. */
+void *capture_host_copy(const void *src, size_t bytes);
 /* A blocking copy of device memory to the host, counted at `site` (no device error check). */
 void copy_to_host_at(void *dst, const void *src, size_t bytes, const char *site);
 

@@ -106,7 +106,7 @@ extern "C" int64_t cuda_cross_entropy_forward(Tensor *loss, Tensor *lse, const T
     if (loss->dtype != DT_F32 || lse->dtype != DT_F32 || lse->numel != N || loss->numel != 1)
         fatal("cuda cross_entropy: loss must be an f32 scalar and lse f32 [%lld]", (long long)N);
     if (N == 0) {
-        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float)));
+        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float), stream()));
         return 0;
     }
     /* scratch: row_loss f32 [N] | row_valid i32 [N] | n_valid i32 */
@@ -114,11 +114,11 @@ extern "C" int64_t cuda_cross_entropy_forward(Tensor *loss, Tensor *lse, const T
     float *row_loss = (float *)ws;
     int *row_valid = (int *)(ws + (size_t)N * 4), *n_valid = (int *)(ws + (size_t)N * 8);
     DISPATCH_FLOAT(logits->dtype, T, "cross_entropy_forward", {
-        ce_fwd_kernel<T><<<(unsigned)N, CE_THREADS>>>((float *)lse->data, row_loss, row_valid, (const T *)logits->data,
+        ce_fwd_kernel<T><<<(unsigned)N, CE_THREADS, 0, stream()>>>((float *)lse->data, row_loss, row_valid, (const T *)logits->data,
                                                       (const int32_t *)targets->data, V, ignore_index, errbuf());
         LAUNCH_CHECK("cross_entropy_forward");
     });
-    ce_finish_kernel<<<1, 1024>>>((float *)loss->data, n_valid, row_loss, row_valid, N);
+    ce_finish_kernel<<<1, 1024, 0, stream()>>>((float *)loss->data, n_valid, row_loss, row_valid, N);
     LAUNCH_CHECK("cross_entropy_finish");
     /* the count from the host's copy of the targets when there is one: no wait for the device (a target
      * outside the vocabulary is then reported at the next wait) */
@@ -144,7 +144,7 @@ extern "C" void cuda_cross_entropy_backward(Tensor *dlogits, const Tensor *dloss
     if (dloss->dtype != DT_F32 || lse->dtype != DT_F32) fatal("cuda cross_entropy_backward: dloss and lse must be f32");
     if (N == 0) return;
     DISPATCH_FLOAT(dlogits->dtype, Td, "cross_entropy_backward", DISPATCH_FLOAT(logits->dtype, T, "cross_entropy_backward", {
-        ce_bwd_kernel<Td, T><<<(unsigned)N, CE_THREADS>>>((Td *)dlogits->data, (const float *)dloss->data,
+        ce_bwd_kernel<Td, T><<<(unsigned)N, CE_THREADS, 0, stream()>>>((Td *)dlogits->data, (const float *)dloss->data,
                                                           (const T *)logits->data, (const float *)lse->data,
                                                           (const int32_t *)targets->data, V, ignore_index,
                                                           1.0 / (double)n_valid);

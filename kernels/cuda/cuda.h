@@ -7,8 +7,10 @@
  * F64 tensors are accepted only by the elementwise kernels (axpy, scale, add, sumsq, cast).
  *
  * Execution: one device (the current one, device 0 unless the caller chose another with
- * cudaSetDevice before the first call), the legacy default stream, so kernels run in call order and
- * copies to the host see everything before them. Host calls must come from one thread. Every CUDA,
+ * cudaSetDevice before the first call), one stream of the backend's (cuda_stream(); every launch, copy,
+ * memset and library call of kernels/cuda goes there), so kernels run in call order, copies to the host
+ * see everything before them, and a CUDA graph can capture a whole training step from it (graph.cu).
+ * Host calls must come from one thread. Every CUDA,
  * cuBLAS and cuBLASLt return code is checked; a failure prints the call, file and line and exits(1).
  * The first call of any entry point initialises the device ("no CUDA device found" when there is
  * none), so a CUDA-enabled binary runs on a machine without a GPU as long as it never calls one.
@@ -24,6 +26,7 @@ extern "C" {
 
 /* The entry points cuda_<entry>, one per line of kernels.def. Where they live and what the CUDA
  * kernels add to the contracts there:
+ *   graph.cu          graph_begin/end/launch/free: stream capture of the backend's stream
  *   runtime.cu        memory and copies; cuda_synchronize is cudaDeviceSynchronize, so a failed kernel
  *                     is reported there, naming that call. copy_from_host of up to 4 MiB is staged
  *                     through page-locked memory and does not wait; host_waits counts every call site
@@ -67,6 +70,9 @@ extern "C" {
 
 /* where the host last waited for the device (cuda_host_waits counts them): a call site's name */
 const char *cuda_last_host_wait(void);
+/* The backend's stream (cudaStream_t), for work outside kernels/cuda that must be ordered with the kernels
+ * (dist/nccl.c's collectives wait for an event recorded on it). */
+struct CUstream_st *cuda_stream(void);
 
 #ifdef __cplusplus
 }

@@ -30,7 +30,7 @@ extern "C" void cuda_axpy(Tensor *y, const Tensor *x, float alpha) {
     need_same_numel("axpy", y, x);
     if (y->numel == 0) return;
     DISPATCH_FLOAT64(y->dtype, Ty, "axpy", DISPATCH_FLOAT64(x->dtype, Tx, "axpy", {
-        axpy_kernel<Ty, Tx><<<grid_for(y->numel, 256), 256>>>((Ty *)y->data, (const Tx *)x->data, y->numel, (double)alpha);
+        axpy_kernel<Ty, Tx><<<grid_for(y->numel, 256), 256, 0, stream()>>>((Ty *)y->data, (const Tx *)x->data, y->numel, (double)alpha);
         LAUNCH_CHECK("axpy");
     }));
 }
@@ -44,7 +44,7 @@ extern "C" void cuda_scale(Tensor *y, float alpha) {
     init();
     if (y->numel == 0) return;
     DISPATCH_FLOAT64(y->dtype, T, "scale", {
-        scale_kernel<T><<<grid_for(y->numel, 256), 256>>>((T *)y->data, y->numel, (double)alpha);
+        scale_kernel<T><<<grid_for(y->numel, 256), 256, 0, stream()>>>((T *)y->data, y->numel, (double)alpha);
         LAUNCH_CHECK("scale");
     });
 }
@@ -60,7 +60,7 @@ extern "C" void cuda_add(Tensor *out, const Tensor *a, const Tensor *b) {
     need_same_numel("add", out, b);
     if (out->numel == 0) return;
     DISPATCH_FLOAT64(out->dtype, To, "add", DISPATCH_FLOAT64(a->dtype, Ta, "add", DISPATCH_FLOAT64(b->dtype, Tb, "add", {
-        add_kernel<To, Ta, Tb><<<grid_for(out->numel, 256), 256>>>((To *)out->data, (const Ta *)a->data,
+        add_kernel<To, Ta, Tb><<<grid_for(out->numel, 256), 256, 0, stream()>>>((To *)out->data, (const Ta *)a->data,
                                                                    (const Tb *)b->data, out->numel);
         LAUNCH_CHECK("add");
     })));
@@ -76,11 +76,11 @@ extern "C" void cuda_cast(Tensor *dst, const Tensor *src) {
     need_same_numel("cast", dst, src);
     if (dst->numel == 0) return;
     if (dst->dtype == src->dtype) {
-        if (dst->data != src->data) CUDA_CHECK(cudaMemcpyAsync(dst->data, src->data, tensor_bytes(src), cudaMemcpyDeviceToDevice, 0));
+        if (dst->data != src->data) CUDA_CHECK(cudaMemcpyAsync(dst->data, src->data, tensor_bytes(src), cudaMemcpyDeviceToDevice, stream()));
         return;
     }
     DISPATCH_FLOAT64(dst->dtype, Td, "cast", DISPATCH_FLOAT64(src->dtype, Ts, "cast", {
-        cast_kernel<Td, Ts><<<grid_for(dst->numel, 256), 256>>>((Td *)dst->data, (const Ts *)src->data, dst->numel);
+        cast_kernel<Td, Ts><<<grid_for(dst->numel, 256), 256, 0, stream()>>>((Td *)dst->data, (const Ts *)src->data, dst->numel);
         LAUNCH_CHECK("cast");
     }));
 }
@@ -113,10 +113,10 @@ extern "C" double cuda_sumsq(const Tensor *x) {
     const int blocks = grid_for(x->numel, 256);
     double *buf = (double *)scratch((size_t)(blocks + 1) * sizeof(double));
     DISPATCH_FLOAT64(x->dtype, T, "sumsq", {
-        sumsq_partial_kernel<T><<<blocks, 256>>>(buf + 1, (const T *)x->data, x->numel);
+        sumsq_partial_kernel<T><<<blocks, 256, 0, stream()>>>(buf + 1, (const T *)x->data, x->numel);
         LAUNCH_CHECK("sumsq_partial");
     });
-    sum_partials_kernel<<<1, 1024>>>(buf, buf + 1, blocks, false);
+    sum_partials_kernel<<<1, 1024, 0, stream()>>>(buf, buf + 1, blocks, false);
     LAUNCH_CHECK("sum_partials");
     double r = 0.0;
     copy_to_host_at(&r, buf, sizeof r, "sumsq");
@@ -155,7 +155,7 @@ extern "C" void cuda_swiglu_forward(Tensor *out, const Tensor *gate, const Tenso
     need_dtype("swiglu_forward", out, gate->dtype);
     if (gate->numel == 0) return;
     DISPATCH_FLOAT(gate->dtype, T, "swiglu_forward", {
-        swiglu_fwd_kernel<T><<<grid_for(gate->numel, 256), 256>>>((T *)out->data, (const T *)gate->data,
+        swiglu_fwd_kernel<T><<<grid_for(gate->numel, 256), 256, 0, stream()>>>((T *)out->data, (const T *)gate->data,
                                                                   (const T *)up->data, gate->numel);
         LAUNCH_CHECK("swiglu_forward");
     });
@@ -174,7 +174,7 @@ extern "C" void cuda_swiglu_backward(Tensor *dgate, Tensor *dup, const Tensor *d
     need_dtype("swiglu_backward", dup, gate->dtype);
     if (gate->numel == 0) return;
     DISPATCH_FLOAT(gate->dtype, T, "swiglu_backward", {
-        swiglu_bwd_kernel<T><<<grid_for(gate->numel, 256), 256>>>(
+        swiglu_bwd_kernel<T><<<grid_for(gate->numel, 256), 256, 0, stream()>>>(
             dgate ? (T *)dgate->data : nullptr, dup ? (T *)dup->data : nullptr, (const T *)dout->data,
             (const T *)gate->data, (const T *)up->data, gate->numel);
         LAUNCH_CHECK("swiglu_backward");
@@ -216,7 +216,7 @@ extern "C" void cuda_bias_add_forward(Tensor *y, const Tensor *x, const Tensor *
     need_dtype("bias_add_forward", y, x->dtype);
     if (x->numel == 0) return;
     DISPATCH_FLOAT(x->dtype, Tx, "bias_add_forward", DISPATCH_FLOAT(b->dtype, Tb, "bias_add_forward", {
-        bias_add_fwd_kernel<Tx, Tb><<<grid_for(x->numel, 256), 256>>>((Tx *)y->data, (const Tx *)x->data,
+        bias_add_fwd_kernel<Tx, Tb><<<grid_for(x->numel, 256), 256, 0, stream()>>>((Tx *)y->data, (const Tx *)x->data,
                                                                       (const Tb *)b->data, x->numel, cols);
         LAUNCH_CHECK("bias_add_forward");
     }));
@@ -234,11 +234,11 @@ extern "C" void cuda_bias_add_backward(Tensor *db, const Tensor *dy) {
     float *partial = (float *)scratch((size_t)chunks * (size_t)cols * sizeof(float));
     const dim3 grid((unsigned)((cols + 127) / 128), (unsigned)chunks);
     DISPATCH_FLOAT(dy->dtype, T, "bias_add_backward", {
-        colsum_partial_kernel<T><<<grid, 128>>>(partial, (const T *)dy->data, rows, cols, rows_per_chunk);
+        colsum_partial_kernel<T><<<grid, 128, 0, stream()>>>(partial, (const T *)dy->data, rows, cols, rows_per_chunk);
         LAUNCH_CHECK("bias_add_backward partial");
     });
     DISPATCH_FLOAT(db->dtype, Tb, "bias_add_backward", {
-        colsum_finish_kernel<Tb><<<(unsigned)((cols + 127) / 128), 128>>>((Tb *)db->data, partial, cols, chunks);
+        colsum_finish_kernel<Tb><<<(unsigned)((cols + 127) / 128), 128, 0, stream()>>>((Tb *)db->data, partial, cols, chunks);
         LAUNCH_CHECK("bias_add_backward finish");
     });
 }
@@ -250,7 +250,7 @@ struct AdamwRates {
 };
 
 static AdamwRates adamw_rates(float beta1, float beta2, float eps, int t) {
-    return {beta1, beta2, 1.0 - pow((double)beta1, t), 1.0 - pow((double)beta2, t), eps};
+    return {beta1, beta2, adamw_bias_correction(beta1, t), adamw_bias_correction(beta2, t), eps};
 }
 
 __device__ __forceinline__ void adamw_element(float *p, float g, float *m, float *v, bf16 *shadow, int64_t i,
@@ -282,7 +282,7 @@ extern "C" void cuda_adamw_update(Tensor *param, const Tensor *grad, Tensor *m, 
         need_same_numel("adamw_update", param, all[i]);
     }
     if (param->numel == 0) return;
-    adamw_kernel<<<grid_for(param->numel, 256), 256>>>((float *)param->data, (const float *)grad->data, (float *)m->data,
+    adamw_kernel<<<grid_for(param->numel, 256), 256, 0, stream()>>>((float *)param->data, (const float *)grad->data, (float *)m->data,
                                                        (float *)v->data, (bf16 *)param->shadow, param->numel, lr,
                                                        adamw_rates(beta1, beta2, eps, t), weight_decay);
     LAUNCH_CHECK("adamw");
@@ -322,35 +322,44 @@ struct AdamwList {
     ManyBlocks blocks;
     float *p[MANY_TENSORS], *g[MANY_TENSORS], *m[MANY_TENSORS], *v[MANY_TENSORS];
     bf16 *shadow[MANY_TENSORS];
-    float lr[MANY_TENSORS], wd[MANY_TENSORS];
+    float lr_scale[MANY_TENSORS], wd[MANY_TENSORS];
 };
 
+/* The step's numbers come from the device (schedule, backend.h ADAMW_*): a captured launch reads each
+ * replay's own. r's bias corrections are unused here. */
 __global__ void __launch_bounds__(MANY_THREADS) adamw_many_kernel(const __grid_constant__ AdamwList l,
-                                                                 const float *scale, AdamwRates r) {
+                                                                 const float *scale, const double *schedule,
+                                                                 AdamwRates r) {
     int64_t begin, end;
     const int s = many_part(l.blocks, &begin, &end);
     const float grad_scale = scale ? *scale : 1.0f;
+    const float lr = __fmul_rn((float)schedule[ADAMW_LR], l.lr_scale[s]); /* the host's float product */
+    r.c1 = schedule[ADAMW_BIAS1];
+    r.c2 = schedule[ADAMW_BIAS2];
     float *g = l.g[s];
     for (int64_t i = begin + threadIdx.x; i < end; i += MANY_THREADS) {
         float gi = g[i];
         if (grad_scale != 1.0f) g[i] = gi = (float)((double)grad_scale * gi); /* as cuda_scale */
-        adamw_element(l.p[s], gi, l.m[s], l.v[s], l.shadow[s], i, r, l.lr[s], l.wd[s]);
+        adamw_element(l.p[s], gi, l.m[s], l.v[s], l.shadow[s], i, r, lr, l.wd[s]);
     }
 }
 
-static void adamw_many_launch(const AdamwList &l, const float *grad_scale, const AdamwRates &r) {
+static void adamw_many_launch(const AdamwList &l, const float *grad_scale, const double *schedule, const AdamwRates &r) {
     if (l.blocks.count == 0 || l.blocks.first_block[l.blocks.count] == 0) return;
-    adamw_many_kernel<<<l.blocks.first_block[l.blocks.count], MANY_THREADS>>>(l, grad_scale, r);
+    adamw_many_kernel<<<l.blocks.first_block[l.blocks.count], MANY_THREADS, 0, stream()>>>(l, grad_scale, schedule, r);
     LAUNCH_CHECK("adamw_many");
 }
 
-extern "C" void cuda_adamw_update_many(AdamwPart *parts, int n, const Tensor *scale, float beta1, float beta2,
-                                       float eps, int t) {
+extern "C" void cuda_adamw_update_many(AdamwPart *parts, int n, const Tensor *scale, const Tensor *schedule,
+                                       float beta1, float beta2, float eps) {
     init();
     if (scale && (scale->dtype != DT_F32 || scale->numel != 1))
         fatal("cuda adamw_update_many: the gradient scale must be an f32 scalar");
+    if (schedule->dtype != DT_F64 || schedule->numel != ADAMW_SCHEDULE)
+        fatal("cuda adamw_update_many: the schedule must be f64 [%d] (backend.h ADAMW_SCHEDULE)", ADAMW_SCHEDULE);
     const float *grad_scale = scale ? (const float *)scale->data : nullptr;
-    const AdamwRates r = adamw_rates(beta1, beta2, eps, t);
+    const double *sched = (const double *)schedule->data;
+    const AdamwRates r = {beta1, beta2, 0.0, 0.0, eps};
     AdamwList l{};
     for (int i = 0; i < n; i++) {
         AdamwPart *q = &parts[i];
@@ -362,7 +371,7 @@ extern "C" void cuda_adamw_update_many(AdamwPart *parts, int n, const Tensor *sc
             need_same_numel("adamw_update_many", &q->param, all[k]);
         }
         if (l.blocks.count == MANY_TENSORS) {
-            adamw_many_launch(l, grad_scale, r);
+            adamw_many_launch(l, grad_scale, sched, r);
             l.blocks.count = 0;
         }
         const int s = l.blocks.count;
@@ -370,9 +379,9 @@ extern "C" void cuda_adamw_update_many(AdamwPart *parts, int n, const Tensor *sc
         l.p[s] = (float *)q->param.data, l.g[s] = (float *)q->grad.data;
         l.m[s] = (float *)q->m.data, l.v[s] = (float *)q->v.data;
         l.shadow[s] = (bf16 *)q->param.shadow;
-        l.lr[s] = q->lr, l.wd[s] = q->weight_decay;
+        l.lr_scale[s] = q->lr_scale, l.wd[s] = q->weight_decay;
     }
-    adamw_many_launch(l, grad_scale, r);
+    adamw_many_launch(l, grad_scale, sched, r);
 }
 
 /* sumsq_many: one fp64 partial sum per block over all launches, then sum_partials_kernel in order */
@@ -399,7 +408,7 @@ static void sumsq_many_launch(const SumsqList &l, DType dt, double *partial) {
     const int blocks = l.blocks.count ? l.blocks.first_block[l.blocks.count] : 0;
     if (blocks == 0) return;
     DISPATCH_FLOAT64(dt, T, "sumsq_many", {
-        sumsq_many_kernel<T><<<blocks, MANY_THREADS>>>(partial, l);
+        sumsq_many_kernel<T><<<blocks, MANY_THREADS, 0, stream()>>>(partial, l);
         LAUNCH_CHECK("sumsq_many");
     });
 }
@@ -427,7 +436,7 @@ extern "C" void cuda_sumsq_many(Tensor *sum, const Tensor *const *xs, int n) {
         many_add(l.blocks, xs[i]->numel);
     }
     sumsq_many_launch(l, xs[0]->dtype, partial);
-    sum_partials_kernel<<<1, 1024>>>((double *)sum->data, buf + 1, (int)total, true);
+    sum_partials_kernel<<<1, 1024, 0, stream()>>>((double *)sum->data, buf + 1, (int)total, true);
     LAUNCH_CHECK("sum_partials");
 }
 
@@ -439,6 +448,6 @@ extern "C" void cuda_clip_scale(Tensor *scale, const Tensor *sumsq, float max_no
     init();
     if (scale->dtype != DT_F32 || scale->numel != 1 || sumsq->dtype != DT_F64 || sumsq->numel != 1)
         fatal("cuda clip_scale: the scale must be an f32 scalar and the sum of squares an f64 scalar");
-    clip_scale_kernel<<<1, 1>>>((float *)scale->data, (const double *)sumsq->data, max_norm);
+    clip_scale_kernel<<<1, 1, 0, stream()>>>((float *)scale->data, (const double *)sumsq->data, max_norm);
     LAUNCH_CHECK("clip_scale");
 }

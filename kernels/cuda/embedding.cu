@@ -29,7 +29,7 @@ extern "C" void cuda_embedding_forward(Tensor *out, const Tensor *wte, const Ten
     const int64_t N = tokens->numel, C = wte->shape[1];
     if (N * C == 0) return;
     DISPATCH_FLOAT(out->dtype, To, "embedding_forward", DISPATCH_FLOAT(wte->dtype, Tw, "embedding_forward", {
-        embedding_fwd_kernel<To, Tw><<<grid_for(N * C, 256), 256>>>((To *)out->data, (const Tw *)wte->data,
+        embedding_fwd_kernel<To, Tw><<<grid_for(N * C, 256), 256, 0, stream()>>>((To *)out->data, (const Tw *)wte->data,
                                                                     (const int32_t *)tokens->data, N, C, wte->shape[0], errbuf());
         LAUNCH_CHECK("embedding_forward");
     }));
@@ -81,11 +81,11 @@ extern "C" void cuda_embedding_backward(Tensor *dwte, const Tensor *dout, const 
     char *ws = (char *)scratch(4 * a + temp_bytes);
     uint32_t *keys_in = (uint32_t *)ws, *keys = (uint32_t *)(ws + a);
     int32_t *pos_in = (int32_t *)(ws + 2 * a), *pos = (int32_t *)(ws + 3 * a);
-    embedding_sort_keys_kernel<<<grid_for(N, 256), 256>>>(keys_in, pos_in, (const int32_t *)tokens->data, N, V, errbuf());
+    embedding_sort_keys_kernel<<<grid_for(N, 256), 256, 0, stream()>>>(keys_in, pos_in, (const int32_t *)tokens->data, N, V, errbuf());
     LAUNCH_CHECK("embedding_backward keys");
     sort_pairs(ws + 4 * a, temp_bytes, keys_in, keys, pos_in, pos, N, (uint32_t)V);
     DISPATCH_FLOAT(dwte->dtype, Tw, "embedding_backward", DISPATCH_FLOAT(dout->dtype, To, "embedding_backward", {
-        embedding_bwd_kernel<Tw, To><<<dim3((unsigned)N, (unsigned)((C + 127) / 128)), 128>>>((Tw *)dwte->data, (const To *)dout->data, keys, pos, N, C, V);
+        embedding_bwd_kernel<Tw, To><<<dim3((unsigned)N, (unsigned)((C + 127) / 128)), 128, 0, stream()>>>((Tw *)dwte->data, (const To *)dout->data, keys, pos, N, C, V);
         LAUNCH_CHECK("embedding_backward");
     }));
 }

@@ -40,7 +40,7 @@ extern "C" void cuda_gelu_forward(Tensor *y, const Tensor *x) {
     check_args("gelu_forward", y, x);
     if (x->numel == 0) return;
     DISPATCH_FLOAT(x->dtype, T, "gelu_forward", {
-        gelu_fwd_kernel<T><<<grid_for(x->numel, 256), 256>>>((T *)y->data, (const T *)x->data, x->numel);
+        gelu_fwd_kernel<T><<<grid_for(x->numel, 256), 256, 0, stream()>>>((T *)y->data, (const T *)x->data, x->numel);
         LAUNCH_CHECK("gelu_forward");
     });
 }
@@ -52,7 +52,7 @@ extern "C" void cuda_gelu_backward(Tensor *dx, const Tensor *dy, const Tensor *x
     check_args("gelu_backward", dy, x);
     if (x->numel == 0) return;
     DISPATCH_FLOAT(x->dtype, T, "gelu_backward", {
-        gelu_bwd_kernel<T><<<grid_for(x->numel, 256), 256>>>((T *)dx->data, (const T *)dy->data, (const T *)x->data,
+        gelu_bwd_kernel<T><<<grid_for(x->numel, 256), 256, 0, stream()>>>((T *)dx->data, (const T *)dy->data, (const T *)x->data,
                                                             x->numel);
         LAUNCH_CHECK("gelu_backward");
     });

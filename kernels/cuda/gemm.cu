@@ -55,6 +55,7 @@ static void gemm_init() {
     if (g_lt) return;
     CUBLAS_CHECK(cublasLtCreate(&g_lt));
     CUBLAS_CHECK(cublasCreate(&g_blas));
+    CUBLAS_CHECK(cublasSetStream(g_blas, stream()));
     CUDA_CHECK(cudaMalloc(&g_lt_ws, LT_WS_BYTES));
 }
 
@@ -197,7 +198,7 @@ extern "C" void cuda_matmul(Tensor *c, const Tensor *a, const Tensor *b, bool ta
     GemmPlan *p = get_plan(&key);
     if (p->lt_ok) {
         CUBLAS_CHECK(cublasLtMatmul(g_lt, p->desc, &alpha, pb, p->la, pa, p->lb, &beta, c->data, p->lc, c->data, p->lc,
-                                    &p->algo, g_lt_ws, LT_WS_BYTES, 0));
+                                    &p->algo, g_lt_ws, LT_WS_BYTES, stream()));
         return;
     }
     if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || batch > INT32_MAX)

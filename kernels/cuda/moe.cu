@@ -61,11 +61,10 @@ char *stage_buffer(int64_t n_offsets) {
         char *nb = nullptr;
         CUDA_CHECK(cudaMalloc((void **)&nb, ST_BYTES + (size_t)want * sizeof(int32_t)));
         if (buf) {
-            CUDA_CHECK(cudaMemcpyAsync(nb, buf, ST_BYTES, cudaMemcpyDeviceToDevice, 0));
-            host_wait("moe staging growth");
-            CUDA_CHECK(cudaFree(buf));
+            CUDA_CHECK(cudaMemcpyAsync(nb, buf, ST_BYTES, cudaMemcpyDeviceToDevice, stream()));
+            release(buf, "moe staging growth");
         } else {
-            CUDA_CHECK(cudaMemsetAsync(nb, 0xff, ST_BYTES, 0));
+            CUDA_CHECK(cudaMemsetAsync(nb, 0xff, ST_BYTES, stream()));
         }
         buf = nb;
         cap = want;
@@ -92,7 +91,7 @@ void check_status(int64_t plan_E, int64_t plan_k, const Tensor *offsets, int32_t
     char *stage = stage_buffer(n_off);
     if (n_off)
         CUDA_CHECK(cudaMemcpyAsync(stage + ST_BYTES, offsets->data, (size_t)n_off * sizeof(int32_t),
-                                   cudaMemcpyDeviceToDevice, 0));
+                                   cudaMemcpyDeviceToDevice, stream()));
     const size_t bytes = ST_BYTES + (size_t)n_off * sizeof(int32_t);
     unsigned long long *h = (unsigned long long *)malloc(bytes);
     if (!h) fatal("cuda moe: out of host memory");
@@ -680,7 +679,7 @@ extern "C" void cuda_moe_scores_forward(Tensor *scores, const Tensor *logits, Mo
     const int64_t N = tensor_rows(logits), E = tensor_dim(logits, -1);
     if (N == 0 || E == 0) return;
     DISPATCH_FLOAT(scores->dtype, Ts, "moe_scores_forward", DISPATCH_FLOAT(logits->dtype, Tl, "moe_scores_forward", {
-        scores_fwd_kernel<Ts, Tl><<<grid_for(N, WARPS), THREADS>>>((Ts *)scores->data, (const Tl *)logits->data, N, E,
+        scores_fwd_kernel<Ts, Tl><<<grid_for(N, WARPS), THREADS, 0, stream()>>>((Ts *)scores->data, (const Tl *)logits->data, N, E,
                                                                     func == MOE_SCORE_SIGMOID);
         LAUNCH_CHECK("moe_scores_forward");
     }));
@@ -695,7 +694,7 @@ extern "C" void cuda_moe_scores_backward(Tensor *dlogits, const Tensor *dscores,
     const int64_t N = tensor_rows(scores), E = tensor_dim(scores, -1);
     if (N == 0 || E == 0) return;
     DISPATCH_FLOAT(dlogits->dtype, Tl, "moe_scores_backward", DISPATCH_FLOAT(scores->dtype, Ts, "moe_scores_backward", {
-        scores_bwd_kernel<Tl, Ts><<<grid_for(N, WARPS), THREADS>>>((Tl *)dlogits->data, (const Ts *)dscores->data,
+        scores_bwd_kernel<Tl, Ts><<<grid_for(N, WARPS), THREADS, 0, stream()>>>((Tl *)dlogits->data, (const Ts *)dscores->data,
                                                                     (const Ts *)scores->data, N, E, func == MOE_SCORE_SIGMOID);
         LAUNCH_CHECK("moe_scores_backward");
     }));
@@ -713,7 +712,7 @@ extern "C" void cuda_moe_topk(Tensor *idx, const Tensor *scores, const Tensor *b
     if (N == 0) return;
     unsigned long long *st = status_word() + ST_TOPK;
     DISPATCH_FLOAT(scores->dtype, T, "moe_topk", {
-        topk_kernel<T><<<grid_for(N, WARPS), THREADS>>>((int32_t *)idx->data, (const T *)scores->data,
+        topk_kernel<T><<<grid_for(N, WARPS), THREADS, 0, stream()>>>((int32_t *)idx->data, (const T *)scores->data,
                                                         bias ? (const float *)bias->data : nullptr, N, (int)E, k, st);
         LAUNCH_CHECK("moe_topk");
     });
@@ -729,7 +728,7 @@ extern "C" void cuda_moe_combine_weights_forward(Tensor *w, const Tensor *scores
     if (idx->numel == 0) return;
     unsigned long long *st = status_word() + ST_COMBINE;
     DISPATCH_FLOAT(w->dtype, Tw, "moe_combine_weights_forward", DISPATCH_FLOAT(scores->dtype, Ts, "moe_combine_weights_forward", {
-        cw_fwd_kernel<Tw, Ts><<<grid_for(N, THREADS), THREADS>>>((Tw *)w->data, (const Ts *)scores->data,
+        cw_fwd_kernel<Tw, Ts><<<grid_for(N, THREADS), THREADS, 0, stream()>>>((Tw *)w->data, (const Ts *)scores->data,
                                                                   (const int32_t *)idx->data, N, E, k, renormalize, scale, st);
         LAUNCH_CHECK("moe_combine_weights_forward");
     }));
@@ -748,7 +747,7 @@ extern "C" void cuda_moe_combine_weights_backward(Tensor *dscores, const Tensor 
     if (idx->numel == 0) return;
     unsigned long long *st = status_word() + ST_COMBINE;
     DISPATCH_FLOAT(scores->dtype, Ts, "moe_combine_weights_backward", DISPATCH_FLOAT(dw->dtype, Tw, "moe_combine_weights_backward", {
-        cw_bwd_kernel<Ts, Tw><<<grid_for(N, THREADS), THREADS>>>((Ts *)dscores->data, (const Tw *)dw->data,
+        cw_bwd_kernel<Ts, Tw><<<grid_for(N, THREADS), THREADS, 0, stream()>>>((Ts *)dscores->data, (const Tw *)dw->data,
                                                                   (const Ts *)scores->data, (const int32_t *)idx->data, N,
                                                                   E, k, renormalize, scale, st);
         LAUNCH_CHECK("moe_combine_weights_backward");
@@ -767,7 +766,7 @@ extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) 
                                        (long long)offsets->numel);
     if (M > INT32_MAX) fatal("cuda moe_plan: %lld assignments overflow i32 rows", (long long)M);
     if (M == 0) {
-        CUDA_CHECK(cudaMemsetAsync(offsets->data, 0, (size_t)(E + 1) * sizeof(int32_t), 0));
+        CUDA_CHECK(cudaMemsetAsync(offsets->data, 0, (size_t)(E + 1) * sizeof(int32_t), stream()));
         return;
     }
     const size_t temp_bytes = sort_pairs_temp_bytes(M, (uint32_t)E); /* keys 0 .. E (E: the bad-entry sentinel) */
@@ -777,12 +776,12 @@ extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) 
     uint32_t *keys_in = (uint32_t *)ws, *keys_out = (uint32_t *)(ws + seg);
     int32_t *vals_in = (int32_t *)(ws + 2 * seg), *vals_out = (int32_t *)(ws + 3 * seg);
     void *temp = ws + 4 * seg;
-    expert_keys_kernel<<<grid_for(M, THREADS), THREADS>>>(keys_in, vals_in, (const int32_t *)idx->data, M, (int32_t)E,
+    expert_keys_kernel<<<grid_for(M, THREADS), THREADS, 0, stream()>>>(keys_in, vals_in, (const int32_t *)idx->data, M, (int32_t)E,
                                                           status_word() + ST_PLAN);
     LAUNCH_CHECK("moe_plan keys");
     sort_pairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, M, (uint32_t)E);
     const int64_t n = M > E + 1 ? M : E + 1;
-    rows_offsets_kernel<<<grid_for(n, THREADS), THREADS>>>((int32_t *)rows->data, (int32_t *)offsets->data, keys_out,
+    rows_offsets_kernel<<<grid_for(n, THREADS), THREADS, 0, stream()>>>((int32_t *)rows->data, (int32_t *)offsets->data, keys_out,
                                                            vals_out, M, (int32_t)E);
     LAUNCH_CHECK("moe_plan finish");
     check_status(E, idx->ndim == 2 ? idx->shape[1] : 1, nullptr, nullptr);
@@ -799,13 +798,13 @@ extern "C" void cuda_moe_permute_forward(Tensor *xs, const Tensor *x, const Tens
     const size_t row_bytes = (size_t)C * dtype_size(x->dtype);
     if (((uintptr_t)x->data | (uintptr_t)xs->data | row_bytes) % 16 == 0) {
         const int64_t units = (int64_t)(row_bytes / 16);
-        permute_fwd_kernel<uint4><<<grid_for(M * units, THREADS), THREADS>>>((uint4 *)xs->data, (const uint4 *)x->data,
+        permute_fwd_kernel<uint4><<<grid_for(M * units, THREADS), THREADS, 0, stream()>>>((uint4 *)xs->data, (const uint4 *)x->data,
                                                                              (const int32_t *)rows->data, M, k, units, st);
     } else if (x->dtype == DT_F32) {
-        permute_fwd_kernel<uint32_t><<<grid_for(M * C, THREADS), THREADS>>>((uint32_t *)xs->data, (const uint32_t *)x->data,
+        permute_fwd_kernel<uint32_t><<<grid_for(M * C, THREADS), THREADS, 0, stream()>>>((uint32_t *)xs->data, (const uint32_t *)x->data,
                                                                             (const int32_t *)rows->data, M, k, C, st);
     } else {
-        permute_fwd_kernel<uint16_t><<<grid_for(M * C, THREADS), THREADS>>>((uint16_t *)xs->data, (const uint16_t *)x->data,
+        permute_fwd_kernel<uint16_t><<<grid_for(M * C, THREADS), THREADS, 0, stream()>>>((uint16_t *)xs->data, (const uint16_t *)x->data,
                                                                             (const int32_t *)rows->data, M, k, C, st);
     }
     LAUNCH_CHECK("moe_permute_forward");
@@ -821,7 +820,7 @@ extern "C" void cuda_moe_permute_backward(Tensor *dx, const Tensor *dxs, const T
     if (N == 0 || C == 0) return;
     unsigned long long *st = status_word() + ST_ROWS;
     DISPATCH_FLOAT(dx->dtype, T, "moe_permute_backward", {
-        permute_bwd_kernel<T><<<grid_for(N * C, THREADS), THREADS>>>((T *)dx->data, (const T *)dxs->data,
+        permute_bwd_kernel<T><<<grid_for(N * C, THREADS), THREADS, 0, stream()>>>((T *)dx->data, (const T *)dxs->data,
                                                                      (const int32_t *)rows->data, N, k, C, M, st);
         LAUNCH_CHECK("moe_permute_backward");
     });
@@ -837,7 +836,7 @@ extern "C" void cuda_moe_unpermute_forward(Tensor *out, const Tensor *ys, const 
     if (N == 0 || C == 0) return;
     unsigned long long *st = status_word() + ST_ROWS;
     DISPATCH_FLOAT(ys->dtype, T, "moe_unpermute_forward", DISPATCH_FLOAT(w->dtype, Tw, "moe_unpermute_forward", {
-        unpermute_fwd_kernel<T, Tw><<<grid_for(N * C, THREADS), THREADS>>>((T *)out->data, (const T *)ys->data,
+        unpermute_fwd_kernel<T, Tw><<<grid_for(N * C, THREADS), THREADS, 0, stream()>>>((T *)out->data, (const T *)ys->data,
                                                                             (const Tw *)w->data, (const int32_t *)rows->data,
                                                                             N, k, C, M, st);
         LAUNCH_CHECK("moe_unpermute_forward");
@@ -861,12 +860,12 @@ extern "C" void cuda_moe_unpermute_backward(Tensor *dys, Tensor *dw, const Tenso
     unsigned long long *st = status_word() + ST_ROWS;
     DISPATCH_FLOAT(ys->dtype, T, "moe_unpermute_backward", DISPATCH_FLOAT(w->dtype, Tw, "moe_unpermute_backward", {
         if (dys) {
-            unpermute_bwd_dys_kernel<T, Tw><<<grid_for(M * C, THREADS), THREADS>>>(
+            unpermute_bwd_dys_kernel<T, Tw><<<grid_for(M * C, THREADS), THREADS, 0, stream()>>>(
                 (T *)dys->data, (const T *)dout->data, (const Tw *)w->data, (const int32_t *)rows->data, M, k, C, st);
             LAUNCH_CHECK("moe_unpermute_backward dys");
         }
         if (dw) {
-            unpermute_bwd_dw_kernel<T, Tw><<<grid_for(M, WARPS), THREADS>>>(
+            unpermute_bwd_dw_kernel<T, Tw><<<grid_for(M, WARPS), THREADS, 0, stream()>>>(
                 (Tw *)dw->data, (const T *)dout->data, (const T *)ys->data, (const int32_t *)rows->data, M, k, C, st);
             LAUNCH_CHECK("moe_unpermute_backward dw");
         }
@@ -934,16 +933,16 @@ extern "C" void cuda_moe_aux_loss_forward(Tensor *loss, const Tensor *scores, co
     check_offsets("moe_aux_loss_forward", offsets, E);
     need_f32("moe_aux_loss_forward", loss, 1, "loss");
     if (N == 0) {
-        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float), 0));
+        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float), stream()));
         return;
     }
     float *val = (float *)scratch((size_t)N * sizeof(float));
     DISPATCH_FLOAT(scores->dtype, T, "moe_aux_loss_forward", {
-        aux_rows_kernel<T><<<grid_for(N, WARPS), THREADS>>>(val, (const T *)scores->data, (const int32_t *)offsets->data,
+        aux_rows_kernel<T><<<grid_for(N, WARPS), THREADS, 0, stream()>>>(val, (const T *)scores->data, (const int32_t *)offsets->data,
                                                             N, E, normalize);
         LAUNCH_CHECK("moe_aux_loss_forward");
     });
-    aux_finish_kernel<<<1, FINISH_THREADS>>>((float *)loss->data, val, (const int32_t *)offsets->data, N, E);
+    aux_finish_kernel<<<1, FINISH_THREADS, 0, stream()>>>((float *)loss->data, val, (const int32_t *)offsets->data, N, E);
     LAUNCH_CHECK("moe_aux_loss_finish");
 }
 
@@ -958,7 +957,7 @@ extern "C" void cuda_moe_aux_loss_backward(Tensor *dscores, const Tensor *dloss,
     need_numel("moe_aux_loss_backward", dscores, scores->numel, "dscores");
     if (N == 0 || E == 0) return;
     DISPATCH_FLOAT(scores->dtype, T, "moe_aux_loss_backward", {
-        aux_bwd_kernel<T><<<grid_for(N, WARPS), THREADS>>>((T *)dscores->data, (const float *)dloss->data,
+        aux_bwd_kernel<T><<<grid_for(N, WARPS), THREADS, 0, stream()>>>((T *)dscores->data, (const float *)dloss->data,
                                                            (const T *)scores->data, (const int32_t *)offsets->data, N, E,
                                                            normalize);
         LAUNCH_CHECK("moe_aux_loss_backward");
@@ -971,14 +970,14 @@ extern "C" void cuda_moe_z_loss_forward(Tensor *loss, Tensor *lse, const Tensor 
     need_f32("moe_z_loss_forward", loss, 1, "loss");
     need_f32("moe_z_loss_forward", lse, N, "lse");
     if (N == 0) {
-        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float), 0));
+        CUDA_CHECK(cudaMemsetAsync(loss->data, 0, sizeof(float), stream()));
         return;
     }
     DISPATCH_FLOAT(logits->dtype, T, "moe_z_loss_forward", {
-        z_rows_kernel<T><<<grid_for(N, WARPS), THREADS>>>((float *)lse->data, (const T *)logits->data, N, E);
+        z_rows_kernel<T><<<grid_for(N, WARPS), THREADS, 0, stream()>>>((float *)lse->data, (const T *)logits->data, N, E);
         LAUNCH_CHECK("moe_z_loss_forward");
     });
-    z_finish_kernel<<<1, FINISH_THREADS>>>((float *)loss->data, (const float *)lse->data, N);
+    z_finish_kernel<<<1, FINISH_THREADS, 0, stream()>>>((float *)loss->data, (const float *)lse->data, N);
     LAUNCH_CHECK("moe_z_loss_finish");
 }
 
@@ -992,7 +991,7 @@ extern "C" void cuda_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, c
     need_numel("moe_z_loss_backward", dlogits, logits->numel, "dlogits");
     if (N == 0 || E == 0) return;
     DISPATCH_FLOAT(logits->dtype, T, "moe_z_loss_backward", {
-        z_bwd_kernel<T><<<grid_for(N * E, THREADS), THREADS>>>((T *)dlogits->data, (const float *)dloss->data,
+        z_bwd_kernel<T><<<grid_for(N * E, THREADS), THREADS, 0, stream()>>>((T *)dlogits->data, (const float *)dloss->data,
                                                                (const T *)logits->data, (const float *)lse->data, N, E);
         LAUNCH_CHECK("moe_z_loss_backward");
     });

@@ -172,7 +172,7 @@ void run(void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offse
          int64_t in, unsigned long long *bad, void *ws) {
     Args<G> g = carve<G>((char *)ws, E);
     void *gemm_ws = (char *)ws + args_bytes<G>(E);
-    setup_kernel<G, P><<<grid_for(E, 128), 128>>>(g, (typename G::Out *)dst, rows_in, other, offsets, E, M, (int)out,
+    setup_kernel<G, P><<<grid_for(E, 128), 128, 0, stream()>>>(g, (typename G::Out *)dst, rows_in, other, offsets, E, M, (int)out,
                                                   (int)in, bad);
     LAUNCH_CHECK("grouped_matmul setup");
 
@@ -203,8 +203,8 @@ void run(void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offse
     if (st != cutlass::Status::kSuccess)
         fatal("cuda grouped_matmul: CUTLASS cannot run the grouped GEMM (%s) for E = %lld, out = %lld, in = %lld",
               cutlassGetStatusString(st), (long long)E, (long long)out, (long long)in);
-    st = gemm.initialize(args, gemm_ws, 0);
-    if (st == cutlass::Status::kSuccess) st = gemm.run(0);
+    st = gemm.initialize(args, gemm_ws, stream());
+    if (st == cutlass::Status::kSuccess) st = gemm.run(stream());
     if (st != cutlass::Status::kSuccess) fatal("cuda grouped_matmul: CUTLASS grouped GEMM failed: %s", cutlassGetStatusString(st));
     LAUNCH_CHECK("grouped_matmul");
 }

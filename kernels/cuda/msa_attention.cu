@@ -459,15 +459,15 @@ void sched_carve(Carve &cv, Sched &s, const Shape &sh, const Geo &geo, int Qc) {
 void sched_build(const Sched &s, const Shape &sh, const Geo &geo, const int32_t *plan, const int32_t *topk,
                  const int32_t *cu, int c0, int c1) {
     const PlanView pv{plan, sh.P, (int64_t)sh.N * sh.K, sh.N};
-    sched_count_kernel<<<grid_for(sh.n_gr, 256), 256>>>(s.rs, s.cnt, s.ntiles, pv, sh.Rb, sh.n_gr, c0, c1, sh.G, geo.M,
+    sched_count_kernel<<<grid_for(sh.n_gr, 256), 256, 0, stream()>>>(s.rs, s.cnt, s.ntiles, pv, sh.Rb, sh.n_gr, c0, c1, sh.G, geo.M,
                                                         geo.nks);
     LAUNCH_CHECK("msa_attention schedule count");
-    sched_scan_kernel<<<1, 1024>>>(s.qoff, s.tile_off, s.cnt, s.ntiles, sh.n_gr, s.tile_bound);
+    sched_scan_kernel<<<1, 1024, 0, stream()>>>(s.qoff, s.tile_off, s.cnt, s.ntiles, sh.n_gr, s.tile_bound);
     LAUNCH_CHECK("msa_attention schedule scan");
-    sched_desc_kernel<<<grid_for(s.tile_bound, 256), 256>>>(s.desc, s.tile_off, s.qoff, s.cnt, pv, sh.Rb, sh.n_gr, sh.G,
+    sched_desc_kernel<<<grid_for(s.tile_bound, 256), 256, 0, stream()>>>(s.desc, s.tile_off, s.qoff, s.cnt, pv, sh.Rb, sh.n_gr, sh.G,
                                                             geo.M, geo.nks, geo.KB, s.tile_bound);
     LAUNCH_CHECK("msa_attention schedule tiles");
-    sched_entries_kernel<<<grid_for(s.ent_bound, 256), 256>>>(s.ent, s.qoff, s.rs, pv, topk, cu, sh.ndocs, sh.K, sh.B, sh.Rb,
+    sched_entries_kernel<<<grid_for(s.ent_bound, 256), 256, 0, stream()>>>(s.ent, s.qoff, s.rs, pv, topk, cu, sh.ndocs, sh.K, sh.B, sh.Rb,
                                                               sh.n_gr, c0, c1, s.ent_bound);
     LAUNCH_CHECK("msa_attention schedule entries");
 }
@@ -543,7 +543,7 @@ template <typename T, typename PT, int VPL>
 void launch_fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, const int32_t *topk, const Shape &sh,
                         int c0, int nq, int nks, int NS) {
     const int64_t rows = (int64_t)nq * sh.Hq;
-    msa_fwd_combine_kernel<T, PT, VPL><<<(unsigned)((rows + 7) / 8), 256>>>((T *)out->data, (float *)lse->data, opart, lpart,
+    msa_fwd_combine_kernel<T, PT, VPL><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>((T *)out->data, (float *)lse->data, opart, lpart,
                                                                              topk, c0, nq, sh.N, sh.Hq, sh.G, sh.K, nks, NS,
                                                                              sh.D);
     LAUNCH_CHECK("msa_attention_forward combine");
@@ -566,10 +566,10 @@ void dq_combine(Tensor *dq, const float *dqp, const int32_t *topk, const Shape &
     const unsigned blocks = (unsigned)((rows + 7) / 8);
     T *d = (T *)dq->data;
     if (D % 128 == 0)
-        msa_dq_combine_kernel<T, 4><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
+        msa_dq_combine_kernel<T, 4><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
     else if (D % 64 == 0)
-        msa_dq_combine_kernel<T, 2><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
-    else msa_dq_combine_kernel<T, 1><<<blocks, 256>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
+        msa_dq_combine_kernel<T, 2><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
+    else msa_dq_combine_kernel<T, 1><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
     LAUNCH_CHECK("msa_attention_backward dq combine");
 }
 
@@ -696,13 +696,13 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         sched_carve(cv, sc, sh, geo, Qc);
     }
     const int64_t rows = (int64_t)sh.N * sh.Hq;
-    msa_dsum_kernel<T><<<(unsigned)((rows + 7) / 8), 256>>>(dsum, (const T *)dout->data, (const T *)out->data, sh.N, sh.Hq,
+    msa_dsum_kernel<T><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>(dsum, (const T *)dout->data, (const T *)out->data, sh.N, sh.Hq,
                                                             sh.D);
     LAUNCH_CHECK("msa_attention_backward dsum");
-    if (acck) CUDA_CHECK(cudaMemsetAsync(acck, 0, (size_t)nkv * sizeof(float)));
-    if (accv) CUDA_CHECK(cudaMemsetAsync(accv, 0, (size_t)nkv * sizeof(float)));
-    if (accki) CUDA_CHECK(cudaMemsetAsync(accki, 0, (size_t)(sh.Hkv * nki) * sizeof(float)));
-    if (klpart) CUDA_CHECK(cudaMemsetAsync(klpart, 0, (size_t)geo.grid * sizeof(double)));
+    if (acck) CUDA_CHECK(cudaMemsetAsync(acck, 0, (size_t)nkv * sizeof(float), stream()));
+    if (accv) CUDA_CHECK(cudaMemsetAsync(accv, 0, (size_t)nkv * sizeof(float), stream()));
+    if (accki) CUDA_CHECK(cudaMemsetAsync(accki, 0, (size_t)(sh.Hkv * nki) * sizeof(float), stream()));
+    if (klpart) CUDA_CHECK(cudaMemsetAsync(klpart, 0, (size_t)geo.grid * sizeof(double), stream()));
     TileArgs a = tile_args(q, k, v, sc, sh, geo, scale);
     a.dout = dout->data;
     a.lse = (const float *)lse->data;
@@ -727,7 +727,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         if (tc) msa_tc_backward_tiles(geo, a, sh.D, Di);
         else msa_cc_backward_tiles(geo, a, q->dtype, sh.D);
         if (want_kv || accki) {
-            msa_dkv_fixup_kernel<<<geo.grid, 256>>>(acck, accv, cut, accki, cutki, sc.desc, sc.tile_off, sh.n_gr, geo.nks,
+            msa_dkv_fixup_kernel<<<geo.grid, 256, 0, stream()>>>(acck, accv, cut, accki, cutki, sc.desc, sc.tile_off, sh.n_gr, geo.nks,
                                                     sh.Rb, sh.N, sh.Hkv, sh.D, Di, geo.KB);
             LAUNCH_CHECK("msa_attention_backward dk dv fixup");
         }
@@ -736,19 +736,19 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
             dq_combine<T>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, c1 - c0, geo.nks, geo.NS, kl->mul, kl->grad);
     });
     if (acck) {
-        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256>>>((T *)dk->data, acck, nkv, scale);
+        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256, 0, stream()>>>((T *)dk->data, acck, nkv, scale);
         LAUNCH_CHECK("msa_attention_backward dk");
     }
     if (accv) {
-        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256>>>((T *)dv->data, accv, nkv, 1.0f);
+        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256, 0, stream()>>>((T *)dv->data, accv, nkv, 1.0f);
         LAUNCH_CHECK("msa_attention_backward dv");
     }
     if (accki) {
-        msa_dki_final_kernel<T><<<grid_for(nki, 256), 256>>>((T *)kl->dki->data, accki, nki, sh.Hkv, kl->mul, kl->grad);
+        msa_dki_final_kernel<T><<<grid_for(nki, 256), 256, 0, stream()>>>((T *)kl->dki->data, accki, nki, sh.Hkv, kl->mul, kl->grad);
         LAUNCH_CHECK("msa_attention_kl_backward dki");
     }
     if (klpart) {
-        msa_kl_final_kernel<<<1, 1024>>>((float *)kl->kl->data, klpart, geo.grid, (double)sh.N * sh.Hkv);
+        msa_kl_final_kernel<<<1, 1024, 0, stream()>>>((float *)kl->kl->data, klpart, geo.grid, (double)sh.N * sh.Hkv);
         LAUNCH_CHECK("msa_attention_kl_backward kl");
     }
 }
@@ -834,7 +834,7 @@ extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *d
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i] && dev[i]->device != DEV_CUDA) fatal("cuda %s: every tensor must be on the CUDA device", what);
     if (sh.N == 0) {
-        if (kl) CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float)));
+        if (kl) CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), stream()));
         return;
     }
     const int Di = (int)qi->shape[2];

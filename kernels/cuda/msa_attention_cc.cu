@@ -274,10 +274,10 @@ template <typename T> Geo forward_geo(int D) {
 
 template <typename T> void forward_tiles(const Geo &g, const TileArgs &a, int D) {
     switch (dpl_of(D)) {
-    case 1: msa_fwd_cc_kernel<T, float, 1><<<g.grid, g.threads, g.smem>>>(a, D); break;
-    case 2: msa_fwd_cc_kernel<T, float, 2><<<g.grid, g.threads, g.smem>>>(a, D); break;
-    case 4: msa_fwd_cc_kernel<T, float, 4><<<g.grid, g.threads, g.smem>>>(a, D); break;
-    default: msa_fwd_cc_kernel<T, float, 8><<<g.grid, g.threads, g.smem>>>(a, D); break;
+    case 1: msa_fwd_cc_kernel<T, float, 1><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
+    case 2: msa_fwd_cc_kernel<T, float, 2><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
+    case 4: msa_fwd_cc_kernel<T, float, 4><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
+    default: msa_fwd_cc_kernel<T, float, 8><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
     }
     LAUNCH_CHECK("msa_attention_forward tiles");
 }
@@ -301,10 +301,10 @@ template <typename T> Geo backward_geo(int D) {
 
 template <typename T> void backward_tiles(const Geo &g, const TileArgs &a, int D) {
     switch (dpl_of(D)) {
-    case 1: msa_bwd_cc_kernel<T, 1, 8><<<g.grid, g.threads, g.smem>>>(a, D); break;
-    case 2: msa_bwd_cc_kernel<T, 2, 8><<<g.grid, g.threads, g.smem>>>(a, D); break;
-    case 4: msa_bwd_cc_kernel<T, 4, 8><<<g.grid, g.threads, g.smem>>>(a, D); break;
-    default: msa_bwd_cc_kernel<T, 8, 4><<<g.grid, g.threads, g.smem>>>(a, D); break;
+    case 1: msa_bwd_cc_kernel<T, 1, 8><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
+    case 2: msa_bwd_cc_kernel<T, 2, 8><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
+    case 4: msa_bwd_cc_kernel<T, 4, 8><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
+    default: msa_bwd_cc_kernel<T, 8, 4><<<g.grid, g.threads, g.smem, stream()>>>(a, D); break;
     }
     LAUNCH_CHECK("msa_attention_backward tiles");
 }

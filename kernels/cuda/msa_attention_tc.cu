@@ -999,8 +999,8 @@ Geo msa_tc_forward_geo(int D) {
 }
 
 void msa_tc_forward_tiles(const Geo &g, const TileArgs &a, int D) {
-    if (D == 128) msa_fwd_tc_kernel<128><<<g.grid, g.threads, g.smem>>>(a);
-    else msa_fwd_tc_kernel<64><<<g.grid, g.threads, g.smem>>>(a);
+    if (D == 128) msa_fwd_tc_kernel<128><<<g.grid, g.threads, g.smem, stream()>>>(a);
+    else msa_fwd_tc_kernel<64><<<g.grid, g.threads, g.smem, stream()>>>(a);
     LAUNCH_CHECK("msa_attention_forward tiles (tensor cores)");
 }
 
@@ -1022,13 +1022,13 @@ Geo msa_tc_backward_geo(int D, int Di) {
 
 void msa_tc_backward_tiles(const Geo &g, const TileArgs &a, int D, int Di) {
     if (D == 128) {
-        if (Di == 128) msa_bwd_tc_kernel<128, 128><<<g.grid, g.threads, g.smem>>>(a);
-        else if (Di == 64) msa_bwd_tc_kernel<128, 64><<<g.grid, g.threads, g.smem>>>(a);
-        else msa_bwd_tc_kernel<128, 0><<<g.grid, g.threads, g.smem>>>(a);
+        if (Di == 128) msa_bwd_tc_kernel<128, 128><<<g.grid, g.threads, g.smem, stream()>>>(a);
+        else if (Di == 64) msa_bwd_tc_kernel<128, 64><<<g.grid, g.threads, g.smem, stream()>>>(a);
+        else msa_bwd_tc_kernel<128, 0><<<g.grid, g.threads, g.smem, stream()>>>(a);
     } else {
-        if (Di == 128) msa_bwd_tc_kernel<64, 128><<<g.grid, g.threads, g.smem>>>(a);
-        else if (Di == 64) msa_bwd_tc_kernel<64, 64><<<g.grid, g.threads, g.smem>>>(a);
-        else msa_bwd_tc_kernel<64, 0><<<g.grid, g.threads, g.smem>>>(a);
+        if (Di == 128) msa_bwd_tc_kernel<64, 128><<<g.grid, g.threads, g.smem, stream()>>>(a);
+        else if (Di == 64) msa_bwd_tc_kernel<64, 64><<<g.grid, g.threads, g.smem, stream()>>>(a);
+        else msa_bwd_tc_kernel<64, 0><<<g.grid, g.threads, g.smem, stream()>>>(a);
     }
     LAUNCH_CHECK(Di ? "msa_attention_kl_backward tiles (tensor cores)" : "msa_attention_backward tiles (tensor cores)");
 }

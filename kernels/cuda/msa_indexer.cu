@@ -387,7 +387,7 @@ template <typename T, int KS, bool FAST> void index_launch(const Tensor *qi, con
     a.TQ = C::ROWS / a.H;
     a.vec = (a.Di * (int)sizeof(T)) % 16 == 0 && ((uintptr_t)qi->data | (uintptr_t)ki->data) % 16 == 0;
     const int64_t tiles = (a.N + a.TQ - 1) / a.TQ;
-    msa_index_kernel<T, KS, FAST><<<(unsigned)tiles, C::THREADS, smem>>>((const T *)qi->data, (const T *)ki->data, a);
+    msa_index_kernel<T, KS, FAST><<<(unsigned)tiles, C::THREADS, smem, stream()>>>((const T *)qi->data, (const T *)ki->data, a);
     LAUNCH_CHECK("msa_indexer");
 }
 

@@ -999,7 +999,7 @@ template <typename Kern, typename A> void launch_tiles(const char *name, Kern ke
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         raised = smem;
     }
-    kernel<<<grid, THREADS, smem>>>(a);
+    kernel<<<grid, THREADS, smem, stream()>>>(a);
     LAUNCH_CHECK(name);
 }
 
@@ -1060,12 +1060,12 @@ struct Sched {
         items = b.take<int4>((int64_t)Hkv * W * cap);
     }
     void build(const int *plan, const Dims &d) const {
-        kl_count_kernel<<<grid_for(total, 256), 256>>>(elo, ecnt, npc, plan, msa_plan_width(d.N, d.K), d.N, d.K, W, Rb, Nw,
+        kl_count_kernel<<<grid_for(total, 256), 256, 0, stream()>>>(elo, ecnt, npc, plan, msa_plan_width(d.N, d.K), d.N, d.K, W, Rb, Nw,
                                                        total);
         LAUNCH_CHECK("msa_kl count");
-        kl_scan_kernel<<<d.Hkv * W, 1024>>>(woff, soff, wtot, npc, Rb);
+        kl_scan_kernel<<<d.Hkv * W, 1024, 0, stream()>>>(woff, soff, wtot, npc, Rb);
         LAUNCH_CHECK("msa_kl scan");
-        kl_fill_kernel<<<grid_for(total, 256), 256>>>(items, elo, ecnt, npc, woff, soff, Rb, cap, total);
+        kl_fill_kernel<<<grid_for(total, 256), 256, 0, stream()>>>(items, elo, ecnt, npc, woff, soff, Rb, cap, total);
         LAUNCH_CHECK("msa_kl fill");
     }
     /* point a at the work list of (g, w) */
@@ -1091,14 +1091,14 @@ void sparse_row_passes(KA<T> &a, const Sched &sc, const Dims &d, float *vals, co
             sc.select(a, g, w);
             launch_tiles(rows_name, kl_rows_kernel<T, MODE>, raised, dim3((unsigned)sc.cap), a);
             const int nt = sc.window_len(d.N, w);
-            kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256>>>(a.idx_lse_out, vals, (const float4 *)a.part, a.topk, g, a.w0,
+            kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256, 0, stream()>>>(a.idx_lse_out, vals, (const float4 *)a.part, a.topk, g, a.w0,
                                                             nt, d.N, d.Hkv, d.K);
             LAUNCH_CHECK(reduce_name);
         }
 }
 
 void doc_bounds(int *dstart, int *dend, const Tensor *cu, const Dims &d) {
-    kl_doc_bounds_kernel<<<grid_for((int64_t)d.N + d.ndocs + 1, 256), 256>>>(dstart, dend, (const int32_t *)cu->data, d.ndocs,
+    kl_doc_bounds_kernel<<<grid_for((int64_t)d.N + d.ndocs + 1, 256), 256, 0, stream()>>>(dstart, dend, (const int32_t *)cu->data, d.ndocs,
                                                                             d.N, errbuf());
     LAUNCH_CHECK("msa_kl doc_bounds");
 }
@@ -1141,7 +1141,7 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
         sc.build(ph.ptr, d);
         sparse_row_passes<T, FWD_SPARSE>(a, sc, d, vals, "msa_kl_forward rows", "msa_kl_forward reduce");
     }
-    kl_sum_kernel<<<1, 1024>>>((float *)kl->data, vals, (int64_t)d.N * d.Hkv);
+    kl_sum_kernel<<<1, 1024, 0, stream()>>>((float *)kl->data, vals, (int64_t)d.N * d.Hkv);
     LAUNCH_CHECK("msa_kl_forward sum");
 }
 
@@ -1246,7 +1246,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
         return;
     }
     sc.build(ph.ptr, d);
-    if (dki) CUDA_CHECK(cudaMemsetAsync(a.dki_acc, 0, (size_t)d.N * d.Di * sizeof(float)));
+    if (dki) CUDA_CHECK(cudaMemsetAsync(a.dki_acc, 0, (size_t)d.N * d.Di * sizeof(float), stream()));
     static int raised = 0;
     for (int w = 0; w < sc.W; w++)
         for (int g = 0; g < d.Hkv; g++) {
@@ -1254,19 +1254,19 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
             launch_tiles("msa_kl_backward rows", kl_rows_kernel<T, BWD_SPARSE>, raised, dim3((unsigned)sc.cap), a);
             const int nt = sc.window_len(d.N, w);
             if (dqi) {
-                kl_dqi_reduce_kernel<T><<<grid_for((int64_t)nt * d.Di, 256), 256>>>(a.dqi, a.part, a.topk, g, a.w0, nt, d.N,
+                kl_dqi_reduce_kernel<T><<<grid_for((int64_t)nt * d.Di, 256), 256, 0, stream()>>>(a.dqi, a.part, a.topk, g, a.w0, nt, d.N,
                                                                                   d.Hkv, d.K, d.Di, a.cs, a.cs_grad);
                 LAUNCH_CHECK("msa_kl_backward dqi reduce");
             }
             if (dki) {
-                kl_split_reduce_kernel<<<sc.Rb, 256>>>(a.dki_acc, a.split, sc.npc, sc.soff, ph.ptr, a.Pw, g,
+                kl_split_reduce_kernel<<<sc.Rb, 256, 0, stream()>>>(a.dki_acc, a.split, sc.npc, sc.soff, ph.ptr, a.Pw, g,
                                                        (int64_t)g * sc.W + w, sc.Rb, d.N, d.K, d.Di, a.rowp, sc.split_cap);
                 LAUNCH_CHECK("msa_kl_backward dki split reduce");
             }
         }
     if (dki) {
         const int64_t n = (int64_t)d.N * d.Di;
-        kl_dki_final_kernel<T><<<grid_for(n, 256), 256>>>(a.dki, a.dki_acc, n, a.cs, a.cs_grad);
+        kl_dki_final_kernel<T><<<grid_for(n, 256), 256, 0, stream()>>>(a.dki, a.dki_acc, n, a.cs, a.cs_grad);
         LAUNCH_CHECK("msa_kl_backward dki");
     }
 }
@@ -1283,7 +1283,7 @@ extern "C" void cuda_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q
     if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
         fatal("cuda msa_kl_forward: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", d.Hkv, d.N);
     if (d.N == 0) { /* the CPU's mean over no (token, group) pair */
-        CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), 0));
+        CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), stream()));
         return;
     }
     DISPATCH_FLOAT(q->dtype, T, "msa_kl_forward",
@@ -1348,7 +1348,7 @@ void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *ls
     if (!kl || kl->numel != 1 || kl->dtype != DT_F32 || kl->device != DEV_CUDA)
         fatal("cuda msa_attention_kl_backward: kl must be an f32 scalar tensor on the device");
     if (d.N == 0) {
-        CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float)));
+        CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), stream()));
         return;
     }
     DISPATCH_FLOAT(q->dtype, T, "msa_attention_kl_backward",

@@ -86,10 +86,7 @@ void *plan_workspace(size_t bytes) {
     static void *buf = nullptr;
     static size_t cap = 0;
     if (bytes > cap) {
-        if (buf) {
-            host_wait("msa_plan workspace growth");
-            CUDA_CHECK(cudaFree(buf)); /* synchronises: no earlier plan still uses it */
-        }
+        release(buf, "msa_plan workspace growth"); /* synchronises: no earlier plan still uses it */
         buf = nullptr;
         const size_t want = bytes + bytes / 4 + 4096;
         CUDA_CHECK(cudaMalloc(&buf, want));
@@ -193,7 +190,7 @@ extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu
     if (N * K >= INT32_MAX) fatal("cuda msa_plan: N * topk_blocks = %lld does not fit the i32 plan", (long long)(N * K));
     if (H == 0) return;
     if (N == 0) { /* every group is row_ptr[0] = 0 */
-        CUDA_CHECK(cudaMemsetAsync(plan->data, 0, (size_t)(H * P) * sizeof(int32_t), 0));
+        CUDA_CHECK(cudaMemsetAsync(plan->data, 0, (size_t)(H * P) * sizeof(int32_t), stream()));
         return;
     }
     const int64_t NK = N * K;
@@ -219,17 +216,17 @@ extern "C" void cuda_msa_plan(Tensor *plan, const Tensor *topk, const Tensor *cu
     void *temp = ws + o_temp;
     const int32_t *cu = (const int32_t *)cu_seqlens->data;
 
-    doc_blocks_kernel<<<grid_for(ndocs + 1, THREADS), THREADS>>>(nb, err, cu, (int)ndocs, N, B);
+    doc_blocks_kernel<<<grid_for(ndocs + 1, THREADS), THREADS, 0, stream()>>>(nb, err, cu, (int)ndocs, N, B);
     LAUNCH_CHECK("msa_plan doc_blocks");
     size_t tb = temp_bytes;
-    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, tb, nb, blk_base, (int)(ndocs + 1)));
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, tb, nb, blk_base, (int)(ndocs + 1), stream()));
     for (int64_t g = 0; g < H; g++) {
         int32_t *plan_g = (int32_t *)plan->data + g * P;
-        block_keys_kernel<<<grid_for(N, THREADS), THREADS>>>(keys_in, vals_in, err, (const int32_t *)topk->data + g * NK, cu,
+        block_keys_kernel<<<grid_for(N, THREADS), THREADS, 0, stream()>>>(keys_in, vals_in, err, (const int32_t *)topk->data + g * NK, cu,
                                                              blk_base, (int)ndocs, N, (int)K, B, sentinel, (int)g);
         LAUNCH_CHECK("msa_plan keys");
         sort_pairs(temp, temp_bytes, keys_in, keys_out, vals_in, plan_g + (N + 1), NK, sentinel);
-        plan_rows_kernel<<<grid_for((N + 1 > NK ? N + 1 : NK), THREADS), THREADS>>>(plan_g, keys_out, cu, blk_base,
+        plan_rows_kernel<<<grid_for((N + 1 > NK ? N + 1 : NK), THREADS), THREADS, 0, stream()>>>(plan_g, keys_out, cu, blk_base,
                                                                                     (int)ndocs, N, NK, B);
         LAUNCH_CHECK("msa_plan finish");
     }

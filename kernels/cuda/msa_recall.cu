@@ -176,12 +176,12 @@ extern "C" double cuda_msa_recall(const Tensor *q, const Tensor *k, const Tensor
     a.stride = query_stride;
     a.ns = (int)ns;
     a.scale = p->scale;
-    CUDA_CHECK(cudaMemsetAsync(a.bad, 0xff, sizeof(unsigned long long)));
+    CUDA_CHECK(cudaMemsetAsync(a.bad, 0xff, sizeof(unsigned long long), stream()));
     DISPATCH_FLOAT(q->dtype, T, "msa_recall", {
-        recall_kernel<T><<<(unsigned)items, THREADS, (size_t)K * sizeof(int)>>>((const T *)q->data, (const T *)k->data, a);
+        recall_kernel<T><<<(unsigned)items, THREADS, (size_t)K * sizeof(int), stream()>>>((const T *)q->data, (const T *)k->data, a);
         LAUNCH_CHECK("msa_recall");
     });
-    sum_kernel<<<1, 1024>>>(result, a.vals, ns * Hq);
+    sum_kernel<<<1, 1024, 0, stream()>>>(result, a.vals, ns * Hq);
     LAUNCH_CHECK("msa_recall sum");
     double sum = 0;
     unsigned long long bad = 0;

@@ -407,7 +407,7 @@ static void norm_forward(const char *what, Tensor *y, Tensor *rstd, Tensor *h, c
     DISPATCH_FLOAT(x->dtype, Tx, what, DISPATCH_FLOAT(w ? w->dtype : DT_F32, Tw, what, {
         WITH_LAYOUT(l, Tx, VEC, TILES, {
             auto kernel = rmsnorm_fwd_kernel<Tx, Tw, VEC, TILES, RESIDUAL>;
-            kernel<<<grid_of(kernel, l, rows), l.threads>>>((Tx *)y->data, (float *)rstd->data,
+            kernel<<<grid_of(kernel, l, rows), l.threads, 0, stream()>>>((Tx *)y->data, (float *)rstd->data,
                                                             h ? (Tx *)h->data : nullptr, (const Tx *)x->data,
                                                             res ? (const Tx *)res->data : nullptr,
                                                             w ? (const Tw *)w->data : nullptr, rows, (int)C, eps,
@@ -443,7 +443,7 @@ static void norm_backward(const char *what, Tensor *dx, Tensor *dr, Tensor *dw, 
              * dw is rmsnorm's bit for bit (their occupancy is the same but in rows of single elements) */
             blocks = grid_of(rmsnorm_bwd_kernel<Tx, Tw, VEC, TILES, false>, l, rows);
             if (dw) partial = (float *)scratch((size_t)blocks * (size_t)C * sizeof(float));
-            kernel<<<blocks, l.threads>>>(dx ? (Tx *)dx->data : nullptr, dr ? (Tx *)dr->data : nullptr, partial,
+            kernel<<<blocks, l.threads, 0, stream()>>>(dx ? (Tx *)dx->data : nullptr, dr ? (Tx *)dr->data : nullptr, partial,
                                           (const Tx *)dy->data, dh ? (const Tx *)dh->data : nullptr,
                                           (const Tx *)x->data, w ? (const Tw *)w->data : nullptr,
                                           (const float *)rstd->data, rows, (int)C, unit_offset, l.lanes);
@@ -453,7 +453,7 @@ static void norm_backward(const char *what, Tensor *dx, Tensor *dr, Tensor *dw, 
     if (!dw) return;
     DISPATCH_FLOAT(dw->dtype, Tw, what, {
         const dim3 threads(FINISH_COLS, FINISH_SUMS);
-        rmsnorm_dw_finish_kernel<Tw><<<(unsigned)((C + FINISH_COLS - 1) / FINISH_COLS), threads>>>((Tw *)dw->data, partial,
+        rmsnorm_dw_finish_kernel<Tw><<<(unsigned)((C + FINISH_COLS - 1) / FINISH_COLS), threads, 0, stream()>>>((Tw *)dw->data, partial,
                                                                                                   (int)C, blocks);
         LAUNCH_CHECK(what);
     });

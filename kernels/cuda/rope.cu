@@ -70,7 +70,7 @@ static void rope_call(const char *what, Tensor *y, const Tensor *x, const Tensor
     const int64_t work = N * (rotary_dim / 2 + (D - rotary_dim));
     if (work == 0 || H == 0) return;
     DISPATCH_FLOAT(x->dtype, T, what, {
-        rope_kernel<T><<<grid_for(work, 256), 256>>>((T *)y->data, (const T *)x->data, (const int32_t *)positions->data,
+        rope_kernel<T><<<grid_for(work, 256), 256, 0, stream()>>>((T *)y->data, (const T *)x->data, (const int32_t *)positions->data,
                                                      N, H, D, rotary_dim, freqs, rope->attention_scale, sign, accumulate);
         LAUNCH_CHECK(what);
     });

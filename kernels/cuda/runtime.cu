@@ -15,10 +15,30 @@ static int g_sm_count = 0, g_smem_optin = 0;
 static int *g_err = nullptr;
 static void *g_scratch = nullptr;
 static size_t g_scratch_bytes = 0;
-static int64_t g_host_waits = 0;
+static int64_t g_host_waits = 0, g_releases = 0;
 static const char *g_last_wait = "none";
+/* Blocking (cudaStreamCreate without cudaStreamNonBlocking): whatever still reaches the legacy default
+ * stream (a library's internal call, code outside kernels/cuda) stays ordered with our work as before,
+ * and while a graph is captured such an implicit dependency is reported as an error instead of racing.
+ * Everything of ours runs on this one stream, so nothing is lost by the ordering. */
+static cudaStream_t g_stream = nullptr;
+
+cudaStream_t stream() {
+    init();
+    return g_stream;
+}
+
+bool capturing() {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    CUDA_CHECK(cudaStreamIsCapturing(stream(), &st));
+    return st != cudaStreamCaptureStatusNone;
+}
 
 void host_wait(const char *site) {
+    if (g_ready && capturing())
+        fatal("CUDA graph capture: the training step waits for the device at %s, which a captured step cannot "
+              "(set train.cuda_graph = off for this configuration)",
+              site);
     g_host_waits++;
     g_last_wait = site;
 }
@@ -26,7 +46,15 @@ void host_wait(const char *site) {
 void copy_to_host_at(void *dst, const void *src, size_t bytes, const char *site) {
     if (!bytes) return;
     host_wait(site);
-    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()));
+    CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+void release(void *p, const char *site) {
+    if (!p) return;
+    host_wait(site);
+    g_releases++;
+    CUDA_CHECK(cudaFree(p));
 }
 
 void fail(const char *call, const char *code, const char *msg, const char *file, int line) {
@@ -44,8 +72,9 @@ void init() {
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&g_sm_count, cudaDevAttrMultiProcessorCount, dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&g_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    CUDA_CHECK(cudaStreamCreate(&g_stream));
     CUDA_CHECK(cudaMalloc((void **)&g_err, ERR_WORDS * sizeof(int)));
-    CUDA_CHECK(cudaMemset(g_err, 0, ERR_WORDS * sizeof(int)));
+    CUDA_CHECK(cudaMemsetAsync(g_err, 0, ERR_WORDS * sizeof(int), g_stream));
     const char *s = getenv("MSA_CUDA_SYNC");
     g_sync_each_launch = s && s[0] && strcmp(s, "0") != 0;
     g_ready = true;
@@ -54,7 +83,7 @@ void init() {
 void after_launch(const char *kernel, const char *file, int line) {
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) fatal("CUDA kernel %s failed to launch at %s:%d: %s (%s)", kernel, file, line, cudaGetErrorName(err), cudaGetErrorString(err));
-    if (g_sync_each_launch) {
+    if (g_sync_each_launch && !capturing()) { /* a captured kernel runs at the graph's launch */
         host_wait("MSA_CUDA_SYNC");
         err = cudaDeviceSynchronize();
         if (err != cudaSuccess) fatal("CUDA kernel %s (launched at %s:%d) failed: %s (%s)", kernel, file, line, cudaGetErrorName(err), cudaGetErrorString(err));
@@ -65,10 +94,7 @@ void after_launch(const char *kernel, const char *file, int line) {
 void *scratch(size_t bytes) {
     if (bytes > g_scratch_bytes) {
         size_t want = bytes + bytes / 4 + 256;
-        if (g_scratch) {
-            host_wait("scratch growth");
-            CUDA_CHECK(cudaFree(g_scratch)); /* synchronises: nothing still reads the old one */
-        }
+        release(g_scratch, "scratch growth"); /* synchronises: nothing still reads the old one */
         g_scratch = nullptr;
         CUDA_CHECK(cudaMalloc(&g_scratch, want));
         g_scratch_bytes = want;
@@ -82,7 +108,7 @@ void check_device_errors() {
     int h[ERR_WORDS];
     copy_to_host_at(h, g_err, sizeof h, "device error word");
     if (h[0] == ERR_NONE) return;
-    CUDA_CHECK(cudaMemsetAsync(g_err, 0, sizeof h));
+    CUDA_CHECK(cudaMemsetAsync(g_err, 0, sizeof h, stream()));
     switch (h[0]) {
     case ERR_TOKEN: fatal("embedding: token %d at position %d outside the vocabulary", h[2], h[1]);
     case ERR_TARGET: fatal("cross_entropy: target %d at row %d outside the vocabulary", h[2], h[1]);
@@ -135,14 +161,14 @@ extern "C" void cuda_host_free(void *p) {
     if (!p) return;
     init();
     host_wait("host_free");
+    g_releases++;
     CUDA_CHECK(cudaFreeHost(p));
 }
 
 extern "C" void cuda_free(void *p) {
     if (!p) return;
     init();
-    host_wait("free");
-    CUDA_CHECK(cudaFree(p));
+    release(p, "free");
 }
 
 extern "C" void cuda_copy_to_host(void *dst, const void *src, size_t bytes) {
@@ -207,14 +233,14 @@ struct StagingRing {
     void copy(void *dst, const void *src, size_t bytes) {
         const size_t at = take(bytes);
         memcpy(buf + at, src, bytes);
-        CUDA_CHECK(cudaMemcpyAsync(dst, buf + at, bytes, cudaMemcpyHostToDevice, 0));
+        CUDA_CHECK(cudaMemcpyAsync(dst, buf + at, bytes, cudaMemcpyHostToDevice, stream()));
         cudaEvent_t done;
         if (spare.empty()) CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
         else {
             done = spare.front();
             spare.pop_front();
         }
-        CUDA_CHECK(cudaEventRecord(done, 0));
+        CUDA_CHECK(cudaEventRecord(done, stream()));
         in_flight.push_back({at, done});
     }
 };
@@ -226,14 +252,19 @@ StagingRing g_ring;
 extern "C" void cuda_copy_from_host(void *dst, const void *src, size_t bytes) {
     init();
     if (!bytes) return;
+    if (capturing()) {
+        CUDA_CHECK(cudaMemcpyAsync(dst, capture_host_copy(src, bytes), bytes, cudaMemcpyHostToDevice, stream()));
+        return;
+    }
     if (bytes <= RING_MAX_COPY) return g_ring.copy(dst, src, bytes);
     host_wait("copy_from_host of pageable memory");
-    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()));
+    CUDA_CHECK(cudaStreamSynchronize(stream())); /* the source may change as soon as the call returns */
 }
 
 extern "C" void cuda_copy(void *dst, const void *src, size_t bytes) {
     init();
-    if (bytes && dst != src) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
+    if (bytes && dst != src) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
 }
 
 extern "C" void cuda_synchronize(void) {
@@ -244,9 +275,13 @@ extern "C" void cuda_synchronize(void) {
 
 extern "C" void cuda_zero(void *dst, size_t bytes) {
     init();
-    if (bytes) CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, 0));
+    if (bytes) CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream()));
 }
 
 extern "C" int64_t cuda_host_waits(void) { return g_host_waits; }
+
+extern "C" int64_t cuda_memory_releases(void) { return g_releases; }
+
+extern "C" struct CUstream_st *cuda_stream(void) { return stream(); }
 
 extern "C" const char *cuda_last_host_wait(void) { return g_last_wait; }

@@ -18,7 +18,7 @@ size_t sort_pairs_temp_bytes(int64_t n, uint32_t max_key) {
 void sort_pairs(void *temp, size_t temp_bytes, const uint32_t *keys_in, uint32_t *keys_out, const int32_t *vals_in,
                 int32_t *vals_out, int64_t n, uint32_t max_key) {
     CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, (int)n, 0,
-                                               key_bits(max_key)));
+                                               key_bits(max_key), stream()));
 }
 
 }  // namespace msacuda

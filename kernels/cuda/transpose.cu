@@ -18,7 +18,7 @@ __global__ void transpose01_kernel(W *dst, const W *src, int64_t a, int64_t b, i
 
 template <typename W> static void launch(void *dst, const void *src, int64_t a, int64_t b, size_t row_bytes) {
     const int64_t words = (int64_t)(row_bytes / sizeof(W));
-    transpose01_kernel<W><<<grid_for(a * b * words, 256), 256>>>((W *)dst, (const W *)src, a, b, words);
+    transpose01_kernel<W><<<grid_for(a * b * words, 256), 256, 0, stream()>>>((W *)dst, (const W *)src, a, b, words);
     LAUNCH_CHECK("transpose01");
 }
 

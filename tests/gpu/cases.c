@@ -461,5 +461,14 @@ void gpu_cases(void) {
     GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu MSA sparse phase, 8 x 256 tokens",
              "configs/shakespeare_gpu.json", {"model.attention=msa", "msa.dense_warmup_steps=2", "train.batch_size=8", NULL},
              4, 4);
+    /* the training step as a CUDA graph: tiny.json (cuDNN attention), with 2 micro-batches a step (a step
+     * of two forwards and backwards) and recomputation, and the shakespeare_gpu recipe (dropout 0.2: each
+     * replay's masks from its own seeds; its warm-up and cosine schedule change the learning rate at every
+     * replay) */
+    GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "tiny.json", "configs/tiny.json", {NULL}, 20);
+    GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "tiny.json, grad_accum 2, recompute", "configs/tiny.json",
+             {"train.grad_accum=2", "train.recompute=true", NULL}, 12);
+    GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "shakespeare_gpu dense, dropout 0.2, 8 x 256 tokens",
+             "configs/shakespeare_gpu.json", {"train.batch_size=8", "optim.warmup_steps=5", NULL}, 20);
     GPU_CASE0("e2e", e2e_case); /* last: a few training steps of configs/tiny.json on both devices */
 }

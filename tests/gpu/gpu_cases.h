@@ -237,5 +237,8 @@ void ring_case(const void *args);
 typedef struct { const char *label, *config; const char *sets[9]; int warm_steps, measured_steps; } HostWaitsCase;
 void host_waits_case(const void *args);
 void staged_copies_case(const void *args); /* copy_from_host through the staging ring: every byte lands */
+/* steps steps with train.cuda_graph off and on: the same bits (sets as in HostWaitsCase) */
+typedef struct { const char *label, *config; const char *sets[9]; int steps; } CudaGraphCase;
+void cuda_graph_case(const void *args);
 
 #endif

@@ -20,6 +20,7 @@
 #include "../../autograd/engine.h"
 #include "../../autograd/ops.h"
 #include "../../autograd/params.h"
+#include "../../kernels/dropout_mask.h"
 #include "../../kernels/util.h"
 #include "../../layers/rope_scaling.h"
 #include "../../train/trainer.h"
@@ -469,21 +470,28 @@ void dropout_case(const void *args) {
     const int64_t n = c->n;
     char name[160];
     Pair x = pair_rand(act, 1, (int64_t[]){n}, 0, 1), y = pair_out(act, 1, (int64_t[]){n});
-    CB->dropout_forward(&y.c, &x.c, c->p, c->seed, c->offset);
-    GB->dropout_forward(&y.g, &x.g, c->p, c->seed, c->offset);
+    /* the seed in each backend's memory, as the kernels read it */
+    int32_t words[2];
+    dropout_seed_words(c->seed, words);
+    Tensor seed_c = mk(CB, DT_I32, 1, (int64_t[]){2}), seed_g = mk(GB, DT_I32, 1, (int64_t[]){2});
+    memcpy(seed_c.data, words, sizeof words);
+    GB->copy_from_host(seed_g.data, words, sizeof words);
+    CB->dropout_forward(&y.c, &x.c, c->p, &seed_c, c->offset);
+    GB->dropout_forward(&y.g, &x.g, c->p, &seed_g, c->offset);
     snprintf(name, sizeof name, "dropout fwd %s n=%lld", dn(act), (long long)n);
     check(name, &y, tol_of(act));
     Pair dy = pair_rand(act, 1, (int64_t[]){n}, 0, 1);
     Grad dx = grad_new(act, 1, (int64_t[]){n});
-    CB->dropout_backward(&dx.p.c, &dy.c, c->p, c->seed, c->offset);
+    CB->dropout_backward(&dx.p.c, &dy.c, c->p, &seed_c, c->offset);
     grad_arm(&dx);
-    GB->dropout_backward(&dx.p.g, &dy.g, c->p, c->seed, c->offset);
+    GB->dropout_backward(&dx.p.g, &dy.g, c->p, &seed_g, c->offset);
     snprintf(name, sizeof name, "dropout bwd %s n=%lld", dn(act), (long long)n);
     grad_check(name, &dx, tol_of(act));
     grad_free(&dx);
     pair_free(&dy);
     pair_free(&y);
     pair_free(&x);
+    free_t(&seed_c), free_t(&seed_g);
 }
 
 void bias_add_case(const void *args) {
@@ -831,7 +839,8 @@ void adamw_case(const void *args) {
 /* The optimizer's multi-tensor kernels over a list longer than one launch's (kernels/cuda/elementwise.cu
  * MANY_TENSORS), of sizes around a block's chunk (4096): sumsq_many against the CPU's
  * per-tensor fp64 sums; adamw_update_many (grad *= grad_scale, then AdamW with each part's lr and weight
- * decay) against the CPU's single-tensor kernels: the updates, moments and scaled gradients of all
+ * decay, the step's learning rate and bias corrections read from device memory) against the CPU's
+ * single-tensor kernels: the updates, moments and scaled gradients of all
  * tensors as one comparison each, the BF16 shadows (every other tensor has one) bit-exact. */
 void optimizer_many_case(const void *args) {
     const OptimizerManyCase *c = args;
@@ -860,9 +869,9 @@ void optimizer_many_case(const void *args) {
             p[i].g.shadow = shadow[i].data;
         }
         gc[i] = &g[i].c, gg[i] = &g[i].g;
-        const float lr = 1e-3f * (float)(1 + i % 3), wd = i % 2 ? 0.1f : 0.0f;
-        pc[i] = (AdamwPart){p[i].c, g[i].c, m[i].c, v[i].c, lr, wd};
-        pg[i] = (AdamwPart){p[i].g, g[i].g, m[i].g, v[i].g, lr, wd};
+        const float lr_scale = (float)(1 + i % 3), wd = i % 2 ? 0.1f : 0.0f;
+        pc[i] = (AdamwPart){p[i].c, g[i].c, m[i].c, v[i].c, lr_scale, wd};
+        pg[i] = (AdamwPart){p[i].g, g[i].g, m[i].g, v[i].g, lr_scale, wd};
     }
     char name[160];
     /* the sums added to a value already there (sumsq_many accumulates), the scales set for the update */
@@ -890,9 +899,16 @@ void optimizer_many_case(const void *args) {
            (double)sg, (double)*(const float *)scale_c.data);
     GB->copy_from_host(scale_g.data, &grad_scale, sizeof grad_scale);
     *(float *)scale_c.data = grad_scale;
-    CB->adamw_update_many(pc, count, &scale_c, 0.9f, 0.95f, 1e-8f, 3);
-    GB->adamw_update_many(pg, count, &scale_g, 0.9f, 0.95f, 1e-8f, 3);
-    free_t(&sum_g), free_t(&sum_c), free_t(&scale_g), free_t(&scale_c);
+    /* step 3 at learning rate 1e-3 */
+    const int64_t sched_shape[1] = {ADAMW_SCHEDULE};
+    const double sched[ADAMW_SCHEDULE] = {[ADAMW_LR] = 1e-3f, [ADAMW_BIAS1] = adamw_bias_correction(0.9f, 3),
+                                          [ADAMW_BIAS2] = adamw_bias_correction(0.95f, 3)};
+    Tensor sched_g = mk(GB, DT_F64, 1, sched_shape), sched_c = mk(CB, DT_F64, 1, sched_shape);
+    memcpy(sched_c.data, sched, sizeof sched);
+    GB->copy_from_host(sched_g.data, sched, sizeof sched);
+    CB->adamw_update_many(pc, count, &scale_c, &sched_c, 0.9f, 0.95f, 1e-8f);
+    GB->adamw_update_many(pg, count, &scale_g, &sched_g, 0.9f, 0.95f, 1e-8f);
+    free_t(&sum_g), free_t(&sum_c), free_t(&scale_g), free_t(&scale_c), free_t(&sched_g), free_t(&sched_c);
     /* all tensors laid end to end: the updates p_new - p_old, then m, v and the scaled gradients */
     float *got[4], *want[4];
     for (int k = 0; k < 4; k++) got[k] = xmalloc((size_t)total * sizeof(float)), want[k] = xmalloc((size_t)total * sizeof(float));

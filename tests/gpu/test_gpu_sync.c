@@ -4,7 +4,9 @@
  * synchronisations, frees) must not move over a step that is not logged. A dense model (the cuDNN
  * attention path, which once copied cu_seqlens to the host at every layer) and an MSA model in its dense
  * warm-up (whose KL backward once read its upstream gradient on the host) and its sparse phase. A failure
- * names the call site of the last wait (cuda_last_host_wait). */
+ * names the call site of the last wait (cuda_last_host_wait). With train.cuda_graph at its default the dense
+ * cases' measured steps are replays of the captured step (train/step_graph.h), which must not wait either.
+ * Last, group graph: the captured step against the eager one, bit for bit (cuda_graph_case). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,4 +90,66 @@ void staged_copies_case(const void *args) {
            "staged copy_from_host, 301 copies around the ring", bad, total, (long long)staged_waits, big);
     GB->free(dev);
     free(src), free(want), free(got);
+}
+
+/* train.cuda_graph (train/step_graph.h): the same run with every step eager and with its step captured in
+ * a CUDA graph and replayed must give the same losses and gradient norms at every step and the same
+ * parameters and AdamW moments at the end, bit for bit (the replay runs the eager step's kernels with the
+ * same arguments in the same order; the learning rate and bias corrections, which change every step, come
+ * from device memory, as do the dropout seeds). Every step is read (a replayed step reads after its launch).
+ * The first steps run eagerly until one frees no memory (arena compaction, scratch growth), so at least half
+ * of the steps must be replays. */
+void cuda_graph_case(const void *args) {
+    const CudaGraphCase *c = args;
+    enum { MAX_STEPS = 64 };
+    if (c->steps > MAX_STEPS) fatal("cuda_graph_case: at most %d steps", MAX_STEPS);
+    double loss[2][MAX_STEPS], norm[2][MAX_STEPS];
+    float *state[2] = {NULL, NULL};
+    int64_t numel = 0, nodes = 0, replays = 0, captures = 0;
+    for (int k = 0; k < 2; k++) {
+        Run r;
+        memset(&r, 0, sizeof r);
+        r.quiet = true;
+        config_defaults(&r.cfg);
+        config_load(&r.cfg, c->config);
+        for (int i = 0; i < 8 && c->sets[i]; i++) config_set(&r.cfg, c->sets[i]);
+        config_set(&r.cfg, k ? "train.cuda_graph=on" : "train.cuda_graph=off");
+        r.cfg.train.steps = c->steps;
+        snprintf(r.cfg.train.device, sizeof r.cfg.train.device, "cuda");
+        r.config_path = c->config;
+        run_init(&r);
+        r.defer_step_results = false;
+        for (int s = 0; s < c->steps; s++) {
+            StepResult res = run_step(&r);
+            loss[k][s] = res.loss;
+            norm[k][s] = res.grad_norm;
+        }
+        /* parameters, then the moments m and v of the whole store */
+        numel = r.model.params.numel;
+        state[k] = xmalloc((size_t)(3 * numel) * sizeof(float));
+        GB->copy_to_host(state[k], r.model.params.data, (size_t)numel * sizeof(float));
+        GB->copy_to_host(state[k] + numel, r.opt.m, (size_t)numel * sizeof(float));
+        GB->copy_to_host(state[k] + 2 * numel, r.opt.v, (size_t)numel * sizeof(float));
+        if (k) nodes = r.graph.nodes, replays = r.graph.replays, captures = r.graph.captures;
+        run_free(&r);
+    }
+    int first_bad = -1;
+    for (int s = 0; s < c->steps && first_bad < 0; s++)
+        if (memcmp(&loss[0][s], &loss[1][s], sizeof(double)) || memcmp(&norm[0][s], &norm[1][s], sizeof(double)))
+            first_bad = s;
+    int64_t bad_state = 0;
+    for (int64_t i = 0; i < 3 * numel; i++) bad_state += memcmp(&state[0][i], &state[1][i], sizeof(float)) != 0;
+    char name[160];
+    snprintf(name, sizeof name, "cuda graph = eager, %s, %d steps", c->label, c->steps);
+    record(first_bad < 0 && bad_state == 0 && captures >= 1 && 2 * replays >= c->steps && isfinite(loss[1][c->steps - 1]),
+           "%-58s %s; %lld of %lld parameter/moment values differ; %lld captures, %lld replays of %lld kernels, copies "
+           "and memsets each (1 launch); last loss %.6f vs %.6f",
+           name, first_bad < 0 ? "losses and norms bit-exact" : "losses or norms differ", (long long)bad_state,
+           (long long)(3 * numel), (long long)captures, (long long)replays, (long long)nodes, loss[0][c->steps - 1],
+           loss[1][c->steps - 1]);
+    if (first_bad >= 0)
+        printf("    first difference at step %d: loss %.17g vs %.17g, norm %.17g vs %.17g\n", first_bad + 1,
+               loss[0][first_bad], loss[1][first_bad], norm[0][first_bad], norm[1][first_bad]);
+    free(state[0]);
+    free(state[1]);
 }
