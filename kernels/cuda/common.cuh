@@ -6,6 +6,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <vector>
 #include <stdint.h>
 
 #include "cuda.h"
@@ -36,8 +38,11 @@ void after_launch(const char *kernel, const char *file, int line);
  * (cuda_host_waits, cuda_last_host_wait). Call it just before the blocking call. */
 void host_wait(const char *site);
 /* Free device memory that kernels may still use (a wait, counted at `site`, and a release: see
- * cuda_memory_releases). NULL: nothing. */
+ * cuda_memory_releases). NULL: nothing. During a graph capture the memory is kept until the graph is freed
+ * (take_retired): no wait, still a release. */
 void release(void *p, const char *site);
+/* The memory released during the capture just ended, which its graph owns from then on. */
+std::vector<void *> take_retired();
 /* During a graph capture (graph.cu): a copy of bytes at src in page-locked memory kept with the graph, the
  * source of the captured copy. */
 void *capture_host_copy(const void *src, size_t bytes);

@@ -3,8 +3,9 @@
  *
  * The capture is relaxed (cudaStreamCaptureModeRelaxed): an allocation during it (an arena chunk, a
  * library's lazy workspace) is allowed, and the graph keeps using that memory, which is right here: no
- * memory of ours is freed without memory_releases counting it, and a free during a capture is fatal
- * (host_wait, runtime.cu). Other threads' CUDA calls (NCCL's proxy) are not taken into it. A copy from the host during the capture would read its source at every launch, and the staging
+ * memory of ours is freed without memory_releases counting it, and memory released during a capture (a
+ * scratch or arena chunk that grew) stays allocated with the graph, whose kernels captured before the
+ * release still use it (release and take_retired, runtime.cu). Other threads' CUDA calls (NCCL's proxy) are not taken into it. A copy from the host during the capture would read its source at every launch, and the staging
  * ring (runtime.cu) reuses its memory: such copies go to page-locked memory of the capture's own,
  * allocated before the capture starts (allocating it during one could synchronise) and freed with the
  * graph. */
@@ -47,7 +48,8 @@ namespace {
 
 struct CudaGraph {
     cudaGraphExec_t exec;
-    char *host_copies; /* CapturedCopies.host of its capture */
+    char *host_copies;            /* CapturedCopies.host of its capture */
+    std::vector<void *> retired;  /* device memory released during its capture, which it still uses */
 };
 
 }  // namespace
@@ -72,7 +74,7 @@ extern "C" void *cuda_graph_end(int64_t *nodes) {
               cudaGetErrorName(err), cudaGetErrorString(err));
     size_t n = 0;
     CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
-    CudaGraph *g = new CudaGraph{nullptr, g_copies.host};
+    CudaGraph *g = new CudaGraph{nullptr, g_copies.host, take_retired()};
     err = cudaGraphInstantiate(&g->exec, graph, 0);
     if (err != cudaSuccess)
         fatal("CUDA graph of the training step (%zu nodes) cannot be instantiated: %s (%s); set train.cuda_graph = off "
@@ -98,5 +100,6 @@ extern "C" void cuda_graph_free(void *graph) {
     CUDA_CHECK(cudaStreamSynchronize(stream()));
     CUDA_CHECK(cudaGraphExecDestroy(g->exec));
     CUDA_CHECK(cudaFreeHost(g->host_copies));
+    for (void *p : g->retired) CUDA_CHECK(cudaFree(p));
     delete g;
 }

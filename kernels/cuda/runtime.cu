@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include <deque>
+#include <vector>
 
 #include "common.cuh"
 
@@ -50,11 +51,26 @@ void copy_to_host_at(void *dst, const void *src, size_t bytes, const char *site)
     CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
+/* Memory released while a graph was being captured: the captured kernels before the release still use it
+ * at every launch of the graph, so it is freed with the graph (take_retired), not now (a free would also
+ * wait for the device, which a capture cannot). */
+static std::vector<void *> g_retired;
+
 void release(void *p, const char *site) {
     if (!p) return;
-    host_wait(site);
     g_releases++;
+    if (g_ready && capturing()) {
+        g_retired.push_back(p);
+        return;
+    }
+    host_wait(site);
     CUDA_CHECK(cudaFree(p));
+}
+
+std::vector<void *> take_retired() {
+    std::vector<void *> r;
+    r.swap(g_retired);
+    return r;
 }
 
 void fail(const char *call, const char *code, const char *msg, const char *file, int line) {
