@@ -57,6 +57,11 @@ mkdir -p "$OUT"
 export PATH=/usr/local/cuda/bin:$PATH NCCL_NVLS_ENABLE=0
 MAKE="make -j16 BLAS=0 DEPS_PREFIX=$PWD/.deps"
 status=0
+# The device tool brings back only the first few files of $OUT (in name order): every log also goes into one
+# archive whose name sorts first, written when the script ends, however it ends (a stage's timeout included).
+bundle() { tar -czf "$OUT/0_logs.tgz" -C "$OUT" --exclude 0_logs.tgz . 2>/dev/null; }
+trap bundle EXIT
+trap "exit 143" TERM INT
 stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
 # the largest relative loss difference over the logged steps of two runs' metrics.jsonl; with a third
 # argument, that number alone (for arithmetic)
