@@ -71,6 +71,14 @@ typedef struct AdamwPart {
 enum { ADAMW_LR = 0, ADAMW_BIAS1 = 1, ADAMW_BIAS2 = 2, ADAMW_SCHEDULE = 3 };
 static inline double adamw_bias_correction(double beta, int t) { return 1.0 - pow(beta, t); }
 
+/* The device memory a backend sees (device_memory): what the driver counts in use on the device (every
+ * context on it, libraries' workspaces included) and its size; of it, what the backend's alloc entry handed
+ * out and has not freed (parameters, optimizer state, the activation arena's chunks, ...), and its own
+ * scratch buffer. The CPU: all 0. */
+typedef struct DeviceMemory {
+    int64_t used, total, allocated, scratch;
+} DeviceMemory;
+
 typedef struct KernelBackend {
     const char *name;
     Device device;

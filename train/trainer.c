@@ -1126,6 +1126,34 @@ static void read_losses(Run *r, const double *w, int aux_ranks, StepResult *s) {
     free(v);
 }
 
+/* Where the device's memory is after the profiled steps (a device backend only: "" on the CPU): the driver's
+ * count in use, and of it the parameters (values, gradients, BF16 shadow), the AdamW moments, the activation
+ * arena's chunks, the offloaded block inputs' two device slots, the backend's scratch, whatever else the
+ * backend's alloc handed out, and the rest (the CUDA context, the libraries' and the backend's workspaces). */
+static void device_memory_line(Run *r, char *out, size_t cap) {
+    out[0] = 0;
+    DeviceMemory m;
+    r->be->device_memory(&m);
+    if (m.total <= 0) return;
+    const ParamStore *ps = &r->model.params;
+    const double gib = 1.0 / (1024.0 * 1024.0 * 1024.0);
+    const int64_t params = ps->capacity * (int64_t)dtype_size(ps->dtype) * 2 + (ps->shadow ? ps->capacity * 2 : 0);
+    int64_t moments = 0;
+    const AdamW *opts[2] = {&r->opt, &r->opt_experts};
+    for (int i = 0; i < 2; i++)
+        if (opts[i]->m) moments += (opts[i]->end - opts[i]->begin) * (int64_t)dtype_size(ps->dtype) * 2;
+    const int64_t arena = (int64_t)arena_reserved(&r->engine.data);
+    const int64_t slots = 2 * (int64_t)r->engine.offload_slot_bytes;
+    const int64_t ours = params + moments + arena + slots;
+    snprintf(out, cap,
+             "Device memory after the profiled steps: %.2f of %.2f GiB in use (the driver's count): parameters, their "
+             "gradients and BF16 shadow %.2f, AdamW moments %.2f, activation arena %.2f (its chunks), offloaded "
+             "block slots %.2f, the backend's scratch %.2f, other allocations %.2f, the rest %.2f (CUDA context, "
+             "libraries' and the backend's workspaces).\n",
+             m.used * gib, m.total * gib, params * gib, moments * gib, arena * gib, slots * gib, m.scratch * gib,
+             (m.allocated - ours) * gib, (m.used - m.allocated - m.scratch) * gib);
+}
+
 /* The per-op table of the profiled steps: stdout on rank 0 (unless quiet), and out_dir/profile.md. The
  * profiled steps are consecutive and end with the current one. */
 static void report_profile(Run *r) {
@@ -1141,10 +1169,12 @@ static void report_profile(Run *r) {
              "(train.recompute); calls/step: forward calls.",
              r->step - p->steps + 1, r->step, r->config_path ? r->config_path : "the config", r->be->name, ranks,
              p->steps, p->steps < c->train.profile_steps ? " (the run ended before train.profile_steps)" : "");
+    char memory[1024];
+    device_memory_line(r, memory, sizeof memory);
     if (!r->quiet) {
         printf("\n");
         profiler_write_table(p, stdout, title);
-        printf("\n");
+        printf("%s\n", memory);
         fflush(stdout);
     }
     if (is_rank0(r) && c->train.out_dir[0]) {
@@ -1153,6 +1183,7 @@ static void report_profile(Run *r) {
         FILE *f = fopen(path, "w");
         if (!f) fatal("%s: cannot write", path);
         profiler_write_table(p, f, title);
+        fputs(memory, f);
         if (fclose(f) != 0) fatal("%s: cannot write", path);
         if (!r->quiet) printf("profile written to %s\n", path);
     }

@@ -12,6 +12,9 @@ void cpu_synchronize(void) {}
 /* the host never waits for a device: it computes everything itself */
 int64_t cpu_host_waits(void) { return 0; }
 
+/* no device: its memory is the host's, which the arena and the profile already count */
+void cpu_device_memory(DeviceMemory *m) { *m = (DeviceMemory){0}; }
+
 /* The groups of kernels.def this backend implements: a group it lacked would expand to nothing here,
  * leaving its entries NULL for backend_missing() to report at start-up. */
 #define CPU_HAS_CORE(entry) entry,

@@ -43,6 +43,8 @@ void host_wait(const char *site);
 void release(void *p, const char *site);
 /* The memory released during the capture just ended, which its graph owns from then on. */
 std::vector<void *> take_retired();
+/* cudaFree now (no wait counted: the caller knows nothing uses it), and out of device_memory's count */
+void free_device(void *p);
 /* During a graph capture (graph.cu): a copy of bytes at src in page-locked memory kept with the graph, the
  * source of the captured copy. */
 void *capture_host_copy(const void *src, size_t bytes);

@@ -100,6 +100,6 @@ extern "C" void cuda_graph_free(void *graph) {
     CUDA_CHECK(cudaStreamSynchronize(stream()));
     CUDA_CHECK(cudaGraphExecDestroy(g->exec));
     CUDA_CHECK(cudaFreeHost(g->host_copies));
-    for (void *p : g->retired) CUDA_CHECK(cudaFree(p));
+    for (void *p : g->retired) free_device(p);
     delete g;
 }

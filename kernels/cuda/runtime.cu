@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include <deque>
+#include <unordered_map>
 #include <vector>
 
 #include "common.cuh"
@@ -56,6 +57,19 @@ void copy_to_host_at(void *dst, const void *src, size_t bytes, const char *site)
  * wait for the device, which a capture cannot). */
 static std::vector<void *> g_retired;
 
+/* bytes of each live allocation of cuda_alloc (device_memory's `allocated`) */
+static std::unordered_map<void *, size_t> g_allocations;
+static int64_t g_allocated = 0;
+
+void free_device(void *p) {
+    auto it = g_allocations.find(p);
+    if (it != g_allocations.end()) {
+        g_allocated -= (int64_t)it->second;
+        g_allocations.erase(it);
+    }
+    CUDA_CHECK(cudaFree(p));
+}
+
 void release(void *p, const char *site) {
     if (!p) return;
     g_releases++;
@@ -64,7 +78,7 @@ void release(void *p, const char *site) {
         return;
     }
     host_wait(site);
-    CUDA_CHECK(cudaFree(p));
+    free_device(p);
 }
 
 std::vector<void *> take_retired() {
@@ -162,7 +176,16 @@ extern "C" void *cuda_alloc(size_t bytes) {
         fatal("cudaMalloc of %zu bytes failed: %s (%zu of %zu MiB free)", bytes, cudaGetErrorString(err),
               free_b >> 20, total_b >> 20);
     }
+    g_allocations[p] = bytes;
+    g_allocated += (int64_t)bytes;
     return p;
+}
+
+extern "C" void cuda_device_memory(DeviceMemory *m) {
+    init();
+    size_t free_b = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    *m = DeviceMemory{(int64_t)(total_b - free_b), (int64_t)total_b, g_allocated, (int64_t)g_scratch_bytes};
 }
 
 extern "C" void *cuda_host_alloc(size_t bytes) {

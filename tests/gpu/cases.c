@@ -15,6 +15,7 @@ static void message_cases(void) {
 }
 
 static void elementwise_cases(void) {
+    GPU_CASE0("elementwise", device_memory_case); /* the backend's count of what it allocated */
     const int64_t sizes[] = {1, 1000, 100003};
     const DType pairs[][2] = {{DT_F32, DT_F32}, {DT_BF16, DT_BF16}, {DT_BF16, DT_F32}, {DT_F32, DT_BF16}}; /* y, x */
     for (int si = 0; si < 3; si++) {

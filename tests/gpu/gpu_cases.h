@@ -85,6 +85,7 @@ typedef struct { DType act; int64_t N, V; int ignore_every; } CrossEntropyCase;
 void cross_entropy_case(const void *args);
 typedef struct { int64_t N, C, V, chunk_rows; int ignore_every; } LmHeadLossCase; /* BF16 x, F32 W */
 void lm_head_loss_case(const void *args);
+void device_memory_case(const void *args);
 typedef struct { int64_t N, C, F, chunk_rows; } SwigluFfnCase; /* BF16 x, F32 weights */
 void swiglu_ffn_case(const void *args);
 typedef struct { int64_t N, C; int blocks; } CheckpointOffloadCase; /* BF16 x, F32 weights */

@@ -572,6 +572,26 @@ void lm_head_loss_case(const void *args) {
     free(tg);
 }
 
+/* ---------- the backend's account of device memory (device_memory, the step profile's breakdown) ---------- */
+
+/* An allocation of 64 MiB shows in `allocated` by exactly its size and leaves it when freed, and the driver's
+ * count in use holds at least what the backend allocated plus its scratch. */
+void device_memory_case(const void *args) {
+    (void)args;
+    const size_t bytes = (size_t)64 << 20;
+    DeviceMemory before, during, after;
+    GB->device_memory(&before);
+    void *p = GB->alloc(bytes);
+    GB->device_memory(&during);
+    GB->free(p);
+    GB->device_memory(&after);
+    record(during.allocated - before.allocated == (int64_t)bytes && after.allocated == before.allocated &&
+               during.used >= during.allocated + during.scratch && during.total >= during.used && during.total > 0,
+           "device_memory: allocated %lld -> %lld -> %lld bytes around a %zu-byte alloc/free; used %lld of %lld",
+           (long long)before.allocated, (long long)during.allocated, (long long)after.allocated, bytes,
+           (long long)during.used, (long long)during.total);
+}
+
 /* ---------- the chunked SwiGLU feed-forward (an op, on an engine of each backend) ---------- */
 
 /* The op's output and the gradients of x and the three weights for the upstream gradient dy, as host F32
