@@ -17,6 +17,15 @@
 #include "../../train/trainer.h"
 #include "gpu_cases.h"
 
+/* r, zeroed and quiet, with the config file and its settings (up to 8, NULL-ended) loaded */
+static void quiet_run_config(Run *r, const char *config, const char *const *sets) {
+    memset(r, 0, sizeof *r);
+    r->quiet = true;
+    config_defaults(&r->cfg);
+    config_load(&r->cfg, config);
+    for (int i = 0; i < 8 && sets[i]; i++) config_set(&r->cfg, sets[i]);
+}
+
 void host_waits_case(const void *args) {
     const HostWaitsCase *c = args;
     const char *each = getenv("MSA_CUDA_SYNC");
@@ -25,11 +34,7 @@ void host_waits_case(const void *args) {
         return;
     }
     Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, c->config);
-    for (int i = 0; i < 8 && c->sets[i]; i++) config_set(&r.cfg, c->sets[i]);
+    quiet_run_config(&r, c->config, c->sets);
     /* no step logged but the first and the last (train.steps) */
     config_set(&r.cfg, "train.log_every=1000000");
     r.cfg.train.steps = c->warm_steps + c->measured_steps + 1;
@@ -109,11 +114,7 @@ void cuda_graph_case(const void *args) {
     int64_t numel = 0, nodes = 0, replays = 0, captures = 0;
     for (int k = 0; k < 2; k++) {
         Run r;
-        memset(&r, 0, sizeof r);
-        r.quiet = true;
-        config_defaults(&r.cfg);
-        config_load(&r.cfg, c->config);
-        for (int i = 0; i < 8 && c->sets[i]; i++) config_set(&r.cfg, c->sets[i]);
+        quiet_run_config(&r, c->config, c->sets);
         config_set(&r.cfg, k ? "train.cuda_graph=on" : "train.cuda_graph=off");
         r.cfg.train.steps = c->steps;
         snprintf(r.cfg.train.device, sizeof r.cfg.train.device, "cuda");
