@@ -18,19 +18,19 @@
 #                    (losses step by step), and the 1 -> 2 GPU DP scaling of the bench's ~1B dense model at
 #                    4K (same per-GPU batch); not yet run: no 2-GPU machine has been lent so far
 #   memory           peak GPU memory and tokens/s with train.recompute=true, batch 1, vocab 32000, 3 steps, of
-#                    the cases in MEM_CASES: [SIZE_]VARIANT_CONTEXT[_offload], SIZE 0.1b (12 layers, d 768,
+#                    the cases in MEM_CASES: [SIZE_]VARIANT_CONTEXT[_offload][_chunked], SIZE 0.1b (12 layers, d 768,
 #                    12/4 heads of 64, SwiGLU 2048: ~0.12B), 1b (the default: the bench's 22 layers, d 2048,
 #                    32/4 heads of 64, SwiGLU 5632: ~1.1B) or 3b (Llama 3.2 3B's 28 layers, d 3072, 24/8 heads
 #                    of 128, SwiGLU 8192: ~3.0B), VARIANT dense or msa, CONTEXT like 64k or 1m, _offload for
-#                    train.offload_block_inputs=true (default: the 1.1B dense at 32K, 64K, 128K, MSA at 128K,
-#                    256K, dense 64K and MSA 256K offloaded); MEM_EXTRA="--set k=v ..." is added to every run,
-#                    e.g. train.loss_chunk_tokens=0 for the unchunked head; the peak is the most nvidia-smi
+#                    train.offload_block_inputs=true, _chunked for train.ffn_chunk_tokens=8192 (default: the
+#                    1.1B dense at 32K, 64K, 128K, MSA at 128K, 256K, dense 64K and MSA 256K offloaded);
+#                    MEM_EXTRA="--set k=v ..." is added to every run, e.g. train.loss_chunk_tokens=0 for the unchunked head; the peak is the most nvidia-smi
 #                    saw used while the run lasted (CUDA context, cuBLAS/cuDNN workspaces and the activation
 #                    arena's chunks included), and step 2's profile has the arena's bytes per op kind at its
 #                    peak (the memory columns)
 #   memory-fit       the table "longest context that fits" per model size and variant: for each size in
-#                    FIT_SIZES (0.1b 1b 3b) and variant in FIT_VARIANTS (dense msa dense_offload msa_offload),
-#                    contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
+#                    FIT_SIZES (0.1b 1b 3b) and variant in FIT_VARIANTS (dense msa dense_offload_chunked
+#                    msa_offload_chunked), contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
 #                    FIT_MAX_K=2048 until one fails, 2 steps each; prints "longest context that fits: ..."
 #                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
 #   cp-one-gpu       sequence-split context parallelism on one GPU: the split ops on device tensors against the
@@ -228,7 +228,8 @@ for what in "$@"; do
                        --set model.head_dim=128 --set model.ffn_dim=8192" ;;
             esac
             [ "$variant" = msa ] && extra=$msa
-            [ "${name%_offload}" != "$name" ] && extra="$extra --set train.offload_block_inputs=true"
+            case $name in *_offload*) extra="$extra --set train.offload_block_inputs=true" ;; esac
+            case $name in *_chunked*) extra="$extra --set train.ffn_chunk_tokens=8192" ;; esac
             echo "--- $name"
             nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$OUT/memory_$name.smi" &
             local smi=$! rc=0
@@ -261,11 +262,11 @@ for what in "$@"; do
             # the longest context that fits, per model size and variant: contexts doubling from FIT_FROM_<size>
             # until one fails (2 steps each: the first has the allocator's warm-up, the second is timed)
             for size in ${FIT_SIZES:-0.1b 1b 3b}; do
-                for variant in ${FIT_VARIANTS:-dense msa dense_offload msa_offload}; do
+                for variant in ${FIT_VARIANTS:-dense msa dense_offload_chunked msa_offload_chunked}; do
                     case $size in 0.1b) k=${FIT_FROM_01B:-128} ;; 1b) k=${FIT_FROM_1B:-64} ;; 3b) k=${FIT_FROM_3B:-16} ;; esac
                     fitted=none
                     while [ "$k" -le "${FIT_MAX_K:-2048}" ]; do
-                        v=${variant%_offload}
+                        v=${variant%%_*}
                         sfx=${variant#"$v"}
                         mem_case "${size}_${v}_${k}k$sfx" 2 || break
                         fitted=${k}K
