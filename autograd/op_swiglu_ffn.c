@@ -49,14 +49,15 @@ Tensor *op_swiglu_ffn(Engine *e, Tensor *x, Tensor *wg, Tensor *wu, Tensor *wd, 
     Tensor *in[4] = {x, wg, wu, wd};
     const bool grad = engine_wants_grad(e, in, 4);
     SwigluFfnParams p = {chunk_rows, NULL, NULL, NULL};
-    if (rows == N) {
-        /* one chunk: the unfused chain's tensors, kept when a backward follows */
+    if (rows == N && grad) {
+        /* one chunk with a backward to come: the unfused chain's tensors, kept for it */
         p.gate = engine_empty(e, x->dtype, SHAPE(N, F));
         p.up = engine_empty(e, x->dtype, SHAPE(N, F));
         p.h = engine_empty(e, x->dtype, SHAPE(N, F));
         chunk_hidden(e, p.gate, p.up, p.h, &x2, wg, wu, 0, N);
         e->be->matmul(&y2, p.h, wd, false, true, 1.0f, 0.0f);
     } else {
+        /* the chunk buffers live until the end of this forward (without a backward, a single chunk's too) */
         ArenaMark md = arena_mark(&e->data), mh = arena_mark(&e->host);
         Tensor *gate = engine_empty(e, x->dtype, SHAPE(rows, F)), *up = engine_empty(e, x->dtype, SHAPE(rows, F));
         Tensor *h = engine_empty(e, x->dtype, SHAPE(rows, F));

@@ -2,7 +2,7 @@
  * gradients of x and the three weights for several chunk sizes (a chunk of one row, a last chunk shorter
  * than the others, 3-D input); in float32 the output and every gradient equal the unfused
  * op_linear / op_swiglu chain to float rounding, and bit for bit with one chunk; the backward's arena peak
- * holds one chunk's [rows, F] intermediates, not all rows'. */
+ * holds one chunk's [rows, F] intermediates, not all rows'; a forward without gradients keeps only y. */
 #include <math.h>
 #include <string.h>
 
@@ -103,9 +103,30 @@ TEST(chunked_equals_unfused_and_one_chunk_is_bit_identical) {
            chunked[0].backward_peak, ref.backward_peak);
 }
 
+/* Without a backward to come (evaluation) even a single chunk's [N, F] intermediates are released when the
+ * op returns: the arena keeps y alone, and y is the recording forward's. */
+TEST(a_forward_without_gradients_keeps_only_its_output) {
+    Engine e;
+    engine_init(&e, &cpu_backend, DT_F32, 1 << 20);
+    Tensor *x = test_randn(DT_F32, SHAPE(N, C), 1, 31), *wg = test_randn(DT_F32, SHAPE(F, C), 0.5f, 32);
+    Tensor *wu = test_randn(DT_F32, SHAPE(F, C), 0.5f, 33), *wd = test_randn(DT_F32, SHAPE(C, F), 0.5f, 34);
+    test_requires_grad(x);
+    Tensor *with = op_swiglu_ffn(&e, x, wg, wu, wd, N);
+    const bool was = engine_set_grad(&e, false);
+    const size_t live = e.data.live;
+    Tensor *without = op_swiglu_ffn(&e, x, wg, wu, wd, N);
+    const size_t kept = e.data.live - live, y_bytes = ((size_t)N * C * sizeof(float) + 63) / 64 * 64;
+    engine_set_grad(&e, was);
+    EXPECT(kept == y_bytes, "a forward without gradients keeps %zu arena bytes, its output is %zu", kept, y_bytes);
+    EXPECT(memcmp(with->data, without->data, (size_t)N * C * sizeof(float)) == 0, "y differs without gradients");
+    test_tensor_free(x), test_tensor_free(wg), test_tensor_free(wu), test_tensor_free(wd);
+    engine_free(&e);
+}
+
 int main(void) {
     TEST_BEGIN();
     RUN(gradients_match_finite_differences_for_every_chunking);
     RUN(chunked_equals_unfused_and_one_chunk_is_bit_identical);
+    RUN(a_forward_without_gradients_keeps_only_its_output);
     TEST_END();
 }
