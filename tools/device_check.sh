@@ -31,7 +31,7 @@
 #   memory-fit       the table "longest context that fits" per model size and variant: for each size in
 #                    FIT_SIZES (0.1b 1b 3b) and variant in FIT_VARIANTS (dense msa dense_offload_chunked
 #                    msa_offload_chunked), contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
-#                    FIT_MAX_K=2048 until one fails, 2 steps each; prints "longest context that fits: ..."
+#                    FIT_MAX_K=2048 until one fails, one step each (MEM_TIMEOUT s at most a run); prints "longest context that fits: ..."
 #                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
 #   cp-one-gpu       sequence-split context parallelism on one GPU: the split ops on device tensors against the
 #                    CPU (mpirun -np 2 and 4 build/tests/test_dist_cp --cuda), then configs/tiny.json with one KV head (so cp 2
@@ -236,9 +236,9 @@ for what in "$@"; do
             # shellcheck disable=SC2086
             # no out_dir (no multi-GB checkpoint at the end); the evaluation reads the training split, since
             # the shipped validation split (111K tokens) is shorter than these windows
-            build/train configs/shakespeare_gpu.json $common $shape $extra ${MEM_EXTRA:-} --set train.steps=$steps \
-                --set train.seq_len=$tokens --set data.val_path=data/shakespeare/train.h5 --set train.out_dir= \
-                >"$OUT/memory_$name.log" 2>&1 || rc=1
+            timeout "${MEM_TIMEOUT:-400}" build/train configs/shakespeare_gpu.json $common $shape $extra ${MEM_EXTRA:-} \
+                --set train.steps=$steps --set train.seq_len=$tokens --set data.val_path=data/shakespeare/train.h5 \
+                --set train.out_dir= >"$OUT/memory_$name.log" 2>&1 || rc=$?
             kill $smi
             wait $smi 2>/dev/null
             peak=$(sort -n "$OUT/memory_$name.smi" | tail -1)
@@ -247,6 +247,9 @@ for what in "$@"; do
             params=$(grep -oE "[0-9]+ parameters" "$OUT/memory_$name.log" | head -1)
             if [ $rc = 0 ]; then
                 echo "$name: fits; seq_len $tokens, $params, peak GPU memory ${peak:-?} MiB (nvidia-smi), step $steps ${tps:-n/a} tokens/s"
+            elif [ $rc = 124 ]; then
+                echo "$name: not finished within MEM_TIMEOUT=${MEM_TIMEOUT:-400} s; seq_len $tokens, peak GPU memory ${peak:-?} MiB so far"
+                grep -E "^step" "$OUT/memory_$name.log" | tail -2
             else
                 echo "$name: failed; seq_len $tokens, $params, peak GPU memory ${peak:-?} MiB before it ended"
                 grep -E "out of memory|failed|error" "$OUT/memory_$name.log" | head -3
@@ -260,7 +263,9 @@ for what in "$@"; do
             done
         else
             # the longest context that fits, per model size and variant: contexts doubling from FIT_FROM_<size>
-            # until one fails (2 steps each: the first has the allocator's warm-up, the second is timed)
+            # until one fails (one step each: the first step is the one with the highest peak, since the arena
+            # and the scratch grow in it; its tokens/s include that warm-up). A run cut by MEM_TIMEOUT ends
+            # the doubling without a verdict on its context.
             for size in ${FIT_SIZES:-0.1b 1b 3b}; do
                 for variant in ${FIT_VARIANTS:-dense msa dense_offload_chunked msa_offload_chunked}; do
                     case $size in 0.1b) k=${FIT_FROM_01B:-128} ;; 1b) k=${FIT_FROM_1B:-64} ;; 3b) k=${FIT_FROM_3B:-16} ;; esac
@@ -268,7 +273,7 @@ for what in "$@"; do
                     while [ "$k" -le "${FIT_MAX_K:-2048}" ]; do
                         v=${variant%%_*}
                         sfx=${variant#"$v"}
-                        mem_case "${size}_${v}_${k}k$sfx" 2 || break
+                        mem_case "${size}_${v}_${k}k$sfx" 1 || break
                         fitted=${k}K
                         k=$((k * 2))
                     done

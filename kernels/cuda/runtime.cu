@@ -123,7 +123,10 @@ void after_launch(const char *kernel, const char *file, int line) {
 
 void *scratch(size_t bytes) {
     if (bytes > g_scratch_bytes) {
-        size_t want = bytes + bytes / 4 + 256;
+        /* headroom so that a few growing requests do not each reallocate, capped: at long contexts one
+         * request (cuDNN's attention backward) is GiBs, where a quarter more would be wasted for good */
+        const size_t headroom = bytes / 4 < ((size_t)64 << 20) ? bytes / 4 : ((size_t)64 << 20);
+        size_t want = bytes + headroom + 256;
         release(g_scratch, "scratch growth"); /* synchronises: nothing still reads the old one */
         g_scratch = nullptr;
         CUDA_CHECK(cudaMalloc(&g_scratch, want));
