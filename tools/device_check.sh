@@ -33,6 +33,11 @@
 #                    msa_offload_chunked), contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
 #                    FIT_MAX_K=2048 until one fails, one step each (MEM_TIMEOUT s at most a run); prints "longest context that fits: ..."
 #                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
+#   memory-model     the longest context predicted to fit, per size in FIT_SIZES and variant in FIT_VARIANTS
+#                    (default dense_offload_chunked msa_offload_chunked): one step at MODEL_FROM_01B=64,
+#                    MODEL_FROM_1B=32, MODEL_FROM_3B=16 K tokens and at twice that, peak = fixed + per-token
+#                    line through the two peaks, met with the device's memory; cheap where memory-fit's
+#                    doubling runs take minutes a step (dense attention at 1M tokens)
 #   cp-one-gpu       sequence-split context parallelism on one GPU: the split ops on device tensors against the
 #                    CPU (mpirun -np 2 and 4 build/tests/test_dist_cp --cuda), then configs/tiny.json with one KV head (so cp 2
 #                    exceeds it), 10 steps, as one process and as 2 ranks sharing the GPU (mpirun -np 2, dist.cp=2,
@@ -200,7 +205,7 @@ for what in "$@"; do
             tail -45 "$OUT/profile_$name.log"
         done
         ;;
-    memory | memory-fit)
+    memory | memory-fit | memory-model)
         stage "$what"
         common="--set model.vocab_size=32000 --set model.tie_embeddings=false --set model.dropout=0
                 --set train.batch_size=1 --set train.recompute=true --set train.profile_steps=1 --set train.eval_every=0
@@ -260,6 +265,35 @@ for what in "$@"; do
         if [ "$what" = memory ]; then
             for name in ${MEM_CASES:-dense_32k dense_64k dense_128k msa_128k msa_256k dense_64k_offload msa_256k_offload}; do
                 mem_case "$name" 3 || status=1
+            done
+        elif [ "$what" = memory-model ]; then
+            # the longest context predicted to fit, per model size and variant, from the peaks of one step at two
+            # contexts (MODEL_FROM_<size> K tokens and twice that): every activation buffer, the offload slots
+            # and cuDNN's workspace grow in proportion to the tokens, the weights, optimizer state and CUDA
+            # context do not, so peak = fixed + per_token * tokens; the prediction is where that line meets the
+            # device's memory (nvidia-smi's memory.total), rounded down to a power of two
+            total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+            for size in ${FIT_SIZES:-0.1b 1b 3b}; do
+                for variant in ${FIT_VARIANTS:-dense_offload_chunked msa_offload_chunked}; do
+                    case $size in 0.1b) k=${MODEL_FROM_01B:-64} ;; 1b) k=${MODEL_FROM_1B:-32} ;; 3b) k=${MODEL_FROM_3B:-16} ;; esac
+                    v=${variant%%_*}
+                    sfx=${variant#"$v"}
+                    a="${size}_${v}_${k}k$sfx" b="${size}_${v}_$((2 * k))k$sfx"
+                    mem_case "$a" 1 && mem_case "$b" 1 || { status=1; echo "=== memory model: $size $variant: a run failed"; continue; }
+                    python3 - "$total" "$k" "$OUT/memory_$a.smi" "$OUT/memory_$b.smi" "$size $variant" <<'PY'
+import sys
+total, k = int(sys.argv[1]), int(sys.argv[2])
+p1, p2 = (max(int(l) for l in open(f) if l.strip()) for f in sys.argv[3:5])
+per_k = (p2 - p1) / k                      # MiB per 1024 tokens
+fixed = p1 - per_k * k
+longest = (total - fixed) / per_k          # in units of 1024 tokens
+pow2 = 1
+while pow2 * 2 <= longest: pow2 *= 2
+print("=== memory model: %s: peak %d MiB at %dK, %d MiB at %dK: %.1f MiB per 1K tokens + %.0f MiB; "
+      "predicted to fit up to %.0fK tokens in %d MiB (longest power of two: %dK)"
+      % (sys.argv[5], p1, k, p2, 2 * k, per_k, fixed, longest, total, pow2))
+PY
+                done
             done
         else
             # the longest context that fits, per model size and variant: contexts doubling from FIT_FROM_<size>
