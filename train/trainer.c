@@ -772,7 +772,7 @@ static const char *graph_refusal(const Run *r) {
     if (r->be->device != DEV_CUDA) return "the run is not on CUDA";
     if (r->model.n_msa_layers || strcmp(c->model.attention, "dense") != 0)
         return "model.attention is not dense: MSA layers' KL log and window attention's selection go through the host";
-    if (r->model.n_moe_layers) return "MoE layers: their routing plan makes the host wait";
+    if (r->model.n_moe_layers) return "MoE layers: their routing statistics are read on the host every forward";
     if (r->dist->size > 1) return "more than one rank: the collectives wait on the host";
     if (r->engine.offload_block_inputs) return "train.offload_block_inputs: the step copies to the host";
     if (strcmp(c->data.sample, "windows") != 0) return "data.sample = documents: every batch has other documents";

@@ -61,6 +61,15 @@ void *scratch(size_t bytes);
  * wait; the host reads it where it waits anyway (check_device_errors: copies to the host, in training the
  * logged steps' loss read), so a bad input costs no round trip while the step runs. */
 enum { ERR_NONE = 0, ERR_TOKEN = 1, ERR_TARGET = 2, ERR_CU_SEQLENS = 3, ERR_MSA_TOPK = 4, ERR_RING_INDEX = 5 };
+/* The MoE kernels' (moe.cu, moe_grouped_gemm.cu), reported with report_error_at: [2..3] the lowest (position,
+ * value) met, [1] and [4] as named (read by check_device_errors) */
+enum {
+    ERR_MOE_TOPK = 6,     /* position: token whose scores Top-k cannot rank; value: the pick that failed */
+    ERR_MOE_PLAN = 7,     /* position: idx element; value: the expert index; [1] E, [4] k */
+    ERR_MOE_COMBINE = 8,  /* position: idx element; value: the expert index */
+    ERR_MOE_ROWS = 9,     /* position: rows element; value: the row */
+    ERR_MOE_OFFSETS = 10, /* position: expert e; value: offsets[e+1] */
+};
 constexpr int ERR_WORDS = 8;
 int *errbuf();
 void check_device_errors();
@@ -135,6 +144,22 @@ __device__ __forceinline__ void report_error(int *err, int code, int a, int b, i
         err[5] = e;
         err[6] = f;
     }
+}
+
+/* Record bad input at a position (< 2^31) so that the report does not depend on which thread or block met
+ * it first: the first code still wins (report_error), and among the reports of that code the lowest
+ * (position, value), an atomicMax of its complement into [2..3] (0 there: none yet). [1] and [4] (a, b:
+ * values of the launch, such as a shape) come from the thread that set the code, so from the first launch
+ * that met bad input (when several launches of one code meet some before the host reads the word, the
+ * lowest position of all is read with the first one's a and b: the MoE layers of a model share E and k). */
+__device__ __forceinline__ void report_error_at(int *err, int code, int64_t pos, int value, int a = 0, int b = 0) {
+    const int was = atomicCAS(err, 0, code);
+    if (was != 0 && was != code) return;
+    if (was == 0) {
+        err[1] = a;
+        err[4] = b;
+    }
+    atomicMax((unsigned long long *)(err + 2), ~(((unsigned long long)pos << 32) | (unsigned long long)(uint32_t)value));
 }
 
 #endif

@@ -14,14 +14,15 @@
  * the CPU's counting sort (tokens keep their order inside an expert).
  *
  * Bad input (an expert index outside [0, E), scores Top-k cannot rank, a rows entry outside the grouped
- * buffer, offsets that do not cut the grouped buffer into ordered segments) is flagged in this file's
- * device status word by the kernel that meets it (an atomicMin keeps the first position: it decides only
- * which error is reported) and reported with the kernel's name at this file's synchronisation points:
- * moe_plan (one synchronisation per call, so a bad idx never reaches the dispatch) and the per-expert
- * grouped GEMMs (which copy the offsets to the host anyway). The single-launch grouped GEMMs
- * (moe_grouped_gemm.cu) never synchronise: what they or the permutes flag surfaces at the next MoE
- * layer's plan. The kernels skip the bad entries meanwhile (a bad segment is computed as empty), so
- * memory is never touched outside the tensors.
+ * buffer, offsets that do not cut the grouped buffer into ordered segments) is recorded in the backend's
+ * device error word (common.cuh: ERR_MOE_*, report_error_at) by the kernel that meets it and reported, with
+ * the kernel's name, at the next copy to the host (check_device_errors; in training the logged steps' loss
+ * read), so no kernel here makes the host wait but the per-expert GEMMs. The first kind of bad input met
+ * (in stream order) is reported, at the lowest position its kernels met before the read: which thread got
+ * there first decides nothing. Meanwhile the kernels skip the bad entries (a bad idx entry is sorted past
+ * the last expert, outside every segment; a bad segment is computed as empty), so memory is never touched
+ * outside the tensors. The per-expert GEMMs copy the offsets to the host anyway and read the error word
+ * right after, so that bad input is reported as itself before the offsets it spoiled.
  *
  * The grouped GEMMs: BF16 activations with widths that are multiples of 8 and 16-byte aligned tensors
  * (training) run as one CUTLASS grouped GEMM launch per product that reads the offsets on the device
@@ -43,82 +44,9 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int FINISH_THREADS = 1024;
-constexpr unsigned long long NO_ERROR = ~0ull;
-
-/* ---- the status word: the first bad entry each kernel family met, (position << 32) | value ---- */
-
-enum { ST_PLAN = 0, ST_TOPK, ST_COMBINE, ST_ROWS, ST_OFFSETS, ST_COUNT };
-constexpr size_t ST_BYTES = ST_COUNT * sizeof(unsigned long long);
-
-/* The device staging buffer: the status word, then room for a copy of a plan's offsets, so that one
- * device-to-host copy reads both (see check_status). Grown when a larger offsets table comes; the status
- * word moves along (the copy is ordered after every kernel that may still flag into the old one). */
-char *stage_buffer(int64_t n_offsets) {
-    static char *buf = nullptr;
-    static int64_t cap = -1;
-    if (n_offsets > cap) {
-        const int64_t want = n_offsets < 1024 ? 1024 : n_offsets + n_offsets / 4;
-        char *nb = nullptr;
-        CUDA_CHECK(cudaMalloc((void **)&nb, ST_BYTES + (size_t)want * sizeof(int32_t)));
-        if (buf) {
-            CUDA_CHECK(cudaMemcpyAsync(nb, buf, ST_BYTES, cudaMemcpyDeviceToDevice, stream()));
-            release(buf, "moe staging growth");
-        } else {
-            CUDA_CHECK(cudaMemsetAsync(nb, 0xff, ST_BYTES, stream()));
-        }
-        buf = nb;
-        cap = want;
-    }
-    return buf;
-}
-
-unsigned long long *status_word() { return (unsigned long long *)stage_buffer(0); }
-
-__device__ __forceinline__ void flag(unsigned long long *w, int64_t pos, int32_t value) {
-    atomicMin(w, ((unsigned long long)pos << 32) | (unsigned long long)(uint32_t)value);
-}
-
 /* positions are packed into 32 bits: every indexed tensor here stays below 2^31 elements */
 void need_i32_positions(const char *kernel, int64_t n) {
     if (n > INT32_MAX) fatal("cuda %s: %lld entries overflow the i32 indices", kernel, (long long)n);
-}
-
-/* One synchronising device-to-host copy: the status word and, when `offsets` is given, its E+1 entries
- * (into off_host). Stops on the first error flagged, naming the kernel that met it; plan_E and plan_k
- * (moe_plan's E and k) place a bad idx entry. */
-void check_status(int64_t plan_E, int64_t plan_k, const Tensor *offsets, int32_t *off_host) {
-    const int64_t n_off = offsets ? offsets->numel : 0;
-    char *stage = stage_buffer(n_off);
-    if (n_off)
-        CUDA_CHECK(cudaMemcpyAsync(stage + ST_BYTES, offsets->data, (size_t)n_off * sizeof(int32_t),
-                                   cudaMemcpyDeviceToDevice, stream()));
-    const size_t bytes = ST_BYTES + (size_t)n_off * sizeof(int32_t);
-    unsigned long long *h = (unsigned long long *)malloc(bytes);
-    if (!h) fatal("cuda moe: out of host memory");
-    copy_to_host_at(h, stage, bytes, "moe status and offsets");
-    if (n_off) memcpy(off_host, (char *)h + ST_BYTES, (size_t)n_off * sizeof(int32_t));
-    unsigned long long w[ST_COUNT];
-    memcpy(w, h, sizeof w);
-    free(h);
-    auto pos = [](unsigned long long x) { return (long long)(x >> 32); };
-    auto val = [](unsigned long long x) { return (int)(int32_t)(uint32_t)(x & 0xffffffffull); };
-    if (w[ST_TOPK] != NO_ERROR)
-        fatal("cuda moe_topk: router scores of token %lld are not finite numbers", pos(w[ST_TOPK]));
-    if (w[ST_PLAN] != NO_ERROR) {
-        const long long p = pos(w[ST_PLAN]), k = plan_k > 0 ? plan_k : 1;
-        fatal("cuda moe_plan: expert index %d outside [0, %lld) at idx[%lld, %lld]", val(w[ST_PLAN]), (long long)plan_E,
-              p / k, p % k);
-    }
-    if (w[ST_COMBINE] != NO_ERROR)
-        fatal("cuda moe_combine_weights: expert index %d at idx element %lld is outside [0, E) of the scores",
-              val(w[ST_COMBINE]), pos(w[ST_COMBINE]));
-    if (w[ST_ROWS] != NO_ERROR)
-        fatal("cuda moe_permute/moe_unpermute: rows element %lld = %d is outside the grouped buffer", pos(w[ST_ROWS]),
-              val(w[ST_ROWS]));
-    if (w[ST_OFFSETS] != NO_ERROR)
-        fatal("cuda grouped_matmul: offsets[%lld] = %d ends expert %lld's segment out of order or outside the grouped "
-              "buffer (offsets must rise from 0 to its rows)",
-              pos(w[ST_OFFSETS]) + 1, val(w[ST_OFFSETS]), pos(w[ST_OFFSETS]));
 }
 
 /* ---- shape and dtype checks ---- */
@@ -236,7 +164,7 @@ __global__ void scores_bwd_kernel(Tl *dl, const Ts *ds, const Ts *s, int64_t N, 
  * A NaN is never "after" anything and so never picked; a token without k rankable scores is flagged. */
 template <typename T>
 __global__ void topk_kernel(int32_t *idx, const T *s, const float *bias, int64_t N, int E, int k,
-                            unsigned long long *st) {
+                            int *err) {
     const int lane = threadIdx.x & 31;
     for (int64_t t = warp_id(); t < N; t += warp_count()) {
         const T *p = s + t * (int64_t)E;
@@ -262,7 +190,7 @@ __global__ void topk_kernel(int32_t *idx, const T *s, const float *bias, int64_t
                 }
             }
             if (be < 0) { /* as the CPU: expert 0 and value 0 stand in; the token is reported */
-                if (lane == 0) flag(st, t, j);
+                if (lane == 0) report_error_at(err, ERR_MOE_TOPK, t, j);
                 be = 0;
                 bv = 0.0;
             }
@@ -278,7 +206,7 @@ __global__ void topk_kernel(int32_t *idx, const T *s, const float *bias, int64_t
 /* one thread per token (k is small): w[t,j] = scale s[t,idx[t,j]] / z */
 template <typename Tw, typename Ts>
 __global__ void cw_fwd_kernel(Tw *w, const Ts *s, const int32_t *idx, int64_t N, int64_t E, int k, int renorm,
-                              float scale, unsigned long long *st) {
+                              float scale, int *err) {
     for (int64_t t = thread_id(); t < N; t += thread_count()) {
         const Ts *p = s + t * E;
         const int32_t *id = idx + t * k;
@@ -291,7 +219,7 @@ __global__ void cw_fwd_kernel(Tw *w, const Ts *s, const int32_t *idx, int64_t N,
         for (int j = 0; j < k; j++) {
             const int32_t e = id[j];
             float v = 0.0f;
-            if (e < 0 || e >= E) flag(st, t * k + j, e);
+            if (e < 0 || e >= E) report_error_at(err, ERR_MOE_COMBINE, t * k + j, e);
             else v = scale * to_f32(p[e]) / z;
             w[t * k + j] = from_f32<Tw>(v);
         }
@@ -303,7 +231,7 @@ __global__ void cw_fwd_kernel(Tw *w, const Ts *s, const int32_t *idx, int64_t N,
  * as on the CPU). */
 template <typename Ts, typename Tw>
 __global__ void cw_bwd_kernel(Ts *ds, const Tw *dw, const Ts *s, const int32_t *idx, int64_t N, int64_t E, int k,
-                              int renorm, float scale, unsigned long long *st) {
+                              int renorm, float scale, int *err) {
     for (int64_t t = thread_id(); t < N; t += thread_count()) {
         const Ts *p = s + t * E;
         const Tw *g = dw + t * k;
@@ -321,7 +249,7 @@ __global__ void cw_bwd_kernel(Ts *ds, const Tw *dw, const Ts *s, const int32_t *
         for (int j = 0; j < k; j++) {
             const int32_t e = id[j];
             if (e < 0 || e >= E) {
-                flag(st, t * k + j, e);
+                report_error_at(err, ERR_MOE_COMBINE, t * k + j, e);
                 continue;
             }
             const float v = renorm ? scale * (to_f32(g[j]) - gs / z) / z : scale * to_f32(g[j]);
@@ -430,13 +358,13 @@ __global__ void z_bwd_kernel(T *dl, const float *dloss, const T *lg, const float
 
 /* ---------------------------------------------------------------- plan */
 
-/* keys[i] = idx[i] (E for a bad one, which sorts last and is flagged), vals[i] = i */
-__global__ void expert_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *idx, int64_t M, int32_t E,
-                                 unsigned long long *st) {
+/* keys[i] = idx[i] (E for a bad one, which sorts last and is reported with idx's E and k), vals[i] = i */
+__global__ void expert_keys_kernel(uint32_t *keys, int32_t *vals, const int32_t *idx, int64_t M, int32_t E, int k,
+                                   int *err) {
     for (int64_t i = thread_id(); i < M; i += thread_count()) {
         const int32_t e = idx[i];
         const bool bad = e < 0 || e >= E;
-        if (bad) flag(st, i, e);
+        if (bad) report_error_at(err, ERR_MOE_PLAN, i, e, E, k);
         keys[i] = bad ? (uint32_t)E : (uint32_t)e;
         vals[i] = (int32_t)i;
     }
@@ -457,9 +385,9 @@ __global__ void rows_offsets_kernel(int32_t *rows, int32_t *offsets, const uint3
 /* True when r = rows[a], assignment a's row in the grouped buffer, lies outside [0, M): the caller
  * skips the entry, which the one thread of its loop that `reporter` names has flagged (so that it is
  * flagged once, not once per channel). */
-__device__ __forceinline__ bool bad_row(int32_t r, int64_t a, int64_t M, bool reporter, unsigned long long *st) {
+__device__ __forceinline__ bool bad_row(int32_t r, int64_t a, int64_t M, bool reporter, int *err) {
     if (r < 0 || r >= M) {
-        if (reporter) flag(st, a, r);
+        if (reporter) report_error_at(err, ERR_MOE_ROWS, a, r);
         return true;
     }
     return false;
@@ -468,12 +396,12 @@ __device__ __forceinline__ bool bad_row(int32_t r, int64_t a, int64_t M, bool re
 /* The sum over token t's k slots j, in slot order (fp32), of term(j, r) for each slot whose grouped
  * row r = rows[t, j] is valid; channel c == 0 flags the bad ones. */
 template <typename Term>
-__device__ __forceinline__ float slot_sum(const int32_t *rows, int64_t t, int k, int64_t c, int64_t M, unsigned long long *st,
+__device__ __forceinline__ float slot_sum(const int32_t *rows, int64_t t, int k, int64_t c, int64_t M, int *err,
                                           Term term) {
     float acc = 0.0f;
     for (int j = 0; j < k; j++) {
         const int32_t r = rows[t * k + j];
-        if (bad_row(r, t * k + j, M, c == 0, st)) continue;
+        if (bad_row(r, t * k + j, M, c == 0, err)) continue;
         acc += term(j, r);
     }
     return acc;
@@ -483,11 +411,11 @@ __device__ __forceinline__ float slot_sum(const int32_t *rows, int64_t t, int k,
  * one thread per (assignment, unit) so that both the gather and the scatter are coalesced */
 template <typename U>
 __global__ void permute_fwd_kernel(U *xs, const U *x, const int32_t *rows, int64_t M, int k, int64_t units,
-                                   unsigned long long *st) {
+                                   int *err) {
     for (int64_t i = thread_id(); i < M * units; i += thread_count()) {
         const int64_t a = i / units, c = i % units;
         const int32_t r = rows[a];
-        if (bad_row(r, a, M, c == 0, st)) continue;
+        if (bad_row(r, a, M, c == 0, err)) continue;
         xs[(int64_t)r * units + c] = x[(a / k) * units + c];
     }
 }
@@ -495,10 +423,10 @@ __global__ void permute_fwd_kernel(U *xs, const U *x, const int32_t *rows, int64
 /* dx[t,c] += sum_j dxs[rows[t,j], c] (slot order, fp32) */
 template <typename T>
 __global__ void permute_bwd_kernel(T *dx, const T *dxs, const int32_t *rows, int64_t N, int k, int64_t C, int64_t M,
-                                   unsigned long long *st) {
+                                   int *err) {
     for (int64_t i = thread_id(); i < N * C; i += thread_count()) {
         const int64_t t = i / C, c = i % C;
-        const float acc = slot_sum(rows, t, k, c, M, st, [&](int, int32_t r) { return to_f32(dxs[(int64_t)r * C + c]); });
+        const float acc = slot_sum(rows, t, k, c, M, err, [&](int, int32_t r) { return to_f32(dxs[(int64_t)r * C + c]); });
         dx[i] = from_f32<T>(to_f32(dx[i]) + acc);
     }
 }
@@ -506,10 +434,10 @@ __global__ void permute_bwd_kernel(T *dx, const T *dxs, const int32_t *rows, int
 /* out[t,c] = sum_j w[t,j] ys[rows[t,j], c] */
 template <typename T, typename Tw>
 __global__ void unpermute_fwd_kernel(T *out, const T *ys, const Tw *w, const int32_t *rows, int64_t N, int k, int64_t C,
-                                     int64_t M, unsigned long long *st) {
+                                     int64_t M, int *err) {
     for (int64_t i = thread_id(); i < N * C; i += thread_count()) {
         const int64_t t = i / C, c = i % C;
-        const float acc = slot_sum(rows, t, k, c, M, st,
+        const float acc = slot_sum(rows, t, k, c, M, err,
                                    [&](int j, int32_t r) { return to_f32(w[t * k + j]) * to_f32(ys[(int64_t)r * C + c]); });
         out[i] = from_f32<T>(acc);
     }
@@ -519,11 +447,11 @@ __global__ void unpermute_fwd_kernel(T *out, const T *ys, const Tw *w, const int
  * two threads write one element */
 template <typename T, typename Tw>
 __global__ void unpermute_bwd_dys_kernel(T *dys, const T *dout, const Tw *w, const int32_t *rows, int64_t M, int k,
-                                         int64_t C, unsigned long long *st) {
+                                         int64_t C, int *err) {
     for (int64_t i = thread_id(); i < M * C; i += thread_count()) {
         const int64_t a = i / C, c = i % C;
         const int32_t r = rows[a];
-        if (bad_row(r, a, M, c == 0, st)) continue;
+        if (bad_row(r, a, M, c == 0, err)) continue;
         T *d = dys + (int64_t)r * C + c;
         *d = from_f32<T>(to_f32(*d) + to_f32(w[a]) * to_f32(dout[(a / k) * C + c]));
     }
@@ -532,11 +460,11 @@ __global__ void unpermute_bwd_dys_kernel(T *dys, const T *dout, const Tw *w, con
 /* dw[a] += <dout[a / k], ys[rows[a]]>, one warp per assignment */
 template <typename T, typename Tw>
 __global__ void unpermute_bwd_dw_kernel(Tw *dw, const T *dout, const T *ys, const int32_t *rows, int64_t M, int k,
-                                        int64_t C, unsigned long long *st) {
+                                        int64_t C, int *err) {
     const int lane = threadIdx.x & 31;
     for (int64_t a = warp_id(); a < M; a += warp_count()) {
         const int32_t r = rows[a];
-        if (bad_row(r, a, M, lane == 0, st)) continue;
+        if (bad_row(r, a, M, lane == 0, err)) continue;
         const T *g = dout + (a / k) * C, *y = ys + (int64_t)r * C;
         float acc = 0.0f;
         for (int64_t c = lane; c < C; c += 32) acc += to_f32(g[c]) * to_f32(y[c]);
@@ -590,12 +518,15 @@ void check_grouped(const char *kernel, const Tensor *xs, const Tensor *w, const 
 }
 
 /* The segment boundaries on the host: one device-to-host copy of the offsets per call (a synchronisation;
- * the per-expert GEMMs are sized on the host, cuBLASLt takes its shapes from there). The same copy reads
- * the status word, so it also reports the bad input the MoE kernels flagged. Caller frees. */
+ * the per-expert GEMMs are sized on the host, cuBLASLt takes its shapes from there). The device error word
+ * is read right after (the device is idle by then): bad input the MoE kernels met (a bad idx makes the
+ * plan's offsets stop short of M) is reported as itself rather than as the offsets it spoiled. Caller
+ * frees. */
 int32_t *segments_to_host(const char *kernel, const Tensor *offsets, int64_t E, int64_t M) {
     int32_t *off = (int32_t *)malloc((size_t)(E + 1) * sizeof(int32_t));
     if (!off) fatal("cuda %s: out of host memory", kernel);
-    check_status(0, 0, offsets, off);
+    copy_to_host_at(off, offsets->data, (size_t)(E + 1) * sizeof(int32_t), "moe offsets for the per-expert GEMMs");
+    check_device_errors();
     if (off[0] != 0 || off[E] != M)
         fatal("cuda %s: offsets span [%d, %d), the grouped buffer has %lld rows", kernel, off[0], off[E], (long long)M);
     for (int64_t e = 0; e < E; e++)
@@ -710,10 +641,10 @@ extern "C" void cuda_moe_topk(Tensor *idx, const Tensor *scores, const Tensor *b
     if (bias && (bias->dtype != DT_F32 || bias->numel != E)) fatal("cuda moe_topk: bias must be f32 [%lld]", (long long)E);
     need_i32_positions("moe_topk", N);
     if (N == 0) return;
-    unsigned long long *st = status_word() + ST_TOPK;
+    int *err = errbuf();
     DISPATCH_FLOAT(scores->dtype, T, "moe_topk", {
         topk_kernel<T><<<grid_for(N, WARPS), THREADS, 0, stream()>>>((int32_t *)idx->data, (const T *)scores->data,
-                                                        bias ? (const float *)bias->data : nullptr, N, (int)E, k, st);
+                                                        bias ? (const float *)bias->data : nullptr, N, (int)E, k, err);
         LAUNCH_CHECK("moe_topk");
     });
 }
@@ -726,10 +657,10 @@ extern "C" void cuda_moe_combine_weights_forward(Tensor *w, const Tensor *scores
     const int k = check_idx("moe_combine_weights_forward", idx, N);
     need_numel("moe_combine_weights_forward", w, idx->numel, "w");
     if (idx->numel == 0) return;
-    unsigned long long *st = status_word() + ST_COMBINE;
+    int *err = errbuf();
     DISPATCH_FLOAT(w->dtype, Tw, "moe_combine_weights_forward", DISPATCH_FLOAT(scores->dtype, Ts, "moe_combine_weights_forward", {
         cw_fwd_kernel<Tw, Ts><<<grid_for(N, THREADS), THREADS, 0, stream()>>>((Tw *)w->data, (const Ts *)scores->data,
-                                                                  (const int32_t *)idx->data, N, E, k, renormalize, scale, st);
+                                                                  (const int32_t *)idx->data, N, E, k, renormalize, scale, err);
         LAUNCH_CHECK("moe_combine_weights_forward");
     }));
 }
@@ -745,23 +676,24 @@ extern "C" void cuda_moe_combine_weights_backward(Tensor *dscores, const Tensor 
     need_numel("moe_combine_weights_backward", dscores, scores->numel, "dscores");
     need_same_dtype("moe_combine_weights_backward", scores, dscores, "dscores");
     if (idx->numel == 0) return;
-    unsigned long long *st = status_word() + ST_COMBINE;
+    int *err = errbuf();
     DISPATCH_FLOAT(scores->dtype, Ts, "moe_combine_weights_backward", DISPATCH_FLOAT(dw->dtype, Tw, "moe_combine_weights_backward", {
         cw_bwd_kernel<Ts, Tw><<<grid_for(N, THREADS), THREADS, 0, stream()>>>((Ts *)dscores->data, (const Tw *)dw->data,
                                                                   (const Ts *)scores->data, (const int32_t *)idx->data, N,
-                                                                  E, k, renormalize, scale, st);
+                                                                  E, k, renormalize, scale, err);
         LAUNCH_CHECK("moe_combine_weights_backward");
     }));
 }
 
 /* Stable sort of the assignments by expert (sort_pairs, primitives.cuh: the tokens of an expert stay
  * in assignment order, exactly the CPU's counting sort), then rows and offsets from the sorted order.
- * Synchronises once to report bad input before any kernel trusts the plan. */
+ * No host wait: a bad expert index is recorded in the device error word (and sorted past the last
+ * expert, outside every segment) and reported at the next copy to the host. */
 extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) {
     init();
     if (offsets->dtype != DT_I32 || rows->dtype != DT_I32 || idx->dtype != DT_I32 || rows->numel != idx->numel)
         fatal("cuda moe_plan: offsets, rows and idx must be i32, rows the shape of idx");
-    const int64_t E = offsets->numel - 1, M = idx->numel;
+    const int64_t E = offsets->numel - 1, M = idx->numel, k = idx->ndim == 2 ? idx->shape[1] : 1;
     if (E < 1 || E >= INT32_MAX) fatal("cuda moe_plan: offsets must be i32 [E+1] with E >= 1 (got %lld elements)",
                                        (long long)offsets->numel);
     if (M > INT32_MAX) fatal("cuda moe_plan: %lld assignments overflow i32 rows", (long long)M);
@@ -777,14 +709,13 @@ extern "C" void cuda_moe_plan(Tensor *offsets, Tensor *rows, const Tensor *idx) 
     int32_t *vals_in = (int32_t *)(ws + 2 * seg), *vals_out = (int32_t *)(ws + 3 * seg);
     void *temp = ws + 4 * seg;
     expert_keys_kernel<<<grid_for(M, THREADS), THREADS, 0, stream()>>>(keys_in, vals_in, (const int32_t *)idx->data, M, (int32_t)E,
-                                                          status_word() + ST_PLAN);
+                                                          (int)k, errbuf());
     LAUNCH_CHECK("moe_plan keys");
     sort_pairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, M, (uint32_t)E);
     const int64_t n = M > E + 1 ? M : E + 1;
     rows_offsets_kernel<<<grid_for(n, THREADS), THREADS, 0, stream()>>>((int32_t *)rows->data, (int32_t *)offsets->data, keys_out,
                                                            vals_out, M, (int32_t)E);
     LAUNCH_CHECK("moe_plan finish");
-    check_status(E, idx->ndim == 2 ? idx->shape[1] : 1, nullptr, nullptr);
 }
 
 extern "C" void cuda_moe_permute_forward(Tensor *xs, const Tensor *x, const Tensor *rows) {
@@ -794,18 +725,18 @@ extern "C" void cuda_moe_permute_forward(Tensor *xs, const Tensor *x, const Tens
     int64_t N, C, M;
     const int k = check_permute_shapes("moe_permute_forward", x, xs, "xs", rows, N, C, M);
     if (M == 0 || C == 0) return;
-    unsigned long long *st = status_word() + ST_ROWS;
+    int *err = errbuf();
     const size_t row_bytes = (size_t)C * dtype_size(x->dtype);
     if (((uintptr_t)x->data | (uintptr_t)xs->data | row_bytes) % 16 == 0) {
         const int64_t units = (int64_t)(row_bytes / 16);
         permute_fwd_kernel<uint4><<<grid_for(M * units, THREADS), THREADS, 0, stream()>>>((uint4 *)xs->data, (const uint4 *)x->data,
-                                                                             (const int32_t *)rows->data, M, k, units, st);
+                                                                             (const int32_t *)rows->data, M, k, units, err);
     } else if (x->dtype == DT_F32) {
         permute_fwd_kernel<uint32_t><<<grid_for(M * C, THREADS), THREADS, 0, stream()>>>((uint32_t *)xs->data, (const uint32_t *)x->data,
-                                                                            (const int32_t *)rows->data, M, k, C, st);
+                                                                            (const int32_t *)rows->data, M, k, C, err);
     } else {
         permute_fwd_kernel<uint16_t><<<grid_for(M * C, THREADS), THREADS, 0, stream()>>>((uint16_t *)xs->data, (const uint16_t *)x->data,
-                                                                            (const int32_t *)rows->data, M, k, C, st);
+                                                                            (const int32_t *)rows->data, M, k, C, err);
     }
     LAUNCH_CHECK("moe_permute_forward");
 }
@@ -818,10 +749,10 @@ extern "C" void cuda_moe_permute_backward(Tensor *dx, const Tensor *dxs, const T
     int64_t N, C, M;
     const int k = check_permute_shapes("moe_permute_backward", dx, dxs, "dxs", rows, N, C, M);
     if (N == 0 || C == 0) return;
-    unsigned long long *st = status_word() + ST_ROWS;
+    int *err = errbuf();
     DISPATCH_FLOAT(dx->dtype, T, "moe_permute_backward", {
         permute_bwd_kernel<T><<<grid_for(N * C, THREADS), THREADS, 0, stream()>>>((T *)dx->data, (const T *)dxs->data,
-                                                                     (const int32_t *)rows->data, N, k, C, M, st);
+                                                                     (const int32_t *)rows->data, N, k, C, M, err);
         LAUNCH_CHECK("moe_permute_backward");
     });
 }
@@ -834,11 +765,11 @@ extern "C" void cuda_moe_unpermute_forward(Tensor *out, const Tensor *ys, const 
     const int k = check_permute_shapes("moe_unpermute_forward", out, ys, "ys", rows, N, C, M);
     if (w->numel != rows->numel) fatal("cuda moe_unpermute_forward: weights must be [N, k]");
     if (N == 0 || C == 0) return;
-    unsigned long long *st = status_word() + ST_ROWS;
+    int *err = errbuf();
     DISPATCH_FLOAT(ys->dtype, T, "moe_unpermute_forward", DISPATCH_FLOAT(w->dtype, Tw, "moe_unpermute_forward", {
         unpermute_fwd_kernel<T, Tw><<<grid_for(N * C, THREADS), THREADS, 0, stream()>>>((T *)out->data, (const T *)ys->data,
                                                                             (const Tw *)w->data, (const int32_t *)rows->data,
-                                                                            N, k, C, M, st);
+                                                                            N, k, C, M, err);
         LAUNCH_CHECK("moe_unpermute_forward");
     }));
 }
@@ -857,16 +788,16 @@ extern "C" void cuda_moe_unpermute_backward(Tensor *dys, Tensor *dw, const Tenso
     const int k = check_permute_shapes("moe_unpermute_backward", dout, ys, "ys", rows, N, C, M);
     if (w->numel != rows->numel) fatal("cuda moe_unpermute_backward: weights must be [N, k]");
     if (M == 0 || C == 0) return;
-    unsigned long long *st = status_word() + ST_ROWS;
+    int *err = errbuf();
     DISPATCH_FLOAT(ys->dtype, T, "moe_unpermute_backward", DISPATCH_FLOAT(w->dtype, Tw, "moe_unpermute_backward", {
         if (dys) {
             unpermute_bwd_dys_kernel<T, Tw><<<grid_for(M * C, THREADS), THREADS, 0, stream()>>>(
-                (T *)dys->data, (const T *)dout->data, (const Tw *)w->data, (const int32_t *)rows->data, M, k, C, st);
+                (T *)dys->data, (const T *)dout->data, (const Tw *)w->data, (const int32_t *)rows->data, M, k, C, err);
             LAUNCH_CHECK("moe_unpermute_backward dys");
         }
         if (dw) {
             unpermute_bwd_dw_kernel<T, Tw><<<grid_for(M, WARPS), THREADS, 0, stream()>>>(
-                (Tw *)dw->data, (const T *)dout->data, (const T *)ys->data, (const int32_t *)rows->data, M, k, C, st);
+                (Tw *)dw->data, (const T *)dout->data, (const T *)ys->data, (const int32_t *)rows->data, M, k, C, err);
             LAUNCH_CHECK("moe_unpermute_backward dw");
         }
     }));
@@ -880,7 +811,7 @@ extern "C" void cuda_grouped_matmul_forward(Tensor *ys, const Tensor *xs, const 
         const size_t wb = weight_copy_bytes(w);
         char *ws = (char *)scratch(wb + grouped_gemm_workspace(GROUPED_FORWARD, E));
         grouped_gemm(GROUPED_FORWARD, ys->data, (const bf16 *)xs->data, weight_bf16(w, ws), (const int32_t *)offsets->data,
-                     E, M, out, in, status_word() + ST_OFFSETS, ws + wb);
+                     E, M, out, in, errbuf(), ws + wb);
         return;
     }
     int32_t *off = segments_to_host("grouped_matmul_forward", offsets, E, M);
@@ -912,13 +843,13 @@ extern "C" void cuda_grouped_matmul_backward(Tensor *dxs, Tensor *dw, const Tens
         const size_t dx_bytes = dxs_single ? grouped_gemm_workspace(GROUPED_DX, E) : 0;
         const size_t dw_bytes = dw_single ? grouped_gemm_workspace(GROUPED_DW, E) : 0;
         char *ws = (char *)scratch(wb + dx_bytes + dw_bytes); /* separate regions: both launches are in flight */
-        unsigned long long *bad = status_word() + ST_OFFSETS;
+        int *err = errbuf();
         if (dxs_single)
             grouped_gemm(GROUPED_DX, dxs->data, (const bf16 *)dys->data, weight_bf16(w, ws), (const int32_t *)offsets->data,
-                         E, M, out, in, bad, ws + wb);
+                         E, M, out, in, err, ws + wb);
         if (dw_single)
             grouped_gemm(GROUPED_DW, dw->data, (const bf16 *)dys->data, (const bf16 *)xs->data,
-                         (const int32_t *)offsets->data, E, M, out, in, bad, ws + wb + dx_bytes);
+                         (const int32_t *)offsets->data, E, M, out, in, err, ws + wb + dx_bytes);
     }
     Tensor *dxs_rest = dxs_single ? nullptr : dxs, *dw_rest = dw_single ? nullptr : dw;
     if (!dxs_rest && !dw_rest) return;

@@ -110,17 +110,17 @@ template <class G> Args<G> carve(char *ws, int64_t E) {
 }
 
 /* One thread per expert: its segment [lo, hi) of the grouped rows -> its problem and operand addresses.
- * A segment outside [0, M) or reversed, or offsets that do not start at 0 and end at M, is flagged and
- * made empty. */
+ * A segment outside [0, M) or reversed, or offsets that do not start at 0 and end at M, is recorded in
+ * the device error word (ERR_MOE_OFFSETS) and made empty. */
 template <class G, GroupedProduct P>
 __global__ void setup_kernel(Args<G> g, typename G::Out *dst, const bf16 *rows_in, const bf16 *other,
-                             const int32_t *off, int64_t E, int64_t M, int out, int in, unsigned long long *bad) {
+                             const int32_t *off, int64_t E, int64_t M, int out, int in, int *err) {
     using EA = typename G::Gemm::ElementA;
     using EB = typename G::Gemm::ElementB;
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < E; e += (int64_t)gridDim.x * blockDim.x) {
         const int32_t lo = off[e], hi = off[e + 1];
         const bool ok = lo >= 0 && lo <= hi && hi <= M && (e > 0 || lo == 0) && (e < E - 1 || hi == M);
-        if (!ok) atomicMin(bad, ((unsigned long long)e << 32) | (unsigned long long)(uint32_t)hi);
+        if (!ok) report_error_at(err, ERR_MOE_OFFSETS, e, hi);
         const int m = ok ? hi - lo : 0;
         const int64_t r0 = ok ? lo : 0;
         const EA *a = (const EA *)rows_in;
@@ -169,11 +169,11 @@ template <class G> size_t gemm_workspace(int64_t E) {
 
 template <class G, GroupedProduct P>
 void run(void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E, int64_t M, int64_t out,
-         int64_t in, unsigned long long *bad, void *ws) {
+         int64_t in, int *err, void *ws) {
     Args<G> g = carve<G>((char *)ws, E);
     void *gemm_ws = (char *)ws + args_bytes<G>(E);
     setup_kernel<G, P><<<grid_for(E, 128), 128, 0, stream()>>>(g, (typename G::Out *)dst, rows_in, other, offsets, E, M, (int)out,
-                                                  (int)in, bad);
+                                                  (int)in, err);
     LAUNCH_CHECK("grouped_matmul setup");
 
     typename G::Gemm::Arguments args;
@@ -221,15 +221,15 @@ size_t grouped_gemm_workspace(GroupedProduct p, int64_t E) {
 }
 
 void grouped_gemm(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E,
-                  int64_t M, int64_t out, int64_t in, unsigned long long *bad, void *ws) {
+                  int64_t M, int64_t out, int64_t in, int *err, void *ws) {
     if (E <= 0) return;
     if (M > INT32_MAX || E > INT32_MAX || !grouped_gemm_fits(in, out))
         fatal("cuda grouped_matmul: E = %lld, M = %lld, out = %lld, in = %lld outside the grouped GEMM's range", (long long)E,
               (long long)M, (long long)out, (long long)in);
     switch (p) {
-    case GROUPED_FORWARD: run<ForwardGemm, GROUPED_FORWARD>(dst, rows_in, other, offsets, E, M, out, in, bad, ws); break;
-    case GROUPED_DX: run<DxGemm, GROUPED_DX>(dst, rows_in, other, offsets, E, M, out, in, bad, ws); break;
-    case GROUPED_DW: run<DwGemm, GROUPED_DW>(dst, rows_in, other, offsets, E, M, out, in, bad, ws); break;
+    case GROUPED_FORWARD: run<ForwardGemm, GROUPED_FORWARD>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
+    case GROUPED_DX: run<DxGemm, GROUPED_DX>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
+    case GROUPED_DW: run<DwGemm, GROUPED_DW>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
     }
 }
 

@@ -27,12 +27,12 @@ size_t grouped_gemm_workspace(GroupedProduct p, int64_t E);
 
 /* One product for all E experts: `rows_in` is xs (forward) or dys (dx, dw); `other` is w's BF16 values
  * [E, out, in] (forward, dx) or xs (dw); `dst` is ys, dxs (bf16) or dw (f32). `offsets` i32 [E+1] on the
- * device, M the grouped buffer's rows. A segment that does not lie inside [0, M) in order is flagged in
- * *bad as (expert << 32) | offsets[e+1] (atomicMin: the first expert wins) and computed as empty, so no
- * memory outside the tensors is touched; the caller reports it at its next synchronisation. `ws` holds
- * grouped_gemm_workspace(p, E) bytes, 256-aligned. No host synchronisation. */
+ * device, M the grouped buffer's rows. A segment that does not lie inside [0, M) in order is recorded in
+ * the device error word `err` (errbuf(): ERR_MOE_OFFSETS, the lowest such expert and its offsets[e+1]) and
+ * computed as empty, so no memory outside the tensors is touched; it is reported at the next copy to the
+ * host. `ws` holds grouped_gemm_workspace(p, E) bytes, 256-aligned. No host synchronisation. */
 void grouped_gemm(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E,
-                  int64_t M, int64_t out, int64_t in, unsigned long long *bad, void *ws);
+                  int64_t M, int64_t out, int64_t in, int *err, void *ws);
 
 }  // namespace msacuda
 

@@ -137,6 +137,13 @@ void *scratch(size_t bytes) {
 
 int *errbuf() { return g_err; }
 
+/* The (position, value) that report_error_at kept in h[2..3] */
+static unsigned long long error_key(const int *h) {
+    return ~(((unsigned long long)(uint32_t)h[3] << 32) | (unsigned long long)(uint32_t)h[2]);
+}
+static long long error_position(const int *h) { return (long long)(error_key(h) >> 32); }
+static int error_value(const int *h) { return (int)(int32_t)(uint32_t)(error_key(h) & 0xffffffffull); }
+
 void check_device_errors() {
     int h[ERR_WORDS];
     copy_to_host_at(h, g_err, sizeof h, "device error word");
@@ -156,6 +163,21 @@ void check_device_errors() {
     case ERR_RING_INDEX: /* attention_ring: [1] 1 for q_index, 0 for k_index, [2] row, [3] token */
         fatal("attention_ring: %s[%d] = %d: the tokens must ascend inside cu_seqlens' tokens", h[1] ? "q_index" : "k_index",
               h[2], h[3]);
+    case ERR_MOE_TOPK: fatal("cuda moe_topk: router scores of token %lld are not finite numbers", error_position(h));
+    case ERR_MOE_PLAN: { /* idx [N, k] */
+        const long long p = error_position(h), k = h[4] > 0 ? h[4] : 1;
+        fatal("cuda moe_plan: expert index %d outside [0, %d) at idx[%lld, %lld]", error_value(h), h[1], p / k, p % k);
+    }
+    case ERR_MOE_COMBINE:
+        fatal("cuda moe_combine_weights: expert index %d at idx element %lld is outside [0, E) of the scores",
+              error_value(h), error_position(h));
+    case ERR_MOE_ROWS:
+        fatal("cuda moe_permute/moe_unpermute: rows element %lld = %d is outside the grouped buffer", error_position(h),
+              error_value(h));
+    case ERR_MOE_OFFSETS:
+        fatal("cuda grouped_matmul: offsets[%lld] = %d ends expert %lld's segment out of order or outside the grouped "
+              "buffer (offsets must rise from 0 to its rows)",
+              error_position(h) + 1, error_value(h), error_position(h));
     default: fatal("cuda backend: device error code %d (%d, %d)", h[0], h[1], h[2]);
     }
 }

@@ -321,12 +321,19 @@ static void msa_kl_cases(void) {
 static void moe_cases(void) {
     /* first: in a child process started by the first of them, these run the bad input */
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "plan", "cuda moe_plan: expert index 9 outside [0, 8) at idx[1, 1]");
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "plan_per_expert",
+             "cuda moe_plan: expert index 9 outside [0, 8) at idx[1, 1]");
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "topk", "cuda moe_topk: router scores of token 1 are not finite numbers");
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "combine",
+             "cuda moe_combine_weights: expert index -1 at idx element 3 is outside [0, E) of the scores");
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "offsets", "cuda grouped_matmul_forward: offsets decrease at expert 1");
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "offsets_single",
              "cuda grouped_matmul: offsets[2] = 3 ends expert 1's segment out of order");
     GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "rows",
              "cuda moe_permute/moe_unpermute: rows element 3 = 7 is outside the grouped buffer");
+    GPU_CASE("moe", moe_bad_input_case, MoeBadInputCase, "rows_unpermute",
+             "cuda moe_permute/moe_unpermute: rows element 4 = -2 is outside the grouped buffer");
+    GPU_CASE0("moe", moe_no_wait_case);
 
     for (int a = 0; a < 2; a++) {
         const DType dt = acts[a];

@@ -213,6 +213,7 @@ typedef struct { const char *what, *message; } MoeBadInputCase; /* in a child pr
 void moe_bad_input_case(const void *args);
 typedef struct { int variant; } MoeE2eCase; /* a small MoE model trained a few steps on both devices */
 void moe_e2e_case(const void *args);
+void moe_no_wait_case(const void *args); /* a whole MoE layer's kernels make the host wait nowhere */
 
 /* ---- tests/gpu/test_gpu_cp.c ---- */
 

@@ -7,10 +7,12 @@
  * off, E = 1, 5, 8, 64, 300, k = 1, 2, 6, 8 and k = E, token counts that are multiples of nothing, an
  * expert that gets no token; the grouped GEMMs also with skewed routing (all tokens on 1 or 3 experts, the
  * rest empty), on both of their paths (BF16 with widths that are multiples of 8: the single-launch CUTLASS
- * grouped GEMM; F32 and odd widths: one cuBLASLt GEMM per expert), and bad offsets on each path. The integer outputs (idx, offsets, rows) must equal the CPU's exactly, also
- * with ties (scores quantised so that many are equal: the lower expert wins on both) and with NaN scores
- * the selection must skip; the permutation must copy bit for bit; the float outputs are held to the
- * harness's tolerances. */
+ * grouped GEMM; F32 and odd widths: one cuBLASLt GEMM per expert), and bad offsets on each path; each kind of
+ * bad input must stop the program with its message (the device error word, read at the next copy to the
+ * host), and a whole layer's kernels must not make the host wait. The integer outputs (idx, offsets, rows)
+ * must equal the CPU's exactly, also with ties (scores quantised so that many are equal: the lower expert
+ * wins on both) and with NaN scores the selection must skip; the permutation must copy bit for bit; the
+ * float outputs are held to the harness's tolerances. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +21,7 @@
 #include <unistd.h>
 
 #include "../../autograd/params.h"
+#include "../../kernels/cuda/cuda.h"
 #include "../../train/trainer.h"
 #include "gpu_cases.h"
 
@@ -545,34 +548,55 @@ void moe_e2e_case(const void *args) {
 /* ---------- bad input: the messages, in child processes ---------- */
 
 /* In the child (test_gpu --only moe with MSA_TEST_MOE_DIE set, whose first case is a bad-input case):
- * feed one kernel bad input; the program must stop with the message. Returning means it did not. */
+ * feed one kernel bad input; the program must stop with the message. Returning means it did not. The
+ * kernels record bad input in the device error word, reported at the next copy to the host (gpu_sync),
+ * or at once by the per-expert grouped GEMMs, which copy the offsets to the host anyway. */
 static void die_scenario(const char *what) {
     const int64_t N = 3, k = 2, E = 8, M = N * k;
-    if (!strcmp(what, "plan")) { /* idx[1, 1] = 9 with E = 8 */
-        Pair idx = i32_pair(2, (int64_t[]){N, k}, (int32_t[]){0, 1, 2, 9, 3, 4});
-        Tensor o = mk(GB, DT_I32, 1, (int64_t[]){E + 1}), r = mk(GB, DT_I32, 2, (int64_t[]){N, k});
+    if (!strcmp(what, "plan") || !strcmp(what, "plan_per_expert")) {
+        /* idx[1, 1] = 9 with E = 8, and idx[2900, 0] = -3 in another block: the lower position is reported,
+         * whichever block runs first */
+        const int64_t n = 3000;
+        int32_t *v = xmalloc((size_t)(n * k) * sizeof(int32_t));
+        for (int64_t i = 0; i < n * k; i++) v[i] = (int32_t)(i % E);
+        v[1 * k + 1] = 9;
+        v[2900 * k + 0] = -3;
+        Pair idx = i32_pair(2, (int64_t[]){n, k}, v);
+        free(v);
+        Tensor o = mk(GB, DT_I32, 1, (int64_t[]){E + 1}), r = mk(GB, DT_I32, 2, (int64_t[]){n, k});
         GB->moe_plan(&o, &r, &idx.g);
-    } else if (!strcmp(what, "topk")) { /* token 1's scores all NaN: nothing to rank; reported by the plan */
+        if (!strcmp(what, "plan_per_expert")) { /* an F32 GEMM on the spoilt offsets: the plan's error, not theirs */
+            Pair xs = pair_rand(DT_F32, 2, (int64_t[]){n * k, 8}, 0, 1), w = pair_rand(DT_F32, 3, (int64_t[]){E, 4, 8}, 0, 1);
+            Tensor ys = mk(GB, DT_F32, 2, (int64_t[]){n * k, 4});
+            GB->grouped_matmul_forward(&ys, &xs.g, &w.g, &o);
+        }
+        gpu_sync();
+    } else if (!strcmp(what, "topk")) { /* token 1's scores all NaN: nothing to rank */
         Pair s = pair_from(DT_BF16, 2, (int64_t[]){N, E},
                            (float[]){1, 2, 3, 4, 5, 6, 7, 8, NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN, 8, 7, 6, 5, 4, 3, 2, 1});
         Tensor idx = mk(GB, DT_I32, 2, (int64_t[]){N, k}), o = mk(GB, DT_I32, 1, (int64_t[]){E + 1}),
                r = mk(GB, DT_I32, 2, (int64_t[]){N, k});
         GB->moe_topk(&idx, &s.g, NULL, (int)k);
         GB->moe_plan(&o, &r, &idx);
+        gpu_sync();
+    } else if (!strcmp(what, "combine")) { /* idx[1, 1] = -1 */
+        Pair s = pair_rand(DT_F32, 2, (int64_t[]){N, E}, 0.5, 0.1);
+        Pair idx = i32_pair(2, (int64_t[]){N, k}, (int32_t[]){0, 1, 2, -1, 3, 4});
+        Tensor w = mk(GB, DT_F32, 2, (int64_t[]){N, k});
+        GB->moe_combine_weights_forward(&w, &s.g, &idx.g, true, 1.0f);
+        gpu_sync();
     } else if (!strcmp(what, "offsets")) { /* segments that go backwards */
         Pair o = i32_pair(1, (int64_t[]){4}, (int32_t[]){0, 5, 3, 6});
         Pair xs = pair_rand(DT_BF16, 2, (int64_t[]){M, 8}, 0, 1), w = pair_rand(DT_F32, 3, (int64_t[]){3, 4, 8}, 0, 1);
         Tensor ys = mk(GB, DT_BF16, 2, (int64_t[]){M, 4});
         GB->grouped_matmul_forward(&ys, &xs.g, &w.g, &o.g);
-    } else if (!strcmp(what, "offsets_single")) { /* the same on the single-launch path: reported by the next plan */
+    } else if (!strcmp(what, "offsets_single")) { /* the same on the single-launch path */
         Pair o = i32_pair(1, (int64_t[]){4}, (int32_t[]){0, 5, 3, 6});
         Pair xs = pair_rand(DT_BF16, 2, (int64_t[]){M, 8}, 0, 1), w = pair_rand(DT_F32, 3, (int64_t[]){3, 8, 8}, 0, 1);
-        Pair idx = i32_pair(2, (int64_t[]){N, k}, (int32_t[]){0, 1, 2, 3, 4, 5});
-        Tensor ys = mk(GB, DT_BF16, 2, (int64_t[]){M, 8}), po = mk(GB, DT_I32, 1, (int64_t[]){E + 1}),
-               r = mk(GB, DT_I32, 2, (int64_t[]){N, k});
+        Tensor ys = mk(GB, DT_BF16, 2, (int64_t[]){M, 8});
         GB->grouped_matmul_forward(&ys, &xs.g, &w.g, &o.g);
-        GB->moe_plan(&po, &r, &idx.g);
-    } else if (!strcmp(what, "rows")) { /* a row past the grouped buffer; reported by the next grouped GEMM */
+        gpu_sync();
+    } else if (!strcmp(what, "rows")) { /* a row past the grouped buffer; reported by the next (per-expert) grouped GEMM */
         Pair r = i32_pair(2, (int64_t[]){N, k}, (int32_t[]){0, 1, 2, 7, 4, 5});
         Pair x = pair_rand(DT_BF16, 2, (int64_t[]){N, 8}, 0, 1);
         Pair o = i32_pair(1, (int64_t[]){3}, (int32_t[]){0, 2, 6});
@@ -580,6 +604,12 @@ static void die_scenario(const char *what) {
         Tensor xs = mk(GB, DT_BF16, 2, (int64_t[]){M, 8}), ys = mk(GB, DT_BF16, 2, (int64_t[]){M, 4});
         GB->moe_permute_forward(&xs, &x.g, &r.g);
         GB->grouped_matmul_forward(&ys, &xs, &w.g, &o.g);
+    } else if (!strcmp(what, "rows_unpermute")) { /* rows[2, 0] = -2 in the unpermute, read at the next copy */
+        Pair r = i32_pair(2, (int64_t[]){N, k}, (int32_t[]){0, 1, 2, 3, -2, 5});
+        Pair ys = pair_rand(DT_BF16, 2, (int64_t[]){M, 8}, 0, 1), w = pair_rand(DT_F32, 2, (int64_t[]){N, k}, 0.5, 0.1);
+        Tensor out = mk(GB, DT_BF16, 2, (int64_t[]){N, 8});
+        GB->moe_unpermute_forward(&out, &ys.g, &w.g, &r.g);
+        gpu_sync();
     }
 }
 
@@ -613,6 +643,68 @@ void moe_bad_input_case(const void *args) {
     snprintf(name, sizeof name, "moe bad input: %s", what);
     bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(err, message);
     record(ok, "%-58s exit %d: %s", name, WIFEXITED(st) ? WEXITSTATUS(st) : -1, err);
+}
+
+/* ---------- no host wait ---------- */
+
+/* One MoE layer's kernels, forward and backward, in the order layers/moe.c calls them: BF16 rows with widths
+ * that are multiples of 8 (the single-launch grouped GEMMs, as in training) */
+static void moe_layer_kernels(Tensor *t) {
+    enum { SCORES, IDX, OFF, ROWS, W, X, XS, YS, WT, OUT, DOUT, DYS, DW, DWT, DXS, DX, DSCORES };
+    GB->moe_topk(&t[IDX], &t[SCORES], NULL, (int)t[IDX].shape[1]);
+    GB->moe_plan(&t[OFF], &t[ROWS], &t[IDX]);
+    GB->moe_combine_weights_forward(&t[W], &t[SCORES], &t[IDX], false, 1.0f);
+    GB->moe_permute_forward(&t[XS], &t[X], &t[ROWS]);
+    GB->grouped_matmul_forward(&t[YS], &t[XS], &t[WT], &t[OFF]);
+    GB->moe_unpermute_forward(&t[OUT], &t[YS], &t[W], &t[ROWS]);
+    GB->moe_unpermute_backward(&t[DYS], &t[DW], &t[DOUT], &t[YS], &t[W], &t[ROWS]);
+    GB->grouped_matmul_backward(&t[DXS], &t[DWT], &t[DYS], &t[XS], &t[WT], &t[OFF]);
+    GB->moe_permute_backward(&t[DX], &t[DXS], &t[ROWS]);
+    GB->moe_combine_weights_backward(&t[DSCORES], &t[DW], &t[SCORES], &t[IDX], false, 1.0f);
+}
+
+/* Issue 16's "no host synchronisation per call": once a first call of each has sized the scratch buffer, a
+ * whole MoE layer's kernels (Top-k, plan, combine weights, permute, the grouped GEMMs, unpermute, and their
+ * backward) must not make the host wait (the backend's count, cuda_host_waits); bad input waits for the next
+ * copy to the host (the bad-input cases above). moe_plan used to copy a status word to the host per call. */
+void moe_no_wait_case(const void *args) {
+    (void)args;
+    const char *each = getenv("MSA_CUDA_SYNC");
+    if (each && each[0] && strcmp(each, "0") != 0) {
+        printf("    moe layer host waits: not checked (MSA_CUDA_SYNC waits after every launch)\n");
+        return;
+    }
+    const int64_t N = 300, C = 64, H = 32;
+    const int E = 8, k = 2;
+    const int64_t M = N * k;
+    Tensor t[] = {
+        dev_rand(DT_F32, 2, (int64_t[]){N, E}, 1),       /* scores */
+        mk(GB, DT_I32, 2, (int64_t[]){N, k}),            /* idx */
+        mk(GB, DT_I32, 1, (int64_t[]){E + 1}),           /* offsets */
+        mk(GB, DT_I32, 2, (int64_t[]){N, k}),            /* rows */
+        mk(GB, DT_F32, 2, (int64_t[]){N, k}),            /* combine weights */
+        dev_rand(DT_BF16, 2, (int64_t[]){N, C}, 1),      /* x */
+        mk(GB, DT_BF16, 2, (int64_t[]){M, C}),           /* xs */
+        mk(GB, DT_BF16, 2, (int64_t[]){M, H}),           /* ys */
+        dev_rand(DT_F32, 3, (int64_t[]){E, H, C}, 0.1),  /* expert weights */
+        mk(GB, DT_BF16, 2, (int64_t[]){N, H}),           /* out */
+        dev_rand(DT_BF16, 2, (int64_t[]){N, H}, 1),      /* dout */
+        dev_rand(DT_BF16, 2, (int64_t[]){M, H}, 0),      /* dys */
+        dev_rand(DT_F32, 2, (int64_t[]){N, k}, 0),       /* dw (combine weights) */
+        dev_rand(DT_F32, 3, (int64_t[]){E, H, C}, 0),    /* d expert weights */
+        dev_rand(DT_BF16, 2, (int64_t[]){M, C}, 0),      /* dxs */
+        dev_rand(DT_BF16, 2, (int64_t[]){N, C}, 0),      /* dx */
+        dev_rand(DT_F32, 2, (int64_t[]){N, E}, 0),       /* dscores */
+    };
+    moe_layer_kernels(t);
+    gpu_sync();
+    const int64_t before = GB->host_waits();
+    moe_layer_kernels(t);
+    const int64_t waits = GB->host_waits() - before;
+    const char *site = waits ? cuda_last_host_wait() : "none";
+    gpu_sync(); /* no bad input was met */
+    record(waits == 0, "%-58s %lld (last at %s)", "moe layer forward and backward: host waits", (long long)waits, site);
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) free_t(&t[i]);
 }
 
 /* ---------- --bench moe: the experts' grouped GEMMs ---------- */
