@@ -60,7 +60,7 @@ void *scratch(size_t bytes);
  * find bad input (a token outside the vocabulary, ...) record it instead of trapping or making the host
  * wait; the host reads it where it waits anyway (check_device_errors: copies to the host, in training the
  * logged steps' loss read), so a bad input costs no round trip while the step runs. */
-enum { ERR_NONE = 0, ERR_TOKEN = 1, ERR_TARGET = 2, ERR_CU_SEQLENS = 3, ERR_MSA_TOPK = 4, ERR_RING_INDEX = 5 };
+enum { ERR_NONE = 0, ERR_TOKEN = 1, ERR_TARGET = 2, ERR_CU_SEQLENS = 3, ERR_MSA_TOPK = 4, ERR_RING_INDEX = 5, ERR_MSA_ROWS = 6 };
 constexpr int ERR_WORDS = 8;
 int *errbuf();
 void check_device_errors();

@@ -153,6 +153,11 @@ void check_device_errors() {
     case ERR_RING_INDEX: /* attention_ring: [1] 1 for q_index, 0 for k_index, [2] row, [3] token */
         fatal("attention_ring: %s[%d] = %d: the tokens must ascend inside cu_seqlens' tokens", h[1] ? "q_index" : "k_index",
               h[2], h[3]);
+    case ERR_MSA_ROWS: /* msa kernels: [1] 1 for query_index, 0 for key_rows, [2] index, [3] value, [4] rows */
+        if (h[1])
+            fatal("cuda msa kernels: query_index[%d] = %d: the query tokens must ascend within [0, N = %d)", h[2], h[3],
+                  h[4]);
+        fatal("cuda msa kernels: key_rows[%d] = %d is not a row of k's %d (or -1)", h[2], h[3], h[4]);
     default: fatal("cuda backend: device error code %d (%d, %d)", h[0], h[1], h[2]);
     }
 }
