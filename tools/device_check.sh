@@ -39,7 +39,7 @@
 #                    dist.cp_mode=sequence: ring attention, collectives staged through MPI), the same on the CPU;
 #                    losses compared step by step, PASS when the CUDA split moves the loss by at most twice what
 #                    bf16 itself does (CUDA vs CPU at cp 1, same call); then the MSA variant (every layer
-#                    MSA, 3 dense warm-up steps, then sparse) compared the same way
+#                    MSA, 3 dense warm-up steps, then sparse) and the sliding-window variant compared the same way
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
@@ -390,6 +390,10 @@ print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one
         # shellcheck disable=SC2086
         compare_cp msa_ --set model.attention=msa --set model.msa_layers=1- --set msa.block_size=8 \
             --set msa.topk_blocks=3 --set msa.index_dim=16 --set msa.dense_warmup_steps=3
+        # every layer a sliding window of 2 blocks of 8 and a sink block: the same kernels, with a fixed selection
+        echo "--- sliding-window layers"
+        compare_cp window_ --set model.attention=window --set model.msa_layers=1- --set msa.block_size=8 \
+            --set msa.local_blocks=2 --set msa.init_blocks=1
         unset MSA_ATTENTION
         ;;
     *)
