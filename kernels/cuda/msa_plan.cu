@@ -12,6 +12,10 @@
  *   4. rows: row_ptr[r] = first sorted position with key >= r (a binary search per row), q_idx past
  *      the last selection zeroed, row_lo/row_hi from the document table.
  * Cost ~ a 2-3 pass radix sort of N*k pairs per group (N = 128K, k = 16: 2M pairs, ~11 key bits).
+ * With a query_index (sequence-split context parallelism; the kernels' own temporary plans only) the queries
+ * are the Nq rows: step 2 takes each row's document and visible blocks from its token, the values are rows,
+ * and the plan is msa_plan_width_rows(N, Nq, k) wide (rows over the N tokens' blocks, lists of Nq * k), the
+ * map the CPU's kernels build for themselves (msa_build_key_queries).
  *
  * Bad input is found on the device and recorded in the error word (common.cuh) with what the CPU's
  * messages name; the host reports it at its next copy to the host (at the latest a logged step's loss read),
