@@ -22,7 +22,8 @@
  *     a sliding-window layer), equals the single process on a file of short documents; what sequence mode
  *     does not cover is refused.
  * On a GPU (CUDA builds; not part of make test): `mpirun -np P build/tests/test_dist_cp --cuda` runs the ring
- * attention, the index-key gather and the block fetch on device tensors against the same ops on the CPU
+ * attention, the index-key gather, the block fetch and the MSA attention of the rank's queries over the fetched
+ * blocks on device tensors against the same ops on the CPU
  * (tools/device_check.sh cp-one-gpu: P ranks sharing one GPU, the staged collectives).
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
 #include <math.h>
