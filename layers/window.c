@@ -89,8 +89,8 @@ Tensor *window_attend(Engine *e, const MsaParams *p, Tensor *q, Tensor *k, Tenso
 static Tensor *window_attend_split(Engine *e, const MsaParams *p, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens,
                                    Tensor *index, const Comm *cp) {
     const int64_t n = q->shape[0], Hkv = k->shape[1];
-    /* the tokens on the host for the selection: on a device a copy beside window_topk's of cu_seqlens, which makes
-     * the host wait anyway (the second copy finds the stream drained) */
+    /* the tokens on the host for the selection: on a device one more copy right before window_topk's of
+     * cu_seqlens, the two making the host wait once (the second finds nothing queued) */
     int32_t *tokens = xmalloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
     tensor_to_host(e, tokens, index);
     Tensor *topk = window_topk(e, p, cu_seqlens, tokens, n, n * cp->size, Hkv), *vf, *key_rows;
