@@ -31,11 +31,11 @@ typedef struct MsaParams {
     /* NULL: the queries are the N tokens (q, qi, topk, lse, idx_lse have the rows of k, v, ki). Else i32 [Nq],
      * ascending: the token of each query row, and the query-side tensors have Nq rows while the key-side
      * ones keep the N tokens (of which a kernel reads only the rows the queries select): context
-     * parallelism over the sequence (layers/msa.c), CPU only (train/config.c refuses it on CUDA), no plan. */
+     * parallelism over the sequence (layers/msa.c), on either backend; no plan (the kernels build their own). */
     const Tensor *query_index;
     /* NULL: k and v have a row per token. Else i32 [N]: the row of k and v that holds each token, -1 for a
      * token they do not hold (the fetched blocks of sequence-split context parallelism, op_cp_fetch_blocks:
-     * only the tokens the selection reads need a row); with query_index only, CPU only. */
+     * only the tokens the selection reads need a row); with query_index only. */
     const Tensor *key_rows;
 } MsaParams;
 

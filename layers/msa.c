@@ -205,10 +205,13 @@ double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor 
     BACKEND_REQUIRE(e->be, msa_recall);
     if (!split(s)) return e->be->msa_recall(q, k, topk, cu_seqlens, &p, s->recall_stride);
     const double mean = e->be->msa_recall(q, every_key(e, s, k), topk, cu_seqlens, &p, s->recall_stride);
-    /* the mean over every rank's sampled queries: each rank's sum and count, added up */
-    const int32_t *token = s->cp_index->data;
+    /* the mean over every rank's sampled queries: each rank's sum and count, added up. The tokens live on the
+     * engine's device: a host copy (the metric's value has just made the host wait anyway) */
+    int32_t *token = xmalloc((size_t)(s->cp_index->numel > 0 ? s->cp_index->numel : 1) * sizeof(int32_t));
+    tensor_to_host(e, token, s->cp_index);
     double mine[2] = {0, 0}, *all = xmalloc((size_t)(2 * s->cp->size) * sizeof(double)), sum = 0, count = 0;
     for (int64_t t = 0; t < s->cp_index->numel; t++) mine[1] += token[t] % s->recall_stride == 0;
+    free(token);
     mine[0] = mean * mine[1];
     s->cp->all_gather(s->cp, mine, all, 2, DT_F64, DEV_CPU);
     for (int r = 0; r < s->cp->size; r++) sum += all[2 * r], count += all[2 * r + 1];

@@ -7,7 +7,8 @@
  * The selection is fixed by position, so this is MSA's sparse attention with only its forced blocks:
  * the same kernels (the plan and the block-sparse attention, backend.h), no index branch, no KL, no
  * auxiliary loss, and nothing to warm up (LayerContext.dense does not apply). The selection is built on
- * the host from the documents' boundaries and uploaded: one small copy each way per layer and forward.
+ * the host from the documents' boundaries (and, split, the rank's tokens) and uploaded: small copies each way
+ * per layer and forward.
  * Under sequence-split context parallelism a rank selects for its own queries and fetches the blocks of
  * their windows as MSA does (op_cp_fetch_blocks). */
 #include "window.h"
@@ -88,7 +89,12 @@ Tensor *window_attend(Engine *e, const MsaParams *p, Tensor *q, Tensor *k, Tenso
 static Tensor *window_attend_split(Engine *e, const MsaParams *p, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens,
                                    Tensor *index, const Comm *cp) {
     const int64_t n = q->shape[0], Hkv = k->shape[1];
-    Tensor *topk = window_topk(e, p, cu_seqlens, index->data, n, n * cp->size, Hkv), *vf, *key_rows;
+    /* the tokens on the host for the selection: on a device one more copy right before window_topk's of
+     * cu_seqlens, the two making the host wait once (the second finds nothing queued) */
+    int32_t *tokens = xmalloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+    tensor_to_host(e, tokens, index);
+    Tensor *topk = window_topk(e, p, cu_seqlens, tokens, n, n * cp->size, Hkv), *vf, *key_rows;
+    free(tokens);
     Tensor *kf = op_cp_fetch_blocks(e, k, v, topk, index, cu_seqlens, p->block_size, cp, &vf, &key_rows);
     MsaParams mine = *p;
     mine.query_index = index, mine.key_rows = key_rows;

@@ -490,19 +490,24 @@ static void take_model(const void *arg) {
 
 /* train.init_from's stored config supplies the model keys no file or --set gave; a given one that
  * contradicts it stops naming both values, except the keys a continued run may change. */
-/* Sequence-split context parallelism on CUDA: dense layers run (the ring kernels of attention_ring.cu);
- * sparse layers, whose CUDA kernels read no query index, are refused naming the layer. */
-TEST(sequence_cp_on_cuda_takes_dense_layers_only) {
+/* Sequence-split context parallelism on CUDA takes every attention kind: dense layers (the ring kernels of
+ * attention_ring.cu), MSA and window layers (the MSA kernels read the rank's query rows through query_index and
+ * the fetched blocks through key_rows, kernels/cuda/NOTES.md); what it does not take is refused as on the CPU. */
+TEST(sequence_cp_on_cuda_takes_every_attention_kind) {
     RunConfig c;
     config_defaults(&c);
     snprintf(c.train.device, sizeof c.train.device, "cuda");
     c.dist.cp = 4; /* > the 2 KV heads: auto picks sequence */
     char err[4096];
-    int st = run_child(validate_cfg, &c, NULL, 0, err, sizeof err);
-    EXPECT(st == 0, "dense layers under sequence cp on cuda refused: %s", err);
-    snprintf(c.model.attention, sizeof c.model.attention, "msa");
-    snprintf(c.model.msa_layers, sizeof c.model.msa_layers, "2-");
-    expect_invalid(tc, &c, "model.attention = \"msa\" (layer 2)", "train.device = \"cpu\" only");
+    static const char *const kinds[] = {"dense", "msa", "window"};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        snprintf(c.model.attention, sizeof c.model.attention, "%s", kinds[i]);
+        snprintf(c.model.msa_layers, sizeof c.model.msa_layers, "2-");
+        int st = run_child(validate_cfg, &c, NULL, 0, err, sizeof err);
+        EXPECT(st == 0, "model.attention = %s under sequence cp on cuda refused: %s", kinds[i], err);
+    }
+    c.model.dropout = 0.1f;
+    expect_invalid(tc, &c, "dist.cp_mode = sequence (dist.cp = 4)", "does not take model.dropout");
 }
 
 TEST(model_from_the_checkpoint) {
@@ -656,7 +661,7 @@ int main(void) {
     RUN(non_utf8_strings_are_refused_not_dropped);
     RUN(json_round_trip);
     RUN(validation_cross_keys);
-    RUN(sequence_cp_on_cuda_takes_dense_layers_only);
+    RUN(sequence_cp_on_cuda_takes_every_attention_kind);
     RUN(model_from_the_checkpoint);
     RUN(layer_selectors);
     RUN(help_table_and_readme);

@@ -22,7 +22,8 @@
  *     a sliding-window layer), equals the single process on a file of short documents; what sequence mode
  *     does not cover is refused.
  * On a GPU (CUDA builds; not part of make test): `mpirun -np P build/tests/test_dist_cp --cuda` runs the ring
- * attention, the index-key gather and the block fetch on device tensors against the same ops on the CPU
+ * attention, the index-key gather, the block fetch and the MSA attention of the rank's queries over the fetched
+ * blocks on device tensors against the same ops on the CPU
  * (tools/device_check.sh cp-one-gpu: P ranks sharing one GPU, the staged collectives).
  * Run from the repository root after `make data` (make test does both). Needs mpirun (openmpi-bin). */
 #include <math.h>
@@ -584,15 +585,19 @@ static Tensor *download(Engine *e, const Tensor *t) {
 }
 
 enum { OUT_RING, OUT_RING_DQ, OUT_RING_DK, OUT_RING_DV, OUT_GATHERED, OUT_GATHER_DX, OUT_KF, OUT_VF, OUT_KEY_ROWS,
-       OUT_FETCH_DK, OUT_FETCH_DV, OUT_COUNT };
+       OUT_FETCH_DK, OUT_FETCH_DV, OUT_MSA, OUT_MSA_DQ, OUT_MSA_DK, OUT_MSA_DV, OUT_COUNT };
 static const char *const OUT_NAMES[OUT_COUNT] = {"ring out", "ring dq", "ring dk", "ring dv", "gathered keys",
                                                  "gathered keys' dx", "fetched k", "fetched v", "key_rows",
-                                                 "fetch dk", "fetch dv"};
+                                                 "fetch dk", "fetch dv", "msa out", "msa dq", "msa dk", "msa dv"};
+/* the outputs our CUDA kernels compute (the rest are moves and ordered sums, identical): 1e-5 relative */
+static bool out_computed(int c) { return c <= OUT_RING_DV || c >= OUT_MSA; }
 
 /* This rank's sequence-split ops on backend be (F32 engine), from the host inputs in (q, k, v, dout, index keys,
  * their seed gradient [N, Di], topk): the ring attention and its backward from dout; the index keys gathered and
  * their backward from the seed; the selected blocks fetched and their backward from seeds made of the fetched
- * rows (0.5 x + 0.25: the same on either backend when the rows are). Host copies of the results into out. */
+ * rows (0.5 x + 0.25: the same on either backend when the rows are); the MSA attention of this rank's queries
+ * (query_index) over the fetched blocks (key_rows), as layers/msa.c runs it, and its backward from dout through
+ * the fetch to the blocks' owners. Host copies of the results into out. */
 static void split_ops(const KernelBackend *be, Tensor *const *in, const int32_t *index, int64_t n, const Comm *cp,
                       Tensor **out) {
     Engine eng, *e = &eng;
@@ -620,15 +625,25 @@ static void split_ops(const KernelBackend *be, Tensor *const *in, const int32_t 
     }
     engine_backward_tape(e, from);
     out[OUT_FETCH_DK] = download(e, k2->grad), out[OUT_FETCH_DV] = download(e, v2->grad);
+    from = e->tape_len;
+    Tensor *q3 = upload(e, in[0], true), *k3 = upload(e, in[1], true), *v3 = upload(e, in[2], true), *vf3, *rows3;
+    Tensor *topk = upload(e, in[6], false);
+    Tensor *kf3 = op_cp_fetch_blocks(e, k3, v3, topk, idx, cu, 3, cp, &vf3, &rows3);
+    const MsaParams p = {.block_size = 3, .topk_blocks = (int)topk->shape[2], .init_blocks = 0, .local_blocks = 1,
+                         .scale = 0.35f, .index_scale = 1.0f, .query_index = idx, .key_rows = rows3};
+    Tensor *o3 = op_msa_attention(e, q3, kf3, vf3, topk, NULL, cu, &p, NULL);
+    engine_backward_from(e, o3, upload(e, in[3], false), from);
+    out[OUT_MSA] = download(e, o3), out[OUT_MSA_DQ] = download(e, q3->grad);
+    out[OUT_MSA_DK] = download(e, k3->grad), out[OUT_MSA_DV] = download(e, v3->grad);
     engine_free(e);
     test_tensor_free(cu_h), test_tensor_free(idx_h);
 }
 
 /* mpirun -np P build/tests/test_dist_cp --cuda (a CUDA build on a GPU; ranks sharing one GPU use the staged
  * collectives): the ops of sequence-split context parallelism on device tensors against the same ops on the
- * CPU, F32, from the same inputs: the ring attention (our CUDA kernels against the CPU's: 1e-5 relative),
- * the index keys gathered and the selected K/V blocks fetched, forward and backward (pure moves and ordered
- * sums: identical). */
+ * CPU, F32, from the same inputs: the ring attention and the MSA attention over the fetched blocks (our CUDA
+ * kernels against the CPU's: 1e-5 relative), the index keys gathered and the selected K/V blocks fetched,
+ * forward and backward (pure moves and ordered sums: identical). */
 static int cuda_main(int argc, char **argv) {
     Dist dist;
     Comm cp;
@@ -658,7 +673,7 @@ static int cuda_main(int argc, char **argv) {
     split_ops(&cpu_backend, in, index, n, &cp, ref);
     split_ops(&cuda_backend, in, index, n, &cp, got);
     for (int c = 0; c < OUT_COUNT; c++) {
-        const double tol = c <= OUT_RING_DV ? 1e-5 : 0;
+        const double tol = out_computed(c) ? 1e-5 : 0;
         double diff = 0, scale = 0;
         CHECK(got[c]->numel == ref[c]->numel, "rank %d: %s has %lld elements on the GPU and %lld on the CPU", cp.rank,
               OUT_NAMES[c], (long long)got[c]->numel, (long long)ref[c]->numel);
@@ -905,8 +920,6 @@ TEST(sequence_mode_refuses_what_it_does_not_cover) {
     static const struct { const char *args, *expect; } cases[] = {
         {"--set model.dropout=0.1", "dist.cp_mode = sequence (dist.cp = 4) does not take model.dropout = 0.1"},
         {"--set train.seq_len=36", "train.seq_len = 36 is not a multiple of 2 * dist.cp = 8"},
-        {"--set train.device=cuda " MSA, "dist.cp_mode = sequence (dist.cp = 4) with model.attention = \"msa\" (layer 1) "
-                                         "runs on train.device = \"cpu\" only"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char args[512];

@@ -43,8 +43,8 @@
 #                    exceeds it), 10 steps, as one process and as 2 ranks sharing the GPU (mpirun -np 2, dist.cp=2,
 #                    dist.cp_mode=sequence: ring attention, collectives staged through MPI), the same on the CPU;
 #                    losses compared step by step, PASS when the CUDA split moves the loss by at most twice what
-#                    bf16 itself does (CUDA vs CPU at cp 1, same call); the MSA variant is refused on CUDA and
-#                    the stage checks that message
+#                    bf16 itself does (CUDA vs CPU at cp 1, same call); then the MSA variant (every layer
+#                    MSA, 3 dense warm-up steps, then sparse) and the sliding-window variant compared the same way
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
@@ -388,47 +388,51 @@ print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one
                 status=1
             fi
         done
-        echo "--- dense layers"
-        ok=1
-        run_cp cuda1 1 cuda || ok=0
-        # shellcheck disable=SC2086
-        run_cp cuda2 2 cuda $seq || ok=0
-        run_cp cpu1 1 cpu || ok=0
-        # shellcheck disable=SC2086
-        run_cp cpu2 2 cpu $seq || ok=0
-        grep -m1 "share a GPU" "$OUT/cp1g_cuda2.log"
-        if [ $ok = 1 ]; then
-            split_cuda=$(cmp_losses /tmp/cp1g_cuda1/metrics.jsonl /tmp/cp1g_cuda2/metrics.jsonl x)
-            bf16=$(cmp_losses /tmp/cp1g_cuda1/metrics.jsonl /tmp/cp1g_cpu1/metrics.jsonl x)
-            split_cpu=$(cmp_losses /tmp/cp1g_cpu1/metrics.jsonl /tmp/cp1g_cpu2/metrics.jsonl x)
-            cross=$(cmp_losses /tmp/cp1g_cpu2/metrics.jsonl /tmp/cp1g_cuda2/metrics.jsonl x)
-            echo "  max relative loss difference over 10 steps: CUDA cp 2 vs cp 1 $split_cuda; CUDA vs CPU at cp 1" \
-                "(bf16 vs fp32) $bf16; CPU cp 2 vs cp 1 $split_cpu; CUDA vs CPU at cp 2 $cross"
-            # the split changes only the rounding of bf16 activations (the merges, the sums over ranks), so it
-            # must stay within twice what bf16 rounding does to this run
-            if python3 -c "import sys; sys.exit(0 if $split_cuda <= 2 * $bf16 else 1)"; then
-                echo "  PASS: CUDA cp 2 within 2 x (bf16 vs fp32) = $(python3 -c "print('%.3e' % (2 * $bf16))")"
+        # one variant (name prefix, extra settings...): 1 and 2 ranks on CUDA and on the CPU, losses compared
+        compare_cp() {
+            local v=$1 ok=1
+            shift
+            run_cp "${v}cuda1" 1 cuda "$@" || ok=0
+            # shellcheck disable=SC2086
+            run_cp "${v}cuda2" 2 cuda $seq "$@" || ok=0
+            run_cp "${v}cpu1" 1 cpu "$@" || ok=0
+            # shellcheck disable=SC2086
+            run_cp "${v}cpu2" 2 cpu $seq "$@" || ok=0
+            grep -m1 "share a GPU" "$OUT/cp1g_${v}cuda2.log"
+            if [ $ok = 1 ]; then
+                local split_cuda bf16 split_cpu cross
+                split_cuda=$(cmp_losses "/tmp/cp1g_${v}cuda1/metrics.jsonl" "/tmp/cp1g_${v}cuda2/metrics.jsonl" x)
+                bf16=$(cmp_losses "/tmp/cp1g_${v}cuda1/metrics.jsonl" "/tmp/cp1g_${v}cpu1/metrics.jsonl" x)
+                split_cpu=$(cmp_losses "/tmp/cp1g_${v}cpu1/metrics.jsonl" "/tmp/cp1g_${v}cpu2/metrics.jsonl" x)
+                cross=$(cmp_losses "/tmp/cp1g_${v}cpu2/metrics.jsonl" "/tmp/cp1g_${v}cuda2/metrics.jsonl" x)
+                echo "  max relative loss difference over 10 steps: CUDA cp 2 vs cp 1 $split_cuda; CUDA vs CPU at cp 1" \
+                    "(bf16 vs fp32) $bf16; CPU cp 2 vs cp 1 $split_cpu; CUDA vs CPU at cp 2 $cross"
+                # the split changes only the rounding of bf16 activations (the merges, the sums over ranks), so it
+                # must stay within twice what bf16 rounding does to this run
+                if python3 -c "import sys; sys.exit(0 if $split_cuda <= 2 * $bf16 else 1)"; then
+                    echo "  PASS: CUDA cp 2 within 2 x (bf16 vs fp32) = $(python3 -c "print('%.3e' % (2 * $bf16))")"
+                else
+                    echo "  FAIL: CUDA cp 2 differs from cp 1 by more than 2 x (bf16 vs fp32)"
+                    status=1
+                fi
             else
-                echo "  FAIL: CUDA cp 2 differs from cp 1 by more than 2 x (bf16 vs fp32)"
+                echo "  FAIL: a run failed:"
+                tail -n 5 "$OUT"/cp1g_"${v}"*.log
                 status=1
             fi
-        else
-            echo "  FAIL: a run failed:"
-            tail -n 5 "$OUT"/cp1g_*.log
-            status=1
-        fi
-        echo "--- MSA layers (the CUDA MSA kernels read no query index yet: refused at start-up)"
-        msa="--set model.attention=msa --set model.msa_layers=1- --set msa.block_size=8 --set msa.topk_blocks=3
-             --set msa.index_dim=16"
+        }
+        echo "--- dense layers"
+        compare_cp ""
+        # every layer MSA, 3 steps of dense warm-up (the ring attention, the dense KL over the gathered keys), then
+        # the sparse phase (this rank's queries over the fetched blocks: query_index and key_rows in the kernels)
+        echo "--- MSA layers"
         # shellcheck disable=SC2086
-        if ! run_cp msa_cuda2 2 cuda $seq $msa && grep -q 'with model.attention = "msa" (layer 1) runs on train.device = "cpu" only' \
-            "$OUT/cp1g_msa_cuda2.log"; then
-            echo "  refused with the message, as expected"
-        else
-            echo "  FAIL: the MSA variant was not refused as expected"
-            tail -n 5 "$OUT/cp1g_msa_cuda2.log"
-            status=1
-        fi
+        compare_cp msa_ --set model.attention=msa --set model.msa_layers=1- --set msa.block_size=8 \
+            --set msa.topk_blocks=3 --set msa.index_dim=16 --set msa.dense_warmup_steps=3
+        # every layer a sliding window of 2 blocks of 8 and a sink block: the same kernels, with a fixed selection
+        echo "--- sliding-window layers"
+        compare_cp window_ --set model.attention=window --set model.msa_layers=1- --set msa.block_size=8 \
+            --set msa.local_blocks=2 --set msa.init_blocks=1
         unset MSA_ATTENTION
         ;;
     *)

@@ -162,7 +162,7 @@ static const KeyDef KEYS[] = {
     NUM(dist, dp, 0, 0, 1 << 20, "data-parallel ranks (ZeRO-1: optimizer state sharded over them); 0 = every rank that ep and cp leave; dp * ep * cp = ranks of mpirun -np"),
     NUM(dist, ep, 1, 1, 1 << 20, "expert-parallel ranks: each holds num_experts / ep of the routed experts (must divide moe.num_experts) and takes its own sequences; tokens reach their experts by all-to-all"),
     NUM(dist, cp, 1, 1, 1 << 20, "context-parallel ranks: each micro-batch's tokens split over them (cp_mode says how attention reads the others' tokens)"),
-    CHOICE(dist, cp_mode, "auto", "auto|heads|sequence", "heads: attention head-parallel by all-to-all (cp must divide n_kv_heads); sequence: each rank keeps two zigzag chunks of every sequence and every head, dense attention by ring, MSA with every index key gathered and the selected K/V blocks fetched (seq_len a multiple of 2 cp; no dropout; on CUDA dense layers only); auto: heads when cp divides n_kv_heads, else sequence"),
+    CHOICE(dist, cp_mode, "auto", "auto|heads|sequence", "heads: attention head-parallel by all-to-all (cp must divide n_kv_heads); sequence: each rank keeps two zigzag chunks of every sequence and every head, dense attention by ring, MSA and window layers with every index key gathered and the selected K/V blocks fetched (seq_len a multiple of 2 cp; no dropout); auto: heads when cp divides n_kv_heads, else sequence"),
     NUM(dist, bucket_mb, 25, 0, FMAX, "MiB of gradients per bucket: each bucket is reduce-scattered as soon as the backward has finished it, overlapping the backward of the earlier layers, and its updated parameters all-gathered during the next forward, each before the first block that reads it; 0 = one reduce-scatter and one all-gather per ZeRO region after the backward"),
     NUM(dist, timeout, 1800, 0, FMAX, "seconds a collective waits for the other ranks before the job ends with a message (a rank failed or hangs); 0 = forever"),
 };
@@ -705,16 +705,10 @@ void config_validate(const RunConfig *c) {
               "kernels/cuda/limits.h CUDA_NORM_DIM_MAX)", src, m->d_model, CUDA_NORM_DIM_MAX,
               CUDA_NORM_DIM_MAX_UNALIGNED);
     if (config_cp_sequence(c) && c->dist.cp > 1) {
-        /* what sequence-split CP (autograd/op_cp_sequence.c, op_cp_blocks.c) does not cover yet */
+        /* what sequence-split CP (autograd/op_cp_sequence.c, op_cp_blocks.c) does not cover yet; every attention
+         * kind runs on either backend (the MSA and window kernels read rows named by MsaParams.query_index and
+         * key_rows on the CPU and on CUDA, kernels/cuda/NOTES.md) */
         const int cp = c->dist.cp;
-        /* dense layers run the ring on either backend; the sparse layers' kernels read rows named by index
-         * (MsaParams.query_index, key_rows) on the CPU only */
-        for (int layer = 0; layer < m->n_layers && strcmp(c->train.device, "cpu") != 0; layer++)
-            if (strcmp(config_layer_attention(c, layer), "dense") != 0)
-                fatal("%s: dist.cp_mode = sequence (dist.cp = %d) with model.attention = \"%s\" (layer %d) runs on "
-                      "train.device = \"cpu\" only: the CUDA %s kernels do not read queries named by index yet; use "
-                      "dist.cp_mode = heads with a dist.cp that divides model.n_kv_heads = %d, or dense attention",
-                      src, cp, config_layer_attention(c, layer), layer, config_layer_attention(c, layer), m->n_kv_heads);
         if (m->dropout > 0)
             fatal("%s: dist.cp_mode = sequence (dist.cp = %d) does not take model.dropout = %g: a rank's two chunks of "
                   "a sequence would need two mask offsets; use model.dropout = 0 or dist.cp_mode = heads",

@@ -70,6 +70,8 @@ enum {
     ERR_MOE_ROWS = 9,     /* position: rows element; value: the row */
     ERR_MOE_OFFSETS = 10, /* position: expert e; value: offsets[e+1] */
 };
+/* msa kernels (query_index, key_rows): [1] 1 for query_index, 0 for key_rows, [2] index, [3] value, [4] rows */
+enum { ERR_MSA_ROWS = 11 };
 constexpr int ERR_WORDS = 8;
 int *errbuf();
 void check_device_errors();

@@ -70,7 +70,8 @@ constexpr size_t PARTIAL_BUDGET = (size_t)1 << 30;
  * Schedule
  * ---------------------------------------------------------------------------------------------- */
 
-/* Plan of group g: row_ptr [N+1] | q_idx [NK] | row_lo [N] | row_hi [N] (backend.h). */
+/* Plan of group g: row_ptr [N+1] | q_idx [NK] | row_lo [N] | row_hi [N] (backend.h; N tokens, NK = Nq * k, q_idx
+ * holding query rows: msa_plan_width_rows). */
 struct PlanView {
     const int32_t *plan;
     int64_t P, NK;
@@ -172,10 +173,11 @@ __global__ void sched_desc_kernel(TileDesc *desc, const int *tile_off, const int
     }
 }
 
-/* Entry e of the chunk (query li of row gr's sub-list): its token t and slot (the position of the
+/* Entry e of the chunk (query li of row gr's sub-list): its query row t and slot (the position of the
  * row's block in topk[g][t]; -1 when absent, which makes the packed rows invalid). */
 __global__ void sched_entries_kernel(int2 *ent, const int *qoff, const int *rs, PlanView pv, const int32_t *topk,
-                                     const int32_t *cu, int ndocs, int K, int B, int Rb, int n_gr, int c0, int c1, int bound) {
+                                     const int32_t *q_token, int Nq, const int32_t *cu, int ndocs, int K, int B, int Rb,
+                                     int n_gr, int c0, int c1, int bound) {
     const int E = min(qoff[n_gr], bound);
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < E; e += gridDim.x * blockDim.x) {
         const int gr = upper_bound(qoff, n_gr + 1, e) - 1;
@@ -183,10 +185,11 @@ __global__ void sched_entries_kernel(int2 *ent, const int *qoff, const int *rs, 
         const int t = pv.q_idx(g)[rs[gr] + (e - qoff[gr])];
         int slot = -1;
         if (t >= c0 && t < c1) {
-            const int ds = cu[msa_doc_of(cu, ndocs, t)], lo = pv.row_lo(g)[r];
-            if (lo >= ds && lo <= t) {
+            const int tok = msa_row_token(q_token, t, pv.N);
+            const int ds = cu[msa_doc_of(cu, ndocs, tok)], lo = pv.row_lo(g)[r];
+            if (lo >= ds && lo <= tok) {
                 const int b = (lo - ds) / B;
-                const int32_t *row = topk + ((int64_t)g * pv.N + t) * K;
+                const int32_t *row = topk + ((int64_t)g * Nq + t) * K;
                 for (int i = 0; i < K; i++) {
                     const int v = row[i];
                     if (v < 0) break;
@@ -236,12 +239,12 @@ __device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
  * order, lse = LSE. */
 template <typename T, typename PT, int VPL>
 __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, const float *lpart, const int32_t *topk, int c0,
-                                       int nq, int N, int Hq, int G, int K, int nks, int NS, int D) {
+                                       int nq, int Nq, int Hq, int G, int K, int nks, int NS, int D) {
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (int64_t)nq * Hq) return;
     const int lane = threadIdx.x & 31;
     const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
-    const int ns = selected_slots(topk + ((int64_t)(h / G) * N + t) * K, K) * nks;
+    const int ns = selected_slots(topk + ((int64_t)(h / G) * Nq + t) * K, K) * nks;
     const float *lp = lpart + row * NS;
     float mx = -INFINITY;
     for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lp[s]);
@@ -280,20 +283,20 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
         const int e = (j * 32 + lane) * VPL;
         if (e < D) store_f32<T, VPL>(dst + e, acc[j]);
     }
-    if (lane == 0) lse[(int64_t)h * N + t] = L;
+    if (lane == 0) lse[(int64_t)h * Nq + t] = L;
 }
 
 /* One warp per (chunk query, head): dq += scale * sum of the valid dQ partials in slot order (scale times
  * scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1, D = Di). */
 template <typename T, int VPL>
-__global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *topk, int c0, int nq, int N, int Hq, int G,
+__global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G,
                                       int K, int nks, int NS, int D, float scale, const float *scale_grad) {
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (int64_t)nq * Hq) return;
     if (scale_grad) scale *= *scale_grad;
     const int lane = threadIdx.x & 31;
     const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
-    const int ns = selected_slots(topk + ((int64_t)(h / G) * N + t) * K, K) * nks;
+    const int ns = selected_slots(topk + ((int64_t)(h / G) * Nq + t) * K, K) * nks;
     constexpr int STEPS = 8 / VPL;
     float acc[STEPS][VPL];
 #pragma unroll
@@ -405,10 +408,22 @@ __global__ void __launch_bounds__(1024) msa_kl_final_kernel(float *kl, const dou
     if (threadIdx.x == 0) kl[0] = pairs > 0 ? (float)(acc * 0.6931471805599453 / pairs) : 0.0f;
 }
 
-/* grad += mul * acc */
-template <typename T> __global__ void msa_add_acc_kernel(T *grad, const float *acc, int64_t n, float mul) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        grad[i] = from_f32<T>(to_f32(grad[i]) + mul * acc[i]);
+/* grad += mul * acc, acc having a row of `width` per token: grad's row of token j is key_rows[j] (NULL: j; -1 or
+ * outside [0, M): none, a token whose keys no query read, whose acc row is 0). The tokens' rows are distinct, so
+ * every element of grad has one writer. */
+template <typename T>
+__global__ void msa_add_acc_kernel(T *grad, const float *acc, int64_t n, int64_t width, const int32_t *key_rows, int M,
+                                   float mul) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t o = i;
+        if (key_rows) {
+            const int64_t j = i / width;
+            const int r = key_rows[j];
+            if (r < 0 || r >= M) continue;
+            o = (int64_t)r * width + (i - j * width);
+        }
+        grad[o] = from_f32<T>(to_f32(grad[o]) + mul * acc[i]);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -428,9 +443,12 @@ struct Carve {
 };
 
 /* One call's shapes. */
+/* One call's shapes: N tokens (the key side), Nq query rows (N without a query_index), whose tokens are
+ * q_token (NULL: row t is token t). */
 struct Shape {
-    int N, Hq, Hkv, D, G, K, B, ndocs, Rb, n_gr;
+    int N, Nq, Hq, Hkv, D, G, K, B, ndocs, Rb, n_gr;
     int64_t P;
+    const int32_t *q_token;
 };
 
 /* Per-chunk schedule buffers. */
@@ -458,7 +476,7 @@ void sched_carve(Carve &cv, Sched &s, const Shape &sh, const Geo &geo, int Qc) {
 
 void sched_build(const Sched &s, const Shape &sh, const Geo &geo, const int32_t *plan, const int32_t *topk,
                  const int32_t *cu, int c0, int c1) {
-    const PlanView pv{plan, sh.P, (int64_t)sh.N * sh.K, sh.N};
+    const PlanView pv{plan, sh.P, (int64_t)sh.Nq * sh.K, sh.N};
     sched_count_kernel<<<grid_for(sh.n_gr, 256), 256, 0, stream()>>>(s.rs, s.cnt, s.ntiles, pv, sh.Rb, sh.n_gr, c0, c1, sh.G, geo.M,
                                                         geo.nks);
     LAUNCH_CHECK("msa_attention schedule count");
@@ -467,8 +485,8 @@ void sched_build(const Sched &s, const Shape &sh, const Geo &geo, const int32_t 
     sched_desc_kernel<<<grid_for(s.tile_bound, 256), 256, 0, stream()>>>(s.desc, s.tile_off, s.qoff, s.cnt, pv, sh.Rb, sh.n_gr, sh.G,
                                                             geo.M, geo.nks, geo.KB, s.tile_bound);
     LAUNCH_CHECK("msa_attention schedule tiles");
-    sched_entries_kernel<<<grid_for(s.ent_bound, 256), 256, 0, stream()>>>(s.ent, s.qoff, s.rs, pv, topk, cu, sh.ndocs, sh.K, sh.B, sh.Rb,
-                                                              sh.n_gr, c0, c1, s.ent_bound);
+    sched_entries_kernel<<<grid_for(s.ent_bound, 256), 256, 0, stream()>>>(s.ent, s.qoff, s.rs, pv, topk, sh.q_token, sh.Nq, cu,
+                                                              sh.ndocs, sh.K, sh.B, sh.Rb, sh.n_gr, c0, c1, s.ent_bound);
     LAUNCH_CHECK("msa_attention schedule entries");
 }
 
@@ -483,18 +501,20 @@ int chunk_queries(int N, size_t bytes_per_query) {
 }
 
 
-/* Validate what both entries share; returns the shape (P, Rb from N, K, B, ndocs). */
+/* Validate what the entries share; returns the shape (P, Rb from N, K, B, ndocs). q has Nq rows; k and v have N
+ * (a row per token) or, with key_rows, the fetched rows (M of them). */
 Shape check_common(const char *what, const Tensor *q, const Tensor *k, const Tensor *v, const Tensor *topk, const Tensor *plan,
                    const Tensor *cu, const MsaParams *p) {
     const int64_t ndocs = msa_check_params(what, p, cu);
     if (!q || !k || !v) fatal("cuda %s: q, k and v are required", what);
-    if (q->ndim != 3) fatal("cuda %s: q must be [N, Hq, D], got %d dims", what, q->ndim);
+    if (q->ndim != 3) fatal("cuda %s: q must be [Nq, Hq, D], got %d dims", what, q->ndim);
     if (k->ndim != 3) fatal("cuda %s: k must be [N, Hkv, D], got %d dims", what, k->ndim);
-    const int64_t N = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1], D = q->shape[2];
-    if (k->shape[0] != N) fatal("cuda %s: q and k must have N = %lld rows (got %lld and %lld)", what, (long long)N, (long long)N, (long long)k->shape[0]);
+    const int64_t Nq = q->shape[0], N = msa_token_count(k, p), M = k->shape[0];
+    const int64_t Hq = q->shape[1], Hkv = k->shape[1], D = q->shape[2];
+    const int32_t *q_token = msa_query_tokens(what, p, Nq, N);
     if (k->shape[2] != D) fatal("cuda %s: q head dim %lld differs from k head dim %lld", what, (long long)D, (long long)k->shape[2]);
-    if (v->ndim != 3 || v->shape[0] != N || v->shape[1] != Hkv || v->shape[2] != D)
-        fatal("cuda %s: v must be [%lld, %lld, %lld] like k", what, (long long)N, (long long)Hkv, (long long)D);
+    if (v->ndim != 3 || v->shape[0] != M || v->shape[1] != Hkv || v->shape[2] != D)
+        fatal("cuda %s: v must be [%lld, %lld, %lld] like k", what, (long long)M, (long long)Hkv, (long long)D);
     if (Hkv <= 0 || Hq % Hkv != 0) fatal("cuda %s: %lld query heads are not a multiple of %lld KV heads", what, (long long)Hq, (long long)Hkv);
     if (D < 1 || D > CUDA_HEAD_DIM_MAX)
         fatal("cuda %s: head dim %lld not supported (1..%d, kernels/cuda/limits.h CUDA_HEAD_DIM_MAX)", what, (long long)D,
@@ -502,22 +522,29 @@ Shape check_common(const char *what, const Tensor *q, const Tensor *k, const Ten
     if (q->dtype != k->dtype || q->dtype != v->dtype)
         fatal("cuda %s: q, k, v must share one dtype (got %s, %s, %s)", what, dt_name(q->dtype), dt_name(k->dtype), dt_name(v->dtype));
     if (q->dtype != DT_F32 && q->dtype != DT_BF16) fatal("cuda %s: dtype %s not supported (f32 or bf16)", what, dt_name(q->dtype));
-    if (N >= INT32_MAX / 2 || Hq > CUDA_HEADS_MAX) fatal("cuda %s: too many tokens or heads", what);
+    if (N >= INT32_MAX / 2 || M >= INT32_MAX / 2 || Hq > CUDA_HEADS_MAX) fatal("cuda %s: too many tokens or heads", what);
     const int64_t K = p->topk_blocks;
     if (topk) {
         if (topk->dtype != DT_I32) fatal("cuda %s: topk must be i32, got %s", what, dt_name(topk->dtype));
-        if (topk->ndim != 3 || topk->shape[0] != Hkv || topk->shape[1] != N || topk->shape[2] != K)
-            fatal("cuda %s: topk must be [Hidx = %lld, N = %lld, topk_blocks = %lld]", what, (long long)Hkv, (long long)N, (long long)K);
-        if (N * K >= INT32_MAX) fatal("cuda %s: N * topk_blocks = %lld does not fit the i32 plan", what, (long long)(N * K));
+        if (topk->ndim != 3 || topk->shape[0] != Hkv || topk->shape[1] != Nq || topk->shape[2] != K)
+            fatal("cuda %s: topk must be [Hidx = %lld, Nq = %lld, topk_blocks = %lld]", what, (long long)Hkv, (long long)Nq,
+                  (long long)K);
+        if (Nq * K >= INT32_MAX) fatal("cuda %s: Nq * topk_blocks = %lld does not fit the i32 plan", what, (long long)(Nq * K));
     } else if (plan) {
         fatal("cuda %s: a plan without topk (a NULL topk means every visible block, which has no plan)", what);
+    } else if (q_token) {
+        fatal("cuda %s: a NULL topk (every visible block) with a query_index: under sequence-split context parallelism "
+              "the dense warm-up runs the ring attention (layers/msa.c)", what);
     }
-    const int64_t P = msa_plan_width(N, K);
+    if (plan && q_token)
+        fatal("cuda %s: a plan with a query_index (the plan's rows are the tokens; the kernels build their own)", what);
+    const int64_t P = msa_plan_width_rows(N, Nq, K);
     if (plan && (plan->dtype != DT_I32 || plan->numel != Hkv * P))
         fatal("cuda %s: plan must be i32 [Hidx, msa_plan_width(N, k)] = [%lld, %lld], got %s with %lld elements", what,
               (long long)Hkv, (long long)P, dt_name(plan->dtype), (long long)plan->numel);
     Shape s;
     s.N = (int)N;
+    s.Nq = (int)Nq;
     s.Hq = (int)Hq;
     s.Hkv = (int)Hkv;
     s.D = (int)D;
@@ -530,13 +557,17 @@ Shape check_common(const char *what, const Tensor *q, const Tensor *k, const Ten
     s.Rb = (int)(rb < N ? rb : N);
     s.n_gr = (int)(Hkv * s.Rb);
     s.P = P;
+    s.q_token = q_token;
     return s;
 }
+
+/* key_rows' data (NULL without) */
+const int32_t *key_rows_of(const MsaParams *p) { return p->key_rows ? (const int32_t *)p->key_rows->data : nullptr; }
 
 /* The plan to use: the caller's, or a temporary built here (msa_temporary_plan). */
 const int32_t *get_plan(const Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p, const Shape &sh) {
     if (plan) return (const int32_t *)plan->data;
-    return msa_temporary_plan(topk, cu, p, sh.Hkv, sh.P);
+    return msa_temporary_plan(topk, cu, p, sh.N);
 }
 
 template <typename T, typename PT, int VPL>
@@ -544,7 +575,7 @@ void launch_fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *
                         int c0, int nq, int nks, int NS) {
     const int64_t rows = (int64_t)nq * sh.Hq;
     msa_fwd_combine_kernel<T, PT, VPL><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>((T *)out->data, (float *)lse->data, opart, lpart,
-                                                                             topk, c0, nq, sh.N, sh.Hq, sh.G, sh.K, nks, NS,
+                                                                             topk, c0, nq, sh.Nq, sh.Hq, sh.G, sh.K, nks, NS,
                                                                              sh.D);
     LAUNCH_CHECK("msa_attention_forward combine");
 }
@@ -566,10 +597,10 @@ void dq_combine(Tensor *dq, const float *dqp, const int32_t *topk, const Shape &
     const unsigned blocks = (unsigned)((rows + 7) / 8);
     T *d = (T *)dq->data;
     if (D % 128 == 0)
-        msa_dq_combine_kernel<T, 4><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
+        msa_dq_combine_kernel<T, 4><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad);
     else if (D % 64 == 0)
-        msa_dq_combine_kernel<T, 2><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
-    else msa_dq_combine_kernel<T, 1><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.N, H, G, sh.K, nks, NS, D, scale, scale_grad);
+        msa_dq_combine_kernel<T, 2><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad);
+    else msa_dq_combine_kernel<T, 1><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad);
     LAUNCH_CHECK("msa_attention_backward dq combine");
 }
 
@@ -589,6 +620,8 @@ TileArgs tile_args(const Tensor *q, const Tensor *k, const Tensor *v, const Sche
     a.n_gr = sh.n_gr;
     a.Rb = sh.Rb;
     a.N = sh.N;
+    a.Nq = sh.Nq;
+    a.q_token = sh.q_token;
     a.Hq = sh.Hq;
     a.Hkv = sh.Hkv;
     a.G = sh.G;
@@ -603,8 +636,8 @@ TileArgs tile_args(const Tensor *q, const Tensor *k, const Tensor *v, const Sche
 template <typename Run>
 void for_each_chunk(const Sched &sc, const Shape &sh, const Geo &geo, const int32_t *plan, const int32_t *topk,
                     const int32_t *cu, int Qc, TileArgs &a, Run run) {
-    for (int c0 = 0; c0 < sh.N; c0 += Qc) {
-        const int c1 = sh.N - c0 > Qc ? c0 + Qc : sh.N;
+    for (int c0 = 0; c0 < sh.Nq; c0 += Qc) {
+        const int c1 = sh.Nq - c0 > Qc ? c0 + Qc : sh.Nq;
         sched_build(sc, sh, geo, plan, topk, cu, c0, c1);
         a.c0 = c0;
         run(c0, c1);
@@ -628,7 +661,7 @@ void forward_impl(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, co
     const bool tc = msa_tc_handles(q->dtype, sh.D);
     const Geo geo = tile_geo(q->dtype, sh, false, 0);
     const size_t psz = tc ? sizeof(bf16) : sizeof(float); /* partial O: bf16 on the tensor-core path */
-    const int Qc = chunk_queries(sh.N, (size_t)sh.Hq * geo.NS * (sh.D * psz + sizeof(float)));
+    const int Qc = chunk_queries(sh.Nq, (size_t)sh.Hq * geo.NS * (sh.D * psz + sizeof(float)));
     Carve cv{nullptr, 0};
     Sched sc;
     void *opart = nullptr;
@@ -666,13 +699,13 @@ struct KlFold {
 template <typename T>
 void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q, const Tensor *k, const Tensor *v,
                    const Tensor *out, const Tensor *lse, const int32_t *topk, const int32_t *plan, const int32_t *cu,
-                   const Shape &sh, float scale, const KlFold *kl) {
+                   const Shape &sh, float scale, const KlFold *kl, const int32_t *k_rows, int k_count) {
     const bool tc = msa_tc_handles(q->dtype, sh.D);
     const int Di = kl ? kl->Di : 0;
     const Geo geo = tile_geo(q->dtype, sh, true, Di);
     const size_t per_query = (dq ? (size_t)sh.Hq * geo.NS * sh.D * sizeof(float) : 0) +
                              (kl && kl->dqi ? (size_t)sh.Hkv * geo.NS * Di * sizeof(float) : 0);
-    const int Qc = chunk_queries(sh.N, per_query);
+    const int Qc = chunk_queries(sh.Nq, per_query);
     const bool want_kv = dk || dv;
     const int64_t nkv = (int64_t)sh.N * sh.Hkv * sh.D, nki = (int64_t)sh.N * Di;
     Carve cv{nullptr, 0};
@@ -682,7 +715,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     double *klpart = nullptr;
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 1) cv = Carve{(char *)scratch(cv.off), 0};
-        dsum = cv.take<float>((int64_t)sh.Hq * sh.N);
+        dsum = cv.take<float>((int64_t)sh.Hq * sh.Nq);
         acck = dk ? cv.take<float>(nkv) : nullptr;
         accv = dv ? cv.take<float>(nkv) : nullptr;
         cut = want_kv ? cv.take<float>((int64_t)geo.grid * 2 * 2 * geo.KB * sh.D) : nullptr;
@@ -695,8 +728,8 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         }
         sched_carve(cv, sc, sh, geo, Qc);
     }
-    const int64_t rows = (int64_t)sh.N * sh.Hq;
-    msa_dsum_kernel<T><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>(dsum, (const T *)dout->data, (const T *)out->data, sh.N, sh.Hq,
+    const int64_t rows = (int64_t)sh.Nq * sh.Hq;
+    msa_dsum_kernel<T><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>(dsum, (const T *)dout->data, (const T *)out->data, sh.Nq, sh.Hq,
                                                             sh.D);
     LAUNCH_CHECK("msa_attention_backward dsum");
     if (acck) CUDA_CHECK(cudaMemsetAsync(acck, 0, (size_t)nkv * sizeof(float), stream()));
@@ -735,12 +768,14 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         if (kl && kl->dqi)
             dq_combine<T>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, c1 - c0, geo.nks, geo.NS, kl->mul, kl->grad);
     });
+    /* dK/dV into the caller's rows: the tokens' (k_rows NULL), or the fetched rows key_rows names */
+    const int64_t width = (int64_t)sh.Hkv * sh.D;
     if (acck) {
-        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256, 0, stream()>>>((T *)dk->data, acck, nkv, scale);
+        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256, 0, stream()>>>((T *)dk->data, acck, nkv, width, k_rows, k_count, scale);
         LAUNCH_CHECK("msa_attention_backward dk");
     }
     if (accv) {
-        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256, 0, stream()>>>((T *)dv->data, accv, nkv, 1.0f);
+        msa_add_acc_kernel<T><<<grid_for(nkv, 256), 256, 0, stream()>>>((T *)dv->data, accv, nkv, width, k_rows, k_count, 1.0f);
         LAUNCH_CHECK("msa_attention_backward dv");
     }
     if (accki) {
@@ -748,7 +783,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         LAUNCH_CHECK("msa_attention_kl_backward dki");
     }
     if (klpart) {
-        msa_kl_final_kernel<<<1, 1024, 0, stream()>>>((float *)kl->kl->data, klpart, geo.grid, (double)sh.N * sh.Hkv);
+        msa_kl_final_kernel<<<1, 1024, 0, stream()>>>((float *)kl->kl->data, klpart, geo.grid, (double)sh.Nq * sh.Hkv);
         LAUNCH_CHECK("msa_attention_kl_backward kl");
     }
 }
@@ -763,16 +798,17 @@ extern "C" void cuda_msa_attention_forward(Tensor *out, Tensor *lse, const Tenso
     const char *what = "msa_attention_forward";
     const Shape sh = check_common(what, q, k, v, topk, plan, cu_seqlens, p);
     if (!out || out->numel != q->numel || out->dtype != q->dtype) fatal("cuda %s: out must have q's shape and dtype", what);
-    if (!lse || lse->numel != (int64_t)sh.Hq * sh.N || lse->dtype != DT_F32) fatal("cuda %s: lse must be f32 [Hq, N]", what);
+    if (!lse || lse->numel != (int64_t)sh.Hq * sh.Nq || lse->dtype != DT_F32) fatal("cuda %s: lse must be f32 [Hq, Nq]", what);
     if (!topk) { /* dense warm-up: every visible block = causal attention within the document */
         cuda_attention_forward(out, lse, q, k, v, cu_seqlens, p->scale);
         return;
     }
-    if (sh.N == 0) return;
+    if (sh.N == 0 || sh.Nq == 0) return;
     const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh);
+    const Tensor kt = msa_keys_by_token(what, k, p, 0), vt = msa_keys_by_token(what, v, p, 1);
     DISPATCH_FLOAT(q->dtype, T, what,
-                   forward_impl<T>(out, lse, q, k, v, (const int32_t *)topk->data, pl, (const int32_t *)cu_seqlens->data, sh,
-                                   p->scale));
+                   forward_impl<T>(out, lse, q, &kt, &vt, (const int32_t *)topk->data, pl, (const int32_t *)cu_seqlens->data,
+                                   sh, p->scale));
 }
 
 extern "C" void cuda_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
@@ -785,7 +821,7 @@ extern "C" void cuda_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, 
     if (!dq && !dk && !dv) return;
     if (!dout || !out || dout->numel != q->numel || out->numel != q->numel || dout->dtype != q->dtype || out->dtype != q->dtype)
         fatal("cuda %s: dout and out must have q's shape and dtype", what);
-    if (!lse || lse->numel != (int64_t)sh.Hq * sh.N || lse->dtype != DT_F32) fatal("cuda %s: lse must be f32 [Hq, N]", what);
+    if (!lse || lse->numel != (int64_t)sh.Hq * sh.Nq || lse->dtype != DT_F32) fatal("cuda %s: lse must be f32 [Hq, Nq]", what);
     const Tensor *grads[3] = {dq, dk, dv}, *like[3] = {q, k, v};
     for (int i = 0; i < 3; i++)
         if (grads[i] && (grads[i]->numel != like[i]->numel || grads[i]->dtype != q->dtype))
@@ -794,11 +830,13 @@ extern "C" void cuda_msa_attention_backward(Tensor *dq, Tensor *dk, Tensor *dv, 
         cuda_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, p->scale);
         return;
     }
-    if (sh.N == 0) return;
+    if (sh.N == 0 || sh.Nq == 0) return;
     const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh);
+    const Tensor kt = msa_keys_by_token(what, k, p, 0), vt = msa_keys_by_token(what, v, p, 1);
     DISPATCH_FLOAT(q->dtype, T, what,
-                   backward_impl<T>(dq, dk, dv, dout, q, k, v, out, lse, (const int32_t *)topk->data, pl,
-                                    (const int32_t *)cu_seqlens->data, sh, p->scale, nullptr));
+                   backward_impl<T>(dq, dk, dv, dout, q, &kt, &vt, out, lse, (const int32_t *)topk->data, pl,
+                                    (const int32_t *)cu_seqlens->data, sh, p->scale, nullptr, key_rows_of(p),
+                                    (int)k->shape[0]));
 }
 
 
@@ -816,16 +854,16 @@ extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *d
     if ((dq || dk || dv) && !dout) fatal("cuda %s: dout is required for dq, dk or dv", what);
     if (dout && (dout->numel != q->numel || dout->dtype != q->dtype)) fatal("cuda %s: dout must have q's shape and dtype", what);
     if (!out || out->numel != q->numel || out->dtype != q->dtype) fatal("cuda %s: out must have q's shape and dtype", what);
-    if (!lse || lse->numel != (int64_t)sh.Hq * sh.N || lse->dtype != DT_F32) fatal("cuda %s: lse must be f32 [Hq, N]", what);
+    if (!lse || lse->numel != (int64_t)sh.Hq * sh.Nq || lse->dtype != DT_F32) fatal("cuda %s: lse must be f32 [Hq, Nq]", what);
     const Tensor *grads[3] = {dq, dk, dv}, *like[3] = {q, k, v};
     for (int i = 0; i < 3; i++)
         if (grads[i] && (grads[i]->numel != like[i]->numel || grads[i]->dtype != q->dtype))
             fatal("cuda %s: gradients must have their inputs' shapes and dtype", what);
-    if (!qi || !ki || qi->ndim != 3 || qi->shape[0] != sh.N || qi->shape[1] != sh.Hkv || ki->ndim != 2 ||
+    if (!qi || !ki || qi->ndim != 3 || qi->shape[0] != sh.Nq || qi->shape[1] != sh.Hkv || ki->ndim != 2 ||
         ki->shape[0] != sh.N || ki->shape[1] != qi->shape[2] || qi->dtype != ki->dtype)
-        fatal("cuda %s: qi must be [N, Hidx = Hkv, Di] and ki [N, Di] of one dtype", what);
-    if (!idx_lse || idx_lse->numel != (int64_t)sh.Hkv * sh.N || idx_lse->dtype != DT_F32)
-        fatal("cuda %s: idx_lse must be f32 [Hidx, N] (the indexer's)", what);
+        fatal("cuda %s: qi must be [Nq, Hidx = Hkv, Di] and ki [N, Di] of one dtype", what);
+    if (!idx_lse || idx_lse->numel != (int64_t)sh.Hkv * sh.Nq || idx_lse->dtype != DT_F32)
+        fatal("cuda %s: idx_lse must be f32 [Hidx, Nq] (the indexer's)", what);
     if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype)) || (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype)))
         fatal("cuda %s: dqi and dki must have qi's and ki's shapes and dtype", what);
     if ((kl && (kl->numel != 1 || kl->dtype != DT_F32)) || (kl_grad && (kl_grad->numel != 1 || kl_grad->dtype != DT_F32)))
@@ -833,13 +871,13 @@ extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *d
     const Tensor *dev[] = {dq, dk, dv, dqi, dki, kl, dout, out, lse, qi, ki, idx_lse, kl_grad};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i] && dev[i]->device != DEV_CUDA) fatal("cuda %s: every tensor must be on the CUDA device", what);
-    if (sh.N == 0) {
+    if (sh.N == 0 || sh.Nq == 0) {
         if (kl) CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), stream()));
         return;
     }
     const int Di = (int)qi->shape[2];
-    /* the gradient's coefficient: kl_weight * kl_grad[0] / (N * Hidx), kl_grad read on the device */
-    const float mul = (float)((double)kl_weight / ((double)sh.N * sh.Hkv));
+    /* the gradient's coefficient: kl_weight * kl_grad[0] / (Nq * Hidx), kl_grad read on the device */
+    const float mul = (float)((double)kl_weight / ((double)sh.Nq * sh.Hkv));
     const float *grad = kl_grad ? (const float *)kl_grad->data : nullptr;
     /* MSA_CUDA_KL_FOLD=0 runs the separate kernels for every shape: the fold is new, and a user who suspects it
      * can compare the two paths without rebuilding */
@@ -855,6 +893,7 @@ extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *d
     }
     const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh);
     const KlFold fold = {qi, ki, idx_lse, dqi, dki, kl, grad, mul * p->index_scale, p->index_scale, Di};
-    backward_impl<bf16>(dq, dk, dv, dout, q, k, v, out, lse, (const int32_t *)topk->data, pl,
-                        (const int32_t *)cu_seqlens->data, sh, p->scale, &fold);
+    const Tensor kt = msa_keys_by_token(what, k, p, 0), vt = msa_keys_by_token(what, v, p, 1);
+    backward_impl<bf16>(dq, dk, dv, dout, q, &kt, &vt, out, lse, (const int32_t *)topk->data, pl,
+                        (const int32_t *)cu_seqlens->data, sh, p->scale, &fold, key_rows_of(p), (int)k->shape[0]);
 }

@@ -18,10 +18,13 @@ struct __align__(16) TileDesc {
 };
 constexpr int TILE_ROWS = 0xffff, TILE_FIRST = 1 << 16, TILE_LAST = 1 << 17; /* in TileDesc.rows */
 
-/* Everything a tile kernel reads; one struct for the four tile kernels (unused fields null). */
+/* Everything a tile kernel reads; one struct for the four tile kernels (unused fields null). A packed row's
+ * meta (int4) is {query row (-1: invalid), head, partial slot, the row's token (-1: invalid)}: the row addresses
+ * q, dout, lse, dsum, qi, idx_lse and the partials, the token is the causal limit (key <= token); they are one
+ * number without a query_index. msa_row_meta builds it. */
 struct TileArgs {
     const void *q, *k, *v, *dout;
-    const float *lse, *dsum;          /* backward: [Hq, N] */
+    const float *lse, *dsum;          /* backward: [Hq, Nq] */
     const TileDesc *desc;
     const int2 *ent;
     const int *tile_off;              /* total tiles at [n_gr] */
@@ -31,10 +34,12 @@ struct TileArgs {
     float *acck, *accv;               /* backward: fp32 [N, Hkv, D], NULL when not wanted */
     float *cut;                       /* backward: [grid][2][2][KB][D] parts of split segments */
     int n_gr, Rb, N, Hq, Hkv, G, NS, nks, c0;
+    int Nq;                           /* query rows: q, dout, lse, dsum, qi, idx_lse and the entries count them */
+    const int32_t *q_token;           /* [Nq] the token of each query row (MsaParams.query_index), NULL: the row */
     float scale;
     /* the KL folded into the backward (msa_attention_kl_backward; tensor cores only), unused without */
-    const void *qi, *ki;              /* [N, Hkv, Di], [N, Di] */
-    const float *idx_lse;             /* [Hkv, N] */
+    const void *qi, *ki;              /* [Nq, Hkv, Di], [N, Di] */
+    const float *idx_lse;             /* [Hkv, Nq] */
     float *dqip;                      /* [Qc][Hkv][NS][Di] fp32 dqi partials, NULL without dqi */
     float *accki;                     /* [Hkv][N][Di] fp32: each group's dki, NULL without dki */
     float *cutki;                     /* [grid][2][KB][Di] parts of split segments */
@@ -42,6 +47,12 @@ struct TileArgs {
     int lgG;                          /* log2 G (G a power of two with the KL) */
     float isl2;                       /* index_scale * log2(e) */
 };
+
+/* The meta of a packed row from its entry e (row, slot) and head: see TileArgs. */
+__device__ __forceinline__ int4 msa_row_meta(const TileArgs &a, int2 e, int head, int ks) {
+    if (e.y < 0) return make_int4(-1, 0, 0, -1);
+    return make_int4(e.x, head, e.y * a.nks + ks, msa_row_token(a.q_token, e.x, a.N));
+}
 
 /* the contiguous tile range of this CTA; the fixup kernel uses the same formula */
 __device__ __forceinline__ void cta_range(int T, int c, int nc, int &tb, int &te) {

@@ -18,11 +18,10 @@ constexpr int CC_THREADS = 128, CC_WARPS = 4, CC_M = 32, CC_QPW = 8;
 
 /* the tile's row meta from global memory (thread p < CC_M) */
 __device__ __forceinline__ int4 cc_meta(const TileArgs &a, const TileDesc &d, int p) {
-    int4 mt = make_int4(-1, 0, 0, 0);
+    int4 mt = make_int4(-1, 0, 0, -1);
     if (p < (d.rows & TILE_ROWS)) {
         const int pi = d.off0 + p, lq = pi / a.G, hh = pi - lq * a.G;
-        const int2 e = a.ent[d.ebase + lq];
-        if (e.y >= 0) mt = make_int4(e.x, (d.gr / a.Rb) * a.G + hh, e.y * a.nks + d.ks, 0);
+        mt = msa_row_meta(a, a.ent[d.ebase + lq], (d.gr / a.Rb) * a.G + hh, d.ks);
     }
     return mt;
 }
@@ -92,7 +91,7 @@ __global__ void __launch_bounds__(CC_THREADS) msa_fwd_cc_kernel(TileArgs a, int 
 #pragma unroll
         for (int r = 0; r < CC_QPW; r++) {
             if (mt[r].x < 0) continue;
-            const bool vis = key < d.khi && key <= mt[r].x;
+            const bool vis = key < d.khi && key <= mt[r].w;
             const float mx = warp_max(vis ? s[r] : -INFINITY);
             const float p = vis ? expf(s[r] - mx) : 0.0f;
             const float l = warp_sum(p);
@@ -185,7 +184,7 @@ __global__ void __launch_bounds__(CC_THREADS) msa_bwd_cc_kernel(TileArgs a, int 
         if (threadIdx.x < CC_M) {
             const int4 mt = cc_meta(a, d, threadIdx.x);
             meta[threadIdx.x] = mt;
-            const int64_t o = (int64_t)mt.y * a.N + mt.x;
+            const int64_t o = (int64_t)mt.y * a.Nq + mt.x;
             Ls[threadIdx.x] = mt.x >= 0 ? a.lse[o] : 0.0f;
             Ds[threadIdx.x] = mt.x >= 0 ? a.dsum[o] : 0.0f;
         }
@@ -197,7 +196,7 @@ __global__ void __launch_bounds__(CC_THREADS) msa_bwd_cc_kernel(TileArgs a, int 
             cc_load(Vs, LP, KB, (const T *)a.v, nullptr, d.klo, d.khi, g, a.Hkv, D, 1.0f);
         }
         __syncthreads();
-        const int t = meta[lane].x;
+        const int t = meta[lane].w;
         const float lt = Ls[lane], dt = Ds[lane];
         float s[KPW], dp[KPW];
 #pragma unroll

@@ -36,8 +36,8 @@ template <int CPR> __device__ __forceinline__ uint32_t swz(int row, int chunk) {
 
 constexpr int TC_THREADS = 256, TC_WARPS = 8, TC_KB = 128;
 
-/* The pipeline's rings in shared memory: tile descriptors, the tiles' entries (token, slot), and per
- * packed row its meta {token t (-1: invalid row), head h, partial slot s, 0}. */
+/* The pipeline's rings in shared memory: tile descriptors, the tiles' entries (query row, slot), and per
+ * packed row its meta {query row (-1: invalid row), head h, partial slot s, token} (TileArgs). */
 template <int M> struct TcRing {
     TileDesc desc[4];
     int2 ent[4][M];
@@ -63,11 +63,10 @@ template <int M>
 __device__ __forceinline__ void tc_build_meta(TcRing<M> &ring, const TileArgs &a, int j) {
     const TileDesc &d = ring.desc[j & 3];
     for (int p = threadIdx.x; p < M; p += TC_THREADS) {
-        int4 mt = make_int4(-1, 0, 0, 0);
+        int4 mt = make_int4(-1, 0, 0, -1);
         if (p < (d.rows & TILE_ROWS)) {
             const int pi = d.off0 + p, lq = pi / a.G, hh = pi - lq * a.G;
-            const int2 e = ring.ent[j & 3][lq];
-            if (e.y >= 0) mt = make_int4(e.x, (d.gr / a.Rb) * a.G + hh, e.y * a.nks + d.ks, 0);
+            mt = msa_row_meta(a, ring.ent[j & 3][lq], (d.gr / a.Rb) * a.G + hh, d.ks);
         }
         ring.meta[j & 1][p] = mt;
     }
@@ -269,7 +268,7 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     const int r0 = warp * 16;
     const int4 ma = meta[r0 + gid], mb = meta[r0 + gid + 8];
     /* the warpgroup's last visible key: every warp of it computes the same value (wgmma is collective) */
-    const int tmax = __reduce_max_sync(FULL, max(meta[wg * 64 + lane].x, meta[wg * 64 + 32 + lane].x));
+    const int tmax = __reduce_max_sync(FULL, max(meta[wg * 64 + lane].w, meta[wg * 64 + 32 + lane].w));
     if (tmax < 0) return; /* no valid row in this warpgroup (warpgroup-uniform) */
     const float sl2 = a.scale * LOG2E;
     const uint32_t qs = smem_u32(sQt) + wg * 64 * 128, ks = smem_u32(sK), vs = smem_u32(sV);
@@ -282,8 +281,8 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
 
     static_assert(TC_KB == 128, "two 64-key sub-tiles per block");
     const int nkt = kend > d.klo ? (kend - d.klo + 63) >> 6 : 0;
-    if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b);
-    else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.x, mb.x, sl2, m_a, m_b, l_a, l_b);
+    if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.w, mb.w, sl2, m_a, m_b, l_a, l_b);
+    else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.w, mb.w, sl2, m_a, m_b, l_a, l_b);
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
@@ -534,7 +533,7 @@ __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 
 #pragma unroll
     for (int e = 0; e < 4; e++) {
         const int qc = 2 * tig + (e & 1), key = d.klo + kw0 + gid + (e >> 1) * 8;
-        const int t = qc < nqt ? meta[qc << lgG].x : -1;
+        const int t = qc < nqt ? meta[qc << lgG].w : -1;
         const bool vis = t >= 0 && key <= t && key < d.khi;
         float v = 0.0f;
         if (vis) {
@@ -650,7 +649,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, kg0 = wg * 64, nkeys = d.khi - d.klo;
     int tmax = -1;
-    for (int p = lane; p < M; p += 32) tmax = max(tmax, meta[p].x);
+    for (int p = lane; p < M; p += 32) tmax = max(tmax, meta[p].w);
     tmax = __reduce_max_sync(FULL, tmax);
     if constexpr (DI > 0)
         if (a.accki || a.dqip) tc_kl_batch_add<D, DI>(kls, sQIt, meta, pos, a);
@@ -696,7 +695,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int qr = n * 8 + tig * 2 + (e & 1), key = d.klo + kw0 + gid + (e >> 1) * 8;
-                    const int t = meta[qr].x;
+                    const int t = meta[qr].w;
                     const bool vis = t >= 0 && key <= t && key < d.khi;
                     const float p = vis ? exp2f(st[n][e] * sl2 - sL[qr] * LOG2E) : 0.0f;
                     st[n][e] = p;
@@ -836,7 +835,7 @@ __device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *
     for (int p = threadIdx.x; p < M; p += TC_THREADS) {
         const int4 mt = meta[p];
         if (mt.x >= 0) {
-            const int64_t o = (int64_t)mt.y * a.N + mt.x;
+            const int64_t o = (int64_t)mt.y * a.Nq + mt.x;
             cp_async4(smem_u32(sL + p), a.lse + o);
             cp_async4(smem_u32(sDs + p), a.dsum + o);
         } else {
@@ -857,7 +856,7 @@ __device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *
         if (threadIdx.x < C::QI_ROWS) {
             const int r = threadIdx.x;
             const int4 mt = r < nqt ? meta[r << a.lgG] : make_int4(-1, 0, 0, 0);
-            if (mt.x >= 0) cp_async4(smem_u32(sLI + r), a.idx_lse + (int64_t)(mt.y >> a.lgG) * a.N + mt.x);
+            if (mt.x >= 0) cp_async4(smem_u32(sLI + r), a.idx_lse + (int64_t)(mt.y >> a.lgG) * a.Nq + mt.x);
             else sLI[r] = 0.0f;
         }
     }

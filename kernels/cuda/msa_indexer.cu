@@ -33,6 +33,11 @@
  * k * B per query where the scoring above visits the whole prefix, so the exponentials are not worth
  * folding into this pass over every candidate as the official K1 kernel does.
  *
+ * With a query_index (sequence-split context parallelism) a tile is ROWS consecutive query rows, whose tokens
+ * ascend but may skip (another rank's tokens): its segments are the documents meeting [first token, last token],
+ * each owner row takes its own token's visible blocks, and the keys of the tokens between are scanned for
+ * nothing but cost only time (at most the one tile per skip).
+ *
  * Limits (kernels/cuda/limits.h): topk_blocks <= CUDA_MSA_TOPK_MAX (the selection lists' shared memory),
  * Di <= CUDA_MSA_INDEX_DIM_MAX, Hidx <= CUDA_MSA_INDEX_HEADS_MAX; N < 2^30. */
 #include <math.h>
@@ -193,8 +198,9 @@ __device__ __forceinline__ float quad_transpose_max(const float (&m)[4], int lan
 struct IndexArgs {
     int32_t *topk;
     const int32_t *cu;
+    const int32_t *q_token; /* [Nq] the token of each query row (query_index), NULL: the row */
     int *err;
-    int64_t N;
+    int64_t N, Nq;          /* tokens (ki's rows), query rows (qi's, topk's) */
     int ndocs, H, Di, B, K, init, local, rsel, TQ;
     float qmul; /* sign of index_scale: the ranking key is qmul * dot */
     bool vec;   /* Di * sizeof(T) % 16 == 0: 16-byte copies */
@@ -218,12 +224,14 @@ __global__ void __launch_bounds__(Cfg<T, KS, FAST>::THREADS, (Cfg<T, KS, FAST>::
         }
 
     const int64_t tile = (int64_t)gridDim.x - 1 - blockIdx.x; /* heaviest (latest) tiles first */
-    const int64_t t0 = tile * a.TQ, t1 = min(t0 + a.TQ, N);
-    const int nrows = (int)(t1 - t0) * a.H;
+    const int64_t r0 = tile * a.TQ, r1 = min(r0 + a.TQ, a.Nq); /* the tile's query rows */
+    const int nrows = (int)(r1 - r0) * a.H;
+    /* the tile's tokens [t0, t1): the rows' first and one past their last */
+    const int64_t t0 = msa_row_token(a.q_token, (int)r0, (int)N), t1 = msa_row_token(a.q_token, (int)r1 - 1, (int)N) + 1;
 
-    /* stage qi rows t0*H .. t0*H + ROWS (rows past the tile's queries are computed and ignored) */
+    /* stage qi rows r0*H .. r0*H + ROWS (rows past the tile's queries are computed and ignored) */
     T *qs = (T *)smem;
-    load_tile<T, C::DP, C::PITCH, C::CH>(qs, qi, t0 * a.H, C::ROWS, N * a.H, a.Di, a.vec);
+    load_tile<T, C::DP, C::PITCH, C::CH>(qs, qi, r0 * a.H, C::ROWS, a.Nq * a.H, a.Di, a.vec);
     cp_async_commit();
     cp_async_wait_committed();
     __syncthreads();
@@ -249,7 +257,8 @@ __global__ void __launch_bounds__(Cfg<T, KS, FAST>::THREADS, (Cfg<T, KS, FAST>::
     /* the row this lane owns: 8*(lane%4) + lane/4 of the warp (the slot quad_transpose_max leaves it) */
     const int orow_w = 8 * (lane & 3) + (lane >> 2), orow = warp * 32 + orow_w;
     const bool ovalid = orow < nrows;
-    const int64_t ot = t0 + orow / a.H;
+    const int64_t orq = r0 + orow / a.H; /* the owner's query row and its token */
+    const int64_t ot = ovalid ? msa_row_token(a.q_token, (int)orq, (int)N) : t1;
     const int oh = orow % a.H;
     TopList<C::ROWS> list{(float *)(smem + C::LIST_OFF), (int *)(smem + C::LIST_OFF) + a.rsel * C::ROWS, orow, a.rsel, 0,
                           -INFINITY};
@@ -355,7 +364,7 @@ __global__ void __launch_bounds__(Cfg<T, KS, FAST>::THREADS, (Cfg<T, KS, FAST>::
     }
 
     if (!ovalid) return;
-    int32_t *out = a.topk + ((int64_t)oh * N + ot) * a.K;
+    int32_t *out = a.topk + ((int64_t)oh * a.Nq + orq) * a.K;
     const int lb = o_lb < 0 ? 0 : o_lb;
     if (lb + 1 <= a.K) { /* dense fallback: everything visible fits the budget */
         for (int i = 0; i < a.K; i++) out[i] = i <= lb ? i : -1;
@@ -386,7 +395,7 @@ template <typename T, int KS, bool FAST> void index_launch(const Tensor *qi, con
     }
     a.TQ = C::ROWS / a.H;
     a.vec = (a.Di * (int)sizeof(T)) % 16 == 0 && ((uintptr_t)qi->data | (uintptr_t)ki->data) % 16 == 0;
-    const int64_t tiles = (a.N + a.TQ - 1) / a.TQ;
+    const int64_t tiles = (a.Nq + a.TQ - 1) / a.TQ;
     msa_index_kernel<T, KS, FAST><<<(unsigned)tiles, C::THREADS, smem, stream()>>>((const T *)qi->data, (const T *)ki->data, a);
     LAUNCH_CHECK("msa_indexer");
 }
@@ -409,14 +418,16 @@ extern "C" void cuda_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi
                                  const Tensor *cu_seqlens, const MsaParams *p) {
     init();
     const int64_t ndocs = msa_check_params("msa_indexer", p, cu_seqlens);
-    if (qi->ndim != 3) fatal("cuda msa_indexer: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
-    const int64_t N = qi->shape[0], H = qi->shape[1], Di = qi->shape[2], K = p->topk_blocks;
-    if (ki->ndim != 2 || ki->shape[0] != N || ki->shape[1] != Di)
+    if (qi->ndim != 3) fatal("cuda msa_indexer: qi must be [Nq, Hidx, Di], got %d dims", qi->ndim);
+    if (ki->ndim != 2) fatal("cuda msa_indexer: ki must be [N, Di], got %d dims", ki->ndim);
+    const int64_t Nq = qi->shape[0], N = ki->shape[0], H = qi->shape[1], Di = qi->shape[2], K = p->topk_blocks;
+    const int32_t *q_token = msa_query_tokens("msa_indexer", p, Nq, N);
+    if (ki->shape[1] != Di)
         fatal("cuda msa_indexer: ki must be [N = %lld, Di = %lld] (one key shared by all index heads)", (long long)N,
               (long long)Di);
     if (qi->dtype != ki->dtype) fatal("cuda msa_indexer: qi and ki dtypes differ (%s, %s)", dtype_name(qi->dtype), dtype_name(ki->dtype));
-    if (!topk || topk->dtype != DT_I32 || topk->ndim != 3 || topk->shape[0] != H || topk->shape[1] != N || topk->shape[2] != K)
-        fatal("cuda msa_indexer: topk must be i32 [Hidx = %lld, N = %lld, topk_blocks = %lld]", (long long)H, (long long)N,
+    if (!topk || topk->dtype != DT_I32 || topk->ndim != 3 || topk->shape[0] != H || topk->shape[1] != Nq || topk->shape[2] != K)
+        fatal("cuda msa_indexer: topk must be i32 [Hidx = %lld, Nq = %lld, topk_blocks = %lld]", (long long)H, (long long)Nq,
               (long long)K);
     if (K > CUDA_MSA_TOPK_MAX)
         fatal("cuda msa_indexer: topk_blocks = %lld not supported (at most %d, kernels/cuda/limits.h CUDA_MSA_TOPK_MAX)",
@@ -428,14 +439,16 @@ extern "C" void cuda_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi
         fatal("cuda msa_indexer: %lld index heads not supported (1..%d, kernels/cuda/limits.h CUDA_MSA_INDEX_HEADS_MAX)",
               (long long)H, CUDA_MSA_INDEX_HEADS_MAX);
     if (N >= (int64_t)1 << 30) fatal("cuda msa_indexer: %lld tokens: too many (< 2^30)", (long long)N);
-    if (N == 0) return;
-    if (idx_lse && idx_lse->numel != H * N)
-        fatal("cuda msa_indexer: idx_lse must be f32 [Hidx = %lld, N = %lld]", (long long)H, (long long)N);
+    if (N == 0 || Nq == 0) return;
+    if (idx_lse && idx_lse->numel != H * Nq)
+        fatal("cuda msa_indexer: idx_lse must be f32 [Hidx = %lld, Nq = %lld]", (long long)H, (long long)Nq);
     IndexArgs a;
     a.topk = (int32_t *)topk->data;
     a.cu = (const int32_t *)cu_seqlens->data;
+    a.q_token = q_token;
     a.err = errbuf();
     a.N = N;
+    a.Nq = Nq;
     a.ndocs = (int)ndocs;
     a.H = (int)H;
     a.Di = (int)Di;

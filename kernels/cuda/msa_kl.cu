@@ -141,7 +141,7 @@ Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf) {
     L.o_S = take((spz > orows ? spz : orows) * sizeof(float));
     L.o_P = L.o_S + L.ROWS * L.lds * (int)sizeof(float);
     L.o_Z = L.o_P + L.QTp * L.ldp * (int)sizeof(float);
-    L.o_meta = take((size_t)META * (6 * 4 + 16));
+    L.o_meta = take((size_t)META * (7 * 4 + 16));
     L.bytes = (int)off;
     return L;
 }
@@ -149,7 +149,8 @@ Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf) {
 template <typename T> struct Sm {
     T *ks, *kis, *qs, *qis, *dz;
     float *S, *P, *Z, *O;
-    int *qt, *qlo, *qslot; /* per chunk query: token (-1: none), document start, slot (-1: none) */
+    int *qt, *qlo, *qslot; /* per chunk query: row (-1: none), document start, slot (-1: none) */
+    int *qtok;             /* per chunk query: its token (the causal limit; the row without a query_index) */
     float *li2, *ls2;      /* idx_lse * log2e per query; lse * log2e per packed row, 2 buffers like Q */
     float4 *stat;          /* dense forward: running (m, s, ab, c) per query */
 };
@@ -172,6 +173,7 @@ template <typename T> __device__ __forceinline__ Sm<T> carve(unsigned char *b, c
     s.li2 = (float *)(m + 3 * META);
     s.ls2 = (float *)(m + 4 * META);
     s.stat = (float4 *)(m + 6 * META);
+    s.qtok = m + 10 * META;
     return s;
 }
 
@@ -180,7 +182,7 @@ template <typename T> struct KA {
     const T *q, *k, *qi, *ki;
     const float *lse, *idx_lse; /* idx_lse: the backward's input */
     const int *topk, *plan, *dstart, *dend;
-    float *idx_lse_out, *vals;  /* forward: idx_lse [Hkv, N], KL per (t, g) at t * Hkv + g (NULL: none) */
+    float *idx_lse_out, *vals;  /* forward: idx_lse [Hkv, Nq], KL per (t, g) at t * Hkv + g (NULL: none) */
     T *dqi, *dki;               /* dense backward: accumulated in place */
     float *part;                /* sparse: the window's per-(query, slot) partials */
     float *dki_acc, *split;     /* sparse backward: fp32 dki accumulator, split-row partials */
@@ -188,6 +190,8 @@ template <typename T> struct KA {
     const int *work_n;
     int64_t Pw;                 /* plan width per group */
     int N, Hq, Hkv, G, D, Di, K, B;
+    int Nq;                     /* query rows (q, qi, lse, idx_lse, topk, dqi count them; N: the tokens, k, ki) */
+    const int32_t *q_token;     /* [Nq] the token of each query row, NULL: the row (MsaParams.query_index) */
     int g, w0, work_cap, split_cap, rowp;
     float sl2, isl2, invG, lg2G, cs;
     const float *cs_grad;       /* the gradient's coefficient is cs * cs_grad[0] (NULL: cs) */
@@ -438,7 +442,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
         if (tid < L.ROWS) {
             const int ql = tid / L.HP, hh = tid - ql * L.HP, qq = qg * L.QS + ql;
             s.ls2[(u & 1) * META + tid] = (ql < L.QS && hh < hn && qq < nq)
-                                              ? a.lse[((int64_t)g * a.G + h0 + hh) * a.N + s.qt[qq]] * LOG2E
+                                              ? a.lse[((int64_t)g * a.G + h0 + hh) * a.Nq + s.qt[qq]] * LOG2E
                                               : 0.0f;
         }
     };
@@ -468,7 +472,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
     if constexpr (MODE == FWD_SPARSE || MODE == FWD_DENSE || MODE == LSE_SPARSE) {
         /* a warp per query, lanes over keys: the tile's statistics in log2 units */
         for (int qq = warp; qq < nq; qq += NWARPS) {
-            const int t = s.qt[qq], tlo = s.qlo[qq];
+            const int t = s.qtok[qq], tlo = s.qlo[qq];
             const float *zr = s.Z + qq * L.ldzs, *pr = s.P + qq * L.ldp;
             float m = -INFINITY;
             for (int jj = lane; jj < nk; jj += 32) {
@@ -497,7 +501,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
                 const float4 ts = make_float4(m, sum, ab, c);
                 if constexpr (MODE == FWD_SPARSE || MODE == LSE_SPARSE) {
                     if (s.qslot[qq] >= 0) {
-                        float4 *dst = (float4 *)a.part + ((int64_t)(t - a.w0) * a.K + s.qslot[qq]);
+                        float4 *dst = (float4 *)a.part + ((int64_t)(s.qt[qq] - a.w0) * a.K + s.qslot[qq]);
                         *dst = st == 0 ? ts : merge_stats(*dst, ts);
                     }
                 } else {
@@ -513,7 +517,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
             float d = 0.0f;
             if (qq < nq && jj < nk) {
                 const int j = j0 + jj;
-                if (j <= s.qt[qq] && j >= s.qlo[qq])
+                if (j <= s.qtok[qq] && j >= s.qlo[qq])
                     d = exp2f(fmaf(s.Z[qq * L.ldzs + jj], a.isl2, -s.li2[qq])) - s.P[qq * L.ldp + jj] * a.invG;
             }
             s.dz[qq * L.ldz + jj] = from_f32<T>(d);
@@ -566,7 +570,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_consta
     const Sm<T> s = carve<T>(kl_smem, L);
     const int tid = threadIdx.x, g = a.g;
     const int *row_ptr = a.plan + (int64_t)g * a.Pw;
-    const int *q_idx = row_ptr + a.N + 1, *row_lo = q_idx + (int64_t)a.N * a.K, *row_hi = row_lo + a.N;
+    const int *q_idx = row_ptr + a.N + 1, *row_lo = q_idx + (int64_t)a.Nq * a.K, *row_hi = row_lo + a.N;
     typename Ops<T>::Acc acc;
     const int nwork = min(*a.work_n, a.work_cap);
     for (int it = blockIdx.x; it < nwork; it += gridDim.x) {
@@ -583,24 +587,28 @@ __global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_consta
                 const int nq = min(L.QTq, wk.z - e);
                 __syncthreads(); /* the previous chunk is done with the metadata */
                 if (tid < L.QTq) {
-                    int t = -1, slot = -1, tlo = 0;
+                    int t = -1, slot = -1, tlo = 0, tok = -1;
                     float li = 0.0f;
                     if (tid < nq) {
                         t = q_idx[e + tid];
-                        if (t < lo || t >= a.N) {
-                            t = lo; /* a corrupt plan: stay in bounds, write no partial (slot -1) */
+                        tok = t >= 0 && t < a.Nq ? msa_row_token(a.q_token, t, a.N) : -1;
+                        if (tok < lo) {
+                            /* a corrupt plan: stay in bounds, write no partial (slot -1) */
+                            t = a.q_token ? 0 : lo;
+                            tok = lo;
                         } else {
-                            const int *tk = a.topk + ((int64_t)g * a.N + t) * a.K;
+                            const int *tk = a.topk + ((int64_t)g * a.Nq + t) * a.K;
                             for (int sl = 0; sl < a.K; sl++)
                                 if (tk[sl] == blk) {
                                     slot = sl;
                                     break;
                                 }
                         }
-                        tlo = a.dstart[t];
-                        if constexpr (MODE == BWD_SPARSE) li = a.idx_lse[(int64_t)g * a.N + t] * LOG2E;
+                        tlo = a.dstart[tok];
+                        if constexpr (MODE == BWD_SPARSE) li = a.idx_lse[(int64_t)g * a.Nq + t] * LOG2E;
                     }
                     s.qt[tid] = t;
+                    s.qtok[tid] = tok;
                     s.qslot[tid] = slot;
                     s.qlo[tid] = tlo;
                     s.li2[tid] = li;
@@ -633,19 +641,22 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_q_kernel(const __grid_con
     extern __shared__ __align__(128) unsigned char kl_smem[];
     const Lay &L = a.L;
     const Sm<T> s = carve<T>(kl_smem, L);
-    const int tid = threadIdx.x, g = blockIdx.y, t0 = blockIdx.x * L.QTq, nq = min(L.QTq, a.N - t0);
+    const int tid = threadIdx.x, g = blockIdx.y, t0 = blockIdx.x * L.QTq, nq = min(L.QTq, a.Nq - t0);
     typename Ops<T>::Acc acc;
     if constexpr (MODE == BWD_DENSE_DQ) acc.zero();
     if (tid < L.QTq) {
-        const int t = tid < nq ? t0 + tid : -1;
+        const int t = tid < nq ? t0 + tid : -1, tok = t >= 0 ? msa_row_token(a.q_token, t, a.N) : -1;
         s.qt[tid] = t;
+        s.qtok[tid] = tok;
         s.qslot[tid] = 0;
-        s.qlo[tid] = t >= 0 ? a.dstart[t] : 0;
-        s.li2[tid] = (MODE == BWD_DENSE_DQ && t >= 0) ? a.idx_lse[(int64_t)g * a.N + t] * LOG2E : 0.0f;
+        s.qlo[tid] = t >= 0 ? a.dstart[tok] : 0;
+        s.li2[tid] = (MODE == BWD_DENSE_DQ && t >= 0) ? a.idx_lse[(int64_t)g * a.Nq + t] * LOG2E : 0.0f;
         s.stat[tid] = make_float4(-INFINITY, 0.0f, 0.0f, 0.0f);
     }
     __syncthreads();
-    const int kend = t0 + nq; /* keys [document start of t0, last query] */
+    /* keys [document start of the first query's token, last query's token]: with a query_index the rows' tokens
+     * may skip (another rank's tokens), which the masks leave out */
+    const int kend = s.qtok[nq - 1] + 1;
     for (int j0 = s.qlo[0]; j0 < kend; j0 += L.KT) {
         const int nk = min(L.KT, kend - j0);
         __syncthreads();
@@ -658,7 +669,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_q_kernel(const __grid_con
             const float4 r = s.stat[tid]; /* every query sees itself: s >= 1 */
             const int t = t0 + tid;
             const float ls = log2f(r.y);
-            a.idx_lse_out[(int64_t)g * a.N + t] = (r.x + ls) * LN2;
+            a.idx_lse_out[(int64_t)g * a.Nq + t] = (r.x + ls) * LN2;
             a.vals[(int64_t)t * a.Hkv + g] = fmaf(ls, r.w, r.z) * LN2; /* ab + (l2 - m) c */
         }
     } else {
@@ -681,20 +692,26 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_dk_kernel(const __grid_co
     const Lay &L = a.L;
     const Sm<T> s = carve<T>(kl_smem, L);
     const int tid = threadIdx.x, j0 = blockIdx.x * L.KT, nk = min(L.KT, a.N - j0);
-    const int qend = a.dend[j0 + nk - 1]; /* one past the last query that sees a key of the tile */
+    /* the query rows whose tokens see a key of the tile: tokens [j0, one past the last key's document) */
+    int qbeg = j0, qend = a.dend[j0 + nk - 1];
+    if (a.q_token) {
+        qbeg = lower_bound(a.q_token, a.Nq, j0);
+        qend = lower_bound(a.q_token, a.Nq, qend);
+    }
     typename Ops<T>::Acc acc;
     acc.zero();
     for (int g = 0; g < a.Hkv; g++) {
-        for (int tq = j0; tq < qend; tq += L.QTq) {
+        for (int tq = qbeg; tq < qend; tq += L.QTq) {
             const int nq = min(L.QTq, qend - tq);
             __syncthreads();
-            if (tq == j0) load_keys(a, s, g, j0, nk, g == 0);
+            if (tq == qbeg) load_keys(a, s, g, j0, nk, g == 0);
             if (tid < L.QTq) {
-                const int t = tid < nq ? tq + tid : -1;
+                const int t = tid < nq ? tq + tid : -1, tok = t >= 0 ? msa_row_token(a.q_token, t, a.N) : -1;
                 s.qt[tid] = t;
+                s.qtok[tid] = tok;
                 s.qslot[tid] = 0;
-                s.qlo[tid] = t >= 0 ? a.dstart[t] : 0;
-                s.li2[tid] = t >= 0 ? a.idx_lse[(int64_t)g * a.N + t] * LOG2E : 0.0f;
+                s.qlo[tid] = t >= 0 ? a.dstart[tok] : 0;
+                s.li2[tid] = t >= 0 ? a.idx_lse[(int64_t)g * a.Nq + t] * LOG2E : 0.0f;
             }
             __syncthreads();
             chunk_step<T, BWD_DENSE_DK>(a, s, acc, g, j0, nk, nq, 0);
@@ -732,16 +749,16 @@ __global__ void kl_doc_bounds_kernel(int *dstart, int *dend, const int32_t *cu, 
 
 /* per (g, w, r): the row's queries in window w are q_idx[elo .. elo + ecnt) (two binary searches in
  * its ascending list), npc = its pieces */
-__global__ void kl_count_kernel(int *elo, int *ecnt, int *npc, const int *plan, int64_t Pw, int N, int K, int W, int Rb,
-                                int Nw, int64_t total) {
-    const int NK = N * K;
+__global__ void kl_count_kernel(int *elo, int *ecnt, int *npc, const int *plan, int64_t Pw, int N, int Nq, int K, int W,
+                                int Rb, int Nw, int64_t total) {
+    const int NK = Nq * K;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         const int r = (int)(i % Rb);
         const int64_t gw = i / Rb;
         const int w = (int)(gw % W), g = (int)(gw / W);
         const int *row_ptr = plan + g * Pw, *q_idx = row_ptr + N + 1;
         const int b = min(max(row_ptr[r], 0), NK), e = min(max(row_ptr[r + 1], b), NK);
-        const int w0 = w * Nw, w1 = min(N, w0 + Nw);
+        const int w0 = w * Nw, w1 = min(Nq, w0 + Nw);
         const int lo = b + lower_bound(q_idx + b, e - b, w0), hi = lo + lower_bound(q_idx + lo, e - lo, w1);
         elo[i] = lo;
         ecnt[i] = hi - lo;
@@ -814,10 +831,10 @@ __global__ void kl_fill_kernel(int4 *items, const int *elo, const int *ecnt, con
 
 /* forward, per query of the window: the slots' statistics in slot order -> idx_lse, KL */
 __global__ void kl_fwd_reduce_kernel(float *idx_lse, float *vals, const float4 *part, const int *topk, int g, int w0, int nt,
-                                     int N, int Hkv, int K) {
+                                     int Nq, int Hkv, int K) {
     for (int tl = blockIdx.x * blockDim.x + threadIdx.x; tl < nt; tl += gridDim.x * blockDim.x) {
         const int t = w0 + tl;
-        const int *tk = topk + ((int64_t)g * N + t) * K;
+        const int *tk = topk + ((int64_t)g * Nq + t) * K;
         const float4 *pp = part + (int64_t)tl * K;
         float m = -INFINITY;
         for (int sl = 0; sl < K; sl++)
@@ -835,20 +852,20 @@ __global__ void kl_fwd_reduce_kernel(float *idx_lse, float *vals, const float4 *
                 }
             l = (m + ls) * LN2;
         }
-        idx_lse[(int64_t)g * N + t] = l;
+        idx_lse[(int64_t)g * Nq + t] = l;
         if (vals) vals[(int64_t)t * Hkv + g] = kl * LN2;
     }
 }
 
 /* backward, per (query of the window, dim): dqi += cs * (the slots' partials in slot order) */
 template <typename T>
-__global__ void kl_dqi_reduce_kernel(T *dqi, const float *part, const int *topk, int g, int w0, int nt, int N, int Hkv, int K,
+__global__ void kl_dqi_reduce_kernel(T *dqi, const float *part, const int *topk, int g, int w0, int nt, int Nq, int Hkv, int K,
                                      int Di, float cs_mul, const float *cs_grad) {
     const float cs = cs_grad ? cs_mul * *cs_grad : cs_mul;
     const int64_t total = (int64_t)nt * Di;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         const int tl = (int)(i / Di), d = (int)(i - (int64_t)tl * Di), t = w0 + tl;
-        const int *tk = topk + ((int64_t)g * N + t) * K;
+        const int *tk = topk + ((int64_t)g * Nq + t) * K;
         const float *pp = part + (int64_t)tl * K * Di + d;
         float sum = 0.0f;
         for (int sl = 0; sl < K; sl++)
@@ -860,13 +877,13 @@ __global__ void kl_dqi_reduce_kernel(T *dqi, const float *part, const int *topk,
 
 /* backward, a block per row of (g, w) split into several pieces: their dki partials in piece order */
 __global__ void kl_split_reduce_kernel(float *dki_acc, const float *split, const int *npc, const int *soff, const int *plan,
-                                       int64_t Pw, int g, int64_t gw, int Rb, int N, int K, int Di, int rowp,
+                                       int64_t Pw, int g, int64_t gw, int Rb, int N, int Nq, int K, int Di, int rowp,
                                        int64_t split_cap) {
     const int r = blockIdx.x;
     const int64_t idx = gw * Rb + r;
     const int np = npc[idx], off = soff[idx];
     if (np <= 1 || off + (int64_t)np > split_cap) return;
-    const int *row_lo = plan + g * Pw + (N + 1) + (int64_t)N * K, *row_hi = row_lo + N;
+    const int *row_lo = plan + g * Pw + (N + 1) + (int64_t)Nq * K, *row_hi = row_lo + N;
     const int lo = row_lo[r], hi = min(row_hi[r], N);
     if (lo < 0 || hi - lo > rowp) return;
     for (int64_t i = threadIdx.x; i < (int64_t)(hi - lo) * Di; i += blockDim.x) {
@@ -896,8 +913,11 @@ __global__ void __launch_bounds__(1024) kl_sum_kernel(float *out, const float *v
  * Host side
  * ---------------------------------------------------------------------------------------------- */
 
+/* N tokens (k, ki), Nq query rows (q, qi, lse, topk; N without a query_index) whose tokens are q_token */
 struct Dims {
     int N, Hq, Hkv, G, D, Di, K, B, ndocs;
+    int Nq;
+    const int32_t *q_token;
 };
 
 Dims check_args(const char *what, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi, const Tensor *ki,
@@ -906,8 +926,10 @@ Dims check_args(const char *what, const Tensor *q, const Tensor *k, const Tensor
     if (!q || !k || !lse || !qi || !ki) fatal("cuda %s: q, k, lse, qi and ki are required", what);
     if (q->ndim != 3 || k->ndim != 3)
         fatal("cuda %s: q must be [N, Hq, D] and k [N, Hkv, D] (got %d and %d dims)", what, q->ndim, k->ndim);
-    const int64_t N = q->shape[0], Hq = q->shape[1], D = q->shape[2], Hkv = k->shape[1];
-    if (k->shape[0] != N || k->shape[2] != D)
+    /* q, qi, lse, topk: Nq query rows; k: N tokens (or, with key_rows, the fetched rows); ki: N */
+    const int64_t Nq = q->shape[0], N = msa_token_count(k, p), Hq = q->shape[1], D = q->shape[2], Hkv = k->shape[1];
+    const int32_t *q_token = msa_query_tokens(what, p, Nq, N);
+    if ((!p->key_rows && k->shape[0] != N) || k->shape[2] != D)
         fatal("cuda %s: k must be [N = %lld, Hkv, D = %lld], got [%lld, %lld, %lld]", what, (long long)N, (long long)D,
               (long long)k->shape[0], (long long)Hkv, (long long)k->shape[2]);
     if (Hkv <= 0 || Hq % Hkv != 0)
@@ -915,8 +937,8 @@ Dims check_args(const char *what, const Tensor *q, const Tensor *k, const Tensor
     if (D < 1 || D > CUDA_HEAD_DIM_MAX)
         fatal("cuda %s: head dim D = %lld not supported (1 .. %d, kernels/cuda/limits.h CUDA_HEAD_DIM_MAX)", what,
               (long long)D, CUDA_HEAD_DIM_MAX);
-    if (qi->ndim != 3 || qi->shape[0] != N || qi->shape[1] != Hkv)
-        fatal("cuda %s: qi must be [N = %lld, Hidx = Hkv = %lld, Di] (one index head per GQA group)", what, (long long)N,
+    if (qi->ndim != 3 || qi->shape[0] != Nq || qi->shape[1] != Hkv)
+        fatal("cuda %s: qi must be [Nq = %lld, Hidx = Hkv = %lld, Di] (one index head per GQA group)", what, (long long)Nq,
               (long long)Hkv);
     const int64_t Di = qi->shape[2];
     if (Di < 1 || Di > CUDA_HEAD_DIM_MAX) /* the tiles take Di as they take D */
@@ -929,14 +951,16 @@ Dims check_args(const char *what, const Tensor *q, const Tensor *k, const Tensor
     if (k->dtype != q->dtype || qi->dtype != q->dtype || ki->dtype != q->dtype)
         fatal("cuda %s: q, k, qi and ki must share one dtype (got %s, %s, %s, %s)", what, dtype_name(q->dtype),
               dtype_name(k->dtype), dtype_name(qi->dtype), dtype_name(ki->dtype));
-    if (lse->dtype != DT_F32 || lse->numel != Hq * N)
-        fatal("cuda %s: lse must be f32 [Hq, N] = [%lld, %lld] (got %s with %lld elements)", what, (long long)Hq, (long long)N,
-              dtype_name(lse->dtype), (long long)lse->numel);
-    if (topk && (topk->dtype != DT_I32 || topk->ndim != 3 || topk->shape[0] != Hkv || topk->shape[1] != N ||
+    if (lse->dtype != DT_F32 || lse->numel != Hq * Nq)
+        fatal("cuda %s: lse must be f32 [Hq, Nq] = [%lld, %lld] (got %s with %lld elements)", what, (long long)Hq,
+              (long long)Nq, dtype_name(lse->dtype), (long long)lse->numel);
+    if (topk && (topk->dtype != DT_I32 || topk->ndim != 3 || topk->shape[0] != Hkv || topk->shape[1] != Nq ||
                  topk->shape[2] != p->topk_blocks))
-        fatal("cuda %s: topk must be i32 [Hidx = %lld, N = %lld, topk_blocks = %d]", what, (long long)Hkv, (long long)N,
+        fatal("cuda %s: topk must be i32 [Hidx = %lld, Nq = %lld, topk_blocks = %d]", what, (long long)Hkv, (long long)Nq,
               p->topk_blocks);
     if (plan && !topk) fatal("cuda %s: a plan is given without topk (the dense KL has no plan)", what);
+    if (plan && q_token)
+        fatal("cuda %s: a plan with a query_index (the plan's rows are the tokens; the kernels build their own)", what);
     if (plan && (plan->dtype != DT_I32 || plan->numel != Hkv * msa_plan_width(N, p->topk_blocks)))
         fatal("cuda %s: plan must be i32 [Hidx, msa_plan_width(N, k)] = [%lld, %lld]", what, (long long)Hkv,
               (long long)msa_plan_width(N, p->topk_blocks));
@@ -944,9 +968,10 @@ Dims check_args(const char *what, const Tensor *q, const Tensor *k, const Tensor
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (all[i] && all[i]->device != DEV_CUDA) fatal("cuda %s: every tensor must be on the CUDA device", what);
     if (N >= INT32_MAX / 2 || Hkv > CUDA_HEADS_MAX) fatal("cuda %s: too many tokens or heads", what);
-    if (topk && N * p->topk_blocks >= INT32_MAX)
-        fatal("cuda %s: N * topk_blocks = %lld does not fit the i32 plan", what, (long long)(N * p->topk_blocks));
-    return Dims{(int)N, (int)Hq, (int)Hkv, (int)(Hq / Hkv), (int)D, (int)Di, p->topk_blocks, p->block_size, (int)ndocs};
+    if (topk && Nq * p->topk_blocks >= INT32_MAX)
+        fatal("cuda %s: Nq * topk_blocks = %lld does not fit the i32 plan", what, (long long)(Nq * p->topk_blocks));
+    return Dims{(int)N,      (int)Hq,       (int)Hkv,       (int)(Hq / Hkv), (int)D,
+                (int)Di,     p->topk_blocks, p->block_size, (int)ndocs,      (int)Nq, q_token};
 }
 
 Lay layout_for(const char *what, bool bf, const Dims &d, bool sparse) {
@@ -972,8 +997,10 @@ KA<T> make_args(const Dims &d, const MsaParams *p, const Lay &L, const Tensor *q
     a.ki = (const T *)ki->data;
     a.lse = (const float *)lse->data;
     a.topk = topk ? (const int *)topk->data : nullptr;
-    a.Pw = msa_plan_width(d.N, d.K);
+    a.Pw = msa_plan_width_rows(d.N, d.Nq, d.K);
     a.N = d.N;
+    a.Nq = d.Nq;
+    a.q_token = d.q_token;
     a.Hq = d.Hq;
     a.Hkv = d.Hkv;
     a.G = d.G;
@@ -1023,7 +1050,7 @@ struct PlanHold {
             ptr = (const int *)plan->data;
             return;
         }
-        ptr = (const int *)msa_temporary_plan(topk, cu, p, d.Hkv, msa_plan_width(d.N, d.K));
+        ptr = (const int *)msa_temporary_plan(topk, cu, p, d.N);
     }
 };
 
@@ -1036,11 +1063,11 @@ struct Sched {
 
     /* unit_bytes: partials per window token */
     Sched(const Dims &d, int64_t unit_bytes) {
-        int64_t nw = unit_bytes > 0 ? (int64_t)(WINDOW_BUDGET / (size_t)unit_bytes) : d.N;
+        int64_t nw = unit_bytes > 0 ? (int64_t)(WINDOW_BUDGET / (size_t)unit_bytes) : d.Nq;
         const char *env = getenv("MSA_CUDA_KL_WINDOW"); /* tests: force several windows */
         if (env && env[0] && atoll(env) > 0) nw = atoll(env);
-        Nw = (int)(nw < 1 ? 1 : nw < d.N ? nw : d.N);
-        W = (d.N + Nw - 1) / Nw;
+        Nw = (int)(nw < 1 ? 1 : nw < d.Nq ? nw : d.Nq);
+        W = (d.Nq + Nw - 1) / Nw;
         const int64_t rb = ((int64_t)d.N + d.B - 1) / d.B + d.ndocs;
         Rb = (int)(rb < d.N ? rb : d.N);
         const int64_t nk = (int64_t)Nw * d.K, bound = (nk + QSEG - 1) / QSEG + Rb;
@@ -1060,8 +1087,8 @@ struct Sched {
         items = b.take<int4>((int64_t)Hkv * W * cap);
     }
     void build(const int *plan, const Dims &d) const {
-        kl_count_kernel<<<grid_for(total, 256), 256, 0, stream()>>>(elo, ecnt, npc, plan, msa_plan_width(d.N, d.K), d.N, d.K, W, Rb, Nw,
-                                                       total);
+        kl_count_kernel<<<grid_for(total, 256), 256, 0, stream()>>>(elo, ecnt, npc, plan, msa_plan_width_rows(d.N, d.Nq, d.K), d.N,
+                                                       d.Nq, d.K, W, Rb, Nw, total);
         LAUNCH_CHECK("msa_kl count");
         kl_scan_kernel<<<d.Hkv * W, 1024, 0, stream()>>>(woff, soff, wtot, npc, Rb);
         LAUNCH_CHECK("msa_kl scan");
@@ -1090,9 +1117,9 @@ void sparse_row_passes(KA<T> &a, const Sched &sc, const Dims &d, float *vals, co
         for (int g = 0; g < d.Hkv; g++) {
             sc.select(a, g, w);
             launch_tiles(rows_name, kl_rows_kernel<T, MODE>, raised, dim3((unsigned)sc.cap), a);
-            const int nt = sc.window_len(d.N, w);
+            const int nt = sc.window_len(d.Nq, w);
             kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256, 0, stream()>>>(a.idx_lse_out, vals, (const float4 *)a.part, a.topk, g, a.w0,
-                                                            nt, d.N, d.Hkv, d.K);
+                                                            nt, d.Nq, d.Hkv, d.K);
             LAUNCH_CHECK(reduce_name);
         }
 }
@@ -1109,8 +1136,9 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
                 const Tensor *ki, const Tensor *topk, const Tensor *plan, const Tensor *cu, const MsaParams *p, const Dims &d) {
     const bool bf = std::is_same<T, bf16>::value;
     PlanHold ph(topk, plan, cu, p, d); /* before scratch(): nothing may take scratch after us */
+    const Tensor kt = msa_keys_by_token("msa_kl_forward", k, p, 0);
     const Lay L = layout_for("msa_kl_forward", bf, d, topk != nullptr);
-    KA<T> a = make_args<T>(d, p, L, q, k, lse, qi, ki, topk);
+    KA<T> a = make_args<T>(d, p, L, q, &kt, lse, qi, ki, topk);
     a.plan = ph.ptr;
     Sched sc(d, (int64_t)d.K * (int64_t)sizeof(float4));
     int *dstart = nullptr, *dend = nullptr;
@@ -1120,8 +1148,8 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
         Bump b{pass ? (char *)scratch(need) : nullptr, 0};
         dstart = b.take<int>(d.N);
         dend = b.take<int>(d.N);
-        vals = b.take<float>((int64_t)d.N * d.Hkv);
-        if (!idx_lse) il = b.take<float>((int64_t)d.N * d.Hkv);
+        vals = b.take<float>((int64_t)d.Nq * d.Hkv);
+        if (!idx_lse) il = b.take<float>((int64_t)d.Nq * d.Hkv);
         if (topk) {
             sc.carve(b, d.Hkv);
             a.part = b.take<float>((int64_t)sc.Nw * d.K * 4);
@@ -1136,12 +1164,12 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
     if (!topk) {
         static int raised = 0;
         launch_tiles("msa_kl_forward dense", kl_dense_q_kernel<T, FWD_DENSE>, raised,
-                     dim3((unsigned)((d.N + L.QTq - 1) / L.QTq), (unsigned)d.Hkv), a);
+                     dim3((unsigned)((d.Nq + L.QTq - 1) / L.QTq), (unsigned)d.Hkv), a);
     } else {
         sc.build(ph.ptr, d);
         sparse_row_passes<T, FWD_SPARSE>(a, sc, d, vals, "msa_kl_forward rows", "msa_kl_forward reduce");
     }
-    kl_sum_kernel<<<1, 1024, 0, stream()>>>((float *)kl->data, vals, (int64_t)d.N * d.Hkv);
+    kl_sum_kernel<<<1, 1024, 0, stream()>>>((float *)kl->data, vals, (int64_t)d.Nq * d.Hkv);
     LAUNCH_CHECK("msa_kl_forward sum");
 }
 
@@ -1162,8 +1190,10 @@ void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const 
     a.ki = (const T *)ki->data;
     a.topk = (const int *)topk->data;
     a.plan = ph.ptr;
-    a.Pw = msa_plan_width(d.N, d.K);
+    a.Pw = msa_plan_width_rows(d.N, d.Nq, d.K);
     a.N = d.N;
+    a.Nq = d.Nq;
+    a.q_token = d.q_token;
     a.Hq = a.Hkv = d.Hkv;
     a.G = 1;
     a.Di = d.Di;
@@ -1199,8 +1229,9 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
                  const MsaParams *p, float cs_mul, const float *cs_grad, const Dims &d) {
     const bool bf = std::is_same<T, bf16>::value;
     PlanHold ph(topk, plan, cu, p, d);
+    const Tensor kt = msa_keys_by_token("msa_kl_backward", k, p, 0);
     const Lay L = layout_for("msa_kl_backward", bf, d, topk != nullptr);
-    KA<T> a = make_args<T>(d, p, L, q, k, lse, qi, ki, topk);
+    KA<T> a = make_args<T>(d, p, L, q, &kt, lse, qi, ki, topk);
     a.plan = ph.ptr;
     a.idx_lse = (const float *)idx_lse->data;
     a.dqi = dqi ? (T *)dqi->data : nullptr;
@@ -1236,7 +1267,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
         if (dqi) {
             static int raised = 0;
             launch_tiles("msa_kl_backward dense dqi", kl_dense_q_kernel<T, BWD_DENSE_DQ>, raised,
-                         dim3((unsigned)((d.N + L.QTq - 1) / L.QTq), (unsigned)d.Hkv), a);
+                         dim3((unsigned)((d.Nq + L.QTq - 1) / L.QTq), (unsigned)d.Hkv), a);
         }
         if (dki) {
             static int raised = 0;
@@ -1252,15 +1283,15 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
         for (int g = 0; g < d.Hkv; g++) {
             sc.select(a, g, w);
             launch_tiles("msa_kl_backward rows", kl_rows_kernel<T, BWD_SPARSE>, raised, dim3((unsigned)sc.cap), a);
-            const int nt = sc.window_len(d.N, w);
+            const int nt = sc.window_len(d.Nq, w);
             if (dqi) {
-                kl_dqi_reduce_kernel<T><<<grid_for((int64_t)nt * d.Di, 256), 256, 0, stream()>>>(a.dqi, a.part, a.topk, g, a.w0, nt, d.N,
+                kl_dqi_reduce_kernel<T><<<grid_for((int64_t)nt * d.Di, 256), 256, 0, stream()>>>(a.dqi, a.part, a.topk, g, a.w0, nt, d.Nq,
                                                                                   d.Hkv, d.K, d.Di, a.cs, a.cs_grad);
                 LAUNCH_CHECK("msa_kl_backward dqi reduce");
             }
             if (dki) {
                 kl_split_reduce_kernel<<<sc.Rb, 256, 0, stream()>>>(a.dki_acc, a.split, sc.npc, sc.soff, ph.ptr, a.Pw, g,
-                                                       (int64_t)g * sc.W + w, sc.Rb, d.N, d.K, d.Di, a.rowp, sc.split_cap);
+                                                       (int64_t)g * sc.W + w, sc.Rb, d.N, d.Nq, d.K, d.Di, a.rowp, sc.split_cap);
                 LAUNCH_CHECK("msa_kl_backward dki split reduce");
             }
         }
@@ -1280,9 +1311,9 @@ extern "C" void cuda_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q
     const Dims d = check_args("msa_kl_forward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
     if (!kl || kl->numel != 1 || kl->dtype != DT_F32 || kl->device != DEV_CUDA)
         fatal("cuda msa_kl_forward: kl must be an f32 scalar tensor on the device");
-    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
-        fatal("cuda msa_kl_forward: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", d.Hkv, d.N);
-    if (d.N == 0) { /* the CPU's mean over no (token, group) pair */
+    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.Nq || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
+        fatal("cuda msa_kl_forward: idx_lse must be f32 [Hidx, Nq] = [%d, %d] on the device", d.Hkv, d.Nq);
+    if (d.Nq == 0) { /* the CPU's mean over no (token, group) pair */
         CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), stream()));
         return;
     }
@@ -1298,12 +1329,12 @@ static void kl_backward_checked(const char *what, Tensor *dqi, Tensor *dki, cons
                                 float coeff_mul, const float *coeff_grad) {
     if (!dqi && !dki) return;
     const Dims d = check_args(what, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
-    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.N || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
-        fatal("cuda %s: idx_lse must be f32 [Hidx, N] = [%d, %d] on the device", what, d.Hkv, d.N);
+    if (!idx_lse || idx_lse->numel != (int64_t)d.Hkv * d.Nq || idx_lse->dtype != DT_F32 || idx_lse->device != DEV_CUDA)
+        fatal("cuda %s: idx_lse must be f32 [Hidx, Nq] = [%d, %d] on the device", what, d.Hkv, d.Nq);
     if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype || dqi->device != DEV_CUDA)) ||
         (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype || dki->device != DEV_CUDA)))
         fatal("cuda %s: dqi and dki must have qi's and ki's shapes and dtype, on the device", what);
-    if (d.N == 0) return;
+    if (d.Nq == 0) return;
     DISPATCH_FLOAT(q->dtype, T, what,
                    kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
                                   coeff_mul * p->index_scale, coeff_grad, d));
@@ -1316,7 +1347,7 @@ extern "C" void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, 
     init();
     if (kl_grad && (kl_grad->numel != 1 || kl_grad->dtype != DT_F32 || kl_grad->device != DEV_CUDA))
         fatal("cuda msa_kl_backward: kl_grad must be an f32 scalar on the device");
-    /* kl_weight / (N * Hidx) here, times kl_grad[0] on the device, as msa_attention_kl_backward */
+    /* kl_weight / (Nq * Hidx) here, times kl_grad[0] on the device, as msa_attention_kl_backward */
     const float mul = (float)((double)kl_weight / ((double)qi->shape[0] * (double)qi->shape[1]));
     kl_backward_checked("msa_kl_backward", dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul,
                         kl_grad ? (const float *)kl_grad->data : nullptr);
@@ -1327,11 +1358,12 @@ namespace msacuda {
 void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
                       const MsaParams *p) {
     const int64_t ndocs = msa_check_params("msa_indexer", p, cu_seqlens);
-    const int64_t N = qi->shape[0], H = qi->shape[1], Di = qi->shape[2];
-    if (!idx_lse || idx_lse->dtype != DT_F32 || idx_lse->numel != H * N || idx_lse->device != DEV_CUDA)
-        fatal("cuda msa_indexer: idx_lse must be f32 [Hidx = %lld, N = %lld] on the device", (long long)H, (long long)N);
-    if (N == 0) return;
-    const Dims d{(int)N, (int)H, (int)H, 1, 0, (int)Di, p->topk_blocks, p->block_size, (int)ndocs};
+    const int64_t Nq = qi->shape[0], N = ki->shape[0], H = qi->shape[1], Di = qi->shape[2];
+    const int32_t *q_token = msa_query_tokens("msa_indexer", p, Nq, N);
+    if (!idx_lse || idx_lse->dtype != DT_F32 || idx_lse->numel != H * Nq || idx_lse->device != DEV_CUDA)
+        fatal("cuda msa_indexer: idx_lse must be f32 [Hidx = %lld, Nq = %lld] on the device", (long long)H, (long long)Nq);
+    if (Nq == 0) return;
+    const Dims d{(int)N, (int)H, (int)H, 1, 0, (int)Di, p->topk_blocks, p->block_size, (int)ndocs, (int)Nq, q_token};
     DISPATCH_FLOAT(qi->dtype, T, "msa_indexer", kl_selected_lse<T>(idx_lse, qi, ki, topk, cu_seqlens, p, d));
 }
 
@@ -1347,7 +1379,7 @@ void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *ls
     const Dims d = check_args("msa_attention_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
     if (!kl || kl->numel != 1 || kl->dtype != DT_F32 || kl->device != DEV_CUDA)
         fatal("cuda msa_attention_kl_backward: kl must be an f32 scalar tensor on the device");
-    if (d.N == 0) {
+    if (d.Nq == 0) {
         CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), stream()));
         return;
     }

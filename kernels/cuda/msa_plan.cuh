@@ -11,15 +11,39 @@ namespace msacuda {
 
 /* Abort with "cuda <kernel>: ..." unless block_size >= 1, topk_blocks >= 1, init_blocks >= 0,
  * local_blocks >= 1 and init_blocks + local_blocks <= topk_blocks (forced blocks stay inside the
- * budget), there is no query_index or key_rows (sequence-split context parallelism is the CPU's), and cu_seqlens is
- * i32 [ndocs+1] with ndocs >= 1. Returns ndocs. */
+ * budget), and cu_seqlens is i32 [ndocs+1] with ndocs >= 1. Returns ndocs. */
 int64_t msa_check_params(const char *kernel, const MsaParams *p, const Tensor *cu_seqlens);
 
-/* The plan of topk for a kernel given none: i32 [Hidx, P = msa_plan_width(N, k)] built by cuda_msa_plan
- * in a grow-only buffer of its own, valid until the next call (kernels on the one stream run in order, so
- * the next call's plan never overwrites one still read). cuda_msa_plan works in its own workspace, so the
- * caller may hold its scratch() region meanwhile. */
-int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p, int64_t Hidx, int64_t P);
+/* Sequence-split context parallelism (backend.h MsaParams): the query rows are Nq of the N tokens, row r being
+ * token q_token[r] (query_index), and k/v may hold only the fetched tokens (key_rows). msa_query_tokens checks
+ * the shapes on the host (query_index i32 [Nq] on the device, key_rows i32 [N] and only with a query_index;
+ * without a query_index Nq must be N) and returns query_index's data, NULL without one. The values are never
+ * read on the host (no wait in the step): the plan builder and msa_keys_by_token check them on the device into
+ * the error word (ERR_MSA_ROWS), and the kernels clamp what they read (msa_row_token). */
+const int32_t *msa_query_tokens(const char *kernel, const MsaParams *p, int64_t Nq, int64_t N);
+
+/* The token of query row r (q_token NULL: r), kept in [0, N) whatever q_token holds. */
+__device__ __forceinline__ int msa_row_token(const int32_t *q_token, int r, int N) {
+    return q_token ? min(max(q_token[r], 0), N - 1) : r;
+}
+
+/* Width of the plan of Nq query rows over the key blocks of N tokens: row_ptr [N+1] | q_idx [Nq*k] | row_lo [N] |
+ * row_hi [N], q_idx holding query rows. Without a query_index (Nq = N, rows = tokens) it is backend.h's
+ * msa_plan_width; with one the plan is the kernels' own (the msa_plan entry, like the CPU, takes none). */
+static inline int64_t msa_plan_width_rows(int64_t N, int64_t Nq, int64_t k) { return (N + 1) + Nq * k + 2 * N; }
+
+/* The plan of topk (i32 [Hidx, Nq, k]) for a kernel given none: i32 [Hidx, msa_plan_width_rows(N, Nq, k)] in a
+ * grow-only buffer of its own, valid until the next call (kernels on the one stream run in order, so the next
+ * call's plan never overwrites one still read). The builder works in its own workspace, so the caller may hold
+ * its scratch() region meanwhile. N: the tokens (the rows of the key side). */
+int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const MsaParams *p, int64_t N);
+
+/* k or v with a row per token: without key_rows the tensor itself; with key_rows (the fetched rows of sequence-
+ * split context parallelism) a copy [N, Hkv, D] with token j's row = src row key_rows[j] and zeros where it is
+ * -1 (masked keys of a selected block are multiplied by 0, never NaN), in a grow-only buffer of slot `slot`
+ * (0: k, 1: v), valid until the next call with that slot. The tile kernels then load keys by token as they
+ * always did; the backward adds dK/dV back through key_rows (msa_attention.cu). */
+Tensor msa_keys_by_token(const char *kernel, const Tensor *src, const MsaParams *p, int slot);
 
 /* msa_kl.cu, for the indexer and the fused attention-KL backward's fallback (msa_attention.cu):
  *   msa_selected_lse: the student's log-normaliser over the selection topk (a temporary plan), idx_lse

@@ -178,6 +178,11 @@ void check_device_errors() {
         fatal("cuda grouped_matmul: offsets[%lld] = %d ends expert %lld's segment out of order or outside the grouped "
               "buffer (offsets must rise from 0 to its rows)",
               error_position(h) + 1, error_value(h), error_position(h));
+    case ERR_MSA_ROWS: /* msa kernels: [1] 1 for query_index, 0 for key_rows, [2] index, [3] value, [4] rows */
+        if (h[1])
+            fatal("cuda msa kernels: query_index[%d] = %d: the query tokens must ascend within [0, N = %d)", h[2], h[3],
+                  h[4]);
+        fatal("cuda msa kernels: key_rows[%d] = %d is not a row of k's %d (or -1)", h[2], h[3], h[4]);
     default: fatal("cuda backend: device error code %d (%d, %d)", h[0], h[1], h[2]);
     }
 }

@@ -442,6 +442,23 @@ static void activation_cases(void) {
 #undef KERNEL
 }
 
+/* MSA under sequence-split context parallelism (tests/gpu/test_gpu_msa_cp.c says what each case covers): act,
+ * ndocs, lens, Hq, Hkv, D, Di, B, K, init_blocks, cp, rank, fetched (k/v as the fetched blocks' rows, found through
+ * key_rows), chunk (queries per attention chunk and KL window; 0: the kernels' own). 512 tokens in two or three
+ * documents crossing the ranks' chunks; BF16 on the tensor cores, with the KL folded into the attention backward
+ * at G = 8 (8 queries per tile at D = 64, 4 at D = 128) and in separate kernels at G = 4; F32 with G = 3 and odd
+ * dims (the CUDA cores and the separate KL kernels). */
+static void msa_cp_cases(void) {
+    const DType b = DT_BF16, f = DT_F32;
+    GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, b, 2, {300, 212}, 8, 2, 64, 64, 64, 3, 1, 2, 0, 0, 0);
+    GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, b, 2, {300, 212}, 16, 2, 64, 64, 64, 3, 1, 2, 1, 1, 0);
+    GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, b, 2, {300, 212}, 16, 2, 64, 64, 64, 3, 1, 4, 1, 1, 48);
+    GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, b, 2, {300, 212}, 16, 2, 128, 128, 64, 3, 1, 4, 3, 1, 0);
+    GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, b, 3, {100, 1, 411}, 8, 2, 64, 64, 16, 5, 0, 4, 2, 1, 37);
+    GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, f, 2, {300, 212}, 6, 2, 48, 32, 64, 3, 1, 2, 0, 1, 0);
+    GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, f, 3, {100, 1, 411}, 6, 2, 48, 32, 16, 5, 0, 4, 2, 1, 37);
+}
+
 void gpu_cases(void) {
     message_cases();
     elementwise_cases();
@@ -457,6 +474,7 @@ void gpu_cases(void) {
     cp_cases();
     ring_cases();
     activation_cases();
+    msa_cp_cases();
     GPU_CASE0("sync", staged_copies_case);
     /* the shakespeare_gpu model on fewer rows: dense (cuDNN attention, D = 64), then with MSA in layers 1-5
      * in their dense warm-up and past it */

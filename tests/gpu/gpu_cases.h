@@ -188,6 +188,21 @@ typedef struct {
 } MsaAttentionKlCase;
 void msa_attention_kl_case(const void *args);
 
+/* ---- tests/gpu/test_gpu_msa_cp.c: MSA under sequence-split context parallelism ---- */
+
+/* one rank of a cp-way zigzag split: every MSA entry on its query rows (query_index), k/v whole or as the fetched
+ * blocks' rows (key_rows) */
+typedef struct {
+    DType act;
+    int ndocs;
+    int32_t lens[6];
+    int Hq, Hkv, D, Di, B, K, init_blocks;
+    int cp, rank;
+    int fetched; /* k and v hold only the selected blocks' tokens, shuffled, found through key_rows */
+    int chunk;   /* queries per attention chunk and per KL window (MSA_CUDA_MSA_CHUNK, MSA_CUDA_KL_WINDOW); 0: own */
+} MsaCpCase;
+void msa_cp_case(const void *args);
+
 /* ---- tests/gpu/test_gpu_moe.c ---- */
 
 typedef struct { DType ldt, sdt; int64_t N, E; MoeScoreFunc func; } MoeScoresCase;
