@@ -71,8 +71,9 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
     ps->data = ps->be->alloc((size_t)ps->numel * es);
     ps->grad = ps->be->alloc((size_t)ps->numel * es);
     ps->be->zero(ps->grad, (size_t)ps->numel * es);
-    /* GPU GEMMs take BF16 inputs: keep a BF16 copy of the F32 master weights next to them */
-    if (ps->be->device == DEV_CUDA && ps->dtype == DT_F32) ps->shadow = ps->be->alloc((size_t)ps->numel * dtype_size(DT_BF16));
+    /* GPU GEMMs take BF16 inputs: keep a BF16 copy of the F32 master weights next to them, unless told not
+     * to (then kernels/cuda/gemm.cu casts a weight into scratch at each use) */
+    if (ps->be->device == DEV_CUDA && ps->dtype == DT_F32 && !ps->no_shadow) ps->shadow = ps->be->alloc((size_t)ps->numel * dtype_size(DT_BF16));
     ps->allocated = true;
     for (int i = 0; i < ps->n; i++) {
         Param *p = &ps->p[i];

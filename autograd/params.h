@@ -31,6 +31,8 @@ typedef struct ParamStore {
     void *data, *grad;
     void *shadow;    /* CUDA with F32 master weights: a BF16 copy of data (numel elements), each
                         parameter's Tensor.shadow points into it; NULL on the CPU. See params_sync_shadow. */
+    bool no_shadow;  /* set before params_allocate: no BF16 copy on CUDA either (train.weight_shadow = false);
+                        the GEMMs then cast each F32 weight they read into the backend's scratch */
     bool allocated;
 } ParamStore;
 

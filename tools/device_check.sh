@@ -18,11 +18,12 @@
 #                    (losses step by step), and the 1 -> 2 GPU DP scaling of the bench's ~1B dense model at
 #                    4K (same per-GPU batch); not yet run: no 2-GPU machine has been lent so far
 #   memory           peak GPU memory and tokens/s with train.recompute=true, batch 1, vocab 32000, 3 steps, of
-#                    the cases in MEM_CASES: [SIZE_]VARIANT_CONTEXT[_offload][_chunked], SIZE 0.1b (12 layers, d 768,
+#                    the cases in MEM_CASES: [SIZE_]VARIANT_CONTEXT[_offload][_chunked][_noshadow], SIZE 0.1b (12 layers, d 768,
 #                    12/4 heads of 64, SwiGLU 2048: ~0.12B), 1b (the default: the bench's 22 layers, d 2048,
 #                    32/4 heads of 64, SwiGLU 5632: ~1.1B) or 3b (Llama 3.2 3B's 28 layers, d 3072, 24/8 heads
 #                    of 128, SwiGLU 8192: ~3.0B), VARIANT dense or msa, CONTEXT like 64k or 1m, _offload for
-#                    train.offload_block_inputs=true, _chunked for train.ffn_chunk_tokens=8192 (default: the
+#                    train.offload_block_inputs=true, _chunked for train.ffn_chunk_tokens=8192, _noshadow for
+#                    train.weight_shadow=false (default: the
 #                    1.1B dense at 32K, 64K, 128K, MSA at 128K, 256K, dense 64K and MSA 256K offloaded);
 #                    MEM_EXTRA="--set k=v ..." is added to every run, e.g. train.loss_chunk_tokens=0 for the unchunked head; the peak is the most nvidia-smi
 #                    saw used while the run lasted (CUDA context, cuBLAS/cuDNN workspaces and the activation
@@ -235,6 +236,7 @@ for what in "$@"; do
             [ "$variant" = msa ] && extra=$msa
             case $name in *_offload*) extra="$extra --set train.offload_block_inputs=true" ;; esac
             case $name in *_chunked*) extra="$extra --set train.ffn_chunk_tokens=8192" ;; esac
+            case $name in *_noshadow*) extra="$extra --set train.weight_shadow=false" ;; esac
             echo "--- $name"
             nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$OUT/memory_$name.smi" &
             local smi=$! rc=0

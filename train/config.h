@@ -112,6 +112,7 @@ typedef struct TrainConfig {
     int profile_steps;     /* steps profiled per op after the first step of the run (0 = off) */
     int loss_chunk_tokens; /* rows per chunk of the LM head and cross-entropy (op_lm_head_loss); 0 = one chunk */
     int ffn_chunk_tokens;  /* rows per chunk of the dense SwiGLU feed-forward (op_swiglu_ffn); 0 = unchunked */
+    bool weight_shadow;        /* CUDA: a BF16 copy of the F32 weights for the GEMMs (else cast at each use) */
     bool offload_block_inputs; /* with recompute: saved block inputs on the host between forward and backward */
 } TrainConfig;
 

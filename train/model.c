@@ -32,6 +32,7 @@ void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DTy
     m->ep = ep && ep->size > 1 ? ep : NULL;
 
     params_init(&m->params, be, param_dtype);
+    m->params.no_shadow = !cfg->train.weight_shadow;
     m->wte = params_add(&m->params, "wte", SHAPE(V, C), INIT_NORMAL, std, cfg->optim.decay_embeddings);
     m->layers = xcalloc((size_t)c->n_layers, sizeof(Block));
     for (int l = 0; l < c->n_layers; l++) {

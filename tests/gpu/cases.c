@@ -496,5 +496,10 @@ void gpu_cases(void) {
              {"train.grad_accum=2", "train.recompute=true", NULL}, 12);
     GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "shakespeare_gpu dense, dropout 0.2, 8 x 256 tokens",
              "configs/shakespeare_gpu.json", {"train.batch_size=8", "optim.warmup_steps=5", NULL}, 20);
+    /* the weights cast at each GEMM instead of kept as a BF16 copy: dense, and an MoE model (its experts'
+     * grouped GEMM reads its own copy of the weights) */
+    GPU_CASE("memory", weight_shadow_case, CudaGraphCase, "tiny.json", "configs/tiny.json", {NULL}, 6);
+    GPU_CASE("memory", weight_shadow_case, CudaGraphCase, "shakespeare_moe.json, batch 8", "configs/shakespeare_moe.json",
+             {"train.batch_size=8", NULL}, 4);
     GPU_CASE0("e2e", e2e_case); /* last: a few training steps of configs/tiny.json on both devices */
 }

@@ -257,5 +257,7 @@ void staged_copies_case(const void *args); /* copy_from_host through the staging
 /* steps steps with train.cuda_graph off and on: the same bits (sets as in HostWaitsCase) */
 typedef struct { const char *label, *config; const char *sets[9]; int steps; } CudaGraphCase;
 void cuda_graph_case(const void *args);
+/* steps steps with train.weight_shadow true and false: the same bits */
+void weight_shadow_case(const void *args);
 
 #endif

@@ -7,7 +7,8 @@
  * names the call site of the last wait (cuda_last_host_wait). With train.cuda_graph = auto the dense cases'
  * measured steps would be replays of the captured step (train/step_graph.h), which must not wait either; the
  * default is off.
- * Last, group graph: the captured step against the eager one, bit for bit (cuda_graph_case). */
+ * Last, group graph: the captured step against the eager one, bit for bit (cuda_graph_case), and group
+ * memory: a run without the BF16 copy of the weights against one with it (weight_shadow_case). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,53 +106,96 @@ void staged_copies_case(const void *args) {
  * from device memory, as do the dropout seeds). Every step is read (a replayed step reads after its launch).
  * The first steps run eagerly until one frees no memory (arena compaction, scratch growth), so at least half
  * of the steps must be replays. */
+enum { MAX_STEPS = 64 };
+
+/* One CUDA run of steps steps of config with sets and setting: its losses and norms, then the parameters and
+ * the moments m and v of the whole store (F32), and its CUDA graph counts. */
+typedef struct {
+    double loss[MAX_STEPS], norm[MAX_STEPS];
+    float *state;
+    int64_t numel, nodes, replays, captures;
+} TrainOutcome;
+
+static void train_cuda(TrainOutcome *o, const char *config, const char *const *sets, const char *setting, int steps) {
+    if (steps > MAX_STEPS) fatal("train_cuda: at most %d steps", MAX_STEPS);
+    /* bit for bit needs our own attention kernels: cuDNN's backward sums dQ with atomics (NOTES.md) */
+    const char *prev = getenv("MSA_ATTENTION");
+    char saved[64] = "";
+    if (prev) snprintf(saved, sizeof saved, "%s", prev);
+    setenv("MSA_ATTENTION", "own", 1);
+    Run r;
+    quiet_run_config(&r, config, sets);
+    config_set(&r.cfg, setting);
+    r.cfg.train.steps = steps;
+    snprintf(r.cfg.train.device, sizeof r.cfg.train.device, "cuda");
+    r.config_path = config;
+    run_init(&r);
+    r.defer_step_results = false;
+    for (int s = 0; s < steps; s++) {
+        StepResult res = run_step(&r);
+        o->loss[s] = res.loss;
+        o->norm[s] = res.grad_norm;
+    }
+    o->numel = r.model.params.numel;
+    o->state = xmalloc((size_t)(3 * o->numel) * sizeof(float));
+    GB->copy_to_host(o->state, r.model.params.data, (size_t)o->numel * sizeof(float));
+    GB->copy_to_host(o->state + o->numel, r.opt.m, (size_t)o->numel * sizeof(float));
+    GB->copy_to_host(o->state + 2 * o->numel, r.opt.v, (size_t)o->numel * sizeof(float));
+    o->nodes = r.graph.nodes, o->replays = r.graph.replays, o->captures = r.graph.captures;
+    run_free(&r);
+    if (prev) setenv("MSA_ATTENTION", saved, 1);
+    else unsetenv("MSA_ATTENTION");
+}
+
+/* The first step whose loss or norm differ in a bit (-1: none), and how many state values differ. */
+static int first_difference(const TrainOutcome *a, const TrainOutcome *b, int steps, int64_t *bad_state) {
+    int first_bad = -1;
+    for (int s = 0; s < steps && first_bad < 0; s++)
+        if (memcmp(&a->loss[s], &b->loss[s], sizeof(double)) || memcmp(&a->norm[s], &b->norm[s], sizeof(double)))
+            first_bad = s;
+    *bad_state = 0;
+    for (int64_t i = 0; i < 3 * a->numel; i++) *bad_state += memcmp(&a->state[i], &b->state[i], sizeof(float)) != 0;
+    if (first_bad >= 0)
+        printf("    first difference at step %d: loss %.17g vs %.17g, norm %.17g vs %.17g\n", first_bad + 1,
+               a->loss[first_bad], b->loss[first_bad], a->norm[first_bad], b->norm[first_bad]);
+    return first_bad;
+}
+
 void cuda_graph_case(const void *args) {
     const CudaGraphCase *c = args;
-    enum { MAX_STEPS = 64 };
-    if (c->steps > MAX_STEPS) fatal("cuda_graph_case: at most %d steps", MAX_STEPS);
-    double loss[2][MAX_STEPS], norm[2][MAX_STEPS];
-    float *state[2] = {NULL, NULL};
-    int64_t numel = 0, nodes = 0, replays = 0, captures = 0;
-    for (int k = 0; k < 2; k++) {
-        Run r;
-        quiet_run_config(&r, c->config, c->sets);
-        config_set(&r.cfg, k ? "train.cuda_graph=on" : "train.cuda_graph=off");
-        r.cfg.train.steps = c->steps;
-        snprintf(r.cfg.train.device, sizeof r.cfg.train.device, "cuda");
-        r.config_path = c->config;
-        run_init(&r);
-        r.defer_step_results = false;
-        for (int s = 0; s < c->steps; s++) {
-            StepResult res = run_step(&r);
-            loss[k][s] = res.loss;
-            norm[k][s] = res.grad_norm;
-        }
-        /* parameters, then the moments m and v of the whole store */
-        numel = r.model.params.numel;
-        state[k] = xmalloc((size_t)(3 * numel) * sizeof(float));
-        GB->copy_to_host(state[k], r.model.params.data, (size_t)numel * sizeof(float));
-        GB->copy_to_host(state[k] + numel, r.opt.m, (size_t)numel * sizeof(float));
-        GB->copy_to_host(state[k] + 2 * numel, r.opt.v, (size_t)numel * sizeof(float));
-        if (k) nodes = r.graph.nodes, replays = r.graph.replays, captures = r.graph.captures;
-        run_free(&r);
-    }
-    int first_bad = -1;
-    for (int s = 0; s < c->steps && first_bad < 0; s++)
-        if (memcmp(&loss[0][s], &loss[1][s], sizeof(double)) || memcmp(&norm[0][s], &norm[1][s], sizeof(double)))
-            first_bad = s;
-    int64_t bad_state = 0;
-    for (int64_t i = 0; i < 3 * numel; i++) bad_state += memcmp(&state[0][i], &state[1][i], sizeof(float)) != 0;
+    TrainOutcome o[2];
+    train_cuda(&o[0], c->config, c->sets, "train.cuda_graph=off", c->steps);
+    train_cuda(&o[1], c->config, c->sets, "train.cuda_graph=on", c->steps);
+    int64_t bad_state;
+    const int first_bad = first_difference(&o[0], &o[1], c->steps, &bad_state);
     char name[160];
     snprintf(name, sizeof name, "cuda graph = eager, %s, %d steps", c->label, c->steps);
-    record(first_bad < 0 && bad_state == 0 && captures >= 1 && 2 * replays >= c->steps && isfinite(loss[1][c->steps - 1]),
+    record(first_bad < 0 && bad_state == 0 && o[1].captures >= 1 && 2 * o[1].replays >= c->steps &&
+               isfinite(o[1].loss[c->steps - 1]),
            "%-58s %s; %lld of %lld parameter/moment values differ; %lld captures, %lld replays of %lld kernels, copies "
            "and memsets each (1 launch); last loss %.6f vs %.6f",
            name, first_bad < 0 ? "losses and norms bit-exact" : "losses or norms differ", (long long)bad_state,
-           (long long)(3 * numel), (long long)captures, (long long)replays, (long long)nodes, loss[0][c->steps - 1],
-           loss[1][c->steps - 1]);
-    if (first_bad >= 0)
-        printf("    first difference at step %d: loss %.17g vs %.17g, norm %.17g vs %.17g\n", first_bad + 1,
-               loss[0][first_bad], loss[1][first_bad], norm[0][first_bad], norm[1][first_bad]);
-    free(state[0]);
-    free(state[1]);
+           (long long)(3 * o[0].numel), (long long)o[1].captures, (long long)o[1].replays, (long long)o[1].nodes,
+           o[0].loss[c->steps - 1], o[1].loss[c->steps - 1]);
+    free(o[0].state);
+    free(o[1].state);
+}
+
+/* train.weight_shadow = false: the GEMMs cast each F32 weight into scratch where they read the BF16 copy, the
+ * same round-to-nearest-even values as the copy AdamW writes, so the runs agree bit for bit */
+void weight_shadow_case(const void *args) {
+    const CudaGraphCase *c = args;
+    TrainOutcome o[2];
+    train_cuda(&o[0], c->config, c->sets, "train.weight_shadow=true", c->steps);
+    train_cuda(&o[1], c->config, c->sets, "train.weight_shadow=false", c->steps);
+    int64_t bad_state;
+    const int first_bad = first_difference(&o[0], &o[1], c->steps, &bad_state);
+    char name[160];
+    snprintf(name, sizeof name, "no BF16 weight copy = copy, %s, %d steps", c->label, c->steps);
+    record(first_bad < 0 && bad_state == 0 && isfinite(o[1].loss[c->steps - 1]),
+           "%-58s %s; %lld of %lld parameter/moment values differ; last loss %.6f vs %.6f", name,
+           first_bad < 0 ? "losses and norms bit-exact" : "losses or norms differ", (long long)bad_state,
+           (long long)(3 * o[0].numel), o[0].loss[c->steps - 1], o[1].loss[c->steps - 1]);
+    free(o[0].state);
+    free(o[1].state);
 }
