@@ -30,12 +30,12 @@
 #                    arena's chunks included), and step 2's profile has the arena's bytes per op kind at its
 #                    peak (the memory columns)
 #   memory-fit       the table "longest context that fits" per model size and variant: for each size in
-#                    FIT_SIZES (0.1b 1b 3b) and variant in FIT_VARIANTS (dense msa dense_offload_chunked
-#                    msa_offload_chunked), contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
+#                    FIT_SIZES (0.1b 1b 3b) and variant in FIT_VARIANTS (dense msa dense_offload_chunked_noshadow
+#                    msa_offload_chunked_noshadow), contexts doubling from FIT_FROM_01B=128, FIT_FROM_1B=64, FIT_FROM_3B=16 (K tokens) up to
 #                    FIT_MAX_K=2048 until one fails, one step each (MEM_TIMEOUT s at most a run); prints "longest context that fits: ..."
 #                    per pair (a whole table takes more than one 10-minute call: split it by FIT_SIZES)
 #   memory-model     the longest context predicted to fit, per size in FIT_SIZES and variant in FIT_VARIANTS
-#                    (default dense_offload_chunked msa_offload_chunked): one step at MODEL_FROM_01B=64,
+#                    (default dense_offload_chunked_noshadow msa_offload_chunked_noshadow): one step at MODEL_FROM_01B=64,
 #                    MODEL_FROM_1B=32, MODEL_FROM_3B=16 K tokens and at twice that, peak = fixed + per-token
 #                    line through the two peaks, met with the device's memory; cheap where memory-fit's
 #                    doubling runs take minutes a step (dense attention at 1M tokens)
@@ -276,7 +276,7 @@ for what in "$@"; do
             # device's memory (nvidia-smi's memory.total), rounded down to a power of two
             total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
             for size in ${FIT_SIZES:-0.1b 1b 3b}; do
-                for variant in ${FIT_VARIANTS:-dense_offload_chunked msa_offload_chunked}; do
+                for variant in ${FIT_VARIANTS:-dense_offload_chunked_noshadow msa_offload_chunked_noshadow}; do
                     case $size in 0.1b) k=${MODEL_FROM_01B:-64} ;; 1b) k=${MODEL_FROM_1B:-32} ;; 3b) k=${MODEL_FROM_3B:-16} ;; esac
                     v=${variant%%_*}
                     sfx=${variant#"$v"}
@@ -303,7 +303,7 @@ PY
             # and the scratch grow in it; its tokens/s include that warm-up). A run cut by MEM_TIMEOUT ends
             # the doubling without a verdict on its context.
             for size in ${FIT_SIZES:-0.1b 1b 3b}; do
-                for variant in ${FIT_VARIANTS:-dense msa dense_offload_chunked msa_offload_chunked}; do
+                for variant in ${FIT_VARIANTS:-dense msa dense_offload_chunked_noshadow msa_offload_chunked_noshadow}; do
                     case $size in 0.1b) k=${FIT_FROM_01B:-128} ;; 1b) k=${FIT_FROM_1B:-64} ;; 3b) k=${FIT_FROM_3B:-16} ;; esac
                     fitted=none
                     while [ "$k" -le "${FIT_MAX_K:-2048}" ]; do
