@@ -1362,7 +1362,7 @@ static void bench(const char *only) {
 /* usage: test_gpu [--only GROUP[,GROUP...] | --bench [NAME,...]]   (groups: the first argument of the GPU_CASE lines of
  * tests/gpu/cases.c, in run order: messages elementwise matmul embedding rmsnorm add_rmsnorm rope attention
  * attention_cudnn swiglu cross_entropy lm_head_loss checkpoint_offload adamw msa msa_attention msa_kl moe cp ring activation msa_cp
- * sync graph e2e; default all; --only lets
+ * sync graph memory e2e; default all; --only lets
  * compute-sanitizer run the kernels without the training runs) */
 static bool wanted(const char *only, const char *group) {
     if (!only) return true;
