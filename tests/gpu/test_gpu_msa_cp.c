@@ -71,6 +71,38 @@ static void check_scalar(const char *name, const Pair *kl, double tol) {
     free(got);
 }
 
+/* The KL's forward (kl, idx_lse) and backward (dqi, dki) on both devices from the same inputs, checked under
+ * the name "msa_cp <what> ..."; topk NULL: the dense warm-up's KL over every key. The CPU's idx_lse comes back
+ * as a pair for the backwards that read it (the caller frees it). */
+static Pair kl_checks(const char *what, const char *desc, double tol, DType act, const Pair *q, const Pair *k,
+                      const Pair *lse, const Pair *qi, const Pair *ki, const Tensor *tc, const Tensor *tg, const Pair *cs,
+                      const MsaParams *pc, const MsaParams *pg) {
+    const int64_t Nq = q->c.shape[0], Hkv = qi->c.shape[1], Di = qi->c.shape[2], N = ki->c.shape[0];
+    char name[160];
+    Pair kl = pair_out(DT_F32, 1, (int64_t[]){1}), il = pair_out(DT_F32, 2, (int64_t[]){Hkv, Nq});
+    CB->msa_kl_forward(&kl.c, &il.c, &q->c, &k->c, &lse->c, &qi->c, &ki->c, tc, NULL, &cs->c, pc);
+    GB->msa_kl_forward(&kl.g, &il.g, &q->g, &k->g, &lse->g, &qi->g, &ki->g, tg, NULL, &cs->g, pg);
+    snprintf(name, sizeof name, "msa_cp %s fwd kl %s", what, desc);
+    check_scalar(name, &kl, tol);
+    snprintf(name, sizeof name, "msa_cp %s fwd idx_lse %s", what, desc);
+    check(name, &il, tol);
+    Pair ilb = pair_from(DT_F32, 2, (int64_t[]){Hkv, Nq}, (const float *)il.c.data);
+    Grad dqi = grad_new(act, 3, (int64_t[]){Nq, Hkv, Di}), dki = grad_new(act, 2, (int64_t[]){N, Di});
+    CB->msa_kl_backward(&dqi.p.c, &dki.p.c, &q->c, &k->c, &lse->c, &qi->c, &ki->c, &ilb.c, tc, NULL, &cs->c, pc, NULL, 1.0f);
+    grad_arm(&dqi);
+    grad_arm(&dki);
+    GB->msa_kl_backward(&dqi.p.g, &dki.p.g, &q->g, &k->g, &lse->g, &qi->g, &ki->g, &ilb.g, tg, NULL, &cs->g, pg, NULL, 1.0f);
+    snprintf(name, sizeof name, "msa_cp %s bwd dqi %s", what, desc);
+    grad_check(name, &dqi, tol);
+    snprintf(name, sizeof name, "msa_cp %s bwd dki %s", what, desc);
+    grad_check(name, &dki, tol);
+    pair_free(&kl);
+    pair_free(&il);
+    grad_free(&dqi);
+    grad_free(&dki);
+    return ilb;
+}
+
 void msa_cp_case(const void *args) {
     const MsaCpCase *c = args;
     const DType act = c->act;
@@ -179,23 +211,7 @@ void msa_cp_case(const void *args) {
     }
 
     /* the sparse KL: forward (kl, idx_lse), backward (dqi, dki), with the teacher's lse of the forward above */
-    Pair kl = pair_out(DT_F32, 1, (int64_t[]){1}), il2 = pair_out(DT_F32, 2, (int64_t[]){Hkv, Nq});
-    CB->msa_kl_forward(&kl.c, &il2.c, &q.c, &ka->c, &l2.c, &qi.c, &ki.c, &tc, NULL, &cs.c, &fc);
-    GB->msa_kl_forward(&kl.g, &il2.g, &q.g, &ka->g, &l2.g, &qi.g, &ki.g, &tg, NULL, &cs.g, &fg);
-    snprintf(name, sizeof name, "msa_cp kl fwd kl %s", desc);
-    check_scalar(name, &kl, tol);
-    snprintf(name, sizeof name, "msa_cp kl fwd idx_lse %s", desc);
-    check(name, &il2, tol);
-    Pair ilb = pair_from(DT_F32, 2, (int64_t[]){Hkv, Nq}, (const float *)il2.c.data);
-    Grad dqi = grad_new(act, 3, (int64_t[]){Nq, Hkv, Di}), dki = grad_new(act, 2, (int64_t[]){N, Di});
-    CB->msa_kl_backward(&dqi.p.c, &dki.p.c, &q.c, &ka->c, &l2.c, &qi.c, &ki.c, &ilb.c, &tc, NULL, &cs.c, &fc, NULL, 1.0f);
-    grad_arm(&dqi);
-    grad_arm(&dki);
-    GB->msa_kl_backward(&dqi.p.g, &dki.p.g, &q.g, &ka->g, &l2.g, &qi.g, &ki.g, &ilb.g, &tg, NULL, &cs.g, &fg, NULL, 1.0f);
-    snprintf(name, sizeof name, "msa_cp kl bwd dqi %s", desc);
-    grad_check(name, &dqi, tol);
-    snprintf(name, sizeof name, "msa_cp kl bwd dki %s", desc);
-    grad_check(name, &dki, tol);
+    Pair ilb = kl_checks("kl", desc, tol, act, &q, ka, &l2, &qi, &ki, &tc, &tg, &cs, &fc, &fg);
 
     /* the attention backward with the KL folded in (the sparse phase's backward), from the same inputs */
     Grad fdq = grad_new(act, 3, (int64_t[]){Nq, Hq, D}), fdk = grad_new(act, 3, (int64_t[]){Mk, Hkv, D}),
@@ -220,23 +236,7 @@ void msa_cp_case(const void *args) {
     Tensor dout_c = mk(CB, DT_F32, 3, (int64_t[]){Nq, Hq, D}), dlse_c = mk(CB, DT_F32, 2, (int64_t[]){Hq, Nq});
     CB->msa_attention_forward(&dout_c, &dlse_c, &q.c, &k.c, &v.c, NULL, NULL, &cs.c, &pc);
     Pair dl = pair_from(DT_F32, 2, (int64_t[]){Hq, Nq}, (const float *)dlse_c.data);
-    Pair dkl = pair_out(DT_F32, 1, (int64_t[]){1}), dil = pair_out(DT_F32, 2, (int64_t[]){Hkv, Nq});
-    CB->msa_kl_forward(&dkl.c, &dil.c, &q.c, &k.c, &dl.c, &qi.c, &ki.c, NULL, NULL, &cs.c, &pc);
-    GB->msa_kl_forward(&dkl.g, &dil.g, &q.g, &k.g, &dl.g, &qi.g, &ki.g, NULL, NULL, &cs.g, &pg);
-    snprintf(name, sizeof name, "msa_cp dense kl fwd kl %s", desc);
-    check_scalar(name, &dkl, tol);
-    snprintf(name, sizeof name, "msa_cp dense kl fwd idx_lse %s", desc);
-    check(name, &dil, tol);
-    Pair dilb = pair_from(DT_F32, 2, (int64_t[]){Hkv, Nq}, (const float *)dil.c.data);
-    Grad ddqi = grad_new(act, 3, (int64_t[]){Nq, Hkv, Di}), ddki = grad_new(act, 2, (int64_t[]){N, Di});
-    CB->msa_kl_backward(&ddqi.p.c, &ddki.p.c, &q.c, &k.c, &dl.c, &qi.c, &ki.c, &dilb.c, NULL, NULL, &cs.c, &pc, NULL, 1.0f);
-    grad_arm(&ddqi);
-    grad_arm(&ddki);
-    GB->msa_kl_backward(&ddqi.p.g, &ddki.p.g, &q.g, &k.g, &dl.g, &qi.g, &ki.g, &dilb.g, NULL, NULL, &cs.g, &pg, NULL, 1.0f);
-    snprintf(name, sizeof name, "msa_cp dense kl bwd dqi %s", desc);
-    grad_check(name, &ddqi, tol);
-    snprintf(name, sizeof name, "msa_cp dense kl bwd dki %s", desc);
-    grad_check(name, &ddki, tol);
+    Pair dilb = kl_checks("dense kl", desc, tol, act, &q, &k, &dl, &qi, &ki, NULL, NULL, &cs, &pc, &pg);
 
     /* the recall over every key, sampling the rows whose token is a multiple of 3 */
     const double rc = CB->msa_recall(&q.c, &k.c, &tc, &cs.c, &pc, 3), rg = GB->msa_recall(&q.g, &k.g, &tg, &cs.g, &pg, 3);
@@ -246,11 +246,10 @@ void msa_cp_case(const void *args) {
 
     set_env_int("MSA_CUDA_MSA_CHUNK", 0);
     set_env_int("MSA_CUDA_KL_WINDOW", 0);
-    Pair *pairs[] = {&cs, &qx, &qi, &ki, &il, &kr, &q, &k, &v, &kf, &vf, &out, &lse, &o2, &l2, &dout, &kl, &il2, &ilb,
-                     &fkl, &dl, &dkl, &dil, &dilb};
+    Pair *pairs[] = {&cs, &qx, &qi, &ki, &il, &kr, &q, &k, &v, &kf, &vf, &out, &lse, &o2, &l2, &dout, &ilb, &fkl, &dl, &dilb};
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++)
         if (pairs[i]->g.data || pairs[i]->c.data) pair_free(pairs[i]);
-    Grad *grads[] = {&dq, &dk, &dv, &dqi, &dki, &fdq, &fdk, &fdv, &fdqi, &fdki, &ddqi, &ddki};
+    Grad *grads[] = {&dq, &dk, &dv, &fdq, &fdk, &fdv, &fdqi, &fdki};
     for (size_t i = 0; i < sizeof grads / sizeof grads[0]; i++) grad_free(grads[i]);
     free_t(&tc);
     free_t(&tg);
