@@ -86,7 +86,14 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
      * the copies and bookkeeping here, the ops' forward time is theirs (no-grad forwards: not timed) */
     if (record) engine_op_begin(e);
     const bool offloading = record && e->offload_block_inputs;
-    Tensor *y = offloading ? slot_output(e, x) : engine_empty_like(e, x);
+    /* Without gradients (evaluation, sampling) nothing reads a block's output after the next block has
+     * consumed it, so the outputs take turns in the two slots instead of piling up in the arena below each
+     * block's mark: an evaluation holds two block outputs, not one per block (22 x tokens x d_model for the
+     * 1.1B model, 5.5 GiB at 64K tokens: the peak of a long-context run came from its evaluation). The slots
+     * can grow only while x is not in one (a block of another shape after a chain: its input is not a slot). */
+    const bool slotted = offloading || (!record && (tensor_bytes(x) <= e->offload_slot_bytes ||
+                                                    (x->data != e->offload_slot[0] && x->data != e->offload_slot[1])));
+    Tensor *y = slotted ? slot_output(e, x) : engine_empty_like(e, x);
     Tensor *aux = engine_empty(e, stat_dtype(x->dtype), SHAPE(1));
     e->be->zero(aux->data, tensor_bytes(aux));
     bool has_aux = false;

@@ -102,6 +102,47 @@ TEST(peak_per_token_is_the_saved_inputs_and_one_block) {
     }
 }
 
+/* The arena's high-water mark over one evaluation (a forward without gradients over one validation batch)
+ * of the tiny model with `layers` blocks, d_model 128, `tokens` tokens; *slot_bytes: the block output slots
+ * outside the arena (Engine.offload_slot), which an evaluation's block outputs take turns in. */
+static size_t eval_peak(int64_t layers, int64_t tokens, size_t *slot_bytes) {
+    Run r;
+    memset(&r, 0, sizeof r);
+    r.quiet = true;
+    config_defaults(&r.cfg);
+    config_load(&r.cfg, TINY);
+    char sets[8][64];
+    int n = 0;
+    snprintf(sets[n++], 64, "model.d_model=128");
+    snprintf(sets[n++], 64, "model.n_layers=%lld", (long long)layers);
+    snprintf(sets[n++], 64, "train.seq_len=%lld", (long long)tokens);
+    snprintf(sets[n++], 64, "train.batch_size=1");
+    snprintf(sets[n++], 64, "train.eval_batches=1");
+    for (int i = 0; i < n; i++) config_set(&r.cfg, sets[i]);
+    r.config_path = TINY;
+    run_init(&r);
+    engine_reset(&r.engine);
+    r.engine.data.high_water = r.engine.data.live;
+    run_evaluate(&r, NULL);
+    const size_t peak = r.engine.data.high_water;
+    *slot_bytes = 2 * r.engine.offload_slot_bytes;
+    run_free(&r);
+    return peak;
+}
+
+/* An evaluation holds two block outputs (in the slots), not one per block: its arena peak does not grow
+ * with the depth. Before, each no-grad checkpoint left its output below the block's mark, 6 x 512 x 128 F32
+ * values (1.5 MiB) more at 8 blocks than at 2. */
+TEST(evaluation_holds_two_block_outputs_not_one_per_block) {
+    const int64_t tokens = 512, block_output = tokens * 128 * 4;
+    size_t slots2 = 0, slots8 = 0;
+    const size_t p2 = eval_peak(2, tokens, &slots2), p8 = eval_peak(8, tokens, &slots8);
+    EXPECT(p8 < p2 + (size_t)block_output, "arena peak of an evaluation: %zu bytes at 8 blocks, %zu at 2 (a block output is "
+           "%lld bytes): it grows with the depth", p8, p2, (long long)block_output);
+    EXPECT(slots8 == 2 * (size_t)block_output && slots2 == slots8, "block output slots: %zu and %zu bytes, two outputs of %lld "
+           "expected", slots2, slots8, (long long)block_output);
+}
+
 /* Tensors larger than the arena's chunks get chunks of their own; each small allocation after one opens
  * a chunk whose end is lost until the next rewind. From the second micro-step on the arena is one chunk of
  * the first step's exact need, so the live bytes at the peak are the bytes handed out. */
@@ -175,5 +216,6 @@ int main(void) {
     RUN(arena_loses_no_chunk_ends_after_the_first_step);
     RUN(arena_takes_the_smallest_empty_chunk_that_fits);
     RUN(arena_merges_the_empty_chunks_when_it_grows);
+    RUN(evaluation_holds_two_block_outputs_not_one_per_block);
     TEST_END();
 }
