@@ -49,14 +49,20 @@ static double allowed_values(const Shape *s) {
     return (double)(saved + head + replay + in_flight) + ffn_values(s);
 }
 
+/* r, quiet, started on configs/tiny.json with the n settings ("key=value") */
+static void tiny_run(Run *r, char (*sets)[64], int n) {
+    memset(r, 0, sizeof *r);
+    r->quiet = true;
+    config_defaults(&r->cfg);
+    config_load(&r->cfg, TINY);
+    for (int i = 0; i < n; i++) config_set(&r->cfg, sets[i]);
+    r->config_path = TINY;
+    run_init(r);
+}
+
 /* The activation arena's peak in the second of two training steps (the profiled one: the first step's
  * chunk ends are lost, see below); *run_peak: the run's high-water mark. */
 static size_t peak_of(const Shape *s, size_t *run_peak) {
-    Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, TINY);
     char sets[16][64];
     int n = 0;
     snprintf(sets[n++], 64, "model.d_model=%lld", (long long)s->d);
@@ -73,9 +79,8 @@ static size_t peak_of(const Shape *s, size_t *run_peak) {
     snprintf(sets[n++], 64, "train.profile_steps=1");
     snprintf(sets[n++], 64, "train.eval_every=0");
     snprintf(sets[n++], 64, "train.ffn_chunk_tokens=%lld", (long long)s->ffn_chunk);
-    for (int i = 0; i < n; i++) config_set(&r.cfg, sets[i]);
-    r.config_path = TINY;
-    run_init(&r);
+    Run r;
+    tiny_run(&r, sets, n);
     for (int step = 0; step < 2; step++) run_step(&r);
     const size_t peak = r.prof ? r.prof->peak : 0;
     *run_peak = r.engine.data.high_water;
@@ -106,11 +111,6 @@ TEST(peak_per_token_is_the_saved_inputs_and_one_block) {
  * of the tiny model with `layers` blocks, d_model 128, `tokens` tokens; *slot_bytes: the block output slots
  * outside the arena (Engine.offload_slot), which an evaluation's block outputs take turns in. */
 static size_t eval_peak(int64_t layers, int64_t tokens, size_t *slot_bytes) {
-    Run r;
-    memset(&r, 0, sizeof r);
-    r.quiet = true;
-    config_defaults(&r.cfg);
-    config_load(&r.cfg, TINY);
     char sets[8][64];
     int n = 0;
     snprintf(sets[n++], 64, "model.d_model=128");
@@ -118,9 +118,8 @@ static size_t eval_peak(int64_t layers, int64_t tokens, size_t *slot_bytes) {
     snprintf(sets[n++], 64, "train.seq_len=%lld", (long long)tokens);
     snprintf(sets[n++], 64, "train.batch_size=1");
     snprintf(sets[n++], 64, "train.eval_batches=1");
-    for (int i = 0; i < n; i++) config_set(&r.cfg, sets[i]);
-    r.config_path = TINY;
-    run_init(&r);
+    Run r;
+    tiny_run(&r, sets, n);
     engine_reset(&r.engine);
     r.engine.data.high_water = r.engine.data.live;
     run_evaluate(&r, NULL);
