@@ -13,6 +13,7 @@
 #                    its head shapes (SIZES=8192,32768,131072 by default)
 #   baseline-dense   configs/shakespeare_gpu.json, 5000 steps (nanoGPT's baby GPT; its steps replayed as a CUDA
 #                    graph, train.cuda_graph: the log's "cuda graph" lines)
+#                    then the compiled PyTorch peer (.peers/shakespeare_torch.py, same recipe) and the ratio
 #   baseline-msa     the same with model.attention=msa
 #   dist             (2 GPUs: nvidia-h200-x2) DP-2, EP-2 and CP-2 with NCCL against one GPU on configs/tiny.json
 #                    (losses step by step), and the 1 -> 2 GPU DP scaling of the bench's ~1B dense model at
@@ -125,6 +126,21 @@ for what in "$@"; do
         echo "wall $(($(date +%s) - start)) s"
         grep -E "cuda graph|eval step|done:" "$OUT/baseline_$variant.log" | tail -30
         rm -f "$OUT/run_$variant"/ckpt_*.h5
+        # the peer in the same call: ../shared/peers/shakespeare_torch.py (carried in .peers/), the same recipe in
+        # PyTorch with torch.compile, 5000 steps; its tokens/s leave out its evaluations (ours include them)
+        if [ "$variant" = dense ] && [ -f .peers/shakespeare_torch.py ]; then
+            echo "--- peer: shakespeare_torch.py --arch llama --kv 6 --dropout 0.2 (torch.compile)"
+            python3 .peers/shakespeare_torch.py --arch llama --kv 6 --dropout 0.2 >"$OUT/baseline_peer.log" 2>&1 || status=1
+            grep -E "step 5000|RESULT" "$OUT/baseline_peer.log"
+            python3 - "$OUT/baseline_$variant.log" "$OUT/baseline_peer.log" <<'PY'
+import re, sys
+ours = re.search(r"([0-9]+) tokens/s overall", open(sys.argv[1]).read())
+peer = re.search(r"tokens/s=([0-9,]+)", open(sys.argv[2]).read())
+if ours and peer:
+    o, p = float(ours.group(1)), float(peer.group(1).replace(",", ""))
+    print("shakespeare: msa-train %.0f tokens/s (evaluations included), peer %.0f (evaluations left out): %.2fx" % (o, p, o / p))
+PY
+        fi
         ;;
     ncu)
         # Nsight Compute on the MSA kernels of one attention layer (bench shape, NCU_SIZE tokens, default
