@@ -4,9 +4,9 @@
  * synchronisations, frees) must not move over a step that is not logged. A dense model (the cuDNN
  * attention path, which once copied cu_seqlens to the host at every layer) and an MSA model in its dense
  * warm-up (whose KL backward once read its upstream gradient on the host) and its sparse phase. A failure
- * names the call site of the last wait (cuda_last_host_wait). With train.cuda_graph = auto the dense cases'
- * measured steps would be replays of the captured step (train/step_graph.h), which must not wait either; the
- * default is off.
+ * names the call site of the last wait (cuda_last_host_wait). With train.cuda_graph = auto (the default) the
+ * dense cases' measured steps are replays of the captured step (train/step_graph.h), which must not wait
+ * either.
  * Last, group graph: the captured step against the eager one, bit for bit (cuda_graph_case), and group
  * memory: a run without the BF16 copy of the weights against one with it (weight_shadow_case). */
 #include <math.h>
