@@ -38,7 +38,7 @@
 #   memory-model     the longest context predicted to fit, per size in FIT_SIZES and variant in FIT_VARIANTS
 #                    (default dense_offload_chunked_noshadow msa_offload_chunked_noshadow): one step at MODEL_FROM_01B=64,
 #                    MODEL_FROM_1B=32, MODEL_FROM_3B=16 K tokens and at twice that, peak = fixed + per-token
-#                    line through the two peaks, met with the device's memory; cheap where memory-fit's
+#                    line through the two peaks, met with the device's memory (or FIT_TOTAL_MIB); cheap where memory-fit's
 #                    doubling runs take minutes a step (dense attention at 1M tokens)
 #   cp-one-gpu       sequence-split context parallelism on one GPU: the split ops on device tensors against the
 #                    CPU (mpirun -np 2 and 4 build/tests/test_dist_cp --cuda), then configs/tiny.json with one KV head (so cp 2
@@ -290,7 +290,8 @@ PY
             # and cuDNN's workspace grow in proportion to the tokens, the weights, optimizer state and CUDA
             # context do not, so peak = fixed + per_token * tokens; the prediction is where that line meets the
             # device's memory (nvidia-smi's memory.total), rounded down to a power of two
-            total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+            # FIT_TOTAL_MIB: the memory to predict for (81559 = an H100 80GB's, when the call runs on an H200)
+            total=${FIT_TOTAL_MIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)}
             for size in ${FIT_SIZES:-0.1b 1b 3b}; do
                 for variant in ${FIT_VARIANTS:-dense_offload_chunked_noshadow msa_offload_chunked_noshadow}; do
                     case $size in 0.1b) k=${MODEL_FROM_01B:-64} ;; 1b) k=${MODEL_FROM_1B:-32} ;; 3b) k=${MODEL_FROM_3B:-16} ;; esac
