@@ -95,7 +95,8 @@ typedef struct LayerKind {
      * activation recomputation, Engine.recomputing). */
     Tensor *(*forward)(void *self, Engine *e, Tensor *x, const LayerContext *ctx, Tensor **aux);
     /* After each optimizer step (update = true) or evaluation (false): apply what the forwards since the
-     * last call gathered, report it into m (NULL: do not report), and start gathering anew. NULL: none. */
+     * last call gathered, report it into m (NULL: do not report; reporting may copy from the device, so the
+     * trainer passes m only on the steps it logs), and start gathering anew. NULL: none. */
     void (*step_end)(void *self, bool update, Metrics *m);
     /* What the forwards since the last call (not replays), and their backwards, left on the device, read
      * in one copy: *out gets one record per forward, in order, valid until the next call; returns their

@@ -10,13 +10,19 @@
 #include "../autograd/ops.h"
 #include "../kernels/util.h"
 
-void moe_stats_init(MoeStats *s, int num_experts) {
+void moe_stats_init(MoeStats *s, const KernelBackend *be, int num_experts) {
     memset(s, 0, sizeof(*s));
     s->num_experts = num_experts;
+    s->be = be;
     s->load = xcalloc((size_t)num_experts, sizeof(int64_t));
+    s->acc = (Tensor){.dtype = DT_F64, .device = be->device, .ndim = 1, .shape = {num_experts + 2},
+                      .numel = num_experts + 2};
+    s->acc.data = be->alloc(tensor_bytes(&s->acc));
+    be->zero(s->acc.data, tensor_bytes(&s->acc));
 }
 
 void moe_stats_reset(MoeStats *s) {
+    s->be->zero(s->acc.data, tensor_bytes(&s->acc));
     memset(s->load, 0, (size_t)s->num_experts * sizeof(int64_t));
     s->tokens = 0;
     s->aux_loss_sum = s->z_loss_sum = 0;
@@ -24,8 +30,24 @@ void moe_stats_reset(MoeStats *s) {
 }
 
 void moe_stats_free(MoeStats *s) {
+    if (s->acc.data) s->be->free(s->acc.data);
     free(s->load);
     memset(s, 0, sizeof(*s));
+}
+
+void moe_stats_read(MoeStats *s) {
+    const int E = s->num_experts;
+    double *v = xmalloc(tensor_bytes(&s->acc));
+    s->be->copy_to_host(v, s->acc.data, tensor_bytes(&s->acc));
+    for (int i = 0; i < E; i++) s->load[i] = (int64_t)v[i]; /* sums of counts: exact in double below 2^53 */
+    s->aux_loss_sum = v[E];
+    s->z_loss_sum = v[E + 1];
+    free(v);
+}
+
+void moe_stats_count_forwards(MoeStats *s, int forwards, int64_t tokens) {
+    s->forwards += forwards;
+    s->tokens += tokens;
 }
 
 void moe_stats_load(const MoeStats *s, double *max_load, double *mean_load) {
@@ -117,7 +139,11 @@ void moe_declare_router_params(ParamStore *ps, int layer, const ModelConfig *mc,
         snprintf(name, sizeof name, "layers.%d.moe.shared.%d.w_down", layer, i);
         p->shared_down[i] = add_param(ps, name, SHAPE(C, Fs), out_std);
     }
-    p->bias = xcalloc((size_t)E, sizeof(float));
+    p->be = ps->be;
+    p->bias = xcalloc(1, sizeof(Tensor));
+    *p->bias = (Tensor){.dtype = DT_F32, .device = ps->be->device, .ndim = 1, .shape = {E}, .numel = E};
+    p->bias->data = ps->be->alloc(tensor_bytes(p->bias));
+    ps->be->zero(p->bias->data, tensor_bytes(p->bias));
 }
 
 /* One stacked expert tensor [El, d1, d2] of this rank: rows [first, first + El) of the full [E, d1, d2]. */
@@ -158,21 +184,30 @@ bool moe_is_expert_param(const Tensor *t) {
 }
 
 void moe_free_params(MoeLayerParams *p) {
-    free(p->bias);
+    if (p->bias) {
+        p->be->free(p->bias->data);
+        free(p->bias);
+    }
     p->bias = NULL;
 }
 
-/* Host-side statistics: the plan's offsets give the load per expert without another kernel. */
+void moe_bias_to_host(const MoeLayerParams *p, float *dst) {
+    p->be->copy_to_host(dst, p->bias->data, tensor_bytes(p->bias));
+}
+
+void moe_bias_from_host(MoeLayerParams *p, const float *src) {
+    p->be->copy_from_host(p->bias->data, src, tensor_bytes(p->bias));
+}
+
+/* The statistics on the device: the plan's offsets give the load per expert, added with the losses to the
+ * accumulator by one kernel (no copy to the host, so the forward never waits for the device); the counts
+ * the host knows stay on the host. */
 static void record_stats(Engine *e, MoeStats *s, const MoePlan *plan, Tensor *aux_loss, Tensor *z_loss) {
     int E = plan->num_experts;
     if (s->num_experts != E) fatal("moe stats: initialised for %d experts, the layer has %d", s->num_experts, E);
-    int32_t *off = xmalloc((size_t)(E + 1) * sizeof(int32_t));
-    tensor_to_host(e, off, plan->offsets);
-    for (int i = 0; i < E; i++) s->load[i] += off[i + 1] - off[i];
-    free(off);
+    if (s->be != e->be) fatal("moe stats: accumulating in another backend's memory than the engine's");
+    e->be->moe_stats_accumulate(&s->acc, plan->offsets, aux_loss, z_loss);
     s->tokens += plan->idx->shape[0];
-    if (aux_loss) s->aux_loss_sum += tensor_item(e, aux_loss);
-    if (z_loss) s->z_loss_sum += tensor_item(e, z_loss);
     s->forwards++;
 }
 
@@ -198,12 +233,7 @@ Tensor *moe_forward_routed(Engine *e, MoeLayerParams *p, const MoeConfig *c, Ten
     Tensor *logits = op_linear_to(e, x, p->w_router, x->dtype == DT_BF16 ? DT_F32 : x->dtype);
     Tensor *scores = op_moe_router_scores(e, logits, func);
     if (!idx) {
-        Tensor *bias = NULL;
-        if (p->bias) { /* the layer's host bias as a device tensor for the kernel */
-            bias = engine_empty(e, DT_F32, SHAPE(E));
-            tensor_from_host(e, bias, p->bias);
-        }
-        idx = op_moe_topk(e, scores, bias, k);
+        idx = op_moe_topk(e, scores, p->bias, k); /* the bias in the backend's memory: no upload */
     } else {
         check_shape("moe_forward", "idx", idx, SHAPE(N, k));
     }
@@ -259,13 +289,10 @@ Tensor *moe_forward(Engine *e, MoeLayerParams *p, const MoeConfig *c, Tensor *x,
 
 void moe_update_bias(MoeLayerParams *p, const MoeConfig *c, const MoeStats *stats) {
     if (c->bias_update_rate <= 0 || !p->bias) return;
-    double mx, mean;
-    moe_stats_load(stats, &mx, &mean);
-    if (mx == 0) return;
-    for (int i = 0; i < p->num_experts; i++) {
-        double d = mean - (double)stats->load[i];
-        p->bias[i] += c->bias_update_rate * (float)((d > 0) - (d < 0));
-    }
+    if (stats->num_experts != p->num_experts || stats->be != p->be)
+        fatal("moe_update_bias: layer %d: statistics of %d experts for its %d, or in another backend's memory than "
+              "its bias", p->layer, stats->num_experts, p->num_experts);
+    p->be->moe_bias_update(p->bias, &stats->acc, c->bias_update_rate);
 }
 
 /* ---- the layer -------------------------------------------------------------------------------- */
@@ -279,7 +306,7 @@ static void moe_layer_declare(void *self, const LayerSetup *s) {
     MoeLayer *L = self;
     L->cfg = s->cfg->moe;
     moe_declare_router_params(s->params, s->layer, &s->cfg->model, &L->cfg, &L->p);
-    moe_stats_init(&L->stats, L->cfg.num_experts);
+    moe_stats_init(&L->stats, s->params->be, L->cfg.num_experts);
 }
 
 static void moe_layer_declare_experts(void *self, const LayerSetup *s) {
@@ -296,7 +323,8 @@ static Tensor *moe_layer_forward(void *self, Engine *e, Tensor *x, const LayerCo
 static void moe_layer_step_end(void *self, bool update, Metrics *m) {
     MoeLayer *L = self;
     if (update) moe_update_bias(&L->p, &L->cfg, &L->stats);
-    if (m) {
+    if (m) { /* the one copy of the statistics to the host, on the steps that report them */
+        moe_stats_read(&L->stats);
         double mx, mean;
         moe_stats_load(&L->stats, &mx, &mean);
         if (mean > 0) metrics_add(m, "moe_max_over_mean_load", mx / mean);

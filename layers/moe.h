@@ -6,13 +6,14 @@
  *
  * The model uses it as the feed-forward variant "moe" (LayerKind ffn_moe, layers/layers.def: its state
  * is a MoeLayer); the functions below are the same layer in parts, for tests and tools:
- *   build:     moe_declare_params(&ps, l, &cfg.model, &cfg.moe, &P[l]); moe_stats_init(&S[l], E);
+ *   build:     moe_declare_params(&ps, l, &cfg.model, &cfg.moe, &P[l]); moe_stats_init(&S[l], ps.be, E);
  *              (or moe_declare_router_params now and moe_declare_expert_params later: the model
  *              declares every layer's routed experts last, so that they form one contiguous region of
  *              the parameter store, the one expert parallelism reduces over other ranks)
  *   forward:   f = moe_forward(e, &P[l], &cfg.moe, ffn_norm_out, &S[l], &aux);   (aux may be NULL)
- *   per step:  after the optimizer step moe_update_bias(&P[l], &cfg.moe, &S[l]); log from S[l];
- *              then moe_stats_reset(&S[l]).
+ *   per step:  after the optimizer step moe_update_bias(&P[l], &cfg.moe, &S[l]); to log, moe_stats_read(&S[l])
+ *              and read S[l]; then moe_stats_reset(&S[l]). Nothing of this makes the host wait for the
+ *              device but moe_stats_read: the bias and the statistics live in the backend's memory.
  *   teardown:  moe_free_params(&P[l]); moe_stats_free(&S[l]). */
 #ifndef MSA_MOE_H
 #define MSA_MOE_H
@@ -40,28 +41,45 @@ typedef struct MoeLayerParams {
     int n_shared;
     Tensor *shared_gate[MOE_MAX_SHARED], *shared_up[MOE_MAX_SHARED]; /* [Fs, C] */
     Tensor *shared_down[MOE_MAX_SHARED];                             /* [C, Fs] */
-    /* Auxiliary-loss-free balancing bias, host memory owned by the layer (zero-initialised). Not a
-     * parameter: no gradient, no optimizer; it only shifts which experts are selected, never the
-     * combine weights. It is training state: a checkpoint must save and restore it
-     * (suggested dataset name "layers.<l>.moe.bias", f32 [E]). */
-    float *bias;
+    /* Auxiliary-loss-free balancing bias, f32 [E] in the memory of backend `be` (the parameter store's),
+     * owned by the layer (zero-initialised): the forward's Top-k reads it and moe_update_bias writes it
+     * there, so neither makes the host wait. Not a parameter: no gradient, no optimizer, not in the
+     * store's buffers; it only shifts which experts are selected, never the combine weights. It is
+     * training state: a checkpoint saves and restores it (dataset "layers.<l>.moe.bias", f32 [E] in
+     * /state) through moe_bias_to_host / moe_bias_from_host. On the CPU backend its data is host memory. */
+    Tensor *bias;
+    const KernelBackend *be;
 } MoeLayerParams;
 
 /* Routing statistics of one layer, accumulated over forwards until moe_stats_reset. Updated only
- * when the engine is not recomputing (a checkpointed block runs its forward twice). */
+ * when the engine is not recomputing (a checkpointed block runs its forward twice). The loads and the
+ * losses accumulate in the backend's memory (acc, moe_stats_accumulate: no host read per forward, so a
+ * step captured in a CUDA graph accumulates them at every replay); the host fields load, aux_loss_sum and
+ * z_loss_sum are acc's values as of the last moe_stats_read. tokens and forwards are counted on the host,
+ * which knows them (a replayed step's: moe_stats_count_forwards). */
 typedef struct MoeStats {
     int num_experts;
-    int64_t *load;        /* [E] token-expert assignments routed to each expert */
+    const KernelBackend *be;
+    Tensor acc;           /* f64 [E+2] in be's memory: the loads, the aux-loss sum, the z-loss sum */
+    int64_t *load;        /* [E] token-expert assignments routed to each expert (moe_stats_read) */
     int64_t tokens;       /* tokens routed */
-    double aux_loss_sum;  /* unweighted balance loss, summed over forwards */
-    double z_loss_sum;    /* unweighted router z-loss, summed over forwards */
+    double aux_loss_sum;  /* unweighted balance loss, summed over forwards (moe_stats_read) */
+    double z_loss_sum;    /* unweighted router z-loss, summed over forwards (moe_stats_read) */
     int forwards;         /* forwards accumulated */
 } MoeStats;
 
-void moe_stats_init(MoeStats *s, int num_experts);
+/* Statistics of num_experts experts accumulating in be's memory (the layer's backend). */
+void moe_stats_init(MoeStats *s, const KernelBackend *be, int num_experts);
+/* Zero everything: the accumulator on the device (no wait), the host fields and counts. */
 void moe_stats_reset(MoeStats *s);
 void moe_stats_free(MoeStats *s);
-/* Max and mean over experts of the load (assignments per expert); max/mean = 1 is perfect balance. */
+/* Copy the accumulator to the host fields load, aux_loss_sum, z_loss_sum: one copy, a wait on a GPU. */
+void moe_stats_read(MoeStats *s);
+/* Count forwards that ran without the host: a replayed CUDA graph step ran `forwards` forwards of `tokens`
+ * tokens in all, which accumulated on the device but were not counted on the host. */
+void moe_stats_count_forwards(MoeStats *s, int forwards, int64_t tokens);
+/* Max and mean over experts of the load (assignments per expert); max/mean = 1 is perfect balance.
+ * These three read the host fields: moe_stats_read first. */
 void moe_stats_load(const MoeStats *s, double *max_load, double *mean_load);
 /* Mean unweighted aux loss / z-loss over the accumulated forwards (0 when none). */
 double moe_stats_aux_loss(const MoeStats *s);
@@ -75,10 +93,10 @@ bool moe_check_config(const MoeConfig *c, char *why, size_t n);
 /* Declare layer `layer`'s parameters in ps (before params_allocate): "layers.<l>.moe.router",
  * ".w_gate", ".w_up", ".w_down", ".shared.<i>.w_gate|w_up|w_down"; all decay; normal init with
  * std mc->init_std, down projections mc->init_std / sqrt(2 n_layers) like the dense model's output
- * projections. Allocates the host bias (free with moe_free_params). */
+ * projections. Allocates the selection bias in ps's backend (free with moe_free_params). */
 void moe_declare_params(ParamStore *ps, int layer, const ModelConfig *mc, const MoeConfig *c, MoeLayerParams *p);
 /* The same in two parts (moe_declare_params = both, without expert parallelism): the router, shared
- * experts and host bias first; the routed experts ".w_gate", ".w_up", ".w_down" later, those of this
+ * experts and the selection bias first; the routed experts ".w_gate", ".w_up", ".w_down" later, those of this
  * rank of the expert-parallel group ep (NULL: all E). A slice [El, ...] is initialised with exactly the
  * values the full [E, ...] tensor has in those rows (params.h: init_first), so a fresh expert-parallel
  * run starts from the single process's weights. Stops with a message when E does not divide by the
@@ -90,6 +108,10 @@ void moe_declare_expert_params(ParamStore *ps, const ModelConfig *mc, const MoeC
 /* Is this parameter one of the routed experts' weights (held per expert-parallel rank)? */
 bool moe_is_expert_param(const Tensor *t);
 void moe_free_params(MoeLayerParams *p);
+/* The selection bias to and from host memory (f32 [E]; a copy, which on a GPU waits for the device): for
+ * checkpoints and for copies between models on different backends. */
+void moe_bias_to_host(const MoeLayerParams *p, float *dst);
+void moe_bias_from_host(MoeLayerParams *p, const float *src);
 
 /* The MoE FFN output [N, C] for the normed input x [N, C] (any leading dims). *aux gets
  * aux_loss_weight * balance loss + z_loss_weight * z-loss as one scalar (stat dtype), or NULL when
@@ -107,16 +129,18 @@ Tensor *moe_forward_routed(Engine *e, MoeLayerParams *p, const MoeConfig *c, Ten
                            Tensor **aux);
 
 /* Auxiliary-loss-free balancing, once per optimizer step (after it) from the loads accumulated in
- * stats over the step's micro-batches: bias_e += rate * sign(mean_load - load_e). No-op when
- * c->bias_update_rate == 0 or nothing was routed. With data parallelism the loads must be summed
- * over ranks first so that every rank applies the same update. */
+ * stats over the step's micro-batches: bias_e += rate * sign(mean_load - load_e) (moe_bias_update, on the
+ * device from the device accumulator: no host read). No-op when c->bias_update_rate == 0 or nothing was
+ * routed. With data parallelism the accumulators must be summed over ranks first so that every rank
+ * applies the same update. */
 void moe_update_bias(MoeLayerParams *p, const MoeConfig *c, const MoeStats *stats);
 
 /* ---- the layer -------------------------------------------------------------------------------- */
 
 /* The state of an MoE layer (LayerKind ffn_moe). Its step_end applies the bias update (after an
- * optimizer step) and reports "moe_max_over_mean_load", "moe_aux_loss" and "moe_z_loss" (the unweighted
- * losses), then resets the statistics. */
+ * optimizer step), reports "moe_max_over_mean_load", "moe_aux_loss" and "moe_z_loss" (the unweighted
+ * losses) when given metrics (the one copy of the statistics to the host: pass metrics only on the steps
+ * that log them), then resets the statistics. */
 typedef struct MoeLayer {
     MoeLayerParams p;
     MoeStats stats; /* since the last step_end; with several ranks the trainer sums them first */

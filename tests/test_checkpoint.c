@@ -196,7 +196,9 @@ static Snapshot snapshot(const Run *r) {
     s.bias = malloc(sizeof(float) * 1024);
     for (int l = 0; l < r->model.cfg.n_layers; l++) {
         const MoeLayer *ml = moe_layer_of(&r->model.layers[l].ffn);
-        for (int e = 0; ml && e < ml->p.num_experts; e++) s.bias[s.n_bias++] = ml->p.bias[e];
+        if (!ml) continue;
+        moe_bias_to_host(&ml->p, s.bias + s.n_bias);
+        s.n_bias += ml->p.num_experts;
     }
     return s;
 }

@@ -203,8 +203,8 @@ static void check_layer(const Dist *d, const char *func, bool renorm, int shared
     for (int i = 0; i < 3; i++)
         CHECK(!memcmp(wp[i]->data, (double *)wf[i]->data + wp[i]->numel * me, tensor_bytes(wp[i])),
               "%s: the slice's initial values are not the full tensor's rows", wp[i]->name);
-    for (int x = 0; x < E; x++) /* the bias steers selection */
-        pf.bias[x] = pp.bias[x] = hot ? (x < 2 ? 100.0f : 0.0f) : 0.03f * (float)(x % 3);
+    for (int x = 0; x < E; x++) /* the bias steers selection (CPU: its data is host memory) */
+        ((float *)pf.bias->data)[x] = ((float *)pp.bias->data)[x] = hot ? (x < 2 ? 100.0f : 0.0f) : 0.03f * (float)(x % 3);
 
     Engine e;
     engine_init(&e, &cpu_backend, DT_F64, (size_t)1 << 22);

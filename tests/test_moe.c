@@ -112,7 +112,7 @@ static void ref_moe(const MoeLayerParams *p, const MoeConfig *c, const Tensor *x
         ref_scores(s, l, (int)E, f);
         int32_t id[64];
         if (fixed_idx) memcpy(id, fixed_idx + t * k, (size_t)k * sizeof(int32_t));
-        else ref_topk(id, s, p->bias, (int)E, k);
+        else ref_topk(id, s, p->bias ? (const float *)p->bias->data : NULL, (int)E, k);
         if (idx_out) memcpy(idx_out + t * k, id, (size_t)k * sizeof(int32_t));
         double z = 0;
         for (int j = 0; j < k; j++) z += s[id[j]];
@@ -137,7 +137,8 @@ typedef struct TestLayer {
     MoeConfig cfg;
     MoeLayerParams p;
     Tensor *x;
-    float bias[64];
+    Tensor *bias_t; /* the layer's selection bias, f32 [E] on the CPU backend ... */
+    float *bias;    /* ... whose data is host memory: its values */
 } TestLayer;
 
 static MoeConfig make_cfg(int E, int k, int F, int shared, int Fs, const char *func, bool renorm, float scale) {
@@ -167,12 +168,16 @@ static void layer_init(TestLayer *L, MoeConfig cfg, int64_t N, int64_t C, uint64
     }
     Rng r;
     rng_seed(&r, seed + 99);
+    L->bias_t = test_tensor(DT_F32, SHAPE(E));
+    L->bias = L->bias_t->data;
     for (int64_t e = 0; e < E; e++) L->bias[e] = with_bias ? (float)(0.3 * rng_normal(&r)) : 0.0f;
-    L->p.bias = L->bias;
+    L->p.bias = L->bias_t;
+    L->p.be = &cpu_backend;
 }
 
 static void test_layer_free(TestLayer *L) {
     test_tensor_free(L->x);
+    test_tensor_free(L->bias_t);
     test_tensor_free(L->p.w_router);
     test_tensor_free(L->p.w_gate);
     test_tensor_free(L->p.w_up);
@@ -493,9 +498,9 @@ TEST(layer_matches_per_token_reference) {
         EXPECT(max_err < 1e-12 * fmax(1, max_ref), "variant %d: layer output error %.3e", v, max_err);
         /* the bias must have changed some selection (else this test would not see it) */
         int32_t plain_idx[13 * 2];
-        float saved_bias[64];
+        float saved_bias[6];
         memcpy(saved_bias, L.bias, sizeof saved_bias);
-        memset(L.bias, 0, sizeof L.bias);
+        memset(L.bias, 0, sizeof saved_bias);
         double tmp[13 * 5];
         ref_moe(&L.p, &L.cfg, L.x, NULL, plain_idx, tmp);
         memcpy(L.bias, saved_bias, sizeof saved_bias);
@@ -516,13 +521,14 @@ TEST(large_layer_parallel_paths) {
     int32_t *ref_idx = xmalloc(sizeof(int32_t) * N * 4);
     ref_moe(&L.p, &cfg, L.x, NULL, ref_idx, ref);
     MoeStats st;
-    moe_stats_init(&st, 16);
+    moe_stats_init(&st, &cpu_backend, 16);
     engine_reset(eng);
     Tensor *aux = NULL;
     Tensor *out = moe_forward(eng, &L.p, &cfg, L.x, &st, &aux);
     double max_err = 0;
     for (int64_t i = 0; i < N * C; i++) max_err = fmax(max_err, fabs(tensor_get(out, i) - ref[i]));
     EXPECT(max_err < 1e-11, "large layer output error %.3e", max_err);
+    moe_stats_read(&st);
     int64_t cnt[16] = {0};
     for (int64_t i = 0; i < N * 4; i++) cnt[ref_idx[i]]++;
     for (int e = 0; e < 16; e++) EXPECT(st.load[e] == cnt[e], "expert %d load %lld vs %lld", e, (long long)st.load[e], (long long)cnt[e]);
@@ -653,7 +659,7 @@ TEST(bias_update_balances_load) {
     for (int64_t i = 0; i < N; i++) tensor_set(L.x, i * C, 1.0 + 0.2 * tensor_get(L.x, i * C)); /* shared direction */
     for (int e = 0; e < E; e++) tensor_set(L.p.w_router, e * C, e == 0 ? 2.0 : -0.5);
     MoeStats st;
-    moe_stats_init(&st, E);
+    moe_stats_init(&st, &cpu_backend, E);
     bool prev = engine_set_grad(eng, false);
     double first = 0, last = 0;
     const int steps = 400;
@@ -661,6 +667,7 @@ TEST(bias_update_balances_load) {
         engine_reset(eng);
         moe_forward(eng, &L.p, &cfg, L.x, &st, NULL);
         double mx, mean;
+        moe_stats_read(&st);
         moe_stats_load(&st, &mx, &mean);
         if (s == 0) first = mx / mean;
         if (s >= steps - 50) last += mx / mean / 50;
@@ -685,6 +692,166 @@ TEST(bias_update_balances_load) {
     test_layer_free(&L);
 }
 
+/* The routing statistics a forward must leave in the accumulator, from the per-token reference: the
+ * loads counted from the selection idx [N*k], the balance loss E * sum_e f_e P_e (f_e = load_e / (N k),
+ * P_e = mean over tokens of the scores, each token's divided by their sum for sigmoid scores) and the
+ * z-loss, the mean over tokens of logsumexp(logits)^2. */
+static void ref_router_stats(const MoeLayerParams *p, const MoeConfig *c, const Tensor *x, const int32_t *idx,
+                             int64_t *load, double *aux, double *z) {
+    int64_t N = x->shape[0], C = x->shape[1], E = c->num_experts;
+    int k = c->experts_per_token;
+    MoeScoreFunc f = strcmp(c->score_func, "sigmoid") == 0 ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX;
+    double l[64], sc[64], P[64] = {0};
+    for (int64_t e = 0; e < E; e++) load[e] = 0;
+    for (int64_t i = 0; i < N * k; i++) load[idx[i]]++;
+    *z = 0;
+    for (int64_t t = 0; t < N; t++) {
+        double mx = -INFINITY, lse = 0, st = 0;
+        for (int64_t e = 0; e < E; e++) {
+            l[e] = 0;
+            for (int64_t i = 0; i < C; i++) l[e] += tensor_get(p->w_router, e * C + i) * tensor_get(x, t * C + i);
+            mx = fmax(mx, l[e]);
+        }
+        for (int64_t e = 0; e < E; e++) lse += exp(l[e] - mx);
+        lse = mx + log(lse);
+        *z += lse * lse / (double)N;
+        ref_scores(sc, l, (int)E, f);
+        for (int64_t e = 0; e < E; e++) st += sc[e];
+        for (int64_t e = 0; e < E; e++) P[e] += sc[e] / (f == MOE_SCORE_SIGMOID ? st : 1.0) / (double)N;
+    }
+    *aux = 0;
+    for (int64_t e = 0; e < E; e++) *aux += (double)E * ((double)load[e] / (double)(N * k)) * P[e];
+}
+
+/* The kernel on its own: the loads are added as offset differences, the losses of either dtype, and a NULL
+ * loss adds nothing. */
+TEST(stats_accumulate_kernel) {
+    const int E = 4;
+    Tensor *acc = test_tensor(DT_F64, SHAPE(E + 2)), *off = test_tensor(DT_I32, SHAPE(E + 1));
+    Tensor *aux32 = test_tensor(DT_F32, SHAPE(1)), *z64 = test_tensor(DT_F64, SHAPE(1));
+    const double start[6] = {1.5, 0, 2, 7, 0.25, -1};
+    memcpy(acc->data, start, sizeof start);
+    memcpy(off->data, (int32_t[]){0, 3, 3, 8, 10}, 5 * sizeof(int32_t));
+    ((float *)aux32->data)[0] = 0.75f;
+    ((double *)z64->data)[0] = 0.125;
+    cpu_backend.moe_stats_accumulate(acc, off, aux32, NULL);
+    cpu_backend.moe_stats_accumulate(acc, off, NULL, z64);
+    const double want[6] = {1.5 + 6, 0, 2 + 10, 7 + 4, 0.25 + 0.75, -1 + 0.125};
+    for (int i = 0; i < E + 2; i++)
+        EXPECT(((double *)acc->data)[i] == want[i], "acc[%d] = %g, want %g", i, ((double *)acc->data)[i], want[i]);
+    test_tensor_free(acc);
+    test_tensor_free(off);
+    test_tensor_free(aux32);
+    test_tensor_free(z64);
+}
+
+/* Two forwards of the layer (different tokens, a bias that steers the selection) accumulate in the
+ * backend's memory exactly the loads of the reference's selections and the sum of the reference's balance
+ * and z-losses; moe_stats_read brings them to the host, moe_stats_reset zeroes them. */
+TEST(stats_accumulate_over_forwards) {
+    Engine *eng = tc->fixture;
+    for (int v = 0; v < N_VARIANTS; v++) {
+        TestLayer L;
+        MoeConfig cfg = make_cfg(6, 2, 4, variants[v].shared, 3, variants[v].func, variants[v].renorm, variants[v].scale);
+        cfg.aux_loss_weight = v % 2 ? 0.5f : 0.0f; /* the statistics with and without the weighted terms */
+        layer_init(&L, cfg, 13, 5, 1700 + 20 * v, true);
+        Tensor *x2 = test_randn(DT_F64, SHAPE(13, 5), 1, 1750 + 20 * v);
+        MoeStats st;
+        moe_stats_init(&st, &cpu_backend, 6);
+        int64_t want_load[6] = {0};
+        double want_aux = 0, want_z = 0;
+        for (int f = 0; f < 2; f++) {
+            Tensor *x = f ? x2 : L.x;
+            int32_t idx[13 * 2];
+            double out[13 * 5], aux, z;
+            int64_t load[6];
+            ref_moe(&L.p, &cfg, x, NULL, idx, out);
+            ref_router_stats(&L.p, &cfg, x, idx, load, &aux, &z);
+            for (int e = 0; e < 6; e++) want_load[e] += load[e];
+            want_aux += aux;
+            want_z += z;
+            engine_reset(eng);
+            moe_forward(eng, &L.p, &cfg, x, &st, NULL);
+        }
+        EXPECT(st.forwards == 2 && st.tokens == 26, "variant %d: %d forwards, %lld tokens counted", v, st.forwards,
+               (long long)st.tokens);
+        for (int e = 0; e < 6; e++) EXPECT(st.load[e] == 0, "variant %d: the host's loads moved before moe_stats_read", v);
+        moe_stats_read(&st);
+        const double *acc = st.acc.data;
+        for (int e = 0; e < 6; e++)
+            EXPECT(st.load[e] == want_load[e] && acc[e] == (double)want_load[e], "variant %d expert %d: load %lld, want %lld",
+                   v, e, (long long)st.load[e], (long long)want_load[e]);
+        EXPECT(fabs(st.aux_loss_sum - want_aux) < 1e-12 * want_aux && acc[6] == st.aux_loss_sum,
+               "variant %d: aux sum %.17g, want %.17g", v, st.aux_loss_sum, want_aux);
+        EXPECT(fabs(st.z_loss_sum - want_z) < 1e-12 * want_z && acc[7] == st.z_loss_sum,
+               "variant %d: z sum %.17g, want %.17g", v, st.z_loss_sum, want_z);
+        moe_stats_reset(&st);
+        for (int i = 0; i < 8; i++) EXPECT(acc[i] == 0, "variant %d: moe_stats_reset left acc[%d] = %g", v, i, acc[i]);
+        EXPECT(st.forwards == 0 && st.tokens == 0 && st.aux_loss_sum == 0, "variant %d: reset left host counts", v);
+        moe_stats_free(&st);
+        test_tensor_free(x2);
+        test_layer_free(&L);
+    }
+}
+
+/* moe_bias_update (and moe_update_bias, which runs it on a layer's accumulator) against the formula of the
+ * auxiliary-loss-free balancing written out here: the mean of the loads in double, each bias moved by
+ * rate towards it, none where the load is the mean, and nothing at all when no token was routed. */
+TEST(bias_update_matches_host_formula) {
+    enum { E = 37 };
+    Rng r;
+    rng_seed(&r, 1800);
+    Tensor *bias = test_tensor(DT_F32, SHAPE(E)), *acc = test_tensor(DT_F64, SHAPE(E + 2));
+    float before[E], want[E];
+    for (int trial = 0; trial < 4; trial++) {
+        double *load = acc->data;
+        for (int e = 0; e < E; e++) {
+            before[e] = (float)(0.1 * rng_normal(&r));
+            /* trial 0: every load 0; trial 1: loads whose mean is one of them (5 of 7 experts at the mean);
+             * then skewed random counts */
+            load[e] = trial == 0 ? 0 : trial == 1 ? (e % 7 < 5 ? 20 : e % 7 == 5 ? 12 : 28) : (double)(rng_next(&r) % (trial == 2 ? 9 : 1000));
+        }
+        load[E] = 3.5, load[E + 1] = -2; /* the losses after the loads: not loads */
+        memcpy(bias->data, before, sizeof before);
+        const float rate = trial == 3 ? 1e-3f : 0.01f;
+        double sum = 0;
+        for (int e = 0; e < E; e++) sum += load[e];
+        const double mean = sum / E;
+        int moved = 0;
+        for (int e = 0; e < E; e++) {
+            const double d = mean - load[e];
+            const float step = sum == 0 ? 0.0f : d > 0 ? rate : d < 0 ? -rate : 0.0f;
+            want[e] = before[e] + step;
+            moved += step != 0;
+        }
+        cpu_backend.moe_bias_update(bias, acc, rate);
+        for (int e = 0; e < E; e++)
+            EXPECT(((float *)bias->data)[e] == want[e], "trial %d expert %d: bias %.9g, want %.9g (load %g, mean %g)", trial,
+                   e, ((float *)bias->data)[e], want[e], load[e], mean);
+        EXPECT(trial == 0 ? moved == 0 : moved > 0 && (trial != 1 || moved < E), "trial %d: %d biases moved", trial, moved);
+    }
+    /* the layer's update is the kernel on its accumulator, at the config's rate; rate 0 changes nothing */
+    TestLayer L;
+    MoeConfig cfg = make_cfg(E, 2, 3, 0, 0, "softmax", false, 1.0f);
+    layer_init(&L, cfg, 4, 3, 1810, true);
+    MoeStats st;
+    moe_stats_init(&st, &cpu_backend, E);
+    memcpy(st.acc.data, acc->data, (E + 2) * sizeof(double));
+    memcpy(before, L.bias, sizeof before);
+    moe_update_bias(&L.p, &cfg, &st);
+    EXPECT(!memcmp(L.bias, before, sizeof before), "bias_update_rate 0 moved the bias");
+    cfg.bias_update_rate = 1e-3f;
+    memcpy(bias->data, before, sizeof before);
+    cpu_backend.moe_bias_update(bias, acc, 1e-3f);
+    moe_update_bias(&L.p, &cfg, &st);
+    EXPECT(!memcmp(L.bias, bias->data, sizeof before), "moe_update_bias differs from moe_bias_update on its accumulator");
+    EXPECT(memcmp(L.bias, before, sizeof before), "moe_update_bias moved nothing");
+    moe_stats_free(&st);
+    test_layer_free(&L);
+    test_tensor_free(bias);
+    test_tensor_free(acc);
+}
+
 /* A checkpointed segment runs the layer twice (forward, then recompute in backward): stats must
  * count it once, and loss and gradients must equal the plain run's. */
 typedef struct {
@@ -706,7 +873,7 @@ TEST(checkpointed_layer_counts_stats_once) {
     Tensor *in[32];
     int n = layer_inputs(&L, in);
     MoeStats st;
-    moe_stats_init(&st, 4);
+    moe_stats_init(&st, &cpu_backend, 4);
     double loss[2], *grads[2];
     int64_t gn = L.p.w_router->numel;
     for (int pass = 0; pass < 2; pass++) {
@@ -724,6 +891,7 @@ TEST(checkpointed_layer_counts_stats_once) {
         engine_backward(eng, total);
         grads[pass] = xmalloc(sizeof(double) * gn);
         memcpy(grads[pass], L.p.w_router->grad->data, sizeof(double) * gn);
+        moe_stats_read(&st);
         EXPECT(st.forwards == 1, "pass %d: stats counted %d forwards", pass, st.forwards);
         int64_t sum = 0;
         for (int e = 0; e < 4; e++) sum += st.load[e];
@@ -805,7 +973,9 @@ TEST(declare_params_names_shapes_init) {
     EXPECT(pd->decay && pr->decay, "router and experts decay");
     EXPECT(fabsf(pd->init_std - 0.02f / 4.0f) < 1e-9f && fabsf(pr->init_std - 0.02f) < 1e-9f, "init stds %g %g",
            pd->init_std, pr->init_std);
-    for (int e = 0; e < 8; e++) EXPECT(p.bias[e] == 0.0f, "bias not zero-initialised");
+    EXPECT(p.bias && p.bias->dtype == DT_F32 && p.bias->numel == 8 && p.be == &cpu_backend, "bias f32 [8] of the store's backend");
+    EXPECT(!params_find(&ps, "layers.3.moe.bias"), "the bias is no parameter");
+    for (int e = 0; e < 8; e++) EXPECT(((float *)p.bias->data)[e] == 0.0f, "bias not zero-initialised");
     moe_free_params(&p);
     params_free(&ps);
 }
@@ -826,6 +996,9 @@ int main(void) {
     RUN(token_output_uses_exactly_its_topk);
     RUN(single_expert_equals_dense_swiglu);
     RUN(grad_whole_layer_fixed_routing);
+    RUN(stats_accumulate_kernel);
+    RUN(stats_accumulate_over_forwards);
+    RUN(bias_update_matches_host_formula);
     RUN(bias_update_balances_load);
     RUN(checkpointed_layer_counts_stats_once);
     RUN(float32_layer_matches_float64);

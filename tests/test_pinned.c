@@ -158,7 +158,7 @@ static Pinned run_case(const PinCase *pc) {
     p.grads_hash = fnv1a(0xcbf29ce484222325ULL, ps->grad, bytes);
     for (int l = 0; l < r.model.cfg.n_layers; l++) {
         const MoeLayer *ml = moe_layer_of(&r.model.layers[l].ffn);
-        if (ml) p.bias_hash = fnv1a(p.bias_hash ? p.bias_hash : 0xcbf29ce484222325ULL, ml->p.bias,
+        if (ml) p.bias_hash = fnv1a(p.bias_hash ? p.bias_hash : 0xcbf29ce484222325ULL, ml->p.bias->data,
                                     (size_t)ml->p.num_experts * sizeof(float));
     }
     EvalMetrics em;

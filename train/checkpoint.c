@@ -220,7 +220,10 @@ void checkpoint_write(const char *path, const Model *m, const AdamW *opt, const 
         if (!mp || !mp->bias) continue;
         char name[64];
         int64_t shape[1] = {mp->num_experts};
-        write_f32(&w, sg, "state", moe_bias_name(name, sizeof name, l), 1, shape, mp->bias); /* host memory */
+        float *bias = xmalloc((size_t)mp->num_experts * sizeof(float)); /* the bias lives in the backend's memory */
+        moe_bias_to_host(mp, bias);
+        write_f32(&w, sg, "state", moe_bias_name(name, sizeof name, l), 1, shape, bias);
+        free(bias);
     }
     H5Gclose(sg);
     free(host);
@@ -454,7 +457,9 @@ static void load_moe_biases(Ckpt *c, Model *m, bool required) {
         char name[64];
         int64_t shape[1] = {mp->num_experts};
         if (open_tensor(c, g, moe_bias_name(name, sizeof name, l), 1, shape, false, &d, &sh) == 1) {
-            read_tensor(c, d, "state", name, &sh, mp->bias);
+            float *bias = xmalloc((size_t)mp->num_experts * sizeof(float)); /* read on the host, then copied */
+            if (read_tensor(c, d, "state", name, &sh, bias)) moe_bias_from_host(mp, bias);
+            free(bias);
             H5Dclose(d);
         } else if (required)
             fatal("%s: missing tensor state/%s (the model's MoE layer %d needs its selection bias, shape [%d])",

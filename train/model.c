@@ -280,7 +280,7 @@ void model_moe_step(Model *m, MoeSummary *summary, bool update_bias) {
     for (int l = 0; l < m->cfg.n_layers; l++) {
         Layer *sub[2] = {&m->layers[l].attention, &m->layers[l].ffn};
         for (int i = 0; i < 2; i++)
-            if (sub[i]->kind->step_end) sub[i]->kind->step_end(sub[i]->self, update_bias, &reported);
+            if (sub[i]->kind->step_end) sub[i]->kind->step_end(sub[i]->self, update_bias, summary ? &reported : NULL);
     }
     if (summary) *summary = moe_summary(&reported);
 }

@@ -98,8 +98,10 @@ void model_build_ep(Model *m, const RunConfig *cfg, const KernelBackend *be, DTy
 void model_free(Model *m);
 
 /* After each optimizer step (update_bias = true) or evaluation (false): every layer's step_end (the MoE
- * selection-bias update from the step's loads, after a step only) and, if summary is not NULL, the MoE
- * routing balance they report (the worst layer's max/mean expert load, the mean aux and z losses). */
+ * selection-bias update from the step's loads, after a step only, on the device) and, if summary is not
+ * NULL, the MoE routing balance they report (the worst layer's max/mean expert load, the mean aux and z
+ * losses), which copies each MoE layer's statistics to the host: pass a summary only where it is logged.
+ * Without one nothing waits for the device. */
 void model_moe_step(Model *m, MoeSummary *summary, bool update_bias);
 
 /* What the layers' forwards since the last call (and their backwards) left on the device, read once

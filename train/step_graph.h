@@ -18,9 +18,13 @@
  *     after a free it is dropped, and captured again after an eager step that freed nothing;
  *   - the training phase (optim.warmup_trainable, the parameters' learning-rate scales): a step of another
  *     phase drops the graph.
- * Runs the capture cannot serve (MSA and window attention, MoE layers: their logs, selections and routing
- * go through the host; several ranks; offloaded block inputs; document-sampled batches) are refused by the
- * trainer before the first step (train/trainer.c graph_refusal). */
+ * MoE layers keep their routing statistics and selection bias in the backend's memory (layers/moe.h), so a
+ * replay accumulates the statistics as the eager step does; the host's counts of their forwards are the
+ * captured step's (trainer.c count_replayed_moe_forwards). Runs the capture cannot serve (MSA and window
+ * attention: their logs and selections go through the host; MoE layers whose expert GEMMs take the
+ * per-expert path, which copies the routing to the host; several ranks; offloaded block inputs;
+ * document-sampled batches) are refused by the trainer before the first step (train/trainer.c
+ * graph_refusal). */
 #ifndef MSA_STEP_GRAPH_H
 #define MSA_STEP_GRAPH_H
 

@@ -155,6 +155,10 @@ static const DistGroup *zero_group(const Run *r) { return &r->dist->dp_cp_group;
 /* Every rank computes a share of the global batch (dp and ep: rows, cp: the tokens of those rows), so the
  * losses and statistics of a step are recombined over all of them. */
 static const DistGroup *batch_group(const Run *r) { return &r->dist->world; }
+/* Every rank as a group whose collectives may run on the backend's memory: the world has a device
+ * communicator of its own only under expert parallelism (dist/nccl.c); without it the dp * cp group is
+ * every rank, rank 0 first. */
+static const DistGroup *world_in_memory(const Run *r) { return r->dist->ep > 1 ? &r->dist->world : &r->dist->dp_cp_group; }
 static bool is_rank0(const Run *r) { return r->dist->rank == 0; }
 /* The dp * ep ranks of a cp index take different sequences (rows) of every micro-batch (expert-parallel
  * ranks are data parallel for everything but the routed experts), in the order (dp index, ep index), so
@@ -258,9 +262,8 @@ static void to_image(Run *r, Image *im, const float *m, const float *v) {
     free(buf);
     for (int l = 0; im && l < r->model.cfg.n_layers; l++) { /* the biases are the same on every rank */
         const MoeLayer *from = moe_layer_of(&r->model.layers[l].ffn);
-        if (from)
-            memcpy(moe_layer_of(&im->model.layers[l].ffn)->p.bias, from->p.bias,
-                   (size_t)from->p.num_experts * sizeof(float));
+        if (from) /* the image is host memory (a CPU model): its bias's data too */
+            moe_bias_to_host(&from->p, moe_layer_of(&im->model.layers[l].ffn)->p.bias->data);
     }
 }
 
@@ -289,8 +292,7 @@ static void from_image(Run *r, const Image *im, float *m, float *v) {
     params_sync_shadow(ps);
     for (int l = 0; im && l < r->model.cfg.n_layers; l++) {
         MoeLayer *to = moe_layer_of(&r->model.layers[l].ffn);
-        if (to)
-            memcpy(to->p.bias, moe_layer_of(&im->model.layers[l].ffn)->p.bias, (size_t)to->p.num_experts * sizeof(float));
+        if (to) moe_bias_from_host(&to->p, moe_layer_of(&im->model.layers[l].ffn)->p.bias->data);
     }
 }
 
@@ -725,6 +727,7 @@ static void init_optimizer(Run *r) {
 static void sync_from_rank0(Run *r) {
     if (r->dist->size == 1) return;
     ParamStore *ps = &r->model.params;
+    const Device dev = ps->be->device;
     const size_t es = dtype_size(ps->dtype);
     for (int i = 0; i < r->n_zero; i++) {
         const ZeroRegion *z = &r->zero[i];
@@ -734,7 +737,7 @@ static void sync_from_rank0(Run *r) {
     params_sync_shadow(ps);
     for (int l = 0; l < r->model.cfg.n_layers; l++) {
         MoeLayer *ml = moe_layer_of(&r->model.layers[l].ffn);
-        if (ml && ml->p.bias) dist_broadcast(&r->dist->world, ml->p.bias, ml->p.num_experts, DIST_F32, 0, DEV_CPU);
+        if (ml && ml->p.bias) dist_broadcast(world_in_memory(r), ml->p.bias->data, ml->p.num_experts, DIST_F32, 0, dev);
     }
 }
 
@@ -766,13 +769,26 @@ static void agree_with_rank0(const Run *r, const char *src) {
     free(files);
 }
 
+/* Whether the MoE layers' expert GEMMs take the per-expert path of the CUDA backend, which copies the
+ * plan's offsets to the host at every GEMM, instead of the grouped GEMM, which reads them on the device:
+ * kernels/cuda/moe.cu single_launch takes the BF16 rows of training whose widths (in and out of each of the
+ * three GEMMs: d_model and expert_dim) are multiples of 8, unless MSA_MOE_GEMM=per_expert forces the
+ * other path (its other conditions, 16-byte aligned tensors, hold for the arena's and the parameter
+ * store's). */
+static bool moe_gemms_per_expert(const RunConfig *c) {
+    const char *force = getenv("MSA_MOE_GEMM");
+    return c->model.d_model % 8 != 0 || c->moe.expert_dim % 8 != 0 || (force && !strcmp(force, "per_expert"));
+}
+
 /* Why this run cannot capture its training step in a CUDA graph (step_graph.h), NULL when it can. */
 static const char *graph_refusal(const Run *r) {
     const RunConfig *c = &r->cfg;
     if (r->be->device != DEV_CUDA) return "the run is not on CUDA";
     if (r->model.n_msa_layers || strcmp(c->model.attention, "dense") != 0)
         return "model.attention is not dense: MSA layers' KL log and window attention's selection go through the host";
-    if (r->model.n_moe_layers) return "MoE layers: their routing statistics are read on the host every forward";
+    if (r->model.n_moe_layers && moe_gemms_per_expert(c))
+        return "MoE layers on the per-expert GEMMs (MSA_MOE_GEMM=per_expert, or model.d_model or moe.expert_dim not a "
+               "multiple of 8), which copy the routing to the host";
     if (r->dist->size > 1) return "more than one rank: the collectives wait on the host";
     if (r->engine.offload_block_inputs) return "train.offload_block_inputs: the step copies to the host";
     if (strcmp(c->data.sample, "windows") != 0) return "data.sample = documents: every batch has other documents";
@@ -1032,22 +1048,33 @@ static int64_t counted_targets(const Run *r) {
 }
 
 /* The routing statistics of the step summed over every rank's tokens, so that every rank applies the
- * same MoE selection-bias update and logs the loads of the whole batch. */
+ * same MoE selection-bias update and logs the loads of the whole batch: the accumulators where they are
+ * (the backend's memory; the loads are integers, exact in the f64 sum whatever its order), the host's
+ * counts on the host. Nothing for one rank. */
 static void reduce_moe_stats(Run *r) {
+    if (r->dist->size == 1) return;
     const DistGroup *g = batch_group(r);
     for (int l = 0; l < r->model.cfg.n_layers; l++) {
         MoeLayer *ml = moe_layer_of(&r->model.layers[l].ffn);
         if (!ml) continue;
         MoeStats *st = &ml->stats;
         int64_t counts[2] = {st->tokens, st->forwards};
-        double sums[2] = {st->aux_loss_sum, st->z_loss_sum};
-        dist_all_reduce(g, st->load, st->num_experts, DIST_I64, DIST_SUM, DEV_CPU);
+        dist_all_reduce(world_in_memory(r), st->acc.data, st->acc.numel, DIST_F64, DIST_SUM, st->be->device);
         dist_all_reduce(g, counts, 2, DIST_I64, DIST_SUM, DEV_CPU);
-        dist_all_reduce(g, sums, 2, DIST_F64, DIST_SUM, DEV_CPU);
         st->tokens = counts[0];
         st->forwards = (int)counts[1];
-        st->aux_loss_sum = sums[0];
-        st->z_loss_sum = sums[1];
+    }
+}
+
+/* A replayed step ran the captured step's work without the host: each MoE layer's forwards accumulated
+ * their loads and losses on the device, but the host, which counts them, did not see them. A captured step
+ * is one rank's grad_accum micro-batches of B x T tokens, each passing every MoE layer once (a checkpointed
+ * block's recompute is not counted), so those are the counts. */
+static void count_replayed_moe_forwards(Run *r) {
+    const int ga = r->cfg.train.grad_accum;
+    for (int l = 0; l < r->model.cfg.n_layers; l++) {
+        MoeLayer *ml = moe_layer_of(&r->model.layers[l].ffn);
+        if (ml) moe_stats_count_forwards(&ml->stats, ga, (int64_t)ga * r->batch.B * r->batch.T);
     }
 }
 
@@ -1378,8 +1405,10 @@ StepResult run_step(Run *r) {
         mode = step_graph_mode(&r->graph, warm, prof != NULL);
         for (int micro = 0; micro < c->train.grad_accum; micro++) step_graph_upload(&r->graph, micro);
     }
-    if (mode == STEP_REPLAY) r->be->graph_launch(r->graph.graph);
-    else {
+    if (mode == STEP_REPLAY) {
+        r->be->graph_launch(r->graph.graph);
+        count_replayed_moe_forwards(r);
+    } else {
         if (mode == STEP_CAPTURE) r->be->graph_begin();
         step_work(r, mode, read, prof, &s);
         if (mode == STEP_CAPTURE) {
@@ -1401,7 +1430,8 @@ StepResult run_step(Run *r) {
     if (!read) s.loss = s.aux = s.grad_norm = NAN;
     s.layers = r->model.metrics;
     reduce_moe_stats(r);
-    model_moe_step(&r->model, &s.moe, true);
+    /* the bias update on the device; the statistics come to the host only for the log line */
+    model_moe_step(&r->model, logs ? &s.moe : NULL, true);
     if (prof) {
         profiler_step_end(prof);
         engine_set_profiler(e, NULL);

@@ -1,5 +1,6 @@
 /* MoE router kernels of the CPU backend: scores (softmax / sigmoid), Top-k selection with the
- * balancing bias, combine weights, auxiliary balance loss and router z-loss. */
+ * balancing bias, combine weights, auxiliary balance loss and router z-loss, and the routing statistics
+ * with the balancing bias's update. */
 #include "cpu.h"
 
 #define CPU_IMPL "moe_router_impl.h"
@@ -86,4 +87,46 @@ void cpu_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, const Tensor 
     CPU_SAME_DTYPE("moe_z_loss_backward", logits, dlogits, dloss, lse);
     CPU_CALL(logits, moe_z_bwd, dlogits->data, tensor_get(dloss, 0), logits->data, lse->data, tensor_rows(logits),
              tensor_dim(logits, -1));
+}
+
+/* a loss scalar of f32 or f64 (stat dtype), or NULL */
+static double loss_value(const char *what, const Tensor *loss) {
+    if (!loss) return 0.0;
+    if ((loss->dtype != DT_F32 && loss->dtype != DT_F64) || loss->numel != 1)
+        fatal("cpu moe_stats_accumulate: %s must be an f32 or f64 scalar, got %s with %lld elements", what,
+              dtype_name(loss->dtype), (long long)loss->numel);
+    return tensor_get(loss, 0);
+}
+
+void cpu_moe_stats_accumulate(Tensor *acc, const Tensor *offsets, const Tensor *aux_loss, const Tensor *z_loss) {
+    const int64_t E = acc->numel - 2;
+    if (acc->dtype != DT_F64 || E < 1) fatal("cpu moe_stats_accumulate: acc must be f64 [E+2] with E >= 1");
+    if (offsets->dtype != DT_I32 || offsets->numel != E + 1)
+        fatal("cpu moe_stats_accumulate: offsets must be i32 [E+1] with E = %lld", (long long)E);
+    double *a = acc->data;
+    const int32_t *off = offsets->data;
+    for (int64_t e = 0; e < E; e++) a[e] += (double)(off[e + 1] - off[e]);
+    a[E] += loss_value("aux_loss", aux_loss);
+    a[E + 1] += loss_value("z_loss", z_loss);
+}
+
+void cpu_moe_bias_update(Tensor *bias, const Tensor *acc, float rate) {
+    const int64_t E = bias->numel;
+    if (bias->dtype != DT_F32) fatal("cpu moe_bias_update: bias must be f32 [E], got %s", dtype_name(bias->dtype));
+    if (acc->dtype != DT_F64 || acc->numel < E)
+        fatal("cpu moe_bias_update: acc must be f64 with at least E = %lld loads", (long long)E);
+    const double *load = acc->data;
+    double sum = 0.0;
+    bool any = false;
+    for (int64_t e = 0; e < E; e++) {
+        sum += load[e];
+        any |= load[e] != 0.0;
+    }
+    if (!any) return; /* nothing routed: no signal to balance */
+    const double mean = sum / (double)E;
+    float *b = bias->data;
+    for (int64_t e = 0; e < E; e++) {
+        const double d = mean - load[e];
+        b[e] += rate * (float)((d > 0) - (d < 0));
+    }
 }

@@ -5,11 +5,14 @@
  *
  * Dtypes (train/moe.c on CUDA): logits, scores, combine weights and the token activations BF16 (F32 is
  * accepted everywhere, for the fp32 tests; logits and scores, or scores and combine weights, may even
- * differ); idx, offsets and rows i32; the selection bias, the losses, z-loss's lse and dloss F32; the
- * expert weights F32 master parameters read by the GEMMs through their BF16 shadow.
+ * differ); idx, offsets and rows i32; the selection bias, the losses, z-loss's lse and dloss F32, the
+ * routing statistics' accumulator F64; the expert weights F32 master parameters read by the GEMMs through
+ * their BF16 shadow.
  *
  * Determinism: no atomic operation decides a value. Each output element is written by one thread (or
- * one warp, reducing in a fixed order); the losses are summed by one block in a fixed order (fp64).
+ * one warp, reducing in a fixed order); the losses are summed by one block in a fixed order (fp64); the
+ * routing statistics and the selection bias's update (no host read: layers/moe.c) by one thread, in the
+ * CPU's order, so that both backends give the same bits.
  * The plan is a stable radix sort (CUB) of the assignments by expert: the rows and offsets are exactly
  * the CPU's counting sort (tokens keep their order inside an expert).
  *
@@ -105,6 +108,15 @@ int check_permute_shapes(const char *kernel, const Tensor *tok, const Tensor *gr
 void check_offsets(const char *kernel, const Tensor *offsets, int64_t E) {
     if (offsets->dtype != DT_I32 || offsets->numel != E + 1)
         fatal("cuda %s: offsets must be i32 [E+1] with E = %lld", kernel, (long long)E);
+}
+
+/* a loss scalar of moe_stats_accumulate: f32 or f64 with one element, or NULL; whether it is f64 */
+int stats_loss_f64(const char *what, const Tensor *loss) {
+    if (!loss) return 0;
+    if ((loss->dtype != DT_F32 && loss->dtype != DT_F64) || loss->numel != 1)
+        fatal("cuda moe_stats_accumulate: %s must be an f32 or f64 scalar, got %s with %lld elements", what,
+              dtype_name(loss->dtype), (long long)loss->numel);
+    return loss->dtype == DT_F64;
 }
 
 /* ---- warp-per-row loops: warp w of the grid takes rows w, w + warps, ... (all lanes together) ---- */
@@ -353,6 +365,39 @@ __global__ void z_bwd_kernel(T *dl, const float *dloss, const T *lg, const float
     for (int64_t i = thread_id(); i < N * E; i += thread_count()) {
         const float z = lse[i / E];
         dl[i] = from_f32<T>(to_f32(dl[i]) + g * z * expf(to_f32(lg[i]) - z));
+    }
+}
+
+/* ---------------------------------------------------------------- routing statistics */
+
+/* a loss scalar (f32 or f64; null: 0) as a double */
+__device__ __forceinline__ double loss_value(const void *loss, int f64) {
+    if (!loss) return 0.0;
+    return f64 ? *(const double *)loss : (double)*(const float *)loss;
+}
+
+/* acc[e] += offsets[e+1] - offsets[e], acc[E] += aux, acc[E+1] += z: one thread (E is small), so that the
+ * sums are the CPU's */
+__global__ void stats_accumulate_kernel(double *acc, const int32_t *off, int64_t E, const void *aux, int aux_f64,
+                                        const void *z, int z_f64) {
+    for (int64_t e = 0; e < E; e++) acc[e] += (double)(off[e + 1] - off[e]);
+    acc[E] += loss_value(aux, aux_f64);
+    acc[E + 1] += loss_value(z, z_f64);
+}
+
+/* bias[e] += rate sign(mean - load[e]), the mean summed in expert order in fp64 as on the CPU: one thread */
+__global__ void bias_update_kernel(float *bias, const double *load, int64_t E, float rate) {
+    double sum = 0.0;
+    bool any = false;
+    for (int64_t e = 0; e < E; e++) {
+        sum += load[e];
+        any |= load[e] != 0.0;
+    }
+    if (!any) return;
+    const double mean = sum / (double)E;
+    for (int64_t e = 0; e < E; e++) {
+        const double d = mean - load[e];
+        bias[e] = __fadd_rn(bias[e], rate * (float)((d > 0) - (d < 0))); /* no contraction: the CPU's float add */
     }
 }
 
@@ -926,4 +971,27 @@ extern "C" void cuda_moe_z_loss_backward(Tensor *dlogits, const Tensor *dloss, c
                                                                (const T *)logits->data, (const float *)lse->data, N, E);
         LAUNCH_CHECK("moe_z_loss_backward");
     });
+}
+
+extern "C" void cuda_moe_stats_accumulate(Tensor *acc, const Tensor *offsets, const Tensor *aux_loss, const Tensor *z_loss) {
+    init();
+    const int64_t E = acc->numel - 2;
+    if (acc->dtype != DT_F64 || E < 1) fatal("cuda moe_stats_accumulate: acc must be f64 [E+2] with E >= 1");
+    check_offsets("moe_stats_accumulate", offsets, E);
+    const int aux_f64 = stats_loss_f64("aux_loss", aux_loss), z_f64 = stats_loss_f64("z_loss", z_loss);
+    stats_accumulate_kernel<<<1, 1, 0, stream()>>>((double *)acc->data, (const int32_t *)offsets->data, E,
+                                                   aux_loss ? aux_loss->data : nullptr, aux_f64,
+                                                   z_loss ? z_loss->data : nullptr, z_f64);
+    LAUNCH_CHECK("moe_stats_accumulate");
+}
+
+extern "C" void cuda_moe_bias_update(Tensor *bias, const Tensor *acc, float rate) {
+    init();
+    const int64_t E = bias->numel;
+    if (bias->dtype != DT_F32) fatal("cuda moe_bias_update: bias must be f32 [E], got %s", dtype_name(bias->dtype));
+    if (acc->dtype != DT_F64 || acc->numel < E)
+        fatal("cuda moe_bias_update: acc must be f64 with at least E = %lld loads", (long long)E);
+    if (E == 0) return;
+    bias_update_kernel<<<1, 1, 0, stream()>>>((float *)bias->data, (const double *)acc->data, E, rate);
+    LAUNCH_CHECK("moe_bias_update");
 }

@@ -91,7 +91,7 @@ static void restore(int k) {
     opt->t = 7;
     for (int l = 0; l < m->cfg.n_layers; l++)
         if (moe_layer_of(&m->layers[l].ffn))
-            memcpy(moe_layer_of(&m->layers[l].ffn)->p.bias, &models[k].bias[l * 4], 4 * sizeof(float));
+            moe_bias_from_host(&moe_layer_of(&m->layers[l].ffn)->p, &models[k].bias[l * 4]);
 }
 
 static void write_checkpoint(FuzzBytes *b, int k, const char *path) {

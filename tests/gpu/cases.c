@@ -379,6 +379,22 @@ static void moe_cases(void) {
     GPU_CASE("moe", moe_scores_case, MoeScoresCase, DT_F32, DT_BF16, 129, 8, MOE_SCORE_SIGMOID);
     GPU_CASE("moe", moe_combine_case, MoeCombineCase, DT_F32, DT_BF16, 129, 8, 2, true, 1.0f);
 
+    /* the routing statistics' f64 sums and the selection bias's update, bit for bit: N, E, k, the losses' dtype,
+     * aux, z (false: NULL) */
+    const struct { int64_t N; int E, k; } st[] = {{1, 1, 1}, {37, 5, 2}, {1000, 8, 2}, {129, 64, 6}, {77, 300, 4}};
+    for (size_t i = 0; i < sizeof st / sizeof st[0]; i++)
+        GPU_CASE("moe", moe_stats_case, MoeStatsCase, st[i].N, st[i].E, st[i].k, DT_F32, true, true);
+    GPU_CASE("moe", moe_stats_case, MoeStatsCase, 37, 5, 2, DT_F64, true, true);
+    GPU_CASE("moe", moe_stats_case, MoeStatsCase, 37, 5, 2, DT_F32, false, true);
+    GPU_CASE("moe", moe_stats_case, MoeStatsCase, 37, 5, 2, DT_F32, true, false);
+    GPU_CASE("moe", moe_stats_case, MoeStatsCase, 37, 5, 2, DT_F32, false, false);
+    /* E, loads (0 all zero, 1 most at the mean: E a multiple of 8, 2 random), rate */
+    GPU_CASE("moe", moe_bias_update_case, MoeBiasUpdateCase, 8, 0, 0.01f);
+    GPU_CASE("moe", moe_bias_update_case, MoeBiasUpdateCase, 8, 1, 0.01f);
+    GPU_CASE("moe", moe_bias_update_case, MoeBiasUpdateCase, 64, 1, 1e-3f);
+    GPU_CASE("moe", moe_bias_update_case, MoeBiasUpdateCase, 5, 2, 0.01f);
+    GPU_CASE("moe", moe_bias_update_case, MoeBiasUpdateCase, 300, 2, 1e-3f);
+
     const struct { int64_t N; int E, k; } pl[] = {{0, 4, 2}, {1, 1, 1}, {37, 5, 1}, {37, 5, 2}, {1000, 8, 2},
                                                    {4099, 8, 1}, {3001, 64, 6}, {20000, 8, 8}};
     for (size_t i = 0; i < sizeof pl / sizeof pl[0]; i++) GPU_CASE("moe", moe_plan_case, MoePlanCase, pl[i].N, pl[i].E, pl[i].k);
@@ -459,6 +475,13 @@ static void msa_cp_cases(void) {
     GPU_CASE("msa_cp", msa_cp_case, MsaCpCase, f, 3, {100, 1, 411}, 6, 2, 48, 32, 16, 5, 0, 4, 2, 1, 37);
 }
 
+/* configs/shakespeare_gpu.json's model with MoE feed-forwards in every layer (2 of 8 experts of width 256, so
+ * that the expert GEMMs take the grouped kernel: widths that are multiples of 8), its balance and z-losses and
+ * the selection bias's update on, on 8 rows a step: the sets of a HostWaitsCase or CudaGraphCase */
+#define SHAKESPEARE_GPU_MOE                                                                                        \
+    {"model.ffn=moe", "moe.num_experts=8", "moe.experts_per_token=2", "moe.expert_dim=256", "moe.aux_loss_weight=0.01", \
+     "moe.z_loss_weight=0.0001", "moe.bias_update_rate=0.001", "train.batch_size=8", NULL}
+
 void gpu_cases(void) {
     message_cases();
     elementwise_cases();
@@ -487,6 +510,10 @@ void gpu_cases(void) {
     GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu MSA sparse phase, 8 x 256 tokens",
              "configs/shakespeare_gpu.json", {"model.attention=msa", "msa.dense_warmup_steps=2", "train.batch_size=8", NULL},
              4, 4);
+    /* MoE in every layer, 2 of 8 experts of width 256 (the grouped GEMMs), the balance terms and the selection
+     * bias's update on: routing statistics and bias stay on the device (layers/moe.h) */
+    GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu MoE 2 of 8, 8 x 256 tokens", "configs/shakespeare_gpu.json",
+             SHAKESPEARE_GPU_MOE, 3, 4);
     /* the training step as a CUDA graph: tiny.json (cuDNN attention), with 2 micro-batches a step (a step
      * of two forwards and backwards) and recomputation, and the shakespeare_gpu recipe (dropout 0.2: each
      * replay's masks from its own seeds; its warm-up and cosine schedule change the learning rate at every
@@ -496,6 +523,10 @@ void gpu_cases(void) {
              {"train.grad_accum=2", "train.recompute=true", NULL}, 12);
     GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "shakespeare_gpu dense, dropout 0.2, 8 x 256 tokens",
              "configs/shakespeare_gpu.json", {"train.batch_size=8", "optim.warmup_steps=5", NULL}, 20);
+    /* the MoE step: its statistics accumulate on the device at every replay and its bias moves there (the
+     * biases and the last logged step's MoE line are compared too) */
+    GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "shakespeare_gpu MoE 2 of 8, dropout 0.2, 8 x 256 tokens",
+             "configs/shakespeare_gpu.json", SHAKESPEARE_GPU_MOE, 20);
     /* the weights cast at each GEMM instead of kept as a BF16 copy: dense, and an MoE model (its experts'
      * grouped GEMM reads its own copy of the weights) */
     GPU_CASE("memory", weight_shadow_case, CudaGraphCase, "tiny.json", "configs/tiny.json", {NULL}, 6);

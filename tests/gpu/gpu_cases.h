@@ -224,6 +224,12 @@ typedef struct { DType dt; int64_t N; int E, k; bool normalize, no_assignments; 
 void moe_aux_case(const void *args);
 typedef struct { DType dt; int64_t N, E; } MoeZCase;
 void moe_z_case(const void *args);
+/* moe_stats_accumulate, three calls: the losses of loss_dt (F32 or F64), aux / z false: NULL */
+typedef struct { int64_t N; int E, k; DType loss_dt; bool aux, z; } MoeStatsCase;
+void moe_stats_case(const void *args);
+/* moe_bias_update, three times: loads 0 all zero, 1 most at the mean, 2 random */
+typedef struct { int E; int loads; float rate; } MoeBiasUpdateCase;
+void moe_bias_update_case(const void *args);
 typedef struct { const char *what, *message; } MoeBadInputCase; /* in a child process */
 void moe_bad_input_case(const void *args);
 typedef struct { int variant; } MoeE2eCase; /* a small MoE model trained a few steps on both devices */

@@ -9,7 +9,8 @@
  * rest empty), on both of their paths (BF16 with widths that are multiples of 8: the single-launch CUTLASS
  * grouped GEMM; F32 and odd widths: one cuBLASLt GEMM per expert), and bad offsets on each path; each kind of
  * bad input must stop the program with its message (the device error word, read at the next copy to the
- * host), and a whole layer's kernels must not make the host wait. The integer outputs (idx, offsets, rows)
+ * host), and a whole layer's kernels must not make the host wait. The routing statistics' accumulation and
+ * the selection bias's update must give the CPU's bits. The integer outputs (idx, offsets, rows)
  * must equal the CPU's exactly, also with ties (scores quantised so that many are equal: the lower expert
  * wins on both) and with NaN scores the selection must skip; the permutation must copy bit for bit; the
  * float outputs are held to the harness's tolerances. */
@@ -459,6 +460,107 @@ void moe_z_case(const void *args) {
     pair_free(&lse);
     pair_free(&loss);
     pair_free(&lg);
+}
+
+/* ---------- routing statistics and the selection bias's update ---------- */
+
+/* a tensor of n doubles on backend be holding v (host) */
+static Tensor f64_tensor(const KernelBackend *be, int64_t n, const double *v) {
+    Tensor t = mk(be, DT_F64, 1, (int64_t[]){n});
+    be->copy_from_host(t.data, v, (size_t)n * sizeof(double));
+    return t;
+}
+
+/* a loss scalar of dtype dt (F32 or F64) on backend be */
+static Tensor loss_scalar(const KernelBackend *be, DType dt, double v) {
+    Tensor t = mk(be, dt, 1, (int64_t[]){1});
+    const float f = (float)v;
+    be->copy_from_host(t.data, dt == DT_F64 ? (const void *)&v : (const void *)&f, dtype_size(dt));
+    return t;
+}
+
+/* The first of n doubles (or floats, f32) where the GPU tensor g differs in a bit from the CPU's host values
+ * ref, -1 when none; *got gets the GPU's values (caller frees). */
+static int64_t first_bit_difference(const Tensor *g, const void *ref, int64_t n, bool f32, void **got) {
+    const size_t es = f32 ? sizeof(float) : sizeof(double);
+    *got = xmalloc((size_t)n * es + 8);
+    GB->copy_to_host(*got, g->data, (size_t)n * es);
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp((char *)*got + i * es, (const char *)ref + i * es, es)) return i;
+    return -1;
+}
+
+/* moe_stats_accumulate three times into an accumulator that starts from random values (the plans of two
+ * random routings, the losses of loss_dt or NULL as the case says): the GPU's f64 sums must be the CPU's
+ * bit for bit (both add in the same order). */
+void moe_stats_case(const void *args) {
+    const MoeStatsCase *c = args;
+    const int64_t N = c->N;
+    const int E = c->E, k = c->k;
+    char name[320];
+    snprintf(name, sizeof name, "moe_stats_accumulate N=%lld E=%d k=%d %s%s%s", (long long)N, E, k, dn(c->loss_dt),
+             c->aux ? " aux" : "", c->z ? " z" : "");
+    double *start = xmalloc((size_t)(E + 2) * sizeof(double));
+    for (int i = 0; i < E + 2; i++) start[i] = (double)(rng_next(&gpu_check.rng) % 1000) + (i >= E ? 0.3 * i : 0);
+    Tensor ac = f64_tensor(CB, E + 2, start), ag = f64_tensor(GB, E + 2, start);
+    for (int call = 0; call < 3; call++) {
+        int32_t *id = rand_idx(N, k, E, call == 1 && E > k ? E - 1 : -1), *off, *rows;
+        cpu_plan(N, k, E, id, &off, &rows);
+        Pair o = i32_pair(1, (int64_t[]){E + 1}, off);
+        const double aux = 0.5 + (double)(rng_next(&gpu_check.rng) % 4096) / 3000.0, z = 3.0 + call / 7.0;
+        Tensor auxc = loss_scalar(CB, c->loss_dt, aux), auxg = loss_scalar(GB, c->loss_dt, aux);
+        Tensor zc = loss_scalar(CB, c->loss_dt, z), zg = loss_scalar(GB, c->loss_dt, z);
+        const bool with_aux = c->aux && call != 2, with_z = c->z; /* the third call without the aux loss */
+        CB->moe_stats_accumulate(&ac, &o.c, with_aux ? &auxc : NULL, with_z ? &zc : NULL);
+        GB->moe_stats_accumulate(&ag, &o.g, with_aux ? &auxg : NULL, with_z ? &zg : NULL);
+        free_t(&auxc), free_t(&auxg), free_t(&zc), free_t(&zg);
+        pair_free(&o);
+        free(id), free(off), free(rows);
+    }
+    void *got;
+    const int64_t bad = first_bit_difference(&ag, ac.data, E + 2, false, &got);
+    const double *g = got, *r = ac.data;
+    if (bad < 0) record(true, "%-58s bit-exact (%d values)", name, E + 2);
+    else record(false, "%-58s first difference at %lld: gpu %.17g cpu %.17g", name, (long long)bad, g[bad], r[bad]);
+    free(got);
+    free(start);
+    free_t(&ac);
+    free_t(&ag);
+}
+
+/* moe_bias_update from the same accumulator and bias on both devices: bit-identical biases. loads 0: every
+ * load 0 (the bias must not move); 1: most experts at the mean (they must not move); 2: random counts. */
+void moe_bias_update_case(const void *args) {
+    const MoeBiasUpdateCase *c = args;
+    const int E = c->E;
+    char name[320];
+    static const char *kinds[] = {"all loads 0", "most loads at the mean", "random loads"};
+    snprintf(name, sizeof name, "moe_bias_update E=%d rate %g, %s", E, (double)c->rate, kinds[c->loads]);
+    double *acc = xmalloc((size_t)(E + 2) * sizeof(double));
+    for (int e = 0; e < E; e++)
+        acc[e] = c->loads == 0 ? 0 : c->loads == 1 ? (e % 4 ? 100 : e % 8 ? 60 : 140) : (double)(rng_next(&gpu_check.rng) % 5000);
+    acc[E] = 1.25, acc[E + 1] = 7.5; /* the losses' sums: not loads */
+    float *b = randn(E, 0, 0.1);
+    Tensor accc = f64_tensor(CB, E + 2, acc), accg = f64_tensor(GB, E + 2, acc);
+    Tensor bc = mk(CB, DT_F32, 1, (int64_t[]){E}), bg = mk(GB, DT_F32, 1, (int64_t[]){E});
+    memcpy(bc.data, b, (size_t)E * sizeof(float));
+    GB->copy_from_host(bg.data, b, (size_t)E * sizeof(float));
+    for (int step = 0; step < 3; step++) { /* a few updates, as over a few optimizer steps */
+        CB->moe_bias_update(&bc, &accc, c->rate);
+        GB->moe_bias_update(&bg, &accg, c->rate);
+    }
+    void *got;
+    const int64_t bad = first_bit_difference(&bg, bc.data, E, true, &got);
+    const float *g = got, *r = bc.data;
+    int moved = 0;
+    for (int e = 0; e < E; e++) moved += r[e] != b[e];
+    const bool moved_ok = c->loads == 0 ? moved == 0 : c->loads == 1 ? moved > 0 && moved < E : moved > 0;
+    if (bad < 0) record(moved_ok, "%-58s bit-exact; %d of %d biases moved", name, moved, E);
+    else record(false, "%-58s first difference at %lld: gpu %.9g cpu %.9g", name, (long long)bad, g[bad], r[bad]);
+    free(got);
+    free(acc);
+    free(b);
+    free_t(&accc), free_t(&accg), free_t(&bc), free_t(&bg);
 }
 
 /* ---------- end to end: a small MoE model trained a few steps on both devices ---------- */

@@ -2,11 +2,12 @@
  * trips in an MSA step"): after the first steps have sized every buffer (scratch, plans, arenas, cuDNN
  * and cuBLAS plans), the backend's count of host waits (kernels.def host_waits: copies to the host,
  * synchronisations, frees) must not move over a step that is not logged. A dense model (the cuDNN
- * attention path, which once copied cu_seqlens to the host at every layer) and an MSA model in its dense
- * warm-up (whose KL backward once read its upstream gradient on the host) and its sparse phase. A failure
+ * attention path, which once copied cu_seqlens to the host at every layer), an MSA model in its dense
+ * warm-up (whose KL backward once read its upstream gradient on the host) and its sparse phase, and an MoE
+ * model (whose routing statistics were read and selection bias uploaded at every forward). A failure
  * names the call site of the last wait (cuda_last_host_wait). With train.cuda_graph = auto (the default) the
- * dense cases' measured steps are replays of the captured step (train/step_graph.h), which must not wait
- * either.
+ * dense and MoE cases' measured steps are replays of the captured step (train/step_graph.h), which must not
+ * wait either.
  * Last, group graph: the captured step against the eager one, bit for bit (cuda_graph_case), and group
  * memory: a run without the BF16 copy of the weights against one with it (weight_shadow_case). */
 #include <math.h>
@@ -101,7 +102,8 @@ void staged_copies_case(const void *args) {
 
 /* train.cuda_graph (train/step_graph.h): the same run with every step eager and with its step captured in
  * a CUDA graph and replayed must give the same losses and gradient norms at every step and the same
- * parameters and AdamW moments at the end, bit for bit (the replay runs the eager step's kernels with the
+ * parameters, AdamW moments and MoE selection biases at the end, and the same MoE line on the last (logged)
+ * step, bit for bit (the replay runs the eager step's kernels with the
  * same arguments in the same order; the learning rate and bias corrections, which change every step, come
  * from device memory, as do the dropout seeds). Every step is read (a replayed step reads after its launch).
  * The first steps run eagerly until one frees no memory (arena compaction, scratch growth), so at least half
@@ -109,11 +111,13 @@ void staged_copies_case(const void *args) {
 enum { MAX_STEPS = 64 };
 
 /* One CUDA run of steps steps of config with sets and setting: its losses and norms, then the parameters and
- * the moments m and v of the whole store (F32), and its CUDA graph counts. */
+ * the moments m and v of the whole store (F32) followed by the MoE layers' selection biases (n_state values
+ * in all), the MoE line of its last step (logged), and its CUDA graph counts. */
 typedef struct {
     double loss[MAX_STEPS], norm[MAX_STEPS];
     float *state;
-    int64_t numel, nodes, replays, captures;
+    int64_t numel, n_state, nodes, replays, captures;
+    MoeSummary moe_last;
 } TrainOutcome;
 
 static void train_cuda(TrainOutcome *o, const char *config, const char *const *sets, const char *setting, int steps) {
@@ -135,26 +139,45 @@ static void train_cuda(TrainOutcome *o, const char *config, const char *const *s
         StepResult res = run_step(&r);
         o->loss[s] = res.loss;
         o->norm[s] = res.grad_norm;
+        o->moe_last = res.moe; /* the last step is logged (train.steps): its MoE line read from the device */
     }
     o->numel = r.model.params.numel;
-    o->state = xmalloc((size_t)(3 * o->numel) * sizeof(float));
+    int64_t biases = 0;
+    for (int l = 0; l < r.model.cfg.n_layers; l++)
+        if (moe_layer_of(&r.model.layers[l].ffn)) biases += moe_layer_of(&r.model.layers[l].ffn)->p.num_experts;
+    o->n_state = 3 * o->numel + biases;
+    o->state = xmalloc((size_t)(o->n_state + 1) * sizeof(float));
     GB->copy_to_host(o->state, r.model.params.data, (size_t)o->numel * sizeof(float));
     GB->copy_to_host(o->state + o->numel, r.opt.m, (size_t)o->numel * sizeof(float));
     GB->copy_to_host(o->state + 2 * o->numel, r.opt.v, (size_t)o->numel * sizeof(float));
+    float *bias = o->state + 3 * o->numel;
+    for (int l = 0; l < r.model.cfg.n_layers; l++) {
+        const MoeLayer *ml = moe_layer_of(&r.model.layers[l].ffn);
+        if (!ml) continue;
+        moe_bias_to_host(&ml->p, bias);
+        bias += ml->p.num_experts;
+    }
     o->nodes = r.graph.nodes, o->replays = r.graph.replays, o->captures = r.graph.captures;
     run_free(&r);
     if (prev) setenv("MSA_ATTENTION", saved, 1);
     else unsetenv("MSA_ATTENTION");
 }
 
-/* The first step whose loss or norm differ in a bit (-1: none), and how many state values differ. */
+/* The first step whose loss or norm differ in a bit (-1: none; the last step when only its MoE line differs),
+ * and how many state values differ. */
 static int first_difference(const TrainOutcome *a, const TrainOutcome *b, int steps, int64_t *bad_state) {
     int first_bad = -1;
     for (int s = 0; s < steps && first_bad < 0; s++)
         if (memcmp(&a->loss[s], &b->loss[s], sizeof(double)) || memcmp(&a->norm[s], &b->norm[s], sizeof(double)))
             first_bad = s;
+    if (first_bad < 0 && memcmp(&a->moe_last, &b->moe_last, sizeof a->moe_last)) {
+        printf("    the last step's MoE line differs: load max/mean %.17g vs %.17g, aux %.17g vs %.17g, z %.17g vs %.17g\n",
+               a->moe_last.max_over_mean_load, b->moe_last.max_over_mean_load, a->moe_last.aux_loss, b->moe_last.aux_loss,
+               a->moe_last.z_loss, b->moe_last.z_loss);
+        first_bad = steps - 1;
+    }
     *bad_state = 0;
-    for (int64_t i = 0; i < 3 * a->numel; i++) *bad_state += memcmp(&a->state[i], &b->state[i], sizeof(float)) != 0;
+    for (int64_t i = 0; i < a->n_state; i++) *bad_state += memcmp(&a->state[i], &b->state[i], sizeof(float)) != 0;
     if (first_bad >= 0)
         printf("    first difference at step %d: loss %.17g vs %.17g, norm %.17g vs %.17g\n", first_bad + 1,
                a->loss[first_bad], b->loss[first_bad], a->norm[first_bad], b->norm[first_bad]);
@@ -175,7 +198,7 @@ void cuda_graph_case(const void *args) {
            "%-58s %s; %lld of %lld parameter/moment values differ; %lld captures, %lld replays of %lld kernels, copies "
            "and memsets each (1 launch); last loss %.6f vs %.6f",
            name, first_bad < 0 ? "losses and norms bit-exact" : "losses or norms differ", (long long)bad_state,
-           (long long)(3 * o[0].numel), (long long)o[1].captures, (long long)o[1].replays, (long long)o[1].nodes,
+           (long long)o[0].n_state, (long long)o[1].captures, (long long)o[1].replays, (long long)o[1].nodes,
            o[0].loss[c->steps - 1], o[1].loss[c->steps - 1]);
     free(o[0].state);
     free(o[1].state);
@@ -195,7 +218,7 @@ void weight_shadow_case(const void *args) {
     record(first_bad < 0 && bad_state == 0 && isfinite(o[1].loss[c->steps - 1]),
            "%-58s %s; %lld of %lld parameter/moment values differ; last loss %.6f vs %.6f", name,
            first_bad < 0 ? "losses and norms bit-exact" : "losses or norms differ", (long long)bad_state,
-           (long long)(3 * o[0].numel), o[0].loss[c->steps - 1], o[1].loss[c->steps - 1]);
+           (long long)o[0].n_state, o[0].loss[c->steps - 1], o[1].loss[c->steps - 1]);
     free(o[0].state);
     free(o[1].state);
 }
