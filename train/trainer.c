@@ -1103,7 +1103,7 @@ static double optimizer_step(Run *r, bool read) {
                                 (char *)ps->grad + (size_t)o->begin * es, z->shard, DIST_F32, DIST_SUM, dev);
         grad_sumsq_range(ps, o->begin, o->end, &r->grad_sumsq);
     }
-    dist_all_reduce(&r->dist->world, r->grad_sumsq.data, 1, DIST_F64, DIST_SUM, dev);
+    dist_all_reduce(world_in_memory(r), r->grad_sumsq.data, 1, DIST_F64, DIST_SUM, dev);
     r->be->clip_scale(&r->clip_scale, &r->grad_sumsq, r->cfg.optim.grad_clip);
     bool gathered = false;
     for (int i = 0; i < r->n_zero; i++) {
