@@ -12,6 +12,11 @@ typedef struct AttentionParams {
 
 Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
                      Tensor **lse_out) {
+    return op_attention_kept(e, q, k, v, cu_seqlens, scale, NULL, lse_out);
+}
+
+Tensor *op_attention_kept(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
+                          const AttentionKept *kept, Tensor **lse_out) {
     if (q->ndim != 3) fatal("attention: q must be [N, Hq, D], got %d dims", q->ndim);
     const int64_t N = q->shape[0], Hq = q->shape[1], D = q->shape[2];
     if (k->ndim != 3) fatal("attention: k must be [N, Hkv, D], got %d dims", k->ndim);
@@ -33,9 +38,15 @@ Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seql
                   cu[cu_seqlens->numel - 1]);
     }
     engine_op_begin(e);
-    Tensor *out = engine_empty_like(e, q);
-    Tensor *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
-    e->be->attention_forward(out, lse, q, k, v, cu_seqlens, scale);
+    Tensor *out, *lse;
+    if (kept) {
+        out = engine_empty_header(e, q->dtype, q->ndim, q->shape, kept->out);
+        lse = engine_empty_header(e, stat_dtype(q->dtype), SHAPE(Hq, N), kept->lse);
+    } else {
+        out = engine_empty_like(e, q);
+        lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
+        e->be->attention_forward(out, lse, q, k, v, cu_seqlens, scale);
+    }
     Tensor *in[4] = {q, k, v, cu_seqlens};
     if (engine_wants_grad(e, in, 3)) {
         Node *n = engine_record(e, OP_attention, in, 4, &out, 1);

@@ -144,7 +144,7 @@ typedef struct MsaAttentionKlParams {
 
 Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki, Tensor *topk, Tensor *plan,
                             Tensor *idx_lse, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *kl,
-                            Tensor **lse_out, Tensor **loss_out) {
+                            const AttentionKept *kept, Tensor **lse_out, Tensor **loss_out) {
     check_main("msa_attention_kl", q, k, v, topk, cu_seqlens, p);
     if (!topk) fatal("msa_attention_kl: topk is required (the dense warm-up has op_msa_kl)");
     const int64_t N = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1];
@@ -155,12 +155,18 @@ Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *
     check_shape("msa_attention_kl", "idx_lse", idx_lse, SHAPE(Hkv, N));
     if (kl) check_shape("msa_attention_kl", "kl", kl, SHAPE(1));
     engine_op_begin(e);
-    Tensor *out = engine_empty_like(e, q);
-    Tensor *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
+    Tensor *out, *lse;
     Tensor *loss = engine_zeros(e, stat_dtype(q->dtype), SHAPE(1));
     BACKEND_REQUIRE(e->be, msa_attention_forward);
     BACKEND_REQUIRE(e->be, msa_attention_kl_backward);
-    e->be->msa_attention_forward(out, lse, q, k, v, topk, plan, cu_seqlens, p);
+    if (kept) {
+        out = engine_empty_header(e, q->dtype, q->ndim, q->shape, kept->out);
+        lse = engine_empty_header(e, stat_dtype(q->dtype), SHAPE(Hq, N), kept->lse);
+    } else {
+        out = engine_empty_like(e, q);
+        lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
+        e->be->msa_attention_forward(out, lse, q, k, v, topk, plan, cu_seqlens, p);
+    }
     Tensor *in[5] = {q, k, v, qi, ki};
     if (engine_wants_grad(e, in, 5)) {
         Tensor *outs[2] = {out, loss};

@@ -35,10 +35,23 @@ Tensor *op_add_rmsnorm(Engine *e, Tensor *x, Tensor *r, Tensor *w, float eps, Te
  * (layers/rope_scaling.h rope_table_in puts it in the engine's host arena) */
 Tensor *op_rope(Engine *e, Tensor *x, Tensor *positions, const RopeTable *rope);
 
+/* An attention's forward results kept from a checkpointed segment's first forward for the segment's replay
+ * in the backward (train.keep_attention_outputs, layers/attention.h): out [N, Hq, D] in the activations'
+ * dtype and lse [Hq, N] in the statistics', in memory of the engine's backend that outlives the step's arena.
+ * The replay recomputes q, k and v bit for bit (a checkpointed segment is deterministic), so these are the
+ * results the forward kernel would give again: an op handed them records its node over them and runs no
+ * forward kernel. */
+typedef struct AttentionKept {
+    void *out, *lse;
+} AttentionKept;
+
 /* q [N,Hq,D], k/v [N,Hkv,D], cu_seqlens i32 [ndocs+1] -> out [N,Hq,D]; *lse_out (optional) gets the
  * [Hq,N] f32 log-sum-exp the MSA KL uses as its teacher normaliser. */
 Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
                      Tensor **lse_out);
+/* The same, with the forward's results taken from kept (NULL: computed) */
+Tensor *op_attention_kept(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
+                          const AttentionKept *kept, Tensor **lse_out);
 
 /* dropout with probability p (0 returns x itself); the mask depends only on (seed, offset + element
  * index), kernels/dropout_mask.h, so a recomputed forward and the backward see the same mask */
@@ -95,10 +108,11 @@ Tensor *op_msa_kl(Engine *e, Tensor *q, Tensor *k, Tensor *lse, Tensor *qi, Tens
  * qi and ki only, as op_msa_kl's, but whose value the backward computes: the forward leaves it 0 (it still
  * takes the gradient the backward reads, on the device) and the backward writes the mean KL into kl
  * (a scalar of lse's dtype; NULL: nowhere). idx_lse [Hkv, N] is the indexer's. Without a recording the
- * value is computed at once, unless a checkpointed segment's replay will record it (checkpoint_forward). */
+ * value is computed at once, unless a checkpointed segment's replay will record it (checkpoint_forward). With
+ * kept (NULL: none) out and lse are those of a checkpointed forward (AttentionKept): no forward kernel runs. */
 Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki, Tensor *topk, Tensor *plan,
                             Tensor *idx_lse, Tensor *cu_seqlens, const MsaParams *p, float weight, Tensor *kl,
-                            Tensor **lse_out, Tensor **loss_out);
+                            const AttentionKept *kept, Tensor **lse_out, Tensor **loss_out);
 
 /* ---- MoE feed-forward (layers/moe.c). N tokens, E experts, k experts per token. ---- */
 

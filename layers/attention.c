@@ -31,6 +31,7 @@ void attention_declare(AttentionFrame *f, const LayerSetup *s) {
     f->rope = *c;
     f->norm_eps = c->norm_eps;
     f->scale = 1.0f / sqrtf((float)f->head_dim);
+    f->kept = (KeptAttention){.enabled = s->cfg->train.keep_attention_outputs};
     const int64_t C = c->d_model, Hq = c->n_heads, Hkv = c->n_kv_heads, D = f->head_dim;
     const float std = c->init_std, out_std = c->init_std / sqrtf(2.0f * (float)c->n_layers);
     f->wq = param(s, "wq", SHAPE(Hq * D, C), INIT_NORMAL, std, true);
@@ -96,24 +97,70 @@ bool attention_requires(Device backend, const RunConfig *c, char *why, size_t n)
     return true;
 }
 
+/* ---- the kept outputs of a checkpointed forward ------------------------------------------------ */
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+void kept_attention_keep(KeptAttention *ka, Engine *e, const Tensor *out, const Tensor *lse) {
+    if (!ka->enabled || !e->checkpoint_forward) return;
+    const KernelBackend *be = e->be;
+    ka->out_bytes = (int64_t)tensor_bytes(out);
+    ka->lse_bytes = (int64_t)tensor_bytes(lse);
+    const size_t need = align64((size_t)ka->out_bytes) + (size_t)ka->lse_bytes;
+    if (need > ka->cap || be != ka->be) {
+        if (ka->buf) ka->be->free(ka->buf);
+        ka->be = be;
+        ka->buf = be->alloc(need);
+        ka->cap = need;
+    }
+    be->copy(ka->buf, out->data, (size_t)ka->out_bytes);
+    be->copy((char *)ka->buf + align64((size_t)ka->out_bytes), lse->data, (size_t)ka->lse_bytes);
+    ka->valid = true;
+}
+
+const AttentionKept *kept_attention_take(KeptAttention *ka, const Engine *e, const Tensor *q, AttentionKept *into) {
+    if (!ka->enabled || !e->recomputing || !ka->valid || ka->be != e->be) return NULL;
+    const int64_t N = q->shape[0], Hq = q->shape[1];
+    if (ka->out_bytes != (int64_t)tensor_bytes(q) ||
+        ka->lse_bytes != Hq * N * (int64_t)dtype_size(stat_dtype(q->dtype)))
+        return NULL;
+    ka->valid = false; /* one replay per kept forward */
+    *into = (AttentionKept){ka->buf, (char *)ka->buf + align64((size_t)ka->out_bytes)};
+    return into;
+}
+
+void kept_attention_free(KeptAttention *ka) {
+    if (ka->buf) ka->be->free(ka->buf);
+    *ka = (KeptAttention){.enabled = ka->enabled};
+}
+
 /* ---- the dense variant ------------------------------------------------------------------------ */
 
 static void dense_declare(void *self, const LayerSetup *s) { attention_declare(self, s); }
 
 static Tensor *dense_forward(void *self, Engine *e, Tensor *x, const LayerContext *ctx, Tensor **aux) {
-    const AttentionFrame *f = self;
+    AttentionFrame *f = self;
     Tensor *q, *k, *v;
     attention_project(f, e, x, ctx, &q, &k, &v);
     *aux = NULL;
-    Tensor *o = ctx->cp_index && ctx->cp->size > 1
-                    ? op_cp_ring_attention(e, q, k, v, ctx->cu_seqlens, ctx->cp_index, f->scale, ctx->cp, NULL)
-                    : op_attention(e, q, k, v, ctx->cu_seqlens, f->scale, NULL);
+    Tensor *o;
+    if (ctx->cp_index && ctx->cp->size > 1) {
+        o = op_cp_ring_attention(e, q, k, v, ctx->cu_seqlens, ctx->cp_index, f->scale, ctx->cp, NULL);
+    } else {
+        AttentionKept kept;
+        Tensor *lse;
+        o = op_attention_kept(e, q, k, v, ctx->cu_seqlens, f->scale, kept_attention_take(&f->kept, e, q, &kept), &lse);
+        kept_attention_keep(&f->kept, e, o, lse);
+    }
     return attention_output(f, e, o, ctx);
 }
+
+static void dense_free(void *self) { kept_attention_free(&((AttentionFrame *)self)->kept); }
 
 const LayerKind attention_dense = {
     .size = sizeof(AttentionFrame),
     .requires = attention_requires,
     .declare = dense_declare,
     .forward = dense_forward,
+    .free = dense_free,
 };

@@ -6,7 +6,32 @@
 #ifndef MSA_ATTENTION_H
 #define MSA_ATTENTION_H
 
+#include "../autograd/ops.h"
 #include "layer.h"
+
+/* What a layer's checkpointed forward keeps of its attention for the replay in the backward
+ * (train.keep_attention_outputs with train.recompute): the output and its log-sum-exp (AttentionKept), so that
+ * the replay runs no attention forward (the largest part of a long-context block's recomputation: the
+ * attention's cost grows with the context, the rest of the block's with the tokens alone). Memory of the
+ * engine's backend, N x Hq x D activations + Hq x N statistics per layer, grown on demand and valid from a
+ * checkpointed forward until its replay; kept for the next step rather than freed, as MSA's replay store
+ * (layers/msa.h MsaReplay: every layer's is live when the backward starts, and on CUDA each free waits for the
+ * device). */
+typedef struct KeptAttention {
+    bool enabled;            /* train.keep_attention_outputs and train.recompute */
+    const KernelBackend *be; /* where buf lives */
+    void *buf;               /* out | lse, 64-byte aligned */
+    size_t cap;
+    bool valid;
+    int64_t out_bytes, lse_bytes;
+} KeptAttention;
+
+/* Keep out and lse of a checkpointed segment's first forward (Engine.checkpoint_forward), when enabled. */
+void kept_attention_keep(KeptAttention *ka, Engine *e, const Tensor *out, const Tensor *lse);
+/* In a replay (Engine.recomputing): the kept results of an output [N, Hq, D] and its lse into *into, consumed
+ * (one replay per kept forward), or NULL when there are none of that size (run the forward). */
+const AttentionKept *kept_attention_take(KeptAttention *ka, const Engine *e, const Tensor *q, AttentionKept *into);
+void kept_attention_free(KeptAttention *ka);
 
 typedef struct AttentionFrame {
     Tensor *wq, *wk, *wv, *wo;
@@ -16,6 +41,7 @@ typedef struct AttentionFrame {
     float norm_eps;
     ModelConfig rope;       /* the model keys: RoPE's theta and scaling (layers/rope_scaling.h) */
     float scale;            /* 1/sqrt(head_dim) */
+    KeptAttention kept;     /* train.keep_attention_outputs */
 } AttentionFrame;
 
 /* The head dimension and rotary dimension cfg gives (model.head_dim, model.rotary_dim: 0 = the default). */

@@ -165,14 +165,21 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         if (split(s)) {
             a.out = op_cp_ring_attention(e, q, k, v, cu_seqlens, s->cp_index, p->scale, s->cp, &a.lse);
             teacher_k = every_key(e, s, k);
-        } else a.out = op_attention(e, q, k, v, cu_seqlens, p->scale, &a.lse);
+        } else {
+            AttentionKept kept;
+            a.out = op_attention_kept(e, q, k, v, cu_seqlens, p->scale,
+                                      s->kept ? kept_attention_take(s->kept, e, q, &kept) : NULL, &a.lse);
+            if (s->kept) kept_attention_keep(s->kept, e, a.out, a.lse);
+        }
     } else if (a.deferred) {
         Tensor *idx_lse;
         a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, &idx_lse);
         a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens);
         Tensor *k_read = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
+        AttentionKept kept;
         a.out = op_msa_attention_kl(e, q, k_read, v_read, qi, ki, a.topk, a.plan, idx_lse, cu_seqlens, p, s->kl_weight,
-                                    kl, &a.lse, &a.loss);
+                                    kl, s->kept ? kept_attention_take(s->kept, e, q, &kept) : NULL, &a.lse, &a.loss);
+        if (s->kept) kept_attention_keep(s->kept, e, a.out, a.lse);
         if (from) rp->valid = false; /* one replay per kept forward */
         if (rp && e->checkpoint_forward) keep(e->be, rp, &a, idx_lse, NULL, dense);
         return a;
@@ -359,6 +366,7 @@ static Tensor *msa_forward(void *self, Engine *e, Tensor *h, const LayerContext 
     Tensor *kl = !e->recomputing ? kl_log_add(log, e, stat_dtype(qi->dtype)) : log->n > 0 ? kl_slot(log, e, log->n - 1) : NULL;
     MsaSettings s = L->settings;
     if (ctx->cp_index) s.cp = ctx->cp, s.cp_index = ctx->cp_index;
+    s.kept = &L->frame.kept;
     MsaAttention a = msa_attend(e, &s, q, k, v, qi, ki, ctx->cu_seqlens, ctx->dense, kl, &L->replay);
     *aux = a.loss;
     if (!e->recomputing) {
@@ -398,6 +406,7 @@ static bool msa_requires(Device backend, const RunConfig *c, char *why, size_t n
 
 static void msa_free(void *self) {
     msa_replay_free(&((MsaLayer *)self)->replay);
+    kept_attention_free(&((MsaLayer *)self)->frame.kept);
     kl_log_free(&((MsaLayer *)self)->kl_log);
 }
 

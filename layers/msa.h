@@ -20,6 +20,9 @@ typedef struct MsaSettings {
      * group (NULL or one rank: the whole micro-batch is here) and this rank's tokens, i32 [n] */
     const Comm *cp;
     Tensor *cp_index;
+    /* the layer's kept attention outputs (train.keep_attention_outputs), set by the layer per forward; NULL:
+     * none */
+    KeptAttention *kept;
 } MsaSettings;
 
 MsaSettings msa_settings(const RunConfig *c);

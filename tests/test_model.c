@@ -291,6 +291,74 @@ TEST(msa_replay_store_holds_the_selection_and_normaliser_per_token) {
     engine_free(&e);
 }
 
+/* Calls of the attention forward kernels, which train.keep_attention_outputs spares the replay. */
+static int attention_forwards;
+static void count_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                                    const Tensor *cu, float scale) {
+    attention_forwards++;
+    cpu_backend.attention_forward(out, lse, q, k, v, cu, scale);
+}
+static void count_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
+                                        const Tensor *topk, const Tensor *plan, const Tensor *cu, const MsaParams *p) {
+    attention_forwards++;
+    cpu_backend.msa_attention_forward(out, lse, q, k, v, topk, plan, cu, p);
+}
+
+/* train.keep_attention_outputs: a checkpointed block keeps its attention's output and log-sum-exp, and its
+ * replay in the backward takes them instead of running the attention forward again. The loss (with the terms
+ * the backward computes) and every gradient are bit-identical to the recomputing run's, the attention forward
+ * kernels run once per layer instead of twice, and each kept forward is consumed by its replay; for a dense
+ * model and an MSA model in its dense warm-up and in its sparse phase (grad_accum-like: two steps in a row). */
+TEST(kept_attention_outputs_spare_the_replay_and_change_nothing) {
+    KernelBackend counting = cpu_backend;
+    counting.attention_forward = count_attention_forward;
+    counting.msa_attention_forward = count_msa_attention_forward;
+    Engine e;
+    engine_init(&e, &counting, DT_F64, 1 << 20);
+    for (int variant = 0; variant < 3; variant++) { /* dense model; MSA dense warm-up; MSA sparse phase */
+        const char *name = variant == 0 ? "dense" : variant == 1 ? "MSA dense warm-up" : "MSA sparse";
+        double loss[2][2], *g[2];
+        int forwards[2];
+        int64_t n = 0;
+        for (int keep = 0; keep < 2; keep++) {
+            RunConfig c = tiny_config(variant > 0);
+            c.model.n_layers = 3; /* MSA: layers 1 and 2 */
+            c.train.keep_attention_outputs = keep;
+            Model m;
+            model_build(&m, &c, &cpu_backend, DT_F64, 14);
+            m.msa_dense = variant == 1;
+            n = m.params.numel;
+            attention_forwards = 0;
+            for (int step = 0; step < 2; step++) {
+                params_zero_grad(&m.params);
+                engine_reset(&e);
+                ModelInput in = make_input(&e);
+                Tensor *total = model_forward(&m, &e, &in, true).total;
+                engine_backward(&e, total);
+                loss[keep][step] = tensor_item(&e, total) + model_collect(&m, &e, NULL);
+            }
+            forwards[keep] = attention_forwards;
+            g[keep] = malloc((size_t)n * sizeof(double));
+            memcpy(g[keep], m.params.grad, (size_t)n * sizeof(double));
+            for (int l = 0; l < 3; l++) {
+                const AttentionFrame *f = m.layers[l].attention.self; /* every attention variant's state starts with it */
+                EXPECT(!f->kept.valid, "%s, keep %d, layer %d: a kept forward was not consumed by its replay", name, keep, l);
+            }
+            model_free(&m);
+        }
+        for (int step = 0; step < 2; step++)
+            EXPECT(loss[0][step] == loss[1][step], "%s, step %d: keeping the outputs changed the loss (%.17g vs %.17g)", name,
+                   step + 1, loss[1][step], loss[0][step]);
+        EXPECT(memcmp(g[0], g[1], (size_t)n * sizeof(double)) == 0, "%s: keeping the outputs changed a gradient", name);
+        /* 3 layers x 2 steps: each layer's forward once, and without keeping once more in its replay */
+        EXPECT(forwards[0] == 12 && forwards[1] == 6, "%s: the attention forwards ran %d times recomputing, %d keeping (expected 12, 6)",
+               name, forwards[0], forwards[1]);
+        free(g[0]);
+        free(g[1]);
+    }
+    engine_free(&e);
+}
+
 /* Without gradients (evaluation, sampling) a forward holds one block's activations at a time: each extra
  * layer adds only its output (and the auxiliary loss scalar) to the arena's high-water mark, not its
  * activations; and the loss is the one the recording forward and its backward compute (the sparse
@@ -340,6 +408,7 @@ int main(void) {
     RUN(no_grad_forward_memory_does_not_grow_with_depth);
     RUN(msa_recompute_reuses_the_forward_and_changes_nothing);
     RUN(msa_replay_store_holds_the_selection_and_normaliser_per_token);
+    RUN(kept_attention_outputs_spare_the_replay_and_change_nothing);
     engine_free(&eng);
     TEST_END();
 }

@@ -114,6 +114,7 @@ typedef struct TrainConfig {
     int ffn_chunk_tokens;  /* rows per chunk of the dense SwiGLU feed-forward (op_swiglu_ffn); 0 = unchunked */
     bool weight_shadow;        /* CUDA: a BF16 copy of the F32 weights for the GEMMs (else cast at each use) */
     bool offload_block_inputs; /* with recompute: saved block inputs on the host between forward and backward */
+    bool keep_attention_outputs; /* with recompute: each block's attention output and lse kept for its replay */
 } TrainConfig;
 
 typedef struct DataConfig {
