@@ -53,7 +53,8 @@
 #                    with YaRN and MSA), build/eval's tables before and after (CONT_BASE_STEPS, CONT_LONG_STEPS)
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
-#                    (PROFILES="dense_32k msa_32k" selects some of them)
+#                    (PROFILES="dense_32k msa_32k" selects some of them; dense_32k_keep and msa_32k_keep: the
+#                    same with train.keep_attention_outputs)
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or /tmp/device_check.
 # Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md; and
@@ -211,7 +212,9 @@ PY
         for p in "dense_4k:--set train.seq_len=4096 --set train.batch_size=4" \
                  "dense_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true" \
                  "moe_4k:--set train.seq_len=4096 --set train.batch_size=4 --set train.recompute=true $moe" \
-                 "msa_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true $msa"; do
+                 "msa_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true $msa" \
+                 "dense_32k_keep:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true" \
+                 "msa_32k_keep:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true $msa"; do
             name=${p%%:*}
             # PROFILES="dense_32k msa_32k" runs only those
             case " ${PROFILES:-$name} " in *" $name "*) ;; *) continue ;; esac
