@@ -17,6 +17,7 @@
  *                 auxiliary loss only a backward computes (MSA's sparse phase: the KL), read once per step;
  *   step_end      what it does once per optimizer step or evaluation with what its forwards gathered
  *                 (the MoE selection-bias update) and the statistics it reports then;
+ *   replayed      the host's accounts of the forwards of a training step replayed as a CUDA graph;
  *   its own names for the profiler (engine_op_end_named) for work that is no tape op.
  * A new variant is a file here, a line in layers.def and its test. */
 #ifndef MSA_LAYER_H
@@ -104,6 +105,11 @@ typedef struct LayerKind {
      * statistics add up in the order the forwards made them. out NULL: drop the records unread (no copy
      * from the device; model_drop_collected). NULL: nothing left on the device. */
     int (*collect)(void *self, const LayerForward **out);
+    /* A training step captured in a CUDA graph was replayed (train/step_graph.h): its `forwards` forwards of
+     * tokens_per_forward tokens each ran on the device without the host, which keeps their accounts (the MoE
+     * counts, the MSA KL log's records): make them as the captured step's forwards left them. NULL: nothing
+     * to account. */
+    void (*replayed)(void *self, int forwards, int64_t tokens_per_forward);
     void (*free)(void *self); /* NULL: nothing to free beyond the state */
     /* an attention whose blocks a learned index branch selects, trained by a KL term, with a dense
      * warm-up (ctx->dense): the trainer's MSA recipe (msa.dense_warmup_steps, optim.warmup_trainable,

@@ -334,6 +334,12 @@ static void moe_layer_step_end(void *self, bool update, Metrics *m) {
     moe_stats_reset(&L->stats);
 }
 
+/* A replayed step's forwards accumulated their loads and losses on the device; the host, which counts the
+ * forwards and their tokens, did not see them (a checkpointed block's recompute is not counted). */
+static void moe_layer_replayed(void *self, int forwards, int64_t tokens_per_forward) {
+    moe_stats_count_forwards(&((MoeLayer *)self)->stats, forwards, forwards * tokens_per_forward);
+}
+
 static void moe_layer_free(void *self) {
     MoeLayer *L = self;
     moe_free_params(&L->p);
@@ -347,6 +353,7 @@ const LayerKind ffn_moe = {
     .declare_late = moe_layer_declare_experts,
     .forward = moe_layer_forward,
     .step_end = moe_layer_step_end,
+    .replayed = moe_layer_replayed,
     .free = moe_layer_free,
 };
 

@@ -371,6 +371,7 @@ static Tensor *msa_forward(void *self, Engine *e, Tensor *h, const LayerContext 
     *aux = a.loss;
     if (!e->recomputing) {
         log->deferred[log->n - 1] = a.deferred;
+        if (e->grad_enabled) log->step_deferred = a.deferred;
         if (ctx->metrics && ctx->collect) /* the dense warm-up: the recall the sparse selection would have */
             log->recall[log->n - 1] = msa_recall(e, &s, q, k, a.topk, qi, ki, ctx->cu_seqlens);
     }
@@ -404,6 +405,21 @@ static bool msa_requires(Device backend, const RunConfig *c, char *why, size_t n
     return false;
 }
 
+/* A training step replayed as a CUDA graph: its forwards wrote their KL values into the first slots of the log
+ * on the device, as the captured step's did (a step starts with an empty log, model_drop_collected); the
+ * host's records of them are made as those forwards made theirs (deferred as a training forward's, no
+ * recall: that is an evaluation's). */
+static void msa_replayed(void *self, int forwards, int64_t tokens_per_forward) {
+    MsaKlLog *log = &((MsaLayer *)self)->kl_log;
+    (void)tokens_per_forward;
+    if (forwards > log->cap) fatal("msa: a replayed step of %d forwards, but the KL log holds %d", forwards, log->cap);
+    for (int i = 0; i < forwards; i++) {
+        log->deferred[i] = log->step_deferred;
+        log->recall[i] = NAN;
+    }
+    log->n = forwards;
+}
+
 static void msa_free(void *self) {
     msa_replay_free(&((MsaLayer *)self)->replay);
     kept_attention_free(&((MsaLayer *)self)->frame.kept);
@@ -416,6 +432,7 @@ const LayerKind attention_msa = {
     .declare = msa_declare,
     .forward = msa_forward,
     .collect = msa_collect,
+    .replayed = msa_replayed,
     .free = msa_free,
     .learned_selection = true,
 };

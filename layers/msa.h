@@ -96,6 +96,7 @@ typedef struct MsaKlLog {
     bool *deferred;    /* [cap] forward i's loss term is computed by its backward */
     double *recall;    /* [cap] forward i's recall (an evaluation's), NaN: none */
     LayerForward *out; /* [cap] collect's records */
+    bool step_deferred; /* the last training forward's deferred: a replayed step's (LayerKind.replayed) */
 } MsaKlLog;
 
 /* The layer's state (LayerKind attention_msa): the frame first, as in every attention variant. */

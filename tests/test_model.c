@@ -359,6 +359,42 @@ TEST(kept_attention_outputs_spare_the_replay_and_change_nothing) {
     engine_free(&e);
 }
 
+/* A training step replayed as a CUDA graph runs its forwards without the host, which keeps their records (the
+ * MSA KL log: one record per forward, deferred or not, whose value the device holds). model_replayed must
+ * make them as the forwards did: collected after a replay over the same device values, the loss terms the
+ * backwards computed and the statistics equal those collected after the real step, to the bit; in the sparse
+ * phase (the KL from the backward) and in the dense warm-up (from the forward), for two micro-batches. */
+TEST(replayed_step_is_accounted_as_its_forwards) {
+    Engine *e = tc->fixture;
+    for (int dense = 0; dense < 2; dense++) {
+        RunConfig c = tiny_config(true);
+        c.model.n_layers = 3;
+        Model m;
+        model_build(&m, &c, &cpu_backend, DT_F64, 15);
+        m.msa_dense = dense;
+        model_drop_collected(&m);
+        for (int micro = 0; micro < 2; micro++) { /* a step of two micro-batches */
+            engine_reset(e);
+            ModelInput in = make_input(e);
+            engine_backward(e, model_forward(&m, e, &in, micro == 1).total);
+        }
+        Metrics real = {0}, replay = {0};
+        const double late_real = model_collect(&m, e, &real);
+        model_replayed(&m, 2, T_TOKENS);
+        const double late_replay = model_collect(&m, e, &replay);
+        const char *phase = dense ? "dense warm-up" : "sparse";
+        EXPECT(dense ? late_real == 0 : late_real > 0, "%s: the backwards' loss terms are %.17g", phase, late_real);
+        EXPECT(late_replay == late_real, "%s: after a replay the backwards' loss terms are %.17g, after the step %.17g", phase,
+               late_replay, late_real);
+        EXPECT(real.n > 0 && real.n == replay.n, "%s: %d statistics after the step, %d after a replay", phase, real.n, replay.n);
+        for (int i = 0; i < real.n && i < replay.n; i++)
+            EXPECT(!strcmp(real.name[i], replay.name[i]) && real.sum[i] == replay.sum[i] && real.count[i] == replay.count[i],
+                   "%s: statistic %s: %.17g over %.0f after the step, %s %.17g over %.0f after a replay", phase, real.name[i],
+                   real.sum[i], real.count[i], replay.name[i], replay.sum[i], replay.count[i]);
+        model_free(&m);
+    }
+}
+
 /* Without gradients (evaluation, sampling) a forward holds one block's activations at a time: each extra
  * layer adds only its output (and the auxiliary loss scalar) to the arena's high-water mark, not its
  * activations; and the loss is the one the recording forward and its backward compute (the sparse
@@ -409,6 +445,7 @@ int main(void) {
     RUN(msa_recompute_reuses_the_forward_and_changes_nothing);
     RUN(msa_replay_store_holds_the_selection_and_normaliser_per_token);
     RUN(kept_attention_outputs_spare_the_replay_and_change_nothing);
+    RUN(replayed_step_is_accounted_as_its_forwards);
     engine_free(&eng);
     TEST_END();
 }

@@ -312,6 +312,13 @@ double model_collect(Model *m, const Engine *e, Metrics *into) {
     return late;
 }
 
+void model_replayed(Model *m, int forwards, int64_t tokens_per_forward) {
+    for (int i = 0; i < 2 * m->cfg.n_layers; i++) {
+        Layer *L = i % 2 ? &m->layers[i / 2].ffn : &m->layers[i / 2].attention;
+        if (L->kind->replayed) L->kind->replayed(L->self, forwards, tokens_per_forward);
+    }
+}
+
 void model_drop_collected(Model *m) {
     for (int i = 0; i < 2 * m->cfg.n_layers; i++) {
         Layer *L = i % 2 ? &m->layers[i / 2].ffn : &m->layers[i / 2].attention;

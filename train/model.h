@@ -114,6 +114,11 @@ double model_collect(Model *m, const Engine *e, Metrics *into);
 /* The same records dropped unread: no copy from the device (a training step whose numbers nobody reads). */
 void model_drop_collected(Model *m);
 
+/* A training step captured as a CUDA graph was replayed: each layer's replayed hook (LayerKind) accounts for
+ * its forwards micro-batch by micro-batch (forwards of tokens_per_forward tokens), as the captured step's
+ * left them. */
+void model_replayed(Model *m, int forwards, int64_t tokens_per_forward);
+
 /* Is this parameter part of an MSA index branch? (trained by the KL only) */
 bool model_is_index_param(const Tensor *p);
 /* Which parameters train: index_only = only the MSA index branches; else all, with the LR of every

@@ -514,6 +514,10 @@ void gpu_cases(void) {
      * bias's update on: routing statistics and bias stay on the device (layers/moe.h) */
     GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu MoE 2 of 8, 8 x 256 tokens", "configs/shakespeare_gpu.json",
              SHAKESPEARE_GPU_MOE, 3, 4);
+    /* recomputation with the attention outputs kept for the replay (their store sized in the first step) */
+    GPU_CASE("sync", host_waits_case, HostWaitsCase, "shakespeare_gpu dense, recompute, kept attention outputs",
+             "configs/shakespeare_gpu.json",
+             {"train.batch_size=8", "train.recompute=true", "train.keep_attention_outputs=true", NULL}, 3, 4);
     /* the training step as a CUDA graph: tiny.json (cuDNN attention), with 2 micro-batches a step (a step
      * of two forwards and backwards) and recomputation, and the shakespeare_gpu recipe (dropout 0.2: each
      * replay's masks from its own seeds; its warm-up and cosine schedule change the learning rate at every
@@ -527,6 +531,18 @@ void gpu_cases(void) {
      * biases and the last logged step's MoE line are compared too) */
     GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "shakespeare_gpu MoE 2 of 8, dropout 0.2, 8 x 256 tokens",
              "configs/shakespeare_gpu.json", SHAKESPEARE_GPU_MOE, 20);
+    /* MSA in layers 1-5: 4 steps of dense warm-up (the KL from the forward), then sparse (the KL from the
+     * backward, read through each layer's KL log, which the host accounts for at every replay: LayerKind.replayed);
+     * the phase change drops the graph and captures the step again; and with grad_accum 2 and recompute (the
+     * replay store and the kept attention outputs of train.keep_attention_outputs) */
+    GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "shakespeare_gpu MSA, 4 warm-up steps, 8 x 256 tokens",
+             "configs/shakespeare_gpu.json",
+             {"model.attention=msa", "msa.dense_warmup_steps=4", "train.batch_size=8", "optim.warmup_steps=5", NULL}, 20);
+    GPU_CASE("graph", cuda_graph_case, CudaGraphCase, "shakespeare_gpu MSA sparse, grad_accum 2, recompute, kept outputs",
+             "configs/shakespeare_gpu.json",
+             {"model.attention=msa", "msa.dense_warmup_steps=0", "train.batch_size=4", "train.grad_accum=2",
+              "train.recompute=true", "train.keep_attention_outputs=true", NULL},
+             12);
     /* the weights cast at each GEMM instead of kept as a BF16 copy: dense, and an MoE model (its experts'
      * grouped GEMM reads its own copy of the weights) */
     GPU_CASE("memory", weight_shadow_case, CudaGraphCase, "tiny.json", "configs/tiny.json", {NULL}, 6);
