@@ -10,6 +10,18 @@ typedef struct AttentionParams {
     float scale;
 } AttentionParams;
 
+bool attention_results(Engine *e, const Tensor *q, const AttentionKept *kept, Tensor **out, Tensor **lse) {
+    const int64_t N = q->shape[0], Hq = q->shape[1];
+    if (kept) {
+        *out = engine_empty_header(e, q->dtype, q->ndim, q->shape, kept->out);
+        *lse = engine_empty_header(e, stat_dtype(q->dtype), SHAPE(Hq, N), kept->lse);
+        return true;
+    }
+    *out = engine_empty_like(e, q);
+    *lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
+    return false;
+}
+
 Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
                      Tensor **lse_out) {
     return op_attention_kept(e, q, k, v, cu_seqlens, scale, NULL, lse_out);
@@ -39,14 +51,7 @@ Tensor *op_attention_kept(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu
     }
     engine_op_begin(e);
     Tensor *out, *lse;
-    if (kept) {
-        out = engine_empty_header(e, q->dtype, q->ndim, q->shape, kept->out);
-        lse = engine_empty_header(e, stat_dtype(q->dtype), SHAPE(Hq, N), kept->lse);
-    } else {
-        out = engine_empty_like(e, q);
-        lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
-        e->be->attention_forward(out, lse, q, k, v, cu_seqlens, scale);
-    }
+    if (!attention_results(e, q, kept, &out, &lse)) e->be->attention_forward(out, lse, q, k, v, cu_seqlens, scale);
     Tensor *in[4] = {q, k, v, cu_seqlens};
     if (engine_wants_grad(e, in, 3)) {
         Node *n = engine_record(e, OP_attention, in, 4, &out, 1);

@@ -147,7 +147,7 @@ Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *
                             const AttentionKept *kept, Tensor **lse_out, Tensor **loss_out) {
     check_main("msa_attention_kl", q, k, v, topk, cu_seqlens, p);
     if (!topk) fatal("msa_attention_kl: topk is required (the dense warm-up has op_msa_kl)");
-    const int64_t N = q->shape[0], Hq = q->shape[1], Hkv = k->shape[1];
+    const int64_t N = q->shape[0], Hkv = k->shape[1];
     if (qi->ndim != 3 || qi->shape[1] != Hkv)
         fatal("msa_attention_kl: qi must be [N, Hidx = Hkv = %lld, Di]", (long long)Hkv);
     check_shape("msa_attention_kl", "qi", qi, SHAPE(N, Hkv, qi->shape[2]));
@@ -159,14 +159,7 @@ Tensor *op_msa_attention_kl(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *
     Tensor *loss = engine_zeros(e, stat_dtype(q->dtype), SHAPE(1));
     BACKEND_REQUIRE(e->be, msa_attention_forward);
     BACKEND_REQUIRE(e->be, msa_attention_kl_backward);
-    if (kept) {
-        out = engine_empty_header(e, q->dtype, q->ndim, q->shape, kept->out);
-        lse = engine_empty_header(e, stat_dtype(q->dtype), SHAPE(Hq, N), kept->lse);
-    } else {
-        out = engine_empty_like(e, q);
-        lse = engine_empty(e, stat_dtype(q->dtype), SHAPE(Hq, N));
-        e->be->msa_attention_forward(out, lse, q, k, v, topk, plan, cu_seqlens, p);
-    }
+    if (!attention_results(e, q, kept, &out, &lse)) e->be->msa_attention_forward(out, lse, q, k, v, topk, plan, cu_seqlens, p);
     Tensor *in[5] = {q, k, v, qi, ki};
     if (engine_wants_grad(e, in, 5)) {
         Tensor *outs[2] = {out, loss};

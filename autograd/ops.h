@@ -52,6 +52,9 @@ Tensor *op_attention(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seql
 /* The same, with the forward's results taken from kept (NULL: computed) */
 Tensor *op_attention_kept(Engine *e, Tensor *q, Tensor *k, Tensor *v, Tensor *cu_seqlens, float scale,
                           const AttentionKept *kept, Tensor **lse_out);
+/* An attention op's out [N, Hq, D] (q's shape and dtype) and lse [Hq, N]: headers over kept's memory (returns
+ * true: nothing to compute), or fresh arena tensors for the forward kernel (kept NULL: false). */
+bool attention_results(Engine *e, const Tensor *q, const AttentionKept *kept, Tensor **out, Tensor **lse);
 
 /* dropout with probability p (0 returns x itself); the mask depends only on (seed, offset + element
  * index), kernels/dropout_mask.h, so a recomputed forward and the backward see the same mask */
