@@ -19,12 +19,13 @@
  *   - the training phase (optim.warmup_trainable, the parameters' learning-rate scales): a step of another
  *     phase drops the graph.
  * MoE layers keep their routing statistics and selection bias in the backend's memory (layers/moe.h), so a
- * replay accumulates the statistics as the eager step does; the host's counts of their forwards are the
- * captured step's (trainer.c count_replayed_moe_forwards). Runs the capture cannot serve (MSA and window
- * attention: their logs and selections go through the host; MoE layers whose expert GEMMs take the
- * per-expert path, which copies the routing to the host; several ranks; offloaded block inputs;
- * document-sampled batches) are refused by the trainer before the first step (train/trainer.c
- * graph_refusal). */
+ * replay accumulates the statistics as the eager step does; MSA layers' KL values land in their KL logs on the
+ * device. What the host keeps of a replay's forwards (the MoE counts, the KL log's records) each layer makes
+ * as the captured step's forwards left it (LayerKind.replayed, model_replayed). MSA and MoE steps are
+ * captured with train.cuda_graph = on only, until their GPU cases have passed. Runs the capture cannot serve
+ * (window attention: its selection goes through the host; MoE layers whose expert GEMMs take the per-expert
+ * path, which copies the routing to the host; several ranks; offloaded block inputs; document-sampled
+ * batches) are refused by the trainer before the first step (train/trainer.c graph_refusal). */
 #ifndef MSA_STEP_GRAPH_H
 #define MSA_STEP_GRAPH_H
 
