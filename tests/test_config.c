@@ -385,6 +385,10 @@ TEST(validation_cross_keys) {
     expect_invalid(tc, &c, "model.n_kv_heads", "model.n_heads");
     if (tc->current_failed) return;
     config_defaults(&c);
+    c.train.keep_attention_outputs = true; /* without train.recompute: nothing to keep for */
+    expect_invalid(tc, &c, "train.keep_attention_outputs", "train.recompute");
+    if (tc->current_failed) return;
+    config_defaults(&c);
     c.model.d_model = 130; /* / 4 heads */
     expect_invalid(tc, &c, "model.d_model", "model.n_heads");
     if (tc->current_failed) return;

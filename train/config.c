@@ -693,6 +693,10 @@ void config_validate(const RunConfig *c) {
     const bool has_msa = attention && attention->learned_selection; /* index parameters to train alone */
     if (!has_msa && strcmp(c->optim.warmup_trainable, "index") == 0)
         fatal("%s: optim.warmup_trainable = \"index\" needs MSA layers (model.attention = \"msa\")", src);
+    if (c->train.keep_attention_outputs && !c->train.recompute)
+        fatal("%s: train.keep_attention_outputs = true keeps, for train.recompute's replay of each block, what the "
+              "replay would compute again; without train.recompute = true there is no replay (set both, or neither)",
+              src);
     if (!has_msa && c->optim.backbone_lr_scale == 0)
         fatal("%s: optim.backbone_lr_scale = 0 freezes every parameter of a model without MSA layers", src);
     if (c->train.diverge_factor > 0 && c->train.diverge_factor < 1)
