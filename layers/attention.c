@@ -99,38 +99,29 @@ bool attention_requires(Device backend, const RunConfig *c, char *why, size_t n)
 
 /* ---- the kept outputs of a checkpointed forward ------------------------------------------------ */
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
-
 void kept_attention_keep(KeptAttention *ka, Engine *e, const Tensor *out, const Tensor *lse) {
     if (!ka->enabled || !e->checkpoint_forward) return;
-    const KernelBackend *be = e->be;
     ka->out_bytes = (int64_t)tensor_bytes(out);
     ka->lse_bytes = (int64_t)tensor_bytes(lse);
-    const size_t need = align64((size_t)ka->out_bytes) + (size_t)ka->lse_bytes;
-    if (need > ka->cap || be != ka->be) {
-        if (ka->buf) ka->be->free(ka->buf);
-        ka->be = be;
-        ka->buf = be->alloc(need);
-        ka->cap = need;
-    }
-    be->copy(ka->buf, out->data, (size_t)ka->out_bytes);
-    be->copy((char *)ka->buf + align64((size_t)ka->out_bytes), lse->data, (size_t)ka->lse_bytes);
+    char *buf = kept_buffer_reserve(&ka->mem, e->be, kept_align64((size_t)ka->out_bytes) + (size_t)ka->lse_bytes);
+    e->be->copy(buf, out->data, (size_t)ka->out_bytes);
+    e->be->copy(buf + kept_align64((size_t)ka->out_bytes), lse->data, (size_t)ka->lse_bytes);
     ka->valid = true;
 }
 
 const AttentionKept *kept_attention_take(KeptAttention *ka, const Engine *e, const Tensor *q, AttentionKept *into) {
-    if (!ka->enabled || !e->recomputing || !ka->valid || ka->be != e->be) return NULL;
+    if (!ka->enabled || !e->recomputing || !ka->valid || ka->mem.be != e->be) return NULL;
     const int64_t N = q->shape[0], Hq = q->shape[1];
     if (ka->out_bytes != (int64_t)tensor_bytes(q) ||
         ka->lse_bytes != Hq * N * (int64_t)dtype_size(stat_dtype(q->dtype)))
         return NULL;
     ka->valid = false; /* one replay per kept forward */
-    *into = (AttentionKept){ka->buf, (char *)ka->buf + align64((size_t)ka->out_bytes)};
+    *into = (AttentionKept){ka->mem.buf, (char *)ka->mem.buf + kept_align64((size_t)ka->out_bytes)};
     return into;
 }
 
 void kept_attention_free(KeptAttention *ka) {
-    if (ka->buf) ka->be->free(ka->buf);
+    kept_buffer_free(&ka->mem);
     *ka = (KeptAttention){.enabled = ka->enabled};
 }
 

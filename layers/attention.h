@@ -18,10 +18,8 @@
  * (layers/msa.h MsaReplay: every layer's is live when the backward starts, and on CUDA each free waits for the
  * device). */
 typedef struct KeptAttention {
-    bool enabled;            /* train.keep_attention_outputs and train.recompute */
-    const KernelBackend *be; /* where buf lives */
-    void *buf;               /* out | lse, 64-byte aligned */
-    size_t cap;
+    bool enabled;            /* train.keep_attention_outputs */
+    KeptBuffer mem;          /* out | lse, 64-byte aligned */
     bool valid;
     int64_t out_bytes, lse_bytes;
 } KeptAttention;

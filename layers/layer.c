@@ -111,3 +111,18 @@ double metrics_max(const Metrics *m, const char *name) {
     int i = metric_index(m, name);
     return i >= 0 ? m->max[i] : 0.0;
 }
+
+void *kept_buffer_reserve(KeptBuffer *b, const KernelBackend *be, size_t need) {
+    if (need > b->cap || be != b->be) {
+        if (b->buf) b->be->free(b->buf);
+        b->be = be;
+        b->buf = be->alloc(need);
+        b->cap = need;
+    }
+    return b->buf;
+}
+
+void kept_buffer_free(KeptBuffer *b) {
+    if (b->buf) b->be->free(b->buf);
+    *b = (KeptBuffer){0};
+}

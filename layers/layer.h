@@ -57,6 +57,23 @@ typedef struct LayerForward {
     double late_aux; /* the part of the forward's weighted auxiliary loss that its backward computed (0: none) */
 } LayerForward;
 
+/* ---- what a layer keeps across steps ---------------------------------------------------------- */
+
+/* A buffer in a backend's memory that a layer keeps from a checkpointed forward to its replay and across
+ * steps (MSA's replay store, the kept attention outputs), grown on demand and never shrunk: on CUDA every
+ * free makes the host wait for the device, and the next step needs the same size. */
+typedef struct KeptBuffer {
+    const KernelBackend *be; /* where buf lives */
+    void *buf;
+    size_t cap;
+} KeptBuffer;
+
+/* n rounded up to 64 bytes: the parts laid one after another in a kept buffer start aligned */
+static inline size_t kept_align64(size_t n) { return (n + 63) & ~(size_t)63; }
+/* At least need bytes in be's memory (the contents are lost when it grows or moves to another backend). */
+void *kept_buffer_reserve(KeptBuffer *b, const KernelBackend *be, size_t need);
+void kept_buffer_free(KeptBuffer *b);
+
 /* ---- the interface ---------------------------------------------------------------------------- */
 
 /* What a variant's declare reads: the run's config, the store to declare into, its block. */

@@ -43,15 +43,13 @@ bool msa_check(const MsaParams *p, const char *kp, char *why, size_t n) {
 
 /* ---- the replay store ------------------------------------------------------------------------- */
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
-
 enum { KEPT_TOPK, KEPT_IDX_LSE, KEPT_LOSS };
 
 static void *kept(const MsaReplay *rp, int part) {
     size_t off = 0;
     const int64_t bytes[3] = {rp->topk_bytes, rp->lse_bytes, rp->loss_bytes};
-    for (int i = 0; i < part; i++) off += align64((size_t)bytes[i]);
-    return (char *)rp->buf + off;
+    for (int i = 0; i < part; i++) off += kept_align64((size_t)bytes[i]);
+    return (char *)rp->mem.buf + off;
 }
 
 /* loss: the KL forward's (NULL when the backward computes the KL: nothing to keep) */
@@ -60,13 +58,8 @@ static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, 
     rp->topk_bytes = a->topk ? (int64_t)tensor_bytes(a->topk) : 0;
     rp->lse_bytes = (int64_t)tensor_bytes(idx_lse);
     rp->loss_bytes = loss ? (int64_t)tensor_bytes(loss) : 0;
-    size_t need = align64((size_t)rp->topk_bytes) + align64((size_t)rp->lse_bytes) + align64((size_t)rp->loss_bytes);
-    if (need > rp->cap || be != rp->be) {
-        if (rp->buf) rp->be->free(rp->buf);
-        rp->be = be;
-        rp->buf = be->alloc(need);
-        rp->cap = need;
-    }
+    kept_buffer_reserve(&rp->mem, be, kept_align64((size_t)rp->topk_bytes) + kept_align64((size_t)rp->lse_bytes) +
+                                          kept_align64((size_t)rp->loss_bytes));
     if (a->topk) be->copy(kept(rp, KEPT_TOPK), a->topk->data, (size_t)rp->topk_bytes);
     be->copy(kept(rp, KEPT_IDX_LSE), idx_lse->data, (size_t)rp->lse_bytes);
     if (loss) be->copy(kept(rp, KEPT_LOSS), loss->data, (size_t)rp->loss_bytes);
@@ -77,7 +70,7 @@ static void keep(const KernelBackend *be, MsaReplay *rp, const MsaAttention *a, 
 }
 
 void msa_replay_free(MsaReplay *rp) {
-    if (rp->buf) rp->be->free(rp->buf);
+    kept_buffer_free(&rp->mem);
     *rp = (MsaReplay){0};
 }
 

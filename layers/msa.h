@@ -42,10 +42,8 @@ bool msa_check(const MsaParams *p, const char *key_prefix, char *why, size_t n);
  * every layer's store is live when the backward starts (the step's peak), so freeing it later lowers no
  * peak, and on CUDA each free makes the host wait for the device (kernels.def host_waits). */
 typedef struct MsaReplay {
-    const KernelBackend *be; /* where buf lives */
-    void *buf;               /* topk | idx_lse | loss (none when the backward computes the KL), each 64-byte
+    KeptBuffer mem;          /* topk | idx_lse | loss (none when the backward computes the KL), each 64-byte
                                 aligned */
-    size_t cap;
     bool valid, dense;       /* dense: kept in the dense warm-up (no topk) */
     int64_t n, hkv, topk_bytes, lse_bytes, loss_bytes;
 } MsaReplay;

@@ -281,10 +281,10 @@ TEST(msa_replay_store_holds_the_selection_and_normaliser_per_token) {
         const char *phase = dense ? "dense warm-up" : "sparse";
         for (int l = 1; l < 3; l++) {
             const MsaReplay *rp = replay_of(&m, l);
-            printf("    %s, layer %d: replay store %zu B for %d tokens, %.1f B per token (bound %.1f)\n", phase, l, rp->cap,
-                   T_TOKENS, (double)rp->cap / T_TOKENS, (double)bound / T_TOKENS);
-            EXPECT(rp->valid && rp->cap <= (size_t)bound, "%s, layer %d: the replay store holds %zu bytes for %d tokens, "
-                   "over the %lld of the selection and the normaliser", phase, l, rp->cap, T_TOKENS, (long long)bound);
+            printf("    %s, layer %d: replay store %zu B for %d tokens, %.1f B per token (bound %.1f)\n", phase, l, rp->mem.cap,
+                   T_TOKENS, (double)rp->mem.cap / T_TOKENS, (double)bound / T_TOKENS);
+            EXPECT(rp->valid && rp->mem.cap <= (size_t)bound, "%s, layer %d: the replay store holds %zu bytes for %d tokens, "
+                   "over the %lld of the selection and the normaliser", phase, l, rp->mem.cap, T_TOKENS, (long long)bound);
         }
         model_free(&m);
     }
