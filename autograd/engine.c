@@ -50,6 +50,7 @@ void engine_reset(Engine *e) {
     arena_reset(&e->host);
     arena_reset(&e->offload_host);
     e->n_offloaded = 0;
+    e->offload_slot_holds[0] = e->offload_slot_holds[1] = NULL; /* the headers were in the host arena */
     e->tape_len = 0;
 }
 

@@ -81,6 +81,9 @@ typedef struct Engine {
     void *offload_slot[2];
     size_t offload_slot_bytes;
     int offload_next;                   /* the slot the next output takes */
+    /* the output each slot holds, or will once its lane's copies are waited for (a copy back from the
+     * host issued ahead of the backward that reads it); NULL: nothing the offload can reuse */
+    Tensor *offload_slot_holds[2];
     struct Offloaded *offloaded;        /* the outputs on the host this micro-step */
     int n_offloaded, cap_offloaded;
     /* Called after the outermost backward walk has passed tape entry i (run its rule, or skipped it):

@@ -8,10 +8,15 @@
  *
  * Offloading (Engine.offload_block_inputs, train.offload_block_inputs): a recorded checkpoint's output is
  * written to one of two device slots outside the arena, which the next checkpoint does not use, and copied
- * to host memory; the backward that reads it as its input copies it back first. The device then holds two
- * block inputs instead of one per block; the copies are synchronous. It assumes what the model does: a
- * checkpoint output is read by the next checkpoint (and, the last one, by the ops after the blocks) and by
- * nothing after the second checkpoint that follows it.
+ * to host memory; the backward that reads it as its input needs it back in its slot. The device then holds
+ * two block inputs instead of one per block. It assumes what the model does: a checkpoint output is read
+ * by the next checkpoint (and, the last one, by the ops after the blocks) and by nothing after the second
+ * checkpoint that follows it.
+ * The copies overlap the blocks' compute (the backend's asynchronous copies, one lane per slot): the copy of
+ * output k to the host runs under blocks k+1 and k+2, whose output waits for it before taking the slot;
+ * the backward of block k, which reads output k-1 from one slot, starts the copy of output k-2 back into the
+ * other (which holds output k, dead by then: every op that read it has had its backward), and the backward
+ * of block k-1 waits for that copy. The host does not wait for the device at any point of it.
  *
  * After its backward, a checkpoint's output has no gradient (y->grad is NULL): the buffer holds the
  * gradient of its input, which a chain of blocks then passes down from block to block.
@@ -32,6 +37,8 @@ typedef struct Offloaded {
     void *host; /* its copy in offload_host */
 } Offloaded;
 
+static int slot_of(const Engine *e, const Tensor *t) { return t->data == e->offload_slot[0] ? 0 : 1; }
+
 /* A tensor like x whose data is the slot the next checkpoint output takes: not x's own (x is the previous
  * output, in the other slot, when the checkpoints form a chain). The slots grow at a micro-step's first
  * checkpoint, when neither holds anything. */
@@ -44,33 +51,47 @@ static Tensor *slot_output(Engine *e, Tensor *x) {
         for (int i = 0; i < 2; i++) {
             if (e->offload_slot[i]) e->be->free(e->offload_slot[i]);
             e->offload_slot[i] = e->be->alloc(bytes);
+            e->offload_slot_holds[i] = NULL;
         }
         e->offload_slot_bytes = bytes;
     }
     if (e->offload_slot[e->offload_next] == x->data) e->offload_next ^= 1;
     Tensor *y = engine_detach(e, x);
     y->data = e->offload_slot[e->offload_next];
+    e->offload_slot_holds[e->offload_next] = y;
     e->offload_next ^= 1;
     return y;
 }
 
-/* y's copy on the host, for the backward of the block that reads it. */
+/* y's copy on the host, for the backward of the block that reads it; it runs while the next blocks compute
+ * (the slot's next output waits for it: op_checkpoint). */
 static void offload(Engine *e, Tensor *y) {
     if (e->n_offloaded == e->cap_offloaded) {
         e->cap_offloaded = e->cap_offloaded ? 2 * e->cap_offloaded : 64;
         e->offloaded = xrealloc(e->offloaded, (size_t)e->cap_offloaded * sizeof *e->offloaded);
     }
     void *host = arena_alloc(&e->offload_host, tensor_bytes(y));
-    e->be->copy_to_host(host, y->data, tensor_bytes(y));
+    e->be->copy_to_host_async(host, y->data, tensor_bytes(y), slot_of(e, y));
     e->offloaded[e->n_offloaded++] = (Offloaded){y, host};
 }
 
-/* Put x back in its slot when it was offloaded: the slot may hold a later block's output by now, which
- * is dead (its block's backward has run). */
+/* Start copying offloaded output o back into its slot unless the slot holds it already. */
+static void fetch(Engine *e, const Offloaded *o) {
+    const int lane = slot_of(e, o->t);
+    if (e->offload_slot_holds[lane] == o->t) return;
+    e->be->copy_from_host_async(o->t->data, o->host, tensor_bytes(o->t), lane);
+    e->offload_slot_holds[lane] = o->t;
+}
+
+/* Before the backward of the block that reads x: x back in its slot when it was offloaded (the slot may hold
+ * a later block's output by now, which is dead), and the output before x, the next backward's input, on its
+ * way into the other slot. */
 static void restore(Engine *e, Tensor *x) {
     for (int i = e->n_offloaded - 1; i >= 0; i--)
         if (e->offloaded[i].t == x) {
-            e->be->copy_from_host(x->data, e->offloaded[i].host, tensor_bytes(x));
+            fetch(e, &e->offloaded[i]); /* issued one backward ahead, unless x is the chain's first restore */
+            e->be->copy_lane_wait(slot_of(e, x));
+            if (i > 0 && slot_of(e, e->offloaded[i - 1].t) != slot_of(e, x)) fetch(e, &e->offloaded[i - 1]);
             return;
         }
 }
@@ -106,6 +127,7 @@ Tensor *op_checkpoint(Engine *e, SegmentFn fn, const void *closure, Tensor *x, T
     e->checkpoint_forward = false;
     engine_set_grad(e, record);
     check_same_shape("checkpoint (segment output vs input)", x, seg_y);
+    if (slotted) e->be->copy_lane_wait(slot_of(e, y)); /* the copy of the slot's last output is done */
     e->be->copy(y->data, seg_y->data, tensor_bytes(y));
     if (seg_aux) {
         if (seg_aux->numel != 1 || seg_aux->dtype != aux->dtype) fatal("checkpoint: auxiliary loss must be a scalar");

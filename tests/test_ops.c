@@ -445,12 +445,13 @@ static Tensor *block_no_aux(Engine *e, Tensor *x, const void *closure, Tensor **
     return y;
 }
 
-/* The arena peak of a chain of `blocks` checkpointed blocks on x [rows, 6], forward and backward, and
- * x's gradient into gx (rows x 6 doubles). */
-static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool checkpointed, bool offload, double *gx) {
+/* The arena peak of a chain of `blocks` checkpointed blocks on x [rows, 6], forward and backward on backend
+ * be, and x's gradient into gx (rows x 6 doubles). */
+static size_t chain_peak_on(const KernelBackend *be, Engine *e, Tensor *x, SegCtx *sc, int blocks, bool checkpointed,
+                            bool offload, double *gx) {
     memset(x->grad->data, 0, tensor_bytes(x));
     engine_free(e);
-    engine_init(e, &cpu_backend, DT_F64, 1 << 20);
+    engine_init(e, be, DT_F64, 1 << 20);
     e->offload_block_inputs = offload;
     Tensor *h = op_scale(e, x, 1.0f);
     for (int i = 0; i < blocks; i++) {
@@ -460,6 +461,9 @@ static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool chec
     engine_backward(e, op_cross_entropy(e, h, sc->targets, -1));
     memcpy(gx, x->grad->data, tensor_bytes(x));
     return e->data.high_water;
+}
+static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool checkpointed, bool offload, double *gx) {
+    return chain_peak_on(&cpu_backend, e, x, sc, blocks, checkpointed, offload, gx);
 }
 
 /* A chain of checkpointed blocks holds two gradient buffers of a block's input for the whole chain (each
@@ -490,6 +494,95 @@ TEST(checkpoint_chain_reuses_the_gradient_buffer) {
            eight - offloaded, 8 * act);
     for (int i = 0; i < 4; i++) free(g[i]);
     eng->offload_block_inputs = false;
+    test_tensor_free(sc.targets);
+    test_tensor_free(x);
+    test_tensor_free(w1);
+    test_tensor_free(w2);
+}
+
+/* The CPU backend with its asynchronous copies as late as their contract lets a device run them: a copy is
+ * queued and runs only when a wait on its lane (or on the other lane, behind a later copy: the copies run in
+ * issue order) needs it, so a slot written before the copy that reads it was waited for, or read before the
+ * copy that fills it was, gives other bytes than the CPU's immediate copies. */
+enum { MAX_DEFERRED = 256 };
+static struct {
+    struct {
+        void *dst;
+        const void *src;
+        size_t bytes;
+        int lane;
+        int64_t matmuls; /* the GEMMs issued before the copy */
+    } queue[MAX_DEFERRED];
+    int queued, to_host, from_host;
+    int64_t matmuls;
+    int from_host_under_compute; /* copies back that ran after GEMMs issued after them (they overlap those) */
+} deferred;
+
+static void deferred_matmul(Tensor *c, const Tensor *a, const Tensor *b, bool trans_a, bool trans_b, float alpha,
+                            float beta) {
+    deferred.matmuls++;
+    cpu_backend.matmul(c, a, b, trans_a, trans_b, alpha, beta);
+}
+
+static void deferred_push(void *dst, const void *src, size_t bytes, int lane) {
+    if (deferred.queued == MAX_DEFERRED) fatal("deferred copies: the queue is full");
+    deferred.queue[deferred.queued++] = (__typeof__(deferred.queue[0])){dst, src, bytes, lane, deferred.matmuls};
+}
+static void deferred_to_host(void *dst, const void *src, size_t bytes, int lane) {
+    deferred.to_host++;
+    deferred_push(dst, src, bytes, lane);
+}
+static void deferred_from_host(void *dst, const void *src, size_t bytes, int lane) {
+    deferred.from_host++;
+    deferred_push(dst, src, bytes, lane);
+    deferred.queue[deferred.queued - 1].lane |= 2; /* marks a copy back */
+}
+static void deferred_wait(int lane) {
+    int last = -1;
+    for (int i = 0; i < deferred.queued; i++)
+        if ((deferred.queue[i].lane & 1) == lane) last = i;
+    for (int i = 0; i <= last; i++)
+        if ((deferred.queue[i].lane & 2) && deferred.matmuls > deferred.queue[i].matmuls) deferred.from_host_under_compute++;
+    for (int i = 0; i <= last; i++) {
+        memcpy(deferred.queue[i].dst, deferred.queue[i].src, deferred.queue[i].bytes);
+        if (deferred.queue[i].src == deferred.queue[i].dst) fatal("deferred copies: a copy onto itself");
+    }
+    memmove(deferred.queue, deferred.queue + last + 1, (size_t)(deferred.queued - last - 1) * sizeof deferred.queue[0]);
+    deferred.queued -= last + 1;
+}
+
+/* Offloaded block inputs with copies that overlap the blocks (autograd/op_checkpoint.c): run as late as the
+ * lanes allow, they give the gradient of the plain chain bit for bit, and each output goes to the host once
+ * and comes back once, except the last two, which the backward finds still in their slots. */
+TEST(offload_copies_overlap_within_their_contract) {
+    Engine *eng = tc->fixture;
+    const int64_t rows = 32;
+    const int blocks = 7;
+    Tensor *x = test_randn(DT_F64, SHAPE(rows, 6), 1, 150);
+    Tensor *w1 = test_randn(DT_F64, SHAPE(8, 6), 0.5, 151), *w2 = test_randn(DT_F64, SHAPE(6, 8), 0.5, 152);
+    test_requires_grad(x);
+    SegCtx sc = {w1, w2, test_tensor(DT_I32, SHAPE(rows))};
+    for (int64_t r = 0; r < rows; r++) ((int32_t *)sc.targets->data)[r] = (int32_t)(r % 6);
+    KernelBackend late = cpu_backend;
+    late.copy_to_host_async = deferred_to_host;
+    late.copy_from_host_async = deferred_from_host;
+    late.copy_lane_wait = deferred_wait;
+    late.matmul = deferred_matmul;
+    double *plain = malloc(tensor_bytes(x)), *offloaded = malloc(tensor_bytes(x));
+    chain_peak(eng, x, &sc, blocks, false, false, plain);
+    memset(&deferred, 0, sizeof deferred);
+    chain_peak_on(&late, eng, x, &sc, blocks, true, true, offloaded);
+    EXPECT(memcmp(plain, offloaded, tensor_bytes(x)) == 0, "offloaded with late copies: x's gradient differs from the plain chain's");
+    EXPECT(deferred.to_host == blocks && deferred.from_host == blocks - 2,
+           "%d copies to the host and %d back for %d offloaded outputs (expected %d and %d)", deferred.to_host,
+           deferred.from_host, blocks, blocks, blocks - 2);
+    /* each copy back was issued a block's backward ahead of the wait that needs it: GEMMs ran in between */
+    EXPECT(deferred.from_host_under_compute == blocks - 2, "%d of %d copies back overlapped a block's backward",
+           deferred.from_host_under_compute, blocks - 2);
+    free(plain);
+    free(offloaded);
+    engine_free(eng);
+    engine_init(eng, &cpu_backend, DT_F64, 1 << 20);
     test_tensor_free(sc.targets);
     test_tensor_free(x);
     test_tensor_free(w1);
@@ -557,6 +650,7 @@ int main(void) {
     RUN(grad_cross_entropy_with_ignore);
     RUN(checkpoint_matches_plain_and_gradchecks);
     RUN(checkpoint_chain_reuses_the_gradient_buffer);
+    RUN(offload_copies_overlap_within_their_contract);
     RUN(no_grad_and_detach_record_nothing);
     RUN(view_shares_gradient);
     engine_free(&eng);

@@ -5,6 +5,10 @@
 
 void cpu_copy_to_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst, src, bytes); }
 void cpu_copy_from_host(void *dst, const void *src, size_t bytes) { cpu_copy(dst, src, bytes); }
+/* the copies are done when they return, so a lane has nothing to wait for */
+void cpu_copy_to_host_async(void *dst, const void *src, size_t bytes, int lane) { (void)lane; cpu_copy(dst, src, bytes); }
+void cpu_copy_from_host_async(void *dst, const void *src, size_t bytes, int lane) { (void)lane; cpu_copy(dst, src, bytes); }
+void cpu_copy_lane_wait(int lane) { (void)lane; }
 
 /* every CPU kernel has finished when it returns (OpenMP regions join before that) */
 void cpu_synchronize(void) {}

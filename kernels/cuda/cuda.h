@@ -8,7 +8,8 @@
  *
  * Execution: one device (the current one, device 0 unless the caller chose another with
  * cudaSetDevice before the first call), one stream of the backend's (cuda_stream(); every launch, copy,
- * memset and library call of kernels/cuda goes there), so kernels run in call order, copies to the host
+ * memset and library call of kernels/cuda goes there, but for the asynchronous host copies' own
+ * stream, below), so kernels run in call order, copies to the host
  * see everything before them, and a CUDA graph can capture a whole training step from it (graph.cu).
  * Host calls must come from one thread. Every CUDA,
  * cuBLAS and cuBLASLt return code is checked; a failure prints the call, file and line and exits(1).
@@ -30,7 +31,9 @@ extern "C" {
  *   runtime.cu        memory and copies; cuda_synchronize is cudaDeviceSynchronize, so a failed kernel
  *                     is reported there, naming that call. copy_from_host of up to 4 MiB is staged
  *                     through page-locked memory and does not wait; host_waits counts every call site
- *                     of the backend that does (copies to the host, synchronize, free, scratch growth)
+ *                     of the backend that does (copies to the host, synchronize, free, scratch growth);
+ *                     copy_{to,from}_host_async run on a second stream (a copy engine) ordered against
+ *                     the backend's by events, and never make the host wait
  *   elementwise.cu    axpy, scale, add, sumsq, cast, swiglu, bias_add, adamw_update, and sumsq_many,
  *                     clip_scale and adamw_update_many: the list goes to the kernel as a parameter, 32
  *                     tensors a launch (no copy), the sum and the clipping factor stay on the device

@@ -336,6 +336,51 @@ extern "C" void cuda_copy(void *dst, const void *src, size_t bytes) {
     if (bytes && dst != src) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
 }
 
+namespace {
+
+/* The asynchronous copies' stream (kernels.def: copy_to_host_async): a copy engine moves the bytes while the
+ * backend's stream computes. Each copy waits for an event recorded on the backend's stream when it is
+ * issued, and records its lane's event when done; copy_lane_wait makes the backend's stream wait for that
+ * event, on the device. Non-blocking: no implicit ordering with the legacy default stream either. */
+cudaStream_t g_copy_stream = nullptr;
+cudaEvent_t g_copy_issued, g_lane_done[2];
+
+void lane_copy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, int lane) {
+    init();
+    if (lane != 0 && lane != 1) fatal("copy lane %d (the lanes are 0 and 1)", lane);
+    if (!bytes) return;
+    if (capturing()) { /* a graph: the copy in the captured stream's order (no overlap, no event) */
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream()));
+        return;
+    }
+    if (!g_copy_stream) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&g_copy_stream, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaEventCreateWithFlags(&g_copy_issued, cudaEventDisableTiming));
+        for (cudaEvent_t &ev : g_lane_done) CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    }
+    CUDA_CHECK(cudaEventRecord(g_copy_issued, stream()));
+    CUDA_CHECK(cudaStreamWaitEvent(g_copy_stream, g_copy_issued, 0));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, g_copy_stream));
+    CUDA_CHECK(cudaEventRecord(g_lane_done[lane], g_copy_stream));
+}
+
+}  // namespace
+
+extern "C" void cuda_copy_to_host_async(void *dst, const void *src, size_t bytes, int lane) {
+    lane_copy(dst, src, bytes, cudaMemcpyDeviceToHost, lane);
+}
+
+extern "C" void cuda_copy_from_host_async(void *dst, const void *src, size_t bytes, int lane) {
+    lane_copy(dst, src, bytes, cudaMemcpyHostToDevice, lane);
+}
+
+extern "C" void cuda_copy_lane_wait(int lane) {
+    init();
+    if (lane != 0 && lane != 1) fatal("copy lane %d (the lanes are 0 and 1)", lane);
+    /* none issued yet, or inside a capture (the copies went into the captured stream): nothing to wait for */
+    if (g_copy_stream && !capturing()) CUDA_CHECK(cudaStreamWaitEvent(stream(), g_lane_done[lane], 0));
+}
+
 extern "C" void cuda_synchronize(void) {
     init();
     host_wait("synchronize");
