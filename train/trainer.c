@@ -790,7 +790,7 @@ static const char *graph_refusal(const Run *r) {
         return "MoE layers on the per-expert GEMMs (MSA_MOE_GEMM=per_expert, or model.d_model or moe.expert_dim not a "
                "multiple of 8), which copy the routing to the host";
     if (r->dist->size > 1) return "more than one rank: the collectives wait on the host";
-    if (r->engine.offload_block_inputs) return "train.offload_block_inputs: the step copies to the host";
+    if (r->engine.offload_block_inputs) return "train.offload_block_inputs: its copies overlap the blocks on a second stream, which a capture of the step would serialise";
     if (strcmp(c->data.sample, "windows") != 0) return "data.sample = documents: every batch has other documents";
     return NULL;
 }
