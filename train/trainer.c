@@ -802,12 +802,6 @@ static void init_step_graph(Run *r, const char *src) {
     if (!strcmp(want, "off")) return;
     const char *why = graph_refusal(r);
     if (why && !strcmp(want, "on")) fatal("%s: train.cuda_graph = on, but this run cannot capture its step: %s", src, why);
-    /* the capture of an MSA step (its KL log accounted for on the host at each replay, layers/msa.c) and of an MoE
-     * step (its statistics and bias on the device, layers/moe.c) has not yet run on a GPU (test_gpu's graph group
-     * has their cases): only when asked for */
-    if (!why && (r->model.n_msa_layers || r->model.n_moe_layers) && strcmp(want, "on") != 0)
-        why = "MSA or MoE layers: their captured step has not yet been checked on a GPU (train.cuda_graph = on "
-              "captures it)";
     if (why) {
         if (!r->quiet && r->be->device == DEV_CUDA) printf("cuda graph: off (%s)\n", why);
         return;
