@@ -47,6 +47,9 @@
 #                    losses compared step by step, PASS when the CUDA split moves the loss by at most twice what
 #                    bf16 itself does (CUDA vs CPU at cp 1, same call); then the MSA variant (every layer
 #                    MSA, 3 dense warm-up steps, then sparse) and the sliding-window variant compared the same way
+#   baby-8k          issue 14's baby GPT at 8K context: dense, MSA top-16, MSA top-8 (BABY_STEPS), tokens/s and best
+#                    validation loss, MSA over dense
+#   baseline-seeds   configs/shakespeare_gpu.json's best validation loss over SEEDS (SEED_STEPS steps each)
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
@@ -142,6 +145,47 @@ if ours and peer:
     print("shakespeare: msa-train %.0f tokens/s (evaluations included), peer %.0f (evaluations left out): %.2fx" % (o, p, o / p))
 PY
         fi
+        ;;
+    baby-8k)
+        # issue 14's baby GPT at 8K context (configs/shakespeare_gpu.json with sequences of 8192, batch 2, MSA
+        # blocks of 128, index dim 64): dense, MSA top-16 and MSA top-8 with the same seed and tokens,
+        # BABY_STEPS steps each (default 300, the issue measured 1500); tokens/s of the last logged steps
+        # (after the dense warm-up and the graph's capture) and the best validation loss, MSA over dense
+        stage "baby GPT at 8K ($((${BABY_STEPS:-300})) steps)"
+        baby="--set train.seq_len=8192 --set train.batch_size=2 --set msa.block_size=128 --set msa.index_dim=64
+              --set train.steps=${BABY_STEPS:-300} --set train.log_every=50 --set train.eval_every=${BABY_STEPS:-300}"
+        for v in dense msa16 msa8; do
+            case $v in
+                dense) extra="" ;;
+                msa16) extra="--set model.attention=msa --set msa.topk_blocks=16" ;;
+                msa8) extra="--set model.attention=msa --set msa.topk_blocks=8" ;;
+            esac
+            # shellcheck disable=SC2086
+            build/train configs/shakespeare_gpu.json $baby $extra >"$OUT/baby8k_$v.log" 2>&1 || status=1
+            grep -E "cuda graph: (on|off)" "$OUT/baby8k_$v.log" | head -1
+        done
+        python3 - "$OUT" <<'PY'
+import re, sys
+rate, best = {}, {}
+for v in ("dense", "msa16", "msa8"):
+    t = open(f"{sys.argv[1]}/baby8k_{v}.log").read()
+    r = [float(x) for x in re.findall(r"\| ([0-9.]+) tok/s", t)]
+    vals = [float(x) for x in re.findall(r"val loss ([0-9.]+)", t)]
+    rate[v] = sum(r[-3:]) / max(1, len(r[-3:])) if r else float("nan")
+    best[v] = min(vals) if vals else float("nan")
+    print(f"baby 8K {v}: {rate[v]:.0f} tokens/s (mean of the last 3 logged), best val {best[v]:.4f}, "
+          f"{rate[v] / rate['dense']:.2f}x dense, val {best[v] - best['dense']:+.4f}")
+PY
+        ;;
+    baseline-seeds)
+        # the spread of the baby GPT's best validation loss over seeds (SEEDS, default "1 2 3";
+        # SEED_STEPS steps, default 1250: the best comes at 750-1000), to read the peer's best against
+        stage "shakespeare best validation loss over seeds"
+        for seed in ${SEEDS:-1 2 3}; do
+            build/train configs/shakespeare_gpu.json --set train.seed="$seed" --set train.steps="${SEED_STEPS:-1250}" \
+                >"$OUT/seed_$seed.log" 2>&1 || status=1
+            echo "seed $seed: best val $(grep -o 'val loss [0-9.]*' "$OUT/seed_$seed.log" | awk '{print $3}' | sort -n | head -1)"
+        done
         ;;
     ncu)
         # Nsight Compute on the MSA kernels of one attention layer (bench shape, NCU_SIZE tokens, default
