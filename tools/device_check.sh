@@ -49,7 +49,7 @@
 #                    MSA, 3 dense warm-up steps, then sparse) and the sliding-window variant compared the same way
 #   baby-8k          issue 14's baby GPT at 8K context: dense, MSA top-16, MSA top-8 (BABY_STEPS), tokens/s and best
 #                    validation loss, MSA over dense
-#   baseline-seeds   configs/shakespeare_gpu.json's best validation loss over SEEDS (SEED_STEPS steps each)
+#   baseline-seeds   configs/shakespeare_gpu.json's best validation loss over SEEDS (SEED_EXTRA added)
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
@@ -178,11 +178,13 @@ for v in ("dense", "msa16", "msa8"):
 PY
         ;;
     baseline-seeds)
-        # the spread of the baby GPT's best validation loss over seeds (SEEDS, default "1 2 3";
-        # SEED_STEPS steps, default 1250: the best comes at 750-1000), to read the peer's best against
-        stage "shakespeare best validation loss over seeds"
+        # the spread of the baby GPT's best validation loss over seeds (SEEDS, default "1 2 3"; the whole
+        # 5000-step recipe, since train.steps sets the cosine's length), to read the peer's best against;
+        # SEED_EXTRA="--set k=v ..." is added to every run
+        stage "shakespeare best validation loss over seeds ${SEED_EXTRA:-}"
         for seed in ${SEEDS:-1 2 3}; do
-            build/train configs/shakespeare_gpu.json --set train.seed="$seed" --set train.steps="${SEED_STEPS:-1250}" \
+            # shellcheck disable=SC2086
+            build/train configs/shakespeare_gpu.json --set train.seed="$seed" ${SEED_EXTRA:-} \
                 >"$OUT/seed_$seed.log" 2>&1 || status=1
             echo "seed $seed: best val $(grep -o 'val loss [0-9.]*' "$OUT/seed_$seed.log" | awk '{print $3}' | sort -n | head -1)"
         done
