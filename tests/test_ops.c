@@ -466,6 +466,29 @@ static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool chec
     return chain_peak_on(&cpu_backend, e, x, sc, blocks, checkpointed, offload, gx);
 }
 
+/* The chain tests' inputs: x [rows, 6] (with a gradient), the blocks' two weights and the targets, from seeds
+ * seed, seed + 1, seed + 2. */
+typedef struct ChainInputs {
+    Tensor *x;
+    SegCtx sc;
+} ChainInputs;
+
+static ChainInputs chain_inputs(int64_t rows, uint64_t seed) {
+    ChainInputs c = {test_randn(DT_F64, SHAPE(rows, 6), 1, seed), {0}};
+    c.sc = (SegCtx){test_randn(DT_F64, SHAPE(8, 6), 0.5, seed + 1), test_randn(DT_F64, SHAPE(6, 8), 0.5, seed + 2),
+                    test_tensor(DT_I32, SHAPE(rows))};
+    test_requires_grad(c.x);
+    for (int64_t r = 0; r < rows; r++) ((int32_t *)c.sc.targets->data)[r] = (int32_t)(r % 6);
+    return c;
+}
+
+static void chain_inputs_free(ChainInputs *c) {
+    test_tensor_free(c->sc.targets);
+    test_tensor_free(c->x);
+    test_tensor_free(c->sc.w1);
+    test_tensor_free(c->sc.w2);
+}
+
 /* A chain of checkpointed blocks holds two gradient buffers of a block's input for the whole chain (each
  * block's backward hands its input's gradient down in its output's buffer), not one per block: 4 more
  * blocks cost 4 saved outputs (and their auxiliary scalars), not 4 outputs and 4 gradients. Offloaded
@@ -473,11 +496,9 @@ static size_t chain_peak(Engine *e, Tensor *x, SegCtx *sc, int blocks, bool chec
 TEST(checkpoint_chain_reuses_the_gradient_buffer) {
     Engine *eng = tc->fixture;
     const int64_t rows = 64;
-    Tensor *x = test_randn(DT_F64, SHAPE(rows, 6), 1, 140);
-    Tensor *w1 = test_randn(DT_F64, SHAPE(8, 6), 0.5, 141), *w2 = test_randn(DT_F64, SHAPE(6, 8), 0.5, 142);
-    test_requires_grad(x);
-    SegCtx sc = {w1, w2, test_tensor(DT_I32, SHAPE(rows))};
-    for (int64_t r = 0; r < rows; r++) ((int32_t *)sc.targets->data)[r] = (int32_t)(r % 6);
+    ChainInputs in = chain_inputs(rows, 140);
+    Tensor *x = in.x;
+    SegCtx sc = in.sc;
     double *g[4];
     for (int i = 0; i < 4; i++) g[i] = malloc(tensor_bytes(x));
     const size_t four = chain_peak(eng, x, &sc, 4, true, false, g[0]), eight = chain_peak(eng, x, &sc, 8, true, false, g[1]);
@@ -494,10 +515,7 @@ TEST(checkpoint_chain_reuses_the_gradient_buffer) {
            eight - offloaded, 8 * act);
     for (int i = 0; i < 4; i++) free(g[i]);
     eng->offload_block_inputs = false;
-    test_tensor_free(sc.targets);
-    test_tensor_free(x);
-    test_tensor_free(w1);
-    test_tensor_free(w2);
+    chain_inputs_free(&in);
 }
 
 /* The CPU backend with its asynchronous copies as late as their contract lets a device run them: a copy is
@@ -556,13 +574,10 @@ static void deferred_wait(int lane) {
  * and comes back once, except the last two, which the backward finds still in their slots. */
 TEST(offload_copies_overlap_within_their_contract) {
     Engine *eng = tc->fixture;
-    const int64_t rows = 32;
     const int blocks = 7;
-    Tensor *x = test_randn(DT_F64, SHAPE(rows, 6), 1, 150);
-    Tensor *w1 = test_randn(DT_F64, SHAPE(8, 6), 0.5, 151), *w2 = test_randn(DT_F64, SHAPE(6, 8), 0.5, 152);
-    test_requires_grad(x);
-    SegCtx sc = {w1, w2, test_tensor(DT_I32, SHAPE(rows))};
-    for (int64_t r = 0; r < rows; r++) ((int32_t *)sc.targets->data)[r] = (int32_t)(r % 6);
+    ChainInputs in = chain_inputs(32, 150);
+    Tensor *x = in.x;
+    SegCtx sc = in.sc;
     KernelBackend late = cpu_backend;
     late.copy_to_host_async = deferred_to_host;
     late.copy_from_host_async = deferred_from_host;
@@ -583,10 +598,7 @@ TEST(offload_copies_overlap_within_their_contract) {
     free(offloaded);
     engine_free(eng);
     engine_init(eng, &cpu_backend, DT_F64, 1 << 20);
-    test_tensor_free(sc.targets);
-    test_tensor_free(x);
-    test_tensor_free(w1);
-    test_tensor_free(w2);
+    chain_inputs_free(&in);
 }
 
 TEST(no_grad_and_detach_record_nothing) {
