@@ -6,6 +6,7 @@
  * warpgroup) x 128 keys (two 64-key sub-tiles); backward tile 32 (D = 128) or 64 (D = 64) packed rows x
  * 128 keys (64 per warpgroup), optionally with the KL alignment loss folded in
  * (msa_attention_kl_backward; see the backward's section). The KL's small products stay on mma.sync. */
+#include <limits.h>
 #include <math.h>
 
 #include "msa_attention.cuh"
@@ -165,22 +166,38 @@ template <int NB> __device__ __forceinline__ void rescale_rows(float (&o)[NB][4]
 }
 
 /* The online softmax of one 64-key sub-tile starting at key kbase (S in s, rows t_a / t_b see keys <= t,
- * keys < khi exist): updates the running max (log2 units) and sum, returns the factors the rows' earlier
- * output must be scaled by and P as the A fragments of the sub-tile's four k16 steps of P V. */
+ * keys < khi exist; t_min: the least t of the warp's valid rows): updates the running max (log2 units) and
+ * sum, returns the factors the rows' earlier output must be scaled by and P as the A fragments of the
+ * sub-tile's four k16 steps of P V. When every valid row of the warp sees the whole sub-tile (a selected
+ * block before the rows' own), no key is masked; an invalid row (zero Q, never stored) then gets a softmax
+ * of zeros, which is finite and read by nothing. */
 __device__ __forceinline__ void fwd_softmax(float (&s)[8][4], uint32_t (&pa)[4][4], int kbase, int khi, int t_a, int t_b,
-                                            float sl2, float &m_a, float &m_b, float &l_a, float &l_b, float &al_a,
-                                            float &al_b) {
+                                            int t_min, float sl2, float &m_a, float &m_b, float &l_a, float &l_b,
+                                            float &al_a, float &al_b) {
     const int tig = threadIdx.x & 3;
     float mx_a = -INFINITY, mx_b = -INFINITY;
+    if (kbase + 63 <= t_min && kbase + 64 <= khi) { /* warp-uniform */
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 8; j++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int key = kbase + j * 8 + tig * 2 + (e & 1), t = e < 2 ? t_a : t_b;
-            const float x = (key < khi && key <= t) ? s[j][e] * sl2 : -INFINITY;
-            s[j][e] = x;
-            if (e < 2) mx_a = fmaxf(mx_a, x);
-            else mx_b = fmaxf(mx_b, x);
+            for (int e = 0; e < 4; e++) {
+                const float x = s[j][e] * sl2;
+                s[j][e] = x;
+                if (e < 2) mx_a = fmaxf(mx_a, x);
+                else mx_b = fmaxf(mx_b, x);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kbase + j * 8 + tig * 2 + (e & 1), t = e < 2 ? t_a : t_b;
+                const float x = (key < khi && key <= t) ? s[j][e] * sl2 : -INFINITY;
+                s[j][e] = x;
+                if (e < 2) mx_a = fmaxf(mx_a, x);
+                else mx_b = fmaxf(mx_b, x);
+            }
         }
     }
     mx_a = quad_max(mx_a);
@@ -188,17 +205,17 @@ __device__ __forceinline__ void fwd_softmax(float (&s)[8][4], uint32_t (&pa)[4][
     const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
     /* a row with nothing visible yet keeps max -inf: use 0 as the reference so no inf - inf */
     const float mu_a = mn_a == -INFINITY ? 0.0f : mn_a, mu_b = mn_b == -INFINITY ? 0.0f : mn_b;
-    al_a = exp2f(m_a - mu_a);
-    al_b = exp2f(m_b - mu_b);
+    al_a = exp2_ftz(m_a - mu_a);
+    al_b = exp2_ftz(m_b - mu_b);
     m_a = mn_a;
     m_b = mn_b;
     float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
-        s[j][0] = exp2f(s[j][0] - mu_a);
-        s[j][1] = exp2f(s[j][1] - mu_a);
-        s[j][2] = exp2f(s[j][2] - mu_b);
-        s[j][3] = exp2f(s[j][3] - mu_b);
+        s[j][0] = exp2_ftz(s[j][0] - mu_a);
+        s[j][1] = exp2_ftz(s[j][1] - mu_a);
+        s[j][2] = exp2_ftz(s[j][2] - mu_b);
+        s[j][3] = exp2_ftz(s[j][3] - mu_b);
         sum_a += s[j][0] + s[j][1];
         sum_b += s[j][2] + s[j][3];
     }
@@ -219,7 +236,8 @@ __device__ __forceinline__ void fwd_softmax(float (&s)[8][4], uint32_t (&pa)[4][
  * it) and serialises every wgmma of the kernel (C7514). */
 template <int D, int NKT>
 __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uint32_t ks, uint32_t vs, const TileDesc &d,
-                                          int t_a, int t_b, float sl2, float &m_a, float &m_b, float &l_a, float &l_b) {
+                                          int t_a, int t_b, int t_min, float sl2, float &m_a, float &m_b, float &l_a,
+                                          float &l_b) {
     constexpr int M = TcFwd<D>::M;
     float s[NKT][8][4];
 #pragma unroll
@@ -238,7 +256,7 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
     uint32_t pa[NKT][4][4]; /* one per sub-tile: P V of the first reads its registers while the second's
                              * softmax runs */
     float al_a, al_b;
-    fwd_softmax(s[0], pa[0], d.klo, d.khi, t_a, t_b, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+    fwd_softmax(s[0], pa[0], d.klo, d.khi, t_a, t_b, t_min, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
@@ -246,7 +264,7 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
     if constexpr (NKT == 2) {
         wgmma_wait<1>();
         wgmma_hold(s[1]);
-        fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, t_a, t_b, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+        fwd_softmax(s[1], pa[1], d.klo + 64, d.khi, t_a, t_b, t_min, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
         wgmma_wait<0>();
         wgmma_hold(o);
         rescale_rows(o, al_a, al_b);
@@ -281,8 +299,10 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
 
     static_assert(TC_KB == 128, "two 64-key sub-tiles per block");
     const int nkt = kend > d.klo ? (kend - d.klo + 63) >> 6 : 0;
-    if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.w, mb.w, sl2, m_a, m_b, l_a, l_b);
-    else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.w, mb.w, sl2, m_a, m_b, l_a, l_b);
+    /* the least last key of the warp's valid rows: sub-tiles before it need no mask */
+    const int t_min = __reduce_min_sync(FULL, min(ma.w >= 0 ? ma.w : INT_MAX, mb.w >= 0 ? mb.w : INT_MAX));
+    if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.w, mb.w, t_min, sl2, m_a, m_b, l_a, l_b);
+    else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.w, mb.w, t_min, sl2, m_a, m_b, l_a, l_b);
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
@@ -485,15 +505,67 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TcKlSmem &kls, con
         for (int e = 0; e < 4; e++) acc.k[j][e] = acc.v[j][e] = 0.0f;
 }
 
+/* The teacher (times G: the sum of P over the query's G heads) of this thread's four (key, query) elements of
+ * Z^T, tp[e] for key gid + 8 (e >> 1) and query 2 tig + (e & 1), from st = P^T (key rows gid, gid + 8; packed
+ * row n * 8 + 2 tig + c, of query (n * 8 + 2 tig + c) >> LGG). G = 2^LGG is a template argument so that a
+ * query's rows are known at compile time: G >= 8 makes whole n-tiles one query's (added, then summed over
+ * the quad), G = 4 splits each n-tile between two queries (halves of the quad). The sums run in the order
+ * of the general form (rows ascending from 0, then the quad), so the bits do not depend on the form. */
+template <int M, int LGG> __device__ __forceinline__ void kl_teacher(const float (&st)[M / 8][4], float (&tp)[4]) {
+    constexpr int NQ = M / 8, QUERIES = M >> LGG;
+    static_assert(QUERIES >= 1 && QUERIES <= 8 && LGG >= 2, "msa_tc_kl_handles: 1 to 8 queries per tile, G >= 4");
+    const int lane = threadIdx.x & 31, tig = lane & 3;
+    tp[0] = tp[1] = tp[2] = tp[3] = 0.0f;
+    if constexpr (LGG >= 3) {
+        constexpr int PER = 1 << (LGG - 3); /* n-tiles per query */
+#pragma unroll
+        for (int q = 0; q < QUERIES; q++) {
+            float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+            for (int n = q * PER; n < (q + 1) * PER; n++) {
+                sa += st[n][0];
+                sa += st[n][1];
+                sb += st[n][2];
+                sb += st[n][3];
+            }
+            sa = quad_sum(sa);
+            sb = quad_sum(sb);
+            if (q == 2 * tig) tp[0] = sa, tp[2] = sb;
+            if (q == 2 * tig + 1) tp[1] = sa, tp[3] = sb;
+        }
+    } else { /* G = 4: lanes tig 0-1 of n-tile n hold query 2n, lanes 2-3 query 2n + 1 */
+#pragma unroll
+        for (int n = 0; n < NQ; n++) {
+            float sa = 0.0f, sb = 0.0f;
+            sa += st[n][0];
+            sa += st[n][1];
+            sb += st[n][2];
+            sb += st[n][3];
+            sa += __shfl_xor_sync(FULL, sa, 1);
+            sb += __shfl_xor_sync(FULL, sb, 1);
+            /* query 2 tig is n-tile tig's first half, query 2 tig + 1 its second */
+            const float a0 = __shfl_sync(FULL, sa, lane & ~3), a1 = __shfl_sync(FULL, sa, (lane & ~3) | 2);
+            const float b0 = __shfl_sync(FULL, sb, lane & ~3), b1 = __shfl_sync(FULL, sb, (lane & ~3) | 2);
+            if (n == tig) tp[0] = a0, tp[1] = a1, tp[2] = b0, tp[3] = b1;
+        }
+    }
+}
+
+/* kl_teacher for the group sizes a tile of M rows takes (msa_tc_kl_handles), nothing for the others */
+template <int M, int LGG> __device__ __forceinline__ void kl_teacher_of(const float (&st)[M / 8][4], float (&tp)[4]) {
+    if constexpr ((M >> LGG) >= 1 && (M >> LGG) <= 8) kl_teacher<M, LGG>(st, tp);
+    else tp[0] = tp[1] = tp[2] = tp[3] = 0.0f;
+}
+
 /* The KL's part of a tile for the warp's 16 keys (they have visible pairs): st = P^T of the warp (key rows
- * gid, gid+8; packed row n*8 + 2 tig + (e & 1)). Stages dz in the batch at slots pos * nqt .., returns the
- * warp's KL share of this thread (log2 units). */
+ * gid, gid+8; packed row n*8 + 2 tig + (e & 1)). all_visible: every valid row sees all 16 keys. Stages dz in
+ * the batch at slots pos * nqt .., returns the warp's KL share of this thread (log2 units). */
 template <int D, int DI>
 __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 8][4], const TcKlSmem &kls,
                                             const unsigned char *sQIt, const float *sLIt, const TileDesc &d,
-                                            const int4 *meta, int pos, const TileArgs &a) {
+                                            const int4 *meta, int pos, bool all_visible, const TileArgs &a) {
     using C = TcBwd<D, DI>;
-    constexpr int NQ = C::M / 8, CPRI = DI / 8;
+    constexpr int CPRI = DI / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, lgG = a.lgG, nqt = C::M >> lgG;
     const uint32_t kis = smem_u32(kls.ki), qis = smem_u32(sQIt);
@@ -507,26 +579,14 @@ __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 
         ldsm_x4(b, qis + swz<CPRI>(lane & 7, kk * 2 + ((lane >> 3) & 1))); /* b[2], b[3] repeat b[0], b[1] */
         mma_bf16_16816(zt, ka, b[0], b[1]);
     }
-    /* the teacher (times G) of this thread's (key, query) elements: query q's heads are packed rows
-     * q*G .. q*G+G-1, spread over the quad's columns and the n-tiles */
-    float tp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int q = 0; q < 8; q++) {
-        if (q < nqt) {
-            float sa = 0.0f, sb = 0.0f;
-#pragma unroll
-            for (int n = 0; n < NQ; n++)
-#pragma unroll
-                for (int c = 0; c < 2; c++)
-                    if (((n * 8 + tig * 2 + c) >> lgG) == q) {
-                        sa += st[n][c];
-                        sb += st[n][2 + c];
-                    }
-            sa = quad_sum(sa);
-            sb = quad_sum(sb);
-            if (q == 2 * tig) tp[0] = sa, tp[2] = sb;
-            if (q == 2 * tig + 1) tp[1] = sa, tp[3] = sb;
-        }
+    /* the teacher (times G) of this thread's (key, query) elements */
+    float tp[4];
+    switch (lgG) { /* msa_tc_kl_handles: G = M / 8 .. M, a power of two */
+    case 2: kl_teacher_of<C::M, 2>(st, tp); break;
+    case 3: kl_teacher_of<C::M, 3>(st, tp); break;
+    case 4: kl_teacher_of<C::M, 4>(st, tp); break;
+    case 5: kl_teacher_of<C::M, 5>(st, tp); break;
+    default: kl_teacher_of<C::M, 6>(st, tp); break;
     }
     const float invG = ldexpf(1.0f, -lgG), lg2G = (float)lgG;
     float dz[4], kl = 0.0f;
@@ -534,12 +594,12 @@ __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 
     for (int e = 0; e < 4; e++) {
         const int qc = 2 * tig + (e & 1), key = d.klo + kw0 + gid + (e >> 1) * 8;
         const int t = qc < nqt ? meta[qc << lgG].w : -1;
-        const bool vis = t >= 0 && key <= t && key < d.khi;
+        const bool vis = t >= 0 && (all_visible || (key <= t && key < d.khi));
         float v = 0.0f;
         if (vis) {
             const float lr = zt[e] * a.isl2 - sLIt[qc] * LOG2E; /* log2 r */
             const float p = tp[e] * invG;
-            v = exp2f(lr) - p;
+            v = exp2_ftz(lr) - p;
             if (tp[e] > 0.0f) kl = fmaf(p, (log2f(tp[e]) - lg2G) - lr, kl);
         }
         dz[e] = v;
@@ -648,9 +708,19 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     constexpr int M = C::M, NQ = M / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, kg0 = wg * 64, nkeys = d.khi - d.klo;
-    int tmax = -1;
-    for (int p = lane; p < M; p += 32) tmax = max(tmax, meta[p].w);
+    int tmax = -1, tmin = INT_MAX; /* over the valid rows (t >= 0) */
+    for (int p = lane; p < M; p += 32) {
+        const int t = meta[p].w;
+        tmax = max(tmax, t);
+        if (t >= 0) tmin = min(tmin, t);
+    }
     tmax = __reduce_max_sync(FULL, tmax);
+    tmin = __reduce_min_sync(FULL, tmin);
+    /* every valid row sees all of this warp's 16 keys (a selected block before the row's own: all but the local
+     * block of a query's selection): no mask per element. Invalid rows then get P = 1 (their Q, dO, lse and
+     * Dsum are zero), which adds nothing: dS = P (dP - Dsum) = 0, their dO rows are zero in dV, no dQ row is
+     * stored for them, and their queries have no KL. */
+    const bool all_visible = d.klo + kw0 + 15 <= tmin && d.klo + kw0 + 16 <= d.khi;
     if constexpr (DI > 0)
         if (a.accki || a.dqip) tc_kl_batch_add<D, DI>(kls, sQIt, meta, pos, a);
     const float sl2 = a.scale * LOG2E;
@@ -690,16 +760,33 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             wgmma_hold(st);
             wgmma_hold(dpt);
             /* P^T and dS^T in place */
+            if (all_visible) {
 #pragma unroll
-            for (int n = 0; n < NQ; n++) {
+                for (int n = 0; n < NQ; n++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int qr = n * 8 + tig * 2 + (e & 1), key = d.klo + kw0 + gid + (e >> 1) * 8;
-                    const int t = meta[qr].w;
-                    const bool vis = t >= 0 && key <= t && key < d.khi;
-                    const float p = vis ? exp2f(st[n][e] * sl2 - sL[qr] * LOG2E) : 0.0f;
-                    st[n][e] = p;
-                    dpt[n][e] = p * (dpt[n][e] - sDs[qr]);
+                    for (int c = 0; c < 2; c++) {
+                        const int qr = n * 8 + tig * 2 + c;
+                        const float l2 = sL[qr] * LOG2E, ds = sDs[qr];
+#pragma unroll
+                        for (int e = c; e < 4; e += 2) {
+                            const float p = exp2_ftz(st[n][e] * sl2 - l2);
+                            st[n][e] = p;
+                            dpt[n][e] = p * (dpt[n][e] - ds);
+                        }
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int n = 0; n < NQ; n++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int qr = n * 8 + tig * 2 + (e & 1), key = d.klo + kw0 + gid + (e >> 1) * 8;
+                        const int t = meta[qr].w;
+                        const bool vis = t >= 0 && key <= t && key < d.khi;
+                        const float p = vis ? exp2_ftz(st[n][e] * sl2 - sL[qr] * LOG2E) : 0.0f;
+                        st[n][e] = p;
+                        dpt[n][e] = p * (dpt[n][e] - sDs[qr]);
+                    }
                 }
             }
             /* dV += P^T dO, dK += dS^T Q (k = packed rows; dO and Q read transposed: MN-major) */
@@ -749,7 +836,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     }
                 }
             }
-            if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, a);
+            if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, all_visible, a);
         }
     }
     if (!a.dqp) return kl; /* uniform over the CTA */

@@ -140,6 +140,13 @@ __device__ __forceinline__ void acc_to_a_frag(uint32_t (&f)[4], const float (&lo
     f[2] = pack_bf16(hi[0], hi[1]);
     f[3] = pack_bf16(hi[2], hi[3]);
 }
+/* 2^x on the special-function unit alone (ex2.approx.ftz: one instruction, where exp2f adds the scaling that
+ * keeps results below 2^-126 as denormals; a probability that small is 0 in BF16 and in any sum of them) */
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 /* Max and sum over the quad of lanes (lane ^ 1, lane ^ 2) that holds one row of an m16n8 C fragment */
 __device__ __forceinline__ float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
