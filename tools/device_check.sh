@@ -198,9 +198,10 @@ PY
         if [ -z "$ncu_bin" ]; then echo "no ncu on this machine"; status=1; continue; fi
         timeout 400 "$ncu_bin" --kernel-name "regex:${NCU_KERNELS:-msa_(fwd|bwd)_tc|combine|msa_indexer}" --launch-count 8 \
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+            --section InstructionStats --section SourceCounters \
             build/bench --only attention --sizes "${NCU_SIZE:-32768}" --heads "${NCU_HEADS:-64/4/128}" \
             >"$OUT/ncu_msa.txt" 2>&1 || status=1
-        grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued" "$OUT/ncu_msa.txt" | head -120
+        grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued|Executed Instructions  |Issued Ipc" "$OUT/ncu_msa.txt" | head -120
         ;;
     continuation)
         # issue 15's workflow at the ~1.1B size: a dense base trained at 4K on the long-document split, then
