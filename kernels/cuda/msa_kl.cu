@@ -463,7 +463,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
             const int ql = i / L.KTp, jj = i - ql * L.KTp, qq = qg * L.QS + ql;
             const float *sr = s.S + ql * L.HP * L.lds + jj, *lr = ls2 + ql * L.HP;
             float v = hp ? s.P[qq * L.ldp + jj] : 0.0f;
-            for (int hh = 0; hh < hn; hh++) v += exp2f(fmaf(sr[hh * L.lds], a.sl2, -lr[hh]));
+            for (int hh = 0; hh < hn; hh++) v += exp2_ftz(fmaf(sr[hh * L.lds], a.sl2, -lr[hh]));
             s.P[qq * L.ldp + jj] = v;
         }
     }
@@ -486,7 +486,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
                     const int j = j0 + jj;
                     if (j > t || j < tlo) continue;
                     const float z2 = zr[jj] * a.isl2, pg = MODE == LSE_SPARSE ? 0.0f : pr[jj];
-                    sum += exp2f(z2 - m);
+                    sum += exp2_ftz(z2 - m);
                     if (pg > 0.0f) { /* p log p -> 0 as p -> 0 */
                         const float p = pg * a.invG;
                         ab = fmaf(p, (log2f(pg) - a.lg2G) + (m - z2), ab);
@@ -518,7 +518,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
             if (qq < nq && jj < nk) {
                 const int j = j0 + jj;
                 if (j <= s.qtok[qq] && j >= s.qlo[qq])
-                    d = exp2f(fmaf(s.Z[qq * L.ldzs + jj], a.isl2, -s.li2[qq])) - s.P[qq * L.ldp + jj] * a.invG;
+                    d = exp2_ftz(fmaf(s.Z[qq * L.ldzs + jj], a.isl2, -s.li2[qq])) - s.P[qq * L.ldp + jj] * a.invG;
             }
             s.dz[qq * L.ldz + jj] = from_f32<T>(d);
         }
