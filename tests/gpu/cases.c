@@ -315,6 +315,11 @@ static void msa_kl_cases(void) {
     /* MiniMax-like heads, many tiles per CTA, hot rows over many CTAs, twice: deterministic */
     GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {1500, 700}, 32, 2, 128, 128, 128, 8, 1, 63, 0, 1, 1);
     GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 1, {4096}, 16, 2, 64, 128, 64, 8, 0, 63, 0, 1, 1);
+    /* the largest groups the fused kernel takes (its teacher has one form per G): G = 32 at D = 64 (two queries a
+     * tile) and D = 128 (one), G = 64 at D = 64 (one) */
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {300, 129}, 64, 2, 64, 128, 64, 4, 0, 63, 0, 1, 0);
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 2, {300, 129}, 32, 1, 128, 64, 64, 4, 0, 63, 0, 1, 0);
+    GPU_CASE("msa_kl", msa_attention_kl_case, MsaAttentionKlCase, b, 1, {400}, 64, 1, 64, 64, 64, 4, 1, 63, 0, 1, 0);
 }
 
 /* MoE (tests/gpu/test_gpu_moe.c says what the cases cover) */
