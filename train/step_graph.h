@@ -21,8 +21,8 @@
  * MoE layers keep their routing statistics and selection bias in the backend's memory (layers/moe.h), so a
  * replay accumulates the statistics as the eager step does; MSA layers' KL values land in their KL logs on the
  * device. What the host keeps of a replay's forwards (the MoE counts, the KL log's records) each layer makes
- * as the captured step's forwards left it (LayerKind.replayed, model_replayed). MSA and MoE steps are
- * captured with train.cuda_graph = on only, until their GPU cases have passed. Runs the capture cannot serve
+ * as the captured step's forwards left it (LayerKind.replayed, model_replayed); records nobody reads are
+ * dropped after the launch, as an eager step's. Runs the capture cannot serve
  * (window attention: its selection goes through the host; MoE layers whose expert GEMMs take the per-expert
  * path, which copies the routing to the host; several ranks; offloaded block inputs; document-sampled
  * batches) are refused by the trainer before the first step (train/trainer.c graph_refusal). */

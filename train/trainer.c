@@ -1417,6 +1417,9 @@ StepResult run_step(Run *r) {
         s.grad_norm = sqrt(step_scalar_read(r->be, &r->grad_sumsq));
         if (!isfinite(s.loss)) stop_on_bad_loss(r, s.loss);
     }
+    /* a graphed step's records nobody reads go as an eager step's do (step_work), so that the next step, graphed
+     * or not, starts with an empty log */
+    if (!read && mode != STEP_EAGER) model_drop_collected(&r->model);
     if (!read) s.loss = s.aux = s.grad_norm = NAN;
     s.layers = r->model.metrics;
     reduce_moe_stats(r);
