@@ -561,10 +561,7 @@ static void deferred_wait(int lane) {
         if ((deferred.queue[i].lane & 1) == lane) last = i;
     for (int i = 0; i <= last; i++)
         if ((deferred.queue[i].lane & 2) && deferred.matmuls > deferred.queue[i].matmuls) deferred.from_host_under_compute++;
-    for (int i = 0; i <= last; i++) {
-        memcpy(deferred.queue[i].dst, deferred.queue[i].src, deferred.queue[i].bytes);
-        if (deferred.queue[i].src == deferred.queue[i].dst) fatal("deferred copies: a copy onto itself");
-    }
+    for (int i = 0; i <= last; i++) memcpy(deferred.queue[i].dst, deferred.queue[i].src, deferred.queue[i].bytes);
     memmove(deferred.queue, deferred.queue + last + 1, (size_t)(deferred.queued - last - 1) * sizeof deferred.queue[0]);
     deferred.queued -= last + 1;
 }

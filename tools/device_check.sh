@@ -151,7 +151,7 @@ PY
         # blocks of 128, index dim 64): dense, MSA top-16 and MSA top-8 with the same seed and tokens,
         # BABY_STEPS steps each (default 300, the issue measured 1500); tokens/s of the last logged steps
         # (after the dense warm-up and the graph's capture) and the best validation loss, MSA over dense
-        stage "baby GPT at 8K ($((${BABY_STEPS:-300})) steps)"
+        stage "baby GPT at 8K (${BABY_STEPS:-300} steps)"
         baby="--set train.seq_len=8192 --set train.batch_size=2 --set msa.block_size=128 --set msa.index_dim=64
               --set train.steps=${BABY_STEPS:-300} --set train.log_every=50 --set train.eval_every=${BABY_STEPS:-300}"
         for v in dense msa16 msa8; do
