@@ -52,6 +52,8 @@
 #   baseline-seeds   configs/shakespeare_gpu.json's best validation loss over SEEDS (SEED_EXTRA added)
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
+#   kernel-times     every kernel of one attention layer (NCU_SIZE, NCU_HEADS) with its summed device time (ncu, one
+#                    metric): the MSA layer's milliseconds per kernel
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
 #                    with YaRN and MSA), build/eval's tables before and after (CONT_BASE_STEPS, CONT_LONG_STEPS)
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
@@ -196,12 +198,24 @@ PY
         stage ncu
         ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
         if [ -z "$ncu_bin" ]; then echo "no ncu on this machine"; status=1; continue; fi
-        timeout 400 "$ncu_bin" --kernel-name "regex:${NCU_KERNELS:-msa_(fwd|bwd)_tc|combine|msa_indexer}" --launch-count 8 \
+        timeout 400 "$ncu_bin" --clock-control none --kernel-name "regex:${NCU_KERNELS:-msa_(fwd|bwd)_tc|combine|msa_indexer}" --launch-count 8 \
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
             --section InstructionStats --section SourceCounters \
             build/bench --only attention --sizes "${NCU_SIZE:-32768}" --heads "${NCU_HEADS:-64/4/128}" \
             >"$OUT/ncu_msa.txt" 2>&1 || status=1
         grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued|Executed Instructions  |Issued Ipc" "$OUT/ncu_msa.txt" | head -120
+        ;;
+    kernel-times)
+        # every kernel of one MSA attention layer (bench shape, NCU_SIZE tokens, NCU_HEADS) with its device
+        # time, summed per kernel name over the bench's launches (one metric, so the replays are quick):
+        # where a layer's milliseconds go, the indexer's two passes and the combines included
+        stage kernel-times
+        ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        if [ -z "$ncu_bin" ]; then echo "no ncu on this machine"; status=1; continue; fi
+        timeout 400 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+            build/bench --only attention --sizes "${NCU_SIZE:-32768}" --heads "${NCU_HEADS:-64/4/128}" \
+            >"$OUT/kernel_times.txt" 2>&1 || status=1
+        grep -E "^  [A-Za-z_].*\(|gpu__time_duration.sum|Invocations|^    [a-z_<]" "$OUT/kernel_times.txt" | head -150
         ;;
     continuation)
         # issue 15's workflow at the ~1.1B size: a dense base trained at 4K on the long-document split, then
