@@ -235,8 +235,15 @@ __device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
     return warp_min(first_neg);
 }
 
+/* The combines below read a (query, head)'s partials slot by slot. A warp keeps UNROLL slots' loads in
+ * flight before it adds the first of them (the adds keep slot order, so the sums are the same bits);
+ * a plain loop over the slots waited for each load in turn and ran the forward's combine at a third of
+ * the memory's bandwidth. */
+constexpr int COMBINE_UNROLL = 4;
+
 /* One warp per (chunk query, head): out = sum_s exp(lse_s - LSE) O_s over the valid partials in slot
- * order, lse = LSE. */
+ * order, lse = LSE. Lane l computes the weight of slot s0 + l of each 32 and the loop takes it by a
+ * shuffle, where every lane read lp[s] and took its exponential before the slot's load. */
 template <typename T, typename PT, int VPL>
 __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, const float *lpart, const int32_t *topk, int c0,
                                        int nq, int Nq, int Hq, int G, int K, int nks, int NS, int D) {
@@ -261,18 +268,30 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
 #pragma unroll
         for (int v = 0; v < VPL; v++) acc[j][v] = 0.0f;
     if (L != -INFINITY) {
-        for (int s = 0; s < ns; s++) {
-            const float w = expf(lp[s] - L);
-            if (w == 0.0f) continue;
-            const PT *src = opart + (row * NS + s) * D;
+        const PT *src = opart + row * NS * D;
+        for (int s0 = 0; s0 < ns; s0 += 32) {
+            const int s1 = min(ns, s0 + 32);
+            const float w_lane = s0 + lane < s1 ? expf(lp[s0 + lane] - L) : 0.0f;
+            for (int s = s0; s < s1; s += COMBINE_UNROLL) {
+                float x[COMBINE_UNROLL][STEPS][VPL];
 #pragma unroll
-            for (int j = 0; j < STEPS; j++) {
-                const int e = (j * 32 + lane) * VPL;
-                if (e < D) {
-                    float x[VPL];
-                    load_f32<PT, VPL>(src + e, x);
+                for (int u = 0; u < COMBINE_UNROLL; u++)
 #pragma unroll
-                    for (int v = 0; v < VPL; v++) acc[j][v] += w * x[v];
+                    for (int j = 0; j < STEPS; j++) {
+                        const int e = (j * 32 + lane) * VPL;
+                        if (s + u < s1 && e < D) load_f32<PT, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
+                    }
+#pragma unroll
+                for (int u = 0; u < COMBINE_UNROLL; u++) {
+                    const float w = __shfl_sync(0xffffffffu, w_lane, (s + u - s0) & 31);
+                    if (s + u >= s1 || w == 0.0f) continue;
+#pragma unroll
+                    for (int j = 0; j < STEPS; j++) {
+                        const int e = (j * 32 + lane) * VPL;
+                        if (e < D)
+#pragma unroll
+                            for (int v = 0; v < VPL; v++) acc[j][v] += w * x[u][j][v];
+                    }
                 }
             }
         }
@@ -303,16 +322,25 @@ __global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *to
     for (int j = 0; j < STEPS; j++)
 #pragma unroll
         for (int v = 0; v < VPL; v++) acc[j][v] = 0.0f;
-    for (int s = 0; s < ns; s++) {
-        const float *src = dqp + (row * NS + s) * D;
+    const float *src = dqp + row * NS * D;
+    for (int s = 0; s < ns; s += COMBINE_UNROLL) {
+        float x[COMBINE_UNROLL][STEPS][VPL];
 #pragma unroll
-        for (int j = 0; j < STEPS; j++) {
-            const int e = (j * 32 + lane) * VPL;
-            if (e < D) {
-                float x[VPL];
-                load_f32<float, VPL>(src + e, x);
+        for (int u = 0; u < COMBINE_UNROLL; u++)
 #pragma unroll
-                for (int v = 0; v < VPL; v++) acc[j][v] += x[v];
+            for (int j = 0; j < STEPS; j++) {
+                const int e = (j * 32 + lane) * VPL;
+                if (s + u < ns && e < D) load_f32<float, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
+            }
+#pragma unroll
+        for (int u = 0; u < COMBINE_UNROLL; u++) {
+            if (s + u >= ns) break;
+#pragma unroll
+            for (int j = 0; j < STEPS; j++) {
+                const int e = (j * 32 + lane) * VPL;
+                if (e < D)
+#pragma unroll
+                    for (int v = 0; v < VPL; v++) acc[j][v] += x[u][j][v];
             }
         }
     }
