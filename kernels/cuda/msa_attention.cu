@@ -10,7 +10,7 @@
  * G = 16 a 128-row tile is 8 queries x 16 heads, and one K/V tile serves every head of the group
  * (paper §4.2 "query concatenation"). A "tile" is M consecutive packed rows of one segment.
  * Queries are processed in chunks [c0, c1) (each row's sub-list found by binary search, the lists
- * being ascending) so that the per-query partial buffers stay under PARTIAL_BUDGET (1 GiB) at any N.
+ * being ascending) so that the per-query partial buffers stay under partial_budget() at any N.
  * Per chunk, four small kernels build the schedule: rows' sub-lists (count), prefix sums (scan), one
  * 32-byte descriptor per tile (desc), and per entry (query of a row) its token and its slot, i.e. the
  * position of the row's block in topk[g][t] (entries). Tiles are ordered (g, r, ks, piece); a
@@ -52,6 +52,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+
 #include "limits.h"
 #include "msa_attention.cuh"
 
@@ -60,11 +62,23 @@ using namespace msacuda;
 namespace {
 
 constexpr unsigned FULL = 0xffffffffu;
-/* bytes of per-query partials (forward O + lse, or backward dQ) per chunk: they live in scratch(), which
- * keeps its largest size (x 1.25) for the rest of the run, beside the activations at their peak; 3 GiB
- * made the 1.1B model's MSA run at 256K ask for 2.95 GB more with 2 GB free (issue 15). A chunk of 1 GiB
- * is still ~15K queries at 16 slots of 32 heads of 64. */
-constexpr size_t PARTIAL_BUDGET = (size_t)1 << 30;
+/* Bytes of per-query partials (forward O + lse, or backward dQ) per chunk: 1/32 of the device's memory,
+ * at least 1 GiB and at most 4 GiB (2.3 GiB on an 80 GB H100). They live in scratch(), which keeps its
+ * largest size (x 1.25) for the rest of the run, beside the activations at their peak: a fixed 3 GiB made
+ * the 1.1B model's MSA run at 256K ask for 2.95 GB more with 2 GB free (issue 15), and a fixed 1 GiB cut
+ * a 64/4/128 layer's backward at 32K into 16 chunks, whose launches, fixups and tails cost 7.6 of its 61
+ * ms against one chunk (Nsight Compute and build/bench, ninth session). The budget depends on the device
+ * alone, not on its free memory at the call, so that the chunks, and with them the tile ranges that set
+ * dK/dV's fp32 rounding, are the same in every step of a run. */
+size_t partial_budget() {
+    static size_t budget = 0;
+    if (!budget) {
+        size_t free_b = 0, total_b = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        budget = std::min(std::max(total_b / 32, (size_t)1 << 30), (size_t)4 << 30);
+    }
+    return budget;
+}
 
 /* ------------------------------------------------------------------------------------------------
  * Schedule
@@ -523,10 +537,10 @@ void sched_build(const Sched &s, const Shape &sh, const Geo &geo, const int32_t 
     LAUNCH_CHECK("msa_attention schedule entries");
 }
 
-/* Queries per chunk: the partials of a chunk (bytes_per_query each) stay under PARTIAL_BUDGET.
+/* Queries per chunk: the partials of a chunk (bytes_per_query each) stay under partial_budget().
  * MSA_CUDA_MSA_CHUNK=n overrides it (tests use it to exercise several chunks on small inputs). */
 int chunk_queries(int N, size_t bytes_per_query) {
-    int64_t q = bytes_per_query ? (int64_t)(PARTIAL_BUDGET / bytes_per_query) : N;
+    int64_t q = bytes_per_query ? (int64_t)(partial_budget() / bytes_per_query) : N;
     const char *env = getenv("MSA_CUDA_MSA_CHUNK");
     if (env && atoi(env) > 0) q = atoi(env);
     if (q > N) q = N;
