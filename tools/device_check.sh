@@ -48,7 +48,7 @@
 #                    bf16 itself does (CUDA vs CPU at cp 1, same call); then the MSA variant (every layer
 #                    MSA, 3 dense warm-up steps, then sparse) and the sliding-window variant compared the same way
 #   baby-8k          issue 14's baby GPT at 8K context: dense, MSA top-16, MSA top-8 (BABY_STEPS), tokens/s and best
-#                    validation loss, MSA over dense
+#                    validation loss, MSA over dense (BABY_PROFILE=1: with each variant's step profile)
 #   baseline-seeds   configs/shakespeare_gpu.json's best validation loss over SEEDS (SEED_EXTRA added)
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
@@ -156,6 +156,9 @@ PY
         stage "baby GPT at 8K (${BABY_STEPS:-300} steps)"
         baby="--set train.seq_len=8192 --set train.batch_size=2 --set msa.block_size=128 --set msa.index_dim=64
               --set train.steps=${BABY_STEPS:-300} --set train.log_every=50 --set train.eval_every=${BABY_STEPS:-300}"
+        # BABY_PROFILE=1: step profiles too (train.profile_steps=2: every op's self time, device synchronised
+        # around each), the table printed per variant: where a G = 1 MSA step's time goes
+        [ -n "${BABY_PROFILE:-}" ] && baby="$baby --set train.profile_steps=2"
         for v in dense msa16 msa8; do
             case $v in
                 dense) extra="" ;;
@@ -165,6 +168,7 @@ PY
             # shellcheck disable=SC2086
             build/train configs/shakespeare_gpu.json $baby $extra >"$OUT/baby8k_$v.log" 2>&1 || status=1
             grep -E "cuda graph: (on|off)" "$OUT/baby8k_$v.log" | head -1
+            [ -n "${BABY_PROFILE:-}" ] && grep -E "^\| [a-z_]+ .*\| [0-9.]+ \|" "$OUT/baby8k_$v.log" | sort -t'|' -k7 -rn | head -12
         done
         python3 - "$OUT" <<'PY'
 import re, sys
