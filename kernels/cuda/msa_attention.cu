@@ -267,6 +267,19 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
     const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
     const int ns = selected_slots(topk + ((int64_t)(h / G) * Nq + t) * K, K) * nks;
     const float *lp = lpart + row * NS;
+    constexpr int STEPS = 8 / VPL; /* D <= CUDA_HEAD_DIM_MAX: at most 8 elements per lane (dpl_of) */
+    const PT *src = opart + row * NS * D;
+    float x[COMBINE_UNROLL][STEPS][VPL];
+    auto load_group = [&](int s, int s1) { /* slots s .. s + COMBINE_UNROLL - 1 below s1 */
+#pragma unroll
+        for (int u = 0; u < COMBINE_UNROLL; u++)
+#pragma unroll
+            for (int j = 0; j < STEPS; j++) {
+                const int e = (j * 32 + lane) * VPL;
+                if (s + u < s1 && e < D) load_f32<PT, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
+            }
+    };
+    load_group(0, min(ns, 32)); /* issued before the statistics: their loads and reductions hide its latency */
     float mx = -INFINITY;
     for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lp[s]);
     mx = warp_max(mx);
@@ -275,26 +288,17 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
         for (int s = lane; s < ns; s += 32) sum += expf(lp[s] - mx);
     sum = warp_sum(sum);
     const float L = mx != -INFINITY ? mx + logf(sum) : -INFINITY;
-    constexpr int STEPS = 8 / VPL; /* D <= CUDA_HEAD_DIM_MAX: at most 8 elements per lane (dpl_of) */
     float acc[STEPS][VPL];
 #pragma unroll
     for (int j = 0; j < STEPS; j++)
 #pragma unroll
         for (int v = 0; v < VPL; v++) acc[j][v] = 0.0f;
     if (L != -INFINITY) {
-        const PT *src = opart + row * NS * D;
         for (int s0 = 0; s0 < ns; s0 += 32) {
             const int s1 = min(ns, s0 + 32);
             const float w_lane = s0 + lane < s1 ? expf(lp[s0 + lane] - L) : 0.0f;
             for (int s = s0; s < s1; s += COMBINE_UNROLL) {
-                float x[COMBINE_UNROLL][STEPS][VPL];
-#pragma unroll
-                for (int u = 0; u < COMBINE_UNROLL; u++)
-#pragma unroll
-                    for (int j = 0; j < STEPS; j++) {
-                        const int e = (j * 32 + lane) * VPL;
-                        if (s + u < s1 && e < D) load_f32<PT, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
-                    }
+                if (s > 0) load_group(s, s1);
 #pragma unroll
                 for (int u = 0; u < COMBINE_UNROLL; u++) {
                     const float w = __shfl_sync(0xffffffffu, w_lane, (s + u - s0) & 31);
