@@ -255,6 +255,20 @@ __device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
  * the memory's bandwidth. */
 constexpr int COMBINE_UNROLL = 4;
 
+/* Lane lane's elements of slots s .. s + COMBINE_UNROLL - 1 (those below s1) of a row's partials src
+ * [slot][D], STEPS = 8 / VPL vectors a slot: into x */
+template <typename PT, int VPL>
+__device__ __forceinline__ void load_slots(float (&x)[COMBINE_UNROLL][8 / VPL][VPL], const PT *src, int s, int s1, int D,
+                                           int lane) {
+#pragma unroll
+    for (int u = 0; u < COMBINE_UNROLL; u++)
+#pragma unroll
+        for (int j = 0; j < 8 / VPL; j++) {
+            const int e = (j * 32 + lane) * VPL;
+            if (s + u < s1 && e < D) load_f32<PT, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
+        }
+}
+
 /* One warp per (chunk query, head): out = sum_s exp(lse_s - LSE) O_s over the valid partials in slot
  * order, lse = LSE. Lane l computes the weight of slot s0 + l of each 32 and the loop takes it by a
  * shuffle, where every lane read lp[s] and took its exponential before the slot's load. */
@@ -270,16 +284,7 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
     constexpr int STEPS = 8 / VPL; /* D <= CUDA_HEAD_DIM_MAX: at most 8 elements per lane (dpl_of) */
     const PT *src = opart + row * NS * D;
     float x[COMBINE_UNROLL][STEPS][VPL];
-    auto load_group = [&](int s, int s1) { /* slots s .. s + COMBINE_UNROLL - 1 below s1 */
-#pragma unroll
-        for (int u = 0; u < COMBINE_UNROLL; u++)
-#pragma unroll
-            for (int j = 0; j < STEPS; j++) {
-                const int e = (j * 32 + lane) * VPL;
-                if (s + u < s1 && e < D) load_f32<PT, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
-            }
-    };
-    load_group(0, min(ns, 32)); /* issued before the statistics: their loads and reductions hide its latency */
+    load_slots<PT, VPL>(x, src, 0, min(ns, 32), D, lane); /* before the statistics, whose loads it overlaps */
     float mx = -INFINITY;
     for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lp[s]);
     mx = warp_max(mx);
@@ -298,7 +303,7 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
             const int s1 = min(ns, s0 + 32);
             const float w_lane = s0 + lane < s1 ? expf(lp[s0 + lane] - L) : 0.0f;
             for (int s = s0; s < s1; s += COMBINE_UNROLL) {
-                if (s > 0) load_group(s, s1);
+                if (s > 0) load_slots<PT, VPL>(x, src, s, s1, D, lane);
 #pragma unroll
                 for (int u = 0; u < COMBINE_UNROLL; u++) {
                     const float w = __shfl_sync(0xffffffffu, w_lane, (s + u - s0) & 31);
@@ -343,13 +348,7 @@ __global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *to
     const float *src = dqp + row * NS * D;
     for (int s = 0; s < ns; s += COMBINE_UNROLL) {
         float x[COMBINE_UNROLL][STEPS][VPL];
-#pragma unroll
-        for (int u = 0; u < COMBINE_UNROLL; u++)
-#pragma unroll
-            for (int j = 0; j < STEPS; j++) {
-                const int e = (j * 32 + lane) * VPL;
-                if (s + u < ns && e < D) load_f32<float, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
-            }
+        load_slots<float, VPL>(x, src, s, ns, D, lane);
 #pragma unroll
         for (int u = 0; u < COMBINE_UNROLL; u++) {
             if (s + u >= ns) break;
