@@ -157,8 +157,9 @@ PY
         baby="--set train.seq_len=8192 --set train.batch_size=2 --set msa.block_size=128 --set msa.index_dim=64
               --set train.steps=${BABY_STEPS:-300} --set train.log_every=50 --set train.eval_every=${BABY_STEPS:-300}"
         # BABY_PROFILE=1: step profiles too (train.profile_steps=2: every op's self time, device synchronised
-        # around each), the table printed per variant: where a G = 1 MSA step's time goes
-        [ -n "${BABY_PROFILE:-}" ] && baby="$baby --set train.profile_steps=2"
+        # around each), the table printed per variant: where a G = 1 MSA step's time goes; the sparse phase
+        # then starts at the first step (msa.dense_warmup_steps=0), so that the profiled steps are sparse
+        [ -n "${BABY_PROFILE:-}" ] && baby="$baby --set train.profile_steps=2 --set msa.dense_warmup_steps=0"
         for v in dense msa16 msa8; do
             case $v in
                 dense) extra="" ;;
