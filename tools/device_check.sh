@@ -140,11 +140,17 @@ for what in "$@"; do
             grep -E "step 5000|RESULT" "$OUT/baseline_peer.log"
             python3 - "$OUT/baseline_$variant.log" "$OUT/baseline_peer.log" <<'PY'
 import re, sys
-ours = re.search(r"([0-9]+) tokens/s overall", open(sys.argv[1]).read())
-peer = re.search(r"tokens/s=([0-9,]+)", open(sys.argv[2]).read())
+log, peer_log = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+ours = re.search(r"([0-9]+) tokens/s overall", log)
+peer = re.search(r"tokens/s=([0-9,]+)", peer_log)
 if ours and peer:
     o, p = float(ours.group(1)), float(peer.group(1).replace(",", ""))
     print("shakespeare: msa-train %.0f tokens/s (evaluations included), peer %.0f (evaluations left out): %.2fx" % (o, p, o / p))
+vals = [float(x) for x in re.findall(r"eval step [0-9]+ \| val loss ([0-9.]+)", log)]
+pbest = re.search(r"best_val=([0-9.]+)", peer_log)
+if vals and pbest:
+    b, pb = min(vals), float(pbest.group(1))
+    print("shakespeare: best validation loss %.4f, peer %.4f: %+.4f (issue 16 asks +-0.01)" % (b, pb, b - pb))
 PY
         fi
         ;;
