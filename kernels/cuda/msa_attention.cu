@@ -833,13 +833,19 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         LAUNCH_CHECK("msa_attention_kl_backward dki");
     }
     if (klpart) {
-        msa_kl_final_kernel<<<1, 1024, 0, stream()>>>((float *)kl->kl->data, klpart, geo.grid, (double)sh.Nq * sh.Hkv);
-        LAUNCH_CHECK("msa_attention_kl_backward kl");
+        msa_kl_mean((float *)kl->kl->data, klpart, geo.grid, (double)sh.Nq * sh.Hkv);
     }
 }
 
 
 }  // namespace
+
+namespace msacuda {
+void msa_kl_mean(float *kl, const double *parts, int n, double pairs) {
+    msa_kl_final_kernel<<<1, 1024, 0, stream()>>>(kl, parts, n, pairs);
+    LAUNCH_CHECK("msa kl mean");
+}
+}  // namespace msacuda
 
 extern "C" void cuda_msa_attention_forward(Tensor *out, Tensor *lse, const Tensor *q, const Tensor *k, const Tensor *v,
                                            const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens,
@@ -937,8 +943,7 @@ extern "C" void cuda_msa_attention_kl_backward(Tensor *dq, Tensor *dk, Tensor *d
         qi->dtype != DT_BF16) {
         /* the separate kernels in sequence (the CUDA-core shapes and dtypes, or no dout) */
         if (dq || dk || dv) cuda_msa_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, topk, plan, cu_seqlens, p);
-        msa_kl_backward_scaled(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul, grad);
-        if (kl) msa_kl_value(kl, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
+        msa_kl_backward_scaled(dqi, dki, kl, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul, grad);
         return;
     }
     const int32_t *pl = get_plan(plan, topk, cu_seqlens, p, sh);

@@ -186,6 +186,7 @@ template <typename T> struct KA {
     T *dqi, *dki;               /* dense backward: accumulated in place */
     float *part;                /* sparse: the window's per-(query, slot) partials */
     float *dki_acc, *split;     /* sparse backward: fp32 dki accumulator, split-row partials */
+    double *klpart;             /* sparse backward: the KL's sum per CTA (log2 units), NULL: not wanted */
     const int4 *work;           /* sparse: this (group, window)'s pieces {row, e0, e1, split idx} */
     const int *work_n;
     int64_t Pw;                 /* plan width per group */
@@ -414,7 +415,7 @@ __device__ __forceinline__ float4 merge_stats(float4 a, float4 b) {
  * barrier: the caller puts one before touching shared memory again. */
 template <typename T, int MODE>
 __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typename Ops<T>::Acc &acc, int g, int j0, int nk,
-                                           int nq, int st) {
+                                           int nq, int st, double &kl) {
     const Lay &L = a.L;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     load_tile<T>(s.qis, L.ldqi, L.QTp, L.Dip, a.Di, a.vec_i != 0, [&](int r) -> const T * {
@@ -511,17 +512,24 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
         }
     } else {
         /* dz = r - p on the valid (query, key) pairs, 0 elsewhere (padding included: the products
-         * below run over the padded extents) */
+         * below run over the padded extents); with klpart also the KL's terms p (log p - log r), log2 units,
+         * where the forward pass (msa_kl_forward's FWD_SPARSE) recomputed the teacher once more for them */
+        float klc = 0.0f;
         for (int i = tid; i < L.QTp * L.KTp; i += THREADS) {
             const int qq = i / L.KTp, jj = i - qq * L.KTp;
             float d = 0.0f;
             if (qq < nq && jj < nk) {
                 const int j = j0 + jj;
-                if (j <= s.qtok[qq] && j >= s.qlo[qq])
-                    d = exp2_ftz(fmaf(s.Z[qq * L.ldzs + jj], a.isl2, -s.li2[qq])) - s.P[qq * L.ldp + jj] * a.invG;
+                if (j <= s.qtok[qq] && j >= s.qlo[qq]) {
+                    const float lr = fmaf(s.Z[qq * L.ldzs + jj], a.isl2, -s.li2[qq]), pg = s.P[qq * L.ldp + jj];
+                    d = exp2_ftz(lr) - pg * a.invG;
+                    if (MODE == BWD_SPARSE && a.klpart && pg > 0.0f && s.qslot[qq] >= 0) /* p log p -> 0 as p -> 0 */
+                        klc = fmaf(pg * a.invG, (log2f(pg) - a.lg2G) - lr, klc);
+                }
             }
             s.dz[qq * L.ldz + jj] = from_f32<T>(d);
         }
+        kl += (double)klc;
         __syncthreads();
         if constexpr (MODE == BWD_SPARSE) {
             if (a.want_dqi) Ops<T>::nn(s.O, L.ldo, s.dz, L.ldz, s.kis, L.ldki, L.QTp, L.Dip, L.KTp);
@@ -572,6 +580,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_consta
     const int *row_ptr = a.plan + (int64_t)g * a.Pw;
     const int *q_idx = row_ptr + a.N + 1, *row_lo = q_idx + (int64_t)a.Nq * a.K, *row_hi = row_lo + a.N;
     typename Ops<T>::Acc acc;
+    double kl = 0.0;
     const int nwork = min(*a.work_n, a.work_cap);
     for (int it = blockIdx.x; it < nwork; it += gridDim.x) {
         const int4 wk = a.work[it];
@@ -614,7 +623,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_consta
                     s.li2[tid] = li;
                 }
                 __syncthreads();
-                chunk_step<T, MODE>(a, s, acc, g, j0, nk, nq, st);
+                chunk_step<T, MODE>(a, s, acc, g, j0, nk, nq, st, kl);
             }
             cp_async_wait_all(); /* (nothing pending unless the piece was empty) */
             if constexpr (MODE == BWD_SPARSE) {
@@ -632,6 +641,13 @@ __global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_consta
             }
         }
     }
+    if constexpr (MODE == BWD_SPARSE) {
+        if (a.klpart) { /* this CTA's share, added launch after launch: the (window, group) passes in their order */
+            __shared__ double red[32];
+            kl = block_sum(kl, red);
+            if (tid == 0) a.klpart[blockIdx.x] += kl;
+        }
+    }
 }
 
 /* Dense, query-outer: a chunk of QTq consecutive queries of group blockIdx.y against the key tiles of
@@ -643,6 +659,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_q_kernel(const __grid_con
     const Sm<T> s = carve<T>(kl_smem, L);
     const int tid = threadIdx.x, g = blockIdx.y, t0 = blockIdx.x * L.QTq, nq = min(L.QTq, a.Nq - t0);
     typename Ops<T>::Acc acc;
+    double unused_kl = 0.0; /* (the dense passes' KL is FWD_DENSE's, per query) */
     if constexpr (MODE == BWD_DENSE_DQ) acc.zero();
     if (tid < L.QTq) {
         const int t = tid < nq ? t0 + tid : -1, tok = t >= 0 ? msa_row_token(a.q_token, t, a.N) : -1;
@@ -661,7 +678,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_q_kernel(const __grid_con
         const int nk = min(L.KT, kend - j0);
         __syncthreads();
         load_keys(a, s, g, j0, nk, true);
-        chunk_step<T, MODE>(a, s, acc, g, j0, nk, nq, 0);
+        chunk_step<T, MODE>(a, s, acc, g, j0, nk, nq, 0, unused_kl);
     }
     __syncthreads();
     if constexpr (MODE == FWD_DENSE) {
@@ -699,6 +716,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_dk_kernel(const __grid_co
         qend = lower_bound(a.q_token, a.Nq, qend);
     }
     typename Ops<T>::Acc acc;
+    double unused_kl = 0.0;
     acc.zero();
     for (int g = 0; g < a.Hkv; g++) {
         for (int tq = qbeg; tq < qend; tq += L.QTq) {
@@ -714,7 +732,7 @@ __global__ void __launch_bounds__(THREADS, 1) kl_dense_dk_kernel(const __grid_co
                 s.li2[tid] = t >= 0 ? a.idx_lse[(int64_t)g * a.Nq + t] * LOG2E : 0.0f;
             }
             __syncthreads();
-            chunk_step<T, BWD_DENSE_DK>(a, s, acc, g, j0, nk, nq, 0);
+            chunk_step<T, BWD_DENSE_DK>(a, s, acc, g, j0, nk, nq, 0, unused_kl);
         }
     }
     __syncthreads();
@@ -1224,9 +1242,10 @@ void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const 
 /* dqi, dki += cs_mul * cs_grad[0] * dKL/dz chained to qi, ki (cs_grad NULL: cs_mul), cs_mul including the
  * index scale */
 template <typename T>
-void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
+void kl_backward(Tensor *dqi, Tensor *dki, Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
                  const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan, const Tensor *cu,
                  const MsaParams *p, float cs_mul, const float *cs_grad, const Dims &d) {
+    if (kl && !topk) fatal("cuda msa_kl_backward: the KL value comes with the sparse backward only (topk given)");
     const bool bf = std::is_same<T, bf16>::value;
     PlanHold ph(topk, plan, cu, p, d);
     const Tensor kt = msa_keys_by_token("msa_kl_backward", k, p, 0);
@@ -1256,6 +1275,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
                 a.split = b.take<float>(sc.split_cap * a.rowp * d.Di);
                 a.dki_acc = b.take<float>((int64_t)d.N * d.Di);
             }
+            if (kl) a.klpart = b.take<double>(sc.cap); /* one per CTA of the rows kernel's grid */
         }
         need = b.off;
     }
@@ -1278,6 +1298,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
     }
     sc.build(ph.ptr, d);
     if (dki) CUDA_CHECK(cudaMemsetAsync(a.dki_acc, 0, (size_t)d.N * d.Di * sizeof(float), stream()));
+    if (kl) CUDA_CHECK(cudaMemsetAsync(a.klpart, 0, (size_t)sc.cap * sizeof(double), stream()));
     static int raised = 0;
     for (int w = 0; w < sc.W; w++)
         for (int g = 0; g < d.Hkv; g++) {
@@ -1300,6 +1321,7 @@ void kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, con
         kl_dki_final_kernel<T><<<grid_for(n, 256), 256, 0, stream()>>>(a.dki, a.dki_acc, n, a.cs, a.cs_grad);
         LAUNCH_CHECK("msa_kl_backward dki");
     }
+    if (kl) msa_kl_mean((float *)kl->data, a.klpart, (int)sc.cap, (double)d.Nq * d.Hkv);
 }
 
 }  // namespace
@@ -1323,7 +1345,7 @@ extern "C" void cuda_msa_kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q
 
 /* The sparse KL backward's argument checks and launch, for both entries that run it (what: the entry's name
  * in messages); the coefficient is coeff_mul, times *coeff_grad when that device scalar is given. */
-static void kl_backward_checked(const char *what, Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k,
+static void kl_backward_checked(const char *what, Tensor *dqi, Tensor *dki, Tensor *kl, const Tensor *q, const Tensor *k,
                                 const Tensor *lse, const Tensor *qi, const Tensor *ki, const Tensor *idx_lse,
                                 const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p,
                                 float coeff_mul, const float *coeff_grad) {
@@ -1334,9 +1356,14 @@ static void kl_backward_checked(const char *what, Tensor *dqi, Tensor *dki, cons
     if ((dqi && (dqi->numel != qi->numel || dqi->dtype != qi->dtype || dqi->device != DEV_CUDA)) ||
         (dki && (dki->numel != ki->numel || dki->dtype != ki->dtype || dki->device != DEV_CUDA)))
         fatal("cuda %s: dqi and dki must have qi's and ki's shapes and dtype, on the device", what);
-    if (d.Nq == 0) return;
+    if (kl && (kl->numel != 1 || kl->dtype != DT_F32 || kl->device != DEV_CUDA))
+        fatal("cuda %s: kl must be an f32 scalar tensor on the device", what);
+    if (d.Nq == 0) {
+        if (kl) CUDA_CHECK(cudaMemsetAsync(kl->data, 0, sizeof(float), stream()));
+        return;
+    }
     DISPATCH_FLOAT(q->dtype, T, what,
-                   kl_backward<T>(dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                   kl_backward<T>(dqi, dki, kl, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
                                   coeff_mul * p->index_scale, coeff_grad, d));
 }
 
@@ -1349,7 +1376,7 @@ extern "C" void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, 
         fatal("cuda msa_kl_backward: kl_grad must be an f32 scalar on the device");
     /* kl_weight / (Nq * Hidx) here, times kl_grad[0] on the device, as msa_attention_kl_backward */
     const float mul = (float)((double)kl_weight / ((double)qi->shape[0] * (double)qi->shape[1]));
-    kl_backward_checked("msa_kl_backward", dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul,
+    kl_backward_checked("msa_kl_backward", dqi, dki, nullptr, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p, mul,
                         kl_grad ? (const float *)kl_grad->data : nullptr);
 }
 
@@ -1367,15 +1394,9 @@ void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const
     DISPATCH_FLOAT(qi->dtype, T, "msa_indexer", kl_selected_lse<T>(idx_lse, qi, ki, topk, cu_seqlens, p, d));
 }
 
-void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
-                            const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
-                            const Tensor *cu_seqlens, const MsaParams *p, float coeff_mul, const float *coeff_grad) {
-    kl_backward_checked("msa_attention_kl_backward", dqi, dki, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
-                        coeff_mul, coeff_grad);
-}
-
-void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi, const Tensor *ki,
-                  const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p) {
+/* the KL's value alone: the forward pass (FWD_SPARSE), its idx_lse into a temporary */
+static void kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi, const Tensor *ki,
+                     const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p) {
     const Dims d = check_args("msa_attention_kl_backward", q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
     if (!kl || kl->numel != 1 || kl->dtype != DT_F32 || kl->device != DEV_CUDA)
         fatal("cuda msa_attention_kl_backward: kl must be an f32 scalar tensor on the device");
@@ -1385,6 +1406,16 @@ void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *ls
     }
     DISPATCH_FLOAT(q->dtype, T, "msa_attention_kl_backward",
                    kl_forward<T>(kl, nullptr, q, k, lse, qi, ki, topk, plan, cu_seqlens, p, d));
+}
+
+void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse,
+                            const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
+                            const Tensor *cu_seqlens, const MsaParams *p, float coeff_mul, const float *coeff_grad) {
+    if (dqi || dki)
+        kl_backward_checked("msa_attention_kl_backward", dqi, dki, kl, q, k, lse, qi, ki, idx_lse, topk, plan, cu_seqlens, p,
+                            coeff_mul, coeff_grad);
+    else if (kl)
+        kl_value(kl, q, k, lse, qi, ki, topk, plan, cu_seqlens, p);
 }
 
 }  // namespace msacuda

@@ -49,15 +49,17 @@ Tensor msa_keys_by_token(const char *kernel, const Tensor *src, const MsaParams 
  *   msa_selected_lse: the student's log-normaliser over the selection topk (a temporary plan), idx_lse
  *     f32 [Hidx, N] (the indexer's second output, backend.h msa_indexer);
  *   msa_kl_backward_scaled: msa_kl_backward with the coefficient coeff_mul * coeff_grad[0] read on the
- *     device (coeff_grad NULL: coeff_mul);
- *   msa_kl_value: msa_kl_forward's kl alone (its idx_lse into a temporary). */
+ *     device (coeff_grad NULL: coeff_mul), and kl (NULL: not wanted) the mean KL over the selection as
+ *     msa_kl_forward's: from the same pass as dqi / dki when either is given (its teacher and student are
+ *     at hand there, where a forward pass recomputed the teacher for it), else from msa_kl_forward's pass;
+ *   msa_kl_mean (msa_attention.cu): kl = the sum of n per-CTA KL parts (log2 units, summed in CTA order)
+ *     times ln 2 / pairs. */
 void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
                       const MsaParams *p);
-void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi,
-                            const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
+void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse,
+                            const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
                             const Tensor *cu_seqlens, const MsaParams *p, float coeff_mul, const float *coeff_grad);
-void msa_kl_value(Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse, const Tensor *qi, const Tensor *ki,
-                  const Tensor *topk, const Tensor *plan, const Tensor *cu_seqlens, const MsaParams *p);
+void msa_kl_mean(float *kl, const double *parts, int n, double pairs);
 
 /* The document of token t: the last d in [0, ndocs) with cu[d] <= t (empty documents are skipped
  * that way). Stays in [0, ndocs) whatever cu holds. */
