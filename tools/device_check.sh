@@ -52,6 +52,9 @@
 #   baseline-seeds   configs/shakespeare_gpu.json's best validation loss over SEEDS (SEED_EXTRA added)
 #   ncu              Nsight Compute sections of the MSA kernels of one attention layer (NCU_SIZE tokens,
 #                    NCU_HEADS, NCU_KERNELS a regex of kernel names)
+#   ncu-source       per-SASS-instruction executed counts and stall samples of one launch of each kernel in
+#                    NCU_KERNELS (regexes of the demangled names, "msa_bwd_tc_kernel<.int.64,..int.0>"; default the MSA backward tile with and without the KL),
+#                    summarised by tools/ncu_sass_summary.py
 #   kernel-times     every kernel of one attention layer (NCU_SIZE, NCU_HEADS) with its summed device time (ncu, one
 #                    metric): the MSA layer's milliseconds per kernel
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
@@ -215,6 +218,31 @@ PY
             build/bench --only attention --sizes "${NCU_SIZE:-32768}" --heads "${NCU_HEADS:-64/4/128}" \
             >"$OUT/ncu_msa.txt" 2>&1 || status=1
         grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued|Executed Instructions  |Issued Ipc" "$OUT/ncu_msa.txt" | head -120
+        ;;
+    ncu-source)
+        # one launch of each kernel in NCU_KERNELS (a space-separated list of regexes, default the MSA backward
+        # tile kernel with and without the KL) with Nsight Compute's per-SASS-instruction counts and warp-stall
+        # samples, summarised by tools/ncu_sass_summary.py: which instructions a latency-bound kernel waits on
+        stage ncu-source
+        ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        if [ -z "$ncu_bin" ]; then echo "no ncu on this machine"; status=1; continue; fi
+        n=0
+        for k in ${NCU_KERNELS:-msa_bwd_tc_kernel<.int.64,..int.128> msa_bwd_tc_kernel<.int.64,..int.0>}; do
+            n=$((n + 1))
+            rep="$OUT/ncu_source_$n"
+            echo "--- $k"
+            timeout 200 "$ncu_bin" --clock-control none --kernel-name-base demangled --kernel-name "regex:$k" \
+                --launch-skip "${NCU_SKIP:-0}" --launch-count 1 --import-source no \
+                --section WarpStateStats --section SourceCounters --section InstructionStats \
+                -o "$rep" -f build/bench --only attention --sizes "${NCU_SIZE:-32768}" --heads "${NCU_HEADS:-32/4/64}" \
+                >"$rep.log" 2>&1 || { tail -5 "$rep.log"; status=1; continue; }
+            "$ncu_bin" --import "$rep.ncu-rep" --page source --print-source sass --csv >"$rep.csv" 2>&1 ||
+                "$ncu_bin" --import "$rep.ncu-rep" --page source --csv >"$rep.csv" 2>&1
+            "$ncu_bin" --import "$rep.ncu-rep" --page details --print-details all >"$rep.txt" 2>&1
+            grep -E "Stall|Warp Cycles Per Issued|Executed Instructions  " "$rep.txt" | head -30
+            python3 tools/ncu_sass_summary.py "$rep.csv" 40 || head -20 "$rep.csv"
+            rm -f "$rep.ncu-rep"
+        done
         ;;
     kernel-times)
         # every kernel of one MSA attention layer (bench shape, NCU_SIZE tokens, NCU_HEADS) with its device

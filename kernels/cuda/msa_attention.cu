@@ -675,6 +675,7 @@ TileArgs tile_args(const Tensor *q, const Tensor *k, const Tensor *v, const Sche
     a.Hq = sh.Hq;
     a.Hkv = sh.Hkv;
     a.G = sh.G;
+    a.lgG = (sh.G & (sh.G - 1)) == 0 ? __builtin_ctz((unsigned)sh.G) : -1;
     a.NS = geo.NS;
     a.nks = geo.nks;
     a.scale = scale;
@@ -802,8 +803,6 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         a.accki = accki;
         a.cutki = cutki;
         a.klpart = klpart;
-        a.lgG = 0;
-        while ((1 << a.lgG) < sh.G) a.lgG++;
         a.isl2 = kl->index_scale * 1.4426950408889634f;
     }
     for_each_chunk(sc, sh, geo, plan, topk, cu, Qc, a, [&](int c0, int c1) {

@@ -44,9 +44,12 @@ struct TileArgs {
     float *accki;                     /* [Hkv][N][Di] fp32: each group's dki, NULL without dki */
     float *cutki;                     /* [grid][2][KB][Di] parts of split segments */
     double *klpart;                   /* [grid]: the KL (log2 units) of each CTA's pairs, NULL without kl */
-    int lgG;                          /* log2 G (G a power of two with the KL) */
+    int lgG;                          /* log2 G when G is a power of two (always with the KL), else -1 */
     float isl2;                       /* index_scale * log2(e) */
 };
+
+/* x / G: a shift when G is a power of two (every shape the tensor-core KL takes), not an integer division */
+__device__ __forceinline__ int div_G(const TileArgs &a, int x) { return a.lgG >= 0 ? x >> a.lgG : x / a.G; }
 
 /* The meta of a packed row from its entry e (row, slot) and head: see TileArgs. */
 __device__ __forceinline__ int4 msa_row_meta(const TileArgs &a, int2 e, int head, int ks) {

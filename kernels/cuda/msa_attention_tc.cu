@@ -37,6 +37,13 @@ template <int CPR> __device__ __forceinline__ uint32_t swz(int row, int chunk) {
 
 constexpr int TC_THREADS = 256, TC_WARPS = 8, TC_KB = 128;
 
+/* The pipeline's per-row side work (a tile's row meta, its lse/Dsum loads) is spread over different warps,
+ * not all given to the first threads: a loop over M < TC_THREADS rows from thread 0 would load warps 0-1
+ * with all of it while the others wait at the next barrier. side_thread(first) numbers the threads from
+ * `first`, wrapping, so such a loop runs on the warps from first / 32. */
+__device__ __forceinline__ int side_thread(int first) { return (threadIdx.x + TC_THREADS - first) & (TC_THREADS - 1); }
+constexpr int TC_META_THREAD = 128, TC_ROWSTAT_THREAD = 192; /* row meta: warps 4-5 (M = 64), lse/Dsum: 6-7 */
+
 /* The pipeline's rings in shared memory: tile descriptors, the tiles' entries (query row, slot), and per
  * packed row its meta {query row (-1: invalid row), head h, partial slot s, token} (TileArgs). */
 template <int M> struct TcRing {
@@ -57,16 +64,17 @@ template <int M>
 __device__ __forceinline__ void tc_issue_ent(TcRing<M> &ring, const TileArgs &a, int j) {
     const TileDesc &d = ring.desc[j & 3];
     const int rows = d.rows & TILE_ROWS;
-    const int nq = rows > 0 ? (d.off0 + rows - 1) / a.G + 1 : 0;
+    const int nq = rows > 0 ? div_G(a, d.off0 + rows - 1) + 1 : 0;
     for (int p = threadIdx.x; p < nq; p += TC_THREADS) cp_async8(smem_u32(&ring.ent[j & 3][p]), a.ent + d.ebase + p);
 }
 template <int M>
 __device__ __forceinline__ void tc_build_meta(TcRing<M> &ring, const TileArgs &a, int j) {
     const TileDesc &d = ring.desc[j & 3];
-    for (int p = threadIdx.x; p < M; p += TC_THREADS) {
+    static_assert(M <= TC_THREADS, "one pass");
+    if (const int p = side_thread(TC_META_THREAD); p < M) {
         int4 mt = make_int4(-1, 0, 0, -1);
         if (p < (d.rows & TILE_ROWS)) {
-            const int pi = d.off0 + p, lq = pi / a.G, hh = pi - lq * a.G;
+            const int pi = d.off0 + p, lq = div_G(a, pi), hh = pi - lq * a.G;
             mt = msa_row_meta(a, ring.ent[j & 3][lq], (d.gr / a.Rb) * a.G + hh, d.ks);
         }
         ring.meta[j & 1][p] = mt;
@@ -75,13 +83,20 @@ __device__ __forceinline__ void tc_build_meta(TcRing<M> &ring, const TileArgs &a
 /* gather rows (q or dout) [t, h, :] of the tile's packed rows into a swizzled buffer */
 template <int D, int M>
 __device__ __forceinline__ void tc_gather_rows(unsigned char *dst, const bf16 *src, const int4 *meta, int Hq) {
-    constexpr int CPR = D / 8;
-    for (int idx = threadIdx.x; idx < M * CPR; idx += TC_THREADS) {
-        const int row = idx / CPR, ch = idx - row * CPR;
-        const int4 mt = meta[row];
+    constexpr int CPR = D / 8, ROWS_PER_PASS = TC_THREADS / CPR;
+    static_assert(TC_THREADS % CPR == 0 && (M * CPR) % TC_THREADS == 0 && ROWS_PER_PASS % 8 == 0,
+                  "whole passes of the block, and a thread's chunk at the same swizzle in every pass");
+    /* a fixed count of passes (a loop from threadIdx.x to M * CPR the compiler cannot count cost ~40
+     * instructions a chunk); this thread's chunk ch of rows row0 + ROWS_PER_PASS j, whose swizzle (row & 7) is
+     * the same in every pass, so the shared address advances by a constant */
+    const int row0 = threadIdx.x / CPR, ch = threadIdx.x % CPR;
+    const uint32_t s0 = smem_u32(dst) + gmma_off(row0, ch, M);
+#pragma unroll
+    for (int j = 0; j < M * CPR / TC_THREADS; j++) {
+        const int4 mt = meta[row0 + j * ROWS_PER_PASS];
         const bool ok = mt.x >= 0;
-        const bf16 *s = ok ? src + ((int64_t)mt.x * Hq + mt.y) * D + ch * 8 : src;
-        cp_async16(smem_u32(dst) + gmma_off(row, ch, M), s, ok);
+        const bf16 *s = src + (ok ? ((int64_t)mt.x * Hq + mt.y) * D + ch * 8 : 0);
+        cp_async16(s0 + j * ROWS_PER_PASS * 128, s, ok);
     }
 }
 /* the segment's keys [klo, khi) of K and V (KB rows, zero past khi) */
@@ -146,10 +161,8 @@ template <int D> struct TcFwd {
 /* the 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is __syncthreads) */
 __device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
 
-/* O (+)= P V for 16 keys: the A fragment pa, V's rows from shared address vrow (MN-major, panel stride
- * TC_KB rows) */
-template <int D> __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[4], uint32_t vrow) {
-    const uint64_t dv = gmma_desc(vrow, TC_KB * 128, 1024);
+/* O (+)= P V for 16 keys: the A fragment pa, V's 16 rows by descriptor dv (MN-major, panel stride TC_KB rows) */
+template <int D> __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[4], uint64_t dv) {
     if constexpr (D == 128) wgmma_rs_n128<1>(o, pa, dv, false);
     else wgmma_rs_n64<1>(o, pa, dv, false);
 }
@@ -240,13 +253,14 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
                                           float &l_b) {
     constexpr int M = TcFwd<D>::M;
     float s[NKT][8][4];
+    const uint64_t qd = gmma_desc(qs, 16, 1024), kd = gmma_desc(ks, 16, 1024), vd = gmma_desc(vs, TC_KB * 128, 1024);
 #pragma unroll
     for (int kt = 0; kt < NKT; kt++) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            const uint64_t dq = gmma_desc(qs + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
-            const uint64_t dk = gmma_desc(ks + (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32, 16, 1024);
+            const uint64_t dq = gmma_desc_add(qd, (kk >> 2) * M * 128 + (kk & 3) * 32);
+            const uint64_t dk = gmma_desc_add(kd, (kk >> 2) * TC_KB * 128 + kt * 64 * 128 + (kk & 3) * 32);
             wgmma_ss_n64<0, 0>(s[kt], dq, dk, kk == 0);
         }
         wgmma_commit();
@@ -259,7 +273,7 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
     fwd_softmax(s[0], pa[0], d.klo, d.khi, t_a, t_b, t_min, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], vs + kk * 16 * 128);
+    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], gmma_desc_add(vd, kk * 16 * 128));
     wgmma_commit();
     if constexpr (NKT == 2) {
         wgmma_wait<1>();
@@ -270,7 +284,7 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
         rescale_rows(o, al_a, al_b);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], vs + (64 + kk * 16) * 128);
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], gmma_desc_add(vd, (64 + kk * 16) * 128));
         wgmma_commit();
     }
     wgmma_wait<0>();
@@ -706,7 +720,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                                              const int4 *meta, int pos, const TileArgs &a) {
     using C = TcBwd<D, DI>;
     constexpr int M = C::M, NQ = M / 8;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
+    const int lane = threadIdx.x & 31, warp = warp_idx_uniform(), wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, kg0 = wg * 64, nkeys = d.khi - d.klo;
     int tmax = -1, tmin = INT_MAX; /* over the valid rows (t >= 0) */
     for (int p = lane; p < M; p += 32) {
@@ -743,16 +757,18 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
              * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
             float st[NQ][4], dpt[NQ][4];
+            const uint64_t kd = gmma_desc(ks + kg0 * 128, 16, 1024), vd = gmma_desc(vs + kg0 * 128, 16, 1024),
+                           qd = gmma_desc(qs, 16, 1024), od = gmma_desc(os, 16, 1024);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                const uint32_t ko = (kk >> 2) * TC_KB * 128 + kg0 * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
+                const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
                 if constexpr (M == 32) {
-                    wgmma_ss_n32<0, 0>(st, gmma_desc(ks + ko, 16, 1024), gmma_desc(qs + qo, 16, 1024), kk == 0);
-                    wgmma_ss_n32<0, 0>(dpt, gmma_desc(vs + ko, 16, 1024), gmma_desc(os + qo, 16, 1024), kk == 0);
+                    wgmma_ss_n32<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
+                    wgmma_ss_n32<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
                 } else {
-                    wgmma_ss_n64<0, 0>(st, gmma_desc(ks + ko, 16, 1024), gmma_desc(qs + qo, 16, 1024), kk == 0);
-                    wgmma_ss_n64<0, 0>(dpt, gmma_desc(vs + ko, 16, 1024), gmma_desc(os + qo, 16, 1024), kk == 0);
+                    wgmma_ss_n64<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
+                    wgmma_ss_n64<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
                 }
             }
             wgmma_commit();
@@ -797,10 +813,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     acc_to_a_frag(pa[kq], st[2 * kq], st[2 * kq + 1]);
                     acc_to_a_frag(da[kq], dpt[2 * kq], dpt[2 * kq + 1]);
                 }
+                const uint64_t dod = gmma_desc(os, M * 128, 1024), qtd = gmma_desc(qs, M * 128, 1024);
                 wgmma_fence();
 #pragma unroll
                 for (int kq = 0; kq < M / 16; kq++) {
-                    const uint64_t dob = gmma_desc(os + kq * 16 * 128, M * 128, 1024), qb = gmma_desc(qs + kq * 16 * 128, M * 128, 1024);
+                    const uint64_t dob = gmma_desc_add(dod, kq * 16 * 128), qb = gmma_desc_add(qtd, kq * 16 * 128);
                     if constexpr (D == 128) {
                         wgmma_rs_n128<1>(acc.v, pa[kq], dob, false);
                         wgmma_rs_n128<1>(acc.k, da[kq], qb, false);
@@ -847,12 +864,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
          * (D = 64: warpgroup 0 only); dS read transposed from [key][row], K transposed from [key][d] */
         if (wg * 64 >= D) return kl;
         float dq[8][4];
+        const uint64_t dsd = gmma_desc(dss, TC_KB * 128, 1024), kbd = gmma_desc(ks + wg * TC_KB * 128, TC_KB * 128, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
-            const uint64_t dsa = gmma_desc(dss + kk * 16 * 128, TC_KB * 128, 1024);
-            const uint64_t kb = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
-            wgmma_ss_n64<1, 1>(dq, dsa, kb, kk == 0);
+            wgmma_ss_n64<1, 1>(dq, gmma_desc_add(dsd, kk * 16 * 128), gmma_desc_add(kbd, kk * 16 * 128), kk == 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -872,12 +888,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
          * (K-major, as Q in S^T = K Q^T) */
         static_assert(D == 128, "M = 32 is the D = 128 tile");
         float dqt[M / 8][4];
+        const uint64_t kad = gmma_desc(ks + wg * TC_KB * 128, TC_KB * 128, 1024), dsd = gmma_desc(dss, 16, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
-            const uint64_t ka = gmma_desc(ks + wg * TC_KB * 128 + kk * 16 * 128, TC_KB * 128, 1024);
-            const uint64_t dsb = gmma_desc(dss + (kk >> 2) * M * 128 + (kk & 3) * 32, 16, 1024);
-            wgmma_ss_n32<1, 0>(dqt, ka, dsb, kk == 0);
+            wgmma_ss_n32<1, 0>(dqt, gmma_desc_add(kad, kk * 16 * 128), gmma_desc_add(dsd, (kk >> 2) * M * 128 + (kk & 3) * 32), kk == 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -919,7 +934,8 @@ __device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *
     constexpr int M = C::M;
     tc_gather_rows<D, M>(sQ, (const bf16 *)a.q, meta, a.Hq);
     tc_gather_rows<D, M>(sO, (const bf16 *)a.dout, meta, a.Hq);
-    for (int p = threadIdx.x; p < M; p += TC_THREADS) {
+    static_assert(M <= TC_THREADS, "one pass");
+    if (const int p = side_thread(TC_ROWSTAT_THREAD); p < M) {
         const int4 mt = meta[p];
         if (mt.x >= 0) {
             const int64_t o = (int64_t)mt.y * a.Nq + mt.x;
@@ -933,8 +949,9 @@ __device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *
     if constexpr (DI > 0) {
         constexpr int CPRI = DI / 8;
         const int nqt = M >> a.lgG;
-        for (int idx = threadIdx.x; idx < C::QI_ROWS * CPRI; idx += TC_THREADS) {
-            const int r = idx / CPRI, ch = idx - r * CPRI;
+        static_assert(C::QI_ROWS * CPRI <= TC_THREADS, "one pass");
+        if (threadIdx.x < C::QI_ROWS * CPRI) {
+            const int r = threadIdx.x / CPRI, ch = threadIdx.x % CPRI;
             const int4 mt = r < nqt ? meta[r << a.lgG] : make_int4(-1, 0, 0, 0);
             const bool ok = mt.x >= 0;
             const bf16 *src = (const bf16 *)a.qi + (ok ? ((int64_t)mt.x * a.Hkv + (mt.y >> a.lgG)) * DI + ch * 8 : 0);

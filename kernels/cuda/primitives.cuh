@@ -157,6 +157,12 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+/* The warp's index in its block, broadcast from lane 0: the compiler then knows it is the same in every lane
+ * (threadIdx.x >> 5 it cannot prove uniform), so addresses and wgmma descriptors derived from it are
+ * computed once per warp on the uniform datapath instead of per lane and moved with R2UR (CUTLASS's
+ * canonical_warp_idx_sync does the same) */
+__device__ __forceinline__ int warp_idx_uniform() { return __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 5), 0); }
+
 /* ---- tensor cores, Hopper: warpgroup MMA (wgmma) with shared-memory descriptors ----
  *
  * A warpgroup (4 warps, 128 threads) computes D[64 x N] (+)= A[64 x 16] B[16 x N], fp32 accumulators,
@@ -181,6 +187,13 @@ __host__ __device__ __forceinline__ uint32_t gmma_off(int r, int c, int rows) {
 __device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
     return (uint64_t)((addr & 0x3ffff) >> 4) | ((uint64_t)((lbo_bytes >> 4) & 0x3fff) << 16) |
            ((uint64_t)((sbo_bytes >> 4) & 0x3fff) << 32) | (1ull << 62);
+}
+/* gmma_desc(addr + bytes, ...) from gmma_desc(addr, ...): the start address (addr >> 4) is the low 14 bits of the
+ * low word, and shared addresses stay below 256 KB, so a k step's descriptor is one 32-bit add of a constant
+ * to its tile's (computed once per tile instead of masked, shifted and combined per step) */
+__device__ __forceinline__ uint64_t gmma_desc_add(uint64_t desc, uint32_t bytes) {
+    const uint32_t lo = (uint32_t)desc + (bytes >> 4), hi = (uint32_t)(desc >> 32);
+    return ((uint64_t)hi << 32) | lo;
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

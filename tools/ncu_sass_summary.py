@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Summarise Nsight Compute's SASS source page of one kernel (tools/device_check.sh ncu-source).
+
+Input: the CSV of `ncu --import R --page source --print-source sass --csv` (one row per SASS
+instruction with its executed count and warp-stall samples). Output: where the kernel's issue slots and
+stalls go, by opcode, and the instructions with the most stall samples, with their neighbours, so that a
+latency-bound tile kernel's hot spots can be read without the GUI.
+"""
+import collections
+import csv
+import io
+import sys
+
+
+def column(header, *words):
+    """the first column whose name holds every word (case-insensitive), or None"""
+    for i, name in enumerate(header):
+        if all(w.lower() in name.lower() for w in words):
+            return i
+    return None
+
+
+def number(text):
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def main(path, top=40):
+    lines = open(path, errors="replace").read().splitlines()
+    start = next((i for i, l in enumerate(lines) if '"Address"' in l or l.startswith("Address")), None)
+    if start is None:
+        sys.exit(f"{path}: no SASS table (no Address column); the first lines are:\n" + "\n".join(lines[:10]))
+    rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+    header, body = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
+    src = column(header, "source")
+    execd = column(header, "instructions executed") or column(header, "inst_executed")
+    stall = column(header, "stall sampling", "all") or column(header, "sampling")
+    stall_ni = column(header, "stall sampling", "not-issued")
+    if src is None or execd is None:
+        sys.exit(f"{path}: columns not found in {header}")
+    total_exec = sum(number(r[execd]) for r in body) or 1.0
+    total_stall = sum(number(r[stall]) for r in body) if stall is not None else 0.0
+    print(f"{len(body)} SASS instructions, {total_exec:.4g} warp instructions executed, {total_stall:.4g} stall samples")
+    print(f"columns: {[header[i] for i in (src, execd, stall, stall_ni) if i is not None]}")
+
+    by_op = collections.defaultdict(lambda: [0.0, 0.0])
+    for r in body:
+        op = r[src].split()
+        op = [t for t in op if not t.startswith("@")]  # predicates
+        name = op[0].split(".")[0] if op else "?"
+        by_op[name][0] += number(r[execd])
+        if stall is not None:
+            by_op[name][1] += number(r[stall])
+    print("\nopcode: % of executed warp instructions, % of stall samples")
+    for name, (e, s) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:30]:
+        print(f"  {name:12s} {100 * e / total_exec:6.2f}% exec  {100 * s / (total_stall or 1):6.2f}% stalls")
+
+    if stall is None:
+        return
+    print(f"\nthe {top} instructions with the most stall samples (address, executed, samples, instruction, the one before)")
+    order = sorted(range(len(body)), key=lambda i: -number(body[i][stall]))[:top]
+    addr = column(header, "address")
+    for i in order:
+        r = body[i]
+        prev = body[i - 1][src] if i > 0 else ""
+        print(f"  {r[addr] if addr is not None else i:>8s} {number(r[execd]):10.4g} {number(r[stall]):8.0f}  "
+              f"{r[src][:70]:70s} | {prev[:50]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40)
