@@ -614,7 +614,7 @@ __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 
             const float lr = zt[e] * a.isl2 - sLIt[qc] * LOG2E; /* log2 r */
             const float p = tp[e] * invG;
             v = exp2_ftz(lr) - p;
-            if (tp[e] > 0.0f) kl = fmaf(p, (log2f(tp[e]) - lg2G) - lr, kl);
+            if (tp[e] > 0.0f) kl = fmaf(p, (log2_ftz(tp[e]) - lg2G) - lr, kl);
         }
         dz[e] = v;
     }
