@@ -930,6 +930,7 @@ void run_init(Run *r) {
                        c->moe.num_experts, r->zero[1].group->size, (long long)r->zero[1].shard);
             printf("\n");
         }
+        fflush(stdout); /* before the first step, which may take long (a graph's capture, a big model's first GEMMs) */
     }
     init_step_graph(r, src);
     r->step = r->start_step = 0;
