@@ -23,6 +23,7 @@ MsaSettings msa_settings(const RunConfig *c) {
                    .index_scale = 1.0f / sqrtf((float)Di)},
         .kl_weight = c->msa.kl_weight,
         .recall_stride = c->msa.recall_stride,
+        .recall_samples = c->msa.recall_samples,
         .index_dim = Di,
     };
 }
@@ -198,19 +199,28 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
     return a;
 }
 
+int msa_recall_stride(const MsaSettings *s, int64_t n) {
+    int64_t stride = s->recall_stride;
+    if (s->recall_samples > 0 && (n + s->recall_samples - 1) / s->recall_samples > stride)
+        stride = (n + s->recall_samples - 1) / s->recall_samples;
+    return (int)(stride < INT32_MAX ? stride : INT32_MAX);
+}
+
 double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *topk, Tensor *qi, Tensor *ki,
                   Tensor *cu_seqlens) {
     const MsaParams p = forward_params(s);
     if (!topk) topk = msa_select(e, &p, qi, ki, cu_seqlens);
     BACKEND_REQUIRE(e->be, msa_recall);
-    if (!split(s)) return e->be->msa_recall(q, k, topk, cu_seqlens, &p, s->recall_stride);
-    const double mean = e->be->msa_recall(q, every_key(e, s, k), topk, cu_seqlens, &p, s->recall_stride);
+    if (!split(s)) return e->be->msa_recall(q, k, topk, cu_seqlens, &p, msa_recall_stride(s, k->shape[0]));
+    Tensor *keys = every_key(e, s, k);
+    const int stride = msa_recall_stride(s, keys->shape[0]); /* the whole sequence's: the same on every rank */
+    const double mean = e->be->msa_recall(q, keys, topk, cu_seqlens, &p, stride);
     /* the mean over every rank's sampled queries: each rank's sum and count, added up. The tokens live on the
      * engine's device: a host copy (the metric's value has just made the host wait anyway) */
     int32_t *token = xmalloc((size_t)(s->cp_index->numel > 0 ? s->cp_index->numel : 1) * sizeof(int32_t));
     tensor_to_host(e, token, s->cp_index);
     double mine[2] = {0, 0}, *all = xmalloc((size_t)(2 * s->cp->size) * sizeof(double)), sum = 0, count = 0;
-    for (int64_t t = 0; t < s->cp_index->numel; t++) mine[1] += token[t] % s->recall_stride == 0;
+    for (int64_t t = 0; t < s->cp_index->numel; t++) mine[1] += token[t] % stride == 0;
     free(token);
     mine[0] = mean * mine[1];
     s->cp->all_gather(s->cp, mine, all, 2, DT_F64, DEV_CPU);

@@ -14,7 +14,8 @@
 typedef struct MsaSettings {
     MsaParams params;   /* the kernels' (backend.h) */
     float kl_weight;    /* the auxiliary loss is kl_weight * mean KL */
-    int recall_stride;  /* the recall samples every recall_stride-th query */
+    int recall_stride;  /* the recall samples every recall_stride-th query, */
+    int recall_samples; /* or every ceil(N / recall_samples)-th of N when that is more (0: no cap) */
     int index_dim;      /* Di */
     /* context parallelism over the sequence (dist.cp_mode = sequence), set by the layer per forward: the
      * group (NULL or one rank: the whole micro-batch is here) and this rank's tokens, i32 [n] */
@@ -77,11 +78,16 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
 /* The indexer's selection alone: i32 [Hkv, N, topk_blocks]. */
 Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens);
 /* The recall of a selection (NULL: the one the indexer makes of qi, ki): the share of the dense teacher's
- * attention mass inside the selected blocks, every query whose token is a multiple of s->recall_stride.
+ * attention mass inside the selected blocks, every query whose token is a multiple of the stride (msa_recall_stride).
  * Under sequence-split context parallelism (q, k, qi, topk of this rank's tokens, ki of all) the value
  * over every rank's sampled queries, the same on each rank. */
 double msa_recall(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *topk, Tensor *qi, Tensor *ki,
                   Tensor *cu_seqlens);
+/* The recall's stride over a sequence of n tokens (all ranks' under context parallelism):
+ * max(recall_stride, ceil(n / recall_samples)); the metric scores each sampled query against every earlier key,
+ * so a fixed stride made its cost grow as n^2 (an evaluation of a 0.1B model at 128K spent 27 s on it after a
+ * 3 s training step), the cap as n. */
+int msa_recall_stride(const MsaSettings *s, int64_t n);
 
 /* The layer's KL values, one per forward (not replay) since the last collect: device memory of the
  * engine's backend in the statistics dtype, each written by its forward or, deferred, by its backward, and

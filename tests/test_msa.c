@@ -823,6 +823,42 @@ TEST(msa_recall_matches_reference) {
     }
 }
 
+/* msa.recall_samples caps the recall's sample: the stride is max(recall_stride, ceil(N / recall_samples)) of a
+ * forward's N tokens, so the layer's recall equals the kernel's at that stride */
+TEST(msa_recall_samples_cap_the_stride) {
+    Engine *eng = tc->fixture;
+    const MsaSettings fixed = {.recall_stride = 4}, capped = {.recall_stride = 4, .recall_samples = 100};
+    EXPECT(msa_recall_stride(&fixed, 100000) == 4, "no cap: stride %d", msa_recall_stride(&fixed, 100000));
+    EXPECT(msa_recall_stride(&capped, 400) == 4 && msa_recall_stride(&capped, 401) == 5 &&
+               msa_recall_stride(&capped, 1000) == 10 && msa_recall_stride(&capped, 1001) == 11,
+           "cap 100: strides %d %d %d %d", msa_recall_stride(&capped, 400), msa_recall_stride(&capped, 401),
+           msa_recall_stride(&capped, 1000), msa_recall_stride(&capped, 1001));
+    const MsaCase *c = &cases[N_CASES - 1];
+    const int N = case_tokens(c);
+    MsaParams p = case_params(c);
+    Tensor *q = test_randn(DT_F64, SHAPE(N, c->Hq, c->D), 2.0, 960), *k = test_randn(DT_F64, SHAPE(N, c->Hkv, c->D), 1.0, 961);
+    Tensor *qi = test_randn(DT_F64, SHAPE(N, c->Hkv, c->Di), 1.0, 962), *ki = test_randn(DT_F64, SHAPE(N, c->Di), 1.0, 963);
+    Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
+    Tensor *tk = run_indexer(qi, ki, cu, &p);
+    const int samples = N / 3; /* a stride of 4 from the cap: the case's 1-stride would sample every token */
+    MsaSettings s = {.params = p, .recall_stride = 1, .recall_samples = samples};
+    const int stride = msa_recall_stride(&s, N);
+    engine_reset(eng);
+    const double layer = msa_recall(eng, &s, q, k, tk, qi, ki, cu);
+    const double kernel = cpu_backend.msa_recall(q, k, tk, cu, &p, stride), every = cpu_backend.msa_recall(q, k, tk, cu, &p, 1);
+    const double ref = ref_recall(q, k, tk, cu, &p, stride);
+    EXPECT(stride == (N + samples - 1) / samples && stride > 1, "N %d, %d samples: stride %d", N, samples, stride);
+    EXPECT(layer == kernel && fabs(layer - ref) < 1e-12, "capped recall %.15g, kernel at stride %d %.15g, reference %.15g",
+           layer, stride, kernel, ref);
+    EXPECT(layer != every, "the cap changed nothing: %.15g at stride %d and at 1", layer, stride);
+    test_tensor_free(tk);
+    test_tensor_free(cu);
+    test_tensor_free(q);
+    test_tensor_free(k);
+    test_tensor_free(qi);
+    test_tensor_free(ki);
+}
+
 /* ---- the hand-worked example (msa_spec.md c.2, from V-KL §1.2) ----
  * N = 8, B = 2, H_q = 4, H_kv = 2. Query 7, group 0 (heads 0, 1): given per-head teacher rows and
  * student scores, dense-support KL = 0.0564 and, over blocks {1, 2}, sparse KL = 0.0600; captured
@@ -1151,6 +1187,7 @@ int main(void) {
     RUN(msa_kl_matches_reference);
     RUN(msa_kl_zero_when_student_equals_teacher);
     RUN(msa_recall_matches_reference);
+    RUN(msa_recall_samples_cap_the_stride);
     RUN(msa_hand_example);
     RUN(msa_f32_matches_f64_and_deterministic);
     RUN(indexer_idx_lse_is_the_kl_forwards);

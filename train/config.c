@@ -103,6 +103,7 @@ static const KeyDef KEYS[] = {
     NUM(msa, kl_weight, 1.0, 0, FMAX, "lambda: KL term = kl_weight * sum over MSA layers of the mean KL"),
     NUM(msa, dense_warmup_steps, 0, 0, IMAX, "first steps with every visible block selected (dense teacher)"),
     NUM(msa, recall_stride, 8, 1, IMAX, "the recall metric samples every n-th query at eval"),
+    NUM(msa, recall_samples, 2048, 0, IMAX, "at most ~this many recall samples a forward (the stride grows); 0 = no cap"),
 
     NUM(moe, num_experts, 8, 1, 1 << 16, "routed experts E"),
     NUM(moe, experts_per_token, 2, 1, 1 << 16, "experts per token (top-k); <= num_experts"),

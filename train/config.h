@@ -70,6 +70,7 @@ typedef struct MsaConfig {
     float kl_weight;       /* lambda: total KL term = kl_weight * sum over MSA layers of mean KL */
     int dense_warmup_steps;/* steps with every visible block selected (dense teacher), then sparse */
     int recall_stride;     /* recall metric samples every n-th query at eval */
+    int recall_samples;    /* ... and at most ~this many a forward: the stride grows with N (0: no cap) */
 } MsaConfig;
 
 typedef struct OptimConfig {
