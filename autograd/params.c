@@ -1,7 +1,10 @@
 #include "params.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../kernels/util.h"
 
@@ -67,6 +70,53 @@ static uint64_t fnv1a(const char *s) {
     return h;
 }
 
+/* The initial values of parameters [first, end) into new host buffers host[i], in the store's dtype. Each tensor
+ * has a generator of its own, seeded by its name, so the tensors are filled in parallel, a tensor at a time per
+ * thread, with the same values for any thread count: drawn one after another, a 3B model's 3e9 normals took
+ * ~1.5 minutes before its first step. Plain threads, started and joined here: an OpenMP pool would outlive the
+ * call, and a child forked after it (the tests' fatal-error checks) hangs in its first parallel region. */
+typedef struct {
+    const ParamStore *ps;
+    uint64_t seed;
+    void **host;
+    int end;
+    atomic_int next;
+} InitWork;
+
+static void fill_one(const Param *p, uint64_t seed, void **host) {
+    Tensor h = *p->t;
+    h.data = *host = xmalloc(tensor_bytes(p->t));
+    Rng rng;
+    rng_seed(&rng, seed ^ fnv1a(p->t->name));
+    /* skip the elements before the slice: two draws per normal value (rng_normal) */
+    for (int64_t j = 0; p->init == INIT_NORMAL && j < 2 * p->init_first; j++) rng_next(&rng);
+    for (int64_t j = 0; j < h.numel; j++) {
+        double v = p->init == INIT_ONES ? 1.0 : p->init == INIT_ZEROS ? 0.0 : p->init_std * rng_normal(&rng);
+        tensor_set(&h, j, v);
+    }
+}
+
+static void *fill_worker(void *arg) {
+    InitWork *w = arg;
+    for (int i; (i = atomic_fetch_add(&w->next, 1)) < w->end;) fill_one(&w->ps->p[i], w->seed, &w->host[i]);
+    return NULL;
+}
+
+static void fill_initial(const ParamStore *ps, uint64_t seed, void **host, int first, int end) {
+    enum { MAX_INIT_THREADS = 64 };
+    long cpus = ps->init_threads > 0 ? ps->init_threads : sysconf(_SC_NPROCESSORS_ONLN);
+    int n = (int)(cpus < 1 ? 1 : cpus > MAX_INIT_THREADS ? MAX_INIT_THREADS : cpus);
+    if (n > end - first) n = end - first;
+    InitWork w = {.ps = ps, .seed = seed, .host = host, .end = end};
+    atomic_init(&w.next, first);
+    pthread_t tid[MAX_INIT_THREADS];
+    int started = 0;
+    for (; started < n - 1; started++) /* this thread is the n-th */
+        if (pthread_create(&tid[started], NULL, fill_worker, &w) != 0) break;
+    fill_worker(&w);
+    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+}
+
 void params_allocate(ParamStore *ps, uint64_t seed) {
     size_t es = dtype_size(ps->dtype);
     ps->capacity = ps->numel;
@@ -91,10 +141,7 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
         t->grad = g;
         if (ps->shadow) t->shadow = (char *)ps->shadow + (size_t)p->offset * dtype_size(DT_BF16);
     }
-    /* The initial values, made on the host in the store's dtype and copied to the device. Each tensor has a
-     * generator of its own (seeded by its name), so the tensors are filled in parallel with the same values
-     * for any thread count: drawn one after another, a 3B model's 3e9 normals took ~1.5 minutes before the
-     * first step. Batches of about INIT_BATCH_BYTES of host memory, copied to the device in order. */
+    /* The initial values, made on the host in the store's dtype and copied to the device: see fill_initial */
     const size_t INIT_BATCH_BYTES = (size_t)1 << 30;
     void **host = xmalloc((size_t)(ps->n ? ps->n : 1) * sizeof *host);
     for (int first = 0; first < ps->n;) {
@@ -102,20 +149,7 @@ void params_allocate(ParamStore *ps, uint64_t seed) {
         size_t bytes = 0;
         while (end < ps->n && (end == first || bytes + tensor_bytes(ps->p[end].t) <= INIT_BATCH_BYTES))
             bytes += tensor_bytes(ps->p[end++].t);
-#pragma omp parallel for schedule(dynamic, 1)
-        for (int i = first; i < end; i++) {
-            const Param *p = &ps->p[i];
-            Tensor h = *p->t;
-            h.data = host[i] = xmalloc(tensor_bytes(p->t));
-            Rng rng;
-            rng_seed(&rng, seed ^ fnv1a(p->t->name));
-            /* skip the elements before the slice: two draws per normal value (rng_normal) */
-            for (int64_t j = 0; p->init == INIT_NORMAL && j < 2 * p->init_first; j++) rng_next(&rng);
-            for (int64_t j = 0; j < h.numel; j++) {
-                double v = p->init == INIT_ONES ? 1.0 : p->init == INIT_ZEROS ? 0.0 : p->init_std * rng_normal(&rng);
-                tensor_set(&h, j, v);
-            }
-        }
+        fill_initial(ps, seed, host, first, end);
         for (int i = first; i < end; i++) {
             ps->be->copy_from_host(ps->p[i].t->data, host[i], tensor_bytes(ps->p[i].t));
             free(host[i]);

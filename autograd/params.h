@@ -33,6 +33,8 @@ typedef struct ParamStore {
                         parameter's Tensor.shadow points into it; NULL on the CPU. See params_sync_shadow. */
     bool no_shadow;  /* set before params_allocate: no BF16 copy on CUDA either (train.weight_shadow = false);
                         the GEMMs then cast each F32 weight they read into the backend's scratch */
+    int init_threads;/* set before params_allocate: threads that draw the initial values (0: one per online CPU);
+                        the values do not depend on it */
     bool allocated;
 } ParamStore;
 

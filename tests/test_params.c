@@ -1,8 +1,10 @@
 /* The parameter store's initial values: each parameter's are its own random stream (seeded by the run's
  * seed and the parameter's name), so they do not depend on the order or the threads that fill them. */
 #include <math.h>
-#include <omp.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "../autograd/params.h"
 #include "../kernels/util.h"
@@ -18,7 +20,7 @@ static uint64_t fnv1a_reference(const char *s) {
 }
 
 /* a store of a few parameters of every init kind, one of them a slice (init_first) of a larger tensor, filled
- * with `threads` OpenMP threads; its F32 values returned (caller frees) */
+ * with `threads` threads; its F32 values returned (caller frees) */
 static float *filled_store(int threads, int64_t *numel, ParamStore *ps) {
     params_init(ps, &cpu_backend, DT_F32);
     params_add(ps, "wte", 2, (int64_t[]){300, 64}, INIT_NORMAL, 0.02f, false);
@@ -27,10 +29,8 @@ static float *filled_store(int threads, int64_t *numel, ParamStore *ps) {
     params_add(ps, "layers.0.bias", 1, (int64_t[]){64}, INIT_ZEROS, 0, false);
     params_add(ps, "layers.0.experts.w_up", 3, (int64_t[]){2, 32, 64}, INIT_NORMAL, 1.0f, true);
     params_find(ps, "layers.0.experts.w_up")->init_first = 3 * 32 * 64; /* experts 3 and 4 of a larger tensor */
-    const int saved = omp_get_max_threads();
-    omp_set_num_threads(threads);
+    ps->init_threads = threads;
     params_allocate(ps, 1234);
-    omp_set_num_threads(saved);
     *numel = ps->numel;
     float *v = xmalloc((size_t)ps->numel * sizeof(float));
     memcpy(v, ps->data, (size_t)ps->numel * sizeof(float));
@@ -63,8 +63,32 @@ TEST(initial_values_are_each_names_stream_for_any_thread_count) {
     params_free(&many);
 }
 
+/* The fill's threads end with the call: a child forked afterwards (as the tests' fatal-error checks fork) fills a
+ * store of its own. An OpenMP pool left by the parent made such a child hang in its first parallel region. */
+TEST(a_child_forked_after_a_fill_fills_too) {
+    ParamStore parent;
+    int64_t n;
+    free(filled_store(4, &n, &parent));
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+        alarm(30); /* a hang ends the child by SIGALRM, which the parent reports */
+        ParamStore child;
+        int64_t m;
+        free(filled_store(4, &m, &child));
+        params_free(&child);
+        _exit(m == n ? 0 : 3);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    EXPECT(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the forked child %s %d",
+           WIFSIGNALED(st) ? "was killed by signal" : "exited with", WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+    params_free(&parent);
+}
+
 int main(void) {
     TEST_BEGIN();
     RUN(initial_values_are_each_names_stream_for_any_thread_count);
+    RUN(a_child_forked_after_a_fill_fills_too);
     TEST_END();
 }
