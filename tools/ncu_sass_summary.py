@@ -28,10 +28,13 @@ def number(text):
 
 
 def main(path, top=40):
-    lines = open(path, errors="replace").read().splitlines()
+    try:
+        lines = open(path, errors="replace").read().splitlines()
+    except OSError as e:
+        sys.exit(f"error: {path}: cannot read it ({e.strerror})")
     start = next((i for i, l in enumerate(lines) if '"Address"' in l or l.startswith("Address")), None)
     if start is None:
-        sys.exit(f"{path}: no SASS table (no Address column); the first lines are:\n" + "\n".join(lines[:10]))
+        sys.exit(f"error: {path}: no SASS table (no Address column); it begins {' | '.join(lines[:3])[:300]!r}")
     rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
     header, body = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
     src = column(header, "source")
@@ -39,7 +42,7 @@ def main(path, top=40):
     stall = column(header, "stall sampling", "all") or column(header, "sampling")
     stall_ni = column(header, "stall sampling", "not-issued")
     if src is None or execd is None:
-        sys.exit(f"{path}: columns not found in {header}")
+        sys.exit(f"error: {path}: no Source or Instructions Executed column among {header}")
     total_exec = sum(number(r[execd]) for r in body) or 1.0
     total_stall = sum(number(r[stall]) for r in body) if stall is not None else 0.0
     print(f"{len(body)} SASS instructions, {total_exec:.4g} warp instructions executed, {total_stall:.4g} stall samples")

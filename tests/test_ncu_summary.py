@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""tools/ncu_sass_summary.py (the GPU machine's `device_check.sh ncu-source` stage): on a hand-made page of
+Nsight Compute's SASS source CSV, the shares of executed instructions and stall samples per opcode
+(predicates ignored, modifiers folded into the opcode) against sums worked out here, the hottest
+instructions in order with the one before each, and one error line for a file without the table.
+Prints "N passed, N failed". Run with the project's virtual environment:
+.venv/bin/python tests/test_ncu_summary.py
+"""
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pyharness  # noqa: E402
+from pyharness import TESTS, check, test  # noqa: E402
+from pyharness import expect_error_line  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "ncu_sass_summary.py")
+
+# the page as `ncu --import R --page source --print-source sass --csv` writes it: a line of the profiler's before
+# the header, quoted fields, thousands separators
+PAGE = """==PROF== Connected to process 1234
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed"
+"0x7f0000000000","MOV R1, c[0x0][0x28]","10","5","1,000"
+"0x7f0000000010","@P0 FFMA R2, R3, R4, R5","300","200","6,000"
+"0x7f0000000020","FFMA R6, R7, R8, R9","100","50","2,000"
+"0x7f0000000030","HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24","500","400","1,000"
+"0x7f0000000040","@!P1 BRA 0x7f0000000000","90","10","0"
+"""
+
+
+def run_tool(path, *extra):
+    return subprocess.run([sys.executable, TOOL, path, *extra], capture_output=True, text=True)
+
+
+@test
+def opcode_shares_and_hottest_instructions(work):
+    path = os.path.join(work, "page.csv")
+    with open(path, "w") as f:
+        f.write(PAGE)
+    r = run_tool(path, "3")
+    check(r.returncode == 0, f"exit {r.returncode}: {r.stderr}")
+    out = r.stdout
+    # by hand: executed 1000 + 6000 + 2000 + 1000 + 0 = 10000; stall samples 10 + 300 + 100 + 500 + 90 = 1000
+    check("5 SASS instructions, 1e+04 warp instructions executed, 1000 stall samples" in out, out)
+    shares = {m.group(1): (float(m.group(2)), float(m.group(3)))
+              for m in re.finditer(r"^\s+(\S+)\s+([0-9.]+)% exec\s+([0-9.]+)% stalls", out, re.M)}
+    want = {"FFMA": (80.0, 40.0), "MOV": (10.0, 1.0), "HGMMA": (10.0, 50.0), "BRA": (0.0, 9.0)}
+    check(set(shares) == set(want), f"opcodes {sorted(shares)}, want {sorted(want)}")
+    for op, (e, s) in want.items():
+        check(abs(shares[op][0] - e) < 0.01 and abs(shares[op][1] - s) < 0.01, f"{op}: {shares[op]}, want {(e, s)}")
+    # the 3 hottest by stall samples, most first, each with the instruction before it
+    hot = out[out.index("the 3 instructions"):].splitlines()[1:]
+    check(len(hot) == 3, f"{len(hot)} hot lines:\n{out}")
+    check("HGMMA" in hot[0] and "| FFMA R6" in hot[0], hot[0])
+    check("@P0 FFMA" in hot[1] and "| MOV R1" in hot[1], hot[1])
+    check("FFMA R6" in hot[2].split("|")[0], hot[2])
+
+
+@test
+def a_file_without_the_table_is_one_error_line(work):
+    path = os.path.join(work, "log.csv")
+    with open(path, "w") as f:
+        f.write("==ERROR== Could not open report file 'r.ncu-rep'.\n")
+    expect_error_line(run_tool(path), "no SASS table", "Could not open report file")
+    expect_error_line(run_tool(os.path.join(work, "missing.csv")), "cannot read it")
+
+
+def main():
+    return pyharness.run(TESTS, "msa_test_ncu_summary_", ())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
