@@ -2,7 +2,7 @@
 """tools/ncu_sass_summary.py (the GPU machine's `device_check.sh ncu-source` stage): on a hand-made page of
 Nsight Compute's SASS source CSV, the shares of executed instructions and stall samples per opcode
 (predicates ignored, modifiers folded into the opcode) against sums worked out here, the hottest
-instructions in order with the one before each, and one error line for a file without the table.
+instructions in order with the one before each, columns in any order, and one error line for a file without the table.
 Prints "N passed, N failed". Run with the project's virtual environment:
 .venv/bin/python tests/test_ncu_summary.py
 """
@@ -57,6 +57,22 @@ def opcode_shares_and_hottest_instructions(work):
     check("HGMMA" in hot[0] and "| FFMA R6" in hot[0], hot[0])
     check("@P0 FFMA" in hot[1] and "| MOV R1" in hot[1], hot[1])
     check("FFMA R6" in hot[2].split("|")[0], hot[2])
+
+
+@test
+def columns_in_any_order(work):
+    """the same page with its columns reversed (the executed count first, at index 0): the same summary"""
+    rows = [line.split('","') for line in PAGE.splitlines()[1:]]
+    flipped = ['"' + '","'.join(reversed([f.strip('"') for f in r])) + '"' for r in rows]
+    a, b = os.path.join(work, "page.csv"), os.path.join(work, "flipped.csv")
+    with open(a, "w") as f:
+        f.write(PAGE)
+    with open(b, "w") as f:
+        f.write(PAGE.splitlines()[0] + "\n" + "\n".join(flipped) + "\n")
+    ra, rb = run_tool(a, "3"), run_tool(b, "3")
+    check(rb.returncode == 0, f"exit {rb.returncode}: {rb.stderr}")
+    summary = lambda out: out[out.index("opcode:"):out.index("the 3 instructions")]
+    check(summary(ra.stdout) == summary(rb.stdout), f"{ra.stdout}\n---\n{rb.stdout}")
 
 
 @test

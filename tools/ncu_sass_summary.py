@@ -37,9 +37,12 @@ def main(path, top=40):
         sys.exit(f"error: {path}: no SASS table (no Address column); it begins {' | '.join(lines[:3])[:300]!r}")
     rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
     header, body = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
+    def first_of(*alternatives):  # the first alternative naming a column (an index may be 0)
+        return next((i for i in (column(header, *a) for a in alternatives) if i is not None), None)
+
     src = column(header, "source")
-    execd = column(header, "instructions executed") or column(header, "inst_executed")
-    stall = column(header, "stall sampling", "all") or column(header, "sampling")
+    execd = first_of(("instructions executed",), ("inst_executed",))
+    stall = first_of(("(all samples)",), ("sampling",))  # ("all" alone is in "Stall")
     stall_ni = column(header, "stall sampling", "not-issued")
     if src is None or execd is None:
         sys.exit(f"error: {path}: no Source or Instructions Executed column among {header}")
