@@ -200,9 +200,8 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
 }
 
 int msa_recall_stride(const MsaSettings *s, int64_t n) {
-    int64_t stride = s->recall_stride;
-    if (s->recall_samples > 0 && (n + s->recall_samples - 1) / s->recall_samples > stride)
-        stride = (n + s->recall_samples - 1) / s->recall_samples;
+    const int64_t capped = s->recall_samples > 0 ? (n + s->recall_samples - 1) / s->recall_samples : 0;
+    const int64_t stride = capped > s->recall_stride ? capped : s->recall_stride;
     return (int)(stride < INT32_MAX ? stride : INT32_MAX);
 }
 
