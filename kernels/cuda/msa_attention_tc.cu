@@ -828,16 +828,19 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                 wgmma_hold(acc.k);
                 wgmma_hold(acc.v);
             }
-            /* dS for dQ as dS [packed row][key], K-major like the Q tile (a thread's two keys are 8 apart: 2-byte
-             * stores), read by dQ^T = K^T dS^T below */
+            /* dS for dQ as dS [packed row][key], K-major like the Q tile, read by dQ^T = K^T dS^T below: written with
+             * stmatrix .trans, 8x8 matrices of n-tile n (packed rows 8n ..) and key half h (keys kw0 + 8h ..), a
+             * thread's pair (key gid, rows 2 tig, 2 tig + 1) of each (the same bf16 pairs as its A fragments); lane
+             * 8i + r gives the address of row r of matrix i. Four instructions a thread for two n-tiles, where 2-byte
+             * stores took one per element */
             if (a.dqp) {
+                const int mi = lane >> 3, r = lane & 7;
 #pragma unroll
-                for (int e = 0; e < 4; e++) { /* key kw0 + gid + 8 (e >> 1) of rows n * 8 + 2 tig + (e & 1): the
-                                               * swizzle repeats every 8 rows, so row n * 8 + r is 1024 n bytes
-                                               * past row r */
-                    unsigned char *p = sdS + gmma_off(tig * 2 + (e & 1), (kw0 >> 3) + (e >> 1), M) + gid * 2;
-#pragma unroll
-                    for (int n = 0; n < NQ; n++) *(bf16 *)(p + n * 1024) = __float2bfloat16_rn(dpt[n][e]);
+                for (int n0 = 0; n0 < NQ; n0 += 2) {
+                    const int n = n0 + (mi >> 1);
+                    stsm_x4_t(dss + gmma_off(n * 8 + r, (kw0 >> 3) + (mi & 1), M), pack_bf16(dpt[n0][0], dpt[n0][1]),
+                              pack_bf16(dpt[n0][2], dpt[n0][3]), pack_bf16(dpt[n0 + 1][0], dpt[n0 + 1][1]),
+                              pack_bf16(dpt[n0 + 1][2], dpt[n0 + 1][3]));
                 }
             }
             if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, all_visible, a);
