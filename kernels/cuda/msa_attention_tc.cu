@@ -416,7 +416,7 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
 template <int D, int DI> struct TcBwd {
     static constexpr int M = D == 128 ? 32 : 64; /* packed query rows per tile (registers: dK, dV live) */
     static constexpr int RB = D * 2;
-    /* dS of the tile for dQ (bf16, 128-byte swizzle): M = 64 as dS^T [key][64 rows], M = 32 as dS [32 rows][key] */
+    /* dS of the tile for dQ (bf16, 128-byte swizzle) as dS [M rows][key] */
     static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * M * 2;
     /* the KL's: ki of the segment, qi of the tile's queries (8 rows, the rows past the tile's queries
      * zero), the batch (dz [key][16 slots] bf16, the slots' qi rows and meta), the dki accumulators */
@@ -745,14 +745,9 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
         if (kg0 >= nkeys || d.klo + kg0 > tmax) {
             /* the warpgroup's keys are past the segment or in the future of every query of the tile: dS = 0
              * (dz stays zero) */
-            if (a.dqp) {
-                if constexpr (M == 64)
-                    for (int idx = lane; idx < 16 * 8; idx += 32)
-                        *(uint4 *)(sdS + gmma_off(kw0 + idx / 8, idx % 8, TC_KB)) = make_uint4(0, 0, 0, 0);
-                else /* the warp's 16 keys are chunks kw0 / 8 and kw0 / 8 + 1 of every row */
-                    for (int idx = lane; idx < M * 2; idx += 32)
-                        *(uint4 *)(sdS + gmma_off(idx >> 1, (kw0 >> 3) + (idx & 1), M)) = make_uint4(0, 0, 0, 0);
-            }
+            if (a.dqp) /* the warp's 16 keys are chunks kw0 / 8 and kw0 / 8 + 1 of every row */
+                for (int idx = lane; idx < M * 2; idx += 32)
+                    *(uint4 *)(sdS + gmma_off(idx >> 1, (kw0 >> 3) + (idx & 1), M)) = make_uint4(0, 0, 0, 0);
         } else {
             /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
              * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
@@ -833,24 +828,19 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                 wgmma_hold(acc.k);
                 wgmma_hold(acc.v);
             }
-            /* dS for dQ: M = 64 as dS^T [key][packed row] (a thread's two rows are adjacent: 4-byte stores),
-             * M = 32 as dS [packed row][key] (a thread's two keys are 8 apart: 2-byte stores) */
+            /* dS for dQ as dS [packed row][key], K-major like the Q tile, read by dQ^T = K^T dS^T below: written with
+             * stmatrix .trans, 8x8 matrices of n-tile n (packed rows 8n ..) and key half h (keys kw0 + 8h ..), a
+             * thread's pair (key gid, rows 2 tig, 2 tig + 1) of each (the same bf16 pairs as its A fragments); lane
+             * 8i + r gives the address of row r of matrix i. Four instructions a thread for two n-tiles, where 2-byte
+             * stores took one per element */
             if (a.dqp) {
-                if constexpr (M == 64) {
+                const int mi = lane >> 3, r = lane & 7;
 #pragma unroll
-                    for (int n = 0; n < NQ; n++) {
-                        *(uint32_t *)(sdS + gmma_off(kw0 + gid, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][0], dpt[n][1]);
-                        *(uint32_t *)(sdS + gmma_off(kw0 + gid + 8, n, TC_KB) + tig * 4) = pack_bf16(dpt[n][2], dpt[n][3]);
-                    }
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) { /* key kw0 + gid + 8 (e >> 1) of rows n * 8 + 2 tig + (e & 1): the
-                                                   * swizzle repeats every 8 rows, so row n * 8 + r is 1024 n bytes
-                                                   * past row r */
-                        unsigned char *p = sdS + gmma_off(tig * 2 + (e & 1), (kw0 >> 3) + (e >> 1), M) + gid * 2;
-#pragma unroll
-                        for (int n = 0; n < NQ; n++) *(bf16 *)(p + n * 1024) = __float2bfloat16_rn(dpt[n][e]);
-                    }
+                for (int n0 = 0; n0 < NQ; n0 += 2) {
+                    const int n = n0 + (mi >> 1);
+                    stsm_x4_t(dss + gmma_off(n * 8 + r, (kw0 >> 3) + (mi & 1), M), pack_bf16(dpt[n0][0], dpt[n0][1]),
+                              pack_bf16(dpt[n0][2], dpt[n0][3]), pack_bf16(dpt[n0 + 1][0], dpt[n0 + 1][1]),
+                              pack_bf16(dpt[n0 + 1][2], dpt[n0 + 1][3]));
                 }
             }
             if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, all_visible, a);
@@ -859,36 +849,18 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     if (!a.dqp) return kl; /* uniform over the CTA */
     fence_async_smem();
     __syncthreads();
-    if constexpr (M == 64) {
-        /* dQ_partial = dS K over the segment's keys: m64 = the packed rows, n64 = head dims [64 wg, 64 wg + 64)
-         * (D = 64: warpgroup 0 only); dS read transposed from [key][row], K transposed from [key][d] */
-        if (wg * 64 >= D) return kl;
-        float dq[8][4];
-        const uint64_t dsd = gmma_desc(dss, TC_KB * 128, 1024), kbd = gmma_desc(ks + wg * TC_KB * 128, TC_KB * 128, 1024);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
-            wgmma_ss_n64<1, 1>(dq, gmma_desc_add(dsd, kk * 16 * 128), gmma_desc_add(kbd, kk * 16 * 128), kk == 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(dq);
-        const int rw = (warp & 3) * 16; /* this warp's rows */
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int4 m = meta[rw + gid + half * 8];
-            if (m.x < 0) continue;
-            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * 64;
-#pragma unroll
-            for (int j = 0; j < 8; j++) *(float2 *)(dst + j * 8 + tig * 2) = make_float2(dq[j][2 * half], dq[j][2 * half + 1]);
-        }
-    } else {
-        /* dQ_partial^T = K^T dS^T (32 packed rows would fill half of an m64): m64 = head dims [64 wg, 64 wg + 64),
-         * n32 = the packed rows; K read transposed from [key][d] (as B of the M = 64 product), dS from [row][key]
-         * (K-major, as Q in S^T = K Q^T) */
-        static_assert(D == 128, "M = 32 is the D = 128 tile");
-        float dqt[M / 8][4];
-        const uint64_t kad = gmma_desc(ks + wg * TC_KB * 128, TC_KB * 128, 1024), dsd = gmma_desc(dss, 16, 1024);
+    {
+        /* dQ_partial^T = K^T dS^T, m64n32 per warpgroup: m64 = 64 head dims, n32 = 32 packed rows. D = 128 (M = 32):
+         * warpgroup wg takes dims [64 wg, 64 wg + 64) of all 32 rows; D = 64 (M = 64): all 64 dims of rows
+         * [32 wg, 32 wg + 32), so that both warpgroups share the product (as dQ = dS K it was one m64n64 on
+         * warpgroup 0 while warpgroup 1 waited at the next barrier). K read transposed from [key][d] (MN-major
+         * A), dS from [row][key] (K-major B, as Q in S^T = K Q^T) */
+        static_assert((D == 128 && M == 32) || (D == 64 && M == 64), "32 packed rows a warpgroup");
+        constexpr int ROWS = 32;
+        const int dim0 = D == 128 ? wg * 64 : 0, row0 = D == 128 ? 0 : wg * ROWS;
+        float dqt[ROWS / 8][4];
+        const uint64_t kad = gmma_desc(ks + (dim0 / 64) * TC_KB * 128, TC_KB * 128, 1024),
+                       dsd = gmma_desc(dss + row0 * 128, 16, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < TC_KB / 16; kk++) { /* keys past the segment: dS = 0 and K = 0 */
@@ -898,13 +870,14 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
         wgmma_wait<0>();
         wgmma_hold(dqt);
         /* staged as fp32 [row][the warpgroup's 64 dims] in a tile buffer dead by now (Q: warpgroup 0, dO:
-         * warpgroup 1; every product that read them was waited for before the barrier above, and the next
-         * gather into them follows the loop's barrier), so that a thread writes one row: held as they are,
-         * each thread's eight rows cost ptxas registers it did not have (spills) */
+         * warpgroup 1; Q_BYTES = M * 2D >= 32 * 64 * 4 for both tiles; every product that read them was waited
+         * for before the barrier above, and the next gather into them follows the loop's barrier), so that a
+         * thread writes one row: held as they are, each thread's eight rows cost ptxas registers it did not have
+         * (spills) */
         float *stage = (float *)(wg == 0 ? sQt : sOt);
         const int dl = (warp & 3) * 16 + gid; /* this thread's dims dl, dl + 8 */
 #pragma unroll
-        for (int j = 0; j < M / 8; j++) {
+        for (int j = 0; j < ROWS / 8; j++) {
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 const int row = j * 8 + tig * 2 + c;
@@ -914,9 +887,9 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
         }
         warpgroup_sync(wg);
         const int row = (threadIdx.x & 127) >> 2, q = threadIdx.x & 3; /* dims 16 v + 4 q, v < 4 */
-        const int4 m = meta[row];
+        const int4 m = meta[row0 + row];
         if (m.x >= 0) {
-            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + wg * 64;
+            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + dim0;
 #pragma unroll
             for (int v = 0; v < 4; v++)
                 *(float4 *)(dst + v * 16 + q * 4) = *(const float4 *)(stage + row * 64 + stage_col(row, v * 16 + q * 4));

@@ -97,8 +97,10 @@ constexpr int META = 64; /* per-query metadata slots (QTq, ROWS <= 64) */
 int up16(int x) { return (x + 15) / 16 * 16; }
 
 /* bf: BF16 tiles (tensor cores) or F32 (CUDA cores); sparse: key tiles are blocks (or KT-sized
- * sub-tiles of a block longer than KT), dense: KT consecutive keys; qbuf: Q tile buffers. */
-Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf) {
+ * sub-tiles of a block longer than KT), dense: KT consecutive keys; qbuf: Q tile buffers. student_only
+ * (LSE_SPARSE): no K, Q, dz, S or P tiles, only KI, QI and Z, so that two CTAs fit an SM (~90 KB each at
+ * Di = 128 instead of ~175) */
+Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf, bool student_only = false) {
     Lay L;
     memset(&L, 0, sizeof L);
     const int dmax = D > Di ? D : Di, ts = bf ? 2 : 4, pad = 16 / ts;
@@ -129,11 +131,17 @@ Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf) {
         off += (bytes + 127) / 128 * 128;
         return (int)o;
     };
-    L.o_ks = take((size_t)L.KTp * L.ldk * ts);
+    L.o_ks = take(student_only ? 0 : (size_t)L.KTp * L.ldk * ts);
     L.o_kis = take((size_t)L.KTp * L.ldki * ts);
-    L.o_qs = take((size_t)qbuf * L.ROWS * L.ldq * ts);
+    L.o_qs = take(student_only ? 0 : (size_t)qbuf * L.ROWS * L.ldq * ts);
     L.o_qis = take((size_t)L.QTp * L.ldqi * ts);
-    L.o_dz = take((size_t)L.QTp * L.ldz * ts);
+    L.o_dz = take(student_only ? 0 : (size_t)L.QTp * L.ldz * ts);
+    if (student_only) { /* Z alone (S, P and the staged outputs O are never touched) */
+        L.o_S = L.o_P = L.o_Z = take((size_t)L.QTp * L.ldzs * sizeof(float));
+        L.o_meta = take((size_t)META * (7 * 4 + 16));
+        L.bytes = (int)off;
+        return L;
+    }
     /* S | P | Z while a chunk computes; the staged outputs O (dQI of a chunk, or an accumulator of
      * KTp or QTp rows) reuse the same bytes afterwards */
     const size_t spz = (size_t)L.ROWS * L.lds + (size_t)L.QTp * L.ldp + (size_t)L.QTp * L.ldzs;
@@ -496,8 +504,10 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
                 }
             }
             sum = warp_sum(sum);
-            ab = warp_sum(ab);
-            c = warp_sum(c);
+            if constexpr (MODE != LSE_SPARSE) { /* the student alone has no teacher terms */
+                ab = warp_sum(ab);
+                c = warp_sum(c);
+            }
             if (lane == 0) {
                 const float4 ts = make_float4(m, sum, ab, c);
                 if constexpr (MODE == FWD_SPARSE || MODE == LSE_SPARSE) {
@@ -572,7 +582,7 @@ __device__ __forceinline__ void load_keys(const KA<T> &a, const Sm<T> &s, int g,
 
 /* Sparse, KV-outer: one piece {row, e0, e1, split} per iteration, the row's keys in tiles of KT. */
 template <typename T, int MODE>
-__global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
+__global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 2 : 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
     extern __shared__ __align__(128) unsigned char kl_smem[];
     const Lay &L = a.L;
     const Sm<T> s = carve<T>(kl_smem, L);
@@ -1198,7 +1208,7 @@ void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const 
     const bool bf = std::is_same<T, bf16>::value;
     PlanHold ph(topk, nullptr, cu, p, d);
     /* one "head" per group and no main-branch rows: QTq = 64 queries per chunk share each key tile */
-    Lay L = make_lay(bf, d.B, 0, d.Di, 1, true, 1);
+    Lay L = make_lay(bf, d.B, 0, d.Di, 1, true, 1, true);
     if (L.bytes > max_smem_optin())
         fatal("cuda msa_indexer: Di = %d needs %d bytes of shared memory per block for idx_lse, the device allows %d", d.Di,
               L.bytes, max_smem_optin());

@@ -127,6 +127,14 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 /* two floats as a bf16 pair in one register, lo in the low half (the fragments' element order) */
+/* stmatrix .trans: four 8x8 b16 matrices stored transposed. Register i of a thread holds its pair of matrix i in the
+ * mma fragment layout (row gid = lane / 4, columns 2 tig, 2 tig + 1, tig = lane % 4); lane 8i + r gives the shared
+ * address of row r of the stored matrix i, i.e. of fragment column r (16 bytes, 16-byte aligned) */
+__device__ __forceinline__ void stsm_x4_t(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+                 "r"(r2), "r"(r3)
+                 : "memory");
+}
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); /* .x (low half) = lo */
     return *reinterpret_cast<uint32_t *>(&v);
