@@ -314,7 +314,9 @@ PY
                  "moe_4k:--set train.seq_len=4096 --set train.batch_size=4 --set train.recompute=true $moe" \
                  "msa_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true $msa" \
                  "dense_32k_keep:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true" \
-                 "msa_32k_keep:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true $msa"; do
+                 "msa_32k_keep:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true $msa" \
+                 "dense_64k_keep:--set train.seq_len=65536 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true" \
+                 "msa_64k_keep:--set train.seq_len=65536 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true $msa"; do
             name=${p%%:*}
             # PROFILES="dense_32k msa_32k" runs only those
             case " ${PROFILES:-$name} " in *" $name "*) ;; *) continue ;; esac

@@ -25,6 +25,9 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include <stdlib.h>
+#include <string.h>
+
 #include "moe_grouped_gemm.cuh"
 
 namespace msacuda {
@@ -38,13 +41,14 @@ using RowMajor = cutlass::layout::RowMajor;
 using ColumnMajor = cutlass::layout::ColumnMajor;
 
 /* One CUTLASS grouped GEMM type: A and B BF16 with the given layouts (CUTLASS's convention: B is N x K,
- * ColumnMajor = K-major), C and D of ElementD, row-major */
-template <class LayoutA, class LayoutB, class ElementD> struct Grouped {
+ * ColumnMajor = K-major), C and D of ElementD, row-major, tiles of TileM x 128 x 64 on clusters of ClusterM
+ * CTAs along M (the CTAs of a cluster share their B tile by TMA multicast) */
+template <class LayoutA, class LayoutB, class ElementD, int TileM, int ClusterM> struct Grouped {
     using Element = cutlass::bfloat16_t;
     static constexpr int ALIGN_AB = 128 / cutlass::sizeof_bits<Element>::value;
     static constexpr int ALIGN_D = 128 / cutlass::sizeof_bits<ElementD>::value;
-    using TileShape = Shape<_128, _128, _64>;
-    using ClusterShape = Shape<_1, _1, _1>;
+    using TileShape = Shape<Int<TileM>, _128, _64>;
+    using ClusterShape = Shape<Int<ClusterM>, _1, _1>;
     using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
         cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementD, RowMajor *, ALIGN_D, ElementD,
@@ -64,9 +68,27 @@ template <class LayoutA, class LayoutB, class ElementD> struct Grouped {
     using Out = ElementD;
 };
 
-using ForwardGemm = Grouped<RowMajor, ColumnMajor, cutlass::bfloat16_t>;
-using DxGemm = Grouped<RowMajor, RowMajor, cutlass::bfloat16_t>;
-using DwGemm = Grouped<ColumnMajor, RowMajor, float>;
+/* The tile configurations: 128 x 128 on single CTAs (the first one, measured at 426 TFLOP/s forward
+ * against 583 for per-expert cuBLASLt, docs/benchmarks.md), and 256 x 128 on pairs of CTAs (CUTLASS's
+ * grouped-GEMM example's cooperative shape: each consumer warpgroup 128 x 128, half the B loads per
+ * output). MSA_MOE_TILE=256x128 selects the second, until a measurement picks the default. */
+template <int TileM, int ClusterM> struct Config {
+    using Forward = Grouped<RowMajor, ColumnMajor, cutlass::bfloat16_t, TileM, ClusterM>;
+    using Dx = Grouped<RowMajor, RowMajor, cutlass::bfloat16_t, TileM, ClusterM>;
+    using Dw = Grouped<ColumnMajor, RowMajor, float, TileM, ClusterM>;
+};
+using Tile128 = Config<128, 1>;
+using Tile256 = Config<256, 2>;
+
+bool wide_tiles() {
+    static const int wide = [] {
+        const char *v = getenv("MSA_MOE_TILE");
+        if (!v || !*v || !strcmp(v, "128x128")) return 0;
+        if (!strcmp(v, "256x128")) return 1;
+        fatal("MSA_MOE_TILE=%s: expected 128x128 or 256x128", v);
+    }();
+    return wide != 0;
+}
 
 /* The per-expert argument arrays, each E entries, carved from the caller's workspace in this order
  * (256-byte aligned each), then CUTLASS's own workspace. */
@@ -209,15 +231,29 @@ void run(void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offse
     LAUNCH_CHECK("grouped_matmul");
 }
 
+template <class Cfg> size_t workspace_of(GroupedProduct p, int64_t E) {
+    switch (p) {
+    case GROUPED_FORWARD: return args_bytes<typename Cfg::Forward>(E) + align256(gemm_workspace<typename Cfg::Forward>(E));
+    case GROUPED_DX: return args_bytes<typename Cfg::Dx>(E) + align256(gemm_workspace<typename Cfg::Dx>(E));
+    case GROUPED_DW: return args_bytes<typename Cfg::Dw>(E) + align256(gemm_workspace<typename Cfg::Dw>(E));
+    }
+    fatal("cuda grouped_matmul: unknown product %d", (int)p);
+}
+
+template <class Cfg>
+void run_config(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E,
+                int64_t M, int64_t out, int64_t in, int *err, void *ws) {
+    switch (p) {
+    case GROUPED_FORWARD: run<typename Cfg::Forward, GROUPED_FORWARD>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
+    case GROUPED_DX: run<typename Cfg::Dx, GROUPED_DX>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
+    case GROUPED_DW: run<typename Cfg::Dw, GROUPED_DW>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
+    }
+}
+
 }  // namespace
 
 size_t grouped_gemm_workspace(GroupedProduct p, int64_t E) {
-    switch (p) {
-    case GROUPED_FORWARD: return args_bytes<ForwardGemm>(E) + align256(gemm_workspace<ForwardGemm>(E));
-    case GROUPED_DX: return args_bytes<DxGemm>(E) + align256(gemm_workspace<DxGemm>(E));
-    case GROUPED_DW: return args_bytes<DwGemm>(E) + align256(gemm_workspace<DwGemm>(E));
-    }
-    fatal("cuda grouped_matmul: unknown product %d", (int)p);
+    return wide_tiles() ? workspace_of<Tile256>(p, E) : workspace_of<Tile128>(p, E);
 }
 
 void grouped_gemm(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E,
@@ -226,11 +262,8 @@ void grouped_gemm(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *
     if (M > INT32_MAX || E > INT32_MAX || !grouped_gemm_fits(in, out))
         fatal("cuda grouped_matmul: E = %lld, M = %lld, out = %lld, in = %lld outside the grouped GEMM's range", (long long)E,
               (long long)M, (long long)out, (long long)in);
-    switch (p) {
-    case GROUPED_FORWARD: run<ForwardGemm, GROUPED_FORWARD>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
-    case GROUPED_DX: run<DxGemm, GROUPED_DX>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
-    case GROUPED_DW: run<DwGemm, GROUPED_DW>(dst, rows_in, other, offsets, E, M, out, in, err, ws); break;
-    }
+    if (wide_tiles()) run_config<Tile256>(p, dst, rows_in, other, offsets, E, M, out, in, err, ws);
+    else run_config<Tile128>(p, dst, rows_in, other, offsets, E, M, out, in, err, ws);
 }
 
 }  // namespace msacuda
