@@ -68,10 +68,12 @@ template <class LayoutA, class LayoutB, class ElementD, int TileM, int ClusterM>
     using Out = ElementD;
 };
 
-/* The tile configurations: 128 x 128 on single CTAs (the first one, measured at 426 TFLOP/s forward
- * against 583 for per-expert cuBLASLt, docs/benchmarks.md), and 256 x 128 on pairs of CTAs (CUTLASS's
+/* The tile configurations: 128 x 128 on single CTAs, and 256 x 128 on pairs of CTAs (CUTLASS's
  * grouped-GEMM example's cooperative shape: each consumer warpgroup 128 x 128, half the B loads per
- * output). MSA_MOE_TILE=256x128 selects the second, until a measurement picks the default. */
+ * output). Measured on an H100 (docs/benchmarks.md, eleventh session, test_gpu --bench moe): the forward
+ * is faster on 256 x 128 at all four bench shapes (430 -> 540 TFLOP/s at 2048 -> 704), the backward
+ * (dx + dw) slower at three of four (454 -> 393), so the forward takes 256 x 128 and the backward
+ * 128 x 128. MSA_MOE_TILE=128x128 or 256x128 puts every product on one of them (for measuring). */
 template <int TileM, int ClusterM> struct Config {
     using Forward = Grouped<RowMajor, ColumnMajor, cutlass::bfloat16_t, TileM, ClusterM>;
     using Dx = Grouped<RowMajor, RowMajor, cutlass::bfloat16_t, TileM, ClusterM>;
@@ -80,14 +82,16 @@ template <int TileM, int ClusterM> struct Config {
 using Tile128 = Config<128, 1>;
 using Tile256 = Config<256, 2>;
 
-bool wide_tiles() {
-    static const int wide = [] {
+/* whether product p runs on the 256 x 128 tiles */
+bool wide_tiles(GroupedProduct p) {
+    static const int forced = [] { /* -1: by product */
         const char *v = getenv("MSA_MOE_TILE");
-        if (!v || !*v || !strcmp(v, "128x128")) return 0;
+        if (!v || !*v) return -1;
+        if (!strcmp(v, "128x128")) return 0;
         if (!strcmp(v, "256x128")) return 1;
         fatal("MSA_MOE_TILE=%s: expected 128x128 or 256x128", v);
     }();
-    return wide != 0;
+    return forced >= 0 ? forced != 0 : p == GROUPED_FORWARD;
 }
 
 /* The per-expert argument arrays, each E entries, carved from the caller's workspace in this order
@@ -253,7 +257,7 @@ void run_config(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *ot
 }  // namespace
 
 size_t grouped_gemm_workspace(GroupedProduct p, int64_t E) {
-    return wide_tiles() ? workspace_of<Tile256>(p, E) : workspace_of<Tile128>(p, E);
+    return wide_tiles(p) ? workspace_of<Tile256>(p, E) : workspace_of<Tile128>(p, E);
 }
 
 void grouped_gemm(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *other, const int32_t *offsets, int64_t E,
@@ -262,7 +266,7 @@ void grouped_gemm(GroupedProduct p, void *dst, const bf16 *rows_in, const bf16 *
     if (M > INT32_MAX || E > INT32_MAX || !grouped_gemm_fits(in, out))
         fatal("cuda grouped_matmul: E = %lld, M = %lld, out = %lld, in = %lld outside the grouped GEMM's range", (long long)E,
               (long long)M, (long long)out, (long long)in);
-    if (wide_tiles()) run_config<Tile256>(p, dst, rows_in, other, offsets, E, M, out, in, err, ws);
+    if (wide_tiles(p)) run_config<Tile256>(p, dst, rows_in, other, offsets, E, M, out, in, err, ws);
     else run_config<Tile128>(p, dst, rows_in, other, offsets, E, M, out, in, err, ws);
 }
 
