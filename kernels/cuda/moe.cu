@@ -37,8 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <initializer_list>
-
 #include "moe_grouped_gemm.cuh"
 #include "primitives.cuh"
 
@@ -444,20 +442,9 @@ __device__ __forceinline__ bool bad_row(int32_t r, int64_t a, int64_t M, bool re
  * of type T in one load (16 bytes when the rows and pointers allow, else V = 1). A thread per element with
  * its row and channel from i / C and i % C (64-bit divisions, one per element) and 2-byte loads ran these
  * bandwidth-bound kernels at a third of the device's rate (the MoE profile: permute and unpermute 48 ms of a
- * 531 ms step); the sums keep their order (slots ascending, fp32), so the results are the same. */
-template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
-    T v[V];
-};
-template <typename T, int V> __device__ __forceinline__ Vec<T, V> load_vec(const T *p) { return *(const Vec<T, V> *)p; }
-template <typename T, int V> __device__ __forceinline__ void store_vec(T *p, const Vec<T, V> &x) { *(Vec<T, V> *)p = x; }
+ * 531 ms step); the sums keep their order (slots ascending, fp32), so the results are the same. The vector
+ * access (Vec, load_vec, store_vec, vec_width) is primitives.cuh's. */
 
-/* the vector width for rows of C elements of type T at these addresses: 16 bytes when every row starts aligned */
-template <typename T> int vec_width(int64_t C, std::initializer_list<const void *> ptrs) {
-    constexpr int V = 16 / sizeof(T);
-    uintptr_t bits = (uintptr_t)((size_t)C * sizeof(T));
-    for (const void *p : ptrs) bits |= (uintptr_t)p;
-    return bits % 16 == 0 ? V : 1;
-}
 /* blocks for a row-per-block loop over n rows */
 static int row_grid(int64_t n) { return (int)(n < (int64_t)sm_count() * 16 ? (n > 0 ? n : 1) : (int64_t)sm_count() * 16); }
 

@@ -222,22 +222,6 @@ __global__ void sched_entries_kernel(int2 *ent, const int *qoff, const int *rs, 
  * Reductions: combine, Dsum, dK/dV fixup and finish
  * ---------------------------------------------------------------------------------------------- */
 
-/* VPL contiguous elements per lane per step (VPL = 1: any D, guarded), vector loads/stores */
-template <typename X, int VPL> struct alignas(VPL * sizeof(X)) Vec {
-    X v[VPL];
-};
-template <typename X, int VPL> __device__ __forceinline__ void load_f32(const X *p, float (&out)[VPL]) {
-    const Vec<X, VPL> x = *(const Vec<X, VPL> *)p;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) out[i] = to_f32(x.v[i]);
-}
-template <typename X, int VPL> __device__ __forceinline__ void store_f32(X *p, const float (&in)[VPL]) {
-    Vec<X, VPL> x;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) x.v[i] = from_f32<X>(in[i]);
-    *(Vec<X, VPL> *)p = x;
-}
-
 /* number of leading selected slots of topk[g][t] (the CPU's support loop stops at the first -1) */
 __device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
     int first_neg = K;
