@@ -513,10 +513,6 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TcKlSmem &kls, con
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < D / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc.k[j][e] = acc.v[j][e] = 0.0f;
 }
 
 /* The teacher (times G: the sum of P over the query's G heads) of this thread's four (key, query) elements of
@@ -717,11 +713,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                                              unsigned char *sOt, const float *sL, const float *sDs,
                                              const unsigned char *sQIt, const float *sLIt, unsigned char *sdS,
                                              const unsigned char *sK, const unsigned char *sV, const TileDesc &d,
-                                             const int4 *meta, int pos, const TileArgs &a) {
+                                             const int4 *meta, int pos, bool fresh, const TileArgs &a) {
     using C = TcBwd<D, DI>;
     constexpr int M = C::M, NQ = M / 8;
     const int lane = threadIdx.x & 31, warp = warp_idx_uniform(), wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
-    const int kw0 = warp * 16, kg0 = wg * 64, nkeys = d.khi - d.klo;
+    const int kw0 = warp * 16, kg0 = wg * 64;
     int tmax = -1, tmin = INT_MAX; /* over the valid rows (t >= 0) */
     for (int p = lane; p < M; p += 32) {
         const int t = meta[p].w;
@@ -742,13 +738,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     float kl = 0.0f;
 
     { /* warpgroup-uniform branches, as every wgmma below */
-        if (kg0 >= nkeys || d.klo + kg0 > tmax) {
-            /* the warpgroup's keys are past the segment or in the future of every query of the tile: dS = 0
-             * (dz stays zero) */
-            if (a.dqp) /* the warp's 16 keys are chunks kw0 / 8 and kw0 / 8 + 1 of every row */
-                for (int idx = lane; idx < M * 2; idx += 32)
-                    *(uint4 *)(sdS + gmma_off(idx >> 1, (kw0 >> 3) + (idx & 1), M)) = make_uint4(0, 0, 0, 0);
-        } else {
+        {
             /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
              * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
             float st[NQ][4], dpt[NQ][4];
@@ -813,12 +803,13 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
 #pragma unroll
                 for (int kq = 0; kq < M / 16; kq++) {
                     const uint64_t dob = gmma_desc_add(dod, kq * 16 * 128), qb = gmma_desc_add(qtd, kq * 16 * 128);
+                    const bool first = fresh && kq == 0; /* the segment's first product: D = A B, no zeroing */
                     if constexpr (D == 128) {
-                        wgmma_rs_n128<1>(acc.v, pa[kq], dob, false);
-                        wgmma_rs_n128<1>(acc.k, da[kq], qb, false);
+                        wgmma_rs_n128<1>(acc.v, pa[kq], dob, first);
+                        wgmma_rs_n128<1>(acc.k, da[kq], qb, first);
                     } else {
-                        wgmma_rs_n64<1>(acc.v, pa[kq], dob, false);
-                        wgmma_rs_n64<1>(acc.k, da[kq], qb, false);
+                        wgmma_rs_n64<1>(acc.v, pa[kq], dob, first);
+                        wgmma_rs_n64<1>(acc.k, da[kq], qb, first);
                     }
                 }
                 wgmma_commit();
@@ -999,6 +990,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
 #pragma unroll
         for (int e = 0; e < 4; e++) acc.k[j][e] = acc.v[j][e] = 0.0f;
     bool started = (ring.desc[tb & 3].rows & TILE_FIRST) != 0;
+    bool fresh = true; /* acc holds no tile yet: the next tile's first dV/dK product overwrites it */
     double kl = 0.0;
 
     for (int i = tb; i < te; i++) {
@@ -1011,7 +1003,8 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
         const int b0 = i & 1;
         kl += (double)tc_bwd_tile<D, DI>(acc, kls, sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, sL + b0 * M, sDs + b0 * M,
                                          kls.qi + b0 * C::QI_BYTES, kls.li + b0 * C::QI_ROWS, sdS, sK, sV,
-                                         ring.desc[i & 3], ring.meta[b0], pos, a);
+                                         ring.desc[i & 3], ring.meta[b0], pos, fresh, a);
+        fresh = false;
         cp_async_wait_committed();
         fence_async_smem();
         __syncthreads();
@@ -1030,6 +1023,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
             if (dn.gr != dc.gr || dn.ks != dc.ks) {
                 if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
                 started = (dn.rows & TILE_FIRST) != 0;
+                fresh = true;
                 tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, dn);
                 cp_async_commit();
                 cp_async_wait_committed();
