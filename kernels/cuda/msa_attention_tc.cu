@@ -161,10 +161,12 @@ template <int D> struct TcFwd {
 /* the 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is __syncthreads) */
 __device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
 
-/* O (+)= P V for 16 keys: the A fragment pa, V's 16 rows by descriptor dv (MN-major, panel stride TC_KB rows) */
-template <int D> __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[4], uint64_t dv) {
-    if constexpr (D == 128) wgmma_rs_n128<1>(o, pa, dv, false);
-    else wgmma_rs_n64<1>(o, pa, dv, false);
+/* O += P V for 16 keys (O = P V with zero_d): the A fragment pa, V's 16 rows by descriptor dv (MN-major, panel
+ * stride TC_KB rows) */
+template <int D>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[4], uint64_t dv, bool zero_d) {
+    if constexpr (D == 128) wgmma_rs_n128<1>(o, pa, dv, zero_d);
+    else wgmma_rs_n64<1>(o, pa, dv, zero_d);
 }
 
 /* multiply the two rows a thread holds of an accumulator by their factors */
@@ -271,9 +273,12 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
                              * softmax runs */
     float al_a, al_b;
     fwd_softmax(s[0], pa[0], d.klo, d.khi, t_a, t_b, t_min, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+    /* the block's first product writes O (D = A B): O is never zeroed, so that ptxas can give it the wgmma's
+     * registers from the start (a zeroed O lived where S's products land, and each sub-tile moved ~64 registers
+     * out and back) */
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], gmma_desc_add(vd, kk * 16 * 128));
+    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], gmma_desc_add(vd, kk * 16 * 128), kk == 0);
     wgmma_commit();
     if constexpr (NKT == 2) {
         wgmma_wait<1>();
@@ -284,7 +289,7 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
         rescale_rows(o, al_a, al_b);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], gmma_desc_add(vd, (64 + kk * 16) * 128));
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], gmma_desc_add(vd, (64 + kk * 16) * 128), false);
         wgmma_commit();
     }
     wgmma_wait<0>();
@@ -305,9 +310,7 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     const float sl2 = a.scale * LOG2E;
     const uint32_t qs = smem_u32(sQt) + wg * 64 * 128, ks = smem_u32(sK), vs = smem_u32(sV);
 
-    float o[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float o[NT][4]; /* written by fwd_block's first product, zero when no key is visible */
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warpgroup */
 
@@ -317,6 +320,9 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     const int t_min = __reduce_min_sync(FULL, min(ma.w >= 0 ? ma.w : INT_MAX, mb.w >= 0 ? mb.w : INT_MAX));
     if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.w, mb.w, t_min, sl2, m_a, m_b, l_a, l_b);
     else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.w, mb.w, t_min, sl2, m_a, m_b, l_a, l_b);
+    else
+#pragma unroll
+        for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
