@@ -143,6 +143,28 @@ static Tensor *fetched(Engine *e, const MsaSettings *s, MsaParams *p, Tensor *k,
     return k_read;
 }
 
+/* MSA_DUMP_SELECTION=PREFIX, a kernel developer's diagnostic (kernels/cuda/NOTES.md): each inference forward's
+ * block selection is written to PREFIX_<n>.bin (n counting from 0 in the process), the int64 shape
+ * [index heads, queries, topk_blocks] and then the int32 block ids (ascending, -1 padding), for
+ * tools/selection_union.py: how many blocks the selections of adjacent queries share decides whether a kernel
+ * walking query tiles over the union of their blocks could beat the block-major one. */
+static void dump_selection(Engine *e, const Tensor *topk) {
+    const char *prefix = getenv("MSA_DUMP_SELECTION");
+    if (!prefix || !*prefix) return;
+    static int count = 0;
+    char path[4096];
+    snprintf(path, sizeof path, "%s_%d.bin", prefix, count++);
+    int32_t *ids = xmalloc((size_t)(topk->numel > 0 ? topk->numel : 1) * sizeof(int32_t));
+    tensor_to_host(e, ids, topk);
+    FILE *f = fopen(path, "wb");
+    if (!f) fatal("MSA_DUMP_SELECTION: cannot write %s", path);
+    const int64_t shape[3] = {topk->shape[0], topk->shape[1], topk->shape[2]};
+    const bool ok = fwrite(shape, sizeof shape, 1, f) == 1 &&
+                    fwrite(ids, sizeof(int32_t), (size_t)topk->numel, f) == (size_t)topk->numel;
+    if (fclose(f) != 0 || !ok) fatal("MSA_DUMP_SELECTION: writing %s failed", path);
+    free(ids);
+}
+
 MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, Tensor *v, Tensor *qi, Tensor *ki,
                         Tensor *cu_seqlens, bool dense, Tensor *kl, MsaReplay *rp) {
     const int64_t N = qi->shape[0], Hkv = qi->shape[1];
@@ -179,6 +201,7 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         return a;
     } else {
         a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, NULL);
+        dump_selection(e, a.topk);
         a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens);
         teacher_k = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
         a.out = op_msa_attention(e, q, teacher_k, v_read, a.topk, a.plan, cu_seqlens, p, &a.lse);

@@ -260,7 +260,8 @@ PY
         # issue 15's workflow at the ~1.1B size: a dense base trained at 4K on the long-document split, then
         # extended to 32K with YaRN (factor 8 over 4096) and MSA in layers 1- (configs/longctx_continue.json,
         # whole documents), build/eval before and after on the same validation windows (per-position loss
-        # at 32K, passkey at 4K/16K/32K, indexer recall); CONT_BASE_STEPS, CONT_LONG_STEPS
+        # at 32K, passkey at 4K/16K/32K, indexer recall), and how many blocks adjacent queries' selections share
+        # (tools/selection_union.py); CONT_BASE_STEPS, CONT_LONG_STEPS
         stage continuation
         make data-long >>"$OUT/build.log" 2>&1 || { echo "make data-long failed"; status=1; continue; }
         w=/tmp/continuation
@@ -295,6 +296,12 @@ PY
         build/eval $w/long/config.json "$(ls $w/long/ckpt_*.h5 | tail -1)" $ev --json "$OUT/cont_after.json" \
             >"$OUT/cont_after.md" 2>&1 || status=1
         cat "$OUT/cont_after.md"
+        # the continued model's block selections at 32K (one passkey prompt and one loss window, every MSA layer):
+        # how many blocks adjacent queries share (tools/selection_union.py; kernels/cuda/NOTES.md)
+        MSA_DUMP_SELECTION=$w/sel build/eval $w/long/config.json "$(ls $w/long/ckpt_*.h5 | tail -1)" \
+            --data data/shakespeare_long/val.h5 --lengths 32768 --depths 0.5 --trials 1 --loss-length 32768 \
+            --loss-windows 1 --buckets 1 >/dev/null 2>&1 || status=1
+        python3 tools/selection_union.py $w/sel || status=1
         rm -rf $w
         ;;
     profile)
