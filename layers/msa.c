@@ -2,6 +2,7 @@
  * attention -> KL (msa.h). */
 #include "msa.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -144,7 +145,8 @@ static Tensor *fetched(Engine *e, const MsaSettings *s, MsaParams *p, Tensor *k,
 }
 
 /* MSA_DUMP_SELECTION=PREFIX, a kernel developer's diagnostic (kernels/cuda/NOTES.md): each inference forward's
- * block selection is written to PREFIX_<n>.bin (n counting from 0 in the process), the int64 shape
+ * block selection is written to PREFIX_<n>.bin (n counting from 0 in the process; one process: a file that
+ * exists is never overwritten, the run stops naming it), the int64 shape
  * [index heads, queries, topk_blocks] and then the int32 block ids (ascending, -1 padding), for
  * tools/selection_union.py: how many blocks the selections of adjacent queries share decides whether a kernel
  * walking query tiles over the union of their blocks could beat the block-major one. */
@@ -156,8 +158,9 @@ static void dump_selection(Engine *e, const Tensor *topk) {
     snprintf(path, sizeof path, "%s_%d.bin", prefix, count++);
     int32_t *ids = xmalloc((size_t)(topk->numel > 0 ? topk->numel : 1) * sizeof(int32_t));
     tensor_to_host(e, ids, topk);
-    FILE *f = fopen(path, "wb");
-    if (!f) fatal("MSA_DUMP_SELECTION: cannot write %s", path);
+    FILE *f = fopen(path, "wbx"); /* exclusive: an earlier run's (or another rank's) file stays as it was */
+    if (!f && errno == EEXIST) fatal("MSA_DUMP_SELECTION: %s exists; give a prefix of no earlier dump", path);
+    if (!f) fatal("MSA_DUMP_SELECTION: cannot write %s: %s", path, strerror(errno));
     const int64_t shape[3] = {topk->shape[0], topk->shape[1], topk->shape[2]};
     const bool ok = fwrite(shape, sizeof shape, 1, f) == 1 &&
                     fwrite(ids, sizeof(int32_t), (size_t)topk->numel, f) == (size_t)topk->numel;

@@ -5,7 +5,8 @@ The tool on hand-made selection files against unions counted by hand (queries at
 across a document boundary left out); one error line and a nonzero exit for a truncated file, no files or bad
 windows. End to end: a tiny MSA model's build/eval with MSA_DUMP_SELECTION writes files whose shape is
 [n_kv_heads, queries, topk_blocks] and whose rows are selections as the spec has them (ids ascending, -1
-padding only at the end, the query's own block last and always chosen), and the tool reads them.
+padding only at the end, the query's own block last and always chosen), and the tool reads them; a second run
+with the same prefix stops naming the file that exists and overwrites nothing.
 
 Run with the project's virtual environment: .venv/bin/python tests/test_selection_union.py
 """
@@ -116,6 +117,14 @@ def a_models_dumped_selections(work):
                 check(ids == sorted(set(ids)), f"{p}: head {h} query {q}: ids not ascending: {ids}")
                 check(ids and ids[-1] == q // 8, f"{p}: head {h} query {q}: own block {q // 8} not last: {ids}")
                 check(len(ids) == min(3, q // 8 + 1), f"{p}: head {h} query {q}: {len(ids)} blocks: {ids}")
+    # a second run with the same prefix stops on the first file, naming it, and leaves every file as it was
+    before = {p: open(p, "rb").read() for p in paths}
+    r = subprocess.run([EVAL, os.path.join(out, "config.json"), os.path.join(out, "ckpt_00000002.h5"), "--data", VAL,
+                        "--lengths", "256", "--depths", "0.5", "--trials", "1"], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    check(r.returncode != 0 and "dump_0.bin exists" in r.stderr, f"second run: exit {r.returncode}: {r.stderr[-500:]}")
+    check(sorted(glob.glob(prefix + "_*.bin")) == paths and all(open(p, "rb").read() == b for p, b in before.items()),
+          "the second run changed the first run's files")
     r = run_tool(prefix, "--windows", "1,4")
     check(r.returncode == 0, f"tool exit {r.returncode}: {r.stderr}")
     t = table(r.stdout)

@@ -12,7 +12,7 @@ A query whose selection holds every block it can see (its own block id + 1 <= to
 document) chose nothing and is left out, as is a window whose queries are not in one document (a query's own
 block, its largest id, falls from one query to the next).
 
-  tools/selection_union.py PREFIX [--windows 1,2,4,8,16]
+  .venv/bin/python tools/selection_union.py PREFIX [--windows 1,2,4,8,16]
 """
 import argparse
 import glob
