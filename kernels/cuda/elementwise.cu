@@ -124,21 +124,47 @@ extern "C" double cuda_sumsq(const Tensor *x) {
     return r;
 }
 
-/* ---- SwiGLU: out = silu(gate) * up, fp32 arithmetic ---- */
+/* ---- SwiGLU: out = silu(gate) * up, fp32 arithmetic ----
+ * V elements a thread per step (16-byte accesses when n and every pointer allow, primitives.cuh vec_width; V = 1
+ * otherwise): bandwidth-bound, and 2-byte BF16 accesses ran it at about half the device's rate (the ~1.1B dense
+ * step's SwiGLU 30 ms of 289, docs/benchmarks.md). The arithmetic per element is the same for every V. */
 
-template <typename T> __global__ void swiglu_fwd_kernel(T *out, const T *gate, const T *up, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float g = to_f32(gate[i]), sig = 1.0f / (1.0f + expf(-g));
-        out[i] = from_f32<T>(g * sig * to_f32(up[i]));
+__device__ __forceinline__ float silu_sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+template <typename T, int V> __global__ void swiglu_fwd_kernel(T *out, const T *gate, const T *up, int64_t n) {
+    for (int64_t i = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V; i < n; i += (int64_t)gridDim.x * blockDim.x * V) {
+        float g[V], u[V], o[V];
+        load_f32<T, V>(gate + i, g);
+        load_f32<T, V>(up + i, u);
+#pragma unroll
+        for (int e = 0; e < V; e++) o[e] = g[e] * silu_sigmoid(g[e]) * u[e];
+        store_f32<T, V>(out + i, o);
     }
 }
 
-template <typename T>
+template <typename T, int V>
 __global__ void swiglu_bwd_kernel(T *dgate, T *dup, const T *dout, const T *gate, const T *up, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float g = to_f32(gate[i]), sig = 1.0f / (1.0f + expf(-g)), d = to_f32(dout[i]);
-        if (dgate) dgate[i] = from_f32<T>(to_f32(dgate[i]) + d * to_f32(up[i]) * sig * (1.0f + g * (1.0f - sig)));
-        if (dup) dup[i] = from_f32<T>(to_f32(dup[i]) + d * g * sig);
+    for (int64_t i = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V; i < n; i += (int64_t)gridDim.x * blockDim.x * V) {
+        float g[V], u[V], d[V], sig[V];
+        load_f32<T, V>(gate + i, g);
+        load_f32<T, V>(up + i, u);
+        load_f32<T, V>(dout + i, d);
+#pragma unroll
+        for (int e = 0; e < V; e++) sig[e] = silu_sigmoid(g[e]);
+        if (dgate) {
+            float x[V];
+            load_f32<T, V>(dgate + i, x);
+#pragma unroll
+            for (int e = 0; e < V; e++) x[e] = x[e] + d[e] * u[e] * sig[e] * (1.0f + g[e] * (1.0f - sig[e]));
+            store_f32<T, V>(dgate + i, x);
+        }
+        if (dup) {
+            float x[V];
+            load_f32<T, V>(dup + i, x);
+#pragma unroll
+            for (int e = 0; e < V; e++) x[e] = x[e] + d[e] * g[e] * sig[e];
+            store_f32<T, V>(dup + i, x);
+        }
     }
 }
 
@@ -155,8 +181,15 @@ extern "C" void cuda_swiglu_forward(Tensor *out, const Tensor *gate, const Tenso
     need_dtype("swiglu_forward", out, gate->dtype);
     if (gate->numel == 0) return;
     DISPATCH_FLOAT(gate->dtype, T, "swiglu_forward", {
-        swiglu_fwd_kernel<T><<<grid_for(gate->numel, 256), 256, 0, stream()>>>((T *)out->data, (const T *)gate->data,
-                                                                  (const T *)up->data, gate->numel);
+        const int64_t n = gate->numel;
+        if (vec_width<T>(n, {out->data, gate->data, up->data}) > 1) {
+            constexpr int V = 16 / sizeof(T);
+            swiglu_fwd_kernel<T, V><<<grid_for(n / V, 256), 256, 0, stream()>>>((T *)out->data, (const T *)gate->data,
+                                                                               (const T *)up->data, n);
+        } else {
+            swiglu_fwd_kernel<T, 1><<<grid_for(n, 256), 256, 0, stream()>>>((T *)out->data, (const T *)gate->data,
+                                                                            (const T *)up->data, n);
+        }
         LAUNCH_CHECK("swiglu_forward");
     });
 }
@@ -174,9 +207,16 @@ extern "C" void cuda_swiglu_backward(Tensor *dgate, Tensor *dup, const Tensor *d
     need_dtype("swiglu_backward", dup, gate->dtype);
     if (gate->numel == 0) return;
     DISPATCH_FLOAT(gate->dtype, T, "swiglu_backward", {
-        swiglu_bwd_kernel<T><<<grid_for(gate->numel, 256), 256, 0, stream()>>>(
-            dgate ? (T *)dgate->data : nullptr, dup ? (T *)dup->data : nullptr, (const T *)dout->data,
-            (const T *)gate->data, (const T *)up->data, gate->numel);
+        const int64_t n = gate->numel;
+        T *dg = dgate ? (T *)dgate->data : nullptr, *du = dup ? (T *)dup->data : nullptr;
+        if (vec_width<T>(n, {dg, du, dout->data, gate->data, up->data}) > 1) {
+            constexpr int V = 16 / sizeof(T);
+            swiglu_bwd_kernel<T, V><<<grid_for(n / V, 256), 256, 0, stream()>>>(dg, du, (const T *)dout->data,
+                                                                               (const T *)gate->data, (const T *)up->data, n);
+        } else {
+            swiglu_bwd_kernel<T, 1><<<grid_for(n, 256), 256, 0, stream()>>>(dg, du, (const T *)dout->data,
+                                                                            (const T *)gate->data, (const T *)up->data, n);
+        }
         LAUNCH_CHECK("swiglu_backward");
     });
 }

@@ -37,8 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <initializer_list>
-
 #include "moe_grouped_gemm.cuh"
 #include "primitives.cuh"
 
@@ -444,20 +442,9 @@ __device__ __forceinline__ bool bad_row(int32_t r, int64_t a, int64_t M, bool re
  * of type T in one load (16 bytes when the rows and pointers allow, else V = 1). A thread per element with
  * its row and channel from i / C and i % C (64-bit divisions, one per element) and 2-byte loads ran these
  * bandwidth-bound kernels at a third of the device's rate (the MoE profile: permute and unpermute 48 ms of a
- * 531 ms step); the sums keep their order (slots ascending, fp32), so the results are the same. */
-template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
-    T v[V];
-};
-template <typename T, int V> __device__ __forceinline__ Vec<T, V> load_vec(const T *p) { return *(const Vec<T, V> *)p; }
-template <typename T, int V> __device__ __forceinline__ void store_vec(T *p, const Vec<T, V> &x) { *(Vec<T, V> *)p = x; }
+ * 531 ms step); the sums keep their order (slots ascending, fp32), so the results are the same. The vector
+ * access (Vec, load_vec, store_vec, vec_width) is primitives.cuh's. */
 
-/* the vector width for rows of C elements of type T at these addresses: 16 bytes when every row starts aligned */
-template <typename T> int vec_width(int64_t C, std::initializer_list<const void *> ptrs) {
-    constexpr int V = 16 / sizeof(T);
-    uintptr_t bits = (uintptr_t)((size_t)C * sizeof(T));
-    for (const void *p : ptrs) bits |= (uintptr_t)p;
-    return bits % 16 == 0 ? V : 1;
-}
 /* blocks for a row-per-block loop over n rows */
 static int row_grid(int64_t n) { return (int)(n < (int64_t)sm_count() * 16 ? (n > 0 ? n : 1) : (int64_t)sm_count() * 16); }
 
@@ -473,6 +460,28 @@ __global__ void permute_fwd_kernel(T *xs, const T *x, const int32_t *rows, int64
     }
 }
 
+/* acc = sum_j (w[t,j] if WEIGHTED) src[rows[t,j], c .. c+V) in slot order, fp32; a bad row is reported (by the
+ * thread of column 0) and skipped */
+template <typename T, typename Tw, int V, bool WEIGHTED>
+__device__ __forceinline__ void gather_rows_sum(float (&acc)[V], const T *src, const int32_t *rows, const Tw *w, int64_t t,
+                                                int k, int64_t C, int64_t c, int64_t M, int *err) {
+#pragma unroll
+    for (int e = 0; e < V; e++) acc[e] = 0.0f;
+    for (int j = 0; j < k; j++) {
+        const int32_t r = rows[t * k + j];
+        if (bad_row(r, t * k + j, M, c == 0, err)) continue;
+        const Vec<T, V> y = load_vec<T, V>(src + (int64_t)r * C + c);
+        if constexpr (WEIGHTED) {
+            const float wj = to_f32(w[t * k + j]);
+#pragma unroll
+            for (int e = 0; e < V; e++) acc[e] += wj * to_f32(y.v[e]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < V; e++) acc[e] += to_f32(y.v[e]);
+        }
+    }
+}
+
 /* dx[t,c] += sum_j dxs[rows[t,j], c] (slot order, fp32) */
 template <typename T, int V>
 __global__ void permute_bwd_kernel(T *dx, const T *dxs, const int32_t *rows, int64_t N, int k, int64_t C, int64_t M,
@@ -480,15 +489,7 @@ __global__ void permute_bwd_kernel(T *dx, const T *dxs, const int32_t *rows, int
     for (int64_t t = blockIdx.x; t < N; t += gridDim.x)
         for (int64_t c = (int64_t)threadIdx.x * V; c < C; c += (int64_t)blockDim.x * V) {
             float acc[V];
-#pragma unroll
-            for (int e = 0; e < V; e++) acc[e] = 0.0f;
-            for (int j = 0; j < k; j++) {
-                const int32_t r = rows[t * k + j];
-                if (bad_row(r, t * k + j, M, c == 0, err)) continue;
-                const Vec<T, V> y = load_vec<T, V>(dxs + (int64_t)r * C + c);
-#pragma unroll
-                for (int e = 0; e < V; e++) acc[e] += to_f32(y.v[e]);
-            }
+            gather_rows_sum<T, float, V, false>(acc, dxs, rows, nullptr, t, k, C, c, M, err);
             Vec<T, V> d = load_vec<T, V>(dx + t * C + c);
 #pragma unroll
             for (int e = 0; e < V; e++) d.v[e] = from_f32<T>(to_f32(d.v[e]) + acc[e]);
@@ -503,16 +504,7 @@ __global__ void unpermute_fwd_kernel(T *out, const T *ys, const Tw *w, const int
     for (int64_t t = blockIdx.x; t < N; t += gridDim.x)
         for (int64_t c = (int64_t)threadIdx.x * V; c < C; c += (int64_t)blockDim.x * V) {
             float acc[V];
-#pragma unroll
-            for (int e = 0; e < V; e++) acc[e] = 0.0f;
-            for (int j = 0; j < k; j++) {
-                const int32_t r = rows[t * k + j];
-                if (bad_row(r, t * k + j, M, c == 0, err)) continue;
-                const float wj = to_f32(w[t * k + j]);
-                const Vec<T, V> y = load_vec<T, V>(ys + (int64_t)r * C + c);
-#pragma unroll
-                for (int e = 0; e < V; e++) acc[e] += wj * to_f32(y.v[e]);
-            }
+            gather_rows_sum<T, Tw, V, true>(acc, ys, rows, w, t, k, C, c, M, err);
             Vec<T, V> o;
 #pragma unroll
             for (int e = 0; e < V; e++) o.v[e] = from_f32<T>(acc[e]);

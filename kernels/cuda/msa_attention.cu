@@ -222,22 +222,6 @@ __global__ void sched_entries_kernel(int2 *ent, const int *qoff, const int *rs, 
  * Reductions: combine, Dsum, dK/dV fixup and finish
  * ---------------------------------------------------------------------------------------------- */
 
-/* VPL contiguous elements per lane per step (VPL = 1: any D, guarded), vector loads/stores */
-template <typename X, int VPL> struct alignas(VPL * sizeof(X)) Vec {
-    X v[VPL];
-};
-template <typename X, int VPL> __device__ __forceinline__ void load_f32(const X *p, float (&out)[VPL]) {
-    const Vec<X, VPL> x = *(const Vec<X, VPL> *)p;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) out[i] = to_f32(x.v[i]);
-}
-template <typename X, int VPL> __device__ __forceinline__ void store_f32(X *p, const float (&in)[VPL]) {
-    Vec<X, VPL> x;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) x.v[i] = from_f32<X>(in[i]);
-    *(Vec<X, VPL> *)p = x;
-}
-
 /* number of leading selected slots of topk[g][t] (the CPU's support loop stops at the first -1) */
 __device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
     int first_neg = K;
@@ -249,21 +233,23 @@ __device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
     return warp_min(first_neg);
 }
 
-/* The combines below read a (query, head)'s partials slot by slot. A warp keeps UNROLL slots' loads in
- * flight before it adds the first of them (the adds keep slot order, so the sums are the same bits);
- * a plain loop over the slots waited for each load in turn and ran the forward's combine at a third of
- * the memory's bandwidth. */
-constexpr int COMBINE_UNROLL = 4;
+/* The combines below read a (query, head)'s partials slot by slot. A warp keeps U slots' loads in flight
+ * before it adds the first of them (the adds keep slot order, so the sums are the same bits for any U); a
+ * plain loop over the slots waited for each load in turn and ran the forward's combine at a third of the
+ * memory's bandwidth. A lane holds STEPS vectors of VPL elements of a slot (elements (j * 32 + lane) * VPL):
+ * for D = 64 and D = 128 one vector (STEPS = 1) of 2 or 4 elements, 4 to 16 bytes, so U = 16 slots (a
+ * query's whole selection at top-16) are in flight at once: with U = 4 the D = 64 forward combine had 16
+ * bytes a lane in flight and read its partials at ~650 GB/s (docs/benchmarks.md, eleventh session). Other
+ * D take STEPS = 8 / VPL (any D up to CUDA_HEAD_DIM_MAX, guarded) and U = 4. */
+constexpr int COMBINE_UNROLL_WIDE = 16, COMBINE_UNROLL = 4;
 
-/* Lane lane's elements of slots s .. s + COMBINE_UNROLL - 1 (those below s1) of a row's partials src
- * [slot][D], STEPS = 8 / VPL vectors a slot: into x */
-template <typename PT, int VPL>
-__device__ __forceinline__ void load_slots(float (&x)[COMBINE_UNROLL][8 / VPL][VPL], const PT *src, int s, int s1, int D,
-                                           int lane) {
+/* Lane lane's elements of slots s .. s + U - 1 (those below s1) of a row's partials src [slot][D]: into x */
+template <typename PT, int VPL, int STEPS, int U>
+__device__ __forceinline__ void load_slots(float (&x)[U][STEPS][VPL], const PT *src, int s, int s1, int D, int lane) {
 #pragma unroll
-    for (int u = 0; u < COMBINE_UNROLL; u++)
+    for (int u = 0; u < U; u++)
 #pragma unroll
-        for (int j = 0; j < 8 / VPL; j++) {
+        for (int j = 0; j < STEPS; j++) {
             const int e = (j * 32 + lane) * VPL;
             if (s + u < s1 && e < D) load_f32<PT, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
         }
@@ -272,19 +258,19 @@ __device__ __forceinline__ void load_slots(float (&x)[COMBINE_UNROLL][8 / VPL][V
 /* One warp per (chunk query, head): out = sum_s exp(lse_s - LSE) O_s over the valid partials in slot
  * order, lse = LSE. Lane l computes the weight of slot s0 + l of each 32 and the loop takes it by a
  * shuffle, where every lane read lp[s] and took its exponential before the slot's load. */
-template <typename T, typename PT, int VPL>
+template <typename T, typename PT, int VPL, int STEPS, int U>
 __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, const float *lpart, const int32_t *topk, int c0,
                                        int nq, int Nq, int Hq, int G, int K, int nks, int NS, int D) {
+    static_assert(32 % U == 0, "the slots of a load group lie in one 32-slot chunk of weights");
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (int64_t)nq * Hq) return;
     const int lane = threadIdx.x & 31;
     const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
     const int ns = selected_slots(topk + ((int64_t)(h / G) * Nq + t) * K, K) * nks;
     const float *lp = lpart + row * NS;
-    constexpr int STEPS = 8 / VPL; /* D <= CUDA_HEAD_DIM_MAX: at most 8 elements per lane (dpl_of) */
     const PT *src = opart + row * NS * D;
-    float x[COMBINE_UNROLL][STEPS][VPL];
-    load_slots<PT, VPL>(x, src, 0, min(ns, 32), D, lane); /* before the statistics, whose loads it overlaps */
+    float x[U][STEPS][VPL];
+    load_slots<PT, VPL, STEPS, U>(x, src, 0, min(ns, 32), D, lane); /* before the statistics, whose loads it overlaps */
     float mx = -INFINITY;
     for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lp[s]);
     mx = warp_max(mx);
@@ -302,10 +288,10 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
         for (int s0 = 0; s0 < ns; s0 += 32) {
             const int s1 = min(ns, s0 + 32);
             const float w_lane = s0 + lane < s1 ? expf(lp[s0 + lane] - L) : 0.0f;
-            for (int s = s0; s < s1; s += COMBINE_UNROLL) {
-                if (s > 0) load_slots<PT, VPL>(x, src, s, s1, D, lane);
+            for (int s = s0; s < s1; s += U) {
+                if (s > 0) load_slots<PT, VPL, STEPS, U>(x, src, s, s1, D, lane);
 #pragma unroll
-                for (int u = 0; u < COMBINE_UNROLL; u++) {
+                for (int u = 0; u < U; u++) {
                     const float w = __shfl_sync(0xffffffffu, w_lane, (s + u - s0) & 31);
                     if (s + u >= s1 || w == 0.0f) continue;
 #pragma unroll
@@ -330,7 +316,7 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
 
 /* One warp per (chunk query, head): dq += scale * sum of the valid dQ partials in slot order (scale times
  * scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1, D = Di). */
-template <typename T, int VPL>
+template <typename T, int VPL, int STEPS, int U>
 __global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G,
                                       int K, int nks, int NS, int D, float scale, const float *scale_grad) {
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -339,18 +325,17 @@ __global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *to
     const int lane = threadIdx.x & 31;
     const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
     const int ns = selected_slots(topk + ((int64_t)(h / G) * Nq + t) * K, K) * nks;
-    constexpr int STEPS = 8 / VPL;
     float acc[STEPS][VPL];
 #pragma unroll
     for (int j = 0; j < STEPS; j++)
 #pragma unroll
         for (int v = 0; v < VPL; v++) acc[j][v] = 0.0f;
     const float *src = dqp + row * NS * D;
-    for (int s = 0; s < ns; s += COMBINE_UNROLL) {
-        float x[COMBINE_UNROLL][STEPS][VPL];
-        load_slots<float, VPL>(x, src, s, ns, D, lane);
+    for (int s = 0; s < ns; s += U) {
+        float x[U][STEPS][VPL];
+        load_slots<float, VPL, STEPS, U>(x, src, s, ns, D, lane);
 #pragma unroll
-        for (int u = 0; u < COMBINE_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             if (s + u >= ns) break;
 #pragma unroll
             for (int j = 0; j < STEPS; j++) {
@@ -620,22 +605,25 @@ const int32_t *get_plan(const Tensor *plan, const Tensor *topk, const Tensor *cu
     return msa_temporary_plan(topk, cu, p, sh.N);
 }
 
-template <typename T, typename PT, int VPL>
+template <typename T, typename PT, int VPL, int STEPS, int U>
 void launch_fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, const int32_t *topk, const Shape &sh,
                         int c0, int nq, int nks, int NS) {
     const int64_t rows = (int64_t)nq * sh.Hq;
-    msa_fwd_combine_kernel<T, PT, VPL><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>((T *)out->data, (float *)lse->data, opart, lpart,
-                                                                             topk, c0, nq, sh.Nq, sh.Hq, sh.G, sh.K, nks, NS,
-                                                                             sh.D);
+    msa_fwd_combine_kernel<T, PT, VPL, STEPS, U><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>(
+        (T *)out->data, (float *)lse->data, opart, lpart, topk, c0, nq, sh.Nq, sh.Hq, sh.G, sh.K, nks, NS, sh.D);
     LAUNCH_CHECK("msa_attention_forward combine");
 }
 
+/* the combines' lane layouts (see COMBINE_UNROLL_WIDE): D = 128 and 64 one vector a lane, every slot of a
+ * top-16 selection in flight; other D the general layout */
 template <typename T, typename PT>
 void fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, const int32_t *topk, const Shape &sh, int c0,
                  int nq, int nks, int NS) {
-    if (sh.D % 128 == 0) launch_fwd_combine<T, PT, 4>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
-    else if (sh.D % 64 == 0) launch_fwd_combine<T, PT, 2>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
-    else launch_fwd_combine<T, PT, 1>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
+    if (sh.D == 128) launch_fwd_combine<T, PT, 4, 1, COMBINE_UNROLL_WIDE>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
+    else if (sh.D == 64) launch_fwd_combine<T, PT, 2, 1, COMBINE_UNROLL_WIDE>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
+    else if (sh.D % 128 == 0) launch_fwd_combine<T, PT, 4, 2, COMBINE_UNROLL>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
+    else if (sh.D % 64 == 0) launch_fwd_combine<T, PT, 2, 4, COMBINE_UNROLL>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
+    else launch_fwd_combine<T, PT, 1, 8, COMBINE_UNROLL>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
 }
 
 /* dq += scale (* scale_grad[0]) * the partials of heads H of G per group, head dim D: the attention's dq
@@ -646,11 +634,15 @@ void dq_combine(Tensor *dq, const float *dqp, const int32_t *topk, const Shape &
     const int64_t rows = (int64_t)nq * H;
     const unsigned blocks = (unsigned)((rows + 7) / 8);
     T *d = (T *)dq->data;
-    if (D % 128 == 0)
-        msa_dq_combine_kernel<T, 4><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad);
-    else if (D % 64 == 0)
-        msa_dq_combine_kernel<T, 2><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad);
-    else msa_dq_combine_kernel<T, 1><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad);
+#define DQ_COMBINE(VPL, STEPS, U)                                                                                         \
+    msa_dq_combine_kernel<T, VPL, STEPS, U><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, \
+                                                                          scale, scale_grad)
+    if (D == 128) DQ_COMBINE(4, 1, COMBINE_UNROLL_WIDE);
+    else if (D == 64) DQ_COMBINE(2, 1, COMBINE_UNROLL_WIDE);
+    else if (D % 128 == 0) DQ_COMBINE(4, 2, COMBINE_UNROLL);
+    else if (D % 64 == 0) DQ_COMBINE(2, 4, COMBINE_UNROLL);
+    else DQ_COMBINE(1, 8, COMBINE_UNROLL);
+#undef DQ_COMBINE
     LAUNCH_CHECK("msa_attention_backward dq combine");
 }
 

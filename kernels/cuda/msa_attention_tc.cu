@@ -29,10 +29,13 @@ template <int CPR> __device__ __forceinline__ uint32_t swz(int row, int chunk) {
 /* ------------------------------------------------------------------------------------------------
  * Tensor-core tile kernels: the common pipeline
  *
- * Iteration i of a CTA computes tile i while cp.async brings the descriptor of tile i+3, the entries
- * of tile i+2 (their address comes from that descriptor) and the gathered rows of tile i+1 (their
- * addresses come from those entries): no thread ever waits on a dependent global load, only on the
- * group issued one tile earlier. Rings: descriptors 4, entries 4, row meta / row buffers 2.
+ * Iteration i of a CTA computes tile i while cp.async brings the descriptor of tile i+4, the entries
+ * of tile i+3 (their address comes from that descriptor) and the gathered rows of tile i+1 (their
+ * addresses come from the row meta of i+1), and the side warps build the row meta of tile i+2 from its
+ * entries: no thread ever waits on a dependent global load, only on the group issued one tile earlier,
+ * and everything a stage reads was made visible by the barrier that ends the previous iteration, so an
+ * iteration has no barrier before its tile (with the meta one tile ahead, building it needed one).
+ * Rings: descriptors 8, entries 4, row meta 4, row buffers 2.
  * ---------------------------------------------------------------------------------------------- */
 
 constexpr int TC_THREADS = 256, TC_WARPS = 8, TC_KB = 128;
@@ -47,37 +50,41 @@ constexpr int TC_META_THREAD = 128, TC_ROWSTAT_THREAD = 192; /* row meta: warps 
 /* The pipeline's rings in shared memory: tile descriptors, the tiles' entries (query row, slot), and per
  * packed row its meta {query row (-1: invalid row), head h, partial slot s, token} (TileArgs). */
 template <int M> struct TcRing {
-    TileDesc desc[4];
-    int2 ent[4][M];
-    int4 meta[2][M];
+    static constexpr int DESCS = 8, ENTS = 4, METAS = 4; /* live: descriptors i .. i+4, entries i+2, i+3, meta i .. i+2 */
+    TileDesc desc[DESCS];
+    int2 ent[ENTS][M];
+    int4 meta_[METAS][M];
+    __device__ __forceinline__ TileDesc &dsc(int j) { return desc[j & (DESCS - 1)]; }
+    __device__ __forceinline__ int2 *entries(int j) { return ent[j & (ENTS - 1)]; }
+    __device__ __forceinline__ int4 *meta(int j) { return meta_[j & (METAS - 1)]; }
 };
 
 template <int M>
 __device__ __forceinline__ void tc_issue_desc(TcRing<M> &ring, const TileArgs &a, int j) {
     if (threadIdx.x == 0) {
-        const uint32_t dst = smem_u32(&ring.desc[j & 3]);
+        const uint32_t dst = smem_u32(&ring.dsc(j));
         cp_async16(dst, a.desc + j, true);
         cp_async16(dst + 16, (const char *)(a.desc + j) + 16, true);
     }
 }
 template <int M>
 __device__ __forceinline__ void tc_issue_ent(TcRing<M> &ring, const TileArgs &a, int j) {
-    const TileDesc &d = ring.desc[j & 3];
+    const TileDesc &d = ring.dsc(j);
     const int rows = d.rows & TILE_ROWS;
     const int nq = rows > 0 ? div_G(a, d.off0 + rows - 1) + 1 : 0;
-    for (int p = threadIdx.x; p < nq; p += TC_THREADS) cp_async8(smem_u32(&ring.ent[j & 3][p]), a.ent + d.ebase + p);
+    for (int p = threadIdx.x; p < nq; p += TC_THREADS) cp_async8(smem_u32(&ring.entries(j)[p]), a.ent + d.ebase + p);
 }
 template <int M>
 __device__ __forceinline__ void tc_build_meta(TcRing<M> &ring, const TileArgs &a, int j) {
-    const TileDesc &d = ring.desc[j & 3];
+    const TileDesc &d = ring.dsc(j);
     static_assert(M <= TC_THREADS, "one pass");
     if (const int p = side_thread(TC_META_THREAD); p < M) {
         int4 mt = make_int4(-1, 0, 0, -1);
         if (p < (d.rows & TILE_ROWS)) {
             const int pi = d.off0 + p, lq = div_G(a, pi), hh = pi - lq * a.G;
-            mt = msa_row_meta(a, ring.ent[j & 3][lq], (d.gr / a.Rb) * a.G + hh, d.ks);
+            mt = msa_row_meta(a, ring.entries(j)[lq], (d.gr / a.Rb) * a.G + hh, d.ks);
         }
-        ring.meta[j & 1][p] = mt;
+        ring.meta(j)[p] = mt;
     }
 }
 /* gather rows (q or dout) [t, h, :] of the tile's packed rows into a swizzled buffer */
@@ -113,31 +120,31 @@ __device__ __forceinline__ void tc_load_kv(unsigned char *sK, unsigned char *sV,
         cp_async16(smem_u32(sV) + gmma_off(row, ch, TC_KB), v + off, ok);
     }
 }
-/* The ring's prologue, before a CTA's first tile tb: the descriptors of tb .. tb+2, then the entries of
- * tb and tb+1 (addressed by those descriptors), then tb's row meta (built from those entries), each
- * stage waited for before the next. The kernel then gathers tb's rows and loads its K/V. */
+/* The ring's prologue, before a CTA's first tile tb: the descriptors of tb .. tb+3, then the entries of
+ * tb .. tb+2 (addressed by those descriptors), then the row meta of tb and tb+1 (built from those
+ * entries), each stage waited for before the next. The kernel then gathers tb's rows and loads its K/V. */
 template <int M>
 __device__ __forceinline__ void tc_ring_prologue(TcRing<M> &ring, const TileArgs &a, int tb, int te) {
-    for (int j = tb; j < te && j < tb + 3; j++) tc_issue_desc(ring, a, j);
+    for (int j = tb; j < te && j < tb + 4; j++) tc_issue_desc(ring, a, j);
     cp_async_commit();
     cp_async_wait_committed();
     __syncthreads();
-    for (int j = tb; j < te && j < tb + 2; j++) tc_issue_ent(ring, a, j);
+    for (int j = tb; j < te && j < tb + 3; j++) tc_issue_ent(ring, a, j);
     cp_async_commit();
     cp_async_wait_committed();
     __syncthreads();
-    tc_build_meta(ring, a, tb);
+    for (int j = tb; j < te && j < tb + 2; j++) tc_build_meta(ring, a, j);
     __syncthreads();
 }
-/* The ring's steps that open iteration i of the tile loop: tile i+1's row meta from its entries, then
- * the descriptor of i+3 and the entries of i+2 issued (committed by the kernel with i+1's rows), and
- * the barrier after which i+1's meta may be read for its gather. */
+/* The ring's steps that open iteration i of the tile loop: the descriptor of i+4 and the entries of i+3
+ * issued (committed by the kernel with i+1's rows; the descriptor of i+3 landed in iteration i-1), and
+ * the row meta of i+2 from its entries (landed in iteration i-1), read by i+2's gather in iteration i+1,
+ * after the barrier that ends this one. No barrier: nothing this iteration reads is written here. */
 template <int M>
 __device__ __forceinline__ void tc_ring_advance(TcRing<M> &ring, const TileArgs &a, int i, int te) {
-    if (i + 1 < te) tc_build_meta(ring, a, i + 1);
-    if (i + 3 < te) tc_issue_desc(ring, a, i + 3);
-    if (i + 2 < te) tc_issue_ent(ring, a, i + 2);
-    __syncthreads();
+    if (i + 4 < te) tc_issue_desc(ring, a, i + 4);
+    if (i + 3 < te) tc_issue_ent(ring, a, i + 3);
+    if (i + 2 < te) tc_build_meta(ring, a, i + 2);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -161,10 +168,12 @@ template <int D> struct TcFwd {
 /* the 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is __syncthreads) */
 __device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
 
-/* O (+)= P V for 16 keys: the A fragment pa, V's 16 rows by descriptor dv (MN-major, panel stride TC_KB rows) */
-template <int D> __device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[4], uint64_t dv) {
-    if constexpr (D == 128) wgmma_rs_n128<1>(o, pa, dv, false);
-    else wgmma_rs_n64<1>(o, pa, dv, false);
+/* O += P V for 16 keys (O = P V with zero_d): the A fragment pa, V's 16 rows by descriptor dv (MN-major, panel
+ * stride TC_KB rows) */
+template <int D>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pa)[4], uint64_t dv, bool zero_d) {
+    if constexpr (D == 128) wgmma_rs_n128<1>(o, pa, dv, zero_d);
+    else wgmma_rs_n64<1>(o, pa, dv, zero_d);
 }
 
 /* multiply the two rows a thread holds of an accumulator by their factors */
@@ -271,9 +280,12 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
                              * softmax runs */
     float al_a, al_b;
     fwd_softmax(s[0], pa[0], d.klo, d.khi, t_a, t_b, t_min, sl2, m_a, m_b, l_a, l_b, al_a, al_b);
+    /* the block's first product writes O (D = A B): O is never zeroed, so that ptxas can give it the wgmma's
+     * registers from the start (a zeroed O lived where S's products land, and each sub-tile moved ~64 registers
+     * out and back) */
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], gmma_desc_add(vd, kk * 16 * 128));
+    for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[0][kk], gmma_desc_add(vd, kk * 16 * 128), kk == 0);
     wgmma_commit();
     if constexpr (NKT == 2) {
         wgmma_wait<1>();
@@ -284,7 +296,7 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
         rescale_rows(o, al_a, al_b);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], gmma_desc_add(vd, (64 + kk * 16) * 128));
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<D>(o, pa[1][kk], gmma_desc_add(vd, (64 + kk * 16) * 128), false);
         wgmma_commit();
     }
     wgmma_wait<0>();
@@ -305,9 +317,7 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     const float sl2 = a.scale * LOG2E;
     const uint32_t qs = smem_u32(sQt) + wg * 64 * 128, ks = smem_u32(sK), vs = smem_u32(sV);
 
-    float o[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float o[NT][4]; /* written by fwd_block's first product, zero when no key is visible */
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     const int kend = min(d.khi, tmax + 1); /* keys past it are masked for every row of the warpgroup */
 
@@ -317,6 +327,9 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     const int t_min = __reduce_min_sync(FULL, min(ma.w >= 0 ? ma.w : INT_MAX, mb.w >= 0 ? mb.w : INT_MAX));
     if (nkt == 2) fwd_block<D, 2>(o, qs, ks, vs, d, ma.w, mb.w, t_min, sl2, m_a, m_b, l_a, l_b);
     else if (nkt == 1) fwd_block<D, 1>(o, qs, ks, vs, d, ma.w, mb.w, t_min, sl2, m_a, m_b, l_a, l_b);
+    else
+#pragma unroll
+        for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
@@ -364,8 +377,8 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
 
     /* prologue: descriptors tb .. tb+2, entries tb, tb+1, rows of tb, K/V of tb's segment */
     tc_ring_prologue(ring, a, tb, te);
-    tc_gather_rows<D, M>(sQ + (tb & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta[tb & 1], a.Hq);
-    tc_load_kv<D>(sK, sV, a, ring.desc[tb & 3]);
+    tc_gather_rows<D, M>(sQ + (tb & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(tb), a.Hq);
+    tc_load_kv<D>(sK, sV, a, ring.dsc(tb));
     cp_async_commit();
     cp_async_wait_committed();
     fence_async_smem();
@@ -373,14 +386,14 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
 
     for (int i = tb; i < te; i++) {
         tc_ring_advance(ring, a, i, te);
-        if (i + 1 < te) tc_gather_rows<D, M>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta[(i + 1) & 1], a.Hq);
+        if (i + 1 < te) tc_gather_rows<D, M>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(i + 1), a.Hq);
         cp_async_commit();
-        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sK, sV, ring.desc[i & 3], ring.meta[i & 1], a);
+        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sK, sV, ring.dsc(i), ring.meta(i), a);
         cp_async_wait_committed();
         fence_async_smem();
         __syncthreads();
         if (i + 1 < te) {
-            const TileDesc &dn = ring.desc[(i + 1) & 3], &dc = ring.desc[i & 3];
+            const TileDesc &dn = ring.dsc(i + 1), &dc = ring.dsc(i);
             if (dn.gr != dc.gr || dn.ks != dc.ks) {
                 tc_load_kv<D>(sK, sV, a, dn);
                 cp_async_commit();
@@ -425,10 +438,16 @@ template <int D, int DI> struct TcBwd {
                             DZB_BYTES = DI > 0 ? (size_t)TC_KB * BATCH * 2 : 0, QIB_BYTES = (size_t)BATCH * DI * 2,
                             BMETA_BYTES = DI > 0 ? BATCH * sizeof(int4) : 0, KACC_BYTES = (size_t)TC_KB * DI * 4,
                             LI_BYTES = DI > 0 ? 2 * QI_ROWS * sizeof(float) : 0;
-    static constexpr size_t KL_BYTES = KI_BYTES + 2 * QI_BYTES + DZB_BYTES + QIB_BYTES + BMETA_BYTES + KACC_BYTES + LI_BYTES;
+    /* two dz buffers: a batch is flushed and its buffer zeroed after the barrier that ends its last tile, while the
+     * next batch's first tile, with no barrier between, writes the other one */
+    static constexpr size_t KL_BYTES = KI_BYTES + 2 * QI_BYTES + 2 * DZB_BYTES + QIB_BYTES + BMETA_BYTES + KACC_BYTES + LI_BYTES;
     static constexpr size_t SMEM =
         4 * Q_BYTES + 2 * KV_BYTES + DS_BYTES + KL_BYTES + 4 * M * sizeof(float) + sizeof(TcRing<M>) + 1024;
 };
+
+/* Hopper's most dynamic shared memory a block may opt in to (227 KB): every tile kernel's layout fits it */
+static_assert(TcBwd<128, 128>::SMEM <= 227 * 1024 && TcBwd<64, 128>::SMEM <= 227 * 1024 && TcFwd<128>::SMEM <= 227 * 1024,
+              "the tile kernels' shared memory");
 
 /* Accumulators of one segment: warp w owns keys 16w .. 16w+15 (thread rows gid, gid+8), all D. */
 template <int D> struct TcDkv {
@@ -438,7 +457,7 @@ template <int D> struct TcDkv {
 /* The KL's shared memory (DI > 0) of the CTA, and where the tile's current buffers are. */
 struct TcKlSmem {
     unsigned char *ki, *qi; /* qi: 2 buffers of QI_BYTES */
-    bf16 *dzb;              /* the batch's dz [TC_KB][BATCH], zero where no visible pair */
+    bf16 *dzb;              /* the batch's dz [TC_KB][BATCH], zero where no visible pair (one of two buffers) */
     unsigned char *qib;     /* the batch's qi rows */
     int4 *bmeta;            /* the batch's query slots: the meta of the query's first packed row */
     float *kacc, *li;       /* li: 2 buffers of QI_ROWS (the tile's queries' idx_lse, natural log) */
@@ -513,10 +532,6 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TcKlSmem &kls, con
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < D / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc.k[j][e] = acc.v[j][e] = 0.0f;
 }
 
 /* The teacher (times G: the sum of P over the query's G heads) of this thread's four (key, query) elements of
@@ -717,11 +732,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                                              unsigned char *sOt, const float *sL, const float *sDs,
                                              const unsigned char *sQIt, const float *sLIt, unsigned char *sdS,
                                              const unsigned char *sK, const unsigned char *sV, const TileDesc &d,
-                                             const int4 *meta, int pos, const TileArgs &a) {
+                                             const int4 *meta, int pos, bool fresh, const TileArgs &a) {
     using C = TcBwd<D, DI>;
     constexpr int M = C::M, NQ = M / 8;
     const int lane = threadIdx.x & 31, warp = warp_idx_uniform(), wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
-    const int kw0 = warp * 16, kg0 = wg * 64, nkeys = d.khi - d.klo;
+    const int kw0 = warp * 16, kg0 = wg * 64;
     int tmax = -1, tmin = INT_MAX; /* over the valid rows (t >= 0) */
     for (int p = lane; p < M; p += 32) {
         const int t = meta[p].w;
@@ -742,13 +757,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     float kl = 0.0f;
 
     { /* warpgroup-uniform branches, as every wgmma below */
-        if (kg0 >= nkeys || d.klo + kg0 > tmax) {
-            /* the warpgroup's keys are past the segment or in the future of every query of the tile: dS = 0
-             * (dz stays zero) */
-            if (a.dqp) /* the warp's 16 keys are chunks kw0 / 8 and kw0 / 8 + 1 of every row */
-                for (int idx = lane; idx < M * 2; idx += 32)
-                    *(uint4 *)(sdS + gmma_off(idx >> 1, (kw0 >> 3) + (idx & 1), M)) = make_uint4(0, 0, 0, 0);
-        } else {
+        {
             /* S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x the M packed rows; warp w holds keys
              * kw0 + gid (+8), packed rows n*8 + 2 tig (+1) */
             float st[NQ][4], dpt[NQ][4];
@@ -813,12 +822,13 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
 #pragma unroll
                 for (int kq = 0; kq < M / 16; kq++) {
                     const uint64_t dob = gmma_desc_add(dod, kq * 16 * 128), qb = gmma_desc_add(qtd, kq * 16 * 128);
+                    const bool first = fresh && kq == 0; /* the segment's first product: D = A B, no zeroing */
                     if constexpr (D == 128) {
-                        wgmma_rs_n128<1>(acc.v, pa[kq], dob, false);
-                        wgmma_rs_n128<1>(acc.k, da[kq], qb, false);
+                        wgmma_rs_n128<1>(acc.v, pa[kq], dob, first);
+                        wgmma_rs_n128<1>(acc.k, da[kq], qb, first);
                     } else {
-                        wgmma_rs_n64<1>(acc.v, pa[kq], dob, false);
-                        wgmma_rs_n64<1>(acc.k, da[kq], qb, false);
+                        wgmma_rs_n64<1>(acc.v, pa[kq], dob, first);
+                        wgmma_rs_n64<1>(acc.k, da[kq], qb, first);
                     }
                 }
                 wgmma_commit();
@@ -965,7 +975,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
     kls.ki = sdS + C::DS_BYTES;
     kls.qi = kls.ki + C::KI_BYTES;
     kls.dzb = (bf16 *)(kls.qi + 2 * C::QI_BYTES);
-    kls.qib = (unsigned char *)kls.dzb + C::DZB_BYTES;
+    kls.qib = (unsigned char *)kls.dzb + 2 * C::DZB_BYTES;
     kls.bmeta = (int4 *)(kls.qib + C::QIB_BYTES);
     kls.kacc = (float *)((unsigned char *)kls.bmeta + C::BMETA_BYTES);
     kls.li = (float *)((unsigned char *)kls.kacc + C::KACC_BYTES);
@@ -978,16 +988,17 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
     if constexpr (DI > 0) {
         for (int i = threadIdx.x; i < TC_KB * DI; i += TC_THREADS) kls.kacc[i] = 0.0f;
         /* dz starts zero; qi rows of unused slots meet zero dz, so they must be finite: zero too */
-        for (int i = threadIdx.x; i < (int)((C::DZB_BYTES + C::QIB_BYTES) / 16); i += TC_THREADS)
+        for (int i = threadIdx.x; i < (int)((2 * C::DZB_BYTES + C::QIB_BYTES) / 16); i += TC_THREADS)
             ((uint4 *)kls.dzb)[i] = make_uint4(0, 0, 0, 0);
     }
+    [[maybe_unused]] bf16 *const dzb0 = kls.dzb, *const dzb1 = (bf16 *)((unsigned char *)kls.dzb + C::DZB_BYTES);
     const int kl_tiles = DI > 0 ? C::BATCH / (M >> a.lgG) : 0; /* tiles per KL batch */
     int pos = 0;                                                /* this tile's place in the batch */
 
     tc_ring_prologue(ring, a, tb, te);
     tc_bwd_gather<D, DI>(sQ + (tb & 1) * C::Q_BYTES, sO + (tb & 1) * C::Q_BYTES, sL + (tb & 1) * M, sDs + (tb & 1) * M,
-                         kls.qi + (tb & 1) * C::QI_BYTES, kls.li + (tb & 1) * C::QI_ROWS, ring.meta[tb & 1], a);
-    tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, ring.desc[tb & 3]);
+                         kls.qi + (tb & 1) * C::QI_BYTES, kls.li + (tb & 1) * C::QI_ROWS, ring.meta(tb), a);
+    tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, ring.dsc(tb));
     cp_async_commit();
     cp_async_wait_committed();
     fence_async_smem();
@@ -998,7 +1009,8 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
     for (int j = 0; j < D / 8; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) acc.k[j][e] = acc.v[j][e] = 0.0f;
-    bool started = (ring.desc[tb & 3].rows & TILE_FIRST) != 0;
+    bool started = (ring.dsc(tb).rows & TILE_FIRST) != 0;
+    bool fresh = true; /* acc holds no tile yet: the next tile's first dV/dK product overwrites it */
     double kl = 0.0;
 
     for (int i = tb; i < te; i++) {
@@ -1006,30 +1018,35 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
         tc_ring_advance(ring, a, i, te);
         if (i + 1 < te)
             tc_bwd_gather<D, DI>(sQ + b1 * C::Q_BYTES, sO + b1 * C::Q_BYTES, sL + b1 * M, sDs + b1 * M,
-                                 kls.qi + b1 * C::QI_BYTES, kls.li + b1 * C::QI_ROWS, ring.meta[b1], a);
+                                 kls.qi + b1 * C::QI_BYTES, kls.li + b1 * C::QI_ROWS, ring.meta(i + 1), a);
         cp_async_commit();
         const int b0 = i & 1;
         kl += (double)tc_bwd_tile<D, DI>(acc, kls, sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, sL + b0 * M, sDs + b0 * M,
                                          kls.qi + b0 * C::QI_BYTES, kls.li + b0 * C::QI_ROWS, sdS, sK, sV,
-                                         ring.desc[i & 3], ring.meta[b0], pos, a);
+                                         ring.dsc(i), ring.meta(i), pos, fresh, a);
+        fresh = false;
         cp_async_wait_committed();
         fence_async_smem();
         __syncthreads();
-        const TileDesc &dc = ring.desc[i & 3];
-        const bool seg_end = i + 1 == te || ring.desc[(i + 1) & 3].gr != dc.gr || ring.desc[(i + 1) & 3].ks != dc.ks;
+        const TileDesc &dc = ring.dsc(i);
+        const bool seg_end = i + 1 == te || ring.dsc(i + 1).gr != dc.gr || ring.dsc(i + 1).ks != dc.ks;
         if constexpr (DI > 0) {
             if (++pos == kl_tiles || seg_end) {
-                if (a.accki || a.dqip) tc_kl_flush<D, DI>(kls, pos * (M >> a.lgG), dc.khi - dc.klo, a);
+                if (a.accki || a.dqip) {
+                    tc_kl_flush<D, DI>(kls, pos * (M >> a.lgG), dc.khi - dc.klo, a);
+                    kls.dzb = kls.dzb == dzb0 ? dzb1 : dzb0;
+                }
                 pos = 0;
             }
         }
         if (i + 1 == te) {
             if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
         } else {
-            const TileDesc &dn = ring.desc[(i + 1) & 3];
+            const TileDesc &dn = ring.dsc(i + 1);
             if (dn.gr != dc.gr || dn.ks != dc.ks) {
                 if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
                 started = (dn.rows & TILE_FIRST) != 0;
+                fresh = true;
                 tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, dn);
                 cp_async_commit();
                 cp_async_wait_committed();

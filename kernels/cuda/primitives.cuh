@@ -6,6 +6,8 @@
 #ifndef MSA_CUDA_PRIMITIVES_CUH
 #define MSA_CUDA_PRIMITIVES_CUH
 
+#include <initializer_list>
+
 #include "common.cuh"
 #include "limits.h"
 
@@ -26,6 +28,36 @@ template <typename T> __device__ __forceinline__ T from_f64(double x);
 template <> __device__ __forceinline__ float from_f64<float>(double x) { return (float)x; }
 template <> __device__ __forceinline__ bf16 from_f64<bf16>(double x) { return __double2bfloat16(x); }
 template <> __device__ __forceinline__ double from_f64<double>(double x) { return x; }
+
+/* ---- vector access ---- */
+
+/* V elements of T as one aligned access (16 bytes at V = 16 / sizeof(T)): the bandwidth-bound kernels' loads
+ * and stores; 2-byte accesses of BF16 elements ran them at a third of the device's rate */
+template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
+    T v[V];
+};
+template <typename T, int V> __device__ __forceinline__ Vec<T, V> load_vec(const T *p) { return *(const Vec<T, V> *)p; }
+template <typename T, int V> __device__ __forceinline__ void store_vec(T *p, const Vec<T, V> &x) { *(Vec<T, V> *)p = x; }
+/* the same, converted to and from fp32 */
+template <typename T, int V> __device__ __forceinline__ void load_f32(const T *p, float (&out)[V]) {
+    const Vec<T, V> x = load_vec<T, V>(p);
+#pragma unroll
+    for (int i = 0; i < V; i++) out[i] = to_f32(x.v[i]);
+}
+template <typename T, int V> __device__ __forceinline__ void store_f32(T *p, const float (&in)[V]) {
+    Vec<T, V> x;
+#pragma unroll
+    for (int i = 0; i < V; i++) x.v[i] = from_f32<T>(in[i]);
+    store_vec<T, V>(p, x);
+}
+/* the vector width (host) for rows of C elements of type T at these addresses: 16 bytes when every row starts
+ * aligned, else 1 */
+template <typename T> inline int vec_width(int64_t C, std::initializer_list<const void *> ptrs) {
+    constexpr int V = 16 / sizeof(T);
+    uintptr_t bits = (uintptr_t)((size_t)C * sizeof(T));
+    for (const void *p : ptrs) bits |= (uintptr_t)p;
+    return bits % 16 == 0 ? V : 1;
+}
 
 /* ---- search ---- */
 

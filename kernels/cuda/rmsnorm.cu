@@ -35,21 +35,6 @@ using namespace msacuda;
  * TILES (<= 8) vectors of x and dy, the dw sums and the gains of its columns. */
 #define MAX_THREADS 256
 
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
-    T v[VEC];
-};
-
-template <typename T, int VEC> __device__ __forceinline__ Pack<T, VEC> load_pack(const T *p) {
-    return *reinterpret_cast<const Pack<T, VEC> *>(p);
-}
-
-template <int VEC, typename T> __device__ __forceinline__ void store_vec(T *p, const float (&in)[VEC]) {
-    Pack<T, VEC> pk;
-#pragma unroll
-    for (int j = 0; j < VEC; j++) pk.v[j] = from_f32<T>(in[j]);
-    *reinterpret_cast<Pack<T, VEC> *>(p) = pk;
-}
-
 /* The gains of the thread's columns, read once: the row loop then loads only activations. */
 template <typename Tw, int VEC, int TILES>
 __device__ __forceinline__ void load_gains(float (&g)[TILES][VEC], const Tw *w, int C, int thread, int team, bool unit_offset) {
@@ -64,11 +49,11 @@ __device__ __forceinline__ void load_gains(float (&g)[TILES][VEC], const Tw *w, 
 
 /* This thread's vectors of row r of src (those inside the row). */
 template <typename Tx, int VEC, int TILES>
-__device__ __forceinline__ void load_row(Pack<Tx, VEC> (&v)[TILES], const Tx *src, int64_t r, int C, int thread, int team) {
+__device__ __forceinline__ void load_row(Vec<Tx, VEC> (&v)[TILES], const Tx *src, int64_t r, int C, int thread, int team) {
 #pragma unroll
     for (int k = 0; k < TILES; k++) {
         const int c0 = (thread + k * team) * VEC;
-        if (c0 < C) v[k] = load_pack<Tx, VEC>(src + r * C + c0);
+        if (c0 < C) v[k] = load_vec<Tx, VEC>(src + r * C + c0);
     }
 }
 
@@ -76,7 +61,7 @@ __device__ __forceinline__ void load_row(Pack<Tx, VEC> (&v)[TILES], const Tx *sr
  * what the norm and its backward see), stored to h. The sum as the add kernel forms it (elementwise.cu:
  * fp64, one rounding), so that h is add's h bit for bit. */
 template <typename Tx, int VEC, int TILES>
-__device__ __forceinline__ void add_residual(Pack<Tx, VEC> (&xv)[TILES], const Pack<Tx, VEC> (&rv)[TILES], Tx *h, int64_t r,
+__device__ __forceinline__ void add_residual(Vec<Tx, VEC> (&xv)[TILES], const Vec<Tx, VEC> (&rv)[TILES], Tx *h, int64_t r,
                                              int C, int thread, int team) {
 #pragma unroll
     for (int k = 0; k < TILES; k++) {
@@ -84,7 +69,7 @@ __device__ __forceinline__ void add_residual(Pack<Tx, VEC> (&xv)[TILES], const P
         if (c0 >= C) continue;
 #pragma unroll
         for (int j = 0; j < VEC; j++) xv[k].v[j] = from_f64<Tx>(to_f64(xv[k].v[j]) + to_f64(rv[k].v[j]));
-        *reinterpret_cast<Pack<Tx, VEC> *>(h + r * C + c0) = xv[k];
+        *reinterpret_cast<Vec<Tx, VEC> *>(h + r * C + c0) = xv[k];
     }
 }
 
@@ -128,7 +113,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
     const Team tm = team_of(lanes);
     float g[TILES][VEC];
     load_gains<Tw, VEC, TILES>(g, w, C, tm.thread, tm.size, unit_offset);
-    Pack<Tx, VEC> xn[TILES] = {}, rn[TILES] = {};
+    Vec<Tx, VEC> xn[TILES] = {}, rn[TILES] = {};
     if (TILES <= PREFETCH_TILES_MAX && tm.first_round + tm.sub < rows) {
         load_row(xn, x, tm.first_round + tm.sub, C, tm.thread, tm.size);
         if (RESIDUAL) load_row(rn, res, tm.first_round + tm.sub, C, tm.thread, tm.size);
@@ -136,7 +121,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
     for (int64_t r0 = tm.first_round; r0 < rows; r0 += tm.round_stride) {
         const int64_t r = r0 + tm.sub;
         const bool live = r < rows;
-        Pack<Tx, VEC> xv[TILES] = {}, rv[TILES] = {};
+        Vec<Tx, VEC> xv[TILES] = {}, rv[TILES] = {};
         if (TILES <= PREFETCH_TILES_MAX) {
 #pragma unroll
             for (int k = 0; k < TILES; k++) xv[k] = xn[k], rv[k] = rn[k];
@@ -168,7 +153,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_fwd_kernel(Tx *y, float *
             float o[VEC];
 #pragma unroll
             for (int j = 0; j < VEC; j++) o[j] = to_f32(xv[k].v[j]) * rs * g[k][j];
-            store_vec<VEC>(y + r * C + c0, o);
+            store_f32(y + r * C + c0, o);
         }
     }
 }
@@ -195,7 +180,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, Tx *dr
     for (int k = 0; k < TILES; k++)
 #pragma unroll
         for (int j = 0; j < VEC; j++) acc[k][j] = 0.0f;
-    Pack<Tx, VEC> xn[TILES] = {}, dyn[TILES] = {};
+    Vec<Tx, VEC> xn[TILES] = {}, dyn[TILES] = {};
     if (TILES <= PREFETCH_TILES_MAX && tm.first_round + tm.sub < rows) {
         load_row(xn, x, tm.first_round + tm.sub, C, tm.thread, tm.size);
         load_row(dyn, dy, tm.first_round + tm.sub, C, tm.thread, tm.size);
@@ -203,7 +188,7 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, Tx *dr
     for (int64_t r0 = tm.first_round; r0 < rows; r0 += tm.round_stride) {
         const int64_t r = r0 + tm.sub;
         const bool live = r < rows;
-        Pack<Tx, VEC> xv[TILES] = {}, dyv[TILES] = {};
+        Vec<Tx, VEC> xv[TILES] = {}, dyv[TILES] = {};
         if (TILES <= PREFETCH_TILES_MAX) {
 #pragma unroll
             for (int k = 0; k < TILES; k++) xv[k] = xn[k], dyv[k] = dyn[k];
@@ -237,8 +222,8 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, Tx *dr
                 /* the unfused sequence's arithmetic: dh + the norm's dx rounded to the activation dtype (its
                  * gradient buffer), then added to dx and dr as axpy adds (fp32 sum, one rounding) */
                 float dsum[VEC];
-                Pack<Tx, VEC> dhv = {};
-                if (dh) dhv = load_pack<Tx, VEC>(dh + r * C + c0);
+                Vec<Tx, VEC> dhv = {};
+                if (dh) dhv = load_vec<Tx, VEC>(dh + r * C + c0);
 #pragma unroll
                 for (int j = 0; j < VEC; j++)
                     dsum[j] = to_f32(from_f32<Tx>(plus_norm_dx(dh ? to_f32(dhv.v[j]) : 0.0f, rs, g[k][j],
@@ -248,19 +233,19 @@ __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_bwd_kernel(Tx *dx, Tx *dr
 #pragma unroll
                 for (int o = 0; o < 2; o++) {
                     if (!outs[o]) continue;
-                    const Pack<Tx, VEC> old = load_pack<Tx, VEC>(outs[o] + r * C + c0);
+                    const Vec<Tx, VEC> old = load_vec<Tx, VEC>(outs[o] + r * C + c0);
                     float d[VEC];
 #pragma unroll
                     for (int j = 0; j < VEC; j++) d[j] = to_f32(old.v[j]) + dsum[j];
-                    store_vec<VEC>(outs[o] + r * C + c0, d);
+                    store_f32(outs[o] + r * C + c0, d);
                 }
             } else if (dx) {
-                const Pack<Tx, VEC> old = load_pack<Tx, VEC>(dx + r * C + c0);
+                const Vec<Tx, VEC> old = load_vec<Tx, VEC>(dx + r * C + c0);
                 float d[VEC];
 #pragma unroll
                 for (int j = 0; j < VEC; j++)
                     d[j] = plus_norm_dx(to_f32(old.v[j]), rs, g[k][j], to_f32(dyv[k].v[j]), kx, to_f32(xv[k].v[j]));
-                store_vec<VEC>(dx + r * C + c0, d);
+                store_f32(dx + r * C + c0, d);
             }
         }
     }

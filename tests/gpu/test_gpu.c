@@ -1297,6 +1297,42 @@ static void bench_add_rmsnorm(int64_t rows, int64_t C) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
 }
 
+typedef struct {
+    Tensor gate, up, out, dout, dgate, dup, copy_dst;
+} SwigluBench;
+static void swiglu_fwd(void *a) {
+    SwigluBench *b = a;
+    GB->swiglu_forward(&b->out, &b->gate, &b->up);
+}
+static void swiglu_bwd(void *a) {
+    SwigluBench *b = a;
+    GB->swiglu_backward(&b->dgate, &b->dup, &b->dout, &b->gate, &b->up);
+}
+static void swiglu_copy(void *a) {
+    SwigluBench *b = a;
+    GB->copy(b->copy_dst.data, b->gate.data, (size_t)b->gate.numel * dtype_size(b->gate.dtype));
+}
+
+/* SwiGLU on BF16 activations of `rows` tokens x `ffn` channels: GB/s of its traffic (forward: read gate and
+ * up, write out; backward: read dout, gate, up, dgate and dup, write dgate and dup) against a device-to-device
+ * copy of gate */
+static void bench_swiglu(int64_t rows, int64_t ffn) {
+    SwigluBench b;
+    const int64_t shape[2] = {rows, ffn};
+    b.gate = dev_rand(DT_BF16, 2, shape, 1), b.up = dev_rand(DT_BF16, 2, shape, 1), b.dout = dev_rand(DT_BF16, 2, shape, 1);
+    b.dgate = dev_rand(DT_BF16, 2, shape, 0), b.dup = dev_rand(DT_BF16, 2, shape, 0);
+    b.out = mk(GB, DT_BF16, 2, shape), b.copy_dst = mk(GB, DT_BF16, 2, shape);
+    const double act = (double)rows * (double)ffn * 2;
+    const double t_copy = time_calls(swiglu_copy, &b, 20), t_fwd = time_calls(swiglu_fwd, &b, 20),
+                 t_bwd = time_calls(swiglu_bwd, &b, 20);
+    const double copy_gbs = 2 * act / t_copy * 1e-9, fwd_gbs = 3 * act / t_fwd * 1e-9, bwd_gbs = 7 * act / t_bwd * 1e-9;
+    printf("  swiglu bf16 rows=%lld ffn=%lld: fwd %.1f us (%.0f GB/s, %.0f%% of a copy's %.0f GB/s), bwd %.1f us (%.0f GB/s, "
+           "%.0f%%)\n", (long long)rows, (long long)ffn, t_fwd * 1e6, fwd_gbs, 100 * fwd_gbs / copy_gbs, copy_gbs, t_bwd * 1e6,
+           bwd_gbs, 100 * bwd_gbs / copy_gbs);
+    Tensor *all[] = {&b.gate, &b.up, &b.out, &b.dout, &b.dgate, &b.dup, &b.copy_dst};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
+}
+
 /* a d_model 1024, 4-layer model on the Shakespeare data: tokens per second of full training steps */
 static void bench_train(int seq_len, int batch) {
     Run r;
@@ -1329,8 +1365,8 @@ static void bench_train(int seq_len, int batch) {
 
 static bool wanted(const char *only, const char *group);
 
-/* --bench [NAME,...]: all timings, or those named (msa_indexer rmsnorm add_rmsnorm gemm attention msa_attention
- * msa_kl moe train) */
+/* --bench [NAME,...]: all timings, or those named (msa_indexer rmsnorm swiglu add_rmsnorm gemm attention
+ * msa_attention msa_kl moe train) */
 static void bench(const char *only) {
     printf("bench (wall clock; rough)\n");
     if (wanted(only, "msa_indexer")) bench_msa_indexer();
@@ -1339,6 +1375,7 @@ static void bench(const char *only) {
         bench_rmsnorm(16384, 4096);
         bench_rmsnorm(16384 * 16, 128); /* per-head q/k norms */
     }
+    if (wanted(only, "swiglu")) bench_swiglu(16384, 5632); /* the ~1.1B dense model's 4 x 4K tokens */
     if (wanted(only, "add_rmsnorm")) {
         bench_add_rmsnorm(16384, 2048);
         bench_add_rmsnorm(16384, 4096);
