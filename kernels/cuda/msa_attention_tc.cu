@@ -737,21 +737,6 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     constexpr int M = C::M, NQ = M / 8;
     const int lane = threadIdx.x & 31, warp = warp_idx_uniform(), wg = warp >> 2, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, kg0 = wg * 64;
-    int tmax = -1, tmin = INT_MAX; /* over the valid rows (t >= 0) */
-    for (int p = lane; p < M; p += 32) {
-        const int t = meta[p].w;
-        tmax = max(tmax, t);
-        if (t >= 0) tmin = min(tmin, t);
-    }
-    tmax = __reduce_max_sync(FULL, tmax);
-    tmin = __reduce_min_sync(FULL, tmin);
-    /* every valid row sees all of this warp's 16 keys (a selected block before the row's own: all but the local
-     * block of a query's selection): no mask per element. Invalid rows then get P = 1 (their Q, dO, lse and
-     * Dsum are zero), which adds nothing: dS = P (dP - Dsum) = 0, their dO rows are zero in dV, no dQ row is
-     * stored for them, and their queries have no KL. */
-    const bool all_visible = d.klo + kw0 + 15 <= tmin && d.klo + kw0 + 16 <= d.khi;
-    if constexpr (DI > 0)
-        if (a.accki || a.dqip) tc_kl_batch_add<D, DI>(kls, sQIt, meta, pos, a);
     const float sl2 = a.scale * LOG2E;
     const uint32_t qs = smem_u32(sQt), os = smem_u32(sOt), ks = smem_u32(sK), vs = smem_u32(sV), dss = smem_u32(sdS);
     float kl = 0.0f;
@@ -763,36 +748,45 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             float st[NQ][4], dpt[NQ][4];
             const uint64_t kd = gmma_desc(ks + kg0 * 128, 16, 1024), vd = gmma_desc(vs + kg0 * 128, 16, 1024),
                            qd = gmma_desc(qs, 16, 1024), od = gmma_desc(os, 16, 1024);
+            /* two groups: P is computed from S^T while the tensor cores still run dP^T */
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
-                if constexpr (M == 32) {
-                    wgmma_ss_n32<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
-                    wgmma_ss_n32<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
-                } else {
-                    wgmma_ss_n64<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
-                    wgmma_ss_n64<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
-                }
+                if constexpr (M == 32) wgmma_ss_n32<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
+                else wgmma_ss_n64<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
             }
             wgmma_commit();
-            wgmma_wait<0>();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
+                if constexpr (M == 32) wgmma_ss_n32<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
+                else wgmma_ss_n64<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
+            }
+            wgmma_commit();
+            /* while the products run: the tile's visibility bound and its KL batch entry */
+            int tmin = INT_MAX; /* over the valid rows (t >= 0) */
+            for (int p = lane; p < M; p += 32)
+                if (const int t = meta[p].w; t >= 0) tmin = min(tmin, t);
+            tmin = __reduce_min_sync(FULL, tmin);
+            /* every valid row sees all of this warp's 16 keys (a selected block before the row's own: all but
+             * the local block of a query's selection): no mask per element. Invalid rows then get P = 1 (their Q,
+             * dO, lse and Dsum are zero), which adds nothing: dS = P (dP - Dsum) = 0, their dO rows are zero in
+             * dV, no dQ row is stored for them, and their queries have no KL. */
+            const bool all_visible = d.klo + kw0 + 15 <= tmin && d.klo + kw0 + 16 <= d.khi;
+            if constexpr (DI > 0)
+                if (a.accki || a.dqip) tc_kl_batch_add<D, DI>(kls, sQIt, meta, pos, a);
+            wgmma_wait<1>();
             wgmma_hold(st);
-            wgmma_hold(dpt);
-            /* P^T and dS^T in place */
+            /* P^T in place */
             if (all_visible) {
 #pragma unroll
                 for (int n = 0; n < NQ; n++) {
 #pragma unroll
                     for (int c = 0; c < 2; c++) {
-                        const int qr = n * 8 + tig * 2 + c;
-                        const float l2 = sL[qr] * LOG2E, ds = sDs[qr];
+                        const float l2 = sL[n * 8 + tig * 2 + c] * LOG2E;
 #pragma unroll
-                        for (int e = c; e < 4; e += 2) {
-                            const float p = exp2_ftz(st[n][e] * sl2 - l2);
-                            st[n][e] = p;
-                            dpt[n][e] = p * (dpt[n][e] - ds);
-                        }
+                        for (int e = c; e < 4; e += 2) st[n][e] = exp2_ftz(st[n][e] * sl2 - l2);
                     }
                 }
             } else {
@@ -803,15 +797,27 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                         const int qr = n * 8 + tig * 2 + (e & 1), key = d.klo + kw0 + gid + (e >> 1) * 8;
                         const int t = meta[qr].w;
                         const bool vis = t >= 0 && key <= t && key < d.khi;
-                        const float p = vis ? exp2_ftz(st[n][e] * sl2 - sL[qr] * LOG2E) : 0.0f;
-                        st[n][e] = p;
-                        dpt[n][e] = p * (dpt[n][e] - sDs[qr]);
+                        st[n][e] = vis ? exp2_ftz(st[n][e] * sl2 - sL[qr] * LOG2E) : 0.0f;
                     }
                 }
             }
-            /* dV += P^T dO, dK += dS^T Q (k = packed rows; dO and Q read transposed: MN-major) */
-            if (a.acck || a.accv) {
-                uint32_t pa[M / 16][4], da[M / 16][4];
+            wgmma_wait<0>();
+            wgmma_hold(dpt);
+            /* dS^T in place (P = 0 where masked) */
+#pragma unroll
+            for (int n = 0; n < NQ; n++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const float ds = sDs[n * 8 + tig * 2 + c];
+#pragma unroll
+                    for (int e = c; e < 4; e += 2) dpt[n][e] = st[n][e] * (dpt[n][e] - ds);
+                }
+            }
+            /* dV += P^T dO, dK += dS^T Q (k = packed rows; dO and Q read transposed: MN-major), waited for after the
+             * dS store and the KL's part, which run while the tensor cores do it */
+            const bool kv_products = a.acck || a.accv;
+            uint32_t pa[M / 16][4], da[M / 16][4];
+            if (kv_products) {
 #pragma unroll
                 for (int kq = 0; kq < M / 16; kq++) {
                     acc_to_a_frag(pa[kq], st[2 * kq], st[2 * kq + 1]);
@@ -832,11 +838,6 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     }
                 }
                 wgmma_commit();
-                /* waited for here: registers written while an RS wgmma is in flight make ptxas serialise
-                 * every wgmma of the kernel */
-                wgmma_wait<0>();
-                wgmma_hold(acc.k);
-                wgmma_hold(acc.v);
             }
             /* dS for dQ as dS [packed row][key], K-major like the Q tile, read by dQ^T = K^T dS^T below: written with
              * stmatrix .trans, 8x8 matrices of n-tile n (packed rows 8n ..) and key half h (keys kw0 + 8h ..), a
@@ -854,6 +855,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                 }
             }
             if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, all_visible, a);
+            if (kv_products) {
+                wgmma_wait<0>();
+                wgmma_hold(acc.k);
+                wgmma_hold(acc.v);
+            }
         }
     }
     if (!a.dqp) return kl; /* uniform over the CTA */
