@@ -162,7 +162,8 @@ template <int D> struct TcFwd {
     static constexpr int M = 128, CPR = D / 8, RB = D * 2;
     static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB;
     /* + 1024: the buffers start 1024-byte aligned (the swizzle of the wgmma operands) */
-    static constexpr size_t SMEM = 2 * Q_BYTES + 2 * KV_BYTES + sizeof(TcRing<M>) + 1024;
+    /* + the rows' lse, staged with the rows for tc_fwd_store */
+    static constexpr size_t SMEM = 2 * Q_BYTES + 2 * KV_BYTES + M * sizeof(float) + sizeof(TcRing<M>) + 1024;
 };
 
 /* the 128 threads of warpgroup wg meet (named barrier 1 + wg; 0 is __syncthreads) */
@@ -304,7 +305,7 @@ __device__ __forceinline__ void fwd_block(float (&o)[D / 8][4], uint32_t qs, uin
 }
 
 template <int D>
-__device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned char *sK, const unsigned char *sV,
+__device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, float *sLse, const unsigned char *sK, const unsigned char *sV,
                                             const TileDesc &d, const int4 *meta, const TileArgs &a) {
     using C = TcFwd<D>;
     constexpr int M = C::M, NT = D / 8;
@@ -335,7 +336,7 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
 
     /* stage the normalised rows (bf16) in this warp's own rows of the Q buffer once the whole warpgroup's
-     * MMAs (which read those rows) are done, then 16-byte stores */
+     * MMAs (which read those rows) are done, and their lse; tc_fwd_store writes them out */
     warpgroup_sync(wg);
 #pragma unroll
     for (int j = 0; j < NT; j++) {
@@ -343,11 +344,19 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
         *(uint32_t *)(sQt + gmma_off(r0 + gid + 8, j, M) + tig * 4) = pack_bf16(o[j][2] * inv_b, o[j][3] * inv_b);
     }
     if (tig == 0) {
-        if (ma.x >= 0)
-            a.lpart[((int64_t)(ma.x - a.c0) * a.Hq + ma.y) * a.NS + ma.z] = l_a > 0.0f ? (m_a + log2f(l_a)) * LN2 : -INFINITY;
-        if (mb.x >= 0)
-            a.lpart[((int64_t)(mb.x - a.c0) * a.Hq + mb.y) * a.NS + mb.z] = l_b > 0.0f ? (m_b + log2f(l_b)) * LN2 : -INFINITY;
+        sLse[r0 + gid] = l_a > 0.0f ? (m_a + log2f(l_a)) * LN2 : -INFINITY;
+        sLse[r0 + gid + 8] = l_b > 0.0f ? (m_b + log2f(l_b)) * LN2 : -INFINITY;
     }
+}
+
+/* The warp's staged rows (tc_fwd_tile) to their slots of the partials, 16-byte stores, and their lse. Called after
+ * the loop's proxy fence rather than from the tile: the fence's MEMBAR waits for the thread's outstanding stores,
+ * and these would be the youngest. A warpgroup the tile skipped has no valid row: nothing is stored. */
+template <int D>
+__device__ __forceinline__ void tc_fwd_store(const unsigned char *sQt, const float *sLse, const int4 *meta, const TileArgs &a) {
+    using C = TcFwd<D>;
+    constexpr int M = C::M;
+    const int lane = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16;
     __syncwarp();
     bf16 *op = (bf16 *)a.opart;
 #pragma unroll
@@ -357,6 +366,10 @@ __device__ __forceinline__ void tc_fwd_tile(unsigned char *sQt, const unsigned c
         if (mt.x < 0) continue;
         const uint4 val = *(const uint4 *)(sQt + gmma_off(row, ch, M));
         *(uint4 *)(op + (((int64_t)(mt.x - a.c0) * a.Hq + mt.y) * a.NS + mt.z) * D + ch * 8) = val;
+    }
+    if (lane < 16) {
+        const int4 mt = meta[r0 + lane];
+        if (mt.x >= 0) a.lpart[((int64_t)(mt.x - a.c0) * a.Hq + mt.y) * a.NS + mt.z] = sLse[r0 + lane];
     }
 }
 
@@ -370,7 +383,8 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
     constexpr int M = C::M;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char *sQ = smem_1024(smem_raw), *sK = sQ + 2 * C::Q_BYTES, *sV = sK + C::KV_BYTES;
-    TcRing<M> &ring = *(TcRing<M> *)(sV + C::KV_BYTES);
+    float *sLse = (float *)(sV + C::KV_BYTES);
+    TcRing<M> &ring = *(TcRing<M> *)(sLse + M);
     int tb, te;
     cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
     if (tb >= te) return;
@@ -388,9 +402,10 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
         tc_ring_advance(ring, a, i, te);
         if (i + 1 < te) tc_gather_rows<D, M>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(i + 1), a.Hq);
         cp_async_commit();
-        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sK, sV, ring.dsc(i), ring.meta(i), a);
+        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sLse, sK, sV, ring.dsc(i), ring.meta(i), a);
         cp_async_wait_committed();
         fence_async_smem();
+        tc_fwd_store<D>(sQ + (i & 1) * C::Q_BYTES, sLse, ring.meta(i), a);
         __syncthreads();
         if (i + 1 < te) {
             const TileDesc &dn = ring.dsc(i + 1), &dc = ring.dsc(i);
@@ -901,17 +916,29 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                 stage[row * 64 + stage_col(row, dl + 8)] = dqt[j][2 + c];
             }
         }
-        warpgroup_sync(wg);
-        const int row = (threadIdx.x & 127) >> 2, q = threadIdx.x & 3; /* dims 16 v + 4 q, v < 4 */
-        const int4 m = meta[row0 + row];
-        if (m.x >= 0) {
-            float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + dim0;
-#pragma unroll
-            for (int v = 0; v < 4; v++)
-                *(float4 *)(dst + v * 16 + q * 4) = *(const float4 *)(stage + row * 64 + stage_col(row, v * 16 + q * 4));
-        }
+        warpgroup_sync(wg); /* the rows go out in tc_bwd_store_dq */
     }
     return kl;
+}
+
+/* The tile's dQ partial rows, staged by tc_bwd_tile (fp32 [row][64 dims] per warpgroup, synchronised), to their
+ * slots, a thread a row's quarter. Called after the loop's proxy fence rather than from the tile: the fence's
+ * MEMBAR waits for the thread's outstanding stores, and these would be the youngest. */
+template <int D>
+__device__ __forceinline__ void tc_bwd_store_dq(const unsigned char *sQt, const unsigned char *sOt, const int4 *meta,
+                                                const TileArgs &a) {
+    constexpr int ROWS = 32;
+    const int wg = warp_idx_uniform() >> 2;
+    const int dim0 = D == 128 ? wg * 64 : 0, row0 = D == 128 ? 0 : wg * ROWS;
+    const float *stage = (const float *)(wg == 0 ? sQt : sOt);
+    const int row = (threadIdx.x & 127) >> 2, q = threadIdx.x & 3; /* dims 16 v + 4 q, v < 4 */
+    const int4 m = meta[row0 + row];
+    if (m.x >= 0) {
+        float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + dim0;
+#pragma unroll
+        for (int v = 0; v < 4; v++)
+            *(float4 *)(dst + v * 16 + q * 4) = *(const float4 *)(stage + row * 64 + stage_col(row, v * 16 + q * 4));
+    }
 }
 
 /* the rows of the tile (meta): q and dout rows, lse and Dsum; with the KL also the tile's queries' qi rows
@@ -1033,6 +1060,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
         fresh = false;
         cp_async_wait_committed();
         fence_async_smem();
+        if (a.dqp) tc_bwd_store_dq<D>(sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, ring.meta(i), a);
         __syncthreads();
         const TileDesc &dc = ring.dsc(i);
         const bool seg_end = i + 1 == te || ring.dsc(i + 1).gr != dc.gr || ring.dsc(i + 1).ks != dc.ks;
