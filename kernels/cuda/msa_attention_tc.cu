@@ -448,7 +448,9 @@ template <int D, int DI> struct TcBwd {
     static constexpr size_t Q_BYTES = (size_t)M * RB, KV_BYTES = (size_t)TC_KB * RB, DS_BYTES = (size_t)TC_KB * M * 2;
     /* the KL's: ki of the segment, qi of the tile's queries (8 rows, the rows past the tile's queries
      * zero), the batch (dz [key][16 slots] bf16, the slots' qi rows and meta), the dki accumulators */
-    static constexpr int QI_ROWS = 8, BATCH = 16;
+    /* BATCH: query slots a KL flush takes (32 where shared memory allows: a flush's read-add-write of the dki
+     * accumulators and its barrier then serve twice the tiles) */
+    static constexpr int QI_ROWS = 8, BATCH = D == 64 ? 32 : 16;
     static constexpr size_t KI_BYTES = (size_t)TC_KB * DI * 2, QI_BYTES = (size_t)QI_ROWS * DI * 2,
                             DZB_BYTES = DI > 0 ? (size_t)TC_KB * BATCH * 2 : 0, QIB_BYTES = (size_t)BATCH * DI * 2,
                             BMETA_BYTES = DI > 0 ? BATCH * sizeof(int4) : 0, KACC_BYTES = (size_t)TC_KB * DI * 4,
@@ -472,7 +474,7 @@ template <int D> struct TcDkv {
 /* The KL's shared memory (DI > 0) of the CTA, and where the tile's current buffers are. */
 struct TcKlSmem {
     unsigned char *ki, *qi; /* qi: 2 buffers of QI_BYTES */
-    bf16 *dzb;              /* the batch's dz [TC_KB][BATCH], zero where no visible pair (one of two buffers) */
+    bf16 *dzb;              /* the batch's dz [TC_KB][BATCH] (dz_off), zero where no visible pair (one of two buffers) */
     unsigned char *qib;     /* the batch's qi rows */
     int4 *bmeta;            /* the batch's query slots: the meta of the query's first packed row */
     float *kacc, *li;       /* li: 2 buffers of QI_ROWS (the tile's queries' idx_lse, natural log) */
@@ -547,6 +549,16 @@ __device__ __forceinline__ void tc_flush(TcDkv<D> &acc, const TcKlSmem &kls, con
             }
         }
     }
+}
+
+/* Byte offset of 16-byte chunk `chunk` (slots 8 chunk ..) of key row `key` in a dz batch [TC_KB][BATCH] bf16: the
+ * chunks of a row are XOR-swizzled by the row's place in its 128-byte line group, so that the eight row addresses
+ * of an ldmatrix phase (rows r .. r+7, one chunk) fall in distinct 16-byte bank groups (rows of 32 or 64 bytes
+ * unswizzled would put two or four in one) */
+template <int BATCH> __device__ __forceinline__ uint32_t dz_off(int key, int chunk) {
+    constexpr int CH = BATCH / 8, ROWS_PER_LINE = 8 / CH;
+    static_assert(CH == 2 || CH == 4, "16 or 32 slots");
+    return (uint32_t)(key * BATCH * 2 + ((chunk ^ ((key / ROWS_PER_LINE) & (CH - 1))) << 4));
 }
 
 /* The teacher (times G: the sum of P over the query's G heads) of this thread's four (key, query) elements of
@@ -652,7 +664,9 @@ __device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int qc = 2 * tig + (e & 1);
-            if (qc < nqt && dz[e] != 0.0f) kls.dzb[(kw0 + gid + (e >> 1) * 8) * C::BATCH + pos * nqt + qc] = __float2bfloat16_rn(dz[e]);
+            if (const int slot = pos * nqt + qc; qc < nqt && dz[e] != 0.0f)
+                *(bf16 *)((unsigned char *)kls.dzb + dz_off<C::BATCH>(kw0 + gid + (e >> 1) * 8, slot >> 3) + (slot & 7) * 2) =
+                    __float2bfloat16_rn(dz[e]);
         }
     }
     return kl;
@@ -679,20 +693,24 @@ __device__ __forceinline__ void tc_kl_batch_add(const TcKlSmem &kls, const unsig
 template <int D, int DI>
 __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int nkeys, const TileArgs &a) {
     using C = TcBwd<D, DI>;
-    constexpr int CPRI = DI / 8, BRB = C::BATCH * 2; /* bytes per dz row */
+    constexpr int CPRI = DI / 8, KS = C::BATCH / 16, NT = C::BATCH / 8; /* k16 steps / n8 tiles of slots */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
     const uint32_t dzs = smem_u32(kls.dzb), qbs = smem_u32(kls.qib), kis = smem_u32(kls.ki);
     if (a.accki) {
         const int kw0 = warp * 16;
-        uint32_t af[4];
-        ldsm_x4(af, dzs + (kw0 + (lane & 15)) * BRB + (lane >> 4) * 16);
+        uint32_t af[KS][4];
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) ldsm_x4(af[ks], dzs + dz_off<C::BATCH>(kw0 + (lane & 15), 2 * ks + (lane >> 4)));
 #pragma unroll
         for (int dp = 0; dp < DI / 16; dp++) {
-            uint32_t b[4];
-            ldsm_x4_t(b, qbs + swz<CPRI>(lane & 15, dp * 2 + (lane >> 4)));
             float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            mma_bf16_16816(c0, af, b[0], b[1]);
-            mma_bf16_16816(c1, af, b[2], b[3]);
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, qbs + swz<CPRI>(ks * 16 + (lane & 15), dp * 2 + (lane >> 4)));
+                mma_bf16_16816(c0, af[ks], b[0], b[1]);
+                mma_bf16_16816(c1, af[ks], b[2], b[3]);
+            }
 #pragma unroll
             for (int half = 0; half < 2; half++) {
                 const int row = kw0 + gid + half * 8, col = dp * 16 + tig * 2;
@@ -709,19 +727,25 @@ __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int
     }
     if (a.dqip && warp < DI / 16) {
         const int mt = warp, nk16 = (nkeys + 15) >> 4;
-        float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        float c[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < TC_KB / 16; kk++) {
             if (kk < nk16) {
-                uint32_t af[4], b[4];
+                uint32_t af[4];
                 ldsm_x4_t(af, kis + swz<CPRI>(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1)));
-                ldsm_x4_t(b, dzs + (kk * 16 + (lane & 15)) * BRB + (lane >> 4) * 16);
-                mma_bf16_16816(c[0], af, b[0], b[1]);
-                mma_bf16_16816(c[1], af, b[2], b[3]);
+#pragma unroll
+                for (int h = 0; h < NT / 2; h++) {
+                    uint32_t b[4];
+                    ldsm_x4_t(b, dzs + dz_off<C::BATCH>(kk * 16 + (lane & 15), 2 * h + (lane >> 4)));
+                    mma_bf16_16816(c[2 * h], af, b[0], b[1]);
+                    mma_bf16_16816(c[2 * h + 1], af, b[2], b[3]);
+                }
             }
         }
 #pragma unroll
-        for (int n = 0; n < 2; n++) {
+        for (int n = 0; n < NT; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int slot = n * 8 + 2 * tig + (e & 1);
