@@ -766,6 +766,17 @@ __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int
  * (rows r, r + 1 for even r) each hit 32 distinct banks */
 __device__ __forceinline__ int stage_col(int row, int col) { return col ^ ((((row >> 1) & 3) ^ ((row & 1) << 1)) << 3); }
 
+/* X^T = A B^T over the D head dims: A the warpgroup's 64 keys of K or V (descriptor ad), B the tile's M packed rows
+ * of Q or dO (bd), both K-major; issued, not committed */
+template <int D, int M> __device__ __forceinline__ void wgmma_keys_rows(float (&x)[M / 8][4], uint64_t ad, uint64_t bd) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
+        if constexpr (M == 32) wgmma_ss_n32<0, 0>(x, gmma_desc_add(ad, ko), gmma_desc_add(bd, qo), kk == 0);
+        else wgmma_ss_n64<0, 0>(x, gmma_desc_add(ad, ko), gmma_desc_add(bd, qo), kk == 0);
+    }
+}
+
 template <int D, int DI>
 __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls, unsigned char *sQt,
                                              unsigned char *sOt, const float *sL, const float *sDs,
@@ -789,19 +800,9 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                            qd = gmma_desc(qs, 16, 1024), od = gmma_desc(os, 16, 1024);
             /* two groups: P is computed from S^T while the tensor cores still run dP^T */
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
-                if constexpr (M == 32) wgmma_ss_n32<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
-                else wgmma_ss_n64<0, 0>(st, gmma_desc_add(kd, ko), gmma_desc_add(qd, qo), kk == 0);
-            }
+            wgmma_keys_rows<D, M>(st, kd, qd);
             wgmma_commit();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
-                if constexpr (M == 32) wgmma_ss_n32<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
-                else wgmma_ss_n64<0, 0>(dpt, gmma_desc_add(vd, ko), gmma_desc_add(od, qo), kk == 0);
-            }
+            wgmma_keys_rows<D, M>(dpt, vd, od);
             wgmma_commit();
             /* while the products run: the tile's visibility bound and its KL batch entry */
             int tmin = INT_MAX; /* over the valid rows (t >= 0) */
