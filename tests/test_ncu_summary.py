@@ -2,7 +2,9 @@
 """tools/ncu_sass_summary.py (the GPU machine's `device_check.sh ncu-source` stage): on a hand-made page of
 Nsight Compute's SASS source CSV, the shares of executed instructions and stall samples per opcode
 (predicates ignored, modifiers folded into the opcode) against sums worked out here, the hottest
-instructions in order with the one before each, columns in any order, and one error line for a file without the table.
+instructions in order with the one before each, the hot path's regions between its waits, barriers and fences
+(instructions per pass of each, share of the stall samples), columns in any order, and one error line for a file
+without the table.
 Prints "N passed, N failed". Run with the project's virtual environment:
 .venv/bin/python tests/test_ncu_summary.py
 """
@@ -82,6 +84,43 @@ def a_file_without_the_table_is_one_error_line(work):
         f.write("==ERROR== Could not open report file 'r.ncu-rep'.\n")
     expect_error_line(run_tool(path), "no SASS table", "Could not open report file")
     expect_error_line(run_tool(os.path.join(work, "missing.csv")), "cannot read it")
+
+
+# a tile loop's page: a prologue and an epilogue run once per warp (50), the loop 10,000 times, with a KL-like flush
+# every second pass behind its own barrier
+LOOP_PAGE = """"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"
+"0x00","MOV R1, c[0x0][0x28]","10","50"
+"0x10","FFMA R2, R3, R4, R5","100","10000"
+"0x20","WARPGROUP.ARRIVE","0","10000"
+"0x30","HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24","200","10000"
+"0x40","WARPGROUP.DEPBAR.LE gsb0, 0x0","300","10000"
+"0x50","FADD R6, R7, R8","50","20000"
+"0x60","BAR.SYNC.DEFER_BLOCKING 0x0","250","10000"
+"0x70","HMMA.16816.F32.BF16 R8, R12, R16, R8","40","5000"
+"0x80","BAR.SYNC.DEFER_BLOCKING 0x0","50","5000"
+"0x90","EXIT","0","50"
+"""
+
+
+@test
+def regions_between_synchronisation_points(work):
+    path = os.path.join(work, "loop.csv")
+    with open(path, "w") as f:
+        f.write(LOOP_PAGE)
+    r = run_tool(path, "2")
+    check(r.returncode == 0, f"exit {r.returncode}: {r.stderr}")
+    out = r.stdout
+    body = out[out.index("regions of the hot path"):out.index("the 2 instructions")].splitlines()[1:]
+    got = [(m.group(1), float(m.group(2)), float(m.group(3)))
+           for m in (re.match(r"\s+(\S+).*?\s([0-9.]+)\s+([0-9.]+)%$", l) for l in body) if m]
+    # by hand (1000 stall samples in all): the prologue, the FFMA and the ARRIVE up to the wgmma group's start,
+    # (50 + 10000 + 10000) / 10000 passes, 110 samples; the HGMMA and its wait, 20000 / 10000, 500; the FADDs (two a
+    # pass) and the barrier, 30000 / 10000, 300; the flush and its barrier per pass of that barrier, 10000 / 5000,
+    # 90; the epilogue over the hottest count, 50 / 10000, no samples
+    want = [("0x20", 2.005, 11.0), ("0x40", 2.0, 50.0), ("0x60", 3.0, 30.0), ("0x80", 2.0, 9.0), ("(to", 0.005, 0.0)]
+    check(len(got) == len(want), f"{len(got)} regions, want {len(want)}:\n{out}")
+    for (a, e, s), (wa, we, ws) in zip(got, want):
+        check(a == wa and abs(e - we) < 0.06 and abs(s - ws) < 0.006, f"region {(a, e, s)}, want {(wa, we, ws)}")
 
 
 def main():

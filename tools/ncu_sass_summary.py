@@ -3,8 +3,9 @@
 
 Input: the CSV of `ncu --import R --page source --print-source sass --csv` (one row per SASS
 instruction with its executed count and warp-stall samples). Output: where the kernel's issue slots and
-stalls go, by opcode, and the instructions with the most stall samples, with their neighbours, so that a
-latency-bound tile kernel's hot spots can be read without the GUI.
+stalls go, by opcode and by region of the hot path (between its waits, barriers, fences and wgmma groups:
+instructions per pass, e.g. per tile), and the instructions with the most stall samples, with their
+neighbours, so that a latency-bound tile kernel's hot spots can be read without the GUI.
 """
 import collections
 import csv
@@ -25,6 +26,44 @@ def number(text):
         return float(text.replace(",", ""))
     except ValueError:
         return 0.0
+
+
+# where a tile kernel's warps wait for each other or for their products, or start issuing a group of wgmmas
+# (WARPGROUP.ARRIVE): each ends a region
+LANDMARKS = ("WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "BAR.SYNC", "BAR.ARV", "MEMBAR", "DEPBAR")
+
+
+def landmark(op):
+    """the synchronisation point this opcode is, or None"""
+    return next((m for m in LANDMARKS if op.startswith(m)), None)
+
+
+def regions(body, src, execd, stall, addr, total_stall):
+    """The hot path cut at its synchronisation points: per region, the instructions a warp executes each time it
+    passes the point that ends the region (the region's executed count over the point's), and the region's share of
+    the stall samples. Points passed less than 1% as often as the hottest instruction are not cut at (the prologue,
+    rare branches), so their instructions count in the region around them."""
+    def opcode(r):
+        t = [w for w in r[src].split() if not w.startswith("@")]
+        return t[0] if t else ""
+    hottest = max((number(r[execd]) for r in body), default=0.0)
+    if hottest <= 0:
+        return
+    print("\nregions of the hot path, each ending at a wait, a barrier, a fence or a wgmma group's start:"
+          " instructions per pass, % of stall samples")
+    acc_e = acc_s = 0.0
+    for i, r in enumerate(body):
+        op = opcode(r)
+        e = number(r[execd])
+        acc_e += e
+        acc_s += number(r[stall]) if stall is not None else 0.0
+        if landmark(op) is None or e < 0.01 * hottest:
+            continue
+        where = r[addr] if addr is not None else str(i)
+        print(f"  {where:>16s} {r[src][:44]:44s} {acc_e / e:8.1f}  {100 * acc_s / (total_stall or 1):6.2f}%")
+        acc_e = acc_s = 0.0
+    if acc_e > 0:
+        print(f"  {'(to the end)':>16s} {'':44s} {acc_e / hottest:8.1f}  {100 * acc_s / (total_stall or 1):6.2f}%")
 
 
 def main(path, top=40):
@@ -62,6 +101,8 @@ def main(path, top=40):
     print("\nopcode: % of executed warp instructions, % of stall samples")
     for name, (e, s) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:30]:
         print(f"  {name:12s} {100 * e / total_exec:6.2f}% exec  {100 * s / (total_stall or 1):6.2f}% stalls")
+
+    regions(body, src, execd, stall, column(header, "address"), total_stall)
 
     if stall is None:
         return
