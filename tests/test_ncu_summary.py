@@ -37,14 +37,19 @@ def run_tool(path, *extra):
     return subprocess.run([sys.executable, TOOL, path, *extra], capture_output=True, text=True)
 
 
+def summarise(work, name, page, top):
+    """the tool's output on `page` written to work/name, showing `top` hottest instructions (it must succeed)"""
+    path = os.path.join(work, name)
+    with open(path, "w") as f:
+        f.write(page)
+    r = run_tool(path, str(top))
+    check(r.returncode == 0, f"exit {r.returncode}: {r.stderr}")
+    return r.stdout
+
+
 @test
 def opcode_shares_and_hottest_instructions(work):
-    path = os.path.join(work, "page.csv")
-    with open(path, "w") as f:
-        f.write(PAGE)
-    r = run_tool(path, "3")
-    check(r.returncode == 0, f"exit {r.returncode}: {r.stderr}")
-    out = r.stdout
+    out = summarise(work, "page.csv", PAGE, 3)
     # by hand: executed 1000 + 6000 + 2000 + 1000 + 0 = 10000; stall samples 10 + 300 + 100 + 500 + 90 = 1000
     check("5 SASS instructions, 1e+04 warp instructions executed, 1000 stall samples" in out, out)
     shares = {m.group(1): (float(m.group(2)), float(m.group(3)))
@@ -66,15 +71,10 @@ def columns_in_any_order(work):
     """the same page with its columns reversed (the executed count first, at index 0): the same summary"""
     rows = [line.split('","') for line in PAGE.splitlines()[1:]]
     flipped = ['"' + '","'.join(reversed([f.strip('"') for f in r])) + '"' for r in rows]
-    a, b = os.path.join(work, "page.csv"), os.path.join(work, "flipped.csv")
-    with open(a, "w") as f:
-        f.write(PAGE)
-    with open(b, "w") as f:
-        f.write(PAGE.splitlines()[0] + "\n" + "\n".join(flipped) + "\n")
-    ra, rb = run_tool(a, "3"), run_tool(b, "3")
-    check(rb.returncode == 0, f"exit {rb.returncode}: {rb.stderr}")
+    a = summarise(work, "page.csv", PAGE, 3)
+    b = summarise(work, "flipped.csv", PAGE.splitlines()[0] + "\n" + "\n".join(flipped) + "\n", 3)
     summary = lambda out: out[out.index("opcode:"):out.index("the 3 instructions")]
-    check(summary(ra.stdout) == summary(rb.stdout), f"{ra.stdout}\n---\n{rb.stdout}")
+    check(summary(a) == summary(b), f"{a}\n---\n{b}")
 
 
 @test
@@ -104,12 +104,7 @@ LOOP_PAGE = """"Address","Source","Warp Stall Sampling (All Samples)","Instructi
 
 @test
 def regions_between_synchronisation_points(work):
-    path = os.path.join(work, "loop.csv")
-    with open(path, "w") as f:
-        f.write(LOOP_PAGE)
-    r = run_tool(path, "2")
-    check(r.returncode == 0, f"exit {r.returncode}: {r.stderr}")
-    out = r.stdout
+    out = summarise(work, "loop.csv", LOOP_PAGE, 2)
     body = out[out.index("regions of the hot path"):out.index("the 2 instructions")].splitlines()[1:]
     got = [(m.group(1), float(m.group(2)), float(m.group(3)))
            for m in (re.match(r"\s+(\S+).*?\s([0-9.]+)\s+([0-9.]+)%$", l) for l in body) if m]
