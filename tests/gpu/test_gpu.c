@@ -1206,8 +1206,24 @@ static double time_calls(void (*run)(void *), void *arg, int reps) {
     return (wall_seconds() - t0) / reps;
 }
 
+/* The bandwidth benches' yardstick: GB/s of a device-to-device copy of src (read and write), in the same run */
 typedef struct {
-    Tensor x, y, dy, dx, w, dw, rstd, copy_dst;
+    const Tensor *src;
+    Tensor dst;
+} CopyBench;
+static void copy_call(void *a) {
+    CopyBench *b = a;
+    GB->copy(b->dst.data, b->src->data, (size_t)b->src->numel * dtype_size(b->src->dtype));
+}
+static double copy_gbs(const Tensor *src) {
+    CopyBench b = {src, mk(GB, src->dtype, src->ndim, src->shape)};
+    const double t = time_calls(copy_call, &b, 20);
+    free_t(&b.dst);
+    return 2.0 * (double)src->numel * dtype_size(src->dtype) / t * 1e-9;
+}
+
+typedef struct {
+    Tensor x, y, dy, dx, w, dw, rstd;
 } NormBench;
 static void norm_fwd(void *a) {
     NormBench *b = a;
@@ -1217,10 +1233,6 @@ static void norm_bwd(void *a) {
     NormBench *b = a;
     GB->rmsnorm_backward(&b->dx, &b->dw, &b->dy, &b->x, &b->w, &b->rstd, false);
 }
-static void norm_copy(void *a) {
-    NormBench *b = a;
-    GB->copy(b->copy_dst.data, b->x.data, (size_t)b->x.numel * dtype_size(b->x.dtype));
-}
 
 /* RMSNorm, BF16 activations and an F32 gain (training's dtypes): GB/s of the traffic the op cannot avoid
  * (forward: read x, write y; backward: read x, dy and dx, write dx, since dx accumulates; the F32 rstd,
@@ -1229,23 +1241,21 @@ static void bench_rmsnorm(int64_t rows, int64_t C) {
     NormBench b;
     const int64_t shape[2] = {rows, C};
     b.x = dev_rand(DT_BF16, 2, shape, 1), b.dy = dev_rand(DT_BF16, 2, shape, 1), b.dx = dev_rand(DT_BF16, 2, shape, 0);
-    b.y = mk(GB, DT_BF16, 2, shape), b.copy_dst = mk(GB, DT_BF16, 2, shape);
+    b.y = mk(GB, DT_BF16, 2, shape);
     b.w = dev_rand(DT_F32, 1, (int64_t[]){C}, 1), b.dw = dev_rand(DT_F32, 1, (int64_t[]){C}, 0);
     b.rstd = mk(GB, DT_F32, 1, (int64_t[]){rows});
     const double act = (double)rows * (double)C * 2, small = (double)rows * 4 + (double)C * 4;
-    const double t_copy = time_calls(norm_copy, &b, 20), t_fwd = time_calls(norm_fwd, &b, 20),
-                 t_bwd = time_calls(norm_bwd, &b, 20);
-    const double copy_gbs = 2 * act / t_copy * 1e-9, fwd_gbs = (2 * act + small) / t_fwd * 1e-9,
-                 bwd_gbs = (4 * act + small + 2 * (double)C * 4) / t_bwd * 1e-9;
+    const double copy = copy_gbs(&b.x), t_fwd = time_calls(norm_fwd, &b, 20), t_bwd = time_calls(norm_bwd, &b, 20);
+    const double fwd_gbs = (2 * act + small) / t_fwd * 1e-9, bwd_gbs = (4 * act + small + 2 * (double)C * 4) / t_bwd * 1e-9;
     printf("  rmsnorm bf16 rows=%lld C=%lld: fwd %.1f us (%.0f GB/s, %.0f%% of a copy's %.0f GB/s), bwd dx+dw %.1f us "
-           "(%.0f GB/s, %.0f%%)\n", (long long)rows, (long long)C, t_fwd * 1e6, fwd_gbs, 100 * fwd_gbs / copy_gbs,
-           copy_gbs, t_bwd * 1e6, bwd_gbs, 100 * bwd_gbs / copy_gbs);
-    Tensor *all[] = {&b.x, &b.y, &b.dy, &b.dx, &b.w, &b.dw, &b.rstd, &b.copy_dst};
+           "(%.0f GB/s, %.0f%%)\n", (long long)rows, (long long)C, t_fwd * 1e6, fwd_gbs, 100 * fwd_gbs / copy, copy,
+           t_bwd * 1e6, bwd_gbs, 100 * bwd_gbs / copy);
+    Tensor *all[] = {&b.x, &b.y, &b.dy, &b.dx, &b.w, &b.dw, &b.rstd};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
 }
 
 typedef struct {
-    Tensor x, r, h, y, rstd, w, dy, dh, dx, dr, dw, copy_dst;
+    Tensor x, r, h, y, rstd, w, dy, dh, dx, dr, dw;
 } AddNormBench;
 static void add_norm_fused_fwd(void *a) {
     AddNormBench *b = a;
@@ -1267,10 +1277,6 @@ static void add_norm_unfused_bwd(void *a) {
     GB->axpy(&b->dx, &b->dh, 1.0f);
     GB->axpy(&b->dr, &b->dh, 1.0f);
 }
-static void add_norm_copy(void *a) {
-    AddNormBench *b = a;
-    GB->copy(b->copy_dst.data, b->x.data, (size_t)b->x.numel * dtype_size(b->x.dtype));
-}
 
 /* The residual add + RMSNorm, BF16 activations and an F32 gain: GB/s of the traffic the fused op cannot
  * avoid (forward: read x and r, write h and y; backward: read dy, h, dh, dx and dr, write dx and dr; the
@@ -1280,25 +1286,23 @@ static void bench_add_rmsnorm(int64_t rows, int64_t C) {
     const int64_t shape[2] = {rows, C};
     b.x = dev_rand(DT_BF16, 2, shape, 1), b.r = dev_rand(DT_BF16, 2, shape, 1), b.dy = dev_rand(DT_BF16, 2, shape, 1);
     b.dh = dev_rand(DT_BF16, 2, shape, 1), b.dx = dev_rand(DT_BF16, 2, shape, 0), b.dr = dev_rand(DT_BF16, 2, shape, 0);
-    b.h = mk(GB, DT_BF16, 2, shape), b.y = mk(GB, DT_BF16, 2, shape), b.copy_dst = mk(GB, DT_BF16, 2, shape);
+    b.h = mk(GB, DT_BF16, 2, shape), b.y = mk(GB, DT_BF16, 2, shape);
     b.w = dev_rand(DT_F32, 1, (int64_t[]){C}, 1), b.dw = dev_rand(DT_F32, 1, (int64_t[]){C}, 0);
     b.rstd = mk(GB, DT_F32, 1, (int64_t[]){rows});
     const double act = (double)rows * (double)C * 2, small = (double)rows * 4 + (double)C * 4;
-    const double t_copy = time_calls(add_norm_copy, &b, 20), t_fwd = time_calls(add_norm_fused_fwd, &b, 20),
+    const double copy = copy_gbs(&b.x), t_fwd = time_calls(add_norm_fused_fwd, &b, 20),
                  t_bwd = time_calls(add_norm_fused_bwd, &b, 20), t_fwd_unfused = time_calls(add_norm_unfused_fwd, &b, 20),
                  t_bwd_unfused = time_calls(add_norm_unfused_bwd, &b, 20);
-    const double copy_gbs = 2 * act / t_copy * 1e-9, fwd_gbs = (4 * act + small) / t_fwd * 1e-9,
-                 bwd_gbs = (7 * act + small + 2 * (double)C * 4) / t_bwd * 1e-9;
+    const double fwd_gbs = (4 * act + small) / t_fwd * 1e-9, bwd_gbs = (7 * act + small + 2 * (double)C * 4) / t_bwd * 1e-9;
     printf("  add_rmsnorm bf16 rows=%lld C=%lld: fwd %.1f us (%.0f GB/s, %.0f%% of a copy's %.0f GB/s; unfused %.1f us), "
            "bwd dx+dr+dw %.1f us (%.0f GB/s, %.0f%%; unfused %.1f us)\n", (long long)rows, (long long)C, t_fwd * 1e6, fwd_gbs,
-           100 * fwd_gbs / copy_gbs, copy_gbs, t_fwd_unfused * 1e6, t_bwd * 1e6, bwd_gbs, 100 * bwd_gbs / copy_gbs,
-           t_bwd_unfused * 1e6);
-    Tensor *all[] = {&b.x, &b.r, &b.h, &b.y, &b.rstd, &b.w, &b.dy, &b.dh, &b.dx, &b.dr, &b.dw, &b.copy_dst};
+           100 * fwd_gbs / copy, copy, t_fwd_unfused * 1e6, t_bwd * 1e6, bwd_gbs, 100 * bwd_gbs / copy, t_bwd_unfused * 1e6);
+    Tensor *all[] = {&b.x, &b.r, &b.h, &b.y, &b.rstd, &b.w, &b.dy, &b.dh, &b.dx, &b.dr, &b.dw};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
 }
 
 typedef struct {
-    Tensor gate, up, out, dout, dgate, dup, copy_dst;
+    Tensor gate, up, out, dout, dgate, dup;
 } SwigluBench;
 static void swiglu_fwd(void *a) {
     SwigluBench *b = a;
@@ -1307,10 +1311,6 @@ static void swiglu_fwd(void *a) {
 static void swiglu_bwd(void *a) {
     SwigluBench *b = a;
     GB->swiglu_backward(&b->dgate, &b->dup, &b->dout, &b->gate, &b->up);
-}
-static void swiglu_copy(void *a) {
-    SwigluBench *b = a;
-    GB->copy(b->copy_dst.data, b->gate.data, (size_t)b->gate.numel * dtype_size(b->gate.dtype));
 }
 
 /* SwiGLU on BF16 activations of `rows` tokens x `ffn` channels: GB/s of its traffic (forward: read gate and
@@ -1321,15 +1321,14 @@ static void bench_swiglu(int64_t rows, int64_t ffn) {
     const int64_t shape[2] = {rows, ffn};
     b.gate = dev_rand(DT_BF16, 2, shape, 1), b.up = dev_rand(DT_BF16, 2, shape, 1), b.dout = dev_rand(DT_BF16, 2, shape, 1);
     b.dgate = dev_rand(DT_BF16, 2, shape, 0), b.dup = dev_rand(DT_BF16, 2, shape, 0);
-    b.out = mk(GB, DT_BF16, 2, shape), b.copy_dst = mk(GB, DT_BF16, 2, shape);
+    b.out = mk(GB, DT_BF16, 2, shape);
     const double act = (double)rows * (double)ffn * 2;
-    const double t_copy = time_calls(swiglu_copy, &b, 20), t_fwd = time_calls(swiglu_fwd, &b, 20),
-                 t_bwd = time_calls(swiglu_bwd, &b, 20);
-    const double copy_gbs = 2 * act / t_copy * 1e-9, fwd_gbs = 3 * act / t_fwd * 1e-9, bwd_gbs = 7 * act / t_bwd * 1e-9;
+    const double copy = copy_gbs(&b.gate), t_fwd = time_calls(swiglu_fwd, &b, 20), t_bwd = time_calls(swiglu_bwd, &b, 20);
+    const double fwd_gbs = 3 * act / t_fwd * 1e-9, bwd_gbs = 7 * act / t_bwd * 1e-9;
     printf("  swiglu bf16 rows=%lld ffn=%lld: fwd %.1f us (%.0f GB/s, %.0f%% of a copy's %.0f GB/s), bwd %.1f us (%.0f GB/s, "
-           "%.0f%%)\n", (long long)rows, (long long)ffn, t_fwd * 1e6, fwd_gbs, 100 * fwd_gbs / copy_gbs, copy_gbs, t_bwd * 1e6,
-           bwd_gbs, 100 * bwd_gbs / copy_gbs);
-    Tensor *all[] = {&b.gate, &b.up, &b.out, &b.dout, &b.dgate, &b.dup, &b.copy_dst};
+           "%.0f%%)\n", (long long)rows, (long long)ffn, t_fwd * 1e6, fwd_gbs, 100 * fwd_gbs / copy, copy, t_bwd * 1e6,
+           bwd_gbs, 100 * bwd_gbs / copy);
+    Tensor *all[] = {&b.gate, &b.up, &b.out, &b.dout, &b.dgate, &b.dup};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free_t(all[i]);
 }
 
