@@ -39,11 +39,11 @@ template <int CPR> __device__ __forceinline__ uint32_t swz(int row, int chunk) {
  * ---------------------------------------------------------------------------------------------- */
 
 constexpr int TC_THREADS = 256, TC_WARPS = 8, TC_KB = 128;
-/* The backward's CTA adds a producer warpgroup (warps 8-11) to the 256 computing threads: it runs the rings,
+/* The tile kernels' CTA adds a producer warpgroup (warps 8-11) to the 256 computing threads: it runs the rings,
  * gathers the next tile's rows and loads a new segment's keys, in the issue slots the computing warps leave
- * while they wait on their products (they issued one instruction every ~6 cycles). Named barriers: 0 is
- * __syncthreads, 1-2 warpgroup_sync, TC_BAR_CONSUMERS the 256 computing threads, TC_BAR_PRODUCER the producer. */
-constexpr int TC_PRODUCER_THREADS = 128, TC_BWD_THREADS = TC_THREADS + TC_PRODUCER_THREADS, TC_BWD_WARPS = TC_BWD_THREADS / 32;
+ * while they wait on their products (the backward's issued one instruction every ~6 cycles). Named barriers: 0
+ * is __syncthreads, 1-2 warpgroup_sync, TC_BAR_CONSUMERS the 256 computing threads, TC_BAR_PRODUCER the producer. */
+constexpr int TC_PRODUCER_THREADS = 128, TC_WS_THREADS = TC_THREADS + TC_PRODUCER_THREADS, TC_WS_WARPS = TC_WS_THREADS / 32;
 constexpr int TC_BAR_CONSUMERS = 3, TC_BAR_PRODUCER = 4;
 /* registers per thread (setmaxnreg): the producer's 40 go to the computing warpgroups, 40 + 2 x 232 = 3 x 168,
  * the 168 a thread of a 384-thread CTA starts with */
@@ -55,12 +55,6 @@ template <int BAR, int NT> __device__ __forceinline__ void group_sync() {
     else asm volatile("bar.sync %0, %1;\n" ::"n"(BAR), "n"(NT) : "memory");
 }
 
-/* The pipeline's per-row side work (a tile's row meta) is spread over different warps, not all given to the
- * first threads: a loop over M < TC_THREADS rows from thread 0 would load warps 0-1 with all of it while the
- * others wait at the next barrier. side_thread(first) numbers the threads from `first`, wrapping, so such a
- * loop runs on the warps from first / 32 (the forward; the backward's producer does all of it). */
-__device__ __forceinline__ int side_thread(int first) { return (threadIdx.x + TC_THREADS - first) & (TC_THREADS - 1); }
-constexpr int TC_META_THREAD = 128; /* the forward's row meta: warps 4-7 */
 
 /* The pipeline's rings in shared memory: tile descriptors, the tiles' entries (query row, slot), and per
  * packed row its meta {query row (-1: invalid row), head h, partial slot s, token} (TileArgs). */
@@ -75,7 +69,7 @@ template <int M> struct TcRing {
 };
 
 /* The ring's and the gathers' helpers take the NT threads that run them and this thread's index t among them
- * (the forward: all 256; the backward: its producer). */
+ * (the producer warpgroup's, TC_BAR_PRODUCER their barrier). */
 template <int M>
 __device__ __forceinline__ void tc_issue_desc(TcRing<M> &ring, const TileArgs &a, int j, int t) {
     if (t == 0) {
@@ -162,6 +156,11 @@ __device__ __forceinline__ void tc_ring_advance(TcRing<M> &ring, const TileArgs 
     if (i + 4 < te) tc_issue_desc(ring, a, i + 4, t);
     if (i + 3 < te) tc_issue_ent<M, NT>(ring, a, i + 3, t);
     if (i + 2 < te) tc_build_meta(ring, a, i + 2, meta_row);
+}
+
+/* whether tile i ends its segment (the next tile has other keys, or there is none) */
+template <int M> __device__ __forceinline__ bool tc_seg_end(TcRing<M> &ring, int i, int te) {
+    return i + 1 == te || ring.dsc(i + 1).gr != ring.dsc(i).gr || ring.dsc(i + 1).ks != ring.dsc(i).ks;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -395,7 +394,54 @@ __device__ __forceinline__ unsigned char *smem_1024(unsigned char *p) {
     return p + ((1024 - (smem_u32(p) & 1023)) & 1023);
 }
 
-template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_kernel(TileArgs a) {
+/* The forward's producer warpgroup: the rings, tile i+1's query rows while tile i is computed, each segment's K/V;
+ * its barriers pair with tc_fwd_compute's one for one */
+template <int D>
+__device__ __forceinline__ void tc_fwd_produce(unsigned char *sQ, unsigned char *sK, unsigned char *sV, TcRing<TcFwd<D>::M> &ring,
+                                               const TileArgs &a, int tb, int te) {
+    using C = TcFwd<D>;
+    constexpr int M = C::M, NT = TC_PRODUCER_THREADS;
+    const int t = threadIdx.x - TC_THREADS;
+    tc_ring_prologue<M, NT, TC_BAR_PRODUCER>(ring, a, tb, te, t, t);
+    tc_gather_rows<D, M, NT>(sQ + (tb & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(tb), a.Hq, t);
+    tc_load_kv<D, NT>(sK, sV, a, ring.dsc(tb), t);
+    cp_async_commit();
+    cp_async_wait_committed();
+    fence_async_smem();
+    __syncthreads();
+    for (int i = tb; i < te; i++) {
+        tc_ring_advance<M, NT>(ring, a, i, te, t, t);
+        if (i + 1 < te) tc_gather_rows<D, M, NT>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(i + 1), a.Hq, t);
+        cp_async_commit();
+        cp_async_wait_committed();
+        fence_async_smem();
+        __syncthreads(); /* tile i done, tile i+1's rows in place */
+        if (i + 1 < te && tc_seg_end(ring, i, te)) {
+            tc_load_kv<D, NT>(sK, sV, a, ring.dsc(i + 1), t);
+            cp_async_commit();
+            cp_async_wait_committed();
+            fence_async_smem();
+            __syncthreads();
+        }
+    }
+}
+
+/* The forward's computing warpgroups: each tile, then its rows out */
+template <int D>
+__device__ __forceinline__ void tc_fwd_compute(unsigned char *sQ, float *sLse, const unsigned char *sK, const unsigned char *sV,
+                                               TcRing<TcFwd<D>::M> &ring, const TileArgs &a, int tb, int te) {
+    using C = TcFwd<D>;
+    __syncthreads(); /* the producer's prologue: tile tb's rows and keys in place */
+    for (int i = tb; i < te; i++) {
+        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sLse, sK, sV, ring.dsc(i), ring.meta(i), a);
+        tc_fwd_store<D>(sQ + (i & 1) * C::Q_BYTES, sLse, ring.meta(i), a);
+        __syncthreads(); /* tile i done, tile i+1's rows in place */
+        if (i + 1 < te && tc_seg_end(ring, i, te)) __syncthreads(); /* the next segment's keys in place */
+    }
+}
+
+/* Warpgroups 0-1 compute, warpgroup 2 produces (as in the backward, msa_bwd_tc_kernel) */
+template <int D> __global__ void __launch_bounds__(TC_WS_THREADS, 1) msa_fwd_tc_kernel(TileArgs a) {
     using C = TcFwd<D>;
     constexpr int M = C::M;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -405,37 +451,12 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
     int tb, te;
     cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
     if (tb >= te) return;
-
-    /* prologue: descriptors tb .. tb+2, entries tb, tb+1, rows of tb, K/V of tb's segment */
-    const int meta_row = side_thread(TC_META_THREAD);
-    tc_ring_prologue<M, TC_THREADS, 0>(ring, a, tb, te, threadIdx.x, meta_row);
-    tc_gather_rows<D, M, TC_THREADS>(sQ + (tb & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(tb), a.Hq, threadIdx.x);
-    tc_load_kv<D, TC_THREADS>(sK, sV, a, ring.dsc(tb), threadIdx.x);
-    cp_async_commit();
-    cp_async_wait_committed();
-    fence_async_smem();
-    __syncthreads();
-
-    for (int i = tb; i < te; i++) {
-        tc_ring_advance<M, TC_THREADS>(ring, a, i, te, threadIdx.x, meta_row);
-        if (i + 1 < te)
-            tc_gather_rows<D, M, TC_THREADS>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(i + 1), a.Hq, threadIdx.x);
-        cp_async_commit();
-        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sLse, sK, sV, ring.dsc(i), ring.meta(i), a);
-        cp_async_wait_committed();
-        fence_async_smem();
-        tc_fwd_store<D>(sQ + (i & 1) * C::Q_BYTES, sLse, ring.meta(i), a);
-        __syncthreads();
-        if (i + 1 < te) {
-            const TileDesc &dn = ring.dsc(i + 1), &dc = ring.dsc(i);
-            if (dn.gr != dc.gr || dn.ks != dc.ks) {
-                tc_load_kv<D, TC_THREADS>(sK, sV, a, dn, threadIdx.x);
-                cp_async_commit();
-                cp_async_wait_committed();
-                fence_async_smem();
-                __syncthreads();
-            }
-        }
+    if (warp_idx_uniform() >= TC_WARPS) { /* warpgroup-uniform */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(TC_PRODUCER_REGS));
+        tc_fwd_produce<D>(sQ, sK, sV, ring, a, tb, te);
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(TC_CONSUMER_REGS));
+        tc_fwd_compute<D>(sQ, sLse, sK, sV, ring, a, tb, te);
     }
 }
 
@@ -1067,11 +1088,6 @@ template <int D, int DI> struct TcBwdSmem {
     }
 };
 
-/* whether tile i ends its segment (the next tile has other keys, or there is none) */
-template <int M> __device__ __forceinline__ bool tc_seg_end(TcRing<M> &ring, int i, int te) {
-    return i + 1 == te || ring.dsc(i + 1).gr != ring.dsc(i).gr || ring.dsc(i + 1).ks != ring.dsc(i).ks;
-}
-
 /* The producer warpgroup: the rings, tile i+1's rows while tile i is computed, each segment's keys. Its
  * barriers pair with the computing warpgroups' (tc_bwd_compute) one for one. */
 template <int D, int DI> __device__ __forceinline__ void tc_bwd_produce(TcBwdSmem<D, DI> &sm, const TileArgs &a, int tb, int te) {
@@ -1170,7 +1186,7 @@ __device__ __forceinline__ double tc_bwd_compute(TcBwdSmem<D, DI> &sm, const Til
 /* Warpgroups 0-1 compute the tiles, warpgroup 2 produces their inputs (tc_bwd_produce); they meet once per tile,
  * at the barrier that ends it, and twice more where a segment ends. Each role runs its own loop, so that the
  * producer's few registers can go to the computing warps (setmaxnreg needs the roles' live ranges apart). */
-template <int D, int DI> __global__ void __launch_bounds__(TC_BWD_THREADS, 1) msa_bwd_tc_kernel(TileArgs a) {
+template <int D, int DI> __global__ void __launch_bounds__(TC_WS_THREADS, 1) msa_bwd_tc_kernel(TileArgs a) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     TcBwdSmem<D, DI> sm(smem_raw);
     int tb, te;
@@ -1186,7 +1202,7 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_BWD_THREADS, 1) ms
     }
     if constexpr (DI > 0) {
         if (a.klpart) { /* this CTA's share, added to its slot launch after launch (one chunk each) */
-            __shared__ double red[TC_BWD_WARPS];
+            __shared__ double red[TC_WS_WARPS];
             kl = block_sum(kl, red); /* the producer's share is 0 */
             if (threadIdx.x == 0) a.klpart[blockIdx.x] += kl;
         }
@@ -1209,13 +1225,13 @@ Geo msa_tc_forward_geo(int D) {
     Geo g;
     g.M = TcFwd<128>::M;
     g.KB = TC_KB;
-    g.threads = TC_THREADS;
+    g.threads = TC_WS_THREADS;
     if (D == 128) {
         g.smem = TcFwd<128>::SMEM;
-        g.grid = persistent_grid<msa_fwd_tc_kernel<128>>("msa_attention_forward", TC_THREADS, g.smem);
+        g.grid = persistent_grid<msa_fwd_tc_kernel<128>>("msa_attention_forward", TC_WS_THREADS, g.smem);
     } else {
         g.smem = TcFwd<64>::SMEM;
-        g.grid = persistent_grid<msa_fwd_tc_kernel<64>>("msa_attention_forward", TC_THREADS, g.smem);
+        g.grid = persistent_grid<msa_fwd_tc_kernel<64>>("msa_attention_forward", TC_WS_THREADS, g.smem);
     }
     return g;
 }
@@ -1229,11 +1245,11 @@ void msa_tc_forward_tiles(const Geo &g, const TileArgs &a, int D) {
 template <int D, int DI> Geo tc_backward_geo() {
     Geo g;
     g.KB = TC_KB;
-    g.threads = TC_BWD_THREADS;
+    g.threads = TC_WS_THREADS;
     g.M = TcBwd<D, DI>::M;
     g.smem = TcBwd<D, DI>::SMEM;
     g.grid = persistent_grid<msa_bwd_tc_kernel<D, DI>>(DI ? "msa_attention_kl_backward" : "msa_attention_backward",
-                                                        TC_BWD_THREADS, g.smem);
+                                                        TC_WS_THREADS, g.smem);
     return g;
 }
 
