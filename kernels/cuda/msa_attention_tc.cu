@@ -654,27 +654,17 @@ template <int M, int LGG> __device__ __forceinline__ void kl_teacher_of(const fl
 }
 
 /* The KL's part of a tile for the warp's 16 keys (they have visible pairs): st = P^T of the warp (key rows
- * gid, gid+8; packed row n*8 + 2 tig + (e & 1)). all_visible: every valid row sees all 16 keys. Stages dz in
- * the batch at slots pos * nqt .., returns the warp's KL share of this thread (log2 units). */
+ * gid, gid+8; packed row n*8 + 2 tig + (e & 1)), zt = Z^T, the student's scores of the same keys and the tile's
+ * queries 0-7 (wgmma_keys_queries: key rows gid, gid+8, query 2 tig + (e & 1)). all_visible: every valid row
+ * sees all 16 keys. Stages dz in the batch at slots pos * nqt .., returns the warp's KL share of this thread
+ * (log2 units). */
 template <int D, int DI>
-__device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 8][4], const TcKlSmem &kls,
-                                            const unsigned char *sQIt, const float *sLIt, const TileDesc &d,
-                                            const int4 *meta, int pos, bool all_visible, const TileArgs &a) {
+__device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 8][4], const float (&zt)[4],
+                                            const TcKlSmem &kls, const float *sLIt, const TileDesc &d, const int4 *meta,
+                                            int pos, bool all_visible, const TileArgs &a) {
     using C = TcBwd<D, DI>;
-    constexpr int CPRI = DI / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, lgG = a.lgG, nqt = C::M >> lgG;
-    const uint32_t kis = smem_u32(kls.ki), qis = smem_u32(sQIt);
-
-    /* Z^T: the warp's 16 keys x the tile's queries 0-7 */
-    float zt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int kk = 0; kk < DI / 16; kk++) {
-        uint32_t ka[4], b[4];
-        ldsm_x4(ka, kis + swz<CPRI>(kw0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-        ldsm_x4(b, qis + swz<CPRI>(lane & 7, kk * 2 + ((lane >> 3) & 1))); /* b[2], b[3] repeat b[0], b[1] */
-        mma_bf16_16816(zt, ka, b[0], b[1]);
-    }
     /* the teacher (times G) of this thread's (key, query) elements */
     float tp[4];
     switch (lgG) { /* msa_tc_kl_handles: G = M / 8 .. M, a power of two */
@@ -722,7 +712,7 @@ __device__ __forceinline__ void tc_kl_batch_add(const TcKlSmem &kls, const unsig
     const int nqt = C::M >> a.lgG;
     for (int idx = threadIdx.x; idx < nqt * CPRI; idx += TC_THREADS) {
         const int r = idx / CPRI, ch = idx - r * CPRI;
-        *(uint4 *)(kls.qib + swz<CPRI>(pos * nqt + r, ch)) = *(const uint4 *)(sQIt + swz<CPRI>(r, ch));
+        *(uint4 *)(kls.qib + swz<CPRI>(pos * nqt + r, ch)) = *(const uint4 *)(sQIt + gmma_off(r, ch, C::QI_ROWS));
     }
     if (threadIdx.x < nqt) kls.bmeta[pos * nqt + threadIdx.x] = meta[threadIdx.x << a.lgG];
 }
@@ -774,7 +764,7 @@ __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int
         for (int kk = 0; kk < TC_KB / 16; kk++) {
             if (kk < nk16) {
                 uint32_t af[4];
-                ldsm_x4_t(af, kis + swz<CPRI>(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1)));
+                ldsm_x4_t(af, kis + gmma_off(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1), TC_KB));
 #pragma unroll
                 for (int h = 0; h < NT / 2; h++) {
                     uint32_t b[4];
@@ -817,6 +807,17 @@ template <int D, int M> __device__ __forceinline__ void wgmma_keys_rows(float (&
     }
 }
 
+/* Z^T = KI QI^T over the DI index dims: the warpgroup's 64 keys of ki (descriptor ad, TC_KB rows a panel) against
+ * the tile's NQ query rows of qi (bd), both K-major; one n8 product, issued, not committed */
+template <int DI, int NQ> __device__ __forceinline__ void wgmma_keys_queries(float (&z)[1][4], uint64_t ad, uint64_t bd) {
+    static_assert(NQ == 8, "one n8 tile of queries");
+#pragma unroll
+    for (int kk = 0; kk < DI / 16; kk++) {
+        const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * NQ * 128 + (kk & 3) * 32;
+        wgmma_ss_n8<0, 0>(z, gmma_desc_add(ad, ko), gmma_desc_add(bd, qo), kk == 0);
+    }
+}
+
 template <int D, int DI>
 __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls, unsigned char *sQt,
                                              unsigned char *sOt, const float *sL, const float *sDs,
@@ -838,12 +839,20 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             float st[NQ][4], dpt[NQ][4];
             const uint64_t kd = gmma_desc(ks + kg0 * 128, 16, 1024), vd = gmma_desc(vs + kg0 * 128, 16, 1024),
                            qd = gmma_desc(qs, 16, 1024), od = gmma_desc(os, 16, 1024);
-            /* two groups: P is computed from S^T while the tensor cores still run dP^T */
+            /* groups in order: S^T, dP^T and with the KL the student's Z^T; P is computed from S^T while the tensor
+             * cores still run dP^T (and Z^T), dS once dP^T is in */
+            constexpr int KLG = DI > 0 ? 1 : 0; /* the Z^T group */
+            float zt[1][4];
             wgmma_fence();
             wgmma_keys_rows<D, M>(st, kd, qd);
             wgmma_commit();
             wgmma_keys_rows<D, M>(dpt, vd, od);
             wgmma_commit();
+            if constexpr (DI > 0) {
+                wgmma_keys_queries<DI, C::QI_ROWS>(zt, gmma_desc(smem_u32(kls.ki) + kg0 * 128, 16, 1024),
+                                                   gmma_desc(smem_u32(sQIt), 16, 1024));
+                wgmma_commit();
+            }
             /* while the products run: the tile's visibility bound and its KL batch entry */
             int tmin = INT_MAX; /* over the valid rows (t >= 0) */
             for (int p = lane; p < M; p += 32)
@@ -856,7 +865,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             const bool all_visible = d.klo + kw0 + 15 <= tmin && d.klo + kw0 + 16 <= d.khi;
             if constexpr (DI > 0)
                 if (a.accki || a.dqip) tc_kl_batch_add<D, DI>(kls, sQIt, meta, pos, a);
-            wgmma_wait<1>();
+            wgmma_wait<1 + KLG>();
             wgmma_hold(st);
             /* P^T in place */
             if (all_visible) {
@@ -881,7 +890,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     }
                 }
             }
-            wgmma_wait<0>();
+            wgmma_wait<KLG>();
             wgmma_hold(dpt);
             /* dS^T in place (P = 0 where masked) */
 #pragma unroll
@@ -917,8 +926,8 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                         wgmma_rs_n64<1>(acc.k, da[kq], qb, first);
                     }
                 }
-                wgmma_commit();
             }
+            wgmma_commit(); /* empty without the products: the group count the waits below rely on stays fixed */
             /* dS for dQ as dS [packed row][key], K-major like the Q tile, read by dQ^T = K^T dS^T below: written with
              * stmatrix .trans, 8x8 matrices of n-tile n (packed rows 8n ..) and key half h (keys kw0 + 8h ..), a
              * thread's pair (key gid, rows 2 tig, 2 tig + 1) of each (the same bf16 pairs as its A fragments); lane
@@ -934,7 +943,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                               pack_bf16(dpt[n0 + 1][2], dpt[n0 + 1][3]));
                 }
             }
-            if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, all_visible, a);
+            if constexpr (DI > 0) {
+                wgmma_wait<1>(); /* Z^T in, dV/dK still running */
+                wgmma_hold(zt);
+                kl = tc_kl_keys<D, DI>(st, zt[0], kls, sLIt, d, meta, pos, all_visible, a);
+            }
             if (kv_products) {
                 wgmma_wait<0>();
                 wgmma_hold(acc.k);
@@ -1036,7 +1049,7 @@ __device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *
             const int4 mt = r < nqt ? meta[r << a.lgG] : make_int4(-1, 0, 0, 0);
             const bool ok = mt.x >= 0;
             const bf16 *src = (const bf16 *)a.qi + (ok ? ((int64_t)mt.x * a.Hkv + (mt.y >> a.lgG)) * DI + ch * 8 : 0);
-            cp_async16(smem_u32(sQI) + swz<CPRI>(r, ch), src, ok);
+            cp_async16(smem_u32(sQI) + gmma_off(r, ch, C::QI_ROWS), src, ok);
         }
         if (t < C::QI_ROWS) {
             const int4 mt = t < nqt ? meta[t << a.lgG] : make_int4(-1, 0, 0, 0);
@@ -1057,7 +1070,7 @@ __device__ __forceinline__ void tc_bwd_load_keys(unsigned char *sK, unsigned cha
         for (int idx = t; idx < TC_KB * CPRI; idx += TC_PRODUCER_THREADS) {
             const int row = idx / CPRI, ch = idx - row * CPRI, key = d.klo + row;
             const bool ok = key < d.khi;
-            cp_async16(smem_u32(sKI) + swz<CPRI>(row, ch), ki + (ok ? (int64_t)key * DI + ch * 8 : 0), ok);
+            cp_async16(smem_u32(sKI) + gmma_off(row, ch, TC_KB), ki + (ok ? (int64_t)key * DI + ch * 8 : 0), ok);
         }
     }
 }
