@@ -39,13 +39,22 @@ template <int CPR> __device__ __forceinline__ uint32_t swz(int row, int chunk) {
  * ---------------------------------------------------------------------------------------------- */
 
 constexpr int TC_THREADS = 256, TC_WARPS = 8, TC_KB = 128;
+/* The tile kernels' CTA adds a producer warpgroup (warps 8-11) to the 256 computing threads: it runs the rings,
+ * gathers the next tile's rows and loads a new segment's keys, in the issue slots the computing warps leave
+ * while they wait on their products (the backward's issued one instruction every ~6 cycles). Named barriers: 0
+ * is __syncthreads, 1-2 warpgroup_sync, TC_BAR_CONSUMERS the 256 computing threads, TC_BAR_PRODUCER the producer. */
+constexpr int TC_PRODUCER_THREADS = 128, TC_WS_THREADS = TC_THREADS + TC_PRODUCER_THREADS, TC_WS_WARPS = TC_WS_THREADS / 32;
+constexpr int TC_BAR_CONSUMERS = 3, TC_BAR_PRODUCER = 4;
+/* registers per thread (setmaxnreg): the producer's 40 go to the computing warpgroups, 40 + 2 x 232 = 3 x 168,
+ * the 168 a thread of a 384-thread CTA starts with */
+constexpr int TC_PRODUCER_REGS = 40, TC_CONSUMER_REGS = 232;
 
-/* The pipeline's per-row side work (a tile's row meta, its lse/Dsum loads) is spread over different warps,
- * not all given to the first threads: a loop over M < TC_THREADS rows from thread 0 would load warps 0-1
- * with all of it while the others wait at the next barrier. side_thread(first) numbers the threads from
- * `first`, wrapping, so such a loop runs on the warps from first / 32. */
-__device__ __forceinline__ int side_thread(int first) { return (threadIdx.x + TC_THREADS - first) & (TC_THREADS - 1); }
-constexpr int TC_META_THREAD = 128, TC_ROWSTAT_THREAD = 192; /* row meta: warps 4-5 (M = 64), lse/Dsum: 6-7 */
+/* the NT threads of barrier BAR meet (BAR 0: the whole CTA) */
+template <int BAR, int NT> __device__ __forceinline__ void group_sync() {
+    if constexpr (BAR == 0) __syncthreads();
+    else asm volatile("bar.sync %0, %1;\n" ::"n"(BAR), "n"(NT) : "memory");
+}
+
 
 /* The pipeline's rings in shared memory: tile descriptors, the tiles' entries (query row, slot), and per
  * packed row its meta {query row (-1: invalid row), head h, partial slot s, token} (TileArgs). */
@@ -59,26 +68,28 @@ template <int M> struct TcRing {
     __device__ __forceinline__ int4 *meta(int j) { return meta_[j & (METAS - 1)]; }
 };
 
+/* The ring's and the gathers' helpers take the NT threads that run them and this thread's index t among them
+ * (the producer warpgroup's, TC_BAR_PRODUCER their barrier). */
 template <int M>
-__device__ __forceinline__ void tc_issue_desc(TcRing<M> &ring, const TileArgs &a, int j) {
-    if (threadIdx.x == 0) {
+__device__ __forceinline__ void tc_issue_desc(TcRing<M> &ring, const TileArgs &a, int j, int t) {
+    if (t == 0) {
         const uint32_t dst = smem_u32(&ring.dsc(j));
         cp_async16(dst, a.desc + j, true);
         cp_async16(dst + 16, (const char *)(a.desc + j) + 16, true);
     }
 }
-template <int M>
-__device__ __forceinline__ void tc_issue_ent(TcRing<M> &ring, const TileArgs &a, int j) {
+template <int M, int NT>
+__device__ __forceinline__ void tc_issue_ent(TcRing<M> &ring, const TileArgs &a, int j, int t) {
     const TileDesc &d = ring.dsc(j);
     const int rows = d.rows & TILE_ROWS;
     const int nq = rows > 0 ? div_G(a, d.off0 + rows - 1) + 1 : 0;
-    for (int p = threadIdx.x; p < nq; p += TC_THREADS) cp_async8(smem_u32(&ring.entries(j)[p]), a.ent + d.ebase + p);
+    for (int p = t; p < nq; p += NT) cp_async8(smem_u32(&ring.entries(j)[p]), a.ent + d.ebase + p);
 }
+/* row p of tile j's meta (p >= M: none) */
 template <int M>
-__device__ __forceinline__ void tc_build_meta(TcRing<M> &ring, const TileArgs &a, int j) {
+__device__ __forceinline__ void tc_build_meta(TcRing<M> &ring, const TileArgs &a, int j, int p) {
     const TileDesc &d = ring.dsc(j);
-    static_assert(M <= TC_THREADS, "one pass");
-    if (const int p = side_thread(TC_META_THREAD); p < M) {
+    if (p < M) {
         int4 mt = make_int4(-1, 0, 0, -1);
         if (p < (d.rows & TILE_ROWS)) {
             const int pi = d.off0 + p, lq = div_G(a, pi), hh = pi - lq * a.G;
@@ -88,18 +99,18 @@ __device__ __forceinline__ void tc_build_meta(TcRing<M> &ring, const TileArgs &a
     }
 }
 /* gather rows (q or dout) [t, h, :] of the tile's packed rows into a swizzled buffer */
-template <int D, int M>
-__device__ __forceinline__ void tc_gather_rows(unsigned char *dst, const bf16 *src, const int4 *meta, int Hq) {
-    constexpr int CPR = D / 8, ROWS_PER_PASS = TC_THREADS / CPR;
-    static_assert(TC_THREADS % CPR == 0 && (M * CPR) % TC_THREADS == 0 && ROWS_PER_PASS % 8 == 0,
+template <int D, int M, int NT>
+__device__ __forceinline__ void tc_gather_rows(unsigned char *dst, const bf16 *src, const int4 *meta, int Hq, int t) {
+    constexpr int CPR = D / 8, ROWS_PER_PASS = NT / CPR;
+    static_assert(NT % CPR == 0 && (M * CPR) % NT == 0 && ROWS_PER_PASS % 8 == 0,
                   "whole passes of the block, and a thread's chunk at the same swizzle in every pass");
     /* a fixed count of passes (a loop from threadIdx.x to M * CPR the compiler cannot count cost ~40
      * instructions a chunk); this thread's chunk ch of rows row0 + ROWS_PER_PASS j, whose swizzle (row & 7) is
      * the same in every pass, so the shared address advances by a constant */
-    const int row0 = threadIdx.x / CPR, ch = threadIdx.x % CPR;
+    const int row0 = t / CPR, ch = t % CPR;
     const uint32_t s0 = smem_u32(dst) + gmma_off(row0, ch, M);
 #pragma unroll
-    for (int j = 0; j < M * CPR / TC_THREADS; j++) {
+    for (int j = 0; j < M * CPR / NT; j++) {
         const int4 mt = meta[row0 + j * ROWS_PER_PASS];
         const bool ok = mt.x >= 0;
         const bf16 *s = src + (ok ? ((int64_t)mt.x * Hq + mt.y) * D + ch * 8 : 0);
@@ -107,12 +118,12 @@ __device__ __forceinline__ void tc_gather_rows(unsigned char *dst, const bf16 *s
     }
 }
 /* the segment's keys [klo, khi) of K and V (KB rows, zero past khi) */
-template <int D>
-__device__ __forceinline__ void tc_load_kv(unsigned char *sK, unsigned char *sV, const TileArgs &a, const TileDesc &d) {
+template <int D, int NT>
+__device__ __forceinline__ void tc_load_kv(unsigned char *sK, unsigned char *sV, const TileArgs &a, const TileDesc &d, int t) {
     constexpr int CPR = D / 8;
     const int g = d.gr / a.Rb;
     const bf16 *k = (const bf16 *)a.k, *v = (const bf16 *)a.v;
-    for (int idx = threadIdx.x; idx < TC_KB * CPR; idx += TC_THREADS) {
+    for (int idx = t; idx < TC_KB * CPR; idx += NT) {
         const int row = idx / CPR, ch = idx - row * CPR, key = d.klo + row;
         const bool ok = key < d.khi;
         const int64_t off = ok ? ((int64_t)key * a.Hkv + g) * D + ch * 8 : 0;
@@ -123,28 +134,33 @@ __device__ __forceinline__ void tc_load_kv(unsigned char *sK, unsigned char *sV,
 /* The ring's prologue, before a CTA's first tile tb: the descriptors of tb .. tb+3, then the entries of
  * tb .. tb+2 (addressed by those descriptors), then the row meta of tb and tb+1 (built from those
  * entries), each stage waited for before the next. The kernel then gathers tb's rows and loads its K/V. */
-template <int M>
-__device__ __forceinline__ void tc_ring_prologue(TcRing<M> &ring, const TileArgs &a, int tb, int te) {
-    for (int j = tb; j < te && j < tb + 4; j++) tc_issue_desc(ring, a, j);
+template <int M, int NT, int BAR>
+__device__ __forceinline__ void tc_ring_prologue(TcRing<M> &ring, const TileArgs &a, int tb, int te, int t, int meta_row) {
+    for (int j = tb; j < te && j < tb + 4; j++) tc_issue_desc(ring, a, j, t);
     cp_async_commit();
     cp_async_wait_committed();
-    __syncthreads();
-    for (int j = tb; j < te && j < tb + 3; j++) tc_issue_ent(ring, a, j);
+    group_sync<BAR, NT>();
+    for (int j = tb; j < te && j < tb + 3; j++) tc_issue_ent<M, NT>(ring, a, j, t);
     cp_async_commit();
     cp_async_wait_committed();
-    __syncthreads();
-    for (int j = tb; j < te && j < tb + 2; j++) tc_build_meta(ring, a, j);
-    __syncthreads();
+    group_sync<BAR, NT>();
+    for (int j = tb; j < te && j < tb + 2; j++) tc_build_meta(ring, a, j, meta_row);
+    group_sync<BAR, NT>();
 }
 /* The ring's steps that open iteration i of the tile loop: the descriptor of i+4 and the entries of i+3
  * issued (committed by the kernel with i+1's rows; the descriptor of i+3 landed in iteration i-1), and
  * the row meta of i+2 from its entries (landed in iteration i-1), read by i+2's gather in iteration i+1,
  * after the barrier that ends this one. No barrier: nothing this iteration reads is written here. */
-template <int M>
-__device__ __forceinline__ void tc_ring_advance(TcRing<M> &ring, const TileArgs &a, int i, int te) {
-    if (i + 4 < te) tc_issue_desc(ring, a, i + 4);
-    if (i + 3 < te) tc_issue_ent(ring, a, i + 3);
-    if (i + 2 < te) tc_build_meta(ring, a, i + 2);
+template <int M, int NT>
+__device__ __forceinline__ void tc_ring_advance(TcRing<M> &ring, const TileArgs &a, int i, int te, int t, int meta_row) {
+    if (i + 4 < te) tc_issue_desc(ring, a, i + 4, t);
+    if (i + 3 < te) tc_issue_ent<M, NT>(ring, a, i + 3, t);
+    if (i + 2 < te) tc_build_meta(ring, a, i + 2, meta_row);
+}
+
+/* whether tile i ends its segment (the next tile has other keys, or there is none) */
+template <int M> __device__ __forceinline__ bool tc_seg_end(TcRing<M> &ring, int i, int te) {
+    return i + 1 == te || ring.dsc(i + 1).gr != ring.dsc(i).gr || ring.dsc(i + 1).ks != ring.dsc(i).ks;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -378,7 +394,54 @@ __device__ __forceinline__ unsigned char *smem_1024(unsigned char *p) {
     return p + ((1024 - (smem_u32(p) & 1023)) & 1023);
 }
 
-template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_kernel(TileArgs a) {
+/* The forward's producer warpgroup: the rings, tile i+1's query rows while tile i is computed, each segment's K/V;
+ * its barriers pair with tc_fwd_compute's one for one */
+template <int D>
+__device__ __forceinline__ void tc_fwd_produce(unsigned char *sQ, unsigned char *sK, unsigned char *sV, TcRing<TcFwd<D>::M> &ring,
+                                               const TileArgs &a, int tb, int te) {
+    using C = TcFwd<D>;
+    constexpr int M = C::M, NT = TC_PRODUCER_THREADS;
+    const int t = threadIdx.x - TC_THREADS;
+    tc_ring_prologue<M, NT, TC_BAR_PRODUCER>(ring, a, tb, te, t, t);
+    tc_gather_rows<D, M, NT>(sQ + (tb & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(tb), a.Hq, t);
+    tc_load_kv<D, NT>(sK, sV, a, ring.dsc(tb), t);
+    cp_async_commit();
+    cp_async_wait_committed();
+    fence_async_smem();
+    __syncthreads();
+    for (int i = tb; i < te; i++) {
+        tc_ring_advance<M, NT>(ring, a, i, te, t, t);
+        if (i + 1 < te) tc_gather_rows<D, M, NT>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(i + 1), a.Hq, t);
+        cp_async_commit();
+        cp_async_wait_committed();
+        fence_async_smem();
+        __syncthreads(); /* tile i done, tile i+1's rows in place */
+        if (i + 1 < te && tc_seg_end(ring, i, te)) {
+            tc_load_kv<D, NT>(sK, sV, a, ring.dsc(i + 1), t);
+            cp_async_commit();
+            cp_async_wait_committed();
+            fence_async_smem();
+            __syncthreads();
+        }
+    }
+}
+
+/* The forward's computing warpgroups: each tile, then its rows out */
+template <int D>
+__device__ __forceinline__ void tc_fwd_compute(unsigned char *sQ, float *sLse, const unsigned char *sK, const unsigned char *sV,
+                                               TcRing<TcFwd<D>::M> &ring, const TileArgs &a, int tb, int te) {
+    using C = TcFwd<D>;
+    __syncthreads(); /* the producer's prologue: tile tb's rows and keys in place */
+    for (int i = tb; i < te; i++) {
+        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sLse, sK, sV, ring.dsc(i), ring.meta(i), a);
+        tc_fwd_store<D>(sQ + (i & 1) * C::Q_BYTES, sLse, ring.meta(i), a);
+        __syncthreads(); /* tile i done, tile i+1's rows in place */
+        if (i + 1 < te && tc_seg_end(ring, i, te)) __syncthreads(); /* the next segment's keys in place */
+    }
+}
+
+/* Warpgroups 0-1 compute, warpgroup 2 produces (as in the backward, msa_bwd_tc_kernel) */
+template <int D> __global__ void __launch_bounds__(TC_WS_THREADS, 1) msa_fwd_tc_kernel(TileArgs a) {
     using C = TcFwd<D>;
     constexpr int M = C::M;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -388,35 +451,12 @@ template <int D> __global__ void __launch_bounds__(TC_THREADS, 1) msa_fwd_tc_ker
     int tb, te;
     cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
     if (tb >= te) return;
-
-    /* prologue: descriptors tb .. tb+2, entries tb, tb+1, rows of tb, K/V of tb's segment */
-    tc_ring_prologue(ring, a, tb, te);
-    tc_gather_rows<D, M>(sQ + (tb & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(tb), a.Hq);
-    tc_load_kv<D>(sK, sV, a, ring.dsc(tb));
-    cp_async_commit();
-    cp_async_wait_committed();
-    fence_async_smem();
-    __syncthreads();
-
-    for (int i = tb; i < te; i++) {
-        tc_ring_advance(ring, a, i, te);
-        if (i + 1 < te) tc_gather_rows<D, M>(sQ + ((i + 1) & 1) * C::Q_BYTES, (const bf16 *)a.q, ring.meta(i + 1), a.Hq);
-        cp_async_commit();
-        tc_fwd_tile<D>(sQ + (i & 1) * C::Q_BYTES, sLse, sK, sV, ring.dsc(i), ring.meta(i), a);
-        cp_async_wait_committed();
-        fence_async_smem();
-        tc_fwd_store<D>(sQ + (i & 1) * C::Q_BYTES, sLse, ring.meta(i), a);
-        __syncthreads();
-        if (i + 1 < te) {
-            const TileDesc &dn = ring.dsc(i + 1), &dc = ring.dsc(i);
-            if (dn.gr != dc.gr || dn.ks != dc.ks) {
-                tc_load_kv<D>(sK, sV, a, dn);
-                cp_async_commit();
-                cp_async_wait_committed();
-                fence_async_smem();
-                __syncthreads();
-            }
-        }
+    if (warp_idx_uniform() >= TC_WARPS) { /* warpgroup-uniform */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(TC_PRODUCER_REGS));
+        tc_fwd_produce<D>(sQ, sK, sV, ring, a, tb, te);
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(TC_CONSUMER_REGS));
+        tc_fwd_compute<D>(sQ, sLse, sK, sV, ring, a, tb, te);
     }
 }
 
@@ -614,27 +654,17 @@ template <int M, int LGG> __device__ __forceinline__ void kl_teacher_of(const fl
 }
 
 /* The KL's part of a tile for the warp's 16 keys (they have visible pairs): st = P^T of the warp (key rows
- * gid, gid+8; packed row n*8 + 2 tig + (e & 1)). all_visible: every valid row sees all 16 keys. Stages dz in
- * the batch at slots pos * nqt .., returns the warp's KL share of this thread (log2 units). */
+ * gid, gid+8; packed row n*8 + 2 tig + (e & 1)), zt = Z^T, the student's scores of the same keys and the tile's
+ * queries 0-7 (wgmma_keys_queries: key rows gid, gid+8, query 2 tig + (e & 1)). all_visible: every valid row
+ * sees all 16 keys. Stages dz in the batch at slots pos * nqt .., returns the warp's KL share of this thread
+ * (log2 units). */
 template <int D, int DI>
-__device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 8][4], const TcKlSmem &kls,
-                                            const unsigned char *sQIt, const float *sLIt, const TileDesc &d,
-                                            const int4 *meta, int pos, bool all_visible, const TileArgs &a) {
+__device__ __forceinline__ float tc_kl_keys(const float (&st)[TcBwd<D, DI>::M / 8][4], const float (&zt)[4],
+                                            const TcKlSmem &kls, const float *sLIt, const TileDesc &d, const int4 *meta,
+                                            int pos, bool all_visible, const TileArgs &a) {
     using C = TcBwd<D, DI>;
-    constexpr int CPRI = DI / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
     const int kw0 = warp * 16, lgG = a.lgG, nqt = C::M >> lgG;
-    const uint32_t kis = smem_u32(kls.ki), qis = smem_u32(sQIt);
-
-    /* Z^T: the warp's 16 keys x the tile's queries 0-7 */
-    float zt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int kk = 0; kk < DI / 16; kk++) {
-        uint32_t ka[4], b[4];
-        ldsm_x4(ka, kis + swz<CPRI>(kw0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-        ldsm_x4(b, qis + swz<CPRI>(lane & 7, kk * 2 + ((lane >> 3) & 1))); /* b[2], b[3] repeat b[0], b[1] */
-        mma_bf16_16816(zt, ka, b[0], b[1]);
-    }
     /* the teacher (times G) of this thread's (key, query) elements */
     float tp[4];
     switch (lgG) { /* msa_tc_kl_handles: G = M / 8 .. M, a power of two */
@@ -682,7 +712,7 @@ __device__ __forceinline__ void tc_kl_batch_add(const TcKlSmem &kls, const unsig
     const int nqt = C::M >> a.lgG;
     for (int idx = threadIdx.x; idx < nqt * CPRI; idx += TC_THREADS) {
         const int r = idx / CPRI, ch = idx - r * CPRI;
-        *(uint4 *)(kls.qib + swz<CPRI>(pos * nqt + r, ch)) = *(const uint4 *)(sQIt + swz<CPRI>(r, ch));
+        *(uint4 *)(kls.qib + swz<CPRI>(pos * nqt + r, ch)) = *(const uint4 *)(sQIt + gmma_off(r, ch, C::QI_ROWS));
     }
     if (threadIdx.x < nqt) kls.bmeta[pos * nqt + threadIdx.x] = meta[threadIdx.x << a.lgG];
 }
@@ -734,7 +764,7 @@ __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int
         for (int kk = 0; kk < TC_KB / 16; kk++) {
             if (kk < nk16) {
                 uint32_t af[4];
-                ldsm_x4_t(af, kis + swz<CPRI>(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1)));
+                ldsm_x4_t(af, kis + gmma_off(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mt * 2 + ((lane >> 3) & 1), TC_KB));
 #pragma unroll
                 for (int h = 0; h < NT / 2; h++) {
                     uint32_t b[4];
@@ -757,7 +787,7 @@ __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int
             }
         }
     }
-    __syncthreads();
+    group_sync<TC_BAR_CONSUMERS, TC_THREADS>();
     for (int idx = threadIdx.x; idx < (int)(C::DZB_BYTES / 16); idx += TC_THREADS) ((uint4 *)kls.dzb)[idx] = make_uint4(0, 0, 0, 0);
 }
 
@@ -774,6 +804,17 @@ template <int D, int M> __device__ __forceinline__ void wgmma_keys_rows(float (&
         const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * M * 128 + (kk & 3) * 32;
         if constexpr (M == 32) wgmma_ss_n32<0, 0>(x, gmma_desc_add(ad, ko), gmma_desc_add(bd, qo), kk == 0);
         else wgmma_ss_n64<0, 0>(x, gmma_desc_add(ad, ko), gmma_desc_add(bd, qo), kk == 0);
+    }
+}
+
+/* Z^T = KI QI^T over the DI index dims: the warpgroup's 64 keys of ki (descriptor ad, TC_KB rows a panel) against
+ * the tile's NQ query rows of qi (bd), both K-major; one n8 product, issued, not committed */
+template <int DI, int NQ> __device__ __forceinline__ void wgmma_keys_queries(float (&z)[1][4], uint64_t ad, uint64_t bd) {
+    static_assert(NQ == 8, "one n8 tile of queries");
+#pragma unroll
+    for (int kk = 0; kk < DI / 16; kk++) {
+        const uint32_t ko = (kk >> 2) * TC_KB * 128 + (kk & 3) * 32, qo = (kk >> 2) * NQ * 128 + (kk & 3) * 32;
+        wgmma_ss_n8<0, 0>(z, gmma_desc_add(ad, ko), gmma_desc_add(bd, qo), kk == 0);
     }
 }
 
@@ -798,12 +839,20 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             float st[NQ][4], dpt[NQ][4];
             const uint64_t kd = gmma_desc(ks + kg0 * 128, 16, 1024), vd = gmma_desc(vs + kg0 * 128, 16, 1024),
                            qd = gmma_desc(qs, 16, 1024), od = gmma_desc(os, 16, 1024);
-            /* two groups: P is computed from S^T while the tensor cores still run dP^T */
+            /* groups in order: S^T, dP^T and with the KL the student's Z^T; P is computed from S^T while the tensor
+             * cores still run dP^T (and Z^T), dS once dP^T is in */
+            constexpr int KLG = DI > 0 ? 1 : 0; /* the Z^T group */
+            float zt[1][4];
             wgmma_fence();
             wgmma_keys_rows<D, M>(st, kd, qd);
             wgmma_commit();
             wgmma_keys_rows<D, M>(dpt, vd, od);
             wgmma_commit();
+            if constexpr (DI > 0) {
+                wgmma_keys_queries<DI, C::QI_ROWS>(zt, gmma_desc(smem_u32(kls.ki) + kg0 * 128, 16, 1024),
+                                                   gmma_desc(smem_u32(sQIt), 16, 1024));
+                wgmma_commit();
+            }
             /* while the products run: the tile's visibility bound and its KL batch entry */
             int tmin = INT_MAX; /* over the valid rows (t >= 0) */
             for (int p = lane; p < M; p += 32)
@@ -816,7 +865,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
             const bool all_visible = d.klo + kw0 + 15 <= tmin && d.klo + kw0 + 16 <= d.khi;
             if constexpr (DI > 0)
                 if (a.accki || a.dqip) tc_kl_batch_add<D, DI>(kls, sQIt, meta, pos, a);
-            wgmma_wait<1>();
+            wgmma_wait<1 + KLG>();
             wgmma_hold(st);
             /* P^T in place */
             if (all_visible) {
@@ -841,7 +890,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                     }
                 }
             }
-            wgmma_wait<0>();
+            wgmma_wait<KLG>();
             wgmma_hold(dpt);
             /* dS^T in place (P = 0 where masked) */
 #pragma unroll
@@ -877,8 +926,8 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                         wgmma_rs_n64<1>(acc.k, da[kq], qb, first);
                     }
                 }
-                wgmma_commit();
             }
+            wgmma_commit(); /* empty without the products: the group count the waits below rely on stays fixed */
             /* dS for dQ as dS [packed row][key], K-major like the Q tile, read by dQ^T = K^T dS^T below: written with
              * stmatrix .trans, 8x8 matrices of n-tile n (packed rows 8n ..) and key half h (keys kw0 + 8h ..), a
              * thread's pair (key gid, rows 2 tig, 2 tig + 1) of each (the same bf16 pairs as its A fragments); lane
@@ -894,7 +943,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
                               pack_bf16(dpt[n0 + 1][2], dpt[n0 + 1][3]));
                 }
             }
-            if constexpr (DI > 0) kl = tc_kl_keys<D, DI>(st, kls, sQIt, sLIt, d, meta, pos, all_visible, a);
+            if constexpr (DI > 0) {
+                wgmma_wait<1>(); /* Z^T in, dV/dK still running */
+                wgmma_hold(zt);
+                kl = tc_kl_keys<D, DI>(st, zt[0], kls, sLIt, d, meta, pos, all_visible, a);
+            }
             if (kv_products) {
                 wgmma_wait<0>();
                 wgmma_hold(acc.k);
@@ -904,7 +957,7 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
     }
     if (!a.dqp) return kl; /* uniform over the CTA */
     fence_async_smem();
-    __syncthreads();
+    group_sync<TC_BAR_CONSUMERS, TC_THREADS>();
     {
         /* dQ_partial^T = K^T dS^T, m64n32 per warpgroup: m64 = 64 head dims, n32 = 32 packed rows. D = 128 (M = 32):
          * warpgroup wg takes dims [64 wg, 64 wg + 64) of all 32 rows; D = 64 (M = 64): all 64 dims of rows
@@ -970,98 +1023,139 @@ __device__ __forceinline__ void tc_bwd_store_dq(const unsigned char *sQt, const 
  * (query q = packed rows q*G .., rows past the tile's queries zero) and idx_lse */
 template <int D, int DI>
 __device__ __forceinline__ void tc_bwd_gather(unsigned char *sQ, unsigned char *sO, float *sL, float *sDs, unsigned char *sQI,
-                                              float *sLI, const int4 *meta, const TileArgs &a) {
+                                              float *sLI, const int4 *meta, const TileArgs &a, int t) {
     using C = TcBwd<D, DI>;
-    constexpr int M = C::M;
-    tc_gather_rows<D, M>(sQ, (const bf16 *)a.q, meta, a.Hq);
-    tc_gather_rows<D, M>(sO, (const bf16 *)a.dout, meta, a.Hq);
-    static_assert(M <= TC_THREADS, "one pass");
-    if (const int p = side_thread(TC_ROWSTAT_THREAD); p < M) {
-        const int4 mt = meta[p];
+    constexpr int M = C::M, NT = TC_PRODUCER_THREADS;
+    tc_gather_rows<D, M, NT>(sQ, (const bf16 *)a.q, meta, a.Hq, t);
+    tc_gather_rows<D, M, NT>(sO, (const bf16 *)a.dout, meta, a.Hq, t);
+    static_assert(M <= NT, "one pass");
+    if (t < M) {
+        const int4 mt = meta[t];
         if (mt.x >= 0) {
             const int64_t o = (int64_t)mt.y * a.Nq + mt.x;
-            cp_async4(smem_u32(sL + p), a.lse + o);
-            cp_async4(smem_u32(sDs + p), a.dsum + o);
+            cp_async4(smem_u32(sL + t), a.lse + o);
+            cp_async4(smem_u32(sDs + t), a.dsum + o);
         } else {
-            sL[p] = 0.0f;
-            sDs[p] = 0.0f;
+            sL[t] = 0.0f;
+            sDs[t] = 0.0f;
         }
     }
     if constexpr (DI > 0) {
         constexpr int CPRI = DI / 8;
         const int nqt = M >> a.lgG;
-        static_assert(C::QI_ROWS * CPRI <= TC_THREADS, "one pass");
-        if (threadIdx.x < C::QI_ROWS * CPRI) {
-            const int r = threadIdx.x / CPRI, ch = threadIdx.x % CPRI;
+        static_assert(C::QI_ROWS * CPRI <= NT, "one pass");
+        if (t < C::QI_ROWS * CPRI) {
+            const int r = t / CPRI, ch = t % CPRI;
             const int4 mt = r < nqt ? meta[r << a.lgG] : make_int4(-1, 0, 0, 0);
             const bool ok = mt.x >= 0;
             const bf16 *src = (const bf16 *)a.qi + (ok ? ((int64_t)mt.x * a.Hkv + (mt.y >> a.lgG)) * DI + ch * 8 : 0);
-            cp_async16(smem_u32(sQI) + swz<CPRI>(r, ch), src, ok);
+            cp_async16(smem_u32(sQI) + gmma_off(r, ch, C::QI_ROWS), src, ok);
         }
-        if (threadIdx.x < C::QI_ROWS) {
-            const int r = threadIdx.x;
-            const int4 mt = r < nqt ? meta[r << a.lgG] : make_int4(-1, 0, 0, 0);
-            if (mt.x >= 0) cp_async4(smem_u32(sLI + r), a.idx_lse + (int64_t)(mt.y >> a.lgG) * a.Nq + mt.x);
-            else sLI[r] = 0.0f;
+        if (t < C::QI_ROWS) {
+            const int4 mt = t < nqt ? meta[t << a.lgG] : make_int4(-1, 0, 0, 0);
+            if (mt.x >= 0) cp_async4(smem_u32(sLI + t), a.idx_lse + (int64_t)(mt.y >> a.lgG) * a.Nq + mt.x);
+            else sLI[t] = 0.0f;
         }
     }
 }
 
-/* the segment's keys of K, V (and ki with the KL) */
+/* the segment's keys of K, V (and ki with the KL), by the producer */
 template <int D, int DI>
 __device__ __forceinline__ void tc_bwd_load_keys(unsigned char *sK, unsigned char *sV, unsigned char *sKI, const TileArgs &a,
-                                                 const TileDesc &d) {
-    tc_load_kv<D>(sK, sV, a, d);
+                                                 const TileDesc &d, int t) {
+    tc_load_kv<D, TC_PRODUCER_THREADS>(sK, sV, a, d, t);
     if constexpr (DI > 0) {
         constexpr int CPRI = DI / 8;
         const bf16 *ki = (const bf16 *)a.ki;
-        for (int idx = threadIdx.x; idx < TC_KB * CPRI; idx += TC_THREADS) {
+        for (int idx = t; idx < TC_KB * CPRI; idx += TC_PRODUCER_THREADS) {
             const int row = idx / CPRI, ch = idx - row * CPRI, key = d.klo + row;
             const bool ok = key < d.khi;
-            cp_async16(smem_u32(sKI) + swz<CPRI>(row, ch), ki + (ok ? (int64_t)key * DI + ch * 8 : 0), ok);
+            cp_async16(smem_u32(sKI) + gmma_off(row, ch, TC_KB), ki + (ok ? (int64_t)key * DI + ch * 8 : 0), ok);
         }
     }
 }
 
-template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bwd_tc_kernel(TileArgs a) {
+/* The backward CTA's shared memory (TcBwd's layout) */
+template <int D, int DI> struct TcBwdSmem {
+    unsigned char *q, *o, *k, *v, *ds; /* q, o: two tile buffers each */
+    float *l, *dsum;                   /* two tiles' rows each */
+    TcKlSmem kls;
+    TcRing<TcBwd<D, DI>::M> *ring;
+    __device__ TcBwdSmem(unsigned char *raw) {
+        using C = TcBwd<D, DI>;
+        q = smem_1024(raw);
+        o = q + 2 * C::Q_BYTES;
+        k = o + 2 * C::Q_BYTES;
+        v = k + C::KV_BYTES;
+        ds = v + C::KV_BYTES;
+        kls.ki = ds + C::DS_BYTES;
+        kls.qi = kls.ki + C::KI_BYTES;
+        kls.dzb = (bf16 *)(kls.qi + 2 * C::QI_BYTES);
+        kls.qib = (unsigned char *)kls.dzb + 2 * C::DZB_BYTES;
+        kls.bmeta = (int4 *)(kls.qib + C::QIB_BYTES);
+        kls.kacc = (float *)((unsigned char *)kls.bmeta + C::BMETA_BYTES);
+        kls.li = (float *)((unsigned char *)kls.kacc + C::KACC_BYTES);
+        l = (float *)((unsigned char *)kls.li + C::LI_BYTES);
+        dsum = l + 2 * C::M;
+        ring = (TcRing<C::M> *)(dsum + 2 * C::M);
+    }
+};
+
+/* The producer warpgroup: the rings, tile i+1's rows while tile i is computed, each segment's keys. Its
+ * barriers pair with the computing warpgroups' (tc_bwd_compute) one for one. */
+template <int D, int DI> __device__ __forceinline__ void tc_bwd_produce(TcBwdSmem<D, DI> &sm, const TileArgs &a, int tb, int te) {
     using C = TcBwd<D, DI>;
     constexpr int M = C::M;
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    unsigned char *sQ = smem_1024(smem_raw), *sO = sQ + 2 * C::Q_BYTES, *sK = sO + 2 * C::Q_BYTES, *sV = sK + C::KV_BYTES;
-    unsigned char *sdS = sV + C::KV_BYTES;
-    TcKlSmem kls;
-    kls.ki = sdS + C::DS_BYTES;
-    kls.qi = kls.ki + C::KI_BYTES;
-    kls.dzb = (bf16 *)(kls.qi + 2 * C::QI_BYTES);
-    kls.qib = (unsigned char *)kls.dzb + 2 * C::DZB_BYTES;
-    kls.bmeta = (int4 *)(kls.qib + C::QIB_BYTES);
-    kls.kacc = (float *)((unsigned char *)kls.bmeta + C::BMETA_BYTES);
-    kls.li = (float *)((unsigned char *)kls.kacc + C::KACC_BYTES);
-    float *sL = (float *)((unsigned char *)kls.li + C::LI_BYTES), *sDs = sL + 2 * M;
-    TcRing<M> &ring = *(TcRing<M> *)(sDs + 2 * M);
-    int tb, te;
-    cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
-    if (tb >= te) return;
-    const bool want_kv = a.acck || a.accv || (DI > 0 && a.accki);
+    TcRing<M> &ring = *sm.ring;
+    const int t = threadIdx.x - TC_THREADS;
+    tc_ring_prologue<M, TC_PRODUCER_THREADS, TC_BAR_PRODUCER>(ring, a, tb, te, t, t);
+    tc_bwd_gather<D, DI>(sm.q + (tb & 1) * C::Q_BYTES, sm.o + (tb & 1) * C::Q_BYTES, sm.l + (tb & 1) * M, sm.dsum + (tb & 1) * M,
+                         sm.kls.qi + (tb & 1) * C::QI_BYTES, sm.kls.li + (tb & 1) * C::QI_ROWS, ring.meta(tb), a, t);
+    tc_bwd_load_keys<D, DI>(sm.k, sm.v, sm.kls.ki, a, ring.dsc(tb), t);
+    cp_async_commit();
+    cp_async_wait_committed();
+    fence_async_smem();
+    __syncthreads();
+    for (int i = tb; i < te; i++) {
+        const int b1 = (i + 1) & 1;
+        tc_ring_advance<M, TC_PRODUCER_THREADS>(ring, a, i, te, t, t);
+        if (i + 1 < te)
+            tc_bwd_gather<D, DI>(sm.q + b1 * C::Q_BYTES, sm.o + b1 * C::Q_BYTES, sm.l + b1 * M, sm.dsum + b1 * M,
+                                 sm.kls.qi + b1 * C::QI_BYTES, sm.kls.li + b1 * C::QI_ROWS, ring.meta(i + 1), a, t);
+        cp_async_commit();
+        cp_async_wait_committed();
+        fence_async_smem();
+        __syncthreads(); /* tile i done, tile i+1's rows in place */
+        if (i + 1 < te && tc_seg_end(ring, i, te)) {
+            if constexpr (DI > 0) __syncthreads(); /* the segment's last KL flush has read its ki */
+            tc_bwd_load_keys<D, DI>(sm.k, sm.v, sm.kls.ki, a, ring.dsc(i + 1), t);
+            cp_async_commit();
+            cp_async_wait_committed();
+            fence_async_smem();
+            __syncthreads();
+        }
+    }
+}
+
+/* The computing warpgroups: the tiles, the KL's batches, each segment's dK/dV (and dki) flush; returns this
+ * thread's KL share */
+template <int D, int DI>
+__device__ __forceinline__ double tc_bwd_compute(TcBwdSmem<D, DI> &sm, const TileArgs &a, int tb, int te) {
+    using C = TcBwd<D, DI>;
+    constexpr int M = C::M;
+    TcRing<M> &ring = *sm.ring;
+    TcKlSmem &kls = sm.kls;
     if constexpr (DI > 0) {
         for (int i = threadIdx.x; i < TC_KB * DI; i += TC_THREADS) kls.kacc[i] = 0.0f;
         /* dz starts zero; qi rows of unused slots meet zero dz, so they must be finite: zero too */
         for (int i = threadIdx.x; i < (int)((2 * C::DZB_BYTES + C::QIB_BYTES) / 16); i += TC_THREADS)
             ((uint4 *)kls.dzb)[i] = make_uint4(0, 0, 0, 0);
     }
+    __syncthreads(); /* the producer's prologue: tile tb's rows and keys in place */
     [[maybe_unused]] bf16 *const dzb0 = kls.dzb, *const dzb1 = (bf16 *)((unsigned char *)kls.dzb + C::DZB_BYTES);
+    const bool want_kv = a.acck || a.accv || (DI > 0 && a.accki);
     const int kl_tiles = DI > 0 ? C::BATCH / (M >> a.lgG) : 0; /* tiles per KL batch */
     int pos = 0;                                                /* this tile's place in the batch */
-
-    tc_ring_prologue(ring, a, tb, te);
-    tc_bwd_gather<D, DI>(sQ + (tb & 1) * C::Q_BYTES, sO + (tb & 1) * C::Q_BYTES, sL + (tb & 1) * M, sDs + (tb & 1) * M,
-                         kls.qi + (tb & 1) * C::QI_BYTES, kls.li + (tb & 1) * C::QI_ROWS, ring.meta(tb), a);
-    tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, ring.dsc(tb));
-    cp_async_commit();
-    cp_async_wait_committed();
-    fence_async_smem();
-    __syncthreads();
-
     TcDkv<D> acc;
 #pragma unroll
     for (int j = 0; j < D / 8; j++)
@@ -1070,25 +1164,16 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
     bool started = (ring.dsc(tb).rows & TILE_FIRST) != 0;
     bool fresh = true; /* acc holds no tile yet: the next tile's first dV/dK product overwrites it */
     double kl = 0.0;
-
     for (int i = tb; i < te; i++) {
-        const int b1 = (i + 1) & 1;
-        tc_ring_advance(ring, a, i, te);
-        if (i + 1 < te)
-            tc_bwd_gather<D, DI>(sQ + b1 * C::Q_BYTES, sO + b1 * C::Q_BYTES, sL + b1 * M, sDs + b1 * M,
-                                 kls.qi + b1 * C::QI_BYTES, kls.li + b1 * C::QI_ROWS, ring.meta(i + 1), a);
-        cp_async_commit();
         const int b0 = i & 1;
-        kl += (double)tc_bwd_tile<D, DI>(acc, kls, sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, sL + b0 * M, sDs + b0 * M,
-                                         kls.qi + b0 * C::QI_BYTES, kls.li + b0 * C::QI_ROWS, sdS, sK, sV,
-                                         ring.dsc(i), ring.meta(i), pos, fresh, a);
+        kl += (double)tc_bwd_tile<D, DI>(acc, kls, sm.q + b0 * C::Q_BYTES, sm.o + b0 * C::Q_BYTES, sm.l + b0 * M,
+                                         sm.dsum + b0 * M, kls.qi + b0 * C::QI_BYTES, kls.li + b0 * C::QI_ROWS, sm.ds, sm.k,
+                                         sm.v, ring.dsc(i), ring.meta(i), pos, fresh, a);
         fresh = false;
-        cp_async_wait_committed();
-        fence_async_smem();
-        if (a.dqp) tc_bwd_store_dq<D>(sQ + b0 * C::Q_BYTES, sO + b0 * C::Q_BYTES, ring.meta(i), a);
-        __syncthreads();
+        if (a.dqp) tc_bwd_store_dq<D>(sm.q + b0 * C::Q_BYTES, sm.o + b0 * C::Q_BYTES, ring.meta(i), a);
+        __syncthreads(); /* tile i done, tile i+1's rows in place */
         const TileDesc &dc = ring.dsc(i);
-        const bool seg_end = i + 1 == te || ring.dsc(i + 1).gr != dc.gr || ring.dsc(i + 1).ks != dc.ks;
+        const bool seg_end = tc_seg_end(ring, i, te);
         if constexpr (DI > 0) {
             if (++pos == kl_tiles || seg_end) {
                 if (a.accki || a.dqip) {
@@ -1098,26 +1183,40 @@ template <int D, int DI> __global__ void __launch_bounds__(TC_THREADS, 1) msa_bw
                 pos = 0;
             }
         }
-        if (i + 1 == te) {
+        if (seg_end) {
             if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
-        } else {
-            const TileDesc &dn = ring.dsc(i + 1);
-            if (dn.gr != dc.gr || dn.ks != dc.ks) {
-                if (want_kv) tc_flush<D, DI>(acc, kls, dc, started, (dc.rows & TILE_LAST) != 0, a);
-                started = (dn.rows & TILE_FIRST) != 0;
+            if (i + 1 < te) {
+                started = (ring.dsc(i + 1).rows & TILE_FIRST) != 0;
                 fresh = true;
-                tc_bwd_load_keys<D, DI>(sK, sV, kls.ki, a, dn);
-                cp_async_commit();
-                cp_async_wait_committed();
-                fence_async_smem();
-                __syncthreads();
+                if constexpr (DI > 0) __syncthreads(); /* the KL flush above has read ki */
+                __syncthreads();                       /* the next segment's keys in place */
             }
         }
     }
+    return kl;
+}
+
+/* Warpgroups 0-1 compute the tiles, warpgroup 2 produces their inputs (tc_bwd_produce); they meet once per tile,
+ * at the barrier that ends it, and twice more where a segment ends. Each role runs its own loop, so that the
+ * producer's few registers can go to the computing warps (setmaxnreg needs the roles' live ranges apart). */
+template <int D, int DI> __global__ void __launch_bounds__(TC_WS_THREADS, 1) msa_bwd_tc_kernel(TileArgs a) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    TcBwdSmem<D, DI> sm(smem_raw);
+    int tb, te;
+    cta_range(a.tile_off[a.n_gr], blockIdx.x, gridDim.x, tb, te);
+    if (tb >= te) return;
+    double kl = 0.0;
+    if (warp_idx_uniform() >= TC_WARPS) { /* warpgroup-uniform */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(TC_PRODUCER_REGS));
+        tc_bwd_produce<D, DI>(sm, a, tb, te);
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(TC_CONSUMER_REGS));
+        kl = tc_bwd_compute<D, DI>(sm, a, tb, te);
+    }
     if constexpr (DI > 0) {
         if (a.klpart) { /* this CTA's share, added to its slot launch after launch (one chunk each) */
-            __shared__ double red[TC_WARPS];
-            kl = block_sum(kl, red);
+            __shared__ double red[TC_WS_WARPS];
+            kl = block_sum(kl, red); /* the producer's share is 0 */
             if (threadIdx.x == 0) a.klpart[blockIdx.x] += kl;
         }
     }
@@ -1139,13 +1238,13 @@ Geo msa_tc_forward_geo(int D) {
     Geo g;
     g.M = TcFwd<128>::M;
     g.KB = TC_KB;
-    g.threads = TC_THREADS;
+    g.threads = TC_WS_THREADS;
     if (D == 128) {
         g.smem = TcFwd<128>::SMEM;
-        g.grid = persistent_grid<msa_fwd_tc_kernel<128>>("msa_attention_forward", TC_THREADS, g.smem);
+        g.grid = persistent_grid<msa_fwd_tc_kernel<128>>("msa_attention_forward", TC_WS_THREADS, g.smem);
     } else {
         g.smem = TcFwd<64>::SMEM;
-        g.grid = persistent_grid<msa_fwd_tc_kernel<64>>("msa_attention_forward", TC_THREADS, g.smem);
+        g.grid = persistent_grid<msa_fwd_tc_kernel<64>>("msa_attention_forward", TC_WS_THREADS, g.smem);
     }
     return g;
 }
@@ -1159,11 +1258,11 @@ void msa_tc_forward_tiles(const Geo &g, const TileArgs &a, int D) {
 template <int D, int DI> Geo tc_backward_geo() {
     Geo g;
     g.KB = TC_KB;
-    g.threads = TC_THREADS;
+    g.threads = TC_WS_THREADS;
     g.M = TcBwd<D, DI>::M;
     g.smem = TcBwd<D, DI>::SMEM;
     g.grid = persistent_grid<msa_bwd_tc_kernel<D, DI>>(DI ? "msa_attention_kl_backward" : "msa_attention_backward",
-                                                        TC_THREADS, g.smem);
+                                                        TC_WS_THREADS, g.smem);
     return g;
 }
 

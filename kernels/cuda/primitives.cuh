@@ -260,6 +260,12 @@ template <int NB> __device__ __forceinline__ void wgmma_hold(float (&d)[NB][4]) 
 }
 /* D (+)= A B, m64nNk16, A and B from shared memory (TA / TB: A / B MN-major, transposed by the
  * instruction), or A from registers (the mma.sync A fragment of the warp's 16 rows); zero_d: D = A B */
+template <int TA, int TB> __device__ __forceinline__ void wgmma_ss_n8(float (&d)[1][4], uint64_t da, uint64_t db, bool zero_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, %6, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, %7, %8;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+                 : "l"(da), "l"(db), "r"((uint32_t)zero_d), "n"(TA), "n"(TB));
+}
 template <int TA, int TB> __device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, bool zero_d) {
     asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, %18, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
