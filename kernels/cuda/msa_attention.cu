@@ -24,7 +24,7 @@
  * merges each (query, head)'s partials in slot order (deterministic) into out and lse.
  * Backward: Dsum = rowsum(dO * O); per tile, S^T = K Q^T and dP^T = V dO^T (rows = keys: each warp
  * owns 16 keys), P = exp(scale S - lse), dS = P (dP - Dsum), dV += P^T dO and dK += dS^T Q kept in
- * registers for the whole segment, dQ_partial = dS K (fp32) per slot, combined in slot order like the
+ * registers for the whole segment, dQ_partial = dS K (bf16 for BF16 inputs, fp32 else) per slot, combined in slot order like the
  * forward. dK/dV of a segment split over several CTAs (hot rows) go through a per-CTA fp32 buffer
  * summed in CTA order by a fixup kernel; all dK/dV land in fp32 accumulators added to dk/dv at the end.
  * No atomics anywhere: results are run-to-run deterministic on a given GPU (they depend on the SM
@@ -314,10 +314,10 @@ __global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, cons
     if (lane == 0) lse[(int64_t)h * Nq + t] = L;
 }
 
-/* One warp per (chunk query, head): dq += scale * sum of the valid dQ partials in slot order (scale times
- * scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1, D = Di). */
-template <typename T, int VPL, int STEPS, int U>
-__global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G,
+/* One warp per (chunk query, head): dq += scale * sum of the valid dQ partials (of type PT) in slot order, in
+ * fp32 (scale times scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1, D = Di). */
+template <typename T, typename PT, int VPL, int STEPS, int U>
+__global__ void msa_dq_combine_kernel(T *dq, const PT *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G,
                                       int K, int nks, int NS, int D, float scale, const float *scale_grad) {
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (int64_t)nq * Hq) return;
@@ -330,10 +330,10 @@ __global__ void msa_dq_combine_kernel(T *dq, const float *dqp, const int32_t *to
     for (int j = 0; j < STEPS; j++)
 #pragma unroll
         for (int v = 0; v < VPL; v++) acc[j][v] = 0.0f;
-    const float *src = dqp + row * NS * D;
+    const PT *src = dqp + row * NS * D;
     for (int s = 0; s < ns; s += U) {
         float x[U][STEPS][VPL];
-        load_slots<float, VPL, STEPS, U>(x, src, s, ns, D, lane);
+        load_slots<PT, VPL, STEPS, U>(x, src, s, ns, D, lane);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (s + u >= ns) break;
@@ -628,14 +628,14 @@ void fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, 
 
 /* dq += scale (* scale_grad[0]) * the partials of heads H of G per group, head dim D: the attention's dq
  * (H = Hq, G, D), or the KL's dqi (H = Hkv, G = 1, D = Di) */
-template <typename T>
-void dq_combine(Tensor *dq, const float *dqp, const int32_t *topk, const Shape &sh, int H, int G, int D, int c0, int nq,
+template <typename T, typename PT>
+void dq_combine(Tensor *dq, const PT *dqp, const int32_t *topk, const Shape &sh, int H, int G, int D, int c0, int nq,
                 int nks, int NS, float scale, const float *scale_grad) {
     const int64_t rows = (int64_t)nq * H;
     const unsigned blocks = (unsigned)((rows + 7) / 8);
     T *d = (T *)dq->data;
 #define DQ_COMBINE(VPL, STEPS, U)                                                                                         \
-    msa_dq_combine_kernel<T, VPL, STEPS, U><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, \
+    msa_dq_combine_kernel<T, PT, VPL, STEPS, U><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, \
                                                                           scale, scale_grad)
     if (D == 128) DQ_COMBINE(4, 1, COMBINE_UNROLL_WIDE);
     else if (D == 64) DQ_COMBINE(2, 1, COMBINE_UNROLL_WIDE);
@@ -746,14 +746,16 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     const bool tc = msa_tc_handles(q->dtype, sh.D);
     const int Di = kl ? kl->Di : 0;
     const Geo geo = tile_geo(q->dtype, sh, true, Di);
-    const size_t per_query = (dq ? (size_t)sh.Hq * geo.NS * sh.D * sizeof(float) : 0) +
+    const size_t dq_psz = tc ? sizeof(bf16) : sizeof(float); /* dQ partials: bf16 on the tensor-core path */
+    const size_t per_query = (dq ? (size_t)sh.Hq * geo.NS * sh.D * dq_psz : 0) +
                              (kl && kl->dqi ? (size_t)sh.Hkv * geo.NS * Di * sizeof(float) : 0);
     const int Qc = chunk_queries(sh.Nq, per_query);
     const bool want_kv = dk || dv;
     const int64_t nkv = (int64_t)sh.N * sh.Hkv * sh.D, nki = (int64_t)sh.N * Di;
     Carve cv{nullptr, 0};
     Sched sc;
-    float *dsum = nullptr, *acck = nullptr, *accv = nullptr, *cut = nullptr, *dqp = nullptr;
+    float *dsum = nullptr, *acck = nullptr, *accv = nullptr, *cut = nullptr;
+    void *dqp = nullptr;
     float *dqip = nullptr, *accki = nullptr, *cutki = nullptr;
     double *klpart = nullptr;
     for (int pass = 0; pass < 2; pass++) {
@@ -762,7 +764,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         acck = dk ? cv.take<float>(nkv) : nullptr;
         accv = dv ? cv.take<float>(nkv) : nullptr;
         cut = want_kv ? cv.take<float>((int64_t)geo.grid * 2 * 2 * geo.KB * sh.D) : nullptr;
-        dqp = dq ? cv.take<float>((int64_t)Qc * sh.Hq * geo.NS * sh.D) : nullptr;
+        dqp = dq ? cv.take<char>((int64_t)Qc * sh.Hq * geo.NS * sh.D * (int64_t)dq_psz) : nullptr;
         if (kl) {
             dqip = kl->dqi ? cv.take<float>((int64_t)Qc * sh.Hkv * geo.NS * Di) : nullptr;
             accki = kl->dki ? cv.take<float>((int64_t)sh.Hkv * nki) : nullptr;
@@ -805,9 +807,12 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
                                                     sh.Rb, sh.N, sh.Hkv, sh.D, Di, geo.KB);
             LAUNCH_CHECK("msa_attention_backward dk dv fixup");
         }
-        if (dq) dq_combine<T>(dq, dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, c1 - c0, geo.nks, geo.NS, scale, nullptr);
+        if (dq && tc)
+            dq_combine<T, bf16>(dq, (const bf16 *)dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, c1 - c0, geo.nks, geo.NS, scale, nullptr);
+        else if (dq)
+            dq_combine<T, float>(dq, (const float *)dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, c1 - c0, geo.nks, geo.NS, scale, nullptr);
         if (kl && kl->dqi)
-            dq_combine<T>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, c1 - c0, geo.nks, geo.NS, kl->mul, kl->grad);
+            dq_combine<T, float>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, c1 - c0, geo.nks, geo.NS, kl->mul, kl->grad);
     });
     /* dK/dV into the caller's rows: the tokens' (k_rows NULL), or the fetched rows key_rows names */
     const int64_t width = (int64_t)sh.Hkv * sh.D;

@@ -30,7 +30,7 @@ struct TileArgs {
     const int *tile_off;              /* total tiles at [n_gr] */
     void *opart;                      /* forward: [Qc][Hq][NS][D] of the partial type */
     float *lpart;                     /* forward: [Qc][Hq][NS] log-sum-exp (natural log) */
-    float *dqp;                       /* backward: [Qc][Hq][NS][D] fp32, NULL without dq */
+    void *dqp;                        /* backward: [Qc][Hq][NS][D] dQ partials of the partial type, NULL without dq */
     float *acck, *accv;               /* backward: fp32 [N, Hkv, D], NULL when not wanted */
     float *cut;                       /* backward: [grid][2][2][KB][D] parts of split segments */
     int n_gr, Rb, N, Hq, Hkv, G, NS, nks, c0;
@@ -88,9 +88,9 @@ template <auto Kernel> int persistent_grid(const char *name, int threads, size_t
     return grid;
 }
 
-/* Tensor cores (msa_attention_tc.cu): BF16 with D = 64 or 128; partial outputs in bf16. The backward with
- * the KL folded in (Di > 0) takes BF16 qi/ki with Di = 64 or 128 and G a power of two with at most 8
- * queries per tile (msa_tc_kl_handles); Di = 0: the attention alone. */
+/* Tensor cores (msa_attention_tc.cu): BF16 with D = 64 or 128; partial outputs (forward O, backward dQ) in
+ * bf16. The backward with the KL folded in (Di > 0) takes BF16 qi/ki with Di = 64 or 128 and G a power of
+ * two with at most 8 queries per tile (msa_tc_kl_handles); Di = 0: the attention alone. */
 bool msa_tc_handles(DType dt, int D);
 bool msa_tc_kl_handles(DType dt, int D, int G, int Di);
 Geo msa_tc_forward_geo(int D);
@@ -99,7 +99,7 @@ Geo msa_tc_backward_geo(int D, int Di);
 void msa_tc_backward_tiles(const Geo &g, const TileArgs &a, int D, int Di);
 
 /* CUDA cores (msa_attention_cc.cu): every other call (F32, and BF16 with other head dims up to 256);
- * partial outputs in fp32. */
+ * partial outputs (forward O, backward dQ) in fp32. */
 Geo msa_cc_forward_geo(DType dt, int D);
 void msa_cc_forward_tiles(const Geo &g, const TileArgs &a, DType dt, int D);
 Geo msa_cc_backward_geo(DType dt, int D);

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(CC_THREADS) msa_bwd_cc_kernel(TileArgs a, int 
 #pragma unroll
                 for (int jj = 0; jj < DPL; jj++) acc[jj] += gk * krow[32 * jj];
             }
-            float *dst = a.dqp + (((int64_t)(mt.x - a.c0) * a.Hq + mt.y) * a.NS + mt.z) * D;
+            float *dst = (float *)a.dqp + (((int64_t)(mt.x - a.c0) * a.Hq + mt.y) * a.NS + mt.z) * D;
 #pragma unroll
             for (int jj = 0; jj < DPL; jj++) {
                 const int dd = lane + 32 * jj;

@@ -1000,8 +1000,11 @@ __device__ __forceinline__ float tc_bwd_tile(TcDkv<D> &acc, const TcKlSmem &kls,
 }
 
 /* The tile's dQ partial rows, staged by tc_bwd_tile (fp32 [row][64 dims] per warpgroup, synchronised), to their
- * slots, a thread a row's quarter. Called after the loop's proxy fence rather than from the tile: the fence's
- * MEMBAR waits for the thread's outstanding stores, and these would be the youngest. */
+ * slots in bf16, a thread a row's quarter. Called after the loop's proxy fence rather than from the tile: the
+ * fence's MEMBAR waits for the thread's outstanding stores, and these would be the youngest. bf16 because
+ * the partials are the backward's largest traffic (Hq x D values per query and slot: 4.3 GB written and read
+ * back at 32K, 32/4/64, top-16, 17 GB at 64/4/128); each is a finished fp32 sum over the tile's keys,
+ * rounded once, and the combine adds them in fp32, as the forward's O partials. */
 template <int D>
 __device__ __forceinline__ void tc_bwd_store_dq(const unsigned char *sQt, const unsigned char *sOt, const int4 *meta,
                                                 const TileArgs &a) {
@@ -1012,10 +1015,12 @@ __device__ __forceinline__ void tc_bwd_store_dq(const unsigned char *sQt, const 
     const int row = (threadIdx.x & 127) >> 2, q = threadIdx.x & 3; /* dims 16 v + 4 q, v < 4 */
     const int4 m = meta[row0 + row];
     if (m.x >= 0) {
-        float *dst = a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + dim0;
+        bf16 *dst = (bf16 *)a.dqp + (((int64_t)(m.x - a.c0) * a.Hq + m.y) * a.NS + m.z) * D + dim0;
 #pragma unroll
-        for (int v = 0; v < 4; v++)
-            *(float4 *)(dst + v * 16 + q * 4) = *(const float4 *)(stage + row * 64 + stage_col(row, v * 16 + q * 4));
+        for (int v = 0; v < 4; v++) {
+            const float4 x = *(const float4 *)(stage + row * 64 + stage_col(row, v * 16 + q * 4));
+            *(uint2 *)(dst + v * 16 + q * 4) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+        }
     }
 }
 
