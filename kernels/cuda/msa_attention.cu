@@ -222,134 +222,157 @@ __global__ void sched_entries_kernel(int2 *ent, const int *qoff, const int *rs, 
  * Reductions: combine, Dsum, dK/dV fixup and finish
  * ---------------------------------------------------------------------------------------------- */
 
-/* number of leading selected slots of topk[g][t] (the CPU's support loop stops at the first -1) */
-__device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
+/* Number of leading selected slots of topk[g][t] (the CPU's support loop stops at the first -1), for the row
+ * of each aligned group of W lanes (W a power of two). */
+template <int W> __device__ __forceinline__ int selected_slots(const int32_t *row, int K) {
     int first_neg = K;
-    for (int i = threadIdx.x & 31; i < K; i += 32)
+    for (int i = threadIdx.x & (W - 1); i < K; i += W)
         if (row[i] < 0) {
             first_neg = i;
             break;
         }
-    return warp_min(first_neg);
+    return lanes_min<W>(first_neg);
 }
 
-/* The combines below read a (query, head)'s partials slot by slot. A warp keeps U slots' loads in flight
- * before it adds the first of them (the adds keep slot order, so the sums are the same bits for any U); a
- * plain loop over the slots waited for each load in turn and ran the forward's combine at a third of the
- * memory's bandwidth. A lane holds STEPS vectors of VPL elements of a slot (elements (j * 32 + lane) * VPL):
- * for D = 64 and D = 128 one vector (STEPS = 1) of 2 or 4 elements, 4 to 16 bytes, so U = 16 slots (a
- * query's whole selection at top-16) are in flight at once: with U = 4 the D = 64 forward combine had 16
- * bytes a lane in flight and read its partials at ~650 GB/s (docs/benchmarks.md, eleventh session). Other
- * D take STEPS = 8 / VPL (any D up to CUDA_HEAD_DIM_MAX, guarded) and U = 4. */
-constexpr int COMBINE_UNROLL_WIDE = 16, COMBINE_UNROLL = 4;
+/* The combines below read a (query, head)'s partials slot by slot, each row on an aligned group of W lanes
+ * (32 / W rows a warp). A lane holds STEPS vectors of VPL elements of a slot (elements (j * W + lane % W) *
+ * VPL) and keeps U slots' loads in flight before it adds the first of them (the adds keep slot order, so the
+ * sums are the same bits for any U and W). Why the shapes:
+ *   - a plain loop over the slots waited for each load in turn and ran the forward's combine at a third of
+ *     the memory's bandwidth; U = 16 slots (a query's whole top-16 selection) in flight fixed that
+ *     (eleventh session);
+ *   - with a warp a row, each warp still waited for three round trips (topk, then the partials, then dq's
+ *     read-modify-write or the lse partials) for its 2 KB (D = 64, bf16): both combines read ~1.2 TB/s at
+ *     32K (thirteenth session's kernel times). BF16 partials at D = 64 and 128 now take 16 bytes a lane
+ *     (VPL 8), so a row is D / 8 lanes and a warp carries 4 or 2 rows: each round trip moves 2-4 times the
+ *     bytes. These keep U = 8 slots in flight (COMBINE_UNROLL_LANES): with 16, ptxas took 167-187
+ *     registers (one CTA an SM), and capping them spilled.
+ * fp32 partials (the CUDA-core path, F32) keep a warp a row, one vector a lane (W 32, VPL 2 or 4); other D
+ * take STEPS = 8 / VPL (any D up to CUDA_HEAD_DIM_MAX, guarded) and U = 4. Both kernels are bounded to
+ * two CTAs of 256 an SM (at most 128 registers). */
+constexpr int COMBINE_UNROLL_WIDE = 16, COMBINE_UNROLL_LANES = 8, COMBINE_UNROLL = 4;
 
-/* Lane lane's elements of slots s .. s + U - 1 (those below s1) of a row's partials src [slot][D]: into x */
-template <typename PT, int VPL, int STEPS, int U>
-__device__ __forceinline__ void load_slots(float (&x)[U][STEPS][VPL], const PT *src, int s, int s1, int D, int lane) {
+/* Lane gl's (of its row's W) elements of slots s .. s + U - 1 (those below s1) of a row's partials src
+ * [slot][D], as loaded: converted to fp32 when added */
+template <typename PT, int W, int VPL, int STEPS, int U>
+__device__ __forceinline__ void load_slots(Vec<PT, VPL> (&x)[U][STEPS], const PT *src, int s, int s1, int D, int gl) {
+    /* the one-vector layouts (STEPS = 1) are chosen only where W * VPL = D: with D a constant, the U addresses
+     * are one base plus immediates (ptxas kept a 64-bit address a slot) */
+    const int Dr = STEPS == 1 ? W * VPL : D;
+    const PT *base = src + (int64_t)s * Dr;
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
         for (int j = 0; j < STEPS; j++) {
-            const int e = (j * 32 + lane) * VPL;
-            if (s + u < s1 && e < D) load_f32<PT, VPL>(src + (int64_t)(s + u) * D + e, x[u][j]);
+            const int e = (j * W + gl) * VPL;
+            if (s + u < s1 && e < D) x[u][j] = load_vec<PT, VPL>(base + u * Dr + e);
         }
 }
 
-/* One warp per (chunk query, head): out = sum_s exp(lse_s - LSE) O_s over the valid partials in slot
- * order, lse = LSE. Lane l computes the weight of slot s0 + l of each 32 and the loop takes it by a
- * shuffle, where every lane read lp[s] and took its exponential before the slot's load. */
-template <typename T, typename PT, int VPL, int STEPS, int U>
-__global__ void msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, const float *lpart, const int32_t *topk, int c0,
+/* acc[j][:] += w * x[j][:] (w = 1: the dQ combine), in fp32 */
+template <typename PT, int W, int VPL, int STEPS>
+__device__ __forceinline__ void add_slot(float (&acc)[STEPS][VPL], const Vec<PT, VPL> (&x)[STEPS], float w, int D, int gl) {
+#pragma unroll
+    for (int j = 0; j < STEPS; j++)
+        if ((j * W + gl) * VPL < D)
+#pragma unroll
+            for (int v = 0; v < VPL; v++) acc[j][v] += w * to_f32(x[j].v[v]);
+}
+
+/* One group of W lanes per (chunk query, head): out = sum_s exp(lse_s - LSE) O_s over the valid partials in
+ * slot order, lse = LSE. The weights of a chunk of C = max(U, W) slots are computed before its loads are
+ * added, C / W a lane (where every lane used to read lp[s] and take its exponential before the slot's load),
+ * and the adds take them by a shuffle inside the row's group. The slot loop runs to the warp's largest count
+ * (the shuffles need every lane); a row's own count guards its loads and adds. */
+template <typename T, typename PT, int W, int VPL, int STEPS, int U>
+__global__ void __launch_bounds__(256, 2) msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, const float *lpart, const int32_t *topk, int c0,
                                        int nq, int Nq, int Hq, int G, int K, int nks, int NS, int D) {
-    static_assert(32 % U == 0, "the slots of a load group lie in one 32-slot chunk of weights");
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= (int64_t)nq * Hq) return;
-    const int lane = threadIdx.x & 31;
-    const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
-    const int ns = selected_slots(topk + ((int64_t)(h / G) * Nq + t) * K, K) * nks;
-    const float *lp = lpart + row * NS;
-    const PT *src = opart + row * NS * D;
-    float x[U][STEPS][VPL];
-    load_slots<PT, VPL, STEPS, U>(x, src, 0, min(ns, 32), D, lane); /* before the statistics, whose loads it overlaps */
+    constexpr int R = 32 / W, C = U > W ? U : W;
+    static_assert(C % U == 0 && C % W == 0, "a chunk of weights holds whole load groups and whole lane groups");
+    const int lane = threadIdx.x & 31, gl = lane & (W - 1);
+    const int64_t row = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R + lane / W;
+    const bool live = row < (int64_t)nq * Hq; /* a row past the chunk still takes part in the shuffles */
+    const int tq = live ? (int)(row / Hq) : 0, h = live ? (int)(row % Hq) : 0, t = c0 + tq;
+    const int sel = selected_slots<W>(topk + ((int64_t)(h / G) * Nq + t) * K, K), ns = live ? sel * nks : 0;
+    const int ns_warp = -warp_min(-ns);
+    const float *lp = lpart + (live ? row : 0) * NS;
+    const PT *src = opart + (live ? row : 0) * NS * D;
+    Vec<PT, VPL> x[U][STEPS];
+    load_slots<PT, W, VPL, STEPS, U>(x, src, 0, min(ns, U), D, gl); /* before the statistics, whose loads it overlaps */
     float mx = -INFINITY;
-    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lp[s]);
-    mx = warp_max(mx);
+    for (int s = gl; s < ns; s += W) mx = fmaxf(mx, lp[s]);
+    mx = lanes_max<W>(mx);
     float sum = 0.0f;
     if (mx != -INFINITY)
-        for (int s = lane; s < ns; s += 32) sum += expf(lp[s] - mx);
-    sum = warp_sum(sum);
+        for (int s = gl; s < ns; s += W) sum += expf(lp[s] - mx);
+    sum = lanes_sum<W>(sum);
     const float L = mx != -INFINITY ? mx + logf(sum) : -INFINITY;
     float acc[STEPS][VPL];
 #pragma unroll
     for (int j = 0; j < STEPS; j++)
 #pragma unroll
         for (int v = 0; v < VPL; v++) acc[j][v] = 0.0f;
-    if (L != -INFINITY) {
-        for (int s0 = 0; s0 < ns; s0 += 32) {
-            const int s1 = min(ns, s0 + 32);
-            const float w_lane = s0 + lane < s1 ? expf(lp[s0 + lane] - L) : 0.0f;
-            for (int s = s0; s < s1; s += U) {
-                if (s > 0) load_slots<PT, VPL, STEPS, U>(x, src, s, s1, D, lane);
+    for (int s0 = 0; s0 < ns_warp; s0 += C) {
+        const int s1 = min(ns, s0 + C);
+        float wl[C / W];
 #pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const float w = __shfl_sync(0xffffffffu, w_lane, (s + u - s0) & 31);
-                    if (s + u >= s1 || w == 0.0f) continue;
+        for (int k = 0; k < C / W; k++) {
+            const int s = s0 + k * W + gl;
+            wl[k] = s < s1 && L != -INFINITY ? expf(lp[s] - L) : 0.0f;
+        }
+        for (int s = s0; s < min(ns_warp, s0 + C); s += U) {
+            if (s > 0) load_slots<PT, W, VPL, STEPS, U>(x, src, s, s1, D, gl);
 #pragma unroll
-                    for (int j = 0; j < STEPS; j++) {
-                        const int e = (j * 32 + lane) * VPL;
-                        if (e < D)
-#pragma unroll
-                            for (int v = 0; v < VPL; v++) acc[j][v] += w * x[u][j][v];
-                    }
-                }
+            for (int u = 0; u < U; u++) {
+                const int i = s - s0 + u; /* slot s + u's place in the chunk: u when C = U, and C / W = 1 else */
+                const float w = __shfl_sync(0xffffffffu, wl[C / W == 1 ? 0 : u / W], i & (W - 1), W);
+                if (s + u < s1 && w != 0.0f) add_slot<PT, W, VPL, STEPS>(acc, x[u], w, D, gl);
             }
         }
     }
+    if (!live) return;
     T *dst = out + ((int64_t)t * Hq + h) * D;
 #pragma unroll
     for (int j = 0; j < STEPS; j++) {
-        const int e = (j * 32 + lane) * VPL;
+        const int e = (j * W + gl) * VPL;
         if (e < D) store_f32<T, VPL>(dst + e, acc[j]);
     }
-    if (lane == 0) lse[(int64_t)h * Nq + t] = L;
+    if (gl == 0) lse[(int64_t)h * Nq + t] = L;
 }
 
-/* One warp per (chunk query, head): dq += scale * sum of the valid dQ partials (of type PT) in slot order, in
- * fp32 (scale times scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1, D = Di). */
-template <typename T, typename PT, int VPL, int STEPS, int U>
-__global__ void msa_dq_combine_kernel(T *dq, const PT *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G,
+/* One group of W lanes per (chunk query, head): dq += scale * sum of the valid dQ partials (of type PT) in slot
+ * order, in fp32 (scale times scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1,
+ * D = Di). */
+template <typename T, typename PT, int W, int VPL, int STEPS, int U>
+__global__ void __launch_bounds__(256, 2) msa_dq_combine_kernel(T *dq, const PT *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G,
                                       int K, int nks, int NS, int D, float scale, const float *scale_grad) {
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= (int64_t)nq * Hq) return;
+    constexpr int R = 32 / W;
+    const int lane = threadIdx.x & 31, gl = lane & (W - 1);
+    const int64_t row = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R + lane / W;
+    const bool live = row < (int64_t)nq * Hq; /* a row past the chunk still takes part in the shuffles */
     if (scale_grad) scale *= *scale_grad;
-    const int lane = threadIdx.x & 31;
-    const int tq = (int)(row / Hq), h = (int)(row % Hq), t = c0 + tq;
-    const int ns = selected_slots(topk + ((int64_t)(h / G) * Nq + t) * K, K) * nks;
+    const int tq = live ? (int)(row / Hq) : 0, h = live ? (int)(row % Hq) : 0, t = c0 + tq;
+    const int sel = selected_slots<W>(topk + ((int64_t)(h / G) * Nq + t) * K, K), ns = live ? sel * nks : 0;
     float acc[STEPS][VPL];
 #pragma unroll
     for (int j = 0; j < STEPS; j++)
 #pragma unroll
         for (int v = 0; v < VPL; v++) acc[j][v] = 0.0f;
-    const PT *src = dqp + row * NS * D;
+    const PT *src = dqp + (live ? row : 0) * NS * D;
     for (int s = 0; s < ns; s += U) {
-        float x[U][STEPS][VPL];
-        load_slots<PT, VPL, STEPS, U>(x, src, s, ns, D, lane);
+        Vec<PT, VPL> x[U][STEPS];
+        load_slots<PT, W, VPL, STEPS, U>(x, src, s, ns, D, gl);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (s + u >= ns) break;
-#pragma unroll
-            for (int j = 0; j < STEPS; j++) {
-                const int e = (j * 32 + lane) * VPL;
-                if (e < D)
-#pragma unroll
-                    for (int v = 0; v < VPL; v++) acc[j][v] += x[u][j][v];
-            }
+            add_slot<PT, W, VPL, STEPS>(acc, x[u], 1.0f, D, gl);
         }
     }
+    if (!live) return;
     T *dst = dq + ((int64_t)t * Hq + h) * D;
 #pragma unroll
     for (int j = 0; j < STEPS; j++) {
-        const int e = (j * 32 + lane) * VPL;
+        const int e = (j * W + gl) * VPL;
         if (e < D) {
             float x[VPL];
             load_f32<T, VPL>(dst + e, x);
@@ -605,25 +628,37 @@ const int32_t *get_plan(const Tensor *plan, const Tensor *topk, const Tensor *cu
     return msa_temporary_plan(topk, cu, p, sh.N);
 }
 
-template <typename T, typename PT, int VPL, int STEPS, int U>
+/* blocks of 256 threads for rows (query, head) at 32 / W rows a warp */
+template <int W> unsigned combine_blocks(int64_t rows) { return (unsigned)((rows + 8 * (32 / W) - 1) / (8 * (32 / W))); }
+
+template <typename T, typename PT, int W, int VPL, int STEPS, int U>
 void launch_fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, const int32_t *topk, const Shape &sh,
                         int c0, int nq, int nks, int NS) {
-    const int64_t rows = (int64_t)nq * sh.Hq;
-    msa_fwd_combine_kernel<T, PT, VPL, STEPS, U><<<(unsigned)((rows + 7) / 8), 256, 0, stream()>>>(
+    msa_fwd_combine_kernel<T, PT, W, VPL, STEPS, U><<<combine_blocks<W>((int64_t)nq * sh.Hq), 256, 0, stream()>>>(
         (T *)out->data, (float *)lse->data, opart, lpart, topk, c0, nq, sh.Nq, sh.Hq, sh.G, sh.K, nks, NS, sh.D);
     LAUNCH_CHECK("msa_attention_forward combine");
 }
 
-/* the combines' lane layouts (see COMBINE_UNROLL_WIDE): D = 128 and 64 one vector a lane, every slot of a
- * top-16 selection in flight; other D the general layout */
+/* the combines' lane layouts (see COMBINE_UNROLL_WIDE): bf16 partials at D = 128 and 64 16 bytes a lane (a row
+ * on 16 or 8 lanes), fp32 ones one vector a lane; every slot of a top-16 selection in flight; other D the
+ * general layout */
 template <typename T, typename PT>
 void fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, const int32_t *topk, const Shape &sh, int c0,
                  int nq, int nks, int NS) {
-    if (sh.D == 128) launch_fwd_combine<T, PT, 4, 1, COMBINE_UNROLL_WIDE>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
-    else if (sh.D == 64) launch_fwd_combine<T, PT, 2, 1, COMBINE_UNROLL_WIDE>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
-    else if (sh.D % 128 == 0) launch_fwd_combine<T, PT, 4, 2, COMBINE_UNROLL>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
-    else if (sh.D % 64 == 0) launch_fwd_combine<T, PT, 2, 4, COMBINE_UNROLL>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
-    else launch_fwd_combine<T, PT, 1, 8, COMBINE_UNROLL>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS);
+#define FWD_COMBINE(W, VPL, STEPS, U) \
+    launch_fwd_combine<T, PT, W, VPL, STEPS, U>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS)
+    if constexpr (std::is_same<PT, bf16>::value)
+        if (sh.D == 128 || sh.D == 64) {
+            if (sh.D == 128) FWD_COMBINE(16, 8, 1, COMBINE_UNROLL_LANES);
+            else FWD_COMBINE(8, 8, 1, COMBINE_UNROLL_LANES);
+            return;
+        }
+    if (sh.D == 128) FWD_COMBINE(32, 4, 1, COMBINE_UNROLL_WIDE);
+    else if (sh.D == 64) FWD_COMBINE(32, 2, 1, COMBINE_UNROLL_WIDE);
+    else if (sh.D % 128 == 0) FWD_COMBINE(32, 4, 2, COMBINE_UNROLL);
+    else if (sh.D % 64 == 0) FWD_COMBINE(32, 2, 4, COMBINE_UNROLL);
+    else FWD_COMBINE(32, 1, 8, COMBINE_UNROLL);
+#undef FWD_COMBINE
 }
 
 /* dq += scale (* scale_grad[0]) * the partials of heads H of G per group, head dim D: the attention's dq
@@ -631,17 +666,22 @@ void fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, 
 template <typename T, typename PT>
 void dq_combine(Tensor *dq, const PT *dqp, const int32_t *topk, const Shape &sh, int H, int G, int D, int c0, int nq,
                 int nks, int NS, float scale, const float *scale_grad) {
-    const int64_t rows = (int64_t)nq * H;
-    const unsigned blocks = (unsigned)((rows + 7) / 8);
     T *d = (T *)dq->data;
-#define DQ_COMBINE(VPL, STEPS, U)                                                                                         \
-    msa_dq_combine_kernel<T, PT, VPL, STEPS, U><<<blocks, 256, 0, stream()>>>(d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, \
-                                                                          scale, scale_grad)
-    if (D == 128) DQ_COMBINE(4, 1, COMBINE_UNROLL_WIDE);
-    else if (D == 64) DQ_COMBINE(2, 1, COMBINE_UNROLL_WIDE);
-    else if (D % 128 == 0) DQ_COMBINE(4, 2, COMBINE_UNROLL);
-    else if (D % 64 == 0) DQ_COMBINE(2, 4, COMBINE_UNROLL);
-    else DQ_COMBINE(1, 8, COMBINE_UNROLL);
+#define DQ_COMBINE(W, VPL, STEPS, U)                                                                          \
+    msa_dq_combine_kernel<T, PT, W, VPL, STEPS, U><<<combine_blocks<W>((int64_t)nq * H), 256, 0, stream()>>>( \
+        d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad)
+    if constexpr (std::is_same<PT, bf16>::value)
+        if (D == 128 || D == 64) {
+            if (D == 128) DQ_COMBINE(16, 8, 1, COMBINE_UNROLL_LANES);
+            else DQ_COMBINE(8, 8, 1, COMBINE_UNROLL_LANES);
+            LAUNCH_CHECK("msa_attention_backward dq combine");
+            return;
+        }
+    if (D == 128) DQ_COMBINE(32, 4, 1, COMBINE_UNROLL_WIDE);
+    else if (D == 64) DQ_COMBINE(32, 2, 1, COMBINE_UNROLL_WIDE);
+    else if (D % 128 == 0) DQ_COMBINE(32, 4, 2, COMBINE_UNROLL);
+    else if (D % 64 == 0) DQ_COMBINE(32, 2, 4, COMBINE_UNROLL);
+    else DQ_COMBINE(32, 1, 8, COMBINE_UNROLL);
 #undef DQ_COMBINE
     LAUNCH_CHECK("msa_attention_backward dq combine");
 }

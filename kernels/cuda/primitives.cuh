@@ -85,22 +85,24 @@ template <typename K, typename I> __device__ __forceinline__ I upper_bound(const
 }
 
 /* ---- warp and block reductions ---- */
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+/* over each aligned group of W lanes (W a power of two, at most 32; every lane of a group gets its group's
+ * result): the combines give a (query, head) row a group of lanes, not a warp */
+template <int W, typename X> __device__ __forceinline__ X lanes_sum(X v) {
+    for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-__device__ __forceinline__ double warp_sum(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+template <int W> __device__ __forceinline__ float lanes_max(float v) {
+    for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+template <int W> __device__ __forceinline__ int lanes_min(int v) {
+    for (int o = W / 2; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-__device__ __forceinline__ int warp_min(int v) {
-    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return lanes_sum<32>(v); }
+__device__ __forceinline__ double warp_sum(double v) { return lanes_sum<32>(v); }
+__device__ __forceinline__ float warp_max(float v) { return lanes_max<32>(v); }
+__device__ __forceinline__ int warp_min(int v) { return lanes_min<32>(v); }
 
 /* Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
  * `sh` needs 32 elements; the block must not use `sh` again before a __syncthreads(). */
