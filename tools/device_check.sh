@@ -57,6 +57,12 @@
 #                    summarised by tools/ncu_sass_summary.py
 #   kernel-times     every kernel of one attention layer (NCU_SIZE, NCU_HEADS) with its summed device time (ncu, one
 #                    metric): the MSA layer's milliseconds per kernel
+#   ab               a kernel change against its baseline on one card: build/bench's attention table (SIZES, default
+#                    32768; AB_HEADS, default 32/4/64) for the tree as sent, then with the patch AB_PATCH reversed
+#                    (a file in the tree, made here with `git diff BASE HEAD -- kernels > ab.patch`; the device's git
+#                    history may be stale, so the patch travels as a file), then the patch re-applied and rebuilt.
+#                    Calls can land on an H100 or an H200, so a change is only measured against a baseline timed
+#                    in the same call
 #   continuation     issue 15's long-context workflow at the ~1.1B size (dense base at 4K, extended to 32K
 #                    with YaRN and MSA), build/eval's tables before and after (CONT_BASE_STEPS, CONT_LONG_STEPS)
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
@@ -565,6 +571,24 @@ print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one
         compare_cp window_ --set model.attention=window --set model.msa_layers=1- --set msa.block_size=8 \
             --set msa.local_blocks=2 --set msa.init_blocks=1
         unset MSA_ATTENTION
+        ;;
+    ab)
+        stage "ab: the tree, then AB_PATCH reversed"
+        if [ ! -f "${AB_PATCH:-}" ]; then echo "ab: AB_PATCH names no file"; status=1; continue; fi
+        ab_bench() {
+            echo "--- $1"
+            build/bench --only attention --sizes "${SIZES:-32768}" --heads "${AB_HEADS:-32/4/64}" | tee "$OUT/ab_$1.md" |
+                grep -E "^\|" | grep -v "^|---"
+        }
+        ab_bench change
+        if git apply -R "$AB_PATCH" && $MAKE build/bench >>"$OUT/build.log" 2>&1; then
+            ab_bench baseline
+        else
+            echo "ab: the baseline did not apply or build"
+            status=1
+        fi
+        git apply "$AB_PATCH" 2>/dev/null
+        $MAKE >>"$OUT/build.log" 2>&1 || { echo "ab: the tree did not rebuild"; status=1; }
         ;;
     *)
         echo "unknown stage '$what'"
