@@ -68,7 +68,8 @@
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
 #                    (PROFILES="dense_32k msa_32k" selects some of them; dense_32k_keep and msa_32k_keep: the
-#                    same with train.keep_attention_outputs)
+#                    same with train.keep_attention_outputs; PROFILE_STEPS=7: three CUDA-graph replays after the
+#                    profiled eager steps)
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or /tmp/device_check.
 # Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md; and
@@ -313,9 +314,10 @@ PY
     profile)
         stage profile
         # the bench's ~1B shape (TinyLlama) on the shakespeare tokens (vocab 65: the embedding is not
-        # what is measured); 2 steps of warm-up, 2 profiled
+        # what is measured); 2 steps of warm-up, 2 profiled, step 4 captured as a CUDA graph; PROFILE_STEPS=7
+        # adds three replayed steps (what a long run's steps are: no launch gaps, no host waits)
         big="--set model.d_model=2048 --set model.n_layers=22 --set model.n_heads=32 --set model.n_kv_heads=4
-             --set model.head_dim=64 --set model.ffn_dim=5632 --set model.dropout=0 --set train.steps=4
+             --set model.head_dim=64 --set model.ffn_dim=5632 --set model.dropout=0 --set train.steps=${PROFILE_STEPS:-4}
              --set train.profile_steps=2 --set train.eval_every=0 --set train.eval_batches=1
              --set train.sample_tokens=0 --set train.log_every=1"
         moe="--set model.ffn=moe --set moe.num_experts=16 --set moe.experts_per_token=4 --set moe.expert_dim=704
