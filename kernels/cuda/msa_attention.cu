@@ -24,9 +24,9 @@
  * merges each (query, head)'s partials in slot order (deterministic) into out and lse.
  * Backward: Dsum = rowsum(dO * O); per tile, S^T = K Q^T and dP^T = V dO^T (rows = keys: each warp
  * owns 16 keys), P = exp(scale S - lse), dS = P (dP - Dsum), dV += P^T dO and dK += dS^T Q kept in
- * registers for the whole segment, dQ_partial = dS K (bf16 for BF16 inputs, fp32 else) per slot, combined in slot order like the
- * forward. dK/dV of a segment split over several CTAs (hot rows) go through a per-CTA fp32 buffer
- * summed in CTA order by a fixup kernel; all dK/dV land in fp32 accumulators added to dk/dv at the end.
+ * registers for the whole segment, dQ_partial = dS K (bf16 for BF16 inputs, fp32 else) per slot, combined
+ * in slot order like the forward. dK/dV of a segment split over several CTAs (hot rows) go through a per-CTA
+ * fp32 buffer summed in CTA order by a fixup kernel; all dK/dV land in fp32 accumulators added to dk/dv at the end.
  * No atomics anywhere: results are run-to-run deterministic on a given GPU (they depend on the SM
  * count through the tile ranges only in fp32 rounding of dK/dV).
  *
@@ -271,7 +271,8 @@ __device__ __forceinline__ void load_slots(Vec<PT, VPL> (&x)[U][STEPS], const PT
 
 /* acc[j][:] += w * x[j][:] (w = 1: the dQ combine), in fp32 */
 template <typename PT, int W, int VPL, int STEPS>
-__device__ __forceinline__ void add_slot(float (&acc)[STEPS][VPL], const Vec<PT, VPL> (&x)[STEPS], float w, int D, int gl) {
+__device__ __forceinline__ void add_slot(float (&acc)[STEPS][VPL], const Vec<PT, VPL> (&x)[STEPS], float w, int D,
+                                         int gl) {
 #pragma unroll
     for (int j = 0; j < STEPS; j++)
         if ((j * W + gl) * VPL < D)
@@ -285,8 +286,9 @@ __device__ __forceinline__ void add_slot(float (&acc)[STEPS][VPL], const Vec<PT,
  * and the adds take them by a shuffle inside the row's group. The slot loop runs to the warp's largest count
  * (the shuffles need every lane); a row's own count guards its loads and adds. */
 template <typename T, typename PT, int W, int VPL, int STEPS, int U>
-__global__ void __launch_bounds__(256, 2) msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, const float *lpart, const int32_t *topk, int c0,
-                                       int nq, int Nq, int Hq, int G, int K, int nks, int NS, int D) {
+__global__ void __launch_bounds__(256, 2)
+    msa_fwd_combine_kernel(T *out, float *lse, const PT *opart, const float *lpart, const int32_t *topk, int c0, int nq,
+                           int Nq, int Hq, int G, int K, int nks, int NS, int D) {
     constexpr int R = 32 / W, C = U > W ? U : W;
     static_assert(C % U == 0 && C % W == 0, "a chunk of weights holds whole load groups and whole lane groups");
     const int lane = threadIdx.x & 31, gl = lane & (W - 1);
@@ -344,8 +346,9 @@ __global__ void __launch_bounds__(256, 2) msa_fwd_combine_kernel(T *out, float *
  * order, in fp32 (scale times scale_grad[0] when given: the KL's dqi, viewed as one head per group, G = 1,
  * D = Di). */
 template <typename T, typename PT, int W, int VPL, int STEPS, int U>
-__global__ void __launch_bounds__(256, 2) msa_dq_combine_kernel(T *dq, const PT *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G,
-                                      int K, int nks, int NS, int D, float scale, const float *scale_grad) {
+__global__ void __launch_bounds__(256, 2)
+    msa_dq_combine_kernel(T *dq, const PT *dqp, const int32_t *topk, int c0, int nq, int Nq, int Hq, int G, int K,
+                          int nks, int NS, int D, float scale, const float *scale_grad) {
     constexpr int R = 32 / W;
     const int lane = threadIdx.x & 31, gl = lane & (W - 1);
     const int64_t row = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R + lane / W;
@@ -631,34 +634,35 @@ const int32_t *get_plan(const Tensor *plan, const Tensor *topk, const Tensor *cu
 /* blocks of 256 threads for rows (query, head) at 32 / W rows a warp */
 template <int W> unsigned combine_blocks(int64_t rows) { return (unsigned)((rows + 8 * (32 / W) - 1) / (8 * (32 / W))); }
 
-template <typename T, typename PT, int W, int VPL, int STEPS, int U>
-void launch_fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, const int32_t *topk, const Shape &sh,
-                        int c0, int nq, int nks, int NS) {
-    msa_fwd_combine_kernel<T, PT, W, VPL, STEPS, U><<<combine_blocks<W>((int64_t)nq * sh.Hq), 256, 0, stream()>>>(
-        (T *)out->data, (float *)lse->data, opart, lpart, topk, c0, nq, sh.Nq, sh.Hq, sh.G, sh.K, nks, NS, sh.D);
-    LAUNCH_CHECK("msa_attention_forward combine");
+/* A combine's lane layout (see COMBINE_UNROLL_WIDE), one choice for both combines: bf16 partials at D = 128 and
+ * 64 16 bytes a lane (a row on 16 or 8 lanes), fp32 ones one vector a lane, every slot of a top-16 selection in
+ * flight; other D the general layout. launch(CombineLayout<...>{}) instantiates the kernel for it. */
+template <int W_, int VPL_, int STEPS_, int U_> struct CombineLayout {
+    static constexpr int W = W_, VPL = VPL_, STEPS = STEPS_, U = U_;
+};
+template <typename PT, typename F> void with_combine_layout(int D, F &&launch) {
+    if constexpr (std::is_same<PT, bf16>::value) {
+        if (D == 128) return launch(CombineLayout<16, 8, 1, COMBINE_UNROLL_LANES>{});
+        if (D == 64) return launch(CombineLayout<8, 8, 1, COMBINE_UNROLL_LANES>{});
+    }
+    if (D == 128) launch(CombineLayout<32, 4, 1, COMBINE_UNROLL_WIDE>{});
+    else if (D == 64) launch(CombineLayout<32, 2, 1, COMBINE_UNROLL_WIDE>{});
+    else if (D % 128 == 0) launch(CombineLayout<32, 4, 2, COMBINE_UNROLL>{});
+    else if (D % 64 == 0) launch(CombineLayout<32, 2, 4, COMBINE_UNROLL>{});
+    else launch(CombineLayout<32, 1, 8, COMBINE_UNROLL>{});
 }
 
-/* the combines' lane layouts (see COMBINE_UNROLL_WIDE): bf16 partials at D = 128 and 64 16 bytes a lane (a row
- * on 16 or 8 lanes), fp32 ones one vector a lane; every slot of a top-16 selection in flight; other D the
- * general layout */
 template <typename T, typename PT>
 void fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, const int32_t *topk, const Shape &sh, int c0,
                  int nq, int nks, int NS) {
-#define FWD_COMBINE(W, VPL, STEPS, U) \
-    launch_fwd_combine<T, PT, W, VPL, STEPS, U>(out, lse, opart, lpart, topk, sh, c0, nq, nks, NS)
-    if constexpr (std::is_same<PT, bf16>::value)
-        if (sh.D == 128 || sh.D == 64) {
-            if (sh.D == 128) FWD_COMBINE(16, 8, 1, COMBINE_UNROLL_LANES);
-            else FWD_COMBINE(8, 8, 1, COMBINE_UNROLL_LANES);
-            return;
-        }
-    if (sh.D == 128) FWD_COMBINE(32, 4, 1, COMBINE_UNROLL_WIDE);
-    else if (sh.D == 64) FWD_COMBINE(32, 2, 1, COMBINE_UNROLL_WIDE);
-    else if (sh.D % 128 == 0) FWD_COMBINE(32, 4, 2, COMBINE_UNROLL);
-    else if (sh.D % 64 == 0) FWD_COMBINE(32, 2, 4, COMBINE_UNROLL);
-    else FWD_COMBINE(32, 1, 8, COMBINE_UNROLL);
-#undef FWD_COMBINE
+    with_combine_layout<PT>(sh.D, [&](auto layout) {
+        using L = decltype(layout);
+        msa_fwd_combine_kernel<T, PT, L::W, L::VPL, L::STEPS, L::U>
+            <<<combine_blocks<L::W>((int64_t)nq * sh.Hq), 256, 0, stream()>>>(
+                (T *)out->data, (float *)lse->data, opart, lpart, topk, c0, nq, sh.Nq, sh.Hq, sh.G, sh.K, nks, NS,
+                sh.D);
+    });
+    LAUNCH_CHECK("msa_attention_forward combine");
 }
 
 /* dq += scale (* scale_grad[0]) * the partials of heads H of G per group, head dim D: the attention's dq
@@ -666,23 +670,12 @@ void fwd_combine(Tensor *out, Tensor *lse, const PT *opart, const float *lpart, 
 template <typename T, typename PT>
 void dq_combine(Tensor *dq, const PT *dqp, const int32_t *topk, const Shape &sh, int H, int G, int D, int c0, int nq,
                 int nks, int NS, float scale, const float *scale_grad) {
-    T *d = (T *)dq->data;
-#define DQ_COMBINE(W, VPL, STEPS, U)                                                                          \
-    msa_dq_combine_kernel<T, PT, W, VPL, STEPS, U><<<combine_blocks<W>((int64_t)nq * H), 256, 0, stream()>>>( \
-        d, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad)
-    if constexpr (std::is_same<PT, bf16>::value)
-        if (D == 128 || D == 64) {
-            if (D == 128) DQ_COMBINE(16, 8, 1, COMBINE_UNROLL_LANES);
-            else DQ_COMBINE(8, 8, 1, COMBINE_UNROLL_LANES);
-            LAUNCH_CHECK("msa_attention_backward dq combine");
-            return;
-        }
-    if (D == 128) DQ_COMBINE(32, 4, 1, COMBINE_UNROLL_WIDE);
-    else if (D == 64) DQ_COMBINE(32, 2, 1, COMBINE_UNROLL_WIDE);
-    else if (D % 128 == 0) DQ_COMBINE(32, 4, 2, COMBINE_UNROLL);
-    else if (D % 64 == 0) DQ_COMBINE(32, 2, 4, COMBINE_UNROLL);
-    else DQ_COMBINE(32, 1, 8, COMBINE_UNROLL);
-#undef DQ_COMBINE
+    with_combine_layout<PT>(D, [&](auto layout) {
+        using L = decltype(layout);
+        msa_dq_combine_kernel<T, PT, L::W, L::VPL, L::STEPS, L::U>
+            <<<combine_blocks<L::W>((int64_t)nq * H), 256, 0, stream()>>>(
+                (T *)dq->data, dqp, topk, c0, nq, sh.Nq, H, G, sh.K, nks, NS, D, scale, scale_grad);
+    });
     LAUNCH_CHECK("msa_attention_backward dq combine");
 }
 
@@ -847,12 +840,13 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
                                                     sh.Rb, sh.N, sh.Hkv, sh.D, Di, geo.KB);
             LAUNCH_CHECK("msa_attention_backward dk dv fixup");
         }
+        const int nq = c1 - c0, nks = geo.nks, NS = geo.NS;
         if (dq && tc)
-            dq_combine<T, bf16>(dq, (const bf16 *)dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, c1 - c0, geo.nks, geo.NS, scale, nullptr);
+            dq_combine<T, bf16>(dq, (const bf16 *)dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, nq, nks, NS, scale, nullptr);
         else if (dq)
-            dq_combine<T, float>(dq, (const float *)dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, c1 - c0, geo.nks, geo.NS, scale, nullptr);
+            dq_combine<T, float>(dq, (const float *)dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, nq, nks, NS, scale, nullptr);
         if (kl && kl->dqi)
-            dq_combine<T, float>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, c1 - c0, geo.nks, geo.NS, kl->mul, kl->grad);
+            dq_combine<T, float>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, nq, nks, NS, kl->mul, kl->grad);
     });
     /* dK/dV into the caller's rows: the tokens' (k_rows NULL), or the fetched rows key_rows names */
     const int64_t width = (int64_t)sh.Hkv * sh.D;
