@@ -583,13 +583,16 @@ print("  1 GPU %.0f tokens/s, 2 GPUs %.0f tokens/s: %.2fx (target 1.85x)" % (one
                 grep -E "^\|" | grep -v "^|---"
         }
         ab_bench change
-        if git apply -R "$AB_PATCH" && $MAKE build/bench >>"$OUT/build.log" 2>&1; then
+        # the tree is put back only when the reverse applied (a patch of the wrong direction would otherwise
+        # be applied forward onto a tree that lacks it)
+        if ! git apply -R "$AB_PATCH"; then echo "ab: AB_PATCH does not reverse on this tree"; status=1; continue; fi
+        if $MAKE build/bench >>"$OUT/build.log" 2>&1; then
             ab_bench baseline
         else
-            echo "ab: the baseline did not apply or build"
+            echo "ab: the baseline did not build"
             status=1
         fi
-        git apply "$AB_PATCH" 2>/dev/null
+        git apply "$AB_PATCH"
         $MAKE >>"$OUT/build.log" 2>&1 || { echo "ab: the tree did not rebuild"; status=1; }
         ;;
     *)
