@@ -327,6 +327,9 @@ PY
         for p in "dense_4k:--set train.seq_len=4096 --set train.batch_size=4" \
                  "dense_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true" \
                  "moe_4k:--set train.seq_len=4096 --set train.batch_size=4 --set train.recompute=true $moe" \
+                 "moe_4k_keep:--set train.seq_len=4096 --set train.batch_size=4 --set train.recompute=true --set train.keep_attention_outputs=true $moe" \
+                 "moe_4k_accum2:--set train.seq_len=4096 --set train.batch_size=2 --set train.grad_accum=2 $moe" \
+                 "moe_4k_accum4:--set train.seq_len=4096 --set train.batch_size=1 --set train.grad_accum=4 $moe" \
                  "msa_32k:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true $msa" \
                  "dense_32k_keep:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true" \
                  "msa_32k_keep:--set train.seq_len=32768 --set train.batch_size=1 --set train.recompute=true --set train.keep_attention_outputs=true $msa" \
