@@ -68,8 +68,9 @@
 #   profile          per-op profiles (train.profile_steps) of the bench's ~1B dense model at 4K and 32K,
 #                    the MoE model at 4K and the MSA model at 32K, on the shakespeare data
 #                    (PROFILES="dense_32k msa_32k" selects some of them; dense_32k_keep and msa_32k_keep: the
-#                    same with train.keep_attention_outputs; PROFILE_STEPS=7: three CUDA-graph replays after the
-#                    profiled eager steps)
+#                    same with train.keep_attention_outputs; moe_4k_keep the MoE model so, moe_4k_accum2 and
+#                    moe_4k_accum4 without recomputation over 2 or 4 micro-batches of the same 16384 tokens a step;
+#                    PROFILE_STEPS=7: three CUDA-graph replays after the profiled eager steps)
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or /tmp/device_check.
 # Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md; and
