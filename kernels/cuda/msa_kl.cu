@@ -582,7 +582,7 @@ __device__ __forceinline__ void load_keys(const KA<T> &a, const Sm<T> &s, int g,
 
 /* Sparse, KV-outer: one piece {row, e0, e1, split} per iteration, the row's keys in tiles of KT. */
 template <typename T, int MODE>
-__global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 2 : 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
+__global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 3 : 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
     extern __shared__ __align__(128) unsigned char kl_smem[];
     const Lay &L = a.L;
     const Sm<T> s = carve<T>(kl_smem, L);
@@ -616,12 +616,7 @@ __global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 2 : 1) kl_rows_k
                             t = a.q_token ? 0 : lo;
                             tok = lo;
                         } else {
-                            const int *tk = a.topk + ((int64_t)g * a.Nq + t) * a.K;
-                            for (int sl = 0; sl < a.K; sl++)
-                                if (tk[sl] == blk) {
-                                    slot = sl;
-                                    break;
-                                }
+                            slot = msa_topk_slot(a.topk + ((int64_t)g * a.Nq + t) * a.K, a.K, blk);
                         }
                         tlo = a.dstart[tok];
                         if constexpr (MODE == BWD_SPARSE) li = a.idx_lse[(int64_t)g * a.Nq + t] * LOG2E;

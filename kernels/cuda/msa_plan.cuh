@@ -27,6 +27,33 @@ __device__ __forceinline__ int msa_row_token(const int32_t *q_token, int r, int 
     return q_token ? min(max(q_token[r], 0), N - 1) : r;
 }
 
+/* The first slot of block b in a selection row (K ids ascending, -1 padding), -1 when absent. Every load of the row is
+ * issued before the first compare (16-byte loads when the row allows them): a compare-and-break loop waits on one
+ * round trip per slot, K of them for the last slot, and the KL's rows kernel does this lookup on its critical
+ * path once per chunk of queries. */
+__device__ __forceinline__ int msa_topk_slot(const int32_t *row, int K, int b) {
+    int slot = -1;
+    if ((K & 3) == 0 && ((uintptr_t)row & 15) == 0) {
+        for (int i0 = 0; i0 < K; i0 += 16) {
+            int4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) v[u] = i0 + 4 * u < K ? __ldg((const int4 *)(row + i0) + u) : make_int4(-1, -1, -1, -1);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + 4 * u;
+                if (slot < 0) slot = v[u].x == b ? i : v[u].y == b ? i + 1 : v[u].z == b ? i + 2 : v[u].w == b ? i + 3 : -1;
+            }
+        }
+    } else {
+#pragma unroll 8
+        for (int i = 0; i < K; i++) {
+            const int v = __ldg(row + i);
+            if (slot < 0 && v == b) slot = i;
+        }
+    }
+    return slot;
+}
+
 /* Width of the plan of Nq query rows over the key blocks of N tokens: row_ptr [N+1] | q_idx [Nq*k] | row_lo [N] |
  * row_hi [N], q_idx holding query rows. Without a query_index (Nq = N, rows = tokens) it is backend.h's
  * msa_plan_width; with one the plan is the kernels' own (the msa_plan entry, like the CPU, takes none). */
