@@ -771,10 +771,9 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     const bool tc = msa_tc_handles(q->dtype, sh.D);
     const int Di = kl ? kl->Di : 0;
     const Geo geo = tile_geo(q->dtype, sh, true, Di);
-    /* dQ partials: bf16 on the tensor-core path; the KL's dqi partials bf16 (the fold runs only there) */
-    const size_t dq_psz = tc ? sizeof(bf16) : sizeof(float);
+    const size_t dq_psz = tc ? sizeof(bf16) : sizeof(float); /* dQ partials: bf16 on the tensor-core path */
     const size_t per_query = (dq ? (size_t)sh.Hq * geo.NS * sh.D * dq_psz : 0) +
-                             (kl && kl->dqi ? (size_t)sh.Hkv * geo.NS * Di * sizeof(bf16) : 0);
+                             (kl && kl->dqi ? (size_t)sh.Hkv * geo.NS * Di * sizeof(float) : 0);
     const int Qc = chunk_queries(sh.Nq, per_query);
     const bool want_kv = dk || dv;
     const int64_t nkv = (int64_t)sh.N * sh.Hkv * sh.D, nki = (int64_t)sh.N * Di;
@@ -782,8 +781,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
     Sched sc;
     float *dsum = nullptr, *acck = nullptr, *accv = nullptr, *cut = nullptr;
     void *dqp = nullptr;
-    bf16 *dqip = nullptr;
-    float *accki = nullptr, *cutki = nullptr;
+    float *dqip = nullptr, *accki = nullptr, *cutki = nullptr;
     double *klpart = nullptr;
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 1) cv = Carve{(char *)scratch(cv.off), 0};
@@ -793,7 +791,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         cut = want_kv ? cv.take<float>((int64_t)geo.grid * 2 * 2 * geo.KB * sh.D) : nullptr;
         dqp = dq ? cv.take<char>((int64_t)Qc * sh.Hq * geo.NS * sh.D * (int64_t)dq_psz) : nullptr;
         if (kl) {
-            dqip = kl->dqi ? cv.take<bf16>((int64_t)Qc * sh.Hkv * geo.NS * Di) : nullptr;
+            dqip = kl->dqi ? cv.take<float>((int64_t)Qc * sh.Hkv * geo.NS * Di) : nullptr;
             accki = kl->dki ? cv.take<float>((int64_t)sh.Hkv * nki) : nullptr;
             cutki = kl->dki ? cv.take<float>((int64_t)geo.grid * 2 * geo.KB * Di) : nullptr;
             klpart = kl->kl ? cv.take<double>(geo.grid) : nullptr;
@@ -840,7 +838,7 @@ void backward_impl(Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const
         else if (dq)
             dq_combine<T, float>(dq, (const float *)dqp, topk, sh, sh.Hq, sh.G, sh.D, c0, nq, nks, NS, scale, nullptr);
         if (kl && kl->dqi)
-            dq_combine<T, bf16>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, nq, nks, NS, kl->mul, kl->grad);
+            dq_combine<T, float>(kl->dqi, a.dqip, topk, sh, sh.Hkv, 1, kl->Di, c0, nq, nks, NS, kl->mul, kl->grad);
     });
     /* dK/dV into the caller's rows: the tokens' (k_rows NULL), or the fetched rows key_rows names */
     const int64_t width = (int64_t)sh.Hkv * sh.D;

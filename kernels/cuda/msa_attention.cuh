@@ -40,7 +40,7 @@ struct TileArgs {
     /* the KL folded into the backward (msa_attention_kl_backward; tensor cores only), unused without */
     const void *qi, *ki;              /* [Nq, Hkv, Di], [N, Di] */
     const float *idx_lse;             /* [Hkv, Nq] */
-    bf16 *dqip;                       /* [Qc][Hkv][NS][Di] bf16 dqi partials (as dqp's), NULL without dqi */
+    float *dqip;                      /* [Qc][Hkv][NS][Di] fp32 dqi partials, NULL without dqi */
     float *accki;                     /* [Hkv][N][Di] fp32: each group's dki, NULL without dki */
     float *cutki;                     /* [grid][2][KB][Di] parts of split segments */
     double *klpart;                   /* [grid]: the KL (log2 units) of each CTA's pairs, NULL without kl */

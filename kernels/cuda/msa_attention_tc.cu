@@ -476,8 +476,7 @@ template <int D> __global__ void __launch_bounds__(TC_WS_THREADS, 1) msa_fwd_tc_
  *                 written out per segment like dK/dV (whole segments straight into the group's fp32 dki,
  *                 split ones through per-CTA parts summed by the fixup in CTA order);
  *   dqi partial = dz^T KI per (query, slot): one m16n16 mma chain per 16 dims over the segment's keys,
- *                 stored rounded to bf16 once (pairs of dims through one shuffle) and combined in fp32 in
- *                 slot order like dQ's;
+ *                 combined in slot order like dQ;
  *   KL += p (log p - log r) per CTA in fp64, summed in CTA order at the end.
  * No atomics: the KL's results are as deterministic as dK/dV.
  * ---------------------------------------------------------------------------------------------- */
@@ -775,21 +774,16 @@ __device__ __forceinline__ void tc_kl_flush(const TcKlSmem &kls, int nslots, int
                 }
             }
         }
-        /* bf16 pairs of adjacent dims: c[n][2h + s] is (slot n8 + 2 tig + s, dim 16 mt + gid + 8h), the next dim
-         * is lane ^ 4's. An even gid keeps slot 2 tig with its partner's value, an odd one slot 2 tig + 1 */
-        const bool odd = gid & 1;
 #pragma unroll
         for (int n = 0; n < NT; n++) {
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const float mine = c[n][2 * h + odd], other = __shfl_xor_sync(0xffffffffu, c[n][2 * h + !odd], 4);
-                const int slot = n * 8 + 2 * tig + odd;
+            for (int e = 0; e < 4; e++) {
+                const int slot = n * 8 + 2 * tig + (e & 1);
                 if (slot >= nslots) continue;
                 const int4 m = kls.bmeta[slot];
                 if (m.x < 0) continue;
-                const int dim = mt * 16 + (gid & ~1) + h * 8;
-                *(__nv_bfloat162 *)(a.dqip + (((int64_t)(m.x - a.c0) * a.Hkv + (m.y >> a.lgG)) * a.NS + m.z) * DI + dim) =
-                    odd ? __floats2bfloat162_rn(other, mine) : __floats2bfloat162_rn(mine, other);
+                const int dim = mt * 16 + gid + (e >> 1) * 8;
+                a.dqip[(((int64_t)(m.x - a.c0) * a.Hkv + (m.y >> a.lgG)) * a.NS + m.z) * DI + dim] = c[n][e];
             }
         }
     }

@@ -582,7 +582,7 @@ __device__ __forceinline__ void load_keys(const KA<T> &a, const Sm<T> &s, int g,
 
 /* Sparse, KV-outer: one piece {row, e0, e1, split} per iteration, the row's keys in tiles of KT. */
 template <typename T, int MODE>
-__global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 3 : 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
+__global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 2 : 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
     extern __shared__ __align__(128) unsigned char kl_smem[];
     const Lay &L = a.L;
     const Sm<T> s = carve<T>(kl_smem, L);

@@ -27,10 +27,11 @@ __device__ __forceinline__ int msa_row_token(const int32_t *q_token, int r, int 
     return q_token ? min(max(q_token[r], 0), N - 1) : r;
 }
 
-/* The first slot of block b in a selection row (K ids ascending, -1 padding), -1 when absent. Every load of the row is
- * issued before the first compare (16-byte loads when the row allows them): a compare-and-break loop waits on one
- * round trip per slot, K of them for the last slot, and the KL's rows kernel does this lookup on its critical
- * path once per chunk of queries. */
+/* The first slot of block b in a selection row (K ids ascending, -1 padding), -1 when absent: the attention's
+ * schedule and the KL's rows kernel both look up a (query, block) pair's slot. Every load of the row is issued
+ * before the first compare (16-byte loads when the row allows them) rather than a compare-and-break loop's one
+ * round trip per slot; the fifteenth session measured no change in either kernel's time from it (the idx_lse
+ * pass is not bound by this lookup), so it is one lookup in one place, not a speed-up. */
 __device__ __forceinline__ int msa_topk_slot(const int32_t *row, int K, int b) {
     int slot = -1;
     if ((K & 3) == 0 && ((uintptr_t)row & 15) == 0) {
