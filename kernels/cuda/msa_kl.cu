@@ -478,7 +478,57 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
     }
     __syncthreads();
 
-    if constexpr (MODE == FWD_SPARSE || MODE == FWD_DENSE || MODE == LSE_SPARSE) {
+    if constexpr (MODE == LSE_SPARSE) {
+        /* the student alone: (m, s) of each query's valid keys in log2 units, four threads a query (a quarter of
+         * the tile's keys each, in registers: 16-byte loads, a query's row a 4-bank step from the next one, so a
+         * quarter-warp's loads meet no bank twice), merged in quarter order by the query's first thread. A warp
+         * a query with two passes and two warp reductions of 32 lanes took ~5x the instructions (ncu: 7.8 cycles an
+         * instruction at 24% occupancy, the pass issue-bound) */
+        constexpr int QUARTERS = THREADS / 64;
+        const int qq = tid & 63, quarter = tid >> 6, per = L.KTp / QUARTERS; /* per: a multiple of 4 */
+        float m = -INFINITY, sum = 0.0f;
+        if (qq < nq) {
+            const int t = s.qtok[qq], tlo = s.qlo[qq], jb = quarter * per;
+            const float4 *zr = (const float4 *)(s.Z + qq * L.ldzs + jb);
+            float z2[32];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                if (4 * i >= per) break;
+                const float4 v = zr[i];
+                z2[4 * i] = v.x * a.isl2;
+                z2[4 * i + 1] = v.y * a.isl2;
+                z2[4 * i + 2] = v.z * a.isl2;
+                z2[4 * i + 3] = v.w * a.isl2;
+            }
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                const int jj = jb + i, j = j0 + jj;
+                if (i >= per) break;
+                if (jj >= nk || j > t || j < tlo) z2[i] = -INFINITY;
+                m = fmaxf(m, z2[i]);
+            }
+            if (m != -INFINITY) {
+#pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    if (i >= per) break;
+                    sum += exp2_ftz(z2[i] - m); /* exp2(-inf) = 0 */
+                }
+            }
+        }
+        __syncthreads(); /* every thread is done reading Z: its bytes take the quarters' statistics */
+        float2 *qs = (float2 *)s.Z;
+        qs[quarter * 64 + qq] = make_float2(m, sum);
+        __syncthreads();
+        if (tid < nq && s.qslot[tid] >= 0) {
+            float4 ts = make_float4(-INFINITY, 0.0f, 0.0f, 0.0f);
+            for (int h = 0; h < QUARTERS; h++) {
+                const float2 x = qs[h * 64 + tid];
+                ts = merge_stats(ts, make_float4(x.x, x.y, 0.0f, 0.0f));
+            }
+            float4 *dst = (float4 *)a.part + ((int64_t)(s.qt[tid] - a.w0) * a.K + s.qslot[tid]);
+            *dst = st == 0 ? ts : merge_stats(*dst, ts);
+        }
+    } else if constexpr (MODE == FWD_SPARSE || MODE == FWD_DENSE) {
         /* a warp per query, lanes over keys: the tile's statistics in log2 units */
         for (int qq = warp; qq < nq; qq += NWARPS) {
             const int t = s.qtok[qq], tlo = s.qlo[qq];
@@ -494,7 +544,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
                 for (int jj = lane; jj < nk; jj += 32) {
                     const int j = j0 + jj;
                     if (j > t || j < tlo) continue;
-                    const float z2 = zr[jj] * a.isl2, pg = MODE == LSE_SPARSE ? 0.0f : pr[jj];
+                    const float z2 = zr[jj] * a.isl2, pg = pr[jj];
                     sum += exp2_ftz(z2 - m);
                     if (pg > 0.0f) { /* p log p -> 0 as p -> 0 */
                         const float p = pg * a.invG;
@@ -504,13 +554,11 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
                 }
             }
             sum = warp_sum(sum);
-            if constexpr (MODE != LSE_SPARSE) { /* the student alone has no teacher terms */
-                ab = warp_sum(ab);
-                c = warp_sum(c);
-            }
+            ab = warp_sum(ab);
+            c = warp_sum(c);
             if (lane == 0) {
                 const float4 ts = make_float4(m, sum, ab, c);
-                if constexpr (MODE == FWD_SPARSE || MODE == LSE_SPARSE) {
+                if constexpr (MODE == FWD_SPARSE) {
                     if (s.qslot[qq] >= 0) {
                         float4 *dst = (float4 *)a.part + ((int64_t)(s.qt[qq] - a.w0) * a.K + s.qslot[qq]);
                         *dst = st == 0 ? ts : merge_stats(*dst, ts);
