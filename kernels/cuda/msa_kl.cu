@@ -481,9 +481,10 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
     if constexpr (MODE == LSE_SPARSE) {
         /* the student alone: (m, s) of each query's valid keys in log2 units, four threads a query (a quarter of
          * the tile's keys each, in registers: 16-byte loads, a query's row a 4-bank step from the next one, so a
-         * quarter-warp's loads meet no bank twice), merged in quarter order by the query's first thread. A warp
-         * a query with two passes and two warp reductions of 32 lanes took ~5x the instructions (ncu: 7.8 cycles an
-         * instruction at 24% occupancy, the pass issue-bound) */
+         * quarter-warp's loads meet no bank twice), merged in quarter order by the query's first thread. It was a
+         * warp a query with two passes over the keys and two 32-lane reductions, in a pass that Nsight Compute found
+         * issue-bound (7.8 cycles an issued instruction at 24% occupancy); this took it from 1.80 to 1.44 ms at
+         * 32/4/64 and 32K on an H100 (docs/benchmarks.md, fifteenth session) */
         constexpr int QUARTERS = THREADS / 64;
         const int qq = tid & 63, quarter = tid >> 6, per = L.KTp / QUARTERS; /* per: a multiple of 4 */
         float m = -INFINITY, sum = 0.0f;
