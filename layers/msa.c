@@ -78,25 +78,6 @@ void msa_replay_free(MsaReplay *rp) {
 
 /* ---- the chain -------------------------------------------------------------------------------- */
 
-/* The Top-k selection and, when idx_lse is non-NULL, the student's normaliser over it into *idx_lse (from a
- * replay's store when it is given): no tape op, timed under its own name */
-static Tensor *select_blocks(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens,
-                             const MsaReplay *from, Tensor **idx_lse) {
-    const int64_t N = qi->shape[0], Hkv = qi->shape[1];
-    engine_op_begin(e);
-    Tensor *topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, p->topk_blocks));
-    if (idx_lse) *idx_lse = engine_empty(e, stat_dtype(qi->dtype), SHAPE(Hkv, N));
-    if (from) {
-        e->be->copy(topk->data, kept(from, KEPT_TOPK), tensor_bytes(topk));
-        if (idx_lse) e->be->copy((*idx_lse)->data, kept(from, KEPT_IDX_LSE), tensor_bytes(*idx_lse));
-    } else {
-        BACKEND_REQUIRE(e->be, msa_indexer);
-        e->be->msa_indexer(topk, idx_lse ? *idx_lse : NULL, qi, ki, cu_seqlens, p);
-    }
-    engine_op_end_named(e, "msa_indexer");
-    return topk;
-}
-
 /* The reverse map of the selection, shared by the attention and the KL, forward and backward; a replay
  * rebuilds it from the kept selection (one pass over the selection, deterministic on both backends) rather
  * than keeping it: it is larger than the selection itself */
@@ -110,8 +91,31 @@ static Tensor *plan_of(Engine *e, const MsaParams *p, Tensor *topk, Tensor *cu_s
     return plan;
 }
 
+/* The Top-k selection; when idx_lse is non-NULL the student's normaliser over it into *idx_lse (from a replay's
+ * store when it is given); when plan is non-NULL its plan into *plan (none under a split). No tape op, timed under
+ * its own name. A fresh selection with idx_lse builds its plan inside the indexer, whose idx_lse pass walks it
+ * on the GPU: one plan a layer, not two */
+static Tensor *select_blocks(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens,
+                             const MsaReplay *from, Tensor **idx_lse, Tensor **plan) {
+    const int64_t N = qi->shape[0], Hkv = qi->shape[1];
+    engine_op_begin(e);
+    Tensor *topk = engine_empty(e, DT_I32, SHAPE(Hkv, N, p->topk_blocks)), *built = NULL;
+    if (idx_lse) *idx_lse = engine_empty(e, stat_dtype(qi->dtype), SHAPE(Hkv, N));
+    if (from) {
+        e->be->copy(topk->data, kept(from, KEPT_TOPK), tensor_bytes(topk));
+        if (idx_lse) e->be->copy((*idx_lse)->data, kept(from, KEPT_IDX_LSE), tensor_bytes(*idx_lse));
+    } else {
+        if (plan && idx_lse) built = engine_empty(e, DT_I32, SHAPE(Hkv, msa_plan_width(N, p->topk_blocks)));
+        BACKEND_REQUIRE(e->be, msa_indexer);
+        e->be->msa_indexer(topk, idx_lse ? *idx_lse : NULL, built, qi, ki, cu_seqlens, p);
+    }
+    engine_op_end_named(e, "msa_indexer");
+    if (plan) *plan = built ? built : plan_of(e, p, topk, cu_seqlens);
+    return topk;
+}
+
 Tensor *msa_select(Engine *e, const MsaParams *p, Tensor *qi, Tensor *ki, Tensor *cu_seqlens) {
-    return select_blocks(e, p, qi, ki, cu_seqlens, NULL, NULL);
+    return select_blocks(e, p, qi, ki, cu_seqlens, NULL, NULL, NULL);
 }
 
 /* Is this forward split over the sequence (s->cp of several ranks)? */
@@ -192,8 +196,7 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         }
     } else if (a.deferred) {
         Tensor *idx_lse;
-        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, &idx_lse);
-        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens);
+        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, &idx_lse, split(s) ? NULL : &a.plan);
         Tensor *k_read = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
         AttentionKept kept;
         a.out = op_msa_attention_kl(e, q, k_read, v_read, qi, ki, a.topk, a.plan, idx_lse, cu_seqlens, p, s->kl_weight,
@@ -203,9 +206,8 @@ MsaAttention msa_attend(Engine *e, const MsaSettings *s, Tensor *q, Tensor *k, T
         if (rp && e->checkpoint_forward) keep(e->be, rp, &a, idx_lse, NULL, dense);
         return a;
     } else {
-        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, NULL);
+        a.topk = select_blocks(e, p, qi, ki, cu_seqlens, from, NULL, split(s) ? NULL : &a.plan);
         dump_selection(e, a.topk);
-        a.plan = split(s) ? NULL : plan_of(e, p, a.topk, cu_seqlens);
         teacher_k = fetched(e, s, p, k, v, a.topk, cu_seqlens, &v_read);
         a.out = op_msa_attention(e, q, teacher_k, v_read, a.topk, a.plan, cu_seqlens, p, &a.lse);
     }

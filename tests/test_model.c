@@ -175,10 +175,11 @@ TEST(msa_kl_gives_backbone_exactly_zero_gradient) {
 static struct {
     int indexer, plan, kl_forward, fused_backward;
 } msa_calls;
-static void count_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *cu,
+static void count_indexer(Tensor *topk, Tensor *idx_lse, Tensor *plan, const Tensor *qi, const Tensor *ki, const Tensor *cu,
                           const MsaParams *p) {
     msa_calls.indexer++;
-    cpu_backend.msa_indexer(topk, idx_lse, qi, ki, cu, p);
+    msa_calls.plan += plan != NULL; /* the sparse phase's plan comes with its idx_lse */
+    cpu_backend.msa_indexer(topk, idx_lse, plan, qi, ki, cu, p);
 }
 static void count_plan(Tensor *plan, const Tensor *topk, const Tensor *cu, const MsaParams *p) {
     msa_calls.plan++;

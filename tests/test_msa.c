@@ -46,7 +46,7 @@ static MsaParams params(int B, int K, int init, int local, double scale, double 
 /* the kernel's topk for (qi, ki) as a persistent tensor */
 static Tensor *run_indexer(const Tensor *qi, const Tensor *ki, const Tensor *cu, const MsaParams *p) {
     Tensor *tk = test_tensor(DT_I32, SHAPE(qi->shape[1], qi->shape[0], p->topk_blocks));
-    cpu_backend.msa_indexer(tk, NULL, qi, ki, cu, p);
+    cpu_backend.msa_indexer(tk, NULL, NULL, qi, ki, cu, p);
     return tk;
 }
 
@@ -937,7 +937,7 @@ TEST(msa_hand_example) {
 /* ---- the sparse phase: idx_lse from the indexer, the KL in the attention backward ---- */
 
 /* The indexer's idx_lse is the KL forward's student normaliser, bit for bit (f64 and f32), and the
- * brute-force reference's. */
+ * brute-force reference's; the plan it writes when asked is msa_plan's of its selection. */
 TEST(indexer_idx_lse_is_the_kl_forwards) {
     for (int ci = 0; ci < N_CASES; ci++)
         for (int prec = 0; prec < 2; prec++) {
@@ -950,7 +950,12 @@ TEST(indexer_idx_lse_is_the_kl_forwards) {
             Tensor *qi = test_randn(dt, SHAPE(N, c->Hkv, c->Di), 1.5, 1230 + ci), *ki = test_randn(dt, SHAPE(N, c->Di), 1.0, 1240 + ci);
             Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
             Tensor *tk = test_tensor(DT_I32, SHAPE(c->Hkv, N, c->K)), *il = test_tensor(dt, SHAPE(c->Hkv, N));
-            cpu_backend.msa_indexer(tk, il, qi, ki, cu, &p);
+            Tensor *plan = test_tensor(DT_I32, SHAPE(c->Hkv, msa_plan_width(N, c->K)));
+            Tensor *plan0 = test_tensor(DT_I32, SHAPE(c->Hkv, msa_plan_width(N, c->K)));
+            memset(plan->data, 0xa5, tensor_bytes(plan)); /* every element must be written */
+            cpu_backend.msa_indexer(tk, il, plan, qi, ki, cu, &p);
+            cpu_backend.msa_plan(plan0, tk, cu, &p);
+            const bool same_plan = memcmp(plan->data, plan0->data, tensor_bytes(plan)) == 0;
             Tensor *tk0 = run_indexer(qi, ki, cu, &p);
             Tensor *lse = teacher_lse(q, k, v, tk, cu, &p);
             Tensor *kl = test_tensor(dt, SHAPE(1)), *il_kl = test_tensor(dt, SHAPE(c->Hkv, N));
@@ -964,8 +969,9 @@ TEST(indexer_idx_lse_is_the_kl_forwards) {
             const bool same_sel = memcmp(tk->data, tk0->data, tensor_bytes(tk)) == 0;
             const bool same = memcmp(il->data, il_kl->data, tensor_bytes(il)) == 0;
             free(ref_il);
-            Tensor *all[] = {q, k, v, qi, ki, cu, tk, il, tk0, lse, kl, il_kl, q64, k64, qi64, ki64, il64};
+            Tensor *all[] = {q, k, v, qi, ki, cu, tk, il, tk0, lse, kl, il_kl, q64, k64, qi64, ki64, il64, plan, plan0};
             for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) test_tensor_free(all[i]);
+            EXPECT(same_plan, "case %d %s: the indexer's plan is not msa_plan's", ci, dtype_name(dt));
             EXPECT(same_sel, "case %d %s: asking for idx_lse changed the selection", ci, dtype_name(dt));
             EXPECT(same, "case %d %s: the indexer's idx_lse differs from the KL forward's", ci, dtype_name(dt));
             EXPECT(e < (prec ? 1e-12 : 1e-6), "case %d %s: idx_lse differs from the reference by %.3e", ci, dtype_name(dt), e);
@@ -990,7 +996,7 @@ TEST(fused_backward_equals_the_separate_kernels) {
                 Tensor *qi = test_randn(dt, SHAPE(N, c->Hkv, c->Di), 1.5, sd + 4), *ki = test_randn(dt, SHAPE(N, c->Di), 1.0, sd + 5);
                 Tensor *cu = test_cu_seqlens(c->lens, c->ndocs);
                 Tensor *tk = test_tensor(DT_I32, SHAPE(c->Hkv, N, c->K)), *il = test_tensor(dt, SHAPE(c->Hkv, N));
-                cpu_backend.msa_indexer(tk, il, qi, ki, cu, &p);
+                cpu_backend.msa_indexer(tk, il, NULL, qi, ki, cu, &p);
                 Tensor *out = test_tensor(dt, SHAPE(N, c->Hq, c->D)), *lse = test_tensor(dt, SHAPE(c->Hq, N));
                 cpu_backend.msa_attention_forward(out, lse, q, k, v, tk, NULL, cu, &p);
                 Tensor *kg = test_tensor(dt, SHAPE(1));

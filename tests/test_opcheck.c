@@ -123,7 +123,7 @@ static bool compare_with_kernels(const char *out_path, const InputSpec *s, const
     Tensor *dv = test_tensor(DT_F32, SHAPE(T, s->Hkv, s->d));
     Tensor *dqi = test_tensor(DT_F32, SHAPE(T, s->Hkv, s->didx)), *dki = test_tensor(DT_F32, SHAPE(T, s->didx));
     Tensor *kl = test_tensor(DT_F32, SHAPE(1)), *il = test_tensor(DT_F32, SHAPE(s->Hkv, T));
-    cpu_msa_indexer(topk, NULL, in->qi, in->ki, in->cu, p);
+    cpu_msa_indexer(topk, NULL, NULL, in->qi, in->ki, in->cu, p);
     cpu_msa_attention_forward(out, lse, in->q, in->k, in->v, topk, NULL, in->cu, p);
     cpu_msa_attention_backward(dq, dk, dv, in->dout, in->q, in->k, in->v, out, lse, topk, NULL, in->cu, p);
     cpu_msa_kl_forward(kl, il, in->q, in->k, lse, in->qi, in->ki, topk, NULL, in->cu, p);

@@ -14,8 +14,8 @@
 #define CPU_IMPL "msa_indexer_impl.h"
 #include "instantiate.h"
 
-void cpu_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *cu_seqlens,
-                     const MsaParams *p) {
+void cpu_msa_indexer(Tensor *topk, Tensor *idx_lse, Tensor *plan, const Tensor *qi, const Tensor *ki,
+                     const Tensor *cu_seqlens, const MsaParams *p) {
     CPU_SAME_DTYPE("msa_indexer", qi, ki, idx_lse);
     if (qi->ndim != 3) fatal("cpu msa_indexer: qi must be [N, Hidx, Di], got %d dims", qi->ndim);
     if (ki->ndim != 2) fatal("cpu msa_indexer: ki must be [N, Di], got %d dims", ki->ndim);
@@ -32,4 +32,5 @@ void cpu_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tens
     CPU_CALL(qi, msa_index, topk->data, idx_lse ? idx_lse->data : NULL, qi->data, ki->data, &c, p->init_blocks,
              p->local_blocks);
     msa_ctx_free(&c);
+    if (plan) cpu_msa_plan(plan, topk, cu_seqlens, p);
 }

@@ -29,7 +29,7 @@
  * Thread blocks are issued heaviest first (the last query tiles see the most keys).
  *
  * idx_lse (the student's log-normaliser over the selected tokens, msa_spec.md b.4) is a second pass over
- * the selection only, KV-outer from a temporary plan (msa_kl.cu msa_selected_lse): the selected tokens are
+ * the selection only, KV-outer from its plan (msa_kl.cu msa_selected_lse; the caller's, else a temporary one): the selected tokens are
  * k * B per query where the scoring above visits the whole prefix, so the exponentials are not worth
  * folding into this pass over every candidate as the official K1 kernel does.
  *
@@ -414,7 +414,7 @@ template <typename T, bool FAST> void index_dispatch_ks(const Tensor *qi, const 
 
 }  // namespace
 
-extern "C" void cuda_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi, const Tensor *ki,
+extern "C" void cuda_msa_indexer(Tensor *topk, Tensor *idx_lse, Tensor *plan, const Tensor *qi, const Tensor *ki,
                                  const Tensor *cu_seqlens, const MsaParams *p) {
     init();
     const int64_t ndocs = msa_check_params("msa_indexer", p, cu_seqlens);
@@ -465,5 +465,6 @@ extern "C" void cuda_msa_indexer(Tensor *topk, Tensor *idx_lse, const Tensor *qi
         if (fast) index_dispatch_ks<T, true>(qi, ki, a);
         else index_dispatch_ks<T, false>(qi, ki, a);
     });
-    if (idx_lse) msa_selected_lse(idx_lse, qi, ki, topk, cu_seqlens, p);
+    if (plan) cuda_msa_plan(plan, topk, cu_seqlens, p);
+    if (idx_lse) msa_selected_lse(idx_lse, qi, ki, topk, plan, cu_seqlens, p);
 }

@@ -45,8 +45,9 @@
  * forward's stats merged per tile), dki runs key-outer (a CTA keeps a key tile and walks the later
  * queries of its documents for every group). Both recompute the teacher from q, k and lse.
  *
- * The student alone (LSE_SPARSE): the sparse forward's walk without the teacher, the statistics (m, s) of
- * the selected tokens per (query, slot), combined into idx_lse: the indexer's idx_lse (msa_indexer.cu).
+ * The student alone (kl_lse_kernel): the sparse forward's walk over the same work list without the
+ * teacher, the statistics (m, s) of the selected tokens per (query, slot) from scores kept in registers (mma.sync
+ * m16n8k16 for BF16), combined into idx_lse: the indexer's idx_lse (msa_indexer.cu).
  * The gradient's coefficient may be read on the device (a loss term's upstream gradient, so that no step
  * waits for it on the host): cs = cs_mul * cs_grad[0] (cs_grad NULL: cs_mul).
  *
@@ -74,7 +75,7 @@ constexpr int QSEG = 256; /* queries per work item (piece of a row's list): boun
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 constexpr size_t WINDOW_BUDGET = (size_t)256 << 20; /* bytes of per-window partials */
 
-enum { FWD_SPARSE = 0, BWD_SPARSE = 1, FWD_DENSE = 2, BWD_DENSE_DQ = 3, BWD_DENSE_DK = 4, LSE_SPARSE = 5 };
+enum { FWD_SPARSE = 0, BWD_SPARSE = 1, FWD_DENSE = 2, BWD_DENSE_DQ = 3, BWD_DENSE_DK = 4 };
 
 /* ------------------------------------------------------------------------------------------------
  * Tile geometry and the dynamic shared memory layout (computed on the host, read by the kernels)
@@ -97,10 +98,8 @@ constexpr int META = 64; /* per-query metadata slots (QTq, ROWS <= 64) */
 int up16(int x) { return (x + 15) / 16 * 16; }
 
 /* bf: BF16 tiles (tensor cores) or F32 (CUDA cores); sparse: key tiles are blocks (or KT-sized
- * sub-tiles of a block longer than KT), dense: KT consecutive keys; qbuf: Q tile buffers. student_only
- * (LSE_SPARSE): no K, Q, dz, S or P tiles, only KI, QI and Z, so that two CTAs fit an SM (~90 KB each at
- * Di = 128 instead of ~175) */
-Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf, bool student_only = false) {
+ * sub-tiles of a block longer than KT), dense: KT consecutive keys; qbuf: Q tile buffers. */
+Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf) {
     Lay L;
     memset(&L, 0, sizeof L);
     const int dmax = D > Di ? D : Di, ts = bf ? 2 : 4, pad = 16 / ts;
@@ -131,17 +130,11 @@ Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf, bool s
         off += (bytes + 127) / 128 * 128;
         return (int)o;
     };
-    L.o_ks = take(student_only ? 0 : (size_t)L.KTp * L.ldk * ts);
+    L.o_ks = take((size_t)L.KTp * L.ldk * ts);
     L.o_kis = take((size_t)L.KTp * L.ldki * ts);
-    L.o_qs = take(student_only ? 0 : (size_t)qbuf * L.ROWS * L.ldq * ts);
+    L.o_qs = take((size_t)qbuf * L.ROWS * L.ldq * ts);
     L.o_qis = take((size_t)L.QTp * L.ldqi * ts);
-    L.o_dz = take(student_only ? 0 : (size_t)L.QTp * L.ldz * ts);
-    if (student_only) { /* Z alone (S, P and the staged outputs O are never touched) */
-        L.o_S = L.o_P = L.o_Z = take((size_t)L.QTp * L.ldzs * sizeof(float));
-        L.o_meta = take((size_t)META * (7 * 4 + 16));
-        L.bytes = (int)off;
-        return L;
-    }
+    L.o_dz = take((size_t)L.QTp * L.ldz * ts);
     /* S | P | Z while a chunk computes; the staged outputs O (dQI of a chunk, or an accumulator of
      * KTp or QTp rows) reuse the same bytes afterwards */
     const size_t spz = (size_t)L.ROWS * L.lds + (size_t)L.QTp * L.ldp + (size_t)L.QTp * L.ldzs;
@@ -151,6 +144,35 @@ Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf, bool s
     L.o_Z = L.o_P + L.QTp * L.ldp * (int)sizeof(float);
     L.o_meta = take((size_t)META * (7 * 4 + 16));
     L.bytes = (int)off;
+    return L;
+}
+
+/* The idx_lse kernel's layout (kl_lse_kernel): the key tile KI [KTp][Dip] once per tile
+ * of a piece, the chunk's QI rows [LSE_Q][Dip] in two buffers (the next chunk's rows land while this one
+ * computes), two buffers of per-query metadata (LseMeta) and the two key halves' statistics [2][LSE_Q]. KTp
+ * is 32, 64 or 128 (padding keys are masked): each of the 8 warps takes 16 queries x KTp / 2 keys in n8
+ * tiles of the m16n8k16 product. */
+constexpr int LSE_Q = 64; /* queries per chunk */
+/* CTAs an SM: three at BF16 (72 KB of shared memory and <= 80 registers each at Di = 128, no spill: 2.73 -> 2.60 ms
+ * for the indexer with idx_lse against two, 32/4/64 at 32K on an H100, sixteenth session); one fits at F32 */
+template <typename T> constexpr int LSE_CTAS = std::is_same<T, bf16>::value ? 3 : 1;
+struct LseMeta {
+    int qt[LSE_Q], tok[LSE_Q], slot[LSE_Q], tlo[LSE_Q]; /* as Sm's qt, qtok, qslot, qlo */
+};
+Lay lse_lay(bool bf, int B, int Di) {
+    Lay L;
+    memset(&L, 0, sizeof L);
+    const int ts = bf ? 2 : 4, pad = 16 / ts;
+    L.KT = B < 128 ? B : 128;
+    for (L.KTp = 32; L.KTp < L.KT;) L.KTp *= 2;
+    L.Dip = up16(Di);
+    L.QTq = L.QTp = LSE_Q;
+    L.ldki = L.ldqi = L.Dip + pad; /* rows 16 bytes apart in bank terms: conflict-free ldmatrix */
+    const int kis = (L.KTp * L.ldki * ts + 127) / 128 * 128, qis = (2 * LSE_Q * L.ldqi * ts + 127) / 128 * 128;
+    L.o_kis = 0;
+    L.o_qis = kis;
+    L.o_meta = kis + qis;
+    L.bytes = L.o_meta + 2 * (int)sizeof(LseMeta) + 2 * LSE_Q * (int)sizeof(float2);
     return L;
 }
 
@@ -433,13 +455,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
      * major, so the ones holding real queries are a prefix. Unit u's Q rows and lse go to buffer u & 1
      * (Q: buffer 0 when qbuf = 1) and are issued one unit ahead, to land while the previous unit
      * computes. */
-    if constexpr (MODE == LSE_SPARSE) { /* the student alone */
-        cp_async_wait_all();
-        __syncthreads();
-        Ops<T>::nt(s.Z, L.ldzs, s.qis, L.ldqi, s.kis, L.ldki, L.QTp, L.KTp, L.Dip);
-        __syncthreads();
-    }
-    const int nu = MODE == LSE_SPARSE ? 0 : min(L.ngrp * L.npass, (nq + L.QS - 1) / L.QS * L.npass);
+    const int nu = min(L.ngrp * L.npass, (nq + L.QS - 1) / L.QS * L.npass);
     auto issue_q = [&](int u) {
         const int qg = u / L.npass, h0 = (u - qg * L.npass) * L.HP, hn = min(L.HP, a.G - h0);
         T *qs = s.qs + (L.qbuf == 2 ? (u & 1) : 0) * L.ROWS * L.ldq;
@@ -478,58 +494,7 @@ __device__ __forceinline__ void chunk_step(const KA<T> &a, const Sm<T> &s, typen
     }
     __syncthreads();
 
-    if constexpr (MODE == LSE_SPARSE) {
-        /* the student alone: (m, s) of each query's valid keys in log2 units, four threads a query (a quarter of
-         * the tile's keys each, in registers: 16-byte loads, a query's row a 4-bank step from the next one, so a
-         * quarter-warp's loads meet no bank twice), merged in quarter order by the query's first thread. It was a
-         * warp a query with two passes over the keys and two 32-lane reductions, in a pass that Nsight Compute found
-         * issue-bound (7.8 cycles an issued instruction at 24% occupancy); this took it from 1.80 to 1.44 ms at
-         * 32/4/64 and 32K on an H100 (docs/benchmarks.md, fifteenth session) */
-        constexpr int QUARTERS = THREADS / 64;
-        const int qq = tid & 63, quarter = tid >> 6, per = L.KTp / QUARTERS; /* per: a multiple of 4 */
-        float m = -INFINITY, sum = 0.0f;
-        if (qq < nq) {
-            const int t = s.qtok[qq], tlo = s.qlo[qq], jb = quarter * per;
-            const float4 *zr = (const float4 *)(s.Z + qq * L.ldzs + jb);
-            float z2[32];
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                if (4 * i >= per) break;
-                const float4 v = zr[i];
-                z2[4 * i] = v.x * a.isl2;
-                z2[4 * i + 1] = v.y * a.isl2;
-                z2[4 * i + 2] = v.z * a.isl2;
-                z2[4 * i + 3] = v.w * a.isl2;
-            }
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                const int jj = jb + i, j = j0 + jj;
-                if (i >= per) break;
-                if (jj >= nk || j > t || j < tlo) z2[i] = -INFINITY;
-                m = fmaxf(m, z2[i]);
-            }
-            if (m != -INFINITY) {
-#pragma unroll
-                for (int i = 0; i < 32; i++) {
-                    if (i >= per) break;
-                    sum += exp2_ftz(z2[i] - m); /* exp2(-inf) = 0 */
-                }
-            }
-        }
-        __syncthreads(); /* every thread is done reading Z: its bytes take the quarters' statistics */
-        float2 *qs = (float2 *)s.Z;
-        qs[quarter * 64 + qq] = make_float2(m, sum);
-        __syncthreads();
-        if (tid < nq && s.qslot[tid] >= 0) {
-            float4 ts = make_float4(-INFINITY, 0.0f, 0.0f, 0.0f);
-            for (int h = 0; h < QUARTERS; h++) {
-                const float2 x = qs[h * 64 + tid];
-                ts = merge_stats(ts, make_float4(x.x, x.y, 0.0f, 0.0f));
-            }
-            float4 *dst = (float4 *)a.part + ((int64_t)(s.qt[tid] - a.w0) * a.K + s.qslot[tid]);
-            *dst = st == 0 ? ts : merge_stats(*dst, ts);
-        }
-    } else if constexpr (MODE == FWD_SPARSE || MODE == FWD_DENSE) {
+    if constexpr (MODE == FWD_SPARSE || MODE == FWD_DENSE) {
         /* a warp per query, lanes over keys: the tile's statistics in log2 units */
         for (int qq = warp; qq < nq; qq += NWARPS) {
             const int t = s.qtok[qq], tlo = s.qlo[qq];
@@ -629,9 +594,30 @@ __device__ __forceinline__ void load_keys(const KA<T> &a, const Sm<T> &s, int g,
  * Kernels
  * ---------------------------------------------------------------------------------------------- */
 
+/* A query of a row's list (t = q_idx[e], its query row) in the piece of the row [lo, ..) whose document-relative
+ * block is blk: its row, token, slot in its selection and document start. A corrupt plan entry stays in bounds
+ * and gets slot -1, so that no partial is written for it. */
+struct RowQuery {
+    int t, tok, slot, tlo;
+};
+template <typename T> __device__ __forceinline__ RowQuery row_query(const KA<T> &a, int t, int lo, int blk) {
+    RowQuery r;
+    r.t = t;
+    r.tok = t >= 0 && t < a.Nq ? msa_row_token(a.q_token, t, a.N) : -1;
+    r.slot = -1;
+    if (r.tok < lo) {
+        r.t = a.q_token ? 0 : lo;
+        r.tok = lo;
+    } else {
+        r.slot = msa_topk_slot(a.topk + ((int64_t)a.g * a.Nq + t) * a.K, a.K, blk);
+    }
+    r.tlo = a.dstart[r.tok];
+    return r;
+}
+
 /* Sparse, KV-outer: one piece {row, e0, e1, split} per iteration, the row's keys in tiles of KT. */
 template <typename T, int MODE>
-__global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 2 : 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
+__global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_constant__ KA<T> a) {
     extern __shared__ __align__(128) unsigned char kl_smem[];
     const Lay &L = a.L;
     const Sm<T> s = carve<T>(kl_smem, L);
@@ -655,25 +641,16 @@ __global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 2 : 1) kl_rows_k
                 const int nq = min(L.QTq, wk.z - e);
                 __syncthreads(); /* the previous chunk is done with the metadata */
                 if (tid < L.QTq) {
-                    int t = -1, slot = -1, tlo = 0, tok = -1;
+                    RowQuery r = {-1, -1, -1, 0};
                     float li = 0.0f;
                     if (tid < nq) {
-                        t = q_idx[e + tid];
-                        tok = t >= 0 && t < a.Nq ? msa_row_token(a.q_token, t, a.N) : -1;
-                        if (tok < lo) {
-                            /* a corrupt plan: stay in bounds, write no partial (slot -1) */
-                            t = a.q_token ? 0 : lo;
-                            tok = lo;
-                        } else {
-                            slot = msa_topk_slot(a.topk + ((int64_t)g * a.Nq + t) * a.K, a.K, blk);
-                        }
-                        tlo = a.dstart[tok];
-                        if constexpr (MODE == BWD_SPARSE) li = a.idx_lse[(int64_t)g * a.Nq + t] * LOG2E;
+                        r = row_query(a, q_idx[e + tid], lo, blk);
+                        if constexpr (MODE == BWD_SPARSE) li = a.idx_lse[(int64_t)g * a.Nq + r.t] * LOG2E;
                     }
-                    s.qt[tid] = t;
-                    s.qtok[tid] = tok;
-                    s.qslot[tid] = slot;
-                    s.qlo[tid] = tlo;
+                    s.qt[tid] = r.t;
+                    s.qtok[tid] = r.tok;
+                    s.qslot[tid] = r.slot;
+                    s.qlo[tid] = r.tlo;
                     s.li2[tid] = li;
                 }
                 __syncthreads();
@@ -700,6 +677,149 @@ __global__ void __launch_bounds__(THREADS, MODE == LSE_SPARSE ? 2 : 1) kl_rows_k
             __shared__ double red[32];
             kl = block_sum(kl, red);
             if (tid == 0) a.klpart[blockIdx.x] += kl;
+        }
+    }
+}
+
+/* ---- idx_lse alone: the student's statistics over the selection ---- */
+
+/* The student's scores Z = QI KI^T of a warp's 16 queries x 8 NT keys, in the m16n8 accumulator layout: z[n][0..1]
+ * are query gid = lane / 4 with keys 8 n + 2 tig + {0, 1} (tig = lane % 4), z[n][2..3] query gid + 8. qs points at
+ * the warp's first query row, ks at its first key row (pitches ldq, ldk; Dip columns, zero past Di). BF16 on the
+ * tensor cores (mma.sync m16n8k16, fp32 accumulation); F32 on CUDA cores in the same layout, exact to fp32 rounding
+ * (the fp32 checks). */
+template <int NT>
+__device__ __forceinline__ void student_scores(float (&z)[NT][4], const bf16 *qs, int ldq, const bf16 *ks, int ldk, int Dip) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int n = 0; n < NT; n++) z[n][0] = z[n][1] = z[n][2] = z[n][3] = 0.0f;
+    /* ldmatrix rows: A's 16 query rows at k 0 / 8; B's two n8 tiles (keys 0-7, 8-15) at k 0 / 8 */
+    const uint32_t qa = smem_u32(qs + (lane & 15) * ldq + (lane >> 4) * 8);
+    const uint32_t ka = smem_u32(ks + ((lane & 7) + ((lane >> 4) << 3)) * ldk + ((lane >> 3) & 1) * 8);
+    for (int k0 = 0; k0 < Dip; k0 += 16) {
+        uint32_t af[4];
+        ldsm_x4(af, qa + (uint32_t)k0 * 2);
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+            uint32_t bfr[4];
+            ldsm_x4(bfr, ka + (uint32_t)(n * 8 * ldk + k0) * 2);
+            mma_bf16_16816(z[n], af, bfr[0], bfr[1]);
+            mma_bf16_16816(z[n + 1], af, bfr[2], bfr[3]);
+        }
+    }
+}
+template <int NT>
+__device__ __forceinline__ void student_scores(float (&z)[NT][4], const float *qs, int ldq, const float *ks, int ldk, int Dip) {
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int n = 0; n < NT; n++) z[n][0] = z[n][1] = z[n][2] = z[n][3] = 0.0f;
+    const float *q0 = qs + gid * ldq, *q1 = q0 + 8 * ldq, *kr = ks + 2 * tig * ldk;
+    for (int d = 0; d < Dip; d++) {
+        const float a0 = q0[d], a1 = q1[d];
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const float b0 = kr[8 * n * ldk + d], b1 = kr[(8 * n + 1) * ldk + d];
+            z[n][0] = fmaf(a0, b0, z[n][0]);
+            z[n][1] = fmaf(a0, b1, z[n][1]);
+            z[n][2] = fmaf(a1, b0, z[n][2]);
+            z[n][3] = fmaf(a1, b1, z[n][3]);
+        }
+    }
+}
+
+/* idx_lse's statistics: KV-outer over the work list the KL's rows kernel walks, one piece {row, e0,
+ * e1} per iteration, the row's keys in tiles of KT, the piece's queries in chunks of LSE_Q whose QI rows are
+ * gathered one chunk ahead (cp.async, two buffers). Each warp scores 16 queries x KTp / 2 keys into registers
+ * (student_scores) and reduces its two rows a lane there: the valid keys' max and sum of 2^(z - max), log2 units,
+ * over the row's four lanes; the two key halves' statistics merge in order, so the partials are deterministic.
+ * The rows kernel's tile step (its WMMA product through shared memory, then the statistics read back from it, a
+ * CTA's 8 warps meeting at five barriers a chunk) made this pass 1.44 ms a 32/4/64 layer at 32K, issue-bound
+ * (fifteenth session, docs/benchmarks.md). */
+template <typename T, int NT>
+__global__ void __launch_bounds__(THREADS, LSE_CTAS<T>) kl_lse_kernel(const __grid_constant__ KA<T> a) {
+    extern __shared__ __align__(128) unsigned char kl_smem[];
+    const Lay &L = a.L;
+    T *kis = (T *)(kl_smem + L.o_kis), *qis = (T *)(kl_smem + L.o_qis);
+    LseMeta *meta = (LseMeta *)(kl_smem + L.o_meta);
+    float2 *red = (float2 *)(meta + 2); /* [key half][query] */
+    const int tid = threadIdx.x, warp = warp_idx_uniform(), lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    const int qw = (warp & 3) * 16, half = warp >> 2, kw = half * NT * 8; /* the warp's first query and key */
+    const int *row_ptr = a.plan + (int64_t)a.g * a.Pw;
+    const int *q_idx = row_ptr + a.N + 1, *row_lo = q_idx + (int64_t)a.Nq * a.K, *row_hi = row_lo + a.N;
+    const int nwork = min(*a.work_n, a.work_cap);
+    for (int it = blockIdx.x; it < nwork; it += gridDim.x) {
+        const int4 wk = a.work[it];
+        const int lo = row_lo[wk.x], hi = min(row_hi[wk.x], a.N);
+        if (lo < 0 || lo >= hi) continue; /* (a corrupt plan; uniform) */
+        const int blk = (lo - a.dstart[lo]) / a.B; /* the row's document-relative block id */
+        /* the chunk of queries [e, e + LSE_Q) into buffer b: its metadata, and its QI rows as one commit group */
+        auto issue = [&](int e, int b) {
+            const int nq = min(LSE_Q, wk.z - e);
+            if (tid < LSE_Q) {
+                RowQuery r = {-1, -1, -1, 0}; /* no query: token -1 masks every key */
+                if (tid < nq) r = row_query(a, q_idx[e + tid], lo, blk);
+                meta[b].qt[tid] = r.t;
+                meta[b].tok[tid] = r.tok;
+                meta[b].slot[tid] = r.slot;
+                meta[b].tlo[tid] = r.tlo;
+            }
+            load_tile<T>(qis + b * LSE_Q * L.ldqi, L.ldqi, LSE_Q, L.Dip, a.Di, a.vec_i != 0, [&](int r) -> const T * {
+                const int t = r < nq ? q_idx[e + r] : -1;
+                return t >= 0 && t < a.Nq ? a.qi + ((int64_t)t * a.Hkv + a.g) * a.Di : nullptr;
+            });
+            cp_async_commit();
+        };
+        for (int j0 = lo, st = 0; j0 < hi; j0 += L.KT, st++) {
+            const int nk = min(L.KT, hi - j0);
+            __syncthreads(); /* the previous tile is done with every buffer */
+            load_tile<T>(kis, L.ldki, L.KTp, L.Dip, a.Di, a.vec_i != 0, [&](int r) -> const T * {
+                return r < nk ? a.ki + (int64_t)(j0 + r) * a.Di : nullptr;
+            });
+            issue(wk.y, 0); /* (the key tile joins the first chunk's group) */
+            for (int e = wk.y, b = 0; e < wk.z; e += LSE_Q, b ^= 1) {
+                const int nq = min(LSE_Q, wk.z - e);
+                /* buffer b ^ 1 was last read by the previous chunk, before its second barrier; its metadata is
+                 * rewritten by the same threads that read it there */
+                if (e + LSE_Q < wk.z) {
+                    issue(e + LSE_Q, b ^ 1);
+                    cp_async_wait_pending<1>();
+                } else {
+                    cp_async_wait_pending<0>();
+                }
+                __syncthreads(); /* chunk e's rows, the key tile and the metadata are in */
+                const LseMeta &m = meta[b];
+                float z[NT][4];
+                student_scores<NT>(z, qis + (b * LSE_Q + qw) * L.ldqi, L.ldqi, kis + kw * L.ldki, L.ldki, L.Dip);
+#pragma unroll
+                for (int h = 0; h < 2; h++) { /* this lane's rows: queries qw + gid and qw + gid + 8 */
+                    const int q = qw + gid + 8 * h, t = m.tok[q], tlo = m.tlo[q];
+                    float z2[2 * NT], mx = -INFINITY;
+#pragma unroll
+                    for (int n = 0; n < NT; n++)
+#pragma unroll
+                        for (int c = 0; c < 2; c++) {
+                            const int jj = kw + 8 * n + 2 * tig + c, j = j0 + jj;
+                            z2[2 * n + c] = jj < nk && j <= t && j >= tlo ? z[n][2 * h + c] * a.isl2 : -INFINITY;
+                            mx = fmaxf(mx, z2[2 * n + c]);
+                        }
+                    mx = quad_max(mx);
+                    float sum = 0.0f;
+                    if (mx != -INFINITY) {
+#pragma unroll
+                        for (int i = 0; i < 2 * NT; i++) sum += exp2_ftz(z2[i] - mx); /* exp2(-inf) = 0 */
+                    }
+                    sum = quad_sum(sum);
+                    if (tig == 0) red[half * LSE_Q + q] = make_float2(mx, sum);
+                }
+                __syncthreads(); /* both halves' statistics are in */
+                if (tid < nq && m.slot[tid] >= 0) {
+                    const float2 x0 = red[tid], x1 = red[LSE_Q + tid];
+                    const float4 ts = merge_stats(make_float4(x0.x, x0.y, 0.0f, 0.0f), make_float4(x1.x, x1.y, 0.0f, 0.0f));
+                    float4 *dst = (float4 *)a.part + ((int64_t)(m.qt[tid] - a.w0) * a.K + m.slot[tid]);
+                    *dst = st == 0 ? ts : merge_stats(*dst, ts);
+                }
+            }
+            cp_async_wait_pending<0>(); /* (nothing in flight unless the piece was empty) */
         }
     }
 }
@@ -1181,14 +1301,13 @@ struct Sched {
 /* The forward-direction sparse passes (the KL value with idx_lse, or idx_lse alone): per window and
  * group the rows kernel in MODE over that work list, then the per-token reduction of its partials into
  * idx_lse and, when vals is not NULL, the per-token KL values. */
-template <typename T, int MODE>
-void sparse_row_passes(KA<T> &a, const Sched &sc, const Dims &d, float *vals, const char *rows_name,
-                       const char *reduce_name) {
-    static int raised = 0;
+template <typename T>
+void sparse_row_passes(void (*rows)(KA<T>), int &raised, KA<T> &a, const Sched &sc, const Dims &d, float *vals,
+                       const char *rows_name, const char *reduce_name) {
     for (int w = 0; w < sc.W; w++)
         for (int g = 0; g < d.Hkv; g++) {
             sc.select(a, g, w);
-            launch_tiles(rows_name, kl_rows_kernel<T, MODE>, raised, dim3((unsigned)sc.cap), a);
+            launch_tiles(rows_name, rows, raised, dim3((unsigned)sc.cap), a);
             const int nt = sc.window_len(d.Nq, w);
             kl_fwd_reduce_kernel<<<grid_for(nt, 256), 256, 0, stream()>>>(a.idx_lse_out, vals, (const float4 *)a.part, a.topk, g, a.w0,
                                                             nt, d.Nq, d.Hkv, d.K);
@@ -1239,20 +1358,21 @@ void kl_forward(Tensor *kl, Tensor *idx_lse, const Tensor *q, const Tensor *k, c
                      dim3((unsigned)((d.Nq + L.QTq - 1) / L.QTq), (unsigned)d.Hkv), a);
     } else {
         sc.build(ph.ptr, d);
-        sparse_row_passes<T, FWD_SPARSE>(a, sc, d, vals, "msa_kl_forward rows", "msa_kl_forward reduce");
+        static int raised = 0;
+        sparse_row_passes<T>(kl_rows_kernel<T, FWD_SPARSE>, raised, a, sc, d, vals, "msa_kl_forward rows",
+                             "msa_kl_forward reduce");
     }
     kl_sum_kernel<<<1, 1024, 0, stream()>>>((float *)kl->data, vals, (int64_t)d.Nq * d.Hkv);
     LAUNCH_CHECK("msa_kl_forward sum");
 }
 
-/* the student's normaliser alone over the selection (LSE_SPARSE): the indexer's idx_lse */
+/* the student's normaliser alone over the selection (kl_lse_kernel): the indexer's idx_lse */
 template <typename T>
-void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu,
-                     const MsaParams *p, const Dims &d) {
+void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                     const Tensor *cu, const MsaParams *p, const Dims &d) {
     const bool bf = std::is_same<T, bf16>::value;
-    PlanHold ph(topk, nullptr, cu, p, d);
-    /* one "head" per group and no main-branch rows: QTq = 64 queries per chunk share each key tile */
-    Lay L = make_lay(bf, d.B, 0, d.Di, 1, true, 1, true);
+    PlanHold ph(topk, plan, cu, p, d);
+    const Lay L = lse_lay(bf, d.B, d.Di);
     if (L.bytes > max_smem_optin())
         fatal("cuda msa_indexer: Di = %d needs %d bytes of shared memory per block for idx_lse, the device allows %d", d.Di,
               L.bytes, max_smem_optin());
@@ -1290,7 +1410,10 @@ void kl_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const 
     a.dend = dend;
     doc_bounds(dstart, dend, cu, d);
     sc.build(ph.ptr, d);
-    sparse_row_passes<T, LSE_SPARSE>(a, sc, d, nullptr, "msa_indexer idx_lse rows", "msa_indexer idx_lse reduce");
+    static int raised[3] = {0, 0, 0}; /* per key-tile width: 32, 64, 128 */
+    const int w = L.KTp == 32 ? 0 : L.KTp == 64 ? 1 : 2;
+    void (*rows)(KA<T>) = w == 0 ? kl_lse_kernel<T, 2> : w == 1 ? kl_lse_kernel<T, 4> : kl_lse_kernel<T, 8>;
+    sparse_row_passes<T>(rows, raised[w], a, sc, d, nullptr, "msa_indexer idx_lse rows", "msa_indexer idx_lse reduce");
 }
 
 /* dqi, dki += cs_mul * cs_grad[0] * dKL/dz chained to qi, ki (cs_grad NULL: cs_mul), cs_mul including the
@@ -1436,8 +1559,8 @@ extern "C" void cuda_msa_kl_backward(Tensor *dqi, Tensor *dki, const Tensor *q, 
 
 namespace msacuda {
 
-void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
-                      const MsaParams *p) {
+void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                      const Tensor *cu_seqlens, const MsaParams *p) {
     const int64_t ndocs = msa_check_params("msa_indexer", p, cu_seqlens);
     const int64_t Nq = qi->shape[0], N = ki->shape[0], H = qi->shape[1], Di = qi->shape[2];
     const int32_t *q_token = msa_query_tokens("msa_indexer", p, Nq, N);
@@ -1445,7 +1568,7 @@ void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const
         fatal("cuda msa_indexer: idx_lse must be f32 [Hidx = %lld, Nq = %lld] on the device", (long long)H, (long long)Nq);
     if (Nq == 0) return;
     const Dims d{(int)N, (int)H, (int)H, 1, 0, (int)Di, p->topk_blocks, p->block_size, (int)ndocs, (int)Nq, q_token};
-    DISPATCH_FLOAT(qi->dtype, T, "msa_indexer", kl_selected_lse<T>(idx_lse, qi, ki, topk, cu_seqlens, p, d));
+    DISPATCH_FLOAT(qi->dtype, T, "msa_indexer", kl_selected_lse<T>(idx_lse, qi, ki, topk, plan, cu_seqlens, p, d));
 }
 
 /* the KL's value alone: the forward pass (FWD_SPARSE), its idx_lse into a temporary */

@@ -74,16 +74,16 @@ int32_t *msa_temporary_plan(const Tensor *topk, const Tensor *cu_seqlens, const 
 Tensor msa_keys_by_token(const char *kernel, const Tensor *src, const MsaParams *p, int slot);
 
 /* msa_kl.cu, for the indexer and the fused attention-KL backward's fallback (msa_attention.cu):
- *   msa_selected_lse: the student's log-normaliser over the selection topk (a temporary plan), idx_lse
- *     f32 [Hidx, N] (the indexer's second output, backend.h msa_indexer);
+ *   msa_selected_lse: the student's log-normaliser over the selection topk, walking its plan (NULL: a temporary
+ *     one), idx_lse f32 [Hidx, N] (the indexer's second output, backend.h msa_indexer);
  *   msa_kl_backward_scaled: msa_kl_backward with the coefficient coeff_mul * coeff_grad[0] read on the
  *     device (coeff_grad NULL: coeff_mul), and kl (NULL: not wanted) the mean KL over the selection as
  *     msa_kl_forward's: from the same pass as dqi / dki when either is given (its teacher and student are
  *     at hand there, where a forward pass recomputed the teacher for it), else from msa_kl_forward's pass;
  *   msa_kl_mean (msa_attention.cu): kl = the sum of n per-CTA KL parts (log2 units, summed in CTA order)
  *     times ln 2 / pairs. */
-void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *cu_seqlens,
-                      const MsaParams *p);
+void msa_selected_lse(Tensor *idx_lse, const Tensor *qi, const Tensor *ki, const Tensor *topk, const Tensor *plan,
+                      const Tensor *cu_seqlens, const MsaParams *p);
 void msa_kl_backward_scaled(Tensor *dqi, Tensor *dki, Tensor *kl, const Tensor *q, const Tensor *k, const Tensor *lse,
                             const Tensor *qi, const Tensor *ki, const Tensor *idx_lse, const Tensor *topk, const Tensor *plan,
                             const Tensor *cu_seqlens, const MsaParams *p, float coeff_mul, const float *coeff_grad);

@@ -164,8 +164,19 @@ static int32_t *indexer_case(DType dt, const IdxSpec *sp, bool integer, bool kee
     Tensor tc = mk(CB, DT_I32, 3, (int64_t[]){H, N, K});
     Tensor tg = dev_i32(3, (int64_t[]){H, N, K}, NULL);
     Pair il = pair_out(DT_F32, 2, (int64_t[]){H, N});
-    CB->msa_indexer(&tc, &il.c, &qi.c, &ki.c, &cs.c, &sp->p);
-    GB->msa_indexer(&tg, &il.g, &qi.g, &ki.g, &cs.g, &sp->p);
+    /* the GPU's idx_lse walks the plan its indexer writes (the layer's call), which must be msa_plan's */
+    const int64_t P = msa_plan_width(N, K);
+    Tensor pg = dev_i32(2, (int64_t[]){H, P}, NULL), pref = dev_i32(2, (int64_t[]){H, P}, NULL);
+    CB->msa_indexer(&tc, &il.c, NULL, &qi.c, &ki.c, &cs.c, &sp->p);
+    GB->msa_indexer(&tg, &il.g, &pg, &qi.g, &ki.g, &cs.g, &sp->p);
+    GB->msa_plan(&pref, &tg, &cs.g, &sp->p);
+    int32_t *hp = host_i32(&pg), *hr = host_i32(&pref);
+    record(!memcmp(hp, hr, (size_t)(H * P) * sizeof(int32_t)), "msa_indexer %s plan H=%d B=%d k=%d: msa_plan's, bit for bit",
+           dn(dt), sp->H, sp->p.block_size, sp->p.topk_blocks);
+    free(hp);
+    free(hr);
+    free_t(&pg);
+    free_t(&pref);
     int32_t *gt = host_i32(&tg);
     const int32_t *ct = tc.data;
 
@@ -467,11 +478,11 @@ void bench_msa_indexer(void) {
         Tensor tk = mk(GB, DT_I32, 3, (int64_t[]){H, N, p.topk_blocks});
         Tensor plan = mk(GB, DT_I32, 2, (int64_t[]){H, msa_plan_width(N, p.topk_blocks)});
         int32_t x;
-        GB->msa_indexer(&tk, NULL, &qi, &ki, &cu, &p); /* warm-up */
+        GB->msa_indexer(&tk, NULL, NULL, &qi, &ki, &cu, &p); /* warm-up */
         GB->copy_to_host(&x, tk.data, 4);
         const int reps = N >= 131072 ? 3 : 10;
         double t0 = wall_seconds();
-        for (int i = 0; i < reps; i++) GB->msa_indexer(&tk, NULL, &qi, &ki, &cu, &p);
+        for (int i = 0; i < reps; i++) GB->msa_indexer(&tk, NULL, NULL, &qi, &ki, &cu, &p);
         GB->copy_to_host(&x, tk.data, 4);
         const double ti = (wall_seconds() - t0) / reps;
         GB->msa_plan(&plan, &tk, &cu, &p); /* warm-up (synchronises) */

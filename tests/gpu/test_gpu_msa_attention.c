@@ -76,7 +76,7 @@ void msa_attention_case(const void *args) {
             float *r1 = randn(qi.numel, 0, 1), *r2 = randn(ki.numel, 0, 1);
             memcpy(qi.data, r1, (size_t)qi.numel * sizeof(float));
             memcpy(ki.data, r2, (size_t)ki.numel * sizeof(float));
-            CB->msa_indexer(&tk, NULL, &qi, &ki, &cs.c, &p);
+            CB->msa_indexer(&tk, NULL, NULL, &qi, &ki, &cs.c, &p);
             for (int64_t i = 0; i < tk.numel; i++) tv[i] = (float)((const int32_t *)tk.data)[i];
             free(r1);
             free(r2);

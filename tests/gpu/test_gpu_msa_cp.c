@@ -137,8 +137,8 @@ void msa_cp_case(const void *args) {
     Pair qi = pair_small_ints(act, 3, (int64_t[]){Nq, Hkv, Di}), ki = pair_small_ints(act, 2, (int64_t[]){N, Di});
     Tensor tc = mk(CB, DT_I32, 3, (int64_t[]){Hkv, Nq, K}), tg = mk(GB, DT_I32, 3, (int64_t[]){Hkv, Nq, K});
     Pair il = pair_out(DT_F32, 2, (int64_t[]){Hkv, Nq});
-    CB->msa_indexer(&tc, &il.c, &qi.c, &ki.c, &cs.c, &pc);
-    GB->msa_indexer(&tg, &il.g, &qi.g, &ki.g, &cs.g, &pg);
+    CB->msa_indexer(&tc, &il.c, NULL, &qi.c, &ki.c, &cs.c, &pc);
+    GB->msa_indexer(&tg, &il.g, NULL, &qi.g, &ki.g, &cs.g, &pg);
     const bool same_sel = same_i32(&tc, &tg);
     snprintf(name, sizeof name, "msa_cp indexer topk %s", desc);
     record(same_sel, "%-58s %s", name, same_sel ? "identical" : "differs from the CPU's");

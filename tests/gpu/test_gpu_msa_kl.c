@@ -33,7 +33,7 @@ static Sel make_sel(const Pair *qi, const Pair *ki, const Pair *cs, const MsaPar
     Sel s;
     memset(&s, 0, sizeof s);
     s.tc = mk(CB, DT_I32, 3, (int64_t[]){Hkv, N, p->topk_blocks});
-    CB->msa_indexer(&s.tc, NULL, &qi->c, &ki->c, &cs->c, p);
+    CB->msa_indexer(&s.tc, NULL, NULL, &qi->c, &ki->c, &cs->c, p);
     s.tg = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, p->topk_blocks});
     GB->copy_from_host(s.tg.data, s.tc.data, tensor_bytes(&s.tc));
     if (plan) {
@@ -278,12 +278,12 @@ void msa_attention_kl_case(const void *args) {
     /* the selection and the student's normaliser: the CPU indexer's, on both sides */
     Tensor tkc = mk(CB, DT_I32, 3, (int64_t[]){Hkv, N, K});
     Pair il = pair_out(DT_F32, 2, (int64_t[]){Hkv, N});
-    CB->msa_indexer(&tkc, &il.c, &qi.c, &ki.c, &cs.c, &p);
+    CB->msa_indexer(&tkc, &il.c, NULL, &qi.c, &ki.c, &cs.c, &p);
     Tensor tkg = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K});
     GB->copy_from_host(tkg.data, tkc.data, tensor_bytes(&tkc));
     /* the GPU indexer's idx_lse where its selection is the CPU's */
     Tensor tkg2 = mk(GB, DT_I32, 3, (int64_t[]){Hkv, N, K});
-    GB->msa_indexer(&tkg2, &il.g, &qi.g, &ki.g, &cs.g, &p);
+    GB->msa_indexer(&tkg2, &il.g, NULL, &qi.g, &ki.g, &cs.g, &p);
     {
         int32_t *g2 = xmalloc(tensor_bytes(&tkg2) + 4);
         GB->copy_to_host(g2, tkg2.data, tensor_bytes(&tkg2));
