@@ -70,7 +70,10 @@
 #                    (PROFILES="dense_32k msa_32k" selects some of them; dense_32k_keep and msa_32k_keep: the
 #                    same with train.keep_attention_outputs; moe_4k_keep the MoE model so, moe_4k_accum2 and
 #                    moe_4k_accum4 without recomputation over 2 or 4 micro-batches of the same 16384 tokens a step;
-#                    PROFILE_STEPS=7: three CUDA-graph replays after the profiled eager steps)
+#                    PROFILE_STEPS=7: three CUDA-graph replays after the profiled eager steps; PROFILE_NCU="regex":
+#                    each run under Nsight Compute, the device time of every kernel whose name matches, summed per
+#                    kernel as kernel-times does, e.g. PROFILE_NCU="msa_|kl_|sched_" PROFILE_STEPS=2: a training
+#                    step's MSA kernels, to set beside kernel-times' bench layer)
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or /tmp/device_check.
 # Needs the git-ignored .deps folder (jansson headers and static library; see kernels/cuda/NOTES.md; and
@@ -340,10 +343,21 @@ PY
             # PROFILES="dense_32k msa_32k" runs only those
             case " ${PROFILES:-$name} " in *" $name "*) ;; *) continue ;; esac
             echo "--- $name"
+            runner=()
+            if [ -n "${PROFILE_NCU:-}" ]; then
+                ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+                if [ -z "$ncu_bin" ]; then echo "no ncu on this machine"; status=1; break; fi
+                runner=("$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel
+                        --kernel-name "regex:$PROFILE_NCU")
+            fi
             # shellcheck disable=SC2086
-            build/train configs/shakespeare_gpu.json $big ${p#*:} --set train.out_dir= \
+            "${runner[@]}" build/train configs/shakespeare_gpu.json $big ${p#*:} --set train.out_dir= \
                 >"$OUT/profile_$name.log" 2>&1 || status=1
-            tail -45 "$OUT/profile_$name.log"
+            if [ -n "${PROFILE_NCU:-}" ]; then
+                grep -E "^step|^  [A-Za-z_].*\(|gpu__time_duration.sum|Invocations" "$OUT/profile_$name.log" | head -150
+            else
+                tail -45 "$OUT/profile_$name.log"
+            fi
         done
         ;;
     memory | memory-fit | memory-model)
