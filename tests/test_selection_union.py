@@ -76,6 +76,12 @@ def unions_counted_by_hand(work):
     check(t.get(3) == (1, 4.0), f"W=3: {t.get(3)}, want 1 window of 4.00\n{r.stdout}")
     check(t.get(4) == (0, None), f"W=4: {t.get(4)}, want no window\n{r.stdout}")
     check("| 2 | 4 | 3.00 | 3 | 1.50 |" in r.stdout, r.stdout)
+    # --rows: file 0's blocks 0, 1, 2, 3 hold 4, 2, 3, 2 queries (11 pairs, -1 left out); the hottest 1% of 4 rows is
+    # one row, of 4: 36.4%. File 1's hold 2, 1, 2, 3.
+    r = run_tool(prefix, "--windows", "1", "--rows")
+    check(r.returncode == 0, f"--rows: exit {r.returncode}: {r.stderr}")
+    check("| sel_0.bin | 4 | 11 | 2.8 | 4 | 4 | 36.4% |" in r.stdout, r.stdout)
+    check("| sel_1.bin | 4 | 8 | 2.0 | 3 | 3 | 37.5% |" in r.stdout, r.stdout)
 
 
 @test

@@ -12,7 +12,14 @@ A query whose selection holds every block it can see (its own block id + 1 <= to
 document) chose nothing and is left out, as is a window whose queries are not in one document (a query's own
 block, its largest id, falls from one query to the next).
 
-  .venv/bin/python tools/selection_union.py PREFIX [--windows 1,2,4,8,16]
+With --rows, also the load the KV-outer kernels see: per file (one layer's forward), over its index heads, how many
+queries selected each block (a row of the plan; ids are document-relative, so with several documents a row here
+is the same block id of every document), the mean, 90th percentile and largest count over the blocks selected at
+all, and the share of the selected (query, block) pairs that the hottest 1% of those rows hold. A uniform
+selection spreads the pairs evenly; a skewed one (every query picking the same few blocks) leaves many rows with
+only their own block's queries, each a short segment of the attention backward's tiles.
+
+  .venv/bin/python tools/selection_union.py PREFIX [--windows 1,2,4,8,16] [--rows]
 """
 import argparse
 import glob
@@ -48,6 +55,16 @@ def window_unions(rows, k, w):
     return distinct.sum(axis=1)
 
 
+def row_loads(heads):
+    """the per-row query counts (blocks selected at least once) of every head of one dump [heads, queries, k]"""
+    counts = []
+    for rows in heads:
+        ids = rows[rows >= 0]
+        c = np.bincount(ids) if len(ids) else np.zeros(0, dtype=np.int64)
+        counts.append(c[c > 0])
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+
 def percentile(values, p):
     s = np.sort(values)
     return int(s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))])
@@ -57,6 +74,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("prefix", help="the MSA_DUMP_SELECTION prefix the files were written with")
     ap.add_argument("--windows", default="1,2,4,8,16", help="window sizes W, comma-separated")
+    ap.add_argument("--rows", action="store_true", help="also the queries per selected block, per file")
     a = ap.parse_args()
     try:
         windows = [int(x) for x in a.windows.split(",")]
@@ -72,10 +90,13 @@ def main():
         return 1
     counts = {w: [] for w in windows}
     ks = set()
+    loads = []
     try:
         for p in paths:
             k, heads = read_dump(p)
             ks.add(k)
+            if a.rows:
+                loads.append((p, row_loads(heads)))
             for rows in heads:
                 for w in windows:
                     counts[w].append(window_unions(rows, k, w))
@@ -96,6 +117,17 @@ def main():
             continue
         mean = float(c.mean())
         print(f"| {w} | {len(c)} | {mean:.2f} | {percentile(c, 90)} | {mean / k:.2f} |")
+    if a.rows:
+        print()
+        print("| file | rows | pairs | queries a row, mean | p90 | max | pairs in the hottest 1% of rows |")
+        print("|---|---|---|---|---|---|---|")
+        for p, c in loads:
+            if len(c) == 0:
+                print(f"| {p.rsplit('/', 1)[-1]} | 0 | 0 | - | - | - | - |")
+                continue
+            hot = np.sort(c)[::-1][:max(1, math.ceil(len(c) / 100))]
+            print(f"| {p.rsplit('/', 1)[-1]} | {len(c)} | {int(c.sum())} | {float(c.mean()):.1f} | {percentile(c, 90)} | "
+                  f"{int(c.max())} | {hot.sum() / c.sum():.1%} |")
     return 0
 
 
