@@ -153,9 +153,11 @@ Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf) {
  * is 32, 64 or 128 (padding keys are masked): each of the 8 warps takes 16 queries x KTp / 2 keys in n8
  * tiles of the m16n8k16 product. */
 constexpr int LSE_Q = 64; /* queries per chunk */
-/* CTAs an SM: three at BF16 (72 KB of shared memory and <= 80 registers each at Di = 128, no spill: 2.73 -> 2.60 ms
- * for the indexer with idx_lse against two, 32/4/64 at 32K on an H100, sixteenth session); one fits at F32 */
-template <typename T> constexpr int LSE_CTAS = std::is_same<T, bf16>::value ? 3 : 1;
+/* CTAs an SM the registers are budgeted for: two (127 registers at BF16, the configuration test_gpu ran; one fits
+ * at F32, whose tiles are twice as large). Three at BF16 (72 KB of shared memory each at Di = 128, 80 registers, no
+ * spill) measured faster in the sixteenth session's bench, 2.73 -> 2.60 ms for the indexer with idx_lse at 32/4/64
+ * and 32K on an H100, but no test_gpu run has had it yet (kernels/cuda/NOTES.md) */
+constexpr int LSE_CTAS = 2;
 struct LseMeta {
     int qt[LSE_Q], tok[LSE_Q], slot[LSE_Q], tlo[LSE_Q]; /* as Sm's qt, qtok, qslot, qlo */
 };
@@ -736,7 +738,7 @@ __device__ __forceinline__ void student_scores(float (&z)[NT][4], const float *q
  * CTA's 8 warps meeting at five barriers a chunk) made this pass 1.44 ms a 32/4/64 layer at 32K, issue-bound
  * (fifteenth session, docs/benchmarks.md). */
 template <typename T, int NT>
-__global__ void __launch_bounds__(THREADS, LSE_CTAS<T>) kl_lse_kernel(const __grid_constant__ KA<T> a) {
+__global__ void __launch_bounds__(THREADS, LSE_CTAS) kl_lse_kernel(const __grid_constant__ KA<T> a) {
     extern __shared__ __align__(128) unsigned char kl_smem[];
     const Lay &L = a.L;
     T *kis = (T *)(kl_smem + L.o_kis), *qis = (T *)(kl_smem + L.o_qis);
