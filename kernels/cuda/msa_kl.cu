@@ -736,7 +736,7 @@ __device__ __forceinline__ void student_scores(float (&z)[NT][4], const float *q
  * over the row's four lanes; the two key halves' statistics merge in order, so the partials are deterministic.
  * The rows kernel's tile step (its WMMA product through shared memory, then the statistics read back from it, a
  * CTA's 8 warps meeting at five barriers a chunk) made this pass 1.44 ms a 32/4/64 layer at 32K, issue-bound
- * (fifteenth session, docs/benchmarks.md). */
+ * (fifteenth session); this kernel takes 0.70 (four launches of 174 us, H100, sixteenth session, docs/benchmarks.md). */
 template <typename T, int NT>
 __global__ void __launch_bounds__(THREADS, LSE_CTAS) kl_lse_kernel(const __grid_constant__ KA<T> a) {
     extern __shared__ __align__(128) unsigned char kl_smem[];
