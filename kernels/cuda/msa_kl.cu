@@ -596,6 +596,31 @@ __device__ __forceinline__ void load_keys(const KA<T> &a, const Sm<T> &s, int g,
  * Kernels
  * ---------------------------------------------------------------------------------------------- */
 
+/* The plan's lists of group a.g (backend.h), and a piece of this (group, window)'s work list: its item {row, e0,
+ * e1, split}, the row's tokens [lo, hi) and its document-relative block id; ok is false for a corrupt plan's row,
+ * which the kernels skip (uniformly: every thread reads the same item). */
+struct PlanLists {
+    const int *q_idx, *row_lo, *row_hi;
+};
+template <typename T> __device__ __forceinline__ PlanLists plan_lists(const KA<T> &a) {
+    const int *row_ptr = a.plan + (int64_t)a.g * a.Pw, *q_idx = row_ptr + a.N + 1, *row_lo = q_idx + (int64_t)a.Nq * a.K;
+    return PlanLists{q_idx, row_lo, row_lo + a.N};
+}
+struct Piece {
+    int4 wk;
+    int lo, hi, blk;
+    bool ok;
+};
+template <typename T> __device__ __forceinline__ Piece piece_at(const KA<T> &a, const PlanLists &pl, int it) {
+    Piece p;
+    p.wk = a.work[it];
+    p.lo = pl.row_lo[p.wk.x];
+    p.hi = min(pl.row_hi[p.wk.x], a.N);
+    p.ok = p.lo >= 0 && p.lo < p.hi;
+    p.blk = p.ok ? (p.lo - a.dstart[p.lo]) / a.B : 0;
+    return p;
+}
+
 /* A query of a row's list (t = q_idx[e], its query row) in the piece of the row [lo, ..) whose document-relative
  * block is blk: its row, token, slot in its selection and document start. A corrupt plan entry stays in bounds
  * and gets slot -1, so that no partial is written for it. */
@@ -624,29 +649,26 @@ __global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_consta
     const Lay &L = a.L;
     const Sm<T> s = carve<T>(kl_smem, L);
     const int tid = threadIdx.x, g = a.g;
-    const int *row_ptr = a.plan + (int64_t)g * a.Pw;
-    const int *q_idx = row_ptr + a.N + 1, *row_lo = q_idx + (int64_t)a.Nq * a.K, *row_hi = row_lo + a.N;
+    const PlanLists pl = plan_lists(a);
     typename Ops<T>::Acc acc;
     double kl = 0.0;
     const int nwork = min(*a.work_n, a.work_cap);
     for (int it = blockIdx.x; it < nwork; it += gridDim.x) {
-        const int4 wk = a.work[it];
-        const int lo = row_lo[wk.x], hi = min(row_hi[wk.x], a.N);
-        if (lo < 0 || lo >= hi) continue; /* (a corrupt plan; uniform) */
-        const int blk = (lo - a.dstart[lo]) / a.B; /* the row's document-relative block id */
-        for (int j0 = lo, st = 0; j0 < hi; j0 += L.KT, st++) {
-            const int nk = min(L.KT, hi - j0);
+        const Piece pc = piece_at(a, pl, it);
+        if (!pc.ok) continue;
+        for (int j0 = pc.lo, st = 0; j0 < pc.hi; j0 += L.KT, st++) {
+            const int nk = min(L.KT, pc.hi - j0);
             __syncthreads(); /* the previous tile is done with every buffer */
             load_keys(a, s, g, j0, nk, true);
             if constexpr (MODE == BWD_SPARSE) acc.zero();
-            for (int e = wk.y; e < wk.z; e += L.QTq) {
-                const int nq = min(L.QTq, wk.z - e);
+            for (int e = pc.wk.y; e < pc.wk.z; e += L.QTq) {
+                const int nq = min(L.QTq, pc.wk.z - e);
                 __syncthreads(); /* the previous chunk is done with the metadata */
                 if (tid < L.QTq) {
                     RowQuery r = {-1, -1, -1, 0};
                     float li = 0.0f;
                     if (tid < nq) {
-                        r = row_query(a, q_idx[e + tid], lo, blk);
+                        r = row_query(a, pl.q_idx[e + tid], pc.lo, pc.blk);
                         if constexpr (MODE == BWD_SPARSE) li = a.idx_lse[(int64_t)g * a.Nq + r.t] * LOG2E;
                     }
                     s.qt[tid] = r.t;
@@ -667,8 +689,8 @@ __global__ void __launch_bounds__(THREADS, 1) kl_rows_kernel(const __grid_consta
                     for (int i = tid; i < nk * a.Di; i += THREADS) {
                         const int jj = i / a.Di, d = i - jj * a.Di;
                         const float v = s.O[jj * L.ldo + d];
-                        if (wk.w < 0) a.dki_acc[(int64_t)(j0 + jj) * a.Di + d] += v; /* the row's only piece */
-                        else if (wk.w < a.split_cap) a.split[((int64_t)wk.w * a.rowp + (j0 + jj - lo)) * a.Di + d] = v;
+                        if (pc.wk.w < 0) a.dki_acc[(int64_t)(j0 + jj) * a.Di + d] += v; /* the row's only piece */
+                        else if (pc.wk.w < a.split_cap) a.split[((int64_t)pc.wk.w * a.rowp + (j0 + jj - pc.lo)) * a.Di + d] = v;
                     }
                 }
             }
@@ -746,43 +768,40 @@ __global__ void __launch_bounds__(THREADS, LSE_CTAS) kl_lse_kernel(const __grid_
     float2 *red = (float2 *)(meta + 2); /* [key half][query] */
     const int tid = threadIdx.x, warp = warp_idx_uniform(), lane = tid & 31, gid = lane >> 2, tig = lane & 3;
     const int qw = (warp & 3) * 16, half = warp >> 2, kw = half * NT * 8; /* the warp's first query and key */
-    const int *row_ptr = a.plan + (int64_t)a.g * a.Pw;
-    const int *q_idx = row_ptr + a.N + 1, *row_lo = q_idx + (int64_t)a.Nq * a.K, *row_hi = row_lo + a.N;
+    const PlanLists pl = plan_lists(a);
     const int nwork = min(*a.work_n, a.work_cap);
     for (int it = blockIdx.x; it < nwork; it += gridDim.x) {
-        const int4 wk = a.work[it];
-        const int lo = row_lo[wk.x], hi = min(row_hi[wk.x], a.N);
-        if (lo < 0 || lo >= hi) continue; /* (a corrupt plan; uniform) */
-        const int blk = (lo - a.dstart[lo]) / a.B; /* the row's document-relative block id */
+        const Piece pc = piece_at(a, pl, it);
+        if (!pc.ok) continue;
         /* the chunk of queries [e, e + LSE_Q) into buffer b: its metadata, and its QI rows as one commit group */
         auto issue = [&](int e, int b) {
-            const int nq = min(LSE_Q, wk.z - e);
+            const int nq = min(LSE_Q, pc.wk.z - e);
             if (tid < LSE_Q) {
                 RowQuery r = {-1, -1, -1, 0}; /* no query: token -1 masks every key */
-                if (tid < nq) r = row_query(a, q_idx[e + tid], lo, blk);
+                if (tid < nq) r = row_query(a, pl.q_idx[e + tid], pc.lo, pc.blk);
                 meta[b].qt[tid] = r.t;
                 meta[b].tok[tid] = r.tok;
                 meta[b].slot[tid] = r.slot;
                 meta[b].tlo[tid] = r.tlo;
             }
             load_tile<T>(qis + b * LSE_Q * L.ldqi, L.ldqi, LSE_Q, L.Dip, a.Di, a.vec_i != 0, [&](int r) -> const T * {
-                const int t = r < nq ? q_idx[e + r] : -1;
+                const int t = r < nq ? pl.q_idx[e + r] : -1;
                 return t >= 0 && t < a.Nq ? a.qi + ((int64_t)t * a.Hkv + a.g) * a.Di : nullptr;
             });
             cp_async_commit();
         };
-        for (int j0 = lo, st = 0; j0 < hi; j0 += L.KT, st++) {
-            const int nk = min(L.KT, hi - j0);
+        for (int j0 = pc.lo, st = 0; j0 < pc.hi; j0 += L.KT, st++) {
+            const int nk = min(L.KT, pc.hi - j0);
             __syncthreads(); /* the previous tile is done with every buffer */
             load_tile<T>(kis, L.ldki, L.KTp, L.Dip, a.Di, a.vec_i != 0, [&](int r) -> const T * {
                 return r < nk ? a.ki + (int64_t)(j0 + r) * a.Di : nullptr;
             });
-            issue(wk.y, 0); /* (the key tile joins the first chunk's group) */
-            for (int e = wk.y, b = 0; e < wk.z; e += LSE_Q, b ^= 1) {
-                const int nq = min(LSE_Q, wk.z - e);
+            issue(pc.wk.y, 0); /* (the key tile joins the first chunk's group) */
+            for (int e = pc.wk.y, b = 0; e < pc.wk.z; e += LSE_Q, b ^= 1) {
+                const int nq = min(LSE_Q, pc.wk.z - e);
                 /* buffer b ^ 1 was last read by the previous chunk, before its second barrier; its metadata is
                  * rewritten by the same threads that read it there */
-                if (e + LSE_Q < wk.z) {
+                if (e + LSE_Q < pc.wk.z) {
                     issue(e + LSE_Q, b ^ 1);
                     cp_async_wait_pending<1>();
                 } else {
