@@ -96,6 +96,8 @@ struct Lay {
 constexpr int META = 64; /* per-query metadata slots (QTq, ROWS <= 64) */
 
 int up16(int x) { return (x + 15) / 16 * 16; }
+/* shared-memory regions start 128 bytes apart */
+int align128(size_t bytes) { return (int)((bytes + 127) / 128 * 128); }
 
 /* bf: BF16 tiles (tensor cores) or F32 (CUDA cores); sparse: key tiles are blocks (or KT-sized
  * sub-tiles of a block longer than KT), dense: KT consecutive keys; qbuf: Q tile buffers. */
@@ -127,7 +129,7 @@ Lay make_lay(bool bf, int B, int D, int Di, int G, bool sparse, int qbuf) {
     size_t off = 0;
     auto take = [&](size_t bytes) {
         const size_t o = off;
-        off += (bytes + 127) / 128 * 128;
+        off += align128(bytes);
         return (int)o;
     };
     L.o_ks = take((size_t)L.KTp * L.ldk * ts);
@@ -170,7 +172,7 @@ Lay lse_lay(bool bf, int B, int Di) {
     L.Dip = up16(Di);
     L.QTq = L.QTp = LSE_Q;
     L.ldki = L.ldqi = L.Dip + pad; /* rows 16 bytes apart in bank terms: conflict-free ldmatrix */
-    const int kis = (L.KTp * L.ldki * ts + 127) / 128 * 128, qis = (2 * LSE_Q * L.ldqi * ts + 127) / 128 * 128;
+    const int kis = align128((size_t)L.KTp * L.ldki * ts), qis = align128((size_t)2 * LSE_Q * L.ldqi * ts);
     L.o_kis = 0;
     L.o_qis = kis;
     L.o_meta = kis + qis;
@@ -805,7 +807,7 @@ __global__ void __launch_bounds__(THREADS, LSE_CTAS) kl_lse_kernel(const __grid_
                     issue(e + LSE_Q, b ^ 1);
                     cp_async_wait_pending<1>();
                 } else {
-                    cp_async_wait_pending<0>();
+                    cp_async_wait_committed();
                 }
                 __syncthreads(); /* chunk e's rows, the key tile and the metadata are in */
                 const LseMeta &m = meta[b];
@@ -840,7 +842,7 @@ __global__ void __launch_bounds__(THREADS, LSE_CTAS) kl_lse_kernel(const __grid_
                     *dst = st == 0 ? ts : merge_stats(*dst, ts);
                 }
             }
-            cp_async_wait_pending<0>(); /* (nothing in flight unless the piece was empty) */
+            cp_async_wait_committed(); /* (nothing in flight unless the piece was empty) */
         }
     }
 }

@@ -134,7 +134,8 @@ __device__ __forceinline__ void cp_async4(uint32_t dst, const void *src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 /* wait for every committed group (copies issued after the last commit are not waited for) */
 __device__ __forceinline__ void cp_async_wait_committed() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-/* wait until at most N committed groups are still in flight (the newest N: a double buffer's next load) */
+/* wait until at most N committed groups are still in flight (the newest N: a double buffer's next load); N = 0
+ * is cp_async_wait_committed */
 template <int N> __device__ __forceinline__ void cp_async_wait_pending() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
