@@ -24,6 +24,7 @@ only their own block's queries, each a short segment of the attention backward's
 import argparse
 import glob
 import math
+import os
 import sys
 
 import numpy as np
@@ -123,10 +124,10 @@ def main():
         print("|---|---|---|---|---|---|---|")
         for p, c in loads:
             if len(c) == 0:
-                print(f"| {p.rsplit('/', 1)[-1]} | 0 | 0 | - | - | - | - |")
+                print(f"| {os.path.basename(p)} | 0 | 0 | - | - | - | - |")
                 continue
             hot = np.sort(c)[::-1][:max(1, math.ceil(len(c) / 100))]
-            print(f"| {p.rsplit('/', 1)[-1]} | {len(c)} | {int(c.sum())} | {float(c.mean()):.1f} | {percentile(c, 90)} | "
+            print(f"| {os.path.basename(p)} | {len(c)} | {int(c.sum())} | {float(c.mean()):.1f} | {percentile(c, 90)} | "
                   f"{int(c.max())} | {hot.sum() / c.sum():.1%} |")
     return 0
 
